@@ -1,0 +1,23 @@
+"""``python -m simpo_exp``: compose the config with Hydra, validate it, train. Nothing else."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from simpo_exp.config import to_config
+from simpo_exp.runinfo import fill_run_identity
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
+
+    from simpo_exp.train import train
+
+    summary = train(config)
+    return summary["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    main()

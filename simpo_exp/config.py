@@ -1,0 +1,282 @@
+"""Structured configs for a simpo-exp run, and every range check on them.
+
+The dataclasses below are registered in Hydra's ConfigStore, so a misspelled key or a
+value of the wrong type is refused while Hydra composes the config. ``validate`` then
+checks the values themselves (ranges, allowed choices, cross-field rules) and raises a
+``ConfigError`` naming the key and what is allowed, before any data or model loads.
+
+Defaults live here once; the YAML files in ``conf/`` only state what a preset changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+LOSS_TYPES = ("sigmoid", "hinge")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+SOURCE_FORMATS = ("auto", "messages", "strings", "synthetic")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the allowed values."""
+
+
+@dataclass
+class TinyArchConfig:
+    """Shape of the randomly initialised Llama-style model used by ``model=tiny``."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Hub id or local directory. Empty for the built-in tiny model.
+    path: str = ""
+    tokenizer_path: str = ""  # defaults to ``path``
+    params_b: float = 0.0  # size in billions of parameters; feeds the learning-rate default
+    learning_rate: Optional[float] = None  # a model's own recommendation, wins over the size rule
+    dtype: str = "float32"  # weights dtype; autocast comes from the hardware group
+    attn_implementation: Optional[str] = None  # None: take the hardware group's choice
+    # "auto": the tokenizer's own template; "zephyr": the built-in one for base models;
+    # anything else containing "{%" is used as a Jinja template.
+    chat_template: str = "auto"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    tiny: TinyArchConfig = field(default_factory=TinyArchConfig)
+
+
+@dataclass
+class SourceConfig:
+    """One preference data source: a hub id, a local directory or file, or ``synthetic``."""
+
+    path: str = MISSING
+    format: str = "auto"  # auto | messages | strings | synthetic
+    train_split: str = "train"
+    test_split: Optional[str] = "test"  # None: carve ``dataset.test_size`` out of train
+    fraction: float = 1.0  # share of the train split used (alignment-handbook's mixer)
+    # Column names in the source, for the normalised fields.
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    name: Optional[str] = None  # a hub data set's configuration name
+    revision: Optional[str] = None
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 4096
+    num_test: int = 256
+    min_digits: int = 5
+    max_digits: int = 10
+    seed: int = 1234
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    test_size: float = 0.05  # used by sources without a test split
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    shuffle_seed: int = 42
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    num_proc: Optional[int] = None
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else no) | no | bf16 | fp16
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    wandb: bool = False
+    project: str = "simpo-exp"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto: online with an API key, offline without
+    group: Optional[str] = None  # None: the sweep's name in a multirun
+    job_type: str = "train"
+    run_name: Optional[str] = None  # None: built from the command-line overrides
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+    # --- hparams group (placed at the top level) ---
+    loss_type: str = "sigmoid"
+    beta: float = 2.0
+    gamma_beta_ratio: float = 0.5
+    label_smoothing: float = 0.0
+    sft_weight: float = 0.0
+    learning_rate: Optional[float] = None  # None: the model's recommendation, else by size
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 16
+
+    # --- run length and cadence ---
+    max_steps: int = -1  # > 0 wins over num_train_epochs
+    num_train_epochs: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int = 100  # 0: evaluate only at the end
+    eval_on_start: bool = False  # also evaluate before the first step
+    max_length: int = 2048
+    max_prompt_length: int = 1800
+
+    seed: int = 42
+    output_dir: str = "."  # set to Hydra's job directory by the entry point
+    progress_bar: bool = True
+    save_model: bool = True
+
+
+cs = ConfigStore.instance()
+cs.store(name="config_schema", node=Config)
+
+
+# ---------------------------------------------------------------------------
+# Learning rate from model size (SimPO guide: 1-3B 5e-7..1e-6, 7-8B 3e-7..5e-7,
+# 13-30B 1e-7..3e-7, 70B 5e-8..1e-7). We take the upper end of each band.
+LR_BY_SIZE = ((3.5, 1e-6), (10.0, 5e-7), (35.0, 3e-7), (math.inf, 1e-7))
+
+
+def learning_rate_for_size(params_b: float) -> float:
+    for upper, lr in LR_BY_SIZE:
+        if params_b <= upper:
+            return lr
+    raise AssertionError("unreachable")
+
+
+def resolve_learning_rate(cfg: Config) -> tuple[float, str]:
+    """Return (learning rate, where it came from)."""
+    if cfg.learning_rate is not None:
+        return cfg.learning_rate, "hparams/command line"
+    if cfg.model.learning_rate is not None:
+        return cfg.model.learning_rate, f"model preset {cfg.model.name!r}"
+    return learning_rate_for_size(cfg.model.params_b), f"model size ({cfg.model.params_b}B)"
+
+
+# ---------------------------------------------------------------------------
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"invalid config value {key}={value!r}: {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(key, value, "allowed values are " + ", ".join(repr(c) for c in choices))
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        _fail(key, value, allowed)
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value of a composed config; raise ConfigError naming the first bad key."""
+    _check_choice("loss_type", cfg.loss_type, LOSS_TYPES)
+    _check(cfg.beta > 0, "beta", cfg.beta, "must be > 0")
+    _check(cfg.gamma_beta_ratio >= 0, "gamma_beta_ratio", cfg.gamma_beta_ratio, "must be >= 0")
+    _check(0 <= cfg.label_smoothing < 0.5, "label_smoothing", cfg.label_smoothing, "must be in [0, 0.5)")
+    if cfg.loss_type == "hinge" and cfg.label_smoothing > 0:
+        _fail("label_smoothing", cfg.label_smoothing, "the hinge loss ignores label smoothing; set it to 0")
+    _check(cfg.sft_weight >= 0, "sft_weight", cfg.sft_weight, "must be >= 0")
+    if cfg.learning_rate is not None:
+        _check(cfg.learning_rate > 0, "learning_rate", cfg.learning_rate, "must be > 0 (or null for the size rule)")
+    if cfg.model.learning_rate is not None:
+        _check(cfg.model.learning_rate > 0, "model.learning_rate", cfg.model.learning_rate, "must be > 0")
+    _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS)
+    _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
+    _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
+    _check(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps"):
+        _check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be an integer >= 1")
+    _check(cfg.eval_steps >= 0, "eval_steps", cfg.eval_steps, "must be >= 0 (0: only at the end)")
+    _check(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", cfg.max_steps, "must be >= 1, or -1 to use num_train_epochs")
+    if cfg.max_steps == -1:
+        _check(cfg.num_train_epochs > 0, "num_train_epochs", cfg.num_train_epochs, "must be > 0 when max_steps is -1")
+    _check(cfg.max_length >= 2, "max_length", cfg.max_length, "must be >= 2")
+    _check(1 <= cfg.max_prompt_length < cfg.max_length, "max_prompt_length", cfg.max_prompt_length,
+           f"must be >= 1 and < max_length ({cfg.max_length}), or responses are truncated to nothing")
+
+    m = cfg.model
+    _check_choice("model.dtype", m.dtype, DTYPES)
+    if m.attn_implementation is not None:
+        _check_choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
+    _check(m.params_b >= 0, "model.params_b", m.params_b, "must be >= 0")
+    if not m.path:
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"):
+            _check(getattr(m.tiny, key) >= 1, f"model.tiny.{key}", getattr(m.tiny, key), "must be >= 1")
+        _check(m.tiny.hidden_size % m.tiny.num_attention_heads == 0, "model.tiny.hidden_size", m.tiny.hidden_size,
+               f"must be divisible by model.tiny.num_attention_heads ({m.tiny.num_attention_heads})")
+        _check(m.tiny.num_attention_heads % m.tiny.num_key_value_heads == 0, "model.tiny.num_key_value_heads",
+               m.tiny.num_key_value_heads, "must divide model.tiny.num_attention_heads")
+
+    d = cfg.dataset
+    if not d.sources:
+        _fail("dataset.sources", {}, "at least one source is needed")
+    for name, src in d.sources.items():
+        key = f"dataset.sources.{name}"
+        _check(bool(src.path), f"{key}.path", src.path, "must name a hub data set, a local file or directory, or 'synthetic'")
+        _check_choice(f"{key}.format", src.format, SOURCE_FORMATS)
+        _check(0 < src.fraction <= 1, f"{key}.fraction", src.fraction, "must be in (0, 1]")
+    _check(0 < d.test_size < 1, "dataset.test_size", d.test_size, "must be in (0, 1)")
+    for key in ("max_train_samples", "max_eval_samples"):
+        v = getattr(d, key)
+        if v is not None:
+            _check(v >= 1, f"dataset.{key}", v, "must be >= 1 or null")
+    s = d.synthetic
+    _check(s.num_train >= 1 and s.num_test >= 1, "dataset.synthetic.num_train/num_test",
+           (s.num_train, s.num_test), "must both be >= 1")
+    _check(2 <= s.min_digits <= s.max_digits, "dataset.synthetic.min_digits", s.min_digits,
+           f"must be >= 2 and <= dataset.synthetic.max_digits ({s.max_digits})")
+
+    h = cfg.hardware
+    _check_choice("hardware.device", h.device, DEVICES)
+    _check_choice("hardware.mixed_precision", h.mixed_precision, PRECISIONS)
+    _check_choice("hardware.attn_implementation", h.attn_implementation, ATTN_IMPLEMENTATIONS)
+    _check(h.dataloader_num_workers >= 0, "hardware.dataloader_num_workers", h.dataloader_num_workers, "must be >= 0")
+
+    _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    return cfg
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """Turn a composed (already resolved) DictConfig into a validated ``Config`` object."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    return validate(cfg)

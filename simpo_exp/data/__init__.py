@@ -1,0 +1,79 @@
+"""Preference data: sources -> normalised conversations -> tokens -> filtered splits -> batches.
+
+``build_datasets`` is the one call the loop makes; it returns the tokenised train and test
+splits and a report of what was kept, dropped (by reason) and truncated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from datasets import disable_progress_bars
+
+from simpo_exp.config import Config
+from simpo_exp.data.collate import PairCollator
+from simpo_exp.data.sources import DataSourceError, load_mixture
+from simpo_exp.data.tokenize import tokenise
+
+log = logging.getLogger(__name__)
+disable_progress_bars()  # one progress bar per run (the loop's), not one per map()
+
+MODEL_COLUMNS = ["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
+
+__all__ = ["build_datasets", "DataReport", "DataSourceError", "EmptySplitError", "PairCollator", "MODEL_COLUMNS"]
+
+
+class EmptySplitError(DataSourceError):
+    """No usable pair is left in a split after filtering."""
+
+
+@dataclass
+class DataReport:
+    sources: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)  # split -> rows kept
+    dropped: dict = field(default_factory=dict)  # split -> {reason: count}
+    truncated: dict = field(default_factory=dict)  # split -> {"chosen": n, "rejected": n}
+
+    def lines(self) -> list[str]:
+        out = []
+        for split in self.kept:
+            drops = ", ".join(f"{r}: {n}" for r, n in sorted(self.dropped[split].items())) or "none"
+            t = self.truncated[split]
+            out.append(f"{split}: kept {self.kept[split]} pairs; dropped {drops}; "
+                       f"truncated chosen {t['chosen']}, rejected {t['rejected']}")
+        return out
+
+
+def _filter(ds: Dataset, split: str, report: DataReport) -> Dataset:
+    reasons = Counter(r for r in ds["drop_reason"] if r)
+    kept = ds.filter(lambda r: not r, input_columns="drop_reason", desc=f"filtering {split}")
+    report.dropped[split] = dict(reasons)
+    report.kept[split] = len(kept)
+    report.truncated[split] = {"chosen": int(sum(kept["chosen_truncated"])),
+                               "rejected": int(sum(kept["rejected_truncated"]))}
+    if len(kept) == 0:
+        raise EmptySplitError(
+            f"no usable preference pair left in the {split} split ({len(ds)} rows, dropped: {dict(reasons) or 'none'}); "
+            "check the data files, the column mapping and max_length/max_prompt_length"
+        )
+    return kept
+
+
+def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport]:
+    raw, sizes = load_mixture(cfg.dataset)
+    report = DataReport(sources=sizes)
+    splits = {}
+    for split in ("train", "test"):
+        ds = tokenise(raw[split], tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.dataset.num_proc)
+        ds = _filter(ds, split, report)
+        limit = cfg.dataset.max_train_samples if split == "train" else cfg.dataset.max_eval_samples
+        if limit is not None and len(ds) > limit:
+            ds = ds.select(range(limit))
+            report.kept[split] = limit
+        splits[split] = ds
+    for line in report.lines():
+        log.info(line)
+    return splits["train"], splits["test"], report

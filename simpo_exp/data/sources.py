@@ -1,0 +1,233 @@
+"""Load preference sources and normalise them to prompt / chosen / rejected.
+
+A source is a hub data set id, a local JSON/JSONL/Parquet file, a local directory holding one
+file (or shard set) per split, or ``synthetic``. Whatever its schema, every row becomes
+
+    {"prompt": [{"role", "content"}, ...], "chosen": str, "rejected": str, "drop_reason": str}
+
+where ``chosen``/``rejected`` are the final assistant turns. Rows that cannot be used get a
+non-empty ``drop_reason`` and are counted and removed later, never silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from simpo_exp.config import DatasetConfig, SourceConfig
+from simpo_exp.data import synthetic
+from simpo_exp.model import _hub_reachable
+
+log = logging.getLogger(__name__)
+
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+NORMALISED_COLUMNS = ("prompt", "chosen", "rejected", "drop_reason")
+
+
+class DataSourceError(RuntimeError):
+    """A source cannot be read, or lacks a column it needs; the message names source and file."""
+
+
+# ---------------------------------------------------------------------------- loading
+def _file_type(path: Path, source: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise DataSourceError(
+            f"dataset.sources.{source}: {path} has an unsupported extension {suffix!r}; "
+            f"use one of {', '.join(FILE_TYPES)}"
+        )
+    return FILE_TYPES[suffix]
+
+
+def _load_files(files: list[Path], source: str) -> Dataset:
+    types = {_file_type(f, source) for f in files}
+    if len(types) > 1:
+        raise DataSourceError(f"dataset.sources.{source}: mixed file types in {[str(f) for f in files]}")
+    try:
+        return load_dataset(types.pop(), data_files=[str(f) for f in files], split="train")
+    except Exception as e:  # unreadable or malformed file
+        raise DataSourceError(f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {e}") from e
+
+
+def _split_files(directory: Path, split: str) -> list[Path]:
+    """Files of one split in a directory: ``<split>.jsonl`` or hub-style ``data/<split>-00000-of-00001.parquet``."""
+    found = []
+    for pattern in (f"{split}.*", f"{split}-*", f"**/{split}.*", f"**/{split}-*"):
+        found += [Path(p) for p in glob.glob(str(directory / pattern), recursive=True)]
+    return sorted({f for f in found if f.suffix.lower() in FILE_TYPES})
+
+
+@contextlib.contextmanager
+def _offline_hub():
+    """Make datasets read only its local cache (no minute of retries when there is no network)."""
+    import datasets
+    import huggingface_hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def _load_hub(src: SourceConfig, source: str, split: str) -> Dataset:
+    online = _hub_reachable()
+    try:
+        with contextlib.nullcontext() if online else _offline_hub():
+            return load_dataset(src.path, src.name, split=split, revision=src.revision)
+    except Exception as e:
+        if online:
+            raise DataSourceError(f"dataset.sources.{source}: cannot load {src.path!r} split {split!r}: {e}") from e
+        raise DataSourceError(
+            f"dataset.sources.{source}: data set {src.path!r} (split {split!r}) is not in the local cache and "
+            f"the hub cannot be reached. Download it on a connected machine, or save it as JSONL/Parquet and set "
+            f"dataset.sources.{source}.path=/path/to/dir (one file per split, e.g. {split}.jsonl)."
+        ) from e
+
+
+def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dataset:
+    """Load one split of a source as a raw ``Dataset`` in the source's own schema."""
+    if src.format == "synthetic" or src.path == "synthetic":
+        rows = synthetic.generate(synthetic_cfg)
+        if split not in rows:
+            raise DataSourceError(f"dataset.sources.{source}: the synthetic source has splits {list(rows)}, not {split!r}")
+        return Dataset.from_list(rows[split])
+    path = Path(src.path).expanduser()
+    if path.is_file():
+        return _load_files([path], source)
+    if path.is_dir():
+        files = _split_files(path, split)
+        if not files:
+            raise DataSourceError(
+                f"dataset.sources.{source}: no file for split {split!r} in {path} "
+                f"(looked for {split}.jsonl/.json/.parquet or {split}-*.parquet, also under subfolders)"
+            )
+        return _load_files(files, source)
+    if src.path.startswith((".", "/", "~")) or src.path.count("/") > 1 or path.suffix in FILE_TYPES:
+        raise DataSourceError(f"dataset.sources.{source}.path={src.path!r}: no such file or directory")
+    return _load_hub(src, source, split)
+
+
+def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Dataset, Dataset]:
+    """Return (train, test) in the source's own schema, with the mixer's fraction applied to train."""
+    single_file = Path(src.path).expanduser().is_file()
+    train = load_split(src, name, src.train_split, dcfg.synthetic)
+    if src.test_split is not None and not single_file:
+        test = load_split(src, name, src.test_split, dcfg.synthetic)
+    else:
+        if len(train) < 2:
+            raise DataSourceError(f"dataset.sources.{name}: {len(train)} row(s) cannot be split into train and test")
+        parts = train.train_test_split(test_size=dcfg.test_size, seed=dcfg.shuffle_seed)
+        train, test = parts["train"], parts["test"]
+    if src.fraction < 1.0:
+        keep = max(1, int(src.fraction * len(train)))
+        train = train.shuffle(seed=dcfg.shuffle_seed).select(range(keep))
+    return train, test
+
+
+# ---------------------------------------------------------------------------- normalising
+def _check_columns(ds: Dataset, src: SourceConfig, name: str) -> None:
+    need = [src.chosen_column, src.rejected_column]
+    fmt = src.format
+    if fmt == "strings":
+        need.append(src.prompt_column)
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise DataSourceError(
+            f"dataset.sources.{name} ({src.path}): missing column(s) {missing}; the data has {ds.column_names}. "
+            f"Map them with dataset.sources.{name}.prompt_column / chosen_column / rejected_column."
+        )
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) for m in value)
+
+
+def _turn_text(messages: list, what: str):
+    """The last turn's content, or (None, reason)."""
+    if not messages:
+        return None, f"empty {what} conversation"
+    last = messages[-1]
+    if last.get("role") != "assistant":
+        return None, f"{what} does not end with an assistant turn"
+    return last.get("content"), None
+
+
+def normalise_row(row: dict, src: SourceConfig) -> dict:
+    prompt_value = row.get(src.prompt_column)
+    chosen, rejected = row.get(src.chosen_column), row.get(src.rejected_column)
+    out = {"prompt": [], "chosen": "", "rejected": "", "drop_reason": ""}
+
+    def drop(reason: str) -> dict:
+        out["drop_reason"] = reason
+        return out
+
+    if chosen is None or rejected is None:
+        return drop("missing chosen/rejected")
+    as_messages = _is_messages(chosen) or _is_messages(rejected)
+    if src.format == "messages" and not as_messages:
+        return drop("expected message lists")
+    if src.format == "strings" and as_messages:
+        return drop("non-string content")
+    if as_messages:
+        if not (_is_messages(chosen) and _is_messages(rejected)):
+            return drop("chosen and rejected have different shapes")
+        chosen_text, why = _turn_text(chosen, "chosen")
+        if why:
+            return drop(why)
+        rejected_text, why = _turn_text(rejected, "rejected")
+        if why:
+            return drop(why)
+        if len(chosen) > 1:
+            prompt = [{"role": m.get("role"), "content": m.get("content")} for m in chosen[:-1]]
+        elif isinstance(prompt_value, str):
+            prompt = [{"role": "user", "content": prompt_value}]
+        else:
+            return drop("no prompt")
+    else:
+        chosen_text, rejected_text = chosen, rejected
+        if not isinstance(prompt_value, str):
+            return drop("non-string content" if prompt_value is not None else "no prompt")
+        prompt = [{"role": "user", "content": prompt_value}]
+
+    texts = [chosen_text, rejected_text] + [m["content"] for m in prompt]
+    if not all(isinstance(t, str) for t in texts) or not all(isinstance(m["role"], str) for m in prompt):
+        return drop("non-string content")
+    if not chosen_text.strip() or not rejected_text.strip():
+        return drop("empty response")
+    if not any(m["content"].strip() for m in prompt):
+        return drop("empty prompt")
+    if chosen_text == rejected_text:
+        return drop("identical responses")
+    out.update(prompt=prompt, chosen=chosen_text, rejected=rejected_text)
+    return out
+
+
+def normalise(ds: Dataset, src: SourceConfig, name: str, num_proc: int | None = None) -> Dataset:
+    _check_columns(ds, src, name)
+    return ds.map(
+        lambda row: normalise_row(row, src),
+        remove_columns=ds.column_names,
+        num_proc=num_proc,
+        desc=f"normalising {name}",
+    )
+
+
+def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
+    """Load and normalise every source; concatenate them (train shuffled with a fixed seed)."""
+    from datasets import concatenate_datasets
+
+    trains, tests, sizes = [], [], {}
+    for name, src in dcfg.sources.items():
+        train, test = load_source(name, src, dcfg)
+        trains.append(normalise(train, src, name, dcfg.num_proc))
+        tests.append(normalise(test, src, name, dcfg.num_proc))
+        sizes[name] = {"train_rows": len(train), "test_rows": len(test), "fraction": src.fraction}
+    train = concatenate_datasets(trains).shuffle(seed=dcfg.shuffle_seed)
+    test = concatenate_datasets(tests)
+    return DatasetDict(train=train, test=test), sizes

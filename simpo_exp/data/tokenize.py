@@ -1,0 +1,74 @@
+"""Render pairs through the chat template, tokenise, truncate, and flag unusable rows.
+
+The chat template writes every special token (BOS included), so text is tokenised with
+``add_special_tokens=False``: a tokenizer never gets to add a second BOS. The prompt is the
+conversation rendered with the generation prompt; a response's text is what the full
+conversation adds after that prefix (so it ends with the template's end-of-turn token).
+
+Truncation: a prompt longer than ``max_prompt_length`` tokens is dropped (cutting it would cut
+the instruction or the BOS); each response is cut to ``max_length - len(prompt)`` tokens, which
+is at least one token because the config requires ``max_prompt_length < max_length``.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+
+def render(tokenizer, prompt: list[dict], response: str) -> tuple[str, str]:
+    """Return (prompt text, response text) as the chat template writes them."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        return prompt_text, None
+    return prompt_text, full[len(prompt_text):]
+
+
+def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    n = len(batch["prompt"])
+    out = {k: [] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
+                           "chosen_truncated", "rejected_truncated", "drop_reason")}
+    prompts, chosens, rejecteds, reasons = [], [], [], []
+    for i in range(n):
+        reason = batch["drop_reason"][i]
+        p_text, c_text = ("", "") if reason else render(tokenizer, batch["prompt"][i], batch["chosen"][i])
+        _, r_text = ("", "") if reason else render(tokenizer, batch["prompt"][i], batch["rejected"][i])
+        if not reason and (c_text is None or r_text is None):
+            reason = "chat template does not extend the prompt"
+        prompts.append(p_text or "")
+        chosens.append(c_text or "")
+        rejecteds.append(r_text or "")
+        reasons.append(reason)
+    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    p_ids, c_ids, r_ids = enc(prompts), enc(chosens), enc(rejecteds)
+    for i in range(n):
+        reason = reasons[i]
+        if not reason and len(p_ids[i]) > max_prompt_length:
+            reason = "prompt too long"
+        if not reason and (not c_ids[i] or not r_ids[i]):
+            reason = "response has no tokens"
+        budget = max_length - len(p_ids[i])
+        if not reason and budget < 1:  # unreachable while max_prompt_length < max_length
+            reason = "response truncated to nothing"
+        c, r = (c_ids[i][: max(budget, 0)], r_ids[i][: max(budget, 0)])
+        if not reason and c == r:
+            reason = "identical after truncation"
+        out["prompt_input_ids"].append(p_ids[i])
+        out["chosen_input_ids"].append(c)
+        out["rejected_input_ids"].append(r)
+        out["chosen_truncated"].append(len(c) < len(c_ids[i]))
+        out["rejected_truncated"].append(len(r) < len(r_ids[i]))
+        out["drop_reason"].append(reason)
+    return out
+
+
+def tokenise(ds: Dataset, tokenizer, max_length: int, max_prompt_length: int, num_proc: int | None = None) -> Dataset:
+    """Add token-id columns and update ``drop_reason``; keeps the text columns for reports."""
+    return ds.map(
+        _tokenise_batch,
+        batched=True,
+        batch_size=256,
+        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length),
+        num_proc=num_proc,
+        desc="tokenising",
+    )

@@ -1,0 +1,193 @@
+"""Build the policy model and its tokenizer from the ``model`` config.
+
+``model=tiny`` needs nothing from outside: a byte-level fast tokenizer with a chat template is
+built here in code, and a Llama-architecture model is randomly initialised from a config.
+Hub presets load with ``from_pretrained``; when their files are neither on disk nor in the
+Hugging Face cache and the hub cannot be reached, a ``ModelNotFoundError`` says so at once
+(instead of transformers' minute of retries) and how to point ``model.path`` at local weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from simpo_exp.config import Config, ModelConfig
+
+log = logging.getLogger(__name__)
+
+# The tiny tokenizer's template. The BOS is written by the template, so text is always
+# tokenised with add_special_tokens=False (no second BOS). Each turn ends with EOS.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+# Zephyr-style template (as alignment-handbook uses for base models), with the BOS written out.
+ZEPHYR_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = {"zephyr": ZEPHYR_CHAT_TEMPLATE, "tiny": TINY_CHAT_TEMPLATE}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(RuntimeError):
+    """The configured model (or tokenizer) cannot be found locally nor downloaded."""
+
+
+def build_tiny_tokenizer():
+    """A byte-level fast tokenizer (256 byte tokens + specials) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+        chat_template=TINY_CHAT_TEMPLATE,
+        model_max_length=1 << 20,
+    )
+    return tok
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an id that is not a valid repo name
+        return False
+    return isinstance(hit, str)
+
+
+def check_model_available(path: str, revision: str | None = None, what: str = "model.path") -> None:
+    """Raise ModelNotFoundError unless ``path`` is a local directory, cached, or downloadable."""
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").exists() and what == "model.path":
+            raise ModelNotFoundError(f"{what}={path!r} is a directory without a config.json: not a saved model")
+        return
+    # A hub id is "name" or "org/name"; anything else that is not a directory is a missing local path.
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local:
+        raise ModelNotFoundError(f"{what}={path!r} does not exist")
+    if _in_hf_cache(path, revision) or _hub_reachable():
+        return
+    raise ModelNotFoundError(
+        f"model {path!r} ({what}) is not on this machine: it is not a local directory, not in the Hugging Face "
+        f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub cannot be reached. "
+        f"Download it on a connected machine (`hf download {path}`) and either copy the cache here or set "
+        f"{what}=/path/to/local/weights."
+    )
+
+
+def apply_chat_template_choice(tokenizer, choice: str) -> None:
+    """Set the tokenizer's chat template from the ``model.chat_template`` setting."""
+    if choice == "auto":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the tokenizer has no chat template; set model.chat_template=zephyr (or a Jinja template string)"
+            )
+        return
+    if choice in BUILTIN_TEMPLATES:
+        tokenizer.chat_template = BUILTIN_TEMPLATES[choice]
+    elif "{%" in choice or "{{" in choice:
+        tokenizer.chat_template = choice
+    else:
+        raise ValueError(
+            f"model.chat_template={choice!r}: allowed are 'auto', {', '.join(map(repr, BUILTIN_TEMPLATES))} "
+            "or a Jinja template string"
+        )
+
+
+def chat_template_hash(tokenizer) -> str:
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:12]
+
+
+def load_tokenizer(mcfg: ModelConfig):
+    if not mcfg.path:
+        tok = build_tiny_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        path = mcfg.tokenizer_path or mcfg.path
+        check_model_available(path, mcfg.revision, "model.tokenizer_path" if mcfg.tokenizer_path else "model.path")
+        tok = AutoTokenizer.from_pretrained(path, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+    apply_chat_template_choice(tok, mcfg.chat_template)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: Config, tokenizer, attn_implementation: str):
+    """Return the causal LM: random tiny Llama for ``path=""``, else ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    m = cfg.model
+    dtype = TORCH_DTYPES[m.dtype]
+    if not m.path:
+        arch = m.tiny
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            num_hidden_layers=arch.num_hidden_layers,
+            num_attention_heads=arch.num_attention_heads,
+            num_key_value_heads=arch.num_key_value_heads,
+            max_position_embeddings=arch.max_position_embeddings,
+            tie_word_embeddings=arch.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    else:
+        check_model_available(m.path, m.revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            m.path,
+            revision=m.revision,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+        )
+    if cfg.hardware.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

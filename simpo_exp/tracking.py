@@ -1,0 +1,158 @@
+"""Where metrics go: ``metrics.jsonl`` always, W&B when the logger asks for it, ``summary.json`` at the end.
+
+This module holds the one list of metric names the loop logs (TRL's names). W&B is never
+allowed to kill a run: any error from it becomes a warning and W&B is switched off for the
+rest of the run, while ``metrics.jsonl`` keeps recording.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Per-pair statistics, averaged over a logging window (train/) or over the whole test split (eval/).
+PAIR_METRICS = (
+    "loss",
+    "sft_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+# Optimisation and throughput, train only.
+TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "tokens_per_s", "samples_per_s")
+STEP_KEY = "train/global_step"
+SAMPLES_KEY = "train/samples_seen"
+SECRET_MARKERS = ("api_key", "token", "secret", "password")
+
+
+def train_keys() -> list[str]:
+    return [f"train/{m}" for m in PAIR_METRICS + TRAIN_ONLY_METRICS]
+
+
+def eval_keys() -> list[str]:
+    return [f"eval/{m}" for m in PAIR_METRICS]
+
+
+def scrub(obj):
+    """Drop any key that looks like a credential from a nested dict/list."""
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items() if not any(s in str(k).lower() for s in SECRET_MARKERS)}
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    return v
+
+
+class Tracker:
+    """Log metrics to ``metrics.jsonl`` and, if enabled, W&B. Only the main process should build one."""
+
+    def __init__(self, run_dir: str | Path, logger_cfg, config_dict: dict, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.wandb_run = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if logger_cfg.wandb:
+            self._start_wandb(logger_cfg, scrub(config_dict))
+
+    # ----------------------------------------------------------------- W&B
+    def _start_wandb(self, lc, config_dict: dict) -> None:
+        mode = lc.mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        try:
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=lc.project,
+                entity=lc.entity,
+                group=lc.group,
+                job_type=lc.job_type,
+                name=lc.run_name,
+                tags=list(lc.tags),
+                config=config_dict,
+                dir=str(self.run_dir),
+                mode=mode,
+                reinit="create_new",
+                settings=wandb.Settings(start_method="thread", console="off", x_disable_stats=True),
+            )
+            self.wandb_run.define_metric(STEP_KEY)
+            self.wandb_run.define_metric(SAMPLES_KEY)
+            self.wandb_run.define_metric("*", step_metric=STEP_KEY)
+            self.wandb_run.define_metric("eval/rewards/accuracies", summary="max")
+            self.wandb_run.define_metric("eval/rewards/margins", summary="last")
+            log.info("W&B run %s (%s)", self.wandb_run.name, mode)
+        except Exception as e:  # no network, bad key, bad entity...: keep training
+            self._wandb_failed("start", e)
+
+    def _wandb_failed(self, what: str, e: Exception) -> None:
+        warnings.warn(f"W&B {what} failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only")
+        self.wandb_run = None
+
+    # ----------------------------------------------------------------- logging
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({STEP_KEY: step, **metrics})
+            except Exception as e:
+                self._wandb_failed("log", e)
+
+    def write_json(self, name: str, obj: dict) -> Path:
+        path = self.run_dir / name
+        if self.enabled:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(scrub(obj), indent=2, default=str))
+            tmp.replace(path)
+        return path
+
+    def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        self.write_json("summary.json", summary)
+        if self.wandb_run is not None:
+            try:
+                for k, v in summary.items():
+                    if isinstance(v, (int, float)) and not k.startswith("eval/rewards/accuracies"):
+                        self.wandb_run.summary[k] = v
+                self.wandb_run.finish()
+            except Exception as e:
+                self._wandb_failed("finish", e)
+
+
+def config_to_dict(cfg) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def final_table(summary: dict, keys: list[str]) -> str:
+    width = max(len(k) for k in keys)
+    rows = []
+    for k in keys:
+        v = summary.get(k)
+        shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+        rows.append(f"  {k:<{width}}  {shown}")
+    return "\n".join(rows)

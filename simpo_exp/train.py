@@ -1,0 +1,256 @@
+"""The training loop, top to bottom.
+
+    set up   -> tokenizer, data, model, optimizer, schedule, accelerate
+    each step:  for each micro-batch: forward (chosen+rejected in one pass) -> SimPO loss -> backward
+                clip -> optimizer step -> schedule step
+                every logging_steps: train metrics;  every eval_steps: eval metrics
+    at the end  -> final eval, model + tokenizer (safetensors), summary.json, a table of the results
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from simpo_exp.config import Config, resolve_learning_rate
+from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
+from simpo_exp.logps import ResponseLogps
+from simpo_exp.losses import nll_loss, simpo_loss
+from simpo_exp.model import count_parameters, load_model, load_tokenizer
+from simpo_exp.tracking import PAIR_METRICS, SAMPLES_KEY, Tracker, config_to_dict, final_table
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- one batch
+def batch_loss(policy, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of a batch of pairs and its statistics, each summed over the batch's pairs."""
+    out = policy(**batch)
+    n = out.num_tokens.shape[0] // 2  # rows [0, n) are chosen, [n, 2n) rejected
+    logps = out.mean_logps
+    pref = simpo_loss(logps[:n], logps[n:], cfg.beta, cfg.gamma_beta_ratio, cfg.loss_type, cfg.label_smoothing)
+    sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
+    loss = pref.losses.mean() + cfg.sft_weight * sft
+    stats = {
+        "loss": loss.detach() * n,
+        "sft_loss": sft.detach() * n,
+        "rewards/chosen": pref.chosen_rewards.sum(),
+        "rewards/rejected": pref.rejected_rewards.sum(),
+        "rewards/margins": (pref.chosen_rewards - pref.rejected_rewards).sum(),
+        "rewards/accuracies": (pref.chosen_rewards > pref.rejected_rewards).float().sum(),
+        "logps/chosen": logps[:n].detach().sum(),
+        "logps/rejected": logps[n:].detach().sum(),
+        "logits/chosen": out.logit_means[:n].sum(),
+        "logits/rejected": out.logit_means[n:].sum(),
+        "pairs": torch.tensor(float(n), device=loss.device),
+        "tokens": batch["attention_mask"].sum().float(),
+    }
+    return loss, stats
+
+
+class Window:
+    """Sums of batch statistics since the last report."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+
+    def means(self, accelerator, prefix: str) -> dict[str, float]:
+        keys = sorted(self.sums)
+        totals = accelerator.reduce(torch.stack([self.sums[k] for k in keys]), reduction="sum").tolist()
+        totals = dict(zip(keys, totals))
+        pairs = max(totals["pairs"], 1.0)
+        self.sums = {}
+        return {f"{prefix}/{m}": totals[m] / pairs for m in PAIR_METRICS} | {"_pairs": totals["pairs"], "_tokens": totals["tokens"]}
+
+
+@torch.no_grad()
+def evaluate(policy, loader, cfg: Config, accelerator) -> dict[str, float]:
+    policy.eval()
+    window = Window()
+    for batch in loader:
+        window.add(batch_loss(policy, batch, cfg)[1])
+    policy.train()
+    metrics = window.means(accelerator, "eval")
+    metrics.pop("_pairs"), metrics.pop("_tokens")
+    return metrics
+
+
+def forever(loader, start_epoch: int = 0):
+    """Yield (epoch, batch) endlessly, reshuffling each epoch from the seed and the epoch number."""
+    epoch = start_epoch
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    h = cfg.hardware
+    has_cuda = torch.cuda.is_available()
+    if h.device == "cuda" and not has_cuda:
+        raise RuntimeError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu or hardware=auto")
+    use_cpu = h.device == "cpu" or (h.device == "auto" and not has_cuda)
+    precision = h.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(
+        cpu=use_cpu,
+        mixed_precision=precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def pick_attention(cfg: Config) -> str:
+    wanted = cfg.model.attn_implementation or cfg.hardware.attn_implementation
+    if wanted == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            log.warning("flash_attention_2 asked for but flash-attn is not installed; using sdpa")
+            return "sdpa"
+    return wanted
+
+
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.num_train_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: Config) -> dict:
+    """Train one run; return its summary (final train and eval metrics, run time)."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    started = time.time()
+    run_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    lr, lr_source = resolve_learning_rate(cfg)
+    log.info("learning rate %.3g (from %s)", lr, lr_source)
+
+    tokenizer = load_tokenizer(cfg.model)
+    with accelerator.main_process_first():
+        train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
+    model = load_model(cfg, tokenizer, pick_attention(cfg))
+    log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
+    policy = ResponseLogps(model)
+
+    collate = PairCollator(tokenizer.pad_token_id)
+    train_loader = DataLoader(
+        train_ds.select_columns(MODEL_COLUMNS), batch_size=cfg.per_device_train_batch_size, shuffle=True,
+        drop_last=True, collate_fn=collate, num_workers=cfg.hardware.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    eval_loader = DataLoader(
+        eval_ds.select_columns(MODEL_COLUMNS), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
+    )
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"the train split has {len(train_ds)} pairs, fewer than per_device_train_batch_size="
+            f"{cfg.per_device_train_batch_size}"
+        )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+    policy, optimizer, train_loader, eval_loader = accelerator.prepare(policy, optimizer, train_loader, eval_loader)
+    steps = total_steps(cfg, len(train_loader))
+    scheduler = get_scheduler(
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * steps), num_training_steps=steps
+    )
+    accum = cfg.gradient_accumulation_steps
+    pairs_per_step = cfg.per_device_train_batch_size * accum * accelerator.num_processes
+
+    tracker = Tracker(run_dir, cfg.logger, config_to_dict(cfg) | {"resolved_learning_rate": lr},
+                      enabled=accelerator.is_main_process)
+    tracker.write_json("data_report.json", data_report.__dict__)
+    log.info("%d steps of %d pairs (%d per device x %d accumulation x %d processes) on %s",
+             steps, pairs_per_step, cfg.per_device_train_batch_size, accum, accelerator.num_processes,
+             accelerator.device)
+
+    summary: dict = {}
+    if cfg.eval_on_start:
+        summary |= evaluate(policy, eval_loader, cfg, accelerator)
+        tracker.log(dict(summary), step=0)
+
+    batches = forever(train_loader)
+    window = Window()
+    window_start = time.time()
+    bar = None
+    if cfg.progress_bar and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="training", dynamic_ncols=True)
+    micro_batches = 0
+    policy.train()
+    for step in range(1, steps + 1):
+        for i in range(accum):
+            epoch, batch = next(batches)
+            micro_batches += 1
+            # Gradients are all-reduced only on the last micro-batch of a step.
+            with accelerator.no_sync(policy) if i < accum - 1 else nullcontext():
+                loss, stats = batch_loss(policy, batch, cfg)
+                accelerator.backward(loss / accum)
+            window.add(stats)
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % cfg.logging_steps == 0 or step == steps:
+            elapsed = max(time.time() - window_start, 1e-9)
+            metrics = window.means(accelerator, "train")
+            pairs, tokens = metrics.pop("_pairs"), metrics.pop("_tokens")
+            metrics |= {
+                "train/grad_norm": float(grad_norm),
+                "train/learning_rate": scheduler.get_last_lr()[0],
+                "train/epoch": micro_batches / len(train_loader),
+                "train/tokens_per_s": tokens / elapsed,
+                "train/samples_per_s": pairs / elapsed,
+                SAMPLES_KEY: step * pairs_per_step,
+            }
+            tracker.log(metrics, step)
+            summary |= metrics
+            window_start = time.time()
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/rewards/accuracies']:.2f}")
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps:
+            metrics = evaluate(policy, eval_loader, cfg, accelerator)
+            tracker.log(metrics, step)
+            summary |= metrics
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    summary |= {"train/global_step": steps, "runtime_s": time.time() - started,
+                "learning_rate_used": lr, "learning_rate_source": lr_source}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if cfg.save_model:
+            unwrapped = accelerator.unwrap_model(policy).model
+            unwrapped.save_pretrained(run_dir / "model")
+            tokenizer.save_pretrained(run_dir / "model")
+        tracker.finish(summary)
+        keys = ["eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen",
+                "eval/logps/rejected", "train/loss", "runtime_s"]
+        print(f"\nrun directory: {run_dir.resolve()}\n{final_table(summary, keys)}", flush=True)
+    return summary
