@@ -6,16 +6,17 @@ import hydra
 from omegaconf import DictConfig
 
 from simpo_exp.config import to_config
-from simpo_exp.runinfo import fill_run_identity
+from simpo_exp.runinfo import fill_run_identity, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
+    with user_errors(cfg):
+        config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
 
-    from simpo_exp.train import train
+        from simpo_exp.train import train
 
-    summary = train(config)
+        summary = train(config)
     return summary["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -30,3 +33,32 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
         picked = [f"{g}:{c}" for g, c in hc.runtime.choices.items() if not g.startswith("hydra") and c]
         lc.tags = list(lc.get("tags") or []) + picked
     return cfg
+
+
+@contextlib.contextmanager
+def user_errors(cfg: DictConfig):
+    """Turn a failed job into a clear message and an ``error.json`` in its directory.
+
+    A bad config value, a missing model or data file is the user's to fix: show the message,
+    not a traceback. In a single run the process exits with status 2; in a sweep the error is
+    recorded and raised again (a sweep callback decides what the rest of the sweep does).
+    """
+    try:
+        yield
+    except Exception as e:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
+        (out / "error.json").write_text(json.dumps(record, indent=2))
+        if HydraConfig.get().mode == RunMode.RUN and _is_user_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    from simpo_exp.config import ConfigError
+    from simpo_exp.data import DataSourceError
+    from simpo_exp.model import ModelNotFoundError
+
+    return isinstance(e, (ConfigError, DataSourceError, ModelNotFoundError))

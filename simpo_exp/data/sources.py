@@ -16,7 +16,7 @@ import glob
 import logging
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
 from simpo_exp.config import DatasetConfig, SourceConfig
 from simpo_exp.data import synthetic
@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 NORMALISED_COLUMNS = ("prompt", "chosen", "rejected", "drop_reason")
+# Declared, not inferred: a writer batch made only of dropped rows (prompt []) would otherwise be
+# typed list<null>, and the next batch with real messages could not be cast to it; sources
+# normalised separately also always concatenate.
+NORMALISED_FEATURES = Features({
+    "prompt": [{"role": Value("string"), "content": Value("string")}],
+    "chosen": Value("string"),
+    "rejected": Value("string"),
+    "drop_reason": Value("string"),
+})
 
 
 class DataSourceError(RuntimeError):
@@ -213,6 +222,7 @@ def normalise(ds: Dataset, src: SourceConfig, name: str, num_proc: int | None = 
     return ds.map(
         lambda row: normalise_row(row, src),
         remove_columns=ds.column_names,
+        features=NORMALISED_FEATURES,
         num_proc=num_proc,
         desc=f"normalising {name}",
     )

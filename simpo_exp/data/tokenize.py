@@ -12,7 +12,18 @@ is at least one token because the config requires ``max_prompt_length < max_leng
 
 from __future__ import annotations
 
-from datasets import Dataset
+from datasets import Dataset, Features, Value
+
+# Declared, not inferred: a map batch in which every row was already dropped holds only empty
+# id lists, which would be typed list<null> and make the next batch's ids uncastable.
+TOKEN_FEATURES = {
+    "prompt_input_ids": [Value("int64")],
+    "chosen_input_ids": [Value("int64")],
+    "rejected_input_ids": [Value("int64")],
+    "chosen_truncated": Value("bool"),
+    "rejected_truncated": Value("bool"),
+    "drop_reason": Value("string"),
+}
 
 
 def render(tokenizer, prompt: list[dict], response: str) -> tuple[str, str]:
@@ -69,6 +80,7 @@ def tokenise(ds: Dataset, tokenizer, max_length: int, max_prompt_length: int, nu
         batched=True,
         batch_size=256,
         fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length),
+        features=Features({**ds.features, **TOKEN_FEATURES}),
         num_proc=num_proc,
         desc="tokenising",
     )

@@ -1,0 +1,153 @@
+"""Composition of the documented commands, and validation before anything loads."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from simpo_exp.config import ConfigError, learning_rate_for_size, resolve_learning_rate, to_config
+from tests.conftest import options
+
+
+def test_embedded_default(compose):
+    cfg = to_config(compose())
+    assert (cfg.model.name, cfg.dataset.name, cfg.hardware.name, cfg.logger.name) == ("tiny", "synthetic", "auto", "wandb")
+    assert (cfg.beta, cfg.gamma_beta_ratio, cfg.sft_weight, cfg.loss_type) == (2.0, 0.5, 0.0, "sigmoid")
+    assert (cfg.warmup_ratio, cfg.lr_scheduler_type) == (0.1, "cosine")
+    assert cfg.model.path == ""  # nothing to download
+    assert resolve_learning_rate(cfg)[0] == cfg.model.learning_rate
+
+
+def test_reasoning_on_llama3(compose):
+    """python -m simpo_exp model=llama3-8b hparams=reasoning"""
+    cfg = to_config(compose("model=llama3-8b", "hparams=reasoning"))
+    assert cfg.model.path == "meta-llama/Meta-Llama-3-8B"
+    assert (cfg.beta, cfg.gamma_beta_ratio) == (5.0, 0.7)
+    assert resolve_learning_rate(cfg) == (3e-7, "hparams/command line")
+    assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (1, 16)
+    # the tiny preset's run length does not leak into a real model's run
+    assert cfg.max_steps == -1 and cfg.num_train_epochs == 1.0
+
+
+def test_top_level_hparams_override(compose):
+    cfg = to_config(compose("beta=5", "gamma_beta_ratio=0.3", "sft_weight=0.1", "learning_rate=1e-6"))
+    assert (cfg.beta, cfg.gamma_beta_ratio, cfg.sft_weight, cfg.learning_rate) == (5.0, 0.3, 0.1, 1e-6)
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("default", dict(beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.0)),
+    ("instruct", dict(beta=2.5, gamma_beta_ratio=0.5, sft_weight=0.1)),
+    ("reasoning", dict(beta=5.0, gamma_beta_ratio=0.7, learning_rate=3e-7, per_device_train_batch_size=1,
+                       gradient_accumulation_steps=16)),
+    ("creative", dict(learning_rate=1e-6, lr_scheduler_type="linear")),
+    ("weak-prefs", dict(gamma_beta_ratio=0.3)),
+    ("strong-prefs", dict(beta=5.0, gamma_beta_ratio=0.7)),
+])
+def test_hparams_presets(compose, preset, expected):
+    cfg = to_config(compose(f"hparams={preset}"))
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.warmup_ratio == 0.1
+
+
+@pytest.mark.parametrize("params_b,lr", [(0.5, 1e-6), (3.0, 1e-6), (7.2, 5e-7), (8.0, 5e-7), (13.0, 3e-7),
+                                         (30.0, 3e-7), (70.0, 1e-7)])
+def test_learning_rate_follows_model_size(params_b, lr):
+    assert learning_rate_for_size(params_b) == lr
+
+
+@pytest.mark.parametrize("model,lr", [("llama3-8b", 5e-7), ("mistral-7b", 5e-7), ("qwen2.5-0.5b-instruct", 1e-6),
+                                      ("gemma2-9b-it", 5e-7)])
+def test_model_presets_feed_the_learning_rate(compose, model, lr):
+    cfg = to_config(compose(f"model={model}"))
+    value, source = resolve_learning_rate(cfg)
+    assert value == lr and "size" in source
+    # ... unless the command line sets one
+    assert resolve_learning_rate(to_config(compose(f"model={model}", "learning_rate=2e-7")))[0] == 2e-7
+
+
+@pytest.mark.parametrize("group", ["model", "dataset", "hparams", "hardware", "logger", "experiment"])
+def test_every_preset_composes_and_validates(compose, group):
+    for option in options(group):
+        overrides = [f"{group}={option}"]
+        if option == "local":
+            overrides.append("dataset.sources.local.path=/data/prefs.jsonl")
+        cfg = to_config(compose(*overrides))
+        assert cfg.beta > 0
+
+
+@pytest.mark.parametrize("experiment,checks", [
+    ("mistral-7b-base", dict(beta=2.0, gamma_beta_ratio=0.8, learning_rate=3e-7)),
+    ("llama3-8b-instruct", dict(beta=2.5, sft_weight=0.1, per_device_train_batch_size=2,
+                                gradient_accumulation_steps=4)),
+    ("deepseek-math-7b-reasoning", dict(beta=5.0, gamma_beta_ratio=0.7, learning_rate=3e-7)),
+    ("gemma2-9b-it", dict(beta=10.0, gamma_beta_ratio=0.5, learning_rate=8e-7)),
+])
+def test_experiments(compose, experiment, checks):
+    cfg = to_config(compose(f"experiment={experiment}"))
+    assert {k: getattr(cfg, k) for k in checks} == checks
+    assert cfg.model.path and all(s.path != "synthetic" for s in cfg.dataset.sources.values())
+
+
+@pytest.mark.parametrize("override,key", [
+    ("beta=0", "beta"),
+    ("beta=-2", "beta"),
+    ("gamma_beta_ratio=-0.1", "gamma_beta_ratio"),
+    ("learning_rate=0", "learning_rate"),
+    ("learning_rate=-1e-6", "learning_rate"),
+    ("sft_weight=-0.5", "sft_weight"),
+    ("loss_type=ipo", "loss_type"),
+    ("label_smoothing=0.7", "label_smoothing"),
+    ("lr_scheduler_type=exotic", "lr_scheduler_type"),
+    ("warmup_ratio=1.5", "warmup_ratio"),
+    ("max_prompt_length=256", "max_prompt_length"),  # == max_length of the tiny preset
+    ("max_steps=0", "max_steps"),
+    ("per_device_train_batch_size=0", "per_device_train_batch_size"),
+    ("hardware.device=tpu", "hardware.device"),
+    ("hardware.mixed_precision=fp8", "hardware.mixed_precision"),
+    ("dataset.sources.synthetic.fraction=0", "dataset.sources.synthetic.fraction"),
+    ("model.tiny.num_attention_heads=3", "model.tiny.hidden_size"),
+    ("logger.mode=sometimes", "logger.mode"),
+])
+def test_invalid_values_name_the_key(compose, override, key):
+    with pytest.raises(ConfigError) as err:
+        to_config(compose(override))
+    message = str(err.value)
+    assert f"{key}=" in message
+    assert "must" in message or "allowed" in message
+
+
+def test_hinge_with_label_smoothing_is_refused(compose):
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        to_config(compose("loss_type=hinge", "label_smoothing=0.1"))
+
+
+def test_unknown_key_fails_at_composition(compose):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose("betta=5")
+    assert "betta" in str(err.value)
+
+
+def test_unknown_nested_key_fails_at_composition(compose):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose("model.hidden=5")
+    assert "hidden" in str(err.value)
+
+
+def test_unknown_group_option_fails_at_composition(compose):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose("model=llama4-1t")
+    assert "llama4-1t" in str(err.value)
+
+
+def test_wrong_type_fails_at_composition(compose):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        compose("beta=high")
+    assert "beta" in str(err.value)
+
+
+def test_unknown_key_in_a_preset_file_is_refused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from simpo_exp.config import Config
+
+    with pytest.raises(ConfigKeyError, match="gama"):
+        OmegaConf.merge(OmegaConf.structured(Config), {"gama": 1.0})

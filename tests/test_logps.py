@@ -1,0 +1,96 @@
+"""Response log-probs: only response tokens count, padding changes nothing, chunking is exact."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from simpo_exp.data.collate import PairCollator
+from simpo_exp.logps import ResponseLogps
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def pair(prompt, chosen, rejected):
+    return {"prompt_input_ids": prompt, "chosen_input_ids": chosen, "rejected_input_ids": rejected}
+
+
+def reference_logps(model, prompt, response):
+    """Straightforward: full logits of the unpadded sequence, sum of log p(response tokens)."""
+    ids = torch.tensor([prompt + response])
+    logp = model(ids).logits.float().log_softmax(-1)[0]
+    total = 0.0
+    for j, tok in enumerate(response):
+        total += logp[len(prompt) + j - 1, tok].item()
+    return total, len(response)
+
+
+def test_matches_full_logits_on_unpadded_sequences(model):
+    pairs = [pair([1, 2, 3], [4, 5], [6, 7, 8, 9]), pair([10, 11], [12, 13, 14], [15])]
+    batch = PairCollator(PAD)(pairs)
+    out = ResponseLogps(model)(**batch)
+    rows = [(p["prompt_input_ids"], p["chosen_input_ids"]) for p in pairs] + \
+           [(p["prompt_input_ids"], p["rejected_input_ids"]) for p in pairs]
+    for i, (prompt, response) in enumerate(rows):
+        expected_sum, n = reference_logps(model, prompt, response)
+        assert out.num_tokens[i].item() == n
+        assert out.logp_sums[i].item() == pytest.approx(expected_sum, abs=1e-4)
+        assert out.mean_logps[i].item() == pytest.approx(expected_sum / n, abs=1e-5)
+
+
+def test_padding_and_neighbours_do_not_change_a_pair(model):
+    alone = PairCollator(PAD)([pair([1, 2, 3], [4, 5], [6, 7])])
+    crowded = PairCollator(PAD)([pair([1, 2, 3], [4, 5], [6, 7]), pair(list(range(1, 30)), [9] * 12, [8] * 3)])
+    a = ResponseLogps(model)(**alone).mean_logps
+    b = ResponseLogps(model)(**crowded).mean_logps
+    assert a[0].item() == pytest.approx(b[0].item(), abs=1e-5)  # chosen
+    assert a[1].item() == pytest.approx(b[2].item(), abs=1e-5)  # rejected sits at row B + i
+
+
+def test_prompt_tokens_are_not_counted(model):
+    batch = PairCollator(PAD)([pair([1, 2, 3, 4, 5, 6], [7], [8, 9])])
+    assert batch["loss_mask"].sum(1).tolist() == [1, 2]
+    out = ResponseLogps(model)(**batch)
+    assert out.num_tokens.tolist() == [1, 2]
+    # Changing only the prompt's last token changes the log-prob (it conditions the response) ...
+    other = PairCollator(PAD)([pair([1, 2, 3, 4, 5, 7], [7], [8, 9])])
+    assert ResponseLogps(model)(**other).logp_sums[0].item() != pytest.approx(out.logp_sums[0].item(), abs=1e-6)
+    # ... but the count stays the number of response tokens.
+    assert ResponseLogps(model)(**other).num_tokens.tolist() == [1, 2]
+
+
+def test_chunked_head_equals_plain_head_with_gradients(model):
+    torch.manual_seed(1)
+    pairs = [pair([1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11]), pair([12, 13], [14, 15, 16], [17, 18, 19, 20])]
+    batch = PairCollator(PAD)(pairs)
+    grads = []
+    for chunk in (0, 3):
+        model.zero_grad()
+        out = ResponseLogps(model, chunk_size=chunk)(**batch)
+        out.mean_logps.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if chunk == 0:
+            plain = out.mean_logps.detach()
+        else:
+            chunked = out.mean_logps.detach()
+    assert torch.allclose(plain, chunked, atol=1e-6)
+    for g0, g1 in zip(*grads):
+        assert torch.allclose(g0, g1, atol=1e-6)
+    model.zero_grad()
+
+
+def test_softcapping_is_applied(model):
+    batch = PairCollator(PAD)([pair([1, 2], [3, 4], [5])])
+    wrapped = ResponseLogps(model)
+    plain = wrapped(**batch).logp_sums.detach()
+    wrapped.softcap = 0.5  # tiny cap: logits squeezed to (-0.5, 0.5) -> log-probs near -log(V)
+    capped = wrapped(**batch).logp_sums.detach()
+    assert not torch.allclose(plain, capped)
+    assert torch.allclose(capped / torch.tensor([2.0, 1.0]), -torch.log(torch.tensor(50.0)), atol=1.0)
