@@ -35,7 +35,7 @@ PAIR_METRICS = (
 TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "tokens_per_s", "samples_per_s")
 STEP_KEY = "train/global_step"
 SAMPLES_KEY = "train/samples_seen"
-SECRET_MARKERS = ("api_key", "token", "secret", "password")
+SECRET_NAMES = ("api_key", "token", "secret", "password")
 
 
 def train_keys() -> list[str]:
@@ -47,12 +47,17 @@ def eval_keys() -> list[str]:
 
 
 def scrub(obj):
-    """Drop any key that looks like a credential from a nested dict/list."""
+    """Drop any key that names a credential (``token``, ``hf_token``, ``wandb_api_key``, ...) from nested data."""
     if isinstance(obj, dict):
-        return {k: scrub(v) for k, v in obj.items() if not any(s in str(k).lower() for s in SECRET_MARKERS)}
+        return {k: scrub(v) for k, v in obj.items() if not _is_secret_key(str(k))}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
     return obj
+
+
+def _is_secret_key(key: str) -> bool:
+    key = key.lower().rsplit("/", 1)[-1]
+    return any(key == name or key.endswith("_" + name) for name in SECRET_NAMES)
 
 
 def _jsonable(v):
@@ -94,7 +99,7 @@ class Tracker:
                 dir=str(self.run_dir),
                 mode=mode,
                 reinit="create_new",
-                settings=wandb.Settings(start_method="thread", console="off", x_disable_stats=True),
+                settings=wandb.Settings(console="off", x_disable_stats=True),
             )
             self.wandb_run.define_metric(STEP_KEY)
             self.wandb_run.define_metric(SAMPLES_KEY)
@@ -106,7 +111,9 @@ class Tracker:
             self._wandb_failed("start", e)
 
     def _wandb_failed(self, what: str, e: Exception) -> None:
-        warnings.warn(f"W&B {what} failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only")
+        message = f"W&B {what} failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only"
+        log.warning(message)
+        warnings.warn(message, stacklevel=2)
         self.wandb_run = None
 
     # ----------------------------------------------------------------- logging

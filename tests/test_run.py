@@ -1,0 +1,108 @@
+"""End-to-end: the documented commands, run as a user runs them (subprocesses on the embedded default)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simpo_exp.tracking import eval_keys, train_keys
+
+SMALL = ["dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32", "eval_steps=2", "logging_steps=1"]
+
+
+def simpo(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "simpo_exp", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_leaves_everything_a_user_needs(tmp_path):
+    run_dir = tmp_path / "run"
+    res = simpo("max_steps=4", "logger=none", f"hydra.run.dir={run_dir}", *SMALL, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in eval_keys() + train_keys():
+        assert key in summary, key
+    assert summary["train/global_step"] == 4 and summary["runtime_s"] > 0
+    records = read_metrics(run_dir)
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    eval_steps = [r["step"] for r in records if "eval/loss" in r]
+    assert train_steps == [1, 2, 3, 4]
+    assert eval_steps == [0, 2, 4]  # eval_on_start, every 2 steps
+    assert all(0 <= r["eval/rewards/accuracies"] <= 1 for r in records if "eval/loss" in r)
+    # Hydra's record and the saved model, loadable by transformers
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "model" / "model.safetensors").exists()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    assert model.config.vocab_size == len(tok) and tok.chat_template
+    assert "run directory" in res.stdout and "eval/rewards/accuracies" in res.stdout
+
+
+def test_multirun_sweep_groups_jobs_in_wandb(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = simpo("--multirun", "beta=2,5,10", "max_steps=3", f"hydra.sweep.dir={sweep}", *SMALL, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 3
+    betas = []
+    for job in jobs:
+        assert (job / "summary.json").exists()
+        cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        betas.append(cfg["beta"])
+        assert f"beta={cfg['beta']:g}" in job.name  # job directories are named after their overrides
+        # the W&B run that W&B itself wrote offline carries the sweep's group
+        runs = list((job / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(runs) == 1
+        assert f"sweep-{sweep.name}".encode() in runs[0].read_bytes()
+    assert sorted(betas) == [2.0, 5.0, 10.0]
+
+
+def test_cfg_job_prints_the_config_and_loads_nothing(tmp_path):
+    res = simpo("model=llama3-8b", "hparams=reasoning", "--cfg", "job", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["beta"] == 5.0 and cfg["model"]["path"] == "meta-llama/Meta-Llama-3-8B"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_missing_real_model_fails_fast_with_a_pointer(tmp_path):
+    res = simpo("model=llama3-8b", "hparams=reasoning", "logger=none", cwd=tmp_path, timeout=120)
+    assert res.returncode == 2
+    assert "meta-llama/Meta-Llama-3-8B" in res.stderr and "model.path=" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_local_model_path(tmp_path):
+    res = simpo("model=llama3-8b", f"model.path={tmp_path}/nowhere", "logger=none", cwd=tmp_path, timeout=120)
+    assert res.returncode == 2 and "does not exist" in res.stderr and "nowhere" in res.stderr
+
+
+def test_bad_value_is_refused_before_anything_runs(tmp_path):
+    res = simpo("beta=-1", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "beta=-1.0" in res.stderr and "must be > 0" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not list(tmp_path.glob("outputs/runs/*/metrics.jsonl"))
+
+
+def test_embedded_default_learns(tmp_path):
+    """`python -m simpo_exp` as documented: held-out reward accuracy from ~0.5 to >= 0.9."""
+    res = simpo(f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval/rewards/accuracies" in r]
+    assert evals[0]["step"] == 0 and 0.3 <= evals[0]["eval/rewards/accuracies"] <= 0.7
+    assert summary["eval/rewards/accuracies"] >= 0.9
+    assert summary["eval/rewards/margins"] > evals[0]["eval/rewards/margins"]
