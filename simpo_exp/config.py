@@ -157,6 +157,12 @@ class Config:
     max_length: int = 2048
     max_prompt_length: int = 1800
 
+    # --- checkpoints and failure handling ---
+    save_steps: int = 100  # 0: no intermediate checkpoints
+    save_total_limit: int = 2
+    resume: bool = True  # continue from the newest complete checkpoint in output_dir
+    max_bad_steps: int = 5  # consecutive non-finite steps tolerated (each is skipped)
+
     seed: int = 42
     output_dir: str = "."  # set to Hydra's job directory by the entry point
     progress_bar: bool = True
@@ -224,6 +230,9 @@ def validate(cfg: Config) -> Config:
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "logging_steps"):
         _check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be an integer >= 1")
+    _check(cfg.save_steps >= 0, "save_steps", cfg.save_steps, "must be >= 0 (0: no intermediate checkpoints)")
+    _check(cfg.save_total_limit >= 1, "save_total_limit", cfg.save_total_limit, "must be >= 1")
+    _check(cfg.max_bad_steps >= 0, "max_bad_steps", cfg.max_bad_steps, "must be >= 0")
     _check(cfg.eval_steps >= 0, "eval_steps", cfg.eval_steps, "must be >= 0 (0: only at the end)")
     _check(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", cfg.max_steps, "must be >= 1, or -1 to use num_train_epochs")
     if cfg.max_steps == -1:

@@ -57,8 +57,10 @@ def user_errors(cfg: DictConfig):
 
 
 def _is_user_error(e: Exception) -> bool:
+    from simpo_exp.checkpoint import CheckpointError
     from simpo_exp.config import ConfigError
     from simpo_exp.data import DataSourceError
     from simpo_exp.model import ModelNotFoundError
+    from simpo_exp.train import NonFiniteError
 
-    return isinstance(e, (ConfigError, DataSourceError, ModelNotFoundError))
+    return isinstance(e, (ConfigError, DataSourceError, ModelNotFoundError, CheckpointError, NonFiniteError))

@@ -32,7 +32,7 @@ PAIR_METRICS = (
     "logits/rejected",
 )
 # Optimisation and throughput, train only.
-TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "tokens_per_s", "samples_per_s")
+TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "tokens_per_s", "samples_per_s", "skipped_steps")
 STEP_KEY = "train/global_step"
 SAMPLES_KEY = "train/samples_seen"
 SECRET_NAMES = ("api_key", "token", "secret", "password")

@@ -1,9 +1,10 @@
 """The training loop, top to bottom.
 
-    set up   -> tokenizer, data, model, optimizer, schedule, accelerate
+    set up   -> tokenizer, data, model, optimizer, schedule, accelerate; resume from a checkpoint if any
     each step:  for each micro-batch: forward (chosen+rejected in one pass) -> SimPO loss -> backward
-                clip -> optimizer step -> schedule step
-                every logging_steps: train metrics;  every eval_steps: eval metrics
+                clip -> optimizer step (skipped if the gradient is not finite) -> schedule step
+                every logging_steps: train metrics;  every eval_steps: eval metrics;
+                every save_steps (and on SIGTERM): a checkpoint
     at the end  -> final eval, model + tokenizer (safetensors), summary.json, a table of the results
 """
 
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,7 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from simpo_exp.config import Config, resolve_learning_rate
+from simpo_exp import checkpoint
+from simpo_exp.config import Config, ConfigError, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.losses import nll_loss, simpo_loss
@@ -57,16 +62,25 @@ def batch_loss(policy, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict[str
 class Window:
     """Sums of batch statistics since the last report."""
 
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
+    def __init__(self, saved: dict | None = None):
+        self.sums: dict[str, torch.Tensor] = {k: torch.tensor(v) for k, v in (saved or {}).items()}
+
+    def merge(self, other: "Window") -> None:
+        self.add(other.sums)
+
+    def state(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.sums.items()}
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float().cpu()
 
     def means(self, accelerator, prefix: str) -> dict[str, float]:
         keys = sorted(self.sums)
-        totals = accelerator.reduce(torch.stack([self.sums[k] for k in keys]), reduction="sum").tolist()
+        if not keys:  # every step of the window was skipped
+            return {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS} | {"_pairs": 0.0, "_tokens": 0.0}
+        stacked = torch.stack([self.sums[k] for k in keys]).to(accelerator.device)
+        totals = accelerator.reduce(stacked, reduction="sum").tolist()
         totals = dict(zip(keys, totals))
         pairs = max(totals["pairs"], 1.0)
         self.sums = {}
@@ -85,15 +99,57 @@ def evaluate(policy, loader, cfg: Config, accelerator) -> dict[str, float]:
     return metrics
 
 
-def forever(loader, start_epoch: int = 0):
-    """Yield (epoch, batch) endlessly, reshuffling each epoch from the seed and the epoch number."""
-    epoch = start_epoch
+def forever(loader, accelerator, consumed: int = 0):
+    """Yield batches endlessly, reshuffling each epoch from (seed, epoch), starting after
+    ``consumed`` micro-batches: a resumed run sees exactly the batches it would have seen."""
+    epoch, skip = divmod(consumed, len(loader))
     while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+class StopSignal:
+    """Remember a SIGTERM/SIGINT (what a scheduler sends before it kills) until the step ends."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def start_or_resume(cfg: Config, run_dir: Path, accelerator, policy, optimizer, scheduler, config_dict) -> "checkpoint.TrainState":
+    """Load the newest complete checkpoint in the run directory, or clear old state to start fresh."""
+    found = checkpoint.checkpoint_dirs(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if cfg.resume and found:
+        state = checkpoint.load(found[-1], accelerator.unwrap_model(policy).model, optimizer, scheduler, config_dict)
+        if accelerator.is_main_process:
+            checkpoint.trim_metrics(metrics_path, state.step)
+        log.info("resumed from %s (step %d)", found[-1], state.step)
+        return state
+    if accelerator.is_main_process:
+        # A fresh start in a used directory: earlier checkpoints and metrics would mix with this run's.
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        metrics_path.unlink(missing_ok=True)
+    return checkpoint.TrainState()
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -104,7 +160,7 @@ def make_accelerator(cfg: Config):
     h = cfg.hardware
     has_cuda = torch.cuda.is_available()
     if h.device == "cuda" and not has_cuda:
-        raise RuntimeError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu or hardware=auto")
+        raise ConfigError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu or hardware=auto")
     use_cpu = h.device == "cpu" or (h.device == "auto" and not has_cuda)
     precision = h.mixed_precision
     if precision == "auto":
@@ -163,7 +219,7 @@ def train(cfg: Config) -> dict:
         eval_ds.select_columns(MODEL_COLUMNS), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
     )
     if len(train_loader) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the train split has {len(train_ds)} pairs, fewer than per_device_train_batch_size="
             f"{cfg.per_device_train_batch_size}"
         )
@@ -179,41 +235,67 @@ def train(cfg: Config) -> dict:
     accum = cfg.gradient_accumulation_steps
     pairs_per_step = cfg.per_device_train_batch_size * accum * accelerator.num_processes
 
-    tracker = Tracker(run_dir, cfg.logger, config_to_dict(cfg) | {"resolved_learning_rate": lr},
+    config_dict = config_to_dict(cfg)
+    state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
+    tracker = Tracker(run_dir, cfg.logger, config_dict | {"resolved_learning_rate": lr},
                       enabled=accelerator.is_main_process)
     tracker.write_json("data_report.json", data_report.__dict__)
     log.info("%d steps of %d pairs (%d per device x %d accumulation x %d processes) on %s",
              steps, pairs_per_step, cfg.per_device_train_batch_size, accum, accelerator.num_processes,
              accelerator.device)
 
+    def save_checkpoint() -> None:
+        state.window = window.state()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            path = checkpoint.save(run_dir, accelerator.unwrap_model(policy).model, optimizer, scheduler, state,
+                                   config_dict, cfg.save_total_limit)
+            log.info("checkpoint %s", path)
+
     summary: dict = {}
-    if cfg.eval_on_start:
+    if cfg.eval_on_start and state.step == 0:
         summary |= evaluate(policy, eval_loader, cfg, accelerator)
         tracker.log(dict(summary), step=0)
 
-    batches = forever(train_loader)
-    window = Window()
+    batches = forever(train_loader, accelerator, state.micro_batches)
+    window = Window(state.window)
     window_start = time.time()
     bar = None
     if cfg.progress_bar and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="training", dynamic_ncols=True)
-    micro_batches = 0
+        bar = tqdm(total=steps, initial=state.step, desc="training", dynamic_ncols=True)
+    stop = StopSignal()
+    bad_in_a_row = 0
     policy.train()
-    for step in range(1, steps + 1):
+    for step in range(state.step + 1, steps + 1):
+        step_stats = Window()
         for i in range(accum):
-            epoch, batch = next(batches)
-            micro_batches += 1
+            batch = next(batches)
+            state.micro_batches += 1
             # Gradients are all-reduced only on the last micro-batch of a step.
             with accelerator.no_sync(policy) if i < accum - 1 else nullcontext():
                 loss, stats = batch_loss(policy, batch, cfg)
                 accelerator.backward(loss / accum)
-            window.add(stats)
+            step_stats.add(stats)
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        if torch.isfinite(grad_norm):  # a non-finite loss gives non-finite gradients too
+            optimizer.step()
+            window.merge(step_stats)
+            bad_in_a_row = 0
+        else:
+            state.skipped_steps += 1
+            bad_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step, bad_in_a_row)
+            if bad_in_a_row > cfg.max_bad_steps:
+                last = checkpoint.checkpoint_dirs(run_dir)
+                raise NonFiniteError(
+                    f"{bad_in_a_row} consecutive steps with a non-finite loss or gradient, the last at step {step}; "
+                    f"last good checkpoint: {last[-1] if last else 'none'}. Lower learning_rate or check the data."
+                )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        state.step = step
 
         if step % cfg.logging_steps == 0 or step == steps:
             elapsed = max(time.time() - window_start, 1e-9)
@@ -222,9 +304,10 @@ def train(cfg: Config) -> dict:
             metrics |= {
                 "train/grad_norm": float(grad_norm),
                 "train/learning_rate": scheduler.get_last_lr()[0],
-                "train/epoch": micro_batches / len(train_loader),
+                "train/epoch": state.micro_batches / len(train_loader),
                 "train/tokens_per_s": tokens / elapsed,
                 "train/samples_per_s": pairs / elapsed,
+                "train/skipped_steps": state.skipped_steps,
                 SAMPLES_KEY: step * pairs_per_step,
             }
             tracker.log(metrics, step)
@@ -236,10 +319,16 @@ def train(cfg: Config) -> dict:
             metrics = evaluate(policy, eval_loader, cfg, accelerator)
             tracker.log(metrics, step)
             summary |= metrics
+        if (cfg.save_steps and step % cfg.save_steps == 0 and step < steps) or stop.requested:
+            save_checkpoint()
         if bar is not None:
             bar.update(1)
+        if stop.requested:
+            log.warning("stopped by signal %s after step %d; re-run the same command to resume", stop.signum, step)
+            raise SystemExit(128 + stop.signum)
     if bar is not None:
         bar.close()
+    stop.restore()
 
     summary |= {"train/global_step": steps, "runtime_s": time.time() - started,
                 "learning_rate_used": lr, "learning_rate_source": lr_source}

@@ -1,0 +1,135 @@
+"""A killed run resumes with nothing lost; bad numbers and bad input never cost a run silently."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_run import read_metrics, simpo
+
+RUN = ["max_steps=12", "save_steps=3", "eval_steps=4", "logging_steps=2", "logger=none", "eval_on_start=false",
+       "dataset.synthetic.num_train=96", "dataset.synthetic.num_test=32", "per_device_train_batch_size=8",
+       "gradient_accumulation_steps=2"]  # 6 micro-batches an epoch: the resumed run crosses epochs
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def launch(run_dir: Path, *extra: str) -> subprocess.Popen:
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "simpo_exp", *RUN, f"hydra.run.dir={run_dir}", *extra],
+                            cwd=run_dir.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not list((run_dir / "checkpoints").glob("step-*[0-9]/COMPLETE")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    res = simpo(*RUN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for key, value in sa.items():
+        if key.startswith(("eval/", "train/")) and not key.endswith(("_per_s",)):
+            assert sb[key] == value, key  # bit-for-bit on CPU
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in rs]  # noqa: E731
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+
+
+def test_same_seed_same_metrics(uninterrupted, tmp_path):
+    res = simpo(*RUN, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(uninterrupted, tmp_path / "again")
+
+
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir)
+    wait_for_checkpoint(run_dir, proc)
+    time.sleep(random.uniform(0.0, 1.5))  # a random point after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the kill landed")
+    assert not (run_dir / "summary.json").exists()
+    res = simpo(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)  # the same command again
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in (run_dir / "__main__.log").read_text()
+    steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12]  # no duplicated or missing steps
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir, "save_steps=100")  # no periodic checkpoints: only the one SIGTERM causes
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    saved = list((run_dir / "checkpoints").glob("step-*[0-9]/COMPLETE"))
+    assert len(saved) == 1
+    res = simpo(*RUN, "save_steps=100", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_incompatible_checkpoint_is_refused_and_resume_false_starts_fresh(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = launch(run_dir)
+    wait_for_checkpoint(run_dir, proc)
+    proc.kill()
+    proc.wait()
+    res = simpo(*RUN, "beta=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "different config" in res.stderr and "beta: checkpoint 2.0, now 5.0" in res.stderr
+    res = simpo(*RUN, "beta=5", "resume=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert steps == [2, 4, 6, 8, 10, 12]
+
+
+def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
+    from simpo_exp import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=step), {}, keep=2)
+    (tmp_path / "checkpoints" / "step-000004.tmp").mkdir()  # a save killed half-way
+    half = tmp_path / "checkpoints" / "step-000005"
+    half.mkdir()  # no COMPLETE marker
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000002", "step-000003"]
+    state = checkpoint.load(checkpoint.checkpoint_dirs(tmp_path)[-1], model, opt, sched, {})
+    assert state.step == 3
+    assert not any(p.suffix == ".bin" or p.suffix == ".pt" for p in (tmp_path / "checkpoints").rglob("*"))
