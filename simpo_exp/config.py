@@ -121,6 +121,7 @@ class LoggerConfig:
     job_type: str = "train"
     run_name: Optional[str] = None  # None: built from the command-line overrides
     tags: List[str] = field(default_factory=list)
+    init_timeout: float = 30.0  # seconds W&B may take to start before the run goes on without it
 
 
 @dataclass
@@ -281,6 +282,7 @@ def validate(cfg: Config) -> Config:
     _check(h.dataloader_num_workers >= 0, "hardware.dataloader_num_workers", h.dataloader_num_workers, "must be >= 0")
 
     _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    _check(cfg.logger.init_timeout > 0, "logger.init_timeout", cfg.logger.init_timeout, "must be > 0 seconds")
     return cfg
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from simpo_exp.config import Config, ModelConfig
+from simpo_exp.config import Config, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,13 @@ def check_model_available(path: str, revision: str | None = None, what: str = "m
     )
 
 
-def apply_chat_template_choice(tokenizer, choice: str) -> None:
+def apply_chat_template_choice(tokenizer, choice: str, mcfg_name: str = "") -> None:
     """Set the tokenizer's chat template from the ``model.chat_template`` setting."""
     if choice == "auto":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "the tokenizer has no chat template; set model.chat_template=zephyr (or a Jinja template string)"
+            raise ConfigError(
+                f"model.chat_template='auto' but the tokenizer of {mcfg_name!r} has no chat template; "
+                "set model.chat_template=zephyr (or a Jinja template string)"
             )
         return
     if choice in BUILTIN_TEMPLATES:
@@ -126,7 +127,7 @@ def apply_chat_template_choice(tokenizer, choice: str) -> None:
     elif "{%" in choice or "{{" in choice:
         tokenizer.chat_template = choice
     else:
-        raise ValueError(
+        raise ConfigError(
             f"model.chat_template={choice!r}: allowed are 'auto', {', '.join(map(repr, BUILTIN_TEMPLATES))} "
             "or a Jinja template string"
         )
@@ -145,7 +146,7 @@ def load_tokenizer(mcfg: ModelConfig):
         path = mcfg.tokenizer_path or mcfg.path
         check_model_available(path, mcfg.revision, "model.tokenizer_path" if mcfg.tokenizer_path else "model.path")
         tok = AutoTokenizer.from_pretrained(path, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
-    apply_chat_template_choice(tok, mcfg.chat_template)
+    apply_chat_template_choice(tok, mcfg.chat_template, mcfg.path or mcfg.name)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -99,7 +99,7 @@ class Tracker:
                 dir=str(self.run_dir),
                 mode=mode,
                 reinit="create_new",
-                settings=wandb.Settings(console="off", x_disable_stats=True),
+                settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=lc.init_timeout),
             )
             self.wandb_run.define_metric(STEP_KEY)
             self.wandb_run.define_metric(SAMPLES_KEY)

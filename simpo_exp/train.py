@@ -183,6 +183,17 @@ def pick_attention(cfg: Config) -> str:
     return wanted
 
 
+def check_writable(run_dir: Path) -> Path:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir={str(run_dir)!r} is not a writable directory ({e.strerror or e})") from e
+    return run_dir
+
+
 def total_steps(cfg: Config, batches_per_epoch: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -196,7 +207,7 @@ def train(cfg: Config) -> dict:
     from transformers import get_scheduler
 
     started = time.time()
-    run_dir = Path(cfg.output_dir)
+    run_dir = check_writable(Path(cfg.output_dir))
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     lr, lr_source = resolve_learning_rate(cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import logging
 from pathlib import Path
 
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 NORMALISED_COLUMNS = ("prompt", "chosen", "rejected", "drop_reason")
+# datasets caches map() results next to a source's files under a fingerprint of the function and
+# its arguments, but hashes a module-level function by its name, not its code: after an edit to the
+# rules below, a rerun on the same files would silently reuse the old results. This file's hash is
+# passed along as an argument so that any edit gives a new fingerprint.
+CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 # Declared, not inferred: a writer batch made only of dropped rows (prompt []) would otherwise be
 # typed list<null>, and the next batch with real messages could not be cast to it; sources
 # normalised separately also always concatenate.
@@ -142,8 +148,8 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
 # ---------------------------------------------------------------------------- normalising
 def _check_columns(ds: Dataset, src: SourceConfig, name: str) -> None:
     need = [src.chosen_column, src.rejected_column]
-    fmt = src.format
-    if fmt == "strings":
+    if src.format == "strings" or (src.format != "messages" and _has_string_responses(ds, src)):
+        # Plain-string responses carry no conversation: the prompt can only come from its column.
         need.append(src.prompt_column)
     missing = [c for c in need if c not in ds.column_names]
     if missing:
@@ -151,6 +157,12 @@ def _check_columns(ds: Dataset, src: SourceConfig, name: str) -> None:
             f"dataset.sources.{name} ({src.path}): missing column(s) {missing}; the data has {ds.column_names}. "
             f"Map them with dataset.sources.{name}.prompt_column / chosen_column / rejected_column."
         )
+
+
+def _has_string_responses(ds: Dataset, src: SourceConfig) -> bool:
+    """Whether the chosen column holds plain strings (not message lists), from the data's schema."""
+    feature = ds.features.get(src.chosen_column)
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
 
 
 def _is_messages(value) -> bool:
@@ -217,10 +229,15 @@ def normalise_row(row: dict, src: SourceConfig) -> dict:
     return out
 
 
+def _normalise_for_map(row: dict, src: SourceConfig, code_version: str) -> dict:
+    return normalise_row(row, src)  # code_version only feeds the cache fingerprint
+
+
 def normalise(ds: Dataset, src: SourceConfig, name: str, num_proc: int | None = None) -> Dataset:
     _check_columns(ds, src, name)
     return ds.map(
-        lambda row: normalise_row(row, src),
+        _normalise_for_map,
+        fn_kwargs=dict(src=src, code_version=CODE_VERSION),
         remove_columns=ds.column_names,
         features=NORMALISED_FEATURES,
         num_proc=num_proc,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from simpo_exp.config import SyntheticConfig
+from simpo_exp.config import ConfigError, SyntheticConfig
 
 
 def _pair(rng: random.Random, min_digits: int, max_digits: int) -> tuple[str, str, str]:
@@ -45,6 +45,15 @@ def _row(prompt: str, chosen: str, rejected: str) -> dict:
 
 def generate(cfg: SyntheticConfig) -> dict[str, list[dict]]:
     """Return ``{"train_prefs": rows, "test_prefs": rows}``, the same for the same config."""
+    # Distinct prompts there are: digit lists of each length, less the 10 with one repeated digit
+    # (nothing to swap). Asking for more would loop forever looking for unseen prompts.
+    capacity = sum(10**n - 10 for n in range(cfg.min_digits, cfg.max_digits + 1))
+    if cfg.num_train + cfg.num_test > capacity:
+        raise ConfigError(
+            f"invalid config value dataset.synthetic.num_train+num_test={cfg.num_train + cfg.num_test}: "
+            f"digit lists of {cfg.min_digits}..{cfg.max_digits} digits give only {capacity} distinct prompts; "
+            "lower num_train/num_test or raise max_digits"
+        )
     rng = random.Random(cfg.seed)
     splits: dict[str, list[dict]] = {"test_prefs": [], "train_prefs": []}
     seen: set[str] = set()

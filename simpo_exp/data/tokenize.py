@@ -12,7 +12,14 @@ is at least one token because the config requires ``max_prompt_length < max_leng
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from datasets import Dataset, Features, Value
+
+# This file's hash goes into the map() cache fingerprint: datasets hashes ``_tokenise_batch`` by
+# name, so without it an edited rule would silently reuse results cached before the edit.
+CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 # Declared, not inferred: a map batch in which every row was already dropped holds only empty
 # id lists, which would be typed list<null> and make the next batch's ids uncastable.
@@ -35,7 +42,7 @@ def render(tokenizer, prompt: list[dict], response: str) -> tuple[str, str]:
     return prompt_text, full[len(prompt_text):]
 
 
-def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int, code_version: str = "") -> dict:
     n = len(batch["prompt"])
     out = {k: [] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
                            "chosen_truncated", "rejected_truncated", "drop_reason")}
@@ -79,7 +86,8 @@ def tokenise(ds: Dataset, tokenizer, max_length: int, max_prompt_length: int, nu
         _tokenise_batch,
         batched=True,
         batch_size=256,
-        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length),
+        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                       code_version=CODE_VERSION),
         features=Features({**ds.features, **TOKEN_FEATURES}),
         num_proc=num_proc,
         desc="tokenising",

@@ -1,0 +1,733 @@
+"""The data layer: sources in the hub schemas -> normalised pairs -> tokens -> filtered splits -> batches.
+
+Every source is a small local file written here in the exact schema of the hub data set it stands
+for (JSONL, and Parquet laid out as the hub does), loaded through the config the matching preset in
+``conf/dataset`` composes, with only ``path`` pointed at the local copy. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import time
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers.processors import TemplateProcessing
+
+from simpo_exp.config import (
+    Config,
+    ConfigError,
+    DatasetConfig,
+    HardwareConfig,
+    LoggerConfig,
+    ModelConfig,
+    SourceConfig,
+    SyntheticConfig,
+    to_config,
+)
+from simpo_exp.data import MODEL_COLUMNS, DataSourceError, EmptySplitError, PairCollator, build_datasets
+from simpo_exp.data import sources as sources_mod
+from simpo_exp.data import synthetic
+from simpo_exp.data.sources import load_split, normalise, normalise_row
+from simpo_exp.model import ZEPHYR_CHAT_TEMPLATE, _hub_reachable, build_tiny_tokenizer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# Content that a byte-level round trip must keep exactly: accents, emoji, CJK, newlines, spacing
+# that a "clean up tokenization spaces" pass would change.
+ODD_TEXT = "Héllo , naïve café . don 't 😀 中文\n\n  indented\ttab"
+
+
+# ----------------------------------------------------------------------------- fixtures / helpers
+@pytest.fixture(scope="module", autouse=True)
+def _private_datasets_cache(tmp_path_factory):
+    """Keep datasets' cache (prepared files, map() results) out of the user's ~/.cache."""
+    saved = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_datasets_cache")
+    yield
+    datasets.config.HF_DATASETS_CACHE = saved
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer()
+
+
+def make_config(sources: dict, max_length: int = 256, max_prompt_length: int = 128, **dataset_kw) -> Config:
+    return Config(
+        model=ModelConfig(name="tiny"),
+        dataset=DatasetConfig(name="test", sources=sources, **dataset_kw),
+        hardware=HardwareConfig(name="cpu"),
+        logger=LoggerConfig(name="none"),
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+    )
+
+
+def compose_preset(preset: str, *overrides: str) -> Config:
+    """Compose ``dataset=<preset>`` (plus overrides) as the command line would, and validate it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        dc = compose(config_name="config", overrides=[
+            "output_dir=/tmp/unused", f"dataset={preset}", "model=tiny", "hardware=cpu", "logger=none", *overrides])
+    return to_config(dc)
+
+
+def path_override(source: str, path: Path) -> str:
+    return f"dataset.sources.{source}.path='{path}'"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def msgs(prompt: str, answer) -> list[dict]:
+    # The hub's structs list "content" before "role".
+    return [{"content": prompt, "role": "user"}, {"content": answer, "role": "assistant"}]
+
+
+def uf_row(prompt: str, chosen: str, rejected: str) -> dict:
+    """HuggingFaceH4/ultrafeedback_binarized, *_prefs splits."""
+    return {
+        "prompt": prompt,
+        "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(),
+        "chosen": msgs(prompt, chosen),
+        "rejected": msgs(prompt, rejected),
+        "messages": msgs(prompt, chosen),
+        "score_chosen": 8.5,
+        "score_rejected": 4.0,
+    }
+
+
+def armorm_row(prompt: str, chosen: str, rejected: str) -> dict:
+    """princeton-nlp/llama3-ultrafeedback-armorm."""
+    responses = [chosen, rejected, f"other answer to {prompt}", f"fourth answer to {prompt}", f"fifth to {prompt}"]
+    return {
+        "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(),
+        "prompt": prompt,
+        "all_generated_responses": responses,
+        "all_rm_scores": [0.19, 0.11, 0.15, 0.14, 0.12],
+        "chosen": msgs(prompt, chosen),
+        "rejected": msgs(prompt, rejected),
+    }
+
+
+def argilla_row(prompt: str, chosen: str, rejected: str) -> dict:
+    """argilla/ultrafeedback-binarized-preferences-cleaned (train only)."""
+    return {
+        "source": "evol_instruct",
+        "prompt": prompt,
+        "chosen": msgs(prompt, chosen),
+        "chosen-rating": 5.0,
+        "chosen-model": "gpt-4",
+        "rejected": msgs(prompt, rejected),
+        "rejected-rating": 2.5,
+        "rejected-model": "llama-2-7b-chat",
+    }
+
+
+def distilabel_row(prompt: str, chosen: str, rejected: str) -> dict:
+    """argilla/distilabel-math-preference-dpo (train only, plain strings)."""
+    return {
+        "metadata": json.dumps({"length-input": len(prompt), "generation-model": ["gpt-3.5-turbo"]}),
+        "instruction": prompt,
+        "chosen_response": chosen,
+        "chosen_rating": 9.0,
+        "rejected_response": rejected,
+        "rejected_rating": 6.5,
+    }
+
+
+def triples(tag: str, n: int) -> list[tuple[str, str, str]]:
+    """n distinct (prompt, chosen, rejected); every third one carries ODD_TEXT."""
+    out = []
+    for i in range(n):
+        extra = f" {ODD_TEXT}" if i % 3 == 0 else ""
+        out.append((f"{tag} question {i}?{extra}", f"{tag} good answer {i}.{extra}", f"{tag} bad answer {i}"))
+    return out
+
+
+def pairs_of(ds) -> dict[str, tuple]:
+    """prompt text -> (prompt messages, chosen, rejected) of a built split."""
+    out = {}
+    for row in ds:
+        assert len(row["prompt"]) == 1 and row["prompt"][0]["role"] == "user", row["prompt"]
+        key = row["prompt"][0]["content"]
+        assert key not in out, f"prompt {key!r} appears twice"
+        out[key] = (row["prompt"], row["chosen"], row["rejected"])
+    return out
+
+
+def assert_tokens_match_template(ds, tok) -> None:
+    """prompt+response ids decode to the chat template's text; the response is its content + EOS."""
+    for row in ds:
+        p, c, r = row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]
+        for response_ids, text in ((c, row["chosen"]), (r, row["rejected"])):
+            full = tok.apply_chat_template(row["prompt"] + [{"role": "assistant", "content": text}], tokenize=False)
+            assert tok.decode(p + response_ids) == full
+            assert tok.decode(response_ids) == text + tok.eos_token
+            assert response_ids[-1] == tok.eos_token_id
+        assert tok.decode(p) == tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 1
+        assert tok.bos_token_id not in c and tok.bos_token_id not in r
+
+
+def check_against(ds, expected: list[tuple[str, str, str]], tok) -> None:
+    got = pairs_of(ds)
+    assert set(got) == {p for p, _, _ in expected}
+    for prompt, chosen, rejected in expected:
+        messages, c, r = got[prompt]
+        assert messages == [{"role": "user", "content": prompt}]
+        assert (c, r) == (chosen, rejected)
+    assert_tokens_match_template(ds, tok)
+
+
+def call_with_alarm(seconds: int, fn, *args):
+    """Run fn, failing the test instead of hanging if it takes longer than ``seconds``."""
+    def _timeout(signum, frame):
+        raise TimeoutError(f"{fn.__name__} did not return within {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ----------------------------------------------------------------------------- hub schemas
+def test_ultrafeedback_binarized_hub_parquet_layout(tmp_path, tok):
+    train, test = triples("uf-train", 12), triples("uf-test", 4)
+    root = tmp_path / "ultrafeedback_binarized"
+    write_parquet(root / "data" / "train_prefs-00000-of-00001.parquet", [uf_row(*t) for t in train])
+    write_parquet(root / "data" / "test_prefs-00000-of-00001.parquet", [uf_row(*t) for t in test])
+    # The hub's other splits sit beside them and must not be picked up.
+    for other in ("train_sft", "test_sft", "train_gen", "test_gen"):
+        write_parquet(root / "data" / f"{other}-00000-of-00001.parquet", [uf_row(*t) for t in triples(other, 3)])
+
+    cfg = compose_preset("ultrafeedback-binarized", path_override("ultrafeedback_binarized", root))
+    src = cfg.dataset.sources["ultrafeedback_binarized"]
+    assert (src.format, src.train_split, src.test_split, src.path) == ("messages", "train_prefs", "test_prefs", str(root))
+
+    tr, te, report = build_datasets(cfg, tok)
+    check_against(tr, train, tok)
+    check_against(te, test, tok)
+    assert report.kept == {"train": 12, "test": 4}
+    assert report.dropped == {"train": {}, "test": {}}
+    assert report.sources["ultrafeedback_binarized"] == {"train_rows": 12, "test_rows": 4, "fraction": 1.0}
+    assert set(MODEL_COLUMNS) <= set(tr.column_names)
+
+
+def test_llama3_ultrafeedback_armorm_jsonl_dir(tmp_path, tok):
+    train, test = triples("armorm-train", 10), triples("armorm-test", 3)
+    root = tmp_path / "llama3-armorm"
+    write_jsonl(root / "train.jsonl", [armorm_row(*t) for t in train])
+    write_jsonl(root / "test.jsonl", [armorm_row(*t) for t in test])
+
+    cfg = compose_preset("llama3-ultrafeedback-armorm", path_override("llama3_ultrafeedback_armorm", root))
+    tr, te, report = build_datasets(cfg, tok)
+    check_against(tr, train, tok)
+    check_against(te, test, tok)
+    assert report.kept == {"train": 10, "test": 3}
+
+
+def test_argilla_cleaned_train_only_test_carved(tmp_path, tok):
+    rows = triples("argilla", 20)
+    root = tmp_path / "argilla-cleaned"
+    write_parquet(root / "data" / "train-00000-of-00001.parquet", [argilla_row(*t) for t in rows])
+
+    cfg = compose_preset("argilla-ultrafeedback-cleaned", path_override("argilla_ultrafeedback_cleaned", root))
+    assert cfg.dataset.sources["argilla_ultrafeedback_cleaned"].test_split is None
+    tr, te, report = build_datasets(cfg, tok)
+    # dataset.test_size (0.05 by default) of 20 rows is held out: ceil(1.0) = 1 row.
+    assert (len(tr), len(te)) == (19, 1)
+    assert not set(pairs_of(tr)) & set(pairs_of(te))
+    check_against(datasets.concatenate_datasets([tr, te]), rows, tok)
+    assert report.kept == {"train": 19, "test": 1}
+
+
+def test_distilabel_math_strings_single_file(tmp_path, tok):
+    rows = triples("math", 20)
+    path = write_jsonl(tmp_path / "distilabel-math.jsonl", [distilabel_row(*t) for t in rows])
+
+    cfg = compose_preset("distilabel-math", path_override("distilabel_math", path))
+    src = cfg.dataset.sources["distilabel_math"]
+    assert (src.format, src.prompt_column, src.chosen_column, src.rejected_column) == (
+        "strings", "instruction", "chosen_response", "rejected_response")
+    assert cfg.dataset.test_size == 0.1
+    tr, te, _ = build_datasets(cfg, tok)
+    assert (len(tr), len(te)) == (18, 2)
+    assert not set(pairs_of(tr)) & set(pairs_of(te))
+    check_against(datasets.concatenate_datasets([tr, te]), rows, tok)
+
+
+def test_local_preset_with_column_mapping(tmp_path, tok):
+    rows = triples("local", 8)
+    path = write_jsonl(tmp_path / "prefs.jsonl",
+                       [{"question": p, "good": c, "bad": r, "id": i} for i, (p, c, r) in enumerate(rows)])
+    cfg = compose_preset("local", path_override("local", path), "dataset.sources.local.prompt_column=question",
+                         "dataset.sources.local.chosen_column=good", "dataset.sources.local.rejected_column=bad",
+                         "dataset.test_size=0.25")
+    assert cfg.dataset.sources["local"].format == "auto"
+    tr, te, _ = build_datasets(cfg, tok)
+    assert (len(tr), len(te)) == (6, 2)
+    check_against(datasets.concatenate_datasets([tr, te]), rows, tok)
+
+
+def test_local_auto_format_message_lists_with_custom_columns(tmp_path, tok):
+    rows = triples("msgs", 6)
+    root = tmp_path / "local-msgs"
+    write_jsonl(root / "train.jsonl", [{"preferred": msgs(p, c), "dispreferred": msgs(p, r)} for p, c, r in rows[:4]])
+    write_jsonl(root / "test.jsonl", [{"preferred": msgs(p, c), "dispreferred": msgs(p, r)} for p, c, r in rows[4:]])
+    src = SourceConfig(path=str(root), chosen_column="preferred", rejected_column="dispreferred")
+    tr, te, _ = build_datasets(make_config({"local": src}), tok)
+    check_against(tr, rows[:4], tok)
+    check_against(te, rows[4:], tok)
+
+
+def test_multi_turn_prompt_and_zephyr_template(tmp_path):
+    tok = build_tiny_tokenizer()
+    tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+               {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]
+    row = {"chosen": history + [{"role": "assistant", "content": "6"}],
+           "rejected": history + [{"role": "assistant", "content": "7"}]}
+    root = tmp_path / "multi"
+    write_jsonl(root / "train.jsonl", [row])
+    write_jsonl(root / "test.jsonl", [row])
+    tr, _, _ = build_datasets(make_config({"m": SourceConfig(path=str(root), format="messages")}), tok)
+    (out,) = list(tr)
+    assert out["prompt"] == history and (out["chosen"], out["rejected"]) == ("6", "7")
+    # Zephyr ends each turn with EOS and a newline: that is what the response's tokens hold.
+    assert tok.decode(out["chosen_input_ids"]) == "6" + tok.eos_token + "\n"
+    assert tok.decode(out["prompt_input_ids"]).endswith("<|user|>\nand 3+3?" + tok.eos_token + "\n<|assistant|>\n")
+    assert out["prompt_input_ids"].count(tok.bos_token_id) == 1
+
+
+# ----------------------------------------------------------------------------- mixer and splits
+def _mix_files(tmp_path):
+    uf_train, uf_test, arg = triples("uf-train", 20), triples("uf-test", 4), triples("argilla", 40)
+    uf = tmp_path / "uf"
+    write_parquet(uf / "data" / "train_prefs-00000-of-00001.parquet", [uf_row(*t) for t in uf_train])
+    write_parquet(uf / "data" / "test_prefs-00000-of-00001.parquet", [uf_row(*t) for t in uf_test])
+    ar = tmp_path / "argilla"
+    write_jsonl(ar / "train.jsonl", [argilla_row(*t) for t in arg])
+    overrides = (path_override("ultrafeedback_binarized", uf), path_override("argilla_ultrafeedback_cleaned", ar))
+    return uf_train, uf_test, arg, overrides
+
+
+def test_mixer_fractions_and_whole_test_splits(tmp_path, tok):
+    uf_train, uf_test, arg, overrides = _mix_files(tmp_path)
+    cfg = compose_preset("ultrafeedback-mix", *overrides)
+    assert {s.fraction for s in cfg.dataset.sources.values()} == {0.5}
+    tr, te, report = build_datasets(cfg, tok)
+
+    # argilla has no test split: ceil(0.05 * 40) = 2 rows are held out first, then half of the 38 kept.
+    assert report.sources == {
+        "ultrafeedback_binarized": {"train_rows": int(0.5 * 20), "test_rows": 4, "fraction": 0.5},
+        "argilla_ultrafeedback_cleaned": {"train_rows": int(0.5 * 38), "test_rows": 2, "fraction": 0.5},
+    }
+    assert (len(tr), len(te)) == (10 + 19, 4 + 2)
+    train_prompts, test_prompts = set(pairs_of(tr)), set(pairs_of(te))
+    uf_train_p, uf_test_p, arg_p = ({p for p, _, _ in x} for x in (uf_train, uf_test, arg))
+    assert len(train_prompts & uf_train_p) == 10 and len(train_prompts & arg_p) == 19
+    assert uf_test_p <= test_prompts and len(test_prompts & arg_p) == 2  # test splits whole
+    assert not train_prompts & test_prompts
+    assert not train_prompts & uf_test_p
+    check_against(datasets.concatenate_datasets([tr, te]),
+                  [t for t in uf_train + uf_test + arg if t[0] in train_prompts | test_prompts], tok)
+
+    # Same seed: the same rows in the same order. Another seed: another sample.
+    tr2, te2, _ = build_datasets(compose_preset("ultrafeedback-mix", *overrides), tok)
+    assert list(tr2["chosen"]) == list(tr["chosen"]) and list(te2["chosen"]) == list(te["chosen"])
+    tr3, _, _ = build_datasets(compose_preset("ultrafeedback-mix", *overrides, "dataset.shuffle_seed=7"), tok)
+    assert len(tr3) == len(tr) and set(list(tr3["chosen"])) != set(list(tr["chosen"]))
+
+
+def test_test_split_carved_with_test_size_when_null(tmp_path, tok):
+    rows = triples("carve", 20)
+    root = tmp_path / "carve"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in rows])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("ignored", 5)])  # not read: test_split is null
+    src = SourceConfig(path=str(root), test_split=None)
+    tr, te, _ = build_datasets(make_config({"s": src}, test_size=0.25), tok)
+    assert (len(tr), len(te)) == (15, 5)
+    assert not set(pairs_of(tr)) & set(pairs_of(te))
+    assert set(pairs_of(tr)) | set(pairs_of(te)) == {p for p, _, _ in rows}
+    _, te_again, _ = build_datasets(make_config({"s": src}, test_size=0.25), tok)
+    assert list(te_again["chosen"]) == list(te["chosen"])
+    _, te_other, _ = build_datasets(make_config({"s": src}, test_size=0.25, shuffle_seed=3), tok)
+    assert set(list(te_other["chosen"])) != set(list(te["chosen"]))
+
+
+def test_max_samples_limits(tmp_path, tok):
+    root = tmp_path / "limits"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("a", 10)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("b", 6)])
+    tr, te, report = build_datasets(
+        make_config({"s": SourceConfig(path=str(root))}, max_train_samples=4, max_eval_samples=5), tok)
+    assert (len(tr), len(te)) == (4, 5)
+    assert report.kept == {"train": 4, "test": 5}
+
+
+# ----------------------------------------------------------------------------- dropping and truncating
+MAX_LENGTH, MAX_PROMPT = 96, 48
+# The tiny template adds 4 tokens to a one-turn prompt (BOS, <|user|>, EOS, <|assistant|>) and one
+# (EOS) to a response; every other token is one byte of text.
+
+
+def test_drops_are_counted_by_reason(tmp_path, tok):
+    good = [uf_row(f"ok question {i}?", f"good {i}", f"bad {i}") for i in range(5)]
+    fits = "p" * (MAX_PROMPT - 4)  # exactly max_prompt_length tokens: kept
+    too_long = "q" * (MAX_PROMPT - 3)  # one token over: dropped
+    bad = [
+        {**uf_row("no chosen 1", "x", "y"), "chosen": None},
+        {k: v for k, v in uf_row("no chosen 2", "x", "y").items() if k != "chosen"},
+        uf_row("empty 1", "", "fine"),
+        uf_row("empty 2", "fine", "   \n "),
+        uf_row("empty 3", "\t", "fine"),
+        uf_row("same", "the same answer", "the same answer"),
+        uf_row("null answer", None, "fine"),  # content null: not a string
+        {**uf_row("null user", "a", "b"), "chosen": msgs(None, "a")},
+        uf_row(too_long, "a", "b"),
+        uf_row(too_long + "!", "a", "b"),
+    ]
+    root = tmp_path / "drops"
+    write_jsonl(root / "train.jsonl", good[:2] + bad + good[2:] + [uf_row(fits, "a", "b")])
+    write_jsonl(root / "test.jsonl", [uf_row(f"test question {i}?", "yes", "no") for i in range(2)])
+    cfg = make_config({"s": SourceConfig(path=str(root), format="messages")}, MAX_LENGTH, MAX_PROMPT)
+    tr, te, report = build_datasets(cfg, tok)
+
+    assert report.dropped["train"] == {
+        "missing chosen/rejected": 2,
+        "empty response": 3,
+        "identical responses": 1,
+        "non-string content": 2,
+        "prompt too long": 2,
+    }
+    assert report.dropped["test"] == {}
+    assert report.kept == {"train": 6, "test": 2}
+    assert set(pairs_of(tr)) == {r["prompt"] for r in good} | {fits}
+    assert max(len(p) for p in tr["prompt_input_ids"]) == MAX_PROMPT
+    assert "drop_reason" in tr.column_names and set(tr["drop_reason"]) == {""}
+    line = report.lines()[0]
+    assert line.startswith("train: kept 6 pairs") and "prompt too long: 2" in line
+
+
+def test_responses_truncated_to_budget_and_counted(tmp_path, tok):
+    P = "short prompt "  # + one digit: 14 bytes -> 18 prompt tokens
+    budget = MAX_LENGTH - (len(P) + 1 + 4)  # 78 response tokens fit
+    long = "L" * 150
+    exact = "E" * (budget - 1)  # + EOS = exactly the budget: not truncated
+    rows = [
+        uf_row(P + "1", long + "1", "short"),
+        uf_row(P + "2", long + "2", "short"),
+        uf_row(P + "3", "short", long + "3"),
+        uf_row(P + "4", "B" + long, long + "5"),  # both cut, but they differ within the budget
+        uf_row(P + "5", exact, "short"),
+        # Differ only beyond the budget: identical once cut, so useless as a pair.
+        uf_row(P + "6", "A" * 120 + "x", "A" * 120 + "y"),
+    ]
+    root = tmp_path / "trunc"
+    write_jsonl(root / "train.jsonl", rows)
+    write_jsonl(root / "test.jsonl", rows[:1])
+    cfg = make_config({"s": SourceConfig(path=str(root))}, MAX_LENGTH, MAX_PROMPT)
+    tr, te, report = build_datasets(cfg, tok)
+
+    assert report.truncated["train"] == {"chosen": 3, "rejected": 2}
+    assert report.truncated["test"] == {"chosen": 1, "rejected": 0}
+    assert report.dropped["train"] == {"identical after truncation": 1}
+    assert report.kept["train"] == 5
+    by_prompt = {row["prompt"][0]["content"]: row for row in tr}
+    for row in tr:
+        p, c, r = row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]
+        assert len(p) == MAX_LENGTH - budget
+        for ids, text in ((c, row["chosen"]), (r, row["rejected"])):
+            full = tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]
+            assert ids == full[:budget]  # a prefix, cut at max_length - len(prompt)
+            assert len(p) + len(ids) <= MAX_LENGTH
+    assert len(by_prompt[P + "1"]["chosen_input_ids"]) == budget
+    assert len(by_prompt[P + "1"]["rejected_input_ids"]) == len("short") + 1
+    assert tok.decode(by_prompt[P + "5"]["chosen_input_ids"]) == exact + tok.eos_token
+    assert by_prompt[P + "3"]["rejected_input_ids"][-1] != tok.eos_token_id  # its end was cut off
+
+
+def test_empty_split_error_names_split_and_reasons(tmp_path, tok):
+    root = tmp_path / "empty"
+    write_jsonl(root / "train.jsonl", [uf_row("a", "same", "same"), uf_row("b", "", "x")])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("t", 2)])
+    with pytest.raises(EmptySplitError) as err:
+        build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
+    msg = str(err.value)
+    assert "train split" in msg and "identical responses" in msg and "empty response" in msg
+    assert isinstance(err.value, DataSourceError)
+
+    root2 = tmp_path / "empty-test"
+    write_jsonl(root2 / "train.jsonl", [uf_row(f"question {i}?", "yes", "no") for i in range(2)])
+    write_jsonl(root2 / "test.jsonl", [uf_row("q" * 300, "a", "b")])
+    with pytest.raises(EmptySplitError, match=r"test split.*prompt too long"):
+        build_datasets(make_config({"s": SourceConfig(path=str(root2))}, MAX_LENGTH, MAX_PROMPT), tok)
+
+
+def test_first_writer_batch_all_dropped_does_not_break_types(tmp_path, tok):
+    """1000+ dropped rows first (empty prompt lists, empty id lists) and good rows after them.
+
+    Regression: the Arrow types were inferred from the first written batch (list<null>), and the
+    rows with real messages / token ids after it could not be cast to them.
+    """
+    dropped = [uf_row(f"drop {i}", None, "x") for i in range(1001)]
+    good = triples("good", 3)
+    root = tmp_path / "big"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in good])
+    write_jsonl(root / "test.jsonl", dropped + [uf_row(*t) for t in good])
+    _, te, report = build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
+    assert report.dropped["test"] == {"non-string content": 1001}
+    check_against(te, good, tok)
+
+
+def test_normalise_row_rules():
+    auto, strings = SourceConfig(path="x"), SourceConfig(path="x", format="strings")
+    messages = SourceConfig(path="x", format="messages")
+    assert normalise_row({"prompt": "p", "chosen": "a", "rejected": "b"}, auto) == {
+        "prompt": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b", "drop_reason": ""}
+    # The chosen conversation's earlier turns are the prompt, whatever the prompt column says.
+    row = normalise_row({"prompt": "ignored", "chosen": msgs("real", "a"), "rejected": msgs("real", "b")}, messages)
+    assert row["prompt"] == [{"role": "user", "content": "real"}] and row["drop_reason"] == ""
+    # A conversation of only the assistant turn takes its prompt from the prompt column.
+    only = lambda t: [{"role": "assistant", "content": t}]  # noqa: E731
+    assert normalise_row({"prompt": "p", "chosen": only("a"), "rejected": only("b")}, auto)["prompt"] == [
+        {"role": "user", "content": "p"}]
+    cases = [
+        ({"prompt": "p", "chosen": "a", "rejected": 3}, strings, "non-string content"),
+        ({"prompt": "p", "chosen": msgs("p", 5), "rejected": msgs("p", "b")}, auto, "non-string content"),
+        ({"prompt": ["p"], "chosen": "a", "rejected": "b"}, strings, "non-string content"),
+        ({"prompt": None, "chosen": "a", "rejected": "b"}, auto, "no prompt"),
+        ({"prompt": "p", "chosen": None, "rejected": "b"}, auto, "missing chosen/rejected"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b"}, messages, "expected message lists"),
+        ({"prompt": "p", "chosen": msgs("p", "a"), "rejected": msgs("p", "b")}, strings, "non-string content"),
+        ({"prompt": "p", "chosen": msgs("p", "a"), "rejected": "b"}, auto, "chosen and rejected have different shapes"),
+        ({"prompt": "p", "chosen": [], "rejected": msgs("p", "b")}, auto, "empty chosen conversation"),
+        ({"prompt": "p", "chosen": [{"role": "user", "content": "p"}] * 2, "rejected": msgs("p", "b")}, auto,
+         "chosen does not end with an assistant turn"),
+        ({"prompt": "   ", "chosen": "a", "rejected": "b"}, auto, "empty prompt"),
+        ({"prompt": "p", "chosen": " ", "rejected": "b"}, auto, "empty response"),
+        ({"prompt": "p", "chosen": "a", "rejected": "a"}, auto, "identical responses"),
+    ]
+    for row, src, reason in cases:
+        assert normalise_row(row, src)["drop_reason"] == reason, row
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_path_is_a_clear_error(tmp_path, tok):
+    for missing in (tmp_path / "nope.jsonl", tmp_path / "no-such-dir", "./relative/missing.parquet", "missing.jsonl"):
+        with pytest.raises(DataSourceError, match="no such file or directory") as err:
+            build_datasets(make_config({"src": SourceConfig(path=str(missing))}), tok)
+        assert str(missing) in str(err.value) and "dataset.sources.src" in str(err.value)
+
+
+def test_missing_split_file_in_directory(tmp_path, tok):
+    root = tmp_path / "only-train"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("a", 3)])
+    with pytest.raises(DataSourceError, match=r"no file for split 'test'") as err:
+        build_datasets(make_config({"src": SourceConfig(path=str(root))}), tok)
+    assert str(root) in str(err.value)
+
+
+def test_wrong_columns_name_missing_and_present(tmp_path, tok):
+    path = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer_a": "a", "answer_b": "b"}] * 4)
+    for fmt, missing in (("auto", "['chosen', 'rejected']"), ("messages", "['chosen', 'rejected']"),
+                         ("strings", "['chosen', 'rejected', 'prompt']")):
+        with pytest.raises(DataSourceError) as err:
+            build_datasets(make_config({"src": SourceConfig(path=str(path), format=fmt)}), tok)
+        msg = str(err.value)
+        assert f"missing column(s) {missing}" in msg, msg
+        assert "['question', 'answer_a', 'answer_b']" in msg and "dataset.sources.src" in msg
+
+
+def test_string_responses_need_the_prompt_column_up_front(tmp_path, tok):
+    """format auto with plain-string responses: a missing prompt column is a column error, not 100% drops."""
+    path = write_jsonl(tmp_path / "noprompt.jsonl", [{"instruction": f"q{i}", "chosen": "a", "rejected": "b"}
+                                                      for i in range(4)])
+    with pytest.raises(DataSourceError) as err:
+        build_datasets(make_config({"src": SourceConfig(path=str(path))}), tok)
+    assert not isinstance(err.value, EmptySplitError)
+    assert "missing column(s) ['prompt']" in str(err.value) and "'instruction'" in str(err.value)
+    # Message lists carry their prompt: no prompt column needed.
+    ok = write_jsonl(tmp_path / "msgs.jsonl", [{"chosen": msgs(f"q{i}", "a"), "rejected": msgs(f"q{i}", "b")}
+                                               for i in range(4)])
+    tr, te, _ = build_datasets(make_config({"src": SourceConfig(path=str(ok))}, test_size=0.5), tok)
+    assert len(tr) + len(te) == 4
+
+
+def test_unsupported_extension_and_unreadable_file(tmp_path, tok):
+    csv = tmp_path / "prefs.csv"
+    csv.write_text("prompt,chosen,rejected\np,a,b\n")
+    with pytest.raises(DataSourceError, match=r"unsupported extension '\.csv'.*\.jsonl") as err:
+        build_datasets(make_config({"src": SourceConfig(path=str(csv))}), tok)
+    assert str(csv) in str(err.value)
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "p", "chosen": "a", "rejected": \n')
+    with pytest.raises(DataSourceError, match="cannot read") as err:
+        build_datasets(make_config({"src": SourceConfig(path=str(broken))}), tok)
+    assert str(broken) in str(err.value)
+
+
+def test_uncached_hub_id_fails_fast_with_a_pointer_to_local_files(tok):
+    if _hub_reachable():
+        pytest.skip("the hub is reachable here; this checks the offline path")
+    cfg = compose_preset("ultrafeedback-binarized")  # path is the hub id, and nothing is cached
+    flags_before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    start = time.monotonic()
+    with pytest.raises(DataSourceError) as err:
+        build_datasets(cfg, tok)
+    elapsed = time.monotonic() - start
+    msg = str(err.value)
+    assert elapsed < 5, f"took {elapsed:.1f}s"
+    assert "'HuggingFaceH4/ultrafeedback_binarized'" in msg and "split 'train_prefs'" in msg
+    assert "not in the local cache" in msg
+    assert "dataset.sources.ultrafeedback_binarized.path=" in msg and "train_prefs.jsonl" in msg
+    # The forced offline mode is switched back afterwards.
+    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == flags_before
+
+
+# ----------------------------------------------------------------------------- synthetic
+def _digits(text: str) -> list[int]:
+    return [int(x) for x in text.removeprefix("sort: ").split()]
+
+
+def test_synthetic_generate_properties():
+    cfg = SyntheticConfig(num_train=300, num_test=40, min_digits=3, max_digits=6, seed=5)
+    rows = synthetic.generate(cfg)
+    assert rows == synthetic.generate(cfg)  # deterministic
+    other = synthetic.generate(SyntheticConfig(num_train=300, num_test=40, min_digits=3, max_digits=6, seed=6))
+    assert [r["prompt"] for r in other["train_prefs"]] != [r["prompt"] for r in rows["train_prefs"]]
+    assert (len(rows["train_prefs"]), len(rows["test_prefs"])) == (300, 40)
+    train_p = [r["prompt"] for r in rows["train_prefs"]]
+    test_p = [r["prompt"] for r in rows["test_prefs"]]
+    assert len(set(train_p)) == 300 and len(set(test_p)) == 40 and not set(train_p) & set(test_p)
+    for r in rows["train_prefs"] + rows["test_prefs"]:
+        digits = _digits(r["prompt"])
+        assert 3 <= len(digits) <= 6
+        assert r["chosen"][0] == r["rejected"][0] == {"role": "user", "content": r["prompt"]}
+        chosen = [int(x) for x in r["chosen"][1]["content"].split()]
+        rejected = [int(x) for x in r["rejected"][1]["content"].split()]
+        assert chosen == sorted(digits)
+        diff = [i for i in range(len(chosen)) if chosen[i] != rejected[i]]
+        assert len(diff) == 2 and diff[1] == diff[0] + 1, (chosen, rejected)
+        i = diff[0]
+        assert (rejected[i], rejected[i + 1]) == (chosen[i + 1], chosen[i])
+        assert r["prompt_id"] == hashlib.sha256(r["prompt"].encode()).hexdigest()
+        assert r["messages"] == r["chosen"]
+
+
+def test_synthetic_too_many_rows_for_the_digit_range_is_refused():
+    # Two-digit lists give 100 - 10 = 90 distinct prompts; asking for 91 used to loop forever.
+    call_with_alarm(20, synthetic.generate, SyntheticConfig(num_train=80, num_test=10, min_digits=2, max_digits=2))
+    with pytest.raises(ConfigError, match="num_train"):
+        call_with_alarm(20, synthetic.generate,
+                        SyntheticConfig(num_train=81, num_test=10, min_digits=2, max_digits=2))
+
+
+def test_synthetic_preset_through_build_datasets(tok):
+    cfg = compose_preset("synthetic", "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16")
+    tr, te, report = build_datasets(cfg, tok)
+    assert report.kept == {"train": 64, "test": 16}
+    assert report.dropped == {"train": {}, "test": {}}
+    assert not set(pairs_of(tr)) & set(pairs_of(te))
+    assert_tokens_match_template(tr, tok)
+    tr2, _, _ = build_datasets(cfg, tok)
+    assert list(tr2["prompt_input_ids"]) == list(tr["prompt_input_ids"])
+
+
+# ----------------------------------------------------------------------------- BOS, collator, cache
+def test_exactly_one_bos_even_if_the_tokenizer_adds_one(tmp_path):
+    tok = build_tiny_tokenizer()
+    root = tmp_path / "bos"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("b", 3)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("c", 2)])
+    cfg = make_config({"s": SourceConfig(path=str(root))})
+    tr, _, _ = build_datasets(cfg, tok)
+    for p in list(tr["prompt_input_ids"]):
+        assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 1
+
+    # A tokenizer whose post-processor adds BOS (as Llama's do) must not get a second one.
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_token_id)])
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2  # what a naive call would do
+    root2 = tmp_path / "bos2"  # other files: nothing cached from the first build
+    write_jsonl(root2 / "train.jsonl", [uf_row(*t) for t in triples("d", 3)])
+    write_jsonl(root2 / "test.jsonl", [uf_row(*t) for t in triples("e", 2)])
+    tr, _, _ = build_datasets(make_config({"s": SourceConfig(path=str(root2))}), tok)
+    assert len(tr) == 3
+    for p, c in zip(tr["prompt_input_ids"], tr["chosen_input_ids"]):
+        assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 1 and tok.bos_token_id not in c
+
+
+def test_collator_layout_padding_and_loss_mask(tmp_path, tok):
+    root = tmp_path / "coll"
+    rows = [uf_row("p", "a", "a much longer rejected answer"), uf_row("a longer prompt here", "chosen!", "r"),
+            uf_row("mid prompt", "c", "rr")]
+    write_jsonl(root / "train.jsonl", rows)
+    write_jsonl(root / "test.jsonl", rows)
+    _, te, _ = build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
+    pairs = list(te.select_columns(MODEL_COLUMNS))
+    pad = tok.pad_token_id
+    batch = PairCollator(pad)(pairs)
+    B = len(pairs)
+    lengths = [len(p["prompt_input_ids"]) + len(p[k]) for k in ("chosen_input_ids", "rejected_input_ids")
+               for p in pairs]
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["loss_mask"].shape == (2 * B, max(lengths))
+    assert batch["loss_mask"].dtype == torch.bool
+    for i in range(2 * B):
+        pair = pairs[i % B]
+        response = pair["chosen_input_ids"] if i < B else pair["rejected_input_ids"]
+        prompt = pair["prompt_input_ids"]
+        n, lp = len(prompt) + len(response), len(prompt)
+        assert batch["input_ids"][i, :n].tolist() == prompt + response  # chosen rows first, then rejected
+        assert (batch["input_ids"][i, n:] == pad).all()  # right padding
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        mask = batch["loss_mask"][i]
+        assert mask[lp:n].all() and not mask[:lp].any() and not mask[n:].any()
+        assert batch["input_ids"][i][mask].tolist() == response
+
+
+def test_map_cache_follows_code_changes(tmp_path, monkeypatch):
+    """Normalised results are cached by datasets; an edit to the rules must not reuse the old ones."""
+    path = write_jsonl(tmp_path / "c.jsonl", [uf_row(*t) for t in triples("c", 4)])
+    src = SourceConfig(path=str(path))
+    raw = load_split(src, "c", "train", None)
+    first = normalise(raw, src, "c")
+    again = normalise(raw, src, "c")
+    assert first.cache_files and again.cache_files[0]["filename"] == first.cache_files[0]["filename"]
+    monkeypatch.setattr(sources_mod, "CODE_VERSION", "edited")
+    edited = normalise(raw, src, "c")
+    assert edited.cache_files[0]["filename"] != first.cache_files[0]["filename"]
+
+
+def test_report_counts_are_plain_ints_for_json(tmp_path, tok):
+    root = tmp_path / "json"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("a", 4)] + [uf_row("x", "s", "s")])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("b", 2)])
+    _, _, report = build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
+    back = json.loads(json.dumps(report.__dict__))  # train.py writes it as data_report.json
+    assert back["dropped"] == {"train": {"identical responses": 1}, "test": {}}
+    assert back["kept"] == {"train": 4, "test": 2}
