@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -76,11 +77,19 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
 
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    result: list[bool] = []
+
+    def probe() -> None:  # in a thread: a DNS lookup ignores the socket timeout
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
 
 
 def _in_hf_cache(repo_id: str, revision: str | None) -> bool:

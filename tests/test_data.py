@@ -731,3 +731,22 @@ def test_report_counts_are_plain_ints_for_json(tmp_path, tok):
     back = json.loads(json.dumps(report.__dict__))  # train.py writes it as data_report.json
     assert back["dropped"] == {"train": {"identical responses": 1}, "test": {}}
     assert back["kept"] == {"train": 4, "test": 2}
+
+
+def test_a_template_that_raises_drops_the_row_with_its_reason():
+    from datasets import Dataset
+
+    from simpo_exp.data.tokenize import tokenise
+    from simpo_exp.model import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + TINY_CHAT_TEMPLATE)
+    rows = [
+        {"prompt": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}],
+         "chosen": "a", "rejected": "b", "drop_reason": ""},
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b", "drop_reason": ""},
+    ]
+    out = tokenise(Dataset.from_list(rows), tok, max_length=64, max_prompt_length=32)
+    assert out[0]["drop_reason"] == "chat template error: System role not supported"
+    assert out[1]["drop_reason"] == "" and out[1]["chosen_input_ids"]

@@ -49,8 +49,13 @@ def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: 
     prompts, chosens, rejecteds, reasons = [], [], [], []
     for i in range(n):
         reason = batch["drop_reason"][i]
-        p_text, c_text = ("", "") if reason else render(tokenizer, batch["prompt"][i], batch["chosen"][i])
-        _, r_text = ("", "") if reason else render(tokenizer, batch["prompt"][i], batch["rejected"][i])
+        p_text = c_text = r_text = ""
+        if not reason:
+            try:
+                p_text, c_text = render(tokenizer, batch["prompt"][i], batch["chosen"][i])
+                _, r_text = render(tokenizer, batch["prompt"][i], batch["rejected"][i])
+            except Exception as e:  # e.g. a template that refuses a system turn or non-alternating roles
+                reason = f"chat template error: {str(e).splitlines()[0][:80]}"
         if not reason and (c_text is None or r_text is None):
             reason = "chat template does not extend the prompt"
         prompts.append(p_text or "")
