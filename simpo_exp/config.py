@@ -98,6 +98,10 @@ class DatasetConfig:
     shuffle_seed: int = 42
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_proc: Optional[int] = None
+    # Start-up token checks (see simpo_exp/data/report.py): a prompt with two BOS tokens, or an
+    # untruncated response with no end-of-turn token, stops the run unless allowed here.
+    allow_double_bos: bool = False
+    allow_missing_eos: bool = False
 
 
 @dataclass
@@ -135,6 +139,7 @@ class Config:
     loss_type: str = "sigmoid"
     beta: float = 2.0
     gamma_beta_ratio: float = 0.5
+    gamma: Optional[float] = None  # absolute target margin (TRL's simpo_gamma); replaces gamma_beta_ratio
     label_smoothing: float = 0.0
     sft_weight: float = 0.0
     learning_rate: Optional[float] = None  # None: the model's recommendation, else by size
@@ -196,6 +201,13 @@ def resolve_learning_rate(cfg: Config) -> tuple[float, str]:
     return learning_rate_for_size(cfg.model.params_b), f"model size ({cfg.model.params_b}B)"
 
 
+def resolve_gamma(cfg: Config) -> tuple[float, float]:
+    """(gamma, gamma_beta_ratio) as used: an absolute ``gamma`` wins, else gamma = beta * ratio."""
+    if cfg.gamma is not None:
+        return cfg.gamma, cfg.gamma / cfg.beta
+    return cfg.beta * cfg.gamma_beta_ratio, cfg.gamma_beta_ratio
+
+
 # ---------------------------------------------------------------------------
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"invalid config value {key}={value!r}: {allowed}")
@@ -216,6 +228,8 @@ def validate(cfg: Config) -> Config:
     _check_choice("loss_type", cfg.loss_type, LOSS_TYPES)
     _check(cfg.beta > 0, "beta", cfg.beta, "must be > 0")
     _check(cfg.gamma_beta_ratio >= 0, "gamma_beta_ratio", cfg.gamma_beta_ratio, "must be >= 0")
+    if cfg.gamma is not None:
+        _check(cfg.gamma >= 0, "gamma", cfg.gamma, "must be >= 0 (or null to use gamma_beta_ratio)")
     _check(0 <= cfg.label_smoothing < 0.5, "label_smoothing", cfg.label_smoothing, "must be in [0, 0.5)")
     if cfg.loss_type == "hinge" and cfg.label_smoothing > 0:
         _fail("label_smoothing", cfg.label_smoothing, "the hinge loss ignores label smoothing; set it to 0")

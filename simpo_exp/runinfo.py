@@ -23,6 +23,11 @@ def run_name(overrides: list[str], sft_weight: float) -> str:
 def fill_run_identity(cfg: DictConfig) -> DictConfig:
     """Resolve the config and set ``logger.run_name``/``logger.group`` from Hydra's state."""
     hc = HydraConfig.get()
+    given = {o.lstrip("+~").split("=", 1)[0] for o in hc.overrides.task}
+    if {"gamma", "gamma_beta_ratio"} <= given:
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError("give gamma (absolute margin) or gamma_beta_ratio (gamma = beta * ratio), not both")
     OmegaConf.resolve(cfg)
     lc = cfg.logger
     if lc.get("run_name") is None:

@@ -30,7 +30,11 @@ PAIR_METRICS = (
     "logps/rejected",
     "logits/chosen",
     "logits/rejected",
+    "length/chosen",  # mean response length in tokens
+    "length/rejected",
 )
+# Eval only: Pearson correlation between a response's reward and its length in tokens.
+EVAL_ONLY_METRICS = ("length/reward_corr",)
 # Optimisation and throughput, train only.
 TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "tokens_per_s", "samples_per_s", "skipped_steps")
 STEP_KEY = "train/global_step"
@@ -43,7 +47,7 @@ def train_keys() -> list[str]:
 
 
 def eval_keys() -> list[str]:
-    return [f"eval/{m}" for m in PAIR_METRICS]
+    return [f"eval/{m}" for m in PAIR_METRICS + EVAL_ONLY_METRICS]
 
 
 def scrub(obj):

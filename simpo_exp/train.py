@@ -23,8 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from simpo_exp import checkpoint
-from simpo_exp.config import Config, ConfigError, resolve_learning_rate
+from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
+from simpo_exp.environment import environment_record
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.losses import nll_loss, simpo_loss
 from simpo_exp.model import count_parameters, load_model, load_tokenizer
@@ -34,14 +35,17 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- one batch
-def batch_loss(policy, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of a batch of pairs and its statistics, each summed over the batch's pairs."""
+def batch_loss(policy, batch: dict, cfg: Config):
+    """Loss of a batch of pairs, its statistics summed over the batch's pairs, and per-response
+    (rewards, lengths) for the length diagnostics."""
     out = policy(**batch)
     n = out.num_tokens.shape[0] // 2  # rows [0, n) are chosen, [n, 2n) rejected
     logps = out.mean_logps
-    pref = simpo_loss(logps[:n], logps[n:], cfg.beta, cfg.gamma_beta_ratio, cfg.loss_type, cfg.label_smoothing)
+    _, gamma_beta_ratio = resolve_gamma(cfg)
+    pref = simpo_loss(logps[:n], logps[n:], cfg.beta, gamma_beta_ratio, cfg.loss_type, cfg.label_smoothing)
     sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
     loss = pref.losses.mean() + cfg.sft_weight * sft
+    lengths = out.num_tokens.float()
     stats = {
         "loss": loss.detach() * n,
         "sft_loss": sft.detach() * n,
@@ -53,10 +57,19 @@ def batch_loss(policy, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict[str
         "logps/rejected": logps[n:].detach().sum(),
         "logits/chosen": out.logit_means[:n].sum(),
         "logits/rejected": out.logit_means[n:].sum(),
+        "length/chosen": lengths[:n].sum(),
+        "length/rejected": lengths[n:].sum(),
         "pairs": torch.tensor(float(n), device=loss.device),
         "tokens": batch["attention_mask"].sum().float(),
     }
-    return loss, stats
+    rewards = torch.cat([pref.chosen_rewards, pref.rejected_rewards])
+    return loss, stats, (rewards, lengths)
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt()
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")
 
 
 class Window:
@@ -91,11 +104,17 @@ class Window:
 def evaluate(policy, loader, cfg: Config, accelerator) -> dict[str, float]:
     policy.eval()
     window = Window()
+    rewards, lengths = [], []
     for batch in loader:
-        window.add(batch_loss(policy, batch, cfg)[1])
+        _, stats, (r, n) = batch_loss(policy, batch, cfg)
+        window.add(stats)
+        rewards.append(accelerator.gather_for_metrics(r))
+        lengths.append(accelerator.gather_for_metrics(n))
     policy.train()
     metrics = window.means(accelerator, "eval")
     metrics.pop("_pairs"), metrics.pop("_tokens")
+    # SimPO's length normalisation is meant to keep the reward from favouring long answers: watch it.
+    metrics["eval/length/reward_corr"] = pearson(torch.cat(rewards), torch.cat(lengths))
     return metrics
 
 
@@ -246,11 +265,15 @@ def train(cfg: Config) -> dict:
     accum = cfg.gradient_accumulation_steps
     pairs_per_step = cfg.per_device_train_batch_size * accum * accelerator.num_processes
 
+    gamma, gamma_beta_ratio = resolve_gamma(cfg)
     config_dict = config_to_dict(cfg)
+    resolved = {"learning_rate": lr, "gamma": gamma, "gamma_beta_ratio": gamma_beta_ratio}
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
-    tracker = Tracker(run_dir, cfg.logger, config_dict | {"resolved_learning_rate": lr},
+    env = environment_record(cfg, accelerator, model, data_report)
+    tracker = Tracker(run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env},
                       enabled=accelerator.is_main_process)
     tracker.write_json("data_report.json", data_report.__dict__)
+    tracker.write_json("env.json", env)
     log.info("%d steps of %d pairs (%d per device x %d accumulation x %d processes) on %s",
              steps, pairs_per_step, cfg.per_device_train_batch_size, accum, accelerator.num_processes,
              accelerator.device)
@@ -286,7 +309,7 @@ def train(cfg: Config) -> dict:
             state.micro_batches += 1
             # Gradients are all-reduced only on the last micro-batch of a step.
             with accelerator.no_sync(policy) if i < accum - 1 else nullcontext():
-                loss, stats = batch_loss(policy, batch, cfg)
+                loss, stats, _ = batch_loss(policy, batch, cfg)
                 accelerator.backward(loss / accum)
             step_stats.add(stats)
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -342,7 +365,7 @@ def train(cfg: Config) -> dict:
     stop.restore()
 
     summary |= {"train/global_step": steps, "runtime_s": time.time() - started,
-                "learning_rate_used": lr, "learning_rate_source": lr_source}
+                "learning_rate_source": lr_source} | {f"resolved/{k}": v for k, v in resolved.items()}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if cfg.save_model:

@@ -15,6 +15,7 @@ from datasets import disable_progress_bars
 
 from simpo_exp.config import Config
 from simpo_exp.data.collate import PairCollator
+from simpo_exp.data.report import report_lines, tokenization_report
 from simpo_exp.data.sources import DataSourceError, load_mixture
 from simpo_exp.data.tokenize import tokenise
 
@@ -36,6 +37,7 @@ class DataReport:
     kept: dict = field(default_factory=dict)  # split -> rows kept
     dropped: dict = field(default_factory=dict)  # split -> {reason: count}
     truncated: dict = field(default_factory=dict)  # split -> {"chosen": n, "rejected": n}
+    tokenization: dict = field(default_factory=dict)  # see simpo_exp/data/report.py
 
     def lines(self) -> list[str]:
         out = []
@@ -74,6 +76,7 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport
             ds = ds.select(range(limit))
             report.kept[split] = limit
         splits[split] = ds
-    for line in report.lines():
+    report.tokenization = tokenization_report(splits, tokenizer, cfg.dataset)
+    for line in report.lines() + report_lines(report.tokenization):
         log.info(line)
     return splits["train"], splits["test"], report

@@ -1,0 +1,108 @@
+"""The start-up tokenisation report: what the model will really see, and the checks that catch
+the usual reasons a SimPO result does not reproduce.
+
+- one pair rendered in full, with the boundary between prompt and response tokens marked;
+- BOS tokens per prompt (two BOS, e.g. a template that writes one and a tokenizer that adds another,
+  stops the run unless ``dataset.allow_double_bos``);
+- responses that lack an end-of-turn token although not truncated (the model would never learn to
+  stop; stops the run unless ``dataset.allow_missing_eos``);
+- the chat template's hash, and length distributions and truncation shares per split.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+from datasets import Dataset
+
+from simpo_exp.config import ConfigError, DatasetConfig
+from simpo_exp.model import chat_template_hash
+
+
+def _quantiles(lengths: list[int]) -> dict:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"min": ordered[0], "p50": pick(0.5), "p90": pick(0.9), "max": ordered[-1],
+            "mean": round(statistics.fmean(ordered), 1)}
+
+
+def end_token_ids(tokenizer) -> set[int]:
+    """Tokens that can end an assistant turn: EOS and the tokenizer's other special tokens
+    (``<|eot_id|>``, ``<end_of_turn>``, ``<|im_end|>``, ...)."""
+    ids = set(tokenizer.all_special_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    ids.discard(tokenizer.pad_token_id if tokenizer.pad_token_id != tokenizer.eos_token_id else None)
+    ids.discard(tokenizer.bos_token_id)
+    return ids
+
+
+def _show(tokenizer, ids: list[int]) -> str:
+    return "|".join(tokenizer.convert_ids_to_tokens(ids))
+
+
+def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConfig) -> dict:
+    """Build the report over the filtered splits; raise ConfigError on a double BOS or missing EOS."""
+    bos, ends = tokenizer.bos_token_id, end_token_ids(tokenizer)
+    report: dict = {"chat_template_sha256": chat_template_hash(tokenizer), "splits": {}}
+    for split, ds in splits.items():
+        cols = {c: list(ds[c]) for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
+                                         "chosen_truncated", "rejected_truncated")}
+        prompts, chosen, rejected = cols["prompt_input_ids"], cols["chosen_input_ids"], cols["rejected_input_ids"]
+        c_trunc, r_trunc = cols["chosen_truncated"], cols["rejected_truncated"]
+        bos_counts = [p.count(bos) + c.count(bos) for p, c in zip(prompts, chosen)] if bos is not None else []
+        no_eos = sum(1 for ids, cut in zip(chosen + rejected, c_trunc + r_trunc) if not cut and not ends & set(ids))
+        n = len(ds)
+        report["splits"][split] = {
+            "pairs": n,
+            "bos_per_sequence": dict(sorted(Counter(bos_counts).items())),
+            "responses_without_end_token": no_eos,
+            "truncated_share": {"chosen": sum(c_trunc) / max(n, 1), "rejected": sum(r_trunc) / max(n, 1)},
+            "lengths": {"prompt": _quantiles([len(p) for p in prompts]),
+                        "chosen": _quantiles([len(c) for c in chosen]),
+                        "rejected": _quantiles([len(r) for r in rejected])},
+        }
+        doubled = sum(1 for k in bos_counts if k > 1)
+        if doubled and not dcfg.allow_double_bos:
+            raise ConfigError(
+                f"{doubled} of {n} {split} sequences hold more than one BOS token ({tokenizer.bos_token!r}): the chat "
+                "template writes one and something adds another. Fix model.chat_template, or set "
+                "dataset.allow_double_bos=true if this is intended"
+            )
+        if no_eos and not dcfg.allow_missing_eos:
+            raise ConfigError(
+                f"{no_eos} untruncated {split} responses end without an EOS/end-of-turn token: the model would "
+                "never learn to stop. Use a chat template that closes the assistant turn (model.chat_template), or "
+                "set dataset.allow_missing_eos=true"
+            )
+    if "train" in splits and len(splits["train"]):
+        row = splits["train"][0]
+        report["example"] = {
+            "prompt": _show(tokenizer, row["prompt_input_ids"]),
+            "chosen": _show(tokenizer, row["chosen_input_ids"]),
+            "rejected": _show(tokenizer, row["rejected_input_ids"]),
+            "rendered_chosen": tokenizer.decode(row["prompt_input_ids"]) + " ⟦response⟧ "
+            + tokenizer.decode(row["chosen_input_ids"]),
+        }
+    return report
+
+
+def report_lines(report: dict) -> list[str]:
+    lines = [f"chat template sha256 {report['chat_template_sha256']}"]
+    for split, r in report["splits"].items():
+        lens = r["lengths"]
+        lines.append(
+            f"{split}: BOS per sequence {r['bos_per_sequence']}; truncated chosen {r['truncated_share']['chosen']:.1%}, "
+            f"rejected {r['truncated_share']['rejected']:.1%}; tokens p50/max prompt "
+            f"{lens['prompt'].get('p50')}/{lens['prompt'].get('max')}, chosen {lens['chosen'].get('p50')}/"
+            f"{lens['chosen'].get('max')}, rejected {lens['rejected'].get('p50')}/{lens['rejected'].get('max')}"
+        )
+    if "example" in report:
+        lines.append("example pair (tokens separated by |, the response starts after ⟦response⟧):")
+        lines.append("  " + report["example"]["rendered_chosen"])
+        lines.append("  chosen tokens:   " + report["example"]["chosen"])
+        lines.append("  rejected tokens: " + report["example"]["rejected"])
+    return lines

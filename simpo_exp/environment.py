@@ -1,0 +1,60 @@
+"""What a run ran on (``env.json``): packages, devices, precision, attention, code version, data.
+
+Results that do not reproduce are most often package drift or a different set-up; this record
+lets two runs be compared on more than their configs.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "hydra-core", "omegaconf", "wandb",
+            "peft", "deepspeed", "flash-attn", "liger-kernel", "trl", "simpo-exp")
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def environment_record(cfg, accelerator, model, data_report) -> dict:
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "torch_cuda": torch.version.cuda,
+        "device": str(accelerator.device),
+        "device_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else
+        [platform.processor() or platform.machine()],
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "gradient_checkpointing": cfg.hardware.gradient_checkpointing,
+        "model_dtype": str(next(model.parameters()).dtype),
+        "git_commit": git_commit(),
+        "data": {"sources": data_report.sources, "pairs_after_filtering": data_report.kept},
+    }

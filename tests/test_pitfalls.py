@@ -1,0 +1,108 @@
+"""The field's known SimPO pitfalls, each provoked on the embedded default."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from simpo_exp.config import ConfigError, resolve_gamma, to_config
+from simpo_exp.data import PairCollator, build_datasets
+from simpo_exp.model import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
+from simpo_exp.runinfo import run_name
+from tests.test_run import SMALL, simpo
+
+SMALL_DATA = ["dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16"]
+
+
+def test_a_template_that_adds_a_second_bos_stops_the_run(compose):
+    cfg = to_config(compose(*SMALL_DATA))
+    tok = build_tiny_tokenizer()
+    tok.chat_template = "{{ bos_token }}" + TINY_CHAT_TEMPLATE
+    with pytest.raises(ConfigError, match="more than one BOS"):
+        build_datasets(cfg, tok)
+    cfg.dataset.allow_double_bos = True
+    _, _, report = build_datasets(cfg, tok)
+    assert report.tokenization["splits"]["train"]["bos_per_sequence"] == {2: 64}
+
+
+def test_a_response_without_eos_stops_the_run(compose):
+    cfg = to_config(compose(*SMALL_DATA))
+    tok = build_tiny_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE.replace("+ eos_token ", "")
+    with pytest.raises(ConfigError, match="without an EOS"):
+        build_datasets(cfg, tok)
+    cfg.dataset.allow_missing_eos = True
+    _, _, report = build_datasets(cfg, tok)
+    assert report.tokenization["splits"]["train"]["responses_without_end_token"] == 128
+
+
+def test_tokenization_report_on_the_default(compose):
+    cfg = to_config(compose(*SMALL_DATA))
+    _, _, report = build_datasets(cfg, build_tiny_tokenizer())
+    tr = report.tokenization
+    assert len(tr["chat_template_sha256"]) == 12
+    assert tr["splits"]["train"]["bos_per_sequence"] == {1: 64}
+    assert tr["splits"]["train"]["responses_without_end_token"] == 0
+    assert tr["example"]["chosen"].endswith("<|eos|>") and "⟦response⟧" in tr["example"]["rendered_chosen"]
+    assert tr["splits"]["test"]["lengths"]["prompt"]["max"] <= cfg.max_prompt_length
+
+
+def test_a_response_cut_to_the_bone_still_trains_and_none_is_cut_to_nothing(compose):
+    """max_prompt_length = max_length - 1: the longest prompt leaves exactly one response token."""
+    probe = to_config(compose(*SMALL_DATA))
+    train, _, _ = build_datasets(probe, build_tiny_tokenizer())
+    longest = max(len(p) for p in train["prompt_input_ids"])
+    cfg = to_config(compose(*SMALL_DATA, f"max_length={longest + 1}", f"max_prompt_length={longest}"))
+    train, _, report = build_datasets(cfg, build_tiny_tokenizer())
+    lengths = [len(c) for c in train["chosen_input_ids"]] + [len(r) for r in train["rejected_input_ids"]]
+    assert min(lengths) >= 1  # never zero tokens
+    assert report.truncated["train"]["chosen"] > 0
+    from simpo_exp.logps import ResponseLogps
+    from simpo_exp.model import load_model
+    from simpo_exp.train import batch_loss
+
+    tok = build_tiny_tokenizer()
+    policy = ResponseLogps(load_model(cfg, tok, "sdpa"))
+    rows = [train[i] for i in range(len(train)) if len(train[i]["chosen_input_ids"]) == 1][:4]
+    loss, stats, _ = batch_loss(policy, PairCollator(tok.pad_token_id)(rows), cfg)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+
+
+def test_gamma_and_ratio(compose):
+    cfg = to_config(compose("beta=2.5", "gamma=1.0"))
+    assert resolve_gamma(cfg) == (1.0, 0.4)
+    cfg = to_config(compose("beta=2.5", "gamma_beta_ratio=0.4"))
+    assert resolve_gamma(cfg) == (1.0, 0.4)
+    with pytest.raises(ConfigError, match="gamma"):
+        to_config(compose("gamma=-1"))
+
+
+def test_gamma_and_ratio_together_are_refused(tmp_path):
+    res = simpo("gamma=1.0", "gamma_beta_ratio=0.5", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2 and "not both" in res.stderr
+
+
+def test_sft_weight_is_visible_in_the_run_name():
+    assert run_name(["beta=5"], 0.1) == "beta=5,sft=0.1"
+    assert run_name(["sft_weight=0.2"], 0.2) == "sft_weight=0.2"
+    assert run_name([], 0.0) == "default"
+
+
+def test_run_records_lengths_gamma_and_environment(tmp_path):
+    run = tmp_path / "run"
+    res = simpo("max_steps=2", "logger=none", "gamma=0.8", f"hydra.run.dir={run}", *SMALL, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resolved/gamma"] == 0.8 and summary["resolved/gamma_beta_ratio"] == pytest.approx(0.4)
+    assert summary["eval/length/chosen"] > 0 and summary["eval/length/rejected"] > 0
+    assert -1 <= summary["eval/length/reward_corr"] <= 1 or math.isnan(summary["eval/length/reward_corr"])
+    env = json.loads((run / "env.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__
+    assert env["num_processes"] == 1 and env["attn_implementation"] == "sdpa" and env["mixed_precision"] == "no"
+    assert env["data"]["pairs_after_filtering"] == {"train": 128, "test": 32}
+    assert env["git_commit"] is None or len(env["git_commit"].split("+")[0]) == 40
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["tokenization"]["splits"]["train"]["pairs"] == 128
