@@ -16,8 +16,8 @@ def main(cfg: DictConfig) -> float:
 
         from simpo_exp.train import train
 
-        summary = train(config)
-    return summary["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
+        return train(config)["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
+    return float("nan")  # a sweep job that failed on bad input (see its error.json); sweepers skip NaN
 
 
 if __name__ == "__main__":

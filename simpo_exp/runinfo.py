@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,8 +46,8 @@ def user_errors(cfg: DictConfig):
     """Turn a failed job into a clear message and an ``error.json`` in its directory.
 
     A bad config value, a missing model or data file is the user's to fix: show the message,
-    not a traceback. In a single run the process exits with status 2; in a sweep the error is
-    recorded and raised again (a sweep callback decides what the rest of the sweep does).
+    not a traceback. In a single run the process exits with status 2; in a sweep the job ends
+    (the task returns NaN) and the sweep goes on; ``SweepSummary`` reports it at the end.
     """
     try:
         yield
@@ -55,10 +56,12 @@ def user_errors(cfg: DictConfig):
         out.mkdir(parents=True, exist_ok=True)
         record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
         (out / "error.json").write_text(json.dumps(record, indent=2))
-        if HydraConfig.get().mode == RunMode.RUN and _is_user_error(e):
-            print(f"error: {e}", file=sys.stderr)
+        if not _is_user_error(e):
+            raise  # a crash: Hydra shows the traceback (a sweep still runs its other jobs)
+        print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.RUN:
             raise SystemExit(2) from None
-        raise
+        # In a sweep, the other jobs go on; SweepSummary lists this one at the end.
 
 
 def _is_user_error(e: Exception) -> bool:
@@ -69,3 +72,21 @@ def _is_user_error(e: Exception) -> bool:
     from simpo_exp.train import NonFiniteError
 
     return isinstance(e, (ConfigError, DataSourceError, ModelNotFoundError, CheckpointError, NonFiniteError))
+
+
+class SweepSummary(Callback):
+    """At the end of a ``--multirun``, list the jobs that failed and why; exit 1 if any did."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+        failed = [(p, json.loads((p / "error.json").read_text())) for p in jobs if (p / "error.json").exists()]
+        if not failed:
+            print(f"sweep finished: {len(jobs)} jobs in {sweep_dir}", flush=True)
+            return
+        print(f"\nsweep finished: {len(failed)} of {len(jobs)} jobs FAILED ({sweep_dir})", file=sys.stderr)
+        for path, err in failed:
+            first_line = (err.get("error") or "").splitlines()[0] if err.get("error") else ""
+            print(f"  {path.name}: {err.get('type')}: {first_line}", file=sys.stderr)
+        print(f"compare the rest with: python -m simpo_exp.compare {sweep_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(1)

@@ -1,0 +1,37 @@
+"""Sweeps: a failing job does not stop the others; the Optuna preset finds and reports the best trial."""
+
+import json
+
+import yaml
+
+from tests.test_run import simpo
+
+FAST = ["max_steps=3", "eval_steps=0", "logger=none", "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32"]
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = simpo("--multirun", "beta=-1,2,5", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    assert res.returncode == 1  # the sweep reports that something failed ...
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 3
+    done = [j for j in jobs if (j / "summary.json").exists()]
+    failed = [j for j in jobs if (j / "error.json").exists()]
+    assert len(done) == 2 and len(failed) == 1  # ... after the other jobs finished
+    err = json.loads((failed[0] / "error.json").read_text())
+    assert err["type"] == "ConfigError" and "beta=-1.0" in err["error"]
+    assert "1 of 3 jobs FAILED" in res.stderr and failed[0].name in res.stderr
+
+
+def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
+    sweep = tmp_path / "optuna"
+    res = simpo("--multirun", "+sweep=optuna", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}", *FAST,
+                cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(jobs) == 4 and all((j / "summary.json").exists() for j in jobs)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"beta", "gamma_beta_ratio", "learning_rate"}
+    accs = [json.loads((j / "summary.json").read_text())["eval/rewards/accuracies"] for j in jobs]
+    assert best["best_value"] == max(accs)
+    assert "Best parameters" in res.stdout + res.stderr
