@@ -1,6 +1,10 @@
 """Preference losses as pure functions of per-sequence log-probabilities.
 
-Nothing here knows about tokens, models or batches beyond tensors of shape [B].
+Nothing here knows about tokens, models or batches beyond tensors of shape [B]. Notation:
+:math:`\log\pi(y)` is a response's summed token log-prob, :math:`\bar\ell(y) = \log\pi(y)/|y|`
+its mean, :math:`y_w` the chosen and :math:`y_l` the rejected response, :math:`\sigma` the
+logistic function. Each loss returns per-pair losses and the implicit rewards as its method
+defines them (detached), so ``rewards/*`` keep their meaning per method.
 """
 
 from __future__ import annotations
@@ -60,3 +64,151 @@ def nll_loss(logp_sums: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     ``logp_sums`` [B] holds each response's summed token log-probs, ``num_tokens`` [B] its length.
     """
     return -logp_sums.sum() / num_tokens.sum().clamp(min=1)
+
+
+def _sigmoid_with_smoothing(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> PreferenceLoss:
+    r"""DPO (Rafailov et al. 2023), on summed log-probs, with conservative label smoothing.
+
+    .. math::
+        r(y) = \beta\,(\log\pi(y) - \log\pi_\text{ref}(y)), \qquad z = r(y_w) - r(y_l)
+
+        L = -(1-\epsilon)\log\sigma(z) - \epsilon\log\sigma(-z)
+
+    Pass mean log-probs instead of sums for length-normalised DPO (``ln-dpo``).
+    """
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    losses = _sigmoid_with_smoothing(chosen_rewards - rejected_rewards, label_smoothing)
+    return PreferenceLoss(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+def rdpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+    alpha: float,
+) -> PreferenceLoss:
+    r"""R-DPO (Park et al. 2024): DPO with a length term, as the SimPO paper writes it.
+
+    .. math::
+        L = -\log\sigma\big(\beta\log\tfrac{\pi(y_w)}{\pi_\text{ref}(y_w)}
+            - \beta\log\tfrac{\pi(y_l)}{\pi_\text{ref}(y_l)} + \alpha|y_w| - \alpha|y_l|\big)
+
+    Rewards are DPO's, :math:`\beta\log\frac{\pi(y)}{\pi_\text{ref}(y)}`.
+    """
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    z = chosen_rewards - rejected_rewards + alpha * (chosen_lengths - rejected_lengths)
+    return PreferenceLoss(-F.logsigmoid(z), chosen_rewards.detach(), rejected_rewards.detach())
+
+
+def ipo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> PreferenceLoss:
+    r"""IPO (Azar et al. 2023): squared distance of the log-ratio margin to :math:`1/(2\beta)`.
+
+    .. math::
+        h = (\bar\ell(y_w) - \bar\ell_\text{ref}(y_w)) - (\bar\ell(y_l) - \bar\ell_\text{ref}(y_l)),
+        \qquad L = \big(h - \tfrac{1}{2\beta}\big)^2
+
+    Inputs are mean (per-token) log-probs, as TRL computes IPO. Rewards:
+    :math:`\beta(\bar\ell(y) - \bar\ell_\text{ref}(y))`.
+    """
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)) ** 2
+    return PreferenceLoss(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def cpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0) -> PreferenceLoss:
+    r"""CPO's preference term (Xu et al. 2024), reference-free on summed log-probs.
+
+    .. math:: L = -(1-\epsilon)\log\sigma(\beta(\log\pi(y_w) - \log\pi(y_l))) - \epsilon\log\sigma(-\ldots)
+
+    CPO adds the NLL of the chosen response (weight 1 in the paper): the ``cpo`` preset sets
+    ``sft_weight=1.0``. Rewards: :math:`\beta\log\pi(y)`.
+    """
+    losses = _sigmoid_with_smoothing(beta * (chosen_logps - rejected_logps), label_smoothing)
+    return PreferenceLoss(losses, beta * chosen_logps.detach(), beta * rejected_logps.detach())
+
+
+def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, kept finite as x -> 0."""
+    return torch.log(-torch.expm1(x.clamp(max=-1e-6)))
+
+
+def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float) -> PreferenceLoss:
+    r"""ORPO's odds-ratio term (Hong et al. 2024), on mean log-probs; ``beta`` is ORPO's :math:`\lambda`.
+
+    .. math::
+        \log\text{odds}(y) = \bar\ell(y) - \log(1 - e^{\bar\ell(y)}), \qquad
+        L = -\beta\log\sigma(\log\text{odds}(y_w) - \log\text{odds}(y_l))
+
+    ORPO adds the NLL of the chosen response (weight 1): the ``orpo`` preset sets ``sft_weight=1.0``.
+    Rewards: :math:`\beta\,\bar\ell(y)`.
+    """
+    log_odds = (chosen_logps - rejected_logps) - (_log1m_exp(chosen_logps) - _log1m_exp(rejected_logps))
+    losses = -beta * F.logsigmoid(log_odds)
+    return PreferenceLoss(losses, beta * chosen_logps.detach(), beta * rejected_logps.detach())
+
+
+REFERENCE_METHODS = ("dpo", "ln-dpo", "ipo", "rdpo")
+METHODS = ("simpo", "cpo", "orpo") + REFERENCE_METHODS
+
+
+def preference_loss(
+    method: str,
+    chosen_sums: torch.Tensor,
+    rejected_sums: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    ref_chosen_sums: torch.Tensor | None = None,
+    ref_rejected_sums: torch.Tensor | None = None,
+    *,
+    beta: float,
+    gamma_beta_ratio: float = 0.0,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    rdpo_alpha: float = 0.0,
+) -> PreferenceLoss:
+    """Dispatch to a method's loss, handing each the sums or means it is defined on."""
+    c_len, r_len = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
+    c_mean, r_mean = chosen_sums / c_len, rejected_sums / r_len
+    if method == "simpo":
+        return simpo_loss(c_mean, r_mean, beta, gamma_beta_ratio, loss_type, label_smoothing)
+    if method == "cpo":
+        return cpo_loss(chosen_sums, rejected_sums, beta, label_smoothing)
+    if method == "orpo":
+        return orpo_loss(c_mean, r_mean, beta)
+    if method not in REFERENCE_METHODS:
+        raise ValueError(f"method={method!r}: allowed values are {', '.join(map(repr, METHODS))}")
+    if ref_chosen_sums is None or ref_rejected_sums is None:
+        raise ValueError(f"method={method!r} needs reference log-probs")
+    if method == "dpo":
+        return dpo_loss(chosen_sums, rejected_sums, ref_chosen_sums, ref_rejected_sums, beta, label_smoothing)
+    if method == "ln-dpo":
+        return dpo_loss(c_mean, r_mean, ref_chosen_sums / c_len, ref_rejected_sums / r_len, beta, label_smoothing)
+    if method == "ipo":
+        return ipo_loss(c_mean, r_mean, ref_chosen_sums / c_len, ref_rejected_sums / r_len, beta)
+    return rdpo_loss(chosen_sums, rejected_sums, ref_chosen_sums, ref_rejected_sums, chosen_lengths.float(),
+                     rejected_lengths.float(), beta, rdpo_alpha)

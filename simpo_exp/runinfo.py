@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+
+def job_dirname(overrides: str, limit: int = 120) -> str:
+    """A sweep job's directory name from its overrides: no '/' (a path value would nest
+    directories), and long names cut with a hash so two jobs never collide."""
+    name = overrides.replace("/", "_") or "default"
+    if len(name) > limit:
+        name = name[: limit - 9] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name
+
+
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 
 
 def run_name(overrides: list[str], sft_weight: float) -> str:

@@ -88,7 +88,8 @@ class Tracker:
     def _start_wandb(self, lc, config_dict: dict) -> None:
         mode = lc.mode
         if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            # WANDB_MODE, when set, is the user's word; otherwise online only with an API key.
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         try:
             import wandb
 
@@ -108,8 +109,8 @@ class Tracker:
             self.wandb_run.define_metric(STEP_KEY)
             self.wandb_run.define_metric(SAMPLES_KEY)
             self.wandb_run.define_metric("*", step_metric=STEP_KEY)
-            self.wandb_run.define_metric("eval/rewards/accuracies", summary="max")
-            self.wandb_run.define_metric("eval/rewards/margins", summary="last")
+            # The best and the final held-out accuracy; every other metric's summary is its last value.
+            self.wandb_run.define_metric("eval/rewards/accuracies", summary="max,last")
             log.info("W&B run %s (%s)", self.wandb_run.name, mode)
         except Exception as e:  # no network, bad key, bad entity...: keep training
             self._wandb_failed("start", e)
@@ -147,8 +148,9 @@ class Tracker:
         self.write_json("summary.json", summary)
         if self.wandb_run is not None:
             try:
+                # Logged metrics keep the summaries define_metric gave them; add only the rest.
                 for k, v in summary.items():
-                    if isinstance(v, (int, float)) and not k.startswith("eval/rewards/accuracies"):
+                    if isinstance(v, (int, float)) and not k.startswith(("train/", "eval/")):
                         self.wandb_run.summary[k] = v
                 self.wandb_run.finish()
             except Exception as e:

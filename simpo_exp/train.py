@@ -27,7 +27,8 @@ from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learnin
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.environment import environment_record
 from simpo_exp.logps import ResponseLogps
-from simpo_exp.losses import nll_loss, simpo_loss
+from simpo_exp.losses import REFERENCE_METHODS, nll_loss, preference_loss
+from simpo_exp.reference import REF_COLUMNS, WithReference, attach_reference_logps, live_reference
 from simpo_exp.model import count_parameters, load_model, load_tokenizer
 from simpo_exp.tracking import PAIR_METRICS, SAMPLES_KEY, Tracker, config_to_dict, final_table
 
@@ -35,14 +36,24 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- one batch
-def batch_loss(policy, batch: dict, cfg: Config):
+def batch_loss(policy, batch: dict, cfg: Config, reference=None):
     """Loss of a batch of pairs, its statistics summed over the batch's pairs, and per-response
-    (rewards, lengths) for the length diagnostics."""
+    (rewards, lengths) for the length diagnostics. ``reference``: a live reference model, for
+    reference-based methods run without cached reference log-probs."""
+    refs = [batch.pop(k) for k in REF_COLUMNS] if REF_COLUMNS[0] in batch else [None, None]
     out = policy(**batch)
     n = out.num_tokens.shape[0] // 2  # rows [0, n) are chosen, [n, 2n) rejected
+    if reference is not None:
+        with torch.no_grad():
+            ref_sums = reference(**batch).logp_sums
+        refs = [ref_sums[:n], ref_sums[n:]]
     logps = out.mean_logps
     _, gamma_beta_ratio = resolve_gamma(cfg)
-    pref = simpo_loss(logps[:n], logps[n:], cfg.beta, gamma_beta_ratio, cfg.loss_type, cfg.label_smoothing)
+    pref = preference_loss(
+        cfg.method, out.logp_sums[:n], out.logp_sums[n:], out.num_tokens[:n], out.num_tokens[n:], *refs,
+        beta=cfg.beta, gamma_beta_ratio=gamma_beta_ratio, loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing, rdpo_alpha=cfg.rdpo_alpha,
+    )
     sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
     loss = pref.losses.mean() + cfg.sft_weight * sft
     lengths = out.num_tokens.float()
@@ -101,12 +112,12 @@ class Window:
 
 
 @torch.no_grad()
-def evaluate(policy, loader, cfg: Config, accelerator) -> dict[str, float]:
+def evaluate(policy, loader, cfg: Config, accelerator, reference=None) -> dict[str, float]:
     policy.eval()
     window = Window()
     rewards, lengths = [], []
     for batch in loader:
-        _, stats, (r, n) = batch_loss(policy, batch, cfg)
+        _, stats, (r, n) = batch_loss(policy, batch, cfg, reference)
         window.add(stats)
         rewards.append(accelerator.gather_for_metrics(r))
         lengths.append(accelerator.gather_for_metrics(n))
@@ -239,14 +250,20 @@ def train(cfg: Config) -> dict:
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
     policy = ResponseLogps(model)
 
-    collate = PairCollator(tokenizer.pad_token_id)
+    collate, columns, reference = PairCollator(tokenizer.pad_token_id), list(MODEL_COLUMNS), None
+    if cfg.method in REFERENCE_METHODS and cfg.reference_mode == "cached":
+        splits = attach_reference_logps(cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator)
+        train_ds, eval_ds = splits["train"], splits["test"]
+        collate, columns = WithReference(collate), columns + list(REF_COLUMNS)
+    elif cfg.method in REFERENCE_METHODS:
+        reference = live_reference(model).to(accelerator.device)
     train_loader = DataLoader(
-        train_ds.select_columns(MODEL_COLUMNS), batch_size=cfg.per_device_train_batch_size, shuffle=True,
+        train_ds.select_columns(columns), batch_size=cfg.per_device_train_batch_size, shuffle=True,
         drop_last=True, collate_fn=collate, num_workers=cfg.hardware.dataloader_num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     eval_loader = DataLoader(
-        eval_ds.select_columns(MODEL_COLUMNS), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
+        eval_ds.select_columns(columns), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
     )
     if len(train_loader) == 0:
         raise ConfigError(
@@ -288,7 +305,7 @@ def train(cfg: Config) -> dict:
 
     summary: dict = {}
     if cfg.eval_on_start and state.step == 0:
-        summary |= evaluate(policy, eval_loader, cfg, accelerator)
+        summary |= evaluate(policy, eval_loader, cfg, accelerator, reference)
         tracker.log(dict(summary), step=0)
 
     batches = forever(train_loader, accelerator, state.micro_batches)
@@ -309,7 +326,7 @@ def train(cfg: Config) -> dict:
             state.micro_batches += 1
             # Gradients are all-reduced only on the last micro-batch of a step.
             with accelerator.no_sync(policy) if i < accum - 1 else nullcontext():
-                loss, stats, _ = batch_loss(policy, batch, cfg)
+                loss, stats, _ = batch_loss(policy, batch, cfg, reference)
                 accelerator.backward(loss / accum)
             step_stats.add(stats)
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -350,7 +367,7 @@ def train(cfg: Config) -> dict:
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/rewards/accuracies']:.2f}")
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps:
-            metrics = evaluate(policy, eval_loader, cfg, accelerator)
+            metrics = evaluate(policy, eval_loader, cfg, accelerator, reference)
             tracker.log(metrics, step)
             summary |= metrics
         if (cfg.save_steps and step % cfg.save_steps == 0 and step < steps) or stop.requested:

@@ -1,0 +1,429 @@
+"""W&B dashboards as code: one saved workspace view per sweep, built from the project's metric list.
+
+    python -m simpo_exp.dashboard outputs/multirun/2025-01-01_12-00-00
+    python -m simpo_exp.dashboard sweep-2025-01-01_12-00-00 --entity my-team --project simpo-exp
+    python -m simpo_exp.dashboard SWEEP --out view.json --swept beta,gamma_beta_ratio
+
+The argument is a sweep directory (what ``--multirun`` wrote: one job per subdirectory) or, when
+no such directory exists, a W&B group name. The view (``wandb_workspaces.workspaces.Workspace``):
+
+- shows only the runs of that sweep: runs filtered to its W&B group, ``sweep-<sweep dir name>``
+  as :func:`simpo_exp.runinfo.fill_run_identity` names it (or the jobs' ``logger.group`` if one was
+  given), and grouped by the *swept keys*: the overrides (``.hydra/overrides.yaml``) whose value
+  differs between jobs, each mapped to the W&B config key that holds it;
+- has one line plot against ``train/global_step`` for every metric in :mod:`simpo_exp.tracking`'s
+  lists (train and eval), arranged in sections: preference, log-probs, optimisation, lengths, and
+  the rest (a metric added to tracking.py lands in a panel without touching this file);
+- has a parallel-coordinates panel from the swept hyper-parameters to ``eval/rewards/accuracies``
+  and a runs table with the swept config columns and the headline summaries.
+
+With ``WANDB_API_KEY`` set (and ``WANDB_MODE`` not offline/disabled) the view is saved to W&B and
+its URL printed. Either way its full spec (the ``model_dump`` of the view exactly as W&B stores it)
+is written as JSON, by default to ``<sweep dir>/wandb_workspace.json``; without a key that is all
+that happens, and the command that pushes it later is printed. Nothing here needs a network unless
+a key is set, and a failed push is a warning, never a lost spec.
+
+Needs ``wandb-workspaces`` (``pip install wandb-workspaces``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from simpo_exp.tracking import EVAL_ONLY_METRICS, PAIR_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS
+
+# The headline number (the Hydra task's return value) and the W&B summary key that holds it.
+# tracking.Tracker asks W&B for its best value (define_metric(..., summary="max")) and does not
+# overwrite it at the end, so the run summary holds {"max": v}, addressed as "<key>.max"; the final
+# value is not in the W&B summary. tests/test_wandb_offline.py checks this against W&B's own record.
+TARGET = "eval/rewards/accuracies"
+TARGET_SUMMARY = f"{TARGET}.last"
+# Summary columns of the runs table, after the swept config columns.
+TABLE_SUMMARIES = (TARGET_SUMMARY, "eval/rewards/margins", "eval/loss", "train/loss")
+# Without a sweep directory the swept keys are unknown: the knobs SimPO's authors tune (and the
+# Optuna preset searches), for the parallel-coordinates panel and the table, as the values the run
+# used (train.py logs them under "resolved" in the W&B config: learning_rate may come from the model).
+DEFAULT_KNOBS = ("resolved.learning_rate", "resolved.gamma_beta_ratio", "beta")
+# Overrides that are not hyper-parameters; config keys that differ between jobs by construction.
+NOT_SWEPT = ("hydra.", "output_dir")
+PER_JOB_CONFIG = ("output_dir", "logger.run_name", "logger.group", "logger.tags")
+
+
+# ----------------------------------------------------------------------------- sections and panels
+@dataclass(frozen=True)
+class MetricSection:
+    name: str
+    panels: list[tuple[str, list[str]]]  # (title, y keys); x is always tracking.STEP_KEY
+    is_open: bool = True
+
+
+def _section_of(metric: str) -> str:
+    """Where a metric name from tracking.py's lists goes; anything unknown goes to the last section."""
+    family = metric.split("/", 1)[0]
+    if family == "rewards":
+        return "Preference"
+    if family in ("logps", "logits"):
+        return "Log-probs"
+    if family in ("loss", "sft_loss", "grad_norm", "learning_rate", "skipped_steps"):
+        return "Optimisation"
+    if family == "length":
+        return "Lengths"
+    return "Progress and throughput"
+
+
+SECTION_ORDER = ("Preference", "Log-probs", "Optimisation", "Lengths", "Progress and throughput")
+
+
+def metric_sections() -> list[MetricSection]:
+    """Every metric tracking.py logs, in one line plot or another, arranged in sections.
+
+    A ``<family>/chosen`` metric shares its panel with ``<family>/rejected``; each split (train,
+    eval) gets its own panels. Built from tracking's lists only: nothing here names a metric that
+    tracking.py does not define.
+    """
+    per_split = {
+        "train": list(PAIR_METRICS + TRAIN_ONLY_METRICS),
+        "eval": list(PAIR_METRICS + EVAL_ONLY_METRICS),
+    }
+    panels: dict[str, list[tuple[str, list[str]]]] = {name: [] for name in SECTION_ORDER}
+    for split, metrics in per_split.items():
+        for m in metrics:
+            if m.endswith("/rejected") and m.replace("/rejected", "/chosen") in metrics:
+                continue  # drawn with its chosen partner
+            keys = [f"{split}/{m}"]
+            title = f"{split}/{m}"
+            partner = m.replace("/chosen", "/rejected") if m.endswith("/chosen") else None
+            if partner in metrics:
+                keys.append(f"{split}/{partner}")
+                title = f"{split}/{m.rsplit('/', 1)[0]}: chosen vs rejected"
+            panels[_section_of(m)].append((title, keys))
+    panels["Progress and throughput"].append((SAMPLES_KEY, [SAMPLES_KEY]))
+    return [MetricSection(name, p, is_open=name != "Progress and throughput") for name, p in panels.items() if p]
+
+
+# ----------------------------------------------------------------------------- what a sweep directory says
+@dataclass
+class Sweep:
+    group: str
+    swept: dict[str, list[str]] = field(default_factory=dict)  # override key -> W&B config keys
+    project: str | None = None
+    entity: str | None = None
+    path: Path | None = None
+    jobs: list[Path] = field(default_factory=list)
+
+    @property
+    def config_keys(self) -> list[str]:
+        keys = [k for ks in self.swept.values() for k in ks]
+        return list(dict.fromkeys(keys))
+
+    @property
+    def groupby(self) -> list[str]:
+        """Group runs by the swept keys; a one-job sweep has nothing to group (its overrides are columns)."""
+        return [] if len(self.jobs) == 1 else self.config_keys
+
+
+def find_jobs(sweep_dir: Path) -> list[Path]:
+    """The job directories of a sweep directory, in job-number order."""
+
+    def number(p: Path) -> int:
+        head = p.name.split("_", 1)[0]
+        return int(head) if head.isdigit() else 1 << 30
+
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra" / "overrides.yaml").is_file()]
+    return sorted(jobs, key=lambda p: (number(p), p.name))
+
+
+def read_overrides(job: Path) -> dict[str, str]:
+    """A job's command-line overrides as key -> value (``+``/``~`` stripped; Hydra's own left out)."""
+    out = {}
+    for item in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []:
+        key, _, value = str(item).lstrip("+~").partition("=")
+        if not key.startswith(NOT_SWEPT):
+            out[key] = value
+    return out
+
+
+def swept_overrides(jobs: list[Path]) -> list[str]:
+    """Override keys whose value differs between jobs (all of them when there is only one job)."""
+    per_job = [read_overrides(j) for j in jobs]
+    keys = list(dict.fromkeys(k for o in per_job for k in o))
+    if len(per_job) == 1:
+        return keys
+    return [k for k in keys if len({o.get(k) for o in per_job}) > 1]
+
+
+def _load_yaml(path: Path) -> dict:
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+_MISSING = object()
+
+
+def _select(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _leaves(cfg: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= _leaves(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def config_keys_for(key: str, configs: list[dict], choices: list[dict]) -> list[str]:
+    """The W&B config key(s) that hold an override's value.
+
+    A config path (``beta``, ``dataset.synthetic.num_train``) is its own key. A config-group choice
+    (``model=...``) is ``<group>.name`` where the group has one; otherwise (``hparams=...``, which
+    writes to the top level) it is every config value that differs between the jobs.
+    """
+    values = [_select(c, key) for c in configs]
+    if any(v is not _MISSING and not isinstance(v, dict) for v in values):
+        return [key]
+    if any(key in c for c in choices):
+        if all(_select(c, f"{key}.name") is not _MISSING for c in configs):
+            return [f"{key}.name"]
+        leaves = [_leaves(c) for c in configs]
+        names = list(dict.fromkeys(k for lv in leaves for k in lv))
+        return [k for k in names if not k.startswith(PER_JOB_CONFIG)
+                and len({json.dumps(lv.get(k), sort_keys=True, default=str) for lv in leaves}) > 1]
+    return []
+
+
+def _sweep_name(job: Path, hydra: dict) -> str:
+    """The name of the sweep directory a job ran in (what the W&B group is named after), even if moved since."""
+    configured = str((hydra.get("sweep") or {}).get("dir") or "")
+    if configured and "${" not in configured:  # unresolved in hydra.yaml when left at its default
+        return Path(configured).name
+    ran_in = (hydra.get("runtime") or {}).get("output_dir")
+    return Path(ran_in).parent.name if ran_in else job.parent.name
+
+
+def read_sweep(sweep_dir: Path) -> Sweep:
+    """Jobs, W&B group, swept keys, project and entity of one ``--multirun`` directory."""
+    sweep_dir = Path(sweep_dir)
+    jobs, hydras = [], []
+    for job in find_jobs(sweep_dir):
+        hydra = _load_yaml(job / ".hydra" / "hydra.yaml").get("hydra") or {}
+        if hydra.get("mode") in (None, "MULTIRUN"):  # a single run (mode RUN) has no sweep group
+            jobs.append(job)
+            hydras.append(hydra)
+    if not jobs:
+        raise SystemExit(f"error: {sweep_dir} holds no --multirun jobs (subdirectories with .hydra/)")
+    names = sorted({_sweep_name(j, h) for j, h in zip(jobs, hydras)})
+    if len(names) > 1:
+        raise SystemExit(f"error: {sweep_dir} holds jobs of {len(names)} sweeps ({', '.join(names)}); "
+                         "give one sweep directory")
+    configs = [_load_yaml(j / ".hydra" / "config.yaml") for j in jobs]
+    choices = [(h.get("runtime") or {}).get("choices") or {} for h in hydras]
+    loggers = [c.get("logger") or {} for c in configs]
+
+    # The group as runinfo.fill_run_identity set it: the jobs' logger.group if given, else
+    # "sweep-" + the name of the sweep directory the jobs ran in.
+    given = {lg.get("group") for lg in loggers} - {None}
+    group = given.pop() if len(given) == 1 else "sweep-" + names[0]
+
+    swept = {}
+    for key in swept_overrides(jobs):
+        found = config_keys_for(key, configs, choices)
+        if found:
+            swept[key] = found
+        else:
+            print(f"note: swept key {key!r} is in no job's config; left out of the view", file=sys.stderr)
+    projects = {lg.get("project") for lg in loggers} - {None}
+    entities = {lg.get("entity") for lg in loggers} - {None}
+    return Sweep(group=group, swept=swept, project=projects.pop() if len(projects) == 1 else None,
+                 entity=entities.pop() if len(entities) == 1 else None, path=sweep_dir, jobs=jobs)
+
+
+# ----------------------------------------------------------------------------- the workspace
+def config_column(key: str) -> str:
+    """Runs-table accessor of a (possibly nested) config key: ``config:<top>.value[.<rest>]``."""
+    top, _, rest = key.partition(".")
+    return f"config:{top}.value" + (f".{rest}" if rest else "")
+
+
+def _stable_id(*parts: str) -> str:
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()[:11]
+
+
+def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | None = None):
+    """The ``wandb_workspaces.workspaces.Workspace`` for a sweep (built offline; nothing is sent)."""
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+
+    knobs = sweep.config_keys or list(DEFAULT_KNOBS)
+
+    def stable(panel, *parts):
+        # Panel ids are random by default; derived from the content instead, the spec of the same
+        # sweep is the same file every time (diffable, and a re-save updates panels in place).
+        object.__setattr__(panel, "_id", _stable_id(sweep.group, *parts))
+        return panel
+
+    sections = [
+        ws.Section(
+            name="Sweep",
+            is_open=True,
+            panels=[
+                stable(wr.ParallelCoordinatesPlot(
+                    title=f"swept hyper-parameters -> {TARGET} (final)",
+                    columns=[wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in knobs]
+                    + [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(TARGET_SUMMARY), display_name=TARGET)],
+                    layout=wr.Layout(w=24, h=8),
+                ), "Sweep", "parallel coordinates"),
+            ],
+        )
+    ]
+    for sec in metric_sections():
+        sections.append(ws.Section(
+            name=sec.name,
+            is_open=sec.is_open,
+            panel_settings=ws.SectionPanelSettings(x_axis=STEP_KEY),
+            panels=[stable(wr.LinePlot(title=title, x=STEP_KEY, y=keys), sec.name, title)
+                    for title, keys in sec.panels],
+        ))
+    return ws.Workspace(
+        entity=entity or "",
+        project=project,
+        name=name or f"SimPO {sweep.group}",
+        sections=sections,
+        settings=ws.WorkspaceSettings(x_axis=STEP_KEY),
+        runset_settings=ws.RunsetSettings(
+            filters=[ws.Metric("Group") == sweep.group],
+            groupby=[ws.Config(k) for k in sweep.groupby],
+            pinned_columns=["run:displayName", *(config_column(k) for k in knobs),
+                            *(f"summary:{k}" for k in TABLE_SUMMARIES)],
+        ),
+    )
+
+
+def view_spec(workspace) -> dict:
+    """The view exactly as W&B stores it (``View``: entity, project, names and the viewspec)."""
+    return workspace._to_model().model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def spec_keys(spec: dict) -> dict[str, set[str]]:
+    """What a written spec asks W&B for: history keys (plots), summary and config keys, the group filter."""
+    section = spec["spec"]["section"]
+    history, summary, config = set(), set(), set()
+    for sec in section["panelBankConfig"]["sections"]:
+        for panel in sec["panels"]:
+            cfg = panel.get("config", {})
+            if panel.get("viewType") == "Run History Line Plot":
+                history |= set(cfg.get("metrics", [])) | {cfg.get("xAxis")}
+            for col in cfg.get("columns", []):
+                kind, _, key = col["accessor"].partition(":")
+                (summary if kind == "summary" else config).add(key)
+    runset = section["runSets"][0]
+    for col in runset["runFeed"]["columnOrder"]:
+        kind, _, key = col.partition(":")
+        if kind == "summary":
+            summary.add(key)
+        elif kind == "config":
+            config.add(key)
+    groups = {f["value"] for f in _filter_leaves(runset["filters"])
+              if f.get("key", {}).get("name") == "group" and f.get("op") == "="}
+    grouping = {f"{k['section']}:{k['name']}" for k in runset.get("grouping", [])}
+    return {"history": history, "summary": summary, "config": config, "groups": groups, "grouping": grouping}
+
+
+def _filter_leaves(node):
+    if isinstance(node, dict):
+        if "key" in node and "op" in node:
+            yield node
+        for v in node.values():
+            yield from _filter_leaves(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _filter_leaves(v)
+
+
+# ----------------------------------------------------------------------------- the command
+def _online() -> bool:
+    """Save to W&B only with a key and when W&B is not told to stay offline."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    return bool(os.environ.get("WANDB_API_KEY")) and mode not in ("offline", "disabled", "dryrun")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simpo_exp.dashboard", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("target", help="a sweep directory (outputs/multirun/<time>) or a W&B group name")
+    ap.add_argument("--entity", help="W&B entity (default: the jobs' logger.entity, else your default entity)")
+    ap.add_argument("--project", help="W&B project (default: the jobs' logger.project, else simpo-exp)")
+    ap.add_argument("--swept", help="comma-separated config keys to group by (default: read from the sweep)")
+    ap.add_argument("--name", help="the view's name (default: 'SimPO <group>')")
+    ap.add_argument("--out", type=Path, help="where to write the spec (default: <sweep dir>/wandb_workspace.json)")
+    args = ap.parse_args(argv)
+
+    target = Path(args.target)
+    if target.is_dir():
+        sweep = read_sweep(target)
+        default_out = target / "wandb_workspace.json"
+    elif os.sep in args.target or target.exists():
+        ap.error(f"{args.target} is not a sweep directory")
+    else:
+        sweep = Sweep(group=args.target)
+        default_out = Path(f"wandb_workspace_{args.target}.json")
+    if args.swept:
+        sweep.swept = {k: [k] for k in args.swept.split(",") if k}
+    entity = args.entity or sweep.entity
+    project = args.project or sweep.project or "simpo-exp"
+
+    try:
+        import wandb_workspaces  # noqa: F401
+    except ImportError:
+        print("error: the dashboard needs wandb-workspaces: pip install wandb-workspaces", file=sys.stderr)
+        return 2
+    workspace = build_workspace(sweep, entity, project, args.name)
+    out = args.out or default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(view_spec(workspace), indent=2) + "\n")
+
+    grouped = ", ".join(sweep.groupby) or "nothing"
+    print(f"W&B group {sweep.group!r}: {len(sweep.jobs) or 'unknown number of'} runs, grouped by {grouped}")
+    print(f"view spec: {out}")
+    push = ["python", "-m", "simpo_exp.dashboard", args.target, "--project", project]
+    push += ["--entity", entity] if entity else []
+    push += ["--swept", args.swept] if args.swept else []
+    push += ["--name", args.name] if args.name else []
+    push_cmd = "WANDB_API_KEY=... " + shlex.join(push)
+    if not _online():
+        print("not saved to W&B (no WANDB_API_KEY, or WANDB_MODE is offline); once the runs are on W&B "
+              f"(`wandb sync` for offline runs), save it with:\n  {push_cmd}")
+        return 0
+    try:
+        import wandb
+
+        if not entity:
+            entity = wandb.Api().default_entity
+            workspace.entity = entity
+        workspace.save()
+        out.write_text(json.dumps(view_spec(workspace), indent=2) + "\n")  # now with its W&B name and id
+        print(f"saved: {workspace.url}")
+    except Exception as e:  # no network, bad key, unknown entity or project: the spec is on disk
+        print(f"warning: saving the view to W&B failed ({type(e).__name__}: {e}); the spec is in {out}; "
+              f"retry with:\n  {push_cmd}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Baseline losses against hand-computed values, and the reference log-prob cache."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from simpo_exp.losses import (cpo_loss, dpo_loss, ipo_loss, orpo_loss, preference_loss, rdpo_loss, simpo_loss)
+from tests.test_run import simpo
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def softplus(x):
+    return math.log1p(math.exp(-x))  # -log sigmoid(x)
+
+
+def test_dpo():
+    out = dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1)
+    assert out.losses.item() == pytest.approx(0.5981388693815918, abs=1e-12)  # log(1 + e^-0.2)
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((0.1, -0.1))
+    smoothed = dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, label_smoothing=0.2)
+    assert smoothed.losses.item() == pytest.approx(0.8 * softplus(0.2) + 0.2 * softplus(-0.2), abs=1e-12)
+
+
+def test_ipo():
+    # h = (-1 - -1.5) - (-2 - -1.5) = 1 ; (1 - 1/(2*0.1))^2 = 16
+    out = ipo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.1)
+    assert out.losses.item() == pytest.approx(16.0)
+    assert out.chosen_rewards.item() == pytest.approx(0.05)
+
+
+def test_rdpo():
+    # z = 0.1*(1) - 0.1*(-1) + 0.05*(10 - 5) = 0.45
+    out = rdpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), t(10.0), t(5.0), beta=0.1, alpha=0.05)
+    assert out.losses.item() == pytest.approx(0.4932489459974549, abs=1e-12)
+    assert out.losses.item() == pytest.approx(softplus(0.45), abs=1e-12)
+
+
+def test_cpo():
+    out = cpo_loss(t(-10.0), t(-12.0), beta=0.1)
+    assert out.losses.item() == pytest.approx(0.5981388693815918, abs=1e-12)
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((-1.0, -1.2))
+
+
+def test_orpo():
+    log_odds = 0.5 - (math.log(1 - math.exp(-0.5)) - math.log(1 - math.exp(-1.0)))  # = 0.974077...
+    out = orpo_loss(t(-0.5), t(-1.0), beta=0.1)
+    assert out.losses.item() == pytest.approx(0.1 * softplus(log_odds), abs=1e-12)
+    assert out.losses.item() == pytest.approx(0.0320290, abs=1e-6)
+    assert torch.isfinite(orpo_loss(t(-1e-9), t(-1.0), beta=0.1).losses).all()  # mean log-prob -> 0 stays finite
+
+
+def test_dispatch_feeds_sums_or_means():
+    sums_c, sums_r, len_c, len_r = t(-6.0), t(-10.0), torch.tensor([3]), torch.tensor([4])
+    ref_c, ref_r = t(-7.0), t(-9.0)
+    kw = dict(beta=2.0, gamma_beta_ratio=0.5)
+    assert preference_loss("simpo", sums_c, sums_r, len_c, len_r, **kw).losses.item() == \
+        pytest.approx(simpo_loss(t(-2.0), t(-2.5), 2.0, 0.5).losses.item())
+    assert preference_loss("dpo", sums_c, sums_r, len_c, len_r, ref_c, ref_r, beta=0.1).losses.item() == \
+        pytest.approx(dpo_loss(sums_c, sums_r, ref_c, ref_r, 0.1).losses.item())
+    ln = preference_loss("ln-dpo", sums_c, sums_r, len_c, len_r, ref_c, ref_r, beta=2.0).losses.item()
+    assert ln == pytest.approx(softplus(2.0 * ((-6 + 7) / 3 - (-10 + 9) / 4)), abs=1e-12)
+    with pytest.raises(ValueError, match="reference"):
+        preference_loss("dpo", sums_c, sums_r, len_c, len_r, beta=0.1)
+
+
+def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
+    from accelerate import Accelerator
+
+    from simpo_exp.config import to_config
+    from simpo_exp.data import PairCollator, build_datasets
+    from simpo_exp.logps import ResponseLogps
+    from simpo_exp.model import build_tiny_tokenizer, load_model
+    from simpo_exp.reference import attach_reference_logps, cache_path
+
+    cfg = to_config(compose("loss=dpo", "dataset.synthetic.num_train=32", "dataset.synthetic.num_test=8",
+                            f"reference_cache_dir={tmp_path}"))
+    tok = build_tiny_tokenizer()
+    train, test, _ = build_datasets(cfg, tok)
+    model = load_model(cfg, tok, "sdpa")
+    collate = PairCollator(tok.pad_token_id)
+    acc = Accelerator(cpu=True)
+    out = attach_reference_logps(cfg, model, {"train": train, "test": test}, collate, acc)
+    path = cache_path(cfg, model, {"train": train, "test": test})
+    assert path.exists()
+    # the cached numbers are the model's own summed log-probs
+    batch = collate([train[i] for i in range(4)])
+    with torch.no_grad():
+        sums = ResponseLogps(model)(**batch).logp_sums
+    assert out["train"]["ref_chosen_logps"][:4] == pytest.approx(sums[:4].tolist(), abs=1e-4)
+    assert out["train"]["ref_rejected_logps"][:4] == pytest.approx(sums[4:].tolist(), abs=1e-4)
+    # a second call reads the file (same values even if the model changed in memory since)
+    stamp = path.stat().st_mtime_ns
+    again = attach_reference_logps(cfg, model, {"train": train, "test": test}, collate, acc)
+    assert path.stat().st_mtime_ns == stamp and again["test"]["ref_chosen_logps"] == out["test"]["ref_chosen_logps"]
+    # other data or another starting model -> another key
+    assert cache_path(cfg, model, {"train": train.select(range(16)), "test": test}) != path
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert cache_path(cfg, model, {"train": train, "test": test}) != path
+
+
+def test_live_and_cached_reference_give_the_same_run(tmp_path):
+    common = ["loss=dpo", "max_steps=3", "eval_steps=0", "logger=none", "dataset.synthetic.num_train=64",
+              "dataset.synthetic.num_test=16", f"reference_cache_dir={tmp_path / 'cache'}"]
+    for mode in ("cached", "live"):
+        res = simpo(*common, f"reference_mode={mode}", f"hydra.run.dir={tmp_path / mode}", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (json.loads((tmp_path / m / "summary.json").read_text()) for m in ("cached", "live"))
+    for key in ("eval/loss", "eval/rewards/margins", "train/loss", "eval/logps/chosen"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_simpo_and_dpo_sweep_is_comparable(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = simpo("--multirun", "loss=simpo,dpo", "max_steps=3", "eval_steps=0", "logger=none",
+                "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16",
+                f"reference_cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import yaml
+
+    summaries, methods = [], []
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        summaries.append(json.loads((job / "summary.json").read_text()))
+        methods.append(yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["method"])
+    assert methods == ["simpo", "dpo"]
+    assert summaries[0].keys() == summaries[1].keys()  # the same metrics, side by side

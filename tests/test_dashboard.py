@@ -1,0 +1,160 @@
+"""The W&B workspace built by ``python -m simpo_exp.dashboard``, checked against a real local sweep.
+
+One three-job sweep (beta=2,5,10, a few seconds a job) is run once for the module. The spec the
+command writes must name the sweep's W&B group, group by the swept key, plot every metric the jobs
+logged, and ask for nothing they did not log: a renamed metric can never leave an empty panel.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("wandb_workspaces")
+
+from simpo_exp import dashboard  # noqa: E402
+from simpo_exp.tracking import STEP_KEY, eval_keys, train_keys  # noqa: E402
+
+FAST = ["max_steps=3", "eval_steps=0", "logging_steps=1", "logger=none", "save_model=false",
+        "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32"]
+SUMMARY_AGGREGATES = (".max", ".min", ".last", ".mean", ".best")
+
+
+def run(*args: str, cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dash")
+    sweep_dir = root / "2030-01-01_00-00-00"
+    res = run("simpo_exp", "--multirun", "beta=2,5,10", *FAST, f"hydra.sweep.dir={sweep_dir}", cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def spec(sweep) -> dict:
+    res = run("simpo_exp.dashboard", str(sweep), cwd=sweep.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = sweep / "wandb_workspace.json"
+    assert f"view spec: {out}" in res.stdout
+    # No key: nothing was sent, and the command says how to send it.
+    assert "WANDB_API_KEY=... python -m simpo_exp.dashboard" in res.stdout
+    return json.loads(out.read_text())
+
+
+def jobs(sweep: Path) -> list[Path]:
+    found = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
+    assert len(found) == 3
+    return found
+
+
+def logged_keys(sweep: Path) -> set[str]:
+    """Every key the jobs logged. metrics.jsonl calls the step "step"; W&B gets it as tracking.STEP_KEY."""
+    keys = set()
+    for job in jobs(sweep):
+        for line in (job / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            assert isinstance(record.pop("step"), int)
+            keys |= set(record)
+    return keys | {STEP_KEY}
+
+
+def test_spec_filters_to_the_sweeps_group_and_groups_by_the_swept_key(sweep, spec):
+    asked = dashboard.spec_keys(spec)
+    assert asked["groups"] == {"sweep-" + sweep.name}  # as runinfo.fill_run_identity names it
+    assert asked["grouping"] == {"config:beta.value"}  # beta differs between jobs; max_steps etc. do not
+    columns = spec["spec"]["section"]["runSets"][0]["runFeed"]["columnOrder"]
+    assert columns[:2] == ["run:displayName", "config:beta.value"]
+    assert f"summary:{dashboard.TARGET_SUMMARY}" in columns
+    panels = [p for s in spec["spec"]["section"]["panelBankConfig"]["sections"] for p in s["panels"]]
+    pc = [p for p in panels if p["viewType"] == "Parallel Coordinates Plot"]
+    assert len(pc) == 1
+    accessors = [c["accessor"] for c in pc[0]["config"]["columns"]]
+    assert accessors == ["config:beta.value", f"summary:{dashboard.TARGET_SUMMARY}"]
+    assert dashboard.TARGET_SUMMARY.startswith(dashboard.TARGET)
+    lines = [p for p in panels if p["viewType"] == "Run History Line Plot"]
+    assert lines and all(p["config"]["xAxis"] == STEP_KEY for p in lines)
+
+
+def test_panels_cover_every_logged_metric(sweep, spec):
+    plotted = dashboard.spec_keys(spec)["history"]
+    missing = logged_keys(sweep) - plotted
+    assert not missing, f"logged but in no panel: {sorted(missing)}"
+    sections = {s["name"] for s in spec["spec"]["section"]["panelBankConfig"]["sections"]}
+    assert {"Sweep", "Preference", "Log-probs", "Optimisation", "Lengths"} <= sections
+    families = {k.split("/")[1] for k in logged_keys(sweep) if "/" in k}
+    assert families <= {k.split("/")[1] for k in plotted if "/" in k}
+
+
+def test_every_key_a_panel_asks_for_was_logged(sweep, spec):
+    asked = dashboard.spec_keys(spec)
+    logged = logged_keys(sweep)
+    assert asked["history"] <= logged, f"asked for but never logged: {sorted(asked['history'] - logged)}"
+    # Summary keys: what the jobs ended with (summary.json), under W&B's aggregate suffix if any.
+    for key in asked["summary"]:
+        base = next((key[: -len(s)] for s in SUMMARY_AGGREGATES if key.endswith(s)), key)
+        assert base in logged, key
+        for job in jobs(sweep):
+            assert base in json.loads((job / "summary.json").read_text()), (key, job.name)
+    # Config keys ("beta.value", "dataset.value.synthetic.num_train"): a value in every job's config.
+    for key in asked["config"]:
+        path = key.replace(".value", "", 1).split(".")
+        for job in jobs(sweep):
+            node = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+            for part in path:
+                node = node[part]
+            assert not isinstance(node, dict), key
+
+
+def test_panel_keys_are_tracking_keys():
+    """The dashboard names no metric of its own: every plotted key is in tracking.py's lists."""
+    known = set(train_keys() + eval_keys()) | {STEP_KEY, dashboard.SAMPLES_KEY}
+    plotted = {k for s in dashboard.metric_sections() for _, keys in s.panels for k in keys}
+    assert plotted == known - {STEP_KEY}
+
+
+def test_spec_is_stable_and_loads_back(sweep, spec):
+    import wandb_workspaces.workspaces as ws
+    from wandb_workspaces.workspaces import internal
+
+    again = dashboard.view_spec(dashboard.build_workspace(dashboard.read_sweep(sweep), None, "simpo-exp"))
+    assert again == spec  # the same sweep gives the same file: diffable, panel ids included
+    loaded = ws.Workspace._from_model(internal.View.model_validate(spec))
+    assert [s.name for s in loaded.sections][:2] == ["Sweep", "Preference"]
+    assert "sweep-" + sweep.name in loaded.runset_settings.filters
+
+
+def test_bare_group_and_offline_mode_with_a_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a key, but offline: write the spec, send nothing
+    out = tmp_path / "view.json"
+    assert dashboard.main(["sweep-elsewhere", "--entity", "team", "--out", str(out)]) == 0
+    assert "not saved to W&B" in capsys.readouterr().out
+    spec = json.loads(out.read_text())
+    asked = dashboard.spec_keys(spec)
+    assert asked["groups"] == {"sweep-elsewhere"} and asked["grouping"] == set()
+    assert spec["entity"] == "team"
+    assert {dashboard.config_column(k).split(":", 1)[1] for k in dashboard.DEFAULT_KNOBS} <= asked["config"]
+    with pytest.raises(SystemExit):
+        dashboard.main([str(tmp_path / "no" / "such" / "sweep")])
+
+
+def test_swept_config_groups_map_to_config_keys():
+    model = [{"model": {"name": "tiny", "dtype": "float32"}, "beta": 2.0},
+             {"model": {"name": "big", "dtype": "bf16"}, "beta": 2.0}]
+    assert dashboard.config_keys_for("model", model, [{"model": "tiny"}, {"model": "big"}]) == ["model.name"]
+    assert dashboard.config_keys_for("beta", model, [{}, {}]) == ["beta"]
+    # hparams writes to the top level and has no name: the values that differ between the jobs
+    hp = [{"beta": 2.0, "sft_weight": 0.0, "output_dir": "/a", "logger": {"run_name": "a"}},
+          {"beta": 2.5, "sft_weight": 0.1, "output_dir": "/b", "logger": {"run_name": "b"}}]
+    choices = [{"hparams": "default"}, {"hparams": "instruct"}]
+    assert dashboard.config_keys_for("hparams", hp, choices) == ["beta", "sft_weight"]
+    assert dashboard.config_keys_for("nothing", hp, [{}, {}]) == []

@@ -1,0 +1,289 @@
+"""The W&B path as W&B itself recorded it: a short OFFLINE run through the project, read back from
+W&B's own run file (``<job>/wandb/offline-run-*/run-*.wandb``), not from a mock.
+
+One one-job ``--multirun`` (so the run gets its sweep group) runs once for the module, with
+``WANDB_MODE=offline``, a fake ``WANDB_API_KEY`` and an ``HF_TOKEN`` in its environment. The file
+must hold the run's group, job type and name, the resolved config, every metric on the
+``train/global_step`` axis, the summary keys the dashboard asks for, and neither secret.
+
+wandb >= 0.2x writes the file from its Go core and no longer ships a Python reader
+(``wandb.sdk.internal.datastore`` is gone), so :func:`read_wandb_log` below reads it.
+"""
+
+import json
+import os
+import secrets
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from simpo_exp import runinfo
+from simpo_exp.tracking import SAMPLES_KEY, SECRET_NAMES, STEP_KEY, Tracker, eval_keys, train_keys
+
+pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+
+SECRET_KEY = secrets.token_hex(20)  # 40 characters, like a real W&B key
+SECRET_HF = "hf_" + secrets.token_hex(17)
+WANDB_INTERNAL = {"_step", "_runtime", "_timestamp"}
+
+
+# ----------------------------------------------------------------------------- W&B's run file
+# The .wandb file is a LevelDB-style log (what wandb's old Python `datastore` wrote and its Go core
+# still writes):
+#   file header, 7 bytes:  b":W&B", magic 0xBEE1 (uint16 LE), version 0 (uint8)
+#   then 32 KiB blocks (the file header counts towards the first) of chunks, each
+#     crc32 (uint32 LE) of (type byte + data) | length (uint16 LE) | type (uint8) | data
+#   type FULL=1 is a whole record; FIRST=2, MIDDLE=3, LAST=4 are the pieces of one that spans
+#   blocks. A block's tail shorter than a chunk header (7 bytes) is zero padding.
+# Each assembled record is a serialized `wandb.proto.wandb_internal_pb2.Record`.
+LOG_HEADER = struct.Struct("<4sHB")
+LOG_IDENT, LOG_MAGIC, LOG_VERSION = b":W&B", 0xBEE1, 0
+CHUNK_HEADER = struct.Struct("<IHB")
+BLOCK = 32 * 1024
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_wandb_log(path: Path) -> list:
+    """Every record of a .wandb file, in order; raises on a bad header, checksum or chunk sequence."""
+    data = path.read_bytes()
+    ident, magic, version = LOG_HEADER.unpack_from(data, 0)
+    assert (ident, magic, version) == (LOG_IDENT, LOG_MAGIC, LOG_VERSION), (ident, hex(magic), version)
+    records, pieces, pos = [], None, LOG_HEADER.size
+    while pos < len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < CHUNK_HEADER.size:  # padding at the end of a block
+            pos += left_in_block
+            continue
+        if pos + CHUNK_HEADER.size > len(data):
+            break  # a header cut off by the end of the file (a run still being written)
+        crc, length, kind = CHUNK_HEADER.unpack_from(data, pos)
+        if kind == 0 and length == 0:  # zero-filled rest of a block
+            pos += left_in_block
+            continue
+        chunk = data[pos + CHUNK_HEADER.size: pos + CHUNK_HEADER.size + length]
+        assert len(chunk) == length, f"chunk at {pos} cut off"
+        assert zlib.crc32(bytes([kind]) + chunk) == crc, f"bad checksum at {pos}"
+        pos += CHUNK_HEADER.size + length
+        if kind == FULL:
+            assert pieces is None, f"FULL inside a split record at {pos}"
+            records.append(chunk)
+        elif kind == FIRST:
+            assert pieces is None, f"FIRST inside a split record at {pos}"
+            pieces = [chunk]
+        elif kind in (MIDDLE, LAST):
+            assert pieces is not None, f"{kind} without FIRST at {pos}"
+            pieces.append(chunk)
+            if kind == LAST:
+                records.append(b"".join(pieces))
+                pieces = None
+        else:
+            raise AssertionError(f"unknown chunk type {kind} at {pos}")
+    out = []
+    for raw in records:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        out.append(record)
+    return out
+
+
+def _path(item) -> list[str]:
+    return [item.key] if item.key else list(item.nested_key)
+
+
+def _set(d: dict, path: list[str], value) -> None:
+    for part in path[:-1]:
+        d = d.setdefault(part, {})
+    d[path[-1]] = value
+
+
+def fold(records) -> SimpleNamespace:
+    """What W&B knows of the run at the end: run record, config, summary, history rows, metric definitions."""
+    run, config, summary, history, metrics, kinds = None, {}, {}, [], [], []
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        kinds.append(kind)
+        if kind == "run":
+            run = r.run
+            for item in r.run.config.update:
+                _set(config, _path(item), json.loads(item.value_json))
+        elif kind == "config":
+            for item in r.config.update:
+                _set(config, _path(item), json.loads(item.value_json))
+        elif kind == "summary":
+            for item in r.summary.update:
+                _set(summary, _path(item), json.loads(item.value_json))
+        elif kind == "history":
+            row = {}
+            for item in r.history.item:
+                _set(row, _path(item), json.loads(item.value_json))
+            history.append(row)
+        elif kind == "metric":
+            metrics.append(r.metric)
+    return SimpleNamespace(run=run, config=config, summary=summary, history=history, metrics=metrics, kinds=kinds)
+
+
+# ----------------------------------------------------------------------------- one offline run
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wandb_offline")
+    sweep = root / "2030-02-02_00-00-00"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET_KEY, "HF_TOKEN": SECRET_HF,
+           "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    # logger.mode=offline: with a key set, logger.mode=auto goes online even under WANDB_MODE=offline
+    # (see test_wandb_mode_offline_wins_over_an_api_key below).
+    cmd = [sys.executable, "-m", "simpo_exp", "--multirun", "beta=5", "gamma_beta_ratio=0.3", "max_steps=3",
+           "eval_steps=0", "logging_steps=1", "logger=wandb", "logger.mode=offline", "save_model=false",
+           "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32", f"hydra.sweep.dir={sweep}"]
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "W&B start failed" not in res.stderr and "W&B log failed" not in res.stderr, res.stderr[-3000:]
+    (job_dir,) = [p for p in sweep.iterdir() if p.is_dir()]
+    return job_dir
+
+
+@pytest.fixture(scope="module")
+def run_file(job) -> Path:
+    assert not list((job / "wandb").glob("run-*")), "an online run directory: W&B did not stay offline"
+    (path,) = (job / "wandb").glob("offline-run-*/run-*.wandb")
+    return path
+
+
+@pytest.fixture(scope="module")
+def wb(run_file) -> SimpleNamespace:
+    return fold(read_wandb_log(run_file))
+
+
+def jsonl(job: Path) -> list[dict]:
+    return [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_file_is_a_complete_wandb_log(wb):
+    assert wb.kinds[0] == "header" and wb.kinds.count("run") == 1
+    assert "exit" in wb.kinds  # the run was finished, not cut off
+    kinds = {f.name for f in pb.Record.DESCRIPTOR.oneofs_by_name["record_type"].fields}
+    assert {"run", "config", "history", "summary", "metric", "exit"} <= kinds  # what fold() reads
+
+
+def test_reader_reassembles_records_that_span_blocks(tmp_path):
+    """A record bigger than a 32 KiB block (here a 100 kB config value), as W&B itself splits it."""
+    code = (f"import wandb; r = wandb.init(mode='offline', dir={str(tmp_path)!r}, project='p', "
+            "config={'blob': 'ab' * 50000}, settings=wandb.Settings(console='off', x_disable_stats=True)); "
+            "r.log({'x': 1}); r.finish()")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    assert path.stat().st_size > 3 * BLOCK
+    wb = fold(read_wandb_log(path))
+    assert wb.config["blob"] == "ab" * 50000
+    assert wb.history[0]["x"] == 1 and "exit" in wb.kinds
+
+
+def test_group_job_type_and_name(job, wb):
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+    assert wb.run.run_group == "sweep-" + job.parent.name  # runinfo.fill_run_identity's sweep group
+    assert wb.run.job_type == "train"
+    assert wb.run.display_name == runinfo.run_name(overrides, 0.0)
+    assert wb.run.display_name.startswith("beta=5,gamma_beta_ratio=0.3,")
+    assert wb.run.project == "simpo-exp"
+    assert {"model:tiny", "dataset:synthetic", "hparams:default"} <= set(wb.run.tags)
+
+
+def test_config_is_the_resolved_config(job, wb):
+    c = wb.config
+    assert c["beta"] == 5.0 and c["gamma_beta_ratio"] == 0.3 and c["max_steps"] == 3
+    assert c["resolved"]["gamma_beta_ratio"] == 0.3 and c["resolved"]["gamma"] == pytest.approx(1.5)
+    assert c["resolved"]["learning_rate"] == c["model"]["learning_rate"] == 0.001  # the tiny preset's
+    assert c["dataset"]["synthetic"]["num_train"] == 128
+    assert c["output_dir"] == str(job)  # resolved, not "${hydra:runtime.output_dir}"
+    assert c["logger"]["group"] == wb.run.run_group and c["logger"]["run_name"] == wb.run.display_name
+    composed = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+    for key, value in composed.items():
+        if not isinstance(value, (dict, list)) and "${" not in str(value):
+            assert c[key] == value, key
+
+    def secret_keys(node, where=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                name = str(k).lower()
+                if any(name == s or name.endswith("_" + s) for s in SECRET_NAMES):
+                    yield where + k
+                yield from secret_keys(v, f"{where}{k}.")
+
+    assert list(secret_keys(c)) == []
+
+
+def test_metrics_on_the_global_step_axis(job, wb):
+    star = [m for m in wb.metrics if m.glob_name == "*"]
+    assert star and star[0].step_metric == STEP_KEY
+    assert STEP_KEY in {m.name for m in wb.metrics}
+    logged = jsonl(job)
+    assert len(wb.history) == len(logged)
+    for row, record in zip(wb.history, logged):
+        assert row[STEP_KEY] == record["step"]
+        assert set(row) - WANDB_INTERNAL - {STEP_KEY} == set(record) - {"step"}
+        for key, value in record.items():
+            if key != "step":
+                assert row[key] == pytest.approx(value), key
+    keys = {k for row in wb.history for k in row} - WANDB_INTERNAL
+    assert keys == set(train_keys() + eval_keys()) | {STEP_KEY, SAMPLES_KEY}
+    assert [row[STEP_KEY] for row in wb.history] == [0, 1, 2, 3, 3]  # eval at start, train 1-3, final eval
+
+
+def test_summary_and_group_are_what_the_dashboard_asks_for(job, wb):
+    pytest.importorskip("wandb_workspaces")
+    from simpo_exp import dashboard
+
+    spec = dashboard.view_spec(dashboard.build_workspace(dashboard.read_sweep(job.parent), None, "simpo-exp"))
+    asked = dashboard.spec_keys(spec)
+    assert asked["groups"] == {wb.run.run_group}
+    assert asked["grouping"] == set()  # one job: nothing to group; its overrides are table columns
+    assert {"beta.value", "gamma_beta_ratio.value"} <= asked["config"]
+    for key in asked["summary"]:  # "eval/rewards/accuracies.max" is summary["eval/rewards/accuracies"]["max"]
+        base, _, agg = key.rpartition(".") if key not in wb.summary else (key, "", "")
+        assert base in wb.summary, (key, sorted(wb.summary))
+        value = wb.summary[base][agg] if agg else wb.summary[base]
+        assert isinstance(value, (int, float)), (key, value)
+    evals = [r[dashboard.TARGET] for r in jsonl(job) if dashboard.TARGET in r]
+    assert wb.summary[dashboard.TARGET] == {"max": pytest.approx(max(evals)), "last": pytest.approx(evals[-1])}
+    for key in asked["config"]:  # "beta.value" is config["beta"]
+        node = wb.config
+        for part in key.replace(".value", "", 1).split("."):
+            node = node[part]
+        assert not isinstance(node, dict), key
+
+
+def test_no_secret_is_written(job, run_file):
+    assert os.environ.get("WANDB_API_KEY") != SECRET_KEY  # only the run's process had them
+    blob = run_file.read_bytes()
+    for secret in (SECRET_KEY, SECRET_HF):
+        assert secret.encode() not in blob
+        for path in job.rglob("*"):  # nor in W&B's logs, the configs, metrics, summaries
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+
+
+def test_wandb_mode_offline_wins_over_an_api_key(tmp_path, monkeypatch):
+    import wandb
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", fake_init)
+    lc = SimpleNamespace(wandb=True, mode="auto", project="p", entity=None, group=None, job_type="train",
+                         run_name="r", tags=[], init_timeout=1.0)
+    with pytest.warns(UserWarning, match="stop here"):
+        Tracker(tmp_path, lc, {})
+    assert seen["mode"] == "offline"
