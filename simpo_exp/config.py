@@ -166,6 +166,8 @@ class Config:
     logging_steps: int = 10
     eval_steps: int = 100  # 0: evaluate only at the end
     eval_on_start: bool = False  # also evaluate before the first step
+    num_generations: int = 4  # greedy completions of this many eval prompts at each eval (0: none)
+    max_new_tokens: int = 64
     max_length: int = 2048
     max_prompt_length: int = 1800
 
@@ -263,6 +265,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.save_steps >= 0, "save_steps", cfg.save_steps, "must be >= 0 (0: no intermediate checkpoints)")
     _check(cfg.save_total_limit >= 1, "save_total_limit", cfg.save_total_limit, "must be >= 1")
     _check(cfg.max_bad_steps >= 0, "max_bad_steps", cfg.max_bad_steps, "must be >= 0")
+    _check(cfg.num_generations >= 0, "num_generations", cfg.num_generations, "must be >= 0 (0: no samples)")
+    _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "must be >= 1")
     _check(cfg.eval_steps >= 0, "eval_steps", cfg.eval_steps, "must be >= 0 (0: only at the end)")
     _check(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", cfg.max_steps, "must be >= 1, or -1 to use num_train_epochs")
     if cfg.max_steps == -1:

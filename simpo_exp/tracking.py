@@ -134,6 +134,22 @@ class Tracker:
             except Exception as e:
                 self._wandb_failed("log", e)
 
+    def log_generations(self, rows: list[dict], step: int) -> None:
+        """Append sample generations to generations.jsonl and log them as a W&B table."""
+        if not self.enabled or not rows:
+            return
+        with open(self.run_dir / "generations.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            try:
+                import wandb
+
+                table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+                self.wandb_run.log({STEP_KEY: step, "eval/generations": table})
+            except Exception as e:
+                self._wandb_failed("log generations", e)
+
     def write_json(self, name: str, obj: dict) -> Path:
         path = self.run_dir / name
         if self.enabled:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from simpo_exp import checkpoint
+from simpo_exp import checkpoint, samples
 from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.environment import environment_record
@@ -303,10 +303,25 @@ def train(cfg: Config) -> dict:
                                    config_dict, cfg.save_total_limit)
             log.info("checkpoint %s", path)
 
+    shown = samples.sample_pairs(eval_ds, cfg.num_generations) if accelerator.is_main_process else []
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(policy, eval_loader, cfg, accelerator, reference)
+        tracker.log(metrics, step)
+        if shown:  # what the model writes for a few fixed eval prompts
+            unwrapped = accelerator.unwrap_model(policy)
+            with torch.no_grad():
+                _, _, (rewards, _) = batch_loss(unwrapped, collate_to(shown, accelerator.device), cfg, reference)
+            texts = samples.generate(unwrapped.model, tokenizer, shown, cfg.max_new_tokens, accelerator.device)
+            tracker.log_generations(samples.generation_rows(step, shown, texts, rewards), step)
+        return metrics
+
+    def collate_to(pairs, device):
+        return {k: v.to(device) for k, v in collate(pairs).items()}
+
     summary: dict = {}
     if cfg.eval_on_start and state.step == 0:
-        summary |= evaluate(policy, eval_loader, cfg, accelerator, reference)
-        tracker.log(dict(summary), step=0)
+        summary |= run_eval(0)
 
     batches = forever(train_loader, accelerator, state.micro_batches)
     window = Window(state.window)
@@ -367,9 +382,7 @@ def train(cfg: Config) -> dict:
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/rewards/accuracies']:.2f}")
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps:
-            metrics = evaluate(policy, eval_loader, cfg, accelerator, reference)
-            tracker.log(metrics, step)
-            summary |= metrics
+            summary |= run_eval(step)
         if (cfg.save_steps and step % cfg.save_steps == 0 and step < steps) or stop.requested:
             save_checkpoint()
         if bar is not None:

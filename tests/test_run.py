@@ -48,6 +48,11 @@ def test_short_run_leaves_everything_a_user_needs(tmp_path):
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
     assert model.config.vocab_size == len(tok) and tok.chat_template
     assert "run directory" in res.stdout and "eval/rewards/accuracies" in res.stdout
+    # sample generations for the same 4 eval prompts at every eval
+    rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0] * 4 + [2] * 4 + [4] * 4
+    assert len({r["prompt"] for r in rows}) == 4 and all(isinstance(r["generation"], str) for r in rows)
+    assert all(r["reward_chosen"] < 0 and r["reward_rejected"] < 0 for r in rows)  # beta * mean log-prob
 
 
 def test_multirun_sweep_groups_jobs_in_wandb(tmp_path):
