@@ -6,13 +6,14 @@ import hydra
 from omegaconf import DictConfig
 
 from simpo_exp.config import to_config
-from simpo_exp.runinfo import fill_run_identity, user_errors
+from simpo_exp.runinfo import export_launcher_distributed_env, fill_run_identity, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     with user_errors(cfg):
         config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
+        export_launcher_distributed_env()
 
         from simpo_exp.train import train
 

@@ -112,6 +112,24 @@ class HardwareConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     dataloader_num_workers: int = 0
+    # Per-device batch x processes x accumulation kept at this value (accumulation derived);
+    # None: use gradient_accumulation_steps as given.
+    effective_batch_size: Optional[int] = None
+    # A DeepSpeed JSON config (launchers/ds_*.json) used when not started by `accelerate launch`.
+    deepspeed_config: Optional[str] = None
+    # How a batch of pairs is laid out (simpo_exp/data/collate.py, simpo_exp/logps.py):
+    # none (padded, chosen and rejected rows), packed (no padding), prefix_shared (the prompt
+    # encoded once per pair), or auto: prefix_shared on CPU, where it was measured fastest, none on GPU.
+    packing: str = "auto"
+    packing_attention: str = "segments"  # segments (per-sequence attention) | mask (explicit 4D mask)
+    logps_chunk_size: int = 0  # > 0: log-probs in chunks of this many tokens (large vocabularies)
+    # LoRA adapters (peft) instead of full fine-tuning.
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 @dataclass
@@ -312,6 +330,17 @@ def validate(cfg: Config) -> Config:
     _check_choice("hardware.device", h.device, DEVICES)
     _check_choice("hardware.mixed_precision", h.mixed_precision, PRECISIONS)
     _check_choice("hardware.attn_implementation", h.attn_implementation, ATTN_IMPLEMENTATIONS)
+    from simpo_exp.logps import PACKING_ATTENTIONS, PACKINGS
+
+    _check_choice("hardware.packing", h.packing, ("auto",) + tuple(PACKINGS))
+    _check_choice("hardware.packing_attention", h.packing_attention, tuple(PACKING_ATTENTIONS))
+    _check(h.logps_chunk_size >= 0, "hardware.logps_chunk_size", h.logps_chunk_size, "must be >= 0 (0: no chunks)")
+    if h.effective_batch_size is not None:
+        _check(h.effective_batch_size >= 1, "hardware.effective_batch_size", h.effective_batch_size, "must be >= 1 or null")
+    if h.lora:
+        _check(h.lora_r >= 1, "hardware.lora_r", h.lora_r, "must be >= 1")
+        _check(0 <= h.lora_dropout < 1, "hardware.lora_dropout", h.lora_dropout, "must be in [0, 1)")
+        _check(bool(h.lora_target_modules), "hardware.lora_target_modules", h.lora_target_modules, "must name modules")
     _check(h.dataloader_num_workers >= 0, "hardware.dataloader_num_workers", h.dataloader_num_workers, "must be >= 0")
 
     _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)

@@ -7,17 +7,37 @@ the vocabulary projection. With ``chunk_size`` > 0 the head, log-softmax and gat
 chunks of that many tokens under activation checkpointing, so peak memory holds one chunk of
 logits instead of all of them.
 
+With ``packing`` other than ``"none"`` it takes the packed batches of
+``simpo_exp.data.collate.PairCollator`` (same ``packing`` and ``attention``), where no compute goes
+to padding and, under ``"prefix_shared"``, the prompt is computed once for both responses. The
+output is the same either way: one entry per sequence, chosen first (slot i), rejected after (B+i).
+
+- ``attention="segments"``: all pairs sit in one row. The model's attention is routed through
+  ``segment_attention`` (registered with transformers' ``AttentionInterface``; the model's own
+  attention is kept for any call that does not carry a segment plan), which runs causal SDPA once
+  per sequence: chosen = ``prompt chosen``; rejected = ``prompt rejected`` gathered together (its
+  prompt-query outputs are dropped, so the prompt's keys and values are computed once and reused).
+  No dense mask is built, and SDPA's causal kernels skip the masked half.
+- ``attention="mask"``: one row per pair with an explicit 4D mask (boolean for sdpa, additive for
+  eager); works with any attention that takes a 4D mask, at O(L^2) per row.
+
 Being an ``nn.Module`` whose forward does all of this, it can be handed to
-``accelerator.prepare`` (DDP/FSDP see the whole computation).
+``accelerate.prepare`` (DDP/FSDP see the whole computation).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+PACKINGS = ("none", "packed", "prefix_shared")
+PACKING_ATTENTIONS = ("segments", "mask")
+SEGMENT_ATTENTION_PREFIX = "simpo_segments:"
 
 
 class SequenceLogps(NamedTuple):
@@ -37,12 +57,135 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
 
 
+# ----------------------------------------------------------------------------- segment attention
+class SegmentPlan:
+    """Which tokens of a packed row attend to which, as a list of causal attention jobs.
+
+    The row is cut into pieces of ``sizes`` tokens (one ``split``, whose backward is one ``cat``). A job
+    is a list of piece indices read together as one causal sequence, and ``keep_from``: the job's
+    outputs before that index are dropped (under prefix sharing the rejected job re-reads its prompt
+    only as keys and values). The jobs' kept outputs, in order, tile the row exactly. ``calls`` counts
+    the attention layers that used the plan (a check that the model routed its attention here).
+    """
+
+    def __init__(self, segments: list, packing: str):
+        self.sizes: list[int] = []
+        self.jobs: list[tuple[list[int], int]] = []
+        for p, c, r in segments:
+            k = len(self.sizes)
+            if packing == "packed":  # prompt chosen | prompt rejected
+                self.sizes += [p + c, p + r]
+                self.jobs += [([k], 0), ([k + 1], 0)]
+            elif packing == "prefix_shared":  # prompt | chosen | rejected
+                self.sizes += [p, c, r]
+                self.jobs += [([k, k + 1], 0), ([k, k + 2], p)]
+            else:
+                raise ValueError(f"packing={packing!r} has no segment plan")
+        self.length = sum(self.sizes)
+        self.max_job = max(sum(self.sizes[i] for i in pieces) for pieces, _ in self.jobs)
+        self.calls = 0
+
+
+def _job(pieces: tuple[torch.Tensor, ...], index: list[int]) -> torch.Tensor:
+    if len(index) == 1:
+        return pieces[index[0]]
+    return torch.cat([pieces[i] for i in index], dim=2)
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
+                      fallback=None, simpo_segments: SegmentPlan | None = None, **kwargs):
+    """Attention over a packed row, one causal SDPA per job of ``simpo_segments``.
+
+    query [1, Hq, T, D], key and value [1, Hkv, T, D]; returns [1, T, Hq, D] as transformers'
+    attention functions do. Without a plan it hands the call to the model's own attention.
+    """
+    if simpo_segments is None:
+        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    plan = simpo_segments
+    if kwargs.get("softcap"):
+        raise ValueError("segment attention does not implement attention-logit softcapping (Gemma 2): "
+                         "use packing_attention=mask with eager attention, or packing=none")
+    window = kwargs.get("sliding_window")
+    if window and plan.max_job > window:
+        raise ValueError(f"a packed sequence of {plan.max_job} tokens exceeds the model's sliding window ({window}): "
+                         "segment attention does not implement sliding windows; use packing=none")
+    if query.shape[0] != 1 or query.shape[2] != plan.length:
+        raise ValueError(f"segment attention expects one packed row of {plan.length} tokens, got {tuple(query.shape)}")
+    plan.calls += 1
+    gqa = query.shape[1] != key.shape[1]
+    qs, ks, vs = (x.split(plan.sizes, dim=2) for x in (query, key, value))
+    outs = []
+    for index, keep_from in plan.jobs:
+        o = F.scaled_dot_product_attention(
+            _job(qs, index), _job(ks, index), _job(vs, index),
+            is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa,
+        )
+        outs.append(o[:, :, keep_from:] if keep_from else o)
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def install_segment_attention(model: nn.Module) -> str:
+    """Route the model's attention through ``segment_attention`` (calls without a plan go to the
+    model's own implementation, with its own masks). Returns the registered name. Idempotent."""
+    from functools import partial
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = model.config._attn_implementation
+    if current.startswith(SEGMENT_ATTENTION_PREFIX):
+        return current
+    if current == "eager":
+        fallback = getattr(sys.modules[type(model).__module__], "eager_attention_forward", None)
+    else:
+        fallback = ALL_ATTENTION_FUNCTIONS.get(current)
+    if fallback is None or current not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ValueError(f"segment attention cannot wrap attn_implementation={current!r}; use packing_attention=mask")
+    name = f"{SEGMENT_ATTENTION_PREFIX}{type(model).__name__}:{current}"
+    AttentionInterface.register(name, partial(segment_attention, fallback=fallback))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    model.set_attn_implementation(name)
+    return name
+
+
+def group_mask(groups: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """4D mask [R, 1, T, T] from ``attn_groups`` [R, T] (see ``simpo_exp.data.collate``): a key is
+    visible when it is not later than the query, not padding, and in group 0 or the query's group.
+    Every query sees itself (padding rows would otherwise be all-masked, and SDPA would give NaN).
+    Boolean (True = attend) when ``dtype`` is None, else additive (0 / dtype's min)."""
+    t = groups.shape[1]
+    idx = torch.arange(t, device=groups.device)
+    q, k = groups[:, :, None], groups[:, None, :]
+    allowed = (idx[:, None] >= idx[None, :]) & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(t, dtype=torch.bool, device=groups.device)
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=groups.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------- the module
 class ResponseLogps(nn.Module):
-    def __init__(self, model: nn.Module, chunk_size: int = 0):
+    def __init__(self, model: nn.Module, chunk_size: int = 0, packing: str = "none", attention: str = "segments"):
         super().__init__()
+        if packing not in PACKINGS:
+            raise ValueError(f"packing={packing!r}: allowed values are {', '.join(map(repr, PACKINGS))}")
+        if attention not in PACKING_ATTENTIONS:
+            raise ValueError(f"attention={attention!r}: allowed values are {', '.join(map(repr, PACKING_ATTENTIONS))}")
         self.model = model
         self.chunk_size = chunk_size
+        self.packing = packing
+        self.attention = attention
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        if packing != "none":
+            impl = model.config._attn_implementation or ""
+            if attention == "segments":
+                install_segment_attention(model)
+            elif impl.startswith("flash") or impl == "flex_attention":
+                raise ValueError(f"packing_attention=mask needs an attention that takes a dense 4D mask (sdpa, eager), "
+                                 f"not {impl!r}; use packing_attention=segments")
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)
@@ -54,15 +197,63 @@ class ResponseLogps(nn.Module):
         logits = self._head(hidden)
         return token_logps(logits, targets), logits.float().mean(-1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> SequenceLogps:
-        body = self.model.get_decoder()
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        # Position t predicts token t+1: shift the targets and their mask left by one.
-        predicts = loss_mask[:, 1:].bool()
-        targets = input_ids[:, 1:][predicts]  # [M]
-        states = hidden[:, :-1][predicts]  # [M, H]
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicts)[predicts]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, logp_source: torch.Tensor | None = None,
+                seq_index: torch.Tensor | None = None, segments: list | None = None,
+                attn_groups: torch.Tensor | None = None) -> SequenceLogps:
+        if self.packing == "none":
+            if segments is not None:
+                raise ValueError("a packed batch reached ResponseLogps(packing='none'): give the collator and "
+                                 "ResponseLogps the same packing")
+            body = self.model.get_decoder()
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            # Position t predicts token t+1: shift the targets and their mask left by one.
+            predicts = loss_mask[:, 1:].bool()
+            targets = input_ids[:, 1:][predicts]  # [M]
+            states = hidden[:, :-1][predicts]  # [M, H]
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicts)[predicts]
+            n = input_ids.shape[0]
+            counts = predicts.sum(1)
+        else:
+            hidden = self._packed_hidden(input_ids, position_ids, segments, attn_groups)
+            predicts = loss_mask.bool()
+            targets = input_ids[predicts]
+            states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logp_source[predicts])
+            rows = seq_index[predicts]
+            n = 2 * len(segments)
+            counts = torch.bincount(rows, minlength=n)
+        return self._reduce(states, targets, rows, n, counts)
 
+    def _packed_hidden(self, input_ids, position_ids, segments, attn_groups) -> torch.Tensor:
+        if segments is None or position_ids is None:
+            raise ValueError(f"ResponseLogps(packing={self.packing!r}) needs a batch from "
+                             f"PairCollator(packing={self.packing!r}); this one is not packed")
+        body = self.model.get_decoder()
+        if self.attention == "mask":
+            if attn_groups is None:
+                raise ValueError("packing_attention=mask needs a batch from PairCollator(attention='mask')")
+            dtype = None if self.model.config._attn_implementation != "eager" else self.model.dtype
+            mask = group_mask(attn_groups, dtype)
+            return body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                        use_cache=False).last_hidden_state
+        if attn_groups is not None:
+            raise ValueError("a batch for packing_attention=mask reached ResponseLogps(attention='segments')")
+        plan = SegmentPlan(segments, self.packing)
+        if input_ids.shape != (1, plan.length):
+            raise ValueError(f"packed batch of shape {tuple(input_ids.shape)} does not match its segments "
+                             f"({plan.length} tokens)")
+        # A 4D placeholder makes transformers skip its own mask building (which would detect the packed
+        # sequences from position_ids and build a T x T mask); segment_attention ignores it.
+        placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+        hidden = body(input_ids=input_ids, attention_mask=placeholder, position_ids=position_ids,
+                      use_cache=False, simpo_segments=plan).last_hidden_state
+        layers = getattr(self.model.config, "num_hidden_layers", 1)
+        if plan.calls < layers:
+            raise RuntimeError(f"only {plan.calls} of {layers} attention layers used the segment plan: this model does "
+                               "not pass attention kwargs through; use packing_attention=mask or packing=none")
+        return hidden
+
+    def _reduce(self, states, targets, rows, n, counts) -> SequenceLogps:
         if self.chunk_size and states.shape[0] > self.chunk_size:
             parts = [
                 checkpoint(self._logps_and_logit_sums, s, t, use_reentrant=False)
@@ -73,8 +264,6 @@ class ResponseLogps(nn.Module):
         else:
             logps, logit_means = self._logps_and_logit_sums(states, targets)
 
-        n = input_ids.shape[0]
         sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-        counts = predicts.sum(1)
         logit_sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, rows, logit_means.detach())
         return SequenceLogps(sums, counts, logit_sums / counts.clamp(min=1))

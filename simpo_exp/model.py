@@ -196,7 +196,26 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
     if cfg.hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if cfg.hardware.lora:
+        model = add_lora(model, cfg.hardware)
     return model
+
+
+def add_lora(model, h):
+    """Wrap the model with LoRA adapters (peft); only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ConfigError("hardware.lora=true needs peft: pip install -e '.[peft]'") from e
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in h.lora_target_modules if t not in names]
+    if missing:
+        raise ConfigError(f"hardware.lora_target_modules: {missing} are not modules of this model")
+    config = LoraConfig(r=h.lora_r, lora_alpha=h.lora_alpha, lora_dropout=h.lora_dropout,
+                        target_modules=list(h.lora_target_modules), task_type="CAUSAL_LM")
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    return get_peft_model(model, config)
 
 
 def count_parameters(model) -> int:

@@ -58,21 +58,23 @@ def cache_path(cfg: Config, model, splits: dict[str, Dataset]) -> Path:
 
 
 @torch.no_grad()
-def compute(model, ds: Dataset, collate, batch_size: int, device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def compute(model, ds: Dataset, collate, batch_size: int, device, autocast,
+            layout: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every pair under ``model``: (chosen [N], rejected [N])."""
-    scorer = ResponseLogps(model).to(device).eval()
+    scorer = ResponseLogps(model, **(layout or {})).to(device).eval()
     loader = DataLoader(ds.select_columns(list(TOKEN_COLUMNS)), batch_size=batch_size, collate_fn=collate)
     chosen, rejected = [], []
     for batch in loader:
         with autocast():
-            out = scorer(**{k: v.to(device) for k, v in batch.items()})
+            out = scorer(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         n = out.logp_sums.shape[0] // 2
         chosen.append(out.logp_sums[:n].float().cpu())
         rejected.append(out.logp_sums[n:].float().cpu())
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def attach_reference_logps(cfg: Config, model, splits: dict[str, Dataset], collate, accelerator) -> dict[str, Dataset]:
+def attach_reference_logps(cfg: Config, model, splits: dict[str, Dataset], collate, accelerator,
+                           layout: dict | None = None) -> dict[str, Dataset]:
     """Add the two reference columns to each split, computing and caching them if needed."""
     path = cache_path(cfg, model, splits)
     with accelerator.main_process_first():
@@ -83,7 +85,7 @@ def attach_reference_logps(cfg: Config, model, splits: dict[str, Dataset], colla
             tensors = {}
             for name, ds in splits.items():
                 c, r = compute(model, ds, collate, cfg.per_device_eval_batch_size, accelerator.device,
-                               accelerator.autocast)
+                               accelerator.autocast, layout)
                 tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = c, r
             if accelerator.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +114,8 @@ class WithReference:
         return batch
 
 
-def live_reference(model) -> ResponseLogps:
+def live_reference(model, layout: dict | None = None) -> ResponseLogps:
     """A frozen copy of the starting policy, for ``reference_mode=live``."""
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
-    return ResponseLogps(ref)
+    return ResponseLogps(ref, **(layout or {}))

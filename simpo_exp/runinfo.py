@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,3 +104,17 @@ class SweepSummary(Callback):
             print(f"  {path.name}: {err.get('type')}: {first_line}", file=sys.stderr)
         print(f"compare the rest with: python -m simpo_exp.compare {sweep_dir}", file=sys.stderr, flush=True)
         raise SystemExit(1)
+
+
+def export_launcher_distributed_env() -> None:
+    """Inside a multi-task submitit (SLURM) job, export RANK/WORLD_SIZE/MASTER_ADDR... for
+    torch.distributed; under torchrun or ``accelerate launch`` they are set already."""
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    try:
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export()
+    except (ImportError, RuntimeError):  # not inside a submitit job after all
+        return

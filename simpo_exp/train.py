@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from simpo_exp import checkpoint, samples
@@ -183,9 +184,27 @@ def start_or_resume(cfg: Config, run_dir: Path, accelerator, policy, optimizer, 
 
 
 # ----------------------------------------------------------------------------- set-up helpers
+def accumulation_steps(cfg: Config, num_processes: int) -> int:
+    """Micro-batches per optimizer step: fixed, or derived so that per-device batch x processes x
+    accumulation stays at ``hardware.effective_batch_size`` whatever the device count."""
+    target = cfg.hardware.effective_batch_size
+    if not target:
+        return cfg.gradient_accumulation_steps
+    per_step = cfg.per_device_train_batch_size * num_processes
+    if target % per_step:
+        raise ConfigError(
+            f"hardware.effective_batch_size={target} is not a multiple of per_device_train_batch_size "
+            f"({cfg.per_device_train_batch_size}) x processes ({num_processes})"
+        )
+    return target // per_step
+
+
 def make_accelerator(cfg: Config):
+    """The Accelerator for this run and its accumulation steps. Multi-process engines (DDP, FSDP,
+    DeepSpeed) come from ``accelerate launch --config_file launchers/...``; a hardware preset may
+    name a DeepSpeed config to use without a launcher (one process)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     h = cfg.hardware
     has_cuda = torch.cuda.is_available()
@@ -195,11 +214,39 @@ def make_accelerator(cfg: Config):
     precision = h.mixed_precision
     if precision == "auto":
         precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(
+    accum = accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    deepspeed_plugin = None
+    if h.deepspeed_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"hardware={h.name} needs DeepSpeed: pip install -e '.[gpu]'") from e
+        from accelerate.utils import DeepSpeedPlugin
+
+        path = Path(h.deepspeed_config).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = Path(__file__).resolve().parents[1] / path  # relative to the project, like the presets
+        if not path.exists():
+            raise ConfigError(f"hardware.deepspeed_config={h.deepspeed_config!r}: no such file")
+        deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(path))
+    accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,
+        deepspeed_plugin=deepspeed_plugin,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    return accelerator, accum
+
+
+def batch_layout(cfg: Config, accelerator) -> dict:
+    """ResponseLogps' layout arguments; ``packing=auto`` picks what was measured fastest per device
+    (benchmarks/RESULTS.md): prefix sharing on CPU, the plain padded layout on GPU (not yet measured)."""
+    h = cfg.hardware
+    packing = h.packing
+    if packing == "auto":
+        packing = "prefix_shared" if accelerator.device.type == "cpu" else "none"
+    return {"packing": packing, "attention": h.packing_attention, "chunk_size": h.logps_chunk_size}
 
 
 def pick_attention(cfg: Config) -> str:
@@ -224,10 +271,10 @@ def check_writable(run_dir: Path) -> Path:
     return run_dir
 
 
-def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+def total_steps(cfg: Config, batches_per_epoch: int, accum: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_train_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
+    return max(1, math.ceil(cfg.num_train_epochs * batches_per_epoch / accum))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -238,7 +285,11 @@ def train(cfg: Config) -> dict:
 
     started = time.time()
     run_dir = check_writable(Path(cfg.output_dir))
-    accelerator = make_accelerator(cfg)
+    accelerator, accum = make_accelerator(cfg)
+    if accelerator.num_processes > 1:  # each rank resolved its own Hydra directory: use the main one's
+        from accelerate.utils import broadcast_object_list
+
+        run_dir = Path(broadcast_object_list([str(run_dir)], from_process=0)[0])
     set_seed(cfg.seed)
     lr, lr_source = resolve_learning_rate(cfg)
     log.info("learning rate %.3g (from %s)", lr, lr_source)
@@ -248,15 +299,17 @@ def train(cfg: Config) -> dict:
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg))
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
-    policy = ResponseLogps(model)
+    layout = batch_layout(cfg, accelerator)
+    policy = ResponseLogps(model, **layout)
 
-    collate, columns, reference = PairCollator(tokenizer.pad_token_id), list(MODEL_COLUMNS), None
+    collate = PairCollator(tokenizer.pad_token_id, packing=layout["packing"], attention=layout["attention"])
+    columns, reference = list(MODEL_COLUMNS), None
     if cfg.method in REFERENCE_METHODS and cfg.reference_mode == "cached":
-        splits = attach_reference_logps(cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator)
+        splits = attach_reference_logps(cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator, layout)
         train_ds, eval_ds = splits["train"], splits["test"]
         collate, columns = WithReference(collate), columns + list(REF_COLUMNS)
     elif cfg.method in REFERENCE_METHODS:
-        reference = live_reference(model).to(accelerator.device)
+        reference = live_reference(model, layout).to(accelerator.device)
     train_loader = DataLoader(
         train_ds.select_columns(columns), batch_size=cfg.per_device_train_batch_size, shuffle=True,
         drop_last=True, collate_fn=collate, num_workers=cfg.hardware.dataloader_num_workers,
@@ -275,16 +328,16 @@ def train(cfg: Config) -> dict:
         weight_decay=cfg.weight_decay,
     )
     policy, optimizer, train_loader, eval_loader = accelerator.prepare(policy, optimizer, train_loader, eval_loader)
-    steps = total_steps(cfg, len(train_loader))
+    steps = total_steps(cfg, len(train_loader), accum)
     scheduler = get_scheduler(
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * steps), num_training_steps=steps
     )
-    accum = cfg.gradient_accumulation_steps
     pairs_per_step = cfg.per_device_train_batch_size * accum * accelerator.num_processes
 
     gamma, gamma_beta_ratio = resolve_gamma(cfg)
     config_dict = config_to_dict(cfg)
-    resolved = {"learning_rate": lr, "gamma": gamma, "gamma_beta_ratio": gamma_beta_ratio}
+    resolved = {"learning_rate": lr, "gamma": gamma, "gamma_beta_ratio": gamma_beta_ratio,
+                "gradient_accumulation_steps": accum, "effective_batch_size": pairs_per_step}
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
     env = environment_record(cfg, accelerator, model, data_report)
     tracker = Tracker(run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env},
@@ -317,7 +370,7 @@ def train(cfg: Config) -> dict:
         return metrics
 
     def collate_to(pairs, device):
-        return {k: v.to(device) for k, v in collate(pairs).items()}
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(pairs).items()}
 
     summary: dict = {}
     if cfg.eval_on_start and state.step == 0:
@@ -336,20 +389,22 @@ def train(cfg: Config) -> dict:
     policy.train()
     for step in range(state.step + 1, steps + 1):
         step_stats = Window()
-        for i in range(accum):
+        for _ in range(accum):
             batch = next(batches)
             state.micro_batches += 1
-            # Gradients are all-reduced only on the last micro-batch of a step.
-            with accelerator.no_sync(policy) if i < accum - 1 else nullcontext():
+            # accumulate(): no gradient all-reduce until the last micro-batch of the step, and
+            # backward() scales the loss by 1/accum (DeepSpeed's engine does both itself).
+            with accelerator.accumulate(policy):
                 loss, stats, _ = batch_loss(policy, batch, cfg, reference)
-                accelerator.backward(loss / accum)
+                accelerator.backward(loss)
             step_stats.add(stats)
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        if torch.isfinite(grad_norm):  # a non-finite loss gives non-finite gradients too
+        grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))  # None: DeepSpeed clips
+        if torch.isfinite(grad_norm) or accelerator.distributed_type == DistributedType.DEEPSPEED:
             optimizer.step()
             window.merge(step_stats)
             bad_in_a_row = 0
-        else:
+        else:  # a non-finite loss gives non-finite gradients too
             state.skipped_steps += 1
             bad_in_a_row += 1
             log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step, bad_in_a_row)
@@ -397,10 +452,14 @@ def train(cfg: Config) -> dict:
     summary |= {"train/global_step": steps, "runtime_s": time.time() - started,
                 "learning_rate_source": lr_source} | {f"resolved/{k}": v for k, v in resolved.items()}
     accelerator.wait_for_everyone()
+    full_state_dict = None
+    if cfg.save_model and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # sharded weights: every process takes part in gathering them ("model." is the wrapper's prefix)
+        full_state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(policy).items()}
     if accelerator.is_main_process:
         if cfg.save_model:
             unwrapped = accelerator.unwrap_model(policy).model
-            unwrapped.save_pretrained(run_dir / "model")
+            unwrapped.save_pretrained(run_dir / "model", state_dict=full_state_dict)  # LoRA: the adapter only
             tokenizer.save_pretrained(run_dir / "model")
         tracker.finish(summary)
         keys = ["eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen",

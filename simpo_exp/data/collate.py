@@ -1,20 +1,64 @@
-"""Collate preference pairs into one padded batch: chosen sequences first, then rejected.
+"""Collate preference pairs into one batch, in one of three layouts (``packing``).
 
-For B pairs the batch holds 2B rows of ``prompt + response`` (row i is pair i's chosen,
-row B+i its rejected), right-padded to the longest row, so one forward pass serves both.
-``loss_mask`` marks the response tokens: this is the only place the mask is built.
+``"none"`` (the default): for B pairs the batch holds 2B rows of ``prompt + response`` (row i is
+pair i's chosen, row B+i its rejected), right-padded to the longest row, so one forward pass
+serves both. ``loss_mask`` marks the response tokens.
+
+The packed layouts spend no compute on padding and, with prefix sharing, none on the second copy
+of each prompt. Both keep the order of the outputs: sequence slot i is pair i's chosen, B+i its
+rejected, whatever the layout.
+
+``"packed"``      each pair as ``prompt chosen prompt rejected``; position ids restart per sequence.
+``"prefix_shared"`` each pair as ``prompt chosen rejected``; the rejected tokens' position ids
+                  continue from the end of the prompt (the positions a separate pass would give), and
+                  attention is causal AND NOT (query in rejected AND key in chosen) (arXiv 2410.20305).
+
+``attention`` says how ``ResponseLogps`` keeps the sequences apart, and so the shape of the batch:
+
+``"segments"`` (the default): all pairs in ONE row without padding; the attention runs per sequence
+               (``simpo_exp.logps.segment_attention``), so its cost is sum(L_i^2), not (sum L_i)^2.
+``"mask"``     one row per pair, right-padded, plus ``attn_groups`` from which ``ResponseLogps``
+               builds an explicit 4D mask (works with any attention that takes a 4D mask: sdpa, eager;
+               a dense mask costs O(L^2) per row, so pairs are never packed together).
+
+A packed batch carries, besides ``input_ids``, ``attention_mask`` (1 = a real token, so its sum is
+the number of tokens computed) and ``loss_mask`` (True at response tokens):
+
+``position_ids`` [R, T]  RoPE positions.
+``logp_source``  [R, T]  at a response token, the flat index (row * T + column) of the hidden state that
+                         predicts it (the previous token; for the first rejected token under prefix
+                         sharing, the last prompt token).
+``seq_index``    [R, T]  at a response token, its sequence slot (0 .. 2B-1); -1 elsewhere.
+``segments``     list of [prompt, chosen, rejected] lengths per pair (plain ints).
+``attn_groups``  [R, T]  (``attention="mask"`` only) 0: shared prompt, 1: chosen sequence, 2: rejected
+                         sequence, -1: padding. A key is visible to a query when it is not later, not
+                         padding, and in group 0 or the query's group.
 """
 
 from __future__ import annotations
 
 import torch
 
+from simpo_exp.logps import PACKING_ATTENTIONS, PACKINGS
+
 
 class PairCollator:
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, packing: str = "none", attention: str = "segments"):
+        if packing not in PACKINGS:
+            raise ValueError(f"packing={packing!r}: allowed values are {', '.join(map(repr, PACKINGS))}")
+        if attention not in PACKING_ATTENTIONS:
+            raise ValueError(f"attention={attention!r}: allowed values are {', '.join(map(repr, PACKING_ATTENTIONS))}")
         self.pad_token_id = pad_token_id
+        self.packing = packing
+        self.attention = attention
 
-    def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, pairs: list[dict]) -> dict:
+        if self.packing == "none":
+            return self._padded(pairs)
+        return self._packed(pairs)
+
+    # ------------------------------------------------------------------ the plain layout
+    def _padded(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
         rows, masks = [], []
         for key in ("chosen_input_ids", "rejected_input_ids"):
             for pair in pairs:
@@ -30,3 +74,75 @@ class PairCollator:
             attention_mask[i, : len(row)] = 1
             loss_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.bool)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+    # ------------------------------------------------------------------ packed layouts
+    def _pair_pieces(self, pair: dict, i: int, n_pairs: int):
+        """The pair's pieces in row order: (tokens, first position, attention group, sequence slot or -1
+        for prompt tokens, index of the piece whose last token predicts this piece's first token)."""
+        p, c, r = pair["prompt_input_ids"], pair["chosen_input_ids"], pair["rejected_input_ids"]
+        if not p:
+            raise ValueError("a pair with an empty prompt cannot be packed: its first response token has no context")
+        if self.packing == "packed":
+            return [(p, 0, 1, -1, None), (c, len(p), 1, i, 0), (p, 0, 2, -1, None), (r, len(p), 2, n_pairs + i, 2)]
+        # prefix_shared: prompt | chosen | rejected, the rejected continuing the prompt's positions
+        return [(p, 0, 0, -1, None), (c, len(p), 1, i, 0), (r, len(p), 2, n_pairs + i, 0)]
+
+    def _packed(self, pairs: list[dict]) -> dict:
+        n = len(pairs)
+        one_row = self.attention == "segments"
+        rows = []  # per row: lists of ids, positions, groups, slots, previous-token columns
+        for i, pair in enumerate(pairs):
+            if one_row and rows:
+                row = rows[0]
+            else:
+                row = {"ids": [], "pos": [], "group": [], "slot": [], "prev": []}
+                rows.append(row)
+            starts = []
+            for tokens, first_pos, group, slot, after in self._pair_pieces(pair, i, n):
+                start = len(row["ids"])
+                starts.append(start)
+                row["ids"] += tokens
+                row["pos"] += range(first_pos, first_pos + len(tokens))
+                row["group"] += [group] * len(tokens)
+                row["slot"] += [slot] * len(tokens)
+                # the first token of a response is predicted by the last token of its prompt piece
+                prev = list(range(start - 1, start - 1 + len(tokens)))
+                if after is not None:
+                    prompt_start = starts[after]
+                    prev[0] = prompt_start + len(pair["prompt_input_ids"]) - 1
+                row["prev"] += prev
+        width = max(len(row["ids"]) for row in rows)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        seq_index = torch.full(shape, -1, dtype=torch.long)
+        logp_source = torch.zeros(shape, dtype=torch.long)
+        groups = torch.full(shape, -1, dtype=torch.long)
+        for j, row in enumerate(rows):
+            m = len(row["ids"])
+            input_ids[j, :m] = torch.tensor(row["ids"])
+            attention_mask[j, :m] = 1
+            position_ids[j, :m] = torch.tensor(row["pos"])
+            seq_index[j, :m] = torch.tensor(row["slot"])
+            logp_source[j, :m] = torch.tensor(row["prev"]) + j * width
+            groups[j, :m] = torch.tensor(row["group"])
+        loss_mask = seq_index >= 0
+        logp_source = torch.where(loss_mask, logp_source, 0)
+        # padding positions: keep them increasing so nothing reads them as a new packed sequence
+        pad = attention_mask == 0
+        if pad.any():
+            position_ids = torch.where(pad, torch.arange(width).expand(shape), position_ids)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "loss_mask": loss_mask,
+            "position_ids": position_ids,
+            "logp_source": logp_source,
+            "seq_index": seq_index,
+            "segments": [[len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"])]
+                         for p in pairs],
+        }
+        if not one_row:
+            batch["attn_groups"] = groups
+        return batch

@@ -1,0 +1,506 @@
+#!/usr/bin/env python
+"""This project's SimPO step against TRL's ``CPOTrainer(loss_type="simpo", cpo_alpha=0)``, in one run.
+
+    python benchmarks/bench_trl.py --preset cpu        # tiny Llama, 2-core CPU, a few minutes
+    python benchmarks/bench_trl.py --preset cpu-128k   # 128k vocabulary, 1-2k tokens: peak memory
+    python benchmarks/bench_trl.py --preset gpu        # 0.75B Llama, 128k vocabulary, bf16 (needs CUDA)
+
+Both sides train the same randomly initialised Llama (built from a config, same seed, so the same
+weights) on the same generated preference pairs, in the same order, with the same batch size,
+max_length, dtype, gradient checkpointing and optimizer (one ``torch.optim.AdamW``, constant lr,
+clip 1.0). TRL runs its own ``Trainer.train()`` loop; ours runs the loop of ``simpo_exp/train.py``
+(``ResponseLogps`` + ``simpo_loss`` as in ``batch_loss`` -> ``accelerator.backward`` -> clip -> step) with each ``--variants`` setting of
+``ResponseLogps`` / ``PairCollator`` (packing, prefix sharing, chunked head).
+
+Before any timing, one process computes the loss of the first batch with TRL and with every variant
+from the same weights (float32, no autocast) and stops unless all agree within 1e-4, after checking
+that both sides see the same tokens: we never time a faster wrong thing.
+
+Each measurement runs in a fresh subprocess (peak RSS is per process), one after another, and the
+whole set is repeated ``--rounds`` times, interleaved, so slow drift on a shared machine hits both
+sides. A step's time runs from the end of the previous step to the end of this one (data loading
+included); the first ``--warmup`` steps are dropped; the figures are medians over the remaining
+steps of all rounds. pairs/s = batch / median step time (the headline); response tokens/s = the
+median of per-step (response tokens / step time) - both sides see the same batches, so prompts
+counted twice by one and once by the other do not inflate either. Peak memory: RSS high-water mark
+on CPU (and its rise over the RSS just before training, which removes the shared import/model
+baseline), ``torch.cuda.max_memory_allocated`` on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BETA, GAMMA_BETA_RATIO = 2.0, 0.5
+LOSS_TOLERANCE = 1e-4
+
+# ----------------------------------------------------------------------------- presets
+# lengths: (median, lognormal sigma, min, max) in tokens, before BOS/EOS; UltraFeedback-like at full scale
+# (prompts ~50-500 tokens, responses ~100-800, right-skewed); the cpu preset scales them by 1/4.
+VARIANTS = {
+    "plain": dict(packing="none", attention="segments", chunk_size=0),
+    "packed": dict(packing="packed", attention="segments", chunk_size=0),
+    "prefix": dict(packing="prefix_shared", attention="segments", chunk_size=0),
+    "packed-mask": dict(packing="packed", attention="mask", chunk_size=0),
+    "prefix-mask": dict(packing="prefix_shared", attention="mask", chunk_size=0),
+    "plain+chunk256": dict(packing="none", attention="segments", chunk_size=256),
+    "plain+chunk1024": dict(packing="none", attention="segments", chunk_size=1024),
+    "prefix+chunk256": dict(packing="prefix_shared", attention="segments", chunk_size=256),
+    "prefix+chunk1024": dict(packing="prefix_shared", attention="segments", chunk_size=1024),
+    "packed+chunk1024": dict(packing="packed", attention="segments", chunk_size=1024),
+}
+
+PRESETS = {
+    "cpu": dict(
+        device="cpu",
+        model=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=0, tie_word_embeddings=True),  # conf/model/tiny.yaml
+        prompt=(32, 0.7, 12, 125), response=(70, 0.6, 25, 200),
+        batch=8, max_length=512, lr=1e-3, bf16=False, gradient_checkpointing=False,
+        warmup=3, steps=20, rounds=2,
+        variants=["plain", "packed", "prefix", "packed-mask", "prefix-mask"],
+    ),
+    "cpu-128k": dict(
+        device="cpu",
+        model=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=128_256, tie_word_embeddings=True),
+        prompt=(300, 0.4, 150, 600), response=(700, 0.3, 400, 1100),  # sequences of ~1-1.7k tokens
+        batch=1, max_length=2048, lr=1e-4, bf16=False, gradient_checkpointing=False,
+        warmup=1, steps=2, rounds=1,
+        variants=["plain", "plain+chunk1024", "prefix", "prefix+chunk1024", "prefix+chunk256"],
+    ),
+    "gpu": dict(
+        device="cuda",
+        # Llama-3.2-1B-like with a narrower body: ~0.75B parameters, Llama-3 vocabulary
+        model=dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=16, num_attention_heads=24,
+                   num_key_value_heads=8, vocab_size=128_256, tie_word_embeddings=True),
+        prompt=(130, 0.7, 50, 500), response=(280, 0.6, 100, 800),
+        batch=4, max_length=2048, lr=1e-6, bf16=True, gradient_checkpointing=True,
+        warmup=3, steps=20, rounds=1,
+        variants=["plain", "plain+chunk1024", "packed", "prefix", "prefix+chunk1024"],
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- shared set-up
+def generate_texts(preset: dict, n: int, seed: int = 1234) -> list[dict]:
+    """Random letters with UltraFeedback-like, right-skewed (lognormal) lengths. With the byte-level
+    tokenizer one character is one token, so the lengths are token counts."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz     "
+
+    def length(spec):
+        median, sigma, lo, hi = spec
+        return int(min(hi, max(lo, round(median * math.exp(rng.gauss(0.0, sigma))))))
+
+    def text(k):
+        return "".join(rng.choice(alphabet) for _ in range(k)).replace("  ", " a")
+
+    rows = []
+    for _ in range(n):
+        rows.append({"prompt": text(length(preset["prompt"])), "chosen": text(length(preset["response"])),
+                     "rejected": text(length(preset["response"]))})
+    return rows
+
+
+def tokenize_like_trl(tok, rows: list[dict], max_length: int) -> list[dict]:
+    """The token ids CPOTrainer builds: BOS + prompt, response + EOS, responses cut to fit max_length."""
+    out = []
+    for row in rows:
+        prompt = [tok.bos_token_id] + tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        pair = {"prompt_input_ids": prompt}
+        for key in ("chosen", "rejected"):
+            response = tok(row[key], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            pair[f"{key}_input_ids"] = response[: max(0, max_length - len(prompt))]
+        out.append(pair)
+    return out
+
+
+def build_model(preset: dict, tok, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    m = dict(preset["model"])
+    m["vocab_size"] = max(m["vocab_size"], len(tok))
+    config = LlamaConfig(**m, max_position_embeddings=max(2048, preset["max_length"]),
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def setup(spec: dict):
+    import torch
+
+    from simpo_exp.model import build_tiny_tokenizer
+
+    preset = PRESETS[spec["preset"]] | spec.get("overrides", {})
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    tok = build_tiny_tokenizer()
+    n_pairs = preset["batch"] * (preset["warmup"] + preset["steps"])
+    rows = generate_texts(preset, n_pairs)
+    return preset, tok, rows
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def step_loss(policy, batch: dict):
+    """The loss (and statistics) of simpo_exp.train.batch_loss for SimPO with sft_weight 0:
+    ResponseLogps -> simpo_loss (+ the NLL term it always computes for logging). Written out here so the
+    benchmark does not depend on batch_loss's config object, which other methods extend."""
+    import torch
+
+    from simpo_exp.losses import nll_loss, simpo_loss
+
+    out = policy(**batch)
+    n = out.num_tokens.shape[0] // 2
+    logps = out.mean_logps
+    pref = simpo_loss(logps[:n], logps[n:], BETA, GAMMA_BETA_RATIO)
+    sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
+    loss = pref.losses.mean() + 0.0 * sft
+    stats = torch.stack([sft.detach(), pref.chosen_rewards.sum(), pref.rejected_rewards.sum(),
+                         (pref.chosen_rewards > pref.rejected_rewards).float().sum(), out.logit_means.sum(),
+                         batch["attention_mask"].sum().float()])
+    return loss, stats
+
+
+def make_trl_trainer(preset: dict, tok, rows: list[dict], model, out_dir: str, callbacks=(), bf16=None):
+    import torch
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    args = CPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=preset["batch"],
+        gradient_accumulation_steps=1,
+        max_steps=preset["warmup"] + preset["steps"],
+        learning_rate=preset["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=preset["bf16"] if bf16 is None else bf16,
+        fp16=False,
+        gradient_checkpointing=preset["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=preset["max_length"],
+        loss_type="simpo",
+        beta=BETA,
+        simpo_gamma=BETA * GAMMA_BETA_RATIO,  # TRL's gamma is absolute
+        cpo_alpha=0.0,  # pure SimPO: no NLL term
+        label_smoothing=0.0,
+        disable_dropout=True,
+        train_sampling_strategy="sequential",  # same order as ours
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        logging_steps=10_000,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=preset["device"] == "cpu",
+        seed=0,
+        disable_tqdm=True,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    return CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                      optimizers=(optimizer, None), callbacks=list(callbacks))
+
+
+def make_ours(preset: dict, tok, model, variant: str):
+    from simpo_exp.data.collate import PairCollator
+    from simpo_exp.logps import ResponseLogps
+
+    v = VARIANTS[variant]
+    if preset["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = ResponseLogps(model, chunk_size=v["chunk_size"], packing=v["packing"], attention=v["attention"])
+    collate = PairCollator(tok.pad_token_id, packing=v["packing"], attention=v["attention"])
+    return policy, collate
+
+
+def response_tokens(pairs: list[dict], batch: int) -> list[int]:
+    return [sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs[i:i + batch])
+            for i in range(0, len(pairs) - batch + 1, batch)]
+
+
+# ----------------------------------------------------------------------------- workers
+def worker_check(spec: dict) -> dict:
+    """First-batch loss of TRL and of every variant, from the same weights, float32."""
+    import torch
+
+    preset, tok, rows = setup(spec)
+    device = preset["device"]
+    pairs = tokenize_like_trl(tok, rows, preset["max_length"])
+    model = build_model(preset, tok).to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trl_trainer(preset, tok, rows, model, tmp, bf16=False)
+        batch = next(iter(trainer.get_train_dataloader()))
+        model.train()
+        with torch.no_grad():
+            trl_loss = float(trainer.compute_loss(model, batch))
+    # Same tokens? TRL's rows (unpadded) against ours.
+    first = pairs[: preset["batch"]]
+    for key in ("chosen", "rejected"):
+        for i, pair in enumerate(first):
+            n = int(batch[f"{key}_attention_mask"][i].sum())
+            theirs = batch[f"{key}_input_ids"][i, :n].tolist()
+            if theirs != pair["prompt_input_ids"] + pair[f"{key}_input_ids"]:
+                raise SystemExit(f"token mismatch between TRL and this harness ({key}, row {i})")
+    losses = {}
+    for variant in spec["variants"]:
+        policy, collate = make_ours(preset, tok, model, variant)
+        b = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(first).items()}
+        with torch.no_grad():
+            losses[variant] = float(step_loss(policy, b)[0])
+    return {"trl": trl_loss, "ours": losses}
+
+
+def worker_trl(spec: dict) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    preset, tok, rows = setup(spec)
+    device = preset["device"]
+    model = build_model(preset, tok)
+    marks: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            sync(device)
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            sync(device)
+            marks.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trl_trainer(preset, tok, rows, model, tmp, callbacks=[Timer()])
+        base = rss_mb()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    pairs = tokenize_like_trl(tok, rows, preset["max_length"])
+    return finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]))
+
+
+def worker_ours(spec: dict) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    preset, tok, rows = setup(spec)
+    device = preset["device"]
+    pairs = tokenize_like_trl(tok, rows, preset["max_length"])
+    model = build_model(preset, tok)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if preset["bf16"] else "no")
+    policy, collate = make_ours(preset, tok, model, spec["variant"])
+    loader = DataLoader(pairs, batch_size=preset["batch"], shuffle=False, drop_last=True, collate_fn=collate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
+    policy.train()
+    base = rss_mb()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    marks = [time.perf_counter()]
+    for batch in loader:  # the inner loop of simpo_exp/train.py with accumulation 1
+        loss = step_loss(policy, batch)[0]
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), 1.0)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        marks.append(time.perf_counter())
+    return finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]))
+
+
+def finish(preset, marks, base_rss, device, tokens) -> dict:
+    import torch
+
+    times = [b - a for a, b in zip(marks, marks[1:])]
+    out = {"times": times, "tokens": tokens[: len(times)], "rss_before_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
+    if device == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+WORKERS = {"check": worker_check, "trl": worker_trl, "ours": worker_ours}
+
+
+# ----------------------------------------------------------------------------- the driver
+def run_worker(spec: dict) -> dict:
+    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-6000:])
+    raise SystemExit(f"worker {spec.get('impl')}/{spec.get('variant', '')} failed (exit {proc.returncode})")
+
+
+def machine(threads: int | None = None) -> str:
+    import torch
+    import transformers
+    import trl
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch threads per run {threads or torch.get_num_threads()}; "
+            f"GPU {gpu}; "
+            f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"trl {trl.__version__}")
+
+
+def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str) -> dict:
+    times = [t for r in runs for t in r["times"][warmup:]]
+    rates = [k / t for r in runs for k, t in zip(r["tokens"][warmup:], r["times"][warmup:])]
+    med = statistics.median(times)
+    out = {
+        "name": name, "steps": len(times), "median_step_s": med, "pairs_per_s": batch / med,
+        "resp_tokens_per_s": statistics.median(rates),
+        "round_pairs_per_s": [batch / statistics.median(r["times"][warmup:]) for r in runs],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "rss_rise_mb": max(r["peak_rss_mb"] - r["rss_before_mb"] for r in runs),
+    }
+    if device == "cuda":
+        out["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in runs)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--variants", help=f"comma list of our variants (default: the preset's); known: {', '.join(VARIANTS)}")
+    ap.add_argument("--rounds", type=int, help="repeat the whole set, interleaved (default: the preset's)")
+    ap.add_argument("--steps", type=int, help="measured steps per run (default: the preset's)")
+    ap.add_argument("--warmup", type=int, help="steps dropped at the start of each run (default: the preset's)")
+    ap.add_argument("--batch", type=int, help="pairs per step (default: the preset's)")
+    ap.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's)")
+    ap.add_argument("--no-trl", action="store_true", help="time only our variants (the loss check still runs)")
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        print("RESULT " + json.dumps(WORKERS[spec["impl"]](spec)), flush=True)
+        return
+
+    preset = dict(PRESETS[args.preset])
+    overrides = {k: getattr(args, k) for k in ("steps", "warmup", "batch") if getattr(args, k) is not None}
+    preset |= overrides
+    if preset["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--preset {args.preset} needs a CUDA GPU and none is visible "
+                             "(torch.cuda.is_available() is False); use --preset cpu or cpu-128k here")
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit("TRL is not installed: pip install -e '.[bench]' (or pip install trl)")
+    variants = args.variants.split(",") if args.variants else preset["variants"]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    rounds = args.rounds or preset["rounds"]
+    base = {"preset": args.preset, "overrides": overrides, "threads": args.threads}
+
+    print(f"machine: {machine(args.threads)}")
+    print(f"preset {args.preset}: model {preset['model']}, batch {preset['batch']} pairs, max_length "
+          f"{preset['max_length']}, prompt {preset['prompt']}, response {preset['response']} (median, sigma, min, max), "
+          f"{'bf16' if preset['bf16'] else 'fp32'}, gradient checkpointing {preset['gradient_checkpointing']}, "
+          f"AdamW lr {preset['lr']}, {preset['warmup']} warm-up + {preset['steps']} measured steps x {rounds} rounds",
+          flush=True)
+
+    started = time.time()
+    check = run_worker(base | {"impl": "check", "variants": variants})
+    print(f"\nfirst-batch loss (float32, same weights): TRL {check['trl']:.6f}")
+    bad = []
+    for v, loss in check["ours"].items():
+        diff = abs(loss - check["trl"])
+        print(f"  {v:<18} {loss:.6f}  |diff| {diff:.1e}")
+        if not diff <= LOSS_TOLERANCE:
+            bad.append(v)
+    if bad:
+        raise SystemExit(f"loss check failed for {bad} (tolerance {LOSS_TOLERANCE}): not timing a wrong computation")
+
+    runs: dict[str, list] = {}
+    order = ([] if args.no_trl else ["TRL"]) + variants
+    for r in range(rounds):
+        for name in order:
+            spec = base | ({"impl": "trl"} if name == "TRL" else {"impl": "ours", "variant": name})
+            res = run_worker(spec)
+            runs.setdefault(name, []).append(res)
+            med = statistics.median(res["times"][preset["warmup"]:])
+            print(f"round {r + 1}: {name:<18} median step {med * 1e3:8.1f} ms  peak RSS {res['peak_rss_mb']:8.0f} MB"
+                  f"  ({time.time() - started:.0f} s)", flush=True)
+
+    rows = [summarise(n, runs[n], preset["warmup"], preset["batch"], preset["device"]) for n in order]
+    ref = rows[0] if order[0] == "TRL" else None
+    mem_key = "peak_cuda_mb" if preset["device"] == "cuda" else "peak_rss_mb"
+    print(f"\n{'':<18} {'pairs/s':>9} {'x TRL':>6} {'resp tok/s':>11} {'x TRL':>6} "
+          f"{'peak MB':>9} {'x TRL':>6}" + ("" if preset["device"] == "cuda" else f" {'RSS rise MB':>11} {'x TRL':>6}")
+          + "  per-round pairs/s")
+    for row in rows:
+        line = f"{row['name']:<18} {row['pairs_per_s']:9.2f} "
+        line += f"{row['pairs_per_s'] / ref['pairs_per_s']:6.2f} " if ref else f"{'':6} "
+        line += f"{row['resp_tokens_per_s']:11.0f} "
+        line += f"{row['resp_tokens_per_s'] / ref['resp_tokens_per_s']:6.2f} " if ref else f"{'':6} "
+        line += f"{row[mem_key]:9.0f} "
+        line += f"{row[mem_key] / ref[mem_key]:6.2f}" if ref else f"{'':6}"
+        if preset["device"] != "cuda":
+            line += f" {row['rss_rise_mb']:11.0f} " + (f"{row['rss_rise_mb'] / ref['rss_rise_mb']:6.2f}" if ref else f"{'':6}")
+        line += "  " + " ".join(f"{x:.2f}" for x in row["round_pairs_per_s"])
+        print(line)
+    print(f"\ntotal {time.time() - started:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(args.threads), "preset": args.preset, "config": preset,
+                                               "check": check, "rows": rows, "runs": runs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

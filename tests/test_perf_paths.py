@@ -1,0 +1,170 @@
+"""The fast paths (packing, prefix sharing, chunked head) give the plain path's loss and gradients.
+
+Tolerances (float32 on CPU): loss and per-sequence log-probs within 1e-5 absolute, every parameter
+gradient within 1e-5 absolute + 1e-4 relative of the plain path's. The differences come only from
+summation order (different SDPA shapes, fewer/more rows), not from different maths.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from simpo_exp.data.collate import PairCollator
+from simpo_exp.logps import ResponseLogps, SegmentPlan, group_mask
+from simpo_exp.losses import nll_loss, simpo_loss
+
+PAD = 0
+ATOL, RTOL = 1e-5, 1e-4
+BETA, GAMMA_BETA_RATIO, SFT_WEIGHT = 2.0, 0.5, 0.3
+FAST_PATHS = [("packed", "segments"), ("prefix_shared", "segments"), ("packed", "mask"), ("prefix_shared", "mask")]
+
+
+def make_model(vocab=64, attn="sdpa", seed=0, layers=2, checkpointing=False):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()  # dropout is 0 in Llama: train mode only exercises the training code paths
+
+
+def random_pairs(n, vocab=64, seed=0, max_prompt=20, max_response=30):
+    g = torch.Generator().manual_seed(seed)
+
+    def seq(lo, hi):
+        return torch.randint(1, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()
+
+    return [{"prompt_input_ids": seq(1, max_prompt), "chosen_input_ids": seq(1, max_response),
+             "rejected_input_ids": seq(1, max_response)} for _ in range(n)]
+
+
+def step_loss(policy, batch):
+    """The training step's loss as simpo_exp.train.batch_loss builds it (SimPO + weighted NLL)."""
+    out = policy(**batch)
+    n = out.num_tokens.shape[0] // 2
+    pref = simpo_loss(out.mean_logps[:n], out.mean_logps[n:], BETA, GAMMA_BETA_RATIO)
+    loss = pref.losses.mean() + SFT_WEIGHT * nll_loss(out.logp_sums[:n], out.num_tokens[:n])
+    stats = {"rewards/chosen": pref.chosen_rewards.sum(), "rewards/rejected": pref.rejected_rewards.sum(),
+             "logits/chosen": out.logit_means[:n].sum(), "logits/rejected": out.logit_means[n:].sum(),
+             "tokens": batch["attention_mask"].sum()}
+    return loss, stats
+
+
+def loss_and_grads(model, pairs, packing="none", attention="segments", chunk_size=0):
+    batch = PairCollator(PAD, packing=packing, attention=attention)(pairs)
+    policy = ResponseLogps(model, chunk_size=chunk_size, packing=packing, attention=attention)
+    model.zero_grad(set_to_none=True)
+    loss, stats = step_loss(policy, batch)
+    loss.backward()
+    out = policy(**batch)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), out.mean_logps.detach(), out.num_tokens, grads, stats
+
+
+def assert_same(reference, other):
+    loss0, logps0, counts0, grads0, _ = reference
+    loss1, logps1, counts1, grads1, _ = other
+    assert torch.equal(counts0, counts1)
+    assert torch.allclose(logps0, logps1, atol=ATOL, rtol=0), (logps0 - logps1).abs().max()
+    assert abs(loss0.item() - loss1.item()) <= ATOL
+    for name in grads0:
+        assert torch.allclose(grads0[name], grads1[name], atol=ATOL, rtol=RTOL), \
+            f"{name}: max diff {(grads0[name] - grads1[name]).abs().max():.2e}"
+
+
+# ----------------------------------------------------------------------------- layouts
+def test_prefix_shared_layout_positions_and_sources():
+    pair = {"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8, 9], "rejected_input_ids": [10, 11, 12]}
+    b = PairCollator(PAD, packing="prefix_shared")([pair])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]  # rejected continues from the prompt
+    assert b["seq_index"].tolist() == [[-1, -1, -1, 0, 0, 1, 1, 1]]
+    src = b["logp_source"][b["loss_mask"]].tolist()
+    assert src == [2, 3, 2, 5, 6]  # the first rejected token is predicted by the last prompt token
+    assert b["segments"] == [[3, 2, 3]] and b["attention_mask"].sum() == 8
+
+
+def test_packed_layout_repeats_the_prompt_and_restarts_positions():
+    pairs = [{"prompt_input_ids": [5, 6], "chosen_input_ids": [8], "rejected_input_ids": [10, 11]},
+             {"prompt_input_ids": [7], "chosen_input_ids": [9, 9], "rejected_input_ids": [12]}]
+    b = PairCollator(PAD, packing="packed")(pairs)
+    assert b["input_ids"].tolist() == [[5, 6, 8, 5, 6, 10, 11, 7, 9, 9, 7, 12]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert b["seq_index"][b["loss_mask"]].tolist() == [0, 2, 2, 1, 1, 3]  # slot i chosen, B+i rejected
+    assert SegmentPlan(b["segments"], "packed").length == 12
+
+
+def test_mask_layout_one_row_per_pair_and_its_mask():
+    pairs = [{"prompt_input_ids": [5, 6], "chosen_input_ids": [8], "rejected_input_ids": [10]},
+             {"prompt_input_ids": [7], "chosen_input_ids": [9], "rejected_input_ids": [12]}]
+    b = PairCollator(PAD, packing="prefix_shared", attention="mask")(pairs)
+    assert b["input_ids"].shape == (2, 4) and b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    m = group_mask(b["attn_groups"])[0, 0].int().tolist()
+    # rows: prompt, prompt, chosen, rejected; the rejected token sees the prompt and itself, not the chosen
+    assert m == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+
+
+# ----------------------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("packing,attention", FAST_PATHS)
+def test_fast_paths_match_the_plain_path(packing, attention):
+    pairs = random_pairs(5, seed=1)
+    reference = loss_and_grads(make_model(), pairs)
+    assert_same(reference, loss_and_grads(make_model(), pairs, packing, attention))
+
+
+def test_mask_path_with_eager_attention():
+    pairs = random_pairs(3, seed=2)
+    reference = loss_and_grads(make_model(attn="eager"), pairs)
+    assert_same(reference, loss_and_grads(make_model(attn="eager"), pairs, "prefix_shared", "mask"))
+
+
+@pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
+def test_segments_with_gradient_checkpointing(packing):
+    pairs = random_pairs(3, seed=3)
+    reference = loss_and_grads(make_model(checkpointing=True), pairs)
+    assert_same(reference, loss_and_grads(make_model(checkpointing=True), pairs, packing, "segments"))
+
+
+def test_plain_batches_still_work_after_segment_attention_is_installed():
+    model = make_model()
+    pairs = random_pairs(3, seed=4)
+    before = loss_and_grads(model, pairs)
+    loss_and_grads(model, pairs, "prefix_shared", "segments")  # installs the segment attention
+    assert model.config._attn_implementation.startswith("simpo_segments:")
+    assert_same(before, loss_and_grads(model, pairs))  # padded batch: the model's own sdpa with its mask
+
+
+def test_stats_count_the_tokens_actually_computed():
+    pairs = random_pairs(4, seed=5)
+    plain = loss_and_grads(make_model(), pairs)[4]
+    shared = loss_and_grads(make_model(), pairs, "prefix_shared")[4]
+    prompts = sum(len(p["prompt_input_ids"]) for p in pairs)
+    assert plain["tokens"].item() == shared["tokens"].item() + prompts  # the prompt is computed once
+    for key in plain:
+        if key != "tokens":
+            assert torch.allclose(plain[key].float(), shared[key].float(), atol=1e-4), key
+
+
+# ----------------------------------------------------------------------------- large vocabulary
+def test_chunked_head_on_a_large_vocabulary():
+    vocab = 128_256
+    pairs = random_pairs(2, vocab=vocab, seed=6, max_prompt=12, max_response=40)
+    model = make_model(vocab=vocab, layers=1)
+    reference = loss_and_grads(model, pairs)
+    assert_same(reference, loss_and_grads(model, pairs, chunk_size=16))
+    assert_same(reference, loss_and_grads(model, pairs, "prefix_shared", "segments", chunk_size=16))
+
+
+# ----------------------------------------------------------------------------- misuse
+def test_mismatched_collator_and_module_fail_clearly():
+    model = make_model()
+    packed = PairCollator(PAD, packing="prefix_shared")(random_pairs(2))
+    with pytest.raises(ValueError, match="same packing"):
+        ResponseLogps(model)(**packed)
+    plain = PairCollator(PAD)(random_pairs(2))
+    with pytest.raises(ValueError, match="not packed"):
+        ResponseLogps(model, packing="packed")(**plain)
+    with pytest.raises(ValueError, match="packing="):
+        PairCollator(PAD, packing="zip")

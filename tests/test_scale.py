@@ -1,0 +1,102 @@
+"""Scale-out paths that can be checked on a CPU: two processes, submitit sweeps, presets, LoRA."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from simpo_exp.config import ConfigError, to_config
+from tests.conftest import ROOT as CONF_ROOT
+from tests.conftest import options
+from tests.test_run import simpo
+
+RUN = ["hardware=cpu", "logger=none", "max_steps=6", "eval_steps=3", "logging_steps=3",
+       "dataset.synthetic.num_train=256", "dataset.synthetic.num_test=64"]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "simpo_exp",
+                          *RUN, "per_device_train_batch_size=8", f"hydra.run.dir={tmp_path / 'two'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = simpo(*RUN, "per_device_train_batch_size=16", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "x 2 processes" in (tmp_path / "two" / "__main__.log").read_text()
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "train/loss", "train/grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key  # stated tolerance: 1e-4 relative
+    assert b["resolved/effective_batch_size"] == a["resolved/effective_batch_size"] == 16
+    # only the main process wrote the run's files: one summary, metrics logged once per step
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == [3, 6]
+
+
+def test_submitit_local_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = simpo("--multirun", "+launcher=local", "beta=2,5", *RUN[:-2], "max_steps=2", "eval_steps=0",
+                "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16", f"hydra.sweep.dir={sweep}",
+                cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2 and all((j / "summary.json").exists() for j in jobs)
+    assert list((sweep / ".submitit").iterdir())  # really ran through submitit
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local"])
+def test_launcher_presets_compose(compose, launcher):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"+launcher={launcher}", "output_dir=/tmp/x"],
+                            return_hydra_config=True)
+    assert "submitit" in cfg.hydra.launcher._target_
+
+
+@pytest.mark.parametrize("preset", options("hardware"))
+def test_hardware_presets(compose, preset):
+    cfg = to_config(compose(f"hardware={preset}"))
+    h = cfg.hardware
+    if preset in ("ddp", "fsdp", "zero2", "zero3", "zero3-offload", "ddp-lora"):
+        assert h.effective_batch_size == 128 and h.mixed_precision == "bf16" and h.gradient_checkpointing
+    if preset.startswith("zero"):
+        assert h.deepspeed_config and (CONF_ROOT / h.deepspeed_config).exists()
+    if preset.endswith("lora"):
+        assert h.lora
+
+
+def test_effective_batch_is_kept_across_device_counts(compose):
+    from simpo_exp.train import accumulation_steps
+
+    cfg = to_config(compose("hardware=ddp", "per_device_train_batch_size=2"))
+    assert [accumulation_steps(cfg, n) for n in (1, 2, 4, 8)] == [64, 32, 16, 8]
+    cfg = to_config(compose("hardware=ddp", "per_device_train_batch_size=3"))
+    with pytest.raises(ConfigError, match="effective_batch_size=128"):
+        accumulation_steps(cfg, 8)
+
+
+def test_deepspeed_preset_without_deepspeed_says_how_to_install(tmp_path):
+    try:
+        import deepspeed  # noqa: F401
+        pytest.skip("deepspeed is installed here")
+    except ImportError:
+        pass
+    res = simpo("hardware=zero3", "hardware.device=cpu", "hardware.mixed_precision=no", *RUN[1:], cwd=tmp_path)
+    assert res.returncode == 2 and "needs DeepSpeed" in res.stderr and ".[gpu]" in res.stderr
+
+
+def test_lora_trains_adapters_only(tmp_path):
+    run = tmp_path / "run"
+    res = simpo("hardware=cpu-lora", *RUN[1:], "max_steps=4", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = load_file(run / "model" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    assert json.loads((run / "model" / "adapter_config.json").read_text())["r"] == 16
+    assert not (run / "model" / "model.safetensors").exists()
