@@ -166,14 +166,19 @@ def group_mask(groups: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     return torch.zeros(allowed.shape, dtype=dtype, device=groups.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def check_layout(packing: str, attention: str) -> None:
+    """Refuse an unknown batch layout (shared by the collator and ResponseLogps)."""
+    if packing not in PACKINGS:
+        raise ValueError(f"packing={packing!r}: allowed values are {', '.join(map(repr, PACKINGS))}")
+    if attention not in PACKING_ATTENTIONS:
+        raise ValueError(f"attention={attention!r}: allowed values are {', '.join(map(repr, PACKING_ATTENTIONS))}")
+
+
 # ----------------------------------------------------------------------------- the module
 class ResponseLogps(nn.Module):
     def __init__(self, model: nn.Module, chunk_size: int = 0, packing: str = "none", attention: str = "segments"):
         super().__init__()
-        if packing not in PACKINGS:
-            raise ValueError(f"packing={packing!r}: allowed values are {', '.join(map(repr, PACKINGS))}")
-        if attention not in PACKING_ATTENTIONS:
-            raise ValueError(f"attention={attention!r}: allowed values are {', '.join(map(repr, PACKING_ATTENTIONS))}")
+        check_layout(packing, attention)
         self.model = model
         self.chunk_size = chunk_size
         self.packing = packing

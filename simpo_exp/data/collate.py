@@ -39,15 +39,12 @@ from __future__ import annotations
 
 import torch
 
-from simpo_exp.logps import PACKING_ATTENTIONS, PACKINGS
+from simpo_exp.logps import check_layout
 
 
 class PairCollator:
     def __init__(self, pad_token_id: int, packing: str = "none", attention: str = "segments"):
-        if packing not in PACKINGS:
-            raise ValueError(f"packing={packing!r}: allowed values are {', '.join(map(repr, PACKINGS))}")
-        if attention not in PACKING_ATTENTIONS:
-            raise ValueError(f"attention={attention!r}: allowed values are {', '.join(map(repr, PACKING_ATTENTIONS))}")
+        check_layout(packing, attention)
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.attention = attention
