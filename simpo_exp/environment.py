@@ -40,7 +40,7 @@ def git_commit() -> str | None:
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def environment_record(cfg, accelerator, model, data_report) -> dict:
+def environment_record(cfg, accelerator, model, data_report, layout: dict | None = None) -> dict:
     cuda = torch.cuda.is_available()
     return {
         "python": platform.python_version(),
@@ -52,7 +52,9 @@ def environment_record(cfg, accelerator, model, data_report) -> dict:
         [platform.processor() or platform.machine()],
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
+        # as the model runs it: packed layouts wrap the kernel ("simpo_segments:<model>:sdpa")
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "batch_layout": layout,
         "gradient_checkpointing": cfg.hardware.gradient_checkpointing,
         "model_dtype": str(next(model.parameters()).dtype),
         "git_commit": git_commit(),

@@ -339,7 +339,7 @@ def train(cfg: Config) -> dict:
     resolved = {"learning_rate": lr, "gamma": gamma, "gamma_beta_ratio": gamma_beta_ratio,
                 "gradient_accumulation_steps": accum, "effective_batch_size": pairs_per_step}
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
-    env = environment_record(cfg, accelerator, model, data_report)
+    env = environment_record(cfg, accelerator, model, data_report, layout)
     tracker = Tracker(run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env},
                       enabled=accelerator.is_main_process)
     tracker.write_json("data_report.json", data_report.__dict__)

@@ -101,7 +101,8 @@ def test_run_records_lengths_gamma_and_environment(tmp_path):
     assert -1 <= summary["eval/length/reward_corr"] <= 1 or math.isnan(summary["eval/length/reward_corr"])
     env = json.loads((run / "env.json").read_text())
     assert env["packages"]["torch"] == torch.__version__
-    assert env["num_processes"] == 1 and env["attn_implementation"] == "sdpa" and env["mixed_precision"] == "no"
+    assert env["num_processes"] == 1 and env["attn_implementation"].endswith("sdpa") and env["mixed_precision"] == "no"
+    assert env["batch_layout"]["packing"] == "prefix_shared"  # packing=auto on a CPU
     assert env["data"]["pairs_after_filtering"] == {"train": 128, "test": 32}
     assert env["git_commit"] is None or len(env["git_commit"].split("+")[0]) == 40
     report = json.loads((run / "data_report.json").read_text())
