@@ -1,6 +1,7 @@
 """A killed run resumes with nothing lost; bad numbers and bad input never cost a run silently."""
 
 import json
+import math
 import random
 import signal
 import subprocess
@@ -133,3 +134,58 @@ def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
     state = checkpoint.load(checkpoint.checkpoint_dirs(tmp_path)[-1], model, opt, sched, {})
     assert state.step == 3
     assert not any(p.suffix == ".bin" or p.suffix == ".pt" for p in (tmp_path / "checkpoints").rglob("*"))
+
+
+def _tiny_config(compose, tmp_path, *extra):
+    from simpo_exp.config import to_config
+
+    cfg = to_config(compose("logger=none", "eval_on_start=false", "num_generations=0", "save_model=false",
+                            "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16",
+                            "logging_steps=1", "eval_steps=0", *extra))
+    cfg.output_dir = str(tmp_path / "run")
+    cfg.progress_bar = False
+    return cfg
+
+
+def _poison(monkeypatch, bad_calls):
+    """Make the preference loss NaN on the given (1-based) training calls."""
+    import simpo_exp.train as train_mod
+
+    real, calls = train_mod.preference_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                return out._replace(losses=out.losses * float("nan"))
+        return out
+
+    monkeypatch.setattr(train_mod, "preference_loss", poisoned)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(compose, tmp_path, monkeypatch):
+    from simpo_exp.train import train
+
+    _poison(monkeypatch, {2})
+    cfg = _tiny_config(compose, tmp_path, "max_steps=4", "per_device_train_batch_size=8")
+    summary = train(cfg)
+    assert summary["train/skipped_steps"] == 1
+    rows = read_metrics(tmp_path / "run")
+    assert [r["train/skipped_steps"] for r in rows if "train/loss" in r] == [0, 1, 1, 1]
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r and r["step"] != 2)
+
+
+def test_too_many_bad_steps_stop_the_run_naming_step_and_checkpoint(compose, tmp_path, monkeypatch):
+    from simpo_exp.train import NonFiniteError, train
+
+    _poison(monkeypatch, set(range(3, 100)))
+    cfg = _tiny_config(compose, tmp_path, "max_steps=10", "save_steps=2", "max_bad_steps=2",
+                       "per_device_train_batch_size=8")
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg)
+    message = str(err.value)
+    # steps 3-5 skipped (weights untouched since step 2, so the step-4 checkpoint holds finite weights)
+    assert "at step 5" in message and "last good checkpoint" in message and "step-000004" in message
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
