@@ -1,0 +1,482 @@
+"""Compare finished, failed and running jobs from run and sweep directories: a ranked table and PNG plots.
+
+    python -m simpo_exp.compare outputs/multirun/2025-01-01_12-00-00
+    python -m simpo_exp.compare RUN_OR_SWEEP [...] --metric eval/loss --out /tmp/plots --no-plots
+
+Each PATH may be one run directory, a sweep directory (one job per subdirectory) or any folder
+holding them (``outputs`` compares everything). A job is *done* when it wrote ``summary.json``,
+*failed* when it wrote ``error.json``, and *running* otherwise (this includes a job killed without
+a chance to write either). Jobs are told apart by their *swept values*: the overrides whose value
+differs between jobs (all overrides when there is only one job).
+
+The same functions serve the notebook ``notebooks/compare_runs.ipynb``:
+``load_runs(paths)``, ``label_runs(runs)``, ``runs_table(runs, metric)``, ``format_table(...)``,
+``figure(runs, family, metric)`` and ``plot_runs(runs, out_dir, metric)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from simpo_exp.tracking import PAIR_METRICS, eval_keys, train_keys
+
+DEFAULT_METRIC = "eval/rewards/accuracies"
+# Columns of the table, in order (the same headline numbers train.py prints at the end of a run).
+TABLE_METRICS = [f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen", "logps/rejected")]
+TABLE_METRICS += ["train/loss"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One figure: these per-pair metrics, a train panel and an eval panel."""
+
+    slug: str  # file name
+    title: str
+    metrics: tuple[str, ...]  # names from tracking.PAIR_METRICS
+    better: str | None = None  # "higher" / "lower": said in the title
+    reference: float | None = None  # a dotted horizontal line (chance, zero margin)
+
+
+FAMILIES = (
+    Family("rewards_margins", "Reward margin (chosen - rejected)", ("rewards/margins",), "higher", 0.0),
+    Family("rewards_accuracies", "Reward accuracy (share of pairs with chosen reward > rejected)",
+           ("rewards/accuracies",), "higher", 0.5),
+    Family("logps", "Mean log-prob per token: chosen (solid) and rejected (dashed)", ("logps/chosen", "logps/rejected")),
+    Family("loss", "Training objective (SimPO loss + sft_weight x NLL)", ("loss",), "lower"),
+)
+KNOWN_METRICS = train_keys() + eval_keys()
+assert all(m in PAIR_METRICS for fam in FAMILIES for m in fam.metrics)
+assert set(TABLE_METRICS) <= set(KNOWN_METRICS)
+
+SKIP_DIRS = {"compare", "model", "wandb", ".hydra"}
+
+
+# ----------------------------------------------------------------------------- one run
+@dataclass
+class Run:
+    """What a job left behind. ``history`` is the list of metrics.jsonl records, each with "step"."""
+
+    name: str
+    status: str  # "done" | "failed" | "running"
+    path: Path | None = None
+    overrides: dict[str, str] = field(default_factory=dict)  # "key=value" from the command line
+    config: dict = field(default_factory=dict)  # the composed config (nested)
+    choices: dict[str, str] = field(default_factory=dict)  # config-group choices (model=tiny, ...)
+    summary: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    error: str | None = None
+    swept: dict[str, str] = field(default_factory=dict)  # filled by label_runs
+    label: str = ""  # filled by label_runs
+
+    def final(self, key: str) -> float | None:
+        """The run's final value of a metric: summary.json, else the last one logged."""
+        v = self.summary.get(key)
+        if _is_number(v):
+            return float(v)
+        steps, values = self.series(key)
+        return values[-1] if values else None
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        points = [(r["step"], float(r[key])) for r in self.history if _is_number(r.get(key)) and "step" in r]
+        return [s for s, _ in points], [v for _, v in points]
+
+    def value_of(self, key: str):
+        """A hyperparameter's value for this run: its override, else its config, else its group choice."""
+        if key in self.overrides:
+            return self.overrides[key]
+        node = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return self.choices.get(key)
+            node = node[part]
+        return None if isinstance(node, (dict, list)) else node
+
+    def last_step(self) -> int | None:
+        steps = [r["step"] for r in self.history if "step" in r]
+        return max(steps) if steps else None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["beta=2", "+x=1", "~y"]`` -> ``{"beta": "2", "x": "1", "y": "<deleted>"}``, Hydra's own left out."""
+    out = {}
+    for item in items:
+        item = str(item).lstrip("+~")
+        key, sep, value = item.partition("=")
+        if key.startswith("hydra.") or key == "output_dir":
+            continue
+        out[key] = value if sep else "<deleted>"
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl records; a half-written last line (a running job) is skipped."""
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    error = _read_json(path / "error.json") if (path / "error.json").exists() else None
+    summary = _read_json(path / "summary.json")
+    status = "failed" if error is not None else "done" if (path / "summary.json").exists() else "running"
+    overrides = _read_yaml(path / ".hydra" / "overrides.yaml") or (error or {}).get("overrides") or []
+    hydra_cfg = _read_yaml(path / ".hydra" / "hydra.yaml") or {}
+    choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    message = None
+    if error is not None:
+        first_line = (str(error.get("error") or "").strip().splitlines() or [""])[0]
+        message = f"{error.get('type', 'Error')}: {first_line}"
+    return Run(
+        name=path.name, status=status, path=path, overrides=parse_overrides(overrides),
+        config=_read_yaml(path / ".hydra" / "config.yaml") or {}, choices=dict(choices),
+        summary=summary, history=read_metrics(path / "metrics.jsonl"), error=message,
+    )
+
+
+# ----------------------------------------------------------------------------- finding runs
+def is_run_dir(path: Path) -> bool:
+    return (path / ".hydra").is_dir() or (path / "metrics.jsonl").exists() or (path / "error.json").exists()
+
+
+def _natural(path: Path):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def find_run_dirs(path: str | Path, depth: int = 3) -> list[Path]:
+    """Run directories at or below ``path`` (a run, a sweep, or a folder of either), jobs in number order."""
+    path = Path(path)
+    if is_run_dir(path):
+        return [path]
+    if depth == 0 or not path.is_dir():
+        return []
+    children = sorted((p for p in path.iterdir() if p.is_dir() and p.name not in SKIP_DIRS), key=_natural)
+    return [run for child in children for run in find_run_dirs(child, depth - 1)]
+
+
+def load_runs(paths: list[str | Path] | str | Path) -> list[Run]:
+    """Load every run under ``paths`` and label each one by its swept values."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    dirs: list[Path] = []
+    for p in paths:
+        for d in find_run_dirs(p):
+            if d.resolve() not in {x.resolve() for x in dirs}:
+                dirs.append(d)
+    runs = [load_run(d) for d in dirs]
+    _short_names(runs)
+    return label_runs(runs)
+
+
+def _short_names(runs: list[Run]) -> None:
+    """Name each run by its path below the runs' common folder, a job dir by its number (``3``, ``sweepA/3``)."""
+    paths = [r.path.resolve() for r in runs if r.path is not None]
+    common = Path(*[parts[0] for parts in zip(*(p.parts for p in paths)) if len(set(parts)) == 1])
+    for r in runs:
+        rel = r.path.resolve().relative_to(common).parts if len(paths) > 1 else (r.path.name,)
+        r.name = "/".join(m.group(1) if (m := re.match(r"^(\d+)_", p)) else p for p in rel)
+
+
+def _same(a, b) -> bool:
+    """Values equal as YAML would read them ("2" == 2.0)."""
+    def parse(v):
+        if isinstance(v, str):
+            try:
+                return yaml.safe_load(v)
+            except yaml.YAMLError:
+                return v
+        return v
+    return parse(a) == parse(b)
+
+
+def swept_keys(runs: list[Run]) -> list[str]:
+    """Override keys whose value differs between runs; with a single run, all of its overrides."""
+    keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
+    if len(runs) == 1:
+        return keys
+    return [k for k in keys if any(not _same(r.value_of(k), runs[0].value_of(k)) for r in runs[1:])]
+
+
+def label_runs(runs: list[Run]) -> list[Run]:
+    """Set ``run.swept`` and ``run.label`` (``beta=2, gamma_beta_ratio=0.5``); duplicates get their name added."""
+    keys = swept_keys(runs)
+    for r in runs:
+        r.swept = {k: "-" if r.value_of(k) is None else str(r.value_of(k)) for k in keys}
+        r.label = ", ".join(f"{k}={v}" for k, v in r.swept.items()) or r.name
+    labels = [r.label for r in runs]
+    for r in runs:
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} [{r.name}]"
+    return runs
+
+
+def common_overrides(runs: list[Run]) -> dict[str, str]:
+    """Overrides every run shares with the same value (shown once above the table)."""
+    if len(runs) < 2:
+        return {}
+    swept = swept_keys(runs)
+    return {k: v for k, v in runs[0].overrides.items() if k not in swept and all(k in r.overrides for r in runs)}
+
+
+# ----------------------------------------------------------------------------- seeds
+def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC) -> list[dict]:
+    """Finished runs that differ only by ``seed``, pooled: mean, spread and count per setting.
+
+    Empty unless ``seed`` is one of the swept keys (``--multirun seed=1,2,3 beta=2,5``)."""
+    if "seed" not in swept_keys(runs):
+        return []
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.status == "done" and r.final(metric) is not None:
+            setting = tuple((k, v) for k, v in r.swept.items() if k != "seed")
+            groups.setdefault(setting, []).append(r)
+    rows = []
+    for setting, members in groups.items():
+        values = [r.final(metric) for r in members]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+        rows.append({**dict(setting), "seeds": len(values), f"{metric} mean": mean, "std": std,
+                     "min": min(values), "max": max(values)})
+    reverse = not lower_is_better(metric)
+    return sorted(rows, key=lambda row: row[f"{metric} mean"], reverse=reverse)
+
+
+# ----------------------------------------------------------------------------- generations
+def last_generations(runs: list[Run], count: int = 3) -> list[dict]:
+    """For the first ``count`` sample prompts: the prompt, chosen and rejected answers, and each
+    run's generation at its last eval (from ``generations.jsonl``), keyed by run label."""
+    by_prompt: dict[str, dict] = {}
+    for r in runs:
+        path = r.path / "generations.jsonl" if r.path else None
+        if not path or not path.exists():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        last = max(row["step"] for row in rows)
+        for row in rows:
+            if row["step"] == last:
+                entry = by_prompt.setdefault(row["prompt"], {"prompt": row["prompt"], "chosen": row["chosen"],
+                                                             "rejected": row["rejected"], "runs": {}})
+                entry["runs"][f"{r.label} (step {last})"] = row["generation"]
+    return list(by_prompt.values())[:count]
+
+
+def format_generations(entries: list[dict]) -> str:
+    if not entries:
+        return "(no generations.jsonl in these runs)"
+    lines = []
+    for e in entries:
+        lines += [f"prompt:   {e['prompt']!r}", f"chosen:   {e['chosen']!r}", f"rejected: {e['rejected']!r}"]
+        width = max(len(k) for k in e["runs"])
+        lines += [f"  {k:<{width}}  {v!r}" for k, v in e["runs"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- ranking and table
+def lower_is_better(metric: str) -> bool:
+    return metric.rsplit("/", 1)[-1].endswith("loss")
+
+
+def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | None = None) -> list[Run]:
+    """Best first by ``metric`` (ascending for losses unless told); then running, then failed jobs."""
+    ascending = lower_is_better(metric) if ascending is None else ascending
+
+    def key(r: Run):
+        v = r.final(metric)
+        group = {"done": 0, "running": 1, "failed": 2}[r.status]
+        if v is None:
+            return (group, 1, 0.0)
+        return (group, 0, v if ascending else -v)
+
+    return sorted(runs, key=key)
+
+
+def runs_table(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | None = None) -> list[dict]:
+    """One dict per run, best first: run, status, the swept values, TABLE_METRICS (plus ``metric``), note."""
+    metrics = TABLE_METRICS if metric in TABLE_METRICS else [metric, *TABLE_METRICS]
+    rows = []
+    for r in rank_runs(runs, metric, ascending):
+        note = r.error or ""
+        if r.status == "running":
+            step, total = r.last_step(), r.value_of("max_steps")
+            total = yaml.safe_load(total) if isinstance(total, str) else total  # an override is text
+            note = "no metrics yet" if step is None else f"at step {step}" + (
+                f" of {total}" if _is_number(total) and total > 0 else "")
+        rows.append({"run": r.name, "status": r.status, **r.swept, **{m: r.final(m) for m in metrics}, "note": note})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width text for ``runs_table`` rows (numbers to 4 significant digits)."""
+    if not rows:
+        return "(no runs)"
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "viridis"]
+    return [cmap(i if n <= 20 else i / max(n - 1, 1)) for i in range(n)]
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, ascending: bool | None = None):
+    """A train panel and an eval panel of ``family`` against step, one line per run, legend best first."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fam = family if isinstance(family, Family) else next(f for f in FAMILIES if f.slug == family)
+    ranked = [r for r in rank_runs(runs, metric, ascending) if r.history]
+    left_out = [r for r in runs if not r.history]
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    styles = ("-", "--", ":", "-.")
+    for color, (rank, r) in zip(_colors(len(ranked)), enumerate(ranked, 1)):
+        finals = ", ".join(_fmt(r.final(f"eval/{m}")) for m in fam.metrics)
+        label = f"{rank}. {r.label}  (eval {finals})" + ("" if r.status == "done" else f" [{r.status}]")
+        for ax, split in zip(axes, ("train", "eval")):
+            for m, style in zip(fam.metrics, styles):
+                steps, values = r.series(f"{split}/{m}")
+                ax.plot(steps, values, style, color=color, lw=2.6 if rank == 1 else 1.5,
+                        marker="o" if split == "eval" else None, ms=4,
+                        label=label if (ax is axes[0] and m == fam.metrics[0]) else None)
+    for ax, split in zip(axes, ("train", "eval")):
+        ax.set_title(f"{split} ({'logging window' if split == 'train' else 'test split'})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(" / ".join(f"{split}/{m}" for m in fam.metrics))
+        ax.grid(alpha=0.3)
+        if fam.reference is not None:
+            ax.axhline(fam.reference, color="grey", ls=":", lw=1)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(fam.metrics) > 1:
+        handles += [Line2D([], [], color="black", ls=s, label=m) for m, s in zip(fam.metrics, styles)]
+        labels += list(fam.metrics)
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", title=f"runs, best first by {metric}", fontsize=9)
+    title = fam.title + (f"  -  {fam.better} is better" if fam.better else "")
+    if ranked and ranked[0].status == "done":
+        best = ranked[0]
+        title += f"\nbest by {metric}: {best.label} ({_fmt(best.final(metric))})"
+    fig.suptitle(title, fontsize=12)
+    if left_out:
+        fig.text(0.01, 0.005, "not plotted (no metrics): " + "; ".join(f"{r.label} [{r.status}]" for r in left_out),
+                 fontsize=8, color="firebrick")
+    return fig
+
+
+def plot_runs(runs: list[Run], out_dir: str | Path, metric: str = DEFAULT_METRIC,
+              ascending: bool | None = None) -> list[Path]:
+    """Write one PNG per metric family into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fam in FAMILIES:
+        path = out_dir / f"{fam.slug}.png"
+        figure(runs, fam, metric, ascending).savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simpo_exp.compare", description=__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run directories, sweep directories, or folders of them")
+    p.add_argument("--metric", default=DEFAULT_METRIC, help=f"rank by this final metric (default {DEFAULT_METRIC})")
+    p.add_argument("--ascending", action="store_true",
+                   help="lower is better (the default for *loss metrics; higher is better otherwise)")
+    p.add_argument("--out", type=Path, help="where the PNGs go (default: PATH/compare/ of the first PATH)")
+    p.add_argument("--no-plots", action="store_true", help="print the table only")
+    p.add_argument("--generations", type=int, default=0, metavar="N",
+                   help="also show each run's last generations for the first N sample prompts, side by side")
+    args = p.parse_args(argv)
+
+    if args.metric not in KNOWN_METRICS:
+        p.error(f"unknown metric {args.metric!r}; known: {', '.join(KNOWN_METRICS)}")
+    missing = [x for x in args.paths if not Path(x).exists()]
+    if missing:
+        p.error(f"no such path: {', '.join(missing)}")
+    runs = load_runs(args.paths)
+    if not runs:
+        print(f"error: no run directories under {', '.join(args.paths)}", file=sys.stderr)
+        return 2
+
+    ascending = True if args.ascending else None
+    order = "ascending" if (ascending or lower_is_better(args.metric)) else "descending"
+    counts = ", ".join(f"{sum(r.status == s for r in runs)} {s}" for s in ("done", "running", "failed"))
+    print(f"{len(runs)} runs ({counts}) from {', '.join(args.paths)}; ranked by {args.metric} ({order}), best first")
+    common = common_overrides(runs)
+    if common:
+        print("common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()))
+    print()
+    print(format_table(runs_table(runs, args.metric, ascending)))
+    seeds = seed_groups(runs, args.metric)
+    if seeds:
+        print(f"\nover seeds (runs that differ only by seed), by {args.metric}:")
+        print(format_table(seeds))
+    if args.generations:
+        print("\nlast generations:")
+        print(format_generations(last_generations(runs, args.generations)))
+    if not args.no_plots:
+        out = args.out or Path(args.paths[0]) / "compare"
+        written = plot_runs(runs, out, args.metric, ascending)
+        print(f"\nplots: {', '.join(str(w) for w in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
