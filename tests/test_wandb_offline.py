@@ -135,8 +135,8 @@ def job(tmp_path_factory) -> Path:
     sweep = root / "2030-02-02_00-00-00"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET_KEY, "HF_TOKEN": SECRET_HF,
            "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
-    # logger.mode=offline: with a key set, logger.mode=auto goes online even under WANDB_MODE=offline
-    # (see test_wandb_mode_offline_wins_over_an_api_key below).
+    # WANDB_MODE=offline wins over the key (see test_wandb_mode_offline_wins_over_an_api_key below);
+    # logger.mode=offline says the same from the config side.
     cmd = [sys.executable, "-m", "simpo_exp", "--multirun", "beta=5", "gamma_beta_ratio=0.3", "max_steps=3",
            "eval_steps=0", "logging_steps=1", "logger=wandb", "logger.mode=offline", "save_model=false",
            "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32", f"hydra.sweep.dir={sweep}"]
@@ -225,16 +225,19 @@ def test_metrics_on_the_global_step_axis(job, wb):
     assert star and star[0].step_metric == STEP_KEY
     assert STEP_KEY in {m.name for m in wb.metrics}
     logged = jsonl(job)
-    assert len(wb.history) == len(logged)
-    for row, record in zip(wb.history, logged):
+    tables = [row for row in wb.history if "eval/generations" in row]  # sample generations, one table an eval
+    history = [row for row in wb.history if "eval/generations" not in row]
+    assert [row[STEP_KEY] for row in tables] == [0, 3]
+    assert len(history) == len(logged)
+    for row, record in zip(history, logged):
         assert row[STEP_KEY] == record["step"]
         assert set(row) - WANDB_INTERNAL - {STEP_KEY} == set(record) - {"step"}
         for key, value in record.items():
             if key != "step":
                 assert row[key] == pytest.approx(value), key
-    keys = {k for row in wb.history for k in row} - WANDB_INTERNAL
+    keys = {k for row in history for k in row} - WANDB_INTERNAL
     assert keys == set(train_keys() + eval_keys()) | {STEP_KEY, SAMPLES_KEY}
-    assert [row[STEP_KEY] for row in wb.history] == [0, 1, 2, 3, 3]  # eval at start, train 1-3, final eval
+    assert [row[STEP_KEY] for row in history] == [0, 1, 2, 3, 3]  # eval at start, train 1-3, final eval
 
 
 def test_summary_and_group_are_what_the_dashboard_asks_for(job, wb):
