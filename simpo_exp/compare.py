@@ -11,7 +11,8 @@ differs between jobs (all overrides when there is only one job).
 
 The same functions serve the notebook ``notebooks/compare_runs.ipynb``:
 ``load_runs(paths)``, ``label_runs(runs)``, ``runs_table(runs, metric)``, ``format_table(...)``,
-``figure(runs, family, metric)`` and ``plot_runs(runs, out_dir, metric)``.
+``figure(runs, family, metric)``, ``plot_runs(runs, out_dir, metric)``, ``seed_groups(runs, metric)`` and
+``last_generations(runs, count)``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -378,6 +380,7 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     fam = family if isinstance(family, Family) else next(f for f in FAMILIES if f.slug == family)
     ranked = [r for r in rank_runs(runs, metric, ascending) if r.history]
@@ -387,8 +390,10 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     axes = fig.subplots(1, 2)
     styles = ("-", "--", ":", "-.")
     for color, (rank, r) in zip(_colors(len(ranked)), enumerate(ranked, 1)):
-        finals = ", ".join(_fmt(r.final(f"eval/{m}")) for m in fam.metrics)
+        finals = ", ".join((f"{m.rsplit('/', 1)[-1]} " if len(fam.metrics) > 1 else "") + _fmt(r.final(f"eval/{m}"))
+                           for m in fam.metrics)
         label = f"{rank}. {r.label}  (eval {finals})" + ("" if r.status == "done" else f" [{r.status}]")
+        label = textwrap.fill(label, 50, subsequent_indent="    ")  # long labels (a single run's overrides)
         for ax, split in zip(axes, ("train", "eval")):
             for m, style in zip(fam.metrics, styles):
                 steps, values = r.series(f"{split}/{m}")
@@ -398,6 +403,7 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     for ax, split in zip(axes, ("train", "eval")):
         ax.set_title(f"{split} ({'logging window' if split == 'train' else 'test split'})")
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(" / ".join(f"{split}/{m}" for m in fam.metrics))
         ax.grid(alpha=0.3)
         if fam.reference is not None:
@@ -409,13 +415,15 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     if handles:
         fig.legend(handles, labels, loc="outside right upper", title=f"runs, best first by {metric}", fontsize=9)
     title = fam.title + (f"  -  {fam.better} is better" if fam.better else "")
-    if ranked and ranked[0].status == "done":
+    if len(ranked) > 1 and ranked[0].status == "done":
         best = ranked[0]
-        title += f"\nbest by {metric}: {best.label} ({_fmt(best.final(metric))})"
+        ties = sum(r.status == "done" and r.final(metric) == best.final(metric) for r in ranked[1:])
+        title += "\n" + textwrap.shorten(f"best by {metric}: {best.label}", 80) + f" ({_fmt(best.final(metric))})"
+        title += f", tied with {ties} other run{'s' * (ties > 1)}" if ties else ""
     fig.suptitle(title, fontsize=12)
-    if left_out:
-        fig.text(0.01, 0.005, "not plotted (no metrics): " + "; ".join(f"{r.label} [{r.status}]" for r in left_out),
-                 fontsize=8, color="firebrick")
+    if left_out:  # a figure-level label, so the layout makes room for it below the axes
+        fig.supxlabel("not plotted (no metrics): " + "; ".join(f"{r.label} [{r.status}]" for r in left_out),
+                      x=0.01, ha="left", fontsize=9, color="firebrick")
     return fig
 
 

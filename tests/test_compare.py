@@ -1,7 +1,10 @@
-"""The compare command and the notebook, on real run directories (one sweep with a failed job)."""
+"""The compare command and the notebook, on one real sweep: beta=2,5 x seed=1,2 plus an invalid beta=-1."""
 
-import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,85 +15,157 @@ from tests.test_run import simpo
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["max_steps=4", "eval_steps=2", "logging_steps=2", "logger=none", "save_model=false", "num_generations=2",
         "max_new_tokens=8", "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32"]
+PLOTS = sorted(f"{fam.slug}.png" for fam in compare.FAMILIES)
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """beta=2,5,10 plus an invalid job (beta=-1), and a copy of one job made to look still running."""
+    """Six jobs: four train (beta 2 and 5, seeds 1 and 2), two fail validation (beta=-1)."""
     root = tmp_path_factory.mktemp("cmp")
     sweep = root / "sweep"
-    res = simpo("--multirun", "beta=2,5,10,-1", f"hydra.sweep.dir={sweep}", *FAST, cwd=root)
-    assert res.returncode == 1, res.stderr[-3000:]  # the invalid job is reported at the end
+    with pytest.MonkeyPatch.context() as mp:
+        # One thread: the tiny model gains nothing from more, and on a busy 2-core machine spinning
+        # OpenMP threads made each job ~15x slower (50 s instead of 3 s).
+        mp.setenv("OMP_NUM_THREADS", "1")
+        res = simpo("--multirun", "beta=2,5,-1", "seed=1,2", f"hydra.sweep.dir={sweep}", *FAST, cwd=root)
+    assert res.returncode == 1, res.stderr[-3000:]  # the invalid jobs are reported at the end
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [(j / "summary.json").exists() for j in jobs] == [True] * 4 + [False] * 2, res.stderr[-3000:]
     return sweep
 
 
-def test_table_ranks_done_jobs_and_marks_the_failed_one(sweep, capsys):
+def job(sweep: Path, num: int) -> Path:
+    return next(sweep.glob(f"{num}_*"))
+
+
+def check_pngs(paths) -> None:
+    from matplotlib.image import imread
+
+    assert sorted(p.name for p in paths) == PLOTS
+    for png in paths:
+        assert png.stat().st_size > 20_000, png
+        pixels = imread(png)
+        assert pixels.shape[0] > 400 and pixels.shape[1] > 800 and pixels.std() > 0.05, f"{png} looks blank"
+
+
+def printed_rows(out: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the printed table (columns are two or more spaces apart)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return re.split(r"\s{2,}", lines[start].strip()), rows
+
+
+def test_table_ranks_done_jobs_and_marks_the_failed_ones(sweep, capsys):
     assert compare.main([str(sweep), "--no-plots"]) == 0
     out = capsys.readouterr().out
+    assert "6 runs (4 done, 0 running, 2 failed)" in out and "common overrides: max_steps=4" in out
+    assert not (sweep / "compare").exists()
     runs = compare.load_runs(sweep)
+    assert [r.label for r in runs[:2]] == ["beta=2, seed=1", "beta=2, seed=2"]
     rows = compare.runs_table(runs)
-    assert [r["status"] for r in rows] == ["done", "done", "done", "failed"]
-    accs = [r["eval/rewards/accuracies"] for r in rows[:3]]
+    assert [r["status"] for r in rows] == ["done"] * 4 + ["failed"] * 2
+    accs = [r["eval/rewards/accuracies"] for r in rows[:4]]
     assert accs == sorted(accs, reverse=True)
-    assert {r["beta"] for r in rows} == {"2", "5", "10", "-1"}
-    assert "ConfigError" in rows[-1]["note"] and "beta=-1.0" in rows[-1]["note"]
-    assert "3 done, 0 running, 1 failed" in out and "failed" in out
+    assert {r["beta"] for r in rows} == {"2", "5", "-1"} and {r["seed"] for r in rows} == {"1", "2"}
+    for row in rows[4:]:
+        assert row["note"] == "ConfigError: invalid config value beta=-1.0: must be > 0"
+        assert row["eval/rewards/accuracies"] is None
+    header, printed = printed_rows(out)
+    assert header[:4] == ["run", "status", "beta", "seed"]  # only swept keys; shared overrides are above
+    assert all(m in header for m in compare.TABLE_METRICS)
+    assert [r[0] for r in printed] == [r["run"] for r in rows] and printed[-1][-1] == rows[-1]["note"]
+
+
+def test_sort_order_follows_the_metric(sweep, capsys):
+    runs = compare.load_runs(sweep)
+    for metric, ascending, lower_first in [("eval/loss", None, True), ("eval/rewards/margins", None, False),
+                                           ("eval/rewards/margins", True, True)]:
+        values = [r[metric] for r in compare.runs_table(runs, metric, ascending)[:4]]
+        assert values == sorted(values, reverse=not lower_first), (metric, ascending)
+    assert compare.main([str(sweep), "--metric", "eval/rewards/margins", "--ascending", "--no-plots"]) == 0
+    header, printed = printed_rows(capsys.readouterr().out)
+    margins = [float(r[header.index("eval/rewards/margins")]) for r in printed[:4]]
+    assert margins == sorted(margins)
+    with pytest.raises(SystemExit) as exc:
+        compare.main([str(sweep), "--metric", "eval/nonsense"])
+    assert exc.value.code == 2
+
+
+def test_command_line_writes_readable_plots(sweep, tmp_path):
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    res = subprocess.run([sys.executable, "-m", "simpo_exp.compare", str(sweep), "--out", str(tmp_path / "plots")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "over seeds" in res.stdout and f"plots: {tmp_path / 'plots'}" in res.stdout
+    check_pngs(list((tmp_path / "plots").glob("*.png")))
 
 
 def test_plots_one_line_per_job(sweep, tmp_path):
     runs = compare.load_runs(sweep)
-    written = compare.plot_runs(runs, tmp_path)
-    assert sorted(p.name for p in written) == ["logps.png", "loss.png", "rewards_accuracies.png",
-                                               "rewards_margins.png"]
-    assert all(p.stat().st_size > 20_000 for p in written)
+    check_pngs(compare.plot_runs(runs, tmp_path))
     fig = compare.figure(runs, "rewards_margins")
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert len(labels) == 3 and all("beta=" in label for label in labels)
+    assert len(labels) == 4 and all("beta=" in label for label in labels)
+    assert labels[0].startswith("1. ") and "best by eval/rewards/accuracies" in fig.get_suptitle()
+    assert "not plotted" in fig.get_supxlabel() and "beta=-1" in fig.get_supxlabel()  # failed jobs, no crash
 
 
 def test_single_run_and_a_running_job(sweep, tmp_path, capsys):
-    done = next(p for p in sorted(sweep.iterdir()) if (p / "summary.json").exists())
+    done = job(sweep, 0)
     running = tmp_path / "still-running"
     shutil.copytree(done, running)
     (running / "summary.json").unlink()
     assert compare.main([str(running), "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "running" in out and "at step 4 of 4" in out
-    assert compare.main([str(done), "--out", str(tmp_path / "plots")]) == 0
-    assert (tmp_path / "plots" / "rewards_accuracies.png").exists()
+
+    single = shutil.copytree(done, tmp_path / "single")
+    assert compare.main([str(single)]) == 0  # plots default to RUN/compare/
+    header, printed = printed_rows(capsys.readouterr().out)
+    values = dict(zip(header, printed[0]))
+    assert len(printed) == 1 and values["status"] == "done"
+    assert values["beta"] == "2" and values["seed"] == "1" and values["max_steps"] == "4"  # all its overrides
+    check_pngs(list((single / "compare").glob("*.png")))
+
+
+def test_a_running_job_inside_a_sweep_ranks_after_the_done_ones(sweep, tmp_path):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    (job(copy, 1) / "summary.json").unlink()
+    rows = compare.runs_table(compare.load_runs(copy))
+    assert [r["status"] for r in rows] == ["done"] * 3 + ["running"] + ["failed"] * 2
+    assert rows[3]["run"] == "1" and rows[3]["note"] == "at step 4 of 4"
+    assert rows[3]["eval/rewards/accuracies"] is not None  # its last logged value
 
 
 def test_last_generations_side_by_side(sweep):
     entries = compare.last_generations(compare.load_runs(sweep), 2)
     assert len(entries) == 2
     for e in entries:
-        assert e["chosen"] and len(e["runs"]) == 3 and all("(step 4)" in k for k in e["runs"])
+        assert e["chosen"] and len(e["runs"]) == 4 and all("(step 4)" in k for k in e["runs"])
 
 
-def test_seed_groups(tmp_path):
-    sweep = tmp_path / "seeds"
-    res = simpo("--multirun", "seed=1,2", "beta=2,5", f"hydra.sweep.dir={sweep}", *FAST, "num_generations=0",
-                cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_seed_groups(sweep):
     groups = compare.seed_groups(compare.load_runs(sweep))
     assert [g["seeds"] for g in groups] == [2, 2] and {g["beta"] for g in groups} == {"2", "5"}
     for g in groups:
         assert g["min"] <= g["eval/rewards/accuracies mean"] <= g["max"] and g["std"] is not None
 
 
-def test_notebook_executes_on_the_sweep(sweep):
+def test_notebook_executes_on_the_sweep(sweep, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
+    monkeypatch.setenv("SIMPO_RUNS", str(sweep))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     nb = nbformat.read(ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
-    import os
-
-    os.environ["SIMPO_RUNS"] = str(sweep)
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    finally:
-        os.environ.pop("SIMPO_RUNS")
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+                   ).execute()  # raises CellExecutionError if a cell fails
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
-    assert any("4 runs" in o.get("text", "") for o in outputs)
+    assert any("6 runs" in o.get("text", "") for o in outputs)
