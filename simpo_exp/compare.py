@@ -28,12 +28,11 @@ from pathlib import Path
 
 import yaml
 
-from simpo_exp.tracking import PAIR_METRICS, eval_keys, train_keys
+from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, eval_keys, train_keys
 
 DEFAULT_METRIC = "eval/rewards/accuracies"
 # Columns of the table, in order (the same headline numbers train.py prints at the end of a run).
-TABLE_METRICS = [f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen", "logps/rejected")]
-TABLE_METRICS += ["train/loss"]
+TABLE_METRICS = HEADLINE_METRICS
 
 
 @dataclass(frozen=True)

@@ -102,15 +102,18 @@ def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
     return isinstance(hit, str)
 
 
+def looks_like_local_path(path: str) -> bool:
+    """A hub id is "name" or "org/name"; "./x", "/x", "~/x" or "a/b/c" can only be a local path."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
 def check_model_available(path: str, revision: str | None = None, what: str = "model.path") -> None:
     """Raise ModelNotFoundError unless ``path`` is a local directory, cached, or downloadable."""
     if Path(path).is_dir():
         if not (Path(path) / "config.json").exists() and what == "model.path":
             raise ModelNotFoundError(f"{what}={path!r} is a directory without a config.json: not a saved model")
         return
-    # A hub id is "name" or "org/name"; anything else that is not a directory is a missing local path.
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local:
+    if looks_like_local_path(path):
         raise ModelNotFoundError(f"{what}={path!r} does not exist")
     if _in_hf_cache(path, revision) or _hub_reachable():
         return

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
+from accelerate.utils import send_to_device
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -66,7 +67,7 @@ def compute(model, ds: Dataset, collate, batch_size: int, device, autocast,
     chosen, rejected = [], []
     for batch in loader:
         with autocast():
-            out = scorer(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            out = scorer(**send_to_device(batch, device))
         n = out.logp_sums.shape[0] // 2
         chosen.append(out.logp_sums[:n].float().cpu())
         rejected.append(out.logp_sums[n:].float().cpu())

@@ -37,6 +37,9 @@ PAIR_METRICS = (
 EVAL_ONLY_METRICS = ("length/reward_corr",)
 # Optimisation and throughput, train only.
 TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "tokens_per_s", "samples_per_s", "skipped_steps")
+# The few numbers that judge a run: the end-of-run table and the compare command's columns.
+HEADLINE_METRICS = [f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen",
+                                          "logps/rejected")] + ["train/loss"]
 STEP_KEY = "train/global_step"
 SAMPLES_KEY = "train/samples_seen"
 SECRET_NAMES = ("api_key", "token", "secret", "password")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, send_to_device
 from torch.utils.data import DataLoader
 
 from simpo_exp import checkpoint, samples
@@ -31,7 +31,7 @@ from simpo_exp.logps import ResponseLogps
 from simpo_exp.losses import REFERENCE_METHODS, nll_loss, preference_loss
 from simpo_exp.reference import REF_COLUMNS, WithReference, attach_reference_logps, live_reference
 from simpo_exp.model import count_parameters, load_model, load_tokenizer
-from simpo_exp.tracking import PAIR_METRICS, SAMPLES_KEY, Tracker, config_to_dict, final_table
+from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, Tracker, config_to_dict, final_table
 
 log = logging.getLogger(__name__)
 
@@ -364,13 +364,11 @@ def train(cfg: Config) -> dict:
         if shown:  # what the model writes for a few fixed eval prompts
             unwrapped = accelerator.unwrap_model(policy)
             with torch.no_grad():
-                _, _, (rewards, _) = batch_loss(unwrapped, collate_to(shown, accelerator.device), cfg, reference)
+                batch = send_to_device(collate(shown), accelerator.device)
+                _, _, (rewards, _) = batch_loss(unwrapped, batch, cfg, reference)
             texts = samples.generate(unwrapped.model, tokenizer, shown, cfg.max_new_tokens, accelerator.device)
             tracker.log_generations(samples.generation_rows(step, shown, texts, rewards), step)
         return metrics
-
-    def collate_to(pairs, device):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(pairs).items()}
 
     summary: dict = {}
     if cfg.eval_on_start and state.step == 0:
@@ -462,7 +460,6 @@ def train(cfg: Config) -> dict:
             unwrapped.save_pretrained(run_dir / "model", state_dict=full_state_dict)  # LoRA: the adapter only
             tokenizer.save_pretrained(run_dir / "model")
         tracker.finish(summary)
-        keys = ["eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "eval/logps/chosen",
-                "eval/logps/rejected", "train/loss", "runtime_s"]
+        keys = HEADLINE_METRICS + ["runtime_s"]
         print(f"\nrun directory: {run_dir.resolve()}\n{final_table(summary, keys)}", flush=True)
     return summary

@@ -21,7 +21,7 @@ from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
 from simpo_exp.config import DatasetConfig, SourceConfig
 from simpo_exp.data import synthetic
-from simpo_exp.model import _hub_reachable
+from simpo_exp.model import _hub_reachable, looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
                 f"(looked for {split}.jsonl/.json/.parquet or {split}-*.parquet, also under subfolders)"
             )
         return _load_files(files, source)
-    if src.path.startswith((".", "/", "~")) or src.path.count("/") > 1 or path.suffix in FILE_TYPES:
+    if looks_like_local_path(src.path) or path.suffix in FILE_TYPES:
         raise DataSourceError(f"dataset.sources.{source}.path={src.path!r}: no such file or directory")
     return _load_hub(src, source, split)
 
