@@ -123,6 +123,8 @@ class HardwareConfig:
     packing: str = "auto"
     packing_attention: str = "segments"  # segments (per-sequence attention) | mask (explicit 4D mask)
     logps_chunk_size: int = 0  # > 0: log-probs in chunks of this many tokens (large vocabularies)
+    # Peak TFLOP/s of one device for train/mfu; None: looked up from the GPU's name (bf16/fp16 runs).
+    peak_tflops: Optional[float] = None
     # LoRA adapters (peft) instead of full fine-tuning.
     lora: bool = False
     lora_r: int = 16
@@ -335,6 +337,8 @@ def validate(cfg: Config) -> Config:
     _check_choice("hardware.packing", h.packing, ("auto",) + tuple(PACKINGS))
     _check_choice("hardware.packing_attention", h.packing_attention, tuple(PACKING_ATTENTIONS))
     _check(h.logps_chunk_size >= 0, "hardware.logps_chunk_size", h.logps_chunk_size, "must be >= 0 (0: no chunks)")
+    if h.peak_tflops is not None:
+        _check(h.peak_tflops > 0, "hardware.peak_tflops", h.peak_tflops, "must be > 0 or null (looked up)")
     if h.effective_batch_size is not None:
         _check(h.effective_batch_size >= 1, "hardware.effective_batch_size", h.effective_batch_size, "must be >= 1 or null")
     if h.lora:

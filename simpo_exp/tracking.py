@@ -36,7 +36,14 @@ PAIR_METRICS = (
 # Eval only: Pearson correlation between a response's reward and its length in tokens.
 EVAL_ONLY_METRICS = ("length/reward_corr",)
 # Optimisation and throughput, train only.
-TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "tokens_per_s", "samples_per_s", "skipped_steps")
+# step_time_s, tokens_per_s and samples_per_s time the steps alone (not eval or checkpoints); mfu is
+# model FLOPs utilisation (simpo_exp/flops.py), logged when the device's peak is known; max_rss_gb
+# is the process's peak resident memory, gpu_max_allocated_gb torch's peak allocation on a GPU.
+TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "step_time_s", "tokens_per_s", "samples_per_s",
+                      "mfu", "max_rss_gb", "gpu_max_allocated_gb", "skipped_steps")
+# Measurements of the machine, not of the run: they differ between two identical runs.
+MEASURED_METRICS = tuple(f"train/{m}" for m in ("step_time_s", "tokens_per_s", "samples_per_s", "mfu", "max_rss_gb",
+                                                "gpu_max_allocated_gb"))
 # The few numbers that judge a run: the end-of-run table and the compare command's columns.
 HEADLINE_METRICS = [f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen",
                                           "logps/rejected")] + ["train/loss"]

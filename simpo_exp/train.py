@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType, send_to_device
 from torch.utils.data import DataLoader
 
 from simpo_exp import checkpoint, samples
+from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
 from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.environment import environment_record
@@ -100,16 +101,17 @@ class Window:
         for k, v in stats.items():
             self.sums[k] = self.sums.get(k, 0) + v.detach().float().cpu()
 
-    def means(self, accelerator, prefix: str) -> dict[str, float]:
+    def means(self, accelerator, prefix: str) -> tuple[dict[str, float], dict[str, float]]:
+        """(per-pair means named ``prefix/metric``, totals over all processes) of the window; empties it."""
         keys = sorted(self.sums)
         if not keys:  # every step of the window was skipped
-            return {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS} | {"_pairs": 0.0, "_tokens": 0.0}
+            return {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS}, {}
         stacked = torch.stack([self.sums[k] for k in keys]).to(accelerator.device)
         totals = accelerator.reduce(stacked, reduction="sum").tolist()
         totals = dict(zip(keys, totals))
         pairs = max(totals["pairs"], 1.0)
         self.sums = {}
-        return {f"{prefix}/{m}": totals[m] / pairs for m in PAIR_METRICS} | {"_pairs": totals["pairs"], "_tokens": totals["tokens"]}
+        return {f"{prefix}/{m}": totals[m] / pairs for m in PAIR_METRICS}, totals
 
 
 @torch.no_grad()
@@ -123,8 +125,7 @@ def evaluate(policy, loader, cfg: Config, accelerator, reference=None) -> dict[s
         rewards.append(accelerator.gather_for_metrics(r))
         lengths.append(accelerator.gather_for_metrics(n))
     policy.train()
-    metrics = window.means(accelerator, "eval")
-    metrics.pop("_pairs"), metrics.pop("_tokens")
+    metrics, _ = window.means(accelerator, "eval")
     # SimPO's length normalisation is meant to keep the reward from favouring long answers: watch it.
     metrics["eval/length/reward_corr"] = pearson(torch.cat(rewards), torch.cat(lengths))
     return metrics
@@ -249,6 +250,26 @@ def batch_layout(cfg: Config, accelerator) -> dict:
     return {"packing": packing, "attention": h.packing_attention, "chunk_size": h.logps_chunk_size}
 
 
+def throughput(totals: dict, seconds: float, steps: int, flops, peak: float | None, accelerator) -> dict:
+    """Speed and memory of a logging window: ``totals`` are its statistics summed over all processes."""
+    import resource
+
+    seconds = max(seconds, 1e-9)
+    out = {"train/step_time_s": seconds / max(steps, 1),
+           "train/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+    if accelerator.device.type == "cuda":
+        out["train/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    if not totals:  # every step of the window was skipped
+        return out
+    out["train/tokens_per_s"] = totals["tokens"] / seconds
+    out["train/samples_per_s"] = totals["pairs"] / seconds
+    if peak:
+        work = flops.step_flops(totals["tokens"], totals["length/chosen"] + totals["length/rejected"],
+                                totals["attention_pairs"])
+        out["train/mfu"] = work / seconds / (peak * accelerator.num_processes)
+    return out
+
+
 def pick_attention(cfg: Config) -> str:
     wanted = cfg.model.attn_implementation or cfg.hardware.attn_implementation
     if wanted == "flash_attention_2":
@@ -301,6 +322,8 @@ def train(cfg: Config) -> dict:
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
     layout = batch_layout(cfg, accelerator)
     policy = ResponseLogps(model, **layout)
+    flops = flop_spec(model)  # before any sharding
+    peak = peak_flops(accelerator.device, accelerator.mixed_precision, cfg.hardware.peak_tflops)
 
     collate = PairCollator(tokenizer.pad_token_id, packing=layout["packing"], attention=layout["attention"])
     columns, reference = list(MODEL_COLUMNS), None
@@ -376,7 +399,7 @@ def train(cfg: Config) -> dict:
 
     batches = forever(train_loader, accelerator, state.micro_batches)
     window = Window(state.window)
-    window_start = time.time()
+    window_time, window_steps = 0.0, 0  # time in training steps only (not eval or checkpoints)
     bar = None
     if cfg.progress_bar and accelerator.is_main_process:
         from tqdm.auto import tqdm
@@ -386,16 +409,18 @@ def train(cfg: Config) -> dict:
     bad_in_a_row = 0
     policy.train()
     for step in range(state.step + 1, steps + 1):
+        step_started = time.time()
         step_stats = Window()
         for _ in range(accum):
             batch = next(batches)
             state.micro_batches += 1
+            work = attention_pairs(batch, layout["packing"])
             # accumulate(): no gradient all-reduce until the last micro-batch of the step, and
             # backward() scales the loss by 1/accum (DeepSpeed's engine does both itself).
             with accelerator.accumulate(policy):
                 loss, stats, _ = batch_loss(policy, batch, cfg, reference)
                 accelerator.backward(loss)
-            step_stats.add(stats)
+            step_stats.add(stats | {"attention_pairs": torch.tensor(float(work))})
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))  # None: DeepSpeed clips
         if torch.isfinite(grad_norm) or accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -415,23 +440,21 @@ def train(cfg: Config) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step = step
+        window_time += time.time() - step_started  # grad_norm's float() waited for the device
+        window_steps += 1
 
         if step % cfg.logging_steps == 0 or step == steps:
-            elapsed = max(time.time() - window_start, 1e-9)
-            metrics = window.means(accelerator, "train")
-            pairs, tokens = metrics.pop("_pairs"), metrics.pop("_tokens")
+            metrics, totals = window.means(accelerator, "train")
             metrics |= {
                 "train/grad_norm": float(grad_norm),
                 "train/learning_rate": scheduler.get_last_lr()[0],
                 "train/epoch": state.micro_batches / len(train_loader),
-                "train/tokens_per_s": tokens / elapsed,
-                "train/samples_per_s": pairs / elapsed,
                 "train/skipped_steps": state.skipped_steps,
                 SAMPLES_KEY: step * pairs_per_step,
-            }
+            } | throughput(totals, window_time, window_steps, flops, peak, accelerator)
             tracker.log(metrics, step)
             summary |= metrics
-            window_start = time.time()
+            window_time, window_steps = 0.0, 0
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/rewards/accuracies']:.2f}")
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps:

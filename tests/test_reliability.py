@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from simpo_exp.tracking import MEASURED_METRICS
 from tests.test_run import read_metrics, simpo
 
 RUN = ["max_steps=12", "save_steps=3", "eval_steps=4", "logging_steps=2", "logger=none", "eval_on_start=false",
@@ -51,13 +52,13 @@ def uninterrupted(tmp_path_factory):
 def assert_same_run(a: Path, b: Path) -> None:
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     for key, value in sa.items():
-        if key.startswith(("eval/", "train/")) and not key.endswith(("_per_s",)):
+        if key.startswith(("eval/", "train/")) and key not in MEASURED_METRICS:
             assert sb[key] == value, key  # bit-for-bit on CPU
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
-    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in MEASURED_METRICS} for r in rs]  # noqa: E731
     assert strip(read_metrics(a)) == strip(read_metrics(b))
 
 

@@ -1,0 +1,124 @@
+"""Training FLOPs of a step and the device's peak, for model FLOPs utilisation (MFU).
+
+MFU = FLOPs the model needs for the tokens of a step / (step time x peak FLOP/s of the devices).
+It counts the work of the layout actually run (a shared prompt counts once under prefix sharing)
+and not the recomputation of gradient checkpointing (that would be hardware FLOPs utilisation).
+
+A matrix multiply with a weight of P parameters costs 2P FLOPs per token forward. Backward costs
+2P again for the gradient of the input, and 2P more for the weight's own gradient when the weight
+trains. So a fully trained dense layer costs 6P per token and a frozen one (LoRA's base model) 4P:
+
+    body      (2 + 2 + 2 * trainable share) * body parameters * tokens computed
+    head      the same with the output projection, over response tokens only (prompt positions
+              never reach the vocabulary projection, see ``simpo_exp.logps``)
+    attention 12 * layers * (heads * head_dim) * visible (query, key) pairs: QK^T and AV cost
+              2 FLOPs per pair and dimension each forward, twice that backward
+
+The input embedding is a lookup and costs nothing. With a frozen embedding (LoRA without gradient
+checkpointing) autograd also skips the first layer's input gradients, so the count is high by
+about 2P/layers there: a small overstatement of that case's MFU. Peak figures are dense bf16/fp16 tensor-core
+throughput from the vendors' data sheets; ``hardware.peak_tflops`` overrides the lookup (and is
+the only way to get an MFU on CPU or in fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Dense bf16/fp16 tensor-core TFLOP/s per device, matched against torch.cuda.get_device_name()
+# in this order (the first name found in it wins, so "H100 PCIe" is tried before "H100").
+PEAK_BF16_TFLOPS = (
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+)
+
+
+@dataclass(frozen=True)
+class FlopSpec:
+    """What the FLOP count needs to know of a model (taken before any sharding)."""
+
+    body_params: int  # parameters of the weight matrices and norms that every token goes through
+    body_trainable: int
+    head_params: int  # the output projection
+    head_trainable: bool
+    layers: int
+    attention_width: int  # heads x head_dim (the width of the QK^T and AV products)
+
+    def step_flops(self, tokens: float, response_tokens: float, attention_pairs: float) -> float:
+        train_share = self.body_trainable / max(self.body_params, 1)
+        body = (4 + 2 * train_share) * self.body_params * tokens
+        head = (4 + 2 * self.head_trainable) * self.head_params * response_tokens
+        attention = 12 * self.layers * self.attention_width * attention_pairs
+        return body + head + attention
+
+
+def flop_spec(model: torch.nn.Module) -> FlopSpec:
+    """FlopSpec of a (possibly peft-wrapped) causal LM, from its parameters and config."""
+    config = model.config
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    embed_ids = {id(p) for p in embed.parameters()} if embed is not None else set()
+    body = body_trainable = 0
+    for p in model.parameters():
+        if id(p) in head_ids or id(p) in embed_ids:
+            continue
+        body += p.numel()
+        body_trainable += p.numel() if p.requires_grad else 0
+    head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    heads = getattr(config, "num_attention_heads", 0)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // max(heads, 1))
+    return FlopSpec(
+        body_params=body,
+        body_trainable=body_trainable,
+        head_params=head_params,
+        head_trainable=any(p.requires_grad for p in head.parameters()) if head is not None else False,
+        layers=getattr(config, "num_hidden_layers", 0),
+        attention_width=heads * head_dim,
+    )
+
+
+def _causal(n: torch.Tensor | int):
+    return n * (n + 1) // 2
+
+
+def attention_pairs(batch: dict, packing: str) -> int:
+    """Visible (query, key) pairs of a batch's causal attention, in the layout that is run.
+
+    none / packed: every sequence is ``prompt + response``, causal: L(L+1)/2 pairs. prefix_shared:
+    the prompt once, and each response sees the prompt plus its own earlier tokens."""
+    if packing == "none":
+        return int(_causal(batch["attention_mask"].sum(1)).sum())
+    total = 0
+    for p, c, r in batch["segments"]:
+        total += _causal(p + c) + _causal(p + r)
+        if packing == "prefix_shared":
+            total -= _causal(p)
+    return int(total)
+
+
+def peak_flops(device: torch.device, mixed_precision: str, override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one device, or None when unknown (no MFU is then reported)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda" or mixed_precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None

@@ -1,0 +1,104 @@
+"""The FLOP count behind train/mfu: hand-computed cases, the layouts' attention masks, and torch's own
+FLOP counter on real forward and backward passes."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from simpo_exp.data import PairCollator
+from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
+from simpo_exp.logps import ResponseLogps, group_mask
+
+PAIRS = [
+    {"prompt_input_ids": [5, 6], "chosen_input_ids": [7], "rejected_input_ids": [8, 9]},
+    {"prompt_input_ids": [5, 6, 7, 8], "chosen_input_ids": [9, 10, 11], "rejected_input_ids": [12]},
+]
+
+
+def test_attention_pairs_by_hand():
+    # pair 1: prompt 2, chosen 1, rejected 2. Separate sequences of 3 and 4 tokens: 6 + 10 pairs.
+    # Prefix-shared: prompt 1 + 2, chosen 3 (2 prompt keys + itself), rejected 3 + 4 = 13.
+    batch = PairCollator(0, packing="prefix_shared")(PAIRS[:1])
+    assert attention_pairs(batch, "prefix_shared") == 13
+    assert attention_pairs(PairCollator(0, packing="packed")(PAIRS[:1]), "packed") == 16
+    assert attention_pairs(PairCollator(0)(PAIRS[:1]), "none") == 16
+
+
+@pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
+def test_attention_pairs_equal_the_visible_entries_of_the_layout_mask(packing):
+    batch = PairCollator(0, packing=packing, attention="mask")(PAIRS)
+    mask = group_mask(batch["attn_groups"])[:, 0]  # [R, T, T], True = the query sees the key
+    real = batch["attention_mask"].bool()
+    visible = (mask & real[:, :, None] & real[:, None, :]).sum()
+    assert attention_pairs(batch, packing) == int(visible)
+    # the same count from the one-row segment layout
+    assert attention_pairs(PairCollator(0, packing=packing)(PAIRS), packing) == int(visible)
+
+
+def test_step_flops_formula():
+    spec = FlopSpec(body_params=1000, body_trainable=1000, head_params=200, head_trainable=True, layers=2,
+                    attention_width=8)
+    assert spec.step_flops(tokens=10, response_tokens=4, attention_pairs=20) == 6 * 1000 * 10 + 6 * 200 * 4 + 12 * 2 * 8 * 20
+    frozen = FlopSpec(1000, 100, 200, False, 2, 8)  # LoRA-like: 10% of the body trains, the head is frozen
+    assert frozen.step_flops(10, 4, 0) == (4 * 1000 + 2 * 100) * 10 + 4 * 200 * 4
+
+
+def _tiny_llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                         attn_implementation="eager")
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_formula_matches_torch_flop_counter(lora):
+    """Eager attention computes all L x L scores (no causal saving), so the formula is given L^2 pairs."""
+    model = _tiny_llama(tie=False)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+        # As under gradient checkpointing. Without it autograd also skips the first layer's input
+        # gradients (nothing below them trains): the formula then overcounts by about 1/layers of 2P.
+        model.enable_input_require_grads()
+    spec = flop_spec(model)
+    if lora:
+        assert 0 < spec.body_trainable < spec.body_params and not spec.head_trainable
+    else:
+        assert spec.body_trainable == spec.body_params and spec.head_trainable
+    assert spec.head_params == 300 * 64 and spec.layers == 2 and spec.attention_width == 64
+
+    policy = ResponseLogps(model)
+    pair = {"prompt_input_ids": list(range(3, 23)), "chosen_input_ids": list(range(30, 45)),
+            "rejected_input_ids": list(range(50, 65))}  # both sequences 35 tokens: no padding
+    batch = PairCollator(0)([pair])
+    with FlopCounterMode(display=False) as counter:
+        out = policy(**batch)
+        out.logp_sums.sum().backward()
+    tokens = int(batch["attention_mask"].sum())
+    response = int(out.num_tokens.sum())
+    expected = spec.step_flops(tokens, response, attention_pairs=2 * 35 * 35)
+    # the formula also counts the norms' few parameters as matmul work; the counter sees matmuls only
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)
+
+
+def test_tied_head_is_not_counted_twice():
+    spec = flop_spec(_tiny_llama(tie=True))
+    model = _tiny_llama(tie=True)
+    total = sum(p.numel() for p in model.parameters())  # the shared matrix once
+    assert spec.body_params + spec.head_params == total
+
+
+def test_peak_flops_lookup(monkeypatch):
+    assert peak_flops(torch.device("cpu"), "no", None) is None
+    assert peak_flops(torch.device("cpu"), "no", 2.5) == 2.5e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda", 0), "bf16", None) == pytest.approx(989.4e12)
+    assert peak_flops(torch.device("cuda", 0), "no", None) is None  # fp32 has another peak: no guess
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_flops(torch.device("cuda", 0), "bf16", None) == pytest.approx(756e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert peak_flops(torch.device("cuda", 0), "bf16", None) is None
