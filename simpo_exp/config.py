@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TinyArchConfig:
-    """Shape of the randomly initialised Llama-style model used by ``model=tiny``."""
+    """Shape of the randomly initialised Llama-style model built when ``model.path`` is empty
+    (``model=tiny``, and ``model=random-750m`` for measuring GPU paths without a download)."""
 
     hidden_size: int = 256
     intermediate_size: int = 512
@@ -42,6 +43,9 @@ class TinyArchConfig:
     num_key_value_heads: int = 4
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
+    # 0: the tokenizer's size. Larger gives a real model's head cost (128256 for Llama 3); the rows
+    # past the tokenizer's ids are never produced by it.
+    vocab_size: int = 0
 
 
 @dataclass
@@ -308,6 +312,7 @@ def validate(cfg: Config) -> Config:
                f"must be divisible by model.tiny.num_attention_heads ({m.tiny.num_attention_heads})")
         _check(m.tiny.num_attention_heads % m.tiny.num_key_value_heads == 0, "model.tiny.num_key_value_heads",
                m.tiny.num_key_value_heads, "must divide model.tiny.num_attention_heads")
+        _check(m.tiny.vocab_size >= 0, "model.tiny.vocab_size", m.tiny.vocab_size, "must be >= 0 (0: the tokenizer's size)")
 
     d = cfg.dataset
     if not d.sources:

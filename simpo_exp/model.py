@@ -165,15 +165,18 @@ def load_tokenizer(mcfg: ModelConfig):
 
 
 def load_model(cfg: Config, tokenizer, attn_implementation: str):
-    """Return the causal LM: random tiny Llama for ``path=""``, else ``from_pretrained``."""
+    """Return the causal LM: a random Llama of ``model.tiny``'s shape for ``path=""``, else ``from_pretrained``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     m = cfg.model
     dtype = TORCH_DTYPES[m.dtype]
     if not m.path:
         arch = m.tiny
+        if arch.vocab_size and arch.vocab_size < len(tokenizer):
+            raise ConfigError(f"model.tiny.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
+                              f"{len(tokenizer)} tokens; use 0 for the tokenizer's size")
         config = LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=arch.vocab_size or len(tokenizer),
             hidden_size=arch.hidden_size,
             intermediate_size=arch.intermediate_size,
             num_hidden_layers=arch.num_hidden_layers,

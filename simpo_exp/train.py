@@ -200,6 +200,21 @@ def accumulation_steps(cfg: Config, num_processes: int) -> int:
     return target // per_step
 
 
+def single_process_env() -> None:
+    """DeepSpeed without a launcher still builds a process group (of one): give it the variables a
+    launcher would set, on a free port. Variables already set (by a launcher or the user) win."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
 def make_accelerator(cfg: Config):
     """The Accelerator for this run and its accumulation steps. Multi-process engines (DDP, FSDP,
     DeepSpeed) come from ``accelerate launch --config_file launchers/...``; a hardware preset may
@@ -230,6 +245,7 @@ def make_accelerator(cfg: Config):
         if not path.exists():
             raise ConfigError(f"hardware.deepspeed_config={h.deepspeed_config!r}: no such file")
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(path))
+        single_process_env()
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,

@@ -151,3 +151,17 @@ def test_unknown_key_in_a_preset_file_is_refused(tmp_path):
 
     with pytest.raises(ConfigKeyError, match="gama"):
         OmegaConf.merge(OmegaConf.structured(Config), {"gama": 1.0})
+
+
+def test_random_model_takes_a_larger_vocabulary(compose):
+    from simpo_exp.model import load_model, load_tokenizer
+
+    cfg = to_config(compose("model.tiny.vocab_size=1000", "model.tiny.num_hidden_layers=1"))
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg, tok, "sdpa")
+    assert model.config.vocab_size == 1000 and model.get_output_embeddings().weight.shape[0] == 1000
+    cfg = to_config(compose("model.tiny.vocab_size=100"))
+    with pytest.raises(ConfigError, match=r"model.tiny.vocab_size=100 is smaller than the tokenizer's 26\d tokens"):
+        load_model(cfg, tok, "sdpa")
+    cfg = to_config(compose("model=random-750m"))
+    assert cfg.model.tiny.vocab_size == 128256 and not cfg.model.path

@@ -100,3 +100,18 @@ def test_lora_trains_adapters_only(tmp_path):
     assert saved and all("lora_" in k for k in saved)
     assert json.loads((run / "model" / "adapter_config.json").read_text())["r"] == 16
     assert not (run / "model" / "model.safetensors").exists()
+
+
+def test_deepspeed_without_a_launcher_gets_a_one_process_group(monkeypatch):
+    from simpo_exp.train import single_process_env
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "31337")  # the user's choice is kept
+    single_process_env()
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("0", "0", "1")
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["MASTER_PORT"] == "31337"
+    monkeypatch.setenv("LOCAL_RANK", "3")  # started by a launcher: nothing is touched
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    single_process_env()
+    assert os.environ["WORLD_SIZE"] == "8"
