@@ -11,6 +11,12 @@ A checkpoint is a directory ``checkpoints/step-000050/`` holding
 Only safetensors and JSON are written (nothing is unpickled on resume). The directory is written
 under a temporary name and renamed into place after a final ``COMPLETE`` marker, so a kill during
 a save never leaves a checkpoint that looks complete. The newest ``save_total_limit`` are kept.
+
+Sharded engines (FSDP, DeepSpeed ZeRO) hold no process's full weights or optimizer state, so their
+checkpoints (``hardware.checkpoint_format=accelerate``) put ``model`` and ``optimizer`` in an
+``engine/`` folder written by every process through ``accelerator.save_state`` (the engine's own
+format, which pickles); ``rng.safetensors`` and ``state.json`` are as above. The same staging
+directory, marker and rename make these atomic too. ``load`` reads either kind.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 MARKER = "COMPLETE"
+ENGINE_DIR = "engine"  # accelerator.save_state's folder inside a sharded-engine checkpoint
 # Keys that may change between a run and its resumption (cadence, logging, where it runs).
 RESUMABLE_CHANGES = {
     "output_dir", "logger", "progress_bar", "resume", "logging_steps", "eval_steps", "save_steps",
@@ -99,15 +106,27 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{state.step:06d}"
-    tmp = root / f"{final.name}.tmp"
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is complete (the same on every process)."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}.tmp"
+
+
+def start(run_dir: Path, step: int) -> Path:
+    """An empty staging directory for the checkpoint of ``step`` (main process only)."""
+    tmp = staging_dir(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-    opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    return tmp
+
+
+def finish(run_dir: Path, tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int) -> Path:
+    """Write the rest of the checkpoint into ``tmp``, mark it complete and move it into place (main
+    process only). ``model`` and ``optimizer`` are None when the engine saved them in ``engine/``."""
+    opt_meta = None
+    if model is not None:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({
@@ -118,11 +137,17 @@ def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, config: 
         "config": config,
     }))
     (tmp / MARKER).write_text("")
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int) -> Path:
+    """A complete checkpoint of an unsharded model, written by one process."""
+    return finish(run_dir, start(run_dir, state.step), model, optimizer, scheduler, state, config, keep)
 
 
 def incompatible_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -139,8 +164,10 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "") -> list[str]
     return diffs
 
 
-def load(path: Path, model, optimizer, scheduler, config: dict) -> TrainState:
-    """Restore everything from a checkpoint directory; refuse one written by a different config."""
+def load(path: Path, model, optimizer, scheduler, config: dict, load_engine_state=None) -> TrainState:
+    """Restore everything from a checkpoint directory; refuse one written by a different config.
+    ``load_engine_state``: ``accelerator.load_state``, called on every process, for a checkpoint with an
+    ``engine/`` folder (then ``model`` and ``optimizer`` are not used)."""
     meta = json.loads((path / "state.json").read_text())
     diffs = incompatible_keys(meta["config"], config)
     if diffs:
@@ -148,8 +175,14 @@ def load(path: Path, model, optimizer, scheduler, config: dict) -> TrainState:
             f"checkpoint {path} was written by a different config ({'; '.join(diffs)}). "
             "Run with resume=false to start fresh in this directory, or use another hydra.run.dir."
         )
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
+    if (path / ENGINE_DIR).is_dir():
+        if load_engine_state is None:
+            raise CheckpointError(f"checkpoint {path} was saved by a sharded engine (its {ENGINE_DIR}/ folder); "
+                                  "resume it with hardware.checkpoint_format=accelerate")
+        load_engine_state(str(path / ENGINE_DIR))
+    else:
+        load_model(model, str(path / "model.safetensors"))
+        optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     _set_rng_state(load_file(path / "rng.safetensors"), meta["rng"])
     return TrainState(**meta["train_state"])

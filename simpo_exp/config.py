@@ -25,6 +25,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+CHECKPOINT_FORMATS = ("auto", "safetensors", "accelerate")
 
 
 class ConfigError(ValueError):
@@ -127,6 +128,10 @@ class HardwareConfig:
     packing: str = "auto"
     packing_attention: str = "segments"  # segments (per-sequence attention) | mask (explicit 4D mask)
     logps_chunk_size: int = 0  # > 0: log-probs in chunks of this many tokens (large vocabularies)
+    # Checkpoint files (simpo_exp/checkpoint.py): safetensors (pickle-free, one process writes it),
+    # accelerate (accelerator.save_state on every process: what sharded FSDP/DeepSpeed state needs),
+    # or auto: accelerate under FSDP and DeepSpeed, safetensors otherwise.
+    checkpoint_format: str = "auto"
     # Peak TFLOP/s of one device for train/mfu; None: looked up from the GPU's name (bf16/fp16 runs).
     peak_tflops: Optional[float] = None
     # LoRA adapters (peft) instead of full fine-tuning.
@@ -342,6 +347,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("hardware.packing", h.packing, ("auto",) + tuple(PACKINGS))
     _check_choice("hardware.packing_attention", h.packing_attention, tuple(PACKING_ATTENTIONS))
     _check(h.logps_chunk_size >= 0, "hardware.logps_chunk_size", h.logps_chunk_size, "must be >= 0 (0: no chunks)")
+    _check_choice("hardware.checkpoint_format", h.checkpoint_format, CHECKPOINT_FORMATS)
     if h.peak_tflops is not None:
         _check(h.peak_tflops > 0, "hardware.peak_tflops", h.peak_tflops, "must be > 0 or null (looked up)")
     if h.effective_batch_size is not None:

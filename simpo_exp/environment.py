@@ -51,6 +51,7 @@ def environment_record(cfg, accelerator, model, data_report, layout: dict | None
         "device_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else
         [platform.processor() or platform.machine()],
         "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),
         "mixed_precision": accelerator.mixed_precision,
         # as the model runs it: packed layouts wrap the kernel ("simpo_segments:<model>:sdpa")
         "attn_implementation": getattr(model.config, "_attn_implementation", None),

@@ -158,6 +158,14 @@ class StopSignal:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def agreed(self, accelerator) -> bool:
+        """Whether any process got a signal: all must stop at the same step, or the checkpoint's
+        collectives would wait forever for the ones still training."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -167,12 +175,27 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def engine_checkpoints(cfg: Config, accelerator) -> bool:
+    """Whether checkpoints go through accelerator.save_state (see simpo_exp/checkpoint.py)."""
+    sharded = accelerator.distributed_type in SHARDED_ENGINES
+    fmt = cfg.hardware.checkpoint_format
+    if fmt == "safetensors" and sharded:
+        raise ConfigError(f"hardware.checkpoint_format='safetensors' cannot hold {accelerator.distributed_type.value}'s "
+                          "sharded weights and optimizer; use 'accelerate' or 'auto'")
+    return fmt == "accelerate" or (fmt == "auto" and sharded)
+
+
 def start_or_resume(cfg: Config, run_dir: Path, accelerator, policy, optimizer, scheduler, config_dict) -> "checkpoint.TrainState":
     """Load the newest complete checkpoint in the run directory, or clear old state to start fresh."""
     found = checkpoint.checkpoint_dirs(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if cfg.resume and found:
-        state = checkpoint.load(found[-1], accelerator.unwrap_model(policy).model, optimizer, scheduler, config_dict)
+        engine = accelerator.load_state if engine_checkpoints(cfg, accelerator) else None
+        state = checkpoint.load(found[-1], accelerator.unwrap_model(policy).model, optimizer, scheduler, config_dict,
+                                load_engine_state=engine)
         if accelerator.is_main_process:
             checkpoint.trim_metrics(metrics_path, state.step)
         log.info("resumed from %s (step %d)", found[-1], state.step)
@@ -387,13 +410,26 @@ def train(cfg: Config) -> dict:
              steps, pairs_per_step, cfg.per_device_train_batch_size, accum, accelerator.num_processes,
              accelerator.device)
 
+    by_engine = engine_checkpoints(cfg, accelerator)
+
     def save_checkpoint() -> None:
         state.window = window.state()
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if by_engine:  # every process writes its shards into the staging directory
+            if accelerator.is_main_process:
+                checkpoint.start(run_dir, state.step)
+            accelerator.wait_for_everyone()
+            tmp = checkpoint.staging_dir(run_dir, state.step)
+            accelerator.save_state(str(tmp / checkpoint.ENGINE_DIR))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                path = checkpoint.finish(run_dir, tmp, None, None, scheduler, state, config_dict, cfg.save_total_limit)
+                log.info("checkpoint %s", path)
+        elif accelerator.is_main_process:
             path = checkpoint.save(run_dir, accelerator.unwrap_model(policy).model, optimizer, scheduler, state,
                                    config_dict, cfg.save_total_limit)
             log.info("checkpoint %s", path)
+        accelerator.wait_for_everyone()
 
     shown = samples.sample_pairs(eval_ds, cfg.num_generations) if accelerator.is_main_process else []
 
@@ -475,13 +511,15 @@ def train(cfg: Config) -> dict:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/rewards/accuracies']:.2f}")
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == steps:
             summary |= run_eval(step)
-        if (cfg.save_steps and step % cfg.save_steps == 0 and step < steps) or stop.requested:
+        stopping = stop.agreed(accelerator)
+        if (cfg.save_steps and step % cfg.save_steps == 0 and step < steps) or stopping:
             save_checkpoint()
         if bar is not None:
             bar.update(1)
-        if stop.requested:
-            log.warning("stopped by signal %s after step %d; re-run the same command to resume", stop.signum, step)
-            raise SystemExit(128 + stop.signum)
+        if stopping:
+            signum = stop.signum or signal.SIGTERM  # another process got it first
+            log.warning("stopped by signal %s after step %d; re-run the same command to resume", signum, step)
+            raise SystemExit(128 + signum)
     if bar is not None:
         bar.close()
     stop.restore()
@@ -490,7 +528,7 @@ def train(cfg: Config) -> dict:
                 "learning_rate_source": lr_source} | {f"resolved/{k}": v for k, v in resolved.items()}
     accelerator.wait_for_everyone()
     full_state_dict = None
-    if cfg.save_model and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if cfg.save_model and accelerator.distributed_type in SHARDED_ENGINES:
         # sharded weights: every process takes part in gathering them ("model." is the wrapper's prefix)
         full_state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(policy).items()}
     if accelerator.is_main_process:

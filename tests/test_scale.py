@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from simpo_exp.config import ConfigError, to_config
+from simpo_exp.tracking import MEASURED_METRICS
 from tests.conftest import ROOT as CONF_ROOT
 from tests.conftest import options
 from tests.test_run import simpo
@@ -18,11 +19,24 @@ RUN = ["hardware=cpu", "logger=none", "max_steps=6", "eval_steps=3", "logging_st
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """Also the checkpoints sharded engines use (accelerator.save_state on every process): the
+    two-process run saves one at step 3; run again, it resumes there and ends exactly as before."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "simpo_exp",
-                          *RUN, "per_device_train_batch_size=8", f"hydra.run.dir={tmp_path / 'two'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "simpo_exp", *RUN,
+           "per_device_train_batch_size=8", "save_steps=3", "hardware.checkpoint_format=accelerate",
+           f"hydra.run.dir={tmp_path / 'two'}"]
+    two = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
+    saved = tmp_path / "two" / "checkpoints" / "step-000003"
+    assert (saved / "COMPLETE").exists() and (saved / "engine" / "model.safetensors").exists()
+    first = json.loads((tmp_path / "two" / "summary.json").read_text())
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr + (tmp_path / "two" / "__main__.log").read_text()
+    resumed = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for key, value in first.items():
+        if key.startswith(("train/", "eval/")) and key not in MEASURED_METRICS:
+            assert resumed[key] == value, key
     one = simpo(*RUN, "per_device_train_batch_size=16", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "x 2 processes" in (tmp_path / "two" / "__main__.log").read_text()
@@ -115,3 +129,12 @@ def test_deepspeed_without_a_launcher_gets_a_one_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     single_process_env()
     assert os.environ["WORLD_SIZE"] == "8"
+
+
+def test_engine_checkpoint_needs_the_engine_to_load(tmp_path):
+    from simpo_exp.checkpoint import CheckpointError, load
+
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "state.json").write_text(json.dumps({"config": {"beta": 2.0}}))
+    with pytest.raises(CheckpointError, match="sharded engine.*checkpoint_format=accelerate"):
+        load(tmp_path, None, None, None, {"beta": 2.0})
