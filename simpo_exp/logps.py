@@ -192,6 +192,16 @@ class ResponseLogps(nn.Module):
                 raise ValueError(f"packing_attention=mask needs an attention that takes a dense 4D mask (sdpa, eager), "
                                  f"not {impl!r}; use packing_attention=segments")
 
+    # accelerate reads these off the module it prepares: DeepSpeed fills its "auto" bucket sizes from
+    # config.hidden_size, FSDP shards per transformer layer by _no_split_modules.
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def _no_split_modules(self):
+        return getattr(self.model, "_no_split_modules", None)
+
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)
         if self.softcap:  # Gemma 2 caps its logits; skipping this would change every log-prob

@@ -21,8 +21,10 @@ def prompt_text(prompt_messages: list[dict]) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device) -> list[str]:
-    """Greedy completions of each pair's tokenised prompt (one at a time: no padding questions)."""
+def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, synced: bool = False) -> list[str]:
+    """Greedy completions of each pair's tokenised prompt (one at a time: no padding questions).
+    ``synced``: every process of a sharded model calls this together; all keep stepping until the
+    last one is done (transformers' ``synced_gpus``)."""
     was_training = model.training
     model.eval()
     outputs = []
@@ -30,7 +32,7 @@ def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device) -
         ids = torch.tensor([pair["prompt_input_ids"]], device=device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
         outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     model.train(was_training)
     return outputs

@@ -41,6 +41,9 @@ EVAL_ONLY_METRICS = ("length/reward_corr",)
 # is the process's peak resident memory, gpu_max_allocated_gb torch's peak allocation on a GPU.
 TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "step_time_s", "tokens_per_s", "samples_per_s",
                       "mfu", "max_rss_gb", "gpu_max_allocated_gb", "skipped_steps")
+# Logged only where they can be known: mfu with a device peak (a known GPU or hardware.peak_tflops),
+# gpu_max_allocated_gb on a GPU.
+CONDITIONAL_METRICS = ("train/mfu", "train/gpu_max_allocated_gb")
 # Measurements of the machine, not of the run: they differ between two identical runs.
 MEASURED_METRICS = tuple(f"train/{m}" for m in ("step_time_s", "tokens_per_s", "samples_per_s", "mfu", "max_rss_gb",
                                                 "gpu_max_allocated_gb"))

@@ -267,7 +267,7 @@ def make_accelerator(cfg: Config):
             path = Path(__file__).resolve().parents[1] / path  # relative to the project, like the presets
         if not path.exists():
             raise ConfigError(f"hardware.deepspeed_config={h.deepspeed_config!r}: no such file")
-        deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(path))
+        deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(path), gradient_clipping=cfg.max_grad_norm)
         single_process_env()
     accelerator = Accelerator(
         cpu=use_cpu,
@@ -276,6 +276,12 @@ def make_accelerator(cfg: Config):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm
+        # where the config left it to accelerate ("auto" would become accelerate's own 1.0).
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin.is_auto("gradient_clipping"):
+            plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
     return accelerator, accum
 
 
@@ -431,7 +437,11 @@ def train(cfg: Config) -> dict:
             log.info("checkpoint %s", path)
         accelerator.wait_for_everyone()
 
-    shown = samples.sample_pairs(eval_ds, cfg.num_generations) if accelerator.is_main_process else []
+    # Sharded weights are gathered layer by layer during a forward, which every process must join:
+    # under FSDP and DeepSpeed all processes generate (in step, synced_gpus); elsewhere the main one alone.
+    sharded = accelerator.distributed_type in SHARDED_ENGINES
+    generating = accelerator.is_main_process or sharded
+    shown = samples.sample_pairs(eval_ds, cfg.num_generations) if generating else []
 
     def run_eval(step: int) -> dict:
         metrics = evaluate(policy, eval_loader, cfg, accelerator, reference)
@@ -441,8 +451,9 @@ def train(cfg: Config) -> dict:
             with torch.no_grad():
                 batch = send_to_device(collate(shown), accelerator.device)
                 _, _, (rewards, _) = batch_loss(unwrapped, batch, cfg, reference)
-            texts = samples.generate(unwrapped.model, tokenizer, shown, cfg.max_new_tokens, accelerator.device)
-            tracker.log_generations(samples.generation_rows(step, shown, texts, rewards), step)
+            texts = samples.generate(unwrapped.model, tokenizer, shown, cfg.max_new_tokens, accelerator.device,
+                                     synced=sharded)
+            tracker.log_generations(samples.generation_rows(step, shown, texts, rewards), step)  # main only
         return metrics
 
     summary: dict = {}
@@ -474,7 +485,9 @@ def train(cfg: Config) -> dict:
                 accelerator.backward(loss)
             step_stats.add(stats | {"attention_pairs": torch.tensor(float(work))})
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))  # None: DeepSpeed clips
+        if grad_norm is None and hasattr(policy, "get_global_grad_norm"):  # DeepSpeed clipped in its own step
+            grad_norm = policy.get_global_grad_norm()
+        grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))
         if torch.isfinite(grad_norm) or accelerator.distributed_type == DistributedType.DEEPSPEED:
             optimizer.step()
             window.merge(step_stats)

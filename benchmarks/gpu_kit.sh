@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Wheels for a bare, offline GPU machine that already has Python 3.12 with torch, transformers,
+# accelerate, peft, pyarrow and pandas (the lent device image; see /work/.library/device): what
+# simpo-exp and its benchmarks still need, downloaded (or built, for source-only packages) into .whl/.
+#
+#   bash benchmarks/gpu_kit.sh                      # here, with a package registry reachable
+#   # there, in the repository root, with .whl carried along:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site:$PWD
+#   python3 benchmarks/bench_scale.py --preset gpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .git/info && touch .git/info/exclude
+grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+rm -rf .whl && mkdir .whl
+
+PY312=(--only-binary=:all: --python-version 3.12 --implementation cp
+       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+# Hydra and the data stack (pure Python, or compiled for 3.12 where they are not)
+python3 -m pip download -q --no-deps "${PY312[@]}" -d .whl \
+    hydra-core omegaconf datasets dill multiprocess trl \
+    pydantic pydantic-core annotated-types typing-inspection hjson
+# source-only on PyPI: built here as pure-Python wheels (DeepSpeed compiles its ops on first use there)
+DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl \
+    antlr4-python3-runtime==4.9.3 deepspeed
+du -sh .whl && ls .whl

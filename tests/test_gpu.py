@@ -1,0 +1,91 @@
+"""The GPU paths: bf16 autocast, the packed layouts on CUDA, DeepSpeed ZeRO-3 without a launcher, LoRA.
+
+Skipped where no CUDA device is visible (CI, and the project's own machine). On a GPU machine:
+``python -m pytest -q tests/test_gpu.py`` (see benchmarks/RESULTS.md for the commands used there).
+"""
+
+import json
+
+import pytest
+import torch
+
+from simpo_exp.data import PairCollator
+from simpo_exp.logps import ResponseLogps
+from tests.test_run import read_metrics, simpo
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+RUN = ["logger=none", "max_steps=6", "eval_steps=3", "logging_steps=1", "save_steps=3",
+       "dataset.synthetic.num_train=256", "dataset.synthetic.num_test=64"]
+
+
+def _model(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).to("cuda", dtype)
+
+
+@pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
+def test_packed_layouts_match_the_plain_one_on_cuda(packing):
+    """float32 on CUDA (SDPA picks its GPU kernels): the same log-probs and gradients as the plain path."""
+    gen = torch.Generator().manual_seed(1)
+    pairs = []
+    for _ in range(4):
+        p, c, r = (torch.randint(5, 900, (int(n),), generator=gen).tolist()
+                   for n in torch.randint(3, 60, (3,), generator=gen))
+        pairs.append({"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r})
+    results = []
+    for layout in ("none", packing):
+        model = _model(torch.float32)
+        policy = ResponseLogps(model, packing=layout)
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PairCollator(0, packing=layout)(pairs).items()}
+        out = policy(**batch)
+        out.logp_sums.sum().backward()
+        results.append((out.mean_logps.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
+    (plain, g_plain), (fast, g_fast) = results
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+    for name in g_plain:
+        torch.testing.assert_close(g_fast[name], g_plain[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def _run(tmp_path, *args):
+    run = tmp_path / "run"
+    res = simpo(*args, *RUN, f"hydra.run.dir={run}", cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run, json.loads((run / "summary.json").read_text()), json.loads((run / "env.json").read_text())
+
+
+def test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory(tmp_path):
+    run, summary, env = _run(tmp_path, "hardware=gpu")
+    assert env["mixed_precision"] == "bf16" and env["device"].startswith("cuda")
+    assert summary["train/gpu_max_allocated_gb"] > 0 and torch.isfinite(torch.tensor(summary["train/loss"]))
+    if any(name in env["device_names"][0] for name in ("H100", "H200", "A100")):
+        assert 0 < summary["train/mfu"] < 1
+    assert (run / "model" / "model.safetensors").exists()
+
+
+def test_gpu_preset_resumes(tmp_path):
+    run, first, _ = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared")
+    _, resumed, _ = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared")  # from step 3
+    assert "resumed from" in (run / "__main__.log").read_text()
+    steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert resumed["eval/loss"] == pytest.approx(first["eval/loss"], rel=1e-2)  # bf16 kernels need not repeat bitwise
+
+
+def test_zero3_without_a_launcher(tmp_path):
+    pytest.importorskip("deepspeed")
+    run, summary, env = _run(tmp_path, "hardware=zero3", "hardware.effective_batch_size=null",
+                             "gradient_accumulation_steps=2")
+    assert env["distributed_type"] == "DEEPSPEED" and env["num_processes"] == 1
+    assert (run / "checkpoints" / "step-000003" / "engine").is_dir()  # written through accelerator.save_state
+    assert (run / "model" / "model.safetensors").exists() and summary["train/global_step"] == 6
+
+
+def test_gpu_lora(tmp_path):
+    pytest.importorskip("peft")
+    run, summary, env = _run(tmp_path, "hardware=gpu-lora")
+    assert (run / "model" / "adapter_model.safetensors").exists() and env["mixed_precision"] == "bf16"
