@@ -11,6 +11,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
 
+# Under pytest-xdist (-n 2) each worker, and every run it starts, gets one thread: two workers then
+# share the two cores instead of four threads fighting over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture
 def compose():
@@ -27,3 +35,14 @@ def compose():
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+# The suite runs in two workers, a file per worker at a time (pyproject.toml: -n 2 --dist loadfile).
+# Files that start many training runs go first, so the short ones fill the gaps at the end.
+SLOW_FIRST = ("test_run.py", "test_reliability.py", "test_scale.py", "test_bad_input.py", "test_baselines.py",
+              "test_sweeps.py", "test_compare.py", "test_dashboard.py", "test_wandb_offline.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order

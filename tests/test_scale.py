@@ -22,7 +22,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """Also the checkpoints sharded engines use (accelerator.save_state on every process): the
     two-process run saves one at step 3; run again, it resumes there and ends exactly as before."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "simpo_exp", *RUN,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simpo_exp", *RUN,
            "per_device_train_batch_size=8", "save_steps=3", "hardware.checkpoint_format=accelerate",
            f"hydra.run.dir={tmp_path / 'two'}"]
     two = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
@@ -119,14 +119,14 @@ def test_lora_trains_adapters_only(tmp_path):
 def test_deepspeed_without_a_launcher_gets_a_one_process_group(monkeypatch):
     from simpo_exp.train import single_process_env
 
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("MASTER_PORT", "31337")  # the user's choice is kept
+    # a private copy of the environment: the variables set here must not leak into later runs
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in keys})
+    os.environ["MASTER_PORT"] = "31337"  # the user's choice is kept
     single_process_env()
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("0", "0", "1")
     assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["MASTER_PORT"] == "31337"
-    monkeypatch.setenv("LOCAL_RANK", "3")  # started by a launcher: nothing is touched
-    monkeypatch.setenv("WORLD_SIZE", "8")
+    os.environ |= {"LOCAL_RANK": "3", "WORLD_SIZE": "8"}  # started by a launcher: nothing is touched
     single_process_env()
     assert os.environ["WORLD_SIZE"] == "8"
 
