@@ -128,6 +128,8 @@ class HardwareConfig:
     packing: str = "auto"
     packing_attention: str = "segments"  # segments (per-sequence attention) | mask (explicit 4D mask)
     logps_chunk_size: int = 0  # > 0: log-probs in chunks of this many tokens (large vocabularies)
+    # Batches of pairs of similar length (less padding under packing=none; simpo_exp/data/sampler.py).
+    group_by_length: bool = False
     # Checkpoint files (simpo_exp/checkpoint.py): safetensors (pickle-free, one process writes it),
     # accelerate (accelerator.save_state on every process: what sharded FSDP/DeepSpeed state needs),
     # or auto: accelerate under FSDP and DeepSpeed, safetensors otherwise.

@@ -27,6 +27,7 @@ from simpo_exp import checkpoint, samples
 from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
 from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
+from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.environment import environment_record
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.losses import REFERENCE_METHODS, nll_loss, preference_loss
@@ -378,8 +379,12 @@ def train(cfg: Config) -> dict:
         collate, columns = WithReference(collate), columns + list(REF_COLUMNS)
     elif cfg.method in REFERENCE_METHODS:
         reference = live_reference(model, layout).to(accelerator.device)
+    sampler = None
+    if cfg.hardware.group_by_length:
+        sampler = LengthGroupedSampler(pair_lengths(train_ds), cfg.per_device_train_batch_size, cfg.seed)
     train_loader = DataLoader(
-        train_ds.select_columns(columns), batch_size=cfg.per_device_train_batch_size, shuffle=True,
+        train_ds.select_columns(columns), batch_size=cfg.per_device_train_batch_size, shuffle=sampler is None,
+        sampler=sampler,
         drop_last=True, collate_fn=collate, num_workers=cfg.hardware.dataloader_num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
     )

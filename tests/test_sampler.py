@@ -1,0 +1,78 @@
+"""Length-grouped batches: a permutation per epoch, less padding, and an exact resume position."""
+
+import random
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from simpo_exp.data import PairCollator
+from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
+
+
+def pairs_dataset(n: int = 400, seed: int = 0) -> Dataset:
+    rng = random.Random(seed)
+
+    def ids(k):
+        return [rng.randrange(5, 250) for _ in range(k)]
+
+    rows = [{"prompt_input_ids": ids(rng.randint(2, 40)), "chosen_input_ids": ids(rng.randint(1, 120)),
+             "rejected_input_ids": ids(rng.randint(1, 120))} for _ in range(n)]
+    return Dataset.from_list(rows)
+
+
+def test_pair_lengths_are_the_longer_padded_row():
+    ds = pairs_dataset(20).shuffle(seed=3)  # through an indices mapping, as after a split
+    expected = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in ds]
+    assert pair_lengths(ds) == expected
+
+
+def test_each_epoch_is_a_permutation_reshuffled_from_seed_and_epoch():
+    lengths = pair_lengths(pairs_dataset())
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=1)
+    first = list(sampler)
+    assert sorted(first) == list(range(len(lengths))) and list(sampler) == first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == sorted(first) and second != first
+    assert list(LengthGroupedSampler(lengths, 8, seed=1)) == first  # a new process, same seed: same order
+
+
+def padded_tokens(loader) -> int:
+    return sum(b["input_ids"].numel() for b in loader)
+
+
+def test_grouping_cuts_the_padding_of_the_padded_layout():
+    ds = pairs_dataset()
+    collate = PairCollator(0)
+    random_order = DataLoader(ds, batch_size=8, shuffle=True, collate_fn=collate,
+                              generator=torch.Generator().manual_seed(0))
+    grouped = DataLoader(ds, batch_size=8, sampler=LengthGroupedSampler(pair_lengths(ds), 8, seed=0), collate_fn=collate)
+    real = sum(b["attention_mask"].sum().item() for b in grouped)
+    assert real == sum(b["attention_mask"].sum().item() for b in random_order)  # the same pairs
+    assert padded_tokens(grouped) < 0.8 * padded_tokens(random_order)
+    # A pair's two rows always share a width (its longer row): the least any order can pad to.
+    # Here: 85296 padded tokens grouped, 110736 in random order, 81126 at that bound.
+    bound = sum(2 * n for n in pair_lengths(ds))
+    assert padded_tokens(grouped) < 1.1 * bound
+
+
+def test_resume_position_is_exact_across_epochs():
+    """The loop's data position (simpo_exp.train.forever) with this sampler behind accelerate's loader:
+    starting after k micro-batches gives exactly the batches a run without a stop saw from k on."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from simpo_exp.train import forever
+
+    ds = pairs_dataset(96)
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    loader = accelerator.prepare(DataLoader(ds, batch_size=8, drop_last=True, collate_fn=PairCollator(0),
+                                            sampler=LengthGroupedSampler(pair_lengths(ds), 8, seed=5)))
+    per_epoch = len(loader)  # 12
+    whole = forever(loader, accelerator)
+    seen = [next(whole)["input_ids"] for _ in range(3 * per_epoch)]
+    for k in (5, per_epoch + 3):
+        resumed = forever(loader, accelerator, consumed=k)
+        for i in range(k, k + per_epoch):
+            assert torch.equal(next(resumed)["input_ids"], seen[i]), (k, i)
