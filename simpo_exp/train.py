@@ -286,13 +286,16 @@ def make_accelerator(cfg: Config):
     return accelerator, accum
 
 
-def batch_layout(cfg: Config, accelerator) -> dict:
+def batch_layout(cfg: Config, accelerator, model) -> dict:
     """ResponseLogps' layout arguments; ``packing=auto`` picks what was measured fastest per device
-    (benchmarks/RESULTS.md): prefix sharing on CPU, the plain padded layout on GPU (not yet measured)."""
+    (benchmarks/RESULTS.md): prefix sharing on CPU, the plain padded layout on GPU (not yet measured),
+    and the padded layout for models whose attention softcaps its logits (Gemma 2), which segment
+    attention does not implement."""
     h = cfg.hardware
     packing = h.packing
     if packing == "auto":
-        packing = "prefix_shared" if accelerator.device.type == "cpu" else "none"
+        softcap = getattr(getattr(model, "config", None), "attn_logit_softcapping", None)
+        packing = "prefix_shared" if accelerator.device.type == "cpu" and not softcap else "none"
     return {"packing": packing, "attention": h.packing_attention, "chunk_size": h.logps_chunk_size}
 
 
@@ -366,7 +369,7 @@ def train(cfg: Config) -> dict:
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg))
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
-    layout = batch_layout(cfg, accelerator)
+    layout = batch_layout(cfg, accelerator, model)
     policy = ResponseLogps(model, **layout)
     flops = flop_spec(model)  # before any sharding
     peak = peak_flops(accelerator.device, accelerator.mixed_precision, cfg.hardware.peak_tflops)

@@ -168,3 +168,22 @@ def test_mismatched_collator_and_module_fail_clearly():
         ResponseLogps(model, packing="packed")(**plain)
     with pytest.raises(ValueError, match="packing="):
         PairCollator(PAD, packing="zip")
+
+
+def test_auto_layout_keeps_softcapped_models_padded(compose):
+    """Segment attention refuses Gemma 2's attention softcapping, so packing=auto must not pick it."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.config import to_config
+    from simpo_exp.train import batch_layout
+
+    cfg = to_config(compose())
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    small = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small))
+    assert gemma.config.attn_logit_softcapping
+    assert batch_layout(cfg, cpu, gemma)["packing"] == "none"
+    assert batch_layout(cfg, cpu, LlamaForCausalLM(LlamaConfig(**small)))["packing"] == "prefix_shared"
