@@ -50,6 +50,8 @@ class TrainState:
     micro_batches: int = 0  # micro-batches consumed (data position = this modulo batches per epoch)
     skipped_steps: int = 0
     window: dict = field(default_factory=dict)  # sums of the open logging window
+    window_seconds: float = 0.0  # time spent in its steps so far (for tokens/s after a resume)
+    window_steps: int = 0
 
 
 def _rng_state() -> tuple[dict, dict]:

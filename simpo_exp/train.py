@@ -24,11 +24,11 @@ from accelerate.utils import DistributedType, send_to_device
 from torch.utils.data import DataLoader
 
 from simpo_exp import checkpoint, samples
-from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
 from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.environment import environment_record
+from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.losses import REFERENCE_METHODS, nll_loss, preference_loss
 from simpo_exp.reference import REF_COLUMNS, WithReference, attach_reference_logps, live_reference
@@ -427,7 +427,7 @@ def train(cfg: Config) -> dict:
     by_engine = engine_checkpoints(cfg, accelerator)
 
     def save_checkpoint() -> None:
-        state.window = window.state()
+        state.window, state.window_seconds, state.window_steps = window.state(), window_time, window_steps
         accelerator.wait_for_everyone()
         if by_engine:  # every process writes its shards into the staging directory
             if accelerator.is_main_process:
@@ -470,7 +470,7 @@ def train(cfg: Config) -> dict:
 
     batches = forever(train_loader, accelerator, state.micro_batches)
     window = Window(state.window)
-    window_time, window_steps = 0.0, 0  # time in training steps only (not eval or checkpoints)
+    window_time, window_steps = state.window_seconds, state.window_steps  # training steps only, not eval or saves
     bar = None
     if cfg.progress_bar and accelerator.is_main_process:
         from tqdm.auto import tqdm
