@@ -96,13 +96,15 @@ def _causal(n: torch.Tensor | int):
     return n * (n + 1) // 2
 
 
-def attention_pairs(batch: dict, packing: str) -> int:
+def attention_pairs(batch: dict, packing: str) -> int | torch.Tensor:
     """Visible (query, key) pairs of a batch's causal attention, in the layout that is run.
 
     none / packed: every sequence is ``prompt + response``, causal: L(L+1)/2 pairs. prefix_shared:
-    the prompt once, and each response sees the prompt plus its own earlier tokens."""
+    the prompt once, and each response sees the prompt plus its own earlier tokens. For the padded
+    layout the count is a 0-dim tensor on the batch's device (reading it would wait for the device);
+    the packed layouts count from their plain-int ``segments``."""
     if packing == "none":
-        return int(_causal(batch["attention_mask"].sum(1)).sum())
+        return _causal(batch["attention_mask"].sum(1)).sum()
     total = 0
     for p, c, r in batch["segments"]:
         total += _causal(p + c) + _causal(p + r)

@@ -87,7 +87,9 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class Window:
-    """Sums of batch statistics since the last report."""
+    """Sums of batch statistics since the last report. They stay on the device where the batch was
+    computed (0-dim tensors), so adding a micro-batch's statistics never waits for the device; the
+    host reads them only to log (``means``) or to checkpoint (``state``)."""
 
     def __init__(self, saved: dict | None = None):
         self.sums: dict[str, torch.Tensor] = {k: torch.tensor(v) for k, v in (saved or {}).items()}
@@ -100,14 +102,14 @@ class Window:
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float().cpu()
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
 
     def means(self, accelerator, prefix: str) -> tuple[dict[str, float], dict[str, float]]:
         """(per-pair means named ``prefix/metric``, totals over all processes) of the window; empties it."""
         keys = sorted(self.sums)
         if not keys:  # every step of the window was skipped
             return {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS}, {}
-        stacked = torch.stack([self.sums[k] for k in keys]).to(accelerator.device)
+        stacked = torch.stack([self.sums[k].to(accelerator.device) for k in keys])  # restored sums are on the CPU
         totals = accelerator.reduce(stacked, reduction="sum").tolist()
         totals = dict(zip(keys, totals))
         pairs = max(totals["pairs"], 1.0)
@@ -491,7 +493,7 @@ def train(cfg: Config) -> dict:
             with accelerator.accumulate(policy):
                 loss, stats, _ = batch_loss(policy, batch, cfg, reference)
                 accelerator.backward(loss)
-            step_stats.add(stats | {"attention_pairs": torch.tensor(float(work))})
+            step_stats.add(stats | {"attention_pairs": torch.as_tensor(work, dtype=torch.float32)})
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if grad_norm is None and hasattr(policy, "get_global_grad_norm"):  # DeepSpeed clipped in its own step
             grad_norm = policy.get_global_grad_norm()
