@@ -31,7 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trl import generate_texts  # noqa: E402  (the same length model as the TRL comparison)
+from bench_trl import generate_texts  # noqa: E402  (the same length model as the TRL comparison; puts ROOT on the path)
+
+from simpo_exp.compare import read_jsonl  # noqa: E402
 
 PRESETS = {
     "gpu": dict(
@@ -72,7 +74,7 @@ def command(preset: dict, run: str, data: Path, run_dir: Path) -> list[str]:
 
 
 def summarise(run_dir: Path, warmup: int) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "train/step_time_s" in r]
     timed = [r for r in steps if r["step"] > warmup] or steps
 

@@ -135,8 +135,9 @@ def _read_yaml(path: Path):
         return None
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl records; a half-written last line (a running job) is skipped."""
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (metrics.jsonl, generations.jsonl); a half-written last line (a
+    running job) is skipped, and a missing file gives none."""
     records = []
     try:
         lines = path.read_text().splitlines()
@@ -165,7 +166,7 @@ def load_run(path: str | Path) -> Run:
     return Run(
         name=path.name, status=status, path=path, overrides=parse_overrides(overrides),
         config=_read_yaml(path / ".hydra" / "config.yaml") or {}, choices=dict(choices),
-        summary=summary, history=read_metrics(path / "metrics.jsonl"), error=message,
+        summary=summary, history=read_jsonl(path / "metrics.jsonl"), error=message,
     )
 
 
@@ -282,10 +283,7 @@ def last_generations(runs: list[Run], count: int = 3) -> list[dict]:
     run's generation at its last eval (from ``generations.jsonl``), keyed by run label."""
     by_prompt: dict[str, dict] = {}
     for r in runs:
-        path = r.path / "generations.jsonl" if r.path else None
-        if not path or not path.exists():
-            continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(r.path / "generations.jsonl") if r.path else []
         if not rows:
             continue
         last = max(row["step"] for row in rows)

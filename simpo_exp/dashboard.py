@@ -39,12 +39,13 @@ from pathlib import Path
 
 import yaml
 
+from simpo_exp.compare import parse_overrides
 from simpo_exp.tracking import EVAL_ONLY_METRICS, PAIR_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS
 
 # The headline number (the Hydra task's return value) and the W&B summary key that holds it.
-# tracking.Tracker asks W&B for its best value (define_metric(..., summary="max")) and does not
-# overwrite it at the end, so the run summary holds {"max": v}, addressed as "<key>.max"; the final
-# value is not in the W&B summary. tests/test_wandb_offline.py checks this against W&B's own record.
+# tracking.Tracker asks W&B for its best and its last value (define_metric(..., summary="max,last"))
+# and does not overwrite them at the end, so the run summary holds {"max": v, "last": v}, addressed
+# as "<key>.max" and "<key>.last". tests/test_wandb_offline.py checks this against W&B's own record.
 TARGET = "eval/rewards/accuracies"
 TARGET_SUMMARY = f"{TARGET}.last"
 # Summary columns of the runs table, after the swept config columns.
@@ -53,8 +54,7 @@ TABLE_SUMMARIES = (TARGET_SUMMARY, "eval/rewards/margins", "eval/loss", "train/l
 # Optuna preset searches), for the parallel-coordinates panel and the table, as the values the run
 # used (train.py logs them under "resolved" in the W&B config: learning_rate may come from the model).
 DEFAULT_KNOBS = ("resolved.learning_rate", "resolved.gamma_beta_ratio", "beta")
-# Overrides that are not hyper-parameters; config keys that differ between jobs by construction.
-NOT_SWEPT = ("hydra.", "output_dir")
+# Config keys that differ between jobs by construction.
 PER_JOB_CONFIG = ("output_dir", "logger.run_name", "logger.group", "logger.tags")
 
 
@@ -144,12 +144,7 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
 
 def read_overrides(job: Path) -> dict[str, str]:
     """A job's command-line overrides as key -> value (``+``/``~`` stripped; Hydra's own left out)."""
-    out = {}
-    for item in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []:
-        key, _, value = str(item).lstrip("+~").partition("=")
-        if not key.startswith(NOT_SWEPT):
-            out[key] = value
-    return out
+    return parse_overrides(yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or [])
 
 
 def swept_overrides(jobs: list[Path]) -> list[str]:
