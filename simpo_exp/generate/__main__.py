@@ -1,0 +1,25 @@
+"""``python -m simpo_exp.generate``: compose the generate config with Hydra, validate it, generate.
+
+Never imports simpo_exp.train: the stage needs only the model, data and its own modules.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from simpo_exp.generate.config import to_generate_config
+from simpo_exp.runinfo import fill_run_identity, user_errors
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    with user_errors(cfg):
+        config = to_generate_config(fill_run_identity(cfg))  # fails here, before any model or data loads
+        from simpo_exp.generate.run import generate_data
+
+        generate_data(config)
+
+
+if __name__ == "__main__":
+    main()

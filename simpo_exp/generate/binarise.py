@@ -1,0 +1,97 @@
+"""From a prompt's scored responses to one preference pair, and the report on all of them.
+
+Every prompt either yields a pair or is dropped with one reason, counted in the report:
+- "all responses identical": nothing to prefer (the official recipe drops these too);
+- "fewer than 2 distinct non-empty responses": empty answers are never chosen nor rejected;
+- "tied scores": no distinct response scores below the best;
+- "score gap below binarise.min_gap": the chosen/rejected gap is smaller than asked.
+The chosen response is the highest-scored (the first on ties); the rejected one depends on
+``binarise.mode`` (see simpo_exp/generate/config.py).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import Counter
+
+
+def pick_pair(record: dict, bcfg) -> tuple[tuple[int, int] | None, str]:
+    """Return ((chosen index, rejected index), "") or (None, reason)."""
+    texts = [r["text"] for r in record["responses"]]
+    scores = record["scores"]
+    if len(set(texts)) == 1:
+        return None, "all responses identical"
+    usable = [i for i, t in enumerate(texts) if t.strip()]
+    if len({texts[i] for i in usable}) < 2:
+        return None, "fewer than 2 distinct non-empty responses"
+    best = max(usable, key=lambda i: (scores[i], -i))
+    below = [i for i in usable if texts[i] != texts[best] and scores[i] < scores[best]]
+    if not below:
+        return None, "tied scores"
+    if bcfg.mode == "best_worst":
+        rejected = min(below, key=lambda i: (scores[i], i))
+    elif bcfg.mode == "best_random":
+        rejected = random.Random(f"{bcfg.seed}:{record['prompt_id']}").choice(below)
+    else:  # min_gap: the closest response that is still min_gap below the best
+        far = [i for i in below if scores[best] - scores[i] >= bcfg.min_gap]
+        if not far:
+            return None, "score gap below binarise.min_gap"
+        rejected = max(far, key=lambda i: (scores[i], -i))
+    if scores[best] - scores[rejected] < bcfg.min_gap:
+        return None, "score gap below binarise.min_gap"
+    return (best, rejected), ""
+
+
+def pair_row(record: dict, chosen: int, rejected: int) -> dict:
+    """A row in the ultrafeedback-armorm schema: message lists that `dataset=local` reads."""
+    prompt, responses, scores = record["prompt"], record["responses"], record["scores"]
+    turn = lambda i: prompt + [{"role": "assistant", "content": responses[i]["text"]}]  # noqa: E731
+    return {
+        "prompt_id": record["prompt_id"],
+        "prompt": prompt[-1]["content"],
+        "chosen": turn(chosen),
+        "rejected": turn(rejected),
+        "score_chosen": scores[chosen],
+        "score_rejected": scores[rejected],
+        "all_generated_responses": [r["text"] for r in responses],
+        "all_rm_scores": scores,
+    }
+
+
+def distribution(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {"n": len(values), "mean": statistics.fmean(values), "std": statistics.pstdev(values),
+            "min": min(values), "q25": q[0], "median": q[1], "q75": q[2], "max": max(values)}
+
+
+def binarise(records: list[dict], bcfg) -> tuple[list[dict], dict]:
+    """Return (pair rows, report) for scored records in prompt order."""
+    rows, dropped, picked = [], Counter(), []
+    for record in records:
+        pair, reason = pick_pair(record, bcfg)
+        if pair is None:
+            dropped[reason] += 1
+            continue
+        rows.append(pair_row(record, *pair))
+        picked.append((record, *pair))
+    responses = [r for rec in records for r in rec["responses"]]
+    mean = lambda xs: statistics.fmean(xs) if xs else None  # noqa: E731
+    report = {
+        "prompts": len(records),
+        "pairs_kept": len(rows),
+        "prompts_dropped": dict(sorted(dropped.items())),
+        "responses": len(responses),
+        "responses_hit_max_new_tokens": sum(not r["finished"] for r in responses),
+        "scores": {"all": distribution([s for rec in records for s in rec["scores"]]),
+                   "chosen": distribution([rec["scores"][c] for rec, c, _ in picked]),
+                   "rejected": distribution([rec["scores"][r] for rec, _, r in picked])},
+        "length_tokens": {"all": mean([r["n_tokens"] for r in responses]),
+                          "chosen": mean([rec["responses"][c]["n_tokens"] for rec, c, _ in picked]),
+                          "rejected": mean([rec["responses"][r]["n_tokens"] for rec, _, r in picked])},
+        "chosen_longer_share": mean([float(rec["responses"][c]["n_tokens"] > rec["responses"][r]["n_tokens"])
+                                     for rec, c, r in picked]),
+    }
+    return rows, report

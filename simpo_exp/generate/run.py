@@ -1,0 +1,207 @@
+"""The generate stage: prompts -> sampled responses -> scores -> pairs, in resumable shards.
+
+Layout of an output directory:
+    shards/manifest.json          what the shards were made with (a resumed run must match it)
+    shards/responses-00000.jsonl  sampled responses of shard 0 (one line per prompt)
+    shards/scored-00000.jsonl     the same with a score per response
+    data/train.jsonl              the preference pairs (`dataset=local dataset.sources.local.path=...`)
+    data/provenance.json          policy fingerprint, generation/scorer/binarise config, counts
+    report.json                   prompts kept and dropped by reason, score and length statistics
+
+Every file is written to a temporary name and renamed, so a killed run leaves only whole files;
+re-running the same command (same hydra.run.dir) skips finished shards. Several processes split the
+shards (RANK / WORLD_SIZE from the environment: shard i is done by process i % WORLD_SIZE); the
+process that finds every shard scored writes the data set. All responses of a process are sampled
+before the scorer loads, so the policy and a reward model are never in memory together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from simpo_exp.config import ConfigError
+from simpo_exp.data.prompts import train_prompts
+from simpo_exp.data.sources import DataSourceError
+from simpo_exp.generate.binarise import binarise
+from simpo_exp.generate.sampling import derive_seed, prompt_token_ids
+
+log = logging.getLogger(__name__)
+
+
+class NoPairsError(DataSourceError):
+    """Binarising left no usable pair; the message gives the counts by reason."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _sha256_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def policy_fingerprint(cfg) -> dict:
+    """What identifies the policy's weights: a hash of local weight files, the hub commit, or the
+    random init (tiny shape and seed)."""
+    m = cfg.model
+    if not m.path:
+        spec = {"tiny": dataclasses.asdict(m.tiny), "seed": cfg.seed}
+        return {"kind": "random-init", **spec, "sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()}
+    path = Path(m.path).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        return {"kind": "local", "path": str(path.resolve()), "sha256": _sha256_files(files + [path / "config.json"])}
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(m.path, "config.json", revision=m.revision)
+    commit = Path(hit).parent.name if isinstance(hit, str) else None
+    return {"kind": "hub", "path": m.path, "revision": m.revision, "commit": commit}
+
+
+def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
+    g = dataclasses.asdict(cfg.generate)
+    for key in ("name", "vllm_gpu_memory_utilization"):
+        g.pop(key)
+    scorer = {k: v for k, v in dataclasses.asdict(cfg.scorer).items() if k not in ("name", "batch_size")}
+    ids = hashlib.sha256("".join(p["prompt_id"] for p in prompts).encode()).hexdigest()
+    return {"policy": fingerprint, "chat_template": cfg.model.chat_template, "generate": g, "scorer": scorer,
+            "prompts": len(prompts), "prompt_ids_sha256": ids, "max_prompt_length": cfg.max_prompt_length}
+
+
+def check_manifest(shard_dir: Path, manifest: dict) -> None:
+    path = shard_dir / "manifest.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        differ = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if differ:
+            raise ConfigError(f"output_dir={str(shard_dir.parent)!r} holds shards made with a different {', '.join(differ)}; "
+                              "a resumed generation must repeat the same command: use a new hydra.run.dir")
+    else:
+        write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def _sample_shard(sampler, cfg, index: int, prompts: list[dict]) -> list[dict]:
+    """Every seed's pass over one shard; responses in seed order, then sample order."""
+    ids = [p["input_ids"] for p in prompts]
+    keys = [p["prompt_id"] for p in prompts]
+    records = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "responses": []} for p in prompts]
+    for seed in cfg.generate.seeds:
+        for record, samples in zip(records, sampler.sample(ids, keys, derive_seed(seed, index))):
+            record["responses"] += [{**s, "seed": seed} for s in samples]
+    return records
+
+
+def _score_shard(scorer, records: list[dict]) -> list[dict]:
+    flat = [(rec["prompt"], r["text"]) for rec in records for r in rec["responses"]]
+    scores = iter(scorer.score([p for p, _ in flat], [t for _, t in flat]))
+    return [{**rec, "scores": [float(next(scores)) for _ in rec["responses"]]} for rec in records]
+
+
+def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
+    prompts, counts = train_prompts(cfg.dataset)
+    kept = []
+    for p, ids in zip(prompts, prompt_token_ids(tokenizer, [p["prompt"] for p in prompts])):
+        if len(ids) > cfg.max_prompt_length:
+            counts["prompt too long"] = counts.get("prompt too long", 0) + 1
+        else:
+            kept.append({**p, "input_ids": ids})
+    if not kept:
+        raise DataSourceError(f"every prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens ({counts})")
+    return kept, counts
+
+
+def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: int) -> None:
+    """This process's shards: sample the missing ones, then score the unscored ones."""
+    from simpo_exp.generate.sampling import make_sampler
+    from simpo_exp.generate.scoring import make_scorer
+    from simpo_exp.model import load_tokenizer
+
+    mine = [i for i in range(len(shards)) if i % world == rank]
+    to_sample = [i for i in mine if not (shard_dir / f"responses-{i:05d}.jsonl").exists()
+                 and not (shard_dir / f"scored-{i:05d}.jsonl").exists()]
+    to_score = [i for i in mine if not (shard_dir / f"scored-{i:05d}.jsonl").exists()]
+    log.info("process %d of %d: %d shards, %d to sample, %d to score", rank, world, len(mine), len(to_sample), len(to_score))
+    if to_sample:
+        sampler = make_sampler(cfg, load_tokenizer(cfg.model))
+        for i in to_sample:
+            write_jsonl(shard_dir / f"responses-{i:05d}.jsonl", _sample_shard(sampler, cfg, i, shards[i]))
+            log.info("sampled shard %d (%d prompts)", i, len(shards[i]))
+        sampler.close()
+    if to_score:
+        scorer = make_scorer(cfg)
+        for i in to_score:
+            records = read_jsonl(shard_dir / f"responses-{i:05d}.jsonl")
+            write_jsonl(shard_dir / f"scored-{i:05d}.jsonl", _score_shard(scorer, records))
+            log.info("scored shard %d", i)
+        scorer.close()
+
+
+def generate_data(cfg) -> dict:
+    """Run the stage; return the report (or ``{"waiting_for": [...]}`` when other processes still work)."""
+    from simpo_exp.environment import git_commit
+    from simpo_exp.model import load_tokenizer
+
+    out = Path(cfg.output_dir)
+    shard_dir = out / "shards"
+    prompts, source_counts = _tokenised_prompts(cfg, load_tokenizer(cfg.model))
+    fingerprint = policy_fingerprint(cfg)
+    check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts))
+    size = cfg.generate.shard_size
+    shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    _process(cfg, shards, shard_dir, rank, world)
+
+    missing = [i for i in range(len(shards)) if not (shard_dir / f"scored-{i:05d}.jsonl").exists()]
+    if missing:
+        log.info("shards %s are another process's; the last process to finish writes the data set", missing)
+        return {"waiting_for": missing}
+    records = [rec for i in range(len(shards)) for rec in read_jsonl(shard_dir / f"scored-{i:05d}.jsonl")]
+    rows, report = binarise(records, cfg.binarise)
+    report = {"split": "train (prompts of each source's training split only)", "source_rows": source_counts,
+              "samples_per_prompt": len(cfg.generate.seeds) * cfg.generate.samples_per_seed, **report}
+    if cfg.scorer.kind == "rule":
+        report["rule_exact_share"] = sum(s == 1.0 for rec in records for s in rec["scores"]) / report["responses"]
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
+    if not rows:
+        raise NoPairsError(f"no usable preference pair: {report['prompts']} prompts, dropped "
+                           f"{report['prompts_dropped']} (see {out / 'report.json'}); sample more responses per "
+                           "prompt, raise generate.temperature or use another scorer")
+    provenance = {
+        "created_by": "simpo_exp.generate", "git_commit": git_commit(), "output_dir": str(out.resolve()),
+        "policy": {"name": cfg.model.name, "path": cfg.model.path, "fingerprint": fingerprint},
+        "dataset": {"name": cfg.dataset.name, "split": "train",
+                    "sources": {k: v.path for k, v in cfg.dataset.sources.items()}},
+        "generate": dataclasses.asdict(cfg.generate), "scorer": dataclasses.asdict(cfg.scorer),
+        "binarise": dataclasses.asdict(cfg.binarise),
+        "pairs": len(rows), "prompts": report["prompts"], "prompts_dropped": report["prompts_dropped"],
+    }
+    write_jsonl(out / "data" / "train.jsonl", rows)
+    write_atomic(out / "data" / "provenance.json", json.dumps(provenance, indent=2))
+    log.info("%d pairs from %d prompts (dropped: %s) -> %s", len(rows), report["prompts"],
+             report["prompts_dropped"] or "none", out / "data" / "train.jsonl")
+    print(f"\npreference data: {out.resolve() / 'data' / 'train.jsonl'} ({len(rows)} pairs)\n"
+          f"train on it: python -m simpo_exp dataset=local dataset.sources.local.path={out.resolve() / 'data' / 'train.jsonl'}",
+          flush=True)
+    return report

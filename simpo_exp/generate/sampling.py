@@ -1,0 +1,161 @@
+"""Sample responses from the policy: transformers' generate (``hf``) or vLLM (``vllm``, GPU).
+
+Both take prompts as token ids (rendered by the policy's chat template, as training renders them),
+stop at the tokenizer's EOS and the template's end-of-turn token, and return per prompt a list of
+``{"text", "n_tokens", "finished"}`` (finished: ended by a stop token, not by max_new_tokens).
+
+Seeding: the hf backend seeds torch once per (seed, shard) before that shard's pass, so a shard's
+responses depend only on the config and the shard's prompts (a resumed run redoes a shard exactly);
+vLLM takes a seed per request, derived from (seed, prompt id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+MARKER = "\u2063simpo-exp-end-of-turn-probe\u2063"
+
+
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from any parts (stable across processes and Python runs, unlike hash())."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") >> 1
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token(s) the chat template writes right after an assistant turn's content."""
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(convo, tokenize=False)
+    except Exception:  # a template that refuses this shape: rely on EOS
+        return []
+    after = text.split(MARKER, 1)[1] if MARKER in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1] if after else []
+    return [i for i in ids if i in set(tokenizer.all_special_ids)]
+
+
+def stop_token_ids(tokenizer, extra: list[int], generation_config=None) -> list[int]:
+    ids = [tokenizer.eos_token_id] + end_of_turn_ids(tokenizer) + list(extra)
+    model_eos = getattr(generation_config, "eos_token_id", None)
+    ids += model_eos if isinstance(model_eos, list) else [model_eos]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def prompt_token_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    """Render with the generation prompt; the template writes the specials (no second BOS)."""
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def inference_dtype(mixed_precision: str, device: torch.device, weights: torch.dtype) -> torch.dtype:
+    """Generation has no optimizer to keep in fp32: run in the precision training would autocast to."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return weights
+    if mixed_precision == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else weights
+
+
+class HFSampler:
+    """transformers' generate over left-padded batches of prompts."""
+
+    def __init__(self, cfg, tokenizer):
+        from simpo_exp.model import load_model
+
+        self.cfg, self.g, self.tokenizer = cfg, cfg.generate, tokenizer
+        self.device = pick_device(cfg.hardware.device)
+        attn = cfg.model.attn_implementation or cfg.hardware.attn_implementation
+        if attn == "flash_attention_2" and self.device.type != "cuda":
+            attn = "sdpa"
+        model = load_model(cfg, tokenizer, attn)
+        dtype = inference_dtype(cfg.hardware.mixed_precision, self.device, next(model.parameters()).dtype)
+        self.model = model.to(self.device, dtype).eval()
+        self.stop_ids = stop_token_ids(tokenizer, self.g.stop_token_ids, model.generation_config)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], keys: list[str], seed: int) -> list[list[dict]]:
+        torch.manual_seed(seed)
+        out = []
+        for start in range(0, len(prompts), self.g.batch_size):
+            out += self._batch(prompts[start:start + self.g.batch_size])
+        return out
+
+    def _batch(self, prompts: list[list[int]]) -> list[list[dict]]:
+        tok, g = self.tokenizer, self.g
+        tok.padding_side = "left"
+        enc = tok.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
+        sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0) if g.temperature > 0 \
+            else dict(do_sample=False)
+        seqs = self.model.generate(**enc, max_new_tokens=g.max_new_tokens, num_return_sequences=g.samples_per_seed,
+                                   eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
+                                   **sampling)
+        new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+        results = [self._response(ids) for ids in new]
+        k = g.samples_per_seed
+        return [results[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+    def _response(self, ids: list[int]) -> dict:
+        stops = [i for i, t in enumerate(ids) if t in self.stop_ids]
+        end = stops[0] if stops else len(ids)
+        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+        return {"text": text, "n_tokens": end + (1 if stops else 0), "finished": bool(stops)}
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class VLLMSampler:
+    """vLLM's offline engine; one request per prompt with its own seed."""
+
+    def __init__(self, cfg, tokenizer):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            from simpo_exp.config import ConfigError
+
+            raise ConfigError("generate.backend=vllm needs vLLM on a GPU machine: pip install vllm "
+                              "(or generate.backend=hf)") from e
+        m, g = cfg.model, cfg.generate
+        self.g, self.tokenizer = g, tokenizer
+        device = pick_device(cfg.hardware.device)
+        dtype = inference_dtype(cfg.hardware.mixed_precision, device, torch.float32)
+        self.llm = LLM(model=m.path, tokenizer=m.tokenizer_path or m.path, revision=m.revision,
+                       trust_remote_code=m.trust_remote_code, dtype=str(dtype).removeprefix("torch."),
+                       gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+                       tensor_parallel_size=g.vllm_tensor_parallel_size, seed=g.seeds[0])
+        self.stop_ids = stop_token_ids(tokenizer, g.stop_token_ids)
+
+    def sample(self, prompts: list[list[int]], keys: list[str], seed: int) -> list[list[dict]]:
+        from vllm import SamplingParams
+
+        g = self.g
+        params = [SamplingParams(n=g.samples_per_seed, temperature=g.temperature, top_p=g.top_p,
+                                 max_tokens=g.max_new_tokens, stop_token_ids=self.stop_ids,
+                                 seed=derive_seed(seed, key), skip_special_tokens=True) for key in keys]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling_params=params,
+                                 use_tqdm=False)
+        return [[{"text": c.text, "n_tokens": len(c.token_ids), "finished": c.finish_reason == "stop"}
+                 for c in o.outputs] for o in outs]
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def make_sampler(cfg, tokenizer):
+    return (VLLMSampler if cfg.generate.backend == "vllm" else HFSampler)(cfg, tokenizer)

@@ -1,0 +1,131 @@
+"""Score (prompt, response) pairs: a rule for the embedded task, or a hub reward model.
+
+Rule ``sort_digits`` (the synthetic data set asks "sort: 3 1 2"): the expected answer is the prompt's
+digits in ascending order, space separated. A response scores 1.0 when its whitespace-separated items
+equal the expected list exactly; otherwise it scores the share of positions holding the expected digit,
+divided by the longer of the two lengths (so a missing or extra item costs as much as a wrong one):
+"1 2 3" -> 1.0, "1 3 2" -> 1/3, "1 2" -> 2/3, "1 2 3 4" -> 3/4, "" -> 0.0.
+
+Reward model: any ``AutoModelForSequenceClassification`` (ArmoRM by default for real models). The
+response is rendered with the reward model's own chat template after the prompt; the reward is the
+output's ``score`` field where the model has one (ArmoRM), else its single logit (or
+``scorer.label_index``). A model whose config declares no sequence-classification head is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from simpo_exp.config import ConfigError
+
+log = logging.getLogger(__name__)
+SORT_PROMPT = re.compile(r"^\s*sort:\s*((?:\d\s*)+)$")
+
+
+def sort_digits_score(prompt: str, response: str) -> float:
+    """See the module docstring; raises ConfigError for a prompt that is not a sorting task."""
+    match = SORT_PROMPT.match(prompt)
+    if not match:
+        raise ConfigError(f"invalid config value scorer.rule='sort_digits': cannot score prompt {prompt[:80]!r}; "
+                          "the rule knows only the synthetic 'sort: <digits>' task. Use a reward model "
+                          "(scorer=armorm or scorer=reward-model scorer.path=...)")
+    expected = sorted(match.group(1).split())
+    got = response.split()
+    if got == expected:
+        return 1.0
+    right = sum(a == b for a, b in zip(got, expected))
+    return right / max(len(got), len(expected))
+
+
+class RuleScorer:
+    def __init__(self, cfg):
+        self.rule = cfg.scorer.rule
+
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        return [sort_digits_score(p[-1]["content"], r) for p, r in zip(prompts, responses)]
+
+    def close(self) -> None:
+        pass
+
+
+def check_reward_model(s) -> None:
+    """Refuse, from its config alone, a model without a sequence-classification head."""
+    from transformers import AutoConfig
+
+    from simpo_exp.model import ModelNotFoundError, check_model_available
+
+    check_model_available(s.path, s.revision, "scorer.path")
+    try:
+        config = AutoConfig.from_pretrained(s.path, revision=s.revision, trust_remote_code=s.trust_remote_code)
+    except Exception as e:
+        raise ModelNotFoundError(f"scorer.path={s.path!r}: cannot read a model config there ({e})") from e
+    archs = list(getattr(config, "architectures", None) or [])
+    auto_map = getattr(config, "auto_map", None) or {}
+    if not (any(a.endswith("ForSequenceClassification") for a in archs)
+            or "AutoModelForSequenceClassification" in auto_map):
+        raise ConfigError(
+            f"invalid config value scorer.path={s.path!r}: not a reward model; its config names architectures "
+            f"{archs or 'none'} and no AutoModelForSequenceClassification. A reward model is a *ForSequenceClassification "
+            "model (e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1 with scorer.trust_remote_code=true, or a model saved with "
+            "num_labels=1); for the synthetic task use scorer=rule")
+    if not auto_map and config.num_labels > 1 and s.label_index is None:
+        raise ConfigError(f"invalid config value scorer.label_index=None: {s.path!r} has {config.num_labels} outputs; "
+                          "name the one that is the reward (scorer.label_index=...)")
+
+
+class RewardModelScorer:
+    def __init__(self, cfg):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from simpo_exp.generate.sampling import inference_dtype, pick_device
+        from simpo_exp.model import TORCH_DTYPES, apply_chat_template_choice
+
+        s = self.s = cfg.scorer
+        check_reward_model(s)
+        self.device = pick_device(cfg.hardware.device)
+        dtype = inference_dtype("auto", self.device, torch.float32) if s.dtype == "auto" else TORCH_DTYPES[s.dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(s.path, revision=s.revision, trust_remote_code=s.trust_remote_code)
+        apply_chat_template_choice(self.tokenizer, s.chat_template, s.path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            s.path, revision=s.revision, dtype=dtype, trust_remote_code=s.trust_remote_code).to(self.device).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.truncated = 0
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        out = []
+        for start in range(0, len(prompts), self.s.batch_size):
+            texts = [self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                     for p, r in zip(prompts[start:start + self.s.batch_size], responses[start:start + self.s.batch_size])]
+            full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            self.truncated += sum(len(ids) > self.s.max_length for ids in full)
+            self.tokenizer.padding_side = "right"
+            enc = self.tokenizer.pad({"input_ids": [ids[:self.s.max_length] for ids in full]},
+                                     return_tensors="pt").to(self.device)
+            out += self._rewards(self.model(**enc), len(texts))
+        return out
+
+    def _rewards(self, output, n: int) -> list[float]:
+        score = getattr(output, "score", None)
+        if score is not None:
+            return score.float().reshape(n, -1)[:, 0].tolist()
+        logits = output.logits.float().reshape(n, -1)
+        if logits.shape[1] > 1 and self.s.label_index is None:
+            raise ConfigError(f"invalid config value scorer.label_index=None: {self.s.path!r} returns "
+                              f"{logits.shape[1]} outputs; name the one that is the reward")
+        return logits[:, self.s.label_index or 0].tolist()
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def make_scorer(cfg):
+    return RuleScorer(cfg) if cfg.scorer.kind == "rule" else RewardModelScorer(cfg)
