@@ -209,7 +209,9 @@ class Config:
     max_bad_steps: int = 5  # consecutive non-finite steps tolerated (each is skipped)
 
     seed: int = 42
-    output_dir: str = "."  # set to Hydra's job directory by the entry point
+    # Hydra's job directory (conf/config.yaml: ${hydra:runtime.output_dir}, one per sweep job). Hydra
+    # fills it only when a job starts, so `--cfg job --resolve` shows null; a run refuses null.
+    output_dir: Optional[str] = "."
     progress_bar: bool = True
     save_model: bool = True
 
@@ -302,6 +304,8 @@ def validate(cfg: Config) -> Config:
     _check(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", cfg.max_steps, "must be >= 1, or -1 to use num_train_epochs")
     if cfg.max_steps == -1:
         _check(cfg.num_train_epochs > 0, "num_train_epochs", cfg.num_train_epochs, "must be > 0 when max_steps is -1")
+    _check(cfg.output_dir is not None, "output_dir", cfg.output_dir,
+           "must name the run directory (Hydra sets it to the job directory when a run starts)")
     _check(cfg.max_length >= 2, "max_length", cfg.max_length, "must be >= 2")
     _check(1 <= cfg.max_prompt_length < cfg.max_length, "max_prompt_length", cfg.max_prompt_length,
            f"must be >= 1 and < max_length ({cfg.max_length}), or responses are truncated to nothing")

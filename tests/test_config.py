@@ -74,19 +74,6 @@ def test_every_preset_composes_and_validates(compose, group):
         assert cfg.beta > 0
 
 
-@pytest.mark.parametrize("experiment,checks", [
-    ("mistral-7b-base", dict(beta=2.0, gamma_beta_ratio=0.8, learning_rate=3e-7)),
-    ("llama3-8b-instruct", dict(beta=2.5, sft_weight=0.1, per_device_train_batch_size=2,
-                                gradient_accumulation_steps=4)),
-    ("deepseek-math-7b-reasoning", dict(beta=5.0, gamma_beta_ratio=0.7, learning_rate=3e-7)),
-    ("gemma2-9b-it", dict(beta=10.0, gamma_beta_ratio=0.5, learning_rate=8e-7)),
-])
-def test_experiments(compose, experiment, checks):
-    cfg = to_config(compose(f"experiment={experiment}"))
-    assert {k: getattr(cfg, k) for k in checks} == checks
-    assert cfg.model.path and all(s.path != "synthetic" for s in cfg.dataset.sources.values())
-
-
 @pytest.mark.parametrize("override,key", [
     ("beta=0", "beta"),
     ("beta=-2", "beta"),

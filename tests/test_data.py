@@ -248,6 +248,26 @@ def test_llama3_ultrafeedback_armorm_jsonl_dir(tmp_path, tok):
     assert report.kept == {"train": 10, "test": 3}
 
 
+@pytest.mark.parametrize("preset,source", [("llama3-ultrafeedback", "llama3_ultrafeedback"),
+                                           ("mistral-instruct-ultrafeedback", "mistral_instruct_ultrafeedback")])
+def test_pairrm_ultrafeedback_hub_parquet_two_train_shards(tmp_path, tok, preset, source):
+    """princeton-nlp/{llama3,mistral-instruct}-ultrafeedback: the armorm schema, train in two shards."""
+    train, test = triples(f"{preset}-train", 9), triples(f"{preset}-test", 3)
+    root = tmp_path / preset
+    write_parquet(root / "data" / "train-00000-of-00002.parquet", [armorm_row(*t) for t in train[:5]])
+    write_parquet(root / "data" / "train-00001-of-00002.parquet", [armorm_row(*t) for t in train[5:]])
+    write_parquet(root / "data" / "test-00000-of-00001.parquet", [armorm_row(*t) for t in test])
+
+    cfg = compose_preset(preset, path_override(source, root))
+    src = cfg.dataset.sources[source]
+    assert (src.format, src.train_split, src.test_split) == ("messages", "train", "test")
+    tr, te, report = build_datasets(cfg, tok)
+    check_against(tr, train, tok)
+    check_against(te, test, tok)
+    assert report.kept == {"train": 9, "test": 3}
+    assert report.sources[source] == {"train_rows": 9, "test_rows": 3, "fraction": 1.0}
+
+
 def test_argilla_cleaned_train_only_test_carved(tmp_path, tok):
     rows = triples("argilla", 20)
     root = tmp_path / "argilla-cleaned"
