@@ -10,6 +10,7 @@ Defaults live here once; the YAML files in ``conf/`` only state what a preset ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -26,6 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 CHECKPOINT_FORMATS = ("auto", "safetensors", "accelerate")
+MASTER_WEIGHTS = ("fp32", "model")
 
 
 class ConfigError(ValueError):
@@ -114,6 +116,11 @@ class HardwareConfig:
     name: str = MISSING
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else no) | no | bf16 | fp16
+    # What the optimizer steps under full fine-tuning (simpo_exp/precision.py): fp32 (weights loaded in
+    # model.dtype are upcast to float32 and computed under the mixed_precision autocast, as the official
+    # recipes run) or model (the weights stay in model.dtype: pure bf16 when model.dtype=bfloat16, where
+    # SimPO-size updates round away). LoRA adapters are float32 either way; DeepSpeed keeps its own fp32 copy.
+    master_weights: str = "fp32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     dataloader_num_workers: int = 0
@@ -264,10 +271,21 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         _fail(key, value, allowed)
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every float anywhere in the config must be finite: ``beta=inf`` passes ``> 0`` checks."""
+    items = vars(node).items() if dataclasses.is_dataclass(node) else node.items() if isinstance(node, dict) else ()
+    for key, value in items:
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{prefix}{key}", value, "must be finite")
+        elif dataclasses.is_dataclass(value) or isinstance(value, dict):
+            _check_finite(value, f"{prefix}{key}.")
+
+
 def validate(cfg: Config) -> Config:
     """Check every value of a composed config; raise ConfigError naming the first bad key."""
     from simpo_exp.losses import METHODS
 
+    _check_finite(cfg)
     _check_choice("method", cfg.method, METHODS)
     _check_choice("reference_mode", cfg.reference_mode, ("cached", "live"))
     _check(cfg.rdpo_alpha >= 0, "rdpo_alpha", cfg.rdpo_alpha, "must be >= 0")
@@ -347,6 +365,7 @@ def validate(cfg: Config) -> Config:
     h = cfg.hardware
     _check_choice("hardware.device", h.device, DEVICES)
     _check_choice("hardware.mixed_precision", h.mixed_precision, PRECISIONS)
+    _check_choice("hardware.master_weights", h.master_weights, MASTER_WEIGHTS)
     _check_choice("hardware.attn_implementation", h.attn_implementation, ATTN_IMPLEMENTATIONS)
     from simpo_exp.logps import PACKING_ATTENTIONS, PACKINGS
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from simpo_exp.precision import precision_record
+
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "hydra-core", "omegaconf", "wandb",
             "peft", "deepspeed", "flash-attn", "liger-kernel", "trl", "simpo-exp")
 
@@ -58,6 +60,7 @@ def environment_record(cfg, accelerator, model, data_report, layout: dict | None
         "batch_layout": layout,
         "gradient_checkpointing": cfg.hardware.gradient_checkpointing,
         "model_dtype": str(next(model.parameters()).dtype),
+        "precision": precision_record(model, accelerator),
         "git_commit": git_commit(),
         "data": {"sources": data_report.sources, "pairs_after_filtering": data_report.kept},
     }

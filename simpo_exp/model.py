@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 
 from simpo_exp.config import Config, ConfigError, ModelConfig
+from simpo_exp.precision import prepare_weights
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
     if cfg.hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    model = prepare_weights(model, cfg.hardware.master_weights, cfg.hardware.lora)
     if cfg.hardware.lora:
         model = add_lora(model, cfg.hardware)
     return model
@@ -221,7 +223,7 @@ def add_lora(model, h):
                         target_modules=list(h.lora_target_modules), task_type="CAUSAL_LM")
     if getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, autocast_adapter_dtype=True)  # bf16/fp16 base: float32 adapters
 
 
 def count_parameters(model) -> int:

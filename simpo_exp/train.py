@@ -23,24 +23,28 @@ import torch
 from accelerate.utils import DistributedType, send_to_device
 from torch.utils.data import DataLoader
 
-from simpo_exp import checkpoint, samples
+from simpo_exp import checkpoint, finished, samples
 from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.environment import environment_record
 from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
 from simpo_exp.logps import ResponseLogps
-from simpo_exp.losses import REFERENCE_METHODS, nll_loss, preference_loss
+from simpo_exp.losses import REFERENCE_METHODS, nll_loss, orpo_log_odds, preference_loss
 from simpo_exp.reference import REF_COLUMNS, WithReference, attach_reference_logps, live_reference
 from simpo_exp.model import count_parameters, load_model, load_tokenizer
-from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, Tracker, config_to_dict, final_table
+from simpo_exp.precision import warn_if_updates_vanish
+from simpo_exp.tracking import (HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, SUMMED_LOGPS_METHODS, TOKEN_METRICS,
+                                 Tracker, all_batch_metrics, batch_metrics, config_to_dict, divisor_keys,
+                                 final_table)
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- one batch
 def batch_loss(policy, batch: dict, cfg: Config, reference=None):
-    """Loss of a batch of pairs, its statistics summed over the batch's pairs, and per-response
+    """Loss of a batch of pairs, its statistics summed over the batch's pairs (per-token ones over its
+    response tokens: tracking.TOKEN_METRICS), and per-response
     (rewards, lengths) for the length diagnostics. ``reference``: a live reference model, for
     reference-based methods run without cached reference log-probs."""
     refs = [batch.pop(k) for k in REF_COLUMNS] if REF_COLUMNS[0] in batch else [None, None]
@@ -67,17 +71,46 @@ def batch_loss(policy, batch: dict, cfg: Config, reference=None):
         "rewards/rejected": pref.rejected_rewards.sum(),
         "rewards/margins": (pref.chosen_rewards - pref.rejected_rewards).sum(),
         "rewards/accuracies": (pref.chosen_rewards > pref.rejected_rewards).float().sum(),
-        "logps/chosen": logps[:n].detach().sum(),
-        "logps/rejected": logps[n:].detach().sum(),
-        "logits/chosen": out.logit_means[:n].sum(),
-        "logits/rejected": out.logit_means[n:].sum(),
+        "logps_mean/chosen": logps[:n].detach().sum(),
+        "logps_mean/rejected": logps[n:].detach().sum(),
         "length/chosen": lengths[:n].sum(),
         "length/rejected": lengths[n:].sum(),
         "pairs": torch.tensor(float(n), device=loss.device),
         "tokens": batch["attention_mask"].sum().float(),
-    }
+        "input_tokens": input_tokens(batch).to(loss.device),
+    } | token_and_method_stats(cfg.method, out, n)
     rewards = torch.cat([pref.chosen_rewards, pref.rejected_rewards])
     return loss, stats, (rewards, lengths)
+
+
+def token_and_method_stats(method: str, out, n: int) -> dict[str, torch.Tensor]:
+    """The per-token sums (tracking.TOKEN_METRICS) and the statistics whose definition follows the
+    method's TRL trainer (logps/*, tracking.METHOD_METRICS), summed over the batch's pairs or tokens."""
+    logps = (out.logp_sums if method in SUMMED_LOGPS_METHODS else out.mean_logps).detach()
+    stats = {
+        "logps/chosen": logps[:n].sum(),
+        "logps/rejected": logps[n:].sum(),
+        "logits_response/chosen": out.logit_sums[:n].sum(),
+        "logits_response/rejected": out.logit_sums[n:].sum(),
+        "entropy": out.entropy_sums.sum(),
+        "mean_token_accuracy": out.top1_counts[:n].sum(),
+    }
+    names = batch_metrics((method,))
+    if "logits/chosen" in names:  # TRL's DPO: the same mean over completion tokens
+        stats |= {"logits/chosen": stats["logits_response/chosen"], "logits/rejected": stats["logits_response/rejected"]}
+    if "log_odds_ratio" in names:
+        means = out.mean_logps.detach()
+        log_odds = orpo_log_odds(means[:n], means[n:])
+        stats |= {"log_odds_chosen": log_odds.sum(), "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds).sum()}
+    return stats
+
+
+def input_tokens(batch: dict) -> torch.Tensor:
+    """The batch's tokens as TRL's num_tokens counts them: prompt + response of the chosen and of the
+    rejected sequence (the prompt twice, even where the layout computes it once), no padding."""
+    if batch.get("segments") is not None:
+        return torch.tensor(float(sum(2 * p + c + r for p, c, r in batch["segments"])))
+    return batch["attention_mask"].sum().float()  # padded layout: one row per sequence
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -105,16 +138,21 @@ class Window:
             self.sums[k] = self.sums.get(k, 0) + v.detach().float()
 
     def means(self, accelerator, prefix: str) -> tuple[dict[str, float], dict[str, float]]:
-        """(per-pair means named ``prefix/metric``, totals over all processes) of the window; empties it."""
+        """(means named ``prefix/metric``, totals over all processes) of the window; empties it. A per-pair
+        metric is divided by the pair count, a per-token one by its token count (tracking.divisor_keys)."""
         keys = sorted(self.sums)
         if not keys:  # every step of the window was skipped
-            return {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS}, {}
+            return {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS + tuple(TOKEN_METRICS)}, {}
         stacked = torch.stack([self.sums[k].to(accelerator.device) for k in keys])  # restored sums are on the CPU
         totals = accelerator.reduce(stacked, reduction="sum").tolist()
         totals = dict(zip(keys, totals))
-        pairs = max(totals["pairs"], 1.0)
         self.sums = {}
-        return {f"{prefix}/{m}": totals[m] / pairs for m in PAIR_METRICS}, totals
+        means = {}
+        for m in all_batch_metrics():
+            if m in totals:
+                by = divisor_keys(m) or ("pairs",)
+                means[f"{prefix}/{m}"] = totals[m] / max(sum(totals[k] for k in by), 1.0)
+        return means, totals
 
 
 @torch.no_grad()
@@ -191,22 +229,34 @@ def engine_checkpoints(cfg: Config, accelerator) -> bool:
     return fmt == "accelerate" or (fmt == "auto" and sharded)
 
 
+def on_main(accelerator, fn):
+    """``fn()`` computed on the main process and given to every process."""
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([fn() if accelerator.is_main_process else None], from_process=0)[0]
+
+
 def start_or_resume(cfg: Config, run_dir: Path, accelerator, policy, optimizer, scheduler, config_dict) -> "checkpoint.TrainState":
-    """Load the newest complete checkpoint in the run directory, or clear old state to start fresh."""
-    found = checkpoint.checkpoint_dirs(run_dir)
+    """Load the newest intact checkpoint in the run directory (damaged ones skipped with a warning),
+    or clear old state to start fresh."""
     metrics_path = run_dir / "metrics.jsonl"
-    if cfg.resume and found:
+    if cfg.resume:
         engine = accelerator.load_state if engine_checkpoints(cfg, accelerator) else None
-        state = checkpoint.load(found[-1], accelerator.unwrap_model(policy).model, optimizer, scheduler, config_dict,
-                                load_engine_state=engine)
-        if accelerator.is_main_process:
-            checkpoint.trim_metrics(metrics_path, state.step)
-        log.info("resumed from %s (step %d)", found[-1], state.step)
-        return state
+        resumed = checkpoint.load_newest(run_dir, accelerator.unwrap_model(policy).model, optimizer, scheduler,
+                                         config_dict, engine, on_main=lambda fn: on_main(accelerator, fn))
+        if resumed:
+            path, state = resumed
+            if accelerator.is_main_process:
+                checkpoint.trim_metrics(metrics_path, state.step)
+            log.info("resumed from %s (step %d)", path, state.step)
+            return state
     if accelerator.is_main_process:
         # A fresh start in a used directory: earlier checkpoints and metrics would mix with this run's.
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         metrics_path.unlink(missing_ok=True)
+        (run_dir / finished.FINISHED).unlink(missing_ok=True)
     return checkpoint.TrainState()
 
 
@@ -371,9 +421,13 @@ def train(cfg: Config) -> dict:
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg))
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own fp32 master copy
+        warn_if_updates_vanish(model, lr)
     layout = batch_layout(cfg, accelerator, model)
     policy = ResponseLogps(model, **layout)
     flops = flop_spec(model)  # before any sharding
+    ckpt_bytes = checkpoint.check_space(run_dir, model, cfg.save_total_limit, cfg.save_model,
+                                        warn=accelerator.is_main_process)  # warns if the disk is short
     peak = peak_flops(accelerator.device, accelerator.mixed_precision, cfg.hardware.peak_tflops)
 
     collate = PairCollator(tokenizer.pad_token_id, packing=layout["packing"], attention=layout["attention"])
@@ -436,10 +490,14 @@ def train(cfg: Config) -> dict:
                 checkpoint.start(run_dir, state.step)
             accelerator.wait_for_everyone()
             tmp = checkpoint.staging_dir(run_dir, state.step)
-            accelerator.save_state(str(tmp / checkpoint.ENGINE_DIR))
+            try:
+                accelerator.save_state(str(tmp / checkpoint.ENGINE_DIR))
+            except OSError as e:  # disk full, permissions: the earlier checkpoints stay as they were
+                raise checkpoint.save_failed(run_dir, tmp, e, ckpt_bytes) from e
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                path = checkpoint.finish(run_dir, tmp, None, None, scheduler, state, config_dict, cfg.save_total_limit)
+                path = checkpoint.finish(run_dir, tmp, None, None, scheduler, state, config_dict, cfg.save_total_limit,
+                                         ckpt_bytes)
                 log.info("checkpoint %s", path)
         elif accelerator.is_main_process:
             path = checkpoint.save(run_dir, accelerator.unwrap_model(policy).model, optimizer, scheduler, state,
@@ -520,7 +578,9 @@ def train(cfg: Config) -> dict:
 
         if step % cfg.logging_steps == 0 or step == steps:
             metrics, totals = window.means(accelerator, "train")
+            state.num_tokens += totals.get("input_tokens", 0.0)
             metrics |= {
+                "train/num_tokens": state.num_tokens,
                 "train/grad_norm": float(grad_norm),
                 "train/learning_rate": scheduler.get_last_lr()[0],
                 "train/epoch": state.micro_batches / len(train_loader),
@@ -546,9 +606,14 @@ def train(cfg: Config) -> dict:
     if bar is not None:
         bar.close()
     stop.restore()
+    if state.skipped_steps >= steps:  # the weights never changed: nothing to report as a result
+        raise NonFiniteError(f"all {steps} steps had a non-finite loss or gradient and were skipped; no weights "
+                             "were updated. Lower learning_rate or check the data (run with resume=false).")
 
-    summary |= {"train/global_step": steps, "runtime_s": time.time() - started,
+    summary |= {"train/global_step": steps, "train/skipped_steps": state.skipped_steps,
+                "runtime_s": time.time() - started,
                 "learning_rate_source": lr_source} | {f"resolved/{k}": v for k, v in resolved.items()}
+    summary |= {f"precision/{k}": v for k, v in env["precision"].items()}  # dtypes actually trained in
     accelerator.wait_for_everyone()
     full_state_dict = None
     if cfg.save_model and accelerator.distributed_type in SHARDED_ENGINES:
@@ -560,6 +625,7 @@ def train(cfg: Config) -> dict:
             unwrapped.save_pretrained(run_dir / "model", state_dict=full_state_dict)  # LoRA: the adapter only
             tokenizer.save_pretrained(run_dir / "model")
         tracker.finish(summary)
-        keys = HEADLINE_METRICS + ["runtime_s"]
+        finished.record(run_dir, config_dict)  # last: a re-run of this command now returns this summary
+        keys = HEADLINE_METRICS + ["runtime_s"] + (["train/skipped_steps"] if state.skipped_steps else [])
         print(f"\nrun directory: {run_dir.resolve()}\n{final_table(summary, keys)}", flush=True)
     return summary

@@ -1,0 +1,83 @@
+"""Which dtype the trained weights, the optimizer state and the compute use: chosen here, in one place.
+
+SimPO's learning rates (3e-7 to 1e-6) give Adam updates of about ``lr`` per element, some 1e-5 of a
+typical weight's magnitude, while bfloat16 resolves only 2^-8 (about 4e-3) of it: an optimizer that
+steps bf16 weights rounds almost every update away. So full fine-tuning keeps float32 weights by
+default (``hardware.master_weights=fp32``): weights loaded in ``model.dtype`` are upcast, the forward
+runs under the ``hardware.mixed_precision`` autocast, and AdamW's moments follow the weights (float32).
+This is what the official SimPO recipes do (``torch_dtype: null`` with ``bf16: true``).
+
+- ``master_weights=model`` keeps the weights in ``model.dtype`` (pure bf16 for the hub presets): half
+  the memory, and a warning when the learning rate is below what bf16 can resolve for most weights.
+- LoRA: the frozen base stays in ``model.dtype``; the adapters are float32 (peft upcasts them).
+- DeepSpeed: the engine holds bf16 weights and keeps its own float32 master copy and optimizer state.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+SAMPLE_PER_TENSOR = 4096  # elements per weight tensor looked at by the rounding check
+
+
+def trainable_dtype(model) -> torch.dtype:
+    """The dtype of the first parameter that trains."""
+    for p in model.parameters():
+        if p.requires_grad:
+            return p.dtype
+    return next(model.parameters()).dtype
+
+
+def prepare_weights(model, master_weights: str, lora: bool):
+    """Upcast a fully fine-tuned model's low-precision weights to float32 when ``master_weights`` is fp32."""
+    if master_weights == "fp32" and not lora and trainable_dtype(model) != torch.float32:
+        log.info("master weights: %s weights upcast to float32 for training (hardware.master_weights=fp32)",
+                 trainable_dtype(model))
+        model.float()
+    return model
+
+
+def vanishing_fraction(model, lr: float) -> float:
+    """Share of trainable weight elements (sampled) whose half-ULP in their own dtype exceeds ``lr``:
+    for those, an Adam step of about ``lr`` rounds back to the same weight."""
+    below, seen = 0, 0
+    for p in model.parameters():
+        if not p.requires_grad or p.dtype == torch.float32 or p.numel() == 0:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // SAMPLE_PER_TENSOR)].float().abs()
+        half_ulp = torch.finfo(p.dtype).eps * torch.exp2(torch.floor(torch.log2(sample.clamp(min=1e-30)))) / 2
+        below += int((half_ulp > lr).sum())
+        seen += sample.numel()
+    return below / seen if seen else 0.0
+
+
+def warn_if_updates_vanish(model, lr: float, threshold: float = 0.5) -> float:
+    """Warn once when most low-precision trainable weights cannot take a step of size ``lr``."""
+    share = vanishing_fraction(model, lr)
+    if share > threshold:
+        log.warning(
+            "pure %s training at learning rate %.3g: for %.0f%% of the trainable weights an update of that size "
+            "is below half a unit in the last place and rounds away. Use hardware.master_weights=fp32 (the default) "
+            "to keep float32 weights.", trainable_dtype(model), lr, 100 * share,
+        )
+    return share
+
+
+def precision_record(model, accelerator) -> dict:
+    """The dtypes actually used: trained weights, their master copy, the optimizer state, the autocast."""
+    weights = str(trainable_dtype(model)).removeprefix("torch.")
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    autocast = AUTOCAST_DTYPES.get(accelerator.mixed_precision)
+    return {
+        "weights_dtype": "bfloat16" if deepspeed and autocast == "bfloat16" else weights,
+        # torch's AdamW keeps its moments in the dtype of the weights it steps; DeepSpeed in float32
+        "master_weights_dtype": "float32" if deepspeed else weights,
+        "optimizer_state_dtype": "float32" if deepspeed else weights,
+        "autocast_dtype": autocast,
+    }

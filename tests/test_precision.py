@@ -1,0 +1,106 @@
+"""No update may vanish: with bf16 model weights and the default precision, training moves the weights as
+an fp32 run does; pure bf16 (asked for explicitly) loses most of a SimPO-size update, and says so."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from simpo_exp.config import to_config
+from tests.test_run import simpo
+
+# SimPO-size updates: a constant 1e-6 for 30 steps, as in the issue's measurement
+RUN = ["learning_rate=1e-6", "lr_scheduler_type=constant", "warmup_ratio=0", "max_steps=30", "logger=none",
+       "hardware=cpu", "eval_on_start=false", "eval_steps=0", "save_steps=0", "num_generations=0",
+       "logging_steps=10", "per_device_train_batch_size=8", "dataset.synthetic.num_train=256",
+       "dataset.synthetic.num_test=16", "model.tiny.num_hidden_layers=2"]
+
+
+@pytest.fixture(scope="module")
+def start_dir(tmp_path_factory):
+    """The tiny model's initial weights saved in bf16, so every run below starts from the same values."""
+    from hydra import compose, initialize_config_dir
+
+    from simpo_exp.model import load_model, load_tokenizer
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = to_config(compose(config_name="config", overrides=["output_dir=/tmp/unused", *RUN]))
+    tok = load_tokenizer(cfg.model)
+    path = tmp_path_factory.mktemp("start") / "tiny-bf16"
+    load_model(cfg, tok, "sdpa").to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(start_dir, tmp_path_factory):
+    out = {}
+    for name, extra in {"fp32": ["model.dtype=float32"], "default": ["model.dtype=bfloat16"],
+                        "pure": ["model.dtype=bfloat16", "hardware.master_weights=model"]}.items():
+        run_dir = tmp_path_factory.mktemp(name) / "run"
+        res = simpo(*RUN, f"model.path={start_dir}", *extra, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = (run_dir, res.stdout + res.stderr)  # Hydra logs to stdout
+    return out
+
+
+def change(start_dir, run_dir) -> tuple[float, float]:
+    """(share of weight elements that differ in bf16, summed absolute change) between start and end."""
+    before, after = load_file(start_dir / "model.safetensors"), load_file(run_dir / "model" / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = total = moved = 0.0
+    for k, w0 in before.items():
+        w1 = after[k]
+        changed += (w1.to(torch.bfloat16) != w0.to(torch.bfloat16)).sum().item()
+        total += w0.numel()
+        moved += (w1.double() - w0.double()).abs().sum().item()
+    return changed / total, moved
+
+
+def test_default_precision_keeps_every_update(start_dir, runs):
+    share_fp32, moved_fp32 = change(start_dir, runs["fp32"][0])
+    share, moved = change(start_dir, runs["default"][0])
+    assert share_fp32 > 0.01 and moved_fp32 > 0  # the fp32 run measurably moved its weights
+    assert share == pytest.approx(share_fp32, rel=0.03)
+    assert moved == pytest.approx(moved_fp32, rel=0.03)
+
+
+def test_pure_bf16_loses_the_update_and_warns(start_dir, runs):
+    _, moved_fp32 = change(start_dir, runs["fp32"][0])
+    _, moved = change(start_dir, runs["pure"][0])
+    assert moved < 0.2 * moved_fp32  # most of a 1e-6 update rounds away in bf16
+    assert "rounds away" in runs["pure"][1] and "hardware.master_weights=fp32" in runs["pure"][1]
+    assert "rounds away" not in runs["default"][1]
+
+
+@pytest.mark.parametrize("name, weights, autocast", [("default", "float32", None), ("pure", "bfloat16", None)])
+def test_dtypes_recorded(runs, name, weights, autocast):
+    run_dir = runs[name][0]
+    env = json.loads((run_dir / "env.json").read_text())["precision"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert env == {"weights_dtype": weights, "master_weights_dtype": weights, "optimizer_state_dtype": weights,
+                   "autocast_dtype": autocast}
+    assert {k.removeprefix("precision/"): v for k, v in summary.items() if k.startswith("precision/")} == env
+
+
+def test_lora_adapters_are_float32_on_a_bf16_base(compose):
+    pytest.importorskip("peft")
+    from simpo_exp.model import load_model, load_tokenizer
+
+    cfg = to_config(compose("hardware=cpu-lora", "model.dtype=bfloat16", "model.tiny.num_hidden_layers=1"))
+    model = load_model(cfg, load_tokenizer(cfg.model), "sdpa")
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
+
+
+def test_full_fine_tuning_upcasts_only_when_asked(compose):
+    from simpo_exp.model import load_model, load_tokenizer
+
+    cfg = to_config(compose("model.dtype=bfloat16", "model.tiny.num_hidden_layers=1"))
+    tok = load_tokenizer(cfg.model)
+    assert {p.dtype for p in load_model(cfg, tok, "sdpa").parameters()} == {torch.float32}
+    cfg = to_config(compose("model.dtype=bfloat16", "hardware.master_weights=model", "model.tiny.num_hidden_layers=1"))
+    assert {p.dtype for p in load_model(cfg, tok, "sdpa").parameters()} == {torch.bfloat16}
