@@ -66,6 +66,12 @@ class FlopSpec:
         return body + head + attention
 
 
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter: DeepSpeed ZeRO-3 leaves each process an empty local tensor and
+    records the full size as ``ds_numel``; an FSDP2 DTensor's ``numel()`` is already the global size."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def flop_spec(model: torch.nn.Module) -> FlopSpec:
     """FlopSpec of a (possibly peft-wrapped) causal LM, from its parameters and config."""
     config = model.config
@@ -77,9 +83,9 @@ def flop_spec(model: torch.nn.Module) -> FlopSpec:
     for p in model.parameters():
         if id(p) in head_ids or id(p) in embed_ids:
             continue
-        body += p.numel()
-        body_trainable += p.numel() if p.requires_grad else 0
-    head_params = sum(p.numel() for p in head.parameters()) if head is not None else 0
+        body += full_numel(p)
+        body_trainable += full_numel(p) if p.requires_grad else 0
+    head_params = sum(full_numel(p) for p in head.parameters()) if head is not None else 0
     heads = getattr(config, "num_attention_heads", 0)
     head_dim = getattr(config, "head_dim", None) or (config.hidden_size // max(heads, 1))
     return FlopSpec(

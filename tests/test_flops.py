@@ -102,3 +102,14 @@ def test_peak_flops_lookup(monkeypatch):
     assert peak_flops(torch.device("cuda", 0), "bf16", None) == pytest.approx(756e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert peak_flops(torch.device("cuda", 0), "bf16", None) is None
+
+
+def test_zero3_partitioned_parameters_are_counted_whole():
+    """Under DeepSpeed ZeRO-3 each process holds empty local tensors and the full size as ``ds_numel``:
+    the FLOP count must come out as for the whole model, not as zero."""
+    whole = flop_spec(_tiny_llama(tie=False))
+    model = _tiny_llama(tie=False)
+    for p in model.parameters():
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0, dtype=p.dtype)
+    assert flop_spec(model) == whole and whole.body_params > 0
