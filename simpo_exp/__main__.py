@@ -1,4 +1,5 @@
-"""``python -m simpo_exp``: compose the config with Hydra, validate it, train. Nothing else."""
+"""``python -m simpo_exp``: compose the config with Hydra, validate it, train (unless that run already
+finished). Nothing else."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from simpo_exp.config import to_config
+from simpo_exp.finished import recorded_summary
 from simpo_exp.runinfo import export_launcher_distributed_env, fill_run_identity, user_errors
 
 
@@ -13,6 +15,9 @@ from simpo_exp.runinfo import export_launcher_distributed_env, fill_run_identity
 def main(cfg: DictConfig) -> float:
     with user_errors(cfg):
         config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
+        done = recorded_summary(config)  # this run already finished: its recorded result, nothing loads
+        if done is not None:
+            return done.get("eval/rewards/accuracies", float("nan"))
         export_launcher_distributed_env()
 
         from simpo_exp.train import train

@@ -17,11 +17,19 @@ checkpoints (``hardware.checkpoint_format=accelerate``) put ``model`` and ``opti
 ``engine/`` folder written by every process through ``accelerator.save_state`` (the engine's own
 format, which pickles); ``rng.safetensors`` and ``state.json`` are as above. The same staging
 directory, marker and rename make these atomic too. ``load`` reads either kind.
+
+The marker lists every file written into the checkpoint with its size and SHA-256, so a file
+damaged later (a truncated copy, a disk error) is noticed on resume: ``load_newest`` skips such a
+checkpoint with a warning and falls back to the newest intact one. A save that fails (disk full, no
+permission) removes its staging directory, leaves the earlier checkpoints as they were and raises
+``CheckpointSaveError`` with the bytes needed and free.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -29,7 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 ENGINE_DIR = "engine"  # accelerator.save_state's folder inside a sharded-engine checkpoint
@@ -41,7 +52,15 @@ RESUMABLE_CHANGES = {
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used (incompatible config, unreadable files)."""
+    """A checkpoint cannot be used (incompatible config, unreadable files) or written."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint's files do not match its marker, or cannot be read."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (disk full, permissions, I/O); the earlier ones are untouched."""
 
 
 @dataclass
@@ -52,6 +71,7 @@ class TrainState:
     window: dict = field(default_factory=dict)  # sums of the open logging window
     window_seconds: float = 0.0  # time spent in its steps so far (for tokens/s after a resume)
     window_steps: int = 0
+    num_tokens: float = 0.0  # input tokens of the logged training steps (TRL's num_tokens)
 
 
 def _rng_state() -> tuple[dict, dict]:
@@ -121,9 +141,26 @@ def start(run_dir: Path, step: int) -> Path:
     return tmp
 
 
-def finish(run_dir: Path, tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int) -> Path:
-    """Write the rest of the checkpoint into ``tmp``, mark it complete and move it into place (main
-    process only). ``model`` and ``optimizer`` are None when the engine saved them in ``engine/``."""
+def finish(run_dir: Path, tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int,
+           estimate: int | None = None) -> Path:
+    """Write the rest of the checkpoint into ``tmp``, mark it complete (listing each file's size and
+    checksum) and move it into place (main process only). ``model`` and ``optimizer`` are None when
+    the engine saved them in ``engine/``. A write that fails removes ``tmp`` and raises
+    ``CheckpointSaveError``; ``estimate``: bytes a checkpoint takes, for its message."""
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    try:
+        _write(tmp, model, optimizer, scheduler, state, config)
+        (tmp / MARKER).write_text(json.dumps({"files": manifest(tmp)}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except OSError as e:
+        raise save_failed(run_dir, final, e, estimate) from e
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict) -> None:
     opt_meta = None
     if model is not None:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
@@ -138,18 +175,126 @@ def finish(run_dir: Path, tmp: Path, model, optimizer, scheduler, state: TrainSt
         "rng": rng_meta,
         "config": config,
     }))
-    (tmp / MARKER).write_text("")
-    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int) -> Path:
     """A complete checkpoint of an unsharded model, written by one process."""
-    return finish(run_dir, start(run_dir, state.step), model, optimizer, scheduler, state, config, keep)
+    try:
+        tmp = start(run_dir, state.step)
+    except OSError as e:
+        raise save_failed(run_dir, staging_dir(run_dir, state.step), e, estimated_bytes(model)) from e
+    return finish(run_dir, tmp, model, optimizer, scheduler, state, config, keep, estimated_bytes(model))
+
+
+def save_failed(run_dir: Path, path: Path, error: OSError, estimate: int | None) -> CheckpointSaveError:
+    """Remove the half-written staging directory of checkpoint ``path``; the error that stops the run,
+    with the bytes a checkpoint takes (the newest complete one's size, else ``estimate``) and the bytes free."""
+    path = path.with_name(path.name.removesuffix(".tmp"))
+    shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
+    done = checkpoint_dirs(run_dir)
+    needed = dir_bytes(done[-1]) if done else estimate
+    free = shutil.disk_usage(path.parent if path.parent.exists() else run_dir).free
+    where = f" ({error.filename})" if error.filename else ""
+    return CheckpointSaveError(
+        f"could not write checkpoint {path}{where}: {error.strerror or error}. A checkpoint needs about "
+        f"{_size(needed)} and {_size(free)} are free there. The earlier checkpoints are untouched "
+        f"(newest: {done[-1] if done else 'none yet'}); free space or fix the directory, then re-run the "
+        "same command to resume from it."
+    )
+
+
+def _size(n: int | None) -> str:
+    return "an unknown number of bytes" if n is None else f"{n:,} bytes ({n / 2**30:.2f} GiB)"
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def estimated_bytes(model) -> int:
+    """About what one checkpoint of ``model`` takes: every weight, plus AdamW's two moments (in the
+    weight's dtype) for each trainable one."""
+    return sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in model.parameters())
+
+
+def check_space(run_dir: Path, model, keep: int, save_model: bool, warn: bool = True) -> int:
+    """The estimated bytes of one checkpoint; with a warning when the output directory's disk cannot
+    hold the checkpoints the run keeps (one more while the next is written, before the oldest is
+    pruned) and the final model."""
+    per_checkpoint = estimated_bytes(model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = per_checkpoint * (keep + 1) + (weights if save_model else 0)
+    free = shutil.disk_usage(run_dir).free
+    if warn and free < needed:
+        log.warning("output directory %s has %s free, but %d checkpoints of about %s each%s need %s: the run "
+                    "will stop when a save fails (it stays resumable from the last good one)", run_dir, _size(free),
+                    keep + 1, _size(per_checkpoint), " and the final model" if save_model else "", _size(needed))
+    return per_checkpoint
+
+
+# ----------------------------------------------------------------------------- verifying
+def _sha256(path: Path, chunk: int = 1 << 23) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file under ``folder`` (the marker aside), by relative path."""
+    files = sorted(f for f in Path(folder).rglob("*") if f.is_file() and f.name != MARKER)
+    return {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+
+
+def verify(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted (a file missing, of the wrong size or not
+    matching its checksum), or None. A checkpoint from before markers listed files is not checked."""
+    try:
+        text = (path / MARKER).read_text()
+        if not text.strip():
+            log.info("checkpoint %s predates checksums: its files are not verified", path)
+            return None
+        files = json.loads(text)["files"]
+        for name, want in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want["size"]:
+                return f"{name} has {f.stat().st_size} bytes, {want['size']} were written"
+            if _sha256(f) != want["sha256"]:
+                return f"{name} does not match its checksum"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MARKER} marker is not a list of files"
+    return None
+
+
+def load_newest(run_dir: Path, model, optimizer, scheduler, config: dict, load_engine_state=None,
+                on_main=None) -> tuple[Path, TrainState] | None:
+    """Restore the newest intact checkpoint of ``run_dir``; None when it has none. A damaged one (a
+    file not matching the marker, or unreadable) is skipped with a warning naming it and why; when
+    none is intact, CheckpointError names them all. ``on_main(fn)``: fn's result on the main process,
+    given to every process, so that one process reads the files to check them and all pick the same."""
+    on_main = on_main or (lambda fn: fn())
+    found = checkpoint_dirs(run_dir)
+    problems = []
+    for path in reversed(found):
+        why = on_main(lambda: verify(path))
+        if why is None:
+            try:
+                return path, load(path, model, optimizer, scheduler, config, load_engine_state)
+            except DamagedCheckpoint as e:
+                why = str(e)
+        log.warning("checkpoint %s is damaged and skipped: %s", path, why)
+        problems.append(f"{path.name}: {why}")
+    if problems:
+        raise CheckpointError(
+            f"no intact checkpoint in {Path(run_dir) / 'checkpoints'} ({'; '.join(problems)}). Remove the damaged "
+            "ones and re-run, or run with resume=false to start fresh."
+        )
+    return None
 
 
 def incompatible_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -170,24 +315,31 @@ def load(path: Path, model, optimizer, scheduler, config: dict, load_engine_stat
     """Restore everything from a checkpoint directory; refuse one written by a different config.
     ``load_engine_state``: ``accelerator.load_state``, called on every process, for a checkpoint with an
     ``engine/`` folder (then ``model`` and ``optimizer`` are not used)."""
-    meta = json.loads((path / "state.json").read_text())
-    diffs = incompatible_keys(meta["config"], config)
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        diffs = incompatible_keys(meta["config"], config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DamagedCheckpoint(f"{path / 'state.json'} cannot be read ({type(e).__name__}: {e})") from e
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was written by a different config ({'; '.join(diffs)}). "
             "Run with resume=false to start fresh in this directory, or use another hydra.run.dir."
         )
-    if (path / ENGINE_DIR).is_dir():
-        if load_engine_state is None:
-            raise CheckpointError(f"checkpoint {path} was saved by a sharded engine (its {ENGINE_DIR}/ folder); "
-                                  "resume it with hardware.checkpoint_format=accelerate")
-        load_engine_state(str(path / ENGINE_DIR))
-    else:
-        load_model(model, str(path / "model.safetensors"))
-        optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
-    scheduler.load_state_dict(meta["scheduler"])
-    _set_rng_state(load_file(path / "rng.safetensors"), meta["rng"])
-    return TrainState(**meta["train_state"])
+    by_engine = (path / ENGINE_DIR).is_dir()
+    if by_engine and load_engine_state is None:
+        raise CheckpointError(f"checkpoint {path} was saved by a sharded engine (its {ENGINE_DIR}/ folder); "
+                              "resume it with hardware.checkpoint_format=accelerate")
+    try:
+        if by_engine:
+            load_engine_state(str(path / ENGINE_DIR))
+        else:
+            load_model(model, str(path / "model.safetensors"))
+            optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
+        scheduler.load_state_dict(meta["scheduler"])
+        _set_rng_state(load_file(path / "rng.safetensors"), meta["rng"])
+        return TrainState(**meta["train_state"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise DamagedCheckpoint(f"{path} cannot be read ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def trim_metrics(metrics_path: Path, last_step: int) -> None:

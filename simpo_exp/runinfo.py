@@ -63,10 +63,11 @@ def user_errors(cfg: DictConfig):
     not a traceback. In a single run the process exits with status 2; in a sweep the job ends
     (the task returns NaN) and the sweep goes on; ``SweepSummary`` reports it at the end.
     """
+    out = Path(HydraConfig.get().runtime.output_dir)
+    (out / "error.json").unlink(missing_ok=True)  # a re-run's outcome replaces an earlier failure's
     try:
         yield
     except Exception as e:
-        out = Path(HydraConfig.get().runtime.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
         (out / "error.json").write_text(json.dumps(record, indent=2))

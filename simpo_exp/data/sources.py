@@ -62,10 +62,13 @@ def _load_files(files: list[Path], source: str) -> Dataset:
     types = {_file_type(f, source) for f in files}
     if len(types) > 1:
         raise DataSourceError(f"dataset.sources.{source}: mixed file types in {[str(f) for f in files]}")
+    empty = [str(f) for f in files if f.is_file() and f.stat().st_size == 0]
+    if empty:  # datasets fails on these with a bare StopIteration
+        raise DataSourceError(f"dataset.sources.{source}: {', '.join(empty)} is empty (0 bytes)")
     try:
         return load_dataset(types.pop(), data_files=[str(f) for f in files], split="train")
     except Exception as e:  # unreadable or malformed file
-        raise DataSourceError(f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {e}") from e
+        raise DataSourceError(f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}") from e
 
 
 def _split_files(directory: Path, split: str) -> list[Path]:

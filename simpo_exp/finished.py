@@ -1,0 +1,55 @@
+"""A finished run is recognised: re-running its command (or its sweep) returns the recorded result.
+
+The last thing a run writes, after its model and ``summary.json``, is ``finished.json`` holding the
+config it ran with. The entry point looks for it before anything loads: when it is there, with the
+summary and (if ``save_model``) the model, and the config matches (compared as a checkpoint's is,
+``checkpoint.incompatible_keys``), the job is skipped and its recorded summary returned. So a sweep
+re-run after a crash or a preemption trains only the jobs that had not finished; those resume from
+their checkpoints. ``resume=false`` trains again from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from simpo_exp.checkpoint import incompatible_keys
+
+log = logging.getLogger(__name__)
+
+FINISHED = "finished.json"
+
+
+def record(run_dir: Path, config_dict: dict) -> None:
+    """Mark ``run_dir`` finished (main process, after the model and summary.json are written)."""
+    path = Path(run_dir) / FINISHED
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config": config_dict}, indent=2, default=str))
+    tmp.replace(path)
+
+
+def recorded_summary(cfg) -> dict | None:
+    """The summary of the finished run of this config in ``cfg.output_dir``, or None when it has to
+    train (not finished, a different config, or ``resume=false``). Says so when it skips."""
+    from simpo_exp.tracking import HEADLINE_METRICS, config_to_dict, final_table
+
+    run_dir = Path(cfg.output_dir)
+    marker, summary_path = run_dir / FINISHED, run_dir / "summary.json"
+    if not cfg.resume or not marker.is_file() or not summary_path.is_file():
+        return None
+    if cfg.save_model and not (run_dir / "model").is_dir():
+        return None
+    try:
+        saved = json.loads(marker.read_text())["config"]
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: train (resuming from a checkpoint) and write both again
+    if incompatible_keys(saved, config_to_dict(cfg)):
+        return None  # the checkpoint check then names the differing keys
+    message = (f"{run_dir.resolve()}: already finished with this config; skipped (its summary.json is the "
+               "result; resume=false trains it again)")
+    log.info(message)
+    keys = [k for k in HEADLINE_METRICS if k in summary]
+    print(f"{message}\n{final_table(summary, keys)}", flush=True)
+    return summary

@@ -1,0 +1,196 @@
+"""Faults a cluster produces: damaged checkpoints, a full disk, a preempted and re-run sweep, numbers
+that cannot train. Each is a real run of the embedded default with short overrides."""
+
+import errno
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from simpo_exp import checkpoint
+from simpo_exp.finished import FINISHED
+from simpo_exp.tracking import MEASURED_METRICS
+from tests.test_reliability import _poison, _tiny_config, weights
+from tests.test_run import read_metrics, simpo
+
+# 6 steps, checkpoints at 2 and 4 (both kept), evals at 3 and 6
+RUN = ["max_steps=6", "save_steps=2", "eval_steps=3", "logging_steps=2", "logger=none", "eval_on_start=false",
+       "num_generations=0", "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16",
+       "per_device_train_batch_size=8", "gradient_accumulation_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("done") / "run"
+    res = simpo(*RUN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [p.name for p in checkpoint.checkpoint_dirs(run_dir)] == ["step-000002", "step-000004"]
+    return run_dir
+
+
+def killed_copy(finished_run: Path, dest: Path) -> Path:
+    """The finished run as if killed after its last checkpoint: no model, summary or finished marker."""
+    shutil.copytree(finished_run, dest)
+    shutil.rmtree(dest / "model")
+    (dest / "summary.json").unlink()
+    (dest / FINISHED).unlink()
+    return dest
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(finished_run, tmp_path):
+    run_dir = killed_copy(finished_run, tmp_path / "run")
+    newest = run_dir / "checkpoints" / "step-000004" / "model.safetensors"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 3])  # a truncated copy
+    assert "model.safetensors has" in checkpoint.verify(newest.parent)
+
+    res = simpo(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)  # the same command again
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (run_dir / "__main__.log").read_text()
+    assert "step-000004 is damaged and skipped: model.safetensors has" in log
+    assert "resumed from" in log and "step-000002 (step 2)" in log
+    # the same result as the uninterrupted run: summary, weights and every logged record
+    done, again = (json.loads((d / "summary.json").read_text()) for d in (finished_run, run_dir))
+    for key, value in done.items():
+        if key.startswith(("eval/", "train/")) and key not in MEASURED_METRICS:
+            assert again[key] == value, key
+    wa, wb = weights(finished_run), weights(run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in MEASURED_METRICS} for r in rs]  # noqa: E731
+    assert strip(read_metrics(run_dir)) == strip(read_metrics(finished_run))
+    assert checkpoint.verify(run_dir / "checkpoints" / "step-000004") is None  # written again, intact
+
+
+def test_every_checkpoint_damaged_stops_naming_them(finished_run, tmp_path):
+    run_dir = killed_copy(finished_run, tmp_path / "run")
+    weights_file = run_dir / "checkpoints" / "step-000002" / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, wrong checksum
+    weights_file.write_bytes(bytes(data))
+    (run_dir / "checkpoints" / "step-000004" / "optimizer.safetensors").write_bytes(b"")
+    res = simpo(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert f"no intact checkpoint in {run_dir / 'checkpoints'}" in res.stderr
+    assert "step-000002: model.safetensors does not match its checksum" in res.stderr
+    assert "step-000004: optimizer.safetensors has 0 bytes" in res.stderr
+    assert "resume=false" in res.stderr
+
+
+def test_a_checkpoint_without_checksums_still_loads(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    path = checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=3), {}, keep=2)
+    assert set(json.loads((path / checkpoint.MARKER).read_text())["files"]) == {
+        "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
+    (path / checkpoint.MARKER).write_text("")  # the marker of checkpoints written before checksums
+    found, state = checkpoint.load_newest(tmp_path, model, opt, sched, {})
+    assert found == path and state.step == 3
+
+
+def test_a_failed_save_keeps_earlier_checkpoints_and_the_run_resumes(compose, tmp_path, monkeypatch, caplog):
+    from simpo_exp.train import train
+
+    real, calls = checkpoint.save_model, {"n": 0}
+
+    def disk_full_on_third(model, filename, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            Path(filename).write_bytes(b"\0" * 1000)  # part of the file made it to disk
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real(model, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_model", disk_full_on_third)
+    extra = ("max_steps=5", "save_steps=1", "save_total_limit=3", "per_device_train_batch_size=8")
+    cfg = _tiny_config(compose, tmp_path, *extra)
+    with pytest.raises(checkpoint.CheckpointSaveError) as err:
+        train(cfg)
+    message = str(err.value)
+    run_dir = tmp_path / "run"
+    assert f"could not write checkpoint {run_dir / 'checkpoints' / 'step-000003'}" in message
+    assert "No space left on device" in message and "bytes" in message and "free" in message
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001", "step-000002"]  # no .tmp
+    assert all(checkpoint.verify(p) is None for p in checkpoint.checkpoint_dirs(run_dir))
+
+    monkeypatch.setattr(checkpoint, "save_model", real)  # space freed: the same run again
+    with caplog.at_level(logging.INFO, logger="simpo_exp.train"):
+        resumed = train(_tiny_config(compose, tmp_path, *extra))
+    assert any("resumed from" in r.message and "step-000002" in r.message for r in caplog.records)
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3, 4, 5]
+    fresh = train(_tiny_config(compose, tmp_path / "fresh", *extra))  # uninterrupted, for comparison
+    for key, value in fresh.items():
+        if key.startswith(("eval/", "train/")) and key not in MEASURED_METRICS:
+            assert resumed[key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+
+
+def test_short_disk_is_warned_about_at_start(tmp_path, monkeypatch, caplog):
+    model = torch.nn.Linear(100, 100)  # 10,100 float32 weights: 40,400 bytes, 121,200 with AdamW's moments
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=250_000))
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.checkpoint"):
+        assert checkpoint.check_space(tmp_path, model, keep=1, save_model=False) == 121_200
+    assert not caplog.records  # two checkpoints (one being written) fit in 250,000 bytes
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.checkpoint"):
+        checkpoint.check_space(tmp_path, model, keep=2, save_model=True)
+    assert "250,000 bytes" in caplog.text and "3 checkpoints" in caplog.text and "404,000 bytes" in caplog.text
+
+
+def test_a_rerun_sweep_trains_only_the_unfinished_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["--multirun", "beta=2,5", f"hydra.sweep.dir={sweep}", *RUN]
+    res = simpo(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    done, killed = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    assert "beta=5" in killed.name
+    before = (done / "metrics.jsonl").read_bytes()
+    # the second job is preempted after its last checkpoint: its final outputs never got written
+    shutil.rmtree(killed / "model")
+    for name in ("summary.json", FINISHED):
+        (killed / name).unlink()
+
+    res = simpo(*args, cwd=tmp_path)  # the same sweep again
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{done.resolve()}: already finished with this config; skipped" in res.stdout
+    assert f"{killed.resolve()}: already finished" not in res.stdout
+    assert (done / "metrics.jsonl").read_bytes() == before  # not trained again
+    assert "resumed from" not in (done / "__main__.log").read_text()
+    assert "resumed from" in (killed / "__main__.log").read_text()  # from its step-4 checkpoint
+    assert json.loads((killed / "summary.json").read_text())["train/global_step"] == 6
+    assert [r["step"] for r in read_metrics(killed) if "train/loss" in r] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("override", ["beta=inf", "learning_rate=inf", "gamma_beta_ratio=-inf"])
+def test_infinite_values_are_refused_before_anything_loads(tmp_path, override):
+    run_dir = tmp_path / "run"
+    res = simpo(override, *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert f"invalid config value {override}: must be finite" in res.stderr and "Traceback" not in res.stderr
+    assert not (run_dir / "data_report.json").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_empty_data_file_is_named_as_empty(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    res = simpo("dataset=local", f"dataset.sources.local.path={empty}", *RUN, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{empty} is empty (0 bytes)" in res.stderr
+
+
+def test_skipped_steps_are_reported_and_a_run_with_no_good_step_fails(compose, tmp_path, monkeypatch, capsys):
+    from simpo_exp.train import NonFiniteError, train
+
+    _poison(monkeypatch, {2})
+    summary = train(_tiny_config(compose, tmp_path, "max_steps=3", "per_device_train_batch_size=8"))
+    assert summary["train/skipped_steps"] == 1
+    table = capsys.readouterr().out.split("run directory:")[1]
+    assert "train/skipped_steps" in table and table.split("train/skipped_steps")[1].split()[0] == "1"
+
+    _poison(monkeypatch, set(range(1, 100)))
+    cfg = _tiny_config(compose, tmp_path / "bad", "max_steps=3", "max_bad_steps=10", "per_device_train_batch_size=8")
+    with pytest.raises(NonFiniteError, match="all 3 steps had a non-finite loss"):
+        train(cfg)
+    assert not (tmp_path / "bad" / "run" / "summary.json").exists()
