@@ -62,6 +62,10 @@ VARIANTS = {
     "prefix+chunk256": dict(packing="prefix_shared", attention="segments", chunk_size=256),
     "prefix+chunk1024": dict(packing="prefix_shared", attention="segments", chunk_size=1024),
     "packed+chunk1024": dict(packing="packed", attention="segments", chunk_size=1024),
+    # FlexAttention (one call per layer with a block mask): GPU only (torch has no CPU backward)
+    "packed-flex": dict(packing="packed", attention="flex", chunk_size=0),
+    "prefix-flex": dict(packing="prefix_shared", attention="flex", chunk_size=0),
+    "prefix-flex+chunk1024": dict(packing="prefix_shared", attention="flex", chunk_size=1024),
 }
 
 PRESETS = {
@@ -85,13 +89,13 @@ PRESETS = {
     ),
     "gpu": dict(
         device="cuda",
-        # Llama-3.2-1B-like with a narrower body: ~0.75B parameters, Llama-3 vocabulary
-        model=dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=16, num_attention_heads=24,
+        # Llama-3.2-1B's shape (1.24B parameters with the tied 128k-token embedding), randomly initialised
+        model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                    num_key_value_heads=8, vocab_size=128_256, tie_word_embeddings=True),
         prompt=(130, 0.7, 50, 500), response=(280, 0.6, 100, 800),
         batch=4, max_length=2048, lr=1e-6, bf16=True, gradient_checkpointing=True,
-        warmup=3, steps=20, rounds=1,
-        variants=["plain", "plain+chunk1024", "packed", "prefix", "prefix+chunk1024"],
+        warmup=3, steps=10, rounds=1,
+        variants=["plain", "plain+chunk1024", "prefix", "packed-flex", "prefix-flex", "prefix-flex+chunk1024"],
     ),
 }
 
@@ -324,6 +328,8 @@ def worker_ours(spec: dict) -> dict:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
+    from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
+
     preset, tok, rows = setup(spec)
     device = preset["device"]
     pairs = tokenize_like_trl(tok, rows, preset["max_length"])
@@ -334,12 +340,16 @@ def worker_ours(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     policy.train()
+    spec_flops = flop_spec(model)
+    work = []  # model FLOPs of each step, for MFU (simpo_exp/flops.py)
     base = rss_mb()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     marks = [time.perf_counter()]
     for batch in loader:  # the inner loop of simpo_exp/train.py with accumulation 1
+        pairs_seen = float(attention_pairs(batch, VARIANTS[spec["variant"]]["packing"]))
+        work.append(spec_flops.step_flops(float(batch["attention_mask"].sum()), float(batch["loss_mask"].sum()), pairs_seen))
         loss = step_loss(policy, batch)[0]
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), 1.0)
@@ -348,7 +358,11 @@ def worker_ours(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         marks.append(time.perf_counter())
-    return finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]))
+    out = finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]))
+    peak = peak_flops(torch.device(device), "bf16" if preset["bf16"] else "no", None)
+    if peak:
+        out["mfu"] = [w / t / peak for w, t in zip(work, out["times"])]
+    return out
 
 
 def finish(preset, marks, base_rss, device, tokens) -> dict:
@@ -365,15 +379,21 @@ WORKERS = {"check": worker_check, "trl": worker_trl, "ours": worker_ours}
 
 
 # ----------------------------------------------------------------------------- the driver
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, must_succeed: bool = True) -> dict:
+    """One measurement in a fresh process. A failed timing run (out of memory, say) comes back as
+    ``{"error": ...}`` unless ``must_succeed``, so the rest of the table is still measured."""
     env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-6000:])
-    raise SystemExit(f"worker {spec.get('impl')}/{spec.get('variant', '')} failed (exit {proc.returncode})")
+    sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-3000:])
+    what = f"worker {spec.get('impl')}/{spec.get('variant', '')} failed (exit {proc.returncode})"
+    if must_succeed:
+        raise SystemExit(what)
+    oom = "OutOfMemoryError" in proc.stderr or "out of memory" in proc.stderr
+    return {"error": "out of memory" if oom else what}
 
 
 def machine(threads: int | None = None) -> str:
@@ -407,6 +427,8 @@ def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str)
     }
     if device == "cuda":
         out["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in runs)
+    if all("mfu" in r for r in runs):
+        out["mfu"] = statistics.median(m for r in runs for m in r["mfu"][warmup:])
     return out
 
 
@@ -421,6 +443,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's)")
     ap.add_argument("--no-trl", action="store_true", help="time only our variants (the loss check still runs)")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--markdown", help="also write the table as markdown to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -470,17 +493,27 @@ def main() -> None:
 
     runs: dict[str, list] = {}
     order = ([] if args.no_trl else ["TRL"]) + variants
-    for r in range(rounds):
-        for name in order:
-            spec = base | ({"impl": "trl"} if name == "TRL" else {"impl": "ours", "variant": name})
-            res = run_worker(spec)
-            runs.setdefault(name, []).append(res)
-            med = statistics.median(res["times"][preset["warmup"]:])
-            print(f"round {r + 1}: {name:<18} median step {med * 1e3:8.1f} ms  peak RSS {res['peak_rss_mb']:8.0f} MB"
-                  f"  ({time.time() - started:.0f} s)", flush=True)
+    try:
+        for r in range(rounds):
+            for name in order:
+                spec = base | ({"impl": "trl"} if name == "TRL" else {"impl": "ours", "variant": name})
+                res = run_worker(spec, must_succeed=False)
+                if "error" in res:
+                    print(f"round {r + 1}: {name:<18} FAILED: {res['error']}", flush=True)
+                    continue
+                runs.setdefault(name, []).append(res)
+                med = statistics.median(res["times"][preset["warmup"]:])
+                print(f"round {r + 1}: {name:<18} median step {med * 1e3:8.1f} ms  peak RSS {res['peak_rss_mb']:8.0f} MB"
+                      f"  ({time.time() - started:.0f} s)", flush=True)
+    finally:  # a run cut short (a time limit, Ctrl-C) still prints and writes what it measured
+        report(args, preset, check, order, runs, started)
 
-    rows = [summarise(n, runs[n], preset["warmup"], preset["batch"], preset["device"]) for n in order]
-    ref = rows[0] if order[0] == "TRL" else None
+
+def report(args, preset: dict, check: dict, order: list[str], runs: dict, started: float) -> None:
+    """The side-by-side table (stdout), and the same as JSON (``--json``) and markdown (``--markdown``)."""
+    rows = [summarise(n, runs[n], preset["warmup"], preset["batch"], preset["device"]) for n in order if n in runs]
+    missing = [n for n in order if n not in runs]
+    ref = rows[0] if rows and rows[0]["name"] == "TRL" else None
     mem_key = "peak_cuda_mb" if preset["device"] == "cuda" else "peak_rss_mb"
     print(f"\n{'':<18} {'pairs/s':>9} {'x TRL':>6} {'resp tok/s':>11} {'x TRL':>6} "
           f"{'peak MB':>9} {'x TRL':>6}" + ("" if preset["device"] == "cuda" else f" {'RSS rise MB':>11} {'x TRL':>6}")
@@ -496,10 +529,29 @@ def main() -> None:
             line += f" {row['rss_rise_mb']:11.0f} " + (f"{row['rss_rise_mb'] / ref['rss_rise_mb']:6.2f}" if ref else f"{'':6}")
         line += "  " + " ".join(f"{x:.2f}" for x in row["round_pairs_per_s"])
         print(line)
-    print(f"\ntotal {time.time() - started:.0f} s")
+    for name in missing:
+        print(f"{name:<18} not measured (failed or not reached)")
+    print(f"\ntotal {time.time() - started:.0f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(args.threads), "preset": args.preset, "config": preset,
-                                               "check": check, "rows": rows, "runs": runs}, indent=1))
+                                               "check": check, "rows": rows, "runs": runs, "missing": missing},
+                                              indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(rows, missing, ref, mem_key, machine(args.threads), args.preset))
+
+
+def markdown_table(rows: list[dict], missing: list[str], ref: dict | None, mem_key: str, where: str,
+                   preset: str) -> str:
+    lines = [f"preset `{preset}`; {where}", "",
+             "| run | median step ms | pairs/s | x TRL | resp. tokens/s | peak MB | x TRL | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = (lambda key: f"{row[key] / ref[key]:.2f}") if ref else (lambda key: "")
+        lines.append(f"| {row['name']} | {row['median_step_s'] * 1e3:.1f} | {row['pairs_per_s']:.2f} | "
+                     f"{ratio('pairs_per_s')} | {row['resp_tokens_per_s']:.0f} | {row[mem_key]:.0f} | {ratio(mem_key)} | "
+                     + (f"{row['mfu']:.1%} |" if "mfu" in row else " |"))
+    lines += [f"| {name} | failed or not reached | | | | | | |" for name in missing]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

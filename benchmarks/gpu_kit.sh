@@ -16,12 +16,15 @@ rm -rf .whl && mkdir .whl
 
 PY312=(--only-binary=:all: --python-version 3.12 --implementation cp
        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-# the versions tested here of the libraries the image has in other versions (all pure Python)
-PINNED=$(python3 -c "from importlib.metadata import version as v; print(' '.join(f'{p}=={v(p)}' for p in ('transformers', 'peft')))")
-# Hydra and the data stack (pure Python, or compiled for 3.12 where they are not)
-python3 -m pip download -q --no-deps "${PY312[@]}" -d .whl $PINNED \
-    hydra-core omegaconf datasets dill multiprocess trl \
-    pydantic pydantic-core annotated-types typing-inspection hjson
+# The versions tested here, pinned so that they agree there: transformers and peft (the image has others),
+# Hydra with the omegaconf it accepts (hydra-core 1.3.x refuses omegaconf 2.4), the data stack, and the
+# TRL release the benchmark compares with.
+PINNED=$(python3 -c "
+from importlib.metadata import version as v
+names = ('transformers', 'peft', 'hydra-core', 'omegaconf', 'datasets', 'dill', 'multiprocess', 'pydantic',
+         'pydantic-core', 'annotated-types', 'typing-inspection')
+print(' '.join(f'{p}=={v(p)}' for p in names))")
+python3 -m pip download -q --no-deps "${PY312[@]}" -d .whl $PINNED trl==1.16.0 hjson
 # source-only on PyPI: built here as pure-Python wheels (DeepSpeed compiles its ops on first use there)
 DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl \
     antlr4-python3-runtime==4.9.3 deepspeed

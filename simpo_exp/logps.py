@@ -36,25 +36,53 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 PACKINGS = ("none", "packed", "prefix_shared")
-PACKING_ATTENTIONS = ("segments", "mask")
+PACKING_ATTENTIONS = ("segments", "mask", "flex")
 SEGMENT_ATTENTION_PREFIX = "simpo_segments:"
 
 
 class SequenceLogps(NamedTuple):
     logp_sums: torch.Tensor  # [N] summed log-probs of each row's response tokens
     num_tokens: torch.Tensor  # [N] response tokens per row
-    logit_means: torch.Tensor  # [N] mean logit over response positions and vocabulary (diagnostic)
+    # Detached float32 diagnostics, summed over each row's response tokens (divide by a token count):
+    logit_sums: torch.Tensor  # [N] the logit averaged over the vocabulary
+    entropy_sums: torch.Tensor  # [N] the entropy of the next-token distribution
+    top1_counts: torch.Tensor  # [N] tokens that are the distribution's most likely one (first on ties)
 
     @property
     def mean_logps(self) -> torch.Tensor:
         """Length-normalised log-probs: mean over response tokens."""
         return self.logp_sums / self.num_tokens.clamp(min=1)
 
+    @property
+    def logit_means(self) -> torch.Tensor:
+        """Each row's mean logit over its response positions and the vocabulary."""
+        return self.logit_sums / self.num_tokens.clamp(min=1)
+
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per row, computed in float32. [M, V], [M] -> [M]."""
     logits = logits.float()
     return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
+
+
+STATS_ROWS = 512  # rows per block of token_stats: bounds its [rows, V] float32 temporaries
+
+
+@torch.no_grad()
+def token_stats(logits: torch.Tensor, logps: torch.Tensor, targets: torch.Tensor):
+    r"""Per-token diagnostics from float32 ``logits`` [M, V] and their log-softmax ``logps`` [M, V]:
+    the logit averaged over the vocabulary, the entropy :math:`-\sum_v p_v \log p_v`, and whether the
+    target is the argmax (first index on ties, as torch.argmax). Detached, float32, each [M];
+    computed in blocks of ``STATS_ROWS`` rows so the extra memory stays small."""
+    def entropy(lp: torch.Tensor) -> torch.Tensor:
+        return -(lp.exp() * lp).nan_to_num_(0.0).sum(-1)  # a -inf logit (p = 0) adds 0, not 0 * -inf
+
+    parts = [(lg.mean(-1), entropy(lp), (lg.argmax(-1) == t).float())
+             for lg, lp, t in zip(logits.split(STATS_ROWS), logps.split(STATS_ROWS), targets.split(STATS_ROWS))]
+    if not parts:
+        empty = logits.new_zeros(0)
+        return empty, empty, empty
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
 # ----------------------------------------------------------------------------- segment attention
@@ -84,6 +112,7 @@ class SegmentPlan:
         self.length = sum(self.sizes)
         self.max_job = max(sum(self.sizes[i] for i in pieces) for pieces, _ in self.jobs)
         self.calls = 0
+        self.block_mask = None  # set for attention="flex": one FlexAttention call per layer instead of the jobs
 
 
 def _job(pieces: tuple[torch.Tensor, ...], index: list[int]) -> torch.Tensor:
@@ -102,9 +131,10 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     if simpo_segments is None:
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     plan = simpo_segments
-    if kwargs.get("softcap"):
+    softcap = kwargs.get("softcap")
+    if softcap and plan.block_mask is None:
         raise ValueError("segment attention does not implement attention-logit softcapping (Gemma 2): "
-                         "use packing_attention=mask with eager attention, or packing=none")
+                         "use packing_attention=flex or mask (with eager attention), or packing=none")
     window = kwargs.get("sliding_window")
     if window and plan.max_job > window:
         raise ValueError(f"a packed sequence of {plan.max_job} tokens exceeds the model's sliding window ({window}): "
@@ -113,6 +143,16 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError(f"segment attention expects one packed row of {plan.length} tokens, got {tuple(query.shape)}")
     plan.calls += 1
     gqa = query.shape[1] != key.shape[1]
+    if plan.block_mask is not None:
+        score_mod = None
+        if softcap:  # Gemma 2: scores squashed to (-softcap, softcap) before the softmax
+
+            def score_mod(score, b, h, q, k):
+                return torch.tanh(score / softcap) * softcap
+
+        out = flex_attention_fn(query.device)(query, key, value, block_mask=plan.block_mask, score_mod=score_mod,
+                                              scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
     qs, ks, vs = (x.split(plan.sizes, dim=2) for x in (query, key, value))
     outs = []
     for index, keep_from in plan.jobs:
@@ -123,6 +163,46 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         outs.append(o[:, :, keep_from:] if keep_from else o)
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def flex_block_mask(segments: list, packing: str, device: torch.device):
+    """FlexAttention's ``BlockMask`` for a packed row: a key is visible when it is in the query's pair (and,
+    under ``packed``, the same sequence), not later in the row, and not a chosen token seen from the rejected
+    response (prefix sharing: arXiv 2410.20305). Built once per batch and shared by every layer; the kernel
+    skips the blocks the mask rules out, so the cost follows the visible pairs, not the row's length squared."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc, role = [], []  # per token: which sequence group, and 0 prompt / 1 chosen / 2 rejected
+    for i, (p, c, r) in enumerate(segments):
+        if packing == "packed":  # prompt chosen | prompt rejected: two sequences
+            doc += [2 * i] * (p + c) + [2 * i + 1] * (p + r)
+            role += [0] * (2 * p + c + r)
+        else:  # prompt | chosen | rejected: one group, rejected blind to chosen
+            doc += [i] * (p + c + r)
+            role += [0] * p + [1] * c + [2] * r
+    doc = torch.tensor(doc, device=device)
+    role = torch.tensor(role, device=device)
+
+    def visible(b, h, q, k):
+        return (q >= k) & (doc[q] == doc[k]) & ~((role[q] == 2) & (role[k] == 1))
+
+    return create_block_mask(visible, None, None, len(doc), len(doc), device=str(device))
+
+
+_COMPILED_FLEX = None
+
+
+def flex_attention_fn(device: torch.device):
+    """FlexAttention, compiled on GPUs (its fast kernels are generated by torch.compile); eager elsewhere
+    (CPU runs the forward only: torch has no FlexAttention backward on CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _COMPILED_FLEX
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED_FLEX
 
 
 def install_segment_attention(model: nn.Module) -> str:
@@ -186,7 +266,7 @@ class ResponseLogps(nn.Module):
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         if packing != "none":
             impl = model.config._attn_implementation or ""
-            if attention == "segments":
+            if attention in ("segments", "flex"):
                 install_segment_attention(model)
             elif impl.startswith("flash") or impl == "flex_attention":
                 raise ValueError(f"packing_attention=mask needs an attention that takes a dense 4D mask (sdpa, eager), "
@@ -209,8 +289,11 @@ class ResponseLogps(nn.Module):
         return logits
 
     def _logps_and_logit_sums(self, hidden: torch.Tensor, targets: torch.Tensor):
-        logits = self._head(hidden)
-        return token_logps(logits, targets), logits.float().mean(-1)
+        """[M] target log-probs (with gradient) and token_stats' three detached diagnostics."""
+        logits = self._head(hidden).float()
+        logps = logits.log_softmax(-1)
+        chosen = torch.gather(logps, 1, targets[:, None]).squeeze(1)
+        return chosen, *token_stats(logits.detach(), logps.detach(), targets)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, logp_source: torch.Tensor | None = None,
@@ -252,8 +335,10 @@ class ResponseLogps(nn.Module):
             return body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                         use_cache=False).last_hidden_state
         if attn_groups is not None:
-            raise ValueError("a batch for packing_attention=mask reached ResponseLogps(attention='segments')")
+            raise ValueError(f"a batch for packing_attention=mask reached ResponseLogps(attention={self.attention!r})")
         plan = SegmentPlan(segments, self.packing)
+        if self.attention == "flex":
+            plan.block_mask = flex_block_mask(segments, self.packing, input_ids.device)
         if input_ids.shape != (1, plan.length):
             raise ValueError(f"packed batch of shape {tuple(input_ids.shape)} does not match its segments "
                              f"({plan.length} tokens)")
@@ -274,11 +359,12 @@ class ResponseLogps(nn.Module):
                 checkpoint(self._logps_and_logit_sums, s, t, use_reentrant=False)
                 for s, t in zip(states.split(self.chunk_size), targets.split(self.chunk_size))
             ]
-            logps = torch.cat([p[0] for p in parts])
-            logit_means = torch.cat([p[1] for p in parts])
+            per_token = [torch.cat(x) for x in zip(*parts)]
         else:
-            logps, logit_means = self._logps_and_logit_sums(states, targets)
+            per_token = self._logps_and_logit_sums(states, targets)
 
-        sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-        logit_sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, rows, logit_means.detach())
-        return SequenceLogps(sums, counts, logit_sums / counts.clamp(min=1))
+        def per_row(x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, rows, x)
+
+        logps, *stats = per_token
+        return SequenceLogps(per_row(logps), counts, *(per_row(x.detach()) for x in stats))

@@ -28,8 +28,9 @@ def _model(dtype):
     return LlamaForCausalLM(config).to("cuda", dtype)
 
 
-@pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
-def test_packed_layouts_match_the_plain_one_on_cuda(packing):
+@pytest.mark.parametrize("packing, attention", [("packed", "segments"), ("prefix_shared", "segments"),
+                                                ("packed", "flex"), ("prefix_shared", "flex")])
+def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention):
     """float32 on CUDA (SDPA picks its GPU kernels): the same log-probs and gradients as the plain path."""
     gen = torch.Generator().manual_seed(1)
     pairs = []
@@ -40,8 +41,9 @@ def test_packed_layouts_match_the_plain_one_on_cuda(packing):
     results = []
     for layout in ("none", packing):
         model = _model(torch.float32)
-        policy = ResponseLogps(model, packing=layout)
-        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PairCollator(0, packing=layout)(pairs).items()}
+        policy = ResponseLogps(model, packing=layout, attention=attention)
+        collate = PairCollator(0, packing=layout, attention=attention)
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(pairs).items()}
         out = policy(**batch)
         out.logp_sums.sum().backward()
         results.append((out.mean_logps.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
@@ -67,6 +69,13 @@ def test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory(tmp_path):
     assert (run / "model" / "model.safetensors").exists()
 
 
+def test_flex_attention_trains_through_the_loop(tmp_path):
+    run, summary, env = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared",
+                             "hardware.packing_attention=flex")
+    assert env["batch_layout"]["attention"] == "flex" and torch.isfinite(torch.tensor(summary["train/loss"]))
+    assert summary["precision/weights_dtype"] == "float32" and summary["precision/autocast_dtype"] == "bfloat16"
+
+
 def test_gpu_preset_resumes(tmp_path):
     run, first, _ = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared")
     _, resumed, _ = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared")  # from step 3
@@ -83,6 +92,8 @@ def test_zero3_without_a_launcher(tmp_path):
     assert env["distributed_type"] == "DEEPSPEED" and env["num_processes"] == 1
     assert (run / "checkpoints" / "step-000003" / "engine").is_dir()  # written through accelerator.save_state
     assert (run / "model" / "model.safetensors").exists() and summary["train/global_step"] == 6
+    if any(name in env["device_names"][0] for name in ("H100", "H200", "A100")):
+        assert 0 < summary["train/mfu"] < 1  # counted from the full parameter sizes, not the empty local shards
 
 
 def test_gpu_lora(tmp_path):

@@ -187,3 +187,63 @@ def test_auto_layout_keeps_softcapped_models_padded(compose):
     assert gemma.config.attn_logit_softcapping
     assert batch_layout(cfg, cpu, gemma)["packing"] == "none"
     assert batch_layout(cfg, cpu, LlamaForCausalLM(LlamaConfig(**small)))["packing"] == "prefix_shared"
+
+
+# ----------------------------------------------------------------------------- FlexAttention
+# torch has no FlexAttention backward on CPU: here the forward is checked against the plain path in
+# float32; tests/test_gpu.py checks losses and gradients on CUDA.
+@pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
+def test_flex_attention_matches_the_plain_path_forward(packing):
+    model = make_model().eval()
+    pairs = random_pairs(5, seed=3)
+    with torch.no_grad():
+        plain = ResponseLogps(model)(**PairCollator(PAD)(pairs))
+        flex = ResponseLogps(model, packing=packing, attention="flex")(
+            **PairCollator(PAD, packing=packing, attention="flex")(pairs))
+    assert torch.equal(plain.num_tokens, flex.num_tokens)
+    assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), \
+        (plain.mean_logps - flex.mean_logps).abs().max()
+
+
+def test_flex_block_mask_is_the_prefix_sharing_mask():
+    """The block mask's visible (query, key) pairs are exactly the dense prefix-sharing mask's."""
+    from simpo_exp.logps import flex_block_mask
+
+    pairs = random_pairs(3, seed=4, max_prompt=6, max_response=6)
+    segments = PairCollator(PAD, packing="prefix_shared")(pairs)["segments"]
+    block = flex_block_mask(segments, "prefix_shared", torch.device("cpu"))
+    # the mask_mod evaluated on every (q, k) pair against a hand-built mask
+    t = sum(p + c + r for p, c, r in segments)
+    q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    got = block.mask_mod(torch.tensor(0), torch.tensor(0), q, k)
+    want = torch.zeros(t, t, dtype=torch.bool)
+    start = 0
+    for p, c, r in segments:
+        P, C, R = range(start, start + p), range(start + p, start + p + c), range(start + p + c, start + p + c + r)
+        for qi in [*P, *C]:
+            for ki in range(start, qi + 1):
+                want[qi, ki] = True
+        for qi in R:
+            for ki in [*P, *range(R.start, qi + 1)]:
+                want[qi, ki] = True
+        start += p + c + r
+    assert torch.equal(got, want)
+
+
+def test_flex_attention_applies_gemma_softcapping():
+    """Gemma 2 caps its attention logits: the flex path must give the eager padded path's log-probs."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=PAD,
+                       attn_logit_softcapping=5.0, final_logit_softcapping=10.0, sliding_window=512,
+                       query_pre_attn_scalar=8, attn_implementation="eager")
+    model = Gemma2ForCausalLM(cfg).eval()
+    pairs = random_pairs(3, seed=5)
+    with torch.no_grad():
+        plain = ResponseLogps(model)(**PairCollator(PAD)(pairs))
+        flex = ResponseLogps(model, packing="prefix_shared", attention="flex")(
+            **PairCollator(PAD, packing="prefix_shared", attention="flex")(pairs))
+    assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), \
+        (plain.mean_logps - flex.mean_logps).abs().max()

@@ -17,6 +17,8 @@ rejected, whatever the layout.
 
 ``"segments"`` (the default): all pairs in ONE row without padding; the attention runs per sequence
                (``simpo_exp.logps.segment_attention``), so its cost is sum(L_i^2), not (sum L_i)^2.
+``"flex"``     the same one row as ``"segments"``; the attention is one FlexAttention call per layer with a
+               block mask (``simpo_exp.logps.flex_block_mask``): no Python loop over sequences (GPU).
 ``"mask"``     one row per pair, right-padded, plus ``attn_groups`` from which ``ResponseLogps``
                builds an explicit 4D mask (works with any attention that takes a 4D mask: sdpa, eager;
                a dense mask costs O(L^2) per row, so pairs are never packed together).
@@ -86,7 +88,7 @@ class PairCollator:
 
     def _packed(self, pairs: list[dict]) -> dict:
         n = len(pairs)
-        one_row = self.attention == "segments"
+        one_row = self.attention != "mask"  # segments and flex: every pair in one row
         rows = []  # per row: lists of ids, positions, groups, slots, previous-token columns
         for i, pair in enumerate(pairs):
             if one_row and rows:

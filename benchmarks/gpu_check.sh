@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole GPU check in one go, on one H100/H200 in under 8 minutes: install the kit carried in .whl/,
+# run tests/test_gpu.py, then the side-by-side benchmark against TRL 1.16 CPOTrainer(loss_type="simpo")
+# for every layout, at batch 4 and at batch 16. Figures (JSON, markdown tables, logs) go to $OUT.
+#
+#   here:  bash benchmarks/gpu_kit.sh                        # wheels into .whl/ (needs a package registry)
+#   there: bash benchmarks/gpu_check.sh                       # with .whl carried along; OUT=... to choose the folder
+#
+# Each part has its own time limit, and the benchmark prints and writes whatever it measured when it is
+# cut short, so a slow part never costs the figures of the others. Then paste $OUT/summary.md into
+# benchmarks/RESULTS.md's GPU section.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+started=$(date +%s)
+log() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$OUT/summary.md"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "kit install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD  # a machine that has the packages already (pip install -e ".[test,bench]")
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" > "$OUT/summary.md"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.md"
+python3 -c "
+import torch, transformers, accelerate, hydra, omegaconf, trl
+print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, '
+      f'accelerate {accelerate.__version__}, hydra {hydra.__version__}, omegaconf {omegaconf.__version__}, trl {trl.__version__}')
+" 2>&1 | tee -a "$OUT/summary.md"
+
+log "tests/test_gpu.py"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py > "$OUT/tests.log" 2>&1
+log "tests: exit $? -- $(tail -n 1 "$OUT/tests.log")"
+
+log "benchmark, batch 4, every layout"
+timeout 180 python3 benchmarks/bench_trl.py --preset gpu --json "$OUT/bench-b4.json" --markdown "$OUT/bench-b4.md" \
+    > "$OUT/bench-b4.log" 2>&1
+log "batch 4: exit $?"; cat "$OUT/bench-b4.md" >> "$OUT/summary.md" 2>/dev/null
+
+log "benchmark, batch 16 (TRL may not fit)"
+timeout 90 python3 benchmarks/bench_trl.py --preset gpu --batch 16 --steps 6 \
+    --variants plain+chunk1024,prefix-flex+chunk1024 --json "$OUT/bench-b16.json" --markdown "$OUT/bench-b16.md" \
+    > "$OUT/bench-b16.log" 2>&1
+log "batch 16: exit $?"; cat "$OUT/bench-b16.md" >> "$OUT/summary.md" 2>/dev/null
+log "done"
