@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from simpo_exp.losses import METHODS
 from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, eval_keys, train_keys
 
 DEFAULT_METRIC = "eval/rewards/accuracies"
@@ -50,10 +51,11 @@ FAMILIES = (
     Family("rewards_margins", "Reward margin (chosen - rejected)", ("rewards/margins",), "higher", 0.0),
     Family("rewards_accuracies", "Reward accuracy (share of pairs with chosen reward > rejected)",
            ("rewards/accuracies",), "higher", 0.5),
-    Family("logps", "Mean log-prob per token: chosen (solid) and rejected (dashed)", ("logps/chosen", "logps/rejected")),
+    Family("logps", "Mean log-prob per token: chosen (solid) and rejected (dashed)",
+           ("logps_mean/chosen", "logps_mean/rejected")),
     Family("loss", "Training objective (SimPO loss + sft_weight x NLL)", ("loss",), "lower"),
 )
-KNOWN_METRICS = train_keys() + eval_keys()
+KNOWN_METRICS = train_keys(METHODS) + eval_keys(METHODS)
 assert all(m in PAIR_METRICS for fam in FAMILIES for m in fam.metrics)
 assert set(TABLE_METRICS) <= set(KNOWN_METRICS)
 

@@ -40,7 +40,8 @@ from pathlib import Path
 import yaml
 
 from simpo_exp.compare import parse_overrides
-from simpo_exp.tracking import EVAL_ONLY_METRICS, PAIR_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS
+from simpo_exp.losses import METHODS
+from simpo_exp.tracking import EVAL_ONLY_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS, batch_metrics
 
 # The headline number (the Hydra task's return value) and the W&B summary key that holds it.
 # tracking.Tracker asks W&B for its best and its last value (define_metric(..., summary="max,last"))
@@ -71,7 +72,8 @@ def _section_of(metric: str) -> str:
     family = metric.split("/", 1)[0]
     if family == "rewards":
         return "Preference"
-    if family in ("logps", "logits"):
+    if family in ("logps", "logps_mean", "logits", "logits_response", "entropy", "mean_token_accuracy",
+                  "log_odds_ratio", "log_odds_chosen"):
         return "Log-probs"
     if family in ("loss", "sft_loss", "grad_norm", "learning_rate", "skipped_steps"):
         return "Optimisation"
@@ -83,16 +85,16 @@ def _section_of(metric: str) -> str:
 SECTION_ORDER = ("Preference", "Log-probs", "Optimisation", "Lengths", "Progress and throughput")
 
 
-def metric_sections() -> list[MetricSection]:
-    """Every metric tracking.py logs, in one line plot or another, arranged in sections.
+def metric_sections(methods=METHODS) -> list[MetricSection]:
+    """Every metric tracking.py logs for runs of ``methods``, in one line plot or another, in sections.
 
     A ``<family>/chosen`` metric shares its panel with ``<family>/rejected``; each split (train,
     eval) gets its own panels. Built from tracking's lists only: nothing here names a metric that
     tracking.py does not define.
     """
     per_split = {
-        "train": list(PAIR_METRICS + TRAIN_ONLY_METRICS),
-        "eval": list(PAIR_METRICS + EVAL_ONLY_METRICS),
+        "train": list(batch_metrics(methods) + TRAIN_ONLY_METRICS),
+        "eval": list(batch_metrics(methods) + EVAL_ONLY_METRICS),
     }
     panels: dict[str, list[tuple[str, list[str]]]] = {name: [] for name in SECTION_ORDER}
     for split, metrics in per_split.items():
@@ -119,6 +121,7 @@ class Sweep:
     entity: str | None = None
     path: Path | None = None
     jobs: list[Path] = field(default_factory=list)
+    methods: tuple[str, ...] = METHODS  # the jobs' methods: which method-specific metrics get panels
 
     @property
     def config_keys(self) -> list[str]:
@@ -246,7 +249,8 @@ def read_sweep(sweep_dir: Path) -> Sweep:
     projects = {lg.get("project") for lg in loggers} - {None}
     entities = {lg.get("entity") for lg in loggers} - {None}
     return Sweep(group=group, swept=swept, project=projects.pop() if len(projects) == 1 else None,
-                 entity=entities.pop() if len(entities) == 1 else None, path=sweep_dir, jobs=jobs)
+                 entity=entities.pop() if len(entities) == 1 else None, path=sweep_dir, jobs=jobs,
+                 methods=tuple(sorted({c.get("method", "simpo") for c in configs})))
 
 
 # ----------------------------------------------------------------------------- the workspace
@@ -287,7 +291,7 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
             ],
         )
     ]
-    for sec in metric_sections():
+    for sec in metric_sections(sweep.methods):
         sections.append(ws.Section(
             name=sec.name,
             is_open=sec.is_open,

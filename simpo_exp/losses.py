@@ -1,10 +1,12 @@
-"""Preference losses as pure functions of per-sequence log-probabilities.
+r"""Preference losses as pure functions of per-sequence log-probabilities.
 
 Nothing here knows about tokens, models or batches beyond tensors of shape [B]. Notation:
 :math:`\log\pi(y)` is a response's summed token log-prob, :math:`\bar\ell(y) = \log\pi(y)/|y|`
 its mean, :math:`y_w` the chosen and :math:`y_l` the rejected response, :math:`\sigma` the
 logistic function. Each loss returns per-pair losses and the implicit rewards as its method
-defines them (detached), so ``rewards/*`` keep their meaning per method.
+defines them (detached). ``preference_loss`` hands back the rewards TRL's trainer reports for the
+method, so ``rewards/*`` mean what they mean there: for LN-DPO and IPO that is DPO's
+:math:`\beta(\log\pi(y) - \log\pi_\text{ref}(y))` on summed log-probs, not the normalised one.
 """
 
 from __future__ import annotations
@@ -157,6 +159,13 @@ def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(x.clamp(max=-1e-6)))
 
 
+def orpo_log_odds(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> torch.Tensor:
+    r"""ORPO's log odds ratio of the chosen over the rejected response, from mean log-probs:
+    :math:`\log\text{odds}(y) = \bar\ell(y) - \log(1 - e^{\bar\ell(y)})`, returns
+    :math:`\log\text{odds}(y_w) - \log\text{odds}(y_l)`."""
+    return (chosen_logps - rejected_logps) - (_log1m_exp(chosen_logps) - _log1m_exp(rejected_logps))
+
+
 def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float) -> PreferenceLoss:
     r"""ORPO's odds-ratio term (Hong et al. 2024), on mean log-probs; ``beta`` is ORPO's :math:`\lambda`.
 
@@ -167,8 +176,7 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: fl
     ORPO adds the NLL of the chosen response (weight 1): the ``orpo`` preset sets ``sft_weight=1.0``.
     Rewards: :math:`\beta\,\bar\ell(y)`.
     """
-    log_odds = (chosen_logps - rejected_logps) - (_log1m_exp(chosen_logps) - _log1m_exp(rejected_logps))
-    losses = -beta * F.logsigmoid(log_odds)
+    losses = -beta * F.logsigmoid(orpo_log_odds(chosen_logps, rejected_logps))
     return PreferenceLoss(losses, beta * chosen_logps.detach(), beta * rejected_logps.detach())
 
 
@@ -191,7 +199,9 @@ def preference_loss(
     label_smoothing: float = 0.0,
     rdpo_alpha: float = 0.0,
 ) -> PreferenceLoss:
-    """Dispatch to a method's loss, handing each the sums or means it is defined on."""
+    """Dispatch to a method's loss, handing each the sums or means it is defined on. The rewards are
+    those TRL reports: LN-DPO's and IPO's are DPO's, on summed log-probs (TRL's ``sigmoid_norm`` and
+    ``ipo`` losses normalise by length, their logged rewards do not)."""
     c_len, r_len = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
     c_mean, r_mean = chosen_sums / c_len, rejected_sums / r_len
     if method == "simpo":
@@ -206,9 +216,10 @@ def preference_loss(
         raise ValueError(f"method={method!r} needs reference log-probs")
     if method == "dpo":
         return dpo_loss(chosen_sums, rejected_sums, ref_chosen_sums, ref_rejected_sums, beta, label_smoothing)
-    if method == "ln-dpo":
-        return dpo_loss(c_mean, r_mean, ref_chosen_sums / c_len, ref_rejected_sums / r_len, beta, label_smoothing)
-    if method == "ipo":
-        return ipo_loss(c_mean, r_mean, ref_chosen_sums / c_len, ref_rejected_sums / r_len, beta)
+    if method in ("ln-dpo", "ipo"):
+        means = (c_mean, r_mean, ref_chosen_sums / c_len, ref_rejected_sums / r_len, beta)
+        pref = dpo_loss(*means, label_smoothing) if method == "ln-dpo" else ipo_loss(*means)
+        return pref._replace(chosen_rewards=(beta * (chosen_sums - ref_chosen_sums)).detach(),
+                             rejected_rewards=(beta * (rejected_sums - ref_rejected_sums)).detach())
     return rdpo_loss(chosen_sums, rejected_sums, ref_chosen_sums, ref_rejected_sums, chosen_lengths.float(),
                      rejected_lengths.float(), beta, rdpo_alpha)

@@ -1,6 +1,7 @@
 """Where metrics go: ``metrics.jsonl`` always, W&B when the logger asks for it, ``summary.json`` at the end.
 
-This module holds the one list of metric names the loop logs (TRL's names). W&B is never
+This module holds the one list of metric names the loop logs (TRL's names where TRL defines them the
+same way for the run's method, names of our own otherwise). W&B is never
 allowed to kill a run: any error from it becomes a warning and W&B is switched off for the
 rest of the run, while ``metrics.jsonl`` keeps recording.
 """
@@ -16,9 +17,15 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from simpo_exp.losses import METHODS, REFERENCE_METHODS
+
 log = logging.getLogger(__name__)
 
 # Per-pair statistics, averaged over a logging window (train/) or over the whole test split (eval/).
+# A name TRL uses keeps the definition TRL's trainer gives it for the run's method (README, "Baselines"):
+# ``logps/*`` is the summed response log-prob for dpo, ln-dpo, ipo, rdpo and cpo and the per-token mean
+# for simpo and orpo; ``rewards/*`` is the implicit reward as TRL reports it. ``logps_mean/*``, the
+# per-token mean log-prob, means the same for every method: compare methods on it.
 PAIR_METRICS = (
     "loss",
     "sft_loss",
@@ -28,19 +35,46 @@ PAIR_METRICS = (
     "rewards/accuracies",
     "logps/chosen",
     "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
+    "logps_mean/chosen",
+    "logps_mean/rejected",
     "length/chosen",  # mean response length in tokens
     "length/rejected",
 )
+# Per-token statistics of the response tokens (float32, detached), averaged over tokens, not pairs:
+# name -> the length sums whose total divides the metric's sum. TRL's DPO defines entropy (chosen and
+# rejected completion tokens) and mean_token_accuracy (chosen tokens whose label is the argmax) so.
+TOKEN_METRICS = {
+    "logits_response/chosen": ("length/chosen",),  # the logit averaged over the vocabulary and the tokens
+    "logits_response/rejected": ("length/rejected",),
+    "entropy": ("length/chosen", "length/rejected"),
+    "mean_token_accuracy": ("length/chosen",),
+}
+# Logged only for the methods whose TRL trainer defines them the same way. logits/*: TRL's DPO averages
+# the logit over completion tokens (our logits_response/*); TRL's CPO and ORPO and the official SimPO
+# trainer average every position of the padded batch, prompt and padding included, which the policy
+# (output head on response positions only) does not compute, so those methods do not log logits/*.
+# ORPO: log_odds_ratio = mean log sigmoid(log odds ratio), log_odds_chosen = mean log odds ratio.
+# TRL's nll_loss is our sft_loss for CPO (the chosen response's token-mean NLL); for ORPO TRL counts
+# the prompt too, ours does not: neither logs it under TRL's name.
+METHOD_METRICS = {
+    "logits/chosen": REFERENCE_METHODS,
+    "logits/rejected": REFERENCE_METHODS,
+    "log_odds_ratio": ("orpo",),
+    "log_odds_chosen": ("orpo",),
+}
+TOKEN_METRICS_OF_METHODS = {"logits/chosen": ("length/chosen",), "logits/rejected": ("length/rejected",)}
+# The methods whose TRL trainer logs the summed response log-prob as logps/* (the others: the mean).
+SUMMED_LOGPS_METHODS = REFERENCE_METHODS + ("cpo",)
 # Eval only: Pearson correlation between a response's reward and its length in tokens.
 EVAL_ONLY_METRICS = ("length/reward_corr",)
 # Optimisation and throughput, train only.
 # step_time_s, tokens_per_s and samples_per_s time the steps alone (not eval or checkpoints); mfu is
 # model FLOPs utilisation (simpo_exp/flops.py), logged when the device's peak is known; max_rss_gb
 # is the process's peak resident memory, gpu_max_allocated_gb torch's peak allocation on a GPU.
+# num_tokens (TRL's): input tokens of the training steps so far, prompt + response of chosen and of
+# rejected each (the prompt twice, whatever the layout computed), padding not counted.
 TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "step_time_s", "tokens_per_s", "samples_per_s",
-                      "mfu", "max_rss_gb", "gpu_max_allocated_gb", "skipped_steps")
+                      "mfu", "max_rss_gb", "gpu_max_allocated_gb", "skipped_steps", "num_tokens")
 # Logged only where they can be known: mfu with a device peak (a known GPU or hardware.peak_tflops),
 # gpu_max_allocated_gb on a GPU.
 CONDITIONAL_METRICS = ("train/mfu", "train/gpu_max_allocated_gb")
@@ -48,19 +82,34 @@ CONDITIONAL_METRICS = ("train/mfu", "train/gpu_max_allocated_gb")
 MEASURED_METRICS = tuple(f"train/{m}" for m in ("step_time_s", "tokens_per_s", "samples_per_s", "mfu", "max_rss_gb",
                                                 "gpu_max_allocated_gb"))
 # The few numbers that judge a run: the end-of-run table and the compare command's columns.
-HEADLINE_METRICS = [f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps/chosen",
-                                          "logps/rejected")] + ["train/loss"]
+HEADLINE_METRICS = [f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps_mean/chosen",
+                                          "logps_mean/rejected")] + ["train/loss"]
 STEP_KEY = "train/global_step"
 SAMPLES_KEY = "train/samples_seen"
 SECRET_NAMES = ("api_key", "token", "secret", "password")
 
 
-def train_keys() -> list[str]:
-    return [f"train/{m}" for m in PAIR_METRICS + TRAIN_ONLY_METRICS]
+def batch_metrics(methods=("simpo",)) -> tuple[str, ...]:
+    """Names of the per-pair and per-token metrics a run of any of ``methods`` logs (train and eval)."""
+    only = tuple(m for m, where in METHOD_METRICS.items() if set(where) & set(methods))
+    return PAIR_METRICS + tuple(TOKEN_METRICS) + only
 
 
-def eval_keys() -> list[str]:
-    return [f"eval/{m}" for m in PAIR_METRICS + EVAL_ONLY_METRICS]
+def all_batch_metrics() -> tuple[str, ...]:
+    return batch_metrics(METHODS)
+
+
+def divisor_keys(metric: str) -> tuple[str, ...] | None:
+    """The length sums a per-token metric is divided by; None for a per-pair metric."""
+    return TOKEN_METRICS.get(metric) or TOKEN_METRICS_OF_METHODS.get(metric)
+
+
+def train_keys(methods=("simpo",)) -> list[str]:
+    return [f"train/{m}" for m in batch_metrics(methods) + TRAIN_ONLY_METRICS]
+
+
+def eval_keys(methods=("simpo",)) -> list[str]:
+    return [f"eval/{m}" for m in batch_metrics(methods) + EVAL_ONLY_METRICS]
 
 
 def scrub(obj):

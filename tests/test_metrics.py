@@ -1,0 +1,213 @@
+"""Logged metrics against values worked out by hand, for every method.
+
+Names TRL uses carry the definition TRL's trainer gives them for the method (``logps/*`` summed for
+the DPO family and CPO, the per-token mean for SimPO and ORPO; ``rewards/*`` for LN-DPO and IPO on
+summed log-ratios; ``logits/*`` only for the DPO family); our own names (``logps_mean/*``,
+``logits_response/*``) mean the same for every method. Per-token metrics are divided by token
+counts, per-pair ones by the pair count.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from simpo_exp.config import Config
+from simpo_exp.data.collate import PairCollator
+from simpo_exp.logps import ResponseLogps, SequenceLogps
+from simpo_exp.losses import METHODS, REFERENCE_METHODS
+from simpo_exp.tracking import batch_metrics
+from simpo_exp.train import Window, batch_loss, input_tokens
+
+PAD = 0
+BETA, RATIO, ALPHA = 2.0, 0.5, 0.1
+
+# Two micro-batches of two pairs each; rows: chosen of pair 0, 1, then rejected of pair 0, 1.
+BATCHES = [
+    dict(sums=[-6.0, -4.0, -10.0, -3.0], lens=[3, 2, 5, 1], logits=[0.3, 0.4, 1.0, -0.2],
+         entropy=[6.0, 2.0, 9.0, 1.5], top1=[2, 1, 1, 0], ref=[-7.0, -3.0, -9.0, -4.0]),
+    dict(sums=[-2.0, -9.0, -1.0, -8.0], lens=[4, 3, 1, 2], logits=[-0.4, 0.9, 0.1, 0.5],
+         entropy=[4.0, 3.0, 0.5, 2.5], top1=[3, 0, 1, 2], ref=[-2.5, -8.0, -1.5, -7.0]),
+]
+
+
+class OneProcess:
+    device = torch.device("cpu")
+
+    def reduce(self, x, reduction):
+        return x
+
+
+class Canned(torch.nn.Module):
+    """A policy that returns fixed per-sequence numbers."""
+
+    def __init__(self, b):
+        super().__init__()
+        t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+        self.out = SequenceLogps(t(b["sums"]), torch.tensor(b["lens"]), t(b["logits"]), t(b["entropy"]),
+                                 t(b["top1"]))
+
+    def forward(self, **batch):
+        return self.out
+
+
+def canned_batch(b):
+    ids = torch.ones(4, 12, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids).bool(),
+            "ref_chosen_logps": torch.tensor(b["ref"][:2], dtype=torch.float64),
+            "ref_rejected_logps": torch.tensor(b["ref"][2:], dtype=torch.float64)}
+
+
+def logged(method: str) -> dict:
+    cfg = Config(method=method, beta=BETA, gamma_beta_ratio=RATIO, rdpo_alpha=ALPHA)
+    window = Window()
+    for b in BATCHES:
+        _, stats, _ = batch_loss(Canned(b), canned_batch(b), cfg)
+        window.add(stats)
+    means, _ = window.means(OneProcess(), "train")
+    return {k.removeprefix("train/"): v for k, v in means.items()}
+
+
+def softplus(x):  # -log sigmoid(x)
+    return math.log1p(math.exp(-x)) if x > -30 else -x
+
+
+def log1m_exp(x):
+    return math.log(-math.expm1(x))
+
+
+def per_pair():
+    """(chosen sum, rejected sum, chosen len, rejected len, ref chosen, ref rejected) of every pair."""
+    for b in BATCHES:
+        s, n, r = b["sums"], b["lens"], b["ref"]
+        for i in range(2):
+            yield s[i], s[2 + i], n[i], n[2 + i], r[i], r[2 + i]
+
+
+def expected(method: str) -> dict:
+    """Every metric, worked out pair by pair and token by token with plain floats."""
+    rows, out = list(per_pair()), {}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    rc, rr, losses = [], [], []
+    for sc, sr, nc, nr, fc, fr in rows:
+        mc, mr = sc / nc, sr / nr
+        if method == "simpo":
+            c, r = BETA * mc, BETA * mr
+            loss = softplus(c - r - BETA * RATIO)
+        elif method == "cpo":
+            c, r = BETA * sc, BETA * sr
+            loss = softplus(c - r)
+        elif method == "orpo":
+            c, r = BETA * mc, BETA * mr
+            loss = BETA * softplus((mc - log1m_exp(mc)) - (mr - log1m_exp(mr)))
+        else:  # the DPO family reports DPO's reward on summed log-probs (TRL's DPOTrainer)
+            c, r = BETA * (sc - fc), BETA * (sr - fr)
+            z = {"dpo": c - r, "rdpo": c - r + ALPHA * (nc - nr),
+                 "ln-dpo": BETA * ((mc - fc / nc) - (mr - fr / nr))}.get(method)
+            loss = softplus(z) if z is not None else ((mc - fc / nc) - (mr - fr / nr) - 1 / (2 * BETA)) ** 2
+        rc.append(c), rr.append(r), losses.append(loss)
+    summed = method in REFERENCE_METHODS + ("cpo",)
+    out["loss"] = mean(losses)
+    out["sft_loss"] = mean([-(b["sums"][0] + b["sums"][1]) / (b["lens"][0] + b["lens"][1]) for b in BATCHES])
+    out["rewards/chosen"], out["rewards/rejected"] = mean(rc), mean(rr)
+    out["rewards/margins"] = mean([c - r for c, r in zip(rc, rr)])
+    out["rewards/accuracies"] = mean([float(c > r) for c, r in zip(rc, rr)])
+    out["logps_mean/chosen"] = mean([sc / nc for sc, _, nc, *_ in rows])
+    out["logps_mean/rejected"] = mean([sr / nr for _, sr, _, nr, *_ in rows])
+    out["logps/chosen"] = mean([sc for sc, *_ in rows]) if summed else out["logps_mean/chosen"]
+    out["logps/rejected"] = mean([sr for _, sr, *_ in rows]) if summed else out["logps_mean/rejected"]
+    out["length/chosen"] = mean([nc for _, _, nc, *_ in rows])
+    out["length/rejected"] = mean([nr for _, _, _, nr, *_ in rows])
+    tokens = lambda idx: sum(b["lens"][i] for b in BATCHES for i in idx)  # noqa: E731
+    total = lambda key, idx: sum(b[key][i] for b in BATCHES for i in idx)  # noqa: E731
+    out["logits_response/chosen"] = total("logits", (0, 1)) / tokens((0, 1))
+    out["logits_response/rejected"] = total("logits", (2, 3)) / tokens((2, 3))
+    out["entropy"] = total("entropy", range(4)) / tokens(range(4))
+    out["mean_token_accuracy"] = total("top1", (0, 1)) / tokens((0, 1))
+    if method in REFERENCE_METHODS:
+        out["logits/chosen"], out["logits/rejected"] = out["logits_response/chosen"], out["logits_response/rejected"]
+    if method == "orpo":
+        odds = [(sc / nc - log1m_exp(sc / nc)) - (sr / nr - log1m_exp(sr / nr)) for sc, sr, nc, nr, *_ in rows]
+        out["log_odds_chosen"] = mean(odds)
+        out["log_odds_ratio"] = mean([-softplus(x) for x in odds])
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_metrics_match_hand_computed_values(method):
+    got, want = logged(method), expected(method)
+    assert set(got) == set(want) == set(batch_metrics((method,)))
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key  # window sums are float32
+
+
+def test_names_mean_one_thing_across_methods():
+    """logits/* only where TRL defines it over completion tokens; our own names for every method."""
+    for method in METHODS:
+        names = batch_metrics((method,))
+        assert ("logits/chosen" in names) == (method in REFERENCE_METHODS), method
+        assert {"logps_mean/chosen", "logits_response/chosen", "entropy", "mean_token_accuracy"} <= set(names)
+        assert ("log_odds_ratio" in names) == (method == "orpo")
+
+
+def test_empty_window_gives_nan_not_an_error():
+    means, totals = Window().means(OneProcess(), "eval")
+    assert totals == {} and math.isnan(means["eval/entropy"]) and math.isnan(means["eval/loss"])
+
+
+# ----------------------------------------------------------------------------- from a real model
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+PAIRS = [{"prompt_input_ids": [1, 2, 3], "chosen_input_ids": [4, 5], "rejected_input_ids": [6, 7, 8, 9]},
+         {"prompt_input_ids": [10, 11], "chosen_input_ids": [12, 13, 14], "rejected_input_ids": [15]}]
+
+
+def by_hand(model, prompt, response):
+    """(sum of mean logits, sum of entropies, argmax hits) over the response tokens, from full logits."""
+    logits = model(torch.tensor([prompt + response])).logits[0].double()
+    sums = [0.0, 0.0, 0.0]
+    for j, tok in enumerate(response):
+        row = logits[len(prompt) + j - 1]
+        p = row.softmax(-1)
+        sums[0] += row.mean().item()
+        sums[1] += -(p * p.log()).sum().item()
+        sums[2] += float(int(row.argmax()) == tok)
+    return sums
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(chunk_size=2), dict(packing="prefix_shared")])
+def test_response_statistics_match_full_logits(layout):
+    model = tiny_model()
+    batch = PairCollator(PAD, packing=layout.get("packing", "none"))(PAIRS)
+    with torch.no_grad():
+        out = ResponseLogps(model, **layout)(**batch)
+    responses = [(p["prompt_input_ids"], p["chosen_input_ids"]) for p in PAIRS] + \
+                [(p["prompt_input_ids"], p["rejected_input_ids"]) for p in PAIRS]
+    for i, (prompt, response) in enumerate(responses):
+        logit_sum, entropy_sum, hits = by_hand(model, prompt, response)
+        assert out.logit_sums[i].item() == pytest.approx(logit_sum, abs=1e-5)
+        assert out.entropy_sums[i].item() == pytest.approx(entropy_sum, abs=1e-4)
+        assert out.top1_counts[i].item() == hits
+        assert not out.entropy_sums.requires_grad
+
+
+def test_chunked_statistics_keep_gradients_of_log_probs():
+    model = tiny_model().train()
+    batch = PairCollator(PAD)(PAIRS)
+    out = ResponseLogps(model, chunk_size=2)(**batch)
+    out.logp_sums.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_input_tokens_count_the_prompt_for_each_response_in_every_layout():
+    want = sum(2 * len(p["prompt_input_ids"]) + len(p["chosen_input_ids"]) + len(p["rejected_input_ids"])
+               for p in PAIRS)  # 12 + 8: TRL counts prompt + response of each sequence, no padding
+    for packing in ("none", "packed", "prefix_shared"):
+        assert input_tokens(PairCollator(PAD, packing=packing)(PAIRS)).item() == want, packing
+
