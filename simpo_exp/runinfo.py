@@ -84,9 +84,11 @@ def _is_user_error(e: Exception) -> bool:
     from simpo_exp.config import ConfigError
     from simpo_exp.data import DataSourceError
     from simpo_exp.model import ModelNotFoundError
-    from simpo_exp.train import NonFiniteError
 
-    return isinstance(e, (ConfigError, DataSourceError, ModelNotFoundError, CheckpointError, NonFiniteError))
+    if isinstance(e, (ConfigError, DataSourceError, ModelNotFoundError, CheckpointError)):
+        return True
+    train = sys.modules.get("simpo_exp.train")  # not loaded by stages that do not train (simpo_exp.generate)
+    return train is not None and isinstance(e, train.NonFiniteError)
 
 
 class SweepSummary(Callback):

@@ -118,3 +118,155 @@ def test_generate_stage_does_not_import_training():
             "assert 'simpo_exp.train' not in sys.modules, 'simpo_exp.train imported'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- reward model, resume
+RM_RUN = ["dataset.max_train_samples=9", "generate.shard_size=3", "generate.max_new_tokens=8", "generate.seeds=[1,2,3]",
+          "scorer=reward-model"]
+
+
+def test_reward_model_scorer_on_a_local_sequence_classifier(tiny_reward_model, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "gen"
+    res = generate(*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert report["prompts"] == 9 and report["responses"] == 27 and len(rows) == report["pairs_kept"] >= 1
+    assert report["pairs_kept"] + sum(report["prompts_dropped"].values()) == 9
+    assert all(r["score_chosen"] > r["score_rejected"] for r in rows)
+    assert all(r["chosen"][:-1] == r["rejected"][:-1] and r["chosen"][-1]["role"] == "assistant" for r in rows)
+    # the recorded score is the reward model's output for the rendered conversation
+    tok = AutoTokenizer.from_pretrained(tiny_reward_model)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
+    ids = tok.apply_chat_template(rows[0]["chosen"], tokenize=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        expected = rm(**ids).logits[0, 0].item()
+    assert rows[0]["score_chosen"] == pytest.approx(expected, abs=1e-4)
+    provenance = json.loads((out / "data" / "provenance.json").read_text())
+    assert provenance["policy"]["fingerprint"]["kind"] == "random-init" and provenance["dataset"]["split"] == "train"
+    assert provenance["scorer"]["path"] == str(tiny_reward_model)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_generation(tiny_reward_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "gen"
+    res = generate(*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}", cwd=out.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_killed_generation_resumes_to_the_same_data(uninterrupted_generation, tiny_reward_model, tmp_path):
+    out = tmp_path / "gen"
+    args = (*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}")
+    assert generate(*args, cwd=tmp_path).returncode == 0
+    # what a kill leaves: the last shard unfinished (a half-written temporary file), no data set yet
+    for name in ("responses-00002.jsonl", "scored-00002.jsonl", "scored-00001.jsonl"):
+        (out / "shards" / name).unlink()
+    (out / "shards" / "responses-00002.jsonl.999.tmp").write_text('{"half a li')
+    shutil.rmtree(out / "data")
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*-0000[01].jsonl")}
+    res = generate(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {name: (out / "shards" / name).stat().st_mtime_ns for name in kept} == kept  # finished shards not redone
+    assert "3 shards, 1 to sample, 2 to score" in (out / "__main__.log").read_text()
+    for rel in ("data/train.jsonl", "shards/responses-00002.jsonl", "shards/scored-00001.jsonl"):
+        assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes(), rel
+
+
+def test_two_processes_split_the_shards_and_give_the_same_data(uninterrupted_generation, tiny_reward_model, tmp_path):
+    out = tmp_path / "gen"
+    args = (*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}")
+    first = generate(*args, cwd=tmp_path, env={"RANK": "0", "WORLD_SIZE": "2"})  # shards 0 and 2
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (out / "data").exists() and not (out / "shards" / "responses-00001.jsonl").exists()
+    second = generate(*args, cwd=tmp_path, env={"RANK": "1", "WORLD_SIZE": "2"})  # shard 1, then the data set
+    assert second.returncode == 0, second.stderr[-3000:]
+    rel = "data/train.jsonl"
+    assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes()
+
+
+def test_a_changed_config_does_not_reuse_old_shards(uninterrupted_generation, tiny_reward_model, tmp_path):
+    out = tmp_path / "gen"
+    shutil.copytree(uninterrupted_generation, out)
+    res = generate(*RM_RUN, f"scorer.path={tiny_reward_model}", "generate.temperature=0.5", f"hydra.run.dir={out}",
+                   cwd=tmp_path)
+    assert res.returncode == 2 and "different generate" in res.stderr and "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_prompt_column_is_refused(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(4)))
+    res = generate("dataset=local", f"dataset.sources.local.path={data}", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "missing column 'prompt'" in res.stderr and "prompt_column" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_model_that_is_not_a_reward_model_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    causal = tmp_path / "causal-lm"
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                architectures=["LlamaForCausalLM"]).save_pretrained(causal)
+    res = generate("scorer=reward-model", f"scorer.path={causal}", "dataset.max_train_samples=2",
+                   "generate.max_new_tokens=2", "generate.seeds=[1,2]", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "not a reward model" in res.stderr and "LlamaForCausalLM" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_zero_usable_pairs_names_the_reasons(tmp_path):
+    out = tmp_path / "g"
+    res = generate("generate.temperature=0", "generate.seeds=[1,2]", "dataset.max_train_samples=3",
+                   "generate.max_new_tokens=4", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "no usable preference pair" in res.stderr and "'all responses identical': 3" in res.stderr
+    assert "Traceback" not in res.stderr and not (out / "data" / "train.jsonl").exists()
+    assert json.loads((out / "report.json").read_text())["prompts_dropped"] == {"all responses identical": 3}
+
+
+def test_bad_generate_value_is_refused_before_anything_loads(tmp_path):
+    res = generate("generate.top_p=1.5", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
+    assert res.returncode == 2 and "generate.top_p=1.5" in res.stderr and "(0, 1]" in res.stderr
+    assert not (tmp_path / "g" / "shards").exists()
+
+
+# ----------------------------------------------------------------------------- the loop
+def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
+    """Round 0 (a short SimPO+SFT run on the synthetic pairs) -> sample 4 answers per train prompt, rule
+    scores, best-vs-worst pairs -> a SimPO run on them from round 0's model/ -> greedy rule accuracy
+    on the 64 held-out prompts before and after. Printed; the direction is a measurement, not asserted."""
+    round0, gen, round1 = tmp_path / "round0", tmp_path / "gen", tmp_path / "round1"
+    train_args = ["logger=none", "hardware=cpu", "eval_steps=0", "save_steps=0", "num_generations=0",
+                  "eval_on_start=false", "logging_steps=5", *SYNTH]
+    res = simpo(*train_args, "max_steps=40", "sft_weight=1", f"hydra.run.dir={round0}", cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = generate(f"model.path={round0 / 'model'}", "dataset.max_train_samples=48", "generate.seeds=[13,21,42,79]",
+                   "generate.max_new_tokens=24", "generate.batch_size=48", f"hydra.run.dir={gen}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((gen / "report.json").read_text())
+    assert report["pairs_kept"] >= 24 and report["scores"]["chosen"]["mean"] > report["scores"]["rejected"]["mean"]
+    provenance = json.loads((gen / "data" / "provenance.json").read_text())
+    assert provenance["policy"]["fingerprint"]["kind"] == "local"
+    data = gen / "data" / "train.jsonl"
+    res = simpo(*train_args, "dataset=local", f"dataset.sources.local.path={data}", f"model.path={round0 / 'model'}",
+                "max_steps=20", "per_device_train_batch_size=8", "learning_rate=3e-4", "dataset.test_size=0.1",
+                f"hydra.run.dir={round1}", cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recorded = json.loads((round1 / "data_report.json").read_text())["sources"]["local"]["provenance"]
+    assert recorded["policy"]["fingerprint"] == provenance["policy"]["fingerprint"]  # the run knows its data's origin
+
+    prompts = held_out_prompts()
+    before, after = greedy_scores(round0 / "model", prompts), greedy_scores(round1 / "model", prompts)
+    exact = lambda scores: sum(s == 1.0 for s in scores) / len(scores)  # noqa: E731
+    mean = lambda scores: sum(scores) / len(scores)  # noqa: E731
+    summary = json.loads((round1 / "summary.json").read_text())
+    print(f"\non-policy round: {report['pairs_kept']} pairs from {report['prompts']} prompts "
+          f"(chosen score {report['scores']['chosen']['mean']:.3f}, rejected {report['scores']['rejected']['mean']:.3f}); "
+          f"round-1 held-out pair accuracy {summary['eval/rewards/accuracies']:.3f}\n"
+          f"greedy rule accuracy on {len(prompts)} held-out prompts: exact {exact(before):.3f} -> {exact(after):.3f}, "
+          f"mean score {mean(before):.3f} -> {mean(after):.3f}")
+    assert len(before) == len(after) == 64 and all(0.0 <= s <= 1.0 for s in before + after)
+    assert before != after  # the round changed the policy's answers

@@ -100,3 +100,31 @@ def test_gpu_lora(tmp_path):
     pytest.importorskip("peft")
     run, summary, env = _run(tmp_path, "hardware=gpu-lora")
     assert (run / "model" / "adapter_model.safetensors").exists() and env["mixed_precision"] == "bf16"
+
+
+def test_generate_stage_with_vllm(tmp_path):
+    """The generate stage's vLLM backend on a tiny saved Llama, scored by a tiny random reward model."""
+    pytest.importorskip("vllm")
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from simpo_exp.model import build_tiny_tokenizer
+    from tests.test_generate import generate
+
+    tok = build_tiny_tokenizer()
+    shape = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    for name, cls, extra in (("policy", LlamaForCausalLM, {}), ("rm", LlamaForSequenceClassification, {"num_labels": 1})):
+        cls(LlamaConfig(**shape, **extra)).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    out = tmp_path / "gen"
+    res = generate("generate=paper", "generate.max_new_tokens=16", "dataset.max_train_samples=32", "hardware=gpu",
+                   f"model.path={tmp_path / 'policy'}", "scorer=reward-model", f"scorer.path={tmp_path / 'rm'}",
+                   "generate.vllm_gpu_memory_utilization=0.3", f"hydra.run.dir={out}", cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["prompts"] == 32 and report["responses"] == 32 * 5 and report["pairs_kept"] >= 1
+    records = [json.loads(line) for line in (out / "shards" / "scored-00000.jsonl").read_text().splitlines()]
+    assert all(r["n_tokens"] <= 16 for rec in records for r in rec["responses"])
+    assert len({r["text"] for r in records[0]["responses"]}) > 1  # five seeds, five different samples

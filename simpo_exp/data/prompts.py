@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from simpo_exp.config import DatasetConfig
-from simpo_exp.data.sources import DataSourceError, _is_messages, load_source
+from simpo_exp.data.sources import DataSourceError, _has_string_responses, _is_messages, load_source
 
 
 def prompt_id(messages: list[dict]) -> str:
@@ -37,7 +37,7 @@ def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:
     out, seen, counts = [], set(), {"rows": 0, "duplicate prompt": 0, "no prompt": 0}
     for name, src in dcfg.sources.items():
         train, _ = load_source(name, src, dcfg)
-        has_chosen_messages = src.chosen_column in train.column_names
+        has_chosen_messages = src.chosen_column in train.column_names and not _has_string_responses(train, src)
         if src.prompt_column not in train.column_names and not has_chosen_messages:
             raise DataSourceError(
                 f"dataset.sources.{name} ({src.path}): missing column {src.prompt_column!r} (and no "
@@ -60,5 +60,6 @@ def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:
     if dcfg.max_train_samples is not None:
         out = out[: dcfg.max_train_samples]
     if not out:
-        raise DataSourceError(f"no prompt found in the train split of {list(dcfg.sources)} (rows: {counts})")
+        raise DataSourceError(f"no prompt found in the train split of {list(dcfg.sources)} (rows: {counts}); check "
+                              "dataset.sources.<name>.prompt_column / chosen_column")
     return out, counts

@@ -248,6 +248,22 @@ def normalise(ds: Dataset, src: SourceConfig, name: str, num_proc: int | None = 
     )
 
 
+def provenance(path: str) -> dict:
+    """``{"provenance": ...}`` from a ``provenance.json`` beside a local data file or in its directory
+    (written by ``python -m simpo_exp.generate``), so a run records where its data came from; else {}."""
+    local = Path(path).expanduser()
+    record = (local if local.is_dir() else local.parent) / "provenance.json"
+    if not local.exists() or not record.is_file():  # a hub id, or local data without a record
+        return {}
+    import json
+
+    try:
+        return {"provenance": {"file": str(record.resolve()), **json.loads(record.read_text())}}
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s: %s", record, e)
+        return {}
+
+
 def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
     """Load and normalise every source; concatenate them (train shuffled with a fixed seed)."""
     from datasets import concatenate_datasets
@@ -258,6 +274,7 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
         trains.append(normalise(train, src, name, dcfg.num_proc))
         tests.append(normalise(test, src, name, dcfg.num_proc))
         sizes[name] = {"train_rows": len(train), "test_rows": len(test), "fraction": src.fraction}
+        sizes[name].update(provenance(src.path))
     train = concatenate_datasets(trains).shuffle(seed=dcfg.shuffle_seed)
     test = concatenate_datasets(tests)
     return DatasetDict(train=train, test=test), sizes
