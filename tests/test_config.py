@@ -5,7 +5,6 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from simpo_exp.config import ConfigError, learning_rate_for_size, resolve_learning_rate, to_config
-from tests.conftest import options
 
 
 def test_embedded_default(compose):
@@ -64,14 +63,7 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
     assert resolve_learning_rate(to_config(compose(f"model={model}", "learning_rate=2e-7")))[0] == 2e-7
 
 
-@pytest.mark.parametrize("group", ["model", "dataset", "hparams", "hardware", "logger", "experiment"])
-def test_every_preset_composes_and_validates(compose, group):
-    for option in options(group):
-        overrides = [f"{group}={option}"]
-        if option == "local":
-            overrides.append("dataset.sources.local.path=/data/prefs.jsonl")
-        cfg = to_config(compose(*overrides))
-        assert cfg.beta > 0
+# Every preset of every group composes and validates: tests/test_presets.py.
 
 
 @pytest.mark.parametrize("override,key", [

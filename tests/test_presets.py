@@ -1,0 +1,120 @@
+"""Every preset in conf/ composes and validates, and each states only what it changes.
+
+Defaults live once, in simpo_exp/config.py; a preset file holds what differs from them (or from the
+preset it builds on through its defaults list). These tests compose every option of every group.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
+
+from simpo_exp.config import (Config, DatasetConfig, HardwareConfig, LoggerConfig, ModelConfig, SourceConfig,
+                              to_config)
+from tests.conftest import CONF, options
+
+GROUPS = ["model", "dataset", "hparams", "loss", "hardware", "logger", "experiment"]
+NAMED_GROUPS = ["model", "dataset", "hardware", "logger"]  # groups whose presets carry a ``name``
+NEEDS = {("dataset", "local"): ["dataset.sources.local.path=/data/prefs.jsonl"]}
+
+# Values equal to the dataclass default that a preset keeps on purpose.
+KEPT_DEFAULTS = {
+    ("loss/simpo", "method"): "the loss preset's identity, like a group's name",
+    ("loss/ln-dpo", "beta"): "resets an hparams preset's beta (loss comes after hparams)",
+    ("hparams/reasoning", "gradient_accumulation_steps"): "resets model=tiny's accumulation of 1",
+}
+
+# hardware presets built on another: (child, parent) -> the keys the child changes.
+HARDWARE_PARENTS = {
+    ("cpu-lora", "cpu"): {"name", "lora"},
+    ("gpu-lora", "gpu"): {"name", "lora"},
+    ("ddp", "gpu"): {"name", "effective_batch_size"},
+    ("ddp-lora", "ddp"): {"name", "lora"},
+    ("fsdp", "ddp"): {"name"},
+    ("zero2", "ddp"): {"name", "deepspeed_config"},
+    ("zero3", "ddp"): {"name", "deepspeed_config"},
+    ("zero3-offload", "zero3"): {"name", "deepspeed_config"},
+}
+
+
+def every_option():
+    return [(group, option) for group in GROUPS for option in options(group)]
+
+
+@pytest.mark.parametrize("group,option", every_option())
+def test_every_preset_composes_and_validates(compose, group, option):
+    cfg = to_config(compose(f"{group}={option}", *NEEDS.get((group, option), [])))
+    assert cfg.beta > 0
+    if group in NAMED_GROUPS:  # a preset built on another still names itself
+        assert getattr(cfg, group).name == option
+
+
+def test_a_local_dataset_needs_its_path(compose):
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue, match="dataset.sources.local.path"):
+        to_config(compose("dataset=local"))
+
+
+@pytest.mark.parametrize("override,plugin,node,target", [
+    ("+sweep=optuna", "hydra_plugins.hydra_optuna_sweeper", "sweeper", "OptunaSweeper"),
+    ("+launcher=local", "hydra_plugins.hydra_submitit_launcher", "launcher", "LocalLauncher"),
+    ("+launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "launcher", "SlurmLauncher"),
+])
+def test_sweep_and_launcher_presets_compose(override, plugin, node, target):
+    if importlib.util.find_spec(plugin) is None:
+        pytest.skip(f"{override} needs the optional Hydra plugin {plugin}")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["output_dir=/tmp/unused", override],
+                            return_hydra_config=True)
+    assert cfg.hydra[node]._target_.endswith(target)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    assert to_config(job).method == "simpo"
+
+
+def test_hardware_presets_build_on_each_other(compose):
+    for (child, parent), changed in HARDWARE_PARENTS.items():
+        got = OmegaConf.to_container(compose(f"hardware={child}").hardware)
+        base = OmegaConf.to_container(compose(f"hardware={parent}").hardware)
+        assert {k for k in got if got[k] != base[k]} == changed, (child, parent)
+
+
+def leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if key in ("defaults", "hydra"):
+            continue
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def dataclass_default(path: str):
+    """The value simpo_exp/config.py gives ``path`` ("<none>" where it declares none)."""
+    parts = path.split(".")
+    if parts[:2] == ["dataset", "sources"] and len(parts) == 4:
+        return OmegaConf.select(OmegaConf.structured(SourceConfig(path="x")), parts[3], default="<none>")
+    full = Config(model=ModelConfig(name="x"), dataset=DatasetConfig(name="x"), hardware=HardwareConfig(name="x"),
+                  logger=LoggerConfig(name="x"))
+    return OmegaConf.select(OmegaConf.structured(full), path, default="<none>")
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
+def test_presets_state_only_what_differs_from_the_defaults(group):
+    """Experiment presets are exempt: they restate their source recipe value for value (test_recipes.py)."""
+    restated = []
+    for option in options(group):
+        path = CONF / group / f"{option}.yaml"
+        is_global = path.read_text().startswith("# @package _global_")
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+        for key, value in leaves(raw, "" if is_global else f"{group}."):
+            local_key = key if is_global else key.split(".", 1)[1]
+            if key.endswith(".name") and key.count(".") == 1 or (f"{group}/{option}", local_key) in KEPT_DEFAULTS:
+                continue
+            if value == dataclass_default(key):
+                restated.append(f"conf/{group}/{option}.yaml: {key}={value!r}")
+    assert not restated, "these equal simpo_exp/config.py's defaults; drop them:\n" + "\n".join(restated)
