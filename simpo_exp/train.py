@@ -30,87 +30,15 @@ from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.environment import environment_record
 from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
 from simpo_exp.logps import ResponseLogps
-from simpo_exp.losses import REFERENCE_METHODS, nll_loss, orpo_log_odds, preference_loss
+from simpo_exp.losses import REFERENCE_METHODS
+from simpo_exp.objective import batch_loss
 from simpo_exp.reference import REF_COLUMNS, WithReference, attach_reference_logps, live_reference
 from simpo_exp.model import count_parameters, load_model, load_tokenizer
 from simpo_exp.precision import warn_if_updates_vanish
-from simpo_exp.tracking import (HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, SUMMED_LOGPS_METHODS, TOKEN_METRICS,
-                                 Tracker, all_batch_metrics, batch_metrics, config_to_dict, divisor_keys,
-                                 final_table)
+from simpo_exp.tracking import (HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, TOKEN_METRICS, Tracker,
+                                 all_batch_metrics, config_to_dict, divisor_keys, final_table)
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- one batch
-def batch_loss(policy, batch: dict, cfg: Config, reference=None):
-    """Loss of a batch of pairs, its statistics summed over the batch's pairs (per-token ones over its
-    response tokens: tracking.TOKEN_METRICS), and per-response
-    (rewards, lengths) for the length diagnostics. ``reference``: a live reference model, for
-    reference-based methods run without cached reference log-probs."""
-    refs = [batch.pop(k) for k in REF_COLUMNS] if REF_COLUMNS[0] in batch else [None, None]
-    out = policy(**batch)
-    n = out.num_tokens.shape[0] // 2  # rows [0, n) are chosen, [n, 2n) rejected
-    if reference is not None:
-        with torch.no_grad():
-            ref_sums = reference(**batch).logp_sums
-        refs = [ref_sums[:n], ref_sums[n:]]
-    logps = out.mean_logps
-    _, gamma_beta_ratio = resolve_gamma(cfg)
-    pref = preference_loss(
-        cfg.method, out.logp_sums[:n], out.logp_sums[n:], out.num_tokens[:n], out.num_tokens[n:], *refs,
-        beta=cfg.beta, gamma_beta_ratio=gamma_beta_ratio, loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing, rdpo_alpha=cfg.rdpo_alpha,
-    )
-    sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
-    loss = pref.losses.mean() + cfg.sft_weight * sft
-    lengths = out.num_tokens.float()
-    stats = {
-        "loss": loss.detach() * n,
-        "sft_loss": sft.detach() * n,
-        "rewards/chosen": pref.chosen_rewards.sum(),
-        "rewards/rejected": pref.rejected_rewards.sum(),
-        "rewards/margins": (pref.chosen_rewards - pref.rejected_rewards).sum(),
-        "rewards/accuracies": (pref.chosen_rewards > pref.rejected_rewards).float().sum(),
-        "logps_mean/chosen": logps[:n].detach().sum(),
-        "logps_mean/rejected": logps[n:].detach().sum(),
-        "length/chosen": lengths[:n].sum(),
-        "length/rejected": lengths[n:].sum(),
-        "pairs": torch.tensor(float(n), device=loss.device),
-        "tokens": batch["attention_mask"].sum().float(),
-        "input_tokens": input_tokens(batch).to(loss.device),
-    } | token_and_method_stats(cfg.method, out, n)
-    rewards = torch.cat([pref.chosen_rewards, pref.rejected_rewards])
-    return loss, stats, (rewards, lengths)
-
-
-def token_and_method_stats(method: str, out, n: int) -> dict[str, torch.Tensor]:
-    """The per-token sums (tracking.TOKEN_METRICS) and the statistics whose definition follows the
-    method's TRL trainer (logps/*, tracking.METHOD_METRICS), summed over the batch's pairs or tokens."""
-    logps = (out.logp_sums if method in SUMMED_LOGPS_METHODS else out.mean_logps).detach()
-    stats = {
-        "logps/chosen": logps[:n].sum(),
-        "logps/rejected": logps[n:].sum(),
-        "logits_response/chosen": out.logit_sums[:n].sum(),
-        "logits_response/rejected": out.logit_sums[n:].sum(),
-        "entropy": out.entropy_sums.sum(),
-        "mean_token_accuracy": out.top1_counts[:n].sum(),
-    }
-    names = batch_metrics((method,))
-    if "logits/chosen" in names:  # TRL's DPO: the same mean over completion tokens
-        stats |= {"logits/chosen": stats["logits_response/chosen"], "logits/rejected": stats["logits_response/rejected"]}
-    if "log_odds_ratio" in names:
-        means = out.mean_logps.detach()
-        log_odds = orpo_log_odds(means[:n], means[n:])
-        stats |= {"log_odds_chosen": log_odds.sum(), "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds).sum()}
-    return stats
-
-
-def input_tokens(batch: dict) -> torch.Tensor:
-    """The batch's tokens as TRL's num_tokens counts them: prompt + response of the chosen and of the
-    rejected sequence (the prompt twice, even where the layout computes it once), no padding."""
-    if batch.get("segments") is not None:
-        return torch.tensor(float(sum(2 * p + c + r for p, c, r in batch["segments"])))
-    return batch["attention_mask"].sum().float()  # padded layout: one row per sequence
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:

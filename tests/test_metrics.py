@@ -18,7 +18,8 @@ from simpo_exp.data.collate import PairCollator
 from simpo_exp.logps import ResponseLogps, SequenceLogps
 from simpo_exp.losses import METHODS, REFERENCE_METHODS
 from simpo_exp.tracking import batch_metrics
-from simpo_exp.train import Window, batch_loss, input_tokens
+from simpo_exp.objective import batch_loss, input_tokens
+from simpo_exp.train import Window
 
 PAD = 0
 BETA, RATIO, ALPHA = 2.0, 0.5, 0.1

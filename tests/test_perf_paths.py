@@ -40,7 +40,7 @@ def random_pairs(n, vocab=64, seed=0, max_prompt=20, max_response=30):
 
 
 def step_loss(policy, batch):
-    """The training step's loss as simpo_exp.train.batch_loss builds it (SimPO + weighted NLL)."""
+    """The training step's loss as simpo_exp.objective.batch_loss builds it (SimPO + weighted NLL)."""
     out = policy(**batch)
     n = out.num_tokens.shape[0] // 2
     pref = simpo_loss(out.mean_logps[:n], out.mean_logps[n:], BETA, GAMMA_BETA_RATIO)

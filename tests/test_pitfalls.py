@@ -60,7 +60,7 @@ def test_a_response_cut_to_the_bone_still_trains_and_none_is_cut_to_nothing(comp
     assert report.truncated["train"]["chosen"] > 0
     from simpo_exp.logps import ResponseLogps
     from simpo_exp.model import load_model
-    from simpo_exp.train import batch_loss
+    from simpo_exp.objective import batch_loss
 
     tok = build_tiny_tokenizer()
     policy = ResponseLogps(load_model(cfg, tok, "sdpa"))
