@@ -150,9 +150,9 @@ def _tiny_config(compose, tmp_path, *extra):
 
 def _poison(monkeypatch, bad_calls):
     """Make the preference loss NaN on the given (1-based) training calls."""
-    import simpo_exp.train as train_mod
+    import simpo_exp.objective as objective_mod
 
-    real, calls = train_mod.preference_loss, {"n": 0}
+    real, calls = objective_mod.preference_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -162,7 +162,7 @@ def _poison(monkeypatch, bad_calls):
                 return out._replace(losses=out.losses * float("nan"))
         return out
 
-    monkeypatch.setattr(train_mod, "preference_loss", poisoned)
+    monkeypatch.setattr(objective_mod, "preference_loss", poisoned)
 
 
 def test_a_non_finite_step_is_skipped_and_counted(compose, tmp_path, monkeypatch):
