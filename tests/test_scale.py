@@ -30,6 +30,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     saved = tmp_path / "two" / "checkpoints" / "step-000003"
     assert (saved / "COMPLETE").exists() and (saved / "engine" / "model.safetensors").exists()
     first = json.loads((tmp_path / "two" / "summary.json").read_text())
+    (tmp_path / "two" / "finished.json").unlink()  # as if killed after step 6: a finished run would be skipped
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr + (tmp_path / "two" / "__main__.log").read_text()
