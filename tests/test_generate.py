@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from simpo_exp.generate.binarise import binarise, pick_pair
-from simpo_exp.generate.scoring import sort_digits_score
+from simpo_exp.inference.scoring import sort_digits_score
 from tests.conftest import CONF
 from tests.test_run import simpo
 
@@ -40,7 +40,7 @@ def compose_generate(*overrides: str):
 
 def greedy_scores(model_dir: Path, prompts: list[str]) -> list[float]:
     """Rule scores of the model's greedy answers (the stage's own hf sampler at temperature 0)."""
-    from simpo_exp.generate.sampling import HFSampler, prompt_token_ids
+    from simpo_exp.inference.sampling import HFSampler, prompt_token_ids
     from simpo_exp.model import load_tokenizer
 
     cfg = compose_generate(f"model.path={model_dir}", "generate.temperature=0", "generate.seeds=[0]",
@@ -114,7 +114,7 @@ def test_binarise_modes_and_drop_reasons():
 
 
 def test_generate_stage_does_not_import_training():
-    code = ("import sys, simpo_exp.generate.__main__, simpo_exp.generate.run, simpo_exp.generate.scoring; "
+    code = ("import sys, simpo_exp.generate.__main__, simpo_exp.generate.run, simpo_exp.inference.scoring; "
             "assert 'simpo_exp.train' not in sys.modules, 'simpo_exp.train imported'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]

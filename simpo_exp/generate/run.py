@@ -28,28 +28,14 @@ from simpo_exp.config import ConfigError
 from simpo_exp.data.prompts import train_prompts
 from simpo_exp.data.sources import DataSourceError
 from simpo_exp.generate.binarise import binarise
-from simpo_exp.generate.sampling import derive_seed, prompt_token_ids
+from simpo_exp.inference.files import read_jsonl, write_atomic, write_jsonl
+from simpo_exp.inference.sampling import derive_seed, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
 
 class NoPairsError(DataSourceError):
     """Binarising left no usable pair; the message gives the counts by reason."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def _sha256_files(files: list[Path]) -> str:
@@ -134,8 +120,8 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
 
 def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: int) -> None:
     """This process's shards: sample the missing ones, then score the unscored ones."""
-    from simpo_exp.generate.sampling import make_sampler
-    from simpo_exp.generate.scoring import make_scorer
+    from simpo_exp.inference.sampling import make_sampler
+    from simpo_exp.inference.scoring import make_scorer
     from simpo_exp.model import load_tokenizer
 
     mine = [i for i in range(len(shards)) if i % world == rank]

@@ -1,5 +1,9 @@
 """Sample responses from the policy: transformers' generate (``hf``) or vLLM (``vllm``, GPU).
 
+The decoding settings come from ``decoding`` (the generate stage passes ``cfg.generate``, the evaluate
+stage a benchmark's settings): temperature, top_p, max_new_tokens, stop_token_ids, batch_size,
+samples_per_seed, seeds, vllm_gpu_memory_utilization, vllm_tensor_parallel_size.
+
 Both take prompts as token ids (rendered by the policy's chat template, as training renders them),
 stop at the tokenizer's EOS and the template's end-of-turn token, and return per prompt a list of
 ``{"text", "n_tokens", "finished"}`` (finished: ended by a stop token, not by max_new_tokens).
@@ -69,10 +73,10 @@ def inference_dtype(mixed_precision: str, device: torch.device, weights: torch.d
 class HFSampler:
     """transformers' generate over left-padded batches of prompts."""
 
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, decoding=None):
         from simpo_exp.model import load_model
 
-        self.cfg, self.g, self.tokenizer = cfg, cfg.generate, tokenizer
+        self.cfg, self.g, self.tokenizer = cfg, decoding or cfg.generate, tokenizer
         self.device = pick_device(cfg.hardware.device)
         attn = cfg.model.attn_implementation or cfg.hardware.attn_implementation
         if attn == "flash_attention_2" and self.device.type != "cuda":
@@ -119,7 +123,7 @@ class HFSampler:
 class VLLMSampler:
     """vLLM's offline engine; one request per prompt with its own seed."""
 
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, decoding=None):
         try:
             from vllm import LLM
         except ImportError as e:
@@ -127,7 +131,7 @@ class VLLMSampler:
 
             raise ConfigError("generate.backend=vllm needs vLLM on a GPU machine: pip install vllm "
                               "(or generate.backend=hf)") from e
-        m, g = cfg.model, cfg.generate
+        m, g = cfg.model, decoding or cfg.generate
         self.g, self.tokenizer = g, tokenizer
         device = pick_device(cfg.hardware.device)
         dtype = inference_dtype(cfg.hardware.mixed_precision, device, torch.float32)
@@ -157,5 +161,7 @@ class VLLMSampler:
         torch.cuda.empty_cache()
 
 
-def make_sampler(cfg, tokenizer):
-    return (VLLMSampler if cfg.generate.backend == "vllm" else HFSampler)(cfg, tokenizer)
+def make_sampler(cfg, tokenizer, decoding=None):
+    """``decoding`` (default ``cfg.generate``) names the backend and the sampling settings."""
+    decoding = decoding or cfg.generate
+    return (VLLMSampler if decoding.backend == "vllm" else HFSampler)(cfg, tokenizer, decoding)

@@ -80,7 +80,7 @@ class RewardModelScorer:
     def __init__(self, cfg):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from simpo_exp.generate.sampling import inference_dtype, pick_device
+        from simpo_exp.inference.sampling import inference_dtype, pick_device
         from simpo_exp.model import TORCH_DTYPES, apply_chat_template_choice
 
         s = self.s = cfg.scorer

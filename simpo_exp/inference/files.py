@@ -1,0 +1,32 @@
+"""Whole-file writes for resumable stages: a killed process leaves the old file or the new one, never half.
+
+Every file goes to a temporary name beside its target and is renamed over it (os.replace is atomic
+on one file system), so a stage can tell a finished shard from a missing one by its existence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a file written whole by ``write_jsonl`` (a bad line is an error, not skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
