@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from simpo_exp.inference.results import is_bench_metric, read_results
 from simpo_exp.losses import METHODS
 from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, eval_keys, train_keys
 
@@ -76,6 +77,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     error: str | None = None
+    bench: dict[str, float] = field(default_factory=dict)  # evaluate stage: "bench/<benchmark>/<metric>"
     swept: dict[str, str] = field(default_factory=dict)  # filled by label_runs
     label: str = ""  # filled by label_runs
 
@@ -84,6 +86,8 @@ class Run:
         v = self.summary.get(key)
         if _is_number(v):
             return float(v)
+        if key in self.bench:
+            return self.bench[key]
         steps, values = self.series(key)
         return values[-1] if values else None
 
@@ -168,7 +172,7 @@ def load_run(path: str | Path) -> Run:
     return Run(
         name=path.name, status=status, path=path, overrides=parse_overrides(overrides),
         config=_read_yaml(path / ".hydra" / "config.yaml") or {}, choices=dict(choices),
-        summary=summary, history=read_jsonl(path / "metrics.jsonl"), error=message,
+        summary=summary, history=read_jsonl(path / "metrics.jsonl"), error=message, bench=read_results(path),
     )
 
 
@@ -328,9 +332,17 @@ def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | N
     return sorted(runs, key=key)
 
 
+def bench_columns(runs: list[Run]) -> list[str]:
+    """The evaluate stage's headline numbers present in any run: each benchmark's win rates."""
+    found = dict.fromkeys(k for r in runs for k in r.bench)
+    return [k for k in found if k.rsplit("/", 1)[-1] in ("win_rate", "lc_win_rate")]
+
+
 def runs_table(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | None = None) -> list[dict]:
-    """One dict per run, best first: run, status, the swept values, TABLE_METRICS (plus ``metric``), note."""
+    """One dict per run, best first: run, status, the swept values, ``metric``, TABLE_METRICS, the
+    benchmarks' win rates (from the evaluate stage), note."""
     metrics = TABLE_METRICS if metric in TABLE_METRICS else [metric, *TABLE_METRICS]
+    metrics = [*metrics, *(k for k in bench_columns(runs) if k not in metrics)]
     rows = []
     for r in rank_runs(runs, metric, ascending):
         note = r.error or ""
@@ -443,7 +455,9 @@ def plot_runs(runs: list[Run], out_dir: str | Path, metric: str = DEFAULT_METRIC
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simpo_exp.compare", description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", metavar="PATH", help="run directories, sweep directories, or folders of them")
-    p.add_argument("--metric", default=DEFAULT_METRIC, help=f"rank by this final metric (default {DEFAULT_METRIC})")
+    p.add_argument("--metric", "--rank-by", default=DEFAULT_METRIC,
+                   help=f"rank by this final metric (default {DEFAULT_METRIC}), or an evaluation number "
+                        "bench/<benchmark>/<name> written by python -m simpo_exp.evaluate (bench/rule/win_rate)")
     p.add_argument("--ascending", action="store_true",
                    help="lower is better (the default for *loss metrics; higher is better otherwise)")
     p.add_argument("--out", type=Path, help="where the PNGs go (default: PATH/compare/ of the first PATH)")
@@ -452,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also show each run's last generations for the first N sample prompts, side by side")
     args = p.parse_args(argv)
 
-    if args.metric not in KNOWN_METRICS:
-        p.error(f"unknown metric {args.metric!r}; known: {', '.join(KNOWN_METRICS)}")
+    if args.metric not in KNOWN_METRICS and not is_bench_metric(args.metric):
+        p.error(f"unknown metric {args.metric!r}; known: {', '.join(KNOWN_METRICS)}, or bench/<benchmark>/<name>")
     missing = [x for x in args.paths if not Path(x).exists()]
     if missing:
         p.error(f"no such path: {', '.join(missing)}")
@@ -471,10 +485,14 @@ def main(argv: list[str] | None = None) -> int:
         print("common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()))
     print()
     print(format_table(runs_table(runs, args.metric, ascending)))
-    seeds = seed_groups(runs, args.metric)
-    if seeds:
-        print(f"\nover seeds (runs that differ only by seed), by {args.metric}:")
-        print(format_table(seeds))
+    if is_bench_metric(args.metric) and not any(args.metric in r.bench for r in runs):
+        print(f"\nnote: no run has {args.metric}; evaluate them first: python -m simpo_exp.evaluate "
+              f"{args.paths[0]} benchmark={args.metric.split('/')[1]}")
+    for metric in dict.fromkeys([args.metric, *bench_columns(runs)]):  # evaluation numbers pooled too
+        seeds = seed_groups(runs, metric)
+        if seeds:
+            print(f"\nover seeds (runs that differ only by seed), by {metric}:")
+            print(format_table(seeds))
     if args.generations:
         print("\nlast generations:")
         print(format_generations(last_generations(runs, args.generations)))

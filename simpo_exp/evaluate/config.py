@@ -1,0 +1,152 @@
+"""Config of the evaluate stage: which runs, which benchmarks, how to decode and how to judge.
+
+``conf/evaluate.yaml`` composes the ``benchmark`` group; each option is stored under
+``benchmarks.<name>`` (its file says ``# @package benchmarks.<name>``), so ``benchmark=rule`` picks one
+and ``benchmark=[rule,alpacaeval2]`` several. The evaluated run's own config (model, chat template,
+data, seed) is read back from its ``.hydra/config.yaml``, not composed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from simpo_exp.config import ConfigError, _check, _check_choice, _fail
+
+BENCHMARK_KINDS = ("rule", "alpacaeval", "arena_hard", "lm_eval")
+JUDGE_KINDS = ("none", "rule", "openai", "alpaca_eval")
+BACKENDS = ("auto", "hf", "vllm")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DecodingConfig:
+    backend: str = "auto"  # auto: vLLM where installed and a GPU is present, else transformers' generate
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+    # Extra stop ids; the tokenizer's EOS and the chat template's end-of-turn token always stop.
+    stop_token_ids: List[int] = field(default_factory=list)
+    seed: int = 0
+    batch_size: int = 16  # prompts per generate() call (hf)
+    vllm_gpu_memory_utilization: float = 0.9
+    vllm_tensor_parallel_size: int = 1
+
+
+@dataclass
+class JudgeConfig:
+    # none: generations only | rule: the synthetic task's sort-digits check | openai: pairwise verdicts
+    # from an OpenAI-compatible chat endpoint (base_url + model, e.g. a local vLLM server) |
+    # alpaca_eval: the alpaca-eval package's own annotators (its API keys, its judge prompts)
+    kind: str = "none"
+    base_url: str = ""  # e.g. http://127.0.0.1:8000/v1
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never stored; a local server needs none
+    annotators_config: str = "weighted_alpaca_eval_gpt4_turbo"  # kind=alpaca_eval
+    timeout_s: float = 60.0
+    max_retries: int = 2
+    concurrency: int = 4
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = MISSING
+    kind: str = MISSING
+    # alpacaeval: a JSON list of {instruction, output, generator, dataset} (alpaca_eval's evaluation set;
+    # its `output` is the reference answer); arena_hard: question.jsonl of arena-hard-auto.
+    prompts_path: str = ""
+    reference_path: str = ""  # arena_hard: the baseline's answers (model_answer/<baseline>.jsonl)
+    max_prompts: Optional[int] = None  # the first N prompts only (a smoke test); null: all
+    shard_size: int = 64  # prompts per generation shard; a killed run redoes only unfinished shards
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    # Decoding changes per model preset (the run's model.name), where the official configs differ.
+    by_model: Dict[str, Any] = field(default_factory=dict)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    # lm_eval: lm-evaluation-harness tasks, run on data sets already on this machine
+    tasks: List[str] = field(default_factory=list)
+    num_fewshot: Optional[int] = None
+    limit: Optional[int] = None
+    apply_chat_template: bool = True
+
+
+@dataclass
+class EvaluateSection:
+    path: str = MISSING  # a run directory or a sweep directory (or any folder of runs)
+    judge_only: bool = False  # judge stored generations again (e.g. after the judge endpoint failed)
+    device: str = "auto"
+    model_card: bool = True  # write <run>/model/README.md with the results
+    push_to_hub: bool = False  # upload <run>/model when a token is set (hub_repo, plus the run name in a sweep)
+    hub_repo: str = ""
+    hub_token_env: str = "HF_TOKEN"
+
+
+@dataclass
+class EvaluateRunConfig:
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    benchmarks: Dict[str, BenchmarkConfig] = field(default_factory=dict)
+    output_dir: str = ""
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateRunConfig)
+
+
+def decoding_for(b: BenchmarkConfig, model_name: str) -> DecodingConfig:
+    """The benchmark's decoding with its ``by_model[model_name]`` changes applied."""
+    return dataclasses.replace(b.decoding, **dict(b.by_model.get(model_name) or {}))
+
+
+def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
+    _check_choice(f"{key}.kind", b.kind, BENCHMARK_KINDS)
+    _check_choice(f"{key}.judge.kind", b.judge.kind, JUDGE_KINDS)
+    d, fields = b.decoding, {f.name for f in dataclasses.fields(DecodingConfig)}
+    _check_choice(f"{key}.decoding.backend", d.backend, BACKENDS)
+    _check(d.temperature >= 0, f"{key}.decoding.temperature", d.temperature, "must be >= 0 (0: greedy)")
+    _check(0 < d.top_p <= 1, f"{key}.decoding.top_p", d.top_p, "must be in (0, 1]")
+    for name in ("max_new_tokens", "batch_size"):
+        _check(getattr(d, name) >= 1, f"{key}.decoding.{name}", getattr(d, name), "must be an integer >= 1")
+    _check(b.shard_size >= 1, f"{key}.shard_size", b.shard_size, "must be an integer >= 1")
+    for model, change in b.by_model.items():
+        unknown = sorted(set(change or {}) - fields)
+        if unknown:
+            _fail(f"{key}.by_model.{model}", unknown, f"unknown decoding keys; known: {sorted(fields)}")
+    if b.max_prompts is not None:
+        _check(b.max_prompts >= 1, f"{key}.max_prompts", b.max_prompts, "must be >= 1 or null")
+    if b.kind in ("alpacaeval", "arena_hard"):
+        _check(bool(b.prompts_path), f"{key}.prompts_path", b.prompts_path,
+               f"{b.kind} needs a local prompts file (nothing is downloaded)")
+        _check(b.judge.kind != "rule", f"{key}.judge.kind", b.judge.kind, "the rule judge knows only the synthetic task")
+    if b.kind == "arena_hard" and b.judge.kind == "openai":
+        _check(bool(b.reference_path), f"{key}.reference_path", b.reference_path,
+               "judging Arena-Hard needs the baseline's answers file")
+    if b.judge.kind == "openai":
+        _check(bool(b.judge.base_url), f"{key}.judge.base_url", b.judge.base_url, "judge.kind=openai needs an endpoint")
+        _check(bool(b.judge.model), f"{key}.judge.model", b.judge.model, "judge.kind=openai needs a model name")
+        _check(b.judge.concurrency >= 1, f"{key}.judge.concurrency", b.judge.concurrency, "must be >= 1")
+    if b.kind == "lm_eval":
+        _check(bool(b.tasks), f"{key}.tasks", b.tasks, "name at least one lm-eval task (e.g. [gsm8k])")
+
+
+def to_evaluate_config(cfg: DictConfig) -> EvaluateRunConfig:
+    """A composed DictConfig as a validated ``EvaluateRunConfig``; errors name the key."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateRunConfig), cfg))
+    except MissingMandatoryValue as err:
+        key = err.full_key or "?"
+        hint = " (a local file: nothing is downloaded)" if key.endswith("_path") else ""
+        raise ConfigError(f"missing config value {key}: it has no default, give it on the command line "
+                          f"({key}=...){hint}") from None
+    e = cfg.evaluate
+    _check(bool(e.path), "evaluate.path", e.path, "give a run or sweep directory: python -m simpo_exp.evaluate DIR")
+    _check_choice("evaluate.device", e.device, DEVICES)
+    if e.push_to_hub:
+        _check(bool(e.hub_repo), "evaluate.hub_repo", e.hub_repo, "push_to_hub=true needs a repo id (user/name)")
+    _check(bool(cfg.benchmarks), "benchmark", None, "choose at least one benchmark (benchmark=rule)")
+    for name, b in cfg.benchmarks.items():
+        _validate_benchmark(f"benchmarks.{name}", b)
+    return cfg

@@ -1,0 +1,266 @@
+"""The evaluate stage: for each run, each benchmark: generate (resumable shards), judge, write results.
+
+Per run directory and benchmark, under ``eval/<benchmark>/``:
+    shards/<policy>-manifest.json, shards/<policy>-00000.jsonl   generations, one shard file at a time
+    generations.jsonl                                           prompt, answer(s), score or verdict per prompt
+    model_outputs.json (alpacaeval) | model_answer/<model>.jsonl (arena_hard)   the benchmark's own format
+    annotations.json                                            judged pairs (alpaca-eval's annotation format)
+    results.json                                                metrics (simpo_exp/inference/results.py)
+and ``model/README.md`` (the model card). Generations are written before any judge runs, so a judge
+that fails leaves them in place and ``evaluate.judge_only=true`` judges them again without sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.util
+import json
+import logging
+import types
+from pathlib import Path
+
+from simpo_exp.config import ConfigError
+from simpo_exp.evaluate import benchmarks as bm
+from simpo_exp.evaluate.config import decoding_for
+from simpo_exp.evaluate.judge import (ALPACA_EVAL_ROWS, PairwiseJudge, annotations, length_controlled, package_judge,
+                                      rule_preferences, win_rate)
+from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
+from simpo_exp.inference.files import read_jsonl, write_json, write_jsonl
+from simpo_exp.inference.results import results_path
+
+log = logging.getLogger(__name__)
+
+
+def _weights_id(cfg) -> dict:
+    """What identifies a policy's weights cheaply: file names, sizes and times on disk, or the random init."""
+    m = cfg.model
+    if not m.path:
+        return {"random_init": dataclasses.asdict(m.random_init), "seed": cfg.seed}
+    path = Path(m.path)
+    if path.is_dir():
+        return {"path": str(path), "files": sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                                   for f in path.glob("*.safetensors"))}
+    return {"path": m.path, "revision": m.revision}
+
+
+def _backend(dec, cfg) -> str:
+    if dec.backend != "auto":
+        return dec.backend
+    import torch
+
+    vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() and bool(cfg.model.path)
+    return "vllm" if vllm else "hf"
+
+
+def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_only: bool) -> list[dict]:
+    """Answers of the policy ``cfg`` to ``prompts``, one record per prompt, in resumable shards."""
+    from simpo_exp.inference.sampling import derive_seed, make_sampler, prompt_token_ids
+    from simpo_exp.model import load_tokenizer
+
+    size = dec.shard_size
+    shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    files = [shard_dir / f"{tag}-{i:05d}.jsonl" for i in range(len(shards))]
+    manifest = {"weights": _weights_id(cfg), "decoding": {k: v for k, v in vars(dec).items() if k != "batch_size"},
+                "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest()}
+    _check_manifest(shard_dir / f"{tag}-manifest.json", manifest)
+    todo = [i for i, f in enumerate(files) if not f.exists()]
+    if todo and judge_only:
+        raise ConfigError(f"evaluate.judge_only=true, but {files[todo[0]]} holds no stored generations; run once "
+                          "without judge_only to generate them")
+    if todo:
+        tokenizer = load_tokenizer(cfg.model)
+        sampler = make_sampler(cfg, tokenizer, dec)
+        for i in todo:
+            ids = prompt_token_ids(tokenizer, [p["messages"] for p in shards[i]])
+            outs = sampler.sample(ids, [p["id"] for p in shards[i]], derive_seed(dec.seed, tag, i))
+            write_jsonl(files[i], [{"id": p["id"], **o[0]} for p, o in zip(shards[i], outs)])
+            log.info("%s: shard %d of %d (%d prompts)", tag, i + 1, len(shards), len(shards[i]))
+        sampler.close()
+    return [row for f in files for row in read_jsonl(f)]
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    if path.exists():
+        old = json.loads(path.read_text())
+        differ = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        if differ:
+            raise ConfigError(f"{path.parent} holds generations made with different {', '.join(differ)}; delete "
+                              f"{path.parent} to generate again with the new settings")
+    else:
+        write_json(path, manifest)
+
+
+def _decoding(b, run_cfg, policy_cfg) -> types.SimpleNamespace:
+    """The benchmark's decoding for this run's model, in the shape the shared samplers read."""
+    dec = dataclasses.asdict(decoding_for(b, run_cfg.model.name))
+    dec["backend"] = _backend(types.SimpleNamespace(**dec), policy_cfg)
+    return types.SimpleNamespace(**dec, shard_size=b.shard_size, seeds=[dec["seed"]], samples_per_seed=1)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _rule(ctx: dict) -> dict:
+    """Trained vs starting model on the run's held-out synthetic prompts, judged by the sort-digits rule."""
+    b, run_cfg, out = ctx["benchmark"], ctx["run_cfg"], ctx["out"]
+    prompts = bm.rule_prompts(run_cfg, b.max_prompts)
+    model = ctx["generate"](ctx["trained"], prompts, "trained")
+    start = ctx["generate"](starting_policy(run_cfg, ctx["device"]), prompts, "start")
+    rows = rule_preferences(prompts, [g["text"] for g in model], [g["text"] for g in start])
+    write_jsonl(out / "generations.jsonl", [{"id": p["id"], "prompt": p["instruction"], "model": m["text"],
+                                             "start": s["text"], **{k: r[k] for k in ("score_model", "score_baseline", "preference")}}
+                                            for p, m, s, r in zip(prompts, model, start, rows)])
+    exact = lambda key: 100.0 * sum(r[key] == 1.0 for r in rows) / len(rows)  # noqa: E731
+    return {"metrics": {"win_rate": win_rate([r["preference"] for r in rows]),
+                        "score": _mean([r["score_model"] for r in rows]), "score_start": _mean([r["score_baseline"] for r in rows]),
+                        "exact": exact("score_model"), "exact_start": exact("score_baseline"),
+                        "avg_tokens": _mean([g["n_tokens"] for g in model]), "n": len(rows)},
+            "baseline": "the starting model (the run's config rebuilt: same model.path, or same random init and seed)"}
+
+
+def _judge_pairs(ctx: dict, prompts: list[dict], texts: list[str], info: dict, generator: str) -> tuple[dict, list[str]]:
+    """Win rate (and LC where it applies) from the configured pairwise judge; the judged pairs are written."""
+    b, out = ctx["benchmark"], ctx["out"]
+    judge = PairwiseJudge(b.judge, f"benchmarks.{b.name}")
+    verdicts = judge.judge(prompts, texts)
+    rows = annotations(prompts, texts, verdicts, generator, info["reference_generator"], b.judge.model)
+    write_json(out / "annotations.json", rows)
+    metrics, notes = {"win_rate": win_rate([r["preference"] for r in rows])}, []
+    if b.kind == "alpacaeval":
+        full = len(rows) == info["rows"] == ALPACA_EVAL_ROWS
+        metrics["lc_win_rate"], why = length_controlled(rows, full)
+        notes += [why] if why else []
+    return metrics, notes
+
+
+def _alpacaeval(ctx: dict) -> dict:
+    b, out = ctx["benchmark"], ctx["out"]
+    prompts, info = bm.alpaca_prompts(b.prompts_path, f"benchmarks.{b.name}.prompts_path", b.max_prompts)
+    gens = ctx["generate"](ctx["trained"], prompts, "trained")
+    texts = [g["text"] for g in gens]
+    generator = ctx["name"]
+    write_json(out / "model_outputs.json", bm.alpaca_model_outputs(prompts, texts, generator))
+    metrics = {"avg_length": _mean([len(t) for t in texts]), "n": len(texts)}  # characters, as alpaca-eval counts
+    notes = [] if len(texts) == ALPACA_EVAL_ROWS else [f"{len(texts)} of {info['rows']} prompts (max_prompts)"]
+    if b.judge.kind == "openai":
+        judged, more = _judge_pairs(ctx, prompts, texts, info, generator)
+        metrics, notes = {**metrics, **judged}, notes + more
+    elif b.judge.kind == "alpaca_eval":
+        metrics.update(package_judge(b, out / "model_outputs.json", b.prompts_path, out / "alpaca_eval"))
+    return {"metrics": metrics, "notes": notes, "baseline": info["reference_generator"], "dataset_name": "AlpacaEval 2"}
+
+
+def _arena_hard(ctx: dict) -> dict:
+    b, out = ctx["benchmark"], ctx["out"]
+    prompts, info = bm.arena_prompts(b.prompts_path, b.reference_path, f"benchmarks.{b.name}", b.max_prompts)
+    gens = ctx["generate"](ctx["trained"], prompts, "trained")
+    model_id = ctx["name"].replace("/", "_")
+    write_jsonl(out / "model_answer" / f"{model_id}.jsonl", bm.arena_answers(prompts, gens, model_id))
+    texts = [g["text"] for g in gens]
+    metrics = {"avg_tokens": _mean([g["n_tokens"] for g in gens]), "n": len(texts)}
+    notes = []
+    if b.judge.kind == "openai":
+        judged, notes = _judge_pairs(ctx, prompts, texts, info, model_id)
+        metrics.update(judged)
+        notes.append("pairwise win rate against the baseline's answers (ties half); arena-hard-auto's own score "
+                     "uses graded verdicts and a Bradley-Terry fit")
+    return {"metrics": metrics, "notes": notes, "baseline": info["reference_generator"], "dataset_name": "Arena-Hard"}
+
+
+def _lm_eval(ctx: dict) -> dict:
+    from simpo_exp.evaluate.lmeval import run_lm_eval
+
+    return run_lm_eval(ctx["benchmark"], ctx["trained"], ctx["out"])
+
+
+RUNNERS = {"rule": _rule, "alpacaeval": _alpacaeval, "arena_hard": _arena_hard, "lm_eval": _lm_eval}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from simpo_exp.environment import git_commit
+
+    found = {}
+    for pkg in ("transformers", "torch", "vllm", "alpaca-eval", "lm-eval"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = None
+    return {**found, "simpo_exp_git_commit": git_commit()}
+
+
+def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
+    out = Path(run_dir) / "eval" / b.name
+    trained = trained_policy(run_cfg, run_dir, e.device)
+    dec = _decoding(b, run_cfg, trained)
+    ctx = {"benchmark": b, "run_cfg": run_cfg, "out": out, "device": e.device, "trained": trained,
+           "name": run_name(run_cfg, run_dir),
+           "generate": lambda cfg, prompts, tag: generate(cfg, prompts, dec, out / "shards", tag, e.judge_only)}
+    record = RUNNERS[b.kind](ctx)
+    judge = {k: v for k, v in dataclasses.asdict(b.judge).items() if k in ("kind", "base_url", "model", "annotators_config")}
+    record = {"benchmark": b.name, "kind": b.kind, "run_dir": str(Path(run_dir).resolve()), "model": trained.model.path,
+              **record, "notes": record.get("notes", []), "decoding": vars(dec), "judge": judge,
+              "prompts_path": b.prompts_path or None, "versions": _versions(),
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_json(results_path(run_dir, b.name), record)
+    return record
+
+
+def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
+    """(runs with a trained model, runs without one); a single run without one is an error."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ConfigError(f"invalid config value evaluate.path={path!r}: no such directory")
+    runs = find_runs(root)
+    if not runs:
+        raise ConfigError(f"invalid config value evaluate.path={path!r}: no run directory (one with .hydra/config.yaml) "
+                          "at or below it")
+    ready = [r for r in runs if has_model(r)]
+    if not ready:
+        which = str(runs[0]) if len(runs) == 1 else f"{len(runs)} runs under {path}"
+        raise ConfigError(f"invalid config value evaluate.path={path!r}: no trained model in {which} (model/ with "
+                          "config.json is written when training finishes, with save_model=true); train it first")
+    return ready, [r for r in runs if r not in ready]
+
+
+def _finish_run(run_dir: Path, run_cfg, e) -> None:
+    """The model card with every benchmark's results so far, and the push when asked and a token exists."""
+    import yaml
+
+    from simpo_exp.modelcard import push_model, write_model_card
+
+    if e.model_card:
+        saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+        write_model_card(run_dir, saved, run_name(run_cfg, run_dir))
+    if e.push_to_hub:
+        repo = e.hub_repo if len(find_runs(Path(e.path))) == 1 else f"{e.hub_repo}-{run_dir.name}"
+        url = push_model(run_dir, repo, e.hub_token_env)
+        if url:
+            print(f"pushed {run_dir / 'model'} -> {url}", flush=True)
+
+
+def evaluate_all(cfg) -> list[dict]:
+    """Every benchmark on every run with a trained model under ``evaluate.path``; returns the results."""
+    e = cfg.evaluate
+    runs, skipped = _runs_to_evaluate(e.path)
+    for r in skipped:
+        print(f"skipped {r}: no trained model (model/ missing: the run failed or is still running)", flush=True)
+    records = []
+    for run_dir in runs:
+        run_cfg = load_run_config(run_dir)
+        for b in cfg.benchmarks.values():
+            rec = evaluate_benchmark(run_dir, run_cfg, b, e)
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in rec["metrics"].items() if v is not None)
+            print(f"{run_dir.name}  {b.name}: {shown}  -> {results_path(run_dir, b.name)}", flush=True)
+            records.append(rec)
+        _finish_run(run_dir, run_cfg, e)
+    if len(runs) > 1:
+        first = next(iter(cfg.benchmarks.values()))
+        metric = "win_rate" if first.kind != "lm_eval" else "score"
+        print(f"\nrank them: python -m simpo_exp.compare {e.path} --metric bench/{first.name}/{metric}", flush=True)
+    return records

@@ -1,0 +1,84 @@
+"""Find the runs under a path and rebuild what evaluating one needs from its saved config.
+
+A run directory holds ``.hydra/config.yaml`` (the composed, resolved config it trained with) and, when
+it finished, ``model/`` (``save_pretrained``: weights, tokenizer and its chat template). The trained
+policy is ``model.path=<run>/model`` with the saved tokenizer's own template; the starting policy is
+the run's model config unchanged: the same ``model.path``, or for a random init the same shape and
+``seed`` (``simpo_exp.model.load_model`` seeds torch with ``cfg.seed`` before building it).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from simpo_exp.config import Config, ConfigError
+
+SKIP = {"eval", "model", "wandb", "checkpoints", ".hydra", "compare"}
+SECTIONS = ("model", "dataset", "hardware", "logger")
+
+
+def find_runs(path: Path, depth: int = 3) -> list[Path]:
+    """Directories at or below ``path`` with a saved config (a run, a sweep, a folder of sweeps)."""
+    path = Path(path)
+    if (path / ".hydra" / "config.yaml").is_file():
+        return [path]
+    if depth == 0 or not path.is_dir():
+        return []
+    children = sorted((p for p in path.iterdir() if p.is_dir() and p.name not in SKIP),
+                      key=lambda p: [int(t) if t.isdigit() else t for t in p.name.replace("_", " ").split()])
+    return [run for child in children for run in find_runs(child, depth - 1)]
+
+
+def has_model(run_dir: Path) -> bool:
+    m = Path(run_dir) / "model"
+    return (m / "config.json").is_file() or (m / "adapter_config.json").is_file()
+
+
+def _known(section: str, node: dict) -> dict:
+    """The keys of a saved section that the current schema declares (a newer or older run may hold others)."""
+    node = dict(node or {})
+    if section == "model" and "tiny" in node and "random_init" not in node:
+        node["random_init"] = node.pop("tiny")  # runs saved before model.tiny was renamed
+    fields = {f.name for f in dataclasses.fields(typing.get_type_hints(Config)[section])}
+    return {k: v for k, v in node.items() if k in fields}
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+        picked = {s: _known(s, saved.get(s)) for s in SECTIONS}
+        picked["seed"] = saved.get("seed", 42)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), picked))
+    except (OSError, yaml.YAMLError, ValueError, KeyError) as e:
+        raise ConfigError(f"evaluate.path: cannot read the run's config {path} ({type(e).__name__}: {e})") from e
+
+
+def for_inference(run_cfg: Config, device: str) -> Config:
+    """The run's config for generating: no gradient checkpointing, no new LoRA adapters, the chosen device."""
+    cfg = copy.deepcopy(run_cfg)
+    cfg.hardware.gradient_checkpointing = False
+    cfg.hardware.lora = False
+    cfg.hardware.device = device
+    return cfg
+
+
+def trained_policy(run_cfg: Config, run_dir: Path, device: str) -> Config:
+    cfg = for_inference(run_cfg, device)
+    cfg.model.path = str((Path(run_dir) / "model").resolve())
+    cfg.model.tokenizer_path, cfg.model.revision, cfg.model.chat_template = "", None, "auto"
+    return cfg
+
+
+def starting_policy(run_cfg: Config, device: str) -> Config:
+    return for_inference(run_cfg, device)
+
+
+def run_name(run_cfg: Config, run_dir: Path) -> str:
+    return run_cfg.logger.run_name or Path(run_dir).name

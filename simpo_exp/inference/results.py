@@ -1,0 +1,51 @@
+"""The evaluation results file: one format, written by the evaluate stage, read by compare and the model card.
+
+Layout in a run directory::
+
+    eval/<benchmark>/results.json     {"benchmark", "kind", "metrics": {name: number or null}, ...}
+    eval/<benchmark>/...              generations, judgements (the benchmark's own files)
+
+``metrics`` holds plain numbers: win rates in percent (as AlpacaEval and Arena-Hard report them),
+scores and lengths as measured; a metric that could not be computed is null and ``notes`` says why.
+``read_results(run_dir)`` flattens every benchmark's metrics to ``bench/<benchmark>/<name>`` so they
+sit beside the reward metrics of ``summary.json`` (``python -m simpo_exp.compare --metric
+bench/rule/win_rate``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PREFIX = "bench/"
+EVAL_DIR = "eval"
+
+
+def results_path(run_dir: Path, benchmark: str) -> Path:
+    return Path(run_dir) / EVAL_DIR / benchmark / "results.json"
+
+
+def load_results(run_dir: Path) -> dict[str, dict]:
+    """``{benchmark: results.json contents}`` for every benchmark evaluated in ``run_dir``."""
+    out = {}
+    for path in sorted((Path(run_dir) / EVAL_DIR).glob("*/results.json")):
+        try:
+            out[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a half-written file is never left (atomic writes); an unreadable one is skipped
+    return out
+
+
+def read_results(run_dir: Path) -> dict[str, float]:
+    """Every finite metric of every benchmark as ``{"bench/<benchmark>/<name>": value}``."""
+    flat = {}
+    for bench, record in load_results(run_dir).items():
+        for name, value in (record.get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                flat[f"{PREFIX}{bench}/{name}"] = float(value)
+    return flat
+
+
+def is_bench_metric(name: str) -> bool:
+    return name.startswith(PREFIX) and name.count("/") >= 2

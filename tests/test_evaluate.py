@@ -1,0 +1,278 @@
+"""The evaluate stage (python -m simpo_exp.evaluate): a sweep evaluated by the rule judge and ranked by
+compare, AlpacaEval/Arena-Hard output files, the judge path against a fake local endpoint, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.test_run import simpo
+
+RUNS = ["logger=none", "max_steps=30", "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32",
+        "eval_steps=10", "logging_steps=5", "num_generations=0", "per_device_train_batch_size=8"]  # test_run's SMALL, fewer evals
+ALPACA = [{"instruction": f"Say something about the number {i}.", "output": "x" * (3 * i + 1),
+           "generator": "gpt4_1106_preview", "dataset": "helpful_base"} for i in range(6)]
+
+
+def evaluate(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "simpo_exp.evaluate", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simpo_exp.compare", *args, "--no-plots"], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """`python -m simpo_exp --multirun beta=2,5` (small), then `python -m simpo_exp.evaluate <sweep> benchmark=rule`."""
+    root = tmp_path_factory.mktemp("eval")
+    out = root / "sweep"
+    res = simpo("--multirun", "beta=2,5", *RUNS, f"hydra.sweep.dir={out}", cwd=root, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = evaluate(str(out), "benchmark=rule", f"hydra.run.dir={root / 'ev'}", cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(res.stdout)
+    return out
+
+
+def jobs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+
+
+# ----------------------------------------------------------------------------- rule judge + compare
+def test_sweep_is_evaluated_and_ranked_by_the_rule_win_rate(sweep):
+    rates, starts = {}, []
+    for job in jobs(sweep):
+        res = json.loads((job / "eval" / "rule" / "results.json").read_text())
+        m = res["metrics"]
+        assert m["n"] == 32 and 0.0 <= m["win_rate"] <= 100.0 and 0.0 <= m["score"] <= 1.0
+        rows = [json.loads(line) for line in (job / "eval" / "rule" / "generations.jsonl").read_text().splitlines()]
+        assert len(rows) == 32 and all(r["prompt"].startswith("sort:") for r in rows)
+        wins = sum(r["preference"] - 1 for r in rows) / len(rows) * 100  # the file's verdicts give its number
+        assert m["win_rate"] == pytest.approx(wins)
+        assert m["score"] == pytest.approx(sum(r["score_model"] for r in rows) / 32)
+        rates[job.name] = m["win_rate"]
+        starts.append([r["start"] for r in rows])
+        card = (job / "model" / "README.md").read_text()
+        assert card.startswith("---\n") and "model-index" in card and "win_rate" in card and "| `beta` |" in card
+    # both jobs start from the same random init (same seed): the starting model answers identically
+    assert starts[0] == starts[1]
+    print(f"\nrule judge: win rate of the trained model over its starting model: {rates}")
+
+    res = compare(str(sweep), "--rank-by", "bench/rule/win_rate", cwd=sweep.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    print(res.stdout)
+    table = [line for line in res.stdout.splitlines() if line.startswith(("0 ", "1 "))]
+    ranked = [line.split()[0] for line in table]
+    expected = [name.split("_")[0] for name in sorted(rates, key=lambda n: -rates[n])]
+    if len(set(rates.values())) > 1:
+        assert ranked == expected
+    assert "bench/rule/win_rate" in res.stdout
+
+
+def test_compare_refuses_an_unknown_metric_but_takes_bench_names(sweep):
+    assert compare(str(sweep), "--metric", "nonsense", cwd=sweep.parent).returncode == 2
+    res = compare(str(sweep), "--metric", "bench/alpacaeval2/win_rate", cwd=sweep.parent)
+    assert res.returncode == 0 and "no run has bench/alpacaeval2/win_rate" in res.stdout
+
+
+# ----------------------------------------------------------------------------- AlpacaEval, Arena-Hard, judge
+class FakeJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /v1/chat/completions that prefers the longer output ('b' on a tie)."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeJudge.requests.append(body)
+        text = body["messages"][-1]["content"]
+        a = text.split("## Output (a)\n", 1)[1].split("\n\n## Output (b)\n", 1)[0]
+        b = text.split("\n\n## Output (b)\n", 1)[1].rsplit("\n\nReply with", 1)[0]
+        reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                 "content": "a" if len(a) > len(b) else "b"}}]})
+        self.send_response(200 if self.path == "/v1/chat/completions" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(reply.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def judged(sweep, tmp_path_factory):
+    """AlpacaEval + Arena-Hard files for one job; the judge first down (exit 2), then judge_only against it up."""
+    root = tmp_path_factory.mktemp("bench")
+    job = jobs(sweep)[0]
+    prompts = root / "alpaca_eval.json"
+    prompts.write_text(json.dumps(ALPACA))
+    questions, baseline = root / "question.jsonl", root / "gpt-4-0314.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": f"q{i}", "category": "arena-hard-v0.1",
+                                             "turns": [{"content": f"Explain {i}."}]}) + "\n" for i in range(3)))
+    baseline.write_text("".join(json.dumps({"question_id": f"q{i}", "model_id": "gpt-4-0314",
+                                            "choices": [{"index": 0, "turns": [{"content": "y" * 9}]}]}) + "\n" for i in range(3)))
+    port = free_port()
+    judge = [f"judge.kind=openai", f"judge.base_url=http://127.0.0.1:{port}/v1", "judge.model=fake-judge",
+             "judge.max_retries=0", "judge.timeout_s=5"]
+    args = [str(job), "benchmark=[alpacaeval2,arena-hard]", f"benchmarks.alpacaeval2.prompts_path={prompts}",
+            f"benchmarks.arena-hard.prompts_path={questions}", f"benchmarks.arena-hard.reference_path={baseline}",
+            "evaluate.device=cpu", *(f"benchmarks.alpacaeval2.{j}" for j in judge),
+            *(f"benchmarks.arena-hard.{j}" for j in judge),
+            *(f"benchmarks.{b}.decoding.{k}" for b in ("alpacaeval2", "arena-hard") for k in ("backend=hf", "max_new_tokens=24"))]
+    down = evaluate(*args, f"hydra.run.dir={root / 'down'}", cwd=root)
+    server = ThreadingHTTPServer(("127.0.0.1", port), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        up = evaluate(*args, "evaluate.judge_only=true", f"hydra.run.dir={root / 'up'}", cwd=root)
+    finally:
+        server.shutdown()
+    return {"job": job, "down": down, "up": up, "prompts": prompts, "requests": list(FakeJudge.requests)}
+
+
+def test_a_judge_that_does_not_answer_keeps_the_generations(judged):
+    down, out = judged["down"], judged["job"] / "eval" / "alpacaeval2"
+    assert down.returncode == 2, down.stderr[-3000:]
+    assert "did not answer" in down.stderr and "judge_only=true" in down.stderr and "Traceback" not in down.stderr
+    assert "benchmarks.alpacaeval2.judge.base_url" in down.stderr
+    assert (out / "model_outputs.json").exists() and list((out / "shards").glob("trained-*.jsonl"))
+
+
+def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
+    from simpo_exp.inference.sampling import derive_seed
+
+    up, out = judged["up"], judged["job"] / "eval" / "alpacaeval2"
+    assert up.returncode == 0, up.stderr[-3000:]
+    outputs = json.loads((out / "model_outputs.json").read_text())
+    expected = []
+    for i, (row, ref) in enumerate(zip(outputs, ALPACA)):
+        model_first = derive_seed("judge-order", str(i)) % 2 == 0
+        m, r = len(row["output"]), len(ref["output"])
+        expected.append(1.0 if m > r else 0.0 if m < r else float(not model_first))  # a tie: 'b' wins
+    res = json.loads((out / "results.json").read_text())
+    assert res["metrics"]["win_rate"] == pytest.approx(100 * sum(expected) / len(expected))
+    assert res["metrics"]["lc_win_rate"] is None and any("805" in n for n in res["notes"])
+    assert res["judge"] == {"kind": "openai", "base_url": res["judge"]["base_url"], "model": "fake-judge",
+                            "annotators_config": "weighted_alpaca_eval_gpt4_turbo"}
+    assert all(r["model"] == "fake-judge" for r in judged["requests"]) and len(judged["requests"]) == 6 + 3
+    arena = json.loads((judged["job"] / "eval" / "arena-hard" / "results.json").read_text())
+    assert 0.0 <= arena["metrics"]["win_rate"] <= 100.0 and arena["metrics"]["n"] == 3
+    print(f"\nfake judge (prefers the longer answer): AlpacaEval-format WR {res['metrics']['win_rate']:.1f}, "
+          f"Arena-Hard-format WR {arena['metrics']['win_rate']:.1f}")
+
+
+def test_alpacaeval_outputs_follow_the_package_format(judged):
+    path = judged["job"] / "eval" / "alpacaeval2" / "model_outputs.json"
+    rows = json.loads(path.read_text())
+    assert [r["instruction"] for r in rows] == [r["instruction"] for r in ALPACA]
+    assert all(set(r) == {"instruction", "output", "generator", "dataset"} and isinstance(r["output"], str) for r in rows)
+    assert len({r["generator"] for r in rows}) == 1
+    res = json.loads((path.parent / "results.json").read_text())
+    assert res["versions"]["alpaca-eval"] == _installed("alpaca-eval")
+
+
+def _installed(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def test_alpacaeval_outputs_load_with_alpaca_eval_itself(judged):
+    pytest.importorskip("alpaca_eval", reason="alpaca-eval not installed (pip install -e '.[eval]')")
+    from alpaca_eval import utils
+
+    df = utils.load_or_convert_to_dataframe(judged["job"] / "eval" / "alpacaeval2" / "model_outputs.json")
+    assert list(df["instruction"]) == [r["instruction"] for r in ALPACA]
+    assert utils.get_generator_name(None, df) == df["generator"].iloc[0]
+
+
+def test_arena_hard_answers_follow_arena_hard_auto_format(judged):
+    files = list((judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl"))
+    assert len(files) == 1
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == ["q0", "q1", "q2"]
+    for r in rows:
+        assert r["model_id"] == files[0].stem and isinstance(r["tstamp"], float)
+        assert r["choices"][0]["index"] == 0 and isinstance(r["choices"][0]["turns"][0]["content"], str)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_a_run_without_a_trained_model_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    res = evaluate(str(run), "benchmark=rule", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    assert res.returncode == 2 and "no trained model" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_unknown_benchmark_is_refused(tmp_path):
+    res = evaluate(str(tmp_path), "benchmark=[rule,nope]", cwd=tmp_path)
+    assert res.returncode == 2 and "unknown benchmark 'nope'" in res.stderr and "alpacaeval2" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_prompt_files_are_named(sweep, tmp_path):
+    job = str(jobs(sweep)[0])
+    res = evaluate(job, "benchmark=alpacaeval2", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert res.returncode == 2 and "benchmarks.alpacaeval2.prompts_path" in res.stderr and "Traceback" not in res.stderr
+    missing = tmp_path / "nowhere" / "alpaca_eval.json"
+    res = evaluate(job, "benchmark=alpacaeval2", f"benchmarks.alpacaeval2.prompts_path={missing}",
+                   f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert res.returncode == 2 and str(missing) in res.stderr and "no such file" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_gsm8k_without_lm_eval_says_what_to_install(sweep, tmp_path):
+    if _installed("lm-eval"):
+        pytest.skip("lm-eval is installed here; the message is for machines without it")
+    res = evaluate(str(jobs(sweep)[0]), "benchmark=gsm8k", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
+    assert res.returncode == 2 and "pip install lm-eval" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_bad_value_names_its_key(tmp_path):
+    res = evaluate(str(tmp_path), "benchmarks.rule.decoding.top_p=2", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path)
+    assert res.returncode == 2 and "benchmarks.rule.decoding.top_p=2" in res.stderr and "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from simpo_exp.inference.files import write_json
+    from simpo_exp.modelcard import push_model, write_model_card
+
+    write_json(tmp_path / "eval" / "alpacaeval2" / "results.json", {"metrics": {"win_rate": 41.5, "lc_win_rate": None}})
+    cfg = {"model": {"name": "llama3-8b-instruct", "path": "meta-llama/Meta-Llama-3-8B-Instruct"}, "beta": 2.5,
+           "dataset": {"name": "x", "sources": {"uf": {"path": "princeton-nlp/llama3-ultrafeedback"}}}}
+    card = ModelCard.load(write_model_card(tmp_path, cfg, "my-run"))
+    assert card.data.base_model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert card.data.datasets == ["princeton-nlp/llama3-ultrafeedback"]
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in card.data.eval_results] == [("alpacaeval2", "win_rate", 41.5)]
+    assert push_model(tmp_path, "someone/model", token_env="SIMPO_EXP_TEST_NO_SUCH_TOKEN") is None  # no token: no push
+
+
+def test_the_stage_imports_no_other_stage():
+    code = ("import sys, simpo_exp.evaluate.__main__, simpo_exp.evaluate.run; "
+            "bad = [m for m in ('simpo_exp.train', 'simpo_exp.generate', 'simpo_exp.compare', 'simpo_exp.dashboard') "
+            "if m in sys.modules]; assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
