@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from simpo_exp.inference.results import is_bench_metric, read_results
-from simpo_exp.losses import METHODS
+from simpo_exp.methods import METHODS
 from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, eval_keys, train_keys
 
 DEFAULT_METRIC = "eval/rewards/accuracies"

@@ -174,8 +174,9 @@ class Config:
     logger: LoggerConfig = MISSING
 
     # --- loss group (placed at the top level) ---
-    method: str = "simpo"  # simpo | dpo | ln-dpo | ipo | rdpo | cpo | orpo
+    method: str = "simpo"  # a name in simpo_exp/methods.py's table (one conf/loss/<name>.yaml each)
     rdpo_alpha: float = 0.0  # R-DPO's length weight
+    alphapo_alpha: float = 0.0  # AlphaPO's reward shape (0: SimPO's reward)
     reference_mode: str = "cached"  # reference-based methods: "cached" log-probs computed once, or a "live" model
     reference_cache_dir: Optional[str] = None  # None: ~/.cache/simpo_exp/reference
 
@@ -283,17 +284,18 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> Config:
     """Check every value of a composed config; raise ConfigError naming the first bad key."""
-    from simpo_exp.losses import METHODS
+    from simpo_exp.methods import METHODS, OWN_KEYS, TABLE, readers
 
     _check_finite(cfg)
     _check_choice("method", cfg.method, METHODS)
     _check_choice("reference_mode", cfg.reference_mode, ("cached", "live"))
     _check(cfg.rdpo_alpha >= 0, "rdpo_alpha", cfg.rdpo_alpha, "must be >= 0")
     _check_choice("loss_type", cfg.loss_type, LOSS_TYPES)
-    if cfg.method != "simpo" and cfg.loss_type != "sigmoid":
-        _fail("loss_type", cfg.loss_type, f"only method=simpo has a hinge variant (method={cfg.method!r})")
-    if cfg.method in ("ipo", "orpo", "rdpo") and cfg.label_smoothing > 0:
-        _fail("label_smoothing", cfg.label_smoothing, f"method={cfg.method!r} has no label smoothing; set it to 0")
+    for key in OWN_KEYS:  # a key the method's loss does not read would change nothing
+        default = Config.__dataclass_fields__[key].default
+        if getattr(cfg, key) != default and key not in TABLE[cfg.method].reads:
+            _fail(key, getattr(cfg, key), f"method={cfg.method!r} does not read it (read by "
+                  f"{', '.join(readers(key))}); set it to {default!r}")
     _check(cfg.beta > 0, "beta", cfg.beta, "must be > 0")
     _check(cfg.gamma_beta_ratio >= 0, "gamma_beta_ratio", cfg.gamma_beta_ratio, "must be >= 0")
     if cfg.gamma is not None:

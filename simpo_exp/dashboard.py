@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from simpo_exp.compare import parse_overrides
-from simpo_exp.losses import METHODS
+from simpo_exp.methods import METHODS
 from simpo_exp.tracking import EVAL_ONLY_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS, batch_metrics
 
 # The headline number (the Hydra task's return value) and the W&B summary key that holds it.

@@ -4,9 +4,10 @@ Nothing here knows about tokens, models or batches beyond tensors of shape [B]. 
 :math:`\log\pi(y)` is a response's summed token log-prob, :math:`\bar\ell(y) = \log\pi(y)/|y|`
 its mean, :math:`y_w` the chosen and :math:`y_l` the rejected response, :math:`\sigma` the
 logistic function. Each loss returns per-pair losses and the implicit rewards as its method
-defines them (detached). ``preference_loss`` hands back the rewards TRL's trainer reports for the
-method, so ``rewards/*`` mean what they mean there: for LN-DPO and IPO that is DPO's
-:math:`\beta(\log\pi(y) - \log\pi_\text{ref}(y))` on summed log-probs, not the normalised one.
+defines them (detached). Which loss a method uses, on which log-probs and with which config keys is
+the table of methods in simpo_exp/methods.py; its ``preference_loss`` hands back the rewards TRL's
+trainer reports for the method, so ``rewards/*`` mean what they mean there: for LN-DPO and IPO that is
+DPO's :math:`\beta(\log\pi(y) - \log\pi_\text{ref}(y))` on summed log-probs, not the normalised one.
 """
 
 from __future__ import annotations
@@ -180,46 +181,48 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: fl
     return PreferenceLoss(losses, beta * chosen_logps.detach(), beta * rejected_logps.detach())
 
 
-REFERENCE_METHODS = ("dpo", "ln-dpo", "ipo", "rdpo")
-METHODS = ("simpo", "cpo", "orpo") + REFERENCE_METHODS
-
-
-def preference_loss(
-    method: str,
-    chosen_sums: torch.Tensor,
-    rejected_sums: torch.Tensor,
-    chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor,
-    ref_chosen_sums: torch.Tensor | None = None,
-    ref_rejected_sums: torch.Tensor | None = None,
-    *,
+def alphapo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
     beta: float,
-    gamma_beta_ratio: float = 0.0,
-    loss_type: str = "sigmoid",
+    gamma_beta_ratio: float,
+    alpha: float,
     label_smoothing: float = 0.0,
-    rdpo_alpha: float = 0.0,
 ) -> PreferenceLoss:
-    """Dispatch to a method's loss, handing each the sums or means it is defined on. The rewards are
-    those TRL reports: LN-DPO's and IPO's are DPO's, on summed log-probs (TRL's ``sigmoid_norm`` and
-    ``ipo`` losses normalise by length, their logged rewards do not)."""
-    c_len, r_len = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
-    c_mean, r_mean = chosen_sums / c_len, rejected_sums / r_len
-    if method == "simpo":
-        return simpo_loss(c_mean, r_mean, beta, gamma_beta_ratio, loss_type, label_smoothing)
-    if method == "cpo":
-        return cpo_loss(chosen_sums, rejected_sums, beta, label_smoothing)
-    if method == "orpo":
-        return orpo_loss(c_mean, r_mean, beta)
-    if method not in REFERENCE_METHODS:
-        raise ValueError(f"method={method!r}: allowed values are {', '.join(map(repr, METHODS))}")
-    if ref_chosen_sums is None or ref_rejected_sums is None:
-        raise ValueError(f"method={method!r} needs reference log-probs")
-    if method == "dpo":
-        return dpo_loss(chosen_sums, rejected_sums, ref_chosen_sums, ref_rejected_sums, beta, label_smoothing)
-    if method in ("ln-dpo", "ipo"):
-        means = (c_mean, r_mean, ref_chosen_sums / c_len, ref_rejected_sums / r_len, beta)
-        pref = dpo_loss(*means, label_smoothing) if method == "ln-dpo" else ipo_loss(*means)
-        return pref._replace(chosen_rewards=(beta * (chosen_sums - ref_chosen_sums)).detach(),
-                             rejected_rewards=(beta * (rejected_sums - ref_rejected_sums)).detach())
-    return rdpo_loss(chosen_sums, rejected_sums, ref_chosen_sums, ref_rejected_sums, chosen_lengths.float(),
-                     rejected_lengths.float(), beta, rdpo_alpha)
+    r"""AlphaPO (Gupta et al. 2025, "AlphaPO: Reward shape matters for LLM alignment", arXiv 2501.03884):
+    SimPO with the length-normalised reward bent by a shape parameter :math:`\alpha`.
+
+    Inputs are mean log-probs :math:`\bar\ell(y)`, so :math:`e^{\bar\ell(y)} = \pi(y)^{1/|y|}`:
+
+    .. math::
+        r_\alpha(y) = \frac{1 - \pi(y)^{-\alpha/|y|}}{\alpha} = \frac{1 - e^{-\alpha\bar\ell(y)}}{\alpha},
+        \qquad r_0(y) = \lim_{\alpha\to 0} r_\alpha(y) = \bar\ell(y)
+
+        z = \beta\,(r_\alpha(y_w) - r_\alpha(y_l)) - \gamma, \qquad
+        L = -(1-\epsilon)\log\sigma(z) - \epsilon\log\sigma(-z)
+
+    with :math:`\gamma = \beta\cdot` ``gamma_beta_ratio`` as in SimPO; :math:`\alpha = 0` is SimPO exactly.
+    The reward shape is TRL's ``CPOTrainer(loss_type="alphapo", alpha=...)``. Rewards: :math:`\beta r_\alpha(y)`.
+    """
+    if alpha == 0:
+        chosen, rejected = chosen_logps, rejected_logps
+    else:  # (1 - e^{-a x}) / a, as -expm1(-a x) / a: exact near x = 0
+        chosen, rejected = -torch.expm1(-alpha * chosen_logps) / alpha, -torch.expm1(-alpha * rejected_logps) / alpha
+    z = beta * (chosen - rejected) - beta * gamma_beta_ratio
+    return PreferenceLoss(_sigmoid_with_smoothing(z, label_smoothing), beta * chosen.detach(), beta * rejected.detach())
+
+
+def simper_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> PreferenceLoss:
+    r"""SimPER (Xiao et al., ICLR 2025, "SimPER: A Minimalist Approach to Preference Alignment without
+    Hyperparameters", arXiv 2502.00883): raise the inverse perplexity of the chosen response, lower the
+    rejected one's. No :math:`\beta`, no margin, no reference model.
+
+    Inputs are mean log-probs; :math:`e^{\bar\ell(y)} = 1/\text{PPL}(y)` is the inverse perplexity:
+
+    .. math:: L = -e^{\bar\ell(y_w)} + e^{\bar\ell(y_l)}
+
+    Rewards: the inverse perplexities :math:`e^{\bar\ell(y)}` the loss compares (so the margin is
+    :math:`-L`).
+    """
+    chosen, rejected = chosen_logps.exp(), rejected_logps.exp()
+    return PreferenceLoss(rejected - chosen, chosen.detach(), rejected.detach())

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from simpo_exp.config import Config, resolve_gamma
-from simpo_exp.losses import nll_loss, orpo_log_odds, preference_loss
+from simpo_exp.losses import nll_loss
+from simpo_exp.methods import TABLE, preference_loss
 from simpo_exp.reference import REF_COLUMNS
-from simpo_exp.tracking import SUMMED_LOGPS_METHODS, batch_metrics
 
 
 def batch_loss(policy, batch: dict, cfg: Config, reference=None):
@@ -28,12 +28,8 @@ def batch_loss(policy, batch: dict, cfg: Config, reference=None):
             ref_sums = reference(**batch).logp_sums
         refs = [ref_sums[:n], ref_sums[n:]]
     logps = out.mean_logps
-    _, gamma_beta_ratio = resolve_gamma(cfg)
-    pref = preference_loss(
-        cfg.method, out.logp_sums[:n], out.logp_sums[n:], out.num_tokens[:n], out.num_tokens[n:], *refs,
-        beta=cfg.beta, gamma_beta_ratio=gamma_beta_ratio, loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing, rdpo_alpha=cfg.rdpo_alpha,
-    )
+    pref = preference_loss(cfg.method, out.logp_sums[:n], out.logp_sums[n:], out.num_tokens[:n], out.num_tokens[n:],
+                           *refs, **loss_settings(cfg))
     sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
     loss = pref.losses.mean() + cfg.sft_weight * sft
     lengths = out.num_tokens.float()
@@ -56,10 +52,18 @@ def batch_loss(policy, batch: dict, cfg: Config, reference=None):
     return loss, stats, (rewards, lengths)
 
 
+def loss_settings(cfg: Config) -> dict:
+    """The config values the run's method reads (its entry in simpo_exp/methods.py), by config key;
+    ``gamma_beta_ratio`` as resolved (an absolute ``gamma`` wins)."""
+    _, ratio = resolve_gamma(cfg)
+    return {key: ratio if key == "gamma_beta_ratio" else getattr(cfg, key) for key in TABLE[cfg.method].reads}
+
+
 def token_and_method_stats(method: str, out, n: int) -> dict[str, torch.Tensor]:
     """The per-token sums (tracking.TOKEN_METRICS) and the statistics whose definition follows the
-    method's TRL trainer (logps/*, tracking.METHOD_METRICS), summed over the batch's pairs or tokens."""
-    logps = (out.logp_sums if method in SUMMED_LOGPS_METHODS else out.mean_logps).detach()
+    method's TRL trainer (its entry in simpo_exp/methods.py), summed over the batch's pairs or tokens."""
+    m = TABLE[method]
+    logps = (out.logp_sums if m.logps == "sum" else out.mean_logps).detach()
     stats = {
         "logps/chosen": logps[:n].sum(),
         "logps/rejected": logps[n:].sum(),
@@ -68,13 +72,11 @@ def token_and_method_stats(method: str, out, n: int) -> dict[str, torch.Tensor]:
         "entropy": out.entropy_sums.sum(),
         "mean_token_accuracy": out.top1_counts[:n].sum(),
     }
-    names = batch_metrics((method,))
-    if "logits/chosen" in names:  # TRL's DPO: the same mean over completion tokens
+    if m.logits:  # TRL's DPO: the same mean over completion tokens
         stats |= {"logits/chosen": stats["logits_response/chosen"], "logits/rejected": stats["logits_response/rejected"]}
-    if "log_odds_ratio" in names:
+    if m.stats is not None:
         means = out.mean_logps.detach()
-        log_odds = orpo_log_odds(means[:n], means[n:])
-        stats |= {"log_odds_chosen": log_odds.sum(), "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds).sum()}
+        stats |= m.stats(means[:n], means[n:])
     return stats
 
 

@@ -17,15 +17,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from simpo_exp.losses import METHODS, REFERENCE_METHODS
+from simpo_exp.methods import METHODS, TABLE
 
 log = logging.getLogger(__name__)
 
 # Per-pair statistics, averaged over a logging window (train/) or over the whole test split (eval/).
 # A name TRL uses keeps the definition TRL's trainer gives it for the run's method (README, "Baselines"):
-# ``logps/*`` is the summed response log-prob for dpo, ln-dpo, ipo, rdpo and cpo and the per-token mean
-# for simpo and orpo; ``rewards/*`` is the implicit reward as TRL reports it. ``logps_mean/*``, the
-# per-token mean log-prob, means the same for every method: compare methods on it.
+# ``logps/*`` is the summed response log-prob or the per-token mean as the method's entry in the table of
+# methods says (simpo_exp/methods.py: summed for the DPO family and CPO); ``rewards/*`` is the implicit
+# reward as TRL reports it. ``logps_mean/*``, the per-token mean log-prob, means the same for every
+# method: compare methods on it.
 PAIR_METRICS = (
     "loss",
     "sft_loss",
@@ -56,15 +57,13 @@ TOKEN_METRICS = {
 # ORPO: log_odds_ratio = mean log sigmoid(log odds ratio), log_odds_chosen = mean log odds ratio.
 # TRL's nll_loss is our sft_loss for CPO (the chosen response's token-mean NLL); for ORPO TRL counts
 # the prompt too, ours does not: neither logs it under TRL's name.
+# Which methods log which of these is the table of methods' (simpo_exp/methods.py: ``logits``, ``extra_metrics``).
 METHOD_METRICS = {
-    "logits/chosen": REFERENCE_METHODS,
-    "logits/rejected": REFERENCE_METHODS,
-    "log_odds_ratio": ("orpo",),
-    "log_odds_chosen": ("orpo",),
-}
+    "logits/chosen": tuple(name for name, m in TABLE.items() if m.logits),
+    "logits/rejected": tuple(name for name, m in TABLE.items() if m.logits),
+} | {metric: tuple(name for name, m in TABLE.items() if metric in m.extra_metrics)
+     for metric in dict.fromkeys(x for m in TABLE.values() for x in m.extra_metrics)}
 TOKEN_METRICS_OF_METHODS = {"logits/chosen": ("length/chosen",), "logits/rejected": ("length/rejected",)}
-# The methods whose TRL trainer logs the summed response log-prob as logps/* (the others: the mean).
-SUMMED_LOGPS_METHODS = REFERENCE_METHODS + ("cpo",)
 # Eval only: Pearson correlation between a response's reward and its length in tokens.
 EVAL_ONLY_METRICS = ("length/reward_corr",)
 # Optimisation and throughput, train only.

@@ -30,7 +30,7 @@ from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.environment import environment_record
 from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
 from simpo_exp.logps import ResponseLogps
-from simpo_exp.losses import REFERENCE_METHODS
+from simpo_exp.methods import REFERENCE_METHODS
 from simpo_exp.objective import batch_loss
 from simpo_exp.reference import REF_COLUMNS, WithReference, attach_reference_logps, live_reference
 from simpo_exp.model import count_parameters, load_model, load_tokenizer

@@ -2,11 +2,15 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from simpo_exp.losses import (cpo_loss, dpo_loss, ipo_loss, orpo_loss, preference_loss, rdpo_loss, simpo_loss)
+from simpo_exp.losses import (alphapo_loss, cpo_loss, dpo_loss, ipo_loss, orpo_loss, rdpo_loss, simper_loss,
+                              simpo_loss)
+from simpo_exp.methods import preference_loss
 from tests.test_run import simpo
 
 
@@ -64,8 +68,15 @@ def test_dispatch_feeds_sums_or_means():
         pytest.approx(dpo_loss(sums_c, sums_r, ref_c, ref_r, 0.1).losses.item())
     ln = preference_loss("ln-dpo", sums_c, sums_r, len_c, len_r, ref_c, ref_r, beta=2.0).losses.item()
     assert ln == pytest.approx(softplus(2.0 * ((-6 + 7) / 3 - (-10 + 9) / 4)), abs=1e-12)
+    alpha = preference_loss("alphapo", sums_c, sums_r, len_c, len_r, **kw, alphapo_alpha=0.5).losses.item()
+    assert alpha == pytest.approx(alphapo_loss(t(-2.0), t(-2.5), 2.0, 0.5, 0.5).losses.item(), abs=1e-12)
+    per = preference_loss("simper", sums_c, sums_r, len_c, len_r, **kw).losses.item()  # reads neither key
+    assert per == pytest.approx(simper_loss(t(-2.0), t(-2.5)).losses.item(), abs=1e-12)
+    assert per == pytest.approx(-math.exp(-2.0) + math.exp(-2.5), abs=1e-12)
     with pytest.raises(ValueError, match="reference"):
         preference_loss("dpo", sums_c, sums_r, len_c, len_r, beta=0.1)
+    with pytest.raises(ValueError, match="method='kto'"):
+        preference_loss("kto", sums_c, sums_r, len_c, len_r, beta=0.1)
 
 
 def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
@@ -131,3 +142,36 @@ def test_simpo_and_dpo_sweep_is_comparable(tmp_path):
     # the same metrics side by side, plus logits/*, which only TRL's DPO defines over response tokens
     only_dpo = {f"{split}/logits/{side}" for split in ("train", "eval") for side in ("chosen", "rejected")}
     assert summaries[0].keys() <= summaries[1].keys() and summaries[1].keys() - summaries[0].keys() == only_dpo
+
+
+def test_simpo_alphapo_simper_sweep_runs_and_compare_ranks_it(tmp_path):
+    """The two methods added through the table run in one sweep with SimPO on the embedded default, and
+    the compare command ranks the three by held-out reward accuracy."""
+    sweep = tmp_path / "sweep"
+    res = simpo("--multirun", "loss=simpo,alphapo,simper", "logger=none", "max_steps=20", "eval_steps=0",
+                "logging_steps=10", "num_generations=0", "eval_on_start=false", "dataset.synthetic.num_train=128",
+                "dataset.synthetic.num_test=32", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks_three_methods(sweep)
+
+
+def ranks_three_methods(sweep):
+    """compare's rows and its printed table: the three methods, all done, best held-out accuracy first."""
+    from simpo_exp import compare
+
+    runs = compare.load_runs(sweep)
+    rows = compare.runs_table(runs)
+    assert len(rows) == 3
+    assert sorted(r["loss"] for r in rows) == ["alphapo", "simper", "simpo"]
+    assert all(r["status"] == "done" for r in rows), rows
+    accuracies = [r["eval/rewards/accuracies"] for r in rows]
+    assert accuracies == sorted(accuracies, reverse=True) and all(0 <= a <= 1 for a in accuracies)
+    out = subprocess.run([sys.executable, "-m", "simpo_exp.compare", str(sweep), "--no-plots"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "3 runs (3 done," in out.stdout and "ranked by eval/rewards/accuracies" in out.stdout
+    lines = out.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:2] == ["run", "status"])
+    header, body = lines[at].split(), [line.split() for line in lines[at + 2:at + 5]]  # below the "---" rule
+    printed = [cells[header.index("loss")] for cells in body]
+    assert printed == [r["loss"] for r in rows]  # the printed table, best first, in the ranked order

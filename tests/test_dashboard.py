@@ -17,7 +17,7 @@ import yaml
 pytest.importorskip("wandb_workspaces")
 
 from simpo_exp import dashboard  # noqa: E402
-from simpo_exp.losses import METHODS  # noqa: E402
+from simpo_exp.methods import METHODS  # noqa: E402
 from simpo_exp.tracking import CONDITIONAL_METRICS, STEP_KEY, eval_keys, train_keys  # noqa: E402
 
 FAST = ["max_steps=3", "eval_steps=0", "logging_steps=1", "logger=none", "save_model=false",

@@ -16,13 +16,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from simpo_exp.config import Config
 from simpo_exp.data.collate import PairCollator
 from simpo_exp.logps import ResponseLogps, SequenceLogps
-from simpo_exp.losses import METHODS, REFERENCE_METHODS
+from simpo_exp.methods import METHODS, REFERENCE_METHODS
 from simpo_exp.tracking import batch_metrics
 from simpo_exp.objective import batch_loss, input_tokens
-from simpo_exp.train import Window
+from simpo_exp.metrics import Window
 
 PAD = 0
-BETA, RATIO, ALPHA = 2.0, 0.5, 0.1
+BETA, RATIO, ALPHA, ALPHAPO = 2.0, 0.5, 0.1, 0.3
 
 # Two micro-batches of two pairs each; rows: chosen of pair 0, 1, then rejected of pair 0, 1.
 BATCHES = [
@@ -61,7 +61,7 @@ def canned_batch(b):
 
 
 def logged(method: str) -> dict:
-    cfg = Config(method=method, beta=BETA, gamma_beta_ratio=RATIO, rdpo_alpha=ALPHA)
+    cfg = Config(method=method, beta=BETA, gamma_beta_ratio=RATIO, rdpo_alpha=ALPHA, alphapo_alpha=ALPHAPO)
     window = Window()
     for b in BATCHES:
         _, stats, _ = batch_loss(Canned(b), canned_batch(b), cfg)
@@ -102,6 +102,12 @@ def expected(method: str) -> dict:
         elif method == "orpo":
             c, r = BETA * mc, BETA * mr
             loss = BETA * softplus((mc - log1m_exp(mc)) - (mr - log1m_exp(mr)))
+        elif method == "alphapo":  # reward beta * (1 - e^(-alpha * mean)) / alpha
+            c, r = (BETA * (1 - math.exp(-ALPHAPO * x)) / ALPHAPO for x in (mc, mr))
+            loss = softplus(c - r - BETA * RATIO)
+        elif method == "simper":  # reward: the inverse perplexity e^mean
+            c, r = math.exp(mc), math.exp(mr)
+            loss = r - c
         else:  # the DPO family reports DPO's reward on summed log-probs (TRL's DPOTrainer)
             c, r = BETA * (sc - fc), BETA * (sr - fr)
             z = {"dpo": c - r, "rdpo": c - r + ALPHA * (nc - nr),
