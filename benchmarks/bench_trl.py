@@ -72,7 +72,7 @@ PRESETS = {
     "cpu": dict(
         device="cpu",
         model=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=4, vocab_size=0, tie_word_embeddings=True),  # conf/model/tiny.yaml
+                   num_key_value_heads=4, vocab_size=0, tie_word_embeddings=True),  # model=tiny (model.random_init's defaults)
         prompt=(32, 0.7, 12, 125), response=(70, 0.6, 25, 200),
         batch=8, max_length=512, lr=1e-3, bf16=False, gradient_checkpointing=False,
         warmup=3, steps=20, rounds=2,

@@ -35,9 +35,10 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TinyArchConfig:
-    """Shape of the randomly initialised Llama-style model built when ``model.path`` is empty
-    (``model=tiny``, and ``model=random-750m`` for measuring GPU paths without a download)."""
+class RandomInitConfig:
+    """Shape of the randomly initialised Llama-style model built from config when ``model.path`` is
+    empty (``model.random_init``). The defaults are ``model=tiny``'s; ``model=random-750m`` sets a
+    larger one for measuring GPU paths without a download."""
 
     hidden_size: int = 256
     intermediate_size: int = 512
@@ -54,7 +55,7 @@ class TinyArchConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    # Hub id or local directory. Empty for the built-in tiny model.
+    # Hub id or local directory. Empty: a random model of ``random_init``'s shape, built from config.
     path: str = ""
     tokenizer_path: str = ""  # defaults to ``path``
     params_b: float = 0.0  # size in billions of parameters; feeds the learning-rate default
@@ -66,7 +67,7 @@ class ModelConfig:
     chat_template: str = "auto"
     trust_remote_code: bool = False
     revision: Optional[str] = None
-    tiny: TinyArchConfig = field(default_factory=TinyArchConfig)
+    random_init: RandomInitConfig = field(default_factory=RandomInitConfig)
 
 
 @dataclass
@@ -336,14 +337,15 @@ def validate(cfg: Config) -> Config:
         _check_choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
     _check(m.params_b >= 0, "model.params_b", m.params_b, "must be >= 0")
     if not m.path:
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings"):
-            _check(getattr(m.tiny, key) >= 1, f"model.tiny.{key}", getattr(m.tiny, key), "must be >= 1")
-        _check(m.tiny.hidden_size % m.tiny.num_attention_heads == 0, "model.tiny.hidden_size", m.tiny.hidden_size,
-               f"must be divisible by model.tiny.num_attention_heads ({m.tiny.num_attention_heads})")
-        _check(m.tiny.num_attention_heads % m.tiny.num_key_value_heads == 0, "model.tiny.num_key_value_heads",
-               m.tiny.num_key_value_heads, "must divide model.tiny.num_attention_heads")
-        _check(m.tiny.vocab_size >= 0, "model.tiny.vocab_size", m.tiny.vocab_size, "must be >= 0 (0: the tokenizer's size)")
+        r, key = m.random_init, "model.random_init"
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            _check(getattr(r, name) >= 1, f"{key}.{name}", getattr(r, name), "must be >= 1")
+        _check(r.hidden_size % r.num_attention_heads == 0, f"{key}.hidden_size", r.hidden_size,
+               f"must be divisible by {key}.num_attention_heads ({r.num_attention_heads})")
+        _check(r.num_attention_heads % r.num_key_value_heads == 0, f"{key}.num_key_value_heads",
+               r.num_key_value_heads, f"must divide {key}.num_attention_heads")
+        _check(r.vocab_size >= 0, f"{key}.vocab_size", r.vocab_size, "must be >= 0 (0: the tokenizer's size)")
 
     d = cfg.dataset
     if not d.sources:

@@ -166,15 +166,15 @@ def load_tokenizer(mcfg: ModelConfig):
 
 
 def load_model(cfg: Config, tokenizer, attn_implementation: str):
-    """Return the causal LM: a random Llama of ``model.tiny``'s shape for ``path=""``, else ``from_pretrained``."""
+    """Return the causal LM: a random Llama of ``model.random_init``'s shape for ``path=""``, else ``from_pretrained``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     m = cfg.model
     dtype = TORCH_DTYPES[m.dtype]
     if not m.path:
-        arch = m.tiny
+        arch = m.random_init
         if arch.vocab_size and arch.vocab_size < len(tokenizer):
-            raise ConfigError(f"model.tiny.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
+            raise ConfigError(f"model.random_init.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
                               f"{len(tokenizer)} tokens; use 0 for the tokenizer's size")
         config = LlamaConfig(
             vocab_size=arch.vocab_size or len(tokenizer),

@@ -83,7 +83,7 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
     ("hardware.device=tpu", "hardware.device"),
     ("hardware.mixed_precision=fp8", "hardware.mixed_precision"),
     ("dataset.sources.synthetic.fraction=0", "dataset.sources.synthetic.fraction"),
-    ("model.tiny.num_attention_heads=3", "model.tiny.hidden_size"),
+    ("model.random_init.num_attention_heads=3", "model.random_init.hidden_size"),
     ("logger.mode=sometimes", "logger.mode"),
 ])
 def test_invalid_values_name_the_key(compose, override, key):
@@ -135,12 +135,12 @@ def test_unknown_key_in_a_preset_file_is_refused(tmp_path):
 def test_random_model_takes_a_larger_vocabulary(compose):
     from simpo_exp.model import load_model, load_tokenizer
 
-    cfg = to_config(compose("model.tiny.vocab_size=1000", "model.tiny.num_hidden_layers=1"))
+    cfg = to_config(compose("model.random_init.vocab_size=1000", "model.random_init.num_hidden_layers=1"))
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg, tok, "sdpa")
     assert model.config.vocab_size == 1000 and model.get_output_embeddings().weight.shape[0] == 1000
-    cfg = to_config(compose("model.tiny.vocab_size=100"))
-    with pytest.raises(ConfigError, match=r"model.tiny.vocab_size=100 is smaller than the tokenizer's 26\d tokens"):
+    cfg = to_config(compose("model.random_init.vocab_size=100"))
+    with pytest.raises(ConfigError, match=r"model.random_init.vocab_size=100 is smaller than the tokenizer's 26\d tokens"):
         load_model(cfg, tok, "sdpa")
     cfg = to_config(compose("model=random-750m"))
-    assert cfg.model.tiny.vocab_size == 128256 and not cfg.model.path
+    assert cfg.model.random_init.vocab_size == 128256 and not cfg.model.path

@@ -14,7 +14,7 @@ from tests.test_run import simpo
 RUN = ["learning_rate=1e-6", "lr_scheduler_type=constant", "warmup_ratio=0", "max_steps=30", "logger=none",
        "hardware=cpu", "eval_on_start=false", "eval_steps=0", "save_steps=0", "num_generations=0",
        "logging_steps=10", "per_device_train_batch_size=8", "dataset.synthetic.num_train=256",
-       "dataset.synthetic.num_test=16", "model.tiny.num_hidden_layers=2"]
+       "dataset.synthetic.num_test=16", "model.random_init.num_hidden_layers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_lora_adapters_are_float32_on_a_bf16_base(compose):
     pytest.importorskip("peft")
     from simpo_exp.model import load_model, load_tokenizer
 
-    cfg = to_config(compose("hardware=cpu-lora", "model.dtype=bfloat16", "model.tiny.num_hidden_layers=1"))
+    cfg = to_config(compose("hardware=cpu-lora", "model.dtype=bfloat16", "model.random_init.num_hidden_layers=1"))
     model = load_model(cfg, load_tokenizer(cfg.model), "sdpa")
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
@@ -99,8 +99,8 @@ def test_lora_adapters_are_float32_on_a_bf16_base(compose):
 def test_full_fine_tuning_upcasts_only_when_asked(compose):
     from simpo_exp.model import load_model, load_tokenizer
 
-    cfg = to_config(compose("model.dtype=bfloat16", "model.tiny.num_hidden_layers=1"))
+    cfg = to_config(compose("model.dtype=bfloat16", "model.random_init.num_hidden_layers=1"))
     tok = load_tokenizer(cfg.model)
     assert {p.dtype for p in load_model(cfg, tok, "sdpa").parameters()} == {torch.float32}
-    cfg = to_config(compose("model.dtype=bfloat16", "hardware.master_weights=model", "model.tiny.num_hidden_layers=1"))
+    cfg = to_config(compose("model.dtype=bfloat16", "hardware.master_weights=model", "model.random_init.num_hidden_layers=1"))
     assert {p.dtype for p in load_model(cfg, tok, "sdpa").parameters()} == {torch.bfloat16}

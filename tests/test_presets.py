@@ -60,18 +60,16 @@ def test_a_local_dataset_needs_its_path(compose):
         to_config(compose("dataset=local"))
 
 
-@pytest.mark.parametrize("override,plugin,node,target", [
-    ("+sweep=optuna", "hydra_plugins.hydra_optuna_sweeper", "sweeper", "OptunaSweeper"),
-    ("+launcher=local", "hydra_plugins.hydra_submitit_launcher", "launcher", "LocalLauncher"),
-    ("+launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "launcher", "SlurmLauncher"),
-])
-def test_sweep_and_launcher_presets_compose(override, plugin, node, target):
+def test_sweep_preset_composes():
+    """The +launcher presets: tests/test_scale.py (test_launcher_presets_compose)."""
+    plugin = "hydra_plugins.hydra_optuna_sweeper"
     if importlib.util.find_spec(plugin) is None:
-        pytest.skip(f"{override} needs the optional Hydra plugin {plugin}")
+        pytest.skip(f"+sweep=optuna needs the optional Hydra plugin {plugin}")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=["output_dir=/tmp/unused", override],
+        cfg = hydra_compose(config_name="config", overrides=["output_dir=/tmp/unused", "+sweep=optuna"],
                             return_hydra_config=True)
-    assert cfg.hydra[node]._target_.endswith(target)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert set(cfg.hydra.sweeper.params) == {"learning_rate", "gamma_beta_ratio", "beta"}
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     assert to_config(job).method == "simpo"
 

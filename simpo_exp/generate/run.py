@@ -53,7 +53,7 @@ def policy_fingerprint(cfg) -> dict:
     random init (tiny shape and seed)."""
     m = cfg.model
     if not m.path:
-        spec = {"tiny": dataclasses.asdict(m.tiny), "seed": cfg.seed}
+        spec = {"tiny": dataclasses.asdict(m.random_init), "seed": cfg.seed}
         return {"kind": "random-init", **spec, "sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()}
     path = Path(m.path).expanduser()
     if path.is_dir():
