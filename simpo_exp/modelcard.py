@@ -68,10 +68,15 @@ def card_text(cfg: dict, results: dict[str, dict], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(run_dir: Path, cfg: dict, name: str | None = None) -> Path:
-    """Write ``<run_dir>/model/README.md`` from the run's resolved config (a plain dict) and its results."""
+def write_model_card(run_dir: Path, cfg, name: str | None = None) -> Path:
+    """Write ``<run_dir>/model/README.md`` from the run's resolved config (a plain dict, or the ``Config``
+    dataclass training holds) and the results of any evaluation found in ``run_dir``."""
+    import dataclasses
+
     from simpo_exp.inference.files import write_atomic
 
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
     run_dir = Path(run_dir)
     name = name or _get(cfg, "logger.run_name") or run_dir.name
     path = run_dir / "model" / "README.md"

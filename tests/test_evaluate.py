@@ -18,7 +18,7 @@ from tests.test_run import simpo
 
 RUNS = ["logger=none", "max_steps=30", "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32",
         "eval_steps=10", "logging_steps=5", "num_generations=0", "per_device_train_batch_size=8"]  # test_run's SMALL, fewer evals
-ALPACA = [{"instruction": f"Say something about the number {i}.", "output": "x" * (3 * i + 1),
+ALPACA = [{"instruction": f"Say something about the number {i}.", "output": "x" * (12 * i + 1),
            "generator": "gpt4_1106_preview", "dataset": "helpful_base"} for i in range(6)]
 
 
@@ -127,7 +127,7 @@ def judged(sweep, tmp_path_factory):
     questions.write_text("".join(json.dumps({"question_id": f"q{i}", "category": "arena-hard-v0.1",
                                              "turns": [{"content": f"Explain {i}."}]}) + "\n" for i in range(3)))
     baseline.write_text("".join(json.dumps({"question_id": f"q{i}", "model_id": "gpt-4-0314",
-                                            "choices": [{"index": 0, "turns": [{"content": "y" * 9}]}]}) + "\n" for i in range(3)))
+                                            "choices": [{"index": 0, "turns": [{"content": "y" * (10 * i + 5)}]}]}) + "\n" for i in range(3)))
     port = free_port()
     judge = [f"judge.kind=openai", f"judge.base_url=http://127.0.0.1:{port}/v1", "judge.model=fake-judge",
              "judge.max_retries=0", "judge.timeout_s=5"]
@@ -152,6 +152,7 @@ def test_a_judge_that_does_not_answer_keeps_the_generations(judged):
     assert "did not answer" in down.stderr and "judge_only=true" in down.stderr and "Traceback" not in down.stderr
     assert "benchmarks.alpacaeval2.judge.base_url" in down.stderr
     assert (out / "model_outputs.json").exists() and list((out / "shards").glob("trained-*.jsonl"))
+    assert list((judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl"))  # the next benchmark ran
 
 
 def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
@@ -159,20 +160,28 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
 
     up, out = judged["up"], judged["job"] / "eval" / "alpacaeval2"
     assert up.returncode == 0, up.stderr[-3000:]
+    def expected_rate(ids: list[str], model: list[str], reference: list[str]) -> float:
+        """The fake judge's verdicts worked out here: the longer answer wins, on a tie the one shown second."""
+        wins = []
+        for key, m, r in zip(ids, model, reference):
+            model_first = derive_seed("judge-order", key) % 2 == 0
+            wins.append(1.0 if len(m) > len(r) else 0.0 if len(m) < len(r) else float(not model_first))
+        return 100 * sum(wins) / len(wins)
+
     outputs = json.loads((out / "model_outputs.json").read_text())
-    expected = []
-    for i, (row, ref) in enumerate(zip(outputs, ALPACA)):
-        model_first = derive_seed("judge-order", str(i)) % 2 == 0
-        m, r = len(row["output"]), len(ref["output"])
-        expected.append(1.0 if m > r else 0.0 if m < r else float(not model_first))  # a tie: 'b' wins
     res = json.loads((out / "results.json").read_text())
-    assert res["metrics"]["win_rate"] == pytest.approx(100 * sum(expected) / len(expected))
+    expected = expected_rate([str(i) for i in range(6)], [r["output"] for r in outputs], [r["output"] for r in ALPACA])
+    assert res["metrics"]["win_rate"] == pytest.approx(expected)
+    assert 0 < expected < 100  # some reference answers are longer than the model's, some shorter
     assert res["metrics"]["lc_win_rate"] is None and any("805" in n for n in res["notes"])
     assert res["judge"] == {"kind": "openai", "base_url": res["judge"]["base_url"], "model": "fake-judge",
                             "annotators_config": "weighted_alpaca_eval_gpt4_turbo"}
     assert all(r["model"] == "fake-judge" for r in judged["requests"]) and len(judged["requests"]) == 6 + 3
     arena = json.loads((judged["job"] / "eval" / "arena-hard" / "results.json").read_text())
-    assert 0.0 <= arena["metrics"]["win_rate"] <= 100.0 and arena["metrics"]["n"] == 3
+    answers = [json.loads(line) for f in (judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl")
+               for line in f.read_text().splitlines()]
+    assert arena["metrics"]["n"] == 3 and arena["metrics"]["win_rate"] == pytest.approx(expected_rate(
+        ["q0", "q1", "q2"], [a["choices"][0]["turns"][0]["content"] for a in answers], ["y" * (10 * i + 5) for i in range(3)]))
     print(f"\nfake judge (prefers the longer answer): AlpacaEval-format WR {res['metrics']['win_rate']:.1f}, "
           f"Arena-Hard-format WR {arena['metrics']['win_rate']:.1f}")
 
@@ -276,3 +285,45 @@ def test_the_stage_imports_no_other_stage():
             "if m in sys.modules]; assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_compare_pools_evaluation_numbers_over_seeds(tmp_path):
+    """Runs that differ only by seed: compare's seed groups give mean and spread of a benchmark's win rate."""
+    from simpo_exp.compare import load_runs, runs_table, seed_groups
+    from simpo_exp.inference.files import write_json
+
+    rates = {("2", "1"): 40.0, ("2", "2"): 50.0, ("5", "1"): 70.0, ("5", "2"): 80.0}
+    for i, ((beta, seed), rate) in enumerate(rates.items()):
+        run = tmp_path / f"{i}_beta={beta},seed={seed}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- beta={beta}\n- seed={seed}\n")
+        write_json(run / "summary.json", {"eval/rewards/accuracies": 0.5})
+        write_json(run / "eval" / "rule" / "results.json", {"metrics": {"win_rate": rate, "n": 32}})
+    runs = load_runs(tmp_path)
+    groups = seed_groups(runs, "bench/rule/win_rate")
+    assert [(g["beta"], g["seeds"], g["bench/rule/win_rate mean"]) for g in groups] == [("5", 2, 75.0), ("2", 2, 45.0)]
+    assert groups[0]["std"] == pytest.approx(7.0710678) and groups[0]["min"] == 70.0
+    table = runs_table(runs, "bench/rule/win_rate")
+    assert [row["bench/rule/win_rate"] for row in table] == [80.0, 70.0, 50.0, 40.0]
+
+
+def test_win_rate_matches_alpaca_eval_and_lc_says_why_it_is_missing(monkeypatch):
+    """Our win rate equals alpaca-eval's own on the same verdicts (ties half); offline, LC is null with a reason."""
+    pytest.importorskip("alpaca_eval", reason="alpaca-eval not installed (pip install -e '.[eval]')")
+    from alpaca_eval.metrics import get_winrate
+
+    from simpo_exp.evaluate.judge import ALPACA_EVAL_ROWS, annotations, length_controlled, win_rate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prefs = [(1.0, 2.0, 1.5)[i % 3] if i % 7 else 2.0 for i in range(ALPACA_EVAL_ROWS)]
+    prompts = [{"id": str(i), "instruction": f"q{i}", "reference": "r" * (i % 50 + 1)} for i in range(ALPACA_EVAL_ROWS)]
+    rows = annotations(prompts, ["m" * (i % 40 + 1) for i in range(ALPACA_EVAL_ROWS)],
+                       [{"preference": p} for p in prefs], "model", "gpt4_1106_preview", "judge")
+    assert win_rate(prefs) == pytest.approx(get_winrate(rows)["win_rate"])
+    lc, why = length_controlled(rows, full_set=True)
+    if lc is None:  # its GLM needs df_gamed.csv from the hub: not cached on an offline machine
+        assert "df_gamed.csv" in why
+    else:
+        assert 0.0 <= lc <= 100.0
+    lc, why = length_controlled(rows[:10], full_set=False)
+    assert lc is None and "805" in why

@@ -72,7 +72,8 @@ class PairwiseJudge:
                     return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
             except (urllib.error.URLError, TimeoutError, OSError, KeyError, ValueError) as e:
                 last = e
-                time.sleep(min(2 ** attempt, 8))
+                if attempt < self.j.max_retries:
+                    time.sleep(min(2 ** attempt, 8))
         raise JudgeError(f"{self.key}.judge.base_url={self.j.base_url!r}: the judge endpoint did not answer after "
                          f"{self.j.max_retries + 1} tries ({last}). The generations are kept; start the judge and "
                          "re-run the same command with evaluate.judge_only=true")
@@ -111,11 +112,17 @@ def length_controlled(rows: list[dict], full_set: bool) -> tuple[float | None, s
         from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
     except ImportError:
         return None, "LC needs the alpaca-eval package: pip install -e '.[eval]'"
+    from huggingface_hub import try_to_load_from_cache
+
+    # Its GLM reads precomputed data from the hub data set tatsu-lab/alpaca_eval: use a cached copy, never download.
+    if not isinstance(try_to_load_from_cache("tatsu-lab/alpaca_eval", "df_gamed.csv", repo_type="dataset"), str):
+        return None, ("LC needs tatsu-lab/alpaca_eval's df_gamed.csv in the Hugging Face cache (alpaca-eval's GLM "
+                      "reads it; nothing is downloaded here): fetch it once with huggingface-cli download "
+                      "tatsu-lab/alpaca_eval df_gamed.csv --repo-type dataset")
     try:
         metrics = get_length_controlled_winrate(rows, save_weights_dir=None)
-    except Exception as e:  # its GLM needs precomputed data from the hub data set tatsu-lab/alpaca_eval
-        return None, f"alpaca-eval's LC failed ({type(e).__name__}: {str(e)[:200]}); it needs tatsu-lab/alpaca_eval's " \
-                     "df_gamed.csv in the Hugging Face cache"
+    except Exception as e:  # a GLM failure is reported, the win rate stands
+        return None, f"alpaca-eval's LC failed ({type(e).__name__}: {str(e)[:200]})"
     return float(metrics["length_controlled_winrate"]), None
 
 

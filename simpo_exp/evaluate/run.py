@@ -24,8 +24,8 @@ from pathlib import Path
 from simpo_exp.config import ConfigError
 from simpo_exp.evaluate import benchmarks as bm
 from simpo_exp.evaluate.config import decoding_for
-from simpo_exp.evaluate.judge import (ALPACA_EVAL_ROWS, PairwiseJudge, annotations, length_controlled, package_judge,
-                                      rule_preferences, win_rate)
+from simpo_exp.evaluate.judge import (ALPACA_EVAL_ROWS, JudgeError, PairwiseJudge, annotations, length_controlled,
+                                      package_judge, rule_preferences, win_rate)
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
 from simpo_exp.inference.files import read_jsonl, write_json, write_jsonl
 from simpo_exp.inference.results import results_path
@@ -64,7 +64,8 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
     files = [shard_dir / f"{tag}-{i:05d}.jsonl" for i in range(len(shards))]
     manifest = {"weights": _weights_id(cfg), "decoding": {k: v for k, v in vars(dec).items() if k != "batch_size"},
                 "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest()}
-    _check_manifest(shard_dir / f"{tag}-manifest.json", manifest)
+    # judge_only reads stored answers wherever they were made (another backend, another machine)
+    _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, ("weights", "prompts") if judge_only else None)
     todo = [i for i, f in enumerate(files) if not f.exists()]
     if todo and judge_only:
         raise ConfigError(f"evaluate.judge_only=true, but {files[todo[0]]} holds no stored generations; run once "
@@ -81,10 +82,10 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
     return [row for f in files for row in read_jsonl(f)]
 
 
-def _check_manifest(path: Path, manifest: dict) -> None:
+def _check_manifest(path: Path, manifest: dict, keys: tuple | None = None) -> None:
     if path.exists():
         old = json.loads(path.read_text())
-        differ = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        differ = sorted(k for k in keys or set(old) | set(manifest) if old.get(k) != manifest.get(k))
         if differ:
             raise ConfigError(f"{path.parent} holds generations made with different {', '.join(differ)}; delete "
                               f"{path.parent} to generate again with the new settings")
@@ -249,16 +250,23 @@ def evaluate_all(cfg) -> list[dict]:
     runs, skipped = _runs_to_evaluate(e.path)
     for r in skipped:
         print(f"skipped {r}: no trained model (model/ missing: the run failed or is still running)", flush=True)
-    records = []
+    records, judge_failures = [], []
     for run_dir in runs:
         run_cfg = load_run_config(run_dir)
         for b in cfg.benchmarks.values():
-            rec = evaluate_benchmark(run_dir, run_cfg, b, e)
+            try:
+                rec = evaluate_benchmark(run_dir, run_cfg, b, e)
+            except JudgeError as err:  # the answers are stored: go on with the other benchmarks and runs
+                print(f"{run_dir.name}  {b.name}: judging failed, answers kept in {run_dir / 'eval' / b.name}", flush=True)
+                judge_failures.append(err)
+                continue
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in rec["metrics"].items() if v is not None)
             print(f"{run_dir.name}  {b.name}: {shown}  -> {results_path(run_dir, b.name)}", flush=True)
             records.append(rec)
         _finish_run(run_dir, run_cfg, e)
+    if judge_failures:
+        raise JudgeError("; ".join(dict.fromkeys(str(err) for err in judge_failures)))
     if len(runs) > 1:
         first = next(iter(cfg.benchmarks.values()))
         metric = "win_rate" if first.kind != "lm_eval" else "score"
