@@ -40,6 +40,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from simpo_exp.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -51,7 +53,7 @@ RESUMABLE_CHANGES = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used (incompatible config, unreadable files) or written."""
 
 

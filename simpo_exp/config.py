@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from simpo_exp.errors import UserError
+
 LOSS_TYPES = ("sigmoid", "hinge")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 SOURCE_FORMATS = ("auto", "messages", "strings", "synthetic")
@@ -30,7 +32,7 @@ CHECKPOINT_FORMATS = ("auto", "safetensors", "accelerate")
 MASTER_WEIGHTS = ("fp32", "model")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is invalid; the message names the key and the allowed values."""
 
 
@@ -134,7 +136,8 @@ class HardwareConfig:
     # none (padded, chosen and rejected rows), packed (no padding), prefix_shared (the prompt
     # encoded once per pair), or auto: prefix_shared on CPU, where it was measured fastest, none on GPU.
     packing: str = "auto"
-    packing_attention: str = "segments"  # segments (per-sequence attention) | mask (explicit 4D mask)
+    # segments (one SDPA call per sequence) | flex (one FlexAttention call per layer, block mask) | mask (4D mask)
+    packing_attention: str = "segments"
     logps_chunk_size: int = 0  # > 0: log-probs in chunks of this many tokens (large vocabularies)
     # Batches of pairs of similar length (less padding under packing=none; simpo_exp/data/sampler.py).
     group_by_length: bool = False
@@ -371,7 +374,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("hardware.mixed_precision", h.mixed_precision, PRECISIONS)
     _check_choice("hardware.master_weights", h.master_weights, MASTER_WEIGHTS)
     _check_choice("hardware.attn_implementation", h.attn_implementation, ATTN_IMPLEMENTATIONS)
-    from simpo_exp.logps import PACKING_ATTENTIONS, PACKINGS
+    from simpo_exp.layout import PACKING_ATTENTIONS, PACKINGS
 
     _check_choice("hardware.packing", h.packing, ("auto",) + tuple(PACKINGS))
     _check_choice("hardware.packing_attention", h.packing_attention, tuple(PACKING_ATTENTIONS))

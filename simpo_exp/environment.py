@@ -42,7 +42,7 @@ def git_commit() -> str | None:
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def environment_record(cfg, accelerator, model, data_report, layout: dict | None = None) -> dict:
+def environment_record(cfg, accelerator, model, data_report, layout=None) -> dict:
     cuda = torch.cuda.is_available()
     return {
         "python": platform.python_version(),
@@ -57,7 +57,7 @@ def environment_record(cfg, accelerator, model, data_report, layout: dict | None
         "mixed_precision": accelerator.mixed_precision,
         # as the model runs it: packed layouts wrap the kernel ("simpo_segments:<model>:sdpa")
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        "batch_layout": layout,
+        "batch_layout": layout.as_dict() if layout is not None else None,
         "gradient_checkpointing": cfg.hardware.gradient_checkpointing,
         "model_dtype": str(next(model.parameters()).dtype),
         "precision": precision_record(model, accelerator),

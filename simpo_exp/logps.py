@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-PACKINGS = ("none", "packed", "prefix_shared")
-PACKING_ATTENTIONS = ("segments", "mask", "flex")
+from simpo_exp.layout import BatchLayout
+
 SEGMENT_ATTENTION_PREFIX = "simpo_segments:"
 
 
@@ -246,19 +246,11 @@ def group_mask(groups: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     return torch.zeros(allowed.shape, dtype=dtype, device=groups.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def check_layout(packing: str, attention: str) -> None:
-    """Refuse an unknown batch layout (shared by the collator and ResponseLogps)."""
-    if packing not in PACKINGS:
-        raise ValueError(f"packing={packing!r}: allowed values are {', '.join(map(repr, PACKINGS))}")
-    if attention not in PACKING_ATTENTIONS:
-        raise ValueError(f"attention={attention!r}: allowed values are {', '.join(map(repr, PACKING_ATTENTIONS))}")
-
-
 # ----------------------------------------------------------------------------- the module
 class ResponseLogps(nn.Module):
     def __init__(self, model: nn.Module, chunk_size: int = 0, packing: str = "none", attention: str = "segments"):
         super().__init__()
-        check_layout(packing, attention)
+        self.layout = BatchLayout(packing, attention, chunk_size)  # checks the values
         self.model = model
         self.chunk_size = chunk_size
         self.packing = packing
@@ -271,6 +263,10 @@ class ResponseLogps(nn.Module):
             elif impl.startswith("flash") or impl == "flex_attention":
                 raise ValueError(f"packing_attention=mask needs an attention that takes a dense 4D mask (sdpa, eager), "
                                  f"not {impl!r}; use packing_attention=segments")
+
+    @classmethod
+    def for_layout(cls, model: nn.Module, layout: BatchLayout | None = None) -> "ResponseLogps":
+        return cls(model, **(layout or BatchLayout()).as_dict())
 
     # accelerate reads these off the module it prepares: DeepSpeed fills its "auto" bucket sizes from
     # config.hidden_size, FSDP shards per transformer layer by _no_split_modules.

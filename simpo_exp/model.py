@@ -3,7 +3,7 @@
 ``model=tiny`` needs nothing from outside: a byte-level fast tokenizer with a chat template is
 built here in code, and a Llama-architecture model is randomly initialised from a config.
 Hub presets load with ``from_pretrained``; when their files are neither on disk nor in the
-Hugging Face cache and the hub cannot be reached, a ``ModelNotFoundError`` says so at once
+Hugging Face cache and the hub cannot be reached, ``simpo_exp.hub`` says so at once
 (instead of transformers' minute of retries) and how to point ``model.path`` at local weights.
 """
 
@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import socket
-import threading
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from simpo_exp.config import Config, ConfigError, ModelConfig
+from simpo_exp.hub import check_model_available
 from simpo_exp.precision import prepare_weights
 
 log = logging.getLogger(__name__)
@@ -46,10 +42,6 @@ BUILTIN_TEMPLATES = {"zephyr": ZEPHYR_CHAT_TEMPLATE, "tiny": TINY_CHAT_TEMPLATE}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelNotFoundError(RuntimeError):
-    """The configured model (or tokenizer) cannot be found locally nor downloaded."""
-
-
 def build_tiny_tokenizer():
     """A byte-level fast tokenizer (256 byte tokens + specials) with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -70,60 +62,6 @@ def build_tiny_tokenizer():
         model_max_length=1 << 20,
     )
     return tok
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    result: list[bool] = []
-
-    def probe() -> None:  # in a thread: a DNS lookup ignores the socket timeout
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    worker = threading.Thread(target=probe, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return bool(result and result[0])
-
-
-def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # an id that is not a valid repo name
-        return False
-    return isinstance(hit, str)
-
-
-def looks_like_local_path(path: str) -> bool:
-    """A hub id is "name" or "org/name"; "./x", "/x", "~/x" or "a/b/c" can only be a local path."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1
-
-
-def check_model_available(path: str, revision: str | None = None, what: str = "model.path") -> None:
-    """Raise ModelNotFoundError unless ``path`` is a local directory, cached, or downloadable."""
-    if Path(path).is_dir():
-        if not (Path(path) / "config.json").exists() and what == "model.path":
-            raise ModelNotFoundError(f"{what}={path!r} is a directory without a config.json: not a saved model")
-        return
-    if looks_like_local_path(path):
-        raise ModelNotFoundError(f"{what}={path!r} does not exist")
-    if _in_hf_cache(path, revision) or _hub_reachable():
-        return
-    raise ModelNotFoundError(
-        f"model {path!r} ({what}) is not on this machine: it is not a local directory, not in the Hugging Face "
-        f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub cannot be reached. "
-        f"Download it on a connected machine (`hf download {path}`) and either copy the cache here or set "
-        f"{what}=/path/to/local/weights."
-    )
 
 
 def apply_chat_template_choice(tokenizer, choice: str, mcfg_name: str = "") -> None:
@@ -163,6 +101,18 @@ def load_tokenizer(mcfg: ModelConfig):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def pick_attention(cfg: Config) -> str:
+    """The attention kernel: the model preset's, else the hardware preset's; flash-attn only where installed."""
+    wanted = cfg.model.attn_implementation or cfg.hardware.attn_implementation
+    if wanted == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            log.warning("flash_attention_2 asked for but flash-attn is not installed; using sdpa")
+            return "sdpa"
+    return wanted
 
 
 def load_model(cfg: Config, tokenizer, attn_implementation: str):

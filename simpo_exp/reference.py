@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from simpo_exp.config import Config
+from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,9 @@ def cache_path(cfg: Config, model, splits: dict[str, Dataset]) -> Path:
 
 @torch.no_grad()
 def compute(model, ds: Dataset, collate, batch_size: int, device, autocast,
-            layout: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            layout: BatchLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every pair under ``model``: (chosen [N], rejected [N])."""
-    scorer = ResponseLogps(model, **(layout or {})).to(device).eval()
+    scorer = ResponseLogps.for_layout(model, layout).to(device).eval()
     loader = DataLoader(ds.select_columns(list(TOKEN_COLUMNS)), batch_size=batch_size, collate_fn=collate)
     chosen, rejected = [], []
     for batch in loader:
@@ -75,7 +76,7 @@ def compute(model, ds: Dataset, collate, batch_size: int, device, autocast,
 
 
 def attach_reference_logps(cfg: Config, model, splits: dict[str, Dataset], collate, accelerator,
-                           layout: dict | None = None) -> dict[str, Dataset]:
+                           layout: BatchLayout | None = None) -> dict[str, Dataset]:
     """Add the two reference columns to each split, computing and caching them if needed."""
     path = cache_path(cfg, model, splits)
     with accelerator.main_process_first():
@@ -115,8 +116,8 @@ class WithReference:
         return batch
 
 
-def live_reference(model, layout: dict | None = None) -> ResponseLogps:
+def live_reference(model, layout: BatchLayout | None = None) -> ResponseLogps:
     """A frozen copy of the starting policy, for ``reference_mode=live``."""
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
-    return ResponseLogps(ref, **(layout or {}))
+    return ResponseLogps.for_layout(ref, layout)

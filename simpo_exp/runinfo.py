@@ -80,15 +80,9 @@ def user_errors(cfg: DictConfig):
 
 
 def _is_user_error(e: Exception) -> bool:
-    from simpo_exp.checkpoint import CheckpointError
-    from simpo_exp.config import ConfigError
-    from simpo_exp.data import DataSourceError
-    from simpo_exp.model import ModelNotFoundError
+    from simpo_exp.errors import UserError
 
-    if isinstance(e, (ConfigError, DataSourceError, ModelNotFoundError, CheckpointError)):
-        return True
-    train = sys.modules.get("simpo_exp.train")  # not loaded by stages that do not train (simpo_exp.generate)
-    return train is not None and isinstance(e, train.NonFiniteError)
+    return isinstance(e, UserError)
 
 
 class SweepSummary(Callback):

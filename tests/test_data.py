@@ -36,7 +36,8 @@ from simpo_exp.data import MODEL_COLUMNS, DataSourceError, EmptySplitError, Pair
 from simpo_exp.data import sources as sources_mod
 from simpo_exp.data import synthetic
 from simpo_exp.data.sources import load_split, normalise, normalise_row
-from simpo_exp.model import ZEPHYR_CHAT_TEMPLATE, _hub_reachable, build_tiny_tokenizer
+from simpo_exp.hub import hub_reachable
+from simpo_exp.model import ZEPHYR_CHAT_TEMPLATE, build_tiny_tokenizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -611,7 +612,7 @@ def test_unsupported_extension_and_unreadable_file(tmp_path, tok):
 
 
 def test_uncached_hub_id_fails_fast_with_a_pointer_to_local_files(tok):
-    if _hub_reachable():
+    if hub_reachable():
         pytest.skip("the hub is reachable here; this checks the offline path")
     cfg = compose_preset("ultrafeedback-binarized")  # path is the hub id, and nothing is cached
     flags_before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE

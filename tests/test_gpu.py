@@ -78,6 +78,7 @@ def test_flex_attention_trains_through_the_loop(tmp_path):
 
 def test_gpu_preset_resumes(tmp_path):
     run, first, _ = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared")
+    (run / "finished.json").unlink()  # else the re-run is recognised as finished and skipped
     _, resumed, _ = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared")  # from step 3
     assert "resumed from" in (run / "__main__.log").read_text()
     steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]

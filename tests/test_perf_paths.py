@@ -172,21 +172,37 @@ def test_mismatched_collator_and_module_fail_clearly():
 
 def test_auto_layout_keeps_softcapped_models_padded(compose):
     """Segment attention refuses Gemma 2's attention softcapping, so packing=auto must not pick it."""
-    from types import SimpleNamespace
-
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from simpo_exp.config import to_config
-    from simpo_exp.train import batch_layout
+    from simpo_exp.config import ConfigError, to_config
+    from simpo_exp.layout import BatchLayout, choose_layout
 
     cfg = to_config(compose())
-    cpu = SimpleNamespace(device=torch.device("cpu"))
     small = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=16)
     gemma = Gemma2ForCausalLM(Gemma2Config(**small))
     assert gemma.config.attn_logit_softcapping
-    assert batch_layout(cfg, cpu, gemma)["packing"] == "none"
-    assert batch_layout(cfg, cpu, LlamaForCausalLM(LlamaConfig(**small)))["packing"] == "prefix_shared"
+    assert choose_layout(cfg.hardware, "cpu", gemma.config).packing == "none"
+    llama = LlamaForCausalLM(LlamaConfig(**small)).config
+    assert choose_layout(cfg.hardware, "cpu", llama) == BatchLayout("prefix_shared", "segments", 0)
+    assert choose_layout(cfg.hardware, "cuda", llama).packing == "none"
+    flex = to_config(compose("hardware.packing=prefix_shared", "hardware.packing_attention=flex")).hardware
+    assert choose_layout(flex, "cuda", llama) == BatchLayout("prefix_shared", "flex", 0)
+    with pytest.raises(ConfigError, match="packing_attention='flex' trains on a GPU only"):
+        choose_layout(flex, "cpu", llama)
+
+
+def test_batch_layout_is_checked_when_made():
+    from simpo_exp.layout import BatchLayout
+
+    with pytest.raises(ValueError, match="packing='zip'"):
+        BatchLayout("zip")
+    with pytest.raises(ValueError, match="attention='dense'"):
+        BatchLayout("packed", "dense")
+    with pytest.raises(ValueError, match="chunk_size=-1"):
+        BatchLayout("none", "segments", -1)
+    with pytest.raises(Exception):  # frozen: a layout chosen for a run cannot change under it
+        BatchLayout().packing = "packed"
 
 
 # ----------------------------------------------------------------------------- FlexAttention

@@ -18,7 +18,7 @@ import jinja2
 import pytest
 
 from simpo_exp.config import resolve_gamma, to_config
-from simpo_exp.train import accumulation_steps
+from simpo_exp.engine import accumulation_steps
 
 from tests.conftest import options
 

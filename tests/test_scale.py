@@ -88,7 +88,7 @@ def test_hardware_presets(compose, preset):
 
 
 def test_effective_batch_is_kept_across_device_counts(compose):
-    from simpo_exp.train import accumulation_steps
+    from simpo_exp.engine import accumulation_steps
 
     cfg = to_config(compose("hardware=ddp", "per_device_train_batch_size=2"))
     assert [accumulation_steps(cfg, n) for n in (1, 2, 4, 8)] == [64, 32, 16, 8]
@@ -118,7 +118,7 @@ def test_lora_trains_adapters_only(tmp_path):
 
 
 def test_deepspeed_without_a_launcher_gets_a_one_process_group(monkeypatch):
-    from simpo_exp.train import single_process_env
+    from simpo_exp.engine import single_process_env
 
     # a private copy of the environment: the variables set here must not leak into later runs
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import torch
 
-from simpo_exp.logps import check_layout
+from simpo_exp.layout import BatchLayout
 
 
 class PairCollator:
     def __init__(self, pad_token_id: int, packing: str = "none", attention: str = "segments"):
-        check_layout(packing, attention)
+        BatchLayout(packing, attention)  # checks the values
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.attention = attention

@@ -20,8 +20,9 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
 from simpo_exp.config import DatasetConfig, SourceConfig
+from simpo_exp.errors import UserError
 from simpo_exp.data import synthetic
-from simpo_exp.model import _hub_reachable, looks_like_local_path
+from simpo_exp.hub import hub_reachable, looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ NORMALISED_FEATURES = Features({
 })
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UserError, RuntimeError):
     """A source cannot be read, or lacks a column it needs; the message names source and file."""
 
 
@@ -94,7 +95,7 @@ def _offline_hub():
 
 
 def _load_hub(src: SourceConfig, source: str, split: str) -> Dataset:
-    online = _hub_reachable()
+    online = hub_reachable()
     try:
         with contextlib.nullcontext() if online else _offline_hub():
             return load_dataset(src.path, src.name, split=split, revision=src.revision)

@@ -55,7 +55,7 @@ def check_reward_model(s) -> None:
     """Refuse, from its config alone, a model without a sequence-classification head."""
     from transformers import AutoConfig
 
-    from simpo_exp.model import ModelNotFoundError, check_model_available
+    from simpo_exp.hub import ModelNotFoundError, check_model_available
 
     check_model_available(s.path, s.revision, "scorer.path")
     try:

@@ -1,0 +1,74 @@
+"""Finding models and data sets: a local directory, the Hugging Face cache, or the hub when it can be reached.
+
+Shared by the model loader, the data sources and the scorers. When a model is neither on disk nor in the
+cache and the hub cannot be reached, ``check_model_available`` says so at once (instead of transformers'
+minute of retries) and how to point the config at local files.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+from simpo_exp.errors import UserError
+
+
+class ModelNotFoundError(UserError, RuntimeError):
+    """The configured model (or tokenizer) cannot be found locally nor downloaded."""
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    result: list[bool] = []
+
+    def probe() -> None:  # in a thread: a DNS lookup ignores the socket timeout
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+def in_hf_cache(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an id that is not a valid repo name
+        return False
+    return isinstance(hit, str)
+
+
+def looks_like_local_path(path: str) -> bool:
+    """A hub id is "name" or "org/name"; "./x", "/x", "~/x" or "a/b/c" can only be a local path."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def check_model_available(path: str, revision: str | None = None, what: str = "model.path") -> None:
+    """Raise ModelNotFoundError unless ``path`` is a local directory, cached, or downloadable."""
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").exists() and what == "model.path":
+            raise ModelNotFoundError(f"{what}={path!r} is a directory without a config.json: not a saved model")
+        return
+    if looks_like_local_path(path):
+        raise ModelNotFoundError(f"{what}={path!r} does not exist")
+    if in_hf_cache(path, revision) or hub_reachable():
+        return
+    raise ModelNotFoundError(
+        f"model {path!r} ({what}) is not on this machine: it is not a local directory, not in the Hugging Face "
+        f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub cannot be reached. "
+        f"Download it on a connected machine (`hf download {path}`) and either copy the cache here or set "
+        f"{what}=/path/to/local/weights."
+    )

@@ -1,0 +1,82 @@
+"""The logging window: statistics summed over the steps since the last report, the time those steps took,
+and the throughput and MFU figures made from them."""
+
+from __future__ import annotations
+
+import torch
+
+from simpo_exp.tracking import PAIR_METRICS, TOKEN_METRICS, all_batch_metrics, divisor_keys
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt()
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+
+
+class Window:
+    """Sums of batch statistics since the last report. They stay on the device where the batch was
+    computed (0-dim tensors), so adding a micro-batch's statistics never waits for the device; the
+    host reads them only to log (``means``) or to checkpoint (``state``)."""
+
+    def __init__(self, saved: dict | None = None, seconds: float = 0.0, steps: int = 0):
+        self.sums: dict[str, torch.Tensor] = {k: torch.tensor(v) for k, v in (saved or {}).items()}
+        self.seconds, self.steps = seconds, steps  # time in the window's training steps (not eval or saves)
+
+    def step_done(self, stats: "Window | None", seconds: float) -> None:
+        """Close an optimizer step: add its statistics (None for a skipped step) and its time."""
+        if stats is not None:
+            self.add(stats.sums)
+        self.seconds += seconds
+        self.steps += 1
+
+    def train_report(self, accelerator, flops, peak: float | None) -> tuple[dict[str, float], dict[str, float]]:
+        """``means`` under ``train/`` plus the window's speed, memory and MFU; starts a new window."""
+        metrics, totals = self.means(accelerator, "train")
+        metrics |= throughput(totals, self.seconds, self.steps, flops, peak, accelerator)
+        self.seconds, self.steps = 0.0, 0
+        return metrics, totals
+
+    def state(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.sums.items()}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+
+    def means(self, accelerator, prefix: str) -> tuple[dict[str, float], dict[str, float]]:
+        """(means named ``prefix/metric``, totals over all processes) of the window; empties it. A per-pair
+        metric is divided by the pair count, a per-token one by its token count (tracking.divisor_keys)."""
+        keys = sorted(self.sums)
+        if not keys:  # every step of the window was skipped
+            return {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS + tuple(TOKEN_METRICS)}, {}
+        stacked = torch.stack([self.sums[k].to(accelerator.device) for k in keys])  # restored sums are on the CPU
+        totals = accelerator.reduce(stacked, reduction="sum").tolist()
+        totals = dict(zip(keys, totals))
+        self.sums = {}
+        means = {}
+        for m in all_batch_metrics():
+            if m in totals:
+                by = divisor_keys(m) or ("pairs",)
+                means[f"{prefix}/{m}"] = totals[m] / max(sum(totals[k] for k in by), 1.0)
+        return means, totals
+
+
+def throughput(totals: dict, seconds: float, steps: int, flops, peak: float | None, accelerator) -> dict:
+    """Speed and memory of a logging window: ``totals`` are its statistics summed over all processes."""
+    import resource
+
+    seconds = max(seconds, 1e-9)
+    out = {"train/step_time_s": seconds / max(steps, 1),
+           "train/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+    if accelerator.device.type == "cuda":
+        out["train/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    if not totals:  # every step of the window was skipped
+        return out
+    out["train/tokens_per_s"] = totals["tokens"] / seconds
+    out["train/samples_per_s"] = totals["pairs"] / seconds
+    if peak:
+        work = flops.step_flops(totals["tokens"], totals["length/chosen"] + totals["length/rejected"],
+                                totals["attention_pairs"])
+        out["train/mfu"] = work / seconds / (peak * accelerator.num_processes)
+    return out
