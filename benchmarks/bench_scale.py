@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_trl import generate_texts  # noqa: E402  (the same length model as the TRL comparison; puts ROOT on the path)
 
-from simpo_exp.compare import read_jsonl  # noqa: E402
+from simpo_exp.rundir import read_jsonl  # noqa: E402
 
 PRESETS = {
     "gpu": dict(

@@ -18,7 +18,6 @@ The same functions serve the notebook ``notebooks/compare_runs.ipynb``:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -30,6 +29,7 @@ import yaml
 
 from simpo_exp.inference.results import is_bench_metric, read_results
 from simpo_exp.methods import METHODS
+from simpo_exp.rundir import parse_overrides, read_json, read_jsonl, read_yaml
 from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, eval_keys, train_keys
 
 DEFAULT_METRIC = "eval/rewards/accuracies"
@@ -115,55 +115,13 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    """``["beta=2", "+x=1", "~y"]`` -> ``{"beta": "2", "x": "1", "y": "<deleted>"}``, Hydra's own left out."""
-    out = {}
-    for item in items:
-        item = str(item).lstrip("+~")
-        key, sep, value = item.partition("=")
-        if key.startswith("hydra.") or key == "output_dir":
-            continue
-        out[key] = value if sep else "<deleted>"
-    return out
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _read_yaml(path: Path):
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file (metrics.jsonl, generations.jsonl); a half-written last line (a
-    running job) is skipped, and a missing file gives none."""
-    records = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
 def load_run(path: str | Path) -> Run:
     path = Path(path)
-    error = _read_json(path / "error.json") if (path / "error.json").exists() else None
-    summary = _read_json(path / "summary.json")
+    error = read_json(path / "error.json") if (path / "error.json").exists() else None
+    summary = read_json(path / "summary.json")
     status = "failed" if error is not None else "done" if (path / "summary.json").exists() else "running"
-    overrides = _read_yaml(path / ".hydra" / "overrides.yaml") or (error or {}).get("overrides") or []
-    hydra_cfg = _read_yaml(path / ".hydra" / "hydra.yaml") or {}
+    overrides = read_yaml(path / ".hydra" / "overrides.yaml") or (error or {}).get("overrides") or []
+    hydra_cfg = read_yaml(path / ".hydra" / "hydra.yaml") or {}
     choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
     message = None
     if error is not None:
@@ -171,7 +129,7 @@ def load_run(path: str | Path) -> Run:
         message = f"{error.get('type', 'Error')}: {first_line}"
     return Run(
         name=path.name, status=status, path=path, overrides=parse_overrides(overrides),
-        config=_read_yaml(path / ".hydra" / "config.yaml") or {}, choices=dict(choices),
+        config=read_yaml(path / ".hydra" / "config.yaml") or {}, choices=dict(choices),
         summary=summary, history=read_jsonl(path / "metrics.jsonl"), error=message, bench=read_results(path),
     )
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from simpo_exp.compare import parse_overrides
+from simpo_exp.rundir import parse_overrides
 from simpo_exp.methods import METHODS
 from simpo_exp.tracking import EVAL_ONLY_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS, batch_metrics
 

@@ -37,6 +37,7 @@ from simpo_exp.layout import BatchLayout, choose_layout
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.methods import REFERENCE_METHODS
 from simpo_exp.metrics import Window, pearson
+from simpo_exp.modelcard import write_model_card
 from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention
 from simpo_exp.objective import batch_loss
 from simpo_exp.precision import warn_if_updates_vanish
@@ -368,6 +369,7 @@ def finish(run: Run, summary: dict) -> dict:
             unwrapped = acc.unwrap_model(run.policy).model
             unwrapped.save_pretrained(run.run_dir / "model", state_dict=full_state_dict)  # LoRA: the adapter only
             run.tokenizer.save_pretrained(run.run_dir / "model")
+            write_model_card(run.run_dir, run.cfg)  # model/README.md; evaluate adds its results to it
         run.tracker.finish(summary)
         finished.record(run.run_dir, run.config_dict)  # last: a re-run of this command now returns this summary
         keys = HEADLINE_METRICS + ["runtime_s"] + (["train/skipped_steps"] if state.skipped_steps else [])

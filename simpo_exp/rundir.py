@@ -1,0 +1,54 @@
+"""Reading what a run directory holds (overrides, JSON and JSONL records), for the stages that read runs.
+
+Tolerant by design: a run that is still being written (a half-written last line, a missing file) reads as
+what it has so far.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["beta=2", "+x=1", "~y"]`` -> ``{"beta": "2", "x": "1", "y": "<deleted>"}``, Hydra's own left out."""
+    out = {}
+    for item in items:
+        item = str(item).lstrip("+~")
+        key, sep, value = item.partition("=")
+        if key.startswith("hydra.") or key == "output_dir":
+            continue
+        out[key] = value if sep else "<deleted>"
+    return out
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (metrics.jsonl, generations.jsonl); a half-written last line (a
+    running job) is skipped, and a missing file gives none."""
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
