@@ -288,9 +288,21 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> Config:
     """Check every value of a composed config; raise ConfigError naming the first bad key."""
+    _check_finite(cfg)
+    _validate_method(cfg)
+    _validate_run(cfg)
+    _validate_model(cfg.model)
+    _validate_dataset(cfg.dataset)
+    _validate_hardware(cfg.hardware)
+    _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    _check(cfg.logger.init_timeout > 0, "logger.init_timeout", cfg.logger.init_timeout, "must be > 0 seconds")
+    return cfg
+
+
+def _validate_method(cfg: Config) -> None:
+    """The method and its hyper-parameters (the table of methods says which keys each reads)."""
     from simpo_exp.methods import METHODS, OWN_KEYS, TABLE, readers
 
-    _check_finite(cfg)
     _check_choice("method", cfg.method, METHODS)
     _check_choice("reference_mode", cfg.reference_mode, ("cached", "live"))
     _check(cfg.rdpo_alpha >= 0, "rdpo_alpha", cfg.rdpo_alpha, "must be >= 0")
@@ -308,6 +320,10 @@ def validate(cfg: Config) -> Config:
     if cfg.loss_type == "hinge" and cfg.label_smoothing > 0:
         _fail("label_smoothing", cfg.label_smoothing, "the hinge loss ignores label smoothing; set it to 0")
     _check(cfg.sft_weight >= 0, "sft_weight", cfg.sft_weight, "must be >= 0")
+
+
+def _validate_run(cfg: Config) -> None:
+    """Optimiser, batch, run length, cadence and lengths."""
     if cfg.learning_rate is not None:
         _check(cfg.learning_rate > 0, "learning_rate", cfg.learning_rate, "must be > 0 (or null for the size rule)")
     if cfg.model.learning_rate is not None:
@@ -334,7 +350,8 @@ def validate(cfg: Config) -> Config:
     _check(1 <= cfg.max_prompt_length < cfg.max_length, "max_prompt_length", cfg.max_prompt_length,
            f"must be >= 1 and < max_length ({cfg.max_length}), or responses are truncated to nothing")
 
-    m = cfg.model
+
+def _validate_model(m: ModelConfig) -> None:
     _check_choice("model.dtype", m.dtype, DTYPES)
     if m.attn_implementation is not None:
         _check_choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -350,7 +367,8 @@ def validate(cfg: Config) -> Config:
                r.num_key_value_heads, f"must divide {key}.num_attention_heads")
         _check(r.vocab_size >= 0, f"{key}.vocab_size", r.vocab_size, "must be >= 0 (0: the tokenizer's size)")
 
-    d = cfg.dataset
+
+def _validate_dataset(d: DatasetConfig) -> None:
     if not d.sources:
         _fail("dataset.sources", {}, "at least one source is needed")
     for name, src in d.sources.items():
@@ -369,13 +387,14 @@ def validate(cfg: Config) -> Config:
     _check(2 <= s.min_digits <= s.max_digits, "dataset.synthetic.min_digits", s.min_digits,
            f"must be >= 2 and <= dataset.synthetic.max_digits ({s.max_digits})")
 
-    h = cfg.hardware
+
+def _validate_hardware(h: HardwareConfig) -> None:
+    from simpo_exp.layout import PACKING_ATTENTIONS, PACKINGS
+
     _check_choice("hardware.device", h.device, DEVICES)
     _check_choice("hardware.mixed_precision", h.mixed_precision, PRECISIONS)
     _check_choice("hardware.master_weights", h.master_weights, MASTER_WEIGHTS)
     _check_choice("hardware.attn_implementation", h.attn_implementation, ATTN_IMPLEMENTATIONS)
-    from simpo_exp.layout import PACKING_ATTENTIONS, PACKINGS
-
     _check_choice("hardware.packing", h.packing, ("auto",) + tuple(PACKINGS))
     _check_choice("hardware.packing_attention", h.packing_attention, tuple(PACKING_ATTENTIONS))
     _check(h.logps_chunk_size >= 0, "hardware.logps_chunk_size", h.logps_chunk_size, "must be >= 0 (0: no chunks)")
@@ -389,10 +408,6 @@ def validate(cfg: Config) -> Config:
         _check(0 <= h.lora_dropout < 1, "hardware.lora_dropout", h.lora_dropout, "must be in [0, 1)")
         _check(bool(h.lora_target_modules), "hardware.lora_target_modules", h.lora_target_modules, "must name modules")
     _check(h.dataloader_num_workers >= 0, "hardware.dataloader_num_workers", h.dataloader_num_workers, "must be >= 0")
-
-    _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
-    _check(cfg.logger.init_timeout > 0, "logger.init_timeout", cfg.logger.init_timeout, "must be > 0 seconds")
-    return cfg
 
 
 def to_config(cfg: DictConfig | Config) -> Config:
