@@ -39,15 +39,25 @@ PRESETS = {
     "gpu": dict(
         model="random-750m",
         runs=["gpu", "zero3", "gpu-lora"],
-        prompt=(130, 0.7, 50, 500), response=(280, 0.6, 100, 800),  # UltraFeedback-like
-        batch=4, max_length=2048, max_prompt_length=1024, steps=25, warmup=5,
+        prompt=(130, 0.7, 50, 500),
+        response=(280, 0.6, 100, 800),  # UltraFeedback-like
+        batch=4,
+        max_length=2048,
+        max_prompt_length=1024,
+        steps=25,
+        warmup=5,
         overrides=[],
     ),
     "cpu": dict(
         model="tiny",
         runs=["cpu", "cpu-lora"],
-        prompt=(32, 0.7, 12, 125), response=(70, 0.6, 25, 200),  # UltraFeedback / 4
-        batch=8, max_length=512, max_prompt_length=256, steps=8, warmup=2,
+        prompt=(32, 0.7, 12, 125),
+        response=(70, 0.6, 25, 200),  # UltraFeedback / 4
+        batch=8,
+        max_length=512,
+        max_prompt_length=256,
+        steps=8,
+        warmup=2,
         # no GPU peak to look up: MFU against a nominal 1 TFLOP/s, only to exercise the column
         overrides=["hardware.peak_tflops=1"],
     ),
@@ -62,13 +72,30 @@ def write_data(preset: dict, path: Path, pairs: int) -> None:
 def command(preset: dict, run: str, data: Path, run_dir: Path) -> list[str]:
     hardware, _, extra = run.partition(":")
     args = [
-        f"model={preset['model']}", f"hardware={hardware}", "dataset=local", f"dataset.sources.local.path={data}",
-        "logger=none", f"max_steps={preset['steps']}", "logging_steps=1", "eval_steps=0", "eval_on_start=false",
-        "save_steps=0", "save_model=false", "num_generations=0", "dataset.max_eval_samples=8",
-        f"per_device_train_batch_size={preset['batch']}", "per_device_eval_batch_size=4",
-        "gradient_accumulation_steps=1", "hardware.effective_batch_size=null", "warmup_ratio=0",
-        f"max_length={preset['max_length']}", f"max_prompt_length={preset['max_prompt_length']}",
-        "progress_bar=false", f"hydra.run.dir={run_dir}", *preset["overrides"], *extra.split(),
+        f"model={preset['model']}",
+        f"hardware={hardware}",
+        "dataset=local",
+        f"dataset.sources.local.path={data}",
+        "logger=none",
+        f"max_steps={preset['steps']}",
+        "logging_steps=1",
+        "eval_steps=0",
+        "eval_on_start=false",
+        "save_steps=0",
+        "save_model=false",
+        "num_generations=0",
+        "dataset.max_eval_samples=8",
+        f"per_device_train_batch_size={preset['batch']}",
+        "per_device_eval_batch_size=4",
+        "gradient_accumulation_steps=1",
+        "hardware.effective_batch_size=null",
+        "warmup_ratio=0",
+        f"max_length={preset['max_length']}",
+        f"max_prompt_length={preset['max_prompt_length']}",
+        "progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        *preset["overrides"],
+        *extra.split(),
     ]
     return [sys.executable, "-m", "simpo_exp", *args]
 
@@ -142,8 +169,10 @@ def main() -> int:
         results.append(row)
         print(f"  {row['step_time_s']:.3f} s/step, {row['tokens_per_s']:.0f} tokens/s", flush=True)
 
-    print(f"\npreset {args.preset}: model={preset['model']}, {preset['batch']} pairs per step, "
-          f"max_length {preset['max_length']}, medians over steps {preset['warmup'] + 1}-{preset['steps']}")
+    print(
+        f"\npreset {args.preset}: model={preset['model']}, {preset['batch']} pairs per step, "
+        f"max_length {preset['max_length']}, medians over steps {preset['warmup'] + 1}-{preset['steps']}"
+    )
     header = f"{'run':34} {'s/step':>7} {'tokens/s':>9} {'pairs/s':>8} {'MFU':>6} {'GPU GiB':>8} {'RSS GiB':>8}  layout"
     print(header)
     print("-" * len(header))
@@ -152,14 +181,19 @@ def main() -> int:
             print(f"{r['run']:34} failed (exit {r['returncode']})")
             continue
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
-        print(f"{r['run']:34} {fmt(r['step_time_s'], '7.3f')} {fmt(r['tokens_per_s'], '9.0f')} "
-              f"{fmt(r['pairs_per_s'], '8.2f')} {fmt(mfu, '5.1f') + '%' if mfu is not None else '     -'} "
-              f"{fmt(r['gpu_max_allocated_gb'], '8.2f')} {fmt(r['max_rss_gb'], '8.2f')}  "
-              f"{r['packing']}, {r['attn_implementation']}, {r['mixed_precision']}")
+        print(
+            f"{r['run']:34} {fmt(r['step_time_s'], '7.3f')} {fmt(r['tokens_per_s'], '9.0f')} "
+            f"{fmt(r['pairs_per_s'], '8.2f')} {fmt(mfu, '5.1f') + '%' if mfu is not None else '     -'} "
+            f"{fmt(r['gpu_max_allocated_gb'], '8.2f')} {fmt(r['max_rss_gb'], '8.2f')}  "
+            f"{r['packing']}, {r['attn_implementation']}, {r['mixed_precision']}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"preset": args.preset, "config": preset, "machine": platform.platform(),
-                                         "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"preset": args.preset, "config": preset, "machine": platform.platform(), "results": results}, indent=2
+            )
+        )
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -9,7 +9,8 @@ Both sides train the same randomly initialised Llama (built from a config, same 
 weights) on the same generated preference pairs, in the same order, with the same batch size,
 max_length, dtype, gradient checkpointing and optimizer (one ``torch.optim.AdamW``, constant lr,
 clip 1.0). TRL runs its own ``Trainer.train()`` loop; ours runs the loop of ``simpo_exp/train.py``
-(``ResponseLogps`` + ``simpo_loss`` as in ``batch_loss`` -> ``accelerator.backward`` -> clip -> step) with each ``--variants`` setting of
+(``ResponseLogps`` + ``simpo_loss`` as in ``simpo_exp.objective.batch_loss`` -> ``accelerator.backward`` -> clip
+-> step) with each ``--variants`` setting of
 ``ResponseLogps`` / ``PairCollator`` (packing, prefix sharing, chunked head).
 
 Before any timing, one process computes the loss of the first batch with TRL and with every variant
@@ -71,30 +72,72 @@ VARIANTS = {
 PRESETS = {
     "cpu": dict(
         device="cpu",
-        model=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=4, vocab_size=0, tie_word_embeddings=True),  # model=tiny (model.random_init's defaults)
-        prompt=(32, 0.7, 12, 125), response=(70, 0.6, 25, 200),
-        batch=8, max_length=512, lr=1e-3, bf16=False, gradient_checkpointing=False,
-        warmup=3, steps=20, rounds=2,
+        model=dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=0,
+            tie_word_embeddings=True,
+        ),  # model=tiny (model.random_init's defaults)
+        prompt=(32, 0.7, 12, 125),
+        response=(70, 0.6, 25, 200),
+        batch=8,
+        max_length=512,
+        lr=1e-3,
+        bf16=False,
+        gradient_checkpointing=False,
+        warmup=3,
+        steps=20,
+        rounds=2,
         variants=["plain", "packed", "prefix", "packed-mask", "prefix-mask"],
     ),
     "cpu-128k": dict(
         device="cpu",
-        model=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=4, vocab_size=128_256, tie_word_embeddings=True),
-        prompt=(300, 0.4, 150, 600), response=(700, 0.3, 400, 1100),  # sequences of ~1-1.7k tokens
-        batch=1, max_length=2048, lr=1e-4, bf16=False, gradient_checkpointing=False,
-        warmup=1, steps=2, rounds=1,
+        model=dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=128_256,
+            tie_word_embeddings=True,
+        ),
+        prompt=(300, 0.4, 150, 600),
+        response=(700, 0.3, 400, 1100),  # sequences of ~1-1.7k tokens
+        batch=1,
+        max_length=2048,
+        lr=1e-4,
+        bf16=False,
+        gradient_checkpointing=False,
+        warmup=1,
+        steps=2,
+        rounds=1,
         variants=["plain", "plain+chunk1024", "prefix", "prefix+chunk1024", "prefix+chunk256"],
     ),
     "gpu": dict(
         device="cuda",
         # Llama-3.2-1B's shape (1.24B parameters with the tied 128k-token embedding), randomly initialised
-        model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                   num_key_value_heads=8, vocab_size=128_256, tie_word_embeddings=True),
-        prompt=(130, 0.7, 50, 500), response=(280, 0.6, 100, 800),
-        batch=4, max_length=2048, lr=1e-6, bf16=True, gradient_checkpointing=True,
-        warmup=3, steps=10, rounds=1,
+        model=dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128_256,
+            tie_word_embeddings=True,
+        ),
+        prompt=(130, 0.7, 50, 500),
+        response=(280, 0.6, 100, 800),
+        batch=4,
+        max_length=2048,
+        lr=1e-6,
+        bf16=True,
+        gradient_checkpointing=True,
+        warmup=3,
+        steps=10,
+        rounds=1,
         variants=["plain", "plain+chunk1024", "prefix", "packed-flex", "prefix-flex", "prefix-flex+chunk1024"],
     ),
 }
@@ -118,8 +161,13 @@ def generate_texts(preset: dict, n: int, seed: int = 1234) -> list[dict]:
 
     rows = []
     for _ in range(n):
-        rows.append({"prompt": text(length(preset["prompt"])), "chosen": text(length(preset["response"])),
-                     "rejected": text(length(preset["response"]))})
+        rows.append(
+            {
+                "prompt": text(length(preset["prompt"])),
+                "chosen": text(length(preset["response"])),
+                "rejected": text(length(preset["response"])),
+            }
+        )
     return rows
 
 
@@ -142,8 +190,13 @@ def build_model(preset: dict, tok, seed: int = 0):
 
     m = dict(preset["model"])
     m["vocab_size"] = max(m["vocab_size"], len(tok))
-    config = LlamaConfig(**m, max_position_embeddings=max(2048, preset["max_length"]),
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        **m,
+        max_position_embeddings=max(2048, preset["max_length"]),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False
@@ -197,9 +250,16 @@ def step_loss(policy, batch: dict):
     pref = simpo_loss(logps[:n], logps[n:], BETA, GAMMA_BETA_RATIO)
     sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
     loss = pref.losses.mean() + 0.0 * sft
-    stats = torch.stack([sft.detach(), pref.chosen_rewards.sum(), pref.rejected_rewards.sum(),
-                         (pref.chosen_rewards > pref.rejected_rewards).float().sum(), out.logit_means.sum(),
-                         batch["attention_mask"].sum().float()])
+    stats = torch.stack(
+        [
+            sft.detach(),
+            pref.chosen_rewards.sum(),
+            pref.rejected_rewards.sum(),
+            (pref.chosen_rewards > pref.rejected_rewards).float().sum(),
+            out.logit_means.sum(),
+            batch["attention_mask"].sum().float(),
+        ]
+    )
     return loss, stats
 
 
@@ -242,8 +302,14 @@ def make_trl_trainer(preset: dict, tok, rows: list[dict], model, out_dir: str, c
         disable_tqdm=True,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    return CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                      optimizers=(optimizer, None), callbacks=list(callbacks))
+    return CPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        optimizers=(optimizer, None),
+        callbacks=list(callbacks),
+    )
 
 
 def make_ours(preset: dict, tok, model, variant: str):
@@ -259,8 +325,10 @@ def make_ours(preset: dict, tok, model, variant: str):
 
 
 def response_tokens(pairs: list[dict], batch: int) -> list[int]:
-    return [sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs[i:i + batch])
-            for i in range(0, len(pairs) - batch + 1, batch)]
+    return [
+        sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs[i : i + batch])
+        for i in range(0, len(pairs) - batch + 1, batch)
+    ]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -349,7 +417,9 @@ def worker_ours(spec: dict) -> dict:
     marks = [time.perf_counter()]
     for batch in loader:  # the inner loop of simpo_exp/train.py with accumulation 1
         pairs_seen = float(attention_pairs(batch, VARIANTS[spec["variant"]]["packing"]))
-        work.append(spec_flops.step_flops(float(batch["attention_mask"].sum()), float(batch["loss_mask"].sum()), pairs_seen))
+        work.append(
+            spec_flops.step_flops(float(batch["attention_mask"].sum()), float(batch["loss_mask"].sum()), pairs_seen)
+        )
         loss = step_loss(policy, batch)[0]
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), 1.0)
@@ -383,11 +453,12 @@ def run_worker(spec: dict, must_succeed: bool = True) -> dict:
     """One measurement in a fresh process. A failed timing run (out of memory, say) comes back as
     ``{"error": ...}`` unless ``must_succeed``, so the rest of the table is still measured."""
     env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-3000:])
     what = f"worker {spec.get('impl')}/{spec.get('variant', '')} failed (exit {proc.returncode})"
     if must_succeed:
@@ -408,10 +479,12 @@ def machine(threads: int | None = None) -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch threads per run {threads or torch.get_num_threads()}; "
-            f"GPU {gpu}; "
-            f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"trl {trl.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, torch threads per run {threads or torch.get_num_threads()}; "
+        f"GPU {gpu}; "
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl.__version__}"
+    )
 
 
 def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str) -> dict:
@@ -419,7 +492,10 @@ def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str)
     rates = [k / t for r in runs for k, t in zip(r["tokens"][warmup:], r["times"][warmup:])]
     med = statistics.median(times)
     out = {
-        "name": name, "steps": len(times), "median_step_s": med, "pairs_per_s": batch / med,
+        "name": name,
+        "steps": len(times),
+        "median_step_s": med,
+        "pairs_per_s": batch / med,
         "resp_tokens_per_s": statistics.median(rates),
         "round_pairs_per_s": [batch / statistics.median(r["times"][warmup:]) for r in runs],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
@@ -433,9 +509,13 @@ def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    ap.add_argument("--variants", help=f"comma list of our variants (default: the preset's); known: {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants", help=f"comma list of our variants (default: the preset's); known: {', '.join(VARIANTS)}"
+    )
     ap.add_argument("--rounds", type=int, help="repeat the whole set, interleaved (default: the preset's)")
     ap.add_argument("--steps", type=int, help="measured steps per run (default: the preset's)")
     ap.add_argument("--warmup", type=int, help="steps dropped at the start of each run (default: the preset's)")
@@ -459,8 +539,10 @@ def main() -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit(f"--preset {args.preset} needs a CUDA GPU and none is visible "
-                             "(torch.cuda.is_available() is False); use --preset cpu or cpu-128k here")
+            raise SystemExit(
+                f"--preset {args.preset} needs a CUDA GPU and none is visible "
+                "(torch.cuda.is_available() is False); use --preset cpu or cpu-128k here"
+            )
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -473,11 +555,13 @@ def main() -> None:
     base = {"preset": args.preset, "overrides": overrides, "threads": args.threads}
 
     print(f"machine: {machine(args.threads)}")
-    print(f"preset {args.preset}: model {preset['model']}, batch {preset['batch']} pairs, max_length "
-          f"{preset['max_length']}, prompt {preset['prompt']}, response {preset['response']} (median, sigma, min, max), "
-          f"{'bf16' if preset['bf16'] else 'fp32'}, gradient checkpointing {preset['gradient_checkpointing']}, "
-          f"AdamW lr {preset['lr']}, {preset['warmup']} warm-up + {preset['steps']} measured steps x {rounds} rounds",
-          flush=True)
+    print(
+        f"preset {args.preset}: model {preset['model']}, batch {preset['batch']} pairs, max_length "
+        f"{preset['max_length']}, prompt {preset['prompt']}, response {preset['response']} (median, sigma, min, max), "
+        f"{'bf16' if preset['bf16'] else 'fp32'}, gradient checkpointing {preset['gradient_checkpointing']}, "
+        f"AdamW lr {preset['lr']}, {preset['warmup']} warm-up + {preset['steps']} measured steps x {rounds} rounds",
+        flush=True,
+    )
 
     started = time.time()
     check = run_worker(base | {"impl": "check", "variants": variants})
@@ -502,9 +586,12 @@ def main() -> None:
                     print(f"round {r + 1}: {name:<18} FAILED: {res['error']}", flush=True)
                     continue
                 runs.setdefault(name, []).append(res)
-                med = statistics.median(res["times"][preset["warmup"]:])
-                print(f"round {r + 1}: {name:<18} median step {med * 1e3:8.1f} ms  peak RSS {res['peak_rss_mb']:8.0f} MB"
-                      f"  ({time.time() - started:.0f} s)", flush=True)
+                med = statistics.median(res["times"][preset["warmup"] :])
+                print(
+                    f"round {r + 1}: {name:<18} median step {med * 1e3:8.1f} ms  peak RSS {res['peak_rss_mb']:8.0f} MB"
+                    f"  ({time.time() - started:.0f} s)",
+                    flush=True,
+                )
     finally:  # a run cut short (a time limit, Ctrl-C) still prints and writes what it measured
         report(args, preset, check, order, runs, started)
 
@@ -515,9 +602,12 @@ def report(args, preset: dict, check: dict, order: list[str], runs: dict, starte
     missing = [n for n in order if n not in runs]
     ref = rows[0] if rows and rows[0]["name"] == "TRL" else None
     mem_key = "peak_cuda_mb" if preset["device"] == "cuda" else "peak_rss_mb"
-    print(f"\n{'':<18} {'pairs/s':>9} {'x TRL':>6} {'resp tok/s':>11} {'x TRL':>6} "
-          f"{'peak MB':>9} {'x TRL':>6}" + ("" if preset["device"] == "cuda" else f" {'RSS rise MB':>11} {'x TRL':>6}")
-          + "  per-round pairs/s")
+    print(
+        f"\n{'':<18} {'pairs/s':>9} {'x TRL':>6} {'resp tok/s':>11} {'x TRL':>6} "
+        f"{'peak MB':>9} {'x TRL':>6}"
+        + ("" if preset["device"] == "cuda" else f" {'RSS rise MB':>11} {'x TRL':>6}")
+        + "  per-round pairs/s"
+    )
     for row in rows:
         line = f"{row['name']:<18} {row['pairs_per_s']:9.2f} "
         line += f"{row['pairs_per_s'] / ref['pairs_per_s']:6.2f} " if ref else f"{'':6} "
@@ -526,30 +616,49 @@ def report(args, preset: dict, check: dict, order: list[str], runs: dict, starte
         line += f"{row[mem_key]:9.0f} "
         line += f"{row[mem_key] / ref[mem_key]:6.2f}" if ref else f"{'':6}"
         if preset["device"] != "cuda":
-            line += f" {row['rss_rise_mb']:11.0f} " + (f"{row['rss_rise_mb'] / ref['rss_rise_mb']:6.2f}" if ref else f"{'':6}")
+            line += f" {row['rss_rise_mb']:11.0f} " + (
+                f"{row['rss_rise_mb'] / ref['rss_rise_mb']:6.2f}" if ref else f"{'':6}"
+            )
         line += "  " + " ".join(f"{x:.2f}" for x in row["round_pairs_per_s"])
         print(line)
     for name in missing:
         print(f"{name:<18} not measured (failed or not reached)")
     print(f"\ntotal {time.time() - started:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(args.threads), "preset": args.preset, "config": preset,
-                                               "check": check, "rows": rows, "runs": runs, "missing": missing},
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": machine(args.threads),
+                    "preset": args.preset,
+                    "config": preset,
+                    "check": check,
+                    "rows": rows,
+                    "runs": runs,
+                    "missing": missing,
+                },
+                indent=1,
+            )
+        )
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(rows, missing, ref, mem_key, machine(args.threads), args.preset))
 
 
-def markdown_table(rows: list[dict], missing: list[str], ref: dict | None, mem_key: str, where: str,
-                   preset: str) -> str:
-    lines = [f"preset `{preset}`; {where}", "",
-             "| run | median step ms | pairs/s | x TRL | resp. tokens/s | peak MB | x TRL | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+def markdown_table(
+    rows: list[dict], missing: list[str], ref: dict | None, mem_key: str, where: str, preset: str
+) -> str:
+    lines = [
+        f"preset `{preset}`; {where}",
+        "",
+        "| run | median step ms | pairs/s | x TRL | resp. tokens/s | peak MB | x TRL | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         ratio = (lambda key: f"{row[key] / ref[key]:.2f}") if ref else (lambda key: "")
-        lines.append(f"| {row['name']} | {row['median_step_s'] * 1e3:.1f} | {row['pairs_per_s']:.2f} | "
-                     f"{ratio('pairs_per_s')} | {row['resp_tokens_per_s']:.0f} | {row[mem_key]:.0f} | {ratio(mem_key)} | "
-                     + (f"{row['mfu']:.1%} |" if "mfu" in row else " |"))
+        lines.append(
+            f"| {row['name']} | {row['median_step_s'] * 1e3:.1f} | {row['pairs_per_s']:.2f} | "
+            f"{ratio('pairs_per_s')} | {row['resp_tokens_per_s']:.0f} | {row[mem_key]:.0f} | {ratio(mem_key)} | "
+            + (f"{row['mfu']:.1%} |" if "mfu" in row else " |")
+        )
     lines += [f"| {name} | failed or not reached | | | | | | |" for name in missing]
     return "\n".join(lines) + "\n"
 

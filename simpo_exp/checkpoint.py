@@ -48,8 +48,18 @@ MARKER = "COMPLETE"
 ENGINE_DIR = "engine"  # accelerator.save_state's folder inside a sharded-engine checkpoint
 # Keys that may change between a run and its resumption (cadence, logging, where it runs).
 RESUMABLE_CHANGES = {
-    "output_dir", "logger", "progress_bar", "resume", "logging_steps", "eval_steps", "save_steps",
-    "save_total_limit", "save_model", "eval_on_start", "hardware", "max_bad_steps",
+    "output_dir",
+    "logger",
+    "progress_bar",
+    "resume",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "save_model",
+    "eval_on_start",
+    "hardware",
+    "max_bad_steps",
 }
 
 
@@ -83,8 +93,10 @@ def _rng_state() -> tuple[dict, dict]:
             tensors[f"cuda.{i}"] = s
     py = random.getstate()
     np_state = np.random.get_state()
-    meta = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), *map(float, np_state[2:])]}
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *map(float, np_state[2:])],
+    }
     return tensors, meta
 
 
@@ -143,8 +155,17 @@ def start(run_dir: Path, step: int) -> Path:
     return tmp
 
 
-def finish(run_dir: Path, tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int,
-           estimate: int | None = None) -> Path:
+def finish(
+    run_dir: Path,
+    tmp: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    config: dict,
+    keep: int,
+    estimate: int | None = None,
+) -> Path:
     """Write the rest of the checkpoint into ``tmp``, mark it complete (listing each file's size and
     checksum) and move it into place (main process only). ``model`` and ``optimizer`` are None when
     the engine saved them in ``engine/``. A write that fails removes ``tmp`` and raises
@@ -170,13 +191,17 @@ def _write(tmp: Path, model, optimizer, scheduler, state: TrainState, config: di
         save_file(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps({
-        "train_state": state.__dict__,
-        "scheduler": scheduler.state_dict(),
-        "optimizer": opt_meta,
-        "rng": rng_meta,
-        "config": config,
-    }))
+    (tmp / "state.json").write_text(
+        json.dumps(
+            {
+                "train_state": state.__dict__,
+                "scheduler": scheduler.state_dict(),
+                "optimizer": opt_meta,
+                "rng": rng_meta,
+                "config": config,
+            }
+        )
+    )
 
 
 def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int) -> Path:
@@ -228,9 +253,16 @@ def check_space(run_dir: Path, model, keep: int, save_model: bool, warn: bool = 
     needed = per_checkpoint * (keep + 1) + (weights if save_model else 0)
     free = shutil.disk_usage(run_dir).free
     if warn and free < needed:
-        log.warning("output directory %s has %s free, but %d checkpoints of about %s each%s need %s: the run "
-                    "will stop when a save fails (it stays resumable from the last good one)", run_dir, _size(free),
-                    keep + 1, _size(per_checkpoint), " and the final model" if save_model else "", _size(needed))
+        log.warning(
+            "output directory %s has %s free, but %d checkpoints of about %s each%s need %s: the run "
+            "will stop when a save fails (it stays resumable from the last good one)",
+            run_dir,
+            _size(free),
+            keep + 1,
+            _size(per_checkpoint),
+            " and the final model" if save_model else "",
+            _size(needed),
+        )
     return per_checkpoint
 
 
@@ -273,8 +305,9 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def load_newest(run_dir: Path, model, optimizer, scheduler, config: dict, load_engine_state=None,
-                on_main=None) -> tuple[Path, TrainState] | None:
+def load_newest(
+    run_dir: Path, model, optimizer, scheduler, config: dict, load_engine_state=None, on_main=None
+) -> tuple[Path, TrainState] | None:
     """Restore the newest intact checkpoint of ``run_dir``; None when it has none. A damaged one (a
     file not matching the marker, or unreadable) is skipped with a warning naming it and why; when
     none is intact, CheckpointError names them all. ``on_main(fn)``: fn's result on the main process,
@@ -329,14 +362,18 @@ def load(path: Path, model, optimizer, scheduler, config: dict, load_engine_stat
         )
     by_engine = (path / ENGINE_DIR).is_dir()
     if by_engine and load_engine_state is None:
-        raise CheckpointError(f"checkpoint {path} was saved by a sharded engine (its {ENGINE_DIR}/ folder); "
-                              "resume it with hardware.checkpoint_format=accelerate")
+        raise CheckpointError(
+            f"checkpoint {path} was saved by a sharded engine (its {ENGINE_DIR}/ folder); "
+            "resume it with hardware.checkpoint_format=accelerate"
+        )
     try:
         if by_engine:
             load_engine_state(str(path / ENGINE_DIR))
         else:
             load_model(model, str(path / "model.safetensors"))
-            optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
+            optimizer.load_state_dict(
+                _join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+            )
         scheduler.load_state_dict(meta["scheduler"])
         _set_rng_state(load_file(path / "rng.safetensors"), meta["rng"])
         return TrainState(**meta["train_state"])

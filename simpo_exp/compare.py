@@ -50,10 +50,18 @@ class Family:
 
 FAMILIES = (
     Family("rewards_margins", "Reward margin (chosen - rejected)", ("rewards/margins",), "higher", 0.0),
-    Family("rewards_accuracies", "Reward accuracy (share of pairs with chosen reward > rejected)",
-           ("rewards/accuracies",), "higher", 0.5),
-    Family("logps", "Mean log-prob per token: chosen (solid) and rejected (dashed)",
-           ("logps_mean/chosen", "logps_mean/rejected")),
+    Family(
+        "rewards_accuracies",
+        "Reward accuracy (share of pairs with chosen reward > rejected)",
+        ("rewards/accuracies",),
+        "higher",
+        0.5,
+    ),
+    Family(
+        "logps",
+        "Mean log-prob per token: chosen (solid) and rejected (dashed)",
+        ("logps_mean/chosen", "logps_mean/rejected"),
+    ),
     Family("loss", "Training objective (SimPO loss + sft_weight x NLL)", ("loss",), "lower"),
 )
 KNOWN_METRICS = train_keys(METHODS) + eval_keys(METHODS)
@@ -128,9 +136,16 @@ def load_run(path: str | Path) -> Run:
         first_line = (str(error.get("error") or "").strip().splitlines() or [""])[0]
         message = f"{error.get('type', 'Error')}: {first_line}"
     return Run(
-        name=path.name, status=status, path=path, overrides=parse_overrides(overrides),
-        config=read_yaml(path / ".hydra" / "config.yaml") or {}, choices=dict(choices),
-        summary=summary, history=read_jsonl(path / "metrics.jsonl"), error=message, bench=read_results(path),
+        name=path.name,
+        status=status,
+        path=path,
+        overrides=parse_overrides(overrides),
+        config=read_yaml(path / ".hydra" / "config.yaml") or {},
+        choices=dict(choices),
+        summary=summary,
+        history=read_jsonl(path / "metrics.jsonl"),
+        error=message,
+        bench=read_results(path),
     )
 
 
@@ -179,6 +194,7 @@ def _short_names(runs: list[Run]) -> None:
 
 def _same(a, b) -> bool:
     """Values equal as YAML would read them ("2" == 2.0)."""
+
     def parse(v):
         if isinstance(v, str):
             try:
@@ -186,6 +202,7 @@ def _same(a, b) -> bool:
             except yaml.YAMLError:
                 return v
         return v
+
     return parse(a) == parse(b)
 
 
@@ -235,8 +252,16 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC) -> list[dict]:
         values = [r.final(metric) for r in members]
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-        rows.append({**dict(setting), "seeds": len(values), f"{metric} mean": mean, "std": std,
-                     "min": min(values), "max": max(values)})
+        rows.append(
+            {
+                **dict(setting),
+                "seeds": len(values),
+                f"{metric} mean": mean,
+                "std": std,
+                "min": min(values),
+                "max": max(values),
+            }
+        )
     reverse = not lower_is_better(metric)
     return sorted(rows, key=lambda row: row[f"{metric} mean"], reverse=reverse)
 
@@ -253,8 +278,10 @@ def last_generations(runs: list[Run], count: int = 3) -> list[dict]:
         last = max(row["step"] for row in rows)
         for row in rows:
             if row["step"] == last:
-                entry = by_prompt.setdefault(row["prompt"], {"prompt": row["prompt"], "chosen": row["chosen"],
-                                                             "rejected": row["rejected"], "runs": {}})
+                entry = by_prompt.setdefault(
+                    row["prompt"],
+                    {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "runs": {}},
+                )
                 entry["runs"][f"{r.label} (step {last})"] = row["generation"]
     return list(by_prompt.values())[:count]
 
@@ -307,8 +334,11 @@ def runs_table(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | 
         if r.status == "running":
             step, total = r.last_step(), r.value_of("max_steps")
             total = yaml.safe_load(total) if isinstance(total, str) else total  # an override is text
-            note = "no metrics yet" if step is None else f"at step {step}" + (
-                f" of {total}" if _is_number(total) and total > 0 else "")
+            note = (
+                "no metrics yet"
+                if step is None
+                else f"at step {step}" + (f" of {total}" if _is_number(total) and total > 0 else "")
+            )
         rows.append({"run": r.name, "status": r.status, **r.swept, **{m: r.final(m) for m in metrics}, "note": note})
     return rows
 
@@ -359,16 +389,25 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     axes = fig.subplots(1, 2)
     styles = ("-", "--", ":", "-.")
     for color, (rank, r) in zip(_colors(len(ranked)), enumerate(ranked, 1)):
-        finals = ", ".join((f"{m.rsplit('/', 1)[-1]} " if len(fam.metrics) > 1 else "") + _fmt(r.final(f"eval/{m}"))
-                           for m in fam.metrics)
+        finals = ", ".join(
+            (f"{m.rsplit('/', 1)[-1]} " if len(fam.metrics) > 1 else "") + _fmt(r.final(f"eval/{m}"))
+            for m in fam.metrics
+        )
         label = f"{rank}. {r.label}  (eval {finals})" + ("" if r.status == "done" else f" [{r.status}]")
         label = textwrap.fill(label, 50, subsequent_indent="    ")  # long labels (a single run's overrides)
         for ax, split in zip(axes, ("train", "eval")):
             for m, style in zip(fam.metrics, styles):
                 steps, values = r.series(f"{split}/{m}")
-                ax.plot(steps, values, style, color=color, lw=2.6 if rank == 1 else 1.5,
-                        marker="o" if split == "eval" else None, ms=4,
-                        label=label if (ax is axes[0] and m == fam.metrics[0]) else None)
+                ax.plot(
+                    steps,
+                    values,
+                    style,
+                    color=color,
+                    lw=2.6 if rank == 1 else 1.5,
+                    marker="o" if split == "eval" else None,
+                    ms=4,
+                    label=label if (ax is axes[0] and m == fam.metrics[0]) else None,
+                )
     for ax, split in zip(axes, ("train", "eval")):
         ax.set_title(f"{split} ({'logging window' if split == 'train' else 'test split'})")
         ax.set_xlabel("optimizer step")
@@ -391,13 +430,19 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
         title += f", tied with {ties} other run{'s' * (ties > 1)}" if ties else ""
     fig.suptitle(title, fontsize=12)
     if left_out:  # a figure-level label, so the layout makes room for it below the axes
-        fig.supxlabel("not plotted (no metrics): " + "; ".join(f"{r.label} [{r.status}]" for r in left_out),
-                      x=0.01, ha="left", fontsize=9, color="firebrick")
+        fig.supxlabel(
+            "not plotted (no metrics): " + "; ".join(f"{r.label} [{r.status}]" for r in left_out),
+            x=0.01,
+            ha="left",
+            fontsize=9,
+            color="firebrick",
+        )
     return fig
 
 
-def plot_runs(runs: list[Run], out_dir: str | Path, metric: str = DEFAULT_METRIC,
-              ascending: bool | None = None) -> list[Path]:
+def plot_runs(
+    runs: list[Run], out_dir: str | Path, metric: str = DEFAULT_METRIC, ascending: bool | None = None
+) -> list[Path]:
     """Write one PNG per metric family into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -413,15 +458,27 @@ def plot_runs(runs: list[Run], out_dir: str | Path, metric: str = DEFAULT_METRIC
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simpo_exp.compare", description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", metavar="PATH", help="run directories, sweep directories, or folders of them")
-    p.add_argument("--metric", "--rank-by", default=DEFAULT_METRIC,
-                   help=f"rank by this final metric (default {DEFAULT_METRIC}), or an evaluation number "
-                        "bench/<benchmark>/<name> written by python -m simpo_exp.evaluate (bench/rule/win_rate)")
-    p.add_argument("--ascending", action="store_true",
-                   help="lower is better (the default for *loss metrics; higher is better otherwise)")
+    p.add_argument(
+        "--metric",
+        "--rank-by",
+        default=DEFAULT_METRIC,
+        help=f"rank by this final metric (default {DEFAULT_METRIC}), or an evaluation number "
+        "bench/<benchmark>/<name> written by python -m simpo_exp.evaluate (bench/rule/win_rate)",
+    )
+    p.add_argument(
+        "--ascending",
+        action="store_true",
+        help="lower is better (the default for *loss metrics; higher is better otherwise)",
+    )
     p.add_argument("--out", type=Path, help="where the PNGs go (default: PATH/compare/ of the first PATH)")
     p.add_argument("--no-plots", action="store_true", help="print the table only")
-    p.add_argument("--generations", type=int, default=0, metavar="N",
-                   help="also show each run's last generations for the first N sample prompts, side by side")
+    p.add_argument(
+        "--generations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also show each run's last generations for the first N sample prompts, side by side",
+    )
     args = p.parse_args(argv)
 
     if args.metric not in KNOWN_METRICS and not is_bench_metric(args.metric):
@@ -444,8 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(runs_table(runs, args.metric, ascending)))
     if is_bench_metric(args.metric) and not any(args.metric in r.bench for r in runs):
-        print(f"\nnote: no run has {args.metric}; evaluate them first: python -m simpo_exp.evaluate "
-              f"{args.paths[0]} benchmark={args.metric.split('/')[1]}")
+        print(
+            f"\nnote: no run has {args.metric}; evaluate them first: python -m simpo_exp.evaluate "
+            f"{args.paths[0]} benchmark={args.metric.split('/')[1]}"
+        )
     for metric in dict.fromkeys([args.metric, *bench_columns(runs)]):  # evaluation numbers pooled too
         seeds = seed_groups(runs, metric)
         if seeds:

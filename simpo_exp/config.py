@@ -153,7 +153,8 @@ class HardwareConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: List[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass
@@ -310,8 +311,11 @@ def _validate_method(cfg: Config) -> None:
     for key in OWN_KEYS:  # a key the method's loss does not read would change nothing
         default = Config.__dataclass_fields__[key].default
         if getattr(cfg, key) != default and key not in TABLE[cfg.method].reads:
-            _fail(key, getattr(cfg, key), f"method={cfg.method!r} does not read it (read by "
-                  f"{', '.join(readers(key))}); set it to {default!r}")
+            _fail(
+                key,
+                getattr(cfg, key),
+                f"method={cfg.method!r} does not read it (read by {', '.join(readers(key))}); set it to {default!r}",
+            )
     _check(cfg.beta > 0, "beta", cfg.beta, "must be > 0")
     _check(cfg.gamma_beta_ratio >= 0, "gamma_beta_ratio", cfg.gamma_beta_ratio, "must be >= 0")
     if cfg.gamma is not None:
@@ -332,8 +336,12 @@ def _validate_run(cfg: Config) -> None:
     _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
     _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
     _check(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps"):
+    for key in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+    ):
         _check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be an integer >= 1")
     _check(cfg.save_steps >= 0, "save_steps", cfg.save_steps, "must be >= 0 (0: no intermediate checkpoints)")
     _check(cfg.save_total_limit >= 1, "save_total_limit", cfg.save_total_limit, "must be >= 1")
@@ -341,14 +349,27 @@ def _validate_run(cfg: Config) -> None:
     _check(cfg.num_generations >= 0, "num_generations", cfg.num_generations, "must be >= 0 (0: no samples)")
     _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "must be >= 1")
     _check(cfg.eval_steps >= 0, "eval_steps", cfg.eval_steps, "must be >= 0 (0: only at the end)")
-    _check(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", cfg.max_steps, "must be >= 1, or -1 to use num_train_epochs")
+    _check(
+        cfg.max_steps == -1 or cfg.max_steps >= 1,
+        "max_steps",
+        cfg.max_steps,
+        "must be >= 1, or -1 to use num_train_epochs",
+    )
     if cfg.max_steps == -1:
         _check(cfg.num_train_epochs > 0, "num_train_epochs", cfg.num_train_epochs, "must be > 0 when max_steps is -1")
-    _check(cfg.output_dir is not None, "output_dir", cfg.output_dir,
-           "must name the run directory (Hydra sets it to the job directory when a run starts)")
+    _check(
+        cfg.output_dir is not None,
+        "output_dir",
+        cfg.output_dir,
+        "must name the run directory (Hydra sets it to the job directory when a run starts)",
+    )
     _check(cfg.max_length >= 2, "max_length", cfg.max_length, "must be >= 2")
-    _check(1 <= cfg.max_prompt_length < cfg.max_length, "max_prompt_length", cfg.max_prompt_length,
-           f"must be >= 1 and < max_length ({cfg.max_length}), or responses are truncated to nothing")
+    _check(
+        1 <= cfg.max_prompt_length < cfg.max_length,
+        "max_prompt_length",
+        cfg.max_prompt_length,
+        f"must be >= 1 and < max_length ({cfg.max_length}), or responses are truncated to nothing",
+    )
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -358,13 +379,27 @@ def _validate_model(m: ModelConfig) -> None:
     _check(m.params_b >= 0, "model.params_b", m.params_b, "must be >= 0")
     if not m.path:
         r, key = m.random_init, "model.random_init"
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             _check(getattr(r, name) >= 1, f"{key}.{name}", getattr(r, name), "must be >= 1")
-        _check(r.hidden_size % r.num_attention_heads == 0, f"{key}.hidden_size", r.hidden_size,
-               f"must be divisible by {key}.num_attention_heads ({r.num_attention_heads})")
-        _check(r.num_attention_heads % r.num_key_value_heads == 0, f"{key}.num_key_value_heads",
-               r.num_key_value_heads, f"must divide {key}.num_attention_heads")
+        _check(
+            r.hidden_size % r.num_attention_heads == 0,
+            f"{key}.hidden_size",
+            r.hidden_size,
+            f"must be divisible by {key}.num_attention_heads ({r.num_attention_heads})",
+        )
+        _check(
+            r.num_attention_heads % r.num_key_value_heads == 0,
+            f"{key}.num_key_value_heads",
+            r.num_key_value_heads,
+            f"must divide {key}.num_attention_heads",
+        )
         _check(r.vocab_size >= 0, f"{key}.vocab_size", r.vocab_size, "must be >= 0 (0: the tokenizer's size)")
 
 
@@ -373,7 +408,12 @@ def _validate_dataset(d: DatasetConfig) -> None:
         _fail("dataset.sources", {}, "at least one source is needed")
     for name, src in d.sources.items():
         key = f"dataset.sources.{name}"
-        _check(bool(src.path), f"{key}.path", src.path, "must name a hub data set, a local file or directory, or 'synthetic'")
+        _check(
+            bool(src.path),
+            f"{key}.path",
+            src.path,
+            "must name a hub data set, a local file or directory, or 'synthetic'",
+        )
         _check_choice(f"{key}.format", src.format, SOURCE_FORMATS)
         _check(0 < src.fraction <= 1, f"{key}.fraction", src.fraction, "must be in (0, 1]")
     _check(0 < d.test_size < 1, "dataset.test_size", d.test_size, "must be in (0, 1)")
@@ -382,10 +422,18 @@ def _validate_dataset(d: DatasetConfig) -> None:
         if v is not None:
             _check(v >= 1, f"dataset.{key}", v, "must be >= 1 or null")
     s = d.synthetic
-    _check(s.num_train >= 1 and s.num_test >= 1, "dataset.synthetic.num_train/num_test",
-           (s.num_train, s.num_test), "must both be >= 1")
-    _check(2 <= s.min_digits <= s.max_digits, "dataset.synthetic.min_digits", s.min_digits,
-           f"must be >= 2 and <= dataset.synthetic.max_digits ({s.max_digits})")
+    _check(
+        s.num_train >= 1 and s.num_test >= 1,
+        "dataset.synthetic.num_train/num_test",
+        (s.num_train, s.num_test),
+        "must both be >= 1",
+    )
+    _check(
+        2 <= s.min_digits <= s.max_digits,
+        "dataset.synthetic.min_digits",
+        s.min_digits,
+        f"must be >= 2 and <= dataset.synthetic.max_digits ({s.max_digits})",
+    )
 
 
 def _validate_hardware(h: HardwareConfig) -> None:
@@ -402,7 +450,9 @@ def _validate_hardware(h: HardwareConfig) -> None:
     if h.peak_tflops is not None:
         _check(h.peak_tflops > 0, "hardware.peak_tflops", h.peak_tflops, "must be > 0 or null (looked up)")
     if h.effective_batch_size is not None:
-        _check(h.effective_batch_size >= 1, "hardware.effective_batch_size", h.effective_batch_size, "must be >= 1 or null")
+        _check(
+            h.effective_batch_size >= 1, "hardware.effective_batch_size", h.effective_batch_size, "must be >= 1 or null"
+        )
     if h.lora:
         _check(h.lora_r >= 1, "hardware.lora_r", h.lora_r, "must be >= 1")
         _check(0 <= h.lora_dropout < 1, "hardware.lora_dropout", h.lora_dropout, "must be in [0, 1)")

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import yaml
 
-from simpo_exp.rundir import parse_overrides
 from simpo_exp.methods import METHODS
+from simpo_exp.rundir import parse_overrides
 from simpo_exp.tracking import EVAL_ONLY_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS, batch_metrics
 
 # The headline number (the Hydra task's return value) and the W&B summary key that holds it.
@@ -72,8 +72,16 @@ def _section_of(metric: str) -> str:
     family = metric.split("/", 1)[0]
     if family == "rewards":
         return "Preference"
-    if family in ("logps", "logps_mean", "logits", "logits_response", "entropy", "mean_token_accuracy",
-                  "log_odds_ratio", "log_odds_chosen"):
+    if family in (
+        "logps",
+        "logps_mean",
+        "logits",
+        "logits_response",
+        "entropy",
+        "mean_token_accuracy",
+        "log_odds_ratio",
+        "log_odds_chosen",
+    ):
         return "Log-probs"
     if family in ("loss", "sft_loss", "grad_norm", "learning_rate", "skipped_steps"):
         return "Optimisation"
@@ -201,8 +209,12 @@ def config_keys_for(key: str, configs: list[dict], choices: list[dict]) -> list[
             return [f"{key}.name"]
         leaves = [_leaves(c) for c in configs]
         names = list(dict.fromkeys(k for lv in leaves for k in lv))
-        return [k for k in names if not k.startswith(PER_JOB_CONFIG)
-                and len({json.dumps(lv.get(k), sort_keys=True, default=str) for lv in leaves}) > 1]
+        return [
+            k
+            for k in names
+            if not k.startswith(PER_JOB_CONFIG)
+            and len({json.dumps(lv.get(k), sort_keys=True, default=str) for lv in leaves}) > 1
+        ]
     return []
 
 
@@ -228,8 +240,9 @@ def read_sweep(sweep_dir: Path) -> Sweep:
         raise SystemExit(f"error: {sweep_dir} holds no --multirun jobs (subdirectories with .hydra/)")
     names = sorted({_sweep_name(j, h) for j, h in zip(jobs, hydras)})
     if len(names) > 1:
-        raise SystemExit(f"error: {sweep_dir} holds jobs of {len(names)} sweeps ({', '.join(names)}); "
-                         "give one sweep directory")
+        raise SystemExit(
+            f"error: {sweep_dir} holds jobs of {len(names)} sweeps ({', '.join(names)}); give one sweep directory"
+        )
     configs = [_load_yaml(j / ".hydra" / "config.yaml") for j in jobs]
     choices = [(h.get("runtime") or {}).get("choices") or {} for h in hydras]
     loggers = [c.get("logger") or {} for c in configs]
@@ -248,9 +261,15 @@ def read_sweep(sweep_dir: Path) -> Sweep:
             print(f"note: swept key {key!r} is in no job's config; left out of the view", file=sys.stderr)
     projects = {lg.get("project") for lg in loggers} - {None}
     entities = {lg.get("entity") for lg in loggers} - {None}
-    return Sweep(group=group, swept=swept, project=projects.pop() if len(projects) == 1 else None,
-                 entity=entities.pop() if len(entities) == 1 else None, path=sweep_dir, jobs=jobs,
-                 methods=tuple(sorted({c.get("method", "simpo") for c in configs})))
+    return Sweep(
+        group=group,
+        swept=swept,
+        project=projects.pop() if len(projects) == 1 else None,
+        entity=entities.pop() if len(entities) == 1 else None,
+        path=sweep_dir,
+        jobs=jobs,
+        methods=tuple(sorted({c.get("method", "simpo") for c in configs})),
+    )
 
 
 # ----------------------------------------------------------------------------- the workspace
@@ -282,23 +301,34 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
             name="Sweep",
             is_open=True,
             panels=[
-                stable(wr.ParallelCoordinatesPlot(
-                    title=f"swept hyper-parameters -> {TARGET} (final)",
-                    columns=[wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in knobs]
-                    + [wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(TARGET_SUMMARY), display_name=TARGET)],
-                    layout=wr.Layout(w=24, h=8),
-                ), "Sweep", "parallel coordinates"),
+                stable(
+                    wr.ParallelCoordinatesPlot(
+                        title=f"swept hyper-parameters -> {TARGET} (final)",
+                        columns=[wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in knobs]
+                        + [
+                            wr.ParallelCoordinatesPlotColumn(
+                                metric=wr.SummaryMetric(TARGET_SUMMARY), display_name=TARGET
+                            )
+                        ],
+                        layout=wr.Layout(w=24, h=8),
+                    ),
+                    "Sweep",
+                    "parallel coordinates",
+                ),
             ],
         )
     ]
     for sec in metric_sections(sweep.methods):
-        sections.append(ws.Section(
-            name=sec.name,
-            is_open=sec.is_open,
-            panel_settings=ws.SectionPanelSettings(x_axis=STEP_KEY),
-            panels=[stable(wr.LinePlot(title=title, x=STEP_KEY, y=keys), sec.name, title)
-                    for title, keys in sec.panels],
-        ))
+        sections.append(
+            ws.Section(
+                name=sec.name,
+                is_open=sec.is_open,
+                panel_settings=ws.SectionPanelSettings(x_axis=STEP_KEY),
+                panels=[
+                    stable(wr.LinePlot(title=title, x=STEP_KEY, y=keys), sec.name, title) for title, keys in sec.panels
+                ],
+            )
+        )
     return ws.Workspace(
         entity=entity or "",
         project=project,
@@ -308,8 +338,11 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
         runset_settings=ws.RunsetSettings(
             filters=[ws.Metric("Group") == sweep.group],
             groupby=[ws.Config(k) for k in sweep.groupby],
-            pinned_columns=["run:displayName", *(config_column(k) for k in knobs),
-                            *(f"summary:{k}" for k in TABLE_SUMMARIES)],
+            pinned_columns=[
+                "run:displayName",
+                *(config_column(k) for k in knobs),
+                *(f"summary:{k}" for k in TABLE_SUMMARIES),
+            ],
         ),
     )
 
@@ -338,8 +371,11 @@ def spec_keys(spec: dict) -> dict[str, set[str]]:
             summary.add(key)
         elif kind == "config":
             config.add(key)
-    groups = {f["value"] for f in _filter_leaves(runset["filters"])
-              if f.get("key", {}).get("name") == "group" and f.get("op") == "="}
+    groups = {
+        f["value"]
+        for f in _filter_leaves(runset["filters"])
+        if f.get("key", {}).get("name") == "group" and f.get("op") == "="
+    }
     grouping = {f"{k['section']}:{k['name']}" for k in runset.get("grouping", [])}
     return {"history": history, "summary": summary, "config": config, "groups": groups, "grouping": grouping}
 
@@ -363,8 +399,11 @@ def _online() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simpo_exp.dashboard", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m simpo_exp.dashboard",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("target", help="a sweep directory (outputs/multirun/<time>) or a W&B group name")
     ap.add_argument("--entity", help="W&B entity (default: the jobs' logger.entity, else your default entity)")
     ap.add_argument("--project", help="W&B project (default: the jobs' logger.project, else simpo-exp)")
@@ -406,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     push += ["--name", args.name] if args.name else []
     push_cmd = "WANDB_API_KEY=... " + shlex.join(push)
     if not _online():
-        print("not saved to W&B (no WANDB_API_KEY, or WANDB_MODE is offline); once the runs are on W&B "
-              f"(`wandb sync` for offline runs), save it with:\n  {push_cmd}")
+        print(
+            "not saved to W&B (no WANDB_API_KEY, or WANDB_MODE is offline); once the runs are on W&B "
+            f"(`wandb sync` for offline runs), save it with:\n  {push_cmd}"
+        )
         return 0
     try:
         import wandb
@@ -419,8 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(view_spec(workspace), indent=2) + "\n")  # now with its W&B name and id
         print(f"saved: {workspace.url}")
     except Exception as e:  # no network, bad key, unknown entity or project: the spec is on disk
-        print(f"warning: saving the view to W&B failed ({type(e).__name__}: {e}); the spec is in {out}; "
-              f"retry with:\n  {push_cmd}", file=sys.stderr)
+        print(
+            f"warning: saving the view to W&B failed ({type(e).__name__}: {e}); the spec is in {out}; "
+            f"retry with:\n  {push_cmd}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -19,8 +19,10 @@ def engine_checkpoints(cfg: Config, accelerator) -> bool:
     sharded = accelerator.distributed_type in SHARDED_ENGINES
     fmt = cfg.hardware.checkpoint_format
     if fmt == "safetensors" and sharded:
-        raise ConfigError(f"hardware.checkpoint_format='safetensors' cannot hold {accelerator.distributed_type.value}'s "
-                          "sharded weights and optimizer; use 'accelerate' or 'auto'")
+        raise ConfigError(
+            f"hardware.checkpoint_format='safetensors' cannot hold {accelerator.distributed_type.value}'s "
+            "sharded weights and optimizer; use 'accelerate' or 'auto'"
+        )
     return fmt == "accelerate" or (fmt == "auto" and sharded)
 
 
@@ -58,8 +60,14 @@ def single_process_env() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }.items():
         os.environ.setdefault(key, value)
 
 

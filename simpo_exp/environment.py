@@ -15,8 +15,22 @@ import torch
 
 from simpo_exp.precision import precision_record
 
-PACKAGES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "hydra-core", "omegaconf", "wandb",
-            "peft", "deepspeed", "flash-attn", "liger-kernel", "trl", "simpo-exp")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "peft",
+    "deepspeed",
+    "flash-attn",
+    "liger-kernel",
+    "trl",
+    "simpo-exp",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -33,8 +47,13 @@ def git_commit() -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if sha.returncode != 0:
@@ -50,8 +69,9 @@ def environment_record(cfg, accelerator, model, data_report, layout=None) -> dic
         "packages": package_versions(),
         "torch_cuda": torch.version.cuda,
         "device": str(accelerator.device),
-        "device_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else
-        [platform.processor() or platform.machine()],
+        "device_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda
+        else [platform.processor() or platform.machine()],
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type.value),
         "mixed_precision": accelerator.mixed_precision,

@@ -47,8 +47,10 @@ def recorded_summary(cfg) -> dict | None:
         return None  # unreadable: train (resuming from a checkpoint) and write both again
     if incompatible_keys(saved, config_to_dict(cfg)):
         return None  # the checkpoint check then names the differing keys
-    message = (f"{run_dir.resolve()}: already finished with this config; skipped (its summary.json is the "
-               "result; resume=false trains it again)")
+    message = (
+        f"{run_dir.resolve()}: already finished with this config; skipped (its summary.json is the "
+        "result; resume=false trains it again)"
+    )
     log.info(message)
     keys = [k for k in HEADLINE_METRICS if k in summary]
     print(f"{message}\n{final_table(summary, keys)}", flush=True)

@@ -28,8 +28,9 @@ class BatchLayout:
         if self.packing not in PACKINGS:
             raise ValueError(f"packing={self.packing!r}: allowed values are {', '.join(map(repr, PACKINGS))}")
         if self.attention not in PACKING_ATTENTIONS:
-            raise ValueError(f"attention={self.attention!r}: allowed values are "
-                             f"{', '.join(map(repr, PACKING_ATTENTIONS))}")
+            raise ValueError(
+                f"attention={self.attention!r}: allowed values are {', '.join(map(repr, PACKING_ATTENTIONS))}"
+            )
         if self.chunk_size < 0:
             raise ValueError(f"chunk_size={self.chunk_size}: must be >= 0 (0: no chunks)")
 
@@ -49,6 +50,8 @@ def choose_layout(hardware, device_type: str, model_config) -> BatchLayout:
         softcap = getattr(model_config, "attn_logit_softcapping", None)
         packing = "prefix_shared" if device_type == "cpu" and not softcap else "none"
     if hardware.packing_attention == "flex" and packing != "none" and device_type != "cuda":
-        raise ConfigError(f"hardware.packing_attention='flex' trains on a GPU only (torch has no FlexAttention "
-                          f"backward on {device_type}); use 'segments' here")
+        raise ConfigError(
+            f"hardware.packing_attention='flex' trains on a GPU only (torch has no FlexAttention "
+            f"backward on {device_type}); use 'segments' here"
+        )
     return BatchLayout(packing, hardware.packing_attention, hardware.logps_chunk_size)

@@ -74,11 +74,14 @@ def token_stats(logits: torch.Tensor, logps: torch.Tensor, targets: torch.Tensor
     the logit averaged over the vocabulary, the entropy :math:`-\sum_v p_v \log p_v`, and whether the
     target is the argmax (first index on ties, as torch.argmax). Detached, float32, each [M];
     computed in blocks of ``STATS_ROWS`` rows so the extra memory stays small."""
+
     def entropy(lp: torch.Tensor) -> torch.Tensor:
         return -(lp.exp() * lp).nan_to_num_(0.0).sum(-1)  # a -inf logit (p = 0) adds 0, not 0 * -inf
 
-    parts = [(lg.mean(-1), entropy(lp), (lg.argmax(-1) == t).float())
-             for lg, lp, t in zip(logits.split(STATS_ROWS), logps.split(STATS_ROWS), targets.split(STATS_ROWS))]
+    parts = [
+        (lg.mean(-1), entropy(lp), (lg.argmax(-1) == t).float())
+        for lg, lp, t in zip(logits.split(STATS_ROWS), logps.split(STATS_ROWS), targets.split(STATS_ROWS))
+    ]
     if not parts:
         empty = logits.new_zeros(0)
         return empty, empty, empty
@@ -121,8 +124,19 @@ def _job(pieces: tuple[torch.Tensor, ...], index: list[int]) -> torch.Tensor:
     return torch.cat([pieces[i] for i in index], dim=2)
 
 
-def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
-                      fallback=None, simpo_segments: SegmentPlan | None = None, **kwargs):
+def segment_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    *,
+    fallback=None,
+    simpo_segments: SegmentPlan | None = None,
+    **kwargs,
+):
     """Attention over a packed row, one causal SDPA per job of ``simpo_segments``.
 
     query [1, Hq, T, D], key and value [1, Hkv, T, D]; returns [1, T, Hq, D] as transformers'
@@ -133,12 +147,16 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     plan = simpo_segments
     softcap = kwargs.get("softcap")
     if softcap and plan.block_mask is None:
-        raise ValueError("segment attention does not implement attention-logit softcapping (Gemma 2): "
-                         "use packing_attention=flex or mask (with eager attention), or packing=none")
+        raise ValueError(
+            "segment attention does not implement attention-logit softcapping (Gemma 2): "
+            "use packing_attention=flex or mask (with eager attention), or packing=none"
+        )
     window = kwargs.get("sliding_window")
     if window and plan.max_job > window:
-        raise ValueError(f"a packed sequence of {plan.max_job} tokens exceeds the model's sliding window ({window}): "
-                         "segment attention does not implement sliding windows; use packing=none")
+        raise ValueError(
+            f"a packed sequence of {plan.max_job} tokens exceeds the model's sliding window ({window}): "
+            "segment attention does not implement sliding windows; use packing=none"
+        )
     if query.shape[0] != 1 or query.shape[2] != plan.length:
         raise ValueError(f"segment attention expects one packed row of {plan.length} tokens, got {tuple(query.shape)}")
     plan.calls += 1
@@ -150,15 +168,21 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             def score_mod(score, b, h, q, k):
                 return torch.tanh(score / softcap) * softcap
 
-        out = flex_attention_fn(query.device)(query, key, value, block_mask=plan.block_mask, score_mod=score_mod,
-                                              scale=scaling, enable_gqa=gqa)
+        out = flex_attention_fn(query.device)(
+            query, key, value, block_mask=plan.block_mask, score_mod=score_mod, scale=scaling, enable_gqa=gqa
+        )
         return out.transpose(1, 2).contiguous(), None
     qs, ks, vs = (x.split(plan.sizes, dim=2) for x in (query, key, value))
     outs = []
     for index, keep_from in plan.jobs:
         o = F.scaled_dot_product_attention(
-            _job(qs, index), _job(ks, index), _job(vs, index),
-            is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa,
+            _job(qs, index),
+            _job(ks, index),
+            _job(vs, index),
+            is_causal=True,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=gqa,
         )
         outs.append(o[:, :, keep_from:] if keep_from else o)
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
@@ -261,8 +285,10 @@ class ResponseLogps(nn.Module):
             if attention in ("segments", "flex"):
                 install_segment_attention(model)
             elif impl.startswith("flash") or impl == "flex_attention":
-                raise ValueError(f"packing_attention=mask needs an attention that takes a dense 4D mask (sdpa, eager), "
-                                 f"not {impl!r}; use packing_attention=segments")
+                raise ValueError(
+                    f"packing_attention=mask needs an attention that takes a dense 4D mask (sdpa, eager), "
+                    f"not {impl!r}; use packing_attention=segments"
+                )
 
     @classmethod
     def for_layout(cls, model: nn.Module, layout: BatchLayout | None = None) -> "ResponseLogps":
@@ -291,14 +317,23 @@ class ResponseLogps(nn.Module):
         chosen = torch.gather(logps, 1, targets[:, None]).squeeze(1)
         return chosen, *token_stats(logits.detach(), logps.detach(), targets)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, logp_source: torch.Tensor | None = None,
-                seq_index: torch.Tensor | None = None, segments: list | None = None,
-                attn_groups: torch.Tensor | None = None) -> SequenceLogps:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        logp_source: torch.Tensor | None = None,
+        seq_index: torch.Tensor | None = None,
+        segments: list | None = None,
+        attn_groups: torch.Tensor | None = None,
+    ) -> SequenceLogps:
         if self.packing == "none":
             if segments is not None:
-                raise ValueError("a packed batch reached ResponseLogps(packing='none'): give the collator and "
-                                 "ResponseLogps the same packing")
+                raise ValueError(
+                    "a packed batch reached ResponseLogps(packing='none'): give the collator and "
+                    "ResponseLogps the same packing"
+                )
             body = self.model.get_decoder()
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             # Position t predicts token t+1: shift the targets and their mask left by one.
@@ -320,33 +355,44 @@ class ResponseLogps(nn.Module):
 
     def _packed_hidden(self, input_ids, position_ids, segments, attn_groups) -> torch.Tensor:
         if segments is None or position_ids is None:
-            raise ValueError(f"ResponseLogps(packing={self.packing!r}) needs a batch from "
-                             f"PairCollator(packing={self.packing!r}); this one is not packed")
+            raise ValueError(
+                f"ResponseLogps(packing={self.packing!r}) needs a batch from "
+                f"PairCollator(packing={self.packing!r}); this one is not packed"
+            )
         body = self.model.get_decoder()
         if self.attention == "mask":
             if attn_groups is None:
                 raise ValueError("packing_attention=mask needs a batch from PairCollator(attention='mask')")
             dtype = None if self.model.config._attn_implementation != "eager" else self.model.dtype
             mask = group_mask(attn_groups, dtype)
-            return body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                        use_cache=False).last_hidden_state
+            return body(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
         if attn_groups is not None:
             raise ValueError(f"a batch for packing_attention=mask reached ResponseLogps(attention={self.attention!r})")
         plan = SegmentPlan(segments, self.packing)
         if self.attention == "flex":
             plan.block_mask = flex_block_mask(segments, self.packing, input_ids.device)
         if input_ids.shape != (1, plan.length):
-            raise ValueError(f"packed batch of shape {tuple(input_ids.shape)} does not match its segments "
-                             f"({plan.length} tokens)")
+            raise ValueError(
+                f"packed batch of shape {tuple(input_ids.shape)} does not match its segments ({plan.length} tokens)"
+            )
         # A 4D placeholder makes transformers skip its own mask building (which would detect the packed
         # sequences from position_ids and build a T x T mask); segment_attention ignores it.
         placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
-        hidden = body(input_ids=input_ids, attention_mask=placeholder, position_ids=position_ids,
-                      use_cache=False, simpo_segments=plan).last_hidden_state
+        hidden = body(
+            input_ids=input_ids,
+            attention_mask=placeholder,
+            position_ids=position_ids,
+            use_cache=False,
+            simpo_segments=plan,
+        ).last_hidden_state
         layers = getattr(self.model.config, "num_hidden_layers", 1)
         if plan.calls < layers:
-            raise RuntimeError(f"only {plan.calls} of {layers} attention layers used the segment plan: this model does "
-                               "not pass attention kwargs through; use packing_attention=mask or packing=none")
+            raise RuntimeError(
+                f"only {plan.calls} of {layers} attention layers used the segment plan: this model does "
+                "not pass attention kwargs through; use packing_attention=mask or packing=none"
+            )
         return hidden
 
     def _reduce(self, states, targets, rows, n, counts) -> SequenceLogps:

@@ -142,8 +142,9 @@ def ipo_loss(
     return PreferenceLoss(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
-def cpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float,
-             label_smoothing: float = 0.0) -> PreferenceLoss:
+def cpo_loss(
+    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, label_smoothing: float = 0.0
+) -> PreferenceLoss:
     r"""CPO's preference term (Xu et al. 2024), reference-free on summed log-probs.
 
     .. math:: L = -(1-\epsilon)\log\sigma(\beta(\log\pi(y_w) - \log\pi(y_l))) - \epsilon\log\sigma(-\ldots)

@@ -54,22 +54,64 @@ class Method:
 SIMPO_KEYS = ("beta", "gamma_beta_ratio", "label_smoothing")
 DPO_LIKE = dict(reference=True, logps="sum", logits=True)
 TABLE: dict[str, Method] = {
-    "simpo": Method(L.simpo_loss, "mean", keys(*SIMPO_KEYS, "loss_type"),
-                    counterpart='official SimPO; TRL `CPOTrainer(loss_type="simpo", cpo_alpha=0)`'),
-    "dpo": Method(L.dpo_loss, "sum", keys("beta", "label_smoothing"), **DPO_LIKE,
-                  counterpart='TRL `DPOTrainer(loss_type="sigmoid")`'),
-    "ln-dpo": Method(L.dpo_loss, "mean", keys("beta", "label_smoothing"), **DPO_LIKE, rewards_on_sums=True,
-                     counterpart='TRL `DPOTrainer(loss_type="sigmoid_norm")`'),
-    "ipo": Method(L.ipo_loss, "mean", keys("beta"), **DPO_LIKE, rewards_on_sums=True,
-                  counterpart='TRL `DPOTrainer(loss_type="ipo")`'),
-    "rdpo": Method(L.rdpo_loss, "sum", keys("beta", rdpo_alpha="alpha"), **DPO_LIKE, lengths=True,
-                   counterpart="none (logged as DPO)"),
-    "cpo": Method(L.cpo_loss, "sum", keys("beta", "label_smoothing"), logps="sum",
-                  counterpart='TRL `CPOTrainer(loss_type="sigmoid")`'),
-    "orpo": Method(L.orpo_loss, "mean", keys("beta"), stats=orpo_stats,
-                   extra_metrics=("log_odds_ratio", "log_odds_chosen"), counterpart="TRL `ORPOTrainer`"),
-    "alphapo": Method(L.alphapo_loss, "mean", keys(*SIMPO_KEYS, alphapo_alpha="alpha"),
-                      counterpart='TRL `CPOTrainer(loss_type="alphapo", alpha=...)`'),
+    "simpo": Method(
+        L.simpo_loss,
+        "mean",
+        keys(*SIMPO_KEYS, "loss_type"),
+        counterpart='official SimPO; TRL `CPOTrainer(loss_type="simpo", cpo_alpha=0)`',
+    ),
+    "dpo": Method(
+        L.dpo_loss,
+        "sum",
+        keys("beta", "label_smoothing"),
+        **DPO_LIKE,
+        counterpart='TRL `DPOTrainer(loss_type="sigmoid")`',
+    ),
+    "ln-dpo": Method(
+        L.dpo_loss,
+        "mean",
+        keys("beta", "label_smoothing"),
+        **DPO_LIKE,
+        rewards_on_sums=True,
+        counterpart='TRL `DPOTrainer(loss_type="sigmoid_norm")`',
+    ),
+    "ipo": Method(
+        L.ipo_loss,
+        "mean",
+        keys("beta"),
+        **DPO_LIKE,
+        rewards_on_sums=True,
+        counterpart='TRL `DPOTrainer(loss_type="ipo")`',
+    ),
+    "rdpo": Method(
+        L.rdpo_loss,
+        "sum",
+        keys("beta", rdpo_alpha="alpha"),
+        **DPO_LIKE,
+        lengths=True,
+        counterpart="none (logged as DPO)",
+    ),
+    "cpo": Method(
+        L.cpo_loss,
+        "sum",
+        keys("beta", "label_smoothing"),
+        logps="sum",
+        counterpart='TRL `CPOTrainer(loss_type="sigmoid")`',
+    ),
+    "orpo": Method(
+        L.orpo_loss,
+        "mean",
+        keys("beta"),
+        stats=orpo_stats,
+        extra_metrics=("log_odds_ratio", "log_odds_chosen"),
+        counterpart="TRL `ORPOTrainer`",
+    ),
+    "alphapo": Method(
+        L.alphapo_loss,
+        "mean",
+        keys(*SIMPO_KEYS, alphapo_alpha="alpha"),
+        counterpart='TRL `CPOTrainer(loss_type="alphapo", alpha=...)`',
+    ),
     "simper": Method(L.simper_loss, "mean", counterpart="none (official SimPER code)"),
 }
 METHODS = tuple(TABLE)
@@ -114,6 +156,8 @@ def preference_loss(
     pref = m.loss(*args, **{arg: settings[key] for key, arg in m.reads.items() if key in settings})
     if m.rewards_on_sums:
         beta = settings["beta"]
-        pref = pref._replace(chosen_rewards=(beta * (chosen_sums - ref_chosen_sums)).detach(),
-                             rejected_rewards=(beta * (rejected_sums - ref_rejected_sums)).detach())
+        pref = pref._replace(
+            chosen_rewards=(beta * (chosen_sums - ref_chosen_sums)).detach(),
+            rejected_rewards=(beta * (rejected_sums - ref_rejected_sums)).detach(),
+        )
     return pref

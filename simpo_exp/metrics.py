@@ -67,8 +67,10 @@ def throughput(totals: dict, seconds: float, steps: int, flops, peak: float | No
     import resource
 
     seconds = max(seconds, 1e-9)
-    out = {"train/step_time_s": seconds / max(steps, 1),
-           "train/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+    out = {
+        "train/step_time_s": seconds / max(steps, 1),
+        "train/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }  # Linux: KiB
     if accelerator.device.type == "cuda":
         out["train/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     if not totals:  # every step of the window was skipped
@@ -76,7 +78,8 @@ def throughput(totals: dict, seconds: float, steps: int, flops, peak: float | No
     out["train/tokens_per_s"] = totals["tokens"] / seconds
     out["train/samples_per_s"] = totals["pairs"] / seconds
     if peak:
-        work = flops.step_flops(totals["tokens"], totals["length/chosen"] + totals["length/rejected"],
-                                totals["attention_pairs"])
+        work = flops.step_flops(
+            totals["tokens"], totals["length/chosen"] + totals["length/rejected"], totals["attention_pairs"]
+        )
         out["train/mfu"] = work / seconds / (peak * accelerator.num_processes)
     return out

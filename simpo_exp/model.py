@@ -116,7 +116,7 @@ def pick_attention(cfg: Config) -> str:
 
 
 def load_model(cfg: Config, tokenizer, attn_implementation: str):
-    """Return the causal LM: a random Llama of ``model.random_init``'s shape for ``path=""``, else ``from_pretrained``."""
+    """The causal LM: a random Llama of ``model.random_init``'s shape for ``path=""``, else ``from_pretrained``."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     m = cfg.model
@@ -124,8 +124,10 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
     if not m.path:
         arch = m.random_init
         if arch.vocab_size and arch.vocab_size < len(tokenizer):
-            raise ConfigError(f"model.random_init.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
-                              f"{len(tokenizer)} tokens; use 0 for the tokenizer's size")
+            raise ConfigError(
+                f"model.random_init.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
+                f"{len(tokenizer)} tokens; use 0 for the tokenizer's size"
+            )
         config = LlamaConfig(
             vocab_size=arch.vocab_size or len(tokenizer),
             hidden_size=arch.hidden_size,
@@ -169,8 +171,13 @@ def add_lora(model, h):
     missing = [t for t in h.lora_target_modules if t not in names]
     if missing:
         raise ConfigError(f"hardware.lora_target_modules: {missing} are not modules of this model")
-    config = LoraConfig(r=h.lora_r, lora_alpha=h.lora_alpha, lora_dropout=h.lora_dropout,
-                        target_modules=list(h.lora_target_modules), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=h.lora_r,
+        lora_alpha=h.lora_alpha,
+        lora_dropout=h.lora_dropout,
+        target_modules=list(h.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
     if getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()
     return get_peft_model(model, config, autocast_adapter_dtype=True)  # bf16/fp16 base: float32 adapters

@@ -18,9 +18,23 @@ from pathlib import Path
 from simpo_exp.inference.results import load_results
 
 log = logging.getLogger(__name__)
-RECIPE_KEYS = ("loss.name", "beta", "gamma_beta_ratio", "gamma", "sft_weight", "learning_rate", "lr_scheduler_type",
-               "warmup_ratio", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "max_length", "max_prompt_length", "seed")
+RECIPE_KEYS = (
+    "loss.name",
+    "beta",
+    "gamma_beta_ratio",
+    "gamma",
+    "sft_weight",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "max_prompt_length",
+    "seed",
+)
 
 
 def _get(cfg: dict, dotted: str):
@@ -42,29 +56,60 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
     model_path = _get(cfg, "model.path") or ""
     sources = (_get(cfg, "dataset.sources") or {}).values()
     datasets = sorted({s.get("path") for s in sources if isinstance(s, dict) and _is_hub_id(s.get("path") or "")})
-    evals = [EvalResult(task_type="text-generation", dataset_type=bench, dataset_name=rec.get("dataset_name", bench),
-                        metric_type=metric, metric_value=value)
-             for bench, rec in sorted(results.items())
-             for metric, value in sorted((rec.get("metrics") or {}).items()) if isinstance(value, (int, float))]
-    return ModelCardData(base_model=model_path if _is_hub_id(model_path) else None, datasets=datasets or None,
-                         library_name="transformers", tags=["simpo", "preference-optimization", "simpo-exp"],
-                         model_name=name, eval_results=evals or None)
+    evals = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=bench,
+            dataset_name=rec.get("dataset_name", bench),
+            metric_type=metric,
+            metric_value=value,
+        )
+        for bench, rec in sorted(results.items())
+        for metric, value in sorted((rec.get("metrics") or {}).items())
+        if isinstance(value, (int, float))
+    ]
+    return ModelCardData(
+        base_model=model_path if _is_hub_id(model_path) else None,
+        datasets=datasets or None,
+        library_name="transformers",
+        tags=["simpo", "preference-optimization", "simpo-exp"],
+        model_name=name,
+        eval_results=evals or None,
+    )
 
 
 def card_text(cfg: dict, results: dict[str, dict], name: str) -> str:
     data = card_data(cfg, results, name)
     model = _get(cfg, "model.path") or f"a randomly initialised model ({_get(cfg, 'model.name')}, built from config)"
-    lines = ["---", data.to_yaml(), "---", "", f"# {name}", "",
-             f"Trained with simpo-exp ({_get(cfg, 'loss.name') or 'simpo'}) from {model} on "
-             f"{', '.join((_get(cfg, 'dataset.sources') or {}).keys()) or 'its configured data'} "
-             f"(dataset preset `{_get(cfg, 'dataset.name')}`).", "", "## Recipe", "", "| key | value |", "|---|---|"]
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"Trained with simpo-exp ({_get(cfg, 'loss.name') or 'simpo'}) from {model} on "
+        f"{', '.join((_get(cfg, 'dataset.sources') or {}).keys()) or 'its configured data'} "
+        f"(dataset preset `{_get(cfg, 'dataset.name')}`).",
+        "",
+        "## Recipe",
+        "",
+        "| key | value |",
+        "|---|---|",
+    ]
     lines += [f"| `{k}` | {_get(cfg, k)} |" for k in RECIPE_KEYS if _get(cfg, k) is not None]
     if results:
         lines += ["", "## Evaluation", "", "| benchmark | metric | value |", "|---|---|---|"]
-        lines += [f"| {bench} | {metric} | {value if not isinstance(value, float) else round(value, 4)} |"
-                  for bench, rec in sorted(results.items()) for metric, value in (rec.get("metrics") or {}).items()]
-        lines += ["", "Measured by `python -m simpo_exp.evaluate`; each benchmark's settings are in the run's "
-                  "`eval/<benchmark>/results.json`."]
+        lines += [
+            f"| {bench} | {metric} | {value if not isinstance(value, float) else round(value, 4)} |"
+            for bench, rec in sorted(results.items())
+            for metric, value in (rec.get("metrics") or {}).items()
+        ]
+        lines += [
+            "",
+            "Measured by `python -m simpo_exp.evaluate`; each benchmark's settings are in the run's "
+            "`eval/<benchmark>/results.json`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -94,6 +139,9 @@ def push_model(run_dir: Path, repo_id: str, token_env: str = "HF_TOKEN", private
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(Path(run_dir) / "model"), repo_id=repo_id,
-                             commit_message="simpo-exp: model, tokenizer and model card")
+    info = api.upload_folder(
+        folder_path=str(Path(run_dir) / "model"),
+        repo_id=repo_id,
+        commit_message="simpo-exp: model, tokenizer and model card",
+    )
     return str(getattr(info, "commit_url", info))

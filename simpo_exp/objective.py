@@ -28,8 +28,15 @@ def batch_loss(policy, batch: dict, cfg: Config, reference=None):
             ref_sums = reference(**batch).logp_sums
         refs = [ref_sums[:n], ref_sums[n:]]
     logps = out.mean_logps
-    pref = preference_loss(cfg.method, out.logp_sums[:n], out.logp_sums[n:], out.num_tokens[:n], out.num_tokens[n:],
-                           *refs, **loss_settings(cfg))
+    pref = preference_loss(
+        cfg.method,
+        out.logp_sums[:n],
+        out.logp_sums[n:],
+        out.num_tokens[:n],
+        out.num_tokens[n:],
+        *refs,
+        **loss_settings(cfg),
+    )
     sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
     loss = pref.losses.mean() + cfg.sft_weight * sft
     lengths = out.num_tokens.float()
@@ -73,7 +80,10 @@ def token_and_method_stats(method: str, out, n: int) -> dict[str, torch.Tensor]:
         "mean_token_accuracy": out.top1_counts[:n].sum(),
     }
     if m.logits:  # TRL's DPO: the same mean over completion tokens
-        stats |= {"logits/chosen": stats["logits_response/chosen"], "logits/rejected": stats["logits_response/rejected"]}
+        stats |= {
+            "logits/chosen": stats["logits_response/chosen"],
+            "logits/rejected": stats["logits_response/rejected"],
+        }
     if m.stats is not None:
         means = out.mean_logps.detach()
         stats |= m.stats(means[:n], means[n:])

@@ -36,8 +36,10 @@ def trainable_dtype(model) -> torch.dtype:
 def prepare_weights(model, master_weights: str, lora: bool):
     """Upcast a fully fine-tuned model's low-precision weights to float32 when ``master_weights`` is fp32."""
     if master_weights == "fp32" and not lora and trainable_dtype(model) != torch.float32:
-        log.info("master weights: %s weights upcast to float32 for training (hardware.master_weights=fp32)",
-                 trainable_dtype(model))
+        log.info(
+            "master weights: %s weights upcast to float32 for training (hardware.master_weights=fp32)",
+            trainable_dtype(model),
+        )
         model.float()
     return model
 
@@ -64,7 +66,10 @@ def warn_if_updates_vanish(model, lr: float, threshold: float = 0.5) -> float:
         log.warning(
             "pure %s training at learning rate %.3g: for %.0f%% of the trainable weights an update of that size "
             "is below half a unit in the last place and rounds away. Use hardware.master_weights=fp32 (the default) "
-            "to keep float32 weights.", trainable_dtype(model), lr, 100 * share,
+            "to keep float32 weights.",
+            trainable_dtype(model),
+            lr,
+            100 * share,
         )
     return share
 

@@ -45,8 +45,16 @@ def data_fingerprint(ds: Dataset) -> str:
 
 def model_fingerprint(cfg: Config, model) -> str:
     params = list(model.parameters())
-    h = hashlib.sha256(json.dumps({"path": cfg.model.path, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
-                                   "n": sum(p.numel() for p in params)}).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {
+                "path": cfg.model.path,
+                "revision": cfg.model.revision,
+                "dtype": cfg.model.dtype,
+                "n": sum(p.numel() for p in params),
+            }
+        ).encode()
+    )
     for p in (params[0], params[-1]):  # the initial weights themselves (a random tiny model differs by seed)
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
@@ -54,14 +62,19 @@ def model_fingerprint(cfg: Config, model) -> str:
 
 def cache_path(cfg: Config, model, splits: dict[str, Dataset]) -> Path:
     root = Path(cfg.reference_cache_dir or Path.home() / ".cache" / "simpo_exp" / "reference").expanduser()
-    key = hashlib.sha256((model_fingerprint(cfg, model) + "".join(
-        f"{name}:{data_fingerprint(ds)}" for name, ds in sorted(splits.items()))).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        (
+            model_fingerprint(cfg, model)
+            + "".join(f"{name}:{data_fingerprint(ds)}" for name, ds in sorted(splits.items()))
+        ).encode()
+    ).hexdigest()[:24]
     return root / f"ref-logps-{key}.safetensors"
 
 
 @torch.no_grad()
-def compute(model, ds: Dataset, collate, batch_size: int, device, autocast,
-            layout: BatchLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compute(
+    model, ds: Dataset, collate, batch_size: int, device, autocast, layout: BatchLayout | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every pair under ``model``: (chosen [N], rejected [N])."""
     scorer = ResponseLogps.for_layout(model, layout).to(device).eval()
     loader = DataLoader(ds.select_columns(list(TOKEN_COLUMNS)), batch_size=batch_size, collate_fn=collate)
@@ -75,8 +88,9 @@ def compute(model, ds: Dataset, collate, batch_size: int, device, autocast,
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def attach_reference_logps(cfg: Config, model, splits: dict[str, Dataset], collate, accelerator,
-                           layout: BatchLayout | None = None) -> dict[str, Dataset]:
+def attach_reference_logps(
+    cfg: Config, model, splits: dict[str, Dataset], collate, accelerator, layout: BatchLayout | None = None
+) -> dict[str, Dataset]:
     """Add the two reference columns to each split, computing and caching them if needed."""
     path = cache_path(cfg, model, splits)
     with accelerator.main_process_first():
@@ -86,19 +100,24 @@ def attach_reference_logps(cfg: Config, model, splits: dict[str, Dataset], colla
         else:
             tensors = {}
             for name, ds in splits.items():
-                c, r = compute(model, ds, collate, cfg.per_device_eval_batch_size, accelerator.device,
-                               accelerator.autocast, layout)
+                c, r = compute(
+                    model, ds, collate, cfg.per_device_eval_batch_size, accelerator.device, accelerator.autocast, layout
+                )
                 tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = c, r
             if accelerator.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 save_file(tensors, str(tmp))
                 tmp.replace(path)
-                log.info("reference log-probs computed for %s pairs, cached in %s",
-                         {k: len(v) for k, v in splits.items()}, path)
+                log.info(
+                    "reference log-probs computed for %s pairs, cached in %s",
+                    {k: len(v) for k, v in splits.items()},
+                    path,
+                )
     return {
-        name: ds.add_column(REF_COLUMNS[0], tensors[f"{name}.chosen"].tolist())
-                .add_column(REF_COLUMNS[1], tensors[f"{name}.rejected"].tolist())
+        name: ds.add_column(REF_COLUMNS[0], tensors[f"{name}.chosen"].tolist()).add_column(
+            REF_COLUMNS[1], tensors[f"{name}.rejected"].tolist()
+        )
         for name, ds in splits.items()
     }
 

@@ -30,10 +30,17 @@ def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, s
     outputs = []
     for pair in pairs:
         ids = torch.tensor([pair["prompt_input_ids"]], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
-        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced,
+        )
+        outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     model.train(was_training)
     return outputs
 
@@ -41,7 +48,14 @@ def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, s
 def generation_rows(step: int, pairs: list[dict], generations: list[str], rewards: torch.Tensor) -> list[dict]:
     n = len(pairs)
     return [
-        {"step": step, "prompt": prompt_text(p["prompt"]), "chosen": p["chosen"], "rejected": p["rejected"],
-         "generation": g, "reward_chosen": float(rewards[i]), "reward_rejected": float(rewards[n + i])}
+        {
+            "step": step,
+            "prompt": prompt_text(p["prompt"]),
+            "chosen": p["chosen"],
+            "rejected": p["rejected"],
+            "generation": g,
+            "reward_chosen": float(rewards[i]),
+            "reward_rejected": float(rewards[n + i]),
+        }
         for i, (p, g) in enumerate(zip(pairs, generations))
     ]

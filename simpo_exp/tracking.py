@@ -61,8 +61,10 @@ TOKEN_METRICS = {
 METHOD_METRICS = {
     "logits/chosen": tuple(name for name, m in TABLE.items() if m.logits),
     "logits/rejected": tuple(name for name, m in TABLE.items() if m.logits),
-} | {metric: tuple(name for name, m in TABLE.items() if metric in m.extra_metrics)
-     for metric in dict.fromkeys(x for m in TABLE.values() for x in m.extra_metrics)}
+} | {
+    metric: tuple(name for name, m in TABLE.items() if metric in m.extra_metrics)
+    for metric in dict.fromkeys(x for m in TABLE.values() for x in m.extra_metrics)
+}
 TOKEN_METRICS_OF_METHODS = {"logits/chosen": ("length/chosen",), "logits/rejected": ("length/rejected",)}
 # Eval only: Pearson correlation between a response's reward and its length in tokens.
 EVAL_ONLY_METRICS = ("length/reward_corr",)
@@ -72,17 +74,30 @@ EVAL_ONLY_METRICS = ("length/reward_corr",)
 # is the process's peak resident memory, gpu_max_allocated_gb torch's peak allocation on a GPU.
 # num_tokens (TRL's): input tokens of the training steps so far, prompt + response of chosen and of
 # rejected each (the prompt twice, whatever the layout computed), padding not counted.
-TRAIN_ONLY_METRICS = ("grad_norm", "learning_rate", "epoch", "step_time_s", "tokens_per_s", "samples_per_s",
-                      "mfu", "max_rss_gb", "gpu_max_allocated_gb", "skipped_steps", "num_tokens")
+TRAIN_ONLY_METRICS = (
+    "grad_norm",
+    "learning_rate",
+    "epoch",
+    "step_time_s",
+    "tokens_per_s",
+    "samples_per_s",
+    "mfu",
+    "max_rss_gb",
+    "gpu_max_allocated_gb",
+    "skipped_steps",
+    "num_tokens",
+)
 # Logged only where they can be known: mfu with a device peak (a known GPU or hardware.peak_tflops),
 # gpu_max_allocated_gb on a GPU.
 CONDITIONAL_METRICS = ("train/mfu", "train/gpu_max_allocated_gb")
 # Measurements of the machine, not of the run: they differ between two identical runs.
-MEASURED_METRICS = tuple(f"train/{m}" for m in ("step_time_s", "tokens_per_s", "samples_per_s", "mfu", "max_rss_gb",
-                                                "gpu_max_allocated_gb"))
+MEASURED_METRICS = tuple(
+    f"train/{m}" for m in ("step_time_s", "tokens_per_s", "samples_per_s", "mfu", "max_rss_gb", "gpu_max_allocated_gb")
+)
 # The few numbers that judge a run: the end-of-run table and the compare command's columns.
-HEADLINE_METRICS = [f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps_mean/chosen",
-                                          "logps_mean/rejected")] + ["train/loss"]
+HEADLINE_METRICS = [
+    f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps_mean/chosen", "logps_mean/rejected")
+] + ["train/loss"]
 STEP_KEY = "train/global_step"
 SAMPLES_KEY = "train/samples_seen"
 SECRET_NAMES = ("api_key", "token", "secret", "password")

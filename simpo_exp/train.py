@@ -37,8 +37,8 @@ from simpo_exp.layout import BatchLayout, choose_layout
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.methods import REFERENCE_METHODS
 from simpo_exp.metrics import Window, pearson
-from simpo_exp.modelcard import write_model_card
 from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention
+from simpo_exp.modelcard import write_model_card
 from simpo_exp.objective import batch_loss
 from simpo_exp.precision import warn_if_updates_vanish
 from simpo_exp.reference import REF_COLUMNS, WithReference, attach_reference_logps, live_reference
@@ -119,26 +119,43 @@ def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout:
     if cfg.hardware.group_by_length:
         sampler = LengthGroupedSampler(pair_lengths(train_ds), cfg.per_device_train_batch_size, cfg.seed)
     train_loader = DataLoader(
-        train_ds.select_columns(columns), batch_size=cfg.per_device_train_batch_size, shuffle=sampler is None,
-        sampler=sampler, drop_last=True, collate_fn=collate, num_workers=cfg.hardware.dataloader_num_workers,
+        train_ds.select_columns(columns),
+        batch_size=cfg.per_device_train_batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=cfg.hardware.dataloader_num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    eval_loader = DataLoader(eval_ds.select_columns(columns), batch_size=cfg.per_device_eval_batch_size,
-                             collate_fn=collate)
+    eval_loader = DataLoader(
+        eval_ds.select_columns(columns), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate
+    )
     if len(train_loader) == 0:
-        raise ConfigError(f"the train split has {len(train_ds)} pairs, fewer than per_device_train_batch_size="
-                          f"{cfg.per_device_train_batch_size}")
+        raise ConfigError(
+            f"the train split has {len(train_ds)} pairs, fewer than per_device_train_batch_size="
+            f"{cfg.per_device_train_batch_size}"
+        )
     return collate, reference, train_loader, eval_loader, eval_ds
 
 
-def start_or_resume(cfg: Config, run_dir: Path, accelerator, policy, optimizer, scheduler, config_dict) -> "checkpoint.TrainState":
+def start_or_resume(
+    cfg: Config, run_dir: Path, accelerator, policy, optimizer, scheduler, config_dict
+) -> "checkpoint.TrainState":
     """Load the newest intact checkpoint in the run directory (damaged ones skipped with a warning),
     or clear old state to start fresh."""
     metrics_path = run_dir / "metrics.jsonl"
     if cfg.resume:
         engine = accelerator.load_state if engine_checkpoints(cfg, accelerator) else None
-        resumed = checkpoint.load_newest(run_dir, accelerator.unwrap_model(policy).model, optimizer, scheduler,
-                                         config_dict, engine, on_main=lambda fn: on_main(accelerator, fn))
+        resumed = checkpoint.load_newest(
+            run_dir,
+            accelerator.unwrap_model(policy).model,
+            optimizer,
+            scheduler,
+            config_dict,
+            engine,
+            on_main=lambda fn: on_main(accelerator, fn),
+        )
         if resumed:
             path, state = resumed
             if accelerator.is_main_process:
@@ -177,40 +194,82 @@ def set_up(cfg: Config) -> Run:
     layout = choose_layout(cfg.hardware, accelerator.device.type, model.config)
     policy = ResponseLogps.for_layout(model, layout)
     flops = flop_spec(model)  # before any sharding
-    checkpoint_bytes = checkpoint.check_space(run_dir, model, cfg.save_total_limit, cfg.save_model,
-                                              warn=accelerator.is_main_process)  # warns if the disk is short
+    checkpoint_bytes = checkpoint.check_space(
+        run_dir, model, cfg.save_total_limit, cfg.save_model, warn=accelerator.is_main_process
+    )  # warns if the disk is short
     collate = PairCollator(tokenizer.pad_token_id, packing=layout.packing, attention=layout.attention)
     collate, reference, train_loader, eval_loader, eval_ds = make_loaders(
-        cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator, layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator, layout
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
     policy, optimizer, train_loader, eval_loader = accelerator.prepare(policy, optimizer, train_loader, eval_loader)
     steps = total_steps(cfg, len(train_loader), accum)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * steps),
-                              num_training_steps=steps)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * steps), num_training_steps=steps
+    )
 
     gamma, gamma_beta_ratio = resolve_gamma(cfg)
     config_dict = config_to_dict(cfg)
     pairs_per_step = cfg.per_device_train_batch_size * accum * accelerator.num_processes
-    resolved = {"learning_rate": lr, "gamma": gamma, "gamma_beta_ratio": gamma_beta_ratio,
-                "gradient_accumulation_steps": accum, "effective_batch_size": pairs_per_step}
+    resolved = {
+        "learning_rate": lr,
+        "gamma": gamma,
+        "gamma_beta_ratio": gamma_beta_ratio,
+        "gradient_accumulation_steps": accum,
+        "effective_batch_size": pairs_per_step,
+    }
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
     env = environment_record(cfg, accelerator, model, data_report, layout)
-    tracker = Tracker(run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env},
-                      enabled=accelerator.is_main_process)
+    tracker = Tracker(
+        run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env}, enabled=accelerator.is_main_process
+    )
     tracker.write_json("data_report.json", data_report.__dict__)
     tracker.write_json("env.json", env)
-    log.info("%d steps of %d pairs (%d per device x %d accumulation x %d processes) on %s", steps, pairs_per_step,
-             cfg.per_device_train_batch_size, accum, accelerator.num_processes, accelerator.device)
+    log.info(
+        "%d steps of %d pairs (%d per device x %d accumulation x %d processes) on %s",
+        steps,
+        pairs_per_step,
+        cfg.per_device_train_batch_size,
+        accum,
+        accelerator.num_processes,
+        accelerator.device,
+    )
     # Sharded weights are gathered layer by layer during a forward, which every process must join: under
     # FSDP and DeepSpeed all processes generate (in step, synced_gpus); elsewhere the main one alone.
     generating = accelerator.is_main_process or accelerator.distributed_type in SHARDED_ENGINES
     summary_extra = {"learning_rate_source": lr_source} | {f"resolved/{k}": v for k, v in resolved.items()}
     summary_extra |= {f"precision/{k}": v for k, v in env["precision"].items()}  # dtypes actually trained in
-    return Run(cfg, run_dir, accelerator, accum, steps, tokenizer, policy, reference, layout, collate, train_loader,
-               eval_loader, optimizer, scheduler, tracker, state, config_dict, summary_extra, flops,
-               peak_flops(accelerator.device, accelerator.mixed_precision, cfg.hardware.peak_tflops), checkpoint_bytes,
-               samples.sample_pairs(eval_ds, cfg.num_generations) if generating else [], started)
+    return Run(
+        cfg,
+        run_dir,
+        accelerator,
+        accum,
+        steps,
+        tokenizer,
+        policy,
+        reference,
+        layout,
+        collate,
+        train_loader,
+        eval_loader,
+        optimizer,
+        scheduler,
+        tracker,
+        state,
+        config_dict,
+        summary_extra,
+        flops,
+        peak_flops(accelerator.device, accelerator.mixed_precision, cfg.hardware.peak_tflops),
+        checkpoint_bytes,
+        samples.sample_pairs(eval_ds, cfg.num_generations) if generating else [],
+        started,
+    )
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -318,8 +377,14 @@ def evaluate_and_sample(run: Run, step: int) -> dict:
         with torch.no_grad():
             batch = send_to_device(run.collate(run.shown), acc.device)
             _, _, (rewards, _) = batch_loss(unwrapped, batch, run.cfg, run.reference)
-        texts = samples.generate(unwrapped.model, run.tokenizer, run.shown, run.cfg.max_new_tokens, acc.device,
-                                 synced=acc.distributed_type in SHARDED_ENGINES)
+        texts = samples.generate(
+            unwrapped.model,
+            run.tokenizer,
+            run.shown,
+            run.cfg.max_new_tokens,
+            acc.device,
+            synced=acc.distributed_type in SHARDED_ENGINES,
+        )
         run.tracker.log_generations(samples.generation_rows(step, run.shown, texts, rewards), step)  # main only
     return metrics
 
@@ -341,12 +406,28 @@ def save_checkpoint(run: Run, window: Window) -> None:
             raise checkpoint.save_failed(run.run_dir, tmp, e, run.checkpoint_bytes) from e
         acc.wait_for_everyone()
         if acc.is_main_process:
-            path = checkpoint.finish(run.run_dir, tmp, None, None, run.scheduler, state, run.config_dict,
-                                     run.cfg.save_total_limit, run.checkpoint_bytes)
+            path = checkpoint.finish(
+                run.run_dir,
+                tmp,
+                None,
+                None,
+                run.scheduler,
+                state,
+                run.config_dict,
+                run.cfg.save_total_limit,
+                run.checkpoint_bytes,
+            )
             log.info("checkpoint %s", path)
     elif acc.is_main_process:
-        path = checkpoint.save(run.run_dir, acc.unwrap_model(run.policy).model, run.optimizer, run.scheduler, state,
-                               run.config_dict, run.cfg.save_total_limit)
+        path = checkpoint.save(
+            run.run_dir,
+            acc.unwrap_model(run.policy).model,
+            run.optimizer,
+            run.scheduler,
+            state,
+            run.config_dict,
+            run.cfg.save_total_limit,
+        )
         log.info("checkpoint %s", path)
     acc.wait_for_everyone()
 
@@ -355,10 +436,15 @@ def finish(run: Run, summary: dict) -> dict:
     """Save the model and tokenizer, write summary.json, mark the run finished, print the results."""
     acc, state = run.accelerator, run.state
     if state.skipped_steps >= run.steps:  # the weights never changed: nothing to report as a result
-        raise NonFiniteError(f"all {run.steps} steps had a non-finite loss or gradient and were skipped; no weights "
-                             "were updated. Lower learning_rate or check the data (run with resume=false).")
-    summary |= {"train/global_step": run.steps, "train/skipped_steps": state.skipped_steps,
-                "runtime_s": time.time() - run.started} | run.summary_extra
+        raise NonFiniteError(
+            f"all {run.steps} steps had a non-finite loss or gradient and were skipped; no weights "
+            "were updated. Lower learning_rate or check the data (run with resume=false)."
+        )
+    summary |= {
+        "train/global_step": run.steps,
+        "train/skipped_steps": state.skipped_steps,
+        "runtime_s": time.time() - run.started,
+    } | run.summary_extra
     acc.wait_for_everyone()
     full_state_dict = None
     if run.cfg.save_model and acc.distributed_type in SHARDED_ENGINES:

@@ -39,8 +39,21 @@ def options(group: str) -> list[str]:
 
 # The suite runs in two workers, a file per worker at a time (pyproject.toml: -n 2 --dist loadfile).
 # Files that start many training runs go first, so the short ones fill the gaps at the end.
-SLOW_FIRST = ("test_run.py", "test_reliability.py", "test_scale.py", "test_bad_input.py", "test_baselines.py",
-              "test_sweeps.py", "test_compare.py", "test_dashboard.py", "test_wandb_offline.py")
+SLOW_FIRST = (
+    "test_faults.py",
+    "test_generate.py",
+    "test_evaluate.py",
+    "test_run.py",
+    "test_reliability.py",
+    "test_baselines.py",
+    "test_precision.py",
+    "test_scale.py",
+    "test_bad_input.py",
+    "test_sweeps.py",
+    "test_compare.py",
+    "test_dashboard.py",
+    "test_wandb_offline.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -9,14 +9,23 @@ import pytest
 
 from tests.test_run import simpo
 
-TINY = ["max_steps=2", "eval_steps=0", "logging_steps=1", "logger=none",
-        "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16"]
+TINY = [
+    "max_steps=2",
+    "eval_steps=0",
+    "logging_steps=1",
+    "logger=none",
+    "dataset.synthetic.num_train=64",
+    "dataset.synthetic.num_test=16",
+]
 
 
 def pref(prompt, chosen, rejected):
     user = {"role": "user", "content": prompt}
-    return {"prompt": prompt, "chosen": [user, {"role": "assistant", "content": chosen}],
-            "rejected": [user, {"role": "assistant", "content": rejected}]}
+    return {
+        "prompt": prompt,
+        "chosen": [user, {"role": "assistant", "content": chosen}],
+        "rejected": [user, {"role": "assistant", "content": rejected}],
+    }
 
 
 def write_jsonl(path, rows):
@@ -52,16 +61,26 @@ def test_bad_rows_are_dropped_and_counted(tmp_path):
     rows += [pref("x" * 400, "a", "b")]  # prompt longer than max_prompt_length (128 tokens for tiny)
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     run = tmp_path / "run"
-    res = simpo("dataset=local", f"dataset.sources.local.path={data}", "dataset.test_size=0.2",
-                f"hydra.run.dir={run}", *TINY, cwd=tmp_path)
+    res = simpo(
+        "dataset=local",
+        f"dataset.sources.local.path={data}",
+        "dataset.test_size=0.2",
+        f"hydra.run.dir={run}",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((run / "data_report.json").read_text())
     dropped = {}
     for split in ("train", "test"):
         for reason, n in report["dropped"][split].items():
             dropped[reason] = dropped.get(reason, 0) + n
-    assert dropped == {"identical responses": 3, "empty response": 2, "missing chosen/rejected": 1,
-                       "prompt too long": 1}
+    assert dropped == {
+        "identical responses": 3,
+        "empty response": 2,
+        "missing chosen/rejected": 1,
+        "prompt too long": 1,
+    }
     assert report["kept"]["train"] + report["kept"]["test"] == 40
 
 
@@ -73,15 +92,21 @@ def test_nothing_usable_left(tmp_path):
 
 @pytest.fixture(scope="module")
 def saved_model_without_template(tmp_path_factory):
-    from simpo_exp.model import build_tiny_tokenizer
-
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from simpo_exp.model import build_tiny_tokenizer
 
     path = tmp_path_factory.mktemp("m") / "plain-model"
     tok = build_tiny_tokenizer()
     tok.chat_template = None
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     (path / "chat_template.jinja").unlink(missing_ok=True)
@@ -97,10 +122,19 @@ def test_tokenizer_without_chat_template(tmp_path, saved_model_without_template)
 def test_local_model_with_a_template_trains(tmp_path, saved_model_without_template):
     """The real-model path (from_pretrained on a local directory) end to end."""
     run = tmp_path / "run"
-    res = simpo("model=qwen2.5-0.5b-instruct", f"model.path={saved_model_without_template}",
-                "model.chat_template=zephyr", "model.dtype=float32", f"hydra.run.dir={run}", "max_length=256",
-                "max_prompt_length=128", "per_device_train_batch_size=4", "gradient_accumulation_steps=1", *TINY,
-                cwd=tmp_path)
+    res = simpo(
+        "model=qwen2.5-0.5b-instruct",
+        f"model.path={saved_model_without_template}",
+        "model.chat_template=zephyr",
+        "model.dtype=float32",
+        f"hydra.run.dir={run}",
+        "max_length=256",
+        "max_prompt_length=128",
+        "per_device_train_batch_size=4",
+        "gradient_accumulation_steps=1",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["train/global_step"] == 2
 
@@ -115,9 +149,23 @@ def test_output_dir_not_writable(tmp_path):
 def test_unreachable_wandb_does_not_stop_the_run(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "simpo_exp", *TINY, "logger=wandb", "logger.mode=online",
-                          "logger.init_timeout=5", f"hydra.run.dir={run}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simpo_exp",
+            *TINY,
+            "logger=wandb",
+            "logger.mode=online",
+            "logger.init_timeout=5",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "W&B start failed" in (run / "__main__.log").read_text()
     assert json.loads((run / "summary.json").read_text())["train/global_step"] == 2
@@ -126,10 +174,21 @@ def test_unreachable_wandb_does_not_stop_the_run(tmp_path):
 def test_secrets_never_reach_run_files(tmp_path):
     run = tmp_path / "run"
     secret_wandb, secret_hf = "wandbsecret" + "x" * 29, "hf_secrettokenvalue123"
-    env = {**os.environ, "WANDB_API_KEY": secret_wandb, "HF_TOKEN": secret_hf, "WANDB_MODE": "offline",
-           "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "simpo_exp", *TINY, "logger=wandb", f"hydra.run.dir={run}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "WANDB_API_KEY": secret_wandb,
+        "HF_TOKEN": secret_hf,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", "simpo_exp", *TINY, "logger=wandb", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     files = [p for p in run.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files)  # W&B's own record is checked too

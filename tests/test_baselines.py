@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-from simpo_exp.losses import (alphapo_loss, cpo_loss, dpo_loss, ipo_loss, orpo_loss, rdpo_loss, simper_loss,
-                              simpo_loss)
+from simpo_exp.losses import alphapo_loss, cpo_loss, dpo_loss, ipo_loss, orpo_loss, rdpo_loss, simper_loss, simpo_loss
 from simpo_exp.methods import preference_loss
 from tests.test_run import simpo
 
@@ -62,10 +61,12 @@ def test_dispatch_feeds_sums_or_means():
     sums_c, sums_r, len_c, len_r = t(-6.0), t(-10.0), torch.tensor([3]), torch.tensor([4])
     ref_c, ref_r = t(-7.0), t(-9.0)
     kw = dict(beta=2.0, gamma_beta_ratio=0.5)
-    assert preference_loss("simpo", sums_c, sums_r, len_c, len_r, **kw).losses.item() == \
-        pytest.approx(simpo_loss(t(-2.0), t(-2.5), 2.0, 0.5).losses.item())
-    assert preference_loss("dpo", sums_c, sums_r, len_c, len_r, ref_c, ref_r, beta=0.1).losses.item() == \
-        pytest.approx(dpo_loss(sums_c, sums_r, ref_c, ref_r, 0.1).losses.item())
+    assert preference_loss("simpo", sums_c, sums_r, len_c, len_r, **kw).losses.item() == pytest.approx(
+        simpo_loss(t(-2.0), t(-2.5), 2.0, 0.5).losses.item()
+    )
+    assert preference_loss("dpo", sums_c, sums_r, len_c, len_r, ref_c, ref_r, beta=0.1).losses.item() == pytest.approx(
+        dpo_loss(sums_c, sums_r, ref_c, ref_r, 0.1).losses.item()
+    )
     ln = preference_loss("ln-dpo", sums_c, sums_r, len_c, len_r, ref_c, ref_r, beta=2.0).losses.item()
     assert ln == pytest.approx(softplus(2.0 * ((-6 + 7) / 3 - (-10 + 9) / 4)), abs=1e-12)
     alpha = preference_loss("alphapo", sums_c, sums_r, len_c, len_r, **kw, alphapo_alpha=0.5).losses.item()
@@ -88,8 +89,14 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
     from simpo_exp.model import build_tiny_tokenizer, load_model
     from simpo_exp.reference import attach_reference_logps, cache_path
 
-    cfg = to_config(compose("loss=dpo", "dataset.synthetic.num_train=32", "dataset.synthetic.num_test=8",
-                            f"reference_cache_dir={tmp_path}"))
+    cfg = to_config(
+        compose(
+            "loss=dpo",
+            "dataset.synthetic.num_train=32",
+            "dataset.synthetic.num_test=8",
+            f"reference_cache_dir={tmp_path}",
+        )
+    )
     tok = build_tiny_tokenizer()
     train, test, _ = build_datasets(cfg, tok)
     model = load_model(cfg, tok, "sdpa")
@@ -116,8 +123,15 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
 
 
 def test_live_and_cached_reference_give_the_same_run(tmp_path):
-    common = ["loss=dpo", "max_steps=3", "eval_steps=0", "logger=none", "dataset.synthetic.num_train=64",
-              "dataset.synthetic.num_test=16", f"reference_cache_dir={tmp_path / 'cache'}"]
+    common = [
+        "loss=dpo",
+        "max_steps=3",
+        "eval_steps=0",
+        "logger=none",
+        "dataset.synthetic.num_train=64",
+        "dataset.synthetic.num_test=16",
+        f"reference_cache_dir={tmp_path / 'cache'}",
+    ]
     for mode in ("cached", "live"):
         res = simpo(*common, f"reference_mode={mode}", f"hydra.run.dir={tmp_path / mode}", cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -128,9 +142,18 @@ def test_live_and_cached_reference_give_the_same_run(tmp_path):
 
 def test_simpo_and_dpo_sweep_is_comparable(tmp_path):
     sweep = tmp_path / "sweep"
-    res = simpo("--multirun", "loss=simpo,dpo", "max_steps=3", "eval_steps=0", "logger=none",
-                "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16",
-                f"reference_cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    res = simpo(
+        "--multirun",
+        "loss=simpo,dpo",
+        "max_steps=3",
+        "eval_steps=0",
+        "logger=none",
+        "dataset.synthetic.num_train=64",
+        "dataset.synthetic.num_test=16",
+        f"reference_cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     import yaml
 
@@ -148,9 +171,20 @@ def test_simpo_alphapo_simper_sweep_runs_and_compare_ranks_it(tmp_path):
     """The two methods added through the table run in one sweep with SimPO on the embedded default, and
     the compare command ranks the three by held-out reward accuracy."""
     sweep = tmp_path / "sweep"
-    res = simpo("--multirun", "loss=simpo,alphapo,simper", "logger=none", "max_steps=20", "eval_steps=0",
-                "logging_steps=10", "num_generations=0", "eval_on_start=false", "dataset.synthetic.num_train=128",
-                "dataset.synthetic.num_test=32", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    res = simpo(
+        "--multirun",
+        "loss=simpo,alphapo,simper",
+        "logger=none",
+        "max_steps=20",
+        "eval_steps=0",
+        "logging_steps=10",
+        "num_generations=0",
+        "eval_on_start=false",
+        "dataset.synthetic.num_train=128",
+        "dataset.synthetic.num_test=32",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     ranks_three_methods(sweep)
 
@@ -166,12 +200,16 @@ def ranks_three_methods(sweep):
     assert all(r["status"] == "done" for r in rows), rows
     accuracies = [r["eval/rewards/accuracies"] for r in rows]
     assert accuracies == sorted(accuracies, reverse=True) and all(0 <= a <= 1 for a in accuracies)
-    out = subprocess.run([sys.executable, "-m", "simpo_exp.compare", str(sweep), "--no-plots"], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "simpo_exp.compare", str(sweep), "--no-plots"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "3 runs (3 done," in out.stdout and "ranked by eval/rewards/accuracies" in out.stdout
     lines = out.stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if line.split()[:2] == ["run", "status"])
-    header, body = lines[at].split(), [line.split() for line in lines[at + 2:at + 5]]  # below the "---" rule
+    header, body = lines[at].split(), [line.split() for line in lines[at + 2 : at + 5]]  # below the "---" rule
     printed = [cells[header.index("loss")] for cells in body]
     assert printed == [r["loss"] for r in rows]  # the printed table, best first, in the ranked order

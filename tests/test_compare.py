@@ -13,8 +13,17 @@ from simpo_exp import compare
 from tests.test_run import simpo
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["max_steps=4", "eval_steps=2", "logging_steps=2", "logger=none", "save_model=false", "num_generations=2",
-        "max_new_tokens=8", "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32"]
+FAST = [
+    "max_steps=4",
+    "eval_steps=2",
+    "logging_steps=2",
+    "logger=none",
+    "save_model=false",
+    "num_generations=2",
+    "max_new_tokens=8",
+    "dataset.synthetic.num_train=128",
+    "dataset.synthetic.num_test=32",
+]
 PLOTS = sorted(f"{fam.slug}.png" for fam in compare.FAMILIES)
 
 
@@ -53,7 +62,7 @@ def printed_rows(out: str) -> tuple[list[str], list[list[str]]]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("run "))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.strip():
             break
         rows.append(re.split(r"\s{2,}", line.strip()))
@@ -83,8 +92,11 @@ def test_table_ranks_done_jobs_and_marks_the_failed_ones(sweep, capsys):
 
 def test_sort_order_follows_the_metric(sweep, capsys):
     runs = compare.load_runs(sweep)
-    for metric, ascending, lower_first in [("eval/loss", None, True), ("eval/rewards/margins", None, False),
-                                           ("eval/rewards/margins", True, True)]:
+    for metric, ascending, lower_first in [
+        ("eval/loss", None, True),
+        ("eval/rewards/margins", None, False),
+        ("eval/rewards/margins", True, True),
+    ]:
         values = [r[metric] for r in compare.runs_table(runs, metric, ascending)[:4]]
         assert values == sorted(values, reverse=not lower_first), (metric, ascending)
     assert compare.main([str(sweep), "--metric", "eval/rewards/margins", "--ascending", "--no-plots"]) == 0
@@ -98,8 +110,14 @@ def test_sort_order_follows_the_metric(sweep, capsys):
 
 def test_command_line_writes_readable_plots(sweep, tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    res = subprocess.run([sys.executable, "-m", "simpo_exp.compare", str(sweep), "--out", str(tmp_path / "plots")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "simpo_exp.compare", str(sweep), "--out", str(tmp_path / "plots")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "over seeds" in res.stdout and f"plots: {tmp_path / 'plots'}" in res.stdout
     check_pngs(list((tmp_path / "plots").glob("*.png")))
@@ -163,8 +181,9 @@ def test_notebook_executes_on_the_sweep(sweep, monkeypatch):
     monkeypatch.setenv("SIMPO_RUNS", str(sweep))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     nb = nbformat.read(ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
-                   ).execute()  # raises CellExecutionError if a cell fails
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    ).execute()  # raises CellExecutionError if a cell fails
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3

@@ -9,7 +9,12 @@ from simpo_exp.config import ConfigError, learning_rate_for_size, resolve_learni
 
 def test_embedded_default(compose):
     cfg = to_config(compose())
-    assert (cfg.model.name, cfg.dataset.name, cfg.hardware.name, cfg.logger.name) == ("tiny", "synthetic", "auto", "wandb")
+    assert (cfg.model.name, cfg.dataset.name, cfg.hardware.name, cfg.logger.name) == (
+        "tiny",
+        "synthetic",
+        "auto",
+        "wandb",
+    )
     assert (cfg.beta, cfg.gamma_beta_ratio, cfg.sft_weight, cfg.loss_type) == (2.0, 0.5, 0.0, "sigmoid")
     assert (cfg.warmup_ratio, cfg.lr_scheduler_type) == (0.1, "cosine")
     assert cfg.model.path == ""  # nothing to download
@@ -32,29 +37,42 @@ def test_top_level_hparams_override(compose):
     assert (cfg.beta, cfg.gamma_beta_ratio, cfg.sft_weight, cfg.learning_rate) == (5.0, 0.3, 0.1, 1e-6)
 
 
-@pytest.mark.parametrize("preset,expected", [
-    ("default", dict(beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.0)),
-    ("instruct", dict(beta=2.5, gamma_beta_ratio=0.5, sft_weight=0.1)),
-    ("reasoning", dict(beta=5.0, gamma_beta_ratio=0.7, learning_rate=3e-7, per_device_train_batch_size=1,
-                       gradient_accumulation_steps=16)),
-    ("creative", dict(learning_rate=1e-6, lr_scheduler_type="linear")),
-    ("weak-prefs", dict(gamma_beta_ratio=0.3)),
-    ("strong-prefs", dict(beta=5.0, gamma_beta_ratio=0.7)),
-])
+@pytest.mark.parametrize(
+    "preset,expected",
+    [
+        ("default", dict(beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.0)),
+        ("instruct", dict(beta=2.5, gamma_beta_ratio=0.5, sft_weight=0.1)),
+        (
+            "reasoning",
+            dict(
+                beta=5.0,
+                gamma_beta_ratio=0.7,
+                learning_rate=3e-7,
+                per_device_train_batch_size=1,
+                gradient_accumulation_steps=16,
+            ),
+        ),
+        ("creative", dict(learning_rate=1e-6, lr_scheduler_type="linear")),
+        ("weak-prefs", dict(gamma_beta_ratio=0.3)),
+        ("strong-prefs", dict(beta=5.0, gamma_beta_ratio=0.7)),
+    ],
+)
 def test_hparams_presets(compose, preset, expected):
     cfg = to_config(compose(f"hparams={preset}"))
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert cfg.warmup_ratio == 0.1
 
 
-@pytest.mark.parametrize("params_b,lr", [(0.5, 1e-6), (3.0, 1e-6), (7.2, 5e-7), (8.0, 5e-7), (13.0, 3e-7),
-                                         (30.0, 3e-7), (70.0, 1e-7)])
+@pytest.mark.parametrize(
+    "params_b,lr", [(0.5, 1e-6), (3.0, 1e-6), (7.2, 5e-7), (8.0, 5e-7), (13.0, 3e-7), (30.0, 3e-7), (70.0, 1e-7)]
+)
 def test_learning_rate_follows_model_size(params_b, lr):
     assert learning_rate_for_size(params_b) == lr
 
 
-@pytest.mark.parametrize("model,lr", [("llama3-8b", 5e-7), ("mistral-7b", 5e-7), ("qwen2.5-0.5b-instruct", 1e-6),
-                                      ("gemma2-9b-it", 5e-7)])
+@pytest.mark.parametrize(
+    "model,lr", [("llama3-8b", 5e-7), ("mistral-7b", 5e-7), ("qwen2.5-0.5b-instruct", 1e-6), ("gemma2-9b-it", 5e-7)]
+)
 def test_model_presets_feed_the_learning_rate(compose, model, lr):
     cfg = to_config(compose(f"model={model}"))
     value, source = resolve_learning_rate(cfg)
@@ -66,26 +84,29 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
 # Every preset of every group composes and validates: tests/test_presets.py.
 
 
-@pytest.mark.parametrize("override,key", [
-    ("beta=0", "beta"),
-    ("beta=-2", "beta"),
-    ("gamma_beta_ratio=-0.1", "gamma_beta_ratio"),
-    ("learning_rate=0", "learning_rate"),
-    ("learning_rate=-1e-6", "learning_rate"),
-    ("sft_weight=-0.5", "sft_weight"),
-    ("loss_type=ipo", "loss_type"),
-    ("label_smoothing=0.7", "label_smoothing"),
-    ("lr_scheduler_type=exotic", "lr_scheduler_type"),
-    ("warmup_ratio=1.5", "warmup_ratio"),
-    ("max_prompt_length=256", "max_prompt_length"),  # == max_length of the tiny preset
-    ("max_steps=0", "max_steps"),
-    ("per_device_train_batch_size=0", "per_device_train_batch_size"),
-    ("hardware.device=tpu", "hardware.device"),
-    ("hardware.mixed_precision=fp8", "hardware.mixed_precision"),
-    ("dataset.sources.synthetic.fraction=0", "dataset.sources.synthetic.fraction"),
-    ("model.random_init.num_attention_heads=3", "model.random_init.hidden_size"),
-    ("logger.mode=sometimes", "logger.mode"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("beta=0", "beta"),
+        ("beta=-2", "beta"),
+        ("gamma_beta_ratio=-0.1", "gamma_beta_ratio"),
+        ("learning_rate=0", "learning_rate"),
+        ("learning_rate=-1e-6", "learning_rate"),
+        ("sft_weight=-0.5", "sft_weight"),
+        ("loss_type=ipo", "loss_type"),
+        ("label_smoothing=0.7", "label_smoothing"),
+        ("lr_scheduler_type=exotic", "lr_scheduler_type"),
+        ("warmup_ratio=1.5", "warmup_ratio"),
+        ("max_prompt_length=256", "max_prompt_length"),  # == max_length of the tiny preset
+        ("max_steps=0", "max_steps"),
+        ("per_device_train_batch_size=0", "per_device_train_batch_size"),
+        ("hardware.device=tpu", "hardware.device"),
+        ("hardware.mixed_precision=fp8", "hardware.mixed_precision"),
+        ("dataset.sources.synthetic.fraction=0", "dataset.sources.synthetic.fraction"),
+        ("model.random_init.num_attention_heads=3", "model.random_init.hidden_size"),
+        ("logger.mode=sometimes", "logger.mode"),
+    ],
+)
 def test_invalid_values_name_the_key(compose, override, key):
     with pytest.raises(ConfigError) as err:
         to_config(compose(override))
@@ -140,7 +161,9 @@ def test_random_model_takes_a_larger_vocabulary(compose):
     model = load_model(cfg, tok, "sdpa")
     assert model.config.vocab_size == 1000 and model.get_output_embeddings().weight.shape[0] == 1000
     cfg = to_config(compose("model.random_init.vocab_size=100"))
-    with pytest.raises(ConfigError, match=r"model.random_init.vocab_size=100 is smaller than the tokenizer's 26\d tokens"):
+    with pytest.raises(
+        ConfigError, match=r"model.random_init.vocab_size=100 is smaller than the tokenizer's 26\d tokens"
+    ):
         load_model(cfg, tok, "sdpa")
     cfg = to_config(compose("model=random-750m"))
     assert cfg.model.random_init.vocab_size == 128256 and not cfg.model.path

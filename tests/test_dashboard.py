@@ -20,8 +20,15 @@ from simpo_exp import dashboard  # noqa: E402
 from simpo_exp.methods import METHODS  # noqa: E402
 from simpo_exp.tracking import CONDITIONAL_METRICS, STEP_KEY, eval_keys, train_keys  # noqa: E402
 
-FAST = ["max_steps=3", "eval_steps=0", "logging_steps=1", "logger=none", "save_model=false",
-        "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32"]
+FAST = [
+    "max_steps=3",
+    "eval_steps=0",
+    "logging_steps=1",
+    "logger=none",
+    "save_model=false",
+    "dataset.synthetic.num_train=128",
+    "dataset.synthetic.num_test=32",
+]
 SUMMARY_AGGREGATES = (".max", ".min", ".last", ".mean", ".best")
 
 
@@ -151,13 +158,17 @@ def test_bare_group_and_offline_mode_with_a_key(tmp_path, monkeypatch, capsys):
 
 
 def test_swept_config_groups_map_to_config_keys():
-    model = [{"model": {"name": "tiny", "dtype": "float32"}, "beta": 2.0},
-             {"model": {"name": "big", "dtype": "bf16"}, "beta": 2.0}]
+    model = [
+        {"model": {"name": "tiny", "dtype": "float32"}, "beta": 2.0},
+        {"model": {"name": "big", "dtype": "bf16"}, "beta": 2.0},
+    ]
     assert dashboard.config_keys_for("model", model, [{"model": "tiny"}, {"model": "big"}]) == ["model.name"]
     assert dashboard.config_keys_for("beta", model, [{}, {}]) == ["beta"]
     # hparams writes to the top level and has no name: the values that differ between the jobs
-    hp = [{"beta": 2.0, "sft_weight": 0.0, "output_dir": "/a", "logger": {"run_name": "a"}},
-          {"beta": 2.5, "sft_weight": 0.1, "output_dir": "/b", "logger": {"run_name": "b"}}]
+    hp = [
+        {"beta": 2.0, "sft_weight": 0.0, "output_dir": "/a", "logger": {"run_name": "a"}},
+        {"beta": 2.5, "sft_weight": 0.1, "output_dir": "/b", "logger": {"run_name": "b"}},
+    ]
     choices = [{"hparams": "default"}, {"hparams": "instruct"}]
     assert dashboard.config_keys_for("hparams", hp, choices) == ["beta", "sft_weight"]
     assert dashboard.config_keys_for("nothing", hp, [{}, {}]) == []

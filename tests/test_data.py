@@ -32,9 +32,8 @@ from simpo_exp.config import (
     SyntheticConfig,
     to_config,
 )
-from simpo_exp.data import MODEL_COLUMNS, DataSourceError, EmptySplitError, PairCollator, build_datasets
+from simpo_exp.data import MODEL_COLUMNS, DataSourceError, EmptySplitError, PairCollator, build_datasets, synthetic
 from simpo_exp.data import sources as sources_mod
-from simpo_exp.data import synthetic
 from simpo_exp.data.sources import load_split, normalise, normalise_row
 from simpo_exp.hub import hub_reachable
 from simpo_exp.model import ZEPHYR_CHAT_TEMPLATE, build_tiny_tokenizer
@@ -77,8 +76,17 @@ def compose_preset(preset: str, *overrides: str) -> Config:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        dc = compose(config_name="config", overrides=[
-            "output_dir=/tmp/unused", f"dataset={preset}", "model=tiny", "hardware=cpu", "logger=none", *overrides])
+        dc = compose(
+            config_name="config",
+            overrides=[
+                "output_dir=/tmp/unused",
+                f"dataset={preset}",
+                "model=tiny",
+                "hardware=cpu",
+                "logger=none",
+                *overrides,
+            ],
+        )
     return to_config(dc)
 
 
@@ -201,6 +209,7 @@ def check_against(ds, expected: list[tuple[str, str, str]], tok) -> None:
 
 def call_with_alarm(seconds: int, fn, *args):
     """Run fn, failing the test instead of hanging if it takes longer than ``seconds``."""
+
     def _timeout(signum, frame):
         raise TimeoutError(f"{fn.__name__} did not return within {seconds}s")
 
@@ -225,7 +234,12 @@ def test_ultrafeedback_binarized_hub_parquet_layout(tmp_path, tok):
 
     cfg = compose_preset("ultrafeedback-binarized", path_override("ultrafeedback_binarized", root))
     src = cfg.dataset.sources["ultrafeedback_binarized"]
-    assert (src.format, src.train_split, src.test_split, src.path) == ("messages", "train_prefs", "test_prefs", str(root))
+    assert (src.format, src.train_split, src.test_split, src.path) == (
+        "messages",
+        "train_prefs",
+        "test_prefs",
+        str(root),
+    )
 
     tr, te, report = build_datasets(cfg, tok)
     check_against(tr, train, tok)
@@ -249,8 +263,13 @@ def test_llama3_ultrafeedback_armorm_jsonl_dir(tmp_path, tok):
     assert report.kept == {"train": 10, "test": 3}
 
 
-@pytest.mark.parametrize("preset,source", [("llama3-ultrafeedback", "llama3_ultrafeedback"),
-                                           ("mistral-instruct-ultrafeedback", "mistral_instruct_ultrafeedback")])
+@pytest.mark.parametrize(
+    "preset,source",
+    [
+        ("llama3-ultrafeedback", "llama3_ultrafeedback"),
+        ("mistral-instruct-ultrafeedback", "mistral_instruct_ultrafeedback"),
+    ],
+)
 def test_pairrm_ultrafeedback_hub_parquet_two_train_shards(tmp_path, tok, preset, source):
     """princeton-nlp/{llama3,mistral-instruct}-ultrafeedback: the armorm schema, train in two shards."""
     train, test = triples(f"{preset}-train", 9), triples(f"{preset}-test", 3)
@@ -291,7 +310,11 @@ def test_distilabel_math_strings_single_file(tmp_path, tok):
     cfg = compose_preset("distilabel-math", path_override("distilabel_math", path))
     src = cfg.dataset.sources["distilabel_math"]
     assert (src.format, src.prompt_column, src.chosen_column, src.rejected_column) == (
-        "strings", "instruction", "chosen_response", "rejected_response")
+        "strings",
+        "instruction",
+        "chosen_response",
+        "rejected_response",
+    )
     assert cfg.dataset.test_size == 0.1
     tr, te, _ = build_datasets(cfg, tok)
     assert (len(tr), len(te)) == (18, 2)
@@ -301,11 +324,17 @@ def test_distilabel_math_strings_single_file(tmp_path, tok):
 
 def test_local_preset_with_column_mapping(tmp_path, tok):
     rows = triples("local", 8)
-    path = write_jsonl(tmp_path / "prefs.jsonl",
-                       [{"question": p, "good": c, "bad": r, "id": i} for i, (p, c, r) in enumerate(rows)])
-    cfg = compose_preset("local", path_override("local", path), "dataset.sources.local.prompt_column=question",
-                         "dataset.sources.local.chosen_column=good", "dataset.sources.local.rejected_column=bad",
-                         "dataset.test_size=0.25")
+    path = write_jsonl(
+        tmp_path / "prefs.jsonl", [{"question": p, "good": c, "bad": r, "id": i} for i, (p, c, r) in enumerate(rows)]
+    )
+    cfg = compose_preset(
+        "local",
+        path_override("local", path),
+        "dataset.sources.local.prompt_column=question",
+        "dataset.sources.local.chosen_column=good",
+        "dataset.sources.local.rejected_column=bad",
+        "dataset.test_size=0.25",
+    )
     assert cfg.dataset.sources["local"].format == "auto"
     tr, te, _ = build_datasets(cfg, tok)
     assert (len(tr), len(te)) == (6, 2)
@@ -326,10 +355,16 @@ def test_local_auto_format_message_lists_with_custom_columns(tmp_path, tok):
 def test_multi_turn_prompt_and_zephyr_template(tmp_path):
     tok = build_tiny_tokenizer()
     tok.chat_template = ZEPHYR_CHAT_TEMPLATE
-    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-               {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]
-    row = {"chosen": history + [{"role": "assistant", "content": "6"}],
-           "rejected": history + [{"role": "assistant", "content": "7"}]}
+    history = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+    ]
+    row = {
+        "chosen": history + [{"role": "assistant", "content": "6"}],
+        "rejected": history + [{"role": "assistant", "content": "7"}],
+    }
     root = tmp_path / "multi"
     write_jsonl(root / "train.jsonl", [row])
     write_jsonl(root / "test.jsonl", [row])
@@ -372,8 +407,11 @@ def test_mixer_fractions_and_whole_test_splits(tmp_path, tok):
     assert uf_test_p <= test_prompts and len(test_prompts & arg_p) == 2  # test splits whole
     assert not train_prompts & test_prompts
     assert not train_prompts & uf_test_p
-    check_against(datasets.concatenate_datasets([tr, te]),
-                  [t for t in uf_train + uf_test + arg if t[0] in train_prompts | test_prompts], tok)
+    check_against(
+        datasets.concatenate_datasets([tr, te]),
+        [t for t in uf_train + uf_test + arg if t[0] in train_prompts | test_prompts],
+        tok,
+    )
 
     # Same seed: the same rows in the same order. Another seed: another sample.
     tr2, te2, _ = build_datasets(compose_preset("ultrafeedback-mix", *overrides), tok)
@@ -403,7 +441,8 @@ def test_max_samples_limits(tmp_path, tok):
     write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("a", 10)])
     write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("b", 6)])
     tr, te, report = build_datasets(
-        make_config({"s": SourceConfig(path=str(root))}, max_train_samples=4, max_eval_samples=5), tok)
+        make_config({"s": SourceConfig(path=str(root))}, max_train_samples=4, max_eval_samples=5), tok
+    )
     assert (len(tr), len(te)) == (4, 5)
     assert report.kept == {"train": 4, "test": 5}
 
@@ -527,14 +566,19 @@ def test_normalise_row_rules():
     auto, strings = SourceConfig(path="x"), SourceConfig(path="x", format="strings")
     messages = SourceConfig(path="x", format="messages")
     assert normalise_row({"prompt": "p", "chosen": "a", "rejected": "b"}, auto) == {
-        "prompt": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b", "drop_reason": ""}
+        "prompt": [{"role": "user", "content": "p"}],
+        "chosen": "a",
+        "rejected": "b",
+        "drop_reason": "",
+    }
     # The chosen conversation's earlier turns are the prompt, whatever the prompt column says.
     row = normalise_row({"prompt": "ignored", "chosen": msgs("real", "a"), "rejected": msgs("real", "b")}, messages)
     assert row["prompt"] == [{"role": "user", "content": "real"}] and row["drop_reason"] == ""
     # A conversation of only the assistant turn takes its prompt from the prompt column.
     only = lambda t: [{"role": "assistant", "content": t}]  # noqa: E731
     assert normalise_row({"prompt": "p", "chosen": only("a"), "rejected": only("b")}, auto)["prompt"] == [
-        {"role": "user", "content": "p"}]
+        {"role": "user", "content": "p"}
+    ]
     cases = [
         ({"prompt": "p", "chosen": "a", "rejected": 3}, strings, "non-string content"),
         ({"prompt": "p", "chosen": msgs("p", 5), "rejected": msgs("p", "b")}, auto, "non-string content"),
@@ -545,8 +589,11 @@ def test_normalise_row_rules():
         ({"prompt": "p", "chosen": msgs("p", "a"), "rejected": msgs("p", "b")}, strings, "non-string content"),
         ({"prompt": "p", "chosen": msgs("p", "a"), "rejected": "b"}, auto, "chosen and rejected have different shapes"),
         ({"prompt": "p", "chosen": [], "rejected": msgs("p", "b")}, auto, "empty chosen conversation"),
-        ({"prompt": "p", "chosen": [{"role": "user", "content": "p"}] * 2, "rejected": msgs("p", "b")}, auto,
-         "chosen does not end with an assistant turn"),
+        (
+            {"prompt": "p", "chosen": [{"role": "user", "content": "p"}] * 2, "rejected": msgs("p", "b")},
+            auto,
+            "chosen does not end with an assistant turn",
+        ),
         ({"prompt": "   ", "chosen": "a", "rejected": "b"}, auto, "empty prompt"),
         ({"prompt": "p", "chosen": " ", "rejected": "b"}, auto, "empty response"),
         ({"prompt": "p", "chosen": "a", "rejected": "a"}, auto, "identical responses"),
@@ -573,8 +620,11 @@ def test_missing_split_file_in_directory(tmp_path, tok):
 
 def test_wrong_columns_name_missing_and_present(tmp_path, tok):
     path = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer_a": "a", "answer_b": "b"}] * 4)
-    for fmt, missing in (("auto", "['chosen', 'rejected']"), ("messages", "['chosen', 'rejected']"),
-                         ("strings", "['chosen', 'rejected', 'prompt']")):
+    for fmt, missing in (
+        ("auto", "['chosen', 'rejected']"),
+        ("messages", "['chosen', 'rejected']"),
+        ("strings", "['chosen', 'rejected', 'prompt']"),
+    ):
         with pytest.raises(DataSourceError) as err:
             build_datasets(make_config({"src": SourceConfig(path=str(path), format=fmt)}), tok)
         msg = str(err.value)
@@ -584,15 +634,17 @@ def test_wrong_columns_name_missing_and_present(tmp_path, tok):
 
 def test_string_responses_need_the_prompt_column_up_front(tmp_path, tok):
     """format auto with plain-string responses: a missing prompt column is a column error, not 100% drops."""
-    path = write_jsonl(tmp_path / "noprompt.jsonl", [{"instruction": f"q{i}", "chosen": "a", "rejected": "b"}
-                                                      for i in range(4)])
+    path = write_jsonl(
+        tmp_path / "noprompt.jsonl", [{"instruction": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(4)]
+    )
     with pytest.raises(DataSourceError) as err:
         build_datasets(make_config({"src": SourceConfig(path=str(path))}), tok)
     assert not isinstance(err.value, EmptySplitError)
     assert "missing column(s) ['prompt']" in str(err.value) and "'instruction'" in str(err.value)
     # Message lists carry their prompt: no prompt column needed.
-    ok = write_jsonl(tmp_path / "msgs.jsonl", [{"chosen": msgs(f"q{i}", "a"), "rejected": msgs(f"q{i}", "b")}
-                                               for i in range(4)])
+    ok = write_jsonl(
+        tmp_path / "msgs.jsonl", [{"chosen": msgs(f"q{i}", "a"), "rejected": msgs(f"q{i}", "b")} for i in range(4)]
+    )
     tr, te, _ = build_datasets(make_config({"src": SourceConfig(path=str(ok))}, test_size=0.5), tok)
     assert len(tr) + len(te) == 4
 
@@ -663,8 +715,7 @@ def test_synthetic_too_many_rows_for_the_digit_range_is_refused():
     # Two-digit lists give 100 - 10 = 90 distinct prompts; asking for 91 used to loop forever.
     call_with_alarm(20, synthetic.generate, SyntheticConfig(num_train=80, num_test=10, min_digits=2, max_digits=2))
     with pytest.raises(ConfigError, match="num_train"):
-        call_with_alarm(20, synthetic.generate,
-                        SyntheticConfig(num_train=81, num_test=10, min_digits=2, max_digits=2))
+        call_with_alarm(20, synthetic.generate, SyntheticConfig(num_train=81, num_test=10, min_digits=2, max_digits=2))
 
 
 def test_synthetic_preset_through_build_datasets(tok):
@@ -691,7 +742,8 @@ def test_exactly_one_bos_even_if_the_tokenizer_adds_one(tmp_path):
 
     # A tokenizer whose post-processor adds BOS (as Llama's do) must not get a second one.
     tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_token_id)])
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tok.bos_token_id)]
+    )
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2  # what a naive call would do
     root2 = tmp_path / "bos2"  # other files: nothing cached from the first build
@@ -705,8 +757,11 @@ def test_exactly_one_bos_even_if_the_tokenizer_adds_one(tmp_path):
 
 def test_collator_layout_padding_and_loss_mask(tmp_path, tok):
     root = tmp_path / "coll"
-    rows = [uf_row("p", "a", "a much longer rejected answer"), uf_row("a longer prompt here", "chosen!", "r"),
-            uf_row("mid prompt", "c", "rr")]
+    rows = [
+        uf_row("p", "a", "a much longer rejected answer"),
+        uf_row("a longer prompt here", "chosen!", "r"),
+        uf_row("mid prompt", "c", "rr"),
+    ]
     write_jsonl(root / "train.jsonl", rows)
     write_jsonl(root / "test.jsonl", rows)
     _, te, _ = build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
@@ -714,9 +769,12 @@ def test_collator_layout_padding_and_loss_mask(tmp_path, tok):
     pad = tok.pad_token_id
     batch = PairCollator(pad)(pairs)
     B = len(pairs)
-    lengths = [len(p["prompt_input_ids"]) + len(p[k]) for k in ("chosen_input_ids", "rejected_input_ids")
-               for p in pairs]
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["loss_mask"].shape == (2 * B, max(lengths))
+    lengths = [
+        len(p["prompt_input_ids"]) + len(p[k]) for k in ("chosen_input_ids", "rejected_input_ids") for p in pairs
+    ]
+    assert (
+        batch["input_ids"].shape == batch["attention_mask"].shape == batch["loss_mask"].shape == (2 * B, max(lengths))
+    )
     assert batch["loss_mask"].dtype == torch.bool
     for i in range(2 * B):
         pair = pairs[i % B]
@@ -761,11 +819,17 @@ def test_a_template_that_raises_drops_the_row_with_its_reason():
     from simpo_exp.model import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
-    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                         "{% endif %}" + TINY_CHAT_TEMPLATE)
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}" + TINY_CHAT_TEMPLATE
+    )
     rows = [
-        {"prompt": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}],
-         "chosen": "a", "rejected": "b", "drop_reason": ""},
+        {
+            "prompt": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}],
+            "chosen": "a",
+            "rejected": "b",
+            "drop_reason": "",
+        },
         {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b", "drop_reason": ""},
     ]
     out = tokenise(Dataset.from_list(rows), tok, max_length=64, max_prompt_length=32)

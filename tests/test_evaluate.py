@@ -16,21 +16,47 @@ import pytest
 
 from tests.test_run import simpo
 
-RUNS = ["logger=none", "max_steps=30", "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32",
-        "eval_steps=10", "logging_steps=5", "num_generations=0", "per_device_train_batch_size=8"]  # test_run's SMALL, fewer evals
-ALPACA = [{"instruction": f"Say something about the number {i}.", "output": "x" * (12 * i + 1),
-           "generator": "gpt4_1106_preview", "dataset": "helpful_base"} for i in range(6)]
+RUNS = [
+    "logger=none",
+    "max_steps=30",
+    "dataset.synthetic.num_train=128",
+    "dataset.synthetic.num_test=32",
+    "eval_steps=10",
+    "logging_steps=5",
+    "num_generations=0",
+    "per_device_train_batch_size=8",
+]  # test_run's SMALL, fewer evals
+ALPACA = [
+    {
+        "instruction": f"Say something about the number {i}.",
+        "output": "x" * (12 * i + 1),
+        "generator": "gpt4_1106_preview",
+        "dataset": "helpful_base",
+    }
+    for i in range(6)
+]
 
 
 def evaluate(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "simpo_exp.evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_exp.evaluate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simpo_exp.compare", *args, "--no-plots"], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_exp.compare", *args, "--no-plots"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +125,9 @@ class FakeJudge(BaseHTTPRequestHandler):
         text = body["messages"][-1]["content"]
         a = text.split("## Output (a)\n", 1)[1].split("\n\n## Output (b)\n", 1)[0]
         b = text.split("\n\n## Output (b)\n", 1)[1].rsplit("\n\nReply with", 1)[0]
-        reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
-                                                                 "content": "a" if len(a) > len(b) else "b"}}]})
+        reply = json.dumps(
+            {"choices": [{"index": 0, "message": {"role": "assistant", "content": "a" if len(a) > len(b) else "b"}}]}
+        )
         self.send_response(200 if self.path == "/v1/chat/completions" else 404)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -124,18 +151,49 @@ def judged(sweep, tmp_path_factory):
     prompts = root / "alpaca_eval.json"
     prompts.write_text(json.dumps(ALPACA))
     questions, baseline = root / "question.jsonl", root / "gpt-4-0314.jsonl"
-    questions.write_text("".join(json.dumps({"question_id": f"q{i}", "category": "arena-hard-v0.1",
-                                             "turns": [{"content": f"Explain {i}."}]}) + "\n" for i in range(3)))
-    baseline.write_text("".join(json.dumps({"question_id": f"q{i}", "model_id": "gpt-4-0314",
-                                            "choices": [{"index": 0, "turns": [{"content": "y" * (10 * i + 5)}]}]}) + "\n" for i in range(3)))
+    questions.write_text(
+        "".join(
+            json.dumps({"question_id": f"q{i}", "category": "arena-hard-v0.1", "turns": [{"content": f"Explain {i}."}]})
+            + "\n"
+            for i in range(3)
+        )
+    )
+    baseline.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "question_id": f"q{i}",
+                    "model_id": "gpt-4-0314",
+                    "choices": [{"index": 0, "turns": [{"content": "y" * (10 * i + 5)}]}],
+                }
+            )
+            + "\n"
+            for i in range(3)
+        )
+    )
     port = free_port()
-    judge = [f"judge.kind=openai", f"judge.base_url=http://127.0.0.1:{port}/v1", "judge.model=fake-judge",
-             "judge.max_retries=0", "judge.timeout_s=5"]
-    args = [str(job), "benchmark=[alpacaeval2,arena-hard]", f"benchmarks.alpacaeval2.prompts_path={prompts}",
-            f"benchmarks.arena-hard.prompts_path={questions}", f"benchmarks.arena-hard.reference_path={baseline}",
-            "evaluate.device=cpu", *(f"benchmarks.alpacaeval2.{j}" for j in judge),
-            *(f"benchmarks.arena-hard.{j}" for j in judge),
-            *(f"benchmarks.{b}.decoding.{k}" for b in ("alpacaeval2", "arena-hard") for k in ("backend=hf", "max_new_tokens=24"))]
+    judge = [
+        "judge.kind=openai",
+        f"judge.base_url=http://127.0.0.1:{port}/v1",
+        "judge.model=fake-judge",
+        "judge.max_retries=0",
+        "judge.timeout_s=5",
+    ]
+    args = [
+        str(job),
+        "benchmark=[alpacaeval2,arena-hard]",
+        f"benchmarks.alpacaeval2.prompts_path={prompts}",
+        f"benchmarks.arena-hard.prompts_path={questions}",
+        f"benchmarks.arena-hard.reference_path={baseline}",
+        "evaluate.device=cpu",
+        *(f"benchmarks.alpacaeval2.{j}" for j in judge),
+        *(f"benchmarks.arena-hard.{j}" for j in judge),
+        *(
+            f"benchmarks.{b}.decoding.{k}"
+            for b in ("alpacaeval2", "arena-hard")
+            for k in ("backend=hf", "max_new_tokens=24")
+        ),
+    ]
     down = evaluate(*args, f"hydra.run.dir={root / 'down'}", cwd=root)
     server = ThreadingHTTPServer(("127.0.0.1", port), FakeJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -160,6 +218,7 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
 
     up, out = judged["up"], judged["job"] / "eval" / "alpacaeval2"
     assert up.returncode == 0, up.stderr[-3000:]
+
     def expected_rate(ids: list[str], model: list[str], reference: list[str]) -> float:
         """The fake judge's verdicts worked out here: the longer answer wins, on a tie the one shown second."""
         wins = []
@@ -174,23 +233,39 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
     assert res["metrics"]["win_rate"] == pytest.approx(expected)
     assert 0 < expected < 100  # some reference answers are longer than the model's, some shorter
     assert res["metrics"]["lc_win_rate"] is None and any("805" in n for n in res["notes"])
-    assert res["judge"] == {"kind": "openai", "base_url": res["judge"]["base_url"], "model": "fake-judge",
-                            "annotators_config": "weighted_alpaca_eval_gpt4_turbo"}
+    assert res["judge"] == {
+        "kind": "openai",
+        "base_url": res["judge"]["base_url"],
+        "model": "fake-judge",
+        "annotators_config": "weighted_alpaca_eval_gpt4_turbo",
+    }
     assert all(r["model"] == "fake-judge" for r in judged["requests"]) and len(judged["requests"]) == 6 + 3
     arena = json.loads((judged["job"] / "eval" / "arena-hard" / "results.json").read_text())
-    answers = [json.loads(line) for f in (judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl")
-               for line in f.read_text().splitlines()]
-    assert arena["metrics"]["n"] == 3 and arena["metrics"]["win_rate"] == pytest.approx(expected_rate(
-        ["q0", "q1", "q2"], [a["choices"][0]["turns"][0]["content"] for a in answers], ["y" * (10 * i + 5) for i in range(3)]))
-    print(f"\nfake judge (prefers the longer answer): AlpacaEval-format WR {res['metrics']['win_rate']:.1f}, "
-          f"Arena-Hard-format WR {arena['metrics']['win_rate']:.1f}")
+    answers = [
+        json.loads(line)
+        for f in (judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    ]
+    assert arena["metrics"]["n"] == 3 and arena["metrics"]["win_rate"] == pytest.approx(
+        expected_rate(
+            ["q0", "q1", "q2"],
+            [a["choices"][0]["turns"][0]["content"] for a in answers],
+            ["y" * (10 * i + 5) for i in range(3)],
+        )
+    )
+    print(
+        f"\nfake judge (prefers the longer answer): AlpacaEval-format WR {res['metrics']['win_rate']:.1f}, "
+        f"Arena-Hard-format WR {arena['metrics']['win_rate']:.1f}"
+    )
 
 
 def test_alpacaeval_outputs_follow_the_package_format(judged):
     path = judged["job"] / "eval" / "alpacaeval2" / "model_outputs.json"
     rows = json.loads(path.read_text())
     assert [r["instruction"] for r in rows] == [r["instruction"] for r in ALPACA]
-    assert all(set(r) == {"instruction", "output", "generator", "dataset"} and isinstance(r["output"], str) for r in rows)
+    assert all(
+        set(r) == {"instruction", "output", "generator", "dataset"} and isinstance(r["output"], str) for r in rows
+    )
     assert len({r["generator"] for r in rows}) == 1
     res = json.loads((path.parent / "results.json").read_text())
     assert res["versions"]["alpaca-eval"] == _installed("alpaca-eval")
@@ -244,8 +319,13 @@ def test_missing_prompt_files_are_named(sweep, tmp_path):
     res = evaluate(job, "benchmark=alpacaeval2", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert res.returncode == 2 and "benchmarks.alpacaeval2.prompts_path" in res.stderr and "Traceback" not in res.stderr
     missing = tmp_path / "nowhere" / "alpaca_eval.json"
-    res = evaluate(job, "benchmark=alpacaeval2", f"benchmarks.alpacaeval2.prompts_path={missing}",
-                   f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    res = evaluate(
+        job,
+        "benchmark=alpacaeval2",
+        f"benchmarks.alpacaeval2.prompts_path={missing}",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2 and str(missing) in res.stderr and "no such file" in res.stderr
     assert "Traceback" not in res.stderr
 
@@ -270,19 +350,26 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     from simpo_exp.modelcard import push_model, write_model_card
 
     write_json(tmp_path / "eval" / "alpacaeval2" / "results.json", {"metrics": {"win_rate": 41.5, "lc_win_rate": None}})
-    cfg = {"model": {"name": "llama3-8b-instruct", "path": "meta-llama/Meta-Llama-3-8B-Instruct"}, "beta": 2.5,
-           "dataset": {"name": "x", "sources": {"uf": {"path": "princeton-nlp/llama3-ultrafeedback"}}}}
+    cfg = {
+        "model": {"name": "llama3-8b-instruct", "path": "meta-llama/Meta-Llama-3-8B-Instruct"},
+        "beta": 2.5,
+        "dataset": {"name": "x", "sources": {"uf": {"path": "princeton-nlp/llama3-ultrafeedback"}}},
+    }
     card = ModelCard.load(write_model_card(tmp_path, cfg, "my-run"))
     assert card.data.base_model == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert card.data.datasets == ["princeton-nlp/llama3-ultrafeedback"]
-    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in card.data.eval_results] == [("alpacaeval2", "win_rate", 41.5)]
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        ("alpacaeval2", "win_rate", 41.5)
+    ]
     assert push_model(tmp_path, "someone/model", token_env="SIMPO_EXP_TEST_NO_SUCH_TOKEN") is None  # no token: no push
 
 
 def test_the_stage_imports_no_other_stage():
-    code = ("import sys, simpo_exp.evaluate.__main__, simpo_exp.evaluate.run; "
-            "bad = [m for m in ('simpo_exp.train', 'simpo_exp.generate', 'simpo_exp.compare', 'simpo_exp.dashboard') "
-            "if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, simpo_exp.evaluate.__main__, simpo_exp.evaluate.run; "
+        "bad = [m for m in ('simpo_exp.train', 'simpo_exp.generate', 'simpo_exp.compare', 'simpo_exp.dashboard') "
+        "if m in sys.modules]; assert not bad, bad"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -317,8 +404,14 @@ def test_win_rate_matches_alpaca_eval_and_lc_says_why_it_is_missing(monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prefs = [(1.0, 2.0, 1.5)[i % 3] if i % 7 else 2.0 for i in range(ALPACA_EVAL_ROWS)]
     prompts = [{"id": str(i), "instruction": f"q{i}", "reference": "r" * (i % 50 + 1)} for i in range(ALPACA_EVAL_ROWS)]
-    rows = annotations(prompts, ["m" * (i % 40 + 1) for i in range(ALPACA_EVAL_ROWS)],
-                       [{"preference": p} for p in prefs], "model", "gpt4_1106_preview", "judge")
+    rows = annotations(
+        prompts,
+        ["m" * (i % 40 + 1) for i in range(ALPACA_EVAL_ROWS)],
+        [{"preference": p} for p in prefs],
+        "model",
+        "gpt4_1106_preview",
+        "judge",
+    )
     assert win_rate(prefs) == pytest.approx(get_winrate(rows)["win_rate"])
     lc, why = length_controlled(rows, full_set=True)
     if lc is None:  # its GLM needs df_gamed.csv from the hub: not cached on an offline machine

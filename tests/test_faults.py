@@ -17,9 +17,19 @@ from tests.test_reliability import _poison, _tiny_config, weights
 from tests.test_run import read_metrics, simpo
 
 # 6 steps, checkpoints at 2 and 4 (both kept), evals at 3 and 6
-RUN = ["max_steps=6", "save_steps=2", "eval_steps=3", "logging_steps=2", "logger=none", "eval_on_start=false",
-       "num_generations=0", "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16",
-       "per_device_train_batch_size=8", "gradient_accumulation_steps=1"]
+RUN = [
+    "max_steps=6",
+    "save_steps=2",
+    "eval_steps=3",
+    "logging_steps=2",
+    "logger=none",
+    "eval_on_start=false",
+    "num_generations=0",
+    "dataset.synthetic.num_train=64",
+    "dataset.synthetic.num_test=16",
+    "per_device_train_batch_size=8",
+    "gradient_accumulation_steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +96,11 @@ def test_a_checkpoint_without_checksums_still_loads(tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     path = checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=3), {}, keep=2)
     assert set(json.loads((path / checkpoint.MARKER).read_text())["files"]) == {
-        "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
+        "model.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "state.json",
+    }
     (path / checkpoint.MARKER).write_text("")  # the marker of checkpoints written before checksums
     found, state = checkpoint.load_newest(tmp_path, model, opt, sched, {})
     assert found == path and state.step == 3

@@ -36,9 +36,13 @@ def test_attention_pairs_equal_the_visible_entries_of_the_layout_mask(packing):
 
 
 def test_step_flops_formula():
-    spec = FlopSpec(body_params=1000, body_trainable=1000, head_params=200, head_trainable=True, layers=2,
-                    attention_width=8)
-    assert spec.step_flops(tokens=10, response_tokens=4, attention_pairs=20) == 6 * 1000 * 10 + 6 * 200 * 4 + 12 * 2 * 8 * 20
+    spec = FlopSpec(
+        body_params=1000, body_trainable=1000, head_params=200, head_trainable=True, layers=2, attention_width=8
+    )
+    assert (
+        spec.step_flops(tokens=10, response_tokens=4, attention_pairs=20)
+        == 6 * 1000 * 10 + 6 * 200 * 4 + 12 * 2 * 8 * 20
+    )
     frozen = FlopSpec(1000, 100, 200, False, 2, 8)  # LoRA-like: 10% of the body trains, the head is frozen
     assert frozen.step_flops(10, 4, 0) == (4 * 1000 + 2 * 100) * 10 + 4 * 200 * 4
 
@@ -47,9 +51,16 @@ def _tiny_llama(tie: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                         attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(config)
 
 
@@ -72,8 +83,11 @@ def test_formula_matches_torch_flop_counter(lora):
     assert spec.head_params == 300 * 64 and spec.layers == 2 and spec.attention_width == 64
 
     policy = ResponseLogps(model)
-    pair = {"prompt_input_ids": list(range(3, 23)), "chosen_input_ids": list(range(30, 45)),
-            "rejected_input_ids": list(range(50, 65))}  # both sequences 35 tokens: no padding
+    pair = {
+        "prompt_input_ids": list(range(3, 23)),
+        "chosen_input_ids": list(range(30, 45)),
+        "rejected_input_ids": list(range(50, 65)),
+    }  # both sequences 35 tokens: no padding
     batch = PairCollator(0)([pair])
     with FlopCounterMode(display=False) as counter:
         out = policy(**batch)

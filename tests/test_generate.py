@@ -24,8 +24,14 @@ SMALL = ["logger=none", "hardware=cpu", *SYNTH]
 
 def generate(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "simpo_exp.generate", *SMALL, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_exp.generate", *SMALL, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def compose_generate(*overrides: str):
@@ -43,8 +49,13 @@ def greedy_scores(model_dir: Path, prompts: list[str]) -> list[float]:
     from simpo_exp.inference.sampling import HFSampler, prompt_token_ids
     from simpo_exp.model import load_tokenizer
 
-    cfg = compose_generate(f"model.path={model_dir}", "generate.temperature=0", "generate.seeds=[0]",
-                           "generate.max_new_tokens=32", "generate.batch_size=64")
+    cfg = compose_generate(
+        f"model.path={model_dir}",
+        "generate.temperature=0",
+        "generate.seeds=[0]",
+        "generate.max_new_tokens=32",
+        "generate.batch_size=64",
+    )
     tok = load_tokenizer(cfg.model)
     sampler = HFSampler(cfg, tok)
     ids = prompt_token_ids(tok, [[{"role": "user", "content": p}] for p in prompts])
@@ -70,8 +81,16 @@ def tiny_reward_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("rm") / "reward-model"
     tok = build_tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, num_labels=1, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -92,8 +111,12 @@ def test_sort_digits_rule_scores_exactly_and_by_position():
 
 
 def _record(texts, scores, pid="p"):
-    return {"prompt_id": pid, "prompt": [{"role": "user", "content": "q"}], "scores": scores,
-            "responses": [{"text": t, "n_tokens": len(t), "finished": True} for t in texts]}
+    return {
+        "prompt_id": pid,
+        "prompt": [{"role": "user", "content": "q"}],
+        "scores": scores,
+        "responses": [{"text": t, "n_tokens": len(t), "finished": True} for t in texts],
+    }
 
 
 def test_binarise_modes_and_drop_reasons():
@@ -107,22 +130,32 @@ def test_binarise_modes_and_drop_reasons():
     assert pick_pair(rec, BinariseConfig("best_worst", min_gap=0.9))[1] == "score gap below binarise.min_gap"
     drops = [_record(["x", "x"], [1.0, 1.0]), _record(["x", " "], [1.0, 0.0]), _record(["x", "y"], [0.5, 0.5])]
     rows, report = binarise(drops + [rec], BinariseConfig())
-    assert report["prompts_dropped"] == {"all responses identical": 1, "fewer than 2 distinct non-empty responses": 1,
-                                         "tied scores": 1}
+    assert report["prompts_dropped"] == {
+        "all responses identical": 1,
+        "fewer than 2 distinct non-empty responses": 1,
+        "tied scores": 1,
+    }
     assert report["pairs_kept"] == 1 and rows[0]["chosen"][-1] == {"role": "assistant", "content": "a"}
     assert rows[0]["score_chosen"] == 0.9 and rows[0]["score_rejected"] == 0.1
 
 
 def test_generate_stage_does_not_import_training():
-    code = ("import sys, simpo_exp.generate.__main__, simpo_exp.generate.run, simpo_exp.inference.scoring; "
-            "assert 'simpo_exp.train' not in sys.modules, 'simpo_exp.train imported'")
+    code = (
+        "import sys, simpo_exp.generate.__main__, simpo_exp.generate.run, simpo_exp.inference.scoring; "
+        "assert 'simpo_exp.train' not in sys.modules, 'simpo_exp.train imported'"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- reward model, resume
-RM_RUN = ["dataset.max_train_samples=9", "generate.shard_size=3", "generate.max_new_tokens=8", "generate.seeds=[1,2,3]",
-          "scorer=reward-model"]
+RM_RUN = [
+    "dataset.max_train_samples=9",
+    "generate.shard_size=3",
+    "generate.max_new_tokens=8",
+    "generate.seeds=[1,2,3]",
+    "scorer=reward-model",
+]
 
 
 def test_reward_model_scorer_on_a_local_sequence_classifier(tiny_reward_model, tmp_path):
@@ -191,8 +224,9 @@ def test_two_processes_split_the_shards_and_give_the_same_data(uninterrupted_gen
 def test_a_changed_config_does_not_reuse_old_shards(uninterrupted_generation, tiny_reward_model, tmp_path):
     out = tmp_path / "gen"
     shutil.copytree(uninterrupted_generation, out)
-    res = generate(*RM_RUN, f"scorer.path={tiny_reward_model}", "generate.temperature=0.5", f"hydra.run.dir={out}",
-                   cwd=tmp_path)
+    res = generate(
+        *RM_RUN, f"scorer.path={tiny_reward_model}", "generate.temperature=0.5", f"hydra.run.dir={out}", cwd=tmp_path
+    )
     assert res.returncode == 2 and "different generate" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -200,7 +234,9 @@ def test_a_changed_config_does_not_reuse_old_shards(uninterrupted_generation, ti
 def test_missing_prompt_column_is_refused(tmp_path):
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps({"question": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(4)))
-    res = generate("dataset=local", f"dataset.sources.local.path={data}", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
+    res = generate(
+        "dataset=local", f"dataset.sources.local.path={data}", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     assert "missing column 'prompt'" in res.stderr and "prompt_column" in res.stderr and "Traceback" not in res.stderr
 
@@ -209,18 +245,36 @@ def test_a_model_that_is_not_a_reward_model_is_refused(tmp_path):
     from transformers import LlamaConfig
 
     causal = tmp_path / "causal-lm"
-    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                architectures=["LlamaForCausalLM"]).save_pretrained(causal)
-    res = generate("scorer=reward-model", f"scorer.path={causal}", "dataset.max_train_samples=2",
-                   "generate.max_new_tokens=2", "generate.seeds=[1,2]", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
+    LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        architectures=["LlamaForCausalLM"],
+    ).save_pretrained(causal)
+    res = generate(
+        "scorer=reward-model",
+        f"scorer.path={causal}",
+        "dataset.max_train_samples=2",
+        "generate.max_new_tokens=2",
+        "generate.seeds=[1,2]",
+        f"hydra.run.dir={tmp_path / 'g'}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     assert "not a reward model" in res.stderr and "LlamaForCausalLM" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_zero_usable_pairs_names_the_reasons(tmp_path):
     out = tmp_path / "g"
-    res = generate("generate.temperature=0", "generate.seeds=[1,2]", "dataset.max_train_samples=3",
-                   "generate.max_new_tokens=4", f"hydra.run.dir={out}", cwd=tmp_path)
+    res = generate(
+        "generate.temperature=0",
+        "generate.seeds=[1,2]",
+        "dataset.max_train_samples=3",
+        "generate.max_new_tokens=4",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     assert "no usable preference pair" in res.stderr and "'all responses identical': 3" in res.stderr
     assert "Traceback" not in res.stderr and not (out / "data" / "train.jsonl").exists()
@@ -239,21 +293,46 @@ def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
     scores, best-vs-worst pairs -> a SimPO run on them from round 0's model/ -> greedy rule accuracy
     on the 64 held-out prompts before and after. Printed; the direction is a measurement, not asserted."""
     round0, gen, round1 = tmp_path / "round0", tmp_path / "gen", tmp_path / "round1"
-    train_args = ["logger=none", "hardware=cpu", "eval_steps=0", "save_steps=0", "num_generations=0",
-                  "eval_on_start=false", "logging_steps=5", *SYNTH]
+    train_args = [
+        "logger=none",
+        "hardware=cpu",
+        "eval_steps=0",
+        "save_steps=0",
+        "num_generations=0",
+        "eval_on_start=false",
+        "logging_steps=5",
+        *SYNTH,
+    ]
     res = simpo(*train_args, "max_steps=40", "sft_weight=1", f"hydra.run.dir={round0}", cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = generate(f"model.path={round0 / 'model'}", "dataset.max_train_samples=48", "generate.seeds=[13,21,42,79]",
-                   "generate.max_new_tokens=24", "generate.batch_size=48", f"hydra.run.dir={gen}", cwd=tmp_path)
+    res = generate(
+        f"model.path={round0 / 'model'}",
+        "dataset.max_train_samples=48",
+        "generate.seeds=[13,21,42,79]",
+        "generate.max_new_tokens=24",
+        "generate.batch_size=48",
+        f"hydra.run.dir={gen}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((gen / "report.json").read_text())
     assert report["pairs_kept"] >= 24 and report["scores"]["chosen"]["mean"] > report["scores"]["rejected"]["mean"]
     provenance = json.loads((gen / "data" / "provenance.json").read_text())
     assert provenance["policy"]["fingerprint"]["kind"] == "local"
     data = gen / "data" / "train.jsonl"
-    res = simpo(*train_args, "dataset=local", f"dataset.sources.local.path={data}", f"model.path={round0 / 'model'}",
-                "max_steps=20", "per_device_train_batch_size=8", "learning_rate=3e-4", "dataset.test_size=0.1",
-                f"hydra.run.dir={round1}", cwd=tmp_path, timeout=900)
+    res = simpo(
+        *train_args,
+        "dataset=local",
+        f"dataset.sources.local.path={data}",
+        f"model.path={round0 / 'model'}",
+        "max_steps=20",
+        "per_device_train_batch_size=8",
+        "learning_rate=3e-4",
+        "dataset.test_size=0.1",
+        f"hydra.run.dir={round1}",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     recorded = json.loads((round1 / "data_report.json").read_text())["sources"]["local"]["provenance"]
     assert recorded["policy"]["fingerprint"] == provenance["policy"]["fingerprint"]  # the run knows its data's origin
@@ -263,10 +342,13 @@ def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
     exact = lambda scores: sum(s == 1.0 for s in scores) / len(scores)  # noqa: E731
     mean = lambda scores: sum(scores) / len(scores)  # noqa: E731
     summary = json.loads((round1 / "summary.json").read_text())
-    print(f"\non-policy round: {report['pairs_kept']} pairs from {report['prompts']} prompts "
-          f"(chosen score {report['scores']['chosen']['mean']:.3f}, rejected {report['scores']['rejected']['mean']:.3f}); "
-          f"round-1 held-out pair accuracy {summary['eval/rewards/accuracies']:.3f}\n"
-          f"greedy rule accuracy on {len(prompts)} held-out prompts: exact {exact(before):.3f} -> {exact(after):.3f}, "
-          f"mean score {mean(before):.3f} -> {mean(after):.3f}")
+    print(
+        f"\non-policy round: {report['pairs_kept']} pairs from {report['prompts']} prompts "
+        f"(chosen score {report['scores']['chosen']['mean']:.3f}, "
+        f"rejected {report['scores']['rejected']['mean']:.3f}); "
+        f"round-1 held-out pair accuracy {summary['eval/rewards/accuracies']:.3f}\n"
+        f"greedy rule accuracy on {len(prompts)} held-out prompts: exact {exact(before):.3f} -> {exact(after):.3f}, "
+        f"mean score {mean(before):.3f} -> {mean(after):.3f}"
+    )
     assert len(before) == len(after) == 64 and all(0.0 <= s <= 1.0 for s in before + after)
     assert before != after  # the round changed the policy's answers

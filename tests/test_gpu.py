@@ -15,28 +15,45 @@ from tests.test_run import read_metrics, simpo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-RUN = ["logger=none", "max_steps=6", "eval_steps=3", "logging_steps=1", "save_steps=3",
-       "dataset.synthetic.num_train=256", "dataset.synthetic.num_test=64"]
+RUN = [
+    "logger=none",
+    "max_steps=6",
+    "eval_steps=3",
+    "logging_steps=1",
+    "save_steps=3",
+    "dataset.synthetic.num_train=256",
+    "dataset.synthetic.num_test=64",
+]
 
 
 def _model(dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(config).to("cuda", dtype)
 
 
-@pytest.mark.parametrize("packing, attention", [("packed", "segments"), ("prefix_shared", "segments"),
-                                                ("packed", "flex"), ("prefix_shared", "flex")])
+@pytest.mark.parametrize(
+    "packing, attention",
+    [("packed", "segments"), ("prefix_shared", "segments"), ("packed", "flex"), ("prefix_shared", "flex")],
+)
 def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention):
     """float32 on CUDA (SDPA picks its GPU kernels): the same log-probs and gradients as the plain path."""
     gen = torch.Generator().manual_seed(1)
     pairs = []
     for _ in range(4):
-        p, c, r = (torch.randint(5, 900, (int(n),), generator=gen).tolist()
-                   for n in torch.randint(3, 60, (3,), generator=gen))
+        p, c, r = (
+            torch.randint(5, 900, (int(n),), generator=gen).tolist() for n in torch.randint(3, 60, (3,), generator=gen)
+        )
         pairs.append({"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r})
     results = []
     for layout in ("none", packing):
@@ -70,8 +87,9 @@ def test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory(tmp_path):
 
 
 def test_flex_attention_trains_through_the_loop(tmp_path):
-    run, summary, env = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared",
-                             "hardware.packing_attention=flex")
+    run, summary, env = _run(
+        tmp_path, "hardware=gpu", "hardware.packing=prefix_shared", "hardware.packing_attention=flex"
+    )
     assert env["batch_layout"]["attention"] == "flex" and torch.isfinite(torch.tensor(summary["train/loss"]))
     assert summary["precision/weights_dtype"] == "float32" and summary["precision/autocast_dtype"] == "bfloat16"
 
@@ -88,8 +106,9 @@ def test_gpu_preset_resumes(tmp_path):
 
 def test_zero3_without_a_launcher(tmp_path):
     pytest.importorskip("deepspeed")
-    run, summary, env = _run(tmp_path, "hardware=zero3", "hardware.effective_batch_size=null",
-                             "gradient_accumulation_steps=2")
+    run, summary, env = _run(
+        tmp_path, "hardware=zero3", "hardware.effective_batch_size=null", "gradient_accumulation_steps=2"
+    )
     assert env["distributed_type"] == "DEEPSPEED" and env["num_processes"] == 1
     assert (run / "checkpoints" / "step-000003" / "engine").is_dir()  # written through accelerator.save_state
     assert (run / "model" / "model.safetensors").exists() and summary["train/global_step"] == 6
@@ -112,17 +131,38 @@ def test_generate_stage_with_vllm(tmp_path):
     from tests.test_generate import generate
 
     tok = build_tiny_tokenizer()
-    shape = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                 pad_token_id=tok.pad_token_id)
+    shape = dict(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
-    for name, cls, extra in (("policy", LlamaForCausalLM, {}), ("rm", LlamaForSequenceClassification, {"num_labels": 1})):
+    for name, cls, extra in (
+        ("policy", LlamaForCausalLM, {}),
+        ("rm", LlamaForSequenceClassification, {"num_labels": 1}),
+    ):
         cls(LlamaConfig(**shape, **extra)).save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     out = tmp_path / "gen"
-    res = generate("generate=paper", "generate.max_new_tokens=16", "dataset.max_train_samples=32", "hardware=gpu",
-                   f"model.path={tmp_path / 'policy'}", "scorer=reward-model", f"scorer.path={tmp_path / 'rm'}",
-                   "generate.vllm_gpu_memory_utilization=0.3", f"hydra.run.dir={out}", cwd=tmp_path, timeout=900)
+    res = generate(
+        "generate=paper",
+        "generate.max_new_tokens=16",
+        "dataset.max_train_samples=32",
+        "hardware=gpu",
+        f"model.path={tmp_path / 'policy'}",
+        "scorer=reward-model",
+        f"scorer.path={tmp_path / 'rm'}",
+        "generate.vllm_gpu_memory_utilization=0.3",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["prompts"] == 32 and report["responses"] == 32 * 5 and report["pairs_kept"] >= 1

@@ -13,8 +13,15 @@ PAD = 0
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+    )
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
@@ -36,8 +43,9 @@ def test_matches_full_logits_on_unpadded_sequences(model):
     pairs = [pair([1, 2, 3], [4, 5], [6, 7, 8, 9]), pair([10, 11], [12, 13, 14], [15])]
     batch = PairCollator(PAD)(pairs)
     out = ResponseLogps(model)(**batch)
-    rows = [(p["prompt_input_ids"], p["chosen_input_ids"]) for p in pairs] + \
-           [(p["prompt_input_ids"], p["rejected_input_ids"]) for p in pairs]
+    rows = [(p["prompt_input_ids"], p["chosen_input_ids"]) for p in pairs] + [
+        (p["prompt_input_ids"], p["rejected_input_ids"]) for p in pairs
+    ]
     for i, (prompt, response) in enumerate(rows):
         expected_sum, n = reference_logps(model, prompt, response)
         assert out.num_tokens[i].item() == n

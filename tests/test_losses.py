@@ -103,8 +103,14 @@ def test_alphapo_and_simpo_equal_trl_cpo_on_the_same_inputs():
 
     c, r = t(-1.0, -0.3, -2.5, -0.01), t(-2.0, -0.4, -1.0, -3.0)
     for alpha, smoothing in ((0.5, 0.0), (0.25, 0.1), (-0.3, 0.0), (0.0, 0.1)):
-        trainer = SimpleNamespace(alpha=alpha, beta=2.0, simpo_gamma=2.0 * 0.5, loss_type="simpo",
-                                  label_smoothing=smoothing, accelerator=SimpleNamespace(device="cpu"))
+        trainer = SimpleNamespace(
+            alpha=alpha,
+            beta=2.0,
+            simpo_gamma=2.0 * 0.5,
+            loss_type="simpo",
+            label_smoothing=smoothing,
+            accelerator=SimpleNamespace(device="cpu"),
+        )
         theirs = cpo.CPOTrainer.cpo_loss(trainer, c, r)
         ours = alphapo_loss(c, r, 2.0, 0.5, alpha, smoothing)
         for x, y in zip(ours, theirs):

@@ -55,9 +55,10 @@ def test_each_entry_runs_its_loss_with_gradients(name):
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([3, 5, 2])
     sums = (-torch.rand(2, 3, generator=g, dtype=torch.float64) * lengths).requires_grad_()
-    refs = (-torch.rand(2, 3, generator=g, dtype=torch.float64) * lengths)
-    settings = dict(beta=2.0, gamma_beta_ratio=0.5, loss_type="sigmoid", label_smoothing=0.0, rdpo_alpha=0.1,
-                    alphapo_alpha=0.25)
+    refs = -torch.rand(2, 3, generator=g, dtype=torch.float64) * lengths
+    settings = dict(
+        beta=2.0, gamma_beta_ratio=0.5, loss_type="sigmoid", label_smoothing=0.0, rdpo_alpha=0.1, alphapo_alpha=0.25
+    )
     out = preference_loss(name, sums[0], sums[1], lengths, lengths + 1, refs[0], refs[1], **settings)
     assert out.losses.shape == (3,) and torch.isfinite(out.losses).all()
     out.losses.sum().backward()
@@ -74,10 +75,13 @@ def test_metric_rules_come_from_the_entry(name):
         assert set(m.stats(torch.tensor([-0.5]), torch.tensor([-1.0]))) == set(m.extra_metrics)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("alphapo_alpha=0.5", "alphapo_alpha"),  # SimPO does not read AlphaPO's alpha
-    ("rdpo_alpha=0.1", "rdpo_alpha"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("alphapo_alpha=0.5", "alphapo_alpha"),  # SimPO does not read AlphaPO's alpha
+        ("rdpo_alpha=0.1", "rdpo_alpha"),
+    ],
+)
 def test_a_key_the_method_does_not_read_is_refused_naming_it(compose, override, key):
     with pytest.raises(ConfigError, match=rf"{key}=.*method='simpo' does not read it \(read by"):
         to_config(compose(override))
@@ -87,8 +91,13 @@ def test_keys_are_accepted_by_the_methods_that_read_them(compose):
     assert to_config(compose("loss=alphapo", "alphapo_alpha=-0.5")).alphapo_alpha == -0.5
     assert to_config(compose("loss=alphapo", "label_smoothing=0.1")).label_smoothing == 0.1
     assert to_config(compose("loss=simpo", "loss_type=hinge")).loss_type == "hinge"
-    for loss, override in (("dpo", "loss_type=hinge"), ("orpo", "label_smoothing=0.1"), ("simper", "label_smoothing=0.1"),
-                           ("alphapo", "loss_type=hinge"), ("dpo", "alphapo_alpha=0.3")):
+    for loss, override in (
+        ("dpo", "loss_type=hinge"),
+        ("orpo", "label_smoothing=0.1"),
+        ("simper", "label_smoothing=0.1"),
+        ("alphapo", "loss_type=hinge"),
+        ("dpo", "alphapo_alpha=0.3"),
+    ):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             to_config(compose(f"loss={loss}", override))
 

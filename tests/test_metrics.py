@@ -17,19 +17,31 @@ from simpo_exp.config import Config
 from simpo_exp.data.collate import PairCollator
 from simpo_exp.logps import ResponseLogps, SequenceLogps
 from simpo_exp.methods import METHODS, REFERENCE_METHODS
-from simpo_exp.tracking import batch_metrics
-from simpo_exp.objective import batch_loss, input_tokens
 from simpo_exp.metrics import Window
+from simpo_exp.objective import batch_loss, input_tokens
+from simpo_exp.tracking import batch_metrics
 
 PAD = 0
 BETA, RATIO, ALPHA, ALPHAPO = 2.0, 0.5, 0.1, 0.3
 
 # Two micro-batches of two pairs each; rows: chosen of pair 0, 1, then rejected of pair 0, 1.
 BATCHES = [
-    dict(sums=[-6.0, -4.0, -10.0, -3.0], lens=[3, 2, 5, 1], logits=[0.3, 0.4, 1.0, -0.2],
-         entropy=[6.0, 2.0, 9.0, 1.5], top1=[2, 1, 1, 0], ref=[-7.0, -3.0, -9.0, -4.0]),
-    dict(sums=[-2.0, -9.0, -1.0, -8.0], lens=[4, 3, 1, 2], logits=[-0.4, 0.9, 0.1, 0.5],
-         entropy=[4.0, 3.0, 0.5, 2.5], top1=[3, 0, 1, 2], ref=[-2.5, -8.0, -1.5, -7.0]),
+    dict(
+        sums=[-6.0, -4.0, -10.0, -3.0],
+        lens=[3, 2, 5, 1],
+        logits=[0.3, 0.4, 1.0, -0.2],
+        entropy=[6.0, 2.0, 9.0, 1.5],
+        top1=[2, 1, 1, 0],
+        ref=[-7.0, -3.0, -9.0, -4.0],
+    ),
+    dict(
+        sums=[-2.0, -9.0, -1.0, -8.0],
+        lens=[4, 3, 1, 2],
+        logits=[-0.4, 0.9, 0.1, 0.5],
+        entropy=[4.0, 3.0, 0.5, 2.5],
+        top1=[3, 0, 1, 2],
+        ref=[-2.5, -8.0, -1.5, -7.0],
+    ),
 ]
 
 
@@ -46,8 +58,7 @@ class Canned(torch.nn.Module):
     def __init__(self, b):
         super().__init__()
         t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
-        self.out = SequenceLogps(t(b["sums"]), torch.tensor(b["lens"]), t(b["logits"]), t(b["entropy"]),
-                                 t(b["top1"]))
+        self.out = SequenceLogps(t(b["sums"]), torch.tensor(b["lens"]), t(b["logits"]), t(b["entropy"]), t(b["top1"]))
 
     def forward(self, **batch):
         return self.out
@@ -55,9 +66,13 @@ class Canned(torch.nn.Module):
 
 def canned_batch(b):
     ids = torch.ones(4, 12, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids).bool(),
-            "ref_chosen_logps": torch.tensor(b["ref"][:2], dtype=torch.float64),
-            "ref_rejected_logps": torch.tensor(b["ref"][2:], dtype=torch.float64)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "loss_mask": torch.ones_like(ids).bool(),
+        "ref_chosen_logps": torch.tensor(b["ref"][:2], dtype=torch.float64),
+        "ref_rejected_logps": torch.tensor(b["ref"][2:], dtype=torch.float64),
+    }
 
 
 def logged(method: str) -> dict:
@@ -110,8 +125,11 @@ def expected(method: str) -> dict:
             loss = r - c
         else:  # the DPO family reports DPO's reward on summed log-probs (TRL's DPOTrainer)
             c, r = BETA * (sc - fc), BETA * (sr - fr)
-            z = {"dpo": c - r, "rdpo": c - r + ALPHA * (nc - nr),
-                 "ln-dpo": BETA * ((mc - fc / nc) - (mr - fr / nr))}.get(method)
+            z = {
+                "dpo": c - r,
+                "rdpo": c - r + ALPHA * (nc - nr),
+                "ln-dpo": BETA * ((mc - fc / nc) - (mr - fr / nr)),
+            }.get(method)
             loss = softplus(z) if z is not None else ((mc - fc / nc) - (mr - fr / nr) - 1 / (2 * BETA)) ** 2
         rc.append(c), rr.append(r), losses.append(loss)
     summed = method in REFERENCE_METHODS + ("cpo",)
@@ -166,13 +184,22 @@ def test_empty_window_gives_nan_not_an_error():
 # ----------------------------------------------------------------------------- from a real model
 def tiny_model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+    )
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
-PAIRS = [{"prompt_input_ids": [1, 2, 3], "chosen_input_ids": [4, 5], "rejected_input_ids": [6, 7, 8, 9]},
-         {"prompt_input_ids": [10, 11], "chosen_input_ids": [12, 13, 14], "rejected_input_ids": [15]}]
+PAIRS = [
+    {"prompt_input_ids": [1, 2, 3], "chosen_input_ids": [4, 5], "rejected_input_ids": [6, 7, 8, 9]},
+    {"prompt_input_ids": [10, 11], "chosen_input_ids": [12, 13, 14], "rejected_input_ids": [15]},
+]
 
 
 def by_hand(model, prompt, response):
@@ -194,8 +221,9 @@ def test_response_statistics_match_full_logits(layout):
     batch = PairCollator(PAD, packing=layout.get("packing", "none"))(PAIRS)
     with torch.no_grad():
         out = ResponseLogps(model, **layout)(**batch)
-    responses = [(p["prompt_input_ids"], p["chosen_input_ids"]) for p in PAIRS] + \
-                [(p["prompt_input_ids"], p["rejected_input_ids"]) for p in PAIRS]
+    responses = [(p["prompt_input_ids"], p["chosen_input_ids"]) for p in PAIRS] + [
+        (p["prompt_input_ids"], p["rejected_input_ids"]) for p in PAIRS
+    ]
     for i, (prompt, response) in enumerate(responses):
         logit_sum, entropy_sum, hits = by_hand(model, prompt, response)
         assert out.logit_sums[i].item() == pytest.approx(logit_sum, abs=1e-5)
@@ -213,8 +241,8 @@ def test_chunked_statistics_keep_gradients_of_log_probs():
 
 
 def test_input_tokens_count_the_prompt_for_each_response_in_every_layout():
-    want = sum(2 * len(p["prompt_input_ids"]) + len(p["chosen_input_ids"]) + len(p["rejected_input_ids"])
-               for p in PAIRS)  # 12 + 8: TRL counts prompt + response of each sequence, no padding
+    want = sum(
+        2 * len(p["prompt_input_ids"]) + len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in PAIRS
+    )  # 12 + 8: TRL counts prompt + response of each sequence, no padding
     for packing in ("none", "packed", "prefix_shared"):
         assert input_tokens(PairCollator(PAD, packing=packing)(PAIRS)).item() == want, packing
-

@@ -21,8 +21,16 @@ FAST_PATHS = [("packed", "segments"), ("prefix_shared", "segments"), ("packed", 
 
 def make_model(vocab=64, attn="sdpa", seed=0, layers=2, checkpointing=False):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+        max_position_embeddings=512,
+    )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -35,8 +43,14 @@ def random_pairs(n, vocab=64, seed=0, max_prompt=20, max_response=30):
     def seq(lo, hi):
         return torch.randint(1, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()
 
-    return [{"prompt_input_ids": seq(1, max_prompt), "chosen_input_ids": seq(1, max_response),
-             "rejected_input_ids": seq(1, max_response)} for _ in range(n)]
+    return [
+        {
+            "prompt_input_ids": seq(1, max_prompt),
+            "chosen_input_ids": seq(1, max_response),
+            "rejected_input_ids": seq(1, max_response),
+        }
+        for _ in range(n)
+    ]
 
 
 def step_loss(policy, batch):
@@ -45,9 +59,13 @@ def step_loss(policy, batch):
     n = out.num_tokens.shape[0] // 2
     pref = simpo_loss(out.mean_logps[:n], out.mean_logps[n:], BETA, GAMMA_BETA_RATIO)
     loss = pref.losses.mean() + SFT_WEIGHT * nll_loss(out.logp_sums[:n], out.num_tokens[:n])
-    stats = {"rewards/chosen": pref.chosen_rewards.sum(), "rewards/rejected": pref.rejected_rewards.sum(),
-             "logits/chosen": out.logit_means[:n].sum(), "logits/rejected": out.logit_means[n:].sum(),
-             "tokens": batch["attention_mask"].sum()}
+    stats = {
+        "rewards/chosen": pref.chosen_rewards.sum(),
+        "rewards/rejected": pref.rejected_rewards.sum(),
+        "logits/chosen": out.logit_means[:n].sum(),
+        "logits/rejected": out.logit_means[n:].sum(),
+        "tokens": batch["attention_mask"].sum(),
+    }
     return loss, stats
 
 
@@ -70,8 +88,9 @@ def assert_same(reference, other):
     assert torch.allclose(logps0, logps1, atol=ATOL, rtol=0), (logps0 - logps1).abs().max()
     assert abs(loss0.item() - loss1.item()) <= ATOL
     for name in grads0:
-        assert torch.allclose(grads0[name], grads1[name], atol=ATOL, rtol=RTOL), \
+        assert torch.allclose(grads0[name], grads1[name], atol=ATOL, rtol=RTOL), (
             f"{name}: max diff {(grads0[name] - grads1[name]).abs().max():.2e}"
+        )
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -87,8 +106,10 @@ def test_prefix_shared_layout_positions_and_sources():
 
 
 def test_packed_layout_repeats_the_prompt_and_restarts_positions():
-    pairs = [{"prompt_input_ids": [5, 6], "chosen_input_ids": [8], "rejected_input_ids": [10, 11]},
-             {"prompt_input_ids": [7], "chosen_input_ids": [9, 9], "rejected_input_ids": [12]}]
+    pairs = [
+        {"prompt_input_ids": [5, 6], "chosen_input_ids": [8], "rejected_input_ids": [10, 11]},
+        {"prompt_input_ids": [7], "chosen_input_ids": [9, 9], "rejected_input_ids": [12]},
+    ]
     b = PairCollator(PAD, packing="packed")(pairs)
     assert b["input_ids"].tolist() == [[5, 6, 8, 5, 6, 10, 11, 7, 9, 9, 7, 12]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 0, 1]]
@@ -97,8 +118,10 @@ def test_packed_layout_repeats_the_prompt_and_restarts_positions():
 
 
 def test_mask_layout_one_row_per_pair_and_its_mask():
-    pairs = [{"prompt_input_ids": [5, 6], "chosen_input_ids": [8], "rejected_input_ids": [10]},
-             {"prompt_input_ids": [7], "chosen_input_ids": [9], "rejected_input_ids": [12]}]
+    pairs = [
+        {"prompt_input_ids": [5, 6], "chosen_input_ids": [8], "rejected_input_ids": [10]},
+        {"prompt_input_ids": [7], "chosen_input_ids": [9], "rejected_input_ids": [12]},
+    ]
     b = PairCollator(PAD, packing="prefix_shared", attention="mask")(pairs)
     assert b["input_ids"].shape == (2, 4) and b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     m = group_mask(b["attn_groups"])[0, 0].int().tolist()
@@ -178,8 +201,15 @@ def test_auto_layout_keeps_softcapped_models_padded(compose):
     from simpo_exp.layout import BatchLayout, choose_layout
 
     cfg = to_config(compose())
-    small = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=16)
+    small = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     gemma = Gemma2ForCausalLM(Gemma2Config(**small))
     assert gemma.config.attn_logit_softcapping
     assert choose_layout(cfg.hardware, "cpu", gemma.config).packing == "none"
@@ -215,10 +245,12 @@ def test_flex_attention_matches_the_plain_path_forward(packing):
     with torch.no_grad():
         plain = ResponseLogps(model)(**PairCollator(PAD)(pairs))
         flex = ResponseLogps(model, packing=packing, attention="flex")(
-            **PairCollator(PAD, packing=packing, attention="flex")(pairs))
+            **PairCollator(PAD, packing=packing, attention="flex")(pairs)
+        )
     assert torch.equal(plain.num_tokens, flex.num_tokens)
-    assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), \
+    assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), (
         (plain.mean_logps - flex.mean_logps).abs().max()
+    )
 
 
 def test_flex_block_mask_is_the_prefix_sharing_mask():
@@ -251,15 +283,28 @@ def test_flex_attention_applies_gemma_softcapping():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=PAD,
-                       attn_logit_softcapping=5.0, final_logit_softcapping=10.0, sliding_window=512,
-                       query_pre_attn_scalar=8, attn_implementation="eager")
+    cfg = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=PAD,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0,
+        sliding_window=512,
+        query_pre_attn_scalar=8,
+        attn_implementation="eager",
+    )
     model = Gemma2ForCausalLM(cfg).eval()
     pairs = random_pairs(3, seed=5)
     with torch.no_grad():
         plain = ResponseLogps(model)(**PairCollator(PAD)(pairs))
         flex = ResponseLogps(model, packing="prefix_shared", attention="flex")(
-            **PairCollator(PAD, packing="prefix_shared", attention="flex")(pairs))
-    assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), \
+            **PairCollator(PAD, packing="prefix_shared", attention="flex")(pairs)
+        )
+    assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), (
         (plain.mean_logps - flex.mean_logps).abs().max()
+    )

@@ -11,10 +11,23 @@ from simpo_exp.config import to_config
 from tests.test_run import simpo
 
 # SimPO-size updates: a constant 1e-6 for 30 steps, as in the measurement
-RUN = ["learning_rate=1e-6", "lr_scheduler_type=constant", "warmup_ratio=0", "max_steps=30", "logger=none",
-       "hardware=cpu", "eval_on_start=false", "eval_steps=0", "save_steps=0", "num_generations=0",
-       "logging_steps=10", "per_device_train_batch_size=8", "dataset.synthetic.num_train=256",
-       "dataset.synthetic.num_test=16", "model.random_init.num_hidden_layers=2"]
+RUN = [
+    "learning_rate=1e-6",
+    "lr_scheduler_type=constant",
+    "warmup_ratio=0",
+    "max_steps=30",
+    "logger=none",
+    "hardware=cpu",
+    "eval_on_start=false",
+    "eval_steps=0",
+    "save_steps=0",
+    "num_generations=0",
+    "logging_steps=10",
+    "per_device_train_batch_size=8",
+    "dataset.synthetic.num_train=256",
+    "dataset.synthetic.num_test=16",
+    "model.random_init.num_hidden_layers=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +50,11 @@ def start_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(start_dir, tmp_path_factory):
     out = {}
-    for name, extra in {"fp32": ["model.dtype=float32"], "default": ["model.dtype=bfloat16"],
-                        "pure": ["model.dtype=bfloat16", "hardware.master_weights=model"]}.items():
+    for name, extra in {
+        "fp32": ["model.dtype=float32"],
+        "default": ["model.dtype=bfloat16"],
+        "pure": ["model.dtype=bfloat16", "hardware.master_weights=model"],
+    }.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
         res = simpo(*RUN, f"model.path={start_dir}", *extra, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -80,8 +96,12 @@ def test_dtypes_recorded(runs, name, weights, autocast):
     run_dir = runs[name][0]
     env = json.loads((run_dir / "env.json").read_text())["precision"]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert env == {"weights_dtype": weights, "master_weights_dtype": weights, "optimizer_state_dtype": weights,
-                   "autocast_dtype": autocast}
+    assert env == {
+        "weights_dtype": weights,
+        "master_weights_dtype": weights,
+        "optimizer_state_dtype": weights,
+        "autocast_dtype": autocast,
+    }
     assert {k.removeprefix("precision/"): v for k, v in summary.items() if k.startswith("precision/")} == env
 
 
@@ -102,5 +122,7 @@ def test_full_fine_tuning_upcasts_only_when_asked(compose):
     cfg = to_config(compose("model.dtype=bfloat16", "model.random_init.num_hidden_layers=1"))
     tok = load_tokenizer(cfg.model)
     assert {p.dtype for p in load_model(cfg, tok, "sdpa").parameters()} == {torch.float32}
-    cfg = to_config(compose("model.dtype=bfloat16", "hardware.master_weights=model", "model.random_init.num_hidden_layers=1"))
+    cfg = to_config(
+        compose("model.dtype=bfloat16", "hardware.master_weights=model", "model.random_init.num_hidden_layers=1")
+    )
     assert {p.dtype for p in load_model(cfg, tok, "sdpa").parameters()} == {torch.bfloat16}

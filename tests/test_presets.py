@@ -13,8 +13,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from simpo_exp.config import (Config, DatasetConfig, HardwareConfig, LoggerConfig, ModelConfig, SourceConfig,
-                              to_config)
+from simpo_exp.config import Config, DatasetConfig, HardwareConfig, LoggerConfig, ModelConfig, SourceConfig, to_config
 from tests.conftest import CONF, options
 
 GROUPS = ["model", "dataset", "hparams", "loss", "hardware", "logger", "experiment"]
@@ -66,8 +65,9 @@ def test_sweep_preset_composes():
     if importlib.util.find_spec(plugin) is None:
         pytest.skip(f"+sweep=optuna needs the optional Hydra plugin {plugin}")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=["output_dir=/tmp/unused", "+sweep=optuna"],
-                            return_hydra_config=True)
+        cfg = hydra_compose(
+            config_name="config", overrides=["output_dir=/tmp/unused", "+sweep=optuna"], return_hydra_config=True
+        )
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert set(cfg.hydra.sweeper.params) == {"learning_rate", "gamma_beta_ratio", "beta"}
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -96,8 +96,12 @@ def dataclass_default(path: str):
     parts = path.split(".")
     if parts[:2] == ["dataset", "sources"] and len(parts) == 4:
         return OmegaConf.select(OmegaConf.structured(SourceConfig(path="x")), parts[3], default="<none>")
-    full = Config(model=ModelConfig(name="x"), dataset=DatasetConfig(name="x"), hardware=HardwareConfig(name="x"),
-                  logger=LoggerConfig(name="x"))
+    full = Config(
+        model=ModelConfig(name="x"),
+        dataset=DatasetConfig(name="x"),
+        hardware=HardwareConfig(name="x"),
+        logger=LoggerConfig(name="x"),
+    )
     return OmegaConf.select(OmegaConf.structured(full), path, default="<none>")
 
 

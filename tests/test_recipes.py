@@ -19,50 +19,129 @@ import pytest
 
 from simpo_exp.config import resolve_gamma, to_config
 from simpo_exp.engine import accumulation_steps
-
 from tests.conftest import options
 
 # Values a preset does not take from its source keep the project's defaults (simpo_exp/config.py).
-DEFAULTS = dict(max_length=2048, max_prompt_length=1800, warmup_ratio=0.1, lr_scheduler_type="cosine",
-                eval_steps=100, logging_steps=10, seed=42, attn=None)
+DEFAULTS = dict(
+    max_length=2048,
+    max_prompt_length=1800,
+    warmup_ratio=0.1,
+    lr_scheduler_type="cosine",
+    eval_steps=100,
+    logging_steps=10,
+    seed=42,
+    attn=None,
+)
 
 GUIDE = {
     "guide-mistral-7b-base": dict(
-        model="mistralai/Mistral-7B-v0.1", data="HuggingFaceH4/ultrafeedback_binarized", beta=2.0, ratio=0.5,
-        lr=5e-7, sft_weight=0.0, batch=1, accumulation=8, template="zephyr"),
+        model="mistralai/Mistral-7B-v0.1",
+        data="HuggingFaceH4/ultrafeedback_binarized",
+        beta=2.0,
+        ratio=0.5,
+        lr=5e-7,
+        sft_weight=0.0,
+        batch=1,
+        accumulation=8,
+        template="zephyr",
+    ),
     "guide-llama3-8b-instruct": dict(
-        model="meta-llama/Meta-Llama-3-8B-Instruct", data="argilla/ultrafeedback-binarized-preferences-cleaned",
-        beta=2.5, ratio=0.5, lr=5e-7, sft_weight=0.1, batch=2, accumulation=4, template="auto"),
+        model="meta-llama/Meta-Llama-3-8B-Instruct",
+        data="argilla/ultrafeedback-binarized-preferences-cleaned",
+        beta=2.5,
+        ratio=0.5,
+        lr=5e-7,
+        sft_weight=0.1,
+        batch=2,
+        accumulation=4,
+        template="auto",
+    ),
     "guide-deepseek-math-7b-base": dict(
-        model="deepseek-ai/deepseek-math-7b-base", data="argilla/distilabel-math-preference-dpo", beta=5.0,
-        ratio=0.7, lr=3e-7, sft_weight=0.0, batch=1, accumulation=16, template="zephyr"),
+        model="deepseek-ai/deepseek-math-7b-base",
+        data="argilla/distilabel-math-preference-dpo",
+        beta=5.0,
+        ratio=0.7,
+        lr=3e-7,
+        sft_weight=0.0,
+        batch=1,
+        accumulation=16,
+        template="zephyr",
+    ),
 }
 
 OFFICIAL = {
     "simpo-mistral-7b-base": dict(
-        model="alignment-handbook/zephyr-7b-sft-full", data="HuggingFaceH4/ultrafeedback_binarized",
-        splits=("train_prefs", "test_prefs"), beta=2.0, ratio=0.8, lr=3e-7, max_length=1024, max_prompt_length=512,
-        attn="flash_attention_2", template="auto"),
+        model="alignment-handbook/zephyr-7b-sft-full",
+        data="HuggingFaceH4/ultrafeedback_binarized",
+        splits=("train_prefs", "test_prefs"),
+        beta=2.0,
+        ratio=0.8,
+        lr=3e-7,
+        max_length=1024,
+        max_prompt_length=512,
+        attn="flash_attention_2",
+        template="auto",
+    ),
     "simpo-mistral-7b-instruct": dict(
-        model="mistralai/Mistral-7B-Instruct-v0.2", data="princeton-nlp/mistral-instruct-ultrafeedback",
-        splits=("train", "test"), beta=2.5, ratio=0.1, lr=5e-7, max_length=2048, max_prompt_length=1800,
-        attn="flash_attention_2", template="mistral"),
+        model="mistralai/Mistral-7B-Instruct-v0.2",
+        data="princeton-nlp/mistral-instruct-ultrafeedback",
+        splits=("train", "test"),
+        beta=2.5,
+        ratio=0.1,
+        lr=5e-7,
+        max_length=2048,
+        max_prompt_length=1800,
+        attn="flash_attention_2",
+        template="mistral",
+    ),
     "simpo-llama3-8b-base": dict(
-        model="princeton-nlp/Llama-3-Base-8B-SFT", data="HuggingFaceH4/ultrafeedback_binarized",
-        splits=("train_prefs", "test_prefs"), beta=2.0, ratio=0.5, lr=6e-7, max_length=2048, max_prompt_length=1800,
-        attn="flash_attention_2", template="auto"),
+        model="princeton-nlp/Llama-3-Base-8B-SFT",
+        data="HuggingFaceH4/ultrafeedback_binarized",
+        splits=("train_prefs", "test_prefs"),
+        beta=2.0,
+        ratio=0.5,
+        lr=6e-7,
+        max_length=2048,
+        max_prompt_length=1800,
+        attn="flash_attention_2",
+        template="auto",
+    ),
     "simpo-llama3-8b-instruct": dict(
-        model="meta-llama/Meta-Llama-3-8B-Instruct", data="princeton-nlp/llama3-ultrafeedback",
-        splits=("train", "test"), beta=2.5, ratio=0.55, lr=1e-6, max_length=2048, max_prompt_length=1800,
-        attn="flash_attention_2", template="auto"),
+        model="meta-llama/Meta-Llama-3-8B-Instruct",
+        data="princeton-nlp/llama3-ultrafeedback",
+        splits=("train", "test"),
+        beta=2.5,
+        ratio=0.55,
+        lr=1e-6,
+        max_length=2048,
+        max_prompt_length=1800,
+        attn="flash_attention_2",
+        template="auto",
+    ),
     "simpo-llama3-8b-instruct-v2": dict(
-        model="meta-llama/Meta-Llama-3-8B-Instruct", data="princeton-nlp/llama3-ultrafeedback-armorm",
-        splits=("train", "test"), beta=10.0, ratio=0.3, lr=1e-6, max_length=2048, max_prompt_length=1800,
-        attn="flash_attention_2", template="auto"),
+        model="meta-llama/Meta-Llama-3-8B-Instruct",
+        data="princeton-nlp/llama3-ultrafeedback-armorm",
+        splits=("train", "test"),
+        beta=10.0,
+        ratio=0.3,
+        lr=1e-6,
+        max_length=2048,
+        max_prompt_length=1800,
+        attn="flash_attention_2",
+        template="auto",
+    ),
     "simpo-gemma2-9b-it": dict(
-        model="google/gemma-2-9b-it", data="princeton-nlp/gemma2-ultrafeedback-armorm",
-        splits=("train", "test"), beta=10.0, ratio=0.5, lr=8e-7, max_length=2048, max_prompt_length=1800,
-        attn="eager", template="gemma"),
+        model="google/gemma-2-9b-it",
+        data="princeton-nlp/gemma2-ultrafeedback-armorm",
+        splits=("train", "test"),
+        beta=10.0,
+        ratio=0.5,
+        lr=8e-7,
+        max_length=2048,
+        max_prompt_length=1800,
+        attn="eager",
+        template="gemma",
+    ),
 }
 
 
@@ -88,8 +167,15 @@ def test_guide_workflows_as_written(compose, name):
     assert cfg.per_device_train_batch_size == want["batch"]
     assert cfg.hardware.effective_batch_size is None
     assert [accumulation_steps(cfg, n) for n in (1, 4, 8)] == [want["accumulation"]] * 3
-    for key in ("max_length", "max_prompt_length", "warmup_ratio", "lr_scheduler_type", "eval_steps",
-                "logging_steps", "seed"):
+    for key in (
+        "max_length",
+        "max_prompt_length",
+        "warmup_ratio",
+        "lr_scheduler_type",
+        "eval_steps",
+        "logging_steps",
+        "seed",
+    ):
         assert getattr(cfg, key) == DEFAULTS[key], key  # the guide does not state these
     assert cfg.model.attn_implementation is None
 
@@ -101,7 +187,11 @@ def test_official_training_configs_value_for_value(compose, name):
     src = the_source(cfg)
     assert cfg.model.path == want["model"]
     assert (src.path, src.format, src.train_split, src.test_split, src.fraction) == (
-        want["data"], "messages", *want["splits"], 1.0)
+        want["data"],
+        "messages",
+        *want["splits"],
+        1.0,
+    )
     assert (cfg.beta, cfg.gamma, cfg.gamma_beta_ratio) == (want["beta"], None, want["ratio"])
     assert resolve_gamma(cfg) == (want["beta"] * want["ratio"], want["ratio"])
     assert (cfg.method, cfg.loss_type, cfg.sft_weight, cfg.label_smoothing) == ("simpo", "sigmoid", 0.0, 0.0)
@@ -120,12 +210,16 @@ def test_official_training_configs_value_for_value(compose, name):
 
 
 def render(template: str, messages: list[dict], **kw) -> str:
-    return jinja2.Environment().from_string(template).render(
-        messages=messages, bos_token="<bos>", eos_token="</s>", **kw)
+    return (
+        jinja2.Environment().from_string(template).render(messages=messages, bos_token="<bos>", eos_token="</s>", **kw)
+    )
 
 
-CHAT = [{"role": "system", "content": "Be kind. "}, {"role": "user", "content": " Hi"},
-        {"role": "assistant", "content": "Hello! "}]
+CHAT = [
+    {"role": "system", "content": "Be kind. "},
+    {"role": "user", "content": " Hi"},
+    {"role": "assistant", "content": "Hello! "},
+]
 
 
 def test_gemma_preset_carries_the_official_chat_template(compose):
@@ -133,9 +227,11 @@ def test_gemma_preset_carries_the_official_chat_template(compose):
     # The system text (trimmed) joins the first user turn after a blank line; each turn is trimmed at its
     # ends only; assistant turns are role 'model'.
     assert render(cfg.model.chat_template, CHAT) == (
-        "<bos><start_of_turn>user\nBe kind.\n\n Hi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n")
+        "<bos><start_of_turn>user\nBe kind.\n\n Hi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+    )
     assert render(cfg.model.chat_template, CHAT[:2], add_generation_prompt=True).endswith(
-        "<end_of_turn>\n<start_of_turn>model\n")
+        "<end_of_turn>\n<start_of_turn>model\n"
+    )
     # ... and the command line can still replace it.
     assert to_config(compose("experiment=simpo-gemma2-9b-it", "model.chat_template=auto")).model.chat_template == "auto"
 
@@ -153,11 +249,22 @@ def test_recipe_values_yield_to_the_command_line(compose):
 def test_cfg_job_resolve_prints_the_resolved_config(tmp_path):
     """``--cfg job --resolve`` prints the whole config, interpolations resolved, and loads nothing."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "simpo_exp", "experiment=simpo-llama3-8b-base", "--cfg", "job",
-                          "--resolve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "simpo_exp", "experiment=simpo-llama3-8b-base", "--cfg", "job", "--resolve"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "${" not in res.stdout and "Traceback" not in res.stderr
-    for line in ("path: princeton-nlp/Llama-3-Base-8B-SFT", "learning_rate: 6.0e-07", "max_prompt_length: 1800",
-                 "effective_batch_size: 128", "output_dir: null"):
+    for line in (
+        "path: princeton-nlp/Llama-3-Base-8B-SFT",
+        "learning_rate: 6.0e-07",
+        "max_prompt_length: 1800",
+        "effective_batch_size: 128",
+        "output_dir: null",
+    ):
         assert line in res.stdout.splitlines() or f"  {line}" in res.stdout, line
     assert not (tmp_path / "outputs").exists()  # printing the config starts no run

@@ -16,9 +16,18 @@ from safetensors.torch import load_file
 from simpo_exp.tracking import MEASURED_METRICS
 from tests.test_run import read_metrics, simpo
 
-RUN = ["max_steps=12", "save_steps=3", "eval_steps=4", "logging_steps=2", "logger=none", "eval_on_start=false",
-       "dataset.synthetic.num_train=96", "dataset.synthetic.num_test=32", "per_device_train_batch_size=8",
-       "gradient_accumulation_steps=2"]  # 6 micro-batches an epoch: the resumed run crosses epochs
+RUN = [
+    "max_steps=12",
+    "save_steps=3",
+    "eval_steps=4",
+    "logging_steps=2",
+    "logger=none",
+    "eval_on_start=false",
+    "dataset.synthetic.num_train=96",
+    "dataset.synthetic.num_test=32",
+    "per_device_train_batch_size=8",
+    "gradient_accumulation_steps=2",
+]  # 6 micro-batches an epoch: the resumed run crosses epochs
 
 
 def weights(run_dir: Path) -> dict:
@@ -29,8 +38,14 @@ def launch(run_dir: Path, *extra: str) -> subprocess.Popen:
     import os
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "simpo_exp", *RUN, f"hydra.run.dir={run_dir}", *extra],
-                            cwd=run_dir.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "simpo_exp", *RUN, f"hydra.run.dir={run_dir}", *extra],
+        cwd=run_dir.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -140,9 +155,19 @@ def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
 def _tiny_config(compose, tmp_path, *extra):
     from simpo_exp.config import to_config
 
-    cfg = to_config(compose("logger=none", "eval_on_start=false", "num_generations=0", "save_model=false",
-                            "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16",
-                            "logging_steps=1", "eval_steps=0", *extra))
+    cfg = to_config(
+        compose(
+            "logger=none",
+            "eval_on_start=false",
+            "num_generations=0",
+            "save_model=false",
+            "dataset.synthetic.num_train=64",
+            "dataset.synthetic.num_test=16",
+            "logging_steps=1",
+            "eval_steps=0",
+            *extra,
+        )
+    )
     cfg.output_dir = str(tmp_path / "run")
     cfg.progress_bar = False
     return cfg
@@ -181,8 +206,9 @@ def test_too_many_bad_steps_stop_the_run_naming_step_and_checkpoint(compose, tmp
     from simpo_exp.train import NonFiniteError, train
 
     _poison(monkeypatch, set(range(3, 100)))
-    cfg = _tiny_config(compose, tmp_path, "max_steps=10", "save_steps=2", "max_bad_steps=2",
-                       "per_device_train_batch_size=8")
+    cfg = _tiny_config(
+        compose, tmp_path, "max_steps=10", "save_steps=2", "max_bad_steps=2", "per_device_train_batch_size=8"
+    )
     with pytest.raises(NonFiniteError) as err:
         train(cfg)
     message = str(err.value)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from simpo_exp.tracking import eval_keys, train_keys
@@ -17,8 +16,9 @@ SMALL = ["dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32", "ev
 def simpo(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     env.pop("WANDB_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "simpo_exp", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_exp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -27,8 +27,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def test_short_run_leaves_everything_a_user_needs(tmp_path):
     run_dir = tmp_path / "run"
-    res = simpo("max_steps=4", "logger=none", "hardware.peak_tflops=1", f"hydra.run.dir={run_dir}", *SMALL,
-                cwd=tmp_path)
+    res = simpo(
+        "max_steps=4", "logger=none", "hardware.peak_tflops=1", f"hydra.run.dir={run_dir}", *SMALL, cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in eval_keys() + train_keys():

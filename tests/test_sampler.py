@@ -16,8 +16,14 @@ def pairs_dataset(n: int = 400, seed: int = 0) -> Dataset:
     def ids(k):
         return [rng.randrange(5, 250) for _ in range(k)]
 
-    rows = [{"prompt_input_ids": ids(rng.randint(2, 40)), "chosen_input_ids": ids(rng.randint(1, 120)),
-             "rejected_input_ids": ids(rng.randint(1, 120))} for _ in range(n)]
+    rows = [
+        {
+            "prompt_input_ids": ids(rng.randint(2, 40)),
+            "chosen_input_ids": ids(rng.randint(1, 120)),
+            "rejected_input_ids": ids(rng.randint(1, 120)),
+        }
+        for _ in range(n)
+    ]
     return Dataset.from_list(rows)
 
 
@@ -45,9 +51,12 @@ def padded_tokens(loader) -> int:
 def test_grouping_cuts_the_padding_of_the_padded_layout():
     ds = pairs_dataset()
     collate = PairCollator(0)
-    random_order = DataLoader(ds, batch_size=8, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(0))
-    grouped = DataLoader(ds, batch_size=8, sampler=LengthGroupedSampler(pair_lengths(ds), 8, seed=0), collate_fn=collate)
+    random_order = DataLoader(
+        ds, batch_size=8, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0)
+    )
+    grouped = DataLoader(
+        ds, batch_size=8, sampler=LengthGroupedSampler(pair_lengths(ds), 8, seed=0), collate_fn=collate
+    )
     real = sum(b["attention_mask"].sum().item() for b in grouped)
     assert real == sum(b["attention_mask"].sum().item() for b in random_order)  # the same pairs
     assert padded_tokens(grouped) < 0.8 * padded_tokens(random_order)
@@ -67,8 +76,15 @@ def test_resume_position_is_exact_across_epochs():
 
     ds = pairs_dataset(96)
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    loader = accelerator.prepare(DataLoader(ds, batch_size=8, drop_last=True, collate_fn=PairCollator(0),
-                                            sampler=LengthGroupedSampler(pair_lengths(ds), 8, seed=5)))
+    loader = accelerator.prepare(
+        DataLoader(
+            ds,
+            batch_size=8,
+            drop_last=True,
+            collate_fn=PairCollator(0),
+            sampler=LengthGroupedSampler(pair_lengths(ds), 8, seed=5),
+        )
+    )
     per_epoch = len(loader)  # 12
     whole = forever(loader, accelerator)
     seen = [next(whole)["input_ids"] for _ in range(3 * per_epoch)]

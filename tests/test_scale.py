@@ -14,17 +14,36 @@ from tests.conftest import ROOT as CONF_ROOT
 from tests.conftest import options
 from tests.test_run import simpo
 
-RUN = ["hardware=cpu", "logger=none", "max_steps=6", "eval_steps=3", "logging_steps=3",
-       "dataset.synthetic.num_train=256", "dataset.synthetic.num_test=64"]
+RUN = [
+    "hardware=cpu",
+    "logger=none",
+    "max_steps=6",
+    "eval_steps=3",
+    "logging_steps=3",
+    "dataset.synthetic.num_train=256",
+    "dataset.synthetic.num_test=64",
+]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """Also the checkpoints sharded engines use (accelerator.save_state on every process): the
     two-process run saves one at step 3; run again, it resumes there and ends exactly as before."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simpo_exp", *RUN,
-           "per_device_train_batch_size=8", "save_steps=3", "hardware.checkpoint_format=accelerate",
-           f"hydra.run.dir={tmp_path / 'two'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "simpo_exp",
+        *RUN,
+        "per_device_train_batch_size=8",
+        "save_steps=3",
+        "hardware.checkpoint_format=accelerate",
+        f"hydra.run.dir={tmp_path / 'two'}",
+    ]
     two = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     saved = tmp_path / "two" / "checkpoints" / "step-000003"
@@ -46,16 +65,28 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key  # stated tolerance: 1e-4 relative
     assert b["resolved/effective_batch_size"] == a["resolved/effective_batch_size"] == 16
     # only the main process wrote the run's files: one summary, metrics logged once per step
-    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
     assert steps == [3, 6]
 
 
 def test_submitit_local_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    res = simpo("--multirun", "+launcher=local", "beta=2,5", *RUN[:-2], "max_steps=2", "eval_steps=0",
-                "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16", f"hydra.sweep.dir={sweep}",
-                cwd=tmp_path)
+    res = simpo(
+        "--multirun",
+        "+launcher=local",
+        "beta=2,5",
+        *RUN[:-2],
+        "max_steps=2",
+        "eval_steps=0",
+        "dataset.synthetic.num_train=64",
+        "dataset.synthetic.num_test=16",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 2 and all((j / "summary.json").exists() for j in jobs)
@@ -70,8 +101,9 @@ def test_launcher_presets_compose(compose, launcher):
     from tests.conftest import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=[f"+launcher={launcher}", "output_dir=/tmp/x"],
-                            return_hydra_config=True)
+        cfg = hydra_compose(
+            config_name="config", overrides=[f"+launcher={launcher}", "output_dir=/tmp/x"], return_hydra_config=True
+        )
     assert "submitit" in cfg.hydra.launcher._target_
 
 
@@ -100,6 +132,7 @@ def test_effective_batch_is_kept_across_device_counts(compose):
 def test_deepspeed_preset_without_deepspeed_says_how_to_install(tmp_path):
     try:
         import deepspeed  # noqa: F401
+
         pytest.skip("deepspeed is installed here")
     except ImportError:
         pass

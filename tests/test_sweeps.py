@@ -6,7 +6,13 @@ import yaml
 
 from tests.test_run import simpo
 
-FAST = ["max_steps=3", "eval_steps=0", "logger=none", "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32"]
+FAST = [
+    "max_steps=3",
+    "eval_steps=0",
+    "logger=none",
+    "dataset.synthetic.num_train=128",
+    "dataset.synthetic.num_test=32",
+]
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
@@ -25,8 +31,9 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
 
 def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
     sweep = tmp_path / "optuna"
-    res = simpo("--multirun", "+sweep=optuna", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}", *FAST,
-                cwd=tmp_path)
+    res = simpo(
+        "--multirun", "+sweep=optuna", "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = [p for p in sweep.iterdir() if p.is_dir()]
     assert len(jobs) == 4 and all((j / "summary.json").exists() for j in jobs)

@@ -66,7 +66,7 @@ def read_wandb_log(path: Path) -> list:
         if kind == 0 and length == 0:  # zero-filled rest of a block
             pos += left_in_block
             continue
-        chunk = data[pos + CHUNK_HEADER.size: pos + CHUNK_HEADER.size + length]
+        chunk = data[pos + CHUNK_HEADER.size : pos + CHUNK_HEADER.size + length]
         assert len(chunk) == length, f"chunk at {pos} cut off"
         assert zlib.crc32(bytes([kind]) + chunk) == crc, f"bad checksum at {pos}"
         pos += CHUNK_HEADER.size + length
@@ -133,13 +133,33 @@ def fold(records) -> SimpleNamespace:
 def job(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wandb_offline")
     sweep = root / "2030-02-02_00-00-00"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET_KEY, "HF_TOKEN": SECRET_HF,
-           "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_API_KEY": SECRET_KEY,
+        "HF_TOKEN": SECRET_HF,
+        "WANDB_SILENT": "true",
+        "HF_HUB_OFFLINE": "1",
+    }
     # WANDB_MODE=offline wins over the key (see test_wandb_mode_offline_wins_over_an_api_key below);
     # logger.mode=offline says the same from the config side.
-    cmd = [sys.executable, "-m", "simpo_exp", "--multirun", "beta=5", "gamma_beta_ratio=0.3", "max_steps=3",
-           "eval_steps=0", "logging_steps=1", "logger=wandb", "logger.mode=offline", "save_model=false",
-           "dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simpo_exp",
+        "--multirun",
+        "beta=5",
+        "gamma_beta_ratio=0.3",
+        "max_steps=3",
+        "eval_steps=0",
+        "logging_steps=1",
+        "logger=wandb",
+        "logger.mode=offline",
+        "save_model=false",
+        "dataset.synthetic.num_train=128",
+        "dataset.synthetic.num_test=32",
+        f"hydra.sweep.dir={sweep}",
+    ]
     res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "W&B start failed" not in res.stderr and "W&B log failed" not in res.stderr, res.stderr[-3000:]
@@ -172,9 +192,11 @@ def test_the_file_is_a_complete_wandb_log(wb):
 
 def test_reader_reassembles_records_that_span_blocks(tmp_path):
     """A record bigger than a 32 KiB block (here a 100 kB config value), as W&B itself splits it."""
-    code = (f"import wandb; r = wandb.init(mode='offline', dir={str(tmp_path)!r}, project='p', "
-            "config={'blob': 'ab' * 50000}, settings=wandb.Settings(console='off', x_disable_stats=True)); "
-            "r.log({'x': 1}); r.finish()")
+    code = (
+        f"import wandb; r = wandb.init(mode='offline', dir={str(tmp_path)!r}, project='p', "
+        "config={'blob': 'ab' * 50000}, settings=wandb.Settings(console='off', x_disable_stats=True)); "
+        "r.log({'x': 1}); r.finish()"
+    )
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -285,8 +307,17 @@ def test_wandb_mode_offline_wins_over_an_api_key(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setattr(wandb, "init", fake_init)
-    lc = SimpleNamespace(wandb=True, mode="auto", project="p", entity=None, group=None, job_type="train",
-                         run_name="r", tags=[], init_timeout=1.0)
+    lc = SimpleNamespace(
+        wandb=True,
+        mode="auto",
+        project="p",
+        entity=None,
+        group=None,
+        job_type="train",
+        run_name="r",
+        tags=[],
+        init_timeout=1.0,
+    )
     with pytest.warns(UserWarning, match="stop here"):
         Tracker(tmp_path, lc, {})
     assert seen["mode"] == "offline"

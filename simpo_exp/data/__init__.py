@@ -10,8 +10,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from datasets import Dataset
-from datasets import disable_progress_bars
+from datasets import Dataset, disable_progress_bars
 
 from simpo_exp.config import Config
 from simpo_exp.data.collate import PairCollator
@@ -44,8 +43,10 @@ class DataReport:
         for split in self.kept:
             drops = ", ".join(f"{r}: {n}" for r, n in sorted(self.dropped[split].items())) or "none"
             t = self.truncated[split]
-            out.append(f"{split}: kept {self.kept[split]} pairs; dropped {drops}; "
-                       f"truncated chosen {t['chosen']}, rejected {t['rejected']}")
+            out.append(
+                f"{split}: kept {self.kept[split]} pairs; dropped {drops}; "
+                f"truncated chosen {t['chosen']}, rejected {t['rejected']}"
+            )
         return out
 
 
@@ -54,11 +55,14 @@ def _filter(ds: Dataset, split: str, report: DataReport) -> Dataset:
     kept = ds.filter(lambda r: not r, input_columns="drop_reason", desc=f"filtering {split}")
     report.dropped[split] = dict(reasons)
     report.kept[split] = len(kept)
-    report.truncated[split] = {"chosen": int(sum(kept["chosen_truncated"])),
-                               "rejected": int(sum(kept["rejected_truncated"]))}
+    report.truncated[split] = {
+        "chosen": int(sum(kept["chosen_truncated"])),
+        "rejected": int(sum(kept["rejected_truncated"])),
+    }
     if len(kept) == 0:
         raise EmptySplitError(
-            f"no usable preference pair left in the {split} split ({len(ds)} rows, dropped: {dict(reasons) or 'none'}); "
+            f"no usable preference pair left in the {split} split ({len(ds)} rows, "
+            f"dropped: {dict(reasons) or 'none'}); "
             "check the data files, the column mapping and max_length/max_prompt_length"
         )
     return kept

@@ -139,8 +139,9 @@ class PairCollator:
             "position_ids": position_ids,
             "logp_source": logp_source,
             "seq_index": seq_index,
-            "segments": [[len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"])]
-                         for p in pairs],
+            "segments": [
+                [len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"])] for p in pairs
+            ],
         }
         if not one_row:
             batch["attn_groups"] = groups

@@ -60,6 +60,8 @@ def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:
     if dcfg.max_train_samples is not None:
         out = out[: dcfg.max_train_samples]
     if not out:
-        raise DataSourceError(f"no prompt found in the train split of {list(dcfg.sources)} (rows: {counts}); check "
-                              "dataset.sources.<name>.prompt_column / chosen_column")
+        raise DataSourceError(
+            f"no prompt found in the train split of {list(dcfg.sources)} (rows: {counts}); check "
+            "dataset.sources.<name>.prompt_column / chosen_column"
+        )
     return out, counts

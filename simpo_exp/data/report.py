@@ -25,8 +25,13 @@ def _quantiles(lengths: list[int]) -> dict:
         return {}
     ordered = sorted(lengths)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"min": ordered[0], "p50": pick(0.5), "p90": pick(0.9), "max": ordered[-1],
-            "mean": round(statistics.fmean(ordered), 1)}
+    return {
+        "min": ordered[0],
+        "p50": pick(0.5),
+        "p90": pick(0.9),
+        "max": ordered[-1],
+        "mean": round(statistics.fmean(ordered), 1),
+    }
 
 
 def end_token_ids(tokenizer) -> set[int]:
@@ -49,8 +54,16 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
     bos, ends = tokenizer.bos_token_id, end_token_ids(tokenizer)
     report: dict = {"chat_template_sha256": chat_template_hash(tokenizer), "splits": {}}
     for split, ds in splits.items():
-        cols = {c: list(ds[c]) for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
-                                         "chosen_truncated", "rejected_truncated")}
+        cols = {
+            c: list(ds[c])
+            for c in (
+                "prompt_input_ids",
+                "chosen_input_ids",
+                "rejected_input_ids",
+                "chosen_truncated",
+                "rejected_truncated",
+            )
+        }
         prompts, chosen, rejected = cols["prompt_input_ids"], cols["chosen_input_ids"], cols["rejected_input_ids"]
         c_trunc, r_trunc = cols["chosen_truncated"], cols["rejected_truncated"]
         bos_counts = [p.count(bos) + c.count(bos) for p, c in zip(prompts, chosen)] if bos is not None else []
@@ -61,9 +74,11 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
             "bos_per_sequence": dict(sorted(Counter(bos_counts).items())),
             "responses_without_end_token": no_eos,
             "truncated_share": {"chosen": sum(c_trunc) / max(n, 1), "rejected": sum(r_trunc) / max(n, 1)},
-            "lengths": {"prompt": _quantiles([len(p) for p in prompts]),
-                        "chosen": _quantiles([len(c) for c in chosen]),
-                        "rejected": _quantiles([len(r) for r in rejected])},
+            "lengths": {
+                "prompt": _quantiles([len(p) for p in prompts]),
+                "chosen": _quantiles([len(c) for c in chosen]),
+                "rejected": _quantiles([len(r) for r in rejected]),
+            },
         }
         doubled = sum(1 for k in bos_counts if k > 1)
         if doubled and not dcfg.allow_double_bos:
@@ -84,7 +99,8 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
             "prompt": _show(tokenizer, row["prompt_input_ids"]),
             "chosen": _show(tokenizer, row["chosen_input_ids"]),
             "rejected": _show(tokenizer, row["rejected_input_ids"]),
-            "rendered_chosen": tokenizer.decode(row["prompt_input_ids"]) + " ⟦response⟧ "
+            "rendered_chosen": tokenizer.decode(row["prompt_input_ids"])
+            + " ⟦response⟧ "
             + tokenizer.decode(row["chosen_input_ids"]),
         }
     return report
@@ -95,7 +111,8 @@ def report_lines(report: dict) -> list[str]:
     for split, r in report["splits"].items():
         lens = r["lengths"]
         lines.append(
-            f"{split}: BOS per sequence {r['bos_per_sequence']}; truncated chosen {r['truncated_share']['chosen']:.1%}, "
+            f"{split}: BOS per sequence {r['bos_per_sequence']}; "
+            f"truncated chosen {r['truncated_share']['chosen']:.1%}, "
             f"rejected {r['truncated_share']['rejected']:.1%}; tokens p50/max prompt "
             f"{lens['prompt'].get('p50')}/{lens['prompt'].get('max')}, chosen {lens['chosen'].get('p50')}/"
             f"{lens['chosen'].get('max')}, rejected {lens['rejected'].get('p50')}/{lens['rejected'].get('max')}"

@@ -19,8 +19,9 @@ def pair_lengths(ds) -> list[int]:
     """Width of each pair's longer row in the padded layout: prompt + the longer response (read from
     the Arrow columns, without materialising the token lists)."""
     table = ds.with_format("arrow")
-    prompt, chosen, rejected = (pc.list_value_length(table[c]) for c in
-                                ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+    prompt, chosen, rejected = (
+        pc.list_value_length(table[c]) for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+    )
     return pc.add(prompt, pc.max_element_wise(chosen, rejected)).to_pylist()
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
 from simpo_exp.config import DatasetConfig, SourceConfig
-from simpo_exp.errors import UserError
 from simpo_exp.data import synthetic
+from simpo_exp.errors import UserError
 from simpo_exp.hub import hub_reachable, looks_like_local_path
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,14 @@ CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 # Declared, not inferred: a writer batch made only of dropped rows (prompt []) would otherwise be
 # typed list<null>, and the next batch with real messages could not be cast to it; sources
 # normalised separately also always concatenate.
-NORMALISED_FEATURES = Features({
-    "prompt": [{"role": Value("string"), "content": Value("string")}],
-    "chosen": Value("string"),
-    "rejected": Value("string"),
-    "drop_reason": Value("string"),
-})
+NORMALISED_FEATURES = Features(
+    {
+        "prompt": [{"role": Value("string"), "content": Value("string")}],
+        "chosen": Value("string"),
+        "rejected": Value("string"),
+        "drop_reason": Value("string"),
+    }
+)
 
 
 class DataSourceError(UserError, RuntimeError):
@@ -69,7 +71,9 @@ def _load_files(files: list[Path], source: str) -> Dataset:
     try:
         return load_dataset(types.pop(), data_files=[str(f) for f in files], split="train")
     except Exception as e:  # unreadable or malformed file
-        raise DataSourceError(f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}") from e
+        raise DataSourceError(
+            f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}"
+        ) from e
 
 
 def _split_files(directory: Path, split: str) -> list[Path]:
@@ -114,7 +118,9 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
     if src.format == "synthetic" or src.path == "synthetic":
         rows = synthetic.generate(synthetic_cfg)
         if split not in rows:
-            raise DataSourceError(f"dataset.sources.{source}: the synthetic source has splits {list(rows)}, not {split!r}")
+            raise DataSourceError(
+                f"dataset.sources.{source}: the synthetic source has splits {list(rows)}, not {split!r}"
+            )
         return Dataset.from_list(rows[split])
     path = Path(src.path).expanduser()
     if path.is_file():

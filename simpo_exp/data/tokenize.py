@@ -39,13 +39,22 @@ def render(tokenizer, prompt: list[dict], response: str) -> tuple[str, str]:
     full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     if not full.startswith(prompt_text):
         return prompt_text, None
-    return prompt_text, full[len(prompt_text):]
+    return prompt_text, full[len(prompt_text) :]
 
 
 def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int, code_version: str = "") -> dict:
     n = len(batch["prompt"])
-    out = {k: [] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
-                           "chosen_truncated", "rejected_truncated", "drop_reason")}
+    out = {
+        k: []
+        for k in (
+            "prompt_input_ids",
+            "chosen_input_ids",
+            "rejected_input_ids",
+            "chosen_truncated",
+            "rejected_truncated",
+            "drop_reason",
+        )
+    }
     prompts, chosens, rejecteds, reasons = [], [], [], []
     for i in range(n):
         reason = batch["drop_reason"][i]
@@ -91,8 +100,9 @@ def tokenise(ds: Dataset, tokenizer, max_length: int, max_prompt_length: int, nu
         _tokenise_batch,
         batched=True,
         batch_size=256,
-        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                       code_version=CODE_VERSION),
+        fn_kwargs=dict(
+            tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, code_version=CODE_VERSION
+        ),
         features=Features({**ds.features, **TOKEN_FEATURES}),
         num_proc=num_proc,
         desc="tokenising",

@@ -36,8 +36,11 @@ def _check_benchmark_names(argv: list[str]) -> None:
         names = [n.strip() for n in value.strip("[]").split(",") if n.strip()]
         unknown = [n for n in names if n not in known]
         if unknown:
-            print(f"error: invalid config value benchmark={value!r}: unknown benchmark {', '.join(map(repr, unknown))}; "
-                  f"known: {', '.join(known)} (conf/benchmark/*.yaml)", file=sys.stderr)
+            print(
+                f"error: invalid config value benchmark={value!r}: unknown benchmark {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(known)} (conf/benchmark/*.yaml)",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
 
 

@@ -116,12 +116,22 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
     if b.max_prompts is not None:
         _check(b.max_prompts >= 1, f"{key}.max_prompts", b.max_prompts, "must be >= 1 or null")
     if b.kind in ("alpacaeval", "arena_hard"):
-        _check(bool(b.prompts_path), f"{key}.prompts_path", b.prompts_path,
-               f"{b.kind} needs a local prompts file (nothing is downloaded)")
-        _check(b.judge.kind != "rule", f"{key}.judge.kind", b.judge.kind, "the rule judge knows only the synthetic task")
+        _check(
+            bool(b.prompts_path),
+            f"{key}.prompts_path",
+            b.prompts_path,
+            f"{b.kind} needs a local prompts file (nothing is downloaded)",
+        )
+        _check(
+            b.judge.kind != "rule", f"{key}.judge.kind", b.judge.kind, "the rule judge knows only the synthetic task"
+        )
     if b.kind == "arena_hard" and b.judge.kind == "openai":
-        _check(bool(b.reference_path), f"{key}.reference_path", b.reference_path,
-               "judging Arena-Hard needs the baseline's answers file")
+        _check(
+            bool(b.reference_path),
+            f"{key}.reference_path",
+            b.reference_path,
+            "judging Arena-Hard needs the baseline's answers file",
+        )
     if b.judge.kind == "openai":
         _check(bool(b.judge.base_url), f"{key}.judge.base_url", b.judge.base_url, "judge.kind=openai needs an endpoint")
         _check(bool(b.judge.model), f"{key}.judge.model", b.judge.model, "judge.kind=openai needs a model name")
@@ -139,8 +149,9 @@ def to_evaluate_config(cfg: DictConfig) -> EvaluateRunConfig:
     except MissingMandatoryValue as err:
         key = err.full_key or "?"
         hint = " (a local file: nothing is downloaded)" if key.endswith("_path") else ""
-        raise ConfigError(f"missing config value {key}: it has no default, give it on the command line "
-                          f"({key}=...){hint}") from None
+        raise ConfigError(
+            f"missing config value {key}: it has no default, give it on the command line ({key}=...){hint}"
+        ) from None
     e = cfg.evaluate
     _check(bool(e.path), "evaluate.path", e.path, "give a run or sweep directory: python -m simpo_exp.evaluate DIR")
     _check_choice("evaluate.device", e.device, DEVICES)

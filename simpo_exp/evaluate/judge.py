@@ -30,9 +30,11 @@ from simpo_exp.inference.scoring import sort_digits_score
 log = logging.getLogger(__name__)
 ALPACA_EVAL_ROWS = 805
 SYSTEM = "You are a careful judge of answers to instructions. You reply with one letter and nothing else."
-TEMPLATE = ("Which of the two outputs follows the instruction better: more helpful, correct and complete?\n\n"
-            "## Instruction\n{instruction}\n\n## Output (a)\n{a}\n\n## Output (b)\n{b}\n\n"
-            "Reply with the single letter of the better output: a or b.")
+TEMPLATE = (
+    "Which of the two outputs follows the instruction better: more helpful, correct and complete?\n\n"
+    "## Instruction\n{instruction}\n\n## Output (a)\n{a}\n\n## Output (b)\n{b}\n\n"
+    "Reply with the single letter of the better output: a or b."
+)
 
 
 class JudgeError(ConfigError):
@@ -61,9 +63,18 @@ class PairwiseJudge:
         self.api_key = os.environ.get(j.api_key_env, "")
 
     def _ask(self, content: str) -> str:
-        body = json.dumps({"model": self.j.model, "temperature": 0, "max_tokens": 8,
-                           "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]})
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+        body = json.dumps(
+            {
+                "model": self.j.model,
+                "temperature": 0,
+                "max_tokens": 8,
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}],
+            }
+        )
+        headers = {
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
+        }
         last = None
         for attempt in range(self.j.max_retries + 1):
             try:
@@ -73,10 +84,12 @@ class PairwiseJudge:
             except (urllib.error.URLError, TimeoutError, OSError, KeyError, ValueError) as e:
                 last = e
                 if attempt < self.j.max_retries:
-                    time.sleep(min(2 ** attempt, 8))
-        raise JudgeError(f"{self.key}.judge.base_url={self.j.base_url!r}: the judge endpoint did not answer after "
-                         f"{self.j.max_retries + 1} tries ({last}). The generations are kept; start the judge and "
-                         "re-run the same command with evaluate.judge_only=true")
+                    time.sleep(min(2**attempt, 8))
+        raise JudgeError(
+            f"{self.key}.judge.base_url={self.j.base_url!r}: the judge endpoint did not answer after "
+            f"{self.j.max_retries + 1} tries ({last}). The generations are kept; start the judge and "
+            "re-run the same command with evaluate.judge_only=true"
+        )
 
     def verdict(self, prompt: dict, model_text: str) -> dict:
         model_first = derive_seed("judge-order", prompt["id"]) % 2 == 0
@@ -84,8 +97,10 @@ class PairwiseJudge:
         reply = self._ask(TEMPLATE.format(instruction=prompt["instruction"], a=a, b=b))
         letter = reply.strip().strip("().*").lower()[:1]
         if letter not in ("a", "b"):
-            raise JudgeError(f"{self.key}.judge.model={self.j.model!r} replied {reply[:80]!r} for prompt "
-                             f"{prompt['id']}, not 'a' or 'b'; use a model that follows the judge prompt")
+            raise JudgeError(
+                f"{self.key}.judge.model={self.j.model!r} replied {reply[:80]!r} for prompt "
+                f"{prompt['id']}, not 'a' or 'b'; use a model that follows the judge prompt"
+            )
         model_won = (letter == "a") == model_first
         return {"id": prompt["id"], "model_first": model_first, "reply": reply, "preference": 2.0 if model_won else 1.0}
 
@@ -94,20 +109,37 @@ class PairwiseJudge:
             return list(pool.map(self.verdict, prompts, model_texts))
 
 
-def annotations(prompts: list[dict], model_texts: list[str], verdicts: list[dict], generator: str,
-                reference_generator: str, annotator: str) -> list[dict]:
+def annotations(
+    prompts: list[dict],
+    model_texts: list[str],
+    verdicts: list[dict],
+    generator: str,
+    reference_generator: str,
+    annotator: str,
+) -> list[dict]:
     """Judged pairs in alpaca-eval's annotation format (the input of its win-rate functions)."""
-    return [{"index": int(p["id"]) if p["id"].isdigit() else i, "instruction": p["instruction"],
-             "output_1": p["reference"], "output_2": out, "generator_1": reference_generator, "generator_2": generator,
-             "annotator": annotator, "preference": v["preference"]}
-            for i, (p, out, v) in enumerate(zip(prompts, model_texts, verdicts))]
+    return [
+        {
+            "index": int(p["id"]) if p["id"].isdigit() else i,
+            "instruction": p["instruction"],
+            "output_1": p["reference"],
+            "output_2": out,
+            "generator_1": reference_generator,
+            "generator_2": generator,
+            "annotator": annotator,
+            "preference": v["preference"],
+        }
+        for i, (p, out, v) in enumerate(zip(prompts, model_texts, verdicts))
+    ]
 
 
 def length_controlled(rows: list[dict], full_set: bool) -> tuple[float | None, str | None]:
     """AlpacaEval 2's LC win rate via alpaca-eval itself; (None, why) when it cannot be computed here."""
     if not full_set:
-        return None, (f"LC is defined on the full {ALPACA_EVAL_ROWS}-instruction set (its GLM uses each "
-                      "instruction's difficulty); this evaluation judged a subset")
+        return None, (
+            f"LC is defined on the full {ALPACA_EVAL_ROWS}-instruction set (its GLM uses each "
+            "instruction's difficulty); this evaluation judged a subset"
+        )
     try:
         from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
     except ImportError:
@@ -116,9 +148,11 @@ def length_controlled(rows: list[dict], full_set: bool) -> tuple[float | None, s
 
     # Its GLM reads precomputed data from the hub data set tatsu-lab/alpaca_eval: use a cached copy, never download.
     if not isinstance(try_to_load_from_cache("tatsu-lab/alpaca_eval", "df_gamed.csv", repo_type="dataset"), str):
-        return None, ("LC needs tatsu-lab/alpaca_eval's df_gamed.csv in the Hugging Face cache (alpaca-eval's GLM "
-                      "reads it; nothing is downloaded here): fetch it once with huggingface-cli download "
-                      "tatsu-lab/alpaca_eval df_gamed.csv --repo-type dataset")
+        return None, (
+            "LC needs tatsu-lab/alpaca_eval's df_gamed.csv in the Hugging Face cache (alpaca-eval's GLM "
+            "reads it; nothing is downloaded here): fetch it once with huggingface-cli download "
+            "tatsu-lab/alpaca_eval df_gamed.csv --repo-type dataset"
+        )
     try:
         metrics = get_length_controlled_winrate(rows, save_weights_dir=None)
     except Exception as e:  # a GLM failure is reported, the win rate stands
@@ -131,11 +165,20 @@ def package_judge(b, model_outputs_path, reference_path: str, out_dir) -> dict:
     try:
         import alpaca_eval
     except ImportError as e:
-        raise ConfigError(f"benchmarks.{b.name}.judge.kind=alpaca_eval needs the alpaca-eval package: "
-                          "pip install -e '.[eval]'") from e
-    board, _ = alpaca_eval.evaluate(model_outputs=str(model_outputs_path), reference_outputs=reference_path,
-                                    annotators_config=b.judge.annotators_config, output_path=str(out_dir),
-                                    is_return_instead_of_print=True, precomputed_leaderboard=None)
+        raise ConfigError(
+            f"benchmarks.{b.name}.judge.kind=alpaca_eval needs the alpaca-eval package: pip install -e '.[eval]'"
+        ) from e
+    board, _ = alpaca_eval.evaluate(
+        model_outputs=str(model_outputs_path),
+        reference_outputs=reference_path,
+        annotators_config=b.judge.annotators_config,
+        output_path=str(out_dir),
+        is_return_instead_of_print=True,
+        precomputed_leaderboard=None,
+    )
     row = board.iloc[0]
-    return {"lc_win_rate": float(row["length_controlled_winrate"]), "win_rate": float(row["win_rate"]),
-            "avg_length": float(row["avg_length"])}
+    return {
+        "lc_win_rate": float(row["length_controlled_winrate"]),
+        "win_rate": float(row["win_rate"]),
+        "avg_length": float(row["avg_length"]),
+    }

@@ -24,8 +24,16 @@ from pathlib import Path
 from simpo_exp.config import ConfigError
 from simpo_exp.evaluate import benchmarks as bm
 from simpo_exp.evaluate.config import decoding_for
-from simpo_exp.evaluate.judge import (ALPACA_EVAL_ROWS, JudgeError, PairwiseJudge, annotations, length_controlled,
-                                      package_judge, rule_preferences, win_rate)
+from simpo_exp.evaluate.judge import (
+    ALPACA_EVAL_ROWS,
+    JudgeError,
+    PairwiseJudge,
+    annotations,
+    length_controlled,
+    package_judge,
+    rule_preferences,
+    win_rate,
+)
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
 from simpo_exp.inference.files import read_jsonl, write_json, write_jsonl
 from simpo_exp.inference.results import results_path
@@ -40,8 +48,10 @@ def _weights_id(cfg) -> dict:
         return {"random_init": dataclasses.asdict(m.random_init), "seed": cfg.seed}
     path = Path(m.path)
     if path.is_dir():
-        return {"path": str(path), "files": sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns]
-                                                   for f in path.glob("*.safetensors"))}
+        return {
+            "path": str(path),
+            "files": sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in path.glob("*.safetensors")),
+        }
     return {"path": m.path, "revision": m.revision}
 
 
@@ -60,16 +70,21 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
     from simpo_exp.model import load_tokenizer
 
     size = dec.shard_size
-    shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     files = [shard_dir / f"{tag}-{i:05d}.jsonl" for i in range(len(shards))]
-    manifest = {"weights": _weights_id(cfg), "decoding": {k: v for k, v in vars(dec).items() if k != "batch_size"},
-                "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest()}
+    manifest = {
+        "weights": _weights_id(cfg),
+        "decoding": {k: v for k, v in vars(dec).items() if k != "batch_size"},
+        "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest(),
+    }
     # judge_only reads stored answers wherever they were made (another backend, another machine)
     _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, ("weights", "prompts") if judge_only else None)
     todo = [i for i, f in enumerate(files) if not f.exists()]
     if todo and judge_only:
-        raise ConfigError(f"evaluate.judge_only=true, but {files[todo[0]]} holds no stored generations; run once "
-                          "without judge_only to generate them")
+        raise ConfigError(
+            f"evaluate.judge_only=true, but {files[todo[0]]} holds no stored generations; run once "
+            "without judge_only to generate them"
+        )
     if todo:
         tokenizer = load_tokenizer(cfg.model)
         sampler = make_sampler(cfg, tokenizer, dec)
@@ -87,8 +102,10 @@ def _check_manifest(path: Path, manifest: dict, keys: tuple | None = None) -> No
         old = json.loads(path.read_text())
         differ = sorted(k for k in keys or set(old) | set(manifest) if old.get(k) != manifest.get(k))
         if differ:
-            raise ConfigError(f"{path.parent} holds generations made with different {', '.join(differ)}; delete "
-                              f"{path.parent} to generate again with the new settings")
+            raise ConfigError(
+                f"{path.parent} holds generations made with different {', '.join(differ)}; delete "
+                f"{path.parent} to generate again with the new settings"
+            )
     else:
         write_json(path, manifest)
 
@@ -111,18 +128,37 @@ def _rule(ctx: dict) -> dict:
     model = ctx["generate"](ctx["trained"], prompts, "trained")
     start = ctx["generate"](starting_policy(run_cfg, ctx["device"]), prompts, "start")
     rows = rule_preferences(prompts, [g["text"] for g in model], [g["text"] for g in start])
-    write_jsonl(out / "generations.jsonl", [{"id": p["id"], "prompt": p["instruction"], "model": m["text"],
-                                             "start": s["text"], **{k: r[k] for k in ("score_model", "score_baseline", "preference")}}
-                                            for p, m, s, r in zip(prompts, model, start, rows)])
+    write_jsonl(
+        out / "generations.jsonl",
+        [
+            {
+                "id": p["id"],
+                "prompt": p["instruction"],
+                "model": m["text"],
+                "start": s["text"],
+                **{k: r[k] for k in ("score_model", "score_baseline", "preference")},
+            }
+            for p, m, s, r in zip(prompts, model, start, rows)
+        ],
+    )
     exact = lambda key: 100.0 * sum(r[key] == 1.0 for r in rows) / len(rows)  # noqa: E731
-    return {"metrics": {"win_rate": win_rate([r["preference"] for r in rows]),
-                        "score": _mean([r["score_model"] for r in rows]), "score_start": _mean([r["score_baseline"] for r in rows]),
-                        "exact": exact("score_model"), "exact_start": exact("score_baseline"),
-                        "avg_tokens": _mean([g["n_tokens"] for g in model]), "n": len(rows)},
-            "baseline": "the starting model (the run's config rebuilt: same model.path, or same random init and seed)"}
+    return {
+        "metrics": {
+            "win_rate": win_rate([r["preference"] for r in rows]),
+            "score": _mean([r["score_model"] for r in rows]),
+            "score_start": _mean([r["score_baseline"] for r in rows]),
+            "exact": exact("score_model"),
+            "exact_start": exact("score_baseline"),
+            "avg_tokens": _mean([g["n_tokens"] for g in model]),
+            "n": len(rows),
+        },
+        "baseline": "the starting model (the run's config rebuilt: same model.path, or same random init and seed)",
+    }
 
 
-def _judge_pairs(ctx: dict, prompts: list[dict], texts: list[str], info: dict, generator: str) -> tuple[dict, list[str]]:
+def _judge_pairs(
+    ctx: dict, prompts: list[dict], texts: list[str], info: dict, generator: str
+) -> tuple[dict, list[str]]:
     """Win rate (and LC where it applies) from the configured pairwise judge; the judged pairs are written."""
     b, out = ctx["benchmark"], ctx["out"]
     judge = PairwiseJudge(b.judge, f"benchmarks.{b.name}")
@@ -166,8 +202,10 @@ def _arena_hard(ctx: dict) -> dict:
     if b.judge.kind == "openai":
         judged, notes = _judge_pairs(ctx, prompts, texts, info, model_id)
         metrics.update(judged)
-        notes.append("pairwise win rate against the baseline's answers (ties half); arena-hard-auto's own score "
-                     "uses graded verdicts and a Bradley-Terry fit")
+        notes.append(
+            "pairwise win rate against the baseline's answers (ties half); arena-hard-auto's own score "
+            "uses graded verdicts and a Bradley-Terry fit"
+        )
     return {"metrics": metrics, "notes": notes, "baseline": info["reference_generator"], "dataset_name": "Arena-Hard"}
 
 
@@ -198,15 +236,32 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
     out = Path(run_dir) / "eval" / b.name
     trained = trained_policy(run_cfg, run_dir, e.device)
     dec = _decoding(b, run_cfg, trained)
-    ctx = {"benchmark": b, "run_cfg": run_cfg, "out": out, "device": e.device, "trained": trained,
-           "name": run_name(run_cfg, run_dir),
-           "generate": lambda cfg, prompts, tag: generate(cfg, prompts, dec, out / "shards", tag, e.judge_only)}
+    ctx = {
+        "benchmark": b,
+        "run_cfg": run_cfg,
+        "out": out,
+        "device": e.device,
+        "trained": trained,
+        "name": run_name(run_cfg, run_dir),
+        "generate": lambda cfg, prompts, tag: generate(cfg, prompts, dec, out / "shards", tag, e.judge_only),
+    }
     record = RUNNERS[b.kind](ctx)
-    judge = {k: v for k, v in dataclasses.asdict(b.judge).items() if k in ("kind", "base_url", "model", "annotators_config")}
-    record = {"benchmark": b.name, "kind": b.kind, "run_dir": str(Path(run_dir).resolve()), "model": trained.model.path,
-              **record, "notes": record.get("notes", []), "decoding": vars(dec), "judge": judge,
-              "prompts_path": b.prompts_path or None, "versions": _versions(),
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    judge = {
+        k: v for k, v in dataclasses.asdict(b.judge).items() if k in ("kind", "base_url", "model", "annotators_config")
+    }
+    record = {
+        "benchmark": b.name,
+        "kind": b.kind,
+        "run_dir": str(Path(run_dir).resolve()),
+        "model": trained.model.path,
+        **record,
+        "notes": record.get("notes", []),
+        "decoding": vars(dec),
+        "judge": judge,
+        "prompts_path": b.prompts_path or None,
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     write_json(results_path(run_dir, b.name), record)
     return record
 
@@ -218,13 +273,17 @@ def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
         raise ConfigError(f"invalid config value evaluate.path={path!r}: no such directory")
     runs = find_runs(root)
     if not runs:
-        raise ConfigError(f"invalid config value evaluate.path={path!r}: no run directory (one with .hydra/config.yaml) "
-                          "at or below it")
+        raise ConfigError(
+            f"invalid config value evaluate.path={path!r}: no run directory (one with .hydra/config.yaml) "
+            "at or below it"
+        )
     ready = [r for r in runs if has_model(r)]
     if not ready:
         which = str(runs[0]) if len(runs) == 1 else f"{len(runs)} runs under {path}"
-        raise ConfigError(f"invalid config value evaluate.path={path!r}: no trained model in {which} (model/ with "
-                          "config.json is written when training finishes, with save_model=true); train it first")
+        raise ConfigError(
+            f"invalid config value evaluate.path={path!r}: no trained model in {which} (model/ with "
+            "config.json is written when training finishes, with save_model=true); train it first"
+        )
     return ready, [r for r in runs if r not in ready]
 
 
@@ -257,11 +316,16 @@ def evaluate_all(cfg) -> list[dict]:
             try:
                 rec = evaluate_benchmark(run_dir, run_cfg, b, e)
             except JudgeError as err:  # the answers are stored: go on with the other benchmarks and runs
-                print(f"{run_dir.name}  {b.name}: judging failed, answers kept in {run_dir / 'eval' / b.name}", flush=True)
+                print(
+                    f"{run_dir.name}  {b.name}: judging failed, answers kept in {run_dir / 'eval' / b.name}", flush=True
+                )
                 judge_failures.append(err)
                 continue
-            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in rec["metrics"].items() if v is not None)
+            shown = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in rec["metrics"].items()
+                if v is not None
+            )
             print(f"{run_dir.name}  {b.name}: {shown}  -> {results_path(run_dir, b.name)}", flush=True)
             records.append(rec)
         _finish_run(run_dir, run_cfg, e)

@@ -30,8 +30,10 @@ def find_runs(path: Path, depth: int = 3) -> list[Path]:
         return [path]
     if depth == 0 or not path.is_dir():
         return []
-    children = sorted((p for p in path.iterdir() if p.is_dir() and p.name not in SKIP),
-                      key=lambda p: [int(t) if t.isdigit() else t for t in p.name.replace("_", " ").split()])
+    children = sorted(
+        (p for p in path.iterdir() if p.is_dir() and p.name not in SKIP),
+        key=lambda p: [int(t) if t.isdigit() else t for t in p.name.replace("_", " ").split()],
+    )
     return [run for child in children for run in find_runs(child, depth - 1)]
 
 

@@ -63,8 +63,16 @@ def distribution(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
     q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-    return {"n": len(values), "mean": statistics.fmean(values), "std": statistics.pstdev(values),
-            "min": min(values), "q25": q[0], "median": q[1], "q75": q[2], "max": max(values)}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.pstdev(values),
+        "min": min(values),
+        "q25": q[0],
+        "median": q[1],
+        "q75": q[2],
+        "max": max(values),
+    }
 
 
 def binarise(records: list[dict], bcfg) -> tuple[list[dict], dict]:
@@ -85,13 +93,18 @@ def binarise(records: list[dict], bcfg) -> tuple[list[dict], dict]:
         "prompts_dropped": dict(sorted(dropped.items())),
         "responses": len(responses),
         "responses_hit_max_new_tokens": sum(not r["finished"] for r in responses),
-        "scores": {"all": distribution([s for rec in records for s in rec["scores"]]),
-                   "chosen": distribution([rec["scores"][c] for rec, c, _ in picked]),
-                   "rejected": distribution([rec["scores"][r] for rec, _, r in picked])},
-        "length_tokens": {"all": mean([r["n_tokens"] for r in responses]),
-                          "chosen": mean([rec["responses"][c]["n_tokens"] for rec, c, _ in picked]),
-                          "rejected": mean([rec["responses"][r]["n_tokens"] for rec, _, r in picked])},
-        "chosen_longer_share": mean([float(rec["responses"][c]["n_tokens"] > rec["responses"][r]["n_tokens"])
-                                     for rec, c, r in picked]),
+        "scores": {
+            "all": distribution([s for rec in records for s in rec["scores"]]),
+            "chosen": distribution([rec["scores"][c] for rec, c, _ in picked]),
+            "rejected": distribution([rec["scores"][r] for rec, _, r in picked]),
+        },
+        "length_tokens": {
+            "all": mean([r["n_tokens"] for r in responses]),
+            "chosen": mean([rec["responses"][c]["n_tokens"] for rec, c, _ in picked]),
+            "rejected": mean([rec["responses"][r]["n_tokens"] for rec, _, r in picked]),
+        },
+        "chosen_longer_share": mean(
+            [float(rec["responses"][c]["n_tokens"] > rec["responses"][r]["n_tokens"]) for rec, c, r in picked]
+        ),
     }
     return rows, report

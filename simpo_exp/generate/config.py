@@ -94,11 +94,19 @@ def validate_generate(cfg: GenerateRunConfig) -> GenerateRunConfig:
     _check(0 < g.top_p <= 1, "generate.top_p", g.top_p, "must be in (0, 1]")
     for key in ("max_new_tokens", "batch_size", "shard_size", "vllm_tensor_parallel_size"):
         _check(getattr(g, key) >= 1, f"generate.{key}", getattr(g, key), "must be an integer >= 1")
-    _check(0 < g.vllm_gpu_memory_utilization <= 1, "generate.vllm_gpu_memory_utilization",
-           g.vllm_gpu_memory_utilization, "must be in (0, 1]")
+    _check(
+        0 < g.vllm_gpu_memory_utilization <= 1,
+        "generate.vllm_gpu_memory_utilization",
+        g.vllm_gpu_memory_utilization,
+        "must be in (0, 1]",
+    )
     if g.backend == "vllm" and not cfg.model.path:
-        _fail("generate.backend", g.backend, "vllm loads weights from disk: set model.path (a hub id or a run's "
-              "model/ directory), or use generate.backend=hf for the built-in tiny model")
+        _fail(
+            "generate.backend",
+            g.backend,
+            "vllm loads weights from disk: set model.path (a hub id or a run's "
+            "model/ directory), or use generate.backend=hf for the built-in tiny model",
+        )
 
     s = cfg.scorer
     _check_choice("scorer.kind", s.kind, SCORER_KINDS)

@@ -54,7 +54,11 @@ def policy_fingerprint(cfg) -> dict:
     m = cfg.model
     if not m.path:
         spec = {"tiny": dataclasses.asdict(m.random_init), "seed": cfg.seed}
-        return {"kind": "random-init", **spec, "sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()}
+        return {
+            "kind": "random-init",
+            **spec,
+            "sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(),
+        }
     path = Path(m.path).expanduser()
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
@@ -72,8 +76,15 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
         g.pop(key)
     scorer = {k: v for k, v in dataclasses.asdict(cfg.scorer).items() if k not in ("name", "batch_size")}
     ids = hashlib.sha256("".join(p["prompt_id"] for p in prompts).encode()).hexdigest()
-    return {"policy": fingerprint, "chat_template": cfg.model.chat_template, "generate": g, "scorer": scorer,
-            "prompts": len(prompts), "prompt_ids_sha256": ids, "max_prompt_length": cfg.max_prompt_length}
+    return {
+        "policy": fingerprint,
+        "chat_template": cfg.model.chat_template,
+        "generate": g,
+        "scorer": scorer,
+        "prompts": len(prompts),
+        "prompt_ids_sha256": ids,
+        "max_prompt_length": cfg.max_prompt_length,
+    }
 
 
 def check_manifest(shard_dir: Path, manifest: dict) -> None:
@@ -82,8 +93,10 @@ def check_manifest(shard_dir: Path, manifest: dict) -> None:
         old = json.loads(path.read_text())
         differ = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
         if differ:
-            raise ConfigError(f"output_dir={str(shard_dir.parent)!r} holds shards made with a different {', '.join(differ)}; "
-                              "a resumed generation must repeat the same command: use a new hydra.run.dir")
+            raise ConfigError(
+                f"output_dir={str(shard_dir.parent)!r} holds shards made with a different {', '.join(differ)}; "
+                "a resumed generation must repeat the same command: use a new hydra.run.dir"
+            )
     else:
         write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
 
@@ -114,7 +127,9 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
         else:
             kept.append({**p, "input_ids": ids})
     if not kept:
-        raise DataSourceError(f"every prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens ({counts})")
+        raise DataSourceError(
+            f"every prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens ({counts})"
+        )
     return kept, counts
 
 
@@ -125,10 +140,15 @@ def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: i
     from simpo_exp.model import load_tokenizer
 
     mine = [i for i in range(len(shards)) if i % world == rank]
-    to_sample = [i for i in mine if not (shard_dir / f"responses-{i:05d}.jsonl").exists()
-                 and not (shard_dir / f"scored-{i:05d}.jsonl").exists()]
+    to_sample = [
+        i
+        for i in mine
+        if not (shard_dir / f"responses-{i:05d}.jsonl").exists() and not (shard_dir / f"scored-{i:05d}.jsonl").exists()
+    ]
     to_score = [i for i in mine if not (shard_dir / f"scored-{i:05d}.jsonl").exists()]
-    log.info("process %d of %d: %d shards, %d to sample, %d to score", rank, world, len(mine), len(to_sample), len(to_score))
+    log.info(
+        "process %d of %d: %d shards, %d to sample, %d to score", rank, world, len(mine), len(to_sample), len(to_score)
+    )
     if to_sample:
         sampler = make_sampler(cfg, load_tokenizer(cfg.model))
         for i in to_sample:
@@ -155,7 +175,7 @@ def generate_data(cfg) -> dict:
     fingerprint = policy_fingerprint(cfg)
     check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts))
     size = cfg.generate.shard_size
-    shards = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+    shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     _process(cfg, shards, shard_dir, rank, world)
 
@@ -165,29 +185,51 @@ def generate_data(cfg) -> dict:
         return {"waiting_for": missing}
     records = [rec for i in range(len(shards)) for rec in read_jsonl(shard_dir / f"scored-{i:05d}.jsonl")]
     rows, report = binarise(records, cfg.binarise)
-    report = {"split": "train (prompts of each source's training split only)", "source_rows": source_counts,
-              "samples_per_prompt": len(cfg.generate.seeds) * cfg.generate.samples_per_seed, **report}
+    report = {
+        "split": "train (prompts of each source's training split only)",
+        "source_rows": source_counts,
+        "samples_per_prompt": len(cfg.generate.seeds) * cfg.generate.samples_per_seed,
+        **report,
+    }
     if cfg.scorer.kind == "rule":
         report["rule_exact_share"] = sum(s == 1.0 for rec in records for s in rec["scores"]) / report["responses"]
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     if not rows:
-        raise NoPairsError(f"no usable preference pair: {report['prompts']} prompts, dropped "
-                           f"{report['prompts_dropped']} (see {out / 'report.json'}); sample more responses per "
-                           "prompt, raise generate.temperature or use another scorer")
+        raise NoPairsError(
+            f"no usable preference pair: {report['prompts']} prompts, dropped "
+            f"{report['prompts_dropped']} (see {out / 'report.json'}); sample more responses per "
+            "prompt, raise generate.temperature or use another scorer"
+        )
     provenance = {
-        "created_by": "simpo_exp.generate", "git_commit": git_commit(), "output_dir": str(out.resolve()),
+        "created_by": "simpo_exp.generate",
+        "git_commit": git_commit(),
+        "output_dir": str(out.resolve()),
         "policy": {"name": cfg.model.name, "path": cfg.model.path, "fingerprint": fingerprint},
-        "dataset": {"name": cfg.dataset.name, "split": "train",
-                    "sources": {k: v.path for k, v in cfg.dataset.sources.items()}},
-        "generate": dataclasses.asdict(cfg.generate), "scorer": dataclasses.asdict(cfg.scorer),
+        "dataset": {
+            "name": cfg.dataset.name,
+            "split": "train",
+            "sources": {k: v.path for k, v in cfg.dataset.sources.items()},
+        },
+        "generate": dataclasses.asdict(cfg.generate),
+        "scorer": dataclasses.asdict(cfg.scorer),
         "binarise": dataclasses.asdict(cfg.binarise),
-        "pairs": len(rows), "prompts": report["prompts"], "prompts_dropped": report["prompts_dropped"],
+        "pairs": len(rows),
+        "prompts": report["prompts"],
+        "prompts_dropped": report["prompts_dropped"],
     }
     write_jsonl(out / "data" / "train.jsonl", rows)
     write_atomic(out / "data" / "provenance.json", json.dumps(provenance, indent=2))
-    log.info("%d pairs from %d prompts (dropped: %s) -> %s", len(rows), report["prompts"],
-             report["prompts_dropped"] or "none", out / "data" / "train.jsonl")
-    print(f"\npreference data: {out.resolve() / 'data' / 'train.jsonl'} ({len(rows)} pairs)\n"
-          f"train on it: python -m simpo_exp dataset=local dataset.sources.local.path={out.resolve() / 'data' / 'train.jsonl'}",
-          flush=True)
+    log.info(
+        "%d pairs from %d prompts (dropped: %s) -> %s",
+        len(rows),
+        report["prompts"],
+        report["prompts_dropped"] or "none",
+        out / "data" / "train.jsonl",
+    )
+    print(
+        f"\npreference data: {out.resolve() / 'data' / 'train.jsonl'} ({len(rows)} pairs)\n"
+        "train on it: python -m simpo_exp dataset=local "
+        f"dataset.sources.local.path={out.resolve() / 'data' / 'train.jsonl'}",
+        flush=True,
+    )
     return report

@@ -91,22 +91,31 @@ class HFSampler:
         torch.manual_seed(seed)
         out = []
         for start in range(0, len(prompts), self.g.batch_size):
-            out += self._batch(prompts[start:start + self.g.batch_size])
+            out += self._batch(prompts[start : start + self.g.batch_size])
         return out
 
     def _batch(self, prompts: list[list[int]]) -> list[list[dict]]:
         tok, g = self.tokenizer, self.g
         tok.padding_side = "left"
         enc = tok.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
-        sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0) if g.temperature > 0 \
+        sampling = (
+            dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0)
+            if g.temperature > 0
             else dict(do_sample=False)
-        seqs = self.model.generate(**enc, max_new_tokens=g.max_new_tokens, num_return_sequences=g.samples_per_seed,
-                                   eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id, use_cache=True,
-                                   **sampling)
-        new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+        )
+        seqs = self.model.generate(
+            **enc,
+            max_new_tokens=g.max_new_tokens,
+            num_return_sequences=g.samples_per_seed,
+            eos_token_id=self.stop_ids,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
+            **sampling,
+        )
+        new = seqs[:, enc["input_ids"].shape[1] :].tolist()
         results = [self._response(ids) for ids in new]
         k = g.samples_per_seed
-        return [results[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return [results[i * k : (i + 1) * k] for i in range(len(prompts))]
 
     def _response(self, ids: list[int]) -> dict:
         stops = [i for i, t in enumerate(ids) if t in self.stop_ids]
@@ -129,29 +138,46 @@ class VLLMSampler:
         except ImportError as e:
             from simpo_exp.config import ConfigError
 
-            raise ConfigError("generate.backend=vllm needs vLLM on a GPU machine: pip install vllm "
-                              "(or generate.backend=hf)") from e
+            raise ConfigError(
+                "generate.backend=vllm needs vLLM on a GPU machine: pip install vllm (or generate.backend=hf)"
+            ) from e
         m, g = cfg.model, decoding or cfg.generate
         self.g, self.tokenizer = g, tokenizer
         device = pick_device(cfg.hardware.device)
         dtype = inference_dtype(cfg.hardware.mixed_precision, device, torch.float32)
-        self.llm = LLM(model=m.path, tokenizer=m.tokenizer_path or m.path, revision=m.revision,
-                       trust_remote_code=m.trust_remote_code, dtype=str(dtype).removeprefix("torch."),
-                       gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                       tensor_parallel_size=g.vllm_tensor_parallel_size, seed=g.seeds[0])
+        self.llm = LLM(
+            model=m.path,
+            tokenizer=m.tokenizer_path or m.path,
+            revision=m.revision,
+            trust_remote_code=m.trust_remote_code,
+            dtype=str(dtype).removeprefix("torch."),
+            gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+            tensor_parallel_size=g.vllm_tensor_parallel_size,
+            seed=g.seeds[0],
+        )
         self.stop_ids = stop_token_ids(tokenizer, g.stop_token_ids)
 
     def sample(self, prompts: list[list[int]], keys: list[str], seed: int) -> list[list[dict]]:
         from vllm import SamplingParams
 
         g = self.g
-        params = [SamplingParams(n=g.samples_per_seed, temperature=g.temperature, top_p=g.top_p,
-                                 max_tokens=g.max_new_tokens, stop_token_ids=self.stop_ids,
-                                 seed=derive_seed(seed, key), skip_special_tokens=True) for key in keys]
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling_params=params,
-                                 use_tqdm=False)
-        return [[{"text": c.text, "n_tokens": len(c.token_ids), "finished": c.finish_reason == "stop"}
-                 for c in o.outputs] for o in outs]
+        params = [
+            SamplingParams(
+                n=g.samples_per_seed,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                max_tokens=g.max_new_tokens,
+                stop_token_ids=self.stop_ids,
+                seed=derive_seed(seed, key),
+                skip_special_tokens=True,
+            )
+            for key in keys
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling_params=params, use_tqdm=False)
+        return [
+            [{"text": c.text, "n_tokens": len(c.token_ids), "finished": c.finish_reason == "stop"} for c in o.outputs]
+            for o in outs
+        ]
 
     def close(self) -> None:
         import gc

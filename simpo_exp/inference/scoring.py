@@ -29,9 +29,11 @@ def sort_digits_score(prompt: str, response: str) -> float:
     """See the module docstring; raises ConfigError for a prompt that is not a sorting task."""
     match = SORT_PROMPT.match(prompt)
     if not match:
-        raise ConfigError(f"invalid config value scorer.rule='sort_digits': cannot score prompt {prompt[:80]!r}; "
-                          "the rule knows only the synthetic 'sort: <digits>' task. Use a reward model "
-                          "(scorer=armorm or scorer=reward-model scorer.path=...)")
+        raise ConfigError(
+            f"invalid config value scorer.rule='sort_digits': cannot score prompt {prompt[:80]!r}; "
+            "the rule knows only the synthetic 'sort: <digits>' task. Use a reward model "
+            "(scorer=armorm or scorer=reward-model scorer.path=...)"
+        )
     expected = sorted(match.group(1).split())
     got = response.split()
     if got == expected:
@@ -64,16 +66,21 @@ def check_reward_model(s) -> None:
         raise ModelNotFoundError(f"scorer.path={s.path!r}: cannot read a model config there ({e})") from e
     archs = list(getattr(config, "architectures", None) or [])
     auto_map = getattr(config, "auto_map", None) or {}
-    if not (any(a.endswith("ForSequenceClassification") for a in archs)
-            or "AutoModelForSequenceClassification" in auto_map):
+    if not (
+        any(a.endswith("ForSequenceClassification") for a in archs) or "AutoModelForSequenceClassification" in auto_map
+    ):
         raise ConfigError(
             f"invalid config value scorer.path={s.path!r}: not a reward model; its config names architectures "
-            f"{archs or 'none'} and no AutoModelForSequenceClassification. A reward model is a *ForSequenceClassification "
+            f"{archs or 'none'} and no AutoModelForSequenceClassification. "
+            "A reward model is a *ForSequenceClassification "
             "model (e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1 with scorer.trust_remote_code=true, or a model saved with "
-            "num_labels=1); for the synthetic task use scorer=rule")
+            "num_labels=1); for the synthetic task use scorer=rule"
+        )
     if not auto_map and config.num_labels > 1 and s.label_index is None:
-        raise ConfigError(f"invalid config value scorer.label_index=None: {s.path!r} has {config.num_labels} outputs; "
-                          "name the one that is the reward (scorer.label_index=...)")
+        raise ConfigError(
+            f"invalid config value scorer.label_index=None: {s.path!r} has {config.num_labels} outputs; "
+            "name the one that is the reward (scorer.label_index=...)"
+        )
 
 
 class RewardModelScorer:
@@ -87,12 +94,19 @@ class RewardModelScorer:
         check_reward_model(s)
         self.device = pick_device(cfg.hardware.device)
         dtype = inference_dtype("auto", self.device, torch.float32) if s.dtype == "auto" else TORCH_DTYPES[s.dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(s.path, revision=s.revision, trust_remote_code=s.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            s.path, revision=s.revision, trust_remote_code=s.trust_remote_code
+        )
         apply_chat_template_choice(self.tokenizer, s.chat_template, s.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            s.path, revision=s.revision, dtype=dtype, trust_remote_code=s.trust_remote_code).to(self.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                s.path, revision=s.revision, dtype=dtype, trust_remote_code=s.trust_remote_code
+            )
+            .to(self.device)
+            .eval()
+        )
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.truncated = 0
@@ -101,13 +115,18 @@ class RewardModelScorer:
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
         out = []
         for start in range(0, len(prompts), self.s.batch_size):
-            texts = [self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-                     for p, r in zip(prompts[start:start + self.s.batch_size], responses[start:start + self.s.batch_size])]
+            texts = [
+                self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                for p, r in zip(
+                    prompts[start : start + self.s.batch_size], responses[start : start + self.s.batch_size]
+                )
+            ]
             full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
             self.truncated += sum(len(ids) > self.s.max_length for ids in full)
             self.tokenizer.padding_side = "right"
-            enc = self.tokenizer.pad({"input_ids": [ids[:self.s.max_length] for ids in full]},
-                                     return_tensors="pt").to(self.device)
+            enc = self.tokenizer.pad({"input_ids": [ids[: self.s.max_length] for ids in full]}, return_tensors="pt").to(
+                self.device
+            )
             out += self._rewards(self.model(**enc), len(texts))
         return out
 
@@ -117,8 +136,10 @@ class RewardModelScorer:
             return score.float().reshape(n, -1)[:, 0].tolist()
         logits = output.logits.float().reshape(n, -1)
         if logits.shape[1] > 1 and self.s.label_index is None:
-            raise ConfigError(f"invalid config value scorer.label_index=None: {self.s.path!r} returns "
-                              f"{logits.shape[1]} outputs; name the one that is the reward")
+            raise ConfigError(
+                f"invalid config value scorer.label_index=None: {self.s.path!r} returns "
+                f"{logits.shape[1]} outputs; name the one that is the reward"
+            )
         return logits[:, self.s.label_index or 0].tolist()
 
     def close(self) -> None:
