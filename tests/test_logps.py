@@ -2,27 +2,17 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from simpo_exp.data.collate import PairCollator
 from simpo_exp.logps import ResponseLogps
+from tests.test_perf_paths import make_model
 
 PAD = 0
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=PAD,
-    )
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return make_model(vocab=50).eval()
 
 
 def pair(prompt, chosen, rejected):

@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from simpo_exp.config import Config
 from simpo_exp.data.collate import PairCollator
@@ -20,6 +19,7 @@ from simpo_exp.methods import METHODS, REFERENCE_METHODS
 from simpo_exp.metrics import Window
 from simpo_exp.objective import batch_loss, input_tokens
 from simpo_exp.tracking import batch_metrics
+from tests.test_perf_paths import make_model
 
 PAD = 0
 BETA, RATIO, ALPHA, ALPHAPO = 2.0, 0.5, 0.1, 0.3
@@ -183,17 +183,7 @@ def test_empty_window_gives_nan_not_an_error():
 
 # ----------------------------------------------------------------------------- from a real model
 def tiny_model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=PAD,
-    )
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return make_model(vocab=40).eval()
 
 
 PAIRS = [
