@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from simpo_exp.methods import METHODS
-from simpo_exp.rundir import parse_overrides
+from simpo_exp.rundir import parse_overrides, select
 from simpo_exp.tracking import EVAL_ONLY_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS, batch_metrics
 
 # The headline number (the Hydra task's return value) and the W&B summary key that holds it.
@@ -174,15 +174,6 @@ def _load_yaml(path: Path) -> dict:
 _MISSING = object()
 
 
-def _select(cfg: dict, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
 def _leaves(cfg: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for k, v in cfg.items():
@@ -201,11 +192,11 @@ def config_keys_for(key: str, configs: list[dict], choices: list[dict]) -> list[
     (``model=...``) is ``<group>.name`` where the group has one; otherwise (``hparams=...``, which
     writes to the top level) it is every config value that differs between the jobs.
     """
-    values = [_select(c, key) for c in configs]
+    values = [select(c, key, _MISSING) for c in configs]
     if any(v is not _MISSING and not isinstance(v, dict) for v in values):
         return [key]
     if any(key in c for c in choices):
-        if all(_select(c, f"{key}.name") is not _MISSING for c in configs):
+        if all(select(c, f"{key}.name", _MISSING) is not _MISSING for c in configs):
             return [f"{key}.name"]
         leaves = [_leaves(c) for c in configs]
         names = list(dict.fromkeys(k for lv in leaves for k in lv))

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from simpo_exp.inference.results import load_results
+from simpo_exp.rundir import select
 
 log = logging.getLogger(__name__)
 RECIPE_KEYS = (
@@ -37,15 +38,6 @@ RECIPE_KEYS = (
 )
 
 
-def _get(cfg: dict, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _is_hub_id(path: str) -> bool:
     return bool(path) and not Path(path).expanduser().exists() and path.count("/") == 1
 
@@ -53,8 +45,8 @@ def _is_hub_id(path: str) -> bool:
 def card_data(cfg: dict, results: dict[str, dict], name: str):
     from huggingface_hub import EvalResult, ModelCardData
 
-    model_path = _get(cfg, "model.path") or ""
-    sources = (_get(cfg, "dataset.sources") or {}).values()
+    model_path = select(cfg, "model.path") or ""
+    sources = (select(cfg, "dataset.sources") or {}).values()
     datasets = sorted({s.get("path") for s in sources if isinstance(s, dict) and _is_hub_id(s.get("path") or "")})
     evals = [
         EvalResult(
@@ -80,7 +72,9 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
 
 def card_text(cfg: dict, results: dict[str, dict], name: str) -> str:
     data = card_data(cfg, results, name)
-    model = _get(cfg, "model.path") or f"a randomly initialised model ({_get(cfg, 'model.name')}, built from config)"
+    model = (
+        select(cfg, "model.path") or f"a randomly initialised model ({select(cfg, 'model.name')}, built from config)"
+    )
     lines = [
         "---",
         data.to_yaml(),
@@ -88,16 +82,16 @@ def card_text(cfg: dict, results: dict[str, dict], name: str) -> str:
         "",
         f"# {name}",
         "",
-        f"Trained with simpo-exp ({_get(cfg, 'loss.name') or 'simpo'}) from {model} on "
-        f"{', '.join((_get(cfg, 'dataset.sources') or {}).keys()) or 'its configured data'} "
-        f"(dataset preset `{_get(cfg, 'dataset.name')}`).",
+        f"Trained with simpo-exp ({select(cfg, 'method') or 'simpo'}) from {model} on "
+        f"{', '.join((select(cfg, 'dataset.sources') or {}).keys()) or 'its configured data'} "
+        f"(dataset preset `{select(cfg, 'dataset.name')}`).",
         "",
         "## Recipe",
         "",
         "| key | value |",
         "|---|---|",
     ]
-    lines += [f"| `{k}` | {_get(cfg, k)} |" for k in RECIPE_KEYS if _get(cfg, k) is not None]
+    lines += [f"| `{k}` | {select(cfg, k)} |" for k in RECIPE_KEYS if select(cfg, k) is not None]
     if results:
         lines += ["", "## Evaluation", "", "| benchmark | metric | value |", "|---|---|---|"]
         lines += [
@@ -123,7 +117,7 @@ def write_model_card(run_dir: Path, cfg, name: str | None = None) -> Path:
     if dataclasses.is_dataclass(cfg):
         cfg = dataclasses.asdict(cfg)
     run_dir = Path(run_dir)
-    name = name or _get(cfg, "logger.run_name") or run_dir.name
+    name = name or select(cfg, "logger.run_name") or run_dir.name
     path = run_dir / "model" / "README.md"
     write_atomic(path, card_text(cfg, load_results(run_dir), str(name)))
     return path

@@ -52,3 +52,13 @@ def read_jsonl(path: Path) -> list[dict]:
         except ValueError:
             continue
     return records
+
+
+def select(cfg: dict, dotted: str, missing=None):
+    """``cfg["a"]["b"]`` for ``"a.b"`` in a nested config dict; ``missing`` where a part is absent."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
+    return node
