@@ -78,6 +78,11 @@ def change(start_dir, run_dir) -> tuple[float, float]:
 def test_default_precision_keeps_every_update(start_dir, runs):
     share_fp32, moved_fp32 = change(start_dir, runs["fp32"][0])
     share, moved = change(start_dir, runs["default"][0])
+    _, moved_pure = change(start_dir, runs["pure"][0])
+    print(
+        f"\nelements changed (in bf16) / total |dw|: fp32 run {share_fp32:.1%} / {moved_fp32:.4g}; bf16 weights, "
+        f"default precision {share:.1%} / {moved:.4g}; pure bf16 total |dw| {moved_pure:.4g}"
+    )
     assert share_fp32 > 0.01 and moved_fp32 > 0  # the fp32 run measurably moved its weights
     assert share == pytest.approx(share_fp32, rel=0.03)
     assert moved == pytest.approx(moved_fp32, rel=0.03)
