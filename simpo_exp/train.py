@@ -61,6 +61,7 @@ class Run:
     accelerator: Any
     accum: int  # micro-batches per optimizer step
     steps: int  # optimizer steps in the run
+    pairs_per_step: int  # per-device batch x accumulation x processes
     tokenizer: Any
     policy: Any  # the prepared ResponseLogps around the model
     reference: Any  # a live reference model, or None (reference-free, or cached reference log-probs)
@@ -80,10 +81,6 @@ class Run:
     shown: list  # the eval pairs whose greedy completions are logged at each eval
     started: float
     bad_in_a_row: int = 0
-
-    @property
-    def pairs_per_step(self) -> int:
-        return self.cfg.per_device_train_batch_size * self.accum * self.accelerator.num_processes
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -251,6 +248,7 @@ def set_up(cfg: Config) -> Run:
         accelerator,
         accum,
         steps,
+        pairs_per_step,
         tokenizer,
         policy,
         reference,

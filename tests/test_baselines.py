@@ -12,6 +12,15 @@ from simpo_exp.losses import alphapo_loss, cpo_loss, dpo_loss, ipo_loss, orpo_lo
 from simpo_exp.methods import preference_loss
 from tests.test_run import simpo
 
+# a few steps on a small synthetic set, no intermediate evals or W&B: runs whose keys and values are compared
+SHORT = [
+    "max_steps=3",
+    "eval_steps=0",
+    "logger=none",
+    "dataset.synthetic.num_train=64",
+    "dataset.synthetic.num_test=16",
+]
+
 
 def t(*xs):
     return torch.tensor(xs, dtype=torch.float64)
@@ -123,15 +132,7 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
 
 
 def test_live_and_cached_reference_give_the_same_run(tmp_path):
-    common = [
-        "loss=dpo",
-        "max_steps=3",
-        "eval_steps=0",
-        "logger=none",
-        "dataset.synthetic.num_train=64",
-        "dataset.synthetic.num_test=16",
-        f"reference_cache_dir={tmp_path / 'cache'}",
-    ]
+    common = ["loss=dpo", *SHORT, f"reference_cache_dir={tmp_path / 'cache'}"]
     for mode in ("cached", "live"):
         res = simpo(*common, f"reference_mode={mode}", f"hydra.run.dir={tmp_path / mode}", cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -145,11 +146,7 @@ def test_simpo_and_dpo_sweep_is_comparable(tmp_path):
     res = simpo(
         "--multirun",
         "loss=simpo,dpo",
-        "max_steps=3",
-        "eval_steps=0",
-        "logger=none",
-        "dataset.synthetic.num_train=64",
-        "dataset.synthetic.num_test=16",
+        *SHORT,
         f"reference_cache_dir={tmp_path / 'cache'}",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
