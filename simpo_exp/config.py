@@ -139,6 +139,9 @@ class HardwareConfig:
     # segments (one SDPA call per sequence) | flex (one FlexAttention call per layer, block mask) | mask (4D mask)
     packing_attention: str = "segments"
     logps_chunk_size: int = 0  # > 0: log-probs in chunks of this many tokens (large vocabularies)
+    # liger: the head, log-softmax and loss fused per pair by Liger-Kernel (simpo_exp/fused.py; simpo, cpo, orpo,
+    # packing=none; no logits of the whole batch); none: the project's own head (chunked by logps_chunk_size)
+    fused_head: str = "none"
     # Batches of pairs of similar length (less padding under packing=none; simpo_exp/data/sampler.py).
     group_by_length: bool = False
     # Checkpoint files (simpo_exp/checkpoint.py): safetensors (pickle-free, one process writes it),
@@ -446,6 +449,7 @@ def _validate_hardware(h: HardwareConfig) -> None:
     _check_choice("hardware.packing", h.packing, ("auto",) + tuple(PACKINGS))
     _check_choice("hardware.packing_attention", h.packing_attention, tuple(PACKING_ATTENTIONS))
     _check(h.logps_chunk_size >= 0, "hardware.logps_chunk_size", h.logps_chunk_size, "must be >= 0 (0: no chunks)")
+    _check_choice("hardware.fused_head", h.fused_head, ("none", "liger"))
     _check_choice("hardware.checkpoint_format", h.checkpoint_format, CHECKPOINT_FORMATS)
     if h.peak_tflops is not None:
         _check(h.peak_tflops > 0, "hardware.peak_tflops", h.peak_tflops, "must be > 0 or null (looked up)")

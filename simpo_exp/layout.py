@@ -48,7 +48,8 @@ def choose_layout(hardware, device_type: str, model_config) -> BatchLayout:
     packing = hardware.packing
     if packing == "auto":
         softcap = getattr(model_config, "attn_logit_softcapping", None)
-        packing = "prefix_shared" if device_type == "cpu" and not softcap else "none"
+        fused = getattr(hardware, "fused_head", "none") != "none"  # the fused head runs on the padded layout only
+        packing = "prefix_shared" if device_type == "cpu" and not softcap and not fused else "none"
     if hardware.packing_attention == "flex" and packing != "none" and device_type != "cuda":
         raise ConfigError(
             f"hardware.packing_attention='flex' trains on a GPU only (torch has no FlexAttention "

@@ -272,9 +272,18 @@ def group_mask(groups: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
 
 # ----------------------------------------------------------------------------- the module
 class ResponseLogps(nn.Module):
-    def __init__(self, model: nn.Module, chunk_size: int = 0, packing: str = "none", attention: str = "segments"):
+    def __init__(
+        self,
+        model: nn.Module,
+        chunk_size: int = 0,
+        packing: str = "none",
+        attention: str = "segments",
+        fused: nn.Module | None = None,
+    ):
         super().__init__()
         self.layout = BatchLayout(packing, attention, chunk_size)  # checks the values
+        # simpo_exp/fused.py: the head and the loss in one chunked call; forward then returns its FusedPreference
+        self.fused = fused
         self.model = model
         self.chunk_size = chunk_size
         self.packing = packing
@@ -291,8 +300,8 @@ class ResponseLogps(nn.Module):
                 )
 
     @classmethod
-    def for_layout(cls, model: nn.Module, layout: BatchLayout | None = None) -> "ResponseLogps":
-        return cls(model, **(layout or BatchLayout()).as_dict())
+    def for_layout(cls, model: nn.Module, layout: BatchLayout | None = None, fused=None) -> "ResponseLogps":
+        return cls(model, **(layout or BatchLayout()).as_dict(), fused=fused)
 
     # accelerate reads these off the module it prepares: DeepSpeed fills its "auto" bucket sizes from
     # config.hidden_size, FSDP shards per transformer layer by _no_split_modules.
@@ -343,6 +352,8 @@ class ResponseLogps(nn.Module):
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicts)[predicts]
             n = input_ids.shape[0]
             counts = predicts.sum(1)
+            if self.fused is not None:
+                return self.fused(self.model.get_output_embeddings(), states, targets, rows, n, counts)
         else:
             hidden = self._packed_hidden(input_ids, position_ids, segments, attn_groups)
             predicts = loss_mask.bool()

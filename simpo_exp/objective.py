@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from simpo_exp.config import Config, resolve_gamma
+from simpo_exp.fused import FusedPreference
 from simpo_exp.losses import nll_loss
 from simpo_exp.methods import TABLE, preference_loss
 from simpo_exp.reference import REF_COLUMNS
@@ -22,6 +23,8 @@ def batch_loss(policy, batch: dict, cfg: Config, reference=None):
     reference-based methods run without cached reference log-probs."""
     refs = [batch.pop(k) for k in REF_COLUMNS] if REF_COLUMNS[0] in batch else [None, None]
     out = policy(**batch)
+    if isinstance(out, FusedPreference):  # hardware.fused_head: the policy computed the loss itself
+        return fused_batch_loss(out, batch, cfg)
     n = out.num_tokens.shape[0] // 2  # rows [0, n) are chosen, [n, 2n) rejected
     if reference is not None:
         with torch.no_grad():
@@ -57,6 +60,41 @@ def batch_loss(policy, batch: dict, cfg: Config, reference=None):
     } | token_and_method_stats(cfg.method, out, n)
     rewards = torch.cat([pref.chosen_rewards, pref.rejected_rewards])
     return loss, stats, (rewards, lengths)
+
+
+def fused_batch_loss(out: FusedPreference, batch: dict, cfg: Config):
+    """``batch_loss`` for a fused head (simpo_exp/fused.py): the loss and rewards as the fused kernel returned
+    them, the statistics made from its per-response log-probs. It computes no per-token entropy or top-1
+    accuracy, so those two are absent (not zero)."""
+    n = out.num_tokens.shape[0] // 2
+    m, means, lengths = TABLE[cfg.method], out.logp_means, out.num_tokens.float()
+    sums = means * lengths
+    logps = sums if m.logps == "sum" else means
+    stats = {
+        "loss": out.loss.detach() * n,
+        "sft_loss": nll_loss(sums[:n], out.num_tokens[:n]) * n,
+        "rewards/chosen": out.chosen_rewards.sum(),
+        "rewards/rejected": out.rejected_rewards.sum(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().sum(),
+        "logps_mean/chosen": means[:n].sum(),
+        "logps_mean/rejected": means[n:].sum(),
+        "logps/chosen": logps[:n].sum(),
+        "logps/rejected": logps[n:].sum(),
+        "logits_response/chosen": out.logit_sums[0],
+        "logits_response/rejected": out.logit_sums[1],
+        "length/chosen": lengths[:n].sum(),
+        "length/rejected": lengths[n:].sum(),
+        "pairs": torch.tensor(float(n), device=out.loss.device),
+        "tokens": batch["attention_mask"].sum().float(),
+        "input_tokens": input_tokens(batch).to(out.loss.device),
+    }
+    if m.logits:
+        stats |= {"logits/chosen": out.logit_sums[0], "logits/rejected": out.logit_sums[1]}
+    if m.stats is not None:
+        stats |= m.stats(means[:n], means[n:])
+    rewards = torch.cat([out.chosen_rewards, out.rejected_rewards])
+    return out.loss, stats, (rewards, lengths)
 
 
 def loss_settings(cfg: Config) -> dict:

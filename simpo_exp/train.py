@@ -33,6 +33,7 @@ from simpo_exp.engine import SHARDED_ENGINES, engine_checkpoints, make_accelerat
 from simpo_exp.environment import environment_record
 from simpo_exp.errors import UserError, out_of_memory
 from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
+from simpo_exp.fused import fused_head
 from simpo_exp.layout import BatchLayout, choose_layout
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.methods import REFERENCE_METHODS
@@ -189,7 +190,7 @@ def set_up(cfg: Config) -> Run:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own fp32 master copy
         warn_if_updates_vanish(model, lr)
     layout = choose_layout(cfg.hardware, accelerator.device.type, model.config)
-    policy = ResponseLogps.for_layout(model, layout)
+    policy = ResponseLogps.for_layout(model, layout, fused=fused_head(cfg, layout, model))
     flops = flop_spec(model)  # before any sharding
     checkpoint_bytes = checkpoint.check_space(
         run_dir, model, cfg.save_total_limit, cfg.save_model, warn=accelerator.is_main_process

@@ -1,0 +1,123 @@
+"""hardware.fused_head=liger: Liger-Kernel's fused-linear preference losses against the project's padded path.
+
+Float32 on CPU (Liger's chunked losses are plain torch; run uncompiled here): on the same batch the fused
+path's loss, the gradients of the output head, the embedding, an attention weight and the final norm, the
+rewards and every logged statistic equal the padded path's within 1e-5 absolute (+1e-4 relative for
+gradients). The statistics Liger cannot produce (entropy, top-1 accuracy) are absent, not zero. Skipped
+where liger-kernel is not installed (pip install -e ".[gpu]"); the refusals are tested either way.
+"""
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from simpo_exp.config import ConfigError, to_config
+from simpo_exp.data.collate import PairCollator
+from simpo_exp.fused import FusedPreference, fused_head
+from simpo_exp.layout import BatchLayout, choose_layout
+from simpo_exp.logps import ResponseLogps
+from simpo_exp.objective import batch_loss
+from tests.test_perf_paths import make_model, random_pairs
+
+PAD = 0
+ATOL, RTOL = 1e-5, 1e-4
+ABSENT = ("entropy", "mean_token_accuracy")
+CASES = {
+    "simpo": ("beta=2.0", "gamma_beta_ratio=0.5", "label_smoothing=0.1", "sft_weight=0.3"),
+    "simpo-no-sft": ("beta=2.5", "gamma=1.2"),
+    "cpo": ("loss=cpo", "label_smoothing=0.05"),
+    "orpo": ("loss=orpo", "beta=0.5"),
+}
+
+
+def config(compose, *overrides):
+    return to_config(compose("hardware=cpu", "hardware.packing=none", *overrides))
+
+
+def watched(model) -> dict[str, nn.Parameter]:
+    return {
+        "lm_head": model.lm_head.weight,
+        "lm_head.bias": model.lm_head.bias,
+        "embed": model.model.embed_tokens.weight,
+        "q_proj": model.model.layers[0].self_attn.q_proj.weight,
+        "norm": model.model.norm.weight,
+    }
+
+
+def with_bias(model):
+    """The test model with a biased output head, so the fused path's bias correction is exercised."""
+    old = model.lm_head
+    model.lm_head = nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(old.weight)
+        model.lm_head.bias.normal_(0, 0.5)
+    return model
+
+
+def run(policy, batch, cfg):
+    model = policy.model
+    model.zero_grad()
+    loss, stats, (rewards, lengths) = batch_loss(policy, dict(batch), cfg)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in watched(model).items()}
+    return loss.detach(), {k: v.detach() for k, v in stats.items()}, rewards, lengths, grads
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_head_equals_the_padded_path(compose, case):
+    pytest.importorskip("liger_kernel")
+    cfg = config(compose, "hardware.fused_head=liger", *CASES[case])
+    model = with_bias(make_model(vocab=96, seed=3))
+    batch = PairCollator(PAD)(random_pairs(5, vocab=96, seed=7))  # uneven lengths: padding in every row
+    head = fused_head(cfg, BatchLayout(), model)
+    head.compiled = False  # compiling on a CPU takes long and changes nothing numerically
+    fused = run(ResponseLogps(model, fused=head), batch, cfg)
+    plain = run(ResponseLogps(model), batch, cfg)
+    assert isinstance(ResponseLogps(model, fused=head)(**batch), FusedPreference)
+
+    torch.testing.assert_close(fused[0], plain[0], atol=ATOL, rtol=0)
+    f_stats, p_stats = fused[1], plain[1]
+    assert set(f_stats) == set(p_stats) - set(ABSENT)
+    for key in f_stats:
+        # sums over the batch's pairs (up to ~60 here): float32 keeps ~4e-6 of them, hence the small rtol
+        torch.testing.assert_close(f_stats[key], p_stats[key], atol=ATOL, rtol=1e-6, msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(fused[2], plain[2], atol=ATOL, rtol=0)  # rewards per response
+    torch.testing.assert_close(fused[3], plain[3])  # lengths
+    for key, grad in fused[4].items():
+        assert grad.abs().max() > 0, key
+        torch.testing.assert_close(grad, plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {key}: {m}")
+
+
+def test_unsupported_methods_and_settings_are_refused_by_name(compose):
+    model = make_model()
+    for overrides, words in [
+        (("loss=dpo",), "method='dpo'"),
+        (("loss=alphapo",), "method='alphapo'"),
+        (("loss_type=hinge",), "loss_type='hinge'"),
+        (("loss=orpo", "sft_weight=0.5"), "sft_weight=0.5"),
+    ]:
+        cfg = config(compose, "hardware.fused_head=liger", *overrides)
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+            fused_head(cfg, BatchLayout(), model)
+    cfg = config(compose, "hardware.fused_head=liger")
+    with pytest.raises(ConfigError, match="hardware.packing=none"):
+        fused_head(cfg, BatchLayout("prefix_shared"), model)
+    assert fused_head(config(compose), BatchLayout(), model) is None  # fused_head=none: the project's head
+    with pytest.raises(ConfigError, match="hardware.fused_head"):
+        config(compose, "hardware.fused_head=triton")
+
+
+def test_packing_auto_takes_the_padded_layout_under_the_fused_head(compose):
+    cfg = to_config(compose("hardware=cpu", "hardware.packing=auto", "hardware.fused_head=liger"))
+    assert choose_layout(cfg.hardware, "cpu", make_model().config).packing == "none"
+    cfg = to_config(compose("hardware=cpu", "hardware.packing=auto"))
+    assert choose_layout(cfg.hardware, "cpu", make_model().config).packing == "prefix_shared"
+
+
+def test_a_missing_package_says_how_to_install_it(compose, monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import liger_kernel now raises ImportError
+    cfg = config(compose, "hardware.fused_head=liger")
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[gpu\]"'):
+        fused_head(cfg, BatchLayout(), make_model())
