@@ -31,6 +31,7 @@ baseline), ``torch.cuda.max_memory_allocated`` on GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -67,6 +68,8 @@ VARIANTS = {
     "packed-flex": dict(packing="packed", attention="flex", chunk_size=0),
     "prefix-flex": dict(packing="prefix_shared", attention="flex", chunk_size=0),
     "prefix-flex+chunk1024": dict(packing="prefix_shared", attention="flex", chunk_size=1024),
+    # hardware.fused_head=liger: Liger-Kernel's fused-linear SimPO loss, no batch-wide logits (padded layout)
+    "plain+liger": dict(packing="none", attention="segments", chunk_size=0, fused="liger"),
 }
 
 PRESETS = {
@@ -138,7 +141,15 @@ PRESETS = {
         warmup=3,
         steps=10,
         rounds=1,
-        variants=["plain", "plain+chunk1024", "prefix", "packed-flex", "prefix-flex", "prefix-flex+chunk1024"],
+        variants=[
+            "plain",
+            "plain+chunk1024",
+            "plain+liger",
+            "prefix",
+            "packed-flex",
+            "prefix-flex",
+            "prefix-flex+chunk1024",
+        ],
     ),
 }
 
@@ -245,6 +256,8 @@ def step_loss(policy, batch: dict):
     from simpo_exp.losses import nll_loss, simpo_loss
 
     out = policy(**batch)
+    if not hasattr(out, "logp_sums"):  # a fused head (simpo_exp/fused.py) returned the loss itself
+        return fused_step_loss(out, batch)
     n = out.num_tokens.shape[0] // 2
     logps = out.mean_logps
     pref = simpo_loss(logps[:n], logps[n:], BETA, GAMMA_BETA_RATIO)
@@ -261,6 +274,28 @@ def step_loss(policy, batch: dict):
         ]
     )
     return loss, stats
+
+
+def fused_step_loss(out, batch: dict):
+    """``step_loss`` for ``simpo_exp.fused.FusedPreference``: its loss, and the statistics it can give
+    (the logit sum over response tokens in place of the sum of per-row means)."""
+    import torch
+
+    from simpo_exp.losses import nll_loss
+
+    n = out.num_tokens.shape[0] // 2
+    sft = nll_loss((out.logp_means * out.num_tokens)[:n], out.num_tokens[:n])
+    stats = torch.stack(
+        [
+            sft.detach(),
+            out.chosen_rewards.sum(),
+            out.rejected_rewards.sum(),
+            (out.chosen_rewards > out.rejected_rewards).float().sum(),
+            out.logit_sums.sum(),
+            batch["attention_mask"].sum().float(),
+        ]
+    )
+    return out.loss, stats
 
 
 def make_trl_trainer(preset: dict, tok, rows: list[dict], model, out_dir: str, callbacks=(), bf16=None):
@@ -319,7 +354,14 @@ def make_ours(preset: dict, tok, model, variant: str):
     v = VARIANTS[variant]
     if preset["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = ResponseLogps(model, chunk_size=v["chunk_size"], packing=v["packing"], attention=v["attention"])
+    fused = None
+    if v.get("fused") == "liger":  # the run's SimPO settings, sft_weight 0 as step_loss
+        from simpo_exp.fused import LigerPreferenceHead
+
+        fused = LigerPreferenceHead("simpo", BETA, BETA * GAMMA_BETA_RATIO, 0.0, 0.0)
+    policy = ResponseLogps(
+        model, chunk_size=v["chunk_size"], packing=v["packing"], attention=v["attention"], fused=fused
+    )
     collate = PairCollator(tok.pad_token_id, packing=v["packing"], attention=v["attention"])
     return policy, collate
 
@@ -551,6 +593,9 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if any(VARIANTS[v].get("fused") == "liger" for v in variants) and not importlib.util.find_spec("liger_kernel"):
+        print("liger-kernel is not installed (pip install liger-kernel): the +liger variants are left out")
+        variants = [v for v in variants if VARIANTS[v].get("fused") != "liger"]
     rounds = args.rounds or preset["rounds"]
     base = {"preset": args.preset, "overrides": overrides, "threads": args.threads}
 

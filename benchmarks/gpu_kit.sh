@@ -24,7 +24,8 @@ from importlib.metadata import version as v
 names = ('transformers', 'peft', 'hydra-core', 'omegaconf', 'datasets', 'dill', 'multiprocess', 'pydantic',
          'pydantic-core', 'annotated-types', 'typing-inspection')
 print(' '.join(f'{p}=={v(p)}' for p in names))")
-python3 -m pip download -q --no-deps "${PY312[@]}" -d .whl $PINNED trl==1.16.0 hjson
+# liger-kernel: pure Python (its kernels are Triton, which the image's torch brings) for hardware.fused_head=liger
+python3 -m pip download -q --no-deps "${PY312[@]}" -d .whl $PINNED trl==1.16.0 hjson liger-kernel==0.8.5
 # source-only on PyPI: built here as pure-Python wheels (DeepSpeed compiles its ops on first use there)
 DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl \
     antlr4-python3-runtime==4.9.3 deepspeed

@@ -116,6 +116,8 @@ class LigerPreferenceHead(nn.Module):
         padded = states.new_zeros(n, width, states.shape[-1]).index_put((rows, pos), states)
         labels = targets.new_full((n, width), -100).index_put((rows, pos), targets)
         compiled = states.device.type == "cuda" if self.compiled is None else self.compiled
+        if not torch.is_grad_enabled():  # evaluation: Liger takes its gradients only of inputs that require them
+            weight, padded, bias = weight.detach(), padded.detach(), None if bias is None else bias.detach()
         loss, outs = self._loss(compiled)(weight, padded, labels, bias)
         chosen, rejected, chosen_logit_mean, rejected_logit_mean, _, chosen_rewards, rejected_rewards = outs[:7]
         logps = torch.cat([chosen, rejected]).detach().float()

@@ -101,6 +101,9 @@ HEADLINE_METRICS = [
 STEP_KEY = "train/global_step"
 SAMPLES_KEY = "train/samples_seen"
 SECRET_NAMES = ("api_key", "token", "secret", "password")
+# The W&B run a training run logged to (id, project, entity, group, job type, name, mode), written in the
+# run directory when W&B starts: the evaluate stage resumes that run by its id to add the benchmark numbers.
+WANDB_RECORD = "wandb_run.json"
 
 
 def batch_metrics(methods=("simpo",)) -> tuple[str, ...]:
@@ -190,6 +193,10 @@ class Tracker:
             log.info("W&B run %s (%s)", self.wandb_run.name, mode)
         except Exception as e:  # no network, bad key, bad entity...: keep training
             self._wandb_failed("start", e)
+        if self.wandb_run is not None:
+            r = self.wandb_run
+            identity = {"id": r.id, "project": r.project, "entity": r.entity or lc.entity, "group": r.group}
+            self.write_json(WANDB_RECORD, identity | {"job_type": lc.job_type, "name": r.name, "mode": mode})
 
     def _wandb_failed(self, what: str, e: Exception) -> None:
         message = f"W&B {what} failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only"

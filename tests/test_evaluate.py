@@ -17,7 +17,8 @@ import pytest
 from tests.test_run import simpo
 
 RUNS = [
-    "logger=none",
+    "logger=wandb",  # offline (the test's environment): evaluate adds its numbers to each job's W&B run
+    "logger.mode=offline",
     "max_steps=30",
     "dataset.synthetic.num_train=128",
     "dataset.synthetic.num_test=32",
@@ -111,6 +112,58 @@ def test_compare_refuses_an_unknown_metric_but_takes_bench_names(sweep):
     assert compare(str(sweep), "--metric", "nonsense", cwd=sweep.parent).returncode == 2
     res = compare(str(sweep), "--metric", "bench/alpacaeval2/win_rate", cwd=sweep.parent)
     assert res.returncode == 0 and "no run has bench/alpacaeval2/win_rate" in res.stdout
+
+
+# ----------------------------------------------------------------------------- W&B
+def wandb_files(job: Path) -> tuple[str, list[Path]]:
+    """The W&B run id training recorded and that run's offline files, oldest first."""
+    run_id = json.loads((job / "wandb_run.json").read_text())["id"]
+    return run_id, sorted((job / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+
+
+def test_results_are_added_to_the_training_runs_wandb_run(sweep):
+    from tests.test_wandb_offline import fold, read_wandb_log
+
+    for job in jobs(sweep):
+        run_id, files = wandb_files(job)
+        assert len(files) >= 2, files  # training's run file, then evaluation's, under the same id
+        train, ev = (fold(read_wandb_log(f)) for f in files[:2])
+        assert ev.run.run_id == train.run.run_id == run_id
+        assert ev.run.run_group == train.run.run_group == "sweep-" + sweep.name  # the sweep's W&B group
+        assert ev.run.display_name == train.run.display_name and "exit" in ev.kinds
+        metrics = json.loads((job / "eval" / "rule" / "results.json").read_text())["metrics"]
+        for name, value in metrics.items():
+            assert ev.summary[f"bench/rule/{name}"] == pytest.approx(value), name
+        assert not any(k.startswith("bench/") for k in train.summary)
+        (table,) = [row["bench/rule/samples"] for row in ev.history if "bench/rule/samples" in row]
+        assert table["_type"] == "table-file" and table["nrows"] == 8 and table["ncols"] >= 3
+
+
+def test_wandb_trouble_never_fails_the_evaluation(tmp_path, monkeypatch):
+    import wandb
+
+    from simpo_exp.evaluate import wandb_log
+    from simpo_exp.inference.files import write_json
+
+    write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 60.0}})
+    with pytest.warns(UserWarning, match="recorded no run id"):  # trained with W&B before the id was recorded
+        assert wandb_log.log_results(tmp_path, ["rule"], trained_with_wandb=True) is False
+    assert wandb_log.log_results(tmp_path, ["rule"], trained_with_wandb=False) is False  # W&B was off: silent
+
+    def broken_init(**kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    write_json(tmp_path / "wandb_run.json", {"id": "abc123", "project": "p", "group": "g", "mode": "online"})
+    with pytest.warns(UserWarning, match="no network"):
+        assert wandb_log.log_results(tmp_path, ["rule"]) is False
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_log.wandb_mode("online") == "offline" and wandb_log.wandb_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_log.wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_log.log_results(tmp_path, ["rule"]) is False  # disabled: nothing sent, nothing raised
 
 
 # ----------------------------------------------------------------------------- AlpacaEval, Arena-Hard, judge

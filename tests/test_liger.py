@@ -74,6 +74,8 @@ def test_fused_head_equals_the_padded_path(compose, case):
     head = fused_head(cfg, BatchLayout(), model)
     head.compiled = False  # compiling on a CPU takes long and changes nothing numerically
     fused = run(ResponseLogps(model, fused=head), batch, cfg)
+    with torch.no_grad():  # evaluation: Liger takes no gradients, the loss stays the same
+        torch.testing.assert_close(batch_loss(ResponseLogps(model, fused=head), dict(batch), cfg)[0], fused[0])
     plain = run(ResponseLogps(model), batch, cfg)
     assert isinstance(ResponseLogps(model, fused=head)(**batch), FusedPreference)
 

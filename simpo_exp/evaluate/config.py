@@ -21,6 +21,7 @@ BENCHMARK_KINDS = ("rule", "alpacaeval", "arena_hard", "lm_eval")
 JUDGE_KINDS = ("none", "rule", "openai", "alpaca_eval")
 BACKENDS = ("auto", "hf", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
+WANDB = ("auto", "off")
 
 
 @dataclass
@@ -82,6 +83,9 @@ class EvaluateSection:
     push_to_hub: bool = False  # upload <run>/model when a token is set (hub_repo, plus the run name in a sweep)
     hub_repo: str = ""
     hub_token_env: str = "HF_TOKEN"
+    # auto: add the results to the W&B run the training logged to (its id from <run>/wandb_run.json), in
+    # its mode (WANDB_MODE wins; online needs WANDB_API_KEY); off: results files only
+    wandb: str = "auto"
 
 
 @dataclass
@@ -155,6 +159,7 @@ def to_evaluate_config(cfg: DictConfig) -> EvaluateRunConfig:
     e = cfg.evaluate
     _check(bool(e.path), "evaluate.path", e.path, "give a run or sweep directory: python -m simpo_exp.evaluate DIR")
     _check_choice("evaluate.device", e.device, DEVICES)
+    _check_choice("evaluate.wandb", e.wandb, WANDB)
     if e.push_to_hub:
         _check(bool(e.hub_repo), "evaluate.hub_repo", e.hub_repo, "push_to_hub=true needs a repo id (user/name)")
     _check(bool(cfg.benchmarks), "benchmark", None, "choose at least one benchmark (benchmark=rule)")

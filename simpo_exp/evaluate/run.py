@@ -329,6 +329,11 @@ def evaluate_all(cfg) -> list[dict]:
             print(f"{run_dir.name}  {b.name}: {shown}  -> {results_path(run_dir, b.name)}", flush=True)
             records.append(rec)
         _finish_run(run_dir, run_cfg, e)
+        done = [r["benchmark"] for r in records if r["run_dir"] == str(run_dir.resolve())]
+        if e.wandb != "off" and done:
+            from simpo_exp.evaluate.wandb_log import log_results
+
+            log_results(run_dir, done, run_cfg.logger.init_timeout, trained_with_wandb=run_cfg.logger.wandb)
     if judge_failures:
         raise JudgeError("; ".join(dict.fromkeys(str(err) for err in judge_failures)))
     if len(runs) > 1:
