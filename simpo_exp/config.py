@@ -134,9 +134,14 @@ class HardwareConfig:
     deepspeed_config: Optional[str] = None
     # How a batch of pairs is laid out (simpo_exp/data/collate.py, simpo_exp/logps.py):
     # none (padded, chosen and rejected rows), packed (no padding), prefix_shared (the prompt
-    # encoded once per pair), or auto: prefix_shared on CPU, where it was measured fastest, none on GPU.
+    # encoded once per pair), or auto: prefix_shared on CPU, where it was measured fastest, none on GPU;
+    # or, where measure_layouts asks, the fastest of the candidates timed on the run's first batch.
     packing: str = "auto"
+    # packing=auto by measurement (simpo_exp/layout_auto.py): null = on CUDA devices, true = on any device,
+    # false = never (the fixed rule above). A resumed run keeps the layout its first start recorded.
+    measure_layouts: Optional[bool] = None
     # segments (one SDPA call per sequence) | flex (one FlexAttention call per layer, block mask) | mask (4D mask)
+    # | flash (flash-attn's variable-length kernel, one call per layer; GPU, packing=packed only)
     packing_attention: str = "segments"
     logps_chunk_size: int = 0  # > 0: log-probs in chunks of this many tokens (large vocabularies)
     # liger: the head, log-softmax and loss fused per pair by Liger-Kernel (simpo_exp/fused.py; simpo, cpo, orpo,

@@ -18,6 +18,9 @@ output is the same either way: one entry per sequence, chosen first (slot i), re
   per sequence: chosen = ``prompt chosen``; rejected = ``prompt rejected`` gathered together (its
   prompt-query outputs are dropped, so the prompt's keys and values are computed once and reused).
   No dense mask is built, and SDPA's causal kernels skip the masked half.
+- ``attention="flex"`` / ``"flash"``: the same one row and hook, but one kernel call per layer: FlexAttention
+  with a block mask (``flex_block_mask``), or flash-attn's ``flash_attn_varlen_func`` over the sequences'
+  ``cu_seqlens`` (``flash_seqlens``; ``packed`` only, as its masks are per sequence).
 - ``attention="mask"``: one row per pair with an explicit 4D mask (boolean for sdpa, additive for
   eager); works with any attention that takes a 4D mask, at O(L^2) per row.
 
@@ -116,6 +119,7 @@ class SegmentPlan:
         self.max_job = max(sum(self.sizes[i] for i in pieces) for pieces, _ in self.jobs)
         self.calls = 0
         self.block_mask = None  # set for attention="flex": one FlexAttention call per layer instead of the jobs
+        self.flash = None  # set for attention="flash": (cu_seqlens, max_seqlen) for flash-attn's varlen kernel
 
 
 def _job(pieces: tuple[torch.Tensor, ...], index: list[int]) -> torch.Tensor:
@@ -124,6 +128,9 @@ def _job(pieces: tuple[torch.Tensor, ...], index: list[int]) -> torch.Tensor:
     return torch.cat([pieces[i] for i in index], dim=2)
 
 
+# Opaque to torch.compile (hardware.compile, simpo_exp/compiled.py): traced, each batch's plan would be baked
+# into the layer's graph and recompile it every batch; the layer compiles around this call instead.
+@torch.compiler.disable
 def segment_attention(
     module,
     query,
@@ -146,7 +153,7 @@ def segment_attention(
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     plan = simpo_segments
     softcap = kwargs.get("softcap")
-    if softcap and plan.block_mask is None:
+    if softcap and plan.block_mask is None and plan.flash is None:
         raise ValueError(
             "segment attention does not implement attention-logit softcapping (Gemma 2): "
             "use packing_attention=flex or mask (with eager attention), or packing=none"
@@ -160,6 +167,8 @@ def segment_attention(
     if query.shape[0] != 1 or query.shape[2] != plan.length:
         raise ValueError(f"segment attention expects one packed row of {plan.length} tokens, got {tuple(query.shape)}")
     plan.calls += 1
+    if plan.flash is not None:
+        return flash_varlen_attention(query, key, value, plan.flash, scaling, dropout, softcap), None
     gqa = query.shape[1] != key.shape[1]
     if plan.block_mask is not None:
         score_mod = None
@@ -211,6 +220,35 @@ def flex_block_mask(segments: list, packing: str, device: torch.device):
         return (q >= k) & (doc[q] == doc[k]) & ~((role[q] == 2) & (role[k] == 1))
 
     return create_block_mask(visible, None, None, len(doc), len(doc), device=str(device))
+
+
+def flash_seqlens(segments: list, packing: str, device: torch.device) -> tuple[torch.Tensor, int]:
+    """flash-attn's description of a packed row: ``cu_seqlens`` (int32 [S + 1], where each sequence starts,
+    then the row's end) and the longest sequence. ``packed`` only: each sequence attends causally within
+    itself, which cannot express prefix sharing's rejected-blind-to-chosen mask."""
+    if packing != "packed":
+        raise ValueError(f"flash-attn's varlen attention serves packing='packed', not {packing!r}")
+    lengths = [n for p, c, r in segments for n in (p + c, p + r)]
+    starts = torch.tensor([0] + lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+    return starts, max(lengths)
+
+
+def flash_varlen_attention(query, key, value, seqlens, scaling, dropout, softcap) -> torch.Tensor:
+    """query [1, Hq, T, D], key and value [1, Hkv, T, D] of a packed row through
+    ``flash_attn.flash_attn_varlen_func`` (which takes [T, heads, D] and groups query heads itself);
+    returns [1, T, Hq, D]. flash-attn runs half precision only: float32 inputs (a run without autocast)
+    go in as bfloat16 and come back as float32."""
+    from flash_attn import flash_attn_varlen_func
+
+    cu_seqlens, longest = seqlens
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    if q.is_cuda and q.dtype == torch.float32:
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    out = flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, longest, longest,
+        dropout_p=dropout, softmax_scale=scaling, causal=True, softcap=softcap or 0.0,
+    )  # fmt: skip
+    return out.to(query.dtype)[None]
 
 
 _COMPILED_FLEX = None
@@ -291,7 +329,7 @@ class ResponseLogps(nn.Module):
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         if packing != "none":
             impl = model.config._attn_implementation or ""
-            if attention in ("segments", "flex"):
+            if attention in ("segments", "flex", "flash"):
                 install_segment_attention(model)
             elif impl.startswith("flash") or impl == "flex_attention":
                 raise ValueError(
@@ -384,6 +422,8 @@ class ResponseLogps(nn.Module):
         plan = SegmentPlan(segments, self.packing)
         if self.attention == "flex":
             plan.block_mask = flex_block_mask(segments, self.packing, input_ids.device)
+        elif self.attention == "flash":
+            plan.flash = flash_seqlens(segments, self.packing, input_ids.device)
         if input_ids.shape != (1, plan.length):
             raise ValueError(
                 f"packed batch of shape {tuple(input_ids.shape)} does not match its segments ({plan.length} tokens)"

@@ -34,7 +34,8 @@ from simpo_exp.environment import environment_record
 from simpo_exp.errors import UserError, out_of_memory
 from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
 from simpo_exp.fused import fused_head
-from simpo_exp.layout import BatchLayout, choose_layout
+from simpo_exp.layout import BatchLayout
+from simpo_exp.layout_auto import layout_for_run
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.methods import REFERENCE_METHODS
 from simpo_exp.metrics import Window, pearson
@@ -113,19 +114,7 @@ def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout:
         collate, columns = WithReference(collate), columns + list(REF_COLUMNS)
     elif cfg.method in REFERENCE_METHODS:
         reference = live_reference(model, layout).to(accelerator.device)
-    sampler = None
-    if cfg.hardware.group_by_length:
-        sampler = LengthGroupedSampler(pair_lengths(train_ds), cfg.per_device_train_batch_size, cfg.seed)
-    train_loader = DataLoader(
-        train_ds.select_columns(columns),
-        batch_size=cfg.per_device_train_batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=collate,
-        num_workers=cfg.hardware.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    train_loader = train_data_loader(cfg, train_ds.select_columns(columns), collate)
     eval_loader = DataLoader(
         eval_ds.select_columns(columns), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate
     )
@@ -135,6 +124,40 @@ def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout:
             f"{cfg.per_device_train_batch_size}"
         )
     return collate, reference, train_loader, eval_loader, eval_ds
+
+
+def train_data_loader(cfg: Config, train_ds, collate, num_workers: int | None = None) -> DataLoader:
+    """The train split's loader: shuffled from the seed (accelerate reseeds it per epoch), or in batches
+    of similar length where ``hardware.group_by_length`` asks."""
+    sampler = None
+    if cfg.hardware.group_by_length:
+        sampler = LengthGroupedSampler(pair_lengths(train_ds), cfg.per_device_train_batch_size, cfg.seed)
+    return DataLoader(
+        train_ds,
+        batch_size=cfg.per_device_train_batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=cfg.hardware.dataloader_num_workers if num_workers is None else num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def first_pairs(cfg: Config, train_ds, accelerator) -> list[dict]:
+    """This process's first training batch, as uncollated pairs, from a copy of the train loader prepared
+    as ``accelerator.prepare`` prepares it (the run's own loader is not touched)."""
+    from accelerate.data_loader import prepare_data_loader
+
+    loader = train_data_loader(cfg, train_ds.select_columns(list(MODEL_COLUMNS)), list, num_workers=0)
+    loader = prepare_data_loader(
+        loader,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        use_seedable_sampler=True,
+        data_seed=accelerator.dataloader_config.data_seed,
+    )
+    return next(iter(loader))
 
 
 def start_or_resume(
@@ -189,7 +212,9 @@ def set_up(cfg: Config) -> Run:
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
     if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own fp32 master copy
         warn_if_updates_vanish(model, lr)
-    layout = choose_layout(cfg.hardware, accelerator.device.type, model.config)
+    layout, layout_choice = layout_for_run(
+        cfg, accelerator, model, run_dir, lambda: first_pairs(cfg, train_ds, accelerator), tokenizer.pad_token_id
+    )
     policy = ResponseLogps.for_layout(model, layout, fused=fused_head(cfg, layout, model))
     flops = flop_spec(model)  # before any sharding
     checkpoint_bytes = checkpoint.check_space(
@@ -224,6 +249,7 @@ def set_up(cfg: Config) -> Run:
     }
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
     env = environment_record(cfg, accelerator, model, data_report, layout)
+    env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
     tracker = Tracker(
         run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env}, enabled=accelerator.is_main_process
     )

@@ -70,6 +70,32 @@ def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention):
         torch.testing.assert_close(g_fast[name], g_plain[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_flash_varlen_matches_the_plain_layout_on_cuda():
+    """packed + flash-attn's varlen kernel against the plain float32 path. flash-attn computes in bf16 (the
+    hook casts float32 queries, keys and values), so the tolerance is bf16's: log-probs within 5e-2, each
+    parameter's gradient within 5% of its norm."""
+    pytest.importorskip("flash_attn")
+    gen = torch.Generator().manual_seed(1)
+    pairs = []
+    for _ in range(4):
+        p, c, r = (
+            torch.randint(5, 900, (int(n),), generator=gen).tolist() for n in torch.randint(3, 60, (3,), generator=gen)
+        )
+        pairs.append({"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r})
+    results = []
+    for layout in ("none", "packed"):
+        model = _model(torch.float32)
+        policy = ResponseLogps(model, packing=layout, attention="flash")
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PairCollator(0, layout, "flash")(pairs).items()}
+        out = policy(**batch)
+        out.logp_sums.sum().backward()
+        results.append((out.mean_logps.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
+    (plain, g_plain), (fast, g_fast) = results
+    torch.testing.assert_close(fast, plain, atol=5e-2, rtol=0)
+    for name in g_plain:
+        assert (g_fast[name] - g_plain[name]).norm() <= 0.05 * g_plain[name].norm() + 1e-6, name
+
+
 def _run(tmp_path, *args):
     run = tmp_path / "run"
     res = simpo(*args, *RUN, f"hydra.run.dir={run}", cwd=tmp_path, timeout=900)
@@ -80,6 +106,9 @@ def _run(tmp_path, *args):
 def test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory(tmp_path):
     run, summary, env = _run(tmp_path, "hardware=gpu")
     assert env["mixed_precision"] == "bf16" and env["device"].startswith("cuda")
+    measured = env["layout_choice"]  # packing=auto on a GPU: the candidates timed on the first batch
+    assert measured["rule"] == "measured" and len(measured["candidates"]) >= 3
+    assert any(r.get("packing") == env["batch_layout"]["packing"] and "error" not in r for r in measured["candidates"])
     assert summary["train/gpu_max_allocated_gb"] > 0 and torch.isfinite(torch.tensor(summary["train/loss"]))
     if any(name in env["device_names"][0] for name in ("H100", "H200", "A100")):
         assert 0 < summary["train/mfu"] < 1

@@ -1,0 +1,219 @@
+"""``packing=auto`` by measurement: the run's first batch, timed in each layout the device can run.
+
+Where ``hardware.measure_layouts`` asks (``null``, the default: on CUDA devices; ``true``: on any device;
+``false``: never), set-up collates the first training batch for each candidate layout and times one
+forward and backward of the model on it (one warm-up pass, then two timed ones, the device synchronized
+around each; no optimizer step, the gradients dropped afterwards), and the run keeps the fastest.
+
+    candidates  CUDA: padded (none); prefix_shared and packed with FlexAttention; packed with flash-attn
+                where it is installed. Elsewhere: padded; prefix_shared and packed with segment attention
+                (not for models that softcap their attention logits, which segment attention lacks).
+    failures    a candidate that runs out of memory or that the model cannot run (its attention does not
+                take the project's hook, a sliding window shorter than the batch) is skipped, its reason
+                recorded; if every candidate fails the fixed rule of ``choose_layout`` decides.
+    record      ``env.json`` ``layout_choice``: how the layout was chosen, each candidate's seconds per
+                pass and first-batch loss (the mean response-token negative log-likelihood, the same in
+                every layout up to rounding), the measured batch's size.
+    resume      a resumed run keeps the layout its first start recorded in ``env.json`` (no new
+                measurement, so a resumed run never changes layout).
+
+The measurement runs under ``torch.random.fork_rng`` (the run's dropout stream is untouched) on a batch
+drawn from a separate copy of the train loader (the run's data order is untouched). Sharded engines
+(FSDP, DeepSpeed) are not measured: their weights are not whole on one device before ``prepare``.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from simpo_exp.layout import BatchLayout, check_attention, choose_layout
+
+log = logging.getLogger(__name__)
+
+TIMED_PASSES = 2  # after one warm-up pass
+
+
+def measuring(hardware, device_type: str) -> bool:
+    """Whether ``packing=auto`` is decided by measurement on this device."""
+    if hardware.packing != "auto":
+        return False
+    if hardware.measure_layouts is None:
+        return device_type == "cuda"
+    return bool(hardware.measure_layouts)
+
+
+def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: int | None = None) -> list:
+    """The layouts worth timing on this device for this model, the padded one first."""
+    out = [BatchLayout("none", "segments", chunk_size)]
+    window = getattr(model_config, "sliding_window", None)
+    if window and getattr(model_config, "use_sliding_window", True) and (max_length is None or window < max_length):
+        return out  # neither segments, flex nor flash implement a sliding window here
+    if device_type == "cuda":
+        out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
+        if importlib.util.find_spec("flash_attn") is not None:
+            out.append(BatchLayout("packed", "flash", chunk_size))
+    elif not getattr(model_config, "attn_logit_softcapping", None):
+        out += [BatchLayout("prefix_shared", "segments", chunk_size), BatchLayout("packed", "segments", chunk_size)]
+    return out
+
+
+def time_layout(model, layout: BatchLayout, pairs: list[dict], pad_token_id: int, device, autocast) -> dict:
+    """Seconds of each timed forward + backward of ``pairs`` in ``layout``, and the first pass's loss."""
+    from accelerate.utils import send_to_device
+
+    from simpo_exp.data.collate import PairCollator
+    from simpo_exp.logps import ResponseLogps
+
+    policy = ResponseLogps.for_layout(model, layout)
+    batch = send_to_device(PairCollator(pad_token_id, layout.packing, layout.attention)(pairs), device)
+    seconds, loss = [], None
+    try:
+        for _ in range(1 + TIMED_PASSES):
+            synchronize(device)
+            started = time.perf_counter()
+            with autocast():
+                out = policy(**batch)
+                nll = -out.logp_sums.sum() / out.num_tokens.sum().clamp(min=1)
+            nll.backward()
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+            loss = float(nll.detach()) if loss is None else loss
+    finally:
+        model.zero_grad(set_to_none=True)
+    timed = seconds[1:]
+    return {"seconds": timed, "mean_seconds": sum(timed) / len(timed), "loss": loss}
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, layouts: list, pairs: list[dict], pad_token_id: int, device, autocast) -> list[dict]:
+    """One row per layout: packing, attention, and either the timings or the reason it was skipped."""
+    rows = []
+    for layout in layouts:
+        row = {"packing": layout.packing, "attention": layout.attention}
+        try:
+            row |= time_layout(model, layout, pairs, pad_token_id, device, autocast)
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        except (ValueError, RuntimeError, NotImplementedError, ImportError) as e:
+            if layout.packing == "none":
+                raise  # the model's own attention failed: a real error, not a layout it cannot run
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if "error" in row:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def fastest(rows: list[dict]) -> dict | None:
+    timed = [r for r in rows if "error" not in r]
+    return min(timed, key=lambda r: r["mean_seconds"]) if timed else None
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'packing':<14} {'attention':<9} {'s/pass':>9} {'loss':>10}"]  # s/pass: mean of the timed passes
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['packing']:<14} {r['attention']:<9} skipped: {r['error']}")
+        else:
+            lines.append(f"{r['packing']:<14} {r['attention']:<9} {r['mean_seconds']:9.4f} {r['loss']:10.6f}")
+    return "\n".join(lines)
+
+
+def recorded_layout(run_dir: Path) -> dict | None:
+    """The ``batch_layout`` and ``layout_choice`` that an earlier start of this run wrote to env.json."""
+    from simpo_exp.checkpoint import checkpoint_dirs
+
+    path = Path(run_dir) / "env.json"
+    if not checkpoint_dirs(run_dir) or not path.is_file():
+        return None
+    try:
+        env = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(env.get("batch_layout"), dict):
+        return None
+    return {"batch_layout": env["batch_layout"], "layout_choice": env.get("layout_choice")}
+
+
+def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_token_id: int) -> tuple:
+    """The run's ``BatchLayout`` and how it was chosen (env.json's ``layout_choice``). ``first_pairs()``
+    gives the run's first training batch as a list of pairs; it is called only when measuring."""
+    from simpo_exp.engine import SHARDED_ENGINES, on_main
+
+    hw, device_type = cfg.hardware, accelerator.device.type
+    if hw.packing != "auto":
+        return choose_layout(hw, device_type, model.config), {"rule": "configured"}
+    if cfg.resume:
+        earlier = on_main(accelerator, lambda: recorded_layout(run_dir))
+        layout = earlier and keep_recorded(earlier["batch_layout"], hw.logps_chunk_size, device_type)
+        if layout:
+            log.info("packing=auto: resuming with the layout recorded at the first start: %s", layout)
+            return layout, {"rule": "recorded at the first start", "first_start": earlier["layout_choice"]}
+    if not measuring(hw, device_type):
+        return choose_layout(hw, device_type, model.config), {"rule": "fixed"}
+    if accelerator.distributed_type in SHARDED_ENGINES:
+        log.info("packing=auto: not measured under %s; fixed rule", accelerator.distributed_type.value)
+        return choose_layout(hw, device_type, model.config), {"rule": "fixed", "why": "sharded engine"}
+
+    def run():
+        pairs = first_pairs()
+        rows = measure_on_device(cfg, accelerator, model, pairs, pad_token_id)
+        size = {"pairs": len(pairs), "tokens": sum(len(p[k]) for p in pairs for k in PAIR_KEYS)}
+        return rows, size
+
+    rows, size = on_main(accelerator, run)
+    best = fastest(rows)
+    layout = (
+        BatchLayout(best["packing"], best["attention"], hw.logps_chunk_size)
+        if best
+        else choose_layout(hw, device_type, model.config)
+    )
+    log.info("packing=auto measured on %s (%d pairs); chose %s\n%s", device_type, size["pairs"], layout, table(rows))
+    return layout, {"rule": "measured", "device": device_type, "batch": size, "candidates": rows}
+
+
+PAIR_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+def keep_recorded(recorded: dict, chunk_size: int, device_type: str) -> BatchLayout | None:
+    """The recorded layout with this run's chunk size, or None (with a warning) if it cannot run here."""
+    from simpo_exp.config import ConfigError
+
+    try:
+        check_attention(recorded["packing"], recorded["attention"], device_type)
+        return BatchLayout(recorded["packing"], recorded["attention"], chunk_size)
+    except (ConfigError, ValueError, KeyError) as e:
+        log.warning("packing=auto: the recorded layout %s cannot run here (%s); choosing again", recorded, e)
+        return None
+
+
+def measure_on_device(cfg, accelerator, model, pairs: list[dict], pad_token_id: int) -> list[dict]:
+    """``measure`` with the model on the run's device in training mode, the random streams and the
+    model's attention implementation restored afterwards."""
+    device = accelerator.device
+    layouts = candidates(device.type, model.config, cfg.hardware.logps_chunk_size, cfg.max_length)
+    original, was_training = model.config._attn_implementation, model.training
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    model.to(device).train()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return measure(model, layouts, pairs, pad_token_id, device, accelerator.autocast)
+    finally:
+        model.train(was_training)
+        if model.config._attn_implementation != original:
+            model.set_attn_implementation(original)

@@ -1,0 +1,239 @@
+"""packing=auto by measurement (simpo_exp/layout_auto.py), and the flash-attn varlen path of the packed layout.
+
+The measurement is checked by its structure (every candidate timed or skipped with a reason, the loss the same
+in every layout, the random streams and the data order untouched, a resumed run keeping its recorded layout),
+never by timing values. flash-attn cannot be installed here (it builds against CUDA): its plumbing (cu_seqlens,
+the reshapes, the attention hook) is checked with a stand-in ``flash_attn`` module whose varlen function is
+plain per-sequence SDPA; tests/test_gpu.py compares the real kernel where it is installed.
+"""
+
+import contextlib
+import importlib.util
+import json
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simpo_exp import layout_auto
+from simpo_exp.config import ConfigError, to_config
+from simpo_exp.data.collate import PairCollator
+from simpo_exp.layout import BatchLayout, choose_layout
+from simpo_exp.logps import ResponseLogps, flash_seqlens
+from tests.test_perf_paths import PAD, make_model, random_pairs
+from tests.test_run import read_metrics, simpo
+
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- flash-attn's varlen path
+def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw):
+    """flash_attn_varlen_func's contract in plain torch: q [T, Hq, D], k and v [T, Hkv, D], each sequence
+    (between consecutive cu_seqlens) causal within itself, query heads grouped over the key heads."""
+    assert kw["causal"] is True and kw["dropout_p"] == 0.0 and kw["softcap"] == 0.0
+    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    bounds = cu_seqlens_q.tolist()
+    assert bounds[0] == 0 and bounds[-1] == q.shape[0] == k.shape[0]
+    assert max_seqlen_q == max_seqlen_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    for a, b in zip(bounds, bounds[1:]):
+        qs = q[a:b].transpose(0, 1)
+        ks, vs = (x[a:b].repeat_interleave(groups, dim=1).transpose(0, 1) for x in (k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=kw["softmax_scale"])
+        outs.append(o.transpose(0, 1))
+    reference_varlen.calls += 1
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_varlen_func = reference_varlen
+    reference_varlen.calls = 0
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    return reference_varlen
+
+
+def logps_and_grads(packing, attention, pairs):
+    model = make_model()
+    policy = ResponseLogps(model, packing=packing, attention=attention)
+    out = policy(**PairCollator(PAD, packing=packing, attention=attention)(pairs))
+    out.logp_sums.sum().backward()
+    return out.logp_sums.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_packed_flash_gives_the_padded_log_probs_and_gradients(fake_flash):
+    pairs = random_pairs(5, seed=3)
+    plain, g_plain = logps_and_grads("none", "segments", pairs)
+    flash, g_flash = logps_and_grads("packed", "flash", pairs)
+    assert fake_flash.calls == 2  # one call per layer (make_model: 2 layers), no per-sequence loop
+    torch.testing.assert_close(flash, plain, atol=1e-5, rtol=0)
+    for name in g_plain:
+        torch.testing.assert_close(g_flash[name], g_plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_flash_seqlens_cut_the_row_per_sequence():
+    cu, longest = flash_seqlens([[3, 4, 2], [5, 1, 6]], "packed", CPU)
+    assert cu.tolist() == [0, 7, 12, 18, 29] and cu.dtype == torch.int32 and longest == 11
+    with pytest.raises(ValueError, match="packed"):
+        flash_seqlens([[3, 4, 2]], "prefix_shared", CPU)
+
+
+@pytest.mark.parametrize(
+    "packing, device, match",
+    [
+        ("packed", "cpu", "not on cpu"),
+        ("prefix_shared", "cuda", "cannot keep the rejected response from seeing the chosen one"),
+        ("packed", "cuda", "needs the flash-attn package"),  # not installed here
+    ],
+)
+def test_flash_config_errors_name_the_key(compose, packing, device, match):
+    if "package" in match and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    hw = to_config(compose(f"hardware.packing={packing}", "hardware.packing_attention=flash")).hardware
+    with pytest.raises(ConfigError, match=match) as err:
+        choose_layout(hw, device, SimpleNamespace())
+    assert "hardware.packing_attention='flash'" in str(err.value)
+
+
+def test_prefix_sharing_cannot_be_built_with_flash():
+    with pytest.raises(ValueError, match="prefix"):
+        BatchLayout("prefix_shared", "flash")
+
+
+# ----------------------------------------------------------------------------- the measurement, in-process
+def test_measured_only_where_asked(compose):
+    hw = lambda *o: to_config(compose(*o)).hardware  # noqa: E731
+    assert not layout_auto.measuring(hw(), "cpu")  # the default CPU run keeps the fixed rule
+    assert layout_auto.measuring(hw(), "cuda")
+    assert layout_auto.measuring(hw("hardware.measure_layouts=true"), "cpu")
+    assert not layout_auto.measuring(hw("hardware.measure_layouts=false"), "cuda")
+    assert not layout_auto.measuring(hw("hardware.measure_layouts=true", "hardware.packing=none"), "cpu")
+
+
+def test_candidates_follow_the_device_and_the_model():
+    plain = SimpleNamespace()
+    names = lambda layouts: [(x.packing, x.attention) for x in layouts]  # noqa: E731
+    assert names(layout_auto.candidates("cpu", plain)) == [
+        ("none", "segments"),
+        ("prefix_shared", "segments"),
+        ("packed", "segments"),
+    ]
+    assert names(layout_auto.candidates("cuda", plain))[:3] == [
+        ("none", "segments"),
+        ("prefix_shared", "flex"),
+        ("packed", "flex"),
+    ]
+    assert names(layout_auto.candidates("cpu", SimpleNamespace(attn_logit_softcapping=50.0))) == [("none", "segments")]
+    short_window = SimpleNamespace(sliding_window=256)
+    assert names(layout_auto.candidates("cuda", short_window, max_length=1024)) == [("none", "segments")]
+    assert len(layout_auto.candidates("cuda", short_window, max_length=256)) >= 3
+
+
+def test_every_candidate_timed_with_the_same_loss():
+    model = make_model()
+    layouts = layout_auto.candidates("cpu", model.config)
+    rows = layout_auto.measure(model, layouts, random_pairs(4, seed=1), PAD, CPU, contextlib.nullcontext)
+    assert [(r["packing"], r["attention"]) for r in rows] == [(x.packing, x.attention) for x in layouts]
+    for r in rows:
+        assert len(r["seconds"]) == layout_auto.TIMED_PASSES and r["mean_seconds"] > 0
+        assert r["loss"] == pytest.approx(rows[0]["loss"], abs=1e-5)
+    assert layout_auto.fastest(rows) in rows
+    assert all(p.grad is None for p in model.parameters())  # gradients dropped, nothing to step
+
+
+def test_a_candidate_out_of_memory_is_skipped(monkeypatch):
+    real = layout_auto.time_layout
+
+    def short_of_memory(model, layout, *args):
+        if layout.packing == "prefix_shared":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, layout, *args)
+
+    monkeypatch.setattr(layout_auto, "time_layout", short_of_memory)
+    model = make_model()
+    rows = layout_auto.measure(
+        model, layout_auto.candidates("cpu", model.config), random_pairs(3), PAD, CPU, contextlib.nullcontext
+    )
+    assert rows[1] == {"packing": "prefix_shared", "attention": "segments", "error": "out of memory"}
+    assert layout_auto.fastest(rows)["packing"] in ("none", "packed")
+    assert "skipped: out of memory" in layout_auto.table(rows)
+
+
+def test_measurement_leaves_the_random_stream_and_the_attention_as_they_were():
+    model = make_model()
+    for layer in model.model.layers:  # attention dropout draws random numbers in every pass
+        layer.self_attn.attention_dropout = 0.1
+    cfg = SimpleNamespace(hardware=SimpleNamespace(logps_chunk_size=0), max_length=512)
+    accelerator = SimpleNamespace(device=CPU, autocast=contextlib.nullcontext)
+    pairs = random_pairs(3)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    rows = layout_auto.measure_on_device(cfg, accelerator, model.eval(), pairs, PAD)
+    assert torch.equal(torch.get_rng_state(), before) and len(rows) == 3
+    assert not model.training and model.config._attn_implementation == "sdpa"
+    layout_auto.measure(
+        model.train(), layout_auto.candidates("cpu", model.config), pairs, PAD, CPU, contextlib.nullcontext
+    )
+    assert not torch.equal(torch.get_rng_state(), before)  # without fork_rng the passes would have drawn
+
+
+# ----------------------------------------------------------------------------- through the training loop
+RUN = [
+    "max_steps=2",
+    "save_steps=1",
+    "eval_steps=0",
+    "logging_steps=1",
+    "logger=none",
+    "eval_on_start=false",
+    "num_generations=0",
+    "dataset.synthetic.num_train=16",
+    "dataset.synthetic.num_test=4",
+    "per_device_train_batch_size=4",
+]
+
+
+def run(tmp_path, name, *extra):
+    run_dir = tmp_path / name
+    res = simpo(*RUN, f"hydra.run.dir={run_dir}", *extra, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir, json.loads((run_dir / "env.json").read_text())
+
+
+def first_loss(run_dir):
+    return next(r["train/loss"] for r in read_metrics(run_dir) if r.get("step") == 1 and "train/loss" in r)
+
+
+def test_measured_run_picks_a_candidate_and_a_resume_keeps_it(tmp_path):
+    run_dir, env = run(tmp_path, "measured", "hardware.measure_layouts=true")
+    choice, chosen = env["layout_choice"], env["batch_layout"]
+    assert choice["rule"] == "measured" and choice["batch"]["pairs"] == 4
+    rows = choice["candidates"]
+    assert [(r["packing"], r["attention"]) for r in rows] == [
+        ("none", "segments"),
+        ("prefix_shared", "segments"),
+        ("packed", "segments"),
+    ]
+    assert all(len(r["seconds"]) == 2 and r["loss"] == pytest.approx(rows[0]["loss"], abs=1e-5) for r in rows)
+    assert (chosen["packing"], chosen["attention"]) in [(r["packing"], r["attention"]) for r in rows]
+
+    # the measurement left the weights, the data order and the random streams alone: step 1's loss is the
+    # padded run's (the same first batch, the same weights)
+    padded_dir, padded_env = run(tmp_path, "padded", "hardware.packing=none", "max_steps=1")
+    assert padded_env["layout_choice"] == {"rule": "configured"}
+    assert first_loss(run_dir) == pytest.approx(first_loss(padded_dir), abs=1e-5)
+
+    # a resume reads the layout back instead of measuring again: record another candidate and see it kept
+    other = next(r for r in rows if r["packing"] != chosen["packing"])
+    env["batch_layout"] = {"packing": other["packing"], "attention": other["attention"], "chunk_size": 0}
+    (run_dir / "env.json").write_text(json.dumps(env))
+    (run_dir / "finished.json").unlink()  # else the re-run is recognised as finished and skipped
+    _, resumed = run(tmp_path, "measured", "hardware.measure_layouts=true")
+    assert "resumed from" in (run_dir / "__main__.log").read_text()
+    assert resumed["batch_layout"]["packing"] == other["packing"]
+    assert resumed["layout_choice"]["rule"] == "recorded at the first start"
+    assert resumed["layout_choice"]["first_start"]["candidates"] == rows
