@@ -68,6 +68,8 @@ VARIANTS = {
     "packed-flex": dict(packing="packed", attention="flex", chunk_size=0),
     "prefix-flex": dict(packing="prefix_shared", attention="flex", chunk_size=0),
     "prefix-flex+chunk1024": dict(packing="prefix_shared", attention="flex", chunk_size=1024),
+    # flash-attn's variable-length kernel over the packed row (GPU with flash-attn; packed layout only)
+    "packed-flash": dict(packing="packed", attention="flash", chunk_size=0),
     # hardware.fused_head=liger: Liger-Kernel's fused-linear SimPO loss, no batch-wide logits (padded layout)
     "plain+liger": dict(packing="none", attention="segments", chunk_size=0, fused="liger"),
 }
@@ -147,6 +149,7 @@ PRESETS = {
             "plain+liger",
             "prefix",
             "packed-flex",
+            "packed-flash",
             "prefix-flex",
             "prefix-flex+chunk1024",
         ],
@@ -596,6 +599,9 @@ def main() -> None:
     if any(VARIANTS[v].get("fused") == "liger" for v in variants) and not importlib.util.find_spec("liger_kernel"):
         print("liger-kernel is not installed (pip install liger-kernel): the +liger variants are left out")
         variants = [v for v in variants if VARIANTS[v].get("fused") != "liger"]
+    if any(VARIANTS[v]["attention"] == "flash" for v in variants) and not importlib.util.find_spec("flash_attn"):
+        print("flash-attn is not installed (pip install flash-attn): the -flash variants are left out")
+        variants = [v for v in variants if VARIANTS[v]["attention"] != "flash"]
     rounds = args.rounds or preset["rounds"]
     base = {"preset": args.preset, "overrides": overrides, "threads": args.threads}
 
