@@ -123,3 +123,29 @@ def test_a_missing_package_says_how_to_install_it(compose, monkeypatch):
     cfg = config(compose, "hardware.fused_head=liger")
     with pytest.raises(ImportError, match=r'pip install -e "\.\[gpu\]"'):
         fused_head(cfg, BatchLayout(), make_model())
+
+
+def test_a_fused_run_trains_and_logs_as_the_padded_run(compose, tmp_path):
+    """Two short runs from the same seed, fused head and project head: the same losses and eval metrics,
+    step by step; the fused run leaves out the two per-token metrics Liger does not compute."""
+    pytest.importorskip("liger_kernel")
+    from simpo_exp.train import train
+    from tests.test_reliability import _tiny_config
+    from tests.test_run import read_metrics
+
+    rows = {}
+    for head in ("liger", "none"):
+        cfg = _tiny_config(
+            compose, tmp_path / head, "hardware=cpu", "hardware.packing=none", f"hardware.fused_head={head}",
+            "max_steps=3", "per_device_train_batch_size=4", "sft_weight=0.2",
+        )  # fmt: skip
+        train(cfg)
+        rows[head] = [r for r in read_metrics(tmp_path / head / "run") if "train/loss" in r or "eval/loss" in r]
+    assert [r["step"] for r in rows["liger"]] == [r["step"] for r in rows["none"]]
+    assert any("train/loss" in r for r in rows["liger"]) and any("eval/loss" in r for r in rows["liger"])
+    for fused, plain in zip(rows["liger"], rows["none"]):
+        assert not any(k.endswith(("/entropy", "/mean_token_accuracy")) for k in fused)
+        for key in ("train/loss", "train/sft_loss", "train/rewards/margins", "eval/loss", "eval/rewards/accuracies"):
+            if key in plain:
+                assert fused[key] == pytest.approx(plain[key], abs=1e-4), (plain["step"], key)
+        assert set(fused) == {k for k in plain if not k.endswith(("/entropy", "/mean_token_accuracy"))}
