@@ -149,3 +149,24 @@ def test_a_fused_run_trains_and_logs_as_the_padded_run(compose, tmp_path):
             if key in plain:
                 assert fused[key] == pytest.approx(plain[key], abs=1e-4), (plain["step"], key)
         assert set(fused) == {k for k in plain if not k.endswith(("/entropy", "/mean_token_accuracy"))}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_fused_head_on_cuda(compose):
+    """On a GPU Liger's chunk step runs under torch.compile: float32 equals the padded path (1e-4, as the
+    other CUDA paths in tests/test_gpu.py); under bf16 autocast the loss agrees to bf16's 5e-2 and trains."""
+    pytest.importorskip("liger_kernel")
+    cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo"])
+    model = with_bias(make_model(vocab=96, seed=3)).cuda()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PairCollator(PAD)(random_pairs(5, 96, 7)).items()}
+    head = fused_head(cfg, BatchLayout(), model)  # compiled: the default on CUDA
+    fused = run(ResponseLogps(model, fused=head), batch, cfg)
+    plain = run(ResponseLogps(model), batch, cfg)
+    torch.testing.assert_close(fused[0], plain[0], atol=1e-4, rtol=0)
+    for key, grad in fused[4].items():
+        torch.testing.assert_close(grad, plain[4][key], atol=1e-4, rtol=1e-3, msg=lambda m: f"grad {key}: {m}")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = run(ResponseLogps(model, fused=head), batch, cfg)
+        bf16_plain = run(ResponseLogps(model), batch, cfg)
+    torch.testing.assert_close(bf16[0], bf16_plain[0], atol=5e-2, rtol=0)
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in bf16[4].values())
