@@ -167,20 +167,42 @@ def test_wandb_trouble_never_fails_the_evaluation(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- AlpacaEval, Arena-Hard, judge
+def arena_label(a: str, b: str) -> str:
+    """The fake judge's Arena-Hard verdict: the longer answer wins, strongly when at least twice as long."""
+    if len(a) == len(b):
+        return "A=B"
+    long, short, name = (a, b, "A>{}B") if len(a) > len(b) else (b, a, "B>{}A")
+    return name.format(">" if len(long) >= 2 * len(short) else "")
+
+
+def arena_reply(messages: list[dict]) -> str:
+    """A reply to arena-hard-auto's judge prompt by ``arena_label``; questions with 'no verdict' never give a
+    label, those with 'late verdict' give it only when asked to finish."""
+    text = messages[1]["content"]
+    a = text.split("<|The Start of Assistant A's Answer|>\n", 1)[1].split("\n<|The End of Assistant A's", 1)[0]
+    b = text.split("<|The Start of Assistant B's Answer|>\n", 1)[1].split("\n<|The End of Assistant B's", 1)[0]
+    if "no verdict" in text or ("late verdict" in text and len(messages) == 2):
+        return "My own answer first: ... Both answers have merits."
+    return f"My own answer first: ... My final verdict is: [[{arena_label(a, b)}]]"
+
+
 class FakeJudge(BaseHTTPRequestHandler):
-    """An OpenAI-compatible /v1/chat/completions that prefers the longer output ('b' on a tie)."""
+    """An OpenAI-compatible /v1/chat/completions: for the one-letter prompt it prefers the longer output ('b'
+    on a tie); for arena-hard-auto's prompt it answers by ``arena_reply``."""
 
     requests: list[dict] = []
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeJudge.requests.append(body)
+        self.requests.append(body)  # the class's list (a subclass can keep its own)
         text = body["messages"][-1]["content"]
-        a = text.split("## Output (a)\n", 1)[1].split("\n\n## Output (b)\n", 1)[0]
-        b = text.split("\n\n## Output (b)\n", 1)[1].rsplit("\n\nReply with", 1)[0]
-        reply = json.dumps(
-            {"choices": [{"index": 0, "message": {"role": "assistant", "content": "a" if len(a) > len(b) else "b"}}]}
-        )
+        if body["messages"][0]["content"].startswith("Please act as an impartial judge"):
+            content = arena_reply(body["messages"])
+        else:
+            a = text.split("## Output (a)\n", 1)[1].split("\n\n## Output (b)\n", 1)[0]
+            b = text.split("\n\n## Output (b)\n", 1)[1].rsplit("\n\nReply with", 1)[0]
+            content = "a" if len(a) > len(b) else "b"
+        reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
         self.send_response(200 if self.path == "/v1/chat/completions" else 404)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -292,24 +314,36 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
         "model": "fake-judge",
         "annotators_config": "weighted_alpaca_eval_gpt4_turbo",
     }
-    assert all(r["model"] == "fake-judge" for r in judged["requests"]) and len(judged["requests"]) == 6 + 3
+    # AlpacaEval: one request per prompt; Arena-Hard: two games per question, each replied with a label at once
+    assert all(r["model"] == "fake-judge" for r in judged["requests"]) and len(judged["requests"]) == 6 + 2 * 3
     arena = json.loads((judged["job"] / "eval" / "arena-hard" / "results.json").read_text())
     answers = [
         json.loads(line)
         for f in (judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl")
         for line in f.read_text().splitlines()
     ]
+    model = [a["choices"][0]["turns"][0]["content"] for a in answers]
+    by_hand = arena_by_hand(model, ["y" * (10 * i + 5) for i in range(3)])
     assert arena["metrics"]["n"] == 3 and arena["metrics"]["win_rate"] == pytest.approx(
-        expected_rate(
-            ["q0", "q1", "q2"],
-            [a["choices"][0]["turns"][0]["content"] for a in answers],
-            ["y" * (10 * i + 5) for i in range(3)],
-        )
+        100 * sum(p for p, _ in by_hand) / sum(n for _, n in by_hand)
     )
+    assert arena["metrics"]["unparseable_games"] == 0 and "arena-hard-auto v0.1 score" in arena["win_rate_method"]
     print(
         f"\nfake judge (prefers the longer answer): AlpacaEval-format WR {res['metrics']['win_rate']:.1f}, "
-        f"Arena-Hard-format WR {arena['metrics']['win_rate']:.1f}"
+        f"Arena-Hard score {arena['metrics']['win_rate']:.1f} "
+        f"({arena['metrics']['win_rate_ci_low']:.1f}, {arena['metrics']['win_rate_ci_high']:.1f})"
     )
+
+
+def arena_by_hand(model: list[str], reference: list[str], weight: int = 3) -> list[tuple[float, int]]:
+    """Per question (the model's summed battle outcomes, battles) from the fake judge's two verdicts."""
+    battle = {"A>>B": (1.0, weight), "A>B": (1.0, 1), "A=B": (0.5, 1), "B>A": (0.0, 1), "B>>A": (0.0, weight)}
+    out = []
+    for m, r in zip(model, reference):
+        a_won_1, n1 = battle[arena_label(r, m)]  # game 1: the baseline is assistant A
+        a_won_2, n2 = battle[arena_label(m, r)]  # game 2: the model is assistant A
+        out.append(((1 - a_won_1) * n1 + a_won_2 * n2, n1 + n2))
+    return out
 
 
 def test_alpacaeval_outputs_follow_the_package_format(judged):
@@ -350,6 +384,130 @@ def test_arena_hard_answers_follow_arena_hard_auto_format(judged):
     for r in rows:
         assert r["model_id"] == files[0].stem and isinstance(r["tstamp"], float)
         assert r["choices"][0]["index"] == 0 and isinstance(r["choices"][0]["turns"][0]["content"], str)
+
+
+# ----------------------------------------------------------------------------- Arena-Hard scored as arena-hard-auto
+ARENA_CASES = [  # (question, the baseline's answer, the model's answer) for the fake judge's length rule
+    ("Explain sorting.", "r" * 10, "m" * 30),  # the model's twice as long: strong wins in both games
+    ("Explain hashing.", "r" * 10, "m" * 15),  # slightly longer: slight wins
+    ("Explain trees.", "r" * 20, "m" * 20),  # as long: ties
+    ("Explain graphs.", "r" * 25, "m" * 5),  # the baseline's 5 times as long: strong losses
+    ("Explain heaps (late verdict).", "r" * 12, "m" * 18),  # a label only once the judge is asked to finish
+    ("Explain tries (no verdict).", "r" * 5, "m" * 50),  # never a label: both games unparseable
+]
+
+
+class ArenaFakeJudge(FakeJudge):
+    requests: list[dict] = []
+
+
+@pytest.fixture
+def arena_judge(tmp_path):
+    """The fake endpoint on a free port, and a judging call against it writing under tmp_path."""
+    from simpo_exp.evaluate.arena import judge_arena_hard
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), ArenaFakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ArenaFakeJudge.requests.clear()
+
+    def run(texts: list[str], url: str = f"http://127.0.0.1:{port}/v1") -> dict:
+        judge = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
+        b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=judge)
+        prompts = [{"id": f"q{i}", "instruction": q, "reference": r} for i, (q, r, _) in enumerate(ARENA_CASES)]
+        return judge_arena_hard(b, prompts, texts, "my-model", "gpt-4-0314", tmp_path)
+
+    yield run
+    server.shutdown()
+
+
+def test_arena_hard_verdict_labels_are_read_as_arena_hard_auto_reads_them():
+    from simpo_exp.evaluate.arena import parse_label, question_outcomes
+
+    assert parse_label("My own answer: ... My final verdict is: [[A>>B]]") == ("A>>B", False)
+    assert parse_label("B is slightly better [[B>A]].\n\nFinal verdict: [[B>A]]") == ("B>A", False)
+    assert parse_label('My final verdict is tie: [[A=B]]".') == ("A=B", False)
+    assert parse_label("[[B<<A]]") == ("B<<A", False)  # a mirrored spelling, as show_result maps it
+    assert parse_label("Both are fine; I cannot decide.") == (None, True)  # no label: ask the judge to finish
+    assert parse_label("Verdict: [A>B], **B>A**") == (None, True)  # single brackets are no label
+    assert parse_label("First [[A>B]], on reflection [[B>A]]") == (None, False)  # two labels: no verdict
+    assert parse_label("[[A>>>B]]") == (None, False)  # one label, off the scale
+    # game 1 shows the baseline as A, game 2 the model: [[A>>B]] then [[A>B]] is 3 lost battles and 1 won
+    assert question_outcomes({"games": [{"score": "A>>B"}, {"score": "A>B"}]}, 3) == (1.0, 4, 0)
+    assert question_outcomes({"games": [{"score": "B>>A"}, {"score": None}]}, 3) == (3.0, 3, 1)
+
+
+def test_arena_hard_score_interval_and_judgments_match_arena_hard_auto(arena_judge, tmp_path):
+    import numpy as np
+
+    texts = [m for _, _, m in ARENA_CASES]
+    res = arena_judge(texts)
+    m, reqs = res["metrics"], list(ArenaFakeJudge.requests)
+    # by hand, per question (the model's outcomes summed over its battles, battles), strong verdicts 3 battles:
+    # [[B>>A]] [[A>>B]] 6 of 6; [[B>A]] [[A>B]] 2 of 2; two ties 1 of 2; [[A>>B]] [[B>>A]] 0 of 6; late 2 of 2
+    per_q = [(6.0, 6), (2.0, 2), (1.0, 2), (0.0, 6), (2.0, 2)]
+    assert arena_by_hand(texts[:5], [r for _, r, _ in ARENA_CASES[:5]]) == per_q
+    assert m["win_rate"] == pytest.approx(100 * 11 / 18)
+    assert (m["battles"], m["judged_games"], m["unparseable_games"]) == (18, 10, 2)
+    assert "2 of 12 judge replies gave no single verdict label" in res["notes"][0]
+    # the interval: 100 resamples of the 5 questions with verdicts (numpy's generator, seed 42), 2.5/97.5 percentiles
+    draws = np.random.default_rng(42).integers(0, 5, size=(100, 5))
+    rates = [100 * sum(per_q[i][0] for i in d) / sum(per_q[i][1] for i in d) for d in draws]
+    assert [m["win_rate_ci_low"], m["win_rate_ci_high"]] == pytest.approx(list(np.percentile(rates, [2.5, 97.5])))
+    assert m["win_rate_ci_low"] < m["win_rate"] < m["win_rate_ci_high"]
+    # requests: 2 games x 6 questions, plus one follow-up in each game of the late and the label-less question
+    assert len(reqs) == 12 + 4 and all(r["max_tokens"] == 4096 and r["temperature"] == 0 for r in reqs)
+    follow = [r["messages"] for r in reqs if len(r["messages"]) > 2]
+    assert len(follow) == 4 and all(f[2]["role"] == "assistant" for f in follow)
+    finish = "continue your judgment and finish by outputting a final verdict label"  # arena-hard-auto's follow-up
+    assert all(f[3]["content"] == finish for f in follow)
+
+    path = tmp_path / "model_judgment" / "org_fake-judge" / "my-model.jsonl"
+    assert res["judgments_path"] == str(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [f"q{i}" for i in range(6)]
+    for r, (q, ref, out) in zip(rows, ARENA_CASES):
+        assert set(r) == {"question_id", "model", "judge", "games"}
+        assert (r["model"], r["judge"]) == ("my-model", "org/fake-judge")
+        assert [sorted(g) for g in r["games"]] == [["judgment", "score", "user_prompt"]] * 2
+        start = f"<|User Prompt|>\n{q}\n\n<|The Start of Assistant A's Answer|>\n"
+        assert r["games"][0]["user_prompt"].startswith(start + ref + "\n")  # game 1: the baseline is A
+        assert r["games"][1]["user_prompt"].startswith(start + out + "\n")  # game 2: the model is A
+    labels = [["B>>A", "A>>B"], ["B>A", "A>B"], ["A=B", "A=B"], ["A>>B", "B>>A"], ["B>A", "A>B"], [None, None]]
+    assert [[g["score"] for g in r["games"]] for r in rows] == labels
+    assert rows[4]["games"][0]["judgment"].count("My own answer") == 2  # both replies kept, as arena-hard-auto does
+
+    # a re-run asks nothing again; a changed answer alone is judged again
+    assert arena_judge(texts)["metrics"] == m and len(ArenaFakeJudge.requests) == len(reqs)
+    changed = arena_judge([texts[0], "m" * 9, *texts[2:]])
+    assert len(ArenaFakeJudge.requests) == len(reqs) + 2  # q1's two games; q1 now 0 of 2
+    assert changed["metrics"]["win_rate"] == pytest.approx(100 * 9 / 18)
+    # an endpoint that does not answer: a clear error, the stored judgments stay
+    from simpo_exp.evaluate.judge import JudgeError
+
+    with pytest.raises(JudgeError, match="did not answer.*judge_only=true"):
+        arena_judge([texts[0], "m" * 8, *texts[2:]], url=f"http://127.0.0.1:{free_port()}/v1")
+    assert len(path.read_text().splitlines()) == 5  # q1's answer changed: its old judgment no longer holds
+
+
+def test_two_player_bradley_terry_fit_is_the_battles_mean_outcome():
+    """arena-hard-auto's fit (logistic regression over the battles, each tie one win and one loss of two
+    copies) gives the model's win rate against the baseline equal to the closed form used here."""
+    pytest.importorskip("sklearn")
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from simpo_exp.evaluate.arena import arena_score
+
+    rows = [{"games": [{"score": a}, {"score": b}]} for a, b in [("B>>A", "A>>B"), ("B>A", "A=B"), ("A>>B", "B>A")]]
+    outcomes = [1.0] * 6 + [1.0, 0.5] + [0.0] * 4  # the model's battles, a strong verdict's 3 times
+    x = np.tile([[1.0, -1.0]], (2 * len(outcomes), 1))  # columns: model, baseline (model plays first)
+    y = np.array([o >= 0.5 for o in outcomes] + [o > 0.5 for o in outcomes], dtype=float)  # a tie: one win, one loss
+    fit = LogisticRegression(fit_intercept=False, C=np.inf, tol=1e-10).fit(x, y)
+    bt = 100 / (1 + np.exp(-(fit.coef_[0][0] - fit.coef_[0][1])))
+    score = arena_score(rows, weight=3, rounds=10, seed=0)
+    assert score["win_rate"] == pytest.approx(100 * 7.5 / 12) and bt == pytest.approx(score["win_rate"], abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input

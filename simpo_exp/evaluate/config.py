@@ -51,6 +51,14 @@ class JudgeConfig:
     timeout_s: float = 60.0
     max_retries: int = 2
     concurrency: int = 4
+    # arena_hard with kind=openai, as arena-hard-auto v0.1 judges (simpo_exp/evaluate/arena.py): tokens per
+    # judge reply, replies per game before a game without a verdict label is given up, battles per strong
+    # verdict ([[A>>B]], [[B>>A]]), bootstrap rounds and seed of the win rate's 95% interval
+    max_tokens: int = 4096
+    label_attempts: int = 2
+    strong_weight: int = 3
+    bootstrap_rounds: int = 100
+    bootstrap_seed: int = 42
 
 
 @dataclass
@@ -139,7 +147,8 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
     if b.judge.kind == "openai":
         _check(bool(b.judge.base_url), f"{key}.judge.base_url", b.judge.base_url, "judge.kind=openai needs an endpoint")
         _check(bool(b.judge.model), f"{key}.judge.model", b.judge.model, "judge.kind=openai needs a model name")
-        _check(b.judge.concurrency >= 1, f"{key}.judge.concurrency", b.judge.concurrency, "must be >= 1")
+        for name in ("concurrency", "max_tokens", "label_attempts", "strong_weight", "bootstrap_rounds"):
+            _check(getattr(b.judge, name) >= 1, f"{key}.judge.{name}", getattr(b.judge, name), "must be >= 1")
     if b.kind == "lm_eval":
         _check(bool(b.tasks), f"{key}.tasks", b.tasks, "name at least one lm-eval task (e.g. [gsm8k])")
 

@@ -63,14 +63,11 @@ class PairwiseJudge:
         self.api_key = os.environ.get(j.api_key_env, "")
 
     def _ask(self, content: str) -> str:
-        body = json.dumps(
-            {
-                "model": self.j.model,
-                "temperature": 0,
-                "max_tokens": 8,
-                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}],
-            }
-        )
+        return self.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], max_tokens=8)
+
+    def chat(self, messages: list[dict], max_tokens: int) -> str:
+        """The endpoint's reply to ``messages`` (greedy), with ``max_retries`` more tries when it does not answer."""
+        body = json.dumps({"model": self.j.model, "temperature": 0, "max_tokens": max_tokens, "messages": messages})
         headers = {
             "Content-Type": "application/json",
             **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from simpo_exp.config import ConfigError
 from simpo_exp.evaluate import benchmarks as bm
+from simpo_exp.evaluate.arena import judge_arena_hard
 from simpo_exp.evaluate.config import decoding_for
 from simpo_exp.evaluate.judge import (
     ALPACA_EVAL_ROWS,
@@ -198,15 +199,12 @@ def _arena_hard(ctx: dict) -> dict:
     write_jsonl(out / "model_answer" / f"{model_id}.jsonl", bm.arena_answers(prompts, gens, model_id))
     texts = [g["text"] for g in gens]
     metrics = {"avg_tokens": _mean([g["n_tokens"] for g in gens]), "n": len(texts)}
-    notes = []
-    if b.judge.kind == "openai":
-        judged, notes = _judge_pairs(ctx, prompts, texts, info, model_id)
-        metrics.update(judged)
-        notes.append(
-            "pairwise win rate against the baseline's answers (ties half); arena-hard-auto's own score "
-            "uses graded verdicts and a Bradley-Terry fit"
-        )
-    return {"metrics": metrics, "notes": notes, "baseline": info["reference_generator"], "dataset_name": "Arena-Hard"}
+    record = {"notes": [], "baseline": info["reference_generator"], "dataset_name": "Arena-Hard"}
+    if b.judge.kind == "openai":  # arena-hard-auto's judge prompt, games and score (simpo_exp/evaluate/arena.py)
+        judged = judge_arena_hard(b, prompts, texts, model_id, info["reference_generator"], out)
+        metrics.update(judged.pop("metrics"))
+        record.update(judged)
+    return {"metrics": metrics, **record}
 
 
 def _lm_eval(ctx: dict) -> dict:

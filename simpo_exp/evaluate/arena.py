@@ -1,0 +1,213 @@
+"""Arena-Hard judged as arena-hard-auto (v0.1) judges it, and its score: win rate against the baseline.
+
+The facts below are arena-hard-auto's (lmarena/arena-hard-auto: ``config/judge_config.yaml``,
+``gen_judgment.py``, ``show_result.py`` of v0.1, the version the SimPO paper reports); the code is ours.
+
+- Judge prompt: its system prompt (the judge answers the question itself first, then compares) and
+  its user template with the question and the two answers as assistant A and B, verbatim below.
+- Two games per question: game 1 shows the baseline's answer as A and the model's as B, game 2 the
+  other way round. Greedy judge replies of at most ``judge.max_tokens`` (4096) tokens.
+- Verdict: the labels ``[[...]]`` in the reply (regex ``\\[\\[([AB<>=]+)\\]\\]``). One distinct label is
+  the verdict; none: the judge is asked to finish with a label (``judge.label_attempts`` replies in all,
+  2 in v0.1, joined by newlines in ``judgment``); several different labels: no verdict. A game without
+  a verdict stores ``score: null`` and adds no battle; results count these games.
+- Battles: a slight verdict (``A>B``, ``B>A``) is one battle, a strong one (``A>>B``, ``B>>A``)
+  ``judge.strong_weight`` battles (3), a tie ``A=B`` one tied battle.
+- Score: a Bradley-Terry fit over the battles (its logistic regression counts a tie as half a win for
+  each side) turned into the predicted win rate of the model against the baseline, in percent; the
+  interval is the 2.5 and 97.5 percentiles of bootstrap refits (100 rounds, seed 42).
+
+With two players the fit has a closed form. BT gives P(model beats baseline) = 1 / (1 + exp(r_b - r_m))
+= p, a single free number; the log-likelihood of battle outcomes s_i (1 win, 1/2 tie, 0 loss) is
+sum_i s_i log p + (1 - s_i) log(1 - p), which is largest at p = sum_i s_i / N: the win rate is the
+battles' mean outcome (ties half, strong verdicts counted ``strong_weight`` times). The bootstrap here
+resamples questions, not single battles as arena-hard-auto does: the battles of one question come
+from the same two answers, so resampling them apart would understate the spread.
+
+Judgments go to ``model_judgment/<judge model>/<model>.jsonl`` in arena-hard-auto's format
+(``question_id``, ``model``, ``judge``, ``games: [{user_prompt, judgment, score}, x2]``), which its
+``show_result.py`` reads. A stored judgment is reused when its judge and both prompts (question and
+answers) are unchanged, so an interrupted judging resumes and a re-run asks nothing twice.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+from simpo_exp.config import ConfigError
+from simpo_exp.evaluate.judge import JudgeError, PairwiseJudge
+from simpo_exp.inference.files import read_jsonl, write_jsonl
+
+SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants "
+    "to the user prompt displayed below. You will be given assistant A's answer and assistant B's answer. Your "
+    "job is to evaluate which assistant's answer is better.\n\nBegin your evaluation by generating your own "
+    "answer to the prompt. You must provide your answers before judging any answers.\n\nWhen evaluating the "
+    "assistants' answers, compare both assistants' answers with your answer. You must identify and correct any "
+    "mistakes or inaccurate information.\n\nThen consider if the assistant's answers are helpful, relevant, and "
+    "concise. Helpful means the answer correctly responds to the prompt or follows the instructions. Note when "
+    "user prompt has any ambiguity or more than one interpretation, it is more helpful and appropriate to ask "
+    "for clarifications or more information from the user than providing an answer based on assumptions. "
+    "Relevant means all parts of the response closely connect or are appropriate to what is being asked. "
+    "Concise means the response is clear and not verbose or excessive.\n\nThen consider the creativity and "
+    "novelty of the assistant's answers when needed. Finally, identify any missing important information in "
+    "the assistants' answers that would be beneficial to include when responding to the user prompt.\n\nAfter "
+    "providing your explanation, you must output only one of the following choices as your final verdict with "
+    "a label:\n\n1. Assistant A is significantly better: [[A>>B]]\n2. Assistant A is slightly better: "
+    "[[A>B]]\n3. Tie, relatively the same: [[A=B]]\n4. Assistant B is slightly better: [[B>A]]\n5. Assistant B "
+    'is significantly better: [[B>>A]]\n\nExample output: "My final verdict is tie: [[A=B]]".'
+)
+USER = (
+    "<|User Prompt|>\n{question}\n\n<|The Start of Assistant A's Answer|>\n{a}\n<|The End of Assistant A's "
+    "Answer|>\n\n<|The Start of Assistant B's Answer|>\n{b}\n<|The End of Assistant B's Answer|>"
+)
+CONTINUE = "continue your judgment and finish by outputting a final verdict label"
+LABEL = re.compile(r"\[\[([AB<>=]+)\]\]")
+# label -> (assistant A's outcome: 1 win, 0.5 tie, 0 loss; strong verdict); mirrored spellings as show_result v2 has
+OUTCOME = {
+    "A>>B": (1.0, True),
+    "A>B": (1.0, False),
+    "A=B": (0.5, False),
+    "B>A": (0.0, False),
+    "B>>A": (0.0, True),
+    "B<<A": (1.0, True),
+    "B<A": (1.0, False),
+    "B=A": (0.5, False),
+    "A<B": (0.0, False),
+    "A<<B": (0.0, True),
+}
+METHOD = (
+    "arena-hard-auto v0.1 score: its judge prompt, two games per question (positions swapped), strong verdicts "
+    "weighted {w}, Bradley-Terry win rate against {baseline} in percent (closed form for two players: the "
+    "battles' mean outcome, ties half); 95% interval from {rounds} bootstrap rounds over questions (seed {seed})"
+)
+
+
+def parse_label(judgment: str) -> tuple[str | None, bool]:
+    """(verdict label or None, whether to ask again): no label asks again, two different labels give none."""
+    labels = set(LABEL.findall(judgment))
+    if len(labels) == 1:
+        label = labels.pop()
+        return (label if label in OUTCOME else None), False
+    return None, not labels
+
+
+def user_prompt(question: str, a: str, b: str) -> str:
+    return USER.format(question=question, a=a, b=b)
+
+
+class ArenaHardJudge(PairwiseJudge):
+    """Two games per question on an OpenAI-compatible endpoint, each a judgment record of arena-hard-auto."""
+
+    def game(self, question: str, a: str, b: str) -> dict:
+        prompt = user_prompt(question, a, b)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+        judgment, label = "", None
+        for _ in range(self.j.label_attempts):
+            reply = self.chat(messages, self.j.max_tokens)
+            judgment += "\n" + reply
+            label, again = parse_label(judgment)
+            if not again:
+                break
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": CONTINUE}]
+        return {"user_prompt": prompt, "judgment": judgment, "score": label}
+
+    def judgment(self, prompt: dict, model_text: str, model_id: str) -> dict:
+        q, base = prompt["instruction"], prompt["reference"]
+        games = [self.game(q, base, model_text), self.game(q, model_text, base)]  # game 2: positions swapped
+        return {"question_id": prompt["id"], "model": model_id, "judge": self.j.model, "games": games}
+
+    def judge_all(self, prompts: list[dict], texts: list[str], model_id: str, path: Path) -> list[dict]:
+        """Judgments in question order; stored ones reused; what finished is written even when the endpoint fails."""
+        done = stored_judgments(path, prompts, texts, self.j.model)
+        todo = [(p, t) for p, t in zip(prompts, texts) if p["id"] not in done]
+        error = None
+        with ThreadPoolExecutor(self.j.concurrency) as pool:
+            futures = {pool.submit(self.judgment, p, t, model_id): p["id"] for p, t in todo}
+            for fut in as_completed(futures):
+                if fut.cancelled():
+                    continue
+                try:
+                    done[futures[fut]] = fut.result()
+                except JudgeError as e:
+                    error = error or e
+                    for other in futures:
+                        other.cancel()
+        rows = [done[p["id"]] for p in prompts if p["id"] in done]
+        if rows:
+            write_jsonl(path, rows)
+        if error:
+            raise error
+        return rows
+
+
+def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: str) -> dict[str, dict]:
+    """``{question_id: judgment}`` of ``path`` still valid: same judge, same question and answers in both games."""
+    if not Path(path).is_file():
+        return {}
+    try:
+        rows = {str(r.get("question_id")): r for r in read_jsonl(path)}
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: not arena-hard-auto judgment lines ({e}); delete it to judge again") from e
+    valid = {}
+    for p, text in zip(prompts, texts):
+        r = rows.get(p["id"])
+        q, base = p["instruction"], p["reference"]
+        expected = [user_prompt(q, base, text), user_prompt(q, text, base)]
+        if r and r.get("judge") == judge and [g.get("user_prompt") for g in r.get("games", [])] == expected:
+            valid[p["id"]] = r
+    return valid
+
+
+def question_outcomes(row: dict, weight: int) -> tuple[float, int, int]:
+    """(the model's summed battle outcomes, battles, games without a verdict) of one judgment record."""
+    points, battles, missing = 0.0, 0, 0
+    for model_is_a, game in zip((False, True), row["games"]):
+        if game.get("score") not in OUTCOME:
+            missing += 1
+            continue
+        a_outcome, strong = OUTCOME[game["score"]]
+        n = weight if strong else 1
+        points += n * (a_outcome if model_is_a else 1.0 - a_outcome)
+        battles += n
+    return points, battles, missing
+
+
+def arena_score(rows: list[dict], weight: int, rounds: int, seed: int) -> dict:
+    """Win rate against the baseline (percent) with its bootstrap interval, and the battle counts."""
+    per_q = np.array([question_outcomes(r, weight) for r in rows], dtype=float).reshape(-1, 3)
+    missing = int(per_q[:, 2].sum())
+    judged = per_q[per_q[:, 1] > 0]
+    out = {"battles": int(judged[:, 1].sum()), "unparseable_games": missing, "judged_games": 2 * len(rows) - missing}
+    if not len(judged):
+        return {**out, "win_rate": None, "win_rate_ci_low": None, "win_rate_ci_high": None}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(judged), size=(rounds, len(judged)))
+    boot = 100.0 * judged[idx, 0].sum(axis=1) / judged[idx, 1].sum(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {
+        **out,
+        "win_rate": 100.0 * float(judged[:, 0].sum() / judged[:, 1].sum()),
+        "win_rate_ci_low": float(low),
+        "win_rate_ci_high": float(high),
+    }
+
+
+def judge_arena_hard(b, prompts: list[dict], texts: list[str], model_id: str, baseline: str, out: Path) -> dict:
+    """Judge the answers as arena-hard-auto does; returns the runner's metrics, notes and method record."""
+    j = b.judge
+    path = Path(out) / "model_judgment" / j.model.replace("/", "_") / f"{model_id}.jsonl"
+    rows = ArenaHardJudge(j, f"benchmarks.{b.name}").judge_all(prompts, texts, model_id, path)
+    metrics = arena_score(rows, j.strong_weight, j.bootstrap_rounds, j.bootstrap_seed)
+    notes = []
+    if metrics["unparseable_games"]:
+        notes.append(
+            f"{metrics['unparseable_games']} of {2 * len(rows)} judge replies gave no single verdict label "
+            f"after {j.label_attempts} tries (score null in {path}); those games add no battles"
+        )
+    method = METHOD.format(w=j.strong_weight, baseline=baseline, rounds=j.bootstrap_rounds, seed=j.bootstrap_seed)
+    return {"metrics": metrics, "notes": notes, "win_rate_method": method, "judgments_path": str(path)}
