@@ -4,7 +4,8 @@ Per run directory and benchmark, under ``eval/<benchmark>/``:
     shards/<policy>-manifest.json, shards/<policy>-00000.jsonl   generations, one shard file at a time
     generations.jsonl                                           prompt, answer(s), score or verdict per prompt
     model_outputs.json (alpacaeval) | model_answer/<model>.jsonl (arena_hard)   the benchmark's own format
-    annotations.json                                            judged pairs (alpaca-eval's annotation format)
+    annotations.json (alpacaeval)                               judged pairs (alpaca-eval's annotation format)
+    model_judgment/<judge>/<model>.jsonl (arena_hard)           judgments (arena-hard-auto's format; arena.py)
     results.json                                                metrics (simpo_exp/inference/results.py)
 and ``model/README.md`` (the model card). Generations are written before any judge runs, so a judge
 that fails leaves them in place and ``evaluate.judge_only=true`` judges them again without sampling.
