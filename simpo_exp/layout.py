@@ -51,8 +51,8 @@ def choose_layout(hardware, device_type: str, model_config) -> BatchLayout:
     """The run's layout from ``hardware.packing`` / ``packing_attention`` / ``logps_chunk_size``, by a fixed
     rule (``simpo_exp.layout_auto`` measures the candidates instead where ``hardware.measure_layouts`` asks,
     by default on GPUs). ``packing=auto`` here: prefix sharing on CPU, where it was measured fastest
-    (benchmarks/RESULTS.md); the padded layout on GPU and for models whose attention softcaps its logits
-    (Gemma 2), which segment attention does not implement."""
+    (benchmarks/RESULTS.md); the padded layout on GPU, under a fused head (``hardware.fused_head``), and for
+    models whose attention softcaps its logits (Gemma 2), which segment attention does not implement."""
     packing = hardware.packing
     if packing == "auto":
         softcap = getattr(model_config, "attn_logit_softcapping", None)

@@ -16,6 +16,7 @@ around each; no optimizer step, the gradients dropped afterwards), and the run k
                 every layout up to rounding), the measured batch's size.
     resume      a resumed run keeps the layout its first start recorded in ``env.json`` (no new
                 measurement, so a resumed run never changes layout).
+    fused head  ``hardware.fused_head`` other than none runs padded batches only: auto is then ``none``.
 
 The measurement runs under ``torch.random.fork_rng`` (the run's dropout stream is untouched) on a batch
 drawn from a separate copy of the train loader (the run's data order is untouched). Sharded engines
@@ -162,6 +163,8 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
         if layout:
             log.info("packing=auto: resuming with the layout recorded at the first start: %s", layout)
             return layout, {"rule": "recorded at the first start", "first_start": earlier["layout_choice"]}
+    if getattr(hw, "fused_head", "none") != "none":  # the fused head (simpo_exp/fused.py): padded batches only
+        return choose_layout(hw, device_type, model.config), {"rule": "fixed", "why": "fused head"}
     if not measuring(hw, device_type):
         return choose_layout(hw, device_type, model.config), {"rule": "fixed"}
     if accelerator.distributed_type in SHARDED_ENGINES:

@@ -182,6 +182,15 @@ def test_measurement_leaves_the_random_stream_and_the_attention_as_they_were():
     assert not torch.equal(torch.get_rng_state(), before)  # without fork_rng the passes would have drawn
 
 
+def test_a_fused_head_keeps_auto_on_the_padded_layout(compose, tmp_path):
+    overrides = ("hardware.fused_head=liger", "hardware.measure_layouts=true", "resume=false")
+    cfg = to_config(compose(*overrides))
+    accelerator = SimpleNamespace(device=CPU, num_processes=1)
+    never = lambda: pytest.fail("measured")  # noqa: E731
+    layout, choice = layout_auto.layout_for_run(cfg, accelerator, make_model(), tmp_path, never, PAD)
+    assert layout.packing == "none" and choice == {"rule": "fixed", "why": "fused head"}
+
+
 # ----------------------------------------------------------------------------- through the training loop
 RUN = [
     "max_steps=2",
