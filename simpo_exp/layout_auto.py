@@ -19,8 +19,10 @@ around each; no optimizer step, the gradients dropped afterwards), and the run k
     fused head  ``hardware.fused_head`` other than none runs padded batches only: auto is then ``none``.
 
 The measurement runs under ``torch.random.fork_rng`` (the run's dropout stream is untouched) on a batch
-drawn from a separate copy of the train loader (the run's data order is untouched). Sharded engines
-(FSDP, DeepSpeed) are not measured: their weights are not whole on one device before ``prepare``.
+drawn from a separate copy of the train loader (the run's data order is untouched); on CUDA the peak-memory
+statistic is reset afterwards, so the run's reported peak is its own. ``hardware.packing_attention`` is not
+consulted: each candidate names its attention. Sharded engines (FSDP, DeepSpeed) are not measured: their
+weights are not whole on one device before ``prepare``.
 """
 
 from __future__ import annotations
@@ -220,3 +222,6 @@ def measure_on_device(cfg, accelerator, model, pairs: list[dict], pad_token_id: 
         model.train(was_training)
         if model.config._attn_implementation != original:
             model.set_attn_implementation(original)
+        if device.type == "cuda":  # the run's peak-memory figure (train/gpu_max_allocated_gb) starts after this
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
