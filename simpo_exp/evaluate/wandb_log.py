@@ -1,0 +1,107 @@
+"""Send a run's evaluation results to the W&B run its training logged to (same id, so the same sweep group).
+
+Training records its W&B run in ``<run>/wandb_run.json`` (``simpo_exp.tracking.WANDB_RECORD``: id,
+project, entity, group, job type, name, mode). Here that run is opened again with ``wandb.init(id=...,
+resume="allow")``; every benchmark's numbers go into its summary as ``bench/<benchmark>/<metric>`` (the
+names compare and the dashboard use), and a few judged rows of each benchmark evaluated now as a
+``wandb.Table`` (``bench/<benchmark>/samples``). The mode: ``WANDB_MODE`` when set (the user's word);
+else the run's own, except that an online run without ``WANDB_API_KEY`` now goes offline. An offline
+evaluation leaves a second ``offline-run-*-<id>`` folder under ``<run>/wandb/``; ``wandb sync`` uploads
+the folders of one id to that one run, oldest first. Runs with W&B off are left alone. As in
+``Tracker``, a W&B failure is a warning: the results files are already written and stay the record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from simpo_exp.inference.results import EVAL_DIR, read_results
+from simpo_exp.rundir import read_json, read_jsonl
+from simpo_exp.tracking import WANDB_RECORD
+
+log = logging.getLogger(__name__)
+SAMPLE_ROWS = 8  # judged rows per benchmark in the table
+
+
+def _warn(message: str) -> None:
+    log.warning(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def wandb_mode(recorded: str) -> str:
+    """The mode to reopen a run in: WANDB_MODE if set, else the run's, online only with a key."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if recorded == "online" and not os.environ.get("WANDB_API_KEY"):
+        return "offline"
+    return recorded
+
+
+def sample_rows(run_dir: Path, benchmark: str) -> tuple[list[str], list[list]]:
+    """Columns and the first few rows of a benchmark's judged answers (generations.jsonl or annotations.json)."""
+    out = Path(run_dir) / EVAL_DIR / benchmark
+    rows = read_jsonl(out / "generations.jsonl")
+    if not rows:
+        found = read_json(out / "annotations.json")  # {} when missing
+        rows = found if isinstance(found, list) else []
+    rows = [r for r in rows[:SAMPLE_ROWS] if isinstance(r, dict)]
+    if not rows:
+        return [], []
+    columns = [k for k, v in rows[0].items() if isinstance(v, (str, int, float))]
+    return columns, [[r.get(k) for k in columns] for r in rows]
+
+
+def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0, trained_with_wandb=False) -> bool:
+    """Add the run's ``bench/*`` numbers (and sample tables of ``benchmarks``) to its W&B run; True if sent."""
+    record_path = Path(run_dir) / WANDB_RECORD
+    if not record_path.is_file():
+        if trained_with_wandb:
+            _warn(
+                f"{run_dir}: the run logged to W&B but recorded no run id ({WANDB_RECORD}; runs trained before "
+                "it was written); its evaluation results stay in eval/*/results.json, not on W&B"
+            )
+        return False
+    try:
+        rec = json.loads(record_path.read_text())
+        mode = wandb_mode(rec.get("mode", "offline"))
+        if mode == "disabled":
+            return False
+        _send(Path(run_dir), rec, mode, benchmarks, init_timeout)
+        return True
+    except Exception as e:  # a W&B problem never fails the evaluation: its files are written
+        _warn(f"{run_dir}: W&B logging of the evaluation failed ({type(e).__name__}: {e}); results kept on disk")
+        return False
+
+
+def _send(run_dir: Path, rec: dict, mode: str, benchmarks: list[str], init_timeout: float) -> None:
+    import wandb
+
+    run = wandb.init(
+        id=rec["id"],
+        resume="allow",
+        project=rec.get("project"),
+        entity=rec.get("entity"),
+        group=rec.get("group"),
+        job_type=rec.get("job_type"),
+        name=rec.get("name"),
+        dir=str(run_dir),
+        mode=mode,
+        reinit="create_new",
+        settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=init_timeout),
+    )
+    try:
+        run.summary.update(read_results(run_dir))
+        tables = {}
+        for b in benchmarks:
+            columns, rows = sample_rows(run_dir, b)
+            if rows:
+                tables[f"bench/{b}/samples"] = wandb.Table(columns=columns, data=rows)
+        if tables:
+            run.log(tables)
+        log.info("evaluation of %s sent to W&B run %s (%s)", run_dir.name, rec["id"], mode)
+    finally:
+        run.finish()
