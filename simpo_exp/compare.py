@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from simpo_exp.inference.results import is_bench_metric, read_results
+from simpo_exp.inference.results import headline_keys, is_bench_metric, read_results
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import parse_overrides, read_json, read_jsonl, read_yaml
 from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, eval_keys, train_keys
@@ -319,8 +319,7 @@ def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | N
 
 def bench_columns(runs: list[Run]) -> list[str]:
     """The evaluate stage's headline numbers present in any run: each benchmark's win rates."""
-    found = dict.fromkeys(k for r in runs for k in r.bench)
-    return [k for k in found if k.rsplit("/", 1)[-1] in ("win_rate", "lc_win_rate")]
+    return headline_keys(k for r in runs for k in r.bench)
 
 
 def runs_table(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | None = None) -> list[dict]:

@@ -15,7 +15,11 @@ no such directory exists, a W&B group name. The view (``wandb_workspaces.workspa
   lists (train and eval), arranged in sections: preference, log-probs, optimisation, lengths, and
   the rest (a metric added to tracking.py lands in a panel without touching this file);
 - has a parallel-coordinates panel from the swept hyper-parameters to ``eval/rewards/accuracies``
-  and a runs table with the swept config columns and the headline summaries.
+  and a runs table with the swept config columns and the headline summaries;
+- when the jobs were evaluated (``python -m simpo_exp.evaluate``: ``eval/<benchmark>/results.json``,
+  sent to each job's W&B run summary as ``bench/<benchmark>/<metric>``), an "Evaluation" section with a
+  bar chart per such metric, grouped like the runs (mean and standard deviation over seeds), and the
+  win rates as table columns (the table sorted by the first) and parallel-coordinates axes.
 
 With ``WANDB_API_KEY`` set (and ``WANDB_MODE`` not offline/disabled) the view is saved to W&B and
 its URL printed. Either way its full spec (the ``model_dump`` of the view exactly as W&B stores it)
@@ -39,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from simpo_exp.inference.results import headline_keys, read_results
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import parse_overrides, select
 from simpo_exp.tracking import EVAL_ONLY_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS, batch_metrics
@@ -51,6 +56,7 @@ TARGET = "eval/rewards/accuracies"
 TARGET_SUMMARY = f"{TARGET}.last"
 # Summary columns of the runs table, after the swept config columns.
 TABLE_SUMMARIES = (TARGET_SUMMARY, "eval/rewards/margins", "eval/loss", "train/loss")
+EVAL_SECTION = "Evaluation"  # bench/<benchmark>/<metric> panels, when the jobs hold evaluate results
 # Without a sweep directory the swept keys are unknown: the knobs SimPO's authors tune (and the
 # Optuna preset searches), for the parallel-coordinates panel and the table, as the values the run
 # used (train.py logs them under "resolved" in the W&B config: learning_rate may come from the model).
@@ -130,6 +136,7 @@ class Sweep:
     path: Path | None = None
     jobs: list[Path] = field(default_factory=list)
     methods: tuple[str, ...] = METHODS  # the jobs' methods: which method-specific metrics get panels
+    bench: list[str] = field(default_factory=list)  # bench/<benchmark>/<metric> in the jobs' eval results
 
     @property
     def config_keys(self) -> list[str]:
@@ -138,8 +145,9 @@ class Sweep:
 
     @property
     def groupby(self) -> list[str]:
-        """Group runs by the swept keys; a one-job sweep has nothing to group (its overrides are columns)."""
-        return [] if len(self.jobs) == 1 else self.config_keys
+        """Group runs by the swept keys but ``seed``: the runs of one setting over several seeds make one group
+        (plots show their mean and spread). A one-job sweep has nothing to group (its overrides are columns)."""
+        return [] if len(self.jobs) == 1 else [k for k in self.config_keys if k != "seed"]
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:
@@ -260,6 +268,7 @@ def read_sweep(sweep_dir: Path) -> Sweep:
         path=sweep_dir,
         jobs=jobs,
         methods=tuple(sorted({c.get("method", "simpo") for c in configs})),
+        bench=list(dict.fromkeys(k for j in jobs for k in read_results(j))),  # what compare reads, too
     )
 
 
@@ -297,6 +306,10 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
                         title=f"swept hyper-parameters -> {TARGET} (final)",
                         columns=[wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in knobs]
                         + [
+                            wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(k), display_name=k)
+                            for k in headline_keys(sweep.bench)
+                        ]
+                        + [
                             wr.ParallelCoordinatesPlotColumn(
                                 metric=wr.SummaryMetric(TARGET_SUMMARY), display_name=TARGET
                             )
@@ -309,6 +322,8 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
             ],
         )
     ]
+    if sweep.bench:
+        sections.append(evaluation_section(sweep, stable))
     for sec in metric_sections(sweep.methods):
         sections.append(
             ws.Section(
@@ -320,6 +335,8 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
                 ],
             )
         )
+    ranked_by = headline_keys(sweep.bench)  # the runs table sorted by the first win rate, best first
+    order = {"order": [ws.Ordering(ws.Summary(ranked_by[0]), ascending=False)]} if ranked_by else {}
     return ws.Workspace(
         entity=entity or "",
         project=project,
@@ -332,10 +349,40 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
             pinned_columns=[
                 "run:displayName",
                 *(config_column(k) for k in knobs),
+                *(f"summary:{k}" for k in ranked_by),
                 *(f"summary:{k}" for k in TABLE_SUMMARIES),
             ],
+            **order,
         ),
     )
+
+
+def evaluation_section(sweep: Sweep, stable):
+    """One bar chart per ``bench/<benchmark>/<metric>`` of the jobs' evaluate results (W&B run summaries:
+    simpo_exp/evaluate/wandb_log.py). Runs are grouped as the runs table groups them (the swept keys but
+    seed), each bar the mean of its group with the standard deviation across the group's seeds as range."""
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+
+    by = sweep.groupby
+    grouping = {"groupby": wr.Config(by[0])} if len(by) == 1 else {"aggregate": bool(by)}
+    panels = [
+        stable(
+            wr.BarPlot(
+                title=key,
+                metrics=[key],
+                orientation="v",
+                groupby_aggfunc="mean",
+                groupby_rangefunc="stddev",
+                layout=wr.Layout(w=8, h=6),
+                **grouping,
+            ),
+            EVAL_SECTION,
+            key,
+        )
+        for key in sweep.bench
+    ]
+    return ws.Section(name=EVAL_SECTION, is_open=True, panels=panels)
 
 
 def view_spec(workspace) -> dict:
@@ -352,6 +399,8 @@ def spec_keys(spec: dict) -> dict[str, set[str]]:
             cfg = panel.get("config", {})
             if panel.get("viewType") == "Run History Line Plot":
                 history |= set(cfg.get("metrics", [])) | {cfg.get("xAxis")}
+            elif panel.get("viewType") in ("Bar Chart", "Scalar Chart"):  # a run's summary value each
+                summary |= set(cfg.get("metrics", []))
             for col in cfg.get("columns", []):
                 kind, _, key = col["accessor"].partition(":")
                 (summary if kind == "summary" else config).add(key)

@@ -172,3 +172,48 @@ def test_swept_config_groups_map_to_config_keys():
     choices = [{"hparams": "default"}, {"hparams": "instruct"}]
     assert dashboard.config_keys_for("hparams", hp, choices) == ["beta", "sft_weight"]
     assert dashboard.config_keys_for("nothing", hp, [{}, {}]) == []
+
+
+def test_no_evaluation_section_without_eval_results(spec):
+    sections = [s["name"] for s in spec["spec"]["section"]["panelBankConfig"]["sections"]]
+    assert dashboard.EVAL_SECTION not in sections
+    assert not any("bench/" in key for keys in dashboard.spec_keys(spec).values() for key in keys)
+
+
+def evaluated_sweep(root: Path, win_rates: dict[tuple[str, str], float]) -> Path:
+    """A --multirun directory as Hydra and the evaluate stage leave it (no training: only the files read here)."""
+    from simpo_exp.inference.files import write_json
+
+    sweep_dir = root / "2030-03-03_00-00-00"
+    for i, ((beta, seed), rate) in enumerate(win_rates.items()):
+        job = sweep_dir / f"{i}_beta={beta},seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- beta={beta}\n- seed={seed}\n")
+        (job / ".hydra" / "config.yaml").write_text(f"beta: {beta}\nseed: {seed}\nlogger:\n  project: simpo-exp\n")
+        (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  mode: MULTIRUN\n  sweep:\n    dir: {sweep_dir}\n")
+        write_json(job / "eval" / "rule" / "results.json", {"metrics": {"win_rate": rate, "score": 0.5, "n": 32}})
+    return sweep_dir
+
+
+def test_evaluation_panels_group_seeds_and_rank_the_table(tmp_path):
+    rates = {("2", "1"): 40.0, ("2", "2"): 50.0, ("5", "1"): 70.0, ("5", "2"): 80.0}
+    sweep = dashboard.read_sweep(evaluated_sweep(tmp_path, rates))
+    assert sweep.bench == ["bench/rule/win_rate", "bench/rule/score", "bench/rule/n"]
+    spec = dashboard.view_spec(dashboard.build_workspace(sweep, None, "simpo-exp"))
+    asked = dashboard.spec_keys(spec)
+    assert asked["grouping"] == {"config:beta.value"}  # seeds pooled: one group per beta
+    sections = {s["name"]: s for s in spec["spec"]["section"]["panelBankConfig"]["sections"]}
+    bars = sections[dashboard.EVAL_SECTION]["panels"]
+    assert [p["viewType"] for p in bars] == ["Bar Chart"] * 3
+    assert [p["config"]["metrics"] for p in bars] == [[k] for k in sweep.bench]
+    for p in bars:  # one bar per beta: the mean over its seeds, the standard deviation as its range
+        c = p["config"]
+        assert (c["groupAgg"], c["groupArea"], c["groupBy"], c["aggregate"]) == ("mean", "stddev", "beta.value", True)
+    assert set(sweep.bench) <= asked["summary"]
+    runset = spec["spec"]["section"]["runSets"][0]
+    assert "summary:bench/rule/win_rate" in runset["runFeed"]["columnOrder"]
+    assert "summary:bench/rule/score" not in runset["runFeed"]["columnOrder"]  # win rates only, as compare
+    first = runset["sort"]["keys"][0]  # the table sorted by the win rate, best first
+    assert first == {"key": {"section": "summary", "name": "bench/rule/win_rate"}, "ascending": False}
+    (pc,) = [p for p in sections["Sweep"]["panels"] if p["viewType"] == "Parallel Coordinates Plot"]
+    assert "summary:bench/rule/win_rate" in [c["accessor"] for c in pc["config"]["columns"]]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 PREFIX = "bench/"
 EVAL_DIR = "eval"
+# The numbers the runs of a sweep are ranked by (compare's and the dashboard's table columns): win rates.
+HEADLINE = ("win_rate", "lc_win_rate")
 
 
 def results_path(run_dir: Path, benchmark: str) -> Path:
@@ -49,3 +51,8 @@ def read_results(run_dir: Path) -> dict[str, float]:
 
 def is_bench_metric(name: str) -> bool:
     return name.startswith(PREFIX) and name.count("/") >= 2
+
+
+def headline_keys(keys) -> list[str]:
+    """The ``bench/<benchmark>/<metric>`` keys among ``keys`` that are win rates, first-seen order, no repeats."""
+    return [k for k in dict.fromkeys(keys) if is_bench_metric(k) and k.rsplit("/", 1)[-1] in HEADLINE]
