@@ -158,13 +158,21 @@ RM_RUN = [
 ]
 
 
-def test_reward_model_scorer_on_a_local_sequence_classifier(tiny_reward_model, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_generation(tiny_reward_model, tmp_path_factory):
+    """One uninterrupted reward-model generation, shared: its outputs are checked below and the resume
+    and split tests compare against them."""
+    out = tmp_path_factory.mktemp("ref") / "gen"
+    res = generate(*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}", cwd=out.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_reward_model_scorer_on_a_local_sequence_classifier(uninterrupted_generation, tiny_reward_model):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    out = tmp_path / "gen"
-    res = generate(*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = uninterrupted_generation
     report = json.loads((out / "report.json").read_text())
     rows = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert report["prompts"] == 9 and report["responses"] == 27 and len(rows) == report["pairs_kept"] >= 1
@@ -183,18 +191,10 @@ def test_reward_model_scorer_on_a_local_sequence_classifier(tiny_reward_model, t
     assert provenance["scorer"]["path"] == str(tiny_reward_model)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_generation(tiny_reward_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "gen"
-    res = generate(*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}", cwd=out.parent)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
-
-
 def test_killed_generation_resumes_to_the_same_data(uninterrupted_generation, tiny_reward_model, tmp_path):
     out = tmp_path / "gen"
     args = (*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}")
-    assert generate(*args, cwd=tmp_path).returncode == 0
+    shutil.copytree(uninterrupted_generation, out)  # a finished run of this command (in another directory)
     # what a kill leaves: the last shard unfinished (a half-written temporary file), no data set yet
     for name in ("responses-00002.jsonl", "scored-00002.jsonl", "scored-00001.jsonl"):
         (out / "shards" / name).unlink()

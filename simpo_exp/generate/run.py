@@ -136,7 +136,7 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
 def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: int) -> None:
     """This process's shards: sample the missing ones, then score the unscored ones."""
     from simpo_exp.inference.sampling import make_sampler
-    from simpo_exp.inference.scoring import make_scorer
+    from simpo_exp.inference.scoring import check_reward_model, make_scorer
     from simpo_exp.model import load_tokenizer
 
     mine = [i for i in range(len(shards)) if i % world == rank]
@@ -149,6 +149,8 @@ def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: i
     log.info(
         "process %d of %d: %d shards, %d to sample, %d to score", rank, world, len(mine), len(to_sample), len(to_score)
     )
+    if to_score and cfg.scorer.kind != "rule":
+        check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before sampling
     if to_sample:
         sampler = make_sampler(cfg, load_tokenizer(cfg.model))
         for i in to_sample:
