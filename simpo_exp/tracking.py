@@ -93,7 +93,7 @@ CONDITIONAL_METRICS = ("train/mfu", "train/gpu_max_allocated_gb")
 # Measurements of the machine, not of the run: they differ between two identical runs.
 MEASURED_METRICS = tuple(
     f"train/{m}" for m in ("step_time_s", "tokens_per_s", "samples_per_s", "mfu", "max_rss_gb", "gpu_max_allocated_gb")
-)
+) + ("train/compile_warmup_s",)  # summary.json under hardware.compile: seconds of the steps that compiled
 # The few numbers that judge a run: the end-of-run table and the compare command's columns.
 HEADLINE_METRICS = [
     f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps_mean/chosen", "logps_mean/rejected")
@@ -149,6 +149,15 @@ def _jsonable(v):
     return v
 
 
+def _read_record(path: Path) -> dict:
+    """The W&B record an earlier start of this run wrote ({} when there is none or it is unreadable)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 class Tracker:
     """Log metrics to ``metrics.jsonl`` and, if enabled, W&B. Only the main process should build one."""
 
@@ -169,10 +178,14 @@ class Tracker:
         if mode == "auto":
             # WANDB_MODE, when set, is the user's word; otherwise online only with an API key.
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        # A resumed run continues the W&B run its first start recorded, so its history stays one run.
+        previous = _read_record(self.run_dir / WANDB_RECORD)
+        resume = {"id": previous["id"], "resume": "allow"} if previous.get("id") else {}
         try:
             import wandb
 
             self.wandb_run = wandb.init(
+                **resume,
                 project=lc.project,
                 entity=lc.entity,
                 group=lc.group,

@@ -321,3 +321,44 @@ def test_wandb_mode_offline_wins_over_an_api_key(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="stop here"):
         Tracker(tmp_path, lc, {})
     assert seen["mode"] == "offline"
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """The second start of a run (a resume) asks W&B for the run id the first start recorded."""
+    import wandb
+
+    calls = []
+
+    class FakeRun:
+        def __init__(self, **kwargs):
+            self.id, self.project, self.entity = kwargs.get("id", "first-id"), kwargs["project"], None
+            self.group, self.name = kwargs["group"], kwargs["name"]
+
+        def define_metric(self, *args, **kwargs):
+            pass
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        return FakeRun(**kwargs)
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", fake_init)
+    lc = SimpleNamespace(
+        wandb=True,
+        mode="auto",
+        project="p",
+        entity=None,
+        group="g",
+        job_type="train",
+        run_name="r",
+        tags=[],
+        init_timeout=1.0,
+    )
+    Tracker(tmp_path, lc, {})
+    assert "id" not in calls[0]
+    assert json.loads((tmp_path / "wandb_run.json").read_text())["id"] == "first-id"
+    Tracker(tmp_path, lc, {})
+    assert calls[1]["id"] == "first-id" and calls[1]["resume"] == "allow"
+    (tmp_path / "wandb_run.json").write_text("{not json")  # a damaged record starts a new W&B run
+    Tracker(tmp_path, lc, {})
+    assert "id" not in calls[2]
