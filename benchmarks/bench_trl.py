@@ -20,8 +20,9 @@ that both sides see the same tokens: we never time a faster wrong thing.
 Each measurement runs in a fresh subprocess (peak RSS is per process), one after another, and the
 whole set is repeated ``--rounds`` times, interleaved, so slow drift on a shared machine hits both
 sides. A step's time runs from the end of the previous step to the end of this one (data loading
-included); the first ``--warmup`` steps are dropped; the figures are medians over the remaining
-steps of all rounds. pairs/s = batch / median step time (the headline); response tokens/s = the
+included); the first ``--warmup`` steps are dropped, and so is any step in which torch.compile built
+graphs (``<variant>+compile``: its compile warm-up is reported apart); the figures are medians over the
+remaining steps of all rounds. pairs/s = batch / median step time (the headline); response tokens/s = the
 median of per-step (response tokens / step time) - both sides see the same batches, so prompts
 counted twice by one and once by the other do not inflate either. Peak memory: RSS high-water mark
 on CPU (and its rise over the RSS just before training, which removes the shared import/model
@@ -73,6 +74,16 @@ VARIANTS = {
     # hardware.fused_head=liger: Liger-Kernel's fused-linear SimPO loss, no batch-wide logits (padded layout)
     "plain+liger": dict(packing="none", attention="segments", chunk_size=0, fused="liger"),
 }
+# Any variant with this suffix: the same with its decoder layers under torch.compile (hardware.compile,
+# simpo_exp/compiled.py). Steps that compiled are dropped from the figures like the warm-up steps.
+COMPILE_SUFFIX = "+compile"
+
+
+def variant_settings(name: str) -> dict:
+    """A variant's settings, ``compile`` included (``<variant>+compile``)."""
+    base = name.removesuffix(COMPILE_SUFFIX)
+    return VARIANTS[base] | {"compile": base != name}
+
 
 PRESETS = {
     "cpu": dict(
@@ -152,6 +163,7 @@ PRESETS = {
             "packed-flash",
             "prefix-flex",
             "prefix-flex+chunk1024",
+            "plain+compile",
         ],
     ),
 }
@@ -354,7 +366,7 @@ def make_ours(preset: dict, tok, model, variant: str):
     from simpo_exp.data.collate import PairCollator
     from simpo_exp.logps import ResponseLogps
 
-    v = VARIANTS[variant]
+    v = variant_settings(variant)
     if preset["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fused = None
@@ -366,6 +378,13 @@ def make_ours(preset: dict, tok, model, variant: str):
         model, chunk_size=v["chunk_size"], packing=v["packing"], attention=v["attention"], fused=fused
     )
     collate = PairCollator(tok.pad_token_id, packing=v["packing"], attention=v["attention"])
+    if v["compile"]:  # after ResponseLogps installed its attention hook, as simpo_exp/train.py does
+        from types import SimpleNamespace
+
+        from simpo_exp.compiled import compile_model
+
+        hardware = dict(compile_mode=None, compile_backend="inductor")
+        compile_model(model, SimpleNamespace(gradient_checkpointing=preset["gradient_checkpointing"], **hardware))
     return policy, collate
 
 
@@ -400,7 +419,8 @@ def worker_check(spec: dict) -> dict:
             if theirs != pair["prompt_input_ids"] + pair[f"{key}_input_ids"]:
                 raise SystemExit(f"token mismatch between TRL and this harness ({key}, row {i})")
     losses = {}
-    for variant in spec["variants"]:
+    # compiling is in place on the shared model: the compiled variants last
+    for variant in sorted(spec["variants"], key=lambda name: variant_settings(name)["compile"]):
         policy, collate = make_ours(preset, tok, model, variant)
         b = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(first).items()}
         with torch.no_grad():
@@ -441,6 +461,7 @@ def worker_ours(spec: dict) -> dict:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
+    from simpo_exp.compiled import graphs_built
     from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
 
     preset, tok, rows = setup(spec)
@@ -459,9 +480,10 @@ def worker_ours(spec: dict) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
-    marks = [time.perf_counter()]
+    marks, compiled = [time.perf_counter()], []
     for batch in loader:  # the inner loop of simpo_exp/train.py with accumulation 1
-        pairs_seen = float(attention_pairs(batch, VARIANTS[spec["variant"]]["packing"]))
+        graphs = graphs_built()
+        pairs_seen = float(attention_pairs(batch, variant_settings(spec["variant"])["packing"]))
         work.append(
             spec_flops.step_flops(float(batch["attention_mask"].sum()), float(batch["loss_mask"].sum()), pairs_seen)
         )
@@ -473,7 +495,9 @@ def worker_ours(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         marks.append(time.perf_counter())
+        compiled.append(graphs_built() > graphs)  # torch.compile built graphs in this step: a warm-up step
     out = finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]))
+    out["compiled"] = compiled
     peak = peak_flops(torch.device(device), "bf16" if preset["bf16"] else "no", None)
     if peak:
         out["mfu"] = [w / t / peak for w, t in zip(work, out["times"])]
@@ -532,9 +556,16 @@ def machine(threads: int | None = None) -> str:
     )
 
 
+def measured(run: dict, key: str, warmup: int) -> list:
+    """``run[key]`` over the measured steps: past the first ``warmup``, and none in which torch.compile
+    built graphs (``+compile`` variants: compiling happens in the first steps, and again on a recompile)."""
+    compiled = run.get("compiled") or [False] * len(run[key])
+    return [x for i, (x, c) in enumerate(zip(run[key], compiled)) if i >= warmup and not c]
+
+
 def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str) -> dict:
-    times = [t for r in runs for t in r["times"][warmup:]]
-    rates = [k / t for r in runs for k, t in zip(r["tokens"][warmup:], r["times"][warmup:])]
+    times = [t for r in runs for t in measured(r, "times", warmup)]
+    rates = [k / t for r in runs for k, t in zip(measured(r, "tokens", warmup), measured(r, "times", warmup))]
     med = statistics.median(times)
     out = {
         "name": name,
@@ -542,14 +573,17 @@ def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str)
         "median_step_s": med,
         "pairs_per_s": batch / med,
         "resp_tokens_per_s": statistics.median(rates),
-        "round_pairs_per_s": [batch / statistics.median(r["times"][warmup:]) for r in runs],
+        "round_pairs_per_s": [batch / statistics.median(measured(r, "times", warmup)) for r in runs],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "rss_rise_mb": max(r["peak_rss_mb"] - r["rss_before_mb"] for r in runs),
     }
     if device == "cuda":
         out["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in runs)
     if all("mfu" in r for r in runs):
-        out["mfu"] = statistics.median(m for r in runs for m in r["mfu"][warmup:])
+        out["mfu"] = statistics.median(m for r in runs for m in measured(r, "mfu", warmup))
+    if any(r.get("compiled") for r in runs):  # the compile steps' time, left out of the figures above
+        out["compile_steps"] = max(sum(r["compiled"]) for r in runs)
+        out["compile_warmup_s"] = max(sum(t for t, c in zip(r["times"], r["compiled"]) if c) for r in runs)
     return out
 
 
@@ -559,7 +593,9 @@ def main() -> None:
     )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument(
-        "--variants", help=f"comma list of our variants (default: the preset's); known: {', '.join(VARIANTS)}"
+        "--variants",
+        help=f"comma list of our variants (default: the preset's); known: {', '.join(VARIANTS)}, "
+        f"each also as <variant>{COMPILE_SUFFIX} (its layers under torch.compile)",
     )
     ap.add_argument("--rounds", type=int, help="repeat the whole set, interleaved (default: the preset's)")
     ap.add_argument("--steps", type=int, help="measured steps per run (default: the preset's)")
@@ -593,15 +629,16 @@ def main() -> None:
     except ImportError:
         raise SystemExit("TRL is not installed: pip install -e '.[bench]' (or pip install trl)")
     variants = args.variants.split(",") if args.variants else preset["variants"]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v.removesuffix(COMPILE_SUFFIX) not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    if any(VARIANTS[v].get("fused") == "liger" for v in variants) and not importlib.util.find_spec("liger_kernel"):
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}, each also with {COMPILE_SUFFIX}")
+    settings = {v: variant_settings(v) for v in variants}
+    if any(settings[v].get("fused") == "liger" for v in variants) and not importlib.util.find_spec("liger_kernel"):
         print("liger-kernel is not installed (pip install liger-kernel): the +liger variants are left out")
-        variants = [v for v in variants if VARIANTS[v].get("fused") != "liger"]
-    if any(VARIANTS[v]["attention"] == "flash" for v in variants) and not importlib.util.find_spec("flash_attn"):
+        variants = [v for v in variants if settings[v].get("fused") != "liger"]
+    if any(settings[v]["attention"] == "flash" for v in variants) and not importlib.util.find_spec("flash_attn"):
         print("flash-attn is not installed (pip install flash-attn): the -flash variants are left out")
-        variants = [v for v in variants if VARIANTS[v]["attention"] != "flash"]
+        variants = [v for v in variants if settings[v]["attention"] != "flash"]
     rounds = args.rounds or preset["rounds"]
     base = {"preset": args.preset, "overrides": overrides, "threads": args.threads}
 
@@ -637,7 +674,7 @@ def main() -> None:
                     print(f"round {r + 1}: {name:<18} FAILED: {res['error']}", flush=True)
                     continue
                 runs.setdefault(name, []).append(res)
-                med = statistics.median(res["times"][preset["warmup"] :])
+                med = statistics.median(measured(res, "times", preset["warmup"]))
                 print(
                     f"round {r + 1}: {name:<18} median step {med * 1e3:8.1f} ms  peak RSS {res['peak_rss_mb']:8.0f} MB"
                     f"  ({time.time() - started:.0f} s)",
@@ -674,6 +711,9 @@ def report(args, preset: dict, check: dict, order: list[str], runs: dict, starte
         print(line)
     for name in missing:
         print(f"{name:<18} not measured (failed or not reached)")
+    for row in rows:
+        if "compile_steps" in row:
+            print(f"{row['name']}: {row['compile_steps']} steps compiled, {row['compile_warmup_s']:.1f} s, left out")
     print(f"\ntotal {time.time() - started:.0f} s", flush=True)
     if args.json:
         Path(args.json).write_text(

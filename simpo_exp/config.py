@@ -30,6 +30,8 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 CHECKPOINT_FORMATS = ("auto", "safetensors", "accelerate")
 MASTER_WEIGHTS = ("fp32", "model")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager, eager: dynamo without code generation
 
 
 class ConfigError(UserError, ValueError):
@@ -149,6 +151,11 @@ class HardwareConfig:
     fused_head: str = "none"
     # Batches of pairs of similar length (less padding under packing=none; simpo_exp/data/sampler.py).
     group_by_length: bool = False
+    # torch.compile each decoder layer, dynamic shapes (simpo_exp/compiled.py); compile steps are left out of the
+    # step time (train/compile_warmup_s). compile_mode: null/default, reduce-overhead, max-autotune(-no-cudagraphs).
+    compile: bool = False
+    compile_mode: Optional[str] = None
+    compile_backend: str = "inductor"
     # Checkpoint files (simpo_exp/checkpoint.py): safetensors (pickle-free, one process writes it),
     # accelerate (accelerator.save_state on every process: what sharded FSDP/DeepSpeed state needs),
     # or auto: accelerate under FSDP and DeepSpeed, safetensors otherwise.
@@ -456,6 +463,10 @@ def _validate_hardware(h: HardwareConfig) -> None:
     _check(h.logps_chunk_size >= 0, "hardware.logps_chunk_size", h.logps_chunk_size, "must be >= 0 (0: no chunks)")
     _check_choice("hardware.fused_head", h.fused_head, ("none", "liger"))
     _check_choice("hardware.checkpoint_format", h.checkpoint_format, CHECKPOINT_FORMATS)
+    if h.compile_mode is not None:
+        _check_choice("hardware.compile_mode", h.compile_mode, COMPILE_MODES)
+        _check(h.compile, "hardware.compile_mode", h.compile_mode, "has no effect unless hardware.compile=true")
+    _check_choice("hardware.compile_backend", h.compile_backend, COMPILE_BACKENDS)
     if h.peak_tflops is not None:
         _check(h.peak_tflops > 0, "hardware.peak_tflops", h.peak_tflops, "must be > 0 or null (looked up)")
     if h.effective_batch_size is not None:

@@ -128,6 +128,9 @@ def _job(pieces: tuple[torch.Tensor, ...], index: list[int]) -> torch.Tensor:
     return torch.cat([pieces[i] for i in index], dim=2)
 
 
+# Opaque to torch.compile (hardware.compile, simpo_exp/compiled.py): traced, each batch's plan would be baked
+# into the layer's graph and recompile it every batch; the layer compiles around this call instead.
+@torch.compiler.disable
 def segment_attention(
     module,
     query,

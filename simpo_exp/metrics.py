@@ -14,6 +14,10 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum() / denom) if denom > 0 else float("nan")
 
 
+UNTIMED = "untimed/"  # prefix of the work sums of a window's untimed (compile) steps
+WORK_KEYS = ("tokens", "pairs", "length/chosen", "length/rejected", "attention_pairs")  # what throughput reads
+
+
 class Window:
     """Sums of batch statistics since the last report. They stay on the device where the batch was
     computed (0-dim tensors), so adding a micro-batch's statistics never waits for the device; the
@@ -23,17 +27,23 @@ class Window:
         self.sums: dict[str, torch.Tensor] = {k: torch.tensor(v) for k, v in (saved or {}).items()}
         self.seconds, self.steps = seconds, steps  # time in the window's training steps (not eval or saves)
 
-    def step_done(self, stats: "Window | None", seconds: float) -> None:
-        """Close an optimizer step: add its statistics (None for a skipped step) and its time."""
+    def step_done(self, stats: "Window | None", seconds: float, timed: bool = True) -> None:
+        """Close an optimizer step: add its statistics (None for a skipped step) and its time. An untimed
+        step (one that compiled: simpo_exp/compiled.py) counts in the means but not in the speed figures:
+        its time is left out, and so is its work (summed apart under ``untimed/``)."""
         if stats is not None:
             self.add(stats.sums)
-        self.seconds += seconds
-        self.steps += 1
+            if not timed:
+                self.add({f"{UNTIMED}{k}": v for k, v in stats.sums.items() if k in WORK_KEYS})
+        if timed:
+            self.seconds += seconds
+            self.steps += 1
 
     def train_report(self, accelerator, flops, peak: float | None) -> tuple[dict[str, float], dict[str, float]]:
         """``means`` under ``train/`` plus the window's speed, memory and MFU; starts a new window."""
         metrics, totals = self.means(accelerator, "train")
-        metrics |= throughput(totals, self.seconds, self.steps, flops, peak, accelerator)
+        timed = {k: v - totals.get(f"{UNTIMED}{k}", 0.0) for k, v in totals.items() if not k.startswith(UNTIMED)}
+        metrics |= throughput(timed, self.seconds, self.steps, flops, peak, accelerator)
         self.seconds, self.steps = 0.0, 0
         return metrics, totals
 
@@ -66,13 +76,13 @@ def throughput(totals: dict, seconds: float, steps: int, flops, peak: float | No
     """Speed and memory of a logging window: ``totals`` are its statistics summed over all processes."""
     import resource
 
-    seconds = max(seconds, 1e-9)
-    out = {
-        "train/step_time_s": seconds / max(steps, 1),
-        "train/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    }  # Linux: KiB
+    out = {"train/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
     if accelerator.device.type == "cuda":
         out["train/gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    if not steps:  # every step of the window compiled (torch.compile's warm-up): nothing timed
+        return out
+    seconds = max(seconds, 1e-9)
+    out["train/step_time_s"] = seconds / steps
     if not totals:  # every step of the window was skipped
         return out
     out["train/tokens_per_s"] = totals["tokens"] / seconds

@@ -26,6 +26,7 @@ from accelerate.utils import DistributedType, send_to_device
 from torch.utils.data import DataLoader
 
 from simpo_exp import checkpoint, finished, samples
+from simpo_exp.compiled import compile_for_run, eager_only
 from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
@@ -83,6 +84,7 @@ class Run:
     shown: list  # the eval pairs whose greedy completions are logged at each eval
     started: float
     bad_in_a_row: int = 0
+    compiler: Any = None  # a CompileWatch under hardware.compile (simpo_exp/compiled.py)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -231,6 +233,7 @@ def set_up(cfg: Config) -> Run:
         eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
     )
+    compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
     policy, optimizer, train_loader, eval_loader = accelerator.prepare(policy, optimizer, train_loader, eval_loader)
     steps = total_steps(cfg, len(train_loader), accum)
     scheduler = get_scheduler(
@@ -294,6 +297,7 @@ def set_up(cfg: Config) -> Run:
         checkpoint_bytes,
         samples.sample_pairs(eval_ds, cfg.num_generations) if generating else [],
         started,
+        compiler=compiler,
     )
 
 
@@ -312,6 +316,8 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     """One optimizer step over ``accum`` micro-batches; returns the gradient norm. A step whose gradient is not
     finite is skipped and counted; more than ``max_bad_steps`` of them in a row stop the run."""
     acc, state, started = run.accelerator, run.state, time.time()
+    if run.compiler is not None:
+        run.compiler.step_started()
     step_stats = Window()
     try:
         for _ in range(run.accum):
@@ -339,7 +345,9 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    window.step_done(step_stats if ok else None, time.time() - started)
+    seconds = time.time() - started
+    compiled = run.compiler is not None and run.compiler.step_finished(seconds, state.step)
+    window.step_done(step_stats if ok else None, seconds, timed=not compiled)  # compile warm-up: not timed
     return grad_norm
 
 
@@ -402,14 +410,15 @@ def evaluate_and_sample(run: Run, step: int) -> dict:
         with torch.no_grad():
             batch = send_to_device(run.collate(run.shown), acc.device)
             _, _, (rewards, _) = batch_loss(unwrapped, batch, run.cfg, run.reference)
-        texts = samples.generate(
-            unwrapped.model,
-            run.tokenizer,
-            run.shown,
-            run.cfg.max_new_tokens,
-            acc.device,
-            synced=acc.distributed_type in SHARDED_ENGINES,
-        )
+        with eager_only(run.compiler is not None):  # decoding shapes would only add compiled graphs
+            texts = samples.generate(
+                unwrapped.model,
+                run.tokenizer,
+                run.shown,
+                run.cfg.max_new_tokens,
+                acc.device,
+                synced=acc.distributed_type in SHARDED_ENGINES,
+            )
         run.tracker.log_generations(samples.generation_rows(step, run.shown, texts, rewards), step)  # main only
     return metrics
 
@@ -470,6 +479,8 @@ def finish(run: Run, summary: dict) -> dict:
         "train/skipped_steps": state.skipped_steps,
         "runtime_s": time.time() - run.started,
     } | run.summary_extra
+    if run.compiler is not None:  # the compile steps left out of train/step_time_s, tokens/s and MFU
+        summary |= run.compiler.summary()
     acc.wait_for_everyone()
     full_state_dict = None
     if run.cfg.save_model and acc.distributed_type in SHARDED_ENGINES:

@@ -1,0 +1,143 @@
+"""``torch.compile`` for training (``hardware.compile``), and telling compile steps from timed ones.
+
+What is compiled: each decoder layer on its own (``nn.Module.compile``, in place), with dynamic shapes,
+since every batch has a different length. The layers of a model share their code, so one graph serves
+them all (dynamo lifts their parameters to graph inputs), and compiling in place keeps the module tree,
+and so the ``state_dict`` keys, exactly as they were: a checkpoint written with compile loads without it
+and back. The embedding, the output head and the project's log-prob reduction stay eager; so does the
+project's segment attention (``simpo_exp.logps.segment_attention`` is opaque to dynamo: its per-batch
+plan would otherwise be traced into the graph and force a recompile every batch), which splits a layer
+into the graphs before and after its attention call.
+
+Under gradient checkpointing transformers wraps a layer's ``forward`` in ``torch.utils.checkpoint``, which
+dynamo captures whole, as one region that cannot contain a graph break. The packed layouts' segment
+attention is such a break, so there the layer's attention block and MLP are compiled one by one instead.
+
+``CompileWatch`` counts the graphs dynamo builds. A training step during which any were built (the first
+step, and any recompilation for a new shape or mode) is a warm-up step: the loop leaves its time out of
+``train/step_time_s``, tokens/s and MFU and records it as ``train/compile_warmup_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from simpo_exp.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MANY_RECOMPILE_STEPS = 3  # warn when more steps than this recompiled after the first one
+
+
+def compile_units(model: nn.Module, segment_attention: bool, checkpointing: bool) -> list[nn.Module]:
+    """The modules to compile: the decoder layers, or their attention blocks and MLPs where a layer under
+    gradient checkpointing would hold the segment attention's graph break."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ConfigError(
+            f"hardware.compile=true: no decoder layers found in {type(model).__name__} "
+            "(expected model.get_decoder().layers); set hardware.compile=false"
+        )
+    if not (segment_attention and checkpointing):
+        return list(layers)
+    parts = [getattr(layer, name, None) for layer in layers for name in ("self_attn", "mlp")]
+    if any(p is None for p in parts):
+        raise ConfigError(
+            f"hardware.compile=true with a packed layout and gradient checkpointing needs layers with "
+            f"self_attn and mlp blocks; {type(layers[0]).__name__} lacks them: set hardware.compile=false"
+        )
+    return parts
+
+
+def compile_model(model: nn.Module, hardware) -> int:
+    """Compile ``model``'s layers in place as ``hardware`` asks (``compile_mode``, ``compile_backend``,
+    ``gradient_checkpointing``), after any segment-attention hook is installed (``ResponseLogps`` does it);
+    returns how many modules were compiled."""
+    from simpo_exp.logps import SEGMENT_ATTENTION_PREFIX
+
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    segments = attention.startswith(SEGMENT_ATTENTION_PREFIX)
+    units = compile_units(model, segments, hardware.gradient_checkpointing)
+    mode = None if hardware.compile_mode in (None, "default") else hardware.compile_mode
+    for unit in units:
+        unit.compile(dynamic=True, backend=hardware.compile_backend, mode=mode)
+    log.info(
+        "torch.compile: %d modules (%s, backend %s, mode %s, dynamic shapes)",
+        len(units),
+        type(units[0]).__name__,
+        hardware.compile_backend,
+        mode or "default",
+    )
+    return len(units)
+
+
+def graphs_built() -> int:
+    """Graphs dynamo has compiled in this process so far (a cheap counter it keeps anyway)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CompileWatch:
+    """Which training steps compiled, and the seconds they took (the warm-up left out of the step time)."""
+
+    def __init__(self):
+        self.warmup_s = 0.0
+        self.warmup_steps = 0
+        self._mark = graphs_built()
+        self._warned = False
+
+    def step_started(self) -> None:
+        self._mark = graphs_built()
+
+    def step_finished(self, seconds: float, step: int) -> bool:
+        """Whether the step that took ``seconds`` compiled (and so is warm-up, not a timed step)."""
+        compiled = graphs_built() > self._mark
+        if compiled:
+            self.warmup_s += seconds
+            self.warmup_steps += 1
+            if self.warmup_steps > MANY_RECOMPILE_STEPS + 1 and not self._warned:
+                self._warned = True
+                log.warning(
+                    "torch.compile recompiled during %d training steps (the latest: step %d), each left out of "
+                    "the step time; new shapes or modes keep triggering it. TORCH_LOGS=recompiles says why; "
+                    "hardware.compile=false turns it off",
+                    self.warmup_steps - 1,
+                    step,
+                )
+        return compiled
+
+    def summary(self) -> dict:
+        return {
+            "train/compile_warmup_s": self.warmup_s,
+            "train/compile_warmup_steps": self.warmup_steps,
+            "train/compile_graphs": graphs_built(),
+        }
+
+
+def eager_only(active: bool = True):
+    """A context in which compiled modules run eagerly (generation: its cached decoding would add graphs
+    for shapes training never sees); a no-op context unless ``active``."""
+    return torch.compiler.set_stance("force_eager") if active else contextlib.nullcontext()
+
+
+def compile_for_run(cfg, accelerator, model: nn.Module) -> CompileWatch | None:
+    """Compile the policy's layers where ``hardware.compile`` asks (after the policy's attention hook is
+    installed, before ``accelerator.prepare``); the watch that times the warm-up, or None."""
+    from simpo_exp.engine import SHARDED_ENGINES
+
+    if not cfg.hardware.compile:
+        return None
+    if accelerator.distributed_type in SHARDED_ENGINES:
+        raise ConfigError(
+            f"hardware.compile=true is not supported under {accelerator.distributed_type.value} (its parameter "
+            "gathering hooks run around the layers it would compile; DeepSpeed has its own engine.compile); "
+            "set hardware.compile=false"
+        )
+    compile_model(model, cfg.hardware)
+    return CompileWatch()

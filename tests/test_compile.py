@@ -1,0 +1,210 @@
+"""hardware.compile: compiled layers give the eager path's loss and gradients, compile steps stay out of the
+step time, and checkpoints written with compile load without it.
+
+Most checks compile with dynamo's ``aot_eager`` backend (the same graph capture, autograd split and
+guards as inductor, without generating code: seconds instead of minutes on a 2-core CPU); one goes
+through inductor, the default. Tolerances as tests/test_perf_paths.py (float32, CPU): 1e-5 absolute.
+"""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, load_model
+
+from simpo_exp import finished
+from simpo_exp.compiled import compile_model, graphs_built
+from simpo_exp.config import ConfigError
+from simpo_exp.data.collate import PairCollator
+from simpo_exp.logps import SEGMENT_ATTENTION_PREFIX, ResponseLogps, install_segment_attention
+from simpo_exp.metrics import Window
+from tests.test_perf_paths import PAD, assert_same, loss_and_grads, make_model, random_pairs, step_loss
+from tests.test_run import read_metrics, simpo
+
+
+def hardware(backend="aot_eager", checkpointing=False, mode=None):
+    return SimpleNamespace(compile_backend=backend, compile_mode=mode, gradient_checkpointing=checkpointing)
+
+
+def compiled_twin(packing: str, checkpointing: bool, backend: str = "aot_eager", layers: int = 2):
+    """An eager model and a compiled copy of the same weights (the segment hook installed first, as set_up does)."""
+    eager = make_model(layers=layers, checkpointing=checkpointing)
+    twin = make_model(layers=layers, checkpointing=checkpointing)
+    segments = packing != "none"
+    if segments:
+        install_segment_attention(twin)
+    assert twin.config._attn_implementation.startswith(SEGMENT_ATTENTION_PREFIX) == segments
+    compile_model(twin, hardware(backend, checkpointing))
+    return eager, twin
+
+
+@pytest.mark.parametrize(
+    "packing,checkpointing", [("none", False), ("none", True), ("prefix_shared", False), ("prefix_shared", True)]
+)
+def test_compiled_layers_match_eager_and_do_not_recompile_for_new_lengths(packing, checkpointing):
+    torch._dynamo.reset()
+    eager, twin = compiled_twin(packing, checkpointing)
+    keys = list(eager.state_dict())
+    for i in range(3):  # three batches of different lengths
+        pairs = random_pairs(3, seed=i)
+        assert_same(loss_and_grads(eager, pairs, packing), loss_and_grads(twin, pairs, packing))
+        if i == 0:
+            after_first = graphs_built()
+            assert after_first > 0, "nothing was compiled"
+    assert graphs_built() == after_first, "new lengths recompiled (dynamic shapes expected)"
+    assert list(twin.state_dict()) == keys  # compiled in place: no _orig_mod. prefixes
+
+
+def test_inductor_matches_eager():
+    """The default backend, on one layer and one batch (about a minute of compiling on a 2-core CPU)."""
+    torch._dynamo.reset()
+    eager, twin = compiled_twin("none", False, backend="inductor", layers=1)
+    pairs = random_pairs(2, seed=5)
+    assert_same(loss_and_grads(eager, pairs), loss_and_grads(twin, pairs))
+    assert graphs_built() > 0
+
+
+def test_compiled_lora_matches_eager():
+    pytest.importorskip("peft")
+    from simpo_exp.model import add_lora
+
+    torch._dynamo.reset()
+    h = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])
+    eager, twin = add_lora(make_model(), h), add_lora(make_model(), h)
+    twin.load_state_dict(eager.state_dict())  # the same (random) adapters
+    keys = list(twin.state_dict())
+    compile_model(twin, hardware())
+    batch = PairCollator(PAD)(random_pairs(3, seed=1))
+    (loss_a, grads_a), (loss_b, grads_b) = (adapter_loss_and_grads(m, batch) for m in (eager, twin))
+    assert abs(loss_a - loss_b) <= 1e-5
+    assert grads_a.keys() == grads_b.keys() and all("lora_" in name for name in grads_a)
+    for name, grad in grads_a.items():
+        assert torch.allclose(grad, grads_b[name], atol=1e-5, rtol=1e-4), name
+    assert list(twin.state_dict()) == keys
+
+
+def adapter_loss_and_grads(model, batch):
+    loss, _ = step_loss(ResponseLogps(model), batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_model_without_decoder_layers_is_refused():
+    with pytest.raises(ConfigError, match="hardware.compile=true: no decoder layers"):
+        compile_model(torch.nn.Linear(2, 2), hardware())
+
+
+def test_bad_compile_keys_name_the_key(compose):
+    from simpo_exp.config import to_config
+
+    with pytest.raises(ConfigError, match="hardware.compile_mode='fastest'"):
+        to_config(compose("hardware.compile=true", "hardware.compile_mode=fastest"))
+    with pytest.raises(ConfigError, match="hardware.compile_mode='max-autotune'.*unless hardware.compile=true"):
+        to_config(compose("hardware.compile_mode=max-autotune"))
+    with pytest.raises(ConfigError, match="hardware.compile_backend='tensorrt'"):
+        to_config(compose("hardware.compile=true", "hardware.compile_backend=tensorrt"))
+    assert to_config(compose("hardware.compile=true", "hardware.compile_mode=reduce-overhead")).hardware.compile
+
+
+class OneProcess:
+    device = torch.device("cpu")
+    num_processes = 1
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
+
+
+def step_stats(tokens: float) -> Window:
+    w = Window()
+    w.add({k: torch.tensor(v) for k, v in {"loss": 1.0, "pairs": 2.0, "tokens": tokens}.items()})
+    return w
+
+
+def test_window_leaves_compile_steps_out_of_the_speed():
+    window = Window()
+    window.step_done(step_stats(1000.0), 50.0, timed=False)  # the compile step: 50 s, 1000 tokens
+    window.step_done(step_stats(300.0), 1.0)
+    window.step_done(step_stats(300.0), 2.0)
+    metrics, totals = window.train_report(OneProcess, None, None)
+    assert metrics["train/step_time_s"] == 1.5  # the two timed steps only
+    assert metrics["train/tokens_per_s"] == 200.0  # their 600 tokens over their 3 s
+    assert metrics["train/samples_per_s"] == 4 / 3
+    assert totals["tokens"] == 1600.0  # the means still see every step
+    assert metrics["train/loss"] == 3.0 / 6.0
+    window.step_done(step_stats(10.0), 9.0, timed=False)  # a window of compile steps alone: no speed at all
+    metrics, _ = window.train_report(OneProcess, None, None)
+    assert not {"train/step_time_s", "train/tokens_per_s", "train/samples_per_s"} & set(metrics)
+    assert "train/loss" in metrics
+
+
+RUN = [
+    "max_steps=4",
+    "save_steps=2",
+    "eval_steps=0",
+    "logging_steps=1",
+    "logger=none",
+    "num_generations=1",
+    "max_new_tokens=4",
+    "dataset.synthetic.num_train=32",
+    "dataset.synthetic.num_test=8",
+    "per_device_train_batch_size=4",
+    "gradient_accumulation_steps=1",
+    "progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def compiled_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("compiled") / "run"
+    res = simpo(
+        *RUN,
+        "hardware.compile=true",
+        "hardware.compile_backend=aot_eager",
+        f"hydra.run.dir={run_dir}",
+        cwd=run_dir.parent,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+def test_compiled_run_records_its_warmup_apart(compiled_run):
+    summary = json.loads((compiled_run / "summary.json").read_text())
+    warm = summary["train/compile_warmup_steps"]
+    assert 1 <= warm < 4 and summary["train/compile_warmup_s"] > 0 and summary["train/compile_graphs"] > 0
+    rows = [r for r in read_metrics(compiled_run) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    untimed = [r["step"] for r in rows if "train/step_time_s" not in r]
+    assert untimed[0] == 1 and len(untimed) == warm  # one step a window: the compile steps have no step time
+    for r in rows:
+        assert ("train/tokens_per_s" in r) == ("train/step_time_s" in r)
+
+
+def test_compiled_checkpoint_resumes_in_an_eager_run(compiled_run, tmp_path):
+    path = compiled_run / "checkpoints" / "step-000002" / "model.safetensors"
+    assert not [k for k in load_file(path) if "_orig_mod" in k]
+    missing, unexpected = load_model(eager_model_of(compiled_run), path)  # strict: every key as the eager model's
+    assert not missing and not unexpected
+    eager_dir = tmp_path / "run"
+    shutil.copytree(compiled_run, eager_dir)
+    (eager_dir / finished.FINISHED).unlink()
+    res = simpo(*RUN, "hardware.compile=false", f"hydra.run.dir={eager_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["step"]: r for r in read_metrics(eager_dir) if "train/loss" in r}
+    assert "train/step_time_s" not in rows[1]  # the compiled run's rows up to its checkpoint were kept: resumed
+    assert all("train/step_time_s" in rows[step] for step in (3, 4))  # eager steps are all timed
+    summary = json.loads((eager_dir / "summary.json").read_text())
+    assert "train/compile_warmup_s" not in summary
+    compiled = {r["step"]: r["train/loss"] for r in read_metrics(compiled_run) if "train/loss" in r}
+    assert sorted(rows) == [1, 2, 3, 4]
+    for step in (3, 4):  # the eager continuation trains on from the compiled run's weights
+        assert rows[step]["train/loss"] == pytest.approx(compiled[step], abs=1e-4)
+
+
+def eager_model_of(run_dir):
+    """A fresh eager model of the run's architecture."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run_dir / "model"))
