@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from simpo_exp.losses import alphapo_loss, cpo_loss, dpo_loss, ipo_loss, orpo_loss, rdpo_loss, simper_loss, simpo_loss
 from simpo_exp.methods import preference_loss
@@ -131,28 +132,36 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
     assert cache_path(cfg, model, {"train": train, "test": test}) != path
 
 
-def test_live_and_cached_reference_give_the_same_run(tmp_path):
-    common = ["loss=dpo", *SHORT, f"reference_cache_dir={tmp_path / 'cache'}"]
-    for mode in ("cached", "live"):
-        res = simpo(*common, f"reference_mode={mode}", f"hydra.run.dir={tmp_path / mode}", cwd=tmp_path)
-        assert res.returncode == 0, res.stderr[-3000:]
-    a, b = (json.loads((tmp_path / m / "summary.json").read_text()) for m in ("cached", "live"))
-    for key in ("eval/loss", "eval/rewards/margins", "train/loss", "eval/logps/chosen"):
-        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
-
-
-def test_simpo_and_dpo_sweep_is_comparable(tmp_path):
-    sweep = tmp_path / "sweep"
+@pytest.fixture(scope="module")
+def simpo_dpo_sweep(tmp_path_factory):
+    """`--multirun loss=simpo,dpo` on SHORT; its dpo job is also the cached-reference run compared below."""
+    root = tmp_path_factory.mktemp("baselines")
+    sweep = root / "sweep"
     res = simpo(
         "--multirun",
         "loss=simpo,dpo",
         *SHORT,
-        f"reference_cache_dir={tmp_path / 'cache'}",
+        f"reference_cache_dir={root / 'cache'}",
         f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
+        cwd=root,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    import yaml
+    return sweep
+
+
+def test_live_and_cached_reference_give_the_same_run(simpo_dpo_sweep, tmp_path):
+    cached = next(p for p in simpo_dpo_sweep.iterdir() if p.is_dir() and "loss=dpo" in p.name)
+    assert yaml.safe_load((cached / ".hydra" / "config.yaml").read_text())["reference_mode"] == "cached"
+    live = tmp_path / "live"
+    res = simpo("loss=dpo", *SHORT, "reference_mode=live", f"hydra.run.dir={live}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (cached, live))
+    for key in ("eval/loss", "eval/rewards/margins", "train/loss", "eval/logps/chosen"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_simpo_and_dpo_sweep_is_comparable(simpo_dpo_sweep):
+    sweep = simpo_dpo_sweep
 
     summaries, methods = [], []
     for job in sorted(p for p in sweep.iterdir() if p.is_dir()):

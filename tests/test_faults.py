@@ -32,11 +32,22 @@ RUN = [
 ]
 
 
+SWEEP = ["--multirun", "beta=2,5", *RUN]  # beta=2 is the default: its job is RUN's run
+
+
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("done") / "run"
-    res = simpo(*RUN, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
+def sweep(tmp_path_factory):
+    """`--multirun beta=2,5` over RUN, run once: the re-run test preempts its second job; its first job is
+    the finished run the damaged-checkpoint tests copy (only the re-run test writes into this sweep)."""
+    sweep_dir = tmp_path_factory.mktemp("faults") / "sweep"
+    res = simpo(*SWEEP, f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent)
     assert res.returncode == 0, res.stderr[-3000:]
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def finished_run(sweep):
+    run_dir = next(p for p in sorted(sweep.iterdir()) if p.is_dir() and "beta=2" in p.name)
     assert [p.name for p in checkpoint.checkpoint_dirs(run_dir)] == ["step-000002", "step-000004"]
     return run_dir
 
@@ -153,11 +164,8 @@ def test_short_disk_is_warned_about_at_start(tmp_path, monkeypatch, caplog):
     assert "250,000 bytes" in caplog.text and "3 checkpoints" in caplog.text and "404,000 bytes" in caplog.text
 
 
-def test_a_rerun_sweep_trains_only_the_unfinished_job(tmp_path):
-    sweep = tmp_path / "sweep"
-    args = ["--multirun", "beta=2,5", f"hydra.sweep.dir={sweep}", *RUN]
-    res = simpo(*args, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_a_rerun_sweep_trains_only_the_unfinished_job(sweep, tmp_path):
+    args = [*SWEEP, f"hydra.sweep.dir={sweep}"]
     done, killed = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
     assert "beta=5" in killed.name
     before = (done / "metrics.jsonl").read_bytes()
