@@ -581,7 +581,7 @@ def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str)
         out["peak_cuda_mb"] = max(r["peak_cuda_mb"] for r in runs)
     if all("mfu" in r for r in runs):
         out["mfu"] = statistics.median(m for r in runs for m in measured(r, "mfu", warmup))
-    if any(r.get("compiled") for r in runs):  # the compile steps' time, left out of the figures above
+    if any(any(r.get("compiled", ())) for r in runs):  # the compile steps' time, left out of the figures above
         out["compile_steps"] = max(sum(r["compiled"]) for r in runs)
         out["compile_warmup_s"] = max(sum(t for t, c in zip(r["times"], r["compiled"]) if c) for r in runs)
     return out
