@@ -33,18 +33,19 @@ print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
       f'accelerate {accelerate.__version__}, hydra {hydra.__version__}, omegaconf {omegaconf.__version__}, trl {trl.__version__}')
 " 2>&1 | tee -a "$OUT/summary.md"
 
-log "tests/test_gpu.py"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py > "$OUT/tests.log" 2>&1
+log "tests/test_gpu.py and the CUDA test of tests/test_liger.py"
+timeout 190 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
+    tests/test_liger.py::test_compiled_fused_head_on_cuda > "$OUT/tests.log" 2>&1
 log "tests: exit $? -- $(tail -n 1 "$OUT/tests.log")"
 
 log "benchmark, batch 4, every layout"
-timeout 180 python3 benchmarks/bench_trl.py --preset gpu --json "$OUT/bench-b4.json" --markdown "$OUT/bench-b4.md" \
+timeout 190 python3 benchmarks/bench_trl.py --preset gpu --json "$OUT/bench-b4.json" --markdown "$OUT/bench-b4.md" \
     > "$OUT/bench-b4.log" 2>&1
 log "batch 4: exit $?"; cat "$OUT/bench-b4.md" >> "$OUT/summary.md" 2>/dev/null
 
 log "benchmark, batch 16 (TRL may not fit)"
-timeout 90 python3 benchmarks/bench_trl.py --preset gpu --batch 16 --steps 6 \
-    --variants plain+chunk1024,prefix-flex+chunk1024 --json "$OUT/bench-b16.json" --markdown "$OUT/bench-b16.md" \
+timeout 80 python3 benchmarks/bench_trl.py --preset gpu --batch 16 --steps 6 \
+    --variants plain+chunk1024,plain+liger,prefix-flex+chunk1024 --json "$OUT/bench-b16.json" --markdown "$OUT/bench-b16.md" \
     > "$OUT/bench-b16.log" 2>&1
 log "batch 16: exit $?"; cat "$OUT/bench-b16.md" >> "$OUT/summary.md" 2>/dev/null
 log "done"

@@ -123,6 +123,13 @@ def test_flex_attention_trains_through_the_loop(tmp_path):
     assert summary["precision/weights_dtype"] == "float32" and summary["precision/autocast_dtype"] == "bfloat16"
 
 
+def test_compiled_layers_train_through_the_loop(tmp_path):
+    """hardware.compile on CUDA (inductor): the run trains, and its compile steps are recorded apart."""
+    run, summary, env = _run(tmp_path, "hardware=gpu", "hardware.packing=none", "hardware.compile=true")
+    assert summary["train/compile_graphs"] >= 1 and summary["train/compile_warmup_s"] > 0
+    assert 1 <= summary["train/compile_warmup_steps"] < 6 and torch.isfinite(torch.tensor(summary["train/loss"]))
+
+
 def test_gpu_preset_resumes(tmp_path):
     run, first, _ = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared")
     (run / "finished.json").unlink()  # else the re-run is recognised as finished and skipped
