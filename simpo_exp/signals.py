@@ -1,4 +1,5 @@
-"""Stopping cleanly on a scheduler's signal: remember it until the step ends, and agree across processes."""
+"""Stopping cleanly on a scheduler's signal: remember it until the step ends, agree across processes,
+save, then hand the signal on to the handler that was there before (submitit's requeues the job)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# SIGTERM/SIGINT: what a scheduler (or a user) sends before it kills; SIGUSR2: submitit's warning before
+# a SLURM time limit or a preemption, after which its own handler requeues the job.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
 
 class StopSignal:
-    """Remember a SIGTERM/SIGINT (what a scheduler sends before it kills) until the step ends."""
+    """Remember a stop signal until the step ends; the handlers found at start are kept, to be restored
+    and called after the checkpoint."""
 
     def __init__(self):
         self.signum = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -28,20 +34,34 @@ class StopSignal:
     def requested(self) -> bool:
         return self.signum is not None
 
-    def agreed(self, accelerator) -> bool:
-        """Whether any process got a signal: all must stop at the same step, or the checkpoint's
-        collectives would wait forever for the ones still training."""
+    def agreed(self, accelerator) -> int:
+        """The signal any process got (its number; 0 when none): all must stop at the same step, or the
+        checkpoint's collectives would wait forever for the ones still training; and each learns which
+        signal it was, so the main process hands on a USR2 that only another process received."""
         if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            return self.signum or 0
+        flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
+        return int(accelerator.gather(flag).max().item())
 
-    def exit(self, step: int) -> None:
-        """Leave with the conventional status (128 + signal number), after the step's checkpoint."""
-        signum = self.signum or signal.SIGTERM  # another process got it first
-        log.warning("stopped by signal %s after step %d; re-run the same command to resume", signum, step)
+    def exit(self, step: int, signum: int | None = None) -> None:
+        """After the step's checkpoint: restore the handlers found at start, call the one that was there
+        for this signal (submitit's checkpoints its submission and requeues the job from the main
+        process; under ``+launcher=slurm`` that handler is where the requeue happens), then leave with the
+        conventional status (128 + signal number)."""
+        signum = signum or self.signum or signal.SIGTERM
+        log.warning(
+            "stopped by %s after step %d, checkpoint saved; re-run the same command to resume",
+            signal.Signals(signum).name,
+            step,
+        )
+        self.restore()
+        previous = self._previous.get(signum)
+        # default_int_handler would turn a clean stop into a KeyboardInterrupt traceback
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, None)
         raise SystemExit(128 + signum)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(sig, handler)

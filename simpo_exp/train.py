@@ -4,7 +4,7 @@
     each step         optimizer_step: for each micro-batch forward (chosen + rejected in one pass) -> loss ->
                       backward; clip -> optimizer step (skipped if the gradient is not finite) -> schedule
                       every logging_steps log_train; every eval_steps evaluate_and_sample;
-                      every save_steps (and on SIGTERM) save_checkpoint
+                      every save_steps (and on SIGTERM/SIGINT/SIGUSR2, then exit) save_checkpoint
     finish            model + tokenizer (safetensors), summary.json, a table of the results
 
 Engine set-up lives in simpo_exp/engine.py, the logging window and throughput in simpo_exp/metrics.py,
@@ -519,13 +519,15 @@ def train(cfg: Config) -> dict:
                 bar.set_postfix(loss=f"{summary['train/loss']:.3f}", acc=f"{summary['train/rewards/accuracies']:.2f}")
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or last:
             summary |= evaluate_and_sample(run, step)
-        stopping = stop.agreed(run.accelerator)
+        # a stop signal on any process (SIGTERM/SIGINT, submitit's USR2): all save this step and leave;
+        # at the last step the run finishes instead (writing the model takes what a checkpoint takes)
+        stopping = 0 if last else stop.agreed(run.accelerator)  # the signal's number, or 0
         if (cfg.save_steps and step % cfg.save_steps == 0 and not last) or stopping:
             save_checkpoint(run, window)
         if bar is not None:
             bar.update(1)
         if stopping:
-            stop.exit(step)
+            stop.exit(step, stopping)
     if bar is not None:
         bar.close()
     stop.restore()

@@ -1,0 +1,120 @@
+"""Checkpoint checksums (xxh3_128 now, SHA-256 markers still read) and the stop signal's hand-off to the
+handler it replaced (submitit's requeue). No training here: tests/test_faults.py has the real run."""
+
+import hashlib
+import json
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from simpo_exp import checkpoint
+from simpo_exp.signals import StopSignal
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()  # AdamW moments in the checkpoint
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=7), {}, keep=2)
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_new_marker_names_xxh3_and_verifies(saved):
+    marker = json.loads((saved / checkpoint.MARKER).read_text())
+    assert marker["algorithm"] == "xxh3_128"
+    entry = marker["files"]["model.safetensors"]
+    assert set(entry) == {"size", "xxh3_128"} and len(entry["xxh3_128"]) == 32  # 128 bits in hex
+    assert checkpoint.verify(saved) is None
+
+
+def test_a_flipped_byte_is_caught(saved):
+    flip_a_byte(saved / "optimizer.safetensors")  # same size, one bit changed
+    assert checkpoint.verify(saved) == "optimizer.safetensors does not match its checksum"
+
+
+def test_an_old_sha256_marker_still_verifies_and_catches_damage(saved):
+    files = {
+        f.name: {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+        for f in saved.iterdir()
+        if f.name != checkpoint.MARKER
+    }
+    (saved / checkpoint.MARKER).write_text(json.dumps({"files": files}))  # as written before xxhash
+    assert checkpoint.verify(saved) is None
+    flip_a_byte(saved / "model.safetensors")
+    assert checkpoint.verify(saved) == "model.safetensors does not match its checksum"
+
+
+def test_an_unknown_algorithm_is_named(saved):
+    marker = json.loads((saved / checkpoint.MARKER).read_text())
+    (saved / checkpoint.MARKER).write_text(json.dumps(marker | {"algorithm": "md4"}))
+    assert "unknown checksum 'md4' (known: xxh3_128, sha256)" in checkpoint.verify(saved)
+
+
+def test_file_hash_matches_the_libraries_over_chunk_boundaries(tmp_path):
+    import xxhash
+
+    data = os.urandom(3 * 1000 + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert checkpoint.file_hash(path, "sha256", chunk=1000) == hashlib.sha256(data).hexdigest()
+    assert checkpoint.file_hash(path, "xxh3_128", chunk=1000) == xxhash.xxh3_128(data).hexdigest()
+
+
+def test_the_replaced_handler_is_called_after_the_save(monkeypatch):
+    """submitit's USR2 handler (stood in for here) runs once the loop calls exit(), not when the signal
+    lands: the checkpoint is written first, then submitit requeues."""
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        stop = StopSignal()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requested and stop.signum == signal.SIGUSR2 and calls == []  # only remembered
+        with pytest.raises(SystemExit) as leaving:
+            stop.exit(5, signal.SIGUSR2)
+        assert calls == [signal.SIGUSR2] and leaving.value.code == 128 + signal.SIGUSR2
+        assert signal.getsignal(signal.SIGTERM) is not stop._handle  # handlers put back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_default_handler_is_not_called_on_exit():
+    stop = StopSignal()  # SIGTERM's handler before it: SIG_DFL (would kill), SIGINT's: KeyboardInterrupt
+    with pytest.raises(SystemExit) as leaving:
+        stop.exit(3, signal.SIGINT)
+    assert leaving.value.code == 128 + signal.SIGINT
+
+
+class TwoProcesses:
+    """An accelerator of two processes, whose gather adds the other process's value."""
+
+    num_processes, device = 2, "cpu"
+
+    def __init__(self, other: float):
+        self.other = other
+
+    def gather(self, t):
+        return torch.cat([t, torch.tensor([self.other])])
+
+
+def test_every_process_agrees_on_the_signal_one_got():
+    stop = StopSignal()
+    try:
+        assert stop.agreed(TwoProcesses(0.0)) == 0
+        # another process got USR2: this one stops too and knows it was USR2 (to hand it on)
+        assert stop.agreed(TwoProcesses(float(signal.SIGUSR2))) == signal.SIGUSR2
+        stop.signum = signal.SIGTERM
+        assert stop.agreed(TwoProcesses(0.0)) == signal.SIGTERM
+        assert stop.agreed(SimpleNamespace(num_processes=1)) == signal.SIGTERM
+    finally:
+        stop.restore()
