@@ -4,7 +4,12 @@ that cannot train. Each is a real run of the embedded default with short overrid
 import errno
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +221,37 @@ def test_skipped_steps_are_reported_and_a_run_with_no_good_step_fails(compose, t
     with pytest.raises(NonFiniteError, match="all 3 steps had a non-finite loss"):
         train(cfg)
     assert not (tmp_path / "bad" / "run" / "summary.json").exists()
+
+
+def test_usr2_saves_the_step_it_reached_and_the_rerun_resumes_there(finished_run, tmp_path):
+    """submitit's warning before a time limit or a preemption (USR2): the run ends the step it is in,
+    saves a verified checkpoint of that step and exits; the same command resumes from exactly there."""
+    run_dir = tmp_path / "run"
+    # no periodic checkpoints (only the signal's), and a record per step to know which step was reached
+    args = [*RUN, "save_steps=100", "logging_steps=1", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "simpo_exp", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir):  # a step has been trained
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGUSR2, err[-3000:]
+    saved = checkpoint.checkpoint_dirs(run_dir)
+    trained = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert len(saved) == 1 and trained == list(range(1, len(trained) + 1)) and len(trained) < 6
+    assert saved[0].name == f"step-{trained[-1]:06d}"  # the step it was in when the signal came
+    assert checkpoint.verify(saved[0]) is None
+    log = (run_dir / "__main__.log").read_text()
+    assert f"stopped by SIGUSR2 after step {trained[-1]}, checkpoint saved" in log
+    assert not (run_dir / "summary.json").exists()
+
+    res = simpo(*args, cwd=tmp_path)  # the same command again, as the requeued job runs it
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {saved[0]} (step {trained[-1]})" in (run_dir / "__main__.log").read_text()
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    done, again = (json.loads((d / "summary.json").read_text()) for d in (finished_run, run_dir))
+    evals = [k for k in done if k.startswith("eval/") and k not in MEASURED_METRICS]
+    assert evals and all(again[k] == pytest.approx(done[k], rel=1e-6, nan_ok=True) for k in evals), evals
