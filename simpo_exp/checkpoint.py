@@ -47,8 +47,8 @@ from simpo_exp.errors import UserError
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
-# Checksums a marker may name. xxh3_128 is what saves write: it reads at the disk's speed, where SHA-256
-# runs at about 0.3 GB/s on a CPU core (benchmarks/bench_hash.py). "sha256": markers written before it.
+# Checksums a marker may name. Saves write xxh3_128: 5.1 GB/s from the page cache on one core here, against
+# SHA-256's 1.1 (benchmarks/bench_hash.py, benchmarks/RESULTS.md). "sha256": markers written before it.
 HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 HASH = "xxh3_128"
 LEGACY_HASH = "sha256"  # a marker without "algorithm"
