@@ -88,6 +88,43 @@ def test_the_replaced_handler_is_called_after_the_save(monkeypatch):
         signal.signal(signal.SIGUSR2, previous)
 
 
+class CheckpointableJob:
+    """A callable submitit can requeue, as hydra-submitit-launcher's launcher is (its ``checkpoint``)."""
+
+    def __call__(self):
+        return None
+
+    def checkpoint(self):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def test_submitit_requeues_only_after_the_loop_saved(tmp_path):
+    """submitit's own USR2 handler (checkpoint the submission, requeue, exit) is installed before the run
+    starts; the run's handler defers it to ``exit``, which the loop calls after the checkpoint."""
+    pytest.importorskip("submitit")
+    from submitit.core.job_environment import SignalHandler
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    requeued = []
+    env = SimpleNamespace(global_rank=0, _requeue=requeued.append)  # scontrol requeue, recorded
+    delayed = DelayedSubmission(CheckpointableJob())
+    delayed.set_timeout(60, 3)
+    paths = JobPaths(tmp_path, job_id="42")
+    previous = signal.signal(signal.SIGUSR2, SignalHandler(env, paths, delayed).checkpoint_and_try_requeue)
+    try:
+        stop = StopSignal()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.signum == signal.SIGUSR2 and requeued == [] and not paths.submitted_pickle.exists()
+        with pytest.raises(SystemExit) as leaving:
+            stop.exit(4, signal.SIGUSR2)
+        assert requeued == [3] and paths.submitted_pickle.exists()  # not timed out: the countdown is kept
+        assert leaving.value.code == -1  # submitit's own exit, as without this project's handler
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
 def test_a_default_handler_is_not_called_on_exit():
     stop = StopSignal()  # SIGTERM's handler before it: SIG_DFL (would kill), SIGINT's: KeyboardInterrupt
     with pytest.raises(SystemExit) as leaving:
