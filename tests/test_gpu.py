@@ -42,12 +42,7 @@ def _model(dtype):
     return LlamaForCausalLM(config).to("cuda", dtype)
 
 
-@pytest.mark.parametrize(
-    "packing, attention",
-    [("packed", "segments"), ("prefix_shared", "segments"), ("packed", "flex"), ("prefix_shared", "flex")],
-)
-def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention):
-    """float32 on CUDA (SDPA picks its GPU kernels): the same log-probs and gradients as the plain path."""
+def _random_pairs() -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     pairs = []
     for _ in range(4):
@@ -55,7 +50,16 @@ def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention):
             torch.randint(5, 900, (int(n),), generator=gen).tolist() for n in torch.randint(3, 60, (3,), generator=gen)
         )
         pairs.append({"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r})
-    results = []
+    return pairs
+
+
+@pytest.mark.parametrize(
+    "packing, attention",
+    [("packed", "segments"), ("prefix_shared", "segments"), ("packed", "flex"), ("prefix_shared", "flex")],
+)
+def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention):
+    """float32 on CUDA (SDPA picks its GPU kernels): the same log-probs and gradients as the plain path."""
+    pairs, results = _random_pairs(), []
     for layout in ("none", packing):
         model = _model(torch.float32)
         policy = ResponseLogps(model, packing=layout, attention=attention)
@@ -75,14 +79,7 @@ def test_flash_varlen_matches_the_plain_layout_on_cuda():
     hook casts float32 queries, keys and values), so the tolerance is bf16's: log-probs within 5e-2, each
     parameter's gradient within 5% of its norm."""
     pytest.importorskip("flash_attn")
-    gen = torch.Generator().manual_seed(1)
-    pairs = []
-    for _ in range(4):
-        p, c, r = (
-            torch.randint(5, 900, (int(n),), generator=gen).tolist() for n in torch.randint(3, 60, (3,), generator=gen)
-        )
-        pairs.append({"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r})
-    results = []
+    pairs, results = _random_pairs(), []
     for layout in ("none", "packed"):
         model = _model(torch.float32)
         policy = ResponseLogps(model, packing=layout, attention="flash")

@@ -295,6 +295,20 @@ def test_no_secret_is_written(job, run_file):
                 assert secret.encode() not in path.read_bytes(), path
 
 
+def _logger_cfg(group):
+    return SimpleNamespace(
+        wandb=True,
+        mode="auto",
+        project="p",
+        entity=None,
+        group=group,
+        job_type="train",
+        run_name="r",
+        tags=[],
+        init_timeout=1.0,
+    )
+
+
 def test_wandb_mode_offline_wins_over_an_api_key(tmp_path, monkeypatch):
     import wandb
 
@@ -307,17 +321,7 @@ def test_wandb_mode_offline_wins_over_an_api_key(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setattr(wandb, "init", fake_init)
-    lc = SimpleNamespace(
-        wandb=True,
-        mode="auto",
-        project="p",
-        entity=None,
-        group=None,
-        job_type="train",
-        run_name="r",
-        tags=[],
-        init_timeout=1.0,
-    )
+    lc = _logger_cfg(group=None)
     with pytest.warns(UserWarning, match="stop here"):
         Tracker(tmp_path, lc, {})
     assert seen["mode"] == "offline"
@@ -343,17 +347,7 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setattr(wandb, "init", fake_init)
-    lc = SimpleNamespace(
-        wandb=True,
-        mode="auto",
-        project="p",
-        entity=None,
-        group="g",
-        job_type="train",
-        run_name="r",
-        tags=[],
-        init_timeout=1.0,
-    )
+    lc = _logger_cfg(group="g")
     Tracker(tmp_path, lc, {})
     assert "id" not in calls[0]
     assert json.loads((tmp_path / "wandb_run.json").read_text())["id"] == "first-id"
