@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ RUN = [
     "logging_steps=2",
     "logger=none",
     "eval_on_start=false",
+    "num_generations=0",  # sample texts are not compared: only the metrics, summary and weights are
     "dataset.synthetic.num_train=96",
     "dataset.synthetic.num_test=32",
     "per_device_train_batch_size=8",
@@ -120,10 +122,12 @@ def test_sigterm_saves_a_checkpoint_before_exiting(uninterrupted, tmp_path):
 
 def test_incompatible_checkpoint_is_refused_and_resume_false_starts_fresh(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    proc = launch(run_dir)
-    wait_for_checkpoint(run_dir, proc)
-    proc.kill()
-    proc.wait()
+    # what a kill after step 4 leaves (with the uninterrupted run's later checkpoints): checkpoints, the
+    # metrics rows so far, no summary. A fresh start must drop both; a resume would trim the rows to its step.
+    shutil.copytree(uninterrupted / "checkpoints", run_dir / "checkpoints")
+    rows = [r for r in read_metrics(uninterrupted) if r["step"] <= 4]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [2, 4]
     res = simpo(*RUN, "beta=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 2
     assert "different config" in res.stderr and "beta: checkpoint 2.0, now 5.0" in res.stderr

@@ -9,6 +9,8 @@ from tests.test_run import simpo
 FAST = [
     "max_steps=3",
     "eval_steps=0",
+    "eval_on_start=false",  # the objective and the checks read the final eval only
+    "num_generations=0",
     "logger=none",
     "dataset.synthetic.num_train=128",
     "dataset.synthetic.num_test=32",
