@@ -23,6 +23,8 @@ from simpo_exp.tracking import CONDITIONAL_METRICS, STEP_KEY, eval_keys, train_k
 FAST = [
     "max_steps=3",
     "eval_steps=0",
+    "eval_on_start=false",  # the final eval logs every eval key (samples go to no metrics file)
+    "num_generations=0",
     "logging_steps=1",
     "logger=none",
     "save_model=false",
