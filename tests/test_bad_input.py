@@ -65,6 +65,8 @@ def test_bad_rows_are_dropped_and_counted(tmp_path):
         "dataset=local",
         f"dataset.sources.local.path={data}",
         "dataset.test_size=0.2",
+        "eval_on_start=false",  # only the data report is checked
+        "num_generations=0",
         f"hydra.run.dir={run}",
         *TINY,
         cwd=tmp_path,
