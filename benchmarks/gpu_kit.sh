@@ -22,7 +22,7 @@ PY312=(--only-binary=:all: --python-version 3.12 --implementation cp
 PINNED=$(python3 -c "
 from importlib.metadata import version as v
 names = ('transformers', 'peft', 'hydra-core', 'omegaconf', 'datasets', 'dill', 'multiprocess', 'pydantic',
-         'pydantic-core', 'annotated-types', 'typing-inspection')
+         'pydantic-core', 'annotated-types', 'typing-inspection', 'xxhash')
 print(' '.join(f'{p}=={v(p)}' for p in names))")
 # liger-kernel: pure Python (its kernels are Triton, which the image's torch brings) for hardware.fused_head=liger
 python3 -m pip download -q --no-deps "${PY312[@]}" -d .whl $PINNED trl==1.16.0 hjson liger-kernel==0.8.5
