@@ -43,23 +43,30 @@ def batch_loss(policy, batch: dict, cfg: Config, reference=None):
     sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
     loss = pref.losses.mean() + cfg.sft_weight * sft
     lengths = out.num_tokens.float()
-    stats = {
+    stats = pair_stats(n, loss, sft, pref.chosen_rewards, pref.rejected_rewards, logps, lengths, batch)
+    stats |= token_and_method_stats(cfg.method, out, n)
+    rewards = torch.cat([pref.chosen_rewards, pref.rejected_rewards])
+    return loss, stats, (rewards, lengths)
+
+
+def pair_stats(n: int, loss, sft, chosen_rewards, rejected_rewards, means, lengths, batch: dict) -> dict:
+    """The statistics every method and head logs, summed over the batch's pairs (``means``: each response's
+    mean token log-prob, chosen rows first; ``lengths``: its response tokens)."""
+    return {
         "loss": loss.detach() * n,
         "sft_loss": sft.detach() * n,
-        "rewards/chosen": pref.chosen_rewards.sum(),
-        "rewards/rejected": pref.rejected_rewards.sum(),
-        "rewards/margins": (pref.chosen_rewards - pref.rejected_rewards).sum(),
-        "rewards/accuracies": (pref.chosen_rewards > pref.rejected_rewards).float().sum(),
-        "logps_mean/chosen": logps[:n].detach().sum(),
-        "logps_mean/rejected": logps[n:].detach().sum(),
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "logps_mean/chosen": means[:n].detach().sum(),
+        "logps_mean/rejected": means[n:].detach().sum(),
         "length/chosen": lengths[:n].sum(),
         "length/rejected": lengths[n:].sum(),
         "pairs": torch.tensor(float(n), device=loss.device),
         "tokens": batch["attention_mask"].sum().float(),
         "input_tokens": input_tokens(batch).to(loss.device),
-    } | token_and_method_stats(cfg.method, out, n)
-    rewards = torch.cat([pref.chosen_rewards, pref.rejected_rewards])
-    return loss, stats, (rewards, lengths)
+    }
 
 
 def fused_batch_loss(out: FusedPreference, batch: dict, cfg: Config):
@@ -67,32 +74,11 @@ def fused_batch_loss(out: FusedPreference, batch: dict, cfg: Config):
     them, the statistics made from its per-response log-probs. It computes no per-token entropy or top-1
     accuracy, so those two are absent (not zero)."""
     n = out.num_tokens.shape[0] // 2
-    m, means, lengths = TABLE[cfg.method], out.logp_means, out.num_tokens.float()
+    means, lengths = out.logp_means, out.num_tokens.float()
     sums = means * lengths
-    logps = sums if m.logps == "sum" else means
-    stats = {
-        "loss": out.loss.detach() * n,
-        "sft_loss": nll_loss(sums[:n], out.num_tokens[:n]) * n,
-        "rewards/chosen": out.chosen_rewards.sum(),
-        "rewards/rejected": out.rejected_rewards.sum(),
-        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum(),
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().sum(),
-        "logps_mean/chosen": means[:n].sum(),
-        "logps_mean/rejected": means[n:].sum(),
-        "logps/chosen": logps[:n].sum(),
-        "logps/rejected": logps[n:].sum(),
-        "logits_response/chosen": out.logit_sums[0],
-        "logits_response/rejected": out.logit_sums[1],
-        "length/chosen": lengths[:n].sum(),
-        "length/rejected": lengths[n:].sum(),
-        "pairs": torch.tensor(float(n), device=out.loss.device),
-        "tokens": batch["attention_mask"].sum().float(),
-        "input_tokens": input_tokens(batch).to(out.loss.device),
-    }
-    if m.logits:
-        stats |= {"logits/chosen": out.logit_sums[0], "logits/rejected": out.logit_sums[1]}
-    if m.stats is not None:
-        stats |= m.stats(means[:n], means[n:])
+    sft = nll_loss(sums[:n], out.num_tokens[:n])
+    stats = pair_stats(n, out.loss, sft, out.chosen_rewards, out.rejected_rewards, means, lengths, batch)
+    stats |= method_stats(cfg.method, sums, means, out.logit_sums[0], out.logit_sums[1], n)
     rewards = torch.cat([out.chosen_rewards, out.rejected_rewards])
     return out.loss, stats, (rewards, lengths)
 
@@ -107,23 +93,26 @@ def loss_settings(cfg: Config) -> dict:
 def token_and_method_stats(method: str, out, n: int) -> dict[str, torch.Tensor]:
     """The per-token sums (tracking.TOKEN_METRICS) and the statistics whose definition follows the
     method's TRL trainer (its entry in simpo_exp/methods.py), summed over the batch's pairs or tokens."""
+    logits = out.logit_sums[:n].sum(), out.logit_sums[n:].sum()
+    stats = method_stats(method, out.logp_sums.detach(), out.mean_logps.detach(), *logits, n)
+    return stats | {"entropy": out.entropy_sums.sum(), "mean_token_accuracy": out.top1_counts[:n].sum()}
+
+
+def method_stats(method: str, sums, means, logits_chosen, logits_rejected, n: int) -> dict[str, torch.Tensor]:
+    """The statistics whose definition follows the method's TRL trainer (simpo_exp/methods.py): ``logps/*``
+    from the responses' summed or mean log-probs (``sums``, ``means``, chosen rows first), the response
+    tokens' summed vocabulary-mean logits, ``logits/*`` where TRL means the same, the method's own."""
     m = TABLE[method]
-    logps = (out.logp_sums if m.logps == "sum" else out.mean_logps).detach()
+    logps = sums if m.logps == "sum" else means
     stats = {
         "logps/chosen": logps[:n].sum(),
         "logps/rejected": logps[n:].sum(),
-        "logits_response/chosen": out.logit_sums[:n].sum(),
-        "logits_response/rejected": out.logit_sums[n:].sum(),
-        "entropy": out.entropy_sums.sum(),
-        "mean_token_accuracy": out.top1_counts[:n].sum(),
+        "logits_response/chosen": logits_chosen,
+        "logits_response/rejected": logits_rejected,
     }
     if m.logits:  # TRL's DPO: the same mean over completion tokens
-        stats |= {
-            "logits/chosen": stats["logits_response/chosen"],
-            "logits/rejected": stats["logits_response/rejected"],
-        }
+        stats |= {"logits/chosen": logits_chosen, "logits/rejected": logits_rejected}
     if m.stats is not None:
-        means = out.mean_logps.detach()
         stats |= m.stats(means[:n], means[n:])
     return stats
 
