@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
+from simpo_exp.data import MODEL_COLUMNS
 from simpo_exp.layout import BatchLayout, check_attention, choose_layout
+from simpo_exp.rundir import read_json
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +140,10 @@ def recorded_layout(run_dir: Path) -> dict | None:
     """The ``batch_layout`` and ``layout_choice`` that an earlier start of this run wrote to env.json."""
     from simpo_exp.checkpoint import checkpoint_dirs
 
-    path = Path(run_dir) / "env.json"
-    if not checkpoint_dirs(run_dir) or not path.is_file():
+    if not checkpoint_dirs(run_dir):
         return None
-    try:
-        env = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(env.get("batch_layout"), dict):
+    env = read_json(Path(run_dir) / "env.json")  # {} when missing or unreadable
+    if not isinstance(env, dict) or not isinstance(env.get("batch_layout"), dict):
         return None
     return {"batch_layout": env["batch_layout"], "layout_choice": env.get("layout_choice")}
 
@@ -176,7 +173,7 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
     def run():
         pairs = first_pairs()
         rows = measure_on_device(cfg, accelerator, model, pairs, pad_token_id)
-        size = {"pairs": len(pairs), "tokens": sum(len(p[k]) for p in pairs for k in PAIR_KEYS)}
+        size = {"pairs": len(pairs), "tokens": sum(len(p[k]) for p in pairs for k in MODEL_COLUMNS)}
         return rows, size
 
     rows, size = on_main(accelerator, run)
@@ -188,9 +185,6 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
     )
     log.info("packing=auto measured on %s (%d pairs); chose %s\n%s", device_type, size["pairs"], layout, table(rows))
     return layout, {"rule": "measured", "device": device_type, "batch": size, "candidates": rows}
-
-
-PAIR_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
 def keep_recorded(recorded: dict, chunk_size: int, device_type: str) -> BatchLayout | None:

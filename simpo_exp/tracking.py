@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from simpo_exp.methods import METHODS, TABLE
+from simpo_exp.rundir import read_json
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +150,6 @@ def _jsonable(v):
     return v
 
 
-def _read_record(path: Path) -> dict:
-    """The W&B record an earlier start of this run wrote ({} when there is none or it is unreadable)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 class Tracker:
     """Log metrics to ``metrics.jsonl`` and, if enabled, W&B. Only the main process should build one."""
 
@@ -179,8 +171,8 @@ class Tracker:
             # WANDB_MODE, when set, is the user's word; otherwise online only with an API key.
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         # A resumed run continues the W&B run its first start recorded, so its history stays one run.
-        previous = _read_record(self.run_dir / WANDB_RECORD)
-        resume = {"id": previous["id"], "resume": "allow"} if previous.get("id") else {}
+        previous = read_json(self.run_dir / WANDB_RECORD)  # {} when there is none or it is unreadable
+        resume = {"id": previous["id"], "resume": "allow"} if isinstance(previous, dict) and previous.get("id") else {}
         try:
             import wandb
 
