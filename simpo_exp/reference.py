@@ -23,20 +23,20 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from simpo_exp.config import Config
+from simpo_exp.data import MODEL_COLUMNS
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
 
 log = logging.getLogger(__name__)
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
 def data_fingerprint(ds: Dataset) -> str:
     """Hash of the token ids of every pair, in order."""
     h = hashlib.sha256()
-    for batch in ds.select_columns(list(TOKEN_COLUMNS)).with_format("arrow").iter(batch_size=8192):
-        for name in TOKEN_COLUMNS:
+    for batch in ds.select_columns(MODEL_COLUMNS).with_format("arrow").iter(batch_size=8192):
+        for name in MODEL_COLUMNS:
             col = batch[name]
             h.update(pc.list_value_length(col).to_numpy(zero_copy_only=False).tobytes())
             h.update(pc.list_flatten(col).to_numpy(zero_copy_only=False).tobytes())
@@ -77,7 +77,7 @@ def compute(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of every pair under ``model``: (chosen [N], rejected [N])."""
     scorer = ResponseLogps.for_layout(model, layout).to(device).eval()
-    loader = DataLoader(ds.select_columns(list(TOKEN_COLUMNS)), batch_size=batch_size, collate_fn=collate)
+    loader = DataLoader(ds.select_columns(MODEL_COLUMNS), batch_size=batch_size, collate_fn=collate)
     chosen, rejected = [], []
     for batch in loader:
         with autocast():
