@@ -154,11 +154,15 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:06d}.tmp"
 
 
-def start(run_dir: Path, step: int) -> Path:
-    """An empty staging directory for the checkpoint of ``step`` (main process only)."""
+def start(run_dir: Path, step: int, estimate: int | None = None) -> Path:
+    """An empty staging directory for the checkpoint of ``step`` (main process only); ``CheckpointSaveError``
+    if it cannot be made (``estimate``: bytes a checkpoint takes, for its message)."""
     tmp = staging_dir(run_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise save_failed(run_dir, tmp, e, estimate) from e
     return tmp
 
 
@@ -213,18 +217,19 @@ def _write(tmp: Path, model, optimizer, scheduler, state: TrainState, config: di
 
 def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int) -> Path:
     """A complete checkpoint of an unsharded model, written by one process."""
-    try:
-        tmp = start(run_dir, state.step)
-    except OSError as e:
-        raise save_failed(run_dir, staging_dir(run_dir, state.step), e, estimated_bytes(model)) from e
+    tmp = start(run_dir, state.step, estimated_bytes(model))
     return finish(run_dir, tmp, model, optimizer, scheduler, state, config, keep, estimated_bytes(model))
 
 
-def save_failed(run_dir: Path, path: Path, error: OSError, estimate: int | None) -> CheckpointSaveError:
-    """Remove the half-written staging directory of checkpoint ``path``; the error that stops the run,
-    with the bytes a checkpoint takes (the newest complete one's size, else ``estimate``) and the bytes free."""
+def save_failed(
+    run_dir: Path, path: Path, error: OSError, estimate: int | None, remove: bool = True
+) -> CheckpointSaveError:
+    """Remove the half-written staging directory of checkpoint ``path`` (unless not ``remove``: other processes
+    may still be writing there); the error that stops the run, with the bytes a checkpoint takes (the newest
+    complete one's size, else ``estimate``) and the bytes free."""
     path = path.with_name(path.name.removesuffix(".tmp"))
-    shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
+    if remove:
+        shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
     done = checkpoint_dirs(run_dir)
     needed = dir_bytes(done[-1]) if done else estimate
     free = shutil.disk_usage(path.parent if path.parent.exists() else run_dir).free

@@ -10,6 +10,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from simpo_exp.config import Config, ConfigError
+from simpo_exp.errors import UserError
 
 SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -27,12 +28,61 @@ def engine_checkpoints(cfg: Config, accelerator) -> bool:
 
 
 def on_main(accelerator, fn):
-    """``fn()`` computed on the main process and given to every process."""
+    """``fn()`` computed on the main process and given to every process. If it raises there, every
+    process raises (the main process its own error, the others ``ProcessFailed`` quoting it), rather than
+    the others waiting for a value that never comes."""
     if accelerator.num_processes == 1:
         return fn()
     from accelerate.utils import broadcast_object_list
 
-    return broadcast_object_list([fn() if accelerator.is_main_process else None], from_process=0)[0]
+    value, error, failure = None, None, None
+    if accelerator.is_main_process:
+        try:
+            value = fn()
+        except Exception as e:
+            error, failure = e, (isinstance(e, UserError), f"{type(e).__name__}: {e}")
+    value, failure = broadcast_object_list([value, failure], from_process=0)
+    if error is not None:
+        raise error
+    if failure is not None:
+        user_error, message = failure
+        kind = UserProcessFailed if user_error else ProcessFailed
+        raise kind(f"the main process failed, so this one stops: {message}")
+    return value
+
+
+class ProcessFailed(RuntimeError):
+    """Another process failed at a step every process takes part in; this one stops with it."""
+
+
+class UserProcessFailed(ProcessFailed, UserError):
+    """``ProcessFailed`` where the failure was a user error (its message says what to change)."""
+
+
+def together(accelerator, fn, failed_elsewhere):
+    """Run ``fn()`` on every process (it decides what each does), then agree on whether it worked everywhere:
+    a failure on any process raises on all of them, its own error where it happened and, on the others,
+    ``failed_elsewhere(ranks)`` (an exception; ``ranks``: the processes that failed), or ``ProcessFailed``
+    when ``failed_elsewhere`` is a string saying what was being done. Without this, the processes that
+    succeeded would wait forever at the next collective for one that has left. Also a barrier.
+    Returns ``fn()``'s result."""
+    if accelerator.num_processes == 1:
+        return fn()
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as e:
+        error = e
+    flags = accelerator.gather(torch.tensor([float(error is not None)], device=accelerator.device))
+    if error is not None:
+        raise error
+    ranks = [i for i, f in enumerate(flags.tolist()) if f]
+    if ranks and isinstance(failed_elsewhere, str):
+        failed = ", ".join(map(str, ranks))
+        raise ProcessFailed(f"process {failed} failed while {failed_elsewhere} (its own error says why)")
+    if ranks:
+        raise failed_elsewhere(ranks)
+    return result
 
 
 def accumulation_steps(cfg: Config, num_processes: int) -> int:

@@ -18,6 +18,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from simpo_exp.compiled import compile_for_run, eager_only
 from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
-from simpo_exp.engine import SHARDED_ENGINES, engine_checkpoints, make_accelerator, on_main
+from simpo_exp.engine import SHARDED_ENGINES, engine_checkpoints, make_accelerator, on_main, together
 from simpo_exp.environment import environment_record
 from simpo_exp.errors import UserError, out_of_memory
 from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
@@ -425,45 +426,48 @@ def evaluate_and_sample(run: Run, step: int) -> dict:
 
 def save_checkpoint(run: Run, window: Window) -> None:
     """A checkpoint of everything, the open logging window included: one writer, or every process for
-    sharded engines (their shards go through accelerator.save_state into the same staging directory)."""
+    sharded engines (their shards go through accelerator.save_state into the same staging directory).
+    Each phase ends with every process agreeing that it worked (engine.together): a save that fails on
+    one process stops them all with a message naming it, and the main process removes the staging directory."""
     acc, state = run.accelerator, run.state
     state.window, state.window_seconds, state.window_steps = window.state(), window.seconds, window.steps
-    acc.wait_for_everyone()
-    if engine_checkpoints(run.cfg, acc):
-        if acc.is_main_process:
-            checkpoint.start(run.run_dir, state.step)
-        acc.wait_for_everyone()
-        tmp = checkpoint.staging_dir(run.run_dir, state.step)
-        try:
-            acc.save_state(str(tmp / checkpoint.ENGINE_DIR))
-        except OSError as e:  # disk full, permissions: the earlier checkpoints stay as they were
-            raise checkpoint.save_failed(run.run_dir, tmp, e, run.checkpoint_bytes) from e
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            path = checkpoint.finish(
-                run.run_dir,
-                tmp,
-                None,
-                None,
-                run.scheduler,
-                state,
-                run.config_dict,
-                run.cfg.save_total_limit,
-                run.checkpoint_bytes,
-            )
-            log.info("checkpoint %s", path)
-    elif acc.is_main_process:
-        path = checkpoint.save(
-            run.run_dir,
-            acc.unwrap_model(run.policy).model,
-            run.optimizer,
-            run.scheduler,
-            state,
-            run.config_dict,
-            run.cfg.save_total_limit,
+    tmp = checkpoint.staging_dir(run.run_dir, state.step)
+    main = acc.is_main_process
+
+    def failed_elsewhere(ranks: list[int]) -> checkpoint.CheckpointSaveError:
+        return checkpoint.CheckpointSaveError(
+            f"process {', '.join(map(str, ranks))} of {acc.num_processes} could not write checkpoint "
+            f"{tmp.with_name(tmp.name.removesuffix('.tmp'))} (its own error says why); the earlier checkpoints are "
+            "untouched. Fix that, then re-run the same command to resume from the newest one."
         )
+
+    on_all = partial(together, acc, failed_elsewhere=failed_elsewhere)
+    on_all(lambda: None)  # every process has finished the step
+    rest = (run.scheduler, state, run.config_dict, run.cfg.save_total_limit)
+    if engine_checkpoints(run.cfg, acc):
+        size = run.checkpoint_bytes
+        try:
+            on_all(lambda: main and checkpoint.start(run.run_dir, state.step, size))
+            on_all(lambda: save_engine_state(run, tmp))
+            path = on_all(lambda: main and checkpoint.finish(run.run_dir, tmp, None, None, *rest, size))
+        except Exception:
+            if main:  # once every process has stopped writing into it
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    else:
+        model = acc.unwrap_model(run.policy).model
+        path = on_all(lambda: main and checkpoint.save(run.run_dir, model, run.optimizer, *rest))
+    if main:
         log.info("checkpoint %s", path)
-    acc.wait_for_everyone()
+
+
+def save_engine_state(run: Run, tmp: Path) -> None:
+    """This process's part of an engine checkpoint (its shards, under ``tmp``'s ``engine/``)."""
+    try:
+        run.accelerator.save_state(str(tmp / checkpoint.ENGINE_DIR))
+    except OSError as e:  # disk full, permissions: the earlier checkpoints stay as they were
+        # the staging directory is shared: the main process removes it once every process is done with it
+        raise checkpoint.save_failed(run.run_dir, tmp, e, run.checkpoint_bytes, remove=False) from e
 
 
 def finish(run: Run, summary: dict) -> dict:
@@ -486,17 +490,23 @@ def finish(run: Run, summary: dict) -> dict:
     if run.cfg.save_model and acc.distributed_type in SHARDED_ENGINES:
         # sharded weights: every process takes part in gathering them ("model." is the wrapper's prefix)
         full_state_dict = {k.removeprefix("model."): v for k, v in acc.get_state_dict(run.policy).items()}
+    if run.cfg.save_model:  # every process waits for the main one's write and fails with it
+        saving = f"writing the model to {run.run_dir / 'model'}"
+        together(acc, lambda: acc.is_main_process and save_final_model(run, full_state_dict), saving)
     if acc.is_main_process:
-        if run.cfg.save_model:
-            unwrapped = acc.unwrap_model(run.policy).model
-            unwrapped.save_pretrained(run.run_dir / "model", state_dict=full_state_dict)  # LoRA: the adapter only
-            run.tokenizer.save_pretrained(run.run_dir / "model")
-            write_model_card(run.run_dir, run.cfg)  # model/README.md; evaluate adds its results to it
         run.tracker.finish(summary)
         finished.record(run.run_dir, run.config_dict)  # last: a re-run of this command now returns this summary
         keys = HEADLINE_METRICS + ["runtime_s"] + (["train/skipped_steps"] if state.skipped_steps else [])
         print(f"\nrun directory: {run.run_dir.resolve()}\n{final_table(summary, keys)}", flush=True)
     return summary
+
+
+def save_final_model(run: Run, full_state_dict: dict | None) -> None:
+    """The trained model, its tokenizer and model card in ``<run>/model`` (main process only)."""
+    unwrapped = run.accelerator.unwrap_model(run.policy).model
+    unwrapped.save_pretrained(run.run_dir / "model", state_dict=full_state_dict)  # LoRA: the adapter only
+    run.tokenizer.save_pretrained(run.run_dir / "model")
+    write_model_card(run.run_dir, run.cfg)  # model/README.md; evaluate adds its results to it
 
 
 # ----------------------------------------------------------------------------- the run

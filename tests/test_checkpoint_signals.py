@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from simpo_exp import checkpoint
+from simpo_exp.engine import ProcessFailed, UserProcessFailed, on_main, together
+from simpo_exp.errors import UserError
 from simpo_exp.signals import StopSignal
 
 
@@ -155,3 +157,58 @@ def test_every_process_agrees_on_the_signal_one_got():
         assert stop.agreed(SimpleNamespace(num_processes=1)) == signal.SIGTERM
     finally:
         stop.restore()
+
+
+class Rank(TwoProcesses):
+    """One of two processes: ``other`` is what the other process hands to gather (1.0: it failed) and to
+    broadcast_object_list (main's value, failure) when this is not the main process."""
+
+    def __init__(self, other, main: bool):
+        super().__init__(other)
+        self.is_main_process = main
+
+
+def test_a_failure_on_one_process_is_raised_on_every_process():
+    def boom():
+        raise OSError(28, "No space left on device")
+
+    def elsewhere(ranks):
+        return RuntimeError(f"failed on {ranks}")
+
+    assert together(Rank(0.0, True), lambda: 7, elsewhere) == 7
+    with pytest.raises(OSError, match="No space"):  # where it failed: its own error
+        together(Rank(0.0, True), boom, elsewhere)
+    with pytest.raises(RuntimeError, match=r"failed on \[1\]"):  # the main process, when the other failed
+        together(Rank(1.0, True), lambda: 7, elsewhere)
+    with pytest.raises(ProcessFailed, match="process 1 failed while writing the model"):
+        together(Rank(1.0, True), lambda: None, "writing the model")
+    assert together(SimpleNamespace(num_processes=1), lambda: 3, elsewhere) == 3
+
+
+def test_a_failure_of_the_main_process_in_on_main_stops_the_others(monkeypatch):
+    import accelerate.utils
+
+    sent = {}
+
+    def broadcast(objects, from_process=0):  # the other process: it receives what the main one sent
+        sent["given"] = objects
+        return sent.get("objects", objects)
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    sent["objects"] = [None, (True, "CheckpointError: step-000004 is damaged")]
+    with pytest.raises(UserProcessFailed, match="main process failed, so this one stops: CheckpointError: step-0"):
+        on_main(Rank(0.0, False), lambda: "never run here")
+    sent["objects"] = [None, (False, "KeyError: 'x'")]
+    with pytest.raises(ProcessFailed) as err:
+        on_main(Rank(0.0, False), lambda: "never run here")
+    assert not isinstance(err.value, UserError)
+    sent["objects"] = ["/runs/a", None]
+    assert on_main(Rank(0.0, False), lambda: "never run here") == "/runs/a"
+    sent.clear()
+
+    def damaged():
+        raise checkpoint.CheckpointError("step-000004 is damaged")
+
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):  # the main process raises its own error
+        on_main(Rank(0.0, True), damaged)
+    assert sent["given"] == [None, (True, "CheckpointError: step-000004 is damaged")]  # after telling the others

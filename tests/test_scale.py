@@ -74,6 +74,42 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert steps == [3, 6]
 
 
+# Loaded by every Python process of the run below (PYTHONPATH): the second process's engine save fails as
+# on a full disk, the first's works.
+FAIL_ON_RANK_1 = """
+import errno, os
+if os.environ.get("RANK") == "1":
+    import accelerate
+
+    def save_state(self, output_dir=None, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", output_dir)
+
+    accelerate.Accelerator.save_state = save_state
+"""
+
+
+def test_a_save_failing_on_one_process_stops_every_process(tmp_path):
+    """Sharded checkpoints are written by every process: when one cannot write its part, all of them stop
+    (none waits at a collective for it), each says which process failed, and no half-written checkpoint
+    is left."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "inject"), env.get("PYTHONPATH", "")])
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simpo_exp"]
+    cmd += [*RUN, "max_steps=4", "eval_steps=0", "per_device_train_batch_size=8", "save_steps=2"]
+    cmd += ["hardware.checkpoint_format=accelerate", f"hydra.run.dir={run_dir}"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    step2 = run_dir / "checkpoints" / "step-000002"
+    # the failing process says what it could not write; the other names it (each exits 2 with its message)
+    assert f"could not write checkpoint {step2} ({step2}.tmp/engine): No space left on device" in res.stderr
+    assert f"process 1 of 2 could not write checkpoint {step2}" in res.stderr, res.stderr[-3000:]
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").iterdir())
+    assert "simpo_exp/" not in res.stderr and not (run_dir / "summary.json").exists()  # no traceback of ours
+
+
 def test_submitit_local_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     res = simpo(
