@@ -437,6 +437,7 @@ def worker_trl(spec: dict) -> dict:
     device = preset["device"]
     model = build_model(preset, tok)
     marks: list[float] = []
+    profiler = step_profiler(spec, preset)
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -446,6 +447,8 @@ def worker_trl(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kw):
             sync(device)
             marks.append(time.perf_counter())
+            if profiler is not None:
+                profiler.step_done()
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trl_trainer(preset, tok, rows, model, tmp, callbacks=[Timer()])
@@ -454,7 +457,7 @@ def worker_trl(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     pairs = tokenize_like_trl(tok, rows, preset["max_length"])
-    return finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]))
+    return finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]), profiler=profiler)
 
 
 def worker_ours(spec: dict) -> dict:
@@ -480,6 +483,7 @@ def worker_ours(spec: dict) -> dict:
     base = rss_mb()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    profiler = step_profiler(spec, preset)
     sync(device)
     marks, compiled = [time.perf_counter()], []
     for batch in loader:  # the inner loop of simpo_exp/train.py with accumulation 1
@@ -497,7 +501,9 @@ def worker_ours(spec: dict) -> dict:
         sync(device)
         marks.append(time.perf_counter())
         compiled.append(graphs_built() > graphs)  # torch.compile built graphs in this step: a warm-up step
-    out = finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]))
+        if profiler is not None:
+            profiler.step_done()
+    out = finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]), profiler=profiler)
     out["compiled"] = compiled
     peak = peak_flops(torch.device(device), "bf16" if preset["bf16"] else "no", None)
     if peak:
@@ -505,14 +511,25 @@ def worker_ours(spec: dict) -> dict:
     return out
 
 
-def finish(preset, marks, base_rss, device, tokens) -> dict:
+def finish(preset, marks, base_rss, device, tokens, profiler=None) -> dict:
     import torch
 
     times = [b - a for a, b in zip(marks, marks[1:])]
     out = {"times": times, "tokens": tokens[: len(times)], "rss_before_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
     if device == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if profiler is not None:
+        out["profile"] = profiler.summary(times)
     return out
+
+
+def step_profiler(spec: dict, preset: dict):
+    """``--profile``: a torch.profiler over the steps after the warm-up (benchmarks/profile_trace.py)."""
+    if not spec.get("profile"):
+        return None
+    from benchmarks.profile_trace import StepProfiler
+
+    return StepProfiler(preset["device"], preset["warmup"], preset["steps"])
 
 
 WORKERS = {"check": worker_check, "trl": worker_trl, "ours": worker_ours}
@@ -606,6 +623,12 @@ def main() -> None:
     ap.add_argument("--no-trl", action="store_true", help="time only our variants (the loss check still runs)")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--markdown", help="also write the table as markdown to this file")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: one run each under torch.profiler (the --steps after --warmup), and where the "
+        "step's time goes: GPU busy time, kernels, synchronisations, the slowest kernels (no loss check)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -653,6 +676,8 @@ def main() -> None:
     )
 
     started = time.time()
+    if args.profile:
+        return profile_runs(args, base, ([] if args.no_trl else ["TRL"]) + variants)
     check = run_worker(base | {"impl": "check", "variants": variants})
     print(f"\nfirst-batch loss (float32, same weights): TRL {check['trl']:.6f}")
     bad = []
@@ -683,6 +708,26 @@ def main() -> None:
                 )
     finally:  # a run cut short (a time limit, Ctrl-C) still prints and writes what it measured
         report(args, preset, check, order, runs, started)
+
+
+def profile_runs(args, base: dict, order: list[str]) -> None:
+    """``--profile``: each run once under the profiler; the table (stdout, ``--markdown``) and ``--json``."""
+    from benchmarks.profile_trace import markdown
+
+    rows = {}
+    try:
+        for name in order:
+            spec = base | {"profile": True} | ({"impl": "trl"} if name == "TRL" else {"impl": "ours", "variant": name})
+            res = run_worker(spec, must_succeed=False)
+            rows[name] = res.get("profile") or {"error": res.get("error", "the profiled steps were not reached")}
+            print(f"{name}: profiled", flush=True)
+    finally:  # a run cut short still reports the runs it profiled
+        text = markdown(rows, machine(args.threads))
+        print("\n" + text, flush=True)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine(args.threads), "profiles": rows}, indent=1))
 
 
 def report(args, preset: dict, check: dict, order: list[str], runs: dict, started: float) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, on one H100/H200 in under 8 minutes: install the kit carried in .whl/,
 # run tests/test_gpu.py, then the side-by-side benchmark against TRL 1.16 CPOTrainer(loss_type="simpo")
-# for every layout, at batch 4 and at batch 16. Figures (JSON, markdown tables, logs) go to $OUT.
+# for every layout, at batch 4 and at batch 16, then (time allowing) a profile of where a step's time goes.
+# Figures (JSON, markdown tables, logs) go to $OUT.
 #
 #   here:  bash benchmarks/gpu_kit.sh                        # wheels into .whl/ (needs a package registry)
 #   there: bash benchmarks/gpu_check.sh                       # with .whl carried along; OUT=... to choose the folder
@@ -48,4 +49,18 @@ timeout 80 python3 benchmarks/bench_trl.py --preset gpu --batch 16 --steps 6 \
     --variants plain+chunk1024,plain+liger,prefix-flex+chunk1024 --json "$OUT/bench-b16.json" --markdown "$OUT/bench-b16.md" \
     > "$OUT/bench-b16.log" 2>&1
 log "batch 16: exit $?"; cat "$OUT/bench-b16.md" >> "$OUT/summary.md" 2>/dev/null
+
+# Where the time goes (only with time to spare: the whole check stays under 8 minutes). TRL, the padded path
+# and the prefix-shared FlexAttention layout, 2 steps each under torch.profiler: GPU busy share, kernels,
+# synchronisations, the slowest kernels.
+left=$(( 460 - $(date +%s) + started ))
+if [ "$left" -ge 60 ]; then
+    log "profile, batch 4 ($left s left)"
+    timeout "$left" python3 benchmarks/bench_trl.py --preset gpu --profile --warmup 2 --steps 2 \
+        --variants plain,prefix-flex --json "$OUT/profile-b4.json" --markdown "$OUT/profile-b4.md" \
+        > "$OUT/profile-b4.log" 2>&1
+    log "profile: exit $?"; cat "$OUT/profile-b4.md" >> "$OUT/summary.md" 2>/dev/null
+else
+    log "profile skipped: $left s left"
+fi
 log "done"

@@ -41,3 +41,46 @@ def test_the_gpu_presets_variants_build_and_equal_trls_loss():
     assert check["trl"] > 0
     for variant, loss in check["ours"].items():
         assert loss == pytest.approx(check["trl"], abs=bench.LOSS_TOLERANCE), variant
+
+
+def test_trace_summary_counts_busy_time_kernels_and_waits():
+    from benchmarks.profile_trace import busy_us, markdown, trace_summary
+
+    assert busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17  # overlaps counted once
+    kernel = {"ph": "X", "cat": "kernel"}
+    trace = {
+        "traceEvents": [
+            kernel | {"name": "gemm", "ts": 0, "dur": 3000},
+            kernel | {"name": "gemm", "ts": 1000, "dur": 3000},  # overlaps the first: busy 0-4 ms
+            kernel | {"name": "softmax", "ts": 10000, "dur": 1000},
+            {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 5000, "dur": 10},
+            {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 5000, "dur": 10},
+            {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 5},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5},
+            {"ph": "i", "cat": "kernel", "name": "marker", "ts": 0},  # not a complete event: ignored
+        ]
+    }
+    s = trace_summary(trace, [0.010, 0.010])  # two steps of 10 ms
+    assert s["wall_ms_per_step"] == pytest.approx(10.0) and s["gpu_busy_ms_per_step"] == pytest.approx(2.5)
+    assert s["gpu_busy_share"] == pytest.approx(0.25)
+    assert (s["kernels_per_step"], s["syncs_per_step"], s["copies_per_step"], s["cpu_ops_per_step"]) == (
+        1.5,
+        0.5,
+        0.5,
+        0.5,
+    )
+    assert [k["name"] for k in s["top_kernels"]] == ["gemm", "softmax"]
+    assert s["top_kernels"][0]["ms_per_step"] == pytest.approx(3.0)
+    table = markdown({"ours": s, "TRL": {"error": "out of memory"}}, "test")
+    assert "| ours | 10.0 | 2.5 | 25% | 2 | 0.5 | 0.5 | 0 |" in table and "| TRL | out of memory |" in table
+
+
+def test_a_profiled_run_reports_its_steps():
+    bench = load_bench()
+    spec = {"preset": "cpu", "overrides": {"batch": 2, "warmup": 1, "steps": 2}, "variant": "plain", "profile": True}
+    out = bench.worker_ours(spec)
+    assert len(out["times"]) == 3
+    profile = out["profile"]  # the two steps after the warm-up, on CPU: operators, no kernels
+    assert profile["steps"] == 2 and profile["cpu_ops_per_step"] > 100
+    assert profile["kernels_per_step"] == 0 and profile["gpu_busy_share"] is None
+    assert profile["wall_ms_per_step"] == pytest.approx(1e3 * sum(out["times"][1:]) / 2)
