@@ -160,6 +160,9 @@ class HardwareConfig:
     # accelerate (accelerator.save_state on every process: what sharded FSDP/DeepSpeed state needs),
     # or auto: accelerate under FSDP and DeepSpeed, safetensors otherwise.
     checkpoint_format: str = "auto"
+    # At set-up on a GPU: refuse a run whose weights, gradients and optimizer state alone exceed the device's
+    # memory, naming the presets that fit (simpo_exp/memory.py). false: skip the check.
+    check_memory: bool = True
     # Peak TFLOP/s of one device for train/mfu; None: looked up from the GPU's name (bf16/fp16 runs).
     peak_tflops: Optional[float] = None
     # LoRA adapters (peft) instead of full fine-tuning.

@@ -39,6 +39,7 @@ from simpo_exp.fused import fused_head
 from simpo_exp.layout import BatchLayout
 from simpo_exp.layout_auto import layout_for_run
 from simpo_exp.logps import ResponseLogps
+from simpo_exp.memory import check_device_memory
 from simpo_exp.methods import REFERENCE_METHODS
 from simpo_exp.metrics import Window, pearson
 from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention
@@ -213,6 +214,7 @@ def set_up(cfg: Config) -> Run:
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg))
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
+    check_device_memory(model, accelerator, cfg.hardware)  # the trained state alone must fit the GPU
     if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own fp32 master copy
         warn_if_updates_vanish(model, lr)
     layout, layout_choice = layout_for_run(
@@ -339,7 +341,10 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # waits for the device
     ok = math.isfinite(grad_norm) or acc.distributed_type == DistributedType.DEEPSPEED
     if ok:
-        run.optimizer.step()
+        try:
+            run.optimizer.step()  # AdamW's moments are allocated at the first step
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(f"the optimizer step {state.step + 1} (AdamW's state)", e) from e
         run.bad_in_a_row = 0
     else:  # a non-finite loss gives non-finite gradients too
         skip_step(run)

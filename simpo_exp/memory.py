@@ -1,0 +1,140 @@
+"""Device memory the trained state takes before any activation, and a check at set-up that it fits.
+
+A full fine-tune keeps, per trained parameter, its weight, its gradient and AdamW's two moments. Under the
+default float32 master weights (simpo_exp/precision.py) that is 4 + 4 + 8 = 16 bytes, so an 8B model needs
+about 120 GiB for its state alone: more than one 80 GB GPU has, whatever the batch. Such a run would load
+the model, start, and fail at its first step with an out-of-memory error whose usual remedies (a smaller
+batch, shorter sequences) cannot help. ``check_fits`` says so at set-up instead, with the presets that fit.
+
+Per device, with P parameters (bytes as loaded), T of them trained (element size s), N processes:
+
+- one device or DDP: the weights as loaded, gradients T s, AdamW moments 2 T s (torch keeps them in the
+  weights' dtype);
+- FSDP (full sharding): the same divided by N; with parameter offload the state lives in CPU RAM;
+- DeepSpeed: bf16 weights (2 P) and gradients (2 T), and a float32 master copy with the moments (12 T);
+  ZeRO-1 shards the 12 T, ZeRO-2 also the gradients, ZeRO-3 everything; optimizer offload moves the 12 T
+  to CPU RAM, parameter offload the weights.
+
+These are lower bounds: activations, the logits, temporary buffers and the allocator's fragmentation come
+on top, so a run refused here could not have fit, while one let through can still run out of memory in a
+step (and then stops with ``errors.out_of_memory``'s message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from simpo_exp.errors import OutOfMemoryError
+from simpo_exp.flops import full_numel
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How the trained state is laid out over the processes."""
+
+    kind: str = "single"  # single (one device, DDP) | fsdp | deepspeed
+    processes: int = 1
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @classmethod
+    def of(cls, accelerator) -> "Engine":
+        state = accelerator.state
+        n = accelerator.num_processes
+        kind = accelerator.distributed_type.value
+        if kind == "DEEPSPEED":
+            plugin = state.deepspeed_plugin
+            zero = (plugin.deepspeed_config or {}).get("zero_optimization", {})
+
+            def offloaded(key: str) -> bool:
+                return (zero.get(key) or {}).get("device", "none") not in ("none", None)
+
+            stage = int(plugin.zero_stage or 0)
+            return cls("deepspeed", n, stage, offloaded("offload_optimizer"), offloaded("offload_param"))
+        if kind == "FSDP":
+            offload = getattr(state.fsdp_plugin.cpu_offload, "offload_params", False)
+            return cls("fsdp", n, offload_optimizer=offload, offload_params=offload)
+        return cls("single", n)
+
+
+def state_bytes(model: torch.nn.Module, engine: Engine) -> dict[str, int]:
+    """Bytes per device of the weights, gradients and optimizer state (master copy and moments) of ``model``
+    trained under ``engine``; ``total`` is their sum."""
+    loaded = sum(full_numel(p) * p.element_size() for p in model.parameters())
+    params = sum(full_numel(p) for p in model.parameters())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    t = sum(full_numel(p) for p in trained)
+    size = trained[0].element_size() if trained else 4
+    n = max(engine.processes, 1)
+    if engine.kind == "deepspeed":
+        weights, grads, optimizer = 2 * params, 2 * t, 12 * t
+        stage = engine.zero_stage
+        optimizer = 0 if engine.offload_optimizer else optimizer // n if stage >= 1 else optimizer
+        grads = grads // n if stage >= 2 else grads
+        weights = 0 if engine.offload_params and stage == 3 else weights // n if stage == 3 else weights
+    else:
+        weights, grads, optimizer = loaded, t * size, 2 * t * size
+        if engine.kind == "fsdp":
+            shard = 0 if engine.offload_params else n
+            weights, grads, optimizer = (x // shard if shard else 0 for x in (weights, grads, optimizer))
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "total": weights + grads + optimizer}
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def sharded_fit(model: torch.nn.Module, capacity: int, most: int = 64) -> int | None:
+    """The fewest processes over which FSDP's full sharding brings the state under ``capacity``."""
+    for n in range(2, most + 1):
+        if state_bytes(model, Engine("fsdp", n))["total"] <= capacity:
+            return n
+    return None
+
+
+def check_fits(model: torch.nn.Module, engine: Engine, capacity: int, what: str) -> dict[str, int]:
+    """Raise ``OutOfMemoryError`` when the trained state alone exceeds ``capacity`` bytes (one device's memory);
+    ``what`` names the run's hardware preset and device for the message. Returns ``state_bytes``."""
+    need = state_bytes(model, engine)
+    if need["total"] <= capacity:
+        return need
+    params = sum(full_numel(p) for p in model.parameters()) / 1e9
+    parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items() if k != "total")
+    options = []
+    if engine.kind == "single":
+        options.append("hardware=gpu-lora (LoRA: the base stays frozen in model.dtype, only adapters train)")
+    if not engine.offload_optimizer:
+        options.append("hardware=zero3-offload (the optimizer state and weights in CPU RAM)")
+    shards = sharded_fit(model, int(0.8 * capacity))
+    if shards and engine.processes < shards:
+        options.append(
+            f"hardware=fsdp or zero3 over at least {shards} such GPUs (accelerate launch --config_file "
+            "launchers/fsdp.yaml or zero3.yaml)"
+        )
+    raise OutOfMemoryError(
+        f"the {params:.2f}B-parameter model cannot be trained under {what}: its weights, gradients and optimizer "
+        f"state alone take {gib(need['total'])} per device ({parts}), before any activation, and the device has "
+        f"{gib(capacity)}. A smaller batch or shorter sequences cannot help. Options: {'; '.join(options)}. "
+        "hardware.check_memory=false skips this check."
+    )
+
+
+def check_device_memory(model: torch.nn.Module, accelerator, hardware) -> dict[str, int] | None:
+    """``check_fits`` against the run's CUDA device (nothing on other devices, or with
+    ``hardware.check_memory=false``); the model as it will train (weights upcast, LoRA applied), before
+    ``accelerator.prepare``."""
+    device = accelerator.device
+    capacity = device_capacity(device)
+    if capacity is None or not hardware.check_memory:
+        return None
+    return check_fits(model, Engine.of(accelerator), capacity, f"hardware={hardware.name} on {device}")
+
+
+def device_capacity(device: torch.device) -> int | None:
+    """Bytes of memory of a CUDA device; None elsewhere (CPU RAM is not checked)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None

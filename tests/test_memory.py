@@ -1,0 +1,79 @@
+"""The trained state's device memory (simpo_exp/memory.py): the per-engine rules by hand, the single-device
+figures against what AdamW really allocates, and the set-up check that refuses a run that cannot fit."""
+
+import pytest
+import torch
+
+from simpo_exp import memory
+from simpo_exp.errors import OutOfMemoryError
+from simpo_exp.memory import Engine, check_fits, state_bytes
+from tests.test_perf_paths import make_model
+from tests.test_reliability import _tiny_config
+
+
+def test_full_fine_tuning_takes_sixteen_bytes_per_float32_parameter_and_shards_by_engine():
+    model = make_model()
+    p = sum(x.numel() for x in model.parameters())
+    assert state_bytes(model, Engine())["total"] == 16 * p  # 4 weight + 4 gradient + 8 AdamW moments
+    assert state_bytes(model, Engine("fsdp", 4)) == {
+        "weights": 4 * p // 4,
+        "gradients": 4 * p // 4,
+        "optimizer": 8 * p // 4,
+        "total": 4 * p // 4 + 4 * p // 4 + 8 * p // 4,
+    }
+    assert state_bytes(model, Engine("fsdp", 4, offload_optimizer=True, offload_params=True))["total"] == 0
+    # DeepSpeed: bf16 weights and gradients, float32 master + moments (12 bytes), sharded by stage
+    zero = {stage: state_bytes(model, Engine("deepspeed", 8, stage)) for stage in (1, 2, 3)}
+    assert zero[1]["total"] == 2 * p + 2 * p + 12 * p // 8
+    assert zero[2]["total"] == 2 * p + 2 * p // 8 + 12 * p // 8
+    assert zero[3]["total"] == 2 * p // 8 + 2 * p // 8 + 12 * p // 8
+    offload = state_bytes(model, Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True))
+    assert offload == {"weights": 0, "gradients": 2 * p // 8, "optimizer": 0, "total": 2 * p // 8}
+
+
+def test_a_frozen_bf16_base_counts_its_weights_only():
+    model = make_model().to(torch.bfloat16)
+    params = list(model.parameters())
+    for x in params[1:]:
+        x.requires_grad_(False)
+    p, t = sum(x.numel() for x in params), params[0].numel()
+    assert state_bytes(model, Engine()) == {
+        "weights": 2 * p,
+        "gradients": 2 * t,
+        "optimizer": 4 * t,
+        "total": 2 * p + 6 * t,
+    }
+
+
+def test_the_single_device_figures_are_what_adamw_allocates():
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 64, (2, 12)), labels=torch.randint(0, 64, (2, 12))).loss.backward()
+    optimizer.step()
+    grads = sum(x.grad.numel() * x.grad.element_size() for x in model.parameters())
+    moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items() if k != "step")
+    need = state_bytes(model, Engine())
+    assert (need["gradients"], need["optimizer"]) == (grads, moments)
+
+
+def test_a_state_larger_than_the_device_is_refused_with_the_presets_that_fit():
+    model = make_model()
+    need = state_bytes(model, Engine())["total"]
+    assert check_fits(model, Engine(), need, "hardware=gpu on cuda:0") == state_bytes(model, Engine())
+    with pytest.raises(OutOfMemoryError) as err:
+        check_fits(model, Engine(), need // 3, "hardware=gpu on cuda:0")
+    message = str(err.value)
+    assert "cannot be trained under hardware=gpu on cuda:0" in message
+    assert "hardware=gpu-lora" in message and "hardware=zero3-offload" in message
+    # 16 bytes per parameter over n processes must fit 80% of a device of a third of it: n = 4
+    assert "hardware=fsdp or zero3 over at least 4 such GPUs" in message
+    assert "hardware.check_memory=false" in message
+
+
+def test_set_up_refuses_the_run_before_training(compose, tmp_path, monkeypatch):
+    from simpo_exp.train import train
+
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 10_000)  # a device of 10 kB
+    with pytest.raises(OutOfMemoryError, match="cannot be trained under hardware=cpu on cpu"):
+        train(_tiny_config(compose, tmp_path, "hardware=cpu", "max_steps=1"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused at set-up, no step taken
