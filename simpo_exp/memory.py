@@ -22,6 +22,7 @@ step (and then stops with ``errors.out_of_memory``'s message).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from simpo_exp.errors import OutOfMemoryError
 from simpo_exp.flops import full_numel
 
 GIB = 2**30
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,18 @@ class Engine:
             stage = int(plugin.zero_stage or 0)
             return cls("deepspeed", n, stage, offloaded("offload_optimizer"), offloaded("offload_param"))
         if kind == "FSDP":
-            offload = getattr(state.fsdp_plugin.cpu_offload, "offload_params", False)
+            offload = fsdp_offloads(state.fsdp_plugin)
             return cls("fsdp", n, offload_optimizer=offload, offload_params=offload)
         return cls("single", n)
+
+
+def fsdp_offloads(plugin) -> bool:
+    """Whether FSDP keeps the parameters (and so their gradients and optimizer state) in CPU RAM: FSDP1's
+    ``CPUOffload(offload_params=True)``, FSDP2's ``CPUOffloadPolicy``."""
+    offload = plugin.cpu_offload
+    if hasattr(offload, "offload_params"):
+        return bool(offload.offload_params)
+    return type(offload).__name__ == "CPUOffloadPolicy"
 
 
 def state_bytes(model: torch.nn.Module, engine: Engine) -> dict[str, int]:
@@ -124,15 +135,17 @@ def check_fits(model: torch.nn.Module, engine: Engine, capacity: int, what: str)
     )
 
 
-def check_device_memory(model: torch.nn.Module, accelerator, hardware) -> dict[str, int] | None:
-    """``check_fits`` against the run's CUDA device (nothing on other devices, or with
-    ``hardware.check_memory=false``); the model as it will train (weights upcast, LoRA applied), before
-    ``accelerator.prepare``."""
-    device = accelerator.device
+def check_device_memory(model: torch.nn.Module, accelerator, hardware) -> dict[str, int]:
+    """The trained state's ``state_bytes`` (logged), checked with ``check_fits`` against the run's CUDA device
+    (not on other devices, nor with ``hardware.check_memory=false``); the model as it will train (weights
+    upcast, LoRA applied), before ``accelerator.prepare``."""
+    device, engine = accelerator.device, Engine.of(accelerator)
+    need = state_bytes(model, engine)
+    log.info("trained state per device: %s", ", ".join(f"{k} {gib(v)}" for k, v in need.items()))
     capacity = device_capacity(device)
     if capacity is None or not hardware.check_memory:
-        return None
-    return check_fits(model, Engine.of(accelerator), capacity, f"hardware={hardware.name} on {device}")
+        return need
+    return check_fits(model, engine, capacity, f"hardware={hardware.name} on {device}")
 
 
 def device_capacity(device: torch.device) -> int | None:

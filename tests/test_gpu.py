@@ -147,6 +147,7 @@ def test_zero3_without_a_launcher(tmp_path):
     assert (run / "model" / "model.safetensors").exists() and summary["train/global_step"] == 6
     if any(name in env["device_names"][0] for name in ("H100", "H200", "A100")):
         assert 0 < summary["train/mfu"] < 1  # counted from the full parameter sizes, not the empty local shards
+    assert "trained state per device" in (run / "__main__.log").read_text()  # memory.py read DeepSpeed's plan
 
 
 def test_gpu_lora(tmp_path):

@@ -77,3 +77,33 @@ def test_set_up_refuses_the_run_before_training(compose, tmp_path, monkeypatch):
     with pytest.raises(OutOfMemoryError, match="cannot be trained under hardware=cpu on cpu"):
         train(_tiny_config(compose, tmp_path, "hardware=cpu", "max_steps=1"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused at set-up, no step taken
+
+
+def test_the_engine_is_read_from_the_launchers_configs():
+    import json
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import CPUOffload, CPUOffloadPolicy, OffloadPolicy
+
+    from tests.conftest import ROOT
+
+    def accelerator(kind, **state):
+        return SimpleNamespace(distributed_type=kind, num_processes=8, state=SimpleNamespace(**state))
+
+    def deepspeed(name):
+        config = json.loads((ROOT / "launchers" / name).read_text())
+        plugin = SimpleNamespace(zero_stage=config["zero_optimization"]["stage"], deepspeed_config=config)
+        return Engine.of(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=plugin))
+
+    assert deepspeed("ds_zero2.json") == Engine("deepspeed", 8, 2)
+    assert deepspeed("ds_zero3.json") == Engine("deepspeed", 8, 3)
+    assert deepspeed("ds_zero3_offload.json") == Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True)
+    for offload, offloads in [(CPUOffload(False), False), (CPUOffload(True), True), (OffloadPolicy(), False)]:
+        fsdp = SimpleNamespace(cpu_offload=offload)  # FSDP1's CPUOffload, FSDP2's OffloadPolicy
+        assert Engine.of(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp)) == Engine(
+            "fsdp", 8, 0, offloads, offloads
+        )
+    fsdp = SimpleNamespace(cpu_offload=CPUOffloadPolicy())
+    assert Engine.of(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp)).offload_params
+    assert Engine.of(accelerator(DistributedType.MULTI_GPU)) == Engine("single", 8)
