@@ -97,7 +97,8 @@ def state_bytes(model: torch.nn.Module, engine: Engine) -> dict[str, int]:
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def sharded_fit(model: torch.nn.Module, capacity: int, most: int = 64) -> int | None:
