@@ -118,7 +118,7 @@ def check_fits(model: torch.nn.Module, engine: Engine, capacity: int, what: str)
     params = sum(full_numel(p) for p in model.parameters()) / 1e9
     parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items() if k != "total")
     options = []
-    if engine.kind == "single":
+    if engine.kind == "single" and all(p.requires_grad for p in model.parameters()):  # a full fine-tune
         options.append("hardware=gpu-lora (LoRA: the base stays frozen in model.dtype, only adapters train)")
     if not engine.offload_optimizer:
         options.append("hardware=zero3-offload (the optimizer state and weights in CPU RAM)")

@@ -68,6 +68,11 @@ def test_a_state_larger_than_the_device_is_refused_with_the_presets_that_fit():
     # 16 bytes per parameter over n processes must fit 80% of a device of a third of it: n = 4
     assert "hardware=fsdp or zero3 over at least 4 such GPUs" in message
     assert "hardware.check_memory=false" in message
+    for x in list(model.parameters())[1:]:  # already LoRA-like: not offered again
+        x.requires_grad_(False)
+    with pytest.raises(OutOfMemoryError) as err:
+        check_fits(model, Engine(), 100, "hardware=gpu-lora on cuda:0")
+    assert "hardware=gpu-lora (" not in str(err.value) and "zero3-offload" in str(err.value)
 
 
 def test_set_up_refuses_the_run_before_training(compose, tmp_path, monkeypatch):
