@@ -20,9 +20,12 @@ def main(cfg: DictConfig) -> float:
             return done.get("eval/rewards/accuracies", float("nan"))
         export_launcher_distributed_env()
 
+        from simpo_exp.engine import release_process_group
         from simpo_exp.train import train
 
-        return train(config)["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
+        accuracy = train(config)["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
+        release_process_group()  # the run's objects are gone by now
+        return accuracy
     return float("nan")  # a sweep job that failed on bad input (see its error.json); sweepers skip NaN
 
 

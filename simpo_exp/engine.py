@@ -85,6 +85,24 @@ def together(accelerator, fn, failed_elsewhere):
     return result
 
 
+def release_process_group() -> None:
+    """After a run that every process finished: free what still holds the process group (the DDP wrapper and
+    its reducer, once the run's objects are gone), then tear the group down together. Left to the
+    interpreter's exit, gloo's worker threads can abort a process whose run has succeeded (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#190489). Freeing the group while the
+    DDP reducer still holds it is worse: the reducer's later release can wait forever on a peer that left."""
+    import gc
+
+    # a one-process group (DeepSpeed without a launcher) stays: a multirun's next job in this process reuses it
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() < 2:
+        return
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def accumulation_steps(cfg: Config, num_processes: int) -> int:
     """Micro-batches per optimizer step: fixed, or derived so that per-device batch x processes x
     accumulation stays at ``hardware.effective_batch_size`` whatever the device count."""
