@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from simpo_exp.errors import UserError
+from simpo_exp.memory import Engine, state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,9 @@ def _write(tmp: Path, model, optimizer, scheduler, state: TrainState, config: di
 
 def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int) -> Path:
     """A complete checkpoint of an unsharded model, written by one process."""
-    tmp = start(run_dir, state.step, estimated_bytes(model))
-    return finish(run_dir, tmp, model, optimizer, scheduler, state, config, keep, estimated_bytes(model))
+    estimate = estimated_bytes(model)
+    tmp = start(run_dir, state.step, estimate)
+    return finish(run_dir, tmp, model, optimizer, scheduler, state, config, keep, estimate)
 
 
 def save_failed(
@@ -252,8 +254,9 @@ def dir_bytes(path: Path) -> int:
 
 def estimated_bytes(model) -> int:
     """About what one checkpoint of ``model`` takes: every weight, plus AdamW's two moments (in the
-    weight's dtype) for each trainable one."""
-    return sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in model.parameters())
+    weight's dtype) for each trainable one (simpo_exp/memory.py's one-device state, less the gradients)."""
+    state = state_bytes(model, Engine())
+    return state["weights"] + state["optimizer"]
 
 
 def check_space(run_dir: Path, model, keep: int, save_model: bool, warn: bool = True) -> int:
@@ -261,7 +264,7 @@ def check_space(run_dir: Path, model, keep: int, save_model: bool, warn: bool = 
     hold the checkpoints the run keeps (one more while the next is written, before the oldest is
     pruned) and the final model."""
     per_checkpoint = estimated_bytes(model)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = state_bytes(model, Engine())["weights"]
     needed = per_checkpoint * (keep + 1) + (weights if save_model else 0)
     free = shutil.disk_usage(run_dir).free
     if warn and free < needed:

@@ -80,7 +80,7 @@ def state_bytes(model: torch.nn.Module, engine: Engine) -> dict[str, int]:
     params = sum(full_numel(p) for p in model.parameters())
     trained = [p for p in model.parameters() if p.requires_grad]
     t = sum(full_numel(p) for p in trained)
-    size = trained[0].element_size() if trained else 4
+    t_bytes = sum(full_numel(p) * p.element_size() for p in trained)  # in each weight's own dtype
     n = max(engine.processes, 1)
     if engine.kind == "deepspeed":
         weights, grads, optimizer = 2 * params, 2 * t, 12 * t
@@ -89,7 +89,7 @@ def state_bytes(model: torch.nn.Module, engine: Engine) -> dict[str, int]:
         grads = grads // n if stage >= 2 else grads
         weights = 0 if engine.offload_params and stage == 3 else weights // n if stage == 3 else weights
     else:
-        weights, grads, optimizer = loaded, t * size, 2 * t * size
+        weights, grads, optimizer = loaded, t_bytes, 2 * t_bytes
         if engine.kind == "fsdp":
             shard = 0 if engine.offload_params else n
             weights, grads, optimizer = (x // shard if shard else 0 for x in (weights, grads, optimizer))
@@ -141,12 +141,13 @@ def check_device_memory(model: torch.nn.Module, accelerator, hardware) -> dict[s
     (not on other devices, nor with ``hardware.check_memory=false``); the model as it will train (weights
     upcast, LoRA applied), before ``accelerator.prepare``."""
     device, engine = accelerator.device, Engine.of(accelerator)
-    need = state_bytes(model, engine)
-    log.info("trained state per device: %s", ", ".join(f"{k} {gib(v)}" for k, v in need.items()))
     capacity = device_capacity(device)
     if capacity is None or not hardware.check_memory:
-        return need
-    return check_fits(model, engine, capacity, f"hardware={hardware.name} on {device}")
+        need = state_bytes(model, engine)
+    else:
+        need = check_fits(model, engine, capacity, f"hardware={hardware.name} on {device}")
+    log.info("trained state per device: %s", ", ".join(f"{k} {gib(v)}" for k, v in need.items()))
+    return need
 
 
 def device_capacity(device: torch.device) -> int | None:
