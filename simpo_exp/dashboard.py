@@ -289,6 +289,7 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
     import wandb_workspaces.workspaces as ws
 
     knobs = sweep.config_keys or list(DEFAULT_KNOBS)
+    ranked_by = headline_keys(sweep.bench)  # win rates and scores: parallel-coordinates axes, the table's sort
 
     def stable(panel, *parts):
         # Panel ids are random by default; derived from the content instead, the spec of the same
@@ -307,7 +308,7 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
                         columns=[wr.ParallelCoordinatesPlotColumn(metric=wr.Config(k)) for k in knobs]
                         + [
                             wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric(k), display_name=k)
-                            for k in headline_keys(sweep.bench)
+                            for k in ranked_by
                         ]
                         + [
                             wr.ParallelCoordinatesPlotColumn(
@@ -335,7 +336,7 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
                 ],
             )
         )
-    ranked_by = headline_keys(sweep.bench)  # the runs table sorted by the first win rate, best first
+    # the runs table sorted by the first win rate, best first
     order = {"order": [ws.Ordering(ws.Summary(ranked_by[0]), ascending=False)]} if ranked_by else {}
     return ws.Workspace(
         entity=entity or "",
