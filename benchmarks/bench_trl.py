@@ -676,8 +676,9 @@ def main() -> None:
     )
 
     started = time.time()
+    order = ([] if args.no_trl else ["TRL"]) + variants
     if args.profile:
-        return profile_runs(args, base, ([] if args.no_trl else ["TRL"]) + variants)
+        return profile_runs(args, base, order)
     check = run_worker(base | {"impl": "check", "variants": variants})
     print(f"\nfirst-batch loss (float32, same weights): TRL {check['trl']:.6f}")
     bad = []
@@ -690,11 +691,10 @@ def main() -> None:
         raise SystemExit(f"loss check failed for {bad} (tolerance {LOSS_TOLERANCE}): not timing a wrong computation")
 
     runs: dict[str, list] = {}
-    order = ([] if args.no_trl else ["TRL"]) + variants
     try:
         for r in range(rounds):
             for name in order:
-                spec = base | ({"impl": "trl"} if name == "TRL" else {"impl": "ours", "variant": name})
+                spec = worker_spec(base, name)
                 res = run_worker(spec, must_succeed=False)
                 if "error" in res:
                     print(f"round {r + 1}: {name:<18} FAILED: {res['error']}", flush=True)
@@ -710,6 +710,11 @@ def main() -> None:
         report(args, preset, check, order, runs, started)
 
 
+def worker_spec(base: dict, name: str) -> dict:
+    """The worker spec of one timed run: TRL, or one of our variants."""
+    return base | ({"impl": "trl"} if name == "TRL" else {"impl": "ours", "variant": name})
+
+
 def profile_runs(args, base: dict, order: list[str]) -> None:
     """``--profile``: each run once under the profiler; the table (stdout, ``--markdown``) and ``--json``."""
     from benchmarks.profile_trace import markdown
@@ -717,7 +722,7 @@ def profile_runs(args, base: dict, order: list[str]) -> None:
     rows = {}
     try:
         for name in order:
-            spec = base | {"profile": True} | ({"impl": "trl"} if name == "TRL" else {"impl": "ours", "variant": name})
+            spec = worker_spec(base, name) | {"profile": True}
             res = run_worker(spec, must_succeed=False)
             rows[name] = res.get("profile") or {"error": res.get("error", "the profiled steps were not reached")}
             print(f"{name}: profiled", flush=True)

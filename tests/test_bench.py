@@ -4,21 +4,16 @@ check builds every variant the gpu preset times (on a CPU-sized model), so a bro
 a device run is spent on it, and each must equal TRL's loss."""
 
 import importlib.util
-import sys
 
 import pytest
-
-from tests.conftest import ROOT
 
 pytest.importorskip("trl.experimental.cpo")
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_trl", ROOT / "benchmarks" / "bench_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_trl", module)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import bench_trl  # the repository root is on pytest's path (pyproject's pythonpath)
+
+    return bench_trl
 
 
 def test_the_gpu_presets_variants_build_and_equal_trls_loss():
