@@ -150,6 +150,21 @@ def _jsonable(v):
     return v
 
 
+def open_wandb(run_dir: Path, mode: str, init_timeout: float, **run):
+    """``wandb.init`` as every stage calls it: files under ``run_dir``, no console capture or system stats,
+    a new run object per call (a multirun starts several in one process), ``init_timeout`` seconds to
+    reach the server. ``run``: the run's identity (id/resume, project, entity, group, job_type, name...)."""
+    import wandb
+
+    return wandb.init(
+        **run,
+        dir=str(run_dir),
+        mode=mode,
+        reinit="create_new",
+        settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=init_timeout),
+    )
+
+
 class Tracker:
     """Log metrics to ``metrics.jsonl`` and, if enabled, W&B. Only the main process should build one."""
 
@@ -174,9 +189,10 @@ class Tracker:
         previous = read_json(self.run_dir / WANDB_RECORD)  # {} when there is none or it is unreadable
         resume = {"id": previous["id"], "resume": "allow"} if isinstance(previous, dict) and previous.get("id") else {}
         try:
-            import wandb
-
-            self.wandb_run = wandb.init(
+            self.wandb_run = open_wandb(
+                self.run_dir,
+                mode,
+                lc.init_timeout,
                 **resume,
                 project=lc.project,
                 entity=lc.entity,
@@ -185,10 +201,6 @@ class Tracker:
                 name=lc.run_name,
                 tags=list(lc.tags),
                 config=config_dict,
-                dir=str(self.run_dir),
-                mode=mode,
-                reinit="create_new",
-                settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=lc.init_timeout),
             )
             self.wandb_run.define_metric(STEP_KEY)
             self.wandb_run.define_metric(SAMPLES_KEY)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from simpo_exp.inference.results import EVAL_DIR, read_results
 from simpo_exp.rundir import read_json, read_jsonl
-from simpo_exp.tracking import WANDB_RECORD
+from simpo_exp.tracking import WANDB_RECORD, open_wandb
 
 log = logging.getLogger(__name__)
 SAMPLE_ROWS = 8  # judged rows per benchmark in the table
@@ -80,7 +80,10 @@ def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0
 def _send(run_dir: Path, rec: dict, mode: str, benchmarks: list[str], init_timeout: float) -> None:
     import wandb
 
-    run = wandb.init(
+    run = open_wandb(
+        run_dir,
+        mode,
+        init_timeout,
         id=rec["id"],
         resume="allow",
         project=rec.get("project"),
@@ -88,10 +91,6 @@ def _send(run_dir: Path, rec: dict, mode: str, benchmarks: list[str], init_timeo
         group=rec.get("group"),
         job_type=rec.get("job_type"),
         name=rec.get("name"),
-        dir=str(run_dir),
-        mode=mode,
-        reinit="create_new",
-        settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=init_timeout),
     )
     try:
         run.summary.update(read_results(run_dir))
