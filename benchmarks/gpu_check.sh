@@ -10,12 +10,24 @@
 # Each part has its own time limit, and the benchmark prints and writes whatever it measured when it is
 # cut short, so a slow part never costs the figures of the others. Then paste $OUT/summary.md into
 # benchmarks/RESULTS.md's GPU section.
+#
+# The device tool brings back at most 8 files from $OUT, so the parts write into a work folder and, after
+# each part, $OUT gets summary.md, the benchmark JSON files and one logs.tar.gz of everything (logs and
+# markdown tables): at most 5 files, and a check cut short still leaves the parts it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
+WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 mkdir -p "$OUT"
 started=$(date +%s)
-log() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$OUT/summary.md"; }
+log() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$WORK/summary.md"; }
+publish() {
+    cp "$WORK/summary.md" "$OUT/" 2>/dev/null
+    cp "$WORK"/*.json "$OUT/" 2>/dev/null
+    tar -czf "$OUT/logs.tar.gz" -C "$WORK" . 2>/dev/null
+    return 0
+}
+trap publish EXIT
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -26,29 +38,32 @@ else
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 
-echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" > "$OUT/summary.md"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.md"
+echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" > "$WORK/summary.md"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$WORK/summary.md"
 python3 -c "
 import torch, transformers, accelerate, hydra, omegaconf, trl
 print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, '
       f'accelerate {accelerate.__version__}, hydra {hydra.__version__}, omegaconf {omegaconf.__version__}, trl {trl.__version__}')
-" 2>&1 | tee -a "$OUT/summary.md"
+" 2>&1 | tee -a "$WORK/summary.md"
 
 log "tests/test_gpu.py and the CUDA test of tests/test_liger.py"
 timeout 190 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
-    tests/test_liger.py::test_compiled_fused_head_on_cuda > "$OUT/tests.log" 2>&1
-log "tests: exit $? -- $(tail -n 1 "$OUT/tests.log")"
+    tests/test_liger.py::test_compiled_fused_head_on_cuda > "$WORK/tests.log" 2>&1
+log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
+publish
 
 log "benchmark, batch 4, every layout"
-timeout 190 python3 benchmarks/bench_trl.py --preset gpu --json "$OUT/bench-b4.json" --markdown "$OUT/bench-b4.md" \
-    > "$OUT/bench-b4.log" 2>&1
-log "batch 4: exit $?"; cat "$OUT/bench-b4.md" >> "$OUT/summary.md" 2>/dev/null
+timeout 190 python3 benchmarks/bench_trl.py --preset gpu --json "$WORK/bench-b4.json" --markdown "$WORK/bench-b4.md" \
+    > "$WORK/bench-b4.log" 2>&1
+log "batch 4: exit $?"; cat "$WORK/bench-b4.md" >> "$WORK/summary.md" 2>/dev/null
+publish
 
 log "benchmark, batch 16 (TRL may not fit)"
 timeout 80 python3 benchmarks/bench_trl.py --preset gpu --batch 16 --steps 6 \
-    --variants plain+chunk1024,plain+liger,prefix-flex+chunk1024 --json "$OUT/bench-b16.json" --markdown "$OUT/bench-b16.md" \
-    > "$OUT/bench-b16.log" 2>&1
-log "batch 16: exit $?"; cat "$OUT/bench-b16.md" >> "$OUT/summary.md" 2>/dev/null
+    --variants plain+chunk1024,plain+liger,prefix-flex+chunk1024 --json "$WORK/bench-b16.json" --markdown "$WORK/bench-b16.md" \
+    > "$WORK/bench-b16.log" 2>&1
+log "batch 16: exit $?"; cat "$WORK/bench-b16.md" >> "$WORK/summary.md" 2>/dev/null
+publish
 
 # Where the time goes (only with time to spare: the whole check stays under 8 minutes). TRL, the padded path
 # and the prefix-shared FlexAttention layout, 2 steps each under torch.profiler: GPU busy share, kernels,
@@ -57,9 +72,9 @@ left=$(( 460 - $(date +%s) + started ))
 if [ "$left" -ge 60 ]; then
     log "profile, batch 4 ($left s left)"
     timeout "$left" python3 benchmarks/bench_trl.py --preset gpu --profile --warmup 2 --steps 2 \
-        --variants plain,prefix-flex --json "$OUT/profile-b4.json" --markdown "$OUT/profile-b4.md" \
-        > "$OUT/profile-b4.log" 2>&1
-    log "profile: exit $?"; cat "$OUT/profile-b4.md" >> "$OUT/summary.md" 2>/dev/null
+        --variants plain,prefix-flex --json "$WORK/profile-b4.json" --markdown "$WORK/profile-b4.md" \
+        > "$WORK/profile-b4.log" 2>&1
+    log "profile: exit $?"; cat "$WORK/profile-b4.md" >> "$WORK/summary.md" 2>/dev/null
 else
     log "profile skipped: $left s left"
 fi
