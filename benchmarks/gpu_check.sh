@@ -47,7 +47,7 @@ print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
 " 2>&1 | tee -a "$WORK/summary.md"
 
 log "tests/test_gpu.py and the CUDA test of tests/test_liger.py"
-timeout 190 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
+timeout 190 python3 -m pytest -v -p no:cacheprovider -o addopts="" tests/test_gpu.py \
     tests/test_liger.py::test_compiled_fused_head_on_cuda > "$WORK/tests.log" 2>&1
 log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
 publish
