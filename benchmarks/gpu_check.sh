@@ -47,8 +47,11 @@ print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
 " 2>&1 | tee -a "$WORK/summary.md"
 
 log "tests/test_gpu.py and the CUDA test of tests/test_liger.py"
-timeout 190 python3 -m pytest -v -p no:cacheprovider -o addopts="" tests/test_gpu.py \
-    tests/test_liger.py::test_compiled_fused_head_on_cuda > "$WORK/tests.log" 2>&1
+# Each test's time as it ends (so a part cut off still says what took long); where pytest-timeout is
+# installed (the device image has it), no single test may take more than 100 s of the part's 190.
+per_test=(); python3 -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=100)
+timeout 190 python3 -m pytest -v -p no:cacheprovider -o addopts="" -o console_output_style=times "${per_test[@]}" \
+    tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_gpu.py > "$WORK/tests.log" 2>&1
 log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
 publish
 

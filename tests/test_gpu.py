@@ -5,6 +5,7 @@ Skipped where no CUDA device is visible (CI, and the project's own machine). On 
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -93,15 +94,21 @@ def test_flash_varlen_matches_the_plain_layout_on_cuda():
         assert (g_fast[name] - g_plain[name]).norm() <= 0.05 * g_plain[name].norm() + 1e-6, name
 
 
-def _run(tmp_path, *args):
-    run = tmp_path / "run"
+def _run(tmp_path, *args, run=None):
+    run = run or tmp_path / "run"
     res = simpo(*args, *RUN, f"hydra.run.dir={run}", cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return run, json.loads((run / "summary.json").read_text()), json.loads((run / "env.json").read_text())
 
 
-def test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory(tmp_path):
-    run, summary, env = _run(tmp_path, "hardware=gpu")
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    """One ``hardware=gpu`` run (packing=auto, so measured), shared by the preset and resume tests."""
+    return _run(tmp_path_factory.mktemp("gpu"), "hardware=gpu")
+
+
+def test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory(gpu_run):
+    run, summary, env = gpu_run
     assert env["mixed_precision"] == "bf16" and env["device"].startswith("cuda")
     measured = env["layout_choice"]  # packing=auto on a GPU: the candidates timed on the first batch
     assert measured["rule"] == "measured" and len(measured["candidates"]) >= 3
@@ -127,11 +134,19 @@ def test_compiled_layers_train_through_the_loop(tmp_path):
     assert 1 <= summary["train/compile_warmup_steps"] < 6 and torch.isfinite(torch.tensor(summary["train/loss"]))
 
 
-def test_gpu_preset_resumes(tmp_path):
-    run, first, _ = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared")
+def test_gpu_preset_resumes_with_its_measured_layout(gpu_run, tmp_path):
+    """A copy of the shared run, cut back to its step-3 checkpoint, runs again: it resumes there, keeps the
+    layout packing=auto measured, and ends where the uninterrupted run ended (bf16 tolerance)."""
+    first_run, first, first_env = gpu_run
+    run = tmp_path / "run"
+    shutil.copytree(first_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-000006", ignore_errors=True)
     (run / "finished.json").unlink()  # else the re-run is recognised as finished and skipped
-    _, resumed, _ = _run(tmp_path, "hardware=gpu", "hardware.packing=prefix_shared")  # from step 3
+    kept = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    _, resumed, env = _run(tmp_path, "hardware=gpu", run=run)  # from step 3
     assert "resumed from" in (run / "__main__.log").read_text()
+    assert env["batch_layout"] == first_env["batch_layout"]
     steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert resumed["eval/loss"] == pytest.approx(first["eval/loss"], rel=1e-2)  # bf16 kernels need not repeat bitwise
