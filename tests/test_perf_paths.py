@@ -308,3 +308,32 @@ def test_flex_attention_applies_gemma_softcapping():
     assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), (
         (plain.mean_logps - flex.mean_logps).abs().max()
     )
+
+
+def test_compiled_flex_attention_matches_and_does_not_recompile_per_batch(monkeypatch):
+    """The GPU path compiles FlexAttention (``flex_attention_fn`` on CUDA: ``torch.compile(..., dynamic=True)``),
+    called from inside the compiler-disabled segment attention with a new block mask every batch. Here that
+    same compiled function runs the forward on CPU: it gives the plain path's log-probs, and batches of new
+    lengths reuse its graphs instead of compiling again (a recompile per batch would cost a GPU run seconds
+    a step)."""
+    from torch._dynamo.utils import counters
+
+    from simpo_exp import logps
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(logps, "_COMPILED_FLEX", None)  # a fresh compiled function, dropped afterwards
+    gpu_choice = logps.flex_attention_fn
+    monkeypatch.setattr(logps, "flex_attention_fn", lambda device: gpu_choice(torch.device("cuda")))
+    model = make_model().eval()
+    graphs = []
+    for seed in range(5):  # 6 pairs of random lengths each: 150-300 tokens, two or three 128-token blocks
+        pairs = random_pairs(6, seed=10 + seed, max_prompt=20, max_response=30)
+        with torch.no_grad():
+            plain = ResponseLogps(model)(**PairCollator(PAD)(pairs))
+            flex = ResponseLogps(model, packing="prefix_shared", attention="flex")(
+                **PairCollator(PAD, packing="prefix_shared", attention="flex")(pairs)
+            )
+        assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), seed
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert logps._COMPILED_FLEX is not None and graphs[0] >= 1  # the compiled function ran
+    assert graphs[-1] == graphs[1], graphs  # after the first two batches, no batch compiled again
