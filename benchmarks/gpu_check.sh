@@ -66,6 +66,9 @@ timeout 80 python3 benchmarks/bench_trl.py --preset gpu --batch 16 --steps 6 \
     --variants plain+chunk1024,plain+liger,prefix-flex+chunk1024 --json "$WORK/bench-b16.json" --markdown "$WORK/bench-b16.md" \
     > "$WORK/bench-b16.log" 2>&1
 log "batch 16: exit $?"; cat "$WORK/bench-b16.md" >> "$WORK/summary.md" 2>/dev/null
+log "issue 17's targets against these figures (benchmarks/targets.py)"
+python3 benchmarks/targets.py "$WORK/bench-b4.json" "$WORK/bench-b16.json" --markdown "$WORK/targets.md" \
+    > /dev/null 2>&1; cat "$WORK/targets.md" >> "$WORK/summary.md" 2>/dev/null
 publish
 
 # Where the time goes (only with time to spare: the whole check stays under 8 minutes). TRL, the padded path

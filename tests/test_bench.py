@@ -79,3 +79,30 @@ def test_a_profiled_run_reports_its_steps():
     assert profile["steps"] == 2 and profile["cpu_ops_per_step"] > 100
     assert profile["kernels_per_step"] == 0 and profile["gpu_busy_share"] is None
     assert profile["wall_ms_per_step"] == pytest.approx(1e3 * sum(out["times"][1:]) / 2)
+
+
+def test_targets_read_the_benchmark_json():
+    """benchmarks/targets.py: issue 17's targets against hand-made benchmark results (both batch sizes)."""
+    from benchmarks.targets import assess, markdown
+
+    def row(name, pairs_per_s, peak, mfu=None):
+        return {"name": name, "pairs_per_s": pairs_per_s, "peak_cuda_mb": peak} | ({"mfu": mfu} if mfu else {})
+
+    b4 = {
+        "config": {"batch": 4},
+        "rows": [row("TRL", 10.0, 40000), row("plain", 12.0, 30000, 0.2), row("prefix-flex", 25.0, 18000, 0.3)],
+        "missing": [],
+    }
+    got = {t: (m, v) for t, m, v in assess(b4)}
+    assert got["batch 4: best pairs/s >= 2.0x TRL"] == ("prefix-flex 2.50x", "met")
+    assert got["batch 4: padded >= 1.1x TRL"] == ("plain 1.20x", "met")
+    assert got["batch 4: peak memory (fastest) <= 0.5x TRL"] == ("prefix-flex 0.45x", "met")
+    assert got["batch 4: MFU of the fastest >= 35%"] == ("prefix-flex 30.0%", "missed")
+    assert got["batch 4: packing=auto would keep"][0].startswith("prefix_shared (flex)")
+    b16 = {"config": {"batch": 16}, "rows": [row("plain+chunk1024", 30.0, 70000, 0.4)], "missing": ["TRL"]}
+    got = {t: (m, v) for t, m, v in assess(b16)}
+    assert got["batch 16: runs where TRL does not"] == ("TRL failed; plain+chunk1024 ran", "met")
+    assert got["batch 16: MFU of the fastest >= 35%"] == ("plain+chunk1024 40.0%", "met")
+    assert "packing=auto would keep" not in " ".join(got)  # no plain layout run at batch 16
+    assert assess({"config": {"batch": 4}, "rows": [row("TRL", 1.0, 1)], "missing": ["plain"]})[0][2] == "n/a"
+    assert markdown([b4, b16]).count("\n") == 2 + len(assess(b4)) + len(assess(b16))

@@ -1,0 +1,88 @@
+"""Issue 17's GPU targets, read off the side-by-side benchmark's JSON files (``bench_trl.py --json``).
+
+    python benchmarks/targets.py bench-b4.json bench-b16.json [--markdown targets.md]
+
+For each file (one per batch size): our fastest run against TRL's pairs/s (target >= 2x), the padded
+layout (``plain``, target >= 1.1x), the peak GPU memory of the fastest and of the leanest run against TRL's
+(target <= 0.5x), the fastest run's MFU (target >= 35% at a realistic batch such as 16), and whether TRL
+failed at a batch where one of ours ran. Then which layout ``packing=auto`` would keep on this GPU: the
+fastest of the plain, prefix-shared and packed runs without extra options (a chunked head, Liger or compile
+are separate switches). Every figure is the benchmark's own; nothing here is measured. ``gpu_check.sh``
+appends the table to its summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SPEED, PADDED_SPEED, MEMORY, MFU = 2.0, 1.1, 0.5, 0.35
+LAYOUTS = {"plain": "none", "prefix": "prefix_shared (segments)", "prefix-flex": "prefix_shared (flex)",
+           "packed-flex": "packed (flex)", "packed-flash": "packed (flash)"}  # fmt: skip
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "missed")
+
+
+def assess(result: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) rows for one benchmark JSON (one batch size)."""
+    rows = {r["name"]: r for r in result.get("rows", [])}
+    batch = result.get("config", {}).get("batch", "?")
+    trl = rows.pop("TRL", None)
+    out = []
+    if not rows:
+        return [(f"batch {batch}", "no run of ours measured", verdict(None))]
+    mem = "peak_cuda_mb" if all("peak_cuda_mb" in r for r in rows.values()) else "peak_rss_mb"
+    best = max(rows.values(), key=lambda r: r["pairs_per_s"])
+    leanest = min(rows.values(), key=lambda r: r[mem])
+    if trl:
+        x = best["pairs_per_s"] / trl["pairs_per_s"]
+        out.append((f"batch {batch}: best pairs/s >= {SPEED}x TRL", f"{best['name']} {x:.2f}x", verdict(x >= SPEED)))
+        if "plain" in rows:
+            x = rows["plain"]["pairs_per_s"] / trl["pairs_per_s"]
+            out.append((f"batch {batch}: padded >= {PADDED_SPEED}x TRL", f"plain {x:.2f}x", verdict(x >= PADDED_SPEED)))
+        for label, r in (("fastest", best), ("leanest", leanest)):
+            x = r[mem] / trl[mem]
+            out.append(
+                (
+                    f"batch {batch}: peak memory ({label}) <= {MEMORY}x TRL",
+                    f"{r['name']} {x:.2f}x",
+                    verdict(x <= MEMORY),
+                )
+            )
+    elif "TRL" in result.get("missing", []):
+        out.append((f"batch {batch}: runs where TRL does not", f"TRL failed; {best['name']} ran", verdict(True)))
+    if "mfu" in best:
+        out.append((f"batch {batch}: MFU of the fastest >= {MFU:.0%}", f"{best['name']} {best['mfu']:.1%}",
+                    verdict(best["mfu"] >= MFU)))  # fmt: skip
+    layouts = [r for name, r in rows.items() if name in LAYOUTS]
+    if layouts:
+        pick = max(layouts, key=lambda r: r["pairs_per_s"])
+        times = ", ".join(f"{r['name']} {r['pairs_per_s']:.2f}" for r in sorted(layouts, key=lambda r: r["name"]))
+        out.append((f"batch {batch}: packing=auto would keep", f"{LAYOUTS[pick['name']]} (pairs/s: {times})", ""))
+    return out
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| target (issue 17) | measured | |", "|---|---|---|"]
+    for result in results:
+        lines += [f"| {t} | {m} | {v} |" for t, m, v in assess(result)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="bench_trl.py --json files (a missing one is skipped)")
+    ap.add_argument("--markdown", help="also write the table to this file")
+    args = ap.parse_args()
+    results = [json.loads(Path(f).read_text()) for f in args.files if Path(f).is_file()]
+    text = markdown(results) if results else "no benchmark results to assess\n"
+    print(text, end="")
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
