@@ -14,8 +14,6 @@ import json
 import logging
 from pathlib import Path
 
-from simpo_exp.checkpoint import incompatible_keys
-
 log = logging.getLogger(__name__)
 
 FINISHED = "finished.json"
@@ -45,6 +43,9 @@ def recorded_summary(cfg) -> dict | None:
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable: train (resuming from a checkpoint) and write both again
+    from simpo_exp.checkpoint import incompatible_keys  # here: it imports torch, which a bad override
+    # or a run with nothing recorded yet should not wait for
+
     if incompatible_keys(saved, config_to_dict(cfg)):
         return None  # the checkpoint check then names the differing keys
     message = (
