@@ -22,27 +22,36 @@ def prompt_text(prompt_messages: list[dict]) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, synced: bool = False) -> list[str]:
-    """Greedy completions of each pair's tokenised prompt (one at a time: no padding questions).
-    ``synced``: every process of a sharded model calls this together; all keep stepping until the
+    """Greedy completions of each pair's tokenised prompt, all prompts in one batch: left-padded, the padding
+    masked out (transformers derives the positions from the mask), each completion cut after its first end
+    of sequence. ``synced``: every process of a sharded model calls this together; all keep stepping until the
     last one is done (transformers' ``synced_gpus``)."""
+    if not pairs:
+        return []
+    prompts = [list(p["prompt_input_ids"]) for p in pairs]
+    width = max(len(p) for p in prompts)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     was_training = model.training
     model.eval()
-    outputs = []
-    for pair in pairs:
-        ids = torch.tensor([pair["prompt_input_ids"]], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            synced_gpus=synced,
-        )
-        outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        synced_gpus=synced,
+    )
     model.train(was_training)
-    return outputs
+    texts = []
+    for row in out[:, width:].tolist():
+        if eos in row:  # a finished completion is padded up to the longest one; decode drops a special eos
+            row = row[: row.index(eos) + 1]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
 
 
 def generation_rows(step: int, pairs: list[dict], generations: list[str], rewards: torch.Tensor) -> list[dict]:

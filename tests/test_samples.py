@@ -1,0 +1,59 @@
+"""Sample generations (simpo_exp/samples.py): all prompts in one left-padded batch give the same greedy
+completions as one prompt at a time, each cut at its own end of sequence."""
+
+from types import SimpleNamespace
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from simpo_exp import samples
+from simpo_exp.model import build_tiny_tokenizer
+
+
+def one_at_a_time(model, tok, prompts, n):
+    texts = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return texts
+
+
+def test_batched_completions_equal_one_at_a_time():
+    tiny = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tiny),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_implementation="sdpa",
+        )
+    )
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, len(tiny), (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
+    pairs = [{"prompt_input_ids": p} for p in prompts]
+    model.train()
+    plain = one_at_a_time(model.eval(), tiny, prompts, 12)
+    assert samples.generate(model.train(), tiny, pairs, 12, "cpu") == plain
+    assert model.training  # the mode it came in with
+    # an end of sequence that one completion reaches early: the token it writes third
+    first = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=3, do_sample=False)[0, -1].item()
+    tok = SimpleNamespace(pad_token_id=tiny.pad_token_id, eos_token_id=first, decode=tiny.decode)
+    texts = samples.generate(model, tok, pairs, 12, "cpu")
+    assert texts == one_at_a_time(model, tok, prompts, 12)
+    assert len(texts[1]) < len(plain[1])  # stopped there
+    # padded with an ordinary token (one that decode keeps): each completion still ends at its own eos
+    tok = SimpleNamespace(pad_token_id=7, eos_token_id=first, decode=tiny.decode)
+    assert samples.generate(model, tok, pairs, 12, "cpu") == one_at_a_time(model, tok, prompts, 12)
+    assert samples.generate(model, tiny, [], 12, "cpu") == []
