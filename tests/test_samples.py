@@ -4,10 +4,10 @@ completions as one prompt at a time, each cut at its own end of sequence."""
 from types import SimpleNamespace
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from simpo_exp import samples
 from simpo_exp.model import build_tiny_tokenizer
+from tests.test_perf_paths import make_model
 
 
 def one_at_a_time(model, tok, prompts, n):
@@ -28,22 +28,10 @@ def one_at_a_time(model, tok, prompts, n):
 
 def test_batched_completions_equal_one_at_a_time():
     tiny = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tiny),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            attn_implementation="sdpa",
-        )
-    )
+    model = make_model(vocab=len(tiny))  # tests/test_perf_paths.py's tiny Llama, in train mode
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, len(tiny), (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
     pairs = [{"prompt_input_ids": p} for p in prompts]
-    model.train()
     plain = one_at_a_time(model.eval(), tiny, prompts, 12)
     assert samples.generate(model.train(), tiny, pairs, 12, "cpu") == plain
     assert model.training  # the mode it came in with
