@@ -43,8 +43,9 @@ def recorded_summary(cfg) -> dict | None:
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable: train (resuming from a checkpoint) and write both again
-    from simpo_exp.checkpoint import incompatible_keys  # here: it imports torch, which a bad override
-    # or a run with nothing recorded yet should not wait for
+    # Imported here, not at the top: it loads torch, and the entry point imports this module before Hydra
+    # has checked the overrides (a misspelled key is then reported in under a second).
+    from simpo_exp.checkpoint import incompatible_keys
 
     if incompatible_keys(saved, config_to_dict(cfg)):
         return None  # the checkpoint check then names the differing keys
