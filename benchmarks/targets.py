@@ -15,11 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
+
+from benchmarks.bench_trl import VARIANTS  # noqa: E402  (only the standard library at its top)
+
 SPEED, PADDED_SPEED, MEMORY, MFU = 2.0, 1.1, 0.5, 0.35
-LAYOUTS = {"plain": "none", "prefix": "prefix_shared (segments)", "prefix-flex": "prefix_shared (flex)",
-           "packed-flex": "packed (flex)", "packed-flash": "packed (flash)"}  # fmt: skip
+# the benchmark's variants that are layouts packing=auto chooses among: no chunked or fused head, and not the
+# 4D-mask attention, which auto never picks (+compile variants are not in VARIANTS)
+LAYOUTS = {
+    name: v["packing"] if v["packing"] == "none" else f"{v['packing']} ({v['attention']})"
+    for name, v in VARIANTS.items()
+    if v["chunk_size"] == 0 and "fused" not in v and v["attention"] != "mask"
+}
 
 
 def verdict(ok: bool | None) -> str:
