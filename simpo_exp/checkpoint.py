@@ -155,6 +155,11 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:06d}.tmp"
 
 
+def final_dir(staging: Path) -> Path:
+    """Where the checkpoint written in ``staging`` (a ``staging_dir``) lands once it is complete."""
+    return staging.with_name(staging.name.removesuffix(".tmp"))
+
+
 def start(run_dir: Path, step: int, estimate: int | None = None) -> Path:
     """An empty staging directory for the checkpoint of ``step`` (main process only); ``CheckpointSaveError``
     if it cannot be made (``estimate``: bytes a checkpoint takes, for its message)."""
@@ -182,7 +187,7 @@ def finish(
     checksum) and move it into place (main process only). ``model`` and ``optimizer`` are None when
     the engine saved them in ``engine/``. A write that fails removes ``tmp`` and raises
     ``CheckpointSaveError``; ``estimate``: bytes a checkpoint takes, for its message."""
-    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    final = final_dir(tmp)
     try:
         _write(tmp, model, optimizer, scheduler, state, config)
         (tmp / MARKER).write_text(json.dumps({"algorithm": HASH, "files": manifest(tmp)}))
@@ -229,7 +234,7 @@ def save_failed(
     """Remove the half-written staging directory of checkpoint ``path`` (unless not ``remove``: other processes
     may still be writing there); the error that stops the run, with the bytes a checkpoint takes (the newest
     complete one's size, else ``estimate``) and the bytes free."""
-    path = path.with_name(path.name.removesuffix(".tmp"))
+    path = final_dir(path)
     if remove:
         shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
     done = checkpoint_dirs(run_dir)

@@ -442,7 +442,7 @@ def save_checkpoint(run: Run, window: Window) -> None:
     def failed_elsewhere(ranks: list[int]) -> checkpoint.CheckpointSaveError:
         return checkpoint.CheckpointSaveError(
             f"process {', '.join(map(str, ranks))} of {acc.num_processes} could not write checkpoint "
-            f"{tmp.with_name(tmp.name.removesuffix('.tmp'))} (its own error says why); the earlier checkpoints are "
+            f"{checkpoint.final_dir(tmp)} (its own error says why); the earlier checkpoints are "
             "untouched. Fix that, then re-run the same command to resume from the newest one."
         )
 
