@@ -334,22 +334,35 @@ def verify(path: Path) -> str | None:
 
 
 def load_newest(
-    run_dir: Path, model, optimizer, scheduler, config: dict, load_engine_state=None, on_main=None
+    run_dir: Path, model, optimizer, scheduler, config: dict, load_engine_state=None, on_main=None, on_every=None
 ) -> tuple[Path, TrainState] | None:
     """Restore the newest intact checkpoint of ``run_dir``; None when it has none. A damaged one (a
     file not matching the marker, or unreadable) is skipped with a warning naming it and why; when
     none is intact, CheckpointError names them all. ``on_main(fn)``: fn's result on the main process,
-    given to every process, so that one process reads the files to check them and all pick the same."""
+    given to every process, so that one process reads the files to check them and all pick the same.
+    ``on_every(fn)``: fn run on every process, the list of their results given to all, so that a load
+    failing on one process only (a file its node cannot read) makes every process fall back together."""
     on_main = on_main or (lambda fn: fn())
+    on_every = on_every or (lambda fn: [fn()])
     found = checkpoint_dirs(run_dir)
     problems = []
     for path in reversed(found):
         why = on_main(lambda: verify(path))
         if why is None:
-            try:
-                return path, load(path, model, optimizer, scheduler, config, load_engine_state)
-            except DamagedCheckpoint as e:
-                why = str(e)
+            loaded = []
+
+            def attempt() -> str | None:  # why this process could not load it, or None
+                try:
+                    loaded.append(load(path, model, optimizer, scheduler, config, load_engine_state))
+                except DamagedCheckpoint as e:
+                    return str(e)
+                return None
+
+            whys = on_every(attempt)
+            failed = [(rank, w) for rank, w in enumerate(whys) if w is not None]
+            if not failed:
+                return path, loaded[0]
+            why = "; ".join(w if len(whys) == 1 else f"on process {rank}: {w}" for rank, w in failed)
         log.warning("checkpoint %s is damaged and skipped: %s", path, why)
         problems.append(f"{path.name}: {why}")
     if problems:

@@ -85,6 +85,17 @@ def together(accelerator, fn, failed_elsewhere):
     return result
 
 
+def on_every(accelerator, fn, doing: str) -> list:
+    """``fn()`` run on every process; every process's result, in rank order, given to all of them, so that
+    they can act on the same outcome. A failure on any process raises on all (see ``together``; ``doing``
+    says what was being done)."""
+    if accelerator.num_processes == 1:
+        return [fn()]
+    from accelerate.utils import gather_object
+
+    return gather_object([together(accelerator, fn, doing)])
+
+
 def release_process_group() -> None:
     """After a run that every process finished: free what still holds the process group (the DDP wrapper and
     its reducer, once the run's objects are gone), then tear the group down together. Left to the

@@ -31,7 +31,14 @@ from simpo_exp.compiled import compile_for_run, eager_only
 from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
-from simpo_exp.engine import SHARDED_ENGINES, engine_checkpoints, make_accelerator, on_main, together
+from simpo_exp.engine import (
+    SHARDED_ENGINES,
+    engine_checkpoints,
+    make_accelerator,
+    on_every,
+    on_main,
+    together,
+)
 from simpo_exp.environment import environment_record
 from simpo_exp.errors import UserError, out_of_memory
 from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
@@ -180,6 +187,7 @@ def start_or_resume(
             config_dict,
             engine,
             on_main=lambda fn: on_main(accelerator, fn),
+            on_every=lambda fn: on_every(accelerator, fn, "loading a checkpoint"),
         )
         if resumed:
             path, state = resumed

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from simpo_exp import checkpoint
-from simpo_exp.engine import ProcessFailed, UserProcessFailed, on_main, together
+from simpo_exp.engine import ProcessFailed, UserProcessFailed, on_every, on_main, together
 from simpo_exp.errors import UserError
 from simpo_exp.signals import StopSignal
 
@@ -212,3 +212,44 @@ def test_a_failure_of_the_main_process_in_on_main_stops_the_others(monkeypatch):
     with pytest.raises(checkpoint.CheckpointError, match="damaged"):  # the main process raises its own error
         on_main(Rank(0.0, True), damaged)
     assert sent["given"] == [None, (True, "CheckpointError: step-000004 is damaged")]  # after telling the others
+
+
+def test_on_every_gives_each_process_every_result(monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: objects + ["the other's"])
+    assert on_every(Rank(0.0, True), lambda: "mine", "loading") == ["mine", "the other's"]
+    with pytest.raises(ProcessFailed, match="process 1 failed while loading"):  # it raised there
+        on_every(Rank(1.0, True), lambda: "mine", "loading")
+    assert on_every(SimpleNamespace(num_processes=1), lambda: 5, "loading") == [5]
+
+
+def test_a_checkpoint_one_process_cannot_load_is_skipped_by_every_process(tmp_path, caplog, monkeypatch):
+    """Process 1 cannot read the newest checkpoint (its node's copy is damaged, say), which this process
+    (0) loaded: both fall back to the older one, and this process's model holds the older weights."""
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    older = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=4), {}, keep=2)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=7), {}, keep=2)
+    other = {"step-000007": "step-000007 cannot be read (OSError: [Errno 5] Input/output error)"}
+
+    def two_processes(fn):  # this process's result, then process 1's
+        mine = fn()
+        return [mine, other.get(loading[-1])]
+
+    loading = []
+    real_load = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda path, *a: loading.append(path.name) or real_load(path, *a))
+    path, state = checkpoint.load_newest(tmp_path, model, opt, sched, {}, on_every=two_processes)
+    assert loading == ["step-000007", "step-000004"]  # this process loaded the newest, then the older
+    assert (path.name, state.step) == ("step-000004", 4)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in older.items())
+    assert "step-000007 is damaged and skipped: on process 1: step-000007 cannot be read (OSError" in caplog.text
+
+    other["step-000004"] = "step-000004 cannot be read (OSError: [Errno 5] Input/output error)"
+    with pytest.raises(checkpoint.CheckpointError, match=r"step-000004: on process 1: step-000004 cannot be read"):
+        checkpoint.load_newest(tmp_path, model, opt, sched, {}, on_every=two_processes)
