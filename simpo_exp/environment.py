@@ -40,6 +40,8 @@ def package_versions() -> dict[str, str | None]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
+    # the build that runs, with its local tag: PyPI's CUDA wheels say "2.11.0" in their metadata, "2.11.0+cu130" here
+    out["torch"] = torch.__version__
     return out
 
 
