@@ -45,6 +45,17 @@ import torch, transformers, accelerate, hydra, omegaconf, trl
 print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, '
       f'accelerate {accelerate.__version__}, hydra {hydra.__version__}, omegaconf {omegaconf.__version__}, trl {trl.__version__}')
 " 2>&1 | tee -a "$WORK/summary.md"
+# the machine's own packages that the kit relies on and benchmarks/kit_check.sh could only guess (never read there)
+python3 -c "
+from importlib import metadata
+names = 'python3 pyarrow pandas fsspec regex tqdm pyyaml psutil einops triton flash-attn'.split()
+def version(n):
+    if n == 'python3':
+        import platform; return platform.python_version()
+    try: return metadata.version(n)
+    except metadata.PackageNotFoundError: return 'absent'
+print('machine packages: ' + ', '.join(f'{n} {version(n)}' for n in names))
+" 2>&1 | tee -a "$WORK/summary.md"
 
 log "tests/test_gpu.py and the CUDA test of tests/test_liger.py"
 # Each test's time as it ends (so a part cut off still says what took long); where pytest-timeout is
