@@ -88,7 +88,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     micro_batches: int = 0  # micro-batches consumed (data position = this modulo batches per epoch)
     skipped_steps: int = 0
-    window: dict = field(default_factory=dict)  # sums of the open logging window
+    window: list = field(default_factory=list)  # each process's sums of the open logging window (metrics.Window)
     window_seconds: float = 0.0  # time spent in its steps so far (for tokens/s after a resume)
     window_steps: int = 0
     num_tokens: float = 0.0  # input tokens of the logged training steps (TRL's num_tokens)

@@ -47,8 +47,33 @@ class Window:
         self.seconds, self.steps = 0.0, 0
         return metrics, totals
 
-    def state(self) -> dict[str, float]:
+    def local(self) -> dict[str, float]:
+        """This process's sums (a checkpoint keeps every process's: see ``restore``)."""
         return {k: float(v) for k, v in self.sums.items()}
+
+    @classmethod
+    def restore(cls, saved: list | dict, seconds: float, steps: int, accelerator) -> "Window":
+        """A checkpoint's open window (``saved``: each process's sums, in rank order) for this process: its own
+        sums, so that the next report adds them up exactly as the run would have. Resumed on another number of
+        processes, the main process takes all of them (the same totals, summed in another order). A dict is
+        one window (checkpoints written before every process's was kept)."""
+        windows = saved if isinstance(saved, list) else [saved]
+        if len(windows) == accelerator.num_processes:
+            return cls(windows[accelerator.process_index], seconds, steps)
+        merged: dict[str, float] = {}
+        for window in windows if accelerator.is_main_process else []:
+            for k, v in window.items():
+                merged[k] = merged.get(k, 0.0) + v
+        return cls(merged, seconds, steps)
+
+    def totals(self, accelerator) -> dict[str, float]:
+        """The sums over all processes (each process holds its own micro-batches' sums), read in one transfer;
+        every process calls this."""
+        keys = sorted(self.sums)  # the same on every process: a step is skipped on all of them or none
+        if not keys:
+            return {}
+        stacked = torch.stack([self.sums[k].to(accelerator.device) for k in keys])  # restored sums are on the CPU
+        return dict(zip(keys, accelerator.reduce(stacked, reduction="sum").tolist()))
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for k, v in stats.items():
@@ -57,12 +82,9 @@ class Window:
     def means(self, accelerator, prefix: str) -> tuple[dict[str, float], dict[str, float]]:
         """(means named ``prefix/metric``, totals over all processes) of the window; empties it. A per-pair
         metric is divided by the pair count, a per-token one by its token count (tracking.divisor_keys)."""
-        keys = sorted(self.sums)
-        if not keys:  # every step of the window was skipped
+        if not self.sums:  # every step of the window was skipped
             return {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS + tuple(TOKEN_METRICS)}, {}
-        stacked = torch.stack([self.sums[k].to(accelerator.device) for k in keys])  # restored sums are on the CPU
-        totals = accelerator.reduce(stacked, reduction="sum").tolist()
-        totals = dict(zip(keys, totals))
+        totals = self.totals(accelerator)
         self.sums = {}
         means = {}
         for m in all_batch_metrics():

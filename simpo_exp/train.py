@@ -443,7 +443,9 @@ def save_checkpoint(run: Run, window: Window) -> None:
     Each phase ends with every process agreeing that it worked (engine.together): a save that fails on
     one process stops them all with a message naming it, and the main process removes the staging directory."""
     acc, state = run.accelerator, run.state
-    state.window, state.window_seconds, state.window_steps = window.state(), window.seconds, window.steps
+    # every process's sums of the open logging window, so that a resumed run's next report is the same
+    state.window = on_every(acc, window.local, "saving the logging window")
+    state.window_seconds, state.window_steps = window.seconds, window.steps
     tmp = checkpoint.staging_dir(run.run_dir, state.step)
     main = acc.is_main_process
 
@@ -530,7 +532,7 @@ def train(cfg: Config) -> dict:
     if cfg.eval_on_start and run.state.step == 0:
         summary |= evaluate_and_sample(run, 0)
     batches = forever(run.train_loader, run.accelerator, run.state.micro_batches)
-    window = Window(run.state.window, run.state.window_seconds, run.state.window_steps)
+    window = Window.restore(run.state.window, run.state.window_seconds, run.state.window_steps, run.accelerator)
     stop, bar = StopSignal(), progress_bar(run)
     run.policy.train()
     while run.state.step < run.steps:

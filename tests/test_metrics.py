@@ -181,6 +181,21 @@ def test_empty_window_gives_nan_not_an_error():
     assert totals == {} and math.isnan(means["eval/entropy"]) and math.isnan(means["eval/loss"])
 
 
+def test_a_resumed_window_gives_each_process_its_own_sums():
+    """A checkpoint keeps every process's open window; resumed on as many processes, each takes its own (the
+    next report then sums them as the run would have); on another number, the main process takes them all."""
+    from types import SimpleNamespace
+
+    saved = [{"pairs": 4.0, "loss": 1.5}, {"pairs": 4.0, "loss": 2.5}]
+    rank = lambda i, n: SimpleNamespace(num_processes=n, process_index=i, is_main_process=i == 0)  # noqa: E731
+    assert Window.restore(saved, 1.0, 2, rank(1, 2)).local() == {"pairs": 4.0, "loss": 2.5}
+    one = Window.restore(saved, 1.0, 2, rank(0, 1))
+    assert one.local() == {"pairs": 8.0, "loss": 4.0} and (one.seconds, one.steps) == (1.0, 2)
+    assert Window.restore(saved, 1.0, 2, rank(2, 4)).local() == {}
+    assert Window.restore({"pairs": 4.0}, 0.0, 0, rank(0, 1)).local() == {"pairs": 4.0}  # an older checkpoint
+    assert Window.restore([], 0.0, 0, rank(0, 1)).local() == {}  # a fresh run
+
+
 # ----------------------------------------------------------------------------- from a real model
 def tiny_model():
     return make_model(vocab=40).eval()

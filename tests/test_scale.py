@@ -28,7 +28,8 @@ RUN = [
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """Also the checkpoints sharded engines use (accelerator.save_state on every process): the
-    two-process run saves one at step 3; run again, it resumes there and ends exactly as before."""
+    two-process run saves them at steps 2 and 4. Run again with the second process unable to read
+    step 4's, both processes resume from step 2 together and end exactly as before."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -41,23 +42,36 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         "simpo_exp",
         *RUN,
         "per_device_train_batch_size=8",
-        "save_steps=3",
+        "save_steps=2",
         "hardware.checkpoint_format=accelerate",
         f"hydra.run.dir={tmp_path / 'two'}",
     ]
     two = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
-    saved = tmp_path / "two" / "checkpoints" / "step-000003"
+    saved = tmp_path / "two" / "checkpoints" / "step-000004"
     assert (saved / "COMPLETE").exists() and (saved / "engine" / "model.safetensors").exists()
     first = json.loads((tmp_path / "two" / "summary.json").read_text())
+    first_logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "two" / "finished.json").unlink()  # as if killed after step 6: a finished run would be skipped
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(UNREADABLE_ON_RANK_1)
+    env_again = {**env, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), env.get("PYTHONPATH", "")])}
+    again = subprocess.run(cmd, cwd=tmp_path, env=env_again, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stderr + (tmp_path / "two" / "__main__.log").read_text()
+    log = (tmp_path / "two" / "__main__.log").read_text()
+    assert f"checkpoint {saved} is damaged and skipped: on process 1: {saved} cannot be read" in log, log[-3000:]
+    assert f"resumed from {saved.with_name('step-000002')} (step 2)" in log
     resumed = json.loads((tmp_path / "two" / "summary.json").read_text())
     for key, value in first.items():
         if key.startswith(("train/", "eval/")) and key not in MEASURED_METRICS:
             assert resumed[key] == value, key
+    # the step-3 report's window began before the resume: each process got its own part of it back
+    again_logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    for before, after in zip(first_logged, again_logged, strict=True):
+        before, after = json.loads(before), json.loads(after)
+        for key, value in before.items():
+            if key not in MEASURED_METRICS:
+                assert after[key] == value, (before["step"], key)
     one = simpo(*RUN, "per_device_train_batch_size=16", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "x 2 processes" in (tmp_path / "two" / "__main__.log").read_text()
@@ -72,6 +86,24 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         if "train/loss" in line
     ]
     assert steps == [3, 6]
+
+
+# Loaded by every Python process of the resumed run above (PYTHONPATH): the second process cannot read
+# the step-4 checkpoint (as where its node's copy is damaged); the first can.
+UNREADABLE_ON_RANK_1 = """
+import errno, os
+if os.environ.get("RANK") == "1":
+    import accelerate
+
+    load_state = accelerate.Accelerator.load_state
+
+    def unreadable_step_4(self, input_dir=None, **kwargs):
+        if "step-000004" in str(input_dir):
+            raise OSError(errno.EIO, "Input/output error", input_dir)
+        return load_state(self, input_dir, **kwargs)
+
+    accelerate.Accelerator.load_state = unreadable_step_4
+"""
 
 
 # Loaded by every Python process of the run below (PYTHONPATH): the second process's engine save fails as
