@@ -4,9 +4,10 @@ A checkpoint is a directory ``checkpoints/step-000050/`` holding
 
     model.safetensors       the policy's weights
     optimizer.safetensors   every tensor of the optimizer state (AdamW moments, steps)
-    rng.safetensors         torch (and CUDA) generator states
+    rng.safetensors         torch (and CUDA) generator states of every process
     state.json              step, data position, scheduler state, the rest of the optimizer state,
-                            python/numpy RNG states, the open logging window, and the run's config
+                            python/numpy RNG states and the open logging window (of every process),
+                            and the run's config
 
 Only safetensors and JSON are written (nothing is unpickled on resume). The directory is written
 under a temporary name and renamed into place after a final ``COMPLETE`` marker, so a kill during
@@ -94,7 +95,8 @@ class TrainState:
     num_tokens: float = 0.0  # input tokens of the logged training steps (TRL's num_tokens)
 
 
-def _rng_state() -> tuple[dict, dict]:
+def rng_state() -> tuple[dict, dict]:
+    """This process's generator states: (tensors, JSON-able rest). A checkpoint keeps every process's."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -108,7 +110,15 @@ def _rng_state() -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _set_rng_state(tensors: dict, meta: dict) -> None:
+def _set_rng_state(tensors: dict, meta: list | dict, process: tuple[int, int]) -> None:
+    """Restore process ``process`` = (index, count)'s generators: its own states, saved under "<index>.";
+    resumed on another number of processes, the main process's. A dict ``meta`` (a checkpoint written before
+    every process's states were kept) holds one process's, under unprefixed names."""
+    if isinstance(meta, dict):
+        tensors, meta = {f"0.{k}": v for k, v in tensors.items()}, [meta]
+    rank = process[0] if len(meta) == process[1] else 0
+    tensors = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(rank)}
+    meta = meta[rank]
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available():
@@ -182,14 +192,16 @@ def finish(
     config: dict,
     keep: int,
     estimate: int | None = None,
+    rng: list | None = None,
 ) -> Path:
     """Write the rest of the checkpoint into ``tmp``, mark it complete (listing each file's size and
     checksum) and move it into place (main process only). ``model`` and ``optimizer`` are None when
     the engine saved them in ``engine/``. A write that fails removes ``tmp`` and raises
-    ``CheckpointSaveError``; ``estimate``: bytes a checkpoint takes, for its message."""
+    ``CheckpointSaveError``; ``estimate``: bytes a checkpoint takes, for its message. ``rng``: every
+    process's ``rng_state()``, in rank order (None: this process is the only one)."""
     final = final_dir(tmp)
     try:
-        _write(tmp, model, optimizer, scheduler, state, config)
+        _write(tmp, model, optimizer, scheduler, state, config, rng or [rng_state()])
         (tmp / MARKER).write_text(json.dumps({"algorithm": HASH, "files": manifest(tmp)}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -200,32 +212,34 @@ def finish(
     return final
 
 
-def _write(tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict) -> None:
+def _write(tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, rng: list) -> None:
     opt_meta = None
     if model is not None:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
         opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-    rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, tmp / "rng.safetensors")
+    every_process = {f"{rank}.{k}": v for rank, (tensors, _) in enumerate(rng) for k, v in tensors.items()}
+    save_file(every_process, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(
         json.dumps(
             {
                 "train_state": state.__dict__,
                 "scheduler": scheduler.state_dict(),
                 "optimizer": opt_meta,
-                "rng": rng_meta,
+                "rng": [meta for _, meta in rng],
                 "config": config,
             }
         )
     )
 
 
-def save(run_dir: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int) -> Path:
-    """A complete checkpoint of an unsharded model, written by one process."""
+def save(
+    run_dir: Path, model, optimizer, scheduler, state: TrainState, config: dict, keep: int, rng: list | None = None
+) -> Path:
+    """A complete checkpoint of an unsharded model, written by one process (``rng``: see ``finish``)."""
     estimate = estimated_bytes(model)
     tmp = start(run_dir, state.step, estimate)
-    return finish(run_dir, tmp, model, optimizer, scheduler, state, config, keep, estimate)
+    return finish(run_dir, tmp, model, optimizer, scheduler, state, config, keep, estimate, rng)
 
 
 def save_failed(
@@ -334,14 +348,23 @@ def verify(path: Path) -> str | None:
 
 
 def load_newest(
-    run_dir: Path, model, optimizer, scheduler, config: dict, load_engine_state=None, on_main=None, on_every=None
+    run_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    config: dict,
+    load_engine_state=None,
+    on_main=None,
+    on_every=None,
+    process: tuple[int, int] = (0, 1),
 ) -> tuple[Path, TrainState] | None:
     """Restore the newest intact checkpoint of ``run_dir``; None when it has none. A damaged one (a
     file not matching the marker, or unreadable) is skipped with a warning naming it and why; when
     none is intact, CheckpointError names them all. ``on_main(fn)``: fn's result on the main process,
     given to every process, so that one process reads the files to check them and all pick the same.
     ``on_every(fn)``: fn run on every process, the list of their results given to all, so that a load
-    failing on one process only (a file its node cannot read) makes every process fall back together."""
+    failing on one process only (a file its node cannot read) makes every process fall back together.
+    ``process``: this process's (index, count), for its own generator states."""
     on_main = on_main or (lambda fn: fn())
     on_every = on_every or (lambda fn: [fn()])
     found = checkpoint_dirs(run_dir)
@@ -353,7 +376,7 @@ def load_newest(
 
             def attempt() -> str | None:  # why this process could not load it, or None
                 try:
-                    loaded.append(load(path, model, optimizer, scheduler, config, load_engine_state))
+                    loaded.append(load(path, model, optimizer, scheduler, config, load_engine_state, process))
                 except DamagedCheckpoint as e:
                     return str(e)
                 return None
@@ -387,10 +410,13 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "") -> list[str]
     return diffs
 
 
-def load(path: Path, model, optimizer, scheduler, config: dict, load_engine_state=None) -> TrainState:
+def load(
+    path: Path, model, optimizer, scheduler, config: dict, load_engine_state=None, process: tuple[int, int] = (0, 1)
+) -> TrainState:
     """Restore everything from a checkpoint directory; refuse one written by a different config.
     ``load_engine_state``: ``accelerator.load_state``, called on every process, for a checkpoint with an
-    ``engine/`` folder (then ``model`` and ``optimizer`` are not used)."""
+    ``engine/`` folder (then ``model`` and ``optimizer`` are not used). ``process``: this process's
+    (index, count), for its own generator states."""
     try:
         meta = json.loads((path / "state.json").read_text())
         diffs = incompatible_keys(meta["config"], config)
@@ -416,7 +442,7 @@ def load(path: Path, model, optimizer, scheduler, config: dict, load_engine_stat
                 _join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"])
             )
         scheduler.load_state_dict(meta["scheduler"])
-        _set_rng_state(load_file(path / "rng.safetensors"), meta["rng"])
+        _set_rng_state(load_file(path / "rng.safetensors"), meta["rng"], process)
         return TrainState(**meta["train_state"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise DamagedCheckpoint(f"{path} cannot be read ({type(e).__name__}: {str(e)[:300]})") from e

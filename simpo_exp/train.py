@@ -188,6 +188,7 @@ def start_or_resume(
             engine,
             on_main=lambda fn: on_main(accelerator, fn),
             on_every=lambda fn: on_every(accelerator, fn, "loading a checkpoint"),
+            process=(accelerator.process_index, accelerator.num_processes),
         )
         if resumed:
             path, state = resumed
@@ -443,8 +444,9 @@ def save_checkpoint(run: Run, window: Window) -> None:
     Each phase ends with every process agreeing that it worked (engine.together): a save that fails on
     one process stops them all with a message naming it, and the main process removes the staging directory."""
     acc, state = run.accelerator, run.state
-    # every process's sums of the open logging window, so that a resumed run's next report is the same
-    state.window = on_every(acc, window.local, "saving the logging window")
+    # every process's part of the open logging window and its generator states: a resumed run goes on as this one
+    parts = on_every(acc, lambda: (window.local(), checkpoint.rng_state()), "saving the window and RNG states")
+    state.window, rng = [w for w, _ in parts], [r for _, r in parts]
     state.window_seconds, state.window_steps = window.seconds, window.steps
     tmp = checkpoint.staging_dir(run.run_dir, state.step)
     main = acc.is_main_process
@@ -464,14 +466,14 @@ def save_checkpoint(run: Run, window: Window) -> None:
         try:
             on_all(lambda: main and checkpoint.start(run.run_dir, state.step, size))
             on_all(lambda: save_engine_state(run, tmp))
-            path = on_all(lambda: main and checkpoint.finish(run.run_dir, tmp, None, None, *rest, size))
+            path = on_all(lambda: main and checkpoint.finish(run.run_dir, tmp, None, None, *rest, size, rng))
         except Exception:
             if main:  # once every process has stopped writing into it
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
     else:
         model = acc.unwrap_model(run.policy).model
-        path = on_all(lambda: main and checkpoint.save(run.run_dir, model, run.optimizer, *rest))
+        path = on_all(lambda: main and checkpoint.save(run.run_dir, model, run.optimizer, *rest, rng))
     if main:
         log.info("checkpoint %s", path)
 

@@ -253,3 +253,55 @@ def test_a_checkpoint_one_process_cannot_load_is_skipped_by_every_process(tmp_pa
     other["step-000004"] = "step-000004 cannot be read (OSError: [Errno 5] Input/output error)"
     with pytest.raises(checkpoint.CheckpointError, match=r"step-000004: on process 1: step-000004 cannot be read"):
         checkpoint.load_newest(tmp_path, model, opt, sched, {}, on_every=two_processes)
+
+
+@pytest.fixture
+def keep_generators():
+    """Leave this test process's generators as they were."""
+    import random
+
+    before = torch.get_rng_state(), random.getstate()
+    yield
+    torch.set_rng_state(before[0])
+    random.setstate(before[1])
+
+
+def test_each_process_gets_its_own_generator_states_back(tmp_path, keep_generators):
+    """A checkpoint keeps every process's RNG states (LoRA's dropout draws differently on each); resumed on as
+    many processes, each takes its own, on another number the main process's. Older checkpoints kept one."""
+    import random
+
+    from safetensors.torch import load_file, save_file
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed), random.seed(seed)
+        states.append(checkpoint.rng_state())
+    path = checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=3), {}, keep=2, rng=states)
+
+    def restored(process):
+        torch.manual_seed(99), random.seed(99)
+        checkpoint.load(path, model, opt, sched, {}, process=process)
+        return torch.get_rng_state(), random.random()
+
+    for seed, process in ((2, (1, 2)), (1, (0, 2)), (1, (2, 3))):
+        torch.manual_seed(seed), random.seed(seed)
+        want = (torch.get_rng_state(), random.random())
+        got = restored(process)
+        assert torch.equal(got[0], want[0]) and got[1] == want[1], process
+
+    # the format before: one process's states, unprefixed
+    meta = json.loads((path / "state.json").read_text())
+    meta["rng"] = meta["rng"][1]
+    (path / "state.json").write_text(json.dumps(meta))
+    save_file(
+        {k.removeprefix("1."): v for k, v in load_file(path / "rng.safetensors").items() if k.startswith("1.")},
+        path / "rng.safetensors",
+    )
+    torch.manual_seed(2), random.seed(2)
+    want = (torch.get_rng_state(), random.random())
+    got = restored((0, 1))
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
