@@ -444,7 +444,8 @@ def save_checkpoint(run: Run, window: Window) -> None:
     Each phase ends with every process agreeing that it worked (engine.together): a save that fails on
     one process stops them all with a message naming it, and the main process removes the staging directory."""
     acc, state = run.accelerator, run.state
-    # every process's part of the open logging window and its generator states: a resumed run goes on as this one
+    # every process's part of the open logging window and its generator states, so that a resumed run goes on as
+    # this one; gathering them is also where every process has finished the step
     parts = on_every(acc, lambda: (window.local(), checkpoint.rng_state()), "saving the window and RNG states")
     state.window, rng = [w for w, _ in parts], [r for _, r in parts]
     state.window_seconds, state.window_steps = window.seconds, window.steps
@@ -459,7 +460,6 @@ def save_checkpoint(run: Run, window: Window) -> None:
         )
 
     on_all = partial(together, acc, failed_elsewhere=failed_elsewhere)
-    on_all(lambda: None)  # every process has finished the step
     rest = (run.scheduler, state, run.config_dict, run.cfg.save_total_limit)
     if engine_checkpoints(run.cfg, acc):
         size = run.checkpoint_bytes
