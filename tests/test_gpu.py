@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from simpo_exp import checkpoint
 from simpo_exp.data import PairCollator
 from simpo_exp.logps import ResponseLogps
 from tests.test_run import read_metrics, simpo
@@ -142,8 +143,7 @@ def test_gpu_preset_resumes_with_its_measured_layout(gpu_run, tmp_path):
     shutil.copytree(first_run, run)
     shutil.rmtree(run / "checkpoints" / "step-000006", ignore_errors=True)
     (run / "finished.json").unlink()  # else the re-run is recognised as finished and skipped
-    kept = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
-    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    checkpoint.trim_metrics(run / "metrics.jsonl", 3)  # as a run killed after its step-3 checkpoint left them
     _, resumed, env = _run(tmp_path, "hardware=gpu", run=run)  # from step 3
     assert "resumed from" in (run / "__main__.log").read_text()
     assert env["batch_layout"] == first_env["batch_layout"]
