@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ import yaml
 
 from simpo_exp.losses import alphapo_loss, cpo_loss, dpo_loss, ipo_loss, orpo_loss, rdpo_loss, simper_loss, simpo_loss
 from simpo_exp.methods import preference_loss
+from tests.runs import run_module
 from tests.test_run import simpo
 
 # a few steps on a small synthetic set, no intermediate evals or W&B: runs whose keys and values are compared
@@ -209,12 +208,7 @@ def ranks_three_methods(sweep):
     assert all(r["status"] == "done" for r in rows), rows
     accuracies = [r["eval/rewards/accuracies"] for r in rows]
     assert accuracies == sorted(accuracies, reverse=True) and all(0 <= a <= 1 for a in accuracies)
-    out = subprocess.run(
-        [sys.executable, "-m", "simpo_exp.compare", str(sweep), "--no-plots"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_module("simpo_exp.compare", str(sweep), "--no-plots", cwd=sweep.parent, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "3 runs (3 done," in out.stdout and "ranked by eval/rewards/accuracies" in out.stdout
     lines = out.stdout.splitlines()

@@ -1,15 +1,13 @@
 """The compare command and the notebook, on one real sweep: beta=2,5 x seed=1,2 plus an invalid beta=-1."""
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from simpo_exp import compare
+from tests.runs import run_module
 from tests.test_run import simpo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,13 +107,13 @@ def test_sort_order_follows_the_metric(sweep, capsys):
 
 
 def test_command_line_writes_readable_plots(sweep, tmp_path):
-    env = {**os.environ, "MPLBACKEND": "Agg"}
-    res = subprocess.run(
-        [sys.executable, "-m", "simpo_exp.compare", str(sweep), "--out", str(tmp_path / "plots")],
+    res = run_module(
+        "simpo_exp.compare",
+        str(sweep),
+        "--out",
+        str(tmp_path / "plots"),
         cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+        env={"MPLBACKEND": "Agg"},
         timeout=120,
     )
     assert res.returncode == 0, res.stderr

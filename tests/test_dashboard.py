@@ -6,9 +6,6 @@ logged, and ask for nothing they did not log: a renamed metric can never leave a
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ pytest.importorskip("wandb_workspaces")
 from simpo_exp import dashboard  # noqa: E402
 from simpo_exp.methods import METHODS  # noqa: E402
 from simpo_exp.tracking import CONDITIONAL_METRICS, STEP_KEY, eval_keys, train_keys  # noqa: E402
+from tests.runs import run_module  # noqa: E402
 
 FAST = [
     "max_steps=3",
@@ -34,24 +32,18 @@ FAST = [
 SUMMARY_AGGREGATES = (".max", ".min", ".last", ".mean", ".best")
 
 
-def run(*args: str, cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
-    env.pop("WANDB_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dash")
     sweep_dir = root / "2030-01-01_00-00-00"
-    res = run("simpo_exp", "--multirun", "beta=2,5,10", *FAST, f"hydra.sweep.dir={sweep_dir}", cwd=root)
+    res = run_module("simpo_exp", "--multirun", "beta=2,5,10", *FAST, f"hydra.sweep.dir={sweep_dir}", cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     return sweep_dir
 
 
 @pytest.fixture(scope="module")
 def spec(sweep) -> dict:
-    res = run("simpo_exp.dashboard", str(sweep), cwd=sweep.parent)
+    res = run_module("simpo_exp.dashboard", str(sweep), cwd=sweep.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     out = sweep / "wandb_workspace.json"
     assert f"view spec: {out}" in res.stdout

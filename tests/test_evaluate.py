@@ -4,7 +4,6 @@ compare, AlpacaEval/Arena-Hard output files, the judge path against a fake local
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.runs import run_module
 from tests.test_run import simpo
 
 RUNS = [
@@ -39,25 +39,11 @@ ALPACA = [
 
 
 def evaluate(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, "-m", "simpo_exp.evaluate", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("simpo_exp.evaluate", *args, cwd=cwd, timeout=timeout)
 
 
 def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "simpo_exp.compare", *args, "--no-plots"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("simpo_exp.compare", *args, "--no-plots", cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ sequence-classification model saved to a temporary directory for the reward-mode
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 from simpo_exp.generate.binarise import binarise, pick_pair
 from simpo_exp.inference.scoring import sort_digits_score
 from tests.conftest import CONF
+from tests.runs import run_module
 from tests.test_run import simpo
 
 SYNTH = ["dataset.synthetic.num_train=1024", "dataset.synthetic.num_test=64"]  # one prompt universe everywhere
@@ -23,15 +23,7 @@ SMALL = ["logger=none", "hardware=cpu", *SYNTH]
 
 
 def generate(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "simpo_exp.generate", *SMALL, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("simpo_exp.generate", *SMALL, *args, cwd=cwd, env=env, timeout=timeout)
 
 
 def compose_generate(*overrides: str):

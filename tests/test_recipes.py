@@ -10,16 +10,13 @@ Two families (conf/experiment/):
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jinja2
 import pytest
 
 from simpo_exp.config import resolve_gamma, to_config
 from simpo_exp.engine import accumulation_steps
 from tests.conftest import options
+from tests.runs import run_module
 
 # Values a preset does not take from its source keep the project's defaults (simpo_exp/config.py).
 DEFAULTS = dict(
@@ -248,14 +245,8 @@ def test_recipe_values_yield_to_the_command_line(compose):
 
 def test_cfg_job_resolve_prints_the_resolved_config(tmp_path):
     """``--cfg job --resolve`` prints the whole config, interpolations resolved, and loads nothing."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run(
-        [sys.executable, "-m", "simpo_exp", "experiment=simpo-llama3-8b-base", "--cfg", "job", "--resolve"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    res = run_module(
+        "simpo_exp", "experiment=simpo-llama3-8b-base", "--cfg", "job", "--resolve", cwd=tmp_path, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "${" not in res.stdout and "Traceback" not in res.stderr

@@ -1,26 +1,20 @@
-"""End-to-end: the documented commands, run as a user runs them (subprocesses on the embedded default)."""
+"""End-to-end: the documented commands, run as a user runs them (each run its own process, tests/runs.py)."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from simpo_exp.tracking import eval_keys, train_keys
+from tests.runs import run_module
 
 SMALL = ["dataset.synthetic.num_train=128", "dataset.synthetic.num_test=32", "eval_steps=2", "logging_steps=1"]
 
 
 def simpo(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m simpo_exp ARGS`` offline, W&B without a key; ``env`` is laid over that last."""
-    base = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
-    base.pop("WANDB_API_KEY", None)
-    env = {**base, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "simpo_exp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return run_module("simpo_exp", *args, cwd=cwd, env=env, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
