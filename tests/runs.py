@@ -4,7 +4,8 @@
 standard test environment (this process's, W&B offline without a key, the HF hub offline) is forked from a
 server of tests/forkserver.py that has already imported torch, transformers, datasets and the stages, which
 saves about five CPU seconds a run. A run given environment variables of its own starts a fresh
-interpreter, as does every run when ``SIMPO_TEST_FRESH=1`` (to rule the server out when a test fails).
+interpreter, as does every run on a machine with a CUDA device (``cuda_visible``) and every run when
+``SIMPO_TEST_FRESH=1`` (to rule the server out when a test fails).
 Tests that signal, time or launch several processes use ``subprocess`` directly.
 """
 
@@ -39,7 +40,7 @@ def run_module(
     """``python -m module args`` in ``cwd`` under ``run_env(env)``, its output captured as text."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
     full = run_env(env)
-    if env or os.environ.get("SIMPO_TEST_FRESH") == "1":
+    if env or os.environ.get("SIMPO_TEST_FRESH") == "1" or cuda_visible():
         return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
     server = _server(full)
     with tempfile.TemporaryDirectory(prefix="forked-run-") as tmp:
@@ -92,6 +93,14 @@ class Server:
     def stop(self) -> None:
         self.process.stdin.close()  # the server's loop ends with its input
         self.process.wait(timeout=60)
+
+
+def cuda_visible() -> bool:
+    """Whether this machine has a CUDA device. Runs there start fresh: CUDA cannot be used in a process forked
+    from one that initialised it, and importing the stages may (``torch.cuda.is_available`` does)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _server(env: dict) -> Server:

@@ -8,9 +8,12 @@ import textwrap
 
 import pytest
 
-from tests.runs import run_module
+from tests import runs
+from tests.runs import cuda_visible, run_module
 
-pytestmark = pytest.mark.skipif(os.environ.get("SIMPO_TEST_FRESH") == "1", reason="every run starts fresh")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("SIMPO_TEST_FRESH") == "1" or cuda_visible(), reason="every run starts fresh here"
+)
 
 PROGRAM = textwrap.dedent(
     """
@@ -65,6 +68,11 @@ def test_a_status_and_an_exception_reach_the_caller(program):
 def test_a_run_with_its_own_environment_starts_fresh(program):
     res = run_module("prog", "ok", cwd=program, env={"SOME_SETTING": "1"})
     assert res.returncode == 0 and "fresh" in res.stdout
+
+
+def test_a_run_on_a_cuda_machine_starts_fresh(program, monkeypatch):
+    monkeypatch.setattr(runs, "cuda_visible", lambda: True)  # CUDA does not survive a fork once initialised
+    assert "fresh" in run_module("prog", "ok", cwd=program).stdout
 
 
 def test_an_overrunning_run_is_killed_at_its_timeout(program):
