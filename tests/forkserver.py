@@ -1,16 +1,16 @@
 """``python -m tests.forkserver``: import the project's stages once, then fork one child per run asked for.
 
 A run started by the tests (``python -m simpo_exp ...``) spends about five seconds of CPU importing torch,
-transformers, datasets and the rest before it does anything; the suite starts about a hundred of them.
-This server pays that once per test worker. Each request is one JSON line on stdin:
+transformers, datasets and the rest before it does anything, and the suite starts many of them. This
+server pays that once per test worker. Each request is one JSON line on stdin:
 
-    {"module": "simpo_exp", "args": [...], "cwd": "...", "stdout": FILE, "stderr": FILE, "env": {...}}
+    {"module": "simpo_exp", "args": [...], "cwd": "...", "stdout": FILE, "stderr": FILE, "env": {NAME: VALUE}}
 
-The server forks; the child changes to ``cwd``, sets the variables in ``env`` (those that change with every
-test, such as ``PYTEST_CURRENT_TEST``), points stdin at /dev/null and stdout and stderr at the two
-files, and runs ``module`` as ``__main__`` the way ``python -m`` does, then exits with the status Python
-would have given (a ``SystemExit`` code, or 1 after printing an uncaught exception). The server answers
-``{"pid": N}`` at once (so the client can kill a child that overruns its timeout) and
+The server forks; the child changes to ``cwd``, sets the variables in ``env`` (those that change with
+every test, such as ``PYTEST_CURRENT_TEST``; null removes one), points stdin at /dev/null and stdout and
+stderr at the two files, and runs ``module`` as ``__main__`` the way ``python -m`` does. It exits with
+the status Python would have given (a ``SystemExit`` code, or 1 after printing an uncaught exception).
+The server answers ``{"pid": N}`` at once (so the client can kill a child that overruns its timeout) and
 ``{"returncode": N}`` when the child is gone (negative for a signal, as ``subprocess`` reports it).
 
 The child inherits the server's environment and imported modules, nothing else: tests/runs.py keeps one
@@ -60,7 +60,11 @@ def run_child(request: dict) -> None:
     code = 1
     try:
         os.chdir(request["cwd"])
-        os.environ.update(request["env"])
+        for name, value in request["env"].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         for fd, path, flags in (
             (0, os.devnull, os.O_RDONLY),
             (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),

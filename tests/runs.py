@@ -46,7 +46,7 @@ def run_module(
     with tempfile.TemporaryDirectory(prefix="forked-run-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         request = {"module": module, "args": cmd[3:], "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-        pid = server.ask({**request, "env": {k: full[k] for k in PER_TEST if k in full}})
+        pid = server.ask({**request, "env": {k: full.get(k) for k in PER_TEST}})
         try:
             code = server.answer(timeout)["returncode"]
         except subprocess.TimeoutExpired:
