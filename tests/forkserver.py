@@ -1,4 +1,4 @@
-"""``python -m tests.forkserver``: import the project's stages once, then fork one child per run asked for.
+"""``python tests/forkserver.py``: import the project's stages once, then fork one child per run asked for.
 
 A run started by the tests (``python -m simpo_exp ...``) spends about five seconds of CPU importing torch,
 transformers, datasets and the rest before it does anything, and the suite starts many of them. This

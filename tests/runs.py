@@ -61,7 +61,7 @@ class Server:
 
     def __init__(self, env: dict):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.forkserver"],
+            [sys.executable, str(ROOT / "tests" / "forkserver.py")],
             cwd=ROOT,
             env=env,
             stdin=subprocess.PIPE,
