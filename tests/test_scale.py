@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,6 +87,31 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         if "train/loss" in line
     ]
     assert steps == [3, 6]
+
+
+def test_two_lora_processes_resume_each_with_its_own_random_draws(tmp_path):
+    """LoRA's dropout draws random masks on every process. Resumed from step 2, each process goes on from
+    its own generator states (the checkpoint keeps every process's), so every logged record equals the
+    uninterrupted run's; with the main process's states restored everywhere, none would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simpo_exp"]
+    cmd += [arg for arg in RUN if not arg.startswith("hardware=")] + ["hardware=cpu-lora", "eval_steps=2"]
+    cmd += ["logging_steps=2", "per_device_train_batch_size=8", "save_steps=2", f"hydra.run.dir={run_dir}"]
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (run_dir / "finished.json").unlink()  # as if killed after step 4's checkpoint was lost
+    shutil.rmtree(run_dir / "checkpoints" / "step-000004")
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-000002'} (step 2)" in (run_dir / "__main__.log").read_text()
+    again_logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again_logged] == [r["step"] for r in first_logged] and len(first_logged) >= 4
+    for before, after in zip(first_logged, again_logged, strict=True):
+        for key, value in before.items():
+            if key not in MEASURED_METRICS:
+                assert after[key] == value, (before["step"], key)
 
 
 # Loaded by every Python process of the resumed run above (PYTHONPATH): the second process cannot read
