@@ -42,7 +42,8 @@ PRELOAD = (
     "transformers.models.llama.modeling_llama",  # the embedded default's architecture
     "peft",
     "accelerate",
-)  # not wandb: imported before a fork, it lost an evaluation's W&B table (test_evaluate) that a fresh run logs
+)  # not wandb: it makes a temporary media folder when imported and removes it at exit, so the first forked
+#   child to exit would remove the folder every later one writes its W&B tables into
 
 
 def exit_code(exc: SystemExit) -> int:
