@@ -114,11 +114,10 @@ def _set_rng_state(tensors: dict, meta: list | dict, process: tuple[int, int]) -
     """Restore process ``process`` = (index, count)'s generators: its own states, saved under "<index>.";
     resumed on another number of processes, the main process's. A dict ``meta`` (a checkpoint written before
     every process's states were kept) holds one process's, under unprefixed names."""
-    if isinstance(meta, dict):
-        tensors, meta = {f"0.{k}": v for k, v in tensors.items()}, [meta]
-    rank = process[0] if len(meta) == process[1] else 0
-    tensors = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(rank)}
-    meta = meta[rank]
+    if isinstance(meta, list):  # every process's states: take this one's
+        rank = process[0] if len(meta) == process[1] else 0
+        tensors = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(rank)}
+        meta = meta[rank]
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available():
