@@ -66,15 +66,6 @@ class Window:
                 merged[k] = merged.get(k, 0.0) + v
         return cls(merged, seconds, steps)
 
-    def totals(self, accelerator) -> dict[str, float]:
-        """The sums over all processes (each process holds its own micro-batches' sums), read in one transfer;
-        every process calls this."""
-        keys = sorted(self.sums)  # the same on every process: a step is skipped on all of them or none
-        if not keys:
-            return {}
-        stacked = torch.stack([self.sums[k].to(accelerator.device) for k in keys])  # restored sums are on the CPU
-        return dict(zip(keys, accelerator.reduce(stacked, reduction="sum").tolist()))
-
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for k, v in stats.items():
             self.sums[k] = self.sums.get(k, 0) + v.detach().float()
@@ -82,9 +73,11 @@ class Window:
     def means(self, accelerator, prefix: str) -> tuple[dict[str, float], dict[str, float]]:
         """(means named ``prefix/metric``, totals over all processes) of the window; empties it. A per-pair
         metric is divided by the pair count, a per-token one by its token count (tracking.divisor_keys)."""
-        if not self.sums:  # every step of the window was skipped
+        keys = sorted(self.sums)  # the same on every process: a step is skipped on all of them or none
+        if not keys:  # every step of the window was skipped
             return {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS + tuple(TOKEN_METRICS)}, {}
-        totals = self.totals(accelerator)
+        stacked = torch.stack([self.sums[k].to(accelerator.device) for k in keys])  # restored sums are on the CPU
+        totals = dict(zip(keys, accelerator.reduce(stacked, reduction="sum").tolist()))  # over all processes
         self.sums = {}
         means = {}
         for m in all_batch_metrics():
