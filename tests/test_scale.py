@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -27,27 +28,23 @@ RUN = [
 ]
 
 
+def two_processes(*args: str, cwd: Path, inject: Path | None = None, timeout: int = 900):
+    """``python -m simpo_exp ARGS`` on two CPU processes (torchrun, one thread each), offline. ``inject``: a
+    folder put first on PYTHONPATH, whose sitecustomize.py every process loads."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if inject is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(inject), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simpo_exp"]
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """Also the checkpoints sharded engines use (accelerator.save_state on every process): the
     two-process run saves them at steps 2 and 4. Run again with the second process unable to read
     step 4's, both processes resume from step 2 together and end exactly as before."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "simpo_exp",
-        *RUN,
-        "per_device_train_batch_size=8",
-        "save_steps=2",
-        "hardware.checkpoint_format=accelerate",
-        f"hydra.run.dir={tmp_path / 'two'}",
-    ]
-    two = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    args = [*RUN, "per_device_train_batch_size=8", "save_steps=2", "hardware.checkpoint_format=accelerate"]
+    args.append(f"hydra.run.dir={tmp_path / 'two'}")
+    two = two_processes(*args, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     saved = tmp_path / "two" / "checkpoints" / "step-000004"
     assert (saved / "COMPLETE").exists() and (saved / "engine" / "model.safetensors").exists()
@@ -56,8 +53,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     (tmp_path / "two" / "finished.json").unlink()  # as if killed after step 6: a finished run would be skipped
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(UNREADABLE_ON_RANK_1)
-    env_again = {**env, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), env.get("PYTHONPATH", "")])}
-    again = subprocess.run(cmd, cwd=tmp_path, env=env_again, capture_output=True, text=True, timeout=900)
+    again = two_processes(*args, cwd=tmp_path, inject=tmp_path / "inject")
     assert again.returncode == 0, again.stderr[-3000:]
     log = (tmp_path / "two" / "__main__.log").read_text()
     assert f"checkpoint {saved} is damaged and skipped: on process 1: {saved} cannot be read" in log, log[-3000:]
@@ -93,17 +89,15 @@ def test_two_lora_processes_resume_each_with_its_own_random_draws(tmp_path):
     """LoRA's dropout draws random masks on every process. Resumed from step 2, each process goes on from
     its own generator states (the checkpoint keeps every process's), so every logged record equals the
     uninterrupted run's; with the main process's states restored everywhere, none would."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simpo_exp"]
-    cmd += [arg for arg in RUN if not arg.startswith("hardware=")] + ["hardware=cpu-lora", "eval_steps=2"]
-    cmd += ["logging_steps=2", "per_device_train_batch_size=8", "save_steps=2", f"hydra.run.dir={run_dir}"]
-    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    args = [arg for arg in RUN if not arg.startswith("hardware=")] + ["hardware=cpu-lora", "eval_steps=2"]
+    args += ["logging_steps=2", "per_device_train_batch_size=8", "save_steps=2", f"hydra.run.dir={run_dir}"]
+    first = two_processes(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     first_logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (run_dir / "finished.json").unlink()  # as if killed after step 4's checkpoint was lost
     shutil.rmtree(run_dir / "checkpoints" / "step-000004")
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    again = two_processes(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / 'step-000002'} (step 2)" in (run_dir / "__main__.log").read_text()
     again_logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -152,13 +146,10 @@ def test_a_save_failing_on_one_process_stops_every_process(tmp_path):
     is left."""
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "inject"), env.get("PYTHONPATH", "")])
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simpo_exp"]
-    cmd += [*RUN, "max_steps=4", "eval_steps=0", "per_device_train_batch_size=8", "save_steps=2"]
-    cmd += ["hardware.checkpoint_format=accelerate", f"hydra.run.dir={run_dir}"]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    args = [*RUN, "max_steps=4", "eval_steps=0", "per_device_train_batch_size=8", "save_steps=2"]
+    args += ["hardware.checkpoint_format=accelerate", f"hydra.run.dir={run_dir}"]
+    res = two_processes(*args, cwd=tmp_path, inject=tmp_path / "inject", timeout=600)
     assert res.returncode != 0
     step2 = run_dir / "checkpoints" / "step-000002"
     # the failing process says what it could not write; the other names it (each exits 2 with its message)
