@@ -163,6 +163,10 @@ class HardwareConfig:
     # At set-up on a GPU: refuse a run whose weights, gradients and optimizer state alone exceed the device's
     # memory, naming the presets that fit (simpo_exp/memory.py). false: skip the check.
     check_memory: bool = True
+    # Seconds a process waits at a step every process takes part in (a collective) before the run fails with a
+    # timeout error. Other processes wait there while the main one works alone: preparing the data, checking a
+    # checkpoint, writing the model. 1800, as transformers' Trainer (ddp_timeout); torch's NCCL default is 600.
+    collective_timeout: float = 1800.0
     # Peak TFLOP/s of one device for train/mfu; None: looked up from the GPU's name (bf16/fp16 runs).
     peak_tflops: Optional[float] = None
     # LoRA adapters (peft) instead of full fine-tuning.
@@ -481,6 +485,7 @@ def _validate_hardware(h: HardwareConfig) -> None:
         _check(0 <= h.lora_dropout < 1, "hardware.lora_dropout", h.lora_dropout, "must be in [0, 1)")
         _check(bool(h.lora_target_modules), "hardware.lora_target_modules", h.lora_target_modules, "must name modules")
     _check(h.dataloader_num_workers >= 0, "hardware.dataloader_num_workers", h.dataloader_num_workers, "must be >= 0")
+    _check(h.collective_timeout > 0, "hardware.collective_timeout", h.collective_timeout, "must be > 0 seconds")
 
 
 def to_config(cfg: DictConfig | Config) -> Config:

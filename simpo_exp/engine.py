@@ -4,6 +4,7 @@ sharded engines need (their own checkpoint format, a process group without a lau
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -155,7 +156,7 @@ def make_accelerator(cfg: Config):
     DeepSpeed) come from ``accelerate launch --config_file launchers/...``; a hardware preset may
     name a DeepSpeed config to use without a launcher (one process)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     h = cfg.hardware
     has_cuda = torch.cuda.is_available()
@@ -187,6 +188,8 @@ def make_accelerator(cfg: Config):
         deepspeed_plugin=deepspeed_plugin,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # backend None: accelerate picks it (nccl, gloo) as without the handler; only the timeout is ours
+        kwargs_handlers=[InitProcessGroupKwargs(backend=None, timeout=timedelta(seconds=h.collective_timeout))],
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm

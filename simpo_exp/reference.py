@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from simpo_exp.config import Config
 from simpo_exp.data import MODEL_COLUMNS
+from simpo_exp.engine import on_every
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
 
@@ -91,35 +92,64 @@ def compute(
 def attach_reference_logps(
     cfg: Config, model, splits: dict[str, Dataset], collate, accelerator, layout: BatchLayout | None = None
 ) -> dict[str, Dataset]:
-    """Add the two reference columns to each split, computing and caching them if needed."""
+    """Add the two reference columns to each split, from the cache when every process can read it, else
+    computed and cached. Each process computes a contiguous share of every split and the shares are
+    gathered in order, so N processes take 1/N of the time, and none waits at a collective for a
+    process scoring the whole data set alone (long enough, for a 7B model, to pass the collective timeout)."""
     path = cache_path(cfg, model, splits)
-    with accelerator.main_process_first():
-        if path.exists():
-            tensors = load_file(path)
-            log.info("reference log-probs from cache %s", path)
-        else:
-            tensors = {}
-            for name, ds in splits.items():
-                c, r = compute(
-                    model, ds, collate, cfg.per_device_eval_batch_size, accelerator.device, accelerator.autocast, layout
+    if all(on_every(accelerator, path.exists, "looking for the reference log-prob cache")):
+        tensors = load_file(path)
+        log.info("reference log-probs from cache %s", path)
+    else:
+        rank, world = accelerator.process_index, accelerator.num_processes
+
+        def share() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            return {
+                name: compute(
+                    model,
+                    ds.shard(num_shards=world, index=rank, contiguous=True),
+                    collate,
+                    cfg.per_device_eval_batch_size,
+                    accelerator.device,
+                    accelerator.autocast,
+                    layout,
                 )
-                tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = c, r
-            if accelerator.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file(tensors, str(tmp))
-                tmp.replace(path)
-                log.info(
-                    "reference log-probs computed for %s pairs, cached in %s",
-                    {k: len(v) for k, v in splits.items()},
-                    path,
-                )
+                for name, ds in splits.items()
+            }
+
+        shares = on_every(accelerator, share, "computing reference log-probs")
+        tensors = {}
+        for name in splits:
+            for i, side in enumerate(("chosen", "rejected")):
+                tensors[f"{name}.{side}"] = torch.cat([s[name][i] for s in shares])
+        if accelerator.is_main_process:
+            write_cache(path, tensors)
+        log.info(
+            "reference log-probs computed for %s pairs (shares of %s processes: %s)",
+            {k: len(v) for k, v in splits.items()},
+            world,
+            [len(s["train"][0]) for s in shares],
+        )
     return {
         name: ds.add_column(REF_COLUMNS[0], tensors[f"{name}.chosen"].tolist()).add_column(
             REF_COLUMNS[1], tensors[f"{name}.rejected"].tolist()
         )
         for name, ds in splits.items()
     }
+
+
+def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the cache atomically; a cache that cannot be written costs the next run the computation, not
+    this run its life."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+        log.info("reference log-probs cached in %s", path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.warning("could not cache the reference log-probs in %s (%s); this run goes on without the cache", path, e)
 
 
 class WithReference:

@@ -72,11 +72,24 @@ def user_errors(cfg: DictConfig):
         record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
         (out / "error.json").write_text(json.dumps(record, indent=2))
         if not _is_user_error(e):
+            _note_collective_timeout(e, cfg)
             raise  # a crash: Hydra shows the traceback (a sweep still runs its other jobs)
         print(f"error: {e}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.RUN:
             raise SystemExit(2) from None
         # In a sweep, the other jobs go on; SweepSummary lists this one at the end.
+
+
+def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:
+    """A process that waited for the others at a collective past the timeout (gloo's wording; NCCL's
+    watchdog ends the process itself, with its own message): name the setting that bounds the wait."""
+    seconds = OmegaConf.select(cfg, "hardware.collective_timeout")
+    if seconds is not None and isinstance(e, RuntimeError) and "Timed out waiting" in str(e):
+        e.add_note(
+            f"hardware.collective_timeout={seconds} seconds passed while this process waited for the others "
+            "(one may have stopped, or still be working alone: writing the model, preparing the data); "
+            "raise it where such work takes longer"
+        )
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -102,6 +102,7 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
         ("per_device_train_batch_size=0", "per_device_train_batch_size"),
         ("hardware.device=tpu", "hardware.device"),
         ("hardware.mixed_precision=fp8", "hardware.mixed_precision"),
+        ("hardware.collective_timeout=0", "hardware.collective_timeout"),
         ("dataset.sources.synthetic.fraction=0", "dataset.sources.synthetic.fraction"),
         ("model.random_init.num_attention_heads=3", "model.random_init.hidden_size"),
         ("logger.mode=sometimes", "logger.mode"),

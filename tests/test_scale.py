@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from simpo_exp.config import ConfigError, to_config
@@ -157,6 +158,60 @@ def test_a_save_failing_on_one_process_stops_every_process(tmp_path):
     assert f"process 1 of 2 could not write checkpoint {step2}" in res.stderr, res.stderr[-3000:]
     assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").iterdir())
     assert "simpo_exp/" not in res.stderr and not (run_dir / "summary.json").exists()  # no traceback of ours
+
+
+def test_two_processes_share_the_reference_log_probs(tmp_path):
+    """DPO's reference log-probs before training: each of two processes scores a contiguous half of every
+    split, and the halves gathered in order are the cache one process writes (same key, same numbers)."""
+    args = [*RUN, "loss=dpo", "max_steps=1", "eval_steps=0", "per_device_train_batch_size=8", "save_model=false"]
+    two = two_processes(
+        *args, f"reference_cache_dir={tmp_path / 'two-cache'}", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(shares of 2 processes: [128, 128])" in (tmp_path / "two" / "__main__.log").read_text()
+    one_dirs = [f"reference_cache_dir={tmp_path / 'one-cache'}", f"hydra.run.dir={tmp_path / 'one'}"]
+    one = simpo(*args, *one_dirs, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    (shared,) = (tmp_path / "two-cache").glob("*.safetensors")
+    (alone,) = (tmp_path / "one-cache").glob("*.safetensors")
+    assert shared.name == alone.name
+    shared, alone = load_file(shared), load_file(alone)
+    assert sorted(shared) == sorted(alone) == ["test.chosen", "test.rejected", "train.chosen", "train.rejected"]
+    for key, values in alone.items():
+        assert values.shape == (256 if key.startswith("train") else 64,)
+        torch.testing.assert_close(shared[key], values, rtol=1e-5, atol=1e-5, msg=key)
+
+
+# Loaded by every Python process of the run below (PYTHONPATH): the main process takes two minutes to write the
+# model (as on a slow disk) while the other waits for it at a collective.
+SLOW_MODEL_WRITE_ON_RANK_0 = """
+import os
+if os.environ.get("RANK") == "0":
+    import time
+
+    import simpo_exp.train
+
+    save_final_model = simpo_exp.train.save_final_model
+
+    def slow(*args):
+        time.sleep(120)
+        return save_final_model(*args)
+
+    simpo_exp.train.save_final_model = slow
+"""
+
+
+def test_a_wait_past_the_collective_timeout_stops_the_run(tmp_path):
+    """hardware.collective_timeout reaches the process group: with 5 seconds, the process waiting for the main
+    one's slow model write gives up after 5 seconds, and the run fails naming the setting (with torch's
+    default, 30 minutes on gloo, the write would finish and the run succeed)."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(SLOW_MODEL_WRITE_ON_RANK_0)
+    args = [*RUN, "max_steps=1", "eval_steps=0", "per_device_train_batch_size=8", "hardware.collective_timeout=5"]
+    res = two_processes(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, inject=tmp_path / "inject")
+    assert res.returncode != 0
+    assert "hardware.collective_timeout=5.0" in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "run" / "finished.json").exists()
 
 
 def test_submitit_local_sweep(tmp_path):
