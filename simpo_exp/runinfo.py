@@ -85,11 +85,15 @@ def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:
     watchdog ends the process itself, with its own message): name the setting that bounds the wait."""
     seconds = OmegaConf.select(cfg, "hardware.collective_timeout")
     if seconds is not None and isinstance(e, RuntimeError) and "Timed out waiting" in str(e):
-        e.add_note(
+        note = (
             f"hardware.collective_timeout={seconds} seconds passed while this process waited for the others "
             "(one may have stopped, or still be working alone: writing the model, preparing the data); "
             "raise it where such work takes longer"
         )
+        if hasattr(e, "add_note"):  # shown under the traceback (Python 3.11+)
+            e.add_note(note)
+        else:
+            print(f"error: {note}", file=sys.stderr)
 
 
 def _is_user_error(e: Exception) -> bool:
