@@ -15,6 +15,7 @@ import logging
 import torch
 
 from simpo_exp.config import Config, ConfigError, ModelConfig
+from simpo_exp.flops import full_numel
 from simpo_exp.hub import check_model_available
 from simpo_exp.precision import prepare_weights
 
@@ -184,4 +185,5 @@ def add_lora(model, h):
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The model's whole size, also where ZeRO-3 has partitioned the weights at load (see flops.full_numel)."""
+    return sum(full_numel(p) for p in model.parameters())

@@ -505,8 +505,11 @@ def finish(run: Run, summary: dict) -> dict:
     acc.wait_for_everyone()
     full_state_dict = None
     if run.cfg.save_model and acc.distributed_type in SHARDED_ENGINES:
-        # sharded weights: every process takes part in gathering them ("model." is the wrapper's prefix)
-        full_state_dict = {k.removeprefix("model."): v for k, v in acc.get_state_dict(run.policy).items()}
+        # sharded weights: every process takes part in gathering them ("model." is the wrapper's prefix);
+        # ZeRO-3 hands the gathered weights to the main process only (None elsewhere), which alone writes them
+        gathered = acc.get_state_dict(run.policy)
+        if gathered is not None:
+            full_state_dict = {k.removeprefix("model."): v for k, v in gathered.items()}
     if run.cfg.save_model:  # every process waits for the main one's write and fails with it
         saving = f"writing the model to {run.run_dir / 'model'}"
         together(acc, lambda: acc.is_main_process and save_final_model(run, full_state_dict), saving)
