@@ -3,8 +3,14 @@
 The reference model is the policy as it starts. Rather than keep a second model in memory for
 the whole run, its summed response log-probs are computed once, before training, and cached on
 disk under a key made of the model's identity, its initial weights, and the exact token ids of
-both splits: a changed model, data set or tokenisation never reuses stale numbers. They travel
-with each pair as two extra columns. ``reference_mode=live`` keeps a frozen copy instead.
+both splits: a changed model, data set or tokenisation never reuses stale numbers. Each pair carries
+its index in its split, and the batch collator adds the pair's two reference numbers to the batch.
+``reference_mode=live`` keeps a frozen copy instead.
+
+They are computed with the prepared policy (after ``accelerator.prepare``, before a checkpoint is
+loaded, so from the starting weights), every process scoring its share of the batches: under ZeRO-3 and
+FSDP the weights are only whole inside the engine's forward, and no process scores the data set alone
+while the others wait.
 """
 
 from __future__ import annotations
@@ -17,20 +23,21 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
-from accelerate.utils import send_to_device
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 
 from simpo_exp.config import Config
 from simpo_exp.data import MODEL_COLUMNS
+from simpo_exp.data.dealt import Dealt
 from simpo_exp.engine import on_every
+from simpo_exp.flops import full_numel
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
 
 log = logging.getLogger(__name__)
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+REF_INDEX = "pair_index"  # the column holding each pair's row number in its split
 
 
 def data_fingerprint(ds: Dataset) -> str:
@@ -44,6 +51,17 @@ def data_fingerprint(ds: Dataset) -> str:
     return h.hexdigest()
 
 
+def whole(p: torch.Tensor) -> torch.Tensor:
+    """A weight's values on the CPU, gathered first where ZeRO-3 partitioned it at load (a collective: every
+    process must call this for the same weights)."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().float().cpu().clone()
+    return p.detach().float().cpu()
+
+
 def model_fingerprint(cfg: Config, model) -> str:
     params = list(model.parameters())
     h = hashlib.sha256(
@@ -52,12 +70,12 @@ def model_fingerprint(cfg: Config, model) -> str:
                 "path": cfg.model.path,
                 "revision": cfg.model.revision,
                 "dtype": cfg.model.dtype,
-                "n": sum(p.numel() for p in params),
+                "n": sum(full_numel(p) for p in params),
             }
         ).encode()
     )
     for p in (params[0], params[-1]):  # the initial weights themselves (a random tiny model differs by seed)
-        h.update(p.detach().float().cpu().numpy().tobytes())
+        h.update(whole(p).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -72,70 +90,84 @@ def cache_path(cfg: Config, model, splits: dict[str, Dataset]) -> Path:
     return root / f"ref-logps-{key}.safetensors"
 
 
+class WithReference:
+    """Wrap a pair collator so the batch also carries each pair's reference log-probs, looked up by its
+    ``pair_index`` once ``fill`` has given them."""
+
+    def __init__(self, collate):
+        self.collate = collate
+        self.chosen = self.rejected = None
+
+    def fill(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        self.chosen, self.rejected = chosen.float(), rejected.float()
+
+    def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+        if self.chosen is None:
+            raise RuntimeError("the reference log-probs are not computed yet (CachedReference.fill)")
+        batch = self.collate(pairs)
+        index = torch.tensor([p[REF_INDEX] for p in pairs])
+        batch[REF_COLUMNS[0]], batch[REF_COLUMNS[1]] = self.chosen[index], self.rejected[index]
+        return batch
+
+
+class CachedReference:
+    """``reference_mode=cached``: the splits given an index column, a collator per split, the cache file's
+    path (from the main process's weights: under FSDP's low-memory loading the others hold no real ones
+    before ``prepare``), and ``fill`` after ``prepare``."""
+
+    def __init__(self, cfg: Config, model, splits: dict[str, Dataset], collate, accelerator):
+        self.path = Path(on_every(accelerator, lambda: str(cache_path(cfg, model, splits)), "hashing the model")[0])
+        self.splits = {name: ds.add_column(REF_INDEX, list(range(len(ds)))) for name, ds in splits.items()}
+        self.collates = {name: WithReference(collate) for name in splits}
+        self.batch_size = cfg.per_device_eval_batch_size
+
+    def fill(self, policy, accelerator) -> None:
+        """Every split's reference log-probs into its collator: read from the cache where every process can
+        read it, else scored with ``policy`` (the prepared model, still at its starting weights) and cached."""
+        if all(on_every(accelerator, self.path.exists, "looking for the reference log-prob cache")):
+            tensors = load_file(self.path)
+            log.info("reference log-probs from cache %s", self.path)
+        else:
+            tensors = {}
+            for name, ds in self.splits.items():
+                chosen, rejected = score(policy, ds, self.collates[name].collate, self.batch_size, accelerator)
+                tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = chosen, rejected
+            if accelerator.is_main_process:
+                write_cache(self.path, tensors)
+            log.info(
+                "reference log-probs computed for %s pairs on %d processes",
+                {name: len(ds) for name, ds in self.splits.items()},
+                accelerator.num_processes,
+            )
+        for name, ds in self.splits.items():
+            chosen, rejected = tensors[f"{name}.chosen"], tensors[f"{name}.rejected"]
+            if len(chosen) != len(ds) or len(rejected) != len(ds):
+                raise RuntimeError(f"{self.path}: {len(chosen)} reference log-probs for the {len(ds)} {name} pairs")
+            self.collates[name].fill(chosen, rejected)
+
+
 @torch.no_grad()
-def compute(
-    model, ds: Dataset, collate, batch_size: int, device, autocast, layout: BatchLayout | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of every pair under ``model``: (chosen [N], rejected [N])."""
-    scorer = ResponseLogps.for_layout(model, layout).to(device).eval()
-    loader = DataLoader(ds.select_columns(MODEL_COLUMNS), batch_size=batch_size, collate_fn=collate)
-    chosen, rejected = [], []
-    for batch in loader:
-        with autocast():
-            out = scorer(**send_to_device(batch, device))
-        n = out.logp_sums.shape[0] // 2
-        chosen.append(out.logp_sums[:n].float().cpu())
-        rejected.append(out.logp_sums[n:].float().cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+def score(policy, ds: Dataset, collate, batch_size: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of every pair of ``ds`` under ``policy``: (chosen [N], rejected [N]), in order.
+    The batches are dealt out to the processes (simpo_exp/data/dealt.py) and gathered back in their order."""
+    from accelerate.utils import gather_object, send_to_device
 
-
-def attach_reference_logps(
-    cfg: Config, model, splits: dict[str, Dataset], collate, accelerator, layout: BatchLayout | None = None
-) -> dict[str, Dataset]:
-    """Add the two reference columns to each split, from the cache when every process can read it, else
-    computed and cached. Each process computes a contiguous share of every split and the shares are
-    gathered in order, so N processes take 1/N of the time, and none waits at a collective for a
-    process scoring the whole data set alone (long enough, for a 7B model, to pass the collective timeout)."""
-    path = cache_path(cfg, model, splits)
-    if all(on_every(accelerator, path.exists, "looking for the reference log-prob cache")):
-        tensors = load_file(path)
-        log.info("reference log-probs from cache %s", path)
-    else:
-        rank, world = accelerator.process_index, accelerator.num_processes
-
-        def share() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-            return {
-                name: compute(
-                    model,
-                    ds.shard(num_shards=world, index=rank, contiguous=True),
-                    collate,
-                    cfg.per_device_eval_batch_size,
-                    accelerator.device,
-                    accelerator.autocast,
-                    layout,
-                )
-                for name, ds in splits.items()
-            }
-
-        shares = on_every(accelerator, share, "computing reference log-probs")
-        tensors = {}
-        for name in splits:
-            for i, side in enumerate(("chosen", "rejected")):
-                tensors[f"{name}.{side}"] = torch.cat([s[name][i] for s in shares])
-        if accelerator.is_main_process:
-            write_cache(path, tensors)
-        log.info(
-            "reference log-probs computed for %s pairs (shares of %s processes: %s)",
-            {k: len(v) for k, v in splits.items()},
-            world,
-            [len(s["train"][0]) for s in shares],
-        )
-    return {
-        name: ds.add_column(REF_COLUMNS[0], tensors[f"{name}.chosen"].tolist()).add_column(
-            REF_COLUMNS[1], tensors[f"{name}.rejected"].tolist()
-        )
-        for name, ds in splits.items()
-    }
+    batches = Dealt(ds.select_columns(MODEL_COLUMNS), collate, batch_size, accelerator.process_index,
+                    accelerator.num_processes)  # fmt: skip
+    training = policy.training
+    policy.eval()
+    mine = []
+    try:
+        for position, batch in batches:
+            with accelerator.autocast():
+                sums = policy(**send_to_device(batch, accelerator.device)).logp_sums.float().cpu()
+            if position is not None:
+                n = sums.shape[0] // 2
+                mine.append((position, sums[:n], sums[n:]))
+    finally:
+        policy.train(training)
+    every = sorted(gather_object(mine) if accelerator.num_processes > 1 else mine, key=lambda part: part[0])
+    return torch.cat([c for _, c, _ in every]), torch.cat([r for _, _, r in every])
 
 
 def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -150,19 +182,6 @@ def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         log.warning("could not cache the reference log-probs in %s (%s); this run goes on without the cache", path, e)
-
-
-class WithReference:
-    """Wrap a pair collator so the batch also carries the pairs' cached reference log-probs."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.collate(pairs)
-        for key in REF_COLUMNS:
-            batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float32)
-        return batch
 
 
 def live_reference(model, layout: BatchLayout | None = None) -> ResponseLogps:

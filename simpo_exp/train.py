@@ -30,6 +30,7 @@ from simpo_exp import checkpoint, finished, samples
 from simpo_exp.compiled import compile_for_run, eager_only
 from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learning_rate
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
+from simpo_exp.data.dealt import Dealt
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.engine import (
     SHARDED_ENGINES,
@@ -53,7 +54,7 @@ from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_a
 from simpo_exp.modelcard import write_model_card
 from simpo_exp.objective import batch_loss
 from simpo_exp.precision import warn_if_updates_vanish
-from simpo_exp.reference import REF_COLUMNS, WithReference, attach_reference_logps, live_reference
+from simpo_exp.reference import REF_INDEX, CachedReference, live_reference
 from simpo_exp.signals import StopSignal
 from simpo_exp.tracking import HEADLINE_METRICS, SAMPLES_KEY, Tracker, config_to_dict, final_table
 
@@ -115,26 +116,35 @@ def total_steps(cfg: Config, batches_per_epoch: int, accum: int) -> int:
 
 
 def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout: BatchLayout):
-    """(collate, reference, train loader, eval loader): cached reference log-probs become columns of the
-    splits, a live reference is a frozen copy; length grouping when asked for."""
-    train_ds, eval_ds = splits["train"], splits["test"]
-    columns, reference = list(MODEL_COLUMNS), None
+    """(eval collate, reference, train loader, eval loader, eval split). ``reference``: a frozen copy of the
+    model (``reference_mode=live``), a ``CachedReference`` whose ``fill`` must run after ``prepare``
+    (``cached``), or None; length grouping when asked for."""
+    columns, reference, collates = list(MODEL_COLUMNS), None, {"train": collate, "test": collate}
     if cfg.method in REFERENCE_METHODS and cfg.reference_mode == "cached":
-        splits = attach_reference_logps(cfg, model, splits, collate, accelerator, layout)
-        train_ds, eval_ds = splits["train"], splits["test"]
-        collate, columns = WithReference(collate), columns + list(REF_COLUMNS)
+        reference = CachedReference(cfg, model, splits, collate, accelerator)
+        splits, collates, columns = reference.splits, reference.collates, columns + [REF_INDEX]
     elif cfg.method in REFERENCE_METHODS:
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            raise ConfigError(
+                "reference_mode=live keeps a frozen copy of the model beside the policy, which DeepSpeed ZeRO-3's "
+                "partitioned weights cannot run outside the engine; use reference_mode=cached (the default)"
+            )
         reference = live_reference(model, layout).to(accelerator.device)
-    train_loader = train_data_loader(cfg, train_ds.select_columns(columns), collate)
-    eval_loader = DataLoader(
-        eval_ds.select_columns(columns), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate
+    train_ds, eval_ds = splits["train"], splits["test"]
+    train_loader = train_data_loader(cfg, train_ds.select_columns(columns), collates["train"])
+    eval_loader = Dealt(
+        eval_ds.select_columns(columns),
+        collates["test"],
+        cfg.per_device_eval_batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
     )
     if len(train_loader) == 0:
         raise ConfigError(
             f"the train split has {len(train_ds)} pairs, fewer than per_device_train_batch_size="
             f"{cfg.per_device_train_batch_size}"
         )
-    return collate, reference, train_loader, eval_loader, eval_ds
+    return collates["test"], reference, train_loader, eval_loader, eval_ds
 
 
 def train_data_loader(cfg: Config, train_ds, collate, num_workers: int | None = None) -> DataLoader:
@@ -246,7 +256,7 @@ def set_up(cfg: Config) -> Run:
         weight_decay=cfg.weight_decay,
     )
     compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
-    policy, optimizer, train_loader, eval_loader = accelerator.prepare(policy, optimizer, train_loader, eval_loader)
+    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
     steps = total_steps(cfg, len(train_loader), accum)
     scheduler = get_scheduler(
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * steps), num_training_steps=steps
@@ -262,6 +272,9 @@ def set_up(cfg: Config) -> Run:
         "gradient_accumulation_steps": accum,
         "effective_batch_size": pairs_per_step,
     }
+    if isinstance(reference, CachedReference):  # from the starting weights: before a checkpoint is loaded
+        reference.fill(policy, accelerator)
+        reference = None
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
     env = environment_record(cfg, accelerator, model, data_report, layout)
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
@@ -396,19 +409,26 @@ def log_train(run: Run, window: Window, grad_norm: float) -> dict:
 
 
 @torch.no_grad()
-def evaluate(policy, loader, cfg: Config, accelerator, reference=None) -> dict[str, float]:
+def evaluate(policy, batches: Dealt, cfg: Config, accelerator, reference=None) -> dict[str, float]:
+    """Eval metrics over the test split, each pair counted once whatever the number of processes."""
+    from accelerate.utils import gather_object
+
     policy.eval()
     window = Window()
     rewards, lengths = [], []
-    for batch in loader:
-        _, stats, (r, n) = batch_loss(policy, batch, cfg, reference)
+    for position, batch in batches:
+        _, stats, (r, n) = batch_loss(policy, send_to_device(batch, accelerator.device), cfg, reference)
+        if position is None:  # a repeat that keeps the processes' forwards in step: it counts nothing
+            continue
         window.add(stats)
-        rewards.append(accelerator.gather_for_metrics(r))
-        lengths.append(accelerator.gather_for_metrics(n))
+        rewards.append(r.float().cpu())
+        lengths.append(n.float().cpu())
     policy.train()
     metrics, _ = window.means(accelerator, "eval")
+    mine = [(torch.cat(rewards), torch.cat(lengths))] if rewards else []  # none where a process had no batch
+    every = gather_object(mine) if accelerator.num_processes > 1 else mine
     # SimPO's length normalisation is meant to keep the reward from favouring long answers: watch it.
-    metrics["eval/length/reward_corr"] = pearson(torch.cat(rewards), torch.cat(lengths))
+    metrics["eval/length/reward_corr"] = pearson(torch.cat([r for r, _ in every]), torch.cat([n for _, n in every]))
     return metrics
 
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from simpo_exp.losses import alphapo_loss, cpo_loss, dpo_loss, ipo_loss, orpo_loss, rdpo_loss, simper_loss, simpo_loss
 from simpo_exp.methods import preference_loss
@@ -98,13 +99,14 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
     from simpo_exp.data import PairCollator, build_datasets
     from simpo_exp.logps import ResponseLogps
     from simpo_exp.model import build_tiny_tokenizer, load_model
-    from simpo_exp.reference import attach_reference_logps, cache_path
+    from simpo_exp.reference import CachedReference, cache_path
 
     cfg = to_config(
         compose(
             "loss=dpo",
             "dataset.synthetic.num_train=32",
             "dataset.synthetic.num_test=8",
+            "per_device_eval_batch_size=5",  # the last batch of each split is short
             f"reference_cache_dir={tmp_path}",
         )
     )
@@ -113,19 +115,26 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
     model = load_model(cfg, tok, "sdpa")
     collate = PairCollator(tok.pad_token_id)
     acc = Accelerator(cpu=True)
-    out = attach_reference_logps(cfg, model, {"train": train, "test": test}, collate, acc)
+    reference = CachedReference(cfg, model, {"train": train, "test": test}, collate, acc)
+    pairs = [reference.splits["train"][i] for i in (3, 0, 31, 7)]  # any pairs, in any order
+    with pytest.raises(RuntimeError, match="not computed yet"):
+        reference.collates["train"](pairs)
+    reference.fill(ResponseLogps(model), acc)
     path = cache_path(cfg, model, {"train": train, "test": test})
-    assert path.exists()
-    # the cached numbers are the model's own summed log-probs
-    batch = collate([train[i] for i in range(4)])
+    assert reference.path == path and path.exists()
+    # the batch carries each pair's own reference numbers: the model's summed log-probs of that pair
+    batch = reference.collates["train"](pairs)
     with torch.no_grad():
-        sums = ResponseLogps(model)(**batch).logp_sums
-    assert out["train"]["ref_chosen_logps"][:4] == pytest.approx(sums[:4].tolist(), abs=1e-4)
-    assert out["train"]["ref_rejected_logps"][:4] == pytest.approx(sums[4:].tolist(), abs=1e-4)
-    # a second call reads the file (same values even if the model changed in memory since)
+        sums = ResponseLogps(model)(**collate(pairs)).logp_sums
+    assert batch["ref_chosen_logps"].tolist() == pytest.approx(sums[:4].tolist(), abs=1e-4)
+    assert batch["ref_rejected_logps"].tolist() == pytest.approx(sums[4:].tolist(), abs=1e-4)
+    assert load_file(path)["train.chosen"].shape == (32,) and load_file(path)["test.rejected"].shape == (8,)
+    # a second run reads the file
     stamp = path.stat().st_mtime_ns
-    again = attach_reference_logps(cfg, model, {"train": train, "test": test}, collate, acc)
-    assert path.stat().st_mtime_ns == stamp and again["test"]["ref_chosen_logps"] == out["test"]["ref_chosen_logps"]
+    again = CachedReference(cfg, model, {"train": train, "test": test}, collate, acc)
+    again.fill(None, acc)  # no scoring: the policy is not used
+    assert path.stat().st_mtime_ns == stamp
+    assert again.collates["test"].chosen.tolist() == reference.collates["test"].chosen.tolist()
     # other data or another starting model -> another key
     assert cache_path(cfg, model, {"train": train.select(range(16)), "test": test}) != path
     with torch.no_grad():
@@ -216,3 +225,24 @@ def ranks_three_methods(sweep):
     header, body = lines[at].split(), [line.split() for line in lines[at + 2 : at + 5]]  # below the "---" rule
     printed = [cells[header.index("loss")] for cells in body]
     assert printed == [r["loss"] for r in rows]  # the printed table, best first, in the ranked order
+
+
+def test_live_reference_under_zero3_is_refused_by_name(compose):
+    """ZeRO-3 partitions the weights at load; a frozen copy of them could not run outside the engine."""
+    from accelerate import Accelerator
+
+    from simpo_exp.config import ConfigError, to_config
+    from simpo_exp.data import PairCollator, build_datasets
+    from simpo_exp.layout import BatchLayout
+    from simpo_exp.model import build_tiny_tokenizer, load_model
+    from simpo_exp.train import make_loaders
+
+    cfg = to_config(compose("loss=dpo", "reference_mode=live", "dataset.synthetic.num_train=16"))
+    tok = build_tiny_tokenizer()
+    train, test, _ = build_datasets(cfg, tok)
+    model = load_model(cfg, tok, "sdpa")
+    splits, collate, layout = {"train": train, "test": test}, PairCollator(tok.pad_token_id), BatchLayout("none")
+    make_loaders(cfg, model, splits, collate, Accelerator(cpu=True), layout)  # whole weights: a live copy is fine
+    next(model.parameters()).ds_id = 0  # as deepspeed.zero.Init marks a partitioned weight
+    with pytest.raises(ConfigError, match="reference_mode=live .* ZeRO-3.*use reference_mode=cached"):
+        make_loaders(cfg, model, splits, collate, Accelerator(cpu=True), layout)

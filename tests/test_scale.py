@@ -160,26 +160,85 @@ def test_a_save_failing_on_one_process_stops_every_process(tmp_path):
     assert "simpo_exp/" not in res.stderr and not (run_dir / "summary.json").exists()  # no traceback of ours
 
 
-def test_two_processes_share_the_reference_log_probs(tmp_path):
-    """DPO's reference log-probs before training: each of two processes scores a contiguous half of every
-    split, and the halves gathered in order are the cache one process writes (same key, same numbers)."""
-    args = [*RUN, "loss=dpo", "max_steps=1", "eval_steps=0", "per_device_train_batch_size=8", "save_model=false"]
-    two = two_processes(
-        *args, f"reference_cache_dir={tmp_path / 'two-cache'}", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path
+def zero3_on_two_cpu_processes(*args: str, cwd: Path, timeout: int = 600):
+    """``accelerate launch --config_file launchers/zero3.yaml`` with two CPU processes: real DeepSpeed ZeRO-3
+    over gloo, through the stand-in in tests/standins/deepspeed_cpu (fp32, one thread each, offline)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    standin = CONF_ROOT / "tests" / "standins" / "deepspeed_cpu"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(standin), str(CONF_ROOT), env.get("PYTHONPATH", "")])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launchers/zero3.yaml"]
+    launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port), "-m", "simpo_exp"]
+    preset = [
+        "hardware=zero3",
+        "hardware.device=cpu",
+        "hardware.mixed_precision=no",
+        "hardware.effective_batch_size=null",
+    ]
+    preset.append("hardware.dataloader_num_workers=0")
+    # from the project's root, where the launcher's config names its DeepSpeed file; the run's files under cwd
+    return subprocess.run(
+        [*launch, *preset, *args], cwd=CONF_ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "(shares of 2 processes: [128, 128])" in (tmp_path / "two" / "__main__.log").read_text()
-    one_dirs = [f"reference_cache_dir={tmp_path / 'one-cache'}", f"hydra.run.dir={tmp_path / 'one'}"]
-    one = simpo(*args, *one_dirs, cwd=tmp_path)
+
+
+def test_zero3_on_two_processes_matches_one_process_and_resumes(tmp_path):
+    """DeepSpeed ZeRO-3 (weights partitioned at load, sharded optimizer, engine checkpoints) on two processes, for
+    DPO: its reference log-probs come from the engine's forward, each process scoring every other batch, and are
+    gathered back in order: the same numbers as one plain process (same cache key, from the gathered weights).
+    The losses, gradients and final weights match one process with the same global batch; the whole model is
+    written once; a run resumed from its step-2 checkpoint logs what it logged."""
+    pytest.importorskip("deepspeed")
+    start = tmp_path / "start"  # a saved model, so that both runs load the same weights (not a seeded init)
+    res = simpo(
+        *RUN, "max_steps=1", "eval_steps=0", "per_device_train_batch_size=8", f"hydra.run.dir={start}", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    common = [*RUN[1:], "loss=dpo", f"model.path={start / 'model'}", "max_steps=4", "eval_steps=0", "logging_steps=2"]
+    common.append("per_device_eval_batch_size=6")  # 43 and 11 batches for two processes: short last ones, repeats
+    zero3_dir = tmp_path / "zero3"
+    args = [*common, "per_device_train_batch_size=8", "save_steps=2", f"reference_cache_dir={tmp_path / 'cache3'}"]
+    args.append(f"hydra.run.dir={zero3_dir}")
+    zero3 = zero3_on_two_cpu_processes(*args, cwd=tmp_path)
+    assert zero3.returncode == 0, zero3.stderr[-3000:]
+    assert (zero3_dir / "checkpoints" / "step-000002" / "engine").is_dir()
+    one_dir = tmp_path / "one"
+    one = simpo(
+        "hardware=cpu", *common, "per_device_train_batch_size=16", f"reference_cache_dir={tmp_path / 'cache1'}",
+        f"hydra.run.dir={one_dir}", cwd=tmp_path,
+    )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    (shared,) = (tmp_path / "two-cache").glob("*.safetensors")
-    (alone,) = (tmp_path / "one-cache").glob("*.safetensors")
-    assert shared.name == alone.name
-    shared, alone = load_file(shared), load_file(alone)
-    assert sorted(shared) == sorted(alone) == ["test.chosen", "test.rejected", "train.chosen", "train.rejected"]
+    (sharded,) = (tmp_path / "cache3").glob("*.safetensors")
+    (alone,) = (tmp_path / "cache1").glob("*.safetensors")
+    assert sharded.name == alone.name
+    sharded, alone = load_file(sharded), load_file(alone)
     for key, values in alone.items():
-        assert values.shape == (256 if key.startswith("train") else 64,)
-        torch.testing.assert_close(shared[key], values, rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(sharded[key], values, rtol=1e-5, atol=1e-5, msg=key)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one_dir, zero3_dir))
+    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "train/loss", "train/grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    weights, expected = (load_file(d / "model" / "model.safetensors") for d in (zero3_dir, one_dir))
+    assert sorted(weights) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-4, msg=key)
+    # resumed from step 2 (as if killed after it): every logged record as before
+    first = (zero3_dir / "metrics.jsonl").read_text().splitlines()
+    (zero3_dir / "finished.json").unlink()
+    again = zero3_on_two_cpu_processes(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (zero3_dir / "__main__.log").read_text()
+    assert f"resumed from {zero3_dir / 'checkpoints' / 'step-000002'} (step 2)" in log
+    second = (zero3_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(second) == len(first) >= 2
+    for before, after in zip(first, second, strict=True):
+        before, after = json.loads(before), json.loads(after)
+        for key, value in before.items():
+            if key not in MEASURED_METRICS:
+                assert after[key] == value, (before["step"], key)
 
 
 # Loaded by every Python process of the run below (PYTHONPATH): the main process takes two minutes to write the
@@ -271,13 +330,13 @@ def test_effective_batch_is_kept_across_device_counts(compose):
 
 
 def test_deepspeed_preset_without_deepspeed_says_how_to_install(tmp_path):
-    try:
-        import deepspeed  # noqa: F401
-
-        pytest.skip("deepspeed is installed here")
-    except ImportError:
-        pass
-    res = simpo("hardware=zero3", "hardware.device=cpu", "hardware.mixed_precision=no", *RUN[1:], cwd=tmp_path)
+    (tmp_path / "inject").mkdir()  # DeepSpeed is in the test extras: this run cannot import it
+    (tmp_path / "inject" / "sitecustomize.py").write_text("import sys\nsys.modules['deepspeed'] = None\n")
+    path = os.pathsep.join([str(tmp_path / "inject"), os.environ.get("PYTHONPATH", "")])
+    res = simpo(
+        "hardware=zero3", "hardware.device=cpu", "hardware.mixed_precision=no", *RUN[1:], cwd=tmp_path,
+        env={"PYTHONPATH": path},
+    )  # fmt: skip
     assert res.returncode == 2 and "needs DeepSpeed" in res.stderr and ".[gpu]" in res.stderr
 
 
