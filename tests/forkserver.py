@@ -21,6 +21,7 @@ since some are read when a module is imported (``HF_HUB_OFFLINE``, a ``sitecusto
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -42,6 +43,7 @@ PRELOAD = (
     "transformers.models.llama.modeling_llama",  # the embedded default's architecture
     "peft",
     "accelerate",
+    "deepspeed",  # where installed (the test extras): accelerate's unwrap_model imports it in every run
 )  # not wandb: it makes a temporary media folder when imported and removes it at exit, so the first forked
 #   child to exit would remove the folder every later one writes its W&B tables into
 
@@ -97,8 +99,9 @@ def run_child(request: dict) -> None:
 
 def serve() -> None:
     for name in PRELOAD:
-        try:
-            importlib.import_module(name)
+        try:  # stdout carries the answers: what an import prints goes to stderr (DeepSpeed logs there)
+            with contextlib.redirect_stdout(sys.stderr):
+                importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the child re-imports it and reports the error where it is seen
             pass
     answer = sys.stdout
