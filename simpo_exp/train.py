@@ -418,7 +418,8 @@ def evaluate(policy, batches: Dealt, cfg: Config, accelerator, reference=None) -
     rewards, lengths = [], []
     for position, batch in batches:
         _, stats, (r, n) = batch_loss(policy, send_to_device(batch, accelerator.device), cfg, reference)
-        if position is None:  # a repeat that keeps the processes' forwards in step: it counts nothing
+        if position is None:  # a repeat that keeps the processes' forwards in step: it counts nothing, but its
+            window.add({k: torch.zeros_like(v) for k, v in stats.items()})  # keys join the all-process sums
             continue
         window.add(stats)
         rewards.append(r.float().cpu())

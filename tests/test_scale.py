@@ -44,6 +44,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     two-process run saves them at steps 2 and 4. Run again with the second process unable to read
     step 4's, both processes resume from step 2 together and end exactly as before."""
     args = [*RUN, "per_device_train_batch_size=8", "save_steps=2", "hardware.checkpoint_format=accelerate"]
+    args.append("per_device_eval_batch_size=64")  # one eval batch: the second process only repeats it, uncounted
+    args.append("hardware.collective_timeout=120")  # a process left waiting fails the test in 2 minutes, not 15
     args.append(f"hydra.run.dir={tmp_path / 'two'}")
     two = two_processes(*args, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -70,7 +72,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         for key, value in before.items():
             if key not in MEASURED_METRICS:
                 assert after[key] == value, (before["step"], key)
-    one = simpo(*RUN, "per_device_train_batch_size=16", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    one = simpo(
+        *RUN, "per_device_train_batch_size=16", "per_device_eval_batch_size=64", f"hydra.run.dir={tmp_path / 'one'}",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     assert "x 2 processes" in (tmp_path / "two" / "__main__.log").read_text()
     a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
@@ -202,6 +207,7 @@ def test_zero3_on_two_processes_matches_one_process_and_resumes(tmp_path):
     common.append("per_device_eval_batch_size=6")  # 43 and 11 batches for two processes: short last ones, repeats
     zero3_dir = tmp_path / "zero3"
     args = [*common, "per_device_train_batch_size=8", "save_steps=2", f"reference_cache_dir={tmp_path / 'cache3'}"]
+    args.append("hardware.collective_timeout=120")  # a process left waiting fails the test in 2 minutes
     args.append(f"hydra.run.dir={zero3_dir}")
     zero3 = zero3_on_two_cpu_processes(*args, cwd=tmp_path)
     assert zero3.returncode == 0, zero3.stderr[-3000:]
