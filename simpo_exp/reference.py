@@ -112,8 +112,8 @@ class WithReference:
 
 class CachedReference:
     """``reference_mode=cached``: the splits given an index column, a collator per split, the cache file's
-    path (from the main process's weights: under FSDP's low-memory loading the others hold no real ones
-    before ``prepare``), and ``fill`` after ``prepare``."""
+    path (from the main process's weights: under FSDP's low-memory loading the others may hold none before
+    ``prepare``), and ``fill`` after ``prepare``."""
 
     def __init__(self, cfg: Config, model, splits: dict[str, Dataset], collate, accelerator):
         self.path = Path(on_every(accelerator, lambda: str(cache_path(cfg, model, splits)), "hashing the model")[0])
@@ -142,7 +142,10 @@ class CachedReference:
         for name, ds in self.splits.items():
             chosen, rejected = tensors[f"{name}.chosen"], tensors[f"{name}.rejected"]
             if len(chosen) != len(ds) or len(rejected) != len(ds):
-                raise RuntimeError(f"{self.path}: {len(chosen)} reference log-probs for the {len(ds)} {name} pairs")
+                raise RuntimeError(
+                    f"{self.path}: {len(chosen)} reference log-probs for the {len(ds)} {name} pairs; "
+                    "delete the file to compute them again"
+                )
             self.collates[name].fill(chosen, rejected)
 
 

@@ -273,7 +273,10 @@ def set_up(cfg: Config) -> Run:
         "effective_batch_size": pairs_per_step,
     }
     if isinstance(reference, CachedReference):  # from the starting weights: before a checkpoint is loaded
-        reference.fill(policy, accelerator)
+        try:
+            reference.fill(policy, accelerator)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory("the reference log-probs (per_device_eval_batch_size)", e) from e
         reference = None
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
     env = environment_record(cfg, accelerator, model, data_report, layout)
