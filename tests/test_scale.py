@@ -15,7 +15,7 @@ from simpo_exp.config import ConfigError, to_config
 from simpo_exp.tracking import MEASURED_METRICS
 from tests.conftest import ROOT as CONF_ROOT
 from tests.conftest import options
-from tests.test_run import simpo
+from tests.test_run import read_metrics, simpo
 
 RUN = [
     "hardware=cpu",
@@ -39,6 +39,15 @@ def two_processes(*args: str, cwd: Path, inject: Path | None = None, timeout: in
     return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def assert_same_records(before: list[dict], after: list[dict]) -> None:
+    """Two runs' metrics.jsonl records equal, record for record, but for the timing and memory figures."""
+    assert [r["step"] for r in after] == [r["step"] for r in before]
+    for old, new in zip(before, after, strict=True):
+        for key, value in old.items():
+            if key not in MEASURED_METRICS:
+                assert new[key] == value, (old["step"], key)
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """Also the checkpoints sharded engines use (accelerator.save_state on every process): the
     two-process run saves them at steps 2 and 4. Run again with the second process unable to read
@@ -52,7 +61,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     saved = tmp_path / "two" / "checkpoints" / "step-000004"
     assert (saved / "COMPLETE").exists() and (saved / "engine" / "model.safetensors").exists()
     first = json.loads((tmp_path / "two" / "summary.json").read_text())
-    first_logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    first_logged = read_metrics(tmp_path / "two")
     (tmp_path / "two" / "finished.json").unlink()  # as if killed after step 6: a finished run would be skipped
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(UNREADABLE_ON_RANK_1)
@@ -66,12 +75,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         if key.startswith(("train/", "eval/")) and key not in MEASURED_METRICS:
             assert resumed[key] == value, key
     # the step-3 report's window began before the resume: each process got its own part of it back
-    again_logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-    for before, after in zip(first_logged, again_logged, strict=True):
-        before, after = json.loads(before), json.loads(after)
-        for key, value in before.items():
-            if key not in MEASURED_METRICS:
-                assert after[key] == value, (before["step"], key)
+    assert_same_records(first_logged, read_metrics(tmp_path / "two"))
     one = simpo(
         *RUN, "per_device_train_batch_size=16", "per_device_eval_batch_size=64", f"hydra.run.dir={tmp_path / 'one'}",
         cwd=tmp_path,
@@ -100,18 +104,14 @@ def test_two_lora_processes_resume_each_with_its_own_random_draws(tmp_path):
     args += ["logging_steps=2", "per_device_train_batch_size=8", "save_steps=2", f"hydra.run.dir={run_dir}"]
     first = two_processes(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    first_logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first_logged = read_metrics(run_dir)
     (run_dir / "finished.json").unlink()  # as if killed after step 4's checkpoint was lost
     shutil.rmtree(run_dir / "checkpoints" / "step-000004")
     again = two_processes(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / 'step-000002'} (step 2)" in (run_dir / "__main__.log").read_text()
-    again_logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in again_logged] == [r["step"] for r in first_logged] and len(first_logged) >= 4
-    for before, after in zip(first_logged, again_logged, strict=True):
-        for key, value in before.items():
-            if key not in MEASURED_METRICS:
-                assert after[key] == value, (before["step"], key)
+    assert len(first_logged) >= 4
+    assert_same_records(first_logged, read_metrics(run_dir))
 
 
 # Loaded by every Python process of the resumed run above (PYTHONPATH): the second process cannot read
@@ -232,19 +232,14 @@ def test_zero3_on_two_processes_matches_one_process_and_resumes(tmp_path):
     for key, value in expected.items():
         torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-4, msg=key)
     # resumed from step 2 (as if killed after it): every logged record as before
-    first = (zero3_dir / "metrics.jsonl").read_text().splitlines()
+    first = read_metrics(zero3_dir)
     (zero3_dir / "finished.json").unlink()
     again = zero3_on_two_cpu_processes(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     log = (zero3_dir / "__main__.log").read_text()
     assert f"resumed from {zero3_dir / 'checkpoints' / 'step-000002'} (step 2)" in log
-    second = (zero3_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(second) == len(first) >= 2
-    for before, after in zip(first, second, strict=True):
-        before, after = json.loads(before), json.loads(after)
-        for key, value in before.items():
-            if key not in MEASURED_METRICS:
-                assert after[key] == value, (before["step"], key)
+    assert len(first) >= 2
+    assert_same_records(first, read_metrics(zero3_dir))
 
 
 # Loaded by every Python process of the run below (PYTHONPATH): the main process takes two minutes to write the
