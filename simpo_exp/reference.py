@@ -169,7 +169,7 @@ def score(policy, ds: Dataset, collate, batch_size: int, accelerator) -> tuple[t
                 mine.append((position, sums[:n], sums[n:]))
     finally:
         policy.train(training)
-    every = sorted(gather_object(mine) if accelerator.num_processes > 1 else mine, key=lambda part: part[0])
+    every = sorted(gather_object(mine), key=lambda part: part[0])  # every process's batches, in split order
     return torch.cat([c for _, c, _ in every]), torch.cat([r for _, _, r in every])
 
 

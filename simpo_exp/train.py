@@ -429,8 +429,8 @@ def evaluate(policy, batches: Dealt, cfg: Config, accelerator, reference=None) -
         lengths.append(n.float().cpu())
     policy.train()
     metrics, _ = window.means(accelerator, "eval")
-    mine = [(torch.cat(rewards), torch.cat(lengths))] if rewards else []  # none where a process had no batch
-    every = gather_object(mine) if accelerator.num_processes > 1 else mine
+    # every process's (rewards, lengths); gather_object hands a single process's list back as it is
+    every = gather_object([(torch.cat(rewards), torch.cat(lengths))] if rewards else [])  # [] without a batch
     # SimPO's length normalisation is meant to keep the reward from favouring long answers: watch it.
     metrics["eval/length/reward_corr"] = pearson(torch.cat([r for r, _ in every]), torch.cat([n for _, n in every]))
     return metrics
