@@ -16,6 +16,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 _servers: dict[tuple, Server] = {}
 PER_TEST = ("PYTEST_CURRENT_TEST",)  # changes with every test; the child gets the current one
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a fake endpoint or a launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_env(extra: dict | None = None) -> dict:

@@ -4,7 +4,6 @@ compare, AlpacaEval/Arena-Hard output files, the judge path against a fake local
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import run_module
+from tests.runs import free_port, run_module
 from tests.test_run import simpo
 
 RUNS = [
@@ -196,12 +195,6 @@ class FakeJudge(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

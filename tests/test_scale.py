@@ -15,6 +15,7 @@ from simpo_exp.config import ConfigError, to_config
 from simpo_exp.tracking import MEASURED_METRICS
 from tests.conftest import ROOT as CONF_ROOT
 from tests.conftest import options
+from tests.runs import free_port
 from tests.test_run import read_metrics, simpo
 
 RUN = [
@@ -29,13 +30,19 @@ RUN = [
 ]
 
 
-def two_processes(*args: str, cwd: Path, inject: Path | None = None, timeout: int = 900):
-    """``python -m simpo_exp ARGS`` on two CPU processes (torchrun, one thread each), offline. ``inject``: a
-    folder put first on PYTHONPATH, whose sitecustomize.py every process loads."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def launch_env(inject: Path | None = None, **extra: str) -> dict:
+    """The environment of a run on two CPU processes: offline, one thread each, ``extra`` laid over it.
+    ``inject``: a folder put first on PYTHONPATH, whose sitecustomize.py every process loads."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
     if inject is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(inject), env.get("PYTHONPATH", "")])
+    return env
+
+
+def two_processes(*args: str, cwd: Path, inject: Path | None = None, timeout: int = 900):
+    """``python -m simpo_exp ARGS`` on two CPU processes (torchrun; see ``launch_env``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "simpo_exp"]
+    env = launch_env(inject)
     return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -167,28 +174,17 @@ def test_a_save_failing_on_one_process_stops_every_process(tmp_path):
 
 def zero3_on_two_cpu_processes(*args: str, cwd: Path, timeout: int = 600):
     """``accelerate launch --config_file launchers/zero3.yaml`` with two CPU processes: real DeepSpeed ZeRO-3
-    over gloo, through the stand-in in tests/standins/deepspeed_cpu (fp32, one thread each, offline)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    standin = CONF_ROOT / "tests" / "standins" / "deepspeed_cpu"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join([str(standin), str(CONF_ROOT), env.get("PYTHONPATH", "")])
+    over gloo, through the stand-in in tests/standins/deepspeed_cpu (fp32; see ``launch_env``)."""
+    env = launch_env(CONF_ROOT / "tests" / "standins" / "deepspeed_cpu", DS_ACCELERATOR="cpu")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launchers/zero3.yaml"]
-    launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port), "-m", "simpo_exp"]
-    preset = [
-        "hardware=zero3",
-        "hardware.device=cpu",
-        "hardware.mixed_precision=no",
-        "hardware.effective_batch_size=null",
-    ]
-    preset.append("hardware.dataloader_num_workers=0")
+    launch += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
+    preset = ["hardware=zero3", "hardware.device=cpu", "hardware.mixed_precision=no"]
+    preset += ["hardware.effective_batch_size=null", "hardware.dataloader_num_workers=0"]
     # from the project's root, where the launcher's config names its DeepSpeed file; the run's files under cwd
     return subprocess.run(
-        [*launch, *preset, *args], cwd=CONF_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+        [*launch, "-m", "simpo_exp", *preset, *args], cwd=CONF_ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
 
 
 def test_zero3_on_two_processes_matches_one_process_and_resumes(tmp_path):
