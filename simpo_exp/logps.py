@@ -351,6 +351,18 @@ class ResponseLogps(nn.Module):
     def _no_split_modules(self):
         return getattr(self.model, "_no_split_modules", None)
 
+    # FSDP2's low-memory loading moves the module to the meta device, which unties tied embeddings, and then
+    # calls tie_weights() on it; it finds the embeddings (to shard tied ones as one group) through the getters.
+    # Without these the input and output embeddings would train and be saved as two different matrices.
+    def tie_weights(self, *args, **kwargs):
+        return self.model.tie_weights(*args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)
         if self.softcap:  # Gemma 2 caps its logits; skipping this would change every log-prob

@@ -534,6 +534,7 @@ def finish(run: Run, summary: dict) -> dict:
         gathered = acc.get_state_dict(run.policy)
         if gathered is not None:
             full_state_dict = {k.removeprefix("model."): v for k, v in gathered.items()}
+            full_state_dict = without_tied_copies(full_state_dict, acc.unwrap_model(run.policy).model)
     if run.cfg.save_model:  # every process waits for the main one's write and fails with it
         saving = f"writing the model to {run.run_dir / 'model'}"
         together(acc, lambda: acc.is_main_process and save_final_model(run, full_state_dict), saving)
@@ -543,6 +544,15 @@ def finish(run: Run, summary: dict) -> dict:
         keys = HEADLINE_METRICS + ["runtime_s"] + (["train/skipped_steps"] if state.skipped_steps else [])
         print(f"\nrun directory: {run.run_dir.resolve()}\n{final_table(summary, keys)}", flush=True)
     return summary
+
+
+def without_tied_copies(state_dict: dict, model: torch.nn.Module) -> dict:
+    """``state_dict`` less the second names of tied parameters (an output head tied to the input embeddings).
+    FSDP gathers a separate copy under each name, which save_pretrained would write twice; as the model
+    itself would be saved, each tied matrix is kept once, under its first name."""
+    first = {name for name, _ in model.named_parameters()}  # one name per parameter
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {k: v for k, v in state_dict.items() if k not in tied}
 
 
 def save_final_model(run: Run, full_state_dict: dict | None) -> None:
