@@ -11,6 +11,9 @@ This is what the official SimPO recipes do (``torch_dtype: null`` with ``bf16: t
   the memory, and a warning when the learning rate is below what bf16 can resolve for most weights.
 - LoRA: the frozen base stays in ``model.dtype``; the adapters are float32 (peft upcasts them).
 - DeepSpeed: the engine holds bf16 weights and keeps its own float32 master copy and optimizer state.
+- FSDP: float32 shards are the master weights; under bf16 the forward runs on bf16 copies of the gathered
+  weights and gradients are reduced in bf16 (accelerate's policy), recorded as ``fsdp_param_dtype`` and
+  ``fsdp_reduce_dtype``.
 """
 
 from __future__ import annotations
@@ -79,10 +82,20 @@ def precision_record(model, accelerator) -> dict:
     weights = str(trainable_dtype(model)).removeprefix("torch.")
     deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
     autocast = AUTOCAST_DTYPES.get(accelerator.mixed_precision)
-    return {
+    record = {
         "weights_dtype": "bfloat16" if deepspeed and autocast == "bfloat16" else weights,
         # torch's AdamW keeps its moments in the dtype of the weights it steps; DeepSpeed in float32
         "master_weights_dtype": "float32" if deepspeed else weights,
         "optimizer_state_dtype": "float32" if deepspeed else weights,
         "autocast_dtype": autocast,
     }
+    if accelerator.distributed_type.value == "FSDP":
+        # FSDP casts each layer's gathered weights to param_dtype for its forward and backward (so the whole
+        # forward, residual stream included, runs in it, as under DeepSpeed's bf16) and reduces the gradients in
+        # reduce_dtype (param_dtype when unset); the float32 shards stay the master weights
+        policy = getattr(accelerator.state.fsdp_plugin, "mixed_precision_policy", None)
+        compute = getattr(policy, "param_dtype", None) or trainable_dtype(model)
+        reduce = getattr(policy, "reduce_dtype", None) or compute
+        record["fsdp_param_dtype"] = str(compute).removeprefix("torch.")
+        record["fsdp_reduce_dtype"] = str(reduce).removeprefix("torch.")
+    return record

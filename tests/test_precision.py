@@ -131,3 +131,31 @@ def test_full_fine_tuning_upcasts_only_when_asked(compose):
         compose("model.dtype=bfloat16", "hardware.master_weights=model", "model.random_init.num_hidden_layers=1")
     )
     assert {p.dtype for p in load_model(cfg, tok, "sdpa").parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(
+    "mixed_precision, param, reduce", [("bf16", "bfloat16", "bfloat16"), ("no", "float32", "float32")]
+)
+def test_fsdp_records_the_dtypes_its_policy_computes_and_reduces_in(mixed_precision, param, reduce):
+    """FSDP's mixed precision is not an autocast: the gathered weights themselves are cast for the forward, and
+    the gradients are reduced in the policy's dtype. The record names both (accelerate's policy for bf16: both
+    bfloat16; without one, the float32 weights)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from simpo_exp.precision import precision_record
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    fsdp = SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        mixed_precision=mixed_precision,
+        state=SimpleNamespace(fsdp_plugin=plugin),
+    )
+    record = precision_record(torch.nn.Linear(2, 2), fsdp)
+    assert record["weights_dtype"] == record["master_weights_dtype"] == "float32"
+    assert (record["fsdp_param_dtype"], record["fsdp_reduce_dtype"]) == (param, reduce)
+    plain = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision=mixed_precision)
+    assert "fsdp_param_dtype" not in precision_record(torch.nn.Linear(2, 2), plain)
