@@ -173,7 +173,7 @@ class HardwareConfig:
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # what TRL's disable_dropout leaves its adapters with
     lora_target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -222,6 +222,7 @@ class Config:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    disable_dropout: bool = True  # the model's own dropout off while training (TRL's and the official default)
     per_device_train_batch_size: int = 2
     per_device_eval_batch_size: int = 4
     gradient_accumulation_steps: int = 16

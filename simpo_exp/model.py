@@ -153,6 +153,8 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
             attn_implementation=attn_implementation,
             trust_remote_code=m.trust_remote_code,
         )
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -160,6 +162,20 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
     if cfg.hardware.lora:
         model = add_lora(model, cfg.hardware)
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero the model's own dropout for training (``disable_dropout=true``, the default of TRL's trainers and
+    the official SimPO trainer). With dropout, a pair's chosen and rejected answers see different random
+    masks, and that noise does not cancel in their reward margin, whose true gradient is small. Zeroes every
+    ``nn.Dropout`` and the attention dropout that transformers' attention modules read from
+    ``attention_dropout``; the config, and so the saved model, keeps its values. LoRA's adapters are added
+    afterwards, with ``hardware.lora_dropout`` (0 by default)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def add_lora(model, h):

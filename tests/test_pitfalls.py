@@ -107,3 +107,33 @@ def test_run_records_lengths_gamma_and_environment(tmp_path):
     assert env["git_commit"] is None or len(env["git_commit"].split("+")[0]) == 40
     report = json.loads((run / "data_report.json").read_text())
     assert report["tokenization"]["splits"]["train"]["pairs"] == 128
+
+
+def test_dropout_is_off_while_training_unless_asked(compose, tmp_path):
+    """A model whose config has attention dropout trains without it (disable_dropout=true, as TRL and the official
+    trainer): two training-mode forwards of the same batch agree, and the config (saved with the model) keeps its
+    value. With disable_dropout=false the two forwards differ. LoRA's adapters add none by default."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.model import load_model
+
+    tok = build_tiny_tokenizer()
+    arch = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    arch.num_attention_heads, arch.num_key_value_heads, arch.attention_dropout = 4, 4, 0.5
+    LlamaForCausalLM(arch).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    ids = torch.tensor([tok("sort: 3 1 2")["input_ids"]])
+
+    def two_training_forwards(*overrides):
+        model = load_model(to_config(compose(f"model.path={tmp_path / 'm'}", *overrides)), tok, "eager").train()
+        assert model.config.attention_dropout == 0.5
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero at the start: adapters would add nothing, dropped out or not
+                torch.nn.init.normal_(p)
+        return model(input_ids=ids).logits, model(input_ids=ids).logits
+
+    assert torch.equal(*two_training_forwards())
+    assert not torch.equal(*two_training_forwards("disable_dropout=false"))
+    pytest.importorskip("peft")
+    assert torch.equal(*two_training_forwards("hardware=cpu-lora"))
+    assert not torch.equal(*two_training_forwards("hardware=cpu-lora", "hardware.lora_dropout=0.5"))
