@@ -11,9 +11,10 @@ Per device, with P parameters (bytes as loaded), T of them trained (element size
 - one device or DDP: the weights as loaded, gradients T s, AdamW moments 2 T s (torch keeps them in the
   weights' dtype);
 - FSDP (full sharding): the same divided by N; with parameter offload the state lives in CPU RAM;
-- DeepSpeed: bf16 weights (2 P) and gradients (2 T), and a float32 master copy with the moments (12 T);
-  ZeRO-1 shards the 12 T, ZeRO-2 also the gradients, ZeRO-3 everything; optimizer offload moves the 12 T
-  to CPU RAM, parameter offload the weights.
+- DeepSpeed under bf16 or fp16: half-precision weights (2 P) and gradients (2 T), and a float32 master copy
+  with the moments (12 T); without them, float32 weights (4 P), gradients (4 T) and moments (8 T), the
+  weights being their own master. ZeRO-1 shards the optimizer part, ZeRO-2 also the gradients, ZeRO-3
+  everything; optimizer offload moves the optimizer part to CPU RAM, parameter offload the weights.
 
 These are lower bounds: activations, the logits, temporary buffers and the allocator's fragmentation come
 on top, so a run refused here could not have fit, while one let through can still run out of memory in a
@@ -43,6 +44,7 @@ class Engine:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    half_precision: bool = True  # DeepSpeed: bf16/fp16 weights with a float32 master copy (else all float32)
 
     @classmethod
     def of(cls, accelerator) -> "Engine":
@@ -57,7 +59,8 @@ class Engine:
                 return (zero.get(key) or {}).get("device", "none") not in ("none", None)
 
             stage = int(plugin.zero_stage or 0)
-            return cls("deepspeed", n, stage, offloaded("offload_optimizer"), offloaded("offload_param"))
+            half = accelerator.mixed_precision in ("bf16", "fp16")  # the launchers' bf16 "auto" follows it
+            return cls("deepspeed", n, stage, offloaded("offload_optimizer"), offloaded("offload_param"), half)
         if kind == "FSDP":
             offload = fsdp_offloads(state.fsdp_plugin)
             return cls("fsdp", n, offload_optimizer=offload, offload_params=offload)
@@ -83,7 +86,7 @@ def state_bytes(model: torch.nn.Module, engine: Engine) -> dict[str, int]:
     t_bytes = sum(full_numel(p) * p.element_size() for p in trained)  # in each weight's own dtype
     n = max(engine.processes, 1)
     if engine.kind == "deepspeed":
-        weights, grads, optimizer = 2 * params, 2 * t, 12 * t
+        weights, grads, optimizer = (2 * params, 2 * t, 12 * t) if engine.half_precision else (4 * params, 4 * t, 8 * t)
         stage = engine.zero_stage
         optimizer = 0 if engine.offload_optimizer else optimizer // n if stage >= 1 else optimizer
         grads = grads // n if stage >= 2 else grads

@@ -29,6 +29,13 @@ def test_full_fine_tuning_takes_sixteen_bytes_per_float32_parameter_and_shards_b
     assert zero[3]["total"] == 2 * p // 8 + 2 * p // 8 + 12 * p // 8
     offload = state_bytes(model, Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True))
     assert offload == {"weights": 0, "gradients": 2 * p // 8, "optimizer": 0, "total": 2 * p // 8}
+    # DeepSpeed without bf16/fp16: float32 weights are their own master copy; the same total
+    assert state_bytes(model, Engine("deepspeed", 8, 3, half_precision=False)) == {
+        "weights": 4 * p // 8,
+        "gradients": 4 * p // 8,
+        "optimizer": 8 * p // 8,
+        "total": 16 * p // 8,
+    }
 
 
 def test_a_frozen_bf16_base_counts_its_weights_only():
@@ -93,16 +100,18 @@ def test_the_engine_is_read_from_the_launchers_configs():
 
     from tests.conftest import ROOT
 
-    def accelerator(kind, **state):
-        return SimpleNamespace(distributed_type=kind, num_processes=8, state=SimpleNamespace(**state))
+    def accelerator(kind, mixed_precision="bf16", **state):
+        state = SimpleNamespace(**state)
+        return SimpleNamespace(distributed_type=kind, num_processes=8, mixed_precision=mixed_precision, state=state)
 
-    def deepspeed(name):
+    def deepspeed(name, mixed_precision="bf16"):
         config = json.loads((ROOT / "launchers" / name).read_text())
         plugin = SimpleNamespace(zero_stage=config["zero_optimization"]["stage"], deepspeed_config=config)
-        return Engine.of(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=plugin))
+        return Engine.of(accelerator(DistributedType.DEEPSPEED, mixed_precision, deepspeed_plugin=plugin))
 
     assert deepspeed("ds_zero2.json") == Engine("deepspeed", 8, 2)
     assert deepspeed("ds_zero3.json") == Engine("deepspeed", 8, 3)
+    assert deepspeed("ds_zero3.json", "no") == Engine("deepspeed", 8, 3, half_precision=False)
     assert deepspeed("ds_zero3_offload.json") == Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True)
     for offload, offloads in [(CPUOffload(False), False), (CPUOffload(True), True), (OffloadPolicy(), False)]:
         fsdp = SimpleNamespace(cpu_offload=offload)  # FSDP1's CPUOffload, FSDP2's OffloadPolicy
