@@ -309,6 +309,14 @@ def group_mask(groups: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
 
 
 # ----------------------------------------------------------------------------- the module
+def shared_parameters(model: nn.Module) -> list[list[str]]:
+    """The names of each parameter that ``model`` holds under more than one name (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
 class ResponseLogps(nn.Module):
     def __init__(
         self,
@@ -327,6 +335,7 @@ class ResponseLogps(nn.Module):
         self.packing = packing
         self.attention = attention
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self._shared = shared_parameters(model)  # for tie_weights
         if packing != "none":
             impl = model.config._attn_implementation or ""
             if attention in ("segments", "flex", "flash"):
@@ -354,8 +363,14 @@ class ResponseLogps(nn.Module):
     # FSDP2's low-memory loading moves the module to the meta device, which unties tied embeddings, and then
     # calls tie_weights() on it; it finds the embeddings (to shard tied ones as one group) through the getters.
     # Without these the input and output embeddings would train and be saved as two different matrices.
-    def tie_weights(self, *args, **kwargs):
-        return self.model.tie_weights(*args, **kwargs)
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Share again the parameters the model shared when it was wrapped (as loaded, whatever its config says:
+        transformers leaves a checkpoint's two differing matrices untied, and so does this)."""
+        for first, *others in self._shared:
+            param = self.model.get_parameter(first)
+            for name in others:
+                owner, _, attr = name.rpartition(".")
+                setattr(self.model.get_submodule(owner), attr, param)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

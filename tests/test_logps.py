@@ -92,3 +92,28 @@ def test_softcapping_is_applied(model):
     capped = wrapped(**batch).logp_sums.detach()
     assert not torch.allclose(plain, capped)
     assert torch.allclose(capped / torch.tensor([2.0, 1.0]), -torch.log(torch.tensor(50.0)), atol=1.0)
+
+
+def test_tie_weights_shares_again_what_the_model_shared_when_wrapped():
+    """FSDP2's low-memory loading moves the wrapped model to the meta device (which unties tied embeddings) and
+    calls tie_weights(): tied embeddings are one parameter again, and two separate matrices (a checkpoint that
+    holds both, loaded untied whatever its config says) stay two."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    def wrapped(tied: bool) -> ResponseLogps:
+        shape = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+        cfg = LlamaConfig(**shape, num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+        model = AutoModelForCausalLM.from_config(cfg)
+        model.config.tie_word_embeddings = True  # the config may say so either way
+        return ResponseLogps(model)
+
+    for tied in (True, False):
+        policy = wrapped(tied)
+        count = len(list(policy.parameters()))
+        policy = policy.to("meta")
+        head, embed = policy.get_output_embeddings(), policy.get_input_embeddings()
+        assert head is policy.model.lm_head and embed is policy.model.model.embed_tokens
+        assert head.weight is not embed.weight  # moving to meta made two parameters of the tied one
+        policy.tie_weights()
+        assert (head.weight is embed.weight) == tied
+        assert len(list(policy.parameters())) == count
