@@ -108,7 +108,7 @@ def test_two_lora_processes_resume_each_with_its_own_random_draws(tmp_path):
     uninterrupted run's; with the main process's states restored everywhere, none would."""
     run_dir = tmp_path / "run"
     args = [arg for arg in RUN if not arg.startswith("hardware=")] + ["hardware=cpu-lora", "eval_steps=2"]
-    args.append("hardware.lora_dropout=0.05")  # (none by default)
+    args.append("hardware.lora_dropout=0.05")  # the adapters have none by default
     args += ["logging_steps=2", "per_device_train_batch_size=8", "save_steps=2", f"hydra.run.dir={run_dir}"]
     first = two_processes(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
