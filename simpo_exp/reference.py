@@ -5,7 +5,7 @@ the whole run, its summed response log-probs are computed once, before training,
 disk under a key made of the model's identity, its initial weights, and the exact token ids of
 both splits: a changed model, data set or tokenisation never reuses stale numbers. Each pair carries
 its index in its split, and the batch collator adds the pair's two reference numbers to the batch.
-``reference_mode=live`` keeps a frozen copy instead.
+``reference_mode=live`` keeps a frozen copy instead; under FSDP2 that copy is sharded as the policy is.
 
 They are computed with the prepared policy (after ``accelerator.prepare``, before a checkpoint is
 loaded, so from the starting weights), every process scoring its share of the batches: under ZeRO-3 and
@@ -192,3 +192,20 @@ def live_reference(model, layout: BatchLayout | None = None) -> ResponseLogps:
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
     return ResponseLogps.for_layout(ref, layout)
+
+
+def shard_like_the_policy(reference: ResponseLogps, accelerator) -> None:
+    """Under FSDP2, shard the live reference as the policy is sharded (each transformer layer, then the rest;
+    the same mixed precision, resharded after each layer's forward): each process keeps 1/N of its weights
+    instead of a whole copy, and every process runs each of its forwards together, as for the policy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = accelerator.state.fsdp_plugin.mixed_precision_policy or MixedPrecisionPolicy()
+    layers = set(reference._no_split_modules or ())
+    for module in list(reference.model.modules()):
+        if type(module).__name__ in layers:
+            fully_shard(module, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(reference, mp_policy=policy, reshard_after_forward=True)
+    kept = sum(p.to_local().numel() for p in reference.parameters())
+    whole = sum(full_numel(p) for p in reference.parameters())
+    log.info("live reference sharded like the policy (FSDP2): %d of its %d weights on each process", kept, whole)

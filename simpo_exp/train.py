@@ -54,7 +54,7 @@ from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_a
 from simpo_exp.modelcard import write_model_card
 from simpo_exp.objective import batch_loss
 from simpo_exp.precision import warn_if_updates_vanish
-from simpo_exp.reference import REF_INDEX, CachedReference, live_reference
+from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
 from simpo_exp.signals import StopSignal
 from simpo_exp.tracking import HEADLINE_METRICS, SAMPLES_KEY, Tracker, config_to_dict, final_table
 
@@ -257,6 +257,8 @@ def set_up(cfg: Config) -> Run:
     )
     compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
+    if reference is not None and not isinstance(reference, CachedReference) and accelerator.is_fsdp2:
+        shard_like_the_policy(reference, accelerator)  # a live reference: 1/N of it per process, not a copy
     steps = total_steps(cfg, len(train_loader), accum)
     scheduler = get_scheduler(
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * steps), num_training_steps=steps

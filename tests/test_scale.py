@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -269,6 +270,26 @@ def test_a_sharded_engine_on_two_processes_matches_one_process_and_resumes(tmp_p
     assert f"resumed from {sharded_dir / 'checkpoints' / 'step-000002'} (step 2)" in log
     assert len(first) >= 2
     assert_same_records(first, read_metrics(sharded_dir))
+
+
+def test_a_live_reference_under_fsdp_is_sharded_like_the_policy(tmp_path, one_process):
+    """reference_mode=live under FSDP2: the frozen reference is sharded as the policy is (about half its weights
+    on each of two processes, not a whole copy each), and the run's numbers equal one plain process's (whose
+    reference log-probs were cached from the same starting weights: the same numbers)."""
+    start, one_dir = one_process
+    run_dir = tmp_path / "live"
+    args = [*SHARDED_COMMON, f"model.path={start / 'model'}", "per_device_train_batch_size=8", "reference_mode=live"]
+    args += ["hardware.collective_timeout=120", f"hydra.run.dir={run_dir}"]
+    res = sharded_on_two_cpu_processes("fsdp", *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (run_dir / "__main__.log").read_text()
+    found = re.search(r"live reference sharded like the policy \(FSDP2\): (\d+) of its (\d+) weights", log)
+    assert found, log[-3000:]
+    kept, whole = map(int, found.groups())
+    assert whole / 2 <= kept < whole
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one_dir, run_dir))
+    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "train/loss", "train/grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
 # Loaded by every Python process of the run below (PYTHONPATH): the main process takes two minutes to write the
