@@ -257,7 +257,8 @@ def set_up(cfg: Config) -> Run:
     )
     compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
-    if reference is not None and not isinstance(reference, CachedReference) and accelerator.is_fsdp2:
+    fsdp2 = accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 2
+    if reference is not None and not isinstance(reference, CachedReference) and fsdp2:
         shard_like_the_policy(reference, accelerator)  # a live reference: 1/N of it per process, not a copy
     steps = total_steps(cfg, len(train_loader), accum)
     scheduler = get_scheduler(
