@@ -56,6 +56,14 @@ def assert_same_records(before: list[dict], after: list[dict]) -> None:
                 assert new[key] == value, (old["step"], key)
 
 
+def assert_same_summary(one_dir: Path, run_dir: Path) -> tuple[dict, dict]:
+    """Two runs' final losses, eval metrics and gradient norm equal to 1e-4 relative; returns both summaries."""
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one_dir, run_dir))
+    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "train/loss", "train/grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key  # stated tolerance: 1e-4 relative
+    return a, b
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """Also the checkpoints sharded engines use (accelerator.save_state on every process): the
     two-process run saves them at steps 2 and 4. Run again with the second process unable to read
@@ -90,9 +98,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     assert "x 2 processes" in (tmp_path / "two" / "__main__.log").read_text()
-    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
-    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "train/loss", "train/grad_norm"):
-        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key  # stated tolerance: 1e-4 relative
+    a, b = assert_same_summary(tmp_path / "one", tmp_path / "two")
     assert b["resolved/effective_batch_size"] == a["resolved/effective_batch_size"] == 16
     # only the main process wrote the run's files: one summary, metrics logged once per step
     steps = [
@@ -248,9 +254,7 @@ def test_a_sharded_engine_on_two_processes_matches_one_process_and_resumes(tmp_p
     cached, alone = load_file(cached), load_file(alone)
     for key, values in alone.items():
         torch.testing.assert_close(cached[key], values, rtol=1e-5, atol=1e-5, msg=key)
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (one_dir, sharded_dir))
-    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "train/loss", "train/grad_norm"):
-        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert_same_summary(one_dir, sharded_dir)
     weights, expected = (load_file(d / "model" / "model.safetensors") for d in (sharded_dir, one_dir))
     assert sorted(weights) == sorted(expected)
     for key, value in expected.items():
@@ -287,9 +291,7 @@ def test_a_live_reference_under_fsdp_is_sharded_like_the_policy(tmp_path, one_pr
     assert found, log[-3000:]
     kept, whole = map(int, found.groups())
     assert whole / 2 <= kept < whole
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (one_dir, run_dir))
-    for key in ("eval/loss", "eval/rewards/margins", "eval/logps/chosen", "train/loss", "train/grad_norm"):
-        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert_same_summary(one_dir, run_dir)
 
 
 # Loaded by every Python process of the run below (PYTHONPATH): the main process takes two minutes to write the
