@@ -46,7 +46,7 @@ from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
 from simpo_exp.fused import fused_head
 from simpo_exp.layout import BatchLayout
 from simpo_exp.layout_auto import layout_for_run
-from simpo_exp.logps import ResponseLogps
+from simpo_exp.logps import ResponseLogps, shared_parameters
 from simpo_exp.memory import check_device_memory
 from simpo_exp.methods import REFERENCE_METHODS
 from simpo_exp.metrics import Window, pearson
@@ -553,8 +553,7 @@ def without_tied_copies(state_dict: dict, model: torch.nn.Module) -> dict:
     """``state_dict`` less the second names of tied parameters (an output head tied to the input embeddings).
     FSDP gathers a separate copy under each name, which save_pretrained would write twice; as the model
     itself would be saved, each tied matrix is kept once, under its first name."""
-    first = {name for name, _ in model.named_parameters()}  # one name per parameter
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    tied = {name for _, *others in shared_parameters(model) for name in others}
     return {k: v for k, v in state_dict.items() if k not in tied}
 
 
