@@ -200,12 +200,12 @@ def shard_like_the_policy(reference: ResponseLogps, accelerator) -> None:
     instead of a whole copy, and every process runs each of its forwards together, as for the policy."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = accelerator.state.fsdp_plugin.mixed_precision_policy or MixedPrecisionPolicy()
+    mp_policy = accelerator.state.fsdp_plugin.mixed_precision_policy or MixedPrecisionPolicy()
     layers = set(reference._no_split_modules or ())
     for module in list(reference.model.modules()):
         if type(module).__name__ in layers:
-            fully_shard(module, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(reference, mp_policy=policy, reshard_after_forward=True)
+            fully_shard(module, mp_policy=mp_policy, reshard_after_forward=True)
+    fully_shard(reference, mp_policy=mp_policy, reshard_after_forward=True)
     kept = sum(p.to_local().numel() for p in reference.parameters())
-    whole = sum(full_numel(p) for p in reference.parameters())
-    log.info("live reference sharded like the policy (FSDP2): %d of its %d weights on each process", kept, whole)
+    total = sum(full_numel(p) for p in reference.parameters())
+    log.info("live reference sharded like the policy (FSDP2): %d of its %d weights on each process", kept, total)
