@@ -66,6 +66,23 @@ def fused_head(cfg, layout, model) -> "LigerPreferenceHead | None":
     return LigerPreferenceHead(cfg.method, cfg.beta, gamma, cfg.label_smoothing, cfg.sft_weight)
 
 
+def whole(head: nn.Module) -> nn.Module:
+    """``head`` with its weight gathered, for reading it without calling the head.
+
+    FSDP2 gathers a unit's weights in the pre-forward hook of its modules, and accelerate makes the output head a
+    unit of its own (with the final norm, when it finds one); the fused path never calls the head, so without this
+    its weight stays a shard (a DTensor). ``unshard`` gathers it; the unit's gradient is then reduce-scattered by
+    FSDP's end-of-backward callback, which runs the post-backward of units whose hooks did not fire. (DeepSpeed
+    ZeRO-3 gathers a partitioned weight on its own when the forward reads it.)"""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 cannot have sharded it
+        return head
+    if isinstance(head, FSDPModule):
+        head.unshard()  # a no-op when the unit is already gathered
+    return head
+
+
 def liger_losses():
     """``liger_kernel.chunked_loss``, or an ImportError that says how to install it."""
     try:
@@ -104,11 +121,12 @@ class LigerPreferenceHead(nn.Module):
     def forward(self, head: nn.Module, states, targets, rows, n: int, counts) -> FusedPreference:
         """``states`` [M, H] the hidden states that predict the response tokens ``targets`` [M], row by row
         (``rows`` [M] their row, ``counts`` [n] tokens per row; rows [0, n/2) chosen, the rest rejected)."""
-        weight, bias = head.weight, getattr(head, "bias", None)
+        weight, bias = whole(head).weight, getattr(head, "bias", None)
         if weight.numel() == 0:
             raise RuntimeError(
-                "hardware.fused_head=liger: the output head's weight is sharded here (DeepSpeed ZeRO-3?); "
-                "the fused head needs it whole: use hardware.fused_head=none with logps_chunk_size"
+                "hardware.fused_head=liger: the output head's weight is partitioned here (DeepSpeed ZeRO-3 gathers "
+                "it only inside the model's forward); the fused head needs it whole: use hardware.fused_head=none "
+                "with logps_chunk_size"
             )
         width = max(int(counts.max()), 1) if n else 1
         starts = torch.cumsum(counts, 0) - counts
