@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from simpo_exp.logps import whole
+
 FUSED_HEADS = ("none", "liger")
 LIGER_METHODS = ("simpo", "cpo", "orpo")
 INSTALL_HINT = 'pip install -e ".[gpu]" (or pip install liger-kernel)'
@@ -64,23 +66,6 @@ def fused_head(cfg, layout, model) -> "LigerPreferenceHead | None":
         raise ConfigError(f"{where}: Liger does not cap the logits as this model does (Gemma 2); use 'none'")
     gamma, _ = resolve_gamma(cfg)
     return LigerPreferenceHead(cfg.method, cfg.beta, gamma, cfg.label_smoothing, cfg.sft_weight)
-
-
-def whole(head: nn.Module) -> nn.Module:
-    """``head`` with its weight gathered, for reading it without calling the head.
-
-    FSDP2 gathers a unit's weights in the pre-forward hook of its modules, and accelerate makes the output head a
-    unit of its own (with the final norm, when it finds one); the fused path never calls the head, so without this
-    its weight stays a shard (a DTensor). ``unshard`` gathers it; the unit's gradient is then reduce-scattered by
-    FSDP's end-of-backward callback, which runs the post-backward of units whose hooks did not fire. (DeepSpeed
-    ZeRO-3 gathers a partitioned weight on its own when the forward reads it.)"""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without FSDP2 cannot have sharded it
-        return head
-    if isinstance(head, FSDPModule):
-        head.unshard()  # a no-op when the unit is already gathered
-    return head
 
 
 def liger_losses():

@@ -5,7 +5,9 @@ batch, keeps only the hidden states that predict a response token (``loss_mask``
 one), and applies the output head to those alone: prompt and padding positions never reach
 the vocabulary projection. With ``chunk_size`` > 0 the head, log-softmax and gather run in
 chunks of that many tokens under activation checkpointing, so peak memory holds one chunk of
-logits instead of all of them.
+logits instead of all of them. Where FSDP2 or ZeRO-3 shards the head, the chunks read its weight instead of
+calling it: calling it would gather it and reduce its gradient once per chunk, and the processes' chunk counts
+differ (``whole``).
 
 With ``packing`` other than ``"none"`` it takes the packed batches of
 ``simpo_exp.data.collate.PairCollator`` (same ``packing`` and ``attention``), where no compute goes
@@ -308,6 +310,34 @@ def group_mask(groups: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     return torch.zeros(allowed.shape, dtype=dtype, device=groups.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+# ----------------------------------------------------------------------------- sharded heads
+def fsdp_unit(module: nn.Module) -> bool:
+    """Whether FSDP2 made ``module`` (part of) a unit of its own."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def engine_sharded(head: nn.Module) -> bool:
+    """Whether a sharding engine holds ``head``'s weight: FSDP2 (a unit) or DeepSpeed ZeRO-3 (partitioned)."""
+    return fsdp_unit(head) or hasattr(getattr(head, "weight", None), "ds_id")
+
+
+def whole(head: nn.Module) -> nn.Module:
+    """``head`` with its weight gathered, for reading it without calling the head.
+
+    FSDP2 gathers a unit's weights in the pre-forward hook of its modules, and accelerate makes the output head a
+    unit of its own (with the final norm, when it finds one); a forward that reads the weight without calling the
+    head would find a shard (a DTensor). ``unshard`` gathers it; the unit's gradient is then reduce-scattered once,
+    by FSDP's end-of-backward callback, which runs the post-backward of units whose hooks did not fire. DeepSpeed
+    ZeRO-3 gathers a partitioned weight itself when a forward reads it (and registers it with that module)."""
+    if fsdp_unit(head):
+        head.unshard()  # a no-op when the unit is already gathered
+    return head
+
+
 # ----------------------------------------------------------------------------- the module
 def shared_parameters(model: nn.Module) -> list[list[str]]:
     """The names of each parameter that ``model`` holds under more than one name (tied embeddings)."""
@@ -379,7 +409,14 @@ class ResponseLogps(nn.Module):
         return self.model.get_output_embeddings()
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(hidden)
+        head = self.model.get_output_embeddings()
+        if self.chunk_size and isinstance(head, nn.Linear) and engine_sharded(head):
+            # A sharded head called once per chunk would be gathered (ZeRO-3) and its gradient reduced (both
+            # engines) once per chunk: as many collectives as the process has chunks, which differ between
+            # processes. Read its weight instead: gathered once, its gradient reduced once per step.
+            logits = F.linear(hidden, whole(head).weight, head.bias)
+        else:
+            logits = head(hidden)
         if self.softcap:  # Gemma 2 caps its logits; skipping this would change every log-prob
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -92,36 +92,6 @@ def test_fused_head_equals_the_padded_path(compose, case):
         torch.testing.assert_close(grad, plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {key}: {m}")
 
 
-def test_the_fused_head_reads_a_head_that_fsdp2_shards_as_its_own_unit(compose):
-    """accelerate's FSDP2 makes the output head a unit of its own, whose weights its pre-forward hook gathers;
-    the fused path reads the weight without calling the head. On one gloo process (FSDP2 still keeps the weights
-    as sharded DTensors) the fused loss and every watched gradient equal the unsharded model's."""
-    pytest.importorskip("liger_kernel")
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo"])
-    batch = PairCollator(PAD)(random_pairs(5, vocab=96, seed=7))
-    head = fused_head(cfg, BatchLayout(), make_model())
-    head.compiled = False
-    plain = run(ResponseLogps(with_bias(make_model(vocab=96, seed=3)), fused=head), batch, cfg)
-    model = with_bias(make_model(vocab=96, seed=3))
-    policy = ResponseLogps(model, fused=head)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model.lm_head, reshard_after_forward=False)  # as accelerate carves the output head
-        fully_shard(policy)  # the root, as accelerate shards the module it prepares
-        assert type(model.lm_head.weight).__name__ == "DTensor"
-        sharded = run(policy, batch, cfg)
-    finally:
-        dist.destroy_process_group()
-    torch.testing.assert_close(sharded[0], plain[0], atol=ATOL, rtol=0)
-    for key, grad in sharded[4].items():
-        torch.testing.assert_close(grad.full_tensor(), plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"{key}: {m}")
-
-
 def test_unsupported_methods_and_settings_are_refused_by_name(compose):
     model = make_model()
     for overrides, words in [

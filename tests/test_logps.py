@@ -117,3 +117,43 @@ def test_tie_weights_shares_again_what_the_model_shared_when_wrapped():
         policy.tie_weights()
         assert (head.weight is embed.weight) == tied
         assert len(list(policy.parameters())) == count
+
+
+def test_a_head_that_fsdp2_shards_as_its_own_unit_on_two_processes(tmp_path):
+    """accelerate's FSDP2 makes the output head a unit of its own (tests/sharded_head.py shards the same way). The
+    chunked head (and the fused one, where liger-kernel is installed) then reads its weight once per step instead
+    of calling the head once per chunk, which ran the unit's collectives as many times as each process had chunks:
+    with two processes of 3 pairs each and different chunk counts, the step finishes, and each process's loss and
+    the averaged gradient of every parameter equal one unsharded process's."""
+    import math
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests import sharded_head
+
+    out = tmp_path / "out.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [*cmd, "-m", "tests.sharded_head", str(out)], cwd=Path(__file__).parents[1], env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = torch.load(out)
+    chunks = [math.ceil(n / sharded_head.CHUNK) for n in results["response_tokens"]]
+    assert chunks[0] != chunks[1], chunks  # else a collective per chunk would have gone unnoticed
+    heads = [h for h in ("chunked", "fused") if h in results]
+    assert heads[0] == "chunked"
+    for head in heads:
+        policy = sharded_head.policy_for(head)
+        losses = []
+        for rank in (0, 1):
+            loss = sharded_head.step_loss(policy, sharded_head.local_batch(rank))
+            (loss / 2).backward()  # FSDP averages the processes' gradients
+            losses.append(loss.detach())
+        torch.testing.assert_close(results[head]["losses"], torch.stack(losses), atol=1e-5, rtol=0)
+        for name, param in policy.model.named_parameters():
+            got = results[head]["grads"][name]
+            torch.testing.assert_close(got, param.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{head} {name}: {m}")

@@ -1,0 +1,97 @@
+"""``torchrun --nproc_per_node 2 -m tests.sharded_head OUT``: one training step of ``ResponseLogps`` under FSDP2 on
+two gloo processes, with the output head sharded as a unit of its own, as accelerate does (tests/test_logps.py).
+
+Each process takes its own pairs, with a different number of response tokens, so the chunked head runs a
+different number of chunks on each. For the chunked head (``logps_chunk_size``) and the fused one (Liger, where
+installed) the main process writes the loss of each process and every parameter's gathered gradient to OUT
+(``torch.save``). A head that ran a collective per chunk would leave the processes at different collectives: gloo
+then fails, or waits out the process group's timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from simpo_exp.data.collate import PairCollator
+from simpo_exp.logps import ResponseLogps
+from tests.test_perf_paths import make_model, random_pairs
+
+PAD, VOCAB, CHUNK = 0, 96, 8
+PAIRS = random_pairs(6, vocab=VOCAB, seed=7)  # pairs 0-2 for process 0, 3-5 for process 1
+
+
+def local_batch(rank: int) -> dict:
+    return PairCollator(PAD)(PAIRS[3 * rank : 3 * rank + 3])
+
+
+def policy_for(head: str) -> ResponseLogps:
+    model = make_model(vocab=VOCAB, seed=3)  # untied embeddings, as Llama 3 and Mistral
+    if head == "chunked":
+        return ResponseLogps(model, chunk_size=CHUNK)
+    from simpo_exp.fused import LigerPreferenceHead
+
+    fused = LigerPreferenceHead("simpo", beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0)
+    fused.compiled = False
+    return ResponseLogps(model, fused=fused)
+
+
+def step_loss(policy: ResponseLogps, batch: dict) -> torch.Tensor:
+    """The fused head's loss, or (chunked) one whose gradient reaches every response token's log-prob."""
+    out = policy(**batch)
+    if policy.fused is not None:
+        return out.loss
+    n = out.num_tokens.shape[0] // 2
+    return -torch.nn.functional.logsigmoid(2.0 * (out.mean_logps[:n] - out.mean_logps[n:])).mean()
+
+
+def shard_as_accelerate_does(policy: ResponseLogps) -> None:
+    """accelerate 1.15's FSDP2 units for an untied model: each decoder layer, the input embedding, the output head
+    (resharded only after backward), then the rest at the root."""
+    model = policy.model
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.model.embed_tokens)
+    fully_shard([model.lm_head], reshard_after_forward=False)
+    fully_shard(policy)
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    heads = ["chunked"]
+    try:
+        import liger_kernel  # noqa: F401
+
+        heads.append("fused")
+    except ImportError:
+        pass
+    results = {"response_tokens": None}
+    for head in heads:
+        policy = policy_for(head)
+        shard_as_accelerate_does(policy)
+        batch = local_batch(rank)
+        loss = step_loss(policy, batch)
+        loss.backward()
+        grads = {name: p.grad.full_tensor() for name, p in policy.model.named_parameters()}
+        losses = [torch.zeros(()) for _ in range(2)]
+        dist.all_gather(losses, loss.detach())
+        results[head] = {"losses": torch.stack(losses), "grads": grads}
+    tokens = torch.tensor(int(local_batch(rank)["loss_mask"].sum()))
+    counts = [torch.zeros((), dtype=tokens.dtype) for _ in range(2)]
+    dist.all_gather(counts, tokens)
+    results["response_tokens"] = [int(c) for c in counts]
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    main(sys.argv[1] if len(sys.argv) > 1 else os.environ["OUT"])
