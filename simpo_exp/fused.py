@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from simpo_exp.logps import whole
+from simpo_exp.logps import unsharded
 
 FUSED_HEADS = ("none", "liger")
 LIGER_METHODS = ("simpo", "cpo", "orpo")
@@ -106,7 +106,7 @@ class LigerPreferenceHead(nn.Module):
     def forward(self, head: nn.Module, states, targets, rows, n: int, counts) -> FusedPreference:
         """``states`` [M, H] the hidden states that predict the response tokens ``targets`` [M], row by row
         (``rows`` [M] their row, ``counts`` [n] tokens per row; rows [0, n/2) chosen, the rest rejected)."""
-        weight, bias = whole(head).weight, getattr(head, "bias", None)
+        weight, bias = unsharded(head).weight, getattr(head, "bias", None)
         if weight.numel() == 0:
             raise RuntimeError(
                 "hardware.fused_head=liger: the output head's weight is partitioned here (DeepSpeed ZeRO-3 gathers "

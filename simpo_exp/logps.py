@@ -7,7 +7,7 @@ the vocabulary projection. With ``chunk_size`` > 0 the head, log-softmax and gat
 chunks of that many tokens under activation checkpointing, so peak memory holds one chunk of
 logits instead of all of them. Where FSDP2 or ZeRO-3 shards the head, the chunks read its weight instead of
 calling it: calling it would gather it and reduce its gradient once per chunk, and the processes' chunk counts
-differ (``whole``).
+differ (``unsharded``).
 
 With ``packing`` other than ``"none"`` it takes the packed batches of
 ``simpo_exp.data.collate.PairCollator`` (same ``packing`` and ``attention``), where no compute goes
@@ -325,7 +325,7 @@ def engine_sharded(head: nn.Module) -> bool:
     return fsdp_unit(head) or hasattr(getattr(head, "weight", None), "ds_id")
 
 
-def whole(head: nn.Module) -> nn.Module:
+def unsharded(head: nn.Module) -> nn.Module:
     """``head`` with its weight gathered, for reading it without calling the head.
 
     FSDP2 gathers a unit's weights in the pre-forward hook of its modules, and accelerate makes the output head a
@@ -414,7 +414,7 @@ class ResponseLogps(nn.Module):
             # A sharded head called once per chunk would be gathered (ZeRO-3) and its gradient reduced (both
             # engines) once per chunk: as many collectives as the process has chunks, which differ between
             # processes. Read its weight instead: gathered once, its gradient reduced once per step.
-            logits = F.linear(hidden, whole(head).weight, head.bias)
+            logits = F.linear(hidden, unsharded(head).weight, head.bias)
         else:
             logits = head(hidden)
         if self.softcap:  # Gemma 2 caps its logits; skipping this would change every log-prob
