@@ -16,6 +16,13 @@ from simpo_exp.errors import UserError
 SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def fsdp2(accelerator) -> bool:
+    """Whether the run is sharded by FSDP2 (``fully_shard``), as launchers/fsdp.yaml asks."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    return int(getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1) == 2
+
+
 def engine_checkpoints(cfg: Config, accelerator) -> bool:
     """Whether checkpoints go through accelerator.save_state (see simpo_exp/checkpoint.py)."""
     sharded = accelerator.distributed_type in SHARDED_ENGINES

@@ -16,6 +16,9 @@ Per device, with P parameters (bytes as loaded), T of them trained (element size
   weights being their own master. ZeRO-1 shards the optimizer part, ZeRO-2 also the gradients, ZeRO-3
   everything; optimizer offload moves the optimizer part to CPU RAM, parameter offload the weights.
 
+A live reference model (``reference_mode=live``) adds a frozen copy of the weights as they train: whole on each
+device, or 1/N of it under FSDP2 (simpo_exp/reference.py shards it as the policy is sharded).
+
 These are lower bounds: activations, the logits, temporary buffers and the allocator's fragmentation come
 on top, so a run refused here could not have fit, while one let through can still run out of memory in a
 step (and then stops with ``errors.out_of_memory``'s message).
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from simpo_exp.engine import fsdp2
 from simpo_exp.errors import OutOfMemoryError
 from simpo_exp.flops import full_numel
 
@@ -45,6 +49,7 @@ class Engine:
     offload_optimizer: bool = False
     offload_params: bool = False
     half_precision: bool = True  # DeepSpeed: bf16/fp16 weights with a float32 master copy (else all float32)
+    fsdp_version: int = 2
 
     @classmethod
     def of(cls, accelerator) -> "Engine":
@@ -63,7 +68,8 @@ class Engine:
             return cls("deepspeed", n, stage, offloaded("offload_optimizer"), offloaded("offload_param"), half)
         if kind == "FSDP":
             offload = fsdp_offloads(state.fsdp_plugin)
-            return cls("fsdp", n, offload_optimizer=offload, offload_params=offload)
+            version = 2 if fsdp2(accelerator) else 1
+            return cls("fsdp", n, offload_optimizer=offload, offload_params=offload, fsdp_version=version)
         return cls("single", n)
 
 
@@ -76,9 +82,10 @@ def fsdp_offloads(plugin) -> bool:
     return type(offload).__name__ == "CPUOffloadPolicy"
 
 
-def state_bytes(model: torch.nn.Module, engine: Engine) -> dict[str, int]:
+def state_bytes(model: torch.nn.Module, engine: Engine, live_reference: bool = False) -> dict[str, int]:
     """Bytes per device of the weights, gradients and optimizer state (master copy and moments) of ``model``
-    trained under ``engine``; ``total`` is their sum."""
+    trained under ``engine``, and with ``live_reference`` its frozen copy's (``reference``); ``total`` is their
+    sum."""
     loaded = sum(full_numel(p) * p.element_size() for p in model.parameters())
     params = sum(full_numel(p) for p in model.parameters())
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -96,7 +103,10 @@ def state_bytes(model: torch.nn.Module, engine: Engine) -> dict[str, int]:
         if engine.kind == "fsdp":
             shard = 0 if engine.offload_params else n
             weights, grads, optimizer = (x // shard if shard else 0 for x in (weights, grads, optimizer))
-    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "total": weights + grads + optimizer}
+    need = {"weights": weights, "gradients": grads, "optimizer": optimizer}
+    if live_reference:
+        need["reference"] = loaded // n if engine.kind == "fsdp" and engine.fsdp_version >= 2 else loaded
+    return need | {"total": sum(need.values())}
 
 
 def gib(n: float) -> str:
@@ -104,28 +114,33 @@ def gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
-def sharded_fit(model: torch.nn.Module, capacity: int, most: int = 64) -> int | None:
-    """The fewest processes over which FSDP's full sharding brings the state under ``capacity``."""
+def sharded_fit(model: torch.nn.Module, capacity: int, most: int = 64, live_reference: bool = False) -> int | None:
+    """The fewest processes over which FSDP2's full sharding brings the state under ``capacity``."""
     for n in range(2, most + 1):
-        if state_bytes(model, Engine("fsdp", n))["total"] <= capacity:
+        if state_bytes(model, Engine("fsdp", n), live_reference)["total"] <= capacity:
             return n
     return None
 
 
-def check_fits(model: torch.nn.Module, engine: Engine, capacity: int, what: str) -> dict[str, int]:
-    """Raise ``OutOfMemoryError`` when the trained state alone exceeds ``capacity`` bytes (one device's memory);
-    ``what`` names the run's hardware preset and device for the message. Returns ``state_bytes``."""
-    need = state_bytes(model, engine)
+def check_fits(
+    model: torch.nn.Module, engine: Engine, capacity: int, what: str, live_reference: bool = False
+) -> dict[str, int]:
+    """Raise ``OutOfMemoryError`` when the trained state alone (with a live reference's copy) exceeds ``capacity``
+    bytes (one device's memory); ``what`` names the run's hardware preset and device for the message. Returns
+    ``state_bytes``."""
+    need = state_bytes(model, engine, live_reference)
     if need["total"] <= capacity:
         return need
     params = sum(full_numel(p) for p in model.parameters()) / 1e9
     parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items() if k != "total")
     options = []
+    if live_reference:
+        options.append("reference_mode=cached (the reference log-probs computed once, no copy of the model kept)")
     if engine.kind == "single" and all(p.requires_grad for p in model.parameters()):  # a full fine-tune
         options.append("hardware=gpu-lora (LoRA: the base stays frozen in model.dtype, only adapters train)")
     if not engine.offload_optimizer:
         options.append("hardware=zero3-offload (the optimizer state and weights in CPU RAM)")
-    shards = sharded_fit(model, int(0.8 * capacity))
+    shards = sharded_fit(model, int(0.8 * capacity), live_reference=live_reference)
     if shards and engine.processes < shards:
         options.append(
             f"hardware=fsdp or zero3 over at least {shards} such GPUs (accelerate launch --config_file "
@@ -133,22 +148,23 @@ def check_fits(model: torch.nn.Module, engine: Engine, capacity: int, what: str)
         )
     raise OutOfMemoryError(
         f"the {params:.2f}B-parameter model cannot be trained under {what}: its weights, gradients and optimizer "
-        f"state alone take {gib(need['total'])} per device ({parts}), before any activation, and the device has "
+        f"state{' and live reference' if live_reference else ''} alone take"
+        f" {gib(need['total'])} per device ({parts}), before any activation, and the device has "
         f"{gib(capacity)}. A smaller batch or shorter sequences cannot help. Options: {'; '.join(options)}. "
         "hardware.check_memory=false skips this check."
     )
 
 
-def check_device_memory(model: torch.nn.Module, accelerator, hardware) -> dict[str, int]:
+def check_device_memory(model: torch.nn.Module, accelerator, hardware, live_reference: bool = False) -> dict[str, int]:
     """The trained state's ``state_bytes`` (logged), checked with ``check_fits`` against the run's CUDA device
     (not on other devices, nor with ``hardware.check_memory=false``); the model as it will train (weights
-    upcast, LoRA applied), before ``accelerator.prepare``."""
+    upcast, LoRA applied), before ``accelerator.prepare``; ``live_reference``: the run keeps a frozen copy."""
     device, engine = accelerator.device, Engine.of(accelerator)
     capacity = device_capacity(device)
     if capacity is None or not hardware.check_memory:
-        need = state_bytes(model, engine)
+        need = state_bytes(model, engine, live_reference)
     else:
-        need = check_fits(model, engine, capacity, f"hardware={hardware.name} on {device}")
+        need = check_fits(model, engine, capacity, f"hardware={hardware.name} on {device}", live_reference)
     log.info("trained state per device: %s", ", ".join(f"{k} {gib(v)}" for k, v in need.items()))
     return need
 

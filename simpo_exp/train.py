@@ -35,6 +35,7 @@ from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.engine import (
     SHARDED_ENGINES,
     engine_checkpoints,
+    fsdp2,
     make_accelerator,
     on_every,
     on_main,
@@ -129,7 +130,9 @@ def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout:
                 "reference_mode=live keeps a frozen copy of the model beside the policy, which DeepSpeed ZeRO-3's "
                 "partitioned weights cannot run outside the engine; use reference_mode=cached (the default)"
             )
-        reference = live_reference(model, layout).to(accelerator.device)
+        reference = live_reference(model, layout)
+        if not fsdp2(accelerator):  # FSDP2 moves it to the device shard by shard (reference.shard_like_the_policy)
+            reference = reference.to(accelerator.device)
     train_ds, eval_ds = splits["train"], splits["test"]
     train_loader = train_data_loader(cfg, train_ds.select_columns(columns), collates["train"])
     eval_loader = Dealt(
@@ -233,7 +236,8 @@ def set_up(cfg: Config) -> Run:
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg))
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
-    check_device_memory(model, accelerator, cfg.hardware)  # the trained state alone must fit the GPU
+    live = cfg.method in REFERENCE_METHODS and cfg.reference_mode == "live"  # a frozen copy kept beside
+    check_device_memory(model, accelerator, cfg.hardware, live)  # the trained state alone must fit the GPU
     if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own fp32 master copy
         warn_if_updates_vanish(model, lr)
     layout, layout_choice = layout_for_run(
@@ -257,8 +261,7 @@ def set_up(cfg: Config) -> Run:
     )
     compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
-    fsdp2 = accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 2
-    if reference is not None and not isinstance(reference, CachedReference) and fsdp2:
+    if reference is not None and not isinstance(reference, CachedReference) and fsdp2(accelerator):
         shard_like_the_policy(reference, accelerator)  # a live reference: 1/N of it per process, not a copy
     steps = total_steps(cfg, len(train_loader), accum)
     scheduler = get_scheduler(

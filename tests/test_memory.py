@@ -38,6 +38,22 @@ def test_full_fine_tuning_takes_sixteen_bytes_per_float32_parameter_and_shards_b
     }
 
 
+def test_a_live_reference_adds_a_frozen_copy_sharded_only_by_fsdp2():
+    model = make_model()
+    p = sum(x.numel() for x in model.parameters())
+    alone = state_bytes(model, Engine(), live_reference=True)
+    assert (alone["reference"], alone["total"]) == (4 * p, 20 * p)  # 16 bytes of trained state + a float32 copy
+    assert state_bytes(model, Engine("fsdp", 4), live_reference=True)["reference"] == 4 * p // 4
+    assert state_bytes(model, Engine("fsdp", 4, fsdp_version=1), live_reference=True)["reference"] == 4 * p
+    assert "reference" not in state_bytes(model, Engine())  # reference_mode=cached keeps no copy
+    fits = state_bytes(model, Engine())["total"]  # the trained state fits; with the copy it does not
+    assert check_fits(model, Engine(), fits, "hardware=gpu on cuda:0")["total"] == fits
+    with pytest.raises(OutOfMemoryError) as err:
+        check_fits(model, Engine(), fits, "hardware=gpu on cuda:0", live_reference=True)
+    assert "optimizer state and live reference alone take" in str(err.value)
+    assert "reference_mode=cached" in str(err.value)
+
+
 def test_a_frozen_bf16_base_counts_its_weights_only():
     model = make_model().to(torch.bfloat16)
     params = list(model.parameters())
@@ -113,11 +129,15 @@ def test_the_engine_is_read_from_the_launchers_configs():
     assert deepspeed("ds_zero3.json") == Engine("deepspeed", 8, 3)
     assert deepspeed("ds_zero3.json", "no") == Engine("deepspeed", 8, 3, half_precision=False)
     assert deepspeed("ds_zero3_offload.json") == Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True)
-    for offload, offloads in [(CPUOffload(False), False), (CPUOffload(True), True), (OffloadPolicy(), False)]:
-        fsdp = SimpleNamespace(cpu_offload=offload)  # FSDP1's CPUOffload, FSDP2's OffloadPolicy
+    for offload, offloads, version in [
+        (CPUOffload(False), False, 1),
+        (CPUOffload(True), True, 1),
+        (OffloadPolicy(), False, 2),
+    ]:
+        fsdp = SimpleNamespace(cpu_offload=offload, fsdp_version=version)  # FSDP1's CPUOffload, FSDP2's OffloadPolicy
         assert Engine.of(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp)) == Engine(
-            "fsdp", 8, 0, offloads, offloads
+            "fsdp", 8, 0, offloads, offloads, fsdp_version=version
         )
-    fsdp = SimpleNamespace(cpu_offload=CPUOffloadPolicy())
+    fsdp = SimpleNamespace(cpu_offload=CPUOffloadPolicy(), fsdp_version=2)
     assert Engine.of(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp)).offload_params
     assert Engine.of(accelerator(DistributedType.MULTI_GPU)) == Engine("single", 8)
