@@ -236,8 +236,8 @@ def set_up(cfg: Config) -> Run:
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg))
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
-    live = cfg.method in REFERENCE_METHODS and cfg.reference_mode == "live"  # a frozen copy kept beside
-    check_device_memory(model, accelerator, cfg.hardware, live)  # the trained state alone must fit the GPU
+    live = cfg.method in REFERENCE_METHODS and cfg.reference_mode == "live"  # a frozen copy of the model as well
+    check_device_memory(model, accelerator, cfg.hardware, live)  # the trained state (and copy) alone must fit
     if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own fp32 master copy
         warn_if_updates_vanish(model, lr)
     layout, layout_choice = layout_for_run(
