@@ -24,9 +24,17 @@ def main(cfg: DictConfig) -> float:
         from simpo_exp.train import train
 
         accuracy = train(config)["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
-        release_process_group()  # the run's objects are gone by now
+        release_process_group(more_jobs=in_multirun())  # the run's objects are gone by now
         return accuracy
     return float("nan")  # a sweep job that failed on bad input (see its error.json); sweepers skip NaN
+
+
+def in_multirun() -> bool:
+    """Whether this job is one of a ``--multirun``'s (whose later jobs may run in this same process)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":

@@ -23,6 +23,54 @@ def fsdp2(accelerator) -> bool:
     return int(getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1) == 2
 
 
+# Settings that may differ between the processes of one run: each process's own Hydra directory (the run uses the
+# main one's) and the W&B names made from it (only the main process logs).
+PER_PROCESS_SETTINGS = ("output_dir", "logger")
+
+
+def flat_settings(tree, prefix: str = "") -> dict:
+    """A nested config as {dotted key: value}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out |= flat_settings(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def config_differences(configs: list[dict]) -> list[str]:
+    """The dotted keys whose values differ between the processes' flattened configs (``flat_settings``), the
+    per-process ones left out, each with every process's value: ``"beta: process 0 2.0, process 1 5.0"``."""
+    keys = sorted(set().union(*configs))
+    differ = []
+    for key in keys:
+        if key.split(".")[0] in PER_PROCESS_SETTINGS:
+            continue
+        values = [c.get(key) for c in configs]
+        if any(v != values[0] for v in values[1:]):
+            differ.append(f"{key}: " + ", ".join(f"process {i} {v!r}" for i, v in enumerate(values)))
+    return differ
+
+
+def check_same_config(cfg: Config, accelerator) -> None:
+    """Every process of a run must train with one config. A sweeper that draws values on each process (Optuna
+    without a sampler seed), or an override given to one process only, would otherwise train one model on a mix
+    of them, with no error. Raises ``ConfigError`` on every process, naming the settings that differ."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+    from omegaconf import OmegaConf
+
+    mine = flat_settings(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    differ = config_differences(gather_object([mine]))
+    if differ:
+        raise ConfigError(
+            f"the {accelerator.num_processes} processes of this run were given different settings: "
+            f"{'; '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}. Give every process the same command line "
+            "(a Hydra sweeper under a multi-process launch must draw the same values on each: seed its sampler)"
+        )
+
+
 def engine_checkpoints(cfg: Config, accelerator) -> bool:
     """Whether checkpoints go through accelerator.save_state (see simpo_exp/checkpoint.py)."""
     sharded = accelerator.distributed_type in SHARDED_ENGINES
@@ -104,12 +152,17 @@ def on_every(accelerator, fn, doing: str) -> list:
     return gather_object([together(accelerator, fn, doing)])
 
 
-def release_process_group() -> None:
+def release_process_group(more_jobs: bool = False) -> None:
     """After a run that every process finished: free what still holds the process group (the DDP wrapper and
     its reducer, once the run's objects are gone), then tear the group down together. Left to the
     interpreter's exit, gloo's worker threads can abort a process whose run has succeeded (SIGABRT,
     "terminate called without an active exception"; pytorch/pytorch#190489). Freeing the group while the
-    DDP reducer still holds it is worse: the reducer's later release can wait forever on a peer that left."""
+    DDP reducer still holds it is worse: the reducer's later release can wait forever on a peer that left.
+
+    ``more_jobs``: a Hydra multirun whose later jobs run in these same processes (``torchrun`` or ``accelerate
+    launch`` with ``--multirun``, the jobs one after another): they reuse the group, which accelerate set up
+    once for the processes; it is destroyed at exit instead, after the last job's barrier."""
+    import atexit
     import gc
 
     # a one-process group (DeepSpeed without a launcher) stays: a multirun's next job in this process reuses it
@@ -119,7 +172,16 @@ def release_process_group() -> None:
         return
     gc.collect()
     torch.distributed.barrier()
+    if more_jobs:
+        atexit.unregister(_destroy_at_exit)  # once, however many jobs
+        atexit.register(_destroy_at_exit)
+        return
     torch.distributed.destroy_process_group()
+
+
+def _destroy_at_exit() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def accumulation_steps(cfg: Config, num_processes: int) -> int:

@@ -34,6 +34,7 @@ from simpo_exp.data.dealt import Dealt
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.engine import (
     SHARDED_ENGINES,
+    check_same_config,
     engine_checkpoints,
     fsdp2,
     make_accelerator,
@@ -227,6 +228,7 @@ def set_up(cfg: Config) -> Run:
     accelerator, accum = make_accelerator(cfg)
     if accelerator.num_processes > 1:  # each rank resolved its own Hydra directory: use the main one's
         run_dir = Path(on_main(accelerator, lambda: str(run_dir)))
+    check_same_config(cfg, accelerator)  # one config on every process
     set_seed(cfg.seed)
     lr, lr_source = resolve_learning_rate(cfg)
     log.info("learning rate %.3g (from %s)", lr, lr_source)

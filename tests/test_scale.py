@@ -297,6 +297,29 @@ def test_a_live_reference_under_fsdp_is_sharded_like_the_policy(tmp_path, one_pr
     assert_same_summary(one_dir, run_dir)
 
 
+# Loaded by every Python process of the run below: the second process is given one more override than the first.
+ANOTHER_BETA_ON_RANK_1 = """
+import os
+import sys
+
+if os.environ.get("RANK") == "1":
+    sys.argv.append("beta=5")
+"""
+
+
+def test_processes_given_different_settings_are_refused_naming_them(tmp_path):
+    """Two processes of one run given different settings (here an override that reaches one of them; a sweeper
+    drawing values on each would do the same) stop at set-up, every process, with the setting and each
+    process's value named, before any step: they would otherwise train one model on a mix of the two."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(ANOTHER_BETA_ON_RANK_1)
+    args = [*RUN, "max_steps=1", "eval_steps=0", "per_device_train_batch_size=8", f"hydra.run.dir={tmp_path / 'run'}"]
+    res = two_processes(*args, cwd=tmp_path, inject=tmp_path / "inject", timeout=300)
+    assert res.returncode != 0
+    assert "different settings: beta: process 0 2.0, process 1 5.0" in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # Loaded by every Python process of the run below (PYTHONPATH): the main process takes two minutes to write the
 # model (as on a slow disk) while the other waits for it at a collective.
 SLOW_MODEL_WRITE_ON_RANK_0 = """

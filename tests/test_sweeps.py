@@ -44,3 +44,26 @@ def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
     accs = [json.loads((j / "summary.json").read_text())["eval/rewards/accuracies"] for j in jobs]
     assert best["best_value"] == max(accs)
     assert "Best parameters" in res.stdout + res.stderr
+
+
+def test_a_multirun_under_torchrun_runs_its_jobs_in_turn_on_the_same_processes(tmp_path):
+    """``torchrun --nproc_per_node 2 -m simpo_exp --multirun ...`` (or accelerate launch): the jobs run one after
+    another on the same two processes and share their process group, which used to be destroyed after the first
+    job (the second then failed: "Default process group has not been initialized"). Two jobs of one config log
+    the same numbers: nothing of the first job carries into the second. The processes exit cleanly."""
+    from tests.test_run import read_metrics
+    from tests.test_scale import two_processes
+
+    sweep = tmp_path / "sweep"
+    args = ["--multirun", "hardware=cpu", *FAST, "max_steps=2", "dataset.synthetic.num_train=64", "beta=3,3"]
+    res = two_processes(*args, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name[:2] for j in jobs] == ["0_", "1_"]
+    assert all((j / "finished.json").is_file() for j in jobs)
+    first, second = (read_metrics(j) for j in jobs)
+    assert len(first) == len(second) >= 2
+    for a, b in zip(first, second, strict=True):
+        for key, value in a.items():
+            if key.startswith(("train/", "eval/")) and not key.endswith(("_s", "_per_s", "rss_gb", "mfu")):
+                assert b[key] == value, (a["step"], key)
