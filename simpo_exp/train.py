@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class Run:
 def check_writable(run_dir: Path) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # one per process: every process of a run checks the same dir
         probe.write_text("")
         probe.unlink()
     except OSError as e:

@@ -145,6 +145,32 @@ def test_output_dir_not_writable(tmp_path):
     assert res.returncode == 2 and "output_dir=" in res.stderr and "not a writable directory" in res.stderr
 
 
+def test_processes_checking_one_output_dir_at_once_do_not_fail_each_other(tmp_path, monkeypatch):
+    """Every process of a run checks that the run directory is writable, at about the same moment. Here a second
+    process (another pid) makes its whole check while the first has written its probe file and not yet removed
+    it: both pass. With one probe name for all, the second removed the first's file and the first failed with
+    "not a writable directory (No such file or directory)" (seen in CI on two processes)."""
+    import os
+    from pathlib import Path
+
+    from simpo_exp.train import check_writable
+
+    real_write, pids, writes = Path.write_text, iter([111, 222]), []
+    monkeypatch.setattr(os, "getpid", lambda: next(pids))
+
+    def write_then_let_the_other_process_check(self, *args, **kwargs):
+        out = real_write(self, *args, **kwargs)
+        writes.append(self.name)
+        if len(writes) == 1:
+            check_writable(tmp_path)  # the other process, between this one's write and unlink
+        return out
+
+    monkeypatch.setattr(Path, "write_text", write_then_let_the_other_process_check)
+    assert check_writable(tmp_path) == tmp_path
+    assert len(writes) == 2
+    assert not list(tmp_path.iterdir())  # each probe removed by its own process
+
+
 def test_unreachable_wandb_does_not_stop_the_run(tmp_path):
     run = tmp_path / "run"
     res = simpo(
