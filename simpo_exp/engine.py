@@ -28,13 +28,14 @@ def fsdp2(accelerator) -> bool:
 PER_PROCESS_SETTINGS = ("output_dir", "logger")
 
 
-def flat_settings(tree, prefix: str = "") -> dict:
+def flat_settings(tree: dict, prefix: str = "") -> dict:
     """A nested config as {dotted key: value}."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
     out = {}
     for key, value in tree.items():
-        out |= flat_settings(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        if isinstance(value, dict):
+            out |= flat_settings(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
     return out
 
 
@@ -47,7 +48,7 @@ def config_differences(configs: list[dict]) -> list[str]:
         if key.split(".")[0] in PER_PROCESS_SETTINGS:
             continue
         values = [c.get(key) for c in configs]
-        if any(v != values[0] for v in values[1:]):
+        if len({repr(v) for v in values}) > 1:  # repr: a NaN setting equals itself
             differ.append(f"{key}: " + ", ".join(f"process {i} {v!r}" for i, v in enumerate(values)))
     return differ
 
