@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from simpo_exp.config import Config, ConfigError
 from simpo_exp.errors import UserError
@@ -185,6 +185,17 @@ def _destroy_at_exit() -> None:
         torch.distributed.destroy_process_group()
 
 
+def process_group_kwargs(seconds: float) -> InitProcessGroupKwargs:
+    """accelerate's handler for the process group: the backend left to accelerate (nccl or gloo, as without the
+    handler), the timeout ``seconds``. accelerate passes on only the fields that differ from the handler's
+    defaults, whose timeout is NCCL's 600 s: a timeout of exactly 600 was dropped, and gloo then waited its own
+    1800. One microsecond more keeps it."""
+    timeout = timedelta(seconds=seconds)
+    if timeout == InitProcessGroupKwargs().timeout:
+        timeout += timedelta(microseconds=1)
+    return InitProcessGroupKwargs(backend=None, timeout=timeout)
+
+
 def accumulation_steps(cfg: Config, num_processes: int) -> int:
     """Micro-batches per optimizer step: fixed, or derived so that per-device batch x processes x
     accumulation stays at ``hardware.effective_batch_size`` whatever the device count."""
@@ -226,7 +237,7 @@ def make_accelerator(cfg: Config):
     DeepSpeed) come from ``accelerate launch --config_file launchers/...``; a hardware preset may
     name a DeepSpeed config to use without a launcher (one process)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     h = cfg.hardware
     has_cuda = torch.cuda.is_available()
@@ -258,8 +269,7 @@ def make_accelerator(cfg: Config):
         deepspeed_plugin=deepspeed_plugin,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # backend None: accelerate picks it (nccl, gloo) as without the handler; only the timeout is ours
-        kwargs_handlers=[InitProcessGroupKwargs(backend=None, timeout=timedelta(seconds=h.collective_timeout))],
+        kwargs_handlers=[process_group_kwargs(h.collective_timeout)],
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm

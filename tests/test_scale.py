@@ -339,6 +339,18 @@ if os.environ.get("RANK") == "0":
 """
 
 
+def test_every_collective_timeout_reaches_the_process_group():
+    """accelerate hands init_process_group only the handler fields that differ from its defaults, and its default
+    timeout is NCCL's 600 s: hardware.collective_timeout=600 was dropped, so a gloo run waited 1800 s. Each value
+    now reaches it (600 within a microsecond)."""
+    from simpo_exp.engine import process_group_kwargs
+
+    for seconds in (5.0, 600.0, 1800.0):
+        passed = process_group_kwargs(seconds).to_kwargs()
+        assert passed["timeout"].total_seconds() == pytest.approx(seconds, abs=1e-5), seconds
+        assert passed["backend"] is None  # accelerate picks nccl or gloo, as without the handler
+
+
 def test_a_wait_past_the_collective_timeout_stops_the_run(tmp_path):
     """hardware.collective_timeout reaches the process group: with 5 seconds, the process waiting for the main
     one's slow model write gives up after 5 seconds, and the run fails naming the setting (with torch's
