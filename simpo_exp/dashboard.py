@@ -46,7 +46,15 @@ import yaml
 from simpo_exp.inference.results import headline_keys, read_results
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import parse_overrides, select
-from simpo_exp.tracking import EVAL_ONLY_METRICS, SAMPLES_KEY, STEP_KEY, TRAIN_ONLY_METRICS, batch_metrics
+from simpo_exp.tracking import (
+    EVAL_ONLY_METRICS,
+    SAMPLES_KEY,
+    STEP_KEY,
+    TRAIN_ONLY_METRICS,
+    batch_metrics,
+    config_leaves,
+    differing_keys,
+)
 
 # The headline number (the Hydra task's return value) and the W&B summary key that holds it.
 # tracking.Tracker asks W&B for its best and its last value (define_metric(..., summary="max,last"))
@@ -182,17 +190,6 @@ def _load_yaml(path: Path) -> dict:
 _MISSING = object()
 
 
-def _leaves(cfg: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out |= _leaves(v, key + ".")
-        else:
-            out[key] = v
-    return out
-
-
 def config_keys_for(key: str, configs: list[dict], choices: list[dict]) -> list[str]:
     """The W&B config key(s) that hold an override's value.
 
@@ -206,14 +203,7 @@ def config_keys_for(key: str, configs: list[dict], choices: list[dict]) -> list[
     if any(key in c for c in choices):
         if all(select(c, f"{key}.name", _MISSING) is not _MISSING for c in configs):
             return [f"{key}.name"]
-        leaves = [_leaves(c) for c in configs]
-        names = list(dict.fromkeys(k for lv in leaves for k in lv))
-        return [
-            k
-            for k in names
-            if not k.startswith(PER_JOB_CONFIG)
-            and len({json.dumps(lv.get(k), sort_keys=True, default=str) for lv in leaves}) > 1
-        ]
+        return differing_keys([config_leaves(c) for c in configs], skip=PER_JOB_CONFIG)
     return []
 
 

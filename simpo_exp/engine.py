@@ -28,31 +28,6 @@ def fsdp2(accelerator) -> bool:
 PER_PROCESS_SETTINGS = ("output_dir", "logger")
 
 
-def flat_settings(tree: dict, prefix: str = "") -> dict:
-    """A nested config as {dotted key: value}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= flat_settings(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(configs: list[dict]) -> list[str]:
-    """The dotted keys whose values differ between the processes' flattened configs (``flat_settings``), the
-    per-process ones left out, each with every process's value: ``"beta: process 0 2.0, process 1 5.0"``."""
-    keys = sorted(set().union(*configs))
-    differ = []
-    for key in keys:
-        if key.split(".")[0] in PER_PROCESS_SETTINGS:
-            continue
-        values = [c.get(key) for c in configs]
-        if len({repr(v) for v in values}) > 1:  # repr: a NaN setting equals itself
-            differ.append(f"{key}: " + ", ".join(f"process {i} {v!r}" for i, v in enumerate(values)))
-    return differ
-
-
 def check_same_config(cfg: Config, accelerator) -> None:
     """Every process of a run must train with one config. A sweeper that draws values on each process (Optuna
     without a sampler seed), or an override given to one process only, would otherwise train one model on a mix
@@ -60,10 +35,14 @@ def check_same_config(cfg: Config, accelerator) -> None:
     if accelerator.num_processes == 1:
         return
     from accelerate.utils import gather_object
-    from omegaconf import OmegaConf
 
-    mine = flat_settings(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
-    differ = config_differences(gather_object([mine]))
+    from simpo_exp.tracking import config_leaves, config_to_dict, differing_keys
+
+    every = gather_object([config_leaves(config_to_dict(cfg))])
+    differ = [
+        f"{key}: " + ", ".join(f"process {i} {leaves.get(key)!r}" for i, leaves in enumerate(every))
+        for key in differing_keys(every, skip=PER_PROCESS_SETTINGS)
+    ]
     if differ:
         raise ConfigError(
             f"the {accelerator.num_processes} processes of this run were given different settings: "

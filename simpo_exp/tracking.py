@@ -277,6 +277,30 @@ def config_to_dict(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+def config_leaves(cfg: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as {dotted key: value}; an empty group is a value of its own."""
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out |= config_leaves(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def differing_keys(leaves: list[dict], skip: tuple[str, ...] = ()) -> list[str]:
+    """The keys, in first-seen order, whose values differ between configs' ``config_leaves`` (compared as JSON, so
+    a NaN equals itself), less those under ``skip`` (dotted keys or groups)."""
+    keys = dict.fromkeys(k for lv in leaves for k in lv)
+    return [
+        k
+        for k in keys
+        if not any(k == p or k.startswith(p + ".") for p in skip)
+        and len({json.dumps(lv.get(k), sort_keys=True, default=str) for lv in leaves}) > 1
+    ]
+
+
 def final_table(summary: dict, keys: list[str]) -> str:
     width = max(len(k) for k in keys)
     rows = []
