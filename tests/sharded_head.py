@@ -21,6 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from simpo_exp.data.collate import PairCollator
 from simpo_exp.logps import ResponseLogps
 from tests.test_perf_paths import make_model, random_pairs
+from tests.test_perf_paths import step_loss as training_step_loss
 
 PAD, VOCAB, CHUNK = 0, 96, 8
 PAIRS = random_pairs(6, vocab=VOCAB, seed=7)  # pairs 0-2 for process 0, 3-5 for process 1
@@ -42,12 +43,10 @@ def policy_for(head: str) -> ResponseLogps:
 
 
 def step_loss(policy: ResponseLogps, batch: dict) -> torch.Tensor:
-    """The fused head's loss, or (chunked) one whose gradient reaches every response token's log-prob."""
-    out = policy(**batch)
+    """The fused head's loss, or (chunked) the SimPO + NLL step loss of tests/test_perf_paths.py."""
     if policy.fused is not None:
-        return out.loss
-    n = out.num_tokens.shape[0] // 2
-    return -torch.nn.functional.logsigmoid(2.0 * (out.mean_logps[:n] - out.mean_logps[n:])).mean()
+        return policy(**batch).loss
+    return training_step_loss(policy, batch)[0]
 
 
 def shard_as_accelerate_does(policy: ResponseLogps) -> None:
