@@ -136,8 +136,8 @@ class HardwareConfig:
     deepspeed_config: Optional[str] = None
     # How a batch of pairs is laid out (simpo_exp/data/collate.py, simpo_exp/logps.py):
     # none (padded, chosen and rejected rows), packed (no padding), prefix_shared (the prompt
-    # encoded once per pair), or auto: prefix_shared on CPU, where it was measured fastest, none on GPU;
-    # or, where measure_layouts asks, the fastest of the candidates timed on the run's first batch.
+    # encoded once per pair), or auto: where measure_layouts asks, the fastest of the candidates timed on
+    # the run's first batch; else the fastest measured here: prefix_shared on CPU, packed with flex on GPU.
     packing: str = "auto"
     # packing=auto by measurement (simpo_exp/layout_auto.py): null = on CUDA devices, true = on any device,
     # false = never (the fixed rule above). A resumed run keeps the layout its first start recorded.

@@ -47,19 +47,40 @@ class BatchLayout:
         return asdict(self)
 
 
-def choose_layout(hardware, device_type: str, model_config) -> BatchLayout:
+def choose_layout(hardware, device_type: str, model_config, max_length: int | None = None) -> BatchLayout:
     """The run's layout from ``hardware.packing`` / ``packing_attention`` / ``logps_chunk_size``, by a fixed
     rule (``simpo_exp.layout_auto`` measures the candidates instead where ``hardware.measure_layouts`` asks,
-    by default on GPUs). ``packing=auto`` here: prefix sharing on CPU, where it was measured fastest
-    (benchmarks/RESULTS.md); the padded layout on GPU, under a fused head (``hardware.fused_head``), and for
-    models whose attention softcaps its logits (Gemma 2), which segment attention does not implement."""
-    packing = hardware.packing
+    by default on one GPU). ``packing=auto`` here picks what measured fastest (benchmarks/RESULTS.md):
+    prefix sharing with ``hardware.packing_attention`` on CPU; packed with FlexAttention on CUDA (2.03x TRL's
+    pairs/s and 1.68x the padded layout's on an H200), whatever ``packing_attention`` says, as the measured
+    candidates do (padded where torch predates FlexAttention). The padded layout under a fused head (``hardware.fused_head``), for a sliding window shorter
+    than ``max_length`` (no packed attention here implements one), and on CPU for models whose attention
+    softcaps its logits (Gemma 2), which segment attention does not implement (FlexAttention does)."""
+    packing, attention = hardware.packing, hardware.packing_attention
     if packing == "auto":
-        softcap = getattr(model_config, "attn_logit_softcapping", None)
         fused = getattr(hardware, "fused_head", "none") != "none"  # the fused head runs on the padded layout only
-        packing = "prefix_shared" if device_type == "cpu" and not softcap and not fused else "none"
-    check_attention(packing, hardware.packing_attention, device_type)
-    return BatchLayout(packing, hardware.packing_attention, hardware.logps_chunk_size)
+        if fused or short_window(model_config, max_length):
+            packing = "none"
+        elif device_type == "cuda":
+            packing, attention = ("packed", "flex") if flex_available() else ("none", attention)
+        else:
+            packing = "none" if getattr(model_config, "attn_logit_softcapping", None) else "prefix_shared"
+    check_attention(packing, attention, device_type)
+    return BatchLayout(packing, attention, hardware.logps_chunk_size)
+
+
+def flex_available() -> bool:
+    """FlexAttention is in torch from 2.5 on (the project allows 2.4)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def short_window(model_config, max_length: int | None) -> bool:
+    """Whether the model attends through a sliding window that a sequence of ``max_length`` tokens (any
+    length, when unknown) can outgrow: the packed attentions here do not implement one."""
+    window = getattr(model_config, "sliding_window", None)
+    return bool(window) and getattr(model_config, "use_sliding_window", True) and (max_length is None or window < max_length)
 
 
 def check_attention(packing: str, attention: str, device_type: str) -> None:

@@ -10,7 +10,7 @@ around each; no optimizer step, the gradients dropped afterwards), and the run k
                 (not for models that softcap their attention logits, which segment attention lacks).
     failures    a candidate that runs out of memory or that the model cannot run (its attention does not
                 take the project's hook, a sliding window shorter than the batch) is skipped, its reason
-                recorded; if every candidate fails the fixed rule of ``choose_layout`` decides.
+                recorded; if every candidate fails, the padded layout (which the model runs itself).
     record      ``env.json`` ``layout_choice``: how the layout was chosen, each candidate's seconds per
                 pass and first-batch loss (the mean response-token negative log-likelihood, the same in
                 every layout up to rounding), the measured batch's size.
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from simpo_exp.data import MODEL_COLUMNS
-from simpo_exp.layout import BatchLayout, check_attention, choose_layout
+from simpo_exp.layout import BatchLayout, check_attention, choose_layout, short_window
 from simpo_exp.rundir import read_json
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ def measuring(hardware, device_type: str) -> bool:
 def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: int | None = None) -> list:
     """The layouts worth timing on this device for this model, the padded one first."""
     out = [BatchLayout("none", "segments", chunk_size)]
-    window = getattr(model_config, "sliding_window", None)
-    if window and getattr(model_config, "use_sliding_window", True) and (max_length is None or window < max_length):
+    if short_window(model_config, max_length):
         return out  # neither segments, flex nor flash implement a sliding window here
     if device_type == "cuda":
         out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
@@ -154,8 +153,9 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
     from simpo_exp.engine import SHARDED_ENGINES, on_main
 
     hw, device_type = cfg.hardware, accelerator.device.type
+    fixed = lambda: choose_layout(hw, device_type, model.config, cfg.max_length)  # noqa: E731
     if hw.packing != "auto":
-        return choose_layout(hw, device_type, model.config), {"rule": "configured"}
+        return fixed(), {"rule": "configured"}
     if cfg.resume:
         earlier = on_main(accelerator, lambda: recorded_layout(run_dir))
         layout = earlier and keep_recorded(earlier["batch_layout"], hw.logps_chunk_size, device_type)
@@ -163,12 +163,13 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
             log.info("packing=auto: resuming with the layout recorded at the first start: %s", layout)
             return layout, {"rule": "recorded at the first start", "first_start": earlier["layout_choice"]}
     if getattr(hw, "fused_head", "none") != "none":  # the fused head (simpo_exp/fused.py): padded batches only
-        return choose_layout(hw, device_type, model.config), {"rule": "fixed", "why": "fused head"}
+        return fixed(), {"rule": "fixed", "why": "fused head"}
     if not measuring(hw, device_type):
-        return choose_layout(hw, device_type, model.config), {"rule": "fixed"}
+        return fixed(), {"rule": "fixed"}
     if accelerator.distributed_type in SHARDED_ENGINES:
-        log.info("packing=auto: not measured under %s; fixed rule", accelerator.distributed_type.value)
-        return choose_layout(hw, device_type, model.config), {"rule": "fixed", "why": "sharded engine"}
+        layout = fixed()
+        log.info("packing=auto: not measured under %s; fixed rule: %s", accelerator.distributed_type.value, layout)
+        return layout, {"rule": "fixed", "why": "sharded engine"}
 
     def run():
         pairs = first_pairs()
@@ -177,11 +178,9 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
         return rows, size
 
     rows, size = on_main(accelerator, run)
-    best = fastest(rows)
-    layout = (
-        BatchLayout(best["packing"], best["attention"], hw.logps_chunk_size)
-        if best
-        else choose_layout(hw, device_type, model.config)
+    best = fastest(rows)  # None when every candidate failed: then the padded layout, which the model runs itself
+    layout = BatchLayout(best["packing"], best["attention"], hw.logps_chunk_size) if best else BatchLayout(
+        "none", "segments", hw.logps_chunk_size
     )
     log.info("packing=auto measured on %s (%d pairs); chose %s\n%s", device_type, size["pairs"], layout, table(rows))
     return layout, {"rule": "measured", "device": device_type, "batch": size, "candidates": rows}

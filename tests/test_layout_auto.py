@@ -191,6 +191,24 @@ def test_a_fused_head_keeps_auto_on_the_padded_layout(compose, tmp_path):
     assert layout.packing == "none" and choice == {"rule": "fixed", "why": "fused head"}
 
 
+def test_a_measurement_where_every_candidate_fails_keeps_the_padded_layout(compose, tmp_path, monkeypatch):
+    """Not the fixed rule, whose CUDA choice (packed FlexAttention) may be the very candidate that failed."""
+    from accelerate.utils import DistributedType
+
+    cfg = to_config(compose("hardware.measure_layouts=true", "resume=false", "hardware.logps_chunk_size=64"))
+    accelerator = SimpleNamespace(
+        device=CPU, num_processes=1, distributed_type=DistributedType.NO, autocast=contextlib.nullcontext
+    )
+
+    def out_of_memory(model, layout, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(layout_auto, "time_layout", out_of_memory)
+    layout, choice = layout_auto.layout_for_run(cfg, accelerator, make_model(), tmp_path, lambda: random_pairs(3), PAD)
+    assert layout == BatchLayout("none", "segments", 64) and choice["rule"] == "measured"
+    assert [r["error"] for r in choice["candidates"]] == ["out of memory"] * 3
+
+
 # ----------------------------------------------------------------------------- through the training loop
 RUN = [
     "max_steps=2",

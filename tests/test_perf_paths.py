@@ -193,10 +193,13 @@ def test_mismatched_collator_and_module_fail_clearly():
         PairCollator(PAD, packing="zip")
 
 
-def test_auto_layout_keeps_softcapped_models_padded(compose):
-    """Segment attention refuses Gemma 2's attention softcapping, so packing=auto must not pick it."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+def test_auto_layout_follows_the_measured_rule_per_device(compose, monkeypatch):
+    """packing=auto without a measurement: prefix sharing on CPU, packed FlexAttention on CUDA (fastest on an
+    H200, benchmarks/RESULTS.md); padded where the packed attentions cannot serve the model: Gemma 2's
+    softcapping on CPU (segment attention lacks it), a sliding window shorter than max_length, a fused head."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig
 
+    from simpo_exp import layout
     from simpo_exp.config import ConfigError, to_config
     from simpo_exp.layout import BatchLayout, choose_layout
 
@@ -211,10 +214,20 @@ def test_auto_layout_keeps_softcapped_models_padded(compose):
         head_dim=16,
     )
     gemma = Gemma2ForCausalLM(Gemma2Config(**small))
-    assert gemma.config.attn_logit_softcapping
-    assert choose_layout(cfg.hardware, "cpu", gemma.config).packing == "none"
+    assert gemma.config.attn_logit_softcapping and gemma.config.sliding_window == 4096
+    assert choose_layout(cfg.hardware, "cpu", gemma.config, 2048).packing == "none"
+    assert choose_layout(cfg.hardware, "cuda", gemma.config, 2048) == BatchLayout("packed", "flex", 0)  # flex softcaps
+    assert choose_layout(cfg.hardware, "cuda", gemma.config, 8192).packing == "none"  # a window of 4096 < 8192
     llama = LlamaForCausalLM(LlamaConfig(**small)).config
     assert choose_layout(cfg.hardware, "cpu", llama) == BatchLayout("prefix_shared", "segments", 0)
+    assert choose_layout(cfg.hardware, "cuda", llama) == BatchLayout("packed", "flex", 0)
+    mistral = MistralConfig(**small, sliding_window=1024)
+    for device in ("cpu", "cuda"):
+        assert choose_layout(cfg.hardware, device, mistral, 2048).packing == "none"
+        assert choose_layout(cfg.hardware, device, mistral, 1024).packing != "none"
+    fused = to_config(compose("hardware.fused_head=liger")).hardware
+    assert choose_layout(fused, "cuda", llama).packing == "none"
+    monkeypatch.setattr(layout, "flex_available", lambda: False)  # torch 2.4
     assert choose_layout(cfg.hardware, "cuda", llama).packing == "none"
     flex = to_config(compose("hardware.packing=prefix_shared", "hardware.packing_attention=flex")).hardware
     assert choose_layout(flex, "cuda", llama) == BatchLayout("prefix_shared", "flex", 0)
