@@ -7,8 +7,8 @@
 
 Both sides train the same randomly initialised Llama (built from a config, same seed, so the same
 weights) on the same generated preference pairs, in the same order, with the same batch size,
-max_length, dtype, gradient checkpointing and optimizer (one ``torch.optim.AdamW``, constant lr,
-clip 1.0). TRL runs its own ``Trainer.train()`` loop; ours runs the loop of ``simpo_exp/train.py``
+max_length, dtype, gradient checkpointing and optimizer (one ``torch.optim.AdamW``, fused on a GPU as
+both projects do by default, constant lr, clip 1.0). TRL runs its own ``Trainer.train()`` loop; ours runs the loop of ``simpo_exp/train.py``
 (``ResponseLogps`` + ``simpo_loss`` as in ``simpo_exp.objective.batch_loss`` -> ``accelerator.backward`` -> clip
 -> step) with each ``--variants`` setting of
 ``ResponseLogps`` / ``PairCollator`` (packing, prefix sharing, chunked head).
@@ -249,6 +249,12 @@ def setup(spec: dict):
     return preset, tok, rows
 
 
+def fused_adamw(preset: dict) -> bool | None:
+    """Both sides step AdamW as they would by default: fused on a GPU (transformers' ``adamw_torch_fused``;
+    ``simpo_exp.engine.adamw_fused``), torch's default elsewhere."""
+    return True if preset["device"] == "cuda" else None
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -357,7 +363,9 @@ def make_trl_trainer(preset: dict, tok, rows: list[dict], model, out_dir: str, c
         seed=0,
         disable_tqdm=True,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=preset["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=fused_adamw(preset)
+    )
     return CPOTrainer(
         model=model,
         args=args,
@@ -480,7 +488,9 @@ def worker_ours(spec: dict) -> dict:
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if preset["bf16"] else "no")
     policy, collate = make_ours(preset, tok, model, spec["variant"])
     loader = DataLoader(pairs, batch_size=preset["batch"], shuffle=False, drop_last=True, collate_fn=collate)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=preset["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=fused_adamw(preset)
+    )
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     policy.train()
     spec_flops = flop_spec(model)

@@ -23,6 +23,16 @@ def fsdp2(accelerator) -> bool:
     return int(getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1) == 2
 
 
+def adamw_fused(accelerator) -> bool | None:
+    """``fused=True`` for torch's AdamW on a GPU: one kernel per step over all parameters, where the default
+    (foreach) makes several passes over the weights, gradients and moments. It is transformers' default
+    optimizer (``adamw_torch_fused``), so TRL and the official SimPO trainer step that way too. FSDP's DTensor
+    weights take it; DeepSpeed steps the optimizer over its own partitions and keeps torch's default (None)."""
+    if accelerator.device.type == "cuda" and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return True
+    return None
+
+
 # Settings that may differ between the processes of one run: each process's own Hydra directory (the run uses the
 # main one's) and the W&B names made from it (only the main process logs).
 PER_PROCESS_SETTINGS = ("output_dir", "logger")

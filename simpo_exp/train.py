@@ -35,6 +35,7 @@ from simpo_exp.data.dealt import Dealt
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.engine import (
     SHARDED_ENGINES,
+    adamw_fused,
     check_same_config,
     engine_checkpoints,
     fsdp2,
@@ -261,6 +262,7 @@ def set_up(cfg: Config) -> Run:
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
+        fused=adamw_fused(accelerator),
     )
     compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
@@ -290,6 +292,7 @@ def set_up(cfg: Config) -> Run:
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
     env = environment_record(cfg, accelerator, model, data_report, layout)
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
+    env["adamw_fused"] = bool(adamw_fused(accelerator))
     tracker = Tracker(
         run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env}, enabled=accelerator.is_main_process
     )

@@ -355,6 +355,23 @@ def test_every_collective_timeout_reaches_the_process_group():
         assert passed["backend"] is None  # accelerate picks nccl or gloo, as without the handler
 
 
+def test_adamw_is_fused_on_a_gpu_except_under_deepspeed():
+    """transformers' default (adamw_torch_fused) on CUDA, under DDP and FSDP too; DeepSpeed steps its own
+    partitions, and a CPU keeps torch's default."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import adamw_fused
+
+    def on(device, engine):
+        return adamw_fused(SimpleNamespace(device=torch.device(device), distributed_type=engine))
+
+    for engine in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.FSDP):
+        assert on("cuda", engine) is True and on("cpu", engine) is None
+    assert on("cuda", DistributedType.DEEPSPEED) is None
+
+
 def test_a_wait_past_the_collective_timeout_stops_the_run(tmp_path):
     """hardware.collective_timeout reaches the process group: with 5 seconds, the process waiting for the main
     one's slow model write gives up after 5 seconds, and the run fails naming the setting (with torch's
