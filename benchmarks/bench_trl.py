@@ -634,6 +634,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="measured steps per run (default: the preset's)")
     ap.add_argument("--warmup", type=int, help="steps dropped at the start of each run (default: the preset's)")
     ap.add_argument("--batch", type=int, help="pairs per step (default: the preset's)")
+    ap.add_argument(
+        "--check-pairs",
+        type=int,
+        help="pairs of the first batch in the loss check (default: the batch). At a batch TRL cannot fit, its "
+        "float32 check would not fit either; the first pairs of the same data check the same computation",
+    )
     ap.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's)")
     ap.add_argument("--no-trl", action="store_true", help="time only our variants (the loss check still runs)")
     ap.add_argument("--json", help="also write the results to this file")
@@ -697,7 +703,8 @@ def main() -> None:
     order = ([] if args.no_trl else ["TRL"]) + variants
     if args.profile:
         return profile_runs(args, base, order)
-    check = run_worker(base | {"impl": "check", "variants": variants})
+    check_overrides = overrides | ({"batch": args.check_pairs} if args.check_pairs else {})
+    check = run_worker(base | {"impl": "check", "variants": variants, "overrides": check_overrides})
     print(f"\nfirst-batch loss (float32, same weights): TRL {check['trl']:.6f}")
     bad = []
     for v, loss in check["ours"].items():
@@ -709,6 +716,7 @@ def main() -> None:
         raise SystemExit(f"loss check failed for {bad} (tolerance {LOSS_TOLERANCE}): not timing a wrong computation")
 
     runs: dict[str, list] = {}
+    failures: dict[str, str] = {}  # run -> why it failed ("out of memory", ...); a run cut off is in neither
     try:
         for r in range(rounds):
             for name in order:
@@ -716,6 +724,7 @@ def main() -> None:
                 res = run_worker(spec, must_succeed=False)
                 if "error" in res:
                     print(f"round {r + 1}: {name:<18} FAILED: {res['error']}", flush=True)
+                    failures.setdefault(name, res["error"])
                     continue
                 runs.setdefault(name, []).append(res)
                 med = statistics.median(measured(res, "times", preset["warmup"]))
@@ -725,7 +734,7 @@ def main() -> None:
                     flush=True,
                 )
     finally:  # a run cut short (a time limit, Ctrl-C) still prints and writes what it measured
-        report(args, preset, check, order, runs, started)
+        report(args, preset, check, order, runs, started, failures)
 
 
 def worker_spec(base: dict, name: str) -> dict:
@@ -753,7 +762,9 @@ def profile_runs(args, base: dict, order: list[str]) -> None:
             Path(args.json).write_text(json.dumps({"machine": machine(args.threads), "profiles": rows}, indent=1))
 
 
-def report(args, preset: dict, check: dict, order: list[str], runs: dict, started: float) -> None:
+def report(
+    args, preset: dict, check: dict, order: list[str], runs: dict, started: float, failures: dict | None = None
+) -> None:
     """The side-by-side table (stdout), and the same as JSON (``--json``) and markdown (``--markdown``)."""
     rows = [summarise(n, runs[n], preset["warmup"], preset["batch"], preset["device"]) for n in order if n in runs]
     missing = [n for n in order if n not in runs]
@@ -778,8 +789,9 @@ def report(args, preset: dict, check: dict, order: list[str], runs: dict, starte
             )
         line += "  " + " ".join(f"{x:.2f}" for x in row["round_pairs_per_s"])
         print(line)
+    failures = failures or {}
     for name in missing:
-        print(f"{name:<18} not measured (failed or not reached)")
+        print(f"{name:<18} not measured ({failures.get(name, 'not reached')})")
     for row in rows:
         if "compile_steps" in row:
             print(f"{row['name']}: {row['compile_steps']} steps compiled, {row['compile_warmup_s']:.1f} s, left out")
@@ -795,16 +807,19 @@ def report(args, preset: dict, check: dict, order: list[str], runs: dict, starte
                     "rows": rows,
                     "runs": runs,
                     "missing": missing,
+                    "failures": failures,
                 },
                 indent=1,
             )
         )
     if args.markdown:
-        Path(args.markdown).write_text(markdown_table(rows, missing, ref, mem_key, machine(args.threads), args.preset))
+        Path(args.markdown).write_text(
+            markdown_table(rows, missing, ref, mem_key, machine(args.threads), args.preset, failures)
+        )
 
 
 def markdown_table(
-    rows: list[dict], missing: list[str], ref: dict | None, mem_key: str, where: str, preset: str
+    rows: list[dict], missing: list[str], ref: dict | None, mem_key: str, where: str, preset: str, failures=None
 ) -> str:
     lines = [
         f"preset `{preset}`; {where}",
@@ -819,7 +834,7 @@ def markdown_table(
             f"{ratio('pairs_per_s')} | {row['resp_tokens_per_s']:.0f} | {row[mem_key]:.0f} | {ratio(mem_key)} | "
             + (f"{row['mfu']:.1%} |" if "mfu" in row else " |")
         )
-    lines += [f"| {name} | failed or not reached | | | | | | |" for name in missing]
+    lines += [f"| {name} | {(failures or {}).get(name, 'not reached')} | | | | | | |" for name in missing]
     return "\n".join(lines) + "\n"
 
 

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, on one H100/H200 in under 8 minutes: install the kit carried in .whl/,
 # run tests/test_gpu.py, then the side-by-side benchmark against TRL 1.16 CPOTrainer(loss_type="simpo")
-# for every layout, at batch 4 and at batch 16, then (time allowing) a profile of where a step's time goes.
-# Figures (JSON, markdown tables, logs) go to $OUT.
+# at batch 16, at a batch TRL cannot fit, and at batch 4 for every layout, then (time allowing) a profile of
+# where a step's time goes. Figures (JSON, markdown tables, logs) go to $OUT.
 #
 #   here:  bash benchmarks/gpu_kit.sh                        # wheels into .whl/ (needs a package registry)
 #   there: bash benchmarks/gpu_check.sh                       # with .whl carried along; OUT=... to choose the folder
+#          PARTS="profile b4" bash benchmarks/gpu_check.sh    # only the named parts (a second, shorter device run)
 #
-# Each part has its own time limit, and the benchmark prints and writes whatever it measured when it is
-# cut short, so a slow part never costs the figures of the others. Then paste $OUT/summary.md into
-# benchmarks/RESULTS.md's GPU section.
+# Parts, in the order they run: tests, b16, big, b4, profile (the profile only with time left of the 460 s,
+# unless PARTS names it). Each part has its own time limit, and the benchmark prints and writes whatever it
+# measured when it is cut short, so a slow part never costs the figures of the others. Then paste
+# $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
 #
 # The device tool brings back at most 8 files from $OUT, so the parts write into a work folder and, after
 # each part, $OUT gets summary.md, the benchmark JSON files and one logs.tar.gz of everything (logs and
-# markdown tables): at most 5 files, and a check cut short still leaves the parts it finished.
+# markdown tables): at most 6 files, and a check cut short still leaves the parts it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
+PARTS=${PARTS:-tests b16 big b4}  # the profile runs after these when time is left, or when named
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 mkdir -p "$OUT"
 started=$(date +%s)
@@ -57,48 +61,62 @@ def version(n):
 print('machine packages: ' + ', '.join(f'{n} {version(n)}' for n in names))
 " 2>&1 | tee -a "$WORK/summary.md"
 
-log "tests/test_gpu.py and the CUDA test of tests/test_liger.py"
-# Each test's result as it ends (so a part cut off still says how far it got); where pytest-timeout is
-# installed (the device image has it), no single test may take more than 100 s; where pytest-xdist is
-# (the device image has it too), 4 tests at a time: most are whole runs of about 40-60 s each on the H200,
-# too many for the part's time one after another (2026-11-30: 8 of 13 in 190 s), and the GPU has room for 4.
-extra=(); python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=100)
-python3 -c "import xdist" 2>/dev/null && extra+=(-n 4)
-timeout 150 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
-    tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_gpu.py > "$WORK/tests.log" 2>&1
-log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
-publish
+if want tests; then
+    log "tests/test_gpu.py and the CUDA test of tests/test_liger.py"
+    # Each test's result as it ends (so a part cut off still says how far it got); where pytest-timeout is
+    # installed (the device image has it), no single test may take more than 100 s; where pytest-xdist is (the
+    # device image has it too), 4 tests at a time: most are whole runs of about 40-60 s each on the H200, too
+    # many for the part's time one after another (2026-11-30: 8 of 13 in 190 s), and the GPU has room for 4.
+    extra=(); python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=100)
+    python3 -c "import xdist" 2>/dev/null && extra+=(-n 4)
+    timeout 130 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
+        tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_gpu.py > "$WORK/tests.log" 2>&1
+    log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
+    publish
+fi
 
 # Each benchmark run is a fresh process (about 10-15 s of imports and set-up on the H200, plus 5-15 s where
-# FlexAttention, Liger or torch.compile build kernels), so each part names the variants it has time for:
-# batch 16 first (the realistic batch of the MFU and memory targets), then batch 4 (every layout).
-log "benchmark, batch 16"
-timeout 110 python3 benchmarks/bench_trl.py --preset gpu --batch 16 --steps 5 \
-    --variants packed-flex,plain+liger,prefix-flex+chunk1024 --json "$WORK/bench-b16.json" --markdown "$WORK/bench-b16.md" \
-    > "$WORK/bench-b16.log" 2>&1
-log "batch 16: exit $?"; cat "$WORK/bench-b16.md" >> "$WORK/summary.md" 2>/dev/null
-publish
-
-log "benchmark, batch 4, every layout"
-timeout 190 python3 benchmarks/bench_trl.py --preset gpu --steps 8 --json "$WORK/bench-b4.json" --markdown "$WORK/bench-b4.md" \
-    > "$WORK/bench-b4.log" 2>&1
-log "batch 4: exit $?"; cat "$WORK/bench-b4.md" >> "$WORK/summary.md" 2>/dev/null
+# FlexAttention, Liger or torch.compile build kernels), so each part names the variants it has time for.
+bench() {  # part name, time limit, then bench_trl.py's arguments
+    local name=$1 limit=$2; shift 2
+    timeout "$limit" python3 benchmarks/bench_trl.py --preset gpu "$@" \
+        --json "$WORK/bench-$name.json" --markdown "$WORK/bench-$name.md" > "$WORK/bench-$name.log" 2>&1
+    log "$name: exit $?"; cat "$WORK/bench-$name.md" >> "$WORK/summary.md" 2>/dev/null
+    publish
+}
+if want b16; then  # the realistic batch of the speed and MFU targets
+    log "benchmark, batch 16"
+    bench b16 110 --batch 16 --steps 5 --variants packed-flex,plain+liger,prefix-flex+chunk1024
+fi
+if want big; then
+    # A batch TRL cannot fit on the H200: at batch 4 and 16 (2026-11-30) TRL's peak grew about 2.9 GiB per
+    # pair above the fixed 18.4 GiB of fp32 weights, gradients and AdamW moments, so 48 pairs need about
+    # 150 GiB; the Liger head grew well under 1 GiB per pair. Its loss check uses the first 4 pairs (TRL's
+    # float32 check of 48 would not fit either).
+    log "benchmark, batch 48 (TRL should run out of memory)"
+    bench big 70 --batch 48 --warmup 1 --steps 2 --check-pairs 4 --variants plain+liger
+fi
+if want b4; then
+    log "benchmark, batch 4, every layout"
+    bench b4 150 --steps 8
+fi
 log "issue 17's targets against these figures (benchmarks/targets.py)"
-python3 benchmarks/targets.py "$WORK/bench-b4.json" "$WORK/bench-b16.json" --markdown "$WORK/targets.md" \
-    > /dev/null 2>&1; cat "$WORK/targets.md" >> "$WORK/summary.md" 2>/dev/null
+python3 benchmarks/targets.py "$WORK"/bench-b4.json "$WORK"/bench-b16.json "$WORK"/bench-big.json \
+    --markdown "$WORK/targets.md" > /dev/null 2>&1; cat "$WORK/targets.md" >> "$WORK/summary.md" 2>/dev/null
 publish
 
-# Where the time goes (only with time to spare: the whole check stays under 8 minutes). TRL, the padded path
-# and the packed FlexAttention layout, 2 steps each under torch.profiler: GPU busy share, kernels,
-# synchronisations, the slowest kernels.
+# Where the time goes: TRL, the padded path and the packed FlexAttention layout at batch 16, 2 steps each
+# under torch.profiler: GPU busy share, kernels, synchronisations, the slowest kernels. Only with time to
+# spare (the whole check stays under 8 minutes), unless PARTS names it.
 left=$(( 460 - $(date +%s) + started ))
-if [ "$left" -ge 60 ]; then
-    log "profile, batch 4 ($left s left)"
-    timeout "$left" python3 benchmarks/bench_trl.py --preset gpu --profile --warmup 2 --steps 2 \
-        --variants plain,packed-flex --json "$WORK/profile-b4.json" --markdown "$WORK/profile-b4.md" \
-        > "$WORK/profile-b4.log" 2>&1
-    log "profile: exit $?"; cat "$WORK/profile-b4.md" >> "$WORK/summary.md" 2>/dev/null
+if want profile || [ "$left" -ge 60 ]; then
+    if want profile && [ "$left" -lt 90 ]; then left=90; fi
+    log "profile, batch 16 ($left s)"
+    timeout "$left" python3 benchmarks/bench_trl.py --preset gpu --batch 16 --profile --warmup 2 --steps 2 \
+        --variants plain,packed-flex --json "$WORK/profile-b16.json" --markdown "$WORK/profile-b16.md" \
+        > "$WORK/profile-b16.log" 2>&1
+    log "profile: exit $?"; cat "$WORK/profile-b16.md" >> "$WORK/summary.md" 2>/dev/null
 else
-    log "profile skipped: $left s left"
+    log "profile skipped: $left s left (PARTS=profile runs it alone)"
 fi
 log "done"

@@ -5,7 +5,7 @@
 For each file (one per batch size): our fastest run against TRL's pairs/s (target >= 2x), the padded
 layout (``plain``, target >= 1.1x), the peak GPU memory of the fastest and of the leanest run against TRL's
 (target <= 0.5x), the fastest run's MFU (target >= 35% at a realistic batch such as 16), and whether TRL
-failed at a batch where one of ours ran. Then which layout ``packing=auto`` would keep on this GPU: the
+ran out of memory at a batch where one of ours ran (a TRL run cut off by a time limit counts for nothing). Then which layout ``packing=auto`` would keep on this GPU: the
 fastest of the plain, prefix-shared and packed runs without extra options (a chunked head, Liger or compile
 are separate switches). Every figure is the benchmark's own; nothing here is measured. ``gpu_check.sh``
 appends the table to its summary.
@@ -62,8 +62,11 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
                     verdict(x <= MEMORY),
                 )
             )
-    elif "TRL" in result.get("missing", []):
-        out.append((f"batch {batch}: runs where TRL does not", f"TRL failed; {best['name']} ran", verdict(True)))
+    elif result.get("failures", {}).get("TRL") == "out of memory":
+        out.append((f"batch {batch}: runs where TRL does not fit", f"TRL out of memory; {best['name']} ran", "met"))
+    elif "TRL" in result.get("missing", []):  # cut off, or failed for another reason: no comparison
+        why = result.get("failures", {}).get("TRL", "not reached")
+        out.append((f"batch {batch}: against TRL", f"TRL not measured ({why})", verdict(None)))
     if "mfu" in best:
         out.append((f"batch {batch}: MFU of the fastest >= {MFU:.0%}", f"{best['name']} {best['mfu']:.1%}",
                     verdict(best["mfu"] >= MFU)))  # fmt: skip

@@ -99,10 +99,17 @@ def test_targets_read_the_benchmark_json():
     assert got["batch 4: peak memory (fastest) <= 0.5x TRL"] == ("prefix-flex 0.45x", "met")
     assert got["batch 4: MFU of the fastest >= 35%"] == ("prefix-flex 30.0%", "missed")
     assert got["batch 4: packing=auto would keep"][0].startswith("prefix_shared (flex)")
-    b16 = {"config": {"batch": 16}, "rows": [row("plain+chunk1024", 30.0, 70000, 0.4)], "missing": ["TRL"]}
+    b16 = {
+        "config": {"batch": 16},
+        "rows": [row("plain+chunk1024", 30.0, 70000, 0.4)],
+        "missing": ["TRL"],
+        "failures": {"TRL": "out of memory"},
+    }
     got = {t: (m, v) for t, m, v in assess(b16)}
-    assert got["batch 16: runs where TRL does not"] == ("TRL failed; plain+chunk1024 ran", "met")
+    assert got["batch 16: runs where TRL does not fit"] == ("TRL out of memory; plain+chunk1024 ran", "met")
     assert got["batch 16: MFU of the fastest >= 35%"] == ("plain+chunk1024 40.0%", "met")
     assert "packing=auto would keep" not in " ".join(got)  # no plain layout run at batch 16
     assert assess({"config": {"batch": 4}, "rows": [row("TRL", 1.0, 1)], "missing": ["plain"]})[0][2] == "n/a"
+    cut_off = {"config": {"batch": 48}, "rows": [row("plain+liger", 5.0, 50000)], "missing": ["TRL"]}  # not a failure
+    assert assess(cut_off)[0] == ("batch 48: against TRL", "TRL not measured (not reached)", "n/a")
     assert markdown([b4, b16]).count("\n") == 2 + len(assess(b4)) + len(assess(b16))
