@@ -8,10 +8,10 @@
 Both sides train the same randomly initialised Llama (built from a config, same seed, so the same
 weights) on the same generated preference pairs, in the same order, with the same batch size,
 max_length, dtype, gradient checkpointing and optimizer (one ``torch.optim.AdamW``, fused on a GPU as
-both projects do by default, constant lr, clip 1.0). TRL runs its own ``Trainer.train()`` loop; ours runs the loop of ``simpo_exp/train.py``
-(``ResponseLogps`` + ``simpo_loss`` as in ``simpo_exp.objective.batch_loss`` -> ``accelerator.backward`` -> clip
--> step) with each ``--variants`` setting of
-``ResponseLogps`` / ``PairCollator`` (packing, prefix sharing, chunked head).
+both projects do by default, constant lr, clip 1.0). TRL runs its own ``Trainer.train()`` loop; ours runs
+the loop of ``simpo_exp/train.py`` (``ResponseLogps`` + ``simpo_loss`` as in
+``simpo_exp.objective.batch_loss`` -> ``accelerator.backward`` -> clip -> step) with each ``--variants``
+setting of ``ResponseLogps`` / ``PairCollator`` (packing, prefix sharing, chunked head).
 
 Before any timing, one process computes the loss of the first batch with TRL and with every variant
 from the same weights (float32, no autocast) and stops unless all agree within 1e-4, after checking

@@ -5,10 +5,10 @@
 For each file (one per batch size): our fastest run against TRL's pairs/s (target >= 2x), the padded
 layout (``plain``, target >= 1.1x), the peak GPU memory of the fastest and of the leanest run against TRL's
 (target <= 0.5x), the fastest run's MFU (target >= 35% at a realistic batch such as 16), and whether TRL
-ran out of memory at a batch where one of ours ran (a TRL run cut off by a time limit counts for nothing). Then which layout ``packing=auto`` would keep on this GPU: the
-fastest of the plain, prefix-shared and packed runs without extra options (a chunked head, Liger or compile
-are separate switches). Every figure is the benchmark's own; nothing here is measured. ``gpu_check.sh``
-appends the table to its summary.
+ran out of memory at a batch where one of ours ran (a TRL run cut off by a time limit counts for nothing).
+Then which layout ``packing=auto`` would keep on this GPU: the fastest of the plain, prefix-shared and
+packed runs without extra options (a chunked head, Liger or compile are separate switches). Every figure
+is the benchmark's own; nothing here is measured. ``gpu_check.sh`` appends the table to its summary.
 """
 
 from __future__ import annotations

@@ -53,9 +53,10 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     by default on one GPU). ``packing=auto`` here picks what measured fastest (benchmarks/RESULTS.md):
     prefix sharing with ``hardware.packing_attention`` on CPU; packed with FlexAttention on CUDA (2.03x TRL's
     pairs/s and 1.68x the padded layout's on an H200), whatever ``packing_attention`` says, as the measured
-    candidates do (padded where torch predates FlexAttention). The padded layout under a fused head (``hardware.fused_head``), for a sliding window shorter
-    than ``max_length`` (no packed attention here implements one), and on CPU for models whose attention
-    softcaps its logits (Gemma 2), which segment attention does not implement (FlexAttention does)."""
+    candidates do (padded where torch predates FlexAttention). The padded layout under a fused head
+    (``hardware.fused_head``), for a sliding window shorter than ``max_length`` (no packed attention here
+    implements one), and on CPU for models whose attention softcaps its logits (Gemma 2), which segment
+    attention does not implement (FlexAttention does)."""
     packing, attention = hardware.packing, hardware.packing_attention
     if packing == "auto":
         fused = getattr(hardware, "fused_head", "none") != "none"  # the fused head runs on the padded layout only
@@ -80,7 +81,9 @@ def short_window(model_config, max_length: int | None) -> bool:
     """Whether the model attends through a sliding window that a sequence of ``max_length`` tokens (any
     length, when unknown) can outgrow: the packed attentions here do not implement one."""
     window = getattr(model_config, "sliding_window", None)
-    return bool(window) and getattr(model_config, "use_sliding_window", True) and (max_length is None or window < max_length)
+    if not window or not getattr(model_config, "use_sliding_window", True):
+        return False
+    return max_length is None or window < max_length
 
 
 def check_attention(packing: str, attention: str, device_type: str) -> None:

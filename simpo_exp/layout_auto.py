@@ -179,8 +179,10 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
 
     rows, size = on_main(accelerator, run)
     best = fastest(rows)  # None when every candidate failed: then the padded layout, which the model runs itself
-    layout = BatchLayout(best["packing"], best["attention"], hw.logps_chunk_size) if best else BatchLayout(
-        "none", "segments", hw.logps_chunk_size
+    layout = (
+        BatchLayout(best["packing"], best["attention"], hw.logps_chunk_size)
+        if best
+        else BatchLayout("none", "segments", hw.logps_chunk_size)
     )
     log.info("packing=auto measured on %s (%d pairs); chose %s\n%s", device_type, size["pairs"], layout, table(rows))
     return layout, {"rule": "measured", "device": device_type, "batch": size, "candidates": rows}
