@@ -115,6 +115,7 @@ def test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory(gpu_run):
     assert measured["rule"] == "measured" and len(measured["candidates"]) >= 3
     assert any(r.get("packing") == env["batch_layout"]["packing"] and "error" not in r for r in measured["candidates"])
     assert summary["train/gpu_max_allocated_gb"] > 0 and torch.isfinite(torch.tensor(summary["train/loss"]))
+    assert env["adamw_fused"] is True
     if any(name in env["device_names"][0] for name in ("H100", "H200", "A100")):
         assert 0 < summary["train/mfu"] < 1
     assert (run / "model" / "model.safetensors").exists()
@@ -158,6 +159,10 @@ def test_zero3_without_a_launcher(tmp_path):
         tmp_path, "hardware=zero3", "hardware.effective_batch_size=null", "gradient_accumulation_steps=2"
     )
     assert env["distributed_type"] == "DEEPSPEED" and env["num_processes"] == 1
+    # packing=auto is not measured under a sharded engine: the fixed rule's GPU layout, packed FlexAttention
+    assert env["layout_choice"] == {"rule": "fixed", "why": "sharded engine"}
+    assert env["batch_layout"]["packing"] == "packed" and env["batch_layout"]["attention"] == "flex"
+    assert env["adamw_fused"] is False  # DeepSpeed steps its own partitions
     assert (run / "checkpoints" / "step-000003" / "engine").is_dir()  # written through accelerator.save_state
     assert (run / "model" / "model.safetensors").exists() and summary["train/global_step"] == 6
     if any(name in env["device_names"][0] for name in ("H100", "H200", "A100")):
