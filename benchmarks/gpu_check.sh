@@ -89,10 +89,9 @@ if want b16; then  # the realistic batch of the speed and MFU targets
     bench b16 110 --batch 16 --steps 5 --variants packed-flex,plain+liger,prefix-flex+chunk1024
 fi
 if want big; then
-    # A batch TRL cannot fit on the H200: at batch 4 and 16 (2026-11-30) TRL's peak grew about 2.9 GiB per
-    # pair above the fixed 18.4 GiB of fp32 weights, gradients and AdamW moments, so 48 pairs need about
-    # 150 GiB; the Liger head grew well under 1 GiB per pair. Its loss check uses the first 4 pairs (TRL's
-    # float32 check of 48 would not fit either).
+    # A batch TRL cannot fit on the H200: between batch 4 and 16 (2026-11-30) TRL's peak grew 2,926 MiB per
+    # pair, so at 48 pairs it would need about 155,000 MiB of the 143,771; ours grew about 313 MiB per pair.
+    # The loss check uses the first 4 pairs (TRL's float32 check of 48 would not fit either).
     log "benchmark, batch 48 (TRL should run out of memory)"
     bench big 70 --batch 48 --warmup 1 --steps 2 --check-pairs 4 --variants plain+liger
 fi
