@@ -470,7 +470,30 @@ def worker_trl(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     pairs = tokenize_like_trl(tok, rows, preset["max_length"])
-    return finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]), profiler=profiler)
+    out = finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]), profiler=profiler)
+    mfu = padded_mfu(preset, tok, model, pairs, out["times"])
+    return out | ({"mfu": mfu} if mfu else {})
+
+
+def padded_mfu(preset: dict, tok, model, pairs: list[dict], times: list[float]) -> list[float] | None:
+    """MFU of each step by the FLOP count of our padded layout (simpo_exp/flops.py) over the same batches, in
+    order: for TRL, whose steps do the same useful work, so that its MFU and ours compare speeds under one
+    convention. None where the device's peak is unknown (CPU)."""
+    import torch
+
+    from simpo_exp.data.collate import PairCollator
+    from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
+
+    peak = peak_flops(torch.device(preset["device"]), "bf16" if preset["bf16"] else "no", None)
+    if not peak:
+        return None
+    spec, collate, size = flop_spec(model), PairCollator(tok.pad_token_id, packing="none"), preset["batch"]
+    out = []
+    for i, seconds in enumerate(times):
+        batch = collate(pairs[i * size : (i + 1) * size])
+        tokens, response = float(batch["attention_mask"].sum()), float(batch["loss_mask"].sum())
+        out.append(spec.step_flops(tokens, response, float(attention_pairs(batch, "none"))) / seconds / peak)
+    return out
 
 
 def worker_ours(spec: dict) -> dict:

@@ -68,7 +68,8 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
         why = result.get("failures", {}).get("TRL", "not reached")
         out.append((f"batch {batch}: against TRL", f"TRL not measured ({why})", verdict(None)))
     if "mfu" in best:
-        out.append((f"batch {batch}: MFU of the fastest >= {MFU:.0%}", f"{best['name']} {best['mfu']:.1%}",
+        theirs = f" (TRL {trl['mfu']:.1%})" if trl and "mfu" in trl else ""
+        out.append((f"batch {batch}: MFU of the fastest >= {MFU:.0%}", f"{best['name']} {best['mfu']:.1%}{theirs}",
                     verdict(best["mfu"] >= MFU)))  # fmt: skip
     layouts = [r for name, r in rows.items() if name in LAYOUTS]
     if layouts:
