@@ -153,7 +153,10 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
     from simpo_exp.engine import SHARDED_ENGINES, on_main
 
     hw, device_type = cfg.hardware, accelerator.device.type
-    fixed = lambda: choose_layout(hw, device_type, model.config, cfg.max_length)  # noqa: E731
+
+    def fixed() -> BatchLayout:
+        return choose_layout(hw, device_type, model.config, cfg.max_length)
+
     if hw.packing != "auto":
         return fixed(), {"rule": "configured"}
     if cfg.resume:
