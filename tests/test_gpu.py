@@ -5,7 +5,10 @@ Skipped where no CUDA device is visible (CI, and the project's own machine). On 
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ import torch
 from simpo_exp import checkpoint
 from simpo_exp.data import PairCollator
 from simpo_exp.logps import ResponseLogps
+from tests.conftest import ROOT
+from tests.runs import free_port
 from tests.test_run import read_metrics, simpo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -168,6 +173,28 @@ def test_zero3_without_a_launcher(tmp_path):
     if any(name in env["device_names"][0] for name in ("H100", "H200", "A100")):
         assert 0 < summary["train/mfu"] < 1  # counted from the full parameter sizes, not the empty local shards
     assert "trained state per device" in (run / "__main__.log").read_text()  # memory.py read DeepSpeed's plan
+
+
+def test_fsdp2_takes_the_fixed_gpu_layout_and_steps_adamw_fused(tmp_path):
+    """FSDP2 through accelerate launch on one GPU (the engine an 8B run uses on 8): packing=auto is not measured
+    under a sharded engine, so the fixed GPU layout, packed rows with FlexAttention, trains through FSDP's DTensor
+    weights, and AdamW steps them fused. (tests/test_scale.py runs FSDP2 on two CPU processes, with neither.)"""
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launchers/fsdp.yaml"]
+    launch += ["--num_processes", "1", "--main_process_port", str(free_port())]
+    args = ["hardware=fsdp", "hardware.effective_batch_size=null", *RUN, f"hydra.run.dir={run}"]
+    res = subprocess.run(
+        [*launch, "-m", "simpo_exp", *args], cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = json.loads((run / "env.json").read_text())
+    assert env["distributed_type"] == "FSDP" and env["adamw_fused"] is True
+    assert env["layout_choice"] == {"rule": "fixed", "why": "sharded engine"}
+    assert (env["batch_layout"]["packing"], env["batch_layout"]["attention"]) == ("packed", "flex")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train/global_step"] == 6 and torch.isfinite(torch.tensor(summary["train/loss"]))
+    assert (run / "model" / "model.safetensors").exists()
 
 
 def test_gpu_lora(tmp_path):
