@@ -65,11 +65,12 @@ if want tests; then
     log "tests/test_gpu.py and the CUDA test of tests/test_liger.py"
     # Each test's result as it ends (so a part cut off still says how far it got); where pytest-timeout is
     # installed (the device image has it), no single test may take more than 100 s; where pytest-xdist is (the
-    # device image has it too), 4 tests at a time: most are whole runs of about 40-60 s each on the H200, too
-    # many for the part's time one after another (2026-11-30: 8 of 13 in 190 s), and the GPU has room for 4.
+    # device image has it too), 6 tests at a time: most are whole runs of about 40-60 s each on the H200, too
+    # many for the part's time one after another (2026-11-30: 8 of 13 in 190 s); the GPU and the 16 cores have
+    # room for 6 of these tiny-model runs.
     extra=(); python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=100)
-    python3 -c "import xdist" 2>/dev/null && extra+=(-n 4)
-    timeout 130 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
+    python3 -c "import xdist" 2>/dev/null && extra+=(-n 6)
+    timeout 140 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
         tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_gpu.py > "$WORK/tests.log" 2>&1
     log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
     publish
@@ -97,7 +98,7 @@ if want big; then
 fi
 if want b4; then
     log "benchmark, batch 4, every layout"
-    bench b4 150 --steps 8
+    bench b4 140 --steps 8
 fi
 log "issue 17's targets against these figures (benchmarks/targets.py)"
 python3 benchmarks/targets.py "$WORK"/bench-b4.json "$WORK"/bench-b16.json "$WORK"/bench-big.json \
