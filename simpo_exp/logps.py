@@ -200,14 +200,41 @@ def segment_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def flex_block_mask(segments: list, packing: str, device: torch.device):
+FLEX_BLOCK = 128  # FlexAttention's tile: the block mask says, per (query tile, key tile), none / some / all visible
+
+
+def flex_block_mask(segments: list, packing: str, device: torch.device, block: int = FLEX_BLOCK):
     """FlexAttention's ``BlockMask`` for a packed row: a key is visible when it is in the query's pair (and,
     under ``packed``, the same sequence), not later in the row, and not a chosen token seen from the rejected
     response (prefix sharing: arXiv 2410.20305). Built once per batch and shared by every layer; the kernel
-    skips the blocks the mask rules out, so the cost follows the visible pairs, not the row's length squared."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    skips the tiles the mask rules out, so the cost follows the visible pairs, not the row's length squared.
 
-    doc, role = [], []  # per token: which sequence group, and 0 prompt / 1 chosen / 2 rejected
+    The tiles are classified from the row's layout (``flex_tiles``), in time and memory that grow with the
+    number of tiles, not of tokens: torch's ``create_block_mask`` evaluates the rule on every (query, key)
+    pair, which for a row of 64k tokens is several boolean tensors of 4G entries. The rule itself
+    (``mask_mod``) is applied only inside the tiles marked partly visible."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    doc, role = row_groups(segments, packing)
+    length = len(doc)
+    doc_d, role_d = doc.to(device), role.to(device)
+
+    def visible(b, h, q, k):
+        return (q >= k) & (doc_d[q] == doc_d[k]) & ~((role_d[q] == 2) & (role_d[k] == 1))
+
+    partial, full = flex_tiles(doc, role, block)
+    try:
+        tables = [tile_table(t) for t in (partial, full)]
+        tables = [x.to(device) for pair in tables for x in pair]
+        return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=visible, seq_lengths=(length, length))
+    except TypeError:  # a torch without from_kv_blocks' seq_lengths (2.5): its own builder, over every pair
+        return create_block_mask(visible, None, None, length, length, device=str(device), BLOCK_SIZE=block)
+
+
+def row_groups(segments: list, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token of a packed row: its sequence group (which tokens may see each other) and its role (0 prompt,
+    1 chosen, 2 rejected; under ``packed`` every token is 0, as each sequence is a group of its own)."""
+    doc, role = [], []
     for i, (p, c, r) in enumerate(segments):
         if packing == "packed":  # prompt chosen | prompt rejected: two sequences
             doc += [2 * i] * (p + c) + [2 * i + 1] * (p + r)
@@ -215,13 +242,49 @@ def flex_block_mask(segments: list, packing: str, device: torch.device):
         else:  # prompt | chosen | rejected: one group, rejected blind to chosen
             doc += [i] * (p + c + r)
             role += [0] * p + [1] * c + [2] * r
-    doc = torch.tensor(doc, device=device)
-    role = torch.tensor(role, device=device)
+    return torch.tensor(doc), torch.tensor(role)
 
-    def visible(b, h, q, k):
-        return (q >= k) & (doc[q] == doc[k]) & ~((role[q] == 2) & (role[k] == 1))
 
-    return create_block_mask(visible, None, None, len(doc), len(doc), device=str(device))
+def flex_tiles(doc: torch.Tensor, role: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partly visible, wholly visible) tiles of the visibility rule, boolean [query tiles, key tiles], exact.
+
+    The row is cut into pieces: stretches of one group and one role, cut again at the tile edges. Between two
+    pieces the rule is decided by their ends alone: some pair is visible when the groups match, the roles are
+    not (rejected, chosen) and the key piece starts no later than the query piece ends; every pair is when,
+    besides, the key piece ends no later than the query piece starts. A tile pair is empty when none of its
+    piece pairs has a visible pair, full when all of them are all visible. The pieces number the tiles plus
+    three per pair, so this costs (tiles + pieces)^2, not length^2. A short last tile is never marked full,
+    as torch's own builder leaves it."""
+    length = len(doc)
+    tiles = -(-length // block)
+    cut = torch.ones(length, dtype=torch.bool)
+    cut[1:] = (doc[1:] != doc[:-1]) | (role[1:] != role[:-1])
+    cut[::block] = True
+    starts = cut.nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], torch.tensor([length])]) - 1
+    group, kind, tile = doc[starts], role[starts], starts // block
+    allowed = (group[:, None] == group[None, :]) & ~((kind[:, None] == 2) & (kind[None, :] == 1))  # [query, key]
+    some = allowed & (starts[None, :] <= ends[:, None])
+    every = allowed & (ends[None, :] <= starts[:, None])
+    cell = (tile[:, None] * tiles + tile[None, :]).flatten()  # each piece pair's tile pair
+
+    def count(x):
+        return torch.zeros(tiles * tiles, dtype=torch.int64).index_add_(0, cell, x.flatten().long()).view(tiles, tiles)
+
+    visible = count(some) > 0
+    full = count(~every) == 0  # every piece pair of the tile pair all visible (pieces cover their tiles)
+    full &= visible
+    if tiles * block != length:
+        full[-1, :] = full[:, -1] = False
+    return visible & ~full, full
+
+
+def tile_table(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [query tiles, key tiles] boolean as FlexAttention's (counts, indices) per query tile: the count of
+    marked key tiles and their indices first, ascending ([1, 1, ...] for batch and heads)."""
+    counts = tiles.sum(1, dtype=torch.int32)
+    order = torch.argsort((~tiles).to(torch.int8), dim=1, stable=True).to(torch.int32)
+    return counts[None, None], order[None, None]
 
 
 def flash_seqlens(segments: list, packing: str, device: torch.device) -> tuple[torch.Tensor, int]:

@@ -291,6 +291,55 @@ def test_flex_block_mask_is_the_prefix_sharing_mask():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
+def test_flex_tiles_are_exactly_the_dense_rules_tiles(packing):
+    """flex_tiles classifies each (query tile, key tile) from the row's pieces, without the length x length mask
+    that torch's create_block_mask evaluates: the same empty / partial / full tiles as the dense rule evaluated
+    on every pair (a short last tile never full, as torch leaves it), for rows cut into tiles of many sizes."""
+    from simpo_exp.logps import flex_tiles, row_groups
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(12):
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        segments = [tuple(int(x) for x in torch.randint(1, 70, (3,), generator=g)) for _ in range(n)]
+        doc, role = row_groups(segments, packing)
+        t = len(doc)
+        q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        dense = (q >= k) & (doc[q] == doc[k]) & ~((role[q] == 2) & (role[k] == 1))
+        for block in (1, 5, 16, 128):
+            tiles = -(-t // block)
+            padded = torch.zeros(tiles * block, tiles * block, dtype=torch.int8)
+            padded[:t, :t] = dense
+            real = torch.zeros_like(padded)
+            real[:t, :t] = 1
+            shown = padded.view(tiles, block, tiles, block).sum((1, 3))
+            size = real.view(tiles, block, tiles, block).sum((1, 3))
+            want_full = shown == size
+            if tiles * block != t:
+                want_full[-1, :] = want_full[:, -1] = False
+            partial, full = flex_tiles(doc, role, block)
+            assert torch.equal(full, want_full), (segments, block)
+            assert torch.equal(partial, (shown > 0) & ~want_full), (segments, block)
+
+
+def test_compiled_flexattention_honours_the_tiles_as_the_dense_rule_does():
+    """The kernel skips the tiles marked empty and applies no rule inside those marked full. torch.compile's
+    FlexAttention does so on CPU too (the eager fallback evaluates the rule on every pair, so it cannot see a wrong
+    tile): with flex_block_mask's tiles over rows of many 128-token tiles, its output equals the eager, dense one."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from simpo_exp.logps import flex_block_mask
+
+    compiled = torch.compile(flex_attention, dynamic=True)
+    g = torch.Generator().manual_seed(7)
+    for packing, segments in [("packed", [(90, 200, 150), (130, 60, 260)]), ("prefix_shared", [(140, 300, 90)] * 3)]:
+        block = flex_block_mask(segments, packing, torch.device("cpu"))
+        t = block.seq_lengths[0]
+        assert block.kv_num_blocks.sum() > 0 and block.full_kv_num_blocks.sum() > 0  # partial and full tiles both
+        q, k, v = (torch.randn(1, 2, t, 16, generator=g) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v, block_mask=block), flex_attention(q, k, v, block_mask=block))
+
+
 def test_flex_attention_applies_gemma_softcapping():
     """Gemma 2 caps its attention logits: the flex path must give the eager padded path's log-probs."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
