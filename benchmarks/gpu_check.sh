@@ -8,8 +8,8 @@
 #   there: bash benchmarks/gpu_check.sh                       # with .whl carried along; OUT=... to choose the folder
 #          PARTS="profile b4" bash benchmarks/gpu_check.sh    # only the named parts (a second, shorter device run)
 #
-# Parts, in the order they run: tests, b16, big, b4, profile (the profile only with time left of the 460 s,
-# unless PARTS names it). Each part has its own time limit, and the benchmark prints and writes whatever it
+# Parts, in the order they run: tests, b16, big, b4, blockmask, profile (blockmask only when PARTS names it;
+# the profile only with time left of the 460 s, unless PARTS names it). Each part has its own time limit, and the benchmark prints and writes whatever it
 # measured when it is cut short, so a slow part never costs the figures of the others. Then paste
 # $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
 #
@@ -99,6 +99,13 @@ fi
 if want b4; then
     log "benchmark, batch 4, every layout"
     bench b4 140 --steps 8
+fi
+if want blockmask; then  # only when named: the block mask's build time and memory, ours against torch's
+    log "FlexAttention block mask, ours against create_block_mask"
+    timeout 90 python3 benchmarks/bench_blockmask.py --device cuda --tokens 8192,16384,32768,65536 \
+        --json "$WORK/blockmask.json" > "$WORK/blockmask.log" 2>&1
+    log "blockmask: exit $?"; { echo '```'; cat "$WORK/blockmask.log"; echo '```'; } >> "$WORK/summary.md"
+    publish
 fi
 log "issue 17's targets against these figures (benchmarks/targets.py)"
 python3 benchmarks/targets.py "$WORK"/bench-b4.json "$WORK"/bench-b16.json "$WORK"/bench-big.json \
