@@ -15,7 +15,7 @@
 #
 # The device tool brings back at most 8 files from $OUT, so the parts write into a work folder and, after
 # each part, $OUT gets summary.md, the benchmark JSON files and one logs.tar.gz of everything (logs and
-# markdown tables): at most 6 files, and a check cut short still leaves the parts it finished.
+# markdown tables): at most 7 files, and a check cut short still leaves the parts it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
