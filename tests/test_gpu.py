@@ -49,24 +49,32 @@ def _model(dtype):
     return LlamaForCausalLM(config).to("cuda", dtype)
 
 
-def _random_pairs() -> list[dict]:
+def _random_pairs(longest: int = 60) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     pairs = []
     for _ in range(4):
         p, c, r = (
-            torch.randint(5, 900, (int(n),), generator=gen).tolist() for n in torch.randint(3, 60, (3,), generator=gen)
+            torch.randint(5, 900, (int(n),), generator=gen).tolist()
+            for n in torch.randint(3, longest, (3,), generator=gen)
         )
         pairs.append({"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r})
     return pairs
 
 
 @pytest.mark.parametrize(
-    "packing, attention",
-    [("packed", "segments"), ("prefix_shared", "segments"), ("packed", "flex"), ("prefix_shared", "flex")],
+    "packing, attention, longest",
+    [
+        ("packed", "segments", 60),
+        ("prefix_shared", "segments", 60),
+        ("packed", "flex", 60),
+        ("prefix_shared", "flex", 60),
+        ("packed", "flex", 400),  # rows of many 128-token tiles: empty, partial and full ones (flex_tiles)
+        ("prefix_shared", "flex", 400),
+    ],
 )
-def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention):
+def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention, longest):
     """float32 on CUDA (SDPA picks its GPU kernels): the same log-probs and gradients as the plain path."""
-    pairs, results = _random_pairs(), []
+    pairs, results = _random_pairs(longest), []
     for layout in ("none", packing):
         model = _model(torch.float32)
         policy = ResponseLogps(model, packing=layout, attention=attention)
