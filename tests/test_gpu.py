@@ -186,7 +186,7 @@ def test_zero3_without_a_launcher(tmp_path):
 def test_fsdp2_takes_the_fixed_gpu_layout_and_steps_adamw_fused(tmp_path):
     """FSDP2 through accelerate launch on one GPU (the engine an 8B run uses on 8): packing=auto is not measured
     under a sharded engine, so the fixed GPU layout, packed rows with FlexAttention, trains through FSDP's DTensor
-    weights, and AdamW steps them fused. (tests/test_scale.py runs FSDP2 on two CPU processes, with neither.)"""
+    weights, and AdamW steps them fused. (tests/test_sharded.py runs FSDP2 on two CPU processes, with neither.)"""
     run = tmp_path / "run"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launchers/fsdp.yaml"]
     launch += ["--num_processes", "1", "--main_process_port", str(free_port())]
