@@ -32,6 +32,7 @@ Being an ``nn.Module`` whose forward does all of this, it can be handed to
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import NamedTuple
 
@@ -222,13 +223,10 @@ def flex_block_mask(segments: list, packing: str, device: torch.device, block: i
     def visible(b, h, q, k):
         return (q >= k) & (doc_d[q] == doc_d[k]) & ~((role_d[q] == 2) & (role_d[k] == 1))
 
-    partial, full = flex_tiles(doc, role, block)
-    try:
-        tables = [tile_table(t) for t in (partial, full)]
-        tables = [x.to(device) for pair in tables for x in pair]
-        return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=visible, seq_lengths=(length, length))
-    except TypeError:  # a torch without from_kv_blocks' seq_lengths (2.5): its own builder, over every pair
+    if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:  # torch 2.5: its own builder
         return create_block_mask(visible, None, None, length, length, device=str(device), BLOCK_SIZE=block)
+    tables = [x.to(device) for tiles in flex_tiles(doc, role, block) for x in tile_table(tiles)]
+    return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=visible, seq_lengths=(length, length))
 
 
 def row_groups(segments: list, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
