@@ -163,6 +163,7 @@ PRESETS = {
             "prefix-flex",
             "plain+liger",
             "plain+compile",
+            "packed-flex+compile",
             "plain+chunk1024",
             "prefix-flex+chunk1024",
             "packed-flash",

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, on one H100/H200 in under 8 minutes: install the kit carried in .whl/,
 # run tests/test_gpu.py, then the side-by-side benchmark against TRL 1.16 CPOTrainer(loss_type="simpo")
-# at batch 16, at a batch TRL cannot fit, and at batch 4 for every layout, then (time allowing) a profile of
-# where a step's time goes. Figures (JSON, markdown tables, logs) go to $OUT.
+# at batch 16, at a batch TRL cannot fit, and at batch 4 with and without torch.compile, then (time allowing)
+# a profile of where a step's time goes. Figures (JSON, markdown tables, logs) go to $OUT.
 #
 #   here:  bash benchmarks/gpu_kit.sh                        # wheels into .whl/ (needs a package registry)
 #   there: bash benchmarks/gpu_check.sh                       # with .whl carried along; OUT=... to choose the folder
 #          PARTS="profile b4" bash benchmarks/gpu_check.sh    # only the named parts (a second, shorter device run)
 #
 # Parts, in the order they run: tests, b16, big, b4, blockmask, profile (blockmask only when PARTS names it;
-# the profile only with time left of the 460 s, unless PARTS names it). Each part has its own time limit, and the benchmark prints and writes whatever it
-# measured when it is cut short, so a slow part never costs the figures of the others. Then paste
-# $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
+# the profile only with time left of the 460 s, unless PARTS names it). Each part has its own time limit, and
+# the benchmark prints and writes whatever it measured when it is cut short, so a slow part never costs the
+# figures of the others. Then paste $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
 #
 # The device tool brings back at most 8 files from $OUT, so the parts write into a work folder and, after
 # each part, $OUT gets summary.md, the benchmark JSON files and one logs.tar.gz of everything (logs and
@@ -70,7 +70,7 @@ if want tests; then
     # room for 6 of these tiny-model runs.
     extra=(); python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=100)
     python3 -c "import xdist" 2>/dev/null && extra+=(-n 6)
-    timeout 140 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
+    timeout 130 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
         tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_gpu.py > "$WORK/tests.log" 2>&1
     log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
     publish
@@ -96,9 +96,9 @@ if want big; then
     log "benchmark, batch 48 (TRL should run out of memory)"
     bench big 70 --batch 48 --warmup 1 --steps 2 --check-pairs 4 --variants plain+liger
 fi
-if want b4; then
-    log "benchmark, batch 4, every layout"
-    bench b4 140 --steps 8
+if want b4; then  # batch 4's other layouts were measured on 2026-11-30; torch.compile was not reached then
+    log "benchmark, batch 4: padded and packed-flex, each with and without torch.compile"
+    bench b4 150 --steps 8 --variants plain,packed-flex,packed-flex+compile,plain+compile
 fi
 if want blockmask; then  # only when named: the block mask's build time and memory, ours against torch's
     log "FlexAttention block mask, ours against create_block_mask"
