@@ -322,6 +322,40 @@ def test_flex_tiles_are_exactly_the_dense_rules_tiles(packing):
             assert torch.equal(partial, (shown > 0) & ~want_full), (segments, block)
 
 
+def test_the_block_masks_tables_are_torchs_own_query_side_included():
+    """Every table FlexAttention's kernels read (per query tile the partly and wholly visible key tiles, and per
+    key tile the query tiles, which the backward pass uses) equals what torch's create_block_mask builds from the
+    dense rule: counts, and the valid indices in their order. So the GPU kernels, forward and backward, see the
+    tables they saw on the H200 (benchmarks/RESULTS.md), with no length x length mask built."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from simpo_exp.logps import flex_block_mask, row_groups
+
+    def tables(mask):
+        out = []
+        for num, idx in [("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")] + [
+            ("q_num_blocks", "q_indices"),
+            ("full_q_num_blocks", "full_q_indices"),
+        ]:
+            counts, indices = getattr(mask, num)[0, 0], getattr(mask, idx)[0, 0]
+            out.append([indices[i, : int(n)].tolist() for i, n in enumerate(counts)])
+        return out
+
+    g = torch.Generator().manual_seed(8)
+    for packing in ("packed", "prefix_shared"):
+        for _ in range(6):
+            n = int(torch.randint(1, 6, (1,), generator=g))
+            segments = [tuple(int(x) for x in torch.randint(1, 300, (3,), generator=g)) for _ in range(n)]
+            doc, role = row_groups(segments, packing)
+
+            def visible(b, h, q, k):
+                return (q >= k) & (doc[q] == doc[k]) & ~((role[q] == 2) & (role[k] == 1))
+
+            ours = flex_block_mask(segments, packing, torch.device("cpu"))
+            theirs = create_block_mask(visible, None, None, len(doc), len(doc), device="cpu")
+            assert tables(ours) == tables(theirs), (packing, segments)
+
+
 def test_compiled_flexattention_honours_the_tiles_as_the_dense_rule_does():
     """The kernel skips the tiles marked empty and applies no rule inside those marked full. torch.compile's
     FlexAttention does so on CPU too (the eager fallback evaluates the rule on every pair, so it cannot see a wrong
