@@ -480,21 +480,34 @@ def padded_mfu(preset: dict, tok, model, pairs: list[dict], times: list[float]) 
     """MFU of each step by the FLOP count of our padded layout (simpo_exp/flops.py) over the same batches, in
     order: for TRL, whose steps do the same useful work, so that its MFU and ours compare speeds under one
     convention. None where the device's peak is unknown (CPU)."""
-    import torch
-
     from simpo_exp.data.collate import PairCollator
-    from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
+    from simpo_exp.flops import flop_spec
 
-    peak = peak_flops(torch.device(preset["device"]), "bf16" if preset["bf16"] else "no", None)
+    peak = device_peak(preset)
     if not peak:
         return None
     spec, collate, size = flop_spec(model), PairCollator(tok.pad_token_id, packing="none"), preset["batch"]
-    out = []
-    for i, seconds in enumerate(times):
-        batch = collate(pairs[i * size : (i + 1) * size])
-        tokens, response = float(batch["attention_mask"].sum()), float(batch["loss_mask"].sum())
-        out.append(spec.step_flops(tokens, response, float(attention_pairs(batch, "none"))) / seconds / peak)
-    return out
+    return [
+        batch_flops(spec, collate(pairs[i * size : (i + 1) * size]), "none") / seconds / peak
+        for i, seconds in enumerate(times)
+    ]
+
+
+def batch_flops(spec, batch: dict, packing: str) -> float:
+    """Model FLOPs of one step on ``batch``, laid out as ``packing`` (``simpo_exp.flops.FlopSpec.step_flops``)."""
+    from simpo_exp.flops import attention_pairs
+
+    tokens, response = float(batch["attention_mask"].sum()), float(batch["loss_mask"].sum())
+    return spec.step_flops(tokens, response, float(attention_pairs(batch, packing)))
+
+
+def device_peak(preset: dict) -> float | None:
+    """The preset's device's peak FLOP/s at its precision (None where unknown: no MFU)."""
+    import torch
+
+    from simpo_exp.flops import peak_flops
+
+    return peak_flops(torch.device(preset["device"]), "bf16" if preset["bf16"] else "no", None)
 
 
 def worker_ours(spec: dict) -> dict:
@@ -503,7 +516,7 @@ def worker_ours(spec: dict) -> dict:
     from torch.utils.data import DataLoader
 
     from simpo_exp.compiled import graphs_built
-    from simpo_exp.flops import attention_pairs, flop_spec, peak_flops
+    from simpo_exp.flops import flop_spec
 
     preset, tok, rows = setup(spec)
     device = preset["device"]
@@ -527,10 +540,7 @@ def worker_ours(spec: dict) -> dict:
     marks, compiled = [time.perf_counter()], []
     for batch in loader:  # the inner loop of simpo_exp/train.py with accumulation 1
         graphs = graphs_built()
-        pairs_seen = float(attention_pairs(batch, variant_settings(spec["variant"])["packing"]))
-        work.append(
-            spec_flops.step_flops(float(batch["attention_mask"].sum()), float(batch["loss_mask"].sum()), pairs_seen)
-        )
+        work.append(batch_flops(spec_flops, batch, variant_settings(spec["variant"])["packing"]))
         loss = step_loss(policy, batch)[0]
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), 1.0)
@@ -544,7 +554,7 @@ def worker_ours(spec: dict) -> dict:
             profiler.step_done()
     out = finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]), profiler=profiler)
     out["compiled"] = compiled
-    peak = peak_flops(torch.device(device), "bf16" if preset["bf16"] else "no", None)
+    peak = device_peak(preset)
     if peak:
         out["mfu"] = [w / t / peak for w, t in zip(work, out["times"])]
     return out
