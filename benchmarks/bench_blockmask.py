@@ -44,7 +44,7 @@ def worker(how: str, tokens: int, packing: str, device: str) -> dict:
     import torch
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from simpo_exp.logps import flex_block_mask, row_groups
+    from simpo_exp.logps import flex_block_mask, row_groups, visibility
 
     segments = pairs_for(tokens)
     dev = torch.device(device)
@@ -53,11 +53,7 @@ def worker(how: str, tokens: int, packing: str, device: str) -> dict:
         if how == "ours":
             return flex_block_mask(segments, packing, dev)
         doc, role = (x.to(dev) for x in row_groups(segments, packing))
-
-        def visible(b, h, q, k):
-            return (q >= k) & (doc[q] == doc[k]) & ~((role[q] == 2) & (role[k] == 1))
-
-        return create_block_mask(visible, None, None, len(doc), len(doc), device=device)
+        return create_block_mask(visibility(doc, role), None, None, len(doc), len(doc), device=device)
 
     def sync():
         if dev.type == "cuda":

@@ -218,11 +218,7 @@ def flex_block_mask(segments: list, packing: str, device: torch.device, block: i
 
     doc, role = row_groups(segments, packing)
     length = len(doc)
-    doc_d, role_d = doc.to(device), role.to(device)
-
-    def visible(b, h, q, k):
-        return (q >= k) & (doc_d[q] == doc_d[k]) & ~((role_d[q] == 2) & (role_d[k] == 1))
-
+    visible = visibility(doc.to(device), role.to(device))
     if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:  # torch 2.5: its own builder
         return create_block_mask(visible, None, None, length, length, device=str(device), BLOCK_SIZE=block)
     tables = [x.to(device) for tiles in flex_tiles(doc, role, block) for x in tile_table(tiles)]
@@ -241,6 +237,16 @@ def row_groups(segments: list, packing: str) -> tuple[torch.Tensor, torch.Tensor
             doc += [i] * (p + c + r)
             role += [0] * p + [1] * c + [2] * r
     return torch.tensor(doc), torch.tensor(role)
+
+
+def visibility(doc: torch.Tensor, role: torch.Tensor):
+    """The rule as FlexAttention's ``mask_mod`` over a row's ``row_groups``: a key is visible from a query in its
+    group, not later in the row, and not a chosen token seen from the rejected response."""
+
+    def visible(b, h, q, k):
+        return (q >= k) & (doc[q] == doc[k]) & ~((role[q] == 2) & (role[k] == 1))
+
+    return visible
 
 
 def flex_tiles(doc: torch.Tensor, role: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -329,7 +329,7 @@ def test_the_block_masks_tables_are_torchs_own_query_side_included():
     tables they saw on the H200 (benchmarks/RESULTS.md), with no length x length mask built."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from simpo_exp.logps import flex_block_mask, row_groups
+    from simpo_exp.logps import flex_block_mask, row_groups, visibility
 
     def tables(mask):
         out = []
@@ -347,12 +347,8 @@ def test_the_block_masks_tables_are_torchs_own_query_side_included():
             n = int(torch.randint(1, 6, (1,), generator=g))
             segments = [tuple(int(x) for x in torch.randint(1, 300, (3,), generator=g)) for _ in range(n)]
             doc, role = row_groups(segments, packing)
-
-            def visible(b, h, q, k):
-                return (q >= k) & (doc[q] == doc[k]) & ~((role[q] == 2) & (role[k] == 1))
-
             ours = flex_block_mask(segments, packing, torch.device("cpu"))
-            theirs = create_block_mask(visible, None, None, len(doc), len(doc), device="cpu")
+            theirs = create_block_mask(visibility(doc, role), None, None, len(doc), len(doc), device="cpu")
             assert tables(ours) == tables(theirs), (packing, segments)
 
 
