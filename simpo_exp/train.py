@@ -256,13 +256,14 @@ def set_up(cfg: Config) -> Run:
     collate, reference, train_loader, eval_loader, eval_ds = make_loaders(
         cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator, layout
     )
+    fused_optimizer = adamw_fused(accelerator)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
-        fused=adamw_fused(accelerator),
+        fused=fused_optimizer,
     )
     compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
@@ -292,7 +293,7 @@ def set_up(cfg: Config) -> Run:
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
     env = environment_record(cfg, accelerator, model, data_report, layout)
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
-    env["adamw_fused"] = bool(adamw_fused(accelerator))
+    env["adamw_fused"] = bool(fused_optimizer)
     tracker = Tracker(
         run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env}, enabled=accelerator.is_main_process
     )
