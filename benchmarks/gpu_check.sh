@@ -119,10 +119,7 @@ left=$(( 460 - $(date +%s) + started ))
 if want profile || [ "$left" -ge 60 ]; then
     if want profile && [ "$left" -lt 90 ]; then left=90; fi
     log "profile, batch 16 ($left s)"
-    timeout "$left" python3 benchmarks/bench_trl.py --preset gpu --batch 16 --profile --warmup 2 --steps 2 \
-        --variants plain,packed-flex --json "$WORK/profile-b16.json" --markdown "$WORK/profile-b16.md" \
-        > "$WORK/profile-b16.log" 2>&1
-    log "profile: exit $?"; cat "$WORK/profile-b16.md" >> "$WORK/summary.md" 2>/dev/null
+    bench profile "$left" --batch 16 --profile --warmup 2 --steps 2 --variants plain,packed-flex
 else
     log "profile skipped: $left s left (PARTS=profile runs it alone)"
 fi
