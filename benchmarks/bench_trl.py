@@ -17,16 +17,18 @@ Before any timing, one process computes the loss of the first batch with TRL and
 from the same weights (float32, no autocast) and stops unless all agree within 1e-4, after checking
 that both sides see the same tokens: we never time a faster wrong thing.
 
-Each measurement runs in a fresh subprocess (peak RSS is per process), one after another, and the
-whole set is repeated ``--rounds`` times, interleaved, so slow drift on a shared machine hits both
-sides. A step's time runs from the end of the previous step to the end of this one (data loading
-included); the first ``--warmup`` steps are dropped, and so is any step in which torch.compile built
-graphs (``<variant>+compile``: its compile warm-up is reported apart); the figures are medians over the
-remaining steps of all rounds. pairs/s = batch / median step time (the headline); response tokens/s = the
-median of per-step (response tokens / step time) - both sides see the same batches, so prompts
-counted twice by one and once by the other do not inflate either. Peak memory: RSS high-water mark
-on CPU (and its rise over the RSS just before training, which removes the shared import/model
-baseline), ``torch.cuda.max_memory_allocated`` on GPU.
+Each measurement runs in a fresh subprocess (peak RSS is per process), one after another, and the whole set is
+repeated ``--rounds`` times, interleaved, so slow drift on a shared machine hits both sides. On a GPU,
+``--shared-process`` runs our variants one after another in one process instead (TRL keeps its own), sparing
+each a process start; each variant's peak GPU memory is then counted from a reset, above whatever an earlier
+one left allocated (recorded as ``leftover_cuda_mb``). A step's time runs from the end of the previous step to
+the end of this one (data loading included); the first ``--warmup`` steps are dropped, and so is any step in
+which torch.compile built graphs (``<variant>+compile``: its compile warm-up is reported apart); the figures
+are medians over the remaining steps of all rounds. pairs/s = batch / median step time (the headline);
+response tokens/s = the median of per-step (response tokens / step time) - both sides see the same batches, so
+prompts counted twice by one and once by the other do not inflate either. Peak memory: RSS high-water mark on
+CPU (and its rise over the RSS just before training, which removes the shared import/model baseline),
+``torch.cuda.max_memory_allocated`` on GPU.
 """
 
 from __future__ import annotations
@@ -72,18 +74,39 @@ VARIANTS = {
     "prefix-flex+chunk1024": dict(packing="prefix_shared", attention="flex", chunk_size=1024),
     # flash-attn's variable-length kernel over the packed row (GPU with flash-attn; packed layout only)
     "packed-flash": dict(packing="packed", attention="flash", chunk_size=0),
-    # hardware.fused_head=liger: Liger-Kernel's fused-linear SimPO loss, no batch-wide logits (padded layout)
+    # hardware.fused_head=liger: Liger-Kernel's fused-linear SimPO loss, no batch-wide logits, in any layout
     "plain+liger": dict(packing="none", attention="segments", chunk_size=0, fused="liger"),
+    "packed+liger": dict(packing="packed", attention="segments", chunk_size=0, fused="liger"),
+    "prefix+liger": dict(packing="prefix_shared", attention="segments", chunk_size=0, fused="liger"),
+    "packed-flex+liger": dict(packing="packed", attention="flex", chunk_size=0, fused="liger"),
+    "prefix-flex+liger": dict(packing="prefix_shared", attention="flex", chunk_size=0, fused="liger"),
 }
-# Any variant with this suffix: the same with its decoder layers under torch.compile (hardware.compile,
-# simpo_exp/compiled.py). Steps that compiled are dropped from the figures like the warm-up steps.
+# Any variant with these suffixes, in any order: the same with its decoder layers under torch.compile
+# (hardware.compile, simpo_exp/compiled.py; steps that compiled are dropped from the figures like the warm-up
+# steps), and the same without gradient checkpointing where the preset turns it on (ours only: TRL keeps the
+# preset's; hardware.gradient_checkpointing=false trades memory for the recomputed forward pass).
 COMPILE_SUFFIX = "+compile"
+NO_CHECKPOINTING_SUFFIX = "+nockpt"
+SUFFIXES = {COMPILE_SUFFIX: "compile", NO_CHECKPOINTING_SUFFIX: "no_checkpointing"}
+TRL_NO_CHECKPOINTING = "TRL" + NO_CHECKPOINTING_SUFFIX  # --trl-nockpt: TRL's run without gradient checkpointing
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """A variant's base name (a key of VARIANTS, or not, for an unknown one) and its suffixes' flags."""
+    flags = dict.fromkeys(SUFFIXES.values(), False)
+    base, found = name, True
+    while found:
+        found = next((s for s in SUFFIXES if base.endswith(s) and not flags[SUFFIXES[s]]), None)
+        if found:
+            flags[SUFFIXES[found]] = True
+            base = base.removesuffix(found)
+    return base, flags
 
 
 def variant_settings(name: str) -> dict:
-    """A variant's settings, ``compile`` included (``<variant>+compile``)."""
-    base = name.removesuffix(COMPILE_SUFFIX)
-    return VARIANTS[base] | {"compile": base != name}
+    """A variant's settings, ``compile`` and ``no_checkpointing`` included (its suffixes)."""
+    base, flags = split_variant(name)
+    return VARIANTS[base] | flags
 
 
 PRESETS = {
@@ -160,10 +183,13 @@ PRESETS = {
             # (fastest on the H200 on 2026-11-30: packed-flex, then prefix-flex; segment attention last)
             "plain",
             "packed-flex",
+            "packed-flex+liger",
             "prefix-flex",
             "plain+liger",
             "plain+compile",
             "packed-flex+compile",
+            "packed-flex+nockpt",
+            "packed-flex+compile+nockpt",
             "plain+chunk1024",
             "prefix-flex+chunk1024",
             "packed-flash",
@@ -382,7 +408,8 @@ def make_ours(preset: dict, tok, model, variant: str):
     from simpo_exp.logps import ResponseLogps
 
     v = variant_settings(variant)
-    if preset["gradient_checkpointing"]:
+    checkpointing = preset["gradient_checkpointing"] and not v["no_checkpointing"]
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fused = None
     if v.get("fused") == "liger":  # the run's SimPO settings, sft_weight 0 as step_loss
@@ -399,7 +426,7 @@ def make_ours(preset: dict, tok, model, variant: str):
         from simpo_exp.compiled import compile_model
 
         hardware = dict(compile_mode=None, compile_backend="inductor")
-        compile_model(model, SimpleNamespace(gradient_checkpointing=preset["gradient_checkpointing"], **hardware))
+        compile_model(model, SimpleNamespace(gradient_checkpointing=checkpointing, **hardware))
     return policy, collate
 
 
@@ -448,6 +475,8 @@ def worker_trl(spec: dict) -> dict:
     from transformers import TrainerCallback
 
     preset, tok, rows = setup(spec)
+    if spec.get("no_checkpointing"):  # the run "TRL+nockpt" (--trl-nockpt)
+        preset = preset | {"gradient_checkpointing": False}
     device = preset["device"]
     model = build_model(preset, tok)
     marks: list[float] = []
@@ -520,6 +549,9 @@ def worker_ours(spec: dict) -> dict:
 
     preset, tok, rows = setup(spec)
     device = preset["device"]
+    # what an earlier variant left allocated in this process (--shared-process; none in a fresh process): the
+    # peak is counted above it
+    leftover = torch.cuda.memory_allocated() if device == "cuda" else 0
     pairs = tokenize_like_trl(tok, rows, preset["max_length"])
     model = build_model(preset, tok)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if preset["bf16"] else "no")
@@ -552,7 +584,7 @@ def worker_ours(spec: dict) -> dict:
         compiled.append(graphs_built() > graphs)  # torch.compile built graphs in this step: a warm-up step
         if profiler is not None:
             profiler.step_done()
-    out = finish(preset, marks, base, device, tokens=response_tokens(pairs, preset["batch"]), profiler=profiler)
+    out = finish(preset, marks, base, device, response_tokens(pairs, preset["batch"]), profiler, leftover)
     out["compiled"] = compiled
     peak = device_peak(preset)
     if peak:
@@ -560,13 +592,14 @@ def worker_ours(spec: dict) -> dict:
     return out
 
 
-def finish(preset, marks, base_rss, device, tokens, profiler=None) -> dict:
+def finish(preset, marks, base_rss, device, tokens, profiler=None, leftover_cuda: int = 0) -> dict:
     import torch
 
     times = [b - a for a, b in zip(marks, marks[1:])]
     out = {"times": times, "tokens": tokens[: len(times)], "rss_before_mb": base_rss, "peak_rss_mb": peak_rss_mb()}
     if device == "cuda":
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_cuda_mb"] = (torch.cuda.max_memory_allocated() - leftover_cuda) / 2**20
+        out["leftover_cuda_mb"] = leftover_cuda / 2**20
     if profiler is not None:
         out["profile"] = profiler.summary(times)
     return out
@@ -581,17 +614,44 @@ def step_profiler(spec: dict, preset: dict):
     return StepProfiler(preset["device"], preset["warmup"], preset["steps"])
 
 
-WORKERS = {"check": worker_check, "trl": worker_trl, "ours": worker_ours}
+def worker_ours_shared(spec: dict) -> dict:
+    """``--shared-process``: our variants one after another in this one process, to spare a GPU run the start-up
+    of a process per variant (about 10-15 s each on the H200). Between variants everything of the last is freed,
+    the allocator's cache emptied and torch.compile's caches reset; each variant's peak is counted from a reset
+    (``worker_ours``), so it is its own. Each result is printed as soon as it is measured (``RESULT_OF``), so a
+    run cut short keeps the variants it finished; a variant that runs out of memory is recorded as such."""
+    import gc
+
+    import torch
+
+    for variant in spec["variants"]:
+        try:
+            res = worker_ours(spec | {"variant": variant})
+        except torch.OutOfMemoryError:
+            res = {"error": "out of memory"}
+        print("RESULT_OF " + json.dumps({"variant": variant, "result": res}), flush=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return {"variants": spec["variants"]}
+
+
+WORKERS = {"check": worker_check, "trl": worker_trl, "ours": worker_ours, "ours_shared": worker_ours_shared}
 
 
 # ----------------------------------------------------------------------------- the driver
+def worker_process(spec: dict) -> dict:
+    """How a worker process is started (``subprocess.run`` / ``Popen`` keywords): this script with ``--worker``,
+    from the repository root, quiet and without W&B."""
+    quiet = {"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
+    return dict(args=[sys.executable, __file__, "--worker", json.dumps(spec)], env=os.environ | quiet, cwd=ROOT)
+
+
 def run_worker(spec: dict, must_succeed: bool = True) -> dict:
     """One measurement in a fresh process. A failed timing run (out of memory, say) comes back as
     ``{"error": ...}`` unless ``must_succeed``, so the rest of the table is still measured."""
-    env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT
-    )
+    proc = subprocess.run(**worker_process(spec), capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -601,6 +661,30 @@ def run_worker(spec: dict, must_succeed: bool = True) -> dict:
         raise SystemExit(what)
     oom = "OutOfMemoryError" in proc.stderr or "out of memory" in proc.stderr
     return {"error": "out of memory" if oom else what}
+
+
+def run_shared_worker(spec: dict, on_result) -> str | None:
+    """``worker_ours_shared`` in a fresh process, ``on_result(variant, result)`` called as each variant's result
+    arrives. Returns None when the process ended cleanly, else why it did not (the end of its output)."""
+    proc = subprocess.Popen(**worker_process(spec), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    try:
+        for line in proc.stdout:
+            if line.startswith("RESULT_OF "):
+                got = json.loads(line[len("RESULT_OF ") :])
+                on_result(got["variant"], got["result"])
+            else:
+                tail = (tail + [line])[-40:]
+        proc.wait()
+    finally:  # cut short (SIGTERM, Ctrl-C): the worker goes too
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode == 0:
+        return None
+    text = "".join(tail)
+    sys.stderr.write(text[-3000:])
+    return "out of memory" if "out of memory" in text else f"shared worker failed (exit {proc.returncode})"
 
 
 def machine(threads: int | None = None) -> str:
@@ -662,7 +746,8 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         help=f"comma list of our variants (default: the preset's); known: {', '.join(VARIANTS)}, "
-        f"each also as <variant>{COMPILE_SUFFIX} (its layers under torch.compile)",
+        f"each also as <variant>{COMPILE_SUFFIX} (its layers under torch.compile) and <variant>"
+        f"{NO_CHECKPOINTING_SUFFIX} (without the preset's gradient checkpointing; ours only), or both",
     )
     ap.add_argument("--rounds", type=int, help="repeat the whole set, interleaved (default: the preset's)")
     ap.add_argument("--steps", type=int, help="measured steps per run (default: the preset's)")
@@ -676,6 +761,18 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's)")
     ap.add_argument("--no-trl", action="store_true", help="time only our variants (the loss check still runs)")
+    ap.add_argument(
+        "--trl-nockpt",
+        action="store_true",
+        help=f"also time TRL without the preset's gradient checkpointing ({TRL_NO_CHECKPOINTING}), to set beside our "
+        f"{NO_CHECKPOINTING_SUFFIX} variants; the ratios stay against TRL with the preset's settings",
+    )
+    ap.add_argument(
+        "--shared-process",
+        action="store_true",
+        help="GPU only: our variants one after another in one process (TRL in its own), sparing each the start-up "
+        "of a process; each variant's peak GPU memory is counted from a reset, with the last one's memory freed",
+    )
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--markdown", help="also write the table as markdown to this file")
     ap.add_argument(
@@ -708,9 +805,11 @@ def main() -> None:
     except ImportError:
         raise SystemExit("TRL is not installed: pip install -e '.[bench]' (or pip install trl)")
     variants = args.variants.split(",") if args.variants else preset["variants"]
-    unknown = [v for v in variants if v.removesuffix(COMPILE_SUFFIX) not in VARIANTS]
+    unknown = [v for v in variants if split_variant(v)[0] not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}, each also with {COMPILE_SUFFIX}")
+        raise SystemExit(
+            f"unknown variants {unknown}; known: {', '.join(VARIANTS)}, each also with {' and '.join(SUFFIXES)}"
+        )
     settings = {v: variant_settings(v) for v in variants}
     if any(settings[v].get("fused") == "liger" for v in variants) and not importlib.util.find_spec("liger_kernel"):
         print("liger-kernel is not installed (pip install liger-kernel): the +liger variants are left out")
@@ -718,6 +817,11 @@ def main() -> None:
     if any(settings[v]["attention"] == "flash" for v in variants) and not importlib.util.find_spec("flash_attn"):
         print("flash-attn is not installed (pip install flash-attn): the -flash variants are left out")
         variants = [v for v in variants if settings[v]["attention"] != "flash"]
+    if args.shared_process and preset["device"] != "cuda":
+        raise SystemExit(
+            "--shared-process is for GPU presets: on a CPU the peak memory is the process's RSS high-water mark, "
+            "which one variant cannot reset for the next"
+        )
     rounds = args.rounds or preset["rounds"]
     base = {"preset": args.preset, "overrides": overrides, "threads": args.threads}
 
@@ -734,7 +838,8 @@ def main() -> None:
     # `finally` below; as SystemExit it does run it, and subprocess.run kills the worker it was waiting on.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.time()
-    order = ([] if args.no_trl else ["TRL"]) + variants
+    trl_runs = [] if args.no_trl else ["TRL"] + ([TRL_NO_CHECKPOINTING] if args.trl_nockpt else [])
+    order = trl_runs + variants
     if args.profile:
         return profile_runs(args, base, order)
     check_overrides = overrides | ({"batch": args.check_pairs} if args.check_pairs else {})
@@ -751,29 +856,51 @@ def main() -> None:
 
     runs: dict[str, list] = {}
     failures: dict[str, str] = {}  # run -> why it failed ("out of memory", ...); a run cut off is in neither
+
+    def record(r: int, name: str, res: dict) -> None:
+        if "error" in res:
+            print(f"round {r + 1}: {name:<18} FAILED: {res['error']}", flush=True)
+            failures.setdefault(name, res["error"])
+            return
+        runs.setdefault(name, []).append(res)
+        med = statistics.median(measured(res, "times", preset["warmup"]))
+        memory = (
+            f"peak GPU {res['peak_cuda_mb']:8.0f} MB"
+            if "peak_cuda_mb" in res
+            else f"peak RSS {res['peak_rss_mb']:8.0f} MB"
+        )
+        print(
+            f"round {r + 1}: {name:<18} median step {med * 1e3:8.1f} ms  {memory}  ({time.time() - started:.0f} s)",
+            flush=True,
+        )
+
     try:
         for r in range(rounds):
-            for name in order:
-                spec = worker_spec(base, name)
-                res = run_worker(spec, must_succeed=False)
-                if "error" in res:
-                    print(f"round {r + 1}: {name:<18} FAILED: {res['error']}", flush=True)
-                    failures.setdefault(name, res["error"])
-                    continue
-                runs.setdefault(name, []).append(res)
-                med = statistics.median(measured(res, "times", preset["warmup"]))
-                print(
-                    f"round {r + 1}: {name:<18} median step {med * 1e3:8.1f} ms  peak RSS {res['peak_rss_mb']:8.0f} MB"
-                    f"  ({time.time() - started:.0f} s)",
-                    flush=True,
-                )
+            for name in trl_runs:  # TRL's runs, each in a process of its own
+                record(r, name, run_worker(worker_spec(base, name), must_succeed=False))
+            alone = variants
+            if args.shared_process:  # ours in one process; any it left unmeasured then runs alone
+                done: list[str] = []
+
+                def arrived(name: str, res: dict, r=r) -> None:
+                    done.append(name)
+                    record(r, name, res)
+
+                why = run_shared_worker(base | {"impl": "ours_shared", "variants": variants}, arrived)
+                if why:
+                    print(f"round {r + 1}: the shared process stopped ({why}); the rest run alone", flush=True)
+                alone = [v for v in variants if v not in done]
+            for name in alone:
+                record(r, name, run_worker(worker_spec(base, name), must_succeed=False))
     finally:  # a run cut short (a time limit, Ctrl-C) still prints and writes what it measured
         report(args, preset, check, order, runs, started, failures)
 
 
 def worker_spec(base: dict, name: str) -> dict:
-    """The worker spec of one timed run: TRL, or one of our variants."""
-    return base | ({"impl": "trl"} if name == "TRL" else {"impl": "ours", "variant": name})
+    """The worker spec of one timed run: TRL (with the preset's checkpointing or without), or one of our variants."""
+    if name in ("TRL", TRL_NO_CHECKPOINTING):
+        return base | {"impl": "trl", "no_checkpointing": name == TRL_NO_CHECKPOINTING}
+    return base | {"impl": "ours", "variant": name}
 
 
 def profile_runs(args, base: dict, order: list[str]) -> None:
@@ -842,13 +969,22 @@ def report(
                     "runs": runs,
                     "missing": missing,
                     "failures": failures,
+                    "shared_process": args.shared_process,  # ours one after another in one process
                 },
                 indent=1,
             )
         )
     if args.markdown:
         Path(args.markdown).write_text(
-            markdown_table(rows, missing, ref, mem_key, machine(args.threads), args.preset, failures)
+            markdown_table(
+                rows,
+                missing,
+                ref,
+                mem_key,
+                machine(args.threads) + ("; ours in one shared process" if args.shared_process else ""),
+                args.preset,
+                failures,
+            )
         )
 
 

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, on one H100/H200 in under 8 minutes: install the kit carried in .whl/,
 # run tests/test_gpu.py, then the side-by-side benchmark against TRL 1.16 CPOTrainer(loss_type="simpo")
-# at batch 16, at a batch TRL cannot fit, and at batch 4 with and without torch.compile, then (time allowing)
-# a profile of where a step's time goes. Figures (JSON, markdown tables, logs) go to $OUT.
+# at batch 16 (the MFU candidates with and without torch.compile), at a batch TRL cannot fit, and at batch 4,
+# then (time allowing) a profile of where a step's time goes. Figures (JSON, markdown tables, logs) go to $OUT.
 #
 #   here:  bash benchmarks/gpu_kit.sh                        # wheels into .whl/ (needs a package registry)
 #   there: bash benchmarks/gpu_check.sh                       # with .whl carried along; OUT=... to choose the folder
 #          PARTS="profile b4" bash benchmarks/gpu_check.sh    # only the named parts (a second, shorter device run)
 #
-# Parts, in the order they run: tests, b16, big, b4, blockmask, profile (blockmask only when PARTS names it;
-# the profile only with time left of the 460 s, unless PARTS names it). Each part has its own time limit, and
-# the benchmark prints and writes whatever it measured when it is cut short, so a slow part never costs the
-# figures of the others. Then paste $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
+# Parts, in the order they run: tests, b16, big, b4, compile4, blockmask, profile (compile4 and blockmask only
+# when PARTS names them; the profile only with time left of the 460 s, unless PARTS names it). Each part has its
+# own time limit, and the benchmark prints and writes whatever it measured when it is cut short, so a slow part
+# never costs the figures of the others. Then paste $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
 #
 # The device tool brings back at most 8 files from $OUT, so the parts write into a work folder and, after
 # each part, $OUT gets summary.md, the benchmark JSON files and one logs.tar.gz of everything (logs and
@@ -62,7 +62,7 @@ print('machine packages: ' + ', '.join(f'{n} {version(n)}' for n in names))
 " 2>&1 | tee -a "$WORK/summary.md"
 
 if want tests; then
-    log "tests/test_gpu.py and the CUDA test of tests/test_liger.py"
+    log "tests/test_gpu.py and the CUDA tests of tests/test_liger.py"
     # Each test's result as it ends (so a part cut off still says how far it got); where pytest-timeout is
     # installed (the device image has it), no single test may take more than 100 s; where pytest-xdist is (the
     # device image has it too), 6 tests at a time: most are whole runs of about 40-60 s each on the H200, too
@@ -70,35 +70,51 @@ if want tests; then
     # room for 6 of these tiny-model runs.
     extra=(); python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=100)
     python3 -c "import xdist" 2>/dev/null && extra+=(-n 6)
-    timeout 130 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
-        tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_gpu.py > "$WORK/tests.log" 2>&1
+    timeout 100 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
+        tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_liger.py::test_fused_head_on_packed_flex_rows_on_cuda \
+        tests/test_gpu.py > "$WORK/tests.log" 2>&1
     log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
     publish
 fi
 
-# Each benchmark run is a fresh process (about 10-15 s of imports and set-up on the H200, plus 5-15 s where
-# FlexAttention, Liger or torch.compile build kernels), so each part names the variants it has time for.
 bench() {  # part name, time limit, then bench_trl.py's arguments
+    # --shared-process: our variants one after another in one process (TRL in its own), which spares each the
+    # 10-15 s of a process start; a variant the shared process did not finish runs alone after it.
     local name=$1 limit=$2; shift 2
-    timeout "$limit" python3 benchmarks/bench_trl.py --preset gpu "$@" \
+    timeout "$limit" python3 benchmarks/bench_trl.py --preset gpu --shared-process "$@" \
         --json "$WORK/bench-$name.json" --markdown "$WORK/bench-$name.md" > "$WORK/bench-$name.log" 2>&1
     log "$name: exit $?"; cat "$WORK/bench-$name.md" >> "$WORK/summary.md" 2>/dev/null
     publish
 }
 if want b16; then  # the realistic batch of the speed and MFU targets
+    # A process start cost about 10-15 s on the H200, and FlexAttention or Liger 5-15 s of kernel builds (2026-11-30:
+    # 165 s held the loss check and 4.5 runs at batch 4, a process each); torch.compile's warm-up is not measured
+    # yet, guessed at a minute, and the loss check compiles the +compile variants too. So each part lists its runs
+    # most-needed first, and a part cut off keeps the runs it finished.
+    # Packed rows with the Liger head (fused in every layout since 2026-11-30): packed-flex's speed with the
+    # Liger head's memory. Then the MFU candidates: without gradient checkpointing (the recomputed forward is
+    # about a quarter of the step's work, uncounted by MFU; the H200 holds batch 16 without it), compiled and
+    # not, set beside TRL without checkpointing too (--trl-nockpt). The padded Liger run's 0.45x TRL's memory was
+    # measured on 2026-11-30; packed-flex+liger takes its place here.
     log "benchmark, batch 16"
-    bench b16 110 --batch 16 --steps 5 --variants packed-flex,plain+liger,prefix-flex+chunk1024
+    bench b16 185 --batch 16 --steps 5 --trl-nockpt \
+        --variants packed-flex+liger,packed-flex+compile+nockpt,packed-flex+nockpt
 fi
 if want big; then
     # A batch TRL cannot fit on the H200: between batch 4 and 16 (2026-11-30) TRL's peak grew 2,926 MiB per
-    # pair, so at 48 pairs it would need about 155,000 MiB of the 143,771; ours grew about 313 MiB per pair.
-    # The loss check uses the first 4 pairs (TRL's float32 check of 48 would not fit either).
-    log "benchmark, batch 48 (TRL should run out of memory)"
-    bench big 70 --batch 48 --warmup 1 --steps 2 --check-pairs 4 --variants plain+liger
+    # pair, so at 64 pairs it would need about 200,000 MiB of the 143,771 (at 48, about 155,000: too close to
+    # call once both sides step fused AdamW); ours grew about 313 MiB per pair (padded, Liger head).
+    # The loss check uses the first 4 pairs (TRL's float32 check of 64 would not fit either).
+    log "benchmark, batch 64 (TRL should run out of memory)"
+    bench big 75 --batch 64 --warmup 1 --steps 2 --check-pairs 4 --variants packed-flex+liger,plain+liger
 fi
-if want b4; then  # batch 4's other layouts were measured on 2026-11-30; torch.compile was not reached then
-    log "benchmark, batch 4: padded and packed-flex, each with and without torch.compile"
-    bench b4 150 --steps 8 --variants plain,packed-flex,packed-flex+compile,plain+compile
+if want b4; then  # batch 4 again, now that both sides step fused AdamW (2026-11-30's figures: foreach)
+    log "benchmark, batch 4: packed-flex and padded"
+    bench b4 100 --steps 8 --variants packed-flex,plain
+fi
+if want compile4; then  # only when named: batch 4 with the layers compiled (for a second device run)
+    log "benchmark, batch 4 under torch.compile"
+    bench compile4 150 --steps 8 --variants packed-flex+compile,plain+compile
 fi
 if want blockmask; then  # only when named: the block mask's build time and memory, ours against torch's
     log "FlexAttention block mask, ours against create_block_mask"
@@ -108,7 +124,7 @@ if want blockmask; then  # only when named: the block mask's build time and memo
     publish
 fi
 log "issue 17's targets against these figures (benchmarks/targets.py)"
-python3 benchmarks/targets.py "$WORK"/bench-b4.json "$WORK"/bench-b16.json "$WORK"/bench-big.json \
+python3 benchmarks/targets.py "$WORK"/bench-{b4,b16,big,compile4}.json \
     --markdown "$WORK/targets.md" > /dev/null 2>&1; cat "$WORK/targets.md" >> "$WORK/summary.md" 2>/dev/null
 publish
 

@@ -6,6 +6,8 @@ For each file (one per batch size): our fastest run against TRL's pairs/s (targe
 layout (``plain``, target >= 1.1x), the peak GPU memory of the fastest and of the leanest run against TRL's
 (target <= 0.5x), the fastest run's MFU (target >= 35% at a realistic batch such as 16), and whether TRL
 ran out of memory at a batch where one of ours ran (a TRL run cut off by a time limit counts for nothing).
+Where our fastest run drops gradient checkpointing (``+nockpt``) and TRL was timed without it too
+(``--trl-nockpt``), the speed target is also read against that TRL run.
 Then which layout ``packing=auto`` would keep on this GPU: the fastest of the plain, prefix-shared and
 packed runs without extra options (a chunked head, Liger or compile are separate switches). Every figure
 is the benchmark's own; nothing here is measured. ``gpu_check.sh`` appends the table to its summary.
@@ -41,6 +43,7 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
     rows = {r["name"]: r for r in result.get("rows", [])}
     batch = result.get("config", {}).get("batch", "?")
     trl = rows.pop("TRL", None)
+    trl_free = rows.pop("TRL+nockpt", None)  # bench_trl.py --trl-nockpt: TRL without gradient checkpointing
     out = []
     if not rows:
         return [(f"batch {batch}", "no run of ours measured", verdict(None))]
@@ -60,6 +63,15 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
                     f"batch {batch}: peak memory ({label}) <= {MEMORY}x TRL",
                     f"{r['name']} {x:.2f}x",
                     verdict(x <= MEMORY),
+                )
+            )
+        if trl_free and "+nockpt" in best["name"]:  # ours dropped checkpointing: so may TRL, for a like comparison
+            x = best["pairs_per_s"] / trl_free["pairs_per_s"]
+            out.append(
+                (
+                    f"batch {batch}: best pairs/s >= {SPEED}x TRL, both without checkpointing",
+                    f"{best['name']} {x:.2f}x",
+                    verdict(x >= SPEED),
                 )
             )
     elif result.get("failures", {}).get("TRL") == "out of memory":

@@ -146,8 +146,8 @@ class HardwareConfig:
     # | flash (flash-attn's variable-length kernel, one call per layer; GPU, packing=packed only)
     packing_attention: str = "segments"
     logps_chunk_size: int = 0  # > 0: log-probs in chunks of this many tokens (large vocabularies)
-    # liger: the head, log-softmax and loss fused per pair by Liger-Kernel (simpo_exp/fused.py; simpo, cpo, orpo,
-    # packing=none; no logits of the whole batch); none: the project's own head (chunked by logps_chunk_size)
+    # liger: the head, log-softmax and loss fused per pair by Liger-Kernel (simpo_exp/fused.py; simpo, cpo, orpo;
+    # any packing; no logits of the whole batch); none: the project's own head (chunked by logps_chunk_size)
     fused_head: str = "none"
     # Batches of pairs of similar length (less padding under packing=none; simpo_exp/data/sampler.py).
     group_by_length: bool = False

@@ -7,7 +7,8 @@ the loss, with the gradients of the hidden states and the head taken inside the 
 holds one pair's logits instead of the batch's. The project's own answer to the same problem, without the
 extra package, is ``hardware.logps_chunk_size`` (simpo_exp/logps.py).
 
-Only the hidden states that predict a response token are handed over: ``ResponseLogps`` gathers them and
+Only the hidden states that predict a response token are handed over: ``ResponseLogps`` gathers them, in
+any batch layout (padded, packed, prefix-shared), and
 this module lays them out as [2B, longest response, H] rows (chosen first, then rejected, as Liger expects),
 zeros and label -100 after each response. Liger averages its logits over every position of that tensor;
 zero states give zero logits (the head's bias, if any, is taken back out), so the vocabulary-mean logit
@@ -42,9 +43,9 @@ class FusedPreference(NamedTuple):
     logit_sums: torch.Tensor  # [2] vocabulary-mean logit summed over the chosen, the rejected response tokens
 
 
-def fused_head(cfg, layout, model) -> "LigerPreferenceHead | None":
+def fused_head(cfg, model) -> "LigerPreferenceHead | None":
     """The fused head the config asks for (None for ``hardware.fused_head=none``); a ConfigError naming the
-    key when the method, its settings, the layout or the model cannot run fused."""
+    key when the method, its settings or the model cannot run fused. Every batch layout can."""
     from simpo_exp.config import ConfigError, resolve_gamma
 
     if cfg.hardware.fused_head == "none":
@@ -60,8 +61,6 @@ def fused_head(cfg, layout, model) -> "LigerPreferenceHead | None":
         raise ConfigError(f"{where} computes SimPO's sigmoid loss only, not loss_type={cfg.loss_type!r}")
     if cfg.method == "orpo" and cfg.sft_weight not in (0.0, 1.0):
         raise ConfigError(f"{where}: Liger's ORPO weighs its NLL term 1 or leaves it out; sft_weight={cfg.sft_weight}")
-    if layout.packing != "none":
-        raise ConfigError(f"{where} runs on the padded layout only; set hardware.packing=none (not {layout.packing!r})")
     if getattr(model.config, "final_logit_softcapping", None):
         raise ConfigError(f"{where}: Liger does not cap the logits as this model does (Gemma 2); use 'none'")
     gamma, _ = resolve_gamma(cfg)
@@ -104,8 +103,11 @@ class LigerPreferenceHead(nn.Module):
         return self._losses[compiled]
 
     def forward(self, head: nn.Module, states, targets, rows, n: int, counts) -> FusedPreference:
-        """``states`` [M, H] the hidden states that predict the response tokens ``targets`` [M], row by row
-        (``rows`` [M] their row, ``counts`` [n] tokens per row; rows [0, n/2) chosen, the rest rejected)."""
+        """``states`` [M, H] the hidden states that predict the response tokens ``targets`` [M], each row's in
+        order (``rows`` [M] their row, ``counts`` [n] tokens per row; rows [0, n/2) chosen, the rest rejected).
+        The padded layout hands the rows over one after another; the packed layouts interleave them pair by
+        pair, so each token's place in its row is counted in row order (a stable sort of the row indices); the
+        states themselves are scattered straight into their rows, never copied into that order."""
         weight, bias = unsharded(head).weight, getattr(head, "bias", None)
         if weight.numel() == 0:
             raise RuntimeError(
@@ -115,7 +117,9 @@ class LigerPreferenceHead(nn.Module):
             )
         width = max(int(counts.max()), 1) if n else 1
         starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(states.shape[0], device=states.device) - starts[rows]
+        order = torch.argsort(rows, stable=True)  # the tokens grouped by row, each row's in order
+        pos = torch.empty_like(rows)
+        pos[order] = torch.arange(rows.shape[0], device=rows.device) - starts[rows[order]]
         padded = states.new_zeros(n, width, states.shape[-1]).index_put((rows, pos), states)
         labels = targets.new_full((n, width), -100).index_put((rows, pos), targets)
         compiled = states.device.type == "cuda" if self.compiled is None else self.compiled

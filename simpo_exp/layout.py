@@ -53,14 +53,13 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     by default on one GPU). ``packing=auto`` here picks what measured fastest (benchmarks/RESULTS.md):
     prefix sharing with ``hardware.packing_attention`` on CPU; packed with FlexAttention on CUDA (2.03x TRL's
     pairs/s and 1.68x the padded layout's on an H200), whatever ``packing_attention`` says, as the measured
-    candidates do (padded where torch predates FlexAttention). The padded layout under a fused head
-    (``hardware.fused_head``), for a sliding window shorter than ``max_length`` (no packed attention here
-    implements one), and on CPU for models whose attention softcaps its logits (Gemma 2), which segment
-    attention does not implement (FlexAttention does)."""
+    candidates do (padded where torch predates FlexAttention). The padded layout for a sliding window
+    shorter than ``max_length`` (no packed attention here implements one), and on CPU for models whose
+    attention softcaps its logits (Gemma 2), which segment attention does not implement (FlexAttention
+    does). The fused head (``hardware.fused_head``) runs in every layout and changes nothing here."""
     packing, attention = hardware.packing, hardware.packing_attention
     if packing == "auto":
-        fused = getattr(hardware, "fused_head", "none") != "none"  # the fused head runs on the padded layout only
-        if fused or short_window(model_config, max_length):
+        if short_window(model_config, max_length):
             packing = "none"
         elif device_type == "cuda":
             packing, attention = ("packed", "flex") if flex_available() else ("none", attention)

@@ -16,7 +16,8 @@ around each; no optimizer step, the gradients dropped afterwards), and the run k
                 every layout up to rounding), the measured batch's size.
     resume      a resumed run keeps the layout its first start recorded in ``env.json`` (no new
                 measurement, so a resumed run never changes layout).
-    fused head  ``hardware.fused_head`` other than none runs padded batches only: auto is then ``none``.
+    fused head  under ``hardware.fused_head`` each candidate is timed with the fused head and its loss, as
+                the run will train.
 
 The measurement runs under ``torch.random.fork_rng`` (the run's dropout stream is untouched) on a batch
 drawn from a separate copy of the train loader (the run's data order is untouched); on CUDA the peak-memory
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 from simpo_exp.data import MODEL_COLUMNS
-from simpo_exp.layout import BatchLayout, check_attention, choose_layout, short_window
+from simpo_exp.layout import BatchLayout, check_attention, choose_layout, flex_available, short_window
 from simpo_exp.rundir import read_json
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: 
     if short_window(model_config, max_length):
         return out  # neither segments, flex nor flash implement a sliding window here
     if device_type == "cuda":
-        out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
+        if flex_available():  # torch 2.5 on
+            out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
         if importlib.util.find_spec("flash_attn") is not None:
             out.append(BatchLayout("packed", "flash", chunk_size))
     elif not getattr(model_config, "attn_logit_softcapping", None):
@@ -67,14 +69,15 @@ def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: 
     return out
 
 
-def time_layout(model, layout: BatchLayout, pairs: list[dict], pad_token_id: int, device, autocast) -> dict:
-    """Seconds of each timed forward + backward of ``pairs`` in ``layout``, and the first pass's loss."""
+def time_layout(model, layout: BatchLayout, pairs: list[dict], pad_token_id: int, device, autocast, fused=None) -> dict:
+    """Seconds of each timed forward + backward of ``pairs`` in ``layout``, and the first pass's loss (the mean
+    response-token NLL). With a ``fused`` head (simpo_exp/fused.py) the backward pass is of its loss."""
     from accelerate.utils import send_to_device
 
     from simpo_exp.data.collate import PairCollator
     from simpo_exp.logps import ResponseLogps
 
-    policy = ResponseLogps.for_layout(model, layout)
+    policy = ResponseLogps.for_layout(model, layout, fused=fused)
     batch = send_to_device(PairCollator(pad_token_id, layout.packing, layout.attention)(pairs), device)
     seconds, loss = [], None
     try:
@@ -83,8 +86,9 @@ def time_layout(model, layout: BatchLayout, pairs: list[dict], pad_token_id: int
             started = time.perf_counter()
             with autocast():
                 out = policy(**batch)
-                nll = -out.logp_sums.sum() / out.num_tokens.sum().clamp(min=1)
-            nll.backward()
+                sums = out.logp_sums if fused is None else out.logp_means * out.num_tokens
+                nll = -sums.sum() / out.num_tokens.sum().clamp(min=1)
+            (nll if fused is None else out.loss).backward()
             synchronize(device)
             seconds.append(time.perf_counter() - started)
             loss = float(nll.detach()) if loss is None else loss
@@ -99,13 +103,13 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model, layouts: list, pairs: list[dict], pad_token_id: int, device, autocast) -> list[dict]:
+def measure(model, layouts: list, pairs: list[dict], pad_token_id: int, device, autocast, fused=None) -> list[dict]:
     """One row per layout: packing, attention, and either the timings or the reason it was skipped."""
     rows = []
     for layout in layouts:
         row = {"packing": layout.packing, "attention": layout.attention}
         try:
-            row |= time_layout(model, layout, pairs, pad_token_id, device, autocast)
+            row |= time_layout(model, layout, pairs, pad_token_id, device, autocast, fused)
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
         except (ValueError, RuntimeError, NotImplementedError, ImportError) as e:
@@ -147,9 +151,10 @@ def recorded_layout(run_dir: Path) -> dict | None:
     return {"batch_layout": env["batch_layout"], "layout_choice": env.get("layout_choice")}
 
 
-def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_token_id: int) -> tuple:
+def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_token_id: int, fused=None) -> tuple:
     """The run's ``BatchLayout`` and how it was chosen (env.json's ``layout_choice``). ``first_pairs()``
-    gives the run's first training batch as a list of pairs; it is called only when measuring."""
+    gives the run's first training batch as a list of pairs; it is called only when measuring. ``fused``: the
+    run's fused head, if any, with which the candidates are timed."""
     from simpo_exp.engine import SHARDED_ENGINES, on_main
 
     hw, device_type = cfg.hardware, accelerator.device.type
@@ -165,8 +170,6 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
         if layout:
             log.info("packing=auto: resuming with the layout recorded at the first start: %s", layout)
             return layout, {"rule": "recorded at the first start", "first_start": earlier["layout_choice"]}
-    if getattr(hw, "fused_head", "none") != "none":  # the fused head (simpo_exp/fused.py): padded batches only
-        return fixed(), {"rule": "fixed", "why": "fused head"}
     if not measuring(hw, device_type):
         return fixed(), {"rule": "fixed"}
     if accelerator.distributed_type in SHARDED_ENGINES:
@@ -176,7 +179,7 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
 
     def run():
         pairs = first_pairs()
-        rows = measure_on_device(cfg, accelerator, model, pairs, pad_token_id)
+        rows = measure_on_device(cfg, accelerator, model, pairs, pad_token_id, fused)
         size = {"pairs": len(pairs), "tokens": sum(len(p[k]) for p in pairs for k in MODEL_COLUMNS)}
         return rows, size
 
@@ -203,7 +206,7 @@ def keep_recorded(recorded: dict, chunk_size: int, device_type: str) -> BatchLay
         return None
 
 
-def measure_on_device(cfg, accelerator, model, pairs: list[dict], pad_token_id: int) -> list[dict]:
+def measure_on_device(cfg, accelerator, model, pairs: list[dict], pad_token_id: int, fused=None) -> list[dict]:
     """``measure`` with the model on the run's device in training mode, the random streams and the
     model's attention implementation restored afterwards."""
     device = accelerator.device
@@ -215,7 +218,7 @@ def measure_on_device(cfg, accelerator, model, pairs: list[dict], pad_token_id: 
     model.to(device).train()
     try:
         with torch.random.fork_rng(devices=devices):
-            return measure(model, layouts, pairs, pad_token_id, device, accelerator.autocast)
+            return measure(model, layouts, pairs, pad_token_id, device, accelerator.autocast, fused)
     finally:
         model.train(was_training)
         if model.config._attn_implementation != original:

@@ -521,8 +521,6 @@ class ResponseLogps(nn.Module):
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicts)[predicts]
             n = input_ids.shape[0]
             counts = predicts.sum(1)
-            if self.fused is not None:
-                return self.fused(self.model.get_output_embeddings(), states, targets, rows, n, counts)
         else:
             hidden = self._packed_hidden(input_ids, position_ids, segments, attn_groups)
             predicts = loss_mask.bool()
@@ -531,6 +529,8 @@ class ResponseLogps(nn.Module):
             rows = seq_index[predicts]
             n = 2 * len(segments)
             counts = torch.bincount(rows, minlength=n)
+        if self.fused is not None:  # the head and the loss in one chunked call, whatever the layout
+            return self.fused(self.model.get_output_embeddings(), states, targets, rows, n, counts)
         return self._reduce(states, targets, rows, n, counts)
 
     def _packed_hidden(self, input_ids, position_ids, segments, attn_groups) -> torch.Tensor:

@@ -244,10 +244,11 @@ def set_up(cfg: Config) -> Run:
     check_device_memory(model, accelerator, cfg.hardware, live)  # the trained state (and copy) alone must fit
     if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own fp32 master copy
         warn_if_updates_vanish(model, lr)
+    head = fused_head(cfg, model)  # hardware.fused_head: None for the project's own head
     layout, layout_choice = layout_for_run(
-        cfg, accelerator, model, run_dir, lambda: first_pairs(cfg, train_ds, accelerator), tokenizer.pad_token_id
+        cfg, accelerator, model, run_dir, lambda: first_pairs(cfg, train_ds, accelerator), tokenizer.pad_token_id, head
     )
-    policy = ResponseLogps.for_layout(model, layout, fused=fused_head(cfg, layout, model))
+    policy = ResponseLogps.for_layout(model, layout, fused=head)
     flops = flop_spec(model)  # before any sharding
     checkpoint_bytes = checkpoint.check_space(
         run_dir, model, cfg.save_total_limit, cfg.save_model, warn=accelerator.is_main_process

@@ -1,11 +1,11 @@
 """``torchrun --nproc_per_node 2 -m tests.sharded_head OUT``: one training step of ``ResponseLogps`` under FSDP2 on
 two gloo processes, with the output head sharded as a unit of its own, as accelerate does (tests/test_logps.py).
 
-Each process takes its own pairs, with a different number of response tokens, so the chunked head runs a
-different number of chunks on each. For the chunked head (``logps_chunk_size``) and the fused one (Liger, where
-installed) the main process writes the loss of each process and every parameter's gathered gradient to OUT
-(``torch.save``). A head that ran a collective per chunk would leave the processes at different collectives: gloo
-then fails, or waits out the process group's timeout.
+Each process takes its own pairs, with a different number of response tokens, so the chunked head runs a different
+number of chunks on each. For the chunked head (``logps_chunk_size``) and the fused one (Liger, where installed; on
+padded rows and on prefix-shared ones) the main process writes the loss of each process and every parameter's
+gathered gradient to OUT (``torch.save``). A head that ran a collective per chunk would leave the processes at
+different collectives: gloo then fails, or waits out the process group's timeout.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ PAD, VOCAB, CHUNK = 0, 96, 8
 PAIRS = random_pairs(6, vocab=VOCAB, seed=7)  # pairs 0-2 for process 0, 3-5 for process 1
 
 
-def local_batch(rank: int) -> dict:
-    return PairCollator(PAD)(PAIRS[3 * rank : 3 * rank + 3])
+PACKING = {"chunked": "none", "fused": "none", "fused-prefix": "prefix_shared"}  # each head's batch layout
+
+
+def local_batch(rank: int, head: str = "chunked") -> dict:
+    return PairCollator(PAD, PACKING[head])(PAIRS[3 * rank : 3 * rank + 3])
 
 
 def policy_for(head: str) -> ResponseLogps:
@@ -38,7 +41,7 @@ def policy_for(head: str) -> ResponseLogps:
 
     fused = LigerPreferenceHead("simpo", beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0)
     fused.compiled = False
-    return ResponseLogps(model, fused=fused)
+    return ResponseLogps(model, packing=PACKING[head], fused=fused)
 
 
 def step_loss(policy: ResponseLogps, batch: dict) -> torch.Tensor:
@@ -66,14 +69,14 @@ def main(out: str) -> None:
     try:
         import liger_kernel  # noqa: F401
 
-        heads.append("fused")
+        heads += ["fused", "fused-prefix"]
     except ImportError:
         pass
     results = {}
     for head in heads:
         policy = policy_for(head)
         shard_as_accelerate_does(policy)
-        batch = local_batch(rank)
+        batch = local_batch(rank, head)
         loss = step_loss(policy, batch)
         loss.backward()
         grads = {name: p.grad.full_tensor() for name, p in policy.model.named_parameters()}

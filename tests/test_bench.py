@@ -4,6 +4,7 @@ check builds every variant the gpu preset times (on a CPU-sized model), so a bro
 a device run is spent on it, and each must equal TRL's loss."""
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -20,22 +21,72 @@ def test_the_gpu_presets_variants_build_and_equal_trls_loss():
     bench = load_bench()
     gpu = bench.PRESETS["gpu"]["variants"]
     # flash-attn (packed-flash) and Liger run where installed; +compile variants are covered by test_compile
+    settings = {v: bench.variant_settings(v) for v in gpu}
     runnable = [
         v
-        for v in gpu
-        if not v.endswith(bench.COMPILE_SUFFIX)
-        and (bench.VARIANTS[v]["attention"] != "flash" or importlib.util.find_spec("flash_attn"))
-        and (bench.VARIANTS[v].get("fused") != "liger" or importlib.util.find_spec("liger_kernel"))
+        for v, s in settings.items()
+        if not s["compile"]
+        and (s["attention"] != "flash" or importlib.util.find_spec("flash_attn"))
+        and (s.get("fused") != "liger" or importlib.util.find_spec("liger_kernel"))
     ]
     assert {"plain", "prefix-flex", "packed-flex", "plain+chunk1024", "prefix-flex+chunk1024", "prefix"} <= set(
         runnable
     )
+    assert "packed-flex+nockpt" in runnable
     spec = {"preset": "cpu", "overrides": {"batch": 4, "warmup": 0, "steps": 1}, "threads": 1, "variants": runnable}
     check = bench.worker_check(spec)
     assert set(check["ours"]) == set(runnable)
     assert check["trl"] > 0
     for variant, loss in check["ours"].items():
         assert loss == pytest.approx(check["trl"], abs=bench.LOSS_TOLERANCE), variant
+
+
+def test_variant_suffixes_in_any_order():
+    bench = load_bench()
+    assert bench.split_variant("packed-flex+liger") == (
+        "packed-flex+liger",
+        {"compile": False, "no_checkpointing": False},
+    )
+    both = {"compile": True, "no_checkpointing": True}
+    assert bench.split_variant("packed-flex+compile+nockpt") == ("packed-flex", both)
+    assert bench.split_variant("plain+liger+nockpt+compile") == ("plain+liger", both)
+    assert bench.split_variant("plain+compile+compile")[0] == "plain+compile"  # twice: not a variant
+    assert bench.variant_settings("prefix+chunk1024+nockpt") == bench.VARIANTS["prefix+chunk1024"] | {
+        "compile": False,
+        "no_checkpointing": True,
+    }
+
+
+def test_nockpt_leaves_our_model_without_gradient_checkpointing():
+    bench = load_bench()
+    preset = bench.PRESETS["cpu"] | {"gradient_checkpointing": True}
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    for variant, on in (("packed", True), ("packed+nockpt", False)):
+        model = bench.build_model(preset, tok)
+        bench.make_ours(preset, tok, model, variant)
+        assert model.is_gradient_checkpointing is on, variant
+
+
+def test_a_shared_process_reports_each_variant_as_it_finishes():
+    """--shared-process (GPU) runs our variants in one process; its driver side, on CPU: each result arrives as its
+    variant finishes, and a worker that dies midway leaves the results before it and says why it stopped."""
+    bench = load_bench()
+    spec = {"preset": "cpu", "overrides": {"batch": 2, "warmup": 1, "steps": 1}, "threads": 1, "impl": "ours_shared"}
+    got = []
+    variants = ["plain", "prefix", "no-such-variant", "packed"]
+    why = bench.run_shared_worker(spec | {"variants": variants}, lambda v, r: got.append((v, r)))
+    assert [v for v, _ in got] == ["plain", "prefix"]  # in order, each as it finished; none after the failure
+    assert all(len(r["times"]) == 2 and "error" not in r for _, r in got)
+    assert why.startswith("shared worker failed")
+
+
+def test_a_shared_process_is_refused_on_a_cpu(monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(sys, "argv", ["bench_trl.py", "--preset", "cpu", "--shared-process"])
+    with pytest.raises(SystemExit, match="--shared-process is for GPU presets"):
+        bench.main()
 
 
 def test_trace_summary_counts_busy_time_kernels_and_waits():
@@ -113,6 +164,16 @@ def test_targets_read_the_benchmark_json():
     cut_off = {"config": {"batch": 48}, "rows": [row("plain+liger", 5.0, 50000)], "missing": ["TRL"]}  # not a failure
     assert assess(cut_off)[0] == ("batch 48: against TRL", "TRL not measured (not reached)", "n/a")
     assert markdown([b4, b16]).count("\n") == 2 + len(assess(b4)) + len(assess(b16))
+    # our fastest without checkpointing, and TRL timed without it too: the speed target read against both
+    free = {"config": {"batch": 16}, "missing": []}
+    free["rows"] = [row("TRL", 10.0, 40000), row("TRL+nockpt", 12.5, 60000), row("packed-flex+nockpt", 24.0, 30000)]
+    got = {t: (m, v) for t, m, v in assess(free)}
+    assert got["batch 16: best pairs/s >= 2.0x TRL"] == ("packed-flex+nockpt 2.40x", "met")
+    assert got["batch 16: best pairs/s >= 2.0x TRL, both without checkpointing"] == (
+        "packed-flex+nockpt 1.92x",
+        "missed",
+    )
+    assert all("TRL+nockpt" not in m for _, m, _ in assess(free))  # never taken for one of ours
 
 
 def test_trls_mfu_counts_the_work_of_our_padded_layout_on_the_same_batches(monkeypatch):

@@ -115,7 +115,7 @@ def test_measured_only_where_asked(compose):
     assert not layout_auto.measuring(hw("hardware.measure_layouts=true", "hardware.packing=none"), "cpu")
 
 
-def test_candidates_follow_the_device_and_the_model():
+def test_candidates_follow_the_device_and_the_model(monkeypatch):
     plain = SimpleNamespace()
     names = lambda layouts: [(x.packing, x.attention) for x in layouts]  # noqa: E731
     assert names(layout_auto.candidates("cpu", plain)) == [
@@ -132,6 +132,8 @@ def test_candidates_follow_the_device_and_the_model():
     short_window = SimpleNamespace(sliding_window=256)
     assert names(layout_auto.candidates("cuda", short_window, max_length=1024)) == [("none", "segments")]
     assert len(layout_auto.candidates("cuda", short_window, max_length=256)) >= 3
+    monkeypatch.setattr(layout_auto, "flex_available", lambda: False)  # torch 2.4: no FlexAttention
+    assert [a for _, a in names(layout_auto.candidates("cuda", plain))].count("flex") == 0
 
 
 def test_every_candidate_timed_with_the_same_loss():
@@ -182,13 +184,38 @@ def test_measurement_leaves_the_random_stream_and_the_attention_as_they_were():
     assert not torch.equal(torch.get_rng_state(), before)  # without fork_rng the passes would have drawn
 
 
-def test_a_fused_head_keeps_auto_on_the_padded_layout(compose, tmp_path):
-    overrides = ("hardware.fused_head=liger", "hardware.measure_layouts=true", "resume=false")
+def test_a_fused_head_is_measured_in_every_layout_with_its_own_loss(compose, tmp_path):
+    """Under hardware.fused_head the candidates are timed with the fused head (its loss is what goes backward),
+    and every layout reads the same mean response-token NLL off it as without the fused head."""
+    pytest.importorskip("liger_kernel")
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.fused import fused_head
+
+    overrides = ("hardware=cpu", "hardware.fused_head=liger", "hardware.measure_layouts=true", "resume=false")
     cfg = to_config(compose(*overrides))
-    accelerator = SimpleNamespace(device=CPU, num_processes=1)
-    never = lambda: pytest.fail("measured")  # noqa: E731
-    layout, choice = layout_auto.layout_for_run(cfg, accelerator, make_model(), tmp_path, never, PAD)
-    assert layout.packing == "none" and choice == {"rule": "fixed", "why": "fused head"}
+    accelerator = SimpleNamespace(
+        device=CPU, num_processes=1, distributed_type=DistributedType.NO, autocast=contextlib.nullcontext
+    )
+    model, pairs = make_model(), random_pairs(3, seed=2)
+    head = fused_head(cfg, model)
+    head.compiled = False
+    calls = []
+    real = head.forward
+
+    def counted(*args):
+        calls.append(args[2].shape[0])  # the response tokens handed to the fused head
+        return real(*args)
+
+    head.forward = counted
+    layout, choice = layout_auto.layout_for_run(cfg, accelerator, model, tmp_path, lambda: pairs, PAD, head)
+    assert choice["rule"] == "measured" and len(choice["candidates"]) == 3
+    assert all("error" not in r for r in choice["candidates"]), choice
+    tokens = sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in pairs)
+    assert calls == [tokens] * 3 * (1 + layout_auto.TIMED_PASSES)  # every pass of every candidate, fused
+    unfused = layout_auto.measure(model, [BatchLayout()], pairs, PAD, CPU, contextlib.nullcontext)[0]
+    for row in choice["candidates"]:
+        assert row["loss"] == pytest.approx(unfused["loss"], abs=1e-5), row
 
 
 def test_a_measurement_where_every_candidate_fails_keeps_the_padded_layout(compose, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""hardware.fused_head=liger: Liger-Kernel's fused-linear preference losses against the project's padded path.
+"""hardware.fused_head=liger: Liger-Kernel's fused-linear preference losses against the project's padded path,
+in the padded layout and in the packed ones.
 
 Float32 on CPU (Liger's chunked losses are plain torch; run uncompiled here): on the same batch the fused
 path's loss, the gradients of the output head, the embedding, an attention weight and the final norm, the
@@ -7,6 +8,7 @@ gradients). The statistics Liger cannot produce (entropy, top-1 accuracy) are ab
 where liger-kernel is not installed (pip install -e ".[gpu]"); the refusals are tested either way.
 """
 
+import json
 import sys
 
 import pytest
@@ -71,7 +73,7 @@ def test_fused_head_equals_the_padded_path(compose, case):
     cfg = config(compose, "hardware.fused_head=liger", *CASES[case])
     model = with_bias(make_model(vocab=96, seed=3))
     batch = PairCollator(PAD)(random_pairs(5, vocab=96, seed=7))  # uneven lengths: padding in every row
-    head = fused_head(cfg, BatchLayout(), model)
+    head = fused_head(cfg, model)
     head.compiled = False  # compiling on a CPU takes long and changes nothing numerically
     fused = run(ResponseLogps(model, fused=head), batch, cfg)
     with torch.no_grad():  # evaluation: Liger takes no gradients, the loss stays the same
@@ -102,45 +104,76 @@ def test_unsupported_methods_and_settings_are_refused_by_name(compose):
     ]:
         cfg = config(compose, "hardware.fused_head=liger", *overrides)
         with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
-            fused_head(cfg, BatchLayout(), model)
-    cfg = config(compose, "hardware.fused_head=liger")
-    with pytest.raises(ConfigError, match="hardware.packing=none"):
-        fused_head(cfg, BatchLayout("prefix_shared"), model)
-    assert fused_head(config(compose), BatchLayout(), model) is None  # fused_head=none: the project's head
+            fused_head(cfg, model)
+    assert fused_head(config(compose), model) is None  # fused_head=none: the project's head
     with pytest.raises(ConfigError, match="hardware.fused_head"):
         config(compose, "hardware.fused_head=triton")
 
 
-def test_packing_auto_takes_the_padded_layout_under_the_fused_head(compose):
-    cfg = to_config(compose("hardware=cpu", "hardware.packing=auto", "hardware.fused_head=liger"))
-    assert choose_layout(cfg.hardware, "cpu", make_model().config).packing == "none"
-    cfg = to_config(compose("hardware=cpu", "hardware.packing=auto"))
-    assert choose_layout(cfg.hardware, "cpu", make_model().config).packing == "prefix_shared"
+@pytest.mark.parametrize("case", ["simpo", "cpo"])
+@pytest.mark.parametrize(
+    "layout", [BatchLayout("packed"), BatchLayout("prefix_shared"), BatchLayout("packed", "mask")], ids=str
+)
+def test_fused_head_in_the_packed_layouts_equals_the_padded_path(compose, case, layout):
+    """The packed layouts hand the fused head their response tokens pair by pair (chosen, rejected, next pair);
+    it groups them by row, so loss, statistics, rewards and gradients equal the padded unfused path's."""
+    pytest.importorskip("liger_kernel")
+    cfg = config(compose, "hardware.fused_head=liger", *CASES[case])
+    model = with_bias(make_model(vocab=96, seed=3))
+    pairs = random_pairs(4, vocab=96, seed=11)
+    head = fused_head(cfg, model)
+    head.compiled = False
+    packed_batch = PairCollator(PAD, layout.packing, layout.attention)(pairs)
+    fused = run(ResponseLogps.for_layout(model, layout, fused=head), packed_batch, cfg)
+    model.set_attn_implementation("sdpa")  # the packed policy routed the attention through its hook
+    plain = run(ResponseLogps(model), PairCollator(PAD)(pairs), cfg)
+
+    torch.testing.assert_close(fused[0], plain[0], atol=ATOL, rtol=0)
+    assert set(fused[1]) == set(plain[1]) - set(ABSENT)
+    for key in set(fused[1]) - {"tokens"}:  # tokens computed: prefix sharing computes each prompt once
+        torch.testing.assert_close(fused[1][key], plain[1][key], atol=ATOL, rtol=1e-6, msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(fused[2], plain[2], atol=ATOL, rtol=0)
+    torch.testing.assert_close(fused[3], plain[3])
+    for key, grad in fused[4].items():
+        torch.testing.assert_close(grad, plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {key}: {m}")
+
+
+def test_packing_auto_is_the_same_with_and_without_the_fused_head(compose):
+    for device, packing in (("cpu", "prefix_shared"), ("cuda", "packed")):
+        layouts = [
+            choose_layout(to_config(compose("hardware=cpu", "hardware.packing=auto", *head)).hardware, device, config_)
+            for head in ((), ("hardware.fused_head=liger",))
+            for config_ in [make_model().config]
+        ]
+        assert layouts[0] == layouts[1] and layouts[0].packing == packing
 
 
 def test_a_missing_package_says_how_to_install_it(compose, monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import liger_kernel now raises ImportError
     cfg = config(compose, "hardware.fused_head=liger")
     with pytest.raises(ImportError, match=r'pip install -e "\.\[gpu\]"'):
-        fused_head(cfg, BatchLayout(), make_model())
+        fused_head(cfg, make_model())
 
 
 def test_a_fused_run_trains_and_logs_as_the_padded_run(compose, tmp_path):
-    """Two short runs from the same seed, fused head and project head: the same losses and eval metrics,
-    step by step; the fused run leaves out the two per-token metrics Liger does not compute."""
+    """Two short runs from the same seed, the fused head on prefix-shared batches and the project head on padded
+    ones: the same losses and eval metrics, step by step; the fused run leaves out the two per-token metrics
+    Liger does not compute."""
     pytest.importorskip("liger_kernel")
     from simpo_exp.train import train
     from tests.test_reliability import _tiny_config
     from tests.test_run import read_metrics
 
     rows = {}
-    for head in ("liger", "none"):
+    for head, packing in (("liger", "prefix_shared"), ("none", "none")):
         cfg = _tiny_config(
-            compose, tmp_path / head, "hardware=cpu", "hardware.packing=none", f"hardware.fused_head={head}",
+            compose, tmp_path / head, "hardware=cpu", f"hardware.packing={packing}", f"hardware.fused_head={head}",
             "max_steps=3", "per_device_train_batch_size=4", "sft_weight=0.2",
         )  # fmt: skip
         train(cfg)
         rows[head] = [r for r in read_metrics(tmp_path / head / "run") if "train/loss" in r or "eval/loss" in r]
+        env = json.loads((tmp_path / head / "run" / "env.json").read_text())
+        assert env["batch_layout"]["packing"] == packing
     assert [r["step"] for r in rows["liger"]] == [r["step"] for r in rows["none"]]
     assert any("train/loss" in r for r in rows["liger"]) and any("eval/loss" in r for r in rows["liger"])
     for fused, plain in zip(rows["liger"], rows["none"]):
@@ -159,7 +192,7 @@ def test_compiled_fused_head_on_cuda(compose):
     cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo"])
     model = with_bias(make_model(vocab=96, seed=3)).cuda()
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PairCollator(PAD)(random_pairs(5, 96, 7)).items()}
-    head = fused_head(cfg, BatchLayout(), model)  # compiled: the default on CUDA
+    head = fused_head(cfg, model)  # compiled: the default on CUDA
     fused = run(ResponseLogps(model, fused=head), batch, cfg)
     plain = run(ResponseLogps(model), batch, cfg)
     torch.testing.assert_close(fused[0], plain[0], atol=1e-4, rtol=0)
@@ -170,3 +203,23 @@ def test_compiled_fused_head_on_cuda(compose):
         bf16_plain = run(ResponseLogps(model), batch, cfg)
     torch.testing.assert_close(bf16[0], bf16_plain[0], atol=5e-2, rtol=0)
     assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in bf16[4].values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_head_on_packed_flex_rows_on_cuda(compose):
+    """The combination the GPU benchmark times (packed-flex+liger): packed rows under FlexAttention with the
+    compiled Liger head, float32, against the padded unfused path (1e-4, as the other CUDA paths)."""
+    pytest.importorskip("liger_kernel")
+    cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo"])
+    model = with_bias(make_model(vocab=96, seed=3)).cuda()
+    pairs = random_pairs(5, 96, 7)
+    layout = BatchLayout("packed", "flex")
+    packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PairCollator(PAD, "packed", "flex")(pairs).items()}
+    fused = run(ResponseLogps.for_layout(model, layout, fused=fused_head(cfg, model)), packed, cfg)
+    model.set_attn_implementation("sdpa")
+    padded = {k: v.cuda() for k, v in PairCollator(PAD)(pairs).items()}
+    plain = run(ResponseLogps(model), padded, cfg)
+    torch.testing.assert_close(fused[0], plain[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(fused[2], plain[2], atol=1e-4, rtol=0)
+    for key, grad in fused[4].items():
+        torch.testing.assert_close(grad, plain[4][key], atol=1e-4, rtol=1e-3, msg=lambda m: f"grad {key}: {m}")

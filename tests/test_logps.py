@@ -120,11 +120,11 @@ def test_tie_weights_shares_again_what_the_model_shared_when_wrapped():
 
 
 def test_a_head_that_fsdp2_shards_as_its_own_unit_on_two_processes(tmp_path):
-    """accelerate's FSDP2 makes the output head a unit of its own (tests/sharded_head.py shards the same way). The
-    chunked head (and the fused one, where liger-kernel is installed) then reads its weight once per step instead
-    of calling the head once per chunk, which ran the unit's collectives as many times as each process had chunks:
-    with two processes of 3 pairs each and different chunk counts, the step finishes, and each process's loss and
-    the averaged gradient of every parameter equal one unsharded process's."""
+    """accelerate's FSDP2 makes the output head a unit of its own (tests/sharded_head.py shards the same way).
+    The chunked head (and the fused one, where liger-kernel is installed, on padded and prefix-shared rows) then
+    reads its weight once per step instead of calling the head once per chunk, which ran the unit's collectives as
+    many times as each process had chunks: with two processes of 3 pairs each and different chunk counts, the step
+    finishes, and each process's loss and the averaged gradient of every parameter equal one unsharded process's."""
     import math
     import os
     import subprocess
@@ -144,13 +144,13 @@ def test_a_head_that_fsdp2_shards_as_its_own_unit_on_two_processes(tmp_path):
     results = torch.load(out)
     chunks = [math.ceil(n / sharded_head.CHUNK) for n in results["response_tokens"]]
     assert chunks[0] != chunks[1], chunks  # else a collective per chunk would have gone unnoticed
-    heads = [h for h in ("chunked", "fused") if h in results]
+    heads = [h for h in sharded_head.PACKING if h in results]
     assert heads[0] == "chunked"
     for head in heads:
         policy = sharded_head.policy_for(head)
         losses = []
         for rank in (0, 1):
-            loss = sharded_head.step_loss(policy, sharded_head.local_batch(rank))
+            loss = sharded_head.step_loss(policy, sharded_head.local_batch(rank, head))
             (loss / 2).backward()  # FSDP averages the processes' gradients
             losses.append(loss.detach())
         torch.testing.assert_close(results[head]["losses"], torch.stack(losses), atol=1e-5, rtol=0)
