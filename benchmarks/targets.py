@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
-from benchmarks.bench_trl import VARIANTS  # noqa: E402  (only the standard library at its top)
+from benchmarks.bench_trl import NO_CHECKPOINTING_SUFFIX, TRL_NO_CHECKPOINTING, VARIANTS  # noqa: E402  (only the standard library at its top)
 
 SPEED, PADDED_SPEED, MEMORY, MFU = 2.0, 1.1, 0.5, 0.35
 # the benchmark's variants that are layouts packing=auto chooses among: no chunked or fused head, and not the
@@ -43,7 +43,7 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
     rows = {r["name"]: r for r in result.get("rows", [])}
     batch = result.get("config", {}).get("batch", "?")
     trl = rows.pop("TRL", None)
-    trl_free = rows.pop("TRL+nockpt", None)  # bench_trl.py --trl-nockpt: TRL without gradient checkpointing
+    trl_free = rows.pop(TRL_NO_CHECKPOINTING, None)  # bench_trl.py --trl-nockpt: TRL without gradient checkpointing
     out = []
     if not rows:
         return [(f"batch {batch}", "no run of ours measured", verdict(None))]
@@ -65,7 +65,8 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
                     verdict(x <= MEMORY),
                 )
             )
-        if trl_free and "+nockpt" in best["name"]:  # ours dropped checkpointing: so may TRL, for a like comparison
+        # ours dropped checkpointing: so may TRL, for a like comparison
+        if trl_free and NO_CHECKPOINTING_SUFFIX in best["name"]:
             x = best["pairs_per_s"] / trl_free["pairs_per_s"]
             out.append(
                 (
