@@ -85,6 +85,7 @@ class LigerPreferenceHead(nn.Module):
         self.method, self.beta, self.gamma = method, beta, gamma
         self.label_smoothing, self.sft_weight = label_smoothing, sft_weight
         self.compiled: bool | None = None
+        self.split_cost = SPLIT_COST  # width_groups: 0 splits wherever a group saves any padding
         self._losses = {}
         liger_losses()  # fail at set-up, not at the first step
 
@@ -107,7 +108,14 @@ class LigerPreferenceHead(nn.Module):
         order (``rows`` [M] their row, ``counts`` [n] tokens per row; rows [0, n/2) chosen, the rest rejected).
         The padded layout hands the rows over one after another; the packed layouts interleave them pair by
         pair, so each token's place in its row is counted in row order (a stable sort of the row indices); the
-        states themselves are scattered straight into their rows, never copied into that order."""
+        states themselves are scattered straight into their rows, never copied into that order.
+
+        Liger pads every row of a call to the call's longest response and runs the head over the padding too.
+        So the pairs go to Liger in groups of similar width (``width_groups``), each call's loss weighed by its
+        share of the pairs: that is the batch mean, as the pairwise loss is a mean over pairs. Each call's
+        gradients are taken at once and summed (``TakenGradients``), so one head-sized gradient buffer is
+        held at a time, not one per call. With an NLL term (``sft_weight`` > 0) Liger divides by the call's
+        chosen tokens, not the batch's, so the batch then goes in one call."""
         weight, bias = unsharded(head).weight, getattr(head, "bias", None)
         if weight.numel() == 0:
             raise RuntimeError(
@@ -115,25 +123,122 @@ class LigerPreferenceHead(nn.Module):
                 "it only inside the model's forward); the fused head needs it whole: use hardware.fused_head=none "
                 "with logps_chunk_size"
             )
-        width = max(int(counts.max()), 1) if n else 1
+        half = n // 2
+        sizes = counts.tolist()  # waits for the device once: the calls are planned on the host
+        widths = [max(sizes[i], sizes[half + i], 1) for i in range(half)]
+        groups = [list(range(half))] if self.sft_weight > 0 else width_groups(widths, self.split_cost)
         starts = torch.cumsum(counts, 0) - counts
         order = torch.argsort(rows, stable=True)  # the tokens grouped by row, each row's in order
         pos = torch.empty_like(rows)
         pos[order] = torch.arange(rows.shape[0], device=rows.device) - starts[rows[order]]
-        padded = states.new_zeros(n, width, states.shape[-1]).index_put((rows, pos), states)
-        labels = targets.new_full((n, width), -100).index_put((rows, pos), targets)
-        compiled = states.device.type == "cuda" if self.compiled is None else self.compiled
-        if not torch.is_grad_enabled():  # evaluation: Liger takes its gradients only of inputs that require them
-            weight, padded, bias = weight.detach(), padded.detach(), None if bias is None else bias.detach()
-        loss, outs = self._loss(compiled)(weight, padded, labels, bias)
-        chosen, rejected, chosen_logit_mean, rejected_logit_mean, _, chosen_rewards, rejected_rewards = outs[:7]
-        logps = torch.cat([chosen, rejected]).detach().float()
+        loss_fn = self._loss(states.device.type == "cuda" if self.compiled is None else self.compiled)
+        trained = [x for x in (states, weight, bias) if x is not None and x.requires_grad]
+        training = torch.is_grad_enabled() and bool(trained)
+        # Liger takes gradients only of inputs that require them: in evaluation none do
+        leaves = [None if x is None else x.detach().requires_grad_(training and x.requires_grad)
+                  for x in (states, weight, bias)]  # fmt: skip
+        group_of = torch.empty(n, dtype=torch.long, device=rows.device)
+        slot = torch.empty(n, dtype=torch.long, device=rows.device)
+        for g, pairs in enumerate(groups):
+            idx = torch.tensor(pairs, device=rows.device)
+            group_of[idx] = group_of[idx + half] = g
+            slot[idx] = torch.arange(len(pairs), device=rows.device)
+            slot[idx + half] = slot[idx] + len(pairs)
+        token_group = group_of[rows]
+        total, grads = 0.0, None
+        chosen, rejected, chosen_rewards, rejected_rewards = torch.zeros(4, half, device=states.device)
+        logit_sums = torch.zeros(2, device=states.device)
+        for g, pairs in enumerate(groups):
+            width, share = max((widths[i] for i in pairs), default=1), len(pairs) / max(half, 1)
+            tokens = (token_group == g).nonzero().squeeze(1) if len(groups) > 1 else None
+
+            def pick(x):  # the group's tokens
+                return x if tokens is None else x.index_select(0, tokens)
+
+            where = (slot[pick(rows)], pick(pos))
+            s, w, b = leaves
+            with torch.enable_grad() if training else torch.no_grad():
+                padded = s.new_zeros(2 * len(pairs), width, s.shape[-1]).index_put(where, pick(s))
+                labels = targets.new_full((2 * len(pairs), width), -100).index_put(where, pick(targets))
+                loss, outs = loss_fn(w, padded, labels, b)
+                if training:  # the call's gradients, now, so that Liger frees its buffers before the next call
+                    taken = torch.autograd.grad(loss, [x for x in leaves if x is not None and x.requires_grad])
+                    grads = accumulate(grads, taken, share)
+            total = total + share * loss.detach()
+            idx = torch.tensor(pairs, device=rows.device)
+            c, r, c_mean, r_mean, _, c_rewards, r_rewards = outs[:7]
+            chosen[idx], rejected[idx] = c.detach().float(), r.detach().float()
+            chosen_rewards[idx], rejected_rewards[idx] = c_rewards.detach().float(), r_rewards.detach().float()
+            # Liger's logit means divide by (pairs * width * vocabulary); padding positions add the bias only.
+            cells = len(pairs) * width
+            group_sums = torch.stack([c_mean, r_mean]).detach().float() * cells
+            if bias is not None:
+                real = torch.stack([counts[idx].sum(), counts[idx + half].sum()])
+                group_sums = group_sums - (cells - real) * bias.detach().float().mean()
+            logit_sums = logit_sums + group_sums
+        if training:
+            total = TakenGradients.apply(total, *trained, *grads)
+        logps = torch.cat([chosen, rejected])
         if self.method == "cpo":  # Liger returned sums
             logps = logps / counts.clamp(min=1)
-        half = n // 2
-        # Liger's logit means divide by (pairs * width * vocabulary); padding positions add the bias only.
-        pad = torch.stack([half * width - counts[:half].sum(), half * width - counts[half:].sum()])
-        logit_sums = torch.stack([chosen_logit_mean, rejected_logit_mean]).detach().float() * half * width
-        if bias is not None:
-            logit_sums = logit_sums - pad * bias.detach().float().mean()
-        return FusedPreference(loss, logps, counts, chosen_rewards.detach(), rejected_rewards.detach(), logit_sums)
+        return FusedPreference(total, logps, counts, chosen_rewards, rejected_rewards, logit_sums)
+
+
+# A further Liger call costs about as much as this many padded positions of the head (its head-sized gradient
+# buffer is zeroed, written and summed: about 12 bytes per head weight, against 6 FLOPs per weight and position).
+SPLIT_COST = 256
+MAX_CALLS = 4
+
+
+def width_groups(widths: list[int], split_cost: int = SPLIT_COST, max_calls: int = MAX_CALLS) -> list[list[int]]:
+    """The pairs (indices into ``widths``, each pair's longer response) split into at most ``max_calls`` groups
+    of neighbouring widths that minimise the head's padded positions, 2 x pairs x widest in each group, plus
+    ``split_cost`` per extra group (an exact split, by dynamic programming over the pairs sorted widest first).
+    Each group lists its pairs widest first; the groups go from the widest to the narrowest."""
+    ranked = sorted(range(len(widths)), key=lambda i: -widths[i])
+    w = [widths[i] for i in ranked]
+    n, inf = len(w), float("inf")
+    if n == 0:
+        return [[]]
+    # cost[k][j]: the first j pairs in k groups; cut[k][j]: where the last of those groups starts
+    cost = [[inf] * (n + 1) for _ in range(max_calls + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_calls + 1)]
+    cost[0][0] = 0
+    for k in range(1, max_calls + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                c = cost[k - 1][i] + 2 * (j - i) * w[i]
+                if c < cost[k][j]:
+                    cost[k][j], cut[k][j] = c, i
+    calls = min(range(1, max_calls + 1), key=lambda k: cost[k][n] + (k - 1) * split_cost)
+    groups, j = [], n
+    for k in range(calls, 0, -1):
+        i = cut[k][j]
+        groups.append(ranked[i:j])
+        j = i
+    return groups[::-1]
+
+
+def accumulate(grads, taken, share: float):
+    """``grads`` + ``share`` x ``taken``, in place where it can: the first call's gradients become the sums."""
+    if grads is None:
+        return list(taken) if share == 1 else [g.mul_(share) for g in taken]
+    for acc, g in zip(grads, taken):
+        acc.add_(g, alpha=share)
+    return grads
+
+
+class TakenGradients(torch.autograd.Function):
+    """A loss whose gradients were taken in the forward pass (Liger's calls): backward hands them on, times the
+    gradient that reaches the loss. ``apply(loss, *inputs, *gradients)``, one gradient per input."""
+
+    @staticmethod
+    def forward(ctx, loss, *tensors):
+        ctx.inputs = len(tensors) // 2
+        ctx.save_for_backward(*tensors[ctx.inputs :])
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # the buffers are this step's own and backward runs once: scaled in place, without a copy
+        return None, *(g.mul_(grad_output) for g in ctx.saved_tensors), *([None] * ctx.inputs)

@@ -17,7 +17,7 @@ from torch import nn
 
 from simpo_exp.config import ConfigError, to_config
 from simpo_exp.data.collate import PairCollator
-from simpo_exp.fused import FusedPreference, fused_head
+from simpo_exp.fused import FusedPreference, fused_head, width_groups
 from simpo_exp.layout import BatchLayout, choose_layout
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.objective import batch_loss
@@ -136,6 +136,63 @@ def test_fused_head_in_the_packed_layouts_equals_the_padded_path(compose, case, 
     torch.testing.assert_close(fused[3], plain[3])
     for key, grad in fused[4].items():
         torch.testing.assert_close(grad, plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {key}: {m}")
+
+
+def test_width_groups_split_the_pairs_where_it_saves_padding():
+    """Widths 10, 2, 9, 3 (pairs 0-3). One call pads all 8 rows to 10: 80 positions. Two calls, {0, 2} at 10 and
+    {3, 1} at 3: 40 + 12 = 52, the best of any two; worth a further call costing up to 27 positions, not 28
+    (a tie keeps fewer calls). Four calls, one pair each: 20 + 18 + 6 + 4 = 48."""
+    assert width_groups([10, 2, 9, 3], split_cost=0, max_calls=2) == [[0, 2], [3, 1]]
+    assert width_groups([10, 2, 9, 3], split_cost=27, max_calls=2) == [[0, 2], [3, 1]]
+    assert width_groups([10, 2, 9, 3], split_cost=28, max_calls=2) == [[0, 2, 3, 1]]
+    assert width_groups([10, 2, 9, 3], split_cost=0, max_calls=4) == [[0], [2], [3], [1]]
+    assert width_groups([5, 5, 5], split_cost=0) == [[0, 1, 2]]  # nothing to save: one call
+    assert width_groups([7]) == [[0]]
+
+
+@pytest.mark.parametrize("layout", [BatchLayout(), BatchLayout("prefix_shared")], ids=str)
+def test_pairs_sent_in_groups_of_similar_width_equal_the_padded_path(compose, layout, monkeypatch):
+    """Liger pads each call's rows to its longest; the head sends pairs of similar width together, weighs each
+    call's loss by its share of the pairs and sums the calls' gradients. Loss, statistics, rewards and gradients
+    equal the padded unfused path's, and Liger was called once per group, with no more than the group's width."""
+    pytest.importorskip("liger_kernel")
+    import simpo_exp.fused as fused_module
+
+    cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo-no-sft"])
+    model = with_bias(make_model(vocab=96, seed=3))
+    pairs = random_pairs(6, vocab=96, seed=5)
+    head = fused_head(cfg, model)
+    head.compiled, head.split_cost = False, 0  # split wherever a group saves any padding
+    planned, widths = [], []
+    real_loss = head._loss(False)
+
+    def plan(*args, **kwargs):
+        planned.append(width_groups(*args, **kwargs))
+        return planned[-1]
+
+    def call(weight, states, labels, bias):
+        widths.append(states.shape[1])
+        return real_loss(weight, states, labels, bias)
+
+    monkeypatch.setattr(fused_module, "width_groups", plan)
+    monkeypatch.setattr(head, "_loss", lambda compiled: call)
+    fused = run(ResponseLogps.for_layout(model, layout, fused=head), PairCollator(PAD, layout.packing)(pairs), cfg)
+    model.set_attn_implementation("sdpa")
+    plain = run(ResponseLogps(model), PairCollator(PAD)(pairs), cfg)
+
+    groups = planned[0]
+    assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(6))
+    assert len(widths) == len(groups) and widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
+    torch.testing.assert_close(fused[0], plain[0], atol=ATOL, rtol=0)
+    for key in set(fused[1]) - {"tokens"}:
+        torch.testing.assert_close(fused[1][key], plain[1][key], atol=ATOL, rtol=1e-6, msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(fused[2], plain[2], atol=ATOL, rtol=0)
+    for key, grad in fused[4].items():
+        assert grad.abs().max() > 0, key
+        torch.testing.assert_close(grad, plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {key}: {m}")
+    with torch.no_grad():  # evaluation: the same groups, no gradients taken
+        torch.testing.assert_close(batch_loss(ResponseLogps.for_layout(model, layout, fused=head),
+                                              PairCollator(PAD, layout.packing)(pairs), cfg)[0], fused[0])  # fmt: skip
 
 
 def test_packing_auto_is_the_same_with_and_without_the_fused_head(compose):
