@@ -139,8 +139,8 @@ class LigerPreferenceHead(nn.Module):
                   for x in (states, weight, bias)]  # fmt: skip
         group_of = torch.empty(n, dtype=torch.long, device=rows.device)
         slot = torch.empty(n, dtype=torch.long, device=rows.device)
-        for g, pairs in enumerate(groups):
-            idx = torch.tensor(pairs, device=rows.device)
+        indices = [torch.tensor(pairs, dtype=torch.long, device=rows.device) for pairs in groups]
+        for g, (pairs, idx) in enumerate(zip(groups, indices)):
             group_of[idx] = group_of[idx + half] = g
             slot[idx] = torch.arange(len(pairs), device=rows.device)
             slot[idx + half] = slot[idx] + len(pairs)
@@ -148,7 +148,7 @@ class LigerPreferenceHead(nn.Module):
         total, grads = 0.0, None
         chosen, rejected, chosen_rewards, rejected_rewards = torch.zeros(4, half, device=states.device)
         logit_sums = torch.zeros(2, device=states.device)
-        for g, pairs in enumerate(groups):
+        for g, (pairs, idx) in enumerate(zip(groups, indices)):
             width, share = max((widths[i] for i in pairs), default=1), len(pairs) / max(half, 1)
             tokens = (token_group == g).nonzero().squeeze(1) if len(groups) > 1 else None
 
@@ -165,7 +165,6 @@ class LigerPreferenceHead(nn.Module):
                     taken = torch.autograd.grad(loss, [x for x in leaves if x is not None and x.requires_grad])
                     grads = accumulate(grads, taken, share)
             total = total + share * loss.detach()
-            idx = torch.tensor(pairs, device=rows.device)
             c, r, c_mean, r_mean, _, c_rewards, r_rewards = outs[:7]
             chosen[idx], rejected[idx] = c.detach().float(), r.detach().float()
             chosen_rewards[idx], rejected_rewards[idx] = c_rewards.detach().float(), r_rewards.detach().float()
