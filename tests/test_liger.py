@@ -280,3 +280,27 @@ def test_fused_head_on_packed_flex_rows_on_cuda(compose):
     torch.testing.assert_close(fused[2], plain[2], atol=1e-4, rtol=0)
     for key, grad in fused[4].items():
         torch.testing.assert_close(grad, plain[4][key], atol=1e-4, rtol=1e-3, msg=lambda m: f"grad {key}: {m}")
+
+
+def test_grouped_calls_under_torch_compile_stop_compiling_after_a_few_graphs(compose):
+    """On a GPU Liger compiles its per-pair step, and grouped calls change the calls' sizes from step to step
+    (how many pairs, how wide). torch.compile must settle on a few graphs with dynamic sizes, not compile again
+    for each call: over twelve steps of six pairs with varied lengths (grouped wherever that saves padding), at
+    most four graphs, none in the last six steps. On the CPU here, where compiling is slow but takes the same
+    path."""
+    pytest.importorskip("liger_kernel")
+    from torch._dynamo.utils import counters
+
+    cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo-no-sft"])
+    model = make_model(vocab=96, seed=3)
+    head = fused_head(cfg, model)
+    head.compiled, head.split_cost = True, 0
+    policy = ResponseLogps(model, fused=head)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for step in range(12):
+        policy(**PairCollator(PAD)(random_pairs(6, vocab=96, seed=step))).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert 0 < graphs[-1] <= 4 and graphs[-1] == graphs[5], graphs
