@@ -114,8 +114,9 @@ class LigerPreferenceHead(nn.Module):
         So the pairs go to Liger in groups of similar width (``width_groups``), each call's loss weighed by its
         share of the pairs: that is the batch mean, as the pairwise loss is a mean over pairs. Each call's
         gradients are taken at once and summed (``TakenGradients``), so one head-sized gradient buffer is
-        held at a time, not one per call. With an NLL term (``sft_weight`` > 0) Liger divides by the call's
-        chosen tokens, not the batch's, so the batch then goes in one call."""
+        held at a time, not one per call. An NLL term (``sft_weight`` > 0) Liger divides by the call's chosen
+        tokens, not the batch's: each call's ``alpha`` is rescaled so that the weighed sum is the batch's term.
+        Liger's ORPO has no ``alpha``, so ORPO with its NLL term goes in one call."""
         weight, bias = unsharded(head).weight, getattr(head, "bias", None)
         if weight.numel() == 0:
             raise RuntimeError(
@@ -126,7 +127,9 @@ class LigerPreferenceHead(nn.Module):
         half = n // 2
         sizes = counts.tolist()  # waits for the device once: the calls are planned on the host
         widths = [max(sizes[i], sizes[half + i], 1) for i in range(half)]
-        groups = [list(range(half))] if self.sft_weight > 0 else width_groups(widths, self.split_cost)
+        one_call = self.method == "orpo" and self.sft_weight > 0
+        groups = [list(range(half))] if one_call else width_groups(widths, self.split_cost)
+        chosen_tokens = sum(sizes[:half])
         starts = torch.cumsum(counts, 0) - counts
         order = torch.argsort(rows, stable=True)  # the tokens grouped by row, each row's in order
         pos = torch.empty_like(rows)
@@ -150,6 +153,9 @@ class LigerPreferenceHead(nn.Module):
         logit_sums = torch.zeros(2, device=states.device)
         for g, (pairs, idx) in enumerate(zip(groups, indices)):
             width, share = max((widths[i] for i in pairs), default=1), len(pairs) / max(half, 1)
+            if self.sft_weight > 0 and not one_call:  # share x alpha x (NLL sum / the call's chosen tokens)
+                group_tokens = sum(sizes[i] for i in pairs)
+                loss_fn.alpha = self.sft_weight * group_tokens / max(chosen_tokens, 1) / share
             tokens = (token_group == g).nonzero().squeeze(1) if len(groups) > 1 else None
 
             def pick(x):  # the group's tokens

@@ -150,15 +150,16 @@ def test_width_groups_split_the_pairs_where_it_saves_padding():
     assert width_groups([7]) == [[0]]
 
 
+@pytest.mark.parametrize("case", ["simpo-no-sft", "simpo", "cpo"])
 @pytest.mark.parametrize("layout", [BatchLayout(), BatchLayout("prefix_shared")], ids=str)
-def test_pairs_sent_in_groups_of_similar_width_equal_the_padded_path(compose, layout, monkeypatch):
+def test_pairs_sent_in_groups_of_similar_width_equal_the_padded_path(compose, layout, case, monkeypatch):
     """Liger pads each call's rows to its longest; the head sends pairs of similar width together, weighs each
     call's loss by its share of the pairs and sums the calls' gradients. Loss, statistics, rewards and gradients
     equal the padded unfused path's, and Liger was called once per group, with no more than the group's width."""
     pytest.importorskip("liger_kernel")
     import simpo_exp.fused as fused_module
 
-    cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo-no-sft"])
+    cfg = config(compose, "hardware.fused_head=liger", *CASES[case])  # simpo and cpo: with an NLL term
     model = with_bias(make_model(vocab=96, seed=3))
     pairs = random_pairs(6, vocab=96, seed=5)
     head = fused_head(cfg, model)
@@ -170,12 +171,14 @@ def test_pairs_sent_in_groups_of_similar_width_equal_the_padded_path(compose, la
         planned.append(width_groups(*args, **kwargs))
         return planned[-1]
 
-    def call(weight, states, labels, bias):
+    forward = real_loss.forward
+
+    def call(weight, states, labels, bias=None):
         widths.append(states.shape[1])
-        return real_loss(weight, states, labels, bias)
+        return forward(weight, states, labels, bias)
 
     monkeypatch.setattr(fused_module, "width_groups", plan)
-    monkeypatch.setattr(head, "_loss", lambda compiled: call)
+    monkeypatch.setattr(real_loss, "forward", call)  # the module itself is kept: the head sets its alpha per call
     fused = run(ResponseLogps.for_layout(model, layout, fused=head), PairCollator(PAD, layout.packing)(pairs), cfg)
     model.set_attn_implementation("sdpa")
     plain = run(ResponseLogps(model), PairCollator(PAD)(pairs), cfg)
@@ -285,13 +288,13 @@ def test_fused_head_on_packed_flex_rows_on_cuda(compose):
 def test_grouped_calls_under_torch_compile_stop_compiling_after_a_few_graphs(compose):
     """On a GPU Liger compiles its per-pair step, and grouped calls change the calls' sizes from step to step
     (how many pairs, how wide). torch.compile must settle on a few graphs with dynamic sizes, not compile again
-    for each call: over twelve steps of six pairs with varied lengths (grouped wherever that saves padding), at
-    most four graphs, none in the last six steps. On the CPU here, where compiling is slow but takes the same
+    for each call: over twelve steps of six pairs with varied lengths (grouped wherever that saves padding, each
+    call with its own NLL weight), at most four graphs, none in the last six steps. On the CPU here, where compiling is slow but takes the same
     path."""
     pytest.importorskip("liger_kernel")
     from torch._dynamo.utils import counters
 
-    cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo-no-sft"])
+    cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo"])
     model = make_model(vocab=96, seed=3)
     head = fused_head(cfg, model)
     head.compiled, head.split_cost = True, 0
