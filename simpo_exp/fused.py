@@ -153,7 +153,7 @@ class LigerPreferenceHead(nn.Module):
         logit_sums = torch.zeros(2, device=states.device)
         for g, (pairs, idx) in enumerate(zip(groups, indices)):
             width, share = max((widths[i] for i in pairs), default=1), len(pairs) / max(half, 1)
-            if self.sft_weight > 0 and not one_call:  # share x alpha x (NLL sum / the call's chosen tokens)
+            if self.sft_weight > 0 and not one_call and pairs:  # share x alpha x (NLL sum / the call's chosen tokens)
                 group_tokens = sum(sizes[i] for i in pairs)
                 loss_fn.alpha = self.sft_weight * group_tokens / max(chosen_tokens, 1) / share
             tokens = (token_group == g).nonzero().squeeze(1) if len(groups) > 1 else None
