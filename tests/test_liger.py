@@ -289,8 +289,8 @@ def test_grouped_calls_under_torch_compile_stop_compiling_after_a_few_graphs(com
     """On a GPU Liger compiles its per-pair step, and grouped calls change the calls' sizes from step to step
     (how many pairs, how wide). torch.compile must settle on a few graphs with dynamic sizes, not compile again
     for each call: over twelve steps of six pairs with varied lengths (grouped wherever that saves padding, each
-    call with its own NLL weight), at most four graphs, none in the last six steps. On the CPU here, where compiling is slow but takes the same
-    path."""
+    call with its own NLL weight), at most four graphs, none in the last six steps. On the CPU here, where
+    compiling is slow but takes the same path."""
     pytest.importorskip("liger_kernel")
     from torch._dynamo.utils import counters
 
