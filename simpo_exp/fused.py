@@ -124,12 +124,11 @@ class LigerPreferenceHead(nn.Module):
                 "it only inside the model's forward); the fused head needs it whole: use hardware.fused_head=none "
                 "with logps_chunk_size"
             )
-        half = n // 2
-        sizes = counts.tolist()  # waits for the device once: the calls are planned on the host
+        half, sizes = n // 2, counts.tolist()  # waits for the device once: the calls are planned on the host
         widths = [max(sizes[i], sizes[half + i], 1) for i in range(half)]
-        one_call = self.method == "orpo" and self.sft_weight > 0
+        one_call = self.method == "orpo" and self.sft_weight > 0  # Liger's ORPO has no alpha to rescale
         groups = [list(range(half))] if one_call else width_groups(widths, self.split_cost)
-        chosen_tokens = sum(sizes[:half])
+        indices, group_of, slot = group_rows(groups, half, rows.device)
         starts = torch.cumsum(counts, 0) - counts
         order = torch.argsort(rows, stable=True)  # the tokens grouped by row, each row's in order
         pos = torch.empty_like(rows)
@@ -140,43 +139,29 @@ class LigerPreferenceHead(nn.Module):
         # Liger takes gradients only of inputs that require them: in evaluation none do
         leaves = [None if x is None else x.detach().requires_grad_(training and x.requires_grad)
                   for x in (states, weight, bias)]  # fmt: skip
-        group_of = torch.empty(n, dtype=torch.long, device=rows.device)
-        slot = torch.empty(n, dtype=torch.long, device=rows.device)
-        indices = [torch.tensor(pairs, dtype=torch.long, device=rows.device) for pairs in groups]
-        for g, (pairs, idx) in enumerate(zip(groups, indices)):
-            group_of[idx] = group_of[idx + half] = g
-            slot[idx] = torch.arange(len(pairs), device=rows.device)
-            slot[idx + half] = slot[idx] + len(pairs)
-        token_group = group_of[rows]
+        wrt = [x for x in leaves if x is not None and x.requires_grad]  # the leaves standing for ``trained``
         total, grads = 0.0, None
         chosen, rejected, chosen_rewards, rejected_rewards = torch.zeros(4, half, device=states.device)
         logit_sums = torch.zeros(2, device=states.device)
         for g, (pairs, idx) in enumerate(zip(groups, indices)):
             width, share = max((widths[i] for i in pairs), default=1), len(pairs) / max(half, 1)
             if self.sft_weight > 0 and not one_call and pairs:  # share x alpha x (NLL sum / the call's chosen tokens)
-                group_tokens = sum(sizes[i] for i in pairs)
-                loss_fn.alpha = self.sft_weight * group_tokens / max(chosen_tokens, 1) / share
-            tokens = (token_group == g).nonzero().squeeze(1) if len(groups) > 1 else None
-
-            def pick(x):  # the group's tokens
-                return x if tokens is None else x.index_select(0, tokens)
-
-            where = (slot[pick(rows)], pick(pos))
-            s, w, b = leaves
+                loss_fn.alpha = self.sft_weight * sum(sizes[i] for i in pairs) / max(sum(sizes[:half]), 1) / share
+            tokens = (group_of[rows] == g).nonzero().squeeze(1) if len(groups) > 1 else slice(None)
             with torch.enable_grad() if training else torch.no_grad():
-                padded = s.new_zeros(2 * len(pairs), width, s.shape[-1]).index_put(where, pick(s))
-                labels = targets.new_full((2 * len(pairs), width), -100).index_put(where, pick(targets))
+                s, w, b = leaves
+                where = (slot[rows[tokens]], pos[tokens])
+                padded = s.new_zeros(2 * len(pairs), width, s.shape[-1]).index_put(where, s[tokens])
+                labels = targets.new_full((2 * len(pairs), width), -100).index_put(where, targets[tokens])
                 loss, outs = loss_fn(w, padded, labels, b)
                 if training:  # the call's gradients, now, so that Liger frees its buffers before the next call
-                    taken = torch.autograd.grad(loss, [x for x in leaves if x is not None and x.requires_grad])
-                    grads = accumulate(grads, taken, share)
+                    grads = accumulate(grads, torch.autograd.grad(loss, wrt), share)
             total = total + share * loss.detach()
-            c, r, c_mean, r_mean, _, c_rewards, r_rewards = outs[:7]
-            chosen[idx], rejected[idx] = c.detach().float(), r.detach().float()
-            chosen_rewards[idx], rejected_rewards[idx] = c_rewards.detach().float(), r_rewards.detach().float()
+            c, r, c_mean, r_mean, _, c_rewards, r_rewards = (x.detach().float() for x in outs[:7])
+            chosen[idx], rejected[idx], chosen_rewards[idx], rejected_rewards[idx] = c, r, c_rewards, r_rewards
             # Liger's logit means divide by (pairs * width * vocabulary); padding positions add the bias only.
             cells = len(pairs) * width
-            group_sums = torch.stack([c_mean, r_mean]).detach().float() * cells
+            group_sums = torch.stack([c_mean, r_mean]) * cells
             if bias is not None:
                 real = torch.stack([counts[idx].sum(), counts[idx + half].sum()])
                 group_sums = group_sums - (cells - real) * bias.detach().float().mean()
@@ -222,6 +207,19 @@ def width_groups(widths: list[int], split_cost: int = SPLIT_COST, max_calls: int
         groups.append(ranked[i:j])
         j = i
     return groups[::-1]
+
+
+def group_rows(groups: list[list[int]], half: int, device) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """For each group its pairs' indices on ``device``; per row (chosen rows first, then rejected) its group and
+    its row within the group's call (the group's chosen rows, then its rejected ones, in the group's order)."""
+    group_of = torch.empty(2 * half, dtype=torch.long, device=device)
+    slot = torch.empty(2 * half, dtype=torch.long, device=device)
+    indices = [torch.tensor(pairs, dtype=torch.long, device=device) for pairs in groups]
+    for g, idx in enumerate(indices):
+        group_of[idx] = group_of[idx + half] = g
+        slot[idx] = torch.arange(len(idx), device=device)
+        slot[idx + half] = slot[idx] + len(idx)
+    return indices, group_of, slot
 
 
 def accumulate(grads, taken, share: float):
