@@ -113,10 +113,11 @@ class LigerPreferenceHead(nn.Module):
         Liger pads every row of a call to the call's longest response and runs the head over the padding too.
         So the pairs go to Liger in groups of similar width (``width_groups``), each call's loss weighed by its
         share of the pairs: that is the batch mean, as the pairwise loss is a mean over pairs. Each call's
-        gradients are taken at once and summed (``TakenGradients``), so one head-sized gradient buffer is
-        held at a time, not one per call. An NLL term (``sft_weight`` > 0) Liger divides by the call's chosen
-        tokens, not the batch's: each call's ``alpha`` is rescaled so that the weighed sum is the batch's term.
-        Liger's ORPO has no ``alpha``, so ORPO with its NLL term goes in one call."""
+        gradients are taken at once and added to the first call's (``TakenGradients``), so at most two
+        head-sized gradient buffers exist at once (the sum and the current call's), not one per call. An NLL
+        term (``sft_weight`` > 0) Liger divides by the call's chosen tokens, not the batch's: each call's
+        ``alpha`` is rescaled so that the weighed sum is the batch's term. Liger's ORPO has no ``alpha``, so
+        ORPO with its NLL term goes in one call."""
         weight, bias = unsharded(head).weight, getattr(head, "bias", None)
         if weight.numel() == 0:
             raise RuntimeError(

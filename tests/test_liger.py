@@ -67,6 +67,22 @@ def run(policy, batch, cfg):
     return loss.detach(), {k: v.detach() for k, v in stats.items()}, rewards, lengths, grads
 
 
+def assert_like_padded(fused, plain, computed_apart=()) -> None:
+    """``run``'s results of the fused head against the padded unfused path's: loss, every statistic but the two
+    Liger does not compute (and ``computed_apart``, which a layout counts its own way), rewards, lengths and
+    gradients (each non-zero)."""
+    torch.testing.assert_close(fused[0], plain[0], atol=ATOL, rtol=0)
+    assert set(fused[1]) == set(plain[1]) - set(ABSENT)
+    for key in set(fused[1]) - set(computed_apart):
+        # sums over the batch's pairs (up to ~60 here): float32 keeps ~4e-6 of them, hence the small rtol
+        torch.testing.assert_close(fused[1][key], plain[1][key], atol=ATOL, rtol=1e-6, msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(fused[2], plain[2], atol=ATOL, rtol=0)  # rewards per response
+    torch.testing.assert_close(fused[3], plain[3])  # lengths
+    for key, grad in fused[4].items():
+        assert grad.abs().max() > 0, key
+        torch.testing.assert_close(grad, plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {key}: {m}")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_head_equals_the_padded_path(compose, case):
     pytest.importorskip("liger_kernel")
@@ -80,18 +96,7 @@ def test_fused_head_equals_the_padded_path(compose, case):
         torch.testing.assert_close(batch_loss(ResponseLogps(model, fused=head), dict(batch), cfg)[0], fused[0])
     plain = run(ResponseLogps(model), batch, cfg)
     assert isinstance(ResponseLogps(model, fused=head)(**batch), FusedPreference)
-
-    torch.testing.assert_close(fused[0], plain[0], atol=ATOL, rtol=0)
-    f_stats, p_stats = fused[1], plain[1]
-    assert set(f_stats) == set(p_stats) - set(ABSENT)
-    for key in f_stats:
-        # sums over the batch's pairs (up to ~60 here): float32 keeps ~4e-6 of them, hence the small rtol
-        torch.testing.assert_close(f_stats[key], p_stats[key], atol=ATOL, rtol=1e-6, msg=lambda m: f"{key}: {m}")
-    torch.testing.assert_close(fused[2], plain[2], atol=ATOL, rtol=0)  # rewards per response
-    torch.testing.assert_close(fused[3], plain[3])  # lengths
-    for key, grad in fused[4].items():
-        assert grad.abs().max() > 0, key
-        torch.testing.assert_close(grad, plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {key}: {m}")
+    assert_like_padded(fused, plain)
 
 
 def test_unsupported_methods_and_settings_are_refused_by_name(compose):
@@ -127,15 +132,7 @@ def test_fused_head_in_the_packed_layouts_equals_the_padded_path(compose, case, 
     fused = run(ResponseLogps.for_layout(model, layout, fused=head), packed_batch, cfg)
     model.set_attn_implementation("sdpa")  # the packed policy routed the attention through its hook
     plain = run(ResponseLogps(model), PairCollator(PAD)(pairs), cfg)
-
-    torch.testing.assert_close(fused[0], plain[0], atol=ATOL, rtol=0)
-    assert set(fused[1]) == set(plain[1]) - set(ABSENT)
-    for key in set(fused[1]) - {"tokens"}:  # tokens computed: prefix sharing computes each prompt once
-        torch.testing.assert_close(fused[1][key], plain[1][key], atol=ATOL, rtol=1e-6, msg=lambda m: f"{key}: {m}")
-    torch.testing.assert_close(fused[2], plain[2], atol=ATOL, rtol=0)
-    torch.testing.assert_close(fused[3], plain[3])
-    for key, grad in fused[4].items():
-        torch.testing.assert_close(grad, plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {key}: {m}")
+    assert_like_padded(fused, plain, computed_apart={"tokens"})  # prefix sharing computes each prompt once
 
 
 def test_width_groups_split_the_pairs_where_it_saves_padding():
@@ -186,13 +183,7 @@ def test_pairs_sent_in_groups_of_similar_width_equal_the_padded_path(compose, la
     groups = planned[0]
     assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(6))
     assert len(widths) == len(groups) and widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
-    torch.testing.assert_close(fused[0], plain[0], atol=ATOL, rtol=0)
-    for key in set(fused[1]) - {"tokens"}:
-        torch.testing.assert_close(fused[1][key], plain[1][key], atol=ATOL, rtol=1e-6, msg=lambda m: f"{key}: {m}")
-    torch.testing.assert_close(fused[2], plain[2], atol=ATOL, rtol=0)
-    for key, grad in fused[4].items():
-        assert grad.abs().max() > 0, key
-        torch.testing.assert_close(grad, plain[4][key], atol=ATOL, rtol=RTOL, msg=lambda m: f"grad {key}: {m}")
+    assert_like_padded(fused, plain, computed_apart={"tokens"})
     with torch.no_grad():  # evaluation: the same groups, no gradients taken
         torch.testing.assert_close(batch_loss(ResponseLogps.for_layout(model, layout, fused=head),
                                               PairCollator(PAD, layout.packing)(pairs), cfg)[0], fused[0])  # fmt: skip
