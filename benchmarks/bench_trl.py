@@ -81,30 +81,48 @@ VARIANTS = {
     "packed-flex+liger": dict(packing="packed", attention="flex", chunk_size=0, fused="liger"),
     "prefix-flex+liger": dict(packing="prefix_shared", attention="flex", chunk_size=0, fused="liger"),
 }
-# Any variant with these suffixes, in any order: the same with its decoder layers under torch.compile
-# (hardware.compile, simpo_exp/compiled.py; steps that compiled are dropped from the figures like the warm-up
-# steps), and the same without gradient checkpointing where the preset turns it on (ours only: TRL keeps the
-# preset's; hardware.gradient_checkpointing=false trades memory for the recomputed forward pass).
+# Any variant with these suffixes, in any order (ours only: TRL keeps the preset's settings):
+# +compile: its decoder layers under torch.compile (hardware.compile, simpo_exp/compiled.py; steps that compiled
+#   are dropped from the figures like the warm-up steps);
+# +nockpt: without gradient checkpointing where the preset turns it on (hardware.gradient_checkpointing=false:
+#   memory for the recomputed forward pass);
+# +ckpt2, +ckpt4: only every 2nd / 4th decoder layer checkpointed (hardware.checkpoint_every_n_layers);
+# +offload: the checkpointed layers' inputs in pinned host memory (hardware.checkpoint_offload; GPU).
 COMPILE_SUFFIX = "+compile"
 NO_CHECKPOINTING_SUFFIX = "+nockpt"
-SUFFIXES = {COMPILE_SUFFIX: "compile", NO_CHECKPOINTING_SUFFIX: "no_checkpointing"}
+SUFFIXES = {  # suffix: (setting, its value with the suffix)
+    COMPILE_SUFFIX: ("compile", True),
+    NO_CHECKPOINTING_SUFFIX: ("no_checkpointing", True),
+    "+ckpt2": ("checkpoint_every_n_layers", 2),
+    "+ckpt4": ("checkpoint_every_n_layers", 4),
+    "+offload": ("checkpoint_offload", True),
+}
+SUFFIX_DEFAULTS = {
+    "compile": False,
+    "no_checkpointing": False,
+    "checkpoint_every_n_layers": 1,
+    "checkpoint_offload": False,
+}
 TRL_NO_CHECKPOINTING = "TRL" + NO_CHECKPOINTING_SUFFIX  # --trl-nockpt: TRL's run without gradient checkpointing
 
 
 def split_variant(name: str) -> tuple[str, dict]:
-    """A variant's base name (a key of VARIANTS, or not, for an unknown one) and its suffixes' flags."""
-    flags = dict.fromkeys(SUFFIXES.values(), False)
+    """A variant's base name (a key of VARIANTS, or not, for an unknown one) and its suffixes' settings; each
+    setting takes one suffix at most (a second one stays in the base name, which then names no variant)."""
+    flags, taken = dict(SUFFIX_DEFAULTS), set()
     base, found = name, True
     while found:
-        found = next((s for s in SUFFIXES if base.endswith(s) and not flags[SUFFIXES[s]]), None)
+        found = next((s for s in SUFFIXES if base.endswith(s) and SUFFIXES[s][0] not in taken), None)
         if found:
-            flags[SUFFIXES[found]] = True
+            key, value = SUFFIXES[found]
+            flags[key] = value
+            taken.add(key)
             base = base.removesuffix(found)
     return base, flags
 
 
 def variant_settings(name: str) -> dict:
-    """A variant's settings, ``compile`` and ``no_checkpointing`` included (its suffixes)."""
+    """A variant's settings, its suffixes' included."""
     base, flags = split_variant(name)
     return VARIANTS[base] | flags
 
@@ -410,7 +428,9 @@ def make_ours(preset: dict, tok, model, variant: str):
     v = variant_settings(variant)
     checkpointing = preset["gradient_checkpointing"] and not v["no_checkpointing"]
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from simpo_exp.model import enable_checkpointing
+
+        enable_checkpointing(model, v["checkpoint_every_n_layers"], v["checkpoint_offload"])
     fused = None
     if v.get("fused") == "liger":  # the run's SimPO settings, sft_weight 0 as step_loss
         from simpo_exp.fused import LigerPreferenceHead
@@ -746,8 +766,9 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         help=f"comma list of our variants (default: the preset's); known: {', '.join(VARIANTS)}, "
-        f"each also as <variant>{COMPILE_SUFFIX} (its layers under torch.compile) and <variant>"
-        f"{NO_CHECKPOINTING_SUFFIX} (without the preset's gradient checkpointing; ours only), or both",
+        f"each also with any of the suffixes {', '.join(SUFFIXES)} (ours only): {COMPILE_SUFFIX} its layers under "
+        f"torch.compile, {NO_CHECKPOINTING_SUFFIX} without the preset's gradient checkpointing, +ckptN only every "
+        "N-th layer checkpointed, +offload the checkpointed inputs in host memory",
     )
     ap.add_argument("--rounds", type=int, help="repeat the whole set, interleaved (default: the preset's)")
     ap.add_argument("--steps", type=int, help="measured steps per run (default: the preset's)")
@@ -758,6 +779,12 @@ def main() -> None:
         type=int,
         help="pairs of the first batch in the loss check (default: the batch). At a batch TRL cannot fit, its "
         "float32 check would not fit either; the first pairs of the same data check the same computation",
+    )
+    ap.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="gradient checkpointing on both sides where the preset has it off (the CPU presets), so that the "
+        "+nockpt, +ckpt2 and +ckpt4 variants can be set beside it",
     )
     ap.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's)")
     ap.add_argument("--no-trl", action="store_true", help="time only our variants (the loss check still runs)")
@@ -791,6 +818,8 @@ def main() -> None:
 
     preset = dict(PRESETS[args.preset])
     overrides = {k: getattr(args, k) for k in ("steps", "warmup", "batch") if getattr(args, k) is not None}
+    if args.checkpointing:
+        overrides["gradient_checkpointing"] = True
     preset |= overrides
     if preset["device"] == "cuda":
         import torch
@@ -808,7 +837,7 @@ def main() -> None:
     unknown = [v for v in variants if split_variant(v)[0] not in VARIANTS]
     if unknown:
         raise SystemExit(
-            f"unknown variants {unknown}; known: {', '.join(VARIANTS)}, each also with {' and '.join(SUFFIXES)}"
+            f"unknown variants {unknown}; known: {', '.join(VARIANTS)}, each also with any of {', '.join(SUFFIXES)}"
         )
     settings = {v: variant_settings(v) for v in variants}
     if any(settings[v].get("fused") == "liger" for v in variants) and not importlib.util.find_spec("liger_kernel"):

@@ -8,7 +8,7 @@
 #   there: bash benchmarks/gpu_check.sh                       # with .whl carried along; OUT=... to choose the folder
 #          PARTS="profile b4" bash benchmarks/gpu_check.sh    # only the named parts (a second, shorter device run)
 #
-# Parts, in the order they run: tests, b16, big, b4, compile4, blockmask, profile (compile4 and blockmask only
+# Parts, in the order they run: tests, b16, big, b4, compile4, ckpt, blockmask, profile (compile4, ckpt and blockmask only
 # when PARTS names them; the profile only with time left of the 460 s, unless PARTS names it). Each part has its
 # own time limit, and the benchmark prints and writes whatever it measured when it is cut short, so a slow part
 # never costs the figures of the others. Then paste $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
@@ -115,6 +115,12 @@ fi
 if want compile4; then  # only when named: batch 4 with the layers compiled (for a second device run)
     log "benchmark, batch 4 under torch.compile"
     bench compile4 150 --steps 8 --variants packed-flex+compile,plain+compile
+fi
+if want ckpt; then  # only when named: partial and offloaded checkpointing at batch 16 (hardware.checkpoint_*)
+    # Between b16's packed-flex+liger (every layer recomputed) and its +nockpt runs: every 2nd / 4th layer
+    # checkpointed, and every layer with its inputs in host memory.
+    log "benchmark, batch 16: partial and offloaded checkpointing"
+    bench ckpt 150 --batch 16 --steps 5 --variants packed-flex+liger+ckpt2,packed-flex+liger+ckpt4,packed-flex+liger+offload
 fi
 if want blockmask; then  # only when named: the block mask's build time and memory, ours against torch's
     log "FlexAttention block mask, ours against create_block_mask"

@@ -128,6 +128,12 @@ class HardwareConfig:
     master_weights: str = "fp32"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # Under gradient checkpointing (transformers' activation checkpointing, simpo_exp/model.py): recompute one
+    # decoder layer in every N (1: all of them; 2: every second one, the others keep their activations: less
+    # recomputed work for more memory), and whether the checkpointed layers' inputs wait in pinned host memory
+    # (offload: less GPU memory at long lengths, for a copy each way per layer). Needs transformers >= 5.17.
+    checkpoint_every_n_layers: int = 1
+    checkpoint_offload: bool = False
     dataloader_num_workers: int = 0
     # Per-device batch x processes x accumulation kept at this value (accumulation derived);
     # None: use gradient_accumulation_steps as given.
@@ -471,6 +477,18 @@ def _validate_hardware(h: HardwareConfig) -> None:
     _check(h.logps_chunk_size >= 0, "hardware.logps_chunk_size", h.logps_chunk_size, "must be >= 0 (0: no chunks)")
     _check_choice("hardware.fused_head", h.fused_head, ("none", "liger"))
     _check_choice("hardware.checkpoint_format", h.checkpoint_format, CHECKPOINT_FORMATS)
+    n = h.checkpoint_every_n_layers
+    _check(n >= 1, "hardware.checkpoint_every_n_layers", n, "must be >= 1 (1: every layer)")
+    for key, value, default in (
+        ("checkpoint_every_n_layers", n, 1),
+        ("checkpoint_offload", h.checkpoint_offload, False),
+    ):
+        _check(
+            value == default or h.gradient_checkpointing,
+            f"hardware.{key}",
+            value,
+            "has no effect unless hardware.gradient_checkpointing=true",
+        )
     if h.compile_mode is not None:
         _check_choice("hardware.compile_mode", h.compile_mode, COMPILE_MODES)
         _check(h.compile, "hardware.compile_mode", h.compile_mode, "has no effect unless hardware.compile=true")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from simpo_exp.model import checkpointed_layers
 from simpo_exp.precision import precision_record
 
 PACKAGES = (
@@ -81,6 +82,8 @@ def environment_record(cfg, accelerator, model, data_report, layout=None) -> dic
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "batch_layout": layout.as_dict() if layout is not None else None,
         "gradient_checkpointing": cfg.hardware.gradient_checkpointing,
+        "checkpointed_layers": checkpointed_layers(model),
+        "checkpoint_offload": cfg.hardware.checkpoint_offload,
         "model_dtype": str(next(model.parameters()).dtype),
         "precision": precision_record(model, accelerator),
         "git_commit": git_commit(),

@@ -10,6 +10,7 @@ Hugging Face cache and the hub cannot be reached, ``simpo_exp.hub`` says so at o
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 
 import torch
@@ -156,12 +157,57 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.hardware.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, cfg.hardware.checkpoint_every_n_layers, cfg.hardware.checkpoint_offload)
     model.config.use_cache = False
     model = prepare_weights(model, cfg.hardware.master_weights, cfg.hardware.lora)
     if cfg.hardware.lora:
         model = add_lora(model, cfg.hardware)
     return model
+
+
+def enable_checkpointing(model: torch.nn.Module, every_n_layers: int = 1, offload: bool = False) -> None:
+    """transformers' activation checkpointing, non-reentrant: a checkpointed decoder layer keeps only its input
+    and recomputes its forward pass in the backward one. ``every_n_layers`` > 1 checkpoints layers 0, N, 2N, ...
+    and lets the rest keep their activations (the recompute shrinks to 1/N of the forward); ``offload`` holds
+    the checkpointed inputs in pinned host memory (``torch.autograd.graph.save_on_cpu``). Gradients are the
+    same either way; only memory and time change."""
+    # activation_checkpointing_enable from transformers 5.23 (gradient_checkpointing_enable is its deprecated
+    # alias); every_n_layers from 5.16 and offload from 5.17 in either.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    kwargs_name = "activation_checkpointing_kwargs"
+    if enable is None:
+        enable, kwargs_name = model.gradient_checkpointing_enable, "gradient_checkpointing_kwargs"
+    if offload and not has_accelerator():  # transformers would ask for pinned memory, which needs one
+        raise ConfigError(
+            "hardware.checkpoint_offload=true needs a GPU: without one the activations are in host memory already"
+        )
+    options = {}
+    if every_n_layers != 1:
+        options["every_n_layers"] = every_n_layers
+    if offload:
+        options["offload"] = True
+    accepted = inspect.signature(enable).parameters
+    for name, key in (("every_n_layers", "checkpoint_every_n_layers"), ("offload", "checkpoint_offload")):
+        if name in options and name not in accepted:
+            import transformers
+
+            raise ConfigError(
+                f"hardware.{key}={options[name]!r} needs transformers >= 5.17 (installed: {transformers.__version__}); "
+                f"upgrade it or leave hardware.{key} at its default"
+            )
+    enable(**{kwargs_name: {"use_reentrant": False}}, **options)
+
+
+def has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def checkpointed_layers(model: torch.nn.Module) -> int:
+    """How many of the model's decoder layers recompute their forward pass in the backward one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

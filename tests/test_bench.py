@@ -43,30 +43,31 @@ def test_the_gpu_presets_variants_build_and_equal_trls_loss():
 
 def test_variant_suffixes_in_any_order():
     bench = load_bench()
-    assert bench.split_variant("packed-flex+liger") == (
-        "packed-flex+liger",
-        {"compile": False, "no_checkpointing": False},
-    )
-    both = {"compile": True, "no_checkpointing": True}
+    plain = {"compile": False, "no_checkpointing": False, "checkpoint_every_n_layers": 1, "checkpoint_offload": False}
+    assert bench.split_variant("packed-flex+liger") == ("packed-flex+liger", plain)
+    both = plain | {"compile": True, "no_checkpointing": True}
     assert bench.split_variant("packed-flex+compile+nockpt") == ("packed-flex", both)
     assert bench.split_variant("plain+liger+nockpt+compile") == ("plain+liger", both)
     assert bench.split_variant("plain+compile+compile")[0] == "plain+compile"  # twice: not a variant
-    assert bench.variant_settings("prefix+chunk1024+nockpt") == bench.VARIANTS["prefix+chunk1024"] | {
-        "compile": False,
+    assert bench.split_variant("plain+ckpt2+ckpt4")[0] == "plain+ckpt2"  # one checkpointing rule at most
+    partial = plain | {"checkpoint_every_n_layers": 4, "checkpoint_offload": True}
+    assert bench.split_variant("packed-flex+liger+offload+ckpt4") == ("packed-flex+liger", partial)
+    assert bench.variant_settings("prefix+chunk1024+nockpt") == bench.VARIANTS["prefix+chunk1024"] | plain | {
         "no_checkpointing": True,
     }
 
 
-def test_nockpt_leaves_our_model_without_gradient_checkpointing():
+def test_checkpointing_suffixes_set_our_models_layers():
     bench = load_bench()
     preset = bench.PRESETS["cpu"] | {"gradient_checkpointing": True}
-    from simpo_exp.model import build_tiny_tokenizer
+    from simpo_exp.model import build_tiny_tokenizer, checkpointed_layers
 
     tok = build_tiny_tokenizer()
-    for variant, on in (("packed", True), ("packed+nockpt", False)):
+    layers = preset["model"]["num_hidden_layers"]
+    for variant, checkpointed in (("packed", layers), ("packed+nockpt", 0), ("packed+ckpt2", layers // 2)):
         model = bench.build_model(preset, tok)
         bench.make_ours(preset, tok, model, variant)
-        assert model.is_gradient_checkpointing is on, variant
+        assert checkpointed_layers(model) == checkpointed, variant
 
 
 def test_a_shared_process_reports_each_variant_as_it_finishes():

@@ -108,6 +108,35 @@ def test_flash_varlen_matches_the_plain_layout_on_cuda():
         assert (g_fast[name] - g_plain[name]).norm() <= 0.05 * g_plain[name].norm() + 1e-6, name
 
 
+def test_partial_and_offloaded_checkpointing_on_cuda():
+    """hardware.checkpoint_every_n_layers and hardware.checkpoint_offload on packed FlexAttention rows: the
+    gradients of no checkpointing, and the device memory a forward pass leaves for the backward ordered as
+    expected: none > every second layer > every layer > every layer offloaded to host memory."""
+    from simpo_exp.model import enable_checkpointing
+
+    pairs = _random_pairs(400)
+    held, grads = {}, {}
+    for name, every, offload in (("none", 0, False), ("every 2", 2, False), ("all", 1, False), ("offload", 1, True)):
+        model = _model(torch.float32).train()
+        if every:
+            enable_checkpointing(model, every, offload)
+        policy = ResponseLogps(model, packing="packed", attention="flex")
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PairCollator(0, "packed", "flex")(pairs).items()}
+        policy(**batch)  # FlexAttention's kernels compiled before anything is counted
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = policy(**batch)
+        held[name] = torch.cuda.memory_allocated() - before
+        out.logp_sums.sum().backward()
+        grads[name] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        del model, policy, out
+    assert held["none"] > held["every 2"] > held["all"] > held["offload"], held
+    for name in ("every 2", "all", "offload"):
+        for param in grads["none"]:
+            torch.testing.assert_close(grads[name][param], grads["none"][param], atol=1e-4, rtol=1e-3, msg=param)
+
+
 def _run(tmp_path, *args, run=None):
     run = run or tmp_path / "run"
     res = simpo(*args, *RUN, f"hydra.run.dir={run}", cwd=tmp_path, timeout=900)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from simpo_exp.data.collate import PairCollator
 from simpo_exp.logps import ResponseLogps, SegmentPlan, group_mask
 from simpo_exp.losses import nll_loss, simpo_loss
+from simpo_exp.model import enable_checkpointing
 
 PAD = 0
 ATOL, RTOL = 1e-5, 1e-4
@@ -33,7 +34,7 @@ def make_model(vocab=64, attn="sdpa", seed=0, layers=2, checkpointing=False):
     )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model.train()  # dropout is 0 in Llama: train mode only exercises the training code paths
 
 

@@ -1,0 +1,129 @@
+"""Partial and offloaded activation checkpointing (hardware.checkpoint_every_n_layers, hardware.checkpoint_offload;
+simpo_exp.model.enable_checkpointing): which layers recompute, and that the gradients do not change."""
+
+import json
+
+import pytest
+import torch
+import transformers.modeling_utils
+
+from simpo_exp.config import ConfigError, to_config
+from simpo_exp.model import checkpointed_layers, enable_checkpointing
+from tests.test_perf_paths import assert_same, loss_and_grads, make_model, random_pairs
+from tests.test_run import simpo
+
+LAYERS = 4
+
+
+def count_layer_forwards(model) -> list[int]:
+    """A counter per decoder layer of its MLP's forward calls (a recomputed layer runs it twice a step). A pre-hook:
+    the recompute stops as soon as it has rebuilt the last tensor the backward needs, inside the MLP."""
+    counts = [0] * LAYERS
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("packing", ["none", "prefix_shared"])
+def test_every_second_layer_recomputes_and_the_gradients_stay(packing):
+    pairs = random_pairs(3, seed=11)
+    runs = {}
+    for name, every in (("none", None), ("all", 1), ("every 2", 2), ("every 3", 3)):
+        model = make_model(layers=LAYERS)
+        if every is not None:
+            enable_checkpointing(model, every_n_layers=every)
+        counts = count_layer_forwards(model)
+        # loss_and_grads runs forward + backward, then one more forward for the log-probs it returns
+        runs[name] = loss_and_grads(model, pairs, packing)
+        runs[name] = (runs[name], [c - 1 for c in counts], checkpointed_layers(model))
+    assert runs["none"][1:] == ([1, 1, 1, 1], 0)
+    assert runs["all"][1:] == ([2, 2, 2, 2], 4)
+    assert runs["every 2"][1:] == ([2, 1, 2, 1], 2)  # layers 0 and 2 recompute, 1 and 3 keep their activations
+    assert runs["every 3"][1:] == ([2, 1, 1, 2], 2)
+    for name in ("all", "every 2", "every 3"):
+        assert_same(runs["none"][0], runs[name][0])
+
+
+def test_offload_routes_the_saved_inputs_through_host_memory(monkeypatch):
+    """transformers wraps each checkpointed layer in torch's save_on_cpu. Without a GPU the run is refused (by
+    name: there is no device memory to spare, and torch has no pinned memory to copy to); here, with a GPU
+    pretended, the wrapper copies host to host, so what is checked is that it is entered per checkpointed
+    layer and the gradients stay (tests/test_gpu.py measures the device memory it saves)."""
+    with pytest.raises(ConfigError, match="hardware.checkpoint_offload=true needs a GPU"):
+        enable_checkpointing(make_model(layers=LAYERS), offload=True)
+    entered = []
+
+    class Spy(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory, device_type):
+            super().__init__(pin_memory=False)
+
+        def __enter__(self):
+            entered.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(transformers.modeling_utils, "save_on_cpu", Spy)
+    monkeypatch.setattr("simpo_exp.model.has_accelerator", lambda: True)
+    pairs = random_pairs(3, seed=12)
+    reference = loss_and_grads(make_model(layers=LAYERS), pairs)
+    model = make_model(layers=LAYERS)
+    enable_checkpointing(model, every_n_layers=2, offload=True)
+    offloaded = loss_and_grads(model, pairs)
+    assert len(entered) == 2 * 2  # two checkpointed layers, in the training forward and in the log-prob forward
+    assert_same(reference, offloaded)
+
+
+def test_an_older_transformers_gets_a_named_error(monkeypatch):
+    model = make_model(layers=LAYERS)
+    monkeypatch.setattr("simpo_exp.model.has_accelerator", lambda: True)
+
+    def old_enable(gradient_checkpointing_kwargs=None):  # transformers < 5.16: no every_n_layers, no offload
+        raise AssertionError("should not be called")
+
+    monkeypatch.setattr(model, "activation_checkpointing_enable", None, raising=False)
+    monkeypatch.setattr(model, "gradient_checkpointing_enable", old_enable)
+    with pytest.raises(ConfigError, match=r"hardware.checkpoint_every_n_layers=2 needs transformers >= 5.17"):
+        enable_checkpointing(model, every_n_layers=2)
+    with pytest.raises(ConfigError, match=r"hardware.checkpoint_offload=True needs transformers"):
+        enable_checkpointing(model, offload=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["hardware=gpu", "hardware.checkpoint_every_n_layers=0"],
+            "hardware.checkpoint_every_n_layers=0: must be >= 1",
+        ),
+        (
+            ["hardware=cpu", "hardware.checkpoint_every_n_layers=2"],
+            "hardware.checkpoint_every_n_layers=2: has no effect",
+        ),
+        (["hardware=cpu", "hardware.checkpoint_offload=true"], "hardware.checkpoint_offload=True: has no effect"),
+    ],
+)
+def test_bad_settings_are_named(compose, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        to_config(compose(*overrides))
+
+
+def test_a_run_records_its_checkpointed_layers(tmp_path):
+    run_dir = tmp_path / "run"
+    res = simpo(
+        "max_steps=2",
+        "eval_steps=0",
+        "save_steps=0",
+        "logger=none",
+        "eval_on_start=false",
+        "num_generations=0",
+        "dataset.synthetic.num_train=8",
+        "dataset.synthetic.num_test=4",
+        "per_device_train_batch_size=4",
+        "hardware.gradient_checkpointing=true",
+        "hardware.checkpoint_every_n_layers=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["gradient_checkpointing"] is True and env["checkpoint_offload"] is False
+    assert env["checkpointed_layers"] == 2  # the tiny model's 4 layers, every second one
