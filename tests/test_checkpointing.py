@@ -1,16 +1,14 @@
 """Partial and offloaded activation checkpointing (hardware.checkpoint_every_n_layers, hardware.checkpoint_offload;
 simpo_exp.model.enable_checkpointing): which layers recompute, and that the gradients do not change."""
 
-import json
-
 import pytest
 import torch
 import transformers.modeling_utils
 
 from simpo_exp.config import ConfigError, to_config
 from simpo_exp.model import checkpointed_layers, enable_checkpointing
+from tests.test_layout_auto import run
 from tests.test_perf_paths import assert_same, loss_and_grads, make_model, random_pairs
-from tests.test_run import simpo
 
 LAYERS = 4
 
@@ -107,23 +105,6 @@ def test_bad_settings_are_named(compose, overrides, message):
 
 
 def test_a_run_records_its_checkpointed_layers(tmp_path):
-    run_dir = tmp_path / "run"
-    res = simpo(
-        "max_steps=2",
-        "eval_steps=0",
-        "save_steps=0",
-        "logger=none",
-        "eval_on_start=false",
-        "num_generations=0",
-        "dataset.synthetic.num_train=8",
-        "dataset.synthetic.num_test=4",
-        "per_device_train_batch_size=4",
-        "hardware.gradient_checkpointing=true",
-        "hardware.checkpoint_every_n_layers=2",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    env = json.loads((run_dir / "env.json").read_text())
+    _, env = run(tmp_path, "run", "hardware.gradient_checkpointing=true", "hardware.checkpoint_every_n_layers=2")
     assert env["gradient_checkpointing"] is True and env["checkpoint_offload"] is False
     assert env["checkpointed_layers"] == 2  # the tiny model's 4 layers, every second one
