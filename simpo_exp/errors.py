@@ -21,7 +21,7 @@ def out_of_memory(where: str, error: BaseException) -> OutOfMemoryError:
     return OutOfMemoryError(
         f"out of device memory during {where} ({str(error).splitlines()[0][:200]}). Lower the memory a step needs: "
         "per_device_train_batch_size (keep the global batch with hardware.effective_batch_size or "
-        "gradient_accumulation_steps), max_length, hardware.gradient_checkpointing=true "
-        "(with hardware.checkpoint_every_n_layers=1, or hardware.checkpoint_offload=true), "
+        "gradient_accumulation_steps), max_length, hardware.gradient_checkpointing=true (on every layer: "
+        "hardware.checkpoint_every_n_layers=1; less still: hardware.checkpoint_offload=true), "
         "hardware.logps_chunk_size=1024 (large vocabularies), or a sharded engine (hardware=fsdp/zero3) or LoRA"
     )

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from simpo_exp import memory
-from simpo_exp.errors import OutOfMemoryError
+from simpo_exp.errors import OutOfMemoryError, out_of_memory
 from simpo_exp.memory import Engine, check_fits, state_bytes
 from tests.test_perf_paths import make_model
 from tests.test_reliability import _tiny_config
@@ -141,3 +141,20 @@ def test_the_engine_is_read_from_the_launchers_configs():
     fsdp = SimpleNamespace(cpu_offload=CPUOffloadPolicy(), fsdp_version=2)
     assert Engine.of(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp)).offload_params
     assert Engine.of(accelerator(DistributedType.MULTI_GPU)) == Engine("single", 8)
+
+
+def test_a_step_out_of_memory_names_the_knobs():
+    err = out_of_memory("the training step", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    message = str(err)
+    assert "during the training step (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
+    for knob in (
+        "per_device_train_batch_size",
+        "hardware.effective_batch_size",
+        "max_length",
+        "hardware.gradient_checkpointing=true",
+        "hardware.checkpoint_every_n_layers=1",
+        "hardware.checkpoint_offload=true",
+        "hardware.logps_chunk_size",
+        "hardware=fsdp/zero3",
+    ):
+        assert knob in message, knob
