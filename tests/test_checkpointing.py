@@ -108,3 +108,15 @@ def test_a_run_records_its_checkpointed_layers(tmp_path):
     _, env = run(tmp_path, "run", "hardware.gradient_checkpointing=true", "hardware.checkpoint_every_n_layers=2")
     assert env["gradient_checkpointing"] is True and env["checkpoint_offload"] is False
     assert env["checkpointed_layers"] == 2  # the tiny model's 4 layers, every second one
+
+
+def test_generating_from_a_partially_checkpointed_run_leaves_a_valid_config(compose):
+    """The evaluate stage generates from a trained run with its config minus gradient checkpointing; the
+    checkpointing knobs go with it, or the config would fail its own checks."""
+    from simpo_exp.config import validate
+    from simpo_exp.evaluate.runs import for_inference
+
+    cfg = to_config(compose("hardware=gpu", "hardware.checkpoint_every_n_layers=2", "hardware.checkpoint_offload=true"))
+    inference = validate(for_inference(cfg, "cpu"))
+    assert not inference.hardware.gradient_checkpointing
+    assert (inference.hardware.checkpoint_every_n_layers, inference.hardware.checkpoint_offload) == (1, False)
