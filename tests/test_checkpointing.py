@@ -120,3 +120,25 @@ def test_generating_from_a_partially_checkpointed_run_leaves_a_valid_config(comp
     inference = validate(for_inference(cfg, "cpu"))
     assert not inference.hardware.gradient_checkpointing
     assert (inference.hardware.checkpoint_every_n_layers, inference.hardware.checkpoint_offload) == (1, False)
+
+
+@pytest.mark.parametrize("packing", ["none", "prefix_shared"])
+def test_compiled_layers_under_partial_checkpointing_match_eager(packing):
+    """hardware.compile with every second layer checkpointed: dynamo sees checkpointed and plain layers side by
+    side (one graph for the plain ones, the checkpoint region for the others); loss and gradients stay eager's."""
+    from simpo_exp.compiled import compile_model, graphs_built
+    from simpo_exp.logps import install_segment_attention
+    from tests.test_compile import hardware
+
+    torch._dynamo.reset()
+    pairs = random_pairs(3, seed=13)
+    eager = make_model(layers=LAYERS)
+    twin = make_model(layers=LAYERS)
+    enable_checkpointing(twin, every_n_layers=2)
+    if packing != "none":
+        install_segment_attention(twin)
+    compile_model(twin, hardware("aot_eager", checkpointing=True))
+    assert checkpointed_layers(twin) == 2
+    before = graphs_built()
+    assert_same(loss_and_grads(eager, pairs, packing), loss_and_grads(twin, pairs, packing))
+    assert graphs_built() > before, "nothing was compiled"
