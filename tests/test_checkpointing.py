@@ -31,9 +31,9 @@ def test_every_second_layer_recomputes_and_the_gradients_stay(packing):
         if every is not None:
             enable_checkpointing(model, every_n_layers=every)
         counts = count_layer_forwards(model)
+        result = loss_and_grads(model, pairs, packing)
         # loss_and_grads runs forward + backward, then one more forward for the log-probs it returns
-        runs[name] = loss_and_grads(model, pairs, packing)
-        runs[name] = (runs[name], [c - 1 for c in counts], checkpointed_layers(model))
+        runs[name] = (result, [c - 1 for c in counts], checkpointed_layers(model))
     assert runs["none"][1:] == ([1, 1, 1, 1], 0)
     assert runs["all"][1:] == ([2, 2, 2, 2], 4)
     assert runs["every 2"][1:] == ([2, 1, 2, 1], 2)  # layers 0 and 2 recompute, 1 and 3 keep their activations
