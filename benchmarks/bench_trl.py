@@ -483,7 +483,10 @@ def worker_check(spec: dict) -> dict:
     losses = {}
     # compiling is in place on the shared model: the compiled variants last
     for variant in sorted(spec["variants"], key=lambda name: variant_settings(name)["compile"]):
-        policy, collate = make_ours(preset, tok, model, variant)
+        # --eager-check: a +compile variant's loss from its eager twin (tests/test_compile.py checks the compiled
+        # one), so that no compile stands between the start and the first timed run
+        built = variant.replace(COMPILE_SUFFIX, "") if spec.get("eager_check") else variant
+        policy, collate = make_ours(preset, tok, model, built)
         b = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(first).items()}
         with torch.no_grad():
             losses[variant] = float(step_loss(policy, b)[0])
@@ -781,6 +784,12 @@ def main() -> None:
         "float32 check would not fit either; the first pairs of the same data check the same computation",
     )
     ap.add_argument(
+        "--eager-check",
+        action="store_true",
+        help=f"the loss check runs the {COMPILE_SUFFIX} variants eagerly (their compiled loss is tested in "
+        "tests/test_compile.py), so that no compile warm-up comes before the first timed run",
+    )
+    ap.add_argument(
         "--checkpointing",
         action="store_true",
         help="gradient checkpointing on both sides where the preset has it off (the CPU presets), so that the "
@@ -872,8 +881,10 @@ def main() -> None:
     if args.profile:
         return profile_runs(args, base, order)
     check_overrides = overrides | ({"batch": args.check_pairs} if args.check_pairs else {})
-    check = run_worker(base | {"impl": "check", "variants": variants, "overrides": check_overrides})
-    print(f"\nfirst-batch loss (float32, same weights): TRL {check['trl']:.6f}")
+    check_spec = {"impl": "check", "variants": variants, "overrides": check_overrides, "eager_check": args.eager_check}
+    check = run_worker(base | check_spec)
+    eager = " (+compile variants checked eagerly)" if args.eager_check else ""
+    print(f"\nfirst-batch loss (float32, same weights){eager}: TRL {check['trl']:.6f}")
     bad = []
     for v, loss in check["ours"].items():
         diff = abs(loss - check["trl"])
@@ -994,6 +1005,7 @@ def report(
                     "preset": args.preset,
                     "config": preset,
                     "check": check,
+                    "eager_check": args.eager_check,  # the +compile variants' losses came from their eager twins
                     "rows": rows,
                     "runs": runs,
                     "missing": missing,

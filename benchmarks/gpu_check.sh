@@ -89,16 +89,19 @@ bench() {  # part name, time limit, then bench_trl.py's arguments
 if want b16; then  # the realistic batch of the speed and MFU targets
     # A process start cost about 10-15 s on the H200, and FlexAttention or Liger 5-15 s of kernel builds (2026-11-30:
     # 165 s held the loss check and 4.5 runs at batch 4, a process each); torch.compile's warm-up is not measured
-    # yet, guessed at a minute, and the loss check compiles the +compile variants too. So each part lists its runs
+    # yet, guessed at a minute (the loss check runs the +compile variants eagerly). So each part lists its runs
     # most-needed first, and a part cut off keeps the runs it finished.
     # Packed rows with the Liger head (fused in every layout since 2026-11-30): packed-flex's speed with the
     # Liger head's memory. Then the MFU candidates: without gradient checkpointing (the recomputed forward is
     # about a quarter of the step's work, uncounted by MFU; the H200 holds batch 16 without it), compiled and
     # not, set beside TRL without checkpointing too (--trl-nockpt). The padded Liger run's 0.45x TRL's memory was
     # measured on 2026-11-30; packed-flex+liger takes its place here.
+    # The compiled run goes last (its compile alone may take a minute or more: the compiled-layers test was still
+    # compiling at 190 s on 2026-11-30), and the loss check runs it eagerly (--eager-check), so that no compile
+    # comes before the first timed run.
     log "benchmark, batch 16"
-    bench b16 185 --batch 16 --steps 5 --trl-nockpt \
-        --variants packed-flex+liger,packed-flex+compile+nockpt,packed-flex+nockpt
+    bench b16 185 --batch 16 --steps 5 --trl-nockpt --eager-check \
+        --variants packed-flex+liger,packed-flex+nockpt,packed-flex+compile+nockpt
 fi
 if want big; then
     # A batch TRL cannot fit on the H200: between batch 4 and 16 (2026-11-30) TRL's peak grew 2,926 MiB per
@@ -114,7 +117,7 @@ if want b4; then  # batch 4 again, now that both sides step fused AdamW (2026-11
 fi
 if want compile4; then  # only when named: batch 4 with the layers compiled (for a second device run)
     log "benchmark, batch 4 under torch.compile"
-    bench compile4 150 --steps 8 --variants packed-flex+compile,plain+compile
+    bench compile4 150 --steps 8 --eager-check --variants packed-flex+compile,plain+compile
 fi
 if want ckpt; then  # only when named: partial and offloaded checkpointing at batch 16 (hardware.checkpoint_*)
     # Between b16's packed-flex+liger (every layer recomputed) and its +nockpt runs: every 2nd / 4th layer

@@ -194,3 +194,20 @@ def test_trls_mfu_counts_the_work_of_our_padded_layout_on_the_same_batches(monke
     assert theirs == pytest.approx(ours["mfu"], rel=1e-9)
     work = [m * t for m, t in zip(theirs, ours["times"])]
     assert max(work) > 1.01 * min(work)  # each step its own batch's work, not one batch's three times
+
+
+def test_an_eager_check_compiles_nothing_and_checks_the_eager_twin():
+    """--eager-check: the loss check gives a +compile variant its eager twin's loss without compiling anything
+    (gpu_check.sh uses it so that no compile warm-up comes before the first timed run)."""
+    import torch
+
+    from simpo_exp.compiled import graphs_built
+
+    bench = load_bench()
+    torch._dynamo.reset()
+    spec = {"preset": "cpu", "overrides": {"batch": 2}, "threads": 1, "variants": ["plain", "plain+compile"]}
+    before = graphs_built()
+    check = bench.worker_check(spec | {"eager_check": True})
+    assert graphs_built() == before
+    assert check["ours"]["plain+compile"] == check["ours"]["plain"]
+    assert check["ours"]["plain"] == pytest.approx(check["trl"], abs=bench.LOSS_TOLERANCE)
