@@ -133,7 +133,7 @@ if want blockmask; then  # only when named: the block mask's build time and memo
     publish
 fi
 log "issue 17's targets against these figures (benchmarks/targets.py)"
-python3 benchmarks/targets.py "$WORK"/bench-{b4,b16,big,compile4}.json \
+python3 benchmarks/targets.py "$WORK"/bench-{b4,b16,big,compile4,ckpt}.json \
     --markdown "$WORK/targets.md" > /dev/null 2>&1; cat "$WORK/targets.md" >> "$WORK/summary.md" 2>/dev/null
 publish
 
