@@ -479,16 +479,10 @@ def _validate_hardware(h: HardwareConfig) -> None:
     _check_choice("hardware.checkpoint_format", h.checkpoint_format, CHECKPOINT_FORMATS)
     n = h.checkpoint_every_n_layers
     _check(n >= 1, "hardware.checkpoint_every_n_layers", n, "must be >= 1 (1: every layer)")
-    for key, value, default in (
-        ("checkpoint_every_n_layers", n, 1),
-        ("checkpoint_offload", h.checkpoint_offload, False),
-    ):
-        _check(
-            value == default or h.gradient_checkpointing,
-            f"hardware.{key}",
-            value,
-            "has no effect unless hardware.gradient_checkpointing=true",
-        )
+    if not h.gradient_checkpointing:
+        inert = "has no effect unless hardware.gradient_checkpointing=true"
+        _check(n == 1, "hardware.checkpoint_every_n_layers", n, inert)
+        _check(not h.checkpoint_offload, "hardware.checkpoint_offload", h.checkpoint_offload, inert)
     if h.compile_mode is not None:
         _check_choice("hardware.compile_mode", h.compile_mode, COMPILE_MODES)
         _check(h.compile, "hardware.compile_mode", h.compile_mode, "has no effect unless hardware.compile=true")
