@@ -42,7 +42,8 @@ def policy_for(head: str) -> ResponseLogps:
     fused = LigerPreferenceHead("simpo", beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0)
     fused.compiled = False
     # on prefix-shared rows the pairs go to Liger in groups of similar width, their gradients taken call by call
-    fused.split_cost = 0 if head == "fused-prefix" else fused.split_cost
+    if head == "fused-prefix":
+        fused.split_cost = 0
     return ResponseLogps(model, packing=PACKING[head], fused=fused)
 
 
