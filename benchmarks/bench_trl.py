@@ -34,6 +34,7 @@ CPU (and its rise over the RSS just before training, which removes the shared im
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -87,8 +88,10 @@ VARIANTS = {
 # +nockpt: without gradient checkpointing where the preset turns it on (hardware.gradient_checkpointing=false:
 #   memory for the recomputed forward pass);
 # +ckpt2, +ckpt4: only every 2nd / 4th decoder layer checkpointed (hardware.checkpoint_every_n_layers);
-# +offload: the checkpointed layers' inputs in pinned host memory (hardware.checkpoint_offload; GPU).
+# +offload: the checkpointed layers' inputs in pinned host memory (hardware.checkpoint_offload; GPU);
+# +liger-layers: Liger's RMSNorm, SwiGLU and rotary kernels in the decoder layers (hardware.fused_layers=liger; GPU).
 COMPILE_SUFFIX = "+compile"
+LIGER_LAYERS_SUFFIX = "+liger-layers"
 NO_CHECKPOINTING_SUFFIX = "+nockpt"
 SUFFIXES = {  # suffix: (setting, its value with the suffix)
     COMPILE_SUFFIX: ("compile", True),
@@ -96,12 +99,14 @@ SUFFIXES = {  # suffix: (setting, its value with the suffix)
     "+ckpt2": ("checkpoint_every_n_layers", 2),
     "+ckpt4": ("checkpoint_every_n_layers", 4),
     "+offload": ("checkpoint_offload", True),
+    LIGER_LAYERS_SUFFIX: ("liger_layers", True),
 }
 SUFFIX_DEFAULTS = {
     "compile": False,
     "no_checkpointing": False,
     "checkpoint_every_n_layers": 1,
     "checkpoint_offload": False,
+    "liger_layers": False,
 }
 TRL_NO_CHECKPOINTING = "TRL" + NO_CHECKPOINTING_SUFFIX  # --trl-nockpt: TRL's run without gradient checkpointing
 
@@ -426,6 +431,10 @@ def make_ours(preset: dict, tok, model, variant: str):
     from simpo_exp.logps import ResponseLogps
 
     v = variant_settings(variant)
+    if v["liger_layers"]:  # replaces the family's rotary embedding for the process: see kept_modeling_modules
+        from simpo_exp.fused import fuse_layers
+
+        fuse_layers(model)
     checkpointing = preset["gradient_checkpointing"] and not v["no_checkpointing"]
     if checkpointing:
         from simpo_exp.model import enable_checkpointing
@@ -462,6 +471,8 @@ def worker_check(spec: dict) -> dict:
     """First-batch loss of TRL and of every variant, from the same weights, float32."""
     import torch
 
+    from simpo_exp.fused import kept_modeling_modules
+
     preset, tok, rows = setup(spec)
     device = preset["device"]
     pairs = tokenize_like_trl(tok, rows, preset["max_length"])
@@ -486,10 +497,15 @@ def worker_check(spec: dict) -> dict:
         # --eager-check: a +compile variant's loss from its eager twin (tests/test_compile.py checks the compiled
         # one), so that no compile stands between the start and the first timed run
         built = variant.replace(COMPILE_SUFFIX, "") if spec.get("eager_check") else variant
-        policy, collate = make_ours(preset, tok, model, built)
-        b = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(first).items()}
-        with torch.no_grad():
-            losses[variant] = float(step_loss(policy, b)[0])
+        # Liger's layer kernels patch the model they are given: a copy of the same weights takes them, and
+        # what they replaced for the process is put back after it
+        own = variant_settings(variant)["liger_layers"]
+        with kept_modeling_modules():
+            policy, collate = make_ours(preset, tok, copy.deepcopy(model) if own else model, built)
+            b = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(first).items()}
+            with torch.no_grad():
+                losses[variant] = float(step_loss(policy, b)[0])
+            del policy
     return {"trl": trl_loss, "ours": losses}
 
 
@@ -647,9 +663,12 @@ def worker_ours_shared(spec: dict) -> dict:
 
     import torch
 
+    from simpo_exp.fused import kept_modeling_modules
+
     for variant in spec["variants"]:
         try:
-            res = worker_ours(spec | {"variant": variant})
+            with kept_modeling_modules():  # what a +liger-layers variant replaced for the process, put back
+                res = worker_ours(spec | {"variant": variant})
         except torch.OutOfMemoryError:
             res = {"error": "out of memory"}
         print("RESULT_OF " + json.dumps({"variant": variant, "result": res}), flush=True)
@@ -771,7 +790,8 @@ def main() -> None:
         help=f"comma list of our variants (default: the preset's); known: {', '.join(VARIANTS)}, "
         f"each also with any of the suffixes {', '.join(SUFFIXES)} (ours only): {COMPILE_SUFFIX} its layers under "
         f"torch.compile, {NO_CHECKPOINTING_SUFFIX} without the preset's gradient checkpointing, +ckptN only every "
-        "N-th layer checkpointed, +offload the checkpointed inputs in host memory",
+        f"N-th layer checkpointed, +offload the checkpointed inputs in host memory, {LIGER_LAYERS_SUFFIX} Liger's "
+        "kernels in the decoder layers (GPU)",
     )
     ap.add_argument("--rounds", type=int, help="repeat the whole set, interleaved (default: the preset's)")
     ap.add_argument("--steps", type=int, help="measured steps per run (default: the preset's)")
@@ -852,6 +872,11 @@ def main() -> None:
     if any(settings[v].get("fused") == "liger" for v in variants) and not importlib.util.find_spec("liger_kernel"):
         print("liger-kernel is not installed (pip install liger-kernel): the +liger variants are left out")
         variants = [v for v in variants if settings[v].get("fused") != "liger"]
+    if any(settings[v]["liger_layers"] for v in variants) and (
+        preset["device"] != "cuda" or not importlib.util.find_spec("liger_kernel")
+    ):
+        print(f"the {LIGER_LAYERS_SUFFIX} variants need a GPU and liger-kernel: left out")
+        variants = [v for v in variants if not settings[v]["liger_layers"]]
     if any(settings[v]["attention"] == "flash" for v in variants) and not importlib.util.find_spec("flash_attn"):
         print("flash-attn is not installed (pip install flash-attn): the -flash variants are left out")
         variants = [v for v in variants if settings[v]["attention"] != "flash"]

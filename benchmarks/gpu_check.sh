@@ -96,12 +96,14 @@ if want b16; then  # the realistic batch of the speed and MFU targets
     # about a quarter of the step's work, uncounted by MFU; the H200 holds batch 16 without it), compiled and
     # not, set beside TRL without checkpointing too (--trl-nockpt). The padded Liger run's 0.45x TRL's memory was
     # measured on 2026-11-30; packed-flex+liger takes its place here.
+    # Liger's kernels in the decoder layers (hardware.fused_layers=liger: RMSNorm, SwiGLU, rotary embedding in one
+    # kernel each instead of chains of memory-bound passes) are the other way to fuse them, without a compile.
     # The compiled run goes last (its compile alone may take a minute or more: the compiled-layers test was still
     # compiling at 190 s on 2026-11-30), and the loss check runs it eagerly (--eager-check), so that no compile
     # comes before the first timed run.
     log "benchmark, batch 16"
-    bench b16 185 --batch 16 --steps 5 --trl-nockpt --eager-check \
-        --variants packed-flex+liger,packed-flex+nockpt,packed-flex+compile+nockpt
+    bench b16 210 --batch 16 --steps 5 --trl-nockpt --eager-check \
+        --variants packed-flex+liger,packed-flex+nockpt,packed-flex+liger-layers+nockpt,packed-flex+compile+nockpt
 fi
 if want big; then
     # A batch TRL cannot fit on the H200: between batch 4 and 16 (2026-11-30) TRL's peak grew 2,926 MiB per
@@ -112,8 +114,9 @@ if want big; then
     bench big 75 --batch 64 --warmup 1 --steps 2 --check-pairs 4 --variants packed-flex+liger,plain+liger
 fi
 if want b4; then  # batch 4 again, now that both sides step fused AdamW (2026-11-30's figures: foreach)
+    # 25 s less than b16's extra run needed: the padded run, last, may be cut off (its 1.21x TRL stands)
     log "benchmark, batch 4: packed-flex and padded"
-    bench b4 100 --steps 8 --variants packed-flex,plain
+    bench b4 75 --steps 8 --variants packed-flex,plain
 fi
 if want compile4; then  # only when named: batch 4 with the layers compiled (for a second device run)
     log "benchmark, batch 4 under torch.compile"

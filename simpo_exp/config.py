@@ -155,6 +155,9 @@ class HardwareConfig:
     # liger: the head, log-softmax and loss fused per pair by Liger-Kernel (simpo_exp/fused.py; simpo, cpo, orpo;
     # any packing; no logits of the whole batch); none: the project's own head (chunked by logps_chunk_size)
     fused_head: str = "none"
+    # liger: Liger-Kernel's Triton kernels in the decoder layers (RMSNorm, SwiGLU/GeGLU MLP, rotary embedding;
+    # simpo_exp/fused.py), fewer memory-bound passes and less activation memory; GPU only. none: transformers' own.
+    fused_layers: str = "none"
     # Batches of pairs of similar length (less padding under packing=none; simpo_exp/data/sampler.py).
     group_by_length: bool = False
     # torch.compile each decoder layer, dynamic shapes (simpo_exp/compiled.py); compile steps are left out of the
@@ -476,6 +479,7 @@ def _validate_hardware(h: HardwareConfig) -> None:
     _check_choice("hardware.packing_attention", h.packing_attention, tuple(PACKING_ATTENTIONS))
     _check(h.logps_chunk_size >= 0, "hardware.logps_chunk_size", h.logps_chunk_size, "must be >= 0 (0: no chunks)")
     _check_choice("hardware.fused_head", h.fused_head, ("none", "liger"))
+    _check_choice("hardware.fused_layers", h.fused_layers, ("none", "liger"))
     _check_choice("hardware.checkpoint_format", h.checkpoint_format, CHECKPOINT_FORMATS)
     n = h.checkpoint_every_n_layers
     _check(n >= 1, "hardware.checkpoint_every_n_layers", n, "must be >= 1 (1: every layer)")

@@ -84,6 +84,7 @@ def environment_record(cfg, accelerator, model, data_report, layout=None) -> dic
         "gradient_checkpointing": cfg.hardware.gradient_checkpointing,
         "checkpointed_layers": checkpointed_layers(model),
         "checkpoint_offload": cfg.hardware.checkpoint_offload,
+        "fused_layers": cfg.hardware.fused_layers,
         "model_dtype": str(next(model.parameters()).dtype),
         "precision": precision_record(model, accelerator),
         "git_commit": git_commit(),

@@ -22,6 +22,8 @@ cached reference log-probs this project uses, so the reference-based methods sta
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -74,6 +76,62 @@ def liger_losses():
     except ImportError as e:
         raise ImportError(f"hardware.fused_head=liger needs the liger-kernel package: {INSTALL_HINT}") from e
     return chunked_loss
+
+
+# hardware.fused_layers=liger: Liger's kernels for the decoder layers only. Its cross-entropy kernels stay off:
+# the head and the loss are the project's (or hardware.fused_head's), and Liger's fused-linear cross entropy would
+# replace the model's forward, which the log-prob paths call.
+LIGER_LAYER_KERNELS = dict(rope=True, rms_norm=True, swiglu=True, geglu=True, cross_entropy=False)
+LIGER_LAYER_KERNELS["fused_linear_cross_entropy"] = False
+
+
+def fuse_layers(model: nn.Module) -> None:
+    """``hardware.fused_layers=liger``: each decoder layer's RMSNorms, its gated MLP (SwiGLU; GeGLU for Gemma)
+    and its rotary embedding on Liger-Kernel's Triton kernels, through transformers' own Liger integration (what
+    ``TrainingArguments(use_liger_kernel=True)`` applies). Each replaces a chain of memory-bound element-wise
+    passes by one kernel and keeps fewer activations for the backward pass; the results are the same to the
+    precision of the run (``tests/test_gpu.py`` holds them to the plain path's).
+
+    The norms and MLPs are patched on this model's modules; the rotary embedding, a function of the model
+    family's module in transformers, and the norm and MLP classes are replaced for the whole process (as
+    transformers' Trainer does). ``kept_modeling_modules`` puts them back where a process builds other models
+    after this one (benchmarks, tests)."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.model import has_accelerator
+
+    where = "hardware.fused_layers='liger'"
+    if not has_accelerator():
+        raise ConfigError(f"{where} runs Triton kernels, which need a GPU; use hardware.fused_layers=none on a CPU")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as e:
+        raise ImportError(f"{where} needs the liger-kernel package: {INSTALL_HINT}") from e
+    from transformers.integrations.liger import apply_liger_kernel
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError(
+            f"{where}: Liger-Kernel has no kernels for model type {model_type!r}; use hardware.fused_layers=none"
+        )
+    apply_liger_kernel(model, dict(LIGER_LAYER_KERNELS))
+
+
+@contextmanager
+def kept_modeling_modules():
+    """Restore, on leaving, the module-level names of every transformers modeling module loaded on entering:
+    what ``fuse_layers`` replaced for the whole process (Liger's rotary embedding, norm and MLP classes). A
+    model patched inside keeps its patched modules but calls transformers' rotary embedding again, so patched
+    models are built, and done with, inside."""
+    loaded = {name: dict(vars(module)) for name, module in list(sys.modules.items()) if is_modeling_module(name)}
+    try:
+        yield
+    finally:
+        for name, names in loaded.items():
+            vars(sys.modules[name]).update(names)
+
+
+def is_modeling_module(name: str) -> bool:
+    return name.startswith("transformers.models.") and ".modeling_" in name
 
 
 class LigerPreferenceHead(nn.Module):

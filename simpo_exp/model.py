@@ -156,6 +156,10 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
         )
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.hardware.fused_layers == "liger":
+        from simpo_exp.fused import fuse_layers
+
+        fuse_layers(model)
     if cfg.hardware.gradient_checkpointing:
         enable_checkpointing(model, cfg.hardware.checkpoint_every_n_layers, cfg.hardware.checkpoint_offload)
     model.config.use_cache = False
@@ -241,7 +245,11 @@ def add_lora(model, h):
         target_modules=list(h.lora_target_modules),
         task_type="CAUSAL_LM",
     )
-    if getattr(model, "is_gradient_checkpointing", False):
+    # is_activation_checkpointing from transformers 5.23; is_gradient_checkpointing, its deprecated alias, before
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
         model.enable_input_require_grads()
     return get_peft_model(model, config, autocast_adapter_dtype=True)  # bf16/fp16 base: float32 adapters
 

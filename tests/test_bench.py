@@ -43,7 +43,13 @@ def test_the_gpu_presets_variants_build_and_equal_trls_loss():
 
 def test_variant_suffixes_in_any_order():
     bench = load_bench()
-    plain = {"compile": False, "no_checkpointing": False, "checkpoint_every_n_layers": 1, "checkpoint_offload": False}
+    plain = {
+        "compile": False,
+        "no_checkpointing": False,
+        "checkpoint_every_n_layers": 1,
+        "checkpoint_offload": False,
+        "liger_layers": False,
+    }
     assert bench.split_variant("packed-flex+liger") == ("packed-flex+liger", plain)
     both = plain | {"compile": True, "no_checkpointing": True}
     assert bench.split_variant("packed-flex+compile+nockpt") == ("packed-flex", both)
@@ -52,6 +58,8 @@ def test_variant_suffixes_in_any_order():
     assert bench.split_variant("plain+ckpt2+ckpt4")[0] == "plain+ckpt2"  # one checkpointing rule at most
     partial = plain | {"checkpoint_every_n_layers": 4, "checkpoint_offload": True}
     assert bench.split_variant("packed-flex+liger+offload+ckpt4") == ("packed-flex+liger", partial)
+    fused = plain | {"liger_layers": True, "no_checkpointing": True}
+    assert bench.split_variant("packed-flex+liger+liger-layers+nockpt") == ("packed-flex+liger", fused)
     assert bench.variant_settings("prefix+chunk1024+nockpt") == bench.VARIANTS["prefix+chunk1024"] | plain | {
         "no_checkpointing": True,
     }
@@ -211,3 +219,44 @@ def test_an_eager_check_compiles_nothing_and_checks_the_eager_twin():
     assert graphs_built() == before
     assert check["ours"]["plain+compile"] == check["ours"]["plain"]
     assert check["ours"]["plain"] == pytest.approx(check["trl"], abs=bench.LOSS_TOLERANCE)
+
+
+def test_a_liger_layers_variant_in_the_loss_check_leaves_the_others_as_they_were(monkeypatch):
+    """+liger-layers patches the model it is given and, for the process, the model family's rotary embedding.
+    In the loss check, which shares one model among the variants, it gets a copy, and the family's functions are
+    put back after it: the plain variant checked after it still equals TRL. Liger's kernels need a GPU, so a
+    stand-in patches the same two places in a way that changes the loss."""
+    from transformers.models.llama import modeling_llama
+
+    from simpo_exp import fused
+
+    bench = load_bench()
+    rotary = modeling_llama.apply_rotary_pos_emb
+
+    def stand_in(model):
+        modeling_llama.apply_rotary_pos_emb = lambda q, k, cos, sin, **kw: rotary(2 * q, k, cos, sin, **kw)
+        norm = model.model.norm
+        norm.forward = lambda x, _forward=type(norm).forward: 3 * _forward(norm, x)
+
+    monkeypatch.setattr(fused, "fuse_layers", stand_in)
+    spec = {"preset": "cpu", "overrides": {"batch": 2}, "threads": 1, "variants": ["packed+liger-layers", "packed"]}
+    check = bench.worker_check(spec)
+    assert check["ours"]["packed"] == pytest.approx(check["trl"], abs=bench.LOSS_TOLERANCE)
+    assert abs(check["ours"]["packed+liger-layers"] - check["ours"]["packed"]) > 1e-3  # the stand-in did run
+    assert modeling_llama.apply_rotary_pos_emb is rotary
+
+
+def test_liger_layers_variants_are_left_out_on_a_cpu(monkeypatch, capsys):
+    bench = load_bench()
+    monkeypatch.setattr(sys, "argv", ["bench_trl.py", "--preset", "cpu", "--variants", "plain,plain+liger-layers"])
+    checked = []
+
+    def loss_check(spec, must_succeed=True):  # the first worker: stop there
+        checked.append(spec)
+        raise SystemExit("stopped at the loss check")
+
+    monkeypatch.setattr(bench, "run_worker", loss_check)
+    with pytest.raises(SystemExit, match="stopped at the loss check"):
+        bench.main()
+    assert checked[0]["variants"] == ["plain"]
+    assert "the +liger-layers variants need a GPU and liger-kernel: left out" in capsys.readouterr().out

@@ -137,6 +137,30 @@ def test_partial_and_offloaded_checkpointing_on_cuda():
             torch.testing.assert_close(grads[name][param], grads["none"][param], atol=1e-4, rtol=1e-3, msg=param)
 
 
+@pytest.mark.parametrize("packing, attention", [("none", "segments"), ("packed", "flex"), ("prefix_shared", "flex")])
+def test_liger_layer_kernels_match_the_plain_path_on_cuda(packing, attention):
+    """hardware.fused_layers=liger (Liger's RMSNorm, SwiGLU and rotary kernels) in each GPU layout, float32:
+    the log-probs and gradients of the padded path on transformers' own layers."""
+    from simpo_exp.fused import fuse_layers, kept_modeling_modules
+
+    pairs, results = _random_pairs(400), []
+    for layout, attn, fused in (("none", "segments", False), (packing, attention, True)):
+        with kept_modeling_modules():  # Liger's rotary embedding is the process's until the block ends
+            model = _model(torch.float32)
+            if fused:
+                fuse_layers(model)
+            policy = ResponseLogps(model, packing=layout, attention=attn)
+            collate = PairCollator(0, packing=layout, attention=attn)
+            batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(pairs).items()}
+            out = policy(**batch)
+            out.logp_sums.sum().backward()
+        results.append((out.mean_logps.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
+    (plain, g_plain), (fast, g_fast) = results
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+    for name in g_plain:
+        torch.testing.assert_close(g_fast[name], g_plain[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
 def _run(tmp_path, *args, run=None):
     run = run or tmp_path / "run"
     res = simpo(*args, *RUN, f"hydra.run.dir={run}", cwd=tmp_path, timeout=900)
@@ -169,6 +193,13 @@ def test_flex_attention_trains_through_the_loop(tmp_path):
     )
     assert env["batch_layout"]["attention"] == "flex" and torch.isfinite(torch.tensor(summary["train/loss"]))
     assert summary["precision/weights_dtype"] == "float32" and summary["precision/autocast_dtype"] == "bfloat16"
+
+
+def test_liger_layer_kernels_train_through_the_loop(tmp_path):
+    """hardware.fused_layers=liger in a bf16 run on the GPU preset's layout (packed rows, FlexAttention)."""
+    run, summary, env = _run(tmp_path, "hardware=gpu", "hardware.fused_layers=liger", "hardware.measure_layouts=false")
+    assert env["fused_layers"] == "liger" and env["batch_layout"]["attention"] == "flex"
+    assert torch.isfinite(torch.tensor(summary["train/loss"])) and summary["train/grad_norm"] > 0
 
 
 def test_compiled_layers_train_through_the_loop(tmp_path):

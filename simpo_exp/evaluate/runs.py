@@ -63,11 +63,13 @@ def load_run_config(run_dir: Path) -> Config:
 
 
 def for_inference(run_cfg: Config, device: str) -> Config:
-    """The run's config for generating: no gradient checkpointing, no new LoRA adapters, the chosen device."""
+    """The run's config for generating: no gradient checkpointing, no new LoRA adapters, transformers' own layer
+    kernels, the chosen device."""
     cfg = copy.deepcopy(run_cfg)
     cfg.hardware.gradient_checkpointing = False
     cfg.hardware.checkpoint_every_n_layers, cfg.hardware.checkpoint_offload = 1, False  # valid without it
     cfg.hardware.lora = False
+    cfg.hardware.fused_layers = "none"  # training kernels; the generating device may be a CPU
     cfg.hardware.device = device
     return cfg
 
