@@ -113,25 +113,32 @@ def fuse_layers(model: nn.Module) -> None:
         raise ConfigError(
             f"{where}: Liger-Kernel has no kernels for model type {model_type!r}; use hardware.fused_layers=none"
         )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT's wrapper
+    family = type(base).__module__  # e.g. transformers.models.llama.modeling_llama, which Liger patches
+    for kept in _KEPT:
+        kept.setdefault(family, dict(vars(sys.modules[family])))
     apply_liger_kernel(model, dict(LIGER_LAYER_KERNELS))
+
+
+# The open kept_modeling_modules blocks, innermost last: each maps a modeling module's name to its names as
+# they were before fuse_layers first patched it inside that block.
+_KEPT: list[dict[str, dict]] = []
 
 
 @contextmanager
 def kept_modeling_modules():
-    """Restore, on leaving, the module-level names of every transformers modeling module loaded on entering:
-    what ``fuse_layers`` replaced for the whole process (Liger's rotary embedding, norm and MLP classes). A
-    model patched inside keeps its patched modules but calls transformers' rotary embedding again, so patched
+    """Put back, on leaving, what ``fuse_layers`` replaced inside the block for the whole process: the module-level
+    names (Liger's rotary embedding, norm and MLP classes) of each model family's transformers module it patched.
+    A model patched inside keeps its patched modules but calls transformers' rotary embedding again, so patched
     models are built, and done with, inside."""
-    loaded = {name: dict(vars(module)) for name, module in list(sys.modules.items()) if is_modeling_module(name)}
+    kept: dict[str, dict] = {}
+    _KEPT.append(kept)
     try:
         yield
     finally:
-        for name, names in loaded.items():
+        _KEPT.remove(kept)
+        for name, names in kept.items():
             vars(sys.modules[name]).update(names)
-
-
-def is_modeling_module(name: str) -> bool:
-    return name.startswith("transformers.models.") and ".modeling_" in name
 
 
 class LigerPreferenceHead(nn.Module):

@@ -225,20 +225,20 @@ def test_a_liger_layers_variant_in_the_loss_check_leaves_the_others_as_they_were
     """+liger-layers patches the model it is given and, for the process, the model family's rotary embedding.
     In the loss check, which shares one model among the variants, it gets a copy, and the family's functions are
     put back after it: the plain variant checked after it still equals TRL. Liger's kernels need a GPU, so a
-    stand-in patches the same two places in a way that changes the loss."""
+    stand-in for transformers' Liger integration patches the same two places in a way that changes the loss."""
+    from transformers.integrations import liger
     from transformers.models.llama import modeling_llama
-
-    from simpo_exp import fused
 
     bench = load_bench()
     rotary = modeling_llama.apply_rotary_pos_emb
 
-    def stand_in(model):
+    def stand_in(model, kernel_config):
         modeling_llama.apply_rotary_pos_emb = lambda q, k, cos, sin, **kw: rotary(2 * q, k, cos, sin, **kw)
         norm = model.model.norm
         norm.forward = lambda x, _forward=type(norm).forward: 3 * _forward(norm, x)
 
-    monkeypatch.setattr(fused, "fuse_layers", stand_in)
+    monkeypatch.setattr(liger, "apply_liger_kernel", stand_in)  # what simpo_exp.fused.fuse_layers calls
+    monkeypatch.setattr("simpo_exp.model.has_accelerator", lambda: True)
     spec = {"preset": "cpu", "overrides": {"batch": 2}, "threads": 1, "variants": ["packed+liger-layers", "packed"]}
     check = bench.worker_check(spec)
     assert check["ours"]["packed"] == pytest.approx(check["trl"], abs=bench.LOSS_TOLERANCE)

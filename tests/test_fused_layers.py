@@ -4,6 +4,7 @@ The kernels run on a GPU only (their numbers against the plain path: tests/test_
 the option patches in each model family of the presets, that the model's own forward and head are left to the
 project, what stays changed for the process and how it is put back, and the named errors."""
 
+import subprocess
 import sys
 
 import pytest
@@ -107,3 +108,26 @@ def test_unknown_choice_and_generation_settings(compose):
     # the evaluate stage generates from a trained run's config, perhaps on a CPU: without the training kernels
     cfg = to_config(compose("hardware=gpu", "hardware.fused_layers=liger"))
     assert validate(for_inference(cfg, "cpu")).hardware.fused_layers == "none"
+
+
+def test_a_family_first_loaded_inside_the_block_is_put_back_too():
+    """In a fresh process (a benchmark's shared worker) the model family's module may load only when the first
+    model is built, inside the block: what was patched there is put back all the same."""
+    code = """
+import subprocess
+import sys
+import simpo_exp.model
+from simpo_exp.fused import fuse_layers, kept_modeling_modules
+simpo_exp.model.has_accelerator = lambda: True
+assert 'transformers.models.mistral.modeling_mistral' not in sys.modules
+with kept_modeling_modules():
+    from transformers import MistralConfig, MistralForCausalLM
+    from transformers.models.mistral import modeling_mistral
+    rotary = modeling_mistral.apply_rotary_pos_emb
+    fuse_layers(MistralForCausalLM(MistralConfig(%r)))
+    assert modeling_mistral.apply_rotary_pos_emb is not rotary
+assert modeling_mistral.apply_rotary_pos_emb is rotary
+print('put back')
+""".replace("%r", ", ".join(f"{k}={v}" for k, v in SMALL.items()))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "put back" in res.stdout, res.stderr[-2000:]
