@@ -37,6 +37,11 @@ echo "training run: ok ($(grep -c . "$WORK/run/metrics.jsonl") metric rows)"
 $py -m pytest -q -p no:cacheprovider -o addopts="" --timeout=100 \
     tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_gpu.py > "$WORK/tests.log" 2>&1 || fail "GPU tests"
 echo "GPU tests collected: $(tail -n 1 "$WORK/tests.log")"
+# hardware.fused_layers=liger patches through transformers' Liger integration: the kit's pair of versions, checked
+# for what it patches in each family (the kernels themselves need the GPU)
+$py -m pytest -q -p no:cacheprovider -o addopts="" tests/test_fused_layers.py > "$WORK/fused.log" 2>&1 \
+    || fail "Liger layer patching"
+echo "Liger layer patching: $(tail -n 1 "$WORK/fused.log")"
 $py benchmarks/bench_trl.py --preset cpu --variants plain,prefix,plain+liger --rounds 1 --steps 3 --warmup 1 \
     --json "$WORK/bench.json" > "$WORK/bench.log" 2>&1 || fail "benchmark against TRL"
 echo "benchmark against TRL: ok"
