@@ -74,19 +74,27 @@ def _random_pairs(longest: int = 60) -> list[dict]:
 )
 def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention, longest):
     """float32 on CUDA (SDPA picks its GPU kernels): the same log-probs and gradients as the plain path."""
-    pairs, results = _random_pairs(longest), []
-    for layout in ("none", packing):
-        model = _model(torch.float32)
-        policy = ResponseLogps(model, packing=layout, attention=attention)
-        collate = PairCollator(0, packing=layout, attention=attention)
-        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(pairs).items()}
-        out = policy(**batch)
-        out.logp_sums.sum().backward()
-        results.append((out.mean_logps.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
-    (plain, g_plain), (fast, g_fast) = results
-    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
-    for name in g_plain:
-        torch.testing.assert_close(g_fast[name], g_plain[name], atol=1e-4, rtol=1e-3, msg=name)
+    pairs = _random_pairs(longest)
+    plain = _logps_and_grads(_model(torch.float32), pairs, "none", attention)
+    _assert_same(_logps_and_grads(_model(torch.float32), pairs, packing, attention), plain)
+
+
+def _logps_and_grads(model, pairs: list[dict], packing: str, attention: str):
+    """One forward and backward of ``pairs`` laid out as ``packing``: the mean log-probs and every gradient."""
+    policy = ResponseLogps(model, packing=packing, attention=attention)
+    collate = PairCollator(0, packing=packing, attention=attention)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(pairs).items()}
+    out = policy(**batch)
+    out.logp_sums.sum().backward()
+    return out.mean_logps.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(got, expected):
+    """float32 agreement: log-probs within 1e-4, each gradient within 1e-4 + 1e-3 of its size."""
+    (logps, grads), (logps_expected, grads_expected) = got, expected
+    torch.testing.assert_close(logps, logps_expected, atol=1e-4, rtol=1e-4)
+    for name in grads_expected:
+        torch.testing.assert_close(grads[name], grads_expected[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_flash_varlen_matches_the_plain_layout_on_cuda():
@@ -143,22 +151,12 @@ def test_liger_layer_kernels_match_the_plain_path_on_cuda(packing, attention):
     the log-probs and gradients of the padded path on transformers' own layers."""
     from simpo_exp.fused import fuse_layers, kept_modeling_modules
 
-    pairs, results = _random_pairs(400), []
-    for layout, attn, fused in (("none", "segments", False), (packing, attention, True)):
-        with kept_modeling_modules():  # Liger's rotary embedding is the process's until the block ends
-            model = _model(torch.float32)
-            if fused:
-                fuse_layers(model)
-            policy = ResponseLogps(model, packing=layout, attention=attn)
-            collate = PairCollator(0, packing=layout, attention=attn)
-            batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(pairs).items()}
-            out = policy(**batch)
-            out.logp_sums.sum().backward()
-        results.append((out.mean_logps.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
-    (plain, g_plain), (fast, g_fast) = results
-    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
-    for name in g_plain:
-        torch.testing.assert_close(g_fast[name], g_plain[name], atol=1e-4, rtol=1e-3, msg=name)
+    pairs = _random_pairs(400)
+    plain = _logps_and_grads(_model(torch.float32), pairs, "none", "segments")
+    with kept_modeling_modules():  # Liger's rotary embedding is the process's until the block ends
+        model = _model(torch.float32)
+        fuse_layers(model)
+        _assert_same(_logps_and_grads(model, pairs, packing, attention), plain)
 
 
 def _run(tmp_path, *args, run=None):
