@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The whole GPU check in one go, on one H100/H200 in under 8 minutes: install the kit carried in .whl/,
 # run tests/test_gpu.py, then the side-by-side benchmark against TRL 1.16 CPOTrainer(loss_type="simpo")
-# at batch 16 (the MFU candidates with and without torch.compile), at a batch TRL cannot fit, and at batch 4,
-# then (time allowing) a profile of where a step's time goes. Figures (JSON, markdown tables, logs) go to $OUT.
+# at batch 16 (the MFU candidates with and without torch.compile) and at a batch TRL cannot fit, a profile of
+# where a step's time goes, then (time allowing) batch 4. Figures (JSON, markdown tables, logs) go to $OUT.
 #
 #   here:  bash benchmarks/gpu_kit.sh                        # wheels into .whl/ (needs a package registry)
 #   there: bash benchmarks/gpu_check.sh                       # with .whl carried along; OUT=... to choose the folder
-#          PARTS="profile b4" bash benchmarks/gpu_check.sh    # only the named parts (a second, shorter device run)
+#          PARTS="b4 ckpt" bash benchmarks/gpu_check.sh       # only the named parts (a second, shorter device run)
 #
-# Parts, in the order they run: tests, b16, big, b4, compile4, ckpt, blockmask, profile (compile4, ckpt and blockmask only
-# when PARTS names them; the profile only with time left of the 460 s, unless PARTS names it). Each part has its
+# Parts, in the order they run: tests, b16, big, profile, b4, compile4, ckpt, blockmask (compile4, ckpt and blockmask
+# only when PARTS names them; b4 only with time left of the 460 s, unless PARTS names it). Each part has its
 # own time limit, and the benchmark prints and writes whatever it measured when it is cut short, so a slow part
 # never costs the figures of the others. Then paste $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
 #
@@ -19,7 +19,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
-PARTS=${PARTS:-tests b16 big b4}  # the profile runs after these when time is left, or when named
+DEFAULT_PARTS="tests b16 big profile"  # b4 runs after these when time is left, or when named
+PARTS=${PARTS:-$DEFAULT_PARTS}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 mkdir -p "$OUT"
@@ -113,10 +114,26 @@ if want big; then
     log "benchmark, batch 64 (TRL should run out of memory)"
     bench big 75 --batch 64 --warmup 1 --steps 2 --check-pairs 4 --variants packed-flex+liger,plain+liger
 fi
-if want b4; then  # batch 4 again, now that both sides step fused AdamW (2026-11-30's figures: foreach)
-    # 25 s less than b16's extra run needed: the padded run, last, may be cut off (its 1.21x TRL stands)
-    log "benchmark, batch 4: packed-flex and padded"
-    bench b4 75 --steps 8 --variants packed-flex,plain
+# Where the time goes, the question the MFU target (35%; 13% measured) turns on: TRL, the padded path and the
+# batch-16 candidate (packed FlexAttention rows, Liger head) at batch 16, 2 steps each under torch.profiler: GPU
+# busy share, kernels, synchronisations, the slowest kernels. Before b4 since 2026-12-01: it never had time left.
+if want profile; then
+    log "profile, batch 16"
+    bench profile 90 --batch 16 --profile --warmup 2 --steps 2 --variants plain,packed-flex+liger
+fi
+# Batch 4 again, now that both sides step fused AdamW (2026-11-30's figures, 2.03x and 1.21x TRL: foreach), with
+# the time left of the 460 s (so the check stays under 8 minutes), unless PARTS names it.
+left=$(( 460 - $(date +%s) + started ))
+if want b4; then
+    b4_limit=100
+elif [ "$PARTS" = "$DEFAULT_PARTS" ] && [ "$left" -ge 50 ]; then
+    b4_limit=$left
+elif [ "$PARTS" = "$DEFAULT_PARTS" ]; then
+    log "batch 4 skipped: $left s left (PARTS=b4 runs it alone)"
+fi
+if [ -n "${b4_limit:-}" ]; then
+    log "benchmark, batch 4: packed-flex and padded ($b4_limit s)"
+    bench b4 "$b4_limit" --steps 8 --variants packed-flex,plain
 fi
 if want compile4; then  # only when named: batch 4 with the layers compiled (for a second device run)
     log "benchmark, batch 4 under torch.compile"
@@ -140,15 +157,4 @@ python3 benchmarks/targets.py "$WORK"/bench-{b4,b16,big,compile4,ckpt}.json \
     --markdown "$WORK/targets.md" > /dev/null 2>&1; cat "$WORK/targets.md" >> "$WORK/summary.md" 2>/dev/null
 publish
 
-# Where the time goes: TRL, the padded path and the packed FlexAttention layout at batch 16, 2 steps each
-# under torch.profiler: GPU busy share, kernels, synchronisations, the slowest kernels. Only with time to
-# spare (the whole check stays under 8 minutes), unless PARTS names it.
-left=$(( 460 - $(date +%s) + started ))
-if want profile || [ "$left" -ge 60 ]; then
-    if want profile && [ "$left" -lt 90 ]; then left=90; fi
-    log "profile, batch 16 ($left s)"
-    bench profile "$left" --batch 16 --profile --warmup 2 --steps 2 --variants plain,packed-flex
-else
-    log "profile skipped: $left s left (PARTS=profile runs it alone)"
-fi
 log "done"
