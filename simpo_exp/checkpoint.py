@@ -44,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from simpo_exp.errors import UserError
+from simpo_exp.inference.files import jsonl_lines
 from simpo_exp.memory import Engine, state_bytes
 
 log = logging.getLogger(__name__)
@@ -451,7 +452,8 @@ def trim_metrics(metrics_path: Path, last_step: int) -> None:
     """Drop logged records after the checkpoint's step, so a resumed run logs each step once."""
     if not metrics_path.exists():
         return
-    keep = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    lines = jsonl_lines(metrics_path.read_text())
+    keep = [line for line in lines if line and json.loads(line)["step"] <= last_step]
     tmp = metrics_path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(metrics_path)

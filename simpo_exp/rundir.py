@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from simpo_exp.inference.files import jsonl_lines
+
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["beta=2", "+x=1", "~y"]`` -> ``{"beta": "2", "x": "1", "y": "<deleted>"}``, Hydra's own left out."""
@@ -43,7 +45,7 @@ def read_jsonl(path: Path) -> list[dict]:
     running job) is skipped, and a missing file gives none."""
     records = []
     try:
-        lines = path.read_text().splitlines()
+        lines = jsonl_lines(path.read_text())
     except OSError:
         return records
     for line in lines:

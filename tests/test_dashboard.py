@@ -14,6 +14,7 @@ import yaml
 pytest.importorskip("wandb_workspaces")
 
 from simpo_exp import dashboard  # noqa: E402
+from simpo_exp.inference.files import read_jsonl  # noqa: E402
 from simpo_exp.methods import METHODS  # noqa: E402
 from simpo_exp.tracking import CONDITIONAL_METRICS, STEP_KEY, eval_keys, train_keys  # noqa: E402
 from tests.runs import run_module  # noqa: E402
@@ -62,8 +63,7 @@ def logged_keys(sweep: Path) -> set[str]:
     """Every key the jobs logged. metrics.jsonl calls the step "step"; W&B gets it as tracking.STEP_KEY."""
     keys = set()
     for job in jobs(sweep):
-        for line in (job / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
+        for record in read_jsonl(job / "metrics.jsonl"):
             assert isinstance(record.pop("step"), int)
             keys |= set(record)
     return keys | {STEP_KEY}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from simpo_exp.inference.files import read_jsonl
 from tests.runs import free_port, run_module
 from tests.test_run import simpo
 
@@ -69,7 +70,7 @@ def test_sweep_is_evaluated_and_ranked_by_the_rule_win_rate(sweep):
         res = json.loads((job / "eval" / "rule" / "results.json").read_text())
         m = res["metrics"]
         assert m["n"] == 32 and 0.0 <= m["win_rate"] <= 100.0 and 0.0 <= m["score"] <= 1.0
-        rows = [json.loads(line) for line in (job / "eval" / "rule" / "generations.jsonl").read_text().splitlines()]
+        rows = read_jsonl(job / "eval" / "rule" / "generations.jsonl")
         assert len(rows) == 32 and all(r["prompt"].startswith("sort:") for r in rows)
         wins = sum(r["preference"] - 1 for r in rows) / len(rows) * 100  # the file's verdicts give its number
         assert m["win_rate"] == pytest.approx(wins)
@@ -296,11 +297,8 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
     # AlpacaEval: one request per prompt; Arena-Hard: two games per question, each replied with a label at once
     assert all(r["model"] == "fake-judge" for r in judged["requests"]) and len(judged["requests"]) == 6 + 2 * 3
     arena = json.loads((judged["job"] / "eval" / "arena-hard" / "results.json").read_text())
-    answers = [
-        json.loads(line)
-        for f in (judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl")
-        for line in f.read_text().splitlines()
-    ]
+    answer_files = (judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl")
+    answers = [a for f in answer_files for a in read_jsonl(f)]
     model = [a["choices"][0]["turns"][0]["content"] for a in answers]
     by_hand = arena_by_hand(model, ["y" * (10 * i + 5) for i in range(3)])
     assert arena["metrics"]["n"] == 3 and arena["metrics"]["win_rate"] == pytest.approx(
@@ -358,7 +356,7 @@ def test_alpacaeval_outputs_load_with_alpaca_eval_itself(judged):
 def test_arena_hard_answers_follow_arena_hard_auto_format(judged):
     files = list((judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl"))
     assert len(files) == 1
-    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    rows = read_jsonl(files[0])
     assert [r["question_id"] for r in rows] == ["q0", "q1", "q2"]
     for r in rows:
         assert r["model_id"] == files[0].stem and isinstance(r["tstamp"], float)
@@ -444,7 +442,7 @@ def test_arena_hard_score_interval_and_judgments_match_arena_hard_auto(arena_jud
 
     path = tmp_path / "model_judgment" / "org_fake-judge" / "my-model.jsonl"
     assert res["judgments_path"] == str(path)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = read_jsonl(path)
     assert [r["question_id"] for r in rows] == [f"q{i}" for i in range(6)]
     for r, (q, ref, out) in zip(rows, ARENA_CASES):
         assert set(r) == {"question_id", "model", "judge", "games"}
@@ -467,7 +465,7 @@ def test_arena_hard_score_interval_and_judgments_match_arena_hard_auto(arena_jud
 
     with pytest.raises(JudgeError, match="did not answer.*judge_only=true"):
         arena_judge([texts[0], "m" * 8, *texts[2:]], url=f"http://127.0.0.1:{free_port()}/v1")
-    assert len(path.read_text().splitlines()) == 5  # q1's answer changed: its old judgment no longer holds
+    assert len(read_jsonl(path)) == 5  # q1's answer changed: its old judgment no longer holds
 
 
 def test_two_player_bradley_terry_fit_is_the_battles_mean_outcome():

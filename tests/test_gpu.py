@@ -15,6 +15,7 @@ import torch
 
 from simpo_exp import checkpoint
 from simpo_exp.data import PairCollator
+from simpo_exp.inference.files import read_jsonl
 from simpo_exp.logps import ResponseLogps
 from tests.conftest import ROOT
 from tests.runs import free_port
@@ -313,6 +314,6 @@ def test_generate_stage_with_vllm(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["prompts"] == 32 and report["responses"] == 32 * 5 and report["pairs_kept"] >= 1
-    records = [json.loads(line) for line in (out / "shards" / "scored-00000.jsonl").read_text().splitlines()]
+    records = read_jsonl(out / "shards" / "scored-00000.jsonl")
     assert all(r["n_tokens"] <= 16 for rec in records for r in rec["responses"])
     assert len({r["text"] for r in records[0]["responses"]}) > 1  # five seeds, five different samples

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from simpo_exp.config import ConfigError
 from simpo_exp.data.sources import DataSourceError
+from simpo_exp.inference.files import jsonl_lines
 
 ALPACA_COLUMNS = ("instruction", "output", "generator", "dataset")
 
@@ -32,7 +33,7 @@ def _read_json_file(path: str, key: str):
         )
     try:
         if p.suffix == ".jsonl":
-            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            return [json.loads(line) for line in jsonl_lines(p.read_text()) if line.strip()]
         return json.loads(p.read_text())
     except ValueError as e:
         raise DataSourceError(f"{key}={path!r}: not valid JSON{'L' if p.suffix == '.jsonl' else ''} ({e})") from e

@@ -29,4 +29,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     """Every record of a file written whole by ``write_jsonl`` (a bad line is an error, not skipped)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return [json.loads(line) for line in jsonl_lines(Path(path).read_text()) if line]
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: split at "\n" only. ``str.splitlines`` also splits at U+2028, U+2029 and
+    U+0085, which JSON leaves unescaped inside strings (``ensure_ascii=False`` writes them as they are): a
+    sampled response holding one would be cut in two."""
+    return text.split("\n")
