@@ -508,5 +508,20 @@ def _validate_hardware(h: HardwareConfig) -> None:
 def to_config(cfg: DictConfig | Config) -> Config:
     """Turn a composed (already resolved) DictConfig into a validated ``Config`` object."""
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+        cfg = structured(Config, cfg)
     return validate(cfg)
+
+
+def structured(schema: type, cfg: DictConfig):
+    """A stage's composed config as an instance of its ``schema`` dataclass. A key that has no default and was
+    not given (``dataset=local`` without ``dataset.sources.local.path``) is a ConfigError naming it."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    except MissingMandatoryValue as err:
+        key = err.full_key or "?"
+        hint = " (a local file: nothing is downloaded)" if key.endswith("path") else ""
+        raise ConfigError(
+            f"missing config value {key}: it has no default, give it on the command line ({key}=...){hint}"
+        ) from None

@@ -233,6 +233,14 @@ def test_missing_prompt_column_is_refused(tmp_path):
     assert "missing column 'prompt'" in res.stderr and "prompt_column" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_local_dataset_without_its_path_is_named(tmp_path):
+    """A key with no default left out: the stage names it, without a traceback (so do training and evaluate,
+    through the same simpo_exp.config.structured)."""
+    res = generate("dataset=local", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "missing config value dataset.sources.local.path" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_a_model_that_is_not_a_reward_model_is_refused(tmp_path):
     from transformers import LlamaConfig
 

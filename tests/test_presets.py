@@ -53,9 +53,9 @@ def test_every_preset_composes_and_validates(compose, group, option):
 
 
 def test_a_local_dataset_needs_its_path(compose):
-    from omegaconf.errors import MissingMandatoryValue
+    from simpo_exp.config import ConfigError
 
-    with pytest.raises(MissingMandatoryValue, match="dataset.sources.local.path"):
+    with pytest.raises(ConfigError, match=r"missing config value dataset.sources.local.path: it has no default"):
         to_config(compose("dataset=local"))
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from simpo_exp.config import ConfigError, _check, _check_choice, _fail
+from simpo_exp.config import _check, _check_choice, _fail, structured
 
 BENCHMARK_KINDS = ("rule", "alpacaeval", "arena_hard", "lm_eval")
 JUDGE_KINDS = ("none", "rule", "openai", "alpaca_eval")
@@ -155,16 +155,7 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
 
 def to_evaluate_config(cfg: DictConfig) -> EvaluateRunConfig:
     """A composed DictConfig as a validated ``EvaluateRunConfig``; errors name the key."""
-    from omegaconf.errors import MissingMandatoryValue
-
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateRunConfig), cfg))
-    except MissingMandatoryValue as err:
-        key = err.full_key or "?"
-        hint = " (a local file: nothing is downloaded)" if key.endswith("_path") else ""
-        raise ConfigError(
-            f"missing config value {key}: it has no default, give it on the command line ({key}=...){hint}"
-        ) from None
+    cfg = structured(EvaluateRunConfig, cfg)
     e = cfg.evaluate
     _check(bool(e.path), "evaluate.path", e.path, "give a run or sweep directory: python -m simpo_exp.evaluate DIR")
     _check_choice("evaluate.device", e.device, DEVICES)

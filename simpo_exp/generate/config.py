@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from simpo_exp.config import DTYPES, Config, _check, _check_choice, _fail, validate
+from simpo_exp.config import DTYPES, Config, _check, _check_choice, _fail, structured, validate
 
 BACKENDS = ("hf", "vllm")
 SCORER_KINDS = ("rule", "reward_model")
@@ -131,5 +131,5 @@ def validate_generate(cfg: GenerateRunConfig) -> GenerateRunConfig:
 def to_generate_config(cfg: DictConfig | GenerateRunConfig) -> GenerateRunConfig:
     """A composed (resolved) DictConfig as a validated ``GenerateRunConfig``."""
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateRunConfig), cfg))
+        cfg = structured(GenerateRunConfig, cfg)
     return validate_generate(cfg)
