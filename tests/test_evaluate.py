@@ -502,6 +502,12 @@ def test_an_unknown_benchmark_is_refused(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_a_run_directory_that_is_not_there_is_named(tmp_path):
+    res = evaluate(str(tmp_path / "outputs" / "nope"), "benchmark=rule", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "evaluate.path=" in res.stderr and "no such directory" in res.stderr and "missing EQUAL" not in res.stderr
+
+
 def test_missing_prompt_files_are_named(sweep, tmp_path):
     job = str(jobs(sweep)[0])
     res = evaluate(job, "benchmark=alpacaeval2", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)

@@ -19,10 +19,15 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _path_argument(argv: list[str]) -> list[str]:
-    """A leading directory argument as ``evaluate.path='...'`` (quoted: job directories hold '=' and ',')."""
+    """A leading directory argument as ``evaluate.path='...'`` (quoted: job directories hold '=' and ','). A
+    leading argument that is neither a directory nor an option nor an override (no '='): a one-line error and
+    exit 2, not Hydra's "missing EQUAL" parse error."""
     if len(argv) > 1 and not argv[1].startswith("-") and Path(argv[1]).is_dir():
         quoted = argv[1].replace("\\", "\\\\").replace("'", "\\'")
         return [argv[0], f"evaluate.path='{quoted}'", *argv[2:]]
+    if len(argv) > 1 and not argv[1].startswith("-") and "=" not in argv[1]:
+        print(f"error: evaluate.path={argv[1]!r}: no such directory (give a run or sweep directory)", file=sys.stderr)
+        raise SystemExit(2)
     return argv
 
 
