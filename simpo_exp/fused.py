@@ -81,8 +81,14 @@ def liger_losses():
 # hardware.fused_layers=liger: Liger's kernels for the decoder layers only. Its cross-entropy kernels stay off:
 # the head and the loss are the project's (or hardware.fused_head's), and Liger's fused-linear cross entropy would
 # replace the model's forward, which the log-prob paths call.
-LIGER_LAYER_KERNELS = dict(rope=True, rms_norm=True, swiglu=True, geglu=True, cross_entropy=False)
-LIGER_LAYER_KERNELS["fused_linear_cross_entropy"] = False
+LIGER_LAYER_KERNELS = {
+    "rope": True,
+    "rms_norm": True,
+    "swiglu": True,
+    "geglu": True,  # Gemma's MLP
+    "cross_entropy": False,
+    "fused_linear_cross_entropy": False,
+}
 
 
 def fuse_layers(model: nn.Module) -> None:

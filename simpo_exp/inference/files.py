@@ -33,7 +33,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def jsonl_lines(text: str) -> list[str]:
-    """The lines of a JSONL text: split at "\n" only. ``str.splitlines`` also splits at U+2028, U+2029 and
+    """The lines of a JSONL text: split at "\\n" only. ``str.splitlines`` also splits at U+2028, U+2029 and
     U+0085, which JSON leaves unescaped inside strings (``ensure_ascii=False`` writes them as they are): a
     sampled response holding one would be cut in two."""
     return text.split("\n")
