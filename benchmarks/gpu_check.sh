@@ -71,7 +71,11 @@ if want tests; then
     # room for 6 of these tiny-model runs.
     extra=(); python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=100)
     python3 -c "import xdist" 2>/dev/null && extra+=(-n 6)
+    # Left out: the compiled-layers run, still compiling at 190 s on 2026-11-30 (past the 100 s a test may take
+    # here, so it would only hold a worker); compiled loss and gradients are tested on the CPU
+    # (tests/test_compile.py) and the compiled layers timed in b16.
     timeout 100 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
+        --deselect tests/test_gpu.py::test_compiled_layers_train_through_the_loop \
         tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_liger.py::test_fused_head_on_packed_flex_rows_on_cuda \
         tests/test_gpu.py > "$WORK/tests.log" 2>&1
     log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
