@@ -103,15 +103,9 @@ def test_flash_varlen_matches_the_plain_layout_on_cuda():
     hook casts float32 queries, keys and values), so the tolerance is bf16's: log-probs within 5e-2, each
     parameter's gradient within 5% of its norm."""
     pytest.importorskip("flash_attn")
-    pairs, results = _random_pairs(), []
-    for layout in ("none", "packed"):
-        model = _model(torch.float32)
-        policy = ResponseLogps(model, packing=layout, attention="flash")
-        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in PairCollator(0, layout, "flash")(pairs).items()}
-        out = policy(**batch)
-        out.logp_sums.sum().backward()
-        results.append((out.mean_logps.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
-    (plain, g_plain), (fast, g_fast) = results
+    pairs = _random_pairs()
+    plain, g_plain = _logps_and_grads(_model(torch.float32), pairs, "none", "flash")
+    fast, g_fast = _logps_and_grads(_model(torch.float32), pairs, "packed", "flash")
     torch.testing.assert_close(fast, plain, atol=5e-2, rtol=0)
     for name in g_plain:
         assert (g_fast[name] - g_plain[name]).norm() <= 0.05 * g_plain[name].norm() + 1e-6, name
