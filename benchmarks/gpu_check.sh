@@ -130,10 +130,8 @@ fi
 left=$(( 460 - $(date +%s) + started ))
 if want b4; then
     b4_limit=100
-elif [ "$PARTS" = "$DEFAULT_PARTS" ] && [ "$left" -ge 50 ]; then
-    b4_limit=$left
 elif [ "$PARTS" = "$DEFAULT_PARTS" ]; then
-    log "batch 4 skipped: $left s left (PARTS=b4 runs it alone)"
+    if [ "$left" -ge 50 ]; then b4_limit=$left; else log "batch 4 skipped: $left s left (PARTS=b4 runs it alone)"; fi
 fi
 if [ -n "${b4_limit:-}" ]; then
     log "benchmark, batch 4: packed-flex and padded ($b4_limit s)"
