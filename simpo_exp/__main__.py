@@ -12,12 +12,12 @@ from simpo_exp.runinfo import export_launcher_distributed_env, fill_run_identity
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     with user_errors(cfg):
         config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
         done = recorded_summary(config)  # this run already finished: its recorded result, nothing loads
         if done is not None:
-            return done.get("eval/rewards/accuracies", float("nan"))
+            return done.get("eval/rewards/accuracies")
         export_launcher_distributed_env()
 
         from simpo_exp.engine import release_process_group
@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float:
         accuracy = train(config)["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
         release_process_group(more_jobs=in_multirun())  # the run's objects are gone by now
         return accuracy
-    return float("nan")  # a sweep job that failed on bad input (see its error.json); sweepers skip NaN
+    return None  # a sweep job that failed (see its error.json): no value, a failed trial to the Optuna sweeper
 
 
 def in_multirun() -> bool:

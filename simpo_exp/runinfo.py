@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -60,8 +61,11 @@ def user_errors(cfg: DictConfig):
     """Turn a failed job into a clear message and an ``error.json`` in its directory.
 
     A bad config value, a missing model or data file is the user's to fix: show the message,
-    not a traceback. In a single run the process exits with status 2; in a sweep the job ends
-    (the task returns NaN) and the sweep goes on; ``SweepSummary`` reports it at the end.
+    not a traceback. In a single run the process exits with status 2 (a crash: Hydra's traceback, exit
+    status 1). In a sweep every failed job, crash or not, ends with its message (a crash's with its
+    traceback) and the sweep goes on: the task returns None, which Hydra's sweeper ignores and the Optuna
+    sweeper records as a failed trial (a NaN it would refuse, and a raised error would stop Hydra's
+    sweeper after the batch); ``SweepSummary`` lists the failed jobs at the end.
     """
     out = Path(HydraConfig.get().runtime.output_dir)
     (out / "error.json").unlink(missing_ok=True)  # a re-run's outcome replaces an earlier failure's
@@ -71,13 +75,17 @@ def user_errors(cfg: DictConfig):
         out.mkdir(parents=True, exist_ok=True)
         record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
         (out / "error.json").write_text(json.dumps(record, indent=2))
+        single = HydraConfig.get().mode == RunMode.RUN
         if not _is_user_error(e):
             _note_collective_timeout(e, cfg)
-            raise  # a crash: Hydra shows the traceback (a sweep still runs its other jobs)
+            if single:
+                raise  # a crash: Hydra shows the traceback
+            traceback.print_exc()
+            print(f"error: this sweep job crashed ({type(e).__name__}); the others go on", file=sys.stderr)
+            return
         print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.RUN:
+        if single:
             raise SystemExit(2) from None
-        # In a sweep, the other jobs go on; SweepSummary lists this one at the end.
 
 
 def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:
@@ -103,11 +111,21 @@ def _is_user_error(e: Exception) -> bool:
 
 
 class SweepSummary(Callback):
-    """At the end of a ``--multirun``, list the jobs that failed and why; exit 1 if any did."""
+    """At the end of a ``--multirun``, list this sweep's jobs that failed and why; exit 1 if any did.
+
+    A sweep re-run into the same directory may run fewer or other jobs than the last one: only the job
+    directories this run wrote (Hydra rewrites ``.hydra/overrides.yaml`` as each job starts, wherever the
+    launcher runs it) count, so an earlier run's failure, fixed by another value, is not reported again.
+    Files are told apart by their modification stamps before and after, not by clock, which may differ
+    between a cluster's nodes."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.before = _job_stamps(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+        before = getattr(self, "before", {})
+        jobs = [p for p, stamp in _job_stamps(sweep_dir).items() if before.get(p) != stamp]
         failed = [(p, json.loads((p / "error.json").read_text())) for p in jobs if (p / "error.json").exists()]
         if not failed:
             print(f"sweep finished: {len(jobs)} jobs in {sweep_dir}", flush=True)
@@ -118,6 +136,18 @@ class SweepSummary(Callback):
             print(f"  {path.name}: {err.get('type')}: {first_line}", file=sys.stderr)
         print(f"compare the rest with: python -m simpo_exp.compare {sweep_dir}", file=sys.stderr, flush=True)
         raise SystemExit(1)
+
+
+def _job_stamps(sweep_dir: Path) -> dict[Path, int]:
+    """The sweep's job directories, in job order (``10_...`` after ``2_...``), each with the modification stamp
+    of the overrides file Hydra writes as the job starts."""
+    stamps = {f.parents[1]: f.stat().st_mtime_ns for f in sweep_dir.glob("*/.hydra/overrides.yaml")}
+    return dict(sorted(stamps.items(), key=lambda item: _job_order(item[0].name)))
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    number = name.split("_", 1)[0]
+    return (int(number) if number.isdigit() else -1, name)
 
 
 def export_launcher_distributed_env() -> None:

@@ -46,6 +46,61 @@ def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
     assert "Best parameters" in res.stdout + res.stderr
 
 
+def test_a_failed_optuna_trial_is_a_failed_trial_and_the_search_goes_on(tmp_path):
+    """A trial whose sampled value is refused (here a negative gamma_beta_ratio) used to end the whole search:
+    its NaN return was refused by Optuna. Now it is a failed trial, the others run, the best is reported and
+    the sweep ends by listing the failure."""
+    sweep = tmp_path / "optuna"
+    args = ["--multirun", "+sweep=optuna", "hydra.sweeper.n_trials=4", "gamma_beta_ratio=interval(-1.0, 0.5)"]
+    res = simpo(*args, f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    jobs = [p for p in sweep.iterdir() if p.is_dir()]
+    failed = [j for j in jobs if (j / "error.json").exists()]
+    done = [j for j in jobs if (j / "summary.json").exists()]
+    assert len(jobs) == 4 and failed and done and len(failed) + len(done) == 4, res.stderr[-3000:]
+    assert res.returncode == 1 and f"{len(failed)} of 4 jobs FAILED" in res.stderr
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"]["gamma_beta_ratio"] >= 0
+    assert best["best_value"] == max(
+        json.loads((j / "summary.json").read_text())["eval/rewards/accuracies"] for j in done
+    )
+
+
+def test_a_crashed_job_does_not_stop_the_sweep_and_a_fixed_rerun_reports_only_its_own_jobs(tmp_path):
+    """A job that crashes (unreadable weights: not a user error, so its traceback is shown) leaves error.json and
+    the sweep goes on to list it, as a job with a bad value does. Re-run into the same directory with the crashing
+    job replaced, the sweep reports the jobs it ran, not the earlier failure left in the directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.model import build_tiny_tokenizer
+
+    broken = tmp_path / "broken"
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(broken)
+    tokenizer.save_pretrained(broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    sweep = tmp_path / "sweep"
+    res = simpo("--multirun", f"model.path={broken},''", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert res.returncode == 1 and len(jobs) == 2, res.stderr[-3000:]
+    assert (jobs[0] / "error.json").exists() and (jobs[1] / "finished.json").exists()
+    assert "Traceback" in res.stderr and "1 of 2 jobs FAILED" in res.stderr and jobs[0].name in res.stderr
+
+    again = simpo("--multirun", "seed=1,2", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "sweep finished: 2 jobs" in again.stdout and (jobs[0] / "error.json").exists()  # left, not reported
+
+
 def test_a_multirun_under_torchrun_runs_its_jobs_in_turn_on_the_same_processes(tmp_path):
     """``torchrun --nproc_per_node 2 -m simpo_exp --multirun ...`` (or accelerate launch): the jobs run one after
     another on the same two processes and share their process group, which used to be destroyed after the first
