@@ -30,7 +30,7 @@ import yaml
 from simpo_exp.inference.results import headline_keys, is_bench_metric, read_results
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import parse_overrides, read_json, read_jsonl, read_yaml
-from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, eval_keys, train_keys
+from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, STEP_KEY, eval_keys, train_keys
 
 DEFAULT_METRIC = "eval/rewards/accuracies"
 # Columns of the table, in order (the same headline numbers train.py prints at the end of a run).
@@ -64,7 +64,7 @@ FAMILIES = (
     ),
     Family("loss", "Training objective (SimPO loss + sft_weight x NLL)", ("loss",), "lower"),
 )
-KNOWN_METRICS = train_keys(METHODS) + eval_keys(METHODS)
+KNOWN_METRICS = train_keys(METHODS) + eval_keys(METHODS) + [STEP_KEY, SAMPLES_KEY]
 assert all(m in PAIR_METRICS for fam in FAMILIES for m in fam.metrics)
 assert set(TABLE_METRICS) <= set(KNOWN_METRICS)
 
@@ -112,7 +112,7 @@ class Run:
             if not isinstance(node, dict) or part not in node:
                 return self.choices.get(key)
             node = node[part]
-        return None if isinstance(node, (dict, list)) else node
+        return self.choices.get(key) if isinstance(node, (dict, list)) else node  # `dataset`: its group choice
 
     def last_step(self) -> int | None:
         steps = [r["step"] for r in self.history if "step" in r]
@@ -192,18 +192,18 @@ def _short_names(runs: list[Run]) -> None:
         r.name = "/".join(m.group(1) if (m := re.match(r"^(\d+)_", p)) else p for p in rel)
 
 
+def _parsed(v):
+    """A value as YAML would read it: "2", 2 and 2.0 are one value."""
+    if isinstance(v, str):
+        try:
+            return yaml.safe_load(v)
+        except yaml.YAMLError:
+            return v
+    return v
+
+
 def _same(a, b) -> bool:
-    """Values equal as YAML would read them ("2" == 2.0)."""
-
-    def parse(v):
-        if isinstance(v, str):
-            try:
-                return yaml.safe_load(v)
-            except yaml.YAMLError:
-                return v
-        return v
-
-    return parse(a) == parse(b)
+    return _parsed(a) == _parsed(b)
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
@@ -217,14 +217,27 @@ def swept_keys(runs: list[Run]) -> list[str]:
 def label_runs(runs: list[Run]) -> list[Run]:
     """Set ``run.swept`` and ``run.label`` (``beta=2, gamma_beta_ratio=0.5``); duplicates get their name added."""
     keys = swept_keys(runs)
+    shown: dict[str, list] = {k: [] for k in keys}  # per key, the values met so far, each written as first met
     for r in runs:
-        r.swept = {k: "-" if r.value_of(k) is None else str(r.value_of(k)) for k in keys}
+        r.swept = {k: _shown_as(r.value_of(k), shown[k]) for k in keys}
         r.label = ", ".join(f"{k}={v}" for k, v in r.swept.items()) or r.name
     labels = [r.label for r in runs]
     for r in runs:
         if labels.count(r.label) > 1:
             r.label = f"{r.label} [{r.name}]"
     return runs
+
+
+def _shown_as(value, met: list) -> str:
+    """``value`` as text, written as the first equal value met was (beta=2 and beta=2.0 read the same, and so
+    pool into one setting over seeds); "-" for a run without it."""
+    if value is None:
+        return "-"
+    for earlier in met:
+        if _same(earlier, value):
+            return str(earlier)
+    met.append(value)
+    return str(value)
 
 
 def common_overrides(runs: list[Run]) -> dict[str, str]:

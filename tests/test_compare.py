@@ -186,3 +186,38 @@ def test_notebook_executes_on_the_sweep(sweep, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
     assert any("6 runs" in o.get("text", "") for o in outputs)
+
+
+def test_seed_groups_pool_equal_values_and_group_choices_however_they_were_given():
+    """Runs that differ only by seed pool into one setting although one was given ``beta=2`` and another left it
+    at its config value 2.0, and one chose ``dataset=synthetic`` on the command line while the others had it as
+    the default choice. A run with another value stays apart."""
+
+    def run(name, overrides, beta, acc):
+        return compare.Run(
+            name=name,
+            status="done",
+            overrides=overrides,
+            config={"beta": beta, "seed": int(overrides["seed"]), "dataset": {"name": "synthetic"}},
+            choices={"dataset": "synthetic", "model": "tiny"},
+            summary={"eval/rewards/accuracies": acc},
+        )
+
+    runs = compare.label_runs(
+        [
+            run("a", {"seed": "1", "beta": "2"}, 2.0, 0.6),
+            run("b", {"seed": "2", "beta": "2"}, 2.0, 0.7),
+            run("c", {"seed": "3"}, 2.0, 0.8),
+            run("d", {"seed": "4", "dataset": "synthetic"}, 2.0, 0.9),
+            run("e", {"seed": "5", "beta": "5.0"}, 5.0, 0.5),
+        ]
+    )
+    assert compare.swept_keys(runs) == ["seed", "beta"]  # dataset is the same choice everywhere
+    assert [r.swept["beta"] for r in runs] == ["2", "2", "2", "2", "5.0"]
+    groups = compare.seed_groups(runs)
+    assert [(g["beta"], g["seeds"]) for g in groups] == [("2", 4), ("5.0", 1)]
+    assert groups[0]["eval/rewards/accuracies mean"] == pytest.approx(0.75)
+
+
+def test_the_step_and_sample_counters_the_loop_logs_can_be_ranked_on():
+    assert {"train/global_step", "train/samples_seen"} <= set(compare.KNOWN_METRICS)
