@@ -449,7 +449,8 @@ def load(
 
 
 def trim_metrics(metrics_path: Path, last_step: int) -> None:
-    """Drop logged records after the checkpoint's step, so a resumed run logs each step once."""
+    """Drop logged records (metrics.jsonl, generations.jsonl) after the checkpoint's step, so a resumed run
+    logs each step once."""
     if not metrics_path.exists():
         return
     lines = jsonl_lines(metrics_path.read_text())

@@ -105,6 +105,8 @@ SECRET_NAMES = ("api_key", "token", "secret", "password")
 # The W&B run a training run logged to (id, project, entity, group, job type, name, mode), written in the
 # run directory when W&B starts: the evaluate stage resumes that run by its id to add the benchmark numbers.
 WANDB_RECORD = "wandb_run.json"
+METRICS_FILE = "metrics.jsonl"
+GENERATIONS_FILE = "generations.jsonl"
 
 
 def batch_metrics(methods=("simpo",)) -> tuple[str, ...]:
@@ -175,7 +177,7 @@ class Tracker:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_FILE
         if logger_cfg.wandb:
             self._start_wandb(logger_cfg, scrub(config_dict))
 
@@ -238,7 +240,7 @@ class Tracker:
         """Append sample generations to generations.jsonl and log them as a W&B table."""
         if not self.enabled or not rows:
             return
-        with open(self.run_dir / "generations.jsonl", "a") as f:
+        with open(self.run_dir / GENERATIONS_FILE, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
@@ -257,6 +259,20 @@ class Tracker:
             tmp.write_text(json.dumps(scrub(obj), indent=2, default=str))
             tmp.replace(path)
         return path
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        """A run that ends with an error (or a stop signal) closes its W&B run with that exit status, so the
+        W&B run shows it failed (or was stopped), instead of being closed at exit as if it had finished."""
+        if error is None or self.wandb_run is None:
+            return
+        code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else 1
+        try:
+            self.wandb_run.finish(exit_code=code or 1)
+        except Exception as e:
+            self._wandb_failed("finish", e)
 
     def finish(self, summary: dict) -> None:
         if not self.enabled:

@@ -60,7 +60,16 @@ from simpo_exp.objective import batch_loss
 from simpo_exp.precision import warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
 from simpo_exp.signals import StopSignal
-from simpo_exp.tracking import HEADLINE_METRICS, SAMPLES_KEY, Tracker, config_to_dict, final_table
+from simpo_exp.tracking import (
+    GENERATIONS_FILE,
+    HEADLINE_METRICS,
+    METRICS_FILE,
+    SAMPLES_KEY,
+    WANDB_RECORD,
+    Tracker,
+    config_to_dict,
+    final_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +201,9 @@ def start_or_resume(
 ) -> "checkpoint.TrainState":
     """Load the newest intact checkpoint in the run directory (damaged ones skipped with a warning),
     or clear old state to start fresh."""
-    metrics_path = run_dir / "metrics.jsonl"
+    records = [run_dir / METRICS_FILE, run_dir / GENERATIONS_FILE]  # by step
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").unlink(missing_ok=True)  # a finished run's, stale once it trains again
     if cfg.resume:
         engine = accelerator.load_state if engine_checkpoints(cfg, accelerator) else None
         resumed = checkpoint.load_newest(
@@ -209,14 +220,17 @@ def start_or_resume(
         if resumed:
             path, state = resumed
             if accelerator.is_main_process:
-                checkpoint.trim_metrics(metrics_path, state.step)
+                for records_file in records:
+                    checkpoint.trim_metrics(records_file, state.step)
             log.info("resumed from %s (step %d)", path, state.step)
             return state
     if accelerator.is_main_process:
-        # A fresh start in a used directory: earlier checkpoints and metrics would mix with this run's.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        metrics_path.unlink(missing_ok=True)
-        (run_dir / finished.FINISHED).unlink(missing_ok=True)
+        # A fresh start in a used directory: nothing of the earlier run may mix with this one's (its checkpoints,
+        # records, and W&B run: its id, which a resume continues, and its offline files, which a sync uploads)
+        for folder in ("checkpoints", "wandb"):
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+        for path in [*records, run_dir / WANDB_RECORD, run_dir / finished.FINISHED]:
+            path.unlink(missing_ok=True)
     return checkpoint.TrainState()
 
 
@@ -580,7 +594,13 @@ def save_final_model(run: Run, full_state_dict: dict | None) -> None:
 def train(cfg: Config) -> dict:
     """Train one run; return its summary (final train and eval metrics, run time)."""
     run = set_up(cfg)
-    summary: dict = {}
+    with run.tracker:  # a run that fails closes its W&B run as failed, not as finished at exit
+        return finish(run, train_loop(run))
+
+
+def train_loop(run: Run) -> dict:
+    """The steps from the run's state to its last one, with logging, evals and checkpoints; the last metrics."""
+    cfg, summary = run.cfg, {}
     if cfg.eval_on_start and run.state.step == 0:
         summary |= evaluate_and_sample(run, 0)
     batches = forever(run.train_loader, run.accelerator, run.state.micro_batches)
@@ -608,7 +628,7 @@ def train(cfg: Config) -> dict:
     if bar is not None:
         bar.close()
     stop.restore()
-    return finish(run, summary)
+    return summary
 
 
 def progress_bar(run: Run):

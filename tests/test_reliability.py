@@ -137,6 +137,29 @@ def test_incompatible_checkpoint_is_refused_and_resume_false_starts_fresh(uninte
     assert steps == [2, 4, 6, 8, 10, 12]
 
 
+def test_a_resume_trims_the_generations_and_a_fresh_start_drops_the_earlier_runs_files(uninterrupted, tmp_path):
+    """generations.jsonl is trimmed to the checkpoint's step as metrics.jsonl is; a fresh start (resume=false)
+    removes what the earlier run left: its records, its W&B run id (which a resume would continue) and offline
+    files (which a sync would upload), its summary."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoints", run_dir / "checkpoints")  # the newest: step 9
+    rows = [{"step": s, "completion": "x"} for s in (0, 4, 8, 12)]
+    (run_dir / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = simpo(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    kept = (run_dir / "generations.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in kept] == [0, 4, 8]
+
+    stale = {"wandb_run.json": '{"id": "old-run"}', "summary.json": '{"stale": 1}', "generations.jsonl": ""}
+    for name, text in stale.items():
+        (run_dir / name).write_text(text)
+    (run_dir / "wandb" / "offline-run-old").mkdir(parents=True)
+    res = simpo(*RUN, "max_steps=2", "resume=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not any((run_dir / name).exists() for name in ("wandb_run.json", "generations.jsonl", "wandb"))
+    assert json.loads((run_dir / "summary.json").read_text())["train/global_step"] == 2
+
+
 def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
     from simpo_exp import checkpoint
 

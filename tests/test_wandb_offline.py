@@ -356,3 +356,19 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     (tmp_path / "wandb_run.json").write_text("{not json")  # a damaged record starts a new W&B run
     Tracker(tmp_path, lc, {})
     assert "id" not in calls[2]
+
+
+def test_a_failed_run_closes_its_wandb_run_as_failed(tmp_path):
+    """A run that stops with an error (here every step diverges) ends its W&B run with a non-zero exit code,
+    so a synced failed run does not show as finished."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    env.pop("WANDB_API_KEY", None)
+    run_dir = tmp_path / "run"
+    args = ["learning_rate=1e30", "max_bad_steps=1", "max_steps=6", "eval_on_start=false", "num_generations=0"]
+    args += ["logger=wandb", "save_model=false", "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=32"]
+    cmd = [sys.executable, "-m", "simpo_exp", *args, f"hydra.run.dir={run_dir}"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "NonFiniteError" in (run_dir / "error.json").read_text(), res.stderr[-3000:]
+    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    exits = [r.exit.exit_code for r in read_wandb_log(path) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]
