@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+from pathlib import Path
 
 import torch
 
@@ -226,6 +227,22 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` of a trained model into ``path``, so that ``path`` is a model any tool loads.
+
+    A LoRA model is written twice: its adapter alone in ``path/adapter`` (PEFT's format, to load onto the base
+    again, as trained: base in ``model.dtype``, float32 adapters) and, in ``path``, the base with the adapters
+    merged into its weights (PEFT's ``merge_and_unload``: W + lora_alpha / r * B A, in the base's dtype), which
+    the evaluate and generate stages, lm-eval and vLLM load as any model. The merge changes ``model`` in place:
+    save last. Under a sharded engine (``state_dict`` gathered from the shards) a LoRA model is written as its
+    adapter alone."""
+    path = Path(path)
+    if hasattr(model, "merge_and_unload") and state_dict is None:
+        model.save_pretrained(path / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(path, state_dict=state_dict)
 
 
 def add_lora(model, h):

@@ -54,7 +54,7 @@ from simpo_exp.logps import ResponseLogps, shared_parameters
 from simpo_exp.memory import check_device_memory
 from simpo_exp.methods import REFERENCE_METHODS
 from simpo_exp.metrics import Window, pearson
-from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention
+from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention, save_trained
 from simpo_exp.modelcard import write_model_card
 from simpo_exp.objective import batch_loss
 from simpo_exp.precision import warn_if_updates_vanish
@@ -584,8 +584,7 @@ def without_tied_copies(state_dict: dict, model: torch.nn.Module) -> dict:
 
 def save_final_model(run: Run, full_state_dict: dict | None) -> None:
     """The trained model, its tokenizer and model card in ``<run>/model`` (main process only)."""
-    unwrapped = run.accelerator.unwrap_model(run.policy).model
-    unwrapped.save_pretrained(run.run_dir / "model", state_dict=full_state_dict)  # LoRA: the adapter only
+    save_trained(run.accelerator.unwrap_model(run.policy).model, run.run_dir / "model", full_state_dict)
     run.tokenizer.save_pretrained(run.run_dir / "model")
     write_model_card(run.run_dir, run.cfg)  # model/README.md; evaluate adds its results to it
 

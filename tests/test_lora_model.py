@@ -1,0 +1,68 @@
+"""A LoRA run's model/ is a full model any tool loads (the adapters merged into the base), with the adapter
+alone beside it; the evaluate stage runs on such a run."""
+
+import json
+
+import pytest
+import torch
+
+from simpo_exp.config import to_config
+from tests.test_evaluate import evaluate
+from tests.test_run import simpo
+
+pytest.importorskip("peft")
+
+
+def _trained_lora_model(compose, *overrides):
+    from simpo_exp.model import load_model, load_tokenizer
+
+    cfg = to_config(compose("hardware=cpu-lora", "model.random_init.num_hidden_layers=1", *overrides))
+    model = load_model(cfg, load_tokenizer(cfg.model), "sdpa")
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # zero at the start: give the adapters something to add
+            p.data.normal_(0, 0.05)
+    return model.eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_the_saved_lora_model_is_the_merged_model_and_its_adapter_reloads_as_trained(compose, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from simpo_exp.model import save_trained
+
+    model = _trained_lora_model(compose)
+    ids = torch.randint(5, 40, (2, 12))
+    trained = _logits(model, ids)
+    base = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "lora" not in k}
+    save_trained(model, tmp_path / "model")
+
+    assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / "model" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    torch.testing.assert_close(_logits(merged, ids), trained, atol=1e-5, rtol=1e-5)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q], base[q.replace("q_proj.", "q_proj.base_layer.")])
+
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # any weights: the base's are put back
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in base.items()}, strict=False)
+    adapted = PeftModel.from_pretrained(fresh, tmp_path / "model" / "adapter").eval()
+    torch.testing.assert_close(_logits(adapted, ids), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_run_can_be_evaluated(tmp_path):
+    run = tmp_path / "run"
+    args = ["hardware=cpu-lora", "max_steps=2", "eval_on_start=false", "num_generations=0", "logger=none"]
+    res = simpo(
+        *args, "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16", f"hydra.run.dir={run}", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    res = evaluate(str(run), "benchmark=rule", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((run / "eval" / "rule" / "results.json").read_text())
+    assert results["model"] == str((run / "model").resolve()) and results["metrics"]["n"] == 16
