@@ -261,7 +261,8 @@ def test_fsdp2_takes_the_fixed_gpu_layout_and_steps_adamw_fused(tmp_path):
 def test_gpu_lora(tmp_path):
     pytest.importorskip("peft")
     run, summary, env = _run(tmp_path, "hardware=gpu-lora")
-    assert (run / "model" / "adapter_model.safetensors").exists() and env["mixed_precision"] == "bf16"
+    assert (run / "model" / "adapter" / "adapter_model.safetensors").exists() and env["mixed_precision"] == "bf16"
+    assert (run / "model" / "model.safetensors").exists()  # the adapters merged into the bf16 base
 
 
 def test_generate_stage_with_vllm(tmp_path):

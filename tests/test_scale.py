@@ -333,10 +333,11 @@ def test_lora_trains_adapters_only(tmp_path):
     run = tmp_path / "run"
     res = simpo("hardware=cpu-lora", *RUN[1:], "max_steps=4", f"hydra.run.dir={run}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    saved = load_file(run / "model" / "adapter_model.safetensors")
+    saved = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
-    assert json.loads((run / "model" / "adapter_config.json").read_text())["r"] == 16
-    assert not (run / "model" / "model.safetensors").exists()
+    assert json.loads((run / "model" / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    merged = load_file(run / "model" / "model.safetensors")  # the base with the adapters merged in
+    assert merged and not any("lora_" in k for k in merged)
 
 
 def test_deepspeed_without_a_launcher_gets_a_one_process_group(monkeypatch):
