@@ -44,8 +44,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from simpo_exp.errors import UserError
-from simpo_exp.inference.files import jsonl_lines
 from simpo_exp.memory import Engine, state_bytes
+from simpo_exp.rundir import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 HASH = "xxh3_128"
 LEGACY_HASH = "sha256"  # a marker without "algorithm"
 ENGINE_DIR = "engine"  # accelerator.save_state's folder inside a sharded-engine checkpoint
+# What a failed checkpoint write raises: the OS's error, or safetensors' own for one it met while writing (a full
+# disk under safetensors is a SafetensorError, not an OSError)
+WRITE_ERRORS = (OSError, SafetensorError)
 # Keys that may change between a run and its resumption (cadence, logging, where it runs).
 RESUMABLE_CHANGES = {
     "output_dir",
@@ -68,8 +71,20 @@ RESUMABLE_CHANGES = {
     "save_total_limit",
     "save_model",
     "eval_on_start",
-    "hardware",
     "max_bad_steps",
+}
+# The hardware keys that change what is trained (the batch, its order, the weights' precision, the adapters);
+# the others say how and where it runs (device, kernels, layouts, checkpointing, engine), which a resumed run
+# may change: on another machine, with another attention kernel.
+TRAINING_HARDWARE_KEYS = {
+    "master_weights",
+    "effective_batch_size",
+    "group_by_length",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
 }
 
 
@@ -205,7 +220,7 @@ def finish(
         (tmp / MARKER).write_text(json.dumps({"algorithm": HASH, "files": manifest(tmp)}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    except OSError as e:
+    except WRITE_ERRORS as e:
         raise save_failed(run_dir, final, e, estimate) from e
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -243,7 +258,7 @@ def save(
 
 
 def save_failed(
-    run_dir: Path, path: Path, error: OSError, estimate: int | None, remove: bool = True
+    run_dir: Path, path: Path, error: Exception, estimate: int | None, remove: bool = True
 ) -> CheckpointSaveError:
     """Remove the half-written staging directory of checkpoint ``path`` (unless not ``remove``: other processes
     may still be writing there); the error that stops the run, with the bytes a checkpoint takes (the newest
@@ -254,9 +269,10 @@ def save_failed(
     done = checkpoint_dirs(run_dir)
     needed = dir_bytes(done[-1]) if done else estimate
     free = shutil.disk_usage(path.parent if path.parent.exists() else run_dir).free
-    where = f" ({error.filename})" if error.filename else ""
+    filename, reason = getattr(error, "filename", None), getattr(error, "strerror", None) or error
+    where = f" ({filename})" if filename else ""
     return CheckpointSaveError(
-        f"could not write checkpoint {path}{where}: {error.strerror or error}. A checkpoint needs about "
+        f"could not write checkpoint {path}{where}: {reason}. A checkpoint needs about "
         f"{_size(needed)} and {_size(free)} are free there. The earlier checkpoints are untouched "
         f"(newest: {done[-1] if done else 'none yet'}); free space or fix the directory, then re-run the "
         "same command to resume from it."
@@ -402,6 +418,8 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "") -> list[str]
     for key in sorted(set(saved) | set(current)):
         if not prefix and key in RESUMABLE_CHANGES:
             continue
+        if prefix == "hardware." and key not in TRAINING_HARDWARE_KEYS:
+            continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += incompatible_keys(a, b, f"{prefix}{key}.")
@@ -453,8 +471,8 @@ def trim_metrics(metrics_path: Path, last_step: int) -> None:
     logs each step once."""
     if not metrics_path.exists():
         return
-    lines = jsonl_lines(metrics_path.read_text())
-    keep = [line for line in lines if line and json.loads(line)["step"] <= last_step]
+    # a half-written last line (the process was killed while writing it) is dropped with the later records
+    keep = [r for r in read_jsonl(metrics_path) if r.get("step", last_step + 1) <= last_step]
     tmp = metrics_path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     tmp.replace(metrics_path)

@@ -534,7 +534,7 @@ def save_engine_state(run: Run, tmp: Path) -> None:
     """This process's part of an engine checkpoint (its shards, under ``tmp``'s ``engine/``)."""
     try:
         run.accelerator.save_state(str(tmp / checkpoint.ENGINE_DIR))
-    except OSError as e:  # disk full, permissions: the earlier checkpoints stay as they were
+    except checkpoint.WRITE_ERRORS as e:  # disk full, permissions: the earlier checkpoints stay as they were
         # the staging directory is shared: the main process removes it once every process is done with it
         raise checkpoint.save_failed(run.run_dir, tmp, e, run.checkpoint_bytes, remove=False) from e
 

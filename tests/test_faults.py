@@ -255,3 +255,27 @@ def test_usr2_saves_the_step_it_reached_and_the_rerun_resumes_there(finished_run
     done, again = (json.loads((d / "summary.json").read_text()) for d in (finished_run, run_dir))
     evals = [k for k in done if k.startswith("eval/") and k not in MEASURED_METRICS]
     assert evals and all(again[k] == pytest.approx(done[k], rel=1e-6, nan_ok=True) for k in evals), evals
+
+
+def test_a_write_refused_inside_safetensors_is_a_failed_save_too(tmp_path):
+    """A full disk met while safetensors writes raises its own SafetensorError, not an OSError. Here the
+    process may write files of 50 kB at most (RLIMIT_FSIZE, its signal ignored, so the write fails with EFBIG
+    as on a full disk); a 160 kB model: the save stops with CheckpointSaveError and no staging directory."""
+    code = f"""
+import resource, signal, sys, torch
+from simpo_exp import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+model = torch.nn.Linear(200, 200)
+opt = torch.optim.AdamW(model.parameters())
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+try:
+    checkpoint.save({str(tmp_path)!r}, model, opt, sched, checkpoint.TrainState(step=1), {{}}, keep=2)
+except checkpoint.CheckpointSaveError as e:
+    print("refused:", e)
+    sys.exit(3)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "could not write checkpoint" in res.stdout and "File too large" in res.stdout
+    assert list((tmp_path / "checkpoints").iterdir()) == []

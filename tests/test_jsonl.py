@@ -22,3 +22,14 @@ def test_every_jsonl_reader_keeps_unicode_line_breaks_inside_strings(tmp_path):
     assert _read_json_file(str(path), "benchmarks.x.path") == ROWS  # a benchmark's prompts
     checkpoint.trim_metrics(path, last_step=1)  # a resumed run's metrics.jsonl
     assert read_jsonl(path) == ROWS[:1]
+
+
+def test_a_resume_drops_a_half_written_last_record(tmp_path):
+    """A run killed while writing a record leaves its line cut off; the resume's trim drops it with the records
+    after the checkpoint instead of failing to parse it (every re-run did)."""
+    path = tmp_path / "metrics.jsonl"
+    write_jsonl(path, ROWS)
+    with open(path, "a") as f:
+        f.write('{"step": 3, "train/loss": 1.3')
+    checkpoint.trim_metrics(path, last_step=2)
+    assert read_jsonl(path) == ROWS

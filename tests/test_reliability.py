@@ -243,3 +243,18 @@ def test_too_many_bad_steps_stop_the_run_naming_step_and_checkpoint(compose, tmp
     assert "at step 5" in message and "last good checkpoint" in message and "step-000004" in message
     saved = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_a_resume_may_change_how_a_run_runs_but_not_what_it_trains():
+    """Among the hardware keys, those that change the batches, their order, the weights' precision or the
+    adapters must match the checkpoint's; where and how the run runs may change (another machine, kernel)."""
+    from simpo_exp.checkpoint import incompatible_keys
+
+    saved = {"beta": 2.0, "logging_steps": 1, "hardware": {"device": "cuda", "packing": "packed", "lora": False}}
+    moved = {"beta": 2.0, "logging_steps": 5, "hardware": {"device": "cpu", "packing": "none", "lora": False}}
+    assert incompatible_keys(saved, moved) == []
+    changed = {**moved, "hardware": {**moved["hardware"], "lora": True, "group_by_length": True}}
+    assert incompatible_keys(saved, changed) == [
+        "hardware.group_by_length: checkpoint None, now True",
+        "hardware.lora: checkpoint False, now True",
+    ]
