@@ -51,6 +51,20 @@ def in_hf_cache(repo_id: str, revision: str | None) -> bool:
     return isinstance(hit, str)
 
 
+# What a saved tokenizer leaves, one of them at least (fast tokenizers, SentencePiece, BPE vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_tokenizer_files(path: str, what: str) -> None:
+    """A local model directory without a tokenizer would fail deep inside transformers ("Couldn't instantiate
+    the backend tokenizer"): say which directory and what to set instead."""
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(
+            f"{what}={path!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "there, or set model.tokenizer_path to a directory or hub id that has them"
+        )
+
+
 def looks_like_local_path(path: str) -> bool:
     """A hub id is "name" or "org/name"; "./x", "/x", "~/x" or "a/b/c" can only be a local path."""
     return path.startswith((".", "/", "~")) or path.count("/") > 1
@@ -62,6 +76,8 @@ def check_model_available(path: str, revision: str | None = None, what: str = "m
         if not (Path(path) / "config.json").exists() and what == "model.path":
             raise ModelNotFoundError(f"{what}={path!r} is a directory without a config.json: not a saved model")
         return
+    if Path(path).exists():
+        raise ModelNotFoundError(f"{what}={path!r} is a file: give the directory that holds the model's files")
     if looks_like_local_path(path):
         raise ModelNotFoundError(f"{what}={path!r} does not exist")
     if in_hf_cache(path, revision) or hub_reachable():

@@ -18,7 +18,7 @@ import torch
 
 from simpo_exp.config import Config, ConfigError, ModelConfig
 from simpo_exp.flops import full_numel
-from simpo_exp.hub import check_model_available
+from simpo_exp.hub import check_model_available, check_tokenizer_files
 from simpo_exp.precision import prepare_weights
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,9 @@ def load_tokenizer(mcfg: ModelConfig):
         from transformers import AutoTokenizer
 
         path = mcfg.tokenizer_path or mcfg.path
-        check_model_available(path, mcfg.revision, "model.tokenizer_path" if mcfg.tokenizer_path else "model.path")
+        what = "model.tokenizer_path" if mcfg.tokenizer_path else "model.path"
+        check_model_available(path, mcfg.revision, what)
+        check_tokenizer_files(path, what)
         tok = AutoTokenizer.from_pretrained(path, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
     apply_chat_template_choice(tok, mcfg.chat_template, mcfg.path or mcfg.name)
     if tok.pad_token_id is None:
@@ -155,6 +157,7 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
             attn_implementation=attn_implementation,
             trust_remote_code=m.trust_remote_code,
         )
+    check_vocabulary(model, tokenizer, m)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.hardware.fused_layers == "liger":
@@ -168,6 +171,17 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
     if cfg.hardware.lora:
         model = add_lora(model, cfg.hardware)
     return model
+
+
+def check_vocabulary(model, tokenizer, m: ModelConfig) -> None:
+    """A tokenizer with ids past the model's embedding table would fail mid-step ("index out of range")."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        source = f"model.tokenizer_path={m.tokenizer_path!r}" if m.tokenizer_path else f"model.path={m.path!r}"
+        raise ConfigError(
+            f"{source}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} rows; "
+            "use the tokenizer the model was trained with"
+        )
 
 
 def enable_checkpointing(model: torch.nn.Module, every_n_layers: int = 1, offload: bool = False) -> None:

@@ -138,6 +138,32 @@ def test_local_model_with_a_template_trains(tmp_path, saved_model_without_templa
     assert json.loads((run / "summary.json").read_text())["train/global_step"] == 2
 
 
+def test_a_model_directory_without_a_tokenizer_or_with_a_larger_one_is_named(tmp_path, saved_model_without_template):
+    """Weights without tokenizer files; a tokenizer with more tokens than the embedding has rows; a file given
+    for the model directory: each stops before training, naming the key and the directory."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = ["model=qwen2.5-0.5b-instruct", "model.chat_template=zephyr", *TINY]
+    bare = tmp_path / "weights-only"
+    shutil.copytree(saved_model_without_template, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tok*"))
+    res = simpo(*model, f"model.path={bare}", cwd=tmp_path)
+    assert res.returncode == 2 and "has no tokenizer files" in res.stderr and str(bare) in res.stderr, res.stderr
+    assert "model.tokenizer_path" in res.stderr and "Traceback" not in res.stderr
+
+    bigger = tmp_path / "bigger-tokenizer"
+    shutil.copytree(saved_model_without_template, bigger)
+    tok = AutoTokenizer.from_pretrained(bigger)
+    tok.add_tokens([f"<extra_{i}>" for i in range(8)])
+    tok.save_pretrained(bigger)
+    res = simpo(*model, f"model.path={bigger}", cwd=tmp_path)
+    assert res.returncode == 2 and f"the tokenizer has {len(tok)} tokens" in res.stderr, res.stderr[-3000:]
+
+    res = simpo(*model, f"model.path={bigger / 'config.json'}", cwd=tmp_path)
+    assert res.returncode == 2 and "is a file" in res.stderr
+
+
 def test_output_dir_not_writable(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
