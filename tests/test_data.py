@@ -579,6 +579,11 @@ def test_normalise_row_rules():
     assert normalise_row({"prompt": "p", "chosen": only("a"), "rejected": only("b")}, auto)["prompt"] == [
         {"role": "user", "content": "p"}
     ]
+    # TRL's conversational format: the prompt a message list, the replies alone (turns or strings).
+    system_user = [{"role": "system", "content": "s"}, {"role": "user", "content": "p"}]
+    for chosen, rejected in ((only("a"), only("b")), ("a", "b")):
+        row = normalise_row({"prompt": system_user, "chosen": chosen, "rejected": rejected}, auto)
+        assert row["prompt"] == system_user and row["drop_reason"] == "" and row["chosen"] == "a", row
     cases = [
         ({"prompt": "p", "chosen": "a", "rejected": 3}, strings, "non-string content"),
         ({"prompt": "p", "chosen": msgs("p", 5), "rejected": msgs("p", "b")}, auto, "non-string content"),

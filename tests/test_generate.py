@@ -44,7 +44,6 @@ def greedy_scores(model_dir: Path, prompts: list[str]) -> list[float]:
     cfg = compose_generate(
         f"model.path={model_dir}",
         "generate.temperature=0",
-        "generate.seeds=[0]",
         "generate.max_new_tokens=32",
         "generate.batch_size=64",
     )
@@ -129,6 +128,37 @@ def test_binarise_modes_and_drop_reasons():
     }
     assert report["pairs_kept"] == 1 and rows[0]["chosen"][-1] == {"role": "assistant", "content": "a"}
     assert rows[0]["score_chosen"] == 0.9 and rows[0]["score_rejected"] == 0.1
+
+
+def test_generate_samples_the_prompt_training_renders(tmp_path, monkeypatch):
+    """A string prompt column beside a longer chosen conversation (a system turn): both stages take the
+    conversation's turns; a one-turn chosen: both take the prompt column as one user turn."""
+    import datasets
+
+    from simpo_exp.config import DatasetConfig, SourceConfig
+    from simpo_exp.data.prompts import train_prompts
+    from simpo_exp.data.sources import load_mixture
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    system = {"role": "system", "content": "You sort digits ascending."}
+
+    def row(digits: str, with_system: bool) -> dict:
+        user = [system, {"role": "user", "content": f"sort: {digits}"}] if with_system else []
+        answers = " ".join(sorted(digits.split())), " ".join(sorted(digits.split(), reverse=True))
+        return {
+            "prompt": f"sort: {digits}",
+            **{k: user + [{"role": "assistant", "content": a}] for k, a in zip(("chosen", "rejected"), answers)},
+        }
+
+    rows = [row(f"{i} {i + 3} 1", with_system=i % 4 != 0) for i in range(12)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dcfg = DatasetConfig(name="test", sources={"local": SourceConfig(path=str(data))}, test_size=0.25)
+    generated = sorted(json.dumps(p["prompt"]) for p in train_prompts(dcfg)[0])
+    trained = sorted(json.dumps(r["prompt"]) for r in load_mixture(dcfg)[0]["train"])
+    assert generated == trained and len(generated) == 9
+    assert {len(json.loads(p)) for p in generated} == {1, 2}  # both kinds of row made it into the train split
+    assert all(json.loads(p)[0] == system for p in generated if len(json.loads(p)) == 2)
 
 
 def test_generate_stage_does_not_import_training():
@@ -223,6 +253,34 @@ def test_a_changed_config_does_not_reuse_old_shards(uninterrupted_generation, ti
 
 
 # ----------------------------------------------------------------------------- bad input
+def test_a_manifest_without_shards_binds_nothing(tmp_path):
+    """A run that failed before its first shard leaves only manifest.json: the next command replaces it; once a
+    shard exists, a different config is refused."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.run import check_manifest
+
+    shards = tmp_path / "shards"
+    check_manifest(shards, {"scorer": {"path": "/tmp/typo"}})
+    check_manifest(shards, {"scorer": {"path": "/right"}})
+    assert json.loads((shards / "manifest.json").read_text()) == {"scorer": {"path": "/right"}}
+    (shards / "responses-00000.jsonl.123.tmp").write_text('{"half')  # a killed write is not a shard
+    check_manifest(shards, {"scorer": {"path": "/other"}})
+    (shards / "responses-00000.jsonl").write_text("{}\n")
+    check_manifest(shards, {"scorer": {"path": "/other"}})  # the same config resumes
+    with pytest.raises(ConfigError, match="different scorer"):
+        check_manifest(shards, {"scorer": {"path": "/right"}})
+
+
+def test_a_wrong_scorer_path_fails_before_anything_is_written(tiny_reward_model, tmp_path):
+    out = tmp_path / "g"
+    args = ("scorer=reward-model", "dataset.max_train_samples=2", "generate.max_new_tokens=2", "generate.seeds=[1,2]")
+    res = generate(*args, f"scorer.path={tmp_path / 'typo'}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "shards").exists()
+    res = generate(*args, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_missing_prompt_column_is_refused(tmp_path):
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps({"question": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(4)))
@@ -285,6 +343,50 @@ def test_bad_generate_value_is_refused_before_anything_loads(tmp_path):
     res = generate("generate.top_p=1.5", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
     assert res.returncode == 2 and "generate.top_p=1.5" in res.stderr and "(0, 1]" in res.stderr
     assert not (tmp_path / "g" / "shards").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["generate.temperature=0", "generate.samples_per_seed=2"], ["samples_per_seed=2", "temperature=0"]),
+        (["generate.seeds=[7]"], ["generate.seeds=[7]", "samples_per_seed=1", "a pair needs two"]),
+    ],
+)
+def test_contradictory_generate_settings_are_refused(overrides, named):
+    from simpo_exp.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose_generate(*overrides)
+    assert all(text in str(err.value) for text in named), str(err.value)
+    compose_generate("generate.temperature=0", "generate.samples_per_seed=1")  # greedy, one response per pass: fine
+    compose_generate("generate.seeds=[7]", "generate.samples_per_seed=2")  # two responses from one seed: fine
+
+
+def test_cuda_without_a_cuda_device_is_named(monkeypatch):
+    import torch
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.inference.sampling import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="hardware.device=cuda but no CUDA device is visible.*evaluate.device=cpu"):
+        pick_device("cuda")
+    assert pick_device("auto") == pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_generate_on_cuda_without_one_fails_cleanly_and_binds_nothing(tiny_reward_model, tmp_path):
+    """The sampler fails after the manifest is written: the next command, even with other generate settings,
+    still runs in that directory (no shard was written)."""
+    out = tmp_path / "g"
+    args = ("dataset.max_train_samples=2", "generate.seeds=[1,2]", "scorer=reward-model", f"hydra.run.dir={out}")
+    res = generate(
+        *args, f"scorer.path={tiny_reward_model}", "hardware.device=cuda", "generate.max_new_tokens=2", cwd=tmp_path
+    )
+    assert res.returncode == 2 and "no CUDA device is visible" in res.stderr and "Traceback" not in res.stderr
+    assert (out / "shards" / "manifest.json").exists() and not list((out / "shards").glob("*-00000.jsonl"))
+    res = generate(*args, f"scorer.path={tiny_reward_model}", "generate.max_new_tokens=3", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -1,9 +1,9 @@
 """Prompt conversations of a data mixture's TRAIN split, for sampling new responses (the generate stage).
 
 Each source is read through ``load_source`` (the same train split, fraction and carve-out as training
-uses), and each row's prompt becomes a message list: the prompt column as one user turn when it holds
-a string, the column itself when it holds messages, else the chosen conversation without its last
-(assistant) turn. Prompts are de-duplicated (the official recipe samples the unique prompts).
+uses), and each row's prompt becomes the message list training renders for it (``prompt_messages``: the
+chosen conversation without its last turn when it has earlier turns, else the prompt column, a string as
+one user turn or a message list as it is). Prompts are de-duplicated (the official recipe samples the unique prompts).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from simpo_exp.config import DatasetConfig
-from simpo_exp.data.sources import DataSourceError, _has_string_responses, _is_messages, load_source
+from simpo_exp.data.sources import DataSourceError, _has_string_responses, load_source, prompt_messages
 
 
 def prompt_id(messages: list[dict]) -> str:
@@ -20,15 +20,13 @@ def prompt_id(messages: list[dict]) -> str:
 
 
 def _row_prompt(row: dict, prompt_column: str, chosen_column: str) -> list[dict] | None:
-    value = row.get(prompt_column)
-    if isinstance(value, str) and value.strip():
-        return [{"role": "user", "content": value}]
-    if _is_messages(value) and value:
-        return [{"role": m.get("role"), "content": m.get("content")} for m in value]
-    chosen = row.get(chosen_column)
-    if _is_messages(chosen) and len(chosen) > 1:
-        return [{"role": m.get("role"), "content": m.get("content")} for m in chosen[:-1]]
-    return None
+    """The prompt training reads from the row (``prompt_messages``). None when there is none, or when a turn is
+    not text or every turn is blank (rows training drops)."""
+    messages = prompt_messages(row.get(prompt_column), row.get(chosen_column))
+    texts = [m["content"] for m in messages or []]
+    if not texts or not all(isinstance(t, str) for t in texts) or not any(t.strip() for t in texts):
+        return None
+    return messages
 
 
 def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:

@@ -189,6 +189,25 @@ def _turn_text(messages: list, what: str):
     return last.get("content"), None
 
 
+def _turns(messages: list[dict]) -> list[dict]:
+    """Each message as just its role and content."""
+    return [{"role": m.get("role"), "content": m.get("content")} for m in messages]
+
+
+def prompt_messages(prompt_value, chosen) -> list[dict] | None:
+    """The prompt conversation of a row, one rule for training and the generate stage: the chosen conversation
+    without its last (assistant) turn when it has earlier turns (a system turn, several exchanges), else the
+    prompt column: a string as one user turn, or a message list as it is (TRL's conversational format, with
+    the replies alone in chosen and rejected); None when neither is there."""
+    if _is_messages(chosen) and len(chosen) > 1:
+        return _turns(chosen[:-1])
+    if isinstance(prompt_value, str):
+        return [{"role": "user", "content": prompt_value}]
+    if _is_messages(prompt_value) and prompt_value:
+        return _turns(prompt_value)
+    return None
+
+
 def normalise_row(row: dict, src: SourceConfig) -> dict:
     prompt_value = row.get(src.prompt_column)
     chosen, rejected = row.get(src.chosen_column), row.get(src.rejected_column)
@@ -214,17 +233,11 @@ def normalise_row(row: dict, src: SourceConfig) -> dict:
         rejected_text, why = _turn_text(rejected, "rejected")
         if why:
             return drop(why)
-        if len(chosen) > 1:
-            prompt = [{"role": m.get("role"), "content": m.get("content")} for m in chosen[:-1]]
-        elif isinstance(prompt_value, str):
-            prompt = [{"role": "user", "content": prompt_value}]
-        else:
-            return drop("no prompt")
     else:
         chosen_text, rejected_text = chosen, rejected
-        if not isinstance(prompt_value, str):
-            return drop("non-string content" if prompt_value is not None else "no prompt")
-        prompt = [{"role": "user", "content": prompt_value}]
+    prompt = prompt_messages(prompt_value, chosen)
+    if prompt is None:
+        return drop("non-string content" if prompt_value is not None and not as_messages else "no prompt")
 
     texts = [chosen_text, rejected_text] + [m["content"] for m in prompt]
     if not all(isinstance(t, str) for t in texts) or not all(isinstance(m["role"], str) for m in prompt):

@@ -92,6 +92,21 @@ def validate_generate(cfg: GenerateRunConfig) -> GenerateRunConfig:
     _check(g.samples_per_seed >= 1, "generate.samples_per_seed", g.samples_per_seed, "must be >= 1")
     _check(g.temperature >= 0, "generate.temperature", g.temperature, "must be >= 0 (0: greedy)")
     _check(0 < g.top_p <= 1, "generate.top_p", g.top_p, "must be in (0, 1]")
+    if g.temperature == 0:
+        _check(
+            g.samples_per_seed == 1,
+            "generate.samples_per_seed",
+            g.samples_per_seed,
+            "greedy decoding (generate.temperature=0) gives one response per pass: use generate.samples_per_seed=1, "
+            "or a temperature > 0 to draw several",
+        )
+    _check(
+        len(g.seeds) * g.samples_per_seed >= 2,
+        "generate.seeds",
+        g.seeds,
+        f"with generate.samples_per_seed={g.samples_per_seed} each prompt gets one response, and a pair needs two: "
+        "list more seeds or raise generate.samples_per_seed",
+    )
     for key in ("max_new_tokens", "batch_size", "shard_size", "vllm_tensor_parallel_size"):
         _check(getattr(g, key) >= 1, f"generate.{key}", getattr(g, key), "must be an integer >= 1")
     _check(

@@ -88,17 +88,20 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
 
 
 def check_manifest(shard_dir: Path, manifest: dict) -> None:
+    """Refuse to add shards to ones made with another config. A manifest with no shard beside it (left by a
+    run that failed before its first shard) binds nothing: it is replaced."""
     path = shard_dir / "manifest.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        differ = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-        if differ:
-            raise ConfigError(
-                f"output_dir={str(shard_dir.parent)!r} holds shards made with a different {', '.join(differ)}; "
-                "a resumed generation must repeat the same command: use a new hydra.run.dir"
-            )
-    else:
+    has_shards = any(shard_dir.glob("responses-*.jsonl")) or any(shard_dir.glob("scored-*.jsonl"))
+    if not (path.exists() and has_shards):
         write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
+        return
+    old = json.loads(path.read_text())
+    differ = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+    if differ:
+        raise ConfigError(
+            f"output_dir={str(shard_dir.parent)!r} holds shards made with a different {', '.join(differ)}; "
+            "a resumed generation must repeat the same command: use a new hydra.run.dir"
+        )
 
 
 def _sample_shard(sampler, cfg, index: int, prompts: list[dict]) -> list[dict]:
@@ -133,24 +136,22 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
     return kept, counts
 
 
+def _unscored(shard_dir: Path, indices: range) -> list[int]:
+    return [i for i in indices if not (shard_dir / f"scored-{i:05d}.jsonl").exists()]
+
+
 def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: int) -> None:
     """This process's shards: sample the missing ones, then score the unscored ones."""
     from simpo_exp.inference.sampling import make_sampler
-    from simpo_exp.inference.scoring import check_reward_model, make_scorer
+    from simpo_exp.inference.scoring import make_scorer
     from simpo_exp.model import load_tokenizer
 
-    mine = [i for i in range(len(shards)) if i % world == rank]
-    to_sample = [
-        i
-        for i in mine
-        if not (shard_dir / f"responses-{i:05d}.jsonl").exists() and not (shard_dir / f"scored-{i:05d}.jsonl").exists()
-    ]
-    to_score = [i for i in mine if not (shard_dir / f"scored-{i:05d}.jsonl").exists()]
+    mine = range(rank, len(shards), world)
+    to_score = _unscored(shard_dir, mine)
+    to_sample = [i for i in to_score if not (shard_dir / f"responses-{i:05d}.jsonl").exists()]
     log.info(
         "process %d of %d: %d shards, %d to sample, %d to score", rank, world, len(mine), len(to_sample), len(to_score)
     )
-    if to_score and cfg.scorer.kind != "rule":
-        check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before sampling
     if to_sample:
         sampler = make_sampler(cfg, load_tokenizer(cfg.model))
         for i in to_sample:
@@ -169,19 +170,22 @@ def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: i
 def generate_data(cfg) -> dict:
     """Run the stage; return the report (or ``{"waiting_for": [...]}`` when other processes still work)."""
     from simpo_exp.environment import git_commit
+    from simpo_exp.inference.scoring import check_reward_model
     from simpo_exp.model import load_tokenizer
 
     out = Path(cfg.output_dir)
     shard_dir = out / "shards"
     prompts, source_counts = _tokenised_prompts(cfg, load_tokenizer(cfg.model))
     fingerprint = policy_fingerprint(cfg)
-    check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts))
     size = cfg.generate.shard_size
     shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.scorer.kind != "rule" and _unscored(shard_dir, range(rank, len(shards), world)):
+        check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
+    check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts))
     _process(cfg, shards, shard_dir, rank, world)
 
-    missing = [i for i in range(len(shards)) if not (shard_dir / f"scored-{i:05d}.jsonl").exists()]
+    missing = _unscored(shard_dir, range(len(shards)))
     if missing:
         log.info("shards %s are another process's; the last process to finish writes the data set", missing)
         return {"waiting_for": missing}

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from simpo_exp.config import ConfigError
+
 log = logging.getLogger(__name__)
 MARKER = "\u2063simpo-exp-end-of-turn-probe\u2063"
 
@@ -56,6 +58,13 @@ def prompt_token_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 
 def pick_device(device: str) -> torch.device:
+    """``hardware.device`` (cpu, cuda or auto) as this process's torch device; cuda with none visible is
+    refused, as training refuses it (the evaluate stage sets hardware.device from evaluate.device)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "hardware.device=cuda but no CUDA device is visible; use hardware=cpu or hardware=auto "
+            "(in the evaluate stage: evaluate.device=cpu or evaluate.device=auto)"
+        )
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -136,8 +145,6 @@ class VLLMSampler:
         try:
             from vllm import LLM
         except ImportError as e:
-            from simpo_exp.config import ConfigError
-
             raise ConfigError(
                 "generate.backend=vllm needs vLLM on a GPU machine: pip install vllm (or generate.backend=hf)"
             ) from e
