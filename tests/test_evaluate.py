@@ -181,18 +181,20 @@ class FakeJudge(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.requests.append(body)  # the class's list (a subclass can keep its own)
-        text = body["messages"][-1]["content"]
-        if body["messages"][0]["content"].startswith("Please act as an impartial judge"):
-            content = arena_reply(body["messages"])
-        else:
-            a = text.split("## Output (a)\n", 1)[1].split("\n\n## Output (b)\n", 1)[0]
-            b = text.split("\n\n## Output (b)\n", 1)[1].rsplit("\n\nReply with", 1)[0]
-            content = "a" if len(a) > len(b) else "b"
+        content = self.content(body)
         reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
         self.send_response(200 if self.path == "/v1/chat/completions" else 404)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         self.wfile.write(reply.encode())
+
+    def content(self, body: dict) -> str:
+        text = body["messages"][-1]["content"]
+        if body["messages"][0]["content"].startswith("Please act as an impartial judge"):
+            return arena_reply(body["messages"])
+        a = text.split("## Output (a)\n", 1)[1].split("\n\n## Output (b)\n", 1)[0]
+        b = text.split("\n\n## Output (b)\n", 1)[1].rsplit("\n\nReply with", 1)[0]
+        return "a" if len(a) > len(b) else "b"
 
     def log_message(self, *args):
         pass

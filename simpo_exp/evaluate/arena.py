@@ -26,21 +26,20 @@ from the same two answers, so resampling them apart would understate the spread.
 
 Judgments go to ``model_judgment/<judge model>/<model>.jsonl`` in arena-hard-auto's format
 (``question_id``, ``model``, ``judge``, ``games: [{user_prompt, judgment, score}, x2]``), which its
-``show_result.py`` reads. A stored judgment is reused when its judge and both prompts (question and
-answers) are unchanged, so an interrupted judging resumes and a re-run asks nothing twice.
+``show_result.py`` reads. Each judgment is appended to that file as soon as its two games are judged
+(arena-hard-auto's ``gen_judgment.py`` appends too), and the file is rewritten in question order at the
+end. A stored judgment is reused when its judge and both prompts (question and answers) are unchanged,
+so a judging that was killed or stopped by a failing endpoint resumes and a re-run asks nothing twice.
 """
 
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 
-from simpo_exp.config import ConfigError
-from simpo_exp.evaluate.judge import JudgeError, PairwiseJudge
-from simpo_exp.inference.files import read_jsonl, write_jsonl
+from simpo_exp.evaluate.judge import PairwiseJudge, stored_lines
 
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants "
@@ -122,45 +121,22 @@ class ArenaHardJudge(PairwiseJudge):
         return {"question_id": prompt["id"], "model": model_id, "judge": self.j.model, "games": games}
 
     def judge_all(self, prompts: list[dict], texts: list[str], model_id: str, path: Path) -> list[dict]:
-        """Judgments in question order; stored ones reused; what finished is written even when the endpoint fails."""
-        done = stored_judgments(path, prompts, texts, self.j.model)
-        todo = [(p, t) for p, t in zip(prompts, texts) if p["id"] not in done]
-        error = None
-        with ThreadPoolExecutor(self.j.concurrency) as pool:
-            futures = {pool.submit(self.judgment, p, t, model_id): p["id"] for p, t in todo}
-            for fut in as_completed(futures):
-                if fut.cancelled():
-                    continue
-                try:
-                    done[futures[fut]] = fut.result()
-                except JudgeError as e:
-                    error = error or e
-                    for other in futures:
-                        other.cancel()
-        rows = [done[p["id"]] for p in prompts if p["id"] in done]
-        if rows:
-            write_jsonl(path, rows)
-        if error:
-            raise error
-        return rows
+        """Judgments in question order, each appended to ``path`` as it finishes; stored ones reused."""
+        stored = stored_judgments(path, prompts, texts, self.j.model)
+        return self.judge_lines(lambda p, t: self.judgment(p, t, model_id), prompts, texts, path, stored)
 
 
 def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: str) -> dict[str, dict]:
     """``{question_id: judgment}`` of ``path`` still valid: same judge, same question and answers in both games."""
-    if not Path(path).is_file():
-        return {}
-    try:
-        rows = {str(r.get("question_id")): r for r in read_jsonl(path)}
-    except (ValueError, AttributeError) as e:
-        raise ConfigError(f"{path}: not arena-hard-auto judgment lines ({e}); delete it to judge again") from e
-    valid = {}
+    expected = {}
     for p, text in zip(prompts, texts):
-        r = rows.get(p["id"])
         q, base = p["instruction"], p["reference"]
-        expected = [user_prompt(q, base, text), user_prompt(q, text, base)]
-        if r and r.get("judge") == judge and [g.get("user_prompt") for g in r.get("games", [])] == expected:
-            valid[p["id"]] = r
-    return valid
+        expected[p["id"]] = [user_prompt(q, base, text), user_prompt(q, text, base)]
+    return stored_lines(
+        path,
+        "question_id",
+        lambda r: r["judge"] == judge and [g["user_prompt"] for g in r["games"]] == expected.get(r["question_id"]),
+    )
 
 
 def question_outcomes(row: dict, weight: int) -> tuple[float, int, int]:

@@ -7,8 +7,10 @@ there is none).
 - rule: the run's own held-out synthetic prompts ("sort: 3 1 2"), the same ones its eval split held;
 - alpacaeval: alpaca_eval's evaluation set saved as JSON (a list of ``{instruction, output, generator,
   dataset}``, 805 rows for AlpacaEval 2); ``output`` is the reference answer of ``generator``;
-- arena_hard: arena-hard-auto's ``question.jsonl`` (``question_id``, ``turns: [{content}]``, ...), and
-  the baseline's answers in its ``model_answer`` format for the judge.
+- arena_hard: arena-hard-auto v0.1's ``question.jsonl`` (``question_id``, ``turns: [{content}]``, ...),
+  and the baseline's answers in its ``model_answer`` format (``question_id``,
+  ``choices: [{turns: [{content}]}]``) for the judge. v2's files (``uid``, ``prompt``, ``messages``) are
+  refused with a message: this benchmark is judged as v0.1 judges.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from simpo_exp.data.sources import DataSourceError
 from simpo_exp.inference.files import jsonl_lines
 
 ALPACA_COLUMNS = ("instruction", "output", "generator", "dataset")
+ARENA_QUESTION = "arena-hard-auto v0.1's question.jsonl: question_id and turns[0].content, a string"
+ARENA_ANSWER = "arena-hard-auto v0.1's model_answer format: question_id and choices[0].turns[0].content, a string"
 
 
 def _read_json_file(path: str, key: str):
@@ -68,10 +72,12 @@ def alpaca_prompts(path: str, key: str, limit: int | None) -> tuple[list[dict], 
     if not isinstance(rows, list) or not rows:
         raise DataSourceError(f"{key}={path!r}: expected a JSON list of rows with {list(ALPACA_COLUMNS)}")
     for i, row in enumerate(rows):
-        missing = [c for c in ("instruction", "output") if not isinstance(row, dict) or c not in row]
-        if missing:
+        bad = [c for c in ("instruction", "output") if not isinstance(row, dict) or not isinstance(row.get(c), str)]
+        if bad:
+            got = ", ".join(f"{c}={row.get(c)!r:.60}" for c in bad) if isinstance(row, dict) else f"{row!r:.60}"
             raise DataSourceError(
-                f"{key}={path!r}: row {i} has no {missing} (alpaca_eval's schema: {list(ALPACA_COLUMNS)})"
+                f"{key}={path!r}: row {i} ({got}): instruction and output must be strings "
+                f"(alpaca_eval's schema: {list(ALPACA_COLUMNS)})"
             )
     info = {
         "rows": len(rows),
@@ -93,34 +99,59 @@ def alpaca_prompts(path: str, key: str, limit: int | None) -> tuple[list[dict], 
 
 def arena_prompts(path: str, reference_path: str, key: str, limit: int | None) -> tuple[list[dict], dict]:
     """arena-hard-auto questions (first turn), with the baseline's answer where one is given."""
-    rows = _read_json_file(path, f"{key}.prompts_path")
     refs, baseline = {}, None
     if reference_path:
-        for ans in _read_json_file(reference_path, f"{key}.reference_path"):
-            refs[ans["question_id"]] = ans["choices"][0]["turns"][0]["content"]
-            baseline = ans.get("model_id", baseline)
+        answers = _arena_rows(
+            reference_path, f"{key}.reference_path", ("choices", 0, "turns", 0, "content"), ARENA_ANSWER
+        )
+        refs = {qid: text for qid, text, _ in answers}
+        baseline = next((ans.get("model_id") for _, _, ans in reversed(answers) if ans.get("model_id")), None)
+    rows = _arena_rows(path, f"{key}.prompts_path", ("turns", 0, "content"), ARENA_QUESTION)
     prompts = []
-    for i, q in enumerate(rows[:limit]):
-        if "question_id" not in q or not q.get("turns"):
-            raise DataSourceError(
-                f"{key}.prompts_path={path!r}: row {i} lacks question_id or turns "
-                "(arena-hard-auto's question.jsonl schema)"
-            )
-        if reference_path and q["question_id"] not in refs:
-            raise DataSourceError(
-                f"{key}.reference_path={reference_path!r}: no answer for question_id {q['question_id']!r}"
-            )
-        text = q["turns"][0]["content"]
+    for qid, text, q in rows[:limit]:
+        if reference_path and qid not in refs:
+            raise DataSourceError(f"{key}.reference_path={reference_path!r}: no answer for question_id {qid!r}")
         prompts.append(
             {
-                "id": str(q["question_id"]),
+                "id": str(qid),
                 "messages": [{"role": "user", "content": text}],
                 "instruction": text,
-                "reference": refs.get(q["question_id"]),
+                "reference": refs.get(qid),
                 "category": q.get("category"),
             }
         )
     return prompts, {"rows": len(rows), "reference_generator": baseline or "baseline"}
+
+
+def _arena_rows(path: str, key: str, text_at: tuple, schema: str) -> list[tuple]:
+    """``(question_id, text, row)`` of an arena-hard-auto v0.1 file, the text at ``text_at`` in each row; a row
+    without them is an error naming the file, the row and the ``schema``."""
+    rows = _read_json_file(path, key)
+    if not isinstance(rows, list):
+        raise DataSourceError(f"{key}={path!r}: expected JSON lines, one row per question ({schema})")
+    out = []
+    for i, row in enumerate(rows):
+        qid, text = _dig(row, ("question_id",)), _dig(row, text_at)
+        if not isinstance(qid, (str, int)) or not isinstance(text, str):
+            fields = sorted(row) if isinstance(row, dict) else []
+            v2 = (
+                " (arena-hard-auto v2's uid/prompt/messages files are not read)"
+                if {"uid", "prompt", "messages"} & set(fields)
+                else ""
+            )
+            raise DataSourceError(f"{key}={path!r}: row {i} (keys {fields}) is not {schema}{v2}")
+        out.append((qid, text, row))
+    return out
+
+
+def _dig(row, keys: tuple):
+    """``row[k0][k1]...``, or None where a part is missing or of another type."""
+    for k in keys:
+        try:
+            row = row[k]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return row
 
 
 def alpaca_model_outputs(prompts: list[dict], outputs: list[str], generator: str) -> list[dict]:

@@ -6,7 +6,13 @@ mean of ``preference - 1`` in percent, so a tie counts half (AlpacaEval's and Ar
 
 The pairwise prompt shows the instruction and the two answers as (a) and (b); which answer is (a)
 is decided per prompt by a seeded coin (``derive_seed(prompt id)``), so a judge that favours one
-position does not favour either model. The judge must reply with the letter of the better answer.
+position does not favour either model. The judge must reply with the letter of the better answer;
+any other reply is kept as no verdict (preference null), left out of the win rate and counted.
+
+Every judge reply is paid for, so each finished verdict (or Arena-Hard judgment) is appended to a JSONL
+file the moment it arrives: a judging killed or stopped by a failing endpoint keeps what it got, and a
+re-run reuses the lines made by the same judge model for the same prompt and answers, asking only for
+the rest.
 
 Length-controlled win rate (AlpacaEval 2's LC) is alpaca-eval's own GLM
 (``alpaca_eval.metrics.glm_winrate.get_length_controlled_winrate``): computed when the package is
@@ -15,17 +21,22 @@ installed and the full evaluation set was judged; otherwise null, and the result
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 
 from simpo_exp.config import ConfigError
+from simpo_exp.inference.files import write_jsonl
 from simpo_exp.inference.sampling import derive_seed
 from simpo_exp.inference.scoring import sort_digits_score
+from simpo_exp.rundir import read_jsonl as read_lines
 
 log = logging.getLogger(__name__)
 ALPACA_EVAL_ROWS = 805
@@ -38,11 +49,12 @@ TEMPLATE = (
 
 
 class JudgeError(ConfigError):
-    """The judge could not give verdicts (endpoint down, unreadable replies); generations are kept."""
+    """The judge endpoint did not answer; the generations and the verdicts it gave so far are kept."""
 
 
-def win_rate(preferences: list[float]) -> float:
-    return 100.0 * sum(p - 1.0 for p in preferences) / len(preferences)
+def win_rate(preferences: list[float]) -> float | None:
+    """Percent, ties half; None when nothing was judged."""
+    return 100.0 * sum(p - 1.0 for p in preferences) / len(preferences) if preferences else None
 
 
 def rule_preferences(prompts: list[dict], model_texts: list[str], baseline_texts: list[str]) -> list[dict]:
@@ -84,26 +96,96 @@ class PairwiseJudge:
                     time.sleep(min(2**attempt, 8))
         raise JudgeError(
             f"{self.key}.judge.base_url={self.j.base_url!r}: the judge endpoint did not answer after "
-            f"{self.j.max_retries + 1} tries ({last}). The generations are kept; start the judge and "
-            "re-run the same command with evaluate.judge_only=true"
+            f"{self.j.max_retries + 1} tries ({last}). The generations and the verdicts so far are kept; start the "
+            "judge and re-run the same command with evaluate.judge_only=true"
         )
 
-    def verdict(self, prompt: dict, model_text: str) -> dict:
+    def judge_prompt(self, prompt: dict, model_text: str) -> tuple[bool, str]:
+        """(whether the model's answer is shown first, as (a); the judge prompt)."""
         model_first = derive_seed("judge-order", prompt["id"]) % 2 == 0
         a, b = (model_text, prompt["reference"]) if model_first else (prompt["reference"], model_text)
-        reply = self._ask(TEMPLATE.format(instruction=prompt["instruction"], a=a, b=b))
-        letter = reply.strip().strip("().*").lower()[:1]
-        if letter not in ("a", "b"):
-            raise JudgeError(
-                f"{self.key}.judge.model={self.j.model!r} replied {reply[:80]!r} for prompt "
-                f"{prompt['id']}, not 'a' or 'b'; use a model that follows the judge prompt"
-            )
-        model_won = (letter == "a") == model_first
-        return {"id": prompt["id"], "model_first": model_first, "reply": reply, "preference": 2.0 if model_won else 1.0}
+        return model_first, TEMPLATE.format(instruction=prompt["instruction"], a=a, b=b)
 
-    def judge(self, prompts: list[dict], model_texts: list[str]) -> list[dict]:
-        with ThreadPoolExecutor(self.j.concurrency) as pool:
-            return list(pool.map(self.verdict, prompts, model_texts))
+    def verdict(self, prompt: dict, model_text: str) -> dict:
+        """One verdict line; a reply that is not 'a' or 'b' gives preference None (no verdict)."""
+        model_first, content = self.judge_prompt(prompt, model_text)
+        reply = self._ask(content)
+        letter = reply.strip().strip("().*").lower()[:1]
+        model_won = (letter == "a") == model_first
+        return {
+            "id": prompt["id"],
+            "judge": self.j.model,
+            "prompt_sha256": _sha256(content),
+            "model_first": model_first,
+            "reply": reply,
+            "preference": None if letter not in ("a", "b") else 2.0 if model_won else 1.0,
+        }
+
+    def judge(self, prompts: list[dict], model_texts: list[str], path: Path) -> list[dict]:
+        """Verdicts in prompt order, each appended to ``path`` as it arrives; stored ones of the same judge for the
+        same judge prompt are reused."""
+        expected = {p["id"]: _sha256(self.judge_prompt(p, t)[1]) for p, t in zip(prompts, model_texts)}
+        stored = stored_lines(
+            path, "id", lambda r: r.get("judge") == self.j.model and expected.get(r.get("id")) == r["prompt_sha256"]
+        )
+        return self.judge_lines(self.verdict, prompts, model_texts, path, stored)
+
+    def judge_lines(self, ask: Callable, prompts: list[dict], texts: list[str], path: Path, stored: dict) -> list[dict]:
+        """One line per prompt, in prompt order: the ``stored`` one, else ``ask(prompt, text)``, ``concurrency`` at a
+        time, each appended to ``path`` as it finishes; ``path`` is rewritten in prompt order at the end. When the
+        endpoint fails, the prompts not started are dropped, the ones in flight still kept, and the error raised."""
+        pool, error, done = ThreadPoolExecutor(self.j.concurrency), None, dict(stored)
+        futures = {pool.submit(ask, p, t): p["id"] for p, t in zip(prompts, texts) if p["id"] not in done}
+        try:
+            for fut in as_completed(futures):
+                if fut.cancelled():
+                    continue
+                try:
+                    done[futures[fut]] = fut.result()
+                except JudgeError as e:
+                    error = error or e
+                    for other in futures:
+                        other.cancel()
+                    continue
+                append_line(path, done[futures[fut]])
+        finally:  # Ctrl-C included: nothing more is asked
+            pool.shutdown(wait=False, cancel_futures=True)
+        if error:
+            raise error
+        rows = [done[p["id"]] for p in prompts]
+        write_jsonl(path, rows)
+        return rows
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stored_lines(path: Path, key: str, valid: Callable[[dict], bool]) -> dict[str, dict]:
+    """``{line[key]: line}`` of the lines of ``path`` that ``valid`` accepts (the last one per key). The file is
+    rewritten with only those: a half-written last line (a killed process) and lines of another judge, prompt or
+    answer are dropped."""
+    path, rows = Path(path), {}
+    for r in read_lines(path):
+        if isinstance(r, dict) and isinstance(r.get(key), str) and _accepts(valid, r):
+            rows[r[key]] = r
+    if path.exists():
+        write_jsonl(path, list(rows.values()))
+    return rows
+
+
+def _accepts(valid: Callable[[dict], bool], row: dict) -> bool:
+    try:
+        return bool(valid(row))
+    except (KeyError, TypeError, AttributeError):  # a line of another shape
+        return False
+
+
+def append_line(path: Path, row: dict) -> None:
+    """One JSON line added to ``path``, written out before the next one (a killed process keeps it)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def annotations(
@@ -114,7 +196,8 @@ def annotations(
     reference_generator: str,
     annotator: str,
 ) -> list[dict]:
-    """Judged pairs in alpaca-eval's annotation format (the input of its win-rate functions)."""
+    """Judged pairs in alpaca-eval's annotation format (the input of its win-rate functions); prompts without a
+    verdict are left out."""
     return [
         {
             "index": int(p["id"]) if p["id"].isdigit() else i,
@@ -127,6 +210,7 @@ def annotations(
             "preference": v["preference"],
         }
         for i, (p, out, v) in enumerate(zip(prompts, model_texts, verdicts))
+        if v["preference"] is not None
     ]
 
 

@@ -1,12 +1,19 @@
 """Capability retention through lm-evaluation-harness (``pip install lm-eval``), offline only.
 
 The run's model is evaluated with lm-eval's ``hf`` model on the configured tasks (GSM8K etc.) with
-the hub switched off (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE): a task whose data set is not already in
-the local Hugging Face cache fails with a message naming that data set, and nothing downloads.
+the hub switched off: a task whose data set is not already in the local Hugging Face cache fails with
+a message naming that data set, and nothing downloads. huggingface_hub and datasets read
+HF_HUB_OFFLINE only when they are imported (long before this stage runs), so their offline flags are
+set directly for the call, beside the environment variables, and put back after it.
+
+The model goes to lm-eval as ``model_args={"pretrained": path}``, a dict (lm-eval 0.4 takes one): its
+string form ``"pretrained=<path>"`` is split at commas, and sweep job directories hold commas
+(``0_beta=2,gamma_beta_ratio=0.3``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from simpo_exp.config import ConfigError
@@ -31,19 +38,18 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
             f"benchmarks.{b.name}: kind=lm_eval needs lm-evaluation-harness: pip install lm-eval "
             "(its task data sets must be in the local Hugging Face cache: nothing is downloaded)"
         ) from e
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     device = "cuda" if policy_cfg.hardware.device != "cpu" and _cuda() else "cpu"
     try:
-        res = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={policy_cfg.model.path}",
-            tasks=list(b.tasks),
-            num_fewshot=b.num_fewshot,
-            limit=b.limit,
-            device=device,
-            apply_chat_template=b.apply_chat_template,
-        )
+        with offline():
+            res = lm_eval.simple_evaluate(
+                model="hf",
+                model_args={"pretrained": policy_cfg.model.path},
+                tasks=list(b.tasks),
+                num_fewshot=b.num_fewshot,
+                limit=b.limit,
+                device=device,
+                apply_chat_template=b.apply_chat_template,
+            )
     except Exception as e:  # lm-eval raises from datasets/hub code when a data set is not cached
         text = f"{type(e).__name__}: {e}"
         if any(
@@ -60,6 +66,32 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
 
     write_json(out_dir / "lm_eval_results.json", {k: res[k] for k in ("results", "versions", "n-shot") if k in res})
     return {"metrics": _flat_metrics(res.get("results", {})), "notes": [], "baseline": None}
+
+
+@contextlib.contextmanager
+def offline():
+    """The Hugging Face hub switched off inside the block: the environment variables and the flags that
+    huggingface_hub and datasets read them into at import; all put back afterwards."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    flags = [(huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    flags += [(datasets.config, k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, k)]
+    saved_flags = [getattr(module, name) for module, name in flags]
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update(dict.fromkeys(saved_env, "1"))
+    for module, name in flags:
+        setattr(module, name, True)
+    try:
+        yield
+    finally:
+        for (module, name), value in zip(flags, saved_flags):
+            setattr(module, name, value)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _cuda() -> bool:

@@ -4,11 +4,13 @@ Per run directory and benchmark, under ``eval/<benchmark>/``:
     shards/<policy>-manifest.json, shards/<policy>-00000.jsonl   generations, one shard file at a time
     generations.jsonl                                           prompt, answer(s), score or verdict per prompt
     model_outputs.json (alpacaeval) | model_answer/<model>.jsonl (arena_hard)   the benchmark's own format
+    verdicts.jsonl (alpacaeval)                                 judge verdicts, a line appended as each arrives
     annotations.json (alpacaeval)                               judged pairs (alpaca-eval's annotation format)
     model_judgment/<judge>/<model>.jsonl (arena_hard)           judgments (arena-hard-auto's format; arena.py)
     results.json                                                metrics (simpo_exp/inference/results.py)
 and ``model/README.md`` (the model card). Generations are written before any judge runs, so a judge
-that fails leaves them in place and ``evaluate.judge_only=true`` judges them again without sampling.
+that fails leaves them in place and ``evaluate.judge_only=true`` judges them again without sampling;
+verdicts and judgments are kept as they arrive, so that re-run asks only for the missing ones.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from simpo_exp.evaluate.judge import (
 )
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
 from simpo_exp.inference.files import read_jsonl, write_json, write_jsonl
-from simpo_exp.inference.results import results_path
+from simpo_exp.inference.results import HEADLINE, PREFIX, results_path
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
         "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest(),
     }
     # judge_only reads stored answers wherever they were made (another backend, another machine)
-    _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, ("weights", "prompts") if judge_only else None)
+    keys = ("weights", "prompts") if judge_only else None
+    _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, any(f.exists() for f in files), keys)
     todo = [i for i, f in enumerate(files) if not f.exists()]
     if todo and judge_only:
         raise ConfigError(
@@ -99,17 +102,27 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
     return [row for f in files for row in read_jsonl(f)]
 
 
-def _check_manifest(path: Path, manifest: dict, keys: tuple | None = None) -> None:
-    if path.exists():
-        old = json.loads(path.read_text())
-        differ = sorted(k for k in keys or set(old) | set(manifest) if old.get(k) != manifest.get(k))
-        if differ:
-            raise ConfigError(
-                f"{path.parent} holds generations made with different {', '.join(differ)}; delete "
-                f"{path.parent} to generate again with the new settings"
-            )
-    else:
+def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple | None = None) -> None:
+    """Refuse to add answers to ones made with other settings (only ``keys`` compared, when given). A manifest
+    without any answer shard beside it (left by a run that failed before its first shard) binds nothing: it is
+    replaced."""
+    if not (has_answers and path.exists()):
         write_json(path, manifest)
+        return
+    old = json.loads(path.read_text())
+    differ = sorted(k for k in keys or set(old) | set(manifest) if old.get(k) != manifest.get(k))
+    if differ:
+        raise ConfigError(
+            f"{path.parent} holds generations made with different {', '.join(differ)}; delete "
+            f"{path.parent} to generate again with the new settings"
+        )
+
+
+def _stored_decoding(shard_dir: Path, dec) -> dict:
+    """The decoding the stored answers were made with (``judge_only`` judges those, whatever the command's
+    decoding says); the command's own where nothing was generated (lm_eval)."""
+    path = shard_dir / "trained-manifest.json"
+    return json.loads(path.read_text())["decoding"] if path.is_file() else vars(dec)
 
 
 def _decoding(b, run_cfg, policy_cfg) -> types.SimpleNamespace:
@@ -164,10 +177,16 @@ def _judge_pairs(
     """Win rate (and LC where it applies) from the configured pairwise judge; the judged pairs are written."""
     b, out = ctx["benchmark"], ctx["out"]
     judge = PairwiseJudge(b.judge, f"benchmarks.{b.name}")
-    verdicts = judge.judge(prompts, texts)
+    verdicts = judge.judge(prompts, texts, out / "verdicts.jsonl")
     rows = annotations(prompts, texts, verdicts, generator, info["reference_generator"], b.judge.model)
     write_json(out / "annotations.json", rows)
-    metrics, notes = {"win_rate": win_rate([r["preference"] for r in rows])}, []
+    missing = len(verdicts) - len(rows)
+    metrics, notes = {"win_rate": win_rate([r["preference"] for r in rows]), "unparseable_verdicts": missing}, []
+    if missing:
+        notes.append(
+            f"{missing} of {len(verdicts)} judge replies were not 'a' or 'b' (preference null in "
+            f"{out / 'verdicts.jsonl'}); those prompts are left out of the win rate"
+        )
     if b.kind == "alpacaeval":
         full = len(rows) == info["rows"] == ALPACA_EVAL_ROWS
         metrics["lc_win_rate"], why = length_controlled(rows, full)
@@ -255,7 +274,7 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "model": trained.model.path,
         **record,
         "notes": record.get("notes", []),
-        "decoding": vars(dec),
+        "decoding": _stored_decoding(out / "shards", dec) if e.judge_only else vars(dec),
         "judge": judge,
         "prompts_path": b.prompts_path or None,
         "versions": _versions(),
@@ -316,7 +335,9 @@ def evaluate_all(cfg) -> list[dict]:
                 rec = evaluate_benchmark(run_dir, run_cfg, b, e)
             except JudgeError as err:  # the answers are stored: go on with the other benchmarks and runs
                 print(
-                    f"{run_dir.name}  {b.name}: judging failed, answers kept in {run_dir / 'eval' / b.name}", flush=True
+                    f"{run_dir.name}  {b.name}: judging failed, answers and verdicts so far kept in "
+                    f"{run_dir / 'eval' / b.name}",
+                    flush=True,
                 )
                 judge_failures.append(err)
                 continue
@@ -335,8 +356,18 @@ def evaluate_all(cfg) -> list[dict]:
             log_results(run_dir, done, run_cfg.logger.init_timeout, trained_with_wandb=run_cfg.logger.wandb)
     if judge_failures:
         raise JudgeError("; ".join(dict.fromkeys(str(err) for err in judge_failures)))
-    if len(runs) > 1:
-        first = next(iter(cfg.benchmarks.values()))
-        metric = "win_rate" if first.kind != "lm_eval" else "score"
-        print(f"\nrank them: python -m simpo_exp.compare {e.path} --metric bench/{first.name}/{metric}", flush=True)
+    metric = _rank_metric(records)
+    if len(runs) > 1 and metric:
+        print(f"\nrank them: python -m simpo_exp.compare {e.path} --metric {metric}", flush=True)
     return records
+
+
+def _rank_metric(records: list[dict]) -> str | None:
+    """The compare key to rank runs by: the first benchmark's win rate where it recorded one, else its first number
+    (lm-eval's keys are ``<task>/<metric>:<filter>``)."""
+    for rec in records:
+        names = [k for k, v in rec["metrics"].items() if v is not None]
+        metric = next((k for k in HEADLINE if k in names), names[0] if names else None)
+        if metric:
+            return f"{PREFIX}{rec['benchmark']}/{metric}"
+    return None

@@ -1,0 +1,96 @@
+"""Benchmark files of the wrong shape are refused with a message naming the key, the file, the row and the expected
+schema (a UserError: exit 2), never a KeyError or TypeError from deep inside the stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simpo_exp.errors import UserError
+from simpo_exp.evaluate.benchmarks import alpaca_prompts, arena_prompts
+
+KEY = "benchmarks.arena-hard"
+
+
+def jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def questions(tmp_path: Path, n: int = 3) -> str:
+    rows = [
+        {"question_id": f"q{i}", "category": "arena-hard-v0.1", "turns": [{"content": f"Explain {i}."}]}
+        for i in range(n)
+    ]
+    return jsonl(tmp_path / "question.jsonl", rows)
+
+
+def answer(qid: str, text: str = "y") -> dict:
+    return {"question_id": qid, "model_id": "gpt-4-0314", "choices": [{"index": 0, "turns": [{"content": text}]}]}
+
+
+def test_arena_hard_files_in_the_v01_format_are_read(tmp_path):
+    refs = jsonl(tmp_path / "gpt-4-0314.jsonl", [answer(f"q{i}", "y" * i) for i in range(3)])
+    prompts, info = arena_prompts(questions(tmp_path), refs, KEY, None)
+    assert [(p["id"], p["instruction"], p["reference"]) for p in prompts] == [
+        ("q0", "Explain 0.", ""),
+        ("q1", "Explain 1.", "y"),
+        ("q2", "Explain 2.", "yy"),
+    ]
+    assert info == {"rows": 3, "reference_generator": "gpt-4-0314"}
+
+
+@pytest.mark.parametrize(
+    "row, says",
+    [
+        ({"qid": "q1", "choices": [{"turns": [{"content": "y"}]}]}, "keys ['choices', 'qid']"),
+        (
+            {
+                "question_id": "q1",
+                "model": "gpt-4-0314",
+                "messages": [{"role": "assistant", "content": {"answer": "y"}}],
+            },
+            "v2's uid/prompt/messages files are not read",
+        ),
+        ({"question_id": "q1", "choices": []}, "keys ['choices', 'question_id']"),
+        ({"question_id": "q1", "choices": [{"turns": [{"content": None}]}]}, "choices[0].turns[0].content, a string"),
+        (["q1", "y"], "keys []"),
+    ],
+)
+def test_a_reference_answer_of_another_shape_names_file_row_and_schema(tmp_path, row, says):
+    refs = jsonl(tmp_path / "refs.jsonl", [answer("q0"), row, answer("q2")])
+    with pytest.raises(UserError) as err:
+        arena_prompts(questions(tmp_path), refs, KEY, None)
+    message = str(err.value)
+    assert f"{KEY}.reference_path={refs!r}: row 1 " in message and says in message
+    assert "arena-hard-auto v0.1's model_answer format: question_id and choices[0].turns[0].content" in message
+
+
+def test_a_question_of_another_shape_names_file_row_and_schema(tmp_path):
+    path = jsonl(tmp_path / "question.jsonl", [{"uid": "u0", "prompt": "Explain."}])
+    with pytest.raises(UserError, match=r"prompts_path=.*question.jsonl'. row 0 .*question_id and turns\[0\]"):
+        arena_prompts(path, "", KEY, None)
+    path = jsonl(tmp_path / "question.jsonl", [{"question_id": "q0", "turns": [{"content": ["a"]}]}])
+    with pytest.raises(UserError, match="row 0 .keys \\['question_id', 'turns'\\]. is not arena-hard-auto v0.1"):
+        arena_prompts(path, "", KEY, None)
+
+
+@pytest.mark.parametrize(
+    "row, says",
+    [
+        ({"instruction": None, "output": "x"}, "row 1 (instruction=None)"),
+        ({"instruction": "hi", "output": ["x"]}, "row 1 (output=['x'])"),
+        ({"output": "x"}, "row 1 (instruction=None)"),
+        ("just text", "row 1 ('just text')"),
+    ],
+)
+def test_an_alpacaeval_row_without_string_instruction_and_output_is_named(tmp_path, row, says):
+    path = tmp_path / "alpaca_eval.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, row]))
+    with pytest.raises(UserError) as err:
+        alpaca_prompts(str(path), "benchmarks.alpacaeval2.prompts_path", None)
+    message = str(err.value)
+    assert f"benchmarks.alpacaeval2.prompts_path={str(path)!r}: " + says in message
+    assert "instruction and output must be strings" in message

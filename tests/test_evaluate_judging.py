@@ -1,0 +1,192 @@
+"""Judge replies are kept as they arrive: a judging killed between two replies, or given a reply it cannot read,
+loses nothing it paid for, and the re-run asks only for what is missing (fake endpoints on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from simpo_exp.inference.files import read_jsonl
+from tests.runs import free_port, run_env
+from tests.test_evaluate import ARENA_CASES, FakeJudge
+
+# (instruction, reference answer, the model's answer) for the one-letter judge, which prefers the longer output
+ALPACA_CASES = [(f"Say something about {i}.", "r" * (5 + 7 * i), "m" * (30 - 4 * i)) for i in range(6)]
+
+# Judges in a process of its own, so that the test can kill it; argv: the spec file written by `judging_spec`.
+CLIENT = """
+import json, sys
+from pathlib import Path
+from simpo_exp.evaluate.arena import judge_arena_hard
+from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+from simpo_exp.evaluate.judge import PairwiseJudge
+
+spec = json.loads(Path(sys.argv[1]).read_text())
+judge = JudgeConfig(kind="openai", base_url=spec["url"], model="org/fake-judge", max_retries=0, timeout_s=30,
+                    concurrency=spec["concurrency"])
+if spec["kind"] == "arena_hard":
+    b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=judge)
+    judge_arena_hard(b, spec["prompts"], spec["texts"], "my-model", "gpt-4-0314", Path(spec["out"]))
+else:
+    path = Path(spec["out"], "verdicts.jsonl")
+    PairwiseJudge(judge, "benchmarks.alpacaeval2").judge(spec["prompts"], spec["texts"], path)
+"""
+
+
+def cases(kind: str) -> tuple[list[dict], list[str]]:
+    rows = ARENA_CASES if kind == "arena_hard" else ALPACA_CASES
+    prompts = [{"id": f"q{i}", "instruction": q, "reference": r} for i, (q, r, _) in enumerate(rows)]
+    return prompts, [m for _, _, m in rows]
+
+
+def journal(kind: str, out: Path) -> Path:
+    """The file the judging appends to."""
+    return (
+        out / "model_judgment" / "org_fake-judge" / "my-model.jsonl" if kind == "arena_hard" else out / "verdicts.jsonl"
+    )
+
+
+class KillingJudge(FakeJudge):
+    """The fake judge until ``replies`` replies are sent; the next request waits until the judging process has
+    written ``lines`` lines to ``journal`` and then ends that process with SIGTERM, as a scheduler ends a job."""
+
+    requests: list[dict] = []
+    replies, lines, journal, pid = 0, 0, Path("/nonexistent"), 0
+
+    def do_POST(self):  # noqa: N802
+        if len(self.requests) < self.replies:
+            return super().do_POST()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and written(self.journal) < self.lines:
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGTERM)
+
+
+def written(path: Path) -> int:
+    """Whole lines in ``path`` so far."""
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+class CountingJudge(FakeJudge):
+    requests: list[dict] = []
+
+
+class OddReplyJudge(FakeJudge):
+    """The one-letter judge, which answers a prompt about 3 with a sentence instead of a letter."""
+
+    requests: list[dict] = []
+
+    def content(self, body: dict) -> str:
+        return "Output (b) is better." if "about 3." in body["messages"][-1]["content"] else super().content(body)
+
+
+def serve(handler) -> tuple[ThreadingHTTPServer, str]:
+    handler.requests.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def judge_killed_after(kind: str, replies: int, lines: int, out: Path) -> Path:
+    """Judge in a child process (one request at a time) that is killed after ``replies`` replies; its journal."""
+    KillingJudge.replies, KillingJudge.lines, KillingJudge.journal = replies, lines, journal(kind, out)
+    server, url = serve(KillingJudge)
+    prompts, texts = cases(kind)
+    spec = out / f"{kind}-spec.json"
+    spec.write_text(
+        json.dumps({"kind": kind, "url": url, "prompts": prompts, "texts": texts, "out": str(out), "concurrency": 1})
+    )
+    try:
+        child = subprocess.Popen([sys.executable, "-c", CLIENT, str(spec)], env=run_env(), stderr=subprocess.PIPE)
+        KillingJudge.pid = child.pid
+        _, err = child.communicate(timeout=300)
+    finally:
+        server.shutdown()
+    assert child.returncode == -signal.SIGTERM, err.decode()[-2000:]
+    assert len(KillingJudge.requests) == replies
+    return journal(kind, out)
+
+
+def test_a_killed_arena_hard_judging_keeps_its_judgments_and_the_rerun_asks_only_the_rest(tmp_path):
+    from simpo_exp.evaluate.arena import judge_arena_hard
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+
+    # 8 replies: the 4 questions with a label at once, both games each; killed while q4's first game is asked
+    path = judge_killed_after("arena_hard", replies=8, lines=4, out=tmp_path)
+    kept = read_jsonl(path)  # every line whole: arena-hard-auto's format even before the judging ends
+    assert sorted(r["question_id"] for r in kept) == ["q0", "q1", "q2", "q3"]
+    assert all(r["judge"] == "org/fake-judge" and len(r["games"]) == 2 for r in kept)
+
+    server, url = serve(CountingJudge)
+    try:
+        judge = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
+        b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=judge)
+        prompts, texts = cases("arena_hard")
+        res = judge_arena_hard(b, prompts, texts, "my-model", "gpt-4-0314", tmp_path)
+    finally:
+        server.shutdown()
+    # only q4 and q5 are asked: two games each, each game asked twice (a label only when asked to finish, or never)
+    asked = {r["messages"][1]["content"].split("\n")[1] for r in CountingJudge.requests}
+    assert len(CountingJudge.requests) == 8 and asked == {ARENA_CASES[4][0], ARENA_CASES[5][0]}
+    assert res["metrics"]["win_rate"] == pytest.approx(100 * 11 / 18)  # as one uninterrupted judging gives
+    rows = read_jsonl(path)
+    assert [r["question_id"] for r in rows] == [f"q{i}" for i in range(6)]  # rewritten in question order
+    assert rows[:4] == sorted(kept, key=lambda r: r["question_id"])
+
+
+def test_a_killed_alpacaeval_judging_keeps_its_verdicts_and_the_rerun_asks_only_the_rest(tmp_path):
+    from simpo_exp.evaluate.config import JudgeConfig
+    from simpo_exp.evaluate.judge import PairwiseJudge
+
+    path = judge_killed_after("alpacaeval", replies=3, lines=3, out=tmp_path)
+    kept = read_jsonl(path)
+    assert sorted(r["id"] for r in kept) == ["q0", "q1", "q2"]
+
+    prompts, texts = cases("alpacaeval")
+    server, url = serve(CountingJudge)
+    try:
+        judge = PairwiseJudge(JudgeConfig(kind="openai", base_url=url, model="org/fake-judge"), "benchmarks.a")
+        verdicts = judge.judge(prompts, texts, path)
+        assert len(CountingJudge.requests) == 3  # q3, q4, q5 only
+        fresh = judge.judge(prompts, texts, tmp_path / "fresh.jsonl")  # one judging from the start
+        changed = judge.judge(prompts, [texts[0] + "!", *texts[1:]], path)
+    finally:
+        server.shutdown()
+    assert verdicts == fresh and [v["id"] for v in read_jsonl(path)] == [f"q{i}" for i in range(6)]
+    model_longer = [len(m) > len(r) for _, r, m in ALPACA_CASES]
+    assert [v["preference"] == 2.0 for v in verdicts] == model_longer and 0 < sum(model_longer) < 6
+    # a changed answer is asked again, nothing else
+    assert len(CountingJudge.requests) == 3 + 6 + 1 and changed[1:] == verdicts[1:]
+
+
+def test_a_reply_without_a_letter_is_no_verdict_and_the_others_count(tmp_path):
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+    from simpo_exp.evaluate.run import _judge_pairs
+
+    prompts, texts = cases("alpacaeval")
+    server, url = serve(OddReplyJudge)
+    try:
+        judge = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
+        ctx = {"benchmark": BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=judge), "out": tmp_path}
+        info = {"rows": 6, "reference_generator": "gpt4_1106_preview"}
+        metrics, notes = _judge_pairs(ctx, prompts, texts, info, "my-model")
+        again = _judge_pairs(ctx, prompts, texts, info, "my-model")  # the re-run (judge_only) asks nothing
+    finally:
+        server.shutdown()
+    assert len(OddReplyJudge.requests) == 6 and again == (metrics, notes)
+    verdicts = read_jsonl(tmp_path / "verdicts.jsonl")
+    assert [v["preference"] for v in verdicts][3] is None and verdicts[3]["reply"] == "Output (b) is better."
+    others = [len(m) > len(r) for i, (_, r, m) in enumerate(ALPACA_CASES) if i != 3]
+    assert metrics["win_rate"] == pytest.approx(100 * sum(others) / 5) and metrics["unparseable_verdicts"] == 1
+    assert "1 of 6 judge replies were not 'a' or 'b'" in notes[0]
+    pairs = json.loads((tmp_path / "annotations.json").read_text())
+    assert [p["instruction"] for p in pairs] == [q for i, (q, _, _) in enumerate(ALPACA_CASES) if i != 3]

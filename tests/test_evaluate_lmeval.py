@@ -1,0 +1,120 @@
+"""benchmark=gsm8k through lm-evaluation-harness, with a stand-in lm_eval module that records how it was called:
+the model path reaches lm-eval whole (sweep job directories hold commas), the hub is off during the call, and the
+printed compare hint names a metric the results hold."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import simpo_exp.config  # noqa: F401  (stores the training schema the runs' configs are composed with)
+from tests.conftest import CONF
+
+RESULTS = {  # lm-eval's results for one task: "<metric>,<filter>" keys, with their standard errors
+    "gsm8k": {
+        "alias": "gsm8k",
+        "exact_match,strict-match": 0.25,
+        "exact_match_stderr,strict-match": 0.1,
+        "exact_match,flexible-extract": 0.5,
+    }
+}
+
+
+@pytest.fixture
+def lm_eval_calls(monkeypatch) -> list[dict]:
+    """A stand-in ``lm_eval`` module; each call's arguments, with the hub's offline flags as the call saw them."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    calls = []
+
+    def simple_evaluate(**kwargs):
+        hub, data = huggingface_hub.constants, datasets.config
+        offline = {"hub": hub.HF_HUB_OFFLINE, "datasets": data.HF_HUB_OFFLINE, "is_offline": hub.is_offline_mode()}
+        calls.append({**kwargs, "offline": offline})
+        return {"results": RESULTS, "versions": {"gsm8k": 3}, "n-shot": {"gsm8k": 5}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    # as in a process started without HF_HUB_OFFLINE: both libraries read it once, at import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    return calls
+
+
+def fake_run(path: Path, overrides: list[str], compose, weights: bool = False) -> Path:
+    """A run directory as training leaves it, as far as the evaluate stage reads it: its config and ``model/``, with
+    the weights of a small random Llama and the tiny tokenizer when ``weights`` (lm-eval, stood in, loads none)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    cfg = compose(*overrides)
+    (path / ".hydra").mkdir(parents=True)
+    saved = {s: OmegaConf.to_container(cfg[s], resolve=True) for s in ("model", "dataset", "hardware", "logger")}
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**saved, "seed": 1}))
+    (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if weights:
+        save_small_model(path / "model")
+    else:
+        (path / "model").mkdir()
+        (path / "model" / "config.json").write_text("{}\n")
+    return path
+
+
+def save_small_model(path: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **shape)).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def evaluate_sweep(sweep: Path, *overrides: str) -> list[dict]:
+    from hydra import compose, initialize_config_dir
+
+    from simpo_exp.evaluate.config import to_evaluate_config
+    from simpo_exp.evaluate.run import evaluate_all
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[f"evaluate.path={sweep}", "output_dir=/tmp/unused", "evaluate.wandb=off", *overrides],
+        )
+    return evaluate_all(to_evaluate_config(cfg))
+
+
+def test_gsm8k_gets_the_whole_model_path_offline_and_the_hint_names_a_recorded_metric(
+    lm_eval_calls, tmp_path, capsys, compose
+):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from simpo_exp.compare import load_runs, runs_table
+
+    sweep = tmp_path / "sweep"
+    runs = [
+        fake_run(sweep / "0_beta=2,gamma_beta_ratio=0.3", ["beta=2", "gamma_beta_ratio=0.3"], compose),
+        fake_run(sweep / "1_beta=5,gamma_beta_ratio=0.3", ["beta=5", "gamma_beta_ratio=0.3"], compose),
+    ]
+    records = evaluate_sweep(sweep, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    assert [c["model_args"] for c in lm_eval_calls] == [{"pretrained": str((r / "model").resolve())} for r in runs]
+    assert all(c["offline"] == {"hub": True, "datasets": True, "is_offline": True} for c in lm_eval_calls)
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # put back
+    assert lm_eval_calls[0]["tasks"] == ["gsm8k"] and lm_eval_calls[0]["limit"] == 2
+    metrics = records[0]["metrics"]
+    assert metrics == {"gsm8k/exact_match:strict-match": 0.25, "gsm8k/exact_match:flexible-extract": 0.5}
+    saved = json.loads((runs[0] / "eval" / "gsm8k" / "lm_eval_results.json").read_text())
+    assert saved["results"] == RESULTS
+
+    hint = capsys.readouterr().out.split("rank them: ", 1)[1].strip()
+    assert hint == f"python -m simpo_exp.compare {sweep} --metric bench/gsm8k/gsm8k/exact_match:strict-match"
+    metric = hint.split("--metric ", 1)[1]
+    assert [row[metric] for row in runs_table(load_runs(sweep), metric)] == [0.25, 0.25]  # compare knows it

@@ -1,0 +1,41 @@
+"""Re-runs of the evaluate stage on stored answers: a run that failed before its first answer shard binds nothing,
+and ``evaluate.judge_only=true`` records the decoding the stored answers were made with."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simpo_exp.config import ConfigError
+from tests.test_evaluate import ALPACA
+from tests.test_evaluate_lmeval import evaluate_sweep, fake_run
+
+
+def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding(tmp_path, compose):
+    run = fake_run(tmp_path / "run", [], compose, weights=True)
+    prompts = tmp_path / "alpaca_eval.json"
+    prompts.write_text(json.dumps(ALPACA))
+    args = ["benchmark=alpacaeval2", f"benchmarks.alpacaeval2.prompts_path={prompts}", "evaluate.device=cpu"]
+    args += ["benchmarks.alpacaeval2.max_prompts=2", "evaluate.model_card=false"]
+    out = run / "eval" / "alpacaeval2"
+
+    # vLLM is not installed: the command fails after writing the manifest, before any answer
+    with pytest.raises(ConfigError, match="backend=vllm needs vLLM"):
+        evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=vllm")
+    assert (out / "shards" / "trained-manifest.json").exists() and not list(out.glob("shards/trained-0*"))
+
+    # the corrected command is not refused
+    short = "benchmarks.alpacaeval2.decoding.max_new_tokens=4"
+    (record,) = evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=hf", short)
+    assert record["decoding"]["max_new_tokens"] == 4 and record["metrics"]["n"] == 2
+    stored = json.loads((out / "shards" / "trained-manifest.json").read_text())["decoding"]
+    assert stored["backend"] == "hf" and stored["max_new_tokens"] == 4
+
+    # once answers exist, other settings are refused; judge_only reads them and records how they were made
+    with pytest.raises(ConfigError, match="different decoding"):
+        evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=hf")
+    (record,) = evaluate_sweep(run, *args, "evaluate.judge_only=true")
+    saved = json.loads((out / "results.json").read_text())
+    assert record["decoding"] == saved["decoding"] == stored
+    assert saved["decoding"]["max_new_tokens"] == 4 and saved["decoding"]["temperature"] == 0.9
