@@ -91,22 +91,11 @@ def test_nothing_usable_left(tmp_path):
 
 @pytest.fixture(scope="module")
 def saved_model_without_template(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from simpo_exp.model import build_tiny_tokenizer
+    from tests.tiny import save_tiny_llama
 
     path = tmp_path_factory.mktemp("m") / "plain-model"
-    tok = build_tiny_tokenizer()
+    tok = save_tiny_llama(path)
     tok.chat_template = None
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     (path / "chat_template.jinja").unlink(missing_ok=True)
     return path

@@ -64,26 +64,13 @@ def held_out_prompts() -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_reward_model(tmp_path_factory):
     """A randomly initialised LlamaForSequenceClassification (one output) with the tiny tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
-    from simpo_exp.model import build_tiny_tokenizer
+    from tests.tiny import save_tiny_llama
 
     path = tmp_path_factory.mktemp("rm") / "reward-model"
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_labels=1)
+    save_tiny_llama(path, LlamaForSequenceClassification, **shape)
     return path
 
 

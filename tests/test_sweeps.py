@@ -69,25 +69,10 @@ def test_a_crashed_job_does_not_stop_the_sweep_and_a_fixed_rerun_reports_only_it
     """A job that crashes (unreadable weights: not a user error, so its traceback is shown) leaves error.json and
     the sweep goes on to list it, as a job with a bad value does. Re-run into the same directory with the crashing
     job replaced, the sweep reports the jobs it ran, not the earlier failure left in the directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from simpo_exp.model import build_tiny_tokenizer
+    from tests.tiny import save_tiny_llama
 
     broken = tmp_path / "broken"
-    tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(broken)
-    tokenizer.save_pretrained(broken)
+    save_tiny_llama(broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     sweep = tmp_path / "sweep"
     res = simpo("--multirun", f"model.path={broken},''", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
