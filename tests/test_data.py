@@ -424,7 +424,6 @@ def test_test_split_carved_with_test_size_when_null(tmp_path, tok):
     rows = triples("carve", 20)
     root = tmp_path / "carve"
     write_jsonl(root / "train.jsonl", [uf_row(*t) for t in rows])
-    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("ignored", 5)])  # not read: test_split is null
     src = SourceConfig(path=str(root), test_split=None)
     tr, te, _ = build_datasets(make_config({"s": src}, test_size=0.25), tok)
     assert (len(tr), len(te)) == (15, 5)
@@ -434,6 +433,21 @@ def test_test_split_carved_with_test_size_when_null(tmp_path, tok):
     assert list(te_again["chosen"]) == list(te["chosen"])
     _, te_other, _ = build_datasets(make_config({"s": src}, test_size=0.25, shuffle_seed=3), tok)
     assert set(list(te_other["chosen"])) != set(list(te["chosen"]))
+
+
+def test_a_directory_test_file_is_read_and_a_second_folder_of_a_split_is_refused(tmp_path, tok):
+    """test_split null (dataset=local): a directory's test file is the test split, carving only without one.
+    Files of one split in two folders (an old copy in a subfolder) would be read twice: refused, naming both."""
+    root = tmp_path / "local"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("train", 12)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("held", 5)])
+    src = SourceConfig(path=str(root), test_split=None)
+    tr, te, _ = build_datasets(make_config({"s": src}, test_size=0.25), tok)
+    assert (len(tr), len(te)) == (12, 5) and set(pairs_of(te)) == {p for p, _, _ in triples("held", 5)}
+    write_jsonl(root / "old" / "train.jsonl", [uf_row(*t) for t in triples("old", 4)])
+    with pytest.raises(DataSourceError, match="more than one folder") as err:
+        build_datasets(make_config({"s": src}), tok)
+    assert str(root / "old") in str(err.value)
 
 
 def test_max_samples_limits(tmp_path, tok):
@@ -527,6 +541,12 @@ def test_responses_truncated_to_budget_and_counted(tmp_path, tok):
     assert len(by_prompt[P + "1"]["rejected_input_ids"]) == len("short") + 1
     assert tok.decode(by_prompt[P + "5"]["chosen_input_ids"]) == exact + tok.eos_token
     assert by_prompt[P + "3"]["rejected_input_ids"][-1] != tok.eos_token_id  # its end was cut off
+    # counted on the pairs used: after a max_train_samples cut, of those two only
+    cfg = make_config({"s": SourceConfig(path=str(root))}, MAX_LENGTH, MAX_PROMPT, max_train_samples=2)
+    tr, _, report = build_datasets(cfg, tok)
+    longer = lambda text: len(tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]) > budget  # noqa: E731
+    cut = {side: sum(longer(row[side]) for row in tr) for side in ("chosen", "rejected")}
+    assert report.kept["train"] == 2 and report.truncated["train"] == cut and sum(cut.values()) <= 4
 
 
 def test_empty_split_error_names_split_and_reasons(tmp_path, tok):

@@ -54,11 +54,6 @@ def _filter(ds: Dataset, split: str, report: DataReport) -> Dataset:
     reasons = Counter(r for r in ds["drop_reason"] if r)
     kept = ds.filter(lambda r: not r, input_columns="drop_reason", desc=f"filtering {split}")
     report.dropped[split] = dict(reasons)
-    report.kept[split] = len(kept)
-    report.truncated[split] = {
-        "chosen": int(sum(kept["chosen_truncated"])),
-        "rejected": int(sum(kept["rejected_truncated"])),
-    }
     if len(kept) == 0:
         raise EmptySplitError(
             f"no usable preference pair left in the {split} split ({len(ds)} rows, "
@@ -78,8 +73,9 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport
         limit = cfg.dataset.max_train_samples if split == "train" else cfg.dataset.max_eval_samples
         if limit is not None and len(ds) > limit:
             ds = ds.select(range(limit))
-            report.kept[split] = limit
         splits[split] = ds
+        report.kept[split] = len(ds)  # counted on what is used: after the max_*_samples cut
+        report.truncated[split] = {side: int(sum(ds[f"{side}_truncated"])) for side in ("chosen", "rejected")}
     report.tokenization = tokenization_report(splits, tokenizer, cfg.dataset)
     for line in report.lines() + report_lines(report.tokenization):
         log.info(line)

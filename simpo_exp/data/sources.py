@@ -81,7 +81,14 @@ def _split_files(directory: Path, split: str) -> list[Path]:
     found = []
     for pattern in (f"{split}.*", f"{split}-*", f"**/{split}.*", f"**/{split}-*"):
         found += [Path(p) for p in glob.glob(str(directory / pattern), recursive=True)]
-    return sorted({f for f in found if f.suffix.lower() in FILE_TYPES})
+    found = sorted({f for f in found if f.suffix.lower() in FILE_TYPES})
+    folders = sorted({str(f.parent) for f in found})
+    if len(folders) > 1:  # e.g. an old copy in a subfolder: its rows would be read twice
+        raise DataSourceError(
+            f"{directory}: files for split {split!r} in more than one folder ({', '.join(folders)}); "
+            "point the path at the folder to read"
+        )
+    return found
 
 
 @contextlib.contextmanager
@@ -140,10 +147,15 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
 
 def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Dataset, Dataset]:
     """Return (train, test) in the source's own schema, with the mixer's fraction applied to train."""
-    single_file = Path(src.path).expanduser().is_file()
+    path = Path(src.path).expanduser()
+    single_file = path.is_file()
     train = load_split(src, name, src.train_split, dcfg.synthetic)
-    if src.test_split is not None and not single_file:
-        test = load_split(src, name, src.test_split, dcfg.synthetic)
+    test_split = src.test_split
+    if test_split is None and path.is_dir() and _split_files(path, "test"):
+        test_split = "test"  # a local directory with a test file (dataset=local): read it rather than carve one
+        log.info("dataset.sources.%s: test split from the directory's test file", name)
+    if test_split is not None and not single_file:
+        test = load_split(src, name, test_split, dcfg.synthetic)
     else:
         if len(train) < 2:
             raise DataSourceError(f"dataset.sources.{name}: {len(train)} row(s) cannot be split into train and test")
