@@ -127,11 +127,11 @@ def rng_state() -> tuple[dict, dict]:
 
 
 def _set_rng_state(tensors: dict, meta: list | dict, process: tuple[int, int]) -> None:
-    """Restore process ``process`` = (index, count)'s generators: its own states, saved under "<index>.";
-    resumed on another number of processes, the main process's. A dict ``meta`` (a checkpoint written before
-    every process's states were kept) holds one process's, under unprefixed names."""
+    """Restore process ``process`` = (index, count)'s generators: its own states, saved under "<index>." (``load``
+    refuses a checkpoint of another number of processes). A dict ``meta`` (a checkpoint written before every
+    process's states were kept) holds one process's, under unprefixed names."""
     if isinstance(meta, list):  # every process's states: take this one's
-        rank = process[0] if len(meta) == process[1] else 0
+        rank = process[0]
         tensors = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(rank)}
         meta = meta[rank]
     torch.set_rng_state(tensors["torch"])
@@ -444,6 +444,14 @@ def load(
         raise CheckpointError(
             f"checkpoint {path} was written by a different config ({'; '.join(diffs)}). "
             "Run with resume=false to start fresh in this directory, or use another hydra.run.dir."
+        )
+    written_by = len(meta["rng"]) if isinstance(meta.get("rng"), list) else None  # one generator state a process
+    if written_by is not None and written_by != process[1]:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {written_by} process(es), this run has {process[1]}: the data "
+            "position it holds is each process's own (batches are dealt to the processes in turn), so on another "
+            f"number of processes some pairs would be trained twice and others never. Resume on {written_by} "
+            "process(es), or run with resume=false to start fresh."
         )
     by_engine = (path / ENGINE_DIR).is_dir()
     if by_engine and load_engine_state is None:

@@ -258,3 +258,18 @@ def test_a_resume_may_change_how_a_run_runs_but_not_what_it_trains():
         "hardware.group_by_length: checkpoint None, now True",
         "hardware.lora: checkpoint False, now True",
     ]
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
+    """Each process's data position is its own (the batches are dealt in turn): resumed on another number of
+    processes, pairs would be trained twice or never. Refused, naming both counts; the same count loads."""
+    from simpo_exp import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    two = [checkpoint.rng_state(), checkpoint.rng_state()]
+    path = checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=4), {}, keep=2, rng=two)
+    with pytest.raises(checkpoint.CheckpointError, match=r"written by 2 process\(es\), this run has 1"):
+        checkpoint.load(path, model, opt, sched, {}, process=(0, 1))
+    assert checkpoint.load(path, model, opt, sched, {}, process=(1, 2)).step == 4
