@@ -15,15 +15,18 @@ while the others wait.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from simpo_exp.config import Config
@@ -51,18 +54,29 @@ def data_fingerprint(ds: Dataset) -> str:
     return h.hexdigest()
 
 
-def whole(p: torch.Tensor) -> torch.Tensor:
-    """A weight's values on the CPU, gathered first where ZeRO-3 partitioned it at load (a collective: every
-    process must call this for the same weights)."""
+FINGERPRINT_VALUES = 4096  # of each weight, evenly spaced: a changed layer changes them (a whole 8B model would
+# take a minute to hash on every start)
+
+
+def sampled(p: torch.Tensor, n: int = FINGERPRINT_VALUES) -> torch.Tensor:
+    """Up to ``n`` of a weight's values, evenly spaced through it, on the CPU; gathered first where ZeRO-3
+    partitioned it at load (a collective: every process must call this for the same weights)."""
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        flat = t.detach().reshape(-1)
+        return flat[:: max(1, flat.numel() // n)][:n].float().cpu().clone()
+
     if hasattr(p, "ds_id"):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p]):
-            return p.detach().float().cpu().clone()
-    return p.detach().float().cpu()
+            return pick(p)
+    return pick(p)
 
 
 def model_fingerprint(cfg: Config, model) -> str:
+    """The starting weights' identity: the model's path, revision, dtype, size, and values sampled from every
+    weight (a model overwritten at the same path, a merged adapter, another seed of a random model differ)."""
     params = list(model.parameters())
     h = hashlib.sha256(
         json.dumps(
@@ -74,8 +88,8 @@ def model_fingerprint(cfg: Config, model) -> str:
             }
         ).encode()
     )
-    for p in (params[0], params[-1]):  # the initial weights themselves (a random tiny model differs by seed)
-        h.update(whole(p).numpy().tobytes())
+    for p in params:
+        h.update(sampled(p).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -124,9 +138,16 @@ class CachedReference:
     def fill(self, policy, accelerator) -> None:
         """Every split's reference log-probs into its collator: read from the cache where every process can
         read it, else scored with ``policy`` (the prepared model, still at its starting weights) and cached."""
-        if all(on_every(accelerator, self.path.exists, "looking for the reference log-prob cache")):
-            tensors = load_file(self.path)
-            log.info("reference log-probs from cache %s", self.path)
+        read = {}
+
+        def readable() -> bool:
+            read["tensors"] = read_cache(self.path, self.splits)
+            return read["tensors"] is not None
+
+        if all(on_every(accelerator, self.path.exists, "looking for the reference log-prob cache")) and all(
+            on_every(accelerator, readable, "reading the reference log-prob cache")
+        ):
+            tensors = read["tensors"]
         else:
             tensors = {}
             for name, ds in self.splits.items():
@@ -173,17 +194,36 @@ def score(policy, ds: Dataset, collate, batch_size: int, accelerator) -> tuple[t
     return torch.cat([c for _, c, _ in every]), torch.cat([r for _, _, r in every])
 
 
+def read_cache(path: Path, splits: dict[str, Dataset]) -> dict[str, torch.Tensor] | None:
+    """The cached log-probs of every split; None, with a warning naming the file, when it cannot be read (a
+    damaged or cut-off file): they are computed again and the file rewritten."""
+    try:
+        tensors = load_file(path)
+        missing = [
+            f"{name}.{side}" for name in splits for side in ("chosen", "rejected") if f"{name}.{side}" not in tensors
+        ]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+    except (OSError, SafetensorError, KeyError) as e:
+        log.warning("the reference log-prob cache %s cannot be read (%s); computing them again", path, e)
+        return None
+    log.info("reference log-probs from cache %s", path)
+    return tensors
+
+
 def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the cache atomically; a cache that cannot be written costs the next run the computation, not
-    this run its life."""
-    tmp = path.with_suffix(".tmp")
+    """Write the cache atomically (a file of this process's own until it is complete: sweep jobs of one model
+    and data may write the same cache at once); a cache that cannot be written costs the next run the
+    computation, not this run its life."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp))
         tmp.replace(path)
         log.info("reference log-probs cached in %s", path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+    except (OSError, SafetensorError) as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         log.warning("could not cache the reference log-probs in %s (%s); this run goes on without the cache", path, e)
 
 

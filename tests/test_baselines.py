@@ -1,6 +1,7 @@
 """Baseline losses against hand-computed values, and the reference log-prob cache."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -92,7 +93,7 @@ def test_dispatch_feeds_sums_or_means():
         preference_loss("kto", sums_c, sums_r, len_c, len_r, beta=0.1)
 
 
-def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
+def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
     from accelerate import Accelerator
 
     from simpo_exp.config import to_config
@@ -135,11 +136,28 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path):
     again.fill(None, acc)  # no scoring: the policy is not used
     assert path.stat().st_mtime_ns == stamp
     assert again.collates["test"].chosen.tolist() == reference.collates["test"].chosen.tolist()
-    # other data or another starting model -> another key
+    # a damaged file (cut off) is scored again and rewritten, with a warning naming it
+    path.write_bytes(path.read_bytes()[:40])
+    damaged = CachedReference(cfg, model, {"train": train, "test": test}, collate, acc)
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.reference"):
+        damaged.fill(ResponseLogps(model), acc)
+    assert f"the reference log-prob cache {path} cannot be read" in caplog.text
+    assert damaged.collates["test"].chosen.tolist() == reference.collates["test"].chosen.tolist()
+    assert load_file(path)["train.chosen"].shape == (32,)
+    # other data or another starting model -> another key; a change inside the model too (not only its ends)
     assert cache_path(cfg, model, {"train": train.select(range(16)), "test": test}) != path
     with torch.no_grad():
-        next(model.parameters()).add_(1.0)
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
     assert cache_path(cfg, model, {"train": train, "test": test}) != path
+
+
+def test_a_reference_cache_that_cannot_be_written_costs_only_the_cache(tmp_path, caplog):
+    from simpo_exp.reference import write_cache
+
+    (tmp_path / "a-file").write_text("")
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.reference"):
+        write_cache(tmp_path / "a-file" / "ref-logps-x.safetensors", {"train.chosen": torch.zeros(2)})
+    assert "could not cache the reference log-probs" in caplog.text
 
 
 @pytest.fixture(scope="module")
