@@ -120,3 +120,14 @@ def test_presets_state_only_what_differs_from_the_defaults(group):
             if value == dataclass_default(key):
                 restated.append(f"conf/{group}/{option}.yaml: {key}={value!r}")
     assert not restated, "these equal simpo_exp/config.py's defaults; drop them:\n" + "\n".join(restated)
+
+
+def test_a_baseline_over_a_recipe_takes_its_own_beta(compose):
+    """``experiment=<SimPO recipe> loss=dpo``: DPO with its usual beta (0.1), not the recipe's SimPO beta (2.0);
+    the recipe's other values stay, and without a loss override the recipe's beta is kept."""
+    cfg = compose("experiment=simpo-mistral-7b-base", "loss=dpo")
+    assert (cfg.method, cfg.beta, cfg.learning_rate) == ("dpo", 0.1, 3.0e-7)
+    cfg = compose("experiment=guide-llama3-8b-instruct", "loss=cpo")
+    assert (cfg.method, cfg.beta, cfg.sft_weight) == ("cpo", 0.1, 1.0)
+    cfg = compose("experiment=simpo-mistral-7b-base")
+    assert (cfg.method, cfg.beta) == ("simpo", 2.0)
