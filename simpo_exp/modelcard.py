@@ -16,11 +16,13 @@ import os
 from pathlib import Path
 
 from simpo_exp.inference.results import load_results
-from simpo_exp.rundir import select
+from simpo_exp.rundir import read_json, select
 
 log = logging.getLogger(__name__)
+# Each as the run used it: the values training resolved (learning rate from the model size, accumulation for the
+# global batch on this many processes, gamma from beta x ratio) over the config's own
 RECIPE_KEYS = (
-    "loss.name",
+    "method",
     "beta",
     "gamma_beta_ratio",
     "gamma",
@@ -32,6 +34,7 @@ RECIPE_KEYS = (
     "max_steps",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
+    "effective_batch_size",
     "max_length",
     "max_prompt_length",
     "seed",
@@ -70,7 +73,7 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
     )
 
 
-def card_text(cfg: dict, results: dict[str, dict], name: str) -> str:
+def card_text(cfg: dict, results: dict[str, dict], name: str, resolved: dict | None = None) -> str:
     data = card_data(cfg, results, name)
     model = (
         select(cfg, "model.path") or f"a randomly initialised model ({select(cfg, 'model.name')}, built from config)"
@@ -91,7 +94,8 @@ def card_text(cfg: dict, results: dict[str, dict], name: str) -> str:
         "| key | value |",
         "|---|---|",
     ]
-    lines += [f"| `{k}` | {select(cfg, k)} |" for k in RECIPE_KEYS if select(cfg, k) is not None]
+    values = {k: (resolved or {}).get(k, select(cfg, k)) for k in RECIPE_KEYS}
+    lines += [f"| `{k}` | {v} |" for k, v in values.items() if v is not None]
     if results:
         lines += ["", "## Evaluation", "", "| benchmark | metric | value |", "|---|---|---|"]
         lines += [
@@ -107,9 +111,10 @@ def card_text(cfg: dict, results: dict[str, dict], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(run_dir: Path, cfg, name: str | None = None) -> Path:
+def write_model_card(run_dir: Path, cfg, name: str | None = None, resolved: dict | None = None) -> Path:
     """Write ``<run_dir>/model/README.md`` from the run's resolved config (a plain dict, or the ``Config``
-    dataclass training holds) and the results of any evaluation found in ``run_dir``."""
+    dataclass training holds), the values training resolved (``resolved``; else those its summary.json
+    recorded as ``resolved/<key>``) and the results of any evaluation found in ``run_dir``."""
     import dataclasses
 
     from simpo_exp.inference.files import write_atomic
@@ -119,7 +124,10 @@ def write_model_card(run_dir: Path, cfg, name: str | None = None) -> Path:
     run_dir = Path(run_dir)
     name = name or select(cfg, "logger.run_name") or run_dir.name
     path = run_dir / "model" / "README.md"
-    write_atomic(path, card_text(cfg, load_results(run_dir), str(name)))
+    if resolved is None:
+        summary = read_json(run_dir / "summary.json")
+        resolved = {k.removeprefix("resolved/"): v for k, v in summary.items() if k.startswith("resolved/")}
+    write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved))
     return path
 
 

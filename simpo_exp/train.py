@@ -586,7 +586,8 @@ def save_final_model(run: Run, full_state_dict: dict | None) -> None:
     """The trained model, its tokenizer and model card in ``<run>/model`` (main process only)."""
     save_trained(run.accelerator.unwrap_model(run.policy).model, run.run_dir / "model", full_state_dict)
     run.tokenizer.save_pretrained(run.run_dir / "model")
-    write_model_card(run.run_dir, run.cfg)  # model/README.md; evaluate adds its results to it
+    resolved = {k.removeprefix("resolved/"): v for k, v in run.summary_extra.items() if k.startswith("resolved/")}
+    write_model_card(run.run_dir, run.cfg, resolved=resolved)  # model/README.md; evaluate adds its results to it
 
 
 # ----------------------------------------------------------------------------- the run

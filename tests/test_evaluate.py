@@ -560,6 +560,25 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     assert push_model(tmp_path, "someone/model", token_env="SIMPO_EXP_TEST_NO_SUCH_TOKEN") is None  # no token: no push
 
 
+def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
+    """The learning rate resolved from the model's size and the accumulation for the global batch, as the run's
+    summary.json recorded them, over the config's own (None; tiny's 1); the method by its key."""
+    from simpo_exp.inference.files import write_json
+    from simpo_exp.modelcard import write_model_card
+
+    write_json(tmp_path / "summary.json", {"resolved/learning_rate": 0.001, "resolved/gradient_accumulation_steps": 2})
+    cfg = {
+        "method": "dpo",
+        "beta": 0.1,
+        "learning_rate": None,
+        "gradient_accumulation_steps": 1,
+        "model": {"name": "t"},
+    }
+    text = write_model_card(tmp_path, cfg, "run").read_text()
+    for row in ("| `method` | dpo |", "| `learning_rate` | 0.001 |", "| `gradient_accumulation_steps` | 2 |"):
+        assert row in text, text
+
+
 def test_the_stage_imports_no_other_stage():
     code = (
         "import sys, simpo_exp.evaluate.__main__, simpo_exp.evaluate.run; "
