@@ -327,6 +327,13 @@ def validate(cfg: Config) -> Config:
     _validate_model(cfg.model)
     _validate_dataset(cfg.dataset)
     _validate_hardware(cfg.hardware)
+    h = cfg.hardware
+    if cfg.model.dtype == "float16" and h.master_weights == "model" and not h.lora and not h.deepspeed_config:
+        raise ConfigError(
+            "model.dtype=float16 with hardware.master_weights=model: AdamW would update float16 weights in "
+            "float16, where its eps (1e-8) is 0, so a weight with a zero gradient becomes NaN at the first step; "
+            "use hardware.master_weights=fp32 (float32 weights under autocast) or model.dtype=bfloat16"
+        )
     _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     _check(cfg.logger.init_timeout > 0, "logger.init_timeout", cfg.logger.init_timeout, "must be > 0 seconds")
     return cfg

@@ -221,6 +221,22 @@ def single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def check_cpu_settings(cfg: Config) -> None:
+    """Settings a CPU run would not honour: refused by name, before anything loads (they used to run silently
+    as something else, or fail at the first backward)."""
+    if cfg.hardware.mixed_precision == "fp16":
+        raise ConfigError(
+            "hardware.mixed_precision=fp16 on the CPU: accelerate has no float16 autocast there and would train in "
+            "float32 (while the run recorded float16); use bf16 or no"
+        )
+    key = "model.attn_implementation" if cfg.model.attn_implementation else "hardware.attn_implementation"
+    if (cfg.model.attn_implementation or cfg.hardware.attn_implementation) == "flex_attention":
+        raise ConfigError(
+            f"{key}=flex_attention trains on a GPU only (torch has no FlexAttention backward on the CPU); "
+            "use sdpa or eager here"
+        )
+
+
 def make_accelerator(cfg: Config):
     """The Accelerator for this run and its accumulation steps. Multi-process engines (DDP, FSDP,
     DeepSpeed) come from ``accelerate launch --config_file launchers/...``; a hardware preset may
@@ -236,6 +252,8 @@ def make_accelerator(cfg: Config):
     precision = h.mixed_precision
     if precision == "auto":
         precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "no"
+    if use_cpu:
+        check_cpu_settings(cfg)
     accum = accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     deepspeed_plugin = None
     if h.deepspeed_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true":

@@ -65,6 +65,15 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             packing, attention = ("packed", "flex") if flex_available() else ("none", attention)
         else:
             packing = "none" if getattr(model_config, "attn_logit_softcapping", None) else "prefix_shared"
+    elif packing != "none" and short_window(model_config, max_length):
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"hardware.packing={packing!r}: the model attends through a sliding window of "
+            f"{model_config.sliding_window} tokens, shorter than max_length={max_length}, which the packed "
+            "layouts' attention does not implement (the log-probs would be a model without its window); use "
+            "hardware.packing=none or auto"
+        )
     check_attention(packing, attention, device_type)
     return BatchLayout(packing, attention, hardware.logps_chunk_size)
 

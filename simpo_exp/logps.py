@@ -348,13 +348,19 @@ def install_segment_attention(model: nn.Module) -> str:
     current = model.config._attn_implementation
     if current.startswith(SEGMENT_ATTENTION_PREFIX):
         return current
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA, the model's family
     if current == "eager":
-        fallback = getattr(sys.modules[type(model).__module__], "eager_attention_forward", None)
+        fallback = getattr(sys.modules[type(base).__module__], "eager_attention_forward", None)
     else:
         fallback = ALL_ATTENTION_FUNCTIONS.get(current)
     if fallback is None or current not in ALL_MASK_ATTENTION_FUNCTIONS:
-        raise ValueError(f"segment attention cannot wrap attn_implementation={current!r}; use packing_attention=mask")
-    name = f"{SEGMENT_ATTENTION_PREFIX}{type(model).__name__}:{current}"
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"hardware.packing_attention='segments' cannot wrap attn_implementation={current!r}; "
+            "use hardware.packing_attention=mask"
+        )
+    name = f"{SEGMENT_ATTENTION_PREFIX}{type(base).__name__}:{current}"
     AttentionInterface.register(name, partial(segment_attention, fallback=fallback))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
     model.set_attn_implementation(name)

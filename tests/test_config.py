@@ -168,3 +168,28 @@ def test_random_model_takes_a_larger_vocabulary(compose):
         load_model(cfg, tok, "sdpa")
     cfg = to_config(compose("model=random-750m"))
     assert cfg.model.random_init.vocab_size == 128256 and not cfg.model.path
+
+
+def test_settings_a_run_would_not_honour_are_refused_by_name(compose):
+    """Each used to run as something else (fp16 on the CPU trained in float32 while recording float16; a packed
+    layout dropped a sliding window) or to fail mid-run (float16 AdamW turning weights to NaN at the first step,
+    FlexAttention's missing CPU backward)."""
+    from types import SimpleNamespace
+
+    from simpo_exp.engine import check_cpu_settings
+    from simpo_exp.layout import choose_layout
+
+    with pytest.raises(ConfigError, match="hardware.mixed_precision=fp16 on the CPU"):
+        check_cpu_settings(to_config(compose("hardware.mixed_precision=fp16")))
+    with pytest.raises(ConfigError, match="hardware.attn_implementation=flex_attention trains on a GPU only"):
+        check_cpu_settings(to_config(compose("hardware.attn_implementation=flex_attention")))
+    check_cpu_settings(to_config(compose("hardware.mixed_precision=bf16")))  # honoured on the CPU
+    with pytest.raises(ConfigError, match="model.dtype=float16 with hardware.master_weights=model"):
+        to_config(compose("model.dtype=float16", "hardware.master_weights=model"))
+    to_config(compose("model.dtype=float16"))  # float32 master weights: fine
+
+    hardware = to_config(compose("hardware.packing=packed")).hardware
+    windowed = SimpleNamespace(sliding_window=8, use_sliding_window=True)
+    with pytest.raises(ConfigError, match="sliding window of 8 tokens, shorter than max_length=512"):
+        choose_layout(hardware, "cpu", windowed, 512)
+    assert choose_layout(hardware, "cpu", windowed, 8).packing == "packed"  # the window covers every sequence

@@ -430,3 +430,22 @@ def test_compiled_flex_attention_matches_and_does_not_recompile_per_batch(monkey
         graphs.append(counters["stats"]["unique_graphs"])
     assert logps._COMPILED_FLEX is not None and graphs[0] >= 1  # the compiled function ran
     assert graphs[-1] == graphs[1], graphs  # after the first two batches, no batch compiled again
+
+
+def test_segments_wrap_the_eager_attention_of_a_lora_model():
+    """Under LoRA the model is PEFT's wrapper, whose module has no eager attention of its own: the segment
+    attention wraps the model family's (it used to stop the run), and the packed loss is the plain one."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_model(attn="eager"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # adapters that change the outputs
+    pairs = random_pairs(4)
+    losses = {}
+    for packing in ("none", "packed"):
+        batch = PairCollator(PAD, packing=packing, attention="segments")(pairs)
+        with torch.no_grad():
+            losses[packing] = step_loss(ResponseLogps(model, packing=packing, attention="segments"), batch)[0]
+    torch.testing.assert_close(losses["packed"], losses["none"], atol=ATOL, rtol=0)
