@@ -268,7 +268,8 @@ def keep_generators():
 
 def test_each_process_gets_its_own_generator_states_back(tmp_path, keep_generators):
     """A checkpoint keeps every process's RNG states (LoRA's dropout draws differently on each); resumed on as
-    many processes, each takes its own, on another number the main process's. Older checkpoints kept one."""
+    many processes, each takes its own (another number is refused: see test_reliability). Older checkpoints
+    kept one."""
     import random
 
     from safetensors.torch import load_file, save_file
@@ -287,7 +288,7 @@ def test_each_process_gets_its_own_generator_states_back(tmp_path, keep_generato
         checkpoint.load(path, model, opt, sched, {}, process=process)
         return torch.get_rng_state(), random.random()
 
-    for seed, process in ((2, (1, 2)), (1, (0, 2)), (1, (2, 3))):
+    for seed, process in ((2, (1, 2)), (1, (0, 2))):
         torch.manual_seed(seed), random.seed(seed)
         want = (torch.get_rng_state(), random.random())
         got = restored(process)
