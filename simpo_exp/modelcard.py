@@ -11,8 +11,10 @@ Called by the evaluate stage after every benchmark; a training run can call
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 from simpo_exp.inference.results import load_results
@@ -129,6 +131,18 @@ def write_model_card(run_dir: Path, cfg, name: str | None = None, resolved: dict
         resolved = {k.removeprefix("resolved/"): v for k, v in summary.items() if k.startswith("resolved/")}
     write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved))
     return path
+
+
+def job_repo_id(base: str, job: str, limit: int = 96) -> str:
+    """The Hub repo of one sweep job: ``<base>-<job dir>``, made a valid repo name (letters, digits, '-', '_',
+    '.'; no '--' or '..'; at most ``limit`` characters). Job directories hold '=' and ',' and run long; a name cut
+    short ends with a hash of the whole, so two jobs never share a repo."""
+    owner, _, name = base.rpartition("/")
+    full = re.sub(r"[^A-Za-z0-9_.]+", "-", f"{name}-{job}")
+    full = re.sub(r"\.{2,}", ".", re.sub(r"-{2,}", "-", full)).strip("-.")
+    if len(full) > limit:
+        full = full[: limit - 9].rstrip("-.") + "-" + hashlib.sha256(job.encode()).hexdigest()[:8]
+    return f"{owner}/{full}" if owner else full
 
 
 def push_model(run_dir: Path, repo_id: str, token_env: str = "HF_TOKEN", private: bool = True) -> str | None:

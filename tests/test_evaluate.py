@@ -579,6 +579,21 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
         assert row in text, text
 
 
+def test_each_sweep_job_is_pushed_to_a_valid_repo_of_its_own():
+    """Job directories hold '=' and ',' and run past the Hub's 96 characters: each job's repo name is made valid
+    (the Hub refused them before any upload) and two long names that differ only at the end stay apart."""
+    from huggingface_hub.utils import validate_repo_id
+
+    from simpo_exp.modelcard import job_repo_id
+
+    long = "0_dataset.synthetic.num_test=16,dataset.synthetic.num_train=64,eval_on_start=False,logger=none,max_steps="
+    repos = [job_repo_id("user/name", job) for job in ("0_beta=5,gamma_beta_ratio=0.3", long + "2", long + "3")]
+    for repo in repos:
+        validate_repo_id(repo)
+        assert repo.startswith("user/name-") and len(repo.split("/")[1]) <= 96
+    assert repos[0] == "user/name-0_beta-5-gamma_beta_ratio-0.3" and repos[1] != repos[2]
+
+
 def test_the_stage_imports_no_other_stage():
     code = (
         "import sys, simpo_exp.evaluate.__main__, simpo_exp.evaluate.run; "

@@ -309,13 +309,13 @@ def _finish_run(run_dir: Path, run_cfg, e) -> None:
     """The model card with every benchmark's results so far, and the push when asked and a token exists."""
     import yaml
 
-    from simpo_exp.modelcard import push_model, write_model_card
+    from simpo_exp.modelcard import job_repo_id, push_model, write_model_card
 
     if e.model_card:
         saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
         write_model_card(run_dir, saved, run_name(run_cfg, run_dir))
     if e.push_to_hub:
-        repo = e.hub_repo if len(find_runs(Path(e.path))) == 1 else f"{e.hub_repo}-{run_dir.name}"
+        repo = e.hub_repo if len(find_runs(Path(e.path))) == 1 else job_repo_id(e.hub_repo, run_dir.name)
         url = push_model(run_dir, repo, e.hub_token_env)
         if url:
             print(f"pushed {run_dir / 'model'} -> {url}", flush=True)
