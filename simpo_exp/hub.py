@@ -51,8 +51,16 @@ def in_hf_cache(repo_id: str, revision: str | None) -> bool:
     return isinstance(hit, str)
 
 
-# What a saved tokenizer leaves, one of them at least (fast tokenizers, SentencePiece, BPE vocabularies)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+# What a saved tokenizer leaves, one of them at least (fast tokenizers, SentencePiece, BPE vocabularies; the
+# config, which may name a vocabulary file of its own: tiktoken, tekken)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+    "tokenizer_config.json",
+)
 
 
 def check_tokenizer_files(path: str, what: str) -> None:

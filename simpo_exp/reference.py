@@ -76,8 +76,9 @@ def sampled(p: torch.Tensor, n: int = FINGERPRINT_VALUES) -> torch.Tensor:
 
 def model_fingerprint(cfg: Config, model) -> str:
     """The starting weights' identity: the model's path, revision, dtype, size, and values sampled from every
-    weight (a model overwritten at the same path, a merged adapter, another seed of a random model differ)."""
-    params = list(model.parameters())
+    weight (a model overwritten at the same path, a merged adapter, another seed of a random model differ).
+    LoRA's adapters are left out: they add nothing at the start (B = 0), whatever their seed or rank."""
+    params = [p for name, p in model.named_parameters() if "lora_" not in name]
     h = hashlib.sha256(
         json.dumps(
             {

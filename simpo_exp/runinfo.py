@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -117,25 +118,34 @@ class SweepSummary(Callback):
     directories this run wrote (Hydra rewrites ``.hydra/overrides.yaml`` as each job starts, wherever the
     launcher runs it) count, so an earlier run's failure, fixed by another value, is not reported again.
     Files are told apart by their modification stamps before and after, not by clock, which may differ
-    between a cluster's nodes."""
+    between a cluster's nodes. A sweeper that fails after its jobs (the Optuna sweeper when no trial succeeded
+    asks for the best one) never reaches ``on_multirun_end``: the list is printed at exit then."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.before = _job_stamps(Path(config.hydra.sweep.dir))
+        self.sweep_dir, self.listed = Path(config.hydra.sweep.dir), False
+        self.before = _job_stamps(self.sweep_dir)
+        atexit.register(self._list_failed)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        before = getattr(self, "before", {})
-        jobs = [p for p, stamp in _job_stamps(sweep_dir).items() if before.get(p) != stamp]
+        if self._list_failed():
+            raise SystemExit(1)
+
+    def _list_failed(self) -> bool:
+        """Print the jobs of this sweep that failed (or that all succeeded), once; whether any failed."""
+        if getattr(self, "listed", True):
+            return False
+        self.listed = True
+        jobs = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
         failed = [(p, json.loads((p / "error.json").read_text())) for p in jobs if (p / "error.json").exists()]
         if not failed:
-            print(f"sweep finished: {len(jobs)} jobs in {sweep_dir}", flush=True)
-            return
-        print(f"\nsweep finished: {len(failed)} of {len(jobs)} jobs FAILED ({sweep_dir})", file=sys.stderr)
+            print(f"sweep finished: {len(jobs)} jobs in {self.sweep_dir}", flush=True)
+            return False
+        print(f"\nsweep finished: {len(failed)} of {len(jobs)} jobs FAILED ({self.sweep_dir})", file=sys.stderr)
         for path, err in failed:
             first_line = (err.get("error") or "").splitlines()[0] if err.get("error") else ""
             print(f"  {path.name}: {err.get('type')}: {first_line}", file=sys.stderr)
-        print(f"compare the rest with: python -m simpo_exp.compare {sweep_dir}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
+        print(f"compare the rest with: python -m simpo_exp.compare {self.sweep_dir}", file=sys.stderr, flush=True)
+        return True
 
 
 def _job_stamps(sweep_dir: Path) -> dict[Path, int]:

@@ -202,8 +202,6 @@ def start_or_resume(
     """Load the newest intact checkpoint in the run directory (damaged ones skipped with a warning),
     or clear old state to start fresh."""
     records = [run_dir / METRICS_FILE, run_dir / GENERATIONS_FILE]  # by step
-    if accelerator.is_main_process:
-        (run_dir / "summary.json").unlink(missing_ok=True)  # a finished run's, stale once it trains again
     if cfg.resume:
         engine = accelerator.load_state if engine_checkpoints(cfg, accelerator) else None
         resumed = checkpoint.load_newest(
@@ -220,6 +218,7 @@ def start_or_resume(
         if resumed:
             path, state = resumed
             if accelerator.is_main_process:
+                (run_dir / "summary.json").unlink(missing_ok=True)  # an earlier finish's, stale once it trains again
                 for records_file in records:
                     checkpoint.trim_metrics(records_file, state.step)
             log.info("resumed from %s (step %d)", path, state.step)
@@ -229,7 +228,7 @@ def start_or_resume(
         # records, and W&B run: its id, which a resume continues, and its offline files, which a sync uploads)
         for folder in ("checkpoints", "wandb"):
             shutil.rmtree(run_dir / folder, ignore_errors=True)
-        for path in [*records, run_dir / WANDB_RECORD, run_dir / finished.FINISHED]:
+        for path in [*records, run_dir / WANDB_RECORD, run_dir / "summary.json", run_dir / finished.FINISHED]:
             path.unlink(missing_ok=True)
     return checkpoint.TrainState()
 

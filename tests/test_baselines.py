@@ -151,6 +151,23 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
     assert cache_path(cfg, model, {"train": train, "test": test}) != path
 
 
+def test_lora_runs_of_one_base_share_their_reference_cache(compose, tmp_path):
+    """The reference is the base (LoRA's B starts at 0): runs of another seed or adapter rank read the same
+    cache, though their adapters start from other random A matrices."""
+    from simpo_exp.config import to_config
+    from simpo_exp.model import build_tiny_tokenizer, load_model
+    from simpo_exp.reference import model_fingerprint
+    from tests.tiny import save_tiny_llama
+
+    pytest.importorskip("peft")
+    save_tiny_llama(tmp_path / "base", num_hidden_layers=2)
+    prints = []
+    for extra in (["seed=1"], ["seed=2"], ["seed=1", "hardware.lora_r=4"]):
+        cfg = to_config(compose("loss=dpo", "hardware=cpu-lora", f"model.path={tmp_path / 'base'}", *extra))
+        prints.append(model_fingerprint(cfg, load_model(cfg, build_tiny_tokenizer(), "sdpa")))
+    assert prints[0] == prints[1] == prints[2]
+
+
 def test_a_reference_cache_that_cannot_be_written_costs_only_the_cache(tmp_path, caplog):
     from simpo_exp.reference import write_cache
 

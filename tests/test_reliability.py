@@ -128,9 +128,11 @@ def test_incompatible_checkpoint_is_refused_and_resume_false_starts_fresh(uninte
     rows = [r for r in read_metrics(uninterrupted) if r["step"] <= 4]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [2, 4]
+    (run_dir / "summary.json").write_text('{"eval/rewards/accuracies": 0.9}')  # as if an earlier finish wrote it
     res = simpo(*RUN, "beta=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 2
     assert "different config" in res.stderr and "beta: checkpoint 2.0, now 5.0" in res.stderr
+    assert (run_dir / "summary.json").exists()  # a refused resume trains nothing: it removes nothing
     res = simpo(*RUN, "beta=5", "resume=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]

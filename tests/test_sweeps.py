@@ -65,6 +65,15 @@ def test_a_failed_optuna_trial_is_a_failed_trial_and_the_search_goes_on(tmp_path
     )
 
 
+def test_an_optuna_search_in_which_every_trial_fails_still_lists_them(tmp_path):
+    """With no successful trial the Optuna sweeper fails asking for the best one, before the sweep's end: the
+    failed jobs are listed at exit all the same."""
+    sweep = tmp_path / "optuna"
+    args = ["--multirun", "+sweep=optuna", "hydra.sweeper.n_trials=2", f"model.path={tmp_path / 'nowhere'}"]
+    res = simpo(*args, f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    assert res.returncode == 1 and "2 of 2 jobs FAILED" in res.stderr and "does not exist" in res.stderr
+
+
 def test_a_crashed_job_does_not_stop_the_sweep_and_a_fixed_rerun_reports_only_its_own_jobs(tmp_path):
     """A job that crashes (unreadable weights: not a user error, so its traceback is shown) leaves error.json and
     the sweep goes on to list it, as a job with a bad value does. Re-run into the same directory with the crashing
