@@ -131,3 +131,14 @@ def test_a_baseline_over_a_recipe_takes_its_own_beta(compose):
     assert (cfg.method, cfg.beta, cfg.sft_weight) == ("cpo", 0.1, 1.0)
     cfg = compose("experiment=simpo-mistral-7b-base")
     assert (cfg.method, cfg.beta) == ("simpo", 2.0)
+
+
+def test_a_list_of_dataset_presets_is_a_mixture_of_their_sources(compose):
+    """``dataset=[synthetic,local]`` from the command line: both presets' sources, each with its own fraction."""
+    cfg = compose(
+        "dataset=[synthetic,local]", "dataset.sources.local.path=/data/mine.jsonl", "dataset.sources.local.fraction=0.5"
+    )
+    sources = cfg.dataset.sources
+    assert (
+        set(sources) == {"synthetic", "local"} and sources.local.fraction == 0.5 and sources.synthetic.fraction == 1.0
+    )
