@@ -780,6 +780,22 @@ def test_exactly_one_bos_even_if_the_tokenizer_adds_one(tmp_path):
         assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 1 and tok.bos_token_id not in c
 
 
+def test_a_template_without_bos_gets_one_in_front_of_the_prompt(tmp_path):
+    """Mistral-Instruct's template in the official recipe and zephyr-7b-sft-full's write no BOS: the prompt gets
+    the tokenizer's BOS in front (as the official SimPO trainer and TRL do), so every sequence has exactly one."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = tok.chat_template.replace("{{ bos_token }}", "")
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert tok.bos_token not in text  # the template itself writes none
+    root = tmp_path / "nobos"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("f", 3)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("g", 2)])
+    tr, _, report = build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
+    for p, c in zip(tr["prompt_input_ids"], tr["chosen_input_ids"]):
+        assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 1 and tok.bos_token_id not in c
+    assert report.tokenization["splits"]["train"]["bos_per_sequence"] == {1: 3}
+
+
 def test_collator_layout_padding_and_loss_mask(tmp_path, tok):
     root = tmp_path / "coll"
     rows = [

@@ -1,7 +1,9 @@
 """Render pairs through the chat template, tokenise, truncate, and flag unusable rows.
 
-The chat template writes every special token (BOS included), so text is tokenised with
-``add_special_tokens=False``: a tokenizer never gets to add a second BOS. The prompt is the
+The chat template writes the special tokens, so text is tokenised with ``add_special_tokens=False``: a
+tokenizer never gets to add a second BOS. A template that writes no BOS (Mistral-Instruct's in the
+official recipe, zephyr-7b-sft-full's) gets one put in front of the prompt where the tokenizer has a
+BOS token, as the official SimPO trainer and TRL do: every sequence starts with exactly one. The prompt is the
 conversation rendered with the generation prompt; a response's text is what the full
 conversation adds after that prefix (so it ends with the template's end-of-turn token).
 
@@ -42,6 +44,13 @@ def render(tokenizer, prompt: list[dict], response: str) -> tuple[str, str]:
     return prompt_text, full[len(prompt_text) :]
 
 
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """A rendered prompt's ids starting with the tokenizer's BOS: one put in front where the chat template wrote
+    none (and the tokenizer has one), as the model was pre-trained with it; training and sampling alike."""
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
 def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int, code_version: str = "") -> dict:
     n = len(batch["prompt"])
     out = {
@@ -73,6 +82,7 @@ def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: 
         reasons.append(reason)
     enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
     p_ids, c_ids, r_ids = enc(prompts), enc(chosens), enc(rejecteds)
+    p_ids = [with_bos(tokenizer, ids) if text else ids for ids, text in zip(p_ids, prompts)]
     for i in range(n):
         reason = reasons[i]
         if not reason and len(p_ids[i]) > max_prompt_length:

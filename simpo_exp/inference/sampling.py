@@ -52,9 +52,12 @@ def stop_token_ids(tokenizer, extra: list[int], generation_config=None) -> list[
 
 
 def prompt_token_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
-    """Render with the generation prompt; the template writes the specials (no second BOS)."""
+    """Render with the generation prompt; the template writes the specials (no second BOS), and a BOS it does not
+    write is put in front as training does (``with_bos``)."""
+    from simpo_exp.data.tokenize import with_bos
+
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [with_bos(tokenizer, ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def pick_device(device: str) -> torch.device:
