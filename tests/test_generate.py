@@ -441,3 +441,22 @@ def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
     )
     assert len(before) == len(after) == 64 and all(0.0 <= s <= 1.0 for s in before + after)
     assert before != after  # the round changed the policy's answers
+
+
+def test_the_process_place_is_checked_before_anything_is_written(monkeypatch):
+    """RANK and WORLD_SIZE split the shards: a value that is not an integer, a WORLD_SIZE of 0 or a RANK past it
+    (which would do no shard, or another process's) is refused by name."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.run import process_place
+
+    for rank, world in (("x", "2"), ("0", "0"), ("3", "2"), ("-1", "2")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(ConfigError, match="0 <= RANK < WORLD_SIZE"):
+            process_place()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert process_place() == (1, 2)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert process_place() == (0, 1)

@@ -167,6 +167,21 @@ def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: i
         scorer.close()
 
 
+def process_place() -> tuple[int, int]:
+    """This process's (RANK, WORLD_SIZE) from the environment (0 and 1 when unset), refused by name unless
+    0 <= RANK < WORLD_SIZE: another value would do no shard or another process's."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        rank = world = -1
+    if not 0 <= rank < world:
+        raise ConfigError(
+            f"RANK={os.environ.get('RANK')!r}, WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: the processes that split "
+            "the shards need integers with 0 <= RANK < WORLD_SIZE"
+        )
+    return rank, world
+
+
 def generate_data(cfg) -> dict:
     """Run the stage; return the report (or ``{"waiting_for": [...]}`` when other processes still work)."""
     from simpo_exp.environment import git_commit
@@ -179,7 +194,7 @@ def generate_data(cfg) -> dict:
     fingerprint = policy_fingerprint(cfg)
     size = cfg.generate.shard_size
     shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = process_place()
     if cfg.scorer.kind != "rule" and _unscored(shard_dir, range(rank, len(shards), world)):
         check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
     check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts))
