@@ -113,6 +113,11 @@ def card_text(cfg: dict, results: dict[str, dict], name: str, resolved: dict | N
     return "\n".join(lines) + "\n"
 
 
+def resolved_values(summary: dict) -> dict:
+    """The values training resolved, as a run's summary records them (``resolved/<key>``), by their keys."""
+    return {k.removeprefix("resolved/"): v for k, v in summary.items() if k.startswith("resolved/")}
+
+
 def write_model_card(run_dir: Path, cfg, name: str | None = None, resolved: dict | None = None) -> Path:
     """Write ``<run_dir>/model/README.md`` from the run's resolved config (a plain dict, or the ``Config``
     dataclass training holds), the values training resolved (``resolved``; else those its summary.json
@@ -127,8 +132,7 @@ def write_model_card(run_dir: Path, cfg, name: str | None = None, resolved: dict
     name = name or select(cfg, "logger.run_name") or run_dir.name
     path = run_dir / "model" / "README.md"
     if resolved is None:
-        summary = read_json(run_dir / "summary.json")
-        resolved = {k.removeprefix("resolved/"): v for k, v in summary.items() if k.startswith("resolved/")}
+        resolved = resolved_values(read_json(run_dir / "summary.json"))
     write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved))
     return path
 

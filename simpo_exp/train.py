@@ -55,7 +55,7 @@ from simpo_exp.memory import check_device_memory
 from simpo_exp.methods import REFERENCE_METHODS
 from simpo_exp.metrics import Window, pearson
 from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention, save_trained
-from simpo_exp.modelcard import write_model_card
+from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss
 from simpo_exp.precision import warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
@@ -585,8 +585,8 @@ def save_final_model(run: Run, full_state_dict: dict | None) -> None:
     """The trained model, its tokenizer and model card in ``<run>/model`` (main process only)."""
     save_trained(run.accelerator.unwrap_model(run.policy).model, run.run_dir / "model", full_state_dict)
     run.tokenizer.save_pretrained(run.run_dir / "model")
-    resolved = {k.removeprefix("resolved/"): v for k, v in run.summary_extra.items() if k.startswith("resolved/")}
-    write_model_card(run.run_dir, run.cfg, resolved=resolved)  # model/README.md; evaluate adds its results to it
+    # model/README.md with the values the run used; evaluate adds its results to it
+    write_model_card(run.run_dir, run.cfg, resolved=resolved_values(run.summary_extra))
 
 
 # ----------------------------------------------------------------------------- the run
