@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from simpo_exp.config import ConfigError
-from simpo_exp.inference.files import write_jsonl
+from simpo_exp.inference.files import append_jsonl, write_jsonl
 from simpo_exp.inference.sampling import derive_seed
 from simpo_exp.inference.scoring import sort_digits_score
 from simpo_exp.rundir import read_jsonl as read_lines
@@ -147,7 +147,7 @@ class PairwiseJudge:
                     for other in futures:
                         other.cancel()
                     continue
-                append_line(path, done[futures[fut]])
+                append_jsonl(path, done[futures[fut]])
         finally:  # Ctrl-C included: nothing more is asked
             pool.shutdown(wait=False, cancel_futures=True)
         if error:
@@ -179,13 +179,6 @@ def _accepts(valid: Callable[[dict], bool], row: dict) -> bool:
         return bool(valid(row))
     except (KeyError, TypeError, AttributeError):  # a line of another shape
         return False
-
-
-def append_line(path: Path, row: dict) -> None:
-    """One JSON line added to ``path``, written out before the next one (a killed process keeps it)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def annotations(

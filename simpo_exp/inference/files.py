@@ -27,6 +27,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def append_jsonl(path: Path, row: dict) -> None:
+    """One row added to a JSONL file, written out before the next one (a killed process keeps it)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Every record of a file written whole by ``write_jsonl`` (a bad line is an error, not skipped)."""
     return [json.loads(line) for line in jsonl_lines(Path(path).read_text()) if line]
