@@ -876,3 +876,99 @@ def test_a_template_that_raises_drops_the_row_with_its_reason():
     out = tokenise(Dataset.from_list(rows), tok, max_length=64, max_prompt_length=32)
     assert out[0]["drop_reason"] == "chat template error: System role not supported"
     assert out[1]["drop_reason"] == "" and out[1]["chosen_input_ids"]
+
+
+# ----------------------------------------------------------------------------- prompt/response token boundary
+MISTRAL_STYLE_TEMPLATE = (  # Mistral-7B-Instruct-v0.2's shape: plain-text [INST] markers, the answer right after
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def sentencepiece_style_tokenizer():
+    """A BPE tokenizer with a Metaspace pre-tokenizer (``▁`` marks a word start and one is put in front of
+    the text), the way Llama-2's and Mistral's tokenizers read text, trained here on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    corpus = ["[INST] name a colour [/INST] red is a colour", "the sky is blue and grass is green"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    core.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>",
+        chat_template=MISTRAL_STYLE_TEMPLATE,
+    )  # fmt: skip
+
+
+def pair_rows(items):
+    return [
+        {"prompt": [{"role": "user", "content": p}], "chosen": c, "rejected": r, "drop_reason": ""} for p, c, r in items
+    ]
+
+
+def test_sentencepiece_responses_are_tokenised_as_the_whole_conversation_is():
+    """Prompt + response ids are the tokenizer's ids for the whole conversation, not the prompt's ids followed
+    by the response encoded alone: alone, a Metaspace tokenizer starts the response with an extra ``▁``."""
+    from datasets import Dataset
+
+    from simpo_exp.data.tokenize import render, tokenise
+
+    tok = sentencepiece_style_tokenizer()
+    items = [("name a colour", "red is a colour", "the sky"), ("name a sky", "blue", "green grass")]
+    out = tokenise(Dataset.from_list(pair_rows(items)), tok, max_length=64, max_prompt_length=32)
+    alone_differs = 0
+    for row, (prompt, *responses) in zip(out, items):
+        assert row["drop_reason"] == "" and row["prompt_tokens_moved"] == 0
+        conversation = [{"role": "user", "content": prompt}]
+        for key, text in zip(("chosen_input_ids", "rejected_input_ids"), responses):
+            full = tok.apply_chat_template(conversation + [{"role": "assistant", "content": text}], tokenize=False)
+            whole = tok(full, add_special_tokens=False)["input_ids"]
+            assert row["prompt_input_ids"] + row[key] == whole
+            alone = tok(render(tok, conversation, text)[1], add_special_tokens=False)["input_ids"]
+            alone_differs += alone != row[key]
+        assert row["prompt_input_ids"][0] == tok.bos_token_id and row["prompt_input_ids"].count(tok.bos_token_id) == 1
+    assert alone_differs == 4  # the case this guards against is real for this tokenizer: every response differs
+
+
+def test_a_prompt_token_merged_with_the_response_moves_the_split_back_and_is_counted(tmp_path):
+    """A template ending in ':' before an answer starting with ' ' under a tokenizer that merges ': ': the split
+    goes back one token (the merged token counts as response, as TRL does); prompt ids stay shared by both
+    responses, prompt + response ids are the whole conversation's, and the report counts the pair."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from simpo_exp.data.report import report_lines, tokenization_report
+    from simpo_exp.data.tokenize import tokenise
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[":Ġ"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[(":", "Ġ")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>", chat_template=template
+    )
+    items = [("hi", " yes", " no"), ("hey", "yes", " no")]  # the second chosen answer starts without a space
+    out = tokenise(Dataset.from_list(pair_rows(items)), tok, max_length=64, max_prompt_length=32)
+    for row, (prompt, *responses) in zip(out, items):
+        assert row["drop_reason"] == "" and row["prompt_tokens_moved"] == 1
+        rendered_prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)  # fmt: skip
+        assert tok.decode(row["prompt_input_ids"]) == rendered_prompt[:-1]  # ends before 'assistant:'s colon
+        for key, text in zip(("chosen_input_ids", "rejected_input_ids"), responses):
+            msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
+            full = tok.apply_chat_template(msgs, tokenize=False)
+            assert tok.decode(row["prompt_input_ids"] + row[key]) == full
+    report = tokenization_report({"train": out}, tok, DatasetConfig(name="t", allow_missing_eos=True))
+    assert report["splits"]["train"]["prompts_split_inside_a_token"] == 2
+    assert "2 prompts end inside a token" in report_lines(report)[1]

@@ -62,6 +62,7 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
                 "rejected_input_ids",
                 "chosen_truncated",
                 "rejected_truncated",
+                "prompt_tokens_moved",
             )
         }
         prompts, chosen, rejected = cols["prompt_input_ids"], cols["chosen_input_ids"], cols["rejected_input_ids"]
@@ -73,6 +74,7 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
             "pairs": n,
             "bos_per_sequence": dict(sorted(Counter(bos_counts).items())),
             "responses_without_end_token": no_eos,
+            "prompts_split_inside_a_token": sum(1 for k in cols["prompt_tokens_moved"] if k),
             "truncated_share": {"chosen": sum(c_trunc) / max(n, 1), "rejected": sum(r_trunc) / max(n, 1)},
             "lengths": {
                 "prompt": _quantiles([len(p) for p in prompts]),
@@ -110,9 +112,11 @@ def report_lines(report: dict) -> list[str]:
     lines = [f"chat template sha256 {report['chat_template_sha256']}"]
     for split, r in report["splits"].items():
         lens = r["lengths"]
+        moved = r.get("prompts_split_inside_a_token")
         lines.append(
             f"{split}: BOS per sequence {r['bos_per_sequence']}; "
-            f"truncated chosen {r['truncated_share']['chosen']:.1%}, "
+            + (f"{moved} prompts end inside a token (split moved back); " if moved else "")
+            + f"truncated chosen {r['truncated_share']['chosen']:.1%}, "
             f"rejected {r['truncated_share']['rejected']:.1%}; tokens p50/max prompt "
             f"{lens['prompt'].get('p50')}/{lens['prompt'].get('max')}, chosen {lens['chosen'].get('p50')}/"
             f"{lens['chosen'].get('max')}, rejected {lens['rejected'].get('p50')}/{lens['rejected'].get('max')}"

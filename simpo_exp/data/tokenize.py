@@ -7,6 +7,14 @@ BOS token, as the official SimPO trainer and TRL do: every sequence starts with 
 conversation rendered with the generation prompt; a response's text is what the full
 conversation adds after that prefix (so it ends with the template's end-of-turn token).
 
+Each whole conversation is tokenised in one piece and split after the prompt's ids, so prompt + response
+ids are exactly what the tokenizer makes of the conversation, and what a model sampling after the prompt
+continues from. Tokenising the response on its own would differ at its start for SentencePiece-style
+tokenizers (Llama-2, Mistral: a response encoded alone gets a word-start marker, ``▁``, that it lacks
+after the prompt). Where a tokenizer merges the prompt's last token with the response's first, the split
+moves back to the last id the prompt and both conversations share (TRL and the official trainer do the
+same); the merged token then counts as response, and the report counts such pairs.
+
 Truncation: a prompt longer than ``max_prompt_length`` tokens is dropped (cutting it would cut
 the instruction or the BOS); each response is cut to ``max_length - len(prompt)`` tokens, which
 is at least one token because the config requires ``max_prompt_length < max_length``.
@@ -31,6 +39,7 @@ TOKEN_FEATURES = {
     "rejected_input_ids": [Value("int64")],
     "chosen_truncated": Value("bool"),
     "rejected_truncated": Value("bool"),
+    "prompt_tokens_moved": Value("int64"),
     "drop_reason": Value("string"),
 }
 
@@ -51,6 +60,17 @@ def with_bos(tokenizer, ids: list[int]) -> list[int]:
     return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
 
 
+def _shared_prefix(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
+    """How many leading prompt ids both whole conversations also start with (all of them, unless a
+    tokenizer merged the prompt's last token with the response's first)."""
+    n = 0
+    for p, c, r in zip(prompt, chosen, rejected):
+        if not p == c == r:
+            break
+        n += 1
+    return n
+
+
 def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int, code_version: str = "") -> dict:
     n = len(batch["prompt"])
     out = {
@@ -61,6 +81,7 @@ def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: 
             "rejected_input_ids",
             "chosen_truncated",
             "rejected_truncated",
+            "prompt_tokens_moved",
             "drop_reason",
         )
     }
@@ -81,25 +102,32 @@ def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: 
         rejecteds.append(r_text or "")
         reasons.append(reason)
     enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    p_ids, c_ids, r_ids = enc(prompts), enc(chosens), enc(rejecteds)
-    p_ids = [with_bos(tokenizer, ids) if text else ids for ids, text in zip(p_ids, prompts)]
+    bos = lambda ids, text: with_bos(tokenizer, ids) if text else ids  # noqa: E731
+    p_ids = [bos(ids, t) for ids, t in zip(enc(prompts), prompts)]
+    c_full = [bos(ids, p) for ids, p in zip(enc([p + c for p, c in zip(prompts, chosens)]), prompts)]
+    r_full = [bos(ids, p) for ids, p in zip(enc([p + r for p, r in zip(prompts, rejecteds)]), prompts)]
     for i in range(n):
         reason = reasons[i]
-        if not reason and len(p_ids[i]) > max_prompt_length:
+        cut = _shared_prefix(p_ids[i], c_full[i], r_full[i])
+        if not reason and cut == 0 and p_ids[i]:
+            reason = "prompt and response tokens merge at the boundary"
+        prompt, c_ids, r_ids = p_ids[i][:cut], c_full[i][cut:], r_full[i][cut:]
+        if not reason and len(prompt) > max_prompt_length:
             reason = "prompt too long"
-        if not reason and (not c_ids[i] or not r_ids[i]):
+        if not reason and (not c_ids or not r_ids):
             reason = "response has no tokens"
-        budget = max_length - len(p_ids[i])
+        budget = max_length - len(prompt)
         if not reason and budget < 1:  # unreachable while max_prompt_length < max_length
             reason = "response truncated to nothing"
-        c, r = (c_ids[i][: max(budget, 0)], r_ids[i][: max(budget, 0)])
+        c, r = (c_ids[: max(budget, 0)], r_ids[: max(budget, 0)])
         if not reason and c == r:
             reason = "identical after truncation"
-        out["prompt_input_ids"].append(p_ids[i])
+        out["prompt_input_ids"].append(prompt)
         out["chosen_input_ids"].append(c)
         out["rejected_input_ids"].append(r)
-        out["chosen_truncated"].append(len(c) < len(c_ids[i]))
-        out["rejected_truncated"].append(len(r) < len(r_ids[i]))
+        out["chosen_truncated"].append(len(c) < len(c_ids))
+        out["rejected_truncated"].append(len(r) < len(r_ids))
+        out["prompt_tokens_moved"].append(len(p_ids[i]) - cut)
         out["drop_reason"].append(reason)
     return out
 
