@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from simpo_exp.generate.binarise import binarise, pick_pair
+from simpo_exp.inference.files import read_jsonl
 from simpo_exp.inference.scoring import sort_digits_score
 from tests.conftest import CONF
 from tests.runs import run_module
@@ -379,8 +380,10 @@ def test_generate_on_cuda_without_one_fails_cleanly_and_binds_nothing(tiny_rewar
 # ----------------------------------------------------------------------------- the loop
 def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
     """Round 0 (a short SimPO+SFT run on the synthetic pairs) -> sample 4 answers per train prompt, rule
-    scores, best-vs-worst pairs -> a SimPO run on them from round 0's model/ -> greedy rule accuracy
-    on the 64 held-out prompts before and after. Printed; the direction is a measurement, not asserted."""
+    scores, best-vs-worst pairs -> a SimPO run on them from round 0's model/ -> the evaluate stage's rule
+    benchmark on round 1: greedy answers of round 1 and of round 0 (the model it started from) on the task's 64
+    held-out prompts, which the generate stage's provenance.json names. Printed; the direction is a measurement,
+    not asserted."""
     round0, gen, round1 = tmp_path / "round0", tmp_path / "gen", tmp_path / "round1"
     train_args = [
         "logger=none",
@@ -426,18 +429,25 @@ def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
     recorded = json.loads((round1 / "data_report.json").read_text())["sources"]["local"]["provenance"]
     assert recorded["policy"]["fingerprint"] == provenance["policy"]["fingerprint"]  # the run knows its data's origin
 
-    prompts = held_out_prompts()
-    before, after = greedy_scores(round0 / "model", prompts), greedy_scores(round1 / "model", prompts)
-    exact = lambda scores: sum(s == 1.0 for s in scores) / len(scores)  # noqa: E731
-    mean = lambda scores: sum(scores) / len(scores)  # noqa: E731
+    assert provenance["synthetic_task"]["num_test"] == 64  # the task the prompts came from, held-out part included
+    res = run_module("simpo_exp.evaluate", str(round1), "benchmark=rule", f"hydra.run.dir={tmp_path / 'ev'}",
+                     cwd=tmp_path, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_jsonl(round1 / "eval" / "rule" / "generations.jsonl")
+    assert [r["prompt"] for r in rows] == held_out_prompts()  # the task's test split: never sampled, never trained on
+    metrics = json.loads((round1 / "eval" / "rule" / "results.json").read_text())["metrics"]
+    before = [r["score_baseline"] for r in rows]
+    after = [r["score_model"] for r in rows]
+    assert before == greedy_scores(round0 / "model", held_out_prompts())  # the baseline is round 0's model
     summary = json.loads((round1 / "summary.json").read_text())
     print(
         f"\non-policy round: {report['pairs_kept']} pairs from {report['prompts']} prompts "
         f"(chosen score {report['scores']['chosen']['mean']:.3f}, "
         f"rejected {report['scores']['rejected']['mean']:.3f}); "
         f"round-1 held-out pair accuracy {summary['eval/rewards/accuracies']:.3f}\n"
-        f"greedy rule accuracy on {len(prompts)} held-out prompts: exact {exact(before):.3f} -> {exact(after):.3f}, "
-        f"mean score {mean(before):.3f} -> {mean(after):.3f}"
+        f"rule benchmark on {metrics['n']} held-out prompts: exact {metrics['exact_start']:.1f}% -> "
+        f"{metrics['exact']:.1f}%, mean score {metrics['score_start']:.3f} -> {metrics['score']:.3f}, "
+        f"win rate over round 0 {metrics['win_rate']:.1f}%"
     )
     assert len(before) == len(after) == 64 and all(0.0 <= s <= 1.0 for s in before + after)
     assert before != after  # the round changed the policy's answers

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 
-from simpo_exp.config import DatasetConfig, SourceConfig
+from simpo_exp.config import DatasetConfig, SourceConfig, SyntheticConfig
 from simpo_exp.data import synthetic
 from simpo_exp.errors import UserError
 from simpo_exp.hub import hub_reachable, looks_like_local_path
@@ -120,9 +120,13 @@ def _load_hub(src: SourceConfig, source: str, split: str) -> Dataset:
         ) from e
 
 
+def is_synthetic(src: SourceConfig) -> bool:
+    return src.format == "synthetic" or src.path == "synthetic"
+
+
 def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dataset:
     """Load one split of a source as a raw ``Dataset`` in the source's own schema."""
-    if src.format == "synthetic" or src.path == "synthetic":
+    if is_synthetic(src):
         rows = synthetic.generate(synthetic_cfg)
         if split not in rows:
             raise DataSourceError(
@@ -294,6 +298,22 @@ def provenance(path: str) -> dict:
     except (OSError, ValueError) as e:
         log.warning("cannot read %s: %s", record, e)
         return {}
+
+
+def synthetic_task(dcfg: DatasetConfig) -> SyntheticConfig | None:
+    """The sort-digits task a data set's prompts come from: ``dataset.synthetic`` when a source is the
+    synthetic task itself, else the task recorded in a local source's ``provenance.json`` (the generate stage
+    writes it when it sampled the task's prompts), so on-policy rounds keep their held-out test prompts."""
+    if any(is_synthetic(s) for s in dcfg.sources.values()):
+        return dcfg.synthetic
+    for src in dcfg.sources.values():
+        task = provenance(src.path).get("provenance", {}).get("synthetic_task")
+        if isinstance(task, dict):
+            try:
+                return SyntheticConfig(**task)
+            except TypeError:
+                log.warning("%s: unreadable synthetic_task record %r", src.path, task)
+    return None
 
 
 def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:

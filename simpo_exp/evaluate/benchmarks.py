@@ -44,17 +44,21 @@ def _read_json_file(path: str, key: str):
 
 
 def rule_prompts(run_cfg, limit: int | None) -> list[dict]:
-    """The run's synthetic test split; a run trained on other data has no rule to judge by."""
+    """The held-out prompts of the synthetic task the run's data came from: its own synthetic test split, or
+    the task's test split where it trained on generate-stage pairs sampled from the task's prompts."""
+    from simpo_exp.data.sources import synthetic_task
     from simpo_exp.data.synthetic import generate
 
-    sources = run_cfg.dataset.sources
-    if not any(s.format == "synthetic" or s.path == "synthetic" for s in sources.values()):
+    task = synthetic_task(run_cfg.dataset)
+    if task is None:
+        sources = run_cfg.dataset.sources
         raise ConfigError(
             f"benchmark=rule scores the synthetic sort-digits task, but this run trained on "
-            f"dataset={run_cfg.dataset.name!r} ({', '.join(sources)}); use benchmark=alpacaeval2, "
+            f"dataset={run_cfg.dataset.name!r} ({', '.join(sources)}), neither the task nor generate-stage data "
+            "sampled from its prompts (no synthetic_task in a provenance.json); use benchmark=alpacaeval2, "
             "arena-hard or gsm8k for real data"
         )
-    rows = generate(run_cfg.dataset.synthetic)["test_prefs"][:limit]
+    rows = generate(task)["test_prefs"][:limit]
     return [
         {
             "id": str(i),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from simpo_exp.config import ConfigError
 from simpo_exp.data.prompts import train_prompts
-from simpo_exp.data.sources import DataSourceError
+from simpo_exp.data.sources import DataSourceError, synthetic_task
 from simpo_exp.generate.binarise import binarise
 from simpo_exp.inference.files import read_jsonl, write_atomic, write_jsonl
 from simpo_exp.inference.sampling import derive_seed, prompt_token_ids
@@ -232,6 +232,7 @@ def generate_data(cfg) -> dict:
             "sources": {k: v.path for k, v in cfg.dataset.sources.items()},
         },
         "generate": dataclasses.asdict(cfg.generate),
+        "synthetic_task": dataclasses.asdict(task) if (task := synthetic_task(cfg.dataset)) else None,
         "scorer": dataclasses.asdict(cfg.scorer),
         "binarise": dataclasses.asdict(cfg.binarise),
         "pairs": len(rows),
