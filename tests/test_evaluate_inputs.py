@@ -4,6 +4,7 @@ schema (a UserError: exit 2), never a KeyError or TypeError from deep inside the
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,25 @@ def test_an_alpacaeval_row_without_string_instruction_and_output_is_named(tmp_pa
     message = str(err.value)
     assert f"benchmarks.alpacaeval2.prompts_path={str(path)!r}: " + says in message
     assert "instruction and output must be strings" in message
+
+
+def test_rule_prompts_need_the_synthetic_task_itself_or_a_provenance_naming_it(tmp_path):
+    """A run on real data has no rule to judge by (refused, naming the data set); a run on generate-stage pairs
+    gets the held-out prompts of the task recorded in its data's provenance.json; a damaged record is no task."""
+    from simpo_exp.config import ConfigError, DatasetConfig, SourceConfig, SyntheticConfig
+    from simpo_exp.data.synthetic import generate
+    from simpo_exp.evaluate.benchmarks import rule_prompts
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("")
+    run = types.SimpleNamespace(dataset=DatasetConfig(name="local", sources={"local": SourceConfig(path=str(data))}))
+    with pytest.raises(ConfigError, match="dataset='local' \\(local\\).*no synthetic_task in a provenance.json"):
+        rule_prompts(run, 4)
+    task = SyntheticConfig(num_train=50, num_test=8, seed=7)
+    (data / "provenance.json").write_text(json.dumps({"synthetic_task": vars(task)}))
+    prompts = rule_prompts(run, 4)
+    assert [p["instruction"] for p in prompts] == [r["prompt"] for r in generate(task)["test_prefs"][:4]]
+    (data / "provenance.json").write_text(json.dumps({"synthetic_task": {"digits": 3}}))
+    with pytest.raises(ConfigError, match="benchmark=rule"):
+        rule_prompts(run, 4)
