@@ -66,3 +66,32 @@ def test_a_lora_run_can_be_evaluated(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((run / "eval" / "rule" / "results.json").read_text())
     assert results["model"] == str((run / "model").resolve()) and results["metrics"]["n"] == 16
+
+
+def test_a_lora_model_saved_from_gathered_weights_is_merged_as_peft_merges_it(compose, tmp_path):
+    """Under FSDP or ZeRO-3 the model is saved from the weights gathered off the shards: model/ is still the merged
+    model (the same weights as PEFT's own merge_and_unload, each layer's scaling used) and model/adapter the
+    adapter alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from simpo_exp.model import save_trained
+
+    model = _trained_lora_model(compose, "hardware.lora_alpha=24", "hardware.lora_r=4")
+    ids = torch.randint(5, 40, (2, 12))
+    trained = _logits(model, ids)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    save_trained(model, tmp_path / "sharded", state_dict=gathered)
+    assert (tmp_path / "sharded" / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "sharded" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    torch.testing.assert_close(_logits(merged, ids), trained, atol=1e-5, rtol=1e-5)
+
+    base = {k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items() if "lora" not in k}
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    fresh.load_state_dict(base, strict=False)
+    adapted = PeftModel.from_pretrained(fresh, tmp_path / "sharded" / "adapter").eval()
+    torch.testing.assert_close(_logits(adapted, ids), trained, atol=1e-5, rtol=1e-5)
+    peft_merged = adapted.merge_and_unload().state_dict()
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(value, peft_merged[key], atol=1e-6, rtol=1e-6, msg=key)
