@@ -972,3 +972,24 @@ def test_a_prompt_token_merged_with_the_response_moves_the_split_back_and_is_cou
     report = tokenization_report({"train": out}, tok, DatasetConfig(name="t", allow_missing_eos=True))
     assert report["splits"]["train"]["prompts_split_inside_a_token"] == 2
     assert "2 prompts end inside a token" in report_lines(report)[1]
+
+
+def test_an_end_of_turn_token_marked_special_only_among_the_added_tokens_ends_a_response(tmp_path):
+    """Meta's Llama-3 files mark <|eot_id|> special in added_tokens_decoder alone (all_special_ids leaves it out
+    where EOS is <|end_of_text|>): responses ending in it have their end token, and sampling stops at it."""
+    from tokenizers import AddedToken
+
+    from simpo_exp.inference.sampling import end_of_turn_ids
+
+    tok = build_tiny_tokenizer()
+    tok.backend_tokenizer.add_special_tokens([AddedToken("<|eot_id|>", special=True)])
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    tok.chat_template = tok.chat_template.replace("+ eos_token", "+ '<|eot_id|>'")
+    assert eot not in tok.all_special_ids and tok.added_tokens_decoder[eot].special
+    root = tmp_path / "eot"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("h", 3)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("i", 2)])
+    tr, _, report = build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
+    assert all(c[-1] == eot for c in tr["chosen_input_ids"])
+    assert report.tokenization["splits"]["train"]["responses_without_end_token"] == 0
+    assert end_of_turn_ids(tok) == [eot]

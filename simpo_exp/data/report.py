@@ -17,6 +17,7 @@ from collections import Counter
 from datasets import Dataset
 
 from simpo_exp.config import ConfigError, DatasetConfig
+from simpo_exp.data.tokenize import special_token_ids
 from simpo_exp.model import chat_template_hash
 
 
@@ -37,7 +38,7 @@ def _quantiles(lengths: list[int]) -> dict:
 def end_token_ids(tokenizer) -> set[int]:
     """Tokens that can end an assistant turn: EOS and the tokenizer's other special tokens
     (``<|eot_id|>``, ``<end_of_turn>``, ``<|im_end|>``, ...)."""
-    ids = set(tokenizer.all_special_ids)
+    ids = special_token_ids(tokenizer)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     ids.discard(tokenizer.pad_token_id if tokenizer.pad_token_id != tokenizer.eos_token_id else None)

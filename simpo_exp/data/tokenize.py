@@ -60,6 +60,14 @@ def with_bos(tokenizer, ids: list[int]) -> list[int]:
     return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens: its named ones (BOS, EOS, pad, additional) and every added token
+    marked special. Meta's Llama-3 files mark ``<|eot_id|>`` special in ``added_tokens_decoder`` alone, which
+    ``all_special_ids`` leaves out when EOS is ``<|end_of_text|>``."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
+
+
 def _shared_prefix(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
     """How many leading prompt ids both whole conversations also start with (all of them, unless a
     tokenizer merged the prompt's last token with the response's first)."""

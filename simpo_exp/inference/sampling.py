@@ -41,7 +41,9 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         return []
     after = text.split(MARKER, 1)[1] if MARKER in text else ""
     ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1] if after else []
-    return [i for i in ids if i in set(tokenizer.all_special_ids)]
+    from simpo_exp.data.tokenize import special_token_ids
+
+    return [i for i in ids if i in special_token_ids(tokenizer)]
 
 
 def stop_token_ids(tokenizer, extra: list[int], generation_config=None) -> list[int]:
