@@ -23,14 +23,18 @@ def prompt_text(prompt_messages: list[dict]) -> str:
 @torch.no_grad()
 def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, synced: bool = False) -> list[str]:
     """Greedy completions of each pair's tokenised prompt, all prompts in one batch: left-padded, the padding
-    masked out (transformers derives the positions from the mask), each completion cut after its first end
-    of sequence. ``synced``: every process of a sharded model calls this together; all keep stepping until the
+    masked out (transformers derives the positions from the mask), each completion cut after its first stop
+    token: EOS, the chat template's end-of-turn token, the model's own EOS ids (as the generate and evaluate
+    stages stop). ``synced``: every process of a sharded model calls this together; all keep stepping until the
     last one is done (transformers' ``synced_gpus``)."""
     if not pairs:
         return []
     prompts = [list(p["prompt_input_ids"]) for p in pairs]
     width = max(len(p) for p in prompts)
+    from simpo_exp.inference.sampling import stop_token_ids
+
     eos = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, [], getattr(model, "generation_config", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)  # masked: any id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -43,14 +47,15 @@ def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, s
         do_sample=False,
         use_cache=True,
         pad_token_id=pad,
-        eos_token_id=eos,
+        eos_token_id=stops or None,
         synced_gpus=synced,
     )
     model.train(was_training)
     texts = []
     for row in out[:, width:].tolist():
-        if eos in row:  # a finished completion is padded up to the longest one; decode drops a special eos
-            row = row[: row.index(eos) + 1]
+        ends = [i for i, t in enumerate(row) if t in stops]
+        if ends:  # a finished completion is padded up to the longest one; decode drops a special stop token
+            row = row[: ends[0] + 1]
         texts.append(tokenizer.decode(row, skip_special_tokens=True))
     return texts
 

@@ -45,3 +45,23 @@ def test_batched_completions_equal_one_at_a_time():
     tok = SimpleNamespace(pad_token_id=7, eos_token_id=first, decode=tiny.decode)
     assert samples.generate(model, tok, pairs, 12, "cpu") == one_at_a_time(model, tok, prompts, 12)
     assert samples.generate(model, tiny, [], 12, "cpu") == []
+
+
+def test_completions_stop_at_the_templates_end_of_turn_token_and_the_models_eos_ids():
+    """As the generate and evaluate stages stop: EOS, the special token the chat template closes an assistant
+    turn with (Gemma's <end_of_turn>, Llama-3's <|eot_id|>), and the ids in the model's generation config."""
+    tiny = build_tiny_tokenizer()
+    tiny.chat_template = tiny.chat_template.replace("+ eos_token", "+ '<|system|>'")  # the turn's own end token
+    end_of_turn = tiny.convert_tokens_to_ids("<|system|>")
+    model = make_model(vocab=len(tiny))
+    model.generation_config.eos_token_id = [5, 6]
+    seen = {}
+    real = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    model.generate = spy
+    samples.generate(model, tiny, [{"prompt_input_ids": [9, 10, 11]}], 4, "cpu")
+    assert seen["eos_token_id"] == sorted({tiny.eos_token_id, end_of_turn, 5, 6})
