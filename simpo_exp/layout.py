@@ -74,6 +74,14 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             "layouts' attention does not implement (the log-probs would be a model without its window); use "
             "hardware.packing=none or auto"
         )
+    elif packing != "none" and attention == "segments" and getattr(model_config, "attn_logit_softcapping", None):
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"hardware.packing={packing!r} with hardware.packing_attention='segments': the model softcaps its "
+            "attention logits (Gemma 2), which segment attention does not implement; use "
+            "hardware.packing_attention=mask (or flex on a GPU), or hardware.packing=none or auto"
+        )
     check_attention(packing, attention, device_type)
     return BatchLayout(packing, attention, hardware.logps_chunk_size)
 

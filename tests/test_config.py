@@ -193,3 +193,8 @@ def test_settings_a_run_would_not_honour_are_refused_by_name(compose):
     with pytest.raises(ConfigError, match="sliding window of 8 tokens, shorter than max_length=512"):
         choose_layout(hardware, "cpu", windowed, 512)
     assert choose_layout(hardware, "cpu", windowed, 8).packing == "packed"  # the window covers every sequence
+    capped = SimpleNamespace(attn_logit_softcapping=50.0)  # Gemma 2: segment attention has no softcap
+    with pytest.raises(ConfigError, match="packing_attention='segments': the model softcaps its attention logits"):
+        choose_layout(hardware, "cpu", capped, 512)
+    masked = to_config(compose("hardware.packing=prefix_shared", "hardware.packing_attention=mask")).hardware
+    assert choose_layout(masked, "cpu", capped, 512).attention == "mask"
