@@ -13,6 +13,7 @@ signal handling in simpo_exp/signals.py, the loss of a batch in simpo_exp/object
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -122,10 +123,18 @@ def check_writable(run_dir: Path) -> Path:
     return run_dir
 
 
+def epoch_batches(batches_per_epoch: int, accum: int) -> int:
+    """Micro-batches of each epoch that training uses: whole optimizer steps of ``accum`` only, the last
+    ``batches_per_epoch % accum`` left out (as HF Trainer's epochs of ``len // accum`` steps, which the official
+    recipes ran, leave them), so that no pair is seen twice within ``num_train_epochs=1``; the whole epoch
+    where it holds less than one step."""
+    return batches_per_epoch // accum * accum or batches_per_epoch
+
+
 def total_steps(cfg: Config, batches_per_epoch: int, accum: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_train_epochs * batches_per_epoch / accum))
+    return max(1, math.ceil(cfg.num_train_epochs * epoch_batches(batches_per_epoch, accum) / accum))
 
 
 def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout: BatchLayout):
@@ -357,13 +366,21 @@ def set_up(cfg: Config) -> Run:
 
 
 # ----------------------------------------------------------------------------- the steps
-def forever(loader, accelerator, consumed: int = 0):
-    """Yield batches endlessly, reshuffling each epoch from (seed, epoch), starting after
-    ``consumed`` micro-batches: a resumed run sees exactly the batches it would have seen."""
-    epoch, skip = divmod(consumed, len(loader))
+def forever(loader, accelerator, consumed: int = 0, per_epoch: int | None = None):
+    """Yield batches endlessly, the first ``per_epoch`` (``epoch_batches``) of each epoch, reshuffling each
+    epoch from (seed, epoch), starting after ``consumed`` micro-batches: a resumed run sees exactly the
+    batches it would have seen."""
+    per_epoch = per_epoch or len(loader)
+    epoch, skip = divmod(consumed, per_epoch)
     while True:
         loader.set_epoch(epoch)
-        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        source = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batches = iter(source)
+        yield from itertools.islice(batches, per_epoch - skip)
+        if hasattr(batches, "close"):  # an epoch left before its end: let go of its iterator (and workers)
+            batches.close()
+        if hasattr(source, "end"):  # and of accelerate's record of an iteration in progress
+            source.end()
         epoch, skip = epoch + 1, 0
 
 
@@ -430,7 +447,7 @@ def log_train(run: Run, window: Window, grad_norm: float) -> dict:
         "train/num_tokens": run.state.num_tokens,
         "train/grad_norm": grad_norm,
         "train/learning_rate": run.scheduler.get_last_lr()[0],
-        "train/epoch": run.state.micro_batches / len(run.train_loader),
+        "train/epoch": run.state.micro_batches / epoch_batches(len(run.train_loader), run.accum),
         "train/skipped_steps": run.state.skipped_steps,
         SAMPLES_KEY: run.state.step * run.pairs_per_step,
     }
@@ -602,7 +619,8 @@ def train_loop(run: Run) -> dict:
     cfg, summary = run.cfg, {}
     if cfg.eval_on_start and run.state.step == 0:
         summary |= evaluate_and_sample(run, 0)
-    batches = forever(run.train_loader, run.accelerator, run.state.micro_batches)
+    per_epoch = epoch_batches(len(run.train_loader), run.accum)
+    batches = forever(run.train_loader, run.accelerator, run.state.micro_batches, per_epoch)
     window = Window.restore(run.state.window, run.state.window_seconds, run.state.window_steps, run.accelerator)
     stop, bar = StopSignal(), progress_bar(run)
     run.policy.train()

@@ -92,3 +92,36 @@ def test_resume_position_is_exact_across_epochs():
         resumed = forever(loader, accelerator, consumed=k)
         for i in range(k, k + per_epoch):
             assert torch.equal(next(resumed)["input_ids"], seen[i]), (k, i)
+
+
+def test_an_epoch_ends_at_its_last_whole_optimizer_step():
+    """num_train_epochs=1 with 12 micro-batches an epoch and 5 per step: 2 steps of 10, the last 2 micro-batches
+    left out (as HF Trainer's len // accum steps an epoch) instead of a third step that would see 3 micro-batches
+    of the next epoch again; the next epoch starts with its own first batch; a resume mid-epoch lands in place."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from simpo_exp.config import Config
+    from simpo_exp.train import epoch_batches, forever, total_steps
+
+    assert (epoch_batches(12, 5), epoch_batches(12, 4), epoch_batches(3, 5)) == (10, 12, 3)  # < one step: all
+    cfg = Config.__new__(Config)
+    cfg.max_steps, cfg.num_train_epochs = -1, 1.0
+    assert total_steps(cfg, 12, 5) == 2
+    cfg.num_train_epochs = 2.5
+    assert total_steps(cfg, 12, 5) == 5
+
+    ds = pairs_dataset(96)
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    loader = accelerator.prepare(DataLoader(ds, batch_size=8, drop_last=True, collate_fn=PairCollator(0), shuffle=True))
+    full = forever(loader, accelerator)  # whole epochs of 12
+    epochs = [[next(full)["input_ids"] for _ in range(12)] for _ in range(2)]
+    used = forever(loader, accelerator, per_epoch=10)
+    seen = [next(used)["input_ids"] for _ in range(20)]
+    assert all(torch.equal(a, b) for a, b in zip(seen, epochs[0][:10] + epochs[1][:10]))
+    resumed = forever(loader, accelerator, consumed=13, per_epoch=10)
+    assert all(torch.equal(next(resumed)["input_ids"], seen[i]) for i in range(13, 20))
+    before = len(accelerator.gradient_state.dataloader_references)
+    for _ in range(50):  # five more epochs: each left early is taken off accelerate's record of open iterations
+        next(used)
+    assert len(accelerator.gradient_state.dataloader_references) <= before + 1
