@@ -45,6 +45,16 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
         from simpo_exp.config import ConfigError
 
         raise ConfigError("give gamma (absolute margin) or gamma_beta_ratio (gamma = beta * ratio), not both")
+    target = OmegaConf.select(cfg, "hardware.effective_batch_size")
+    if "gradient_accumulation_steps" in given and target:
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} would not be used: "
+            f"hardware.effective_batch_size={target} (hardware={hc.runtime.choices.get('hardware')}, an experiment "
+            "or the command line) sets the accumulation from the device count; add "
+            "hardware.effective_batch_size=null to fix the accumulation yourself, or leave it to the global batch"
+        )
     OmegaConf.resolve(cfg)
     lc = cfg.logger
     if lc.get("run_name") is None:

@@ -137,3 +137,12 @@ def test_dropout_is_off_while_training_unless_asked(compose, tmp_path):
     pytest.importorskip("peft")
     assert torch.equal(*two_training_forwards("hardware=cpu-lora"))
     assert not torch.equal(*two_training_forwards("hardware=cpu-lora", "hardware.lora_dropout=0.5"))
+
+
+def test_an_accumulation_the_global_batch_would_override_is_refused(tmp_path):
+    """hardware=ddp sets hardware.effective_batch_size, which derives the accumulation: a
+    gradient_accumulation_steps given with it was silently replaced."""
+    res = simpo("hardware=ddp", "gradient_accumulation_steps=2", "logger=none", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "gradient_accumulation_steps=2 would not be used: hardware.effective_batch_size=128" in res.stderr
+    assert "hardware.effective_batch_size=null" in res.stderr
