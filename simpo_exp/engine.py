@@ -200,6 +200,25 @@ def accumulation_steps(cfg: Config, num_processes: int) -> int:
     return target // per_step
 
 
+def check_engine(h, got) -> None:
+    """A sharding preset that would run as something else is refused: ``hardware=fsdp`` started without the FSDP
+    launcher config, or a DeepSpeed preset on the CPU (accelerate sets DeepSpeed aside there), trains each
+    process's whole model, unsharded, under the preset's name."""
+    wanted = "FSDP" if h.name.startswith("fsdp") else "DEEPSPEED" if h.deepspeed_config else None
+    if wanted is None or got == getattr(DistributedType, wanted):
+        return
+    how = (
+        "start it with accelerate launch --config_file launchers/fsdp.yaml -m simpo_exp hardware=fsdp ..."
+        if wanted == "FSDP"
+        else f"it runs on GPUs (python -m simpo_exp hardware={h.name} on one, or accelerate launch --config_file "
+        f"launchers/{h.name}.yaml)"
+    )
+    raise ConfigError(
+        f"hardware={h.name} asks for {wanted}, but accelerate set up {getattr(got, 'value', got)}: the model would "
+        f"train unsharded under the preset's name; {how}, or use hardware=cpu or ddp for plain data parallel"
+    )
+
+
 def single_process_env() -> None:
     """DeepSpeed without a launcher still builds a process group (of one): give it the variables a
     launcher would set, on a free port. Variables already set (by a launcher or the user) win."""
@@ -278,6 +297,7 @@ def make_accelerator(cfg: Config):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[process_group_kwargs(h.collective_timeout)],
     )
+    check_engine(h, accelerator.distributed_type)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm
         # where the config left it to accelerate ("auto" would become accelerate's own 1.0).

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -182,6 +183,7 @@ def test_a_save_failing_on_one_process_stops_every_process(tmp_path):
 ANOTHER_BETA_ON_RANK_1 = """
 import os
 import sys
+from types import SimpleNamespace
 
 if os.environ.get("RANK") == "1":
     sys.argv.append("beta=5")
@@ -362,3 +364,23 @@ def test_engine_checkpoint_needs_the_engine_to_load(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps({"config": {"beta": 2.0}}))
     with pytest.raises(CheckpointError, match="sharded engine.*checkpoint_format=accelerate"):
         load(tmp_path, None, None, None, {"beta": 2.0})
+
+
+def test_a_sharding_preset_that_would_run_unsharded_is_refused():
+    """hardware=fsdp without the FSDP launcher config, or a DeepSpeed preset on the CPU (where accelerate sets
+    DeepSpeed aside), trained the whole model per process under the preset's name."""
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import check_engine
+
+    fsdp, zero3 = (
+        SimpleNamespace(name="fsdp", deepspeed_config=None),
+        SimpleNamespace(name="zero3", deepspeed_config="launchers/ds_zero3.json"),
+    )
+    with pytest.raises(ConfigError, match="hardware=fsdp asks for FSDP, but accelerate set up MULTI_CPU"):
+        check_engine(fsdp, DistributedType.MULTI_CPU)
+    with pytest.raises(ConfigError, match="hardware=zero3 asks for DEEPSPEED, but accelerate set up NO"):
+        check_engine(zero3, DistributedType.NO)
+    check_engine(fsdp, DistributedType.FSDP)
+    check_engine(zero3, DistributedType.DEEPSPEED)
+    check_engine(SimpleNamespace(name="ddp", deepspeed_config=None), DistributedType.NO)  # one process of ddp: fine
