@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 from pathlib import Path
 
@@ -248,31 +249,37 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
 
     A LoRA model is written twice: its adapter alone in ``path/adapter`` (PEFT's format, to load onto the base
     again, as trained: base in ``model.dtype``, float32 adapters) and, in ``path``, the base with the adapters
-    merged into its weights (W + scaling * B A, scaling = lora_alpha / r, in the base's dtype), which the
-    evaluate and generate stages, lm-eval and vLLM load as any model. With the model's own weights, PEFT's
-    ``merge_and_unload`` does the merge, changing ``model`` in place (save last); under a sharded engine the
-    merge is done on ``state_dict``, the weights gathered from the shards."""
+    merged into its weights (W + scaling * B A), which the evaluate and generate stages, lm-eval and vLLM load
+    as any model. The merge is done and stored in float32, as a full fine-tune's weights are (its float32 master
+    copy): at SimPO's learning rates most of an adapter's update is below a bfloat16 weight's resolution, and a
+    merge rounded to the base's bfloat16 would lose it. ``state_dict``: the weights gathered off the shards
+    under a sharded engine; else the model's own, copied to the CPU."""
     path = Path(path)
-    if hasattr(model, "merge_and_unload"):
+    lora = hasattr(model, "merge_and_unload")
+    if lora:
         model.save_pretrained(path / "adapter", state_dict=state_dict)  # PEFT keeps the adapter's entries
         if state_dict is None:
-            model = model.merge_and_unload()
-        else:
-            state_dict, model = merged_lora_state_dict(model, state_dict), model.get_base_model()
+            state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state_dict, model = merged_lora_state_dict(model, state_dict), model.get_base_model()
     model.save_pretrained(path, state_dict=state_dict)
+    if lora:  # save_pretrained writes the dtype of the model in memory (the base's), not of the weights it wrote
+        config = json.loads((path / "config.json").read_text())
+        config["dtype"] = "float32"
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def merged_lora_state_dict(model, state_dict: dict) -> dict:
-    """The base model's state dict with each LoRA layer merged, from a PEFT model's full ``state_dict`` (keys
-    ``base_model.model.<name>.base_layer.weight`` and ``<name>.lora_A/B.<adapter>.weight``): W + scaling B A,
-    computed in float32 and stored in W's dtype, where scaling is the layer's own (lora_alpha / r, or over
-    sqrt(r) with rsLoRA, per-layer patterns included)."""
+    """The base model's state dict, in float32, with each LoRA layer merged, from a PEFT model's full
+    ``state_dict`` (keys ``base_model.model.<name>.base_layer.weight`` and ``<name>.lora_A/B.<adapter>.weight``):
+    W + scaling B A, where scaling is the layer's own (lora_alpha / r, or over sqrt(r) with rsLoRA, per-layer
+    patterns included)."""
     prefix = "base_model.model."
     layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")}
     merged = {}
     for key, value in state_dict.items():
         if ".lora_" in key:
             continue
+        value = value.float() if value.is_floating_point() else value
         name, _, leaf = key.rpartition(".base_layer.")
         if name in layers and leaf == "weight":
             layer = layers[name]
@@ -280,8 +287,7 @@ def merged_lora_state_dict(model, state_dict: dict) -> dict:
                 a = state_dict[f"{name}.lora_A.{adapter}.weight"].float()
                 b = state_dict[f"{name}.lora_B.{adapter}.weight"].float()
                 delta = (b @ a) * layer.scaling[adapter]
-                delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta  # GPT-2's Conv1D layout
-                value = (value.float() + delta).to(value.dtype)
+                value = value + (delta.T if getattr(layer, "fan_in_fan_out", False) else delta)  # Conv1D: [in, out]
         merged[(f"{name}.{leaf}" if name in layers else key).removeprefix(prefix)] = value
     return merged
 

@@ -95,3 +95,33 @@ def test_a_lora_model_saved_from_gathered_weights_is_merged_as_peft_merges_it(co
     peft_merged = adapted.merge_and_unload().state_dict()
     for key, value in merged.state_dict().items():
         torch.testing.assert_close(value, peft_merged[key], atol=1e-6, rtol=1e-6, msg=key)
+
+
+def test_a_bfloat16_base_is_merged_and_stored_in_float32_so_small_updates_stay(compose, tmp_path):
+    """At SimPO's learning rates an adapter's update is mostly below a bfloat16 weight's resolution: merged into
+    the bf16 base it would round away. model/ holds base + scaling * B A in float32 (as a full fine-tune's
+    weights are), tied embeddings still tied, and says float32 in its config."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from simpo_exp.model import save_trained
+
+    model = _trained_lora_model(compose, "model.dtype=bfloat16")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.mul_(1e-3)  # a small update, as a few steps at lr 1e-6 make
+    base = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if "lora" not in k}
+    q = "model.layers.0.self_attn.q_proj"
+    layer = model.get_base_model().get_submodule(q)
+    delta = (layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()) * layer.scaling["default"]
+    w = base[f"{q}.base_layer.weight"]
+    assert (((w.float() + delta).to(torch.bfloat16) != w) & (delta != 0)).float().mean() < 0.5  # bf16 loses most
+    save_trained(model, tmp_path / "model")
+
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    torch.testing.assert_close(saved[f"{q}.weight"], w.float() + delta, atol=0, rtol=0)
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "float32"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert merged.dtype == torch.float32
+    assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
