@@ -56,6 +56,7 @@ HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 HASH = "xxh3_128"
 LEGACY_HASH = "sha256"  # a marker without "algorithm"
 ENGINE_DIR = "engine"  # accelerator.save_state's folder inside a sharded-engine checkpoint
+PLAIN = "plain"  # a checkpoint's engine when this module wrote its weights and optimizer (safetensors)
 # What a failed checkpoint write raises: the OS's error, or safetensors' own for one it met while writing (a full
 # disk under safetensors is a SafetensorError, not an OSError)
 WRITE_ERRORS = (OSError, SafetensorError)
@@ -208,15 +209,17 @@ def finish(
     keep: int,
     estimate: int | None = None,
     rng: list | None = None,
+    engine: str = PLAIN,
 ) -> Path:
     """Write the rest of the checkpoint into ``tmp``, mark it complete (listing each file's size and
     checksum) and move it into place (main process only). ``model`` and ``optimizer`` are None when
     the engine saved them in ``engine/``. A write that fails removes ``tmp`` and raises
     ``CheckpointSaveError``; ``estimate``: bytes a checkpoint takes, for its message. ``rng``: every
-    process's ``rng_state()``, in rank order (None: this process is the only one)."""
+    process's ``rng_state()``, in rank order (None: this process is the only one). ``engine``: what wrote the
+    weights and optimizer (``PLAIN``: this module's safetensors; else the accelerate engine whose ``engine/``)."""
     final = final_dir(tmp)
     try:
-        _write(tmp, model, optimizer, scheduler, state, config, rng or [rng_state()])
+        _write(tmp, model, optimizer, scheduler, state, config, rng or [rng_state()], engine)
         (tmp / MARKER).write_text(json.dumps({"algorithm": HASH, "files": manifest(tmp)}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -227,7 +230,9 @@ def finish(
     return final
 
 
-def _write(tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, rng: list) -> None:
+def _write(
+    tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, rng: list, engine: str = "plain"
+) -> None:
     opt_meta = None
     if model is not None:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
@@ -243,6 +248,7 @@ def _write(tmp: Path, model, optimizer, scheduler, state: TrainState, config: di
                 "optimizer": opt_meta,
                 "rng": [meta for _, meta in rng],
                 "config": config,
+                "engine": engine,
             }
         )
     )
@@ -373,6 +379,7 @@ def load_newest(
     on_main=None,
     on_every=None,
     process: tuple[int, int] = (0, 1),
+    engine: str | None = None,
 ) -> tuple[Path, TrainState] | None:
     """Restore the newest intact checkpoint of ``run_dir``; None when it has none. A damaged one (a
     file not matching the marker, or unreadable) is skipped with a warning naming it and why; when
@@ -380,7 +387,8 @@ def load_newest(
     given to every process, so that one process reads the files to check them and all pick the same.
     ``on_every(fn)``: fn run on every process, the list of their results given to all, so that a load
     failing on one process only (a file its node cannot read) makes every process fall back together.
-    ``process``: this process's (index, count), for its own generator states."""
+    ``process``: this process's (index, count), for its own generator states. ``engine``: the engine this run
+    checkpoints with (``PLAIN``, or the accelerate engine's name); one written by another is refused by name."""
     on_main = on_main or (lambda fn: fn())
     on_every = on_every or (lambda fn: [fn()])
     found = checkpoint_dirs(run_dir)
@@ -392,7 +400,7 @@ def load_newest(
 
             def attempt() -> str | None:  # why this process could not load it, or None
                 try:
-                    loaded.append(load(path, model, optimizer, scheduler, config, load_engine_state, process))
+                    loaded.append(load(path, model, optimizer, scheduler, config, load_engine_state, process, engine))
                 except DamagedCheckpoint as e:
                     return str(e)
                 return None
@@ -429,7 +437,14 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "") -> list[str]
 
 
 def load(
-    path: Path, model, optimizer, scheduler, config: dict, load_engine_state=None, process: tuple[int, int] = (0, 1)
+    path: Path,
+    model,
+    optimizer,
+    scheduler,
+    config: dict,
+    load_engine_state=None,
+    process: tuple[int, int] = (0, 1),
+    engine: str | None = None,
 ) -> TrainState:
     """Restore everything from a checkpoint directory; refuse one written by a different config.
     ``load_engine_state``: ``accelerator.load_state``, called on every process, for a checkpoint with an
@@ -454,10 +469,14 @@ def load(
             "process(es), or run with resume=false to start fresh."
         )
     by_engine = (path / ENGINE_DIR).is_dir()
-    if by_engine and load_engine_state is None:
+    written = meta.get("engine") or (None if by_engine else PLAIN)  # checkpoints before the record: by the folder
+    engine = engine or (PLAIN if load_engine_state is None else None)
+    if (written and engine and written != engine) or by_engine != (load_engine_state is not None):
         raise CheckpointError(
-            f"checkpoint {path} was saved by a sharded engine (its {ENGINE_DIR}/ folder); "
-            "resume it with hardware.checkpoint_format=accelerate"
+            f"checkpoint {path} holds its weights and optimizer state as {describe_engine(written, by_engine)} "
+            f"writes them; this run is set up to read {describe_engine(engine, load_engine_state is not None)}. "
+            "Resume with the engine it was written by (its hardware preset and launcher), or run with "
+            "resume=false to start fresh."
         )
     try:
         if by_engine:
@@ -472,6 +491,12 @@ def load(
         return TrainState(**meta["train_state"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise DamagedCheckpoint(f"{path} cannot be read ({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def describe_engine(engine: str | None, by_engine: bool) -> str:
+    if engine == PLAIN or (engine is None and not by_engine):
+        return "one process's safetensors (one process, DDP)"
+    return f"{engine or 'a sharded engine'}'s accelerate checkpoint (engine/)"
 
 
 def trim_metrics(metrics_path: Path, last_step: int) -> None:

@@ -212,17 +212,18 @@ def start_or_resume(
     or clear old state to start fresh."""
     records = [run_dir / METRICS_FILE, run_dir / GENERATIONS_FILE]  # by step
     if cfg.resume:
-        engine = accelerator.load_state if engine_checkpoints(cfg, accelerator) else None
+        load_state = accelerator.load_state if engine_checkpoints(cfg, accelerator) else None
         resumed = checkpoint.load_newest(
             run_dir,
             accelerator.unwrap_model(policy).model,
             optimizer,
             scheduler,
             config_dict,
-            engine,
+            load_state,
             on_main=lambda fn: on_main(accelerator, fn),
             on_every=lambda fn: on_every(accelerator, fn, "loading a checkpoint"),
             process=(accelerator.process_index, accelerator.num_processes),
+            engine=accelerator.distributed_type.value if load_state else checkpoint.PLAIN,
         )
         if resumed:
             path, state = resumed
@@ -534,7 +535,8 @@ def save_checkpoint(run: Run, window: Window) -> None:
         try:
             on_all(lambda: main and checkpoint.start(run.run_dir, state.step, size))
             on_all(lambda: save_engine_state(run, tmp))
-            path = on_all(lambda: main and checkpoint.finish(run.run_dir, tmp, None, None, *rest, size, rng))
+            kind = acc.distributed_type.value
+            path = on_all(lambda: main and checkpoint.finish(run.run_dir, tmp, None, None, *rest, size, rng, kind))
         except Exception:
             if main:  # once every process has stopped writing into it
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -275,3 +275,30 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"written by 2 process\(es\), this run has 1"):
         checkpoint.load(path, model, opt, sched, {}, process=(0, 1))
     assert checkpoint.load(path, model, opt, sched, {}, process=(1, 2)).step == 4
+
+
+def test_a_checkpoint_of_another_engine_is_refused_by_name_not_called_damaged(tmp_path):
+    """DDP's safetensors checkpoint resumed under FSDP, or one engine's engine/ folder under another, failed to load
+    and was reported damaged with advice to delete it: refused instead, naming both engines, and kept."""
+    from simpo_exp import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=4), {}, keep=2)
+    never = lambda folder: pytest.fail("an engine checkpoint load was attempted")  # noqa: E731
+    with pytest.raises(checkpoint.CheckpointError, match="one process's safetensors.*set up to read FSDP's") as e:
+        checkpoint.load_newest(tmp_path, model, opt, sched, {}, never, engine="FSDP")
+    assert not isinstance(e.value, checkpoint.DamagedCheckpoint)
+    assert checkpoint.load_newest(tmp_path, model, opt, sched, {})[1].step == 4  # the same checkpoint, intact
+
+    tmp = checkpoint.start(tmp_path, 8, None)
+    (tmp / checkpoint.ENGINE_DIR).mkdir()
+    checkpoint.finish(tmp_path, tmp, None, None, sched, checkpoint.TrainState(step=8), {}, 2, engine="DEEPSPEED")
+    with pytest.raises(checkpoint.CheckpointError, match="DEEPSPEED's accelerate checkpoint.*read FSDP's"):
+        checkpoint.load_newest(tmp_path, model, opt, sched, {}, never, engine="FSDP")
+    with pytest.raises(checkpoint.CheckpointError, match="DEEPSPEED's accelerate checkpoint.*one process's"):
+        checkpoint.load_newest(tmp_path, model, opt, sched, {})
+    loaded = []
+    assert checkpoint.load_newest(tmp_path, model, opt, sched, {}, loaded.append, engine="DEEPSPEED")[1].step == 8
+    assert loaded and loaded[0].endswith(checkpoint.ENGINE_DIR)
