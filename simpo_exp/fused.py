@@ -174,7 +174,7 @@ class LigerPreferenceHead(nn.Module):
             self._losses[compiled] = loss
         return self._losses[compiled]
 
-    def forward(self, head: nn.Module, states, targets, rows, n: int, counts) -> FusedPreference:
+    def forward(self, head: nn.Module, states, targets, rows, n: int, counts, sft_tokens=None) -> FusedPreference:
         """``states`` [M, H] the hidden states that predict the response tokens ``targets`` [M], each row's in
         order (``rows`` [M] their row, ``counts`` [n] tokens per row; rows [0, n/2) chosen, the rest rejected).
         The padded layout hands the rows over one after another; the packed layouts interleave them pair by
@@ -187,8 +187,9 @@ class LigerPreferenceHead(nn.Module):
         gradients are taken at once and added to the first call's (``TakenGradients``), so at most two
         head-sized gradient buffers exist at once (the sum and the current call's), not one per call. An NLL
         term (``sft_weight`` > 0) Liger divides by the call's chosen tokens, not the batch's: each call's
-        ``alpha`` is rescaled so that the weighed sum is the batch's term. Liger's ORPO has no ``alpha``, so
-        ORPO with its NLL term goes in one call."""
+        ``alpha`` is rescaled so that the weighed sum is the batch's term (over ``sft_tokens`` where given, as
+        objective.batch_loss divides it). Liger's ORPO has no ``alpha``, so ORPO with its NLL term goes in one
+        call, divided by the batch's own chosen tokens."""
         weight, bias = unsharded(head).weight, getattr(head, "bias", None)
         if weight.numel() == 0:
             raise RuntimeError(
@@ -218,7 +219,8 @@ class LigerPreferenceHead(nn.Module):
         for g, (pairs, idx) in enumerate(zip(groups, indices)):
             width, share = max((widths[i] for i in pairs), default=1), len(pairs) / max(half, 1)
             if self.sft_weight > 0 and not one_call and pairs:  # share x alpha x (NLL sum / the call's chosen tokens)
-                loss_fn.alpha = self.sft_weight * sum(sizes[i] for i in pairs) / max(sum(sizes[:half]), 1) / share
+                over = sum(sizes[:half]) if sft_tokens is None else sft_tokens  # the NLL term's denominator
+                loss_fn.alpha = self.sft_weight * sum(sizes[i] for i in pairs) / max(over, 1e-12) / share
             tokens = (group_of[rows] == g).nonzero().squeeze(1) if len(groups) > 1 else slice(None)
             with torch.enable_grad() if training else torch.no_grad():
                 s, w, b = leaves

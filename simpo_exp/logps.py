@@ -511,7 +511,10 @@ class ResponseLogps(nn.Module):
         seq_index: torch.Tensor | None = None,
         segments: list | None = None,
         attn_groups: torch.Tensor | None = None,
+        sft_tokens: float | None = None,
     ) -> SequenceLogps:
+        """The responses' log-probs; with a fused head its loss instead (``sft_tokens``: its NLL term's denominator,
+        objective.batch_loss's; the plain head leaves the loss to the caller and ignores it)."""
         if self.packing == "none":
             if segments is not None:
                 raise ValueError(
@@ -536,7 +539,7 @@ class ResponseLogps(nn.Module):
             n = 2 * len(segments)
             counts = torch.bincount(rows, minlength=n)
         if self.fused is not None:  # the head and the loss in one chunked call, whatever the layout
-            return self.fused(self.model.get_output_embeddings(), states, targets, rows, n, counts)
+            return self.fused(self.model.get_output_embeddings(), states, targets, rows, n, counts, sft_tokens)
         return self._reduce(states, targets, rows, n, counts)
 
     def _packed_hidden(self, input_ids, position_ids, segments, attn_groups) -> torch.Tensor:

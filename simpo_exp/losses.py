@@ -59,14 +59,18 @@ def simpo_loss(
     return PreferenceLoss(losses, beta * chosen_logps.detach(), beta * rejected_logps.detach())
 
 
-def nll_loss(logp_sums: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+def nll_loss(logp_sums: torch.Tensor, num_tokens: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
     r"""Token-level negative log-likelihood over a batch of responses.
 
-    .. math:: L_\text{SFT} = -\frac{\sum_i \sum_t \log \pi(y_{i,t} \mid x_i, y_{i,<t})}{\sum_i |y_i|}
+    .. math:: L_\text{SFT} = -\frac{\sum_i \sum_t \log \pi(y_{i,t} \mid x_i, y_{i,<t})}{N}, \qquad
+        N = \sum_i |y_i| \text{ (or } \texttt{tokens}\text{)}
 
-    ``logp_sums`` [B] holds each response's summed token log-probs, ``num_tokens`` [B] its length.
+    ``logp_sums`` [B] holds each response's summed token log-probs, ``num_tokens`` [B] its length. ``tokens``:
+    the denominator N when it is not this batch's own count: in training, the optimizer step's chosen tokens over
+    its micro-batches x processes, so that the mean of the micro-batches' losses (what gradient accumulation and
+    data parallel average) is the token mean over the whole step, as one big batch gives.
     """
-    return -logp_sums.sum() / num_tokens.sum().clamp(min=1)
+    return -logp_sums.sum() / (num_tokens.sum().clamp(min=1) if tokens is None else max(tokens, 1e-12))
 
 
 def _sigmoid_with_smoothing(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:

@@ -16,13 +16,14 @@ from simpo_exp.methods import TABLE, preference_loss
 from simpo_exp.reference import REF_COLUMNS
 
 
-def batch_loss(policy, batch: dict, cfg: Config, reference=None):
+def batch_loss(policy, batch: dict, cfg: Config, reference=None, sft_tokens: float | None = None):
     """Loss of a batch of pairs, its statistics summed over the batch's pairs (per-token ones over its
     response tokens: tracking.TOKEN_METRICS), and per-response
     (rewards, lengths) for the length diagnostics. ``reference``: a live reference model, for
-    reference-based methods run without cached reference log-probs."""
+    reference-based methods run without cached reference log-probs. ``sft_tokens``: the NLL term's
+    denominator (``losses.nll_loss``'s ``tokens``; None: the batch's own chosen tokens)."""
     refs = [batch.pop(k) for k in REF_COLUMNS] if REF_COLUMNS[0] in batch else [None, None]
-    out = policy(**batch)
+    out = policy(**batch) if sft_tokens is None else policy(**batch, sft_tokens=sft_tokens)
     if isinstance(out, FusedPreference):  # hardware.fused_head: the policy computed the loss itself
         return fused_batch_loss(out, batch, cfg)
     n = out.num_tokens.shape[0] // 2  # rows [0, n) are chosen, [n, 2n) rejected
@@ -40,21 +41,24 @@ def batch_loss(policy, batch: dict, cfg: Config, reference=None):
         *refs,
         **loss_settings(cfg),
     )
-    sft = nll_loss(out.logp_sums[:n], out.num_tokens[:n])
-    loss = pref.losses.mean() + cfg.sft_weight * sft
+    loss = pref.losses.mean()
+    if cfg.sft_weight:
+        loss = loss + cfg.sft_weight * nll_loss(out.logp_sums[:n], out.num_tokens[:n], sft_tokens)
     lengths = out.num_tokens.float()
-    stats = pair_stats(n, loss, sft, pref.chosen_rewards, pref.rejected_rewards, logps, lengths, batch)
+    stats = pair_stats(n, loss, out.logp_sums[:n], pref.chosen_rewards, pref.rejected_rewards, logps, lengths, batch)
     stats |= token_and_method_stats(cfg.method, out, n)
     rewards = torch.cat([pref.chosen_rewards, pref.rejected_rewards])
     return loss, stats, (rewards, lengths)
 
 
-def pair_stats(n: int, loss, sft, chosen_rewards, rejected_rewards, means, lengths, batch: dict) -> dict:
+def pair_stats(n: int, loss, chosen_sums, chosen_rewards, rejected_rewards, means, lengths, batch: dict) -> dict:
     """The statistics every method and head logs, summed over the batch's pairs (``means``: each response's
-    mean token log-prob, chosen rows first; ``lengths``: its response tokens)."""
+    mean token log-prob, chosen rows first; ``lengths``: its response tokens); ``sft_loss`` over the chosen
+    tokens (``chosen_sums``: each chosen response's summed log-probs), so its logged mean is the token mean of
+    the whole logging window or evaluation, whatever the batches were."""
     return {
         "loss": loss.detach() * n,
-        "sft_loss": sft.detach() * n,
+        "sft_loss": -chosen_sums.detach().sum(),
         "rewards/chosen": chosen_rewards.sum(),
         "rewards/rejected": rejected_rewards.sum(),
         "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
@@ -76,8 +80,7 @@ def fused_batch_loss(out: FusedPreference, batch: dict, cfg: Config):
     n = out.num_tokens.shape[0] // 2
     means, lengths = out.logp_means, out.num_tokens.float()
     sums = means * lengths
-    sft = nll_loss(sums[:n], out.num_tokens[:n])
-    stats = pair_stats(n, out.loss, sft, out.chosen_rewards, out.rejected_rewards, means, lengths, batch)
+    stats = pair_stats(n, out.loss, sums[:n], out.chosen_rewards, out.rejected_rewards, means, lengths, batch)
     stats |= method_stats(cfg.method, sums, means, out.logit_sums[0], out.logit_sums[1], n)
     rewards = torch.cat([out.chosen_rewards, out.rejected_rewards])
     return out.loss, stats, (rewards, lengths)
@@ -115,6 +118,14 @@ def method_stats(method: str, sums, means, logits_chosen, logits_rejected, n: in
     if m.stats is not None:
         stats |= m.stats(means[:n], means[n:])
     return stats
+
+
+def chosen_tokens(batch: dict) -> int:
+    """The batch's chosen-response tokens (the NLL term's), in any layout: the packed ones list them per pair;
+    in the padded one the chosen rows come first and ``loss_mask`` marks the response tokens."""
+    if batch.get("segments") is not None:
+        return sum(c for _, c, _ in batch["segments"])
+    return int(batch["loss_mask"][: batch["loss_mask"].shape[0] // 2, 1:].sum())
 
 
 def input_tokens(batch: dict) -> torch.Tensor:

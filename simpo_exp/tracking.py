@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 # method: compare methods on it.
 PAIR_METRICS = (
     "loss",
-    "sft_loss",
     "rewards/chosen",
     "rewards/rejected",
     "rewards/margins",
@@ -50,6 +49,7 @@ TOKEN_METRICS = {
     "logits_response/rejected": ("length/rejected",),
     "entropy": ("length/chosen", "length/rejected"),
     "mean_token_accuracy": ("length/chosen",),
+    "sft_loss": ("length/chosen",),  # the chosen tokens' mean NLL
 }
 # Logged only for the methods whose TRL trainer defines them the same way. logits/*: TRL's DPO averages
 # the logit over completion tokens (our logits_response/*); TRL's CPO and ORPO and the official SimPO

@@ -57,7 +57,7 @@ from simpo_exp.methods import REFERENCE_METHODS
 from simpo_exp.metrics import Window, pearson
 from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention, save_trained
 from simpo_exp.modelcard import resolved_values, write_model_card
-from simpo_exp.objective import batch_loss
+from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
 from simpo_exp.signals import StopSignal
@@ -392,15 +392,16 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     if run.compiler is not None:
         run.compiler.step_started()
     step_stats = Window()
+    micro = [next(batches) for _ in range(run.accum)]
+    state.micro_batches += run.accum
+    sft_tokens = step_sft_tokens(micro, acc) if run.cfg.sft_weight else None
     try:
-        for _ in range(run.accum):
-            batch = next(batches)
-            state.micro_batches += 1
+        for batch in micro:
             work = attention_pairs(batch, run.layout.packing)
             # accumulate(): no gradient all-reduce until the last micro-batch of the step, and
             # backward() scales the loss by 1/accum (DeepSpeed's engine does both itself).
             with acc.accumulate(run.policy):
-                loss, stats, _ = batch_loss(run.policy, batch, run.cfg, run.reference)
+                loss, stats, _ = batch_loss(run.policy, batch, run.cfg, run.reference, sft_tokens)
                 acc.backward(loss)
             step_stats.add(stats | {"attention_pairs": torch.as_tensor(work, dtype=torch.float32)})
     except torch.OutOfMemoryError as e:
@@ -425,6 +426,15 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     compiled = run.compiler is not None and run.compiler.step_finished(seconds, state.step)
     window.step_done(step_stats if ok else None, seconds, timed=not compiled)  # compile warm-up: not timed
     return grad_norm
+
+
+def step_sft_tokens(micro: list[dict], accelerator) -> float:
+    """The NLL term's denominator for each micro-batch of a step: the step's chosen tokens, over all its
+    micro-batches and processes, divided by their number. Accumulation and data parallel average the
+    micro-batches' losses, so the step's NLL term is the token mean over the whole step, as one batch of
+    the same pairs gives (a per-micro-batch token mean weighs a token by its micro-batch's size)."""
+    local = torch.tensor([float(sum(chosen_tokens(b) for b in micro))], device=accelerator.device)
+    return float(accelerator.reduce(local, reduction="sum")) / (len(micro) * accelerator.num_processes)
 
 
 def skip_step(run: Run) -> None:

@@ -58,10 +58,10 @@ def with_bias(model):
     return model
 
 
-def run(policy, batch, cfg):
+def run(policy, batch, cfg, sft_tokens=None):
     model = policy.model
     model.zero_grad()
-    loss, stats, (rewards, lengths) = batch_loss(policy, dict(batch), cfg)
+    loss, stats, (rewards, lengths) = batch_loss(policy, dict(batch), cfg, None, sft_tokens)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in watched(model).items()}
     return loss.detach(), {k: v.detach() for k, v in stats.items()}, rewards, lengths, grads
@@ -97,6 +97,21 @@ def test_fused_head_equals_the_padded_path(compose, case):
     plain = run(ResponseLogps(model), batch, cfg)
     assert isinstance(ResponseLogps(model, fused=head)(**batch), FusedPreference)
     assert_like_padded(fused, plain)
+
+
+@pytest.mark.parametrize("case", ["simpo", "cpo"])
+def test_the_fused_heads_nll_term_takes_the_steps_denominator(compose, case):
+    """In training the NLL term is divided by the optimizer step's chosen tokens per micro-batch
+    (train.step_sft_tokens), not the batch's own: the fused head's Liger calls, split by width, weigh it the same."""
+    pytest.importorskip("liger_kernel")
+    cfg = config(compose, "hardware.fused_head=liger", *CASES[case])
+    model = with_bias(make_model(vocab=96, seed=3))
+    batch = PairCollator(PAD)(random_pairs(6, vocab=96, seed=9))
+    head = fused_head(cfg, model)
+    head.compiled, head.split_cost = False, 0  # several Liger calls, each one's alpha rescaled
+    plain = run(ResponseLogps(model), batch, cfg, sft_tokens=37.5)
+    assert plain[0] != run(ResponseLogps(model), batch, cfg)[0]  # the denominator counts
+    assert_like_padded(run(ResponseLogps(model, fused=head), batch, cfg, sft_tokens=37.5), plain)
 
 
 def test_unsupported_methods_and_settings_are_refused_by_name(compose):

@@ -134,7 +134,6 @@ def expected(method: str) -> dict:
         rc.append(c), rr.append(r), losses.append(loss)
     summed = method in REFERENCE_METHODS + ("cpo",)
     out["loss"] = mean(losses)
-    out["sft_loss"] = mean([-(b["sums"][0] + b["sums"][1]) / (b["lens"][0] + b["lens"][1]) for b in BATCHES])
     out["rewards/chosen"], out["rewards/rejected"] = mean(rc), mean(rr)
     out["rewards/margins"] = mean([c - r for c, r in zip(rc, rr)])
     out["rewards/accuracies"] = mean([float(c > r) for c, r in zip(rc, rr)])
@@ -150,6 +149,7 @@ def expected(method: str) -> dict:
     out["logits_response/rejected"] = total("logits", (2, 3)) / tokens((2, 3))
     out["entropy"] = total("entropy", range(4)) / tokens(range(4))
     out["mean_token_accuracy"] = total("top1", (0, 1)) / tokens((0, 1))
+    out["sft_loss"] = -total("sums", (0, 1)) / tokens((0, 1))  # the window's chosen-token mean, not batch by batch
     if method in REFERENCE_METHODS:
         out["logits/chosen"], out["logits/rejected"] = out["logits_response/chosen"], out["logits_response/rejected"]
     if method == "orpo":

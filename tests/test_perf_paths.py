@@ -449,3 +449,39 @@ def test_segments_wrap_the_eager_attention_of_a_lora_model():
         with torch.no_grad():
             losses[packing] = step_loss(ResponseLogps(model, packing=packing, attention="segments"), batch)[0]
     torch.testing.assert_close(losses["packed"], losses["none"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("packing", ["none", "prefix_shared"])
+def test_an_nll_term_accumulated_over_micro_batches_is_the_big_batchs(compose, packing):
+    """sft_weight > 0 (CPO, ORPO, SimPO+SFT): 4 micro-batches of 4 pairs, each loss divided by 4 (as accumulation
+    and data parallel average them), give the gradient of one batch of the 16 pairs: the NLL term is divided by
+    the step's chosen tokens (train.step_sft_tokens), not each micro-batch's own, which weighed a token by its
+    micro-batch's size (0.1% off in grad_norm, measured through the loop)."""
+    from types import SimpleNamespace
+
+    from simpo_exp.config import to_config
+    from simpo_exp.objective import batch_loss, chosen_tokens
+    from simpo_exp.train import step_sft_tokens
+
+    cfg = to_config(compose("loss=cpo", f"hardware.packing={packing}"))
+    assert cfg.sft_weight == 1.0
+    model = make_model(seed=3)
+    policy = ResponseLogps(model, packing=packing)
+    collate = PairCollator(PAD, packing=packing)
+    pairs = random_pairs(16, seed=4, max_response=40)
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, reduce=lambda t, reduction: t)
+
+    def grads(batches, tokens):
+        model.zero_grad(set_to_none=True)
+        for batch in batches:
+            loss, stats, _ = batch_loss(policy, batch, cfg, None, tokens)
+            (loss / len(batches)).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), stats
+
+    whole, stats = grads([collate(pairs)], None)
+    micro = [collate(pairs[i : i + 4]) for i in range(0, 16, 4)]
+    assert sum(chosen_tokens(b) for b in micro) == chosen_tokens(collate(pairs)) == stats["length/chosen"]
+    accumulated, _ = grads(micro, step_sft_tokens(micro, acc))
+    torch.testing.assert_close(accumulated, whole, atol=1e-6, rtol=1e-5)
+    per_micro_batch, _ = grads(micro, None)  # each micro-batch's own token mean: what was done before
+    assert (per_micro_batch - whole).norm() > 1e-3 * whole.norm()
