@@ -9,6 +9,7 @@ Hugging Face cache and the hub cannot be reached, ``simpo_exp.hub`` says so at o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -66,6 +67,26 @@ def build_tiny_tokenizer():
         model_max_length=1 << 20,
     )
     return tok
+
+
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Build a model as a plain process does, not under DeepSpeed's ``zero.Init`` (which transformers uses for
+    every model it builds while a ZeRO-3 config is registered, as accelerate's ``zero3_init_flag`` does): a seeded
+    random init drawn partition by partition gives other weights than one process draws, so the same run under
+    ZeRO-3 would start elsewhere (and the evaluate stage's rebuilt starting model would not be its start)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers' one record of the registered config
+    registered = ref() if ref is not None else None
+    if registered is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
 
 
 def apply_chat_template_choice(tokenizer, choice: str, mcfg_name: str = "") -> None:
@@ -148,7 +169,8 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
             pad_token_id=tokenizer.pad_token_id,
         )
         torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        with outside_zero3_init():  # the same seeded weights as one process draws; ZeRO-3 partitions them later
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     else:
         check_model_available(m.path, m.revision)
         model = AutoModelForCausalLM.from_pretrained(

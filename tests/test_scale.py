@@ -384,3 +384,32 @@ def test_a_sharding_preset_that_would_run_unsharded_is_refused():
     check_engine(fsdp, DistributedType.FSDP)
     check_engine(zero3, DistributedType.DEEPSPEED)
     check_engine(SimpleNamespace(name="ddp", deepspeed_config=None), DistributedType.NO)  # one process of ddp: fine
+
+
+def test_a_random_init_under_a_zero3_config_draws_the_weights_one_process_draws(compose):
+    """accelerate's zero3_init_flag registers the ZeRO-3 config with transformers, which then builds every model
+    under deepspeed.zero.Init: a seeded random init drawn partition by partition started a ZeRO-3 run from other
+    weights than DDP's (step-1 log-probs -5.532 vs -5.438). Built outside it, the weights are one process's; the
+    registration is back afterwards, for the loads that need it."""
+    pytest.importorskip("deepspeed")
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from simpo_exp.model import load_model, load_tokenizer, outside_zero3_init
+
+    cfg = to_config(compose("hardware=cpu", "model.random_init.num_hidden_layers=1"))
+    tok = load_tokenizer(cfg.model)
+    plain = load_model(cfg, tok, "sdpa").state_dict()
+    registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with outside_zero3_init():
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+        again = load_model(cfg, tok, "sdpa").state_dict()
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    assert registered is not None and set(again) == set(plain)
+    assert all(torch.equal(again[k], plain[k]) for k in plain)
