@@ -475,8 +475,9 @@ def load(
         raise CheckpointError(
             f"checkpoint {path} holds its weights and optimizer state as {describe_engine(written, by_engine)} "
             f"writes them; this run is set up to read {describe_engine(engine, load_engine_state is not None)}. "
-            "Resume with the engine it was written by (its hardware preset and launcher), or run with "
-            "resume=false to start fresh."
+            "Resume with the engine it was written by (its hardware preset and launcher"
+            + (", and hardware.checkpoint_format=accelerate" if by_engine and load_engine_state is None else "")
+            + "), or run with resume=false to start fresh."
         )
     try:
         if by_engine:
