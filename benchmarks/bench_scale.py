@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trl import generate_texts  # noqa: E402  (the same length model as the TRL comparison; puts ROOT on the path)
+from bench_trl import generate_texts, git_commit  # noqa: E402  (the same length model as the TRL comparison; puts ROOT on the path)
 
 from simpo_exp.rundir import read_jsonl  # noqa: E402
 
@@ -103,7 +103,7 @@ def command(preset: dict, run: str, data: Path, run_dir: Path) -> list[str]:
 def summarise(run_dir: Path, warmup: int) -> dict:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "train/step_time_s" in r]
-    timed = [r for r in steps if r["step"] > warmup] or steps
+    timed = [r for r in steps if r["step"] > warmup]
 
     def median(key):
         values = [r[key] for r in timed if r.get(key) is not None]
@@ -130,6 +130,26 @@ def summarise(run_dir: Path, warmup: int) -> dict:
     }
 
 
+def machine(threads: int | None) -> str:
+    """The CPU, cores, GPU and versions of this machine (each run's env.json holds its own as well)."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    omp = threads or os.environ.get("OMP_NUM_THREADS", "unset")
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, OMP_NUM_THREADS {omp}; "
+        f"GPU {gpu}; {platform.platform()}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+
+
 def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -140,6 +160,7 @@ def main() -> int:
     parser.add_argument("--runs", nargs="+", help="hardware presets (with ':overrides'); default: the preset's")
     parser.add_argument("--steps", type=int, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, help="steps left out of the medians")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (default: the machine's)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", type=Path, help="keep the run directories under this folder")
     args = parser.parse_args()
@@ -147,6 +168,8 @@ def main() -> int:
     preset = dict(PRESETS[args.preset])
     preset["steps"] = args.steps or preset["steps"]
     preset["warmup"] = args.warmup if args.warmup is not None else preset["warmup"]
+    if preset["steps"] <= preset["warmup"]:
+        parser.error(f"--steps {preset['steps']} leaves no step past --warmup {preset['warmup']} to time")
     runs = args.runs or preset["runs"]
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -154,6 +177,8 @@ def main() -> int:
     write_data(preset, data, pairs=preset["batch"] * (preset["steps"] + 2) + 40)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     results = []
     for i, run in enumerate(runs):
         run_dir = work / f"run{i}-{run.split(':')[0]}"
@@ -191,7 +216,16 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps(
-                {"preset": args.preset, "config": preset, "machine": platform.platform(), "results": results}, indent=2
+                {
+                    "preset": args.preset,
+                    "config": preset | {"runs": runs, "threads": args.threads},
+                    "command": " ".join(sys.argv),
+                    "machine": machine(args.threads),
+                    "commit": git_commit(),
+                    "load_average": os.getloadavg()[0],
+                    "results": results,
+                },
+                indent=2,
             )
         )
     return 1 if any("error" in r for r in results) else 0

@@ -3,7 +3,7 @@
 
     python benchmarks/bench_trl.py --preset cpu        # tiny Llama, 2-core CPU, a few minutes
     python benchmarks/bench_trl.py --preset cpu-128k   # 128k vocabulary, 1-2k tokens: peak memory
-    python benchmarks/bench_trl.py --preset gpu        # 0.75B Llama, 128k vocabulary, bf16 (needs CUDA)
+    python benchmarks/bench_trl.py --preset gpu        # 1.24B Llama, 128k vocabulary, bf16 (needs CUDA)
 
 Both sides train the same randomly initialised Llama (built from a config, same seed, so the same
 weights) on the same generated preference pairs, in the same order, with the same batch size,
@@ -729,7 +729,17 @@ def run_shared_worker(spec: dict, on_result) -> str | None:
     return "out of memory" if "out of memory" in text else f"shared worker failed (exit {proc.returncode})"
 
 
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def machine(threads: int | None = None) -> str:
+    import accelerate
+    import datasets
     import torch
     import transformers
     import trl
@@ -745,8 +755,18 @@ def machine(threads: int | None = None) -> str:
         f"{cpu}, {os.cpu_count()} cores visible, torch threads per run {threads or torch.get_num_threads()}; "
         f"GPU {gpu}; "
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"trl {trl.__version__}"
+        f"trl {trl.__version__}, accelerate {accelerate.__version__}, datasets {datasets.__version__}, "
+        f"liger-kernel {liger_version()}"
     )
+
+
+def liger_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("liger-kernel")
+    except metadata.PackageNotFoundError:
+        return "absent"
 
 
 def measured(run: dict, key: str, warmup: int) -> list:
@@ -958,7 +978,8 @@ def main() -> None:
             for name in alone:
                 record(r, name, run_worker(worker_spec(base, name), must_succeed=False))
     finally:  # a run cut short (a time limit, Ctrl-C) still prints and writes what it measured
-        report(args, preset, check, order, runs, started, failures)
+        ran = preset | {"rounds": rounds, "variants": variants}  # recorded: what ran, not the preset's defaults
+        report(args, ran, check, order, runs, started, failures)
 
 
 def worker_spec(base: dict, name: str) -> dict:
@@ -1027,6 +1048,10 @@ def report(
             json.dumps(
                 {
                     "machine": machine(args.threads),
+                    "command": " ".join(sys.argv),
+                    "commit": git_commit(),
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                    "load_average": os.getloadavg()[0],
                     "preset": args.preset,
                     "config": preset,
                     "check": check,

@@ -33,6 +33,7 @@ publish() {
     return 0
 }
 trap publish EXIT
+echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" > "$WORK/summary.md"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -42,8 +43,16 @@ else
     export PYTHONPATH=$PWD  # a machine that has the packages already (pip install -e ".[test,bench]")
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-
-echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" > "$WORK/summary.md"
+# Without the kit (or the packages installed) every part would fail at its imports and spend the device's
+# minutes on empty output: stop here, saying what is missing.
+if ! missing=$(python3 -c "
+import importlib.util as u
+names = 'hydra omegaconf trl datasets accelerate peft transformers simpo_exp'.split()
+print(' '.join(n for n in names if u.find_spec(n) is None))" 2>&1) || [ -n "$missing" ]; then
+    echo "not installed: ${missing:-?}; build the kit here first (bash benchmarks/gpu_kit.sh, then carry .whl)" \
+        | tee -a "$WORK/summary.md"
+    exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$WORK/summary.md"
 python3 -c "
 import torch, transformers, accelerate, hydra, omegaconf, trl

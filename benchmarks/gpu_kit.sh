@@ -25,8 +25,9 @@ names = ('transformers', 'peft', 'hydra-core', 'omegaconf', 'datasets', 'dill', 
          'pydantic-core', 'annotated-types', 'typing-inspection', 'xxhash')
 print(' '.join(f'{p}=={v(p)}' for p in names))")
 # liger-kernel: pure Python (its kernels are Triton, which the image's torch brings) for hardware.fused_head=liger
-python3 -m pip download -q --no-deps "${PY312[@]}" -d .whl $PINNED trl==1.16.0 hjson liger-kernel==0.8.5
-# source-only on PyPI: built here as pure-Python wheels (DeepSpeed compiles its ops on first use there)
+python3 -m pip download -q --no-deps "${PY312[@]}" -d .whl $PINNED trl==1.16.0 hjson==3.1.0 liger-kernel==0.8.5
+# source-only on PyPI: built here as pure-Python wheels (DeepSpeed compiles its ops on first use there); DeepSpeed
+# at the version the test extra pins (pyproject.toml)
 DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl \
-    antlr4-python3-runtime==4.9.3 deepspeed
+    antlr4-python3-runtime==4.9.3 deepspeed==0.19.8
 du -sh .whl && ls .whl
