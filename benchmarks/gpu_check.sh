@@ -14,8 +14,9 @@
 # never costs the figures of the others. Then paste $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
 #
 # The device tool brings back at most 8 files from $OUT, so the parts write into a work folder and, after
-# each part, $OUT gets summary.md, the benchmark JSON files and one logs.tar.gz of everything (logs and
-# markdown tables): at most 7 files, and a check cut short still leaves the parts it finished.
+# each part, $OUT gets summary.md, bench.json (every part's benchmark JSON, by file name: bench-b16, ...) and
+# one logs.tar.gz of everything (logs, markdown tables, the JSON files): 3 files however many parts ran, and a
+# check cut short still leaves the parts it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -26,9 +27,19 @@ WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 mkdir -p "$OUT"
 started=$(date +%s)
 log() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$WORK/summary.md"; }
-publish() {
+publish() {  # three files, whatever the parts: the device tool brings back at most 8
     cp "$WORK/summary.md" "$OUT/" 2>/dev/null
-    cp "$WORK"/*.json "$OUT/" 2>/dev/null
+    python3 -c "
+import json, pathlib, sys
+work = pathlib.Path(sys.argv[1])
+merged = {}
+for f in sorted(work.glob('*.json')):
+    try:
+        merged[f.stem] = json.loads(f.read_text())
+    except ValueError:  # a part cut off while writing it
+        merged[f.stem] = {'unreadable': f.read_text()[-2000:]}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(merged, indent=1))
+" "$WORK" "$OUT/bench.json" 2>/dev/null
     tar -czf "$OUT/logs.tar.gz" -C "$WORK" . 2>/dev/null
     return 0
 }
