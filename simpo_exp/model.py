@@ -282,7 +282,8 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
         model.save_pretrained(path / "adapter", state_dict=state_dict)  # PEFT keeps the adapter's entries
         if state_dict is None:
             state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        state_dict, model = merged_lora_state_dict(model, state_dict), model.get_base_model()
+        state_dict = merged_lora_state_dict(model, state_dict)
+        model = untied_if_merged_apart(model, state_dict)
     model.save_pretrained(path, state_dict=state_dict)
     if lora:  # save_pretrained writes the dtype of the model in memory (the base's), not of the weights it wrote
         config = json.loads((path / "config.json").read_text())
@@ -292,26 +293,67 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
 
 def merged_lora_state_dict(model, state_dict: dict) -> dict:
     """The base model's state dict, in float32, with each LoRA layer merged, from a PEFT model's full
-    ``state_dict`` (keys ``base_model.model.<name>.base_layer.weight`` and ``<name>.lora_A/B.<adapter>.weight``):
-    W + scaling B A, where scaling is the layer's own (lora_alpha / r, or over sqrt(r) with rsLoRA, per-layer
-    patterns included)."""
+    ``state_dict`` (keys ``base_model.model.<name>.base_layer.weight`` and the adapters' ``lora_A/B`` or, for an
+    embedding, ``lora_embedding_A/B``): W + scaling B A (its transpose for an embedding, whose A is [r, vocab]),
+    where scaling is the layer's own (lora_alpha / r, or over sqrt(r) with rsLoRA, per-layer patterns included).
+    A base weight left out as a tied copy (a sharded engine's gathered weights) is taken from its twin; a LoRA
+    layer whose weights are not all there is an error, never a model saved without its training."""
+    from simpo_exp.logps import shared_parameters
+
     prefix = "base_model.model."
     layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")}
-    merged = {}
+    state_dict = dict(state_dict)
+    for group in shared_parameters(model):  # tied weights: every name present, as the model itself holds them
+        there = next((state_dict[n] for n in group if n in state_dict), None)
+        state_dict.update({n: there for n in group if n not in state_dict and there is not None})
+    merged, done = {}, set()
     for key, value in state_dict.items():
         if ".lora_" in key:
             continue
         value = value.float() if value.is_floating_point() else value
         name, _, leaf = key.rpartition(".base_layer.")
         if name in layers and leaf == "weight":
-            layer = layers[name]
-            for adapter in layer.active_adapters:
-                a = state_dict[f"{name}.lora_A.{adapter}.weight"].float()
-                b = state_dict[f"{name}.lora_B.{adapter}.weight"].float()
-                delta = (b @ a) * layer.scaling[adapter]
-                value = value + (delta.T if getattr(layer, "fan_in_fan_out", False) else delta)  # Conv1D: [in, out]
+            value = value + lora_delta(layers[name], name, state_dict)
+            done.add(name)
         merged[(f"{name}.{leaf}" if name in layers else key).removeprefix(prefix)] = value
+    missing = sorted(set(layers) - done)
+    if missing:
+        raise RuntimeError(f"LoRA layers not merged (their base weight is not in the saved state): {missing[:5]}")
     return merged
+
+
+def untied_if_merged_apart(peft_model, merged: dict):
+    """The base model, its config no longer tying the output head to the input embeddings where a merged adapter
+    on one of them (``lm_head`` or ``embed_tokens`` among the targets) made their merged weights differ: tied,
+    the loaded model would take one for both and lose the other's training."""
+    from simpo_exp.logps import shared_parameters
+
+    base = peft_model.get_base_model()
+    for group in shared_parameters(peft_model):
+        keys = [n.removeprefix("base_model.model.").replace(".base_layer.", ".") for n in group]
+        tensors = [merged[k] for k in keys if k in merged]
+        if any(not torch.equal(tensors[0], t) for t in tensors[1:]) and getattr(
+            base.config, "tie_word_embeddings", False
+        ):
+            base.config.tie_word_embeddings = False
+            log.info("LoRA merge: %s now differ, saved untied", " and ".join(keys))
+    return base
+
+
+def lora_delta(layer, name: str, state_dict: dict) -> torch.Tensor:
+    """scaling * B A of one LoRA layer (summed over its active adapters), in float32, laid out as its base weight."""
+    delta = 0
+    for adapter in layer.active_adapters:
+        if f"{name}.lora_embedding_A.{adapter}" in state_dict:  # an embedding: A [r, vocab], B [hidden, r]
+            a = state_dict[f"{name}.lora_embedding_A.{adapter}"].float()
+            b = state_dict[f"{name}.lora_embedding_B.{adapter}"].float()
+            delta = delta + (b @ a).T * layer.scaling[adapter]
+            continue
+        a = state_dict[f"{name}.lora_A.{adapter}.weight"].float()
+        b = state_dict[f"{name}.lora_B.{adapter}.weight"].float()
+        d = (b @ a) * layer.scaling[adapter]
+        delta = delta + (d.T if getattr(layer, "fan_in_fan_out", False) else d)  # GPT-2's Conv1D: [in, out]
+    return delta
 
 
 def add_lora(model, h):
