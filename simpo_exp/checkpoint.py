@@ -110,6 +110,7 @@ class TrainState:
     window_seconds: float = 0.0  # time spent in its steps so far (for tokens/s after a resume)
     window_steps: int = 0
     num_tokens: float = 0.0  # input tokens of the logged training steps (TRL's num_tokens)
+    epoch_batches: int = 0  # micro-batches trained per epoch (train.epoch_batches); 0: written before it was kept
 
 
 def rng_state() -> tuple[dict, dict]:

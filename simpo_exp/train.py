@@ -131,6 +131,20 @@ def epoch_batches(batches_per_epoch: int, accum: int) -> int:
     return batches_per_epoch // accum * accum or batches_per_epoch
 
 
+def same_epochs(state: "checkpoint.TrainState", per_epoch: int, loader_batches: int) -> int:
+    """``per_epoch``, checked against a resumed checkpoint's: one written before epochs ended at their last whole
+    optimizer step counted every micro-batch of an epoch (its data position and schedule length follow that
+    rule), so where the two rules differ for this run it cannot be continued as the same run."""
+    if state.step and state.epoch_batches != per_epoch and (state.epoch_batches or per_epoch != loader_batches):
+        raise checkpoint.CheckpointError(
+            f"the checkpoint at step {state.step} counted {state.epoch_batches or loader_batches} micro-batches an "
+            f"epoch, this version {per_epoch} (an epoch now ends at its last whole optimizer step): its data "
+            "position and learning-rate schedule would not carry over. Finish it with the version that wrote it, "
+            "or run with resume=false to start fresh"
+        )
+    return per_epoch
+
+
 def total_steps(cfg: Config, batches_per_epoch: int, accum: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -315,6 +329,7 @@ def set_up(cfg: Config) -> Run:
             raise out_of_memory("the reference log-probs (per_device_eval_batch_size)", e) from e
         reference = None
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
+    state.epoch_batches = same_epochs(state, epoch_batches(len(train_loader), accum), len(train_loader))
     env = environment_record(cfg, accelerator, model, data_report, layout)
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
     env["adamw_fused"] = bool(fused_optimizer)
@@ -458,7 +473,7 @@ def log_train(run: Run, window: Window, grad_norm: float) -> dict:
         "train/num_tokens": run.state.num_tokens,
         "train/grad_norm": grad_norm,
         "train/learning_rate": run.scheduler.get_last_lr()[0],
-        "train/epoch": run.state.micro_batches / epoch_batches(len(run.train_loader), run.accum),
+        "train/epoch": run.state.micro_batches / run.state.epoch_batches,
         "train/skipped_steps": run.state.skipped_steps,
         SAMPLES_KEY: run.state.step * run.pairs_per_step,
     }
@@ -631,8 +646,7 @@ def train_loop(run: Run) -> dict:
     cfg, summary = run.cfg, {}
     if cfg.eval_on_start and run.state.step == 0:
         summary |= evaluate_and_sample(run, 0)
-    per_epoch = epoch_batches(len(run.train_loader), run.accum)
-    batches = forever(run.train_loader, run.accelerator, run.state.micro_batches, per_epoch)
+    batches = forever(run.train_loader, run.accelerator, run.state.micro_batches, run.state.epoch_batches)
     window = Window.restore(run.state.window, run.state.window_seconds, run.state.window_steps, run.accelerator)
     stop, bar = StopSignal(), progress_bar(run)
     run.policy.train()

@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
@@ -125,3 +126,17 @@ def test_an_epoch_ends_at_its_last_whole_optimizer_step():
     for _ in range(50):  # five more epochs: each left early is taken off accelerate's record of open iterations
         next(used)
     assert len(accelerator.gradient_state.dataloader_references) <= before + 1
+
+
+def test_a_checkpoint_from_before_whole_step_epochs_resumes_only_where_the_rules_agree():
+    """A checkpoint written when an epoch counted every micro-batch holds a data position and a schedule length of
+    that rule: resumed where the rules differ (16 micro-batches, accumulation 3: 15 used now) it is refused by
+    name; where they agree (accumulation 4), and for checkpoints that record their rule, it resumes."""
+    from simpo_exp.checkpoint import CheckpointError, TrainState
+    from simpo_exp.train import same_epochs
+
+    with pytest.raises(CheckpointError, match="counted 16 micro-batches an epoch, this version 15"):
+        same_epochs(TrainState(step=6), 15, 16)
+    assert same_epochs(TrainState(step=6), 16, 16) == 16  # the same under both rules
+    assert same_epochs(TrainState(step=6, epoch_batches=15), 15, 16) == 15
+    assert same_epochs(TrainState(), 15, 16) == 15  # a fresh start
