@@ -359,6 +359,13 @@ def _validate_method(cfg: Config) -> None:
     _check(cfg.gamma_beta_ratio >= 0, "gamma_beta_ratio", cfg.gamma_beta_ratio, "must be >= 0")
     if cfg.gamma is not None:
         _check(cfg.gamma >= 0, "gamma", cfg.gamma, "must be >= 0 (or null to use gamma_beta_ratio)")
+        margin = readers("gamma_beta_ratio")
+        _check(
+            cfg.method in margin,
+            "gamma",
+            cfg.gamma,
+            f"method={cfg.method!r} has no target margin (read by {', '.join(margin)}); leave gamma null",
+        )
     _check(0 <= cfg.label_smoothing < 0.5, "label_smoothing", cfg.label_smoothing, "must be in [0, 0.5)")
     if cfg.loss_type == "hinge" and cfg.label_smoothing > 0:
         _fail("label_smoothing", cfg.label_smoothing, "the hinge loss ignores label smoothing; set it to 0")
@@ -373,7 +380,17 @@ def _validate_run(cfg: Config) -> None:
         _check(cfg.model.learning_rate > 0, "model.learning_rate", cfg.model.learning_rate, "must be > 0")
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS)
     _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
+    if cfg.lr_scheduler_type == "constant":  # transformers' constant schedule has no warm-up
+        _check(
+            cfg.warmup_ratio == 0,
+            "warmup_ratio",
+            cfg.warmup_ratio,
+            "is ignored by lr_scheduler_type=constant; use constant_with_warmup, or warmup_ratio=0",
+        )
     _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(cfg, key) < 1, key, getattr(cfg, key), "must be in [0, 1)")
+    _check(cfg.adam_epsilon > 0, "adam_epsilon", cfg.adam_epsilon, "must be > 0")
     _check(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")
     for key in (
         "per_device_train_batch_size",
@@ -456,6 +473,8 @@ def _validate_dataset(d: DatasetConfig) -> None:
         _check_choice(f"{key}.format", src.format, SOURCE_FORMATS)
         _check(0 < src.fraction <= 1, f"{key}.fraction", src.fraction, "must be in (0, 1]")
     _check(0 < d.test_size < 1, "dataset.test_size", d.test_size, "must be in (0, 1)")
+    if d.num_proc is not None:
+        _check(d.num_proc >= 1, "dataset.num_proc", d.num_proc, "must be >= 1 or null (one process)")
     for key in ("max_train_samples", "max_eval_samples"):
         v = getattr(d, key)
         if v is not None:
@@ -506,6 +525,7 @@ def _validate_hardware(h: HardwareConfig) -> None:
         )
     if h.lora:
         _check(h.lora_r >= 1, "hardware.lora_r", h.lora_r, "must be >= 1")
+        _check(h.lora_alpha > 0, "hardware.lora_alpha", h.lora_alpha, "must be > 0 (0: the adapters add nothing)")
         _check(0 <= h.lora_dropout < 1, "hardware.lora_dropout", h.lora_dropout, "must be in [0, 1)")
         _check(bool(h.lora_target_modules), "hardware.lora_target_modules", h.lora_target_modules, "must name modules")
     _check(h.dataloader_num_workers >= 0, "hardware.dataloader_num_workers", h.dataloader_num_workers, "must be >= 0")

@@ -53,7 +53,7 @@ from simpo_exp.layout import BatchLayout
 from simpo_exp.layout_auto import layout_for_run
 from simpo_exp.logps import ResponseLogps, shared_parameters
 from simpo_exp.memory import check_device_memory
-from simpo_exp.methods import REFERENCE_METHODS
+from simpo_exp.methods import REFERENCE_METHODS, TABLE
 from simpo_exp.metrics import Window, pearson
 from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention, save_trained
 from simpo_exp.modelcard import resolved_values, write_model_card
@@ -312,16 +312,11 @@ def set_up(cfg: Config) -> Run:
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * steps), num_training_steps=steps
     )
 
-    gamma, gamma_beta_ratio = resolve_gamma(cfg)
     config_dict = config_to_dict(cfg)
     pairs_per_step = cfg.per_device_train_batch_size * accum * accelerator.num_processes
-    resolved = {
-        "learning_rate": lr,
-        "gamma": gamma,
-        "gamma_beta_ratio": gamma_beta_ratio,
-        "gradient_accumulation_steps": accum,
-        "effective_batch_size": pairs_per_step,
-    }
+    resolved = {"learning_rate": lr, "gradient_accumulation_steps": accum, "effective_batch_size": pairs_per_step}
+    if "gamma_beta_ratio" in TABLE[cfg.method].reads:  # a margin only where the method's loss has one
+        resolved["gamma"], resolved["gamma_beta_ratio"] = resolve_gamma(cfg)
     if isinstance(reference, CachedReference):  # from the starting weights: before a checkpoint is loaded
         try:
             reference.fill(policy, accelerator)

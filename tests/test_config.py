@@ -106,14 +106,31 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
         ("dataset.sources.synthetic.fraction=0", "dataset.sources.synthetic.fraction"),
         ("model.random_init.num_attention_heads=3", "model.random_init.hidden_size"),
         ("logger.mode=sometimes", "logger.mode"),
+        ("adam_beta1=1.5", "adam_beta1"),
+        ("adam_beta2=1.0", "adam_beta2"),
+        ("adam_epsilon=-1", "adam_epsilon"),
+        ("dataset.num_proc=-3", "dataset.num_proc"),
+        ("hardware=cpu-lora hardware.lora_alpha=0", "hardware.lora_alpha"),
     ],
 )
 def test_invalid_values_name_the_key(compose, override, key):
     with pytest.raises(ConfigError) as err:
-        to_config(compose(override))
+        to_config(compose(*override.split()))
     message = str(err.value)
     assert f"{key}=" in message
     assert "must" in message or "allowed" in message
+
+
+def test_settings_nothing_would_read_are_refused(compose):
+    """A warm-up under transformers' constant schedule (which has none), and an absolute margin for a method whose
+    loss has no margin, ran without them while the model card and summary recorded them."""
+    with pytest.raises(ConfigError, match="warmup_ratio=0.1: .*ignored by lr_scheduler_type=constant"):
+        to_config(compose("lr_scheduler_type=constant"))
+    to_config(compose("lr_scheduler_type=constant", "warmup_ratio=0"))
+    to_config(compose("lr_scheduler_type=constant_with_warmup"))
+    with pytest.raises(ConfigError, match="gamma=3.0: method='dpo' has no target margin"):
+        to_config(compose("loss=dpo", "gamma=3"))
+    to_config(compose("loss=simpo", "gamma=3"))
 
 
 def test_hinge_with_label_smoothing_is_refused(compose):
