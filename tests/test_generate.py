@@ -470,3 +470,29 @@ def test_the_process_place_is_checked_before_anything_is_written(monkeypatch):
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert process_place() == (0, 1)
+
+
+def test_the_precision_binds_a_generation_and_greedy_passes_that_cannot_differ_are_refused(tmp_path):
+    """The weights' dtype, the autocast and the attention a shard was sampled with are in its manifest: a resumed
+    generation in bfloat16 beside float32 shards is refused (a manifest written before they were recorded still
+    resumes). Greedy decoding over several passes samples one response several times, then drops every prompt:
+    refused before anything is sampled."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.run import _manifest, check_manifest
+
+    shards = tmp_path / "shards"
+    prompts = [{"prompt_id": "a"}]
+    fp32 = _manifest(compose_generate(), {"kind": "random-init"}, prompts)
+    bf16 = _manifest(compose_generate("model.dtype=bfloat16"), {"kind": "random-init"}, prompts)
+    assert fp32["model_dtype"] == "float32" and bf16["model_dtype"] == "bfloat16"
+    check_manifest(shards, fp32)
+    (shards / "responses-00000.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="different model_dtype"):
+        check_manifest(shards, bf16)
+    older = {k: v for k, v in fp32.items() if k not in ("model_dtype", "mixed_precision", "attention")}
+    (shards / "manifest.json").write_text(json.dumps(older))
+    check_manifest(shards, fp32)
+
+    res = generate("generate.temperature=0", f"hydra.run.dir={tmp_path / 'greedy'}", cwd=tmp_path)
+    assert res.returncode == 2 and "generate.temperature=0 (greedy) gives every one of the 5 passes" in res.stderr
+    assert not (tmp_path / "greedy" / "shards").exists()

@@ -84,6 +84,10 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
         "prompts": len(prompts),
         "prompt_ids_sha256": ids,
         "max_prompt_length": cfg.max_prompt_length,
+        # what the samples are computed in (the same weights in another precision sample other responses)
+        "model_dtype": cfg.model.dtype,
+        "mixed_precision": cfg.hardware.mixed_precision,
+        "attention": cfg.model.attn_implementation or cfg.hardware.attn_implementation,
     }
 
 
@@ -96,7 +100,8 @@ def check_manifest(shard_dir: Path, manifest: dict) -> None:
         write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
         return
     old = json.loads(path.read_text())
-    differ = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+    # a key an older manifest lacks is not held against it (it was written before that key was recorded)
+    differ = sorted(k for k in old if old[k] != manifest.get(k))
     if differ:
         raise ConfigError(
             f"output_dir={str(shard_dir.parent)!r} holds shards made with a different {', '.join(differ)}; "
@@ -188,6 +193,13 @@ def generate_data(cfg) -> dict:
     from simpo_exp.inference.scoring import check_reward_model
     from simpo_exp.model import load_tokenizer
 
+    g = cfg.generate
+    if g.temperature == 0 and len(g.seeds) * g.samples_per_seed > 1:
+        raise ConfigError(
+            f"generate.temperature=0 (greedy) gives every one of the {len(g.seeds) * g.samples_per_seed} passes "
+            "(generate.seeds x generate.samples_per_seed) the same response, and a pair needs two different ones: "
+            "use a temperature > 0"
+        )
     out = Path(cfg.output_dir)
     shard_dir = out / "shards"
     prompts, source_counts = _tokenised_prompts(cfg, load_tokenizer(cfg.model))
