@@ -117,3 +117,28 @@ def test_rule_prompts_need_the_synthetic_task_itself_or_a_provenance_naming_it(t
     (data / "provenance.json").write_text(json.dumps({"synthetic_task": {"digits": 3}}))
     with pytest.raises(ConfigError, match="benchmark=rule"):
         rule_prompts(run, 4)
+
+
+def test_a_judge_the_benchmark_does_not_run_and_bad_retry_settings_are_refused_by_key():
+    """benchmark=rule with judge.kind=none still judged by the rule, Arena-Hard with judge.kind=alpaca_eval judged
+    nothing, and both recorded the judge they named; judge.max_retries=-1 and timeout_s=0 were blamed on the
+    endpoint ("did not answer after 0 tries")."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig, _validate_benchmark
+
+    def bench(benchmark, **judge):
+        return BenchmarkConfig(
+            name=benchmark, kind=benchmark, prompts_path="p.json", reference_path="r.jsonl", judge=JudgeConfig(**judge)
+        )
+
+    with pytest.raises(ConfigError, match="b.judge.kind='none'.*allowed values are 'rule'"):
+        _validate_benchmark("b", bench("rule", kind="none"))
+    with pytest.raises(ConfigError, match="b.judge.kind='alpaca_eval'"):
+        _validate_benchmark("b", bench("arena_hard", kind="alpaca_eval"))
+    _validate_benchmark("b", bench("alpacaeval", kind="alpaca_eval"))
+    endpoint = dict(kind="openai", base_url="http://127.0.0.1:1/v1", model="m")
+    with pytest.raises(ConfigError, match="b.judge.max_retries=-1"):
+        _validate_benchmark("b", bench("arena_hard", **endpoint, max_retries=-1))
+    with pytest.raises(ConfigError, match="b.judge.timeout_s=0"):
+        _validate_benchmark("b", bench("arena_hard", **endpoint, timeout_s=0))
+    _validate_benchmark("b", bench("arena_hard", **endpoint))

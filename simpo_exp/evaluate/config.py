@@ -19,6 +19,13 @@ from simpo_exp.config import _check, _check_choice, _fail, structured
 
 BENCHMARK_KINDS = ("rule", "alpacaeval", "arena_hard", "lm_eval")
 JUDGE_KINDS = ("none", "rule", "openai", "alpaca_eval")
+# the judges each benchmark kind runs (simpo_exp/evaluate/run.py); lm-eval scores its own tasks
+JUDGES_OF = {
+    "rule": ("rule",),
+    "alpacaeval": ("none", "openai", "alpaca_eval"),
+    "arena_hard": ("none", "openai"),
+    "lm_eval": ("none",),
+}
 BACKENDS = ("auto", "hf", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB = ("auto", "off")
@@ -114,6 +121,8 @@ def decoding_for(b: BenchmarkConfig, model_name: str) -> DecodingConfig:
 def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
     _check_choice(f"{key}.kind", b.kind, BENCHMARK_KINDS)
     _check_choice(f"{key}.judge.kind", b.judge.kind, JUDGE_KINDS)
+    honoured = JUDGES_OF.get(b.kind, JUDGE_KINDS)  # a judge the benchmark does not run would be recorded, not used
+    _check_choice(f"{key}.judge.kind", b.judge.kind, honoured)
     d, fields = b.decoding, {f.name for f in dataclasses.fields(DecodingConfig)}
     _check_choice(f"{key}.decoding.backend", d.backend, BACKENDS)
     _check(d.temperature >= 0, f"{key}.decoding.temperature", d.temperature, "must be >= 0 (0: greedy)")
@@ -149,6 +158,8 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
         _check(bool(b.judge.model), f"{key}.judge.model", b.judge.model, "judge.kind=openai needs a model name")
         for name in ("concurrency", "max_tokens", "label_attempts", "strong_weight", "bootstrap_rounds"):
             _check(getattr(b.judge, name) >= 1, f"{key}.judge.{name}", getattr(b.judge, name), "must be >= 1")
+        _check(b.judge.max_retries >= 0, f"{key}.judge.max_retries", b.judge.max_retries, "must be >= 0")
+        _check(b.judge.timeout_s > 0, f"{key}.judge.timeout_s", b.judge.timeout_s, "must be > 0 seconds")
     if b.kind == "lm_eval":
         _check(bool(b.tasks), f"{key}.tasks", b.tasks, "name at least one lm-eval task (e.g. [gsm8k])")
 
