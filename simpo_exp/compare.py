@@ -29,7 +29,7 @@ import yaml
 
 from simpo_exp.inference.results import headline_keys, is_bench_metric, read_results
 from simpo_exp.methods import METHODS
-from simpo_exp.rundir import parse_overrides, read_json, read_jsonl, read_yaml
+from simpo_exp.rundir import other_stage_output, parse_overrides, read_json, read_jsonl, read_yaml
 from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, STEP_KEY, eval_keys, train_keys
 
 DEFAULT_METRIC = "eval/rewards/accuracies"
@@ -151,7 +151,8 @@ def load_run(path: str | Path) -> Run:
 
 # ----------------------------------------------------------------------------- finding runs
 def is_run_dir(path: Path) -> bool:
-    return (path / ".hydra").is_dir() or (path / "metrics.jsonl").exists() or (path / "error.json").exists()
+    found = (path / ".hydra").is_dir() or (path / "metrics.jsonl").exists() or (path / "error.json").exists()
+    return found and not other_stage_output(path)  # outputs/generate, outputs/evaluate: not training runs
 
 
 def _natural(path: Path):

@@ -64,3 +64,10 @@ def select(cfg: dict, dotted: str, missing=None):
             return missing
         node = node[part]
     return node
+
+
+def other_stage_output(path: Path) -> bool:
+    """Whether ``path`` is a generate or evaluate stage's output directory (its saved config has that stage's
+    section), which holds a ``.hydra/`` folder as a training run does but is not one."""
+    saved = read_yaml(Path(path) / ".hydra" / "config.yaml")
+    return isinstance(saved, dict) and ("generate" in saved or "evaluate" in saved)

@@ -221,3 +221,16 @@ def test_seed_groups_pool_equal_values_and_group_choices_however_they_were_given
 
 def test_the_step_and_sample_counters_the_loop_logs_can_be_ranked_on():
     assert {"train/global_step", "train/samples_seen"} <= set(compare.KNOWN_METRICS)
+
+
+def test_generate_and_evaluate_outputs_are_not_taken_for_training_runs(tmp_path):
+    """outputs/ holds outputs/generate and outputs/evaluate beside the runs, each with a .hydra/ folder: compare
+    listed them as runs "still running" and the evaluate stage as failed runs."""
+    from simpo_exp.compare import find_run_dirs
+    from simpo_exp.evaluate.runs import find_runs
+
+    for name, section in (("runs/r0", "method"), ("generate/g1", "generate"), ("evaluate/e1", "evaluate")):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(f"{section}: {{}}\nseed: 1\n")
+    assert find_run_dirs(tmp_path) == [tmp_path / "runs" / "r0"]
+    assert find_runs(tmp_path) == [tmp_path / "runs" / "r0"]

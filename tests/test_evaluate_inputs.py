@@ -117,6 +117,13 @@ def test_rule_prompts_need_the_synthetic_task_itself_or_a_provenance_naming_it(t
     (data / "provenance.json").write_text(json.dumps({"synthetic_task": {"digits": 3}}))
     with pytest.raises(ConfigError, match="benchmark=rule"):
         rule_prompts(run, 4)
+    # the data moved away: the copy the run kept in its data_report.json still names the task
+    (data / "provenance.json").unlink()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    report = {"sources": {"local": {"train_rows": 9, "provenance": {"synthetic_task": vars(task)}}}}
+    (run_dir / "data_report.json").write_text(json.dumps(report))
+    assert [p["instruction"] for p in rule_prompts(run, 4, run_dir)] == [p["instruction"] for p in prompts]
 
 
 def test_a_judge_the_benchmark_does_not_run_and_bad_retry_settings_are_refused_by_key():
@@ -142,3 +149,27 @@ def test_a_judge_the_benchmark_does_not_run_and_bad_retry_settings_are_refused_b
     with pytest.raises(ConfigError, match="b.judge.timeout_s=0"):
         _validate_benchmark("b", bench("arena_hard", **endpoint, timeout_s=0))
     _validate_benchmark("b", bench("arena_hard", **endpoint))
+
+
+def test_a_cut_short_or_mismatched_answer_shard_is_named_not_paired_with_other_prompts(tmp_path):
+    """An answer shard emptied by a crash was taken as done and the next shard's answers scored against its
+    prompts; a half-written line ended in a JSONDecodeError naming no file. Both are refused, naming the file."""
+    from types import SimpleNamespace
+
+    from simpo_exp.evaluate.run import generate
+    from simpo_exp.inference.files import DamagedFile, read_jsonl
+
+    bad = tmp_path / "cut.jsonl"
+    bad.write_text('{"id": "0", "text": "a"}\n{"id": "1", "te')
+    with pytest.raises(DamagedFile, match="cut.jsonl: line 2 is not valid JSON"):
+        read_jsonl(bad)
+    prompts = [{"id": str(i), "instruction": f"q{i}", "messages": []} for i in range(4)]
+    dec = SimpleNamespace(shard_size=2, seed=0, temperature=0.0)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "trained-00000.jsonl").write_text('{"id": "0", "text": "a"}\n{"id": "1", "text": "b"}\n')
+    (shards / "trained-00001.jsonl").write_text("")  # emptied by a crash
+    (tmp_path / "m").mkdir()  # a trained model directory (no weights needed: the stored answers are read)
+    cfg = SimpleNamespace(model=SimpleNamespace(path=str(tmp_path / "m"), name="m"))
+    with pytest.raises(DamagedFile, match="trained-00001.jsonl holds 0 answers"):
+        generate(cfg, prompts, dec, shards, "trained", judge_only=True)

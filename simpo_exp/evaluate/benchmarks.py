@@ -22,6 +22,7 @@ from pathlib import Path
 from simpo_exp.config import ConfigError
 from simpo_exp.data.sources import DataSourceError
 from simpo_exp.inference.files import jsonl_lines
+from simpo_exp.rundir import read_json
 
 ALPACA_COLUMNS = ("instruction", "output", "generator", "dataset")
 ARENA_QUESTION = "arena-hard-auto v0.1's question.jsonl: question_id and turns[0].content, a string"
@@ -43,13 +44,23 @@ def _read_json_file(path: str, key: str):
         raise DataSourceError(f"{key}={path!r}: not valid JSON{'L' if p.suffix == '.jsonl' else ''} ({e})") from e
 
 
-def rule_prompts(run_cfg, limit: int | None) -> list[dict]:
+def rule_prompts(run_cfg, limit: int | None, run_dir: str | Path | None = None) -> list[dict]:
     """The held-out prompts of the synthetic task the run's data came from: its own synthetic test split, or
-    the task's test split where it trained on generate-stage pairs sampled from the task's prompts."""
+    the task's test split where it trained on generate-stage pairs sampled from the task's prompts (read from the
+    data's provenance.json, or from the copy the run kept in its data_report.json when the data has moved)."""
+    from simpo_exp.config import SyntheticConfig
     from simpo_exp.data.sources import synthetic_task
     from simpo_exp.data.synthetic import generate
 
     task = synthetic_task(run_cfg.dataset)
+    if task is None and run_dir is not None:
+        sources = read_json(Path(run_dir) / "data_report.json").get("sources") or {}
+        kept = [s.get("provenance", {}).get("synthetic_task") for s in sources.values() if isinstance(s, dict)]
+        kept = [t for t in kept if isinstance(t, dict)]
+        try:
+            task = SyntheticConfig(**kept[0]) if kept else None
+        except TypeError:  # a record of another shape: no task
+            task = None
     if task is None:
         sources = run_cfg.dataset.sources
         raise ConfigError(

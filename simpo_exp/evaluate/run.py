@@ -39,7 +39,7 @@ from simpo_exp.evaluate.judge import (
     win_rate,
 )
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
-from simpo_exp.inference.files import read_jsonl, write_json, write_jsonl
+from simpo_exp.inference.files import DamagedFile, read_jsonl, write_json, write_jsonl
 from simpo_exp.inference.results import HEADLINE, PREFIX, results_path
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,16 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
             write_jsonl(files[i], [{"id": p["id"], **o[0]} for p, o in zip(shards[i], outs)])
             log.info("%s: shard %d of %d (%d prompts)", tag, i + 1, len(shards), len(shards[i]))
         sampler.close()
-    return [row for f in files for row in read_jsonl(f)]
+    rows = []
+    for f, shard in zip(files, shards):
+        got = read_jsonl(f)
+        if [r.get("id") for r in got] != [p["id"] for p in shard]:  # answers must pair with their own prompts
+            raise DamagedFile(
+                f"{f} holds {len(got)} answers for prompts {[r.get('id') for r in got][:3]}..., not the shard's "
+                f"{len(shard)} prompts {[p['id'] for p in shard][:3]}...: delete it and re-run the same command"
+            )
+        rows += got
+    return rows
 
 
 def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple | None = None) -> None:
@@ -139,7 +148,7 @@ def _mean(values: list[float]) -> float | None:
 def _rule(ctx: dict) -> dict:
     """Trained vs starting model on the run's held-out synthetic prompts, judged by the sort-digits rule."""
     b, run_cfg, out = ctx["benchmark"], ctx["run_cfg"], ctx["out"]
-    prompts = bm.rule_prompts(run_cfg, b.max_prompts)
+    prompts = bm.rule_prompts(run_cfg, b.max_prompts, ctx["run_dir"])
     model = ctx["generate"](ctx["trained"], prompts, "trained")
     start = ctx["generate"](starting_policy(run_cfg, ctx["device"]), prompts, "start")
     rows = rule_preferences(prompts, [g["text"] for g in model], [g["text"] for g in start])

@@ -18,6 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from simpo_exp.config import Config, ConfigError
+from simpo_exp.rundir import other_stage_output
 
 SKIP = {"eval", "model", "wandb", "checkpoints", ".hydra", "compare"}
 SECTIONS = ("model", "dataset", "hardware", "logger")
@@ -27,7 +28,7 @@ def find_runs(path: Path, depth: int = 3) -> list[Path]:
     """Directories at or below ``path`` with a saved config (a run, a sweep, a folder of sweeps)."""
     path = Path(path)
     if (path / ".hydra" / "config.yaml").is_file():
-        return [path]
+        return [] if other_stage_output(path) else [path]  # a generate or evaluate output is not a training run
     if depth == 0 or not path.is_dir():
         return []
     children = sorted(

@@ -260,10 +260,15 @@ def generate_data(cfg) -> dict:
         report["prompts_dropped"] or "none",
         out / "data" / "train.jsonl",
     )
+    data = str(out.resolve() / "data" / "train.jsonl")
+    # a sweep job's directory holds '=' and ',', which Hydra's override grammar reads as syntax: quoted, whole
+    value = (
+        f"\"dataset.sources.local.path='{data}'\""
+        if any(c in data for c in "=,")
+        else f"dataset.sources.local.path={data}"
+    )
     print(
-        f"\npreference data: {out.resolve() / 'data' / 'train.jsonl'} ({len(rows)} pairs)\n"
-        "train on it: python -m simpo_exp dataset=local "
-        f"dataset.sources.local.path={out.resolve() / 'data' / 'train.jsonl'}",
+        f"\npreference data: {data} ({len(rows)} pairs)\ntrain on it: python -m simpo_exp dataset=local {value}",
         flush=True,
     )
     return report

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from simpo_exp.errors import UserError
+
 
 def write_atomic(path: Path, text: str) -> None:
     path = Path(path)
@@ -34,9 +36,25 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+class DamagedFile(UserError, ValueError):
+    """A stage's own file that does not read back (cut short or changed by hand)."""
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Every record of a file written whole by ``write_jsonl`` (a bad line is an error, not skipped)."""
-    return [json.loads(line) for line in jsonl_lines(Path(path).read_text()) if line]
+    """Every record of a file written whole by ``write_jsonl`` (a bad line is an error naming the file and line,
+    not skipped)."""
+    rows = []
+    for n, line in enumerate(jsonl_lines(Path(path).read_text()), 1):
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise DamagedFile(
+                f"{path}: line {n} is not valid JSON ({e}); the file was cut short or edited. Delete it and re-run "
+                "the same command: the stage makes it again"
+            ) from e
+    return rows
 
 
 def jsonl_lines(text: str) -> list[str]:
