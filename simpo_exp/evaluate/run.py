@@ -270,6 +270,7 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "device": e.device,
         "trained": trained,
         "name": run_name(run_cfg, run_dir),
+        "run_dir": Path(run_dir),
         "generate": lambda cfg, prompts, tag: generate(cfg, prompts, dec, out / "shards", tag, e.judge_only),
     }
     record = RUNNERS[b.kind](ctx)
