@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trl import generate_texts, git_commit  # noqa: E402  (the same length model as the TRL comparison; puts ROOT on the path)
+from bench_trl import cpu_name, generate_texts, git_commit  # noqa: E402  (the same length model as the TRL comparison; puts ROOT on the path)
 
 from simpo_exp.rundir import read_jsonl  # noqa: E402
 
@@ -135,16 +135,10 @@ def machine(threads: int | None) -> str:
     import torch
     import transformers
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     omp = threads or os.environ.get("OMP_NUM_THREADS", "unset")
     return (
-        f"{cpu}, {os.cpu_count()} cores visible, OMP_NUM_THREADS {omp}; "
+        f"{cpu_name()}, {os.cpu_count()} cores visible, OMP_NUM_THREADS {omp}; "
         f"GPU {gpu}; {platform.platform()}; python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}"
     )

@@ -729,6 +729,15 @@ def run_shared_worker(spec: dict, on_result) -> str | None:
     return "out of memory" if "out of memory" in text else f"shared worker failed (exit {proc.returncode})"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "?"
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -744,15 +753,9 @@ def machine(threads: int | None = None) -> str:
     import transformers
     import trl
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (
-        f"{cpu}, {os.cpu_count()} cores visible, torch threads per run {threads or torch.get_num_threads()}; "
+        f"{cpu_name()}, {os.cpu_count()} cores visible, torch threads per run {threads or torch.get_num_threads()}; "
         f"GPU {gpu}; "
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"trl {trl.__version__}, accelerate {accelerate.__version__}, datasets {datasets.__version__}, "
