@@ -232,7 +232,7 @@ def finish(
 
 
 def _write(
-    tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, rng: list, engine: str = "plain"
+    tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, rng: list, engine: str = PLAIN
 ) -> None:
     opt_meta = None
     if model is not None:

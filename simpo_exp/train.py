@@ -219,6 +219,12 @@ def first_pairs(cfg: Config, train_ds, accelerator) -> list[dict]:
     return next(iter(loader))
 
 
+def checkpoint_engine(cfg: Config, accelerator) -> str:
+    """What writes (and so must read) this run's checkpoints: the accelerate engine by name, for engine checkpoints,
+    else ``checkpoint.PLAIN`` (the project's own safetensors)."""
+    return accelerator.distributed_type.value if engine_checkpoints(cfg, accelerator) else checkpoint.PLAIN
+
+
 def start_or_resume(
     cfg: Config, run_dir: Path, accelerator, policy, optimizer, scheduler, config_dict
 ) -> "checkpoint.TrainState":
@@ -237,7 +243,7 @@ def start_or_resume(
             on_main=lambda fn: on_main(accelerator, fn),
             on_every=lambda fn: on_every(accelerator, fn, "loading a checkpoint"),
             process=(accelerator.process_index, accelerator.num_processes),
-            engine=accelerator.distributed_type.value if load_state else checkpoint.PLAIN,
+            engine=checkpoint_engine(cfg, accelerator),
         )
         if resumed:
             path, state = resumed
@@ -555,7 +561,7 @@ def save_checkpoint(run: Run, window: Window) -> None:
         try:
             on_all(lambda: main and checkpoint.start(run.run_dir, state.step, size))
             on_all(lambda: save_engine_state(run, tmp))
-            kind = acc.distributed_type.value
+            kind = checkpoint_engine(run.cfg, acc)
             path = on_all(lambda: main and checkpoint.finish(run.run_dir, tmp, None, None, *rest, size, rng, kind))
         except Exception:
             if main:  # once every process has stopped writing into it
