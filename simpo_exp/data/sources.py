@@ -306,13 +306,19 @@ def synthetic_task(dcfg: DatasetConfig) -> SyntheticConfig | None:
     writes it when it sampled the task's prompts), so on-policy rounds keep their held-out test prompts."""
     if any(is_synthetic(s) for s in dcfg.sources.values()):
         return dcfg.synthetic
-    for src in dcfg.sources.values():
-        task = provenance(src.path).get("provenance", {}).get("synthetic_task")
+    return recorded_task([provenance(src.path) for src in dcfg.sources.values()])
+
+
+def recorded_task(records: list) -> SyntheticConfig | None:
+    """The first readable ``synthetic_task`` among ``{"provenance": ...}`` records (``provenance``'s, or the
+    copies a run keeps in its data_report.json's sources); a record of another shape is no task."""
+    for record in records:
+        task = record.get("provenance", {}).get("synthetic_task") if isinstance(record, dict) else None
         if isinstance(task, dict):
             try:
                 return SyntheticConfig(**task)
             except TypeError:
-                log.warning("%s: unreadable synthetic_task record %r", src.path, task)
+                log.warning("unreadable synthetic_task record %r", task)
     return None
 
 

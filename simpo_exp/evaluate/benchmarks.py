@@ -48,19 +48,13 @@ def rule_prompts(run_cfg, limit: int | None, run_dir: str | Path | None = None) 
     """The held-out prompts of the synthetic task the run's data came from: its own synthetic test split, or
     the task's test split where it trained on generate-stage pairs sampled from the task's prompts (read from the
     data's provenance.json, or from the copy the run kept in its data_report.json when the data has moved)."""
-    from simpo_exp.config import SyntheticConfig
-    from simpo_exp.data.sources import synthetic_task
+    from simpo_exp.data.sources import recorded_task, synthetic_task
     from simpo_exp.data.synthetic import generate
 
     task = synthetic_task(run_cfg.dataset)
     if task is None and run_dir is not None:
         sources = read_json(Path(run_dir) / "data_report.json").get("sources") or {}
-        kept = [s.get("provenance", {}).get("synthetic_task") for s in sources.values() if isinstance(s, dict)]
-        kept = [t for t in kept if isinstance(t, dict)]
-        try:
-            task = SyntheticConfig(**kept[0]) if kept else None
-        except TypeError:  # a record of another shape: no task
-            task = None
+        task = recorded_task(list(sources.values()))
     if task is None:
         sources = run_cfg.dataset.sources
         raise ConfigError(
