@@ -121,8 +121,8 @@ def decoding_for(b: BenchmarkConfig, model_name: str) -> DecodingConfig:
 def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
     _check_choice(f"{key}.kind", b.kind, BENCHMARK_KINDS)
     _check_choice(f"{key}.judge.kind", b.judge.kind, JUDGE_KINDS)
-    honoured = JUDGES_OF.get(b.kind, JUDGE_KINDS)  # a judge the benchmark does not run would be recorded, not used
-    _check_choice(f"{key}.judge.kind", b.judge.kind, honoured)
+    # a judge the benchmark does not run would be recorded, not used (the rule judge knows only the synthetic task)
+    _check_choice(f"{key}.judge.kind", b.judge.kind, JUDGES_OF[b.kind])
     d, fields = b.decoding, {f.name for f in dataclasses.fields(DecodingConfig)}
     _check_choice(f"{key}.decoding.backend", d.backend, BACKENDS)
     _check(d.temperature >= 0, f"{key}.decoding.temperature", d.temperature, "must be >= 0 (0: greedy)")
@@ -142,9 +142,6 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
             f"{key}.prompts_path",
             b.prompts_path,
             f"{b.kind} needs a local prompts file (nothing is downloaded)",
-        )
-        _check(
-            b.judge.kind != "rule", f"{key}.judge.kind", b.judge.kind, "the rule judge knows only the synthetic task"
         )
     if b.kind == "arena_hard" and b.judge.kind == "openai":
         _check(
