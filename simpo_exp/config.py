@@ -433,6 +433,23 @@ def _validate_model(m: ModelConfig) -> None:
     if m.attn_implementation is not None:
         _check_choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
     _check(m.params_b >= 0, "model.params_b", m.params_b, "must be >= 0")
+    if m.path:  # a model read from disk or the hub has its own shape
+        for name, value in vars(m.random_init).items():
+            default = RandomInitConfig.__dataclass_fields__[name].default
+            _check(
+                value == default,
+                f"model.random_init.{name}",
+                value,
+                "has no effect with model.path set (its shape comes from model.path's config.json)",
+            )
+    else:  # the embedded model's tokenizer is built in code: nothing is read from the hub
+        for name, allowed in (("tokenizer_path", ""), ("revision", None), ("trust_remote_code", False)):
+            _check(
+                getattr(m, name) == allowed,
+                f"model.{name}",
+                getattr(m, name),
+                "has no effect without model.path (the model and tokenizer are built in code)",
+            )
     if not m.path:
         r, key = m.random_init, "model.random_init"
         for name in (
@@ -523,6 +540,16 @@ def _validate_hardware(h: HardwareConfig) -> None:
         _check(
             h.effective_batch_size >= 1, "hardware.effective_batch_size", h.effective_batch_size, "must be >= 1 or null"
         )
+    if not h.lora:  # the adapter's shape is read only when there are adapters
+        for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+            f = HardwareConfig.__dataclass_fields__[key]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            _check(
+                getattr(h, key) == default,
+                f"hardware.{key}",
+                getattr(h, key),
+                "has no effect unless hardware.lora=true",
+            )
     if h.lora:
         _check(h.lora_r >= 1, "hardware.lora_r", h.lora_r, "must be >= 1")
         _check(h.lora_alpha > 0, "hardware.lora_alpha", h.lora_alpha, "must be > 0 (0: the adapters add nothing)")

@@ -133,6 +133,23 @@ def test_settings_nothing_would_read_are_refused(compose):
     to_config(compose("loss=simpo", "gamma=3"))
 
 
+def test_settings_their_context_makes_inert_are_refused_by_name(compose):
+    """An adapter's shape without adapters, a random model's shape beside a model read from disk, and hub-only
+    model keys on the model built in code each used to run as if never given."""
+    with pytest.raises(ConfigError, match="hardware.lora_r=8: has no effect unless hardware.lora=true"):
+        to_config(compose("hardware.lora_r=8"))
+    with pytest.raises(ConfigError, match=r"hardware.lora_target_modules=\['q_proj'\]: has no effect unless"):
+        to_config(compose("hardware.lora_target_modules=[q_proj]"))
+    assert to_config(compose("hardware=cpu-lora", "hardware.lora_r=8")).hardware.lora_r == 8
+    with pytest.raises(ConfigError, match="model.random_init.hidden_size=64: has no effect with model.path set"):
+        to_config(compose("model.path=/some/model", "model.random_init.hidden_size=64"))
+    to_config(compose("model.path=/some/model"))
+    for override in ("model.revision=main", "model.trust_remote_code=true", "model.tokenizer_path=/some/tokenizer"):
+        with pytest.raises(ConfigError, match=override.split("=")[0] + ".*has no effect without model.path"):
+            to_config(compose(override))
+    to_config(compose("model.path=/some/model", "model.revision=main", "model.tokenizer_path=/some/tokenizer"))
+
+
 def test_hinge_with_label_smoothing_is_refused(compose):
     with pytest.raises(ConfigError, match="label_smoothing"):
         to_config(compose("loss_type=hinge", "label_smoothing=0.1"))

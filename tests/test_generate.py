@@ -331,6 +331,9 @@ def test_bad_generate_value_is_refused_before_anything_loads(tmp_path):
     res = generate("generate.top_p=1.5", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
     assert res.returncode == 2 and "generate.top_p=1.5" in res.stderr and "(0, 1]" in res.stderr
     assert not (tmp_path / "g" / "shards").exists()
+    res = generate("beta=5", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)  # sampling never reads it
+    assert res.returncode == 2 and "beta='5': is a training key" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "g" / "shards").exists()
 
 
 @pytest.mark.parametrize(

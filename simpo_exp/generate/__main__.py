@@ -6,15 +6,17 @@ Never imports simpo_exp.train: the stage needs only the model, data and its own 
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from simpo_exp.generate.config import to_generate_config
+from simpo_exp.generate.config import check_overrides, to_generate_config
 from simpo_exp.runinfo import fill_run_identity, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     with user_errors(cfg):
+        check_overrides(list(HydraConfig.get().overrides.task))
         config = to_generate_config(fill_run_identity(cfg))  # fails here, before any model or data loads
         from simpo_exp.generate.run import generate_data
 

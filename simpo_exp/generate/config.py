@@ -82,6 +82,25 @@ cs = ConfigStore.instance()
 cs.store(name="generate_schema", node=GenerateRunConfig)
 
 
+# The training schema's top-level keys this stage reads; the groups (model, dataset, hardware, logger) are read whole.
+STAGE_READS = ("seed", "max_prompt_length", "output_dir")
+GROUPS = ("model", "dataset", "hardware", "logger")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse a command-line training key (``beta=5``, ``learning_rate=...``): the schema holds them because
+    model presets set some, but sampling never reads them, so the stage would run as if it had not been given."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in Config.__dataclass_fields__ and key not in STAGE_READS + GROUPS:
+            _fail(
+                key,
+                value,
+                "is a training key, which the generate stage does not read (it reads the model, dataset, hardware "
+                f"and logger groups, generate.*, scorer.*, binarise.*, and {', '.join(STAGE_READS[:-1])})",
+            )
+
+
 def validate_generate(cfg: GenerateRunConfig) -> GenerateRunConfig:
     """The training checks for the shared groups, then the generate stage's own."""
     validate(cfg)
