@@ -22,7 +22,7 @@ around each; no optimizer step, the gradients dropped afterwards), and the run k
 The measurement runs under ``torch.random.fork_rng`` (the run's dropout stream is untouched) on a batch
 drawn from a separate copy of the train loader (the run's data order is untouched); on CUDA the peak-memory
 statistic is reset afterwards, so the run's reported peak is its own. ``hardware.packing_attention`` is not
-consulted: each candidate names its attention. Sharded engines (FSDP, DeepSpeed) are not measured: their
+consulted (each candidate names its attention), so one other than the default is refused here. Sharded engines (FSDP, DeepSpeed) are not measured: their
 weights are not whole on one device before ``prepare``.
 """
 
@@ -164,6 +164,7 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
 
     if hw.packing != "auto":
         return fixed(), {"rule": "configured"}
+    check_auto_attention(hw, device_type)
     if cfg.resume:
         earlier = on_main(accelerator, lambda: recorded_layout(run_dir))
         layout = earlier and keep_recorded(earlier["batch_layout"], hw.logps_chunk_size, device_type)
@@ -192,6 +193,23 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
     )
     log.info("packing=auto measured on %s (%d pairs); chose %s\n%s", device_type, size["pairs"], layout, table(rows))
     return layout, {"rule": "measured", "device": device_type, "batch": size, "candidates": rows}
+
+
+def check_auto_attention(hardware, device_type: str) -> None:
+    """``packing=auto`` picks each layout's attention itself on a CUDA device and wherever it measures; there a
+    ``packing_attention`` other than the default would be dropped without a word, so it is refused by name."""
+    if hardware.packing != "auto" or hardware.packing_attention == "segments":
+        return
+    if not (device_type == "cuda" or measuring(hardware, device_type)):
+        return
+    from simpo_exp.config import ConfigError
+
+    raise ConfigError(
+        f"hardware.packing_attention={hardware.packing_attention!r} has no effect with hardware.packing=auto on "
+        f"{device_type}{' where layouts are measured' if measuring(hardware, device_type) else ''}: each candidate "
+        "layout brings its own attention; set hardware.packing=packed or prefix_shared to choose the attention, "
+        "or leave hardware.packing_attention at its default"
+    )
 
 
 def keep_recorded(recorded: dict, chunk_size: int, device_type: str) -> BatchLayout | None:

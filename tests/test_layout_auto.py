@@ -115,6 +115,19 @@ def test_measured_only_where_asked(compose):
     assert not layout_auto.measuring(hw("hardware.measure_layouts=true", "hardware.packing=none"), "cpu")
 
 
+def test_an_attention_packing_auto_would_drop_is_refused(compose):
+    """Where packing=auto picks the attention with the layout (CUDA, or measuring), a packing_attention
+    given beside it ran as if never set."""
+    hw = lambda *o: to_config(compose("hardware.packing_attention=mask", *o)).hardware  # noqa: E731
+    with pytest.raises(ConfigError, match="hardware.packing_attention='mask' has no effect with hardware.packing=auto"):
+        layout_auto.check_auto_attention(hw(), "cuda")
+    with pytest.raises(ConfigError, match="on cpu where layouts are measured"):
+        layout_auto.check_auto_attention(hw("hardware.measure_layouts=true"), "cpu")
+    layout_auto.check_auto_attention(hw(), "cpu")  # the CPU's fixed rule uses it for prefix sharing
+    assert choose_layout(hw(), "cpu", SimpleNamespace()).attention == "mask"
+    layout_auto.check_auto_attention(hw("hardware.packing=packed"), "cuda")
+
+
 def test_candidates_follow_the_device_and_the_model(monkeypatch):
     plain = SimpleNamespace()
     names = lambda layouts: [(x.packing, x.attention) for x in layouts]  # noqa: E731
