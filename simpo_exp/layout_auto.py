@@ -22,8 +22,8 @@ around each; no optimizer step, the gradients dropped afterwards), and the run k
 The measurement runs under ``torch.random.fork_rng`` (the run's dropout stream is untouched) on a batch
 drawn from a separate copy of the train loader (the run's data order is untouched); on CUDA the peak-memory
 statistic is reset afterwards, so the run's reported peak is its own. ``hardware.packing_attention`` is not
-consulted (each candidate names its attention), so one other than the default is refused here. Sharded engines (FSDP, DeepSpeed) are not measured: their
-weights are not whole on one device before ``prepare``.
+consulted (each candidate names its attention), so one other than the default is refused here. Sharded
+engines (FSDP, DeepSpeed) are not measured: their weights are not whole on one device before ``prepare``.
 """
 
 from __future__ import annotations

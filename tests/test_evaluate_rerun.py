@@ -33,7 +33,7 @@ def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding
     assert stored["backend"] == "hf" and stored["max_new_tokens"] == 4
 
     # once answers exist, other settings are refused; judge_only reads them and records how they were made
-    with pytest.raises(ConfigError, match="different decoding"):
+    with pytest.raises(ConfigError, match="decoding.max_new_tokens: stored 4, now "):
         evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=hf")
     (record,) = evaluate_sweep(run, *args, "evaluate.judge_only=true")
     saved = json.loads((out / "results.json").read_text())

@@ -237,7 +237,11 @@ def test_a_changed_config_does_not_reuse_old_shards(uninterrupted_generation, ti
     res = generate(
         *RM_RUN, f"scorer.path={tiny_reward_model}", "generate.temperature=0.5", f"hydra.run.dir={out}", cwd=tmp_path
     )
-    assert res.returncode == 2 and "different generate" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 2
+        and "generate.temperature: stored 0.8, now 0.5" in res.stderr
+        and "Traceback" not in res.stderr
+    )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -255,7 +259,7 @@ def test_a_manifest_without_shards_binds_nothing(tmp_path):
     check_manifest(shards, {"scorer": {"path": "/other"}})
     (shards / "responses-00000.jsonl").write_text("{}\n")
     check_manifest(shards, {"scorer": {"path": "/other"}})  # the same config resumes
-    with pytest.raises(ConfigError, match="different scorer"):
+    with pytest.raises(ConfigError, match="other settings \\(scorer.path: stored '/other', now '/right'\\)"):
         check_manifest(shards, {"scorer": {"path": "/right"}})
 
 
@@ -490,7 +494,7 @@ def test_the_precision_binds_a_generation_and_greedy_passes_that_cannot_differ_a
     assert fp32["model_dtype"] == "float32" and bf16["model_dtype"] == "bfloat16"
     check_manifest(shards, fp32)
     (shards / "responses-00000.jsonl").write_text("{}\n")
-    with pytest.raises(ConfigError, match="different model_dtype"):
+    with pytest.raises(ConfigError, match="model_dtype: stored 'float32', now 'bfloat16'"):
         check_manifest(shards, bf16)
     older = {k: v for k, v in fp32.items() if k not in ("model_dtype", "mixed_precision", "attention")}
     (shards / "manifest.json").write_text(json.dumps(older))

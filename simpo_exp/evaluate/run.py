@@ -39,7 +39,7 @@ from simpo_exp.evaluate.judge import (
     win_rate,
 )
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
-from simpo_exp.inference.files import DamagedFile, read_jsonl, write_json, write_jsonl
+from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, write_json, write_jsonl
 from simpo_exp.inference.results import HEADLINE, PREFIX, results_path
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,10 @@ def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple |
         write_json(path, manifest)
         return
     old = json.loads(path.read_text())
-    differ = sorted(k for k in keys or set(old) | set(manifest) if old.get(k) != manifest.get(k))
+    differ = manifest_changes(old, manifest, keys)
     if differ:
         raise ConfigError(
-            f"{path.parent} holds generations made with different {', '.join(differ)}; delete "
+            f"{path.parent} holds generations made with other settings ({'; '.join(differ)}); delete "
             f"{path.parent} to generate again with the new settings"
         )
 

@@ -28,7 +28,7 @@ from simpo_exp.config import ConfigError
 from simpo_exp.data.prompts import train_prompts
 from simpo_exp.data.sources import DataSourceError, synthetic_task
 from simpo_exp.generate.binarise import binarise
-from simpo_exp.inference.files import read_jsonl, write_atomic, write_jsonl
+from simpo_exp.inference.files import manifest_changes, read_jsonl, write_atomic, write_jsonl
 from simpo_exp.inference.sampling import derive_seed, prompt_token_ids
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,10 @@ def check_manifest(shard_dir: Path, manifest: dict) -> None:
         return
     old = json.loads(path.read_text())
     # a key an older manifest lacks is not held against it (it was written before that key was recorded)
-    differ = sorted(k for k in old if old[k] != manifest.get(k))
+    differ = manifest_changes(old, manifest, keys=set(old))
     if differ:
         raise ConfigError(
-            f"output_dir={str(shard_dir.parent)!r} holds shards made with a different {', '.join(differ)}; "
+            f"output_dir={str(shard_dir.parent)!r} holds shards made with other settings ({'; '.join(differ)}); "
             "a resumed generation must repeat the same command: use a new hydra.run.dir"
         )
 

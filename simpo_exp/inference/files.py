@@ -36,6 +36,25 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def manifest_changes(stored: dict, now: dict, keys=None, prefix: str = "") -> list[str]:
+    """What differs between a stored manifest and this command's, as ``dotted.key: stored X, now Y`` (nested
+    sections compared key by key, so the message names ``generate.temperature``, not ``generate``). ``keys``:
+    the top-level keys to compare (default: every key of either)."""
+    out = []
+    for key in sorted(keys if keys is not None else set(stored) | set(now)):
+        a, b = stored.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += manifest_changes(a, b, None, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: stored {_short(a)}, now {_short(b)}")
+    return out
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class DamagedFile(UserError, ValueError):
     """A stage's own file that does not read back (cut short or changed by hand)."""
 
