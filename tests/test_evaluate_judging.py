@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from simpo_exp.inference.files import read_jsonl
+from simpo_exp.inference.files import read_jsonl, write_jsonl
 from tests.runs import free_port, run_env
 from tests.test_evaluate import ARENA_CASES, FakeJudge
 
@@ -166,6 +166,50 @@ def test_a_killed_alpacaeval_judging_keeps_its_verdicts_and_the_rerun_asks_only_
     assert [v["preference"] == 2.0 for v in verdicts] == model_longer and 0 < sum(model_longer) < 6
     # a changed answer is asked again, nothing else
     assert len(CountingJudge.requests) == 3 + 6 + 1 and changed[1:] == verdicts[1:]
+
+
+@pytest.mark.parametrize(
+    "reply, preference",
+    [
+        ("a", 2.0),
+        (" (b)\n", 1.0),
+        ("**A**", 2.0),
+        ("Output (a).", 2.0),
+        ("Answer: b", 1.0),
+        # sentences that merely start with a letter were read as verdicts: "Answer: b" as (a), "A tie." as (a)
+        ("Both are equally good.", None),
+        ("A tie.", None),
+        ("Based on the instruction, (a)", None),
+        ("ab", None),
+        ("", None),
+    ],
+)
+def test_only_a_reply_that_is_one_letter_is_a_verdict(reply, preference):
+    from simpo_exp.evaluate.judge import reply_preference
+
+    assert reply_preference(reply, model_first=True) == preference
+    flipped = None if preference is None else 3.0 - preference  # the model's answer shown as (b)
+    assert reply_preference(reply, model_first=False) == flipped
+
+
+def test_stored_verdicts_are_read_again_from_their_replies(tmp_path):
+    """A verdict stored with a preference an older reading of its reply got wrong is not carried over."""
+    from simpo_exp.evaluate.judge import PairwiseJudge, _sha256
+
+    prompts, texts = cases("alpacaeval")
+    from simpo_exp.evaluate.config import JudgeConfig
+
+    j = JudgeConfig(kind="openai", base_url="http://127.0.0.1:9", model="org/fake-judge", max_retries=0, timeout_s=1)
+    judge = PairwiseJudge(j, "x")  # nothing is asked: every verdict is stored
+    lines = []
+    for p, t in zip(prompts, texts):
+        model_first, content = judge.judge_prompt(p, t)
+        lines.append(
+            {"id": p["id"], "judge": "org/fake-judge", "prompt_sha256": _sha256(content), "model_first": model_first}
+        )
+    lines = [{**line, "reply": "Both are good.", "preference": 1.0} for line in lines]
+    write_jsonl(tmp_path / "verdicts.jsonl", lines)
+    assert [v["preference"] for v in judge.judge(prompts, texts, tmp_path / "verdicts.jsonl")] == [None] * len(lines)
 
 
 def test_a_reply_without_a_letter_is_no_verdict_and_the_others_count(tmp_path):

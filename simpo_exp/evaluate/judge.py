@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -55,6 +56,20 @@ class JudgeError(ConfigError):
 def win_rate(preferences: list[float]) -> float | None:
     """Percent, ties half; None when nothing was judged."""
     return 100.0 * sum(p - 1.0 for p in preferences) / len(preferences) if preferences else None
+
+
+# The whole reply must name one output: "a", "(b)", "**A**", "Output (a).", "Answer: b". A sentence that merely starts with
+# one of the letters ("Both are good", "A tie", "Based on this, (a)") is no verdict.
+_LETTER = re.compile(r"^\W*(?:(?:output|answer)\s*:?\s*)?\(?([ab])\)?\W*$", re.IGNORECASE)
+
+
+def reply_preference(reply: str, model_first: bool) -> float | None:
+    """alpaca-eval's preference from a pairwise judge's reply: 2.0 when it names the model's output, 1.0 when it
+    names the baseline's, None when the reply is not just one letter."""
+    match = _LETTER.match(reply or "")
+    if match is None:
+        return None
+    return 2.0 if (match.group(1).lower() == "a") == model_first else 1.0
 
 
 def rule_preferences(prompts: list[dict], model_texts: list[str], baseline_texts: list[str]) -> list[dict]:
@@ -110,15 +125,13 @@ class PairwiseJudge:
         """One verdict line; a reply that is not 'a' or 'b' gives preference None (no verdict)."""
         model_first, content = self.judge_prompt(prompt, model_text)
         reply = self._ask(content)
-        letter = reply.strip().strip("().*").lower()[:1]
-        model_won = (letter == "a") == model_first
         return {
             "id": prompt["id"],
             "judge": self.j.model,
             "prompt_sha256": _sha256(content),
             "model_first": model_first,
             "reply": reply,
-            "preference": None if letter not in ("a", "b") else 2.0 if model_won else 1.0,
+            "preference": reply_preference(reply, model_first),
         }
 
     def judge(self, prompts: list[dict], model_texts: list[str], path: Path) -> list[dict]:
@@ -128,6 +141,10 @@ class PairwiseJudge:
         stored = stored_lines(
             path, "id", lambda r: r.get("judge") == self.j.model and expected.get(r.get("id")) == r["prompt_sha256"]
         )
+        # the stored reply is read again, so a line an older reading of replies got wrong is not carried over
+        stored = {
+            k: {**r, "preference": reply_preference(r.get("reply", ""), r["model_first"])} for k, r in stored.items()
+        }
         return self.judge_lines(self.verdict, prompts, model_texts, path, stored)
 
     def judge_lines(self, ask: Callable, prompts: list[dict], texts: list[str], path: Path, stored: dict) -> list[dict]:
