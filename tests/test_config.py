@@ -150,6 +150,17 @@ def test_settings_their_context_makes_inert_are_refused_by_name(compose):
     to_config(compose("model.path=/some/model", "model.revision=main", "model.tokenizer_path=/some/tokenizer"))
 
 
+def test_a_baseline_method_drops_the_hparams_presets_nll_term(compose):
+    """hparams=instruct's SFT term (0.1) carried into `loss=dpo`, which then trained DPO + 0.1 NLL; a baseline's
+    own loss decides its NLL weight, and the command line still sets one."""
+    assert compose("hparams=instruct").sft_weight == 0.1  # SimPO keeps the preset's
+    for method in ("dpo", "ipo", "rdpo", "ln-dpo", "simper", "alphapo"):
+        assert compose("hparams=instruct", f"loss={method}").sft_weight == 0.0, method
+    assert compose("hparams=instruct", "loss=orpo").sft_weight == 1.0
+    assert compose("hparams=instruct", "loss=dpo", "sft_weight=0.2").sft_weight == 0.2
+    assert compose("experiment=guide-llama3-8b-instruct", "loss=dpo").sft_weight == 0.0
+
+
 def test_hinge_with_label_smoothing_is_refused(compose):
     with pytest.raises(ConfigError, match="label_smoothing"):
         to_config(compose("loss_type=hinge", "label_smoothing=0.1"))
