@@ -24,6 +24,10 @@ NEEDS = {("dataset", "local"): ["dataset.sources.local.path=/data/prefs.jsonl"]}
 KEPT_DEFAULTS = {
     ("loss/simpo", "method"): "the loss preset's identity, like a group's name",
     ("loss/ln-dpo", "beta"): "resets an hparams preset's beta (loss comes after hparams)",
+    **{
+        (f"loss/{m}", "sft_weight"): "resets an hparams preset's NLL weight: the method's loss has none"
+        for m in ("dpo", "ipo", "rdpo", "ln-dpo", "simper", "alphapo")
+    },
     ("hparams/reasoning", "gradient_accumulation_steps"): "resets model=tiny's accumulation of 1",
 }
 
