@@ -15,9 +15,10 @@ zero states give zero logits (the head's bias, if any, is taken back out), so th
 summed over the response tokens (``logits_response/*``) is recovered exactly. Liger does not compute the
 entropy or the top-1 accuracy of the tokens: a fused run does not log ``entropy`` or ``mean_token_accuracy``.
 
-Methods with a Liger loss of the same definition: simpo (sigmoid loss), cpo, orpo (with sft_weight 0 or 1:
-Liger's ORPO weighs its NLL term 1). Liger's DPO takes the reference model's hidden states, not the
-cached reference log-probs this project uses, so the reference-based methods stay on the unfused path.
+Methods with a Liger loss of the same definition: simpo (sigmoid loss), cpo, orpo (Liger's ORPO function, given
+the NLL weight its module leaves at 1: ``WeightedORPOLoss``). Liger's DPO takes the reference model's hidden
+states, not the cached reference log-probs this project uses, so the reference-based methods stay on the
+unfused path.
 """
 
 from __future__ import annotations
@@ -61,8 +62,6 @@ def fused_head(cfg, model) -> "LigerPreferenceHead | None":
         )
     if cfg.method == "simpo" and cfg.loss_type != "sigmoid":
         raise ConfigError(f"{where} computes SimPO's sigmoid loss only, not loss_type={cfg.loss_type!r}")
-    if cfg.method == "orpo" and cfg.sft_weight not in (0.0, 1.0):
-        raise ConfigError(f"{where}: Liger's ORPO weighs its NLL term 1 or leaves it out; sft_weight={cfg.sft_weight}")
     if getattr(model.config, "final_logit_softcapping", None):
         raise ConfigError(f"{where}: Liger does not cap the logits as this model does (Gemma 2); use 'none'")
     gamma, _ = resolve_gamma(cfg)
@@ -169,8 +168,10 @@ class LigerPreferenceHead(nn.Module):
             elif self.method == "cpo":  # summed log-probs, as CPO defines its loss
                 kw = dict(label_smoothing=self.label_smoothing, alpha=self.sft_weight, average_log_prob=False)
                 loss = lib.LigerFusedLinearCPOLoss(beta=self.beta, compute_nll_loss=nll, compiled=compiled, **kw)
+            elif nll:  # Liger's ORPO module weighs its NLL term 1; the same loss with the weight as an attribute
+                loss = WeightedORPOLoss(beta=self.beta, alpha=self.sft_weight, compiled=compiled)
             else:
-                loss = lib.LigerFusedLinearORPOLoss(beta=self.beta, compute_nll_loss=nll, compiled=compiled)
+                loss = lib.LigerFusedLinearORPOLoss(beta=self.beta, compute_nll_loss=False, compiled=compiled)
             self._losses[compiled] = loss
         return self._losses[compiled]
 
@@ -188,8 +189,7 @@ class LigerPreferenceHead(nn.Module):
         head-sized gradient buffers exist at once (the sum and the current call's), not one per call. An NLL
         term (``sft_weight`` > 0) Liger divides by the call's chosen tokens, not the batch's: each call's
         ``alpha`` is rescaled so that the weighed sum is the batch's term (over ``sft_tokens`` where given, as
-        objective.batch_loss divides it). Liger's ORPO has no ``alpha``, so ORPO with its NLL term goes in one
-        call, divided by the batch's own chosen tokens."""
+        objective.batch_loss divides it)."""
         weight, bias = unsharded(head).weight, getattr(head, "bias", None)
         if weight.numel() == 0:
             raise RuntimeError(
@@ -199,8 +199,7 @@ class LigerPreferenceHead(nn.Module):
             )
         half, sizes = n // 2, counts.tolist()  # waits for the device once: the calls are planned on the host
         widths = [max(sizes[i], sizes[half + i], 1) for i in range(half)]
-        one_call = self.method == "orpo" and self.sft_weight > 0  # Liger's ORPO has no alpha to rescale
-        groups = [list(range(half))] if one_call else width_groups(widths, self.split_cost)
+        groups = width_groups(widths, self.split_cost)
         indices, group_of, slot = group_rows(groups, half, rows.device)
         starts = torch.cumsum(counts, 0) - counts
         order = torch.argsort(rows, stable=True)  # the tokens grouped by row, each row's in order
@@ -218,7 +217,7 @@ class LigerPreferenceHead(nn.Module):
         logit_sums = torch.zeros(2, device=states.device)
         for g, (pairs, idx) in enumerate(zip(groups, indices)):
             width, share = max((widths[i] for i in pairs), default=1), len(pairs) / max(half, 1)
-            if self.sft_weight > 0 and not one_call and pairs:  # share x alpha x (NLL sum / the call's chosen tokens)
+            if self.sft_weight > 0 and pairs:  # share x alpha x (NLL sum / the call's chosen tokens)
                 over = sum(sizes[:half]) if sft_tokens is None else sft_tokens  # the NLL term's denominator
                 loss_fn.alpha = self.sft_weight * sum(sizes[i] for i in pairs) / max(over, 1e-12) / share
             tokens = (group_of[rows] == g).nonzero().squeeze(1) if len(groups) > 1 else slice(None)
@@ -246,6 +245,37 @@ class LigerPreferenceHead(nn.Module):
         if self.method == "cpo":  # Liger returned sums
             logps = logps / counts.clamp(min=1)
         return FusedPreference(total, logps, counts, chosen_rewards, rejected_rewards, logit_sums)
+
+
+def WeightedORPOLoss(beta: float, alpha: float, compiled: bool) -> nn.Module:
+    """Liger's fused-linear ORPO loss, ``alpha`` x NLL(chosen) + the odds-ratio term, with ``alpha`` an attribute
+    (rescaled per call as the SimPO and CPO modules' is). Liger's ORPO module passes no ``alpha`` to its
+    preference base, which weighs the NLL term 1; this passes it, the rest is Liger's."""
+    from liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
+    from liger_kernel.chunked_loss.orpo_loss import LigerFusedLinearORPOFunction
+
+    class Function(LigerFusedLinearORPOFunction):
+        @classmethod
+        def forward(cls, ctx, _input, weight, target, bias, beta, alpha, compiled):
+            return LigerFusedLinearPreferenceBase.forward(
+                cls=cls, ctx=ctx, _input=_input, weight=weight, target=target, bias=bias, alpha=alpha, beta=beta,
+                compute_nll_loss=True, compiled=compiled,
+            )  # fmt: skip
+
+        @staticmethod
+        def backward(ctx, *grad_output):
+            grads = LigerFusedLinearPreferenceBase.backward(ctx, grad_output)[:4]  # input, weight, target, bias
+            return *grads, None, None, None
+
+    class Loss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.beta, self.alpha, self.compiled = beta, alpha, compiled
+
+        def forward(self, weight, _input, target, bias=None):
+            return Function.apply(_input, weight, target, bias, self.beta, self.alpha, self.compiled)
+
+    return Loss()
 
 
 # A further Liger call costs about as much as this many padded positions of the head (its head-sized gradient

@@ -58,8 +58,8 @@ def win_rate(preferences: list[float]) -> float | None:
     return 100.0 * sum(p - 1.0 for p in preferences) / len(preferences) if preferences else None
 
 
-# The whole reply must name one output: "a", "(b)", "**A**", "Output (a).", "Answer: b". A sentence that merely starts with
-# one of the letters ("Both are good", "A tie", "Based on this, (a)") is no verdict.
+# The whole reply must name one output: "a", "(b)", "**A**", "Output (a).", "Answer: b". A sentence that merely
+# starts with one of the letters ("Both are good", "A tie", "Based on this, (a)") is no verdict.
 _LETTER = re.compile(r"^\W*(?:(?:output|answer)\s*:?\s*)?\(?([ab])\)?\W*$", re.IGNORECASE)
 
 
