@@ -294,8 +294,8 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
         "kind": "openai",
         "base_url": res["judge"]["base_url"],
         "model": "fake-judge",
-        "annotators_config": "weighted_alpaca_eval_gpt4_turbo",
-    }
+    }  # the package annotator's name is recorded for judge.kind=alpaca_eval only
+    assert res["win_rate_method"].startswith("this project's pairwise judge")
     # AlpacaEval: one request per prompt; Arena-Hard: two games per question, each replied with a label at once
     assert all(r["model"] == "fake-judge" for r in judged["requests"]) and len(judged["requests"]) == 6 + 2 * 3
     arena = json.loads((judged["job"] / "eval" / "arena-hard" / "results.json").read_text())

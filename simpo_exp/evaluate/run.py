@@ -180,6 +180,15 @@ def _rule(ctx: dict) -> dict:
     }
 
 
+# What results.json records of a judge: the keys its kind reads.
+JUDGE_RECORD = {"openai": ("kind", "base_url", "model"), "alpaca_eval": ("kind", "annotators_config")}
+PAIRWISE_METHOD = (
+    "this project's pairwise judge (simpo_exp/evaluate/judge.py): its one-letter prompt, the answers' order by a "
+    "seeded coin per prompt, a binary preference (no logprob weighting); AlpacaEval's format and LC GLM, not its "
+    "weighted_alpaca_eval_gpt4_turbo annotator, so not a leaderboard figure unless the judge is that annotator"
+)
+
+
 def _judge_pairs(
     ctx: dict, prompts: list[dict], texts: list[str], info: dict, generator: str
 ) -> tuple[dict, list[str]]:
@@ -212,12 +221,15 @@ def _alpacaeval(ctx: dict) -> dict:
     write_json(out / "model_outputs.json", bm.alpaca_model_outputs(prompts, texts, generator))
     metrics = {"avg_length": _mean([len(t) for t in texts]), "n": len(texts)}  # characters, as alpaca-eval counts
     notes = [] if len(texts) == ALPACA_EVAL_ROWS else [f"{len(texts)} of {info['rows']} prompts (max_prompts)"]
+    record = {"notes": notes, "baseline": info["reference_generator"], "dataset_name": "AlpacaEval 2"}
     if b.judge.kind == "openai":
         judged, more = _judge_pairs(ctx, prompts, texts, info, generator)
-        metrics, notes = {**metrics, **judged}, notes + more
+        metrics, record["notes"] = {**metrics, **judged}, notes + more
+        record["win_rate_method"] = PAIRWISE_METHOD
     elif b.judge.kind == "alpaca_eval":
         metrics.update(package_judge(b, out / "model_outputs.json", b.prompts_path, out / "alpaca_eval"))
-    return {"metrics": metrics, "notes": notes, "baseline": info["reference_generator"], "dataset_name": "AlpacaEval 2"}
+        record["win_rate_method"] = f"alpaca_eval's annotator {b.judge.annotators_config}"
+    return {"metrics": metrics, **record}
 
 
 def _arena_hard(ctx: dict) -> dict:
@@ -274,9 +286,8 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "generate": lambda cfg, prompts, tag: generate(cfg, prompts, dec, out / "shards", tag, e.judge_only),
     }
     record = RUNNERS[b.kind](ctx)
-    judge = {
-        k: v for k, v in dataclasses.asdict(b.judge).items() if k in ("kind", "base_url", "model", "annotators_config")
-    }
+    recorded = JUDGE_RECORD.get(b.judge.kind, ("kind",))  # the keys the judge of this kind reads
+    judge = {k: v for k, v in dataclasses.asdict(b.judge).items() if k in recorded}
     record = {
         "benchmark": b.name,
         "kind": b.kind,
