@@ -263,11 +263,10 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
+    from simpo_exp.inference.sampling import pick_device
+
     h = cfg.hardware
-    has_cuda = torch.cuda.is_available()
-    if h.device == "cuda" and not has_cuda:
-        raise ConfigError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu or hardware=auto")
-    use_cpu = h.device == "cpu" or (h.device == "auto" and not has_cuda)
+    use_cpu = pick_device(h.device).type == "cpu"  # cuda with none visible is refused there, for every stage
     precision = h.mixed_precision
     if precision == "auto":
         precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "no"
