@@ -39,3 +39,35 @@ def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding
     saved = json.loads((out / "results.json").read_text())
     assert record["decoding"] == saved["decoding"] == stored
     assert saved["decoding"]["max_new_tokens"] == 4 and saved["decoding"]["temperature"] == 0.9
+
+
+def test_a_copied_run_reuses_its_stored_answers_and_an_older_manifest_is_upgraded(tmp_path, compose):
+    """Stored answers are bound to the weights' content, not the model directory's path and file times: a run
+    directory copied elsewhere judges its stored answers (judge_only), and a manifest written the older way
+    (path and times) for the same files is given their hash instead of being refused."""
+    import shutil
+
+    from simpo_exp.evaluate.run import _legacy_weights_id
+    from simpo_exp.evaluate.runs import load_run_config, trained_policy
+
+    run = fake_run(tmp_path / "run", [], compose, weights=True)
+    prompts = tmp_path / "alpaca_eval.json"
+    prompts.write_text(json.dumps(ALPACA))
+    args = ["benchmark=alpacaeval2", f"benchmarks.alpacaeval2.prompts_path={prompts}", "evaluate.device=cpu"]
+    args += ["benchmarks.alpacaeval2.max_prompts=2", "evaluate.model_card=false"]
+    args += ["benchmarks.alpacaeval2.decoding.backend=hf", "benchmarks.alpacaeval2.decoding.max_new_tokens=4"]
+    (first,) = evaluate_sweep(run, *args)
+    copy = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run, copy)
+    for f in (copy / "model").iterdir():  # as a copy without preserved times would leave them
+        f.touch()
+    (again,) = evaluate_sweep(copy, *args, "evaluate.judge_only=true")
+    assert again["metrics"] == first["metrics"]
+    manifest = copy / "eval" / "alpacaeval2" / "shards" / "trained-manifest.json"
+    stored = json.loads(manifest.read_text())
+    assert set(stored["weights"]) == {"sha256"}
+
+    legacy = _legacy_weights_id(trained_policy(load_run_config(copy), copy, "cpu"))
+    manifest.write_text(json.dumps({**stored, "weights": legacy}))
+    (third,) = evaluate_sweep(copy, *args)
+    assert third["metrics"] == first["metrics"] and json.loads(manifest.read_text())["weights"] == stored["weights"]

@@ -39,24 +39,33 @@ from simpo_exp.evaluate.judge import (
     win_rate,
 )
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
-from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, write_json, write_jsonl
+from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, sha256_files, write_json, write_jsonl
 from simpo_exp.inference.results import HEADLINE, PREFIX, results_path
+from simpo_exp.rundir import read_json
 
 log = logging.getLogger(__name__)
 
 
 def _weights_id(cfg) -> dict:
-    """What identifies a policy's weights cheaply: file names, sizes and times on disk, or the random init."""
+    """What identifies a policy's weights: a hash of a local model's weight files and config (wherever the
+    directory lies, so a copied or moved run reuses its answers), the hub id and revision, or the random init."""
     m = cfg.model
     if not m.path:
         return {"random_init": dataclasses.asdict(m.random_init), "seed": cfg.seed}
     path = Path(m.path)
     if path.is_dir():
-        return {
-            "path": str(path),
-            "files": sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in path.glob("*.safetensors")),
-        }
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        return {"sha256": sha256_files(files + [path / "config.json"])}
     return {"path": m.path, "revision": m.revision}
+
+
+def _legacy_weights_id(cfg) -> dict | None:
+    """The id manifests written before the hash held for a local model: its path and its files' sizes and times."""
+    path = Path(cfg.model.path)
+    if not (cfg.model.path and path.is_dir()):
+        return None
+    files = sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in path.glob("*.safetensors"))
+    return {"path": str(path), "files": files}
 
 
 def _backend(dec, cfg) -> str:
@@ -83,6 +92,7 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
     }
     # judge_only reads stored answers wherever they were made (another backend, another machine)
     keys = ("weights", "prompts") if judge_only else None
+    _upgrade_manifest(shard_dir / f"{tag}-manifest.json", cfg, manifest["weights"])
     _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, any(f.exists() for f in files), keys)
     todo = [i for i, f in enumerate(files) if not f.exists()]
     if todo and judge_only:
@@ -109,6 +119,14 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
             )
         rows += got
     return rows
+
+
+def _upgrade_manifest(path: Path, cfg, weights: dict) -> None:
+    """A manifest that names the same weights the older way (path and file times) is given their hash, so the
+    answers it guards stay in use."""
+    old = read_json(path)  # {} when missing or unreadable
+    if old.get("weights") is not None and old["weights"] == _legacy_weights_id(cfg):
+        write_json(path, {**old, "weights": weights})
 
 
 def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple | None = None) -> None:

@@ -28,7 +28,7 @@ from simpo_exp.config import ConfigError
 from simpo_exp.data.prompts import train_prompts
 from simpo_exp.data.sources import DataSourceError, synthetic_task
 from simpo_exp.generate.binarise import binarise
-from simpo_exp.inference.files import manifest_changes, read_jsonl, write_atomic, write_jsonl
+from simpo_exp.inference.files import manifest_changes, read_jsonl, sha256_files, write_atomic, write_jsonl
 from simpo_exp.inference.sampling import derive_seed, prompt_token_ids
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,6 @@ log = logging.getLogger(__name__)
 
 class NoPairsError(DataSourceError):
     """Binarising left no usable pair; the message gives the counts by reason."""
-
-
-def _sha256_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def policy_fingerprint(cfg) -> dict:
@@ -62,7 +52,7 @@ def policy_fingerprint(cfg) -> dict:
     path = Path(m.path).expanduser()
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        return {"kind": "local", "path": str(path.resolve()), "sha256": _sha256_files(files + [path / "config.json"])}
+        return {"kind": "local", "path": str(path.resolve()), "sha256": sha256_files(files + [path / "config.json"])}
     from huggingface_hub import try_to_load_from_cache
 
     hit = try_to_load_from_cache(m.path, "config.json", revision=m.revision)

@@ -6,6 +6,8 @@ on one file system), so a stage can tell a finished shard from a missing one by 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,6 +36,24 @@ def append_jsonl(path: Path, row: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_cached(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        h.update(Path(name).name.encode())
+        with open(name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(files: list[Path]) -> str:
+    """One SHA-256 over the files' names (not their folder) and contents: the same weights anywhere on disk give
+    the same hash. Kept per process while the files' sizes and times are unchanged (a stage hashes a model's
+    weights once, not once per benchmark)."""
+    return _sha256_cached(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in map(Path, files)))
 
 
 def manifest_changes(stored: dict, now: dict, keys=None, prefix: str = "") -> list[str]:
