@@ -282,8 +282,7 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
         model.save_pretrained(path / "adapter", state_dict=state_dict)  # PEFT keeps the adapter's entries
         if state_dict is None:
             state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        state_dict = merged_lora_state_dict(model, state_dict)
-        model = untied_if_merged_apart(model, state_dict)
+        model, state_dict = merged_lora(model, state_dict)
     model.save_pretrained(path, state_dict=state_dict)
     if lora:  # save_pretrained writes the dtype of the model in memory (the base's), not of the weights it wrote
         config = json.loads((path / "config.json").read_text())
@@ -291,19 +290,23 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
         (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def merged_lora_state_dict(model, state_dict: dict) -> dict:
-    """The base model's state dict, in float32, with each LoRA layer merged, from a PEFT model's full
+def merged_lora(model, state_dict: dict) -> tuple:
+    """(the base model, its state dict in float32 with each LoRA layer merged) from a PEFT model and its full
     ``state_dict`` (keys ``base_model.model.<name>.base_layer.weight`` and the adapters' ``lora_A/B`` or, for an
     embedding, ``lora_embedding_A/B``): W + scaling B A (its transpose for an embedding, whose A is [r, vocab]),
     where scaling is the layer's own (lora_alpha / r, or over sqrt(r) with rsLoRA, per-layer patterns included).
     A base weight left out as a tied copy (a sharded engine's gathered weights) is taken from its twin; a LoRA
-    layer whose weights are not all there is an error, never a model saved without its training."""
+    layer whose weights are not all there is an error, never a model saved without its training. Where a merged
+    adapter on the output head or the input embeddings made tied weights differ, the base model's config no
+    longer ties them: tied, the loaded model would take one for both and lose the other's training."""
     from simpo_exp.logps import shared_parameters
 
-    prefix = "base_model.model."
+    def base_key(key: str) -> str:
+        return key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
     layers = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")}
-    state_dict = dict(state_dict)
-    for group in shared_parameters(model):  # tied weights: every name present, as the model itself holds them
+    state_dict, groups = dict(state_dict), shared_parameters(model)
+    for group in groups:  # tied weights: every name present, as the model itself holds them
         there = next((state_dict[n] for n in group if n in state_dict), None)
         state_dict.update({n: there for n in group if n not in state_dict and there is not None})
     merged, done = {}, set()
@@ -315,29 +318,20 @@ def merged_lora_state_dict(model, state_dict: dict) -> dict:
         if name in layers and leaf == "weight":
             value = value + lora_delta(layers[name], name, state_dict)
             done.add(name)
-        merged[(f"{name}.{leaf}" if name in layers else key).removeprefix(prefix)] = value
+        merged[base_key(key)] = value
     missing = sorted(set(layers) - done)
     if missing:
         raise RuntimeError(f"LoRA layers not merged (their base weight is not in the saved state): {missing[:5]}")
-    return merged
-
-
-def untied_if_merged_apart(peft_model, merged: dict):
-    """The base model, its config no longer tying the output head to the input embeddings where a merged adapter
-    on one of them (``lm_head`` or ``embed_tokens`` among the targets) made their merged weights differ: tied,
-    the loaded model would take one for both and lose the other's training."""
-    from simpo_exp.logps import shared_parameters
-
-    base = peft_model.get_base_model()
-    for group in shared_parameters(peft_model):
-        keys = [n.removeprefix("base_model.model.").replace(".base_layer.", ".") for n in group]
+    base = model.get_base_model()
+    for group in groups:
+        keys = [base_key(n) for n in group]
         tensors = [merged[k] for k in keys if k in merged]
         if any(not torch.equal(tensors[0], t) for t in tensors[1:]) and getattr(
             base.config, "tie_word_embeddings", False
         ):
             base.config.tie_word_embeddings = False
             log.info("LoRA merge: %s now differ, saved untied", " and ".join(keys))
-    return base
+    return base, merged
 
 
 def lora_delta(layer, name: str, state_dict: dict) -> torch.Tensor:
