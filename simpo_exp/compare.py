@@ -18,6 +18,7 @@ The same functions serve the notebook ``notebooks/compare_runs.ipynb``:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -62,7 +63,7 @@ FAMILIES = (
         "Mean log-prob per token: chosen (solid) and rejected (dashed)",
         ("logps_mean/chosen", "logps_mean/rejected"),
     ),
-    Family("loss", "Training objective (SimPO loss + sft_weight x NLL)", ("loss",), "lower"),
+    Family("loss", "Training objective (the method's loss + sft_weight x NLL)", ("loss",), "lower"),
 )
 KNOWN_METRICS = train_keys(METHODS) + eval_keys(METHODS) + [STEP_KEY, SAMPLES_KEY]
 assert all(m in PAIR_METRICS for fam in FAMILIES for m in fam.metrics)
@@ -104,7 +105,9 @@ class Run:
         return [s for s, _ in points], [v for _, v in points]
 
     def value_of(self, key: str):
-        """A hyperparameter's value for this run: its override, else its config, else its group choice."""
+        """A hyperparameter's value for this run: its override, else its config (a null the run resolved, such as
+        ``learning_rate`` from the model's size, as ``summary.json``'s ``resolved/<key>`` records it), else its
+        group choice."""
         if key in self.overrides:
             return self.overrides[key]
         node = self.config
@@ -112,6 +115,8 @@ class Run:
             if not isinstance(node, dict) or part not in node:
                 return self.choices.get(key)
             node = node[part]
+        if node is None:
+            return self.summary.get(f"resolved/{key}")
         return self.choices.get(key) if isinstance(node, (dict, list)) else node  # `dataset`: its group choice
 
     def last_step(self) -> int | None:
@@ -250,20 +255,28 @@ def common_overrides(runs: list[Run]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- seeds
-def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC) -> list[dict]:
-    """Finished runs that differ only by ``seed``, pooled: mean, spread and count per setting.
+def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | None = None) -> list[dict]:
+    """Finished runs that differ only by ``seed``, pooled: mean, spread and count per setting, best first.
 
-    Empty unless ``seed`` is one of the swept keys (``--multirun seed=1,2,3 beta=2,5``)."""
+    Empty unless ``seed`` is one of the swept keys (``--multirun seed=1,2,3 beta=2,5``). A seed met twice for one
+    setting (a run and its copy, one sweep given twice) is counted once, its first run's value, and the
+    others are counted in ``same seed left out``."""
     if "seed" not in swept_keys(runs):
         return []
-    groups: dict[tuple, list[Run]] = {}
+    groups: dict[tuple, dict] = {}
+    repeats: dict[tuple, int] = {}
     for r in runs:
         if r.status == "done" and r.final(metric) is not None:
             setting = tuple((k, v) for k, v in r.swept.items() if k != "seed")
-            groups.setdefault(setting, []).append(r)
+            seeds = groups.setdefault(setting, {})
+            seed = json.dumps(_parsed(r.value_of("seed")))
+            if seed in seeds:
+                repeats[setting] = repeats.get(setting, 0) + 1
+            else:
+                seeds[seed] = r
     rows = []
-    for setting, members in groups.items():
-        values = [r.final(metric) for r in members]
+    for setting, by_seed in groups.items():
+        values = [r.final(metric) for r in by_seed.values()]
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
         rows.append(
@@ -274,9 +287,10 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC) -> list[dict]:
                 "std": std,
                 "min": min(values),
                 "max": max(values),
+                **({"same seed left out": repeats[setting]} if setting in repeats else {}),
             }
         )
-    reverse = not lower_is_better(metric)
+    reverse = not (lower_is_better(metric) if ascending is None else ascending)
     return sorted(rows, key=lambda row: row[f"{metric} mean"], reverse=reverse)
 
 
@@ -313,8 +327,13 @@ def format_generations(entries: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- ranking and table
+# Metrics where a lower value is better besides losses: cost and failure counts.
+LOWER_IS_BETTER = ("step_time_s", "max_rss_gb", "gpu_max_allocated_gb", "skipped_steps", "compile_warmup_s")
+
+
 def lower_is_better(metric: str) -> bool:
-    return metric.rsplit("/", 1)[-1].endswith("loss")
+    name = metric.rsplit("/", 1)[-1]
+    return name.endswith("loss") or name in LOWER_IS_BETTER
 
 
 def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | None = None) -> list[Run]:
@@ -416,7 +435,7 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
                     values,
                     style,
                     color=color,
-                    lw=2.6 if rank == 1 else 1.5,
+                    lw=2.6 if rank == 1 and r.final(metric) is not None else 1.5,
                     marker="o" if split == "eval" else None,
                     ms=4,
                     label=label if (ax is axes[0] and m == fam.metrics[0]) else None,
@@ -436,7 +455,7 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     if handles:
         fig.legend(handles, labels, loc="outside right upper", title=f"runs, best first by {metric}", fontsize=9)
     title = fam.title + (f"  -  {fam.better} is better" if fam.better else "")
-    if len(ranked) > 1 and ranked[0].status == "done":
+    if len(ranked) > 1 and ranked[0].status == "done" and ranked[0].final(metric) is not None:
         best = ranked[0]
         ties = sum(r.status == "done" and r.final(metric) == best.final(metric) for r in ranked[1:])
         title += "\n" + textwrap.shorten(f"best by {metric}: {best.label}", 80) + f" ({_fmt(best.final(metric))})"
@@ -478,11 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"rank by this final metric (default {DEFAULT_METRIC}), or an evaluation number "
         "bench/<benchmark>/<name> written by python -m simpo_exp.evaluate (bench/rule/win_rate)",
     )
-    p.add_argument(
+    order = p.add_mutually_exclusive_group()
+    order.add_argument(
         "--ascending",
         action="store_true",
-        help="lower is better (the default for *loss metrics; higher is better otherwise)",
+        help="lower is better (the default for losses, step times, memory and skipped steps)",
     )
+    order.add_argument("--descending", action="store_true", help="higher is better (the default for the others)")
     p.add_argument("--out", type=Path, help="where the PNGs go (default: PATH/compare/ of the first PATH)")
     p.add_argument("--no-plots", action="store_true", help="print the table only")
     p.add_argument(
@@ -504,8 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run directories under {', '.join(args.paths)}", file=sys.stderr)
         return 2
 
-    ascending = True if args.ascending else None
-    order = "ascending" if (ascending or lower_is_better(args.metric)) else "descending"
+    ascending = True if args.ascending else False if args.descending else None
+    order = "ascending" if (lower_is_better(args.metric) if ascending is None else ascending) else "descending"
     counts = ", ".join(f"{sum(r.status == s for r in runs)} {s}" for s in ("done", "running", "failed"))
     print(f"{len(runs)} runs ({counts}) from {', '.join(args.paths)}; ranked by {args.metric} ({order}), best first")
     common = common_overrides(runs)
@@ -518,8 +539,10 @@ def main(argv: list[str] | None = None) -> int:
             f"\nnote: no run has {args.metric}; evaluate them first: python -m simpo_exp.evaluate "
             f"{args.paths[0]} benchmark={args.metric.split('/')[1]}"
         )
+    elif all(r.final(args.metric) is None for r in runs):
+        print(f"\nnote: no run has {args.metric} (a metric of another method, or of runs not yet evaluated)")
     for metric in dict.fromkeys([args.metric, *bench_columns(runs)]):  # evaluation numbers pooled too
-        seeds = seed_groups(runs, metric)
+        seeds = seed_groups(runs, metric, ascending if metric == args.metric else None)
         if seeds:
             print(f"\nover seeds (runs that differ only by seed), by {metric}:")
             print(format_table(seeds))

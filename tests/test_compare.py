@@ -234,3 +234,51 @@ def test_generate_and_evaluate_outputs_are_not_taken_for_training_runs(tmp_path)
         (tmp_path / name / ".hydra" / "config.yaml").write_text(f"{section}: {{}}\nseed: 1\n")
     assert find_run_dirs(tmp_path) == [tmp_path / "runs" / "r0"]
     assert find_runs(tmp_path) == [tmp_path / "runs" / "r0"]
+
+
+def _run(name, overrides, summary, config=None, status="done"):
+    return compare.Run(name=name, status=status, overrides=overrides, config=config or {}, summary=summary)
+
+
+def test_a_seed_met_twice_for_one_setting_counts_once_and_the_order_follows_ascending():
+    """A sweep compared beside its copy pooled each seed twice (4 "seeds", a smaller spread); the seed table
+    also ignored --ascending, naming another best setting than the main table."""
+    runs = compare.label_runs(
+        [
+            _run("0", {"seed": "1", "beta": "2"}, {"eval/loss": 0.6}),
+            _run("1", {"seed": "2", "beta": "2"}, {"eval/loss": 0.8}),
+            _run("copy/0", {"seed": "1", "beta": "2"}, {"eval/loss": 0.6}),
+            _run("2", {"seed": "1", "beta": "5"}, {"eval/loss": 0.9}),
+        ]
+    )
+    groups = compare.seed_groups(runs, "eval/loss")
+    assert [(g["beta"], g["seeds"], g.get("same seed left out")) for g in groups] == [("2", 2, 1), ("5", 1, None)]
+    assert groups[0]["std"] == pytest.approx(0.1414213, rel=1e-5)  # of 0.6 and 0.8, not of 0.6, 0.8, 0.6
+    assert [g["beta"] for g in compare.seed_groups(runs, "eval/loss", ascending=False)] == ["5", "2"]
+
+
+def test_cost_metrics_rank_lowest_first_and_a_resolved_learning_rate_is_shown():
+    assert compare.lower_is_better("train/step_time_s") and compare.lower_is_better("train/max_rss_gb")
+    assert not compare.lower_is_better("eval/rewards/accuracies")
+    slow = _run("slow", {"beta": "2"}, {"train/step_time_s": 2.0})
+    fast = _run("fast", {"beta": "5"}, {"train/step_time_s": 1.0})
+    assert [r.name for r in compare.rank_runs([slow, fast], "train/step_time_s")] == ["fast", "slow"]
+    sized = _run("r", {}, {"resolved/learning_rate": 1e-3}, config={"learning_rate": None})
+    assert sized.value_of("learning_rate") == 1e-3
+
+
+def test_plots_name_no_best_run_for_a_metric_no_run_has(tmp_path):
+    history = [{"step": s, "train/loss": 1.0 / s, "eval/loss": 1.0 / s} for s in (1, 2)]
+    runs = compare.label_runs([_run(n, {"beta": b}, {"eval/loss": 0.5}) for n, b in (("a", "2"), ("b", "5"))])
+    for r in runs:
+        r.history = history
+    fig = compare.figure(runs, "loss", "eval/log_odds_ratio")
+    assert "best by" not in fig._suptitle.get_text()
+    assert "best by eval/loss" in compare.figure(runs, "loss", "eval/loss")._suptitle.get_text()
+
+
+def test_the_command_line_notes_a_metric_no_run_has_and_takes_descending(sweep, capsys):
+    assert compare.main([str(sweep), "--no-plots", "--metric", "eval/log_odds_ratio"]) == 0
+    assert "note: no run has eval/log_odds_ratio" in capsys.readouterr().out
+    assert compare.main([str(sweep), "--no-plots", "--metric", "eval/loss", "--descending"]) == 0
+    assert "ranked by eval/loss (descending)" in capsys.readouterr().out
