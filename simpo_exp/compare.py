@@ -5,7 +5,8 @@
 
 Each PATH may be one run directory, a sweep directory (one job per subdirectory) or any folder
 holding them (``outputs`` compares everything). A job is *done* when it wrote ``summary.json``,
-*failed* when it wrote ``error.json``, and *running* otherwise (this includes a job killed without
+*failed* when it wrote ``error.json``, *stopped* when it left at a stop signal (``stopped.json``, its checkpoint
+saved), and *running* otherwise (this includes a job killed without
 a chance to write either). Jobs are told apart by their *swept values*: the overrides whose value
 differs between jobs (all overrides when there is only one job).
 
@@ -30,7 +31,7 @@ import yaml
 
 from simpo_exp.inference.results import headline_keys, is_bench_metric, read_results
 from simpo_exp.methods import METHODS
-from simpo_exp.rundir import other_stage_output, parse_overrides, read_json, read_jsonl, read_yaml
+from simpo_exp.rundir import STOPPED_FILE, other_stage_output, parse_overrides, read_json, read_jsonl, read_yaml
 from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, STEP_KEY, eval_keys, train_keys
 
 DEFAULT_METRIC = "eval/rewards/accuracies"
@@ -78,7 +79,7 @@ class Run:
     """What a job left behind. ``history`` is the list of metrics.jsonl records, each with "step"."""
 
     name: str
-    status: str  # "done" | "failed" | "running"
+    status: str  # "done" | "failed" | "stopped" (left at a stop signal, resumable) | "running"
     path: Path | None = None
     overrides: dict[str, str] = field(default_factory=dict)  # "key=value" from the command line
     config: dict = field(default_factory=dict)  # the composed config (nested)
@@ -132,7 +133,16 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     error = read_json(path / "error.json") if (path / "error.json").exists() else None
     summary = read_json(path / "summary.json")
-    status = "failed" if error is not None else "done" if (path / "summary.json").exists() else "running"
+    stopped = read_json(path / STOPPED_FILE) if (path / STOPPED_FILE).exists() else None
+    status = (
+        "failed"
+        if error is not None
+        else "done"
+        if (path / "summary.json").exists()
+        else "stopped"
+        if stopped is not None
+        else "running"
+    )
     overrides = read_yaml(path / ".hydra" / "overrides.yaml") or (error or {}).get("overrides") or []
     hydra_cfg = read_yaml(path / ".hydra" / "hydra.yaml") or {}
     choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
@@ -140,6 +150,11 @@ def load_run(path: str | Path) -> Run:
     if error is not None:
         first_line = (str(error.get("error") or "").strip().splitlines() or [""])[0]
         message = f"{error.get('type', 'Error')}: {first_line}"
+    elif status == "stopped":
+        message = (
+            f"stopped by {stopped.get('signal', 'a signal')} after step {stopped.get('step', '?')}, checkpoint saved; "
+            "re-run its command to resume"
+        )
     return Run(
         name=path.name,
         status=status,
@@ -342,7 +357,7 @@ def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | N
 
     def key(r: Run):
         v = r.final(metric)
-        group = {"done": 0, "running": 1, "failed": 2}[r.status]
+        group = {"done": 0, "running": 1, "stopped": 1, "failed": 2}[r.status]
         if v is None:
             return (group, 1, 0.0)
         return (group, 0, v if ascending else -v)
@@ -527,7 +542,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ascending = True if args.ascending else False if args.descending else None
     order = "ascending" if (lower_is_better(args.metric) if ascending is None else ascending) else "descending"
-    counts = ", ".join(f"{sum(r.status == s for r in runs)} {s}" for s in ("done", "running", "failed"))
+    statuses = ("done", "running", "stopped", "failed")
+    counts = ", ".join(
+        f"{sum(r.status == s for r in runs)} {s}"
+        for s in statuses
+        if s != "stopped" or any(r.status == s for r in runs)
+    )
     print(f"{len(runs)} runs ({counts}) from {', '.join(args.paths)}; ranked by {args.metric} ({order}), best first")
     common = common_overrides(runs)
     if common:

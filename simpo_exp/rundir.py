@@ -13,6 +13,16 @@ import yaml
 
 from simpo_exp.inference.files import jsonl_lines
 
+# A run that left at a stop signal, its checkpoint saved: {"signal", "step"} (train.py writes it, the entry
+# point removes it when the run starts again; compare and the sweep's summary read it).
+STOPPED_FILE = "stopped.json"
+
+
+def stopped_record(signum: int, step: int) -> dict:
+    import signal
+
+    return {"signal": signal.Signals(signum).name, "step": step}
+
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["beta=2", "+x=1", "~y"]`` -> ``{"beta": "2", "x": "1", "y": "<deleted>"}``, Hydra's own left out."""

@@ -16,6 +16,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from simpo_exp.rundir import STOPPED_FILE, read_json
+
 
 def job_dirname(overrides: str, limit: int = 120) -> str:
     """A sweep job's directory name from its overrides: no '/' (a path value would nest
@@ -80,6 +82,7 @@ def user_errors(cfg: DictConfig):
     """
     out = Path(HydraConfig.get().runtime.output_dir)
     (out / "error.json").unlink(missing_ok=True)  # a re-run's outcome replaces an earlier failure's
+    (out / STOPPED_FILE).unlink(missing_ok=True)  # ... and an earlier stop's
     try:
         yield
     except Exception as e:
@@ -147,8 +150,19 @@ class SweepSummary(Callback):
         self.listed = True
         jobs = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
         failed = [(p, json.loads((p / "error.json").read_text())) for p in jobs if (p / "error.json").exists()]
+        stopped = [(p, read_json(p / STOPPED_FILE)) for p in jobs if (p / STOPPED_FILE).exists()]
+        if stopped:  # a stop signal ends the sweep at the job it reached: the jobs after it never ran
+            path, record = stopped[-1]
+            print(
+                f"sweep stopped by {record.get('signal', 'a signal')} in job {path.name} after step "
+                f"{record.get('step', '?')} ({len(jobs)} jobs started in {self.sweep_dir}); re-run the same command to "
+                "resume: finished jobs are skipped, the stopped one goes on from its checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
         if not failed:
-            print(f"sweep finished: {len(jobs)} jobs in {self.sweep_dir}", flush=True)
+            if not stopped:
+                print(f"sweep finished: {len(jobs)} jobs in {self.sweep_dir}", flush=True)
             return False
         print(f"\nsweep finished: {len(failed)} of {len(jobs)} jobs FAILED ({self.sweep_dir})", file=sys.stderr)
         for path, err in failed:

@@ -60,6 +60,7 @@ from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
+from simpo_exp.rundir import STOPPED_FILE, stopped_record
 from simpo_exp.signals import StopSignal
 from simpo_exp.tracking import (
     GENERATIONS_FILE,
@@ -667,7 +668,8 @@ def train_loop(run: Run) -> dict:
             save_checkpoint(run, window)
         if bar is not None:
             bar.update(1)
-        if stopping:
+        if stopping:  # compare and the sweep's summary tell a stopped run from a running one by this file
+            run.tracker.write_json(STOPPED_FILE, stopped_record(stopping, step))
             stop.exit(step, stopping)
     if bar is not None:
         bar.close()

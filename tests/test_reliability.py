@@ -115,9 +115,16 @@ def test_sigterm_saves_a_checkpoint_before_exiting(uninterrupted, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM
     saved = list((run_dir / "checkpoints").glob("step-*[0-9]/COMPLETE"))
     assert len(saved) == 1
+    # compare tells the stopped run from a running one (it showed "running ... at step N" before)
+    from simpo_exp.compare import load_run
+
+    stopped = load_run(run_dir)
+    step = int(saved[0].parent.name.split("-")[1])
+    assert stopped.status == "stopped" and f"stopped by SIGTERM after step {step}" in stopped.error
     res = simpo(*RUN, "save_steps=100", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(uninterrupted, run_dir)
+    assert load_run(run_dir).status == "done" and not (run_dir / "stopped.json").exists()
 
 
 def test_incompatible_checkpoint_is_refused_and_resume_false_starts_fresh(uninterrupted, tmp_path):

@@ -113,3 +113,21 @@ def test_a_multirun_under_torchrun_runs_its_jobs_in_turn_on_the_same_processes(t
     first, second = (read_metrics(j) for j in jobs)
     assert len(first) >= 2
     assert_same_records(first, second)
+
+
+def test_a_sweep_stopped_by_a_signal_says_so_not_that_it_finished(tmp_path, capsys):
+    """A SIGTERM in job 0 ends the sweep there; its summary said "sweep finished: 1 jobs" although job 1 never ran."""
+    from types import SimpleNamespace
+
+    from simpo_exp.runinfo import SweepSummary
+
+    summary = SweepSummary()
+    sweep = tmp_path / "sweep"
+    summary.on_multirun_start(SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep)))))
+    job = sweep / "0_beta=2"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- beta=2\n")
+    (job / "stopped.json").write_text('{"signal": "SIGTERM", "step": 8}')
+    assert summary._list_failed() is False
+    out = capsys.readouterr()
+    assert "sweep stopped by SIGTERM in job 0_beta=2 after step 8" in out.err and "sweep finished" not in out.out
