@@ -38,6 +38,9 @@ class ConfigError(UserError, ValueError):
     """A config value is invalid; the message names the key and the allowed values."""
 
 
+CHAT_FORMATS = ("generation_prompt", "simpo_repo")  # dataset.chat_format (simpo_exp/data/tokenize.py)
+
+
 @dataclass
 class RandomInitConfig:
     """Shape of the randomly initialised Llama-style model built from config when ``model.path`` is
@@ -114,6 +117,10 @@ class DatasetConfig:
     # untruncated response with no end-of-turn token, stops the run unless allowed here.
     allow_double_bos: bool = False
     allow_missing_eos: bool = False
+    # How prompt and responses are cut out of the chat template's text (simpo_exp/data/tokenize.py):
+    # generation_prompt (TRL's: the assistant header ends the prompt) or simpo_repo (princeton-nlp/SimPO's
+    # run_simpo.py: the header starts each response, an empty system turn first where the template has one).
+    chat_format: str = "generation_prompt"
 
 
 @dataclass
@@ -490,6 +497,7 @@ def _validate_dataset(d: DatasetConfig) -> None:
         _check_choice(f"{key}.format", src.format, SOURCE_FORMATS)
         _check(0 < src.fraction <= 1, f"{key}.fraction", src.fraction, "must be in (0, 1]")
     _check(0 < d.test_size < 1, "dataset.test_size", d.test_size, "must be in (0, 1)")
+    _check_choice("dataset.chat_format", d.chat_format, CHAT_FORMATS)
     if d.num_proc is not None:
         _check(d.num_proc >= 1, "dataset.num_proc", d.num_proc, "must be >= 1 or null (one process)")
     for key in ("max_train_samples", "max_eval_samples"):

@@ -993,3 +993,46 @@ def test_an_end_of_turn_token_marked_special_only_among_the_added_tokens_ends_a_
     assert all(c[-1] == eot for c in tr["chosen_input_ids"])
     assert report.tokenization["splits"]["train"]["responses_without_end_token"] == 0
     assert end_of_turn_ids(tok) == [eot]
+
+
+# A zephyr-style template with a system branch, as zephyr-7b-sft-full's (alignment-handbook's default) has one.
+SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|system|>\n' + m['content'] + eos_token + '\n' }}"
+    "{% elif m['role'] == 'user' %}{{ '<|user|>\n' + m['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [ZEPHYR_CHAT_TEMPLATE, SYSTEM_TEMPLATE], ids=["no-system", "system"])
+def test_simpo_repo_chat_format_cuts_prompt_and_responses_as_the_official_script(template):
+    """dataset.chat_format=simpo_repo: the prompt without the generation prompt (an empty system turn first where
+    the template has a system branch), each response its assistant turn rendered alone, header included, so the
+    header's tokens count in |y|; the default keeps the header in the prompt, as TRL does."""
+    from simpo_exp.data.tokenize import _tokenise_batch
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = template
+    batch = {"prompt": [[{"role": "user", "content": "sort 3 1 2"}]], "chosen": ["1 2 3"], "rejected": ["3 2 1"]}
+    batch["drop_reason"] = [None]
+    trl = _tokenise_batch(batch, tok, 256, 128)
+    repo = _tokenise_batch(batch, tok, 256, 128, chat_format="simpo_repo")
+    text = lambda out, col: tok.decode(out[col][0])  # noqa: E731
+    assert (
+        text(trl, "prompt_input_ids").endswith("<|assistant|>\n") and text(trl, "chosen_input_ids") == "1 2 3<|eos|>\n"
+    )
+    assert text(repo, "chosen_input_ids") == "<|assistant|>\n1 2 3<|eos|>\n"
+    assert text(repo, "rejected_input_ids") == "<|assistant|>\n3 2 1<|eos|>\n"
+    system = "<|system|>\n<|eos|>\n" if template == SYSTEM_TEMPLATE else ""
+    assert text(repo, "prompt_input_ids") == f"<|bos|>{system}<|user|>\nsort 3 1 2<|eos|>\n"
+    if not system:  # the same tokens, cut elsewhere
+        whole = lambda out: out["prompt_input_ids"][0] + out["chosen_input_ids"][0]  # noqa: E731
+        assert whole(repo) == whole(trl) and len(repo["chosen_input_ids"][0]) > len(trl["chosen_input_ids"][0])
+
+
+def test_the_official_recipes_cut_pairs_as_the_official_script(compose):
+    for name in ("simpo-mistral-7b-base", "simpo-llama3-8b-instruct", "simpo-gemma2-9b-it"):
+        assert compose(f"experiment={name}").dataset.chat_format == "simpo_repo"
+    assert compose().dataset.chat_format == "generation_prompt"
+    with pytest.raises(ConfigError, match="dataset.chat_format='chatml'"):
+        to_config(compose("dataset.chat_format=chatml"))

@@ -68,7 +68,8 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport
     report = DataReport(sources=sizes)
     splits = {}
     for split in ("train", "test"):
-        ds = tokenise(raw[split], tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.dataset.num_proc)
+        d = cfg.dataset
+        ds = tokenise(raw[split], tokenizer, cfg.max_length, cfg.max_prompt_length, d.num_proc, d.chat_format)
         ds = _filter(ds, split, report)
         limit = cfg.dataset.max_train_samples if split == "train" else cfg.dataset.max_eval_samples
         if limit is not None and len(ds) > limit:

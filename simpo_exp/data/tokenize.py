@@ -3,9 +3,10 @@
 The chat template writes the special tokens, so text is tokenised with ``add_special_tokens=False``: a
 tokenizer never gets to add a second BOS. A template that writes no BOS (Mistral-Instruct's in the
 official recipe, zephyr-7b-sft-full's) gets one put in front of the prompt where the tokenizer has a
-BOS token, as the official SimPO trainer and TRL do: every sequence starts with exactly one. The prompt is the
-conversation rendered with the generation prompt; a response's text is what the full
-conversation adds after that prefix (so it ends with the template's end-of-turn token).
+BOS token, as the official SimPO trainer and TRL do: every sequence starts with exactly one. By default
+(``dataset.chat_format=generation_prompt``, as TRL) the prompt is the conversation rendered with the generation
+prompt; a response's text is what the full conversation adds after that prefix (so it ends with the
+template's end-of-turn token). ``simpo_repo`` cuts them as the official SimPO script does (``CHAT_FORMATS``).
 
 Each whole conversation is tokenised in one piece and split after the prompt's ids, so prompt + response
 ids are exactly what the tokenizer makes of the conversation, and what a model sampling after the prompt
@@ -44,10 +45,30 @@ TOKEN_FEATURES = {
 }
 
 
-def render(tokenizer, prompt: list[dict], response: str) -> tuple[str, str]:
-    """Return (prompt text, response text) as the chat template writes them."""
+# dataset.chat_format: how a pair's prompt and responses are cut out of the chat template's text.
+#   generation_prompt  the prompt rendered with the generation prompt (it ends with the assistant turn's header);
+#                      a response is what the whole conversation adds after it (TRL's CPOTrainer/DPOTrainer)
+#   simpo_repo         as princeton-nlp/SimPO's run_simpo.py: an empty system turn put first where the template
+#                      mentions one (alignment-handbook's auto_insert_empty_system_msg, its default), the prompt
+#                      rendered without the generation prompt, each response its assistant turn rendered alone
+#                      (a leading BOS cut): the turn's header counts as response tokens, in |y| and the reward
+# (the names: simpo_exp.config.CHAT_FORMATS)
+
+
+def render(tokenizer, prompt: list[dict], response: str, chat_format: str = "generation_prompt") -> tuple[str, str]:
+    """Return (prompt text, response text) as the chat template writes them, cut as ``chat_format`` says."""
+    answer = [{"role": "assistant", "content": response}]
+    if chat_format == "simpo_repo":
+        template = tokenizer.chat_template or ""
+        if prompt[0]["role"] != "system" and ("system" in template or "<|im_start|>" in template):
+            prompt = [{"role": "system", "content": ""}, *prompt]
+        text = tokenizer.apply_chat_template(answer, tokenize=False)
+        bos = tokenizer.bos_token
+        return tokenizer.apply_chat_template(prompt, tokenize=False), text[
+            len(bos) if bos and text.startswith(bos) else 0 :
+        ]
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
     if not full.startswith(prompt_text):
         return prompt_text, None
     return prompt_text, full[len(prompt_text) :]
@@ -79,7 +100,14 @@ def _shared_prefix(prompt: list[int], chosen: list[int], rejected: list[int]) ->
     return n
 
 
-def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int, code_version: str = "") -> dict:
+def _tokenise_batch(
+    batch: dict,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    code_version: str = "",
+    chat_format: str = "generation_prompt",
+) -> dict:
     n = len(batch["prompt"])
     out = {
         k: []
@@ -99,8 +127,8 @@ def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: 
         p_text = c_text = r_text = ""
         if not reason:
             try:
-                p_text, c_text = render(tokenizer, batch["prompt"][i], batch["chosen"][i])
-                _, r_text = render(tokenizer, batch["prompt"][i], batch["rejected"][i])
+                p_text, c_text = render(tokenizer, batch["prompt"][i], batch["chosen"][i], chat_format)
+                _, r_text = render(tokenizer, batch["prompt"][i], batch["rejected"][i], chat_format)
             except Exception as e:  # e.g. a template that refuses a system turn or non-alternating roles
                 reason = f"chat template error: {str(e).splitlines()[0][:80]}"
         if not reason and (c_text is None or r_text is None):
@@ -140,14 +168,25 @@ def _tokenise_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: 
     return out
 
 
-def tokenise(ds: Dataset, tokenizer, max_length: int, max_prompt_length: int, num_proc: int | None = None) -> Dataset:
+def tokenise(
+    ds: Dataset,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    num_proc: int | None = None,
+    chat_format: str = "generation_prompt",
+) -> Dataset:
     """Add token-id columns and update ``drop_reason``; keeps the text columns for reports."""
     return ds.map(
         _tokenise_batch,
         batched=True,
         batch_size=256,
         fn_kwargs=dict(
-            tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, code_version=CODE_VERSION
+            tokenizer=tokenizer,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            code_version=CODE_VERSION,
+            chat_format=chat_format,
         ),
         features=Features({**ds.features, **TOKEN_FEATURES}),
         num_proc=num_proc,
