@@ -142,8 +142,10 @@ def pick_attention(cfg: Config) -> str:
     return wanted
 
 
-def load_model(cfg: Config, tokenizer, attn_implementation: str):
-    """The causal LM: a random Llama of ``model.random_init``'s shape for ``path=""``, else ``from_pretrained``."""
+def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_copy: bool = False):
+    """The causal LM: a random Llama of ``model.random_init``'s shape for ``path=""``, else ``from_pretrained``.
+    ``engine_master_copy``: the engine (DeepSpeed under bf16/fp16) keeps the float32 master weights, so the model
+    stays in ``model.dtype`` (``precision.prepare_weights``)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     m = cfg.model
@@ -190,7 +192,7 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str):
     if cfg.hardware.gradient_checkpointing:
         enable_checkpointing(model, cfg.hardware.checkpoint_every_n_layers, cfg.hardware.checkpoint_offload)
     model.config.use_cache = False
-    model = prepare_weights(model, cfg.hardware.master_weights, cfg.hardware.lora)
+    model = prepare_weights(model, cfg.hardware.master_weights, cfg.hardware.lora, engine_master_copy)
     if cfg.hardware.lora:
         model = add_lora(model, cfg.hardware)
     return model

@@ -36,8 +36,19 @@ def trainable_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def prepare_weights(model, master_weights: str, lora: bool):
-    """Upcast a fully fine-tuned model's low-precision weights to float32 when ``master_weights`` is fp32."""
+def engine_keeps_master_copy(accelerator) -> bool:
+    """DeepSpeed under bf16/fp16: the engine trains the weights in that dtype and keeps its own float32 master
+    copy and optimizer state, so the weights are handed to it as loaded. Upcast, its ZeRO-3 takes float32 for its
+    working dtype where the model was built partitioned (``zero3_init_flag``, the offload launcher): the whole
+    run would compute and gather in float32."""
+    return accelerator.distributed_type.value == "DEEPSPEED" and accelerator.mixed_precision in ("bf16", "fp16")
+
+
+def prepare_weights(model, master_weights: str, lora: bool, engine_master_copy: bool = False):
+    """Upcast a fully fine-tuned model's low-precision weights to float32 when ``master_weights`` is fp32, unless
+    the engine keeps a float32 master copy itself (``engine_keeps_master_copy``)."""
+    if engine_master_copy:
+        return model
     if master_weights == "fp32" and not lora and trainable_dtype(model) != torch.float32:
         log.info(
             "master weights: %s weights upcast to float32 for training (hardware.master_weights=fp32)",

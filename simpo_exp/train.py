@@ -58,7 +58,7 @@ from simpo_exp.metrics import Window, pearson
 from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention, save_trained
 from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
-from simpo_exp.precision import warn_if_updates_vanish
+from simpo_exp.precision import engine_keeps_master_copy, warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
 from simpo_exp.rundir import STOPPED_FILE, stopped_record
 from simpo_exp.signals import StopSignal
@@ -282,7 +282,7 @@ def set_up(cfg: Config) -> Run:
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
-    model = load_model(cfg, tokenizer, pick_attention(cfg))
+    model = load_model(cfg, tokenizer, pick_attention(cfg), engine_keeps_master_copy(accelerator))
     log.info("model %s: %.2fM parameters", cfg.model.name, count_parameters(model) / 1e6)
     live = cfg.method in REFERENCE_METHODS and cfg.reference_mode == "live"  # a frozen copy of the model as well
     check_device_memory(model, accelerator, cfg.hardware, live)  # the trained state (and copy) alone must fit

@@ -26,8 +26,8 @@ RUN = [
     "per_device_train_batch_size=8",
     "dataset.synthetic.num_train=256",
     "dataset.synthetic.num_test=16",
-    "model.random_init.num_hidden_layers=2",
 ]
+SHAPE = ["model.random_init.num_hidden_layers=2"]  # of the saved start; the runs read it from model.path
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def start_dir(tmp_path_factory):
     from tests.conftest import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = to_config(compose(config_name="config", overrides=["output_dir=/tmp/unused", *RUN]))
+        cfg = to_config(compose(config_name="config", overrides=["output_dir=/tmp/unused", *RUN, *SHAPE]))
     tok = load_tokenizer(cfg.model)
     path = tmp_path_factory.mktemp("start") / "tiny-bf16"
     load_model(cfg, tok, "sdpa").to(torch.bfloat16).save_pretrained(path)
@@ -131,6 +131,26 @@ def test_full_fine_tuning_upcasts_only_when_asked(compose):
         compose("model.dtype=bfloat16", "hardware.master_weights=model", "model.random_init.num_hidden_layers=1")
     )
     assert {p.dtype for p in load_model(cfg, tok, "sdpa").parameters()} == {torch.bfloat16}
+
+
+def test_deepspeed_under_bf16_gets_the_weights_as_loaded(compose):
+    """DeepSpeed keeps its own float32 master copy under bf16/fp16. Upcast before it, a model built partitioned
+    (zero3_init_flag, the offload launcher) left ZeRO-3 computing and gathering in float32."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.model import load_model, load_tokenizer
+    from simpo_exp.precision import engine_keeps_master_copy
+
+    engine = lambda kind, mp: SimpleNamespace(distributed_type=kind, mixed_precision=mp)  # noqa: E731
+    assert engine_keeps_master_copy(engine(DistributedType.DEEPSPEED, "bf16"))
+    assert not engine_keeps_master_copy(engine(DistributedType.DEEPSPEED, "no"))  # no copy: float32 as loaded
+    assert not engine_keeps_master_copy(engine(DistributedType.FSDP, "bf16"))
+    assert not engine_keeps_master_copy(engine(DistributedType.NO, "bf16"))
+    cfg = to_config(compose("model.dtype=bfloat16", "model.random_init.num_hidden_layers=1"))
+    kept = load_model(cfg, load_tokenizer(cfg.model), "sdpa", engine_master_copy=True)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize(
