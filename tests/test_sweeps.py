@@ -1,6 +1,7 @@
 """Sweeps: a failing job does not stop the others; the Optuna preset finds and reports the best trial."""
 
 import json
+from pathlib import Path
 
 import yaml
 
@@ -131,3 +132,30 @@ def test_a_sweep_stopped_by_a_signal_says_so_not_that_it_finished(tmp_path, caps
     assert summary._list_failed() is False
     out = capsys.readouterr()
     assert "sweep stopped by SIGTERM in job 0_beta=2 after step 8" in out.err and "sweep finished" not in out.out
+
+
+def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
+    """launchers/slurm-multinode.sbatch under stand-ins for srun (one task per node, each with its SLURM_NODEID),
+    scontrol and accelerate: the rank was expanded once, on the first node, so every node got machine_rank 0."""
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        "srun": 'for n in 0 1; do SLURM_NODEID=$n "$@"; done',
+        "scontrol": "printf 'node-a\\nnode-b\\n'",
+        "accelerate": f'echo "$*" >> {tmp_path}/launched',
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]"}
+    env |= {"SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "SLURM_NODEID": "0"}
+    script = Path(__file__).resolve().parents[1] / "launchers" / "slurm-multinode.sbatch"
+    res = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = (tmp_path / "launched").read_text().splitlines()
+    assert len(lines) == 2 and all("--num_processes 16" in x and "--main_process_ip node-a" in x for x in lines)
+    assert ["--machine_rank 0" in lines[0], "--machine_rank 1" in lines[1]] == [True, True]
+    assert all("hydra.run.dir=outputs/runs/slurm-77" in x for x in lines)
