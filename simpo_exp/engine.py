@@ -200,11 +200,44 @@ def accumulation_steps(cfg: Config, num_processes: int) -> int:
     return target // per_step
 
 
-def check_engine(h, got) -> None:
+def zero_layout(ds_config: dict) -> dict:
+    """What a DeepSpeed config shards and where it offloads: its ZeRO stage and offload devices."""
+    z = ds_config.get("zero_optimization") or {}
+    device = lambda key: (z.get(key) or {}).get("device", "none")  # noqa: E731
+    return {
+        "stage": z.get("stage", 0),
+        "offload_optimizer": device("offload_optimizer"),
+        "offload_param": device("offload_param"),
+    }
+
+
+def deepspeed_config_path(name: str) -> Path:
+    """A preset's ``hardware.deepspeed_config``: as given, else relative to the project (as the presets name them)."""
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parents[1] / path
+    if not path.exists():
+        raise ConfigError(f"hardware.deepspeed_config={name!r}: no such file")
+    return path
+
+
+def check_engine(h, got, running_ds_config: dict | None = None) -> None:
     """A sharding preset that would run as something else is refused: ``hardware=fsdp`` started without the FSDP
     launcher config, or a DeepSpeed preset on the CPU (accelerate sets DeepSpeed aside there), trains each
-    process's whole model, unsharded, under the preset's name."""
+    process's whole model, unsharded, under the preset's name; a DeepSpeed preset started with another preset's
+    launcher (``hardware=zero2`` under ``launchers/zero3.yaml``) would run that launcher's ZeRO stage and offload."""
     wanted = "FSDP" if h.name.startswith("fsdp") else "DEEPSPEED" if h.deepspeed_config else None
+    if wanted == "DEEPSPEED" and got == DistributedType.DEEPSPEED and running_ds_config is not None:
+        import json
+
+        asked = zero_layout(json.loads(deepspeed_config_path(h.deepspeed_config).read_text()))
+        running = zero_layout(running_ds_config)
+        if asked != running:
+            raise ConfigError(
+                f"hardware={h.name} asks for DeepSpeed {asked} ({h.deepspeed_config}), but the launcher's DeepSpeed "
+                f"config runs {running}: start it with accelerate launch --config_file launchers/{h.name}.yaml, or "
+                "name the preset that matches the launcher"
+            )
     if wanted is None or got == getattr(DistributedType, wanted):
         return
     how = (
@@ -281,11 +314,7 @@ def make_accelerator(cfg: Config):
             raise ConfigError(f"hardware={h.name} needs DeepSpeed: pip install -e '.[gpu]'") from e
         from accelerate.utils import DeepSpeedPlugin
 
-        path = Path(h.deepspeed_config).expanduser()
-        if not path.is_absolute() and not path.exists():
-            path = Path(__file__).resolve().parents[1] / path  # relative to the project, like the presets
-        if not path.exists():
-            raise ConfigError(f"hardware.deepspeed_config={h.deepspeed_config!r}: no such file")
+        path = deepspeed_config_path(h.deepspeed_config)
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(path), gradient_clipping=cfg.max_grad_norm)
         single_process_env()
     accelerator = Accelerator(
@@ -296,7 +325,8 @@ def make_accelerator(cfg: Config):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[process_group_kwargs(h.collective_timeout)],
     )
-    check_engine(h, accelerator.distributed_type)
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    check_engine(h, accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm
         # where the config left it to accelerate ("auto" would become accelerate's own 1.0).

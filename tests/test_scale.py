@@ -386,6 +386,26 @@ def test_a_sharding_preset_that_would_run_unsharded_is_refused():
     check_engine(SimpleNamespace(name="ddp", deepspeed_config=None), DistributedType.NO)  # one process of ddp: fine
 
 
+def test_a_deepspeed_preset_under_another_presets_launcher_is_refused():
+    """hardware=zero2 started with launchers/zero3.yaml ran ZeRO-3 (the launcher's JSON wins) under zero2's name."""
+    import json
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import check_engine
+
+    root = Path(__file__).resolve().parents[1]
+    launcher = lambda name: json.loads((root / "launchers" / f"ds_{name}.json").read_text())  # noqa: E731
+    zero2 = SimpleNamespace(name="zero2", deepspeed_config="launchers/ds_zero2.json")
+    offload = SimpleNamespace(name="zero3-offload", deepspeed_config="launchers/ds_zero3_offload.json")
+    with pytest.raises(ConfigError, match=r"hardware=zero2 asks for DeepSpeed \{'stage': 2.*runs \{'stage': 3"):
+        check_engine(zero2, DistributedType.DEEPSPEED, launcher("zero3"))
+    with pytest.raises(ConfigError, match="launchers/zero3-offload.yaml"):
+        check_engine(offload, DistributedType.DEEPSPEED, launcher("zero3"))
+    check_engine(zero2, DistributedType.DEEPSPEED, launcher("zero2"))
+    check_engine(offload, DistributedType.DEEPSPEED, launcher("zero3_offload"))
+
+
 def test_a_random_init_under_a_zero3_config_draws_the_weights_one_process_draws(compose):
     """accelerate's zero3_init_flag registers the ZeRO-3 config with transformers, which then builds every model
     under deepspeed.zero.Init: a seeded random init drawn partition by partition started a ZeRO-3 run from other
