@@ -1021,13 +1021,35 @@ def test_simpo_repo_chat_format_cuts_prompt_and_responses_as_the_official_script
     assert (
         text(trl, "prompt_input_ids").endswith("<|assistant|>\n") and text(trl, "chosen_input_ids") == "1 2 3<|eos|>\n"
     )
-    assert text(repo, "chosen_input_ids") == "<|assistant|>\n1 2 3<|eos|>\n"
-    assert text(repo, "rejected_input_ids") == "<|assistant|>\n3 2 1<|eos|>\n"
+    # the official trainer puts EOS after a response that does not end with it (here the template's newline)
+    assert text(repo, "chosen_input_ids") == "<|assistant|>\n1 2 3<|eos|>\n<|eos|>"
+    assert text(repo, "rejected_input_ids") == "<|assistant|>\n3 2 1<|eos|>\n<|eos|>"
     system = "<|system|>\n<|eos|>\n" if template == SYSTEM_TEMPLATE else ""
     assert text(repo, "prompt_input_ids") == f"<|bos|>{system}<|user|>\nsort 3 1 2<|eos|>\n"
-    if not system:  # the same tokens, cut elsewhere
+    if not system:  # the same tokens (and the EOS), cut elsewhere
         whole = lambda out: out["prompt_input_ids"][0] + out["chosen_input_ids"][0]  # noqa: E731
-        assert whole(repo) == whole(trl) and len(repo["chosen_input_ids"][0]) > len(trl["chosen_input_ids"][0])
+        assert whole(repo) == whole(trl) + [tok.eos_token_id]
+        assert len(repo["chosen_input_ids"][0]) > len(trl["chosen_input_ids"][0])
+
+
+def test_simpo_repo_chat_format_truncates_as_the_official_trainer():
+    """SimPOTrainer.tokenize_row (keep_end): a prompt that does not fit beside the longer response keeps its last
+    max_prompt_length tokens (kept, not dropped); where they still do not fit, both responses are cut to
+    max_length - max_prompt_length, the shorter one too."""
+    from simpo_exp.data.tokenize import _tokenise_batch
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+    question = " ".join(str(i % 10) for i in range(40))
+    batch = {"prompt": [[{"role": "user", "content": question}]], "chosen": ["1 " * 30], "rejected": ["2"]}
+    batch["drop_reason"] = [None]
+    ours = _tokenise_batch(batch, tok, 64, 32)
+    assert ours["drop_reason"] == ["prompt too long"]
+    repo = _tokenise_batch(batch, tok, 64, 32, chat_format="simpo_repo")
+    full_prompt = _tokenise_batch(batch, tok, 4096, 2048, chat_format="simpo_repo")["prompt_input_ids"][0]
+    assert repo["drop_reason"] == [None] and repo["prompt_input_ids"][0] == full_prompt[-32:]
+    assert len(repo["chosen_input_ids"][0]) == 64 - 32 and repo["chosen_truncated"] == [True]
+    assert len(repo["rejected_input_ids"][0]) < 32 and repo["rejected_truncated"] == [False]
 
 
 def test_the_official_recipes_cut_pairs_as_the_official_script(compose):

@@ -18,7 +18,8 @@ same); the merged token then counts as response, and the report counts such pair
 
 Truncation: a prompt longer than ``max_prompt_length`` tokens is dropped (cutting it would cut
 the instruction or the BOS); each response is cut to ``max_length - len(prompt)`` tokens, which
-is at least one token because the config requires ``max_prompt_length < max_length``.
+is at least one token because the config requires ``max_prompt_length < max_length``. Under
+``chat_format=simpo_repo`` the official trainer's rule instead (``_official_truncation``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ TOKEN_FEATURES = {
 #   simpo_repo         as princeton-nlp/SimPO's run_simpo.py: an empty system turn put first where the template
 #                      mentions one (alignment-handbook's auto_insert_empty_system_msg, its default), the prompt
 #                      rendered without the generation prompt, each response its assistant turn rendered alone
-#                      (a leading BOS cut): the turn's header counts as response tokens, in |y| and the reward
+#                      (a leading BOS cut): the turn's header counts as response tokens, in |y| and the reward;
+#                      truncated as its trainer truncates (``_official_truncation``: long prompts keep their end)
 # (the names: simpo_exp.config.CHAT_FORMATS)
 
 
@@ -100,6 +102,23 @@ def _shared_prefix(prompt: list[int], chosen: list[int], rejected: list[int]) ->
     return n
 
 
+def _official_truncation(
+    prompt: list, chosen: list, rejected: list, tokenizer, max_length: int, max_prompt_length: int
+):
+    """princeton-nlp/SimPO's ``SimPOTrainer.tokenize_row`` (``truncation_mode=keep_end``): EOS put after a response
+    that does not end with it; where the prompt and the longer response exceed ``max_length``, the prompt keeps its
+    last ``max_prompt_length`` tokens (its BOS may go), and where they still do, both responses are cut to
+    ``max_length - max_prompt_length``. Returns (prompt, chosen, rejected, the responses' token budget)."""
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        chosen, rejected = ([*ids, eos] if ids[-1:] != [eos] else ids for ids in (chosen, rejected))
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_length:
+        prompt = prompt[-max_prompt_length:]
+    budget = max_length - max_prompt_length if len(prompt) + longer > max_length else longer
+    return prompt, chosen, rejected, budget
+
+
 def _tokenise_batch(
     batch: dict,
     tokenizer,
@@ -142,17 +161,23 @@ def _tokenise_batch(
     p_ids = [bos(ids, t) for ids, t in zip(enc(prompts), prompts)]
     c_full = [bos(ids, p) for ids, p in zip(enc([p + c for p, c in zip(prompts, chosens)]), prompts)]
     r_full = [bos(ids, p) for ids, p in zip(enc([p + r for p, r in zip(prompts, rejecteds)]), prompts)]
+    official = chat_format == "simpo_repo"
     for i in range(n):
         reason = reasons[i]
         cut = _shared_prefix(p_ids[i], c_full[i], r_full[i])
         if not reason and cut == 0 and p_ids[i]:
             reason = "prompt and response tokens merge at the boundary"
         prompt, c_ids, r_ids = p_ids[i][:cut], c_full[i][cut:], r_full[i][cut:]
-        if not reason and len(prompt) > max_prompt_length:
+        if official and not reason:
+            prompt, c_ids, r_ids, budget = _official_truncation(
+                prompt, c_ids, r_ids, tokenizer, max_length, max_prompt_length
+            )
+        else:
+            budget = max_length - len(prompt)
+        if not reason and not official and len(prompt) > max_prompt_length:
             reason = "prompt too long"
         if not reason and (not c_ids or not r_ids):
             reason = "response has no tokens"
-        budget = max_length - len(prompt)
         if not reason and budget < 1:  # unreachable while max_prompt_length < max_length
             reason = "response truncated to nothing"
         c, r = (c_ids[: max(budget, 0)], r_ids[: max(budget, 0)])
