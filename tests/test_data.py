@@ -686,6 +686,25 @@ def test_unsupported_extension_and_unreadable_file(tmp_path, tok):
     with pytest.raises(DataSourceError, match="cannot read") as err:
         build_datasets(make_config({"src": SourceConfig(path=str(broken))}), tok)
     assert str(broken) in str(err.value)
+    assert "row 0" in str(err.value)  # the parser's own words, which were printed apart from the error
+
+
+def test_a_backup_beside_a_split_file_is_not_read_as_a_shard(tmp_path, tok, caplog):
+    """train.orig.jsonl and train-old.jsonl beside train.jsonl were read as shards: every pair trained twice."""
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
+    for name in ("train.jsonl", "train.orig.jsonl", "train-old.jsonl"):
+        write_jsonl(tmp_path / "d" / name, rows)
+    write_jsonl(tmp_path / "d" / "test.jsonl", rows[:4])
+    with caplog.at_level("WARNING"):
+        tr, te, _ = build_datasets(make_config({"src": SourceConfig(path=str(tmp_path / "d"))}), tok)
+    assert (len(tr), len(te)) == (12, 4)
+    assert "train.orig.jsonl" in caplog.text and "train-old.jsonl" in caplog.text
+    shards = tmp_path / "hub" / "data"  # hub-style shards are still read together
+    write_jsonl(shards / "train-00000-of-00002.jsonl", rows[:6])
+    write_jsonl(shards / "train-00001-of-00002.jsonl", rows[6:])
+    write_jsonl(shards / "test-00000-of-00001.jsonl", rows[:4])
+    tr, _, _ = build_datasets(make_config({"src": SourceConfig(path=str(tmp_path / "hub"))}), tok)
+    assert len(tr) == 12
 
 
 def test_uncached_hub_id_fails_fast_with_a_pointer_to_local_files(tok):

@@ -15,6 +15,7 @@ import contextlib
 import glob
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
@@ -70,18 +71,28 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         raise DataSourceError(f"dataset.sources.{source}: {', '.join(empty)} is empty (0 bytes)")
     try:
         return load_dataset(types.pop(), data_files=[str(f) for f in files], split="train")
-    except Exception as e:  # unreadable or malformed file
+    except Exception as e:  # unreadable or malformed file: datasets puts the parser's words (line, column) in the cause
+        cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ is not None and str(e.__cause__) else ""
         raise DataSourceError(
-            f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}"
+            f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}{cause}"
         ) from e
 
 
 def _split_files(directory: Path, split: str) -> list[Path]:
-    """Files of one split in a directory: ``<split>.jsonl`` or hub-style ``data/<split>-00000-of-00001.parquet``."""
+    """Files of one split in a directory: ``<split>.jsonl`` or hub-style shards ``data/<split>-00000-of-00001.parquet``
+    (``<split>-<n>``). Other names that start with the split's (``train.orig.jsonl``, ``train-old.jsonl``: a backup
+    beside the data) are not read, and said so: read as shards, every row would be trained on twice."""
     found = []
     for pattern in (f"{split}.*", f"{split}-*", f"**/{split}.*", f"**/{split}-*"):
         found += [Path(p) for p in glob.glob(str(directory / pattern), recursive=True)]
     found = sorted({f for f in found if f.suffix.lower() in FILE_TYPES})
+    shard = re.compile(rf"^{re.escape(split)}(-\d+(-of-\d+)?)?$")
+    ignored = [str(f) for f in found if not shard.match(f.stem)]
+    if ignored:
+        log.warning(
+            "split %r in %s: not read (not %s.<ext> or a %s-<n> shard): %s", split, directory, split, split, ignored
+        )
+    found = [f for f in found if shard.match(f.stem)]
     folders = sorted({str(f.parent) for f in found})
     if len(folders) > 1:  # e.g. an old copy in a subfolder: its rows would be read twice
         raise DataSourceError(
