@@ -1077,3 +1077,20 @@ def test_the_official_recipes_cut_pairs_as_the_official_script(compose):
     assert compose().dataset.chat_format == "generation_prompt"
     with pytest.raises(ConfigError, match="dataset.chat_format='chatml'"):
         to_config(compose("dataset.chat_format=chatml"))
+
+
+def test_max_eval_samples_on_a_mixture_draws_from_every_source_and_the_cut_is_reported(tmp_path, tok):
+    """The test split is the sources one after another: the first max_eval_samples pairs were all the first
+    source's. The pairs a limit leaves out were in no count of data_report.json."""
+    for name in ("a", "b"):
+        rows = [{"prompt": f"{name}{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
+        write_jsonl(tmp_path / name / "train.jsonl", rows)
+        write_jsonl(tmp_path / name / "test.jsonl", rows)
+    sources = {n: SourceConfig(path=str(tmp_path / n)) for n in ("a", "b")}
+    tr, te, report = build_datasets(make_config(sources, max_eval_samples=10, max_train_samples=30), tok)
+    firsts = {p[0]["content"][0] for p in te["prompt"]}
+    assert len(te) == 10 and firsts == {"a", "b"}
+    assert report.cut == {"train": 10, "test": 30} and report.kept == {"train": 30, "test": 10}
+    assert "10 more left out by dataset.max_*_samples" in report.lines()[0]
+    again = build_datasets(make_config(sources, max_eval_samples=10, max_train_samples=30), tok)[1]
+    assert again["prompt"] == te["prompt"]  # the same draw every time (dataset.shuffle_seed)

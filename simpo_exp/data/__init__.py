@@ -7,6 +7,7 @@ splits and a report of what was kept, dropped (by reason) and truncated.
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class DataReport:
     kept: dict = field(default_factory=dict)  # split -> rows kept
     dropped: dict = field(default_factory=dict)  # split -> {reason: count}
     truncated: dict = field(default_factory=dict)  # split -> {"chosen": n, "rejected": n}
+    cut: dict = field(default_factory=dict)  # split -> usable pairs left out by dataset.max_*_samples
     tokenization: dict = field(default_factory=dict)  # see simpo_exp/data/report.py
 
     def lines(self) -> list[str]:
@@ -43,8 +45,9 @@ class DataReport:
         for split in self.kept:
             drops = ", ".join(f"{r}: {n}" for r, n in sorted(self.dropped[split].items())) or "none"
             t = self.truncated[split]
+            cut = f"; {self.cut[split]} more left out by dataset.max_*_samples" if self.cut.get(split) else ""
             out.append(
-                f"{split}: kept {self.kept[split]} pairs; dropped {drops}; "
+                f"{split}: kept {self.kept[split]} pairs{cut}; dropped {drops}; "
                 f"truncated chosen {t['chosen']}, rejected {t['rejected']}"
             )
         return out
@@ -73,7 +76,15 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport
         ds = _filter(ds, split, report)
         limit = cfg.dataset.max_train_samples if split == "train" else cfg.dataset.max_eval_samples
         if limit is not None and len(ds) > limit:
-            ds = ds.select(range(limit))
+            # train is shuffled already; the test split is the sources one after another, so its pairs are drawn
+            # (kept in their order): the first ones would all come from the first source of a mixture
+            keep = (
+                range(limit)
+                if split == "train"
+                else sorted(random.Random(d.shuffle_seed).sample(range(len(ds)), limit))
+            )
+            report.cut[split] = len(ds) - limit
+            ds = ds.select(keep)
         splits[split] = ds
         report.kept[split] = len(ds)  # counted on what is used: after the max_*_samples cut
         report.truncated[split] = {side: int(sum(ds[f"{side}_truncated"])) for side in ("chosen", "rejected")}
