@@ -591,6 +591,11 @@ def test_normalise_row_rules():
         "rejected": "b",
         "drop_reason": "",
     }
+    # A message list written as a JSON string was trained on as the JSON text; it is dropped and counted
+    encoded = {"prompt": "p", "chosen": json.dumps(msgs("p", "a")), "rejected": json.dumps(msgs("p", "b"))}
+    assert normalise_row(encoded, auto)["drop_reason"].startswith("message list encoded as a JSON string")
+    assert normalise_row(encoded, strings)["drop_reason"] == ""  # format=strings: the text as given
+    assert normalise_row({"prompt": "p", "chosen": "[{a} b]", "rejected": "c"}, auto)["drop_reason"] == ""
     # The chosen conversation's earlier turns are the prompt, whatever the prompt column says.
     row = normalise_row({"prompt": "ignored", "chosen": msgs("real", "a"), "rejected": msgs("real", "b")}, messages)
     assert row["prompt"] == [{"role": "user", "content": "real"}] and row["drop_reason"] == ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -206,6 +207,18 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
+def _encoded_messages(value) -> bool:
+    """A string that holds a JSON message list (``json.dumps`` of ``[{"role", "content"}, ...]``): read as a
+    response, the model would be trained on the JSON text."""
+    if not (isinstance(value, str) and value.lstrip().startswith("[{")):
+        return False
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return False
+    return _is_messages(decoded) and bool(decoded) and all("role" in m and "content" in m for m in decoded)
+
+
 def _turn_text(messages: list, what: str):
     """The last turn's content, or (None, reason)."""
     if not messages:
@@ -261,6 +274,8 @@ def normalise_row(row: dict, src: SourceConfig) -> dict:
         if why:
             return drop(why)
     else:
+        if src.format == "auto" and (_encoded_messages(chosen) or _encoded_messages(rejected)):
+            return drop("message list encoded as a JSON string (decode it, or set format=strings)")
         chosen_text, rejected_text = chosen, rejected
     prompt = prompt_messages(prompt_value, chosen)
     if prompt is None:
