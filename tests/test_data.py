@@ -1099,3 +1099,15 @@ def test_max_eval_samples_on_a_mixture_draws_from_every_source_and_the_cut_is_re
     assert "10 more left out by dataset.max_*_samples" in report.lines()[0]
     again = build_datasets(make_config(sources, max_eval_samples=10, max_train_samples=30), tok)[1]
     assert again["prompt"] == te["prompt"]  # the same draw every time (dataset.shuffle_seed)
+
+
+def test_text_that_is_not_utf8_names_the_source_and_row(tmp_path, tok):
+    """pyarrow loads the bytes as they are; a bare UnicodeDecodeError came out of the normalising map."""
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
+    text = write_jsonl(tmp_path / "utf8.jsonl", rows).read_bytes()
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(text.replace(b"good 3", "gööd 3".encode("latin-1")))
+    with pytest.raises(
+        DataSourceError, match=r"dataset.sources.src \(.*latin1.jsonl\): .*latin1.jsonl line 4 holds text that is not"
+    ):
+        build_datasets(make_config({"src": SourceConfig(path=str(bad))}, test_size=0.25), tok)

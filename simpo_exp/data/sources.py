@@ -300,14 +300,37 @@ def _normalise_for_map(row: dict, src: SourceConfig, code_version: str) -> dict:
 
 def normalise(ds: Dataset, src: SourceConfig, name: str, num_proc: int | None = None) -> Dataset:
     _check_columns(ds, src, name)
-    return ds.map(
-        _normalise_for_map,
-        fn_kwargs=dict(src=src, code_version=CODE_VERSION),
-        remove_columns=ds.column_names,
-        features=NORMALISED_FEATURES,
-        num_proc=num_proc,
-        desc=f"normalising {name}",
-    )
+    try:
+        return ds.map(
+            _normalise_for_map,
+            fn_kwargs=dict(src=src, code_version=CODE_VERSION),
+            remove_columns=ds.column_names,
+            features=NORMALISED_FEATURES,
+            num_proc=num_proc,
+            desc=f"normalising {name}",
+        )
+    except UnicodeDecodeError as e:  # pyarrow reads bytes as they are; they fail only when read back as text
+        raise DataSourceError(
+            f"dataset.sources.{name} ({src.path}): {_first_undecodable_line(src.path)} holds text that is not UTF-8 "
+            f"({e}); re-encode the file as UTF-8"
+        ) from None
+
+
+def _first_undecodable_line(path: str) -> str:
+    """``<file> line <n>``: the first line of a local JSON/JSONL source that is not UTF-8 (looked for only once
+    reading failed); "a row" where the source is not such a file."""
+    root = Path(path).expanduser()
+    files = [root] if root.is_file() else sorted(root.rglob("*")) if root.is_dir() else []
+    for f in files:
+        if f.suffix.lower() not in (".json", ".jsonl") or not f.is_file():
+            continue
+        with f.open("rb") as fh:
+            for number, line in enumerate(fh, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"{f} line {number}"
+    return "a row"
 
 
 def provenance(path: str) -> dict:
