@@ -145,6 +145,9 @@ class Sweep:
     jobs: list[Path] = field(default_factory=list)
     methods: tuple[str, ...] = METHODS  # the jobs' methods: which method-specific metrics get panels
     bench: list[str] = field(default_factory=list)  # bench/<benchmark>/<metric> in the jobs' eval results
+    logged: bool = True  # whether any job logged to W&B (logger.wandb)
+    configs: list[dict] = field(default_factory=list)  # the jobs' configs and group choices, to check --swept keys
+    choices: list[dict] = field(default_factory=list)
 
     @property
     def config_keys(self) -> list[str]:
@@ -259,6 +262,9 @@ def read_sweep(sweep_dir: Path) -> Sweep:
         jobs=jobs,
         methods=tuple(sorted({c.get("method", "simpo") for c in configs})),
         bench=list(dict.fromkeys(k for j in jobs for k in read_results(j))),  # what compare reads, too
+        logged=any(lg.get("wandb", True) for lg in loggers),
+        configs=configs,
+        choices=choices,
     )
 
 
@@ -452,8 +458,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sweep = Sweep(group=args.target)
         default_out = Path(f"wandb_workspace_{args.target}.json")
+    if not sweep.logged:
+        print(
+            f"note: the jobs in {target} did not log to W&B (logger.wandb=false, e.g. logger=none): the view will show "
+            "nothing of them (`wandb sync` has nothing to send); compare them locally with python -m simpo_exp.compare",
+            file=sys.stderr,
+        )
     if args.swept:
         sweep.swept = {k: [k] for k in args.swept.split(",") if k}
+        unknown = [k for k in sweep.swept if sweep.configs and not config_keys_for(k, sweep.configs, sweep.choices)]
+        if unknown:
+            ap.error(f"--swept {','.join(unknown)}: in no job's config under {target}")
     entity = args.entity or sweep.entity
     project = args.project or sweep.project or "simpo-exp"
 

@@ -50,6 +50,9 @@ def spec(sweep) -> dict:
     assert f"view spec: {out}" in res.stdout
     # No key: nothing was sent, and the command says how to send it.
     assert "WANDB_API_KEY=... python -m simpo_exp.dashboard" in res.stdout
+    assert "did not log to W&B (logger.wandb=false" in res.stderr  # logger=none jobs: an empty view, said so
+    bad = run_module("simpo_exp.dashboard", str(sweep), "--swept", "beta,nosuch", cwd=sweep.parent)
+    assert bad.returncode == 2 and "--swept nosuch: in no job's config" in bad.stderr
     return json.loads(out.read_text())
 
 
