@@ -1,16 +1,16 @@
 """W&B dashboards as code: one saved workspace view per sweep, built from the project's metric list.
 
     python -m simpo_exp.dashboard outputs/multirun/2025-01-01_12-00-00
-    python -m simpo_exp.dashboard sweep-2025-01-01_12-00-00 --entity my-team --project simpo-exp
+    python -m simpo_exp.dashboard sweep-2025-01-01_12-00-00-3f2a1c --entity my-team --project simpo-exp
     python -m simpo_exp.dashboard SWEEP --out view.json --swept beta,gamma_beta_ratio
 
 The argument is a sweep directory (what ``--multirun`` wrote: one job per subdirectory) or, when
 no such directory exists, a W&B group name. The view (``wandb_workspaces.workspaces.Workspace``):
 
-- shows only the runs of that sweep: runs filtered to its W&B group, ``sweep-<sweep dir name>``
-  as :func:`simpo_exp.runinfo.fill_run_identity` names it (or the jobs' ``logger.group`` if one was
-  given), and grouped by the *swept keys*: the overrides (``.hydra/overrides.yaml``) whose value
-  differs between jobs, each mapped to the W&B config key that holds it;
+- shows only the runs of that sweep: runs filtered to its W&B group, ``sweep-<sweep dir name>-<path hash>``
+  as :func:`simpo_exp.runinfo.sweep_group` names it (or the jobs' ``logger.group`` if one was given; a job's
+  ``wandb_run.json`` records the group it logged to), and grouped by the *swept keys*: the overrides
+  (``.hydra/overrides.yaml``) whose value differs between jobs, each mapped to the W&B config key that holds it;
 - has one line plot against ``train/global_step`` for every metric in :mod:`simpo_exp.tracking`'s
   lists (train and eval), arranged in sections: preference, log-probs, optimisation, lengths, and
   the rest (a metric added to tracking.py lands in a panel without touching this file);
@@ -45,12 +45,14 @@ import yaml
 
 from simpo_exp.inference.results import headline_keys, read_results
 from simpo_exp.methods import METHODS
-from simpo_exp.rundir import parse_overrides, select
+from simpo_exp.rundir import parse_overrides, read_json, select
+from simpo_exp.runinfo import sweep_group
 from simpo_exp.tracking import (
     EVAL_ONLY_METRICS,
     SAMPLES_KEY,
     STEP_KEY,
     TRAIN_ONLY_METRICS,
+    WANDB_RECORD,
     batch_metrics,
     config_leaves,
     differing_keys,
@@ -210,13 +212,18 @@ def config_keys_for(key: str, configs: list[dict], choices: list[dict]) -> list[
     return []
 
 
-def _sweep_name(job: Path, hydra: dict) -> str:
-    """The name of the sweep directory a job ran in (what the W&B group is named after), even if moved since."""
+def _sweep_group(job: Path, hydra: dict) -> str:
+    """The W&B group ``runinfo.sweep_group`` gave a job: what its start recorded (``wandb_run.json``), else worked out
+    from the sweep directory it ran in, as recorded in its hydra.yaml (even if the sweep was moved since)."""
+    recorded = read_json(job / WANDB_RECORD)
+    if isinstance(recorded, dict) and recorded.get("group"):
+        return recorded["group"]
+    runtime = hydra.get("runtime") or {}
     configured = str((hydra.get("sweep") or {}).get("dir") or "")
     if configured and "${" not in configured:  # unresolved in hydra.yaml when left at its default
-        return Path(configured).name
-    ran_in = (hydra.get("runtime") or {}).get("output_dir")
-    return Path(ran_in).parent.name if ran_in else job.parent.name
+        return sweep_group(configured, runtime.get("cwd"))
+    ran_in = runtime.get("output_dir")
+    return sweep_group(str(Path(ran_in).parent) if ran_in else str(job.parent.resolve()))
 
 
 def read_sweep(sweep_dir: Path) -> Sweep:
@@ -230,19 +237,16 @@ def read_sweep(sweep_dir: Path) -> Sweep:
             hydras.append(hydra)
     if not jobs:
         raise SystemExit(f"error: {sweep_dir} holds no --multirun jobs (subdirectories with .hydra/)")
-    names = sorted({_sweep_name(j, h) for j, h in zip(jobs, hydras)})
-    if len(names) > 1:
-        raise SystemExit(
-            f"error: {sweep_dir} holds jobs of {len(names)} sweeps ({', '.join(names)}); give one sweep directory"
-        )
     configs = [_load_yaml(j / ".hydra" / "config.yaml") for j in jobs]
-    choices = [(h.get("runtime") or {}).get("choices") or {} for h in hydras]
     loggers = [c.get("logger") or {} for c in configs]
-
-    # The group as runinfo.fill_run_identity set it: the jobs' logger.group if given, else
-    # "sweep-" + the name of the sweep directory the jobs ran in.
-    given = {lg.get("group") for lg in loggers} - {None}
-    group = given.pop() if len(given) == 1 else "sweep-" + names[0]
+    # The group as runinfo.fill_run_identity set it: the jobs' logger.group if given, else runinfo.sweep_group's
+    groups = sorted({lg.get("group") or _sweep_group(j, h) for j, h, lg in zip(jobs, hydras, loggers)})
+    if len(groups) > 1:
+        raise SystemExit(
+            f"error: {sweep_dir} holds jobs of {len(groups)} sweeps ({', '.join(groups)}); give one sweep directory"
+        )
+    group = groups[0]
+    choices = [(h.get("runtime") or {}).get("choices") or {} for h in hydras]
 
     swept = {}
     for key in swept_overrides(jobs):

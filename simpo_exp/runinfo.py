@@ -39,6 +39,14 @@ def run_name(overrides: list[str], sft_weight: float) -> str:
     return ",".join(parts) or "default"
 
 
+def sweep_group(sweep_dir: str, cwd: str | None = None) -> str:
+    """A sweep's W&B group: ``sweep-<its directory's name>-<6 hex of its absolute path>``. By name alone, sweeps in
+    directories of one name (``outputs/a/beta``, ``outputs/b/beta``) shared a group, so each one's dashboard showed
+    both."""
+    path = os.path.normpath(os.path.join(cwd or os.getcwd(), str(sweep_dir)))
+    return f"sweep-{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:6]}"
+
+
 def fill_run_identity(cfg: DictConfig) -> DictConfig:
     """Resolve the config and set ``logger.run_name``/``logger.group`` from Hydra's state."""
     hc = HydraConfig.get()
@@ -62,7 +70,7 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
     if lc.get("run_name") is None:
         lc.run_name = run_name(list(hc.overrides.task), float(cfg.sft_weight))
     if lc.get("group") is None and hc.mode == RunMode.MULTIRUN:
-        lc.group = "sweep-" + Path(hc.sweep.dir).name
+        lc.group = sweep_group(hc.sweep.dir, hc.runtime.cwd)
     if hc.runtime.choices:
         picked = [f"{g}:{c}" for g, c in hc.runtime.choices.items() if not g.startswith("hydra") and c]
         lc.tags = list(lc.get("tags") or []) + picked

@@ -16,6 +16,7 @@ pytest.importorskip("wandb_workspaces")
 from simpo_exp import dashboard  # noqa: E402
 from simpo_exp.inference.files import read_jsonl  # noqa: E402
 from simpo_exp.methods import METHODS  # noqa: E402
+from simpo_exp.runinfo import sweep_group  # noqa: E402
 from simpo_exp.tracking import CONDITIONAL_METRICS, STEP_KEY, eval_keys, train_keys  # noqa: E402
 from tests.runs import run_module  # noqa: E402
 
@@ -74,7 +75,7 @@ def logged_keys(sweep: Path) -> set[str]:
 
 def test_spec_filters_to_the_sweeps_group_and_groups_by_the_swept_key(sweep, spec):
     asked = dashboard.spec_keys(spec)
-    assert asked["groups"] == {"sweep-" + sweep.name}  # as runinfo.fill_run_identity names it
+    assert asked["groups"] == {sweep_group(str(sweep))}  # as runinfo.fill_run_identity names it
     assert asked["grouping"] == {"config:beta.value"}  # beta differs between jobs; max_steps etc. do not
     columns = spec["spec"]["section"]["runSets"][0]["runFeed"]["columnOrder"]
     assert columns[:2] == ["run:displayName", "config:beta.value"]
@@ -136,7 +137,7 @@ def test_spec_is_stable_and_loads_back(sweep, spec):
     assert again == spec  # the same sweep gives the same file: diffable, panel ids included
     loaded = ws.Workspace._from_model(internal.View.model_validate(spec))
     assert [s.name for s in loaded.sections][:2] == ["Sweep", "Preference"]
-    assert "sweep-" + sweep.name in loaded.runset_settings.filters
+    assert sweep_group(str(sweep)) in loaded.runset_settings.filters
 
 
 def test_bare_group_and_offline_mode_with_a_key(tmp_path, monkeypatch, capsys):
@@ -214,3 +215,19 @@ def test_evaluation_panels_group_seeds_and_rank_the_table(tmp_path):
     assert first == {"key": {"section": "summary", "name": "bench/rule/win_rate"}, "ascending": False}
     (pc,) = [p for p in sections["Sweep"]["panels"] if p["viewType"] == "Parallel Coordinates Plot"]
     assert "summary:bench/rule/win_rate" in [c["accessor"] for c in pc["config"]["columns"]]
+
+
+def test_sweeps_in_directories_of_one_name_get_their_own_group_and_a_recorded_group_wins(sweep, tmp_path):
+    """outputs/a/beta and outputs/b/beta were both W&B group sweep-beta: each one's dashboard showed both sweeps.
+    A job's wandb_run.json (what W&B was given, e.g. by an older naming) is what its dashboard filters on."""
+    assert sweep_group("outputs/a/beta", "/work") != sweep_group("outputs/b/beta", "/work")
+    assert sweep_group("outputs/a/beta", "/work") == sweep_group("/work/outputs/a/beta")
+    assert sweep_group("outputs/a/beta", "/work").startswith("sweep-beta-")
+    import shutil
+
+    copy = tmp_path / "beta"
+    shutil.copytree(sweep, copy)
+    assert dashboard.read_sweep(copy).group == sweep_group(str(sweep))  # moved: the group it ran under
+    for job in jobs(copy):
+        (job / "wandb_run.json").write_text(json.dumps({"id": job.name[:8], "group": "sweep-2030-01-01_00-00-00"}))
+    assert dashboard.read_sweep(copy).group == "sweep-2030-01-01_00-00-00"

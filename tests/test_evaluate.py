@@ -108,6 +108,7 @@ def wandb_files(job: Path) -> tuple[str, list[Path]]:
 
 
 def test_results_are_added_to_the_training_runs_wandb_run(sweep):
+    from simpo_exp.runinfo import sweep_group
     from tests.test_wandb_offline import fold, read_wandb_log
 
     for job in jobs(sweep):
@@ -115,7 +116,7 @@ def test_results_are_added_to_the_training_runs_wandb_run(sweep):
         assert len(files) >= 2, files  # training's run file, then evaluation's, under the same id
         train, ev = (fold(read_wandb_log(f)) for f in files[:2])
         assert ev.run.run_id == train.run.run_id == run_id
-        assert ev.run.run_group == train.run.run_group == "sweep-" + sweep.name  # the sweep's W&B group
+        assert ev.run.run_group == train.run.run_group == sweep_group(str(sweep))  # the sweep's W&B group
         assert ev.run.display_name == train.run.display_name and "exit" in ev.kinds
         metrics = json.loads((job / "eval" / "rule" / "results.json").read_text())["metrics"]
         for name, value in metrics.items():

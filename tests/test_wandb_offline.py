@@ -210,7 +210,7 @@ def test_reader_reassembles_records_that_span_blocks(tmp_path):
 
 def test_group_job_type_and_name(job, wb):
     overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-    assert wb.run.run_group == "sweep-" + job.parent.name  # runinfo.fill_run_identity's sweep group
+    assert wb.run.run_group == runinfo.sweep_group(str(job.parent))  # runinfo.fill_run_identity's sweep group
     assert wb.run.job_type == "train"
     assert wb.run.display_name == runinfo.run_name(overrides, 0.0)
     assert wb.run.display_name.startswith("beta=5,gamma_beta_ratio=0.3,")
