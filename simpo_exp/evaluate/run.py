@@ -55,7 +55,7 @@ def _weights_id(cfg) -> dict:
     path = Path(m.path)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        return {"sha256": sha256_files(files + [path / "config.json"])}
+        return {"sha256": sha256_files([f for f in [*files, path / "config.json"] if f.is_file()])}
     return {"path": m.path, "revision": m.revision}
 
 
