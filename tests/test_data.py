@@ -1111,3 +1111,21 @@ def test_text_that_is_not_utf8_names_the_source_and_row(tmp_path, tok):
         DataSourceError, match=r"dataset.sources.src \(.*latin1.jsonl\): .*latin1.jsonl line 4 holds text that is not"
     ):
         build_datasets(make_config({"src": SourceConfig(path=str(bad))}, test_size=0.25), tok)
+
+
+def test_a_test_split_that_is_not_read_is_said_so(tmp_path, tok, caplog):
+    """A single file with test_split set, or a directory with a validation file but no test file: the test split
+    was carved out of train without a word."""
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
+    one = write_jsonl(tmp_path / "train_prefs.jsonl", rows)
+    with caplog.at_level("WARNING"):
+        build_datasets(make_config({"src": SourceConfig(path=str(one), test_split="test_prefs")}, test_size=0.25), tok)
+    assert "test_split='test_prefs' is not read" in caplog.text
+    caplog.clear()
+    write_jsonl(tmp_path / "d" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "d" / "validation.jsonl", rows[:4])
+    with caplog.at_level("WARNING"):
+        build_datasets(
+            make_config({"src": SourceConfig(path=str(tmp_path / "d"), test_split=None)}, test_size=0.25), tok
+        )
+    assert "set dataset.sources.src.test_split=validation" in caplog.text

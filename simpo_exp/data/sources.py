@@ -170,6 +170,20 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
     if test_split is None and path.is_dir() and _split_files(path, "test"):
         test_split = "test"  # a local directory with a test file (dataset=local): read it rather than carve one
         log.info("dataset.sources.%s: test split from the directory's test file", name)
+    if test_split is not None and single_file:
+        log.warning(
+            "dataset.sources.%s.path is one file: its test split is carved out of it (dataset.test_size=%s), and "
+            "test_split=%r is not read; point the path at the directory that holds both splits to read it",
+            name, dcfg.test_size, test_split,
+        )  # fmt: skip
+    elif test_split is None and path.is_dir():
+        others = [s for s in ("validation", "valid", "dev", "eval") if _split_files(path, s)]
+        if others:
+            log.warning(
+                "dataset.sources.%s: the test split is carved out of train (dataset.test_size=%s); %s has a %r split "
+                "file, which is not read: set dataset.sources.%s.test_split=%s to evaluate on it",
+                name, dcfg.test_size, path, others[0], name, others[0],
+            )  # fmt: skip
     if test_split is not None and not single_file:
         test = load_split(src, name, test_split, dcfg.synthetic)
     else:
