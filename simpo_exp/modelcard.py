@@ -88,8 +88,13 @@ def card_text(cfg: dict, results: dict[str, dict], name: str, resolved: dict | N
         f"# {name}",
         "",
         f"Trained with simpo-exp ({select(cfg, 'method') or 'simpo'}) from {model} on "
-        f"{', '.join((select(cfg, 'dataset.sources') or {}).keys()) or 'its configured data'} "
-        f"(dataset preset `{select(cfg, 'dataset.name')}`).",
+        f"{', '.join((select(cfg, 'dataset.sources') or {}).keys()) or 'its configured data'}"
+        # a list of presets (dataset=[a,b]) keeps the last one's name: a mixture is named by its sources alone
+        + (
+            f" (dataset preset `{select(cfg, 'dataset.name')}`)."
+            if len(select(cfg, "dataset.sources") or {}) < 2
+            else "."
+        ),
         "",
         "## Recipe",
         "",

@@ -578,6 +578,10 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     text = write_model_card(tmp_path, cfg, "run").read_text()
     for row in ("| `method` | dpo |", "| `learning_rate` | 0.001 |", "| `gradient_accumulation_steps` | 2 |"):
         assert row in text, text
+    # dataset=[ultrafeedback-binarized,local] keeps the last preset's name: a mixture is named by its sources
+    mixture = {"name": "local", "sources": {"ultrafeedback": {"path": "a"}, "local": {"path": "b"}}}
+    text = write_model_card(tmp_path, {**cfg, "dataset": mixture}, "run").read_text()
+    assert "on ultrafeedback, local." in text and "dataset preset" not in text
 
 
 def test_each_sweep_job_is_pushed_to_a_valid_repo_of_its_own():
