@@ -43,7 +43,7 @@ import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from simpo_exp.errors import UserError
+from simpo_exp.errors import OtherRunsDirectory, UserError
 from simpo_exp.memory import Engine, state_bytes
 from simpo_exp.rundir import read_jsonl
 
@@ -91,6 +91,10 @@ TRAINING_HARDWARE_KEYS = {
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used (incompatible config, unreadable files) or written."""
+
+
+class DifferentConfigCheckpoint(CheckpointError, OtherRunsDirectory):
+    """A checkpoint written by another config: the run in the directory is not this command's."""
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -457,7 +461,7 @@ def load(
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DamagedCheckpoint(f"{path / 'state.json'} cannot be read ({type(e).__name__}: {e})") from e
     if diffs:
-        raise CheckpointError(
+        raise DifferentConfigCheckpoint(
             f"checkpoint {path} was written by a different config ({'; '.join(diffs)}). "
             "Run with resume=false to start fresh in this directory, or use another hydra.run.dir."
         )

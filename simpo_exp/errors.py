@@ -12,6 +12,12 @@ class UserError(Exception):
     """A problem in what the user gave (config, files, models, resources), with a message saying what to change."""
 
 
+class OtherRunsDirectory(UserError, RuntimeError):
+    """The run directory holds another config's run (its checkpoints, or its finished result): the command is refused
+    and the run left as it was, its recorded config and outcome included (``runinfo.user_errors`` puts back what
+    Hydra rewrote before the run could refuse)."""
+
+
 class OutOfMemoryError(UserError, RuntimeError):
     """A training or evaluation step ran out of device memory."""
 

@@ -29,7 +29,8 @@ def record(run_dir: Path, config_dict: dict) -> None:
 
 def recorded_summary(cfg) -> dict | None:
     """The summary of the finished run of this config in ``cfg.output_dir``, or None when it has to
-    train (not finished, a different config, or ``resume=false``). Says so when it skips."""
+    train (not finished, or ``resume=false``). Says so when it skips; a finished run of another config there is
+    refused (``OtherRunsDirectory``), as a checkpoint of one is."""
     from simpo_exp.tracking import HEADLINE_METRICS, config_to_dict, final_table
 
     run_dir = Path(cfg.output_dir)
@@ -47,8 +48,14 @@ def recorded_summary(cfg) -> dict | None:
     # has checked the overrides (a misspelled key is then reported in under a second).
     from simpo_exp.checkpoint import incompatible_keys
 
-    if incompatible_keys(saved, config_to_dict(cfg)):
-        return None  # the checkpoint check then names the differing keys
+    diffs = incompatible_keys(saved, config_to_dict(cfg))
+    if diffs:  # trained again here, the finished run's model, summary and records would be replaced without a word
+        from simpo_exp.errors import OtherRunsDirectory
+
+        raise OtherRunsDirectory(
+            f"{run_dir.resolve()} holds a finished run of a different config ({'; '.join(diffs)}). Use another "
+            "hydra.run.dir, or resume=false to train this config here (the finished run's files are replaced)."
+        )
     message = (
         f"{run_dir.resolve()}: already finished with this config; skipped (its summary.json is the "
         "result; resume=false trains it again)"

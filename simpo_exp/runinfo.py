@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -16,6 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from simpo_exp.errors import OtherRunsDirectory
 from simpo_exp.rundir import STOPPED_FILE, read_json
 
 
@@ -89,10 +91,19 @@ def user_errors(cfg: DictConfig):
     sweeper after the batch); ``SweepSummary`` lists the failed jobs at the end.
     """
     out = Path(HydraConfig.get().runtime.output_dir)
-    (out / "error.json").unlink(missing_ok=True)  # a re-run's outcome replaces an earlier failure's
-    (out / STOPPED_FILE).unlink(missing_ok=True)  # ... and an earlier stop's
+    # a re-run's outcome replaces an earlier failure's or stop's, unless it is refused as another run's directory
+    earlier = {name: (out / name).read_bytes() for name in ("error.json", STOPPED_FILE) if (out / name).is_file()}
+    for name in earlier:
+        (out / name).unlink()
     try:
         yield
+    except OtherRunsDirectory as e:  # the run there is left as it was: its outcome and the config it ran with
+        for name, data in earlier.items():
+            (out / name).write_bytes(data)
+        restore_run_config(out)
+        print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.RUN:
+            raise SystemExit(2) from None
     except Exception as e:
         out.mkdir(parents=True, exist_ok=True)
         record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
@@ -108,6 +119,28 @@ def user_errors(cfg: DictConfig):
         print(f"error: {e}", file=sys.stderr)
         if single:
             raise SystemExit(2) from None
+
+
+RAN_WITH = "ran_with"  # .hydra/ran_with/: the .hydra files of the command a run last trained under
+
+
+def keep_run_config(run_dir: Path) -> None:
+    """Copy the run's .hydra files aside once its start is accepted (``restore_run_config`` puts them back)."""
+    src = Path(run_dir) / ".hydra"
+    if not src.is_dir():
+        return
+    dst = src / RAN_WITH
+    dst.mkdir(exist_ok=True)
+    for f in src.glob("*.yaml"):
+        shutil.copy2(f, dst / f.name)
+
+
+def restore_run_config(run_dir: Path) -> None:
+    """Put back the .hydra files of the command the run last trained under: Hydra rewrote them with a command that
+    was then refused, and compare and evaluate read the run's config and overrides from them."""
+    kept = Path(run_dir) / ".hydra" / RAN_WITH
+    for f in kept.glob("*.yaml") if kept.is_dir() else ():
+        shutil.copy2(f, kept.parent / f.name)
 
 
 def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:

@@ -61,6 +61,7 @@ from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import engine_keeps_master_copy, warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
 from simpo_exp.rundir import STOPPED_FILE, stopped_record
+from simpo_exp.runinfo import keep_run_config
 from simpo_exp.signals import StopSignal
 from simpo_exp.tracking import (
     GENERATIONS_FILE,
@@ -332,6 +333,8 @@ def set_up(cfg: Config) -> Run:
         reference = None
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
     state.epoch_batches = same_epochs(state, epoch_batches(len(train_loader), accum), len(train_loader))
+    if accelerator.is_main_process:  # this command's .hydra files, put back if a later command is refused here
+        keep_run_config(run_dir)
     env = environment_record(cfg, accelerator, model, data_report, layout)
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
     env["adamw_fused"] = bool(fused_optimizer)

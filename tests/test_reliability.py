@@ -309,3 +309,24 @@ def test_a_checkpoint_of_another_engine_is_refused_by_name_not_called_damaged(tm
     loaded = []
     assert checkpoint.load_newest(tmp_path, model, opt, sched, {}, loaded.append, engine="DEEPSPEED")[1].step == 8
     assert loaded and loaded[0].endswith(checkpoint.ENGINE_DIR)
+
+
+def test_a_finished_run_of_another_config_is_refused_and_left_as_it_was(tmp_path):
+    """A finished run without checkpoints (save_steps=0) re-run with beta=5 was wiped and trained again, exit 0;
+    and a refused resume left Hydra's rewrite of .hydra/ (beta=5) and an error.json, so compare listed the run
+    as failed with beta=5 beside metrics trained with beta 2."""
+    from simpo_exp.compare import load_run
+
+    run_dir = tmp_path / "run"
+    short = ["max_steps=2", "save_steps=0", "eval_steps=0", "logging_steps=1", "logger=none", "num_generations=0"]
+    short += ["dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16", f"hydra.run.dir={run_dir}"]
+    first = simpo(*short, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = (run_dir / "summary.json").read_bytes()
+    again = simpo(*short, "beta=5", cwd=tmp_path)
+    assert again.returncode == 2 and "holds a finished run of a different config (beta: " in again.stderr
+    assert (run_dir / "summary.json").read_bytes() == summary and not (run_dir / "error.json").exists()
+    kept = load_run(run_dir)
+    assert kept.status == "done" and "beta" not in kept.overrides and kept.config["beta"] == 2.0
+    fresh = simpo(*short, "beta=5", "resume=false", cwd=tmp_path)  # asked for: trained again here
+    assert fresh.returncode == 0 and load_run(run_dir).config["beta"] == 5.0
