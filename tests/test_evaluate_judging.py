@@ -234,3 +234,39 @@ def test_a_reply_without_a_letter_is_no_verdict_and_the_others_count(tmp_path):
     assert "1 of 6 judge replies were not 'a' or 'b'" in notes[0]
     pairs = json.loads((tmp_path / "annotations.json").read_text())
     assert [p["instruction"] for p in pairs] == [q for i, (q, _, _) in enumerate(ALPACA_CASES) if i != 3]
+
+
+def test_replies_in_flight_at_ctrl_c_are_kept(tmp_path, monkeypatch):
+    """Ctrl-C while four requests were in flight: the replies arrived (and were paid for) but only those collected
+    before the interrupt were written; the re-run asked for the others again."""
+    import threading
+
+    from simpo_exp.evaluate import judge as judge_mod
+    from simpo_exp.evaluate.config import JudgeConfig
+    from simpo_exp.evaluate.judge import PairwiseJudge
+
+    prompts, texts = cases("alpacaeval")
+    release = threading.Event()
+
+    def ask(prompt, text):
+        if prompt["id"] != prompts[0]["id"]:
+            release.wait(10)  # still in flight when the interrupt comes
+        return {"id": prompt["id"], "judge": "j", "preference": 2.0}
+
+    collect = judge_mod.as_completed
+
+    def interrupted(futures):
+        first = next(iter(collect(futures)))
+        yield first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(judge_mod, "as_completed", interrupted)
+    j = JudgeConfig(kind="openai", base_url="http://127.0.0.1:9", model="j", concurrency=len(prompts))
+    path = tmp_path / "verdicts.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        PairwiseJudge(j, "x").judge_lines(ask, prompts, texts, path, {})
+    release.set()  # the replies in flight arrive after the interrupt
+    deadline = time.time() + 10
+    while len(read_jsonl(path)) < len(prompts) and time.time() < deadline:
+        time.sleep(0.05)
+    assert sorted(r["id"] for r in read_jsonl(path)) == sorted(p["id"] for p in prompts)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -150,9 +151,17 @@ class PairwiseJudge:
     def judge_lines(self, ask: Callable, prompts: list[dict], texts: list[str], path: Path, stored: dict) -> list[dict]:
         """One line per prompt, in prompt order: the ``stored`` one, else ``ask(prompt, text)``, ``concurrency`` at a
         time, each appended to ``path`` as it finishes; ``path`` is rewritten in prompt order at the end. When the
-        endpoint fails, the prompts not started are dropped, the ones in flight still kept, and the error raised."""
-        pool, error, done = ThreadPoolExecutor(self.j.concurrency), None, dict(stored)
-        futures = {pool.submit(ask, p, t): p["id"] for p, t in zip(prompts, texts) if p["id"] not in done}
+        endpoint fails or the command is interrupted, the prompts not started are dropped, the replies in flight
+        still written as they arrive, and the error raised."""
+        pool, error, done, lock = ThreadPoolExecutor(self.j.concurrency), None, dict(stored), threading.Lock()
+
+        def ask_and_keep(prompt: dict, text: str) -> dict:
+            line = ask(prompt, text)
+            with lock:  # written by the thread that got it: a reply in flight at Ctrl-C is kept as it arrives
+                append_jsonl(path, line)
+            return line
+
+        futures = {pool.submit(ask_and_keep, p, t): p["id"] for p, t in zip(prompts, texts) if p["id"] not in done}
         try:
             for fut in as_completed(futures):
                 if fut.cancelled():
@@ -163,9 +172,7 @@ class PairwiseJudge:
                     error = error or e
                     for other in futures:
                         other.cancel()
-                    continue
-                append_jsonl(path, done[futures[fut]])
-        finally:  # Ctrl-C included: nothing more is asked
+        finally:  # Ctrl-C included: nothing more is asked; the replies in flight still arrive and are written
             pool.shutdown(wait=False, cancel_futures=True)
         if error:
             raise error
