@@ -97,6 +97,13 @@ def user_errors(cfg: DictConfig):
         (out / name).unlink()
     try:
         yield
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
+        print(
+            f"interrupted; what {out} holds so far (finished shards, judge replies, checkpoints) is kept: re-run the "
+            "same command to go on",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     except OtherRunsDirectory as e:  # the run there is left as it was: its outcome and the config it ran with
         for name, data in earlier.items():
             (out / name).write_bytes(data)
