@@ -26,7 +26,8 @@ def fsdp2(accelerator) -> bool:
 def adamw_fused(accelerator) -> bool | None:
     """``fused=True`` for torch's AdamW on a GPU: one kernel per step over all parameters, where the default
     (foreach) makes several passes over the weights, gradients and moments. It is transformers' default
-    optimizer (``adamw_torch_fused``), so TRL and the official SimPO trainer step that way too. FSDP's DTensor
+    optimizer (``adamw_torch_fused``), so TRL steps that way; the official SimPO configs name ``adamw_torch``
+    (foreach), the same update up to rounding. FSDP's DTensor
     weights take it; DeepSpeed steps the optimizer over its own partitions and keeps torch's default (None)."""
     if accelerator.device.type == "cuda" and accelerator.distributed_type != DistributedType.DEEPSPEED:
         return True

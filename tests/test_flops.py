@@ -127,3 +127,19 @@ def test_zero3_partitioned_parameters_are_counted_whole():
         p.ds_numel = p.numel()
         p.data = torch.empty(0, dtype=p.dtype)
     assert flop_spec(model) == whole and whole.body_params > 0
+
+
+def test_a_gpu_whose_name_contains_another_is_matched_by_its_own(monkeypatch):
+    """'NVIDIA L40' contains 'L4': it was given the L4's 121 TFLOP/s instead of its own 181."""
+    import torch
+
+    from simpo_exp.flops import peak_flops
+
+    for name, tflops in (
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA L40S", 362.1),
+        ("NVIDIA GH200 480GB", 989.4),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_flops(torch.device("cuda", 0), "bf16", None) == tflops * 1e12, name
