@@ -84,7 +84,8 @@ class SourceConfig:
     path: str = MISSING
     format: str = "auto"  # auto | messages | strings | synthetic
     train_split: str = "train"
-    test_split: Optional[str] = "test"  # None: carve ``dataset.test_size`` out of train
+    test_split: Optional[str] = "test"  # None: carve ``test_size`` out of train
+    test_size: Optional[float] = None  # the share carved out; None: ``dataset.test_size``
     fraction: float = 1.0  # share of the train split used (alignment-handbook's mixer)
     # Column names in the source, for the normalised fields.
     prompt_column: str = "prompt"
@@ -496,6 +497,8 @@ def _validate_dataset(d: DatasetConfig) -> None:
         )
         _check_choice(f"{key}.format", src.format, SOURCE_FORMATS)
         _check(0 < src.fraction <= 1, f"{key}.fraction", src.fraction, "must be in (0, 1]")
+        if src.test_size is not None:
+            _check(0 < src.test_size < 1, f"{key}.test_size", src.test_size, "must be in (0, 1) or null")
     _check(0 < d.test_size < 1, "dataset.test_size", d.test_size, "must be in (0, 1)")
     _check_choice("dataset.chat_format", d.chat_format, CHAT_FORMATS)
     if d.num_proc is not None:

@@ -315,7 +315,7 @@ def test_distilabel_math_strings_single_file(tmp_path, tok):
         "chosen_response",
         "rejected_response",
     )
-    assert cfg.dataset.test_size == 0.1
+    assert src.test_size == 0.1 and cfg.dataset.test_size == 0.05  # the preset's own share, not every source's
     tr, te, _ = build_datasets(cfg, tok)
     assert (len(tr), len(te)) == (18, 2)
     assert not set(pairs_of(tr)) & set(pairs_of(te))
@@ -1129,3 +1129,17 @@ def test_a_test_split_that_is_not_read_is_said_so(tmp_path, tok, caplog):
             make_config({"src": SourceConfig(path=str(tmp_path / "d"), test_split=None)}, test_size=0.25), tok
         )
     assert "set dataset.sources.src.test_split=validation" in caplog.text
+
+
+def test_a_presets_own_test_share_stays_its_own_in_a_mixture(tmp_path, tok):
+    """distilabel-math's 0.1 was dataset.test_size, so in dataset=[local,distilabel-math] the local source lost
+    0.1 of its train rows to the test split instead of 0.05."""
+    mine = write_jsonl(
+        tmp_path / "mine.jsonl", [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(40)]
+    )
+    math = write_jsonl(tmp_path / "math.jsonl", [distilabel_row(*t) for t in triples("math", 20)])
+    cfg = compose_preset(
+        "[local,distilabel-math]", f"dataset.sources.local.path={mine}", path_override("distilabel_math", math)
+    )
+    _, te, report = build_datasets(cfg, tok)
+    assert len(te) == 2 + 2  # 0.05 of 40 and 0.1 of 20

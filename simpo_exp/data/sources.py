@@ -161,6 +161,12 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
     return _load_hub(src, source, split)
 
 
+def carved_share(src: SourceConfig, dcfg: DatasetConfig) -> float:
+    """The share of a source's train rows held out as its test split where it has none: its own ``test_size``,
+    else ``dataset.test_size`` (a preset's own share stays its own in a mixture of presets)."""
+    return src.test_size if src.test_size is not None else dcfg.test_size
+
+
 def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Dataset, Dataset]:
     """Return (train, test) in the source's own schema, with the mixer's fraction applied to train."""
     path = Path(src.path).expanduser()
@@ -172,24 +178,24 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
         log.info("dataset.sources.%s: test split from the directory's test file", name)
     if test_split is not None and single_file:
         log.warning(
-            "dataset.sources.%s.path is one file: its test split is carved out of it (dataset.test_size=%s), and "
+            "dataset.sources.%s.path is one file: its test split is carved out of it (test_size %s), and "
             "test_split=%r is not read; point the path at the directory that holds both splits to read it",
-            name, dcfg.test_size, test_split,
+            name, carved_share(src, dcfg), test_split,
         )  # fmt: skip
     elif test_split is None and path.is_dir():
         others = [s for s in ("validation", "valid", "dev", "eval") if _split_files(path, s)]
         if others:
             log.warning(
-                "dataset.sources.%s: the test split is carved out of train (dataset.test_size=%s); %s has a %r split "
+                "dataset.sources.%s: the test split is carved out of train (test_size %s); %s has a %r split "
                 "file, which is not read: set dataset.sources.%s.test_split=%s to evaluate on it",
-                name, dcfg.test_size, path, others[0], name, others[0],
+                name, carved_share(src, dcfg), path, others[0], name, others[0],
             )  # fmt: skip
     if test_split is not None and not single_file:
         test = load_split(src, name, test_split, dcfg.synthetic)
     else:
         if len(train) < 2:
             raise DataSourceError(f"dataset.sources.{name}: {len(train)} row(s) cannot be split into train and test")
-        parts = train.train_test_split(test_size=dcfg.test_size, seed=dcfg.shuffle_seed)
+        parts = train.train_test_split(test_size=carved_share(src, dcfg), seed=dcfg.shuffle_seed)
         train, test = parts["train"], parts["test"]
     if src.fraction < 1.0:
         keep = max(1, int(src.fraction * len(train)))
