@@ -425,8 +425,8 @@ def load_newest(
     return None
 
 
-def incompatible_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Config keys whose values differ, ignoring those a resumed run may change."""
+def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = "checkpoint") -> list[str]:
+    """Config keys whose values differ, ignoring those a resumed run may change (``key: <what> a, now b``)."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
         if not prefix and key in RESUMABLE_CHANGES:
@@ -435,9 +435,9 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "") -> list[str]
             continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += incompatible_keys(a, b, f"{prefix}{key}.")
+            diffs += incompatible_keys(a, b, f"{prefix}{key}.", what)
         elif a != b:
-            diffs.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+            diffs.append(f"{prefix}{key}: {what} {a!r}, now {b!r}")
     return diffs
 
 

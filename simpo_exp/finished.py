@@ -48,13 +48,14 @@ def recorded_summary(cfg) -> dict | None:
     # has checked the overrides (a misspelled key is then reported in under a second).
     from simpo_exp.checkpoint import incompatible_keys
 
-    diffs = incompatible_keys(saved, config_to_dict(cfg))
+    diffs = incompatible_keys(saved, config_to_dict(cfg), what="finished with")
     if diffs:  # trained again here, the finished run's model, summary and records would be replaced without a word
         from simpo_exp.errors import OtherRunsDirectory
 
         raise OtherRunsDirectory(
-            f"{run_dir.resolve()} holds a finished run of a different config ({'; '.join(diffs)}). Use another "
-            "hydra.run.dir, or resume=false to train this config here (the finished run's files are replaced)."
+            f"{run_dir.resolve()} holds a finished run of a different config ({'; '.join(diffs)}). Use another run "
+            "directory (hydra.run.dir; hydra.sweep.dir for a sweep), or resume=false to train this config here (the "
+            "finished run's files are replaced)."
         )
     message = (
         f"{run_dir.resolve()}: already finished with this config; skipped (its summary.json is the "

@@ -91,13 +91,14 @@ def user_errors(cfg: DictConfig):
     sweeper after the batch); ``SweepSummary`` lists the failed jobs at the end.
     """
     out = Path(HydraConfig.get().runtime.output_dir)
-    # a re-run's outcome replaces an earlier failure's or stop's, unless it is refused as another run's directory
-    earlier = {name: (out / name).read_bytes() for name in ("error.json", STOPPED_FILE) if (out / name).is_file()}
-    for name in earlier:
-        (out / name).unlink()
+    single = HydraConfig.get().mode == RunMode.RUN
+    # a re-run's outcome replaces an earlier failure's, stop's or refusal's, unless this command is refused or
+    # interrupted before it starts: then they are put back. The main process alone (every process names this folder)
+    earlier = _take_records(out) if os.environ.get("RANK", "0") == "0" else {}
     try:
         yield
     except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
+        _put_back(out, earlier)
         print(
             f"interrupted; what {out} holds so far (finished shards, judge replies, checkpoints) is kept: re-run the "
             "same command to go on",
@@ -105,17 +106,17 @@ def user_errors(cfg: DictConfig):
         )
         raise SystemExit(130) from None
     except OtherRunsDirectory as e:  # the run there is left as it was: its outcome and the config it ran with
-        for name, data in earlier.items():
-            (out / name).write_bytes(data)
+        _put_back(out, earlier)
         restore_run_config(out)
+        if not single and os.environ.get("RANK", "0") == "0":  # the sweep's summary lists it
+            (out / REFUSED_FILE).write_text(json.dumps({"error": str(e), "type": type(e).__name__}, indent=2))
         print(f"error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.RUN:
+        if single:
             raise SystemExit(2) from None
     except Exception as e:
         out.mkdir(parents=True, exist_ok=True)
         record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
         (out / "error.json").write_text(json.dumps(record, indent=2))
-        single = HydraConfig.get().mode == RunMode.RUN
         if not _is_user_error(e):
             _note_collective_timeout(e, cfg)
             if single:
@@ -129,6 +130,25 @@ def user_errors(cfg: DictConfig):
 
 
 RAN_WITH = "ran_with"  # .hydra/ran_with/: the .hydra files of the command a run last trained under
+REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)
+
+
+def _take_records(out: Path) -> dict[str, bytes]:
+    """Remove and return the outcome records an earlier command left in ``out``."""
+    taken = {}
+    for name in ("error.json", STOPPED_FILE, REFUSED_FILE):
+        try:
+            taken[name] = (out / name).read_bytes()
+            (out / name).unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue
+    taken.pop(REFUSED_FILE, None)  # a refusal is this command's to record again, or not
+    return taken
+
+
+def _put_back(out: Path, records: dict[str, bytes]) -> None:
+    for name, data in records.items():
+        (out / name).write_bytes(data)
 
 
 def keep_run_config(run_dir: Path) -> None:
@@ -147,7 +167,7 @@ def restore_run_config(run_dir: Path) -> None:
     was then refused, and compare and evaluate read the run's config and overrides from them."""
     kept = Path(run_dir) / ".hydra" / RAN_WITH
     for f in kept.glob("*.yaml") if kept.is_dir() else ():
-        shutil.copy2(f, kept.parent / f.name)
+        shutil.copyfile(f, kept.parent / f.name)  # a new time: the sweep's summary counts the job as run (refused)
 
 
 def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:
@@ -197,7 +217,8 @@ class SweepSummary(Callback):
             return False
         self.listed = True
         jobs = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
-        failed = [(p, json.loads((p / "error.json").read_text())) for p in jobs if (p / "error.json").exists()]
+        failed = [(p, json.loads((p / name).read_text())) for p in jobs for name in ("error.json", REFUSED_FILE)
+                  if (p / name).exists()]  # fmt: skip
         stopped = [(p, read_json(p / STOPPED_FILE)) for p in jobs if (p / STOPPED_FILE).exists()]
         if stopped:  # a stop signal ends the sweep at the job it reached: the jobs after it never ran
             path, record = stopped[-1]

@@ -706,7 +706,7 @@ def test_a_backup_beside_a_split_file_is_not_read_as_a_shard(tmp_path, tok, capl
     assert "train.orig.jsonl" in caplog.text and "train-old.jsonl" in caplog.text
     shards = tmp_path / "hub" / "data"  # hub-style shards are still read together
     write_jsonl(shards / "train-00000-of-00002.jsonl", rows[:6])
-    write_jsonl(shards / "train-00001-of-00002.jsonl", rows[6:])
+    write_jsonl(shards / "train-00001-of-00002-17309c769bfe5733.jsonl", rows[6:])  # the older hub writer's name
     write_jsonl(shards / "test-00000-of-00001.jsonl", rows[:4])
     tr, _, _ = build_datasets(make_config({"src": SourceConfig(path=str(tmp_path / "hub"))}), tok)
     assert len(tr) == 12

@@ -324,9 +324,28 @@ def test_a_finished_run_of_another_config_is_refused_and_left_as_it_was(tmp_path
     assert first.returncode == 0, first.stderr[-3000:]
     summary = (run_dir / "summary.json").read_bytes()
     again = simpo(*short, "beta=5", cwd=tmp_path)
-    assert again.returncode == 2 and "holds a finished run of a different config (beta: " in again.stderr
+    assert again.returncode == 2 and "different config (beta: finished with 2.0, now 5.0)" in again.stderr
     assert (run_dir / "summary.json").read_bytes() == summary and not (run_dir / "error.json").exists()
     kept = load_run(run_dir)
     assert kept.status == "done" and "beta" not in kept.overrides and kept.config["beta"] == 2.0
     fresh = simpo(*short, "beta=5", "resume=false", cwd=tmp_path)  # asked for: trained again here
     assert fresh.returncode == 0 and load_run(run_dir).config["beta"] == 5.0
+
+
+def test_a_sweep_job_refused_as_another_runs_directory_is_reported(tmp_path):
+    """The job disappeared from the sweep's summary (its .hydra files put back with their old times) and the sweep
+    said 'sweep finished: 0 jobs', exit 0."""
+    sweep = tmp_path / "sweep"
+    short = ["max_steps=2", "save_steps=0", "eval_steps=0", "logging_steps=1", "logger=none", "num_generations=0"]
+    short += ["dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16", f"hydra.sweep.dir={sweep}"]
+    short.append("hydra.sweep.subdir=job${hydra.job.num}")  # one directory for both commands' job 0
+    first = simpo("--multirun", *short, "seed=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = simpo("--multirun", *short, "seed=1", "beta=5", cwd=tmp_path)
+    assert again.returncode == 1 and "1 of 1 jobs FAILED" in again.stderr
+    assert "job0: OtherRunsDirectory: " in again.stderr and (sweep / "job0" / "refused.json").exists()
+    from simpo_exp.compare import load_run
+
+    assert load_run(sweep / "job0").status == "done"  # the run itself: as it finished
+    ok = simpo("--multirun", *short, "seed=1", cwd=tmp_path)  # its own command again: skipped as finished
+    assert ok.returncode == 0 and not (sweep / "job0" / "refused.json").exists()

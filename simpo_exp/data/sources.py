@@ -87,7 +87,8 @@ def _split_files(directory: Path, split: str) -> list[Path]:
     for pattern in (f"{split}.*", f"{split}-*", f"**/{split}.*", f"**/{split}-*"):
         found += [Path(p) for p in glob.glob(str(directory / pattern), recursive=True)]
     found = sorted({f for f in found if f.suffix.lower() in FILE_TYPES})
-    shard = re.compile(rf"^{re.escape(split)}(-\d+(-of-\d+)?)?$")
+    # train.jsonl, train-00000-of-00002.parquet, and the older hub writer's train-00000-of-00001-17309c769bfe5733
+    shard = re.compile(rf"^{re.escape(split)}(-\d+(-of-\d+)?(-[0-9a-f]{{8,}})?)?$")
     ignored = [str(f) for f in found if not shard.match(f.stem)]
     if ignored:
         log.warning(
@@ -153,7 +154,8 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
         if not files:
             raise DataSourceError(
                 f"dataset.sources.{source}: no file for split {split!r} in {path} "
-                f"(looked for {split}.jsonl/.json/.parquet or {split}-*.parquet, also under subfolders)"
+                f"(looked for {split}.jsonl/.json/.parquet or shards {split}-00000-of-00002.parquet, also under "
+                "subfolders)"
             )
         return _load_files(files, source)
     if looks_like_local_path(src.path) or path.suffix in FILE_TYPES:
@@ -176,7 +178,7 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
     if test_split is None and path.is_dir() and _split_files(path, "test"):
         test_split = "test"  # a local directory with a test file (dataset=local): read it rather than carve one
         log.info("dataset.sources.%s: test split from the directory's test file", name)
-    if test_split is not None and single_file:
+    if test_split is not None and single_file and test_split != SourceConfig.test_split:  # one the user named
         log.warning(
             "dataset.sources.%s.path is one file: its test split is carved out of it (test_size %s), and "
             "test_split=%r is not read; point the path at the directory that holds both splits to read it",
