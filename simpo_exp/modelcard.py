@@ -89,12 +89,7 @@ def card_text(cfg: dict, results: dict[str, dict], name: str, resolved: dict | N
         "",
         f"Trained with simpo-exp ({select(cfg, 'method') or 'simpo'}) from {model} on "
         f"{', '.join((select(cfg, 'dataset.sources') or {}).keys()) or 'its configured data'}"
-        # a list of presets (dataset=[a,b]) keeps the last one's name: a mixture is named by its sources alone
-        + (
-            f" (dataset preset `{select(cfg, 'dataset.name')}`)."
-            if len(select(cfg, "dataset.sources") or {}) < 2
-            else "."
-        ),
+        + (f" (dataset preset `{select(cfg, 'dataset.name')}`)." if _is_its_preset(cfg) else "."),
         "",
         "## Recipe",
         "",
@@ -170,3 +165,19 @@ def push_model(run_dir: Path, repo_id: str, token_env: str = "HF_TOKEN", private
         commit_message="simpo-exp: model, tokenizer and model card",
     )
     return str(getattr(info, "commit_url", info))
+
+
+def _is_its_preset(cfg: dict) -> bool:
+    """Whether ``dataset.name`` names the data the run used: a list of presets (``dataset=[a,b]``) keeps the last
+    one's name over all their sources, so a mixture is named only where that preset has those sources
+    (``ultrafeedback-mix``)."""
+    import yaml
+
+    name, sources = select(cfg, "dataset.name"), set(select(cfg, "dataset.sources") or {})
+    if len(sources) < 2:
+        return bool(name)
+    preset = Path(__file__).resolve().parents[1] / "conf" / "dataset" / f"{name}.yaml"
+    try:
+        return set((yaml.safe_load(preset.read_text()) or {}).get("sources") or {}) == sources
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False

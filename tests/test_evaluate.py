@@ -582,6 +582,13 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     mixture = {"name": "local", "sources": {"ultrafeedback": {"path": "a"}, "local": {"path": "b"}}}
     text = write_model_card(tmp_path, {**cfg, "dataset": mixture}, "run").read_text()
     assert "on ultrafeedback, local." in text and "dataset preset" not in text
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF
+
+    mix = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / "ultrafeedback-mix.yaml"))  # one preset, 2 sources
+    text = write_model_card(tmp_path, {**cfg, "dataset": mix}, "run").read_text()
+    assert "(dataset preset `ultrafeedback-mix`)" in text
 
 
 def test_each_sweep_job_is_pushed_to_a_valid_repo_of_its_own():
