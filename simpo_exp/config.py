@@ -30,7 +30,9 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 CHECKPOINT_FORMATS = ("auto", "safetensors", "accelerate")
 MASTER_WEIGHTS = ("fp32", "model")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile's modes that record no CUDA graphs (the layers are compiled for dynamic shapes: a graph per shape
+# would be recorded again for nearly every batch)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # aot_eager, eager: dynamo without code generation
 
 
@@ -169,7 +171,7 @@ class HardwareConfig:
     # Batches of pairs of similar length (less padding under packing=none; simpo_exp/data/sampler.py).
     group_by_length: bool = False
     # torch.compile each decoder layer, dynamic shapes (simpo_exp/compiled.py); compile steps are left out of the
-    # step time (train/compile_warmup_s). compile_mode: null/default, reduce-overhead, max-autotune(-no-cudagraphs).
+    # step time (train/compile_warmup_s). compile_mode: null/default, max-autotune-no-cudagraphs.
     compile: bool = False
     compile_mode: Optional[str] = None
     compile_backend: str = "inductor"
@@ -542,8 +544,16 @@ def _validate_hardware(h: HardwareConfig) -> None:
         _check(n == 1, "hardware.checkpoint_every_n_layers", n, inert)
         _check(not h.checkpoint_offload, "hardware.checkpoint_offload", h.checkpoint_offload, inert)
     if h.compile_mode is not None:
-        _check_choice("hardware.compile_mode", h.compile_mode, COMPILE_MODES)
         _check(h.compile, "hardware.compile_mode", h.compile_mode, "has no effect unless hardware.compile=true")
+        _check(
+            h.compile_mode not in ("reduce-overhead", "max-autotune"),
+            "hardware.compile_mode",
+            h.compile_mode,
+            "records a CUDA graph per distinct shape, and the layers are compiled for dynamic shapes: nearly every "
+            "batch (packed rows rarely repeat a length) would record a new graph, slower and growing in memory; "
+            "use default or max-autotune-no-cudagraphs",
+        )
+        _check_choice("hardware.compile_mode", h.compile_mode, COMPILE_MODES)
     _check_choice("hardware.compile_backend", h.compile_backend, COMPILE_BACKENDS)
     if h.peak_tflops is not None:
         _check(h.peak_tflops > 0, "hardware.peak_tflops", h.peak_tflops, "must be > 0 or null (looked up)")

@@ -112,7 +112,8 @@ def measure(model, layouts: list, pairs: list[dict], pad_token_id: int, device, 
             row |= time_layout(model, layout, pairs, pad_token_id, device, autocast, fused)
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
-        except (ValueError, RuntimeError, NotImplementedError, ImportError) as e:
+        except (ValueError, RuntimeError, NotImplementedError, ImportError, TypeError) as e:  # TypeError: a kernel
+            # package of another version than its call expects
             if layout.packing == "none":
                 raise  # the model's own attention failed: a real error, not a layout it cannot run
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

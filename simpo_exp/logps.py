@@ -174,6 +174,11 @@ def segment_attention(
         return flash_varlen_attention(query, key, value, plan.flash, scaling, dropout, softcap), None
     gqa = query.shape[1] != key.shape[1]
     if plan.block_mask is not None:
+        if dropout:  # flex_attention has no dropout: the run would train without the model's attention dropout
+            raise ValueError(
+                f"packing_attention='flex' has no attention dropout, and this model trains with {dropout}: keep "
+                "disable_dropout=true (the default), or use packing_attention=segments or mask"
+            )
         score_mod = None
         if softcap:  # Gemma 2: scores squashed to (-softcap, softcap) before the softmax
 
@@ -313,9 +318,10 @@ def flash_varlen_attention(query, key, value, seqlens, scaling, dropout, softcap
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     if q.is_cuda and q.dtype == torch.float32:
         q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    capped = {"softcap": softcap} if softcap else {}  # flash-attn before 2.6 takes no softcap at all
     out = flash_attn_varlen_func(
         q, k, v, cu_seqlens, cu_seqlens, longest, longest,
-        dropout_p=dropout, softmax_scale=scaling, causal=True, softcap=softcap or 0.0,
+        dropout_p=dropout, softmax_scale=scaling, causal=True, **capped,
     )  # fmt: skip
     return out.to(query.dtype)[None]
 

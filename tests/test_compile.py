@@ -105,7 +105,12 @@ def test_bad_compile_keys_name_the_key(compose):
         to_config(compose("hardware.compile_mode=max-autotune"))
     with pytest.raises(ConfigError, match="hardware.compile_backend='tensorrt'"):
         to_config(compose("hardware.compile=true", "hardware.compile_backend=tensorrt"))
-    assert to_config(compose("hardware.compile=true", "hardware.compile_mode=reduce-overhead")).hardware.compile
+    for mode in ("reduce-overhead", "max-autotune"):  # a CUDA graph per shape, for layers compiled for any shape
+        with pytest.raises(ConfigError, match=f"hardware.compile_mode='{mode}': records a CUDA graph per distinct"):
+            to_config(compose("hardware.compile=true", f"hardware.compile_mode={mode}"))
+    assert to_config(
+        compose("hardware.compile=true", "hardware.compile_mode=max-autotune-no-cudagraphs")
+    ).hardware.compile
 
 
 class OneProcess:
