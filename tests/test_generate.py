@@ -206,16 +206,17 @@ def test_killed_generation_resumes_to_the_same_data(uninterrupted_generation, ti
     args = (*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}")
     shutil.copytree(uninterrupted_generation, out)  # a finished run of this command (in another directory)
     # what a kill leaves: the last shard unfinished (a half-written temporary file), no data set yet
-    for name in ("responses-00002.jsonl", "scored-00002.jsonl", "scored-00001.jsonl"):
+    scored = lambda i: next((out / "shards").glob(f"scored-0000{i}-*.jsonl")).name  # noqa: E731 (scorer's hash)
+    for name in ("responses-00002.jsonl", scored(2), scored(1)):
         (out / "shards" / name).unlink()
     (out / "shards" / "responses-00002.jsonl.999.tmp").write_text('{"half a li')
     shutil.rmtree(out / "data")
-    kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*-0000[01].jsonl")}
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*-0000[01]*.jsonl")}
     res = generate(*args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert {name: (out / "shards" / name).stat().st_mtime_ns for name in kept} == kept  # finished shards not redone
     assert "3 shards, 1 to sample, 2 to score" in (out / "__main__.log").read_text()
-    for rel in ("data/train.jsonl", "shards/responses-00002.jsonl", "shards/scored-00001.jsonl"):
+    for rel in ("data/train.jsonl", "shards/responses-00002.jsonl", f"shards/{scored(1)}"):
         assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes(), rel
 
 
@@ -252,15 +253,17 @@ def test_a_manifest_without_shards_binds_nothing(tmp_path):
     from simpo_exp.generate.run import check_manifest
 
     shards = tmp_path / "shards"
-    check_manifest(shards, {"scorer": {"path": "/tmp/typo"}})
-    check_manifest(shards, {"scorer": {"path": "/right"}})
-    assert json.loads((shards / "manifest.json").read_text()) == {"scorer": {"path": "/right"}}
+    check_manifest(shards, {"generate": {"top_p": 0.5}})
+    check_manifest(shards, {"generate": {"top_p": 0.9}})
+    assert json.loads((shards / "manifest.json").read_text()) == {"generate": {"top_p": 0.9}}
     (shards / "responses-00000.jsonl.123.tmp").write_text('{"half')  # a killed write is not a shard
-    check_manifest(shards, {"scorer": {"path": "/other"}})
+    check_manifest(shards, {"generate": {"top_p": 0.7}})
     (shards / "responses-00000.jsonl").write_text("{}\n")
-    check_manifest(shards, {"scorer": {"path": "/other"}})  # the same config resumes
-    with pytest.raises(ConfigError, match="other settings \\(scorer.path: stored '/other', now '/right'\\)"):
-        check_manifest(shards, {"scorer": {"path": "/right"}})
+    check_manifest(shards, {"generate": {"top_p": 0.7}})  # the same config resumes
+    with pytest.raises(ConfigError, match="other settings \\(generate.top_p: stored 0.7, now 0.9\\)"):
+        check_manifest(shards, {"generate": {"top_p": 0.9}})
+    # the scorer an older manifest recorded binds only its scored shards, which are named by its settings' hash
+    check_manifest(shards, {"generate": {"top_p": 0.7}, "scorer": {"path": "/another"}})
 
 
 def test_a_wrong_scorer_path_fails_before_anything_is_written(tiny_reward_model, tmp_path):
@@ -503,3 +506,73 @@ def test_the_precision_binds_a_generation_and_greedy_passes_that_cannot_differ_a
     res = generate("generate.temperature=0", f"hydra.run.dir={tmp_path / 'greedy'}", cwd=tmp_path)
     assert res.returncode == 2 and "generate.temperature=0 (greedy) gives every one of the 5 passes" in res.stderr
     assert not (tmp_path / "greedy" / "shards").exists()
+
+
+def test_another_scorer_scores_the_stored_responses_again_without_sampling(
+    uninterrupted_generation, tiny_reward_model, tmp_path
+):
+    """Every scorer.* key was bound to the responses: a scoring that failed for a scorer setting (a label index,
+    a dtype, its max_length) could only go on in a new directory, sampling everything again."""
+    out = tmp_path / "gen"
+    shutil.copytree(uninterrupted_generation, out)
+    res = generate(
+        *RM_RUN, f"scorer.path={tiny_reward_model}", "scorer.max_length=24", f"hydra.run.dir={out}", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "3 shards, 0 to sample, 3 to score" in (out / "__main__.log").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["responses_cut_for_the_scorer"] > 0  # prompt and response past 24 tokens: scored on their start
+    assert len(list((out / "shards").glob("scored-00000-*.jsonl"))) == 2  # each scorer's scores, apart
+
+
+def test_a_reward_model_with_its_own_code_needs_trust_remote_code_and_its_label_must_exist(tiny_reward_model, tmp_path):
+    """ArmoRM-like: a config whose auto_map names its own class. Without trust_remote_code transformers loaded a
+    stock LlamaForSequenceClassification, its head drawn at random: every score noise, no error."""
+    from types import SimpleNamespace
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.inference.scoring import check_reward_model
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_reward_model, custom)
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_custom.CustomRewardModel"}
+    (custom / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="scorer.trust_remote_code=False: .* ships its own model class"):
+        check_reward_model(SimpleNamespace(path=str(custom), revision=None, trust_remote_code=False, label_index=None))
+    with pytest.raises(ConfigError, match="scorer.label_index=3: .* has 1 output"):
+        check_reward_model(
+            SimpleNamespace(path=str(tiny_reward_model), revision=None, trust_remote_code=False, label_index=3)
+        )
+    check_reward_model(
+        SimpleNamespace(path=str(tiny_reward_model), revision=None, trust_remote_code=False, label_index=0)
+    )
+
+
+def test_every_binarise_mode_draws_within_min_gap_and_a_rounding_gap_reaches_it():
+    """best_random drew before the gap filter (half the prompts dropped though each had a response far enough
+    below); 1.0 - 0.8 = 0.19999999999999996 fell short of min_gap=0.2."""
+    from types import SimpleNamespace
+
+    record = {"prompt_id": "p", "responses": [{"text": t} for t in "abc"], "scores": [1.0, 0.8, 0.9]}
+    for seed in range(20):
+        bcfg = SimpleNamespace(mode="best_random", min_gap=0.2, seed=seed)
+        assert pick_pair(record, bcfg) == ((0, 1), "")
+    assert pick_pair(record, SimpleNamespace(mode="min_gap", min_gap=0.2, seed=0)) == ((0, 1), "")
+    assert pick_pair(record, SimpleNamespace(mode="best_worst", min_gap=0.25, seed=0)) == (
+        None,
+        "score gap below binarise.min_gap",
+    )
+
+
+def test_a_rebinarising_that_keeps_no_pair_leaves_no_stale_data_set(
+    uninterrupted_generation, tiny_reward_model, tmp_path
+):
+    """report.json said 0 pairs while data/train.jsonl still held the last command's pairs; the hint named
+    sampling and scorers where only binarise.min_gap had dropped them."""
+    out = tmp_path / "gen"
+    shutil.copytree(uninterrupted_generation, out)
+    args = (*RM_RUN, f"scorer.path={tiny_reward_model}", "binarise.mode=min_gap", "binarise.min_gap=100")
+    res = generate(*args, f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 2 and "lower binarise.min_gap=100" in res.stderr, res.stderr[-2000:]
+    assert not (out / "data" / "train.jsonl").exists() and not (out / "data" / "provenance.json").exists()

@@ -15,6 +15,8 @@ import random
 import statistics
 from collections import Counter
 
+GAP_TOLERANCE = 1e-9
+
 
 def pick_pair(record: dict, bcfg) -> tuple[tuple[int, int] | None, str]:
     """Return ((chosen index, rejected index), "") or (None, reason)."""
@@ -29,17 +31,17 @@ def pick_pair(record: dict, bcfg) -> tuple[tuple[int, int] | None, str]:
     below = [i for i in usable if texts[i] != texts[best] and scores[i] < scores[best]]
     if not below:
         return None, "tied scores"
-    if bcfg.mode == "best_worst":
-        rejected = min(below, key=lambda i: (scores[i], i))
-    elif bcfg.mode == "best_random":
-        rejected = random.Random(f"{bcfg.seed}:{record['prompt_id']}").choice(below)
-    else:  # min_gap: the closest response that is still min_gap below the best
-        far = [i for i in below if scores[best] - scores[i] >= bcfg.min_gap]
-        if not far:
-            return None, "score gap below binarise.min_gap"
-        rejected = max(far, key=lambda i: (scores[i], -i))
-    if scores[best] - scores[rejected] < bcfg.min_gap:
+    # every mode draws its rejected response among those min_gap below the best (a gap that equals min_gap but
+    # for floating-point rounding, 1.0 - 0.8 = 0.19999999999999996, counts as reaching it)
+    far = [i for i in below if scores[best] - scores[i] >= bcfg.min_gap - GAP_TOLERANCE]
+    if not far:
         return None, "score gap below binarise.min_gap"
+    if bcfg.mode == "best_worst":
+        rejected = min(far, key=lambda i: (scores[i], i))
+    elif bcfg.mode == "best_random":
+        rejected = random.Random(f"{bcfg.seed}:{record['prompt_id']}").choice(far)
+    else:  # min_gap: the closest response that is still min_gap below the best
+        rejected = max(far, key=lambda i: (scores[i], -i))
     return (best, rejected), ""
 
 

@@ -116,8 +116,8 @@ def validate_generate(cfg: GenerateRunConfig) -> GenerateRunConfig:
             g.samples_per_seed == 1,
             "generate.samples_per_seed",
             g.samples_per_seed,
-            "greedy decoding (generate.temperature=0) gives one response per pass: use generate.samples_per_seed=1, "
-            "or a temperature > 0 to draw several",
+            "greedy decoding (generate.temperature=0) gives the same response on every pass and sample, and a pair "
+            "needs two different ones: use a temperature > 0",
         )
     _check(
         len(g.seeds) * g.samples_per_seed >= 2,

@@ -3,7 +3,8 @@
 Layout of an output directory:
     shards/manifest.json          what the shards were made with (a resumed run must match it)
     shards/responses-00000.jsonl  sampled responses of shard 0 (one line per prompt)
-    shards/scored-00000.jsonl     the same with a score per response
+    shards/scored-00000-<scorer>.jsonl  the same with a score per response, named by a hash of the scorer's
+                                  settings: another scorer scores the responses again, none is sampled again
     data/train.jsonl              the preference pairs (`dataset=local dataset.sources.local.path=...`)
     data/provenance.json          policy fingerprint, generation/scorer/binarise config, counts
     report.json                   prompts kept and dropped by reason, score and length statistics
@@ -64,13 +65,11 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
     g = dataclasses.asdict(cfg.generate)
     for key in ("name", "vllm_gpu_memory_utilization"):
         g.pop(key)
-    scorer = {k: v for k, v in dataclasses.asdict(cfg.scorer).items() if k not in ("name", "batch_size")}
     ids = hashlib.sha256("".join(p["prompt_id"] for p in prompts).encode()).hexdigest()
     return {
         "policy": fingerprint,
         "chat_template": cfg.model.chat_template,
         "generate": g,
-        "scorer": scorer,
         "prompts": len(prompts),
         "prompt_ids_sha256": ids,
         "max_prompt_length": cfg.max_prompt_length,
@@ -90,8 +89,9 @@ def check_manifest(shard_dir: Path, manifest: dict) -> None:
         write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
         return
     old = json.loads(path.read_text())
-    # a key an older manifest lacks is not held against it (it was written before that key was recorded)
-    differ = manifest_changes(old, manifest, keys=set(old))
+    # a key an older manifest lacks is not held against it (it was written before that key was recorded); the
+    # scorer, which older manifests held, binds only its own scored shards (their names carry its settings' hash)
+    differ = manifest_changes(old, manifest, keys=set(old) - {"scorer"})
     if differ:
         raise ConfigError(
             f"output_dir={str(shard_dir.parent)!r} holds shards made with other settings ({'; '.join(differ)}); "
@@ -111,9 +111,19 @@ def _sample_shard(sampler, cfg, index: int, prompts: list[dict]) -> list[dict]:
 
 
 def _score_shard(scorer, records: list[dict]) -> list[dict]:
+    """Each record with its responses' ``scores`` (and, from a reward model, ``scorer_cut``: the responses whose
+    text was cut to ``scorer.max_length`` tokens before scoring, so read mid-response)."""
     flat = [(rec["prompt"], r["text"]) for rec in records for r in rec["responses"]]
     scores = iter(scorer.score([p for p, _ in flat], [t for _, t in flat]))
-    return [{**rec, "scores": [float(next(scores)) for _ in rec["responses"]]} for rec in records]
+    cut = iter(getattr(scorer, "cut", None) or [False] * len(flat))
+    return [
+        {
+            **rec,
+            "scores": [float(next(scores)) for _ in rec["responses"]],
+            "scorer_cut": [bool(next(cut)) for _ in rec["responses"]],
+        }
+        for rec in records
+    ]
 
 
 def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
@@ -131,8 +141,18 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
     return kept, counts
 
 
-def _unscored(shard_dir: Path, indices: range) -> list[int]:
-    return [i for i in indices if not (shard_dir / f"scored-{i:05d}.jsonl").exists()]
+def scorer_tag(cfg) -> str:
+    """8 hex of the scorer's settings that change a score (not its name or batch size)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.scorer).items() if k not in ("name", "batch_size")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def scored_path(shard_dir: Path, index: int, tag: str) -> Path:
+    return shard_dir / f"scored-{index:05d}-{tag}.jsonl"
+
+
+def _unscored(shard_dir: Path, indices: range, tag: str) -> list[int]:
+    return [i for i in indices if not scored_path(shard_dir, i, tag).exists()]
 
 
 def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: int) -> None:
@@ -142,7 +162,8 @@ def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: i
     from simpo_exp.model import load_tokenizer
 
     mine = range(rank, len(shards), world)
-    to_score = _unscored(shard_dir, mine)
+    tag = scorer_tag(cfg)
+    to_score = _unscored(shard_dir, mine, tag)
     to_sample = [i for i in to_score if not (shard_dir / f"responses-{i:05d}.jsonl").exists()]
     log.info(
         "process %d of %d: %d shards, %d to sample, %d to score", rank, world, len(mine), len(to_sample), len(to_score)
@@ -157,7 +178,7 @@ def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: i
         scorer = make_scorer(cfg)
         for i in to_score:
             records = read_jsonl(shard_dir / f"responses-{i:05d}.jsonl")
-            write_jsonl(shard_dir / f"scored-{i:05d}.jsonl", _score_shard(scorer, records))
+            write_jsonl(scored_path(shard_dir, i, tag), _score_shard(scorer, records))
             log.info("scored shard %d", i)
         scorer.close()
 
@@ -197,16 +218,17 @@ def generate_data(cfg) -> dict:
     size = cfg.generate.shard_size
     shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     rank, world = process_place()
-    if cfg.scorer.kind != "rule" and _unscored(shard_dir, range(rank, len(shards), world)):
+    tag = scorer_tag(cfg)
+    if cfg.scorer.kind != "rule" and _unscored(shard_dir, range(rank, len(shards), world), tag):
         check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
     check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts))
     _process(cfg, shards, shard_dir, rank, world)
 
-    missing = _unscored(shard_dir, range(len(shards)))
+    missing = _unscored(shard_dir, range(len(shards)), tag)
     if missing:
         log.info("shards %s are another process's; the last process to finish writes the data set", missing)
         return {"waiting_for": missing}
-    records = [rec for i in range(len(shards)) for rec in read_jsonl(shard_dir / f"scored-{i:05d}.jsonl")]
+    records = [rec for i in range(len(shards)) for rec in read_jsonl(scored_path(shard_dir, i, tag))]
     rows, report = binarise(records, cfg.binarise)
     report = {
         "split": "train (prompts of each source's training split only)",
@@ -216,12 +238,27 @@ def generate_data(cfg) -> dict:
     }
     if cfg.scorer.kind == "rule":
         report["rule_exact_share"] = sum(s == 1.0 for rec in records for s in rec["scores"]) / report["responses"]
+    else:  # a reward read mid-response is a reward of another text
+        report["responses_cut_for_the_scorer"] = sum(sum(rec.get("scorer_cut") or []) for rec in records)
+        if report["responses_cut_for_the_scorer"]:
+            log.warning(
+                "%d of %d responses were longer, with their prompt, than scorer.max_length=%d tokens and were "
+                "scored on their first tokens only; raise scorer.max_length",
+                report["responses_cut_for_the_scorer"], report["responses"], cfg.scorer.max_length,
+            )  # fmt: skip
     write_atomic(out / "report.json", json.dumps(report, indent=2))
-    if not rows:
+    if not rows:  # a data set an earlier command wrote here is not this command's: it goes
+        for stale in (out / "data" / "train.jsonl", out / "data" / "provenance.json"):
+            stale.unlink(missing_ok=True)
+        gap_only = set(report["prompts_dropped"]) == {"score gap below binarise.min_gap"}
         raise NoPairsError(
             f"no usable preference pair: {report['prompts']} prompts, dropped "
-            f"{report['prompts_dropped']} (see {out / 'report.json'}); sample more responses per "
-            "prompt, raise generate.temperature or use another scorer"
+            f"{report['prompts_dropped']} (see {out / 'report.json'}); "
+            + (
+                f"lower binarise.min_gap={cfg.binarise.min_gap}"
+                if gap_only
+                else "sample more responses per prompt, raise generate.temperature or use another scorer"
+            )
         )
     provenance = {
         "created_by": "simpo_exp.generate",

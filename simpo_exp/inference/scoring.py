@@ -76,6 +76,18 @@ def check_reward_model(s) -> None:
             "model (e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1 with scorer.trust_remote_code=true, or a model saved with "
             "num_labels=1); for the synthetic task use scorer=rule"
         )
+    if "AutoModelForSequenceClassification" in auto_map and not s.trust_remote_code:
+        raise ConfigError(
+            f"invalid config value scorer.trust_remote_code=False: {s.path!r} ships its own model class "
+            f"({auto_map['AutoModelForSequenceClassification']}); without it transformers loads a stock "
+            f"{archs[0] if archs else 'sequence-classification'} model whose head is missing and drawn at random, "
+            "and every score would be noise. Set scorer.trust_remote_code=true (scorer=armorm does)"
+        )
+    if s.label_index is not None and not auto_map and s.label_index >= config.num_labels:
+        raise ConfigError(
+            f"invalid config value scorer.label_index={s.label_index}: {s.path!r} has {config.num_labels} "
+            f"output(s) (0..{config.num_labels - 1})"
+        )
     if not auto_map and config.num_labels > 1 and s.label_index is None:
         raise ConfigError(
             f"invalid config value scorer.label_index=None: {s.path!r} has {config.num_labels} outputs; "
@@ -110,10 +122,11 @@ class RewardModelScorer:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.truncated = 0
+        self.cut: list[bool] = []  # per response of the last score() call: cut to scorer.max_length tokens
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        out = []
+        out, self.cut = [], []
         for start in range(0, len(prompts), self.s.batch_size):
             texts = [
                 self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
@@ -122,6 +135,7 @@ class RewardModelScorer:
                 )
             ]
             full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            self.cut += [len(ids) > self.s.max_length for ids in full]
             self.truncated += sum(len(ids) > self.s.max_length for ids in full)
             self.tokenizer.padding_side = "right"
             enc = self.tokenizer.pad({"input_ids": [ids[: self.s.max_length] for ids in full]}, return_tensors="pt").to(
