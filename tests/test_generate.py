@@ -576,3 +576,24 @@ def test_a_rebinarising_that_keeps_no_pair_leaves_no_stale_data_set(
     res = generate(*args, f"hydra.run.dir={out}", cwd=tmp_path)
     assert res.returncode == 2 and "lower binarise.min_gap=100" in res.stderr, res.stderr[-2000:]
     assert not (out / "data" / "train.jsonl").exists() and not (out / "data" / "provenance.json").exists()
+
+
+def test_a_reward_models_pad_id_is_its_tokenizers_so_batched_scores_equal_single_ones(tiny_reward_model, tmp_path):
+    """The head reads each row at its last token that is not config.pad_token_id: with another id there than the
+    tokenizer pads with, a batched row was read on its padding and its score depended on its batch."""
+    from simpo_exp.inference.scoring import make_scorer
+
+    other = tmp_path / "rm"
+    shutil.copytree(tiny_reward_model, other)
+    config = json.loads((other / "config.json").read_text())
+    config["pad_token_id"] = 5  # not the tokenizer's pad
+    (other / "config.json").write_text(json.dumps(config))
+    prompts = [[{"role": "user", "content": "sort: 3 1 2"}]] * 3
+    responses = ["1 2 3", "1 2", "3 2 1 0 0 0 0"]
+    scores = {}
+    for batch in (1, 3):
+        cfg = compose_generate("scorer=reward-model", f"scorer.path={other}", f"scorer.batch_size={batch}")
+        scorer = make_scorer(cfg)
+        scores[batch] = scorer.score(prompts, responses)
+        scorer.close()
+    assert scores[1] == pytest.approx(scores[3], abs=1e-5)

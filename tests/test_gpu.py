@@ -177,6 +177,9 @@ def test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory(gpu_run):
     assert env["adamw_fused"] is True
     if any(name in env["device_names"][0] for name in ("H100", "H200", "A100")):
         assert 0 < summary["train/mfu"] < 1
+        # FlexAttention runs on these: a flex candidate that failed would leave the padded one to win unnoticed
+        flex = [r for r in measured["candidates"] if r.get("attention") == "flex"]
+        assert flex and all("error" not in r for r in flex), flex
     assert (run / "model" / "model.safetensors").exists()
 
 

@@ -119,7 +119,14 @@ class RewardModelScorer:
             .to(self.device)
             .eval()
         )
-        if self.model.config.pad_token_id is None:
+        if self.model.config.pad_token_id != self.tokenizer.pad_token_id:
+            # the head reads each row at its last token that is not config.pad_token_id: it must be the id the
+            # tokenizer pads with, or a batched row is read on its padding (scores then depend on the batch)
+            if self.model.config.pad_token_id is not None:
+                log.info(
+                    "scorer: the model's pad_token_id %s set to its tokenizer's %s",
+                    self.model.config.pad_token_id, self.tokenizer.pad_token_id,
+                )  # fmt: skip
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.truncated = 0
         self.cut: list[bool] = []  # per response of the last score() call: cut to scorer.max_length tokens
