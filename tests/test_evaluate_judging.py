@@ -246,9 +246,13 @@ def test_replies_in_flight_at_ctrl_c_are_kept(tmp_path, monkeypatch):
     from simpo_exp.evaluate.judge import PairwiseJudge
 
     prompts, texts = cases("alpacaeval")
-    release = threading.Event()
+    release, all_asked, asked, lock = threading.Event(), threading.Event(), set(), threading.Lock()
 
     def ask(prompt, text):
+        with lock:
+            asked.add(prompt["id"])
+            if len(asked) == len(prompts):
+                all_asked.set()
         if prompt["id"] != prompts[0]["id"]:
             release.wait(10)  # still in flight when the interrupt comes
         return {"id": prompt["id"], "judge": "j", "preference": 2.0}
@@ -258,6 +262,7 @@ def test_replies_in_flight_at_ctrl_c_are_kept(tmp_path, monkeypatch):
     def interrupted(futures):
         first = next(iter(collect(futures)))
         yield first
+        all_asked.wait(10)  # every request in flight (a request not yet started is dropped, as it should be)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(judge_mod, "as_completed", interrupted)

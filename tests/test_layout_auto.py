@@ -33,7 +33,7 @@ CPU = torch.device("cpu")
 def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw):
     """flash_attn_varlen_func's contract in plain torch: q [T, Hq, D], k and v [T, Hkv, D], each sequence
     (between consecutive cu_seqlens) causal within itself, query heads grouped over the key heads."""
-    assert kw["causal"] is True and kw["dropout_p"] == 0.0 and kw["softcap"] == 0.0
+    assert kw["causal"] is True and kw["dropout_p"] == 0.0 and kw.get("softcap", 0.0) == 0.0  # none: not passed
     assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
     bounds = cu_seqlens_q.tolist()
     assert bounds[0] == 0 and bounds[-1] == q.shape[0] == k.shape[0]
