@@ -8,10 +8,11 @@ from omegaconf import DictConfig
 
 from simpo_exp.config import to_config
 from simpo_exp.finished import recorded_summary
+from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import export_launcher_distributed_env, fill_run_identity, user_errors
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     with user_errors(cfg):
         config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads

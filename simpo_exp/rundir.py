@@ -13,6 +13,10 @@ import yaml
 
 from simpo_exp.inference.files import jsonl_lines
 
+# The config groups (conf/ beside the package), as an absolute path: Hydra reads a relative config_path against
+# the calling module when main() is called as a console script (simpo-exp), where no module "conf" exists.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
 # A run that left at a stop signal, its checkpoint saved: {"signal", "step"} (train.py writes it, the entry
 # point removes it when the run starts again; compare and the sweep's summary read it).
 STOPPED_FILE = "stopped.json"

@@ -243,3 +243,16 @@ def test_settings_a_run_would_not_honour_are_refused_by_name(compose):
         choose_layout(hardware, "cpu", capped, 512)
     masked = to_config(compose("hardware.packing=prefix_shared", "hardware.packing_attention=mask")).hardware
     assert choose_layout(masked, "cpu", capped, 512).attention == "mask"
+
+
+def test_the_console_script_finds_its_config_groups(tmp_path):
+    """`simpo-exp` (pyproject's console script) failed everywhere: Hydra read the relative config_path against
+    the module, 'Primary config module conf not found'."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("simpo-exp")
+    if exe is None:
+        pytest.skip("the package's console script is not installed here")
+    res = subprocess.run([exe, "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "name: tiny" in res.stdout, res.stderr[-2000:]

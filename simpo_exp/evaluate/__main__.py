@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from simpo_exp.evaluate.config import to_evaluate_config  # stores the schema Hydra composes with
+from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import user_errors
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -49,7 +50,7 @@ def _check_benchmark_names(argv: list[str]) -> None:
             raise SystemExit(2)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with user_errors(cfg):
         from omegaconf import OmegaConf

@@ -10,10 +10,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from simpo_exp.generate.config import check_overrides, to_generate_config
+from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import fill_run_identity, user_errors
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
     with user_errors(cfg):
         check_overrides(list(HydraConfig.get().overrides.task))
