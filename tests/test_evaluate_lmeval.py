@@ -16,6 +16,7 @@ from tests.conftest import CONF
 
 RESULTS = {  # lm-eval's results for one task: "<metric>,<filter>" keys, with their standard errors
     "gsm8k": {
+        "sample_len": 2,  # lm-eval 0.4.13 puts the sample count first: it was ranked on as a score
         "alias": "gsm8k",
         "exact_match,strict-match": 0.25,
         "exact_match_stderr,strict-match": 0.1,
@@ -110,7 +111,13 @@ def test_gsm8k_gets_the_whole_model_path_offline_and_the_hint_names_a_recorded_m
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # put back
     assert lm_eval_calls[0]["tasks"] == ["gsm8k"] and lm_eval_calls[0]["limit"] == 2
     metrics = records[0]["metrics"]
-    assert metrics == {"gsm8k/exact_match:strict-match": 0.25, "gsm8k/exact_match:flexible-extract": 0.5}
+    assert metrics == {
+        "gsm8k/exact_match:strict-match": 0.25,
+        "gsm8k/exact_match:flexible-extract": 0.5,
+        "gsm8k/n": 2.0,
+    }
+    assert records[0]["decoding"] is None and records[0]["lm_eval"]["limit"] == 2  # what lm-eval ran with
+    assert any("limit=2" in n for n in records[0]["notes"]) and lm_eval_calls[0]["batch_size"] == 16
     saved = json.loads((runs[0] / "eval" / "gsm8k" / "lm_eval_results.json").read_text())
     assert saved["results"] == RESULTS
 
@@ -118,3 +125,16 @@ def test_gsm8k_gets_the_whole_model_path_offline_and_the_hint_names_a_recorded_m
     assert hint == f"python -m simpo_exp.compare {sweep} --metric bench/gsm8k/gsm8k/exact_match:strict-match"
     metric = hint.split("--metric ", 1)[1]
     assert [row[metric] for row in runs_table(load_runs(sweep), metric)] == [0.25, 0.25]  # compare knows it
+
+
+def test_a_task_lm_eval_does_not_know_is_refused_by_name_before_the_model_loads(
+    lm_eval_calls, tmp_path, compose, monkeypatch
+):
+    from simpo_exp.config import ConfigError
+
+    tasks = types.SimpleNamespace(TaskManager=lambda: types.SimpleNamespace(all_tasks=["gsm8k", "arc_easy"]))
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", tasks)
+    run = fake_run(tmp_path / "run", [], compose)
+    with pytest.raises(ConfigError, match=r"benchmarks.gsm8k.tasks=\['gsm8kk'\]: lm-eval has no task \['gsm8kk'\]"):
+        evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.tasks=[gsm8kk]")
+    assert lm_eval_calls == []

@@ -21,13 +21,45 @@ from simpo_exp.data.sources import DataSourceError
 
 
 def _flat_metrics(results: dict) -> dict:
-    """``{"<task>/<metric>": value}`` for lm-eval's numeric results (its ``metric,filter`` keys kept whole)."""
-    out = {}
+    """``{"<task>/<metric>:<filter>": value}`` for lm-eval's scores (its ``metric,filter`` keys; standard errors
+    left out), and ``<task>/n`` for the number of samples scored (its ``sample_len``, not a score)."""
+    out, counts = {}, {}
     for task, metrics in results.items():
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key == "sample_len":
+                counts[f"{task}/n"] = float(value)
+            elif "," in key and "stderr" not in key:
                 out[f"{task}/{key.replace(',', ':')}"] = float(value)
-    return out
+    return out | counts  # the scores first: the first one is what runs are ranked by
+
+
+def check_tasks(b) -> None:
+    """Refuse, before the model loads, a task lm-eval does not know (lm-eval ends with a KeyError deep in its
+    task registry otherwise)."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:  # an lm-eval without its task manager: lm-eval itself says so later
+        return
+    known = set(TaskManager().all_tasks)
+    unknown = [t for t in b.tasks if t not in known]
+    if unknown:
+        raise ConfigError(
+            f"invalid config value benchmarks.{b.name}.tasks={list(b.tasks)}: lm-eval has no task {unknown}; "
+            "`lm_eval --tasks list` lists them"
+        )
+
+
+def settings(b) -> dict:
+    """What lm-eval is run with, for results.json (its own generation settings are the task's, not ``decoding``)."""
+    return {
+        "tasks": list(b.tasks),
+        "num_fewshot": b.num_fewshot,
+        "limit": b.limit,
+        "apply_chat_template": b.apply_chat_template,
+        "batch_size": b.decoding.batch_size,
+    }
 
 
 def run_lm_eval(b, policy_cfg, out_dir) -> dict:
@@ -39,6 +71,7 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
             "(its task data sets must be in the local Hugging Face cache: nothing is downloaded)"
         ) from e
     device = "cuda" if policy_cfg.hardware.device != "cpu" and _cuda() else "cpu"
+    check_tasks(b)
     try:
         with offline():
             res = lm_eval.simple_evaluate(
@@ -48,6 +81,7 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
                 num_fewshot=b.num_fewshot,
                 limit=b.limit,
                 device=device,
+                batch_size=b.decoding.batch_size,
                 apply_chat_template=b.apply_chat_template,
             )
     except Exception as e:  # lm-eval raises from datasets/hub code when a data set is not cached
@@ -65,7 +99,13 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
     from simpo_exp.inference.files import write_json
 
     write_json(out_dir / "lm_eval_results.json", {k: res[k] for k in ("results", "versions", "n-shot") if k in res})
-    return {"metrics": _flat_metrics(res.get("results", {})), "notes": [], "baseline": None}
+    notes = [f"limit={b.limit}: {b.limit} samples per task, not the whole task"] if b.limit else []
+    return {
+        "metrics": _flat_metrics(res.get("results", {})),
+        "notes": notes,
+        "baseline": None,
+        "lm_eval": settings(b),
+    }
 
 
 @contextlib.contextmanager

@@ -313,7 +313,12 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "model": trained.model.path,
         **record,
         "notes": record.get("notes", []),
-        "decoding": _stored_decoding(out / "shards", dec) if e.judge_only else vars(dec),
+        # lm-eval decodes as its tasks say: its settings are recorded under "lm_eval", no decoding of ours
+        "decoding": None
+        if b.kind == "lm_eval"
+        else _stored_decoding(out / "shards", dec)
+        if e.judge_only
+        else vars(dec),
         "judge": judge,
         "prompts_path": b.prompts_path or None,
         "versions": _versions(),
