@@ -142,6 +142,17 @@ def pick_attention(cfg: Config) -> str:
     return wanted
 
 
+def saved_dtype(model_dir) -> str | None:
+    """The dtype a local model directory's config.json records (``dtype``, or ``torch_dtype`` in older files), where
+    it is one this project loads; None for a hub id or an unreadable config."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    return dtype if dtype in TORCH_DTYPES else None
+
+
 def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_copy: bool = False):
     """The causal LM: a random Llama of ``model.random_init``'s shape for ``path=""``, else ``from_pretrained``.
     ``engine_master_copy``: the engine (DeepSpeed under bf16/fp16) keeps the float32 master weights, so the model
@@ -175,6 +186,13 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     else:
         check_model_available(m.path, m.revision)
+        if saved_dtype(m.path) == "float32" and m.dtype != "float32":
+            log.warning(
+                "model.path=%s holds float32 weights (a trained run's model/ does: SimPO-size updates live below "
+                "%s's resolution), loaded here as model.dtype=%s, which rounds most of that update away; set "
+                "model.dtype=float32 to keep it",
+                m.path, m.dtype, m.dtype,
+            )  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(
             m.path,
             revision=m.revision,

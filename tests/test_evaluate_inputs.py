@@ -173,3 +173,19 @@ def test_a_cut_short_or_mismatched_answer_shard_is_named_not_paired_with_other_p
     cfg = SimpleNamespace(model=SimpleNamespace(path=str(tmp_path / "m"), name="m"))
     with pytest.raises(DamagedFile, match="trained-00001.jsonl holds 0 answers"):
         generate(cfg, prompts, dec, shards, "trained", judge_only=True)
+
+
+def test_the_trained_model_is_loaded_in_the_dtype_it_was_saved_in(tmp_path, compose):
+    """A bf16-based run saves float32 weights (master weights; a LoRA merge too): evaluate loaded them in the run's
+    model.dtype=bfloat16, rounding away most of a SimPO-size update before any computation."""
+    import json
+
+    from simpo_exp.evaluate.runs import load_run_config, trained_policy
+    from tests.test_evaluate_lmeval import fake_run
+
+    run = fake_run(tmp_path / "run", ["model.dtype=bfloat16"], compose, weights=True)
+    config = json.loads((run / "model" / "config.json").read_text())
+    config["dtype"] = "float32"
+    (run / "model" / "config.json").write_text(json.dumps(config))
+    run_cfg = load_run_config(run)
+    assert run_cfg.model.dtype == "bfloat16" and trained_policy(run_cfg, run, "cpu").model.dtype == "float32"

@@ -18,6 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from simpo_exp.config import Config, ConfigError
+from simpo_exp.model import saved_dtype
 from simpo_exp.rundir import other_stage_output
 
 SKIP = {"eval", "model", "wandb", "checkpoints", ".hydra", "compare"}
@@ -76,9 +77,14 @@ def for_inference(run_cfg: Config, device: str) -> Config:
 
 
 def trained_policy(run_cfg: Config, run_dir: Path, device: str) -> Config:
+    """The trained model (``<run>/model``) as the policy, loaded in the dtype it was saved in: a run trains float32
+    master weights (a LoRA merge is stored in float32 too), and loading them in the run's ``model.dtype``
+    (bfloat16 for the hub presets) would round most of a SimPO-size update away before any computation."""
     cfg = for_inference(run_cfg, device)
-    cfg.model.path = str((Path(run_dir) / "model").resolve())
+    model_dir = (Path(run_dir) / "model").resolve()
+    cfg.model.path = str(model_dir)
     cfg.model.tokenizer_path, cfg.model.revision, cfg.model.chat_template = "", None, "auto"
+    cfg.model.dtype = saved_dtype(model_dir) or cfg.model.dtype
     return cfg
 
 
