@@ -75,8 +75,9 @@ def sampled(p: torch.Tensor, n: int = FINGERPRINT_VALUES) -> torch.Tensor:
 
 
 def model_fingerprint(cfg: Config, model) -> str:
-    """The starting weights' identity: the model's path, revision, dtype, size, and values sampled from every
-    weight (a model overwritten at the same path, a merged adapter, another seed of a random model differ).
+    """The starting weights' identity: the model's path, revision, dtype, the dtype they are computed in (weights
+    and autocast), size, and values sampled from every weight (a model overwritten at the same path, a merged
+    adapter, another seed of a random model differ).
     LoRA's adapters are left out: they add nothing at the start (B = 0), whatever their seed or rank."""
     params = [p for name, p in model.named_parameters() if "lora_" not in name]
     h = hashlib.sha256(
@@ -85,6 +86,9 @@ def model_fingerprint(cfg: Config, model) -> str:
                 "path": cfg.model.path,
                 "revision": cfg.model.revision,
                 "dtype": cfg.model.dtype,
+                # what the log-probs are computed in: a LoRA base stays in model.dtype, full fine-tuning upcasts it
+                "weights": sorted({str(p.dtype) for p in params}),
+                "autocast": cfg.hardware.mixed_precision,
                 "n": sum(full_numel(p) for p in params),
             }
         ).encode()

@@ -283,3 +283,22 @@ def test_live_reference_under_zero3_is_refused_by_name(compose):
     next(model.parameters()).ds_id = 0  # as deepspeed.zero.Init marks a partitioned weight
     with pytest.raises(ConfigError, match="reference_mode=live .* ZeRO-3.*use reference_mode=cached"):
         make_loaders(cfg, model, splits, collate, Accelerator(cpu=True), layout)
+
+
+def test_a_lora_run_and_a_full_fine_tune_of_one_base_keep_their_own_reference_caches(compose, tmp_path):
+    """LoRA computes the reference on its base as loaded (bf16), full fine-tuning on float32 master weights: they
+    shared one cache, and whichever ran first decided the other's reference log-probs (0.018 nats apart)."""
+    from simpo_exp.config import to_config
+    from simpo_exp.model import build_tiny_tokenizer, load_model
+    from simpo_exp.reference import model_fingerprint
+    from tests.tiny import save_tiny_llama
+
+    pytest.importorskip("peft")
+    save_tiny_llama(tmp_path / "base", num_hidden_layers=2)
+    prints = []
+    for hardware in ("cpu-lora", "cpu"):
+        cfg = to_config(
+            compose("loss=dpo", f"hardware={hardware}", f"model.path={tmp_path / 'base'}", "model.dtype=bfloat16")
+        )
+        prints.append(model_fingerprint(cfg, load_model(cfg, build_tiny_tokenizer(), "sdpa")))
+    assert prints[0] != prints[1]
