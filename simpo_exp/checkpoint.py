@@ -425,6 +425,9 @@ def load_newest(
     return None
 
 
+UNORDERED_KEYS = {"lora_target_modules"}  # lists whose order means nothing
+
+
 def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = "checkpoint") -> list[str]:
     """Config keys whose values differ, ignoring those a resumed run may change (``key: <what> a, now b``)."""
     diffs = []
@@ -434,6 +437,8 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = 
         if prefix == "hardware." and key not in TRAINING_HARDWARE_KEYS:
             continue
         a, b = saved.get(key), current.get(key)
+        if key in UNORDERED_KEYS and isinstance(a, list) and isinstance(b, list):  # the same set in another order
+            a, b = sorted(map(str, a)), sorted(map(str, b))
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += incompatible_keys(a, b, f"{prefix}{key}.", what)
         elif a != b:

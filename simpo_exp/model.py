@@ -376,15 +376,19 @@ def add_lora(model, h):
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
         raise ConfigError("hardware.lora=true needs peft: pip install -e '.[peft]'") from e
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in h.lora_target_modules if t not in names]
-    if missing:
-        raise ConfigError(f"hardware.lora_target_modules: {missing} are not modules of this model")
+    targets = list(h.lora_target_modules)
+    if targets == ["all-linear"]:  # PEFT's shorthand (every linear layer but the output head), given as a string
+        targets = "all-linear"
+    else:  # as PEFT matches them: a module's name, or the end of its dotted path
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise ConfigError(f"hardware.lora_target_modules: {missing} are not modules of this model")
     config = LoraConfig(
         r=h.lora_r,
         lora_alpha=h.lora_alpha,
         lora_dropout=h.lora_dropout,
-        target_modules=list(h.lora_target_modules),
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
     # is_activation_checkpointing from transformers 5.23; is_gradient_checkpointing, its deprecated alias, before

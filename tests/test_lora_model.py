@@ -149,3 +149,24 @@ def test_adapters_on_the_tied_head_and_the_embedding_merge_in_both_save_paths(co
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     assert not merged.config.tie_word_embeddings
     torch.testing.assert_close(_logits(merged, ids), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_target_names_are_taken_as_peft_takes_them(compose):
+    """all-linear (PEFT's shorthand) and dotted paths were refused as 'not modules of this model'; a target list in
+    another order refused a resume as a different config."""
+    from simpo_exp.checkpoint import incompatible_keys
+    from simpo_exp.config import ConfigError
+
+    pytest.importorskip("peft")
+    every = _trained_lora_model(compose, "hardware.lora_target_modules=[all-linear]")
+    lora_layers = {n.rsplit(".lora_A", 1)[0] for n, _ in every.named_parameters() if ".lora_A" in n}
+    assert any(n.endswith("mlp.down_proj") for n in lora_layers) and not any("lm_head" in n for n in lora_layers)
+    one = _trained_lora_model(compose, "hardware.lora_target_modules=[layers.0.self_attn.q_proj]")
+    assert {n.rsplit(".lora_A", 1)[0] for n, _ in one.named_parameters() if ".lora_A" in n} == {
+        "base_model.model.model.layers.0.self_attn.q_proj"
+    }
+    with pytest.raises(ConfigError, match=r"\['nothing_proj'\] are not modules of this model"):
+        _trained_lora_model(compose, "hardware.lora_target_modules=[nothing_proj]")
+    saved = {"hardware": {"lora_target_modules": ["q_proj", "v_proj"]}}
+    assert incompatible_keys(saved, {"hardware": {"lora_target_modules": ["v_proj", "q_proj"]}}) == []
+    assert incompatible_keys(saved, {"hardware": {"lora_target_modules": ["q_proj"]}})
