@@ -98,7 +98,7 @@ def user_errors(cfg: DictConfig):
     try:
         yield
     except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
-        _put_back(out, earlier)
+        _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
         print(
             f"interrupted; what {out} holds so far (finished shards, judge replies, checkpoints) is kept: re-run the "
             "same command to go on",

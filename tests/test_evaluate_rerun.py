@@ -71,3 +71,7 @@ def test_a_copied_run_reuses_its_stored_answers_and_an_older_manifest_is_upgrade
     manifest.write_text(json.dumps({**stored, "weights": legacy}))
     (third,) = evaluate_sweep(copy, *args)
     assert third["metrics"] == first["metrics"] and json.loads(manifest.read_text())["weights"] == stored["weights"]
+    # answers of the model loaded in another dtype (evaluate once loaded float32 runs as their bf16 model.dtype)
+    manifest.write_text(json.dumps({**stored, "model_dtype": "bfloat16"}))
+    with pytest.raises(ConfigError, match="model_dtype: stored 'bfloat16', now 'float32'"):
+        evaluate_sweep(copy, *args)

@@ -597,3 +597,25 @@ def test_a_reward_models_pad_id_is_its_tokenizers_so_batched_scores_equal_single
         scores[batch] = scorer.score(prompts, responses)
         scorer.close()
     assert scores[1] == pytest.approx(scores[3], abs=1e-5)
+
+
+def test_scored_shards_named_before_the_scorer_hash_are_not_scored_again(
+    uninterrupted_generation, tiny_reward_model, tmp_path
+):
+    """A directory from before scored shards carried the scorer's hash: the same command rescored every shard
+    (a full reward-model pass); its old manifest recorded the scorer, which is how they are recognised."""
+    from simpo_exp.generate.run import scorer_settings
+
+    out = tmp_path / "gen"
+    shutil.copytree(uninterrupted_generation, out)
+    args = (*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}")
+    for f in (out / "shards").glob("scored-*.jsonl"):
+        f.rename(f.with_name(f.name.rsplit("-", 1)[0] + ".jsonl"))  # scored-00000.jsonl, as older runs named them
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    manifest["scorer"] = scorer_settings(compose_generate(*RM_RUN, f"scorer.path={tiny_reward_model}"))
+    (out / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    res = generate(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "3 shards, 0 to sample, 0 to score" in (out / "__main__.log").read_text()
+    rel = "data/train.jsonl"
+    assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes()

@@ -22,13 +22,14 @@ from simpo_exp.data.sources import DataSourceError
 
 def _flat_metrics(results: dict) -> dict:
     """``{"<task>/<metric>:<filter>": value}`` for lm-eval's scores (its ``metric,filter`` keys; standard errors
-    left out), and ``<task>/n`` for the number of samples scored (its ``sample_len``, not a score)."""
+    left out), and ``<task>/n`` for the number of samples scored (its ``samples``, ``sample_len`` in some
+    versions: not a score)."""
     out, counts = {}, {}
     for task, metrics in results.items():
         for key, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            if key == "sample_len":
+            if key in ("samples", "sample_len"):  # lm-eval's count of the samples scored (named either way)
                 counts[f"{task}/n"] = float(value)
             elif "," in key and "stderr" not in key:
                 out[f"{task}/{key.replace(',', ':')}"] = float(value)

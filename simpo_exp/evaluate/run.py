@@ -87,6 +87,8 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
     files = [shard_dir / f"{tag}-{i:05d}.jsonl" for i in range(len(shards))]
     manifest = {
         "weights": _weights_id(cfg),
+        # the dtype the weights are loaded in (answers of a float32 model loaded as bf16 are another model's)
+        "model_dtype": cfg.model.dtype,
         "decoding": {k: v for k, v in vars(dec).items() if k != "batch_size"},
         "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest(),
     }
@@ -147,7 +149,7 @@ def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple |
 
 def _stored_decoding(shard_dir: Path, dec) -> dict:
     """The decoding the stored answers were made with (``judge_only`` judges those, whatever the command's
-    decoding says); the command's own where nothing was generated (lm_eval)."""
+    decoding says); the command's own where nothing is stored yet."""
     path = shard_dir / "trained-manifest.json"
     return json.loads(path.read_text())["decoding"] if path.is_file() else vars(dec)
 

@@ -141,10 +141,30 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
     return kept, counts
 
 
+def scorer_settings(cfg) -> dict:
+    """The scorer's settings that change a score (not its name or batch size)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.scorer).items() if k not in ("name", "batch_size")}
+
+
 def scorer_tag(cfg) -> str:
-    """8 hex of the scorer's settings that change a score (not its name or batch size)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg.scorer).items() if k not in ("name", "batch_size")}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    """8 hex of ``scorer_settings``: the suffix of the scored shards' names."""
+    return hashlib.sha256(json.dumps(scorer_settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def adopt_older_scores(shard_dir: Path, cfg) -> None:
+    """Scored shards written before their names carried the scorer's hash (``scored-00000.jsonl``), by the scorer
+    the old manifest records, are taken as this scorer's when it has the same settings (not scored again)."""
+    try:
+        recorded = json.loads((shard_dir / "manifest.json").read_text()).get("scorer")
+    except (OSError, ValueError, AttributeError):
+        return
+    if recorded != scorer_settings(cfg):
+        return
+    tag = scorer_tag(cfg)
+    for old in shard_dir.glob("scored-[0-9][0-9][0-9][0-9][0-9].jsonl"):
+        new = scored_path(shard_dir, int(old.stem.split("-")[1]), tag)
+        if not new.exists():
+            os.replace(old, new)
 
 
 def scored_path(shard_dir: Path, index: int, tag: str) -> Path:
@@ -221,6 +241,7 @@ def generate_data(cfg) -> dict:
     tag = scorer_tag(cfg)
     if cfg.scorer.kind != "rule" and _unscored(shard_dir, range(rank, len(shards), world), tag):
         check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
+    adopt_older_scores(shard_dir, cfg)
     check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts))
     _process(cfg, shards, shard_dir, rank, world)
 

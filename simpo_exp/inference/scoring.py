@@ -110,7 +110,8 @@ class RewardModelScorer:
             s.path, revision=s.revision, trust_remote_code=s.trust_remote_code
         )
         apply_chat_template_choice(self.tokenizer, s.chat_template, s.path)
-        if self.tokenizer.pad_token_id is None:
+        own_pad = self.tokenizer.pad_token_id is not None
+        if not own_pad:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = (
             AutoModelForSequenceClassification.from_pretrained(
@@ -119,9 +120,12 @@ class RewardModelScorer:
             .to(self.device)
             .eval()
         )
-        if self.model.config.pad_token_id != self.tokenizer.pad_token_id:
+        if self.model.config.pad_token_id is None or (
+            own_pad and self.model.config.pad_token_id != self.tokenizer.pad_token_id
+        ):
             # the head reads each row at its last token that is not config.pad_token_id: it must be the id the
-            # tokenizer pads with, or a batched row is read on its padding (scores then depend on the batch)
+            # tokenizer pads with, or a batched row is read on its padding (scores then depend on the batch). A
+            # tokenizer without a pad token of its own pads with EOS here: the model's own pad id is kept then
             if self.model.config.pad_token_id is not None:
                 log.info(
                     "scorer: the model's pad_token_id %s set to its tokenizer's %s",
