@@ -138,3 +138,13 @@ def test_a_task_lm_eval_does_not_know_is_refused_by_name_before_the_model_loads(
     with pytest.raises(ConfigError, match=r"benchmarks.gsm8k.tasks=\['gsm8kk'\]: lm-eval has no task \['gsm8kk'\]"):
         evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.tasks=[gsm8kk]")
     assert lm_eval_calls == []
+
+
+def test_a_finished_lm_eval_is_not_run_again_for_the_same_weights_and_settings(lm_eval_calls, tmp_path, compose):
+    """lm-eval has no resume: the same command scored every task of every run again."""
+    run = fake_run(tmp_path / "run", [], compose)
+    (first,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    (again,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    assert len(lm_eval_calls) == 1 and again["metrics"] == first["metrics"]
+    evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=3")  # other settings: evaluated again
+    assert len(lm_eval_calls) == 2 and lm_eval_calls[1]["limit"] == 3

@@ -269,9 +269,17 @@ def _arena_hard(ctx: dict) -> dict:
 
 
 def _lm_eval(ctx: dict) -> dict:
-    from simpo_exp.evaluate.lmeval import run_lm_eval
+    """lm-eval's scores of the trained model; those a finished evaluation recorded for the same weights, dtype and
+    settings are taken as they are (lm-eval has no resume of its own: a re-run would score every task again)."""
+    from simpo_exp.evaluate.lmeval import run_lm_eval, settings
 
-    return run_lm_eval(ctx["benchmark"], ctx["trained"], ctx["out"])
+    b, trained = ctx["benchmark"], ctx["trained"]
+    made_with = {"weights": _weights_id(trained), "model_dtype": trained.model.dtype, **settings(b)}
+    earlier = read_json(results_path(ctx["run_dir"], b.name))
+    if isinstance(earlier, dict) and earlier.get("made_with") == made_with and earlier.get("metrics"):
+        log.info("%s: %s already evaluated with these weights and settings; its results are kept", ctx["name"], b.name)
+        return {k: earlier[k] for k in ("metrics", "notes", "baseline", "lm_eval", "made_with") if k in earlier}
+    return {**run_lm_eval(b, trained, ctx["out"]), "made_with": made_with}
 
 
 RUNNERS = {"rule": _rule, "alpacaeval": _alpacaeval, "arena_hard": _arena_hard, "lm_eval": _lm_eval}
