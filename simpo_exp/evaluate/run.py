@@ -39,7 +39,7 @@ from simpo_exp.evaluate.judge import (
     win_rate,
 )
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
-from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, sha256_files, write_json, write_jsonl
+from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
 from simpo_exp.inference.results import HEADLINE, PREFIX, results_path
 from simpo_exp.rundir import read_json
 
@@ -54,8 +54,7 @@ def _weights_id(cfg) -> dict:
         return {"random_init": dataclasses.asdict(m.random_init), "seed": cfg.seed}
     path = Path(m.path)
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        return {"sha256": sha256_files([f for f in [*files, path / "config.json"] if f.is_file()])}
+        return {"sha256": weights_sha256(path)}
     return {"path": m.path, "revision": m.revision}
 
 

@@ -29,7 +29,7 @@ from simpo_exp.config import ConfigError
 from simpo_exp.data.prompts import train_prompts
 from simpo_exp.data.sources import DataSourceError, synthetic_task
 from simpo_exp.generate.binarise import binarise
-from simpo_exp.inference.files import manifest_changes, read_jsonl, sha256_files, write_atomic, write_jsonl
+from simpo_exp.inference.files import manifest_changes, read_jsonl, weights_sha256, write_atomic, write_jsonl
 from simpo_exp.inference.sampling import derive_seed, prompt_token_ids
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ def policy_fingerprint(cfg) -> dict:
         }
     path = Path(m.path).expanduser()
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        return {"kind": "local", "path": str(path.resolve()), "sha256": sha256_files(files + [path / "config.json"])}
+        return {"kind": "local", "path": str(path.resolve()), "sha256": weights_sha256(path)}
     from huggingface_hub import try_to_load_from_cache
 
     hit = try_to_load_from_cache(m.path, "config.json", revision=m.revision)

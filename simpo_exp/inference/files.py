@@ -56,6 +56,13 @@ def sha256_files(files: list[Path]) -> str:
     return _sha256_cached(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in map(Path, files)))
 
 
+def weights_sha256(model_dir: Path) -> str:
+    """``sha256_files`` of a local model directory's weights (its safetensors, else its .bin files) and config."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    return sha256_files([f for f in [*files, model_dir / "config.json"] if f.is_file()])
+
+
 def manifest_changes(stored: dict, now: dict, keys=None, prefix: str = "") -> list[str]:
     """What differs between a stored manifest and this command's, as ``dotted.key: stored X, now Y`` (nested
     sections compared key by key, so the message names ``generate.temperature``, not ``generate``). ``keys``:
