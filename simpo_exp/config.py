@@ -305,6 +305,12 @@ def resolve_gamma(cfg: Config) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------
+def _default(schema: type, name: str) -> Any:
+    """A dataclass field's default value (made by its factory where it has one)."""
+    f = schema.__dataclass_fields__[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"invalid config value {key}={value!r}: {allowed}")
 
@@ -358,7 +364,7 @@ def _validate_method(cfg: Config) -> None:
     _check(cfg.rdpo_alpha >= 0, "rdpo_alpha", cfg.rdpo_alpha, "must be >= 0")
     _check_choice("loss_type", cfg.loss_type, LOSS_TYPES)
     for key in OWN_KEYS:  # a key the method's loss does not read would change nothing
-        default = Config.__dataclass_fields__[key].default
+        default = _default(Config, key)
         if getattr(cfg, key) != default and key not in TABLE[cfg.method].reads:
             _fail(
                 key,
@@ -445,9 +451,8 @@ def _validate_model(m: ModelConfig) -> None:
     _check(m.params_b >= 0, "model.params_b", m.params_b, "must be >= 0")
     if m.path:  # a model read from disk or the hub has its own shape
         for name, value in vars(m.random_init).items():
-            default = RandomInitConfig.__dataclass_fields__[name].default
             _check(
-                value == default,
+                value == _default(RandomInitConfig, name),
                 f"model.random_init.{name}",
                 value,
                 "has no effect with model.path set (its shape comes from model.path's config.json)",
@@ -563,10 +568,8 @@ def _validate_hardware(h: HardwareConfig) -> None:
         )
     if not h.lora:  # the adapter's shape is read only when there are adapters
         for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
-            f = HardwareConfig.__dataclass_fields__[key]
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             _check(
-                getattr(h, key) == default,
+                getattr(h, key) == _default(HardwareConfig, key),
                 f"hardware.{key}",
                 getattr(h, key),
                 "has no effect unless hardware.lora=true",

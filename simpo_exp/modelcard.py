@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from simpo_exp.inference.results import load_results
-from simpo_exp.rundir import read_json, select
+from simpo_exp.rundir import CONF_DIR, read_json, select
 
 log = logging.getLogger(__name__)
 # Each as the run used it: the values training resolved (learning rate from the model size, accumulation for the
@@ -176,7 +176,7 @@ def _is_its_preset(cfg: dict) -> bool:
     name, sources = select(cfg, "dataset.name"), set(select(cfg, "dataset.sources") or {})
     if len(sources) < 2:
         return bool(name)
-    preset = Path(__file__).resolve().parents[1] / "conf" / "dataset" / f"{name}.yaml"
+    preset = Path(CONF_DIR) / "dataset" / f"{name}.yaml"
     try:
         return set((yaml.safe_load(preset.read_text()) or {}).get("sources") or {}) == sources
     except (OSError, yaml.YAMLError, AttributeError):

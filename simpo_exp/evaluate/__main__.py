@@ -16,8 +16,6 @@ from simpo_exp.evaluate.config import to_evaluate_config  # stores the schema Hy
 from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import user_errors
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
 
 def _path_argument(argv: list[str]) -> list[str]:
     """A leading directory argument as ``evaluate.path='...'`` (quoted: job directories hold '=' and ','). A
@@ -34,7 +32,7 @@ def _path_argument(argv: list[str]) -> list[str]:
 
 def _check_benchmark_names(argv: list[str]) -> None:
     """An unknown ``benchmark=`` option: a one-line error and exit 2 (Hydra's own is a longer exit 1)."""
-    known = sorted(p.stem for p in (CONF / "benchmark").glob("*.yaml"))
+    known = sorted(p.stem for p in (Path(CONF_DIR) / "benchmark").glob("*.yaml"))
     for arg in argv[1:]:
         key, sep, value = arg.lstrip("+~").partition("=")
         if key != "benchmark" or not sep:
