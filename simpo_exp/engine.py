@@ -328,10 +328,9 @@ def make_accelerator(cfg: Config):
     )
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     check_engine(h, accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if plugin is not None:
         # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm
         # where the config left it to accelerate ("auto" would become accelerate's own 1.0).
-        plugin = accelerator.state.deepspeed_plugin
         if plugin.is_auto("gradient_clipping"):
             plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
     return accelerator, accum

@@ -201,13 +201,14 @@ def check_auto_attention(hardware, device_type: str) -> None:
     ``packing_attention`` other than the default would be dropped without a word, so it is refused by name."""
     if hardware.packing != "auto" or hardware.packing_attention == "segments":
         return
-    if not (device_type == "cuda" or measuring(hardware, device_type)):
+    measured = measuring(hardware, device_type)
+    if not (device_type == "cuda" or measured):
         return
     from simpo_exp.config import ConfigError
 
     raise ConfigError(
         f"hardware.packing_attention={hardware.packing_attention!r} has no effect with hardware.packing=auto on "
-        f"{device_type}{' where layouts are measured' if measuring(hardware, device_type) else ''}: each candidate "
+        f"{device_type}{' where layouts are measured' if measured else ''}: each candidate "
         "layout brings its own attention; set hardware.packing=packed or prefix_shared to choose the attention, "
         "or leave hardware.packing_attention at its default"
     )

@@ -91,10 +91,10 @@ def user_errors(cfg: DictConfig):
     sweeper after the batch); ``SweepSummary`` lists the failed jobs at the end.
     """
     out = Path(HydraConfig.get().runtime.output_dir)
-    single = HydraConfig.get().mode == RunMode.RUN
+    single, main = HydraConfig.get().mode == RunMode.RUN, os.environ.get("RANK", "0") == "0"
     # a re-run's outcome replaces an earlier failure's, stop's or refusal's, unless this command is refused or
     # interrupted before it starts: then they are put back. The main process alone (every process names this folder)
-    earlier = _take_records(out) if os.environ.get("RANK", "0") == "0" else {}
+    earlier = _take_records(out) if main else {}
     try:
         yield
     except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
@@ -108,7 +108,7 @@ def user_errors(cfg: DictConfig):
     except OtherRunsDirectory as e:  # the run there is left as it was: its outcome and the config it ran with
         _put_back(out, earlier)
         restore_run_config(out)
-        if not single and os.environ.get("RANK", "0") == "0":  # the sweep's summary lists it
+        if not single and main:  # the sweep's summary lists it
             (out / REFUSED_FILE).write_text(json.dumps({"error": str(e), "type": type(e).__name__}, indent=2))
         print(f"error: {e}", file=sys.stderr)
         if single:
@@ -134,15 +134,16 @@ REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory 
 
 
 def _take_records(out: Path) -> dict[str, bytes]:
-    """Remove and return the outcome records an earlier command left in ``out``."""
+    """Remove the outcome records an earlier command left in ``out``; return those that may be put back (a refusal is
+    this command's to record again, or not)."""
+    (out / REFUSED_FILE).unlink(missing_ok=True)
     taken = {}
-    for name in ("error.json", STOPPED_FILE, REFUSED_FILE):
+    for name in ("error.json", STOPPED_FILE):
         try:
             taken[name] = (out / name).read_bytes()
             (out / name).unlink(missing_ok=True)
         except FileNotFoundError:
             continue
-    taken.pop(REFUSED_FILE, None)  # a refusal is this command's to record again, or not
     return taken
 
 

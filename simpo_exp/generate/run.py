@@ -174,14 +174,13 @@ def _unscored(shard_dir: Path, indices: range, tag: str) -> list[int]:
     return [i for i in indices if not scored_path(shard_dir, i, tag).exists()]
 
 
-def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: int) -> None:
+def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: int, tag: str) -> None:
     """This process's shards: sample the missing ones, then score the unscored ones."""
     from simpo_exp.inference.sampling import make_sampler
     from simpo_exp.inference.scoring import make_scorer
     from simpo_exp.model import load_tokenizer
 
     mine = range(rank, len(shards), world)
-    tag = scorer_tag(cfg)
     to_score = _unscored(shard_dir, mine, tag)
     to_sample = [i for i in to_score if not (shard_dir / f"responses-{i:05d}.jsonl").exists()]
     log.info(
@@ -242,7 +241,7 @@ def generate_data(cfg) -> dict:
         check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
     adopt_older_scores(shard_dir, cfg)
     check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts))
-    _process(cfg, shards, shard_dir, rank, world)
+    _process(cfg, shards, shard_dir, rank, world, tag)
 
     missing = _unscored(shard_dir, range(len(shards)), tag)
     if missing:

@@ -132,7 +132,6 @@ class RewardModelScorer:
                     self.model.config.pad_token_id, self.tokenizer.pad_token_id,
                 )  # fmt: skip
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.truncated = 0
         self.cut: list[bool] = []  # per response of the last score() call: cut to scorer.max_length tokens
 
     @torch.no_grad()
@@ -147,7 +146,6 @@ class RewardModelScorer:
             ]
             full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
             self.cut += [len(ids) > self.s.max_length for ids in full]
-            self.truncated += sum(len(ids) > self.s.max_length for ids in full)
             self.tokenizer.padding_side = "right"
             enc = self.tokenizer.pad({"input_ids": [ids[: self.s.max_length] for ids in full]}, return_tensors="pt").to(
                 self.device
