@@ -400,6 +400,7 @@ def add_lora(model, h):
     return get_peft_model(model, config, autocast_adapter_dtype=True)  # bf16/fp16 base: float32 adapters
 
 
-def count_parameters(model) -> int:
-    """The model's whole size, also where ZeRO-3 has partitioned the weights at load (see flops.full_numel)."""
-    return sum(full_numel(p) for p in model.parameters())
+def count_parameters(model, trained_only: bool = False) -> int:
+    """The model's whole size (or its trained parameters' alone), also where ZeRO-3 has partitioned the weights at
+    load (see flops.full_numel)."""
+    return sum(full_numel(p) for p in model.parameters() if p.requires_grad or not trained_only)

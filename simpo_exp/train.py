@@ -47,7 +47,7 @@ from simpo_exp.engine import (
 )
 from simpo_exp.environment import environment_record
 from simpo_exp.errors import UserError, out_of_memory
-from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, full_numel, peak_flops
+from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
 from simpo_exp.fused import fused_head
 from simpo_exp.layout import BatchLayout
 from simpo_exp.layout_auto import layout_for_run
@@ -284,12 +284,11 @@ def set_up(cfg: Config) -> Run:
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg), engine_keeps_master_copy(accelerator))
-    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     log.info(
         "model %s: %.2fM parameters, %.2fM trained%s",
         cfg.model.path or cfg.model.name,
         count_parameters(model) / 1e6,
-        trainable / 1e6,
+        count_parameters(model, trained_only=True) / 1e6,
         f" (LoRA r={cfg.hardware.lora_r}, alpha={cfg.hardware.lora_alpha})" if cfg.hardware.lora else "",
     )
     live = cfg.method in REFERENCE_METHODS and cfg.reference_mode == "live"  # a frozen copy of the model as well

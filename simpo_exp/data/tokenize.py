@@ -64,11 +64,10 @@ def render(tokenizer, prompt: list[dict], response: str, chat_format: str = "gen
         template = tokenizer.chat_template or ""
         if prompt[0]["role"] != "system" and ("system" in template or "<|im_start|>" in template):
             prompt = [{"role": "system", "content": ""}, *prompt]
-        text = tokenizer.apply_chat_template(answer, tokenize=False)
-        bos = tokenizer.bos_token
-        return tokenizer.apply_chat_template(prompt, tokenize=False), text[
-            len(bos) if bos and text.startswith(bos) else 0 :
-        ]
+        response = tokenizer.apply_chat_template(answer, tokenize=False)
+        if tokenizer.bos_token:  # the response follows the prompt: a BOS its template writes first is cut
+            response = response.removeprefix(tokenizer.bos_token)
+        return tokenizer.apply_chat_template(prompt, tokenize=False), response
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
     if not full.startswith(prompt_text):
