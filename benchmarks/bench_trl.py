@@ -565,7 +565,7 @@ def batch_flops(spec, batch: dict, packing: str) -> float:
     """Model FLOPs of one step on ``batch``, laid out as ``packing`` (``simpo_exp.flops.FlopSpec.step_flops``)."""
     from simpo_exp.flops import attention_pairs
 
-    tokens, response = float(batch["attention_mask"].sum()), float(batch["loss_mask"].sum())
+    tokens, response = float(batch["attention_mask"].sum()), float(sum(batch["row_lengths"]))
     return spec.step_flops(tokens, response, float(attention_pairs(batch, packing)))
 
 

@@ -323,7 +323,8 @@ def make_accelerator(cfg: Config):
         mixed_precision=precision,
         deepspeed_plugin=deepspeed_plugin,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # a batch in pinned memory (train.train_data_loader) goes to the GPU without the host waiting for it
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=not use_cpu),
         kwargs_handlers=[process_group_kwargs(h.collective_timeout)],
     )
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from simpo_exp.logps import unsharded
+from simpo_exp.logps import host_to_device, unsharded
 
 FUSED_HEADS = ("none", "liger")
 LIGER_METHODS = ("simpo", "cpo", "orpo")
@@ -175,9 +175,10 @@ class LigerPreferenceHead(nn.Module):
             self._losses[compiled] = loss
         return self._losses[compiled]
 
-    def forward(self, head: nn.Module, states, targets, rows, n: int, counts, sft_tokens=None) -> FusedPreference:
+    def forward(self, head, states, targets, rows, n: int, counts, sizes: list[int], sft_tokens=None):
         """``states`` [M, H] the hidden states that predict the response tokens ``targets`` [M], each row's in
-        order (``rows`` [M] their row, ``counts`` [n] tokens per row; rows [0, n/2) chosen, the rest rejected).
+        order (``rows`` [M] their row, ``counts`` [n] tokens per row, ``sizes`` the same as plain ints, with which
+        the calls are planned on the host; rows [0, n/2) chosen, the rest rejected).
         The padded layout hands the rows over one after another; the packed layouts interleave them pair by
         pair, so each token's place in its row is counted in row order (a stable sort of the row indices); the
         states themselves are scattered straight into their rows, never copied into that order.
@@ -197,7 +198,7 @@ class LigerPreferenceHead(nn.Module):
                 "it only inside the model's forward); the fused head needs it whole: use hardware.fused_head=none "
                 "with logps_chunk_size"
             )
-        half, sizes = n // 2, counts.tolist()  # waits for the device once: the calls are planned on the host
+        half = n // 2
         widths = [max(sizes[i], sizes[half + i], 1) for i in range(half)]
         groups = width_groups(widths, self.split_cost)
         indices, group_of, slot = group_rows(groups, half, rows.device)
@@ -205,6 +206,9 @@ class LigerPreferenceHead(nn.Module):
         order = torch.argsort(rows, stable=True)  # the tokens grouped by row, each row's in order
         pos = torch.empty_like(rows)
         pos[order] = torch.arange(rows.shape[0], device=rows.device) - starts[rows[order]]
+        # the tokens grouped by call, each call's in their order; the calls' token counts are known on the host
+        by_call = torch.argsort(group_of[rows], stable=True) if len(groups) > 1 else None
+        call_tokens = [sum(sizes[i] + sizes[half + i] for i in pairs) for pairs in groups]
         loss_fn = self._loss(states.device.type == "cuda" if self.compiled is None else self.compiled)
         trained = [x for x in (states, weight, bias) if x is not None and x.requires_grad]
         training = torch.is_grad_enabled() and bool(trained)
@@ -220,7 +224,8 @@ class LigerPreferenceHead(nn.Module):
             if self.sft_weight > 0 and pairs:  # share x alpha x (NLL sum / the call's chosen tokens)
                 over = sum(sizes[:half]) if sft_tokens is None else sft_tokens  # the NLL term's denominator
                 loss_fn.alpha = self.sft_weight * sum(sizes[i] for i in pairs) / max(over, 1e-12) / share
-            tokens = (group_of[rows] == g).nonzero().squeeze(1) if len(groups) > 1 else slice(None)
+            first = sum(call_tokens[:g])
+            tokens = slice(None) if by_call is None else by_call[first : first + call_tokens[g]]
             with torch.enable_grad() if training else torch.no_grad():
                 s, w, b = leaves
                 where = (slot[rows[tokens]], pos[tokens])
@@ -316,14 +321,14 @@ def width_groups(widths: list[int], split_cost: int = SPLIT_COST, max_calls: int
 def group_rows(groups: list[list[int]], half: int, device) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """For each group its pairs' indices on ``device``; per row (chosen rows first, then rejected) its group and
     its row within the group's call (the group's chosen rows, then its rejected ones, in the group's order)."""
-    group_of = torch.empty(2 * half, dtype=torch.long, device=device)
-    slot = torch.empty(2 * half, dtype=torch.long, device=device)
-    indices = [torch.tensor(pairs, dtype=torch.long, device=device) for pairs in groups]
+    group_of = torch.empty(2 * half, dtype=torch.long)
+    slot = torch.empty(2 * half, dtype=torch.long)
+    indices = [torch.tensor(pairs, dtype=torch.long) for pairs in groups]
     for g, idx in enumerate(indices):
         group_of[idx] = group_of[idx + half] = g
-        slot[idx] = torch.arange(len(idx), device=device)
+        slot[idx] = torch.arange(len(idx))
         slot[idx + half] = slot[idx] + len(idx)
-    return indices, group_of, slot
+    return [host_to_device(i, device) for i in indices], host_to_device(group_of, device), host_to_device(slot, device)
 
 
 def accumulate(grads, taken, share: float):

@@ -1,9 +1,9 @@
 """Log-probabilities of response tokens, computed from the model's final hidden states.
 
 ``ResponseLogps`` wraps a causal LM. Its forward runs the transformer body once over the
-batch, keeps only the hidden states that predict a response token (``loss_mask`` shifted by
-one), and applies the output head to those alone: prompt and padding positions never reach
-the vocabulary projection. With ``chunk_size`` > 0 the head, log-softmax and gather run in
+batch, keeps only the hidden states that predict a response token (the batch lists where they
+are: ``target_sources``), and applies the output head to those alone: prompt and padding
+positions never reach the vocabulary projection. With ``chunk_size`` > 0 the head, log-softmax and gather run in
 chunks of that many tokens under activation checkpointing, so peak memory holds one chunk of
 logits instead of all of them. Where FSDP2 or ZeRO-3 shards the head, the chunks read its weight instead of
 calling it: calling it would gather it and reduce its gradient once per chunk, and the processes' chunk counts
@@ -206,6 +206,14 @@ def segment_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor built on the host, on ``device`` without making the host wait: to a GPU it is copied from pinned
+    memory, in the order of the device's queue (a copy from ordinary memory waits for the queue to empty)."""
+    if device.type == "cpu":
+        return x
+    return (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+
+
 FLEX_BLOCK = 128  # FlexAttention's tile: the block mask says, per (query tile, key tile), none / some / all visible
 
 
@@ -223,10 +231,10 @@ def flex_block_mask(segments: list, packing: str, device: torch.device, block: i
 
     doc, role = row_groups(segments, packing)
     length = len(doc)
-    visible = visibility(doc.to(device), role.to(device))
+    visible = visibility(host_to_device(doc, device), host_to_device(role, device))
     if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:  # torch 2.5: its own builder
         return create_block_mask(visible, None, None, length, length, device=str(device), BLOCK_SIZE=block)
-    tables = [x.to(device) for tiles in flex_tiles(doc, role, block) for x in tile_table(tiles)]
+    tables = [host_to_device(x, device) for tiles in flex_tiles(doc, role, block) for x in tile_table(tiles)]
     return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=visible, seq_lengths=(length, length))
 
 
@@ -303,8 +311,8 @@ def flash_seqlens(segments: list, packing: str, device: torch.device) -> tuple[t
     if packing != "packed":
         raise ValueError(f"flash-attn's varlen attention serves packing='packed', not {packing!r}")
     lengths = [n for p, c, r in segments for n in (p + c, p + r)]
-    starts = torch.tensor([0] + lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-    return starts, max(lengths)
+    starts = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return host_to_device(starts, device), max(lengths)
 
 
 def flash_varlen_attention(query, key, value, seqlens, scaling, dropout, softcap) -> torch.Tensor:
@@ -511,16 +519,20 @@ class ResponseLogps(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        loss_mask: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_sources: torch.Tensor,
+        target_rows: torch.Tensor,
+        row_tokens: torch.Tensor,
+        row_lengths: list[int],
         position_ids: torch.Tensor | None = None,
-        logp_source: torch.Tensor | None = None,
-        seq_index: torch.Tensor | None = None,
         segments: list | None = None,
         attn_groups: torch.Tensor | None = None,
         sft_tokens: float | None = None,
     ) -> SequenceLogps:
-        """The responses' log-probs; with a fused head its loss instead (``sft_tokens``: its NLL term's denominator,
-        objective.batch_loss's; the plain head leaves the loss to the caller and ignores it)."""
+        """The responses' log-probs, for a batch of ``PairCollator`` (its docstring lists the entries); with a
+        fused head its loss instead (``sft_tokens``: its NLL term's denominator, objective.batch_loss's; the
+        plain head leaves the loss to the caller and ignores it). The scored tokens are picked out by index, with
+        sizes known on the host: nothing here waits for a GPU's queue to finish."""
         if self.packing == "none":
             if segments is not None:
                 raise ValueError(
@@ -529,24 +541,14 @@ class ResponseLogps(nn.Module):
                 )
             body = self.model.get_decoder()
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            # Position t predicts token t+1: shift the targets and their mask left by one.
-            predicts = loss_mask[:, 1:].bool()
-            targets = input_ids[:, 1:][predicts]  # [M]
-            states = hidden[:, :-1][predicts]  # [M, H]
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predicts)[predicts]
-            n = input_ids.shape[0]
-            counts = predicts.sum(1)
         else:
             hidden = self._packed_hidden(input_ids, position_ids, segments, attn_groups)
-            predicts = loss_mask.bool()
-            targets = input_ids[predicts]
-            states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logp_source[predicts])
-            rows = seq_index[predicts]
-            n = 2 * len(segments)
-            counts = torch.bincount(rows, minlength=n)
+        states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_sources)  # [M, H]
+        n = len(row_lengths)
         if self.fused is not None:  # the head and the loss in one chunked call, whatever the layout
-            return self.fused(self.model.get_output_embeddings(), states, targets, rows, n, counts, sft_tokens)
-        return self._reduce(states, targets, rows, n, counts)
+            head = self.model.get_output_embeddings()
+            return self.fused(head, states, target_ids, target_rows, n, row_tokens, row_lengths, sft_tokens)
+        return self._reduce(states, target_ids, target_rows, n, row_tokens)
 
     def _packed_hidden(self, input_ids, position_ids, segments, attn_groups) -> torch.Tensor:
         if segments is None or position_ids is None:

@@ -67,9 +67,9 @@ def pair_stats(n: int, loss, chosen_sums, chosen_rewards, rejected_rewards, mean
         "logps_mean/rejected": means[n:].detach().sum(),
         "length/chosen": lengths[:n].sum(),
         "length/rejected": lengths[n:].sum(),
-        "pairs": torch.tensor(float(n), device=loss.device),
+        "pairs": torch.tensor(float(n)),  # counted on the host: a tensor made on a GPU from it would wait for the GPU
         "tokens": batch["attention_mask"].sum().float(),
-        "input_tokens": input_tokens(batch).to(loss.device),
+        "input_tokens": input_tokens(batch),
     }
 
 
@@ -121,16 +121,15 @@ def method_stats(method: str, sums, means, logits_chosen, logits_rejected, n: in
 
 
 def chosen_tokens(batch: dict) -> int:
-    """The batch's chosen-response tokens (the NLL term's), in any layout: the packed ones list them per pair;
-    in the padded one the chosen rows come first and ``loss_mask`` marks the response tokens."""
-    if batch.get("segments") is not None:
-        return sum(c for _, c, _ in batch["segments"])
-    return int(batch["loss_mask"][: batch["loss_mask"].shape[0] // 2, 1:].sum())
+    """The batch's scored chosen-response tokens (the NLL term's), in any layout, as the host knows them."""
+    lengths = batch["row_lengths"]
+    return sum(lengths[: len(lengths) // 2])
 
 
 def input_tokens(batch: dict) -> torch.Tensor:
     """The batch's tokens as TRL's num_tokens counts them: prompt + response of the chosen and of the
-    rejected sequence (the prompt twice, even where the layout computes it once), no padding."""
+    rejected sequence (the prompt twice, even where the layout computes it once), no padding. The packed
+    layouts count on the host, from their plain-int ``segments``; the padded one on the batch's device."""
     if batch.get("segments") is not None:
         return torch.tensor(float(sum(2 * p + c + r for p, c, r in batch["segments"])))
     return batch["attention_mask"].sum().float()  # padded layout: one row per sequence

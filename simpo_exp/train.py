@@ -171,7 +171,8 @@ def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout:
         if not fsdp2(accelerator):  # FSDP2 moves it to the device shard by shard (reference.shard_like_the_policy)
             reference = reference.to(accelerator.device)
     train_ds, eval_ds = splits["train"], splits["test"]
-    train_loader = train_data_loader(cfg, train_ds.select_columns(columns), collates["train"])
+    pinned = accelerator.device.type == "cuda"  # copied to the GPU without waiting (engine.make_accelerator)
+    train_loader = train_data_loader(cfg, train_ds.select_columns(columns), collates["train"], pin_memory=pinned)
     eval_loader = Dealt(
         eval_ds.select_columns(columns),
         collates["test"],
@@ -187,9 +188,10 @@ def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout:
     return collates["test"], reference, train_loader, eval_loader, eval_ds
 
 
-def train_data_loader(cfg: Config, train_ds, collate, num_workers: int | None = None) -> DataLoader:
+def train_data_loader(cfg: Config, train_ds, collate, num_workers: int | None = None, pin_memory=False) -> DataLoader:
     """The train split's loader: shuffled from the seed (accelerate reseeds it per epoch), or in batches
-    of similar length where ``hardware.group_by_length`` asks."""
+    of similar length where ``hardware.group_by_length`` asks. ``pin_memory``: batches in page-locked memory,
+    which a GPU copies from without making the host wait."""
     sampler = None
     if cfg.hardware.group_by_length:
         sampler = LengthGroupedSampler(pair_lengths(train_ds), cfg.per_device_train_batch_size, cfg.seed)
@@ -202,6 +204,7 @@ def train_data_loader(cfg: Config, train_ds, collate, num_workers: int | None = 
         collate_fn=collate,
         num_workers=cfg.hardware.dataloader_num_workers if num_workers is None else num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory=pin_memory,
     )
 
 
@@ -459,8 +462,10 @@ def step_sft_tokens(micro: list[dict], accelerator) -> float:
     micro-batches and processes, divided by their number. Accumulation and data parallel average the
     micro-batches' losses, so the step's NLL term is the token mean over the whole step, as one batch of
     the same pairs gives (a per-micro-batch token mean weighs a token by its micro-batch's size)."""
-    local = torch.tensor([float(sum(chosen_tokens(b) for b in micro))], device=accelerator.device)
-    return float(accelerator.reduce(local, reduction="sum")) / (len(micro) * accelerator.num_processes)
+    local = float(sum(chosen_tokens(b) for b in micro))
+    if accelerator.num_processes > 1:  # one process knows its count on the host: nothing to wait for
+        local = float(accelerator.reduce(torch.tensor([local], device=accelerator.device), reduction="sum"))
+    return local / (len(micro) * accelerator.num_processes)
 
 
 def skip_step(run: Run) -> None:

@@ -86,7 +86,7 @@ def main(out: str) -> None:
         losses = [torch.zeros(()) for _ in range(2)]
         dist.all_gather(losses, loss.detach())
         results[head] = {"losses": torch.stack(losses), "grads": grads}
-    tokens = torch.tensor(int(local_batch(rank)["loss_mask"].sum()))
+    tokens = torch.tensor(sum(local_batch(rank)["row_lengths"]))
     counts = [torch.zeros((), dtype=tokens.dtype) for _ in range(2)]
     dist.all_gather(counts, tokens)
     results["response_tokens"] = [int(c) for c in counts]

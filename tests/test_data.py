@@ -18,7 +18,6 @@ import huggingface_hub
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from tokenizers.processors import TemplateProcessing
 
 from simpo_exp.config import (
@@ -820,7 +819,7 @@ def test_a_template_without_bos_gets_one_in_front_of_the_prompt(tmp_path):
     assert report.tokenization["splits"]["train"]["bos_per_sequence"] == {1: 3}
 
 
-def test_collator_layout_padding_and_loss_mask(tmp_path, tok):
+def test_collator_layout_padding_and_scored_tokens(tmp_path, tok):
     root = tmp_path / "coll"
     rows = [
         uf_row("p", "a", "a much longer rejected answer"),
@@ -837,10 +836,9 @@ def test_collator_layout_padding_and_loss_mask(tmp_path, tok):
     lengths = [
         len(p["prompt_input_ids"]) + len(p[k]) for k in ("chosen_input_ids", "rejected_input_ids") for p in pairs
     ]
-    assert (
-        batch["input_ids"].shape == batch["attention_mask"].shape == batch["loss_mask"].shape == (2 * B, max(lengths))
-    )
-    assert batch["loss_mask"].dtype == torch.bool
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2 * B, max(lengths))
+    width = batch["input_ids"].shape[1]
+    flat = batch["input_ids"].flatten()
     for i in range(2 * B):
         pair = pairs[i % B]
         response = pair["chosen_input_ids"] if i < B else pair["rejected_input_ids"]
@@ -849,9 +847,13 @@ def test_collator_layout_padding_and_loss_mask(tmp_path, tok):
         assert batch["input_ids"][i, :n].tolist() == prompt + response  # chosen rows first, then rejected
         assert (batch["input_ids"][i, n:] == pad).all()  # right padding
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
-        mask = batch["loss_mask"][i]
-        assert mask[lp:n].all() and not mask[:lp].any() and not mask[n:].any()
-        assert batch["input_ids"][i][mask].tolist() == response
+        # the scored tokens: this row's response, each predicted by the position before it
+        mine = batch["target_rows"] == i
+        assert batch["target_ids"][mine].tolist() == response
+        assert batch["target_sources"][mine].tolist() == [i * width + lp + j - 1 for j in range(len(response))]
+        assert flat[batch["target_sources"][mine] + 1].tolist() == response
+        assert batch["row_tokens"][i] == batch["row_lengths"][i] == len(response)
+    assert batch["target_rows"].tolist() == sorted(batch["target_rows"].tolist())  # row-major order
 
 
 def test_map_cache_follows_code_changes(tmp_path, monkeypatch):

@@ -54,7 +54,7 @@ def test_padding_and_neighbours_do_not_change_a_pair(model):
 
 def test_prompt_tokens_are_not_counted(model):
     batch = PairCollator(PAD)([pair([1, 2, 3, 4, 5, 6], [7], [8, 9])])
-    assert batch["loss_mask"].sum(1).tolist() == [1, 2]
+    assert batch["row_lengths"] == [1, 2]
     out = ResponseLogps(model)(**batch)
     assert out.num_tokens.tolist() == [1, 2]
     # Changing only the prompt's last token changes the log-prob (it conditions the response) ...

@@ -69,7 +69,6 @@ def canned_batch(b):
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
-        "loss_mask": torch.ones_like(ids).bool(),
         "ref_chosen_logps": torch.tensor(b["ref"][:2], dtype=torch.float64),
         "ref_rejected_logps": torch.tensor(b["ref"][2:], dtype=torch.float64),
     }

@@ -100,9 +100,9 @@ def test_prefix_shared_layout_positions_and_sources():
     b = PairCollator(PAD, packing="prefix_shared")([pair])
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]  # rejected continues from the prompt
-    assert b["seq_index"].tolist() == [[-1, -1, -1, 0, 0, 1, 1, 1]]
-    src = b["logp_source"][b["loss_mask"]].tolist()
-    assert src == [2, 3, 2, 5, 6]  # the first rejected token is predicted by the last prompt token
+    assert b["target_ids"].tolist() == [8, 9, 10, 11, 12] and b["target_rows"].tolist() == [0, 0, 1, 1, 1]
+    assert b["target_sources"].tolist() == [2, 3, 2, 5, 6]  # the first rejected token: from the last prompt token
+    assert b["row_tokens"].tolist() == b["row_lengths"] == [2, 3]
     assert b["segments"] == [[3, 2, 3]] and b["attention_mask"].sum() == 8
 
 
@@ -114,7 +114,10 @@ def test_packed_layout_repeats_the_prompt_and_restarts_positions():
     b = PairCollator(PAD, packing="packed")(pairs)
     assert b["input_ids"].tolist() == [[5, 6, 8, 5, 6, 10, 11, 7, 9, 9, 7, 12]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 0, 1]]
-    assert b["seq_index"][b["loss_mask"]].tolist() == [0, 2, 2, 1, 1, 3]  # slot i chosen, B+i rejected
+    assert b["target_rows"].tolist() == [0, 2, 2, 1, 1, 3]  # slot i chosen, B+i rejected
+    assert b["target_ids"].tolist() == [8, 10, 11, 9, 9, 12]
+    assert b["target_sources"].tolist() == [1, 4, 5, 7, 8, 10]  # each from its own sequence's previous token
+    assert b["row_lengths"] == [1, 2, 2, 1]
     assert SegmentPlan(b["segments"], "packed").length == 12
 
 

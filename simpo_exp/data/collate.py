@@ -2,7 +2,7 @@
 
 ``"none"`` (the default): for B pairs the batch holds 2B rows of ``prompt + response`` (row i is
 pair i's chosen, row B+i its rejected), right-padded to the longest row, so one forward pass
-serves both. ``loss_mask`` marks the response tokens.
+serves both.
 
 The packed layouts spend no compute on padding and, with prefix sharing, none on the second copy
 of each prompt. Both keep the order of the outputs: sequence slot i is pair i's chosen, B+i its
@@ -23,14 +23,20 @@ rejected, whatever the layout.
                builds an explicit 4D mask (works with any attention that takes a 4D mask: sdpa, eager;
                a dense mask costs O(L^2) per row, so pairs are never packed together).
 
-A packed batch carries, besides ``input_ids``, ``attention_mask`` (1 = a real token, so its sum is
-the number of tokens computed) and ``loss_mask`` (True at response tokens):
+Every batch, in every layout, carries ``input_ids`` and ``attention_mask`` [R, T] (1 = a real token, so its
+sum is the number of tokens computed) and the scored response tokens, listed once in row-major order. The
+model side picks them out with index operations whose sizes the host knows: boolean indexing, or counting
+them on the device, would make the host wait for a GPU to finish its queue before it could go on.
+
+``target_ids``     [M]   each scored response token.
+``target_sources`` [M]   the flat index (row * T + column) of the hidden state that predicts it: the previous
+                         token, or, for the first rejected token under prefix sharing, the last prompt token.
+``target_rows``    [M]   its sequence slot: 0 .. B-1 the chosen responses, B .. 2B-1 the rejected ones.
+``row_tokens``     [2B]  scored tokens per sequence slot; ``row_lengths`` the same as plain ints, for the host.
+
+A packed batch carries besides:
 
 ``position_ids`` [R, T]  RoPE positions.
-``logp_source``  [R, T]  at a response token, the flat index (row * T + column) of the hidden state that
-                         predicts it (the previous token; for the first rejected token under prefix
-                         sharing, the last prompt token).
-``seq_index``    [R, T]  at a response token, its sequence slot (0 .. 2B-1); -1 elsewhere.
 ``segments``     list of [prompt, chosen, rejected] lengths per pair (plain ints).
 ``attn_groups``  [R, T]  (``attention="mask"`` only) 0: shared prompt, 1: chosen sequence, 2: rejected
                          sequence, -1: padding. A key is visible to a query when it is not later, not
@@ -72,7 +78,11 @@ class PairCollator:
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
             loss_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.bool)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        loss_mask[:, 0] = False  # a token in the first column has no earlier position to predict it
+        at = loss_mask.nonzero(as_tuple=True)  # (rows, columns) of the scored tokens
+        sources = at[0] * width + at[1] - 1  # the previous position, in the same row
+        scored = targets(input_ids, at, sources, at[0], len(rows))
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **scored}
 
     # ------------------------------------------------------------------ packed layouts
     def _pair_pieces(self, pair: dict, i: int, n_pairs: int):
@@ -126,8 +136,7 @@ class PairCollator:
             seq_index[j, :m] = torch.tensor(row["slot"])
             logp_source[j, :m] = torch.tensor(row["prev"]) + j * width
             groups[j, :m] = torch.tensor(row["group"])
-        loss_mask = seq_index >= 0
-        logp_source = torch.where(loss_mask, logp_source, 0)
+        at = (seq_index >= 0).nonzero(as_tuple=True)  # (rows, columns) of the scored tokens
         # padding positions: keep them increasing so nothing reads them as a new packed sequence
         pad = attention_mask == 0
         if pad.any():
@@ -135,10 +144,8 @@ class PairCollator:
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "loss_mask": loss_mask,
             "position_ids": position_ids,
-            "logp_source": logp_source,
-            "seq_index": seq_index,
+            **targets(input_ids, at, logp_source[at], seq_index[at], 2 * n),
             "segments": [
                 [len(p["prompt_input_ids"]), len(p["chosen_input_ids"]), len(p["rejected_input_ids"])] for p in pairs
             ],
@@ -146,3 +153,17 @@ class PairCollator:
         if not one_row:
             batch["attn_groups"] = groups
         return batch
+
+
+def targets(input_ids: torch.Tensor, at: tuple, sources: torch.Tensor, slots: torch.Tensor, count: int) -> dict:
+    """A batch's scored tokens (the module docstring's ``target_*`` and ``row_*`` entries), from their places
+    ``at`` (rows, columns) in ``input_ids``, the flat index of each one's predicting state, its sequence slot,
+    and the number of slots."""
+    counts = torch.bincount(slots, minlength=count)
+    return {
+        "target_ids": input_ids[at],
+        "target_sources": sources,
+        "target_rows": slots,
+        "row_tokens": counts,
+        "row_lengths": counts.tolist(),
+    }
