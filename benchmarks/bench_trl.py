@@ -581,6 +581,7 @@ def device_peak(preset: dict) -> float | None:
 def worker_ours(spec: dict) -> dict:
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
     from torch.utils.data import DataLoader
 
     from simpo_exp.compiled import graphs_built
@@ -593,9 +594,14 @@ def worker_ours(spec: dict) -> dict:
     leftover = torch.cuda.memory_allocated() if device == "cuda" else 0
     pairs = tokenize_like_trl(tok, rows, preset["max_length"])
     model = build_model(preset, tok)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if preset["bf16"] else "no")
+    # batches pinned and copied without waiting on a GPU, as simpo_exp.train's loader does
+    loading = DataLoaderConfiguration(non_blocking=device == "cuda")
+    accelerator = Accelerator(
+        cpu=device == "cpu", mixed_precision="bf16" if preset["bf16"] else "no", dataloader_config=loading
+    )
     policy, collate = make_ours(preset, tok, model, spec["variant"])
-    loader = DataLoader(pairs, batch_size=preset["batch"], shuffle=False, drop_last=True, collate_fn=collate)
+    pinned = device == "cuda"
+    loader = DataLoader(pairs, batch_size=preset["batch"], drop_last=True, collate_fn=collate, pin_memory=pinned)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=preset["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=fused_adamw(preset)
     )

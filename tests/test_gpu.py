@@ -98,6 +98,27 @@ def _assert_same(got, expected):
         torch.testing.assert_close(grads[name], grads_expected[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
+def test_a_packed_flex_step_never_makes_the_host_wait_on_cuda(packing):
+    """The loss, its statistics and the backward of packed FlexAttention rows under CUDA's sync debug mode set to
+    raise: no value read, data-sized output or blocking copy (the CPU twin: tests/test_host_waits.py)."""
+    from simpo_exp.config import Config
+    from simpo_exp.objective import batch_loss
+
+    policy = ResponseLogps(_model(torch.float32), packing=packing, attention="flex")
+    pinned = PairCollator(0, packing, "flex")(_random_pairs(400))
+    batch = {k: v.pin_memory().cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in pinned.items()}
+    batch_loss(policy, dict(batch), Config())[0].backward()  # FlexAttention compiled, pinned buffers allocated
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, stats, _ = batch_loss(policy, dict(batch), Config(sft_weight=0.5))
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss) and stats["pairs"] == 4
+
+
 def test_flash_varlen_matches_the_plain_layout_on_cuda():
     """packed + flash-attn's varlen kernel against the plain float32 path. flash-attn computes in bf16 (the
     hook casts float32 queries, keys and values), so the tolerance is bf16's: log-probs within 5e-2, each
