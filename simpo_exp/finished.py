@@ -57,6 +57,15 @@ def recorded_summary(cfg) -> dict | None:
             "directory (hydra.run.dir; hydra.sweep.dir for a sweep), or resume=false to train this config here (the "
             "finished run's files are replaced)."
         )
+    changed = data_changed(run_dir, cfg)
+    if changed:  # the same command on new data (the generate stage re-paired its output in place, say)
+        from simpo_exp.errors import OtherRunsDirectory
+
+        raise OtherRunsDirectory(
+            f"{run_dir.resolve()} finished with this config on data that has changed since: {'; '.join(changed)}. "
+            "resume=false trains it again on the data as it is now (the finished run's files are replaced), or use "
+            "another run directory (hydra.run.dir)."
+        )
     message = (
         f"{run_dir.resolve()}: already finished with this config; skipped (its summary.json is the "
         "result; resume=false trains it again)"
@@ -65,3 +74,18 @@ def recorded_summary(cfg) -> dict | None:
     keys = [k for k in HEADLINE_METRICS if k in summary]
     print(f"{message}\n{final_table(summary, keys)}", flush=True)
     return summary
+
+
+def recorded_sources(run_dir: Path) -> dict:
+    """The ``sources`` of the data_report.json a run in ``run_dir`` wrote at its start ({} where there is none)."""
+    try:
+        return json.loads((Path(run_dir) / "data_report.json").read_text()).get("sources") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def data_changed(run_dir: Path, cfg) -> list[str]:
+    """How the local data files differ from those the run in ``run_dir`` recorded (``sources.data_changes``)."""
+    from simpo_exp.data.sources import data_changes
+
+    return data_changes(recorded_sources(run_dir), cfg.dataset)

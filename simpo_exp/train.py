@@ -34,6 +34,7 @@ from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learnin
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.data.dealt import Dealt
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
+from simpo_exp.data.sources import file_changes
 from simpo_exp.engine import (
     SHARDED_ENGINES,
     adamw_fused,
@@ -49,6 +50,7 @@ from simpo_exp.environment import environment_record
 from simpo_exp.errors import UserError, out_of_memory
 from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
 from simpo_exp.fused import fused_head
+from simpo_exp.inference.results import EVAL_DIR
 from simpo_exp.layout import BatchLayout
 from simpo_exp.layout_auto import layout_for_run
 from simpo_exp.logps import ResponseLogps, shared_parameters
@@ -231,11 +233,14 @@ def checkpoint_engine(cfg: Config, accelerator) -> str:
 
 
 def start_or_resume(
-    cfg: Config, run_dir: Path, accelerator, policy, optimizer, scheduler, config_dict
+    cfg: Config, run_dir: Path, accelerator, policy, optimizer, scheduler, config_dict, data_sources: dict
 ) -> "checkpoint.TrainState":
-    """Load the newest intact checkpoint in the run directory (damaged ones skipped with a warning),
-    or clear old state to start fresh."""
+    """Load the newest intact checkpoint in the run directory (damaged ones skipped with a warning), or clear
+    old state to start fresh. A checkpoint of the same config on local data files that have changed since
+    (``data_sources``: this run's data report's) is refused, as one of another config is."""
     records = [run_dir / METRICS_FILE, run_dir / GENERATIONS_FILE]  # by step
+    if cfg.resume and checkpoint.checkpoint_dirs(run_dir):
+        check_same_data(run_dir, data_sources)
     if cfg.resume:
         load_state = accelerator.load_state if engine_checkpoints(cfg, accelerator) else None
         resumed = checkpoint.load_newest(
@@ -261,11 +266,23 @@ def start_or_resume(
     if accelerator.is_main_process:
         # A fresh start in a used directory: nothing of the earlier run may mix with this one's (its checkpoints,
         # records, and W&B run: its id, which a resume continues, and its offline files, which a sync uploads)
-        for folder in ("checkpoints", "wandb"):
+        # and its benchmark results, which are the earlier model's (simpo_exp/evaluate)
+        for folder in ("checkpoints", "wandb", EVAL_DIR):
             shutil.rmtree(run_dir / folder, ignore_errors=True)
         for path in [*records, run_dir / WANDB_RECORD, run_dir / "summary.json", run_dir / finished.FINISHED]:
             path.unlink(missing_ok=True)
     return checkpoint.TrainState()
+
+
+def check_same_data(run_dir: Path, data_sources: dict) -> None:
+    """Refuse to resume a run whose local data files have changed since it started (its data_report.json's
+    fingerprints against this run's): its data position and schedule would be carried over to other data."""
+    changed = file_changes(finished.recorded_sources(run_dir), data_sources)
+    if changed:
+        raise checkpoint.DifferentConfigCheckpoint(
+            f"the checkpoints in {run_dir} were written on data that has changed since: {'; '.join(changed)}. Run "
+            "with resume=false to start fresh on the data as it is now, or use another hydra.run.dir."
+        )
 
 
 def set_up(cfg: Config) -> Run:
@@ -340,7 +357,7 @@ def set_up(cfg: Config) -> Run:
         except torch.OutOfMemoryError as e:
             raise out_of_memory("the reference log-probs (per_device_eval_batch_size)", e) from e
         reference = None
-    state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict)
+    state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict, data_report.sources)
     state.epoch_batches = same_epochs(state, epoch_batches(len(train_loader), accum), len(train_loader))
     if accelerator.is_main_process:  # this command's .hydra files, put back if a later command is refused here
         keep_run_config(run_dir)

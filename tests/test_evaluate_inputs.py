@@ -114,6 +114,10 @@ def test_rule_prompts_need_the_synthetic_task_itself_or_a_provenance_naming_it(t
     (data / "provenance.json").write_text(json.dumps({"synthetic_task": vars(task)}))
     prompts = rule_prompts(run, 4)
     assert [p["instruction"] for p in prompts] == [r["prompt"] for r in generate(task)["test_prefs"][:4]]
+    # the source named by the generate stage's own folder, above its data/: the record beside the file read counts
+    top = {"local": SourceConfig(path=str(tmp_path))}
+    above = types.SimpleNamespace(dataset=DatasetConfig(name="local", sources=top))
+    assert [p["instruction"] for p in rule_prompts(above, 4)] == [p["instruction"] for p in prompts]
     (data / "provenance.json").write_text(json.dumps({"synthetic_task": {"digits": 3}}))
     with pytest.raises(ConfigError, match="benchmark=rule"):
         rule_prompts(run, 4)

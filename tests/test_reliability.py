@@ -163,9 +163,11 @@ def test_a_resume_trims_the_generations_and_a_fresh_start_drops_the_earlier_runs
     for name, text in stale.items():
         (run_dir / name).write_text(text)
     (run_dir / "wandb" / "offline-run-old").mkdir(parents=True)
+    (run_dir / "eval" / "rule").mkdir(parents=True)  # the earlier model's benchmark results: compare would show them
+    (run_dir / "eval" / "rule" / "results.json").write_text('{"metrics": {"win_rate": 28.9}}')
     res = simpo(*RUN, "max_steps=2", "resume=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert not any((run_dir / name).exists() for name in ("wandb_run.json", "generations.jsonl", "wandb"))
+    assert not any((run_dir / name).exists() for name in ("wandb_run.json", "generations.jsonl", "wandb", "eval"))
     assert json.loads((run_dir / "summary.json").read_text())["train/global_step"] == 2
 
 
@@ -330,6 +332,41 @@ def test_a_finished_run_of_another_config_is_refused_and_left_as_it_was(tmp_path
     assert kept.status == "done" and "beta" not in kept.overrides and kept.config["beta"] == 2.0
     fresh = simpo(*short, "beta=5", "resume=false", cwd=tmp_path)  # asked for: trained again here
     assert fresh.returncode == 0 and load_run(run_dir).config["beta"] == 5.0
+
+
+def test_a_run_on_local_data_that_changed_since_is_neither_skipped_nor_resumed(tmp_path):
+    """The on-policy loop re-pairs the generate stage's output in place and runs the same training command again:
+    the finished run was skipped, its model reported as trained on the new pairs. The changed file is named, for
+    a finished run and for one with checkpoints; resume=false trains on the data as it is now."""
+    from simpo_exp.config import SyntheticConfig
+    from simpo_exp.data.synthetic import generate
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    rows = generate(SyntheticConfig(num_train=64, num_test=16))
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[f"{split}_prefs"]))
+    short = ["dataset=local", f"dataset.sources.local.path={data}", "max_steps=2", "save_steps=1", "eval_steps=0"]
+    short += ["logging_steps=1", "logger=none", "num_generations=0", f"hydra.run.dir={run_dir}"]
+    first = simpo(*short, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    recorded = json.loads((run_dir / "data_report.json").read_text())["sources"]["local"]["files"]
+    assert sorted(recorded) == [str((data / f"{s}.jsonl").resolve()) for s in ("test", "train")]
+    assert "already finished with this config; skipped" in simpo(*short, cwd=tmp_path).stdout  # nothing changed
+
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows["train_prefs"][::-1]))
+    summary = (run_dir / "summary.json").read_bytes()
+    again = simpo(*short, cwd=tmp_path)
+    assert again.returncode == 2 and "on data that has changed since" in again.stderr, again.stderr[-2000:]
+    assert f"dataset.sources.local: {(data / 'train.jsonl').resolve()} changed (sha256 " in again.stderr
+    assert (run_dir / "summary.json").read_bytes() == summary
+
+    (run_dir / "finished.json").unlink()  # an unfinished run: its checkpoints are of the old data
+    resumed = simpo(*short, cwd=tmp_path)
+    assert resumed.returncode == 2 and "checkpoints in" in resumed.stderr and "train.jsonl changed" in resumed.stderr
+    fresh = simpo(*short, "resume=false", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert json.loads((run_dir / "data_report.json").read_text())["sources"]["local"]["files"] != recorded
 
 
 def test_a_sweep_job_refused_as_another_runs_directory_is_reported(tmp_path):

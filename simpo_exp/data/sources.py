@@ -25,6 +25,7 @@ from simpo_exp.config import DatasetConfig, SourceConfig, SyntheticConfig
 from simpo_exp.data import synthetic
 from simpo_exp.errors import UserError
 from simpo_exp.hub import hub_reachable, looks_like_local_path
+from simpo_exp.inference.files import sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         ) from e
 
 
-def _split_files(directory: Path, split: str) -> list[Path]:
+def _split_files(directory: Path, split: str, warn: bool = True) -> list[Path]:
     """Files of one split in a directory: ``<split>.jsonl`` or hub-style shards ``data/<split>-00000-of-00001.parquet``
     (``<split>-<n>``). Other names that start with the split's (``train.orig.jsonl``, ``train-old.jsonl``: a backup
     beside the data) are not read, and said so: read as shards, every row would be trained on twice."""
@@ -90,7 +91,7 @@ def _split_files(directory: Path, split: str) -> list[Path]:
     # train.jsonl, train-00000-of-00002.parquet, and the older hub writer's train-00000-of-00001-17309c769bfe5733
     shard = re.compile(rf"^{re.escape(split)}(-\d+(-of-\d+)?(-[0-9a-f]{{8,}})?)?$")
     ignored = [str(f) for f in found if not shard.match(f.stem)]
-    if ignored:
+    if ignored and warn:
         log.warning(
             "split %r in %s: not read (not %s.<ext> or a %s-<n> shard): %s", split, directory, split, split, ignored
         )
@@ -355,15 +356,62 @@ def _first_undecodable_line(path: str) -> str:
     return "a row"
 
 
-def provenance(path: str) -> dict:
-    """``{"provenance": ...}`` from a ``provenance.json`` beside a local data file or in its directory
-    (written by ``python -m simpo_exp.generate``), so a run records where its data came from; else {}."""
-    local = Path(path).expanduser()
-    record = (local if local.is_dir() else local.parent) / "provenance.json"
-    if not local.exists() or not record.is_file():  # a hub id, or local data without a record
-        return {}
-    import json
+def source_files(src: SourceConfig) -> list[Path]:
+    """The local files a source's train and test splits are read from; [] for the synthetic task or a hub id."""
+    path = Path(src.path).expanduser()
+    if is_synthetic(src) or not path.exists():
+        return []
+    if path.is_file():
+        return [path]
+    splits = {src.train_split, src.test_split or "test"}  # a directory's test file is read where there is one
+    return sorted({f for split in splits for f in _split_files(path, split, warn=False)})
 
+
+def fingerprint(files: list[Path]) -> dict[str, str]:
+    """Each file's SHA-256, by its resolved path: what a finished or checkpointed run was trained on."""
+    return {str(f.resolve()): sha256_files([f]) for f in files}
+
+
+def data_changes(recorded: dict, dcfg: DatasetConfig) -> list[str]:
+    """How the local data files of ``dcfg`` differ from a run's record of them (its data_report.json's
+    ``sources``); see ``file_changes``."""
+    now = {name: {"files": fingerprint(source_files(src))} for name, src in dcfg.sources.items()}
+    return file_changes(recorded, now)
+
+
+def file_changes(then: dict, now: dict) -> list[str]:
+    """How two data reports' ``sources`` differ in their files' fingerprints, as ``dataset.sources.<name>: <file>
+    ...`` lines; a source that recorded no files then (hub or synthetic data, or a run older than the record) is
+    not compared."""
+    out = []
+    for name in sorted(now):
+        before = (then.get(name) or {}).get("files") if isinstance(then, dict) else None
+        after = (now.get(name) or {}).get("files") or {}
+        if not isinstance(before, dict):
+            continue
+        for file in sorted(set(before) | set(after)):
+            if file not in after:
+                out.append(f"dataset.sources.{name}: {file} is no longer read (gone or moved)")
+            elif file not in before:
+                out.append(f"dataset.sources.{name}: {file} is read now and was not then")
+            elif before[file] != after[file]:
+                out.append(
+                    f"dataset.sources.{name}: {file} changed (sha256 {before[file][:12]} then, {after[file][:12]} now)"
+                )
+    return out
+
+
+def provenance(path: str, files: list[Path] | None = None) -> dict:
+    """``{"provenance": ...}`` from a ``provenance.json`` beside the local data files read (``files``), in the
+    source's directory or beside its file (written by ``python -m simpo_exp.generate``), so a run records where
+    its data came from; else {}."""
+    local = Path(path).expanduser()
+    if not local.exists():  # a hub id
+        return {}
+    folders = [f.parent for f in files or []] + [local if local.is_dir() else local.parent]
+    record = next((d / "provenance.json" for d in folders if (d / "provenance.json").is_file()), None)
+    if record is None:  # local data without a record
+        return {}
     try:
         return {"provenance": {"file": str(record.resolve()), **json.loads(record.read_text())}}
     except (OSError, ValueError) as e:
@@ -377,7 +425,7 @@ def synthetic_task(dcfg: DatasetConfig) -> SyntheticConfig | None:
     writes it when it sampled the task's prompts), so on-policy rounds keep their held-out test prompts."""
     if any(is_synthetic(s) for s in dcfg.sources.values()):
         return dcfg.synthetic
-    return recorded_task([provenance(src.path) for src in dcfg.sources.values()])
+    return recorded_task([provenance(src.path, source_files(src)) for src in dcfg.sources.values()])
 
 
 def recorded_task(records: list) -> SyntheticConfig | None:
@@ -403,7 +451,10 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
         trains.append(normalise(train, src, name, dcfg.num_proc))
         tests.append(normalise(test, src, name, dcfg.num_proc))
         sizes[name] = {"train_rows": len(train), "test_rows": len(test), "fraction": src.fraction}
-        sizes[name].update(provenance(src.path))
+        files = source_files(src)
+        sizes[name].update(provenance(src.path, files))
+        if files:  # a finished or checkpointed run is not taken for one of other data (simpo_exp/finished.py)
+            sizes[name]["files"] = fingerprint(files)
     train = concatenate_datasets(trains).shuffle(seed=dcfg.shuffle_seed)
     test = concatenate_datasets(tests)
     return DatasetDict(train=train, test=test), sizes
