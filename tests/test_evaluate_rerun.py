@@ -12,7 +12,7 @@ from tests.test_evaluate import ALPACA
 from tests.test_evaluate_lmeval import evaluate_sweep, fake_run
 
 
-def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding(tmp_path, compose):
+def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding(tmp_path, compose, caplog):
     run = fake_run(tmp_path / "run", [], compose, weights=True)
     prompts = tmp_path / "alpaca_eval.json"
     prompts.write_text(json.dumps(ALPACA))
@@ -35,9 +35,13 @@ def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding
     # once answers exist, other settings are refused; judge_only reads them and records how they were made
     with pytest.raises(ConfigError, match="decoding.max_new_tokens: stored 4, now "):
         evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=hf")
-    (record,) = evaluate_sweep(run, *args, "evaluate.judge_only=true")
+    with caplog.at_level("WARNING", logger="simpo_exp.evaluate.run"):
+        (record,) = evaluate_sweep(run, *args, "evaluate.judge_only=true")
     saved = json.loads((out / "results.json").read_text())
     assert record["decoding"] == saved["decoding"] == stored
+    # the command's own decoding goes unused: said, naming the key
+    assert "judges the stored trained answers as they were made" in caplog.text
+    assert "decoding.max_new_tokens: stored 4, now " in caplog.text
     assert saved["decoding"]["max_new_tokens"] == 4 and saved["decoding"]["temperature"] == 0.9
 
 

@@ -40,7 +40,7 @@ from simpo_exp.evaluate.judge import (
 )
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
 from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
-from simpo_exp.inference.results import HEADLINE, PREFIX, results_path
+from simpo_exp.inference.results import EVAL_DIR, HEADLINE, PREFIX, results_path
 from simpo_exp.rundir import read_json
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,15 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
     keys = ("weights", "prompts") if judge_only else None
     _upgrade_manifest(shard_dir / f"{tag}-manifest.json", cfg, manifest["weights"])
     _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, any(f.exists() for f in files), keys)
+    if judge_only:  # the stored answers are judged as they were made: say which of the command's settings go unused
+        unused = manifest_changes(read_json(shard_dir / f"{tag}-manifest.json"), manifest, ("decoding", "model_dtype"))
+        if unused:
+            log.warning(
+                "evaluate.judge_only=true judges the stored %s answers as they were made; the command's own settings "
+                "are not used: %s",
+                tag,
+                "; ".join(unused),
+            )
     todo = [i for i, f in enumerate(files) if not f.exists()]
     if todo and judge_only:
         raise ConfigError(
@@ -146,11 +155,14 @@ def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple |
         )
 
 
-def _stored_decoding(shard_dir: Path, dec) -> dict:
-    """The decoding the stored answers were made with (``judge_only`` judges those, whatever the command's
-    decoding says); the command's own where nothing is stored yet."""
+def _recorded_decoding(b, e, shard_dir: Path, dec) -> dict | None:
+    """The decoding a benchmark's results record: the command's; under ``judge_only`` the one the stored answers
+    were made with (judged as they are, whatever the command says); none for lm-eval, which decodes as its tasks
+    say (its settings are recorded under "lm_eval")."""
+    if b.kind == "lm_eval":
+        return None
     path = shard_dir / "trained-manifest.json"
-    return json.loads(path.read_text())["decoding"] if path.is_file() else vars(dec)
+    return json.loads(path.read_text())["decoding"] if e.judge_only and path.is_file() else vars(dec)
 
 
 def _decoding(b, run_cfg, policy_cfg) -> types.SimpleNamespace:
@@ -299,7 +311,7 @@ def _versions() -> dict:
 
 
 def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
-    out = Path(run_dir) / "eval" / b.name
+    out = Path(run_dir) / EVAL_DIR / b.name
     trained = trained_policy(run_cfg, run_dir, e.device)
     dec = _decoding(b, run_cfg, trained)
     ctx = {
@@ -322,12 +334,7 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "model": trained.model.path,
         **record,
         "notes": record.get("notes", []),
-        # lm-eval decodes as its tasks say: its settings are recorded under "lm_eval", no decoding of ours
-        "decoding": None
-        if b.kind == "lm_eval"
-        else _stored_decoding(out / "shards", dec)
-        if e.judge_only
-        else vars(dec),
+        "decoding": _recorded_decoding(b, e, out / "shards", dec),
         "judge": judge,
         "prompts_path": b.prompts_path or None,
         "versions": _versions(),
