@@ -619,3 +619,22 @@ def test_scored_shards_named_before_the_scorer_hash_are_not_scored_again(
     assert "3 shards, 0 to sample, 0 to score" in (out / "__main__.log").read_text()
     rel = "data/train.jsonl"
     assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes()
+
+
+def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(monkeypatch):
+    """The cap came before the length filter: max_train_samples=20 sampled 5 prompts when 15 were too long, and
+    the report's counts did not add up to the source's rows (the cut was not listed)."""
+    import types
+
+    from simpo_exp.generate import run as gen
+
+    lengths = [3, 50, 4, 60, 5, 6]
+    prompts = [{"prompt_id": str(i), "prompt": [{"role": "user", "content": "x" * n}]} for i, n in enumerate(lengths)]
+    counts = {"rows": 7, "duplicate prompt": 1, "no prompt": 0}
+    monkeypatch.setattr(gen, "train_prompts", lambda dcfg: (prompts, dict(counts)))
+    monkeypatch.setattr(gen, "prompt_token_ids", lambda tok, chats: [[0] * len(c[0]["content"]) for c in chats])
+    cfg = types.SimpleNamespace(max_prompt_length=10, dataset=types.SimpleNamespace(max_train_samples=3))
+    kept, report = gen._tokenised_prompts(cfg, tokenizer=None)
+    assert [p["prompt_id"] for p in kept] == ["0", "2", "4"]  # the first three that fit
+    assert report["prompt too long"] == 2 and report["over dataset.max_train_samples"] == 1
+    assert len(kept) + sum(v for k, v in report.items() if k != "rows") == report["rows"]

@@ -31,7 +31,8 @@ def _row_prompt(row: dict, prompt_column: str, chosen_column: str) -> list[dict]
 
 def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:
     """Return ([{"prompt_id", "prompt": messages}], counts) for the unique prompts of every source's
-    train split, in source order; ``dataset.max_train_samples`` caps the count."""
+    train split, in source order (``dataset.max_train_samples`` is the caller's to apply: after its own
+    filters, so that the cap is the number of prompts used)."""
     out, seen, counts = [], set(), {"rows": 0, "duplicate prompt": 0, "no prompt": 0}
     for name, src in dcfg.sources.items():
         train, _ = load_source(name, src, dcfg)
@@ -55,8 +56,6 @@ def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:
                 continue
             seen.add(pid)
             out.append({"prompt_id": pid, "prompt": messages})
-    if dcfg.max_train_samples is not None:
-        out = out[: dcfg.max_train_samples]
     if not out:
         raise DataSourceError(
             f"no prompt found in the train split of {list(dcfg.sources)} (rows: {counts}); check "

@@ -137,6 +137,10 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
         raise DataSourceError(
             f"every prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens ({counts})"
         )
+    cap = cfg.dataset.max_train_samples
+    if cap is not None and len(kept) > cap:  # the first ones that fit, so the cap is the number of prompts sampled
+        counts["over dataset.max_train_samples"] = len(kept) - cap
+        kept = kept[:cap]
     return kept, counts
 
 
