@@ -80,8 +80,9 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
 
 
 @contextlib.contextmanager
-def user_errors(cfg: DictConfig):
-    """Turn a failed job into a clear message and an ``error.json`` in its directory.
+def user_errors(cfg: DictConfig, work: str | None = None):
+    """Turn a failed job into a clear message and an ``error.json`` in its directory. ``work``: where the stage
+    keeps what it has done, when not in that directory (the evaluate stage's, in each run's ``eval/``).
 
     A bad config value, a missing model or data file is the user's to fix: show the message,
     not a traceback. In a single run the process exits with status 2 (a crash: Hydra's traceback, exit
@@ -100,8 +101,8 @@ def user_errors(cfg: DictConfig):
     except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
         _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
         print(
-            f"interrupted; what {out} holds so far (finished shards, judge replies, checkpoints) is kept: re-run the "
-            "same command to go on",
+            f"interrupted; what {work or out} holds so far (finished shards, judge replies, checkpoints) is kept: "
+            "re-run the same command to go on",
             file=sys.stderr,
         )
         raise SystemExit(130) from None

@@ -193,3 +193,23 @@ def test_the_trained_model_is_loaded_in_the_dtype_it_was_saved_in(tmp_path, comp
     (run / "model" / "config.json").write_text(json.dumps(config))
     run_cfg = load_run_config(run)
     assert run_cfg.model.dtype == "bfloat16" and trained_policy(run_cfg, run, "cpu").model.dtype == "float32"
+
+
+def test_ctrl_c_says_where_the_evaluate_stage_keeps_its_work(tmp_path, monkeypatch, capsys):
+    """Interrupted, the evaluate stage said its Hydra folder (a log file) held the finished shards and judge
+    replies; they are in each run's eval/ folder."""
+    import sys
+
+    import simpo_exp.evaluate.run
+    from simpo_exp.evaluate.__main__ import main
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simpo_exp.evaluate.run, "evaluate_all", interrupted)
+    runs = tmp_path / "sweep"
+    monkeypatch.setattr(sys, "argv", ["evaluate", f"evaluate.path={runs}", f"hydra.run.dir={tmp_path / 'log'}"])
+    with pytest.raises(SystemExit) as leaving:
+        main()
+    assert leaving.value.code == 130
+    assert f"interrupted; what the eval/ folder of each run under {runs} holds so far" in capsys.readouterr().err

@@ -50,9 +50,10 @@ def _check_benchmark_names(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    with user_errors(cfg):
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
+    runs = OmegaConf.select(cfg, "evaluate.path", throw_on_missing=False)
+    with user_errors(cfg, work=f"the eval/ folder of each run under {runs}"):
         OmegaConf.resolve(cfg)
         config = to_evaluate_config(cfg)  # fails here, naming the key, before any model loads
         from simpo_exp.evaluate.run import evaluate_all
