@@ -213,3 +213,16 @@ def test_ctrl_c_says_where_the_evaluate_stage_keeps_its_work(tmp_path, monkeypat
         main()
     assert leaving.value.code == 130
     assert f"interrupted; what the eval/ folder of each run under {runs} holds so far" in capsys.readouterr().err
+
+
+def test_a_generate_stage_folder_given_to_evaluate_is_named_as_such(tmp_path):
+    """It holds a .hydra/config.yaml, as a run does: 'no run directory (one with .hydra/config.yaml)' was wrong."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.run import _runs_to_evaluate
+
+    (tmp_path / "gen" / ".hydra").mkdir(parents=True)
+    (tmp_path / "gen" / ".hydra" / "config.yaml").write_text("generate:\n  seeds: [1]\nmodel:\n  name: tiny\n")
+    with pytest.raises(ConfigError, match="this is the generate stage's output, not a training run"):
+        _runs_to_evaluate(str(tmp_path / "gen"))
+    with pytest.raises(ConfigError, match="no run directory"):  # a folder that holds none at all
+        _runs_to_evaluate(str(tmp_path))

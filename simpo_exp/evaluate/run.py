@@ -41,7 +41,7 @@ from simpo_exp.evaluate.judge import (
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
 from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
 from simpo_exp.inference.results import EVAL_DIR, HEADLINE, PREFIX, results_path
-from simpo_exp.rundir import read_json
+from simpo_exp.rundir import other_stage_output, read_json, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +350,12 @@ def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
     if not root.exists():
         raise ConfigError(f"invalid config value evaluate.path={path!r}: no such directory")
     runs = find_runs(root)
+    if not runs and other_stage_output(root):
+        stage = "generate" if "generate" in read_yaml(root / ".hydra" / "config.yaml") else "evaluate"
+        raise ConfigError(
+            f"invalid config value evaluate.path={path!r}: this is the {stage} stage's output, not a training run; "
+            "give the run directory (or a sweep's) whose model/ to evaluate"
+        )
     if not runs:
         raise ConfigError(
             f"invalid config value evaluate.path={path!r}: no run directory (one with .hydra/config.yaml) "
