@@ -199,6 +199,7 @@ def test_reward_model_scorer_on_a_local_sequence_classifier(uninterrupted_genera
     provenance = json.loads((out / "data" / "provenance.json").read_text())
     assert provenance["policy"]["fingerprint"]["kind"] == "random-init" and provenance["dataset"]["split"] == "train"
     assert provenance["scorer"]["path"] == str(tiny_reward_model)
+    assert "rule" not in provenance["scorer"]  # the rule's setting is not the reward model's: not recorded as if read
 
 
 def test_killed_generation_resumes_to_the_same_data(uninterrupted_generation, tiny_reward_model, tmp_path):
@@ -421,6 +422,7 @@ def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
     assert report["pairs_kept"] >= 24 and report["scores"]["chosen"]["mean"] > report["scores"]["rejected"]["mean"]
     provenance = json.loads((gen / "data" / "provenance.json").read_text())
     assert provenance["policy"]["fingerprint"]["kind"] == "local"
+    assert provenance["scorer"] == {"name": "rule", "kind": "rule", "rule": "sort_digits"}  # no model keys
     data = gen / "data" / "train.jsonl"
     res = simpo(
         *train_args,

@@ -149,6 +149,13 @@ def scorer_settings(cfg) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg.scorer).items() if k not in ("name", "batch_size")}
 
 
+def scorer_record(scorer) -> dict:
+    """The scorer as provenance.json records it: the keys its kind reads (a rule has no model, a model no rule)."""
+    model_keys = ("path", "revision", "trust_remote_code", "dtype", "chat_template", "label_index", "max_length")
+    unread = ("rule",) if scorer.kind == "reward_model" else (*model_keys, "batch_size")
+    return {k: v for k, v in dataclasses.asdict(scorer).items() if k not in unread}
+
+
 def scorer_tag(cfg) -> str:
     """8 hex of ``scorer_settings``: the suffix of the scored shards' names."""
     return hashlib.sha256(json.dumps(scorer_settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
@@ -295,7 +302,7 @@ def generate_data(cfg) -> dict:
         },
         "generate": dataclasses.asdict(cfg.generate),
         "synthetic_task": dataclasses.asdict(task) if (task := synthetic_task(cfg.dataset)) else None,
-        "scorer": dataclasses.asdict(cfg.scorer),
+        "scorer": scorer_record(cfg.scorer),
         "binarise": dataclasses.asdict(cfg.binarise),
         "pairs": len(rows),
         "prompts": report["prompts"],
