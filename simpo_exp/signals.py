@@ -16,12 +16,23 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
+class StopRequested(Exception):
+    """A stop signal during a run's set-up, where there is no step to finish and nothing to save yet."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopSignal:
     """Remember a stop signal until the step ends; the handlers found at start are kept, to be restored
-    and called after the checkpoint."""
+    and called after the checkpoint. While ``at_once`` (a run's set-up: loading, tokenising, the reference
+    log-probs), a signal raises ``StopRequested`` where the run is instead: waiting for a first step could
+    outlast a scheduler's grace period."""
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
         self.signum = None
+        self.at_once = at_once
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
@@ -29,6 +40,8 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if self.at_once:
+            raise StopRequested(signum)
 
     @property
     def requested(self) -> bool:
@@ -43,17 +56,17 @@ class StopSignal:
         flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
         return int(accelerator.gather(flag).max().item())
 
-    def exit(self, step: int, signum: int | None = None) -> None:
-        """After the step's checkpoint: restore the handlers found at start, call the one that was there
-        for this signal (submitit's checkpoints its submission and requeues the job from the main
-        process; under ``+launcher=slurm`` that handler is where the requeue happens), then leave with the
-        conventional status (128 + signal number)."""
+    def exit(self, step: int | None, signum: int | None = None) -> None:
+        """After the step's checkpoint (``step`` None: stopped in set-up, before one): restore the handlers found
+        at start, call the one that was there for this signal (submitit's checkpoints its submission and requeues
+        the job from the main process; under ``+launcher=slurm`` that handler is where the requeue happens), then
+        leave with the conventional status (128 + signal number)."""
         signum = signum or self.signum or signal.SIGTERM
-        log.warning(
-            "stopped by %s after step %d, checkpoint saved; re-run the same command to resume",
-            signal.Signals(signum).name,
-            step,
-        )
+        name = signal.Signals(signum).name
+        if step is None:
+            log.warning("stopped by %s while setting up, before a step; re-run the same command to start again", name)
+        else:
+            log.warning("stopped by %s after step %d, checkpoint saved; re-run the same command to resume", name, step)
         self.restore()
         previous = self._previous.get(signum)
         # default_int_handler would turn a clean stop into a KeyboardInterrupt traceback

@@ -50,6 +50,7 @@ from simpo_exp.environment import environment_record
 from simpo_exp.errors import UserError, out_of_memory
 from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
 from simpo_exp.fused import fused_head
+from simpo_exp.inference.files import write_json
 from simpo_exp.inference.results import EVAL_DIR
 from simpo_exp.layout import BatchLayout
 from simpo_exp.layout_auto import layout_for_run
@@ -64,7 +65,7 @@ from simpo_exp.precision import engine_keeps_master_copy, warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
 from simpo_exp.rundir import STOPPED_FILE, stopped_record
 from simpo_exp.runinfo import keep_run_config
-from simpo_exp.signals import StopSignal
+from simpo_exp.signals import StopRequested, StopSignal
 from simpo_exp.tracking import (
     GENERATIONS_FILE,
     HEADLINE_METRICS,
@@ -669,19 +670,30 @@ def save_final_model(run: Run, full_state_dict: dict | None) -> None:
 # ----------------------------------------------------------------------------- the run
 def train(cfg: Config) -> dict:
     """Train one run; return its summary (final train and eval metrics, run time)."""
-    run = set_up(cfg)
+    stop = StopSignal(at_once=True)  # set-up has no step to finish: a stop signal ends it where it is
+    try:
+        run = set_up(cfg)
+    except StopRequested as e:
+        if os.environ.get("RANK", "0") == "0":  # compare and the sweep's summary show the run as stopped
+            done = checkpoint.checkpoint_dirs(Path(cfg.output_dir))
+            at = int(done[-1].name.split("-")[1]) if done else 0
+            record = stopped_record(e.signum, at) | {"during": "set-up"}
+            write_json(Path(cfg.output_dir) / STOPPED_FILE, record)
+        stop.exit(None, e.signum)
+    stop.at_once = False  # from here a signal waits for the step to end, then a checkpoint
     with run.tracker:  # a run that fails closes its W&B run as failed, not as finished at exit
-        return finish(run, train_loop(run))
+        return finish(run, train_loop(run, stop))
 
 
-def train_loop(run: Run) -> dict:
-    """The steps from the run's state to its last one, with logging, evals and checkpoints; the last metrics."""
+def train_loop(run: Run, stop: StopSignal) -> dict:
+    """The steps from the run's state to its last one, with logging, evals and checkpoints; the last metrics.
+    ``stop``: the run's stop-signal handler (a signal saves the step it reached, then ends the run)."""
     cfg, summary = run.cfg, {}
     if cfg.eval_on_start and run.state.step == 0:
         summary |= evaluate_and_sample(run, 0)
     batches = forever(run.train_loader, run.accelerator, run.state.micro_batches, run.state.epoch_batches)
     window = Window.restore(run.state.window, run.state.window_seconds, run.state.window_steps, run.accelerator)
-    stop, bar = StopSignal(), progress_bar(run)
+    bar = progress_bar(run)
     run.policy.train()
     while run.state.step < run.steps:
         grad_norm = optimizer_step(run, batches, window)

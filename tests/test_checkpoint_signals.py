@@ -306,3 +306,29 @@ def test_each_process_gets_its_own_generator_states_back(tmp_path, keep_generato
     want = (torch.get_rng_state(), random.random())
     got = restored((0, 1))
     assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_a_stop_signal_while_setting_up_ends_the_run_at_once_as_stopped(tmp_path, monkeypatch):
+    """The handler was installed only when the steps began: a scheduler's SIGTERM during set-up (loading,
+    tokenising, the reference log-probs) killed the job with nothing written, so compare showed it as running and
+    a sweep ended without its summary. Now it stops at once (a first step could be minutes away), records
+    stopped.json and leaves with 128 + the signal, the handlers found at start put back."""
+    import time
+
+    import simpo_exp.train as train_mod
+
+    def slow_set_up(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the reference log-probs, say: the signal does not wait for them
+        raise AssertionError("the signal did not stop the set-up")
+
+    monkeypatch.setattr(train_mod, "set_up", slow_set_up)
+    before = signal.getsignal(signal.SIGTERM)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    started = time.time()
+    with pytest.raises(SystemExit) as leaving:
+        train_mod.train(SimpleNamespace(output_dir=str(run_dir)))
+    assert leaving.value.code == 128 + signal.SIGTERM and time.time() - started < 30
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"signal": "SIGTERM", "step": 0, "during": "set-up"}
+    assert signal.getsignal(signal.SIGTERM) == before
