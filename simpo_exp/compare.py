@@ -19,6 +19,7 @@ The same functions serve the notebook ``notebooks/compare_runs.ipynb``:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -569,7 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.generations:
         print("\nlast generations:")
         print(format_generations(last_generations(runs, args.generations)))
-    if not args.no_plots:
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        print("\nplots: not drawn, matplotlib is not installed (pip install -e '.[plots]'; --no-plots skips them)")
+    elif not args.no_plots:
         out = args.out or Path(args.paths[0]) / "compare"
         written = plot_runs(runs, out, args.metric, ascending)
         print(f"\nplots: {', '.join(str(w) for w in written)}")

@@ -67,6 +67,18 @@ def printed_rows(out: str) -> tuple[list[str], list[list[str]]]:
     return re.split(r"\s{2,}", lines[start].strip()), rows
 
 
+def test_without_matplotlib_the_tables_print_and_the_plots_are_said_to_be_missing(sweep, capsys, monkeypatch):
+    """matplotlib is in the test extras only: a user who installed the package alone got a traceback."""
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else found(name, *a))
+    assert compare.main([str(sweep), "--out", str(sweep / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "6 runs (4 done, 0 running, 2 failed)" in out and "plots: not drawn, matplotlib is not installed" in out
+    assert not (sweep / "plots").exists()
+
+
 def test_table_ranks_done_jobs_and_marks_the_failed_ones(sweep, capsys):
     assert compare.main([str(sweep), "--no-plots"]) == 0
     out = capsys.readouterr().out
