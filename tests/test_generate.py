@@ -418,6 +418,9 @@ def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    # the printed next command trains the policy that sampled, not a fresh random init
+    hint = f"dataset.sources.local.path={(gen / 'data' / 'train.jsonl').resolve()} model.path={round0 / 'model'}"
+    assert hint in res.stdout
     report = json.loads((gen / "report.json").read_text())
     assert report["pairs_kept"] >= 24 and report["scores"]["chosen"]["mean"] > report["scores"]["rejected"]["mean"]
     provenance = json.loads((gen / "data" / "provenance.json").read_text())

@@ -318,14 +318,17 @@ def generate_data(cfg) -> dict:
         out / "data" / "train.jsonl",
     )
     data = str(out.resolve() / "data" / "train.jsonl")
-    # a sweep job's directory holds '=' and ',', which Hydra's override grammar reads as syntax: quoted, whole
-    value = (
-        f"\"dataset.sources.local.path='{data}'\""
-        if any(c in data for c in "=,")
-        else f"dataset.sources.local.path={data}"
-    )
+    # on-policy: the next round trains the policy that sampled (a random init is rebuilt from the run's seed)
+    policy = f" {override('model.path', cfg.model.path)}" if cfg.model.path else ""
     print(
-        f"\npreference data: {data} ({len(rows)} pairs)\ntrain on it: python -m simpo_exp dataset=local {value}",
+        f"\npreference data: {data} ({len(rows)} pairs)\ntrain on it: python -m simpo_exp dataset=local "
+        f"{override('dataset.sources.local.path', data)}{policy}",
         flush=True,
     )
     return report
+
+
+def override(key: str, value: str) -> str:
+    """``key=value`` for a shell command line; a value with '=' or ',' (a sweep job's directory), which Hydra's
+    override grammar reads as syntax, quoted whole."""
+    return f"\"{key}='{value}'\"" if any(c in value for c in "=,") else f"{key}={value}"
