@@ -45,7 +45,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from simpo_exp.errors import OtherRunsDirectory, UserError
 from simpo_exp.memory import Engine, state_bytes
-from simpo_exp.rundir import read_jsonl
+from simpo_exp.rundir import RESUMABLE_CHANGES, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +60,6 @@ PLAIN = "plain"  # a checkpoint's engine when this module wrote its weights and 
 # What a failed checkpoint write raises: the OS's error, or safetensors' own for one it met while writing (a full
 # disk under safetensors is a SafetensorError, not an OSError)
 WRITE_ERRORS = (OSError, SafetensorError)
-# Keys that may change between a run and its resumption (cadence, logging, where it runs).
-RESUMABLE_CHANGES = {
-    "output_dir",
-    "logger",
-    "progress_bar",
-    "resume",
-    "logging_steps",
-    "eval_steps",
-    "save_steps",
-    "save_total_limit",
-    "save_model",
-    "eval_on_start",
-    "max_bad_steps",
-}
 # The hardware keys that change what is trained (the batch, its order, the weights' precision, the adapters);
 # the others say how and where it runs (device, kernels, layouts, checkpointing, engine), which a resumed run
 # may change: on another machine, with another attention kernel.

@@ -17,6 +17,22 @@ from simpo_exp.inference.files import jsonl_lines
 # the calling module when main() is called as a console script (simpo-exp), where no module "conf" exists.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
+# Keys that do not change what a run trains (cadence, logging, where it runs): a resumption may change them, and a
+# run's name leaves them out.
+RESUMABLE_CHANGES = {
+    "output_dir",
+    "logger",
+    "progress_bar",
+    "resume",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "save_model",
+    "eval_on_start",
+    "max_bad_steps",
+}
+
 # A run that left at a stop signal, its checkpoint saved: {"signal", "step"} (train.py writes it, the entry
 # point removes it when the run starts again; compare and the sweep's summary read it).
 STOPPED_FILE = "stopped.json"

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.errors import OtherRunsDirectory
-from simpo_exp.rundir import STOPPED_FILE, read_json
+from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, read_json
 
 
 def job_dirname(overrides: str, limit: int = 120) -> str:
@@ -34,8 +34,14 @@ OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 
 
 def run_name(overrides: list[str], sft_weight: float) -> str:
-    """A readable name from the command-line overrides, e.g. ``beta=5,gamma_beta_ratio=0.3``."""
-    parts = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(("hydra.", "output_dir="))]
+    """A readable name from the command-line overrides, e.g. ``beta=5,gamma_beta_ratio=0.3``: those that change
+    what the run trains (not Hydra's, nor ``resume=false``, the logger or the cadence: ``RESUMABLE_CHANGES``)."""
+
+    def operational(item: str) -> bool:
+        key = item.split("=", 1)[0]
+        return key.startswith("hydra.") or key.split(".", 1)[0] in RESUMABLE_CHANGES
+
+    parts = [o.lstrip("+~") for o in overrides if not operational(o.lstrip("+~"))]
     if sft_weight > 0 and not any(p.startswith("sft_weight=") for p in parts):
         parts.append(f"sft={sft_weight:g}")
     return ",".join(parts) or "default"

@@ -91,6 +91,28 @@ def test_sft_weight_is_visible_in_the_run_name():
     assert run_name([], 0.0) == "default"
 
 
+def test_a_run_is_named_by_what_it_trains_in_training_and_in_evaluation(tmp_path):
+    """resume=false, the logger and the cadence do not change what is trained: they were in the name. And the
+    evaluate stage named the model card by the run's folder, training by its overrides (the saved config's
+    run_name is empty: Hydra saves it before the name is filled in)."""
+    import yaml
+
+    from simpo_exp.evaluate.runs import load_run_config
+    from simpo_exp.evaluate.runs import run_name as evaluated_name
+
+    given = ["beta=5", "resume=false", "logger=none", "logging_steps=1", "+logger.tags=[a]", "hydra.run.dir=x"]
+    assert run_name(given, 0.0) == "beta=5" and run_name([*given, "learning_rate=1e-6"], 0.5) == (
+        "beta=5,learning_rate=1e-6,sft=0.5"
+    )
+    run = tmp_path / "r1"
+    (run / ".hydra").mkdir(parents=True)
+    saved = {"sft_weight": 0.5, "model": {"name": "tiny"}, "dataset": {"name": "synthetic"}}
+    saved |= {"hardware": {"name": "cpu"}, "logger": {"name": "none", "run_name": None}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(given))
+    assert evaluated_name(load_run_config(run), run) == "beta=5,sft=0.5"
+
+
 def test_run_records_lengths_gamma_and_environment(tmp_path):
     run = tmp_path / "run"
     res = simpo("max_steps=2", "logger=none", "gamma=0.8", f"hydra.run.dir={run}", *SMALL, cwd=tmp_path)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from simpo_exp.config import Config, ConfigError
 from simpo_exp.model import saved_dtype
-from simpo_exp.rundir import other_stage_output
+from simpo_exp.rundir import other_stage_output, read_yaml
 
 SKIP = {"eval", "model", "wandb", "checkpoints", ".hydra", "compare"}
 SECTIONS = ("model", "dataset", "hardware", "logger")
@@ -93,4 +93,12 @@ def starting_policy(run_cfg: Config, device: str) -> Config:
 
 
 def run_name(run_cfg: Config, run_dir: Path) -> str:
-    return run_cfg.logger.run_name or Path(run_dir).name
+    """The name training gave the run (its model card's and W&B run's): the one set in its config, else the one made
+    from its overrides (Hydra saved the config before that name was filled in); the folder's as a last resort."""
+    from simpo_exp.runinfo import run_name as name_from
+
+    saved = read_yaml(Path(run_dir) / ".hydra" / "config.yaml")
+    overrides = read_yaml(Path(run_dir) / ".hydra" / "overrides.yaml")
+    if run_cfg.logger.run_name or not isinstance(overrides, list) or not isinstance(saved, dict):
+        return run_cfg.logger.run_name or Path(run_dir).name
+    return name_from([str(o) for o in overrides], float(saved.get("sft_weight") or 0.0))
