@@ -1145,3 +1145,13 @@ def test_a_presets_own_test_share_stays_its_own_in_a_mixture(tmp_path, tok):
     )
     _, te, report = build_datasets(cfg, tok)
     assert len(te) == 2 + 2  # 0.05 of 40 and 0.1 of 20
+
+
+def test_length_percentiles_interpolate_between_neighbours():
+    """The median of a two-pair split was reported as its larger length (a nearest-rank pick, rounded up)."""
+    from simpo_exp.data.report import _quantiles
+
+    assert _quantiles([27, 19]) == {"min": 19, "p50": 23.0, "p90": 26.2, "max": 27, "mean": 23.0}
+    ten = _quantiles(list(range(1, 11)))
+    assert (ten["p50"], ten["p90"]) == (5.5, 9.1)  # numpy.percentile's default (linear) gives the same
+    assert _quantiles([7])["p50"] == 7 and _quantiles([]) == {}

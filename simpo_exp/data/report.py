@@ -22,14 +22,16 @@ from simpo_exp.model import chat_template_hash
 
 
 def _quantiles(lengths: list[int]) -> dict:
+    """Token-length statistics; the percentiles interpolated between neighbours (numpy's default, ``inclusive``),
+    so the median of two lengths is their mean, not the larger one."""
     if not lengths:
         return {}
     ordered = sorted(lengths)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    deciles = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 9
     return {
         "min": ordered[0],
-        "p50": pick(0.5),
-        "p90": pick(0.9),
+        "p50": round(statistics.median(ordered), 1),
+        "p90": round(deciles[8], 1),
         "max": ordered[-1],
         "mean": round(statistics.fmean(ordered), 1),
     }
