@@ -239,9 +239,8 @@ def swept_keys(runs: list[Run]) -> list[str]:
 def label_runs(runs: list[Run]) -> list[Run]:
     """Set ``run.swept`` and ``run.label`` (``beta=2, gamma_beta_ratio=0.5``); duplicates get their name added."""
     keys = swept_keys(runs)
-    shown: dict[str, list] = {k: [] for k in keys}  # per key, the values met so far, each written as first met
     for r in runs:
-        r.swept = {k: _shown_as(r.value_of(k), shown[k]) for k in keys}
+        r.swept = {k: _shown_as(r.value_of(k)) for k in keys}
         r.label = ", ".join(f"{k}={v}" for k, v in r.swept.items()) or r.name
     labels = [r.label for r in runs]
     for r in runs:
@@ -250,15 +249,17 @@ def label_runs(runs: list[Run]) -> list[Run]:
     return runs
 
 
-def _shown_as(value, met: list) -> str:
-    """``value`` as text, written as the first equal value met was (beta=2 and beta=2.0 read the same, and so
-    pool into one setting over seeds); "-" for a run without it."""
+def _shown_as(value) -> str:
+    """A hyperparameter's value as text, written one way however it was given (an override's "5", a config's 2.0
+    and 2 read "5", "2", "2"; True and "false" read "true", "false"), so equal values pool into one setting over
+    seeds; "-" for a run without it."""
     if value is None:
         return "-"
-    for earlier in met:
-        if _same(earlier, value):
-            return str(earlier)
-    met.append(value)
+    v = _parsed(value)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return f"{v:.10g}"
     return str(value)
 
 

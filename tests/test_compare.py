@@ -225,9 +225,12 @@ def test_seed_groups_pool_equal_values_and_group_choices_however_they_were_given
         ]
     )
     assert compare.swept_keys(runs) == ["seed", "beta"]  # dataset is the same choice everywhere
-    assert [r.swept["beta"] for r in runs] == ["2", "2", "2", "2", "5.0"]
+    assert [r.swept["beta"] for r in runs] == ["2", "2", "2", "2", "5"]  # one way of writing, however given
     groups = compare.seed_groups(runs)
-    assert [(g["beta"], g["seeds"]) for g in groups] == [("2", 4), ("5.0", 1)]
+    assert [(g["beta"], g["seeds"]) for g in groups] == [("2", 4), ("5", 1)]
+    # a config's True beside an override's "false", and numbers given either way, read alike
+    shown = [compare._shown_as(v) for v in (True, "false", "1e-6", 1e-06, 0.3, "0.30", None, "cosine")]
+    assert shown == ["true", "false", "1e-06", "1e-06", "0.3", "0.3", "-", "cosine"]
     assert groups[0]["eval/rewards/accuracies mean"] == pytest.approx(0.75)
 
 
