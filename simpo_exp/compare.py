@@ -215,11 +215,18 @@ def _short_names(runs: list[Run]) -> None:
 
 
 def _parsed(v):
-    """A value as YAML would read it: "2", 2 and 2.0 are one value."""
+    """A value as Hydra's override grammar reads it: "2", 2 and 2.0 are one value, and so are "1e-6" and 1e-06
+    (YAML 1.1, which reads the rest, takes an exponent without a dot for text)."""
+    if not isinstance(v, str):
+        return v
+    try:
+        v = yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
     if isinstance(v, str):
         try:
-            return yaml.safe_load(v)
-        except yaml.YAMLError:
+            return float(v)
+        except ValueError:
             return v
     return v
 

@@ -231,6 +231,7 @@ def test_seed_groups_pool_equal_values_and_group_choices_however_they_were_given
     # a config's True beside an override's "false", and numbers given either way, read alike
     shown = [compare._shown_as(v) for v in (True, "false", "1e-6", 1e-06, 0.3, "0.30", None, "cosine")]
     assert shown == ["true", "false", "1e-06", "1e-06", "0.3", "0.3", "-", "cosine"]
+    assert compare._same("1e-6", 1e-06) and not compare._same("1e-6", 1e-05)  # YAML 1.1 read "1e-6" as text
     assert groups[0]["eval/rewards/accuracies mean"] == pytest.approx(0.75)
 
 
