@@ -227,13 +227,48 @@ def test_a_reply_without_a_letter_is_no_verdict_and_the_others_count(tmp_path):
     finally:
         server.shutdown()
     assert len(OddReplyJudge.requests) == 6 and again == (metrics, notes)
-    verdicts = read_jsonl(tmp_path / "verdicts.jsonl")
+    verdicts = read_jsonl(tmp_path / "verdicts" / "org_fake-judge.jsonl")
     assert [v["preference"] for v in verdicts][3] is None and verdicts[3]["reply"] == "Output (b) is better."
     others = [len(m) > len(r) for i, (_, r, m) in enumerate(ALPACA_CASES) if i != 3]
     assert metrics["win_rate"] == pytest.approx(100 * sum(others) / 5) and metrics["unparseable_verdicts"] == 1
     assert "1 of 6 judge replies were not 'a' or 'b'" in notes[0]
     pairs = json.loads((tmp_path / "annotations.json").read_text())
     assert [p["instruction"] for p in pairs] == [q for i, (q, _, _) in enumerate(ALPACA_CASES) if i != 3]
+
+
+def test_each_judge_keeps_its_own_verdicts_so_coming_back_to_one_asks_it_nothing(tmp_path):
+    """Judging with another judge model replaced the first one's verdicts.jsonl: coming back to it asked (and paid)
+    for every verdict again. A verdicts.jsonl of the single file kept before is moved to its judge's file."""
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+    from simpo_exp.evaluate.run import _judge_pairs, verdicts_path
+
+    prompts, texts = cases("alpacaeval")
+    info = {"rows": 6, "reference_generator": "gpt4_1106_preview"}
+
+    class Judge(FakeJudge):
+        requests: list[dict] = []
+
+    server, url = serve(Judge)
+    try:
+
+        def judged_by(model: str) -> dict:
+            judge = JudgeConfig(kind="openai", base_url=url, model=model, max_retries=0, timeout_s=5)
+            ctx = {"benchmark": BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=judge), "out": tmp_path}
+            return _judge_pairs(ctx, prompts, texts, info, "my-model")[0]
+
+        first = judged_by("org/fake-judge")
+        judged_by("other-judge")
+        assert len(Judge.requests) == 12
+        assert judged_by("org/fake-judge") == first and len(Judge.requests) == 12  # nothing asked again
+    finally:
+        server.shutdown()
+    assert sorted(p.name for p in (tmp_path / "verdicts").iterdir()) == ["org_fake-judge.jsonl", "other-judge.jsonl"]
+    # the older single file: moved to its own judge's name, not read as another judge's
+    older = tmp_path / "older"
+    older.mkdir()
+    (tmp_path / "verdicts" / "other-judge.jsonl").rename(older / "verdicts.jsonl")
+    assert verdicts_path(older, "org/fake-judge") == older / "verdicts" / "org_fake-judge.jsonl"
+    assert (older / "verdicts" / "other-judge.jsonl").is_file() and not (older / "verdicts.jsonl").exists()
 
 
 def test_replies_in_flight_at_ctrl_c_are_kept(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ Per run directory and benchmark, under ``eval/<benchmark>/``:
     shards/<policy>-manifest.json, shards/<policy>-00000.jsonl   generations, one shard file at a time
     generations.jsonl                                           prompt, answer(s), score or verdict per prompt
     model_outputs.json (alpacaeval) | model_answer/<model>.jsonl (arena_hard)   the benchmark's own format
-    verdicts.jsonl (alpacaeval)                                 judge verdicts, a line appended as each arrives
+    verdicts/<judge>.jsonl (alpacaeval)                         judge verdicts, a line appended as each arrives
     annotations.json (alpacaeval)                               judged pairs (alpaca-eval's annotation format)
     model_judgment/<judge>/<model>.jsonl (arena_hard)           judgments (arena-hard-auto's format; arena.py)
     results.json                                                metrics (simpo_exp/inference/results.py)
@@ -42,6 +42,7 @@ from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_n
 from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
 from simpo_exp.inference.results import EVAL_DIR, HEADLINE, PREFIX, results_path
 from simpo_exp.rundir import other_stage_output, read_json, read_yaml
+from simpo_exp.rundir import read_jsonl as read_lines
 
 log = logging.getLogger(__name__)
 
@@ -220,21 +221,37 @@ PAIRWISE_METHOD = (
 )
 
 
+def verdicts_path(out: Path, judge_model: str) -> Path:
+    """Where a judge's verdicts are kept: one file per judge model (``verdicts/<model>.jsonl``), so that judging
+    with another and coming back asks the first nothing again. A ``verdicts.jsonl`` of the single file kept before
+    is moved to its own judge's file."""
+    path = Path(out) / "verdicts" / f"{judge_model.replace('/', '_')}.jsonl"
+    legacy = Path(out) / "verdicts.jsonl"
+    first = next(iter(read_lines(legacy)), None) if legacy.is_file() else None
+    if isinstance(first, dict) and isinstance(first.get("judge"), str):
+        owner = Path(out) / "verdicts" / f"{first['judge'].replace('/', '_')}.jsonl"
+        if not owner.exists():
+            owner.parent.mkdir(parents=True, exist_ok=True)
+            legacy.replace(owner)
+    return path
+
+
 def _judge_pairs(
     ctx: dict, prompts: list[dict], texts: list[str], info: dict, generator: str
 ) -> tuple[dict, list[str]]:
     """Win rate (and LC where it applies) from the configured pairwise judge; the judged pairs are written."""
     b, out = ctx["benchmark"], ctx["out"]
     judge = PairwiseJudge(b.judge, f"benchmarks.{b.name}")
-    verdicts = judge.judge(prompts, texts, out / "verdicts.jsonl")
+    path = verdicts_path(out, b.judge.model)
+    verdicts = judge.judge(prompts, texts, path)
     rows = annotations(prompts, texts, verdicts, generator, info["reference_generator"], b.judge.model)
     write_json(out / "annotations.json", rows)
     missing = len(verdicts) - len(rows)
     metrics, notes = {"win_rate": win_rate([r["preference"] for r in rows]), "unparseable_verdicts": missing}, []
     if missing:
         notes.append(
-            f"{missing} of {len(verdicts)} judge replies were not 'a' or 'b' (preference null in "
-            f"{out / 'verdicts.jsonl'}); those prompts are left out of the win rate"
+            f"{missing} of {len(verdicts)} judge replies were not 'a' or 'b' (preference null in {path}); those "
+            "prompts are left out of the win rate"
         )
     if b.kind == "alpacaeval":
         full = len(rows) == info["rows"] == ALPACA_EVAL_ROWS
