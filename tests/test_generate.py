@@ -507,6 +507,11 @@ def test_the_precision_binds_a_generation_and_greedy_passes_that_cannot_differ_a
     older = {k: v for k, v in fp32.items() if k not in ("model_dtype", "mixed_precision", "attention")}
     (shards / "manifest.json").write_text(json.dumps(older))
     check_manifest(shards, fp32)
+    # the autocast as it computes on the device, not as configured: on a CPU, auto and no sample alike
+    on_cpu = _manifest(compose_generate("hardware=cpu"), {}, prompts)
+    assert fp32["mixed_precision"] == on_cpu["mixed_precision"] == "no"
+    (shards / "manifest.json").write_text(json.dumps(fp32 | {"mixed_precision": "auto"}))  # as recorded before
+    check_manifest(shards, fp32, __import__("torch").device("cpu"))
 
     res = generate("generate.temperature=0", f"hydra.run.dir={tmp_path / 'greedy'}", cwd=tmp_path)
     assert res.returncode == 2 and "generate.temperature=0 (greedy) gives every one of the 5 passes" in res.stderr

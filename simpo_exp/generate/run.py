@@ -30,7 +30,7 @@ from simpo_exp.data.prompts import train_prompts
 from simpo_exp.data.sources import DataSourceError, synthetic_task
 from simpo_exp.generate.binarise import binarise
 from simpo_exp.inference.files import manifest_changes, read_jsonl, weights_sha256, write_atomic, write_jsonl
-from simpo_exp.inference.sampling import derive_seed, prompt_token_ids
+from simpo_exp.inference.sampling import derive_seed, effective_precision, pick_device, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +74,23 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
         "max_prompt_length": cfg.max_prompt_length,
         # what the samples are computed in (the same weights in another precision sample other responses)
         "model_dtype": cfg.model.dtype,
-        "mixed_precision": cfg.hardware.mixed_precision,
+        "mixed_precision": effective_precision(cfg.hardware.mixed_precision, pick_device(cfg.hardware.device)),
         "attention": cfg.model.attn_implementation or cfg.hardware.attn_implementation,
     }
 
 
-def check_manifest(shard_dir: Path, manifest: dict) -> None:
+def check_manifest(shard_dir: Path, manifest: dict, device=None) -> None:
     """Refuse to add shards to ones made with another config. A manifest with no shard beside it (left by a
-    run that failed before its first shard) binds nothing: it is replaced."""
+    run that failed before its first shard) binds nothing: it is replaced. ``device``: this command's, to read an
+    older manifest's configured ``mixed_precision`` as what it meant there."""
     path = shard_dir / "manifest.json"
     has_shards = any(shard_dir.glob("responses-*.jsonl")) or any(shard_dir.glob("scored-*.jsonl"))
     if not (path.exists() and has_shards):
         write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
         return
     old = json.loads(path.read_text())
+    if device is not None and isinstance(old.get("mixed_precision"), str):  # recorded as configured before ("auto"
+        old["mixed_precision"] = effective_precision(old["mixed_precision"], device)  # on a CPU computes as "no")
     # a key an older manifest lacks is not held against it (it was written before that key was recorded); the
     # scorer, which older manifests held, binds only its own scored shards (their names carry its settings' hash)
     differ = manifest_changes(old, manifest, keys=set(old) - {"scorer"})
@@ -251,7 +254,7 @@ def generate_data(cfg) -> dict:
     if cfg.scorer.kind != "rule" and _unscored(shard_dir, range(rank, len(shards), world), tag):
         check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
     adopt_older_scores(shard_dir, cfg)
-    check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts))
+    check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts), pick_device(cfg.hardware.device))
     _process(cfg, shards, shard_dir, rank, world, tag)
 
     missing = _unscored(shard_dir, range(len(shards)), tag)

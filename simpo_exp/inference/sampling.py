@@ -75,13 +75,19 @@ def pick_device(device: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def effective_precision(mixed_precision: str, device: torch.device) -> str:
+    """What ``hardware.mixed_precision`` means for generating on ``device``: "no" (the weights' own dtype) off a
+    GPU whatever it says, "bf16" for auto where the GPU has it."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return "no"
+    if mixed_precision == "fp16":
+        return "fp16"
+    return "bf16" if torch.cuda.is_bf16_supported() else "no"
+
+
 def inference_dtype(mixed_precision: str, device: torch.device, weights: torch.dtype) -> torch.dtype:
     """Generation has no optimizer to keep in fp32: run in the precision training would autocast to."""
-    if device.type != "cuda" or mixed_precision == "no":
-        return weights
-    if mixed_precision == "fp16":
-        return torch.float16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else weights
+    return {"no": weights, "fp16": torch.float16, "bf16": torch.bfloat16}[effective_precision(mixed_precision, device)]
 
 
 class HFSampler:
