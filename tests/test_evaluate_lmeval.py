@@ -106,7 +106,9 @@ def test_gsm8k_gets_the_whole_model_path_offline_and_the_hint_names_a_recorded_m
         fake_run(sweep / "1_beta=5,gamma_beta_ratio=0.3", ["beta=5", "gamma_beta_ratio=0.3"], compose),
     ]
     records = evaluate_sweep(sweep, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
-    assert [c["model_args"] for c in lm_eval_calls] == [{"pretrained": str((r / "model").resolve())} for r in runs]
+    # the model path whole, in the dtype the stage's own sampler uses (the saved float32 weights on a CPU)
+    args = [{"pretrained": str((r / "model").resolve()), "dtype": "float32"} for r in runs]
+    assert [c["model_args"] for c in lm_eval_calls] == args
     assert all(c["offline"] == {"hub": True, "datasets": True, "is_offline": True} for c in lm_eval_calls)
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # put back
     assert lm_eval_calls[0]["tasks"] == ["gsm8k"] and lm_eval_calls[0]["limit"] == 2
@@ -117,6 +119,7 @@ def test_gsm8k_gets_the_whole_model_path_offline_and_the_hint_names_a_recorded_m
         "gsm8k/n": 2.0,
     }
     assert records[0]["decoding"] is None and records[0]["lm_eval"]["limit"] == 2  # what lm-eval ran with
+    assert records[0]["lm_eval"]["dtype"] == "float32" and records[0]["lm_eval"]["device"] == "cpu"
     assert any("limit=2" in n for n in records[0]["notes"]) and lm_eval_calls[0]["batch_size"] == 16
     saved = json.loads((runs[0] / "eval" / "gsm8k" / "lm_eval_results.json").read_text())
     assert saved["results"] == RESULTS
@@ -148,3 +151,23 @@ def test_a_finished_lm_eval_is_not_run_again_for_the_same_weights_and_settings(l
     assert len(lm_eval_calls) == 1 and again["metrics"] == first["metrics"]
     evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=3")  # other settings: evaluated again
     assert len(lm_eval_calls) == 2 and lm_eval_calls[1]["limit"] == 3
+
+
+def test_on_a_gpu_lm_eval_loads_the_model_in_the_autocast_the_run_trained_in(monkeypatch):
+    """lm-eval's default dtype ("auto") loaded the saved float32 master weights as float32 on a GPU."""
+    import torch
+
+    from simpo_exp.evaluate import lmeval
+
+    def policy(mixed_precision: str, device: str = "auto", dtype: str = "float32"):
+        return types.SimpleNamespace(
+            model=types.SimpleNamespace(dtype=dtype),
+            hardware=types.SimpleNamespace(mixed_precision=mixed_precision, device=device),
+        )
+
+    monkeypatch.setattr(lmeval, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert lmeval.lm_eval_dtype(policy("auto")) == "bfloat16" and lmeval.lm_eval_device(policy("auto")) == "cuda"
+    assert lmeval.lm_eval_dtype(policy("no")) == "float32" and lmeval.lm_eval_dtype(policy("fp16")) == "float16"
+    assert lmeval.lm_eval_dtype(policy("auto", device="cpu")) == "float32"  # evaluate.device=cpu on a GPU machine
+    assert lmeval.lm_eval_dtype(policy("auto", dtype="auto")) == "auto"

@@ -6,9 +6,11 @@ a message naming that data set, and nothing downloads. huggingface_hub and datas
 HF_HUB_OFFLINE only when they are imported (long before this stage runs), so their offline flags are
 set directly for the call, beside the environment variables, and put back after it.
 
-The model goes to lm-eval as ``model_args={"pretrained": path}``, a dict (lm-eval 0.4 takes one): its
-string form ``"pretrained=<path>"`` is split at commas, and sweep job directories hold commas
-(``0_beta=2,gamma_beta_ratio=0.3``).
+The model goes to lm-eval as ``model_args={"pretrained": path, "dtype": ...}``, a dict (lm-eval 0.4 takes one):
+its string form ``"pretrained=<path>"`` is split at commas, and sweep job directories hold commas
+(``0_beta=2,gamma_beta_ratio=0.3``). The dtype is the one the evaluate stage's own sampler generates in (the
+autocast training used, on a GPU; the saved weights' dtype elsewhere): lm-eval's "auto" would take the saved
+float32 master weights as they are on a GPU, at twice the memory and time of the bf16 the run trained in.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def check_tasks(b) -> None:
         )
 
 
-def settings(b) -> dict:
+def settings(b, policy_cfg) -> dict:
     """What lm-eval is run with, for results.json (its own generation settings are the task's, not ``decoding``)."""
     return {
         "tasks": list(b.tasks),
@@ -60,7 +62,26 @@ def settings(b) -> dict:
         "limit": b.limit,
         "apply_chat_template": b.apply_chat_template,
         "batch_size": b.decoding.batch_size,
+        "device": lm_eval_device(policy_cfg),
+        "dtype": lm_eval_dtype(policy_cfg),
     }
+
+
+def lm_eval_device(policy_cfg) -> str:
+    return "cuda" if policy_cfg.hardware.device != "cpu" and _cuda() else "cpu"
+
+
+def lm_eval_dtype(policy_cfg) -> str:
+    """The dtype the model is loaded in: the one the evaluate stage's sampler generates in (inference_dtype)."""
+    import torch
+
+    from simpo_exp.inference.sampling import inference_dtype
+
+    weights = policy_cfg.model.dtype
+    if weights == "auto":
+        return "auto"
+    device = torch.device(lm_eval_device(policy_cfg))
+    return str(inference_dtype(policy_cfg.hardware.mixed_precision, device, getattr(torch, weights))).split(".")[-1]
 
 
 def run_lm_eval(b, policy_cfg, out_dir) -> dict:
@@ -71,13 +92,13 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
             f"benchmarks.{b.name}: kind=lm_eval needs lm-evaluation-harness: pip install lm-eval "
             "(its task data sets must be in the local Hugging Face cache: nothing is downloaded)"
         ) from e
-    device = "cuda" if policy_cfg.hardware.device != "cpu" and _cuda() else "cpu"
+    device = lm_eval_device(policy_cfg)
     check_tasks(b)
     try:
         with offline():
             res = lm_eval.simple_evaluate(
                 model="hf",
-                model_args={"pretrained": policy_cfg.model.path},
+                model_args={"pretrained": policy_cfg.model.path, "dtype": lm_eval_dtype(policy_cfg)},
                 tasks=list(b.tasks),
                 num_fewshot=b.num_fewshot,
                 limit=b.limit,
@@ -105,7 +126,7 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
         "metrics": _flat_metrics(res.get("results", {})),
         "notes": notes,
         "baseline": None,
-        "lm_eval": settings(b),
+        "lm_eval": settings(b, policy_cfg),
     }
 
 

@@ -302,7 +302,7 @@ def _lm_eval(ctx: dict) -> dict:
     from simpo_exp.evaluate.lmeval import run_lm_eval, settings
 
     b, trained = ctx["benchmark"], ctx["trained"]
-    made_with = {"weights": _weights_id(trained), "model_dtype": trained.model.dtype, **settings(b)}
+    made_with = {"weights": _weights_id(trained), "model_dtype": trained.model.dtype, **settings(b, trained)}
     earlier = read_json(results_path(ctx["run_dir"], b.name))
     if isinstance(earlier, dict) and earlier.get("made_with") == made_with and earlier.get("metrics"):
         log.info("%s: %s already evaluated with these weights and settings; its results are kept", ctx["name"], b.name)
