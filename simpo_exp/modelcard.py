@@ -91,6 +91,17 @@ def card_text(cfg: dict, results: dict[str, dict], name: str, resolved: dict | N
         f"{', '.join((select(cfg, 'dataset.sources') or {}).keys()) or 'its configured data'}"
         + (f" (dataset preset `{select(cfg, 'dataset.name')}`)." if _is_its_preset(cfg) else "."),
         "",
+    ]
+    if select(cfg, "hardware.lora"):
+        lines += [
+            f"Trained with LoRA adapters (rank {select(cfg, 'hardware.lora_r')}, alpha "
+            f"{select(cfg, 'hardware.lora_alpha')}, on {select(cfg, 'hardware.lora_target_modules')}). These weights "
+            "are the base model with the adapters merged in, stored in float32 (a merge rounded to bfloat16 would "
+            "lose most of an update at SimPO's learning rates); the adapter alone, in PEFT's format, is in "
+            "`adapter/`.",
+            "",
+        ]
+    lines += [
         "## Recipe",
         "",
         "| key | value |",

@@ -589,6 +589,12 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     mix = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / "ultrafeedback-mix.yaml"))  # one preset, 2 sources
     text = write_model_card(tmp_path, {**cfg, "dataset": mix}, "run").read_text()
     assert "(dataset preset `ultrafeedback-mix`)" in text
+    assert "LoRA" not in text
+    # a LoRA run: the card says its weights are the merge, and where the adapter alone is
+    lora = {"lora": True, "lora_r": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj", "v_proj"]}
+    text = write_model_card(tmp_path, {**cfg, "hardware": lora}, "run").read_text()
+    assert "Trained with LoRA adapters (rank 8, alpha 16, on ['q_proj', 'v_proj'])" in text
+    assert "the adapters merged in, stored in float32" in text and "`adapter/`" in text
 
 
 def test_each_sweep_job_is_pushed_to_a_valid_repo_of_its_own():
