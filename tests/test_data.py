@@ -1155,3 +1155,26 @@ def test_length_percentiles_interpolate_between_neighbours():
     ten = _quantiles(list(range(1, 11)))
     assert (ten["p50"], ten["p90"]) == (5.5, 9.1)  # numpy.percentile's default (linear) gives the same
     assert _quantiles([7])["p50"] == 7 and _quantiles([]) == {}
+
+
+def test_a_data_fingerprint_names_files_by_their_place_in_the_source(tmp_path):
+    """The same files under another folder are the same data; a changed or renamed one is named."""
+    from simpo_exp.config import SourceConfig
+    from simpo_exp.data.sources import file_changes, fingerprint
+
+    for folder in ("a", "b"):
+        (tmp_path / folder / "data").mkdir(parents=True)
+        for split in ("train", "test"):
+            (tmp_path / folder / "data" / f"{split}.jsonl").write_text(f'{{"split": "{split}"}}\n')
+    a, b = (fingerprint(SourceConfig(path=str(tmp_path / f))) for f in ("a", "b"))
+    assert a["files"] == b["files"] and sorted(a["files"]) == ["data/test.jsonl", "data/train.jsonl"]
+    assert file_changes({"s": a}, {"s": b}) == []
+    (tmp_path / "b" / "data" / "train.jsonl").write_text('{"split": "other"}\n')
+    (tmp_path / "b" / "data" / "test.jsonl").rename(tmp_path / "b" / "data" / "test-00000.jsonl")
+    changes = file_changes({"s": a}, {"s": fingerprint(SourceConfig(path=str(tmp_path / "b")))})
+    where = f"dataset.sources.s ({tmp_path / 'b'})"
+    assert changes[0] == f"{where}: data/test-00000.jsonl is read now and was not then"
+    assert changes[1] == f"{where}: data/test.jsonl is no longer read (gone or renamed)"
+    assert changes[2].startswith(f"{where}: data/train.jsonl changed (sha256 ")
+    one = fingerprint(SourceConfig(path=str(tmp_path / "a" / "data" / "train.jsonl")))
+    assert list(one["files"]) == ["train.jsonl"] and fingerprint(SourceConfig(path="synthetic")) == {}

@@ -367,37 +367,45 @@ def source_files(src: SourceConfig) -> list[Path]:
     return sorted({f for split in splits for f in _split_files(path, split, warn=False)})
 
 
-def fingerprint(files: list[Path]) -> dict[str, str]:
-    """Each file's SHA-256, by its resolved path: what a finished or checkpointed run was trained on."""
-    return {str(f.resolve()): sha256_files([f]) for f in files}
+def fingerprint(src: SourceConfig) -> dict:
+    """What a finished or checkpointed run was trained on: ``{"files": {name: SHA-256}, "files_root": folder}`` of
+    the source's local files, each named by its path under the source's folder (a file source: by its name), so
+    that the same data copied elsewhere (a job's scratch disk, say) is the same data; {} for hub or synthetic data."""
+    files = source_files(src)
+    if not files:
+        return {}
+    path = Path(src.path).expanduser().resolve()
+    root = path if path.is_dir() else path.parent
+    return {
+        "files": {str(f.resolve().relative_to(root)): sha256_files([f]) for f in files},
+        "files_root": str(root),
+    }
 
 
 def data_changes(recorded: dict, dcfg: DatasetConfig) -> list[str]:
     """How the local data files of ``dcfg`` differ from a run's record of them (its data_report.json's
     ``sources``); see ``file_changes``."""
-    now = {name: {"files": fingerprint(source_files(src))} for name, src in dcfg.sources.items()}
-    return file_changes(recorded, now)
+    return file_changes(recorded, {name: fingerprint(src) for name, src in dcfg.sources.items()})
 
 
 def file_changes(then: dict, now: dict) -> list[str]:
-    """How two data reports' ``sources`` differ in their files' fingerprints, as ``dataset.sources.<name>: <file>
-    ...`` lines; a source that recorded no files then (hub or synthetic data, or a run older than the record) is
-    not compared."""
+    """How two data reports' ``sources`` differ in their files' fingerprints (``fingerprint``), as
+    ``dataset.sources.<name>: <file> ...`` lines; a source that recorded no files then (hub or synthetic data, or a
+    run older than the record) is not compared."""
     out = []
     for name in sorted(now):
         before = (then.get(name) or {}).get("files") if isinstance(then, dict) else None
         after = (now.get(name) or {}).get("files") or {}
         if not isinstance(before, dict):
             continue
+        where = f"dataset.sources.{name} ({(now.get(name) or {}).get('files_root', 'no local files now')})"
         for file in sorted(set(before) | set(after)):
             if file not in after:
-                out.append(f"dataset.sources.{name}: {file} is no longer read (gone or moved)")
+                out.append(f"{where}: {file} is no longer read (gone or renamed)")
             elif file not in before:
-                out.append(f"dataset.sources.{name}: {file} is read now and was not then")
+                out.append(f"{where}: {file} is read now and was not then")
             elif before[file] != after[file]:
-                out.append(
-                    f"dataset.sources.{name}: {file} changed (sha256 {before[file][:12]} then, {after[file][:12]} now)"
-                )
+                out.append(f"{where}: {file} changed (sha256 {before[file][:12]} then, {after[file][:12]} now)")
     return out
 
 
@@ -451,10 +459,8 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
         trains.append(normalise(train, src, name, dcfg.num_proc))
         tests.append(normalise(test, src, name, dcfg.num_proc))
         sizes[name] = {"train_rows": len(train), "test_rows": len(test), "fraction": src.fraction}
-        files = source_files(src)
-        sizes[name].update(provenance(src.path, files))
-        if files:  # a finished or checkpointed run is not taken for one of other data (simpo_exp/finished.py)
-            sizes[name]["files"] = fingerprint(files)
+        sizes[name].update(provenance(src.path, source_files(src)))
+        sizes[name].update(fingerprint(src))  # a finished or checkpointed run is not taken for one of other data
     train = concatenate_datasets(trains).shuffle(seed=dcfg.shuffle_seed)
     test = concatenate_datasets(tests)
     return DatasetDict(train=train, test=test), sizes
