@@ -16,8 +16,10 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
-class StopRequested(Exception):
-    """A stop signal during a run's set-up, where there is no step to finish and nothing to save yet."""
+class StopRequested(BaseException):
+    """A stop signal during a run's set-up, where there is no step to finish and nothing to save yet. A
+    ``BaseException``, as ``KeyboardInterrupt`` is: the ``except Exception`` of a reader or a logger it passes
+    through must not take it for that code's own failure."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)

@@ -680,9 +680,15 @@ def train(cfg: Config) -> dict:
             record = stopped_record(e.signum, at) | {"during": "set-up"}
             write_json(Path(cfg.output_dir) / STOPPED_FILE, record)
         stop.exit(None, e.signum)
+    except BaseException:  # a refused or failed set-up: the next job of a sweep (same process) finds the handlers
+        stop.restore()  # it would have found without this one
+        raise
     stop.at_once = False  # from here a signal waits for the step to end, then a checkpoint
-    with run.tracker:  # a run that fails closes its W&B run as failed, not as finished at exit
-        return finish(run, train_loop(run, stop))
+    try:
+        with run.tracker:  # a run that fails closes its W&B run as failed, not as finished at exit
+            return finish(run, train_loop(run, stop))
+    finally:
+        stop.restore()
 
 
 def train_loop(run: Run, stop: StopSignal) -> dict:
@@ -716,7 +722,6 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
             stop.exit(step, stopping)
     if bar is not None:
         bar.close()
-    stop.restore()
     return summary
 
 

@@ -318,8 +318,11 @@ def test_a_stop_signal_while_setting_up_ends_the_run_at_once_as_stopped(tmp_path
     import simpo_exp.train as train_mod
 
     def slow_set_up(cfg):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(60)  # the reference log-probs, say: the signal does not wait for them
+        try:  # a reader's own error handling (a data source, the W&B start) must not take the signal for its failure
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the reference log-probs, say: the signal does not wait for them
+        except Exception as e:
+            raise AssertionError(f"the signal was caught as {type(e).__name__}") from e
         raise AssertionError("the signal did not stop the set-up")
 
     monkeypatch.setattr(train_mod, "set_up", slow_set_up)
@@ -331,4 +334,13 @@ def test_a_stop_signal_while_setting_up_ends_the_run_at_once_as_stopped(tmp_path
         train_mod.train(SimpleNamespace(output_dir=str(run_dir)))
     assert leaving.value.code == 128 + signal.SIGTERM and time.time() - started < 30
     assert json.loads((run_dir / "stopped.json").read_text()) == {"signal": "SIGTERM", "step": 0, "during": "set-up"}
+    assert signal.getsignal(signal.SIGTERM) == before
+
+    def refused(cfg):
+        raise UserError("a checkpoint of other data")
+
+    # a refused set-up puts the handlers back: the next job of a sweep, in the same process, finds them as they were
+    monkeypatch.setattr(train_mod, "set_up", refused)
+    with pytest.raises(UserError):
+        train_mod.train(SimpleNamespace(output_dir=str(run_dir)))
     assert signal.getsignal(signal.SIGTERM) == before
