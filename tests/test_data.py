@@ -1178,3 +1178,20 @@ def test_a_data_fingerprint_names_files_by_their_place_in_the_source(tmp_path):
     assert changes[2].startswith(f"{where}: data/train.jsonl changed (sha256 ")
     one = fingerprint(SourceConfig(path=str(tmp_path / "a" / "data" / "train.jsonl")))
     assert list(one["files"]) == ["train.jsonl"] and fingerprint(SourceConfig(path="synthetic")) == {}
+
+
+def test_data_reached_through_links_is_fingerprinted_and_loads(tmp_path):
+    """A hub snapshot's data/*.parquet are links into blobs/: naming a file by its resolved path under the source's
+    folder failed (not a subpath), and every run on such data with it."""
+    from simpo_exp.config import SourceConfig
+    from simpo_exp.data.sources import fingerprint, load_split
+
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc" / "data"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    row = uf_row("p", "good", "bad")
+    write_jsonl(blobs / "1f2e3d", [row])
+    (snapshot / "train.jsonl").symlink_to(blobs / "1f2e3d")
+    src = SourceConfig(path=str(tmp_path / "snapshots" / "abc"))
+    assert list(fingerprint(src)["files"]) == ["data/train.jsonl"]
+    assert len(load_split(src, "s", "train", None)) == 1

@@ -374,11 +374,13 @@ def fingerprint(src: SourceConfig) -> dict:
     files = source_files(src)
     if not files:
         return {}
-    path = Path(src.path).expanduser().resolve()
+    path = Path(src.path).expanduser()
     root = path if path.is_dir() else path.parent
+    # named by their place under the source as found, not where a link points (a hub snapshot's files link into
+    # its blobs/)
     return {
-        "files": {str(f.resolve().relative_to(root)): sha256_files([f]) for f in files},
-        "files_root": str(root),
+        "files": {str(f.relative_to(root)): sha256_files([f]) for f in files},
+        "files_root": str(root.resolve()),
     }
 
 
