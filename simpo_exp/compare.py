@@ -214,6 +214,9 @@ def _short_names(runs: list[Run]) -> None:
         r.name = "/".join(m.group(1) if (m := re.match(r"^(\d+)_", p)) else p for p in rel)
 
 
+EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # a number Hydra reads and YAML 1.1 does not
+
+
 def _parsed(v):
     """A value as Hydra's override grammar reads it: "2", 2 and 2.0 are one value, and so are "1e-6" and 1e-06
     (YAML 1.1, which reads the rest, takes an exponent without a dot for text)."""
@@ -223,11 +226,8 @@ def _parsed(v):
         v = yaml.safe_load(v)
     except yaml.YAMLError:
         return v
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
+    if isinstance(v, str) and EXPONENT.match(v):
+        return float(v)
     return v
 
 
@@ -265,9 +265,9 @@ def _shown_as(value) -> str:
     v = _parsed(value)
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return f"{v:.10g}"
-    return str(value)
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
+    return str(v) if isinstance(v, int) else str(value)
 
 
 def common_overrides(runs: list[Run]) -> dict[str, str]:

@@ -232,6 +232,9 @@ def test_seed_groups_pool_equal_values_and_group_choices_however_they_were_given
     shown = [compare._shown_as(v) for v in (True, "false", "1e-6", 1e-06, 0.3, "0.30", None, "cosine")]
     assert shown == ["true", "false", "1e-06", "1e-06", "0.3", "0.3", "-", "cosine"]
     assert compare._same("1e-6", 1e-06) and not compare._same("1e-6", 1e-05)  # YAML 1.1 read "1e-6" as text
+    assert [compare._shown_as(v) for v in (12345678901, 12345678902, "nan", "infinity")] == [
+        "12345678901", "12345678902", "nan", "infinity"
+    ]  # distinct integers stay distinct; a word stays a word  # fmt: skip
     assert groups[0]["eval/rewards/accuracies mean"] == pytest.approx(0.75)
 
 
