@@ -423,6 +423,8 @@ def forever(loader, accelerator, consumed: int = 0, per_epoch: int | None = None
     while True:
         loader.set_epoch(epoch)
         source = accelerator.skip_first_batches(loader, skip) if skip else loader
+        if hasattr(loader, "_non_blocking"):  # accelerate's skipping loader does not carry the copy mode over
+            source._non_blocking = loader._non_blocking
         batches = iter(source)
         yield from itertools.islice(batches, per_epoch - skip)
         if hasattr(batches, "close"):  # an epoch left before its end: let go of its iterator (and workers)

@@ -95,6 +95,22 @@ def test_resume_position_is_exact_across_epochs():
             assert torch.equal(next(resumed)["input_ids"], seen[i]), (k, i)
 
 
+def test_a_resumed_epoch_keeps_the_loaders_non_blocking_copies():
+    """accelerate's skip_first_batches builds a new loader without the copy mode: after a mid-epoch resume on a
+    GPU, the rest of the epoch was copied with the host waiting for each batch."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from simpo_exp.train import forever
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    loader = accelerator.prepare(DataLoader(list(range(16)), batch_size=2, drop_last=True))
+    made, skip = [], accelerator.skip_first_batches
+    accelerator.skip_first_batches = lambda dl, n: made.append(skip(dl, n)) or made[-1]
+    assert next(forever(loader, accelerator, consumed=3)).tolist() == [6, 7]
+    assert loader._non_blocking is True and made[0]._non_blocking is True
+
+
 def test_an_epoch_ends_at_its_last_whole_optimizer_step():
     """num_train_epochs=1 with 12 micro-batches an epoch and 5 per step: 2 steps of 10, the last 2 micro-batches
     left out (as HF Trainer's len // accum steps an epoch) instead of a third step that would see 3 micro-batches
