@@ -608,7 +608,10 @@ def worker_ours(spec: dict) -> dict:
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     policy.train()
     spec_flops = flop_spec(model)
-    work = []  # model FLOPs of each step, for MFU (simpo_exp/flops.py)
+    # model FLOPs of each step, for MFU (simpo_exp/flops.py), counted on the host from the same batches (the loader
+    # neither shuffles nor drops a pair before the last): counting the device's copies would wait for them each step
+    packing, size = variant_settings(spec["variant"])["packing"], preset["batch"]
+    work = [batch_flops(spec_flops, collate(pairs[i : i + size]), packing) for i in range(0, len(loader) * size, size)]
     base = rss_mb()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -617,7 +620,6 @@ def worker_ours(spec: dict) -> dict:
     marks, compiled = [time.perf_counter()], []
     for batch in loader:  # the inner loop of simpo_exp/train.py with accumulation 1
         graphs = graphs_built()
-        work.append(batch_flops(spec_flops, batch, variant_settings(spec["variant"])["packing"]))
         loss = step_loss(policy, batch)[0]
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), 1.0)
