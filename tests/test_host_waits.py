@@ -8,6 +8,11 @@ forward, the loss and the backward on the ``meta`` device, where tensors have sh
 dispatch mode that records each such operation with the line of code that asked for it. None may come from
 this project. The libraries' own are allowed and listed: transformers checks whether a padded batch has any
 padding, and Liger's backward reads the gradient that reaches its loss.
+
+What the meta device cannot show: whether a non-blocking copy's host memory is pinned (``host_to_device`` pins on
+CUDA only; from ordinary memory a GPU copy waits even when asked not to). tests/test_gpu.py runs packed
+FlexAttention rows under CUDA's own sync detector; the padded layout and the Liger head cannot run there, as
+transformers' and Liger's own waits would trip it.
 """
 
 import traceback
