@@ -245,7 +245,12 @@ def test_ultrafeedback_binarized_hub_parquet_layout(tmp_path, tok):
     check_against(te, test, tok)
     assert report.kept == {"train": 12, "test": 4}
     assert report.dropped == {"train": {}, "test": {}}
-    assert report.sources["ultrafeedback_binarized"] == {"train_rows": 12, "test_rows": 4, "fraction": 1.0}
+    counts = {k: report.sources["ultrafeedback_binarized"][k] for k in ("train_rows", "test_rows", "fraction")}
+    assert counts == {"train_rows": 12, "test_rows": 4, "fraction": 1.0}
+    # the files read, by their place in the hub's layout, each with its hash (simpo_exp/finished.py reads them)
+    assert sorted(report.sources["ultrafeedback_binarized"]["files"]) == [
+        "data/test_prefs-00000-of-00001.parquet", "data/train_prefs-00000-of-00001.parquet"
+    ]  # fmt: skip
     assert set(MODEL_COLUMNS) <= set(tr.column_names)
 
 
@@ -284,7 +289,10 @@ def test_pairrm_ultrafeedback_hub_parquet_two_train_shards(tmp_path, tok, preset
     check_against(tr, train, tok)
     check_against(te, test, tok)
     assert report.kept == {"train": 9, "test": 3}
-    assert report.sources[source] == {"train_rows": 9, "test_rows": 3, "fraction": 1.0}
+    assert {k: report.sources[source][k] for k in ("train_rows", "test_rows", "fraction")} == {
+        "train_rows": 9, "test_rows": 3, "fraction": 1.0
+    }  # fmt: skip
+    assert len(report.sources[source]["files"]) == 3  # two train shards and the test file
 
 
 def test_argilla_cleaned_train_only_test_carved(tmp_path, tok):
@@ -395,7 +403,8 @@ def test_mixer_fractions_and_whole_test_splits(tmp_path, tok):
     tr, te, report = build_datasets(cfg, tok)
 
     # argilla has no test split: ceil(0.05 * 40) = 2 rows are held out first, then half of the 38 kept.
-    assert report.sources == {
+    counts = {n: {k: v for k, v in s.items() if k not in ("files", "files_root")} for n, s in report.sources.items()}
+    assert counts == {
         "ultrafeedback_binarized": {"train_rows": int(0.5 * 20), "test_rows": 4, "fraction": 0.5},
         "argilla_ultrafeedback_cleaned": {"train_rows": int(0.5 * 38), "test_rows": 2, "fraction": 0.5},
     }

@@ -375,15 +375,15 @@ def test_cuda_without_a_cuda_device_is_named(monkeypatch):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_generate_on_cuda_without_one_fails_cleanly_and_binds_nothing(tiny_reward_model, tmp_path):
-    """The sampler fails after the manifest is written: the next command, even with other generate settings,
-    still runs in that directory (no shard was written)."""
+    """Refused before any shard (or manifest) is written: the next command, even with other generate settings,
+    still runs in that directory."""
     out = tmp_path / "g"
     args = ("dataset.max_train_samples=2", "generate.seeds=[1,2]", "scorer=reward-model", f"hydra.run.dir={out}")
     res = generate(
         *args, f"scorer.path={tiny_reward_model}", "hardware.device=cuda", "generate.max_new_tokens=2", cwd=tmp_path
     )
     assert res.returncode == 2 and "no CUDA device is visible" in res.stderr and "Traceback" not in res.stderr
-    assert (out / "shards" / "manifest.json").exists() and not list((out / "shards").glob("*-00000.jsonl"))
+    assert not list((out / "shards").glob("*-00000.jsonl"))
     res = generate(*args, f"scorer.path={tiny_reward_model}", "generate.max_new_tokens=3", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
 
