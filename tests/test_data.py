@@ -1204,3 +1204,28 @@ def test_data_reached_through_links_is_fingerprinted_and_loads(tmp_path):
     src = SourceConfig(path=str(tmp_path / "snapshots" / "abc"))
     assert list(fingerprint(src)["files"]) == ["data/train.jsonl"]
     assert len(load_split(src, "s", "train", None)) == 1
+
+
+def test_an_edit_that_keeps_a_files_time_is_read_anew_and_fingerprinted_as_sha256sum_would(tmp_path, monkeypatch):
+    """datasets knows a local file by path and time: rewritten with its time kept (cp -p, rsync -a), it was read
+    from the cache as it was, and resume=false trained on the old rows while recording the new file's hash."""
+    import hashlib
+    import os
+
+    import datasets
+
+    from simpo_exp.config import SourceConfig
+    from simpo_exp.data.sources import fingerprint, load_split
+    from simpo_exp.inference.files import _sha256_cached
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "prefs.jsonl"
+    write_jsonl(data, [uf_row(f"p{i}", "good", "bad") for i in range(4)])
+    src = SourceConfig(path=str(data))
+    assert len(load_split(src, "s", "train", None)) == 4
+    kept = os.stat(data)
+    write_jsonl(data, [uf_row(f"q{i}", "good", "bad") for i in range(2)])
+    os.utime(data, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    _sha256_cached.cache_clear()  # as a new process starts
+    assert [r["prompt"] for r in load_split(src, "s", "train", None)] == ["q0", "q1"]
+    assert fingerprint(src)["files"] == {"prefs.jsonl": hashlib.sha256(data.read_bytes()).hexdigest()}

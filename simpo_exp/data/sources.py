@@ -25,7 +25,7 @@ from simpo_exp.config import DatasetConfig, SourceConfig, SyntheticConfig
 from simpo_exp.data import synthetic
 from simpo_exp.errors import UserError
 from simpo_exp.hub import hub_reachable, looks_like_local_path
-from simpo_exp.inference.files import sha256_files
+from simpo_exp.inference.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,11 @@ def _load_files(files: list[Path], source: str) -> Dataset:
     empty = [str(f) for f in files if f.is_file() and f.stat().st_size == 0]
     if empty:  # datasets fails on these with a bare StopIteration
         raise DataSourceError(f"dataset.sources.{source}: {', '.join(empty)} is empty (0 bytes)")
+    # datasets knows a local file by its path and time: an edit that keeps the time (cp -p, rsync -a, tar) would be
+    # read from its cache as it was. Named by the files' contents, the cache holds one data set per content.
+    content = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
     try:
-        return load_dataset(types.pop(), data_files=[str(f) for f in files], split="train")
+        return load_dataset(types.pop(), name=f"sha256-{content}", data_files=[str(f) for f in files], split="train")
     except Exception as e:  # unreadable or malformed file: datasets puts the parser's words (line, column) in the cause
         cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ is not None and str(e.__cause__) else ""
         raise DataSourceError(
@@ -379,7 +382,7 @@ def fingerprint(src: SourceConfig) -> dict:
     # named by their place under the source as found, not where a link points (a hub snapshot's files link into
     # its blobs/)
     return {
-        "files": {str(f.relative_to(root)): sha256_files([f]) for f in files},
+        "files": {str(f.relative_to(root)): file_sha256(f) for f in files},
         "files_root": str(root.resolve()),
     }
 

@@ -38,15 +38,22 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256_cached(files: tuple[tuple[str, int, int], ...]) -> str:
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(files: tuple[tuple[str, int, int], ...], names: bool = True) -> str:
     h = hashlib.sha256()
     for name, _, _ in files:
-        h.update(Path(name).name.encode())
+        if names:
+            h.update(Path(name).name.encode())
         with open(name, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, as ``sha256sum`` gives it; kept per process while its size and time are unchanged."""
+    st = Path(path).stat()
+    return _sha256_cached(((str(path), st.st_size, st.st_mtime_ns),), names=False)
 
 
 def sha256_files(files: list[Path]) -> str:
