@@ -32,7 +32,15 @@ import yaml
 
 from simpo_exp.inference.results import headline_keys, is_bench_metric, read_results
 from simpo_exp.methods import METHODS
-from simpo_exp.rundir import STOPPED_FILE, other_stage_output, parse_overrides, read_json, read_jsonl, read_yaml
+from simpo_exp.rundir import (
+    STOPPED_FILE,
+    other_stage_output,
+    parse_overrides,
+    read_json,
+    read_jsonl,
+    read_yaml,
+    stopped_words,
+)
 from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, STEP_KEY, eval_keys, train_keys
 
 DEFAULT_METRIC = "eval/rewards/accuracies"
@@ -152,10 +160,7 @@ def load_run(path: str | Path) -> Run:
         first_line = (str(error.get("error") or "").strip().splitlines() or [""])[0]
         message = f"{error.get('type', 'Error')}: {first_line}"
     elif status == "stopped":
-        message = (
-            f"stopped by {stopped.get('signal', 'a signal')} after step {stopped.get('step', '?')}, checkpoint saved; "
-            "re-run its command to resume"
-        )
+        message = f"stopped by {stopped_words(stopped)}; re-run its command to resume"
     return Run(
         name=path.name,
         status=status,

@@ -44,6 +44,15 @@ def stopped_record(signum: int, step: int) -> dict:
     return {"signal": signal.Signals(signum).name, "step": step}
 
 
+def stopped_words(record: dict) -> str:
+    """A stop record told in words: "SIGTERM after step 40, checkpoint saved", or, for one before the first step
+    (``during``: set-up, evaluation at start), "SIGTERM during set-up, before a step (nothing saved)"."""
+    signal_name = record.get("signal", "a signal")
+    if record.get("during"):
+        return f"{signal_name} during {record['during']}, before a step (nothing saved)"
+    return f"{signal_name} after step {record.get('step', '?')}, checkpoint saved"
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["beta=2", "+x=1", "~y"]`` -> ``{"beta": "2", "x": "1", "y": "<deleted>"}``, Hydra's own left out."""
     out = {}

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.errors import OtherRunsDirectory
-from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, read_json
+from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, read_json, stopped_words
 
 
 def job_dirname(overrides: str, limit: int = 120) -> str:
@@ -231,9 +231,9 @@ class SweepSummary(Callback):
         if stopped:  # a stop signal ends the sweep at the job it reached: the jobs after it never ran
             path, record = stopped[-1]
             print(
-                f"sweep stopped by {record.get('signal', 'a signal')} in job {path.name} after step "
-                f"{record.get('step', '?')} ({len(jobs)} jobs started in {self.sweep_dir}); re-run the same command to "
-                "resume: finished jobs are skipped, the stopped one goes on from its checkpoint",
+                f"sweep stopped by {stopped_words(record)}, in job {path.name} ({len(jobs)} jobs started in "
+                f"{self.sweep_dir}); re-run the same command to resume: finished jobs are skipped, the stopped one "
+                "goes on (from its checkpoint, where it saved one)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -66,7 +66,7 @@ class StopSignal:
         signum = signum or self.signum or signal.SIGTERM
         name = signal.Signals(signum).name
         if step is None:
-            log.warning("stopped by %s while setting up, before a step; re-run the same command to start again", name)
+            log.warning("stopped by %s before a step; nothing to save: re-run the same command to go on", name)
         else:
             log.warning("stopped by %s after step %d, checkpoint saved; re-run the same command to resume", name, step)
         self.restore()

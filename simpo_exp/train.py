@@ -676,16 +676,10 @@ def train(cfg: Config) -> dict:
     try:
         run = set_up(cfg)
     except StopRequested as e:
-        if os.environ.get("RANK", "0") == "0":  # compare and the sweep's summary show the run as stopped
-            done = checkpoint.checkpoint_dirs(Path(cfg.output_dir))
-            at = int(done[-1].name.split("-")[1]) if done else 0
-            record = stopped_record(e.signum, at) | {"during": "set-up"}
-            write_json(Path(cfg.output_dir) / STOPPED_FILE, record)
-        stop.exit(None, e.signum)
+        stopped_before_a_step(cfg, stop, e.signum, "set-up")
     except BaseException:  # a refused or failed set-up: the next job of a sweep (same process) finds the handlers
         stop.restore()  # it would have found without this one
         raise
-    stop.at_once = False  # from here a signal waits for the step to end, then a checkpoint
     try:
         with run.tracker:  # a run that fails closes its W&B run as failed, not as finished at exit
             return finish(run, train_loop(run, stop))
@@ -693,12 +687,27 @@ def train(cfg: Config) -> dict:
         stop.restore()
 
 
+def stopped_before_a_step(cfg: Config, stop: StopSignal, signum: int, during: str) -> None:
+    """Leave at a stop signal that came before the run's first step (in ``during``): nothing to save, a record
+    that compare and the sweep's summary read (main process), the handlers found at start called and put back."""
+    if os.environ.get("RANK", "0") == "0":
+        done = checkpoint.checkpoint_dirs(Path(cfg.output_dir))
+        at = int(done[-1].name.split("-")[1]) if done else 0  # where a re-run resumes
+        write_json(Path(cfg.output_dir) / STOPPED_FILE, stopped_record(signum, at) | {"during": during})
+    stop.exit(None, signum)
+
+
 def train_loop(run: Run, stop: StopSignal) -> dict:
     """The steps from the run's state to its last one, with logging, evals and checkpoints; the last metrics.
-    ``stop``: the run's stop-signal handler (a signal saves the step it reached, then ends the run)."""
+    ``stop``: the run's stop-signal handler (a signal saves the step it reached, then ends the run; until the first
+    step it ends the run where it is, as there is nothing to save)."""
     cfg, summary = run.cfg, {}
     if cfg.eval_on_start and run.state.step == 0:
-        summary |= evaluate_and_sample(run, 0)
+        try:
+            summary |= evaluate_and_sample(run, 0)
+        except StopRequested as e:
+            stopped_before_a_step(cfg, stop, e.signum, "evaluation at start")
+    stop.at_once = False  # from here a signal waits for the step to end, then a checkpoint
     batches = forever(run.train_loader, run.accelerator, run.state.micro_batches, run.state.epoch_batches)
     window = Window.restore(run.state.window, run.state.window_seconds, run.state.window_steps, run.accelerator)
     bar = progress_bar(run)

@@ -344,3 +344,32 @@ def test_a_stop_signal_while_setting_up_ends_the_run_at_once_as_stopped(tmp_path
     with pytest.raises(UserError):
         train_mod.train(SimpleNamespace(output_dir=str(run_dir)))
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_stop_signal_during_the_evaluation_at_start_ends_the_run_at_once(tmp_path, monkeypatch):
+    """eval_on_start runs before the first step: a signal waited for the whole evaluation and a step (minutes on
+    a real model and test split), then saved a checkpoint of that step."""
+    import time
+
+    import simpo_exp.train as train_mod
+    from simpo_exp.compare import load_run
+
+    def slow_evaluation(run, step):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        raise AssertionError("the signal did not stop the evaluation")
+
+    monkeypatch.setattr(train_mod, "evaluate_and_sample", slow_evaluation)
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- beta=5\n")
+    cfg = SimpleNamespace(eval_on_start=True, output_dir=str(run_dir))
+    run = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=0))
+    stop = StopSignal(at_once=True)
+    with pytest.raises(SystemExit) as leaving:
+        train_mod.train_loop(run, stop)
+    assert leaving.value.code == 128 + signal.SIGTERM
+    record = json.loads((run_dir / "stopped.json").read_text())
+    assert record == {"signal": "SIGTERM", "step": 0, "during": "evaluation at start"}
+    shown = load_run(run_dir)  # compare tells it from a stop that saved a checkpoint
+    assert shown.status == "stopped" and "during evaluation at start, before a step (nothing saved)" in shown.error

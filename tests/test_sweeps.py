@@ -131,7 +131,17 @@ def test_a_sweep_stopped_by_a_signal_says_so_not_that_it_finished(tmp_path, caps
     (job / "stopped.json").write_text('{"signal": "SIGTERM", "step": 8}')
     assert summary._list_failed() is False
     out = capsys.readouterr()
-    assert "sweep stopped by SIGTERM in job 0_beta=2 after step 8" in out.err and "sweep finished" not in out.out
+    assert "sweep stopped by SIGTERM after step 8, checkpoint saved, in job 0_beta=2" in out.err
+    assert "sweep finished" not in out.out
+    # one stopped before its first step says so: no checkpoint was saved
+    summary = SweepSummary()
+    summary.on_multirun_start(SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep)))))
+    job = sweep / "1_beta=5"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- beta=5\n")
+    (job / "stopped.json").write_text('{"signal": "SIGTERM", "step": 0, "during": "set-up"}')
+    assert summary._list_failed() is False
+    assert "SIGTERM during set-up, before a step (nothing saved), in job 1_beta=5" in capsys.readouterr().err
 
 
 def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
