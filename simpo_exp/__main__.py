@@ -10,23 +10,30 @@ from simpo_exp.config import to_config
 from simpo_exp.finished import recorded_summary
 from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import export_launcher_distributed_env, fill_run_identity, user_errors
+from simpo_exp.signals import StopRequested, StopSignal
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    with user_errors(cfg):
-        config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
-        done = recorded_summary(config)  # this run already finished: its recorded result, nothing loads
-        if done is not None:
-            return done.get("eval/rewards/accuracies")
-        export_launcher_distributed_env()
+    stop = StopSignal(at_once=True)  # from the start: a stop before the run's first step ends the job where it is
+    try:
+        with user_errors(cfg):  # a stop before training starts leaves the run's records as they were
+            config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
+            done = recorded_summary(config)  # this run already finished: its recorded result, nothing loads
+            if done is not None:
+                return done.get("eval/rewards/accuracies")
+            export_launcher_distributed_env()
 
-        from simpo_exp.engine import release_process_group
-        from simpo_exp.train import train
+            from simpo_exp.engine import release_process_group
+            from simpo_exp.train import train
 
-        accuracy = train(config)["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
-        release_process_group(more_jobs=in_multirun())  # the run's objects are gone by now
-        return accuracy
+            accuracy = train(config, stop)["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
+            release_process_group(more_jobs=in_multirun())  # the run's objects are gone by now
+            return accuracy
+    except StopRequested as e:  # before train() began: nothing of this command's to record
+        stop.exit(None, e.signum)
+    finally:
+        stop.restore()  # a sweep's next job, in this process, finds the handlers as they were
     return None  # a sweep job that failed (see its error.json): no value, a failed trial to the Optuna sweeper
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.errors import OtherRunsDirectory
 from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, read_json, stopped_words
+from simpo_exp.signals import StopRequested
 
 
 def job_dirname(overrides: str, limit: int = 120) -> str:
@@ -104,6 +105,9 @@ def user_errors(cfg: DictConfig, work: str | None = None):
     earlier = _take_records(out) if main else {}
     try:
         yield
+    except StopRequested:  # a stop signal before training began (simpo_exp/__main__.py): nothing happened here
+        _put_back(out, earlier)
+        raise
     except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
         _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
         print(

@@ -7,8 +7,6 @@ import logging
 import signal
 import threading
 
-import torch
-
 log = logging.getLogger(__name__)
 
 # SIGTERM/SIGINT: what a scheduler (or a user) sends before it kills; SIGUSR2: submitit's warning before
@@ -55,6 +53,8 @@ class StopSignal:
         signal it was, so the main process hands on a USR2 that only another process received."""
         if accelerator.num_processes == 1:
             return self.signum or 0
+        import torch  # here, not at the top: the entry point installs the handler before anything heavy loads
+
         flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
         return int(accelerator.gather(flag).max().item())
 

@@ -670,9 +670,11 @@ def save_final_model(run: Run, full_state_dict: dict | None) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def train(cfg: Config) -> dict:
-    """Train one run; return its summary (final train and eval metrics, run time)."""
-    stop = StopSignal(at_once=True)  # set-up has no step to finish: a stop signal ends it where it is
+def train(cfg: Config, stop: StopSignal | None = None) -> dict:
+    """Train one run; return its summary (final train and eval metrics, run time). ``stop``: the stop-signal
+    handler, if the caller installed one already (the entry point does, from its start)."""
+    stop = stop or StopSignal()
+    stop.at_once = True  # set-up has no step to finish: a stop signal ends it where it is
     try:
         run = set_up(cfg)
     except StopRequested as e:

@@ -373,3 +373,30 @@ def test_a_stop_signal_during_the_evaluation_at_start_ends_the_run_at_once(tmp_p
     assert record == {"signal": "SIGTERM", "step": 0, "during": "evaluation at start"}
     shown = load_run(run_dir)  # compare tells it from a stop that saved a checkpoint
     assert shown.status == "stopped" and "during evaluation at start, before a step (nothing saved)" in shown.error
+
+
+def test_a_stop_signal_before_training_begins_leaves_the_runs_records_as_they_were(tmp_path, monkeypatch):
+    """Between the entry point's start and the training's own handler (the config checks, the finished-run
+    check's hashing of the data), SIGTERM killed the process by default, after the entry point had taken the
+    run's earlier stopped.json: compare then showed a run stopped at step 4 as running."""
+    import sys
+    import time
+
+    import simpo_exp.__main__ as entry
+
+    def slow_check(config):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        raise AssertionError("the signal did not stop the entry point")
+
+    monkeypatch.setattr(entry, "recorded_summary", slow_check)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stopped.json").write_text('{"signal": "SIGUSR2", "step": 4}')
+    monkeypatch.setattr(sys, "argv", ["simpo_exp", "logger=none", f"hydra.run.dir={run_dir}"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as leaving:
+        entry.main()
+    assert leaving.value.code == 128 + signal.SIGTERM
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"signal": "SIGUSR2", "step": 4}
+    assert not (run_dir / "error.json").exists() and signal.getsignal(signal.SIGTERM) == before
