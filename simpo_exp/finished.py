@@ -76,16 +76,9 @@ def recorded_summary(cfg) -> dict | None:
     return summary
 
 
-def recorded_sources(run_dir: Path) -> dict:
-    """The ``sources`` of the data_report.json a run in ``run_dir`` wrote at its start ({} where there is none)."""
-    try:
-        return json.loads((Path(run_dir) / "data_report.json").read_text()).get("sources") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
 def data_changed(run_dir: Path, cfg) -> list[str]:
     """How the local data files differ from those the run in ``run_dir`` recorded (``sources.data_changes``)."""
     from simpo_exp.data.sources import data_changes
+    from simpo_exp.rundir import recorded_sources
 
     return data_changes(recorded_sources(run_dir), cfg.dataset)

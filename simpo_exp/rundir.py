@@ -53,6 +53,13 @@ def stopped_words(record: dict) -> str:
     return f"{signal_name} after step {record.get('step', '?')}, checkpoint saved"
 
 
+def recorded_sources(run_dir: Path) -> dict:
+    """The ``sources`` of the data_report.json a run wrote at its start: per data source its counts, provenance and
+    files' fingerprints ({} where there is none)."""
+    report = read_json(Path(run_dir) / "data_report.json")
+    return (report.get("sources") or {}) if isinstance(report, dict) else {}
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["beta=2", "+x=1", "~y"]`` -> ``{"beta": "2", "x": "1", "y": "<deleted>"}``, Hydra's own left out."""
     out = {}

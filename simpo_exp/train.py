@@ -63,7 +63,7 @@ from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import engine_keeps_master_copy, warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
-from simpo_exp.rundir import STOPPED_FILE, stopped_record
+from simpo_exp.rundir import STOPPED_FILE, recorded_sources, stopped_record
 from simpo_exp.runinfo import keep_run_config
 from simpo_exp.signals import StopRequested, StopSignal
 from simpo_exp.tracking import (
@@ -278,7 +278,7 @@ def start_or_resume(
 def check_same_data(run_dir: Path, data_sources: dict) -> None:
     """Refuse to resume a run whose local data files have changed since it started (its data_report.json's
     fingerprints against this run's): its data position and schedule would be carried over to other data."""
-    changed = file_changes(finished.recorded_sources(run_dir), data_sources)
+    changed = file_changes(recorded_sources(run_dir), data_sources)
     if changed:
         raise checkpoint.DifferentConfigCheckpoint(
             f"the checkpoints in {run_dir} were written on data that has changed since: {'; '.join(changed)}. Run "

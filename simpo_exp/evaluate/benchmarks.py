@@ -22,7 +22,7 @@ from pathlib import Path
 from simpo_exp.config import ConfigError
 from simpo_exp.data.sources import DataSourceError
 from simpo_exp.inference.files import jsonl_lines
-from simpo_exp.rundir import read_json
+from simpo_exp.rundir import recorded_sources
 
 ALPACA_COLUMNS = ("instruction", "output", "generator", "dataset")
 ARENA_QUESTION = "arena-hard-auto v0.1's question.jsonl: question_id and turns[0].content, a string"
@@ -53,8 +53,7 @@ def rule_prompts(run_cfg, limit: int | None, run_dir: str | Path | None = None) 
 
     task = synthetic_task(run_cfg.dataset)
     if task is None and run_dir is not None:
-        sources = read_json(Path(run_dir) / "data_report.json").get("sources") or {}
-        task = recorded_task(list(sources.values()))
+        task = recorded_task(list(recorded_sources(run_dir).values()))
     if task is None:
         sources = run_cfg.dataset.sources
         raise ConfigError(
