@@ -164,7 +164,12 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.glob("step-*") if p.is_dir() and (p / MARKER).exists() and not p.name.endswith(".tmp")]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint directory holds, from its name (``step-000050``)."""
+    return int(Path(path).name.split("-")[1])
 
 
 def staging_dir(run_dir: Path, step: int) -> Path:

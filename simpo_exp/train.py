@@ -676,17 +676,14 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
     stop = stop or StopSignal()
     stop.at_once = True  # set-up has no step to finish: a stop signal ends it where it is
     try:
-        run = set_up(cfg)
-    except StopRequested as e:
-        stopped_before_a_step(cfg, stop, e.signum, "set-up")
-    except BaseException:  # a refused or failed set-up: the next job of a sweep (same process) finds the handlers
-        stop.restore()  # it would have found without this one
-        raise
-    try:
+        try:
+            run = set_up(cfg)
+        except StopRequested as e:
+            stopped_before_a_step(cfg, stop, e.signum, "set-up")
         with run.tracker:  # a run that fails closes its W&B run as failed, not as finished at exit
             return finish(run, train_loop(run, stop))
-    finally:
-        stop.restore()
+    finally:  # however it ends (a refused set-up too): the next job of a sweep, in this process, finds the handlers
+        stop.restore()  # it would have found without this run
 
 
 def stopped_before_a_step(cfg: Config, stop: StopSignal, signum: int, during: str) -> None:
@@ -694,7 +691,7 @@ def stopped_before_a_step(cfg: Config, stop: StopSignal, signum: int, during: st
     that compare and the sweep's summary read (main process), the handlers found at start called and put back."""
     if os.environ.get("RANK", "0") == "0":
         done = checkpoint.checkpoint_dirs(Path(cfg.output_dir))
-        at = int(done[-1].name.split("-")[1]) if done else 0  # where a re-run resumes
+        at = checkpoint.step_of(done[-1]) if done else 0  # where a re-run resumes
         write_json(Path(cfg.output_dir) / STOPPED_FILE, stopped_record(signum, at) | {"during": during})
     stop.exit(None, signum)
 
