@@ -112,8 +112,13 @@ def select(cfg: dict, dotted: str, missing=None):
     return node
 
 
-def other_stage_output(path: Path) -> bool:
-    """Whether ``path`` is a generate or evaluate stage's output directory (its saved config has that stage's
-    section), which holds a ``.hydra/`` folder as a training run does but is not one."""
+def output_stage(path: Path) -> str | None:
+    """ "generate" or "evaluate" where ``path`` is that stage's output directory (its saved config has the stage's
+    section), which holds a ``.hydra/`` folder as a training run does but is not one; else None."""
     saved = read_yaml(Path(path) / ".hydra" / "config.yaml")
-    return isinstance(saved, dict) and ("generate" in saved or "evaluate" in saved)
+    return next((stage for stage in ("generate", "evaluate") if isinstance(saved, dict) and stage in saved), None)
+
+
+def other_stage_output(path: Path) -> bool:
+    """Whether ``path`` is a generate or evaluate stage's output directory (``output_stage``)."""
+    return output_stage(path) is not None

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simpo_exp.evaluate.judge import PairwiseJudge, stored_lines
+from simpo_exp.evaluate.judge import PairwiseJudge, judge_file_name, stored_lines
 
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants "
@@ -176,7 +176,7 @@ def arena_score(rows: list[dict], weight: int, rounds: int, seed: int) -> dict:
 def judge_arena_hard(b, prompts: list[dict], texts: list[str], model_id: str, baseline: str, out: Path) -> dict:
     """Judge the answers as arena-hard-auto does; returns the runner's metrics, notes and method record."""
     j = b.judge
-    path = Path(out) / "model_judgment" / j.model.replace("/", "_") / f"{model_id}.jsonl"
+    path = Path(out) / "model_judgment" / judge_file_name(j.model) / f"{model_id}.jsonl"
     rows = ArenaHardJudge(j, f"benchmarks.{b.name}").judge_all(prompts, texts, model_id, path)
     metrics = arena_score(rows, j.strong_weight, j.bootstrap_rounds, j.bootstrap_seed)
     notes = []

@@ -185,6 +185,11 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def judge_file_name(model: str) -> str:
+    """A judge model's name as a file or folder name (``org/model`` -> ``org_model``), where its verdicts are kept."""
+    return model.replace("/", "_")
+
+
 def stored_lines(path: Path, key: str, valid: Callable[[dict], bool]) -> dict[str, dict]:
     """``{line[key]: line}`` of the lines of ``path`` that ``valid`` accepts (the last one per key). The file is
     rewritten with only those: a half-written last line (a killed process) and lines of another judge, prompt or

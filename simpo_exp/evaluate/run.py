@@ -33,6 +33,7 @@ from simpo_exp.evaluate.judge import (
     JudgeError,
     PairwiseJudge,
     annotations,
+    judge_file_name,
     length_controlled,
     package_judge,
     rule_preferences,
@@ -41,7 +42,7 @@ from simpo_exp.evaluate.judge import (
 from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
 from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
 from simpo_exp.inference.results import EVAL_DIR, HEADLINE, PREFIX, results_path
-from simpo_exp.rundir import other_stage_output, read_json, read_yaml
+from simpo_exp.rundir import output_stage, read_json
 from simpo_exp.rundir import read_jsonl as read_lines
 
 log = logging.getLogger(__name__)
@@ -225,11 +226,11 @@ def verdicts_path(out: Path, judge_model: str) -> Path:
     """Where a judge's verdicts are kept: one file per judge model (``verdicts/<model>.jsonl``), so that judging
     with another and coming back asks the first nothing again. A ``verdicts.jsonl`` of the single file kept before
     is moved to its own judge's file."""
-    path = Path(out) / "verdicts" / f"{judge_model.replace('/', '_')}.jsonl"
+    path = Path(out) / "verdicts" / f"{judge_file_name(judge_model)}.jsonl"
     legacy = Path(out) / "verdicts.jsonl"
     first = next(iter(read_lines(legacy)), None) if legacy.is_file() else None
     if isinstance(first, dict) and isinstance(first.get("judge"), str):
-        owner = Path(out) / "verdicts" / f"{first['judge'].replace('/', '_')}.jsonl"
+        owner = Path(out) / "verdicts" / f"{judge_file_name(first['judge'])}.jsonl"
         if not owner.exists():
             owner.parent.mkdir(parents=True, exist_ok=True)
             legacy.replace(owner)
@@ -367,8 +368,8 @@ def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
     if not root.exists():
         raise ConfigError(f"invalid config value evaluate.path={path!r}: no such directory")
     runs = find_runs(root)
-    if not runs and other_stage_output(root):
-        stage = "generate" if "generate" in read_yaml(root / ".hydra" / "config.yaml") else "evaluate"
+    stage = None if runs else output_stage(root)
+    if stage is not None:
         raise ConfigError(
             f"invalid config value evaluate.path={path!r}: this is the {stage} stage's output, not a training run; "
             "give the run directory (or a sweep's) whose model/ to evaluate"
