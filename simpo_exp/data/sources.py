@@ -370,11 +370,12 @@ def source_files(src: SourceConfig) -> list[Path]:
     return sorted({f for split in splits for f in _split_files(path, split, warn=False)})
 
 
-def fingerprint(src: SourceConfig) -> dict:
+def fingerprint(src: SourceConfig, files: list[Path] | None = None) -> dict:
     """What a finished or checkpointed run was trained on: ``{"files": {name: SHA-256}, "files_root": folder}`` of
-    the source's local files, each named by its path under the source's folder (a file source: by its name), so
-    that the same data copied elsewhere (a job's scratch disk, say) is the same data; {} for hub or synthetic data."""
-    files = source_files(src)
+    the source's local files (``files``: ``source_files``, where the caller has them), each named by its path under
+    the source's folder (a file source: by its name), so that the same data copied elsewhere (a job's scratch disk,
+    say) is the same data; {} for hub or synthetic data."""
+    files = source_files(src) if files is None else files
     if not files:
         return {}
     path = Path(src.path).expanduser()
@@ -464,8 +465,9 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
         trains.append(normalise(train, src, name, dcfg.num_proc))
         tests.append(normalise(test, src, name, dcfg.num_proc))
         sizes[name] = {"train_rows": len(train), "test_rows": len(test), "fraction": src.fraction}
-        sizes[name].update(provenance(src.path, source_files(src)))
-        sizes[name].update(fingerprint(src))  # a finished or checkpointed run is not taken for one of other data
+        files = source_files(src)
+        sizes[name].update(provenance(src.path, files))
+        sizes[name].update(fingerprint(src, files))  # a finished or checkpointed run is not taken for other data
     train = concatenate_datasets(trains).shuffle(seed=dcfg.shuffle_seed)
     test = concatenate_datasets(tests)
     return DatasetDict(train=train, test=test), sizes
