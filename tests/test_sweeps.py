@@ -122,24 +122,24 @@ def test_a_sweep_stopped_by_a_signal_says_so_not_that_it_finished(tmp_path, caps
 
     from simpo_exp.runinfo import SweepSummary
 
-    summary = SweepSummary()
     sweep = tmp_path / "sweep"
-    summary.on_multirun_start(SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep)))))
-    job = sweep / "0_beta=2"
-    (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "overrides.yaml").write_text("- beta=2\n")
-    (job / "stopped.json").write_text('{"signal": "SIGTERM", "step": 8}')
+
+    def stopped_job(name: str, override: str, record: str) -> SweepSummary:
+        """A sweep's summary started, then a job of it that left with ``record`` as its stopped.json."""
+        summary = SweepSummary()
+        summary.on_multirun_start(SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep)))))
+        (sweep / name / ".hydra").mkdir(parents=True)
+        (sweep / name / ".hydra" / "overrides.yaml").write_text(f"- {override}\n")
+        (sweep / name / "stopped.json").write_text(record)
+        return summary
+
+    summary = stopped_job("0_beta=2", "beta=2", '{"signal": "SIGTERM", "step": 8}')
     assert summary._list_failed() is False
     out = capsys.readouterr()
     assert "sweep stopped by SIGTERM after step 8, checkpoint saved, in job 0_beta=2" in out.err
     assert "sweep finished" not in out.out
     # one stopped before its first step says so: no checkpoint was saved
-    summary = SweepSummary()
-    summary.on_multirun_start(SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep)))))
-    job = sweep / "1_beta=5"
-    (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "overrides.yaml").write_text("- beta=5\n")
-    (job / "stopped.json").write_text('{"signal": "SIGTERM", "step": 0, "during": "set-up"}')
+    summary = stopped_job("1_beta=5", "beta=5", '{"signal": "SIGTERM", "step": 0, "during": "set-up"}')
     assert summary._list_failed() is False
     assert "SIGTERM during set-up, before a step (nothing saved), in job 1_beta=5" in capsys.readouterr().err
 
