@@ -138,9 +138,9 @@ def test_a_judge_the_benchmark_does_not_run_and_bad_retry_settings_are_refused_b
     from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig, _validate_benchmark
 
     def bench(benchmark, **judge):
-        return BenchmarkConfig(
-            name=benchmark, kind=benchmark, prompts_path="p.json", reference_path="r.jsonl", judge=JudgeConfig(**judge)
-        )
+        files = {"rule": {}, "alpacaeval": {"prompts_path": "p.json"}}
+        files = files.get(benchmark, {"prompts_path": "q.jsonl", "reference_path": "r.jsonl"})
+        return BenchmarkConfig(name=benchmark, kind=benchmark, **files, judge=JudgeConfig(**judge))
 
     with pytest.raises(ConfigError, match="b.judge.kind='none'.*allowed values are 'rule'"):
         _validate_benchmark("b", bench("rule", kind="none"))
@@ -226,3 +226,50 @@ def test_a_generate_stage_folder_given_to_evaluate_is_named_as_such(tmp_path):
         _runs_to_evaluate(str(tmp_path / "gen"))
     with pytest.raises(ConfigError, match="no run directory"):  # a folder that holds none at all
         _runs_to_evaluate(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "kind, key, value, says",
+    [
+        ("lm_eval", "decoding.temperature", 0.7, "lm-eval decodes as its tasks say"),
+        ("lm_eval", "max_prompts", 5, "lm-eval's own cap on prompts is limit"),
+        ("lm_eval", "judge.strong_weight", 9, "kinds that do: arena_hard"),
+        ("rule", "tasks", ["gsm8k"], "kinds that do: lm_eval"),
+        ("rule", "num_fewshot", 3, "Remove it or set it to None"),
+        ("rule", "judge.base_url", "http://127.0.0.1:1/v1", "kinds that do: alpacaeval, arena_hard"),
+        ("alpacaeval", "judge.strong_weight", 2, "set it to 3"),
+        ("alpacaeval", "reference_path", "r.jsonl", "kinds that do: arena_hard"),
+        ("arena_hard", "judge.annotators_config", "x", "kinds that do: alpacaeval"),
+    ],
+)
+def test_a_setting_the_benchmark_kind_never_reads_is_refused_by_key(kind, key, value, says):
+    """Such a setting was accepted and recorded, and the benchmark ran as if it had not been given (a temperature
+    for lm-eval's GSM8K, the Arena-Hard battle weight for AlpacaEval, lm-eval tasks for the rule benchmark)."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig, _validate_benchmark
+
+    files = {"rule": {"judge": JudgeConfig(kind="rule")}, "lm_eval": {"tasks": ["gsm8k"]}}
+    files["alpacaeval"] = {"prompts_path": "p.json"}
+    b = BenchmarkConfig(name="b", kind=kind, **files.get(kind, {"prompts_path": "q.jsonl"}))
+    _validate_benchmark("benchmarks.b", b)
+    section, _, name = key.rpartition(".")
+    setattr(getattr(b, section) if section else b, name, value)
+    with pytest.raises(ConfigError) as err:
+        _validate_benchmark("benchmarks.b", b)
+    assert f"benchmarks.b.{key}={value!r}: a benchmark of kind {kind} never reads it" in str(err.value)
+    assert says in str(err.value), str(err.value)
+
+
+def test_decoding_vllm_settings_are_checked_as_the_generate_stage_checks_them():
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.config import BenchmarkConfig, DecodingConfig, JudgeConfig, _validate_benchmark
+
+    def rule(**decoding):
+        return BenchmarkConfig(
+            name="b", kind="rule", decoding=DecodingConfig(**decoding), judge=JudgeConfig(kind="rule")
+        )
+
+    with pytest.raises(ConfigError, match=r"b.decoding.vllm_gpu_memory_utilization=7.*\(0, 1\]"):
+        _validate_benchmark("b", rule(vllm_gpu_memory_utilization=7))
+    with pytest.raises(ConfigError, match="b.decoding.vllm_tensor_parallel_size=0"):
+        _validate_benchmark("b", rule(vllm_tensor_parallel_size=0))

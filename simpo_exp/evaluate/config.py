@@ -26,6 +26,26 @@ JUDGES_OF = {
     "arena_hard": ("none", "openai"),
     "lm_eval": ("none",),
 }
+# What each benchmark kind reads besides name, kind and judge.kind (simpo_exp/evaluate/run.py, lmeval.py,
+# arena.py, judge.py). A key outside its kind's list that differs from its default would be recorded and never
+# used, so it is refused. Keys of a judge kind the benchmark runs but this config does not choose (judge.base_url
+# under judge.kind=none, decoding.vllm_* under the hf backend) are a judge or backend switched off, and pass.
+GENERATING = ("max_prompts", "shard_size", "decoding", "by_model")
+OPENAI_JUDGE = tuple(
+    f"judge.{k}" for k in ("base_url", "model", "api_key_env", "timeout_s", "max_retries", "concurrency")
+)
+ARENA_JUDGE = tuple(f"judge.{k}" for k in ("max_tokens", "label_attempts", "strong_weight", "bootstrap_rounds"))
+READS = {
+    "rule": GENERATING,
+    "alpacaeval": (*GENERATING, "prompts_path", *OPENAI_JUDGE, "judge.annotators_config"),
+    "arena_hard": (*GENERATING, "prompts_path", "reference_path", *OPENAI_JUDGE, *ARENA_JUDGE, "judge.bootstrap_seed"),
+    # lm-eval decodes as its tasks say; only the batch size goes to it
+    "lm_eval": ("tasks", "num_fewshot", "limit", "apply_chat_template", "decoding.batch_size"),
+}
+UNREAD_HINTS = {
+    ("lm_eval", "decoding"): "lm-eval decodes as its tasks say; of decoding.*, only batch_size reaches it",
+    ("lm_eval", "max_prompts"): "lm-eval's own cap on prompts is limit",
+}
 BACKENDS = ("auto", "hf", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
 WANDB = ("auto", "off")
@@ -118,17 +138,50 @@ def decoding_for(b: BenchmarkConfig, model_name: str) -> DecodingConfig:
     return dataclasses.replace(b.decoding, **dict(b.by_model.get(model_name) or {}))
 
 
+def _unread_keys(b: BenchmarkConfig) -> list[tuple[str, Any, Any]]:
+    """(key, value, default) of the benchmark's settings that its kind never reads and that differ from the default."""
+    reads, fresh = READS[b.kind], BenchmarkConfig(name=b.name, kind=b.kind)
+    found = []
+    for section in ("", "decoding", "judge"):
+        if section in reads:  # the whole section is read
+            continue
+        node, default = (getattr(b, section), getattr(fresh, section)) if section else (b, fresh)
+        for f in dataclasses.fields(node):
+            key = f"{section}.{f.name}" if section else f.name
+            if key in ("name", "kind", "decoding", "judge", "judge.kind") or key in reads:
+                continue
+            if getattr(node, f.name) != getattr(default, f.name):
+                found.append((key, getattr(node, f.name), getattr(default, f.name)))
+    return found
+
+
 def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
     _check_choice(f"{key}.kind", b.kind, BENCHMARK_KINDS)
     _check_choice(f"{key}.judge.kind", b.judge.kind, JUDGE_KINDS)
     # a judge the benchmark does not run would be recorded, not used (the rule judge knows only the synthetic task)
     _check_choice(f"{key}.judge.kind", b.judge.kind, JUDGES_OF[b.kind])
+    for name, value, default in _unread_keys(b):
+        readers = [kind for kind, reads in READS.items() if name in reads or name.split(".")[0] in reads]
+        hint = UNREAD_HINTS.get((b.kind, name.split(".")[0]))
+        _fail(
+            f"{key}.{name}",
+            value,
+            f"a benchmark of kind {b.kind} never reads it{f' ({hint})' if hint else ''}; kinds that do: "
+            f"{', '.join(readers)}. "
+            f"Remove it or set it to {default!r}",
+        )
     d, fields = b.decoding, {f.name for f in dataclasses.fields(DecodingConfig)}
     _check_choice(f"{key}.decoding.backend", d.backend, BACKENDS)
     _check(d.temperature >= 0, f"{key}.decoding.temperature", d.temperature, "must be >= 0 (0: greedy)")
     _check(0 < d.top_p <= 1, f"{key}.decoding.top_p", d.top_p, "must be in (0, 1]")
-    for name in ("max_new_tokens", "batch_size"):
+    for name in ("max_new_tokens", "batch_size", "vllm_tensor_parallel_size"):
         _check(getattr(d, name) >= 1, f"{key}.decoding.{name}", getattr(d, name), "must be an integer >= 1")
+    _check(
+        0 < d.vllm_gpu_memory_utilization <= 1,
+        f"{key}.decoding.vllm_gpu_memory_utilization",
+        d.vllm_gpu_memory_utilization,
+        "must be in (0, 1]",
+    )
     _check(b.shard_size >= 1, f"{key}.shard_size", b.shard_size, "must be an integer >= 1")
     for model, change in b.by_model.items():
         unknown = sorted(set(change or {}) - fields)
