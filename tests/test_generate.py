@@ -42,12 +42,8 @@ def greedy_scores(model_dir: Path, prompts: list[str]) -> list[float]:
     from simpo_exp.inference.sampling import HFSampler, prompt_token_ids
     from simpo_exp.model import load_tokenizer
 
-    cfg = compose_generate(
-        f"model.path={model_dir}",
-        "generate.temperature=0",
-        "generate.max_new_tokens=32",
-        "generate.batch_size=64",
-    )
+    cfg = compose_generate(f"model.path={model_dir}", "generate.max_new_tokens=32", "generate.batch_size=64")
+    cfg.generate.temperature = 0  # the samplers decode greedily at 0; the stage itself refuses it
     tok = load_tokenizer(cfg.model)
     sampler = HFSampler(cfg, tok)
     ids = prompt_token_ids(tok, [[{"role": "user", "content": p}] for p in prompts])
@@ -347,7 +343,8 @@ def test_bad_generate_value_is_refused_before_anything_loads(tmp_path):
 @pytest.mark.parametrize(
     "overrides, named",
     [
-        (["generate.temperature=0", "generate.samples_per_seed=2"], ["samples_per_seed=2", "temperature=0"]),
+        (["generate.temperature=0", "generate.samples_per_seed=2"], ["temperature=0", "a pair needs two"]),
+        (["generate.temperature=0"], ["generate.temperature=0", "must be > 0: greedy decoding"]),
         (["generate.seeds=[7]"], ["generate.seeds=[7]", "samples_per_seed=1", "a pair needs two"]),
     ],
 )
@@ -357,7 +354,6 @@ def test_contradictory_generate_settings_are_refused(overrides, named):
     with pytest.raises(ConfigError) as err:
         compose_generate(*overrides)
     assert all(text in str(err.value) for text in named), str(err.value)
-    compose_generate("generate.temperature=0", "generate.samples_per_seed=1")  # greedy, one response per pass: fine
     compose_generate("generate.seeds=[7]", "generate.samples_per_seed=2")  # two responses from one seed: fine
 
 
@@ -514,7 +510,7 @@ def test_the_precision_binds_a_generation_and_greedy_passes_that_cannot_differ_a
     check_manifest(shards, fp32, __import__("torch").device("cpu"))
 
     res = generate("generate.temperature=0", f"hydra.run.dir={tmp_path / 'greedy'}", cwd=tmp_path)
-    assert res.returncode == 2 and "generate.temperature=0 (greedy) gives every one of the 5 passes" in res.stderr
+    assert res.returncode == 2 and "generate.temperature=0.0: must be > 0: greedy decoding" in res.stderr
     assert not (tmp_path / "greedy" / "shards").exists()
 
 

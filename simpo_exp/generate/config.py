@@ -34,7 +34,7 @@ class GenerateConfig:
     # samples_per_seed responses per prompt, so a prompt gets len(seeds) * samples_per_seed responses.
     seeds: List[int] = field(default_factory=lambda: [13, 21, 42, 79, 100])
     samples_per_seed: int = 1
-    temperature: float = 0.8  # 0: greedy
+    temperature: float = 0.8  # > 0: greedy decoding would give every pass the same response
     top_p: float = 0.95
     max_new_tokens: int = 4096
     # Extra stop ids; the tokenizer's EOS and the chat template's end-of-turn token always stop.
@@ -109,16 +109,14 @@ def validate_generate(cfg: GenerateRunConfig) -> GenerateRunConfig:
     _check(len(g.seeds) >= 1, "generate.seeds", g.seeds, "must list at least one seed")
     _check(len(set(g.seeds)) == len(g.seeds), "generate.seeds", g.seeds, "must not repeat a seed")
     _check(g.samples_per_seed >= 1, "generate.samples_per_seed", g.samples_per_seed, "must be >= 1")
-    _check(g.temperature >= 0, "generate.temperature", g.temperature, "must be >= 0 (0: greedy)")
+    _check(
+        g.temperature > 0,
+        "generate.temperature",
+        g.temperature,
+        "must be > 0: greedy decoding (0) gives every pass (generate.seeds) and sample (generate.samples_per_seed) "
+        "the same response, and a pair needs two different ones",
+    )
     _check(0 < g.top_p <= 1, "generate.top_p", g.top_p, "must be in (0, 1]")
-    if g.temperature == 0:
-        _check(
-            g.samples_per_seed == 1,
-            "generate.samples_per_seed",
-            g.samples_per_seed,
-            "greedy decoding (generate.temperature=0) gives the same response on every pass and sample, and a pair "
-            "needs two different ones: use a temperature > 0",
-        )
     _check(
         len(g.seeds) * g.samples_per_seed >= 2,
         "generate.seeds",

@@ -236,13 +236,6 @@ def generate_data(cfg) -> dict:
     from simpo_exp.inference.scoring import check_reward_model
     from simpo_exp.model import load_tokenizer
 
-    g = cfg.generate
-    if g.temperature == 0 and len(g.seeds) * g.samples_per_seed > 1:
-        raise ConfigError(
-            f"generate.temperature=0 (greedy) gives every one of the {len(g.seeds) * g.samples_per_seed} passes "
-            "(generate.seeds x generate.samples_per_seed) the same response, and a pair needs two different ones: "
-            "use a temperature > 0"
-        )
     out = Path(cfg.output_dir)
     shard_dir = out / "shards"
     prompts, source_counts = _tokenised_prompts(cfg, load_tokenizer(cfg.model))
