@@ -11,6 +11,7 @@ Defaults live here once; the YAML files in ``conf/`` only state what a preset ch
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -590,13 +591,36 @@ def to_config(cfg: DictConfig | Config) -> Config:
     return validate(cfg)
 
 
+def undeclared_keys(node: DictConfig, prefix: str = ""):
+    """(dotted key, the keys its level declares) for each key of a composed config that its schema does not
+    declare. Hydra adds any key given with '+' (``+betta=5``, ``+hardware.pakcing=none``) to the config, and the
+    dataclass would carry it as an attribute that nothing reads."""
+    kind = OmegaConf.get_type(node)
+    declared = list(kind.__dataclass_fields__) if dataclasses.is_dataclass(kind) else None
+    for key in node.keys():
+        if declared is not None and key not in declared:
+            yield f"{prefix}{key}", declared
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            yield from undeclared_keys(child, f"{prefix}{key}.")
+
+
 def structured(schema: type, cfg: DictConfig):
     """A stage's composed config as an instance of its ``schema`` dataclass. A key that has no default and was
     not given (``dataset=local`` without ``dataset.sources.local.path``) is a ConfigError naming it."""
     from omegaconf.errors import MissingMandatoryValue
 
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        for key, declared in undeclared_keys(merged):
+            parent, _, name = key.rpartition(".")
+            close = difflib.get_close_matches(name, declared, n=1)
+            hints = [f"did you mean {parent + '.' if parent else ''}{close[0]}?"] if close else []
+            hints += [] if parent else ["a config group is chosen without '+' (hparams=reasoning)"]
+            value = OmegaConf.select(merged, key, throw_on_resolution_failure=False)
+            _fail(key, value, "; ".join(["no such key, so nothing would read it (added with '+'?)", *hints]))
+        return OmegaConf.to_object(merged)
     except MissingMandatoryValue as err:
         key = err.full_key or "?"
         hint = " (a local file: nothing is downloaded)" if key.endswith("path") else ""

@@ -178,6 +178,31 @@ def test_unknown_nested_key_fails_at_composition(compose):
     assert "hidden" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("+betta=5", ["betta=5: no such key, so nothing would read it", "did you mean beta?"]),
+        ("+hardware.pakcing=none", ["hardware.pakcing='none': no such key", "did you mean hardware.packing?"]),
+        ("+hparam=reasoning", ["hparam='reasoning': no such key", "chosen without '+' (hparams=reasoning)"]),
+        ("+model.foo=1", ["model.foo=1: no such key"]),
+    ],
+)
+def test_a_key_added_with_plus_that_nothing_reads_is_refused(compose, override, says):
+    """Hydra adds such a key to the composed config, and the run trained as if it had not been given (the run's
+    name even carried it)."""
+    cfg = compose(override)  # Hydra itself takes it
+    with pytest.raises(ConfigError) as err:
+        to_config(cfg)
+    assert all(text in str(err.value) for text in says), str(err.value)
+
+
+def test_keys_of_a_new_data_source_are_declared_keys(compose):
+    cfg = to_config(compose("dataset=local", "dataset.sources.local.path=/data/prefs.jsonl"))
+    assert cfg.dataset.sources["local"].path == "/data/prefs.jsonl"
+    with pytest.raises(ConfigError, match=r"dataset.sources.local.prompt_colum='x': .*did you mean .*prompt_column"):
+        to_config(compose("dataset=local", "dataset.sources.local.path=/p", "+dataset.sources.local.prompt_colum=x"))
+
+
 def test_unknown_group_option_fails_at_composition(compose):
     with pytest.raises(ConfigCompositionException) as err:
         compose("model=llama4-1t")

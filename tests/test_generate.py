@@ -337,6 +337,8 @@ def test_bad_generate_value_is_refused_before_anything_loads(tmp_path):
     assert not (tmp_path / "g" / "shards").exists()
     res = generate("beta=5", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)  # sampling never reads it
     assert res.returncode == 2 and "beta='5': is a training key" in res.stderr, res.stderr[-2000:]
+    res = generate("+foo=3", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)  # nothing reads it
+    assert res.returncode == 2 and "foo=3: no such key" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "g" / "shards").exists()
 
 
