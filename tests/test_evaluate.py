@@ -505,6 +505,24 @@ def test_an_unknown_benchmark_is_refused(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_a_benchmark_preset_in_the_users_own_config_dir_is_composed(tmp_path):
+    """A preset of --config-dir was refused as an unknown benchmark (the name check read the package's conf/ only),
+    and the run directory had to be the first argument (after --config-dir: Hydra's "missing EQUAL")."""
+    presets = tmp_path / "myconf" / "benchmark"
+    presets.mkdir(parents=True)
+    (presets / "mysort.yaml").write_text(
+        "# @package benchmarks.mysort\nname: mysort\nkind: alpacaeval\nprompts_path: ???\n"
+    )
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    given = ["--config-dir", str(tmp_path / "myconf"), str(run)]
+    res = evaluate(*given, "benchmark=mysort", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path)
+    assert res.returncode == 2 and "benchmarks.mysort.prompts_path=" in res.stderr, res.stderr
+    res = evaluate(*given, "benchmark=[mysort,nope]", cwd=tmp_path)
+    assert res.returncode == 2 and "unknown benchmark 'nope'" in res.stderr and "mysort, rule" in res.stderr
+
+
 def test_a_run_directory_that_is_not_there_is_named(tmp_path):
     res = evaluate(str(tmp_path / "outputs" / "nope"), "benchmark=rule", cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]

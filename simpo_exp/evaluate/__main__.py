@@ -16,23 +16,63 @@ from simpo_exp.evaluate.config import to_evaluate_config  # stores the schema Hy
 from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import user_errors
 
+# Hydra's command-line options that take a value in the next argument (``--info`` takes one of INFO_TOPICS)
+OPTIONS_WITH_VALUE = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def _plain_arguments(argv: list[str]) -> list[int]:
+    """Where in ``argv`` the arguments are that are neither an option, an option's value, nor a key=value."""
+    found, option = [], ""
+    for i, arg in enumerate(argv[1:], 1):
+        if option in OPTIONS_WITH_VALUE or (option == "--info" and arg in INFO_TOPICS):
+            option = ""
+            continue
+        option = arg
+        if not arg.startswith("-") and "=" not in arg:
+            found.append(i)
+    return found
+
 
 def _path_argument(argv: list[str]) -> list[str]:
-    """A leading directory argument as ``evaluate.path='...'`` (quoted: job directories hold '=' and ','). A
-    leading argument that is neither a directory nor an option nor an override (no '='): a one-line error and
-    exit 2, not Hydra's "missing EQUAL" parse error."""
-    if len(argv) > 1 and not argv[1].startswith("-") and Path(argv[1]).is_dir():
-        quoted = argv[1].replace("\\", "\\\\").replace("'", "\\'")
-        return [argv[0], f"evaluate.path='{quoted}'", *argv[2:]]
-    if len(argv) > 1 and not argv[1].startswith("-") and "=" not in argv[1]:
-        print(f"error: evaluate.path={argv[1]!r}: no such directory (give a run or sweep directory)", file=sys.stderr)
+    """The run or sweep directory, given as a plain argument anywhere among Hydra's options and overrides, as
+    ``evaluate.path='...'`` (quoted: job directories hold '=' and ','). A plain argument that is not a
+    directory: a one-line error and exit 2, not Hydra's "missing EQUAL" parse error."""
+    plain = _plain_arguments(argv)
+    if not plain:
+        return argv
+    i = plain[0]
+    if not Path(argv[i]).is_dir() or len(plain) > 1:
+        what = "no such directory" if not Path(argv[i]).is_dir() else f"a second directory {argv[plain[1]]!r}"
+        print(f"error: evaluate.path={argv[i]!r}: {what} (give one run or sweep directory)", file=sys.stderr)
         raise SystemExit(2)
-    return argv
+    quoted = argv[i].replace("\\", "\\\\").replace("'", "\\'")
+    return [*argv[:i], f"evaluate.path='{quoted}'", *argv[i + 1 :]]
+
+
+def _config_dirs(argv: list[str]) -> list[Path] | None:
+    """The config directories a command adds to the package's (``--config-dir``, ``hydra.searchpath``); None
+    where one is not a local folder (a ``pkg://`` entry), so that Hydra itself checks the names."""
+    dirs = []
+    for i, arg in enumerate(argv[1:], 1):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.partition("=")[2])
+        elif arg.lstrip("+").startswith("hydra.searchpath="):
+            dirs += [d.strip().strip("'\"") for d in arg.partition("=")[2].strip("[]").split(",") if d.strip()]
+    if any(d.startswith("pkg://") for d in dirs):
+        return None
+    return [Path(d.removeprefix("file://")) for d in dirs]
 
 
 def _check_benchmark_names(argv: list[str]) -> None:
-    """An unknown ``benchmark=`` option: a one-line error and exit 2 (Hydra's own is a longer exit 1)."""
-    known = sorted(p.stem for p in (Path(CONF_DIR) / "benchmark").glob("*.yaml"))
+    """An unknown ``benchmark=`` option: a one-line error and exit 2 (Hydra's own is a longer exit 1). The
+    package's presets and those of the command's own config directories are known."""
+    extra = _config_dirs(argv)
+    if extra is None:
+        return
+    known = sorted({p.stem for d in [Path(CONF_DIR), *extra] for p in (d / "benchmark").glob("*.yaml")})
     for arg in argv[1:]:
         key, sep, value = arg.lstrip("+~").partition("=")
         if key != "benchmark" or not sep:
@@ -42,7 +82,7 @@ def _check_benchmark_names(argv: list[str]) -> None:
         if unknown:
             print(
                 f"error: invalid config value benchmark={value!r}: unknown benchmark {', '.join(map(repr, unknown))}; "
-                f"known: {', '.join(known)} (conf/benchmark/*.yaml)",
+                f"known: {', '.join(known)} (benchmark/*.yaml in the package's conf/ and in --config-dir)",
                 file=sys.stderr,
             )
             raise SystemExit(2)
