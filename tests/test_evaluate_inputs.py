@@ -273,3 +273,34 @@ def test_decoding_vllm_settings_are_checked_as_the_generate_stage_checks_them():
         _validate_benchmark("b", rule(vllm_gpu_memory_utilization=7))
     with pytest.raises(ConfigError, match="b.decoding.vllm_tensor_parallel_size=0"):
         _validate_benchmark("b", rule(vllm_tensor_parallel_size=0))
+
+
+def test_a_runs_paths_are_read_as_training_read_them_wherever_evaluate_runs(tmp_path, monkeypatch):
+    """Hydra saves the config unresolved: ``${hydra:runtime.cwd}`` was resolved with evaluate's own Hydra (its
+    folder, not the run's), and a relative model.path against evaluate's folder, where another model of that name
+    would have served as the starting policy without a word."""
+    import yaml
+
+    from simpo_exp.evaluate.runs import load_run_config
+
+    user = tmp_path / "user"
+    (user / "models" / "mine").mkdir(parents=True)
+    (user / "data").mkdir()
+    (user / "data" / "prefs.jsonl").write_text("")
+    run = user / "out" / "run1"
+    (run / ".hydra").mkdir(parents=True)
+    saved = {"seed": 3, "model": {"name": "mine", "path": "${hydra:runtime.cwd}/models/mine"}}
+    saved["dataset"] = {"name": "local", "sources": {"local": {"path": "data/prefs.jsonl"}}}
+    saved |= {"hardware": {"name": "cpu"}, "logger": {"name": "none"}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"cwd": str(user)}}}))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    (elsewhere / "data" / "prefs.jsonl").write_text("")  # a file of the same relative name where evaluate runs
+    monkeypatch.chdir(elsewhere)
+    cfg = load_run_config(run)
+    assert cfg.model.path == f"{user}/models/mine"
+    assert cfg.dataset.sources["local"].path == str(user / "data" / "prefs.jsonl")
+    saved["model"]["path"] = "org/model"  # a hub id stays one
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert load_run_config(run).model.path == "org/model"

@@ -39,7 +39,15 @@ from simpo_exp.evaluate.judge import (
     rule_preferences,
     win_rate,
 )
-from simpo_exp.evaluate.runs import find_runs, has_model, load_run_config, run_name, starting_policy, trained_policy
+from simpo_exp.evaluate.runs import (
+    as_trained,
+    find_runs,
+    has_model,
+    load_run_config,
+    run_name,
+    starting_policy,
+    trained_policy,
+)
 from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
 from simpo_exp.inference.results import EVAL_DIR, HEADLINE, PREFIX, results_path
 from simpo_exp.rundir import output_stage, read_json
@@ -396,7 +404,7 @@ def _finish_run(run_dir: Path, run_cfg, e) -> None:
     from simpo_exp.modelcard import job_repo_id, push_model, write_model_card
 
     if e.model_card:
-        saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+        saved = as_trained(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}, run_dir)
         write_model_card(run_dir, saved, run_name(run_cfg, run_dir))
     if e.push_to_hub:
         repo = e.hub_repo if len(find_runs(Path(e.path))) == 1 else job_repo_id(e.hub_repo, run_dir.name)

@@ -1,6 +1,7 @@
 """Find the runs under a path and rebuild what evaluating one needs from its saved config.
 
-A run directory holds ``.hydra/config.yaml`` (the composed, resolved config it trained with) and, when
+A run directory holds ``.hydra/config.yaml`` (the composed config it trained with, saved by Hydra before its
+interpolations were resolved) and, when
 it finished, ``model/`` (``save_pretrained``: weights, tokenizer and its chat template). The trained
 policy is ``model.path=<run>/model`` with the saved tokenizer's own template; the starting policy is
 the run's model config unchanged: the same ``model.path``, or for a random init the same shape and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from simpo_exp.config import Config, ConfigError
 from simpo_exp.model import saved_dtype
 from simpo_exp.rundir import other_stage_output, read_yaml
 
+HYDRA_RESOLVER = re.compile(r"\$\{hydra:([^}]+)\}")
 SKIP = {"eval", "model", "wandb", "checkpoints", ".hydra", "compare"}
 SECTIONS = ("model", "dataset", "hardware", "logger")
 
@@ -53,10 +56,39 @@ def _known(section: str, node: dict) -> dict:
     return {k: v for k, v in node.items() if k in fields}
 
 
+def as_trained(saved: dict, run_dir: Path) -> dict:
+    """A run's saved config as training read it. Hydra saves the config unresolved, so ``${hydra:...}`` values
+    (``${hydra:runtime.cwd}/models/x``) come from the run's own ``.hydra/hydra.yaml``, not from this command's
+    Hydra, and a relative local path (``model.path=models/x``) is taken from the folder training ran in."""
+    run_hydra = (read_yaml(Path(run_dir) / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}
+
+    def hydra_value(match: re.Match) -> str:
+        node = run_hydra
+        for part in match.group(1).strip().split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return match.group(0) if node is None else str(node)
+
+    def resolve(node):
+        if isinstance(node, dict):
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return HYDRA_RESOLVER.sub(hydra_value, node) if isinstance(node, str) else node
+
+    saved = resolve(saved)
+    cwd = (run_hydra.get("runtime") or {}).get("cwd")
+    places = [saved.get("model") or {}, *((saved.get("dataset") or {}).get("sources") or {}).values()]
+    for place in places if cwd else []:
+        path = place.get("path") if isinstance(place, dict) else None
+        if isinstance(path, str) and path and not Path(path).is_absolute() and (Path(cwd) / path).exists():
+            place["path"] = str(Path(cwd) / path)
+    return saved
+
+
 def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / ".hydra" / "config.yaml"
     try:
-        saved = yaml.safe_load(path.read_text()) or {}
+        saved = as_trained(yaml.safe_load(path.read_text()) or {}, run_dir)
         picked = {s: _known(s, saved.get(s)) for s in SECTIONS}
         picked["seed"] = saved.get("seed", 42)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), picked))
