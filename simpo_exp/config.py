@@ -598,6 +598,8 @@ def undeclared_keys(node: DictConfig, prefix: str = ""):
     kind = OmegaConf.get_type(node)
     declared = list(kind.__dataclass_fields__) if dataclasses.is_dataclass(kind) else None
     for key in node.keys():
+        if not prefix and key == "hydra":  # Hydra's own node, in a config composed with return_hydra_config
+            continue
         if declared is not None and key not in declared:
             yield f"{prefix}{key}", declared
             continue

@@ -646,3 +646,32 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     assert [p["prompt_id"] for p in kept] == ["0", "2", "4"]  # the first three that fit
     assert report["prompt too long"] == 2 and report["over dataset.max_train_samples"] == 1
     assert len(kept) + sum(v for k, v in report.items() if k != "rows") == report["rows"]
+
+
+def test_the_printed_training_command_keeps_the_model_preset_and_config_dirs(tmp_path):
+    """It named only dataset and model.path: a user's own preset (from --config-dir or hydra.searchpath) was not
+    found, and a hub preset's learning rate and batch gave way to the tiny default's."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from simpo_exp.generate.config import to_generate_config
+    from simpo_exp.generate.run import train_command
+
+    mine = tmp_path / "myconf"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "mine.yaml").write_text("name: mine\npath: /models/mine\nlearning_rate: 1e-5\n")
+    overrides = ["output_dir=/tmp/unused", "model=mine", f"hydra.searchpath=[file://{mine}]"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = to_generate_config(compose(config_name="generate", overrides=overrides))
+        before = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(
+            compose(config_name="generate", overrides=overrides, return_hydra_config=True)
+        )
+        try:
+            command = train_command(cfg, "/out/data/train.jsonl")
+        finally:
+            HydraConfig.instance().cfg = before
+    assert command == (
+        f"python -m simpo_exp 'hydra.searchpath=[file://{mine}]' model=mine dataset=local "
+        "dataset.sources.local.path=/out/data/train.jsonl model.path=/models/mine"
+    )

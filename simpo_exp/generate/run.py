@@ -314,14 +314,31 @@ def generate_data(cfg) -> dict:
         out / "data" / "train.jsonl",
     )
     data = str(out.resolve() / "data" / "train.jsonl")
-    # on-policy: the next round trains the policy that sampled (a random init is rebuilt from the run's seed)
-    policy = f" {override('model.path', cfg.model.path)}" if cfg.model.path else ""
-    print(
-        f"\npreference data: {data} ({len(rows)} pairs)\ntrain on it: python -m simpo_exp dataset=local "
-        f"{override('dataset.sources.local.path', data)}{policy}",
-        flush=True,
-    )
+    print(f"\npreference data: {data} ({len(rows)} pairs)\ntrain on it: {train_command(cfg, data)}", flush=True)
     return report
+
+
+DEFAULT_MODEL = "tiny"  # training's model preset when none is chosen (conf/config.yaml)
+
+
+def train_command(cfg, data: str) -> str:
+    """The command that trains on the pairs. On-policy, the next round trains the policy that sampled (its
+    model.path; a random init is rebuilt from the run's seed), under this command's model preset (its learning
+    rate and batch) and config directories (where a preset of the user's own lives)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    words = ["python -m simpo_exp"]
+    if HydraConfig.initialized():
+        runtime = HydraConfig.get().runtime
+        given = [s for s in runtime.config_sources if s.schema == "file"]
+        words += [f"--config-dir {s.path}" for s in given if s.provider == "command-line"]
+        searched = [f"{s.schema}://{s.path}" for s in runtime.config_sources if "searchpath" in s.provider]
+        words += [f"'hydra.searchpath=[{','.join(searched)}]'"] if searched else []  # a list: quoted for the shell
+        model = runtime.choices.get("model")
+        words += [f"model={model}"] if model and model != DEFAULT_MODEL else []
+    words += ["dataset=local", override("dataset.sources.local.path", data)]
+    words += [override("model.path", cfg.model.path)] if cfg.model.path else []
+    return " ".join(words)
 
 
 def override(key: str, value: str) -> str:
