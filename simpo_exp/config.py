@@ -68,7 +68,9 @@ class ModelConfig:
     # Hub id or local directory. Empty: a random model of ``random_init``'s shape, built from config.
     path: str = ""
     tokenizer_path: str = ""  # defaults to ``path``
-    params_b: float = 0.0  # size in billions of parameters; feeds the learning-rate default
+    # size in billions of parameters; feeds the learning-rate default (a run without it, model.learning_rate or
+    # learning_rate is refused)
+    params_b: Optional[float] = None
     learning_rate: Optional[float] = None  # a model's own recommendation, wins over the size rule
     dtype: str = "float32"  # weights dtype; autocast comes from the hardware group
     attn_implementation: Optional[str] = None  # None: take the hardware group's choice
@@ -449,7 +451,8 @@ def _validate_model(m: ModelConfig) -> None:
     _check_choice("model.dtype", m.dtype, DTYPES)
     if m.attn_implementation is not None:
         _check_choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
-    _check(m.params_b >= 0, "model.params_b", m.params_b, "must be >= 0")
+    if m.params_b is not None:
+        _check(m.params_b > 0, "model.params_b", m.params_b, "must be > 0 (billions of parameters) or null")
     if m.path:  # a model read from disk or the hub has its own shape
         for name, value in vars(m.random_init).items():
             _check(
@@ -588,7 +591,15 @@ def to_config(cfg: DictConfig | Config) -> Config:
     """Turn a composed (already resolved) DictConfig into a validated ``Config`` object."""
     if isinstance(cfg, DictConfig):
         cfg = structured(Config, cfg)
-    return validate(cfg)
+    cfg = validate(cfg)
+    if cfg.learning_rate is None and cfg.model.learning_rate is None and cfg.model.params_b is None:
+        _fail(
+            "model.params_b",
+            None,
+            f"model preset {cfg.model.name!r} gives no size, and nothing sets the learning rate, whose default "
+            "follows the size: set model.params_b=<billions of parameters> (7-8B: 5e-7) or learning_rate=...",
+        )
+    return cfg
 
 
 def undeclared_keys(node: DictConfig, prefix: str = ""):

@@ -70,6 +70,16 @@ def test_learning_rate_follows_model_size(params_b, lr):
     assert learning_rate_for_size(params_b) == lr
 
 
+def test_a_model_of_unknown_size_needs_a_learning_rate(compose):
+    """A preset without params_b got the rate of a 0B model (1e-6, twice the 7-8B default) without a word."""
+    given = ["model=llama3-8b", "model.params_b=null"]
+    with pytest.raises(ConfigError, match=r"model.params_b=None: model preset 'llama3-8b' gives no size"):
+        to_config(compose(*given))
+    assert resolve_learning_rate(to_config(compose(*given, "learning_rate=4e-7")))[0] == 4e-7
+    with pytest.raises(ConfigError, match="model.params_b=0.0: must be > 0"):
+        to_config(compose("model=llama3-8b", "model.params_b=0"))
+
+
 @pytest.mark.parametrize(
     "model,lr", [("llama3-8b", 5e-7), ("mistral-7b", 5e-7), ("qwen2.5-0.5b-instruct", 1e-6), ("gemma2-9b-it", 5e-7)]
 )
