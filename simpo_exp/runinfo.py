@@ -242,7 +242,9 @@ class SweepSummary(Callback):
                 flush=True,
             )
         if not failed:
-            if not stopped:
+            if not stopped and not jobs:  # the sweep ended before its first job (a preset that does not compose)
+                print(f"sweep ended before any job ran ({self.sweep_dir}): see the error above", file=sys.stderr)
+            elif not stopped:
                 print(f"sweep finished: {len(jobs)} jobs in {self.sweep_dir}", flush=True)
             return False
         print(f"\nsweep finished: {len(failed)} of {len(jobs)} jobs FAILED ({self.sweep_dir})", file=sys.stderr)

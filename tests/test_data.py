@@ -700,6 +700,21 @@ def test_unsupported_extension_and_unreadable_file(tmp_path, tok):
         build_datasets(make_config({"src": SourceConfig(path=str(broken))}), tok)
     assert str(broken) in str(err.value)
     assert "row 0" in str(err.value)  # the parser's own words, which were printed apart from the error
+    rows = "".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(3))
+    broken.write_text(rows + '{"prompt": "p", "chosen": "a", "rejected": \n' + rows)
+    with pytest.raises(DataSourceError) as err:  # the parser counts rows from 0; an editor counts lines from 1
+        build_datasets(make_config({"src": SourceConfig(path=str(broken))}), tok)
+    assert f"first line that is not JSON: {broken}:4 (" in str(err.value), str(err.value)
+
+
+def test_a_json_object_of_splits_is_named_as_such(tmp_path, tok):
+    both = tmp_path / "both.json"
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    both.write_text(json.dumps({"train": [pair] * 4, "test": [pair] * 2}))
+    with pytest.raises(
+        DataSourceError, match=r"1 row\(s\) \(columns \['train', 'test'\]\).*a file holds a list of rows"
+    ):
+        build_datasets(make_config({"src": SourceConfig(path=str(both))}), tok)
 
 
 def test_a_backup_beside_a_split_file_is_not_read_as_a_shard(tmp_path, tok, caplog):

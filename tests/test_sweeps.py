@@ -32,6 +32,15 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     assert "1 of 3 jobs FAILED" in res.stderr and failed[0].name in res.stderr
 
 
+def test_a_sweep_whose_presets_do_not_compose_says_no_job_ran(tmp_path):
+    """Hydra composes every job before the first starts; a preset name that is not there ended the sweep with
+    "sweep finished: 0 jobs", which reads as a success."""
+    sweep = tmp_path / "sweep"
+    res = simpo("--multirun", "hparams=default,nope", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    assert res.returncode != 0 and "nope" in res.stderr
+    assert "sweep ended before any job ran" in res.stderr and "sweep finished" not in res.stdout + res.stderr
+
+
 def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
     sweep = tmp_path / "optuna"
     res = simpo(

@@ -80,7 +80,24 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ is not None and str(e.__cause__) else ""
         raise DataSourceError(
             f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}{cause}"
+            f"{first_bad_json_line(files)}"
         ) from e
+
+
+def first_bad_json_line(files: list[Path]) -> str:
+    """Where the first line of a JSON Lines file that is not JSON is, counted from 1 as editors count (the parser
+    datasets uses counts its rows from 0), or "" where every line reads."""
+    for f in (f for f in files if f.suffix.lower() == ".jsonl"):
+        try:
+            with open(f, encoding="utf-8") as lines:
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"; first line that is not JSON: {f}:{number} ({e.msg} at column {e.colno})"
+        except (OSError, UnicodeDecodeError):
+            return ""
+    return ""
 
 
 def _split_files(directory: Path, split: str, warn: bool = True) -> list[Path]:
@@ -199,8 +216,12 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
     if test_split is not None and not single_file:
         test = load_split(src, name, test_split, dcfg.synthetic)
     else:
-        if len(train) < 2:
-            raise DataSourceError(f"dataset.sources.{name}: {len(train)} row(s) cannot be split into train and test")
+        if len(train) < 2:  # a JSON object of splits ({"train": [...], "test": [...]}) reads as one row
+            raise DataSourceError(
+                f"dataset.sources.{name}: {len(train)} row(s) (columns {train.column_names}) cannot be split into "
+                "train and test; a file holds a list of rows (one split per file, train.jsonl and test.jsonl in a "
+                "directory)"
+            )
         parts = train.train_test_split(test_size=carved_share(src, dcfg), seed=dcfg.shuffle_seed)
         train, test = parts["train"], parts["test"]
     if src.fraction < 1.0:
