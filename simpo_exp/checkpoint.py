@@ -43,6 +43,7 @@ import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from simpo_exp.config import schema_default
 from simpo_exp.errors import OtherRunsDirectory, UserError
 from simpo_exp.memory import Engine, state_bytes
 from simpo_exp.rundir import RESUMABLE_CHANGES, read_jsonl
@@ -428,6 +429,8 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = 
         if prefix == "hardware." and key not in TRAINING_HARDWARE_KEYS:
             continue
         a, b = saved.get(key), current.get(key)
+        if key not in saved and not isinstance(b, dict) and b == schema_default(f"{prefix}{key}"):
+            continue  # a key added since the run was saved, at its default: what the older version did
         if key in UNORDERED_KEYS and isinstance(a, list) and isinstance(b, list):  # the same set in another order
             a, b = sorted(map(str, a)), sorted(map(str, b))
         if isinstance(a, dict) and isinstance(b, dict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -312,6 +313,26 @@ def _default(schema: type, name: str) -> Any:
     """A dataclass field's default value (made by its factory where it has one)."""
     f = schema.__dataclass_fields__[name]
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def schema_default(dotted: str, schema: type | None = None) -> Any:
+    """The declared default of a dotted key of the training config (``dataset.chat_format``), entries of a
+    dictionary of sections included (``dataset.sources.<name>.fraction``); ``MISSING`` where it has none or the
+    schema does not declare the key."""
+    node, parts, i = schema or Config, dotted.split("."), 0
+    while i < len(parts):
+        fields = getattr(node, "__dataclass_fields__", None)
+        if not fields or parts[i] not in fields:
+            return MISSING
+        if i == len(parts) - 1:
+            f = fields[parts[i]]
+            has = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            return _default(node, parts[i]) if has else MISSING
+        hint = typing.get_type_hints(node)[parts[i]]
+        if typing.get_origin(hint) is dict:  # Dict[str, Section]: the next part names an entry
+            hint, i = typing.get_args(hint)[1], i + 1
+        node, i = hint, i + 1
+    return MISSING
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:

@@ -271,6 +271,20 @@ def test_a_resume_may_change_how_a_run_runs_but_not_what_it_trains():
     ]
 
 
+def test_a_key_added_since_a_run_was_saved_counts_only_when_it_leaves_its_default():
+    """A checkpoint or finished run written before dataset.chat_format existed was refused ("checkpoint None, now
+    'generation_prompt'"), though the new key's default is what the older version did; no override could help."""
+    from simpo_exp.checkpoint import incompatible_keys
+
+    saved = {"beta": 2.0, "dataset": {"name": "synthetic", "sources": {"s": {"path": "/d"}}}}
+    added = {"beta": 2.0, "dataset": {"name": "synthetic", "chat_format": "generation_prompt"}}
+    added["dataset"]["sources"] = {"s": {"path": "/d", "fraction": 1.0}}
+    assert incompatible_keys(saved, added) == []
+    added["dataset"] |= {"chat_format": "simpo_repo"}
+    assert incompatible_keys(saved, added) == ["dataset.chat_format: checkpoint None, now 'simpo_repo'"]
+    assert incompatible_keys({**saved, "gamma": None}, {**saved, "gamma": 1.0}) == ["gamma: checkpoint None, now 1.0"]
+
+
 def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):
     """Each process's data position is its own (the batches are dealt in turn): resumed on another number of
     processes, pairs would be trained twice or never. Refused, naming both counts; the same count loads."""
