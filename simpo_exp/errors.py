@@ -18,6 +18,10 @@ class OtherRunsDirectory(UserError, RuntimeError):
     Hydra rewrote before the run could refuse)."""
 
 
+class FolderInUse(OtherRunsDirectory):
+    """Another job is working in the folder (``rundir.hold_folder``): the command is refused, the folder left to it."""
+
+
 class OutOfMemoryError(UserError, RuntimeError):
     """A training or evaluation step ran out of device memory."""
 

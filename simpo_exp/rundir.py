@@ -7,6 +7,10 @@ what it has so far.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 import yaml
@@ -122,3 +126,41 @@ def output_stage(path: Path) -> str | None:
 def other_stage_output(path: Path) -> bool:
     """Whether ``path`` is a generate or evaluate stage's output directory (``output_stage``)."""
     return output_stage(path) is not None
+
+
+IN_USE_FILE = ".in-use"  # the lock a working job holds on its folder (hold_folder)
+_held: dict[str, int] = {}
+
+
+def hold_folder(path: Path, advice: str) -> None:
+    """Take ``path`` for this job, so that a second job started there while this one works (a requeue while the
+    old job lives, two commands given one folder, two runs started in the same second) is refused instead of
+    mixing its records and files with this one's. The lock is the operating system's (``flock``), so a killed
+    job holds nothing; where the file system has none, nothing is held. A process holds one folder at a time:
+    taking one lets go of the one before (a sweep's jobs run in turn in one process)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return
+    for fd in _held.values():
+        os.close(fd)  # closing lets go of the lock
+    _held.clear()
+    Path(path).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(path) / IN_USE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 1024).decode(errors="replace").strip()
+        os.close(fd)
+        from simpo_exp.errors import FolderInUse
+
+        raise FolderInUse(
+            f"{Path(path).resolve()} is in use by another job ({holder or 'one that has just started'}): {advice}"
+        ) from None
+    except OSError as e:  # a file system without locks (Lustre without its flock option, say)
+        os.close(fd)
+        logging.getLogger(__name__).warning("%s cannot be locked here (%s): a second job there is not refused", path, e)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    _held[str(path)] = fd

@@ -17,8 +17,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from simpo_exp.errors import OtherRunsDirectory
-from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, read_json, stopped_words
+from simpo_exp.errors import FolderInUse, OtherRunsDirectory
+from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, hold_folder, read_json, stopped_words
 from simpo_exp.signals import StopRequested
 
 
@@ -100,6 +100,20 @@ def user_errors(cfg: DictConfig, work: str | None = None):
     """
     out = Path(HydraConfig.get().runtime.output_dir)
     single, main = HydraConfig.get().mode == RunMode.RUN, os.environ.get("RANK", "0") == "0"
+    if main:  # before anything here is read or removed: a job still working in this folder keeps it
+        try:
+            hold_folder(
+                out,
+                "wait for it to end, or give this command a folder of its own (hydra.run.dir=...; hydra.sweep.dir="
+                "... for a sweep); two jobs started in the same second get the same dated folder",
+            )
+        except FolderInUse as e:  # the working job's records and config stay as it left them
+            _started_with.clear()
+            restore_run_config(out)  # or the working job puts them back itself when it starts training
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None  # in a sweep too: a second sweep in the same folder stops here
+        _started_with.clear()
+        _started_with.update({f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")})
     # a re-run's outcome replaces an earlier failure's, stop's or refusal's, unless this command is refused or
     # interrupted before it starts: then they are put back. The main process alone (every process names this folder)
     earlier = _take_records(out) if main else {}
@@ -140,6 +154,7 @@ def user_errors(cfg: DictConfig, work: str | None = None):
             raise SystemExit(2) from None
 
 
+_started_with: dict[str, bytes] = {}  # this job's .hydra files as they were when it took its folder
 RAN_WITH = "ran_with"  # .hydra/ran_with/: the .hydra files of the command a run last trained under
 REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)
 
@@ -164,13 +179,16 @@ def _put_back(out: Path, records: dict[str, bytes]) -> None:
 
 
 def keep_run_config(run_dir: Path) -> None:
-    """Copy the run's .hydra files aside once its start is accepted (``restore_run_config`` puts them back)."""
+    """Copy the run's .hydra files aside once its start is accepted (``restore_run_config`` puts them back): as
+    they were when this job took the folder, since a job refused there meanwhile had Hydra rewrite them."""
     src = Path(run_dir) / ".hydra"
     if not src.is_dir():
         return
     dst = src / RAN_WITH
     dst.mkdir(exist_ok=True)
     for f in src.glob("*.yaml"):
+        if f.name in _started_with:
+            f.write_bytes(_started_with[f.name])
         shutil.copy2(f, dst / f.name)
 
 

@@ -279,3 +279,39 @@ except checkpoint.CheckpointSaveError as e:
     assert res.returncode == 3, res.stderr[-3000:]
     assert "could not write checkpoint" in res.stdout and "File too large" in res.stdout
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- a folder another job works in
+def test_a_folder_another_job_works_in_is_refused_by_every_stage(tmp_path):
+    """Two jobs in one folder (a requeue while the old job lives, one hydra.run.dir given twice, two runs started in
+    the same second) both ran: their metrics interleaved in one metrics.jsonl, one deleted the other's checkpoint
+    being written, and the folder's config, summary and model were whichever wrote last. Here this test process
+    holds the folders, as a working job would."""
+    from simpo_exp.evaluate.run import evaluate_all  # noqa: F401  (the stage the third command runs)
+    from simpo_exp.rundir import hold_folder
+    from tests.runs import run_module
+
+    run = tmp_path / "run"
+    hold_folder(run, "test")
+    res = simpo("logger=none", "max_steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert res.returncode == 2 and f"{run} is in use by another job (pid {os.getpid()} on " in res.stderr
+    assert "give this command a folder of its own" in res.stderr and not (run / "metrics.jsonl").exists()
+
+    gen = tmp_path / "gen"
+    hold_folder(gen, "test")  # lets go of the run folder
+    res = run_module("simpo_exp.generate", "logger=none", f"hydra.run.dir={gen}", cwd=tmp_path, timeout=300)
+    assert res.returncode == 2 and f"{gen} is in use by another job" in res.stderr and not (gen / "shards").exists()
+
+    trained = tmp_path / "trained"
+    (trained / ".hydra").mkdir(parents=True)
+    (trained / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (trained / "model").mkdir()
+    (trained / "model" / "config.json").write_text("{}")
+    hold_folder(trained / "eval", "test")
+    res = run_module("simpo_exp.evaluate", str(trained), "benchmark=rule", f"hydra.run.dir={tmp_path / 'ev'}",
+                     cwd=tmp_path, timeout=300)  # fmt: skip
+    assert res.returncode == 2 and "another evaluate command is working on this run" in res.stderr, res.stderr
+    hold_folder(tmp_path / "elsewhere", "test")  # the run folder is free again: it trains
+    res = simpo("logger=none", "max_steps=2", "eval_steps=0", "eval_on_start=false", f"hydra.run.dir={run}",
+                "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0 and (run / "metrics.jsonl").exists(), res.stderr[-2000:]

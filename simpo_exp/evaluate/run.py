@@ -50,7 +50,7 @@ from simpo_exp.evaluate.runs import (
 )
 from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
 from simpo_exp.inference.results import EVAL_DIR, HEADLINE, PREFIX, results_path
-from simpo_exp.rundir import output_stage, read_json
+from simpo_exp.rundir import hold_folder, output_stage, read_json
 from simpo_exp.rundir import read_jsonl as read_lines
 
 log = logging.getLogger(__name__)
@@ -421,6 +421,8 @@ def evaluate_all(cfg) -> list[dict]:
         print(f"skipped {r}: no trained model (model/ missing: the run failed or is still running)", flush=True)
     records, judge_failures = [], []
     for run_dir in runs:
+        hold_folder(run_dir / "eval", "another evaluate command is working on this run; wait for it to end (the "
+                    "answers and verdicts it stores are reused)")  # fmt: skip
         run_cfg = load_run_config(run_dir)
         for b in cfg.benchmarks.values():
             try:
