@@ -304,3 +304,17 @@ def test_a_runs_paths_are_read_as_training_read_them_wherever_evaluate_runs(tmp_
     saved["model"]["path"] = "org/model"  # a hub id stays one
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
     assert load_run_config(run).model.path == "org/model"
+
+
+def test_answers_of_an_older_manifest_are_not_refused_over_a_key_it_did_not_record(tmp_path):
+    """Answers made before model_dtype was recorded were refused ("model_dtype: stored None, now 'float32'") right
+    after their manifest's weights were upgraded for reuse; the generate stage already read older manifests so."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.run import _check_manifest
+
+    path = tmp_path / "trained-manifest.json"
+    path.write_text(json.dumps({"weights": "w", "decoding": {"temperature": 0.0}}))
+    now = {"weights": "w", "decoding": {"temperature": 0.0}, "model_dtype": "float32"}
+    _check_manifest(path, now, has_answers=True)
+    with pytest.raises(ConfigError, match="decoding.temperature: stored 0.0, now 0.7"):
+        _check_manifest(path, {**now, "decoding": {"temperature": 0.7}}, has_answers=True)

@@ -157,7 +157,8 @@ def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple |
         write_json(path, manifest)
         return
     old = json.loads(path.read_text())
-    differ = manifest_changes(old, manifest, keys)
+    # a key an older manifest lacks is not held against it (written before that key was recorded), as in generate
+    differ = manifest_changes(old, manifest, set(manifest if keys is None else keys) & set(old))
     if differ:
         raise ConfigError(
             f"{path.parent} holds generations made with other settings ({'; '.join(differ)}); delete "

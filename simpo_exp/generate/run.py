@@ -97,7 +97,8 @@ def check_manifest(shard_dir: Path, manifest: dict, device=None) -> None:
     if differ:
         raise ConfigError(
             f"output_dir={str(shard_dir.parent)!r} holds shards made with other settings ({'; '.join(differ)}); "
-            "a resumed generation must repeat the same command: use a new hydra.run.dir"
+            "a resumed generation must repeat the same command (where it does, its data or the way this version "
+            "picks the prompts changed): use a new hydra.run.dir"
         )
 
 
