@@ -77,8 +77,11 @@ def recorded_summary(cfg) -> dict | None:
 
 
 def data_changed(run_dir: Path, cfg) -> list[str]:
-    """How the local data files differ from those the run in ``run_dir`` recorded (``sources.data_changes``)."""
-    from simpo_exp.data.sources import data_changes
+    """How the local data files differ from those the run in ``run_dir`` recorded (``sources.file_changes``); a
+    warning where its record is too old to hold their fingerprints."""
+    from simpo_exp.data.sources import file_changes, fingerprint, unchecked_sources, warn_unchecked
     from simpo_exp.rundir import recorded_sources
 
-    return data_changes(recorded_sources(run_dir), cfg.dataset)
+    recorded, now = recorded_sources(run_dir), {name: fingerprint(src) for name, src in cfg.dataset.sources.items()}
+    warn_unchecked(unchecked_sources(recorded, now), run_dir)
+    return file_changes(recorded, now)

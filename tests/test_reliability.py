@@ -400,3 +400,25 @@ def test_a_sweep_job_refused_as_another_runs_directory_is_reported(tmp_path):
     assert load_run(sweep / "job0").status == "done"  # the run itself: as it finished
     ok = simpo("--multirun", *short, "seed=1", cwd=tmp_path)  # its own command again: skipped as finished
     assert ok.returncode == 0 and not (sweep / "job0" / "refused.json").exists()
+
+
+def test_a_run_recorded_before_data_fingerprints_is_said_to_be_unchecked(tmp_path, caplog):
+    """Resumed or found finished, such a run went on or was skipped on local data that had changed, without a word,
+    and the record the resume wrote held the new files' fingerprints as if its first steps had seen them."""
+    import logging
+
+    from simpo_exp.checkpoint import DifferentConfigCheckpoint
+    from simpo_exp.data.sources import file_sha256
+    from simpo_exp.train import check_same_data
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    (tmp_path / "data_report.json").write_text(json.dumps({"sources": {"local": {"rows": 1}}}))
+    now = {"local": {"rows": 1, "files": {"prefs.jsonl": file_sha256(data)}, "files_root": str(tmp_path)}}
+    with caplog.at_level(logging.WARNING):
+        check_same_data(tmp_path, now)
+    assert "holds no fingerprints of the files of dataset.sources.local" in caplog.text
+    assert now == {"local": {"rows": 1}}  # what the resumed run records: no fingerprint it cannot vouch for
+    (tmp_path / "data_report.json").write_text(json.dumps({"sources": {"local": {"rows": 1, "files": {}}}}))
+    with pytest.raises(DifferentConfigCheckpoint, match="prefs.jsonl is read now and was not then"):
+        check_same_data(tmp_path, {"local": {"files": {"prefs.jsonl": "x"}, "files_root": str(tmp_path)}})

@@ -409,12 +409,6 @@ def fingerprint(src: SourceConfig, files: list[Path] | None = None) -> dict:
     }
 
 
-def data_changes(recorded: dict, dcfg: DatasetConfig) -> list[str]:
-    """How the local data files of ``dcfg`` differ from a run's record of them (its data_report.json's
-    ``sources``); see ``file_changes``."""
-    return file_changes(recorded, {name: fingerprint(src) for name, src in dcfg.sources.items()})
-
-
 def file_changes(then: dict, now: dict) -> list[str]:
     """How two data reports' ``sources`` differ in their files' fingerprints (``fingerprint``), as
     ``dataset.sources.<name>: <file> ...`` lines; a source that recorded no files then (hub or synthetic data, or a
@@ -434,6 +428,23 @@ def file_changes(then: dict, now: dict) -> list[str]:
             elif before[file] != after[file]:
                 out.append(f"{where}: {file} changed (sha256 {before[file][:12]} then, {after[file][:12]} now)")
     return out
+
+
+def unchecked_sources(then: dict, now: dict) -> list[str]:
+    """The sources with local files now that a run's record holds no fingerprints of (a run started before they
+    were recorded): their files cannot be checked against those it trained on."""
+    return [name for name in sorted(now) if (now.get(name) or {}).get("files") and not isinstance(
+        ((then or {}).get(name) or {}).get("files"), dict)]  # fmt: skip
+
+
+def warn_unchecked(names: list[str], run_dir) -> None:
+    if names:
+        log.warning(
+            "%s: its record holds no fingerprints of the files of %s (it started before they were recorded), so "
+            "they cannot be checked against the data it trained on: make sure they are the same",
+            run_dir,
+            ", ".join(f"dataset.sources.{n}" for n in names),
+        )
 
 
 def provenance(path: str, files: list[Path] | None = None) -> dict:
