@@ -61,7 +61,7 @@ def rule_prompts(run_cfg, limit: int | None, run_dir: str | Path | None = None) 
             f"dataset={run_cfg.dataset.name!r} ({', '.join(sources)}), neither the task nor generate-stage data "
             "sampled from its prompts (no synthetic_task in a provenance.json); use benchmark=alpacaeval2, "
             "arena-hard or gsm8k for real data. Data from a generate stage older than the record of the task: run "
-            "the same generate command again (it gives the same pairs and records the task), then train on it"
+            "the same generate command again, into the same folder (it gives the same pairs and records the task)"
         )
     rows = generate(task)["test_prefs"][:limit]
     return [
