@@ -69,8 +69,23 @@ def check_tokenizer_files(path: str, what: str) -> None:
     if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         raise ModelNotFoundError(
             f"{what}={path!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
-            "there, or set model.tokenizer_path to a directory or hub id that has them"
+            f"there, or set model.tokenizer_path to a directory or hub id that has them{UNFINISHED_SAVE}"
         )
+
+
+# where a local model directory is a training run's model/, its save may have been cut short
+UNFINISHED_SAVE = (
+    ". A run's model/ is left so by a run killed while it saved its model (the run has no finished.json): run that "
+    "run's command again to finish it (it resumes from its last checkpoint)"
+)
+
+
+def unreadable_weights(path: str, err: Exception) -> ModelNotFoundError:
+    """The error for a local model directory whose weights do not load (cut short, or missing)."""
+    return ModelNotFoundError(
+        f"model.path={path!r}: its weights cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+        f"{UNFINISHED_SAVE}"
+    )
 
 
 def looks_like_local_path(path: str) -> bool:

@@ -20,7 +20,7 @@ import torch
 
 from simpo_exp.config import Config, ConfigError, ModelConfig
 from simpo_exp.flops import full_numel
-from simpo_exp.hub import check_model_available, check_tokenizer_files
+from simpo_exp.hub import check_model_available, check_tokenizer_files, unreadable_weights
 from simpo_exp.precision import prepare_weights
 
 log = logging.getLogger(__name__)
@@ -193,13 +193,18 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
                 "model.dtype=float32 to keep it",
                 m.path, m.dtype, m.dtype,
             )  # fmt: skip
-        model = AutoModelForCausalLM.from_pretrained(
-            m.path,
-            revision=m.revision,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=m.trust_remote_code,
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                m.path,
+                revision=m.revision,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=m.trust_remote_code,
+            )
+        except Exception as e:  # a local directory's weights cut short (safetensors' own error) or missing
+            if Path(m.path).is_dir() and (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+                raise unreadable_weights(m.path, e) from e
+            raise
     check_vocabulary(model, tokenizer, m)
     if cfg.disable_dropout:
         disable_dropout(model)

@@ -221,3 +221,27 @@ def test_trust_remote_code_is_off_by_default(compose):
 
     for model in ("llama3-8b", "qwen2.5-0.5b-instruct", "tiny"):
         assert to_config(compose(f"model={model}")).model.trust_remote_code is False
+
+
+def test_a_model_whose_weights_were_cut_short_is_named(tmp_path, compose):
+    """A run killed while saving its model leaves model/ with weights cut short: training on it, sampling from it and
+    evaluating it ended in safetensors' "incomplete metadata" traceback."""
+    import os
+
+    from simpo_exp.config import to_config
+    from simpo_exp.hub import ModelNotFoundError
+    from simpo_exp.model import load_model, load_tokenizer
+    from tests.tiny import save_tiny_llama
+
+    path = tmp_path / "run" / "model"
+    save_tiny_llama(path)
+    weights = path / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    cfg = to_config(compose("model=qwen2.5-0.5b-instruct", f"model.path={path}", "model.chat_template=zephyr"))
+    with pytest.raises(
+        ModelNotFoundError, match=r"its weights cannot be read \(SafetensorError.*killed while it saved"
+    ):
+        load_model(cfg, load_tokenizer(cfg.model), "sdpa")
+    weights.unlink()  # the save cut before the weights were written
+    with pytest.raises(ModelNotFoundError, match=r"its weights cannot be read \(OSError"):
+        load_model(cfg, load_tokenizer(cfg.model), "sdpa")
