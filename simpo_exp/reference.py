@@ -20,7 +20,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -34,6 +33,7 @@ from simpo_exp.data import MODEL_COLUMNS
 from simpo_exp.data.dealt import Dealt
 from simpo_exp.engine import on_every
 from simpo_exp.flops import full_numel
+from simpo_exp.inference.files import temporary_name
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
 
@@ -220,7 +220,7 @@ def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write the cache atomically (a file of this process's own until it is complete: sweep jobs of one model
     and data may write the same cache at once); a cache that cannot be written costs the next run the
     computation, not this run its life."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp))

@@ -10,15 +10,22 @@ import functools
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 from simpo_exp.errors import UserError
 
 
+def temporary_name(path: Path) -> Path:
+    """A name beside ``path`` that no other process writes: not the process id alone, which processes of other
+    containers (one PID namespace each, on a shared file system) can share."""
+    return Path(path).with_name(f"{Path(path).name}.{uuid.uuid4().hex[:16]}.tmp")
+
+
 def write_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
