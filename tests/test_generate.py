@@ -675,3 +675,23 @@ def test_the_printed_training_command_keeps_the_model_preset_and_config_dirs(tmp
         f"python -m simpo_exp 'hydra.searchpath=[file://{mine}]' model=mine dataset=local "
         "dataset.sources.local.path=/out/data/train.jsonl model.path=/models/mine"
     )
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("hardware.packing=packed", "hardware.packing='packed': is a training setting; the generate stage samples"),
+        ("hardware.lora=true", "hardware.lora='true': is a training setting"),
+        ("logger=wandb", "logger='wandb': the generate stage logs nowhere but its folder"),
+        ("logger.project=x", "logger.project='x': the generate stage logs nowhere"),
+    ],
+)
+def test_a_hardware_or_logger_setting_sampling_never_reads_is_refused(override, says):
+    """They were accepted, and the stage ran as if they had not been given (no W&B run, no packing)."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.config import check_overrides
+
+    with pytest.raises(ConfigError) as err:
+        check_overrides(["logger=none", override])
+    assert says in str(err.value), str(err.value)
+    check_overrides(["logger=none", "hardware=cpu", "hardware.device=cpu", "hardware.mixed_precision=bf16"])

@@ -82,9 +82,11 @@ cs = ConfigStore.instance()
 cs.store(name="generate_schema", node=GenerateRunConfig)
 
 
-# The training schema's top-level keys this stage reads; the groups (model, dataset, hardware, logger) are read whole.
+# The training schema's top-level keys this stage reads; of the groups, model and dataset are read whole, hardware
+# for how to sample (HARDWARE_READS), and logger not at all (the stage's record is its report.json).
 STAGE_READS = ("seed", "max_prompt_length", "output_dir")
 GROUPS = ("model", "dataset", "hardware", "logger")
+HARDWARE_READS = ("device", "mixed_precision", "attn_implementation", "fused_layers")
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -92,12 +94,20 @@ def check_overrides(overrides: list[str]) -> None:
     model presets set some, but sampling never reads them, so the stage would run as if it had not been given."""
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("hardware.") and key.split(".")[1] not in HARDWARE_READS:
+            _fail(
+                key,
+                value,
+                f"is a training setting; the generate stage samples with hardware.{', '.join(HARDWARE_READS)}",
+            )
+        if (key == "logger" and value != "none") or key.startswith("logger."):
+            _fail(key, value, "the generate stage logs nowhere but its folder (report.json, provenance.json)")
         if key in Config.__dataclass_fields__ and key not in STAGE_READS + GROUPS:
             _fail(
                 key,
                 value,
-                "is a training key, which the generate stage does not read (it reads the model, dataset, hardware "
-                f"and logger groups, generate.*, scorer.*, binarise.*, and {', '.join(STAGE_READS[:-1])})",
+                "is a training key, which the generate stage does not read (it reads the model, dataset and hardware "
+                f"groups, generate.*, scorer.*, binarise.*, and {', '.join(STAGE_READS[:-1])})",
             )
 
 
