@@ -32,7 +32,6 @@ from torch import nn
 
 from simpo_exp.logps import host_to_device, unsharded
 
-FUSED_HEADS = ("none", "liger")
 LIGER_METHODS = ("simpo", "cpo", "orpo")
 INSTALL_HINT = 'pip install -e ".[gpu]" (or pip install liger-kernel)'
 

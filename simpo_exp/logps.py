@@ -65,12 +65,6 @@ class SequenceLogps(NamedTuple):
         return self.logit_sums / self.num_tokens.clamp(min=1)
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per row, computed in float32. [M, V], [M] -> [M]."""
-    logits = logits.float()
-    return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
-
-
 STATS_ROWS = 512  # rows per block of token_stats: bounds its [rows, V] float32 temporaries
 
 

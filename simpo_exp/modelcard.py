@@ -5,8 +5,8 @@ The card follows the Hugging Face convention: YAML front matter (``base_model``,
 benchmark's numbers), then a short text with the recipe's hyper-parameters. Built with
 huggingface_hub's ``ModelCardData``/``EvalResult`` so the metadata is what the Hub parses.
 
-Called by the evaluate stage after every benchmark; a training run can call
-``write_model_card(run_dir, config)`` after saving ``model/`` (no results yet).
+Called by a training run after it saves ``model/`` (no results yet), and by the evaluate stage after every
+benchmark.
 """
 
 from __future__ import annotations

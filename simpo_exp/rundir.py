@@ -37,8 +37,9 @@ RESUMABLE_CHANGES = {
     "max_bad_steps",
 }
 
-# A run that left at a stop signal, its checkpoint saved: {"signal", "step"} (train.py writes it, the entry
-# point removes it when the run starts again; compare and the sweep's summary read it).
+# A run that left at a stop signal, its checkpoint saved: {"signal", "step"}, plus "during" where the stop came
+# before the first step (set-up, eval_on_start) (train.py writes it, the entry point removes it when the run starts
+# again; compare and the sweep's summary read it).
 STOPPED_FILE = "stopped.json"
 
 

@@ -19,6 +19,8 @@ rejected, whatever the layout.
                (``simpo_exp.logps.segment_attention``), so its cost is sum(L_i^2), not (sum L_i)^2.
 ``"flex"``     the same one row as ``"segments"``; the attention is one FlexAttention call per layer with a
                block mask (``simpo_exp.logps.flex_block_mask``): no Python loop over sequences (GPU).
+``"flash"``    the same one row as ``"segments"``; flash-attn's variable-length kernel takes the sequences'
+               boundaries (``cu_seqlens``): no Python loop over sequences (GPU, flash-attn installed).
 ``"mask"``     one row per pair, right-padded, plus ``attn_groups`` from which ``ResponseLogps``
                builds an explicit 4D mask (works with any attention that takes a 4D mask: sdpa, eager;
                a dense mask costs O(L^2) per row, so pairs are never packed together).

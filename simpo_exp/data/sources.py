@@ -30,7 +30,6 @@ from simpo_exp.inference.files import file_sha256
 log = logging.getLogger(__name__)
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-NORMALISED_COLUMNS = ("prompt", "chosen", "rejected", "drop_reason")
 # datasets caches map() results next to a source's files under a fingerprint of the function and
 # its arguments, but hashes a module-level function by its name, not its code: after an edit to the
 # rules below, a rerun on the same files would silently reuse the old results. This file's hash is

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from simpo_exp.config import _check, _check_choice, _fail, structured
+from simpo_exp.config import DEVICES, _check, _check_choice, _fail, structured
 
 BENCHMARK_KINDS = ("rule", "alpacaeval", "arena_hard", "lm_eval")
 JUDGE_KINDS = ("none", "rule", "openai", "alpaca_eval")
@@ -47,7 +47,6 @@ UNREAD_HINTS = {
     ("lm_eval", "max_prompts"): "lm-eval's own cap on prompts is limit",
 }
 BACKENDS = ("auto", "hf", "vllm")
-DEVICES = ("auto", "cpu", "cuda")
 WANDB = ("auto", "off")
 
 
@@ -127,7 +126,7 @@ class EvaluateSection:
 class EvaluateRunConfig:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     benchmarks: Dict[str, BenchmarkConfig] = field(default_factory=dict)
-    output_dir: str = ""
+    output_dir: str = ""  # Hydra's folder of this command (its log); results go into each run's eval/
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateRunConfig)
