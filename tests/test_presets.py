@@ -146,3 +146,29 @@ def test_a_list_of_dataset_presets_is_a_mixture_of_their_sources(compose):
     assert (
         set(sources) == {"synthetic", "local"} and sources.local.fraction == 0.5 and sources.synthetic.fraction == 1.0
     )
+
+
+def stage_presets():
+    from simpo_exp.evaluate.config import BenchmarkConfig
+    from simpo_exp.generate.config import GenerateConfig, ScorerConfig
+
+    schemas = {"generate": GenerateConfig, "scorer": ScorerConfig, "benchmark": BenchmarkConfig}
+    return [(group, schemas[group], option) for group in schemas for option in options(group)]
+
+
+# the official on-policy recipe, restated value for value as the experiment presets restate theirs
+STAGE_RECIPES = {("generate", "paper")}
+
+
+@pytest.mark.parametrize("group,schema,option", stage_presets())
+def test_the_other_stages_presets_state_only_what_differs_from_the_defaults(group, schema, option):
+    if (group, option) in STAGE_RECIPES:
+        pytest.skip("a recipe restates its source")
+    defaults = OmegaConf.structured(schema(name="x", **({"kind": "x"} if group == "benchmark" else {})))
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    restated = [
+        f"conf/{group}/{option}.yaml: {key}={value!r}"
+        for key, value in leaves(raw)
+        if key not in ("name", "kind") and value == OmegaConf.select(defaults, key, default="<none>")
+    ]
+    assert not restated, "these equal their schema's defaults; drop them:\n" + "\n".join(restated)
