@@ -108,12 +108,11 @@ def user_errors(cfg: DictConfig, work: str | None = None):
                 "... for a sweep); two jobs started in the same second get the same dated folder",
             )
         except FolderInUse as e:  # the working job's records and config stay as it left them
-            _started_with.clear()
             restore_run_config(out)  # or the working job puts them back itself when it starts training
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None  # in a sweep too: a second sweep in the same folder stops here
         _started_with.clear()
-        _started_with.update({f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")})
+        _started_with[str(out.resolve())] = {f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")}
     # a re-run's outcome replaces an earlier failure's, stop's or refusal's, unless this command is refused or
     # interrupted before it starts: then they are put back. The main process alone (every process names this folder)
     earlier = _take_records(out) if main else {}
@@ -154,7 +153,8 @@ def user_errors(cfg: DictConfig, work: str | None = None):
             raise SystemExit(2) from None
 
 
-_started_with: dict[str, bytes] = {}  # this job's .hydra files as they were when it took its folder
+# this job's .hydra files as they were when it took its folder: {folder: {file name: bytes}}
+_started_with: dict[str, dict[str, bytes]] = {}
 RAN_WITH = "ran_with"  # .hydra/ran_with/: the .hydra files of the command a run last trained under
 REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)
 
@@ -186,9 +186,10 @@ def keep_run_config(run_dir: Path) -> None:
         return
     dst = src / RAN_WITH
     dst.mkdir(exist_ok=True)
+    started = _started_with.get(str(Path(run_dir).resolve()), {})
     for f in src.glob("*.yaml"):
-        if f.name in _started_with:
-            f.write_bytes(_started_with[f.name])
+        if f.name in started:
+            f.write_bytes(started[f.name])
         shutil.copy2(f, dst / f.name)
 
 
