@@ -315,3 +315,20 @@ def test_a_folder_another_job_works_in_is_refused_by_every_stage(tmp_path):
     res = simpo("logger=none", "max_steps=2", "eval_steps=0", "eval_on_start=false", f"hydra.run.dir={run}",
                 "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0 and (run / "metrics.jsonl").exists(), res.stderr[-2000:]
+
+
+def test_a_working_job_keeps_the_hydra_files_it_started_with(tmp_path, monkeypatch):
+    """Hydra rewrites .hydra/ for a command before the command can be refused; a refused second job there while the
+    first was still in set-up left the first run's record saying the second's config."""
+    from simpo_exp import runinfo
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    for folder, beta in ((run, 5), (other, 7)):
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "config.yaml").write_text(f"beta: {beta}\n")  # 5: the refused command's
+    monkeypatch.setattr(runinfo, "_started_with", {str(run.resolve()): {"config.yaml": b"beta: 2\n"}})
+    runinfo.keep_run_config(run)
+    assert (run / ".hydra" / "config.yaml").read_text() == "beta: 2\n"
+    assert (run / ".hydra" / runinfo.RAN_WITH / "config.yaml").read_text() == "beta: 2\n"
+    runinfo.keep_run_config(other)  # another folder's record is its own
+    assert (other / ".hydra" / runinfo.RAN_WITH / "config.yaml").read_text() == "beta: 7\n"
