@@ -22,14 +22,15 @@ INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchp
 
 
 def _plain_arguments(argv: list[str]) -> list[int]:
-    """Where in ``argv`` the arguments are that are neither an option, an option's value, nor a key=value."""
+    """Where in ``argv`` the arguments are that are neither an option, an option's value, nor a key=value (an
+    existing directory is one, '=' in its name or not: a sweep job's holds its overrides)."""
     found, option = [], ""
     for i, arg in enumerate(argv[1:], 1):
         if option in OPTIONS_WITH_VALUE or (option == "--info" and arg in INFO_TOPICS):
             option = ""
             continue
         option = arg
-        if not arg.startswith("-") and "=" not in arg:
+        if not arg.startswith("-") and ("=" not in arg or Path(arg).is_dir()):
             found.append(i)
     return found
 
