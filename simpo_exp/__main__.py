@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from simpo_exp.config import to_config
 from simpo_exp.finished import recorded_summary
 from simpo_exp.rundir import CONF_DIR
-from simpo_exp.runinfo import export_launcher_distributed_env, fill_run_identity, user_errors
+from simpo_exp.runinfo import fill_run_identity, user_errors
 from simpo_exp.signals import StopRequested, StopSignal
 
 
@@ -22,7 +22,6 @@ def main(cfg: DictConfig) -> float | None:
             done = recorded_summary(config)  # this run already finished: its recorded result, nothing loads
             if done is not None:
                 return done.get("eval/rewards/accuracies")
-            export_launcher_distributed_env()
 
             from simpo_exp.engine import release_process_group
             from simpo_exp.train import train

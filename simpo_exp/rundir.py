@@ -6,6 +6,7 @@ what it has so far.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -143,11 +144,16 @@ def hold_folder(path: Path, advice: str) -> None:
         import fcntl
     except ImportError:  # not a POSIX system
         return
-    for fd in _held.values():
-        os.close(fd)  # closing lets go of the lock
-    _held.clear()
-    Path(path).mkdir(parents=True, exist_ok=True)
-    fd = os.open(Path(path) / IN_USE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    release_folders()
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(Path(path) / IN_USE_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # another user's lock file in a shared folder: a lock needs no write access
+            fd = os.open(Path(path) / IN_USE_FILE, os.O_RDONLY)
+    except OSError as e:  # the stage's own checks name a folder it cannot write
+        logging.getLogger(__name__).warning("%s cannot be locked (%s): a second job there is not refused", path, e)
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -162,6 +168,16 @@ def hold_folder(path: Path, advice: str) -> None:
         os.close(fd)
         logging.getLogger(__name__).warning("%s cannot be locked here (%s): a second job there is not refused", path, e)
         return
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
     _held[str(path)] = fd
+    with contextlib.suppress(OSError):  # who holds it, for the message a second job gets (read-only: not said)
+        os.ftruncate(fd, 0)
+        os.write(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
+        )
+
+
+def release_folders() -> None:
+    """Let go of the folder this process holds (``hold_folder``), if any."""
+    for fd in _held.values():
+        os.close(fd)  # closing lets go of the lock
+    _held.clear()

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.errors import FolderInUse, OtherRunsDirectory
-from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, hold_folder, read_json, stopped_words
+from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, hold_folder, read_json, release_folders, stopped_words
 from simpo_exp.signals import StopRequested
 
 
@@ -87,7 +87,7 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
 
 
 @contextlib.contextmanager
-def user_errors(cfg: DictConfig, work: str | None = None):
+def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
     """Turn a failed job into a clear message and an ``error.json`` in its directory. ``work``: where the stage
     keeps what it has done, when not in that directory (the evaluate stage's, in each run's ``eval/``).
 
@@ -99,11 +99,13 @@ def user_errors(cfg: DictConfig, work: str | None = None):
     sweeper after the batch); ``SweepSummary`` lists the failed jobs at the end.
     """
     out = Path(HydraConfig.get().runtime.output_dir)
+    export_launcher_distributed_env()  # a multi-task SLURM job's ranks, so that one process alone is the main one
     single, main = HydraConfig.get().mode == RunMode.RUN, os.environ.get("RANK", "0") == "0"
-    if main:  # before anything here is read or removed: a job still working in this folder keeps it
+    writes = Path(OmegaConf.select(cfg, "output_dir", default=None) or out)  # output_dir=... may move the work
+    if main and hold:  # before anything here is read or removed: a job still working in this folder keeps it
         try:
             hold_folder(
-                out,
+                writes,
                 "wait for it to end, or give this command a folder of its own (hydra.run.dir=...; hydra.sweep.dir="
                 "... for a sweep); two jobs started in the same second get the same dated folder",
             )
@@ -117,7 +119,9 @@ def user_errors(cfg: DictConfig, work: str | None = None):
     # interrupted before it starts: then they are put back. The main process alone (every process names this folder)
     earlier = _take_records(out) if main else {}
     try:
-        yield
+        with contextlib.ExitStack() as ending:
+            ending.callback(release_folders)  # the stage is over: a later one in this process may take the folder
+            yield
     except StopRequested:  # a stop signal before training began (simpo_exp/__main__.py): nothing happened here
         _put_back(out, earlier)
         raise

@@ -284,6 +284,30 @@ def test_submitit_local_sweep(tmp_path):
     assert list((sweep / ".submitit").iterdir())  # really ran through submitit
 
 
+def test_a_submitit_job_of_two_tasks_trains_with_one_of_them_holding_the_folder(tmp_path):
+    """The folder lock was taken before the launcher's ranks were exported: each task took itself for the main one,
+    the second was refused ("in use by another job") and the first waited for it at the first collective."""
+    sweep = tmp_path / "sweep"
+    res = simpo(
+        "--multirun",
+        "+launcher=local",
+        "hydra.launcher.tasks_per_node=2",
+        "beta=2",
+        *RUN[:-2],
+        "max_steps=2",
+        "eval_steps=0",
+        "hardware.collective_timeout=120",
+        "dataset.synthetic.num_train=64",
+        "dataset.synthetic.num_test=16",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    logs = "".join(p.read_text(errors="replace") for p in (sweep / ".submitit").rglob("*.err"))
+    assert res.returncode == 0, res.stderr[-2000:] + logs[-3000:]
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert "in use by another job" not in logs and len(jobs) == 1 and (jobs[0] / "summary.json").exists()
+
+
 @pytest.mark.parametrize("launcher", ["slurm", "local"])
 def test_launcher_presets_compose(compose, launcher):
     from hydra import compose as hydra_compose

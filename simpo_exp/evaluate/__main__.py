@@ -94,7 +94,8 @@ def main(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     runs = OmegaConf.select(cfg, "evaluate.path", throw_on_missing=False)
-    with user_errors(cfg, work=f"the eval/ folder of each run under {runs}"):
+    # its own dated folder holds only its log: each run's eval/ is held while it is evaluated (evaluate_all)
+    with user_errors(cfg, work=f"the eval/ folder of each run under {runs}", hold=False):
         OmegaConf.resolve(cfg)
         config = to_evaluate_config(cfg)  # fails here, naming the key, before any model loads
         from simpo_exp.evaluate.run import evaluate_all
