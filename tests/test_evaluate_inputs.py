@@ -318,3 +318,23 @@ def test_answers_of_an_older_manifest_are_not_refused_over_a_key_it_did_not_reco
     _check_manifest(path, now, has_answers=True)
     with pytest.raises(ConfigError, match="decoding.temperature: stored 0.0, now 0.7"):
         _check_manifest(path, {**now, "decoding": {"temperature": 0.7}}, has_answers=True)
+
+
+def test_the_run_directory_is_found_among_hydras_options_and_overrides(tmp_path):
+    """After --config-dir it was Hydra's "missing EQUAL"; the values of --cfg and --package, and a ~deletion, were
+    taken for directories; a sweep job's directory holds '=' and is still the directory."""
+    from simpo_exp.evaluate.__main__ import _path_argument
+
+    run = tmp_path / "0_beta=2,seed=1"
+    run.mkdir()
+    path = f"evaluate.path='{run}'"
+    assert _path_argument(["m", "--config-dir", "c", str(run), "benchmark=rule"]) == [
+        "m", "--config-dir", "c", path, "benchmark=rule"
+    ]  # fmt: skip
+    assert _path_argument(["m", str(run), "--cfg", "job", "--package", "benchmarks"])[1] == path
+    assert _path_argument(["m", "--info", "config", "-m", str(run), "~benchmarks.rule"])[4] == path
+    assert _path_argument(["m", "evaluate.path=x", "--cfg", "job"]) == ["m", "evaluate.path=x", "--cfg", "job"]
+    for argv in (["m", str(tmp_path / "nope")], ["m", str(run), "extra"]):
+        with pytest.raises(SystemExit) as err:
+            _path_argument(argv)
+        assert err.value.code == 2

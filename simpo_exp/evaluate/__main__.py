@@ -1,6 +1,7 @@
 """``python -m simpo_exp.evaluate RUN_OR_SWEEP_DIR [benchmark=NAME | benchmark=[A,B]] [key=value ...]``.
 
-The directory may come first as a plain argument; it becomes ``evaluate.path``. Hydra composes
+The directory may be given as a plain argument, anywhere among Hydra's options and overrides; it becomes
+``evaluate.path``. Hydra composes
 conf/evaluate.yaml. Never imports simpo_exp.train or another stage.
 """
 
@@ -17,7 +18,10 @@ from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import user_errors
 
 # Hydra's command-line options that take a value in the next argument (``--info`` takes one of INFO_TOPICS)
-OPTIONS_WITH_VALUE = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
+OPTIONS_WITH_VALUE = (
+    *("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun"),
+    *("--cfg", "-c", "--package", "-p", "--shell-completion", "-sc"),
+)
 INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
 
@@ -30,7 +34,7 @@ def _plain_arguments(argv: list[str]) -> list[int]:
             option = ""
             continue
         option = arg
-        if not arg.startswith("-") and ("=" not in arg or Path(arg).is_dir()):
+        if not arg.startswith(("-", "~")) and ("=" not in arg or Path(arg).is_dir()):  # ~key: a deletion
             found.append(i)
     return found
 
@@ -43,9 +47,15 @@ def _path_argument(argv: list[str]) -> list[str]:
     if not plain:
         return argv
     i = plain[0]
-    if not Path(argv[i]).is_dir() or len(plain) > 1:
-        what = "no such directory" if not Path(argv[i]).is_dir() else f"a second directory {argv[plain[1]]!r}"
-        print(f"error: evaluate.path={argv[i]!r}: {what} (give one run or sweep directory)", file=sys.stderr)
+    if not Path(argv[i]).is_dir():
+        print(f"error: evaluate.path={argv[i]!r}: no such directory (give a run or sweep directory)", file=sys.stderr)
+        raise SystemExit(2)
+    if len(plain) > 1:
+        print(
+            f"error: unexpected argument {argv[plain[1]]!r} beside the run directory {argv[i]!r} (one directory; "
+            "settings as key=value)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     quoted = argv[i].replace("\\", "\\\\").replace("'", "\\'")
     return [*argv[:i], f"evaluate.path='{quoted}'", *argv[i + 1 :]]
