@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import xxhash
+from omegaconf import MISSING
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
@@ -418,6 +419,8 @@ def load_newest(
 
 
 UNORDERED_KEYS = {"lora_target_modules"}  # lists whose order means nothing
+# defaults that have changed: a run saved with the former one meant what the new one means
+FORMER_DEFAULTS = {"model.params_b": 0.0}  # "no size given" (None since 0f6cc95)
 
 
 def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = "checkpoint") -> list[str]:
@@ -429,8 +432,13 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = 
         if prefix == "hardware." and key not in TRAINING_HARDWARE_KEYS:
             continue
         a, b = saved.get(key), current.get(key)
-        if key not in saved and not isinstance(b, dict) and b == schema_default(f"{prefix}{key}"):
+        if key not in saved and isinstance(b, dict):  # a section added since: each of its keys as below
+            diffs += incompatible_keys({}, b, f"{prefix}{key}.", what)
+            continue
+        if key not in saved and b == schema_default(f"{prefix}{key}"):
             continue  # a key added since the run was saved, at its default: what the older version did
+        if a == FORMER_DEFAULTS.get(f"{prefix}{key}", MISSING) and b == schema_default(f"{prefix}{key}"):
+            continue  # saved at a default that has changed since, now at the new one: the same meaning
         if key in UNORDERED_KEYS and isinstance(a, list) and isinstance(b, list):  # the same set in another order
             a, b = sorted(map(str, a)), sorted(map(str, b))
         if isinstance(a, dict) and isinstance(b, dict):

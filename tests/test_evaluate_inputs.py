@@ -316,6 +316,7 @@ def test_answers_of_an_older_manifest_are_not_refused_over_a_key_it_did_not_reco
     path.write_text(json.dumps({"weights": "w", "decoding": {"temperature": 0.0}}))
     now = {"weights": "w", "decoding": {"temperature": 0.0}, "model_dtype": "float32"}
     _check_manifest(path, now, has_answers=True)
+    _check_manifest(path, {**now, "decoding": {"temperature": 0.0, "seed": 0}}, has_answers=True)  # nested too
     with pytest.raises(ConfigError, match="decoding.temperature: stored 0.0, now 0.7"):
         _check_manifest(path, {**now, "decoding": {"temperature": 0.7}}, has_answers=True)
 

@@ -283,6 +283,11 @@ def test_a_key_added_since_a_run_was_saved_counts_only_when_it_leaves_its_defaul
     added["dataset"] |= {"chat_format": "simpo_repo"}
     assert incompatible_keys(saved, added) == ["dataset.chat_format: checkpoint None, now 'simpo_repo'"]
     assert incompatible_keys({**saved, "gamma": None}, {**saved, "gamma": 1.0}) == ["gamma: checkpoint None, now 1.0"]
+    # a default that changed since (model.params_b 0.0 meant "no size", as None does now); a whole new section
+    assert incompatible_keys({"model": {"params_b": 0.0}}, {"model": {"params_b": None}}) == []
+    assert incompatible_keys({"model": {"params_b": 0.0}}, {"model": {"params_b": 8.0}})
+    new_section = {"dataset": {"name": "synthetic", "chat_format": "generation_prompt"}}
+    assert incompatible_keys({}, new_section) == ["dataset.name: checkpoint None, now 'synthetic'"]
 
 
 def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path):

@@ -158,7 +158,7 @@ def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple |
         return
     old = json.loads(path.read_text())
     # a key an older manifest lacks is not held against it (written before that key was recorded), as in generate
-    differ = manifest_changes(old, manifest, set(manifest if keys is None else keys) & set(old))
+    differ = manifest_changes(old, manifest, set(manifest if keys is None else keys) & set(old), stored_only=True)
     if differ:
         raise ConfigError(
             f"{path.parent} holds generations made with other settings ({'; '.join(differ)}); delete "

@@ -93,7 +93,7 @@ def check_manifest(shard_dir: Path, manifest: dict, device=None) -> None:
         old["mixed_precision"] = effective_precision(old["mixed_precision"], device)  # on a CPU computes as "no")
     # a key an older manifest lacks is not held against it (it was written before that key was recorded); the
     # scorer, which older manifests held, binds only its own scored shards (their names carry its settings' hash)
-    differ = manifest_changes(old, manifest, keys=set(old) - {"scorer"})
+    differ = manifest_changes(old, manifest, keys=set(old) - {"scorer"}, stored_only=True)
     if differ:
         raise ConfigError(
             f"output_dir={str(shard_dir.parent)!r} holds shards made with other settings ({'; '.join(differ)}); "

@@ -77,15 +77,17 @@ def weights_sha256(model_dir: Path) -> str:
     return sha256_files([f for f in [*files, model_dir / "config.json"] if f.is_file()])
 
 
-def manifest_changes(stored: dict, now: dict, keys=None, prefix: str = "") -> list[str]:
+def manifest_changes(stored: dict, now: dict, keys=None, prefix: str = "", stored_only: bool = False) -> list[str]:
     """What differs between a stored manifest and this command's, as ``dotted.key: stored X, now Y`` (nested
     sections compared key by key, so the message names ``generate.temperature``, not ``generate``). ``keys``:
-    the top-level keys to compare (default: every key of either)."""
+    the top-level keys to compare (default: every key of either; with ``stored_only``, at every level, those the
+    stored manifest has: an older one was written before the others were recorded)."""
     out = []
-    for key in sorted(keys if keys is not None else set(stored) | set(now)):
+    default = set(stored) if stored_only else set(stored) | set(now)
+    for key in sorted(keys if keys is not None else default):
         a, b = stored.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += manifest_changes(a, b, None, f"{prefix}{key}.")
+            out += manifest_changes(a, b, None, f"{prefix}{key}.", stored_only)
         elif a != b:
             out.append(f"{prefix}{key}: stored {_short(a)}, now {_short(b)}")
     return out
