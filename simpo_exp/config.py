@@ -652,7 +652,7 @@ def structured(schema: type, cfg: DictConfig):
             parent, _, name = key.rpartition(".")
             close = difflib.get_close_matches(name, declared, n=1)
             hints = [f"did you mean {parent + '.' if parent else ''}{close[0]}?"] if close else []
-            hints += [] if parent else ["a config group is chosen without '+' (hparams=reasoning)"]
+            hints += [] if parent else ["a config group is chosen without '+' (group=option)"]
             value = OmegaConf.select(merged, key, throw_on_resolution_failure=False)
             _fail(key, value, "; ".join(["no such key, so nothing would read it (added with '+'?)", *hints]))
         return OmegaConf.to_object(merged)

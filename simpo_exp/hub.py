@@ -69,7 +69,7 @@ def check_tokenizer_files(path: str, what: str) -> None:
     if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         raise ModelNotFoundError(
             f"{what}={path!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
-            f"there, or set model.tokenizer_path to a directory or hub id that has them{UNFINISHED_SAVE}"
+            f"there, or set model.tokenizer_path to a directory or hub id that has them{unfinished_save(path)}"
         )
 
 
@@ -80,11 +80,17 @@ UNFINISHED_SAVE = (
 )
 
 
+def unfinished_save(path: str) -> str:
+    """The hint about a run killed while saving, where ``path`` is a training run's ``model/``."""
+    path = Path(path)
+    return UNFINISHED_SAVE if path.name == "model" and (path.parent / ".hydra").is_dir() else ""
+
+
 def unreadable_weights(path: str, err: Exception) -> ModelNotFoundError:
     """The error for a local model directory whose weights do not load (cut short, or missing)."""
     return ModelNotFoundError(
         f"model.path={path!r}: its weights cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
-        f"{UNFINISHED_SAVE}"
+        f"{unfinished_save(path)}"
     )
 
 

@@ -235,6 +235,7 @@ def test_a_model_whose_weights_were_cut_short_is_named(tmp_path, compose):
 
     path = tmp_path / "run" / "model"
     save_tiny_llama(path)
+    (tmp_path / "run" / ".hydra").mkdir()  # a training run's model/: the hint names how to finish the run
     weights = path / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     cfg = to_config(compose("model=qwen2.5-0.5b-instruct", f"model.path={path}", "model.chat_template=zephyr"))

@@ -193,7 +193,7 @@ def test_unknown_nested_key_fails_at_composition(compose):
     [
         ("+betta=5", ["betta=5: no such key, so nothing would read it", "did you mean beta?"]),
         ("+hardware.pakcing=none", ["hardware.pakcing='none': no such key", "did you mean hardware.packing?"]),
-        ("+hparam=reasoning", ["hparam='reasoning': no such key", "chosen without '+' (hparams=reasoning)"]),
+        ("+hparam=reasoning", ["hparam='reasoning': no such key", "chosen without '+' (group=option)"]),
         ("+model.foo=1", ["model.foo=1: no such key"]),
     ],
 )

@@ -289,7 +289,8 @@ def test_a_runs_paths_are_read_as_training_read_them_wherever_evaluate_runs(tmp_
     (user / "data" / "prefs.jsonl").write_text("")
     run = user / "out" / "run1"
     (run / ".hydra").mkdir(parents=True)
-    saved = {"seed": 3, "model": {"name": "mine", "path": "${hydra:runtime.cwd}/models/mine"}}
+    saved = {"seed": 3, "model": {"name": "mine", "path": "${hydra:runtime.cwd}/models/mine", "tokenizer_path": "tok"}}
+    (user / "tok").mkdir()
     saved["dataset"] = {"name": "local", "sources": {"local": {"path": "data/prefs.jsonl"}}}
     saved |= {"hardware": {"name": "cpu"}, "logger": {"name": "none"}}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
@@ -299,7 +300,7 @@ def test_a_runs_paths_are_read_as_training_read_them_wherever_evaluate_runs(tmp_
     (elsewhere / "data" / "prefs.jsonl").write_text("")  # a file of the same relative name where evaluate runs
     monkeypatch.chdir(elsewhere)
     cfg = load_run_config(run)
-    assert cfg.model.path == f"{user}/models/mine"
+    assert cfg.model.path == f"{user}/models/mine" and cfg.model.tokenizer_path == str(user / "tok")
     assert cfg.dataset.sources["local"].path == str(user / "data" / "prefs.jsonl")
     saved["model"]["path"] = "org/model"  # a hub id stays one
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))

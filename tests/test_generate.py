@@ -694,4 +694,5 @@ def test_a_hardware_or_logger_setting_sampling_never_reads_is_refused(override, 
     with pytest.raises(ConfigError) as err:
         check_overrides(["logger=none", override])
     assert says in str(err.value), str(err.value)
-    check_overrides(["logger=none", "hardware=cpu", "hardware.device=cpu", "hardware.mixed_precision=bf16"])
+    check_overrides(["logger=none", "hardware=cpu", "hardware.device=cpu", "hardware.master_weights=fp32"])
+    check_overrides(["+hardware.pakcing=none"])  # a typo: refused as no such key when the config is read

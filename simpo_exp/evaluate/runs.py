@@ -77,11 +77,13 @@ def as_trained(saved: dict, run_dir: Path) -> dict:
 
     saved = resolve(saved)
     cwd = (run_hydra.get("runtime") or {}).get("cwd")
-    places = [saved.get("model") or {}, *((saved.get("dataset") or {}).get("sources") or {}).values()]
-    for place in places if cwd else []:
-        path = place.get("path") if isinstance(place, dict) else None
+    model = saved.get("model") or {}
+    places = [(model, "path"), (model, "tokenizer_path")]
+    places += [(source, "path") for source in ((saved.get("dataset") or {}).get("sources") or {}).values()]
+    for place, key in places if cwd else []:
+        path = place.get(key) if isinstance(place, dict) else None
         if isinstance(path, str) and path and not Path(path).is_absolute() and (Path(cwd) / path).exists():
-            place["path"] = str(Path(cwd) / path)
+            place[key] = str(Path(cwd) / path)
     return saved
 
 

@@ -18,7 +18,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from simpo_exp.config import DTYPES, Config, _check, _check_choice, _fail, structured, validate
+from simpo_exp.config import DTYPES, Config, HardwareConfig, _check, _check_choice, _fail, structured, validate
 
 BACKENDS = ("hf", "vllm")
 SCORER_KINDS = ("rule", "reward_model")
@@ -86,7 +86,7 @@ cs.store(name="generate_schema", node=GenerateRunConfig)
 # for how to sample (HARDWARE_READS), and logger not at all (the stage's record is its report.json).
 STAGE_READS = ("seed", "max_prompt_length", "output_dir")
 GROUPS = ("model", "dataset", "hardware", "logger")
-HARDWARE_READS = ("device", "mixed_precision", "attn_implementation", "fused_layers")
+HARDWARE_READS = ("device", "mixed_precision", "attn_implementation", "fused_layers", "master_weights")
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -94,11 +94,13 @@ def check_overrides(overrides: list[str]) -> None:
     model presets set some, but sampling never reads them, so the stage would run as if it had not been given."""
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if key.startswith("hardware.") and key.split(".")[1] not in HARDWARE_READS:
+        name = key.split(".")[1] if key.startswith("hardware.") else None
+        if name in HardwareConfig.__dataclass_fields__ and name not in HARDWARE_READS:  # a typo: "no such key" later
             _fail(
                 key,
                 value,
-                f"is a training setting; the generate stage samples with hardware.{', '.join(HARDWARE_READS)}",
+                "is a training setting; the generate stage samples with "
+                + ", ".join(f"hardware.{n}" for n in HARDWARE_READS),
             )
         if (key == "logger" and value != "none") or key.startswith("logger."):
             _fail(key, value, "the generate stage logs nowhere but its folder (report.json, provenance.json)")

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 
 from simpo_exp.config import ConfigError
@@ -332,7 +333,7 @@ def train_command(cfg, data: str) -> str:
     if HydraConfig.initialized():
         runtime = HydraConfig.get().runtime
         given = [s for s in runtime.config_sources if s.schema == "file"]
-        words += [f"--config-dir {s.path}" for s in given if s.provider == "command-line"]
+        words += [f"--config-dir {shlex.quote(s.path)}" for s in given if s.provider == "command-line"]
         searched = [f"{s.schema}://{s.path}" for s in runtime.config_sources if "searchpath" in s.provider]
         words += [f"'hydra.searchpath=[{','.join(searched)}]'"] if searched else []  # a list: quoted for the shell
         model = runtime.choices.get("model")
