@@ -181,3 +181,16 @@ def release_folders() -> None:
     for fd in _held.values():
         os.close(fd)  # closing lets go of the lock
     _held.clear()
+
+
+def _forget_in_child() -> None:
+    """A forked child (a data loader worker) shares the lock with its parent until it closes its copy: closed at
+    once, a parent killed with its workers still exiting no longer holds the folder after its death."""
+    for fd in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the child's copy only: the parent's still holds the lock
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

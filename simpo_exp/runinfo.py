@@ -110,11 +110,18 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
                 "... for a sweep); two jobs started in the same second get the same dated folder",
             )
         except FolderInUse as e:  # the working job's records and config stay as it left them
-            restore_run_config(out)  # or the working job puts them back itself when it starts training
+            restore_run_config(out, HELD)  # Hydra rewrote them for this command: the holder's own copy goes back
+            refused_in_use.append(str(e))  # a sweep's summary says so
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None  # in a sweep too: a second sweep in the same folder stops here
+        own = hydra_files(cfg)  # from memory: another command's Hydra may have rewritten .hydra/ before the lock
         _started_with.clear()
-        _started_with[str(out.resolve())] = {f.name: f.read_bytes() for f in (out / ".hydra").glob("*.yaml")}
+        _started_with[str(out.resolve())] = own
+        if (out / ".hydra").is_dir():
+            (out / ".hydra" / HELD).mkdir(exist_ok=True)
+            for name, data in own.items():
+                (out / ".hydra" / name).write_bytes(data)
+                (out / ".hydra" / HELD / name).write_bytes(data)
     # a re-run's outcome replaces an earlier failure's, stop's or refusal's, unless this command is refused or
     # interrupted before it starts: then they are put back. The main process alone (every process names this folder)
     earlier = _take_records(out) if main else {}
@@ -157,8 +164,24 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             raise SystemExit(2) from None
 
 
-# this job's .hydra files as they were when it took its folder: {folder: {file name: bytes}}
+# this job's .hydra files (hydra_files) when it took its folder: {folder: {file name: bytes}}
 _started_with: dict[str, dict[str, bytes]] = {}
+HELD = "held"  # .hydra/held/: the .hydra files of the job that holds the folder, for one refused there to put back
+refused_in_use: list[str] = []  # this process's commands refused because another job held their folder
+
+
+def hydra_files(cfg: DictConfig) -> dict[str, bytes]:
+    """The .hydra files Hydra writes for this command (``run_job``: the job's config, the Hydra config, the
+    overrides), made from memory: a second command started in the same folder at the same moment may have
+    rewritten them on disk."""
+    hydra = HydraConfig.get()
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg).encode(),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})).encode(),
+        "overrides.yaml": OmegaConf.to_yaml(hydra.overrides.task).encode(),
+    }
+
+
 RAN_WITH = "ran_with"  # .hydra/ran_with/: the .hydra files of the command a run last trained under
 REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)
 
@@ -197,10 +220,11 @@ def keep_run_config(run_dir: Path) -> None:
         shutil.copy2(f, dst / f.name)
 
 
-def restore_run_config(run_dir: Path) -> None:
-    """Put back the .hydra files of the command the run last trained under: Hydra rewrote them with a command that
-    was then refused, and compare and evaluate read the run's config and overrides from them."""
-    kept = Path(run_dir) / ".hydra" / RAN_WITH
+def restore_run_config(run_dir: Path, kept_in: str = RAN_WITH) -> None:
+    """Put back the .hydra files of the command the run last trained under (``kept_in=HELD``: of the job working
+    there now): Hydra rewrote them with a command that was then refused, and compare and evaluate read the run's
+    config and overrides from them."""
+    kept = Path(run_dir) / ".hydra" / kept_in
     for f in kept.glob("*.yaml") if kept.is_dir() else ():
         shutil.copyfile(f, kept.parent / f.name)  # a new time: the sweep's summary counts the job as run (refused)
 
@@ -251,6 +275,9 @@ class SweepSummary(Callback):
         if getattr(self, "listed", True):
             return False
         self.listed = True
+        if refused_in_use:  # a job's folder was held by another job: this sweep stopped there
+            print(f"sweep stopped: {refused_in_use[-1]}", file=sys.stderr, flush=True)
+            return True
         jobs = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
         failed = [(p, json.loads((p / name).read_text())) for p in jobs for name in ("error.json", REFUSED_FILE)
                   if (p / name).exists()]  # fmt: skip

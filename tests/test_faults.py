@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from simpo_exp import checkpoint
 from simpo_exp.finished import FINISHED
@@ -293,9 +294,12 @@ def test_a_folder_another_job_works_in_is_refused_by_every_stage(tmp_path):
 
     run = tmp_path / "run"
     hold_folder(run, "test")
-    res = simpo("logger=none", "max_steps=2", f"hydra.run.dir={run}", cwd=tmp_path)
+    (run / ".hydra" / "held").mkdir(parents=True)  # the working job's own .hydra files, as it keeps them
+    (run / ".hydra" / "held" / "config.yaml").write_text("beta: 2.0\n")
+    res = simpo("logger=none", "max_steps=2", "beta=7", f"hydra.run.dir={run}", cwd=tmp_path)
     assert res.returncode == 2 and f"{run} is in use by another job (pid {os.getpid()} on " in res.stderr
     assert "give this command a folder of its own" in res.stderr and not (run / "metrics.jsonl").exists()
+    assert (run / ".hydra" / "config.yaml").read_text() == "beta: 2.0\n"  # Hydra wrote beta 7 there; put back
 
     gen = tmp_path / "gen"
     hold_folder(gen, "test")  # lets go of the run folder
@@ -315,6 +319,36 @@ def test_a_folder_another_job_works_in_is_refused_by_every_stage(tmp_path):
     res = simpo("logger=none", "max_steps=2", "eval_steps=0", "eval_on_start=false", f"hydra.run.dir={run}",
                 "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0 and (run / "metrics.jsonl").exists(), res.stderr[-2000:]
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())  # written from the job's memory
+    hydra = yaml.safe_load((run / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    assert saved["max_steps"] == 2 and hydra["runtime"]["cwd"] == str(tmp_path)
+    assert "max_steps=2" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+
+
+def test_a_forked_child_does_not_keep_its_parents_folder(tmp_path):
+    """Data loader workers share the parent's lock: a run killed with -9 held its folder for the seconds its
+    workers took to exit, and a re-run at once was refused naming the dead process."""
+    from simpo_exp.rundir import hold_folder
+
+    script = (
+        "import os, sys, time\n"
+        "from simpo_exp.rundir import hold_folder\n"
+        f"hold_folder({str(tmp_path / 'run')!r}, 'test')\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    os.close(1), os.close(2)\n"  # the test reads the parent's output to its end
+        "    time.sleep(30)\n"  # a worker still alive when its parent dies
+        "    os._exit(0)\n"
+        "print(child, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    child = int(res.stdout.strip())
+    try:
+        os.kill(child, 0)  # still alive
+        hold_folder(tmp_path / "run", "test")  # the parent is gone, its child lives: the folder is free
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_a_working_job_keeps_the_hydra_files_it_started_with(tmp_path, monkeypatch):
