@@ -1,6 +1,7 @@
 """Sweeps: a failing job does not stop the others; the Optuna preset finds and reports the best trial."""
 
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -85,14 +86,16 @@ def test_an_optuna_search_in_which_every_trial_fails_still_lists_them(tmp_path):
 
 
 def test_a_crashed_job_does_not_stop_the_sweep_and_a_fixed_rerun_reports_only_its_own_jobs(tmp_path):
-    """A job that crashes (unreadable weights: not a user error, so its traceback is shown) leaves error.json and
+    """A job that crashes (weights of another shape than its config's: not a user error, so its traceback is shown)
+    leaves error.json and
     the sweep goes on to list it, as a job with a bad value does. Re-run into the same directory with the crashing
     job replaced, the sweep reports the jobs it ran, not the earlier failure left in the directory."""
     from tests.tiny import save_tiny_llama
 
-    broken = tmp_path / "broken"
+    broken, wider = tmp_path / "broken", tmp_path / "wider"
     save_tiny_llama(broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    save_tiny_llama(wider, hidden_size=64, intermediate_size=128)
+    shutil.copy(wider / "model.safetensors", broken / "model.safetensors")
     sweep = tmp_path / "sweep"
     res = simpo("--multirun", f"model.path={broken},''", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
