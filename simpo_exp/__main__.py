@@ -17,7 +17,9 @@ from simpo_exp.signals import StopRequested, StopSignal
 def main(cfg: DictConfig) -> float | None:
     stop = StopSignal(at_once=True)  # from the start: a stop before the run's first step ends the job where it is
     try:
-        with user_errors(cfg):  # a stop before training starts leaves the run's records as they were
+        with user_errors(cfg) as go:  # a stop before training starts leaves the run's records as they were
+            if not go:  # a sweep's job whose folder another job holds: refused, the sweep goes on
+                return None
             config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
             done = recorded_summary(config)  # this run already finished: its recorded result, nothing loads
             if done is not None:

@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.errors import FolderInUse, OtherRunsDirectory
+from simpo_exp.inference.files import temporary_name, write_atomic
 from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, hold_folder, read_json, release_folders, stopped_words
 from simpo_exp.signals import StopRequested
 
@@ -97,77 +98,106 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
     traceback) and the sweep goes on: the task returns None, which Hydra's sweeper ignores and the Optuna
     sweeper records as a failed trial (a NaN it would refuse, and a raised error would stop Hydra's
     sweeper after the batch); ``SweepSummary`` lists the failed jobs at the end.
+
+    ``hold``: take the job's folder first (``rundir.hold_folder``). Yields whether the job goes on: False for a
+    sweep's job whose folder another job holds, refused (the caller returns; a single run exits 2 there).
     """
     out = Path(HydraConfig.get().runtime.output_dir)
     export_launcher_distributed_env()  # a multi-task SLURM job's ranks, so that one process alone is the main one
     single, main = HydraConfig.get().mode == RunMode.RUN, os.environ.get("RANK", "0") == "0"
     writes = Path(OmegaConf.select(cfg, "output_dir", default=None) or out)  # output_dir=... may move the work
-    if main and hold:  # before anything here is read or removed: a job still working in this folder keeps it
+    with contextlib.ExitStack() as ending:
+        if main and hold:  # before anything here is read or removed: a job still working in this folder keeps it
+            if not _take_folder(out, writes, cfg, single):
+                yield False  # refused, in a sweep: the caller returns, the sweep goes on
+                return
+            ending.callback(release_folders)  # after the records below: let go when the stage is over
+        # a re-run's outcome replaces an earlier failure's, stop's or refusal's, unless this command is refused or
+        # interrupted before it starts: then they are put back. The main process alone (every process names this
+        # folder)
+        earlier = _take_records(out) if main else {}
         try:
-            hold_folder(
-                writes,
-                "wait for it to end, or give this command a folder of its own (hydra.run.dir=...; hydra.sweep.dir="
-                "... for a sweep); two jobs started in the same second get the same dated folder",
+            yield True
+        except StopRequested:  # a stop signal before training began (simpo_exp/__main__.py): nothing happened here
+            _put_back(out, earlier)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
+            _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
+            print(
+                f"interrupted; what {work or out} holds so far (finished shards, judge replies, checkpoints) is "
+                "kept: re-run the same command to go on",
+                file=sys.stderr,
             )
-        except FolderInUse as e:  # the working job's records and config stay as it left them
-            restore_run_config(out, HELD)  # Hydra rewrote them for this command: the holder's own copy goes back
-            refused_in_use.append(str(e))  # a sweep's summary says so
+            raise SystemExit(130) from None
+        except OtherRunsDirectory as e:  # the run there is left as it was: its outcome and the config it ran with
+            _put_back(out, earlier)
+            restore_run_config(out)
+            if not single and main:  # the sweep's summary lists it
+                (out / REFUSED_FILE).write_text(json.dumps({"error": str(e), "type": type(e).__name__}, indent=2))
             print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None  # in a sweep too: a second sweep in the same folder stops here
-        own = hydra_files(cfg)  # from memory: another command's Hydra may have rewritten .hydra/ before the lock
-        _started_with.clear()
-        _started_with[str(out.resolve())] = own
-        if (out / ".hydra").is_dir():
-            (out / ".hydra" / HELD).mkdir(exist_ok=True)
-            for name, data in own.items():
-                (out / ".hydra" / name).write_bytes(data)
-                (out / ".hydra" / HELD / name).write_bytes(data)
-    # a re-run's outcome replaces an earlier failure's, stop's or refusal's, unless this command is refused or
-    # interrupted before it starts: then they are put back. The main process alone (every process names this folder)
-    earlier = _take_records(out) if main else {}
-    try:
-        with contextlib.ExitStack() as ending:
-            ending.callback(release_folders)  # the stage is over: a later one in this process may take the folder
-            yield
-    except StopRequested:  # a stop signal before training began (simpo_exp/__main__.py): nothing happened here
-        _put_back(out, earlier)
-        raise
-    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
-        _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
-        print(
-            f"interrupted; what {work or out} holds so far (finished shards, judge replies, checkpoints) is kept: "
-            "re-run the same command to go on",
-            file=sys.stderr,
-        )
-        raise SystemExit(130) from None
-    except OtherRunsDirectory as e:  # the run there is left as it was: its outcome and the config it ran with
-        _put_back(out, earlier)
-        restore_run_config(out)
-        if not single and main:  # the sweep's summary lists it
-            (out / REFUSED_FILE).write_text(json.dumps({"error": str(e), "type": type(e).__name__}, indent=2))
-        print(f"error: {e}", file=sys.stderr)
-        if single:
-            raise SystemExit(2) from None
-    except Exception as e:
-        out.mkdir(parents=True, exist_ok=True)
-        record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
-        (out / "error.json").write_text(json.dumps(record, indent=2))
-        if not _is_user_error(e):
-            _note_collective_timeout(e, cfg)
             if single:
-                raise  # a crash: Hydra shows the traceback
-            traceback.print_exc()
-            print(f"error: this sweep job crashed ({type(e).__name__}); the others go on", file=sys.stderr)
-            return
+                raise SystemExit(2) from None
+        except Exception as e:
+            out.mkdir(parents=True, exist_ok=True)
+            record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
+            (out / "error.json").write_text(json.dumps(record, indent=2))
+            if not _is_user_error(e):
+                _note_collective_timeout(e, cfg)
+                if single:
+                    raise  # a crash: Hydra shows the traceback
+                traceback.print_exc()
+                print(f"error: this sweep job crashed ({type(e).__name__}); the others go on", file=sys.stderr)
+                return
+            print(f"error: {e}", file=sys.stderr)
+            if single:
+                raise SystemExit(2) from None
+        else:  # a command refused here meanwhile may have put back a half-written copy: this job's own, once more
+            if main and hold:
+                _write_hydra_files(out, _started_with.get(str(out.resolve()), {}))
+
+
+def _take_folder(out: Path, writes: Path, cfg: DictConfig, single: bool) -> bool:
+    """Hold the folder the job writes (``rundir.hold_folder``) and write its .hydra files from memory; False where
+    another job holds it (a single run exits 2 there; a sweep's job is recorded as refused beside its folder, which
+    is the other job's, and the sweep goes on)."""
+    try:
+        hold_folder(
+            writes,
+            "wait for it to end, or give this command a folder of its own (hydra.run.dir=...; hydra.sweep.dir="
+            "... for a sweep); two jobs started in the same second get the same dated folder",
+        )
+    except FolderInUse as e:  # the working job's records and config stay as it left them
+        restore_run_config(out, HELD)  # Hydra rewrote them for this command: the holder's own copy goes back
         print(f"error: {e}", file=sys.stderr)
         if single:
             raise SystemExit(2) from None
+        refused = out.parent / f"{IN_USE_REFUSED}{out.name}.json"  # read by SweepSummary, also from another process
+        write_atomic(refused, json.dumps({"error": str(e), "type": type(e).__name__}, indent=2))
+        return False
+    own = hydra_files(cfg)  # from memory: another command's Hydra may have rewritten .hydra/ before the lock
+    _started_with.clear()
+    _started_with[str(out.resolve())] = own
+    _write_hydra_files(out, own, keep=True)
+    return True
+
+
+def _write_hydra_files(out: Path, files: dict[str, bytes], keep: bool = False) -> None:
+    """Write a job's .hydra files (``keep``: first their copy in .hydra/held/), each whole (temporary file, then
+    rename), so that a command refused here never reads or leaves half of one."""
+    if not (out / ".hydra").is_dir():  # hydra.output_subdir=null
+        return
+    for folder in ([out / ".hydra" / HELD] if keep else []) + [out / ".hydra"]:
+        folder.mkdir(exist_ok=True)
+        for name, data in files.items():
+            tmp = temporary_name(folder / name)
+            tmp.write_bytes(data)
+            os.replace(tmp, folder / name)
 
 
 # this job's .hydra files (hydra_files) when it took its folder: {folder: {file name: bytes}}
 _started_with: dict[str, dict[str, bytes]] = {}
 HELD = "held"  # .hydra/held/: the .hydra files of the job that holds the folder, for one refused there to put back
-refused_in_use: list[str] = []  # this process's commands refused because another job held their folder
+IN_USE_REFUSED = ".in-use-refused-"  # beside a sweep job's folder: that job was refused, another held its folder
 
 
 def hydra_files(cfg: DictConfig) -> dict[str, bytes]:
@@ -226,7 +256,9 @@ def restore_run_config(run_dir: Path, kept_in: str = RAN_WITH) -> None:
     config and overrides from them."""
     kept = Path(run_dir) / ".hydra" / kept_in
     for f in kept.glob("*.yaml") if kept.is_dir() else ():
-        shutil.copyfile(f, kept.parent / f.name)  # a new time: the sweep's summary counts the job as run (refused)
+        tmp = temporary_name(kept.parent / f.name)
+        shutil.copyfile(f, tmp)
+        os.replace(tmp, kept.parent / f.name)  # a new time: the sweep's summary counts the job as run (refused)
 
 
 def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:
@@ -263,7 +295,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.sweep_dir, self.listed = Path(config.hydra.sweep.dir), False
-        self.before = _job_stamps(self.sweep_dir)
+        self.before = _job_stamps(self.sweep_dir) | _in_use_refusals(self.sweep_dir)
         atexit.register(self._list_failed)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -275,12 +307,14 @@ class SweepSummary(Callback):
         if getattr(self, "listed", True):
             return False
         self.listed = True
-        if refused_in_use:  # a job's folder was held by another job: this sweep stopped there
-            print(f"sweep stopped: {refused_in_use[-1]}", file=sys.stderr, flush=True)
-            return True
         jobs = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
         failed = [(p, json.loads((p / name).read_text())) for p in jobs for name in ("error.json", REFUSED_FILE)
                   if (p / name).exists()]  # fmt: skip
+        # a job refused because another job held its folder: recorded beside the folder, which is the other job's
+        held = [f for f, stamp in _in_use_refusals(self.sweep_dir).items() if self.before.get(f) != stamp]
+        refused = {f.with_name(f.name.removeprefix(IN_USE_REFUSED).removesuffix(".json")): read_json(f) for f in held}
+        failed += list(refused.items())
+        jobs += [job for job in refused if job not in jobs]
         stopped = [(p, read_json(p / STOPPED_FILE)) for p in jobs if (p / STOPPED_FILE).exists()]
         if stopped:  # a stop signal ends the sweep at the job it reached: the jobs after it never ran
             path, record = stopped[-1]
@@ -303,6 +337,11 @@ class SweepSummary(Callback):
             print(f"  {path.name}: {err.get('type')}: {first_line}", file=sys.stderr)
         print(f"compare the rest with: python -m simpo_exp.compare {self.sweep_dir}", file=sys.stderr, flush=True)
         return True
+
+
+def _in_use_refusals(sweep_dir: Path) -> dict[Path, int]:
+    """The records of the sweep's jobs refused because another job held their folder, with their stamps."""
+    return {f: f.stat().st_mtime_ns for f in sweep_dir.glob(f"{IN_USE_REFUSED}*.json")}
 
 
 def _job_stamps(sweep_dir: Path) -> dict[Path, int]:

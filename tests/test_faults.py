@@ -366,3 +366,19 @@ def test_a_working_job_keeps_the_hydra_files_it_started_with(tmp_path, monkeypat
     assert (run / ".hydra" / runinfo.RAN_WITH / "config.yaml").read_text() == "beta: 2\n"
     runinfo.keep_run_config(other)  # another folder's record is its own
     assert (other / ".hydra" / runinfo.RAN_WITH / "config.yaml").read_text() == "beta: 7\n"
+
+
+def test_a_sweep_job_whose_folder_another_job_holds_is_refused_and_the_sweep_goes_on(tmp_path):
+    """It ended the whole sweep (under submitit, with a traceback, and 'sweep finished' after it)."""
+    from simpo_exp.rundir import hold_folder
+
+    sweep = tmp_path / "sweep"
+    hold_folder(sweep / "0", "test")
+    fast = ["max_steps=2", "eval_steps=0", "eval_on_start=false", "logger=none"]
+    fast += ["dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16"]
+    res = simpo(
+        "--multirun", "beta=2,5", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", *fast, cwd=tmp_path
+    )
+    assert res.returncode == 1 and "1 of 2 jobs FAILED" in res.stderr, res.stderr[-3000:]
+    assert "FolderInUse" in res.stderr and "is in use by another job" in res.stderr
+    assert (sweep / "1" / "summary.json").exists() and not (sweep / "0" / "metrics.jsonl").exists()

@@ -20,7 +20,7 @@ from simpo_exp.runinfo import user_errors
 # Hydra's command-line options that take a value in the next argument (``--info`` takes one of INFO_TOPICS)
 OPTIONS_WITH_VALUE = (
     *("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun"),
-    *("--cfg", "-c", "--package", "-p", "--shell-completion", "-sc"),
+    *("--cfg", "-c", "--package", "-p"),
 )
 INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
@@ -105,7 +105,7 @@ def main(cfg: DictConfig) -> None:
 
     runs = OmegaConf.select(cfg, "evaluate.path", throw_on_missing=False)
     # its own dated folder holds only its log: each run's eval/ is held while it is evaluated (evaluate_all)
-    with user_errors(cfg, work=f"the eval/ folder of each run under {runs}", hold=False):
+    with user_errors(cfg, work=f"the eval/ folder of each run under {runs}", hold=False):  # always goes on
         OmegaConf.resolve(cfg)
         config = to_evaluate_config(cfg)  # fails here, naming the key, before any model loads
         from simpo_exp.evaluate.run import evaluate_all

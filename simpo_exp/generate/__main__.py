@@ -16,7 +16,9 @@ from simpo_exp.runinfo import fill_run_identity, user_errors
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
-    with user_errors(cfg):
+    with user_errors(cfg) as go:
+        if not go:  # a sweep's job whose folder another job holds: refused, the sweep goes on
+            return
         check_overrides(list(HydraConfig.get().overrides.task))
         config = to_generate_config(fill_run_identity(cfg))  # fails here, before any model or data loads
         from simpo_exp.generate.run import generate_data
