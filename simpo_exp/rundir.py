@@ -177,20 +177,14 @@ def hold_folder(path: Path, advice: str) -> None:
 
 
 def release_folders() -> None:
-    """Let go of the folder this process holds (``hold_folder``), if any."""
-    for fd in _held.values():
-        os.close(fd)  # closing lets go of the lock
-    _held.clear()
-
-
-def _forget_in_child() -> None:
-    """A forked child (a data loader worker) shares the lock with its parent until it closes its copy: closed at
-    once, a parent killed with its workers still exiting no longer holds the folder after its death."""
+    """Let go of the folder this process holds (``hold_folder``), if any. A forked child (a data loader worker)
+    shares the lock with its parent until it closes its copy, so it does so at once (closing the child's copy
+    leaves the parent's lock as it is): a parent killed while its workers exit no longer holds the folder."""
     for fd in _held.values():
         with contextlib.suppress(OSError):
-            os.close(fd)  # the child's copy only: the parent's still holds the lock
+            os.close(fd)  # closing the last copy lets go of the lock
     _held.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_in_child)
+    os.register_at_fork(after_in_child=release_folders)
