@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.errors import FolderInUse, OtherRunsDirectory
-from simpo_exp.inference.files import temporary_name, write_atomic
+from simpo_exp.inference.files import write_atomic
 from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, hold_folder, read_json, release_folders, stopped_words
 from simpo_exp.signals import StopRequested
 
@@ -181,34 +181,31 @@ def _take_folder(out: Path, writes: Path, cfg: DictConfig, single: bool) -> bool
     return True
 
 
-def _write_hydra_files(out: Path, files: dict[str, bytes], keep: bool = False) -> None:
-    """Write a job's .hydra files (``keep``: first their copy in .hydra/held/), each whole (temporary file, then
-    rename), so that a command refused here never reads or leaves half of one."""
+def _write_hydra_files(out: Path, files: dict[str, str], keep: bool = False) -> None:
+    """Write a job's .hydra files (``keep``: first their copy in .hydra/held/), each whole (``write_atomic``), so
+    that a command refused here never reads or leaves half of one."""
     if not (out / ".hydra").is_dir():  # hydra.output_subdir=null
         return
     for folder in ([out / ".hydra" / HELD] if keep else []) + [out / ".hydra"]:
-        folder.mkdir(exist_ok=True)
-        for name, data in files.items():
-            tmp = temporary_name(folder / name)
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / name)
+        for name, text in files.items():
+            write_atomic(folder / name, text)
 
 
-# this job's .hydra files (hydra_files) when it took its folder: {folder: {file name: bytes}}
-_started_with: dict[str, dict[str, bytes]] = {}
+# this job's .hydra files (hydra_files) when it took its folder: {folder: {file name: text}}
+_started_with: dict[str, dict[str, str]] = {}
 HELD = "held"  # .hydra/held/: the .hydra files of the job that holds the folder, for one refused there to put back
 IN_USE_REFUSED = ".in-use-refused-"  # beside a sweep job's folder: that job was refused, another held its folder
 
 
-def hydra_files(cfg: DictConfig) -> dict[str, bytes]:
+def hydra_files(cfg: DictConfig) -> dict[str, str]:
     """The .hydra files Hydra writes for this command (``run_job``: the job's config, the Hydra config, the
     overrides), made from memory: a second command started in the same folder at the same moment may have
     rewritten them on disk."""
     hydra = HydraConfig.get()
     return {
-        "config.yaml": OmegaConf.to_yaml(cfg).encode(),
-        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})).encode(),
-        "overrides.yaml": OmegaConf.to_yaml(hydra.overrides.task).encode(),
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra})),
+        "overrides.yaml": OmegaConf.to_yaml(hydra.overrides.task),
     }
 
 
@@ -246,7 +243,7 @@ def keep_run_config(run_dir: Path) -> None:
     started = _started_with.get(str(Path(run_dir).resolve()), {})
     for f in src.glob("*.yaml"):
         if f.name in started:
-            f.write_bytes(started[f.name])
+            f.write_text(started[f.name])
         shutil.copy2(f, dst / f.name)
 
 
@@ -256,9 +253,7 @@ def restore_run_config(run_dir: Path, kept_in: str = RAN_WITH) -> None:
     config and overrides from them."""
     kept = Path(run_dir) / ".hydra" / kept_in
     for f in kept.glob("*.yaml") if kept.is_dir() else ():
-        tmp = temporary_name(kept.parent / f.name)
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, kept.parent / f.name)  # a new time: the sweep's summary counts the job as run (refused)
+        write_atomic(kept.parent / f.name, f.read_text())  # a new time: the sweep's summary counts the job as run
 
 
 def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:

@@ -360,7 +360,7 @@ def test_a_working_job_keeps_the_hydra_files_it_started_with(tmp_path, monkeypat
     for folder, beta in ((run, 5), (other, 7)):
         (folder / ".hydra").mkdir(parents=True)
         (folder / ".hydra" / "config.yaml").write_text(f"beta: {beta}\n")  # 5: the refused command's
-    monkeypatch.setattr(runinfo, "_started_with", {str(run.resolve()): {"config.yaml": b"beta: 2\n"}})
+    monkeypatch.setattr(runinfo, "_started_with", {str(run.resolve()): {"config.yaml": "beta: 2\n"}})
     runinfo.keep_run_config(run)
     assert (run / ".hydra" / "config.yaml").read_text() == "beta: 2\n"
     assert (run / ".hydra" / runinfo.RAN_WITH / "config.yaml").read_text() == "beta: 2\n"
