@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from simpo_exp.config import Config, ConfigError, ModelConfig
 from simpo_exp.flops import full_numel
@@ -201,8 +202,8 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
                 attn_implementation=attn_implementation,
                 trust_remote_code=m.trust_remote_code,
             )
-        except Exception as e:  # a local directory's weights cut short (safetensors' own error) or missing
-            if Path(m.path).is_dir() and (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+        except (OSError, SafetensorError) as e:  # a local directory's weights cut short or missing
+            if Path(m.path).is_dir():
                 raise unreadable_weights(m.path, e) from e
             raise
     check_vocabulary(model, tokenizer, m)
