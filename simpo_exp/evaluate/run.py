@@ -40,11 +40,11 @@ from simpo_exp.evaluate.judge import (
     win_rate,
 )
 from simpo_exp.evaluate.runs import (
-    as_trained,
     find_runs,
     has_model,
     load_run_config,
     run_name,
+    saved_config,
     starting_policy,
     trained_policy,
 )
@@ -400,13 +400,10 @@ def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
 
 def _finish_run(run_dir: Path, run_cfg, e) -> None:
     """The model card with every benchmark's results so far, and the push when asked and a token exists."""
-    import yaml
-
     from simpo_exp.modelcard import job_repo_id, push_model, write_model_card
 
     if e.model_card:
-        saved = as_trained(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}, run_dir)
-        write_model_card(run_dir, saved, run_name(run_cfg, run_dir))
+        write_model_card(run_dir, saved_config(run_dir), run_name(run_cfg, run_dir))
     if e.push_to_hub:
         repo = e.hub_repo if len(find_runs(Path(e.path))) == 1 else job_repo_id(e.hub_repo, run_dir.name)
         url = push_model(run_dir, repo, e.hub_token_env)

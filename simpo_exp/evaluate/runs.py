@@ -87,10 +87,15 @@ def as_trained(saved: dict, run_dir: Path) -> dict:
     return saved
 
 
+def saved_config(run_dir: Path) -> dict:
+    """The run's ``.hydra/config.yaml`` as training read it (``as_trained``)."""
+    return as_trained(yaml.safe_load((Path(run_dir) / ".hydra" / "config.yaml").read_text()) or {}, run_dir)
+
+
 def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / ".hydra" / "config.yaml"
     try:
-        saved = as_trained(yaml.safe_load(path.read_text()) or {}, run_dir)
+        saved = saved_config(run_dir)
         picked = {s: _known(s, saved.get(s)) for s in SECTIONS}
         picked["seed"] = saved.get("seed", 42)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), picked))
