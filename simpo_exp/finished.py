@@ -77,11 +77,10 @@ def recorded_summary(cfg) -> dict | None:
 
 
 def data_changed(run_dir: Path, cfg) -> list[str]:
-    """How the local data files differ from those the run in ``run_dir`` recorded (``sources.file_changes``); a
+    """How the local data files differ from those the run in ``run_dir`` recorded (``sources.changes_since_record``); a
     warning where its record is too old to hold their fingerprints."""
-    from simpo_exp.data.sources import file_changes, fingerprint, unchecked_sources, warn_unchecked
+    from simpo_exp.data.sources import changes_since_record, fingerprint
     from simpo_exp.rundir import recorded_sources
 
-    recorded, now = recorded_sources(run_dir), {name: fingerprint(src) for name, src in cfg.dataset.sources.items()}
-    warn_unchecked(unchecked_sources(recorded, now), run_dir)
-    return file_changes(recorded, now)
+    now = {name: fingerprint(src) for name, src in cfg.dataset.sources.items()}
+    return changes_since_record(recorded_sources(run_dir), now, run_dir)

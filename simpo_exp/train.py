@@ -34,7 +34,7 @@ from simpo_exp.config import Config, ConfigError, resolve_gamma, resolve_learnin
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.data.dealt import Dealt
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
-from simpo_exp.data.sources import file_changes, unchecked_sources, warn_unchecked
+from simpo_exp.data.sources import changes_since_record
 from simpo_exp.engine import (
     SHARDED_ENGINES,
     adamw_fused,
@@ -278,12 +278,7 @@ def start_or_resume(
 def check_same_data(run_dir: Path, data_sources: dict) -> None:
     """Refuse to resume a run whose local data files have changed since it started (its data_report.json's
     fingerprints against this run's): its data position and schedule would be carried over to other data."""
-    recorded = recorded_sources(run_dir)
-    unchecked = unchecked_sources(recorded, data_sources)
-    warn_unchecked(unchecked, run_dir)
-    for name in unchecked:  # nor does the record written now vouch for files the steps before it never saw
-        data_sources[name] = {k: v for k, v in data_sources[name].items() if k not in ("files", "files_root")}
-    changed = file_changes(recorded, data_sources)
+    changed = changes_since_record(recorded_sources(run_dir), data_sources, run_dir)
     if changed:
         raise checkpoint.DifferentConfigCheckpoint(
             f"the checkpoints in {run_dir} were written on data that has changed since: {'; '.join(changed)}. Run "

@@ -429,21 +429,26 @@ def file_changes(then: dict, now: dict) -> list[str]:
     return out
 
 
-def unchecked_sources(then: dict, now: dict) -> list[str]:
-    """The sources with local files now that a run's record holds no fingerprints of (a run started before they
-    were recorded): their files cannot be checked against those it trained on."""
-    return [name for name in sorted(now) if (now.get(name) or {}).get("files") and not isinstance(
-        ((then or {}).get(name) or {}).get("files"), dict)]  # fmt: skip
-
-
-def warn_unchecked(names: list[str], run_dir) -> None:
-    if names:
+def changes_since_record(then: dict, now: dict, run_dir) -> list[str]:
+    """``file_changes`` between a run's record of its sources and ``now``. A source with local files now that the
+    record holds no fingerprints of (a run started before they were recorded) cannot be checked: a warning says
+    so, and its fingerprints are taken out of ``now``, which a resumed run records, so that the record never
+    vouches for files its first steps did not see."""
+    unchecked = [
+        name
+        for name in sorted(now)
+        if (now.get(name) or {}).get("files") and not isinstance(((then or {}).get(name) or {}).get("files"), dict)
+    ]
+    if unchecked:
         log.warning(
             "%s: its record holds no fingerprints of the files of %s (it started before they were recorded), so "
             "they cannot be checked against the data it trained on: make sure they are the same",
             run_dir,
-            ", ".join(f"dataset.sources.{n}" for n in names),
+            ", ".join(f"dataset.sources.{n}" for n in unchecked),
         )
+    for name in unchecked:
+        now[name] = {k: v for k, v in now[name].items() if k not in ("files", "files_root")}
+    return file_changes(then, now)
 
 
 def provenance(path: str, files: list[Path] | None = None) -> dict:
