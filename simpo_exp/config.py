@@ -529,6 +529,23 @@ def _validate_dataset(d: DatasetConfig) -> None:
             "must name a hub data set, a local file or directory, or 'synthetic'",
         )
         _check_choice(f"{key}.format", src.format, SOURCE_FORMATS)
+        # the synthetic task makes its own rows: a path beside format=synthetic, or a format beside
+        # path=synthetic, would be read by nothing
+        if src.format == "synthetic":
+            _check(
+                src.path == "synthetic",
+                f"{key}.path",
+                src.path,
+                f"is not read with {key}.format=synthetic (the task makes its own rows); set path: synthetic, "
+                "or give the file's format (auto, messages, strings)",
+            )
+        elif src.path == "synthetic":
+            _check(
+                src.format == "auto",
+                f"{key}.format",
+                src.format,
+                f"has no effect with {key}.path=synthetic (the task makes its own rows); use format: auto or synthetic",
+            )
         _check(0 < src.fraction <= 1, f"{key}.fraction", src.fraction, "must be in (0, 1]")
         if src.test_size is not None:
             _check(0 < src.test_size < 1, f"{key}.test_size", src.test_size, "must be in (0, 1) or null")

@@ -160,6 +160,14 @@ def test_settings_their_context_makes_inert_are_refused_by_name(compose):
     to_config(compose("model.path=/some/model", "model.revision=main", "model.tokenizer_path=/some/tokenizer"))
 
 
+def test_a_synthetic_source_refuses_a_path_or_format_it_would_not_read(compose):
+    with pytest.raises(ConfigError, match=r"dataset.sources.synthetic.path='/data/prefs.jsonl': is not read with"):
+        to_config(compose("dataset.sources.synthetic.path=/data/prefs.jsonl"))  # the preset says format: synthetic
+    with pytest.raises(ConfigError, match=r"dataset.sources.synthetic.format='messages': has no effect with"):
+        to_config(compose("dataset.sources.synthetic.format=messages"))
+    to_config(compose("dataset.sources.synthetic.format=synthetic"))  # both name the task: fine
+
+
 def test_a_baseline_method_drops_the_hparams_presets_nll_term(compose):
     """hparams=instruct's SFT term (0.1) carried into `loss=dpo`, which then trained DPO + 0.1 NLL; a baseline's
     own loss decides its NLL weight, and the command line still sets one."""
