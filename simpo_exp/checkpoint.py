@@ -46,6 +46,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from simpo_exp.config import schema_default
 from simpo_exp.errors import OtherRunsDirectory, UserError
+from simpo_exp.inference.files import readable_as_umask
 from simpo_exp.memory import Engine, state_bytes
 from simpo_exp.rundir import RESUMABLE_CHANGES, read_jsonl
 
@@ -218,6 +219,7 @@ def finish(
     final = final_dir(tmp)
     try:
         _write(tmp, model, optimizer, scheduler, state, config, rng or [rng_state()], engine)
+        readable_as_umask(tmp)  # the engine's files too
         (tmp / MARKER).write_text(json.dumps({"algorithm": HASH, "files": manifest(tmp)}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from simpo_exp.config import Config, ConfigError, ModelConfig
 from simpo_exp.flops import full_numel
 from simpo_exp.hub import check_model_available, check_tokenizer_files, unreadable_weights
+from simpo_exp.inference.files import readable_as_umask
 from simpo_exp.precision import prepare_weights
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,7 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
         config = json.loads((path / "config.json").read_text())
         config["dtype"] = "float32"
         (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    readable_as_umask(path)
 
 
 def merged_lora(model, state_dict: dict) -> tuple:

@@ -33,7 +33,7 @@ from simpo_exp.data import MODEL_COLUMNS
 from simpo_exp.data.dealt import Dealt
 from simpo_exp.engine import on_every
 from simpo_exp.flops import full_numel
-from simpo_exp.inference.files import temporary_name
+from simpo_exp.inference.files import readable_as_umask, temporary_name
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
 
@@ -224,6 +224,7 @@ def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp))
+        readable_as_umask(tmp)  # a cache shared by a team's runs
         tmp.replace(path)
         log.info("reference log-probs cached in %s", path)
     except (OSError, SafetensorError) as e:

@@ -400,3 +400,31 @@ def test_a_stop_signal_before_training_begins_leaves_the_runs_records_as_they_we
     assert leaving.value.code == 128 + signal.SIGTERM
     assert json.loads((run_dir / "stopped.json").read_text()) == {"signal": "SIGUSR2", "step": 4}
     assert not (run_dir / "error.json").exists() and signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_written_weights_follow_the_umask_as_other_files_do(tmp_path, mask):
+    """safetensors 0.8 creates its files 0o600 whatever the umask: a colleague could read a run's config.json but
+    not its model, checkpoint or the team's reference cache. Each comes out as an ordinary new file would."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.model import save_trained
+    from simpo_exp.reference import write_cache
+
+    old = os.umask(mask)
+    try:
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.AdamW(model.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        ckpt = checkpoint.save(tmp_path / "run", model, opt, sched, checkpoint.TrainState(step=1), {}, keep=2)
+        write_cache(tmp_path / "cache" / "ref-logps-x.safetensors", {"train.chosen": torch.zeros(2)})
+        llama = LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+        )
+        save_trained(LlamaForCausalLM(llama), tmp_path / "model")
+    finally:
+        os.umask(old)
+    written = [*ckpt.glob("*.safetensors"), tmp_path / "cache" / "ref-logps-x.safetensors"]
+    written += [tmp_path / "model" / "model.safetensors", tmp_path / "model" / "config.json"]
+    modes = {str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in written}
+    assert modes == {name: oct(0o666 & ~mask) for name in modes} and len(modes) == 6  # model, optimizer, rng

@@ -22,6 +22,34 @@ def temporary_name(path: Path) -> Path:
     return Path(path).with_name(f"{Path(path).name}.{uuid.uuid4().hex[:16]}.tmp")
 
 
+def umask() -> int:
+    """The process's file-creation mask (from /proc where there is one: setting and restoring it races with
+    threads that create files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable_as_umask(path: Path) -> None:
+    """Give each safetensors file at or under ``path`` the mode any other new file gets (0o666 less the umask).
+
+    safetensors 0.8 writes through a temporary file created with mode 0o600 and renames it, ignoring the umask
+    (safetensors issue #782): a model, checkpoint or reference cache written by one user would be unreadable to
+    the colleague who evaluates it or shares the cache, while its config.json beside it is readable."""
+    path = Path(path)
+    files = [path] if path.is_file() else path.rglob("*.safetensors")
+    mode = 0o666 & ~umask()
+    for f in files:
+        if f.suffix == ".safetensors" or f == path:
+            os.chmod(f, mode)
+
+
 def write_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
