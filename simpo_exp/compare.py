@@ -6,9 +6,10 @@
 Each PATH may be one run directory, a sweep directory (one job per subdirectory) or any folder
 holding them (``outputs`` compares everything). A job is *done* when it wrote ``summary.json``,
 *failed* when it wrote ``error.json``, *stopped* when it left at a stop signal (``stopped.json``, its checkpoint
-saved), and *running* otherwise (this includes a job killed without
-a chance to write either). Jobs are told apart by their *swept values*: the overrides whose value
-differs between jobs (all overrides when there is only one job).
+saved), *killed* when it ended without writing any of these (out of memory, ``kill -9``): its lock on the folder
+is free and names this machine; and *running* otherwise (this includes a job of another machine killed so).
+Jobs are told apart by their *swept values*: the overrides whose value differs between jobs (all overrides when
+there is only one job).
 
 The same functions serve the notebook ``notebooks/compare_runs.ipynb``:
 ``load_runs(paths)``, ``label_runs(runs)``, ``runs_table(runs, metric)``, ``format_table(...)``,
@@ -34,6 +35,7 @@ from simpo_exp.inference.results import headline_keys, is_bench_metric, read_res
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import (
     STOPPED_FILE,
+    ended_unrecorded,
     other_stage_output,
     parse_overrides,
     read_json,
@@ -88,7 +90,7 @@ class Run:
     """What a job left behind. ``history`` is the list of metrics.jsonl records, each with "step"."""
 
     name: str
-    status: str  # "done" | "failed" | "stopped" (left at a stop signal, resumable) | "running"
+    status: str  # "done" | "failed" | "stopped" (left at a stop signal, resumable) | "killed" (no record) | "running"
     path: Path | None = None
     overrides: dict[str, str] = field(default_factory=dict)  # "key=value" from the command line
     config: dict = field(default_factory=dict)  # the composed config (nested)
@@ -150,6 +152,8 @@ def load_run(path: str | Path) -> Run:
         if (path / "summary.json").exists()
         else "stopped"
         if stopped is not None
+        else "killed"
+        if ended_unrecorded(path)
         else "running"
     )
     overrides = read_yaml(path / ".hydra" / "overrides.yaml") or (error or {}).get("overrides") or []
@@ -161,6 +165,13 @@ def load_run(path: str | Path) -> Run:
         message = f"{error.get('type', 'Error')}: {first_line}"
     elif status == "stopped":
         message = f"stopped by {stopped_words(stopped)}; re-run its command to resume"
+    elif status == "killed":
+        from simpo_exp.checkpoint import checkpoint_dirs, step_of
+
+        saved = checkpoint_dirs(path)
+        message = "ended without a record (killed: out of memory, kill -9?); re-run its command to " + (
+            f"resume from step {step_of(saved[-1])}" if saved else "start it again (no checkpoint was saved)"
+        )
     return Run(
         name=path.name,
         status=status,
@@ -366,12 +377,12 @@ def lower_is_better(metric: str) -> bool:
 
 
 def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | None = None) -> list[Run]:
-    """Best first by ``metric`` (ascending for losses unless told); then running, then failed jobs."""
+    """Best first by ``metric`` (ascending for losses unless told); then running, then killed and failed jobs."""
     ascending = lower_is_better(metric) if ascending is None else ascending
 
     def key(r: Run):
         v = r.final(metric)
-        group = {"done": 0, "running": 1, "stopped": 1, "failed": 2}[r.status]
+        group = {"done": 0, "running": 1, "stopped": 1, "killed": 2, "failed": 2}[r.status]
         if v is None:
             return (group, 1, 0.0)
         return (group, 0, v if ascending else -v)
@@ -556,11 +567,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ascending = True if args.ascending else False if args.descending else None
     order = "ascending" if (lower_is_better(args.metric) if ascending is None else ascending) else "descending"
-    statuses = ("done", "running", "stopped", "failed")
+    statuses = ("done", "running", "stopped", "killed", "failed")
     counts = ", ".join(
         f"{sum(r.status == s for r in runs)} {s}"
         for s in statuses
-        if s != "stopped" or any(r.status == s for r in runs)
+        if s not in ("stopped", "killed") or any(r.status == s for r in runs)
     )
     print(f"{len(runs)} runs ({counts}) from {', '.join(args.paths)}; ranked by {args.metric} ({order}), best first")
     common = common_overrides(runs)

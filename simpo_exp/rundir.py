@@ -176,6 +176,29 @@ def hold_folder(path: Path, advice: str) -> None:
         )
 
 
+def ended_unrecorded(path: Path) -> bool:
+    """Whether the job that last held ``path`` (``hold_folder``) is gone: its lock file names this machine and
+    no process holds the lock. Only a job of this machine is judged (a lock taken on another machine may not be
+    seen from here where the file system's locks are node-local); a folder never held says nothing. The probe
+    takes the lock shared and lets go at once: a job starting in that instant would be refused, never mixed in."""
+    try:
+        import fcntl
+
+        lock = Path(path) / IN_USE_FILE
+        holder = lock.read_text(errors="replace")
+        fd = os.open(lock, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        mine = f" on {socket.gethostname()}, since " in holder
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return mine
+    except OSError:  # held (BlockingIOError), or no locks on this file system
+        return False
+    finally:
+        os.close(fd)
+
+
 def release_folders() -> None:
     """Let go of the folder this process holds (``hold_folder``), if any. A forked child (a data loader worker)
     shares the lock with its parent until it closes its copy, so it does so at once (closing the child's copy

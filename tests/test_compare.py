@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from simpo_exp import compare
+from simpo_exp.rundir import hold_folder, release_folders
 from tests.runs import run_module
 from tests.test_run import simpo
 
@@ -148,9 +149,13 @@ def test_single_run_and_a_running_job(sweep, tmp_path, capsys):
     running = tmp_path / "still-running"
     shutil.copytree(done, running)
     (running / "summary.json").unlink()
-    assert compare.main([str(running), "--no-plots"]) == 0
+    hold_folder(running, "")  # its job is alive: it holds its folder
+    try:
+        assert compare.main([str(running), "--no-plots"]) == 0
+    finally:
+        release_folders()
     out = capsys.readouterr().out
-    assert "running" in out and "at step 4 of 4" in out
+    assert "1 runs (0 done, 1 running, 0 failed)" in out and "at step 4 of 4" in out
 
     single = shutil.copytree(done, tmp_path / "single")
     assert compare.main([str(single)]) == 0  # plots default to RUN/compare/
@@ -161,10 +166,35 @@ def test_single_run_and_a_running_job(sweep, tmp_path, capsys):
     check_pngs(list((single / "compare").glob("*.png")))
 
 
+def test_a_job_killed_without_a_record_is_told_from_a_running_one(sweep, tmp_path, capsys):
+    """A job killed where it could write nothing (out of memory, kill -9) left its folder's lock free: it is
+    not "running at step 4" for ever. A lock file of another machine's job is not judged (node-local locks)."""
+    killed = shutil.copytree(job(sweep, 0), tmp_path / "killed")
+    (killed / "summary.json").unlink()
+    shutil.rmtree(killed / "checkpoints", ignore_errors=True)
+    assert compare.main([str(killed), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "1 runs (0 done, 0 running, 1 killed, 0 failed)" in out
+    assert "ended without a record (killed" in out and "start it again (no checkpoint was saved)" in out
+
+    (killed / "checkpoints" / "step-000002").mkdir(parents=True)
+    (killed / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    assert compare.load_run(killed).error.endswith("re-run its command to resume from step 2")
+
+    (killed / ".in-use").write_text("pid 12 on another-machine, since 2026-12-01 10:00:00")
+    assert compare.load_run(killed).status == "running"
+    (killed / ".in-use").unlink()  # a folder no job held (runs older than the lock): nothing is said
+    assert compare.load_run(killed).status == "running"
+
+
 def test_a_running_job_inside_a_sweep_ranks_after_the_done_ones(sweep, tmp_path):
     copy = shutil.copytree(sweep, tmp_path / "sweep")
     (job(copy, 1) / "summary.json").unlink()
-    rows = compare.runs_table(compare.load_runs(copy))
+    hold_folder(job(copy, 1), "")
+    try:
+        rows = compare.runs_table(compare.load_runs(copy))
+    finally:
+        release_folders()
     assert [r["status"] for r in rows] == ["done"] * 3 + ["running"] + ["failed"] * 2
     assert rows[3]["run"] == "1" and rows[3]["note"] == "at step 4 of 4"
     assert rows[3]["eval/rewards/accuracies"] is not None  # its last logged value
