@@ -222,6 +222,20 @@ def deepspeed_config_path(name: str) -> Path:
     return path
 
 
+def check_fsdp_reduction(accelerator) -> None:
+    """FSDP2 averages the gradients over the processes by asking the reduce-scatter for the mean; on CPU processes
+    (gloo) torch before 2.9 returns their sum instead, with no error: every gradient would be the number of
+    processes times too large (found at the project's dependency floors: 2.7 and 2.8 summed, 2.9 averaged)."""
+    from torch.torch_version import TorchVersion
+
+    if fsdp2(accelerator) and accelerator.device.type == "cpu" and TorchVersion(torch.__version__) < (2, 9):
+        raise ConfigError(
+            f"FSDP on CPU processes needs torch 2.9 or newer: with torch {torch.__version__} gloo's reduce-scatter "
+            "sums the gradients where FSDP asks for their mean, so each would be "
+            f"{accelerator.num_processes}x too large. pip install 'torch>=2.9', or use hardware=ddp on the CPU"
+        )
+
+
 def check_engine(h, got, running_ds_config: dict | None = None) -> None:
     """A sharding preset that would run as something else is refused: ``hardware=fsdp`` started without the FSDP
     launcher config, or a DeepSpeed preset on the CPU (accelerate sets DeepSpeed aside there), trains each
@@ -329,6 +343,7 @@ def make_accelerator(cfg: Config):
     )
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     check_engine(h, accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
+    check_fsdp_reduction(accelerator)
     if plugin is not None:
         # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm
         # where the config left it to accelerate ("auto" would become accelerate's own 1.0).

@@ -137,3 +137,31 @@ def test_a_live_reference_under_fsdp_is_sharded_like_the_policy(tmp_path, one_pr
     kept, whole = map(int, found.groups())
     assert whole / 2 <= kept < whole
     assert_same_summary(one_dir, run_dir)
+
+
+def test_fsdp_on_cpu_processes_is_refused_where_gloo_would_sum_the_gradients(monkeypatch):
+    """torch 2.7 and 2.8 answered FSDP2's mean reduce-scatter over gloo with the sum (a 2-process run stepped
+    with twice its gradients, no error); from 2.9 it averages. Only FSDP2 on CPU processes meets it."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.engine import check_fsdp_reduction
+
+    def accelerator(kind, device):
+        plugin = SimpleNamespace(fsdp_version=2)
+        return SimpleNamespace(
+            distributed_type=kind,
+            state=SimpleNamespace(fsdp_plugin=plugin),
+            device=torch.device(device),
+            num_processes=2,
+        )
+
+    monkeypatch.setattr(torch, "__version__", "2.8.0+cpu")
+    with pytest.raises(ConfigError, match=r"FSDP on CPU processes needs torch 2.9 .* each would be 2x too large"):
+        check_fsdp_reduction(accelerator(DistributedType.FSDP, "cpu"))
+    check_fsdp_reduction(accelerator(DistributedType.FSDP, "meta"))  # not CPU processes: NCCL averages
+    check_fsdp_reduction(accelerator(DistributedType.MULTI_CPU, "cpu"))  # DDP averages itself
+    monkeypatch.setattr(torch, "__version__", "2.9.0+cpu")
+    check_fsdp_reduction(accelerator(DistributedType.FSDP, "cpu"))
