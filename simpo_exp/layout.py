@@ -63,7 +63,7 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
         if short_window(model_config, max_length):
             packing = "none"
         elif device_type == "cuda":
-            packing, attention = ("packed", "flex") if flex_available() else ("none", attention)
+            packing, attention = "packed", "flex"
         else:
             packing = "none" if getattr(model_config, "attn_logit_softcapping", None) else "prefix_shared"
     elif packing != "none" and short_window(model_config, max_length):
@@ -85,13 +85,6 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
         )
     check_attention(packing, attention, device_type)
     return BatchLayout(packing, attention, hardware.logps_chunk_size)
-
-
-def flex_available() -> bool:
-    """FlexAttention is in torch from 2.5 on (the project allows 2.4)."""
-    import importlib.util
-
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def short_window(model_config, max_length: int | None) -> bool:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from simpo_exp.data import MODEL_COLUMNS
-from simpo_exp.layout import BatchLayout, check_attention, choose_layout, flex_available, short_window
+from simpo_exp.layout import BatchLayout, check_attention, choose_layout, short_window
 from simpo_exp.rundir import read_json
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: 
     if short_window(model_config, max_length):
         return out  # neither segments, flex nor flash implement a sliding window here
     if device_type == "cuda":
-        if flex_available():  # torch 2.5 on
-            out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
+        out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
         if importlib.util.find_spec("flash_attn") is not None:
             out.append(BatchLayout("packed", "flash", chunk_size))
     elif not getattr(model_config, "attn_logit_softcapping", None):

@@ -32,7 +32,6 @@ Being an ``nn.Module`` whose forward does all of this, it can be handed to
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import NamedTuple
 
@@ -221,13 +220,11 @@ def flex_block_mask(segments: list, packing: str, device: torch.device, block: i
     number of tiles, not of tokens: torch's ``create_block_mask`` evaluates the rule on every (query, key)
     pair, which for a row of 64k tokens is several boolean tensors of 4G entries. The rule itself
     (``mask_mod``) is applied only inside the tiles marked partly visible."""
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
     doc, role = row_groups(segments, packing)
     length = len(doc)
     visible = visibility(host_to_device(doc, device), host_to_device(role, device))
-    if "seq_lengths" not in inspect.signature(BlockMask.from_kv_blocks).parameters:  # torch 2.5: its own builder
-        return create_block_mask(visible, None, None, length, length, device=str(device), BLOCK_SIZE=block)
     tables = [host_to_device(x, device) for tiles in flex_tiles(doc, role, block) for x in tile_table(tiles)]
     return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=block, mask_mod=visible, seq_lengths=(length, length))
 

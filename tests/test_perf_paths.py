@@ -197,13 +197,12 @@ def test_mismatched_collator_and_module_fail_clearly():
         PairCollator(PAD, packing="zip")
 
 
-def test_auto_layout_follows_the_measured_rule_per_device(compose, monkeypatch):
+def test_auto_layout_follows_the_measured_rule_per_device(compose):
     """packing=auto without a measurement: prefix sharing on CPU, packed FlexAttention on CUDA (fastest on an
     H200, benchmarks/RESULTS.md); padded where the packed attentions cannot serve the model: Gemma 2's
     softcapping on CPU (segment attention lacks it), a sliding window shorter than max_length."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig
 
-    from simpo_exp import layout
     from simpo_exp.config import ConfigError, to_config
     from simpo_exp.layout import BatchLayout, choose_layout
 
@@ -231,8 +230,6 @@ def test_auto_layout_follows_the_measured_rule_per_device(compose, monkeypatch):
         assert choose_layout(cfg.hardware, device, mistral, 1024).packing != "none"
     fused = to_config(compose("hardware.fused_head=liger")).hardware
     assert choose_layout(fused, "cuda", llama) == BatchLayout("packed", "flex", 0)  # the fused head: any layout
-    monkeypatch.setattr(layout, "flex_available", lambda: False)  # torch 2.4
-    assert choose_layout(cfg.hardware, "cuda", llama).packing == "none"
     flex = to_config(compose("hardware.packing=prefix_shared", "hardware.packing_attention=flex")).hardware
     assert choose_layout(flex, "cuda", llama) == BatchLayout("prefix_shared", "flex", 0)
     with pytest.raises(ConfigError, match="packing_attention='flex' trains on a GPU only"):
