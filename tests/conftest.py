@@ -20,6 +20,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# FSDP on CPU processes (gloo) averages the gradients from torch 2.9 on; before, the run is refused
+# (simpo_exp.engine.check_fsdp_reduction), and these tests, run at an older torch, would only say so.
+def _torch_older_than(version: tuple) -> bool:
+    import torch  # here: a worker sets its threads (above) before torch loads
+
+    return torch.torch_version.TorchVersion(torch.__version__) < version
+
+
+fsdp_on_cpu = pytest.mark.skipif(_torch_older_than((2, 9)), reason="FSDP on CPU processes needs torch 2.9")
+
+
 @pytest.fixture
 def compose():
     """Compose the project's config like `python -m simpo_exp OVERRIDES` would (without running)."""

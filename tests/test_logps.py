@@ -5,6 +5,7 @@ import torch
 
 from simpo_exp.data.collate import PairCollator
 from simpo_exp.logps import ResponseLogps
+from tests.conftest import fsdp_on_cpu
 from tests.test_perf_paths import make_model
 
 PAD = 0
@@ -119,6 +120,7 @@ def test_tie_weights_shares_again_what_the_model_shared_when_wrapped():
         assert len(list(policy.parameters())) == count
 
 
+@fsdp_on_cpu
 def test_a_head_that_fsdp2_shards_as_its_own_unit_on_two_processes(tmp_path):
     """accelerate's FSDP2 makes the output head a unit of its own (tests/sharded_head.py shards the same way).
     The chunked head (and the fused one, where liger-kernel is installed, on padded and prefix-shared rows) then

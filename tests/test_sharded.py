@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT as CONF_ROOT
+from tests.conftest import fsdp_on_cpu
 from tests.runs import free_port
 from tests.test_run import read_metrics, simpo
 from tests.test_scale import RUN, assert_same_records, assert_same_summary, launch_env
@@ -66,7 +67,7 @@ SHARDS = {
 }
 
 
-@pytest.mark.parametrize("engine", ["zero3", "fsdp"])
+@pytest.mark.parametrize("engine", ["zero3", pytest.param("fsdp", marks=fsdp_on_cpu)])
 def test_a_sharded_engine_on_two_processes_matches_one_process_and_resumes(tmp_path, engine, one_process):
     """DeepSpeed ZeRO-3 (weights partitioned at load) or FSDP2 (each layer sharded; the weights loaded by the
     main process alone and broadcast), with sharded optimizer state and engine checkpoints (each process writes
@@ -121,6 +122,7 @@ def test_a_sharded_engine_on_two_processes_matches_one_process_and_resumes(tmp_p
     assert_same_records(first, read_metrics(sharded_dir))
 
 
+@fsdp_on_cpu
 def test_a_live_reference_under_fsdp_is_sharded_like_the_policy(tmp_path, one_process):
     """reference_mode=live under FSDP2: the frozen reference is sharded as the policy is (about half its weights
     on each of two processes, not a whole copy each), and the run's numbers equal one plain process's (whose
