@@ -240,12 +240,29 @@ def live_reference(model, layout: BatchLayout | None = None) -> ResponseLogps:
     return ResponseLogps.for_layout(ref, layout)
 
 
+def from_main_process(module: torch.nn.Module, device: torch.device) -> None:
+    """Every weight and buffer of ``module`` set to the main process's, one tensor at a time through ``device``.
+
+    With FSDP's ``cpu_ram_efficient_loading`` only the main process reads the weights; the others hold
+    uninitialised ones (zeros with transformers before 5.23) until ``prepare`` broadcasts the main process's into
+    the policy. The live reference, copied before ``prepare``, has no such step: each process would shard its own
+    copy, and a reference with another process's empty shards scores every response wrong, with no error."""
+    import torch.distributed as dist
+
+    for tensor in [*module.parameters(), *module.buffers()]:
+        on_device = tensor.data.to(device)
+        dist.broadcast(on_device, src=0)
+        tensor.data.copy_(on_device)
+
+
 def shard_like_the_policy(reference: ResponseLogps, accelerator) -> None:
     """Under FSDP2, shard the live reference as the policy is sharded (each transformer layer, then the rest;
     the same mixed precision, resharded after each layer's forward): each process keeps 1/N of its weights
     instead of a whole copy, and every process runs each of its forwards together, as for the policy."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+        from_main_process(reference, accelerator.device)
     mp_policy = accelerator.state.fsdp_plugin.mixed_precision_policy or MixedPrecisionPolicy()
     layers = set(reference._no_split_modules or ())
     for module in list(reference.model.modules()):

@@ -43,6 +43,26 @@ if os.environ.get("SHARDED_ON_CPU") == "1" and os.environ.get("LOCAL_RANK") is n
             self.fsdp_plugin = plugin
             accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
+    if os.environ.get("SHARDED_EMPTY_ELSEWHERE") == "1" and os.environ.get("RANK", "0") != "0":
+        # What transformers before 5.23 left on every process but the main one under FSDP's
+        # cpu_ram_efficient_loading: zeros, until accelerate's prepare broadcasts the main process's weights into
+        # the model it prepares. Later releases load them on every process, but the option promises no more
+        # than the main process's, so the tests hold the project to that.
+        import torch
+        import transformers
+
+        _from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
+
+        def _empty_elsewhere(cls, *args, **kwargs):
+            model = _from_pretrained(cls, *args, **kwargs)
+            if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.zero_()
+            return model
+
+        transformers.PreTrainedModel.from_pretrained = classmethod(_empty_elsewhere)
+
     accelerate.Accelerator.__init__ = _deepspeed_on_cpu
     accelerate.state.PartialState._prepare_backend = _gloo
     accelerate.state.AcceleratorState.__init__ = _fsdp_on_cpu
