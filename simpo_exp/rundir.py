@@ -134,6 +134,24 @@ IN_USE_FILE = ".in-use"  # the lock a working job holds on its folder (hold_fold
 _held: dict[str, int] = {}
 
 
+# How long a job waits for its folder's lock before it is refused: a job holds it for its whole life, while
+# compare's probe of a folder (ended_unrecorded) holds it shared for an instant.
+PROBE_SECONDS = 1.0
+
+
+def _lock_within(fd: int, fcntl, seconds: float) -> None:
+    """``flock`` ``fd`` exclusively, trying again for ``seconds`` while another holds it (BlockingIOError after)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def hold_folder(path: Path, advice: str) -> None:
     """Take ``path`` for this job, so that a second job started there while this one works (a requeue while the
     old job lives, two commands given one folder, two runs started in the same second) is refused instead of
@@ -155,7 +173,7 @@ def hold_folder(path: Path, advice: str) -> None:
         logging.getLogger(__name__).warning("%s cannot be locked (%s): a second job there is not refused", path, e)
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_within(fd, fcntl, PROBE_SECONDS)
     except BlockingIOError:
         holder = os.read(fd, 1024).decode(errors="replace").strip()
         os.close(fd)
@@ -180,19 +198,19 @@ def ended_unrecorded(path: Path) -> bool:
     """Whether the job that last held ``path`` (``hold_folder``) is gone: its lock file names this machine and
     no process holds the lock. Only a job of this machine is judged (a lock taken on another machine may not be
     seen from here where the file system's locks are node-local); a folder never held says nothing. The probe
-    takes the lock shared and lets go at once: a job starting in that instant would be refused, never mixed in."""
+    takes the lock shared and lets go at once; a job starting in that instant waits for it (``PROBE_SECONDS``)."""
     try:
         import fcntl
 
         lock = Path(path) / IN_USE_FILE
-        holder = lock.read_text(errors="replace")
+        if f" on {socket.gethostname()}, since " not in lock.read_text(errors="replace"):
+            return False  # another machine's job, or none: not probed
         fd = os.open(lock, os.O_RDONLY)
     except (ImportError, OSError):
         return False
     try:
-        mine = f" on {socket.gethostname()}, since " in holder
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return mine
+        return True
     except OSError:  # held (BlockingIOError), or no locks on this file system
         return False
     finally:

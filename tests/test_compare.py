@@ -1,5 +1,6 @@
 """The compare command and the notebook, on one real sweep: beta=2,5 x seed=1,2 plus an invalid beta=-1."""
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -185,6 +186,27 @@ def test_a_job_killed_without_a_record_is_told_from_a_running_one(sweep, tmp_pat
     assert compare.load_run(killed).status == "running"
     (killed / ".in-use").unlink()  # a folder no job held (runs older than the lock): nothing is said
     assert compare.load_run(killed).status == "running"
+
+
+def test_a_job_starting_while_compare_probes_its_folder_waits_for_the_probe(tmp_path):
+    """compare's probe holds a killed job's lock shared for an instant; the re-run starting in that instant (a
+    requeue) waits for it instead of being refused as if another job worked there."""
+    import fcntl
+    import socket
+    import threading
+
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    (folder / ".in-use").write_text(f"pid 12 on {socket.gethostname()}, since 2026-12-01 10:00:00")
+    probe = os.open(folder / ".in-use", os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as ended_unrecorded does, held a little longer
+    threading.Timer(0.3, os.close, [probe]).start()
+    try:
+        hold_folder(folder, "")
+        assert compare.load_run(folder).status == "running"  # now held
+    finally:
+        release_folders()
+    assert compare.load_run(folder).status == "killed"
 
 
 def test_a_running_job_inside_a_sweep_ranks_after_the_done_ones(sweep, tmp_path):
