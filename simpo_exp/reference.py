@@ -245,8 +245,8 @@ def from_main_process(module: torch.nn.Module, device: torch.device) -> None:
 
     With FSDP's ``cpu_ram_efficient_loading`` only the main process reads the weights; the others hold
     uninitialised ones (zeros with transformers before 5.23) until ``prepare`` broadcasts the main process's into
-    the policy. The live reference, copied before ``prepare``, has no such step: each process would shard its own
-    copy, and a reference with another process's empty shards scores every response wrong, with no error."""
+    the policy. The live reference, copied before ``prepare``, has no such step: each process would shard (FSDP2)
+    or keep (FSDP1) its own copy, and a reference with empty weights scores every response wrong, with no error."""
     import torch.distributed as dist
 
     for tensor in [*module.parameters(), *module.buffers()]:
@@ -261,8 +261,6 @@ def shard_like_the_policy(reference: ResponseLogps, accelerator) -> None:
     instead of a whole copy, and every process runs each of its forwards together, as for the policy."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
-        from_main_process(reference, accelerator.device)
     mp_policy = accelerator.state.fsdp_plugin.mixed_precision_policy or MixedPrecisionPolicy()
     layers = set(reference._no_split_modules or ())
     for module in list(reference.model.modules()):

@@ -62,7 +62,7 @@ from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_a
 from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import engine_keeps_master_copy, warn_if_updates_vanish
-from simpo_exp.reference import REF_INDEX, CachedReference, live_reference, shard_like_the_policy
+from simpo_exp.reference import REF_INDEX, CachedReference, from_main_process, live_reference, shard_like_the_policy
 from simpo_exp.rundir import STOPPED_FILE, recorded_sources, stopped_record
 from simpo_exp.runinfo import keep_run_config
 from simpo_exp.signals import StopRequested, StopSignal
@@ -171,6 +171,9 @@ def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout:
                 "partitioned weights cannot run outside the engine; use reference_mode=cached (the default)"
             )
         reference = live_reference(model, layout)
+        fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+        if fsdp is not None and fsdp.cpu_ram_efficient_loading:  # only the main process loaded the weights
+            from_main_process(reference, accelerator.device)
         if not fsdp2(accelerator):  # FSDP2 moves it to the device shard by shard (reference.shard_like_the_policy)
             reference = reference.to(accelerator.device)
     train_ds, eval_ds = splits["train"], splits["test"]
