@@ -226,9 +226,8 @@ def check_fsdp_reduction(accelerator) -> None:
     """FSDP2 averages the gradients over the processes by asking the reduce-scatter for the mean; on CPU processes
     (gloo) torch before 2.9 returns their sum instead, with no error: every gradient would be the number of
     processes times too large (found at the project's dependency floors: 2.7 and 2.8 summed, 2.9 averaged)."""
-    from torch.torch_version import TorchVersion
-
-    if fsdp2(accelerator) and accelerator.device.type == "cpu" and TorchVersion(torch.__version__) < (2, 9):
+    release = tuple(int(part) for part in torch.__version__.split(".")[:2])  # 2.9.0a0+nv (NGC's 2.9) counts as 2.9
+    if fsdp2(accelerator) and accelerator.device.type == "cpu" and release < (2, 9):
         raise ConfigError(
             f"FSDP on CPU processes needs torch 2.9 or newer: with torch {torch.__version__} gloo's reduce-scatter "
             "sums the gradients where FSDP asks for their mean, so each would be "
