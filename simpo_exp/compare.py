@@ -159,6 +159,7 @@ def load_run(path: str | Path) -> Run:
     overrides = read_yaml(path / ".hydra" / "overrides.yaml") or (error or {}).get("overrides") or []
     hydra_cfg = read_yaml(path / ".hydra" / "hydra.yaml") or {}
     choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    config = read_yaml(path / ".hydra" / "config.yaml") or {}
     message = None
     if error is not None:
         first_line = (str(error.get("error") or "").strip().splitlines() or [""])[0]
@@ -168,16 +169,20 @@ def load_run(path: str | Path) -> Run:
     elif status == "killed":
         from simpo_exp.checkpoint import checkpoint_dirs, step_of
 
-        saved = checkpoint_dirs(path)
+        saved = checkpoint_dirs(path) if config.get("resume", True) else []
         message = "ended without a record (killed: out of memory, kill -9?); re-run its command to " + (
-            f"resume from step {step_of(saved[-1])}" if saved else "start it again (no checkpoint was saved)"
+            f"resume from step {step_of(saved[-1])}"
+            if saved
+            else "start it again (it ran with resume=false)"
+            if checkpoint_dirs(path)
+            else "start it again (no checkpoint was saved)"
         )
     return Run(
         name=path.name,
         status=status,
         path=path,
         overrides=parse_overrides(overrides),
-        config=read_yaml(path / ".hydra" / "config.yaml") or {},
+        config=config,
         choices=dict(choices),
         summary=summary,
         history=read_jsonl(path / "metrics.jsonl"),

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from simpo_exp import compare
 from simpo_exp.rundir import hold_folder, release_folders
@@ -181,6 +182,9 @@ def test_a_job_killed_without_a_record_is_told_from_a_running_one(sweep, tmp_pat
     (killed / "checkpoints" / "step-000002").mkdir(parents=True)
     (killed / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
     assert compare.load_run(killed).error.endswith("re-run its command to resume from step 2")
+    config = killed / ".hydra" / "config.yaml"
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "resume": False}))
+    assert compare.load_run(killed).error.endswith("start it again (it ran with resume=false)")
 
     (killed / ".in-use").write_text("pid 12 on another-machine, since 2026-12-01 10:00:00")
     assert compare.load_run(killed).status == "running"
