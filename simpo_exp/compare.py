@@ -169,14 +169,14 @@ def load_run(path: str | Path) -> Run:
     elif status == "killed":
         from simpo_exp.checkpoint import checkpoint_dirs, step_of
 
-        saved = checkpoint_dirs(path) if config.get("resume", True) else []
-        message = "ended without a record (killed: out of memory, kill -9?); re-run its command to " + (
-            f"resume from step {step_of(saved[-1])}"
-            if saved
-            else "start it again (it ran with resume=false)"
-            if checkpoint_dirs(path)
-            else "start it again (no checkpoint was saved)"
-        )
+        saved = checkpoint_dirs(path)
+        if not saved:
+            then = "start it again (no checkpoint was saved)"
+        elif config.get("resume", True):
+            then = f"resume from step {step_of(saved[-1])}"
+        else:
+            then = "start it again (it ran with resume=false)"
+        message = f"ended without a record (killed: out of memory, kill -9?); re-run its command to {then}"
     return Run(
         name=path.name,
         status=status,
