@@ -222,12 +222,19 @@ def deepspeed_config_path(name: str) -> Path:
     return path
 
 
+FSDP_ON_CPU_TORCH = (2, 9)  # the first torch whose gloo reduce-scatter averages as FSDP2 asks (check_fsdp_reduction)
+
+
+def torch_release() -> tuple[int, int]:
+    """torch's (major, minor): a pre-release or vendor build counts as its release (2.9.0a0+nv, NGC's 2.9: 2.9)."""
+    return tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
 def check_fsdp_reduction(accelerator) -> None:
     """FSDP2 averages the gradients over the processes by asking the reduce-scatter for the mean; on CPU processes
     (gloo) torch before 2.9 returns their sum instead, with no error: every gradient would be the number of
     processes times too large (found at the project's dependency floors: 2.7 and 2.8 summed, 2.9 averaged)."""
-    release = tuple(int(part) for part in torch.__version__.split(".")[:2])  # 2.9.0a0+nv (NGC's 2.9) counts as 2.9
-    if fsdp2(accelerator) and accelerator.device.type == "cpu" and release < (2, 9):
+    if fsdp2(accelerator) and accelerator.device.type == "cpu" and torch_release() < FSDP_ON_CPU_TORCH:
         raise ConfigError(
             f"FSDP on CPU processes needs torch 2.9 or newer: with torch {torch.__version__} gloo's reduce-scatter "
             "sums the gradients where FSDP asks for their mean, so each would be "

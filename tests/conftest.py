@@ -22,13 +22,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # FSDP on CPU processes (gloo) averages the gradients from torch 2.9 on; before, the run is refused
 # (simpo_exp.engine.check_fsdp_reduction), and these tests, run at an older torch, would only say so.
-def _torch_older_than(version: tuple) -> bool:
-    import torch  # here: a worker sets its threads (above) before torch loads
+def _fsdp_on_cpu_refused() -> bool:
+    from simpo_exp.engine import FSDP_ON_CPU_TORCH, torch_release  # here: a worker sets its threads (above) first
 
-    return tuple(int(part) for part in torch.__version__.split(".")[:2]) < version  # a pre-release: its release
+    return torch_release() < FSDP_ON_CPU_TORCH
 
 
-fsdp_on_cpu = pytest.mark.skipif(_torch_older_than((2, 9)), reason="FSDP on CPU processes needs torch 2.9")
+fsdp_on_cpu = pytest.mark.skipif(_fsdp_on_cpu_refused(), reason="FSDP on CPU processes needs torch 2.9")
 
 
 @pytest.fixture
