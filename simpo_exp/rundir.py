@@ -189,9 +189,12 @@ def hold_folder(path: Path, advice: str) -> None:
     _held[str(path)] = fd
     with contextlib.suppress(OSError):  # who holds it, for the message a second job gets (read-only: not said)
         os.ftruncate(fd, 0)
-        os.write(
-            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
-        )
+        os.write(fd, f"pid {os.getpid()}{_this_machine()}{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+
+
+def _this_machine() -> str:
+    """The part of a lock file's holder line (``pid N on HOST, since TIME``) that names this machine."""
+    return f" on {socket.gethostname()}, since "
 
 
 def ended_unrecorded(path: Path) -> bool:
@@ -203,7 +206,7 @@ def ended_unrecorded(path: Path) -> bool:
         import fcntl
 
         lock = Path(path) / IN_USE_FILE
-        if f" on {socket.gethostname()}, since " not in lock.read_text(errors="replace"):
+        if _this_machine() not in lock.read_text(errors="replace"):
             return False  # another machine's job, or none: not probed
         fd = os.open(lock, os.O_RDONLY)
     except (ImportError, OSError):
