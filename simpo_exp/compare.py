@@ -43,7 +43,15 @@ from simpo_exp.rundir import (
     read_yaml,
     stopped_words,
 )
-from simpo_exp.tracking import HEADLINE_METRICS, PAIR_METRICS, SAMPLES_KEY, STEP_KEY, eval_keys, train_keys
+from simpo_exp.tracking import (
+    HEADLINE_METRICS,
+    PAIR_METRICS,
+    SAMPLES_KEY,
+    STEP_KEY,
+    STOPPED_SUMMARY,
+    eval_keys,
+    train_keys,
+)
 
 DEFAULT_METRIC = "eval/rewards/accuracies"
 # Columns of the table, in order (the same headline numbers train.py prints at the end of a run).
@@ -189,6 +197,56 @@ def load_run(path: str | Path) -> Run:
         error=message,
         bench=read_results(path),
     )
+
+
+# W&B's run states as compare's statuses. "crashed": W&B stopped hearing from the run (out of memory, kill -9, a lost
+# machine); "killed": stopped from outside, W&B's UI included. A run left at a stop signal exits with 128 + the
+# signal's number, so W&B says "failed": its summary's ``stopped`` tells it apart (see ``wandb_status``).
+WANDB_STATES = {
+    "finished": "done",
+    "running": "running",
+    "pending": "running",
+    "preempting": "running",
+    "crashed": "killed",
+    "killed": "killed",
+    "failed": "failed",
+}
+
+
+def wandb_status(state: str, summary: dict) -> str:
+    """A W&B run's compare status from its ``state`` and ``summary``."""
+    status = WANDB_STATES.get(state, "failed")
+    if status in ("failed", "killed") and summary.get(STOPPED_SUMMARY):
+        return "stopped"
+    return status
+
+
+def wandb_run(r) -> Run:
+    """A run of W&B's public API (``wandb.Api().runs(...)``) as compare's ``Run``: its logged history on the
+    ``train/global_step`` axis, config, summary, and the overrides its name carries (a sweep job is named by them,
+    ``beta=5,seed=1``)."""
+    summary = dict(r.summary)
+    status = wandb_status(r.state, summary)
+    history = [
+        {"step": int(row[STEP_KEY]), **{k: v for k, v in row.items() if "/" in k}}
+        for row in r.scan_history()
+        if row.get(STEP_KEY) is not None
+    ]
+    message = {
+        "stopped": f"stopped by {summary.get(STOPPED_SUMMARY)}; re-run its command to resume",
+        "killed": f"W&B lost it ({r.state}: out of memory, kill -9?); re-run its command (it resumes from its last "
+        "checkpoint, if one was saved)",
+        "failed": "failed (its run directory's error.json says why)",
+    }.get(status)
+    overrides = dict(kv.split("=", 1) for kv in (r.name or "").split(",") if "=" in kv)
+    return Run(
+        r.name, status, config=dict(r.config), overrides=overrides, summary=summary, history=history, error=message
+    )
+
+
+def wandb_runs(api_runs) -> list[Run]:
+    """W&B runs (e.g. ``wandb.Api().runs("entity/project", filters={"group": group})``), labelled by what differs."""
+    return label_runs([wandb_run(r) for r in api_runs])
 
 
 # ----------------------------------------------------------------------------- finding runs

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from simpo_exp.methods import METHODS, TABLE
-from simpo_exp.rundir import read_json
+from simpo_exp.rundir import STOPPED_FILE, read_json, stopped_words
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ SECRET_NAMES = ("api_key", "token", "secret", "password")
 WANDB_RECORD = "wandb_run.json"
 METRICS_FILE = "metrics.jsonl"
 GENERATIONS_FILE = "generations.jsonl"
+# The W&B summary key of a run left at a stop signal (its words: "SIGTERM after step 40, checkpoint saved"). W&B
+# shows such a run as failed (it exits with 128 + the signal's number); this key tells it from one that failed.
+STOPPED_SUMMARY = "stopped"
 
 
 def batch_metrics(methods=("simpo",)) -> tuple[str, ...]:
@@ -216,6 +219,11 @@ class Tracker:
             r = self.wandb_run
             identity = {"id": r.id, "project": r.project, "entity": r.entity or lc.entity, "group": r.group}
             self.write_json(WANDB_RECORD, identity | {"job_type": lc.job_type, "name": r.name, "mode": mode})
+            if resume:  # the run goes on: a stop recorded by its last start no longer holds
+                try:
+                    del r.summary[STOPPED_SUMMARY]
+                except Exception as e:
+                    log.warning("W&B: could not clear the summary's %r (%s: %s)", STOPPED_SUMMARY, type(e).__name__, e)
 
     def _wandb_failed(self, what: str, e: Exception) -> None:
         message = f"W&B {what} failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only"
@@ -259,6 +267,16 @@ class Tracker:
             tmp.write_text(json.dumps(scrub(obj), indent=2, default=str))
             tmp.replace(path)
         return path
+
+    def mark_stopped(self, record: dict) -> None:
+        """A run left at a stop signal (``record``: ``rundir.stopped_record``): ``stopped.json``, and on W&B the
+        summary's ``stopped`` in words, which the next start of the run removes."""
+        self.write_json(STOPPED_FILE, record)
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.summary[STOPPED_SUMMARY] = stopped_words(record)
+            except Exception as e:
+                self._wandb_failed("summary", e)
 
     def __enter__(self) -> "Tracker":
         return self

@@ -689,13 +689,18 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
         stop.restore()  # it would have found without this run
 
 
-def stopped_before_a_step(cfg: Config, stop: StopSignal, signum: int, during: str) -> None:
+def stopped_before_a_step(cfg: Config, stop: StopSignal, signum: int, during: str, tracker=None) -> None:
     """Leave at a stop signal that came before the run's first step (in ``during``): nothing to save, a record
-    that compare and the sweep's summary read (main process), the handlers found at start called and put back."""
+    that compare and the sweep's summary read (main process; through ``tracker``, the run's W&B run as well, once
+    there is one), the handlers found at start called and put back."""
     if os.environ.get("RANK", "0") == "0":
         done = checkpoint.checkpoint_dirs(Path(cfg.output_dir))
         at = checkpoint.step_of(done[-1]) if done else 0  # where a re-run resumes
-        write_json(Path(cfg.output_dir) / STOPPED_FILE, stopped_record(signum, at) | {"during": during})
+        record = stopped_record(signum, at) | {"during": during}
+        if tracker is not None:
+            tracker.mark_stopped(record)
+        else:
+            write_json(Path(cfg.output_dir) / STOPPED_FILE, record)
     stop.exit(None, signum)
 
 
@@ -708,7 +713,7 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
         try:
             summary |= evaluate_and_sample(run, 0)
         except StopRequested as e:
-            stopped_before_a_step(cfg, stop, e.signum, "evaluation at start")
+            stopped_before_a_step(cfg, stop, e.signum, "evaluation at start", run.tracker)
     stop.at_once = False  # from here a signal waits for the step to end, then a checkpoint
     batches = forever(run.train_loader, run.accelerator, run.state.micro_batches, run.state.epoch_batches)
     window = Window.restore(run.state.window, run.state.window_seconds, run.state.window_steps, run.accelerator)
@@ -731,7 +736,7 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
         if bar is not None:
             bar.update(1)
         if stopping:  # compare and the sweep's summary tell a stopped run from a running one by this file
-            run.tracker.write_json(STOPPED_FILE, stopped_record(stopping, step))
+            run.tracker.mark_stopped(stopped_record(stopping, step))
             stop.exit(step, stopping)
     if bar is not None:
         bar.close()

@@ -357,3 +357,45 @@ def test_the_command_line_notes_a_metric_no_run_has_and_takes_descending(sweep, 
     assert "note: no run has eval/log_odds_ratio" in capsys.readouterr().out
     assert compare.main([str(sweep), "--no-plots", "--metric", "eval/loss", "--descending"]) == 0
     assert "ranked by eval/loss (descending)" in capsys.readouterr().out
+
+
+class FakeWandbRun:
+    """What compare reads of a run of W&B's public API (``wandb.Api().runs(...)``)."""
+
+    def __init__(self, name, state, summary=None, rows=()):
+        self.name, self.state, self.summary, self.config = name, state, summary or {}, {"beta": name[-1]}
+        self.rows = rows
+
+    def scan_history(self):
+        return iter(self.rows)
+
+
+def test_wandb_runs_read_the_states_and_history_compare_knows():
+    """The notebook's W&B path: W&B's states as compare's statuses (a run left at a stop signal exits with 128 +
+    the signal's number, which W&B shows as failed: its summary's ``stopped`` tells it apart); the history on
+    the global-step axis (a row without it, W&B's own, dropped); the overrides the job's name carries."""
+    rows = [
+        {"train/global_step": 3, "train/loss": 0.6, "_step": 0},
+        {"_runtime": 2.0},
+        {"train/global_step": 6, "eval/rewards/accuracies": 0.75, "_step": 1},
+    ]
+    done = FakeWandbRun("beta=1", "finished", {"eval/rewards/accuracies": 0.75}, rows)
+    stopped = FakeWandbRun("beta=2", "failed", {"stopped": "SIGTERM after step 6, checkpoint saved"})
+    failed = FakeWandbRun("beta=3", "failed")
+    crashed = FakeWandbRun("beta=4", "crashed")
+    live = FakeWandbRun("beta=5", "running")
+    runs = {r.name: r for r in compare.wandb_runs([done, stopped, failed, crashed, live])}
+    assert {name: r.status for name, r in runs.items()} == {
+        "beta=1": "done",
+        "beta=2": "stopped",
+        "beta=3": "failed",
+        "beta=4": "killed",
+        "beta=5": "running",
+    }
+    assert [r["step"] for r in runs["beta=1"].history] == [3, 6] and "_step" not in runs["beta=1"].history[0]
+    assert runs["beta=1"].series("train/loss") == ([3], [0.6])
+    assert runs["beta=1"].final("eval/rewards/accuracies") == 0.75 and runs["beta=1"].label == "beta=1"
+    assert runs["beta=2"].error == "stopped by SIGTERM after step 6, checkpoint saved; re-run its command to resume"
+    assert "crashed" in runs["beta=4"].error and runs["beta=1"].error is None
+    table = compare.format_table(compare.runs_table(list(runs.values())))
+    assert table.index("beta=1") < table.index("beta=2") < table.index("beta=4")

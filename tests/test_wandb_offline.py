@@ -16,6 +16,7 @@ import secrets
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,8 +24,18 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from simpo_exp import runinfo
-from simpo_exp.tracking import CONDITIONAL_METRICS, SAMPLES_KEY, SECRET_NAMES, STEP_KEY, Tracker, eval_keys, train_keys
+from simpo_exp import compare, runinfo
+from simpo_exp.rundir import stopped_record
+from simpo_exp.tracking import (
+    CONDITIONAL_METRICS,
+    SAMPLES_KEY,
+    SECRET_NAMES,
+    STEP_KEY,
+    STOPPED_SUMMARY,
+    Tracker,
+    eval_keys,
+    train_keys,
+)
 
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
@@ -92,6 +103,21 @@ def read_wandb_log(path: Path) -> list:
     return out
 
 
+def read_ended_wandb_log(path: Path, wait: float = 60) -> list:
+    """The records of the .wandb file of a run ended in this process, once W&B's core has written them: ``finish``
+    returns before the file holds the run's exit record."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            records = read_wandb_log(path)
+        except AssertionError:  # a chunk still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {wait} s"
+        time.sleep(0.2)
+
+
 def _path(item) -> list[str]:
     return [item.key] if item.key else list(item.nested_key)
 
@@ -118,6 +144,8 @@ def fold(records) -> SimpleNamespace:
         elif kind == "summary":
             for item in r.summary.update:
                 _set(summary, _path(item), json.loads(item.value_json))
+            for item in r.summary.remove:
+                summary.pop(_path(item)[0], None)
         elif kind == "history":
             row = {}
             for item in r.history.item:
@@ -372,3 +400,30 @@ def test_a_failed_run_closes_its_wandb_run_as_failed(tmp_path):
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     exits = [r.exit.exit_code for r in read_wandb_log(path) if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]
+
+
+def test_a_stopped_run_tells_wandb_and_its_resume_takes_it_back(tmp_path, monkeypatch):
+    """W&B shows a run left at a stop signal as failed (it exits with 128 + the signal's number). Its summary's
+    ``stopped`` tells compare (and the notebook's W&B path) it is resumable; the run's next start removes it."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    lc = _logger_cfg(group="g")
+    with pytest.raises(SystemExit), Tracker(tmp_path, lc, {}) as tracker:
+        tracker.mark_stopped(stopped_record(15, 40))
+        raise SystemExit(143)
+    assert json.loads((tmp_path / "stopped.json").read_text()) == {"signal": "SIGTERM", "step": 40}
+    (first,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_ended_wandb_log(first)
+    stopped = fold(records)
+    assert stopped.summary[STOPPED_SUMMARY] == "SIGTERM after step 40, checkpoint saved"
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [143]
+    assert compare.wandb_status("failed", stopped.summary) == "stopped"
+    assert compare.wandb_status("failed", {}) == "failed"
+
+    Tracker(tmp_path, lc, {}).finish({"train/loss": 0.5})  # the resumed run, to its end
+    (second,) = set((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")) - {first}
+    records = read_ended_wandb_log(second)
+    resumed = fold(records)
+    assert resumed.run.run_id == stopped.run.run_id
+    removed = [_path(item) for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.remove]
+    assert removed == [[STOPPED_SUMMARY]] and STOPPED_SUMMARY not in resumed.summary
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
