@@ -215,7 +215,7 @@ if os.environ.get("RANK") == "0":
     save_final_model = simpo_exp.train.save_final_model
 
     def slow(*args):
-        time.sleep(20)
+        time.sleep(12)  # past the 5 s timeout, with room for process 1 to reach its wait late
         return save_final_model(*args)
 
     simpo_exp.train.save_final_model = slow
@@ -253,7 +253,7 @@ def test_adamw_is_fused_on_a_gpu_except_under_deepspeed():
 
 def test_a_wait_past_the_collective_timeout_stops_the_run(tmp_path):
     """hardware.collective_timeout reaches the process group: with 5 seconds, the process waiting for the main
-    one's slow model write (20 s) gives up after 5 seconds, and the run fails naming the setting (with torch's
+    one's slow model write (12 s) gives up after 5 seconds, and the run fails naming the setting (with torch's
     default, 30 minutes on gloo, the write would finish and the run succeed)."""
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(SLOW_MODEL_WRITE_ON_RANK_0)
