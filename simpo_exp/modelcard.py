@@ -22,12 +22,9 @@ from simpo_exp.rundir import CONF_DIR, read_json, select
 
 log = logging.getLogger(__name__)
 # Each as the run used it: the values training resolved (learning rate from the model size, accumulation for the
-# global batch on this many processes, gamma from beta x ratio) over the config's own
-RECIPE_KEYS = (
-    "method",
-    "beta",
-    "gamma_beta_ratio",
-    "gamma",
+# global batch on this many processes, gamma from beta x ratio) over the config's own. After the method: the keys
+# its loss reads (the table of methods), then these.
+TRAINING_KEYS = (
     "sft_weight",
     "learning_rate",
     "lr_scheduler_type",
@@ -41,6 +38,17 @@ RECIPE_KEYS = (
     "max_prompt_length",
     "seed",
 )
+
+
+def recipe_keys(method: str | None) -> tuple[str, ...]:
+    """The model card's recipe rows: the method, the config keys its loss reads (``gamma`` beside
+    ``gamma_beta_ratio``, as the run resolved it), the training keys."""
+    from simpo_exp.methods import TABLE
+
+    reads = list(TABLE[method].reads) if method in TABLE else []
+    if "gamma_beta_ratio" in reads:
+        reads.insert(reads.index("gamma_beta_ratio") + 1, "gamma")
+    return ("method", *reads, *TRAINING_KEYS)
 
 
 def _is_hub_id(path: str) -> bool:
@@ -107,7 +115,7 @@ def card_text(cfg: dict, results: dict[str, dict], name: str, resolved: dict | N
         "| key | value |",
         "|---|---|",
     ]
-    values = {k: (resolved or {}).get(k, select(cfg, k)) for k in RECIPE_KEYS}
+    values = {k: (resolved or {}).get(k, select(cfg, k)) for k in recipe_keys(select(cfg, "method"))}
     lines += [f"| `{k}` | {v} |" for k, v in values.items() if v is not None]
     if results:
         lines += ["", "## Evaluation", "", "| benchmark | metric | value |", "|---|---|---|"]

@@ -596,6 +596,11 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     text = write_model_card(tmp_path, cfg, "run").read_text()
     for row in ("| `method` | dpo |", "| `learning_rate` | 0.001 |", "| `gradient_accumulation_steps` | 2 |"):
         assert row in text, text
+    # the keys the method's loss reads, not another method's: DPO has no margin, AlphaPO its alpha
+    assert "gamma_beta_ratio" not in text and "| `beta` | 0.1 |" in text
+    own = {**cfg, "method": "alphapo", "gamma_beta_ratio": 0.5, "alphapo_alpha": 0.25}
+    text = write_model_card(tmp_path, own, "run").read_text()
+    assert all(row in text for row in ("| `gamma_beta_ratio` | 0.5 |", "| `alphapo_alpha` | 0.25 |")), text
     # dataset=[ultrafeedback-binarized,local] keeps the last preset's name: a mixture is named by its sources
     mixture = {"name": "local", "sources": {"ultrafeedback": {"path": "a"}, "local": {"path": "b"}}}
     text = write_model_card(tmp_path, {**cfg, "dataset": mixture}, "run").read_text()
