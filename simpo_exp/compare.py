@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import textwrap
@@ -189,7 +190,7 @@ def load_run(path: str | Path) -> Run:
         name=path.name,
         status=status,
         path=path,
-        overrides=parse_overrides(overrides),
+        overrides=_as_ran(parse_overrides(overrides), path),
         config=config,
         choices=dict(choices),
         summary=summary,
@@ -197,6 +198,20 @@ def load_run(path: str | Path) -> Run:
         error=message,
         bench=read_results(path),
     )
+
+
+def _as_ran(overrides: dict[str, str], path: Path) -> dict[str, str]:
+    """``overrides`` with each interpolation (``beta=${oc.env:BETA}``) replaced by the value the run resolved it to,
+    where its ``finished.json`` records it: the text alone would make runs of different values look alike."""
+    ran = read_json(path / "finished.json").get("config") or {}
+    out = dict(overrides)
+    for key, value in overrides.items():
+        node = ran
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if "${" in value and node is not None and not isinstance(node, (dict, list)):
+            out[key] = str(node)
+    return out
 
 
 # W&B's run states as compare's statuses. "crashed": W&B stopped hearing from the run (out of memory, kill -9, a lost
@@ -285,12 +300,15 @@ def load_runs(paths: list[str | Path] | str | Path) -> list[Run]:
 
 
 def _short_names(runs: list[Run]) -> None:
-    """Name each run by its path below the runs' common folder, a job dir by its number (``3``, ``sweepA/3``)."""
-    paths = [r.path.resolve() for r in runs if r.path is not None]
-    common = Path(*[parts[0] for parts in zip(*(p.parts for p in paths)) if len(set(parts)) == 1])
-    for r in runs:
-        rel = r.path.resolve().relative_to(common).parts if len(paths) > 1 else (r.path.name,)
-        r.name = "/".join(m.group(1) if (m := re.match(r"^(\d+)_", p)) else p for p in rel)
+    """Name each run by its path below the runs' common folder, a job dir by its number (``3``, ``sweepA/3``),
+    or by its whole folder name where numbers repeat (two sweeps run into one folder: ``0_beta=2``, ``0_beta=4``)."""
+    placed = [r for r in runs if r.path is not None]
+    paths = [r.path.resolve() for r in placed]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else None
+    rels = [p.relative_to(common).parts if common is not None else (p.name,) for p in paths]
+    short = ["/".join(m.group(1) if (m := re.match(r"^(\d+)_", part)) else part for part in rel) for rel in rels]
+    for r, rel, name in zip(placed, rels, short, strict=True):
+        r.name = name if short.count(name) == 1 else "/".join(rel)
 
 
 EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # a number Hydra reads and YAML 1.1 does not

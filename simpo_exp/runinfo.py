@@ -19,7 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.errors import FolderInUse, OtherRunsDirectory
 from simpo_exp.inference.files import write_atomic
-from simpo_exp.rundir import RESUMABLE_CHANGES, STOPPED_FILE, hold_folder, read_json, release_folders, stopped_words
+from simpo_exp.rundir import (
+    CONF_DIR,
+    RESUMABLE_CHANGES,
+    STOPPED_FILE,
+    hold_folder,
+    read_json,
+    release_folders,
+    stopped_words,
+)
 from simpo_exp.signals import StopRequested
 
 
@@ -60,11 +68,15 @@ def sweep_group(sweep_dir: str, cwd: str | None = None) -> str:
 def fill_run_identity(cfg: DictConfig) -> DictConfig:
     """Resolve the config and set ``logger.run_name``/``logger.group`` from Hydra's state."""
     hc = HydraConfig.get()
-    given = {o.lstrip("+~").split("=", 1)[0] for o in hc.overrides.task}
-    if {"gamma", "gamma_beta_ratio"} <= given:
-        from simpo_exp.config import ConfigError
+    overrides = given_overrides(hc)
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    for override in overrides:
+        group = override.lstrip("~").split("=", 1)[0]
+        if override.startswith("~") and (Path(CONF_DIR) / group).is_dir():
+            from simpo_exp.config import ConfigError
 
-        raise ConfigError("give gamma (absolute margin) or gamma_beta_ratio (gamma = beta * ratio), not both")
+            raise ConfigError(f"{override}: the {group} group cannot be removed; pick one of its options ({group}=...)")
+    refuse_unused(cfg, given, dict(hc.runtime.choices), lambda extra: _compose_as_given(hc, extra))
     target = OmegaConf.select(cfg, "hardware.effective_batch_size")
     if "gradient_accumulation_steps" in given and target:
         from simpo_exp.config import ConfigError
@@ -75,16 +87,109 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
             "or the command line) sets the accumulation from the device count; add "
             "hardware.effective_batch_size=null to fix the accumulation yourself, or leave it to the global batch"
         )
-    OmegaConf.resolve(cfg)
+    resolve(cfg)
     lc = cfg.logger
     if lc.get("run_name") is None:
-        lc.run_name = run_name(list(hc.overrides.task), float(cfg.sft_weight))
+        lc.run_name = run_name(overrides, float(cfg.sft_weight))
     if lc.get("group") is None and hc.mode == RunMode.MULTIRUN:
         lc.group = sweep_group(hc.sweep.dir, hc.runtime.cwd)
     if hc.runtime.choices:
         picked = [f"{g}:{c}" for g, c in hc.runtime.choices.items() if not g.startswith("hydra") and c]
         lc.tags = list(lc.get("tags") or []) + picked
     return cfg
+
+
+def resolve(cfg: DictConfig) -> None:
+    """``OmegaConf.resolve``; an interpolation that cannot be resolved (``beta=${oc.env:UNSET}``) is a ConfigError
+    naming its key."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        OmegaConf.resolve(cfg)
+    except InterpolationResolutionError as e:
+        from simpo_exp.config import ConfigError
+
+        key = next((k for k in _leaf_keys(cfg) if _unresolvable(cfg, k)), "?")
+        raw = OmegaConf.to_container(cfg, resolve=False)
+        for part in key.split("."):
+            raw = raw.get(part) if isinstance(raw, dict) else None
+        cause = str(e).splitlines()[0]
+        raise ConfigError(f"{key}={raw}: cannot be resolved ({cause})") from None
+
+
+def _leaf_keys(node, prefix: str = ""):
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            yield from _leaf_keys(child, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _unresolvable(cfg: DictConfig, key: str) -> bool:
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        OmegaConf.select(cfg, key)
+        return False
+    except InterpolationResolutionError:
+        return True
+
+
+def given_overrides(hc) -> list[str]:
+    """The command line's overrides as typed: ``beta=${oc.env:B}`` stays text (read through OmegaConf, Hydra's list
+    would resolve it, and fail where the variable is missing)."""
+    return [str(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)]
+
+
+def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None) -> None:
+    """Refuse a value given on the command line (``given``: its keys) that the run would not use: a sweep over it
+    would train the same run again under other names. ``choices``: the config groups picked; ``compose``: the
+    config composed from the command line plus the given overrides, to tell what a preset would have set.
+
+    - a method hyper-parameter the method does not read (``loss=simper beta=5``);
+    - ``gamma`` and ``gamma_beta_ratio`` together, or ``gamma_beta_ratio`` where a preset's absolute ``gamma`` wins;
+    - ``hparams=`` with ``experiment=``, where the experiment (composed after it) sets the keys the preset sets."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.methods import TABLE, readers
+
+    if {"gamma", "gamma_beta_ratio"} <= given and cfg.get("gamma") is not None:
+        raise ConfigError("give gamma (absolute margin) or gamma_beta_ratio (gamma = beta * ratio), not both")
+    method = cfg.get("method")
+    if method in TABLE:
+        for key in sorted(given & {k for m in TABLE.values() for k in m.reads} - set(TABLE[method].reads)):
+            raise ConfigError(
+                f"{key}={cfg.get(key)!r} would not be used: method={method!r} does not read it (read by "
+                f"{', '.join(readers(key))}); leave it out"
+            )
+    if "gamma_beta_ratio" in given and cfg.get("gamma") is not None:
+        raise ConfigError(
+            f"gamma_beta_ratio={cfg.gamma_beta_ratio} would not be used: gamma={cfg.gamma} (an absolute margin, set "
+            "by a preset) takes its place; add gamma=null to use the ratio"
+        )
+    if {"experiment", "hparams"} <= given and choices.get("experiment") and compose is not None:
+        hparams = choices.get("hparams")
+        preset, base = compose([f"hparams={hparams}"]), compose(["hparams=default"])
+        lost = {
+            key: value
+            for key, value in preset.items()
+            if not isinstance(value, (dict, DictConfig)) and key not in given
+            and value != base.get(key) and value != cfg.get(key)
+        }  # fmt: skip
+        if lost:
+            sets = ", ".join(f"{k}={v} (the run: {cfg.get(k)})" for k, v in lost.items())
+            raise ConfigError(
+                f"hparams={hparams} would not be used: experiment={choices['experiment']} is composed after it and "
+                f"sets its own values of {sets}; give those keys on the command line instead"
+            )
+
+
+def _compose_as_given(hc, extra: list[str]) -> DictConfig:
+    """The primary config with ``extra`` overrides only (Hydra's compose API, inside the running app: the same
+    search path, ``--config-dir`` included)."""
+    from hydra import compose
+
+    return compose(config_name=hc.job.config_name, overrides=extra)
 
 
 @contextlib.contextmanager
@@ -139,7 +244,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
                 raise SystemExit(2) from None
         except Exception as e:
             out.mkdir(parents=True, exist_ok=True)
-            record = {"error": str(e), "type": type(e).__name__, "overrides": list(HydraConfig.get().overrides.task)}
+            record = {"error": str(e), "type": type(e).__name__, "overrides": given_overrides(HydraConfig.get())}
             (out / "error.json").write_text(json.dumps(record, indent=2))
             if not _is_user_error(e):
                 _note_collective_timeout(e, cfg)
@@ -259,8 +364,10 @@ def restore_run_config(run_dir: Path, kept_in: str = RAN_WITH) -> None:
 def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:
     """A process that waited for the others at a collective past the timeout (gloo's wording; NCCL's
     watchdog ends the process itself, with its own message): name the setting that bounds the wait."""
-    seconds = OmegaConf.select(cfg, "hardware.collective_timeout")
-    if seconds is not None and isinstance(e, RuntimeError) and "Timed out waiting" in str(e):
+    if not (isinstance(e, RuntimeError) and "Timed out waiting" in str(e)):
+        return
+    seconds = OmegaConf.select(cfg, "hardware.collective_timeout", default=None, throw_on_missing=False)
+    if seconds is not None:
         note = (
             f"hardware.collective_timeout={seconds} seconds passed while this process waited for the others "
             "(one may have stopped, or still be working alone: writing the model, preparing the data); "
@@ -314,7 +421,7 @@ class SweepSummary(Callback):
         if stopped:  # a stop signal ends the sweep at the job it reached: the jobs after it never ran
             path, record = stopped[-1]
             print(
-                f"sweep stopped by {stopped_words(record)}, in job {path.name} ({len(jobs)} jobs started in "
+                f"sweep stopped by {stopped_words(record)}, in job {self._job(path)} ({len(jobs)} jobs started in "
                 f"{self.sweep_dir}); re-run the same command to resume: finished jobs are skipped, the stopped one "
                 "goes on (from its checkpoint, where it saved one)",
                 file=sys.stderr,
@@ -329,9 +436,13 @@ class SweepSummary(Callback):
         print(f"\nsweep finished: {len(failed)} of {len(jobs)} jobs FAILED ({self.sweep_dir})", file=sys.stderr)
         for path, err in failed:
             first_line = (err.get("error") or "").splitlines()[0] if err.get("error") else ""
-            print(f"  {path.name}: {err.get('type')}: {first_line}", file=sys.stderr)
+            print(f"  {self._job(path)}: {err.get('type')}: {first_line}", file=sys.stderr)
         print(f"compare the rest with: python -m simpo_exp.compare {self.sweep_dir}", file=sys.stderr, flush=True)
         return True
+
+    def _job(self, path: Path) -> str:
+        """A job's folder as the sweep's summary names it: below the sweep's directory."""
+        return str(path.relative_to(self.sweep_dir)) if path.is_relative_to(self.sweep_dir) else path.name
 
 
 def _in_use_refusals(sweep_dir: Path) -> dict[Path, int]:
@@ -339,16 +450,27 @@ def _in_use_refusals(sweep_dir: Path) -> dict[Path, int]:
     return {f: f.stat().st_mtime_ns for f in sweep_dir.glob(f"{IN_USE_REFUSED}*.json")}
 
 
+JOB_DEPTH = 3  # hydra.sweep.subdir may nest a job's folder (beta${beta}/seed${seed}: two levels)
+
+
 def _job_stamps(sweep_dir: Path) -> dict[Path, int]:
     """The sweep's job directories, in job order (``10_...`` after ``2_...``), each with the modification stamp
-    of the overrides file Hydra writes as the job starts."""
-    stamps = {f.parents[1]: f.stat().st_mtime_ns for f in sweep_dir.glob("*/.hydra/overrides.yaml")}
-    return dict(sorted(stamps.items(), key=lambda item: _job_order(item[0].name)))
+    of the overrides file Hydra writes as the job starts (under ``hydra.output_subdir=null``, of the job's log),
+    found up to ``JOB_DEPTH`` levels below the sweep's directory."""
+    stamps: dict[Path, int] = {}
+    for depth in range(1, JOB_DEPTH + 1):
+        for folder in sweep_dir.glob("/".join(["*"] * depth)):
+            if any(parent in stamps for parent in folder.parents):
+                continue  # inside a job's folder (its checkpoints, model, ...)
+            for marker in (folder / ".hydra" / "overrides.yaml", folder / "__main__.log"):
+                if marker.is_file():
+                    stamps[folder] = marker.stat().st_mtime_ns
+                    break
+    return dict(sorted(stamps.items(), key=lambda item: _job_order(item[0].relative_to(sweep_dir))))
 
 
-def _job_order(name: str) -> tuple[int, str]:
-    number = name.split("_", 1)[0]
-    return (int(number) if number.isdigit() else -1, name)
+def _job_order(rel: Path) -> tuple:
+    return tuple((int(p.split("_", 1)[0]) if p.split("_", 1)[0].isdigit() else -1, p) for p in rel.parts)
 
 
 def export_launcher_distributed_env() -> None:

@@ -1,5 +1,6 @@
 """The compare command and the notebook, on one real sweep: beta=2,5 x seed=1,2 plus an invalid beta=-1."""
 
+import json
 import os
 import re
 import shutil
@@ -399,3 +400,34 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
     assert "crashed" in runs["beta=4"].error and runs["beta=1"].error is None
     table = compare.format_table(compare.runs_table(list(runs.values())))
     assert table.index("beta=1") < table.index("beta=2") < table.index("beta=4")
+
+
+def _job(folder: Path, overrides: list[str], ran: dict | None = None) -> None:
+    """A finished job's folder as compare reads it: its overrides, a summary, its resolved config (finished.json)."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (folder / "summary.json").write_text('{"eval/rewards/accuracies": 0.5}')
+    (folder / "finished.json").write_text(json.dumps({"config": ran or {}}))
+
+
+def test_runs_are_named_apart_whatever_their_folders(tmp_path):
+    """Two sweeps in folders of one name (outputs/a/beta, outputs/b/beta) crashed compare; two sweeps run into one
+    folder gave two runs of each job number the same name."""
+    for sweep in ("a/beta", "b/beta"):
+        _job(tmp_path / sweep / "0_beta=2", ["beta=2"])
+    assert sorted(r.name for r in compare.load_runs([tmp_path / "a" / "beta", tmp_path / "b" / "beta"])) == [
+        "a/beta/0",
+        "b/beta/0",
+    ]
+    both = tmp_path / "twice"
+    for job, beta in (("0_beta=2", 2), ("1_beta=4", 4), ("0_beta=4", 4), ("1_beta=6", 6)):
+        _job(both / job, [f"beta={beta}"])
+    assert sorted(r.name for r in compare.load_runs(both)) == ["0_beta=2", "0_beta=4", "1_beta=4", "1_beta=6"]
+
+
+def test_an_interpolated_override_shows_the_value_the_run_resolved(tmp_path):
+    """``beta=${oc.env:BETA}`` run with BETA=2 and BETA=6: the same text, two values, which compare must tell."""
+    for beta in (2.0, 6.0):
+        _job(tmp_path / f"b{beta:g}", ["beta=${oc.env:BETA}"], {"beta": beta})
+    runs = compare.load_runs(tmp_path)
+    assert {r.name: r.swept for r in runs} == {"b2": {"beta": "2"}, "b6": {"beta": "6"}}

@@ -9,7 +9,7 @@ import torch
 from simpo_exp.config import ConfigError, resolve_gamma, to_config
 from simpo_exp.data import PairCollator, build_datasets
 from simpo_exp.model import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
-from simpo_exp.runinfo import run_name
+from simpo_exp.runinfo import refuse_unused, run_name
 from tests.test_run import SMALL, simpo
 
 SMALL_DATA = ["dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16"]
@@ -83,6 +83,58 @@ def test_gamma_and_ratio(compose):
 def test_gamma_and_ratio_together_are_refused(tmp_path):
     res = simpo("gamma=1.0", "gamma_beta_ratio=0.5", "logger=none", cwd=tmp_path)
     assert res.returncode == 2 and "not both" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,given,message",
+    [
+        (["loss=simper", "beta=5"], {"beta"}, r"beta=5.0 would not be used: method='simper' does not read it"),
+        (["loss=dpo", "gamma_beta_ratio=0.3"], {"gamma_beta_ratio"}, r"method='dpo' does not read it \(read by simpo"),
+        (["loss=ipo", "label_smoothing=0.0"], {"label_smoothing"}, r"label_smoothing=0.0 would not be used"),
+        # gamma set by a preset (here: given, but not as the command line's), the ratio on the command line
+        (["gamma=1.0", "gamma_beta_ratio=0.3"], {"gamma_beta_ratio"}, r"gamma=1.0 \(an absolute margin.*gamma=null"),
+        (["gamma=1.0", "gamma_beta_ratio=0.3"], {"gamma", "gamma_beta_ratio"}, "not both"),
+        (
+            ["experiment=simpo-mistral-7b-base", "hparams=strong-prefs"],
+            {"experiment", "hparams"},
+            r"hparams=strong-prefs would not be used: experiment=simpo-mistral-7b-base .* beta=5.0 \(the run: 2.0\)",
+        ),
+    ],
+)
+def test_a_value_given_that_the_run_would_not_use_is_refused(compose, overrides, given, message):
+    """A sweep over such a value trains one run under several names: ``loss=simper beta=2,5``, a
+    ``gamma_beta_ratio`` where a preset's absolute gamma wins, ``hparams=`` under an experiment that sets the same
+    keys after it."""
+    cfg = compose(*overrides)
+    choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in ("experiment", "hparams"))
+    with pytest.raises(ConfigError, match=message):
+        refuse_unused(cfg, given, choices, lambda extra: compose(*extra))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss=simpo", "beta=5", "gamma_beta_ratio=0.3", "label_smoothing=0.1"],
+        ["loss=alphapo", "alphapo_alpha=0.5"],
+        ["gamma=null", "gamma_beta_ratio=0.3"],
+        ["experiment=simpo-mistral-7b-base", "hparams=default"],
+        ["experiment=simpo-mistral-7b-base", "hparams=strong-prefs", "beta=5", "gamma_beta_ratio=0.7"],
+    ],
+)
+def test_values_the_run_uses_are_accepted(compose, overrides):
+    given = {o.split("=", 1)[0] for o in overrides}
+    choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in ("experiment", "hparams"))
+    refuse_unused(compose(*overrides), given, choices, lambda extra: compose(*extra))
+
+
+def test_an_unresolvable_value_or_a_removed_group_is_named(tmp_path):
+    """They crashed the error handler itself (a traceback, no error.json)."""
+    res = simpo("beta=${oc.env:SIMPO_TEST_NEVER_SET}", "logger=none", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "beta=${oc.env:SIMPO_TEST_NEVER_SET}: cannot be resolved" in res.stderr
+    assert json.loads((tmp_path / "a" / "error.json").read_text())["type"] == "ConfigError"
+    res = simpo("~hardware", "logger=none", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert res.returncode == 2 and "~hardware: the hardware group cannot be removed" in res.stderr, res.stderr[-3000:]
 
 
 def test_sft_weight_is_visible_in_the_run_name():

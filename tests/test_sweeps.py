@@ -33,6 +33,16 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     assert "1 of 3 jobs FAILED" in res.stderr and failed[0].name in res.stderr
 
 
+def test_a_sweep_with_nested_job_folders_lists_its_failed_jobs(tmp_path):
+    """``hydra.sweep.subdir`` two levels deep: the summary looked one level down only, said no job ran and exited 0."""
+    sweep = tmp_path / "sweep"
+    args = ["--multirun", "beta=-1,2", "seed=1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=b${beta}/s${seed}"]
+    res = simpo(*args, *FAST, cwd=tmp_path)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "1 of 2 jobs FAILED" in res.stderr and "b-1.0/s1: ConfigError" in res.stderr
+    assert (sweep / "b2.0" / "s1" / "summary.json").exists()
+
+
 def test_a_sweep_whose_presets_do_not_compose_says_no_job_ran(tmp_path):
     """Hydra composes every job before the first starts; a preset name that is not there ended the sweep with
     "sweep finished: 0 jobs", which reads as a success."""
