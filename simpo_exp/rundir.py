@@ -36,6 +36,10 @@ RESUMABLE_CHANGES = {
     "save_model",
     "eval_on_start",
     "max_bad_steps",
+    # read by evaluation only: a smaller eval batch after an out-of-memory evaluation, fewer or shorter samples
+    "per_device_eval_batch_size",
+    "num_generations",
+    "max_new_tokens",
 }
 
 # A run that left at a stop signal, its checkpoint saved: {"signal", "step"}, plus "during" where the stop came

@@ -269,6 +269,11 @@ def test_a_resume_may_change_how_a_run_runs_but_not_what_it_trains():
         "hardware.group_by_length: checkpoint None, now True",
         "hardware.lora: checkpoint False, now True",
     ]
+    # what only evaluation reads: the eval batch (the out-of-memory message during evaluation names it), the samples
+    evaluating = {"per_device_eval_batch_size": 32, "num_generations": 4, "max_new_tokens": 64}
+    fewer = {"per_device_eval_batch_size": 4, "num_generations": 0, "max_new_tokens": 16}
+    assert incompatible_keys({**saved, **evaluating}, {**moved, **fewer}) == []
+    assert incompatible_keys({"per_device_train_batch_size": 8}, {"per_device_train_batch_size": 4})
 
 
 def test_a_key_added_since_a_run_was_saved_counts_only_when_it_leaves_its_default():
