@@ -411,6 +411,12 @@ def _validate_method(cfg: Config) -> None:
     if cfg.loss_type == "hinge" and cfg.label_smoothing > 0:
         _fail("label_smoothing", cfg.label_smoothing, "the hinge loss ignores label smoothing; set it to 0")
     _check(cfg.sft_weight >= 0, "sft_weight", cfg.sft_weight, "must be >= 0")
+    if cfg.hardware.fused_head != "none":  # refused here, before a model or data set loads
+        from simpo_exp.fused import fused_head_refusal
+
+        refusal = fused_head_refusal(cfg)
+        if refusal:
+            raise ConfigError(refusal)
 
 
 def _validate_run(cfg: Config) -> None:

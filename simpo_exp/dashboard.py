@@ -84,19 +84,17 @@ class MetricSection:
 
 
 def _section_of(metric: str) -> str:
-    """Where a metric name from tracking.py's lists goes; anything unknown goes to the last section."""
+    """Where a metric name from tracking.py's lists goes; anything unknown goes to the last section. A method's own
+    statistics (the table of methods' ``extra_metrics``, computed from the log-probs) go with the log-probs."""
+    from simpo_exp.methods import TABLE
+
     family = metric.split("/", 1)[0]
     if family == "rewards":
         return "Preference"
-    if family in (
-        "logps",
-        "logps_mean",
-        "logits",
-        "logits_response",
-        "entropy",
-        "mean_token_accuracy",
-        "log_odds_ratio",
-        "log_odds_chosen",
+    own = {name for method in TABLE.values() for name in method.extra_metrics}
+    if (
+        family in ("logps", "logps_mean", "logits", "logits_response", "entropy", "mean_token_accuracy")
+        or family in own
     ):
         return "Log-probs"
     if family in ("loss", "sft_loss", "grad_norm", "learning_rate", "skipped_steps"):

@@ -45,6 +45,21 @@ class FusedPreference(NamedTuple):
     logit_sums: torch.Tensor  # [2] vocabulary-mean logit summed over the chosen, the rejected response tokens
 
 
+def fused_head_refusal(cfg) -> str | None:
+    """Why the method or its settings cannot run on the fused head ``hardware.fused_head`` names (None: they can).
+    From the config alone: config validation asks it before anything loads."""
+    where = f"hardware.fused_head={cfg.hardware.fused_head!r}"
+    if cfg.method not in LIGER_METHODS:
+        return (
+            f"{where} does not support method={cfg.method!r}: Liger's fused losses match this project's "
+            f"definitions for {', '.join(LIGER_METHODS)} only; use hardware.fused_head=none "
+            "(hardware.logps_chunk_size bounds the logits' memory for every method)"
+        )
+    if cfg.method == "simpo" and cfg.loss_type != "sigmoid":
+        return f"{where} computes SimPO's sigmoid loss only, not loss_type={cfg.loss_type!r}"
+    return None
+
+
 def fused_head(cfg, model) -> "LigerPreferenceHead | None":
     """The fused head the config asks for (None for ``hardware.fused_head=none``); a ConfigError naming the
     key when the method, its settings or the model cannot run fused. Every batch layout can."""
@@ -53,14 +68,9 @@ def fused_head(cfg, model) -> "LigerPreferenceHead | None":
     if cfg.hardware.fused_head == "none":
         return None
     where = f"hardware.fused_head={cfg.hardware.fused_head!r}"
-    if cfg.method not in LIGER_METHODS:
-        raise ConfigError(
-            f"{where} does not support method={cfg.method!r}: Liger's fused losses match this project's "
-            f"definitions for {', '.join(LIGER_METHODS)} only; use hardware.fused_head=none "
-            "(hardware.logps_chunk_size bounds the logits' memory for every method)"
-        )
-    if cfg.method == "simpo" and cfg.loss_type != "sigmoid":
-        raise ConfigError(f"{where} computes SimPO's sigmoid loss only, not loss_type={cfg.loss_type!r}")
+    refusal = fused_head_refusal(cfg)
+    if refusal:
+        raise ConfigError(refusal)
     if getattr(model.config, "final_logit_softcapping", None):
         raise ConfigError(f"{where}: Liger does not cap the logits as this model does (Gemma 2); use 'none'")
     gamma, _ = resolve_gamma(cfg)

@@ -117,8 +117,10 @@ TABLE: dict[str, Method] = {
 METHODS = tuple(TABLE)
 REFERENCE_METHODS = tuple(name for name, m in TABLE.items() if m.reference)
 # Config keys only some methods read: set away from their default for a method that does not read
-# them, config validation refuses them (they would change nothing).
-OWN_KEYS = ("loss_type", "label_smoothing", "rdpo_alpha", "alphapo_alpha")
+# them, config validation refuses them (they would change nothing). Not beta and gamma_beta_ratio, which
+# hparams presets set whatever the method; given on the command line, runinfo.refuse_unused judges them.
+PRESET_KEYS = ("beta", "gamma_beta_ratio")
+OWN_KEYS = tuple(dict.fromkeys(k for m in TABLE.values() for k in m.reads if k not in PRESET_KEYS))
 
 
 def readers(key: str) -> tuple[str, ...]:

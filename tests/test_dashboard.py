@@ -231,3 +231,17 @@ def test_sweeps_in_directories_of_one_name_get_their_own_group_and_a_recorded_gr
     for job in jobs(copy):
         (job / "wandb_run.json").write_text(json.dumps({"id": job.name[:8], "group": "sweep-2030-01-01_00-00-00"}))
     assert dashboard.read_sweep(copy).group == "sweep-2030-01-01_00-00-00"
+
+
+def test_a_methods_own_statistics_go_with_the_log_probs(monkeypatch):
+    """Read from the table of methods (ORPO's log odds, and a method added later): the dashboard held a list of
+    ORPO's names, and sent any other method's statistics to "Progress and throughput"."""
+    from dataclasses import replace
+
+    from simpo_exp import methods
+
+    assert dashboard._section_of("log_odds_ratio") == "Log-probs"
+    added = replace(methods.TABLE["simpo"], extra_metrics=("calibration_gap",))
+    monkeypatch.setitem(methods.TABLE, "slic", added)
+    assert dashboard._section_of("calibration_gap") == "Log-probs"
+    assert dashboard._section_of("tokens_per_s") == "Progress and throughput"

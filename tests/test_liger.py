@@ -117,15 +117,15 @@ def test_the_fused_heads_nll_term_takes_the_steps_denominator(compose, case):
 
 
 def test_unsupported_methods_and_settings_are_refused_by_name(compose):
+    """By config validation, before a model or data set loads (it was refused once the model had loaded)."""
     model = make_model()
     for overrides, words in [
         (("loss=dpo",), "method='dpo'"),
         (("loss=alphapo",), "method='alphapo'"),
         (("loss_type=hinge",), "loss_type='hinge'"),
     ]:
-        cfg = config(compose, "hardware.fused_head=liger", *overrides)
         with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
-            fused_head(cfg, model)
+            config(compose, "hardware.fused_head=liger", *overrides)
     assert fused_head(config(compose), model) is None  # fused_head=none: the project's head
     with pytest.raises(ConfigError, match="hardware.fused_head"):
         config(compose, "hardware.fused_head=triton")

@@ -14,19 +14,24 @@ from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from simpo_exp.config import Config, DatasetConfig, HardwareConfig, LoggerConfig, ModelConfig, SourceConfig, to_config
+from simpo_exp.methods import METHODS
 from tests.conftest import CONF, options
 
 GROUPS = ["model", "dataset", "hparams", "loss", "hardware", "logger", "experiment"]
 NAMED_GROUPS = ["model", "dataset", "hardware", "logger"]  # groups whose presets carry a ``name``
 NEEDS = {("dataset", "local"): ["dataset.sources.local.path=/data/prefs.jsonl"]}
 
+# Methods whose own loss has an NLL term (CPO, ORPO: their presets set sft_weight 1) or whose sft_weight is a
+# knob of theirs that an hparams preset sets (SimPO's CPO-SimPO term); every other method's preset resets it to 0.
+NLL_METHODS = ("simpo", "cpo", "orpo")
 # Values equal to the dataclass default that a preset keeps on purpose.
 KEPT_DEFAULTS = {
     ("loss/simpo", "method"): "the loss preset's identity, like a group's name",
     ("loss/ln-dpo", "beta"): "resets an hparams preset's beta (loss comes after hparams)",
     **{
         (f"loss/{m}", "sft_weight"): "resets an hparams preset's NLL weight: the method's loss has none"
-        for m in ("dpo", "ipo", "rdpo", "ln-dpo", "simper", "alphapo")
+        for m in METHODS
+        if m not in NLL_METHODS
     },
     ("hparams/reasoning", "gradient_accumulation_steps"): "resets model=tiny's accumulation of 1",
 }
