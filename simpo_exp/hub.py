@@ -99,6 +99,25 @@ def looks_like_local_path(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1
 
 
+def looked_in(path: str) -> str:
+    """For a message about a relative ``path`` that is not there: where it was looked for, when the job runs in
+    another folder than the command was given in (``hydra.job.chdir=true``); else nothing."""
+    if Path(path).is_absolute():
+        return ""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        started = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else None
+    except Exception:  # outside a Hydra job, or a Hydra that has no runtime.cwd
+        started = None
+    if not started or os.path.realpath(started) == os.path.realpath(os.getcwd()):
+        return ""
+    return (
+        f" (looked for in {os.getcwd()}: hydra.job.chdir=true runs the job in its own folder; give an absolute "
+        f"path, or ${{hydra:runtime.cwd}}/{path})"
+    )
+
+
 def check_model_available(path: str, revision: str | None = None, what: str = "model.path") -> None:
     """Raise ModelNotFoundError unless ``path`` is a local directory, cached, or downloadable."""
     if Path(path).is_dir():
@@ -108,7 +127,7 @@ def check_model_available(path: str, revision: str | None = None, what: str = "m
     if Path(path).exists():
         raise ModelNotFoundError(f"{what}={path!r} is a file: give the directory that holds the model's files")
     if looks_like_local_path(path):
-        raise ModelNotFoundError(f"{what}={path!r} does not exist")
+        raise ModelNotFoundError(f"{what}={path!r} does not exist{looked_in(path)}")
     if in_hf_cache(path, revision) or hub_reachable():
         return
     raise ModelNotFoundError(

@@ -246,3 +246,15 @@ def test_a_model_whose_weights_were_cut_short_is_named(tmp_path, compose):
     weights.unlink()  # the save cut before the weights were written
     with pytest.raises(ModelNotFoundError, match=r"its weights cannot be read \(OSError"):
         load_model(cfg, load_tokenizer(cfg.model), "sdpa")
+
+
+def test_a_relative_path_under_chdir_says_where_it_was_looked_for(tmp_path):
+    """``hydra.job.chdir=true`` runs the job in its folder, where a path relative to the command's folder is not:
+    the message named neither the folder nor the setting."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    args = ["dataset=local", "dataset.sources.local.path=data/mine.jsonl", "logger=none", "hydra.job.chdir=true"]
+    res = simpo(*args, "hydra.run.dir=runs/c", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"looked for in {(tmp_path / 'runs' / 'c').resolve()}: hydra.job.chdir=true" in res.stderr, res.stderr
+    assert "${hydra:runtime.cwd}/data/mine.jsonl" in res.stderr

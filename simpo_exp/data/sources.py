@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 from simpo_exp.config import DatasetConfig, SourceConfig, SyntheticConfig
 from simpo_exp.data import synthetic
 from simpo_exp.errors import UserError
-from simpo_exp.hub import hub_reachable, looks_like_local_path
+from simpo_exp.hub import hub_reachable, looked_in, looks_like_local_path
 from simpo_exp.inference.files import file_sha256
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,9 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
             )
         return _load_files(files, source)
     if looks_like_local_path(src.path) or path.suffix in FILE_TYPES:
-        raise DataSourceError(f"dataset.sources.{source}.path={src.path!r}: no such file or directory")
+        raise DataSourceError(
+            f"dataset.sources.{source}.path={src.path!r}: no such file or directory{looked_in(src.path)}"
+        )
     return _load_hub(src, source, split)
 
 
