@@ -35,6 +35,7 @@ import yaml
 from simpo_exp.inference.results import headline_keys, is_bench_metric, read_results
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import (
+    REFUSED_FILE,
     STOPPED_FILE,
     ended_unrecorded,
     other_stage_output,
@@ -150,8 +151,17 @@ def _is_number(v) -> bool:
 
 
 def load_run(path: str | Path) -> Run:
+    """A run from its folder: Hydra's records (``.hydra/``) there, the run's own where it wrote them (``output_dir``,
+    when given, moves them: a job refused there for another run's folder leaves ``refused.json`` in its own)."""
     path = Path(path)
-    error = read_json(path / "error.json") if (path / "error.json").exists() else None
+    config = read_yaml(path / ".hydra" / "config.yaml") or {}
+    moved = config.get("output_dir")
+    refused = path / REFUSED_FILE
+    if not refused.exists() and isinstance(moved, str) and "${" not in moved and Path(moved).is_dir():
+        path, hydra_dir = Path(moved), path
+    else:
+        hydra_dir = path
+    error = next((read_json(f) for f in (refused, path / "error.json") if f.exists()), None)
     summary = read_json(path / "summary.json")
     stopped = read_json(path / STOPPED_FILE) if (path / STOPPED_FILE).exists() else None
     status = (
@@ -165,10 +175,9 @@ def load_run(path: str | Path) -> Run:
         if ended_unrecorded(path)
         else "running"
     )
-    overrides = read_yaml(path / ".hydra" / "overrides.yaml") or (error or {}).get("overrides") or []
-    hydra_cfg = read_yaml(path / ".hydra" / "hydra.yaml") or {}
+    overrides = read_yaml(hydra_dir / ".hydra" / "overrides.yaml") or (error or {}).get("overrides") or []
+    hydra_cfg = read_yaml(hydra_dir / ".hydra" / "hydra.yaml") or {}
     choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
-    config = read_yaml(path / ".hydra" / "config.yaml") or {}
     message = None
     if error is not None:
         first_line = (str(error.get("error") or "").strip().splitlines() or [""])[0]
@@ -187,9 +196,9 @@ def load_run(path: str | Path) -> Run:
             then = "start it again (it ran with resume=false)"
         message = f"ended without a record (killed: out of memory, kill -9?); re-run its command to {then}"
     return Run(
-        name=path.name,
+        name=hydra_dir.name,
         status=status,
-        path=path,
+        path=hydra_dir,
         overrides=_as_ran(parse_overrides(overrides), path),
         config=config,
         choices=dict(choices),

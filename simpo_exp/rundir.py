@@ -22,6 +22,7 @@ from simpo_exp.inference.files import jsonl_lines
 # the calling module when main() is called as a console script (simpo-exp), where no module "conf" exists.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
+REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)
 # Keys that do not change what a run trains (cadence, logging, where it runs): a resumption may change them, and a
 # run's name leaves them out.
 RESUMABLE_CHANGES = {

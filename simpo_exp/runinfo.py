@@ -21,6 +21,7 @@ from simpo_exp.errors import FolderInUse, OtherRunsDirectory
 from simpo_exp.inference.files import write_atomic
 from simpo_exp.rundir import (
     CONF_DIR,
+    REFUSED_FILE,
     RESUMABLE_CHANGES,
     STOPPED_FILE,
     hold_folder,
@@ -315,7 +316,6 @@ def hydra_files(cfg: DictConfig) -> dict[str, str]:
 
 
 RAN_WITH = "ran_with"  # .hydra/ran_with/: the .hydra files of the command a run last trained under
-REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)
 
 
 def _take_records(out: Path) -> dict[str, bytes]:

@@ -431,3 +431,20 @@ def test_an_interpolated_override_shows_the_value_the_run_resolved(tmp_path):
         _job(tmp_path / f"b{beta:g}", ["beta=${oc.env:BETA}"], {"beta": beta})
     runs = compare.load_runs(tmp_path)
     assert {r.name: r.swept for r in runs} == {"b2": {"beta": "2"}, "b6": {"beta": "6"}}
+
+
+def test_a_job_that_wrote_elsewhere_is_read_there_and_one_refused_says_why(tmp_path):
+    """``--multirun beta=2,4 output_dir=X``: the first job wrote its records to X, the second was refused there
+    (refused.json in its own folder); compare listed both as running."""
+    elsewhere = tmp_path / "X"
+    elsewhere.mkdir()
+    (elsewhere / "summary.json").write_text('{"eval/rewards/accuracies": 0.75}')
+    for job, beta in (("0_beta=2", 2), ("1_beta=4", 4)):
+        (tmp_path / "sweep" / job / ".hydra").mkdir(parents=True)
+        (tmp_path / "sweep" / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"beta={beta}"]))
+        (tmp_path / "sweep" / job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(elsewhere)}))
+    refusal = {"error": f"{elsewhere} holds a finished run of a different config", "type": "OtherRunsDirectory"}
+    (tmp_path / "sweep" / "1_beta=4" / "refused.json").write_text(json.dumps(refusal))
+    runs = {r.name: r for r in compare.load_runs(tmp_path / "sweep")}
+    assert (runs["0"].status, runs["0"].final("eval/rewards/accuracies")) == ("done", 0.75)
+    assert runs["1"].status == "failed" and runs["1"].error.startswith("OtherRunsDirectory: ")
