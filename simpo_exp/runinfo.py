@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -30,6 +31,8 @@ from simpo_exp.rundir import (
     stopped_words,
 )
 from simpo_exp.signals import StopRequested
+
+log = logging.getLogger(__name__)
 
 
 def job_dirname(overrides: str, limit: int = 120) -> str:
@@ -78,6 +81,12 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
 
             raise ConfigError(f"{override}: the {group} group cannot be removed; pick one of its options ({group}=...)")
     refuse_unused(cfg, given, dict(hc.runtime.choices), lambda extra: _compose_as_given(hc, extra))
+    for mine, shipped in shadowed_presets(hc.runtime.config_sources, dict(hc.runtime.choices)):
+        log.warning(
+            "%s is not read: the shipped %s of the same name is found first; give yours a name of its own",
+            mine,
+            shipped,
+        )
     target = OmegaConf.select(cfg, "hardware.effective_batch_size")
     if "gradient_accumulation_steps" in given and target:
         from simpo_exp.config import ConfigError
@@ -183,6 +192,23 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None)
                 f"hparams={hparams} would not be used: experiment={choices['experiment']} is composed after it and "
                 f"sets its own values of {sets}; give those keys on the command line instead"
             )
+
+
+def shadowed_presets(sources, choices: dict) -> list[tuple[Path, Path]]:
+    """(a preset of the user's, the shipped one read in its place) for each group option this run picked that a
+    ``--config-dir`` (or ``hydra.searchpath``) folder holds under the same name as the project's ``conf/``: the
+    project's folder comes first in Hydra's search path, so the user's file is silently not read."""
+    shipped = Path(CONF_DIR).resolve()
+    folders = [Path(s.path) for s in sources if s.schema == "file" and Path(s.path).resolve() != shipped]
+    pairs = []
+    for group, option in choices.items():
+        if group.startswith("hydra") or not option:
+            continue
+        for folder in folders:
+            mine = folder / group / f"{option}.yaml"
+            if mine.is_file() and (shipped / group / f"{option}.yaml").is_file():
+                pairs.append((mine, shipped / group / f"{option}.yaml"))
+    return pairs
 
 
 def _compose_as_given(hc, extra: list[str]) -> DictConfig:

@@ -177,3 +177,20 @@ def test_the_other_stages_presets_state_only_what_differs_from_the_defaults(grou
         if key not in ("name", "kind") and value == OmegaConf.select(defaults, key, default="<none>")
     ]
     assert not restated, "these equal their schema's defaults; drop them:\n" + "\n".join(restated)
+
+
+def test_a_preset_of_ones_own_named_like_a_shipped_one_is_named_as_not_read(tmp_path):
+    """The project's conf/ comes first in Hydra's search path: ``--config-dir myconf`` with ``hparams/instruct.yaml``
+    trains with the shipped instruct preset, which the README says; the run now warns, naming both files."""
+    from types import SimpleNamespace
+
+    from simpo_exp.runinfo import shadowed_presets
+
+    (tmp_path / "hparams").mkdir()
+    (tmp_path / "hparams" / "instruct.yaml").write_text("# @package _global_\nbeta: 9.0\n")
+    (tmp_path / "hparams" / "mine.yaml").write_text("# @package _global_\nbeta: 9.0\n")
+    sources = [SimpleNamespace(path=str(CONF), schema="file"), SimpleNamespace(path=str(tmp_path), schema="file")]
+    sources.append(SimpleNamespace(path="hydra.conf", schema="pkg"))
+    found = shadowed_presets(sources, {"hparams": "instruct", "model": "tiny", "hydra/launcher": "basic"})
+    assert found == [(tmp_path / "hparams" / "instruct.yaml", CONF.resolve() / "hparams" / "instruct.yaml")]
+    assert shadowed_presets(sources, {"hparams": "mine"}) == []
