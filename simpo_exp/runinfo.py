@@ -179,7 +179,11 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None)
         )
     if {"experiment", "hparams"} <= given and choices.get("experiment") and compose is not None:
         hparams = choices.get("hparams")
-        preset, base = compose([f"hparams={hparams}"]), compose(["hparams=default"])
+        try:
+            preset, base = compose([f"hparams={hparams}"]), compose(["hparams=default"])
+        except Exception as e:  # Hydra's compose API unavailable in this process (a launcher's): left unchecked
+            log.debug("hparams under experiment not checked: %s", e)
+            return
         lost = {
             key: value
             for key, value in preset.items()
