@@ -28,6 +28,7 @@ from simpo_exp.rundir import (
     hold_folder,
     read_json,
     release_folders,
+    stopped_record,
     stopped_words,
 )
 from simpo_exp.signals import StopRequested
@@ -254,8 +255,12 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
         earlier = _take_records(out) if main else {}
         try:
             yield True
-        except StopRequested:  # a stop signal before training began (simpo_exp/__main__.py): nothing happened here
+        except StopRequested as e:  # a stop signal before training began (simpo_exp/__main__.py): nothing trained
             _put_back(out, earlier)
+            if main and hold and not (writes / STOPPED_FILE).exists():  # compare and the sweep's summary read it
+                writes.mkdir(parents=True, exist_ok=True)
+                record = stopped_record(e.signum, 0) | {"during": "start-up"}
+                write_atomic(writes / STOPPED_FILE, json.dumps(record, indent=2))
             raise
         except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
             _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before

@@ -3,6 +3,7 @@ save, then hand the signal on to the handler that was there before (submitit's r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -12,6 +13,21 @@ log = logging.getLogger(__name__)
 # SIGTERM/SIGINT: what a scheduler (or a user) sends before it kills; SIGUSR2: submitit's warning before
 # a SLURM time limit or a preemption, after which its own handler requeues the job.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (what a scheduler sends first) ends the generate and evaluate stages as Ctrl-C does: their
+    ``KeyboardInterrupt`` path writes what is done (finished shards, the judge replies in flight) before leaving.
+    Without it SIGTERM's default ends the process at once. A handler someone installed before is left alone."""
+    mine = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if mine:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if mine:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class StopRequested(BaseException):

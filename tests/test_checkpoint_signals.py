@@ -428,3 +428,26 @@ def test_written_weights_follow_the_umask_as_other_files_do(tmp_path, mask):
     written += [tmp_path / "model" / "model.safetensors", tmp_path / "model" / "config.json"]
     modes = {str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in written}
     assert modes == {name: oct(0o666 & ~mask) for name in modes} and len(modes) == 6  # model, optimizer, rng
+
+
+def test_a_stop_before_training_began_is_recorded_for_compare(tmp_path, monkeypatch):
+    """A stop signal in the first seconds (composing, checking the config: before ``train()``) left no
+    ``stopped.json``, and compare took the run for one killed by an out-of-memory error or ``kill -9``."""
+    import sys
+
+    import simpo_exp.__main__ as entry
+    from simpo_exp import compare
+    from simpo_exp.signals import StopRequested
+
+    def stopped(cfg):
+        raise StopRequested(signal.SIGTERM)
+
+    monkeypatch.setattr(entry, "fill_run_identity", stopped)
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["simpo_exp", "logger=none", f"hydra.run.dir={run}"])
+    with pytest.raises(SystemExit) as leaving:
+        entry.main()
+    assert leaving.value.code == 128 + signal.SIGTERM
+    assert json.loads((run / "stopped.json").read_text()) == {"signal": "SIGTERM", "step": 0, "during": "start-up"}
+    (found,) = compare.load_runs(run)
+    assert found.status == "stopped" and "SIGTERM during start-up, before a step" in found.error

@@ -340,3 +340,31 @@ def test_the_run_directory_is_found_among_hydras_options_and_overrides(tmp_path)
         with pytest.raises(SystemExit) as err:
             _path_argument(argv)
         assert err.value.code == 2
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "generate"])
+def test_sigterm_ends_the_evaluate_and_generate_stages_as_ctrl_c_does(tmp_path, monkeypatch, capsys, stage):
+    """A scheduler's SIGTERM ended these stages at once (status -15): the judge replies in flight, which the Ctrl-C
+    path waits for and writes, were lost and paid for again. Now it takes the Ctrl-C path."""
+    import importlib
+    import os
+    import signal
+    import sys
+    import time
+
+    module = importlib.import_module(f"simpo_exp.{stage}.run")
+    work = {"evaluate": "evaluate_all", "generate": "generate_data"}[stage]
+
+    def terminated(config):
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler  # else the kill below ends pytest
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    monkeypatch.setattr(module, work, terminated)
+    given = [f"evaluate.path={tmp_path / 'sweep'}"] if stage == "evaluate" else []
+    monkeypatch.setattr(sys, "argv", [stage, *given, f"hydra.run.dir={tmp_path / 'log'}"])
+    main = importlib.import_module(f"simpo_exp.{stage}.__main__").main
+    with pytest.raises(SystemExit) as leaving:
+        main()
+    assert leaving.value.code == 130 and "interrupted; what" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

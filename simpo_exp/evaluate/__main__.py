@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from simpo_exp.evaluate.config import to_evaluate_config  # stores the schema Hydra composes with
 from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import user_errors
+from simpo_exp.signals import sigterm_as_interrupt
 
 # Hydra's command-line options that take a value in the next argument (``--info`` takes one of INFO_TOPICS)
 OPTIONS_WITH_VALUE = (
@@ -105,7 +106,8 @@ def main(cfg: DictConfig) -> None:
 
     runs = OmegaConf.select(cfg, "evaluate.path", throw_on_missing=False)
     # its own dated folder holds only its log: each run's eval/ is held while it is evaluated (evaluate_all)
-    with user_errors(cfg, work=f"the eval/ folder of each run under {runs}", hold=False):  # always goes on
+    # always goes on; SIGTERM as Ctrl-C: the judge replies in flight are written before it leaves
+    with sigterm_as_interrupt(), user_errors(cfg, work=f"the eval/ folder of each run under {runs}", hold=False):
         OmegaConf.resolve(cfg)
         config = to_evaluate_config(cfg)  # fails here, naming the key, before any model loads
         from simpo_exp.evaluate.run import evaluate_all

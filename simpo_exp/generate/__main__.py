@@ -11,15 +11,16 @@ from omegaconf import DictConfig
 
 from simpo_exp.generate.config import check_overrides, to_generate_config
 from simpo_exp.rundir import CONF_DIR
-from simpo_exp.runinfo import fill_run_identity, user_errors
+from simpo_exp.runinfo import fill_run_identity, given_overrides, user_errors
+from simpo_exp.signals import sigterm_as_interrupt
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
-    with user_errors(cfg) as go:
+    with sigterm_as_interrupt(), user_errors(cfg) as go:
         if not go:  # a sweep's job whose folder another job holds: refused, the sweep goes on
             return
-        check_overrides(list(HydraConfig.get().overrides.task))
+        check_overrides(given_overrides(HydraConfig.get()))
         config = to_generate_config(fill_run_identity(cfg))  # fails here, before any model or data loads
         from simpo_exp.generate.run import generate_data
 
