@@ -152,16 +152,19 @@ def _is_number(v) -> bool:
 
 def load_run(path: str | Path) -> Run:
     """A run from its folder: Hydra's records (``.hydra/``) there, the run's own where it wrote them (``output_dir``,
-    when given, moves them: a job refused there for another run's folder leaves ``refused.json`` in its own)."""
-    path = Path(path)
+    when given, moves them). A job refused as another run's folder leaves ``refused.json`` in its own folder: where
+    that folder holds no run of its own records (the job wrote elsewhere), the job is listed as failed, saying why."""
+    path = hydra_dir = Path(path)
     config = read_yaml(path / ".hydra" / "config.yaml") or {}
     moved = config.get("output_dir")
     refused = path / REFUSED_FILE
-    if not refused.exists() and isinstance(moved, str) and "${" not in moved and Path(moved).is_dir():
-        path, hydra_dir = Path(moved), path
+    own = any((path / name).exists() for name in ("summary.json", "error.json", STOPPED_FILE, "metrics.jsonl"))
+    if refused.exists() and not own:  # refused, and nothing of its own here: why, as its error
+        error = read_json(refused)
     else:
-        hydra_dir = path
-    error = next((read_json(f) for f in (refused, path / "error.json") if f.exists()), None)
+        if not own and isinstance(moved, str) and "${" not in moved and Path(moved).is_dir():
+            path = Path(moved)  # output_dir=...: its records are there
+        error = read_json(path / "error.json") if (path / "error.json").exists() else None
     summary = read_json(path / "summary.json")
     stopped = read_json(path / STOPPED_FILE) if (path / STOPPED_FILE).exists() else None
     status = (
