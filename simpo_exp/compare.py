@@ -483,6 +483,36 @@ def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | N
     return sorted(runs, key=key)
 
 
+# What makes a benchmark's numbers comparable between runs (results.json): who judged, against which baseline,
+# on which prompts, with which decoding of the runs' models.
+BENCH_SETTINGS = ("judge", "baseline", "reference", "prompts_path", "reference_path", "decoding")
+
+
+def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
+    """``{benchmark: ["judge: {...} / {...}", ...]}`` for each benchmark the runs were evaluated on with settings
+    that differ (another judge model, baseline, prompt file or decoding)."""
+    from simpo_exp.inference.results import load_results
+
+    seen: dict[str, dict[str, list[str]]] = {}
+    for r in runs:
+        if r.path is None:
+            continue
+        for bench, record in load_results(r.path).items():
+            for key in BENCH_SETTINGS:
+                value = record.get(key)
+                if key == "judge" and isinstance(value, dict):
+                    value = {k: v for k, v in value.items() if k != "base_url"}  # the same judge on another host
+                shown = json.dumps(value, sort_keys=True)
+                values = seen.setdefault(bench, {}).setdefault(key, [])
+                if shown not in values:
+                    values.append(shown)
+    return {
+        bench: [f"{key}: {' / '.join(values)}" for key, values in keys.items() if len(values) > 1]
+        for bench, keys in seen.items()
+        if any(len(values) > 1 for values in keys.values())
+    }
+
+
 def bench_columns(runs: list[Run]) -> list[str]:
     """The evaluate stage's headline numbers present in any run: each benchmark's win rates."""
     return headline_keys(k for r in runs for k in r.bench)
@@ -679,6 +709,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif all(r.final(args.metric) is None for r in runs):
         print(f"\nnote: no run has {args.metric} (a metric of another method, or of runs not yet evaluated)")
+    for bench, differ in mixed_bench_settings(runs).items():
+        print(
+            f"\nnote: bench/{bench}/* was measured with different settings ({'; '.join(differ)}): "
+            "these runs' numbers do not compare; evaluate them alike"
+        )
     for metric in dict.fromkeys([args.metric, *bench_columns(runs)]):  # evaluation numbers pooled too
         seeds = seed_groups(runs, metric, ascending if metric == args.metric else None)
         if seeds:

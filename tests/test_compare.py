@@ -448,3 +448,22 @@ def test_a_job_that_wrote_elsewhere_is_read_there_and_one_refused_says_why(tmp_p
     runs = {r.name: r for r in compare.load_runs(tmp_path / "sweep")}
     assert (runs["0"].status, runs["0"].final("eval/rewards/accuracies")) == ("done", 0.75)
     assert runs["1"].status == "failed" and runs["1"].error.startswith("OtherRunsDirectory: ")
+
+
+def test_benchmark_numbers_measured_differently_are_said_not_to_compare(tmp_path, capsys):
+    """Two runs evaluated on AlpacaEval by different judges against different baselines were ranked in one
+    column without a word."""
+    for job, judge, baseline in (("0_beta=2", "judge-a", "gpt4_turbo"), ("1_beta=4", "judge-b", "other")):
+        _job(tmp_path / "sweep" / job, [f"beta={job[-1]}"])
+        results = tmp_path / "sweep" / job / "eval" / "alpacaeval2" / "results.json"
+        results.parent.mkdir(parents=True)
+        record = {"metrics": {"win_rate": 25.0}, "baseline": baseline, "prompts_path": "/data/alpaca.json"}
+        record["judge"] = {"kind": "openai", "base_url": f"http://127.0.0.1:{len(judge)}/v1", "model": judge}
+        results.write_text(json.dumps(record))
+    runs = compare.load_runs(tmp_path / "sweep")
+    differ = compare.mixed_bench_settings(runs)
+    assert list(differ) == ["alpacaeval2"] and len(differ["alpacaeval2"]) == 2, differ  # judge, baseline
+    assert compare.main([str(tmp_path / "sweep"), "--metric", "bench/alpacaeval2/win_rate", "--no-plots"]) == 0
+    assert "note: bench/alpacaeval2/* was measured with different settings (judge:" in capsys.readouterr().out
+    same = compare.load_runs(tmp_path / "sweep" / "0_beta=2")
+    assert compare.mixed_bench_settings(same) == {}

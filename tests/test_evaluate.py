@@ -291,6 +291,7 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
     assert res["metrics"]["win_rate"] == pytest.approx(expected)
     assert 0 < expected < 100  # some reference answers are longer than the model's, some shorter
     assert res["metrics"]["lc_win_rate"] is None and any("805" in n for n in res["notes"])
+    assert "not measured: lc_win_rate; " in up.stdout and "805" in up.stdout  # said where the user looks, with why
     assert res["judge"] == {
         "kind": "openai",
         "base_url": res["judge"]["base_url"],

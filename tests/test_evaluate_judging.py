@@ -310,3 +310,55 @@ def test_replies_in_flight_at_ctrl_c_are_kept(tmp_path, monkeypatch):
     while len(read_jsonl(path)) < len(prompts) and time.time() < deadline:
         time.sleep(0.05)
     assert sorted(r["id"] for r in read_jsonl(path)) == sorted(p["id"] for p in prompts)
+
+
+class EmptyChoicesJudge(FakeJudge):
+    """An endpoint that answers 200 with no reply in it: ``{"choices": []}``."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802
+        self.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"choices": []}')
+
+
+class NullContentJudge(FakeJudge):
+    """The one-letter judge, which answers the prompt about 2 with no content at all (null)."""
+
+    requests: list[dict] = []
+
+    def content(self, body: dict) -> str | None:
+        return None if "about 2." in body["messages"][-1]["content"] else super().content(body)
+
+
+def test_an_endpoint_with_no_reply_in_its_answer_is_a_judge_error_and_an_empty_reply_is_asked_again(tmp_path):
+    """``{"choices": []}`` crashed the evaluate stage (IndexError: no retry, the sweep's other runs never judged);
+    a reply with no text was stored as a verdict-less line for good, its prompt never asked again."""
+    from simpo_exp.evaluate.config import JudgeConfig
+    from simpo_exp.evaluate.judge import JudgeError, PairwiseJudge
+
+    prompts, texts = cases("alpacaeval")
+    server, url = serve(EmptyChoicesJudge)
+    try:
+        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=1, timeout_s=5)
+        with pytest.raises(JudgeError, match="did not answer after 2 tries .*IndexError"):
+            PairwiseJudge(j, "alpacaeval2").judge(prompts[:1], texts[:1], tmp_path / "a.jsonl")
+    finally:
+        server.shutdown()
+    assert len(EmptyChoicesJudge.requests) == 2  # retried, as for any reply it cannot read
+
+    verdicts = tmp_path / "b.jsonl"
+    server, url = serve(NullContentJudge)
+    try:
+        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
+        first = PairwiseJudge(j, "alpacaeval2").judge(prompts, texts, verdicts)
+        assert first[2]["reply"] == "" and first[2]["preference"] is None
+        NullContentJudge.requests.clear()
+        again = PairwiseJudge(j, "alpacaeval2").judge(prompts, texts, verdicts)
+    finally:
+        server.shutdown()
+    assert [r["messages"][-1]["content"].count("about 2.") for r in NullContentJudge.requests] == [1]
+    assert again == first

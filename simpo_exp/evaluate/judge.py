@@ -106,14 +106,15 @@ class PairwiseJudge:
                 req = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.j.timeout_s) as resp:
                     return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
-            except (urllib.error.URLError, TimeoutError, OSError, KeyError, ValueError) as e:
+            # no reply it can read: a refused or failed request, a body that is not JSON, no choices[0].message
+            except (urllib.error.URLError, TimeoutError, OSError, KeyError, ValueError, IndexError, TypeError) as e:
                 last = e
                 if attempt < self.j.max_retries:
                     time.sleep(min(2**attempt, 8))
         raise JudgeError(
             f"{self.key}.judge.base_url={self.j.base_url!r}: the judge endpoint did not answer after "
-            f"{self.j.max_retries + 1} tries ({last}). The generations and the verdicts so far are kept; start the "
-            "judge and re-run the same command with evaluate.judge_only=true"
+            f"{self.j.max_retries + 1} tries ({type(last).__name__}: {last}). The generations and the verdicts so far "
+            "are kept; start the judge and re-run the same command with evaluate.judge_only=true"
         )
 
     def judge_prompt(self, prompt: dict, model_text: str) -> tuple[bool, str]:
@@ -142,9 +143,12 @@ class PairwiseJudge:
         stored = stored_lines(
             path, "id", lambda r: r.get("judge") == self.j.model and expected.get(r.get("id")) == r["prompt_sha256"]
         )
-        # the stored reply is read again, so a line an older reading of replies got wrong is not carried over
+        # the stored reply is read again, so a line an older reading of replies got wrong is not carried over; an
+        # empty reply (an endpoint that answered with no text) is the endpoint's failure, not a verdict: asked again
         stored = {
-            k: {**r, "preference": reply_preference(r.get("reply", ""), r["model_first"])} for k, r in stored.items()
+            k: {**r, "preference": reply_preference(r.get("reply", ""), r["model_first"])}
+            for k, r in stored.items()
+            if str(r.get("reply") or "").strip()
         }
         return self.judge_lines(self.verdict, prompts, model_texts, path, stored)
 

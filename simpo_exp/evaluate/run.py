@@ -439,6 +439,9 @@ def evaluate_all(cfg) -> list[dict]:
                 if v is not None
             )
             print(f"{run_dir.name}  {b.name}: {shown}  -> {results_path(run_dir, b.name)}", flush=True)
+            unmeasured = [k for k, v in rec["metrics"].items() if v is None]
+            if unmeasured:  # LC without alpaca-eval, say: why is in the notes, shown here too
+                print(f"  not measured: {', '.join(unmeasured)}; " + " ".join(rec.get("notes") or []), flush=True)
             records.append(rec)
         _finish_run(run_dir, run_cfg, e)
         done = [r["benchmark"] for r in records if r["run_dir"] == str(run_dir.resolve())]
