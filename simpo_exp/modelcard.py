@@ -55,6 +55,23 @@ def _is_hub_id(path: str) -> bool:
     return bool(path) and not Path(path).expanduser().exists() and path.count("/") == 1
 
 
+def is_count(metric: str) -> bool:
+    """A benchmark's counters (prompts judged, battles, replies it could not read, answer length): in the card's
+    table, not among the model's results in its metadata."""
+    return metric in ("n", "battles", "avg_length") or metric.startswith(("unparseable", "n_"))
+
+
+def measured_with(rec: dict) -> str:
+    """How a benchmark's figures were made, in words: the judge, the baseline, the prompts judged. AlpacaEval-format
+    figures from a local judge are not leaderboard figures; the card says which they are."""
+    judge = rec.get("judge") if isinstance(rec.get("judge"), dict) else {}
+    parts = [f"judge {judge['model']}" if judge.get("model") else ""]
+    parts.append(f"baseline {rec['baseline']}" if rec.get("baseline") else "")
+    n = (rec.get("metrics") or {}).get("n")
+    parts.append(f"{n} prompts" if isinstance(n, int) else "")
+    return ", ".join(p for p in parts if p)
+
+
 def card_data(cfg: dict, results: dict[str, dict], name: str):
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -65,13 +82,13 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
         EvalResult(
             task_type="text-generation",
             dataset_type=bench,
-            dataset_name=rec.get("dataset_name", bench),
+            dataset_name=f"{rec.get('dataset_name', bench)} ({measured_with(rec)})" if measured_with(rec) else bench,
             metric_type=metric,
             metric_value=value,
         )
         for bench, rec in sorted(results.items())
         for metric, value in sorted((rec.get("metrics") or {}).items())
-        if isinstance(value, (int, float))
+        if isinstance(value, (int, float)) and not is_count(metric)
     ]
     return ModelCardData(
         base_model=model_path if _is_hub_id(model_path) else None,
@@ -123,12 +140,19 @@ def card_text(cfg: dict, results: dict[str, dict], name: str, resolved: dict | N
             f"| {bench} | {metric} | {value if not isinstance(value, float) else round(value, 4)} |"
             for bench, rec in sorted(results.items())
             for metric, value in (rec.get("metrics") or {}).items()
+            if value is not None
         ]
         lines += [
             "",
             "Measured by `python -m simpo_exp.evaluate`; each benchmark's settings are in the run's "
-            "`eval/<benchmark>/results.json`.",
+            "`eval/<benchmark>/results.json`:",
+            "",
         ]
+        for bench, rec in sorted(results.items()):
+            how = "; ".join(
+                x for x in [measured_with(rec), rec.get("win_rate_method") or "", *(rec.get("notes") or [])] if x
+            )
+            lines.append(f"- {bench}: {how or 'as its results.json records'}")
     return "\n".join(lines) + "\n"
 
 

@@ -565,7 +565,10 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     from simpo_exp.inference.files import write_json
     from simpo_exp.modelcard import push_model, write_model_card
 
-    write_json(tmp_path / "eval" / "alpacaeval2" / "results.json", {"metrics": {"win_rate": 41.5, "lc_win_rate": None}})
+    record = {"metrics": {"win_rate": 41.5, "lc_win_rate": None, "n": 8, "unparseable_verdicts": 1}}
+    record |= {"dataset_name": "AlpacaEval 2", "baseline": "gpt4_turbo", "judge": {"kind": "openai", "model": "j"}}
+    record |= {"notes": ["LC needs the alpaca-eval package"]}
+    write_json(tmp_path / "eval" / "alpacaeval2" / "results.json", record)
     cfg = {
         "model": {"name": "llama3-8b-instruct", "path": "meta-llama/Meta-Llama-3-8B-Instruct"},
         "beta": 2.5,
@@ -574,9 +577,13 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     card = ModelCard.load(write_model_card(tmp_path, cfg, "my-run"))
     assert card.data.base_model == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert card.data.datasets == ["princeton-nlp/llama3-ultrafeedback"]
+    # the model's results only (not the counters), named with how they were made: 8 prompts and a local judge make
+    # AlpacaEval-format figures, not the leaderboard's
     assert [(r.dataset_type, r.metric_type, r.metric_value) for r in card.data.eval_results] == [
         ("alpacaeval2", "win_rate", 41.5)
     ]
+    assert card.data.eval_results[0].dataset_name == "AlpacaEval 2 (judge j, baseline gpt4_turbo, 8 prompts)"
+    assert "| alpacaeval2 | lc_win_rate |" not in card.text and "LC needs the alpaca-eval package" in card.text
     assert push_model(tmp_path, "someone/model", token_env="SIMPO_EXP_TEST_NO_SUCH_TOKEN") is None  # no token: no push
 
 
