@@ -513,6 +513,22 @@ def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
     }
 
 
+def missing_bench_metric(runs: list[Run], metric: str, where: str) -> str:
+    """Why no run has the benchmark ``metric``: not evaluated on that benchmark (how to), evaluated without measuring
+    it (the results' notes say why), or a name the benchmark does not report (the names it does)."""
+    from simpo_exp.inference.results import load_results
+
+    bench, name = metric.split("/")[1], metric.split("/", 2)[2]
+    records = [rec for r in runs if r.path is not None for b, rec in load_results(r.path).items() if b == bench]
+    if not records:
+        return f"no run has {metric}; evaluate them first: python -m simpo_exp.evaluate {where} benchmark={bench}"
+    reported = sorted({m for rec in records for m in rec.get("metrics") or {}})
+    if name not in reported:
+        return f"{bench} reports no {name!r}; it reports {', '.join(reported)}"
+    notes = sorted({n for rec in records for n in rec.get("notes") or []})
+    return f"{metric} was not measured for any run: " + (" ".join(notes) or "see their results.json")
+
+
 def bench_columns(runs: list[Run]) -> list[str]:
     """The evaluate stage's headline numbers present in any run: each benchmark's win rates."""
     return headline_keys(k for r in runs for k in r.bench)
@@ -703,10 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(runs_table(runs, args.metric, ascending)))
     if is_bench_metric(args.metric) and not any(args.metric in r.bench for r in runs):
-        print(
-            f"\nnote: no run has {args.metric}; evaluate them first: python -m simpo_exp.evaluate "
-            f"{args.paths[0]} benchmark={args.metric.split('/')[1]}"
-        )
+        print(f"\nnote: {missing_bench_metric(runs, args.metric, args.paths[0])}")
     elif all(r.final(args.metric) is None for r in runs):
         print(f"\nnote: no run has {args.metric} (a metric of another method, or of runs not yet evaluated)")
     for bench, differ in mixed_bench_settings(runs).items():

@@ -467,3 +467,22 @@ def test_benchmark_numbers_measured_differently_are_said_not_to_compare(tmp_path
     assert "note: bench/alpacaeval2/* was measured with different settings (judge:" in capsys.readouterr().out
     same = compare.load_runs(tmp_path / "sweep" / "0_beta=2")
     assert compare.mixed_bench_settings(same) == {}
+
+
+def test_a_benchmark_metric_no_run_has_is_explained(tmp_path):
+    """The note said to evaluate the runs first, also where they were evaluated and LC was not measured (the
+    results' notes say why), or the metric name was mistyped."""
+    _job(tmp_path / "run", ["beta=2"])
+    runs = compare.load_runs(tmp_path / "run")
+    said = compare.missing_bench_metric(runs, "bench/alpacaeval2/lc_win_rate", "R")
+    first = "evaluate them first: python -m simpo_exp.evaluate R benchmark=alpacaeval2"
+    assert said == f"no run has bench/alpacaeval2/lc_win_rate; {first}"
+    results = tmp_path / "run" / "eval" / "alpacaeval2" / "results.json"
+    results.parent.mkdir(parents=True)
+    record = {"metrics": {"win_rate": 25.0, "lc_win_rate": None}, "notes": ["LC needs the alpaca-eval package."]}
+    results.write_text(json.dumps(record))
+    runs = compare.load_runs(tmp_path / "run")
+    said = compare.missing_bench_metric(runs, "bench/alpacaeval2/lc_win_rate", "R")
+    assert said == "bench/alpacaeval2/lc_win_rate was not measured for any run: LC needs the alpaca-eval package."
+    said = compare.missing_bench_metric(runs, "bench/alpacaeval2/winrate", "R")
+    assert said == "alpacaeval2 reports no 'winrate'; it reports lc_win_rate, win_rate"
