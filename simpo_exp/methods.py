@@ -119,8 +119,9 @@ REFERENCE_METHODS = tuple(name for name, m in TABLE.items() if m.reference)
 # Config keys only some methods read: set away from their default for a method that does not read
 # them, config validation refuses them (they would change nothing). Not beta and gamma_beta_ratio, which
 # hparams presets set whatever the method; given on the command line, runinfo.refuse_unused judges them.
+METHOD_KEYS = tuple(dict.fromkeys(k for m in TABLE.values() for k in m.reads))  # every key some method reads
 PRESET_KEYS = ("beta", "gamma_beta_ratio")
-OWN_KEYS = tuple(dict.fromkeys(k for m in TABLE.values() for k in m.reads if k not in PRESET_KEYS))
+OWN_KEYS = tuple(k for k in METHOD_KEYS if k not in PRESET_KEYS)
 
 
 def readers(key: str) -> tuple[str, ...]:

@@ -155,24 +155,24 @@ def given_overrides(hc) -> list[str]:
 
 def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None) -> None:
     """Refuse a value given on the command line (``given``: its keys) that the run would not use: a sweep over it
-    would train the same run again under other names. ``choices``: the config groups picked; ``compose``: the
-    config composed from the command line plus the given overrides, to tell what a preset would have set.
+    would train the same run again under other names. ``choices``: the config groups picked; ``compose(overrides)``:
+    the primary config composed with those overrides alone, to tell what an hparams preset sets.
 
     - a method hyper-parameter the method does not read (``loss=simper beta=5``);
     - ``gamma`` and ``gamma_beta_ratio`` together, or ``gamma_beta_ratio`` where a preset's absolute ``gamma`` wins;
     - ``hparams=`` with ``experiment=``, where the experiment (composed after it) sets the keys the preset sets."""
     from simpo_exp.config import ConfigError
-    from simpo_exp.methods import TABLE, readers
+    from simpo_exp.methods import METHOD_KEYS, TABLE, readers
 
     if {"gamma", "gamma_beta_ratio"} <= given and cfg.get("gamma") is not None:
         raise ConfigError("give gamma (absolute margin) or gamma_beta_ratio (gamma = beta * ratio), not both")
     method = cfg.get("method")
-    if method in TABLE:
-        for key in sorted(given & {k for m in TABLE.values() for k in m.reads} - set(TABLE[method].reads)):
-            raise ConfigError(
-                f"{key}={cfg.get(key)!r} would not be used: method={method!r} does not read it (read by "
-                f"{', '.join(readers(key))}); leave it out"
-            )
+    unread = sorted(given & set(METHOD_KEYS) - set(TABLE[method].reads)) if method in TABLE else []
+    if unread:
+        raise ConfigError(
+            f"{unread[0]}={cfg.get(unread[0])!r} would not be used: method={method!r} does not read it (read by "
+            f"{', '.join(readers(unread[0]))}); leave it out"
+        )
     if "gamma_beta_ratio" in given and cfg.get("gamma") is not None:
         raise ConfigError(
             f"gamma_beta_ratio={cfg.gamma_beta_ratio} would not be used: gamma={cfg.gamma} (an absolute margin, set "

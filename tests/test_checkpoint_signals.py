@@ -14,6 +14,7 @@ from simpo_exp import checkpoint
 from simpo_exp.engine import ProcessFailed, UserProcessFailed, on_every, on_main, together
 from simpo_exp.errors import UserError
 from simpo_exp.signals import StopSignal
+from simpo_exp.tracking import Tracker
 
 
 @pytest.fixture
@@ -364,10 +365,14 @@ def test_a_stop_signal_during_the_evaluation_at_start_ends_the_run_at_once(tmp_p
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("- beta=5\n")
     cfg = SimpleNamespace(eval_on_start=True, output_dir=str(run_dir))
-    run = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=0))
+    tracker = Tracker(run_dir, SimpleNamespace(wandb=False), {})  # writes stopped.json (and marks a W&B run)
+    run = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=0), tracker=tracker)
     stop = StopSignal(at_once=True)
-    with pytest.raises(SystemExit) as leaving:
-        train_mod.train_loop(run, stop)
+    try:
+        with pytest.raises(SystemExit) as leaving:
+            train_mod.train_loop(run, stop)
+    finally:
+        stop.restore()  # a failure here must not leave this handler to the tests after it
     assert leaving.value.code == 128 + signal.SIGTERM
     record = json.loads((run_dir / "stopped.json").read_text())
     assert record == {"signal": "SIGTERM", "step": 0, "during": "evaluation at start"}

@@ -364,7 +364,11 @@ def test_sigterm_ends_the_evaluate_and_generate_stages_as_ctrl_c_does(tmp_path, 
     given = [f"evaluate.path={tmp_path / 'sweep'}"] if stage == "evaluate" else []
     monkeypatch.setattr(sys, "argv", [stage, *given, f"hydra.run.dir={tmp_path / 'log'}"])
     main = importlib.import_module(f"simpo_exp.{stage}.__main__").main
-    with pytest.raises(SystemExit) as leaving:
-        main()
+    found = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a command starts (a test worker may hold another)
+    try:
+        with pytest.raises(SystemExit) as leaving:
+            main()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    finally:
+        signal.signal(signal.SIGTERM, found)
     assert leaving.value.code == 130 and "interrupted; what" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
