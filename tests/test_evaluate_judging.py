@@ -161,7 +161,8 @@ def test_a_killed_alpacaeval_judging_keeps_its_verdicts_and_the_rerun_asks_only_
         changed = judge.judge(prompts, [texts[0] + "!", *texts[1:]], path)
     finally:
         server.shutdown()
-    assert verdicts == fresh and [v["id"] for v in read_jsonl(path)] == [f"q{i}" for i in range(6)]
+    # the file: this judging's verdicts in prompt order, after the one for q0's earlier answer (kept, should it return)
+    assert verdicts == fresh and [v["id"] for v in read_jsonl(path)] == ["q0", *(f"q{i}" for i in range(6))]
     model_longer = [len(m) > len(r) for _, r, m in ALPACA_CASES]
     assert [v["preference"] == 2.0 for v in verdicts] == model_longer and 0 < sum(model_longer) < 6
     # a changed answer is asked again, nothing else
@@ -260,6 +261,14 @@ def test_each_judge_keeps_its_own_verdicts_so_coming_back_to_one_asks_it_nothing
         judged_by("other-judge")
         assert len(Judge.requests) == 12
         assert judged_by("org/fake-judge") == first and len(Judge.requests) == 12  # nothing asked again
+        # another baseline file (other reference answers), and back: its verdicts were dropped, asked and paid again
+        original = [dict(p) for p in prompts]
+        for p in prompts:
+            p["reference"] = p["reference"] + " (another baseline)"
+        judged_by("org/fake-judge")
+        assert len(Judge.requests) == 18
+        prompts[:] = original
+        assert judged_by("org/fake-judge") == first and len(Judge.requests) == 18
     finally:
         server.shutdown()
     assert sorted(p.name for p in (tmp_path / "verdicts").iterdir()) == ["org_fake-judge.jsonl", "other-judge.jsonl"]

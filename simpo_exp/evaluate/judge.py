@@ -140,8 +140,12 @@ class PairwiseJudge:
         """Verdicts in prompt order, each appended to ``path`` as it arrives; stored ones of the same judge for the
         same judge prompt are reused."""
         expected = {p["id"]: _sha256(self.judge_prompt(p, t)[1]) for p, t in zip(prompts, model_texts)}
+        others: list[dict] = []  # verdicts on other judge prompts (another baseline file): kept for its return
         stored = stored_lines(
-            path, "id", lambda r: r.get("judge") == self.j.model and expected.get(r.get("id")) == r["prompt_sha256"]
+            path,
+            "id",
+            lambda r: r.get("judge") == self.j.model and expected.get(r.get("id")) == r["prompt_sha256"],
+            others,
         )
         # the stored reply is read again, so a line an older reading of replies got wrong is not carried over; an
         # empty reply (an endpoint that answered with no text) is the endpoint's failure, not a verdict: asked again
@@ -150,9 +154,11 @@ class PairwiseJudge:
             for k, r in stored.items()
             if str(r.get("reply") or "").strip()
         }
-        return self.judge_lines(self.verdict, prompts, model_texts, path, stored)
+        return self.judge_lines(self.verdict, prompts, model_texts, path, stored, others)
 
-    def judge_lines(self, ask: Callable, prompts: list[dict], texts: list[str], path: Path, stored: dict) -> list[dict]:
+    def judge_lines(
+        self, ask: Callable, prompts: list[dict], texts: list[str], path: Path, stored: dict, keep: list = ()
+    ) -> list[dict]:
         """One line per prompt, in prompt order: the ``stored`` one, else ``ask(prompt, text)``, ``concurrency`` at a
         time, each appended to ``path`` as it finishes; ``path`` is rewritten in prompt order at the end. When the
         endpoint fails or the command is interrupted, the prompts not started are dropped, the replies in flight
@@ -181,7 +187,7 @@ class PairwiseJudge:
         if error:
             raise error
         rows = [done[p["id"]] for p in prompts]
-        write_jsonl(path, rows)
+        write_jsonl(path, [*keep, *rows])  # ``keep``: lines of other prompts, left in the file before this judging's
         return rows
 
 
@@ -194,16 +200,19 @@ def judge_file_name(model: str) -> str:
     return model.replace("/", "_")
 
 
-def stored_lines(path: Path, key: str, valid: Callable[[dict], bool]) -> dict[str, dict]:
+def stored_lines(path: Path, key: str, valid: Callable[[dict], bool], others: list | None = None) -> dict[str, dict]:
     """``{line[key]: line}`` of the lines of ``path`` that ``valid`` accepts (the last one per key). The file is
     rewritten with only those: a half-written last line (a killed process) and lines of another judge, prompt or
-    answer are dropped."""
+    answer are dropped; given ``others``, the whole lines ``valid`` does not accept are kept in the file and put
+    there (a verdict for another baseline, paid for, and read again when that baseline comes back)."""
     path, rows = Path(path), {}
     for r in read_lines(path):
         if isinstance(r, dict) and isinstance(r.get(key), str) and _accepts(valid, r):
             rows[r[key]] = r
+        elif others is not None and isinstance(r, dict):
+            others.append(r)
     if path.exists():
-        write_jsonl(path, list(rows.values()))
+        write_jsonl(path, [*(others or []), *rows.values()])
     return rows
 
 
