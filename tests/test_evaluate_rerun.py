@@ -35,6 +35,9 @@ def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding
     # once answers exist, other settings are refused; judge_only reads them and records how they were made
     with pytest.raises(ConfigError, match="decoding.max_new_tokens: stored 4, now "):
         evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=hf")
+    fewer = "benchmarks.alpacaeval2.max_prompts=1"  # the prompts' hash changes: said in words, naming the keys
+    with pytest.raises(ConfigError, match=r"\(prompts: another set \(prompts_path, its file, or max_prompts\)\)"):
+        evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=hf", short, fewer)
     with caplog.at_level("WARNING", logger="simpo_exp.evaluate.run"):
         (record,) = evaluate_sweep(run, *args, "evaluate.judge_only=true")
     saved = json.loads((out / "results.json").read_text())

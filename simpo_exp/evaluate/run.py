@@ -160,8 +160,10 @@ def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple |
     # a key an older manifest lacks is not held against it (written before that key was recorded), as in generate
     differ = manifest_changes(old, manifest, set(manifest if keys is None else keys) & set(old), stored_only=True)
     if differ:
+        prompts = "prompts: another set (prompts_path, its file, or max_prompts)"  # its hash would say no more
+        said = [prompts if d.startswith("prompts:") else d for d in differ]
         raise ConfigError(
-            f"{path.parent} holds generations made with other settings ({'; '.join(differ)}); delete "
+            f"{path.parent} holds generations made with other settings ({'; '.join(said)}); delete "
             f"{path.parent} to generate again with the new settings"
         )
 
