@@ -48,11 +48,11 @@ from simpo_exp.config import schema_default
 from simpo_exp.errors import OtherRunsDirectory, UserError
 from simpo_exp.inference.files import readable_as_umask
 from simpo_exp.memory import Engine, state_bytes
-from simpo_exp.rundir import RESUMABLE_CHANGES, read_jsonl
+from simpo_exp.rundir import CHECKPOINT_MARKER, RESUMABLE_CHANGES, checkpoint_dirs, read_jsonl
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
+MARKER = CHECKPOINT_MARKER
 # Checksums a marker may name. Saves write xxh3_128: 5.1 GB/s from the page cache on one core here, against
 # SHA-256's 1.1 (benchmarks/bench_hash.py, benchmarks/RESULTS.md). "sha256": markers written before it.
 HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
@@ -159,20 +159,6 @@ def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
     for pid, scalars in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(scalars)
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step-*") if p.is_dir() and (p / MARKER).exists() and not p.name.endswith(".tmp")]
-    return sorted(done, key=step_of)
-
-
-def step_of(path: Path) -> int:
-    """The step a checkpoint directory holds, from its name (``step-000050``)."""
-    return int(Path(path).name.split("-")[1])
 
 
 def staging_dir(run_dir: Path, step: int) -> Path:

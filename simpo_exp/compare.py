@@ -37,12 +37,14 @@ from simpo_exp.methods import METHODS
 from simpo_exp.rundir import (
     REFUSED_FILE,
     STOPPED_FILE,
+    checkpoint_dirs,
     ended_unrecorded,
     other_stage_output,
     parse_overrides,
     read_json,
     read_jsonl,
     read_yaml,
+    step_of,
     stopped_words,
 )
 from simpo_exp.tracking import (
@@ -188,8 +190,6 @@ def load_run(path: str | Path) -> Run:
     elif status == "stopped":
         message = f"stopped by {stopped_words(stopped)}; re-run its command to resume"
     elif status == "killed":
-        from simpo_exp.checkpoint import checkpoint_dirs, step_of
-
         saved = checkpoint_dirs(path)
         if not saved:
             then = "start it again (no checkpoint was saved)"

@@ -49,6 +49,33 @@ RESUMABLE_CHANGES = {
 STOPPED_FILE = "stopped.json"
 
 
+CHECKPOINT_MARKER = "COMPLETE"  # written last into a checkpoint folder (simpo_exp/checkpoint.py): it is whole
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [
+        p
+        for p in root.glob("step-*")
+        if p.is_dir() and (p / CHECKPOINT_MARKER).exists() and not p.name.endswith(".tmp")
+    ]
+    return sorted(done, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint directory holds, from its name (``step-000050``)."""
+    return int(Path(path).name.split("-")[1])
+
+
+def stopped_before_a_step_record(run_dir: Path, signum: int, during: str) -> dict:
+    """The stop record of a run stopped before its first step (in ``during``): its step is where a re-run resumes."""
+    done = checkpoint_dirs(run_dir)
+    return stopped_record(signum, step_of(done[-1]) if done else 0) | {"during": during}
+
+
 def stopped_record(signum: int, step: int) -> dict:
     import signal
 

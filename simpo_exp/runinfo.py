@@ -28,7 +28,7 @@ from simpo_exp.rundir import (
     hold_folder,
     read_json,
     release_folders,
-    stopped_record,
+    stopped_before_a_step_record,
     stopped_words,
 )
 from simpo_exp.signals import StopRequested
@@ -259,7 +259,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             _put_back(out, earlier)
             if main and hold and not (writes / STOPPED_FILE).exists():  # compare and the sweep's summary read it
                 writes.mkdir(parents=True, exist_ok=True)
-                record = stopped_record(e.signum, 0) | {"during": "start-up"}
+                record = stopped_before_a_step_record(writes, e.signum, "start-up")
                 write_atomic(writes / STOPPED_FILE, json.dumps(record, indent=2))
             raise
         except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)

@@ -63,7 +63,7 @@ from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import engine_keeps_master_copy, warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, from_main_process, live_reference, shard_like_the_policy
-from simpo_exp.rundir import STOPPED_FILE, recorded_sources, stopped_record
+from simpo_exp.rundir import STOPPED_FILE, recorded_sources, stopped_before_a_step_record, stopped_record
 from simpo_exp.runinfo import keep_run_config
 from simpo_exp.signals import StopRequested, StopSignal
 from simpo_exp.tracking import (
@@ -694,9 +694,7 @@ def stopped_before_a_step(cfg: Config, stop: StopSignal, signum: int, during: st
     that compare and the sweep's summary read (main process; through ``tracker``, the run's W&B run as well, once
     there is one), the handlers found at start called and put back."""
     if os.environ.get("RANK", "0") == "0":
-        done = checkpoint.checkpoint_dirs(Path(cfg.output_dir))
-        at = checkpoint.step_of(done[-1]) if done else 0  # where a re-run resumes
-        record = stopped_record(signum, at) | {"during": during}
+        record = stopped_before_a_step_record(Path(cfg.output_dir), signum, during)
         if tracker is not None:
             tracker.mark_stopped(record)
         else:
