@@ -72,6 +72,12 @@ def measured_with(rec: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _dataset_name(bench: str, rec: dict) -> str:
+    """A benchmark's name in the card's metadata: its data set's (else the benchmark's), with how it was measured."""
+    name, how = rec.get("dataset_name", bench), measured_with(rec)
+    return f"{name} ({how})" if how else name
+
+
 def card_data(cfg: dict, results: dict[str, dict], name: str):
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -82,7 +88,7 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
         EvalResult(
             task_type="text-generation",
             dataset_type=bench,
-            dataset_name=f"{rec.get('dataset_name', bench)} ({measured_with(rec)})" if measured_with(rec) else bench,
+            dataset_name=_dataset_name(bench, rec),
             metric_type=metric,
             metric_value=value,
         )

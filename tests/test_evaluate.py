@@ -583,6 +583,12 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
         ("alpacaeval2", "win_rate", 41.5)
     ]
     assert card.data.eval_results[0].dataset_name == "AlpacaEval 2 (judge j, baseline gpt4_turbo, 8 prompts)"
+    write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 60.0}, "dataset_name": "Sorting"})
+    card = ModelCard.load(write_model_card(tmp_path, cfg, "my-run"))
+    assert [r.dataset_name for r in card.data.eval_results] == [
+        "AlpacaEval 2 (judge j, baseline gpt4_turbo, 8 prompts)",
+        "Sorting",  # its data set's name, where no judge or baseline says more
+    ]
     assert "| alpacaeval2 | lc_win_rate |" not in card.text and "LC needs the alpaca-eval package" in card.text
     assert push_model(tmp_path, "someone/model", token_env="SIMPO_EXP_TEST_NO_SUCH_TOKEN") is None  # no token: no push
 
