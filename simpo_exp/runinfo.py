@@ -48,6 +48,25 @@ def job_dirname(overrides: str, limit: int = 120) -> str:
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 
 
+def stage_groups(choices, optional: str = "") -> str:
+    """The ``--help`` listing of a stage's config groups: those its defaults compose (``hydra.runtime.choices``)
+    and the ``optional`` ones (space-separated) it takes with ``+``, each with its options, from every folder on
+    Hydra's search path (a ``--config-dir`` too). Hydra's own listing names every group in ``conf/``, so each
+    stage listed the other stages' groups as well (``benchmark`` under training, which refuses it)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        options = GlobalHydra.instance().config_loader().get_group_options
+    else:  # resolved outside a Hydra app: the package's own presets
+        options = lambda group: [p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")]  # noqa: E731
+    groups = [g for g in choices if not g.startswith("hydra/")] + [f"+{g}" for g in optional.split()]
+    names = sorted(groups, key=lambda g: g.lstrip("+"))
+    return "\n".join(f"{g}: {', '.join(sorted(options(g.lstrip('+'))))}" for g in names)
+
+
+OmegaConf.register_new_resolver("stage_groups", stage_groups, replace=True)
+
+
 def run_name(overrides: list[str], sft_weight: float) -> str:
     """A readable name from the command-line overrides, e.g. ``beta=5,gamma_beta_ratio=0.3``: those that change
     what the run trains (not Hydra's, nor ``resume=false``, the logger or the cadence: ``RESUMABLE_CHANGES``)."""

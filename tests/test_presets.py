@@ -194,3 +194,24 @@ def test_a_preset_of_ones_own_named_like_a_shipped_one_is_named_as_not_read(tmp_
     found = shadowed_presets(sources, {"hparams": "instruct", "model": "tiny", "hydra/launcher": "basic"})
     assert found == [(tmp_path / "hparams" / "instruct.yaml", CONF.resolve() / "hparams" / "instruct.yaml")]
     assert shadowed_presets(sources, {"hparams": "mine"}) == []
+
+
+def test_each_stage_help_lists_its_own_groups_and_ones_own_presets(tmp_path):
+    """``--help`` lists the groups the stage composes and those it takes with ``+`` (Hydra's own listing named
+    every group in conf/: ``benchmark`` under training, which refuses it), with a ``--config-dir`` preset."""
+    from tests.runs import run_module
+
+    (tmp_path / "hparams").mkdir()
+    (tmp_path / "hparams" / "mine.yaml").write_text("# @package _global_\nbeta: 9.0\n")
+    listed = {}
+    for stage in ("simpo_exp", "simpo_exp.generate", "simpo_exp.evaluate"):
+        res = run_module(stage, "--config-dir", str(tmp_path), "--help", cwd=tmp_path, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        groups = res.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+        listed[stage] = dict(line.split(": ", 1) for line in groups.strip().splitlines()[1:] if ": " in line)
+    train, generate, evaluate = listed.values()
+    assert sorted(train) == ["+launcher", "+sweep", "dataset", "experiment", "hardware", "hparams", "logger", "loss",
+                             "model"]  # fmt: skip
+    assert train["hparams"].split(", ") == sorted([*options("hparams"), "mine"])
+    assert sorted(generate) == ["+launcher", "dataset", "generate", "hardware", "logger", "model", "scorer"]
+    assert sorted(evaluate) == ["+launcher", "benchmark"] and evaluate["benchmark"].split(", ") == options("benchmark")
