@@ -35,9 +35,10 @@ def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding
     # once answers exist, other settings are refused; judge_only reads them and records how they were made
     with pytest.raises(ConfigError, match="decoding.max_new_tokens: stored 4, now "):
         evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=hf")
-    fewer = "benchmarks.alpacaeval2.max_prompts=1"  # the prompts' hash changes: said in words, naming the keys
+    other = f"benchmarks.alpacaeval2.prompts_path={tmp_path / 'other.json'}"  # the prompts' hash: said in words
+    (tmp_path / "other.json").write_text(json.dumps(ALPACA[::-1]))
     with pytest.raises(ConfigError, match=r"\(prompts: another set \(prompts_path, its file, or max_prompts\)\)"):
-        evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=hf", short, fewer)
+        evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=hf", short, other)
     with caplog.at_level("WARNING", logger="simpo_exp.evaluate.run"):
         (record,) = evaluate_sweep(run, *args, "evaluate.judge_only=true")
     saved = json.loads((out / "results.json").read_text())
@@ -82,3 +83,39 @@ def test_a_copied_run_reuses_its_stored_answers_and_an_older_manifest_is_upgrade
     manifest.write_text(json.dumps({**stored, "model_dtype": "bfloat16"}))
     with pytest.raises(ConfigError, match="model_dtype: stored 'bfloat16', now 'float32'"):
         evaluate_sweep(copy, *args)
+
+
+def test_answers_stored_for_a_smoke_test_serve_the_larger_command_as_a_fresh_run_would_make_them(tmp_path, compose):
+    """``max_prompts=3`` first (a smoke test), then ``max_prompts=4``: the complete shard is kept, the shard the
+    smaller set cut short is made again whole, and every answer equals a fresh ``max_prompts=4`` run's. Fewer
+    prompts than stored are served where they end on a shard's end; inside a shard they are refused, saying why."""
+    import shutil
+
+    run = fake_run(tmp_path / "run", [], compose, weights=True)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(run, fresh)
+    prompts = tmp_path / "alpaca_eval.json"
+    prompts.write_text(json.dumps(ALPACA))
+    args = ["benchmark=alpacaeval2", f"benchmarks.alpacaeval2.prompts_path={prompts}", "evaluate.device=cpu"]
+    args += ["evaluate.model_card=false", "benchmarks.alpacaeval2.decoding.backend=hf"]
+    args += ["benchmarks.alpacaeval2.decoding.max_new_tokens=4", "benchmarks.alpacaeval2.shard_size=2"]
+    shards = run / "eval" / "alpacaeval2" / "shards"
+
+    (record,) = evaluate_sweep(run, *args, "benchmarks.alpacaeval2.max_prompts=3")
+    assert record["metrics"]["n"] == 3 and len((shards / "trained-00001.jsonl").read_text().splitlines()) == 1
+    first_shard = (shards / "trained-00000.jsonl").stat().st_mtime_ns
+    (record,) = evaluate_sweep(run, *args, "benchmarks.alpacaeval2.max_prompts=4")
+    assert record["metrics"]["n"] == 4 and (shards / "trained-00000.jsonl").stat().st_mtime_ns == first_shard
+    evaluate_sweep(fresh, *args, "benchmarks.alpacaeval2.max_prompts=4")
+    for name in ("trained-00000.jsonl", "trained-00001.jsonl"):
+        made = fresh / "eval" / "alpacaeval2" / "shards" / name
+        assert (shards / name).read_text() == made.read_text(), name
+    assert (
+        json.loads((shards / "trained-manifest.json").read_text())["prompts"]
+        == json.loads((fresh / "eval" / "alpacaeval2" / "shards" / "trained-manifest.json").read_text())["prompts"]
+    )
+
+    (record,) = evaluate_sweep(run, *args, "benchmarks.alpacaeval2.max_prompts=2")  # the first shard, as stored
+    assert record["metrics"]["n"] == 2 and (shards / "trained-00000.jsonl").stat().st_mtime_ns == first_shard
+    with pytest.raises(ConfigError, match=r"answers are stored for 4 prompts; the first 1 end inside a shard of 2"):
+        evaluate_sweep(run, *args, "benchmarks.alpacaeval2.max_prompts=1")

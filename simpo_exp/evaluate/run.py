@@ -100,11 +100,14 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
         "model_dtype": cfg.model.dtype,
         "decoding": {k: v for k, v in vars(dec).items() if k != "batch_size"},
         "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest(),
+        # each prompt's own hash: answers stored for the first N prompts serve a command that asks for more
+        "prompt_hashes": [hashlib.sha256((p["id"] + p["instruction"]).encode()).hexdigest()[:16] for p in prompts],
     }
     # judge_only reads stored answers wherever they were made (another backend, another machine)
     keys = ("weights", "prompts") if judge_only else None
     _upgrade_manifest(shard_dir / f"{tag}-manifest.json", cfg, manifest["weights"])
-    _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, any(f.exists() for f in files), keys)
+    stored = sorted(shard_dir.glob(f"{tag}-0*.jsonl"))
+    _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, bool(stored), keys, size)
     if judge_only:  # the stored answers are judged as they were made: say which of the command's settings go unused
         unused = manifest_changes(read_json(shard_dir / f"{tag}-manifest.json"), manifest, ("decoding", "model_dtype"))
         if unused:
@@ -149,19 +152,42 @@ def _upgrade_manifest(path: Path, cfg, weights: dict) -> None:
         write_json(path, {**old, "weights": weights})
 
 
-def _check_manifest(path: Path, manifest: dict, has_answers: bool, keys: tuple | None = None) -> None:
+def _check_manifest(
+    path: Path, manifest: dict, has_answers: bool, keys: tuple | None = None, shard_size: int = 1
+) -> None:
     """Refuse to add answers to ones made with other settings (only ``keys`` compared, when given). A manifest
     without any answer shard beside it (left by a run that failed before its first shard) binds nothing: it is
-    replaced."""
+    replaced. Answers stored for fewer prompts than the command asks for (``max_prompts`` raised after a smoke
+    test) are kept: the complete shards are what this command would make, a shard cut short by the smaller set is
+    made again whole; fewer prompts than stored are served from the complete shards where they end on a shard's
+    end (a shard cut short would be another sample)."""
     if not (has_answers and path.exists()):
         write_json(path, manifest)
         return
     old = json.loads(path.read_text())
     # a key an older manifest lacks is not held against it (written before that key was recorded), as in generate
-    differ = manifest_changes(old, manifest, set(manifest if keys is None else keys) & set(old), stored_only=True)
+    compared = set(manifest if keys is None else keys) & set(old) - {"prompt_hashes"}
+    differ = manifest_changes(old, manifest, compared, stored_only=True)
+    if differ == [d for d in differ if d.startswith("prompts:")] and keys is None:
+        have, want = old.get("prompt_hashes") or [], manifest["prompt_hashes"]
+        if have and want[: len(have)] == have:  # more prompts than stored, the stored ones first
+            if len(have) % shard_size:  # the stored set's last shard: made again for the whole shard
+                path.with_name(path.name.replace("manifest.json", f"{len(have) // shard_size:05d}.jsonl")).unlink(
+                    missing_ok=True
+                )
+            write_json(path, manifest)
+            return
+        if have and have[: len(want)] == want:
+            if len(want) % shard_size == 0:
+                return  # the first shards of the stored answers, as this command would make them
+            differ = [
+                f"prompts: answers are stored for {len(have)} prompts; the first {len(want)} end inside a shard of "
+                f"{shard_size}, whose answers would be another sample (ask for a multiple of shard_size, or all "
+                f"{len(have)})"
+            ]
     if differ:
         prompts = "prompts: another set (prompts_path, its file, or max_prompts)"  # its hash would say no more
-        said = [prompts if d.startswith("prompts:") else d for d in differ]
+        said = [prompts if d.startswith("prompts: stored") else d for d in differ]
         raise ConfigError(
             f"{path.parent} holds generations made with other settings ({'; '.join(said)}); delete "
             f"{path.parent} to generate again with the new settings"
