@@ -404,9 +404,15 @@ def test_mixer_fractions_and_whole_test_splits(tmp_path, tok):
 
     # argilla has no test split: ceil(0.05 * 40) = 2 rows are held out first, then half of the 38 kept.
     counts = {n: {k: v for k, v in s.items() if k not in ("files", "files_root")} for n, s in report.sources.items()}
+    none = {"train": {}, "test": {}}  # rows dropped while normalising, per source
     assert counts == {
-        "ultrafeedback_binarized": {"train_rows": int(0.5 * 20), "test_rows": 4, "fraction": 0.5},
-        "argilla_ultrafeedback_cleaned": {"train_rows": int(0.5 * 38), "test_rows": 2, "fraction": 0.5},
+        "ultrafeedback_binarized": {"train_rows": int(0.5 * 20), "test_rows": 4, "fraction": 0.5, "dropped": none},
+        "argilla_ultrafeedback_cleaned": {
+            "train_rows": int(0.5 * 38),
+            "test_rows": 2,
+            "fraction": 0.5,
+            "dropped": none,
+        },
     }
     assert (len(tr), len(te)) == (10 + 19, 4 + 2)
     train_prompts, test_prompts = set(pairs_of(tr)), set(pairs_of(te))
@@ -456,6 +462,13 @@ def test_a_directory_test_file_is_read_and_a_second_folder_of_a_split_is_refused
     with pytest.raises(DataSourceError, match="more than one folder") as err:
         build_datasets(make_config({"s": src}), tok)
     assert str(root / "old") in str(err.value)
+    # a hub set's folder read through dataset=local with train_split=train_prefs: its test_prefs is the test split
+    hub = tmp_path / "hub" / "data"
+    write_parquet(hub / "train_prefs-00000-of-00001.parquet", [uf_row(*t) for t in triples("train", 12)])
+    write_parquet(hub / "test_prefs-00000-of-00001.parquet", [uf_row(*t) for t in triples("held", 5)])
+    src = SourceConfig(path=str(hub.parent), train_split="train_prefs", test_split=None)
+    tr, te, _ = build_datasets(make_config({"s": src}, test_size=0.25), tok)
+    assert (len(tr), len(te)) == (12, 5) and set(pairs_of(te)) == {p for p, _, _ in triples("held", 5)}
 
 
 def test_max_samples_limits(tmp_path, tok):
@@ -621,7 +634,11 @@ def test_normalise_row_rules():
         ({"prompt": "p", "chosen": "a", "rejected": 3}, strings, "non-string content"),
         ({"prompt": "p", "chosen": msgs("p", 5), "rejected": msgs("p", "b")}, auto, "non-string content"),
         ({"prompt": ["p"], "chosen": "a", "rejected": "b"}, strings, "non-string content"),
-        ({"prompt": None, "chosen": "a", "rejected": "b"}, auto, "no prompt"),
+        (
+            {"prompt": None, "chosen": "a", "rejected": "b"},
+            auto,
+            "no prompt (column 'prompt' empty or missing, no earlier turns in chosen)",
+        ),  # fmt: skip
         ({"prompt": "p", "chosen": None, "rejected": "b"}, auto, "missing chosen/rejected"),
         ({"prompt": "p", "chosen": "a", "rejected": "b"}, messages, "expected message lists"),
         ({"prompt": "p", "chosen": msgs("p", "a"), "rejected": msgs("p", "b")}, strings, "non-string content"),
@@ -633,6 +650,25 @@ def test_normalise_row_rules():
             "chosen does not end with an assistant turn",
         ),
         ({"prompt": "   ", "chosen": "a", "rejected": "b"}, auto, "empty prompt"),
+        # the rejected reply answers another conversation; a prompt column that says another prompt than chosen
+        (
+            {
+                "prompt": "p",
+                "chosen": [*msgs("q", "x"), *msgs("p", "a")],
+                "rejected": [*msgs("OTHER", "x"), *msgs("p", "b")],
+            },
+            auto,
+            "chosen and rejected have different earlier turns",
+        ),  # fmt: skip
+        (
+            {
+                "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "p"}],
+                "chosen": msgs("p", "a"),
+                "rejected": msgs("p", "b"),
+            },
+            auto,
+            "prompt column differs from chosen's earlier turns",
+        ),  # fmt: skip
         ({"prompt": "p", "chosen": " ", "rejected": "b"}, auto, "empty response"),
         ({"prompt": "p", "chosen": "a", "rejected": "a"}, auto, "identical responses"),
     ]
@@ -1100,6 +1136,8 @@ def test_simpo_repo_chat_format_truncates_as_the_official_trainer():
     assert repo["drop_reason"] == [None] and repo["prompt_input_ids"][0] == full_prompt[-32:]
     assert len(repo["chosen_input_ids"][0]) == 64 - 32 and repo["chosen_truncated"] == [True]
     assert len(repo["rejected_input_ids"][0]) < 32 and repo["rejected_truncated"] == [False]
+    assert repo["prompt_truncated"] == [True] and full_prompt != repo["prompt_input_ids"][0]  # counted in the report
+    assert ours["prompt_truncated"] == [False]
 
 
 def test_the_official_recipes_cut_pairs_as_the_official_script(compose):
@@ -1244,3 +1282,65 @@ def test_an_edit_that_keeps_a_files_time_is_read_anew_and_fingerprinted_as_sha25
     _sha256_cached.cache_clear()  # as a new process starts
     assert [r["prompt"] for r in load_split(src, "s", "train", None)] == ["q0", "q1"]
     assert fingerprint(src)["files"] == {"prefs.jsonl": hashlib.sha256(data.read_bytes()).hexdigest()}
+
+
+def test_a_mixture_source_of_no_usable_rows_is_named_and_test_prompts_seen_in_training_are_counted(
+    tmp_path, tok, caplog
+):
+    """A source of another schema (ShareGPT's roles) loses every row: the run trained on the other sources alone
+    and exited 0. Now refused, naming the source; its drops are kept per source. Test pairs whose prompt training
+    also reads (two sets built from the same prompts) are counted and warned about."""
+    uf_train, uf_test, arg, overrides = _mix_files(tmp_path)
+    turns = lambda p, reply: [{"role": "human", "content": p}, {"role": "gpt", "content": reply}]  # noqa: E731
+    sharegpt = [{"prompt": p, "chosen": turns(p, c), "rejected": turns(p, r)} for p, c, r in arg]
+    write_jsonl(tmp_path / "argilla" / "train.jsonl", sharegpt)
+    said = r"none of its 19 train rows is a usable pair \(dropped: \{'chosen does not end with an assistant turn': 19"
+    with pytest.raises(DataSourceError, match=rf"dataset.sources.argilla_ultrafeedback_cleaned: {said}"):
+        build_datasets(compose_preset("ultrafeedback-mix", *overrides), tok)
+
+    # argilla's train rows carry the UltraFeedback test prompts (other answers): read in training, held out in test
+    leaked = [argilla_row(*t) for t in arg[:30]] + [argilla_row(p, c + " again", r) for p, c, r in uf_test]
+    write_jsonl(tmp_path / "argilla" / "train.jsonl", leaked)
+    cfg = compose_preset("ultrafeedback-mix", *overrides, "dataset.sources.argilla_ultrafeedback_cleaned.fraction=1")
+    with caplog.at_level("WARNING", logger="simpo_exp.data"):
+        tr, te, report = build_datasets(cfg, tok)
+    test_prompts = [row["prompt"][0]["content"] for row in te]
+    expected = sum(p in {row["prompt"][0]["content"] for row in tr} for p in test_prompts)
+    assert report.test_prompts_in_train == expected >= len(uf_test) - 1  # one may be carved into argilla's test
+    assert f"{expected} of the test pairs have a prompt that training also reads" in caplog.text
+    assert report.sources["argilla_ultrafeedback_cleaned"]["dropped"] == {"train": {}, "test": {}}
+
+
+def test_hub_shard_sets_that_are_incomplete_or_mixed_are_refused(tmp_path, tok):
+    """A download cut short (shard 1 of 2 missing) trained on half the data; an old set beside a new one trained on
+    every row twice. Both refused, naming the shards."""
+    rows = [armorm_row(*t) for t in triples("a", 6)]
+    data = tmp_path / "armorm" / "data"
+    write_parquet(data / "train-00000-of-00002.parquet", rows[:3])
+    write_parquet(data / "test-00000-of-00001.parquet", rows[3:])
+    cfg = compose_preset("llama3-ultrafeedback-armorm", path_override("llama3_ultrafeedback_armorm", data.parent))
+    with pytest.raises(DataSourceError, match=r"split 'train' lacks shard\(s\) 00001 of 2"):
+        build_datasets(cfg, tok)
+    write_parquet(data / "train-00001-of-00002.parquet", rows[3:])
+    build_datasets(cfg, tok)  # whole: read
+    write_parquet(data / "train-00000-of-00001.parquet", rows)
+    with pytest.raises(DataSourceError, match=r"split 'train' has shards of 2 sets \(-of-00001, -of-00002"):
+        build_datasets(cfg, tok)
+
+
+def test_files_that_hold_no_rows_or_no_objects_and_a_share_that_empties_a_side_are_named(tmp_path, tok):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n\n")
+    with pytest.raises(DataSourceError, match=r"blank.jsonl holds no rows \(blank lines only\)"):
+        build_datasets(make_config({"s": SourceConfig(path=str(blank))}), tok)
+    listed = write_jsonl(tmp_path / "listed.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3)
+    listed.write_text(listed.read_text() + "[1, 2]\n")
+    with pytest.raises(DataSourceError, match=r"first line that is not a JSON object: .*listed.jsonl:4 \(a list"):
+        build_datasets(make_config({"s": SourceConfig(path=str(listed))}), tok)
+    small = write_jsonl(
+        tmp_path / "small.jsonl", [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(3)]
+    )
+    with pytest.raises(DataSourceError, match=r"dataset.test_size=0.99 cannot carve a test split out of the 3 train"):
+        build_datasets(make_config({"s": SourceConfig(path=str(small))}, test_size=0.99), tok)
+    with pytest.raises(DataSourceError, match=r"dataset.sources.s.test_size=0.99 cannot carve"):
+        build_datasets(make_config({"s": SourceConfig(path=str(small), test_size=0.99)}), tok)

@@ -38,6 +38,7 @@ class DataReport:
     dropped: dict = field(default_factory=dict)  # split -> {reason: count}
     truncated: dict = field(default_factory=dict)  # split -> {"chosen": n, "rejected": n}
     cut: dict = field(default_factory=dict)  # split -> usable pairs left out by dataset.max_*_samples
+    test_prompts_in_train: int = 0  # usable test pairs whose prompt a usable train pair has too
     tokenization: dict = field(default_factory=dict)  # see simpo_exp/data/report.py
 
     def lines(self) -> list[str]:
@@ -46,9 +47,10 @@ class DataReport:
             drops = ", ".join(f"{r}: {n}" for r, n in sorted(self.dropped[split].items())) or "none"
             t = self.truncated[split]
             cut = f"; {self.cut[split]} more left out by dataset.max_*_samples" if self.cut.get(split) else ""
+            prompts = f", prompt {t['prompt']} (its start cut)" if t.get("prompt") else ""
             out.append(
                 f"{split}: kept {self.kept[split]} pairs{cut}; dropped {drops}; "
-                f"truncated chosen {t['chosen']}, rejected {t['rejected']}"
+                f"truncated chosen {t['chosen']}, rejected {t['rejected']}{prompts}"
             )
         return out
 
@@ -66,9 +68,23 @@ def _filter(ds: Dataset, split: str, report: DataReport) -> Dataset:
     return kept
 
 
+def _test_prompts_in_train(train: Dataset, test: Dataset) -> int:
+    """How many usable test pairs have a prompt conversation that a usable train pair has too."""
+    key = lambda prompt: tuple((m["role"], m["content"]) for m in prompt)  # noqa: E731
+    seen = {key(p) for p, why in zip(train["prompt"], train["drop_reason"]) if not why}
+    return sum(key(p) in seen for p, why in zip(test["prompt"], test["drop_reason"]) if not why)
+
+
 def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport]:
     raw, sizes = load_mixture(cfg.dataset)
-    report = DataReport(sources=sizes)
+    report = DataReport(sources=sizes, test_prompts_in_train=_test_prompts_in_train(raw["train"], raw["test"]))
+    if report.test_prompts_in_train:
+        log.warning(
+            "%d of the test pairs have a prompt that training also reads (sources built from the same prompts, as "
+            "the UltraFeedback sets are, or a test file that repeats train rows): the held-out figures are not "
+            "wholly held out",
+            report.test_prompts_in_train,
+        )
     splits = {}
     for split in ("train", "test"):
         d = cfg.dataset
@@ -88,6 +104,8 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport
         splits[split] = ds
         report.kept[split] = len(ds)  # counted on what is used: after the max_*_samples cut
         report.truncated[split] = {side: int(sum(ds[f"{side}_truncated"])) for side in ("chosen", "rejected")}
+        if any(ds["prompt_truncated"]):  # dataset.chat_format=simpo_repo keeps a long prompt's last tokens
+            report.truncated[split]["prompt"] = int(sum(ds["prompt_truncated"]))
     report.tokenization = tokenization_report(splits, tokenizer, cfg.dataset)
     for line in report.lines() + report_lines(report.tokenization):
         log.info(line)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset
@@ -76,6 +77,9 @@ def _load_files(files: list[Path], source: str) -> Dataset:
     try:
         return load_dataset(types.pop(), name=f"sha256-{content}", data_files=[str(f) for f in files], split="train")
     except Exception as e:  # unreadable or malformed file: datasets puts the parser's words (line, column) in the cause
+        blank = [str(f) for f in files if f.suffix.lower() in (".jsonl", ".json") and _blank(f)]
+        if blank:  # datasets says only that the split "corresponds to no data"
+            raise DataSourceError(f"dataset.sources.{source}: {', '.join(blank)} holds no rows (blank lines only)")
         cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ is not None and str(e.__cause__) else ""
         raise DataSourceError(
             f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}{cause}"
@@ -83,15 +87,23 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         ) from e
 
 
+def _blank(path: Path) -> bool:
+    try:
+        return not path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return False
+
+
 def first_bad_json_line(files: list[Path]) -> str:
-    """Where the first line of a JSON Lines file that is not JSON is, counted from 1 as editors count (the parser
-    datasets uses counts its rows from 0), or "" where every line reads."""
+    """Where the first line of a JSON Lines file that is not JSON (or not an object, a row) is, counted from 1 as
+    editors count (the parser datasets uses counts its rows from 0), or "" where every line reads."""
     for f in (f for f in files if f.suffix.lower() == ".jsonl"):
         try:
             with open(f, encoding="utf-8") as lines:
                 for number, line in enumerate(lines, 1):
-                    if line.strip():
-                        json.loads(line)
+                    if line.strip() and not isinstance(json.loads(line), (dict, type(None))):
+                        kind = type(json.loads(line)).__name__
+                        return f"; first line that is not a JSON object: {f}:{number} (a {kind}; a row is an object)"
         except json.JSONDecodeError as e:
             return f"; first line that is not JSON: {f}:{number} ({e.msg} at column {e.colno})"
         except (OSError, UnicodeDecodeError):
@@ -121,7 +133,32 @@ def _split_files(directory: Path, split: str, warn: bool = True) -> list[Path]:
             f"{directory}: files for split {split!r} in more than one folder ({', '.join(folders)}); "
             "point the path at the folder to read"
         )
+    _check_shard_set(found, directory, split)
     return found
+
+
+def _check_shard_set(files: list[Path], directory: Path, split: str) -> None:
+    """Hub shards say how many there are (``train-00001-of-00004``): a set with one missing (a download cut short)
+    would train on part of the data, and two sets in one folder (an old download beside a new one) on each row
+    twice. Refused, naming the files."""
+    sets: dict[int, set[int]] = {}
+    for f in files:
+        m = re.match(rf"^{re.escape(split)}-(\d+)-of-(\d+)", f.stem)
+        if m:
+            sets.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    if len(sets) > 1:
+        counts = ", ".join(f"-of-{n:05d}" for n in sorted(sets))
+        raise DataSourceError(
+            f"{directory}: split {split!r} has shards of {len(sets)} sets ({counts}: {[f.name for f in files]}), "
+            "an older download beside a newer one; keep one set"
+        )
+    for total, numbers in sets.items():
+        missing = sorted(set(range(total)) - numbers)
+        if missing:
+            raise DataSourceError(
+                f"{directory}: split {split!r} lacks shard(s) {', '.join(f'{n:05d}' for n in missing)} of {total} "
+                f"(found {[f.name for f in files]}); download the rest"
+            )
 
 
 @contextlib.contextmanager
@@ -197,9 +234,12 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
     single_file = path.is_file()
     train = load_split(src, name, src.train_split, dcfg.synthetic)
     test_split = src.test_split
-    if test_split is None and path.is_dir() and _split_files(path, "test"):
-        test_split = "test"  # a local directory with a test file (dataset=local): read it rather than carve one
-        log.info("dataset.sources.%s: test split from the directory's test file", name)
+    # a local directory with a test file (dataset=local): read it rather than carve one; beside train_prefs (a hub
+    # set's folder read through dataset=local), its test_prefs
+    for counterpart in dict.fromkeys(("test", src.train_split.replace("train", "test"))):
+        if test_split is None and counterpart != src.train_split and path.is_dir() and _split_files(path, counterpart):
+            test_split = counterpart
+            log.info("dataset.sources.%s: test split from the directory's %r file(s)", name, counterpart)
     if test_split is not None and single_file and test_split != SourceConfig.test_split:  # one the user named
         log.warning(
             "dataset.sources.%s.path is one file: its test split is carved out of it (test_size %s), and "
@@ -223,7 +263,15 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
                 "train and test; a file holds a list of rows (one split per file, train.jsonl and test.jsonl in a "
                 "directory)"
             )
-        parts = train.train_test_split(test_size=carved_share(src, dcfg), seed=dcfg.shuffle_seed)
+        try:
+            parts = train.train_test_split(test_size=carved_share(src, dcfg), seed=dcfg.shuffle_seed)
+        except ValueError as e:  # a share that leaves either side empty
+            key = f"dataset.sources.{name}.test_size" if src.test_size is not None else "dataset.test_size"
+            raise DataSourceError(
+                f"{key}={carved_share(src, dcfg)} cannot carve a test split out of the {len(train)} train rows of "
+                f"dataset.sources.{name} ({str(e).splitlines()[0]}); use a share that leaves rows on both sides, "
+                "or a test file"
+            ) from None
         train, test = parts["train"], parts["test"]
     if src.fraction < 1.0:
         keep = max(1, int(src.fraction * len(train)))
@@ -327,11 +375,18 @@ def normalise_row(row: dict, src: SourceConfig) -> dict:
         chosen_text, rejected_text = chosen, rejected
     prompt = prompt_messages(prompt_value, chosen)
     if prompt is None:
-        return drop("non-string content" if prompt_value is not None and not as_messages else "no prompt")
+        if prompt_value is not None and not as_messages:
+            return drop("non-string content")
+        return drop(f"no prompt (column {src.prompt_column!r} empty or missing, no earlier turns in chosen)")
 
     texts = [chosen_text, rejected_text] + [m["content"] for m in prompt]
     if not all(isinstance(t, str) for t in texts) or not all(isinstance(m["role"], str) for m in prompt):
         return drop("non-string content")
+    if as_messages and len(chosen) > 1:
+        if len(rejected) > 1 and _turns(chosen[:-1]) != _turns(rejected[:-1]):
+            return drop("chosen and rejected have different earlier turns")  # the rejected reply answers another
+        if _is_messages(prompt_value) and prompt_value and _turns(prompt_value) != prompt:
+            return drop("prompt column differs from chosen's earlier turns")  # which one is the prompt?
     if not chosen_text.strip() or not rejected_text.strip():
         return drop("empty response")
     if not any(m["content"].strip() for m in prompt):
@@ -503,9 +558,26 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
         trains.append(normalise(train, src, name, dcfg.num_proc))
         tests.append(normalise(test, src, name, dcfg.num_proc))
         sizes[name] = {"train_rows": len(train), "test_rows": len(test), "fraction": src.fraction}
+        sizes[name]["dropped"] = _source_drops(name, {"train": trains[-1], "test": tests[-1]}, len(dcfg.sources))
         files = source_files(src)
         sizes[name].update(provenance(src.path, files))
         sizes[name].update(fingerprint(src, files))  # a finished or checkpointed run is not taken for other data
     train = concatenate_datasets(trains).shuffle(seed=dcfg.shuffle_seed)
     test = concatenate_datasets(tests)
     return DatasetDict(train=train, test=test), sizes
+
+
+def _source_drops(name: str, splits: dict[str, Dataset], n_sources: int) -> dict[str, dict[str, int]]:
+    """A source's rows dropped while normalising, by split and reason. In a mixture, a source none of whose train
+    rows is a pair (another schema: ShareGPT's ``human``/``gpt`` roles) is an error, not a run on the other sources
+    alone; one whose test rows all drop is warned about (the held-out figures would leave it out)."""
+    drops = {split: dict(Counter(r for r in ds["drop_reason"] if r)) for split, ds in splits.items()}
+    for split, ds in splits.items():
+        if n_sources > 1 and len(ds) and sum(drops[split].values()) == len(ds):
+            said = (
+                f"dataset.sources.{name}: none of its {len(ds)} {split} rows is a usable pair (dropped: {drops[split]})"
+            )
+            if split == "train":
+                raise DataSourceError(f"{said}; check its columns and format, or leave it out of the mixture")
+            log.warning("%s; the held-out figures leave this source out", said)
+    return drops

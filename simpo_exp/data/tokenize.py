@@ -41,6 +41,7 @@ TOKEN_FEATURES = {
     "rejected_input_ids": [Value("int64")],
     "chosen_truncated": Value("bool"),
     "rejected_truncated": Value("bool"),
+    "prompt_truncated": Value("bool"),
     "prompt_tokens_moved": Value("int64"),
     "drop_reason": Value("string"),
 }
@@ -135,6 +136,7 @@ def _tokenise_batch(
             "rejected_input_ids",
             "chosen_truncated",
             "rejected_truncated",
+            "prompt_truncated",
             "prompt_tokens_moved",
             "drop_reason",
         )
@@ -167,6 +169,7 @@ def _tokenise_batch(
         if not reason and cut == 0 and p_ids[i]:
             reason = "prompt and response tokens merge at the boundary"
         prompt, c_ids, r_ids = p_ids[i][:cut], c_full[i][cut:], r_full[i][cut:]
+        whole_prompt = len(prompt)
         if official and not reason:
             prompt, c_ids, r_ids, budget = _official_truncation(
                 prompt, c_ids, r_ids, tokenizer, max_length, max_prompt_length
@@ -187,6 +190,7 @@ def _tokenise_batch(
         out["rejected_input_ids"].append(r)
         out["chosen_truncated"].append(len(c) < len(c_ids))
         out["rejected_truncated"].append(len(r) < len(r_ids))
+        out["prompt_truncated"].append(len(prompt) < whole_prompt)  # simpo_repo keeps a long prompt's end
         out["prompt_tokens_moved"].append(len(p_ids[i]) - cut)
         out["drop_reason"].append(reason)
     return out
