@@ -451,6 +451,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.sweep_dir, self.listed = Path(config.hydra.sweep.dir), False
+        self.training = getattr(config, "method", None) is not None  # compare reads training runs, not other stages
         self.before = _job_stamps(self.sweep_dir) | _in_use_refusals(self.sweep_dir)
         atexit.register(self._list_failed)
 
@@ -491,7 +492,8 @@ class SweepSummary(Callback):
         for path, err in failed:
             first_line = (err.get("error") or "").splitlines()[0] if err.get("error") else ""
             print(f"  {self._job(path)}: {err.get('type')}: {first_line}", file=sys.stderr)
-        print(f"compare the rest with: python -m simpo_exp.compare {self.sweep_dir}", file=sys.stderr, flush=True)
+        if getattr(self, "training", True):
+            print(f"compare the rest with: python -m simpo_exp.compare {self.sweep_dir}", file=sys.stderr, flush=True)
         return True
 
     def _job(self, path: Path) -> str:

@@ -577,7 +577,7 @@ def test_empty_split_error_names_split_and_reasons(tmp_path, tok):
     with pytest.raises(EmptySplitError) as err:
         build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
     msg = str(err.value)
-    assert "train split" in msg and "identical responses" in msg and "empty response" in msg
+    assert "train split of dataset.sources.s " in msg and "identical responses" in msg and "empty response" in msg
     assert isinstance(err.value, DataSourceError)
 
     root2 = tmp_path / "empty-test"

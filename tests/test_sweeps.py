@@ -166,6 +166,25 @@ def test_a_sweep_stopped_by_a_signal_says_so_not_that_it_finished(tmp_path, caps
     assert "SIGTERM during set-up, before a step (nothing saved), in job 1_beta=5" in capsys.readouterr().err
 
 
+def test_a_failed_sweep_of_another_stage_is_not_pointed_at_compare(tmp_path, capsys):
+    """compare reads training runs: a generate or evaluate sweep's summary pointed at it, which then found none."""
+    from types import SimpleNamespace
+
+    from simpo_exp.runinfo import SweepSummary
+
+    for stage, method in (("generate", None), ("train", "simpo")):
+        sweep = tmp_path / stage
+        summary = SweepSummary()
+        summary.on_multirun_start(SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep))),
+                                                  method=method))  # fmt: skip
+        (sweep / "0_x=1" / ".hydra").mkdir(parents=True)
+        (sweep / "0_x=1" / ".hydra" / "overrides.yaml").write_text("- x=1\n")
+        (sweep / "0_x=1" / "error.json").write_text('{"type": "ConfigError", "error": "no"}')
+        assert summary._list_failed() is True
+        err = capsys.readouterr().err
+        assert "1 of 1 jobs FAILED" in err and ("simpo_exp.compare" in err) == (stage == "train"), err
+
+
 def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
     """launchers/slurm-multinode.sbatch under stand-ins for srun (one task per node, each with its SLURM_NODEID),
     scontrol and accelerate: the rank was expanded once, on the first node, so every node got machine_rank 0."""

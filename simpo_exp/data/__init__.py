@@ -56,12 +56,14 @@ class DataReport:
 
 
 def _filter(ds: Dataset, split: str, report: DataReport) -> Dataset:
+    """The split's usable pairs; none left is an error naming the sources and the reasons."""
     reasons = Counter(r for r in ds["drop_reason"] if r)
     kept = ds.filter(lambda r: not r, input_columns="drop_reason", desc=f"filtering {split}")
     report.dropped[split] = dict(reasons)
     if len(kept) == 0:
         raise EmptySplitError(
-            f"no usable preference pair left in the {split} split ({len(ds)} rows, "
+            f"no usable preference pair left in the {split} split of dataset.sources.{'/'.join(report.sources)} "
+            f"({len(ds)} rows, "
             f"dropped: {dict(reasons) or 'none'}); "
             "check the data files, the column mapping and max_length/max_prompt_length"
         )
