@@ -533,6 +533,29 @@ def test_another_scorer_scores_the_stored_responses_again_without_sampling(
     assert len(list((out / "shards").glob("scored-00000-*.jsonl"))) == 2  # each scorer's scores, apart
 
 
+def test_new_weights_at_the_scorer_path_score_the_responses_again(tiny_reward_model, tmp_path):
+    """Scored shards were named by the scorer's settings alone: after the reward model at scorer.path was
+    overwritten, the same command reused the old model's scores ("0 to score") and paired by them."""
+    from transformers import LlamaForSequenceClassification
+
+    from tests.tiny import save_tiny_llama
+
+    rm, out = tmp_path / "rm", tmp_path / "gen"
+    shutil.copytree(tiny_reward_model, rm)
+    args = (*RM_RUN, "dataset.max_train_samples=3", f"scorer.path={rm}", f"hydra.run.dir={out}")
+    assert (res := generate(*args, cwd=tmp_path)).returncode == 0, res.stderr[-3000:]
+    first = json.loads((out / "data" / "provenance.json").read_text())["scorer"]["fingerprint"]
+    assert first["kind"] == "local" and first["path"] == str(rm.resolve()) and len(first["sha256"]) == 64
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_labels=1)
+    save_tiny_llama(rm, LlamaForSequenceClassification, seed=1, **shape)  # other weights, the same path
+    assert (res := generate(*args, cwd=tmp_path)).returncode == 0, res.stderr[-3000:]
+    assert "1 shards, 0 to sample, 1 to score" in (out / "__main__.log").read_text()
+    old, new = sorted((out / "shards").glob("scored-00000-*.jsonl"), key=lambda f: f.stat().st_mtime_ns)
+    assert read_jsonl(old)[0]["scores"] != read_jsonl(new)[0]["scores"]  # the new model's rewards
+    second = json.loads((out / "data" / "provenance.json").read_text())["scorer"]["fingerprint"]
+    assert second["sha256"] != first["sha256"]
+
+
 def test_a_reward_model_with_its_own_code_needs_trust_remote_code_and_its_label_must_exist(tiny_reward_model, tmp_path):
     """ArmoRM-like: a config whose auto_map names its own class. Without trust_remote_code transformers loaded a
     stock LlamaForSequenceClassification, its head drawn at random: every score noise, no error."""

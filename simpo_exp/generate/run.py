@@ -4,9 +4,10 @@ Layout of an output directory:
     shards/manifest.json          what the shards were made with (a resumed run must match it)
     shards/responses-00000.jsonl  sampled responses of shard 0 (one line per prompt)
     shards/scored-00000-<scorer>.jsonl  the same with a score per response, named by a hash of the scorer's
-                                  settings: another scorer scores the responses again, none is sampled again
+                                  settings and weights: another scorer, or new weights at its path, scores
+                                  the responses again, none is sampled again
     data/train.jsonl              the preference pairs (`dataset=local dataset.sources.local.path=...`)
-    data/provenance.json          policy fingerprint, generation/scorer/binarise config, counts
+    data/provenance.json          policy and scorer fingerprints, generation/scorer/binarise config, counts
     report.json                   prompts kept and dropped by reason, score and length statistics
 
 Every file is written to a temporary name and renamed, so a killed run leaves only whole files;
@@ -51,14 +52,22 @@ def policy_fingerprint(cfg) -> dict:
             **spec,
             "sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(),
         }
-    path = Path(m.path).expanduser()
+    return weights_fingerprint(m.path, m.revision)
+
+
+def weights_fingerprint(name: str, revision, commit: bool = True) -> dict:
+    """A local model directory's weights as a hash of its files; a hub id as itself, its revision and (``commit``)
+    the commit the local cache holds for them (None before the first download)."""
+    path = Path(name).expanduser()
     if path.is_dir():
         return {"kind": "local", "path": str(path.resolve()), "sha256": weights_sha256(path)}
+    if not commit:  # nor is the name looked up: a typo is named by the model's own check, not the hub client
+        return {"kind": "hub", "path": name, "revision": revision}
     from huggingface_hub import try_to_load_from_cache
 
-    hit = try_to_load_from_cache(m.path, "config.json", revision=m.revision)
+    hit = try_to_load_from_cache(name, "config.json", revision=revision)
     commit = Path(hit).parent.name if isinstance(hit, str) else None
-    return {"kind": "hub", "path": m.path, "revision": m.revision, "commit": commit}
+    return {"kind": "hub", "path": name, "revision": revision, "commit": commit}
 
 
 def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
@@ -161,9 +170,25 @@ def scorer_record(scorer) -> dict:
     return {k: v for k, v in dataclasses.asdict(scorer).items() if k not in unread}
 
 
+def scorer_fingerprint(cfg, commit: bool = True) -> dict | None:
+    """What identifies a reward model's weights (``weights_fingerprint``; None for a rule, which has none)."""
+    s = cfg.scorer
+    return weights_fingerprint(s.path, s.revision, commit) if s.kind == "reward_model" else None
+
+
+def scorer_identity(cfg) -> dict:
+    """``scorer_settings`` and, for a reward model, its weights: new weights at the same ``scorer.path`` score the
+    responses again. A hub model is named by id and revision, not by the commit its cache holds, which is unknown
+    before its first download (the same command would then score twice)."""
+    weights = scorer_fingerprint(cfg, commit=False)
+    if weights is None:  # a rule: the settings alone, as before weights were part of the name
+        return scorer_settings(cfg)
+    return {**scorer_settings(cfg), "weights": weights}
+
+
 def scorer_tag(cfg) -> str:
-    """8 hex of ``scorer_settings``: the suffix of the scored shards' names."""
-    return hashlib.sha256(json.dumps(scorer_settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    """8 hex of ``scorer_identity``: the suffix of the scored shards' names."""
+    return hashlib.sha256(json.dumps(scorer_identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def adopt_older_scores(shard_dir: Path, cfg) -> None:
@@ -300,7 +325,7 @@ def generate_data(cfg) -> dict:
         },
         "generate": dataclasses.asdict(cfg.generate),
         "synthetic_task": dataclasses.asdict(task) if (task := synthetic_task(cfg.dataset)) else None,
-        "scorer": scorer_record(cfg.scorer),
+        "scorer": scorer_record(cfg.scorer) | ({"fingerprint": fp} if (fp := scorer_fingerprint(cfg)) else {}),
         "binarise": dataclasses.asdict(cfg.binarise),
         "pairs": len(rows),
         "prompts": report["prompts"],
