@@ -671,19 +671,15 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     assert len(kept) + sum(v for k, v in report.items() if k != "rows") == report["rows"]
 
 
-def test_the_printed_training_command_keeps_the_model_preset_and_config_dirs(tmp_path):
-    """It named only dataset and model.path: a user's own preset (from --config-dir or hydra.searchpath) was not
-    found, and a hub preset's learning rate and batch gave way to the tiny default's."""
+def printed_train_command(*overrides: str) -> tuple:
+    """(config, the training command it prints) of a generate command with ``overrides``, as Hydra runs it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     from simpo_exp.generate.config import to_generate_config
     from simpo_exp.generate.run import train_command
 
-    mine = tmp_path / "myconf"
-    (mine / "model").mkdir(parents=True)
-    (mine / "model" / "mine.yaml").write_text("name: mine\npath: /models/mine\nlearning_rate: 1e-5\n")
-    overrides = ["output_dir=/tmp/unused", "model=mine", f"hydra.searchpath=[file://{mine}]"]
+    overrides = ["output_dir=/tmp/unused", *overrides]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = to_generate_config(compose(config_name="generate", overrides=overrides))
         before = HydraConfig.instance().cfg
@@ -691,13 +687,49 @@ def test_the_printed_training_command_keeps_the_model_preset_and_config_dirs(tmp
             compose(config_name="generate", overrides=overrides, return_hydra_config=True)
         )
         try:
-            command = train_command(cfg, "/out/data/train.jsonl")
+            return cfg, train_command(cfg, "/out/data/train.jsonl")
         finally:
             HydraConfig.instance().cfg = before
+
+
+def test_the_printed_training_command_keeps_the_model_preset_and_config_dirs(tmp_path):
+    """It named only dataset and model.path: a user's own preset (from --config-dir or hydra.searchpath) was not
+    found, and a hub preset's learning rate and batch gave way to the tiny default's."""
+    mine = tmp_path / "myconf"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "mine.yaml").write_text("name: mine\npath: /models/mine\nlearning_rate: 1e-5\n")
+    _, command = printed_train_command("model=mine", f"hydra.searchpath=[file://{mine}]")
     assert command == (
         f"python -m simpo_exp 'hydra.searchpath=[file://{mine}]' model=mine dataset=local "
         "dataset.sources.local.path=/out/data/train.jsonl model.path=/models/mine"
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["seed=7", "model.random_init.num_hidden_layers=1", "model.chat_template=zephyr", "max_prompt_length=64"],
+        ["model=qwen2.5-0.5b-instruct", "model.revision=abc123", "++model.dtype=float32", "max_prompt_length=900"],
+    ],
+)
+def test_the_printed_training_command_trains_the_policy_that_sampled(compose, overrides):
+    """It carried no model.* override, no seed and no max_prompt_length: a random init of another seed or shape, a
+    hub model at another revision or chat template was trained instead of the policy that sampled, and training's
+    own max_prompt_length dropped the longer prompts sampled. The printed command's overrides, composed as training
+    composes them, give the generate command's model, seed (a random init's weights) and max_prompt_length."""
+    import dataclasses
+    import shlex
+
+    from simpo_exp.config import Config, structured
+
+    gen, command = printed_train_command(*overrides)
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", "simpo_exp"]
+    train = structured(Config, compose(*words[3:]))
+    assert dataclasses.asdict(train.model) == dataclasses.asdict(gen.model)
+    assert train.max_prompt_length == gen.max_prompt_length == int(overrides[-1].split("=")[1])
+    if not gen.model.path:
+        assert train.seed == gen.seed == 7
 
 
 @pytest.mark.parametrize(

@@ -351,21 +351,38 @@ DEFAULT_MODEL = "tiny"  # training's model preset when none is chosen (conf/conf
 def train_command(cfg, data: str) -> str:
     """The command that trains on the pairs. On-policy, the next round trains the policy that sampled (its
     model.path; a random init is rebuilt from the run's seed), under this command's model preset (its learning
-    rate and batch) and config directories (where a preset of the user's own lives)."""
+    rate and batch), its other ``model.*`` overrides (a random init's shape, the chat template, the revision) and
+    config directories (where a preset of the user's own lives); a ``max_prompt_length`` given here is training's
+    too, or training drops the longer prompts that were sampled."""
     from hydra.core.hydra_config import HydraConfig
 
-    words = ["python -m simpo_exp"]
+    from simpo_exp.runinfo import given_overrides
+
+    words, given = ["python -m simpo_exp"], []
     if HydraConfig.initialized():
-        runtime = HydraConfig.get().runtime
-        given = [s for s in runtime.config_sources if s.schema == "file"]
-        words += [f"--config-dir {shlex.quote(s.path)}" for s in given if s.provider == "command-line"]
+        hc = HydraConfig.get()
+        runtime, given = hc.runtime, given_overrides(hc)
+        sources = [s for s in runtime.config_sources if s.schema == "file"]
+        words += [f"--config-dir {shlex.quote(s.path)}" for s in sources if s.provider == "command-line"]
         searched = [f"{s.schema}://{s.path}" for s in runtime.config_sources if "searchpath" in s.provider]
         words += [f"'hydra.searchpath=[{','.join(searched)}]'"] if searched else []  # a list: quoted for the shell
         model = runtime.choices.get("model")
         words += [f"model={model}"] if model and model != DEFAULT_MODEL else []
     words += ["dataset=local", override("dataset.sources.local.path", data)]
     words += [override("model.path", cfg.model.path)] if cfg.model.path else []
+    # model.path as this command resolved it (above), or as given where it was cleared (a preset's path unused)
+    carried = [o for o in given if _key(o).startswith("model.") and (_key(o) != "model.path" or not cfg.model.path)]
+    words += map(shlex.quote, carried)
+    words += [f"seed={cfg.seed}"] if not cfg.model.path else []  # the random init's weights
+    words += (
+        [f"max_prompt_length={cfg.max_prompt_length}"] if any(_key(o) == "max_prompt_length" for o in given) else []
+    )
     return " ".join(words)
+
+
+def _key(override: str) -> str:
+    """The key of a command-line override (``+model.x=1``, ``~model.x``: ``model.x``)."""
+    return override.lstrip("+~").partition("=")[0]
 
 
 def override(key: str, value: str) -> str:
