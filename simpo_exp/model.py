@@ -91,13 +91,14 @@ def outside_zero3_init():
         hf_deepspeed.set_hf_deepspeed_config(registered)
 
 
-def apply_chat_template_choice(tokenizer, choice: str, mcfg_name: str = "") -> None:
-    """Set the tokenizer's chat template from the ``model.chat_template`` setting."""
+def apply_chat_template_choice(tokenizer, choice: str, mcfg_name: str = "", key: str = "model.chat_template") -> None:
+    """Set the tokenizer's chat template from the ``model.chat_template`` setting (``key``: the setting's name, as
+    the messages give it: a reward model's is ``scorer.chat_template``)."""
     if choice == "auto":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
-                f"model.chat_template='auto' but the tokenizer of {mcfg_name!r} has no chat template; "
-                "set model.chat_template=zephyr (or a Jinja template string)"
+                f"{key}='auto' but the tokenizer of {mcfg_name!r} has no chat template; "
+                f"set {key}=zephyr (or a Jinja template string)"
             )
         return
     if choice in BUILTIN_TEMPLATES:
@@ -106,7 +107,7 @@ def apply_chat_template_choice(tokenizer, choice: str, mcfg_name: str = "") -> N
         tokenizer.chat_template = choice
     else:
         raise ConfigError(
-            f"model.chat_template={choice!r}: allowed are 'auto', {', '.join(map(repr, BUILTIN_TEMPLATES))} "
+            f"{key}={choice!r}: allowed are 'auto', {', '.join(map(repr, BUILTIN_TEMPLATES))} "
             "or a Jinja template string"
         )
 

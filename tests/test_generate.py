@@ -315,6 +315,33 @@ def test_a_model_that_is_not_a_reward_model_is_refused(tmp_path):
     assert "not a reward model" in res.stderr and "LlamaForCausalLM" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_scorer_that_cannot_score_is_refused_before_sampling(tiny_reward_model, tmp_path):
+    """The rule on prompts that are not the synthetic task, and a reward model whose tokenizer has no chat template,
+    failed only when scoring, after every response was sampled (the expensive part); the latter's message named
+    model.chat_template, the policy's, where the reward model's is scorer.chat_template."""
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"write a poem {i}", "chosen": "a", "rejected": "b"}) + "\n"
+                            for i in range(8)))  # fmt: skip
+    out = tmp_path / "rule"
+    res = generate("dataset=local", f"dataset.sources.local.path={data}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "scorer.rule='sort_digits'" in res.stderr and "of dataset=local are not the synthetic task" in res.stderr
+    assert not list(out.glob("shards/responses-*.jsonl"))
+
+    bare = tmp_path / "rm"
+    shutil.copytree(tiny_reward_model, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    (bare / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    out = tmp_path / "rm-run"
+    res = generate(*RM_RUN, f"scorer.path={bare}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "scorer.chat_template='auto' but the tokenizer of" in res.stderr and "model.chat_template" not in res.stderr
+    assert not list(out.glob("shards/responses-*.jsonl"))
+    res = generate(*RM_RUN, f"scorer.path={bare}", "scorer.chat_template=tiny", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]  # the advice given is taken
+
+
 def test_zero_usable_pairs_names_the_reasons(tmp_path):
     out = tmp_path / "g"
     res = generate(

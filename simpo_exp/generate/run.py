@@ -260,7 +260,7 @@ def process_place() -> tuple[int, int]:
 def generate_data(cfg) -> dict:
     """Run the stage; return the report (or ``{"waiting_for": [...]}`` when other processes still work)."""
     from simpo_exp.environment import git_commit
-    from simpo_exp.inference.scoring import check_reward_model
+    from simpo_exp.inference.scoring import check_reward_model, check_rule_prompts, load_reward_tokenizer
     from simpo_exp.model import load_tokenizer
 
     out = Path(cfg.output_dir)
@@ -271,8 +271,11 @@ def generate_data(cfg) -> dict:
     shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     rank, world = process_place()
     tag = scorer_tag(cfg)
-    if cfg.scorer.kind != "rule" and _unscored(shard_dir, range(rank, len(shards), world), tag):
+    if cfg.scorer.kind == "rule":  # the scorer is refused before sampling, where it would fail after
+        check_rule_prompts([p["prompt"] for p in prompts], cfg.dataset.name)
+    elif _unscored(shard_dir, range(rank, len(shards), world), tag):
         check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
+        load_reward_tokenizer(cfg.scorer)  # its chat template
     adopt_older_scores(shard_dir, cfg)
     check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts), pick_device(cfg.hardware.device))
     _process(cfg, shards, shard_dir, rank, world, tag)

@@ -25,14 +25,18 @@ log = logging.getLogger(__name__)
 SORT_PROMPT = re.compile(r"^\s*sort:\s*((?:\d\s*)+)$")
 
 
+NOT_THE_TASK = (
+    "the rule knows only the synthetic 'sort: <digits>' task. Use a reward model "
+    "(scorer=armorm or scorer=reward-model scorer.path=...)"
+)
+
+
 def sort_digits_score(prompt: str, response: str) -> float:
     """See the module docstring; raises ConfigError for a prompt that is not a sorting task."""
     match = SORT_PROMPT.match(prompt)
     if not match:
         raise ConfigError(
-            f"invalid config value scorer.rule='sort_digits': cannot score prompt {prompt[:80]!r}; "
-            "the rule knows only the synthetic 'sort: <digits>' task. Use a reward model "
-            "(scorer=armorm or scorer=reward-model scorer.path=...)"
+            f"invalid config value scorer.rule='sort_digits': cannot score prompt {prompt[:80]!r}; {NOT_THE_TASK}"
         )
     expected = sorted(match.group(1).split())
     got = response.split()
@@ -40,6 +44,16 @@ def sort_digits_score(prompt: str, response: str) -> float:
         return 1.0
     right = sum(a == b for a, b in zip(got, expected))
     return right / max(len(got), len(expected))
+
+
+def check_rule_prompts(prompts: list[list[dict]], dataset: str) -> None:
+    """Refuse, before any is sampled, prompts the rule cannot score (sampling them all is the expensive part)."""
+    foreign = [p[-1]["content"] for p in prompts if not SORT_PROMPT.match(p[-1]["content"])]
+    if foreign:
+        raise ConfigError(
+            f"invalid config value scorer.rule='sort_digits': {len(foreign)} of the {len(prompts)} prompts of "
+            f"dataset={dataset} are not the synthetic task (the first: {foreign[0][:80]!r}); {NOT_THE_TASK}"
+        )
 
 
 class RuleScorer:
@@ -95,21 +109,30 @@ def check_reward_model(s) -> None:
         )
 
 
+def load_reward_tokenizer(s):
+    """The reward model's tokenizer with ``scorer.chat_template`` applied; one with no template of its own under
+    ``auto`` is refused naming scorer.chat_template (the generate stage loads it before sampling to find out)."""
+    from transformers import AutoTokenizer
+
+    from simpo_exp.model import apply_chat_template_choice
+
+    tokenizer = AutoTokenizer.from_pretrained(s.path, revision=s.revision, trust_remote_code=s.trust_remote_code)
+    apply_chat_template_choice(tokenizer, s.chat_template, s.path, key="scorer.chat_template")
+    return tokenizer
+
+
 class RewardModelScorer:
     def __init__(self, cfg):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         from simpo_exp.inference.sampling import inference_dtype, pick_device
-        from simpo_exp.model import TORCH_DTYPES, apply_chat_template_choice
+        from simpo_exp.model import TORCH_DTYPES
 
         s = self.s = cfg.scorer
         check_reward_model(s)
         self.device = pick_device(cfg.hardware.device)
         dtype = inference_dtype("auto", self.device, torch.float32) if s.dtype == "auto" else TORCH_DTYPES[s.dtype]
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            s.path, revision=s.revision, trust_remote_code=s.trust_remote_code
-        )
-        apply_chat_template_choice(self.tokenizer, s.chat_template, s.path)
+        self.tokenizer = load_reward_tokenizer(s)
         own_pad = self.tokenizer.pad_token_id is not None
         if not own_pad:
             self.tokenizer.pad_token = self.tokenizer.eos_token
