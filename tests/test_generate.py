@@ -342,6 +342,39 @@ def test_a_scorer_that_cannot_score_is_refused_before_sampling(tiny_reward_model
     assert res.returncode == 0, res.stderr[-3000:]  # the advice given is taken
 
 
+def test_a_reward_models_chat_template_that_refuses_a_prompt_is_named_before_sampling(tiny_reward_model, tmp_path):
+    """A reward model's template that raises (jinja2's TemplateError, "System role not supported") gave a raw
+    traceback, after every response was sampled."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.inference.scoring import make_scorer
+
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_reward_model, rm)
+    (rm / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    )
+    system = {"role": "system", "content": "You sort digits ascending."}
+    user = lambda i: [system, {"role": "user", "content": f"sort: {i} 1"}]  # noqa: E731
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [
+        {"prompt": "", "chosen": user(i) + answer(f"1 {i}"), "rejected": user(i) + answer(f"{i} 1")} for i in range(8)
+    ]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "g"
+    args = ("dataset=local", f"dataset.sources.local.path={data}", f"hydra.run.dir={out}")
+    res = generate(*RM_RUN, f"scorer.path={rm}", *args, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    for named in (f"scorer.path={str(rm)!r}", "scorer.chat_template='auto'", "System role not supported"):
+        assert named in res.stderr, res.stderr[-3000:]
+    assert not list(out.glob("shards/responses-*.jsonl"))
+    scorer = make_scorer(compose_generate("scorer=reward-model", f"scorer.path={rm}"))
+    assert len(scorer.score([[{"role": "user", "content": "sort: 2 1"}]], ["1 2"])) == 1
+    with pytest.raises(ConfigError, match="roles \\['system', 'user', 'assistant'\\]"):
+        scorer.score([[system, {"role": "user", "content": "sort: 2 1"}]], ["1 2"])  # scoring names it too
+
+
 def test_zero_usable_pairs_names_the_reasons(tmp_path):
     out = tmp_path / "g"
     res = generate(

@@ -260,7 +260,12 @@ def process_place() -> tuple[int, int]:
 def generate_data(cfg) -> dict:
     """Run the stage; return the report (or ``{"waiting_for": [...]}`` when other processes still work)."""
     from simpo_exp.environment import git_commit
-    from simpo_exp.inference.scoring import check_reward_model, check_rule_prompts, load_reward_tokenizer
+    from simpo_exp.inference.scoring import (
+        check_reward_model,
+        check_reward_template,
+        check_rule_prompts,
+        load_reward_tokenizer,
+    )
     from simpo_exp.model import load_tokenizer
 
     out = Path(cfg.output_dir)
@@ -275,7 +280,7 @@ def generate_data(cfg) -> dict:
         check_rule_prompts([p["prompt"] for p in prompts], cfg.dataset.name)
     elif _unscored(shard_dir, range(rank, len(shards), world), tag):
         check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
-        load_reward_tokenizer(cfg.scorer)  # its chat template
+        check_reward_template(load_reward_tokenizer(cfg.scorer), cfg.scorer, [p["prompt"] for p in prompts])
     adopt_older_scores(shard_dir, cfg)
     check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts), pick_device(cfg.hardware.device))
     _process(cfg, shards, shard_dir, rank, world, tag)

@@ -121,6 +121,31 @@ def load_reward_tokenizer(s):
     return tokenizer
 
 
+def render_for_scoring(tokenizer, s, prompt: list[dict], response: str) -> str:
+    """The conversation as the reward model reads it; a chat template that refuses it (jinja2's TemplateError, as
+    "System role not supported") is an error naming scorer.path and scorer.chat_template, not a traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+    except TemplateError as e:
+        from simpo_exp.model import BUILTIN_TEMPLATES
+
+        roles = [m["role"] for m in prompt] + ["assistant"]
+        raise ConfigError(
+            f"invalid config value scorer.chat_template={s.chat_template!r}: the chat template of "
+            f"scorer.path={s.path!r} cannot render a conversation of roles {roles} ({e}); set scorer.chat_template "
+            f"to one that can ({', '.join(BUILTIN_TEMPLATES)} or a Jinja template string)"
+        ) from e
+
+
+def check_reward_template(tokenizer, s, prompts: list[list[dict]]) -> None:
+    """Render one prompt of each sequence of roles (a system turn or not, several turns) before any is sampled."""
+    shapes = {tuple(m["role"] for m in p): p for p in prompts}
+    for prompt in shapes.values():
+        render_for_scoring(tokenizer, s, prompt, "")
+
+
 class RewardModelScorer:
     def __init__(self, cfg):
         from transformers import AutoModelForSequenceClassification
@@ -162,7 +187,7 @@ class RewardModelScorer:
         out, self.cut = [], []
         for start in range(0, len(prompts), self.s.batch_size):
             texts = [
-                self.tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                render_for_scoring(self.tokenizer, self.s, p, r)
                 for p, r in zip(
                     prompts[start : start + self.s.batch_size], responses[start : start + self.s.batch_size]
                 )
