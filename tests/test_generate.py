@@ -690,6 +690,26 @@ def test_a_reward_models_pad_id_is_its_tokenizers_so_batched_scores_equal_single
     assert scores[1] == pytest.approx(scores[3], abs=1e-5)
 
 
+def test_a_scorer_max_length_past_the_reward_models_positions_is_capped(tmp_path, caplog):
+    """A GPT-2-style reward model has n_positions learned positions: scorer.max_length=4096 (the default) gave it
+    longer inputs, an IndexError after every response was sampled."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from simpo_exp.inference.scoring import make_scorer
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tokenizer, rm = build_tiny_tokenizer(), tmp_path / "gpt2-rm"
+    shape = dict(n_positions=32, n_embd=32, n_layer=1, n_head=2, num_labels=1)
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), **shape)).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    scorer = make_scorer(compose_generate("scorer=reward-model", f"scorer.path={rm}"))
+    assert "scorer.max_length=4096 is more than" in caplog.text and "(32 positions)" in caplog.text
+    prompt = [{"role": "user", "content": "sort: " + " ".join("9876543210" * 4)}]
+    scores = scorer.score([prompt, prompt], ["0 1 2", "0 1"])
+    assert len(scores) == 2 and scorer.cut == [True, True]  # scored on their first 32 tokens
+    assert scorer.score([[{"role": "user", "content": "sort: 2 1"}]], ["1 2"]) and scorer.cut == [False]
+
+
 def test_scored_shards_named_before_the_scorer_hash_are_not_scored_again(
     uninterrupted_generation, tiny_reward_model, tmp_path
 ):

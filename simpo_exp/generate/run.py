@@ -303,8 +303,9 @@ def generate_data(cfg) -> dict:
         report["responses_cut_for_the_scorer"] = sum(sum(rec.get("scorer_cut") or []) for rec in records)
         if report["responses_cut_for_the_scorer"]:
             log.warning(
-                "%d of %d responses were longer, with their prompt, than scorer.max_length=%d tokens and were "
-                "scored on their first tokens only; raise scorer.max_length",
+                "%d of %d responses were longer, with their prompt, than scorer.max_length=%d tokens (or the reward "
+                "model's position limit, where lower) and were scored on their first tokens only; raise "
+                "scorer.max_length",
                 report["responses_cut_for_the_scorer"], report["responses"], cfg.scorer.max_length,
             )  # fmt: skip
     write_atomic(out / "report.json", json.dumps(report, indent=2))

@@ -146,6 +146,22 @@ def check_reward_template(tokenizer, s, prompts: list[list[dict]]) -> None:
         render_for_scoring(tokenizer, s, prompt, "")
 
 
+def capped_max_length(s, config) -> int:
+    """``scorer.max_length``, or the model's position limit where that is lower (a longer input has no position
+    embedding and fails with an IndexError after every response was sampled): a warning names both."""
+    limit = next(
+        (v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)), None
+    )
+    if limit is None or s.max_length <= limit:
+        return s.max_length
+    log.warning(
+        "scorer.max_length=%d is more than scorer.path=%r reads (%d positions): prompt and response are cut to %d "
+        "tokens (counted in report.json as responses_cut_for_the_scorer)",
+        s.max_length, s.path, limit, limit,
+    )  # fmt: skip
+    return limit
+
+
 class RewardModelScorer:
     def __init__(self, cfg):
         from transformers import AutoModelForSequenceClassification
@@ -180,7 +196,8 @@ class RewardModelScorer:
                     self.model.config.pad_token_id, self.tokenizer.pad_token_id,
                 )  # fmt: skip
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.cut: list[bool] = []  # per response of the last score() call: cut to scorer.max_length tokens
+        self.max_length = capped_max_length(s, self.model.config)
+        self.cut: list[bool] = []  # per response of the last score() call: cut to self.max_length tokens
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
@@ -193,9 +210,9 @@ class RewardModelScorer:
                 )
             ]
             full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            self.cut += [len(ids) > self.s.max_length for ids in full]
+            self.cut += [len(ids) > self.max_length for ids in full]
             self.tokenizer.padding_side = "right"
-            enc = self.tokenizer.pad({"input_ids": [ids[: self.s.max_length] for ids in full]}, return_tensors="pt").to(
+            enc = self.tokenizer.pad({"input_ids": [ids[: self.max_length] for ids in full]}, return_tensors="pt").to(
                 self.device
             )
             out += self._rewards(self.model(**enc), len(texts))
