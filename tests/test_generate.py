@@ -790,6 +790,7 @@ def test_the_printed_training_command_keeps_the_model_preset_and_config_dirs(tmp
     [
         ["seed=7", "model.random_init.num_hidden_layers=1", "model.chat_template=zephyr", "max_prompt_length=64"],
         ["model=qwen2.5-0.5b-instruct", "model.revision=abc123", "++model.dtype=float32", "max_prompt_length=900"],
+        ["max_length=1024", "max_prompt_length=600"],  # past the tiny preset's max_length of 256
     ],
 )
 def test_the_printed_training_command_trains_the_policy_that_sampled(compose, overrides):
@@ -808,7 +809,8 @@ def test_the_printed_training_command_trains_the_policy_that_sampled(compose, ov
     train = structured(Config, compose(*words[3:]))
     assert dataclasses.asdict(train.model) == dataclasses.asdict(gen.model)
     assert train.max_prompt_length == gen.max_prompt_length == int(overrides[-1].split("=")[1])
-    if not gen.model.path:
+    assert train.max_length == gen.max_length
+    if not gen.model.path and "seed=7" in overrides:
         assert train.seed == gen.seed == 7
 
 

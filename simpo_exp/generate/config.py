@@ -84,7 +84,9 @@ cs.store(name="generate_schema", node=GenerateRunConfig)
 
 # The training schema's top-level keys this stage reads; of the groups, model and dataset are read whole, hardware
 # for how to sample (HARDWARE_READS), and logger not at all (the stage's record is its report.json).
-STAGE_READS = ("seed", "max_prompt_length", "output_dir")
+# (max_length: sampling never reads it, but max_prompt_length must stay below it, and it goes on to the training
+# command the stage prints: without it, no prompt longer than the preset's max_length could be sampled)
+STAGE_READS = ("seed", "max_prompt_length", "max_length", "output_dir")
 GROUPS = ("model", "dataset", "hardware", "logger")
 HARDWARE_READS = ("device", "mixed_precision", "attn_implementation", "fused_layers", "master_weights")
 

@@ -361,8 +361,8 @@ def train_command(cfg, data: str) -> str:
     """The command that trains on the pairs. On-policy, the next round trains the policy that sampled (its
     model.path; a random init is rebuilt from the run's seed), under this command's model preset (its learning
     rate and batch), its other ``model.*`` overrides (a random init's shape, the chat template, the revision) and
-    config directories (where a preset of the user's own lives); a ``max_prompt_length`` given here is training's
-    too, or training drops the longer prompts that were sampled."""
+    config directories (where a preset of the user's own lives); a ``max_prompt_length`` (and ``max_length``) given
+    here is training's too, or training drops the longer prompts that were sampled."""
     from hydra.core.hydra_config import HydraConfig
 
     from simpo_exp.runinfo import given_overrides
@@ -383,9 +383,8 @@ def train_command(cfg, data: str) -> str:
     carried = [o for o in given if _key(o).startswith("model.") and (_key(o) != "model.path" or not cfg.model.path)]
     words += map(shlex.quote, carried)
     words += [f"seed={cfg.seed}"] if not cfg.model.path else []  # the random init's weights
-    words += (
-        [f"max_prompt_length={cfg.max_prompt_length}"] if any(_key(o) == "max_prompt_length" for o in given) else []
-    )
+    for key in ("max_length", "max_prompt_length"):  # training's lengths, where given here
+        words += [f"{key}={getattr(cfg, key)}"] if any(_key(o) == key for o in given) else []
     return " ".join(words)
 
 
