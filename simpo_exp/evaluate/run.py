@@ -168,8 +168,8 @@ def _check_manifest(
     # a key an older manifest lacks is not held against it (written before that key was recorded), as in generate
     compared = set(manifest if keys is None else keys) & set(old) - {"prompt_hashes"}
     differ = manifest_changes(old, manifest, compared, stored_only=True)
-    if differ == [d for d in differ if d.startswith("prompts:")] and keys is None:
-        have, want = old.get("prompt_hashes") or [], manifest["prompt_hashes"]
+    if differ and all(d.startswith("prompts:") for d in differ) and keys is None:
+        have, want = old.get("prompt_hashes") or [], manifest.get("prompt_hashes") or []
         if have and want[: len(have)] == have:  # more prompts than stored, the stored ones first
             if len(have) % shard_size:  # the stored set's last shard: made again for the whole shard
                 path.with_name(path.name.replace("manifest.json", f"{len(have) // shard_size:05d}.jsonl")).unlink(
