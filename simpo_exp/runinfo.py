@@ -530,14 +530,29 @@ def _job_order(rel: Path) -> tuple:
 
 
 def export_launcher_distributed_env() -> None:
-    """Inside a multi-task submitit (SLURM) job, export RANK/WORLD_SIZE/MASTER_ADDR... for
-    torch.distributed; under torchrun or ``accelerate launch`` they are set already."""
+    """Inside a multi-task submitit (SLURM) job, export RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR
+    and MASTER_PORT for torch.distributed; under torchrun or ``accelerate launch`` they are set already.
+
+    A MASTER_ADDR or MASTER_PORT the user exported (SLURM templates often do) is kept: submitit's own ``export()``
+    raises when any of them is set, which left every task a one-process job of its own. CUDA_VISIBLE_DEVICES, when
+    it lists one device per task of the node, is narrowed to this task's entry; unset, it becomes LOCAL_RANK (as
+    submitit does); otherwise it is left as is (accelerate takes device LOCAL_RANK modulo the visible count)."""
     if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
         return
     try:
         import submitit
 
-        if submitit.JobEnvironment().num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export()
+        if submitit.JobEnvironment().num_tasks <= 1:
+            return
+        dist = submitit.helpers.TorchDistributedEnvironment()  # reads a MASTER_PORT already set
     except (ImportError, RuntimeError):  # not inside a submitit job after all
         return
+    os.environ.setdefault("MASTER_ADDR", dist.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(dist.master_port))
+    ranks = {"RANK": dist.rank, "WORLD_SIZE": dist.world_size, "LOCAL_RANK": dist.local_rank}
+    os.environ.update({key: str(value) for key, value in ranks.items()}, LOCAL_WORLD_SIZE=str(dist.local_world_size))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(dist.local_rank)
+    elif len(entries := visible.split(",")) == dist.local_world_size:
+        os.environ["CUDA_VISIBLE_DEVICES"] = entries[dist.local_rank]

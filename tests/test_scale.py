@@ -16,6 +16,7 @@ from simpo_exp.config import ConfigError, to_config
 from simpo_exp.tracking import MEASURED_METRICS
 from tests.conftest import ROOT as CONF_ROOT
 from tests.conftest import options
+from tests.runs import free_port
 from tests.test_run import read_metrics, simpo
 
 RUN = [
@@ -301,6 +302,9 @@ def test_a_submitit_job_of_two_tasks_trains_with_one_of_them_holding_the_folder(
         "dataset.synthetic.num_test=16",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
+        # submitit draws the tasks' rendezvous port from the job id, in 20000-60000, which overlaps the ports the
+        # kernel hands out to other tests' connections: the main task once failed to bind and the other waited 120 s
+        env={"MASTER_PORT": str(free_port())},
     )
     logs = "".join(p.read_text(errors="replace") for p in (sweep / ".submitit").rglob("*.err"))
     assert res.returncode == 0, res.stderr[-2000:] + logs[-3000:]
@@ -364,6 +368,27 @@ def test_lora_trains_adapters_only(tmp_path):
     assert json.loads((run / "model" / "adapter" / "adapter_config.json").read_text())["r"] == 16
     merged = load_file(run / "model" / "model.safetensors")  # the base with the adapters merged in
     assert merged and not any("lora_" in k for k in merged)
+
+
+def test_a_submitit_task_gets_its_ranks_and_keeps_a_rendezvous_port_the_user_set(monkeypatch):
+    """submitit's own export refuses to run where MASTER_PORT is set (SLURM templates export it): every task then
+    took itself for a one-process job. The task's ranks are exported beside the user's port and address, and of the
+    node's GPUs listed in CUDA_VISIBLE_DEVICES the task keeps its own."""
+    from simpo_exp.runinfo import export_launcher_distributed_env
+
+    task = {"JOB_ID": "77", "NTASKS": "2", "JOB_NUM_NODES": "1", "NODEID": "0", "GLOBALID": "1", "LOCALID": "1"}
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in keys and not k.startswith("SUBMITIT")}
+    env |= {f"SUBMITIT_LOCAL_{k}": v for k, v in task.items()} | {"SUBMITIT_EXECUTOR": "local"}
+    monkeypatch.setattr(os, "environ", env | {"MASTER_PORT": "31338", "CUDA_VISIBLE_DEVICES": "4,5"})
+    export_launcher_distributed_env()
+    ranks = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+    assert [os.environ[k] for k in ranks] == ["1", "2", "1", "2", "31338", "5"]
+    assert os.environ["MASTER_ADDR"]  # the first node's name
+    monkeypatch.setattr(os, "environ", dict(env))  # nothing set: submitit's port, drawn from the job id
+    export_launcher_distributed_env()
+    assert os.environ["RANK"] == "1" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
 
 
 def test_deepspeed_without_a_launcher_gets_a_one_process_group(monkeypatch):
