@@ -370,6 +370,29 @@ def test_lora_trains_adapters_only(tmp_path):
     assert merged and not any("lora_" in k for k in merged)
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in (CONF_ROOT / "launchers").glob("*.yaml")))
+def test_each_launcher_config_forms_one_group_over_two_nodes(config, monkeypatch):
+    """What ``accelerate launch --config_file launchers/X.yaml --num_machines 2 --machine_rank 1 ...`` (the sbatch
+    script's command on the second node) hands to torchrun: 2 nodes, this one rank 1, 8 processes on it, the first
+    node's address. The DeepSpeed configs left accelerate's multi-node launcher at its default, pdsh, which ran
+    `deepspeed --hostfile None`: each node trained alone on its 8 GPUs, on 127.0.0.1."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    monkeypatch.chdir(CONF_ROOT)  # the configs name their DeepSpeed files from the project's root
+    line = ["--config_file", f"launchers/{config}", "--num_machines", "2", "--num_processes", "16"]
+    line += ["--machine_rank", "1", "--main_process_ip", "gpu-001", "--main_process_port", "29500"]
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args([*line, "-m", "simpo_exp"]))
+    if args.use_deepspeed:  # as accelerate's deepspeed_launcher does: cmd None means torchrun with these args
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        cmd, _ = prepare_deepspeed_cmd_env(args)
+        assert cmd is None, cmd
+    else:
+        prepare_multi_gpu_env(args)
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+    assert "gpu-001" in (getattr(args, "master_addr", None), getattr(args, "rdzv_endpoint", "").split(":")[0])
+
+
 def test_a_submitit_task_gets_its_ranks_and_keeps_a_rendezvous_port_the_user_set(monkeypatch):
     """submitit's own export refuses to run where MASTER_PORT is set (SLURM templates export it): every task then
     took itself for a one-process job. The task's ranks are exported beside the user's port and address, and of the
