@@ -298,9 +298,10 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             if single:
                 raise SystemExit(2) from None
         except Exception as e:
-            out.mkdir(parents=True, exist_ok=True)
-            record = {"error": str(e), "type": type(e).__name__, "overrides": given_overrides(HydraConfig.get())}
-            (out / "error.json").write_text(json.dumps(record, indent=2))
+            if main:  # one record of the run's failure; every process naming it overwrote the others' half-written
+                out.mkdir(parents=True, exist_ok=True)
+                record = {"error": str(e), "type": type(e).__name__, "overrides": given_overrides(HydraConfig.get())}
+                write_atomic(out / "error.json", json.dumps(record, indent=2))
             if not _is_user_error(e):
                 _note_collective_timeout(e, cfg)
                 if single:

@@ -176,6 +176,8 @@ def test_a_save_failing_on_one_process_stops_every_process(tmp_path):
     # the failing process says what it could not write; the other names it (each exits 2 with its message)
     assert f"could not write checkpoint {step2} ({step2}.tmp/engine): No space left on device" in res.stderr
     assert f"process 1 of 2 could not write checkpoint {step2}" in res.stderr, res.stderr[-3000:]
+    # one record of the failure, the main process's (every process wrote it, the last one's words standing)
+    assert json.loads((run_dir / "error.json").read_text())["error"].startswith("process 1 of 2 could not write")
     assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").iterdir())
     assert "simpo_exp/" not in res.stderr and not (run_dir / "summary.json").exists()  # no traceback of ours
 
