@@ -187,26 +187,47 @@ def test_a_failed_sweep_of_another_stage_is_not_pointed_at_compare(tmp_path, cap
 
 def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
     """launchers/slurm-multinode.sbatch under stand-ins for srun (one task per node, each with its SLURM_NODEID),
-    scontrol and accelerate: the rank was expanded once, on the first node, so every node got machine_rank 0."""
+    scontrol and accelerate: the rank was expanded once, on the first node, so every node got machine_rank 0.
+    Also: srun is given the tasks' CPUs, torchrun time to let its processes save after the signal (30 s by default),
+    and a run stopped at the time limit is requeued (SLURM requeues only preempted jobs), one that ended is not;
+    RUN_DIR=... resumes the run of another job."""
     import os
     import subprocess
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stand_ins = {
-        "srun": 'for n in 0 1; do SLURM_NODEID=$n "$@"; done',
-        "scontrol": "printf 'node-a\\nnode-b\\n'",
-        "accelerate": f'echo "$*" >> {tmp_path}/launched',
+        "srun": f'while [[ $1 == --* ]]; do echo "$1" >> {tmp_path}/srun_options; shift; done\n'
+        'for n in 0 1; do SLURM_NODEID=$n "$@" || exit $?; done',
+        "scontrol": f'if [[ $1 == requeue ]]; then echo "$*" >> {tmp_path}/requeued\n'
+        'else printf "node-a\\nnode-b\\n"; fi',
+        "accelerate": f'echo "$* shutdown=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" >> {tmp_path}/launched\n'
+        'if [[ -n ${STOP:-} ]]; then mkdir -p "$RUN_DIR" && echo {} > "$RUN_DIR/stopped.json" && exit 143; fi',
     }
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]"}
-    env |= {"SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "SLURM_NODEID": "0"}
+    env |= {"SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_CPUS_PER_TASK": "64"}
+    env.pop("RUN_DIR", None)
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
     script = Path(__file__).resolve().parents[1] / "launchers" / "slurm-multinode.sbatch"
-    res = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    def sbatch(**extra):
+        return subprocess.run(
+            ["bash", str(script)], env=env | extra, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+
+    res = sbatch()
     assert res.returncode == 0, res.stderr
     lines = (tmp_path / "launched").read_text().splitlines()
     assert len(lines) == 2 and all("--num_processes 16" in x and "--main_process_ip node-a" in x for x in lines)
     assert ["--machine_rank 0" in lines[0], "--machine_rank 1" in lines[1]] == [True, True]
-    assert all("hydra.run.dir=outputs/runs/slurm-77" in x for x in lines)
+    assert all("hydra.run.dir=outputs/runs/slurm-77" in x and x.endswith("shutdown=110") for x in lines)
+    assert (tmp_path / "srun_options").read_text() == "--cpus-per-task=64\n"
+    assert not (tmp_path / "requeued").exists()  # it ended: nothing to requeue
+    res = sbatch(STOP="1")  # stopped by the signal before the time limit, checkpoint saved
+    assert res.returncode == 143 and (tmp_path / "requeued").read_text() == "requeue 77\n", res.stderr
+    (tmp_path / "launched").unlink()
+    assert sbatch(RUN_DIR="outputs/runs/slurm-5").returncode == 0  # the run of job 5 goes on in this job
+    assert all("hydra.run.dir=outputs/runs/slurm-5 " in x for x in (tmp_path / "launched").read_text().splitlines())
