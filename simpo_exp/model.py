@@ -283,15 +283,47 @@ def checkpointed_layers(model: torch.nn.Module) -> int:
 def disable_dropout(model: torch.nn.Module) -> None:
     """Zero the model's own dropout for training (``disable_dropout=true``, the default of TRL's trainers and
     the official SimPO trainer). With dropout, a pair's chosen and rejected answers see different random
-    masks, and that noise does not cancel in their reward margin, whose true gradient is small. Zeroes every
-    ``nn.Dropout`` and the attention dropout that transformers' attention modules read from
-    ``attention_dropout``; the config, and so the saved model, keeps its values. LoRA's adapters are added
-    afterwards, with ``hardware.lora_dropout`` (0 by default)."""
+    masks, and that noise does not cancel in their reward margin, whose true gradient is small.
+
+    Zeroes every dropout module, every float attribute a module reads a dropout probability from while training
+    (``attention_dropout`` in transformers' attention modules; ``dropout``, ``activation_dropout`` and
+    ``layerdrop`` in OPT's layers; ``hidden_dropout`` in Bloom's), and the same values in the config, which some
+    models read at run time (Falcon's ``hidden_dropout``). The config's values are put back for every save
+    (``dropout_as_loaded``), so the saved model keeps them. LoRA's adapters are added afterwards, with
+    ``hardware.lora_dropout`` (0 by default)."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_dropout(name, value):
+                setattr(module, name, 0.0)
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+    kept = [
+        (config, name, value) for config in configs for name, value in vars(config).items() if _is_dropout(name, value)
+    ]
+    for config, name, _ in kept:
+        setattr(config, name, 0.0)
+    model._dropout_as_loaded = kept
+
+
+def _is_dropout(name: str, value) -> bool:
+    """A float attribute that is a probability of dropping (of an activation, an attention weight, a layer)."""
+    return (
+        type(value) is float and value > 0 and any(word in name.lower() for word in ("dropout", "pdrop", "layerdrop"))
+    )
+
+
+@contextlib.contextmanager
+def dropout_as_loaded(model):
+    """The config's dropout values as loaded while the model is saved (``disable_dropout`` zeroed them)."""
+    kept = getattr(model, "_dropout_as_loaded", None) or []
+    for config, name, value in kept:
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for config, name, _ in kept:
+            setattr(config, name, 0.0)
 
 
 def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -> None:
@@ -306,12 +338,13 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
     under a sharded engine; else the model's own, copied to the CPU."""
     path = Path(path)
     lora = hasattr(model, "merge_and_unload")
-    if lora:
-        model.save_pretrained(path / "adapter", state_dict=state_dict)  # PEFT keeps the adapter's entries
-        if state_dict is None:
-            state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        model, state_dict = merged_lora(model, state_dict)
-    model.save_pretrained(path, state_dict=state_dict)
+    with dropout_as_loaded(model):
+        if lora:
+            model.save_pretrained(path / "adapter", state_dict=state_dict)  # PEFT keeps the adapter's entries
+            if state_dict is None:
+                state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            model, state_dict = merged_lora(model, state_dict)
+        model.save_pretrained(path, state_dict=state_dict)
     if lora:  # save_pretrained writes the dtype of the model in memory (the base's), not of the weights it wrote
         config = json.loads((path / "config.json").read_text())
         config["dtype"] = "float32"

@@ -189,7 +189,7 @@ def test_dropout_is_off_while_training_unless_asked(compose, tmp_path):
     value. With disable_dropout=false the two forwards differ. LoRA's adapters add none by default."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from simpo_exp.model import load_model
+    from simpo_exp.model import load_model, save_trained
 
     tok = build_tiny_tokenizer()
     arch = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2)
@@ -200,7 +200,8 @@ def test_dropout_is_off_while_training_unless_asked(compose, tmp_path):
 
     def two_training_forwards(*overrides):
         model = load_model(to_config(compose(f"model.path={tmp_path / 'm'}", *overrides)), tok, "eager").train()
-        assert model.config.attention_dropout == 0.5
+        save_trained(model, tmp_path / "saved")
+        assert json.loads((tmp_path / "saved" / "config.json").read_text())["attention_dropout"] == 0.5
         for name, p in model.named_parameters():
             if "lora_B" in name:  # zero at the start: adapters would add nothing, dropped out or not
                 torch.nn.init.normal_(p)
@@ -211,6 +212,37 @@ def test_dropout_is_off_while_training_unless_asked(compose, tmp_path):
     pytest.importorskip("peft")
     assert torch.equal(*two_training_forwards("hardware=cpu-lora"))
     assert not torch.equal(*two_training_forwards("hardware=cpu-lora", "hardware.lora_dropout=0.5"))
+
+
+@pytest.mark.parametrize("family", ["opt", "falcon", "bloom"])
+def test_dropout_read_from_float_attributes_or_the_config_is_off_too(family, tmp_path):
+    """OPT's layers drop out through float attributes (``dropout``, ``activation_dropout``, and LayerDrop skips whole
+    layers), Bloom's through ``hidden_dropout``, Falcon's through its config, read at every forward: only
+    ``nn.Dropout`` was zeroed, so they trained with dropout on and each layout's loss differed (OPT's first loss:
+    1.352 padded, 1.453 prefix-shared). Two training forwards now agree, and the saved config keeps its values."""
+    import transformers
+
+    from simpo_exp.model import disable_dropout, save_trained
+
+    small = {"vocab_size": 300, "hidden_size": 64, "num_attention_heads": 4, "attention_dropout": 0.1}
+    arch = {
+        "opt": ("OPT", dict(ffn_dim=128, num_hidden_layers=2, word_embed_proj_dim=64, dropout=0.1,
+                            activation_dropout=0.1, layerdrop=0.5)),
+        "falcon": ("Falcon", dict(num_hidden_layers=2, hidden_dropout=0.1)),
+        "bloom": ("Bloom", dict(n_layer=2, n_head=4, hidden_dropout=0.1)),
+    }[family]  # fmt: skip
+    config = getattr(transformers, f"{arch[0]}Config")(**small, **arch[1])
+    model = getattr(transformers, f"{arch[0]}ForCausalLM")(config).train()
+    ids = torch.randint(3, 250, (1, 30), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is on
+    disable_dropout(model)
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    save_trained(model, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert {k: saved[k] for k in {**small, **arch[1]} if "drop" in k} == {
+        k: v for k, v in {**small, **arch[1]}.items() if "drop" in k
+    }
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # and off again after the save
 
 
 def test_an_accumulation_the_global_batch_would_override_is_refused(tmp_path):
