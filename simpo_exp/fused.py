@@ -73,6 +73,12 @@ def fused_head(cfg, model) -> "LigerPreferenceHead | None":
         raise ConfigError(refusal)
     if getattr(model.config, "final_logit_softcapping", None):
         raise ConfigError(f"{where}: Liger does not cap the logits as this model does (Gemma 2); use 'none'")
+    if hasattr(model.get_output_embeddings(), "lora_A"):  # PEFT's LoRA layer in the head's place
+        raise ConfigError(
+            f"{where} reads the output head's weight as one tensor, without the LoRA adapter "
+            "hardware.lora_target_modules puts on it, which would never train: leave the head out of "
+            "lora_target_modules, or use hardware.fused_head=none (logps_chunk_size bounds the logits' memory)"
+        )
     gamma, _ = resolve_gamma(cfg)
     return LigerPreferenceHead(cfg.method, cfg.beta, gamma, cfg.label_smoothing, cfg.sft_weight)
 

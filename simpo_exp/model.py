@@ -426,6 +426,20 @@ def add_lora(model, h):
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
             raise ConfigError(f"hardware.lora_target_modules: {missing} are not modules of this model")
+        blocks = {  # a target naming a block of layers (a decoder layer, an MLP), which LoRA cannot adapt whole
+            t: m
+            for n, m in model.named_modules()
+            for t in targets
+            if (n == t or n.endswith("." + t)) and any(m.children())
+        }
+        if blocks:
+            target, block = next(iter(blocks.items()))
+            inside = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ConfigError(
+                f"hardware.lora_target_modules: {target!r} names {type(block).__name__}, a block of layers, which LoRA "
+                f"does not adapt whole: name the linear layers inside it ({', '.join(inside) or 'none found'}) or "
+                "use [all-linear]"
+            )
     config = LoraConfig(
         r=h.lora_r,
         lora_alpha=h.lora_alpha,
@@ -439,7 +453,10 @@ def add_lora(model, h):
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     if checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, config, autocast_adapter_dtype=True)  # bf16/fp16 base: float32 adapters
+    try:
+        return get_peft_model(model, config, autocast_adapter_dtype=True)  # bf16/fp16 base: float32 adapters
+    except ValueError as e:  # a layer type PEFT has no LoRA for
+        raise ConfigError(f"hardware.lora_target_modules={targets}: {str(e).splitlines()[0]}") from e
 
 
 def count_parameters(model, trained_only: bool = False) -> int:

@@ -131,6 +131,22 @@ def test_unsupported_methods_and_settings_are_refused_by_name(compose):
         config(compose, "hardware.fused_head=triton")
 
 
+def test_a_lora_adapter_on_the_output_head_is_refused_with_the_fused_head(compose):
+    """Liger reads the head's weight as one tensor: a LoRA adapter on lm_head never trained (its lora_B stayed 0,
+    the loss drifted from the plain head's), and nothing said so."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("peft")
+    from simpo_exp.model import add_lora
+
+    h = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["lm_head", "q_proj"])
+    with pytest.raises(ConfigError, match=r"hardware.fused_head='liger' .* without the LoRA adapter"):
+        fused_head(config(compose, "hardware.fused_head=liger"), add_lora(make_model(), h))
+    pytest.importorskip("liger_kernel")
+    h.lora_target_modules = ["q_proj"]  # adapters elsewhere: the head is the model's own
+    assert fused_head(config(compose, "hardware.fused_head=liger"), add_lora(make_model(), h)) is not None
+
+
 @pytest.mark.parametrize("case", ["simpo", "cpo"])
 @pytest.mark.parametrize(
     "layout", [BatchLayout("packed"), BatchLayout("prefix_shared"), BatchLayout("packed", "mask")], ids=str

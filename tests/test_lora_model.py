@@ -167,6 +167,10 @@ def test_peft_target_names_are_taken_as_peft_takes_them(compose):
     }
     with pytest.raises(ConfigError, match=r"\['nothing_proj'\] are not modules of this model"):
         _trained_lora_model(compose, "hardware.lora_target_modules=[nothing_proj]")
+    # a block of layers: PEFT's ValueError, with the block's repr, came out as a traceback naming no key
+    block = r"'mlp' names LlamaMLP, a block of layers, .* \(down_proj, gate_proj, up_proj\) or use \[all-linear\]"
+    with pytest.raises(ConfigError, match=r"hardware.lora_target_modules: " + block):
+        _trained_lora_model(compose, "hardware.lora_target_modules=[q_proj,mlp]")
     saved = {"hardware": {"lora_target_modules": ["q_proj", "v_proj"]}}
     assert incompatible_keys(saved, {"hardware": {"lora_target_modules": ["v_proj", "q_proj"]}}) == []
     assert incompatible_keys(saved, {"hardware": {"lora_target_modules": ["q_proj"]}})
