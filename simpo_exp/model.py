@@ -208,6 +208,12 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
             if Path(m.path).is_dir():
                 raise unreadable_weights(m.path, e) from e
             raise
+        except ValueError as e:  # transformers refuses this kernel for the model (Gemma 2 has no SDPA path)
+            if "attention implementation" not in str(e):
+                raise
+            key = "model.attn_implementation" if m.attn_implementation else "hardware.attn_implementation"
+            why = str(e).split(". ")[0]
+            raise ConfigError(f"{key}={attn_implementation!r}: {why}; 'eager' runs every model") from e
     check_vocabulary(model, tokenizer, m)
     if cfg.disable_dropout:
         disable_dropout(model)

@@ -214,6 +214,27 @@ def test_dropout_is_off_while_training_unless_asked(compose, tmp_path):
     assert not torch.equal(*two_training_forwards("hardware=cpu-lora", "hardware.lora_dropout=0.5"))
 
 
+def test_an_attention_kernel_the_model_lacks_is_refused_by_its_key(compose, tmp_path):
+    """Gemma 2 has no SDPA path in transformers: model.attn_implementation=sdpa (or the hardware preset's sdpa where
+    the model preset's is unset) ended in transformers' traceback, exit 1."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.model import load_model
+
+    tok = build_tiny_tokenizer()
+    arch = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16)
+    arch.num_attention_heads, arch.num_key_value_heads = 2, 1
+    Gemma2ForCausalLM(arch).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    for key in ("model.attn_implementation", "hardware.attn_implementation"):
+        others = ["model.attn_implementation=null"] if key.startswith("hardware") else []
+        cfg = to_config(compose("model=gemma2-9b-it", f"model.path={tmp_path / 'm'}", f"{key}=sdpa", *others))
+        with pytest.raises(ConfigError, match=rf"{key}='sdpa': Gemma2ForCausalLM does not support .*'eager'"):
+            load_model(cfg, tok, "sdpa")
+    assert load_model(cfg, tok, "eager").config.model_type == "gemma2"
+
+
 @pytest.mark.parametrize("family", ["opt", "falcon", "bloom"])
 def test_dropout_read_from_float_attributes_or_the_config_is_off_too(family, tmp_path):
     """OPT's layers drop out through float attributes (``dropout``, ``activation_dropout``, and LayerDrop skips whole
