@@ -83,7 +83,7 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             "attention logits (Gemma 2), which segment attention does not implement; use "
             "hardware.packing_attention=mask (or flex on a GPU), or hardware.packing=none or auto"
         )
-    check_attention(packing, attention, device_type)
+    check_attention(packing, attention, device_type, bool(getattr(model_config, "attn_logit_softcapping", None)))
     return BatchLayout(packing, attention, hardware.logps_chunk_size)
 
 
@@ -96,21 +96,23 @@ def short_window(model_config, max_length: int | None) -> bool:
     return max_length is None or window < max_length
 
 
-def check_attention(packing: str, attention: str, device_type: str) -> None:
-    """A ConfigError naming ``hardware.packing_attention`` where the packed layout's attention cannot run."""
+def check_attention(packing: str, attention: str, device_type: str, softcapped: bool = False) -> None:
+    """A ConfigError naming ``hardware.packing_attention`` where the packed layout's attention cannot run.
+    ``softcapped``: the model softcaps its attention logits, which segment attention does not implement."""
     from simpo_exp.config import ConfigError
 
     if packing == "none":
         return  # the padded layout runs the model's own attention
     key = f"hardware.packing_attention={attention!r}"
+    here = "'mask' here (segment attention does not softcap as this model does)" if softcapped else "'segments' here"
     if attention == "flex" and device_type != "cuda":
         raise ConfigError(
-            f"{key} trains on a GPU only (torch has no FlexAttention backward on {device_type}); use 'segments' here"
+            f"{key} trains on a GPU only (torch has no FlexAttention backward on {device_type}); use {here}"
         )
     if attention != "flash":
         return
     if device_type != "cuda":
-        raise ConfigError(f"{key} runs flash-attn's CUDA kernels, not on {device_type}; use 'segments' here")
+        raise ConfigError(f"{key} runs flash-attn's CUDA kernels, not on {device_type}; use {here}")
     if packing == "prefix_shared":
         raise ConfigError(f"{key} with hardware.packing='prefix_shared': {FLASH_PREFIX_MESSAGE}")
     import importlib.util

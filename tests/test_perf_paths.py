@@ -232,8 +232,11 @@ def test_auto_layout_follows_the_measured_rule_per_device(compose):
     assert choose_layout(fused, "cuda", llama) == BatchLayout("packed", "flex", 0)  # the fused head: any layout
     flex = to_config(compose("hardware.packing=prefix_shared", "hardware.packing_attention=flex")).hardware
     assert choose_layout(flex, "cuda", llama) == BatchLayout("prefix_shared", "flex", 0)
-    with pytest.raises(ConfigError, match="packing_attention='flex' trains on a GPU only"):
+    with pytest.raises(ConfigError, match="packing_attention='flex' trains on a GPU only.*use 'segments' here"):
         choose_layout(flex, "cpu", llama)
+    # Gemma 2 on a CPU: the advice was 'segments', which is refused for its softcapping in turn
+    with pytest.raises(ConfigError, match="trains on a GPU only.*use 'mask' here \\(segment attention does not"):
+        choose_layout(flex, "cpu", gemma.config, 2048)
 
 
 def test_batch_layout_is_checked_when_made():
