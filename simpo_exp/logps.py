@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from simpo_exp.layout import BatchLayout
+from simpo_exp.layout import BatchLayout, short_window
 
 SEGMENT_ATTENTION_PREFIX = "simpo_segments:"
 
@@ -551,6 +551,13 @@ class ResponseLogps(nn.Module):
         if self.attention == "mask":
             if attn_groups is None:
                 raise ValueError("packing_attention=mask needs a batch from PairCollator(attention='mask')")
+            longest = max((int(p) + max(int(c), int(r)) for p, c, r in segments), default=0)
+            if short_window(self.model.config, longest):  # choose_layout refuses these runs; a caller of this class
+                raise ValueError(
+                    f"a packed sequence of {longest} tokens exceeds the model's sliding window "
+                    f"({self.model.config.sliding_window}): the mask attention does not implement sliding windows; "
+                    "use packing=none"
+                )
             dtype = None if self.model.config._attn_implementation != "eager" else self.model.dtype
             mask = group_mask(attn_groups, dtype)
             return body(

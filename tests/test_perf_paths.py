@@ -488,3 +488,27 @@ def test_an_nll_term_accumulated_over_micro_batches_is_the_big_batchs(compose, p
     torch.testing.assert_close(accumulated, whole, atol=1e-6, rtol=1e-5)
     per_micro_batch, _ = grads(micro, None)  # each micro-batch's own token mean: what was done before
     assert (per_micro_batch - whole).norm() > 1e-3 * whole.norm()
+
+
+@pytest.mark.parametrize("attention", ["segments", "mask"])
+def test_packed_attention_refuses_sequences_past_the_sliding_window(attention):
+    """Neither packed attention implements a sliding window. choose_layout keeps runs off them, but the class
+    itself is the library's API: segment attention refused, the mask attention gave log-probs of a model without
+    its window (0.34-0.49 off a windowed Mistral's, found by hand); both now refuse, and a sequence the window
+    covers runs."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = MistralForCausalLM(MistralConfig(**small, num_key_value_heads=2, sliding_window=16, pad_token_id=PAD))
+    model.config._attn_implementation = "sdpa"
+    pairs = random_pairs(2, max_prompt=20, max_response=30, seed=1)
+    for packing in ("packed", "prefix_shared"):
+        batch = PairCollator(PAD, packing=packing, attention=attention)(pairs)
+        with pytest.raises(ValueError, match=r"exceeds the model's sliding window \(16\)"):
+            ResponseLogps(model, packing=packing, attention=attention)(**batch)
+    short = random_pairs(2, max_prompt=6, max_response=8, seed=1)
+    batch = PairCollator(PAD, packing="packed", attention=attention)(short)
+    with torch.no_grad():
+        packed = ResponseLogps(model, packing="packed", attention=attention)(**batch).mean_logps
+        plain = ResponseLogps(model)(**PairCollator(PAD)(short)).mean_logps
+    assert torch.allclose(packed, plain, atol=ATOL, rtol=0)
