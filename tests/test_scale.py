@@ -408,18 +408,29 @@ def test_each_launcher_config_forms_one_group_over_two_nodes(config, monkeypatch
     """What ``accelerate launch --config_file launchers/X.yaml --num_machines 2 --machine_rank 1 ...`` (the sbatch
     script's command on the second node) hands to torchrun: 2 nodes, this one rank 1, 8 processes on it, the first
     node's address. The DeepSpeed configs left accelerate's multi-node launcher at its default, pdsh, which ran
-    `deepspeed --hostfile None`: each node trained alone on its 8 GPUs, on 127.0.0.1."""
+    `deepspeed --hostfile None`: each node trained alone on its 8 GPUs, on 127.0.0.1. And their DeepSpeed plugin
+    builds: a `mixed_precision` beside the DeepSpeed file failed every launch as the README writes it."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     monkeypatch.chdir(CONF_ROOT)  # the configs name their DeepSpeed files from the project's root
     line = ["--config_file", f"launchers/{config}", "--num_machines", "2", "--num_processes", "16"]
     line += ["--machine_rank", "1", "--main_process_ip", "gpu-001", "--main_process_port", "29500"]
-    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args([*line, "-m", "simpo_exp"]))
-    if args.use_deepspeed:  # as accelerate's deepspeed_launcher does: cmd None means torchrun with these args
-        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
-        cmd, _ = prepare_deepspeed_cmd_env(args)
-        assert cmd is None, cmd
+    args, defaults, from_config = _validate_launch_command(launch_command_parser().parse_args([*line, "-m", "x"]))
+    if args.use_deepspeed:  # as accelerate's launch_command and deepspeed_launcher do
+        fields = [*defaults.deepspeed_config, *(["mixed_precision"] if from_config else [])]
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        cmd, env = prepare_deepspeed_cmd_env(args)
+        assert cmd is None, cmd  # None: torchrun with the args below
+        # what each process then builds: a mixed_precision in the config beside its DeepSpeed file was refused here
+        from accelerate.utils import DeepSpeedPlugin
+
+        for key, value in env.items():
+            if key.startswith("ACCELERATE_"):
+                monkeypatch.setenv(key, value)
+        plugin = DeepSpeedPlugin()
+        plugin.set_mixed_precision("bf16")  # the hardware preset's, as the Accelerator passes it on
+        assert plugin.deepspeed_config["bf16"]["enabled"] is True
     else:
         prepare_multi_gpu_env(args)
     assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
