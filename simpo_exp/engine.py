@@ -242,6 +242,21 @@ def check_fsdp_reduction(accelerator) -> None:
         )
 
 
+def keep_fsdp_outputs(accelerator) -> None:
+    """Under FSDP2, let each module return what it computed. accelerate's mixed-precision policy casts every
+    output to the compute dtype (``output_dtype=bf16``), and the root module it wraps is ``ResponseLogps``: its
+    float32 log-prob sums came back in bfloat16, steps of 2 nats at |x| = 400, for the policy and the live
+    reference alike, so losses, rewards and margins were quantised. The weights' and gradients' dtypes stay."""
+    if not fsdp2(accelerator):
+        return
+    import dataclasses
+
+    plugin = accelerator.state.fsdp_plugin
+    policy = plugin.mixed_precision_policy
+    if policy is not None and getattr(policy, "output_dtype", None) not in (None, torch.float32):
+        plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
+
+
 def check_engine(h, got, running_ds_config: dict | None = None) -> None:
     """A sharding preset that would run as something else is refused: ``hardware=fsdp`` started without the FSDP
     launcher config, or a DeepSpeed preset on the CPU (accelerate sets DeepSpeed aside there), trains each
@@ -350,6 +365,7 @@ def make_accelerator(cfg: Config):
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     check_engine(h, accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
     check_fsdp_reduction(accelerator)
+    keep_fsdp_outputs(accelerator)
     if plugin is not None:
         # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm
         # where the config left it to accelerate ("auto" would become accelerate's own 1.0).

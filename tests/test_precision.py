@@ -179,3 +179,47 @@ def test_fsdp_records_the_dtypes_its_policy_computes_and_reduces_in(mixed_precis
     assert (record["fsdp_param_dtype"], record["fsdp_reduce_dtype"]) == (param, reduce)
     plain = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision=mixed_precision)
     assert "fsdp_param_dtype" not in precision_record(torch.nn.Linear(2, 2), plain)
+
+
+def test_fsdp_hands_back_the_float32_log_probs_it_computed(tmp_path):
+    """accelerate's FSDP2 policy under bf16 casts every module's outputs to bfloat16, the root's too, which is
+    ResponseLogps: the summed log-probs of the policy and the live reference came back rounded to bf16 (steps of 2
+    nats at |x| = 400; a margin of 0.0086 became 0.0). ``keep_fsdp_outputs`` drops that cast and keeps the weights'
+    and gradients' dtypes; sharded under the kept policy (bf16 compute, one CPU process), the sums are float32 and
+    equal the float32 model's to bf16 compute's rounding, not to the output's."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import fully_shard
+
+    from simpo_exp.data.collate import PairCollator
+    from simpo_exp.engine import keep_fsdp_outputs
+    from simpo_exp.logps import ResponseLogps
+    from tests.conftest import fsdp_on_cpu
+    from tests.test_perf_paths import make_model, random_pairs
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")  # as AcceleratorState does for mixed_precision=bf16
+    assert plugin.mixed_precision_policy.output_dtype == torch.bfloat16
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    keep_fsdp_outputs(accelerator)
+    kept = plugin.mixed_precision_policy
+    assert kept.output_dtype is None and kept.param_dtype == kept.reduce_dtype == torch.bfloat16
+    if fsdp_on_cpu.args[0]:
+        pytest.skip(fsdp_on_cpu.kwargs["reason"])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        base = make_model(vocab=4000).eval()
+        batch = PairCollator(0)(random_pairs(2, vocab=4000, max_prompt=30, max_response=60))
+        policy = ResponseLogps(copy.deepcopy(base))
+        for layer in policy.model.model.layers:
+            fully_shard(layer, mp_policy=kept)
+        fully_shard(policy, mp_policy=kept)
+        with torch.no_grad():
+            plain, sharded = ResponseLogps(base)(**batch).logp_sums, policy(**batch).logp_sums
+    finally:
+        dist.destroy_process_group()
+    assert sharded.dtype == torch.float32
+    assert torch.allclose(sharded, plain, rtol=2e-3, atol=0)  # bf16 compute; a bf16 output misses by up to 4e-3
