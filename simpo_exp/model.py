@@ -350,8 +350,11 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
             if state_dict is None:
                 state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             model, state_dict = merged_lora(model, state_dict)
+        stored = {v.dtype for v in (state_dict or {}).values() if v.is_floating_point()}  # save_pretrained empties it
         model.save_pretrained(path, state_dict=state_dict)
-    if lora:  # save_pretrained writes the dtype of the model in memory (the base's), not of the weights it wrote
+    # save_pretrained writes the dtype of the model in memory (a LoRA base's; DeepSpeed's bf16 working copy), not of
+    # the weights it wrote (float32: the merge, the engine's master copy); a loader taking "auto" would round them
+    if lora or stored == {torch.float32}:
         config = json.loads((path / "config.json").read_text())
         config["dtype"] = "float32"
         (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -10,10 +10,12 @@ This is what the official SimPO recipes do (``torch_dtype: null`` with ``bf16: t
 - ``master_weights=model`` keeps the weights in ``model.dtype`` (pure bf16 for the hub presets): half
   the memory, and a warning when the learning rate is below what bf16 can resolve for most weights.
 - LoRA: the frozen base stays in ``model.dtype``; the adapters are float32 (peft upcasts them).
-- DeepSpeed: the engine holds bf16 weights and keeps its own float32 master copy and optimizer state.
+- DeepSpeed: the engine holds bf16 weights and keeps its own float32 master copy and optimizer state; the final
+  model is saved from that master copy (``engine_master_weights``), in float32 as a full fine-tune's is.
 - FSDP: float32 shards are the master weights; under bf16 the forward runs on bf16 copies of the gathered
   weights and gradients are reduced in bf16 (accelerate's policy), recorded as ``fsdp_param_dtype`` and
-  ``fsdp_reduce_dtype``.
+  ``fsdp_reduce_dtype``. The policy's cast of every output to bf16 is dropped (``engine.keep_fsdp_outputs``):
+  the log-prob sums stay float32.
 """
 
 from __future__ import annotations
@@ -42,6 +44,25 @@ def engine_keeps_master_copy(accelerator) -> bool:
     working dtype where the model was built partitioned (``zero3_init_flag``, the offload launcher): the whole
     run would compute and gather in float32."""
     return accelerator.distributed_type.value == "DEEPSPEED" and accelerator.mixed_precision in ("bf16", "fp16")
+
+
+def engine_master_weights(accelerator, model) -> dict[str, torch.Tensor]:
+    """Under DeepSpeed with its own float32 master copy (``engine_keeps_master_copy``), each trained parameter's
+    whole float32 master weight, keyed as ``model``'s state dict is, on the CPU of the main process ({} on the
+    others, and where the engine keeps none). Every process must call it: ZeRO gathers each weight from its
+    partitions. ``accelerator.get_state_dict`` hands over the engine's bf16 working weights, which round a
+    SimPO-size update away (at lr 1e-6 most of it), so the saved model would not be the trained one."""
+    if not engine_keeps_master_copy(accelerator):
+        return {}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if param.requires_grad:  # the frozen ones (a LoRA base) have no master copy: their bf16 weights are theirs
+            full = safe_get_full_fp32_param(param)
+            if full is not None and accelerator.is_main_process:
+                masters[name] = full.detach().to("cpu", torch.float32)
+    return masters
 
 
 def prepare_weights(model, master_weights: str, lora: bool, engine_master_copy: bool = False):

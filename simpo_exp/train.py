@@ -61,7 +61,7 @@ from simpo_exp.metrics import Window, pearson
 from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention, save_trained
 from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
-from simpo_exp.precision import engine_keeps_master_copy, warn_if_updates_vanish
+from simpo_exp.precision import engine_keeps_master_copy, engine_master_weights, warn_if_updates_vanish
 from simpo_exp.reference import REF_INDEX, CachedReference, from_main_process, live_reference, shard_like_the_policy
 from simpo_exp.rundir import STOPPED_FILE, recorded_sources, stopped_before_a_step_record, stopped_record
 from simpo_exp.runinfo import keep_run_config
@@ -462,12 +462,15 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     if grad_norm is None and hasattr(run.policy, "get_global_grad_norm"):  # DeepSpeed clipped in its own step
         grad_norm = run.policy.get_global_grad_norm()
     grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # waits for the device
-    ok = math.isfinite(grad_norm) or acc.distributed_type == DistributedType.DEEPSPEED
-    if ok:
+    ok = math.isfinite(grad_norm)
+    # DeepSpeed's engine has stepped already, in the last backward, or skipped a non-finite step itself (its
+    # gradient norm is then inf): the step is counted as skipped all the same
+    if ok or acc.distributed_type == DistributedType.DEEPSPEED:
         try:
             run.optimizer.step()  # AdamW's moments are allocated at the first step
         except torch.OutOfMemoryError as e:
             raise out_of_memory(f"the optimizer step {state.step + 1} (AdamW's state)", e) from e
+    if ok:
         run.bad_in_a_row = 0
     else:  # a non-finite loss gives non-finite gradients too
         skip_step(run)
@@ -642,8 +645,11 @@ def finish(run: Run, summary: dict) -> dict:
         # sharded weights: every process takes part in gathering them ("model." is the wrapper's prefix);
         # ZeRO-3 hands the gathered weights to the main process only (None elsewhere), which alone writes them
         gathered = acc.get_state_dict(run.policy)
+        masters = engine_master_weights(acc, run.policy)  # DeepSpeed under bf16: its float32 copy, not bf16
         if gathered is not None:
-            full_state_dict = {k.removeprefix("model."): v for k, v in gathered.items()}
+            full_state_dict = {k.removeprefix("model."): v for k, v in (gathered | masters).items()}
+            if masters:  # the buffers too: one dtype for the saved model, which its config records
+                full_state_dict = {k: v.float() if v.is_floating_point() else v for k, v in full_state_dict.items()}
             full_state_dict = without_tied_copies(full_state_dict, acc.unwrap_model(run.policy).model)
     if run.cfg.save_model:  # every process waits for the main one's write and fails with it
         saving = f"writing the model to {run.run_dir / 'model'}"

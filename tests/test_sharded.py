@@ -123,6 +123,59 @@ def test_a_sharded_engine_on_two_processes_matches_one_process_and_resumes(tmp_p
     assert_same_records(first, read_metrics(sharded_dir))
 
 
+def test_zero3_launched_as_the_readme_says_saves_its_float32_master_weights_and_counts_a_skipped_step(tmp_path):
+    """``accelerate launch --config_file launchers/zero3.yaml -m simpo_exp hardware=zero3`` under bf16, with no
+    --mixed_precision of the test's own: the config's mixed_precision beside its DeepSpeed file failed every such
+    launch ("will be ignored"). The final model was the engine's bf16 working copy (a SimPO-size update mostly
+    rounded away, the config saying bfloat16); it is now the float32 master copy, and the config says so. A
+    non-finite step, which DeepSpeed skips itself, went uncounted (max_bad_steps could never stop a run)."""
+    pytest.importorskip("deepspeed")
+    stand_in = CONF_ROOT / "tests" / "standins" / "sharded_cpu" / "sitecustomize.py"
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(
+        f"exec(open({str(stand_in)!r}).read())\n" + NAN_LOSS_ON_THE_SECOND_STEP
+    )
+    env = launch_env(tmp_path / "inject", SHARDED_ON_CPU="1", DS_ACCELERATOR="cpu")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launchers/zero3.yaml"]
+    launch += ["--num_processes", "2", "--main_process_port", str(free_port())]
+    run = tmp_path / "run"
+    args = ["hardware=zero3", "hardware.device=cpu", "hardware.mixed_precision=bf16", *RUN[1:], "max_steps=4"]
+    args += ["eval_steps=0", "logging_steps=1", "learning_rate=1e-5", "per_device_train_batch_size=4"]
+    args += ["hardware.effective_batch_size=null", "hardware.dataloader_num_workers=0", f"hydra.run.dir={run}"]
+    res = subprocess.run(
+        [*launch, "-m", "simpo_exp", *args], cwd=CONF_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["train/skipped_steps"] == 1
+    assert json.loads((run / "env.json").read_text())["distributed_type"] == "DEEPSPEED"
+    weights = load_file(run / "model" / "model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    off_bf16 = sum(int((v != v.to(torch.bfloat16).float()).sum()) for v in weights.values())
+    assert off_bf16 > 0.9 * sum(v.numel() for v in weights.values())  # a master copy, not bf16 ones upcast
+    assert json.loads((run / "model" / "config.json").read_text())["dtype"] == "float32"
+
+
+# Loaded by both processes (after the stand-in): the preference loss of the second training step is NaN.
+NAN_LOSS_ON_THE_SECOND_STEP = """
+import torch
+import simpo_exp.objective as _objective
+
+_real, _calls = _objective.preference_loss, {"n": 0}
+
+
+def _poisoned(*args, **kwargs):
+    out = _real(*args, **kwargs)
+    if torch.is_grad_enabled():
+        _calls["n"] += 1
+        if _calls["n"] == 2:
+            return out._replace(losses=out.losses * float("nan"))
+    return out
+
+
+_objective.preference_loss = _poisoned
+"""
+
+
 @fsdp_on_cpu
 def test_a_live_reference_under_fsdp_is_sharded_like_the_policy(tmp_path, one_process):
     """reference_mode=live under FSDP2: the frozen reference is sharded as the policy is (about half its weights
