@@ -690,6 +690,43 @@ def test_a_reward_models_pad_id_is_its_tokenizers_so_batched_scores_equal_single
     assert scores[1] == pytest.approx(scores[3], abs=1e-5)
 
 
+def test_a_reward_model_whose_tokenizer_has_no_pad_token_is_read_at_each_rows_last_token(tiny_reward_model, tmp_path):
+    """Llama 3's tokenizer has no pad token. Padding with EOS and taking EOS for the pad id, the head took each row's
+    own closing EOS for padding and read the token before it; with the model's own pad id left in place, shorter rows
+    were read on their padding. Every score now equals an unpadded forward's at the row's last token, whatever the
+    batch size (rows of one length are batched together, unpadded)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from simpo_exp.inference.scoring import make_scorer, render_for_scoring
+
+    for model_pad in (None, 5):  # no pad id anywhere; a pad id in the model's config only
+        other = tmp_path / f"rm-{model_pad}"
+        shutil.copytree(tiny_reward_model, other)
+        tokenizer = AutoTokenizer.from_pretrained(other)
+        tokenizer.pad_token = None
+        tokenizer.save_pretrained(other)
+        config = json.loads((other / "config.json").read_text())
+        config["pad_token_id"] = model_pad
+        (other / "config.json").write_text(json.dumps(config))
+        prompts = [[{"role": "user", "content": "sort: 3 1 2"}]] * 4
+        responses = ["1 2 3", "1 2", "3 2 1 0 0 0 0", "3 2 1"]  # the first and last of one length
+        model = AutoModelForSequenceClassification.from_pretrained(other).eval()
+        model.config.pad_token_id = None  # one row alone: read at its last token
+        overrides = ("scorer=reward-model", f"scorer.path={other}", "scorer.dtype=float32")
+        cfg = compose_generate(*overrides)
+        expected = []
+        for prompt, response in zip(prompts, responses):
+            ids = tokenizer(render_for_scoring(tokenizer, cfg.scorer, prompt, response), add_special_tokens=False)
+            assert ids["input_ids"][-1] == tokenizer.eos_token_id  # the row ends with EOS, the old pad
+            with torch.no_grad():
+                expected.append(model(input_ids=torch.tensor([ids["input_ids"]])).logits[0, 0].item())
+        for batch in (1, 3):
+            scorer = make_scorer(compose_generate(*overrides, f"scorer.batch_size={batch}"))
+            assert scorer.score(prompts, responses) == pytest.approx(expected, abs=1e-5), (model_pad, batch)
+            scorer.close()
+
+
 def test_a_scorer_max_length_past_the_reward_models_positions_is_capped(tmp_path, caplog):
     """A GPT-2-style reward model has n_positions learned positions: scorer.max_length=4096 (the default) gave it
     longer inputs, an IndexError after every response was sampled."""

@@ -174,9 +174,10 @@ class RewardModelScorer:
         self.device = pick_device(cfg.hardware.device)
         dtype = inference_dtype("auto", self.device, torch.float32) if s.dtype == "auto" else TORCH_DTYPES[s.dtype]
         self.tokenizer = load_reward_tokenizer(s)
-        own_pad = self.tokenizer.pad_token_id is not None
-        if not own_pad:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # A tokenizer without a pad token of its own (Llama 3's) gives no id that marks padding and nothing else:
+        # padding with EOS, the head took a row's own closing EOS for padding and read the token before it. Such
+        # rows are scored unpadded instead, in batches of one length (``score``).
+        self.own_pad = own_pad = self.tokenizer.pad_token_id is not None
         self.model = (
             AutoModelForSequenceClassification.from_pretrained(
                 s.path, revision=s.revision, dtype=dtype, trust_remote_code=s.trust_remote_code
@@ -184,12 +185,13 @@ class RewardModelScorer:
             .to(self.device)
             .eval()
         )
-        if self.model.config.pad_token_id is None or (
-            own_pad and self.model.config.pad_token_id != self.tokenizer.pad_token_id
-        ):
+        if not own_pad:
+            # no row is padded: an id no token has, so that every head (the last token that is not the pad id; the
+            # token before the first pad id) reads each row at its last token, in a batch of one or of many
+            self.model.config.pad_token_id = -1
+        elif self.model.config.pad_token_id != self.tokenizer.pad_token_id:
             # the head reads each row at its last token that is not config.pad_token_id: it must be the id the
-            # tokenizer pads with, or a batched row is read on its padding (scores then depend on the batch). A
-            # tokenizer without a pad token of its own pads with EOS here: the model's own pad id is kept then
+            # tokenizer pads with, or a batched row is read on its padding (scores then depend on the batch)
             if self.model.config.pad_token_id is not None:
                 log.info(
                     "scorer: the model's pad_token_id %s set to its tokenizer's %s",
@@ -201,21 +203,29 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
-        out, self.cut = [], []
-        for start in range(0, len(prompts), self.s.batch_size):
-            texts = [
-                render_for_scoring(self.tokenizer, self.s, p, r)
-                for p, r in zip(
-                    prompts[start : start + self.s.batch_size], responses[start : start + self.s.batch_size]
-                )
-            ]
-            full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            self.cut += [len(ids) > self.max_length for ids in full]
-            self.tokenizer.padding_side = "right"
-            enc = self.tokenizer.pad({"input_ids": [ids[: self.max_length] for ids in full]}, return_tensors="pt").to(
-                self.device
-            )
-            out += self._rewards(self.model(**enc), len(texts))
+        texts = [render_for_scoring(self.tokenizer, self.s, p, r) for p, r in zip(prompts, responses)]
+        full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self.cut = [len(ids) > self.max_length for ids in full]
+        rows = [ids[: self.max_length] for ids in full]
+        order = list(range(len(rows)))
+        if not self.own_pad:  # unpadded: rows of one length together, each batch one length (see __init__)
+            order.sort(key=lambda i: len(rows[i]))
+        out: list[float] = [0.0] * len(rows)
+        start = 0
+        while start < len(order):
+            batch = order[start : start + self.s.batch_size]
+            if not self.own_pad:
+                batch = [i for i in batch if len(rows[i]) == len(rows[batch[0]])]
+            if self.own_pad:
+                self.tokenizer.padding_side = "right"
+                enc = self.tokenizer.pad({"input_ids": [rows[i] for i in batch]}, return_tensors="pt")
+            else:
+                ids = torch.tensor([rows[i] for i in batch])
+                enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            scores = self._rewards(self.model(**{k: v.to(self.device) for k, v in enc.items()}), len(batch))
+            for i, value in zip(batch, scores):
+                out[i] = value
+            start += len(batch)
         return out
 
     def _rewards(self, output, n: int) -> list[float]:
