@@ -727,6 +727,21 @@ def test_a_reward_model_whose_tokenizer_has_no_pad_token_is_read_at_each_rows_la
             scorer.close()
 
 
+def test_scored_shards_are_named_by_the_dtype_the_scores_were_computed_in(tiny_reward_model):
+    """scorer.dtype=auto entered the shards' name as "auto": bf16 scores from a GPU and float32 ones from a CPU (which
+    tie or swap near each other) shared a name and mixed on a resume. The resolved dtype names them, and under bf16
+    the batch size too (a bf16 score moves with its batch); float32 scores do not depend on it."""
+    from simpo_exp.generate.run import scorer_tag
+
+    def tag(*overrides):
+        return scorer_tag(compose_generate("scorer=reward-model", f"scorer.path={tiny_reward_model}", *overrides))
+
+    assert tag("hardware.device=cpu") == tag("hardware.device=cpu", "scorer.dtype=float32")  # auto: float32 here
+    assert tag("scorer.dtype=bfloat16") != tag("scorer.dtype=float32")
+    assert tag("scorer.dtype=bfloat16", "scorer.batch_size=1") != tag("scorer.dtype=bfloat16", "scorer.batch_size=8")
+    assert tag("scorer.dtype=float32", "scorer.batch_size=1") == tag("scorer.dtype=float32", "scorer.batch_size=8")
+
+
 def test_a_scorer_max_length_past_the_reward_models_positions_is_capped(tmp_path, caplog):
     """A GPT-2-style reward model has n_positions learned positions: scorer.max_length=4096 (the default) gave it
     longer inputs, an IndexError after every response was sampled."""

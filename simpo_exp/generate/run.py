@@ -183,7 +183,23 @@ def scorer_identity(cfg) -> dict:
     weights = scorer_fingerprint(cfg, commit=False)
     if weights is None:  # a rule: the settings alone, as before weights were part of the name
         return scorer_settings(cfg)
-    return {**scorer_settings(cfg), "weights": weights}
+    settings = {**scorer_settings(cfg), "weights": weights, "dtype": scorer_dtype(cfg)}  # "auto" as resolved here
+    if settings["dtype"] != "float32":  # a bf16 score moves with the rows batched beside it (by up to 1e-3)
+        settings["batch_size"] = cfg.scorer.batch_size
+    return settings
+
+
+def scorer_dtype(cfg) -> str:
+    """The dtype the reward model scores in: ``scorer.dtype``, where "auto" is bfloat16 on a GPU and float32 on a
+    CPU. bf16 keeps about three significant digits, so scores near each other (an ArmoRM's, some 0.01 apart) tie or
+    swap: a CPU's scores and a GPU's are not the same scores, and their shards are named apart."""
+    import torch
+
+    from simpo_exp.inference.sampling import inference_dtype, pick_device
+
+    if cfg.scorer.dtype != "auto":
+        return cfg.scorer.dtype
+    return str(inference_dtype("auto", pick_device(cfg.hardware.device), torch.float32)).removeprefix("torch.")
 
 
 def scorer_tag(cfg) -> str:
@@ -334,7 +350,8 @@ def generate_data(cfg) -> dict:
         },
         "generate": dataclasses.asdict(cfg.generate),
         "synthetic_task": dataclasses.asdict(task) if (task := synthetic_task(cfg.dataset)) else None,
-        "scorer": scorer_record(cfg.scorer) | ({"fingerprint": fp} if (fp := scorer_fingerprint(cfg)) else {}),
+        "scorer": scorer_record(cfg.scorer)
+        | ({"fingerprint": fp, "scored_in": scorer_dtype(cfg)} if (fp := scorer_fingerprint(cfg)) else {}),
         "binarise": dataclasses.asdict(cfg.binarise),
         "pairs": len(rows),
         "prompts": report["prompts"],
