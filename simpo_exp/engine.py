@@ -242,6 +242,15 @@ def check_fsdp_reduction(accelerator) -> None:
         )
 
 
+def resolved_precision(h) -> str:
+    """``hardware.mixed_precision`` as a run trains with it: "auto" is bf16 on a GPU that has it, "no" elsewhere."""
+    if h.mixed_precision != "auto":
+        return h.mixed_precision
+    from simpo_exp.inference.sampling import pick_device
+
+    return "bf16" if pick_device(h.device).type != "cpu" and torch.cuda.is_bf16_supported() else "no"
+
+
 def keep_fsdp_outputs(accelerator) -> None:
     """Under FSDP2, let each module return what it computed. accelerate's mixed-precision policy casts every
     output to the compute dtype (``output_dtype=bf16``), and the root module it wraps is ``ResponseLogps``: its
@@ -336,9 +345,7 @@ def make_accelerator(cfg: Config):
 
     h = cfg.hardware
     use_cpu = pick_device(h.device).type == "cpu"  # cuda with none visible is refused there, for every stage
-    precision = h.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "no"
+    precision = resolved_precision(h)
     if use_cpu:
         check_cpu_settings(cfg)
     accum = accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))

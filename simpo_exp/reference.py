@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from simpo_exp.config import Config
 from simpo_exp.data import MODEL_COLUMNS
 from simpo_exp.data.dealt import Dealt
-from simpo_exp.engine import on_every
+from simpo_exp.engine import on_every, resolved_precision
 from simpo_exp.flops import full_numel
 from simpo_exp.inference.files import readable_as_umask, temporary_name
 from simpo_exp.layout import BatchLayout
@@ -88,7 +88,7 @@ def model_fingerprint(cfg: Config, model) -> str:
                 "dtype": cfg.model.dtype,
                 # what the log-probs are computed in: a LoRA base stays in model.dtype, full fine-tuning upcasts it
                 "weights": sorted({str(p.dtype) for p in params}),
-                "autocast": cfg.hardware.mixed_precision,
+                "autocast": resolved_precision(cfg.hardware),  # "auto" as resolved: bf16 on a GPU, none on a CPU
                 "n": sum(full_numel(p) for p in params),
             }
         ).encode()

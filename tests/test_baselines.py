@@ -302,3 +302,21 @@ def test_a_lora_run_and_a_full_fine_tune_of_one_base_keep_their_own_reference_ca
         )
         prints.append(model_fingerprint(cfg, load_model(cfg, build_tiny_tokenizer(), "sdpa")))
     assert prints[0] != prints[1]
+
+
+def test_the_reference_cache_key_holds_the_precision_auto_resolves_to(compose, tmp_path):
+    """The key held hardware.mixed_precision as written: "auto", bf16 autocast on a GPU and none on a CPU, so a
+    GPU run and a CPU run of one model shared a cache of log-probs computed in different precisions (0.025 nats
+    apart on 500-token answers of a tiny model). "auto" now enters the key as it resolves: here, on a CPU, as "no"."""
+    from simpo_exp.config import to_config
+    from simpo_exp.model import build_tiny_tokenizer, load_model
+    from simpo_exp.reference import model_fingerprint
+    from tests.tiny import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "base", num_hidden_layers=2)
+    prints = {}
+    for precision in ("auto", "no", "bf16"):
+        overrides = ("loss=dpo", "hardware=cpu", "hardware.device=cpu", f"hardware.mixed_precision={precision}")
+        cfg = to_config(compose(*overrides, f"model.path={tmp_path / 'base'}"))
+        prints[precision] = model_fingerprint(cfg, load_model(cfg, build_tiny_tokenizer(), "sdpa"))
+    assert prints["auto"] == prints["no"] != prints["bf16"]
