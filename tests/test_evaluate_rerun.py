@@ -83,6 +83,11 @@ def test_a_copied_run_reuses_its_stored_answers_and_an_older_manifest_is_upgrade
     manifest.write_text(json.dumps({**stored, "model_dtype": "bfloat16"}))
     with pytest.raises(ConfigError, match="model_dtype: stored 'bfloat16', now 'float32'"):
         evaluate_sweep(copy, *args)
+    # answers a GPU made: a float32 model samples in bf16 there (the manifest said float32 and nothing else)
+    assert stored["mixed_precision"] == "no"  # on this CPU: the weights' own float32
+    manifest.write_text(json.dumps({**stored, "mixed_precision": "bf16"}))
+    with pytest.raises(ConfigError, match="mixed_precision: stored 'bf16', now 'no'"):
+        evaluate_sweep(copy, *args)
 
 
 def test_answers_stored_for_a_smoke_test_serve_the_larger_command_as_a_fresh_run_would_make_them(tmp_path, compose):

@@ -88,7 +88,13 @@ def _backend(dec, cfg) -> str:
 
 def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_only: bool) -> list[dict]:
     """Answers of the policy ``cfg`` to ``prompts``, one record per prompt, in resumable shards."""
-    from simpo_exp.inference.sampling import derive_seed, make_sampler, prompt_token_ids
+    from simpo_exp.inference.sampling import (
+        derive_seed,
+        effective_precision,
+        make_sampler,
+        pick_device,
+        prompt_token_ids,
+    )
     from simpo_exp.model import load_tokenizer
 
     size = dec.shard_size
@@ -98,6 +104,8 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
         "weights": _weights_id(cfg),
         # the dtype the weights are loaded in (answers of a float32 model loaded as bf16 are another model's)
         "model_dtype": cfg.model.dtype,
+        # and the precision they compute in: the samplers run a GPU's answers in bf16, a CPU's in the weights' own
+        "mixed_precision": effective_precision(cfg.hardware.mixed_precision, pick_device(cfg.hardware.device)),
         "decoding": {k: v for k, v in vars(dec).items() if k != "batch_size"},
         "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest(),
         # each prompt's own hash: answers stored for the first N prompts serve a command that asks for more
@@ -109,7 +117,9 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
     stored = sorted(shard_dir.glob(f"{tag}-0*.jsonl"))
     _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, bool(stored), keys, size)
     if judge_only:  # the stored answers are judged as they were made: say which of the command's settings go unused
-        unused = manifest_changes(read_json(shard_dir / f"{tag}-manifest.json"), manifest, ("decoding", "model_dtype"))
+        unused = manifest_changes(
+            read_json(shard_dir / f"{tag}-manifest.json"), manifest, ("decoding", "model_dtype", "mixed_precision")
+        )
         if unused:
             log.warning(
                 "evaluate.judge_only=true judges the stored %s answers as they were made; the command's own settings "
