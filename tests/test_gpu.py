@@ -255,6 +255,11 @@ def test_zero3_without_a_launcher(tmp_path):
     assert env["adamw_fused"] is False  # DeepSpeed steps its own partitions
     assert (run / "checkpoints" / "step-000003" / "engine").is_dir()  # written through accelerator.save_state
     assert (run / "model" / "model.safetensors").exists() and summary["train/global_step"] == 6
+    # saved from the engine's float32 master copy, not its bf16 working weights (most of the update rounded away)
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(run / "model" / "model.safetensors").values()} == {torch.float32}
+    assert json.loads((run / "model" / "config.json").read_text())["dtype"] == "float32"
     if any(name in env["device_names"][0] for name in ("H100", "H200", "A100")):
         assert 0 < summary["train/mfu"] < 1  # counted from the full parameter sizes, not the empty local shards
     assert "trained state per device" in (run / "__main__.log").read_text()  # memory.py read DeepSpeed's plan
