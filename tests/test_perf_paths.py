@@ -219,6 +219,8 @@ def test_auto_layout_follows_the_measured_rule_per_device(compose):
     gemma = Gemma2ForCausalLM(Gemma2Config(**small))
     assert gemma.config.attn_logit_softcapping and gemma.config.sliding_window == 4096
     assert choose_layout(cfg.hardware, "cpu", gemma.config, 2048).packing == "none"
+    masked = to_config(compose("hardware.packing_attention=mask")).hardware  # asked for: it softcaps (was: padded)
+    assert choose_layout(masked, "cpu", gemma.config, 2048) == BatchLayout("prefix_shared", "mask", 0)
     assert choose_layout(cfg.hardware, "cuda", gemma.config, 2048) == BatchLayout("packed", "flex", 0)  # flex softcaps
     assert choose_layout(cfg.hardware, "cuda", gemma.config, 8192).packing == "none"  # a window of 4096 < 8192
     llama = LlamaForCausalLM(LlamaConfig(**small)).config
