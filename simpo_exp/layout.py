@@ -57,7 +57,8 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     (``layout_auto.check_auto_attention``). The padded layout for a sliding window
     shorter than ``max_length`` (no packed attention here implements one), and on CPU for models whose
     attention softcaps its logits (Gemma 2), which segment attention does not implement (FlexAttention
-    does, and so does ``packing_attention=mask``: prefix-shared then). The fused head (``hardware.fused_head``) runs in every layout and changes nothing here."""
+    does, and so does ``packing_attention=mask``: prefix-shared then). The fused head
+    (``hardware.fused_head``) runs in every layout and changes nothing here."""
     packing, attention = hardware.packing, hardware.packing_attention
     if packing == "auto":
         if short_window(model_config, max_length):
