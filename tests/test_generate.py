@@ -885,3 +885,51 @@ def test_a_hardware_or_logger_setting_sampling_never_reads_is_refused(override, 
     assert says in str(err.value), str(err.value)
     check_overrides(["logger=none", "hardware=cpu", "hardware.device=cpu", "hardware.master_weights=fp32"])
     check_overrides(["+hardware.pakcing=none"])  # a typo: refused as no such key when the config is read
+
+
+def test_the_hf_sampler_decodes_with_the_projects_settings_alone(tmp_path):
+    """A model's generation_config.json (Qwen2.5-Instruct ships a repetition_penalty) filled in whatever the call
+    left at transformers' defaults: greedy answers changed (repetition penalty, no-repeat n-grams, a minimum length),
+    and the hf backend sampled another distribution than vllm, whose SamplingParams are explicit. A model with such
+    a file now answers as the same model without it."""
+    from simpo_exp.inference.sampling import HFSampler, prompt_token_ids
+    from simpo_exp.model import load_tokenizer
+    from tests.tiny import save_tiny_llama
+
+    answers = {}
+    for name, extra in (("plain", None), ("shipped", {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2})):
+        path = tmp_path / name
+        save_tiny_llama(path, seed=3, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+        if extra:
+            config = json.loads((path / "generation_config.json").read_text())
+            (path / "generation_config.json").write_text(json.dumps({**config, **extra, "min_new_tokens": 6}))
+        cfg = compose_generate(f"model.path={path}", "generate.max_new_tokens=12", "hardware.device=cpu")
+        cfg.generate.temperature = 0
+        tok = load_tokenizer(cfg.model)
+        ids = prompt_token_ids(tok, [[{"role": "user", "content": f"sort: {d} 1 2"}] for d in range(4)])
+        outs = HFSampler(cfg, tok).sample(ids, ["0", "1", "2", "3"], seed=0)
+        answers[name] = [o[0]["text"] for o in outs]
+    assert answers["shipped"] == answers["plain"]
+
+
+def test_a_response_reads_as_it_does_after_its_prompt():
+    """Decoded alone, a SentencePiece response (Mistral's tokenizer strips a text's first space) lost its leading
+    space: "\u2581Hi" came out "Hi", training (which tokenises prompt and response together) read the token "H" the
+    policy had not sampled, and the vllm backend, which decodes after the prompt, gave " Hi"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from simpo_exp.inference.sampling import response_text
+
+    chars = [*"abcdefghijklmnopqrstuvwxyzHI[]/ ", "\u2581"]
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    vocab["\u2581H"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("\u2581", "H")]))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    prompt = tok("[INST] hi [/INST]", add_special_tokens=False)["input_ids"]
+    sampled = [vocab[t] for t in ("\u2581H", "i", "\u2581", "t", "h", "e", "r", "e")]
+    text = response_text(tok, prompt, sampled)
+    assert text == " Hi there"
+    assert tok("[INST] hi [/INST]" + text, add_special_tokens=False)["input_ids"][len(prompt) :] == sampled

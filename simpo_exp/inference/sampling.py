@@ -90,6 +90,21 @@ def inference_dtype(mixed_precision: str, device: torch.device, weights: torch.d
     return {"no": weights, "fp16": torch.float16, "bf16": torch.bfloat16}[effective_precision(mixed_precision, device)]
 
 
+CONTEXT_TOKENS = 6  # prompt tokens a response is decoded after, as vLLM's incremental detokenizer reads some
+
+
+def response_text(tokenizer, prompt: list[int], response: list[int]) -> str:
+    """The response's text as it reads after its prompt. Decoded alone, a SentencePiece response (Mistral's) lost its
+    first token's leading space (the decoder strips a text's first one): training, which tokenises prompt and
+    response together, then read a token the policy had not sampled ("H" for the sampled "▁H"), and the vllm
+    backend, which decodes after the prompt, gave other text. The last prompt tokens are decoded with it and cut
+    off again; where their text is not a prefix of the whole (a decoder that rewrites across them), alone."""
+    context = prompt[-CONTEXT_TOKENS:]
+    before = tokenizer.decode(context, skip_special_tokens=True)
+    whole = tokenizer.decode(context + response, skip_special_tokens=True)
+    return whole[len(before) :] if whole.startswith(before) else tokenizer.decode(response, skip_special_tokens=True)
+
+
 class HFSampler:
     """transformers' generate over left-padded batches of prompts."""
 
@@ -105,6 +120,13 @@ class HFSampler:
         dtype = inference_dtype(cfg.hardware.mixed_precision, self.device, next(model.parameters()).dtype)
         self.model = model.to(self.device, dtype).eval()
         self.stop_ids = stop_token_ids(tokenizer, self.g.stop_token_ids, model.generation_config)
+        # Decoding is the project's settings alone, as vLLM's explicit SamplingParams are. transformers fills what a
+        # call leaves at its defaults from the model's generation_config.json (a repetition_penalty, a
+        # no_repeat_ngram_size, a min_new_tokens), which changed greedy answers and sampled another distribution
+        # than the vllm backend: the model's own is set aside here.
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig()
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], keys: list[str], seed: int) -> list[list[dict]]:
@@ -133,14 +155,14 @@ class HFSampler:
             **sampling,
         )
         new = seqs[:, enc["input_ids"].shape[1] :].tolist()
-        results = [self._response(ids) for ids in new]
         k = g.samples_per_seed
+        results = [self._response(ids, prompts[n // k]) for n, ids in enumerate(new)]
         return [results[i * k : (i + 1) * k] for i in range(len(prompts))]
 
-    def _response(self, ids: list[int]) -> dict:
+    def _response(self, ids: list[int], prompt: list[int]) -> dict:
         stops = [i for i, t in enumerate(ids) if t in self.stop_ids]
         end = stops[0] if stops else len(ids)
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+        text = response_text(self.tokenizer, prompt, ids[:end])
         return {"text": text, "n_tokens": end + (1 if stops else 0), "finished": bool(stops)}
 
     def close(self) -> None:
@@ -162,7 +184,13 @@ class VLLMSampler:
         m, g = cfg.model, decoding or cfg.generate
         self.g, self.tokenizer = g, tokenizer
         device = pick_device(cfg.hardware.device)
-        dtype = inference_dtype(cfg.hardware.mixed_precision, device, torch.float32)
+        from simpo_exp.model import TORCH_DTYPES
+
+        # mixed_precision=no: the weights' dtype as the hf backend holds them (load_model: float32 under
+        # master_weights=fp32, else model.dtype; it was float32 whatever master_weights said)
+        h = cfg.hardware
+        weights = torch.float32 if h.master_weights == "fp32" and not h.lora else TORCH_DTYPES[m.dtype]
+        dtype = inference_dtype(h.mixed_precision, device, weights)
         self.llm = LLM(
             model=m.path,
             tokenizer=m.tokenizer_path or m.path,
