@@ -65,6 +65,12 @@ def test_a_copied_run_reuses_its_stored_answers_and_an_older_manifest_is_upgrade
     args += ["benchmarks.alpacaeval2.max_prompts=2", "evaluate.model_card=false"]
     args += ["benchmarks.alpacaeval2.decoding.backend=hf", "benchmarks.alpacaeval2.decoding.max_new_tokens=4"]
     (first,) = evaluate_sweep(run, *args)
+    # answers that ran into max_new_tokens=4 are counted and said (they are judged as cut)
+    stored = [json.loads(line) for f in sorted((run / "eval" / "alpacaeval2" / "shards").glob("trained-0*.jsonl"))
+              for line in f.read_text().splitlines()]  # fmt: skip
+    cut = sum(not row["finished"] for row in stored)
+    assert len(stored) == 2 and first["metrics"]["cut_at_max_new_tokens"] == cut == 2  # 4 tokens: none ends
+    assert (f"{cut} of 2 answers reached" in " ".join(first["notes"])) == (cut > 0)
     copy = tmp_path / "elsewhere" / "run"
     shutil.copytree(run, copy)
     for f in (copy / "model").iterdir():  # as a copy without preserved times would leave them

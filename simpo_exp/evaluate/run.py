@@ -308,6 +308,20 @@ def _judge_pairs(
     return metrics, notes
 
 
+def _count_cut(metrics: dict, gens: list[dict], b) -> list[str]:
+    """``cut_at_max_new_tokens`` into ``metrics``: the answers that reached ``decoding.max_new_tokens`` before their
+    end-of-turn token (judged as they are: a judge reads a cut answer, and a length-controlled win rate its length);
+    a note where there are any. Answers stored before ``finished`` was recorded count as finished."""
+    cut = sum(g.get("finished") is False for g in gens)
+    metrics["cut_at_max_new_tokens"] = cut
+    if not cut:
+        return []
+    return [
+        f"{cut} of {len(gens)} answers reached benchmarks.{b.name}.decoding.max_new_tokens={b.decoding.max_new_tokens}"
+        " before their end-of-turn token and are judged as cut"
+    ]
+
+
 def _alpacaeval(ctx: dict) -> dict:
     b, out = ctx["benchmark"], ctx["out"]
     prompts, info = bm.alpaca_prompts(b.prompts_path, f"benchmarks.{b.name}.prompts_path", b.max_prompts)
@@ -317,6 +331,7 @@ def _alpacaeval(ctx: dict) -> dict:
     write_json(out / "model_outputs.json", bm.alpaca_model_outputs(prompts, texts, generator))
     metrics = {"avg_length": _mean([len(t) for t in texts]), "n": len(texts)}  # characters, as alpaca-eval counts
     notes = [] if len(texts) == ALPACA_EVAL_ROWS else [f"{len(texts)} of {info['rows']} prompts (max_prompts)"]
+    notes += _count_cut(metrics, gens, b)
     record = {"notes": notes, "baseline": info["reference_generator"], "dataset_name": "AlpacaEval 2"}
     if b.judge.kind == "openai":
         judged, more = _judge_pairs(ctx, prompts, texts, info, generator)
@@ -336,7 +351,11 @@ def _arena_hard(ctx: dict) -> dict:
     write_jsonl(out / "model_answer" / f"{model_id}.jsonl", bm.arena_answers(prompts, gens, model_id))
     texts = [g["text"] for g in gens]
     metrics = {"avg_tokens": _mean([g["n_tokens"] for g in gens]), "n": len(texts)}
-    record = {"notes": [], "baseline": info["reference_generator"], "dataset_name": "Arena-Hard"}
+    record = {
+        "notes": _count_cut(metrics, gens, b),
+        "baseline": info["reference_generator"],
+        "dataset_name": "Arena-Hard",
+    }
     if b.judge.kind == "openai":  # arena-hard-auto's judge prompt, games and score (simpo_exp/evaluate/arena.py)
         judged = judge_arena_hard(b, prompts, texts, model_id, info["reference_generator"], out)
         metrics.update(judged.pop("metrics"))
