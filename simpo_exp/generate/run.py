@@ -190,16 +190,12 @@ def scorer_identity(cfg) -> dict:
 
 
 def scorer_dtype(cfg) -> str:
-    """The dtype the reward model scores in: ``scorer.dtype``, where "auto" is bfloat16 on a GPU and float32 on a
-    CPU. bf16 keeps about three significant digits, so scores near each other (an ArmoRM's, some 0.01 apart) tie or
-    swap: a CPU's scores and a GPU's are not the same scores, and their shards are named apart."""
-    import torch
+    """The dtype the reward model scores in (``scoring.reward_model_dtype``: "auto" resolved, bfloat16 on a GPU,
+    float32 on a CPU). bf16 keeps about three significant digits, so scores near each other (an ArmoRM's, some 0.01
+    apart) tie or swap: a CPU's scores and a GPU's are not the same scores, and their shards are named apart."""
+    from simpo_exp.inference.scoring import reward_model_dtype
 
-    from simpo_exp.inference.sampling import inference_dtype, pick_device
-
-    if cfg.scorer.dtype != "auto":
-        return cfg.scorer.dtype
-    return str(inference_dtype("auto", pick_device(cfg.hardware.device), torch.float32)).removeprefix("torch.")
+    return str(reward_model_dtype(cfg)).removeprefix("torch.")
 
 
 def scorer_tag(cfg) -> str:

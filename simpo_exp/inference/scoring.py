@@ -162,17 +162,27 @@ def capped_max_length(s, config) -> int:
     return limit
 
 
+def reward_model_dtype(cfg) -> torch.dtype:
+    """The dtype the reward model scores in: ``scorer.dtype``, where "auto" is bfloat16 on a GPU that has it and
+    float32 elsewhere (the generate stage names scored shards by it)."""
+    from simpo_exp.inference.sampling import inference_dtype, pick_device
+    from simpo_exp.model import TORCH_DTYPES
+
+    if cfg.scorer.dtype != "auto":
+        return TORCH_DTYPES[cfg.scorer.dtype]
+    return inference_dtype("auto", pick_device(cfg.hardware.device), torch.float32)
+
+
 class RewardModelScorer:
     def __init__(self, cfg):
         from transformers import AutoModelForSequenceClassification
 
-        from simpo_exp.inference.sampling import inference_dtype, pick_device
-        from simpo_exp.model import TORCH_DTYPES
+        from simpo_exp.inference.sampling import pick_device
 
         s = self.s = cfg.scorer
         check_reward_model(s)
         self.device = pick_device(cfg.hardware.device)
-        dtype = inference_dtype("auto", self.device, torch.float32) if s.dtype == "auto" else TORCH_DTYPES[s.dtype]
+        dtype = reward_model_dtype(cfg)
         self.tokenizer = load_reward_tokenizer(s)
         # A tokenizer without a pad token of its own (Llama 3's) gives no id that marks padding and nothing else:
         # padding with EOS, the head took a row's own closing EOS for padding and read the token before it. Such
@@ -207,15 +217,8 @@ class RewardModelScorer:
         full = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         self.cut = [len(ids) > self.max_length for ids in full]
         rows = [ids[: self.max_length] for ids in full]
-        order = list(range(len(rows)))
-        if not self.own_pad:  # unpadded: rows of one length together, each batch one length (see __init__)
-            order.sort(key=lambda i: len(rows[i]))
         out: list[float] = [0.0] * len(rows)
-        start = 0
-        while start < len(order):
-            batch = order[start : start + self.s.batch_size]
-            if not self.own_pad:
-                batch = [i for i in batch if len(rows[i]) == len(rows[batch[0]])]
+        for batch in self._batches(rows):
             if self.own_pad:
                 self.tokenizer.padding_side = "right"
                 enc = self.tokenizer.pad({"input_ids": [rows[i] for i in batch]}, return_tensors="pt")
@@ -225,8 +228,19 @@ class RewardModelScorer:
             scores = self._rewards(self.model(**{k: v.to(self.device) for k, v in enc.items()}), len(batch))
             for i, value in zip(batch, scores):
                 out[i] = value
-            start += len(batch)
         return out
+
+    def _batches(self, rows: list[list[int]]) -> list[list[int]]:
+        """The rows' indices, ``scorer.batch_size`` to a forward; without a pad token, rows of one length only
+        (unpadded, see ``__init__``)."""
+        size = self.s.batch_size
+        groups = [list(range(len(rows)))]
+        if not self.own_pad:
+            by_length: dict[int, list[int]] = {}
+            for i, row in enumerate(rows):
+                by_length.setdefault(len(row), []).append(i)
+            groups = list(by_length.values())
+        return [group[j : j + size] for group in groups for j in range(0, len(group), size)]
 
     def _rewards(self, output, n: int) -> list[float]:
         score = getattr(output, "score", None)
