@@ -60,13 +60,13 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     does, and so does ``packing_attention=mask``: prefix-shared then). The fused head
     (``hardware.fused_head``) runs in every layout and changes nothing here."""
     packing, attention = hardware.packing, hardware.packing_attention
+    softcapped = bool(getattr(model_config, "attn_logit_softcapping", None))
     if packing == "auto":
         if short_window(model_config, max_length):
             packing = "none"
         elif device_type == "cuda":
             packing, attention = "packed", "flex"
         else:  # segment attention cannot softcap (Gemma 2); the mask attention, asked for, runs the model's own
-            softcapped = getattr(model_config, "attn_logit_softcapping", None)
             packing = "none" if softcapped and attention == "segments" else "prefix_shared"
     elif packing != "none" and short_window(model_config, max_length):
         from simpo_exp.config import ConfigError
@@ -77,7 +77,7 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             "layouts' attention does not implement (the log-probs would be a model without its window); use "
             "hardware.packing=none or auto"
         )
-    elif packing != "none" and attention == "segments" and getattr(model_config, "attn_logit_softcapping", None):
+    elif packing != "none" and attention == "segments" and softcapped:
         from simpo_exp.config import ConfigError
 
         raise ConfigError(
@@ -85,7 +85,7 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             "attention logits (Gemma 2), which segment attention does not implement; use "
             "hardware.packing_attention=mask (or flex on a GPU), or hardware.packing=none or auto"
         )
-    check_attention(packing, attention, device_type, bool(getattr(model_config, "attn_logit_softcapping", None)))
+    check_attention(packing, attention, device_type, softcapped)
     return BatchLayout(packing, attention, hardware.logps_chunk_size)
 
 

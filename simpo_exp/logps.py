@@ -551,7 +551,7 @@ class ResponseLogps(nn.Module):
         if self.attention == "mask":
             if attn_groups is None:
                 raise ValueError("packing_attention=mask needs a batch from PairCollator(attention='mask')")
-            longest = max((int(p) + max(int(c), int(r)) for p, c, r in segments), default=0)
+            longest = SegmentPlan(segments, self.packing).max_job  # the longest sequence any token attends over
             if short_window(self.model.config, longest):  # choose_layout refuses these runs; a caller of this class
                 raise ValueError(
                     f"a packed sequence of {longest} tokens exceeds the model's sliding window "

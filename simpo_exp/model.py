@@ -431,18 +431,13 @@ def add_lora(model, h):
     if targets == ["all-linear"]:  # PEFT's shorthand (every linear layer but the output head), given as a string
         targets = "all-linear"
     else:  # as PEFT matches them: a module's name, or the end of its dotted path
-        names = [n for n, _ in model.named_modules()]
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        matches = [(t, m) for n, m in model.named_modules() for t in targets if n == t or n.endswith("." + t)]
+        missing = [t for t in targets if t not in {matched for matched, _ in matches}]
         if missing:
             raise ConfigError(f"hardware.lora_target_modules: {missing} are not modules of this model")
-        blocks = {  # a target naming a block of layers (a decoder layer, an MLP), which LoRA cannot adapt whole
-            t: m
-            for n, m in model.named_modules()
-            for t in targets
-            if (n == t or n.endswith("." + t)) and any(m.children())
-        }
-        if blocks:
-            target, block = next(iter(blocks.items()))
+        # a target naming a block of layers (a decoder layer, an MLP), which LoRA cannot adapt whole
+        target, block = next(((t, m) for t, m in matches if any(m.children())), (None, None))
+        if block is not None:
             inside = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
             raise ConfigError(
                 f"hardware.lora_target_modules: {target!r} names {type(block).__name__}, a block of layers, which LoRA "

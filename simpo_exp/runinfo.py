@@ -551,7 +551,8 @@ def export_launcher_distributed_env() -> None:
     os.environ.setdefault("MASTER_ADDR", dist.master_addr)
     os.environ.setdefault("MASTER_PORT", str(dist.master_port))
     ranks = {"RANK": dist.rank, "WORLD_SIZE": dist.world_size, "LOCAL_RANK": dist.local_rank}
-    os.environ.update({key: str(value) for key, value in ranks.items()}, LOCAL_WORLD_SIZE=str(dist.local_world_size))
+    ranks["LOCAL_WORLD_SIZE"] = dist.local_world_size
+    os.environ.update({key: str(value) for key, value in ranks.items()})
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(dist.local_rank)

@@ -101,8 +101,9 @@ def first_bad_json_line(files: list[Path]) -> str:
         try:
             with open(f, encoding="utf-8") as lines:
                 for number, line in enumerate(lines, 1):
-                    if line.strip() and not isinstance(json.loads(line), (dict, type(None))):
-                        kind = type(json.loads(line)).__name__
+                    row = json.loads(line) if line.strip() else None
+                    if not isinstance(row, (dict, type(None))):
+                        kind = type(row).__name__
                         return f"; first line that is not a JSON object: {f}:{number} (a {kind}; a row is an object)"
         except json.JSONDecodeError as e:
             return f"; first line that is not JSON: {f}:{number} ({e.msg} at column {e.colno})"
