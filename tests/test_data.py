@@ -1118,6 +1118,43 @@ def test_simpo_repo_chat_format_cuts_prompt_and_responses_as_the_official_script
         assert len(repo["chosen_input_ids"][0]) > len(trl["chosen_input_ids"][0])
 
 
+# A Qwen2.5-style template: a default system turn of its own wherever the first message is not a system turn
+# (Llama-3.1's templates write a dated one the same way).
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_simpo_repo_is_refused_for_a_template_that_writes_its_own_system_turn(tmp_path):
+    """Rendered alone, the assistant turn of such a template starts with the whole default system turn: every
+    response carried it, in |y|, the reward and the SFT term, and nothing said so. The recipes' own templates
+    pass; the default chat format takes this one."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.data.tokenize import _tokenise_batch, check_chat_format
+
+    tok = build_tiny_tokenizer()
+    for template in (ZEPHYR_CHAT_TEMPLATE, SYSTEM_TEMPLATE):
+        tok.chat_template = template
+        check_chat_format(tok, "simpo_repo")
+    tok.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    check_chat_format(tok, "generation_prompt")
+    batch = {"prompt": [[{"role": "user", "content": "sort 3 1 2"}]], "chosen": ["1 2 3"], "rejected": ["3 2 1"]}
+    batch["drop_reason"] = [None]
+    repo = _tokenise_batch(batch, tok, 256, 128, chat_format="simpo_repo")
+    assert "You are helpful." in tok.decode(repo["chosen_input_ids"][0])  # what the refusal keeps out of training
+    with pytest.raises(ConfigError, match="dataset.chat_format=simpo_repo .*You are helpful.*generation_prompt"):
+        check_chat_format(tok, "simpo_repo")
+    root = tmp_path / "own-system"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("h", 3)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("i", 2)])
+    cfg = make_config({"s": SourceConfig(path=str(root))})
+    cfg.dataset.chat_format = "simpo_repo"
+    with pytest.raises(ConfigError, match="dataset.chat_format=simpo_repo"):
+        build_datasets(cfg, tok)
+
+
 def test_simpo_repo_chat_format_truncates_as_the_official_trainer():
     """SimPOTrainer.tokenize_row (keep_end): a prompt that does not fit beside the longer response keeps its last
     max_prompt_length tokens (kept, not dropped); where they still do not fit, both responses are cut to

@@ -373,3 +373,32 @@ def test_sigterm_ends_the_evaluate_and_generate_stages_as_ctrl_c_does(tmp_path, 
     finally:
         signal.signal(signal.SIGTERM, found)
     assert leaving.value.code == 130 and "interrupted; what" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "model, temperature, max_new_tokens",
+    [
+        ("llama3-8b-instruct", 0.0, 4096),
+        ("llama3-8b-base-sft", 0.0, 4096),
+        ("gemma2-9b-it", 0.0, 4096),
+        ("zephyr-7b-sft-full", 0.0, 2048),
+        ("mistral-7b-instruct-v0.2", 0.5, 2048),
+    ],
+)
+def test_alpacaeval_decodes_as_the_papers_numbers_were_made(model, temperature, max_new_tokens):
+    """The official configs' ``do_sample: true`` with a temperature ran under alpaca-eval 0.6.2 as vLLM beam search
+    of width 1 (greedy); the preset sampled at those temperatures instead. Only Mistral-Instruct's config, without
+    do_sample, sampled (at 0.5)."""
+    from hydra import compose, initialize_config_dir
+
+    from simpo_exp.evaluate.config import decoding_for, to_evaluate_config
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=["evaluate.path=/tmp/unused", "output_dir=/tmp/unused", "benchmark=alpacaeval2"]
+            + ["benchmarks.alpacaeval2.prompts_path=p.json"],
+        )
+    dec = decoding_for(to_evaluate_config(cfg).benchmarks["alpacaeval2"], model)
+    assert (dec.temperature, dec.top_p, dec.max_new_tokens) == (temperature, 1.0, max_new_tokens)

@@ -46,7 +46,7 @@ def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding
     # the command's own decoding goes unused: said, naming the key
     assert "judges the stored trained answers as they were made" in caplog.text
     assert "decoding.max_new_tokens: stored 4, now " in caplog.text
-    assert saved["decoding"]["max_new_tokens"] == 4 and saved["decoding"]["temperature"] == 0.9
+    assert saved["decoding"]["max_new_tokens"] == 4 and saved["decoding"]["temperature"] == 0
 
 
 def test_a_copied_run_reuses_its_stored_answers_and_an_older_manifest_is_upgraded(tmp_path, compose):
@@ -130,3 +130,34 @@ def test_answers_stored_for_a_smoke_test_serve_the_larger_command_as_a_fresh_run
     assert record["metrics"]["n"] == 2 and (shards / "trained-00000.jsonl").stat().st_mtime_ns == first_shard
     with pytest.raises(ConfigError, match=r"answers are stored for 4 prompts; the first 1 end inside a shard of 2"):
         evaluate_sweep(run, *args, "benchmarks.alpacaeval2.max_prompts=1")
+
+
+@pytest.mark.parametrize("chat_format", ["simpo_repo", "generation_prompt"])
+def test_a_run_trained_with_the_official_chat_format_is_prompted_as_it_was_trained(
+    tmp_path, compose, monkeypatch, chat_format
+):
+    """dataset.chat_format=simpo_repo trains every prompt with an empty system turn first where the template has a
+    system branch (zephyr-7b-sft-full's: the Mistral Base recipe); its official AlpacaEval template writes that turn
+    too. The evaluate stage prompted without it, a format the model was neither trained nor officially judged on."""
+    from transformers import AutoTokenizer
+
+    from simpo_exp.inference.sampling import HFSampler
+    from tests.test_data import SYSTEM_TEMPLATE
+
+    run = fake_run(tmp_path / "run", [f"dataset.chat_format={chat_format}"], compose, weights=True)
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    tok.chat_template = SYSTEM_TEMPLATE
+    tok.save_pretrained(run / "model")
+    seen, sample = [], HFSampler.sample
+    monkeypatch.setattr(
+        HFSampler, "sample", lambda self, prompts, *a: seen.extend(prompts) or sample(self, prompts, *a)
+    )
+    prompts = tmp_path / "alpaca_eval.json"
+    prompts.write_text(json.dumps(ALPACA))
+    args = ["benchmark=alpacaeval2", f"benchmarks.alpacaeval2.prompts_path={prompts}", "evaluate.device=cpu"]
+    args += ["benchmarks.alpacaeval2.max_prompts=1", "evaluate.model_card=false"]
+    evaluate_sweep(
+        run, *args, "benchmarks.alpacaeval2.decoding.backend=hf", "benchmarks.alpacaeval2.decoding.max_new_tokens=2"
+    )
+    system = "<|system|>\n<|eos|>\n" if chat_format == "simpo_repo" else ""
+    assert tok.decode(seen[0]) == f"<|bos|>{system}<|user|>\n{ALPACA[0]['instruction']}<|eos|>\n<|assistant|>\n"

@@ -17,7 +17,7 @@ from simpo_exp.config import Config
 from simpo_exp.data.collate import PairCollator
 from simpo_exp.data.report import report_lines, tokenization_report
 from simpo_exp.data.sources import DataSourceError, load_mixture
-from simpo_exp.data.tokenize import tokenise
+from simpo_exp.data.tokenize import check_chat_format, tokenise
 
 log = logging.getLogger(__name__)
 disable_progress_bars()  # one progress bar per run (the loop's), not one per map()
@@ -87,6 +87,7 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport
             "wholly held out",
             report.test_prompts_in_train,
         )
+    check_chat_format(tokenizer, cfg.dataset.chat_format)
     splits = {}
     for split in ("train", "test"):
         d = cfg.dataset

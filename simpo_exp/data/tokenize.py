@@ -29,6 +29,8 @@ from pathlib import Path
 
 from datasets import Dataset, Features, Value
 
+from simpo_exp.config import ConfigError
+
 # This file's hash goes into the map() cache fingerprint: datasets hashes ``_tokenise_batch`` by
 # name, so without it an edited rule would silently reuse results cached before the edit.
 CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
@@ -58,17 +60,53 @@ TOKEN_FEATURES = {
 # (the names: simpo_exp.config.CHAT_FORMATS)
 
 
+def prompt_messages(tokenizer, prompt: list[dict], chat_format: str = "generation_prompt") -> list[dict]:
+    """The prompt's messages as ``chat_format`` renders them: under ``simpo_repo`` an empty system turn first where
+    the template mentions one (alignment-handbook's rule), so that sampling and evaluation prompt a model trained
+    that way as it was trained (the official AlpacaEval template of the Mistral Base recipe writes it too)."""
+    if chat_format != "simpo_repo" or not prompt or prompt[0]["role"] == "system":
+        return prompt
+    template = tokenizer.chat_template or ""
+    mentions = "system" in template or "<|im_start|>" in template
+    return [{"role": "system", "content": ""}, *prompt] if mentions else prompt
+
+
+def _official_parts(tokenizer, prompt: list[dict], response: str) -> tuple[str, str]:
+    """``simpo_repo``'s (prompt text, response text): the prompt without the generation prompt, the response its
+    assistant turn rendered alone (a BOS its template writes first is cut: the response follows the prompt)."""
+    text = tokenizer.apply_chat_template([{"role": "assistant", "content": response}], tokenize=False)
+    if tokenizer.bos_token:
+        text = text.removeprefix(tokenizer.bos_token)
+    return tokenizer.apply_chat_template(prompt_messages(tokenizer, prompt, "simpo_repo"), tokenize=False), text
+
+
+def check_chat_format(tokenizer, chat_format: str) -> None:
+    """Refuse ``simpo_repo`` for a template under which an assistant turn rendered alone is not what it adds to a
+    conversation: one that writes a system turn of its own whenever the first message is not one (Llama-3.1's
+    dated system turn, Qwen2.5's default one) put that whole turn into every response, counted in |y|, the reward
+    and the SFT term, and trained in a place the model never sees it."""
+    if chat_format != "simpo_repo":
+        return
+    probe = [{"role": "user", "content": "Hello"}]
+    prompt_text, response = _official_parts(tokenizer, probe, "Hi")
+    whole = tokenizer.apply_chat_template(
+        prompt_messages(tokenizer, probe, chat_format) + [{"role": "assistant", "content": "Hi"}], tokenize=False
+    )
+    if prompt_text + response != whole:
+        raise ConfigError(
+            "dataset.chat_format=simpo_repo renders each response as its assistant turn alone, but this chat "
+            f"template writes more than the turn when rendering it alone ({response[:120]!r} for the response 'Hi', "
+            f"where the conversation adds {whole.removeprefix(prompt_text)[:120]!r}): every response would carry "
+            "that text. Use dataset.chat_format=generation_prompt (what the conversation adds after the prompt), "
+            "or set model.chat_template to a template without it"
+        )
+
+
 def render(tokenizer, prompt: list[dict], response: str, chat_format: str = "generation_prompt") -> tuple[str, str]:
     """Return (prompt text, response text) as the chat template writes them, cut as ``chat_format`` says."""
     answer = [{"role": "assistant", "content": response}]
     if chat_format == "simpo_repo":
-        template = tokenizer.chat_template or ""
-        if prompt[0]["role"] != "system" and ("system" in template or "<|im_start|>" in template):
-            prompt = [{"role": "system", "content": ""}, *prompt]
-        response = tokenizer.apply_chat_template(answer, tokenize=False)
-        if tokenizer.bos_token:  # the response follows the prompt: a BOS its template writes first is cut
-            response = response.removeprefix(tokenizer.bos_token)
-        return tokenizer.apply_chat_template(prompt, tokenize=False), response
+        return _official_parts(tokenizer, prompt, response)
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
     if not full.startswith(prompt_text):

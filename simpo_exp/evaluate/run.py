@@ -137,7 +137,7 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
         tokenizer = load_tokenizer(cfg.model)
         sampler = make_sampler(cfg, tokenizer, dec)
         for i in todo:
-            ids = prompt_token_ids(tokenizer, [p["messages"] for p in shards[i]])
+            ids = prompt_token_ids(tokenizer, [p["messages"] for p in shards[i]], cfg.dataset.chat_format)
             outs = sampler.sample(ids, [p["id"] for p in shards[i]], derive_seed(dec.seed, tag, i))
             write_jsonl(files[i], [{"id": p["id"], **o[0]} for p, o in zip(shards[i], outs)])
             log.info("%s: shard %d of %d (%d prompts)", tag, i + 1, len(shards), len(shards[i]))

@@ -53,12 +53,14 @@ def stop_token_ids(tokenizer, extra: list[int], generation_config=None) -> list[
     return sorted({int(i) for i in ids if i is not None})
 
 
-def prompt_token_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+def prompt_token_ids(tokenizer, prompts: list[list[dict]], chat_format: str = "generation_prompt") -> list[list[int]]:
     """Render with the generation prompt; the template writes the specials (no second BOS), and a BOS it does not
-    write is put in front as training does (``with_bos``)."""
-    from simpo_exp.data.tokenize import with_bos
+    write is put in front as training does (``with_bos``). ``chat_format`` is how the policy was trained
+    (``dataset.chat_format``): ``simpo_repo`` puts its empty system turn first, as training did."""
+    from simpo_exp.data.tokenize import prompt_messages, with_bos
 
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    messages = [prompt_messages(tokenizer, p, chat_format) for p in prompts]
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
     return [with_bos(tokenizer, ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
