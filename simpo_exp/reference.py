@@ -240,6 +240,25 @@ def live_reference(model, layout: BatchLayout | None = None) -> ResponseLogps:
     return ResponseLogps.for_layout(ref, layout)
 
 
+def in_the_policys_precision(reference: ResponseLogps, policy, accelerator) -> None:
+    """The live reference computes as the prepared policy does. It is copied before ``prepare``, which wraps only the
+    policy's forward in the run's autocast: under bf16 the policy's log-probs were bf16 sums and the reference's
+    float32 ones, so the DPO family's log-ratios started off zero by their rounding (growing with the response's
+    length), rewards/accuracies near 0.5 at step 0, and live and cached runs (the cache scores under the autocast)
+    differed. DeepSpeed casts the policy's weights to its bf16/fp16 instead of autocasting: the copy is cast too."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        reference.to(next(policy.parameters()).dtype)
+    forward = reference.forward
+
+    def under_autocast(*args, **kwargs):
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+
+    reference.forward = under_autocast
+
+
 def from_main_process(module: torch.nn.Module, device: torch.device) -> None:
     """Every weight and buffer of ``module`` set to the main process's, one tensor at a time through ``device``.
 

@@ -62,7 +62,14 @@ from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_a
 from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import engine_keeps_master_copy, engine_master_weights, warn_if_updates_vanish
-from simpo_exp.reference import REF_INDEX, CachedReference, from_main_process, live_reference, shard_like_the_policy
+from simpo_exp.reference import (
+    REF_INDEX,
+    CachedReference,
+    from_main_process,
+    in_the_policys_precision,
+    live_reference,
+    shard_like_the_policy,
+)
 from simpo_exp.rundir import STOPPED_FILE, recorded_sources, stopped_before_a_step_record, stopped_record
 from simpo_exp.runinfo import keep_run_config
 from simpo_exp.signals import StopRequested, StopSignal
@@ -343,8 +350,10 @@ def set_up(cfg: Config) -> Run:
     )
     compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
-    if reference is not None and not isinstance(reference, CachedReference) and fsdp2(accelerator):
-        shard_like_the_policy(reference, accelerator)  # a live reference: 1/N of it per process, not a copy
+    if reference is not None and not isinstance(reference, CachedReference):
+        if fsdp2(accelerator):
+            shard_like_the_policy(reference, accelerator)  # a live reference: 1/N of it per process, not a copy
+        in_the_policys_precision(reference, policy, accelerator)
     steps = total_steps(cfg, len(train_loader), accum)
     scheduler = get_scheduler(
         cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * steps), num_training_steps=steps

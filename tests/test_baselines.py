@@ -206,6 +206,22 @@ def test_live_and_cached_reference_give_the_same_run(simpo_dpo_sweep, tmp_path):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
+def test_a_live_reference_computes_in_the_policys_precision(tmp_path):
+    """At step 0 the policy is the reference, so every DPO reward is exactly zero, as it is from a cached reference
+    (scored under the run's autocast). The live copy, taken before prepare, ran without the bf16 autocast that
+    prepare gives the policy: its log-probs were float32 sums beside the policy's bf16 ones, and the rewards, margins
+    and accuracies started off zero by their rounding."""
+    run = tmp_path / "live"
+    args = ["loss=dpo", "reference_mode=live", "hardware.mixed_precision=bf16", "eval_on_start=true", "max_steps=1"]
+    rest = [o for o in SHORT if not o.startswith(("max_steps=", "eval_on_start="))]
+    res = simpo(*args, *rest, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (start,) = [r for r in rows if r.get("step") == 0 and "eval/rewards/margins" in r]
+    for key in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins", "eval/rewards/accuracies"):
+        assert start[key] == 0.0, (key, start[key])
+
+
 def test_simpo_and_dpo_sweep_is_comparable(simpo_dpo_sweep):
     sweep = simpo_dpo_sweep
 
