@@ -211,7 +211,7 @@ class Tracker:
             self.wandb_run.define_metric(SAMPLES_KEY)
             self.wandb_run.define_metric("*", step_metric=STEP_KEY)
             # The best and the final held-out accuracy; every other metric's summary is its last value.
-            self.wandb_run.define_metric("eval/rewards/accuracies", summary="max,last")
+            self.wandb_run.define_metric("eval/rewards/accuracies", step_metric=STEP_KEY, summary="max,last")
             log.info("W&B run %s (%s)", self.wandb_run.name, mode)
         except Exception as e:  # no network, bad key, bad entity...: keep training
             self._wandb_failed("start", e)

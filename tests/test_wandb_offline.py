@@ -274,6 +274,9 @@ def test_metrics_on_the_global_step_axis(job, wb):
     star = [m for m in wb.metrics if m.glob_name == "*"]
     assert star and star[0].step_metric == STEP_KEY
     assert STEP_KEY in {m.name for m in wb.metrics}
+    # a metric defined by name (for its max) is on the same axis: its own definition replaces the glob's
+    named = {m.name: m for m in wb.metrics if m.name}
+    assert named["eval/rewards/accuracies"].step_metric == STEP_KEY
     logged = jsonl(job)
     tables = [row for row in wb.history if "eval/generations" in row]  # sample generations, one table an eval
     history = [row for row in wb.history if "eval/generations" not in row]
