@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from simpo_exp.logps import host_to_device, unsharded
+from simpo_exp.logps import host_to_device, logit_scale, unsharded
 
 LIGER_METHODS = ("simpo", "cpo", "orpo")
 INSTALL_HINT = 'pip install -e ".[gpu]" (or pip install liger-kernel)'
@@ -73,6 +73,8 @@ def fused_head(cfg, model) -> "LigerPreferenceHead | None":
         raise ConfigError(refusal)
     if getattr(model.config, "final_logit_softcapping", None):
         raise ConfigError(f"{where}: Liger does not cap the logits as this model does (Gemma 2); use 'none'")
+    if logit_scale(model.config) and getattr(model.get_output_embeddings(), "bias", None) is not None:
+        raise ConfigError(f"{where}: this model scales its logits and its head has a bias; use 'none'")
     if hasattr(model.get_output_embeddings(), "lora_A"):  # PEFT's LoRA layer in the head's place
         raise ConfigError(
             f"{where} reads the output head's weight as one tensor, without the LoRA adapter "

@@ -67,6 +67,24 @@ class SequenceLogps(NamedTuple):
 STATS_ROWS = 512  # rows per block of token_stats: bounds its [rows, V] float32 temporaries
 
 
+# The factor some families' ForCausalLM.forward multiplies the head's logits by (transformers 5.24), by model_type.
+# ResponseLogps runs the decoder and the head itself, not that forward, so it applies the factor as the forward does;
+# without it every log-prob (policy and reference alike) was taken at another temperature than the model samples at.
+_DIVIDED = ("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared")
+LOGIT_SCALES = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), lambda c: c.logit_scale),
+    **dict.fromkeys((*_DIVIDED, "minicpm3"), lambda c: 1 / c.logits_scaling),  # MiniCPM3 divides the hidden states
+    "falcon_h1": lambda c: c.lm_head_multiplier,
+    "hyperclovax": lambda c: c.logits_scaling,  # multiplied, unlike Granite's key of that name
+}
+
+
+def logit_scale(config) -> float | None:
+    """The factor the model's own forward multiplies its logits by; None where it multiplies by none."""
+    scale = LOGIT_SCALES.get(getattr(config, "model_type", ""), lambda c: None)(config)
+    return None if scale is None or float(scale) == 1.0 else float(scale)
+
+
 @torch.no_grad()
 def token_stats(logits: torch.Tensor, logps: torch.Tensor, targets: torch.Tensor):
     r"""Per-token diagnostics from float32 ``logits`` [M, V] and their log-softmax ``logps`` [M, V]:
@@ -443,6 +461,7 @@ class ResponseLogps(nn.Module):
         self.packing = packing
         self.attention = attention
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.scale = logit_scale(model.config)
         self._shared = shared_parameters(model)  # for tie_weights
         if packing != "none":
             impl = model.config._attn_implementation or ""
@@ -495,6 +514,8 @@ class ResponseLogps(nn.Module):
             logits = F.linear(hidden, unsharded(head).weight, head.bias)
         else:
             logits = head(hidden)
+        if self.scale:  # Cohere, Granite, ...: LOGIT_SCALES
+            logits = logits * self.scale
         if self.softcap:  # Gemma 2 caps its logits; skipping this would change every log-prob
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -538,6 +559,8 @@ class ResponseLogps(nn.Module):
         n = len(row_lengths)
         if self.fused is not None:  # the head and the loss in one chunked call, whatever the layout
             head = self.model.get_output_embeddings()
+            if self.scale:  # the head has no bias (fused.fused_head refuses one there): scaling its input is the same
+                states = states * self.scale
             return self.fused(head, states, target_ids, target_rows, n, row_tokens, row_lengths, sft_tokens)
         return self._reduce(states, target_ids, target_rows, n, row_tokens)
 

@@ -116,6 +116,29 @@ def test_the_fused_heads_nll_term_takes_the_steps_denominator(compose, case):
     assert_like_padded(run(ResponseLogps(model, fused=head), batch, cfg, sft_tokens=37.5), plain)
 
 
+def test_the_fused_head_scales_the_logits_as_the_model_does(compose):
+    """Liger reads the head's weight: a family that scales its logits in its forward (Granite: divided by
+    logits_scaling) has its hidden states scaled before the head instead, which its bias-free head makes the same."""
+    pytest.importorskip("liger_kernel")
+    from tests.test_logps import scaled_model
+
+    cfg = config(compose, "hardware.fused_head=liger")
+    model = scaled_model("granite", 4.0, vocab=96)
+    batch = PairCollator(PAD)(random_pairs(5, vocab=96, seed=7))
+    head = fused_head(cfg, model)
+    head.compiled = False
+    results = []
+    for policy in (ResponseLogps(model, fused=head), ResponseLogps(model)):
+        model.zero_grad()
+        loss, stats, (rewards, _) = batch_loss(policy, dict(batch), cfg)
+        loss.backward()
+        results.append((loss.detach(), stats["rewards/margins"], rewards.detach(), model.lm_head.weight.grad.clone()))
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, atol=ATOL, rtol=RTOL)
+    with pytest.raises(ConfigError, match="scales its logits and its head has a bias"):
+        fused_head(cfg, with_bias(model))
+
+
 def test_unsupported_methods_and_settings_are_refused_by_name(compose):
     """By config validation, before a model or data set loads (it was refused once the model had loaded)."""
     model = make_model()

@@ -95,6 +95,41 @@ def test_softcapping_is_applied(model):
     assert torch.allclose(capped / torch.tensor([2.0, 1.0]), -torch.log(torch.tensor(50.0)), atol=1.0)
 
 
+def scaled_model(model_type: str, scale: float, vocab: int = 64):
+    """A tiny random model of a family whose forward scales its logits (``logps.LOGIT_SCALES``), the head's weights
+    made large so that the scale shows in the log-probs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, num_key_value_heads=2, **shape)
+    key = next(k for k in ("logit_scale", "logits_scaling", "lm_head_multiplier") if hasattr(cfg, k))
+    setattr(cfg, key, scale)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    return model
+
+
+@pytest.mark.parametrize(
+    "model_type, scale",
+    [("cohere", 0.25), ("cohere2", 0.25), ("granite", 4.0), ("granitemoe", 4.0), ("hyperclovax", 4.0)]
+    + [("falcon_h1", 0.25)],
+)
+def test_a_family_that_scales_its_logits_is_scored_as_its_forward_scores(model_type, scale):
+    """Cohere multiplies its logits by logit_scale, Granite divides them by logits_scaling (HyperCLOVA X multiplies
+    by a key of that name), Falcon-H1 multiplies by lm_head_multiplier, all in their forward, which the log-prob path
+    does not call: it read the head's logits unscaled, every log-prob at another temperature than the model's."""
+    model = scaled_model(model_type, scale)
+    pairs = [pair([1, 2, 3], [4, 5], [6, 7, 8]), pair([9, 10], [11, 12, 13], [14])]
+    out = ResponseLogps(model)(**PairCollator(PAD)(pairs))
+    rows = [(p["prompt_input_ids"], p["chosen_input_ids"]) for p in pairs]
+    rows += [(p["prompt_input_ids"], p["rejected_input_ids"]) for p in pairs]
+    for i, (prompt, response) in enumerate(rows):
+        expected, _ = reference_logps(model, prompt, response)
+        assert out.logp_sums[i].item() == pytest.approx(expected, abs=1e-4), (model_type, i)
+
+
 def test_tie_weights_shares_again_what_the_model_shared_when_wrapped():
     """FSDP2's low-memory loading moves the wrapped model to the meta device (which unties tied embeddings) and
     calls tie_weights(): tied embeddings are one parameter again, and two separate matrices (a checkpoint that
