@@ -104,6 +104,7 @@ class TrainState:
     window_steps: int = 0
     num_tokens: float = 0.0  # input tokens of the logged training steps (TRL's num_tokens)
     epoch_batches: int = 0  # micro-batches trained per epoch (train.epoch_batches); 0: written before it was kept
+    runtime_s: float = 0.0  # the run's seconds up to this checkpoint, over all its starts (summary's runtime_s)
 
 
 def rng_state() -> tuple[dict, dict]:

@@ -372,6 +372,7 @@ def set_up(cfg: Config) -> Run:
         reference = None
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict, data_report.sources)
     state.epoch_batches = same_epochs(state, epoch_batches(len(train_loader), accum), len(train_loader))
+    started -= state.runtime_s  # a resumed run's time goes on from its checkpoint's
     if accelerator.is_main_process:  # this command's .hydra files, put back if a later command is refused here
         keep_run_config(run_dir)
     env = environment_record(cfg, accelerator, model, data_report, layout)
@@ -391,6 +392,17 @@ def set_up(cfg: Config) -> Run:
         accelerator.num_processes,
         accelerator.device,
     )
+    if len(train_loader) < accum:
+        log.warning(
+            "the train split gives each process %d micro-batches of %d pairs an epoch, fewer than the %d of one "
+            "optimizer step: each step goes over the data more than once (%.1f epochs a step; num_train_epochs "
+            "counts micro-batches); lower the accumulation (hardware.effective_batch_size or "
+            "gradient_accumulation_steps) or use more data",
+            len(train_loader),
+            cfg.per_device_train_batch_size,
+            accum,
+            accum / len(train_loader),
+        )
     # Sharded weights are gathered layer by layer during a forward, which every process must join: under
     # FSDP and DeepSpeed all processes generate (in step, synced_gpus); elsewhere the main one alone.
     generating = accelerator.is_main_process or accelerator.distributed_type in SHARDED_ENGINES
@@ -594,6 +606,7 @@ def save_checkpoint(run: Run, window: Window) -> None:
     parts = on_every(acc, lambda: (window.local(), checkpoint.rng_state()), "saving the window and RNG states")
     state.window, rng = [w for w, _ in parts], [r for _, r in parts]
     state.window_seconds, state.window_steps = window.seconds, window.steps
+    state.runtime_s = time.time() - run.started
     tmp = checkpoint.staging_dir(run.run_dir, state.step)
     main = acc.is_main_process
 

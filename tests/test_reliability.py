@@ -121,10 +121,13 @@ def test_sigterm_saves_a_checkpoint_before_exiting(uninterrupted, tmp_path):
     stopped = load_run(run_dir)
     step = int(saved[0].parent.name.split("-")[1])
     assert stopped.status == "stopped" and f"stopped by SIGTERM after step {step}" in stopped.error
+    before = json.loads((saved[0].parent / "state.json").read_text())["train_state"]["runtime_s"]
     res = simpo(*RUN, "save_steps=100", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(uninterrupted, run_dir)
     assert load_run(run_dir).status == "done" and not (run_dir / "stopped.json").exists()
+    # the run time goes on from the checkpoint's (it counted the last start alone)
+    assert 0 < before < json.loads((run_dir / "summary.json").read_text())["runtime_s"]
 
 
 def test_incompatible_checkpoint_is_refused_and_resume_false_starts_fresh(uninterrupted, tmp_path):

@@ -112,3 +112,14 @@ def test_embedded_default_learns(tmp_path):
     assert evals[0]["step"] == 0 and 0.3 <= evals[0]["eval/rewards/accuracies"] <= 0.7
     assert summary["eval/rewards/accuracies"] >= 0.9
     assert summary["eval/rewards/margins"] > evals[0]["eval/rewards/margins"]
+
+
+def test_data_shorter_than_one_optimizer_step_is_said_at_start(tmp_path):
+    """16 pairs in micro-batches of 4 against accumulation 8: each step goes over the data twice, which the
+    README's "no pair is trained on twice within one epoch" does not cover; it ran with no word."""
+    args = ["dataset.synthetic.num_train=16", "per_device_train_batch_size=4", "gradient_accumulation_steps=8"]
+    res = simpo(*args, "max_steps=1", "logger=none", "eval_steps=0", "eval_on_start=false", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = res.stdout + res.stderr
+    assert "4 micro-batches of 4 pairs an epoch, fewer than the 8 of one optimizer step" in said
+    assert "(2.0 epochs a step" in said
