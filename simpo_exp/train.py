@@ -557,11 +557,17 @@ def evaluate(policy, batches: Dealt, cfg: Config, accelerator, reference=None) -
         if position is None:  # a repeat that keeps the processes' forwards in step: it counts nothing, but its
             window.add({k: torch.zeros_like(v) for k, v in stats.items()})  # keys join the all-process sums
             continue
+        if cfg.sft_weight:  # the batch's NLL term taken out of its loss: put back below as the split's token mean
+            nll = stats["sft_loss"] / max(chosen_tokens(batch), 1)
+            stats["loss"] = stats["loss"] - cfg.sft_weight * stats["pairs"] * nll
         window.add(stats)
         rewards.append(r.float().cpu())
         lengths.append(n.float().cpu())
     policy.train()
     metrics, _ = window.means(accelerator, "eval")
+    # eval/loss = the preference loss's mean + sft_weight x eval/sft_loss (the chosen tokens' mean NLL over the split,
+    # as a training step's is over the step): a mean of per-batch token means moved with per_device_eval_batch_size
+    metrics["eval/loss"] += cfg.sft_weight * metrics.get("eval/sft_loss", 0.0)
     # every process's (rewards, lengths); gather_object hands a single process's list back as it is
     every = gather_object([(torch.cat(rewards), torch.cat(lengths))] if rewards else [])  # [] without a batch
     # SimPO's length normalisation is meant to keep the reward from favouring long answers: watch it.

@@ -255,3 +255,28 @@ def test_input_tokens_count_the_prompt_for_each_response_in_every_layout():
     )  # 12 + 8: TRL counts prompt + response of each sequence, no padding
     for packing in ("none", "packed", "prefix_shared"):
         assert input_tokens(PairCollator(PAD, packing=packing)(PAIRS)).item() == want, packing
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.7])
+def test_eval_loss_does_not_move_with_the_eval_batch_size(compose, sft_weight):
+    """With an NLL term, eval/loss was a pair-weighted mean of per-batch token means, so it changed with
+    per_device_eval_batch_size (a setting a resume may change); it is the preference loss's mean plus
+    sft_weight x eval/sft_loss, the token mean over the split, as a training step's is over the step."""
+    from accelerate import Accelerator
+
+    from simpo_exp.config import to_config
+    from simpo_exp.data.collate import PairCollator
+    from simpo_exp.data.dealt import Dealt
+    from simpo_exp.logps import ResponseLogps
+    from simpo_exp.train import evaluate
+    from tests.test_perf_paths import make_model, random_pairs
+
+    cfg = to_config(compose("hardware=cpu", f"sft_weight={sft_weight}"))
+    policy, pairs, accelerator = ResponseLogps(make_model(seed=2)), random_pairs(7, seed=4), Accelerator(cpu=True)
+    runs = [evaluate(policy, Dealt(pairs, PairCollator(0), size), cfg, accelerator) for size in (1, 3, 7)]
+    for metrics in runs[1:]:
+        assert metrics["eval/loss"] == pytest.approx(runs[0]["eval/loss"], rel=1e-5)
+        assert metrics["eval/sft_loss"] == pytest.approx(runs[0]["eval/sft_loss"], rel=1e-5)
+    with torch.no_grad():  # one batch of all seven: its own token mean is the split's
+        loss, _, _ = batch_loss(policy, PairCollator(0)(pairs), cfg)
+    assert runs[-1]["eval/loss"] == pytest.approx(loss.item(), rel=1e-5)
