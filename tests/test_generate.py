@@ -933,3 +933,11 @@ def test_a_response_reads_as_it_does_after_its_prompt():
     text = response_text(tok, prompt, sampled)
     assert text == " Hi there"
     assert tok("[INST] hi [/INST]" + text, add_special_tokens=False)["input_ids"][len(prompt) :] == sampled
+
+
+def test_the_armorm_scorer_reads_the_papers_long_generations_uncut():
+    """The official annotation scores each conversation whole and ArmoRM reads 8192 positions: the default 4096
+    cut the longest of generate=paper's answers (up to 4096 new tokens after the prompt) before scoring."""
+    cfg = compose_generate("scorer=armorm", "generate=paper", "model=llama3-8b-instruct")
+    assert cfg.scorer.max_length == 8192 and cfg.generate.max_new_tokens == 4096
+    assert cfg.scorer.path == "RLHFlow/ArmoRM-Llama3-8B-v0.1"
