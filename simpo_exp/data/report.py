@@ -89,8 +89,9 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
         if doubled and not dcfg.allow_double_bos:
             raise ConfigError(
                 f"{doubled} of {n} {split} sequences hold more than one BOS token ({tokenizer.bos_token!r}): the chat "
-                "template writes one and something adds another. Fix model.chat_template, or set "
-                "dataset.allow_double_bos=true if this is intended"
+                "template writes one and something adds another (fix model.chat_template), or the template writes one "
+                "at every user turn, as Llama-2-chat's does, so that multi-turn prompts hold several: that is the "
+                "model's own format; set dataset.allow_double_bos=true"
             )
         if no_eos and not dcfg.allow_missing_eos:
             raise ConfigError(
