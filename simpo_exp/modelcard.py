@@ -56,9 +56,11 @@ def _is_hub_id(path: str) -> bool:
 
 
 def is_count(metric: str) -> bool:
-    """A benchmark's counters (prompts judged, battles, replies it could not read, answer length): in the card's
-    table, not among the model's results in its metadata."""
-    return metric in ("n", "battles", "avg_length") or metric.startswith(("unparseable", "n_"))
+    """A benchmark's counters (prompts judged, battles, replies it could not read, answer lengths, answers cut at the
+    token limit) and the starting model's figures (``*_start``): in the card's table, not among the model's results
+    in its metadata."""
+    counters = ("n", "battles", "avg_length", "avg_tokens", "judged_games", "cut_at_max_new_tokens")
+    return metric in counters or metric.startswith(("unparseable", "n_")) or metric.endswith(("/n", "_start"))
 
 
 def measured_with(rec: dict) -> str:

@@ -583,11 +583,26 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
         ("alpacaeval2", "win_rate", 41.5)
     ]
     assert card.data.eval_results[0].dataset_name == "AlpacaEval 2 (judge j, baseline gpt4_turbo, 8 prompts)"
-    write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 60.0}, "dataset_name": "Sorting"})
+    # the starting model's figures and the other counters (token lengths, cut answers, games judged, lm-eval's
+    # samples) are not this model's results either
+    rule = {"win_rate": 60.0, "avg_tokens": 9.5, "score_start": 0.2, "exact_start": 0.0, "cut_at_max_new_tokens": 1}
+    write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": rule, "dataset_name": "Sorting"})
+    arena = {"win_rate": 30.0, "judged_games": 10, "battles": 18, "avg_tokens": 80.0}
+    write_json(tmp_path / "eval" / "arena-hard" / "results.json", {"metrics": arena, "dataset_name": "Arena-Hard"})
+    lm = {"gsm8k/exact_match:strict-match": 0.25, "gsm8k/n": 1319}
+    write_json(tmp_path / "eval" / "gsm8k" / "results.json", {"metrics": lm, "dataset_name": "GSM8K"})
     card = ModelCard.load(write_model_card(tmp_path, cfg, "my-run"))
     assert [r.dataset_name for r in card.data.eval_results] == [
         "AlpacaEval 2 (judge j, baseline gpt4_turbo, 8 prompts)",
+        "Arena-Hard",
+        "GSM8K",
         "Sorting",  # its data set's name, where no judge or baseline says more
+    ]
+    assert [r.metric_type for r in card.data.eval_results] == [
+        "win_rate",
+        "win_rate",
+        "gsm8k/exact_match:strict-match",
+        "win_rate",
     ]
     assert "| alpacaeval2 | lc_win_rate |" not in card.text and "LC needs the alpaca-eval package" in card.text
     assert push_model(tmp_path, "someone/model", token_env="SIMPO_EXP_TEST_NO_SUCH_TOKEN") is None  # no token: no push

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simpo_exp.evaluate.judge import PairwiseJudge, judge_file_name, stored_lines
+from simpo_exp.evaluate.judge import PairwiseJudge, RequestRefused, judge_file_name, refused_note, stored_lines
+from simpo_exp.inference.files import write_jsonl
 
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants "
@@ -107,7 +108,10 @@ class ArenaHardJudge(PairwiseJudge):
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
         judgment, label = "", None
         for _ in range(self.j.label_attempts):
-            reply = self.chat(messages, self.j.max_tokens)
+            try:
+                reply = self.chat(messages, self.j.max_tokens)
+            except RequestRefused as e:  # no verdict (arena-hard-auto's "$ERROR$"), asked again by the next run
+                return {"user_prompt": prompt, "judgment": judgment, "score": None, "error": str(e)}
             judgment += "\n" + reply
             label, again = parse_label(judgment)
             if not again:
@@ -126,17 +130,39 @@ class ArenaHardJudge(PairwiseJudge):
         return self.judge_lines(lambda p, t: self.judgment(p, t, model_id), prompts, texts, path, stored)
 
 
+def kept_aside(path: Path) -> Path:
+    """Where the judgments of ``path`` (``model_judgment/<judge>/<model>.jsonl``) that this command does not use are
+    kept: beside ``model_judgment/``, whose every ``*.jsonl`` line arena-hard-auto's show_result.py reads."""
+    return path.parent.parent.parent / "model_judgment_kept" / path.parent.name / path.name
+
+
 def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: str) -> dict[str, dict]:
-    """``{question_id: judgment}`` of ``path`` still valid: same judge, same question and answers in both games."""
+    """``{question_id: judgment}`` still valid: same judge, same question and answers in both games, no game the
+    endpoint refused (asked again). The others (questions past a smaller ``max_prompts``, another baseline's answers,
+    another judge), paid for, are moved to ``kept_aside`` and come back when their command does."""
     expected = {}
     for p, text in zip(prompts, texts):
         q, base = p["instruction"], p["reference"]
         expected[p["id"]] = [user_prompt(q, base, text), user_prompt(q, text, base)]
-    return stored_lines(
-        path,
-        "question_id",
-        lambda r: r["judge"] == judge and [g["user_prompt"] for g in r["games"]] == expected.get(r["question_id"]),
-    )
+
+    def valid(r: dict) -> bool:
+        games = [g["user_prompt"] for g in r["games"]]
+        return r["judge"] == judge and games == expected.get(r["question_id"]) and not refused(r)
+
+    aside, others = kept_aside(path), []
+    rows = stored_lines(aside, "question_id", valid, others)  # the lines kept aside before, valid again or not
+    rows |= stored_lines(path, "question_id", valid, others)  # the file's own lines win
+    write_jsonl(path, list(rows.values()))
+    others = [r for r in others if not (isinstance(r.get("games"), list) and refused(r))]
+    if others:
+        write_jsonl(aside, others)
+    elif aside.exists():
+        aside.unlink()
+    return rows
+
+
+def refused(row: dict) -> bool:
+    return any(isinstance(g, dict) and g.get("error") for g in row["games"])
 
 
 def question_outcomes(row: dict, weight: int) -> tuple[float, int, int]:
@@ -180,10 +206,11 @@ def judge_arena_hard(b, prompts: list[dict], texts: list[str], model_id: str, ba
     rows = ArenaHardJudge(j, f"benchmarks.{b.name}").judge_all(prompts, texts, model_id, path)
     metrics = arena_score(rows, j.strong_weight, j.bootstrap_rounds, j.bootstrap_seed)
     notes = []
+    errors = [g["error"] for r in rows for g in r["games"] if g.get("error")]
     if metrics["unparseable_games"]:
         notes.append(
             f"{metrics['unparseable_games']} of {2 * len(rows)} judge replies gave no single verdict label "
-            f"after {j.label_attempts} tries (score null in {path}); those games add no battles"
+            f"after {j.label_attempts} tries (score null in {path}); those games add no battles" + refused_note(errors)
         )
     method = METHOD.format(w=j.strong_weight, baseline=baseline, rounds=j.bootstrap_rounds, seed=j.bootstrap_seed)
     return {"metrics": metrics, "notes": notes, "win_rate_method": method, "judgments_path": str(path)}

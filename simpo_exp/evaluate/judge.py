@@ -22,6 +22,7 @@ installed and the full evaluation set was judged; otherwise null, and the result
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -52,6 +53,29 @@ TEMPLATE = (
 
 class JudgeError(ConfigError):
     """The judge endpoint did not answer; the generations and the verdicts it gave so far are kept."""
+
+
+class RequestRefused(Exception):
+    """The endpoint refused this one request (HTTP 400, 413 or 422: a prompt past the judge's context, say); the
+    same request would be refused again, and the other prompts are judged."""
+
+
+REFUSED_REQUEST = (400, 413, 422)  # the request's own fault: that prompt gets no verdict, the others go on
+RETRIED_STATUS = (408, 409, 425, 429)  # a client error that passes: asked again, as a server error is
+
+
+def refused_note(errors: list[str]) -> str:
+    """The end of a note on replies without a verdict: how many the endpoint refused, and its words on the first."""
+    return f"; the endpoint refused {len(errors)} of them (asked again by the next run): {errors[0]}" if errors else ""
+
+
+def _http_error(e: urllib.error.HTTPError) -> str:
+    """``HTTP 400: <the endpoint's own words>``: its body says why (a context length, an unknown model)."""
+    try:
+        body = e.read().decode(errors="replace").strip()
+    except Exception:
+        body = ""
+    return f"HTTP {e.code}: {body[:300] or e.reason}"
 
 
 def win_rate(preferences: list[float]) -> float | None:
@@ -100,21 +124,37 @@ class PairwiseJudge:
             "Content-Type": "application/json",
             **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
         }
-        last = None
+        last, where = None, f"{self.key}.judge.base_url={self.j.base_url!r}"
         for attempt in range(self.j.max_retries + 1):
             try:
                 req = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.j.timeout_s) as resp:
                     return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
-            # no reply it can read: a refused or failed request, a body that is not JSON, no choices[0].message
-            except (urllib.error.URLError, TimeoutError, OSError, KeyError, ValueError, IndexError, TypeError) as e:
-                last = e
-                if attempt < self.j.max_retries:
-                    time.sleep(min(2**attempt, 8))
+            except urllib.error.HTTPError as e:
+                if e.code in REFUSED_REQUEST:
+                    raise RequestRefused(_http_error(e)) from e
+                if 400 <= e.code < 500 and e.code not in RETRIED_STATUS:  # a key, a model name, a URL: every prompt
+                    raise JudgeError(
+                        f"{where}: the judge endpoint refused the request ({_http_error(e)}); check "
+                        f"{self.key}.judge.model, the URL and the key in ${self.j.api_key_env}. The generations and "
+                        "the verdicts so far are kept; re-run the same command with evaluate.judge_only=true"
+                    ) from e
+                last = _http_error(e)
+            # no reply it can read: a failed or cut-short request, a body that is not JSON, no choices[0].message
+            except (urllib.error.URLError, http.client.HTTPException, OSError, LookupError, ValueError, TypeError) as e:
+                last = f"{type(e).__name__}: {e}"
+            if attempt < self.j.max_retries:
+                time.sleep(min(2**attempt, 8))
+        slow = "TimeoutError" in last or "timed out" in last
         raise JudgeError(
-            f"{self.key}.judge.base_url={self.j.base_url!r}: the judge endpoint did not answer after "
-            f"{self.j.max_retries + 1} tries ({type(last).__name__}: {last}). The generations and the verdicts so far "
-            "are kept; start the judge and re-run the same command with evaluate.judge_only=true"
+            f"{where}: the judge endpoint did not answer after {self.j.max_retries + 1} tries ({last}). The "
+            "generations and the verdicts so far are kept; "
+            + (
+                f"a judge that writes long replies may need a longer {self.key}.judge.timeout_s={self.j.timeout_s}; "
+                if slow
+                else "start the judge and "
+            )
+            + "re-run the same command with evaluate.judge_only=true"
         )
 
     def judge_prompt(self, prompt: dict, model_text: str) -> tuple[bool, str]:
@@ -126,7 +166,10 @@ class PairwiseJudge:
     def verdict(self, prompt: dict, model_text: str) -> dict:
         """One verdict line; a reply that is not 'a' or 'b' gives preference None (no verdict)."""
         model_first, content = self.judge_prompt(prompt, model_text)
-        reply = self._ask(content)
+        try:
+            reply, refused = self._ask(content), {}
+        except RequestRefused as e:  # no verdict, the endpoint's words kept; an empty reply is asked again next run
+            reply, refused = "", {"error": str(e)}
         return {
             "id": prompt["id"],
             "judge": self.j.model,
@@ -134,6 +177,7 @@ class PairwiseJudge:
             "model_first": model_first,
             "reply": reply,
             "preference": reply_preference(reply, model_first),
+            **refused,
         }
 
     def judge(self, prompts: list[dict], model_texts: list[str], path: Path) -> list[dict]:

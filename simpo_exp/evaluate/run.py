@@ -36,6 +36,7 @@ from simpo_exp.evaluate.judge import (
     judge_file_name,
     length_controlled,
     package_judge,
+    refused_note,
     rule_preferences,
     win_rate,
 )
@@ -297,12 +298,15 @@ def _judge_pairs(
     missing = len(verdicts) - len(rows)
     metrics, notes = {"win_rate": win_rate([r["preference"] for r in rows]), "unparseable_verdicts": missing}, []
     if missing:
+        errors = [v["error"] for v in verdicts if v.get("error")]
         notes.append(
             f"{missing} of {len(verdicts)} judge replies were not 'a' or 'b' (preference null in {path}); those "
-            "prompts are left out of the win rate"
+            "prompts are left out of the win rate" + refused_note(errors)
         )
     if b.kind == "alpacaeval":
-        full = len(rows) == info["rows"] == ALPACA_EVAL_ROWS
+        # every prompt of the set judged; those the judge gave no verdict are left out of the GLM, as alpaca-eval
+        # leaves out its own annotators' missing preferences
+        full = len(verdicts) == info["rows"] == ALPACA_EVAL_ROWS
         metrics["lc_win_rate"], why = length_controlled(rows, full)
         notes += [why] if why else []
     return metrics, notes

@@ -1,0 +1,145 @@
+"""A judge endpoint that refuses one request, refuses every request, or cuts a reply short; Arena-Hard judgments a
+smaller command does not use; AlpacaEval's LC over a full set with replies that gave no verdict."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+from simpo_exp.evaluate.arena import judge_arena_hard, kept_aside
+from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+from simpo_exp.evaluate.judge import JudgeError, PairwiseJudge
+from simpo_exp.inference.files import read_jsonl
+from tests.runs import free_port
+from tests.test_evaluate import ARENA_CASES, FakeJudge
+
+TOO_LONG = "(too long for the judge)"
+
+
+class PickyJudge(FakeJudge):
+    """The fake judge, except that it answers a prompt holding TOO_LONG with HTTP 400 and its reason (as vLLM and
+    OpenAI answer a prompt past the context), every request with ``status`` when one is set, and cuts the first
+    ``cut`` replies short (a body shorter than its Content-Length)."""
+
+    requests: list[dict] = []
+    status: int | None = None
+    cut = 0
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(body)
+        status = type(self).status or (400 if TOO_LONG in json.dumps(body) else None)
+        if status:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps({"error": {"message": f"refused ({status}): context of 8192 tokens"}}).encode())
+            return
+        reply = json.dumps({"choices": [{"message": {"content": self.content(body)}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply) + (10 if type(self).cut else 0)))
+        self.end_headers()
+        if type(self).cut:
+            type(self).cut -= 1
+            self.wfile.write(reply[: len(reply) // 2])
+            self.close_connection = True
+            return
+        self.wfile.write(reply)
+
+    def content(self, body: dict) -> str:
+        return "Both are good." if "(no letter)" in json.dumps(body) else super().content(body)
+
+
+@pytest.fixture
+def picky(tmp_path):
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), PickyJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    PickyJudge.requests.clear()
+    PickyJudge.status, PickyJudge.cut = None, 0
+    judge = JudgeConfig(kind="openai", base_url=f"http://127.0.0.1:{port}/v1", model="fake", max_retries=1, timeout_s=5)
+    yield SimpleNamespace(judge=judge, out=tmp_path)
+    server.shutdown()
+
+
+def arena(picky, cases, texts=None):
+    b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=picky.judge)
+    prompts = [{"id": f"q{i}", "instruction": q, "reference": r} for i, (q, r, _) in enumerate(cases)]
+    texts = texts or [m for _, _, m in cases]
+    return judge_arena_hard(b, prompts, texts, "my-model", "gpt-4-0314", picky.out)
+
+
+def test_arena_hard_keeps_the_judgments_a_smaller_command_does_not_use(picky):
+    """A smoke re-run on fewer questions rewrote the judgment file with those alone: the others, paid for (up to
+    4096 tokens a reply), were lost and asked again by the next full command. They are kept beside
+    model_judgment/, whose every line arena-hard-auto's show_result.py reads."""
+    full = arena(picky, ARENA_CASES)
+    asked = len(PickyJudge.requests)
+    path = picky.out / "model_judgment" / "fake" / "my-model.jsonl"
+    arena(picky, ARENA_CASES[:2])
+    assert [r["question_id"] for r in read_jsonl(path)] == ["q0", "q1"]  # the file holds this command's set
+    assert sorted(r["question_id"] for r in read_jsonl(kept_aside(path))) == ["q2", "q3", "q4", "q5"]
+    assert "model_judgment" not in kept_aside(path).relative_to(picky.out).parts
+    assert arena(picky, ARENA_CASES)["metrics"] == full["metrics"] and len(PickyJudge.requests) == asked
+    assert not kept_aside(path).exists()
+
+
+def test_a_request_the_endpoint_refuses_costs_that_prompt_its_verdict_not_the_benchmark(picky):
+    """One prompt past the judge's context (HTTP 400) was retried, then stopped the whole benchmark on every re-run,
+    with 'did not answer ... start the judge' and without the endpoint's reason."""
+    cases = [*ARENA_CASES[:2], (f"Explain stacks {TOO_LONG}.", "r" * 10, "m" * 30)]
+    res = arena(picky, cases)
+    assert (res["metrics"]["judged_games"], res["metrics"]["unparseable_games"]) == (4, 2)
+    assert "the endpoint refused 2 of them" in res["notes"][0] and "context of 8192 tokens" in res["notes"][0]
+    assert len(PickyJudge.requests) == 6  # not retried
+    arena(picky, cases)
+    assert len(PickyJudge.requests) == 8  # the refused question asked again, the others kept
+
+    # the pairwise (AlpacaEval) judge: that prompt has no verdict, its line says why, the next run asks again
+    prompts = [
+        {"id": str(i), "instruction": f"Say {i}{TOO_LONG if i == 1 else ''}", "reference": "x"} for i in range(3)
+    ]
+    path = picky.out / "verdicts.jsonl"
+    verdicts = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2").judge(prompts, ["yy", "yy", "yy"], path)
+    assert [v["preference"] for v in verdicts] == [2.0, None, 2.0]
+    assert "context of 8192 tokens" in verdicts[1]["error"]
+    before = len(PickyJudge.requests)
+    PairwiseJudge(picky.judge, "benchmarks.alpacaeval2").judge(prompts, ["yy", "yy", "yy"], path)
+    assert len(PickyJudge.requests) == before + 1
+
+
+def test_a_refused_key_stops_at_once_with_the_endpoints_words_and_a_cut_reply_is_asked_again(picky):
+    judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
+    PickyJudge.status = 401
+    with pytest.raises(JudgeError, match=r"refused the request \(HTTP 401: .*context of 8192.*\$OPENAI_API_KEY"):
+        judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
+    assert len(PickyJudge.requests) == 1  # a key is not retried
+    PickyJudge.status, PickyJudge.cut = None, 1
+    # an IncompleteRead (not an OSError) ended the command with a traceback, never retried
+    prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "## Output (a)\nx\n\n## Output (b)\ny"}]
+    assert judge.chat(prompt, max_tokens=8) in ("a", "b") and len(PickyJudge.requests) == 3
+
+
+def test_lc_is_computed_over_a_full_set_with_replies_that_gave_no_verdict(picky, monkeypatch):
+    """Every one of the 805 instructions judged, one reply not a letter: the LC win rate was withheld as if a
+    subset had been judged; alpaca-eval's GLM leaves missing preferences out itself."""
+    from simpo_exp.evaluate.run import _judge_pairs
+
+    seen = {}
+
+    def lc(rows, full_set):
+        seen.update(rows=len(rows), full=full_set)
+        return None, "stand-in"
+
+    monkeypatch.setattr("simpo_exp.evaluate.run.length_controlled", lc)
+    said = {7: " (no letter)"}  # the one reply that is not a letter
+    prompts = [{"id": str(i), "instruction": f"Say {i}{said.get(i, '')}", "reference": "xx"} for i in range(805)]
+    b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=picky.judge)
+    info = {"rows": 805, "reference_generator": "gpt4_turbo"}
+    metrics, _ = _judge_pairs({"benchmark": b, "out": picky.out}, prompts, ["yyy"] * 805, info, "me")
+    assert metrics["unparseable_verdicts"] == 1 and seen == {"rows": 804, "full": True}
