@@ -114,6 +114,25 @@ def test_binarise_modes_and_drop_reasons():
     assert rows[0]["score_chosen"] == 0.9 and rows[0]["score_rejected"] == 0.1
 
 
+def test_answers_cut_at_max_new_tokens_are_counted_and_can_be_left_out_of_pairs():
+    """A response that ran into generate.max_new_tokens became a chosen or rejected answer with nothing to say so:
+    training closes its turn after the cut and reads it as finished. The rows and the report say which sides were
+    cut; binarise.drop_unfinished takes them out of the candidates."""
+    from simpo_exp.generate.config import BinariseConfig
+
+    rec = _record(["a", "b", "c", "d"], [0.9, 0.1, 0.5, 0.7])
+    rec["responses"][0]["finished"] = rec["responses"][1]["finished"] = False  # the best and the worst were cut
+    rows, report = binarise([rec], BinariseConfig())
+    assert (rows[0]["chosen_finished"], rows[0]["rejected_finished"]) == (False, False)
+    assert report["pair_sides_hit_max_new_tokens"] == 2 and report["responses_hit_max_new_tokens"] == 2
+    rows, report = binarise([rec], BinariseConfig(drop_unfinished=True))
+    assert [rows[0]["chosen"][-1]["content"], rows[0]["rejected"][-1]["content"]] == ["d", "c"]
+    assert report["pair_sides_hit_max_new_tokens"] == 0
+    cut = _record(["a", "b"], [0.9, 0.1])
+    cut["responses"][1]["finished"] = False
+    assert pick_pair(cut, BinariseConfig(drop_unfinished=True)) == (None, "fewer than 2 distinct finished responses")
+
+
 def test_generate_samples_the_prompt_training_renders(tmp_path, monkeypatch):
     """A string prompt column beside a longer chosen conversation (a system turn): both stages take the
     conversation's turns; a one-turn chosen: both take the prompt column as one user turn."""
@@ -873,6 +892,8 @@ def test_the_printed_training_command_trains_the_policy_that_sampled(compose, ov
         ("hardware.lora=true", "hardware.lora='true': is a training setting"),
         ("logger=wandb", "logger='wandb': the generate stage logs nowhere but its folder"),
         ("logger.project=x", "logger.project='x': the generate stage logs nowhere"),
+        # accepted and never read: sampling renders as the official decode.py whatever it says
+        ("dataset.chat_format=simpo_repo", "dataset.chat_format='simpo_repo': is how training cuts"),
     ],
 )
 def test_a_hardware_or_logger_setting_sampling_never_reads_is_refused(override, says):

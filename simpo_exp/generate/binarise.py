@@ -2,7 +2,8 @@
 
 Every prompt either yields a pair or is dropped with one reason, counted in the report:
 - "all responses identical": nothing to prefer (the official recipe drops these too);
-- "fewer than 2 distinct non-empty responses": empty answers are never chosen nor rejected;
+- "fewer than 2 distinct non-empty responses": empty answers are never chosen nor rejected (nor, under
+  ``binarise.drop_unfinished``, answers cut at ``generate.max_new_tokens``: "fewer than 2 distinct finished responses");
 - "tied scores": no distinct response scores below the best;
 - "score gap below binarise.min_gap": the chosen/rejected gap is smaller than asked.
 The chosen response is the highest-scored (the first on ties); the rejected one depends on
@@ -27,6 +28,10 @@ def pick_pair(record: dict, bcfg) -> tuple[tuple[int, int] | None, str]:
     usable = [i for i, t in enumerate(texts) if t.strip()]
     if len({texts[i] for i in usable}) < 2:
         return None, "fewer than 2 distinct non-empty responses"
+    if bcfg.drop_unfinished:
+        usable = [i for i in usable if record["responses"][i]["finished"]]
+        if len({texts[i] for i in usable}) < 2:
+            return None, "fewer than 2 distinct finished responses"
     best = max(usable, key=lambda i: (scores[i], -i))
     below = [i for i in usable if texts[i] != texts[best] and scores[i] < scores[best]]
     if not below:
@@ -56,6 +61,9 @@ def pair_row(record: dict, chosen: int, rejected: int) -> dict:
         "rejected": turn(rejected),
         "score_chosen": scores[chosen],
         "score_rejected": scores[rejected],
+        # ended by the end-of-turn token, not cut at generate.max_new_tokens (training cannot tell from the text)
+        "chosen_finished": responses[chosen]["finished"],
+        "rejected_finished": responses[rejected]["finished"],
         "all_generated_responses": [r["text"] for r in responses],
         "all_rm_scores": scores,
     }
@@ -95,6 +103,9 @@ def binarise(records: list[dict], bcfg) -> tuple[list[dict], dict]:
         "prompts_dropped": dict(sorted(dropped.items())),
         "responses": len(responses),
         "responses_hit_max_new_tokens": sum(not r["finished"] for r in responses),
+        "pair_sides_hit_max_new_tokens": sum(
+            (not rec["responses"][c]["finished"]) + (not rec["responses"][r]["finished"]) for rec, c, r in picked
+        ),
         "scores": {
             "all": distribution([s for rec in records for s in rec["scores"]]),
             "chosen": distribution([rec["scores"][c] for rec, c, _ in picked]),

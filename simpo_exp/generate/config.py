@@ -69,6 +69,10 @@ class BinariseConfig:
     mode: str = "best_worst"
     min_gap: float = 0.0  # every mode drops pairs whose score gap is below this (ties always dropped)
     seed: int = 0  # best_random's draw
+    # responses that ran into generate.max_new_tokens before their end-of-turn token are neither chosen nor rejected
+    # (the official pipeline keeps them: at its 4096 tokens they are rare; training reads a kept one as a finished
+    # answer, its turn closed after the cut)
+    drop_unfinished: bool = False
 
 
 @dataclass
@@ -103,6 +107,13 @@ def check_overrides(overrides: list[str]) -> None:
                 value,
                 "is a training setting; the generate stage samples with "
                 + ", ".join(f"hardware.{n}" for n in HARDWARE_READS),
+            )
+        if key == "dataset.chat_format":  # how training cuts pairs; sampling renders as the official decode.py
+            _fail(
+                key,
+                value,
+                "is how training cuts prompt and responses; the generate stage renders each prompt as the official "
+                "on-policy decode.py does (its turns with the generation prompt): give it to the training command",
             )
         if (key == "logger" and value != "none") or key.startswith("logger."):
             _fail(key, value, "the generate stage logs nowhere but its folder (report.json, provenance.json)")

@@ -320,6 +320,13 @@ def generate_data(cfg) -> dict:
                 "scorer.max_length",
                 report["responses_cut_for_the_scorer"], report["responses"], cfg.scorer.max_length,
             )  # fmt: skip
+    if report["pair_sides_hit_max_new_tokens"]:
+        log.warning(
+            "%d of the %d chosen and rejected responses ran into generate.max_new_tokens=%d before their end-of-turn "
+            "token: training reads them as finished answers (the chat template closes the turn after the cut); raise "
+            "generate.max_new_tokens (generate=paper: 4096) or set binarise.drop_unfinished=true",
+            report["pair_sides_hit_max_new_tokens"], 2 * len(rows), cfg.generate.max_new_tokens,
+        )  # fmt: skip
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     if not rows:  # a data set an earlier command wrote here is not this command's: it goes
         for stale in (out / "data" / "train.jsonl", out / "data" / "provenance.json"):
