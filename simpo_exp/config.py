@@ -681,6 +681,11 @@ def structured(schema: type, cfg: DictConfig):
         return OmegaConf.to_object(merged)
     except MissingMandatoryValue as err:
         key = err.full_key or "?"
+        if key == "evaluate.path":  # the evaluate stage's one positional argument
+            raise ConfigError(
+                "missing config value evaluate.path: give a run or sweep directory, "
+                "python -m simpo_exp.evaluate RUN_OR_SWEEP_DIR benchmark=..."
+            ) from None
         hint = " (a local file: nothing is downloaded)" if key.endswith("path") else ""
         raise ConfigError(
             f"missing config value {key}: it has no default, give it on the command line ({key}=...){hint}"

@@ -211,7 +211,7 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None)
             and value != base.get(key) and value != cfg.get(key)
         }  # fmt: skip
         if lost:
-            sets = ", ".join(f"{k}={v} (the run: {cfg.get(k)})" for k, v in lost.items())
+            sets = ", ".join(f"{k} ({v} in hparams={hparams}, {cfg.get(k)} in the experiment)" for k, v in lost.items())
             raise ConfigError(
                 f"hparams={hparams} would not be used: experiment={choices['experiment']} is composed after it and "
                 f"sets its own values of {sets}; give those keys on the command line instead"
@@ -438,6 +438,31 @@ def _is_user_error(e: Exception) -> bool:
     from simpo_exp.errors import UserError
 
     return isinstance(e, UserError)
+
+
+class WritableFolder(Callback):
+    """Refuse, by key, a run or sweep folder that cannot be made and written (``hydra.run.dir=`` under a file, or
+    on a read-only disk): Hydra makes the folder before the stage's own check runs, and stopped with its traceback
+    and exit status 1 instead of the message and status 2 every other bad value gets."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _writable_or_exit("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _writable_or_exit("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
+def _writable_or_exit(key: str, folder: str) -> None:
+    from simpo_exp.inference.files import temporary_name
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = temporary_name(Path(folder) / ".write-test")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        print(f"error: {key}={folder!r} is not a writable directory ({e.strerror or e})", file=sys.stderr)
+        raise SystemExit(2) from e
 
 
 class SweepSummary(Callback):

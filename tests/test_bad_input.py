@@ -160,6 +160,27 @@ def test_output_dir_not_writable(tmp_path):
     assert res.returncode == 2 and "output_dir=" in res.stderr and "not a writable directory" in res.stderr
 
 
+@pytest.mark.parametrize(
+    "stage, args",
+    [
+        ("simpo_exp", ["hydra.run.dir={blocker}/run"]),
+        ("simpo_exp", ["--multirun", "hydra.sweep.dir={blocker}/sweep", "beta=2,3"]),
+        ("simpo_exp.generate", ["hydra.run.dir={blocker}/gen"]),
+    ],
+)
+def test_a_run_or_sweep_folder_that_cannot_be_written_is_named(tmp_path, stage, args):
+    """The README's way of choosing the folder (hydra.run.dir, hydra.sweep.dir): Hydra makes it before the stage's
+    own check, and stopped with its traceback and exit status 1."""
+    from tests.runs import run_module
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    res = run_module(stage, *[a.format(blocker=blocker) for a in args], cwd=tmp_path)
+    key = "hydra.sweep.dir" if "--multirun" in args else "hydra.run.dir"
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"error: {key}='{blocker}/" in res.stderr and "is not a writable directory (Not a directory)" in res.stderr
+
+
 def test_processes_checking_one_output_dir_at_once_do_not_fail_each_other(tmp_path, monkeypatch):
     """Every process of a run checks that the run directory is writable, at about the same moment. Here a second
     process (another pid) makes its whole check while the first has written its probe file and not yet removed

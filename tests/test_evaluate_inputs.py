@@ -402,3 +402,18 @@ def test_alpacaeval_decodes_as_the_papers_numbers_were_made(model, temperature, 
         )
     dec = decoding_for(to_evaluate_config(cfg).benchmarks["alpacaeval2"], model)
     assert (dec.temperature, dec.top_p, dec.max_new_tokens) == (temperature, 1.0, max_new_tokens)
+
+
+def test_a_missing_run_directory_is_asked_for_as_the_stage_takes_it():
+    """It said "give it on the command line (evaluate.path=...) (a local file ...)": the stage takes a directory, as
+    its one positional argument."""
+    from hydra import compose, initialize_config_dir
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.config import to_evaluate_config
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["output_dir=/tmp/unused", "benchmark=rule"])
+    with pytest.raises(ConfigError, match=r"evaluate.path: give a run or sweep directory, .* RUN_OR_SWEEP_DIR"):
+        to_evaluate_config(cfg)

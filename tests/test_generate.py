@@ -962,3 +962,31 @@ def test_the_armorm_scorer_reads_the_papers_long_generations_uncut():
     cfg = compose_generate("scorer=armorm", "generate=paper", "model=llama3-8b-instruct")
     assert cfg.scorer.max_length == 8192 and cfg.generate.max_new_tokens == 4096
     assert cfg.scorer.path == "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+
+
+def test_answers_stop_at_the_models_last_position(tmp_path, caplog):
+    """max_new_tokens past the model's positions (a benchmark preset's 4096 on a 2048-position model): a model of
+    learned positions (GPT-2's) failed with an IndexError once the answers reached them; the answers now stop there,
+    counted as cut, and a warning says so."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.inference.sampling import HFSampler, prompt_token_ids
+    from simpo_exp.model import build_tiny_tokenizer, load_tokenizer
+
+    tok = build_tiny_tokenizer()
+    shape = dict(n_positions=40, n_embd=32, n_layer=1, n_head=2, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **shape)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = compose_generate(f"model.path={tmp_path}", "generate.max_new_tokens=200", "hardware.device=cpu")
+    cfg.generate.temperature = 0
+    tok = load_tokenizer(cfg.model)
+    ids = prompt_token_ids(tok, [[{"role": "user", "content": f"sort: {d} 1 2"}] for d in range(3)])
+    width = max(map(len, ids))
+    with caplog.at_level("WARNING", logger="simpo_exp.inference.sampling"):
+        outs = HFSampler(cfg, tok).sample(ids, ["0", "1", "2"], seed=0)
+    assert all(o[0]["n_tokens"] <= 40 - width for o in outs)
+    assert "and max_new_tokens=200 pass the model's 40 positions" in caplog.text
+    long = [[{"role": "user", "content": "sort: " + " ".join("9" * 40)}]]
+    with pytest.raises(ConfigError, match="fills the model's 40 positions"):
+        HFSampler(cfg, tok).sample(prompt_token_ids(tok, long), ["0"], seed=0)

@@ -98,12 +98,13 @@ def test_gamma_and_ratio_together_are_refused(tmp_path):
         (
             ["experiment=simpo-mistral-7b-base", "hparams=strong-prefs"],
             {"experiment", "hparams"},
-            r"hparams=strong-prefs would not be used: experiment=simpo-mistral-7b-base .* beta=5.0 \(the run: 2.0\)",
+            r"hparams=strong-prefs would not be used: experiment=simpo-mistral-7b-base .* "
+            r"beta \(5.0 in hparams=strong-prefs, 2.0 in the experiment\)",
         ),
         (  # the recipe's NLL term is SimPOConfig's 0, said in the preset: instruct's 0.1 was quietly added
             ["experiment=simpo-llama3-8b-instruct", "hparams=instruct"],
             {"experiment", "hparams"},
-            r"hparams=instruct would not be used: .* sft_weight=0.1 \(the run: 0.0\)",
+            r"hparams=instruct would not be used: .* sft_weight \(0.1 in hparams=instruct, 0.0 in the experiment\)",
         ),
     ],
 )

@@ -92,6 +92,12 @@ def inference_dtype(mixed_precision: str, device: torch.device, weights: torch.d
     return {"no": weights, "fp16": torch.float16, "bf16": torch.bfloat16}[effective_precision(mixed_precision, device)]
 
 
+def model_positions(config) -> int | None:
+    """The positions the model reads (``max_position_embeddings``, GPT-2's ``n_positions``); None where it says none."""
+    keys = ("max_position_embeddings", "n_positions")
+    return next((v for k in keys if isinstance(v := getattr(config, k, None), int)), None)
+
+
 CONTEXT_TOKENS = 6  # prompt tokens a response is decoded after, as vLLM's incremental detokenizer reads some
 
 
@@ -122,6 +128,7 @@ class HFSampler:
         dtype = inference_dtype(cfg.hardware.mixed_precision, self.device, next(model.parameters()).dtype)
         self.model = model.to(self.device, dtype).eval()
         self.stop_ids = stop_token_ids(tokenizer, self.g.stop_token_ids, model.generation_config)
+        self.positions, self.capped = model_positions(model.config), False
         # Decoding is the project's settings alone, as vLLM's explicit SamplingParams are. transformers fills what a
         # call leaves at its defaults from the model's generation_config.json (a repetition_penalty, a
         # no_repeat_ngram_size, a min_new_tokens), which changed greedy answers and sampled another distribution
@@ -149,7 +156,7 @@ class HFSampler:
         )
         seqs = self.model.generate(
             **enc,
-            max_new_tokens=g.max_new_tokens,
+            max_new_tokens=self._room(enc["input_ids"].shape[1]),
             num_return_sequences=g.samples_per_seed,
             eos_token_id=self.stop_ids,
             pad_token_id=tok.pad_token_id,
@@ -160,6 +167,27 @@ class HFSampler:
         k = g.samples_per_seed
         results = [self._response(ids, prompts[n // k]) for n, ids in enumerate(new)]
         return [results[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+    def _room(self, width: int) -> int:
+        """``max_new_tokens``, or what the model's positions leave after the batch's longest prompt, where less: past
+        them a model of learned positions fails and a rotary one decodes positions it was never trained on (vLLM
+        stops at its max_model_len the same way). The answers cut there count as cut (``finished`` false)."""
+        asked = self.g.max_new_tokens
+        if self.positions is None or width + asked <= self.positions:
+            return asked
+        if width >= self.positions:
+            raise ConfigError(
+                f"a prompt of {width} tokens fills the model's {self.positions} positions: nothing can be generated "
+                "after it (benchmarks.<name>.max_prompts or a shorter prompt set)"
+            )
+        if not self.capped:
+            self.capped = True
+            log.warning(
+                "prompts of up to %d tokens and max_new_tokens=%d pass the model's %d positions: answers to them stop "
+                "at the last position (counted as cut at max_new_tokens)",
+                width, asked, self.positions,
+            )  # fmt: skip
+        return self.positions - width
 
     def _response(self, ids: list[int], prompt: list[int]) -> dict:
         stops = [i for i, t in enumerate(ids) if t in self.stop_ids]

@@ -149,9 +149,9 @@ def check_reward_template(tokenizer, s, prompts: list[list[dict]]) -> None:
 def capped_max_length(s, config) -> int:
     """``scorer.max_length``, or the model's position limit where that is lower (a longer input has no position
     embedding and fails with an IndexError after every response was sampled): a warning names both."""
-    limit = next(
-        (v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)), None
-    )
+    from simpo_exp.inference.sampling import model_positions
+
+    limit = model_positions(config)
     if limit is None or s.max_length <= limit:
         return s.max_length
     log.warning(
