@@ -662,14 +662,14 @@ def test_a_reward_model_with_its_own_code_needs_trust_remote_code_and_its_label_
 def test_every_binarise_mode_draws_within_min_gap_and_a_rounding_gap_reaches_it():
     """best_random drew before the gap filter (half the prompts dropped though each had a response far enough
     below); 1.0 - 0.8 = 0.19999999999999996 fell short of min_gap=0.2."""
-    from types import SimpleNamespace
+    from simpo_exp.generate.config import BinariseConfig
 
     record = {"prompt_id": "p", "responses": [{"text": t} for t in "abc"], "scores": [1.0, 0.8, 0.9]}
     for seed in range(20):
-        bcfg = SimpleNamespace(mode="best_random", min_gap=0.2, seed=seed)
+        bcfg = BinariseConfig(mode="best_random", min_gap=0.2, seed=seed)
         assert pick_pair(record, bcfg) == ((0, 1), "")
-    assert pick_pair(record, SimpleNamespace(mode="min_gap", min_gap=0.2, seed=0)) == ((0, 1), "")
-    assert pick_pair(record, SimpleNamespace(mode="best_worst", min_gap=0.25, seed=0)) == (
+    assert pick_pair(record, BinariseConfig(mode="min_gap", min_gap=0.2, seed=0)) == ((0, 1), "")
+    assert pick_pair(record, BinariseConfig(mode="best_worst", min_gap=0.25, seed=0)) == (
         None,
         "score gap below binarise.min_gap",
     )
