@@ -95,7 +95,7 @@ def main() -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
           f"torch {torch.__version__}, device {args.device}")  # fmt: skip
-    print(f"{'tokens':>7} {'builder':<18} {'ms':>9} {'extra MB':>9} {'partial/full tiles':>19}")
+    print(f"{'tokens':>7} {'builder':<18} {'ms':>9} {'extra MiB':>9} {'partial/full tiles':>19}")
     rows = []
     for tokens in map(int, args.tokens.split(",")):
         got = {}

@@ -132,6 +132,21 @@ def variant_settings(name: str) -> dict:
     return VARIANTS[base] | flags
 
 
+def trl_like(name: str, checkpointing: bool) -> str | None:
+    """The TRL run a run of ours is set against, like with like: TRL with gradient checkpointing for a run that
+    checkpoints every layer, TRL without (``--trl-nockpt``) for a ``+nockpt`` run, none for partial checkpointing
+    (``+ckpt2``/``+ckpt4`` recompute fewer layers than any TRL run: set against TRL's full recompute it would be
+    credited with the work it skips). ``checkpointing``: the preset's; without it every run is set against TRL."""
+    if not checkpointing or name == "TRL":
+        return "TRL"
+    if name == TRL_NO_CHECKPOINTING:
+        return TRL_NO_CHECKPOINTING
+    v = variant_settings(name)
+    if v["no_checkpointing"]:
+        return TRL_NO_CHECKPOINTING
+    return "TRL" if v["checkpoint_every_n_layers"] == 1 else None
+
+
 PRESETS = {
     "cpu": dict(
         device="cpu",
@@ -787,6 +802,21 @@ def measured(run: dict, key: str, warmup: int) -> list:
     return [x for i, (x, c) in enumerate(zip(run[key], compiled)) if i >= warmup and not c]
 
 
+def keep_run(runs: dict, failures: dict, name: str, res: dict, warmup: int) -> str | None:
+    """Add a finished run to ``runs``; or, for a run that failed or has no timed step (every step past the warm-up
+    built graphs: a ``+compile`` run, a recompile at a new width), the reason to ``failures``, returned. A run with
+    no timed step left the report itself failing (a median of nothing), every other row's output lost with it."""
+    why = res.get("error") or (None if measured(res, "times", warmup) else NO_TIMED_STEP)
+    if why:
+        failures.setdefault(name, why)
+        return why
+    runs.setdefault(name, []).append(res)
+    return None
+
+
+NO_TIMED_STEP = "no timed step: every measured step compiled; raise --steps"
+
+
 def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str) -> dict:
     times = [t for r in runs for t in measured(r, "times", warmup)]
     rates = [k / t for r in runs for k, t in zip(measured(r, "tokens", warmup), measured(r, "times", warmup))]
@@ -954,16 +984,15 @@ def main() -> None:
     failures: dict[str, str] = {}  # run -> why it failed ("out of memory", ...); a run cut off is in neither
 
     def record(r: int, name: str, res: dict) -> None:
-        if "error" in res:
-            print(f"round {r + 1}: {name:<18} FAILED: {res['error']}", flush=True)
-            failures.setdefault(name, res["error"])
+        why = keep_run(runs, failures, name, res, preset["warmup"])
+        if why:
+            print(f"round {r + 1}: {name:<18} FAILED: {why}", flush=True)
             return
-        runs.setdefault(name, []).append(res)
         med = statistics.median(measured(res, "times", preset["warmup"]))
         memory = (
-            f"peak GPU {res['peak_cuda_mb']:8.0f} MB"
+            f"peak GPU {res['peak_cuda_mb']:8.0f} MiB"
             if "peak_cuda_mb" in res
-            else f"peak RSS {res['peak_rss_mb']:8.0f} MB"
+            else f"peak RSS {res['peak_rss_mb']:8.0f} MiB"
         )
         print(
             f"round {r + 1}: {name:<18} median step {med * 1e3:8.1f} ms  {memory}  ({time.time() - started:.0f} s)",
@@ -1026,15 +1055,17 @@ def report(
     """The side-by-side table (stdout), and the same as JSON (``--json``) and markdown (``--markdown``)."""
     rows = [summarise(n, runs[n], preset["warmup"], preset["batch"], preset["device"]) for n in order if n in runs]
     missing = [n for n in order if n not in runs]
-    ref = rows[0] if rows and rows[0]["name"] == "TRL" else None
+    trl_rows = {r["name"]: r for r in rows if r["name"] in ("TRL", TRL_NO_CHECKPOINTING)}
+    refs = {r["name"]: trl_rows.get(trl_like(r["name"], preset["gradient_checkpointing"])) for r in rows}
     mem_key = "peak_cuda_mb" if preset["device"] == "cuda" else "peak_rss_mb"
     print(
         f"\n{'':<18} {'pairs/s':>9} {'x TRL':>6} {'resp tok/s':>11} {'x TRL':>6} "
-        f"{'peak MB':>9} {'x TRL':>6}"
-        + ("" if preset["device"] == "cuda" else f" {'RSS rise MB':>11} {'x TRL':>6}")
-        + "  per-round pairs/s"
+        f"{'peak MiB':>9} {'x TRL':>6}"
+        + ("" if preset["device"] == "cuda" else f" {'RSS rise MiB':>12} {'x TRL':>6}")
+        + "  per-round pairs/s (x TRL: against the TRL run of the same checkpointing; blank where none)"
     )
     for row in rows:
+        ref = refs[row["name"]]
         line = f"{row['name']:<18} {row['pairs_per_s']:9.2f} "
         line += f"{row['pairs_per_s'] / ref['pairs_per_s']:6.2f} " if ref else f"{'':6} "
         line += f"{row['resp_tokens_per_s']:11.0f} "
@@ -1042,7 +1073,7 @@ def report(
         line += f"{row[mem_key]:9.0f} "
         line += f"{row[mem_key] / ref[mem_key]:6.2f}" if ref else f"{'':6}"
         if preset["device"] != "cuda":
-            line += f" {row['rss_rise_mb']:11.0f} " + (
+            line += f" {row['rss_rise_mb']:12.0f} " + (
                 f"{row['rss_rise_mb'] / ref['rss_rise_mb']:6.2f}" if ref else f"{'':6}"
             )
         line += "  " + " ".join(f"{x:.2f}" for x in row["round_pairs_per_s"])
@@ -1081,7 +1112,7 @@ def report(
             markdown_table(
                 rows,
                 missing,
-                ref,
+                refs,
                 mem_key,
                 machine(args.threads) + ("; ours in one shared process" if args.shared_process else ""),
                 args.preset,
@@ -1091,15 +1122,17 @@ def report(
 
 
 def markdown_table(
-    rows: list[dict], missing: list[str], ref: dict | None, mem_key: str, where: str, preset: str, failures=None
+    rows: list[dict], missing: list[str], refs: dict, mem_key: str, where: str, preset: str, failures=None
 ) -> str:
+    """``refs``: each row's TRL run of the same checkpointing (``trl_like``), None where there is none."""
     lines = [
-        f"preset `{preset}`; {where}",
+        f"preset `{preset}`; {where}; x TRL: against the TRL run of the same gradient checkpointing",
         "",
-        "| run | median step ms | pairs/s | x TRL | resp. tokens/s | peak MB | x TRL | MFU |",
+        "| run | median step ms | pairs/s | x TRL | resp. tokens/s | peak MiB | x TRL | MFU |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        ref = refs.get(row["name"])
         ratio = (lambda key: f"{row[key] / ref[key]:.2f}") if ref else (lambda key: "")
         lines.append(
             f"| {row['name']} | {row['median_step_s'] * 1e3:.1f} | {row['pairs_per_s']:.2f} | "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
-from benchmarks.bench_trl import NO_CHECKPOINTING_SUFFIX, TRL_NO_CHECKPOINTING, VARIANTS  # noqa: E402  (only the standard library at its top)
+from benchmarks.bench_trl import TRL_NO_CHECKPOINTING, VARIANTS, trl_like  # noqa: E402  (only the standard library at its top)
 
 SPEED, PADDED_SPEED, MEMORY, MFU = 2.0, 1.1, 0.5, 0.35
 # the benchmark's variants that are layouts packing=auto chooses among: no chunked or fused head, and not the
@@ -50,11 +50,12 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
     mem = "peak_cuda_mb" if all("peak_cuda_mb" in r for r in rows.values()) else "peak_rss_mb"
     fastest = lambda group: max(group, key=lambda r: r["pairs_per_s"], default=None)  # noqa: E731
     overall = fastest(rows.values())  # for MFU, which counts the work done whatever the checkpointing
-    # like with like: runs with gradient checkpointing against TRL with it, runs without (+nockpt) against TRL
-    # without it (--trl-nockpt); a +nockpt run set against a checkpointed TRL would credit it with the
-    # recomputation TRL does and it does not
-    best = fastest(r for name, r in rows.items() if NO_CHECKPOINTING_SUFFIX not in name)
-    best_free = fastest(r for name, r in rows.items() if NO_CHECKPOINTING_SUFFIX in name)
+    # like with like (bench_trl.trl_like): runs that checkpoint every layer against TRL with checkpointing, runs
+    # without (+nockpt) against TRL without it (--trl-nockpt), partial checkpointing (+ckpt2, +ckpt4) against
+    # neither; a run set against a TRL that recomputes more would be credited with the recomputation it skips
+    checkpointing = result.get("config", {}).get("gradient_checkpointing", True)
+    best = fastest(r for name, r in rows.items() if trl_like(name, checkpointing) == "TRL")
+    best_free = fastest(r for name, r in rows.items() if trl_like(name, checkpointing) == TRL_NO_CHECKPOINTING)
     leanest = min(rows.values(), key=lambda r: r[mem])
     if trl and best:
         x = best["pairs_per_s"] / trl["pairs_per_s"]

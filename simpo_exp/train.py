@@ -498,6 +498,10 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
+    if acc.device.type == "cuda" and (state.step % run.cfg.logging_steps == 0 or state.step == run.steps):
+        # a logged step's optimizer kernels inside its own time: log_train waits for them next, outside any step's
+        # (an unlogged step's spill into the next step's, whose gradient norm waits for them)
+        torch.cuda.synchronize(acc.device)
     seconds = time.time() - started
     compiled = run.compiler is not None and run.compiler.step_finished(seconds, state.step)
     window.step_done(step_stats if ok else None, seconds, timed=not compiled)  # compile warm-up: not timed

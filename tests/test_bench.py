@@ -186,6 +186,33 @@ def test_targets_read_the_benchmark_json():
         "missed",
     )
     assert all("TRL+nockpt" not in m for _, m, _ in assess(free))  # never taken for one of ours
+    # partial checkpointing (+ckpt2: half the layers recomputed) is like neither TRL run: never the "best" either
+    free["rows"].append(row("packed-flex+ckpt2", 30.0, 35000))
+    got = {t: (m, v) for t, m, v in assess(free)}
+    assert got["batch 16: best pairs/s >= 2.0x TRL"] == ("packed-flex 1.80x", "missed")
+
+
+def test_the_side_by_side_table_sets_each_run_against_the_trl_run_of_its_checkpointing():
+    """Every row was divided by the checkpointed TRL's, +nockpt rows too, even beside a TRL+nockpt run: the
+    recomputation TRL did and they did not was counted as their speed."""
+    from benchmarks.bench_trl import markdown_table, trl_like
+
+    def row(name, pairs_per_s, peak):
+        return {"name": name, "median_step_s": 1.0, "pairs_per_s": pairs_per_s, "resp_tokens_per_s": 1.0} | {
+            "peak_cuda_mb": peak
+        }
+
+    names = ["TRL", "TRL+nockpt", "plain", "plain+nockpt", "plain+ckpt4"]
+    assert [trl_like(n, True) for n in names] == ["TRL", "TRL+nockpt", "TRL", "TRL+nockpt", None]
+    assert {trl_like(n, False) for n in names} == {"TRL"}  # a preset without checkpointing: all against TRL
+    rows = [row("TRL", 10.0, 100), row("TRL+nockpt", 12.5, 200), row("plain", 11.0, 90)]
+    rows += [row("plain+nockpt", 15.0, 150), row("plain+ckpt4", 14.0, 120)]
+    by_name = {r["name"]: r for r in rows}
+    refs = {r["name"]: by_name.get(trl_like(r["name"], True)) for r in rows}
+    table = markdown_table(rows, [], refs, "peak_cuda_mb", "here", "gpu").splitlines()
+    cells = {line.split(" | ")[0].removeprefix("| "): line.split(" | ") for line in table[4:]}
+    assert cells["plain+nockpt"][3] == "1.20" and cells["plain+nockpt"][6] == "0.75"  # against TRL+nockpt
+    assert cells["plain"][3] == "1.10" and cells["plain+ckpt4"][3] == ""  # partial: no TRL like it
 
 
 def test_trls_mfu_counts_the_work_of_our_padded_layout_on_the_same_batches(monkeypatch):
@@ -263,3 +290,18 @@ def test_liger_layers_variants_are_left_out_on_a_cpu(monkeypatch, capsys):
         bench.main()
     assert checked[0]["variants"] == ["plain"]
     assert "the +liger-layers variants need a GPU and liger-kernel: left out" in capsys.readouterr().out
+
+
+def test_a_run_with_no_timed_step_is_a_failure_of_its_own_not_of_the_report():
+    """A run whose every step past the warm-up compiled had no step to time: the median of nothing raised in the
+    report, and the part's whole output (TRL's row and every other) was lost."""
+    from benchmarks.bench_trl import NO_TIMED_STEP, keep_run, measured
+
+    runs, failures = {}, {}
+    good = {"times": [1.0, 0.5, 0.5], "tokens": [10, 10, 10], "compiled": [True, False, False], "peak_cuda_mb": 1.0}
+    compiled = {**good, "compiled": [True, True, True]}
+    assert keep_run(runs, failures, "plain", good, warmup=1) is None
+    assert keep_run(runs, failures, "plain+compile", compiled, warmup=1) == NO_TIMED_STEP
+    assert keep_run(runs, failures, "TRL", {"error": "out of memory"}, warmup=1) == "out of memory"
+    assert list(runs) == ["plain"] and failures == {"plain+compile": NO_TIMED_STEP, "TRL": "out of memory"}
+    assert measured(runs["plain"][0], "times", 1) == [0.5, 0.5]  # what the report takes the median of
