@@ -112,8 +112,19 @@ def apply_chat_template_choice(tokenizer, choice: str, mcfg_name: str = "", key:
         )
 
 
+def chat_template_text(tokenizer) -> str:
+    """The template a conversation is rendered with: the tokenizer's one, or, where it ships several by name (a
+    default and a tool-use one, as Hermes-2-Pro's and Command-R's do), its ``default``, as ``apply_chat_template``
+    takes it without tools."""
+    template = tokenizer.chat_template or ""
+    return template.get("default", "") if isinstance(template, dict) else template
+
+
 def chat_template_hash(tokenizer) -> str:
-    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:12]
+    """A short hash of the tokenizer's template(s): several named ones hashed together, in a stable order."""
+    template = tokenizer.chat_template or ""
+    text = json.dumps(template, sort_keys=True) if isinstance(template, dict) else template
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def load_tokenizer(mcfg: ModelConfig):
@@ -124,9 +135,10 @@ def load_tokenizer(mcfg: ModelConfig):
 
         path = mcfg.tokenizer_path or mcfg.path
         what = "model.tokenizer_path" if mcfg.tokenizer_path else "model.path"
-        check_model_available(path, mcfg.revision, what)
+        revision = None if mcfg.tokenizer_path else mcfg.revision  # the model's commit, not another repo's
+        check_model_available(path, revision, what)
         check_tokenizer_files(path, what)
-        tok = AutoTokenizer.from_pretrained(path, revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=mcfg.trust_remote_code)
     apply_chat_template_choice(tok, mcfg.chat_template, mcfg.path or mcfg.name)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -65,6 +65,24 @@ def engine_master_weights(accelerator, model) -> dict[str, torch.Tensor]:
     return masters
 
 
+def warn_if_the_engine_rounds_the_base(accelerator, model) -> bool:
+    """DeepSpeed under bf16/fp16 casts the whole module to that dtype, and keeps float32 masters of the trained
+    weights only: a LoRA base loaded in float32 trains and is saved as its bf16 rounding (``model/`` is
+    bf16(base) + adapter, and ``model/adapter`` on the float32 base is another model). Said before ``prepare``."""
+    if not engine_keeps_master_copy(accelerator):
+        return False
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32]
+    if not frozen:
+        return False
+    log.warning(
+        "DeepSpeed under %s casts the frozen LoRA base (%d float32 tensors) to %s: it trains and is saved as its "
+        "rounding, and model/adapter on the float32 base is not the model trained; load the base in that dtype "
+        "(model.dtype=bfloat16) or train LoRA under FSDP, which keeps the base as loaded",
+        accelerator.mixed_precision, len(frozen), accelerator.mixed_precision,
+    )  # fmt: skip
+    return True
+
+
 def prepare_weights(model, master_weights: str, lora: bool, engine_master_copy: bool = False):
     """Upcast a fully fine-tuned model's low-precision weights to float32 when ``master_weights`` is fp32, unless
     the engine keeps a float32 master copy itself (``engine_keeps_master_copy``)."""

@@ -61,7 +61,12 @@ from simpo_exp.metrics import Window, pearson
 from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention, save_trained
 from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
-from simpo_exp.precision import engine_keeps_master_copy, engine_master_weights, warn_if_updates_vanish
+from simpo_exp.precision import (
+    engine_keeps_master_copy,
+    engine_master_weights,
+    warn_if_the_engine_rounds_the_base,
+    warn_if_updates_vanish,
+)
 from simpo_exp.reference import (
     REF_INDEX,
     CachedReference,
@@ -349,6 +354,7 @@ def set_up(cfg: Config) -> Run:
         fused=fused_optimizer,
     )
     compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
+    warn_if_the_engine_rounds_the_base(accelerator, model)
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
     if reference is not None and not isinstance(reference, CachedReference):
         if fsdp2(accelerator):

@@ -1155,6 +1155,48 @@ def test_simpo_repo_is_refused_for_a_template_that_writes_its_own_system_turn(tm
         build_datasets(cfg, tok)
 
 
+def test_a_tokenizer_with_several_named_templates_trains(tmp_path):
+    """Hermes-2-Pro's and Command-R's tokenizers ship a default and a tool-use template: transformers loads them as
+    a dict, which the template hash took for a string (AttributeError in the data step), and simpo_repo's "does the
+    template mention a system turn" read the dict's keys."""
+    from simpo_exp.data.tokenize import prompt_messages
+    from simpo_exp.model import chat_template_hash
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = {"default": SYSTEM_TEMPLATE, "tool_use": ZEPHYR_CHAT_TEMPLATE}
+    assert len(chat_template_hash(tok)) == 12
+    assert chat_template_hash(tok) != chat_template_hash(build_tiny_tokenizer())
+    user = [{"role": "user", "content": "hi"}]
+    assert prompt_messages(tok, user, "simpo_repo")[0] == {"role": "system", "content": ""}
+    root = tmp_path / "named"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("h", 3)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("i", 2)])
+    train, _, report = build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
+    assert len(train) == 3 and report.tokenization["chat_template_sha256"] == chat_template_hash(tok)
+
+
+def test_model_revision_is_the_models_commit_not_a_separate_tokenizers(monkeypatch):
+    """A commit pinned for model.path was looked up in model.tokenizer_path's repo too: "not on this machine" for
+    a tokenizer repo that was in the cache."""
+    import transformers
+
+    from simpo_exp import model as model_module
+    from simpo_exp.config import ModelConfig
+
+    asked = []
+    monkeypatch.setattr(model_module, "check_model_available", lambda path, revision, what: asked.append(revision))
+    monkeypatch.setattr(model_module, "check_tokenizer_files", lambda path, what: None)
+    monkeypatch.setattr(
+        transformers.AutoTokenizer,
+        "from_pretrained",
+        lambda path, **kw: asked.append(kw["revision"]) or build_tiny_tokenizer(),
+    )
+    commit = "a" * 40
+    model_module.load_tokenizer(ModelConfig(name="m", path="org/model", revision=commit))
+    model_module.load_tokenizer(ModelConfig(name="m", path="org/model", revision=commit, tokenizer_path="org/tok"))
+    assert asked == [commit, commit, None, None]
+
+
 def test_simpo_repo_chat_format_truncates_as_the_official_trainer():
     """SimPOTrainer.tokenize_row (keep_end): a prompt that does not fit beside the longer response keeps its last
     max_prompt_length tokens (kept, not dropped); where they still do not fit, both responses are cut to

@@ -153,6 +153,27 @@ def test_deepspeed_under_bf16_gets_the_weights_as_loaded(compose):
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
 
 
+def test_deepspeed_bf16_over_a_float32_lora_base_is_said(caplog):
+    """DeepSpeed casts the whole module to bf16 and keeps masters of the trained weights only: a float32 LoRA base
+    trained and was saved as its bf16 rounding (model/adapter on the float32 base, another model), unsaid."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.precision import warn_if_the_engine_rounds_the_base
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)  # the frozen base
+    engine = lambda kind, mp: SimpleNamespace(distributed_type=kind, mixed_precision=mp)  # noqa: E731
+    with caplog.at_level("WARNING", logger="simpo_exp.precision"):
+        assert warn_if_the_engine_rounds_the_base(engine(DistributedType.DEEPSPEED, "bf16"), model)
+    assert "casts the frozen LoRA base (2 float32 tensors) to bf16" in caplog.text
+    assert not warn_if_the_engine_rounds_the_base(engine(DistributedType.FSDP, "bf16"), model)  # kept as loaded
+    assert not warn_if_the_engine_rounds_the_base(engine(DistributedType.DEEPSPEED, "no"), model)
+    model[0].to(torch.bfloat16)
+    assert not warn_if_the_engine_rounds_the_base(engine(DistributedType.DEEPSPEED, "bf16"), model)
+
+
 @pytest.mark.parametrize(
     "mixed_precision, param, reduce", [("bf16", "bfloat16", "bfloat16"), ("no", "float32", "float32")]
 )

@@ -66,7 +66,9 @@ def prompt_messages(tokenizer, prompt: list[dict], chat_format: str = "generatio
     that way as it was trained (the official AlpacaEval template of the Mistral Base recipe writes it too)."""
     if chat_format != "simpo_repo" or not prompt or prompt[0]["role"] == "system":
         return prompt
-    template = tokenizer.chat_template or ""
+    from simpo_exp.model import chat_template_text
+
+    template = chat_template_text(tokenizer)
     mentions = "system" in template or "<|im_start|>" in template
     return [{"role": "system", "content": ""}, *prompt] if mentions else prompt
 
