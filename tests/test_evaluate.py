@@ -357,6 +357,18 @@ def test_alpacaeval_outputs_load_with_alpaca_eval_itself(judged):
     assert utils.get_generator_name(None, df) == df["generator"].iloc[0]
 
 
+def test_arena_hard_has_a_sample_table_for_wandb(judged):
+    """The W&B run got bench/<b>/samples for the rule benchmark and the openai AlpacaEval judge only: Arena-Hard
+    writes neither file they read; its answers and the judge's two labels make its table."""
+    from simpo_exp.evaluate.wandb_log import sample_rows
+
+    columns, rows = sample_rows(judged["job"], "arena-hard")
+    assert columns == ["question_id", "answer", "verdict_baseline_first", "verdict_model_first"]
+    assert [r[0] for r in rows] == ["q0", "q1", "q2"] and all(r[1] for r in rows)
+    labels = {r[2] for r in rows} | {r[3] for r in rows}
+    assert labels and labels <= {"A>>B", "A>B", "A=B", "B>A", "B>>A", "none"}
+
+
 def test_arena_hard_answers_follow_arena_hard_auto_format(judged):
     files = list((judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl"))
     assert len(files) == 1

@@ -42,17 +42,37 @@ def wandb_mode(recorded: str) -> str:
 
 
 def sample_rows(run_dir: Path, benchmark: str) -> tuple[list[str], list[list]]:
-    """Columns and the first few rows of a benchmark's judged answers (generations.jsonl or annotations.json)."""
+    """Columns and the first few rows of a benchmark's judged answers (generations.jsonl, annotations.json, or
+    Arena-Hard's judgments beside its answers)."""
     out = Path(run_dir) / EVAL_DIR / benchmark
     rows = read_jsonl(out / "generations.jsonl")
     if not rows:
         found = read_json(out / "annotations.json")  # {} when missing
-        rows = found if isinstance(found, list) else []
+        rows = found if isinstance(found, list) else arena_rows(out)
     rows = [r for r in rows[:SAMPLE_ROWS] if isinstance(r, dict)]
     if not rows:
         return [], []
     columns = [k for k, v in rows[0].items() if isinstance(v, (str, int, float))]
     return columns, [[r.get(k) for k in columns] for r in rows]
+
+
+def arena_rows(out: Path) -> list[dict]:
+    """Arena-Hard's answers with the judge's two verdict labels (game 1 shows the baseline's answer first, game 2 the
+    model's), from ``model_answer/`` and the judgments ``results.json`` names; [] where it was not judged."""
+    results = read_json(out / "results.json")  # {} when missing
+    judged = results.get("judgments_path") if isinstance(results, dict) else None
+    answers = {}
+    for path in sorted((out / "model_answer").glob("*.jsonl")):
+        for a in read_jsonl(path):
+            if isinstance(a, dict):
+                answers[a.get("question_id")] = a["choices"][0]["turns"][0]["content"]
+    rows = []
+    for j in read_jsonl(Path(judged)) if judged else []:
+        if isinstance(j, dict) and isinstance(j.get("games"), list) and len(j["games"]) == 2:
+            labels = [g.get("score") for g in j["games"]]
+            rows.append({"question_id": j.get("question_id"), "answer": answers.get(j.get("question_id"), "")})
+            rows[-1] |= {"verdict_baseline_first": labels[0] or "none", "verdict_model_first": labels[1] or "none"}
+    return rows
 
 
 def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0, trained_with_wandb=False) -> bool:
