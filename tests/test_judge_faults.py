@@ -4,8 +4,6 @@ smaller command does not use; AlpacaEval's LC over a full set with replies that 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -14,8 +12,8 @@ from simpo_exp.evaluate.arena import judge_arena_hard, kept_aside
 from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
 from simpo_exp.evaluate.judge import JudgeError, PairwiseJudge
 from simpo_exp.inference.files import read_jsonl
-from tests.runs import free_port
 from tests.test_evaluate import ARENA_CASES, FakeJudge
+from tests.test_evaluate_judging import serve
 
 TOO_LONG = "(too long for the judge)"
 
@@ -57,12 +55,9 @@ class PickyJudge(FakeJudge):
 
 @pytest.fixture
 def picky(tmp_path):
-    port = free_port()
-    server = ThreadingHTTPServer(("127.0.0.1", port), PickyJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    PickyJudge.requests.clear()
+    server, url = serve(PickyJudge)
     PickyJudge.status, PickyJudge.cut = None, 0
-    judge = JudgeConfig(kind="openai", base_url=f"http://127.0.0.1:{port}/v1", model="fake", max_retries=1, timeout_s=5)
+    judge = JudgeConfig(kind="openai", base_url=url, model="fake", max_retries=1, timeout_s=5)
     yield SimpleNamespace(judge=judge, out=tmp_path)
     server.shutdown()
 
