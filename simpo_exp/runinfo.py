@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.errors import FolderInUse, OtherRunsDirectory
-from simpo_exp.inference.files import write_atomic
+from simpo_exp.inference.files import probe_writable, write_atomic
 from simpo_exp.rundir import (
     CONF_DIR,
     REFUSED_FILE,
@@ -453,13 +453,8 @@ class WritableFolder(Callback):
 
 
 def _writable_or_exit(key: str, folder: str) -> None:
-    from simpo_exp.inference.files import temporary_name
-
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        probe = temporary_name(Path(folder) / ".write-test")
-        probe.write_text("")
-        probe.unlink()
+        probe_writable(Path(folder))
     except OSError as e:
         print(f"error: {key}={folder!r} is not a writable directory ({e.strerror or e})", file=sys.stderr)
         raise SystemExit(2) from e

@@ -50,7 +50,7 @@ from simpo_exp.environment import environment_record
 from simpo_exp.errors import UserError, out_of_memory
 from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
 from simpo_exp.fused import fused_head
-from simpo_exp.inference.files import temporary_name, write_json
+from simpo_exp.inference.files import probe_writable, write_json
 from simpo_exp.inference.results import EVAL_DIR
 from simpo_exp.layout import BatchLayout
 from simpo_exp.layout_auto import layout_for_run
@@ -131,10 +131,7 @@ class Run:
 # ----------------------------------------------------------------------------- set-up
 def check_writable(run_dir: Path) -> Path:
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = temporary_name(run_dir / ".write-test")  # one per process: every process of a run checks the folder
-        probe.write_text("")
-        probe.unlink()
+        probe_writable(run_dir)  # every process of a run checks the folder, each with a probe of its own
     except OSError as e:
         raise ConfigError(f"output_dir={str(run_dir)!r} is not a writable directory ({e.strerror or e})") from e
     return run_dir

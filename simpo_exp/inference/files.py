@@ -23,6 +23,15 @@ def temporary_name(path: Path) -> Path:
     return Path(path).with_name(f"{Path(path).name}.{uuid.uuid4().hex[:16]}.tmp")
 
 
+def probe_writable(folder: Path) -> None:
+    """Make ``folder`` and write and remove a file in it (each process its own: ``temporary_name``); the OSError
+    where it cannot be."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    probe = temporary_name(Path(folder) / ".write-test")
+    probe.write_text("")
+    probe.unlink()
+
+
 def umask() -> int:
     """The process's file-creation mask (from /proc where there is one: setting and restoring it races with
     threads that create files)."""
