@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from simpo_exp.evaluate.judge import PairwiseJudge, RequestRefused, judge_file_name, refused_note, stored_lines
+from simpo_exp.evaluate.judge import PairwiseJudge, RequestRefused, accepted_lines, judge_file_name, refused_note
 from simpo_exp.inference.files import write_jsonl
+from simpo_exp.rundir import read_jsonl as read_lines
 
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants "
@@ -150,8 +151,8 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
         return r["judge"] == judge and games == expected.get(r["question_id"]) and not refused(r)
 
     aside, others = kept_aside(path), []
-    rows = stored_lines(aside, "question_id", valid, others)  # the lines kept aside before, valid again or not
-    rows |= stored_lines(path, "question_id", valid, others)  # the file's own lines win
+    # the lines kept aside before (valid again or not), then the file's own, which win
+    rows = accepted_lines([*read_lines(aside), *read_lines(path)], "question_id", valid, others)
     write_jsonl(path, list(rows.values()))
     others = [r for r in others if not (isinstance(r.get("games"), list) and refused(r))]
     if others:

@@ -249,14 +249,22 @@ def stored_lines(path: Path, key: str, valid: Callable[[dict], bool], others: li
     rewritten with only those: a half-written last line (a killed process) and lines of another judge, prompt or
     answer are dropped; given ``others``, the whole lines ``valid`` does not accept are kept in the file and put
     there (a verdict for another baseline, paid for, and read again when that baseline comes back)."""
-    path, rows = Path(path), {}
-    for r in read_lines(path):
+    path = Path(path)
+    rows = accepted_lines(read_lines(path), key, valid, others)
+    if path.exists():
+        write_jsonl(path, [*(others or []), *rows.values()])
+    return rows
+
+
+def accepted_lines(lines: list, key: str, valid: Callable[[dict], bool], others: list | None = None) -> dict:
+    """``{line[key]: line}`` of the ``lines`` that ``valid`` accepts (the last one per key); given ``others``, the
+    other whole lines are appended to it."""
+    rows = {}
+    for r in lines:
         if isinstance(r, dict) and isinstance(r.get(key), str) and _accepts(valid, r):
             rows[r[key]] = r
         elif others is not None and isinstance(r, dict):
             others.append(r)
-    if path.exists():
-        write_jsonl(path, [*(others or []), *rows.values()])
     return rows
 
 
