@@ -178,7 +178,7 @@ class HFSampler:
         if width >= self.positions:
             raise ConfigError(
                 f"a prompt of {width} tokens fills the model's {self.positions} positions: nothing can be generated "
-                "after it (benchmarks.<name>.max_prompts or a shorter prompt set)"
+                "after it; use shorter prompts (the generate stage: max_prompt_length; a benchmark: its prompt set)"
             )
         if not self.capped:
             self.capped = True
