@@ -369,6 +369,55 @@ def test_arena_hard_has_a_sample_table_for_wandb(judged):
     assert labels and labels <= {"A>>B", "A>B", "A=B", "B>A", "B>>A", "none"}
 
 
+def test_sample_tables_of_alpaca_evals_own_judge_and_of_unjudged_answers(tmp_path):
+    """judge.kind=alpaca_eval writes its annotations where alpaca-eval puts them (results.json's annotations_path)
+    and judge.kind=none no verdicts at all: both had no W&B table; the first now shows the package's judged pairs,
+    the second the answers."""
+    from simpo_exp.evaluate.judge import package_annotations_path
+    from simpo_exp.evaluate.wandb_log import sample_rows
+    from simpo_exp.inference.files import write_json, write_jsonl
+
+    out = tmp_path / "eval" / "alpacaeval2"
+    answers = [{"instruction": f"Say {i}.", "output": f"{i}", "generator": "run", "dataset": "x"} for i in range(3)]
+    write_json(out / "model_outputs.json", answers)
+    assert sample_rows(tmp_path, "alpacaeval2") == (
+        ["instruction", "output", "generator", "dataset"],
+        [[a[k] for k in ("instruction", "output", "generator", "dataset")] for a in answers],
+    )
+    judged = [
+        {"instruction": a["instruction"], "output_1": "ref", "output_2": a["output"], "preference": 1.75}
+        | {"raw_completion": {"logprobs": []}}
+        for a in answers
+    ]
+    path = package_annotations_path(out / "alpaca_eval", "weighted_alpaca_eval_gpt4_turbo")
+    assert path == out / "alpaca_eval" / "weighted_alpaca_eval_gpt4_turbo" / "annotations.json"
+    mine = package_annotations_path(out / "alpaca_eval", "my/annotator.yaml")
+    assert mine == out / "alpaca_eval" / "annotations.json"
+    write_json(path, judged)
+    write_json(out / "results.json", {"metrics": {"win_rate": 80.0}, "annotations_path": str(path)})
+    columns, rows = sample_rows(tmp_path, "alpacaeval2")
+    assert columns == ["instruction", "output_1", "output_2", "preference"] and len(rows) == 3
+    assert rows[2] == ["Say 2.", "ref", "2", 1.75]
+
+    arena = tmp_path / "eval" / "arena-hard"
+    write_jsonl(
+        arena / "model_answer" / "run.jsonl",
+        [{"question_id": "q0", "choices": [{"index": 0, "turns": [{"content": "An answer."}]}]}],
+    )
+    assert sample_rows(tmp_path, "arena-hard") == (["question_id", "answer"], [["q0", "An answer."]])
+
+
+def test_package_annotations_path_is_where_alpaca_eval_writes(tmp_path):
+    pytest.importorskip("alpaca_eval", reason="alpaca-eval not installed (pip install -e '.[eval]')")
+    from alpaca_eval import utils
+
+    from simpo_exp.evaluate.judge import package_annotations_path
+
+    for config in ("weighted_alpaca_eval_gpt4_turbo", str(tmp_path / "mine" / "configs.yaml")):
+        made = utils.get_output_path(tmp_path / "out", tmp_path / "model_outputs.json", None, annotators_config=config)
+        assert package_annotations_path(tmp_path / "out", config) == made / "annotations.json"
+
+
 def test_arena_hard_answers_follow_arena_hard_auto_format(judged):
     files = list((judged["job"] / "eval" / "arena-hard" / "model_answer").glob("*.jsonl"))
     assert len(files) == 1

@@ -328,6 +328,12 @@ def length_controlled(rows: list[dict], full_set: bool) -> tuple[float | None, s
     return float(metrics["length_controlled_winrate"]), None
 
 
+def package_annotations_path(out_dir, annotators_config: str) -> Path:
+    """Where ``alpaca_eval.evaluate(output_path=out_dir)`` writes its annotations: in a folder named after the
+    annotator when ``annotators_config`` is a name, in ``out_dir`` itself when it is a path (one with a "/")."""
+    return Path(out_dir) / ("" if "/" in annotators_config else annotators_config) / "annotations.json"
+
+
 def package_judge(b, model_outputs_path, reference_path: str, out_dir) -> dict:
     """alpaca-eval's own evaluation (its annotators, its API keys): LC, WR and avg length from its leaderboard."""
     try:

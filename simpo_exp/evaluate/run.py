@@ -35,6 +35,7 @@ from simpo_exp.evaluate.judge import (
     annotations,
     judge_file_name,
     length_controlled,
+    package_annotations_path,
     package_judge,
     refused_note,
     rule_preferences,
@@ -344,6 +345,7 @@ def _alpacaeval(ctx: dict) -> dict:
     elif b.judge.kind == "alpaca_eval":
         metrics.update(package_judge(b, out / "model_outputs.json", b.prompts_path, out / "alpaca_eval"))
         record["win_rate_method"] = f"alpaca_eval's annotator {b.judge.annotators_config}"
+        record["annotations_path"] = str(package_annotations_path(out / "alpaca_eval", b.judge.annotators_config))
     return {"metrics": metrics, **record}
 
 

@@ -3,9 +3,10 @@
 Training records its W&B run in ``<run>/wandb_run.json`` (``simpo_exp.tracking.WANDB_RECORD``: id,
 project, entity, group, job type, name, mode). Here that run is opened again with ``wandb.init(id=...,
 resume="allow")``; every benchmark's numbers go into its summary as ``bench/<benchmark>/<metric>`` (the
-names compare and the dashboard use), and a few judged rows of each benchmark evaluated now as a
-``wandb.Table`` (``bench/<benchmark>/samples``). The mode: ``WANDB_MODE`` when set (the user's word);
-else the run's own, except that an online run without ``WANDB_API_KEY`` now goes offline. An offline
+names compare and the dashboard use), and a few judged rows of each benchmark evaluated now (its answers
+alone where it was not judged) as a ``wandb.Table`` (``bench/<benchmark>/samples``). The mode:
+``WANDB_MODE`` when set (the user's word); else the run's own, except that an online run without
+``WANDB_API_KEY`` now goes offline. An offline
 evaluation leaves a second ``offline-run-*-<id>`` folder under ``<run>/wandb/``; ``wandb sync`` uploads
 the folders of one id to that one run, oldest first. Runs with W&B off are left alone. As in
 ``Tracker``, a W&B failure is a warning: the results files are already written and stay the record.
@@ -42,13 +43,19 @@ def wandb_mode(recorded: str) -> str:
 
 
 def sample_rows(run_dir: Path, benchmark: str) -> tuple[list[str], list[list]]:
-    """Columns and the first few rows of a benchmark's judged answers (generations.jsonl, annotations.json, or
-    Arena-Hard's judgments beside its answers)."""
+    """Columns and the first few rows of a benchmark's judged answers: generations.jsonl (the rule), the pairwise
+    judge's annotations.json, the annotations alpaca-eval's own judge wrote (results.json's annotations_path), or
+    Arena-Hard's judgments beside its answers; where nothing was judged, the answers alone."""
     out = Path(run_dir) / EVAL_DIR / benchmark
-    rows = read_jsonl(out / "generations.jsonl")
-    if not rows:
-        found = read_json(out / "annotations.json")  # {} when missing
-        rows = found if isinstance(found, list) else arena_rows(out)
+    results = read_json(out / "results.json")  # {} when missing
+    package = results.get("annotations_path") if isinstance(results, dict) else None
+    rows = (
+        read_jsonl(out / "generations.jsonl")
+        or _listed(out / "annotations.json")
+        or (_listed(Path(package)) if isinstance(package, str) else [])
+        or arena_rows(out)
+        or _listed(out / "model_outputs.json")
+    )
     rows = [r for r in rows[:SAMPLE_ROWS] if isinstance(r, dict)]
     if not rows:
         return [], []
@@ -56,9 +63,16 @@ def sample_rows(run_dir: Path, benchmark: str) -> tuple[list[str], list[list]]:
     return columns, [[r.get(k) for k in columns] for r in rows]
 
 
+def _listed(path: Path) -> list:
+    """A JSON file's rows; [] when it is missing or holds no list."""
+    found = read_json(path)  # {} when missing
+    return found if isinstance(found, list) else []
+
+
 def arena_rows(out: Path) -> list[dict]:
     """Arena-Hard's answers with the judge's two verdict labels (game 1 shows the baseline's answer first, game 2 the
-    model's), from ``model_answer/`` and the judgments ``results.json`` names; [] where it was not judged."""
+    model's), from ``model_answer/`` and the judgments ``results.json`` names; the answers alone where it was not
+    judged."""
     results = read_json(out / "results.json")  # {} when missing
     judged = results.get("judgments_path") if isinstance(results, dict) else None
     answers = {}
@@ -66,8 +80,10 @@ def arena_rows(out: Path) -> list[dict]:
         for a in read_jsonl(path):
             if isinstance(a, dict):
                 answers[a.get("question_id")] = a["choices"][0]["turns"][0]["content"]
+    if not judged:
+        return [{"question_id": q, "answer": a} for q, a in answers.items()]
     rows = []
-    for j in read_jsonl(Path(judged)) if judged else []:
+    for j in read_jsonl(Path(judged)):
         if isinstance(j, dict) and isinstance(j.get("games"), list) and len(j["games"]) == 2:
             labels = [g.get("score") for g in j["games"]]
             rows.append({"question_id": j.get("question_id"), "answer": answers.get(j.get("question_id"), "")})
