@@ -434,13 +434,15 @@ def test_mixer_fractions_and_whole_test_splits(tmp_path, tok):
     assert len(tr3) == len(tr) and set(list(tr3["chosen"])) != set(list(tr["chosen"]))
 
 
-def test_test_split_carved_with_test_size_when_null(tmp_path, tok):
+def test_test_split_carved_with_test_size_when_null(tmp_path, tok, caplog):
     rows = triples("carve", 20)
     root = tmp_path / "carve"
     write_jsonl(root / "train.jsonl", [uf_row(*t) for t in rows])
     src = SourceConfig(path=str(root), test_split=None)
-    tr, te, _ = build_datasets(make_config({"s": src}, test_size=0.25), tok)
+    with caplog.at_level("INFO", logger="simpo_exp.data"):
+        tr, te, _ = build_datasets(make_config({"s": src}, test_size=0.25), tok)
     assert (len(tr), len(te)) == (15, 5)
+    assert "dataset.sources.s: no test split read; 5 of its 20 train rows held out as its test split" in caplog.text
     assert not set(pairs_of(tr)) & set(pairs_of(te))
     assert set(pairs_of(tr)) | set(pairs_of(te)) == {p for p, _, _ in rows}
     _, te_again, _ = build_datasets(make_config({"s": src}, test_size=0.25), tok)
@@ -627,7 +629,7 @@ def test_normalise_row_rules():
     ]
     # TRL's conversational format: the prompt a message list, the replies alone (turns or strings).
     system_user = [{"role": "system", "content": "s"}, {"role": "user", "content": "p"}]
-    for chosen, rejected in ((only("a"), only("b")), ("a", "b")):
+    for chosen, rejected in ((only("a"), only("b")), ("a", "b"), (only("a"), [*system_user, *only("b")])):
         row = normalise_row({"prompt": system_user, "chosen": chosen, "rejected": rejected}, auto)
         assert row["prompt"] == system_user and row["drop_reason"] == "" and row["chosen"] == "a", row
     cases = [
@@ -668,6 +670,12 @@ def test_normalise_row_rules():
             },
             auto,
             "prompt column differs from chosen's earlier turns",
+        ),  # fmt: skip
+        # chosen its reply alone: the rejected conversation was not compared with the prompt, and trained as its reply
+        (
+            {"prompt": "p", "chosen": only("a"), "rejected": msgs("OTHER", "b")},
+            auto,
+            "rejected's earlier turns differ from the prompt",
         ),  # fmt: skip
         ({"prompt": "p", "chosen": " ", "rejected": "b"}, auto, "empty response"),
         ({"prompt": "p", "chosen": "a", "rejected": "a"}, auto, "identical responses"),
@@ -1153,6 +1161,13 @@ def test_simpo_repo_is_refused_for_a_template_that_writes_its_own_system_turn(tm
     cfg.dataset.chat_format = "simpo_repo"
     with pytest.raises(ConfigError, match="dataset.chat_format=simpo_repo"):
         build_datasets(cfg, tok)
+    # Gemma's template names "system" only to refuse it: the probe died with a bare jinja TemplateError
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + SYSTEM_TEMPLATE
+    )
+    with pytest.raises(ConfigError, match="refuses it .*System role not supported.*simpo-gemma2-9b-it"):
+        check_chat_format(tok, "simpo_repo")
 
 
 def test_a_tokenizer_with_several_named_templates_trains(tmp_path):
@@ -1388,6 +1403,31 @@ def test_a_mixture_source_of_no_usable_rows_is_named_and_test_prompts_seen_in_tr
     assert report.test_prompts_in_train == expected >= len(uf_test) - 1  # one may be carved into argilla's test
     assert f"{expected} of the test pairs have a prompt that training also reads" in caplog.text
     assert report.sources["argilla_ultrafeedback_cleaned"]["dropped"] == {"train": {}, "test": {}}
+
+
+def test_a_mixture_source_that_tokenising_empties_is_named_and_its_drops_are_counted_per_source(tmp_path, tok):
+    """Drops made while tokenising (prompt too long, a chat template's refusal) were counted per split only: a
+    source all of whose prompts were too long left the run on the other source with data_report.json saying it
+    dropped nothing. They are now counted per source, and such a source is refused as at normalising."""
+    long = " ".join(["word"] * 200)
+    for name, prompt in (("a", "short {i}"), ("b", long + " {i}")):
+        rows = [{"prompt": prompt.format(i=i), "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)]
+        write_jsonl(tmp_path / name / "train.jsonl", rows)
+        write_jsonl(tmp_path / name / "test.jsonl", rows[:4])
+    sources = {n: SourceConfig(path=str(tmp_path / n)) for n in ("a", "b")}
+    said = r"dataset.sources.b: none of its 20 train rows is a usable pair \(dropped: \{'prompt too long': 20\}\)"
+    with pytest.raises(DataSourceError, match=said):
+        build_datasets(make_config(sources, max_length=256, max_prompt_length=64), tok)
+
+    half = [
+        {"prompt": (long if i % 2 else "b") + f" {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)
+    ]
+    write_jsonl(tmp_path / "b" / "train.jsonl", half)  # every other prompt too long; its test rows all are
+    tr, te, report = build_datasets(make_config(sources, max_length=256, max_prompt_length=64), tok)
+    assert report.sources["a"]["dropped"] == {"train": {}, "test": {}}
+    assert report.sources["b"]["dropped"] == {"train": {"prompt too long": 10}, "test": {"prompt too long": 4}}
+    assert len(tr) == 30 and set(tr["source"]) == {"a", "b"}
+    assert report.lines()[-1] == "dataset.sources.b: usable train pairs 10 of 20, test 0 of 4"
 
 
 def test_hub_shard_sets_that_are_incomplete_or_mixed_are_refused(tmp_path, tok):

@@ -16,7 +16,7 @@ from datasets import Dataset, disable_progress_bars
 from simpo_exp.config import Config
 from simpo_exp.data.collate import PairCollator
 from simpo_exp.data.report import report_lines, tokenization_report
-from simpo_exp.data.sources import DataSourceError, load_mixture
+from simpo_exp.data.sources import DataSourceError, load_mixture, source_drops
 from simpo_exp.data.tokenize import check_chat_format, tokenise
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,12 @@ class DataReport:
             out.append(
                 f"{split}: kept {self.kept[split]} pairs{cut}; dropped {drops}; "
                 f"truncated chosen {t['chosen']}, rejected {t['rejected']}{prompts}"
+            )
+        for name, size in self.sources.items() if len(self.sources) > 1 else ():  # a mixture: each source's share
+            usable = {s: size[f"{s}_rows"] - sum(size["dropped"].get(s, {}).values()) for s in ("train", "test")}
+            out.append(
+                f"dataset.sources.{name}: usable train pairs {usable['train']} of {size['train_rows']}, "
+                f"test {usable['test']} of {size['test_rows']}"
             )
         return out
 
@@ -88,11 +94,16 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport
             report.test_prompts_in_train,
         )
     check_chat_format(tokenizer, cfg.dataset.chat_format)
+    d = cfg.dataset
+    made = {
+        split: tokenise(raw[split], tokenizer, cfg.max_length, cfg.max_prompt_length, d.num_proc, d.chat_format)
+        for split in ("train", "test")
+    }
+    for name, drops in source_drops(made, len(d.sources)).items():  # the drops of normalising and of tokenising
+        report.sources[name]["dropped"] = drops
     splits = {}
     for split in ("train", "test"):
-        d = cfg.dataset
-        ds = tokenise(raw[split], tokenizer, cfg.max_length, cfg.max_prompt_length, d.num_proc, d.chat_format)
-        ds = _filter(ds, split, report)
+        ds = _filter(made[split], split, report)
         limit = cfg.dataset.max_train_samples if split == "train" else cfg.dataset.max_eval_samples
         if limit is not None and len(ds) > limit:
             # train is shuffled already; the test split is the sources one after another, so its pairs are drawn

@@ -39,6 +39,7 @@ CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 # Declared, not inferred: a writer batch made only of dropped rows (prompt []) would otherwise be
 # typed list<null>, and the next batch with real messages could not be cast to it; sources
 # normalised separately also always concatenate.
+SOURCE_COLUMN = "source"  # the name of the dataset.sources entry a row came from
 NORMALISED_FEATURES = Features(
     {
         "prompt": [{"role": Value("string"), "content": Value("string")}],
@@ -274,6 +275,11 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
                 "or a test file"
             ) from None
         train, test = parts["train"], parts["test"]
+        log.info(
+            "dataset.sources.%s: no test split read; %d of its %d train rows held out as its test split "
+            "(test_size %s, seed dataset.shuffle_seed)",
+            name, len(test), len(train) + len(test), carved_share(src, dcfg),
+        )  # fmt: skip
     if src.fraction < 1.0:
         keep = max(1, int(src.fraction * len(train)))
         train = train.shuffle(seed=dcfg.shuffle_seed).select(range(keep))
@@ -383,11 +389,18 @@ def normalise_row(row: dict, src: SourceConfig) -> dict:
     texts = [chosen_text, rejected_text] + [m["content"] for m in prompt]
     if not all(isinstance(t, str) for t in texts) or not all(isinstance(m["role"], str) for m in prompt):
         return drop("non-string content")
-    if as_messages and len(chosen) > 1:
-        if len(rejected) > 1 and _turns(chosen[:-1]) != _turns(rejected[:-1]):
-            return drop("chosen and rejected have different earlier turns")  # the rejected reply answers another
-        if _is_messages(prompt_value) and prompt_value and _turns(prompt_value) != prompt:
-            return drop("prompt column differs from chosen's earlier turns")  # which one is the prompt?
+    if as_messages and len(rejected) > 1 and _turns(rejected[:-1]) != prompt:  # the rejected reply answers another
+        if len(chosen) > 1:
+            return drop("chosen and rejected have different earlier turns")
+        return drop("rejected's earlier turns differ from the prompt")  # chosen is its reply alone
+    if (
+        as_messages
+        and len(chosen) > 1
+        and _is_messages(prompt_value)
+        and prompt_value
+        and _turns(prompt_value) != prompt
+    ):
+        return drop("prompt column differs from chosen's earlier turns")  # which one is the prompt?
     if not chosen_text.strip() or not rejected_text.strip():
         return drop("empty response")
     if not any(m["content"].strip() for m in prompt):
@@ -556,10 +569,11 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
     trains, tests, sizes = [], [], {}
     for name, src in dcfg.sources.items():
         train, test = load_source(name, src, dcfg)
-        trains.append(normalise(train, src, name, dcfg.num_proc))
-        tests.append(normalise(test, src, name, dcfg.num_proc))
+        # each row keeps its source's name, so that the drops of tokenising are counted per source too
+        trains.append(normalise(train, src, name, dcfg.num_proc).add_column(SOURCE_COLUMN, [name] * len(train)))
+        tests.append(normalise(test, src, name, dcfg.num_proc).add_column(SOURCE_COLUMN, [name] * len(test)))
         sizes[name] = {"train_rows": len(train), "test_rows": len(test), "fraction": src.fraction}
-        sizes[name]["dropped"] = _source_drops(name, {"train": trains[-1], "test": tests[-1]}, len(dcfg.sources))
+        sizes[name]["dropped"] = source_drops({"train": trains[-1], "test": tests[-1]}, len(dcfg.sources))[name]
         files = source_files(src)
         sizes[name].update(provenance(src.path, files))
         sizes[name].update(fingerprint(src, files))  # a finished or checkpointed run is not taken for other data
@@ -568,17 +582,29 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
     return DatasetDict(train=train, test=test), sizes
 
 
-def _source_drops(name: str, splits: dict[str, Dataset], n_sources: int) -> dict[str, dict[str, int]]:
-    """A source's rows dropped while normalising, by split and reason. In a mixture, a source none of whose train
-    rows is a pair (another schema: ShareGPT's ``human``/``gpt`` roles) is an error, not a run on the other sources
-    alone; one whose test rows all drop is warned about (the held-out figures would leave it out)."""
-    drops = {split: dict(Counter(r for r in ds["drop_reason"] if r)) for split, ds in splits.items()}
+def source_drops(splits: dict[str, Dataset], n_sources: int) -> dict[str, dict[str, dict[str, int]]]:
+    """Each source's dropped rows (the rows' ``source`` column), by split and reason. In a mixture, a source none
+    of whose train rows is a usable pair (another schema: ShareGPT's ``human``/``gpt`` roles; every prompt too
+    long; a chat template that refuses its rows) is an error, not a run on the other sources alone; one whose
+    test rows all drop is warned about (the held-out figures would leave it out). Checked after normalising and
+    again after tokenising."""
+    names = list(dict.fromkeys(n for ds in splits.values() for n in ds[SOURCE_COLUMN]))
+    drops = {name: {split: {} for split in splits} for name in names}
     for split, ds in splits.items():
-        if n_sources > 1 and len(ds) and sum(drops[split].values()) == len(ds):
-            said = (
-                f"dataset.sources.{name}: none of its {len(ds)} {split} rows is a usable pair (dropped: {drops[split]})"
-            )
-            if split == "train":
-                raise DataSourceError(f"{said}; check its columns and format, or leave it out of the mixture")
-            log.warning("%s; the held-out figures leave this source out", said)
+        rows = Counter(ds[SOURCE_COLUMN])
+        reasons = Counter((n, r) for n, r in zip(ds[SOURCE_COLUMN], ds["drop_reason"]) if r)
+        for (name, reason), count in sorted(reasons.items()):
+            drops[name][split][reason] = count
+        for name in names:
+            if n_sources > 1 and rows[name] and sum(drops[name][split].values()) == rows[name]:
+                said = (
+                    f"dataset.sources.{name}: none of its {rows[name]} {split} rows is a usable pair "
+                    f"(dropped: {drops[name][split]})"
+                )
+                if split == "train":
+                    raise DataSourceError(
+                        f"{said}; check its columns and format, max_length/max_prompt_length and the chat template, "
+                        "or leave it out of the mixture"
+                    )
+                log.warning("%s; the held-out figures leave this source out", said)
     return drops

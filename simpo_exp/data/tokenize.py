@@ -90,10 +90,18 @@ def check_chat_format(tokenizer, chat_format: str) -> None:
     if chat_format != "simpo_repo":
         return
     probe = [{"role": "user", "content": "Hello"}]
-    prompt_text, response = _official_parts(tokenizer, probe, "Hi")
-    whole = tokenizer.apply_chat_template(
-        prompt_messages(tokenizer, probe, chat_format) + [{"role": "assistant", "content": "Hi"}], tokenize=False
-    )
+    try:
+        prompt_text, response = _official_parts(tokenizer, probe, "Hi")
+        whole = tokenizer.apply_chat_template(
+            prompt_messages(tokenizer, probe, chat_format) + [{"role": "assistant", "content": "Hi"}], tokenize=False
+        )
+    except Exception as e:  # Gemma's template names "system" only to refuse it: every row would drop
+        raise ConfigError(
+            "dataset.chat_format=simpo_repo puts an empty system turn before every prompt whose chat template "
+            f"mentions 'system' (alignment-handbook's rule), and this template refuses it ({type(e).__name__}: "
+            f"{str(e)[:120]}). Use dataset.chat_format=generation_prompt, or a model.chat_template that takes a "
+            "system turn (experiment=simpo-gemma2-9b-it sets the official recipe's)"
+        ) from e
     if prompt_text + response != whole:
         raise ConfigError(
             "dataset.chat_format=simpo_repo renders each response as its assistant turn alone, but this chat "
