@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from simpo_exp.config import Config
 from simpo_exp.data import MODEL_COLUMNS
 from simpo_exp.data.dealt import Dealt
-from simpo_exp.engine import on_every, resolved_precision
+from simpo_exp.engine import fsdp2, on_every, resolved_precision
 from simpo_exp.flops import full_numel
 from simpo_exp.inference.files import readable_as_umask, temporary_name
 from simpo_exp.layout import BatchLayout
@@ -245,11 +245,21 @@ def in_the_policys_precision(reference: ResponseLogps, policy, accelerator) -> N
     policy's forward in the run's autocast: under bf16 the policy's log-probs were bf16 sums and the reference's
     float32 ones, so the DPO family's log-ratios started off zero by their rounding (growing with the response's
     length), rewards/accuracies near 0.5 at step 0, and live and cached runs (the cache scores under the autocast)
-    differed. DeepSpeed casts the policy's weights to its bf16/fp16 instead of autocasting: the copy is cast too."""
+    differed. DeepSpeed casts the policy's weights to its bf16/fp16 instead of autocasting: the copy is cast too.
+    FSDP1's mixed precision casts the gathered weights to its ``param_dtype`` and the buffers (RoPE's frequencies)
+    to its ``buffer_dtype`` for every forward, autocast or not: the copy is cast to them (the same rounding of the
+    same float32 weights), where only the autocast left its forward in float32 weights and buffers. FSDP2's copy is
+    sharded under the policy's own mixed precision (``shard_like_the_policy``)."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         reference.to(next(policy.parameters()).dtype)
+    elif accelerator.distributed_type == DistributedType.FSDP and not fsdp2(accelerator):
+        mixed = accelerator.state.fsdp_plugin.mixed_precision_policy
+        for tensors, dtype in ((reference.parameters(), "param_dtype"), (reference.buffers(), "buffer_dtype")):
+            to = getattr(mixed, dtype, None)
+            for t in tensors if to is not None else ():
+                t.data = t.data.to(to) if t.is_floating_point() else t.data
     forward = reference.forward
 
     def under_autocast(*args, **kwargs):

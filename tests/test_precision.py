@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from simpo_exp.config import to_config
+from tests.conftest import fsdp_on_cpu
 from tests.test_run import simpo
 
 # SimPO-size updates: a constant 1e-6 for 30 steps, as in the issue's measurement
@@ -218,7 +219,6 @@ def test_fsdp_hands_back_the_float32_log_probs_it_computed(tmp_path):
     from simpo_exp.data.collate import PairCollator
     from simpo_exp.engine import keep_fsdp_outputs
     from simpo_exp.logps import ResponseLogps
-    from tests.conftest import fsdp_on_cpu
     from tests.test_perf_paths import make_model, random_pairs
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
@@ -244,3 +244,52 @@ def test_fsdp_hands_back_the_float32_log_probs_it_computed(tmp_path):
         dist.destroy_process_group()
     assert sharded.dtype == torch.float32
     assert torch.allclose(sharded, plain, rtol=2e-3, atol=0)  # bf16 compute; a bf16 output misses by up to 4e-3
+
+
+@fsdp_on_cpu
+def test_a_live_reference_under_fsdp1_computes_as_the_fsdp1_policy_does(tmp_path):
+    """FSDP1's bf16 policy casts the gathered weights and the buffers (RoPE's frequencies) to bf16 for the forward;
+    the live reference, an unwrapped float32 copy, had only the autocast: its float32 residual stream put the DPO
+    log-ratios at step 0 off zero by 0.01-0.08 nats on responses of a few hundred tokens. Cast to the policy's
+    dtypes, it computes exactly what the wrapped policy does."""
+    import copy
+    import functools
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from simpo_exp.data.collate import PairCollator
+    from simpo_exp.logps import ResponseLogps
+    from simpo_exp.reference import in_the_policys_precision, live_reference
+    from tests.test_perf_paths import make_model, random_pairs
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1)
+    plugin.set_mixed_precision("bf16")  # as AcceleratorState does for mixed_precision=bf16
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    )
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        base = make_model(vocab=4000).eval()
+        batch = PairCollator(0)(random_pairs(4, vocab=4000, max_prompt=30, max_response=300))
+        reference = live_reference(base)
+        policy = FullyShardedDataParallel(
+            ResponseLogps(copy.deepcopy(base)),
+            mixed_precision=plugin.mixed_precision_policy,
+            device_id=torch.device("cpu"),
+            auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}),
+        )
+        in_the_policys_precision(reference, policy, accelerator)
+        with torch.no_grad():
+            with accelerator.autocast():  # what prepare wraps the policy's forward in
+                ratios = policy(**batch).logp_sums.float() - reference(**batch).logp_sums.float()
+    finally:
+        dist.destroy_process_group()
+    assert ratios.tolist() == [0.0] * 8
+    assert {b.dtype for b in reference.buffers() if b.is_floating_point()} <= {torch.bfloat16}
