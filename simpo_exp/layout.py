@@ -61,8 +61,9 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     (``hardware.fused_head``) runs in every layout and changes nothing here."""
     packing, attention = hardware.packing, hardware.packing_attention
     softcapped = bool(getattr(model_config, "attn_logit_softcapping", None))
+    stateful = state_beside_attention(model_config)
     if packing == "auto":
-        if short_window(model_config, max_length):
+        if short_window(model_config, max_length) or stateful:
             packing = "none"
         elif device_type == "cuda":
             packing, attention = "packed", "flex"
@@ -77,6 +78,14 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             "layouts' attention does not implement (the log-probs would be a model without its window); use "
             "hardware.packing=none or auto"
         )
+    elif packing != "none" and stateful:
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"hardware.packing={packing!r}: the model carries a state along the row besides attention ({stateful}), "
+            "and the packed layouts keep sequences apart in attention only (the rejected response would read the "
+            "chosen one); use hardware.packing=none or auto"
+        )
     elif packing != "none" and attention == "segments" and softcapped:
         from simpo_exp.config import ConfigError
 
@@ -87,6 +96,33 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
         )
     check_attention(packing, attention, device_type, softcapped)
     return BatchLayout(packing, attention, hardware.logps_chunk_size)
+
+
+# Layer types that mix tokens by attention alone (transformers' config.layer_types values); any other type
+# (linear_attention, mamba, conv) carries a state along the row.
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+# Families whose layers run a recurrent or convolutional token mixer, beside attention or instead of it, whose
+# configs say so by no layer_types list (Falcon-H1 runs Mamba beside attention in every layer).
+RECURRENT_FAMILIES = {
+    "mamba", "mamba2", "falcon_mamba", "falcon_h1", "jamba", "bamba", "zamba", "zamba2", "nemotron_h",
+    "granitemoehybrid", "qwen3_next", "lfm2", "lfm2_moe", "recurrent_gemma", "rwkv", "minimax", "kimi_linear",
+    "plamo2", "xlstm",
+}  # fmt: skip
+
+
+def state_beside_attention(model_config) -> str | None:
+    """What of the model carries a state along its input besides attention (a Mamba or linear-attention mixer,
+    a convolution), or None. The packed layouts keep the sequences of a row apart in attention only: through
+    such a mixer the rejected response would read the chosen one, so these models run the padded layout."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    types = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None)
+    others = sorted(set(types) - ATTENTION_LAYER_TYPES - {"mlp", "moe"}) if isinstance(types, (list, tuple)) else []
+    family = getattr(config, "model_type", None)
+    if others:
+        return f"its {'/'.join(map(str, others))} layers"
+    if family in RECURRENT_FAMILIES or any(str(k).startswith(("mamba_", "ssm_")) for k in vars(config)):
+        return f"its recurrent token mixer ({family})"
+    return None
 
 
 def short_window(model_config, max_length: int | None) -> bool:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from simpo_exp.layout import BatchLayout, short_window
+from simpo_exp.layout import BatchLayout, short_window, state_beside_attention
 
 SEGMENT_ATTENTION_PREFIX = "simpo_segments:"
 
@@ -190,12 +190,7 @@ def segment_attention(
                 f"packing_attention='flex' has no attention dropout, and this model trains with {dropout}: keep "
                 "disable_dropout=true (the default), or use packing_attention=segments or mask"
             )
-        score_mod = None
-        if softcap:  # Gemma 2: scores squashed to (-softcap, softcap) before the softmax
-
-            def score_mod(score, b, h, q, k):
-                return torch.tanh(score / softcap) * softcap
-
+        score_mod = softcap_score_mod(softcap, query.device) if softcap else None
         out = flex_attention_fn(query.device)(
             query, key, value, block_mask=plan.block_mask, score_mod=score_mod, scale=scaling, enable_gqa=gqa
         )
@@ -344,6 +339,24 @@ def flash_varlen_attention(query, key, value, seqlens, scaling, dropout, softcap
 
 
 _COMPILED_FLEX = None
+_SOFTCAP_MODS: dict = {}
+
+
+def softcap_score_mod(softcap: float, device: torch.device):
+    """Gemma 2's attention softcap as a FlexAttention ``score_mod``: scores squashed to (-softcap, softcap) before
+    the softmax. The cap is a captured 0-d tensor, not a Python float: FlexAttention compiled with dynamic=True
+    traced the float as a symbolic one that inductor failed to lower (torch 2.13: "LoweringException: ...
+    unbacked_bindings"), so packed Gemma-2 runs under FlexAttention died at their first step. One function per
+    cap and device, made once: the compiled kernel is reused, and no step copies the cap to the device."""
+    key = (float(softcap), str(device))
+    if key not in _SOFTCAP_MODS:
+        cap = torch.tensor(float(softcap), device=device)
+
+        def score_mod(score, b, h, q, k):
+            return torch.tanh(score / cap) * cap
+
+        _SOFTCAP_MODS[key] = score_mod
+    return _SOFTCAP_MODS[key]
 
 
 def flex_attention_fn(device: torch.device):
@@ -463,6 +476,11 @@ class ResponseLogps(nn.Module):
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.scale = logit_scale(model.config)
         self._shared = shared_parameters(model)  # for tie_weights
+        if packing != "none" and state_beside_attention(model.config):  # choose_layout refuses these runs
+            raise ValueError(
+                f"packing={packing!r} keeps sequences apart in attention only, and this model carries a state along "
+                f"the row besides it ({state_beside_attention(model.config)}); use packing=none"
+            )
         if packing != "none":
             impl = model.config._attn_implementation or ""
             if attention in ("segments", "flex", "flash"):

@@ -80,6 +80,26 @@ def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention, longest)
     _assert_same(_logps_and_grads(_model(torch.float32), pairs, packing, attention), plain)
 
 
+@pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
+def test_gemma2_softcapped_flex_matches_the_plain_eager_layout_on_cuda(packing):
+    """Gemma 2 (the paper's gemma-2-9b-it recipe) under compiled FlexAttention with its attention softcap as the
+    score_mod, forward and backward, against its own eager attention on the padded layout (float32)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def gemma():
+        torch.manual_seed(0)
+        config = Gemma2Config(
+            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=32, attn_logit_softcapping=5.0, final_logit_softcapping=10.0,
+            sliding_window=4096, query_pre_attn_scalar=32, attn_implementation="eager",
+        )  # fmt: skip
+        return Gemma2ForCausalLM(config).to("cuda", torch.float32)
+
+    pairs = _random_pairs(400)
+    plain = _logps_and_grads(gemma(), pairs, "none", "segments")
+    _assert_same(_logps_and_grads(gemma(), pairs, packing, "flex"), plain)
+
+
 def _logps_and_grads(model, pairs: list[dict], packing: str, attention: str):
     """One forward and backward of ``pairs`` laid out as ``packing``: the mean log-probs and every gradient."""
     policy = ResponseLogps(model, packing=packing, attention=attention)

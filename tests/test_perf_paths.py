@@ -376,10 +376,20 @@ def test_compiled_flexattention_honours_the_tiles_as_the_dense_rule_does():
         torch.testing.assert_close(compiled(q, k, v, block_mask=block), flex_attention(q, k, v, block_mask=block))
 
 
-def test_flex_attention_applies_gemma_softcapping():
-    """Gemma 2 caps its attention logits: the flex path must give the eager padded path's log-probs."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flex_attention_applies_gemma_softcapping(compiled, monkeypatch):
+    """Gemma 2 caps its attention logits: the flex path must give the eager padded path's log-probs. Compiled as
+    on a GPU (dynamic shapes), the cap written as a Python float in the score_mod failed to lower in inductor
+    (unbacked_bindings), so a packed Gemma-2 run under FlexAttention died at its first step."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
+    from simpo_exp import logps
+
+    if compiled:
+        torch._dynamo.reset()
+        monkeypatch.setattr(logps, "_COMPILED_FLEX", None)  # a fresh compiled function, dropped afterwards
+        gpu_choice = logps.flex_attention_fn
+        monkeypatch.setattr(logps, "flex_attention_fn", lambda device: gpu_choice(torch.device("cuda")))
     torch.manual_seed(0)
     cfg = Gemma2Config(
         vocab_size=64,
@@ -397,15 +407,17 @@ def test_flex_attention_applies_gemma_softcapping():
         attn_implementation="eager",
     )
     model = Gemma2ForCausalLM(cfg).eval()
-    pairs = random_pairs(3, seed=5)
-    with torch.no_grad():
-        plain = ResponseLogps(model)(**PairCollator(PAD)(pairs))
-        flex = ResponseLogps(model, packing="prefix_shared", attention="flex")(
-            **PairCollator(PAD, packing="prefix_shared", attention="flex")(pairs)
+    for seed in (5, 6):  # two batches of other lengths
+        pairs = random_pairs(3, seed=seed)
+        with torch.no_grad():
+            plain = ResponseLogps(model)(**PairCollator(PAD)(pairs))
+            flex = ResponseLogps(model, packing="prefix_shared", attention="flex")(
+                **PairCollator(PAD, packing="prefix_shared", attention="flex")(pairs)
+            )
+        assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), (
+            (plain.mean_logps - flex.mean_logps).abs().max()
         )
-    assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), (
-        (plain.mean_logps - flex.mean_logps).abs().max()
-    )
+    assert (logps._COMPILED_FLEX is not None) == compiled
 
 
 def test_compiled_flex_attention_matches_and_does_not_recompile_per_batch(monkeypatch):
@@ -514,3 +526,63 @@ def test_packed_attention_refuses_sequences_past_the_sliding_window(attention):
         packed = ResponseLogps(model, packing="packed", attention=attention)(**batch).mean_logps
         plain = ResponseLogps(model)(**PairCollator(PAD)(short)).mean_logps
     assert torch.allclose(packed, plain, atol=ATOL, rtol=0)
+
+
+def test_models_that_carry_a_state_beside_attention_run_the_padded_layout():
+    """The packed layouts keep a row's sequences apart in attention only. Falcon-H1 runs a Mamba mixer beside
+    attention in every layer, so each layer still made one attention call and the guard on attention calls
+    passed: under packing=auto on CPU (prefix_shared) the rejected response's log-probs moved with the chosen
+    response's tokens. Such models now take the padded layout under auto and are refused a packed one."""
+    from types import SimpleNamespace
+
+    from transformers import FalconH1Config, FalconH1ForCausalLM, Gemma2Config
+
+    from simpo_exp import layout_auto
+    from simpo_exp.config import ConfigError
+    from simpo_exp.layout import choose_layout, state_beside_attention
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    falcon = FalconH1Config(
+        **small, num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+        mamba_chunk_size=16, pad_token_id=PAD,
+    )  # fmt: skip
+    assert state_beside_attention(falcon) and state_beside_attention(SimpleNamespace(layer_types=["linear_attention"]))
+    for plain in (LlamaConfig(**small), Gemma2Config(**small), SimpleNamespace(layer_types=["sliding_attention"])):
+        assert state_beside_attention(plain) is None
+    hardware = lambda packing: SimpleNamespace(packing=packing, packing_attention="segments", logps_chunk_size=0)  # noqa: E731
+    for device in ("cpu", "cuda"):
+        assert choose_layout(hardware("auto"), device, falcon, 512).packing == "none"
+        assert [c.packing for c in layout_auto.candidates(device, falcon, max_length=512)] == ["none"]
+    assert choose_layout(hardware("auto"), "cpu", LlamaConfig(**small), 512).packing == "prefix_shared"
+    with pytest.raises(ConfigError, match="hardware.packing='packed': the model carries a state .*hybrid"):
+        choose_layout(hardware("packed"), "cpu", falcon, 512)
+    model = FalconH1ForCausalLM(falcon)
+    with pytest.raises(ValueError, match="packing='prefix_shared' keeps sequences apart in attention only"):
+        ResponseLogps(model, packing="prefix_shared")
+    ResponseLogps(model)  # the padded layout runs the model as it is
+
+
+def test_mask_rows_padding_positions_stop_at_the_largest_real_one():
+    """A mask-layout row holds two or three sequences, so it is wider than any of them; its padding positions ran
+    on to the row's width. Dynamic (and longrope) RoPE choose their frequencies from the largest position id: past
+    original_max_position_embeddings they scaled every sequence of the batch, which the padded layout did not."""
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    config = LlamaConfig(**small, num_key_value_heads=2, pad_token_id=PAD, max_position_embeddings=24)
+    config.rope_parameters = rope
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(1, 64, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [
+        {"prompt_input_ids": ids(10), "chosen_input_ids": ids(10), "rejected_input_ids": ids(10)},
+        {"prompt_input_ids": ids(4), "chosen_input_ids": ids(3), "rejected_input_ids": ids(3)},
+    ]  # every sequence within 24 positions; the packed rows are 40 and 13 wide
+    with torch.no_grad():
+        plain = ResponseLogps(model)(**PairCollator(PAD)(pairs)).logp_sums
+        for packing in ("packed", "prefix_shared"):
+            batch = PairCollator(PAD, packing=packing, attention="mask")(pairs)
+            real = batch["position_ids"][batch["attention_mask"].bool()]
+            assert batch["position_ids"].max() == real.max() == 19
+            packed = ResponseLogps(model, packing=packing, attention="mask")(**batch).logp_sums
+            assert torch.allclose(packed, plain, atol=ATOL, rtol=0), (packing, (packed - plain).abs().max())
