@@ -139,10 +139,13 @@ class PairCollator:
             logp_source[j, :m] = torch.tensor(row["prev"]) + j * width
             groups[j, :m] = torch.tensor(row["group"])
         at = (seq_index >= 0).nonzero(as_tuple=True)  # (rows, columns) of the scored tokens
-        # padding positions: keep them increasing so nothing reads them as a new packed sequence
+        # padding positions: increasing, so nothing reads them as a new packed sequence, but never past the batch's
+        # largest real position: dynamic and longrope RoPE pick their frequencies from the largest position id, and
+        # a row of two or three sequences is wider than any of them (the padded layout's positions stop there too)
         pad = attention_mask == 0
         if pad.any():
-            position_ids = torch.where(pad, torch.arange(width).expand(shape), position_ids)
+            last = position_ids[~pad].max()
+            position_ids = torch.where(pad, torch.arange(width).clamp(max=last).expand(shape), position_ids)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
