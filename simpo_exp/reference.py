@@ -36,6 +36,7 @@ from simpo_exp.flops import full_numel
 from simpo_exp.inference.files import readable_as_umask, temporary_name
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
+from simpo_exp.precision import precision_record
 
 log = logging.getLogger(__name__)
 
@@ -74,35 +75,38 @@ def sampled(p: torch.Tensor, n: int = FINGERPRINT_VALUES) -> torch.Tensor:
     return pick(p)
 
 
-def model_fingerprint(cfg: Config, model) -> str:
-    """The starting weights' identity: the model's path, revision, dtype, the dtype they are computed in (weights
-    and autocast), size, and values sampled from every weight (a model overwritten at the same path, a merged
-    adapter, another seed of a random model differ).
+def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
+    """The starting weights' identity: the model's path, revision, dtype, the dtype they are computed in (weights,
+    autocast, and a sharding engine's own cast), size, and values sampled from every weight (a model overwritten
+    at the same path, a merged adapter, another seed of a random model differ).
     LoRA's adapters are left out: they add nothing at the start (B = 0), whatever their seed or rank."""
     params = [p for name, p in model.named_parameters() if "lora_" not in name]
-    h = hashlib.sha256(
-        json.dumps(
-            {
-                "path": cfg.model.path,
-                "revision": cfg.model.revision,
-                "dtype": cfg.model.dtype,
-                # what the log-probs are computed in: a LoRA base stays in model.dtype, full fine-tuning upcasts it
-                "weights": sorted({str(p.dtype) for p in params}),
-                "autocast": resolved_precision(cfg.hardware),  # "auto" as resolved: bf16 on a GPU, none on a CPU
-                "n": sum(full_numel(p) for p in params),
-            }
-        ).encode()
-    )
+    identity = {
+        "path": cfg.model.path,
+        "revision": cfg.model.revision,
+        "dtype": cfg.model.dtype,
+        # what the log-probs are computed in: a LoRA base stays in model.dtype, full fine-tuning upcasts it
+        "weights": sorted({str(p.dtype) for p in params}),
+        "autocast": resolved_precision(cfg.hardware),  # "auto" as resolved: bf16 on a GPU, none on a CPU
+        "n": sum(full_numel(p) for p in params),
+    }
+    engine = getattr(accelerator, "distributed_type", None)
+    if engine is not None and engine.value in ("FSDP", "DEEPSPEED"):
+        # FSDP's mixed precision and DeepSpeed's cast run the whole forward in bf16 weights, where DDP or one
+        # device run float32 weights under the autocast: log-probs of one model 0.01-0.1 nats apart
+        record = precision_record(model, accelerator)
+        identity["engine"] = [engine.value, record.get("fsdp_param_dtype", record["weights_dtype"])]
+    h = hashlib.sha256(json.dumps(identity).encode())
     for p in params:
         h.update(sampled(p).numpy().tobytes())
     return h.hexdigest()
 
 
-def cache_path(cfg: Config, model, splits: dict[str, Dataset]) -> Path:
+def cache_path(cfg: Config, model, splits: dict[str, Dataset], accelerator=None) -> Path:
     root = Path(cfg.reference_cache_dir or Path.home() / ".cache" / "simpo_exp" / "reference").expanduser()
     key = hashlib.sha256(
         (
-            model_fingerprint(cfg, model)
+            model_fingerprint(cfg, model, accelerator)
             + "".join(f"{name}:{data_fingerprint(ds)}" for name, ds in sorted(splits.items()))
         ).encode()
     ).hexdigest()[:24]
@@ -135,7 +139,8 @@ class CachedReference:
     ``prepare``), and ``fill`` after ``prepare``."""
 
     def __init__(self, cfg: Config, model, splits: dict[str, Dataset], collate, accelerator):
-        self.path = Path(on_every(accelerator, lambda: str(cache_path(cfg, model, splits)), "hashing the model")[0])
+        path = lambda: str(cache_path(cfg, model, splits, accelerator))  # noqa: E731
+        self.path = Path(on_every(accelerator, path, "hashing the model")[0])
         self.splits = {name: ds.add_column(REF_INDEX, list(range(len(ds)))) for name, ds in splits.items()}
         self.collates = {name: WithReference(collate) for name in splits}
         self.batch_size = cfg.per_device_eval_batch_size

@@ -336,3 +336,23 @@ def test_the_reference_cache_key_holds_the_precision_auto_resolves_to(compose, t
         cfg = to_config(compose(*overrides, f"model.path={tmp_path / 'base'}"))
         prints[precision] = model_fingerprint(cfg, load_model(cfg, build_tiny_tokenizer(), "sdpa"))
     assert prints["auto"] == prints["no"] != prints["bf16"]
+
+    # FSDP's mixed precision runs the forward in bf16 weights, DDP in float32 ones under the autocast: a DDP run's
+    # cache served a later FSDP run of the same model (0.002-0.1 nats a sequence apart), under one key
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    model = load_model(cfg, build_tiny_tokenizer(), "sdpa")  # the bf16 config's
+    engine = lambda kind, **state: SimpleNamespace(  # noqa: E731
+        distributed_type=kind, mixed_precision="bf16", state=SimpleNamespace(**state)
+    )
+    ddp, fsdp = engine(DistributedType.MULTI_GPU), engine(DistributedType.FSDP, fsdp_plugin=plugin)
+    assert model_fingerprint(cfg, model, ddp) == model_fingerprint(cfg, model) == prints["bf16"]
+    assert model_fingerprint(cfg, model, fsdp) != prints["bf16"]
+    assert model_fingerprint(cfg, model, engine(DistributedType.DEEPSPEED)) not in (
+        prints["bf16"],
+        model_fingerprint(cfg, model, fsdp),
+    )
