@@ -46,23 +46,31 @@ def engine_keeps_master_copy(accelerator) -> bool:
     return accelerator.distributed_type.value == "DEEPSPEED" and accelerator.mixed_precision in ("bf16", "fp16")
 
 
-def engine_master_weights(accelerator, model) -> dict[str, torch.Tensor]:
-    """Under DeepSpeed with its own float32 master copy (``engine_keeps_master_copy``), each trained parameter's
-    whole float32 master weight, keyed as ``model``'s state dict is, on the CPU of the main process ({} on the
-    others, and where the engine keeps none). Every process must call it: ZeRO gathers each weight from its
-    partitions. ``accelerator.get_state_dict`` hands over the engine's bf16 working weights, which round a
-    SimPO-size update away (at lr 1e-6 most of it), so the saved model would not be the trained one."""
-    if not engine_keeps_master_copy(accelerator):
-        return {}
+def engine_state_dict(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """Under DeepSpeed with its own float32 master copy (``engine_keeps_master_copy``), ``model``'s whole state
+    dict in float32 on the CPU of the main process (None on the others): each trained parameter's master, each
+    frozen one (a LoRA base) and each buffer as the engine holds it, gathered one weight at a time where ZeRO-3
+    partitioned it. Every process must call it (the gathers are collectives). ``accelerator.get_state_dict``
+    hands over the engine's bf16 working weights, which round a SimPO-size update away (at lr 1e-6 most of it),
+    and gathering them as well as the masters held a second whole copy in host memory (16 GB for an 8B model; on
+    every process under ZeRO-2)."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    masters = {}
-    for name, param in accelerator.unwrap_model(model).named_parameters():
-        if param.requires_grad:  # the frozen ones (a LoRA base) have no master copy: their bf16 weights are theirs
-            full = safe_get_full_fp32_param(param)
-            if full is not None and accelerator.is_main_process:
-                masters[name] = full.detach().to("cpu", torch.float32)
-    return masters
+    module = accelerator.unwrap_model(model)
+    main, out, done = accelerator.is_main_process, {}, {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in done:  # a tied weight's second key is the same tensor: gathered once
+            full = safe_get_full_fp32_param(tensor) if getattr(tensor, "requires_grad", False) else None
+            if full is None:  # frozen, a buffer, or a weight the engine keeps no master of: as it holds it
+                with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else []):
+                    full = tensor.detach().to("cpu", copy=True) if main else None
+            done[id(tensor)] = (
+                full.detach().to("cpu", torch.float32 if full.is_floating_point() else full.dtype) if main else None
+            )
+        if main:
+            out[key] = done[id(tensor)]
+    return out if main else None
 
 
 def warn_if_the_engine_rounds_the_base(accelerator, model) -> bool:

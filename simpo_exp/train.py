@@ -63,7 +63,7 @@ from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import (
     engine_keeps_master_copy,
-    engine_master_weights,
+    engine_state_dict,
     warn_if_the_engine_rounds_the_base,
     warn_if_updates_vanish,
 )
@@ -679,12 +679,12 @@ def finish(run: Run, summary: dict) -> dict:
     if run.cfg.save_model and acc.distributed_type in SHARDED_ENGINES:
         # sharded weights: every process takes part in gathering them ("model." is the wrapper's prefix);
         # ZeRO-3 hands the gathered weights to the main process only (None elsewhere), which alone writes them
-        gathered = acc.get_state_dict(run.policy)
-        masters = engine_master_weights(acc, run.policy)  # DeepSpeed under bf16: its float32 copy, not bf16
+        # DeepSpeed under bf16: its float32 master copy (the buffers too: one dtype for the saved model, which its
+        # config records), not the bf16 working weights
+        keeps = engine_keeps_master_copy(acc)
+        gathered = engine_state_dict(acc, run.policy) if keeps else acc.get_state_dict(run.policy)
         if gathered is not None:
-            full_state_dict = {k.removeprefix("model."): v for k, v in (gathered | masters).items()}
-            if masters:  # the buffers too: one dtype for the saved model, which its config records
-                full_state_dict = {k: v.float() if v.is_floating_point() else v for k, v in full_state_dict.items()}
+            full_state_dict = {k.removeprefix("model."): v for k, v in gathered.items()}
             full_state_dict = without_tied_copies(full_state_dict, acc.unwrap_model(run.policy).model)
     if run.cfg.save_model:  # every process waits for the main one's write and fails with it
         saving = f"writing the model to {run.run_dir / 'model'}"

@@ -133,7 +133,7 @@ def test_zero3_launched_as_the_readme_says_saves_its_float32_master_weights_and_
     stand_in = CONF_ROOT / "tests" / "standins" / "sharded_cpu" / "sitecustomize.py"
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(
-        f"exec(open({str(stand_in)!r}).read())\n" + NAN_LOSS_ON_THE_SECOND_STEP
+        f"exec(open({str(stand_in)!r}).read())\n" + NAN_LOSS_ON_THE_SECOND_STEP + NO_GATHER_OF_WORKING_WEIGHTS
     )
     env = launch_env(tmp_path / "inject", SHARDED_ON_CPU="1", DS_ACCELERATOR="cpu")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launchers/zero3.yaml"]
@@ -153,7 +153,24 @@ def test_zero3_launched_as_the_readme_says_saves_its_float32_master_weights_and_
     off_bf16 = sum(int((v != v.to(torch.bfloat16).float()).sum()) for v in weights.values())
     assert off_bf16 > 0.9 * sum(v.numel() for v in weights.values())  # a master copy, not bf16 ones upcast
     assert json.loads((run / "model" / "config.json").read_text())["dtype"] == "float32"
+    from transformers import AutoModelForCausalLM
 
+    _, loading = AutoModelForCausalLM.from_pretrained(run / "model", output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], loading  # every weight saved
+
+
+# Loaded by both processes: accelerate's get_state_dict, which gathered every bf16 working weight at the final
+# save beside the float32 masters (a second whole copy of the model in host memory), is not called.
+NO_GATHER_OF_WORKING_WEIGHTS = """
+import accelerate
+
+
+def _refused(self, *args, **kwargs):
+    raise RuntimeError("the final save gathered the engine's bf16 working weights")
+
+
+accelerate.Accelerator.get_state_dict = _refused
+"""
 
 # Loaded by both processes (after the stand-in): the preference loss of the second training step is NaN.
 NAN_LOSS_ON_THE_SECOND_STEP = """
