@@ -719,11 +719,12 @@ def test_a_reward_model_whose_tokenizer_has_no_pad_token_is_read_at_each_rows_la
 
     from simpo_exp.inference.scoring import make_scorer, render_for_scoring
 
-    for model_pad in (None, 5):  # no pad id anywhere; a pad id in the model's config only
-        other = tmp_path / f"rm-{model_pad}"
+    # no pad id anywhere; a pad id in the model's config only; EOS set as the pad token (read one token early)
+    for pad, model_pad in (("none", None), ("none", 5), ("eos", None)):
+        other = tmp_path / f"rm-{pad}-{model_pad}"
         shutil.copytree(tiny_reward_model, other)
         tokenizer = AutoTokenizer.from_pretrained(other)
-        tokenizer.pad_token = None
+        tokenizer.pad_token = tokenizer.eos_token if pad == "eos" else None
         tokenizer.save_pretrained(other)
         config = json.loads((other / "config.json").read_text())
         config["pad_token_id"] = model_pad
@@ -742,7 +743,7 @@ def test_a_reward_model_whose_tokenizer_has_no_pad_token_is_read_at_each_rows_la
                 expected.append(model(input_ids=torch.tensor([ids["input_ids"]])).logits[0, 0].item())
         for batch in (1, 3):
             scorer = make_scorer(compose_generate(*overrides, f"scorer.batch_size={batch}"))
-            assert scorer.score(prompts, responses) == pytest.approx(expected, abs=1e-5), (model_pad, batch)
+            assert scorer.score(prompts, responses) == pytest.approx(expected, abs=1e-5), (pad, model_pad, batch)
             scorer.close()
 
 

@@ -184,10 +184,11 @@ class RewardModelScorer:
         self.device = pick_device(cfg.hardware.device)
         dtype = reward_model_dtype(cfg)
         self.tokenizer = load_reward_tokenizer(s)
-        # A tokenizer without a pad token of its own (Llama 3's) gives no id that marks padding and nothing else:
-        # padding with EOS, the head took a row's own closing EOS for padding and read the token before it. Such
-        # rows are scored unpadded instead, in batches of one length (``score``).
-        self.own_pad = own_pad = self.tokenizer.pad_token_id is not None
+        # A tokenizer without a pad token of its own (Llama 3's), or whose pad token is one its rows hold (EOS set
+        # as the pad token, a common fix-up), gives no id that marks padding and nothing else: padding with EOS,
+        # the head took a row's own closing EOS for padding and read the token before it. Such rows are scored
+        # unpadded instead, in batches of one length (``score``).
+        self.own_pad = own_pad = self._pad_marks_padding_only()
         self.model = (
             AutoModelForSequenceClassification.from_pretrained(
                 s.path, revision=s.revision, dtype=dtype, trust_remote_code=s.trust_remote_code
@@ -210,6 +211,15 @@ class RewardModelScorer:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = capped_max_length(s, self.model.config)
         self.cut: list[bool] = []  # per response of the last score() call: cut to self.max_length tokens
+
+    def _pad_marks_padding_only(self) -> bool:
+        """Whether the tokenizer's pad id is one no scored row holds: not its EOS or BOS, nor a token its
+        rendering of a conversation writes."""
+        pad = self.tokenizer.pad_token_id
+        if pad is None or pad in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id):
+            return False
+        probe = render_for_scoring(self.tokenizer, self.s, [{"role": "user", "content": "Hello"}], "Hi")
+        return pad not in self.tokenizer(probe, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
