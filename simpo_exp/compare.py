@@ -89,7 +89,10 @@ FAMILIES = (
     ),
     Family("loss", "Training objective (the method's loss + sft_weight x NLL)", ("loss",), "lower"),
 )
-KNOWN_METRICS = train_keys(METHODS) + eval_keys(METHODS) + [STEP_KEY, SAMPLES_KEY]
+# the loop's metrics, its counters, and the numbers summary.json adds: the run's wall time, the compile steps'
+KNOWN_METRICS = (
+    train_keys(METHODS) + eval_keys(METHODS) + [STEP_KEY, SAMPLES_KEY, "runtime_s", "train/compile_warmup_s"]
+)
 assert all(m in PAIR_METRICS for fam in FAMILIES for m in fam.metrics)
 assert set(TABLE_METRICS) <= set(KNOWN_METRICS)
 
@@ -115,17 +118,18 @@ class Run:
     label: str = ""  # filled by label_runs
 
     def final(self, key: str) -> float | None:
-        """The run's final value of a metric: summary.json, else the last one logged."""
-        v = self.summary.get(key)
-        if _is_number(v):
+        """The run's final value of a metric: summary.json, else the last one logged; NaN or infinite where that
+        one was (a diverged run is not given an earlier, finite value)."""
+        if key in self.summary and (_is_number(v := self.summary[key]) or isinstance(v, float)):
             return float(v)
         if key in self.bench:
             return self.bench[key]
-        steps, values = self.series(key)
-        return values[-1] if values else None
+        logged = [_logged(r[key]) for r in self.history if key in r and "step" in r]
+        return next((v for v in reversed(logged) if v is not None), None)
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
-        points = [(r["step"], float(r[key])) for r in self.history if _is_number(r.get(key)) and "step" in r]
+        """The steps and finite values logged of ``key`` (a plot leaves the non-finite out)."""
+        points = [(r["step"], v) for r in self.history if "step" in r and _is_number(v := _logged(r.get(key)))]
         return [s for s, _ in points], [v for _, v in points]
 
     def value_of(self, key: str):
@@ -150,6 +154,16 @@ class Run:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _logged(v) -> float | None:
+    """A metrics.jsonl value as logged: the tracker writes NaN as null and an infinity as +-1e308 (JSON has
+    neither); None where the value is no number."""
+    if v is None:
+        return math.nan
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    return math.copysign(math.inf, v) if abs(v) >= 1e308 else float(v)
 
 
 def load_run(path: str | Path) -> Run:
@@ -424,7 +438,8 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool |
             }
         )
     reverse = not (lower_is_better(metric) if ascending is None else ascending)
-    return sorted(rows, key=lambda row: row[f"{metric} mean"], reverse=reverse)
+    finite = [row for row in rows if _is_number(row[f"{metric} mean"])]
+    return sorted(finite, key=lambda row: row[f"{metric} mean"], reverse=reverse) + [r for r in rows if r not in finite]
 
 
 # ----------------------------------------------------------------------------- generations
@@ -461,7 +476,14 @@ def format_generations(entries: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- ranking and table
 # Metrics where a lower value is better besides losses: cost and failure counts.
-LOWER_IS_BETTER = ("step_time_s", "max_rss_gb", "gpu_max_allocated_gb", "skipped_steps", "compile_warmup_s")
+LOWER_IS_BETTER = (
+    "step_time_s",
+    "max_rss_gb",
+    "gpu_max_allocated_gb",
+    "skipped_steps",
+    "compile_warmup_s",
+    "runtime_s",
+)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -476,7 +498,7 @@ def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | N
     def key(r: Run):
         v = r.final(metric)
         group = {"done": 0, "running": 1, "stopped": 1, "killed": 2, "failed": 2}[r.status]
-        if v is None:
+        if not _is_number(v):  # none, or NaN/inf (a diverged run): after the runs with a number
             return (group, 1, 0.0)
         return (group, 0, v if ascending else -v)
 
@@ -634,7 +656,7 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     if handles:
         fig.legend(handles, labels, loc="outside right upper", title=f"runs, best first by {metric}", fontsize=9)
     title = fam.title + (f"  -  {fam.better} is better" if fam.better else "")
-    if len(ranked) > 1 and ranked[0].status == "done" and ranked[0].final(metric) is not None:
+    if len(ranked) > 1 and ranked[0].status == "done" and _is_number(ranked[0].final(metric)):
         best = ranked[0]
         ties = sum(r.status == "done" and r.final(metric) == best.final(metric) for r in ranked[1:])
         title += "\n" + textwrap.shorten(f"best by {metric}: {best.label}", 80) + f" ({_fmt(best.final(metric))})"

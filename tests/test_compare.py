@@ -1,6 +1,7 @@
 """The compare command and the notebook, on one real sweep: beta=2,5 x seed=1,2 plus an invalid beta=-1."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -297,6 +298,9 @@ def test_seed_groups_pool_equal_values_and_group_choices_however_they_were_given
 
 def test_the_step_and_sample_counters_the_loop_logs_can_be_ranked_on():
     assert {"train/global_step", "train/samples_seen"} <= set(compare.KNOWN_METRICS)
+    # and the numbers summary.json adds (--metric refused them), cheapest first
+    assert {"runtime_s", "train/compile_warmup_s"} <= set(compare.KNOWN_METRICS)
+    assert compare.lower_is_better("runtime_s") and compare.lower_is_better("train/compile_warmup_s")
 
 
 def test_generate_and_evaluate_outputs_are_not_taken_for_training_runs(tmp_path):
@@ -486,3 +490,28 @@ def test_a_benchmark_metric_no_run_has_is_explained(tmp_path):
     assert said == "bench/alpacaeval2/lc_win_rate was not measured for any run: LC needs the alpaca-eval package."
     said = compare.missing_bench_metric(runs, "bench/alpacaeval2/winrate", "R")
     assert said == "alpacaeval2 reports no 'winrate'; it reports lc_win_rate, win_rate"
+
+
+def test_a_diverged_runs_final_value_is_its_nan_or_inf_and_ranks_last():
+    """summary.json keeps a non-finite final value as NaN/Infinity; metrics.jsonl writes NaN as null and an infinity
+    as 1e308. The NaN was passed over for an earlier eval's finite value, shown as the run's final one, and the
+    1e308 taken as a number: a diverged run ranked first by its reward margin and squashed every curve of the plot."""
+    acc, margin = "eval/rewards/accuracies", "eval/rewards/margins"
+    history = [{"step": 10, acc: 0.91, margin: 2.0}, {"step": 20, acc: None, margin: 1e308}]
+    diverged = _run("diverged", {"beta": "2"}, {acc: float("nan"), margin: float("inf")})
+    diverged.history = history
+    running = _run("running", {"beta": "3"}, {}, status="running")
+    running.history = history
+    fine = _run("fine", {"beta": "5"}, {acc: 0.8, margin: 1.5})
+    assert math.isnan(diverged.final(acc)) and diverged.final(margin) == math.inf
+    assert math.isnan(running.final(acc)) and running.final(margin) == math.inf  # its last logged values
+    assert running.series(margin) == ([10], [2.0])  # the plot leaves the non-finite out
+    for metric in (acc, margin):
+        assert [r.name for r in compare.rank_runs([diverged, fine], metric)] == ["fine", "diverged"]
+    seeds = compare.label_runs(
+        [
+            _run(str(i), {"seed": str(i), "beta": b}, {margin: v})
+            for i, (b, v) in enumerate([("2", 1.0), ("2", float("inf")), ("5", 0.5)])
+        ]
+    )
+    assert [g["beta"] for g in compare.seed_groups(seeds, margin)] == ["5", "2"]  # a diverged seed: its mean is inf
