@@ -133,6 +133,26 @@ def test_answers_cut_at_max_new_tokens_are_counted_and_can_be_left_out_of_pairs(
     assert pick_pair(cut, BinariseConfig(drop_unfinished=True)) == (None, "fewer than 2 distinct finished responses")
 
 
+def test_non_finite_scores_are_never_chosen_nor_rejected_and_are_counted():
+    """A reward model that overflows (float16) scores NaN or inf: the report's statistics failed with a traceback
+    after every response was sampled and scored (and again on every re-run: the scored shards are kept), a NaN
+    first in a record was taken as the best, and an inf was chosen."""
+    from simpo_exp.generate.config import BinariseConfig
+
+    nan, inf = float("nan"), float("inf")
+    records = [
+        _record(["a", "b", "c"], [nan, 0.5, 0.2], "p1"),
+        _record(["a", "b", "c"], [0.9, inf, 0.2], "p2"),
+        _record(["a", "b"], [0.9, nan], "p3"),
+    ]
+    assert pick_pair(records[0], BinariseConfig())[0] == (1, 2)
+    assert pick_pair(records[1], BinariseConfig())[0] == (0, 2)
+    rows, report = binarise(records, BinariseConfig())
+    assert report["prompts_dropped"] == {"fewer than 2 responses with a finite score": 1}
+    assert report["non_finite_scores"] == 3 and report["pairs_kept"] == 2
+    assert report["scores"]["all"]["n"] == 5 and report["scores"]["all"]["max"] == 0.9
+
+
 def test_generate_samples_the_prompt_training_renders(tmp_path, monkeypatch):
     """A string prompt column beside a longer chosen conversation (a system turn): both stages take the
     conversation's turns; a one-turn chosen: both take the prompt column as one user turn."""
@@ -589,6 +609,16 @@ def test_the_precision_binds_a_generation_and_greedy_passes_that_cannot_differ_a
     assert fp32["mixed_precision"] == on_cpu["mixed_precision"] == "no"
     (shards / "manifest.json").write_text(json.dumps(fp32 | {"mixed_precision": "auto"}))  # as recorded before
     check_manifest(shards, fp32, __import__("torch").device("cpu"))
+    # the dtype the sampler runs the weights in: bf16 weights upcast under master_weights=fp32 (the default), as
+    # loaded under master_weights=model; a resume that changed it mixed float32 and bfloat16 samples
+    upcast = _manifest(compose_generate("model.dtype=bfloat16", "hardware=cpu"), {}, prompts)
+    as_loaded = _manifest(
+        compose_generate("model.dtype=bfloat16", "hardware=cpu", "hardware.master_weights=model"), {}, prompts
+    )
+    assert (upcast["sampling_dtype"], as_loaded["sampling_dtype"]) == ("float32", "bfloat16")
+    (shards / "manifest.json").write_text(json.dumps(upcast))
+    with pytest.raises(ConfigError, match="sampling_dtype: stored 'float32', now 'bfloat16'"):
+        check_manifest(shards, as_loaded)
 
     res = generate("generate.temperature=0", f"hydra.run.dir={tmp_path / 'greedy'}", cwd=tmp_path)
     assert res.returncode == 2 and "generate.temperature=0.0: must be > 0: greedy decoding" in res.stderr
@@ -816,6 +846,7 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     counts = {"rows": 7, "duplicate prompt": 1, "no prompt": 0}
     monkeypatch.setattr(gen, "train_prompts", lambda dcfg: (prompts, dict(counts)))
     monkeypatch.setattr(gen, "prompt_token_ids", lambda tok, chats: [[0] * len(c[0]["content"]) for c in chats])
+    monkeypatch.setattr(gen, "policy_positions", lambda cfg: None)
     cfg = types.SimpleNamespace(max_prompt_length=10, dataset=types.SimpleNamespace(max_train_samples=3))
     kept, report = gen._tokenised_prompts(cfg, tokenizer=None)
     assert [p["prompt_id"] for p in kept] == ["0", "2", "4"]  # the first three that fit
@@ -963,6 +994,29 @@ def test_the_armorm_scorer_reads_the_papers_long_generations_uncut():
     cfg = compose_generate("scorer=armorm", "generate=paper", "model=llama3-8b-instruct")
     assert cfg.scorer.max_length == 8192 and cfg.generate.max_new_tokens == 4096
     assert cfg.scorer.path == "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+
+
+def test_a_prompt_that_fills_the_policys_positions_is_refused_before_sampling(tmp_path):
+    """max_prompt_length is the only cut on prompts: one longer than the model's positions stopped the stage when
+    its shard came to be sampled, after the shards before it, whose stored settings then refused the lower
+    max_prompt_length the error asked for (the sampled work lost). It is refused before anything is sampled."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.run import _tokenised_prompts
+    from simpo_exp.model import build_tiny_tokenizer, load_tokenizer
+
+    tok = build_tiny_tokenizer()
+    shape = dict(n_positions=24, n_embd=32, n_layer=1, n_head=2, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **shape)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    overrides = ("max_length=4096", "max_prompt_length=3000", "dataset.max_train_samples=4")
+    cfg = compose_generate(f"model.path={tmp_path}", *overrides)
+    with pytest.raises(ConfigError, match=r"max_prompt_length=3000 lets through a prompt of \d+ tokens, which fills"):
+        _tokenised_prompts(cfg, load_tokenizer(cfg.model))
+    cfg.max_prompt_length = 20  # prompts over it are dropped and counted; the rest have room
+    kept, counts = _tokenised_prompts(cfg, load_tokenizer(cfg.model))
+    assert kept and all(len(p["input_ids"]) <= 20 for p in kept) and counts["prompt too long"]
 
 
 def test_answers_stop_at_the_models_last_position(tmp_path, caplog):

@@ -96,6 +96,7 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
         make_sampler,
         pick_device,
         prompt_token_ids,
+        sampling_dtype,
     )
     from simpo_exp.model import load_tokenizer
 
@@ -108,6 +109,7 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
         "model_dtype": cfg.model.dtype,
         # and the precision they compute in: the samplers run a GPU's answers in bf16, a CPU's in the weights' own
         "mixed_precision": effective_precision(cfg.hardware.mixed_precision, pick_device(cfg.hardware.device)),
+        "sampling_dtype": str(sampling_dtype(cfg, pick_device(cfg.hardware.device))).removeprefix("torch."),
         "decoding": {k: v for k, v in vars(dec).items() if k != "batch_size"},
         "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest(),
         # each prompt's own hash: answers stored for the first N prompts serve a command that asks for more
@@ -120,7 +122,9 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
     _check_manifest(shard_dir / f"{tag}-manifest.json", manifest, bool(stored), keys, size)
     if judge_only:  # the stored answers are judged as they were made: say which of the command's settings go unused
         unused = manifest_changes(
-            read_json(shard_dir / f"{tag}-manifest.json"), manifest, ("decoding", "model_dtype", "mixed_precision")
+            read_json(shard_dir / f"{tag}-manifest.json"),
+            manifest,
+            ("decoding", "model_dtype", "mixed_precision", "sampling_dtype"),
         )
         if unused:
             log.warning(

@@ -4,6 +4,8 @@ Every prompt either yields a pair or is dropped with one reason, counted in the 
 - "all responses identical": nothing to prefer (the official recipe drops these too);
 - "fewer than 2 distinct non-empty responses": empty answers are never chosen nor rejected (nor, under
   ``binarise.drop_unfinished``, answers cut at ``generate.max_new_tokens``: "fewer than 2 distinct finished responses");
+- "fewer than 2 responses with a finite score": a reward model that overflowed (NaN or inf, as float16 can) leaves
+  too few responses scored; such responses are never chosen nor rejected;
 - "tied scores": no distinct response scores below the best;
 - "score gap below binarise.min_gap": the chosen/rejected gap is smaller than asked.
 The chosen response is the highest-scored (the first on ties); the rejected one depends on
@@ -12,6 +14,7 @@ The chosen response is the highest-scored (the first on ties); the rejected one 
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections import Counter
@@ -32,6 +35,9 @@ def pick_pair(record: dict, bcfg) -> tuple[tuple[int, int] | None, str]:
         usable = [i for i in usable if record["responses"][i]["finished"]]
         if len({texts[i] for i in usable}) < 2:
             return None, "fewer than 2 distinct finished responses"
+    usable = [i for i in usable if math.isfinite(scores[i])]  # a NaN compared as the best, an inf was the best
+    if len({texts[i] for i in usable}) < 2:
+        return None, "fewer than 2 responses with a finite score"
     best = max(usable, key=lambda i: (scores[i], -i))
     below = [i for i in usable if texts[i] != texts[best] and scores[i] < scores[best]]
     if not below:
@@ -70,6 +76,8 @@ def pair_row(record: dict, chosen: int, rejected: int) -> dict:
 
 
 def distribution(values: list[float]) -> dict:
+    """Count, mean, spread and quartiles of the finite ``values`` (a non-finite score is counted in the report)."""
+    values = [v for v in values if math.isfinite(v)]
     if not values:
         return {"n": 0}
     q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
@@ -103,6 +111,7 @@ def binarise(records: list[dict], bcfg) -> tuple[list[dict], dict]:
         "prompts_dropped": dict(sorted(dropped.items())),
         "responses": len(responses),
         "responses_hit_max_new_tokens": sum(not r["finished"] for r in responses),
+        "non_finite_scores": sum(not math.isfinite(s) for rec in records for s in rec["scores"]),
         "pair_sides_hit_max_new_tokens": sum(
             (not rec["responses"][c]["finished"]) + (not rec["responses"][r]["finished"]) for rec, c, r in picked
         ),

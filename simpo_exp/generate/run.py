@@ -32,7 +32,13 @@ from simpo_exp.data.prompts import train_prompts
 from simpo_exp.data.sources import DataSourceError, synthetic_task
 from simpo_exp.generate.binarise import binarise
 from simpo_exp.inference.files import manifest_changes, read_jsonl, weights_sha256, write_atomic, write_jsonl
-from simpo_exp.inference.sampling import derive_seed, effective_precision, pick_device, prompt_token_ids
+from simpo_exp.inference.sampling import (
+    derive_seed,
+    effective_precision,
+    pick_device,
+    prompt_token_ids,
+    sampling_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,22 @@ def policy_fingerprint(cfg) -> dict:
             "sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(),
         }
     return weights_fingerprint(m.path, m.revision)
+
+
+def policy_positions(cfg) -> int | None:
+    """The positions the policy reads (its config's, a random init's shape); None where its config names none."""
+    from simpo_exp.inference.sampling import model_positions
+
+    m = cfg.model
+    if not m.path:
+        return m.random_init.max_position_embeddings
+    from transformers import AutoConfig
+
+    from simpo_exp.hub import check_model_available
+
+    check_model_available(m.path, m.revision)  # a model neither on disk nor in the cache, named as training names it
+    config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    return model_positions(config)
 
 
 def weights_fingerprint(name: str, revision, commit: bool = True) -> dict:
@@ -82,8 +104,10 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
         "prompts": len(prompts),
         "prompt_ids_sha256": ids,
         "max_prompt_length": cfg.max_prompt_length,
-        # what the samples are computed in (the same weights in another precision sample other responses)
+        # what the samples are computed in (the same weights in another precision sample other responses): the
+        # dtype the weights are loaded in, and the one the sampler runs them in (hardware.master_weights upcasts)
         "model_dtype": cfg.model.dtype,
+        "sampling_dtype": str(sampling_dtype(cfg, pick_device(cfg.hardware.device))).removeprefix("torch."),
         "mixed_precision": effective_precision(cfg.hardware.mixed_precision, pick_device(cfg.hardware.device)),
         "attention": cfg.model.attn_implementation or cfg.hardware.attn_implementation,
     }
@@ -150,6 +174,14 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
     if not kept:
         raise DataSourceError(
             f"every prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens ({counts})"
+        )
+    positions, longest = policy_positions(cfg), max(len(p["input_ids"]) for p in kept)
+    if positions is not None and longest >= positions:  # said now, not after the shards before its own are sampled
+        where = cfg.model.path or "model.random_init"
+        raise ConfigError(
+            f"max_prompt_length={cfg.max_prompt_length} lets through a prompt of {longest} tokens, which fills the "
+            f"{positions} positions of {where}: nothing can be sampled after it. Set max_prompt_length below "
+            f"{positions}, leaving room for generate.max_new_tokens={cfg.generate.max_new_tokens}"
         )
     cap = cfg.dataset.max_train_samples
     if cap is not None and len(kept) > cap:  # the first ones that fit, so the cap is the number of prompts sampled
@@ -320,6 +352,12 @@ def generate_data(cfg) -> dict:
                 "scorer.max_length",
                 report["responses_cut_for_the_scorer"], report["responses"], cfg.scorer.max_length,
             )  # fmt: skip
+    if report["non_finite_scores"]:
+        log.warning(
+            "%d of %d scores are NaN or infinite (scorer.dtype=%s: float16 overflows in some reward models; bfloat16 "
+            "or float32 does not): those responses were neither chosen nor rejected",
+            report["non_finite_scores"], report["responses"], cfg.scorer.dtype,
+        )  # fmt: skip
     if report["pair_sides_hit_max_new_tokens"]:
         log.warning(
             "%d of the %d chosen and rejected responses ran into generate.max_new_tokens=%d before their end-of-turn "
@@ -345,7 +383,12 @@ def generate_data(cfg) -> dict:
         "created_by": "simpo_exp.generate",
         "git_commit": git_commit(),
         "output_dir": str(out.resolve()),
-        "policy": {"name": cfg.model.name, "path": cfg.model.path, "fingerprint": fingerprint},
+        "policy": {
+            "name": cfg.model.name,
+            "path": cfg.model.path,
+            "fingerprint": fingerprint,
+            "sampled_in": str(sampling_dtype(cfg, pick_device(cfg.hardware.device))).removeprefix("torch."),
+        },
         "dataset": {
             "name": cfg.dataset.name,
             "split": "train",

@@ -92,6 +92,17 @@ def inference_dtype(mixed_precision: str, device: torch.device, weights: torch.d
     return {"no": weights, "fp16": torch.float16, "bf16": torch.bfloat16}[effective_precision(mixed_precision, device)]
 
 
+def sampling_dtype(cfg, device: torch.device) -> torch.dtype:
+    """The dtype a sampler computes in: the weights as ``load_model`` holds them (float32 under the default
+    ``hardware.master_weights=fp32`` for a full fine-tune, else ``model.dtype``), in the precision training would
+    autocast to."""
+    from simpo_exp.model import TORCH_DTYPES
+
+    h = cfg.hardware
+    weights = torch.float32 if h.master_weights == "fp32" and not h.lora else TORCH_DTYPES[cfg.model.dtype]
+    return inference_dtype(h.mixed_precision, device, weights)
+
+
 def model_positions(config) -> int | None:
     """The positions the model reads (``max_position_embeddings``, GPT-2's ``n_positions``); None where it says none."""
     keys = ("max_position_embeddings", "n_positions")
@@ -214,13 +225,9 @@ class VLLMSampler:
         m, g = cfg.model, decoding or cfg.generate
         self.g, self.tokenizer = g, tokenizer
         device = pick_device(cfg.hardware.device)
-        from simpo_exp.model import TORCH_DTYPES
-
-        # mixed_precision=no: the weights' dtype as the hf backend holds them (load_model: float32 under
-        # master_weights=fp32, else model.dtype; it was float32 whatever master_weights said)
-        h = cfg.hardware
-        weights = torch.float32 if h.master_weights == "fp32" and not h.lora else TORCH_DTYPES[m.dtype]
-        dtype = inference_dtype(h.mixed_precision, device, weights)
+        # mixed_precision=no: the weights' dtype as the hf backend holds them (it was float32 whatever
+        # master_weights said)
+        dtype = sampling_dtype(cfg, device)
         self.llm = LLM(
             model=m.path,
             tokenizer=m.tokenizer_path or m.path,
