@@ -718,6 +718,16 @@ def test_a_rebinarising_that_keeps_no_pair_leaves_no_stale_data_set(
     assert not (out / "data" / "train.jsonl").exists() and not (out / "data" / "provenance.json").exists()
 
 
+def test_a_policy_whose_answers_all_score_alike_is_told_to_sample_from_a_trained_model(tmp_path):
+    """The README's try on the embedded default (a random init: it writes no digits, every rule score 0) ended in
+    advice to sample more responses or raise the temperature, which cannot help."""
+    args = ("dataset.max_train_samples=4", "generate.max_new_tokens=6", "generate.shard_size=4", "generate.seeds=[1,2]")
+    res = generate(*args, f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "every one of the 8 responses scored 0.0: the scorer tells none apart" in res.stderr
+    assert "model.path=<a trained run>/model" in res.stderr
+
+
 def test_a_reward_models_pad_id_is_its_tokenizers_so_batched_scores_equal_single_ones(tiny_reward_model, tmp_path):
     """The head reads each row at its last token that is not config.pad_token_id: with another id there than the
     tokenizer pads with, a batched row was read on its padding and its score depended on its batch."""

@@ -370,14 +370,20 @@ def generate_data(cfg) -> dict:
         for stale in (out / "data" / "train.jsonl", out / "data" / "provenance.json"):
             stale.unlink(missing_ok=True)
         gap_only = set(report["prompts_dropped"]) == {"score gap below binarise.min_gap"}
+        scores = {s for rec in records for s in rec["scores"]}
+        if gap_only:
+            advice = f"lower binarise.min_gap={cfg.binarise.min_gap}"
+        elif len(scores) == 1:  # a random init's answers to the synthetic task: every rule score 0
+            advice = (
+                f"every one of the {report['responses']} responses scored {next(iter(scores))}: the scorer tells none "
+                "apart. Sample from a model that can do the task (model.path=<a trained run>/model: on the embedded "
+                "default, train one first with python -m simpo_exp) or use another scorer"
+            )
+        else:
+            advice = "sample more responses per prompt, raise generate.temperature or use another scorer"
         raise NoPairsError(
             f"no usable preference pair: {report['prompts']} prompts, dropped "
-            f"{report['prompts_dropped']} (see {out / 'report.json'}); "
-            + (
-                f"lower binarise.min_gap={cfg.binarise.min_gap}"
-                if gap_only
-                else "sample more responses per prompt, raise generate.temperature or use another scorer"
-            )
+            f"{report['prompts_dropped']} (see {out / 'report.json'}); {advice}"
         )
     provenance = {
         "created_by": "simpo_exp.generate",
