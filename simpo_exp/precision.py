@@ -11,8 +11,9 @@ This is what the official SimPO recipes do (``torch_dtype: null`` with ``bf16: t
   the memory, and a warning when the learning rate is below what bf16 can resolve for most weights.
 - LoRA: the frozen base stays in ``model.dtype``; the adapters are float32 (peft upcasts them).
 - DeepSpeed: the engine holds bf16 weights and keeps its own float32 master copy and optimizer state; the final
-  model is saved from that master copy (``engine_master_weights``), in float32 as a full fine-tune's is.
-- FSDP: float32 shards are the master weights; under bf16 the forward runs on bf16 copies of the gathered
+  model is saved from that master copy (``engine_state_dict``), in float32 as a full fine-tune's is.
+- FSDP: float32 shards are the master weights (under mixed precision whatever ``master_weights`` says:
+  ``upcast_as_fsdp_does``); under bf16 the forward runs on bf16 copies of the gathered
   weights and gradients are reduced in bf16 (accelerate's policy), recorded as ``fsdp_param_dtype`` and
   ``fsdp_reduce_dtype``. The policy's cast of every output to bf16 is dropped (``engine.keep_fsdp_outputs``):
   the log-prob sums stay float32.
@@ -103,6 +104,27 @@ def prepare_weights(model, master_weights: str, lora: bool, engine_master_copy: 
         )
         model.float()
     return model
+
+
+def upcast_as_fsdp_does(model, accelerator) -> int:
+    """FSDP under mixed precision keeps float32 master shards of every trained weight whatever it is handed
+    (accelerate upcasts them before sharding; its policy computes in bf16): ``hardware.master_weights=model``
+    changes nothing there. Said, and done before the memory check and the update-size warning, which would
+    otherwise count half the memory a float32 state takes and warn of rounding that never happens. Returns the
+    number of tensors upcast."""
+    if accelerator.distributed_type.value != "FSDP" or accelerator.mixed_precision == "no":
+        return 0
+    low = [p for p in model.parameters() if p.requires_grad and p.dtype != torch.float32]
+    if low:
+        log.warning(
+            "hardware.master_weights=model under FSDP with mixed_precision=%s: accelerate keeps float32 master shards "
+            "of the trained weights whatever it is given, so the %d trained %s tensors train in float32 (the memory of "
+            "a float32 state; the forward computes in FSDP's param_dtype)",
+            accelerator.mixed_precision, len(low), low[0].dtype,
+        )  # fmt: skip
+        for p in low:
+            p.data = p.data.float()
+    return len(low)
 
 
 def vanishing_fraction(model, lr: float) -> float:

@@ -64,6 +64,7 @@ from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import (
     engine_keeps_master_copy,
     engine_state_dict,
+    upcast_as_fsdp_does,
     warn_if_the_engine_rounds_the_base,
     warn_if_updates_vanish,
 )
@@ -317,6 +318,7 @@ def set_up(cfg: Config) -> Run:
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg), engine_keeps_master_copy(accelerator))
+    upcast_as_fsdp_does(model, accelerator)
     log.info(
         "model %s: %.2fM parameters, %.2fM trained%s",
         cfg.model.path or cfg.model.name,

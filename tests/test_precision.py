@@ -293,3 +293,29 @@ def test_a_live_reference_under_fsdp1_computes_as_the_fsdp1_policy_does(tmp_path
         dist.destroy_process_group()
     assert ratios.tolist() == [0.0] * 8
     assert {b.dtype for b in reference.buffers() if b.is_floating_point()} <= {torch.bfloat16}
+
+
+def test_fsdp_under_mixed_precision_trains_float32_whatever_master_weights_says(caplog):
+    """accelerate upcasts FSDP's trained weights to float32 before sharding whenever mixed_precision is not "no":
+    hardware.master_weights=model changed nothing but the memory check (which counted bf16 bytes, half of what
+    trains) and the update-size warning (of rounding that never happens). The run now upcasts them first, saying so."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.precision import upcast_as_fsdp_does
+
+    def bf16_model():
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).to(torch.bfloat16)
+        model[1].requires_grad_(False)  # frozen: FSDP leaves it as it is
+        return model
+
+    engine = lambda kind, mp: SimpleNamespace(distributed_type=kind, mixed_precision=mp)  # noqa: E731
+    for kind, mp in ((DistributedType.MULTI_GPU, "bf16"), (DistributedType.FSDP, "no")):
+        model = bf16_model()
+        assert upcast_as_fsdp_does(model, engine(kind, mp)) == 0 and model[0].weight.dtype == torch.bfloat16
+    model = bf16_model()
+    with caplog.at_level("WARNING", logger="simpo_exp.precision"):
+        assert upcast_as_fsdp_does(model, engine(DistributedType.FSDP, "bf16")) == 2
+    assert [p.dtype for p in model.parameters()] == [torch.float32] * 2 + [torch.bfloat16] * 2
+    assert "hardware.master_weights=model under FSDP with mixed_precision=bf16" in caplog.text
