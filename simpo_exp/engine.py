@@ -3,6 +3,7 @@ sharded engines need (their own checkpoint format, a process group without a lau
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from simpo_exp.config import Config, ConfigError
 from simpo_exp.errors import UserError
 
+log = logging.getLogger(__name__)
 SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
@@ -212,6 +214,17 @@ def zero_layout(ds_config: dict) -> dict:
     }
 
 
+def set_keys(config: dict, prefix: str = "") -> dict:
+    """A DeepSpeed config's settings as dotted keys, leaving out those left to accelerate ("auto")."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= set_keys(value, f"{prefix}{key}.")
+        elif value != "auto":
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def deepspeed_config_path(name: str) -> Path:
     """A preset's ``hardware.deepspeed_config``: as given, else relative to the project (as the presets name them)."""
     path = Path(name).expanduser()
@@ -275,14 +288,25 @@ def check_engine(h, got, running_ds_config: dict | None = None) -> None:
     if wanted == "DEEPSPEED" and got == DistributedType.DEEPSPEED and running_ds_config is not None:
         import json
 
-        asked = zero_layout(json.loads(deepspeed_config_path(h.deepspeed_config).read_text()))
-        running = zero_layout(running_ds_config)
+        whole = json.loads(deepspeed_config_path(h.deepspeed_config).read_text())
+        asked, running = zero_layout(whole), zero_layout(running_ds_config)
         if asked != running:
             raise ConfigError(
                 f"hardware={h.name} asks for DeepSpeed {asked} ({h.deepspeed_config}), but the launcher's DeepSpeed "
                 f"config runs {running}: start it with accelerate launch --config_file launchers/{h.name}.yaml, or "
                 "name the preset that matches the launcher"
             )
+        theirs = set_keys(running_ds_config)
+        unused = [
+            f"{k}={v!r} (runs {theirs.get(k, 'unset')!r})" for k, v in set_keys(whole).items() if theirs.get(k) != v
+        ]
+        if unused:
+            log.warning(
+                "hardware.deepspeed_config=%s is not the DeepSpeed config that runs: under accelerate launch the "
+                "launcher's deepspeed_config_file does, and these of its settings are not used: %s; point the "
+                "launcher's deepspeed_config_file at %s to use them",
+                h.deepspeed_config, "; ".join(unused), h.deepspeed_config,
+            )  # fmt: skip
     if wanted is None or got == getattr(DistributedType, wanted):
         return
     how = (

@@ -549,3 +549,32 @@ def test_a_random_init_under_a_zero3_config_draws_the_weights_one_process_draws(
         unset_hf_deepspeed_config()
     assert registered is not None and set(again) == set(plain)
     assert all(torch.equal(again[k], plain[k]) for k in plain)
+
+
+def test_a_deepspeed_config_whose_settings_the_launchers_config_overrides_is_said(tmp_path, caplog):
+    """Under accelerate launch the launcher's DeepSpeed file runs; hardware.deepspeed_config is read for its ZeRO
+    stage and offload only: a tuned copy (bucket sizes, live-parameter limits) was accepted and never used."""
+    import json
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import check_engine
+
+    root = Path(__file__).resolve().parents[1]
+    launcher = json.loads((root / "launchers" / "ds_zero3.json").read_text())
+    tuned = json.loads(json.dumps(launcher))
+    tuned["zero_optimization"] |= {"stage3_max_live_parameters": 1e8, "sub_group_size": 1e8}
+    (tmp_path / "mine.json").write_text(json.dumps(tuned))
+    mine = SimpleNamespace(name="zero3", deepspeed_config=str(tmp_path / "mine.json"))
+    with caplog.at_level("WARNING", logger="simpo_exp.engine"):
+        check_engine(mine, DistributedType.DEEPSPEED, launcher)
+    assert "zero_optimization.stage3_max_live_parameters=100000000.0 (runs 'unset')" in caplog.text
+    assert "zero_optimization.sub_group_size" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="simpo_exp.engine"):
+        check_engine(
+            SimpleNamespace(name="zero3", deepspeed_config="launchers/ds_zero3.json"),
+            DistributedType.DEEPSPEED,
+            launcher,
+        )
+    assert not caplog.text  # the preset's own file under its own launcher
