@@ -36,6 +36,7 @@ from simpo_exp.inference.results import headline_keys, is_bench_metric, read_res
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import (
     REFUSED_FILE,
+    RUN_SEARCH_DEPTH,
     STOPPED_FILE,
     checkpoint_dirs,
     ended_unrecorded,
@@ -279,10 +280,30 @@ def wandb_run(r) -> Run:
         "checkpoint, if one was saved)",
         "failed": "failed (its run directory's error.json says why)",
     }.get(status)
-    overrides = dict(kv.split("=", 1) for kv in (r.name or "").split(",") if "=" in kv)
+    overrides = dict(kv.split("=", 1) for kv in name_parts(r.name or "") if "=" in kv)
     return Run(
         r.name, status, config=dict(r.config), overrides=overrides, summary=summary, history=history, error=message
     )
+
+
+def name_parts(name: str) -> list[str]:
+    """A run name's overrides (``runinfo.run_name`` joins them with commas), split at the commas outside brackets
+    and quotes: ``dataset=[a,b],seed=1`` is two overrides, not three (a plain split made every mixture's dataset
+    ``[a``, and runs on different data pooled as seeds of one setting)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(name):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(name[start:i])
+            start = i + 1
+    return [*parts, name[start:]]
 
 
 def wandb_runs(api_runs) -> list[Run]:
@@ -300,7 +321,7 @@ def _natural(path: Path):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
-def find_run_dirs(path: str | Path, depth: int = 3) -> list[Path]:
+def find_run_dirs(path: str | Path, depth: int = RUN_SEARCH_DEPTH) -> list[Path]:
     """Run directories at or below ``path`` (a run, a sweep, or a folder of either), jobs in number order."""
     path = Path(path)
     if is_run_dir(path):

@@ -47,6 +47,10 @@ RESUMABLE_CHANGES = {
 # before the first step (set-up, eval_on_start) (train.py writes it, the entry point removes it when the run starts
 # again; compare and the sweep's summary read it).
 STOPPED_FILE = "stopped.json"
+# How many folders deep compare and evaluate look for runs under the path they are given: Hydra's default sweep
+# folder puts jobs 3 deep under outputs/ (multirun/<time>/<job>); a layout of one's own (outputs/multirun/exp1/
+# <time>/<job>) one or two deeper, and those were left out without a word at 3.
+RUN_SEARCH_DEPTH = 6
 
 
 CHECKPOINT_MARKER = "COMPLETE"  # written last into a checkpoint folder (simpo_exp/checkpoint.py): it is whole

@@ -314,6 +314,11 @@ def test_generate_and_evaluate_outputs_are_not_taken_for_training_runs(tmp_path)
         (tmp_path / name / ".hydra" / "config.yaml").write_text(f"{section}: {{}}\nseed: 1\n")
     assert find_run_dirs(tmp_path) == [tmp_path / "runs" / "r0"]
     assert find_runs(tmp_path) == [tmp_path / "runs" / "r0"]
+    # a sweep folder of one's own, its jobs 4 deep under outputs/: left out at a search depth of 3
+    deep = tmp_path / "multirun" / "exp1" / "2026-01-01_00-00-00" / "0_beta=3"
+    (deep / ".hydra").mkdir(parents=True)
+    (deep / ".hydra" / "config.yaml").write_text("method: {}\nseed: 1\n")
+    assert find_run_dirs(tmp_path) == find_runs(tmp_path) == [deep, tmp_path / "runs" / "r0"]
 
 
 def _run(name, overrides, summary, config=None, status="done"):
@@ -404,6 +409,18 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
     assert "crashed" in runs["beta=4"].error and runs["beta=1"].error is None
     table = compare.format_table(compare.runs_table(list(runs.values())))
     assert table.index("beta=1") < table.index("beta=2") < table.index("beta=4")
+    # a list-valued override (a data mixture) stays one value: split at every comma, the two mixtures below were
+    # both dataset='[ufb' and pooled as two seeds of one setting
+    mixes = [
+        FakeWandbRun(f"dataset=[ufb,{other}],seed={i}", "finished", {"eval/rewards/accuracies": 0.5})
+        for i, other in enumerate(("argilla", "math"))
+    ]
+    read = compare.wandb_runs(mixes)
+    assert [r.overrides for r in read] == [
+        {"dataset": "[ufb,argilla]", "seed": "0"},
+        {"dataset": "[ufb,math]", "seed": "1"},
+    ]
+    assert compare.name_parts("a='x,y',b={c: 1, d: 2},e=(1,2)") == ["a='x,y'", "b={c: 1, d: 2}", "e=(1,2)"]
 
 
 def _job(folder: Path, overrides: list[str], ran: dict | None = None) -> None:

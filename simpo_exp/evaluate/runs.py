@@ -21,14 +21,14 @@ from omegaconf import OmegaConf
 
 from simpo_exp.config import Config, ConfigError
 from simpo_exp.model import saved_dtype
-from simpo_exp.rundir import other_stage_output, read_yaml
+from simpo_exp.rundir import RUN_SEARCH_DEPTH, other_stage_output, read_yaml
 
 HYDRA_RESOLVER = re.compile(r"\$\{hydra:([^}]+)\}")
 SKIP = {"eval", "model", "wandb", "checkpoints", ".hydra", "compare"}
 SECTIONS = ("model", "dataset", "hardware", "logger")
 
 
-def find_runs(path: Path, depth: int = 3) -> list[Path]:
+def find_runs(path: Path, depth: int = RUN_SEARCH_DEPTH) -> list[Path]:
     """Directories at or below ``path`` with a saved config (a run, a sweep, a folder of sweeps)."""
     path = Path(path)
     if (path / ".hydra" / "config.yaml").is_file():
