@@ -306,6 +306,42 @@ def name_parts(name: str) -> list[str]:
     return [*parts, name[start:]]
 
 
+def jobs_asked(sweep_dir: Path) -> int | None:
+    """How many jobs the sweep in ``sweep_dir`` asked for, from Hydra's ``multirun.yaml``: the basic sweeper's grid
+    (the product of its sweep overrides' lengths), Optuna's ``n_trials``; None where it does not say."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra = (read_yaml(Path(sweep_dir) / "multirun.yaml") or {}).get("hydra") or {}
+    sweeper = hydra.get("sweeper") or {}
+    target = str(sweeper.get("_target_", ""))
+    if "optuna" in target.lower():
+        return sweeper.get("n_trials") if isinstance(sweeper.get("n_trials"), int) else None
+    if not target.endswith("BasicSweeper"):
+        return None
+    task = list((hydra.get("overrides") or {}).get("task") or [])
+    task += [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides(task)
+        return math.prod(len(list(o.sweep_iterator())) if o.is_sweep_override() else 1 for o in parsed)
+    except Exception:  # an override this version's grammar reads otherwise: nothing said, rather than a wrong count
+        return None
+
+
+def unstarted_jobs(runs: list[Run]) -> list[str]:
+    """A note per sweep whose folder holds fewer jobs than it asked for: the sweep itself stopped (killed, out of
+    memory) before the others started, and the table would look complete."""
+    notes = []
+    for sweep in dict.fromkeys(r.path.parent for r in runs if r.path is not None):
+        asked, found = jobs_asked(sweep), sum(r.path is not None and r.path.parent == sweep for r in runs)
+        if asked is not None and found < asked:
+            notes.append(
+                f"{sweep}: {found} of the sweep's {asked} jobs have a folder; the others never started (the sweep "
+                f"stopped first): re-run its command with hydra.sweep.dir={sweep} (finished jobs return their "
+                "results without training, unfinished ones resume)"
+            )
+    return notes
+
+
 def wandb_runs(api_runs) -> list[Run]:
     """W&B runs (e.g. ``wandb.Api().runs("entity/project", filters={"group": group})``), labelled by what differs."""
     return label_runs([wandb_run(r) for r in api_runs])
@@ -765,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nnote: {missing_bench_metric(runs, args.metric, args.paths[0])}")
     elif all(r.final(args.metric) is None for r in runs):
         print(f"\nnote: no run has {args.metric} (a metric of another method, or of runs not yet evaluated)")
+    for note in unstarted_jobs(runs):
+        print(f"\nnote: {note}")
     for bench, differ in mixed_bench_settings(runs).items():
         print(
             f"\nnote: bench/{bench}/* was measured with different settings ({'; '.join(differ)}): "

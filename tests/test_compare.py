@@ -532,3 +532,21 @@ def test_a_diverged_runs_final_value_is_its_nan_or_inf_and_ranks_last():
         ]
     )
     assert [g["beta"] for g in compare.seed_groups(seeds, margin)] == ["5", "2"]  # a diverged seed: its mean is inf
+
+
+def test_jobs_a_killed_sweep_never_started_are_counted_from_its_multirun_yaml(sweep, tmp_path, capsys):
+    """A sweep killed itself (out of memory, kill -9) leaves no folder for the jobs it had not started: compare
+    listed what was there, and a 6-job grid read as a complete sweep of 4."""
+    import shutil
+
+    assert compare.jobs_asked(sweep) == 6  # beta=2,5,-1 x seed=1,2
+    assert compare.main([str(sweep), "--no-plots"]) == 0
+    assert "never started" not in capsys.readouterr().out
+    cut = tmp_path / "cut"
+    shutil.copytree(sweep, cut, ignore=shutil.ignore_patterns("compare"))
+    for num in (4, 5):
+        shutil.rmtree(job(cut, num))
+    assert compare.main([str(cut), "--no-plots"]) == 0
+    assert f"{cut}: 4 of the sweep's 6 jobs have a folder; the others never started" in capsys.readouterr().out
+    (cut / "multirun.yaml").write_text("hydra: {sweeper: {_target_: some.OtherSweeper}}\n")
+    assert compare.jobs_asked(cut) is None  # a sweeper that does not say: nothing said
