@@ -91,11 +91,13 @@ def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
         "n": sum(full_numel(p) for p in params),
     }
     engine = getattr(accelerator, "distributed_type", None)
-    if engine is not None and engine.value in ("FSDP", "DEEPSPEED"):
-        # FSDP's mixed precision and DeepSpeed's cast run the whole forward in bf16 weights, where DDP or one
-        # device run float32 weights under the autocast: log-probs of one model 0.01-0.1 nats apart
-        record = precision_record(model, accelerator)
-        identity["engine"] = [engine.value, record.get("fsdp_param_dtype", record["weights_dtype"])]
+    if engine is not None and engine.value == "FSDP":
+        # FSDP's mixed precision runs the whole forward in its param_dtype copies of the weights, where DDP or one
+        # device run the float32 weights under the autocast: log-probs of one model 0.01-0.1 nats apart. (DeepSpeed
+        # casts the weights themselves, which "weights" holds; FSDP without mixed precision computes as one device.)
+        compute = precision_record(model, accelerator)["fsdp_param_dtype"]
+        if compute not in {str(p.dtype).removeprefix("torch.") for p in params}:
+            identity["fsdp_param_dtype"] = compute
     h = hashlib.sha256(json.dumps(identity).encode())
     for p in params:
         h.update(sampled(p).numpy().tobytes())
