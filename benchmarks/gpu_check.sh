@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The whole GPU check in one go, on one H100/H200 in under 8 minutes: install the kit carried in .whl/,
-# run tests/test_gpu.py, then the side-by-side benchmark against TRL 1.16 CPOTrainer(loss_type="simpo")
-# at batch 16 (the MFU candidates with and without torch.compile) and at a batch TRL cannot fit, a profile of
-# where a step's time goes, then (time allowing) batch 4. Figures (JSON, markdown tables, logs) go to $OUT.
+# The whole GPU check in one go, on one H100/H200 in about 7.5 minutes (the kit's install and imports about 40 s,
+# then parts of 110 + 180 + 120 s): install the kit carried in .whl/, run tests/test_gpu.py, then the
+# side-by-side benchmark against TRL 1.16 CPOTrainer(loss_type="simpo") at batch 16 (the MFU candidates with and
+# without torch.compile) and at a batch TRL cannot fit. Figures (JSON, markdown tables, logs) go to $OUT.
 #
 #   here:  bash benchmarks/gpu_kit.sh                        # wheels into .whl/ (needs a package registry)
 #   there: bash benchmarks/gpu_check.sh                       # with .whl carried along; OUT=... to choose the folder
 #          PARTS="b4 ckpt" bash benchmarks/gpu_check.sh       # only the named parts (a second, shorter device run)
 #
-# Parts, in the order they run: tests, b16, big, profile, b4, compile4, ckpt, blockmask (compile4, ckpt and blockmask
-# only when PARTS names them; b4 only with time left of the 460 s, unless PARTS names it). Each part has its
+# Parts, in the order they run: tests, b16, big, profile, layers, b4, compile4, ckpt, blockmask (profile, layers,
+# compile4, ckpt and blockmask only when PARTS names them; b4 only with time left of the 460 s, unless PARTS names it). Each part has its
 # own time limit, and the benchmark prints and writes whatever it measured when it is cut short, so a slow part
 # never costs the figures of the others. Then paste $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
 #
@@ -20,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
-DEFAULT_PARTS="tests b16 big profile"  # b4 runs after these when time is left, or when named
+DEFAULT_PARTS="tests b16 big"  # b4 runs after these when time is left, or when named
 PARTS=${PARTS:-$DEFAULT_PARTS}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
@@ -85,20 +85,28 @@ print('machine packages: ' + ', '.join(f'{n} {version(n)}' for n in names))
 if want tests; then
     log "tests/test_gpu.py and the CUDA tests of tests/test_liger.py"
     # Each test's result as it ends (so a part cut off still says how far it got); where pytest-timeout is
-    # installed (the device image has it), no single test may take more than 100 s; where pytest-xdist is (the
-    # device image has it too), 6 tests at a time: most are whole runs of about 40-60 s each on the H200, too
-    # many for the part's time one after another (2026-11-30: 8 of 13 in 190 s); the GPU and the 16 cores have
-    # room for 6 of these tiny-model runs.
-    extra=(); python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=100)
-    python3 -c "import xdist" 2>/dev/null && extra+=(-n 6)
-    # Left out: the compiled-layers run, still compiling at 190 s on 2026-11-30 (past the 100 s a test may take
-    # here, so it would only hold a worker); compiled loss and gradients are tested on the CPU
-    # (tests/test_compile.py) and the compiled layers timed in b16.
-    timeout 100 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
-        --deselect tests/test_gpu.py::test_compiled_layers_train_through_the_loop \
+    # installed (the device image has it), no single test may take more than 80 s; where pytest-xdist is (the
+    # device image has it too), 6 tests at a time. The whole training runs (38-50 s each on the H200, 2026-11-30)
+    # are listed first, so that they start at once instead of after the quick numerics tests; the two that share
+    # one run (the gpu_run fixture) are one xdist group, so it is trained once. Left out: the compiled-layers run,
+    # still compiling at 190 s on 2026-11-30 (compiled loss and gradients are tested on the CPU, tests/test_compile.py,
+    # and the compiled layers timed in b16).
+    extra=(); python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=80)
+    python3 -c "import xdist" 2>/dev/null && extra+=(-n 6 --dist loadgroup)
+    g=tests/test_gpu.py
+    TORCHINDUCTOR_COMPILE_THREADS=4 timeout -k 10 110 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
+        $g::test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory $g::test_gpu_preset_resumes_with_its_measured_layout \
+        $g::test_flex_attention_trains_through_the_loop $g::test_liger_layer_kernels_train_through_the_loop \
+        $g::test_zero3_without_a_launcher $g::test_fsdp2_takes_the_fixed_gpu_layout_and_steps_adamw_fused $g::test_gpu_lora \
+        $g::test_gemma2_softcapped_flex_matches_the_plain_eager_layout_on_cuda $g::test_packed_layouts_match_the_plain_one_on_cuda \
+        $g::test_a_packed_flex_step_never_makes_the_host_wait_on_cuda $g::test_partial_and_offloaded_checkpointing_on_cuda \
+        $g::test_liger_layer_kernels_match_the_plain_path_on_cuda \
         tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_liger.py::test_fused_head_on_packed_flex_rows_on_cuda \
-        tests/test_gpu.py > "$WORK/tests.log" 2>&1
-    log "tests: exit $? -- $(tail -n 1 "$WORK/tests.log")"
+        $g::test_flash_varlen_matches_the_plain_layout_on_cuda $g::test_generate_stage_with_vllm > "$WORK/tests.log" 2>&1
+    code=$?
+    count() { grep -cE " $1( |$)" "$WORK/tests.log"; }  # -v lines end in PASSED/FAILED/SKIPPED/ERROR
+    log "tests: exit $code -- $(count PASSED) passed, $(count FAILED) failed, $(count ERROR) errors, $(count SKIPPED) skipped"
+    sleep 5  # a training child cut off with the part finishes its step and checkpoint before b16 starts
     publish
 fi
 
@@ -106,7 +114,7 @@ bench() {  # part name, time limit, then bench_trl.py's arguments
     # --shared-process: our variants one after another in one process (TRL in its own), which spares each the
     # 10-15 s of a process start; a variant the shared process did not finish runs alone after it.
     local name=$1 limit=$2; shift 2
-    timeout "$limit" python3 benchmarks/bench_trl.py --preset gpu --shared-process "$@" \
+    timeout -k 10 "$limit" python3 benchmarks/bench_trl.py --preset gpu --shared-process "$@" \
         --json "$WORK/bench-$name.json" --markdown "$WORK/bench-$name.md" > "$WORK/bench-$name.log" 2>&1
     log "$name: exit $?"; cat "$WORK/bench-$name.md" >> "$WORK/summary.md" 2>/dev/null
     publish
@@ -126,24 +134,32 @@ if want b16; then  # the realistic batch of the speed and MFU targets
     # The compiled run goes last (its compile alone may take a minute or more: the compiled-layers test was still
     # compiling at 190 s on 2026-11-30), and the loss check runs it eagerly (--eager-check), so that no compile
     # comes before the first timed run.
+    # Liger's layer kernels (+liger-layers) left out of the default part since 2026-12-02: 210 s did not hold it beside
+    # the compiled run (PARTS=layers runs it alone).
     log "benchmark, batch 16"
-    bench b16 210 --batch 16 --steps 5 --trl-nockpt --eager-check \
-        --variants packed-flex+liger,packed-flex+nockpt,packed-flex+liger-layers+nockpt,packed-flex+compile+nockpt
+    bench b16 180 --batch 16 --steps 5 --trl-nockpt --eager-check \
+        --variants packed-flex+liger,packed-flex+nockpt,packed-flex+compile+nockpt
 fi
 if want big; then
     # A batch TRL cannot fit on the H200: between batch 4 and 16 (2026-11-30) TRL's peak grew 2,926 MiB per
     # pair, so at 64 pairs it would need about 200,000 MiB of the 143,771 (at 48, about 155,000: too close to
     # call once both sides step fused AdamW); ours grew about 313 MiB per pair (padded, Liger head).
     # The loss check uses the first 4 pairs (TRL's float32 check of 64 would not fit either).
+    # One variant of ours (75 s did not reach the first of two: the check, TRL's failed start and our process start
+    # with its FlexAttention build come first).
     log "benchmark, batch 64 (TRL should run out of memory)"
-    bench big 75 --batch 64 --warmup 1 --steps 2 --check-pairs 4 --variants packed-flex+liger,plain+liger
+    bench big 120 --batch 64 --warmup 1 --steps 2 --check-pairs 4 --variants packed-flex+liger
 fi
 # Where the time goes, the question the MFU target (35%; 13% measured) turns on: TRL, the padded path and the
 # batch-16 candidate (packed FlexAttention rows, Liger head) at batch 16, 2 steps each under torch.profiler: GPU
 # busy share, kernels, synchronisations, the slowest kernels. Before b4 since 2026-12-01: it never had time left.
-if want profile; then
+if want profile; then  # only when named since 2026-12-02 (the default parts fill the time); TRL is profiled apart
     log "profile, batch 16"
-    bench profile 90 --batch 16 --profile --warmup 2 --steps 2 --variants plain,packed-flex+liger
+    bench profile 100 --batch 16 --profile --warmup 2 --steps 2 --no-trl --variants packed-flex+liger,plain
+fi
+if want layers; then  # only when named: Liger's kernels in the decoder layers, without checkpointing, at batch 16
+    log "benchmark, batch 16: Liger's layer kernels"
+    bench layers 120 --batch 16 --steps 5 --no-trl --variants packed-flex+liger-layers+nockpt
 fi
 # Batch 4 again, now that both sides step fused AdamW (2026-11-30's figures, 2.03x and 1.21x TRL: foreach), with
 # the time left of the 460 s (so the check stays under 8 minutes), unless PARTS names it.

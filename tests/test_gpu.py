@@ -208,6 +208,7 @@ def gpu_run(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("gpu"), "hardware=gpu")
 
 
+@pytest.mark.xdist_group("gpu_run")  # one training run for both under --dist loadgroup
 def test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory(gpu_run):
     run, summary, env = gpu_run
     assert env["mixed_precision"] == "bf16" and env["device"].startswith("cuda")
@@ -246,6 +247,7 @@ def test_compiled_layers_train_through_the_loop(tmp_path):
     assert 1 <= summary["train/compile_warmup_steps"] < 6 and torch.isfinite(torch.tensor(summary["train/loss"]))
 
 
+@pytest.mark.xdist_group("gpu_run")  # one training run for both under --dist loadgroup
 def test_gpu_preset_resumes_with_its_measured_layout(gpu_run, tmp_path):
     """A copy of the shared run, cut back to its step-3 checkpoint, runs again: it resumes there, keeps the
     layout packing=auto measured, and ends where the uninterrupted run ended (bf16 tolerance)."""
