@@ -159,10 +159,12 @@ def test_on_a_gpu_lm_eval_loads_the_model_in_the_autocast_the_run_trained_in(mon
 
     from simpo_exp.evaluate import lmeval
 
-    def policy(mixed_precision: str, device: str = "auto", dtype: str = "float32"):
+    def policy(mixed_precision: str, device: str = "auto", dtype: str = "float32", master: str = "fp32"):
         return types.SimpleNamespace(
             model=types.SimpleNamespace(dtype=dtype),
-            hardware=types.SimpleNamespace(mixed_precision=mixed_precision, device=device),
+            hardware=types.SimpleNamespace(
+                mixed_precision=mixed_precision, device=device, master_weights=master, lora=False
+            ),
         )
 
     monkeypatch.setattr(lmeval, "_cuda", lambda: True)
@@ -171,3 +173,7 @@ def test_on_a_gpu_lm_eval_loads_the_model_in_the_autocast_the_run_trained_in(mon
     assert lmeval.lm_eval_dtype(policy("no")) == "float32" and lmeval.lm_eval_dtype(policy("fp16")) == "float16"
     assert lmeval.lm_eval_dtype(policy("auto", device="cpu")) == "float32"  # evaluate.device=cpu on a GPU machine
     assert lmeval.lm_eval_dtype(policy("auto", dtype="auto")) == "auto"
+    # bf16 weights upcast for training (master_weights=fp32) sample in float32 where nothing autocasts, as the
+    # evaluate stage's own sampler does; lm-eval was given them in bf16
+    assert lmeval.lm_eval_dtype(policy("no", dtype="bfloat16")) == "float32"
+    assert lmeval.lm_eval_dtype(policy("no", dtype="bfloat16", master="model")) == "bfloat16"

@@ -72,16 +72,16 @@ def lm_eval_device(policy_cfg) -> str:
 
 
 def lm_eval_dtype(policy_cfg) -> str:
-    """The dtype the model is loaded in: the one the evaluate stage's sampler generates in (inference_dtype)."""
+    """The dtype the model is loaded in: the one the evaluate stage's sampler generates in (``sampling_dtype``: a
+    bf16 model trained under hardware.master_weights=fp32 is sampled in float32 where nothing autocasts, and was
+    given to lm-eval in bf16)."""
     import torch
 
-    from simpo_exp.inference.sampling import inference_dtype
+    from simpo_exp.inference.sampling import sampling_dtype
 
-    weights = policy_cfg.model.dtype
-    if weights == "auto":
+    if policy_cfg.model.dtype == "auto":
         return "auto"
-    device = torch.device(lm_eval_device(policy_cfg))
-    return str(inference_dtype(policy_cfg.hardware.mixed_precision, device, getattr(torch, weights))).split(".")[-1]
+    return str(sampling_dtype(policy_cfg, torch.device(lm_eval_device(policy_cfg)))).removeprefix("torch.")
 
 
 def run_lm_eval(b, policy_cfg, out_dir) -> dict:
