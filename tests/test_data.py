@@ -1405,7 +1405,7 @@ def test_a_mixture_source_of_no_usable_rows_is_named_and_test_prompts_seen_in_tr
     assert report.sources["argilla_ultrafeedback_cleaned"]["dropped"] == {"train": {}, "test": {}}
 
 
-def test_a_mixture_source_that_tokenising_empties_is_named_and_its_drops_are_counted_per_source(tmp_path, tok):
+def test_a_mixture_source_that_tokenising_empties_is_named_and_its_drops_are_counted_per_source(tmp_path, tok, caplog):
     """Drops made while tokenising (prompt too long, a chat template's refusal) were counted per split only: a
     source all of whose prompts were too long left the run on the other source with data_report.json saying it
     dropped nothing. They are now counted per source, and such a source is refused as at normalising."""
@@ -1423,7 +1423,12 @@ def test_a_mixture_source_that_tokenising_empties_is_named_and_its_drops_are_cou
         {"prompt": (long if i % 2 else "b") + f" {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)
     ]
     write_jsonl(tmp_path / "b" / "train.jsonl", half)  # every other prompt too long; its test rows all are
-    tr, te, report = build_datasets(make_config(sources, max_length=256, max_prompt_length=64), tok)
+    with caplog.at_level("INFO", logger="simpo_exp.data"):
+        tr, te, report = build_datasets(make_config(sources, max_length=256, max_prompt_length=64), tok)
+    # where the dropped rows are: their places in the file as read (counts alone left 60k rows to search)
+    said = "dataset.sources.b train: 10 rows dropped (prompt too long), rows 1, 3, 5, 7, 9, ... (0-based"
+    assert said in caplog.text
+    assert "dataset.sources.b test: 4 rows dropped (prompt too long), rows 0, 1, 2, 3 (0-based" in caplog.text
     assert report.sources["a"]["dropped"] == {"train": {}, "test": {}}
     assert report.sources["b"]["dropped"] == {"train": {"prompt too long": 10}, "test": {"prompt too long": 4}}
     assert len(tr) == 30 and set(tr["source"]) == {"a", "b"}

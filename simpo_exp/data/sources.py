@@ -40,6 +40,8 @@ CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 # typed list<null>, and the next batch with real messages could not be cast to it; sources
 # normalised separately also always concatenate.
 SOURCE_COLUMN = "source"  # the name of the dataset.sources entry a row came from
+ROW_COLUMN = "__row__"  # its place (0-based) in the split as the source's files were read: a dropped row can be found
+SHOWN_ROWS = 5  # dropped rows named per source, split and reason
 NORMALISED_FEATURES = Features(
     {
         "prompt": [{"role": Value("string"), "content": Value("string")}],
@@ -234,7 +236,7 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
     """Return (train, test) in the source's own schema, with the mixer's fraction applied to train."""
     path = Path(src.path).expanduser()
     single_file = path.is_file()
-    train = load_split(src, name, src.train_split, dcfg.synthetic)
+    train = numbered(load_split(src, name, src.train_split, dcfg.synthetic))
     test_split = src.test_split
     # a local directory with a test file (dataset=local): read it rather than carve one; beside train_prefs (a hub
     # set's folder read through dataset=local), its test_prefs
@@ -257,11 +259,11 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
                 name, carved_share(src, dcfg), path, others[0], name, others[0],
             )  # fmt: skip
     if test_split is not None and not single_file:
-        test = load_split(src, name, test_split, dcfg.synthetic)
+        test = numbered(load_split(src, name, test_split, dcfg.synthetic))
     else:
         if len(train) < 2:  # a JSON object of splits ({"train": [...], "test": [...]}) reads as one row
             raise DataSourceError(
-                f"dataset.sources.{name}: {len(train)} row(s) (columns {train.column_names}) cannot be split into "
+                f"dataset.sources.{name}: {len(train)} row(s) (columns {data_columns(train)}) cannot be split into "
                 "train and test; a file holds a list of rows (one split per file, train.jsonl and test.jsonl in a "
                 "directory)"
             )
@@ -286,6 +288,16 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
     return train, test
 
 
+def data_columns(ds: Dataset) -> list[str]:
+    """The columns the data itself has (not the row numbers ``numbered`` adds)."""
+    return [c for c in ds.column_names if c != ROW_COLUMN]
+
+
+def numbered(ds: Dataset) -> Dataset:
+    """The split with each row's place in it (``ROW_COLUMN``), kept through carving, fractions and normalising."""
+    return ds.add_column(ROW_COLUMN, list(range(len(ds))))
+
+
 # ---------------------------------------------------------------------------- normalising
 def _check_columns(ds: Dataset, src: SourceConfig, name: str) -> None:
     need = [src.chosen_column, src.rejected_column]
@@ -295,7 +307,7 @@ def _check_columns(ds: Dataset, src: SourceConfig, name: str) -> None:
     missing = [c for c in need if c not in ds.column_names]
     if missing:
         raise DataSourceError(
-            f"dataset.sources.{name} ({src.path}): missing column(s) {missing}; the data has {ds.column_names}. "
+            f"dataset.sources.{name} ({src.path}): missing column(s) {missing}; the data has {data_columns(ds)}. "
             f"Map them with dataset.sources.{name}.prompt_column / chosen_column / rejected_column."
         )
 
@@ -418,11 +430,12 @@ def _normalise_for_map(row: dict, src: SourceConfig, code_version: str) -> dict:
 def normalise(ds: Dataset, src: SourceConfig, name: str, num_proc: int | None = None) -> Dataset:
     _check_columns(ds, src, name)
     try:
+        kept = [c for c in ds.column_names if c == ROW_COLUMN]
         return ds.map(
             _normalise_for_map,
             fn_kwargs=dict(src=src, code_version=CODE_VERSION),
-            remove_columns=ds.column_names,
-            features=NORMALISED_FEATURES,
+            remove_columns=[c for c in ds.column_names if c not in kept],
+            features=Features({**NORMALISED_FEATURES, **{c: ds.features[c] for c in kept}}),
             num_proc=num_proc,
             desc=f"normalising {name}",
         )
@@ -582,19 +595,30 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
     return DatasetDict(train=train, test=test), sizes
 
 
-def source_drops(splits: dict[str, Dataset], n_sources: int) -> dict[str, dict[str, dict[str, int]]]:
+def source_drops(splits: dict[str, Dataset], n_sources: int, name_rows: bool = False) -> dict[str, dict]:
     """Each source's dropped rows (the rows' ``source`` column), by split and reason. In a mixture, a source none
     of whose train rows is a usable pair (another schema: ShareGPT's ``human``/``gpt`` roles; every prompt too
     long; a chat template that refuses its rows) is an error, not a run on the other sources alone; one whose
     test rows all drop is warned about (the held-out figures would leave it out). Checked after normalising and
-    again after tokenising."""
+    again after tokenising, where ``name_rows`` logs the first dropped rows' places for each reason."""
     names = list(dict.fromkeys(n for ds in splits.values() for n in ds[SOURCE_COLUMN]))
     drops = {name: {split: {} for split in splits} for name in names}
     for split, ds in splits.items():
         rows = Counter(ds[SOURCE_COLUMN])
-        reasons = Counter((n, r) for n, r in zip(ds[SOURCE_COLUMN], ds["drop_reason"]) if r)
+        places = ds[ROW_COLUMN] if ROW_COLUMN in ds.column_names else [None] * len(ds)
+        reasons, shown = Counter(), {}
+        for n, r, place in zip(ds[SOURCE_COLUMN], ds["drop_reason"], places):
+            if r:
+                reasons[n, r] += 1
+                shown.setdefault((n, r), []).append(place)
         for (name, reason), count in sorted(reasons.items()):
             drops[name][split][reason] = count
+            first = sorted(x for x in shown[name, reason] if x is not None)[:SHOWN_ROWS]
+            if first and name_rows:  # where to look: the rows' places in the split as read (a carved test: in train)
+                log.info(
+                    "dataset.sources.%s %s: %d rows dropped (%s), rows %s%s (0-based, in the order its files read)",
+                    name, split, count, reason, ", ".join(map(str, first)), ", ..." if count > len(first) else "",
+                )  # fmt: skip
         for name in names:
             if n_sources > 1 and rows[name] and sum(drops[name][split].values()) == rows[name]:
                 said = (
