@@ -239,6 +239,13 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
     model = prepare_weights(model, cfg.hardware.master_weights, cfg.hardware.lora, engine_master_copy)
     if cfg.hardware.lora:
         model = add_lora(model, cfg.hardware)
+        if cfg.disable_dropout and cfg.hardware.lora_dropout > 0:  # TRL's trainers zero it with the model's own
+            log.warning(
+                "hardware.lora_dropout=%g stays on beside disable_dropout=true, which zeroes only the model's own "
+                "dropout: the chosen and rejected responses of a pair get different adapter masks, noise in their "
+                "log-prob margin; set hardware.lora_dropout=0 to turn it off too",
+                cfg.hardware.lora_dropout,
+            )
     return model
 
 

@@ -190,7 +190,7 @@ def test_run_records_lengths_gamma_and_environment(tmp_path):
     assert report["tokenization"]["splits"]["train"]["pairs"] == 128
 
 
-def test_dropout_is_off_while_training_unless_asked(compose, tmp_path):
+def test_dropout_is_off_while_training_unless_asked(compose, tmp_path, caplog):
     """A model whose config has attention dropout trains without it (disable_dropout=true, as TRL and the official
     trainer): two training-mode forwards of the same batch agree, and the config (saved with the model) keeps its
     value. With disable_dropout=false the two forwards differ. LoRA's adapters add none by default."""
@@ -218,7 +218,9 @@ def test_dropout_is_off_while_training_unless_asked(compose, tmp_path):
     assert not torch.equal(*two_training_forwards("disable_dropout=false"))
     pytest.importorskip("peft")
     assert torch.equal(*two_training_forwards("hardware=cpu-lora"))
-    assert not torch.equal(*two_training_forwards("hardware=cpu-lora", "hardware.lora_dropout=0.5"))
+    with caplog.at_level("WARNING", logger="simpo_exp.model"):
+        assert not torch.equal(*two_training_forwards("hardware=cpu-lora", "hardware.lora_dropout=0.5"))
+    assert "hardware.lora_dropout=0.5 stays on beside disable_dropout=true" in caplog.text  # said (TRL zeroes it)
 
 
 def test_an_attention_kernel_the_model_lacks_is_refused_by_its_key(compose, tmp_path):
