@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``checkpoints/step-000050/`` holding
 
-    model.safetensors       the policy's weights
+    model.safetensors       the policy's weights (under LoRA the trained adapters alone; the frozen base is
+                            recorded in state.json by a hash of its values and must be the same on resume)
     optimizer.safetensors   every tensor of the optimizer state (AdamW moments, steps)
     rng.safetensors         torch (and CUDA) generator states of every process
     state.json              step, data position, scheduler state, the rest of the optimizer state,
@@ -220,9 +221,16 @@ def finish(
 def _write(
     tmp: Path, model, optimizer, scheduler, state: TrainState, config: dict, rng: list, engine: str = PLAIN
 ) -> None:
-    opt_meta = None
+    opt_meta = frozen = None
     if model is not None:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        frozen = frozen_weights(model)
+        if frozen:  # LoRA: the adapters alone (an 8B base is 16 GB a checkpoint), the frozen base by its hash
+            save_file(
+                {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                tmp / "model.safetensors",
+            )
+        else:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
         opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
     every_process = {f"{rank}.{k}": v for rank, (tensors, _) in enumerate(rng) for k, v in tensors.items()}
@@ -236,6 +244,7 @@ def _write(
                 "rng": [meta for _, meta in rng],
                 "config": config,
                 "engine": engine,
+                **({"frozen_weights": frozen} if frozen else {}),
             }
         )
     )
@@ -483,6 +492,20 @@ def load(
     try:
         if by_engine:
             load_engine_state(str(path / ENGINE_DIR))
+        elif meta.get("frozen_weights"):  # the trained weights alone: the frozen ones must be the checkpoint's
+            if frozen_weights(model) != meta["frozen_weights"]:
+                raise CheckpointError(
+                    f"checkpoint {path} holds the trained (LoRA) weights of a run whose frozen base weights differ "
+                    "from this run's (another model at model.path, or another model.dtype): resume on the same "
+                    "base, or run with resume=false to start fresh"
+                )
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            if unexpected or trained & set(missing):
+                raise DamagedCheckpoint(f"{path / 'model.safetensors'} does not hold this run's trained weights")
+            optimizer.load_state_dict(
+                _join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+            )
         else:
             load_model(model, str(path / "model.safetensors"))
             optimizer.load_state_dict(
@@ -493,6 +516,23 @@ def load(
         return TrainState(**meta["train_state"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise DamagedCheckpoint(f"{path} cannot be read ({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def frozen_weights(model) -> dict | None:
+    """The frozen weights (a LoRA base) by their count, dtypes and a hash of values sampled from each, or None
+    where every weight trains: a checkpoint keeps the trained weights alone and resumes on the same base."""
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return None
+    h = hashlib.sha256()
+    for name, p in frozen:
+        flat = p.detach().reshape(-1)
+        h.update(name.encode() + flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
+    return {
+        "tensors": len(frozen),
+        "dtypes": sorted({str(p.dtype) for _, p in frozen}),
+        "sampled_sha256": h.hexdigest(),
+    }
 
 
 def describe_engine(engine: str | None, by_engine: bool) -> str:
