@@ -36,12 +36,12 @@ FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # rules below, a rerun on the same files would silently reuse the old results. This file's hash is
 # passed along as an argument so that any edit gives a new fingerprint.
 CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-# Declared, not inferred: a writer batch made only of dropped rows (prompt []) would otherwise be
-# typed list<null>, and the next batch with real messages could not be cast to it; sources
-# normalised separately also always concatenate.
 SOURCE_COLUMN = "source"  # the name of the dataset.sources entry a row came from
 ROW_COLUMN = "__row__"  # its place (0-based) in the split as the source's files were read: a dropped row can be found
 SHOWN_ROWS = 5  # dropped rows named per source, split and reason
+# Declared, not inferred: a writer batch made only of dropped rows (prompt []) would otherwise be
+# typed list<null>, and the next batch with real messages could not be cast to it; sources
+# normalised separately also always concatenate.
 NORMALISED_FEATURES = Features(
     {
         "prompt": [{"role": Value("string"), "content": Value("string")}],
