@@ -567,6 +567,28 @@ def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | N
 BENCH_SETTINGS = ("judge", "baseline", "reference", "prompts_path", "reference_path", "decoding")
 
 
+def mixed_methods_note(runs: list[Run], metric: str) -> str | None:
+    """A note where runs of different methods are ranked by a metric each method defines its own way: a loss, or
+    TRL's rewards/*, which order a pair by the method's own reward (SimPO's mean log-prob, CPO's summed one, the
+    DPO family's log-ratio to the reference): on one batch, SimPO's accuracy 0.625 beside DPO's 0.375."""
+    from simpo_exp.methods import TABLE
+
+    name = metric.split("/", 1)[-1]
+    methods = sorted({str(r.value_of("method")) for r in runs if r.value_of("method") in TABLE})
+    if len(methods) < 2 or not (name == "loss" or name.startswith("rewards/")):
+        return None
+
+    def reward(m) -> str:
+        return "log-ratio to the reference" if m.reference else f"{m.on} log-prob"
+
+    by = "; ".join(f"{m}: {reward(TABLE[m])}" for m in methods)
+    return (
+        f"these runs train different methods, and {metric} is each method's own (rewards order a pair by the "
+        f"method's reward: {by}): the ranking is not like for like across methods; eval/logps_mean/* and "
+        "evaluation numbers (bench/*) are"
+    )
+
+
 def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
     """``{benchmark: ["judge: {...} / {...}", ...]}`` for each benchmark the runs were evaluated on with settings
     that differ (another judge model, baseline, prompt file or decoding)."""
@@ -801,8 +823,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nnote: {missing_bench_metric(runs, args.metric, args.paths[0])}")
     elif all(r.final(args.metric) is None for r in runs):
         print(f"\nnote: no run has {args.metric} (a metric of another method, or of runs not yet evaluated)")
-    for note in unstarted_jobs(runs):
-        print(f"\nnote: {note}")
+    for note in [*unstarted_jobs(runs), mixed_methods_note(runs, args.metric)]:
+        if note:
+            print(f"\nnote: {note}")
     for bench, differ in mixed_bench_settings(runs).items():
         print(
             f"\nnote: bench/{bench}/* was measured with different settings ({'; '.join(differ)}): "

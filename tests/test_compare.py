@@ -550,3 +550,20 @@ def test_jobs_a_killed_sweep_never_started_are_counted_from_its_multirun_yaml(sw
     assert f"{cut}: 4 of the sweep's 6 jobs have a folder; the others never started" in capsys.readouterr().out
     (cut / "multirun.yaml").write_text("hydra: {sweeper: {_target_: some.OtherSweeper}}\n")
     assert compare.jobs_asked(cut) is None  # a sweeper that does not say: nothing said
+
+
+def test_runs_of_different_methods_ranked_by_their_own_rewards_get_a_note(tmp_path, capsys):
+    """rewards/accuracies orders a pair by each method's own reward (SimPO's mean log-prob, the DPO family's
+    log-ratio to the reference): a simpo,dpo sweep was ranked on it with nothing said (on one batch, 0.625 beside
+    0.375)."""
+    for num, method in enumerate(("simpo", "dpo")):
+        job_dir = tmp_path / "sweep" / f"{num}_loss={method}"
+        _job(job_dir, [f"loss={method}"])
+        (job_dir / ".hydra" / "config.yaml").write_text(f"method: {method}\nseed: 1\n")
+    runs = compare.load_runs(tmp_path / "sweep")
+    note = compare.mixed_methods_note(runs, "eval/rewards/accuracies")
+    assert "dpo: log-ratio to the reference; simpo: mean log-prob" in note
+    assert compare.mixed_methods_note(runs, "eval/logps_mean/chosen") is None  # the same for every method
+    assert compare.mixed_methods_note(runs[:1], "eval/rewards/accuracies") is None
+    assert compare.main([str(tmp_path / "sweep"), "--no-plots"]) == 0
+    assert "note: these runs train different methods" in capsys.readouterr().out
