@@ -74,7 +74,9 @@ def nll_loss(logp_sums: torch.Tensor, num_tokens: torch.Tensor, tokens: float | 
 
 
 def _sigmoid_with_smoothing(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+    loss = -F.logsigmoid(z) * (1 - label_smoothing)
+    # no smoothing term at 0: its 0 x inf was NaN where z = +inf (an AlphaPO reward past float32's range)
+    return loss - F.logsigmoid(-z) * label_smoothing if label_smoothing else loss
 
 
 def dpo_loss(

@@ -83,6 +83,15 @@ def test_alphapo_matches_hand_computation():
     assert smoothed.losses.item() == pytest.approx(0.9 * math.log1p(math.exp(-z)) + 0.1 * math.log1p(math.exp(z)))
 
 
+def test_an_alphapo_reward_past_float32s_range_gives_a_finite_loss():
+    """r_alpha's e^(-alpha x) overflows float32 once a mean log-prob is below -88.7/alpha: a rejected reward of
+    -inf makes z = +inf, whose loss is 0, but the label-smoothing term 0 x (-log sigma(-inf)) made it NaN."""
+    c, r = torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -400.0])  # alpha=0.25: e^100 overflows
+    out = alphapo_loss(c, r, 2.0, 0.5, alpha=0.25)
+    assert out.rejected_rewards[1].item() == -math.inf and out.losses[1].item() == 0.0
+    assert torch.isfinite(out.losses).all()
+
+
 def test_alphapo_at_alpha_zero_is_simpo_exactly():
     c, r = t(-1.0, -0.3, -2.5, -0.01), t(-2.0, -0.4, -1.0, -3.0)
     for smoothing in (0.0, 0.2):
