@@ -75,6 +75,7 @@ from simpo_exp.reference import (
     in_the_policys_precision,
     live_reference,
     shard_like_the_policy,
+    shares_the_policy,
 )
 from simpo_exp.rundir import STOPPED_FILE, recorded_sources, stopped_before_a_step_record, stopped_record
 from simpo_exp.runinfo import keep_run_config
@@ -180,7 +181,7 @@ def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout:
                 "reference_mode=live keeps a frozen copy of the model beside the policy, which DeepSpeed ZeRO-3's "
                 "partitioned weights cannot run outside the engine; use reference_mode=cached (the default)"
             )
-        reference = live_reference(model, layout)
+        reference = live_reference(model, layout, share=shares_the_policy(model, accelerator))
         fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
         if fsdp is not None and fsdp.cpu_ram_efficient_loading:  # only the main process loaded the weights
             from_main_process(reference, accelerator.device)
@@ -328,7 +329,10 @@ def set_up(cfg: Config) -> Run:
         count_parameters(model, trained_only=True) / 1e6,
         f" (LoRA r={cfg.hardware.lora_r}, alpha={cfg.hardware.lora_alpha})" if cfg.hardware.lora else "",
     )
-    live = cfg.method in REFERENCE_METHODS and cfg.reference_mode == "live"  # a frozen copy of the model as well
+    # a frozen copy of the model as well (not where the reference is the policy with its adapters off)
+    live = (
+        cfg.method in REFERENCE_METHODS and cfg.reference_mode == "live" and not shares_the_policy(model, accelerator)
+    )
     check_device_memory(model, accelerator, cfg.hardware, live)  # the trained state (and copy) alone must fit
     if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps its own fp32 master copy
         warn_if_updates_vanish(model, lr)

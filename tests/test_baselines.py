@@ -206,6 +206,25 @@ def test_live_and_cached_reference_give_the_same_run(simpo_dpo_sweep, tmp_path):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
+def test_a_live_reference_under_lora_is_the_policy_with_its_adapters_off(tmp_path):
+    """A LoRA run's live reference was a deep copy of the whole model (a second 16 GB base for 8B in bf16); the
+    starting model is the policy with its adapters off, so that is the reference now: no copy, no copy counted in
+    the memory check, and the same run as the cached reference's."""
+    pytest.importorskip("peft")
+    runs = {}
+    for mode in ("cached", "live"):
+        runs[mode] = tmp_path / mode
+        args = ["loss=dpo", "hardware=cpu-lora", "learning_rate=1e-3", f"reference_mode={mode}", *SHORT]
+        res = simpo(*args, f"reference_cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={runs[mode]}", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    log = (runs["live"] / "__main__.log").read_text()
+    assert "live reference: the policy with its LoRA adapters off (no copy of the model)" in log
+    assert "reference" not in next(line for line in log.splitlines() if "trained state per device" in line)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in runs.values())
+    for key in ("eval/loss", "eval/rewards/margins", "train/loss", "eval/logps/chosen", "eval/rewards/chosen"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
 def test_a_live_reference_computes_in_the_policys_precision(tmp_path):
     """At step 0 the policy is the reference, so every DPO reward is exactly zero, as it is from a cached reference
     (scored under the run's autocast). The live copy, taken before prepare, ran without the bf16 autocast that
