@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from simpo_exp.hub import hub_commit
 from simpo_exp.model import checkpointed_layers
 from simpo_exp.precision import precision_record
 
@@ -88,5 +89,7 @@ def environment_record(cfg, accelerator, model, data_report, layout=None) -> dic
         "model_dtype": str(next(model.parameters()).dtype),
         "precision": precision_record(model, accelerator),
         "git_commit": git_commit(),
+        # the hub commit the model's files were read from (an unpinned preset follows main; None: not a hub model)
+        "model_commit": hub_commit(cfg.model.path, cfg.model.revision) if cfg.model.path else None,
         "data": {"sources": data_report.sources, "pairs_after_filtering": data_report.kept},
     }

@@ -63,6 +63,21 @@ TOKENIZER_FILES = (
 )
 
 
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of ``repo_id`` at ``revision`` (a branch, a tag, a commit; None: main) that the local cache holds
+    its config.json from, or None (not a hub model, or not downloaded): an unpinned preset follows ``main``, and
+    this names the files a run actually read (``model.revision=<it>`` repeats them)."""
+    if Path(repo_id).expanduser().exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an id the hub client refuses (a local path that is not there): no commit to name
+        return None
+    return Path(hit).parent.name if isinstance(hit, str) else None
+
+
 def check_tokenizer_files(path: str, what: str) -> None:
     """A local model directory without a tokenizer would fail deep inside transformers ("Couldn't instantiate
     the backend tokenizer"): say which directory and what to set instead."""

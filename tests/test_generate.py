@@ -1055,3 +1055,23 @@ def test_answers_stop_at_the_models_last_position(tmp_path, caplog):
     long = [[{"role": "user", "content": "sort: " + " ".join("9" * 40)}]]
     with pytest.raises(ConfigError, match="fills the model's 40 positions"):
         HFSampler(cfg, tok).sample(prompt_token_ids(tok, long), ["0"], seed=0)
+
+
+def test_the_hub_commit_a_model_was_read_from_is_named(tmp_path, monkeypatch):
+    """The hub presets pin no revision, so they follow main (princeton-nlp/Llama-3-Base-8B-SFT's tokenizer files
+    changed after the paper's runs): a training run's env.json and the generate stage's fingerprint name the commit
+    the local cache holds, which model.revision=<it> repeats."""
+    from huggingface_hub import constants
+
+    from simpo_exp.hub import hub_commit
+
+    sha = "c8ea4f8" + "0" * 33
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "snapshots" / sha / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert hub_commit("org/tiny", None) == hub_commit("org/tiny", "main") == hub_commit("org/tiny", sha) == sha
+    assert hub_commit("org/other", None) is None  # not downloaded
+    assert hub_commit(str(tmp_path), None) is None  # a local folder

@@ -85,11 +85,9 @@ def weights_fingerprint(name: str, revision, commit: bool = True) -> dict:
         return {"kind": "local", "path": str(path.resolve()), "sha256": weights_sha256(path)}
     if not commit:  # nor is the name looked up: a typo is named by the model's own check, not the hub client
         return {"kind": "hub", "path": name, "revision": revision}
-    from huggingface_hub import try_to_load_from_cache
+    from simpo_exp.hub import hub_commit
 
-    hit = try_to_load_from_cache(name, "config.json", revision=revision)
-    commit = Path(hit).parent.name if isinstance(hit, str) else None
-    return {"kind": "hub", "path": name, "revision": revision, "commit": commit}
+    return {"kind": "hub", "path": name, "revision": revision, "commit": hub_commit(name, revision)}
 
 
 def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
