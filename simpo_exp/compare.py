@@ -584,8 +584,9 @@ def mixed_methods_note(runs: list[Run], metric: str) -> str | None:
     by = "; ".join(f"{m}: {reward(TABLE[m])}" for m in methods)
     return (
         f"these runs train different methods, and {metric} is each method's own (rewards order a pair by the "
-        f"method's reward: {by}): the ranking is not like for like across methods; eval/logps_mean/* and "
-        "evaluation numbers (bench/*) are"
+        f"method's reward: {by}): the ranking is not like for like across methods; --metric "
+        "eval/logps_mean/accuracies (pairs whose chosen response has the higher mean log-prob) and evaluation "
+        "numbers (bench/*) are"
     )
 
 

@@ -65,6 +65,9 @@ def pair_stats(n: int, loss, chosen_sums, chosen_rewards, rejected_rewards, mean
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
         "logps_mean/chosen": means[:n].detach().sum(),
         "logps_mean/rejected": means[n:].detach().sum(),
+        # pairs whose chosen response has the higher mean log-prob: one definition for every method, where
+        # rewards/accuracies follows each method's own reward (compare ranks runs of several methods by this)
+        "logps_mean/accuracies": (means[:n] > means[n:]).float().sum(),
         "length/chosen": lengths[:n].sum(),
         "length/rejected": lengths[n:].sum(),
         "pairs": torch.tensor(float(n)),  # counted on the host: a tensor made on a GPU from it would wait for the GPU

@@ -38,6 +38,7 @@ PAIR_METRICS = (
     "logps/rejected",
     "logps_mean/chosen",
     "logps_mean/rejected",
+    "logps_mean/accuracies",  # share of pairs whose chosen response has the higher mean log-prob (every method)
     "length/chosen",  # mean response length in tokens
     "length/rejected",
 )

@@ -563,6 +563,7 @@ def test_runs_of_different_methods_ranked_by_their_own_rewards_get_a_note(tmp_pa
     runs = compare.load_runs(tmp_path / "sweep")
     note = compare.mixed_methods_note(runs, "eval/rewards/accuracies")
     assert "dpo: log-ratio to the reference; simpo: mean log-prob" in note
+    assert "--metric eval/logps_mean/accuracies" in note and "eval/logps_mean/accuracies" in compare.KNOWN_METRICS
     assert compare.mixed_methods_note(runs, "eval/logps_mean/chosen") is None  # the same for every method
     assert compare.mixed_methods_note(runs[:1], "eval/rewards/accuracies") is None
     assert compare.main([str(tmp_path / "sweep"), "--no-plots"]) == 0

@@ -143,6 +143,7 @@ def expected(method: str) -> dict:
     out["rewards/accuracies"] = mean([float(c > r) for c, r in zip(rc, rr)])
     out["logps_mean/chosen"] = mean([sc / nc for sc, _, nc, *_ in rows])
     out["logps_mean/rejected"] = mean([sr / nr for _, sr, _, nr, *_ in rows])
+    out["logps_mean/accuracies"] = mean([float(sc / nc > sr / nr) for sc, sr, nc, nr, *_ in rows])
     out["logps/chosen"] = mean([sc for sc, *_ in rows]) if summed else out["logps_mean/chosen"]
     out["logps/rejected"] = mean([sr for _, sr, *_ in rows]) if summed else out["logps_mean/rejected"]
     out["length/chosen"] = mean([nc for _, _, nc, *_ in rows])
