@@ -521,13 +521,14 @@ def load(
 def frozen_weights(model) -> dict | None:
     """The frozen weights (a LoRA base) by their count, dtypes and a hash of values sampled from each, or None
     where every weight trains: a checkpoint keeps the trained weights alone and resumes on the same base."""
+    from simpo_exp.reference import sampled  # the values the reference cache's model fingerprint samples
+
     frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen:
         return None
     h = hashlib.sha256()
     for name, p in frozen:
-        flat = p.detach().reshape(-1)
-        h.update(name.encode() + flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
+        h.update(name.encode() + sampled(p).numpy().tobytes())
     return {
         "tensors": len(frozen),
         "dtypes": sorted({str(p.dtype) for _, p in frozen}),
