@@ -42,13 +42,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def in_hf_cache(repo_id: str, revision: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # an id that is not a valid repo name
-        return False
-    return isinstance(hit, str)
+    return hub_commit(repo_id, revision) is not None
 
 
 # What a saved tokenizer leaves, one of them at least (fast tokenizers, SentencePiece, BPE vocabularies; the
@@ -73,7 +67,7 @@ def hub_commit(repo_id: str, revision: str | None) -> str | None:
 
     try:
         hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # an id the hub client refuses (a local path that is not there): no commit to name
+    except Exception:  # an id that is not a valid repo name (a local path that is not there): no commit to name
         return None
     return Path(hit).parent.name if isinstance(hit, str) else None
 
