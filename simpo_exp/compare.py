@@ -50,6 +50,7 @@ from simpo_exp.rundir import (
 )
 from simpo_exp.tracking import (
     HEADLINE_METRICS,
+    JSON_INFINITY,
     PAIR_METRICS,
     SAMPLES_KEY,
     STEP_KEY,
@@ -158,13 +159,13 @@ def _is_number(v) -> bool:
 
 
 def _logged(v) -> float | None:
-    """A metrics.jsonl value as logged: the tracker writes NaN as null and an infinity as +-1e308 (JSON has
-    neither); None where the value is no number."""
+    """A metrics.jsonl value as logged: the tracker writes NaN as null and an infinity as +-``JSON_INFINITY``
+    (JSON has neither); None where the value is no number."""
     if v is None:
         return math.nan
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return None
-    return math.copysign(math.inf, v) if abs(v) >= 1e308 else float(v)
+    return math.copysign(math.inf, v) if abs(v) >= JSON_INFINITY else float(v)
 
 
 def load_run(path: str | Path) -> Run:
@@ -494,9 +495,13 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool |
                 **({"same seed left out": repeats[setting]} if setting in repeats else {}),
             }
         )
-    reverse = not (lower_is_better(metric) if ascending is None else ascending)
-    finite = [row for row in rows if _is_number(row[f"{metric} mean"])]
-    return sorted(finite, key=lambda row: row[f"{metric} mean"], reverse=reverse) + [r for r in rows if r not in finite]
+    ascending = lower_is_better(metric) if ascending is None else ascending
+
+    def order(row):  # best first, as rank_runs orders runs; a NaN or infinite mean (a diverged seed) last
+        v = row[f"{metric} mean"]
+        return (0, v if ascending else -v) if _is_number(v) else (1, 0.0)
+
+    return sorted(rows, key=order)
 
 
 # ----------------------------------------------------------------------------- generations
@@ -574,7 +579,7 @@ def mixed_methods_note(runs: list[Run], metric: str) -> str | None:
     from simpo_exp.methods import TABLE
 
     name = metric.split("/", 1)[-1]
-    methods = sorted({str(r.value_of("method")) for r in runs if r.value_of("method") in TABLE})
+    methods = sorted({str(m) for r in runs if (m := r.value_of("method")) in TABLE})
     if len(methods) < 2 or not (name == "loss" or name.startswith("rewards/")):
         return None
 

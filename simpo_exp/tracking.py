@@ -150,9 +150,13 @@ def _is_secret_key(key: str) -> bool:
     return any(key == name or key.endswith("_" + name) for name in SECRET_NAMES)
 
 
+# metrics.jsonl's stand-in for an infinity (JSON has none); NaN is written as null. compare reads them back.
+JSON_INFINITY = 1e308
+
+
 def _jsonable(v):
     if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+        return None if math.isnan(v) else math.copysign(JSON_INFINITY, v)
     return v
 
 
