@@ -130,10 +130,10 @@ def read_yaml(path: Path):
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file (metrics.jsonl, generations.jsonl); a half-written last line (a
-    running job) is skipped, and a missing file gives none."""
+    running job, one cut inside a multi-byte character included) is skipped, and a missing file gives none."""
     records = []
-    try:
-        lines = jsonl_lines(path.read_text())
+    try:  # bytes decoded leniently: a cut character spoils only its own (unparseable, skipped) line
+        lines = jsonl_lines(Path(path).read_bytes().decode("utf-8", errors="replace"))
     except OSError:
         return records
     for line in lines:

@@ -122,13 +122,15 @@ def test_a_refused_key_stops_at_once_with_the_endpoints_words_and_a_cut_reply_is
 
 def test_lc_is_computed_over_a_full_set_with_replies_that_gave_no_verdict(picky, monkeypatch):
     """Every one of the 805 instructions judged, one reply not a letter: the LC win rate was withheld as if a
-    subset had been judged; alpaca-eval's GLM leaves missing preferences out itself."""
+    subset had been judged; alpaca-eval's GLM leaves missing preferences out of its fit itself, and averages its
+    predictions over every instruction, so the row without a verdict goes to it, preference None (it had been
+    dropped, averaging the instructions' difficulty over another set)."""
     from simpo_exp.evaluate.run import _judge_pairs
 
     seen = {}
 
     def lc(rows, full_set):
-        seen.update(rows=len(rows), full=full_set)
+        seen.update(rows=len(rows), full=full_set, none=[r["index"] for r in rows if r["preference"] is None])
         return None, "stand-in"
 
     monkeypatch.setattr("simpo_exp.evaluate.run.length_controlled", lc)
@@ -137,4 +139,4 @@ def test_lc_is_computed_over_a_full_set_with_replies_that_gave_no_verdict(picky,
     b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=picky.judge)
     info = {"rows": 805, "reference_generator": "gpt4_turbo"}
     metrics, _ = _judge_pairs({"benchmark": b, "out": picky.out}, prompts, ["yyy"] * 805, info, "me")
-    assert metrics["unparseable_verdicts"] == 1 and seen == {"rows": 804, "full": True}
+    assert metrics["unparseable_verdicts"] == 1 and seen == {"rows": 805, "full": True, "none": [7]}

@@ -39,7 +39,15 @@ from pathlib import Path
 
 import numpy as np
 
-from simpo_exp.evaluate.judge import PairwiseJudge, RequestRefused, accepted_lines, judge_file_name, refused_note
+from simpo_exp.evaluate.judge import (
+    EMPTY_REPLY,
+    JudgeError,
+    PairwiseJudge,
+    RequestRefused,
+    accepted_lines,
+    judge_file_name,
+    refused_note,
+)
 from simpo_exp.inference.files import write_jsonl
 from simpo_exp.rundir import read_jsonl as read_lines
 
@@ -113,6 +121,8 @@ class ArenaHardJudge(PairwiseJudge):
                 reply = self.chat(messages, self.j.max_tokens)
             except RequestRefused as e:  # no verdict (arena-hard-auto's "$ERROR$"), asked again by the next run
                 return {"user_prompt": prompt, "judgment": judgment, "score": None, "error": str(e)}
+            if not reply.strip():  # the endpoint's failure, not a judgment: no verdict now, asked again next run
+                return {"user_prompt": prompt, "judgment": judgment, "score": None, "error": EMPTY_REPLY}
             judgment += "\n" + reply
             label, again = parse_label(judgment)
             if not again:
@@ -122,7 +132,10 @@ class ArenaHardJudge(PairwiseJudge):
 
     def judgment(self, prompt: dict, model_text: str, model_id: str) -> dict:
         q, base = prompt["instruction"], prompt["reference"]
-        games = [self.game(q, base, model_text), self.game(q, model_text, base)]  # game 2: positions swapped
+        try:
+            games = [self.game(q, base, model_text), self.game(q, model_text, base)]  # game 2: positions swapped
+        except JudgeError as e:
+            raise JudgeError(f"judging question_id={prompt['id']!r}: {e}") from e
         return {"question_id": prompt["id"], "model": model_id, "judge": self.j.model, "games": games}
 
     def judge_all(self, prompts: list[dict], texts: list[str], model_id: str, path: Path) -> list[dict]:
@@ -163,7 +176,11 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
 
 
 def refused(row: dict) -> bool:
-    return any(isinstance(g, dict) and g.get("error") for g in row["games"])
+    """Whether a game of the judgment got no reply to judge by: the endpoint refused it or replied with no text
+    (a line stored before empty replies were marked included); such a judgment is asked again."""
+    return any(
+        isinstance(g, dict) and (g.get("error") or not str(g.get("judgment") or "").strip()) for g in row["games"]
+    )
 
 
 def question_outcomes(row: dict, weight: int) -> tuple[float, int, int]:

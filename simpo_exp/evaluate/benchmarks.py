@@ -138,7 +138,7 @@ def _arena_rows(path: str, key: str, text_at: tuple, schema: str) -> list[tuple]
     rows = _read_json_file(path, key)
     if not isinstance(rows, list):
         raise DataSourceError(f"{key}={path!r}: expected JSON lines, one row per question ({schema})")
-    out = []
+    out, first_row = [], {}
     for i, row in enumerate(rows):
         qid, text = _dig(row, ("question_id",)), _dig(row, text_at)
         if not isinstance(qid, (str, int)) or not isinstance(text, str):
@@ -149,6 +149,14 @@ def _arena_rows(path: str, key: str, text_at: tuple, schema: str) -> list[tuple]
                 else ""
             )
             raise DataSourceError(f"{key}={path!r}: row {i} (keys {fields}) is not {schema}{v2}")
+        # ids key the answers, the judgments and the resume: a repeated one (two files joined) would be judged once
+        # and counted twice
+        if str(qid) in first_row:
+            raise DataSourceError(
+                f"{key}={path!r}: row {i} repeats question_id {qid!r} of row {first_row[str(qid)]}; each question "
+                "must have an id of its own"
+            )
+        first_row[str(qid)] = i
         out.append((qid, text, row))
     return out
 

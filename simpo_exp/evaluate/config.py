@@ -32,7 +32,8 @@ JUDGES_OF = {
 # under judge.kind=none, decoding.vllm_* under the hf backend) are a judge or backend switched off, and pass.
 GENERATING = ("max_prompts", "shard_size", "decoding", "by_model")
 OPENAI_JUDGE = tuple(
-    f"judge.{k}" for k in ("base_url", "model", "api_key_env", "timeout_s", "max_retries", "concurrency")
+    f"judge.{k}"
+    for k in ("base_url", "model", "api_key_env", "timeout_s", "max_retries", "rate_limit_wait_s", "concurrency")
 )
 ARENA_JUDGE = tuple(f"judge.{k}" for k in ("max_tokens", "label_attempts", "strong_weight", "bootstrap_rounds"))
 READS = {
@@ -76,6 +77,9 @@ class JudgeConfig:
     annotators_config: str = "weighted_alpaca_eval_gpt4_turbo"  # kind=alpaca_eval
     timeout_s: float = 60.0
     max_retries: int = 2
+    # seconds one request may wait on a rate limit (HTTP 429, or 503 with Retry-After) before the command stops;
+    # those waits are not counted as tries
+    rate_limit_wait_s: float = 600.0
     concurrency: int = 4
     # arena_hard with kind=openai, as arena-hard-auto v0.1 judges (simpo_exp/evaluate/arena.py): tokens per
     # judge reply, replies per game before a game without a verdict label is given up, battles per strong
@@ -209,6 +213,8 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
             _check(getattr(b.judge, name) >= 1, f"{key}.judge.{name}", getattr(b.judge, name), "must be >= 1")
         _check(b.judge.max_retries >= 0, f"{key}.judge.max_retries", b.judge.max_retries, "must be >= 0")
         _check(b.judge.timeout_s > 0, f"{key}.judge.timeout_s", b.judge.timeout_s, "must be > 0 seconds")
+        wait = b.judge.rate_limit_wait_s
+        _check(wait >= 0, f"{key}.judge.rate_limit_wait_s", wait, "must be >= 0 seconds")
     if b.kind == "lm_eval":
         _check(bool(b.tasks), f"{key}.tasks", b.tasks, "name at least one lm-eval task (e.g. [gsm8k])")
 

@@ -21,6 +21,7 @@ installed and the full evaluation set was judged; otherwise null, and the result
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import http.client
 import json
@@ -62,6 +63,10 @@ class RequestRefused(Exception):
 
 REFUSED_REQUEST = (400, 413, 422)  # the request's own fault: that prompt gets no verdict, the others go on
 RETRIED_STATUS = (408, 409, 425, 429)  # a client error that passes: asked again, as a server error is
+# a busy endpoint, not a broken one: 429, or 503 with a Retry-After; waited out (the pause it asks for, else one
+# that doubles up to a minute) within judge.rate_limit_wait_s, without counting as a try
+RATE_LIMITED = 429
+EMPTY_REPLY = "the judge endpoint replied with no text"  # no verdict: asked again by the next run
 
 
 def refused_note(errors: list[str]) -> str:
@@ -76,6 +81,32 @@ def _http_error(e: urllib.error.HTTPError) -> str:
     except Exception:
         body = ""
     return f"HTTP {e.code}: {body[:300] or e.reason}"
+
+
+def retry_after(e: urllib.error.HTTPError) -> float | None:
+    """The seconds an HTTP error's ``Retry-After`` header asks for (a number or an HTTP date); None without one."""
+    value = (e.headers.get("Retry-After") if e.headers is not None else None) or ""
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def reply_text(content) -> str:
+    """A chat reply's text: a string as it is, None as "", a list of parts (some APIs) as its text parts joined;
+    anything else is a reply it cannot read (TypeError: asked again)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(part["text"] for part in content if isinstance(part.get("text"), str))
+    raise TypeError(f"the reply's message content is a {type(content).__name__}, not text")
 
 
 def win_rate(preferences: list[float]) -> float | None:
@@ -125,12 +156,26 @@ class PairwiseJudge:
             **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
         }
         last, where = None, f"{self.key}.judge.base_url={self.j.base_url!r}"
-        for attempt in range(self.j.max_retries + 1):
+        attempt, waited, waits, limited = 0, 0.0, 0, False
+        while True:
             try:
                 req = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.j.timeout_s) as resp:
-                    return json.loads(resp.read())["choices"][0]["message"]["content"] or ""
+                    return reply_text(json.loads(resp.read())["choices"][0]["message"]["content"])
             except urllib.error.HTTPError as e:
+                asked = retry_after(e)
+                if e.code == RATE_LIMITED or (e.code == 503 and asked is not None):
+                    pause = min(2.0**waits, 60.0) if asked is None else asked
+                    if waited + pause <= self.j.rate_limit_wait_s:
+                        time.sleep(pause)
+                        waited, waits = waited + pause, waits + 1
+                        continue
+                    last = (
+                        f"{_http_error(e)}; waited {waited:.0f} s in all, and {pause:.0f} s more would pass "
+                        f"{self.key}.judge.rate_limit_wait_s={self.j.rate_limit_wait_s}"
+                    )
+                    limited = True
+                    break
                 if e.code in REFUSED_REQUEST:
                     raise RequestRefused(_http_error(e)) from e
                 if 400 <= e.code < 500 and e.code not in RETRIED_STATUS:  # a key, a model name, a URL: every prompt
@@ -143,16 +188,25 @@ class PairwiseJudge:
             # no reply it can read: a failed or cut-short request, a body that is not JSON, no choices[0].message
             except (urllib.error.URLError, http.client.HTTPException, OSError, LookupError, ValueError, TypeError) as e:
                 last = f"{type(e).__name__}: {e}"
-            if attempt < self.j.max_retries:
-                time.sleep(min(2**attempt, 8))
+            if attempt >= self.j.max_retries:
+                break
+            time.sleep(min(2**attempt, 8))
+            attempt += 1
         slow = "TimeoutError" in last or "timed out" in last
         raise JudgeError(
-            f"{where}: the judge endpoint did not answer after {self.j.max_retries + 1} tries ({last}). The "
-            "generations and the verdicts so far are kept; "
+            f"{where}: "
+            + (
+                "the judge endpoint stayed rate-limited"
+                if limited
+                else f"the judge endpoint did not answer after {attempt + 1} tries"
+            )
+            + f" ({last}). The generations and the verdicts so far are kept; "
             + (
                 f"a judge that writes long replies may need a longer {self.key}.judge.timeout_s={self.j.timeout_s}; "
                 if slow
-                else "start the judge and "
+                else "wait for its rate limit to pass (or raise the budget) and "
+                if limited
+                else "start the judge (if it is up and answers other prompts, it fails on this one: see its log) and "
             )
             + "re-run the same command with evaluate.judge_only=true"
         )
@@ -170,6 +224,8 @@ class PairwiseJudge:
             reply, refused = self._ask(content), {}
         except RequestRefused as e:  # no verdict, the endpoint's words kept; an empty reply is asked again next run
             reply, refused = "", {"error": str(e)}
+        except JudgeError as e:
+            raise JudgeError(f"judging prompt id={prompt['id']!r}: {e}") from e
         return {
             "id": prompt["id"],
             "judge": self.j.model,
@@ -282,9 +338,11 @@ def annotations(
     generator: str,
     reference_generator: str,
     annotator: str,
+    judged_only: bool = True,
 ) -> list[dict]:
     """Judged pairs in alpaca-eval's annotation format (the input of its win-rate functions); prompts without a
-    verdict are left out."""
+    verdict are left out, or (``judged_only=False``) kept with preference None, as alpaca-eval keeps its own
+    annotators' missing preferences (NaN)."""
     return [
         {
             "index": int(p["id"]) if p["id"].isdigit() else i,
@@ -297,7 +355,7 @@ def annotations(
             "preference": v["preference"],
         }
         for i, (p, out, v) in enumerate(zip(prompts, model_texts, verdicts))
-        if v["preference"] is not None
+        if v["preference"] is not None or not judged_only
     ]
 
 

@@ -110,7 +110,7 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
         # and the precision they compute in: the samplers run a GPU's answers in bf16, a CPU's in the weights' own
         "mixed_precision": effective_precision(cfg.hardware.mixed_precision, pick_device(cfg.hardware.device)),
         "sampling_dtype": str(sampling_dtype(cfg, pick_device(cfg.hardware.device))).removeprefix("torch."),
-        "decoding": {k: v for k, v in vars(dec).items() if k != "batch_size"},
+        "decoding": {k: v for k, v in vars(dec).items() if k not in FREE_DECODING},
         "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest(),
         # each prompt's own hash: answers stored for the first N prompts serve a command that asks for more
         "prompt_hashes": [hashlib.sha256((p["id"] + p["instruction"]).encode()).hexdigest()[:16] for p in prompts],
@@ -168,6 +168,10 @@ def _upgrade_manifest(path: Path, cfg, weights: dict) -> None:
         write_json(path, {**old, "weights": weights})
 
 
+# decoding settings the answers do not depend on, left out of the manifest: a run killed for memory resumes with less
+FREE_DECODING = ("batch_size", "vllm_gpu_memory_utilization")
+
+
 def _check_manifest(
     path: Path, manifest: dict, has_answers: bool, keys: tuple | None = None, shard_size: int = 1
 ) -> None:
@@ -181,6 +185,8 @@ def _check_manifest(
         write_json(path, manifest)
         return
     old = json.loads(path.read_text())
+    for k in FREE_DECODING:  # recorded by older manifests
+        (old.get("decoding") or {}).pop(k, None)
     # a key an older manifest lacks is not held against it (written before that key was recorded), as in generate
     compared = set(manifest if keys is None else keys) & set(old) - {"prompt_hashes"}
     differ = manifest_changes(old, manifest, compared, stored_only=True)
@@ -309,10 +315,11 @@ def _judge_pairs(
             "prompts are left out of the win rate" + refused_note(errors)
         )
     if b.kind == "alpacaeval":
-        # every prompt of the set judged; those the judge gave no verdict are left out of the GLM, as alpaca-eval
-        # leaves out its own annotators' missing preferences
+        # every prompt of the set judged; as alpaca-eval does with its own annotators' missing preferences, those
+        # the judge gave no verdict are left out of the GLM's fit but not of its average over the instructions
         full = len(verdicts) == info["rows"] == ALPACA_EVAL_ROWS
-        metrics["lc_win_rate"], why = length_controlled(rows, full)
+        every = annotations(prompts, texts, verdicts, generator, info["reference_generator"], b.judge.model, False)
+        metrics["lc_win_rate"], why = length_controlled(every, full)
         notes += [why] if why else []
     return metrics, notes
 

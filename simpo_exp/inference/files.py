@@ -144,7 +144,14 @@ def read_jsonl(path: Path) -> list[dict]:
     """Every record of a file written whole by ``write_jsonl`` (a bad line is an error naming the file and line,
     not skipped)."""
     rows = []
-    for n, line in enumerate(jsonl_lines(Path(path).read_text()), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DamagedFile(
+            f"{path}: not valid UTF-8 at byte {e.start}; the file was cut short or edited. Delete it and re-run the "
+            "same command: the stage makes it again"
+        ) from e
+    for n, line in enumerate(jsonl_lines(text), 1):
         if not line:
             continue
         try:

@@ -1,0 +1,176 @@
+"""A judge endpoint that rate-limits, fails on one prompt alone, replies with no text or with a list of parts; question
+files that repeat an id; a judgment file cut inside a multi-byte character; a memory-only decoding setting changed
+between a killed generation and its resume (fake endpoints on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+from simpo_exp.evaluate.judge import JudgeError, PairwiseJudge
+from tests.test_evaluate import ARENA_CASES, FakeJudge
+from tests.test_evaluate_judging import serve
+
+
+class MoodyJudge(FakeJudge):
+    """The fake judge, except: the first ``limited`` requests get HTTP 429 with ``Retry-After: retry_after``; a
+    prompt holding ``broken`` gets HTTP 500 every time; a prompt holding ``silent`` gets a reply with no text; with
+    ``parts``, replies come as a list of text parts."""
+
+    requests: list[dict] = []
+    limited, retry_after, broken, silent, parts = 0, "0", "\0", "\0", False
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        cls = type(self)
+        cls.requests.append(body)
+        text = json.dumps(body)
+        status = 429 if cls.limited > 0 else 500 if cls.broken in text else None
+        if status:
+            cls.limited -= status == 429
+            self.send_response(status)
+            if status == 429 and cls.retry_after is not None:
+                self.send_header("Retry-After", cls.retry_after)
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "busy"}}')
+            return
+        content = "" if cls.silent in text else self.content(body)
+        if cls.parts:
+            content = [{"type": "text", "text": content[:1]}, {"type": "text", "text": content[1:]}]
+        reply = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+
+@pytest.fixture
+def moody(tmp_path):
+    server, url = serve(MoodyJudge)
+    MoodyJudge.limited, MoodyJudge.retry_after, MoodyJudge.broken = 0, "0", "\0"
+    MoodyJudge.silent, MoodyJudge.parts = "\0", False
+    judge = JudgeConfig(kind="openai", base_url=url, model="fake", max_retries=0, timeout_s=5)
+    yield SimpleNamespace(judge=judge, out=tmp_path)
+    server.shutdown()
+
+
+def alpaca(moody, n: int = 3):
+    prompts = [{"id": str(i), "instruction": f"Say {i}", "reference": "x"} for i in range(n)]
+    return PairwiseJudge(moody.judge, "benchmarks.alpacaeval2").judge(prompts, ["yy"] * n, moody.out / "v.jsonl")
+
+
+def arena(moody, cases=ARENA_CASES[:2]):
+    from simpo_exp.evaluate.arena import judge_arena_hard
+
+    b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=moody.judge)
+    prompts = [{"id": f"q{i}", "instruction": q, "reference": r} for i, (q, r, _) in enumerate(cases)]
+    return judge_arena_hard(b, prompts, [m for _, _, m in cases], "my-model", "gpt-4-0314", moody.out)
+
+
+def test_a_rate_limit_is_waited_out_as_the_endpoint_asks_without_spending_the_tries(moody):
+    """Three 429s with Retry-After, max_retries=0: the first one ended the benchmark with 'did not answer ...
+    start the judge'; the waits are not tries."""
+    MoodyJudge.limited = 3
+    assert [v["preference"] for v in alpaca(moody)] == [2.0, 2.0, 2.0]
+    assert len(MoodyJudge.requests) == 6
+
+
+def test_a_rate_limit_past_its_budget_stops_and_says_it_was_a_rate_limit(moody):
+    moody.judge.rate_limit_wait_s = 5.0
+    MoodyJudge.limited, MoodyJudge.retry_after = 1, "30"  # a pause past the budget: not waited at all
+    with pytest.raises(JudgeError, match=r"stayed rate-limited \(HTTP 429: .*rate_limit_wait_s=5.0.*rate limit to"):
+        alpaca(moody, 1)
+    assert len(MoodyJudge.requests) == 1
+
+
+def test_a_prompt_the_endpoint_always_fails_on_is_named(moody):
+    """A proxy that answers one over-long prompt with HTTP 500: every re-run stopped at it, naming no prompt."""
+    MoodyJudge.broken = "Say 1"
+    with pytest.raises(JudgeError, match=r"judging prompt id='1': .*did not answer after 1 tries \(HTTP 500"):
+        alpaca(moody)
+    MoodyJudge.broken = "Explain hashing."
+    with pytest.raises(JudgeError, match=r"judging question_id='q1': .*HTTP 500"):
+        arena(moody)
+
+
+def test_an_arena_game_the_judge_answered_with_no_text_is_asked_again_by_the_next_run(moody):
+    """An empty reply was stored as a final game without a label: never asked again, out of the score for good."""
+    MoodyJudge.silent = "Explain hashing."
+    first = arena(moody)
+    assert first["metrics"]["unparseable_games"] == 2 and "replied with no text" in first["notes"][0]
+    asked = len(MoodyJudge.requests)
+    assert asked == 4  # q0's two games and q1's two, each given up at its empty reply
+    MoodyJudge.silent = "\0"
+    again = arena(moody)
+    assert again["metrics"]["unparseable_games"] == 0 and again["metrics"]["judged_games"] == 4
+    assert len(MoodyJudge.requests) == asked + 2  # q1's two games only
+
+
+def test_a_stored_arena_judgment_with_an_empty_game_is_asked_again(moody):
+    """A line stored before empty replies were marked (judgment "\\n", score null, no error) is not reused."""
+    first = arena(moody, ARENA_CASES[:1])
+    path = moody.out / "model_judgment" / "fake" / "my-model.jsonl"
+    line = json.loads(path.read_text())
+    line["games"][1].update(judgment="\n", score=None)
+    path.write_text(json.dumps(line) + "\n")
+    asked = len(MoodyJudge.requests)
+    assert arena(moody, ARENA_CASES[:1])["metrics"] == first["metrics"]
+    assert len(MoodyJudge.requests) == asked + 2
+
+
+def test_a_reply_given_as_a_list_of_text_parts_is_read_as_its_text(moody):
+    """Some endpoints give message.content as [{"type": "text", "text": ...}]: a TypeError, no item named."""
+    MoodyJudge.parts = True
+    assert [v["preference"] for v in alpaca(moody)] == [2.0, 2.0, 2.0]  # the longer answer, the model's
+    assert arena(moody)["metrics"]["judged_games"] == 4
+
+
+def test_a_question_file_that_repeats_an_id_is_refused_naming_both_rows(tmp_path):
+    """Two files joined: the second 'a' was paired with the first's baseline answer, judged once, counted twice."""
+    from simpo_exp.data.sources import DataSourceError
+    from simpo_exp.evaluate.benchmarks import arena_prompts
+
+    questions, answers = tmp_path / "question.jsonl", tmp_path / "base.jsonl"
+    ids = ["a", "b", "a"]
+    questions.write_text(
+        "".join(json.dumps({"question_id": q, "turns": [{"content": f"Q{i}"}]}) + "\n" for i, q in enumerate(ids))
+    )
+    answers.write_text(
+        "".join(
+            json.dumps({"question_id": q, "model_id": "base", "choices": [{"turns": [{"content": f"ans {q}"}]}]}) + "\n"
+            for q in ("a", "b")
+        )
+    )
+    with pytest.raises(DataSourceError, match=r"question.jsonl'.*row 2 repeats question_id 'a' of row 0"):
+        arena_prompts(str(questions), str(answers), "benchmarks.arena-hard", None)
+
+
+def test_a_judgment_file_cut_inside_a_character_resumes_without_its_last_line(tmp_path):
+    """A kill in the middle of a multi-byte character (CJK prompts) made the next run die with UnicodeDecodeError."""
+    from simpo_exp.inference.files import DamagedFile, read_jsonl
+    from simpo_exp.rundir import read_jsonl as read_lines
+
+    path = tmp_path / "v.jsonl"
+    whole = json.dumps({"id": "0", "reply": "a"}) + "\n"
+    cut = json.dumps({"id": "1", "reply": "排序"}, ensure_ascii=False).encode()
+    path.write_bytes(whole.encode() + cut[: cut.index("序".encode()) + 1])
+    assert read_lines(path) == [{"id": "0", "reply": "a"}]
+    with pytest.raises(DamagedFile, match=r"v.jsonl: not valid UTF-8 at byte"):
+        read_jsonl(path)  # a file written whole: damage is named, not skipped
+
+
+def test_a_lower_vllm_memory_share_resumes_stored_answers(tmp_path):
+    """Killed for memory, re-run with a lower vllm_gpu_memory_utilization: refused, asking to delete the answers
+    made so far, though the share changes no answer."""
+    from simpo_exp.evaluate.run import _check_manifest
+    from simpo_exp.inference.files import write_json
+
+    path = tmp_path / "trained-manifest.json"
+    decoding = {"temperature": 0.0, "max_new_tokens": 64}
+    write_json(path, {"weights": "w", "decoding": {**decoding, "vllm_gpu_memory_utilization": 0.9}})
+    _check_manifest(path, {"weights": "w", "decoding": decoding}, has_answers=True)
+    with pytest.raises(Exception, match=r"decoding.temperature: stored 0.0, now 0.7"):
+        _check_manifest(path, {"weights": "w", "decoding": {**decoding, "temperature": 0.7}}, has_answers=True)
