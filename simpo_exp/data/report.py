@@ -39,13 +39,39 @@ def _quantiles(lengths: list[int]) -> dict:
 
 def end_token_ids(tokenizer) -> set[int]:
     """Tokens that can end an assistant turn: EOS and the tokenizer's other special tokens
-    (``<|eot_id|>``, ``<end_of_turn>``, ``<|im_end|>``, ...)."""
+    (``<|eot_id|>``, ``<end_of_turn>``, ``<|im_end|>``, ...); not BOS or the pad token, unless one is also EOS
+    (GPT-2's and Pythia's ``<|endoftext|>`` is all three)."""
     ids = special_token_ids(tokenizer)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    ids.discard(tokenizer.pad_token_id if tokenizer.pad_token_id != tokenizer.eos_token_id else None)
-    ids.discard(tokenizer.bos_token_id)
+    eos = tokenizer.eos_token_id
+    ids -= {tokenizer.pad_token_id, tokenizer.bos_token_id} - {eos}
+    if eos is not None:
+        ids.add(eos)
     return ids
+
+
+def ends_a_turn(tokenizer, ends: set[int], blank: dict[int, bool]):
+    """``ids -> bool``: whether a response's last token, past the whitespace a template writes after it
+    (``<|im_end|>\n``, ``<end_of_turn>\n``), is one of ``ends``. ``blank`` caches which tokens decode to
+    whitespace only."""
+
+    def ends_turn(ids: list[int]) -> bool:
+        for t in reversed(ids):
+            if t in ends:
+                return True
+            if t not in blank:
+                blank[t] = not tokenizer.decode([t]).strip()
+            if not blank[t]:
+                return False
+        return False
+
+    return ends_turn
+
+
+def doubled_bos(ids: list[int], bos: int | None) -> bool:
+    """Whether a sequence starts with two BOS tokens: a template that writes one and a tokenizer or a ``with_bos``
+    that adds another. A BOS further on is the model's own format (Llama-2-chat writes one at every user turn;
+    a BOS that is also EOS or chatml's turn start ends or starts every turn)."""
+    return bos is not None and ids[:2] == [bos, bos]
 
 
 def _show(tokenizer, ids: list[int]) -> str:
@@ -54,7 +80,7 @@ def _show(tokenizer, ids: list[int]) -> str:
 
 def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConfig) -> dict:
     """Build the report over the filtered splits; raise ConfigError on a double BOS or missing EOS."""
-    bos, ends = tokenizer.bos_token_id, end_token_ids(tokenizer)
+    bos, ends_turn = tokenizer.bos_token_id, ends_a_turn(tokenizer, end_token_ids(tokenizer), {})
     report: dict = {"chat_template_sha256": chat_template_hash(tokenizer), "splits": {}}
     for split, ds in splits.items():
         cols = {
@@ -71,7 +97,7 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
         prompts, chosen, rejected = cols["prompt_input_ids"], cols["chosen_input_ids"], cols["rejected_input_ids"]
         c_trunc, r_trunc = cols["chosen_truncated"], cols["rejected_truncated"]
         bos_counts = [p.count(bos) + c.count(bos) for p, c in zip(prompts, chosen)] if bos is not None else []
-        no_eos = sum(1 for ids, cut in zip(chosen + rejected, c_trunc + r_trunc) if not cut and not ends & set(ids))
+        no_eos = sum(1 for ids, cut in zip(chosen + rejected, c_trunc + r_trunc) if not cut and not ends_turn(ids))
         n = len(ds)
         report["splits"][split] = {
             "pairs": n,
@@ -85,17 +111,16 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
                 "rejected": _quantiles([len(r) for r in rejected]),
             },
         }
-        doubled = sum(1 for k in bos_counts if k > 1)
+        doubled = sum(1 for p, c in zip(prompts, chosen) if doubled_bos((p + c)[:2], bos))
         if doubled and not dcfg.allow_double_bos:
             raise ConfigError(
-                f"{doubled} of {n} {split} sequences hold more than one BOS token ({tokenizer.bos_token!r}): the chat "
-                "template writes one and something adds another (fix model.chat_template), or the template writes one "
-                "at every user turn, as Llama-2-chat's does, so that multi-turn prompts hold several: that is the "
-                "model's own format; set dataset.allow_double_bos=true"
+                f"{doubled} of {n} {split} sequences start with two BOS tokens ({tokenizer.bos_token!r}): the chat "
+                "template writes one and something adds another (fix model.chat_template: a template written for "
+                "a tokenizer that adds no BOS of its own), or set dataset.allow_double_bos=true"
             )
         if no_eos and not dcfg.allow_missing_eos:
             raise ConfigError(
-                f"{no_eos} untruncated {split} responses end without an EOS/end-of-turn token: the model would "
+                f"{no_eos} untruncated {split} responses do not end with an EOS/end-of-turn token: the model would "
                 "never learn to stop. Use a chat template that closes the assistant turn (model.chat_template), or "
                 "set dataset.allow_missing_eos=true"
             )

@@ -13,8 +13,10 @@ ids are exactly what the tokenizer makes of the conversation, and what a model s
 continues from. Tokenising the response on its own would differ at its start for SentencePiece-style
 tokenizers (Llama-2, Mistral: a response encoded alone gets a word-start marker, ``▁``, that it lacks
 after the prompt). Where a tokenizer merges the prompt's last token with the response's first, the split
-moves back to the last id the prompt and both conversations share (TRL and the official trainer do the
-same); the merged token then counts as response, and the report counts such pairs.
+moves back to the last id the prompt and both conversations share (as TRL's DPOTrainer does; the official
+trainer and TRL's CPOTrainer move each response's split alone, keeping a prompt per response, so where only one
+response merges, the other holds one prompt token more here than there: one prompt per pair is what the shared
+prefix layouts compute once); the merged token then counts as response, and the report counts such pairs.
 
 Truncation: a prompt longer than ``max_prompt_length`` tokens is dropped (cutting it would cut
 the instruction or the BOS); each response is cut to ``max_length - len(prompt)`` tokens, which
