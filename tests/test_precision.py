@@ -210,6 +210,7 @@ def test_fsdp_hands_back_the_float32_log_probs_it_computed(tmp_path):
     and gradients' dtypes; sharded under the kept policy (bf16 compute, one CPU process), the sums are float32 and
     equal the float32 model's to bf16 compute's rounding, not to the output's."""
     import copy
+    import dataclasses
     from types import SimpleNamespace
 
     import torch.distributed as dist
@@ -223,6 +224,10 @@ def test_fsdp_hands_back_the_float32_log_probs_it_computed(tmp_path):
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     plugin.set_mixed_precision("bf16")  # as AcceleratorState does for mixed_precision=bf16
+    # older accelerate releases set output_dtype=bf16 here, 1.16 leaves it None: the cast is put back, so the check
+    # below holds for every accelerate a user may have
+    if plugin.mixed_precision_policy.output_dtype is None:
+        plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy, output_dtype=torch.bfloat16)
     assert plugin.mixed_precision_policy.output_dtype == torch.bfloat16
     accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
     keep_fsdp_outputs(accelerator)
