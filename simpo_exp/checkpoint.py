@@ -49,7 +49,7 @@ from simpo_exp.config import schema_default
 from simpo_exp.errors import OtherRunsDirectory, UserError
 from simpo_exp.inference.files import readable_as_umask
 from simpo_exp.memory import Engine, state_bytes
-from simpo_exp.rundir import CHECKPOINT_MARKER, RESUMABLE_CHANGES, checkpoint_dirs, read_jsonl
+from simpo_exp.rundir import CHECKPOINT_MARKER, RESUMABLE_CHANGES, checkpoint_dirs, read_jsonl, step_of
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,10 @@ def start(run_dir: Path, step: int, estimate: int | None = None) -> Path:
     if it cannot be made (``estimate``: bytes a checkpoint takes, for its message)."""
     tmp = staging_dir(run_dir, step)
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # this one's, and those a save cut short left (a kill in the grace period after a stop signal): one save
+        # runs at a time, so any staging folder is stale, and each may hold a model's worth of bytes
+        for stale in tmp.parent.glob("step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     except OSError as e:
         raise save_failed(run_dir, tmp, e, estimate) from e
@@ -213,7 +216,11 @@ def finish(
         tmp.rename(final)
     except WRITE_ERRORS as e:
         raise save_failed(run_dir, final, e, estimate) from e
-    for old in checkpoint_dirs(run_dir)[:-keep]:
+    # the older ones past ``keep`` go; the new one stays, and so does any of a later step (one the resume passed
+    # over as damaged, replaced when the run saves that step again): keeping the highest steps would delete the
+    # checkpoint just written and leave the damaged one alone
+    older = [d for d in checkpoint_dirs(run_dir) if step_of(d) < step_of(final)]
+    for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

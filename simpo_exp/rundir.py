@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ STOPPED_FILE = "stopped.json"
 RUN_SEARCH_DEPTH = 6
 
 
+STEP_NAME = re.compile(r"step-\d+")  # a checkpoint folder's name
 CHECKPOINT_MARKER = "COMPLETE"  # written last into a checkpoint folder (simpo_exp/checkpoint.py): it is whole
 
 
@@ -61,11 +63,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [
-        p
-        for p in root.glob("step-*")
-        if p.is_dir() and (p / CHECKPOINT_MARKER).exists() and not p.name.endswith(".tmp")
-    ]
+    # step-<digits> only: a staging folder (.tmp) or a copy a user made beside them (step-000008.bak) is none
+    done = [p for p in root.glob("step-*") if STEP_NAME.fullmatch(p.name) and (p / CHECKPOINT_MARKER).is_file()]
     return sorted(done, key=step_of)
 
 

@@ -92,6 +92,20 @@ class StopSignal:
             previous(signum, None)
         raise SystemExit(128 + signum)
 
+    def after_finish(self, accelerator) -> None:
+        """A stop signal that came in the run's last step or while its model was written (on any process): the run
+        is finished, so nothing is saved and no stop record written, but the process leaves with 128 + the
+        signal's number, so that a sweep running in this process ends at this job rather than starting the next.
+        submitit's USR2 (its warning before a time limit) is not handed on: the job it would requeue is done."""
+        signum = self.agreed(accelerator)
+        if not signum:
+            return
+        name = signal.Signals(signum).name
+        log.warning("%s came as the run finished: the run is complete; nothing more is started", name)
+        self.restore()
+        if signum != signal.SIGUSR2:
+            raise SystemExit(128 + signum)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             if handler is not None:  # None: a handler not installed from Python, which cannot be put back

@@ -714,9 +714,19 @@ def without_tied_copies(state_dict: dict, model: torch.nn.Module) -> dict:
 
 
 def save_final_model(run: Run, full_state_dict: dict | None) -> None:
-    """The trained model, its tokenizer and model card in ``<run>/model`` (main process only)."""
-    save_trained(run.accelerator.unwrap_model(run.policy).model, run.run_dir / "model", full_state_dict)
-    run.tokenizer.save_pretrained(run.run_dir / "model")
+    """The trained model, its tokenizer and model card in ``<run>/model`` (main process only). A write that fails
+    (a full disk) is a ``CheckpointSaveError`` saying what it needs; the run is not recorded finished, so a re-run
+    resumes from the last checkpoint."""
+    out = run.run_dir / "model"
+    try:
+        save_trained(run.accelerator.unwrap_model(run.policy).model, out, full_state_dict)
+        run.tokenizer.save_pretrained(out)
+    except checkpoint.WRITE_ERRORS as e:
+        free = shutil.disk_usage(run.run_dir).free
+        raise checkpoint.CheckpointSaveError(
+            f"could not write the trained model to {out} ({getattr(e, 'strerror', None) or e}); {free:,} bytes are "
+            "free there. Free space, then re-run the same command: it resumes from the last checkpoint"
+        ) from e
     # model/README.md with the values the run used; evaluate adds its results to it
     write_model_card(run.run_dir, run.cfg, resolved=resolved_values(run.summary_extra))
 
@@ -733,7 +743,11 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
         except StopRequested as e:
             stopped_before_a_step(cfg, stop, e.signum, "set-up")
         with run.tracker:  # a run that fails closes its W&B run as failed, not as finished at exit
-            return finish(run, train_loop(run, stop))
+            summary = finish(run, train_loop(run, stop))
+        # a stop signal in the last step or while the model was written: the run is finished, and a sweep in this
+        # process must not start its next job
+        stop.after_finish(run.accelerator)
+        return summary
     finally:  # however it ends (a refused set-up too): the next job of a sweep, in this process, finds the handlers
         stop.restore()  # it would have found without this run
 
@@ -780,6 +794,8 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
         stopping = 0 if last else stop.agreed(run.accelerator)  # the signal's number, or 0
         if (cfg.save_steps and step % cfg.save_steps == 0 and not last) or stopping:
             save_checkpoint(run, window)
+            # a signal during the save stops the run here, on the checkpoint just written, not a step and a save on
+            stopping = stopping or stop.agreed(run.accelerator)
         if bar is not None:
             bar.update(1)
         if stopping:  # compare and the sweep's summary tell a stopped run from a running one by this file

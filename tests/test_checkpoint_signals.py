@@ -456,3 +456,37 @@ def test_a_stop_before_training_began_is_recorded_for_compare(tmp_path, monkeypa
     assert json.loads((run / "stopped.json").read_text()) == {"signal": "SIGTERM", "step": 0, "during": "start-up"}
     (found,) = compare.load_runs(run)
     assert found.status == "stopped" and "SIGTERM during start-up, before a step" in found.error
+
+
+def _save(run_dir, step: int, keep: int = 2):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return checkpoint.save(run_dir, model, opt, sched, checkpoint.TrainState(step=step), {}, keep=keep)
+
+
+def test_a_copy_beside_the_checkpoints_and_stale_staging_folders_are_no_checkpoints(tmp_path):
+    """A user's step-000008.bak crashed every resume (int('000008.bak')); staging folders left by saves cut short
+    at another step were never removed, a model's worth of bytes each."""
+    import shutil
+
+    newest = _save(tmp_path, 8)
+    shutil.copytree(newest, newest.with_name("step-000008.bak"))
+    (tmp_path / "checkpoints" / "step-000006.tmp").mkdir()  # a stop-triggered save killed in the grace period
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000008"]
+    _save(tmp_path, 10)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["step-000008", "step-000008.bak", "step-000010"]
+
+
+def test_a_save_after_resuming_past_a_damaged_checkpoint_keeps_itself(tmp_path):
+    """With save_total_limit=1 and a damaged step-8 (resume went back to step 4), each new save (5, 6, 7) was pruned
+    as older than step 8 right after it was written, leaving the damaged one alone: the next kill lost everything."""
+    _save(tmp_path, 4, keep=1)
+    damaged = _save(tmp_path, 8, keep=1)
+    (damaged / "optimizer.safetensors").write_bytes(b"\0" * 1000)
+    for step in (5, 6):
+        _save(tmp_path, step, keep=1)
+    names = [p.name for p in checkpoint.checkpoint_dirs(tmp_path)]
+    assert names == ["step-000006", "step-000008"]  # the newest save kept; step 8 replaced when step 8 is saved
+    assert checkpoint.verify(tmp_path / "checkpoints" / "step-000006") is None

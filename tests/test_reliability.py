@@ -435,3 +435,69 @@ def test_a_run_recorded_before_data_fingerprints_is_said_to_be_unchecked(tmp_pat
     (tmp_path / "data_report.json").write_text(json.dumps({"sources": {"local": {"rows": 1, "files": {}}}}))
     with pytest.raises(DifferentConfigCheckpoint, match="prefs.jsonl is read now and was not then"):
         check_same_data(tmp_path, {"local": {"files": {"prefs.jsonl": "x"}, "files_root": str(tmp_path)}})
+
+
+def _signal_when(monkeypatch, module, name: str, when) -> list:
+    """Wrap ``module.name`` so that it sends this process SIGTERM inside the call where ``when(*args)`` holds; the
+    list it returns records the calls' first arguments' steps."""
+    import os
+
+    real, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[0].state.step)
+        if when(*args):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def test_a_signal_during_a_periodic_save_stops_on_that_checkpoint(compose, tmp_path, monkeypatch):
+    """A SIGTERM while the step-2 checkpoint was written let the run train step 3 and save again: a scheduler's
+    grace period had to cover a step and two saves."""
+    import simpo_exp.train as train_mod
+
+    saves = _signal_when(monkeypatch, train_mod, "save_checkpoint", lambda run, *_: run.state.step == 2)
+    cfg = _tiny_config(compose, tmp_path, "max_steps=6", "save_steps=2", "per_device_train_batch_size=8")
+    with pytest.raises(SystemExit) as leaving:
+        train_mod.train(cfg)
+    assert leaving.value.code == 128 + signal.SIGTERM and saves == [2]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
+    assert json.loads((tmp_path / "run" / "stopped.json").read_text())["step"] == 2
+
+
+def test_a_signal_in_the_last_step_finishes_the_run_and_then_leaves(compose, tmp_path, monkeypatch):
+    """A SIGTERM or Ctrl-C in a run's last step (or while its model was written) was dropped: a sweep in the same
+    process went on to its next job. The run finishes (its summary recorded, no stop record), then the process
+    leaves with 128 + the signal."""
+    import simpo_exp.train as train_mod
+
+    _signal_when(monkeypatch, train_mod, "optimizer_step", lambda run, *_: run.state.step == 2)
+    cfg = _tiny_config(compose, tmp_path, "max_steps=3", "per_device_train_batch_size=8")
+    with pytest.raises(SystemExit) as leaving:
+        train_mod.train(cfg)
+    assert leaving.value.code == 128 + signal.SIGTERM
+    run_dir = tmp_path / "run"
+    assert (run_dir / "finished.json").is_file() and not (run_dir / "stopped.json").exists()
+    assert json.loads((run_dir / "summary.json").read_text())["train/loss"] > 0
+
+
+def test_a_full_disk_while_the_model_is_written_is_named_and_the_run_not_recorded_finished(
+    compose, tmp_path, monkeypatch
+):
+    """A disk that took the checkpoints but not the model ended in a safetensors traceback."""
+    import errno
+
+    import simpo_exp.train as train_mod
+    from simpo_exp.checkpoint import CheckpointSaveError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_mod, "save_trained", full)
+    cfg = _tiny_config(compose, tmp_path, "max_steps=1", "per_device_train_batch_size=8", "save_model=true")
+    with pytest.raises(CheckpointSaveError, match=r"could not write the trained model to .*model \(No space left"):
+        train_mod.train(cfg)
+    assert not (tmp_path / "run" / "finished.json").exists()
