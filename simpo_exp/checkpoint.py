@@ -424,6 +424,9 @@ def load_newest(
 
 
 UNORDERED_KEYS = {"lora_target_modules"}  # lists whose order means nothing
+# keys outside hardware that say how the run runs, not what it trains: the processes that tokenise, the model
+# preset's attention kernel (as hardware.attn_implementation may change, so may the preset's)
+HOW_IT_RUNS = {"dataset.num_proc", "model.attn_implementation"}
 # defaults that have changed: a run saved with the former one meant what the new one means
 FORMER_DEFAULTS = {"model.params_b": 0.0}  # "no size given" (None since 0f6cc95)
 
@@ -434,7 +437,7 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = 
     for key in sorted(set(saved) | set(current)):
         if not prefix and key in RESUMABLE_CHANGES:
             continue
-        if prefix == "hardware." and key not in TRAINING_HARDWARE_KEYS:
+        if (prefix == "hardware." and key not in TRAINING_HARDWARE_KEYS) or f"{prefix}{key}" in HOW_IT_RUNS:
             continue
         a, b = saved.get(key), current.get(key)
         if key not in saved and isinstance(b, dict):  # a section added since: each of its keys as below

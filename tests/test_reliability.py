@@ -277,6 +277,13 @@ def test_a_resume_may_change_how_a_run_runs_but_not_what_it_trains():
     fewer = {"per_device_eval_batch_size": 4, "num_generations": 0, "max_new_tokens": 16}
     assert incompatible_keys({**saved, **evaluating}, {**moved, **fewer}) == []
     assert incompatible_keys({"per_device_train_batch_size": 8}, {"per_device_train_batch_size": 4})
+    # how the data is tokenised and the model preset's kernel: refused before, as hardware's kernel is not
+    ran = {"dataset": {"num_proc": None, "name": "a"}, "model": {"attn_implementation": "sdpa", "name": "m"}}
+    now = {"dataset": {"num_proc": 8, "name": "a"}, "model": {"attn_implementation": "flash_attention_2", "name": "m"}}
+    assert incompatible_keys(ran, now) == []
+    assert incompatible_keys(ran, {**now, "model": {**now["model"], "name": "n"}}) == [
+        "model.name: checkpoint 'm', now 'n'"
+    ]
 
 
 def test_a_key_added_since_a_run_was_saved_counts_only_when_it_leaves_its_default():
