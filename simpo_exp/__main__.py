@@ -3,6 +3,9 @@ finished). Nothing else."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -12,9 +15,33 @@ from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import fill_run_identity, user_errors
 from simpo_exp.signals import StopRequested, StopSignal
 
+# optional config groups whose presets name a Hydra plugin of the ``sweep`` extra: without it Hydra only lists
+# the plugins it has ("Available options in 'hydra/sweeper': basic")
+PLUGINS = {
+    "+sweep=": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    "+launcher=": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+}
+
+
+def missing_plugin(argv: list[str]) -> str | None:
+    """What to install for a ``+sweep=``/``+launcher=`` override whose Hydra plugin is not installed, else None."""
+    for arg in argv:
+        for prefix, (module, package) in PLUGINS.items():
+            if arg.startswith(prefix) and importlib.util.find_spec(module) is None:
+                return f"{arg} needs Hydra's {package} plugin: pip install -e '.[sweep]'"
+    return None
+
+
+def main() -> float | None:
+    """The entry point (``python -m simpo_exp``, ``simpo-exp``)."""
+    if message := missing_plugin(sys.argv[1:]):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    return hydra_main()
+
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     stop = StopSignal(at_once=True)  # from the start: a stop before the run's first step ends the job where it is
     try:
         with user_errors(cfg) as go:  # a stop before training starts leaves the run's records as they were

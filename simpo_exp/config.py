@@ -319,6 +319,20 @@ def lora_rate_note(cfg: Config, lr: float, source: str) -> str | None:
     )
 
 
+def replaced_rate_note(cfg: Config) -> str | None:
+    """A warning where ``learning_rate`` (an hparams preset, the command line) replaces a model preset's own rate
+    ten or more times larger, else None: the embedded model, randomly initialised, learns at 1e-3 and hardly at
+    an hparams preset's fine-tuning rate (``hparams=creative``: 1e-6), which reads as "nothing learns"."""
+    own, given = cfg.model.learning_rate, cfg.learning_rate
+    if own is None or given is None or given * 10 > own:
+        return None
+    return (
+        f"learning_rate={given:g} (an hparams preset or the command line) replaces model={cfg.model.name}'s own "
+        f"rate, {own:g}" + (", set for a randomly initialised model" if not cfg.model.path else "") + ": the run "
+        "may hardly learn; give learning_rate on the command line to choose"
+    )
+
+
 def resolve_gamma(cfg: Config) -> tuple[float, float]:
     """(gamma, gamma_beta_ratio) as used: an absolute ``gamma`` wins, else gamma = beta * ratio."""
     if cfg.gamma is not None:
@@ -465,6 +479,13 @@ def _validate_run(cfg: Config) -> None:
         _check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be an integer >= 1")
     _check(cfg.save_steps >= 0, "save_steps", cfg.save_steps, "must be >= 0 (0: no intermediate checkpoints)")
     _check(cfg.save_total_limit >= 1, "save_total_limit", cfg.save_total_limit, "must be >= 1")
+    # numpy's and datasets' generators take seeds in [0, 2**32): another fails deep inside them
+    for key, seed in (
+        ("seed", cfg.seed),
+        ("dataset.shuffle_seed", cfg.dataset.shuffle_seed),
+        ("dataset.synthetic.seed", cfg.dataset.synthetic.seed),
+    ):
+        _check(0 <= seed < 2**32, key, seed, "must be in [0, 2**32)")
     _check(cfg.max_bad_steps >= 0, "max_bad_steps", cfg.max_bad_steps, "must be >= 0")
     _check(cfg.num_generations >= 0, "num_generations", cfg.num_generations, "must be >= 0 (0: no samples)")
     _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "must be >= 1")

@@ -30,7 +30,14 @@ from torch.utils.data import DataLoader
 
 from simpo_exp import checkpoint, finished, samples
 from simpo_exp.compiled import compile_for_run, eager_only
-from simpo_exp.config import Config, ConfigError, lora_rate_note, resolve_gamma, resolve_learning_rate
+from simpo_exp.config import (
+    Config,
+    ConfigError,
+    lora_rate_note,
+    replaced_rate_note,
+    resolve_gamma,
+    resolve_learning_rate,
+)
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.data.dealt import Dealt
 from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
@@ -313,8 +320,9 @@ def set_up(cfg: Config) -> Run:
     check_same_config(cfg, accelerator)  # one config on every process
     set_seed(cfg.seed)
     lr, lr_source = resolve_learning_rate(cfg)
-    if note := lora_rate_note(cfg, lr, lr_source):
-        log.warning(note)
+    for note in (lora_rate_note(cfg, lr, lr_source), replaced_rate_note(cfg)):
+        if note:
+            log.warning(note)
     log.info("learning rate %.3g (from %s)", lr, lr_source)
 
     tokenizer = load_tokenizer(cfg.model)

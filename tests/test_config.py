@@ -121,6 +121,11 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
         ("adam_epsilon=-1", "adam_epsilon"),
         ("dataset.num_proc=-3", "dataset.num_proc"),
         ("hardware=cpu-lora hardware.lora_alpha=0", "hardware.lora_alpha"),
+        # numpy's and datasets' generators refused these deep inside, with a traceback
+        ("seed=-1", "seed"),
+        ("seed=4294967296", "seed"),
+        ("dataset.shuffle_seed=-1", "dataset.shuffle_seed"),
+        ("dataset.synthetic.seed=-5", "dataset.synthetic.seed"),
     ],
 )
 def test_invalid_values_name_the_key(compose, override, key):
@@ -299,3 +304,32 @@ def test_the_console_script_finds_its_config_groups(tmp_path):
         pytest.skip("the package's console script is not installed here")
     res = subprocess.run([exe, "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "name: tiny" in res.stdout, res.stderr[-2000:]
+
+
+def test_an_hparams_rate_that_replaces_the_embedded_models_own_is_warned_of(compose):
+    """hparams=creative on the embedded default trained at 1e-6 instead of model=tiny's 1e-3, without a word: the
+    held-out accuracy stayed at chance and a first-hour user concluded nothing learns."""
+    from simpo_exp.config import replaced_rate_note
+
+    note = replaced_rate_note(to_config(compose("hparams=creative")))
+    assert note is not None and "learning_rate=1e-06" in note and "model=tiny's own rate, 0.001" in note
+    assert "randomly initialised" in note
+    assert replaced_rate_note(to_config(compose())) is None  # the model's own rate
+    assert replaced_rate_note(to_config(compose("learning_rate=5e-4"))) is None  # within ten times
+    assert replaced_rate_note(to_config(compose("model=llama3-8b", "hparams=creative"))) is None  # no rate of its own
+
+
+def test_a_sweep_or_launcher_preset_without_its_plugin_names_the_extra(monkeypatch):
+    """Without the sweep extra, +sweep=optuna gave Hydra's bare "Available options in 'hydra/sweeper': basic"."""
+    import importlib.util
+
+    from simpo_exp.__main__ import missing_plugin
+
+    assert missing_plugin(["+sweep=optuna", "+launcher=local"]) is None  # the test extras hold both
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if "hydra_plugins" in name else real(name))
+    assert missing_plugin(["beta=2", "+sweep=optuna"]) == (
+        "+sweep=optuna needs Hydra's hydra-optuna-sweeper plugin: pip install -e '.[sweep]'"
+    )
+    assert "hydra-submitit-launcher" in missing_plugin(["+launcher=slurm"])
+    assert missing_plugin(["beta=2"]) is None
