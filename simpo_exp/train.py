@@ -504,8 +504,11 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # waits for the device
     ok = math.isfinite(grad_norm)
     # DeepSpeed's engine has stepped already, in the last backward, or skipped a non-finite step itself (its
-    # gradient norm is then inf): the step is counted as skipped all the same
-    if ok or acc.distributed_type == DistributedType.DEEPSPEED:
+    # gradient norm is then inf): the step is counted as skipped all the same. Under fp16's loss scaler the step
+    # goes to the scaler even when not finite: it skips the update and lowers its scale (without its update() the
+    # next step's unscale_ fails: "unscale_() has already been called")
+    scaler = getattr(acc, "scaler", None)
+    if ok or acc.distributed_type == DistributedType.DEEPSPEED or scaler is not None:
         try:
             run.optimizer.step()  # AdamW's moments are allocated at the first step
         except torch.OutOfMemoryError as e:
@@ -513,7 +516,7 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     if ok:
         run.bad_in_a_row = 0
     else:  # a non-finite loss gives non-finite gradients too
-        skip_step(run)
+        skip_step(run, scaler.get_scale() if scaler is not None else None)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -538,10 +541,15 @@ def step_sft_tokens(micro: list[dict], accelerator) -> float:
     return local / (len(micro) * accelerator.num_processes)
 
 
-def skip_step(run: Run) -> None:
+def skip_step(run: Run, loss_scale: float | None = None) -> None:
+    """Count a step whose gradient was not finite; past ``max_bad_steps`` in a row, stop. ``loss_scale``: fp16's
+    scale after its scaler lowered it; an overflow it can still scale away (scale >= 1) is not counted as bad."""
     run.state.skipped_steps += 1
-    run.bad_in_a_row += 1
     step = run.state.step + 1
+    if loss_scale is not None and loss_scale >= 1.0:
+        log.warning("step %d: fp16 gradient overflow; step skipped, loss scale lowered to %g", step, loss_scale)
+        return
+    run.bad_in_a_row += 1
     log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step, run.bad_in_a_row)
     if run.bad_in_a_row > run.cfg.max_bad_steps:
         last = checkpoint.checkpoint_dirs(run.run_dir)

@@ -508,3 +508,31 @@ def test_a_full_disk_while_the_model_is_written_is_named_and_the_run_not_recorde
     with pytest.raises(CheckpointSaveError, match=r"could not write the trained model to .*model \(No space left"):
         train_mod.train(cfg)
     assert not (tmp_path / "run" / "finished.json").exists()
+
+
+def test_an_fp16_overflow_step_goes_to_the_loss_scaler_and_the_run_goes_on(compose, tmp_path, monkeypatch):
+    """Under fp16's GradScaler (a GPU's, stood in for by torch's CPU scaler) a step with non-finite gradients was
+    skipped before the scaler's step/update: its scale never backed off, and the next step's unscale_ raised
+    'unscale_() has already been called on this optimizer since the last update()'."""
+    import simpo_exp.train as train_mod
+
+    real_set_up = train_mod.set_up
+
+    def with_a_scaler(cfg):
+        run = real_set_up(cfg)
+        from accelerate.optimizer import patch_optimizer_step
+
+        scaler, opt = torch.amp.GradScaler("cpu", init_scale=2.0**16), run.optimizer
+        # as prepare() sets them up under fp16 on a GPU (AcceleratedOptimizer.__init__ with a scaler)
+        run.accelerator.scaler = opt.scaler = scaler
+        opt._accelerate_step_called = False
+        opt._optimizer_original_step_method = opt.optimizer.step
+        opt._optimizer_patched_step_method = patch_optimizer_step(opt, opt.optimizer.step)
+        return run
+
+    monkeypatch.setattr(train_mod, "set_up", with_a_scaler)
+    _poison(monkeypatch, {2})
+    cfg = _tiny_config(compose, tmp_path, "max_steps=4", "per_device_train_batch_size=8", "max_bad_steps=0")
+    summary = train_mod.train(cfg)  # an overflow the scaler scales away is not a bad step: max_bad_steps=0 holds
+    assert summary["train/skipped_steps"] == 1
+    assert math.isfinite(summary["train/loss"])
