@@ -201,12 +201,19 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     else:
         check_model_available(m.path, m.revision)
-        if saved_dtype(m.path) == "float32" and m.dtype != "float32":
+        if saved_dtype(m.path) == "float32" and (m.dtype != "float32" or engine_master_copy):
+            # DeepSpeed under bf16/fp16 casts the model it is handed to that dtype before it builds its float32
+            # master copy (ZeRO-3's zero3_init already at loading), whatever model.dtype says
+            keep = (
+                "DeepSpeed under bf16 casts it to bf16 before building its float32 masters, whatever model.dtype; "
+                "start from it under FSDP or on one GPU (hardware=fsdp, gpu), which keep it as loaded"
+                if engine_master_copy
+                else "set model.dtype=float32 to keep it"
+            )
             log.warning(
                 "model.path=%s holds float32 weights (a trained run's model/ does: SimPO-size updates live below "
-                "%s's resolution), loaded here as model.dtype=%s, which rounds most of that update away; set "
-                "model.dtype=float32 to keep it",
-                m.path, m.dtype, m.dtype,
+                "bf16's resolution), trained here from their rounding to 16 bits, which loses most of that update; %s",
+                m.path, keep,
             )  # fmt: skip
         try:
             model = AutoModelForCausalLM.from_pretrained(

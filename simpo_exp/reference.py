@@ -284,7 +284,16 @@ def in_the_policys_precision(reference: ResponseLogps, policy, accelerator) -> N
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        reference.to(next(policy.parameters()).dtype)
+        # the weights to the engine's dtype; each buffer to the dtype the policy's engine left it in: DeepSpeed
+        # 0.19 casts parameters only and keeps float32 buffers (RoPE's inv_freq), where a whole-module .to() put
+        # the reference's RoPE on bf16 frequencies (up to 3.7 rad off by position 2048 at Llama-3's theta)
+        dtype = next(policy.parameters()).dtype
+        for t in reference.parameters():
+            t.data = t.data.to(dtype) if t.is_floating_point() else t.data
+        held = {name.removeprefix("module."): b.dtype for name, b in policy.named_buffers()}
+        for name, t in reference.named_buffers():
+            if t.is_floating_point() and name in held:
+                t.data = t.data.to(held[name])
     elif accelerator.distributed_type == DistributedType.FSDP and not fsdp2(accelerator):
         mixed = accelerator.state.fsdp_plugin.mixed_precision_policy
         for tensors, dtype in ((reference.parameters(), "param_dtype"), (reference.buffers(), "buffer_dtype")):

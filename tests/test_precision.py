@@ -324,3 +324,64 @@ def test_fsdp_under_mixed_precision_trains_float32_whatever_master_weights_says(
         assert upcast_as_fsdp_does(model, engine(DistributedType.FSDP, "bf16")) == 2
     assert [p.dtype for p in model.parameters()] == [torch.float32] * 2 + [torch.bfloat16] * 2
     assert "hardware.master_weights=model under FSDP with mixed_precision=bf16" in caplog.text
+
+
+def test_a_live_reference_under_deepspeed_keeps_the_buffers_the_engine_keeps():
+    """DeepSpeed 0.19 casts the policy's parameters to bf16 and keeps its float32 buffers (RoPE's inv_freq); the
+    live reference was cast whole, buffers included, so its RoPE ran on bf16 frequencies (zero2 logged rewards off
+    zero at step 1 with equal weights). The copy now holds what the engine's policy holds, buffer by buffer."""
+    import copy
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.logps import ResponseLogps
+    from simpo_exp.reference import in_the_policys_precision, live_reference
+    from tests.test_perf_paths import make_model
+
+    base = make_model(vocab=256).eval()
+    reference = live_reference(base)
+
+    class Engine(torch.nn.Module):  # what DeepSpeed's engine holds: its module, parameters cast, buffers kept
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            for p in module.parameters():
+                p.data = p.data.to(torch.bfloat16)
+
+    policy = Engine(ResponseLogps(copy.deepcopy(base)))
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, autocast=torch.autocast)
+    in_the_policys_precision(reference, policy, accelerator)
+    held = dict(policy.named_buffers())
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    inv_freq = [n for n, b in reference.named_buffers() if n.endswith("inv_freq")]
+    assert inv_freq and all(dict(reference.named_buffers())[n].dtype == torch.float32 for n in inv_freq)
+    assert {n: b.dtype for n, b in reference.named_buffers()} == {
+        n.removeprefix("module."): b.dtype for n, b in held.items()
+    }
+    # an engine that casts its buffers too (DeepSpeed before 0.19) gets a reference that follows it
+    for b in policy.buffers():
+        b.data = b.data.to(torch.bfloat16) if b.is_floating_point() else b.data
+    follower = live_reference(base)
+    in_the_policys_precision(follower, policy, accelerator)
+    assert all(dict(follower.named_buffers())[n].dtype == torch.bfloat16 for n in inv_freq)
+
+
+def test_starting_deepspeed_from_float32_weights_is_warned_of_whatever_model_dtype(tmp_path, compose, caplog):
+    """DeepSpeed under bf16 casts the model to bf16 before it builds its float32 masters (ZeRO-3's zero3_init at
+    loading already): a second-stage run from a trained float32 model/ lost most of the first stage's update with
+    no word, model.dtype=float32 included, and the warning for other runs advised just that setting."""
+    import logging
+
+    from simpo_exp.config import to_config
+    from simpo_exp.model import load_model, load_tokenizer
+    from tests.tiny import save_tiny_llama
+
+    path = tmp_path / "model"
+    save_tiny_llama(path)  # float32 weights, as a trained run's model/
+    cfg = to_config(compose("model=qwen2.5-0.5b-instruct", f"model.path={path}", "model.dtype=float32"))
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.model"):
+        load_model(cfg, load_tokenizer(cfg.model), "sdpa")
+        assert "holds float32 weights" not in caplog.text  # kept as loaded: nothing lost
+        load_model(cfg, load_tokenizer(cfg.model), "sdpa", engine_master_copy=True)
+    assert "holds float32 weights" in caplog.text and "hardware=fsdp, gpu" in caplog.text
