@@ -14,8 +14,11 @@ the loop of ``simpo_exp/train.py`` (``ResponseLogps`` + ``simpo_loss`` as in
 setting of ``ResponseLogps`` / ``PairCollator`` (packing, prefix sharing, chunked head).
 
 Before any timing, one process computes the loss of the first batch with TRL and with every variant
-from the same weights (float32, no autocast) and stops unless all agree within 1e-4, after checking
-that both sides see the same tokens: we never time a faster wrong thing.
+from the same weights (float32, no autocast) and its gradient with respect to every weight, and stops unless all
+losses agree within 1e-4 and all gradients within 1e-3 (relative L2 error against TRL's), after checking that both
+sides see the same tokens: we never time a faster wrong thing (a variant that lost its backward passes a loss
+check). A timed run of ours that skipped an optimizer step (a non-finite gradient) is reported as failed: a step
+without AdamW is shorter and never allocates its moments.
 
 Each measurement runs in a fresh subprocess (peak RSS is per process), one after another, and the whole set is
 repeated ``--rounds`` times, interleaved, so slow drift on a shared machine hits both sides. On a GPU,
@@ -54,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 BETA, GAMMA_BETA_RATIO = 2.0, 0.5
 LOSS_TOLERANCE = 1e-4
+GRAD_TOLERANCE = 1e-3  # relative L2 error of a variant's first-batch gradient against TRL's, float32
 
 # ----------------------------------------------------------------------------- presets
 # lengths: (median, lognormal sigma, min, max) in tokens, before BOS/EOS; UltraFeedback-like at full scale
@@ -483,7 +487,9 @@ def response_tokens(pairs: list[dict], batch: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- workers
 def worker_check(spec: dict) -> dict:
-    """First-batch loss of TRL and of every variant, from the same weights, float32."""
+    """First-batch loss and gradient of TRL and of every variant, from the same weights, float32: ``{"trl": loss,
+    "ours": {variant: loss}, "grad_error": {variant: relative L2 error against TRL's gradient, or None where the
+    device has no backward for the variant (FlexAttention's on a CPU)}, "grad_unchecked": {variant: why}}``."""
     import torch
 
     from simpo_exp.fused import kept_modeling_modules
@@ -496,8 +502,12 @@ def worker_check(spec: dict) -> dict:
         trainer = make_trl_trainer(preset, tok, rows, model, tmp, bf16=False)
         batch = next(iter(trainer.get_train_dataloader()))
         model.train()
-        with torch.no_grad():
-            trl_loss = float(trainer.compute_loss(model, batch))
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        trl_loss = float(loss.detach())
+        trl_grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
     # Same tokens? TRL's rows (unpadded) against ours.
     first = pairs[: preset["batch"]]
     for key in ("chosen", "rejected"):
@@ -506,7 +516,7 @@ def worker_check(spec: dict) -> dict:
             theirs = batch[f"{key}_input_ids"][i, :n].tolist()
             if theirs != pair["prompt_input_ids"] + pair[f"{key}_input_ids"]:
                 raise SystemExit(f"token mismatch between TRL and this harness ({key}, row {i})")
-    losses = {}
+    losses, grad_error, unchecked = {}, {}, {}
     # compiling is in place on the shared model: the compiled variants last
     for variant in sorted(spec["variants"], key=lambda name: variant_settings(name)["compile"]):
         # --eager-check: a +compile variant's loss from its eager twin (tests/test_compile.py checks the compiled
@@ -516,12 +526,41 @@ def worker_check(spec: dict) -> dict:
         # what they replaced for the process is put back after it
         own = variant_settings(variant)["liger_layers"]
         with kept_modeling_modules():
-            policy, collate = make_ours(preset, tok, copy.deepcopy(model) if own else model, built)
+            weights = copy.deepcopy(model) if own else model
+            policy, collate = make_ours(preset, tok, weights, built)
             b = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(first).items()}
-            with torch.no_grad():
-                losses[variant] = float(step_loss(policy, b)[0])
-            del policy
-    return {"trl": trl_loss, "ours": losses}
+            try:
+                loss = step_loss(policy, b)[0]
+                loss.backward()
+                grad_error[variant] = gradient_error(weights, trl_grads)
+            except NotImplementedError as e:  # FlexAttention has no backward on a CPU: the loss alone
+                if device != "cpu":
+                    raise
+                weights.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    loss = step_loss(policy, b)[0]
+                grad_error[variant], unchecked[variant] = None, str(e).split(". ")[0][:120]
+            losses[variant] = float(loss)
+            weights.zero_grad(set_to_none=True)
+            del policy, loss
+    return {"trl": trl_loss, "ours": losses, "grad_error": grad_error, "grad_unchecked": unchecked}
+
+
+def gradient_error(model, reference: list) -> float:
+    """``|g - g_ref| / |g_ref|`` over every weight (L2), ``g`` the gradients ``model`` holds, ``reference`` TRL's in
+    parameter order; a weight with a gradient on one side only counts its whole gradient as error."""
+    import torch
+
+    diff = norm = torch.zeros((), dtype=torch.float64)
+    for p, ref in zip(model.parameters(), reference, strict=True):
+        mine = None if p.grad is None else p.grad.detach().double()
+        theirs = None if ref is None else ref.double()
+        if theirs is not None:
+            norm = norm + theirs.square().sum().cpu()
+        if mine is not None or theirs is not None:
+            gap = mine if theirs is None else -theirs if mine is None else mine - theirs
+            diff = diff + gap.square().sum().cpu()
+    return float((diff / norm).sqrt()) if norm > 0 else float("inf")
 
 
 def worker_trl(spec: dict) -> dict:
@@ -632,7 +671,7 @@ def worker_ours(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     profiler = step_profiler(spec, preset)
     sync(device)
-    marks, compiled = [time.perf_counter()], []
+    marks, compiled, skipped = [time.perf_counter()], [], 0
     for batch in loader:  # the inner loop of simpo_exp/train.py with accumulation 1
         graphs = graphs_built()
         loss = step_loss(policy, batch)[0]
@@ -640,6 +679,8 @@ def worker_ours(spec: dict) -> dict:
         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), 1.0)
         if torch.isfinite(grad_norm):
             optimizer.step()
+        else:  # recorded: such a run is reported as failed (a step without AdamW is no step to time)
+            skipped += 1
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         marks.append(time.perf_counter())
@@ -647,7 +688,7 @@ def worker_ours(spec: dict) -> dict:
         if profiler is not None:
             profiler.step_done()
     out = finish(preset, marks, base, device, response_tokens(pairs, preset["batch"]), profiler, leftover)
-    out["compiled"] = compiled
+    out["compiled"], out["skipped_steps"] = compiled, skipped
     peak = device_peak(preset)
     if peak:
         out["mfu"] = [w / t / peak for w, t in zip(work, out["times"])]
@@ -806,7 +847,12 @@ def keep_run(runs: dict, failures: dict, name: str, res: dict, warmup: int) -> s
     """Add a finished run to ``runs``; or, for a run that failed or has no timed step (every step past the warm-up
     built graphs: a ``+compile`` run, a recompile at a new width), the reason to ``failures``, returned. A run with
     no timed step left the report itself failing (a median of nothing), every other row's output lost with it."""
-    why = res.get("error") or (None if measured(res, "times", warmup) else NO_TIMED_STEP)
+    skipped = res.get("skipped_steps")
+    why = (
+        res.get("error")
+        or (f"skipped {skipped} optimizer steps (non-finite gradients): not a run to time" if skipped else None)
+        or (None if measured(res, "times", warmup) else NO_TIMED_STEP)
+    )
     if why:
         failures.setdefault(name, why)
         return why
@@ -970,15 +1016,19 @@ def main() -> None:
     check_spec = {"impl": "check", "variants": variants, "overrides": check_overrides, "eager_check": args.eager_check}
     check = run_worker(base | check_spec)
     eager = " (+compile variants checked eagerly)" if args.eager_check else ""
-    print(f"\nfirst-batch loss (float32, same weights){eager}: TRL {check['trl']:.6f}")
+    print(f"\nfirst-batch loss and gradient (float32, same weights){eager}: TRL {check['trl']:.6f}")
     bad = []
     for v, loss in check["ours"].items():
-        diff = abs(loss - check["trl"])
-        print(f"  {v:<18} {loss:.6f}  |diff| {diff:.1e}")
-        if not diff <= LOSS_TOLERANCE:
+        diff, grad = abs(loss - check["trl"]), check["grad_error"].get(v)
+        said = f"{grad:.1e}" if grad is not None else f"not checked here ({check['grad_unchecked'][v]})"
+        print(f"  {v:<18} {loss:.6f}  |diff| {diff:.1e}  gradient rel. error {said}")
+        if not diff <= LOSS_TOLERANCE or (grad is not None and not grad <= GRAD_TOLERANCE):
             bad.append(v)
     if bad:
-        raise SystemExit(f"loss check failed for {bad} (tolerance {LOSS_TOLERANCE}): not timing a wrong computation")
+        raise SystemExit(
+            f"loss check failed for {bad} (loss tolerance {LOSS_TOLERANCE}, gradient {GRAD_TOLERANCE}): not timing "
+            "a wrong computation"
+        )
 
     runs: dict[str, list] = {}
     failures: dict[str, str] = {}  # run -> why it failed ("out of memory", ...); a run cut off is in neither
@@ -1128,8 +1178,8 @@ def markdown_table(
     lines = [
         f"preset `{preset}`; {where}; x TRL: against the TRL run of the same gradient checkpointing",
         "",
-        "| run | median step ms | pairs/s | x TRL | resp. tokens/s | peak MiB | x TRL | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | median step ms | pairs/s | x TRL | resp. tokens/s | peak MiB | x TRL | MFU | timed steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ref = refs.get(row["name"])
@@ -1138,8 +1188,16 @@ def markdown_table(
             f"| {row['name']} | {row['median_step_s'] * 1e3:.1f} | {row['pairs_per_s']:.2f} | "
             f"{ratio('pairs_per_s')} | {row['resp_tokens_per_s']:.0f} | {row[mem_key]:.0f} | {ratio(mem_key)} | "
             + (f"{row['mfu']:.1%} |" if "mfu" in row else " |")
+            # the steps the figures are medians of; those in which torch.compile built graphs are left out
+            + f" {row['steps']}"
+            + (
+                f" (+{row['compile_steps']} compiling, {row['compile_warmup_s']:.0f} s)"
+                if "compile_steps" in row
+                else ""
+            )
+            + " |"
         )
-    lines += [f"| {name} | {(failures or {}).get(name, 'not reached')} | | | | | | |" for name in missing]
+    lines += [f"| {name} | {(failures or {}).get(name, 'not reached')} | | | | | | | |" for name in missing]
     return "\n".join(lines) + "\n"
 
 

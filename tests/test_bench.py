@@ -39,6 +39,8 @@ def test_the_gpu_presets_variants_build_and_equal_trls_loss():
     assert check["trl"] > 0
     for variant, loss in check["ours"].items():
         assert loss == pytest.approx(check["trl"], abs=bench.LOSS_TOLERANCE), variant
+        grad = check["grad_error"][variant]  # None: FlexAttention, which has no backward on a CPU
+        assert (grad is None and "flex" in variant) or grad < bench.GRAD_TOLERANCE, (variant, grad)
 
 
 def test_variant_suffixes_in_any_order():
@@ -199,7 +201,8 @@ def test_the_side_by_side_table_sets_each_run_against_the_trl_run_of_its_checkpo
 
     def row(name, pairs_per_s, peak):
         return {"name": name, "median_step_s": 1.0, "pairs_per_s": pairs_per_s, "resp_tokens_per_s": 1.0} | {
-            "peak_cuda_mb": peak
+            "peak_cuda_mb": peak,
+            "steps": 5,
         }
 
     names = ["TRL", "TRL+nockpt", "plain", "plain+nockpt", "plain+ckpt4"]
@@ -213,6 +216,7 @@ def test_the_side_by_side_table_sets_each_run_against_the_trl_run_of_its_checkpo
     cells = {line.split(" | ")[0].removeprefix("| "): line.split(" | ") for line in table[4:]}
     assert cells["plain+nockpt"][3] == "1.20" and cells["plain+nockpt"][6] == "0.75"  # against TRL+nockpt
     assert cells["plain"][3] == "1.10" and cells["plain+ckpt4"][3] == ""  # partial: no TRL like it
+    assert cells["plain"][8] == "5 |"  # the steps the medians are taken over
 
 
 def test_trls_mfu_counts_the_work_of_our_padded_layout_on_the_same_batches(monkeypatch):
@@ -305,3 +309,35 @@ def test_a_run_with_no_timed_step_is_a_failure_of_its_own_not_of_the_report():
     assert keep_run(runs, failures, "TRL", {"error": "out of memory"}, warmup=1) == "out of memory"
     assert list(runs) == ["plain"] and failures == {"plain+compile": NO_TIMED_STEP, "TRL": "out of memory"}
     assert measured(runs["plain"][0], "times", 1) == [0.5, 0.5]  # what the report takes the median of
+
+
+def test_the_check_compares_gradients_not_only_losses(monkeypatch):
+    """The check computed the first-batch loss alone: a variant whose backward was lost (its states detached, 2.9x
+    'faster' in the review's run) or wrong passed it and would have been timed and published. Its gradient is now
+    compared with TRL's, weight by weight; here a loss of the right value with half the gradient is caught."""
+    bench = load_bench()
+    real = bench.step_loss
+
+    def half_gradient(policy, batch):
+        loss, stats = real(policy, batch)
+        return loss.detach() + 0.5 * (loss - loss.detach()), stats  # the same value, half the gradient
+
+    spec = {"preset": "cpu", "overrides": {"batch": 4, "warmup": 0, "steps": 1}, "threads": 1, "variants": ["plain"]}
+    right = bench.worker_check(spec)
+    assert right["grad_error"]["plain"] < bench.GRAD_TOLERANCE / 100
+    monkeypatch.setattr(bench, "step_loss", half_gradient)
+    wrong = bench.worker_check(spec)
+    assert wrong["ours"]["plain"] == pytest.approx(right["ours"]["plain"], abs=1e-6)  # the loss check passes
+    assert wrong["grad_error"]["plain"] == pytest.approx(0.5, rel=1e-3)  # the gradient check does not
+
+
+def test_a_timed_run_that_skipped_an_optimizer_step_is_a_failure():
+    """Every step with a non-finite gradient skipped AdamW without a word: shorter steps, and no moments allocated
+    (about 9.4 GiB at the GPU preset), a memory figure TRL's always-stepping run cannot be held against."""
+    from benchmarks.bench_trl import keep_run
+
+    runs, failures = {}, {}
+    ran = {"times": [1.0, 0.5, 0.5], "tokens": [10, 10, 10], "compiled": [False] * 3, "skipped_steps": 3}
+    assert "skipped 3 optimizer steps" in keep_run(runs, failures, "packed-flex", ran, warmup=1)
+    assert runs == {} and "packed-flex" in failures
+    assert keep_run(runs, failures, "plain", {**ran, "skipped_steps": 0}, warmup=1) is None
