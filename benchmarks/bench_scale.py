@@ -186,13 +186,16 @@ def main() -> int:
             continue
         row = {"run": run} | summarise(run_dir, preset["warmup"])
         results.append(row)
-        print(f"  {row['step_time_s']:.3f} s/step, {row['tokens_per_s']:.0f} tokens/s", flush=True)
+        print(f"  {row['step_time_s']:.3f} s/step, {row['tokens_per_s']:.0f} computed tokens/s", flush=True)
 
     print(
         f"\npreset {args.preset}: model={preset['model']}, {preset['batch']} pairs per step, "
         f"max_length {preset['max_length']}, medians over steps {preset['warmup'] + 1}-{preset['steps']}"
     )
-    header = f"{'run':34} {'s/step':>7} {'tokens/s':>9} {'pairs/s':>8} {'MFU':>6} {'GPU GiB':>8} {'RSS GiB':>8}  layout"
+    # tokens/s: the tokens the layout computes (a shared prompt once), not bench_trl's response tokens/s
+    header = (
+        f"{'run':34} {'s/step':>7} {'comp. tok/s':>11} {'pairs/s':>8} {'MFU':>6} {'GPU GiB':>8} {'RSS GiB':>8}  layout"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
@@ -201,7 +204,7 @@ def main() -> int:
             continue
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         print(
-            f"{r['run']:34} {fmt(r['step_time_s'], '7.3f')} {fmt(r['tokens_per_s'], '9.0f')} "
+            f"{r['run']:34} {fmt(r['step_time_s'], '7.3f')} {fmt(r['tokens_per_s'], '11.0f')} "
             f"{fmt(r['pairs_per_s'], '8.2f')} {fmt(mfu, '5.1f') + '%' if mfu is not None else '     -'} "
             f"{fmt(r['gpu_max_allocated_gb'], '8.2f')} {fmt(r['max_rss_gb'], '8.2f')}  "
             f"{r['packing']}, {r['attn_implementation']}, {r['mixed_precision']}"

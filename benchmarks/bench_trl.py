@@ -803,6 +803,9 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; ``$COMMIT`` where set (a device's copy of the tree may come without ``.git``)."""
+    if os.environ.get("COMMIT", "?") != "?":
+        return os.environ["COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or "?"

@@ -44,11 +44,13 @@ pathlib.Path(sys.argv[2]).write_text(json.dumps(merged, indent=1))
     return 0
 }
 trap publish EXIT
-echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" > "$WORK/summary.md"
+# the device's copy of the tree may come without .git: COMMIT=<hash> on the device command names the commit then
+export COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
+echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $COMMIT" > "$WORK/summary.md"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "kit install failed"; exit 1; }
+        || { echo "kit install failed" | tee -a "$WORK/summary.md"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
 else
     export PYTHONPATH=$PWD  # a machine that has the packages already (pip install -e ".[test,bench]")
