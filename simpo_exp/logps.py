@@ -532,6 +532,8 @@ class ResponseLogps(nn.Module):
             logits = F.linear(hidden, unsharded(head).weight, head.bias)
         else:
             logits = head(hidden)
+        if self.scale or self.softcap:  # in float32, as the log-softmax after: a bf16 tanh costs a 400-token
+            logits = logits.float()  # sum about 0.2 nats at Gemma 2's cap of 30 (HF's forward caps in bf16)
         if self.scale:  # Cohere, Granite, ...: LOGIT_SCALES
             logits = logits * self.scale
         if self.softcap:  # Gemma 2 caps its logits; skipping this would change every log-prob

@@ -95,6 +95,22 @@ def test_softcapping_is_applied(model):
     assert torch.allclose(capped / torch.tensor([2.0, 1.0]), -torch.log(torch.tensor(50.0)), atol=1.0)
 
 
+def test_scaled_and_softcapped_logits_are_computed_in_float32(model):
+    """Under bf16 autocast the head's logits were capped (tanh(x / 30) * 30) and scaled in bf16 before the float32
+    log-softmax: about 0.2 nats on a 400-token sum at Gemma 2's cap, against 0.1 when upcast first."""
+    wrapped = ResponseLogps(model)
+    hidden = torch.randn(3, model.config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert wrapped._head(hidden).dtype == torch.bfloat16  # no cap, no scale: the head's own dtype
+        wrapped.softcap = 30.0
+        capped = wrapped._head(hidden)
+        wrapped.softcap, wrapped.scale = None, 0.25
+        scaled = wrapped._head(hidden)
+        bf16_logits = model.lm_head(hidden)  # the head's own bf16 output, capped below in float32
+    assert capped.dtype == scaled.dtype == torch.float32
+    assert torch.allclose(capped, torch.tanh(bf16_logits.float() / 30.0) * 30.0, atol=1e-6)
+
+
 def scaled_model(model_type: str, scale: float, vocab: int = 64):
     """A tiny random model of a family whose forward scales its logits (``logps.LOGIT_SCALES``), the head's weights
     made large so that the scale shows in the log-probs."""
