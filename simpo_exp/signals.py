@@ -15,6 +15,16 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: the stop signals are left to the training process. A scheduler
+    signals every process of the job (SLURM's step daemon signals the whole step, ``kill -- -PGID`` a process
+    group), and a worker that died of the signal made torch raise "DataLoader worker ... is killed by signal" in
+    the training process, wherever it was, so that a stop ended without its checkpoint. The training process ends
+    its workers as it leaves."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """SIGTERM (what a scheduler sends first) ends the generate and evaluate stages as Ctrl-C does: their

@@ -86,7 +86,7 @@ from simpo_exp.reference import (
 )
 from simpo_exp.rundir import STOPPED_FILE, recorded_sources, stopped_before_a_step_record, stopped_record
 from simpo_exp.runinfo import keep_run_config
-from simpo_exp.signals import StopRequested, StopSignal
+from simpo_exp.signals import StopRequested, StopSignal, ignore_stop_signals
 from simpo_exp.tracking import (
     GENERATIONS_FILE,
     HEADLINE_METRICS,
@@ -227,6 +227,7 @@ def train_data_loader(cfg: Config, train_ds, collate, num_workers: int | None = 
         drop_last=True,
         collate_fn=collate,
         num_workers=cfg.hardware.dataloader_num_workers if num_workers is None else num_workers,
+        worker_init_fn=ignore_stop_signals,  # a stop signal sent to the whole job is the training process's
         generator=torch.Generator().manual_seed(cfg.seed),
         pin_memory=pin_memory,
     )

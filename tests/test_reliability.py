@@ -536,3 +536,28 @@ def test_an_fp16_overflow_step_goes_to_the_loss_scaler_and_the_run_goes_on(compo
     summary = train_mod.train(cfg)  # an overflow the scaler scales away is not a bad step: max_bad_steps=0 holds
     assert summary["train/skipped_steps"] == 1
     assert math.isfinite(summary["train/loss"])
+
+
+def test_a_stop_signal_to_the_whole_process_group_saves_with_dataloader_workers(tmp_path):
+    """SLURM's step daemon signals every process of the step, DataLoader workers too (the gpu presets start two):
+    a worker that died of the SIGTERM made torch raise "DataLoader worker ... is killed by signal: Terminated" in the
+    training process, which ended without a checkpoint or stopped.json. The workers now leave the signal to it."""
+    import os
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simpo_exp", *RUN, "max_steps=400", "save_steps=1000", f"hydra.run.dir={run_dir}",
+         "hardware.dataloader_num_workers=2"],
+        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # as the step daemon does: every process, the workers included
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert json.loads((run_dir / "stopped.json").read_text())["signal"] == "SIGTERM"
+    assert list((run_dir / "checkpoints").glob("step-*[0-9]/COMPLETE"))
