@@ -235,6 +235,19 @@ def deepspeed_config_path(name: str) -> Path:
     return path
 
 
+def launcher_ds_config_beside_the_project() -> None:
+    """The DeepSpeed JSON an accelerate config names (``deepspeed_config_file: launchers/ds_zero3.json``, which
+    ``accelerate launch`` passes on as it is written): a relative path that is not there from the directory the
+    run was launched in is taken from the project, as ``deepspeed_config_path`` takes a preset's. Launched from
+    anywhere but the repository root, accelerate refused it ("Expected a string path to an existing deepspeed
+    config")."""
+    given = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if given and given != "none" and not Path(given).expanduser().exists():
+        beside = Path(__file__).resolve().parents[1] / given
+        if beside.exists():
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(beside)
+
+
 FSDP_ON_CPU_TORCH = (2, 9)  # the first torch whose gloo reduce-scatter averages as FSDP2 asks (check_fsdp_reduction)
 
 
@@ -373,6 +386,7 @@ def make_accelerator(cfg: Config):
     if use_cpu:
         check_cpu_settings(cfg)
     accum = accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    launcher_ds_config_beside_the_project()
     deepspeed_plugin = None
     if h.deepspeed_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true":
         try:

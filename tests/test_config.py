@@ -1,5 +1,7 @@
 """Composition of the documented commands, and validation before anything loads."""
 
+import os
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -333,3 +335,35 @@ def test_a_sweep_or_launcher_preset_without_its_plugin_names_the_extra(monkeypat
     )
     assert "hydra-submitit-launcher" in missing_plugin(["+launcher=slurm"])
     assert missing_plugin(["beta=2"]) is None
+
+
+def test_an_accelerate_configs_deepspeed_json_is_found_from_any_directory(tmp_path, monkeypatch):
+    """launchers/zero3.yaml names launchers/ds_zero3.json, which accelerate launch passes on as written: launched
+    from a scratch directory, accelerate refused it ("Expected a string path to an existing deepspeed config")."""
+    from pathlib import Path
+
+    from simpo_exp.engine import launcher_ds_config_beside_the_project
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "launchers/ds_zero3.json")
+    launcher_ds_config_beside_the_project()
+    found = Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
+    assert found.is_absolute() and found.is_file() and found.parts[-2:] == ("launchers", "ds_zero3.json")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "elsewhere/mine.json")  # not the project's: left to say
+    launcher_ds_config_beside_the_project()
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == "elsewhere/mine.json"
+
+
+def test_a_task_given_one_gpu_samples_on_it_whatever_its_local_rank(monkeypatch):
+    """Under +launcher=slurm each task sees only its own GPU (CUDA_VISIBLE_DEVICES narrowed), as device 0: the
+    generate and evaluate stages asked for cuda:LOCAL_RANK, an invalid ordinal on every task but local rank 0."""
+    import torch
+
+    from simpo_exp.inference.sampling import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # a node's processes that each see every GPU
+    assert pick_device("auto") == torch.device("cuda", 3)

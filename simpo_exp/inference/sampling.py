@@ -74,7 +74,8 @@ def pick_device(device: str) -> torch.device:
         )
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    # a task given one GPU (submitit narrows CUDA_VISIBLE_DEVICES per task) sees it as device 0, whatever its rank
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
 def effective_precision(mixed_precision: str, device: torch.device) -> str:
