@@ -298,14 +298,28 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             if single:
                 raise SystemExit(2) from None
         except Exception as e:
+            record = {"error": str(e), "type": type(e).__name__, "overrides": given_overrides(HydraConfig.get())}
             if main:  # one record of the run's failure; every process naming it overwrote the others' half-written
                 out.mkdir(parents=True, exist_ok=True)
-                record = {"error": str(e), "type": type(e).__name__, "overrides": given_overrides(HydraConfig.get())}
                 write_atomic(out / "error.json", json.dumps(record, indent=2))
+            elif not _is_user_error(e):  # a crash of its own, which the main process's record may only echo
+                out.mkdir(parents=True, exist_ok=True)
+                write_atomic(out / f"error-rank{os.environ.get('RANK')}.json", json.dumps(record, indent=2))
             if not _is_user_error(e):
                 _note_collective_timeout(e, cfg)
                 if single:
                     raise  # a crash: Hydra shows the traceback
+                if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                    # a crash on one of several processes leaves their process group unusable: the sweep ends here
+                    # on every process (SystemExit: Hydra's launcher would record an exception and start the next
+                    # job), rather than one going on to the next job while another waits in this one's
+                    traceback.print_exc()
+                    print(
+                        f"error: this sweep job crashed ({type(e).__name__}) on one of its processes, whose group it "
+                        "leaves unusable: the sweep ends here; re-run the same command to go on",
+                        file=sys.stderr,
+                    )
+                    raise SystemExit(1) from None
                 traceback.print_exc()
                 print(f"error: this sweep job crashed ({type(e).__name__}); the others go on", file=sys.stderr)
                 return

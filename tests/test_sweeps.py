@@ -231,3 +231,41 @@ def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
     (tmp_path / "launched").unlink()
     assert sbatch(RUN_DIR="outputs/runs/slurm-5").returncode == 0  # the run of job 5 goes on in this job
     assert all("hydra.run.dir=outputs/runs/slurm-5 " in x for x in (tmp_path / "launched").read_text().splitlines())
+
+
+# Loaded by every Python process of the sweep below: the second training process crashes at its first step, once.
+CRASH_ON_RANK_1 = """
+import os
+
+if os.environ.get("RANK") == "1":
+    import simpo_exp.train as train
+
+    real, crashed = train.optimizer_step, []
+
+    def crash_once(*args, **kwargs):
+        if not crashed:
+            crashed.append(True)
+            raise RuntimeError("injected crash on rank 1")
+        return real(*args, **kwargs)
+
+    train.optimizer_step = crash_once
+"""
+
+
+def test_a_crash_on_one_process_of_a_multirun_ends_the_sweep_on_every_process(tmp_path):
+    """Under torchrun a crash on rank 1 was caught there as one job's failure: rank 1 went on to the next job alone
+    while rank 0 waited in the first one's collectives, and the only record, rank 0's error.json, held the follow-on
+    error. Every process now stops, and rank 1's own crash is recorded beside the job's error.json."""
+    from tests.test_scale import two_processes
+
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(CRASH_ON_RANK_1)
+    sweep = tmp_path / "sweep"
+    args = ["--multirun", "hardware=cpu", *FAST, "max_steps=2", "dataset.synthetic.num_train=64", "beta=3,4"]
+    args += ["hardware.collective_timeout=60", f"hydra.sweep.dir={sweep}"]
+    res = two_processes(*args, cwd=tmp_path, inject=tmp_path / "inject", timeout=300)
+    assert res.returncode != 0
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name[:2] for j in jobs] == ["0_"], res.stderr[-3000:]  # the second job never started
+    own = json.loads((jobs[0] / "error-rank1.json").read_text())
+    assert own["error"] == "injected crash on rank 1" and own["type"] == "RuntimeError"
