@@ -67,13 +67,16 @@ def stage_groups(choices, optional: str = "") -> str:
 OmegaConf.register_new_resolver("stage_groups", stage_groups, replace=True)
 
 
+LAUNCH_GROUPS = ("launcher", "sweep")  # how a sweep's jobs run (+launcher=slurm, +sweep=optuna), not what they train
+
+
 def run_name(overrides: list[str], sft_weight: float) -> str:
     """A readable name from the command-line overrides, e.g. ``beta=5,gamma_beta_ratio=0.3``: those that change
     what the run trains (not Hydra's, nor ``resume=false``, the logger or the cadence: ``RESUMABLE_CHANGES``)."""
 
     def operational(item: str) -> bool:
         key = item.split("=", 1)[0]
-        return key.startswith("hydra.") or key.split(".", 1)[0] in RESUMABLE_CHANGES
+        return key.startswith("hydra.") or key.split(".", 1)[0] in RESUMABLE_CHANGES or key in LAUNCH_GROUPS
 
     parts = [o.lstrip("+~") for o in overrides if not operational(o.lstrip("+~"))]
     if sft_weight > 0 and not any(p.startswith("sft_weight=") for p in parts):

@@ -269,3 +269,20 @@ def test_a_crash_on_one_process_of_a_multirun_ends_the_sweep_on_every_process(tm
     assert [j.name[:2] for j in jobs] == ["0_"], res.stderr[-3000:]  # the second job never started
     own = json.loads((jobs[0] / "error-rank1.json").read_text())
     assert own["error"] == "injected crash on rank 1" and own["type"] == "RuntimeError"
+
+
+def test_the_launcher_and_sweeper_name_neither_the_job_folders_nor_the_runs():
+    """`+launcher=local,+sweep=optuna,beta=...` named every job folder and W&B run: a sweep tried locally and then
+    submitted to SLURM had other folders, so it neither skipped its finished jobs nor resumed the others."""
+    import yaml
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from simpo_exp.rundir import CONF_DIR
+    from simpo_exp.runinfo import run_name
+
+    given = ["+launcher=slurm", "+sweep=optuna", "beta=2", "hydra.launcher.partition=gpu"]
+    assert run_name(given, 0.0) == "beta=2"
+    dirname = yaml.safe_load((Path(CONF_DIR) / "config.yaml").read_text())["hydra"]["job"]["config"]["override_dirname"]
+    overrides = OverridesParser.create().parse_overrides(given[:3])
+    assert get_overrides_dirname(overrides, dirname["exclude_keys"], dirname["item_sep"], dirname["kv_sep"]) == "beta=2"
