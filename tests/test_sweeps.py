@@ -202,7 +202,8 @@ def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
         "scontrol": f'if [[ $1 == requeue ]]; then echo "$*" >> {tmp_path}/requeued\n'
         'else printf "node-a\\nnode-b\\n"; fi',
         "accelerate": f'echo "$* shutdown=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" >> {tmp_path}/launched\n'
-        'if [[ -n ${STOP:-} ]]; then mkdir -p "$RUN_DIR" && echo {} > "$RUN_DIR/stopped.json" && exit 143; fi',
+        "[[ -n ${FAIL:-} ]] && exit 1\n"  # the launch failed before the run began (a rendezvous timeout, say)
+        'if [[ -n ${STOP:-} ]]; then mkdir -p "$RUN_DIR" && echo "$STOP" > "$RUN_DIR/stopped.json" && exit 143; fi',
     }
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
@@ -226,8 +227,17 @@ def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
     assert all("hydra.run.dir=outputs/runs/slurm-77" in x and x.endswith("shutdown=110") for x in lines)
     assert (tmp_path / "srun_options").read_text() == "--cpus-per-task=64\n"
     assert not (tmp_path / "requeued").exists()  # it ended: nothing to requeue
-    res = sbatch(STOP="1")  # stopped by the signal before the time limit, checkpoint saved
+    res = sbatch(STOP='{"signal": "SIGTERM", "step": 40}')  # stopped by the signal before the limit, saved
     assert res.returncode == 143 and (tmp_path / "requeued").read_text() == "requeue 77\n", res.stderr
+    # requeued again and again without progress before: the earlier attempt's stopped.json with this one failed,
+    # a stop during set-up (one longer than --time), or past MAX_REQUEUES
+    res = sbatch(FAIL="1")
+    assert res.returncode == 1 and "an earlier attempt's" in res.stderr
+    res = sbatch(STOP='{"signal": "SIGTERM", "step": 0, "during": "set-up"}')
+    assert res.returncode == 143 and "before its first step" in res.stderr
+    res = sbatch(STOP='{"signal": "SIGTERM", "step": 80}', SLURM_RESTART_COUNT="10")
+    assert res.returncode == 143 and "MAX_REQUEUES=10" in res.stderr
+    assert (tmp_path / "requeued").read_text() == "requeue 77\n"  # none of the three
     (tmp_path / "launched").unlink()
     assert sbatch(RUN_DIR="outputs/runs/slurm-5").returncode == 0  # the run of job 5 goes on in this job
     assert all("hydra.run.dir=outputs/runs/slurm-5 " in x for x in (tmp_path / "launched").read_text().splitlines())
