@@ -84,7 +84,7 @@ class StopSignal:
         flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
         return int(accelerator.gather(flag).max().item())
 
-    def exit(self, step: int | None, signum: int | None = None) -> None:
+    def exit(self, step: int | None, signum: int | None = None, together=None) -> None:
         """After the step's checkpoint (``step`` None: stopped in set-up, before one): restore the handlers found
         at start, call the one that was there for this signal (submitit's checkpoints its submission and requeues
         the job from the main process; under ``+launcher=slurm`` that handler is where the requeue happens), then
@@ -97,10 +97,19 @@ class StopSignal:
             log.warning("stopped by %s after step %d, checkpoint saved; re-run the same command to resume", name, step)
         self.restore()
         previous = self._previous.get(signum)
+        code = 128 + signum
         # default_int_handler would turn a clean stop into a KeyboardInterrupt traceback
         if callable(previous) and previous is not signal.default_int_handler:
-            previous(signum, None)
-        raise SystemExit(128 + signum)
+            try:
+                previous(signum, None)
+            except SystemExit as e:  # submitit's, on the main task, once it has requeued the job
+                code = e.code if isinstance(e.code, int) else code
+        if together is not None:
+            # ``together``: a barrier of the run's processes. submitit requeues from the main task alone and leaves
+            # the others to return; one of them leaving first could have srun end the job (KillOnBadExit) before
+            # the main task's requeue
+            together()
+        raise SystemExit(code)
 
     def after_finish(self, accelerator) -> None:
         """A stop signal that came in the run's last step or while its model was written (on any process): the run

@@ -817,7 +817,7 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
             bar.update(1)
         if stopping:  # compare and the sweep's summary tell a stopped run from a running one by this file
             run.tracker.mark_stopped(stopped_record(stopping, step))
-            stop.exit(step, stopping)
+            stop.exit(step, stopping, together=run.accelerator.wait_for_everyone)
     if bar is not None:
         bar.close()
     return summary

@@ -490,3 +490,23 @@ def test_a_save_after_resuming_past_a_damaged_checkpoint_keeps_itself(tmp_path):
     names = [p.name for p in checkpoint.checkpoint_dirs(tmp_path)]
     assert names == ["step-000006", "step-000008"]  # the newest save kept; step 8 replaced when step 8 is saved
     assert checkpoint.verify(tmp_path / "checkpoints" / "step-000006") is None
+
+
+def test_every_process_waits_for_the_main_ones_requeue_before_leaving(monkeypatch):
+    """submitit requeues from the main task (then exits there) and returns at once on the others, which left at
+    once too: where srun ends a job at the first task to exit (KillOnBadExit), the main task could be killed before
+    its requeue. The processes now meet after the handed-on handler, the main task past submitit's own exit."""
+    calls = []
+
+    def submitits(signum, frame):  # on the main task: requeue, then exit
+        calls.append("requeued")
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitits)
+    try:
+        stop = StopSignal()
+        with pytest.raises(SystemExit) as leaving:
+            stop.exit(4, signal.SIGUSR2, together=lambda: calls.append("all processes met"))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == ["requeued", "all processes met"] and leaving.value.code == -1
