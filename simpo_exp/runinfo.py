@@ -97,6 +97,7 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
     hc = HydraConfig.get()
     overrides = given_overrides(hc)
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    refuse_a_sweep_folder_per_process(hc)
     for override in overrides:
         group = override.lstrip("~").split("=", 1)[0]
         if override.startswith("~") and (Path(CONF_DIR) / group).is_dir():
@@ -167,6 +168,22 @@ def _unresolvable(cfg: DictConfig, key: str) -> bool:
         return False
     except InterpolationResolutionError:
         return True
+
+
+def refuse_a_sweep_folder_per_process(hc) -> None:
+    """A ``--multirun`` that torchrun (or accelerate launch) starts on several processes needs a fixed
+    ``hydra.sweep.dir``: each process resolves the default, ``outputs/multirun/${now:...}``, at its own start, and
+    processes started a second apart wrote two sweep folders. (submitit's tasks share the folder their launcher
+    resolved once.)"""
+    from simpo_exp.config import ConfigError
+
+    torchrun = os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fixed = any(str(o).startswith("hydra.sweep.dir=") for o in hc.overrides.hydra)
+    if torchrun and hc.mode == RunMode.MULTIRUN and not fixed:
+        raise ConfigError(
+            f"--multirun on {os.environ['WORLD_SIZE']} processes: give a fixed hydra.sweep.dir=... (every process "
+            f"must name the same folder; the default, {hc.sweep.dir}, is each process's own start time)"
+        )
 
 
 def given_overrides(hc) -> list[str]:

@@ -296,3 +296,14 @@ def test_the_launcher_and_sweeper_name_neither_the_job_folders_nor_the_runs():
     dirname = yaml.safe_load((Path(CONF_DIR) / "config.yaml").read_text())["hydra"]["job"]["config"]["override_dirname"]
     overrides = OverridesParser.create().parse_overrides(given[:3])
     assert get_overrides_dirname(overrides, dirname["exclude_keys"], dirname["item_sep"], dirname["kv_sep"]) == "beta=2"
+
+
+def test_a_multirun_on_several_processes_without_a_fixed_sweep_folder_is_refused(tmp_path):
+    """Each torchrun process resolved the default sweep folder (outputs/multirun/${now}) at its own start: processes
+    a second apart wrote two folders, one of them holding a log alone, and two sweep summaries."""
+    from tests.test_scale import two_processes
+
+    args = ["--multirun", "hardware=cpu", *FAST, "max_steps=1", "beta=3"]
+    res = two_processes(*args, cwd=tmp_path, timeout=300)
+    assert "give a fixed hydra.sweep.dir=" in res.stderr, res.stderr[-3000:]
+    assert not list(tmp_path.glob("outputs/multirun/*/*/metrics.jsonl"))  # nothing trained
