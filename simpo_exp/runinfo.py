@@ -170,6 +170,12 @@ def _unresolvable(cfg: DictConfig, key: str) -> bool:
         return True
 
 
+def under_torchrun() -> bool:
+    """Whether this process is one of several torchrun started (accelerate launch starts them through it): a
+    ``--multirun`` then runs every job on all of them, in one process group. (submitit's tasks run one job each.)"""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def refuse_a_sweep_folder_per_process(hc) -> None:
     """A ``--multirun`` that torchrun (or accelerate launch) starts on several processes needs a fixed
     ``hydra.sweep.dir``: each process resolves the default, ``outputs/multirun/${now:...}``, at its own start, and
@@ -177,9 +183,8 @@ def refuse_a_sweep_folder_per_process(hc) -> None:
     resolved once.)"""
     from simpo_exp.config import ConfigError
 
-    torchrun = os.environ.get("TORCHELASTIC_RUN_ID") and int(os.environ.get("WORLD_SIZE", "1")) > 1
     fixed = any(str(o).startswith("hydra.sweep.dir=") for o in hc.overrides.hydra)
-    if torchrun and hc.mode == RunMode.MULTIRUN and not fixed:
+    if under_torchrun() and hc.mode == RunMode.MULTIRUN and not fixed:
         raise ConfigError(
             f"--multirun on {os.environ['WORLD_SIZE']} processes: give a fixed hydra.sweep.dir=... (every process "
             f"must name the same folder; the default, {hc.sweep.dir}, is each process's own start time)"
@@ -329,7 +334,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
                 _note_collective_timeout(e, cfg)
                 if single:
                     raise  # a crash: Hydra shows the traceback
-                if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                if under_torchrun():
                     # a crash on one of several processes leaves their process group unusable: the sweep ends here
                     # on every process (SystemExit: Hydra's launcher would record an exception and start the next
                     # job), rather than one going on to the next job while another waits in this one's
