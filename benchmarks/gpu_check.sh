@@ -112,10 +112,27 @@ if want tests; then
     publish
 fi
 
+gpu_idle() {  # before a benchmark part: no process of an earlier part may still hold the GPU
+    # torch elastic starts a test's training workers in sessions of their own, which timeout's kill of the tests
+    # part does not reach: one that outlived its part would share the GPU with the benchmark. Wait for such
+    # processes (10 s at most), then end them, saying so in the summary.
+    command -v nvidia-smi > /dev/null || return 0
+    local apps=""
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        apps=$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null)
+        [ -z "$apps" ] && return 0
+        sleep 1
+    done
+    log "before $1: the GPU still held by $(echo "$apps" | tr '\n' ';') -- ended"
+    echo "$apps" | cut -d, -f1 | xargs -r kill -9 2>/dev/null
+    sleep 2
+}
+
 bench() {  # part name, time limit, then bench_trl.py's arguments
     # --shared-process: our variants one after another in one process (TRL in its own), which spares each the
     # 10-15 s of a process start; a variant the shared process did not finish runs alone after it.
     local name=$1 limit=$2; shift 2
+    gpu_idle "$name"
     timeout -k 10 "$limit" python3 benchmarks/bench_trl.py --preset gpu --shared-process "$@" \
         --json "$WORK/bench-$name.json" --markdown "$WORK/bench-$name.md" > "$WORK/bench-$name.log" 2>&1
     log "$name: exit $?"; cat "$WORK/bench-$name.md" >> "$WORK/summary.md" 2>/dev/null
