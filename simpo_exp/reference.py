@@ -271,6 +271,13 @@ def live_reference(model, layout: BatchLayout | None = None, share: bool = False
     return ref
 
 
+def cast_floating(tensors, dtype: torch.dtype) -> None:
+    """Cast each floating-point tensor of ``tensors`` to ``dtype`` in place (integer buffers stay as they are)."""
+    for t in tensors:
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)
+
+
 def in_the_policys_precision(reference: ResponseLogps, policy, accelerator) -> None:
     """The live reference computes as the prepared policy does. It is copied before ``prepare``, which wraps only the
     policy's forward in the run's autocast: under bf16 the policy's log-probs were bf16 sums and the reference's
@@ -287,19 +294,16 @@ def in_the_policys_precision(reference: ResponseLogps, policy, accelerator) -> N
         # the weights to the engine's dtype; each buffer to the dtype the policy's engine left it in: DeepSpeed
         # 0.19 casts parameters only and keeps float32 buffers (RoPE's inv_freq), where a whole-module .to() put
         # the reference's RoPE on bf16 frequencies (up to 3.7 rad off by position 2048 at Llama-3's theta)
-        dtype = next(policy.parameters()).dtype
-        for t in reference.parameters():
-            t.data = t.data.to(dtype) if t.is_floating_point() else t.data
+        cast_floating(reference.parameters(), next(policy.parameters()).dtype)
         held = {name.removeprefix("module."): b.dtype for name, b in policy.named_buffers()}
         for name, t in reference.named_buffers():
-            if t.is_floating_point() and name in held:
-                t.data = t.data.to(held[name])
+            if name in held:
+                cast_floating([t], held[name])
     elif accelerator.distributed_type == DistributedType.FSDP and not fsdp2(accelerator):
         mixed = accelerator.state.fsdp_plugin.mixed_precision_policy
         for tensors, dtype in ((reference.parameters(), "param_dtype"), (reference.buffers(), "buffer_dtype")):
-            to = getattr(mixed, dtype, None)
-            for t in tensors if to is not None else ():
-                t.data = t.data.to(to) if t.is_floating_point() else t.data
+            if (to := getattr(mixed, dtype, None)) is not None:
+                cast_floating(tensors, to)
     forward = reference.forward
 
     def under_autocast(*args, **kwargs):

@@ -121,7 +121,6 @@ class StopSignal:
             return
         name = signal.Signals(signum).name
         log.warning("%s came as the run finished: the run is complete; nothing more is started", name)
-        self.restore()
         if signum != signal.SIGUSR2:
             raise SystemExit(128 + signum)
 

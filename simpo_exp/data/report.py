@@ -49,10 +49,10 @@ def end_token_ids(tokenizer) -> set[int]:
     return ids
 
 
-def ends_a_turn(tokenizer, ends: set[int], blank: dict[int, bool]):
+def ends_a_turn(tokenizer, ends: set[int]):
     """``ids -> bool``: whether a response's last token, past the whitespace a template writes after it
-    (``<|im_end|>\n``, ``<end_of_turn>\n``), is one of ``ends``. ``blank`` caches which tokens decode to
-    whitespace only."""
+    (``<|im_end|>\n``, ``<end_of_turn>\n``), is one of ``ends``."""
+    blank: dict[int, bool] = {}  # which tokens decode to whitespace only, decoded once each
 
     def ends_turn(ids: list[int]) -> bool:
         for t in reversed(ids):
@@ -80,7 +80,7 @@ def _show(tokenizer, ids: list[int]) -> str:
 
 def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConfig) -> dict:
     """Build the report over the filtered splits; raise ConfigError on a double BOS or missing EOS."""
-    bos, ends_turn = tokenizer.bos_token_id, ends_a_turn(tokenizer, end_token_ids(tokenizer), {})
+    bos, ends_turn = tokenizer.bos_token_id, ends_a_turn(tokenizer, end_token_ids(tokenizer))
     report: dict = {"chat_template_sha256": chat_template_hash(tokenizer), "splits": {}}
     for split, ds in splits.items():
         cols = {
@@ -111,7 +111,7 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
                 "rejected": _quantiles([len(r) for r in rejected]),
             },
         }
-        doubled = sum(1 for p, c in zip(prompts, chosen) if doubled_bos((p + c)[:2], bos))
+        doubled = sum(1 for p, c in zip(prompts, chosen) if doubled_bos(p[:2] + c[:2], bos))
         if doubled and not dcfg.allow_double_bos:
             raise ConfigError(
                 f"{doubled} of {n} {split} sequences start with two BOS tokens ({tokenizer.bos_token!r}): the chat "

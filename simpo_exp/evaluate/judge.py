@@ -338,11 +338,9 @@ def annotations(
     generator: str,
     reference_generator: str,
     annotator: str,
-    judged_only: bool = True,
 ) -> list[dict]:
-    """Judged pairs in alpaca-eval's annotation format (the input of its win-rate functions); prompts without a
-    verdict are left out, or (``judged_only=False``) kept with preference None, as alpaca-eval keeps its own
-    annotators' missing preferences (NaN)."""
+    """Every pair in alpaca-eval's annotation format (the input of its win-rate functions); a prompt without a
+    verdict has preference None, as alpaca-eval keeps its own annotators' missing preferences (NaN)."""
     return [
         {
             "index": int(p["id"]) if p["id"].isdigit() else i,
@@ -355,7 +353,6 @@ def annotations(
             "preference": v["preference"],
         }
         for i, (p, out, v) in enumerate(zip(prompts, model_texts, verdicts))
-        if v["preference"] is not None or not judged_only
     ]
 
 

@@ -304,7 +304,8 @@ def _judge_pairs(
     judge = PairwiseJudge(b.judge, f"benchmarks.{b.name}")
     path = verdicts_path(out, b.judge.model)
     verdicts = judge.judge(prompts, texts, path)
-    rows = annotations(prompts, texts, verdicts, generator, info["reference_generator"], b.judge.model)
+    every = annotations(prompts, texts, verdicts, generator, info["reference_generator"], b.judge.model)
+    rows = [r for r in every if r["preference"] is not None]  # the judged pairs
     write_json(out / "annotations.json", rows)
     missing = len(verdicts) - len(rows)
     metrics, notes = {"win_rate": win_rate([r["preference"] for r in rows]), "unparseable_verdicts": missing}, []
@@ -318,7 +319,6 @@ def _judge_pairs(
         # every prompt of the set judged; as alpaca-eval does with its own annotators' missing preferences, those
         # the judge gave no verdict are left out of the GLM's fit but not of its average over the instructions
         full = len(verdicts) == info["rows"] == ALPACA_EVAL_ROWS
-        every = annotations(prompts, texts, verdicts, generator, info["reference_generator"], b.judge.model, False)
         metrics["lc_win_rate"], why = length_controlled(every, full)
         notes += [why] if why else []
     return metrics, notes
