@@ -13,6 +13,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from simpo_exp.config import Config, ConfigError
 from simpo_exp.errors import UserError
+from simpo_exp.rundir import PROJECT_DIR
 
 log = logging.getLogger(__name__)
 SHARDED_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -229,7 +230,7 @@ def deepspeed_config_path(name: str) -> Path:
     """A preset's ``hardware.deepspeed_config``: as given, else relative to the project (as the presets name them)."""
     path = Path(name).expanduser()
     if not path.is_absolute() and not path.exists():
-        path = Path(__file__).resolve().parents[1] / path
+        path = PROJECT_DIR / path
     if not path.exists():
         raise ConfigError(f"hardware.deepspeed_config={name!r}: no such file")
     return path
@@ -243,7 +244,7 @@ def launcher_ds_config_beside_the_project() -> None:
     config")."""
     given = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if given and given != "none" and not Path(given).expanduser().exists():
-        beside = Path(__file__).resolve().parents[1] / given
+        beside = PROJECT_DIR / given
         if beside.exists():
             os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(beside)
 

@@ -19,9 +19,14 @@ import yaml
 
 from simpo_exp.inference.files import jsonl_lines
 
-# The config groups (conf/ beside the package), as an absolute path: Hydra reads a relative config_path against
-# the calling module when main() is called as a console script (simpo-exp), where no module "conf" exists.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# Where conf/ and launchers/ are: the repository (beside the package) in a checkout or an editable install, the
+# package itself in an installed wheel, which carries them inside it (pyproject.toml). The presets name launcher
+# files relative to it (hardware.deepspeed_config: launchers/ds_zero3.json).
+_PACKAGE = Path(__file__).resolve().parent
+PROJECT_DIR = _PACKAGE if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent
+# The config groups as an absolute path: Hydra reads a relative config_path against the calling module when main()
+# is called as a console script (simpo-exp), where no module "conf" exists.
+CONF_DIR = str(PROJECT_DIR / "conf")
 
 REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)
 # Keys that do not change what a run trains (cadence, logging, where it runs): a resumption may change them, and a
