@@ -689,6 +689,88 @@ def test_a_reward_model_with_its_own_code_needs_trust_remote_code_and_its_label_
     )
 
 
+# An ArmoRM-shaped reward model with code of its own: it imports a docstring constant transformers 5 removed (as
+# ArmoRM's modeling_custom.py does) and returns its reward as ``score``. Its weights are the tiny reward model's
+# (model.*, score.weight), so its scores equal that stock classifier's at each row's last token.
+OWN_CODE = """
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.models.llama.modeling_llama import {imported}
+from transformers.utils import ModelOutput, add_start_docstrings_to_model_forward
+
+
+@dataclass
+class RewardOutput(ModelOutput):
+    score: torch.FloatTensor = None
+
+
+class OwnRewardModel(LlamaPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.score = torch.nn.Linear(config.hidden_size, 1, bias=False)
+        self.post_init()
+
+    @add_start_docstrings_to_model_forward({imported})
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(-1) - 1
+        return RewardOutput(score=self.score(hidden[torch.arange(len(hidden)), last]).squeeze(-1))
+"""
+
+
+def own_code_reward_model(tiny_reward_model, folder: Path, imported: str) -> Path:
+    shutil.copytree(tiny_reward_model, folder)
+    (folder / "modeling_own.py").write_text(OWN_CODE.format(imported=imported))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_own.OwnRewardModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_reward_model_whose_own_code_imports_what_transformers_5_removed_scores(tiny_reward_model, tmp_path):
+    """ArmoRM's class imports LLAMA_INPUTS_DOCSTRING, gone from transformers 5: scorer=armorm stopped with an
+    ImportError once every response had been sampled. The constant is put back, the class is imported by the
+    check before sampling, and the model's own ``score`` output is the reward."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from simpo_exp.inference.scoring import make_scorer, render_for_scoring
+
+    own = own_code_reward_model(tiny_reward_model, tmp_path / "armo_shaped", "LLAMA_INPUTS_DOCSTRING")
+    overrides = ("scorer=reward-model", f"scorer.path={own}", "scorer.trust_remote_code=true", "scorer.dtype=float32")
+    scorer = make_scorer(compose_generate(*overrides, "scorer.batch_size=2"))
+    assert type(scorer.model).__name__ == "OwnRewardModel"
+    prompts = [[{"role": "user", "content": "sort: 3 1 2"}]] * 2
+    responses = ["1 2 3", "3 2 1 0"]
+    got = scorer.score(prompts, responses)
+    scorer.close()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_model)
+    stock = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
+    stock.config.pad_token_id = None
+    expected = []
+    for prompt, response in zip(prompts, responses):
+        ids = tokenizer(render_for_scoring(tokenizer, scorer.s, prompt, response), add_special_tokens=False)
+        with torch.no_grad():
+            expected.append(stock(input_ids=torch.tensor([ids["input_ids"]])).logits[0, 0].item())
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_reward_model_whose_own_code_does_not_load_is_named_before_sampling(tiny_reward_model, tmp_path):
+    broken = own_code_reward_model(tiny_reward_model, tmp_path / "broken_own_code", "NOT_A_NAME_IN_TRANSFORMERS")
+    out = tmp_path / "g"
+    args = ("scorer=reward-model", f"scorer.path={broken}", "scorer.trust_remote_code=true")
+    res = generate(*args, "dataset.max_train_samples=2", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"scorer.path={str(broken)!r}: its own model class (modeling_own.OwnRewardModel) does not load" in (
+        res.stderr
+    )
+    assert "NOT_A_NAME_IN_TRANSFORMERS" in res.stderr
+    assert not (out / "shards").exists()
+
+
 def test_every_binarise_mode_draws_within_min_gap_and_a_rounding_gap_reaches_it():
     """best_random drew before the gap filter (half the prompts dropped though each had a response far enough
     below); 1.0 - 0.8 = 0.19999999999999996 fell short of min_gap=0.2."""
@@ -753,18 +835,22 @@ def test_a_reward_model_whose_tokenizer_has_no_pad_token_is_read_at_each_rows_la
     """Llama 3's tokenizer has no pad token. Padding with EOS and taking EOS for the pad id, the head took each row's
     own closing EOS for padding and read the token before it; with the model's own pad id left in place, shorter rows
     were read on their padding. Every score now equals an unpadded forward's at the row's last token, whatever the
-    batch size (rows of one length are batched together, unpadded)."""
+    batch size (rows of one length are batched together, unpadded). So are rows whose tokenizer pads with a token
+    added to it alone (ArmoRM-like: an id past the embedding table, which a padded batch indexed past)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from simpo_exp.inference.scoring import make_scorer, render_for_scoring
 
     # no pad id anywhere; a pad id in the model's config only; EOS set as the pad token (read one token early)
-    for pad, model_pad in (("none", None), ("none", 5), ("eos", None)):
+    for pad, model_pad in (("none", None), ("none", 5), ("eos", None), ("added", None)):
         other = tmp_path / f"rm-{pad}-{model_pad}"
         shutil.copytree(tiny_reward_model, other)
         tokenizer = AutoTokenizer.from_pretrained(other)
         tokenizer.pad_token = tokenizer.eos_token if pad == "eos" else None
+        if pad == "added":
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+            assert tokenizer.pad_token_id >= json.loads((other / "config.json").read_text())["vocab_size"]
         tokenizer.save_pretrained(other)
         config = json.loads((other / "config.json").read_text())
         config["pad_token_id"] = model_pad

@@ -97,6 +97,8 @@ def check_reward_model(s) -> None:
             f"{archs[0] if archs else 'sequence-classification'} model whose head is missing and drawn at random, "
             "and every score would be noise. Set scorer.trust_remote_code=true (scorer=armorm does)"
         )
+    if "AutoModelForSequenceClassification" in auto_map:
+        load_own_model_class(s, config, auto_map["AutoModelForSequenceClassification"])
     if s.label_index is not None and not auto_map and s.label_index >= config.num_labels:
         raise ConfigError(
             f"invalid config value scorer.label_index={s.label_index}: {s.path!r} has {config.num_labels} "
@@ -107,6 +109,40 @@ def check_reward_model(s) -> None:
             f"invalid config value scorer.label_index=None: {s.path!r} has {config.num_labels} outputs; "
             "name the one that is the reward (scorer.label_index=...)"
         )
+
+
+def restore_removed_docstrings(model_type: str) -> None:
+    """Put back, as empty strings, the docstring constants transformers 5 removed from its modeling modules
+    (``LLAMA_INPUTS_DOCSTRING``, ``LLAMA_START_DOCSTRING``; for each model type alike) where they are missing.
+    Reward models that ship their own code import them to decorate their forward: ArmoRM's class
+    (RLHFlow/ArmoRM-Llama3-8B-v0.1, ``modeling_custom.py``) stopped with an ImportError under transformers 5, after
+    every response had been sampled. They are documentation only: nothing reads them but the decorator."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return
+    for suffix in ("INPUTS_DOCSTRING", "START_DOCSTRING"):
+        name = f"{model_type.upper()}_{suffix}"
+        if not hasattr(module, name):
+            setattr(module, name, "")
+
+
+def load_own_model_class(s, config, reference: str) -> None:
+    """Import the model class a reward model ships (``auto_map``), as from_pretrained will, so that code which does
+    not load under this transformers stops the stage before sampling, naming scorer.path."""
+    import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    restore_removed_docstrings(getattr(config, "model_type", "") or "")
+    try:
+        get_class_from_dynamic_module(reference, s.path, revision=s.revision)
+    except Exception as e:
+        raise ConfigError(
+            f"invalid config value scorer.path={s.path!r}: its own model class ({reference}) does not load under "
+            f"transformers {transformers.__version__}: {type(e).__name__}: {e}"
+        ) from e
 
 
 def load_reward_tokenizer(s):
@@ -187,8 +223,8 @@ class RewardModelScorer:
         # A tokenizer without a pad token of its own (Llama 3's), or whose pad token is one its rows hold (EOS set
         # as the pad token, a common fix-up), gives no id that marks padding and nothing else: padding with EOS,
         # the head took a row's own closing EOS for padding and read the token before it. Such rows are scored
-        # unpadded instead, in batches of one length (``score``).
-        self.own_pad = own_pad = self._pad_marks_padding_only()
+        # unpadded instead, in batches of one length (``score``). So is a pad id past the model's embeddings (a pad
+        # token added to the tokenizer alone): a padded batch would index past the table.
         self.model = (
             AutoModelForSequenceClassification.from_pretrained(
                 s.path, revision=s.revision, dtype=dtype, trust_remote_code=s.trust_remote_code
@@ -196,6 +232,7 @@ class RewardModelScorer:
             .to(self.device)
             .eval()
         )
+        self.own_pad = own_pad = self._pad_marks_padding_only()
         if not own_pad:
             # no row is padded: an id no token has, so that every head (the last token that is not the pad id; the
             # token before the first pad id) reads each row at its last token, in a batch of one or of many
@@ -213,10 +250,12 @@ class RewardModelScorer:
         self.cut: list[bool] = []  # per response of the last score() call: cut to self.max_length tokens
 
     def _pad_marks_padding_only(self) -> bool:
-        """Whether the tokenizer's pad id is one no scored row holds: not its EOS or BOS, nor a token its
-        rendering of a conversation writes."""
+        """Whether the tokenizer's pad id is one no scored row holds (not its EOS or BOS, nor a token its rendering
+        of a conversation writes) and one the model has an embedding for."""
         pad = self.tokenizer.pad_token_id
         if pad is None or pad in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id):
+            return False
+        if pad >= self.model.get_input_embeddings().num_embeddings:
             return False
         probe = render_for_scoring(self.tokenizer, self.s, [{"role": "user", "content": "Hello"}], "Hi")
         return pad not in self.tokenizer(probe, add_special_tokens=False)["input_ids"]
