@@ -191,6 +191,7 @@ def segment_attention(
                 "disable_dropout=true (the default), or use packing_attention=segments or mask"
             )
         score_mod = softcap_score_mod(softcap, query.device) if softcap else None
+        query, key, value = one_dtype(query, key, value)
         out = flex_attention_fn(query.device)(
             query, key, value, block_mask=plan.block_mask, score_mod=score_mod, scale=scaling, enable_gqa=gqa
         )
@@ -357,6 +358,22 @@ def softcap_score_mod(softcap: float, device: torch.device):
 
         _SOFTCAP_MODS[key] = score_mod
     return _SOFTCAP_MODS[key]
+
+
+def one_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in one dtype, as FlexAttention takes them: autocast's where it is on (the dtype the model's SDPA
+    computes in there), else the widest of theirs. Under autocast, with float32 weights (the GPU presets), the
+    projections come out bfloat16 but the rotary embedding multiplies query and key by float32 tables: FlexAttention
+    got float32 query and key beside a bfloat16 value, which torch before 2.11 refuses ("Expected query, key, and
+    value to have the same dtype") and later ones may run in float32 throughout."""
+    device = tensors[0].device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def flex_attention_fn(device: torch.device):

@@ -20,7 +20,8 @@ BETA, GAMMA_BETA_RATIO, SFT_WEIGHT = 2.0, 0.5, 0.3
 FAST_PATHS = [("packed", "segments"), ("prefix_shared", "segments"), ("packed", "mask"), ("prefix_shared", "mask")]
 
 
-def make_model(vocab=64, attn="sdpa", seed=0, layers=2, checkpointing=False):
+def make_model(vocab=64, attn="sdpa", seed=0, layers=2, checkpointing=False, head_dim=None):
+    """A tiny Llama (heads 8 wide unless ``head_dim``: compiled FlexAttention on CUDA needs 16 or more)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
@@ -31,6 +32,7 @@ def make_model(vocab=64, attn="sdpa", seed=0, layers=2, checkpointing=False):
         num_key_value_heads=2,
         pad_token_id=PAD,
         max_position_embeddings=512,
+        **({"head_dim": head_dim} if head_dim else {}),
     )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     if checkpointing:
@@ -270,6 +272,33 @@ def test_flex_attention_matches_the_plain_path_forward(packing):
     assert torch.allclose(plain.mean_logps, flex.mean_logps, atol=ATOL, rtol=0), (
         (plain.mean_logps - flex.mean_logps).abs().max()
     )
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_flexattention_gets_query_key_and_value_in_one_dtype(autocast, monkeypatch):
+    """Under bf16 autocast with float32 weights (the GPU presets), the rotary embedding hands query and key back in
+    float32 beside a bfloat16 value: FlexAttention got three dtypes, which torch before 2.11 refuses. Each goes in
+    at autocast's dtype, as the model's SDPA computes there; without autocast, float32 as they are."""
+    from simpo_exp import logps
+
+    seen = []
+
+    def recording_flex(device):
+        def attend(query, key, value, **kwargs):
+            seen.append((query.dtype, key.dtype, value.dtype))
+            return query * 1.0
+
+        return attend
+
+    monkeypatch.setattr(logps, "flex_attention_fn", recording_flex)
+    model = make_model().eval()
+    pairs = random_pairs(3, seed=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ResponseLogps(model, packing="packed", attention="flex")(
+            **PairCollator(PAD, packing="packed", attention="flex")(pairs)
+        )
+    expected = torch.bfloat16 if autocast else torch.float32
+    assert seen and set(seen) == {(expected, expected, expected)}
 
 
 def test_flex_block_mask_is_the_prefix_sharing_mask():
