@@ -113,8 +113,10 @@ def measure(model, layouts: list, pairs: list[dict], pad_token_id: int, device, 
             row["error"] = "out of memory"
         except (ValueError, RuntimeError, NotImplementedError, ImportError, TypeError) as e:  # TypeError: a kernel
             # package of another version than its call expects
-            if layout.packing == "none":
-                raise  # the model's own attention failed: a real error, not a layout it cannot run
+            if layout.packing == "none" or device_broken(e):
+                # the model's own attention failed, or the device did (an illegal memory access leaves the CUDA
+                # context unusable): a real error, not a layout it cannot run
+                raise
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if "error" in row:
             gc.collect()
@@ -122,6 +124,15 @@ def measure(model, layouts: list, pairs: list[dict], pad_token_id: int, device, 
                 torch.cuda.empty_cache()
         rows.append(row)
     return rows
+
+
+def device_broken(error: Exception) -> bool:
+    """Whether an error is the device's own (torch.AcceleratorError from torch 2.8; "CUDA error: ..." before), after
+    which nothing more runs on it: a later layout, or the run, would fail somewhere that does not say why."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(error, accelerator_error)) or str(error).startswith(
+        "CUDA error"
+    )
 
 
 def fastest(rows: list[dict]) -> dict | None:

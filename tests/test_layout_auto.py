@@ -177,6 +177,25 @@ def test_a_candidate_out_of_memory_is_skipped(monkeypatch):
     assert "skipped: out of memory" in layout_auto.table(rows)
 
 
+def test_a_device_error_in_a_candidate_stops_the_measurement(monkeypatch):
+    """A candidate that cannot run is skipped; one that broke the device (an illegal memory access leaves the CUDA
+    context unusable) is not a layout to skip: every later layout, and the run, would fail without saying why."""
+    real = layout_auto.time_layout
+    broken = getattr(torch, "AcceleratorError", RuntimeError)
+
+    def breaks_the_device(model, layout, *args):
+        if layout.packing == "prefix_shared":
+            raise broken("CUDA error: an illegal memory access was encountered")
+        return real(model, layout, *args)
+
+    monkeypatch.setattr(layout_auto, "time_layout", breaks_the_device)
+    model = make_model()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        layout_auto.measure(
+            model, layout_auto.candidates("cpu", model.config), random_pairs(3), PAD, CPU, contextlib.nullcontext
+        )
+
+
 def test_measurement_leaves_the_random_stream_and_the_attention_as_they_were():
     model = make_model()
     for layer in model.model.layers:  # attention dropout draws random numbers in every pass
