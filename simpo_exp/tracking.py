@@ -160,12 +160,23 @@ def _jsonable(v):
     return v
 
 
+TAG_LIMIT = 64  # W&B's longest tag
+
+
 def open_wandb(run_dir: Path, mode: str, init_timeout: float, **run):
     """``wandb.init`` as every stage calls it: files under ``run_dir``, no console capture or system stats,
     a new run object per call (a multirun starts several in one process), ``init_timeout`` seconds to
     reach the server. ``run``: the run's identity (id/resume, project, entity, group, job_type, name...)."""
     import wandb
 
+    if os.environ.get("WANDB_MODE") == "":  # set but empty (WANDB_MODE= in a job script): wandb.Settings refused
+        del os.environ["WANDB_MODE"]  # it, and the run went on without W&B; ``mode`` says what this run is
+    if run.get("tags"):  # W&B refuses a tag longer than 64 characters (or empty), and with it the whole run
+        kept = [tag[:TAG_LIMIT] for tag in run["tags"] if tag]
+        for tag in run["tags"]:
+            if len(tag) > TAG_LIMIT:
+                log.warning("W&B tag %r cut to its first %d characters (W&B's limit)", tag, TAG_LIMIT)
+        run["tags"] = list(dict.fromkeys(kept))
     return wandb.init(
         **run,
         dir=str(run_dir),

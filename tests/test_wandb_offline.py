@@ -358,6 +358,22 @@ def test_wandb_mode_offline_wins_over_an_api_key(tmp_path, monkeypatch):
     assert seen["mode"] == "offline"
 
 
+def test_an_empty_wandb_mode_or_a_long_tag_keeps_the_wandb_run(tmp_path, monkeypatch):
+    """WANDB_MODE set but empty (``WANDB_MODE=`` in a job script), or a tag past W&B's 64 characters (a long preset
+    name): wandb.init refused either, and the run went on without W&B. Now it is an offline run, its tag cut."""
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    lc = _logger_cfg(group=None)
+    lc.tags = ["experiment=" + "x" * 70, "short"]
+    tracker = Tracker(tmp_path, lc, {})
+    try:
+        assert tracker.wandb_run is not None
+        assert list(tracker.wandb_run.tags) == ["experiment=" + "x" * 53, "short"]
+        assert json.loads((tmp_path / "wandb_run.json").read_text())["mode"] == "offline"
+    finally:
+        tracker.finish({})
+
+
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     """The second start of a run (a resume) asks W&B for the run id the first start recorded."""
     import wandb
