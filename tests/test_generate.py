@@ -281,6 +281,60 @@ def test_a_changed_config_does_not_reuse_old_shards(uninterrupted_generation, ti
     )
 
 
+def test_a_shard_file_that_does_not_hold_its_shard_is_named(uninterrupted_generation, tiny_reward_model, tmp_path):
+    """A shard file cut short (the machine down before the disk held its tail) lost its prompts from the data set
+    without a word (6 of 9 prompts, exit 0), and an empty one failed in the tokenizer naming nothing."""
+    out = tmp_path / "gen"
+    args = (*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}")
+    scored = lambda i: next((out / "shards").glob(f"scored-0000{i}-*.jsonl"))  # noqa: E731 (scorer's hash)
+    first_line = lambda path: path.read_text().split("\n")[0] + "\n"  # noqa: E731
+    for damage in ("responses cut", "responses empty", "scores cut"):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(uninterrupted_generation, out)
+        shutil.rmtree(out / "data")
+        responses = out / "shards" / "responses-00001.jsonl"
+        if damage.startswith("responses"):
+            scored(1).unlink()
+            responses.write_text(first_line(responses) if damage == "responses cut" else "")
+            named, says = responses, f"it holds {1 if damage == 'responses cut' else 0} prompts, its shard 3"
+        else:
+            record = json.loads(first_line(scored(0)))
+            record["scores"] = record["scores"][:2]
+            scored(0).write_text(json.dumps(record) + "\n" + "".join(scored(0).read_text().splitlines(True)[1:]))
+            named, says = scored(0), "row 1 (prompt "
+        res = generate(*args, cwd=tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (damage, res.stderr[-3000:])
+        assert f"{named}: {says}" in res.stderr and "Delete it and re-run" in res.stderr, (damage, res.stderr[-2000:])
+        assert not (out / "data").exists()
+
+
+def test_another_tokenizer_or_template_does_not_resume_the_shards(tiny_reward_model, tmp_path):
+    """The manifest recorded the chat-template choice, not what it rendered: a resumed command with another
+    model.tokenizer_path (or a template edited in a local model folder) sampled its shards from prompts rendered
+    another way, and the data set mixed the two. The prompts' token ids are recorded and compared."""
+    from tests.tiny import save_tiny_llama
+
+    policy, other = tmp_path / "policy", tmp_path / "other-tokenizer"
+    save_tiny_llama(policy)
+    shutil.copytree(policy, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    (other / "chat_template.jinja").unlink(missing_ok=True)
+    out = tmp_path / "gen"
+    args = ("dataset.max_train_samples=4", "generate.shard_size=2", "generate.max_new_tokens=2", "generate.seeds=[1,2]")
+    args = (*args, "scorer=reward-model", f"scorer.path={tiny_reward_model}", f"model.path={policy}")
+    args = (*args, f"hydra.run.dir={out}")
+    res = generate(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("responses-00001.jsonl", *[p.name for p in (out / "shards").glob("scored-00001-*.jsonl")]):
+        (out / "shards" / name).unlink()
+    res = generate(*args, f"model.tokenizer_path={other}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "prompt_tokens_sha256: stored" in res.stderr and "tokenizer_path: stored ''" in res.stderr
+    assert not (out / "shards" / "responses-00001.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_a_manifest_without_shards_binds_nothing(tmp_path):
     """A run that failed before its first shard leaves only manifest.json: the next command replaces it; once a
@@ -593,7 +647,7 @@ def test_the_precision_binds_a_generation_and_greedy_passes_that_cannot_differ_a
     from simpo_exp.generate.run import _manifest, check_manifest
 
     shards = tmp_path / "shards"
-    prompts = [{"prompt_id": "a"}]
+    prompts = [{"prompt_id": "a", "input_ids": [1, 2]}]
     fp32 = _manifest(compose_generate(), {"kind": "random-init"}, prompts)
     bf16 = _manifest(compose_generate("model.dtype=bfloat16"), {"kind": "random-init"}, prompts)
     assert fp32["model_dtype"] == "float32" and bf16["model_dtype"] == "bfloat16"

@@ -31,7 +31,14 @@ from simpo_exp.config import ConfigError
 from simpo_exp.data.prompts import train_prompts
 from simpo_exp.data.sources import DataSourceError, synthetic_task
 from simpo_exp.generate.binarise import binarise
-from simpo_exp.inference.files import manifest_changes, read_jsonl, weights_sha256, write_atomic, write_jsonl
+from simpo_exp.inference.files import (
+    DamagedFile,
+    manifest_changes,
+    read_jsonl,
+    weights_sha256,
+    write_atomic,
+    write_jsonl,
+)
 from simpo_exp.inference.sampling import (
     derive_seed,
     effective_precision,
@@ -95,12 +102,18 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
     for key in ("name", "vllm_gpu_memory_utilization"):
         g.pop(key)
     ids = hashlib.sha256("".join(p["prompt_id"] for p in prompts).encode()).hexdigest()
+    # the token ids the policy was given: the tokenizer, its chat template and BOS handling in one key (a resumed
+    # command with another model.tokenizer_path, or a template changed in a local model folder, sampled its shards
+    # from other prompts than the ones before it, and the data set mixed the two)
+    tokens = hashlib.sha256(json.dumps([p["input_ids"] for p in prompts]).encode()).hexdigest()
     return {
         "policy": fingerprint,
         "chat_template": cfg.model.chat_template,
+        "tokenizer_path": cfg.model.tokenizer_path,
         "generate": g,
         "prompts": len(prompts),
         "prompt_ids_sha256": ids,
+        "prompt_tokens_sha256": tokens,
         "max_prompt_length": cfg.max_prompt_length,
         # what the samples are computed in (the same weights in another precision sample other responses): the
         # dtype the weights are loaded in, and the one the sampler runs them in (hardware.master_weights upcasts)
@@ -159,6 +172,37 @@ def _score_shard(scorer, records: list[dict]) -> list[dict]:
         }
         for rec in records
     ]
+
+
+def read_shard(path: Path, prompts: list[dict], cfg) -> list[dict]:
+    """A shard's responses (or scores) read back, checked to hold the shard: its prompts in order, each with every
+    response (and a score for each). A file cut short (the system down before the disk held its tail) lost prompts
+    from the data set without a word, and an empty one failed in the tokenizer naming nothing."""
+    records = read_jsonl(path)
+    want = [p["prompt_id"] for p in prompts]
+    got = [r.get("prompt_id") for r in records]
+    per_prompt = len(cfg.generate.seeds) * cfg.generate.samples_per_seed
+    problem = None
+    if len(got) != len(want):
+        problem = f"it holds {len(got)} prompts, its shard {len(want)}"
+    elif got != want:
+        n = next(n for n, (a, b) in enumerate(zip(got, want)) if a != b)
+        problem = f"row {n + 1} is prompt {got[n]!r}, the shard's is {want[n]!r}"
+    else:
+        for n, record in enumerate(records, 1):
+            counts = {"responses": len(record.get("responses") or [])}
+            if path.name.startswith("scored-"):
+                counts["scores"] = len(record.get("scores") or [])
+            short = {k: v for k, v in counts.items() if v != per_prompt}
+            if short:
+                problem = f"row {n} (prompt {record['prompt_id']!r}) has {short}, not {per_prompt} each"
+                break
+    if problem:
+        raise DamagedFile(
+            f"{path}: {problem}; the file was cut short or edited. Delete it and re-run the same command: the stage "
+            "makes it again"
+        )
+    return records
 
 
 def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
@@ -278,7 +322,7 @@ def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: i
     if to_score:
         scorer = make_scorer(cfg)
         for i in to_score:
-            records = read_jsonl(shard_dir / f"responses-{i:05d}.jsonl")
+            records = read_shard(shard_dir / f"responses-{i:05d}.jsonl", shards[i], cfg)
             write_jsonl(scored_path(shard_dir, i, tag), _score_shard(scorer, records))
             log.info("scored shard %d", i)
         scorer.close()
@@ -331,7 +375,7 @@ def generate_data(cfg) -> dict:
     if missing:
         log.info("shards %s are another process's; the last process to finish writes the data set", missing)
         return {"waiting_for": missing}
-    records = [rec for i in range(len(shards)) for rec in read_jsonl(scored_path(shard_dir, i, tag))]
+    records = [rec for i in range(len(shards)) for rec in read_shard(scored_path(shard_dir, i, tag), shards[i], cfg)]
     rows, report = binarise(records, cfg.binarise)
     report = {
         "split": "train (prompts of each source's training split only)",

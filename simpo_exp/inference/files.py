@@ -61,10 +61,15 @@ def readable_as_umask(path: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """``text`` (UTF-8) at ``path``, whole: written to a temporary name and flushed to the disk before the rename, so
+    that a machine going down right after leaves the old file or the new one, not a renamed file missing its tail."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
