@@ -46,7 +46,7 @@ import yaml
 from simpo_exp.inference.results import headline_keys, read_results
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import parse_overrides, read_json, select
-from simpo_exp.runinfo import sweep_group
+from simpo_exp.runinfo import sweep_group, sweep_jobs
 from simpo_exp.tracking import (
     EVAL_ONLY_METRICS,
     SAMPLES_KEY,
@@ -162,14 +162,9 @@ class Sweep:
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:
-    """The job directories of a sweep directory, in job-number order."""
-
-    def number(p: Path) -> int:
-        head = p.name.split("_", 1)[0]
-        return int(head) if head.isdigit() else 1 << 30
-
-    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra" / "overrides.yaml").is_file()]
-    return sorted(jobs, key=lambda p: (number(p), p.name))
+    """The job directories of a sweep directory, in job-number order, as compare finds them: nested too
+    (``hydra.sweep.subdir=beta${beta}/seed${seed}``), where only the sweep directory's children were read."""
+    return [job for job in sweep_jobs(sweep_dir) if (job / ".hydra" / "overrides.yaml").is_file()]
 
 
 def read_overrides(job: Path) -> dict[str, str]:
@@ -253,8 +248,11 @@ def read_sweep(sweep_dir: Path) -> Sweep:
             swept[key] = found
         else:
             print(f"note: swept key {key!r} is in no job's config; left out of the view", file=sys.stderr)
-    projects = {lg.get("project") for lg in loggers} - {None}
-    entities = {lg.get("entity") for lg in loggers} - {None}
+    # where the runs logged, as their starts recorded it (an entity from WANDB_ENTITY, not in the config), else
+    # as configured
+    recorded = [r for r in (read_json(j / WANDB_RECORD) for j in jobs) if isinstance(r, dict)]
+    projects = {r.get("project") for r in recorded} - {None} or {lg.get("project") for lg in loggers} - {None}
+    entities = {r.get("entity") for r in recorded} - {None} or {lg.get("entity") for lg in loggers} - {None}
     return Sweep(
         group=group,
         swept=swept,
@@ -444,8 +442,14 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("target", help="a sweep directory (outputs/multirun/<time>) or a W&B group name")
-    ap.add_argument("--entity", help="W&B entity (default: the jobs' logger.entity, else your default entity)")
-    ap.add_argument("--project", help="W&B project (default: the jobs' logger.project, else simpo-exp)")
+    ap.add_argument(
+        "--entity",
+        help="W&B entity (default: the one the jobs logged to, else their logger.entity, WANDB_ENTITY, your default)",
+    )
+    ap.add_argument(
+        "--project",
+        help="W&B project (default: the one the jobs logged to, else their logger.project, WANDB_PROJECT, simpo-exp)",
+    )
     ap.add_argument("--swept", help="comma-separated config keys to group by (default: read from the sweep)")
     ap.add_argument("--name", help="the view's name (default: 'SimPO <group>')")
     ap.add_argument("--out", type=Path, help="where to write the spec (default: <sweep dir>/wandb_workspace.json)")
@@ -467,12 +471,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.swept:
-        sweep.swept = {k: [k] for k in args.swept.split(",") if k}
-        unknown = [k for k in sweep.swept if sweep.configs and not config_keys_for(k, sweep.configs, sweep.choices)]
+        # each key as the config keys it stands for, as read_sweep maps the swept overrides: a group choice
+        # (hparams, model) is no config key of its own, and grouping by it put every run in one null group
+        wanted = [k for k in args.swept.split(",") if k]
+        found = {k: config_keys_for(k, sweep.configs, sweep.choices) for k in wanted} if sweep.configs else {}
+        unknown = [k for k in wanted if sweep.configs and not found[k]]
         if unknown:
             ap.error(f"--swept {','.join(unknown)}: in no job's config under {target}")
-    entity = args.entity or sweep.entity
-    project = args.project or sweep.project or "simpo-exp"
+        sweep.swept = {k: found.get(k) or [k] for k in wanted}
+    entity = args.entity or sweep.entity or os.environ.get("WANDB_ENTITY") or None
+    project = args.project or sweep.project or os.environ.get("WANDB_PROJECT") or "simpo-exp"
 
     try:
         import wandb_workspaces  # noqa: F401
@@ -481,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workspace = build_workspace(sweep, entity, project, args.name)
     out = args.out or default_out
+    saved_before = read_json(out) if out.is_file() else {}  # the view a save of this spec made
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(view_spec(workspace), indent=2) + "\n")
 
@@ -504,6 +513,14 @@ def main(argv: list[str] | None = None) -> int:
         if not entity:
             entity = wandb.Api().default_entity
             workspace.entity = entity
+        same_place = isinstance(saved_before, dict) and (saved_before.get("entity"), saved_before.get("project")) == (
+            entity,
+            project,
+        )
+        if same_place and saved_before.get("name") and saved_before.get("id"):
+            # the view saved before is updated: a workspace built afresh has no W&B name, and save() made up a new
+            # one each time, so every push (the README's, again after evaluate) added another view of one title
+            workspace._internal_name, workspace._internal_id = saved_before["name"], saved_before["id"]
         workspace.save()
         out.write_text(json.dumps(view_spec(workspace), indent=2) + "\n")  # now with its W&B name and id
         print(f"saved: {workspace.url}")

@@ -585,6 +585,11 @@ def _job_stamps(sweep_dir: Path) -> dict[Path, int]:
     return dict(sorted(stamps.items(), key=lambda item: _job_order(item[0].relative_to(sweep_dir))))
 
 
+def sweep_jobs(sweep_dir: Path) -> list[Path]:
+    """The job directories of a sweep directory, in job order, nested ones too (``_job_stamps``)."""
+    return list(_job_stamps(Path(sweep_dir)))
+
+
 def _job_order(rel: Path) -> tuple:
     return tuple((int(p.split("_", 1)[0]) if p.split("_", 1)[0].isdigit() else -1, p) for p in rel.parts)
 

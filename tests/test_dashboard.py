@@ -233,6 +233,68 @@ def test_sweeps_in_directories_of_one_name_get_their_own_group_and_a_recorded_gr
     assert dashboard.read_sweep(copy).group == "sweep-2030-01-01_00-00-00"
 
 
+def test_a_second_save_updates_the_view_where_the_runs_logged(sweep, tmp_path, monkeypatch, capsys):
+    """Saved, the spec on disk holds the view's W&B name and id; a second push (the README's, again after
+    evaluate) updates that view, where each push made a new one of the same title. The view goes to the entity
+    and project the runs logged to (wandb_run.json: an entity from WANDB_ENTITY is in no config), not the
+    viewer's default entity. The server is a fake here: nothing leaves the machine."""
+    import shutil
+
+    import wandb_workspaces.workspaces.interface as interface
+    import wandb_workspaces.workspaces.internal as internal
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    for job in jobs(copy):
+        record = {
+            "id": job.name[:8],
+            "entity": "team-x",
+            "project": "proj-y",
+            "group": dashboard.read_sweep(sweep).group,
+        }
+        (job / "wandb_run.json").write_text(json.dumps(record))
+    sent = []
+
+    def upsert(view):
+        sent.append((view.entity, view.project, view.name, view.id))
+        return {"upsertView": {"view": {"name": view.name, "id": view.id or f"view-{len(sent)}"}}}
+
+    monkeypatch.setattr(internal, "upsert_view2", upsert)
+    monkeypatch.setattr(interface.Workspace, "url", property(lambda ws: f"https://w.example/{ws._internal_name}"))
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    for _ in range(2):
+        assert dashboard.main([str(copy)]) == 0
+    assert "saved: https://w.example/" in capsys.readouterr().out
+    (first, second) = sent
+    assert first[:2] == ("team-x", "proj-y") and not first[3]
+    assert second == (*first[:3], "view-1")
+    spec = json.loads((copy / "wandb_workspace.json").read_text())
+    assert (spec["name"], spec["id"]) == (first[2], "view-1")
+
+
+def test_swept_group_choices_and_nested_job_folders(sweep, tmp_path):
+    """--swept hparams grouped by a config key no run has (hparams writes to the top level): every run in one null
+    group. And a sweep with nested job folders (hydra.sweep.subdir=beta${beta}/seed${seed}), which compare reads,
+    held "no --multirun jobs" for the dashboard."""
+    import shutil
+
+    nested = tmp_path / "nested"
+    for n, job in enumerate(jobs(sweep)):
+        shutil.copytree(job, nested / f"beta{n}" / "seed1")
+    found = dashboard.read_sweep(nested)
+    assert len(found.jobs) == 3 and found.swept == {"beta": ["beta"]}
+    out = tmp_path / "view.json"
+    for job in found.jobs:  # as if the sweep had swept hparams presets: they differ in beta
+        hydra = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())
+        hydra["hydra"]["runtime"]["choices"]["hparams"] = f"preset-{job.parent.name}"
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    assert dashboard.main([str(nested), "--swept", "hparams", "--out", str(out)]) == 0
+    grouping = dashboard.spec_keys(json.loads(out.read_text()))["grouping"]
+    assert grouping == {dashboard.config_column("beta")}, grouping
+
+
 def test_a_methods_own_statistics_go_with_the_log_probs(monkeypatch):
     """Read from the table of methods (ORPO's log odds, and a method added later): the dashboard held a list of
     ORPO's names, and sent any other method's statistics to "Progress and throughput"."""
