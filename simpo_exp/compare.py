@@ -499,7 +499,7 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool |
 
     def order(row):  # best first, as rank_runs orders runs; a NaN or infinite mean (a diverged seed) last
         v = row[f"{metric} mean"]
-        return (0, v if ascending else -v) if _is_number(v) else (1, 0.0)
+        return (0, ranked_value(metric, v, ascending)) if _is_number(v) else (1, 0.0)
 
     return sorted(rows, key=order)
 
@@ -548,9 +548,27 @@ LOWER_IS_BETTER = (
 )
 
 
+# Metrics whose best value is none at all, of either sign: ranked by their size (the correlation of a pair's reward
+# margin with its length difference: a length bias whichever way it leans).
+NEAR_ZERO_IS_BETTER = ("length/reward_corr",)
+
+
 def lower_is_better(metric: str) -> bool:
+    """Losses, costs, the rejected side's reward and log-probs (what the objective pushes down: ranked highest
+    first, the run that raised them most was "best"), and the near-zero metrics (by their size)."""
     name = metric.rsplit("/", 1)[-1]
-    return name.endswith("loss") or name in LOWER_IS_BETTER
+    return name.endswith("loss") or name in LOWER_IS_BETTER or name == "rejected" or near_zero_is_better(metric)
+
+
+def near_zero_is_better(metric: str) -> bool:
+    return metric.split("/", 1)[-1] in NEAR_ZERO_IS_BETTER
+
+
+def ranked_value(metric: str, value: float, ascending: bool) -> float:
+    """What ranking sorts on, smallest first: the value (its size for the near-zero metrics), negated for a
+    descending order."""
+    value = abs(value) if near_zero_is_better(metric) else value
+    return value if ascending else -value
 
 
 def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | None = None) -> list[Run]:
@@ -562,7 +580,7 @@ def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | N
         group = {"done": 0, "running": 1, "stopped": 1, "killed": 2, "failed": 2}[r.status]
         if not _is_number(v):  # none, or NaN/inf (a diverged run): after the runs with a number
             return (group, 1, 0.0)
-        return (group, 0, v if ascending else -v)
+        return (group, 0, ranked_value(metric, v, ascending))
 
     return sorted(runs, key=key)
 
@@ -813,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ascending = True if args.ascending else False if args.descending else None
     order = "ascending" if (lower_is_better(args.metric) if ascending is None else ascending) else "descending"
+    order += " by size" if near_zero_is_better(args.metric) else ""
     statuses = ("done", "running", "stopped", "killed", "failed")
     counts = ", ".join(
         f"{sum(r.status == s for r in runs)} {s}"

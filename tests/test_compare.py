@@ -352,6 +352,19 @@ def test_cost_metrics_rank_lowest_first_and_a_resolved_learning_rate_is_shown():
     assert sized.value_of("learning_rate") == 1e-3
 
 
+def test_the_rejected_side_ranks_lowest_first_and_a_length_bias_by_its_size():
+    """Ranked highest first, the run whose rejected reward rose most, or whose reward leaned most on length, was
+    named best: the rejected side's rewards and log-probs rank lowest first, reward_corr nearest zero first."""
+    for metric in ("eval/rewards/rejected", "eval/logps/rejected", "eval/logps_mean/rejected"):
+        low = _run("low", {"beta": "2"}, {metric: -3.0})
+        high = _run("high", {"beta": "5"}, {metric: -1.0})
+        assert [r.name for r in compare.rank_runs([high, low], metric)] == ["low", "high"], metric
+    corr = "eval/length/reward_corr"
+    runs = [_run(n, {"beta": n}, {corr: v}) for n, v in (("plus", 0.6), ("none", 0.05), ("minus", -0.3))]
+    assert [r.name for r in compare.rank_runs(runs, corr)] == ["none", "minus", "plus"]
+    assert [r.name for r in compare.rank_runs(runs, "eval/rewards/chosen")] == ["plus", "none", "minus"]  # no value
+
+
 def test_plots_name_no_best_run_for_a_metric_no_run_has(tmp_path):
     history = [{"step": s, "train/loss": 1.0 / s, "eval/loss": 1.0 / s} for s in (1, 2)]
     runs = compare.label_runs([_run(n, {"beta": b}, {"eval/loss": 0.5}) for n, b in (("a", "2"), ("b", "5"))])
