@@ -332,14 +332,16 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
                 ],
             )
         )
-    # the runs table sorted by the first win rate, best first
-    order = {"order": [ws.Ordering(ws.Summary(ranked_by[0]), ascending=False)]} if ranked_by else {}
+    # the runs table sorted by the first win rate, else by the held-out reward accuracy (compare's default), best
+    # first: W&B's own order is the newest run first
+    order = {"order": [ws.Ordering(ws.Summary(ranked_by[0] if ranked_by else TARGET_SUMMARY), ascending=False)]}
     return ws.Workspace(
         entity=entity or "",
         project=project,
         name=name or f"SimPO {sweep.group}",
         sections=sections,
-        settings=ws.WorkspaceSettings(x_axis=STEP_KEY),
+        # every job of the sweep in each panel: W&B draws the first 10 runs of the set by default
+        settings=ws.WorkspaceSettings(x_axis=STEP_KEY, max_runs=max(10, len(sweep.jobs))),
         runset_settings=ws.RunsetSettings(
             filters=[ws.Metric("Group") == sweep.group],
             groupby=[ws.Config(k) for k in sweep.groupby],
@@ -526,10 +528,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved: {workspace.url}")
     except Exception as e:  # no network, bad key, unknown entity or project: the spec is on disk
         print(
-            f"warning: saving the view to W&B failed ({type(e).__name__}: {e}); the spec is in {out}; "
+            f"error: saving the view to W&B failed ({type(e).__name__}: {e}); the spec is in {out}; "
             f"retry with:\n  {push_cmd}",
             file=sys.stderr,
         )
+        return 1  # a script that pushes views learns that this one was not saved
     return 0
 
 

@@ -88,6 +88,15 @@ def test_spec_filters_to_the_sweeps_group_and_groups_by_the_swept_key(sweep, spe
     assert dashboard.TARGET_SUMMARY.startswith(dashboard.TARGET)
     lines = [p for p in panels if p["viewType"] == "Run History Line Plot"]
     assert lines and all(p["config"]["xAxis"] == STEP_KEY for p in lines)
+    # the table best first by the held-out accuracy (W&B's own order: newest first)
+    sort = spec["spec"]["section"]["runSets"][0]["sort"]["keys"]
+    assert sort == [{"key": {"section": "summary", "name": dashboard.TARGET_SUMMARY}, "ascending": False}]
+
+
+def test_every_job_of_a_large_sweep_is_drawn():
+    """W&B draws the first 10 runs of a set in each panel by default: a sweep of 12 jobs lost 2 from every plot."""
+    spec = dashboard.view_spec(dashboard.build_workspace(dashboard.Sweep(group="g", jobs=[Path("j")] * 12), "e", "p"))
+    assert '"maxRuns": 12' in json.dumps(spec)
 
 
 def test_panels_cover_every_logged_metric(sweep, spec):
@@ -272,6 +281,13 @@ def test_a_second_save_updates_the_view_where_the_runs_logged(sweep, tmp_path, m
     assert second == (*first[:3], "view-1")
     spec = json.loads((copy / "wandb_workspace.json").read_text())
     assert (spec["name"], spec["id"]) == (first[2], "view-1")
+
+    def refused(view):
+        raise ConnectionError("no route to the server")
+
+    monkeypatch.setattr(internal, "upsert_view2", refused)  # a failed push: the spec is kept, the exit says so
+    assert dashboard.main([str(copy)]) == 1
+    assert "error: saving the view to W&B failed (ConnectionError" in capsys.readouterr().err
 
 
 def test_swept_group_choices_and_nested_job_folders(sweep, tmp_path):
