@@ -209,7 +209,8 @@ class Tracker:
         # A resumed run continues the W&B run its first start recorded, so its history stays one run.
         previous = read_json(self.run_dir / WANDB_RECORD)  # {} when there is none or it is unreadable
         resume = {"id": previous["id"], "resume": "allow"} if isinstance(previous, dict) and previous.get("id") else {}
-        try:
+
+        def start(mode: str) -> None:
             self.wandb_run = open_wandb(
                 self.run_dir,
                 mode,
@@ -229,8 +230,25 @@ class Tracker:
             # The best and the final held-out accuracy; every other metric's summary is its last value.
             self.wandb_run.define_metric("eval/rewards/accuracies", step_metric=STEP_KEY, summary="max,last")
             log.info("W&B run %s (%s)", self.wandb_run.name, mode)
+
+        try:
+            start(mode)
         except Exception as e:  # no network, bad key, bad entity...: keep training
-            self._wandb_failed("start", e)
+            if mode != "online":
+                self._wandb_failed("start", e)
+            else:  # an offline record of the same run, which `wandb sync` sends once the server can be reached
+                self.wandb_run = None
+                message = (
+                    f"W&B online start failed ({type(e).__name__}: {e}); logging offline instead: send it later "
+                    f"with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`"
+                )
+                log.warning(message)
+                warnings.warn(message, stacklevel=2)
+                mode = "offline"
+                try:
+                    start(mode)
+                except Exception as e2:
+                    self._wandb_failed("start", e2)
         if self.wandb_run is not None:
             r = self.wandb_run
             identity = {"id": r.id, "project": r.project, "entity": r.entity or lc.entity, "group": r.group}

@@ -219,8 +219,10 @@ def test_unreachable_wandb_does_not_stop_the_run(tmp_path):
         env={"WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"},
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "W&B start failed" in (run / "__main__.log").read_text()
+    assert "W&B online start failed" in (run / "__main__.log").read_text()
+    assert "logging offline instead" in (run / "__main__.log").read_text()
     assert json.loads((run / "summary.json").read_text())["train/global_step"] == 2
+    assert json.loads((run / "wandb_run.json").read_text())["mode"] == "offline"  # a record to sync later
 
 
 def test_secrets_never_reach_run_files(tmp_path):

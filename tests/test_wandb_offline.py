@@ -374,6 +374,34 @@ def test_an_empty_wandb_mode_or_a_long_tag_keeps_the_wandb_run(tmp_path, monkeyp
         tracker.finish({})
 
 
+def test_an_online_start_that_fails_logs_offline_instead(tmp_path, monkeypatch):
+    """With a key but no server (a cluster node without outbound network, a wrong key), the run trained without any
+    W&B record, and its resume started another W&B id: now it keeps an offline record of the same run."""
+    import wandb
+
+    modes = []
+    real_init = wandb.init
+
+    def init(**kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise ConnectionError("no route to api.wandb.ai")
+        return real_init(**kwargs)
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(wandb, "init", init)
+    with pytest.warns(UserWarning, match="logging offline instead: send it later with `wandb sync .*offline-run-"):
+        tracker = Tracker(tmp_path, _logger_cfg(group=None), {})
+    try:
+        assert modes == ["online", "offline"] and tracker.wandb_run is not None
+        record = json.loads((tmp_path / "wandb_run.json").read_text())
+        assert record["mode"] == "offline" and record["id"] == tracker.wandb_run.id
+        assert list((tmp_path / "wandb").glob("offline-run-*"))
+    finally:
+        tracker.finish({})
+
+
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     """The second start of a run (a resume) asks W&B for the run id the first start recorded."""
     import wandb
