@@ -1115,6 +1115,78 @@ def test_the_hf_sampler_decodes_with_the_projects_settings_alone(tmp_path):
     assert answers["shipped"] == answers["plain"]
 
 
+def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(tmp_path, monkeypatch):
+    """vLLM itself needs a GPU (tests/test_gpu.py runs it there); a stand-in module checks, on any machine, what the
+    sampler asks of it (one request per prompt, token ids, n samples, a seed per prompt, the stop ids) and reads
+    back, and that close() stops the engine's process and runs vLLM's cleanup before the reward model loads."""
+    import sys
+    import types
+
+    from simpo_exp.inference.sampling import VLLMSampler
+    from simpo_exp.model import load_tokenizer
+    from tests.tiny import save_tiny_llama
+
+    calls = {"generate": [], "shutdown": 0, "cleanup": 0}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class Engine:
+        class engine_core:  # noqa: N801 (vLLM's attribute name)
+            @staticmethod
+            def shutdown():
+                calls["shutdown"] += 1
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["llm"] = kwargs
+            self.llm_engine = Engine()
+
+        def generate(self, prompts, sampling_params, use_tqdm):
+            calls["generate"].append((prompts, sampling_params))
+            out = lambda text, ids, reason: types.SimpleNamespace(text=text, token_ids=ids, finish_reason=reason)  # noqa: E731
+            return [
+                types.SimpleNamespace(outputs=[out(" a", [5, 2], "stop"), out(" bcd", [6, 7, 8], "length")])
+                for _ in prompts
+            ]
+
+    def cleanup_dist_env_and_memory():
+        calls["cleanup"] += 1
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    state = types.ModuleType("vllm.distributed.parallel_state")
+    state.cleanup_dist_env_and_memory = cleanup_dist_env_and_memory
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", state)
+
+    save_tiny_llama(tmp_path / "policy")
+    cfg = compose_generate(
+        f"model.path={tmp_path / 'policy'}", "generate.backend=vllm", "generate.samples_per_seed=2",
+        "generate.seeds=[7]", "generate.vllm_gpu_memory_utilization=0.5", "generate.max_new_tokens=9",
+    )  # fmt: skip
+    sampler = VLLMSampler(cfg, load_tokenizer(cfg.model))
+    assert calls["llm"]["model"] == str(tmp_path / "policy") and calls["llm"]["gpu_memory_utilization"] == 0.5
+    assert calls["llm"]["seed"] == 7
+    records = sampler.sample([[1, 3, 4], [1, 9]], ["p0", "p1"], seed=11)
+    (prompts, params) = calls["generate"][0]
+    assert prompts == [{"prompt_token_ids": [1, 3, 4]}, {"prompt_token_ids": [1, 9]}]
+    asked = [p.kwargs for p in params]
+    g = cfg.generate
+    for a in asked:
+        assert (a["n"], a["temperature"], a["top_p"], a["max_tokens"]) == (2, g.temperature, g.top_p, 9)
+        assert a["stop_token_ids"] == sampler.stop_ids and a["skip_special_tokens"] is True
+    assert asked[0]["seed"] != asked[1]["seed"]  # one stream per prompt: a prompt's samples do not depend on its batch
+    assert (
+        records
+        == [[{"text": " a", "n_tokens": 2, "finished": True}, {"text": " bcd", "n_tokens": 3, "finished": False}]] * 2
+    )
+    sampler.close()
+    assert calls["shutdown"] == 1 and calls["cleanup"] == 1 and not hasattr(sampler, "llm")
+
+
 def test_a_response_reads_as_it_does_after_its_prompt():
     """Decoded alone, a SentencePiece response (Mistral's tokenizer strips a text's first space) lost its leading
     space: "\u2581Hi" came out "Hi", training (which tokenises prompt and response together) read the token "H" the

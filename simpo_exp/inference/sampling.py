@@ -264,11 +264,25 @@ class VLLMSampler:
         ]
 
     def close(self) -> None:
+        """Give the GPU back before the reward model loads (an 8B ArmoRM beside a vLLM engine holding
+        ``vllm_gpu_memory_utilization`` of the device would not fit): the engine's own process stopped, then vLLM's
+        cleanup of its process groups and cached memory. Deleting the engine alone left that memory held."""
+        import contextlib
         import gc
 
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            with contextlib.suppress(Exception):  # an engine already stopped
+                core.shutdown()
         del self.llm
         gc.collect()
-        torch.cuda.empty_cache()
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        except ImportError:  # a vLLM without it
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            cleanup_dist_env_and_memory()
 
 
 def make_sampler(cfg, tokenizer, decoding=None):
