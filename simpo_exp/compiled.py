@@ -15,7 +15,10 @@ attention is such a break, so there the layer's attention block and MLP are comp
 
 ``CompileWatch`` counts the graphs dynamo builds. A training step during which any were built (the first
 step, and any recompilation for a new shape or mode) is a warm-up step: the loop leaves its time out of
-``train/step_time_s``, tokens/s and MFU and records it as ``train/compile_warmup_s``.
+``train/step_time_s``, tokens/s and MFU and records it as ``train/compile_warmup_s``. Every run is watched, not
+only those under ``hardware.compile``: on a GPU, FlexAttention and Liger's head build their kernels with
+torch.compile during the first steps (5-15 s each), which counted as training time where no layout measurement
+(``packing=auto``) had built them first.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def graphs_built() -> int:
 class CompileWatch:
     """Which training steps compiled, and the seconds they took (the warm-up left out of the step time)."""
 
-    def __init__(self):
+    def __init__(self, asked: bool = True):
+        self.asked = asked  # hardware.compile (the layers compiled), not only kernels that compile themselves
         self.warmup_s = 0.0
         self.warmup_steps = 0
         self._mark = graphs_built()
@@ -105,14 +109,17 @@ class CompileWatch:
                 self._warned = True
                 log.warning(
                     "torch.compile recompiled during %d training steps (the latest: step %d), each left out of "
-                    "the step time; new shapes or modes keep triggering it. TORCH_LOGS=recompiles says why; "
-                    "hardware.compile=false turns it off",
+                    "the step time; new shapes or modes keep triggering it. TORCH_LOGS=recompiles says why%s",
                     self.warmup_steps - 1,
                     step,
+                    "; hardware.compile=false turns it off" if self.asked else "",
                 )
         return compiled
 
     def summary(self) -> dict:
+        """The warm-up, for summary.json: under hardware.compile always, else where kernels were built."""
+        if not (self.asked or self.warmup_steps):
+            return {}
         return {
             "train/compile_warmup_s": self.warmup_s,
             "train/compile_warmup_steps": self.warmup_steps,
@@ -141,3 +148,9 @@ def compile_for_run(cfg, accelerator, model: nn.Module) -> CompileWatch | None:
         )
     compile_model(model, cfg.hardware)
     return CompileWatch()
+
+
+def watch_compiles(cfg, accelerator, model: nn.Module) -> CompileWatch:
+    """``compile_for_run``'s watch, or, without hardware.compile, one that only tells the steps during which a
+    kernel compiled itself (FlexAttention, Liger's head) from the timed ones."""
+    return compile_for_run(cfg, accelerator, model) or CompileWatch(asked=False)

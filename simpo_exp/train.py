@@ -29,7 +29,7 @@ from accelerate.utils import DistributedType, send_to_device
 from torch.utils.data import DataLoader
 
 from simpo_exp import checkpoint, finished, samples
-from simpo_exp.compiled import compile_for_run, eager_only
+from simpo_exp.compiled import eager_only, watch_compiles
 from simpo_exp.config import (
     Config,
     ConfigError,
@@ -134,7 +134,7 @@ class Run:
     shown: list  # the eval pairs whose greedy completions are logged at each eval
     started: float
     bad_in_a_row: int = 0
-    compiler: Any = None  # a CompileWatch under hardware.compile (simpo_exp/compiled.py)
+    compiler: Any = None  # a CompileWatch: compile steps apart from timed ones (simpo_exp/compiled.py)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -367,7 +367,7 @@ def set_up(cfg: Config) -> Run:
         weight_decay=cfg.weight_decay,
         fused=fused_optimizer,
     )
-    compiler = compile_for_run(cfg, accelerator, model)  # after the reference is copied, before prepare
+    compiler = watch_compiles(cfg, accelerator, model)  # after the reference is copied, before prepare
     warn_if_the_engine_rounds_the_base(accelerator, model)
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
     if reference is not None and not isinstance(reference, CachedReference):
@@ -482,8 +482,7 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     """One optimizer step over ``accum`` micro-batches; returns the gradient norm. A step whose gradient is not
     finite is skipped and counted; more than ``max_bad_steps`` of them in a row stop the run."""
     acc, state, started = run.accelerator, run.state, time.time()
-    if run.compiler is not None:
-        run.compiler.step_started()
+    run.compiler.step_started()
     step_stats = Window()
     micro = [next(batches) for _ in range(run.accum)]
     state.micro_batches += run.accum
@@ -526,7 +525,7 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
         # (an unlogged step's spill into the next step's, whose gradient norm waits for them)
         torch.cuda.synchronize(acc.device)
     seconds = time.time() - started
-    compiled = run.compiler is not None and run.compiler.step_finished(seconds, state.step)
+    compiled = run.compiler.step_finished(seconds, state.step)
     window.step_done(step_stats if ok else None, seconds, timed=not compiled)  # compile warm-up: not timed
     return grad_norm
 
@@ -620,7 +619,7 @@ def evaluate_and_sample(run: Run, step: int) -> dict:
         with torch.no_grad():
             batch = send_to_device(run.collate(run.shown), acc.device)
             _, _, (rewards, _) = batch_loss(unwrapped, batch, run.cfg, run.reference)
-        with eager_only(run.compiler is not None):  # decoding shapes would only add compiled graphs
+        with eager_only(run.compiler.asked):  # decoding shapes would only add compiled graphs
             texts = samples.generate(
                 unwrapped.model,
                 run.tokenizer,
@@ -697,8 +696,7 @@ def finish(run: Run, summary: dict) -> dict:
         "train/skipped_steps": state.skipped_steps,
         "runtime_s": time.time() - run.started,
     } | run.summary_extra
-    if run.compiler is not None:  # the compile steps left out of train/step_time_s, tokens/s and MFU
-        summary |= run.compiler.summary()
+    summary |= run.compiler.summary()  # the compile steps left out of train/step_time_s, tokens/s and MFU
     acc.wait_for_everyone()
     full_state_dict = None
     if run.cfg.save_model and acc.distributed_type in SHARDED_ENGINES:

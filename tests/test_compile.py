@@ -145,6 +145,26 @@ def test_window_leaves_compile_steps_out_of_the_speed():
     assert "train/loss" in metrics
 
 
+def test_a_run_without_hardware_compile_still_leaves_kernel_builds_out_of_the_speed(compose):
+    """On a GPU FlexAttention and Liger's head compile themselves during the first steps (5-15 s each): without
+    hardware.compile that time counted as training, in step time, tokens/s and MFU. Every run is watched; one whose
+    steps built nothing records no warm-up (its summary as before)."""
+    from simpo_exp.compiled import watch_compiles
+    from simpo_exp.config import to_config
+
+    cfg = to_config(compose("hardware.compile=false"))
+    watch = watch_compiles(cfg, None, None)
+    assert not watch.asked
+    watch.step_started()
+    assert not watch.step_finished(0.5, 1)  # an eager step
+    assert watch.summary() == {}
+    kernel = torch.compile(lambda x: x * 2 + 1, backend="eager")  # a kernel that compiles itself, as flex's does
+    watch.step_started()
+    kernel(torch.ones(3))
+    assert watch.step_finished(12.0, 2)
+    assert watch.summary()["train/compile_warmup_s"] == 12.0 and watch.summary()["train/compile_warmup_steps"] == 1
+
+
 RUN = [
     "max_steps=4",
     "save_steps=2",
