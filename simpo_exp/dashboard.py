@@ -251,8 +251,9 @@ def read_sweep(sweep_dir: Path) -> Sweep:
     # where the runs logged, as their starts recorded it (an entity from WANDB_ENTITY, not in the config), else
     # as configured
     recorded = [r for r in (read_json(j / WANDB_RECORD) for j in jobs) if isinstance(r, dict)]
-    projects = {r.get("project") for r in recorded} - {None} or {lg.get("project") for lg in loggers} - {None}
-    entities = {r.get("entity") for r in recorded} - {None} or {lg.get("entity") for lg in loggers} - {None}
+    unset = {None, ""}  # an offline run's entity is empty
+    projects = {r.get("project") for r in recorded} - unset or {lg.get("project") for lg in loggers} - unset
+    entities = {r.get("entity") for r in recorded} - unset or {lg.get("entity") for lg in loggers} - unset
     return Sweep(
         group=group,
         swept=swept,
