@@ -49,7 +49,14 @@ from simpo_exp.config import schema_default
 from simpo_exp.errors import OtherRunsDirectory, UserError
 from simpo_exp.inference.files import readable_as_umask
 from simpo_exp.memory import Engine, state_bytes
-from simpo_exp.rundir import CHECKPOINT_MARKER, RESUMABLE_CHANGES, checkpoint_dirs, read_jsonl, step_of
+from simpo_exp.rundir import (
+    CHECKPOINT_MARKER,
+    RESUMABLE_CHANGES,
+    checkpoint_dirs,
+    read_jsonl,
+    rerun_command,
+    step_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +290,8 @@ def save_failed(
     return CheckpointSaveError(
         f"could not write checkpoint {path}{where}: {reason}. A checkpoint needs about "
         f"{_size(needed)} and {_size(free)} are free there. The earlier checkpoints are untouched "
-        f"(newest: {done[-1] if done else 'none yet'}); free space or fix the directory, then re-run the "
-        "same command to resume from it."
+        f"(newest: {done[-1] if done else 'none yet'}); free space or fix the directory, then "
+        f"{rerun_command()} to resume from it."
     )
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -27,6 +28,27 @@ PROJECT_DIR = _PACKAGE if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent
 # The config groups as an absolute path: Hydra reads a relative config_path against the calling module when main()
 # is called as a console script (simpo-exp), where no module "conf" exists.
 CONF_DIR = str(PROJECT_DIR / "conf")
+
+
+def rerun_command(hydra=None) -> str:
+    """How to go on in this run's folder: "re-run the same command" where the command named the folder
+    (``hydra.run.dir``, a sweep's ``hydra.sweep.dir``), else the same command with that folder added. Hydra's
+    default folders are named after the time the command started: the same command alone started afresh in a new
+    one. ``hydra``: the ``hydra`` node of a run's config (default: this process's Hydra run, if any)."""
+    same = "re-run the same command"
+    if hydra is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return same
+        hydra = HydraConfig.get()
+    sweep = getattr(hydra.mode, "name", str(hydra.mode)) == "MULTIRUN"
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    if any(str(o).lstrip("+").split("=", 1)[0] == key for o in (hydra.overrides.hydra or [])):
+        return same
+    folder = os.path.abspath(str(hydra.sweep.dir if sweep else hydra.run.dir))
+    return f"{same} with {key}={shlex.quote(folder)}"
+
 
 REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)
 # Keys that do not change what a run trains (cadence, logging, where it runs): a resumption may change them, and a

@@ -28,6 +28,7 @@ from simpo_exp.rundir import (
     hold_folder,
     read_json,
     release_folders,
+    rerun_command,
     stopped_before_a_step_record,
     stopped_words,
 )
@@ -310,7 +311,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
             print(
                 f"interrupted; what {work or out} holds so far (finished shards, judge replies, checkpoints) is "
-                "kept: re-run the same command to go on",
+                f"kept: {rerun_command()} to go on",
                 file=sys.stderr,
             )
             raise SystemExit(130) from None
@@ -511,6 +512,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.sweep_dir, self.listed = Path(config.hydra.sweep.dir), False
+        self.rerun = rerun_command(config.hydra)
         self.training = getattr(config, "method", None) is not None  # compare reads training runs, not other stages
         self.before = _job_stamps(self.sweep_dir) | _in_use_refusals(self.sweep_dir)
         atexit.register(self._list_failed)
@@ -537,7 +539,7 @@ class SweepSummary(Callback):
             path, record = stopped[-1]
             print(
                 f"sweep stopped by {stopped_words(record)}, in job {self._job(path)} ({len(jobs)} jobs started in "
-                f"{self.sweep_dir}); re-run the same command to resume: finished jobs are skipped, the stopped one "
+                f"{self.sweep_dir}); {self.rerun} to resume: finished jobs are skipped, the stopped one "
                 "goes on (from its checkpoint, where it saved one)",
                 file=sys.stderr,
                 flush=True,

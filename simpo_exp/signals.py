@@ -91,10 +91,12 @@ class StopSignal:
         leave with the conventional status (128 + signal number)."""
         signum = signum or self.signum or signal.SIGTERM
         name = signal.Signals(signum).name
+        from simpo_exp.rundir import rerun_command
+
         if step is None:
-            log.warning("stopped by %s before a step; nothing to save: re-run the same command to go on", name)
+            log.warning("stopped by %s before a step; nothing to save: %s to go on", name, rerun_command())
         else:
-            log.warning("stopped by %s after step %d, checkpoint saved; re-run the same command to resume", name, step)
+            log.warning("stopped by %s after step %d, checkpoint saved; %s to resume", name, step, rerun_command())
         self.restore()
         previous = self._previous.get(signum)
         code = 128 + signum

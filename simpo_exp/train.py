@@ -84,7 +84,13 @@ from simpo_exp.reference import (
     shard_like_the_policy,
     shares_the_policy,
 )
-from simpo_exp.rundir import STOPPED_FILE, recorded_sources, stopped_before_a_step_record, stopped_record
+from simpo_exp.rundir import (
+    STOPPED_FILE,
+    recorded_sources,
+    rerun_command,
+    stopped_before_a_step_record,
+    stopped_record,
+)
 from simpo_exp.runinfo import keep_run_config
 from simpo_exp.signals import StopRequested, StopSignal, ignore_stop_signals
 from simpo_exp.tracking import (
@@ -651,7 +657,7 @@ def save_checkpoint(run: Run, window: Window) -> None:
         return checkpoint.CheckpointSaveError(
             f"process {', '.join(map(str, ranks))} of {acc.num_processes} could not write checkpoint "
             f"{checkpoint.final_dir(tmp)} (its own error says why); the earlier checkpoints are "
-            "untouched. Fix that, then re-run the same command to resume from the newest one."
+            f"untouched. Fix that, then {rerun_command()} to resume from the newest one."
         )
 
     on_all = partial(together, acc, failed_elsewhere=failed_elsewhere)
@@ -740,7 +746,7 @@ def save_final_model(run: Run, full_state_dict: dict | None) -> None:
         free = shutil.disk_usage(run.run_dir).free
         raise checkpoint.CheckpointSaveError(
             f"could not write the trained model to {out} ({getattr(e, 'strerror', None) or e}); {free:,} bytes are "
-            "free there. Free space, then re-run the same command: it resumes from the last checkpoint"
+            f"free there. Free space, then {rerun_command()}: it resumes from the last checkpoint"
         ) from e
     # model/README.md with the values the run used; evaluate adds its results to it
     write_model_card(run.run_dir, run.cfg, resolved=resolved_values(run.summary_extra))

@@ -142,14 +142,20 @@ def test_a_sweep_stopped_by_a_signal_says_so_not_that_it_finished(tmp_path, caps
     """A SIGTERM in job 0 ends the sweep there; its summary said "sweep finished: 1 jobs" although job 1 never ran."""
     from types import SimpleNamespace
 
+    from hydra.types import RunMode
+
     from simpo_exp.runinfo import SweepSummary
 
     sweep = tmp_path / "sweep"
 
-    def stopped_job(name: str, override: str, record: str) -> SweepSummary:
-        """A sweep's summary started, then a job of it that left with ``record`` as its stopped.json."""
+    def stopped_job(name: str, override: str, record: str, given=()) -> SweepSummary:
+        """A sweep's summary started, then a job of it that left with ``record`` as its stopped.json. ``given``:
+        the command line's hydra overrides."""
         summary = SweepSummary()
-        summary.on_multirun_start(SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep)))))
+        hydra = SimpleNamespace(
+            sweep=SimpleNamespace(dir=str(sweep)), mode=RunMode.MULTIRUN, overrides=SimpleNamespace(hydra=list(given))
+        )
+        summary.on_multirun_start(SimpleNamespace(hydra=hydra))
         (sweep / name / ".hydra").mkdir(parents=True)
         (sweep / name / ".hydra" / "overrides.yaml").write_text(f"- {override}\n")
         (sweep / name / "stopped.json").write_text(record)
@@ -160,10 +166,43 @@ def test_a_sweep_stopped_by_a_signal_says_so_not_that_it_finished(tmp_path, caps
     out = capsys.readouterr()
     assert "sweep stopped by SIGTERM after step 8, checkpoint saved, in job 0_beta=2" in out.err
     assert "sweep finished" not in out.out
+    # the sweep's folder was Hydra's default, named after the time: the same command alone would start afresh
+    assert f"re-run the same command with hydra.sweep.dir={sweep} to resume" in out.err
     # one stopped before its first step says so: no checkpoint was saved
-    summary = stopped_job("1_beta=5", "beta=5", '{"signal": "SIGTERM", "step": 0, "during": "set-up"}')
+    given = [f"hydra.sweep.dir={sweep}"]
+    summary = stopped_job("1_beta=5", "beta=5", '{"signal": "SIGTERM", "step": 0, "during": "set-up"}', given)
     assert summary._list_failed() is False
-    assert "SIGTERM during set-up, before a step (nothing saved), in job 1_beta=5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "SIGTERM during set-up, before a step (nothing saved), in job 1_beta=5" in err
+    assert "re-run the same command to resume" in err  # the folder named on the command line
+
+
+def test_the_way_to_go_on_names_the_folder_where_the_command_did_not(tmp_path, monkeypatch):
+    """Hydra's default folders are named after the time the command started: "re-run the same command" started a
+    new run from step 0 in a new folder. Where the command did not name its folder, the advice adds it."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from simpo_exp.rundir import rerun_command
+
+    monkeypatch.chdir(tmp_path)
+
+    def hydra(mode, given=()):
+        return SimpleNamespace(
+            mode=mode,
+            overrides=SimpleNamespace(hydra=list(given)),
+            run=SimpleNamespace(dir="outputs/runs/2030-01-01_00-00-00"),
+            sweep=SimpleNamespace(dir="outputs/multirun/2030-01-01_00-00-00"),
+        )
+
+    run_dir = tmp_path / "outputs" / "runs" / "2030-01-01_00-00-00"
+    assert rerun_command(hydra(RunMode.RUN)) == f"re-run the same command with hydra.run.dir={run_dir}"
+    sweep_dir = tmp_path / "outputs" / "multirun" / "2030-01-01_00-00-00"
+    assert rerun_command(hydra(RunMode.MULTIRUN)) == f"re-run the same command with hydra.sweep.dir={sweep_dir}"
+    assert rerun_command(hydra(RunMode.RUN, ["hydra.run.dir=mine"])) == "re-run the same command"
+    assert rerun_command(hydra(RunMode.MULTIRUN, ["hydra.sweep.dir=mine"])) == "re-run the same command"
+    assert rerun_command() == "re-run the same command"  # outside a Hydra run: nothing to add
 
 
 def test_a_failed_sweep_of_another_stage_is_not_pointed_at_compare(tmp_path, capsys):

@@ -46,6 +46,7 @@ from simpo_exp.inference.sampling import (
     prompt_token_ids,
     sampling_dtype,
 )
+from simpo_exp.rundir import rerun_command
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,8 @@ def read_shard(path: Path, prompts: list[dict], cfg) -> list[dict]:
                 break
     if problem:
         raise DamagedFile(
-            f"{path}: {problem}; the file was cut short or edited. Delete it and re-run the same command: the stage "
-            "makes it again"
+            f"{path}: {problem}; the file was cut short or edited. Delete it and {rerun_command()}: the stage makes "
+            "it again"
         )
     return records
 

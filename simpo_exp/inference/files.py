@@ -153,8 +153,8 @@ def read_jsonl(path: Path) -> list[dict]:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DamagedFile(
-            f"{path}: not valid UTF-8 at byte {e.start}; the file was cut short or edited. Delete it and re-run the "
-            "same command: the stage makes it again"
+            f"{path}: not valid UTF-8 at byte {e.start}; the file was cut short or edited. Delete it and "
+            f"{_rerun()}: the stage makes it again"
         ) from e
     for n, line in enumerate(jsonl_lines(text), 1):
         if not line:
@@ -163,10 +163,16 @@ def read_jsonl(path: Path) -> list[dict]:
             rows.append(json.loads(line))
         except ValueError as e:
             raise DamagedFile(
-                f"{path}: line {n} is not valid JSON ({e}); the file was cut short or edited. Delete it and re-run "
-                "the same command: the stage makes it again"
+                f"{path}: line {n} is not valid JSON ({e}); the file was cut short or edited. Delete it and "
+                f"{_rerun()}: the stage makes it again"
             ) from e
     return rows
+
+
+def _rerun() -> str:
+    from simpo_exp.rundir import rerun_command  # rundir reads JSONL through this module
+
+    return rerun_command()
 
 
 def jsonl_lines(text: str) -> list[str]:
