@@ -387,6 +387,30 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
     readable_as_umask(path)
 
 
+def ready_to_generate(path, tokenizer) -> None:
+    """A saved model's config as a generating tool reads it: ``use_cache`` back on (training turned it off, and a
+    plain forward loop then got no cache), and ``generation_config.json``'s end ids with the token the chat template
+    ends a turn with (a base model trained with a chat template, Llama 3's ``<|eot_id|>`` beside
+    ``<|end_of_text|>``): HF generate and vLLM read them there, and ran past the end of the turn where the project's
+    own stages stop (``stop_token_ids``)."""
+    from types import SimpleNamespace
+
+    from simpo_exp.inference.sampling import stop_token_ids
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("use_cache") is False:
+        config["use_cache"] = True
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = path / "generation_config.json"
+    kept = json.loads(generation.read_text()) if generation.is_file() else {}
+    ids = stop_token_ids(tokenizer, [], SimpleNamespace(eos_token_id=kept.get("eos_token_id")))
+    had = kept.get("eos_token_id")
+    if ids and sorted(had if isinstance(had, list) else [had]) != ids:
+        kept["eos_token_id"] = ids if len(ids) > 1 else ids[0]
+        generation.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
+
+
 def merged_lora(model, state_dict: dict) -> tuple:
     """(the base model, its state dict in float32 with each LoRA layer merged) from a PEFT model and its full
     ``state_dict`` (keys ``base_model.model.<name>.base_layer.weight`` and the adapters' ``lora_A/B`` or, for an

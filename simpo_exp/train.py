@@ -65,7 +65,14 @@ from simpo_exp.logps import ResponseLogps, shared_parameters
 from simpo_exp.memory import check_device_memory
 from simpo_exp.methods import REFERENCE_METHODS, TABLE
 from simpo_exp.metrics import Window, pearson
-from simpo_exp.model import count_parameters, load_model, load_tokenizer, pick_attention, save_trained
+from simpo_exp.model import (
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    pick_attention,
+    ready_to_generate,
+    save_trained,
+)
 from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import (
@@ -296,7 +303,7 @@ def start_or_resume(
         # A fresh start in a used directory: nothing of the earlier run may mix with this one's (its checkpoints,
         # records, and W&B run: its id, which a resume continues, and its offline files, which a sync uploads)
         # and its benchmark results, which are the earlier model's (simpo_exp/evaluate)
-        for folder in ("checkpoints", "wandb", EVAL_DIR):
+        for folder in ("checkpoints", "wandb", EVAL_DIR, *earlier_model(cfg, run_dir)):
             shutil.rmtree(run_dir / folder, ignore_errors=True)
         for path in [*records, run_dir / WANDB_RECORD, run_dir / "summary.json", run_dir / finished.FINISHED]:
             path.unlink(missing_ok=True)
@@ -734,6 +741,20 @@ def without_tied_copies(state_dict: dict, model: torch.nn.Module) -> dict:
     return {k: v for k, v in state_dict.items() if k not in tied}
 
 
+def earlier_model(cfg: Config, run_dir: Path) -> list[str]:
+    """``["model"]`` where a fresh start finds an earlier run's trained model in its folder: left there, a run of
+    this one that stopped, failed or did not save (``save_model=false``) looked trained with the earlier weights,
+    and evaluate scored them under this run's recipe. Kept (with a warning) where this run trains from it."""
+    folder = run_dir / "model"
+    if not folder.exists():
+        return []
+    base = Path(cfg.model.path).expanduser().resolve() if cfg.model.path else None
+    if base is not None and (base == folder.resolve() or folder.resolve() in base.parents):
+        log.warning("%s is the model this run starts from (model.path): kept, and replaced when it finishes", folder)
+        return []
+    return ["model"]
+
+
 def save_final_model(run: Run, full_state_dict: dict | None) -> None:
     """The trained model, its tokenizer and model card in ``<run>/model`` (main process only). A write that fails
     (a full disk) is a ``CheckpointSaveError`` saying what it needs; the run is not recorded finished, so a re-run
@@ -742,6 +763,7 @@ def save_final_model(run: Run, full_state_dict: dict | None) -> None:
     try:
         save_trained(run.accelerator.unwrap_model(run.policy).model, out, full_state_dict)
         run.tokenizer.save_pretrained(out)
+        ready_to_generate(out, run.tokenizer)
     except checkpoint.WRITE_ERRORS as e:
         free = shutil.disk_usage(run.run_dir).free
         raise checkpoint.CheckpointSaveError(

@@ -62,6 +62,7 @@ def fake_run(path: Path, overrides: list[str], compose, weights: bool = False) -
     else:
         (path / "model").mkdir()
         (path / "model" / "config.json").write_text("{}\n")
+    (path / "finished.json").write_text("{}\n")  # written last by a run that finished
     return path
 
 

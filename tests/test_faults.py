@@ -311,6 +311,7 @@ def test_a_folder_another_job_works_in_is_refused_by_every_stage(tmp_path):
     (trained / ".hydra" / "config.yaml").write_text("seed: 1\n")
     (trained / "model").mkdir()
     (trained / "model" / "config.json").write_text("{}")
+    (trained / "finished.json").write_text("{}")
     hold_folder(trained / "eval", "test")
     res = run_module("simpo_exp.evaluate", str(trained), "benchmark=rule", f"hydra.run.dir={tmp_path / 'ev'}",
                      cwd=tmp_path, timeout=300)  # fmt: skip

@@ -168,10 +168,31 @@ def test_a_resume_trims_the_generations_and_a_fresh_start_drops_the_earlier_runs
     (run_dir / "wandb" / "offline-run-old").mkdir(parents=True)
     (run_dir / "eval" / "rule").mkdir(parents=True)  # the earlier model's benchmark results: compare would show them
     (run_dir / "eval" / "rule" / "results.json").write_text('{"metrics": {"win_rate": 28.9}}')
-    res = simpo(*RUN, "max_steps=2", "resume=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    (run_dir / "model").mkdir(exist_ok=True)  # the earlier run's trained model: evaluate scored it as this run's
+    (run_dir / "model" / "config.json").write_text("{}")
+    res = simpo(*RUN, "max_steps=2", "resume=false", "save_model=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert not any((run_dir / name).exists() for name in ("wandb_run.json", "generations.jsonl", "wandb", "eval"))
+    gone = ("wandb_run.json", "generations.jsonl", "wandb", "eval", "model")
+    assert not any((run_dir / name).exists() for name in gone)
     assert json.loads((run_dir / "summary.json").read_text())["train/global_step"] == 2
+
+
+def test_a_model_is_a_runs_trained_model_only_once_the_run_is_recorded_finished(tmp_path):
+    """A model/ without finished.json is a run's that stopped or failed while writing it (or an earlier run's):
+    evaluate scored it as trained. And a fresh start keeps the folder this run trains from (model.path)."""
+    from types import SimpleNamespace
+
+    from simpo_exp.evaluate.runs import has_model
+    from simpo_exp.train import earlier_model
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert not has_model(tmp_path)
+    (tmp_path / "finished.json").write_text("{}")
+    assert has_model(tmp_path)
+    assert earlier_model(SimpleNamespace(model=SimpleNamespace(path="")), tmp_path) == ["model"]
+    assert earlier_model(SimpleNamespace(model=SimpleNamespace(path=str(tmp_path / "model"))), tmp_path) == []
+    assert earlier_model(SimpleNamespace(model=SimpleNamespace(path="org/hub-model")), tmp_path) == ["model"]
 
 
 def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):

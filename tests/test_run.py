@@ -47,12 +47,35 @@ def test_short_run_leaves_everything_a_user_needs(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
     assert model.config.vocab_size == len(tok) and tok.chat_template
+    assert model.config.use_cache  # training turns it off; a generating tool reads it
     assert "run directory" in res.stdout and "eval/rewards/accuracies" in res.stdout
     # sample generations for the same 4 eval prompts at every eval
     rows = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0] * 4 + [2] * 4 + [4] * 4
     assert len({r["prompt"] for r in rows}) == 4 and all(isinstance(r["generation"], str) for r in rows)
     assert all(r["reward_chosen"] < 0 and r["reward_rejected"] < 0 for r in rows)  # beta * mean log-prob
+
+
+def test_a_saved_model_stops_where_its_chat_template_ends_a_turn(tmp_path):
+    """A base model trained with a chat template whose turns end in a token other than EOS (Llama 3 base with its
+    instruct template: <|eot_id|>) kept only EOS in generation_config.json: HF generate and vLLM, which read it,
+    ran past the end of the turn where the project's own stages stop. And config.json kept use_cache=false."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from simpo_exp.model import ready_to_generate
+    from tests.tiny import save_tiny_llama
+
+    save_tiny_llama(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    tok.chat_template = "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|system|>' }}{% endfor %}"
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"use_cache": False}))
+    generation = json.loads((tmp_path / "generation_config.json").read_text())  # as a hub model's: the tokenizer's EOS
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": tok.eos_token_id}))
+    ready_to_generate(tmp_path, tok)
+    end_of_turn = tok.convert_tokens_to_ids("<|system|>")
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == sorted([tok.eos_token_id, end_of_turn])
+    assert json.loads((tmp_path / "config.json").read_text())["use_cache"] is True
 
 
 def test_multirun_sweep_groups_jobs_in_wandb(tmp_path):

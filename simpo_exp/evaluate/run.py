@@ -467,7 +467,8 @@ def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
         which = str(runs[0]) if len(runs) == 1 else f"{len(runs)} runs under {path}"
         raise ConfigError(
             f"invalid config value evaluate.path={path!r}: no trained model in {which} (model/ with "
-            "config.json is written when training finishes, with save_model=true); train it first"
+            "config.json, then finished.json, are written when training finishes, with save_model=true); train it "
+            "first"
         )
     return ready, [r for r in runs if r not in ready]
 

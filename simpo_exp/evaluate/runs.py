@@ -20,6 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from simpo_exp.config import Config, ConfigError
+from simpo_exp.finished import FINISHED
 from simpo_exp.model import saved_dtype
 from simpo_exp.rundir import RUN_SEARCH_DEPTH, other_stage_output, read_yaml
 
@@ -43,8 +44,11 @@ def find_runs(path: Path, depth: int = RUN_SEARCH_DEPTH) -> list[Path]:
 
 
 def has_model(run_dir: Path) -> bool:
+    """A trained model of this run: its model/ and the record training writes last (``finished.json``). A model/
+    alone may be a run's that stopped or failed while writing it."""
     m = Path(run_dir) / "model"
-    return (m / "config.json").is_file() or (m / "adapter_config.json").is_file()
+    weights = (m / "config.json").is_file() or (m / "adapter_config.json").is_file()
+    return weights and (Path(run_dir) / FINISHED).is_file()
 
 
 def _known(section: str, node: dict) -> dict:
