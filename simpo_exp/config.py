@@ -319,6 +319,26 @@ def lora_rate_note(cfg: Config, lr: float, source: str) -> str | None:
     )
 
 
+# The largest rates a preference fine-tune of a pretrained model is run at: SimPO's recipes train 7-9B models at 3e-7
+# to 1e-6 (its authors found 1e-5 already degrades the model); LoRA runs at about 5e-6 to 5e-5. Twenty times these
+# is a rate for another purpose (the tiny model's, a +sweep=optuna range left at its default).
+LARGEST_FINE_TUNE_RATE = {False: 2e-5, True: 1e-3}  # by hardware.lora
+
+
+def large_rate_note(cfg: Config, lr: float) -> str | None:
+    """A warning for a pretrained model at a learning rate far above any preference fine-tune's, else None: the run
+    would end cleanly with a damaged model (an Optuna search with the tiny model's range sampled 3.4e-4 for an 8B
+    model, unremarked)."""
+    limit = LARGEST_FINE_TUNE_RATE[bool(cfg.hardware.lora)]
+    if not cfg.model.path or lr <= limit:
+        return None
+    kind = "LoRA runs use about 5e-6 to 5e-5" if cfg.hardware.lora else "SimPO's recipes use 3e-7 to 1e-6"
+    return (
+        f"learning_rate={lr:g} fine-tunes the pretrained model.path={cfg.model.path} at more than {limit:g}: {kind} "
+        "(+sweep=optuna's default range is the tiny model's: give hydra.sweeper.params.learning_rate for this one)"
+    )
+
+
 def replaced_rate_note(cfg: Config) -> str | None:
     """A warning where ``learning_rate`` (an hparams preset, the command line) replaces a model preset's own rate
     ten or more times larger, else None: the embedded model, randomly initialised, learns at 1e-3 and hardly at

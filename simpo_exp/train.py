@@ -33,6 +33,7 @@ from simpo_exp.compiled import eager_only, watch_compiles
 from simpo_exp.config import (
     Config,
     ConfigError,
+    large_rate_note,
     lora_rate_note,
     replaced_rate_note,
     resolve_gamma,
@@ -334,7 +335,7 @@ def set_up(cfg: Config) -> Run:
     check_same_config(cfg, accelerator)  # one config on every process
     set_seed(cfg.seed)
     lr, lr_source = resolve_learning_rate(cfg)
-    for note in (lora_rate_note(cfg, lr, lr_source), replaced_rate_note(cfg)):
+    for note in (lora_rate_note(cfg, lr, lr_source), replaced_rate_note(cfg), large_rate_note(cfg, lr)):
         if note:
             log.warning(note)
     log.info("learning rate %.3g (from %s)", lr, lr_source)

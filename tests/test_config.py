@@ -321,6 +321,21 @@ def test_an_hparams_rate_that_replaces_the_embedded_models_own_is_warned_of(comp
     assert replaced_rate_note(to_config(compose("model=llama3-8b", "hparams=creative"))) is None  # no rate of its own
 
 
+def test_a_pretrained_model_at_a_rate_far_above_any_fine_tunes_is_warned_of(compose):
+    """+sweep=optuna's learning-rate range is the tiny model's: with experiment=simpo-llama3-8b-instruct it sampled
+    3.4e-4 for an 8B model (336 times its recipe's rate) and the run went on unremarked."""
+    from simpo_exp.config import large_rate_note
+
+    llama = to_config(compose("experiment=simpo-llama3-8b-instruct"))
+    note = large_rate_note(llama, 3.4e-4)
+    assert note is not None and "learning_rate=0.00034" in note and "SimPO's recipes use 3e-7 to 1e-6" in note
+    assert "hydra.sweeper.params.learning_rate" in note
+    assert large_rate_note(llama, 1e-6) is None  # the recipe's
+    assert large_rate_note(to_config(compose()), 1e-3) is None  # the embedded model learns at 1e-3
+    lora = to_config(compose("experiment=simpo-llama3-8b-instruct", "hardware.lora=true"))
+    assert large_rate_note(lora, 5e-5) is None and "LoRA runs use" in large_rate_note(lora, 3e-3)
+
+
 def test_a_sweep_or_launcher_preset_without_its_plugin_names_the_extra(monkeypatch):
     """Without the sweep extra, +sweep=optuna gave Hydra's bare "Available options in 'hydra/sweeper': basic"."""
     import importlib.util
