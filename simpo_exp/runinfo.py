@@ -105,7 +105,8 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
             from simpo_exp.config import ConfigError
 
             raise ConfigError(f"{override}: the {group} group cannot be removed; pick one of its options ({group}=...)")
-    refuse_unused(cfg, given, dict(hc.runtime.choices), lambda extra: _compose_as_given(hc, extra))
+    searched = set(OmegaConf.select(hc, "sweeper.params", default=None) or {})
+    refuse_unused(cfg, given, dict(hc.runtime.choices), lambda extra: _compose_as_given(hc, extra), searched)
     for mine, shipped in shadowed_presets(hc.runtime.config_sources, dict(hc.runtime.choices)):
         log.warning(
             "%s is not read: the shipped %s of the same name is found first; give yours a name of its own",
@@ -198,14 +199,16 @@ def given_overrides(hc) -> list[str]:
     return [str(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)]
 
 
-def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None) -> None:
+def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None, searched=frozenset()) -> None:
     """Refuse a value given on the command line (``given``: its keys) that the run would not use: a sweep over it
     would train the same run again under other names. ``choices``: the config groups picked; ``compose(overrides)``:
     the primary config composed with those overrides alone, to tell what an hparams preset sets.
 
     - a method hyper-parameter the method does not read (``loss=simper beta=5``);
     - ``gamma`` and ``gamma_beta_ratio`` together, or ``gamma_beta_ratio`` where a preset's absolute ``gamma`` wins;
-    - ``hparams=`` with ``experiment=``, where the experiment (composed after it) sets the keys the preset sets."""
+    - ``hparams=`` with ``experiment=``, where the experiment (composed after it) sets the keys the preset sets.
+
+    ``searched``: the keys the sweeper's search space (``hydra.sweeper.params``) sets, which the user did not type."""
     from simpo_exp.config import ConfigError
     from simpo_exp.methods import METHOD_KEYS, TABLE, readers
 
@@ -214,9 +217,16 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None)
     method = cfg.get("method")
     unread = sorted(given & set(METHOD_KEYS) - set(TABLE[method].reads)) if method in TABLE else []
     if unread:
+        key = unread[0]
+        fix = (
+            f"search without it: add '~hydra.sweeper.params.{key}' (the sweep's search space, "
+            f"{choices.get('hydra/sweeper') or 'a preset'}'s, sets it)"
+            if key in searched
+            else "leave it out"
+        )
         raise ConfigError(
-            f"{unread[0]}={cfg.get(unread[0])!r} would not be used: method={method!r} does not read it (read by "
-            f"{', '.join(readers(unread[0]))}); leave it out"
+            f"{key}={cfg.get(key)!r} would not be used: method={method!r} does not read it (read by "
+            f"{', '.join(readers(key))}); {fix}"
         )
     if "gamma_beta_ratio" in given and cfg.get("gamma") is not None:
         raise ConfigError(

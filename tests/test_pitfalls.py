@@ -117,6 +117,18 @@ def test_a_value_given_that_the_run_would_not_use_is_refused(compose, overrides,
         refuse_unused(cfg, given, choices, lambda extra: compose(*extra))
 
 
+def test_a_value_the_sweepers_search_space_sets_is_named_with_its_removal(tmp_path):
+    """+sweep=optuna loss=dpo failed every trial with "gamma_beta_ratio=0.62 would not be used ...; leave it out":
+    the user never gave it, Optuna's search space did. The message names the override that removes it."""
+    sweep = tmp_path / "optuna"
+    args = ["--multirun", "+sweep=optuna", "hydra.sweeper.n_trials=1", "loss=dpo", "logger=none", "max_steps=1"]
+    res = simpo(*args, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr[-3000:]
+    error = next(sweep.glob("*/error.json")).read_text()
+    assert "would not be used: method='dpo' does not read it" in error
+    assert "search without it: add '~hydra.sweeper.params.gamma_beta_ratio'" in error
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
