@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -37,13 +38,33 @@ from simpo_exp.signals import StopRequested
 log = logging.getLogger(__name__)
 
 
+# One override of Hydra's override_dirname ("k=v,k=v"): a comma followed by a key and "=" (a list value's commas,
+# "dataset.sources=[a,b]", are not followed by one).
+_NEXT_ITEM = re.compile(r",(?=[+~]?[\w.@-]+=)")
+_LONG_FLOAT = re.compile(r"^(?P<key>[^=]+=)(?P<value>-?\d+\.\d{7,}(?:[eE][-+]?\d+)?)$")
+
+
 def job_dirname(overrides: str, limit: int = 120) -> str:
-    """A sweep job's directory name from its overrides: no '/' (a path value would nest
-    directories), and long names cut with a hash so two jobs never collide."""
+    """A sweep job's directory name from its overrides: no '/' (a path value would nest directories). A name past
+    ``limit`` characters gives way in this order, so that what tells a sweep's jobs apart stays readable: the
+    settings that do not change what trains (``RESUMABLE_CHANGES``: eval_steps, logger, ...) are left out, long
+    floats (an Optuna sample: 4.939549651064031) kept to 6 significant digits, dotted keys named by their last
+    part (``dataset.synthetic.num_test`` as ``num_test``), then the end cut; a hash of the whole list follows, so
+    two jobs never share a name. (Cut at the end alone, a name lost the keys sorted last:
+    seed, and under Optuna the learning rate.)"""
     name = overrides.replace("/", "_") or "default"
-    if len(name) > limit:
-        name = name[: limit - 9] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
-    return name
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    items = [i for i in _NEXT_ITEM.split(name) if i.lstrip("+~").split("=", 1)[0] not in RESUMABLE_CHANGES]
+    items = [(m["key"] + f"{float(m['value']):.6g}") if (m := _LONG_FLOAT.match(i)) else i for i in items]
+    if len(",".join(items)) > limit - 9:  # dotted keys by their last part where that names one item only
+        lasts = [i.split("=", 1)[0].rsplit(".", 1)[-1] for i in items]
+        items = [
+            last + "=" + i.split("=", 1)[1] if lasts.count(last) == 1 and "=" in i else i
+            for i, last in zip(items, lasts)
+        ]
+    return ",".join(items)[: limit - 9] + "-" + digest
 
 
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)

@@ -337,6 +337,37 @@ def test_the_launcher_and_sweeper_name_neither_the_job_folders_nor_the_runs():
     assert get_overrides_dirname(overrides, dirname["exclude_keys"], dirname["item_sep"], dirname["kv_sep"]) == "beta=2"
 
 
+def test_a_long_job_folder_name_keeps_what_tells_the_jobs_apart():
+    """Hydra sorts the overrides by key and the name was cut at 120 characters from the end: a sweep over seed
+    with a few other overrides lost the seed from every folder (two failed jobs could not be told apart), an Optuna
+    trial lost its learning rate. Past the limit, what does not change the training goes first, long floats are
+    rounded, dotted keys shortened; the hash of the whole list keeps the names apart."""
+    from simpo_exp.runinfo import job_dirname
+
+    assert job_dirname("beta=2,model.path=/data/m") == "beta=2,model.path=_data_m"  # short: as Hydra gives it
+    seeds = [
+        "beta=-1,dataset.synthetic.num_test=32,dataset.synthetic.num_train=128,eval_steps=0,logger=none,max_steps=3,"
+        f"num_generations=0,seed={seed}"
+        for seed in (1, 2)
+    ]
+    names = [job_dirname(o) for o in seeds]
+    assert names[0].startswith(
+        "beta=-1,dataset.synthetic.num_test=32,dataset.synthetic.num_train=128,max_steps=3,seed=1-"
+    )
+    assert names[1].split("-")[:-1] != names[0].split("-")[:-1] and all(len(n) <= 120 for n in names)
+    trial = (
+        "beta=4.939549651064031,dataset.synthetic.num_test=32,dataset.synthetic.num_train=128,"
+        "gamma_beta_ratio=0.6183818137361412,learning_rate=0.0003361286938479,max_steps=3"
+    )
+    name = job_dirname(trial)
+    assert name.startswith(
+        "beta=4.93955,num_test=32,num_train=128,gamma_beta_ratio=0.618382,learning_rate=0.000336129,"
+    )
+    assert len(name) <= 120 and name != job_dirname(trial.replace("max_steps=3", "max_steps=4"))
+    lists = "dataset.sources=[ultrafeedback,argilla],eval_steps=5," + "x" * 120 + "=1"  # a list value's commas stay
+    assert job_dirname(lists).startswith("sources=[ultrafeedback,argilla],x")  # eval_steps left out
+
+
 def test_a_multirun_on_several_processes_without_a_fixed_sweep_folder_is_refused(tmp_path):
     """Each torchrun process resolved the default sweep folder (outputs/multirun/${now}) at its own start: processes
     a second apart wrote two folders, one of them holding a log alone, and two sweep summaries."""
