@@ -51,6 +51,36 @@ def recipe_keys(method: str | None) -> tuple[str, ...]:
     return ("method", *reads, *TRAINING_KEYS)
 
 
+# The run's own held-out figures at its end (summary.json), in the card beside the evaluate stage's.
+TRAINING_RESULTS = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "train/global_step")
+LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def base_license(model_path: str) -> dict:
+    """The base model's licence, as its own card states it (``license``, and ``license_name``/``license_link`` for
+    "other"): from a local model folder's README.md, or the hub card where the local cache holds it; {} where
+    neither is at hand (nothing is downloaded). A derivative's card without one shows no licence on the hub."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(model_path).expanduser() / "README.md" if model_path else None
+    if readme is not None and not readme.is_file() and _is_hub_id(model_path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model_path, "README.md")
+        except Exception:
+            cached = None
+        readme = Path(cached) if isinstance(cached, str) else None
+    if readme is None or not readme.is_file():
+        return {}
+    try:
+        data = ModelCard.load(readme).data.to_dict()
+    except Exception as e:  # a card that does not parse: no licence taken from it
+        log.debug("no licence read from %s: %s", readme, e)
+        return {}
+    return {k: data[k] for k in LICENSE_KEYS if data.get(k)}
+
+
 def _is_hub_id(path: str) -> bool:
     return bool(path) and not Path(path).expanduser().exists() and path.count("/") == 1
 
@@ -99,6 +129,7 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
         if isinstance(value, (int, float)) and not is_count(metric)
     ]
     return ModelCardData(
+        **base_license(model_path),
         base_model=model_path if _is_hub_id(model_path) else None,
         datasets=datasets or None,
         library_name="transformers",
@@ -108,7 +139,9 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
     )
 
 
-def card_text(cfg: dict, results: dict[str, dict], name: str, resolved: dict | None = None) -> str:
+def card_text(
+    cfg: dict, results: dict[str, dict], name: str, resolved: dict | None = None, training: dict | None = None
+) -> str:
     data = card_data(cfg, results, name)
     model = (
         select(cfg, "model.path") or f"a randomly initialised model ({select(cfg, 'model.name')}, built from config)"
@@ -141,7 +174,15 @@ def card_text(cfg: dict, results: dict[str, dict], name: str, resolved: dict | N
         "|---|---|",
     ]
     values = {k: (resolved or {}).get(k, select(cfg, k)) for k in recipe_keys(select(cfg, "method"))}
+    # max_steps > 0 wins over num_train_epochs: the run ended at it, and the epochs row said what did not happen
+    values.pop("num_train_epochs" if (values.get("max_steps") or -1) > 0 else "max_steps", None)
     lines += [f"| `{k}` | {v} |" for k, v in values.items() if v is not None]
+    ended = {k: (training or {}).get(k) for k in TRAINING_RESULTS}
+    ended = {k: v for k, v in ended.items() if isinstance(v, (int, float))}
+    if ended:
+        lines += ["", "## Training", "", "At the end of training, on the data set's held-out pairs:", ""]
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v if isinstance(v, int) else round(v, 4)} |" for k, v in ended.items()]
     if results:
         lines += ["", "## Evaluation", "", "| benchmark | metric | value |", "|---|---|---|"]
         lines += [
@@ -169,10 +210,13 @@ def resolved_values(summary: dict) -> dict:
     return {k.removeprefix("resolved/"): v for k, v in summary.items() if k.startswith("resolved/")}
 
 
-def write_model_card(run_dir: Path, cfg, name: str | None = None, resolved: dict | None = None) -> Path:
+def write_model_card(
+    run_dir: Path, cfg, name: str | None = None, resolved: dict | None = None, training: dict | None = None
+) -> Path:
     """Write ``<run_dir>/model/README.md`` from the run's resolved config (a plain dict, or the ``Config``
     dataclass training holds), the values training resolved (``resolved``; else those its summary.json
-    recorded as ``resolved/<key>``) and the results of any evaluation found in ``run_dir``."""
+    recorded as ``resolved/<key>``), its final metrics (``training``; else its summary.json's) and the results of
+    any evaluation found in ``run_dir``."""
     import dataclasses
 
     from simpo_exp.inference.files import write_atomic
@@ -182,9 +226,11 @@ def write_model_card(run_dir: Path, cfg, name: str | None = None, resolved: dict
     run_dir = Path(run_dir)
     name = name or select(cfg, "logger.run_name") or run_dir.name
     path = run_dir / "model" / "README.md"
-    if resolved is None:
-        resolved = resolved_values(read_json(run_dir / "summary.json"))
-    write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved))
+    summary = read_json(run_dir / "summary.json") if resolved is None or training is None else {}
+    summary = summary if isinstance(summary, dict) else {}
+    resolved = resolved_values(summary) if resolved is None else resolved
+    training = summary if training is None else training
+    write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved, training))
     return path
 
 

@@ -725,7 +725,7 @@ def finish(run: Run, summary: dict) -> dict:
             full_state_dict = without_tied_copies(full_state_dict, acc.unwrap_model(run.policy).model)
     if run.cfg.save_model:  # every process waits for the main one's write and fails with it
         saving = f"writing the model to {run.run_dir / 'model'}"
-        together(acc, lambda: acc.is_main_process and save_final_model(run, full_state_dict), saving)
+        together(acc, lambda: acc.is_main_process and save_final_model(run, full_state_dict, summary), saving)
     if acc.is_main_process:
         run.tracker.finish(summary)
         finished.record(run.run_dir, run.config_dict)  # last: a re-run of this command now returns this summary
@@ -756,7 +756,7 @@ def earlier_model(cfg: Config, run_dir: Path) -> list[str]:
     return ["model"]
 
 
-def save_final_model(run: Run, full_state_dict: dict | None) -> None:
+def save_final_model(run: Run, full_state_dict: dict | None, summary: dict) -> None:
     """The trained model, its tokenizer and model card in ``<run>/model`` (main process only). A write that fails
     (a full disk) is a ``CheckpointSaveError`` saying what it needs; the run is not recorded finished, so a re-run
     resumes from the last checkpoint."""
@@ -772,7 +772,7 @@ def save_final_model(run: Run, full_state_dict: dict | None) -> None:
             f"free there. Free space, then {rerun_command()}: it resumes from the last checkpoint"
         ) from e
     # model/README.md with the values the run used; evaluate adds its results to it
-    write_model_card(run.run_dir, run.cfg, resolved=resolved_values(run.summary_extra))
+    write_model_card(run.run_dir, run.cfg, resolved=resolved_values(run.summary_extra), training=summary)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -710,6 +710,29 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     assert "the adapters merged in, stored in float32" in text and "`adapter/`" in text
 
 
+def test_model_card_carries_the_base_models_licence_the_runs_own_figures_and_no_unused_epochs(tmp_path):
+    """A Llama or Gemma derivative pushed with the card showed no licence; the run's own held-out accuracy was not
+    in it until evaluate ran; and `num_train_epochs | 1.0` stood beside the max_steps that ended the run."""
+    from huggingface_hub import ModelCard
+
+    from simpo_exp.inference.files import write_json
+    from simpo_exp.modelcard import write_model_card
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\n---\n# base\n")
+    run = tmp_path / "run"
+    write_json(run / "summary.json", {"eval/rewards/accuracies": 0.7512, "eval/loss": 0.5, "train/global_step": 10})
+    cfg = {"model": {"name": "m", "path": str(base)}, "num_train_epochs": 1.0, "max_steps": 10, "beta": 2.0}
+    card = ModelCard.load(write_model_card(run, cfg, "run"))
+    assert (card.data.license, card.data.license_name, card.data.license_link) == ("other", "llama3", "LICENSE")
+    assert "| eval/rewards/accuracies | 0.7512 |" in card.text and "| train/global_step | 10 |" in card.text
+    assert "| `max_steps` | 10 |" in card.text and "num_train_epochs" not in card.text
+    # by epochs: the epochs row, no max_steps; a base model without a card of its own: no licence, no error
+    card = ModelCard.load(write_model_card(run, {**cfg, "model": {"name": "t"}, "max_steps": -1}, "run"))
+    assert "| `num_train_epochs` | 1.0 |" in card.text and "max_steps" not in card.text and card.data.license is None
+
+
 def test_each_sweep_job_is_pushed_to_a_valid_repo_of_its_own():
     """Job directories hold '=' and ',' and run past the Hub's 96 characters: each job's repo name is made valid
     (the Hub refused them before any upload) and two long names that differ only at the end stay apart."""
