@@ -1187,6 +1187,24 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
     assert calls["shutdown"] == 1 and calls["cleanup"] == 1 and not hasattr(sampler, "llm")
 
 
+def test_stop_ids_outside_the_tokenizer_are_refused_and_vllm_is_not_bound_by_the_hf_batch(tmp_path):
+    """generate.stop_token_ids=[999999] was taken as it was: never sampled, every response ran to max_new_tokens. And
+    under backend=vllm, which batches its requests itself, a resume that changed generate.batch_size was refused."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.run import _manifest
+    from simpo_exp.inference.sampling import stop_token_ids
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    with pytest.raises(ConfigError, match=r"stop_token_ids=\[5, 999999\] .*: \[999999\] not ids of the tokenizer"):
+        stop_token_ids(tok, [5, 999999])
+    assert 5 in stop_token_ids(tok, [5])
+    prompts = [{"prompt_id": "a", "input_ids": [1, 2]}]
+    hf = _manifest(compose_generate("generate.batch_size=4"), {}, prompts)["generate"]
+    vllm = _manifest(compose_generate("generate.backend=vllm", "model.path=/m", "generate.batch_size=4"), {}, prompts)
+    assert hf["batch_size"] == 4 and "batch_size" not in vllm["generate"]
+
+
 def test_a_response_reads_as_it_does_after_its_prompt():
     """Decoded alone, a SentencePiece response (Mistral's tokenizer strips a text's first space) lost its leading
     space: "\u2581Hi" came out "Hi", training (which tokenises prompt and response together) read the token "H" the

@@ -102,6 +102,8 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
     g = dataclasses.asdict(cfg.generate)
     for key in ("name", "vllm_gpu_memory_utilization"):
         g.pop(key)
+    if g["backend"] == "vllm":  # batches its requests itself: batch_size is the hf backend's (a resume changing it
+        g.pop("batch_size")  # was refused for nothing)
     ids = hashlib.sha256("".join(p["prompt_id"] for p in prompts).encode()).hexdigest()
     # the token ids the policy was given: the tokenizer, its chat template and BOS handling in one key (a resumed
     # command with another model.tokenizer_path, or a template changed in a local model folder, sampled its shards

@@ -47,6 +47,16 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 
 def stop_token_ids(tokenizer, extra: list[int], generation_config=None) -> list[int]:
+    """The ids sampling stops at: the tokenizer's EOS, the chat template's end-of-turn token, the model's own end
+    ids and ``extra`` (``generate.stop_token_ids``), which must be ids of this tokenizer (one past it would never be
+    sampled, and the responses would run to max_new_tokens without a word)."""
+    unknown = [i for i in extra if not 0 <= int(i) < len(tokenizer)]
+    if unknown:
+        raise ConfigError(
+            f"invalid config value stop_token_ids={list(extra)} (generate.stop_token_ids, or a benchmark's "
+            f"decoding.stop_token_ids): {unknown} not ids of the tokenizer "
+            f"(0..{len(tokenizer) - 1}); tokenizer.convert_tokens_to_ids('<token>') gives a token's id"
+        )
     ids = [tokenizer.eos_token_id] + end_of_turn_ids(tokenizer) + list(extra)
     model_eos = getattr(generation_config, "eos_token_id", None)
     ids += model_eos if isinstance(model_eos, list) else [model_eos]
