@@ -1191,7 +1191,7 @@ def test_stop_ids_outside_the_tokenizer_are_refused_and_vllm_is_not_bound_by_the
     """generate.stop_token_ids=[999999] was taken as it was: never sampled, every response ran to max_new_tokens. And
     under backend=vllm, which batches its requests itself, a resume that changed generate.batch_size was refused."""
     from simpo_exp.config import ConfigError
-    from simpo_exp.generate.run import _manifest
+    from simpo_exp.generate.run import _manifest, check_manifest
     from simpo_exp.inference.sampling import stop_token_ids
     from simpo_exp.model import build_tiny_tokenizer
 
@@ -1203,6 +1203,10 @@ def test_stop_ids_outside_the_tokenizer_are_refused_and_vllm_is_not_bound_by_the
     hf = _manifest(compose_generate("generate.batch_size=4"), {}, prompts)["generate"]
     vllm = _manifest(compose_generate("generate.backend=vllm", "model.path=/m", "generate.batch_size=4"), {}, prompts)
     assert hf["batch_size"] == 4 and "batch_size" not in vllm["generate"]
+    shards = tmp_path / "shards"  # a vLLM manifest written before, with its batch_size, resumes under another
+    check_manifest(shards, {**vllm, "generate": {**vllm["generate"], "batch_size": 16}})
+    (shards / "responses-00000.jsonl").write_text("{}\n")
+    check_manifest(shards, vllm)
 
 
 def test_a_response_reads_as_it_does_after_its_prompt():

@@ -137,6 +137,8 @@ def check_manifest(shard_dir: Path, manifest: dict, device=None) -> None:
         write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
         return
     old = json.loads(path.read_text())
+    if isinstance(old.get("generate"), dict) and old["generate"].get("backend") == "vllm":
+        old["generate"].pop("batch_size", None)  # recorded before vLLM's was left out (see _manifest)
     if device is not None and isinstance(old.get("mixed_precision"), str):  # recorded as configured before ("auto"
         old["mixed_precision"] = effective_precision(old["mixed_precision"], device)  # on a CPU computes as "no")
     # a key an older manifest lacks is not held against it (it was written before that key was recorded); the
