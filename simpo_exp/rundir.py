@@ -42,12 +42,16 @@ def rerun_command(hydra=None) -> str:
         if not HydraConfig.initialized():
             return same
         hydra = HydraConfig.get()
-    sweep = getattr(hydra.mode, "name", str(hydra.mode)) == "MULTIRUN"
+    mode = getattr(hydra, "mode", None)
+    sweep = getattr(mode, "name", str(mode)) == "MULTIRUN"
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    if any(str(o).lstrip("+").split("=", 1)[0] == key for o in (hydra.overrides.hydra or [])):
+    given = getattr(getattr(hydra, "overrides", None), "hydra", None) or []
+    if mode is None or any(str(o).lstrip("+").split("=", 1)[0] == key for o in given):
         return same
-    folder = os.path.abspath(str(hydra.sweep.dir if sweep else hydra.run.dir))
-    return f"{same} with {key}={shlex.quote(folder)}"
+    # a relative folder is the command's working directory's (the job's own, under hydra.job.chdir=true, is not)
+    cwd = getattr(getattr(hydra, "runtime", None), "cwd", None) or os.getcwd()
+    folder = os.path.join(str(cwd), str(hydra.sweep.dir if sweep else hydra.run.dir))
+    return f"{same} with {key}={shlex.quote(os.path.normpath(folder))}"
 
 
 REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)

@@ -354,7 +354,7 @@ def test_the_slurm_preset_renders_a_job_whose_tasks_each_get_their_cpus(tmp_path
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     text = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
-    for line in ("--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--signal=USR2@120"):
+    for line in ("--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--signal=USR2@300"):
         assert f"#SBATCH {line}\n" in text, text
     assert text.index("export SRUN_CPUS_PER_TASK=12\n") < text.index("\nsrun "), text
 

@@ -188,12 +188,13 @@ def test_the_way_to_go_on_names_the_folder_where_the_command_did_not(tmp_path, m
 
     monkeypatch.chdir(tmp_path)
 
-    def hydra(mode, given=()):
+    def hydra(mode, given=(), cwd=None):
         return SimpleNamespace(
             mode=mode,
             overrides=SimpleNamespace(hydra=list(given)),
             run=SimpleNamespace(dir="outputs/runs/2030-01-01_00-00-00"),
             sweep=SimpleNamespace(dir="outputs/multirun/2030-01-01_00-00-00"),
+            runtime=SimpleNamespace(cwd=cwd),
         )
 
     run_dir = tmp_path / "outputs" / "runs" / "2030-01-01_00-00-00"
@@ -202,6 +203,14 @@ def test_the_way_to_go_on_names_the_folder_where_the_command_did_not(tmp_path, m
     assert rerun_command(hydra(RunMode.MULTIRUN)) == f"re-run the same command with hydra.sweep.dir={sweep_dir}"
     assert rerun_command(hydra(RunMode.RUN, ["hydra.run.dir=mine"])) == "re-run the same command"
     assert rerun_command(hydra(RunMode.MULTIRUN, ["hydra.sweep.dir=mine"])) == "re-run the same command"
+    # under hydra.job.chdir=true the process works in the job's folder: the command's own directory counts
+    (tmp_path / "job").mkdir()
+    monkeypatch.chdir(tmp_path / "job")
+    in_job = rerun_command(hydra(RunMode.RUN, cwd=str(tmp_path)))
+    assert in_job == f"re-run the same command with hydra.run.dir={run_dir}"
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # another test's in-process Hydra run may have set it
     assert rerun_command() == "re-run the same command"  # outside a Hydra run: nothing to add
 
 
