@@ -492,7 +492,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workspace = build_workspace(sweep, entity, project, args.name)
     out = args.out or default_out
-    saved_before = read_json(out) if out.is_file() else {}  # the view a save of this spec made
+    saved = read_json(out) if out.is_file() else {}  # the view a save of this spec made, if one did
+    saved = saved if isinstance(saved, dict) else {}
+    if (
+        saved.get("name")
+        and saved.get("id")
+        and saved.get("project") == project
+        and entity in (None, saved.get("entity"))
+    ):
+        # updated by the next push, and kept in the spec (a failed push, an offline re-run): a workspace built afresh
+        # has no W&B name, and save() made up a new one each time, so every push (the README's, again after evaluate)
+        # added another view of one title
+        workspace._internal_name, workspace._internal_id = saved["name"], saved["id"]
+        entity = entity or saved.get("entity") or None
+        workspace.entity = entity or ""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(view_spec(workspace), indent=2) + "\n")
 
@@ -516,14 +529,6 @@ def main(argv: list[str] | None = None) -> int:
         if not entity:
             entity = wandb.Api().default_entity
             workspace.entity = entity
-        same_place = isinstance(saved_before, dict) and (saved_before.get("entity"), saved_before.get("project")) == (
-            entity,
-            project,
-        )
-        if same_place and saved_before.get("name") and saved_before.get("id"):
-            # the view saved before is updated: a workspace built afresh has no W&B name, and save() made up a new
-            # one each time, so every push (the README's, again after evaluate) added another view of one title
-            workspace._internal_name, workspace._internal_id = saved_before["name"], saved_before["id"]
         workspace.save()
         out.write_text(json.dumps(view_spec(workspace), indent=2) + "\n")  # now with its W&B name and id
         print(f"saved: {workspace.url}")

@@ -288,6 +288,13 @@ def test_a_second_save_updates_the_view_where_the_runs_logged(sweep, tmp_path, m
     monkeypatch.setattr(internal, "upsert_view2", refused)  # a failed push: the spec is kept, the exit says so
     assert dashboard.main([str(copy)]) == 1
     assert "error: saving the view to W&B failed (ConnectionError" in capsys.readouterr().err
+    monkeypatch.setenv("WANDB_MODE", "offline")  # and an offline re-run: neither forgets the view saved
+    assert dashboard.main([str(copy)]) == 0
+    spec = json.loads((copy / "wandb_workspace.json").read_text())
+    assert (spec["name"], spec["id"]) == (first[2], "view-1")
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setattr(internal, "upsert_view2", upsert)
+    assert dashboard.main([str(copy)]) == 0 and sent[-1] == (*first[:3], "view-1")  # the same view again
 
 
 def test_swept_group_choices_and_nested_job_folders(sweep, tmp_path):

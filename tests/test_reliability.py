@@ -190,6 +190,9 @@ def test_a_model_is_a_runs_trained_model_only_once_the_run_is_recorded_finished(
     assert not has_model(tmp_path)
     (tmp_path / "finished.json").write_text("{}")
     assert has_model(tmp_path)
+    (tmp_path / "finished.json").unlink()
+    (tmp_path / "summary.json").write_text("{}")  # a run trained before finished.json was written: its summary
+    assert has_model(tmp_path)
     assert earlier_model(SimpleNamespace(model=SimpleNamespace(path="")), tmp_path) == ["model"]
     assert earlier_model(SimpleNamespace(model=SimpleNamespace(path=str(tmp_path / "model"))), tmp_path) == []
     assert earlier_model(SimpleNamespace(model=SimpleNamespace(path="org/hub-model")), tmp_path) == ["model"]

@@ -467,8 +467,8 @@ def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
         which = str(runs[0]) if len(runs) == 1 else f"{len(runs)} runs under {path}"
         raise ConfigError(
             f"invalid config value evaluate.path={path!r}: no trained model in {which} (model/ with "
-            "config.json, then finished.json, are written when training finishes, with save_model=true); train it "
-            "first"
+            "config.json, then summary.json and finished.json, are written when training finishes, with "
+            "save_model=true); train it first"
         )
     return ready, [r for r in runs if r not in ready]
 
@@ -491,7 +491,11 @@ def evaluate_all(cfg) -> list[dict]:
     e = cfg.evaluate
     runs, skipped = _runs_to_evaluate(e.path)
     for r in skipped:
-        print(f"skipped {r}: no trained model (model/ missing: the run failed or is still running)", flush=True)
+        print(
+            f"skipped {r}: no trained model (no model/, or no finished.json beside it: the run failed, stopped or "
+            "is still running)",
+            flush=True,
+        )
     records, judge_failures = [], []
     for run_dir in runs:
         hold_folder(run_dir / "eval", "another evaluate command is working on this run; wait for it to end (the "

@@ -44,11 +44,12 @@ def find_runs(path: Path, depth: int = RUN_SEARCH_DEPTH) -> list[Path]:
 
 
 def has_model(run_dir: Path) -> bool:
-    """A trained model of this run: its model/ and the record training writes last (``finished.json``). A model/
-    alone may be a run's that stopped or failed while writing it."""
-    m = Path(run_dir) / "model"
+    """A trained model of this run: its model/ beside a record training writes after it (``finished.json``, or
+    ``summary.json`` for runs trained before finished.json was: both come once the model is written, and a fresh
+    start removes them with an earlier model/). A model/ alone is a run's that failed while writing it."""
+    m, run_dir = Path(run_dir) / "model", Path(run_dir)
     weights = (m / "config.json").is_file() or (m / "adapter_config.json").is_file()
-    return weights and (Path(run_dir) / FINISHED).is_file()
+    return weights and ((run_dir / FINISHED).is_file() or (run_dir / "summary.json").is_file())
 
 
 def _known(section: str, node: dict) -> dict:
