@@ -44,7 +44,7 @@ _NEXT_ITEM = re.compile(r",(?=[+~]?[\w.@-]+=)")
 _LONG_FLOAT = re.compile(r"^(?P<key>[^=]+=)(?P<value>-?\d+\.\d{7,}(?:[eE][-+]?\d+)?)$")
 
 
-def job_dirname(overrides: str, limit: int = 120) -> str:
+def job_dirname(overrides: str, sweep_dir: str | None = None, num=None, limit: int = 120) -> str:
     """A sweep job's directory name from its overrides: no '/' (a path value would nest directories). A name past
     ``limit`` characters gives way in this order, so that what tells a sweep's jobs apart stays readable: the
     settings that do not change what trains (``RESUMABLE_CHANGES``: eval_steps, logger, ...) are left out, long
@@ -56,6 +56,9 @@ def job_dirname(overrides: str, limit: int = 120) -> str:
     if len(name) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    before = name[: limit - 9] + "-" + digest  # as such names were cut before 2026-12-02
+    if sweep_dir is not None and (Path(str(sweep_dir)) / f"{num}_{before}").is_dir():
+        return before  # a job of a sweep started then: its folder, with its checkpoints, goes on
     items = [i for i in _NEXT_ITEM.split(name) if i.lstrip("+~").split("=", 1)[0] not in RESUMABLE_CHANGES]
     items = [(m["key"] + f"{float(m['value']):.6g}") if (m := _LONG_FLOAT.match(i)) else i for i in items]
     if len(",".join(items)) > limit - 9:  # dotted keys by their last part where that names one item only

@@ -373,6 +373,15 @@ def test_a_long_job_folder_name_keeps_what_tells_the_jobs_apart():
         "beta=4.93955,num_test=32,num_train=128,gamma_beta_ratio=0.618382,learning_rate=0.000336129,"
     )
     assert len(name) <= 120 and name != job_dirname(trial.replace("max_steps=3", "max_steps=4"))
+    # a job of a sweep started before names were cut this way keeps its folder (and the checkpoints in it)
+    import hashlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as sweep_dir:
+        before = trial[:111] + "-" + hashlib.sha256(trial.encode()).hexdigest()[:8]
+        assert job_dirname(trial, sweep_dir, 3) == name
+        (Path(sweep_dir) / f"3_{before}").mkdir()
+        assert job_dirname(trial, sweep_dir, 3) == before and job_dirname(trial, sweep_dir, 4) == name
     lists = "dataset.sources=[ultrafeedback,argilla],eval_steps=5," + "x" * 120 + "=1"  # a list value's commas stay
     assert job_dirname(lists).startswith("sources=[ultrafeedback,argilla],x")  # eval_steps left out
 
