@@ -556,8 +556,10 @@ NEAR_ZERO_IS_BETTER = ("length/reward_corr",)
 def lower_is_better(metric: str) -> bool:
     """Losses, costs, the rejected side's reward and log-probs (what the objective pushes down: ranked highest
     first, the run that raised them most was "best"), and the near-zero metrics (by their size)."""
-    name = metric.rsplit("/", 1)[-1]
-    return name.endswith("loss") or name in LOWER_IS_BETTER or name == "rejected" or near_zero_is_better(metric)
+    parts = metric.split("/")
+    name = parts[-1]
+    rejected_side = name == "rejected" and len(parts) > 1 and parts[-2].startswith(("rewards", "logps"))
+    return name.endswith("loss") or name in LOWER_IS_BETTER or rejected_side or near_zero_is_better(metric)
 
 
 def near_zero_is_better(metric: str) -> bool:

@@ -129,6 +129,8 @@ def measure(model, layouts: list, pairs: list[dict], pad_token_id: int, device, 
 def device_broken(error: Exception) -> bool:
     """Whether an error is the device's own (torch.AcceleratorError from torch 2.8; "CUDA error: ..." before), after
     which nothing more runs on it: a later layout, or the run, would fail somewhere that does not say why."""
+    if "out of memory" in str(error):  # "CUDA error: out of memory", a cuBLAS allocation: that layout's, not the GPU's
+        return False
     accelerator_error = getattr(torch, "AcceleratorError", None)
     return (accelerator_error is not None and isinstance(error, accelerator_error)) or str(error).startswith(
         "CUDA error"

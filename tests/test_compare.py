@@ -359,6 +359,7 @@ def test_the_rejected_side_ranks_lowest_first_and_a_length_bias_by_its_size():
         low = _run("low", {"beta": "2"}, {metric: -3.0})
         high = _run("high", {"beta": "5"}, {metric: -1.0})
         assert [r.name for r in compare.rank_runs([high, low], metric)] == ["low", "high"], metric
+    assert not compare.lower_is_better("eval/logits/rejected") and not compare.lower_is_better("eval/length/rejected")
     corr = "eval/length/reward_corr"
     runs = [_run(n, {"beta": n}, {corr: v}) for n, v in (("plus", 0.6), ("none", 0.05), ("minus", -0.3))]
     assert [r.name for r in compare.rank_runs(runs, corr)] == ["none", "minus", "plus"]

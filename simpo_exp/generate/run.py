@@ -107,12 +107,12 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
     ids = hashlib.sha256("".join(p["prompt_id"] for p in prompts).encode()).hexdigest()
     # the token ids the policy was given: the tokenizer, its chat template and BOS handling in one key (a resumed
     # command with another model.tokenizer_path, or a template changed in a local model folder, sampled its shards
-    # from other prompts than the ones before it, and the data set mixed the two)
+    # from other prompts than the ones before it, and the data set mixed the two); the same tokenizer named another
+    # way (model.tokenizer_path=<model.path>) gives the same ids and resumes
     tokens = hashlib.sha256(json.dumps([p["input_ids"] for p in prompts]).encode()).hexdigest()
     return {
         "policy": fingerprint,
         "chat_template": cfg.model.chat_template,
-        "tokenizer_path": cfg.model.tokenizer_path,
         "generate": g,
         "prompts": len(prompts),
         "prompt_ids_sha256": ids,

@@ -255,7 +255,11 @@ class RewardModelScorer:
         pad = self.tokenizer.pad_token_id
         if pad is None or pad in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id):
             return False
-        if pad >= self.model.get_input_embeddings().num_embeddings:
+        try:
+            rows = self.model.get_input_embeddings().num_embeddings
+        except (NotImplementedError, AttributeError):  # a class of its own that does not say: its config's size
+            rows = getattr(self.model.config, "vocab_size", None)
+        if rows is not None and pad >= rows:
             return False
         probe = render_for_scoring(self.tokenizer, self.s, [{"role": "user", "content": "Hello"}], "Hi")
         return pad not in self.tokenizer(probe, add_special_tokens=False)["input_ids"]
