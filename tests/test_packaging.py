@@ -17,15 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_package_list_names_every_package_and_the_data_covers_every_file():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "simpo_exp").rglob("__init__.py")} | {
-        "simpo_exp.conf",
-        "simpo_exp.launchers",
+    code = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "simpo_exp").rglob("__init__.py")}
+    data = {  # every folder of conf/ and launchers/, as the package it is in the wheel
+        ".".join([package, *d.relative_to(ROOT / folder).parts])
+        for package, folder in tool["package-dir"].items()
+        for d in [ROOT / folder, *(ROOT / folder).rglob("*")]
+        if d.is_dir() and d.name != "__pycache__"
     }
-    assert set(tool["packages"]) == on_disk
-    for package, folder in tool["package-dir"].items():
+    assert set(tool["packages"]) == code | data
+    patterns = tool["package-data"]["*"]
+    for folder in tool["package-dir"].values():
         files = {p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-        covered = {p for pattern in tool["package-data"][package] for p in (ROOT / folder).glob(pattern)}
-        assert files - covered == set(), f"{package}: files the wheel would leave out"
+        left_out = {p for p in files if not any(p.match(pattern) for pattern in patterns)}
+        assert left_out == set(), f"{folder}: files the wheel would leave out"
 
 
 def _setuptools_builds() -> bool:
@@ -58,6 +62,14 @@ def test_a_wheel_composes_and_finds_the_launcher_configs_away_from_the_repositor
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     assert (site / "simpo_exp" / "conf" / "config.yaml").is_file()
+    shipped = {p.relative_to(site / "simpo_exp").as_posix() for p in (site / "simpo_exp").rglob("*") if p.is_file()}
+    tracked = {
+        p.relative_to(ROOT).as_posix()
+        for folder in ("conf", "launchers")
+        for p in (ROOT / folder).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert tracked <= shipped, sorted(tracked - shipped)  # every preset and launcher file, in its folder
 
     away = tmp_path / "elsewhere"
     away.mkdir()
