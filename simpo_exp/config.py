@@ -330,6 +330,8 @@ def large_rate_note(cfg: Config, lr: float) -> str | None:
     would end cleanly with a damaged model (an Optuna search with the tiny model's range sampled 3.4e-4 for an 8B
     model, unremarked)."""
     limit = LARGEST_FINE_TUNE_RATE[bool(cfg.hardware.lora)]
+    if cfg.model.learning_rate is not None:  # a model preset's own rate (a saved tiny model's 1e-3) is meant
+        limit = max(limit, 10 * cfg.model.learning_rate)
     if not cfg.model.path or lr <= limit:
         return None
     kind = "LoRA runs use about 5e-6 to 5e-5" if cfg.hardware.lora else "SimPO's recipes use 3e-7 to 1e-6"

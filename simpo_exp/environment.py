@@ -9,7 +9,6 @@ from __future__ import annotations
 import platform
 import subprocess
 from importlib import metadata
-from pathlib import Path
 
 import torch
 
@@ -48,7 +47,13 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    root = Path(__file__).resolve().parents[1]
+    """The checkout's commit (``+dirty`` with uncommitted changes); None for an installed wheel, whose folder
+    (site-packages) may sit inside another repository (a virtual environment in a project's checkout)."""
+    from simpo_exp.rundir import PROJECT_DIR
+
+    root = PROJECT_DIR
+    if not (root / "pyproject.toml").is_file():
+        return None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(

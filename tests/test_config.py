@@ -334,6 +334,8 @@ def test_a_pretrained_model_at_a_rate_far_above_any_fine_tunes_is_warned_of(comp
     assert large_rate_note(to_config(compose()), 1e-3) is None  # the embedded model learns at 1e-3
     lora = to_config(compose("experiment=simpo-llama3-8b-instruct", "hardware.lora=true"))
     assert large_rate_note(lora, 5e-5) is None and "LoRA runs use" in large_rate_note(lora, 3e-3)
+    saved_tiny = to_config(compose("model.path=/runs/tiny/model"))  # model=tiny's own 1e-3, from a saved folder
+    assert large_rate_note(saved_tiny, 1e-3) is None
 
 
 def test_a_sweep_or_launcher_preset_without_its_plugin_names_the_extra(monkeypatch):
