@@ -78,40 +78,67 @@ def _show(tokenizer, ids: list[int]) -> str:
     return "|".join(tokenizer.convert_ids_to_tokens(ids))
 
 
+def _token_columns(batch, name: str):
+    """A list-of-ids column of an Arrow batch as (values, starts, ends): one flat numpy array of every row's ids
+    and each row's bounds in it."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = batch.column(name)
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    ends = np.cumsum(lengths)
+    return col.flatten().to_numpy(zero_copy_only=False), ends - lengths, ends
+
+
 def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConfig) -> dict:
-    """Build the report over the filtered splits; raise ConfigError on a double BOS or missing EOS."""
+    """Build the report over the filtered splits; raise ConfigError on a double BOS or missing EOS.
+
+    Read in Arrow batches, each id column as one numpy array: turned into Python lists (60k UltraFeedback pairs,
+    about 48M ids), the report took 10-27 s and 2.2 GB of host memory on every process of a run."""
+    import numpy as np
+
     bos, ends_turn = tokenizer.bos_token_id, ends_a_turn(tokenizer, end_token_ids(tokenizer))
+
+    def ends(values, s: int, e: int) -> bool:  # the last tokens only, unless they are all blank
+        return ends_turn(values[max(s, e - 32) : e].tolist()) or (e - s > 32 and ends_turn(values[s:e].tolist()))
+
     report: dict = {"chat_template_sha256": chat_template_hash(tokenizer), "splits": {}}
     for split, ds in splits.items():
-        cols = {
-            c: list(ds[c])
-            for c in (
-                "prompt_input_ids",
-                "chosen_input_ids",
-                "rejected_input_ids",
-                "chosen_truncated",
-                "rejected_truncated",
-                "prompt_tokens_moved",
-            )
-        }
-        prompts, chosen, rejected = cols["prompt_input_ids"], cols["chosen_input_ids"], cols["rejected_input_ids"]
-        c_trunc, r_trunc = cols["chosen_truncated"], cols["rejected_truncated"]
-        bos_counts = [p.count(bos) + c.count(bos) for p, c in zip(prompts, chosen)] if bos is not None else []
-        no_eos = sum(1 for ids, cut in zip(chosen + rejected, c_trunc + r_trunc) if not cut and not ends_turn(ids))
+        lengths = {"prompt": [], "chosen": [], "rejected": []}
+        bos_counts: Counter = Counter()
+        no_eos = doubled = moved = 0
+        cut = {"chosen": 0, "rejected": 0}
+        for batch in ds.with_format("arrow").iter(batch_size=4096):
+            cols = {side: _token_columns(batch, f"{side}_input_ids") for side in lengths}
+            for side, (_, starts, stops) in cols.items():
+                lengths[side].append(stops - starts)
+            truncated = {side: batch.column(f"{side}_truncated").to_pylist() for side in cut}
+            for side in cut:
+                cut[side] += sum(truncated[side])
+                values, starts, stops = cols[side]
+                no_eos += sum(not t and not ends(values, s, e) for t, s, e in zip(truncated[side], starts, stops))
+            moved += sum(1 for k in batch.column("prompt_tokens_moved").to_pylist() if k)
+            if bos is not None:
+                (pv, ps, pe), (cv, cs, ce) = cols["prompt"], cols["chosen"]
+                in_prompt = np.concatenate([[0], np.cumsum(pv == bos)])
+                in_chosen = np.concatenate([[0], np.cumsum(cv == bos)])
+                bos_counts.update((in_prompt[pe] - in_prompt[ps] + in_chosen[ce] - in_chosen[cs]).tolist())
+                doubled += sum(
+                    doubled_bos(pv[a : min(b, a + 2)].tolist() + cv[c : min(d, c + 2)].tolist(), bos)
+                    for a, b, c, d in zip(ps, pe, cs, ce)
+                )
         n = len(ds)
+        every = {side: np.concatenate(parts).tolist() if parts else [] for side, parts in lengths.items()}
         report["splits"][split] = {
             "pairs": n,
-            "bos_per_sequence": dict(sorted(Counter(bos_counts).items())),
-            "responses_without_end_token": no_eos,
-            "prompts_split_inside_a_token": sum(1 for k in cols["prompt_tokens_moved"] if k),
-            "truncated_share": {"chosen": sum(c_trunc) / max(n, 1), "rejected": sum(r_trunc) / max(n, 1)},
-            "lengths": {
-                "prompt": _quantiles([len(p) for p in prompts]),
-                "chosen": _quantiles([len(c) for c in chosen]),
-                "rejected": _quantiles([len(r) for r in rejected]),
-            },
+            "bos_per_sequence": dict(sorted(bos_counts.items())),
+            "responses_without_end_token": int(no_eos),
+            "prompts_split_inside_a_token": moved,
+            "truncated_share": {side: cut[side] / max(n, 1) for side in cut},
+            "lengths": {side: _quantiles(every[side]) for side in every},
         }
-        doubled = sum(1 for p, c in zip(prompts, chosen) if doubled_bos(p[:2] + c[:2], bos))
         if doubled and not dcfg.allow_double_bos:
             raise ConfigError(
                 f"{doubled} of {n} {split} sequences start with two BOS tokens ({tokenizer.bos_token!r}): the chat "
