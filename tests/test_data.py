@@ -1472,8 +1472,8 @@ def test_files_that_hold_no_rows_or_no_objects_and_a_share_that_empties_a_side_a
 
 def test_the_token_report_read_from_arrow_batches_counts_what_a_row_by_row_reading_does():
     """The report reads id columns as numpy arrays in batches of 4096 rows (Python lists of every id took 2.1 GB
-    per process at UltraFeedback's size): on 9000 random rows, across batch edges, with BOS at the start, inside and
-    doubled, responses closed or not, cut or not, its counts equal a plain row-by-row count."""
+    per process at UltraFeedback's size): on 9000 random rows and 20 repeated, across batch edges, with BOS at the
+    start, inside and doubled, responses closed or not, cut or not, its counts equal a plain row-by-row count."""
     import random
     from collections import Counter
     from types import SimpleNamespace
@@ -1490,6 +1490,8 @@ def test_the_token_report_read_from_arrow_batches_counts_what_a_row_by_row_readi
         chosen = [rng.choice([4, 5, bos]) for _ in range(rng.randrange(1, 5))] + rng.choice([[eos], [eos, blank], []])
         rejected = [rng.randrange(4, 50) for _ in range(rng.randrange(1, 40))] + rng.choice([[eos], [7]])
         rows.append((prompt, chosen, rejected, rng.random() < 0.1, rng.random() < 0.1, rng.choice([0, 0, 1])))
+    rows += rows[4090:4110]  # repeated pairs, one of each across a batch edge from its first
+    n = len(rows)
     ds = Dataset.from_dict(
         {
             k: [r[i] for r in rows]
@@ -1516,13 +1518,18 @@ def test_the_token_report_read_from_arrow_batches_counts_what_a_row_by_row_readi
     assert got["responses_without_end_token"] == missing > 0
     assert got["prompts_split_inside_a_token"] == sum(1 for *_, moved in rows if moved)
     assert got["truncated_share"] == {
-        "chosen": sum(r[3] for r in rows) / 9000,
-        "rejected": sum(r[4] for r in rows) / 9000,
+        "chosen": sum(r[3] for r in rows) / n,
+        "rejected": sum(r[4] for r in rows) / n,
     }
     assert got["lengths"]["rejected"]["max"] == max(len(r[2]) for r in rows)
+    pairs = [(tuple(p), tuple(c), tuple(r)) for p, c, r, *_ in rows]
+    assert got["duplicate_pairs"] == len(pairs) - len(set(pairs)) >= 20
+    assert "pairs repeat an earlier one token for token" in " ".join(
+        report.report_lines({"chat_template_sha256": "-", "splits": {"train": got}})
+    )
     doubled = sum(1 for p, c, *_ in rows if report.doubled_bos(p[:2] + c[:2], bos))
     dcfg.allow_double_bos = False
-    with pytest.raises(ConfigError, match=f"{doubled} of 9000 train sequences start with two BOS"):
+    with pytest.raises(ConfigError, match=f"{doubled} of {n} train sequences start with two BOS"):
         report.end_token_ids = lambda t: {eos}
         try:
             report.tokenization_report({"train": ds}, tok, dcfg)

@@ -108,7 +108,8 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
     for split, ds in splits.items():
         lengths = {"prompt": [], "chosen": [], "rejected": []}
         bos_counts: Counter = Counter()
-        no_eos = doubled = moved = 0
+        no_eos = doubled = moved = duplicates = 0
+        seen: set[int] = set()
         cut = {"chosen": 0, "rejected": 0}
         for batch in ds.with_format("arrow").iter(batch_size=4096):
             cols = {side: _token_columns(batch, f"{side}_input_ids") for side in lengths}
@@ -120,6 +121,11 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
                 values, starts, stops = cols[side]
                 no_eos += sum(not t and not ends(values, s, e) for t, s, e in zip(truncated[side], starts, stops))
             moved += sum(1 for k in batch.column("prompt_tokens_moved").to_pylist() if k)
+            (pv, ps, pe), (cv, cs, ce), (rv, rs, re_) = cols["prompt"], cols["chosen"], cols["rejected"]
+            for a, b, c, d, e, f in zip(ps, pe, cs, ce, rs, re_):  # the same pair twice trains twice as often
+                key = hash((pv[a:b].tobytes(), cv[c:d].tobytes(), rv[e:f].tobytes()))
+                duplicates += key in seen
+                seen.add(key)
             if bos is not None:
                 (pv, ps, pe), (cv, cs, ce) = cols["prompt"], cols["chosen"]
                 in_prompt = np.concatenate([[0], np.cumsum(pv == bos)])
@@ -136,6 +142,7 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
             "bos_per_sequence": dict(sorted(bos_counts.items())),
             "responses_without_end_token": int(no_eos),
             "prompts_split_inside_a_token": moved,
+            "duplicate_pairs": int(duplicates),
             "truncated_share": {side: cut[side] / max(n, 1) for side in cut},
             "lengths": {side: _quantiles(every[side]) for side in every},
         }
@@ -172,6 +179,12 @@ def report_lines(report: dict) -> list[str]:
         lines.append(
             f"{split}: BOS per sequence {r['bos_per_sequence']}; "
             + (f"{moved} prompts end inside a token (split moved back); " if moved else "")
+            + (
+                f"{r['duplicate_pairs']} pairs repeat an earlier one token for token (kept: each trains as often as "
+                "it appears); "
+                if r.get("duplicate_pairs")
+                else ""
+            )
             + f"truncated chosen {r['truncated_share']['chosen']:.1%}, "
             f"rejected {r['truncated_share']['rejected']:.1%}; tokens p50/max prompt "
             f"{lens['prompt'].get('p50')}/{lens['prompt'].get('max')}, chosen {lens['chosen'].get('p50')}/"
