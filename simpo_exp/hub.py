@@ -61,15 +61,22 @@ def hub_commit(repo_id: str, revision: str | None) -> str | None:
     """The commit of ``repo_id`` at ``revision`` (a branch, a tag, a commit; None: main) that the local cache holds
     its config.json from, or None (not a hub model, or not downloaded): an unpinned preset follows ``main``, and
     this names the files a run actually read (``model.revision=<it>`` repeats them)."""
+    hit = cached_hub_file(repo_id, "config.json", revision)
+    return hit.parent.name if hit is not None else None
+
+
+def cached_hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path | None:
+    """``filename`` of hub model ``repo_id`` at ``revision`` where the local cache holds it (nothing is downloaded);
+    None for a local path, a name that is no valid repo id, or a file not downloaded."""
     if Path(repo_id).expanduser().exists():
         return None
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # an id that is not a valid repo name (a local path that is not there): no commit to name
+        hit = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except Exception:  # an id that is not a valid repo name (a local path that is not there)
         return None
-    return Path(hit).parent.name if isinstance(hit, str) else None
+    return Path(hit) if isinstance(hit, str) else None
 
 
 def check_tokenizer_files(path: str, what: str) -> None:

@@ -381,10 +381,15 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
     # save_pretrained writes the dtype of the model in memory (a LoRA base's; DeepSpeed's bf16 working copy), not of
     # the weights it wrote (float32: the merge, the engine's master copy); a loader taking "auto" would round them
     if lora or stored == {torch.float32}:
-        config = json.loads((path / "config.json").read_text())
-        config["dtype"] = "float32"
-        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        update_json(path / "config.json", dtype="float32")
     readable_as_umask(path)
+
+
+def update_json(path: Path, **changes) -> None:
+    """Set ``changes`` in a saved model's JSON file (config.json, generation_config.json), written as
+    ``save_pretrained`` writes it; a file not there is started."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(data | changes, indent=2, sort_keys=True) + "\n")
 
 
 def ready_to_generate(path, tokenizer) -> None:
@@ -398,17 +403,13 @@ def ready_to_generate(path, tokenizer) -> None:
     from simpo_exp.inference.sampling import stop_token_ids
 
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    if config.get("use_cache") is False:
-        config["use_cache"] = True
-        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if json.loads((path / "config.json").read_text()).get("use_cache") is False:
+        update_json(path / "config.json", use_cache=True)
     generation = path / "generation_config.json"
-    kept = json.loads(generation.read_text()) if generation.is_file() else {}
-    ids = stop_token_ids(tokenizer, [], SimpleNamespace(eos_token_id=kept.get("eos_token_id")))
-    had = kept.get("eos_token_id")
+    had = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    ids = stop_token_ids(tokenizer, [], SimpleNamespace(eos_token_id=had))
     if ids and sorted(had if isinstance(had, list) else [had]) != ids:
-        kept["eos_token_id"] = ids if len(ids) > 1 else ids[0]
-        generation.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
+        update_json(generation, eos_token_id=ids if len(ids) > 1 else ids[0])
 
 
 def merged_lora(model, state_dict: dict) -> tuple:

@@ -62,15 +62,11 @@ def base_license(model_path: str) -> dict:
     neither is at hand (nothing is downloaded). A derivative's card without one shows no licence on the hub."""
     from huggingface_hub import ModelCard
 
+    from simpo_exp.hub import cached_hub_file
+
     readme = Path(model_path).expanduser() / "README.md" if model_path else None
     if readme is not None and not readme.is_file() and _is_hub_id(model_path):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(model_path, "README.md")
-        except Exception:
-            cached = None
-        readme = Path(cached) if isinstance(cached, str) else None
+        readme = cached_hub_file(model_path, "README.md")
     if readme is None or not readme.is_file():
         return {}
     try:

@@ -186,6 +186,12 @@ def open_wandb(run_dir: Path, mode: str, init_timeout: float, **run):
     )
 
 
+def _warn(message: str) -> None:
+    """A W&B problem, in the run's log and as a Python warning (which tests and notebooks catch)."""
+    log.warning(message)
+    warnings.warn(message, stacklevel=3)
+
+
 class Tracker:
     """Log metrics to ``metrics.jsonl`` and, if enabled, W&B. Only the main process should build one."""
 
@@ -238,12 +244,10 @@ class Tracker:
                 self._wandb_failed("start", e)
             else:  # an offline record of the same run, which `wandb sync` sends once the server can be reached
                 self.wandb_run = None
-                message = (
+                _warn(
                     f"W&B online start failed ({type(e).__name__}: {e}); logging offline instead: send it later "
                     f"with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`"
                 )
-                log.warning(message)
-                warnings.warn(message, stacklevel=2)
                 mode = "offline"
                 try:
                     start(mode)
@@ -260,9 +264,7 @@ class Tracker:
                     log.warning("W&B: could not clear the summary's %r (%s: %s)", STOPPED_SUMMARY, type(e).__name__, e)
 
     def _wandb_failed(self, what: str, e: Exception) -> None:
-        message = f"W&B {what} failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only"
-        log.warning(message)
-        warnings.warn(message, stacklevel=2)
+        _warn(f"W&B {what} failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only")
         self.wandb_run = None
 
     # ----------------------------------------------------------------- logging

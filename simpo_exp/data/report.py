@@ -127,7 +127,6 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
                 duplicates += key in seen
                 seen.add(key)
             if bos is not None:
-                (pv, ps, pe), (cv, cs, ce) = cols["prompt"], cols["chosen"]
                 in_prompt = np.concatenate([[0], np.cumsum(pv == bos)])
                 in_chosen = np.concatenate([[0], np.cumsum(cv == bos)])
                 bos_counts.update((in_prompt[pe] - in_prompt[ps] + in_chosen[ce] - in_chosen[cs]).tolist())
