@@ -56,7 +56,7 @@ def job_dirname(overrides: str, sweep_dir: str | None = None, num=None, limit: i
     if len(name) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    before = name[: limit - 9] + "-" + digest  # as such names were cut before 2026-12-02
+    before = _cut_before(overrides, limit)
     if sweep_dir is not None and (Path(str(sweep_dir)) / f"{num}_{before}").is_dir():
         return before  # a job of a sweep started then: its folder, with its checkpoints, goes on
     items = [i for i in _NEXT_ITEM.split(name) if i.lstrip("+~").split("=", 1)[0] not in RESUMABLE_CHANGES]
@@ -71,6 +71,40 @@ def job_dirname(overrides: str, sweep_dir: str | None = None, num=None, limit: i
 
 
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
+
+
+def _cut_before(overrides: str, limit: int = 120) -> str:
+    """A long job folder name as names were cut before 2026-12-02: at the end, then a hash of the whole list."""
+    name = overrides.replace("/", "_") or "default"
+    return name if len(name) <= limit else name[: limit - 9] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+_JOB_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+def job_subdir(overrides: str, sweep_dir: str | None = None, num=None) -> str:
+    """A sweep job's folder: ``<job number>_<job_dirname>``, or where the sweep folder already holds this setting's
+    folder under another number, that one. A sweep run again with a value taken out or added (``beta=5,10`` after
+    ``beta=2,5,10``) numbers its jobs anew; by number alone, a finished setting trained again from the start in a
+    new folder and a stopped one did not resume. The job's own number comes first (a requeued or repeated sweep is
+    unchanged); of several others (a setting given twice), the lowest. The processes of a multi-process job agree:
+    a folder under another number is one that was there before the job started."""
+    name = job_dirname(overrides, sweep_dir, num)
+    if sweep_dir is None or (Path(str(sweep_dir)) / f"{num}_{name}").is_dir():
+        return f"{num}_{name}"
+    names = {name, _cut_before(overrides)}  # an earlier sweep's folder under a long name cut the old way too
+    with contextlib.suppress(OSError):
+        taken = sorted(
+            (int(m[1]), p.name)
+            for p in Path(str(sweep_dir)).iterdir()
+            if (m := _JOB_FOLDER.match(p.name)) and m[2] in names and p.is_dir()
+        )
+        if taken:
+            return taken[0][1]
+    return f"{num}_{name}"
+
+
+OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
 
 
 def stage_groups(choices, optional: str = "") -> str:

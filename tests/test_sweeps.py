@@ -33,6 +33,21 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     assert "1 of 3 jobs FAILED" in res.stderr and failed[0].name in res.stderr
 
 
+def test_a_sweep_run_again_without_one_of_its_values_trains_nothing_again(tmp_path):
+    """Jobs are numbered in the order of the values: ``beta=3`` after ``beta=2,3`` is job 0, and its folder was
+    ``0_beta=3`` beside the finished ``1_beta=3``: the finished setting trained again from the start."""
+    sweep = tmp_path / "sweep"
+    first = simpo("--multirun", "beta=2,3", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (finished,) = sweep.glob("1_beta=3,*/finished.json")
+    stamp = finished.stat().st_mtime_ns
+    again = simpo("--multirun", "beta=3,4", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name.split(",")[0] for p in sweep.iterdir() if p.is_dir()) == ["0_beta=2", "1_beta=3", "1_beta=4"]
+    assert finished.stat().st_mtime_ns == stamp  # skipped as finished, not trained again
+    assert list(sweep.glob("1_beta=4,*/finished.json"))
+
+
 def test_a_sweep_with_nested_job_folders_lists_its_failed_jobs(tmp_path):
     """``hydra.sweep.subdir`` two levels deep: the summary looked one level down only, said no job ran and exited 0."""
     sweep = tmp_path / "sweep"
@@ -382,6 +397,10 @@ def test_a_long_job_folder_name_keeps_what_tells_the_jobs_apart():
         assert job_dirname(trial, sweep_dir, 3) == name
         (Path(sweep_dir) / f"3_{before}").mkdir()
         assert job_dirname(trial, sweep_dir, 3) == before and job_dirname(trial, sweep_dir, 4) == name
+        from simpo_exp.runinfo import job_subdir  # numbered anew (a value taken out of the sweep): the same folder
+
+        assert job_subdir(trial, sweep_dir, 3) == job_subdir(trial, sweep_dir, 0) == f"3_{before}"
+        assert job_subdir("beta=2", sweep_dir, 1) == "1_beta=2"
     lists = "dataset.sources=[ultrafeedback,argilla],eval_steps=5," + "x" * 120 + "=1"  # a list value's commas stay
     assert job_dirname(lists).startswith("sources=[ultrafeedback,argilla],x")  # eval_steps left out
 
