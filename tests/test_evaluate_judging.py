@@ -371,3 +371,44 @@ def test_an_endpoint_with_no_reply_in_its_answer_is_a_judge_error_and_an_empty_r
         server.shutdown()
     assert [r["messages"][-1]["content"].count("about 2.") for r in NullContentJudge.requests] == [1]
     assert again == first
+
+
+class SecondGameEmptyOnceJudge(FakeJudge):
+    """Arena-Hard's judge, which answers the first question's second game (the model's answer first) with no text
+    the first time it is asked."""
+
+    requests: list[dict] = []
+
+    def content(self, body: dict) -> str:
+        text = body["messages"][-1]["content"]
+        second_game = "<|The Start of Assistant A's Answer|>\n" + "m" * 30 in text
+        if "Explain sorting." in text and second_game and not self.emptied:
+            self.emptied.append(body)
+            return ""
+        return super().content(body)
+
+    emptied: list[dict] = []
+
+
+def test_an_arena_hard_game_without_a_reply_is_asked_again_alone(tmp_path):
+    """A question whose second game got no reply was judged again whole: the first game's reply, up to 4096 judge
+    tokens, was paid for twice."""
+    from simpo_exp.evaluate.arena import judge_arena_hard
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+
+    prompts, texts = cases("arena_hard")
+    server, url = serve(SecondGameEmptyOnceJudge)
+    try:
+        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
+        b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
+        judge_arena_hard(b, prompts[:1], texts[:1], "my-model", "gpt-4-0314", tmp_path)
+        assert len(SecondGameEmptyOnceJudge.requests) == 2 and SecondGameEmptyOnceJudge.emptied
+        SecondGameEmptyOnceJudge.requests.clear()
+        again = judge_arena_hard(b, prompts[:1], texts[:1], "my-model", "gpt-4-0314", tmp_path)
+    finally:
+        server.shutdown()
+    (asked,) = SecondGameEmptyOnceJudge.requests  # the second game alone
+    assert asked["messages"][-1]["content"].index("m" * 30) < asked["messages"][-1]["content"].index("r" * 10)
+    assert again["metrics"]["battles"] == 6 and again["metrics"]["win_rate"] == 100.0  # both strong wins
+    (line,) = read_jsonl(journal("arena_hard", tmp_path))
+    assert [g["score"] for g in line["games"]] == ["B>>A", "A>>B"]

@@ -45,6 +45,7 @@ from simpo_exp.evaluate.judge import (
     PairwiseJudge,
     RequestRefused,
     accepted_lines,
+    accepts,
     judge_file_name,
     refused_note,
 )
@@ -130,18 +131,23 @@ class ArenaHardJudge(PairwiseJudge):
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": CONTINUE}]
         return {"user_prompt": prompt, "judgment": judgment, "score": label}
 
-    def judgment(self, prompt: dict, model_text: str, model_id: str) -> dict:
+    def judgment(self, prompt: dict, model_text: str, model_id: str, kept: list | None = None) -> dict:
+        """Both games of a question; ``kept``: games of an earlier judgment of it with a reply (its other game got
+        none), reused instead of paying for them again."""
         q, base = prompt["instruction"], prompt["reference"]
-        try:
-            games = [self.game(q, base, model_text), self.game(q, model_text, base)]  # game 2: positions swapped
+        kept = kept or [None, None]
+        try:  # game 2: positions swapped
+            games = [kept[0] or self.game(q, base, model_text), kept[1] or self.game(q, model_text, base)]
         except JudgeError as e:
             raise JudgeError(f"judging question_id={prompt['id']!r}: {e}") from e
         return {"question_id": prompt["id"], "model": model_id, "judge": self.j.model, "games": games}
 
     def judge_all(self, prompts: list[dict], texts: list[str], model_id: str, path: Path) -> list[dict]:
         """Judgments in question order, each appended to ``path`` as it finishes; stored ones reused."""
-        stored = stored_judgments(path, prompts, texts, self.j.model)
-        return self.judge_lines(lambda p, t: self.judgment(p, t, model_id), prompts, texts, path, stored)
+        stored, kept = stored_judgments(path, prompts, texts, self.j.model)
+        return self.judge_lines(
+            lambda p, t: self.judgment(p, t, model_id, kept.get(p["id"])), prompts, texts, path, stored
+        )
 
 
 def kept_aside(path: Path) -> Path:
@@ -150,29 +156,38 @@ def kept_aside(path: Path) -> Path:
     return path.parent.parent.parent / "model_judgment_kept" / path.parent.name / path.name
 
 
-def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: str) -> dict[str, dict]:
-    """``{question_id: judgment}`` still valid: same judge, same question and answers in both games, no game the
-    endpoint refused (asked again). The others (questions past a smaller ``max_prompts``, another baseline's answers,
-    another judge), paid for, are moved to ``kept_aside`` and come back when their command does."""
+def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: str) -> tuple[dict, dict]:
+    """(``{question_id: judgment}`` still valid: same judge, same question and answers in both games, no game the
+    endpoint refused; ``{question_id: [game or None, game or None]}``: the games with a reply of the judgments
+    whose other game was refused, so that only that one is asked again). The others (questions past a smaller
+    ``max_prompts``, another baseline's answers, another judge), paid for, are moved to ``kept_aside`` and come back
+    when their command does."""
     expected = {}
     for p, text in zip(prompts, texts):
         q, base = p["instruction"], p["reference"]
         expected[p["id"]] = [user_prompt(q, base, text), user_prompt(q, text, base)]
 
+    def same(r: dict) -> bool:  # this judge, on this question and these answers
+        return r["judge"] == judge and [g["user_prompt"] for g in r["games"]] == expected.get(r["question_id"])
+
     def valid(r: dict) -> bool:
-        games = [g["user_prompt"] for g in r["games"]]
-        return r["judge"] == judge and games == expected.get(r["question_id"]) and not refused(r)
+        return same(r) and not refused(r)
 
     aside, others = kept_aside(path), []
     # the lines kept aside before (valid again or not), then the file's own, which win
     rows = accepted_lines([*read_lines(aside), *read_lines(path)], "question_id", valid, others)
     write_jsonl(path, list(rows.values()))
+    kept = {
+        r["question_id"]: [None if refused({"games": [g]}) else g for g in r["games"]]
+        for r in others
+        if r.get("question_id") not in rows and accepts(same, r)
+    }
     others = [r for r in others if not (isinstance(r.get("games"), list) and refused(r))]
     if others:
         write_jsonl(aside, others)
     elif aside.exists():
         aside.unlink()
-    return rows
+    return rows, kept
 
 
 def refused(row: dict) -> bool:

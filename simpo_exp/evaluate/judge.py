@@ -317,14 +317,14 @@ def accepted_lines(lines: list, key: str, valid: Callable[[dict], bool], others:
     other whole lines are appended to it."""
     rows = {}
     for r in lines:
-        if isinstance(r, dict) and isinstance(r.get(key), str) and _accepts(valid, r):
+        if isinstance(r, dict) and isinstance(r.get(key), str) and accepts(valid, r):
             rows[r[key]] = r
         elif others is not None and isinstance(r, dict):
             others.append(r)
     return rows
 
 
-def _accepts(valid: Callable[[dict], bool], row: dict) -> bool:
+def accepts(valid: Callable[[dict], bool], row: dict) -> bool:
     try:
         return bool(valid(row))
     except (KeyError, TypeError, AttributeError):  # a line of another shape
