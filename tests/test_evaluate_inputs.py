@@ -43,6 +43,20 @@ def test_arena_hard_files_in_the_v01_format_are_read(tmp_path):
     assert info == {"rows": 3, "reference_generator": "gpt-4-0314"}
 
 
+def test_a_damaged_line_is_named_by_its_number_and_ids_of_two_types_pair(tmp_path):
+    """Each JSONL line was parsed alone, so every damaged line was reported as "line 1"; and a question_id written
+    as 0 in the questions and "0" in the answers was "no answer for question_id 0" beside its answer."""
+    path = Path(questions(tmp_path, n=5))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:3], lines[3][:20], lines[4]]) + "\n")
+    with pytest.raises(UserError, match=r"question.jsonl'. line 4 is not valid JSON"):
+        arena_prompts(str(path), "", KEY, None)
+    qs = jsonl(tmp_path / "q.jsonl", [{"question_id": i, "turns": [{"content": f"Explain {i}."}]} for i in range(2)])
+    refs = jsonl(tmp_path / "refs.jsonl", [answer(str(i), "y" * (i + 1)) for i in range(2)])
+    prompts, _ = arena_prompts(qs, refs, KEY, None)
+    assert [(p["id"], p["reference"]) for p in prompts] == [("0", "y"), ("1", "yy")]
+
+
 @pytest.mark.parametrize(
     "row, says",
     [

@@ -36,12 +36,20 @@ def _read_json_file(path: str, key: str):
             f"{key}={path!r}: no such file. The evaluate stage downloads nothing: save the "
             "benchmark's data on this machine and give its path"
         )
+    if p.suffix == ".jsonl":  # each line parsed alone: the decoder's own position is always "line 1"
+        rows = []
+        for n, line in enumerate(jsonl_lines(p.read_text()), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise DataSourceError(f"{key}={path!r}: line {n} is not valid JSON ({e})") from e
+        return rows
     try:
-        if p.suffix == ".jsonl":
-            return [json.loads(line) for line in jsonl_lines(p.read_text()) if line.strip()]
         return json.loads(p.read_text())
     except ValueError as e:
-        raise DataSourceError(f"{key}={path!r}: not valid JSON{'L' if p.suffix == '.jsonl' else ''} ({e})") from e
+        raise DataSourceError(f"{key}={path!r}: not valid JSON ({e})") from e
 
 
 def rule_prompts(run_cfg, limit: int | None, run_dir: str | Path | None = None) -> list[dict]:
@@ -113,19 +121,19 @@ def arena_prompts(path: str, reference_path: str, key: str, limit: int | None) -
         answers = _arena_rows(
             reference_path, f"{key}.reference_path", ("choices", 0, "turns", 0, "content"), ARENA_ANSWER
         )
-        refs = {qid: text for qid, text, _ in answers}
+        refs = {str(qid): text for qid, text, _ in answers}  # 0 in one file, "0" in the other: the same question
         baseline = next((ans.get("model_id") for _, _, ans in reversed(answers) if ans.get("model_id")), None)
     rows = _arena_rows(path, f"{key}.prompts_path", ("turns", 0, "content"), ARENA_QUESTION)
     prompts = []
     for qid, text, q in rows[:limit]:
-        if reference_path and qid not in refs:
+        if reference_path and str(qid) not in refs:
             raise DataSourceError(f"{key}.reference_path={reference_path!r}: no answer for question_id {qid!r}")
         prompts.append(
             {
                 "id": str(qid),
                 "messages": [{"role": "user", "content": text}],
                 "instruction": text,
-                "reference": refs.get(qid),
+                "reference": refs.get(str(qid)),
                 "category": q.get("category"),
             }
         )
