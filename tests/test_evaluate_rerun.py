@@ -161,3 +161,48 @@ def test_a_run_trained_with_the_official_chat_format_is_prompted_as_it_was_train
     )
     system = "<|system|>\n<|eos|>\n" if chat_format == "simpo_repo" else ""
     assert tok.decode(seen[0]) == f"<|bos|>{system}<|user|>\n{ALPACA[0]['instruction']}<|eos|>\n<|assistant|>\n"
+
+
+def test_a_failed_evaluation_leaves_no_earlier_result_and_judge_only_serves_fewer_stored_prompts(tmp_path, compose):
+    """A re-evaluation whose judge failed left the earlier evaluation's results.json (another judge, other prompts)
+    in use: compare and the model card showed it beside the new answers. And judge_only refused a smaller
+    ``max_prompts`` ending on a shard's end, which a plain run serves, advising to delete the stored answers."""
+    from http.server import ThreadingHTTPServer
+
+    from simpo_exp.evaluate.judge import JudgeError
+    from simpo_exp.inference.results import read_results
+    from tests.runs import free_port
+    from tests.test_evaluate import FakeJudge
+    from tests.test_evaluate_judging import serve
+
+    run = fake_run(tmp_path / "run", [], compose, weights=True)
+    prompts = tmp_path / "alpaca_eval.json"
+    prompts.write_text(json.dumps(ALPACA))
+    key = "benchmarks.alpacaeval2"
+    args = ["benchmark=alpacaeval2", f"{key}.prompts_path={prompts}", "evaluate.device=cpu", f"{key}.shard_size=2"]
+    args += [f"{key}.decoding.backend=hf", f"{key}.decoding.max_new_tokens=4", f"{key}.judge.kind=openai"]
+    args += [f"{key}.judge.model=fake-judge", f"{key}.judge.max_retries=0", f"{key}.judge.timeout_s=5"]
+    server, url = serve(FakeJudge)
+    try:
+        (first,) = evaluate_sweep(run, *args, f"{key}.judge.base_url={url}", f"{key}.max_prompts=2")
+        assert first["metrics"]["n"] == 2 and read_results(run)
+        closed = ThreadingHTTPServer(("127.0.0.1", free_port()), FakeJudge)  # a port nothing answers on
+        down = f"http://127.0.0.1:{closed.server_address[1]}/v1"
+        closed.server_close()
+        with pytest.raises(JudgeError):
+            evaluate_sweep(run, *args, f"{key}.judge.base_url={down}", f"{key}.max_prompts=4")
+        assert read_results(run) == {}  # the 2-prompt result is not shown beside the 4 answers
+        assert "win_rate" not in (run / "model" / "README.md").read_text()
+        out = run / "eval" / "alpacaeval2"
+        assert json.loads((out / "results.previous.json").read_text())["metrics"]["n"] == 2  # kept, not lost
+
+        (again,) = evaluate_sweep(run, *args, f"{key}.judge.base_url={url}", f"{key}.max_prompts=4")
+        assert again["metrics"]["n"] == 4 and read_results(run)["bench/alpacaeval2/n"] == 4
+        judge_only = [*args, f"{key}.judge.base_url={url}", "evaluate.judge_only=true"]
+        (fewer,) = evaluate_sweep(run, *judge_only, f"{key}.max_prompts=2")  # the first shard of the 4 answers
+        assert fewer["metrics"]["n"] == 2
+        with pytest.raises(ConfigError, match="judges stored answers only") as refused:
+            evaluate_sweep(run, *judge_only, f"{key}.max_prompts=6")
+        assert "delete" not in str(refused.value)
+    finally:
+        server.shutdown()

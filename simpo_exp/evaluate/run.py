@@ -8,6 +8,7 @@ Per run directory and benchmark, under ``eval/<benchmark>/``:
     annotations.json (alpacaeval)                               judged pairs (alpaca-eval's annotation format)
     model_judgment/<judge>/<model>.jsonl (arena_hard)           judgments (arena-hard-auto's format; arena.py)
     results.json                                                metrics (simpo_exp/inference/results.py)
+    results.previous.json                                       the last results, while the benchmark is evaluated again
 and ``model/README.md`` (the model card). Generations are written before any judge runs, so a judge
 that fails leaves them in place and ``evaluate.judge_only=true`` judges them again without sampling;
 verdicts and judgments are kept as they arrive, so that re-run asks only for the missing ones.
@@ -51,7 +52,7 @@ from simpo_exp.evaluate.runs import (
     trained_policy,
 )
 from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
-from simpo_exp.inference.results import EVAL_DIR, HEADLINE, PREFIX, results_path
+from simpo_exp.inference.results import EVAL_DIR, HEADLINE, PREFIX, results_path, set_aside
 from simpo_exp.rundir import hold_folder, output_stage, read_json
 from simpo_exp.rundir import read_jsonl as read_lines
 
@@ -190,9 +191,10 @@ def _check_manifest(
     # a key an older manifest lacks is not held against it (written before that key was recorded), as in generate
     compared = set(manifest if keys is None else keys) & set(old) - {"prompt_hashes"}
     differ = manifest_changes(old, manifest, compared, stored_only=True)
-    if differ and all(d.startswith("prompts:") for d in differ) and keys is None:
+    if differ and all(d.startswith("prompts:") for d in differ):
         have, want = old.get("prompt_hashes") or [], manifest.get("prompt_hashes") or []
-        if have and want[: len(have)] == have:  # more prompts than stored, the stored ones first
+        # more prompts than stored, the stored ones first (judge_only generates nothing: refused below)
+        if have and want[: len(have)] == have and keys is None:
             if len(have) % shard_size:  # the stored set's last shard: made again for the whole shard
                 path.with_name(path.name.replace("manifest.json", f"{len(have) // shard_size:05d}.jsonl")).unlink(
                     missing_ok=True
@@ -210,10 +212,13 @@ def _check_manifest(
     if differ:
         prompts = "prompts: another set (prompts_path, its file, or max_prompts)"  # its hash would say no more
         said = [prompts if d.startswith("prompts: stored") else d for d in differ]
-        raise ConfigError(
-            f"{path.parent} holds generations made with other settings ({'; '.join(said)}); delete "
-            f"{path.parent} to generate again with the new settings"
+        advice = (
+            f"delete {path.parent} to generate again with the new settings"
+            if keys is None  # judge_only: the stored answers are what it has to judge; never advised away
+            else "evaluate.judge_only=true judges stored answers only: ask for the prompts they were made for, or run "
+            "without judge_only to generate answers for these"
         )
+        raise ConfigError(f"{path.parent} holds generations made with other settings ({'; '.join(said)}); {advice}")
 
 
 def _recorded_decoding(b, e, shard_dir: Path, dec) -> dict | None:
@@ -391,6 +396,7 @@ def _lm_eval(ctx: dict) -> dict:
     if isinstance(earlier, dict) and earlier.get("made_with") == made_with and earlier.get("metrics"):
         log.info("%s: %s already evaluated with these weights and settings; its results are kept", ctx["name"], b.name)
         return {k: earlier[k] for k in ("metrics", "notes", "baseline", "lm_eval", "made_with") if k in earlier}
+    set_aside(ctx["run_dir"], b.name)
     return {**run_lm_eval(b, trained, ctx["out"]), "made_with": made_with}
 
 
@@ -425,6 +431,8 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "run_dir": Path(run_dir),
         "generate": lambda cfg, prompts, tag: generate(cfg, prompts, dec, out / "shards", tag, e.judge_only),
     }
+    if b.kind != "lm_eval":  # lm-eval's runner reuses a record of the same weights and settings
+        set_aside(run_dir, b.name)
     record = RUNNERS[b.kind](ctx)
     recorded = JUDGE_RECORD.get(b.judge.kind, ("kind",))  # the keys the judge of this kind reads
     judge = {k: v for k, v in dataclasses.asdict(b.judge).items() if k in recorded}

@@ -28,6 +28,15 @@ def results_path(run_dir: Path, benchmark: str) -> Path:
     return Path(run_dir) / EVAL_DIR / benchmark / "results.json"
 
 
+def set_aside(run_dir: Path, benchmark: str) -> None:
+    """Move a benchmark's ``results.json`` to ``results.previous.json`` while it is evaluated again: an evaluation
+    that fails (a judge down, a crash) then leaves no result of other settings or weights that compare and the
+    model card would show beside the new answers; one that succeeds writes its own."""
+    path = results_path(run_dir, benchmark)
+    if path.is_file():
+        path.replace(path.with_name("results.previous.json"))
+
+
 def load_results(run_dir: Path) -> dict[str, dict]:
     """``{benchmark: results.json contents}`` for every benchmark evaluated in ``run_dir``."""
     out = {}
