@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from simpo_exp.config import to_config
 from simpo_exp.finished import recorded_summary
-from simpo_exp.rundir import CONF_DIR
+from simpo_exp.rundir import CONF_DIR, refuse_added_chosen_group
 from simpo_exp.runinfo import fill_run_identity, user_errors
 from simpo_exp.signals import StopRequested, StopSignal
 
@@ -37,6 +37,7 @@ def main() -> float | None:
     if message := missing_plugin(sys.argv[1:]):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
+    refuse_added_chosen_group(sys.argv[1:], "config")
     return hydra_main()
 
 

@@ -30,6 +30,26 @@ PROJECT_DIR = _PACKAGE if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent
 CONF_DIR = str(PROJECT_DIR / "conf")
 
 
+def refuse_added_chosen_group(argv: list[str], config_name: str) -> None:
+    """``+experiment=NAME`` (the form other Hydra projects document) for a group this stage's defaults list already
+    chooses: a one-line error naming the form to use, exit 2. Hydra's own says "Multiple values for experiment.
+    To override a value use 'override experiment: NAME'", a defaults-list line, not something to type."""
+    import sys
+
+    defaults = yaml.safe_load((Path(CONF_DIR) / f"{config_name}.yaml").read_text()).get("defaults") or []
+    chosen = {key for item in defaults if isinstance(item, dict) for key in item}
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        if sep and key.startswith("+") and not key.startswith("++") and key[1:] in chosen:
+            default = next(item[key[1:]] for item in defaults if isinstance(item, dict) and key[1:] in item)
+            print(
+                f"error: {arg}: the {key[1:]} group is in this stage's defaults list already (default: "
+                f"{default or 'none'}); give it without '+': {arg[1:]}",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+
+
 def rerun_command(hydra=None) -> str:
     """How to go on in this run's folder: "re-run the same command" where the command named the folder
     (``hydra.run.dir``, a sweep's ``hydra.sweep.dir``), else the same command with that folder added. Hydra's

@@ -281,3 +281,22 @@ def test_a_relative_path_under_chdir_says_where_it_was_looked_for(tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     assert f"looked for in {(tmp_path / 'runs' / 'c').resolve()}: hydra.job.chdir=true" in res.stderr, res.stderr
     assert "${hydra:runtime.cwd}/data/mine.jsonl" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "stage, arg, use",
+    [
+        ("simpo_exp", "+experiment=simpo-llama3-8b-instruct", "experiment=simpo-llama3-8b-instruct"),
+        ("simpo_exp", "+model=tiny", "model=tiny"),
+        ("simpo_exp.generate", "+scorer=rule", "scorer=rule"),
+        ("simpo_exp.evaluate", "+benchmark=rule", "benchmark=rule"),
+    ],
+)
+def test_a_plus_on_a_group_the_stage_already_chooses_names_the_form_to_use(tmp_path, stage, arg, use):
+    """``+experiment=NAME``, as other Hydra projects write it, got Hydra's "Multiple values for experiment. To
+    override a value use 'override experiment: ...'": a defaults-list line, not something to type."""
+    from tests.runs import run_module
+
+    res = run_module(stage, *([str(tmp_path)] if stage.endswith("evaluate") else []), arg, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"give it without '+': {use}" in res.stderr and "Multiple values" not in res.stderr
