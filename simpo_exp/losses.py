@@ -12,6 +12,7 @@ DPO's :math:`\beta(\log\pi(y) - \log\pi_\text{ref}(y))` on summed log-probs, not
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -163,8 +164,12 @@ def cpo_loss(
 
 
 def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^x) for x < 0, kept finite as x -> 0."""
-    return torch.log(-torch.expm1(x.clamp(max=-1e-6)))
+    """log(1 - e^x) for x < 0, accurate on both sides of -log 2 (Maechler's two forms, as TRL's ORPO computes it):
+    log1p(-e^x) far from 0, log(-expm1(x)) near it. Only x within eps^2 of 0 (a response the model has all but
+    memorised) is clamped there, so that x = 0 gives no -inf; the clamp at -1e-6 this replaced cut the term to
+    log(1e-6) for a mean log-prob of -1e-8, where the exact value is log(1e-8)."""
+    x = x.clamp(max=-(torch.finfo(x.dtype).eps ** 2))
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
 def orpo_log_odds(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,42 @@ def test_orpo():
     assert torch.isfinite(orpo_loss(t(-1e-9), t(-1.0), beta=0.1).losses).all()  # mean log-prob -> 0 stays finite
 
 
+def test_cpo_and_orpo_equal_trl_on_the_same_inputs():
+    """TRL 1.16's CPOTrainer.cpo_loss (loss_type="sigmoid", label smoothing too) and ORPOTrainer.odds_ratio_loss on
+    the same log-probs: the same losses, rewards and ORPO statistics (TRL's ORPO term is the log-sigmoid its total
+    subtracts: ours is its negative). A mean log-prob of -1e-8 is in: a clamp at -1e-6 cut log(1 - e^x) to log(1e-6)
+    there, 4.6 below TRL's."""
+    from types import SimpleNamespace
+
+    cpo = pytest.importorskip("trl.experimental.cpo")
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    sums_c, sums_r = t(-10.0, -3.5, -40.0, -0.2), t(-12.0, -3.0, -35.0, -9.0)
+    for smoothing in (0.0, 0.1):
+        trainer = SimpleNamespace(
+            beta=0.1,
+            loss_type="sigmoid",
+            label_smoothing=smoothing,
+            alpha=0.0,
+            accelerator=SimpleNamespace(device="cpu"),
+        )
+        theirs = cpo.CPOTrainer.cpo_loss(trainer, sums_c, sums_r)
+        for x, y in zip(cpo_loss(sums_c, sums_r, beta=0.1, label_smoothing=smoothing), theirs):
+            assert x.tolist() == pytest.approx(y.tolist(), rel=1e-12, abs=1e-12), smoothing
+    means_c, means_r = t(-0.5, -1e-8, -2.0, -0.69, -0.7), t(-1.0, -1.0, -0.3, -0.7, -1e-4)
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu"))
+    losses, chosen, rejected, ratio, log_odds = orpo.ORPOTrainer.odds_ratio_loss(trainer, means_c, means_r)
+    ours = orpo_loss(means_c, means_r, beta=0.1)
+    # TRL computes in float32 (``.float()``), these in float64
+    assert ours.losses.tolist() == pytest.approx((-losses).tolist(), rel=1e-6)
+    assert ours.chosen_rewards.tolist() == pytest.approx(chosen.tolist(), rel=1e-6)
+    assert ours.rejected_rewards.tolist() == pytest.approx(rejected.tolist(), rel=1e-6)
+    from simpo_exp.methods import orpo_stats
+
+    stats = orpo_stats(means_c, means_r)  # summed over pairs; the logging window divides by the pairs
+    assert stats["log_odds_chosen"].item() / 5 == pytest.approx(log_odds.item(), rel=1e-6)
+    assert stats["log_odds_ratio"].item() / 5 == pytest.approx(ratio.item(), rel=1e-6)
+
+
 def test_dispatch_feeds_sums_or_means():
     sums_c, sums_r, len_c, len_r = t(-6.0), t(-10.0), torch.tensor([3]), torch.tensor([4])
     ref_c, ref_r = t(-7.0), t(-9.0)
