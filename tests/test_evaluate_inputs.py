@@ -431,3 +431,34 @@ def test_a_missing_run_directory_is_asked_for_as_the_stage_takes_it():
         cfg = compose(config_name="evaluate", overrides=["output_dir=/tmp/unused", "benchmark=rule"])
     with pytest.raises(ConfigError, match=r"evaluate.path: give a run or sweep directory, .* RUN_OR_SWEEP_DIR"):
         to_evaluate_config(cfg)
+
+
+def test_alpaca_evals_own_judge_on_a_subset_reports_no_lc_and_answers_go_stripped(tmp_path, monkeypatch):
+    """alpaca-eval's evaluate_from_model strips each answer before its judge reads it and its length is counted;
+    they went with their whitespace. And judge.kind=alpaca_eval reported an LC win rate fitted on a max_prompts
+    subset, where the openai judge (and this record's other runs) say LC is defined on the full set only."""
+    from simpo_exp.evaluate import run as ev
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+    from simpo_exp.evaluate.judge import ALPACA_EVAL_ROWS
+    from tests.test_evaluate import ALPACA
+
+    prompts = tmp_path / "alpaca_eval.json"
+    prompts.write_text(json.dumps(ALPACA[:3]))
+    judge = JudgeConfig(kind="alpaca_eval")
+    b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", prompts_path=str(prompts), judge=judge)
+    handed = []
+
+    def package_judge(b, outputs_path, reference_path, out_dir):
+        handed.extend(json.loads(Path(outputs_path).read_text()))
+        return {"lc_win_rate": 41.5, "win_rate": 30.0, "avg_length": 8.0}
+
+    monkeypatch.setattr(ev, "package_judge", package_judge)
+    answers = [{"text": f"\n  answer {i} \n", "finished": True, "n_tokens": 4} for i in range(3)]
+    out = tmp_path / "eval" / "alpacaeval2"
+    out.mkdir(parents=True)
+    ctx = {"benchmark": b, "out": out, "trained": None, "name": "my-run", "generate": lambda *_: answers}
+    record = ev._alpacaeval(ctx)
+    assert [row["output"] for row in handed] == ["answer 0", "answer 1", "answer 2"]
+    assert ALPACA_EVAL_ROWS != 3 and record["metrics"]["lc_win_rate"] is None
+    assert record["metrics"]["win_rate"] == 30.0
+    assert any("LC is defined on the full" in n for n in record["notes"])

@@ -359,10 +359,7 @@ def annotations(
 def length_controlled(rows: list[dict], full_set: bool) -> tuple[float | None, str | None]:
     """AlpacaEval 2's LC win rate via alpaca-eval itself; (None, why) when it cannot be computed here."""
     if not full_set:
-        return None, (
-            f"LC is defined on the full {ALPACA_EVAL_ROWS}-instruction set (its GLM uses each "
-            "instruction's difficulty); this evaluation judged a subset"
-        )
+        return None, lc_subset_note()
     try:
         from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
     except ImportError:
@@ -381,6 +378,13 @@ def length_controlled(rows: list[dict], full_set: bool) -> tuple[float | None, s
     except Exception as e:  # a GLM failure is reported, the win rate stands
         return None, f"alpaca-eval's LC failed ({type(e).__name__}: {str(e)[:200]})"
     return float(metrics["length_controlled_winrate"]), None
+
+
+def lc_subset_note() -> str:
+    return (
+        f"LC is defined on the full {ALPACA_EVAL_ROWS}-instruction set (its GLM uses each instruction's difficulty); "
+        "this evaluation judged a subset"
+    )
 
 
 def package_annotations_path(out_dir, annotators_config: str) -> Path:

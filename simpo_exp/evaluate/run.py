@@ -35,6 +35,7 @@ from simpo_exp.evaluate.judge import (
     PairwiseJudge,
     annotations,
     judge_file_name,
+    lc_subset_note,
     length_controlled,
     package_annotations_path,
     package_judge,
@@ -347,7 +348,8 @@ def _alpacaeval(ctx: dict) -> dict:
     b, out = ctx["benchmark"], ctx["out"]
     prompts, info = bm.alpaca_prompts(b.prompts_path, f"benchmarks.{b.name}.prompts_path", b.max_prompts)
     gens = ctx["generate"](ctx["trained"], prompts, "trained")
-    texts = [g["text"] for g in gens]
+    # as alpaca-eval's evaluate_from_model hands them to its judge and counts their length (is_strip_output)
+    texts = [g["text"].strip() for g in gens]
     generator = ctx["name"]
     write_json(out / "model_outputs.json", bm.alpaca_model_outputs(prompts, texts, generator))
     metrics = {"avg_length": _mean([len(t) for t in texts]), "n": len(texts)}  # characters, as alpaca-eval counts
@@ -360,6 +362,9 @@ def _alpacaeval(ctx: dict) -> dict:
         record["win_rate_method"] = PAIRWISE_METHOD
     elif b.judge.kind == "alpaca_eval":
         metrics.update(package_judge(b, out / "model_outputs.json", b.prompts_path, out / "alpaca_eval"))
+        if len(texts) != ALPACA_EVAL_ROWS:  # alpaca-eval fits its GLM on the subset; the openai judge's rule holds
+            metrics["lc_win_rate"] = None
+            record["notes"].append(lc_subset_note())
         record["win_rate_method"] = f"alpaca_eval's annotator {b.judge.annotators_config}"
         record["annotations_path"] = str(package_annotations_path(out / "alpaca_eval", b.judge.annotators_config))
     return {"metrics": metrics, **record}
