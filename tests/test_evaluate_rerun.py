@@ -206,3 +206,37 @@ def test_a_failed_evaluation_leaves_no_earlier_result_and_judge_only_serves_fewe
         assert "delete" not in str(refused.value)
     finally:
         server.shutdown()
+
+
+def test_arena_hard_prompts_go_without_the_training_pipelines_empty_system_turn(tmp_path, compose, monkeypatch):
+    """A run trained with dataset.chat_format=simpo_repo (an empty system turn first, as SimPO's Mistral-Base
+    recipe) answered Arena-Hard's questions behind that system turn too; arena-hard-auto sends the user turn alone
+    (SimPO's api configs name no system prompt). AlpacaEval keeps it: SimPO's own AlpacaEval templates write it."""
+    import simpo_exp.inference.sampling as sampling
+    from tests.test_evaluate_inputs import answer, questions
+
+    rendered = []
+    real = sampling.prompt_token_ids
+
+    def recording(tokenizer, prompts, chat_format="generation_prompt"):
+        rendered.append(chat_format)
+        return real(tokenizer, prompts, chat_format)
+
+    monkeypatch.setattr(sampling, "prompt_token_ids", recording)
+    run = fake_run(tmp_path / "run", ["dataset.chat_format=simpo_repo"], compose, weights=True)
+    alpaca = tmp_path / "alpaca_eval.json"
+    alpaca.write_text(json.dumps(ALPACA))
+    refs = tmp_path / "gpt-4-0314.jsonl"
+    refs.write_text("".join(json.dumps(answer(f"q{i}")) + "\n" for i in range(2)))
+    args = ["benchmark=[alpacaeval2,arena-hard]", "evaluate.device=cpu", "evaluate.model_card=false"]
+    args += [f"benchmarks.alpacaeval2.prompts_path={alpaca}", "benchmarks.alpacaeval2.max_prompts=1"]
+    args += [
+        f"benchmarks.arena-hard.prompts_path={questions(tmp_path, n=2)}",
+        f"benchmarks.arena-hard.reference_path={refs}",
+    ]
+    args += ["benchmarks.alpacaeval2.decoding.max_new_tokens=2", "benchmarks.arena-hard.decoding.max_new_tokens=2"]
+    args += ["benchmarks.alpacaeval2.decoding.backend=hf", "benchmarks.arena-hard.decoding.backend=hf"]
+    evaluate_sweep(run, *args)
+    assert rendered == ["simpo_repo", "generation_prompt"]
+    manifest = run / "eval" / "arena-hard" / "shards" / "trained-manifest.json"
+    assert json.loads(manifest.read_text())["chat_format"] == "generation_prompt"

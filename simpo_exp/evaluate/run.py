@@ -90,8 +90,11 @@ def _backend(dec, cfg) -> str:
     return "vllm" if vllm else "hf"
 
 
-def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_only: bool) -> list[dict]:
-    """Answers of the policy ``cfg`` to ``prompts``, one record per prompt, in resumable shards."""
+def generate(
+    cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_only: bool, chat_format: str | None = None
+) -> list[dict]:
+    """Answers of the policy ``cfg`` to ``prompts``, one record per prompt, in resumable shards; ``chat_format``:
+    how the prompts are rendered (default: as the policy was trained, ``dataset.chat_format``)."""
     from simpo_exp.inference.sampling import (
         derive_seed,
         effective_precision,
@@ -113,6 +116,7 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
         "mixed_precision": effective_precision(cfg.hardware.mixed_precision, pick_device(cfg.hardware.device)),
         "sampling_dtype": str(sampling_dtype(cfg, pick_device(cfg.hardware.device))).removeprefix("torch."),
         "decoding": {k: v for k, v in vars(dec).items() if k not in FREE_DECODING},
+        "chat_format": chat_format or cfg.dataset.chat_format,
         "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest(),
         # each prompt's own hash: answers stored for the first N prompts serve a command that asks for more
         "prompt_hashes": [hashlib.sha256((p["id"] + p["instruction"]).encode()).hexdigest()[:16] for p in prompts],
@@ -145,7 +149,7 @@ def generate(cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_onl
         tokenizer = load_tokenizer(cfg.model)
         sampler = make_sampler(cfg, tokenizer, dec)
         for i in todo:
-            ids = prompt_token_ids(tokenizer, [p["messages"] for p in shards[i]], cfg.dataset.chat_format)
+            ids = prompt_token_ids(tokenizer, [p["messages"] for p in shards[i]], manifest["chat_format"])
             outs = sampler.sample(ids, [p["id"] for p in shards[i]], derive_seed(dec.seed, tag, i))
             write_jsonl(files[i], [{"id": p["id"], **o[0]} for p, o in zip(shards[i], outs)])
             log.info("%s: shard %d of %d (%d prompts)", tag, i + 1, len(shards), len(shards[i]))
@@ -405,6 +409,12 @@ def _lm_eval(ctx: dict) -> dict:
     return {**run_lm_eval(b, trained, ctx["out"]), "made_with": made_with}
 
 
+# How a kind's prompts are rendered where not as the policy was trained. Arena-Hard: the model's template over the
+# user turn alone, as arena-hard-auto's gen_answer sends it (a system turn only where its api config names one;
+# SimPO's configs name none): a ``simpo_repo`` run's empty system turn (zephyr's template writes it) is left out.
+# AlpacaEval keeps it: SimPO's own AlpacaEval templates (mistral_base.txt) begin with that empty system turn.
+CHAT_FORMAT_OF = {"arena_hard": "generation_prompt"}
+
 RUNNERS = {"rule": _rule, "alpacaeval": _alpacaeval, "arena_hard": _arena_hard, "lm_eval": _lm_eval}
 
 
@@ -434,7 +444,9 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "trained": trained,
         "name": run_name(run_cfg, run_dir),
         "run_dir": Path(run_dir),
-        "generate": lambda cfg, prompts, tag: generate(cfg, prompts, dec, out / "shards", tag, e.judge_only),
+        "generate": lambda cfg, prompts, tag: generate(
+            cfg, prompts, dec, out / "shards", tag, e.judge_only, CHAT_FORMAT_OF.get(b.kind)
+        ),
     }
     if b.kind != "lm_eval":  # lm-eval's runner reuses a record of the same weights and settings
         set_aside(run_dir, b.name)
