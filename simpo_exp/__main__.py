@@ -32,9 +32,26 @@ def missing_plugin(argv: list[str]) -> str | None:
     return None
 
 
+# Hydra's modes, of which a command takes one (its own refusal is a ValueError traceback)
+MODES = {"--run": "-r", "--multirun": "-m", "--cfg": "-c", "--info": "-i", "--shell-completion": "-sc"}
+
+
+def mixed_modes(argv: list[str]) -> str | None:
+    """The message for a command giving two of Hydra's modes (``--multirun --cfg job``), else None."""
+    given = [long for long, short in MODES.items() if long in argv or short in argv]
+    if len(given) < 2:
+        return None
+    hint = (
+        "; --cfg prints one job's config: drop --multirun and give each swept key one of its values"
+        if {"--multirun", "--cfg"} <= set(given)
+        else ""
+    )
+    return f"{' and '.join(given)} given: Hydra runs one of --run, --multirun, --cfg, --info at a time{hint}"
+
+
 def main() -> float | None:
     """The entry point (``python -m simpo_exp``, ``simpo-exp``)."""
-    if message := missing_plugin(sys.argv[1:]):
+    if message := missing_plugin(sys.argv[1:]) or mixed_modes(sys.argv[1:]):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
     refuse_added_chosen_group(sys.argv[1:], "config")

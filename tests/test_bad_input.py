@@ -300,3 +300,10 @@ def test_a_plus_on_a_group_the_stage_already_chooses_names_the_form_to_use(tmp_p
     res = run_module(stage, *([str(tmp_path)] if stage.endswith("evaluate") else []), arg, cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]
     assert f"give it without '+': {use}" in res.stderr and "Multiple values" not in res.stderr
+
+
+def test_multirun_with_cfg_is_one_line_naming_what_to_do(tmp_path):
+    """``--multirun beta=2,3 --cfg job`` ended in Hydra's ValueError traceback."""
+    res = simpo("--multirun", "beta=2,3", "--cfg", "job", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "--multirun and --cfg given" in res.stderr and "give each swept key one of its values" in res.stderr
