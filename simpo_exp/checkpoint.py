@@ -113,6 +113,7 @@ class TrainState:
     num_tokens: float = 0.0  # input tokens of the logged training steps (TRL's num_tokens)
     epoch_batches: int = 0  # micro-batches trained per epoch (train.epoch_batches); 0: written before it was kept
     runtime_s: float = 0.0  # the run's seconds up to this checkpoint, over all its starts (summary's runtime_s)
+    eval_owed: int = 0  # a step whose eval a stop signal put off (saved first): the resumed run evaluates it first
 
 
 def rng_state() -> tuple[dict, dict]:

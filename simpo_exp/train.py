@@ -814,11 +814,13 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
     ``stop``: the run's stop-signal handler (a signal saves the step it reached, then ends the run; until the first
     step it ends the run where it is, as there is nothing to save)."""
     cfg, summary = run.cfg, {}
-    if cfg.eval_on_start and run.state.step == 0:
+    owed = run.state.eval_owed or (cfg.eval_on_start and run.state.step == 0)
+    if owed:  # at start, or the eval of the step a stop signal saved before its eval (the checkpoint still owes it)
         try:
-            summary |= evaluate_and_sample(run, 0)
+            summary |= evaluate_and_sample(run, run.state.eval_owed)
         except StopRequested as e:
             stopped_before_a_step(cfg, stop, e.signum, "evaluation at start", run.tracker)
+        run.state.eval_owed = 0
     stop.at_once = False  # from here a signal waits for the step to end, then a checkpoint
     batches = forever(run.train_loader, run.accelerator, run.state.micro_batches, run.state.epoch_batches)
     window = Window.restore(run.state.window, run.state.window_seconds, run.state.window_steps, run.accelerator)
@@ -831,11 +833,15 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
             summary |= log_train(run, window, grad_norm)
             if bar is not None:
                 bar.set_postfix(loss=f"{summary['train/loss']:.3f}", acc=f"{summary['train/rewards/accuracies']:.2f}")
-        if (cfg.eval_steps and step % cfg.eval_steps == 0) or last:
-            summary |= evaluate_and_sample(run, step)
         # a stop signal on any process (SIGTERM/SIGINT, submitit's USR2): all save this step and leave;
         # at the last step the run finishes instead (writing the model takes what a checkpoint takes)
         stopping = 0 if last else stop.agreed(run.accelerator)  # the signal's number, or 0
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or last:
+            if stopping:  # the checkpoint first, within the scheduler's grace time; the resumed run evaluates
+                run.state.eval_owed = step
+            else:
+                summary |= evaluate_and_sample(run, step)
+                stopping = 0 if last else stop.agreed(run.accelerator)  # a signal during the eval
         if (cfg.save_steps and step % cfg.save_steps == 0 and not last) or stopping:
             save_checkpoint(run, window)
             # a signal during the save stops the run here, on the checkpoint just written, not a step and a save on

@@ -366,7 +366,7 @@ def test_a_stop_signal_during_the_evaluation_at_start_ends_the_run_at_once(tmp_p
     (run_dir / ".hydra" / "overrides.yaml").write_text("- beta=5\n")
     cfg = SimpleNamespace(eval_on_start=True, output_dir=str(run_dir))
     tracker = Tracker(run_dir, SimpleNamespace(wandb=False), {})  # writes stopped.json (and marks a W&B run)
-    run = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=0), tracker=tracker)
+    run = SimpleNamespace(cfg=cfg, state=checkpoint.TrainState(), tracker=tracker)
     stop = StopSignal(at_once=True)
     try:
         with pytest.raises(SystemExit) as leaving:
@@ -378,6 +378,56 @@ def test_a_stop_signal_during_the_evaluation_at_start_ends_the_run_at_once(tmp_p
     assert record == {"signal": "SIGTERM", "step": 0, "during": "evaluation at start"}
     shown = load_run(run_dir)  # compare tells it from a stop that saved a checkpoint
     assert shown.status == "stopped" and "during evaluation at start, before a step (nothing saved)" in shown.error
+
+
+def test_a_stop_before_a_steps_eval_saves_first_and_the_resumed_run_evaluates_that_step(tmp_path, monkeypatch):
+    """A stop signal in a step with an eval due waited for the whole eval (minutes on a real test split, within a
+    scheduler's grace time) before the checkpoint. It now saves first; the checkpoint owes the eval, and the
+    resumed run evaluates that step before training on, so the eval curve has no gap."""
+    import dataclasses
+
+    import simpo_exp.train as train_mod
+
+    evals, saved = [], []
+
+    def step(run, batches, window):
+        run.state.step += 1
+        if run.state.step == 2 and not saved:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2, whose eval is due
+        return 0.0
+
+    monkeypatch.setattr(train_mod, "optimizer_step", step)
+    monkeypatch.setattr(train_mod, "forever", lambda *args: None)
+    monkeypatch.setattr(train_mod, "log_train", lambda *args: {})
+    monkeypatch.setattr(train_mod, "evaluate_and_sample", lambda run, step: evals.append(step) or {"eval/step": step})
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda run, window: saved.append(dataclasses.replace(run.state)))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = SimpleNamespace(eval_on_start=False, logging_steps=1, eval_steps=2, save_steps=0, progress_bar=False)
+    accelerator = SimpleNamespace(num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
+    run = SimpleNamespace(
+        cfg=cfg,
+        state=checkpoint.TrainState(),
+        steps=4,
+        train_loader=None,
+        accelerator=accelerator,
+        policy=SimpleNamespace(train=lambda: None),
+        tracker=Tracker(run_dir, SimpleNamespace(wandb=False), {}),
+    )
+    stop = StopSignal()
+    try:
+        with pytest.raises(SystemExit):
+            train_mod.train_loop(run, stop)
+    finally:
+        stop.restore()
+    assert evals == [] and [(s.step, s.eval_owed) for s in saved] == [(2, 2)]
+    run.state = dataclasses.replace(saved[0])  # resumed from that checkpoint
+    stop = StopSignal()
+    try:
+        summary = train_mod.train_loop(run, stop)
+    finally:
+        stop.restore()
+    assert evals == [2, 4] and summary["eval/step"] == 4 and run.state.eval_owed == 0
 
 
 def test_a_stop_signal_before_training_begins_leaves_the_runs_records_as_they_were(tmp_path, monkeypatch):
