@@ -190,6 +190,7 @@ def test_a_cut_short_or_mismatched_answer_shard_is_named_not_paired_with_other_p
     (tmp_path / "m").mkdir()  # a trained model directory (no weights needed: the stored answers are read)
     cfg = SimpleNamespace(model=SimpleNamespace(path=str(tmp_path / "m"), name="m", dtype="float32"))
     cfg.hardware = SimpleNamespace(mixed_precision="auto", device="cpu", master_weights="fp32", lora=False)
+    cfg.dataset = SimpleNamespace(chat_format="generation_prompt")
     with pytest.raises(DamagedFile, match="trained-00001.jsonl holds 0 answers"):
         generate(cfg, prompts, dec, shards, "trained", judge_only=True)
 

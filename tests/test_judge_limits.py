@@ -110,7 +110,8 @@ def test_an_arena_game_the_judge_answered_with_no_text_is_asked_again_by_the_nex
 
 
 def test_a_stored_arena_judgment_with_an_empty_game_is_asked_again(moody):
-    """A line stored before empty replies were marked (judgment "\\n", score null, no error) is not reused."""
+    """A line stored before empty replies were marked (judgment "\\n", score null, no error): its empty game is
+    asked again, its other game reused."""
     first = arena(moody, ARENA_CASES[:1])
     path = moody.out / "model_judgment" / "fake" / "my-model.jsonl"
     line = json.loads(path.read_text())
@@ -118,7 +119,7 @@ def test_a_stored_arena_judgment_with_an_empty_game_is_asked_again(moody):
     path.write_text(json.dumps(line) + "\n")
     asked = len(MoodyJudge.requests)
     assert arena(moody, ARENA_CASES[:1])["metrics"] == first["metrics"]
-    assert len(MoodyJudge.requests) == asked + 2
+    assert len(MoodyJudge.requests) == asked + 1
 
 
 def test_a_reply_given_as_a_list_of_text_parts_is_read_as_its_text(moody):

@@ -137,12 +137,14 @@ def test_a_multirun_under_torchrun_runs_its_jobs_in_turn_on_the_same_processes(t
     """``torchrun --nproc_per_node 2 -m simpo_exp --multirun ...`` (or accelerate launch): the jobs run one after
     another on the same two processes and share their process group, which used to be destroyed after the first
     job (the second then failed: "Default process group has not been initialized"). Two jobs of one config log
-    the same numbers: nothing of the first job carries into the second. The processes exit cleanly."""
+    the same numbers: nothing of the first job carries into the second. The processes exit cleanly. (beta=3 and
+    beta=3.0: one config under two folder names; a value given twice names one folder, whose finished run the
+    second job would return.)"""
     from tests.test_run import read_metrics
     from tests.test_scale import assert_same_records, two_processes
 
     sweep = tmp_path / "sweep"
-    args = ["--multirun", "hardware=cpu", *FAST, "max_steps=2", "dataset.synthetic.num_train=64", "beta=3,3"]
+    args = ["--multirun", "hardware=cpu", *FAST, "max_steps=2", "dataset.synthetic.num_train=64", "beta=3,3.0"]
     res = two_processes(*args, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
