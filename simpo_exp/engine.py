@@ -413,8 +413,34 @@ def make_accelerator(cfg: Config):
     check_fsdp_reduction(accelerator)
     keep_fsdp_outputs(accelerator)
     if plugin is not None:
+        check_deepspeed_steps(plugin.deepspeed_config, accum, cfg.max_grad_norm)
         # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm
         # where the config left it to accelerate ("auto" would become accelerate's own 1.0).
         if plugin.is_auto("gradient_clipping"):
             plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
     return accelerator, accum
+
+
+def check_deepspeed_steps(ds_config: dict, accum: int, max_grad_norm: float) -> None:
+    """A DeepSpeed config that fixes its own accumulation or clipping (a number in the JSON, or accelerate launch's
+    --gradient_accumulation_steps / --gradient_clipping, which fill its "auto") is refused where it differs from the
+    run's: accelerate hands the engine DeepSpeed's value, so the engine updated on its own count while the loop
+    logged, scheduled and counted steps by the run's (steps off the engine's boundary, with no gradient, were
+    counted as skipped), and clipped at its own norm while the records said ``max_grad_norm``."""
+    where = (
+        "the DeepSpeed config (hardware.deepspeed_config, or the launcher's deepspeed_config_file) or accelerate "
+        "launch's --{flag}"
+    )
+    steps, clip = ds_config.get("gradient_accumulation_steps", "auto"), ds_config.get("gradient_clipping", "auto")
+    if steps != "auto" and int(steps) != accum:
+        raise ConfigError(
+            f"{where.format(flag='gradient_accumulation_steps')} sets gradient_accumulation_steps={steps}, but this "
+            f"run accumulates {accum} micro-batches a step (gradient_accumulation_steps, or "
+            "hardware.effective_batch_size over per_device_train_batch_size and the processes): set it to "
+            '"auto" there, or drop the flag'
+        )
+    if clip != "auto" and float(clip) != float(max_grad_norm):
+        raise ConfigError(
+            f"{where.format(flag='gradient_clipping')} sets gradient_clipping={clip}, but this run's "
+            f'max_grad_norm={max_grad_norm}: set it to "auto" there (max_grad_norm then clips), or drop the flag'
+        )

@@ -522,6 +522,27 @@ def test_a_deepspeed_preset_under_another_presets_launcher_is_refused():
     check_engine(offload, DistributedType.DEEPSPEED, launcher("zero3_offload"))
 
 
+def test_a_deepspeed_accumulation_or_clipping_fixed_outside_the_run_is_refused(monkeypatch):
+    """accelerate launch --gradient_accumulation_steps 4 (or a number in the JSON) made DeepSpeed update every 4
+    micro-batches while the loop stepped every 2: one real update logged as two steps, one of them "skipped"; a
+    JSON's gradient_clipping clipped at its own norm while the records said max_grad_norm."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    from simpo_exp.engine import check_deepspeed_steps
+
+    json_path = str(Path(__file__).resolve().parents[1] / "launchers" / "ds_zero3.json")
+    check_deepspeed_steps(DeepSpeedPlugin(hf_ds_config=json_path).deepspeed_config, 2, 0.05)  # "auto": the run's
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # as accelerate launch's flag passes it
+    with pytest.raises(ConfigError, match="sets gradient_accumulation_steps=4, but this run accumulates 2"):
+        check_deepspeed_steps(DeepSpeedPlugin(hf_ds_config=json_path).deepspeed_config, 2, 0.05)
+    check_deepspeed_steps(DeepSpeedPlugin(hf_ds_config=json_path).deepspeed_config, 4, 0.05)  # the same count: fine
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")
+    with pytest.raises(ConfigError, match="sets gradient_clipping=1.0, but this run's max_grad_norm=0.05"):
+        check_deepspeed_steps(DeepSpeedPlugin(hf_ds_config=json_path).deepspeed_config, 2, 0.05)
+    check_deepspeed_steps(DeepSpeedPlugin(hf_ds_config=json_path).deepspeed_config, 2, 1.0)
+
+
 def test_a_random_init_under_a_zero3_config_draws_the_weights_one_process_draws(compose):
     """accelerate's zero3_init_flag registers the ZeRO-3 config with transformers, which then builds every model
     under deepspeed.zero.Init: a seeded random init drawn partition by partition started a ZeRO-3 run from other
