@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -77,6 +78,34 @@ def _cut_before(overrides: str, limit: int = 120) -> str:
     """A long job folder name as names were cut before 2026-12-02: at the end, then a hash of the whole list."""
     name = overrides.replace("/", "_") or "default"
     return name if len(name) <= limit else name[: limit - 9] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+def launch_time(pattern: str) -> str:
+    """The time this command started, formatted as Hydra's ``now`` formats it: this process's, or where torchrun or
+    accelerate launch started it as one of several processes on this machine, their launcher's (the parent they
+    share), so that every process resolves one default run folder. Each resolving its own ``now``, processes
+    started a second apart (imports take longer on some) wrote two folders: the run's, and one holding a rank's log
+    and config, which compare listed as a run "running" for good. Several machines: give ``hydra.run.dir``."""
+    started = datetime.datetime.now()
+    if int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1) > 1:
+        parent = _process_start(os.getppid())
+        if parent is not None:
+            started = datetime.datetime.fromtimestamp(parent)
+    return started.strftime(pattern)
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from /proc; None where there is no /proc."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        boot = next(int(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+# cached, as Hydra's ``now`` is: Hydra resolves the run folder more than once in a process
+OmegaConf.register_new_resolver("launch_time", launch_time, replace=True, use_cache=True)
 
 
 _JOB_FOLDER = re.compile(r"^(\d+)_(.*)$")

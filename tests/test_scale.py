@@ -599,3 +599,19 @@ def test_a_deepspeed_config_whose_settings_the_launchers_config_overrides_is_sai
             launcher,
         )
     assert not caplog.text  # the preset's own file under its own launcher
+
+
+def test_processes_started_seconds_apart_share_one_default_run_folder(tmp_path):
+    """Each process resolved the default run folder (outputs/runs/${now:...}) at its own start: a rank whose imports
+    took a second longer wrote a folder of its own (its config and log), which compare listed as a run "running"
+    for good. The folder is now named after the launcher's start, which the processes share."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    delay = 'import os, time\nif os.environ.get("RANK") == "1":\n    time.sleep(2.5)\n'  # rank 1 starts later
+    (inject / "sitecustomize.py").write_text(delay)
+    args = ["hardware=cpu", "logger=none", "max_steps=1", "eval_steps=0", "eval_on_start=false", "num_generations=0"]
+    args += ["dataset.synthetic.num_train=32", "dataset.synthetic.num_test=16"]
+    res = two_processes(*args, cwd=tmp_path, inject=inject, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (folder,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert (folder / "finished.json").is_file()
