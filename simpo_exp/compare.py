@@ -589,7 +589,8 @@ def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | N
 
 # What makes a benchmark's numbers comparable between runs (results.json): who judged, against which baseline,
 # on which prompts, with which decoding of the runs' models.
-BENCH_SETTINGS = ("judge", "baseline", "reference", "prompts_path", "reference_path", "decoding")
+# (the rule benchmark's baseline is each run's own starting model: start_weights names it)
+BENCH_SETTINGS = ("judge", "baseline", "start_weights", "reference", "prompts_path", "reference_path", "decoding")
 
 
 def mixed_methods_note(runs: list[Run], metric: str) -> str | None:
@@ -617,7 +618,8 @@ def mixed_methods_note(runs: list[Run], metric: str) -> str | None:
 
 def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
     """``{benchmark: ["judge: {...} / {...}", ...]}`` for each benchmark the runs were evaluated on with settings
-    that differ (another judge model, baseline, prompt file or decoding)."""
+    that differ (another judge model, baseline, starting model, prompt file or number of prompts, decoding). A key
+    a record does not hold (written before it was recorded) is not held against it."""
     from simpo_exp.inference.results import load_results
 
     seen: dict[str, dict[str, list[str]]] = {}
@@ -625,8 +627,10 @@ def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
         if r.path is None:
             continue
         for bench, record in load_results(r.path).items():
-            for key in BENCH_SETTINGS:
-                value = record.get(key)
+            settings = {key: record[key] for key in BENCH_SETTINGS if key in record}
+            if isinstance(record.get("metrics"), dict) and "n" in record["metrics"]:
+                settings["prompts"] = record["metrics"]["n"]  # 64 prompts beside a max_prompts=8 smoke test
+            for key, value in settings.items():
                 if key == "judge" and isinstance(value, dict):
                     value = {k: v for k, v in value.items() if k != "base_url"}  # the same judge on another host
                 shown = json.dumps(value, sort_keys=True)
@@ -854,9 +858,11 @@ def main(argv: list[str] | None = None) -> int:
         if note:
             print(f"\nnote: {note}")
     for bench, differ in mixed_bench_settings(runs).items():
+        starts = any(d.startswith("start_weights:") for d in differ)  # the rule benchmark's own baselines
         print(
             f"\nnote: bench/{bench}/* was measured with different settings ({'; '.join(differ)}): "
             "these runs' numbers do not compare; evaluate them alike"
+            + (f" (bench/{bench}/score is measured against no starting model)" if starts else "")
         )
     for metric in dict.fromkeys([args.metric, *bench_columns(runs)]):  # evaluation numbers pooled too
         seeds = seed_groups(runs, metric, ascending if metric == args.metric else None)

@@ -406,9 +406,12 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             raise
         except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
             _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
+            # a stage that works in other folders (evaluate: each run's eval/) finds its work there again from any
+            # folder of its own: the same command goes on
+            kept = "finished shards, judge replies" if work else "finished shards, judge replies, checkpoints"
             print(
-                f"interrupted; what {work or out} holds so far (finished shards, judge replies, checkpoints) is "
-                f"kept: {rerun_command()} to go on",
+                f"interrupted; what {work or out} holds so far ({kept}) is kept: "
+                f"{'re-run the same command' if work else rerun_command()} to go on",
                 file=sys.stderr,
             )
             raise SystemExit(130) from None

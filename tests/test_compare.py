@@ -582,3 +582,24 @@ def test_runs_of_different_methods_ranked_by_their_own_rewards_get_a_note(tmp_pa
     assert compare.mixed_methods_note(runs[:1], "eval/rewards/accuracies") is None
     assert compare.main([str(tmp_path / "sweep"), "--no-plots"]) == 0
     assert "note: these runs train different methods" in capsys.readouterr().out
+
+
+def test_rule_win_rates_against_different_starting_models_or_prompt_counts_are_said_not_to_compare(tmp_path, capsys):
+    """The rule benchmark's win rate is against each run's own starting model: a run trained on generated pairs
+    from another run's model was ranked beside one from the random init, and one evaluated on 8 prompts beside
+    one on 64, without a word."""
+    starts = (("0_beta=2", {"sha256": "aa"}, 64), ("1_beta=4", {"random_init": {}, "seed": 1}, 64))
+    for job, start, n in (*starts, ("2_beta=6", {"sha256": "aa"}, 8)):
+        _job(tmp_path / "sweep" / job, [f"beta={job[-1]}"])
+        results = tmp_path / "sweep" / job / "eval" / "rule" / "results.json"
+        results.parent.mkdir(parents=True)
+        record = {"metrics": {"win_rate": 50.0 + n, "n": n}, "baseline": "the starting model", "start_weights": start}
+        results.write_text(json.dumps(record))
+    runs = compare.load_runs(tmp_path / "sweep")
+    differ = compare.mixed_bench_settings(runs)["rule"]
+    assert [d.split(":")[0] for d in differ] == ["start_weights", "prompts"], differ
+    assert compare.main([str(tmp_path / "sweep"), "--metric", "bench/rule/win_rate", "--no-plots"]) == 0
+    assert "bench/rule/score is measured against no starting model" in capsys.readouterr().out
+    older = tmp_path / "sweep" / "0_beta=2" / "eval" / "rule" / "results.json"  # a record from before start_weights
+    older.write_text(json.dumps({"metrics": {"win_rate": 1.0, "n": 64}, "baseline": "the starting model"}))
+    assert compare.mixed_bench_settings(compare.load_runs(tmp_path / "sweep" / "0_beta=2")) == {}

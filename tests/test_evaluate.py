@@ -77,6 +77,7 @@ def test_sweep_is_evaluated_and_ranked_by_the_rule_win_rate(sweep):
         assert m["score"] == pytest.approx(sum(r["score_model"] for r in rows) / 32)
         rates[job.name] = m["win_rate"]
         starts.append([r["start"] for r in rows])
+        assert {"random_init", "seed"} <= set(res["start_weights"])  # which starting model: compare reads it
         card = (job / "model" / "README.md").read_text()
         assert card.startswith("---\n") and "model-index" in card and "win_rate" in card and "| `beta` |" in card
     # both jobs start from the same random init (same seed): the starting model answers identically
@@ -92,6 +93,7 @@ def test_sweep_is_evaluated_and_ranked_by_the_rule_win_rate(sweep):
     if len(set(rates.values())) > 1:
         assert ranked == expected
     assert "bench/rule/win_rate" in res.stdout
+    assert "do not compare" not in res.stdout  # one starting model, one prompt set
 
 
 def test_compare_refuses_an_unknown_metric_but_takes_bench_names(sweep):

@@ -224,11 +224,15 @@ def test_ctrl_c_says_where_the_evaluate_stage_keeps_its_work(tmp_path, monkeypat
 
     monkeypatch.setattr(simpo_exp.evaluate.run, "evaluate_all", interrupted)
     runs = tmp_path / "sweep"
-    monkeypatch.setattr(sys, "argv", ["evaluate", f"evaluate.path={runs}", f"hydra.run.dir={tmp_path / 'log'}"])
+    monkeypatch.chdir(tmp_path)  # the stage's own dated folder (its log) goes here
+    monkeypatch.setattr(sys, "argv", ["evaluate", f"evaluate.path={runs}"])
     with pytest.raises(SystemExit) as leaving:
         main()
     assert leaving.value.code == 130
-    assert f"interrupted; what the eval/ folder of each run under {runs} holds so far" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"interrupted; what the eval/ folder of each run under {runs} holds so far" in said
+    # the same command finds the work in each run's eval/: no folder of the stage's own to name, no checkpoints
+    assert "re-run the same command to go on" in said and "hydra.run.dir" not in said and "checkpoints" not in said
 
 
 def test_a_generate_stage_folder_given_to_evaluate_is_named_as_such(tmp_path):

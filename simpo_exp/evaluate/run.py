@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import shlex
 import types
 from pathlib import Path
 
@@ -279,6 +280,8 @@ def _rule(ctx: dict) -> dict:
             "n": len(rows),
         },
         "baseline": "the starting model (the run's config rebuilt: same model.path, or same random init and seed)",
+        # which one, as its answers' manifest names it: runs trained from different models do not compare
+        "start_weights": read_json(out / "shards" / "start-manifest.json").get("weights"),
     }
 
 
@@ -557,7 +560,7 @@ def evaluate_all(cfg) -> list[dict]:
         raise JudgeError("; ".join(dict.fromkeys(str(err) for err in judge_failures)))
     metric = _rank_metric(records)
     if len(runs) > 1 and metric:
-        print(f"\nrank them: python -m simpo_exp.compare {e.path} --metric {metric}", flush=True)
+        print(f"\nrank them: python -m simpo_exp.compare {shlex.quote(e.path)} --metric {metric}", flush=True)
     return records
 
 
