@@ -138,7 +138,9 @@ def check_model_available(path: str, revision: str | None = None, what: str = "m
     """Raise ModelNotFoundError unless ``path`` is a local directory, cached, or downloadable."""
     if Path(path).is_dir():
         if not (Path(path) / "config.json").exists() and what == "model.path":
-            raise ModelNotFoundError(f"{what}={path!r} is a directory without a config.json: not a saved model")
+            inside = Path(path) / "model"  # a run's folder: its trained model is in model/
+            hint = f"; the run's trained model is {what}={str(inside)!r}" if (inside / "config.json").is_file() else ""
+            raise ModelNotFoundError(f"{what}={path!r} is a directory without a config.json: not a saved model{hint}")
         return
     if Path(path).exists():
         raise ModelNotFoundError(f"{what}={path!r} is a file: give the directory that holds the model's files")

@@ -307,3 +307,15 @@ def test_multirun_with_cfg_is_one_line_naming_what_to_do(tmp_path):
     res = simpo("--multirun", "beta=2,3", "--cfg", "job", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "--multirun and --cfg given" in res.stderr and "give each swept key one of its values" in res.stderr
+
+
+def test_a_run_folder_given_as_model_path_names_its_model_folder(tmp_path):
+    """model.path=outputs/runs/R0 (the run, not its model/) said only "a directory without a config.json"."""
+    from simpo_exp.hub import ModelNotFoundError, check_model_available
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match=r"the run's trained model is model.path='.*run/model'"):
+        check_model_available(str(tmp_path / "run"))
+    with pytest.raises(ModelNotFoundError, match=r"not a saved model$"):  # no model/ inside: nothing to name
+        check_model_available(str(tmp_path))
