@@ -40,6 +40,7 @@ from simpo_exp.rundir import (
     STOPPED_FILE,
     checkpoint_dirs,
     ended_unrecorded,
+    natural_order,
     other_stage_output,
     parse_overrides,
     read_json,
@@ -354,10 +355,6 @@ def is_run_dir(path: Path) -> bool:
     return found and not other_stage_output(path)  # outputs/generate, outputs/evaluate: not training runs
 
 
-def _natural(path: Path):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
-
-
 def find_run_dirs(path: str | Path, depth: int = RUN_SEARCH_DEPTH) -> list[Path]:
     """Run directories at or below ``path`` (a run, a sweep, or a folder of either), jobs in number order."""
     path = Path(path)
@@ -365,7 +362,7 @@ def find_run_dirs(path: str | Path, depth: int = RUN_SEARCH_DEPTH) -> list[Path]
         return [path]
     if depth == 0 or not path.is_dir():
         return []
-    children = sorted((p for p in path.iterdir() if p.is_dir() and p.name not in SKIP_DIRS), key=_natural)
+    children = sorted((p for p in path.iterdir() if p.is_dir() and p.name not in SKIP_DIRS), key=natural_order)
     return [run for child in children for run in find_run_dirs(child, depth - 1)]
 
 

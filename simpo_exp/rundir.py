@@ -50,6 +50,12 @@ def refuse_added_chosen_group(argv: list[str], config_name: str) -> None:
             raise SystemExit(2)
 
 
+def natural_order(path: Path) -> list:
+    """A folder's sort key with its numbers read as numbers (job 10 after job 9): text and numbers alternate in it,
+    so that names of any shape compare (``.submitit`` beside ``0_beta=2``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", Path(path).name)]
+
+
 def rerun_command(hydra=None) -> str:
     """How to go on in this run's folder: "re-run the same command" where the command named the folder
     (``hydra.run.dir``, a sweep's ``hydra.sweep.dir``), else the same command with that folder added. Hydra's

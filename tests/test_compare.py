@@ -321,6 +321,20 @@ def test_generate_and_evaluate_outputs_are_not_taken_for_training_runs(tmp_path)
     assert find_run_dirs(tmp_path) == find_runs(tmp_path) == [deep, tmp_path / "runs" / "r0"]
 
 
+def test_a_sweep_launched_through_submitit_is_found_by_evaluate_as_by_compare(tmp_path):
+    """+launcher=local or slurm leaves .submitit/ beside the jobs: the evaluate stage's sort compared its name with
+    a job number (TypeError) and the README's evaluate step crashed on every SLURM sweep."""
+    from simpo_exp.compare import find_run_dirs
+    from simpo_exp.evaluate.runs import find_runs
+
+    (tmp_path / ".submitit" / "123_0").mkdir(parents=True)
+    jobs = [tmp_path / f"{n}_beta={n}" for n in (10, 2)]
+    for job in jobs:
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "config.yaml").write_text("method: {}\nseed: 1\n")
+    assert find_runs(tmp_path) == find_run_dirs(tmp_path) == jobs[::-1]  # job 2 before job 10
+
+
 def _run(name, overrides, summary, config=None, status="done"):
     return compare.Run(name=name, status=status, overrides=overrides, config=config or {}, summary=summary)
 

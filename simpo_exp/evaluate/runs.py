@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from simpo_exp.config import Config, ConfigError
 from simpo_exp.finished import FINISHED
 from simpo_exp.model import saved_dtype
-from simpo_exp.rundir import RUN_SEARCH_DEPTH, other_stage_output, read_yaml
+from simpo_exp.rundir import RUN_SEARCH_DEPTH, natural_order, other_stage_output, read_yaml
 
 HYDRA_RESOLVER = re.compile(r"\$\{hydra:([^}]+)\}")
 SKIP = {"eval", "model", "wandb", "checkpoints", ".hydra", "compare"}
@@ -36,9 +36,10 @@ def find_runs(path: Path, depth: int = RUN_SEARCH_DEPTH) -> list[Path]:
         return [] if other_stage_output(path) else [path]  # a generate or evaluate output is not a training run
     if depth == 0 or not path.is_dir():
         return []
+    # not hidden folders (submitit's .submitit/ in a sweep launched with +launcher=slurm or local)
     children = sorted(
-        (p for p in path.iterdir() if p.is_dir() and p.name not in SKIP),
-        key=lambda p: [int(t) if t.isdigit() else t for t in p.name.replace("_", " ").split()],
+        (p for p in path.iterdir() if p.is_dir() and p.name not in SKIP and not p.name.startswith(".")),
+        key=natural_order,
     )
     return [run for child in children for run in find_runs(child, depth - 1)]
 
