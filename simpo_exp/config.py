@@ -296,7 +296,7 @@ def learning_rate_for_size(params_b: float) -> float:
 def resolve_learning_rate(cfg: Config) -> tuple[float, str]:
     """Return (learning rate, where it came from)."""
     if cfg.learning_rate is not None:
-        return cfg.learning_rate, "hparams/command line"
+        return cfg.learning_rate, "learning_rate: the command line or a preset (hparams, experiment)"
     if cfg.model.learning_rate is not None:
         return cfg.model.learning_rate, f"model preset {cfg.model.name!r}"
     return learning_rate_for_size(cfg.model.params_b), f"model size ({cfg.model.params_b}B)"

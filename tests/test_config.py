@@ -28,7 +28,7 @@ def test_reasoning_on_llama3(compose):
     cfg = to_config(compose("model=llama3-8b", "hparams=reasoning"))
     assert cfg.model.path == "meta-llama/Meta-Llama-3-8B"
     assert (cfg.beta, cfg.gamma_beta_ratio) == (5.0, 0.7)
-    assert resolve_learning_rate(cfg) == (3e-7, "hparams/command line")
+    assert resolve_learning_rate(cfg) == (3e-7, "learning_rate: the command line or a preset (hparams, experiment)")
     assert (cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (1, 16)
     # the tiny preset's run length does not leak into a real model's run
     assert cfg.max_steps == -1 and cfg.num_train_epochs == 1.0

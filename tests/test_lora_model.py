@@ -187,7 +187,9 @@ def test_a_lora_run_at_a_full_fine_tunes_learning_rate_is_warned(compose):
     assert lr <= 1e-6
     note = lora_rate_note(cfg, lr, source)
     assert note and f"learning_rate={lr:g} (from {source}), a full fine-tune's rate" in note
-    assert lora_rate_note(cfg, 5e-6, "hparams/command line") is None  # a LoRA rate
+    assert (
+        lora_rate_note(cfg, 5e-6, "learning_rate: the command line or a preset (hparams, experiment)") is None
+    )  # a LoRA rate
     full = to_config(compose("hardware=cpu", "model=llama3-8b", "hparams=reasoning"))
     assert lora_rate_note(full, *resolve_learning_rate(full)) is None  # a full fine-tune at its own rate
 
