@@ -87,7 +87,9 @@ def launch_time(pattern: str) -> str:
     started a second apart (imports take longer on some) wrote two folders: the run's, and one holding a rank's log
     and config, which compare listed as a run "running" for good. Several machines: give ``hydra.run.dir``."""
     started = datetime.datetime.now()
-    if int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1) > 1:
+    # torch's elastic agent (torchrun, accelerate launch) is the parent: its workers carry its run id. A process
+    # given RANK/WORLD_SIZE by hand (the generate stage's) has a shell for a parent, started who knows when.
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("LOCAL_WORLD_SIZE") or 1) > 1:
         parent = _process_start(os.getppid())
         if parent is not None:
             started = datetime.datetime.fromtimestamp(parent)

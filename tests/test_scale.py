@@ -615,3 +615,20 @@ def test_processes_started_seconds_apart_share_one_default_run_folder(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     (folder,) = (tmp_path / "outputs" / "runs").iterdir()
     assert (folder / "finished.json").is_file()
+
+
+def test_the_launch_time_is_the_elastic_agents_only_under_one(monkeypatch):
+    """The parent's start names the folder only where torch's elastic agent started this process: a process given
+    RANK/WORLD_SIZE by hand has a shell for a parent, which may have started days ago."""
+    import datetime
+
+    from simpo_exp.runinfo import _process_start, launch_time
+
+    parent = datetime.datetime.fromtimestamp(_process_start(os.getppid())).strftime("%Y%m%d%H%M%S")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    before = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+    assert before <= launch_time("%Y%m%d%H%M%S")  # by hand: this process's own time
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert launch_time("%Y%m%d%H%M%S") == parent
