@@ -133,6 +133,16 @@ def test_answers_cut_at_max_new_tokens_are_counted_and_can_be_left_out_of_pairs(
     assert pick_pair(cut, BinariseConfig(drop_unfinished=True)) == (None, "fewer than 2 distinct finished responses")
 
 
+def test_pair_sides_with_bytes_that_are_not_utf8_are_counted():
+    """A sampled byte that is not UTF-8 is decoded as U+FFFD, which training tokenises as its own three bytes: the
+    pair trained on is not what the policy sampled (94% of the embedded default's responses), and nothing said so."""
+    from simpo_exp.generate.config import BinariseConfig
+
+    rec = _record(["a\ufffdb", "c", "d\ufffd", "e"], [0.9, 0.1, 0.5, 0.7])
+    rows, report = binarise([rec, _record(["x", "y"], [0.2, 0.1])], BinariseConfig())
+    assert report["pair_sides_not_utf8"] == 1  # the chosen "a\ufffdb"; "d\ufffd" is in no pair
+
+
 def test_non_finite_scores_are_never_chosen_nor_rejected_and_are_counted():
     """A reward model that overflows (float16) scores NaN or inf: the report's statistics failed with a traceback
     after every response was sampled and scored (and again on every re-run: the scored shards are kept), a NaN

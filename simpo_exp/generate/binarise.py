@@ -93,6 +93,9 @@ def distribution(values: list[float]) -> dict:
     }
 
 
+UNDECODABLE = "\ufffd"  # what decoding writes for bytes that are not UTF-8
+
+
 def binarise(records: list[dict], bcfg) -> tuple[list[dict], dict]:
     """Return (pair rows, report) for scored records in prompt order."""
     rows, dropped, picked = [], Counter(), []
@@ -114,6 +117,12 @@ def binarise(records: list[dict], bcfg) -> tuple[list[dict], dict]:
         "non_finite_scores": sum(not math.isfinite(s) for rec in records for s in rec["scores"]),
         "pair_sides_hit_max_new_tokens": sum(
             (not rec["responses"][c]["finished"]) + (not rec["responses"][r]["finished"]) for rec, c, r in picked
+        ),
+        # sampled bytes that are not UTF-8 (a byte-level model's stray bytes, a character cut at max_new_tokens) are
+        # decoded as U+FFFD, whose own tokens training then reads: not what the policy sampled
+        "pair_sides_not_utf8": sum(
+            (UNDECODABLE in rec["responses"][c]["text"]) + (UNDECODABLE in rec["responses"][r]["text"])
+            for rec, c, r in picked
         ),
         "scores": {
             "all": distribution([s for rec in records for s in rec["scores"]]),

@@ -412,6 +412,14 @@ def generate_data(cfg) -> dict:
             "generate.max_new_tokens (generate=paper: 4096) or set binarise.drop_unfinished=true",
             report["pair_sides_hit_max_new_tokens"], 2 * len(rows), cfg.generate.max_new_tokens,
         )  # fmt: skip
+    if report["pair_sides_not_utf8"]:
+        log.warning(
+            "%d of the %d chosen and rejected responses hold sampled bytes that are not UTF-8, decoded as U+FFFD: "
+            "training tokenises that character, not the tokens the policy sampled (report.json's lengths are the "
+            "sampled ones); a policy that writes stray bytes (the embedded default's tiny random model does) or "
+            "answers cut inside a character at generate.max_new_tokens",
+            report["pair_sides_not_utf8"], 2 * len(rows),
+        )  # fmt: skip
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     if not rows:  # a data set an earlier command wrote here is not this command's: it goes
         for stale in (out / "data" / "train.jsonl", out / "data" / "provenance.json"):
