@@ -37,14 +37,13 @@ def refuse_added_chosen_group(argv: list[str], config_name: str) -> None:
     import sys
 
     defaults = yaml.safe_load((Path(CONF_DIR) / f"{config_name}.yaml").read_text()).get("defaults") or []
-    chosen = {key for item in defaults if isinstance(item, dict) for key in item}
+    chosen = {group: option for item in defaults if isinstance(item, dict) for group, option in item.items()}
     for arg in argv:
         key, sep, _ = arg.partition("=")
         if sep and key.startswith("+") and not key.startswith("++") and key[1:] in chosen:
-            default = next(item[key[1:]] for item in defaults if isinstance(item, dict) and key[1:] in item)
             print(
                 f"error: {arg}: the {key[1:]} group is in this stage's defaults list already (default: "
-                f"{default or 'none'}); give it without '+': {arg[1:]}",
+                f"{chosen[key[1:]] or 'none'}); give it without '+': {arg[1:]}",
                 file=sys.stderr,
             )
             raise SystemExit(2)

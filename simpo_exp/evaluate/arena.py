@@ -178,7 +178,7 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
     rows = accepted_lines([*read_lines(aside), *read_lines(path)], "question_id", valid, others)
     write_jsonl(path, list(rows.values()))
     kept = {
-        r["question_id"]: [None if refused({"games": [g]}) else g for g in r["games"]]
+        r["question_id"]: [None if unanswered(g) else g for g in r["games"]]
         for r in others
         if r.get("question_id") not in rows and accepts(same, r)
     }
@@ -191,11 +191,14 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
 
 
 def refused(row: dict) -> bool:
-    """Whether a game of the judgment got no reply to judge by: the endpoint refused it or replied with no text
-    (a line stored before empty replies were marked included); such a judgment is asked again."""
-    return any(
-        isinstance(g, dict) and (g.get("error") or not str(g.get("judgment") or "").strip()) for g in row["games"]
-    )
+    """Whether a game of the judgment got no reply to judge by; such a judgment is asked again (that game alone)."""
+    return any(unanswered(g) for g in row["games"])
+
+
+def unanswered(game) -> bool:
+    """Whether a game got no reply to judge by: the endpoint refused it or replied with no text (a line stored
+    before empty replies were marked included)."""
+    return isinstance(game, dict) and bool(game.get("error") or not str(game.get("judgment") or "").strip())
 
 
 def question_outcomes(row: dict, weight: int) -> tuple[float, int, int]:
