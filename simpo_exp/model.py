@@ -358,7 +358,7 @@ def dropout_as_loaded(model):
             setattr(config, name, 0.0)
 
 
-def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -> None:
+def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None, dtype: str | None = None) -> None:
     """``save_pretrained`` of a trained model into ``path``, so that ``path`` is a model any tool loads.
 
     A LoRA model is written twice: its adapter alone in ``path/adapter`` (PEFT's format, to load onto the base
@@ -367,7 +367,9 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
     as any model. The merge is done and stored in float32, as a full fine-tune's weights are (its float32 master
     copy): at SimPO's learning rates most of an adapter's update is below a bfloat16 weight's resolution, and a
     merge rounded to the base's bfloat16 would lose it. ``state_dict``: the weights gathered off the shards
-    under a sharded engine; else the model's own, copied to the CPU."""
+    under a sharded engine; else the model's own, copied to the CPU. ``dtype`` (``save_dtype``: "bfloat16", ...):
+    the floating-point weights are rounded to it once, last (after the merge), and config.json records it;
+    None writes them as they are."""
     path = Path(path)
     lora = hasattr(model, "merge_and_unload")
     with dropout_as_loaded(model):
@@ -376,13 +378,35 @@ def save_trained(model: torch.nn.Module, path, state_dict: dict | None = None) -
             if state_dict is None:
                 state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             model, state_dict = merged_lora(model, state_dict)
+        if dtype is not None:
+            state_dict = cast_floating(state_dict or model.state_dict(), TORCH_DTYPES[dtype])
         stored = {v.dtype for v in (state_dict or {}).values() if v.is_floating_point()}  # save_pretrained empties it
         model.save_pretrained(path, state_dict=state_dict)
     # save_pretrained writes the dtype of the model in memory (a LoRA base's; DeepSpeed's bf16 working copy), not of
     # the weights it wrote (float32: the merge, the engine's master copy); a loader taking "auto" would round them
-    if lora or stored == {torch.float32}:
+    if dtype is not None:
+        update_json(path / "config.json", dtype=dtype)
+    elif lora or stored == {torch.float32}:
         update_json(path / "config.json", dtype="float32")
     readable_as_umask(path)
+
+
+def cast_floating(state_dict: dict, dtype: torch.dtype) -> dict:
+    """``state_dict`` on the CPU with its floating-point tensors in ``dtype`` (integer buffers as they are). Names
+    that share one tensor (an output head tied to the embeddings) still share one afterwards, which save_pretrained
+    needs to write the matrix once."""
+    cast: dict = {}
+    out = {}
+    for name, value in state_dict.items():
+        value = value.detach()
+        if not value.is_floating_point():
+            out[name] = value.cpu()
+            continue
+        key = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if key not in cast:
+            cast[key] = value.to(device="cpu", dtype=dtype)
+        out[name] = cast[key]
+    return out
 
 
 def update_json(path: Path, **changes) -> None:

@@ -92,6 +92,7 @@ RESUMABLE_CHANGES = {
     "save_steps",
     "save_total_limit",
     "save_model",
+    "save_dtype",
     "eval_on_start",
     "max_bad_steps",
     # read by evaluation only: a smaller eval batch after an out-of-memory evaluation, fewer or shorter samples

@@ -762,7 +762,7 @@ def save_final_model(run: Run, full_state_dict: dict | None, summary: dict) -> N
     resumes from the last checkpoint."""
     out = run.run_dir / "model"
     try:
-        save_trained(run.accelerator.unwrap_model(run.policy).model, out, full_state_dict)
+        save_trained(run.accelerator.unwrap_model(run.policy).model, out, full_state_dict, run.cfg.save_dtype)
         run.tokenizer.save_pretrained(out)
         ready_to_generate(out, run.tokenizer)
     except checkpoint.WRITE_ERRORS as e:

@@ -118,6 +118,7 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
         ("dataset.sources.synthetic.fraction=0", "dataset.sources.synthetic.fraction"),
         ("model.random_init.num_attention_heads=3", "model.random_init.hidden_size"),
         ("logger.mode=sometimes", "logger.mode"),
+        ("save_dtype=int8", "save_dtype"),
         ("adam_beta1=1.5", "adam_beta1"),
         ("adam_beta2=1.0", "adam_beta2"),
         ("adam_epsilon=-1", "adam_epsilon"),

@@ -55,6 +55,7 @@ def runs(start_dir, tmp_path_factory):
         "fp32": ["model.dtype=float32"],
         "default": ["model.dtype=bfloat16"],
         "pure": ["model.dtype=bfloat16", "hardware.master_weights=model"],
+        "saved_bf16": ["model.dtype=bfloat16", "save_dtype=bfloat16"],  # trained as "default", saved rounded
     }.items():
         run_dir = tmp_path_factory.mktemp(name) / "run"
         res = simpo(*RUN, f"model.path={start_dir}", *extra, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
@@ -95,6 +96,52 @@ def test_pure_bf16_loses_the_update_and_warns(start_dir, runs):
     assert moved < 0.2 * moved_fp32  # most of a 1e-6 update rounds away in bf16
     assert "rounds away" in runs["pure"][1] and "hardware.master_weights=fp32" in runs["pure"][1]
     assert "rounds away" not in runs["default"][1]
+
+
+def test_save_dtype_rounds_the_float32_master_weights_once_on_writing(start_dir, runs):
+    """save_dtype=bfloat16: the run trains as the default one (float32 master weights over a bf16 model) and
+    writes its weights rounded to bfloat16, element for element the default run's float32 weights rounded, with
+    config.json saying bfloat16; the update survives the one rounding (most of it, unlike pure bf16 training)."""
+    from transformers import AutoModelForCausalLM
+
+    kept = load_file(runs["default"][0] / "model" / "model.safetensors")
+    saved_dir = runs["saved_bf16"][0] / "model"
+    saved = load_file(saved_dir / "model.safetensors")
+    assert saved.keys() == kept.keys()
+    assert {v.dtype for v in kept.values()} == {torch.float32}
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+    for name, weight in kept.items():
+        assert torch.equal(saved[name], weight.to(torch.bfloat16)), name
+    assert json.loads((saved_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((runs["default"][0] / "model" / "config.json").read_text())["dtype"] == "float32"
+    assert AutoModelForCausalLM.from_pretrained(saved_dir, dtype="auto").dtype == torch.bfloat16
+    share, _ = change(start_dir, runs["default"][0])
+    share_saved, _ = change(start_dir, runs["saved_bf16"][0])
+    assert share_saved == share > 0.01  # change() compares in bf16: every element the update moved still differs
+
+
+def test_save_dtype_keeps_a_tied_head_one_matrix_and_the_model_as_it_was(tmp_path):
+    """The cast keeps tied names on one tensor (the head is written once, as without a save_dtype) and leaves
+    the model in memory in float32."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.model import save_trained
+
+    arch = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    arch.num_attention_heads, arch.num_key_value_heads, arch.tie_word_embeddings = 4, 4, True
+    model = LlamaForCausalLM(arch)
+    save_trained(model, tmp_path / "as-trained")
+    save_trained(model, tmp_path / "half", dtype="float16")
+    names = {}
+    for folder in ("as-trained", "half"):
+        with safe_open(tmp_path / folder / "model.safetensors", "pt") as f:
+            names[folder] = set(f.keys())
+    assert names["half"] == names["as-trained"] and "lm_head.weight" not in names["half"]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "half", dtype="auto")
+    assert loaded.dtype == torch.float16 and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.half())
 
 
 @pytest.mark.parametrize("name, weights, autocast", [("default", "float32", None), ("pure", "bfloat16", None)])
