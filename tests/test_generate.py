@@ -266,6 +266,7 @@ def test_killed_generation_resumes_to_the_same_data(uninterrupted_generation, ti
         assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes(), rel
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_shards_and_give_the_same_data(uninterrupted_generation, tiny_reward_model, tmp_path):
     out = tmp_path / "gen"
     args = (*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}")

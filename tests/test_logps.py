@@ -172,6 +172,7 @@ def test_tie_weights_shares_again_what_the_model_shared_when_wrapped():
 
 
 @fsdp_on_cpu
+@pytest.mark.slow
 def test_a_head_that_fsdp2_shards_as_its_own_unit_on_two_processes(tmp_path):
     """accelerate's FSDP2 makes the output head a unit of its own (tests/sharded_head.py shards the same way).
     The chunked head (and the fused one, where liger-kernel is installed, on padded and prefix-shared rows) then

@@ -64,6 +64,7 @@ def assert_same_summary(one_dir: Path, run_dir: Path) -> tuple[dict, dict]:
     return a, b
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """Also the checkpoints sharded engines use (accelerator.save_state on every process): the
     two-process run saves them at steps 2 and 4. Run again with the second process unable to read
@@ -109,6 +110,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert steps == [3, 6]
 
 
+@pytest.mark.slow
 def test_two_lora_processes_resume_each_with_its_own_random_draws(tmp_path):
     """LoRA's dropout draws random masks on every process. Resumed from step 2, each process goes on from
     its own generator states (the checkpoint keeps every process's), so every logged record equals the
@@ -161,6 +163,7 @@ if os.environ.get("RANK") == "1":
 """
 
 
+@pytest.mark.slow
 def test_a_save_failing_on_one_process_stops_every_process(tmp_path):
     """Sharded checkpoints are written by every process: when one cannot write its part, all of them stop
     (none waits at a collective for it), each says which process failed, and no half-written checkpoint
@@ -193,6 +196,7 @@ if os.environ.get("RANK") == "1":
 """
 
 
+@pytest.mark.slow
 def test_processes_given_different_settings_are_refused_naming_them(tmp_path):
     """Two processes of one run given different settings (here an override that reaches one of them; a sweeper
     drawing values on each would do the same) stop at set-up, every process, with the setting and each
@@ -254,6 +258,7 @@ def test_adamw_is_fused_on_a_gpu_except_under_deepspeed():
     assert on("cuda", DistributedType.DEEPSPEED) is None
 
 
+@pytest.mark.slow
 def test_a_wait_past_the_collective_timeout_stops_the_run(tmp_path):
     """hardware.collective_timeout reaches the process group: with 5 seconds, the process waiting for the main
     one's slow model write (12 s) gives up after 5 seconds, and the run fails naming the setting (with torch's
@@ -267,6 +272,7 @@ def test_a_wait_past_the_collective_timeout_stops_the_run(tmp_path):
     assert not (tmp_path / "run" / "finished.json").exists()
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     res = simpo(
@@ -287,6 +293,7 @@ def test_submitit_local_sweep(tmp_path):
     assert list((sweep / ".submitit").iterdir())  # really ran through submitit
 
 
+@pytest.mark.slow
 def test_a_submitit_job_of_two_tasks_trains_with_one_of_them_holding_the_folder(tmp_path):
     """The folder lock was taken before the launcher's ranks were exported: each task took itself for the main one,
     the second was refused ("in use by another job") and the first waited for it at the first collective."""
@@ -601,6 +608,7 @@ def test_a_deepspeed_config_whose_settings_the_launchers_config_overrides_is_sai
     assert not caplog.text  # the preset's own file under its own launcher
 
 
+@pytest.mark.slow
 def test_processes_started_seconds_apart_share_one_default_run_folder(tmp_path):
     """Each process resolved the default run folder (outputs/runs/${now:...}) at its own start: a rank whose imports
     took a second longer wrote a folder of its own (its config and log), which compare listed as a run "running"

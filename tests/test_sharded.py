@@ -68,7 +68,11 @@ SHARDS = {
 }
 
 
-@pytest.mark.parametrize("engine", ["zero3", pytest.param("fsdp", marks=fsdp_on_cpu)])
+# ZeRO-3 runs with -m slow (pyproject.toml); FSDP, torch's own, in the default run
+ENGINES = [pytest.param("zero3", marks=pytest.mark.slow), pytest.param("fsdp", marks=fsdp_on_cpu)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_sharded_engine_on_two_processes_matches_one_process_and_resumes(tmp_path, engine, one_process):
     """DeepSpeed ZeRO-3 (weights partitioned at load) or FSDP2 (each layer sharded; the weights loaded by the
     main process alone and broadcast), with sharded optimizer state and engine checkpoints (each process writes
@@ -123,6 +127,7 @@ def test_a_sharded_engine_on_two_processes_matches_one_process_and_resumes(tmp_p
     assert_same_records(first, read_metrics(sharded_dir))
 
 
+@pytest.mark.slow
 def test_zero3_launched_as_the_readme_says_saves_its_float32_master_weights_and_counts_a_skipped_step(tmp_path):
     """``accelerate launch --config_file launchers/zero3.yaml -m simpo_exp hardware=zero3`` under bf16, with no
     --mixed_precision of the test's own: the config's mixed_precision beside its DeepSpeed file failed every such
@@ -193,6 +198,7 @@ _objective.preference_loss = _poisoned
 """
 
 
+@pytest.mark.slow
 @fsdp_on_cpu
 def test_a_live_reference_under_fsdp_is_sharded_like_the_policy(tmp_path, one_process):
     """reference_mode=live under FSDP2: the frozen reference is sharded as the policy is (about half its weights

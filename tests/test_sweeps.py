@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.test_run import simpo
@@ -133,6 +134,7 @@ def test_a_crashed_job_does_not_stop_the_sweep_and_a_fixed_rerun_reports_only_it
     assert "sweep finished: 2 jobs" in again.stdout and (jobs[0] / "error.json").exists()  # left, not reported
 
 
+@pytest.mark.slow
 def test_a_multirun_under_torchrun_runs_its_jobs_in_turn_on_the_same_processes(tmp_path):
     """``torchrun --nproc_per_node 2 -m simpo_exp --multirun ...`` (or accelerate launch): the jobs run one after
     another on the same two processes and share their process group, which used to be destroyed after the first
@@ -327,6 +329,7 @@ if os.environ.get("RANK") == "1":
 """
 
 
+@pytest.mark.slow
 def test_a_crash_on_one_process_of_a_multirun_ends_the_sweep_on_every_process(tmp_path):
     """Under torchrun a crash on rank 1 was caught there as one job's failure: rank 1 went on to the next job alone
     while rank 0 waited in the first one's collectives, and the only record, rank 0's error.json, held the follow-on
