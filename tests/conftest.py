@@ -50,15 +50,15 @@ def options(group: str) -> list[str]:
 
 # The suite runs in two workers, a file per worker at a time, handed out in this order (pyproject.toml:
 # -n 2 --dist loadfile --no-loadscope-reorder). Longest files first (measured in the two-worker suite on
-# 2026-12-03, `--durations=0` summed per file, the slow-marked tests left out: run ~120 s, sharded ~100 s,
-# reliability ~90 s, generate ~75 s, compile ~65 s, sweeps and faults ~58 s, baselines and bad_input ~48 s,
+# 2026-12-03, `--durations=0` summed per file, the slow-marked tests left out: sharded ~100 s, reliability
+# ~90 s, generate ~75 s, compile ~65 s, run ~60 s, sweeps and faults ~58 s, baselines and bad_input ~48 s,
 # bench, wandb_offline, evaluate and compare ~35 s), so the short ones fill the gaps at the end.
 SLOW_FIRST = (
-    "test_run.py",
     "test_sharded.py",
     "test_reliability.py",
     "test_generate.py",
     "test_compile.py",
+    "test_run.py",
     "test_sweeps.py",
     "test_faults.py",
     "test_baselines.py",
