@@ -271,7 +271,7 @@ def live_reference(model, layout: BatchLayout | None = None, share: bool = False
     return ref
 
 
-def cast_floating(tensors, dtype: torch.dtype) -> None:
+def cast_in_place(tensors, dtype: torch.dtype) -> None:
     """Cast each floating-point tensor of ``tensors`` to ``dtype`` in place (integer buffers stay as they are)."""
     for t in tensors:
         if t.is_floating_point():
@@ -294,16 +294,16 @@ def in_the_policys_precision(reference: ResponseLogps, policy, accelerator) -> N
         # the weights to the engine's dtype; each buffer to the dtype the policy's engine left it in: DeepSpeed
         # 0.19 casts parameters only and keeps float32 buffers (RoPE's inv_freq), where a whole-module .to() put
         # the reference's RoPE on bf16 frequencies (up to 3.7 rad off by position 2048 at Llama-3's theta)
-        cast_floating(reference.parameters(), next(policy.parameters()).dtype)
+        cast_in_place(reference.parameters(), next(policy.parameters()).dtype)
         held = {name.removeprefix("module."): b.dtype for name, b in policy.named_buffers()}
         for name, t in reference.named_buffers():
             if name in held:
-                cast_floating([t], held[name])
+                cast_in_place([t], held[name])
     elif accelerator.distributed_type == DistributedType.FSDP and not fsdp2(accelerator):
         mixed = accelerator.state.fsdp_plugin.mixed_precision_policy
         for tensors, dtype in ((reference.parameters(), "param_dtype"), (reference.buffers(), "buffer_dtype")):
             if (to := getattr(mixed, dtype, None)) is not None:
-                cast_floating(tensors, to)
+                cast_in_place(tensors, to)
     forward = reference.forward
 
     def under_autocast(*args, **kwargs):
