@@ -997,9 +997,11 @@ def test_scored_shards_named_before_the_scorer_hash_are_not_scored_again(
     assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes()
 
 
-def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(monkeypatch):
+def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(monkeypatch, caplog):
     """The cap came before the length filter: max_train_samples=20 sampled 5 prompts when 15 were too long, and
-    the report's counts did not add up to the source's rows (the cut was not listed)."""
+    the report's counts did not add up to the source's rows (the cut was not listed). The prompts left out for their
+    length were in report.json alone: the log did not say that a share of the prompts was never sampled."""
+    import logging
     import types
 
     from simpo_exp.generate import run as gen
@@ -1011,7 +1013,9 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     monkeypatch.setattr(gen, "prompt_token_ids", lambda tok, chats: [[0] * len(c[0]["content"]) for c in chats])
     monkeypatch.setattr(gen, "policy_positions", lambda cfg: None)
     cfg = types.SimpleNamespace(max_prompt_length=10, dataset=types.SimpleNamespace(max_train_samples=3))
-    kept, report = gen._tokenised_prompts(cfg, tokenizer=None)
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.generate.run"):
+        kept, report = gen._tokenised_prompts(cfg, tokenizer=None)
+    assert "2 of the 6 prompts are longer than max_prompt_length=10 tokens and are not sampled" in caplog.text
     assert [p["prompt_id"] for p in kept] == ["0", "2", "4"]  # the first three that fit
     assert report["prompt too long"] == 2 and report["over dataset.max_train_samples"] == 1
     assert len(kept) + sum(v for k, v in report.items() if k != "rows") == report["rows"]

@@ -222,6 +222,13 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
         raise DataSourceError(
             f"every prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens ({counts})"
         )
+    if counts.get("prompt too long"):  # the official pipeline samples every prompt: a share left out is said
+        log.warning(
+            "%d of the %d prompts are longer than max_prompt_length=%d tokens and are not sampled, so the data "
+            "leans to shorter prompts; raise max_prompt_length (a model preset sets it: model=tiny's is 128) to "
+            "keep them",
+            counts["prompt too long"], len(prompts), cfg.max_prompt_length,
+        )  # fmt: skip
     positions, longest = policy_positions(cfg), max(len(p["input_ids"]) for p in kept)
     if positions is not None and longest >= positions:  # said now, not after the shards before its own are sampled
         where = cfg.model.path or "model.random_init"
@@ -466,11 +473,13 @@ def generate_data(cfg) -> dict:
     }
     write_jsonl(out / "data" / "train.jsonl", rows)
     write_atomic(out / "data" / "provenance.json", json.dumps(provenance, indent=2))
+    unsampled = {k: v for k, v in report["source_rows"].items() if k != "rows" and v}
     log.info(
-        "%d pairs from %d prompts (dropped: %s) -> %s",
+        "%d pairs from %d prompts (dropped: %s; source rows not sampled: %s) -> %s",
         len(rows),
         report["prompts"],
         report["prompts_dropped"] or "none",
+        unsampled or "none",
         out / "data" / "train.jsonl",
     )
     data = str(out.resolve() / "data" / "train.jsonl")
