@@ -292,7 +292,9 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
     expected = expected_rate([str(i) for i in range(6)], [r["output"] for r in outputs], [r["output"] for r in ALPACA])
     assert res["metrics"]["win_rate"] == pytest.approx(expected)
     assert 0 < expected < 100  # some reference answers are longer than the model's, some shorter
-    assert res["metrics"]["lc_win_rate"] is None and any("805" in n for n in res["notes"])
+    # the file is not alpaca_eval's 805 rows: said so, not blamed on a max_prompts cut this run did not make
+    assert res["metrics"]["lc_win_rate"] is None and any("the prompts file has 6 rows, not" in n for n in res["notes"])
+    assert not any("max_prompts" in n for n in res["notes"]), res["notes"]
     assert "not measured: lc_win_rate; " in up.stdout and "805" in up.stdout  # said where the user looks, with why
     assert res["judge"] == {
         "kind": "openai",
@@ -799,10 +801,22 @@ def test_win_rate_matches_alpaca_eval_and_lc_says_why_it_is_missing(monkeypatch)
         "judge",
     )
     assert win_rate(prefs) == pytest.approx(get_winrate(rows)["win_rate"])
-    lc, why = length_controlled(rows, full_set=True)
+    lc, why = length_controlled(rows, ALPACA_EVAL_ROWS)
     if lc is None:  # its GLM needs df_gamed.csv from the hub: not cached on an offline machine
         assert "df_gamed.csv" in why
     else:
         assert 0.0 <= lc <= 100.0
-    lc, why = length_controlled(rows[:10], full_set=False)
-    assert lc is None and "805" in why
+    lc, why = length_controlled(rows[:10], ALPACA_EVAL_ROWS)
+    assert lc is None and why.endswith("judged 10 of them (max_prompts)")
+
+
+def test_lc_says_whether_the_set_was_cut_or_is_another_file():
+    """No LC win rate off the whole 805-row set, and the note names why: a max_prompts cut, or a prompts file of
+    another size (which the note blamed on max_prompts, with none set)."""
+    from simpo_exp.evaluate.judge import length_controlled
+
+    rows = [{"preference": 2.0}] * 10
+    lc, why = length_controlled(rows, 805)
+    assert lc is None and why.endswith("this evaluation judged 10 of them (max_prompts)")
+    lc, why = length_controlled(rows, 10)
+    assert lc is None and why.endswith("the prompts file has 10 rows, not alpaca_eval's 805")

@@ -331,8 +331,7 @@ def _judge_pairs(
     if b.kind == "alpacaeval":
         # every prompt of the set judged; as alpaca-eval does with its own annotators' missing preferences, those
         # the judge gave no verdict are left out of the GLM's fit but not of its average over the instructions
-        full = len(verdicts) == info["rows"] == ALPACA_EVAL_ROWS
-        metrics["lc_win_rate"], why = length_controlled(every, full)
+        metrics["lc_win_rate"], why = length_controlled(every, info["rows"])
         notes += [why] if why else []
     return metrics, notes
 
@@ -360,7 +359,7 @@ def _alpacaeval(ctx: dict) -> dict:
     generator = ctx["name"]
     write_json(out / "model_outputs.json", bm.alpaca_model_outputs(prompts, texts, generator))
     metrics = {"avg_length": _mean([len(t) for t in texts]), "n": len(texts)}  # characters, as alpaca-eval counts
-    notes = [] if len(texts) == ALPACA_EVAL_ROWS else [f"{len(texts)} of {info['rows']} prompts (max_prompts)"]
+    notes = [f"{len(texts)} of {info['rows']} prompts (max_prompts)"] if len(texts) < info["rows"] else []
     notes += _count_cut(metrics, gens, b)
     record = {"notes": notes, "baseline": info["reference_generator"], "dataset_name": "AlpacaEval 2"}
     if b.judge.kind == "openai":
@@ -369,9 +368,9 @@ def _alpacaeval(ctx: dict) -> dict:
         record["win_rate_method"] = PAIRWISE_METHOD
     elif b.judge.kind == "alpaca_eval":
         metrics.update(package_judge(b, out / "model_outputs.json", b.prompts_path, out / "alpaca_eval"))
-        if len(texts) != ALPACA_EVAL_ROWS:  # alpaca-eval fits its GLM on the subset; the openai judge's rule holds
+        if not len(texts) == info["rows"] == ALPACA_EVAL_ROWS:  # alpaca-eval would fit its GLM on another set
             metrics["lc_win_rate"] = None
-            record["notes"].append(lc_subset_note())
+            record["notes"].append(lc_subset_note(len(texts), info["rows"]))
         record["win_rate_method"] = f"alpaca_eval's annotator {b.judge.annotators_config}"
         record["annotations_path"] = str(package_annotations_path(out / "alpaca_eval", b.judge.annotators_config))
     return {"metrics": metrics, **record}
