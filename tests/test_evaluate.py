@@ -182,7 +182,9 @@ class FakeJudge(BaseHTTPRequestHandler):
     requests: list[dict] = []
 
     def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.respond(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+    def respond(self, body: dict) -> None:
         self.requests.append(body)  # the class's list (a subclass can keep its own)
         content = self.content(body)
         reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})

@@ -412,3 +412,103 @@ def test_an_arena_hard_game_without_a_reply_is_asked_again_alone(tmp_path):
     assert again["metrics"]["battles"] == 6 and again["metrics"]["win_rate"] == 100.0  # both strong wins
     (line,) = read_jsonl(journal("arena_hard", tmp_path))
     assert [g["score"] for g in line["games"]] == ["B>>A", "A>>B"]
+
+
+def second_game(body: dict, question: str) -> bool:
+    """Whether a request is ``question``'s second game (the model's answer, all 'm's, shown first as A)."""
+    text = body["messages"][-1]["content"]
+    return question in text and "<|The Start of Assistant A's Answer|>\nm" in text
+
+
+class SecondGameFailsOnceJudge(FakeJudge):
+    """Arena-Hard's judge, whose server fails (HTTP 500) on the first question's second game the first time."""
+
+    requests: list[dict] = []
+    failed: list[dict] = []
+
+    def respond(self, body: dict) -> None:
+        if second_game(body, "Explain sorting.") and not self.failed:
+            self.failed.append(body)
+            self.requests.append(body)
+            self.send_response(500)
+            self.end_headers()
+            return
+        super().respond(body)
+
+
+def test_an_arena_hard_first_game_is_kept_when_the_endpoint_fails_on_the_second(tmp_path):
+    """The endpoint failed on a question's second game: the judging stopped (as it should) but threw away the first
+    game's reply, paid for (up to 4096 judge tokens), and the re-run asked for it again."""
+    from simpo_exp.evaluate.arena import judge_arena_hard
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+    from simpo_exp.evaluate.judge import JudgeError
+
+    prompts, texts = cases("arena_hard")
+    SecondGameFailsOnceJudge.failed.clear()
+    server, url = serve(SecondGameFailsOnceJudge)
+    try:
+        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
+        b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
+        with pytest.raises(JudgeError, match="question_id='q0'.*HTTP 500"):
+            judge_arena_hard(b, prompts[:1], texts[:1], "my-model", "gpt-4-0314", tmp_path)
+        assert len(SecondGameFailsOnceJudge.requests) == 2
+        (partial,) = read_jsonl(journal("arena_hard", tmp_path))
+        assert partial["games"][0]["score"] == "B>>A" and "HTTP 500" in partial["games"][1]["error"]
+        SecondGameFailsOnceJudge.requests.clear()
+        again = judge_arena_hard(b, prompts[:1], texts[:1], "my-model", "gpt-4-0314", tmp_path)
+    finally:
+        server.shutdown()
+    (asked,) = SecondGameFailsOnceJudge.requests  # the second game alone
+    assert second_game(asked, "Explain sorting.")
+    assert again["metrics"]["battles"] == 6 and again["metrics"]["win_rate"] == 100.0
+    (line,) = read_jsonl(journal("arena_hard", tmp_path))
+    assert [g["score"] for g in line["games"]] == ["B>>A", "A>>B"] and not any("error" in g for g in line["games"])
+
+
+class FailFastSlowElsewhereJudge(FakeJudge):
+    """Arena-Hard's judge: HTTP 500 on the first question's first game once another request has come in; every
+    other request answered after ``delay`` seconds (so that it is in flight when the judging stops)."""
+
+    requests: list[dict] = []
+    delay = 1.0
+    other_in_flight = threading.Event()
+
+    def respond(self, body: dict) -> None:
+        if "Explain sorting." in body["messages"][-1]["content"]:
+            self.other_in_flight.wait(10)
+            self.requests.append(body)
+            self.send_response(500)
+            self.end_headers()
+            return
+        self.other_in_flight.set()
+        time.sleep(self.delay)
+        super().respond(body)
+
+
+def test_once_the_judging_stops_no_new_request_is_sent_and_a_started_question_keeps_its_first_game(tmp_path):
+    """The endpoint failed on one question while another's first game was in flight: that game's reply arrived and
+    its thread went on to send the second game (and label retries), paying for replies no one would keep, while
+    the command waited on them (up to timeout_s each). Now the started question writes its first game and stops."""
+    from simpo_exp.evaluate.arena import judge_arena_hard
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+    from simpo_exp.evaluate.judge import JudgeError
+
+    prompts, texts = cases("arena_hard")
+    FailFastSlowElsewhereJudge.other_in_flight.clear()
+    server, url = serve(FailFastSlowElsewhereJudge)
+    try:
+        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5, concurrency=2)
+        b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
+        with pytest.raises(JudgeError, match="question_id='q0'"):
+            judge_arena_hard(b, prompts[:2], texts[:2], "my-model", "gpt-4-0314", tmp_path)
+        deadline = time.monotonic() + 10  # q1's first game arrives after the error is raised
+        while not read_jsonl(journal("arena_hard", tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2 * FailFastSlowElsewhereJudge.delay)  # time for a second game, were one sent
+    finally:
+        server.shutdown()
+    asked = [r["messages"][-1]["content"] for r in FailFastSlowElsewhereJudge.requests]
+    assert len(asked) == 2 and "Explain hashing." in asked[1]  # q0's failed game, q1's first game: nothing after
+    (partial,) = read_jsonl(journal("arena_hard", tmp_path))
+    assert partial["question_id"] == "q1" and partial["games"][0]["score"] == "B>A"
+    assert "stopped before this request was sent" in partial["games"][1]["error"]

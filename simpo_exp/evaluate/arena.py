@@ -135,12 +135,21 @@ class ArenaHardJudge(PairwiseJudge):
         """Both games of a question; ``kept``: games of an earlier judgment of it with a reply (its other game got
         none), reused instead of paying for them again."""
         q, base = prompt["instruction"], prompt["reference"]
-        kept = kept or [None, None]
-        try:  # game 2: positions swapped
-            games = [kept[0] or self.game(q, base, model_text), kept[1] or self.game(q, model_text, base)]
+        games, orders = list(kept or [None, None]), [(base, model_text), (model_text, base)]  # game 2: swapped
+        line = {"question_id": prompt["id"], "model": model_id, "judge": self.j.model, "games": games}
+        try:
+            for i, (a, b) in enumerate(orders):
+                games[i] = games[i] or self.game(q, a, b)
         except JudgeError as e:
-            raise JudgeError(f"judging question_id={prompt['id']!r}: {e}") from e
-        return {"question_id": prompt["id"], "model": model_id, "judge": self.j.model, "games": games}
+            error = JudgeError(f"judging question_id={prompt['id']!r}: {e}")
+            if any(games):  # a game paid for is written, the other marked unanswered: the next run asks it alone
+                unasked = {"judgment": "", "score": None, "error": str(e)}
+                line["games"] = [
+                    g or {"user_prompt": user_prompt(q, a, b), **unasked} for g, (a, b) in zip(games, orders)
+                ]
+                error.partial = line
+            raise error from e
+        return line
 
     def judge_all(self, prompts: list[dict], texts: list[str], model_id: str, path: Path) -> list[dict]:
         """Judgments in question order, each appended to ``path`` as it finishes; stored ones reused."""

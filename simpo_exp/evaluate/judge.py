@@ -53,7 +53,15 @@ TEMPLATE = (
 
 
 class JudgeError(ConfigError):
-    """The judge endpoint did not answer; the generations and the verdicts it gave so far are kept."""
+    """The judge endpoint did not answer; the generations and the verdicts it gave so far are kept. ``partial``: a
+    line with the replies this prompt did get (an Arena-Hard question's first game), written before it is raised."""
+
+    partial: dict | None = None
+
+
+class JudgeStopped(JudgeError):
+    """The judging stopped (the endpoint failed on another prompt, or the command was interrupted) before this
+    request was sent: nothing more is asked, or paid for."""
 
 
 class RequestRefused(Exception):
@@ -144,6 +152,7 @@ class PairwiseJudge:
         self.j, self.key = j, key
         self.url = j.base_url.rstrip("/") + "/chat/completions"
         self.api_key = os.environ.get(j.api_key_env, "")
+        self.stopping = threading.Event()  # set when the judging stops: no request is sent after it
 
     def _ask(self, content: str) -> str:
         return self.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], max_tokens=8)
@@ -158,6 +167,8 @@ class PairwiseJudge:
         last, where = None, f"{self.key}.judge.base_url={self.j.base_url!r}"
         attempt, waited, waits, limited = 0, 0.0, 0, False
         while True:
+            if self.stopping.is_set():
+                raise JudgeStopped(f"{where}: the judging stopped before this request was sent")
             try:
                 req = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.j.timeout_s) as resp:
@@ -167,7 +178,7 @@ class PairwiseJudge:
                 if e.code == RATE_LIMITED or (e.code == 503 and asked is not None):
                     pause = min(2.0**waits, 60.0) if asked is None else asked
                     if waited + pause <= self.j.rate_limit_wait_s:
-                        time.sleep(pause)
+                        self.stopping.wait(pause)  # cut short when the judging stops
                         waited, waits = waited + pause, waits + 1
                         continue
                     last = (
@@ -190,7 +201,7 @@ class PairwiseJudge:
                 last = f"{type(e).__name__}: {e}"
             if attempt >= self.j.max_retries:
                 break
-            time.sleep(min(2**attempt, 8))
+            self.stopping.wait(min(2**attempt, 8))
             attempt += 1
         slow = "TimeoutError" in last or "timed out" in last
         raise JudgeError(
@@ -264,9 +275,16 @@ class PairwiseJudge:
         endpoint fails or the command is interrupted, the prompts not started are dropped, the replies in flight
         still written as they arrive, and the error raised."""
         pool, error, done, lock = ThreadPoolExecutor(self.j.concurrency), None, dict(stored), threading.Lock()
+        self.stopping.clear()
 
         def ask_and_keep(prompt: dict, text: str) -> dict:
-            line = ask(prompt, text)
+            try:
+                line = ask(prompt, text)
+            except JudgeError as e:  # the replies it did get (a question's first game) are kept all the same
+                if e.partial is not None:
+                    with lock:
+                        append_jsonl(path, e.partial)
+                raise
             with lock:  # written by the thread that got it: a reply in flight at Ctrl-C is kept as it arrives
                 append_jsonl(path, line)
             return line
@@ -280,9 +298,12 @@ class PairwiseJudge:
                     done[futures[fut]] = fut.result()
                 except JudgeError as e:
                     error = error or e
+                    self.stopping.set()
                     for other in futures:
                         other.cancel()
-        finally:  # Ctrl-C included: nothing more is asked; the replies in flight still arrive and are written
+        finally:  # Ctrl-C included: nothing more is asked (not even a started question's second game, or a retry);
+            # the replies in flight still arrive and are written
+            self.stopping.set()
             pool.shutdown(wait=False, cancel_futures=True)
         if error:
             raise error
