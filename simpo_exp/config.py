@@ -241,7 +241,7 @@ class Config:
     learning_rate: Optional[float] = None  # None: the model's recommendation, else by size
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's, on weights only: not on biases or norm weights (as transformers' Trainer)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8

@@ -37,6 +37,29 @@ def adamw_fused(accelerator) -> bool | None:
     return None
 
 
+def adamw(model, cfg: Config, lr: float, accelerator) -> torch.optim.AdamW:
+    """torch's AdamW over ``model`` with transformers' Trainer's (so TRL's) parameter groups: weight decay on the
+    weights, none on biases and normalisation weights (``Trainer.get_decay_parameter_names``; a decayed RMSNorm gain
+    is pulled towards 0). Without weight decay one group, as checkpoints written before the split hold."""
+    named = list(model.named_parameters())
+    groups = [{"params": [p for _, p in named], "weight_decay": 0.0}]
+    if cfg.weight_decay:
+        from transformers import Trainer
+
+        decayed = set(Trainer.get_decay_parameter_names(None, model))  # reads nothing of the Trainer itself
+        groups = [
+            {"params": [p for n, p in named if n in decayed], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0},
+        ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        fused=adamw_fused(accelerator),
+    )
+
+
 # Settings that may differ between the processes of one run: each process's own Hydra directory (the run uses the
 # main one's) and the W&B names made from it (only the main process logs).
 PER_PROCESS_SETTINGS = ("output_dir", "logger")

@@ -258,6 +258,34 @@ def test_adamw_is_fused_on_a_gpu_except_under_deepspeed():
     assert on("cuda", DistributedType.DEEPSPEED) is None
 
 
+def test_weight_decay_leaves_biases_and_norm_weights_alone_as_trl_does(compose):
+    """AdamW decayed every parameter: an RMSNorm's gain was pulled towards 0, where transformers' Trainer (and so
+    TRL) decays the weights alone. One step on zero gradients moves only what is decayed, by lr x weight_decay."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+
+    from simpo_exp.engine import adamw
+
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cpu = SimpleNamespace(device=torch.device("cpu"), distributed_type=DistributedType.NO)
+    optimizer = adamw(model, compose("weight_decay=0.1"), 0.5, cpu)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    decayed = set(Trainer.get_decay_parameter_names(None, model))
+    kept = {n for n in before if n not in decayed}
+    assert any("norm" in n for n in kept) and any(n.endswith("bias") for n in kept) and decayed
+    for name, p in model.named_parameters():
+        factor = 1 - 0.5 * 0.1 if name in decayed else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * factor, msg=name)
+    assert len(adamw(model, compose("weight_decay=0"), 0.5, cpu).param_groups) == 1  # as older checkpoints hold
+
+
 @pytest.mark.slow
 def test_a_wait_past_the_collective_timeout_stops_the_run(tmp_path):
     """hardware.collective_timeout reaches the process group: with 5 seconds, the process waiting for the main
