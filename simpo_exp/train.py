@@ -45,7 +45,7 @@ from simpo_exp.data.sampler import LengthGroupedSampler, pair_lengths
 from simpo_exp.data.sources import changes_since_record
 from simpo_exp.engine import (
     SHARDED_ENGINES,
-    adamw_fused,
+    adamw,
     check_same_config,
     engine_checkpoints,
     fsdp2,
@@ -148,6 +148,7 @@ class Run:
     shown: list  # the eval pairs whose greedy completions are logged at each eval
     started: float
     bad_in_a_row: int = 0
+    step_lr: float = 0.0  # the learning rate the last optimizer step used (logged as TRL logs it)
     compiler: Any = None  # a CompileWatch: compile steps apart from timed ones (simpo_exp/compiled.py)
 
 
@@ -372,15 +373,7 @@ def set_up(cfg: Config) -> Run:
     collate, reference, train_loader, eval_loader, eval_ds = make_loaders(
         cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator, layout
     )
-    fused_optimizer = adamw_fused(accelerator)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-        fused=fused_optimizer,
-    )
+    optimizer = adamw(model, cfg, lr, accelerator)
     compiler = watch_compiles(cfg, accelerator, model)  # after the reference is copied, before prepare
     warn_if_the_engine_rounds_the_base(accelerator, model)
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
@@ -411,7 +404,7 @@ def set_up(cfg: Config) -> Run:
         keep_run_config(run_dir)
     env = environment_record(cfg, accelerator, model, data_report, layout)
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
-    env["adamw_fused"] = bool(fused_optimizer)
+    env["adamw_fused"] = bool(optimizer.defaults.get("fused"))
     tracker = Tracker(
         run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env}, enabled=accelerator.is_main_process
     )
@@ -531,6 +524,7 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
         run.bad_in_a_row = 0
     else:  # a non-finite loss gives non-finite gradients too
         skip_step(run, scaler.get_scale() if scaler is not None else None)
+    run.step_lr = run.scheduler.get_last_lr()[0]  # the rate this step used, before the schedule moves on
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -580,7 +574,7 @@ def log_train(run: Run, window: Window, grad_norm: float) -> dict:
     metrics |= {
         "train/num_tokens": run.state.num_tokens,
         "train/grad_norm": grad_norm,
-        "train/learning_rate": run.scheduler.get_last_lr()[0],
+        "train/learning_rate": run.step_lr,
         "train/epoch": run.state.micro_batches / run.state.epoch_batches,
         "train/skipped_steps": run.state.skipped_steps,
         SAMPLES_KEY: run.state.step * run.pairs_per_step,

@@ -25,8 +25,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def test_short_run_leaves_everything_a_user_needs(tmp_path):
     run_dir = tmp_path / "run"
     res = simpo(
-        "max_steps=4", "logger=none", "hardware.peak_tflops=1", f"hydra.run.dir={run_dir}", *SMALL, cwd=tmp_path
-    )
+        "max_steps=4", "logger=none", "hardware.peak_tflops=1", "learning_rate=1e-3", f"hydra.run.dir={run_dir}",
+        *SMALL, cwd=tmp_path,
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in eval_keys() + train_keys():
@@ -39,6 +40,24 @@ def test_short_run_leaves_everything_a_user_needs(tmp_path):
     eval_steps = [r["step"] for r in records if "eval/loss" in r]
     assert train_steps == [1, 2, 3, 4]
     assert eval_steps == [0, 2, 4]  # eval_on_start, every 2 steps
+    # the rate each step used, as TRL (transformers' Trainer) logs it; the next step's was logged: the warm-up seemed
+    # to start above 0, and the last step (and the summary) said 0, a rate no step used
+    import math
+
+    import torch
+    from transformers import get_scheduler
+
+    cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    warmup = math.ceil(cfg["warmup_ratio"] * 4)
+    schedule = get_scheduler(cfg["lr_scheduler_type"], optimizer, num_warmup_steps=warmup, num_training_steps=4)
+    used = []
+    for _ in range(4):
+        used.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert [r["train/learning_rate"] for r in records if "train/loss" in r] == pytest.approx(used)
+    assert used[0] == 0.0 < used[-1] and summary["train/learning_rate"] == pytest.approx(used[-1])
     assert all(0 <= r["eval/rewards/accuracies"] <= 1 for r in records if "eval/loss" in r)
     # Hydra's record and the saved model, loadable by transformers
     assert (run_dir / ".hydra" / "config.yaml").exists()
