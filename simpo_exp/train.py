@@ -525,7 +525,8 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     else:  # a non-finite loss gives non-finite gradients too
         skip_step(run, scaler.get_scale() if scaler is not None else None)
     run.step_lr = run.scheduler.get_last_lr()[0]  # the rate this step used, before the schedule moves on
-    run.scheduler.step()
+    if not acc.optimizer_step_was_skipped:  # an fp16 overflow the scaler skipped holds the schedule (as the Trainer)
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     if acc.device.type == "cuda" and (state.step % run.cfg.logging_steps == 0 or state.step == run.steps):

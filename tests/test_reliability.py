@@ -537,13 +537,16 @@ def test_a_full_disk_while_the_model_is_written_is_named_and_the_run_not_recorde
 def test_an_fp16_overflow_step_goes_to_the_loss_scaler_and_the_run_goes_on(compose, tmp_path, monkeypatch):
     """Under fp16's GradScaler (a GPU's, stood in for by torch's CPU scaler) a step with non-finite gradients was
     skipped before the scaler's step/update: its scale never backed off, and the next step's unscale_ raised
-    'unscale_() has already been called on this optimizer since the last update()'."""
+    'unscale_() has already been called on this optimizer since the last update()'. The skipped step moved the
+    learning-rate schedule on all the same, where transformers' Trainer holds it (an fp16 run's first overflows
+    shortened its warm-up and cosine)."""
     import simpo_exp.train as train_mod
 
-    real_set_up = train_mod.set_up
+    real_set_up, runs = train_mod.set_up, []
 
     def with_a_scaler(cfg):
         run = real_set_up(cfg)
+        runs.append(run)
         from accelerate.optimizer import patch_optimizer_step
 
         scaler, opt = torch.amp.GradScaler("cpu", init_scale=2.0**16), run.optimizer
@@ -560,6 +563,7 @@ def test_an_fp16_overflow_step_goes_to_the_loss_scaler_and_the_run_goes_on(compo
     summary = train_mod.train(cfg)  # an overflow the scaler scales away is not a bad step: max_bad_steps=0 holds
     assert summary["train/skipped_steps"] == 1
     assert math.isfinite(summary["train/loss"])
+    assert runs[0].scheduler.last_epoch == 3  # the schedule moved for the 3 steps the scaler took, not the skipped one
 
 
 def test_a_stop_signal_to_the_whole_process_group_saves_with_dataloader_workers(tmp_path):
