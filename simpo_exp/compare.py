@@ -36,6 +36,7 @@ from simpo_exp.inference.results import headline_keys, is_bench_metric, read_res
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import (
     REFUSED_FILE,
+    RESUMABLE_CHANGES,
     RUN_SEARCH_DEPTH,
     STOPPED_FILE,
     checkpoint_dirs,
@@ -56,6 +57,8 @@ from simpo_exp.tracking import (
     SAMPLES_KEY,
     STEP_KEY,
     STOPPED_SUMMARY,
+    config_leaves,
+    differing_keys,
     eval_keys,
     train_keys,
 )
@@ -414,11 +417,16 @@ def _same(a, b) -> bool:
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
-    """Override keys whose value differs between runs; with a single run, all of its overrides."""
+    """Override keys whose value differs between runs, then the config values that differ though no override names
+    them (a preset edited between runs, another ``--config-dir``, another version's default), so that such runs
+    are shown apart and never pooled as seeds of one setting; with a single run, all of its overrides. Settings
+    that do not change what trains (``RESUMABLE_CHANGES``) and the values under a swept group are not listed."""
     keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
     if len(runs) == 1:
         return keys
-    return [k for k in keys if any(not _same(r.value_of(k), runs[0].value_of(k)) for r in runs[1:])]
+    swept = [k for k in keys if any(not _same(r.value_of(k), runs[0].value_of(k)) for r in runs[1:])]
+    configs = [config_leaves(r.config) for r in runs if r.config]
+    return swept + differing_keys(configs, skip=(*RESUMABLE_CHANGES, *keys)) if len(configs) > 1 else swept
 
 
 def label_runs(runs: list[Run]) -> list[Run]:

@@ -296,6 +296,24 @@ def test_seed_groups_pool_equal_values_and_group_choices_however_they_were_given
     assert groups[0]["eval/rewards/accuracies mean"] == pytest.approx(0.75)
 
 
+def test_runs_whose_configs_differ_where_no_override_says_so_are_shown_apart_not_pooled_as_seeds():
+    """Two runs of ``hparams=my-fast seed=1`` and ``seed=2`` with the preset's beta edited between them (2.0, then
+    10.0) showed a seed column alone and were pooled as two seeds of one setting. A value that differs in the
+    saved configs is a column now; one a resume may change (eval_steps), or under a swept group, is not."""
+
+    def run(name, seed, beta, acc, eval_steps=0, model="tiny"):
+        config = {"beta": beta, "seed": seed, "eval_steps": eval_steps, "model": {"name": model, "layers": len(model)}}
+        overrides = {"hparams": "my-fast", "seed": str(seed)} | ({"model": model} if model != "tiny" else {})
+        return compare.Run(name, "done", overrides=overrides, config=config, summary={"eval/rewards/accuracies": acc})
+
+    runs = compare.label_runs([run("a", 1, 2.0, 0.82), run("b", 2, 10.0, 0.89), run("c", 3, 2.0, 0.84, eval_steps=5)])
+    assert compare.swept_keys(runs) == ["seed", "beta"]
+    groups = compare.seed_groups(runs)
+    assert [(g["beta"], g["seeds"]) for g in groups] == [("10", 1), ("2", 2)]
+    runs = compare.label_runs([run("a", 1, 2.0, 0.8), run("d", 1, 2.0, 0.8, model="tiny-wide")])
+    assert compare.swept_keys(runs) == ["model"]  # not model.name and model.layers beside it
+
+
 def test_the_step_and_sample_counters_the_loop_logs_can_be_ranked_on():
     assert {"train/global_step", "train/samples_seen"} <= set(compare.KNOWN_METRICS)
     # and the numbers summary.json adds (--metric refused them), cheapest first
