@@ -71,9 +71,30 @@ def recorded_summary(cfg) -> dict | None:
         "result; resume=false trains it again)"
     )
     log.info(message)
+    unapplied = not_applied(saved, config_to_dict(cfg))
+    if unapplied:  # changes a resumed run takes; a finished one runs nothing, so they change nothing of its files
+        log.warning(
+            "%s: %s: a finished run writes nothing again, so its files stay as it wrote them; resume=false trains "
+            "it again with them",
+            run_dir.resolve(), "; ".join(unapplied),
+        )  # fmt: skip
+    from simpo_exp.runinfo import restore_run_config
+
+    restore_run_config(run_dir)  # .hydra as the run ran (Hydra wrote this command's there): compare reads them
     keys = [k for k in HEADLINE_METRICS if k in summary]
     print(f"{message}\n{final_table(summary, keys)}", flush=True)
     return summary
+
+
+# Changes a resumed run takes (rundir.RESUMABLE_CHANGES) that a finished run cannot: what it writes and how often
+NOT_APPLIED = ("save_model", "save_dtype", "eval_steps", "logging_steps", "save_steps", "save_total_limit",
+               "eval_on_start", "per_device_eval_batch_size", "num_generations", "max_new_tokens")  # fmt: skip
+
+
+def not_applied(saved: dict, now: dict) -> list[str]:
+    """``key: finished with A, now B`` for each setting of ``NOT_APPLIED`` this command changes."""
+    changed = [k for k in NOT_APPLIED if saved.get(k) != now.get(k)]
+    return [f"{k}: finished with {saved.get(k)!r}, now {now.get(k)!r}" for k in changed]
 
 
 def data_changed(run_dir: Path, cfg) -> list[str]:

@@ -554,8 +554,11 @@ def restore_run_config(run_dir: Path, kept_in: str = RAN_WITH) -> None:
     there now): Hydra rewrote them with a command that was then refused, and compare and evaluate read the run's
     config and overrides from them."""
     kept = Path(run_dir) / ".hydra" / kept_in
+    started = _started_with.get(str(Path(run_dir).resolve())) if kept_in == RAN_WITH else None
     for f in kept.glob("*.yaml") if kept.is_dir() else ():
         write_atomic(kept.parent / f.name, f.read_text())  # a new time: the sweep's summary counts the job as run
+        if started is not None:  # this job's own files from now on (written again as the job ends)
+            started[f.name] = f.read_text()
 
 
 def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:

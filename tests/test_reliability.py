@@ -427,6 +427,22 @@ def test_a_run_on_local_data_that_changed_since_is_neither_skipped_nor_resumed(t
     assert json.loads((run_dir / "data_report.json").read_text())["sources"]["local"]["files"] != recorded["files"]
 
 
+def test_a_finished_run_skipped_keeps_its_config_and_names_the_changes_it_did_not_apply(tmp_path):
+    """A finished run skipped on a command with another eval cadence or save_dtype (changes a resume takes) kept
+    Hydra's new .hydra files, so compare showed the run as run with them; and the model was not written again in
+    the new dtype, without a word."""
+    run_dir = tmp_path / "run"
+    short = [*RUN, "max_steps=2", "eval_steps=0", "logger=none", "num_generations=0", f"hydra.run.dir={run_dir}"]
+    first = simpo(*short, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ran_with = (run_dir / ".hydra" / "config.yaml").read_text()
+    again = simpo(*short, "eval_steps=1", "save_dtype=bfloat16", cwd=tmp_path)
+    assert again.returncode == 0 and "already finished with this config; skipped" in again.stdout, again.stderr
+    said = again.stdout + again.stderr
+    assert "eval_steps: finished with 0, now 1" in said and "save_dtype: finished with None, now 'bfloat16'" in said
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == ran_with
+
+
 def test_a_sweep_job_refused_as_another_runs_directory_is_reported(tmp_path):
     """The job disappeared from the sweep's summary (its .hydra files put back with their old times) and the sweep
     said 'sweep finished: 0 jobs', exit 0."""
