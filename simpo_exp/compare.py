@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -172,6 +173,22 @@ def _logged(v) -> float | None:
     return math.copysign(math.inf, v) if abs(v) >= JSON_INFINITY else float(v)
 
 
+def rerun_its_command(hydra_cfg: dict, folder: Path) -> str:
+    """How to go on in a run's folder, from its hydra.yaml: "re-run its command" where the command named the folder
+    (``hydra.run.dir``, a sweep's ``hydra.sweep.dir``), else with that folder added (``rundir.rerun_command``'s rule:
+    a default folder is named after the time its command started, so the same command alone starts afresh)."""
+    hydra = hydra_cfg.get("hydra") if isinstance(hydra_cfg.get("hydra"), dict) else None
+    if hydra is None:
+        return "re-run its command"
+    sweep = str(hydra.get("mode")) == "MULTIRUN"
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    given = (hydra.get("overrides") or {}).get("hydra") or []
+    if any(str(o).lstrip("+").split("=", 1)[0] == key for o in given):
+        return "re-run its command"
+    where = (folder.parent if sweep else folder).resolve()  # a sweep's job folders are its folder's children
+    return f"re-run its command with {key}={shlex.quote(str(where))}"
+
+
 def load_run(path: str | Path) -> Run:
     """A run from its folder: Hydra's records (``.hydra/``) there, the run's own where it wrote them (``output_dir``,
     when given, moves them). A job refused as another run's folder leaves ``refused.json`` in its own folder: where
@@ -208,7 +225,7 @@ def load_run(path: str | Path) -> Run:
         first_line = (str(error.get("error") or "").strip().splitlines() or [""])[0]
         message = f"{error.get('type', 'Error')}: {first_line}"
     elif status == "stopped":
-        message = f"stopped by {stopped_words(stopped)}; re-run its command to resume"
+        message = f"stopped by {stopped_words(stopped)}; {rerun_its_command(hydra_cfg, hydra_dir)} to resume"
     elif status == "killed":
         saved = checkpoint_dirs(path)
         if not saved:
@@ -217,7 +234,8 @@ def load_run(path: str | Path) -> Run:
             then = f"resume from step {step_of(saved[-1])}"
         else:
             then = "start it again (it ran with resume=false)"
-        message = f"ended without a record (killed: out of memory, kill -9?); re-run its command to {then}"
+        rerun = rerun_its_command(hydra_cfg, hydra_dir)
+        message = f"ended without a record (killed: out of memory, kill -9?); {rerun} to {then}"
     return Run(
         name=hydra_dir.name,
         status=status,
@@ -338,7 +356,10 @@ def unstarted_jobs(runs: list[Run]) -> list[str]:
     notes = []
     for sweep in dict.fromkeys(r.path.parent for r in runs if r.path is not None):
         asked, found = jobs_asked(sweep), sum(r.path is not None and r.path.parent == sweep for r in runs)
-        if asked is not None and found < asked:
+        running = [r.name for r in runs if r.path is not None and r.path.parent == sweep and r.status == "running"]
+        if asked is not None and found < asked and running:  # the sweep is still at work: its later jobs are to come
+            notes.append(f"{sweep}: {found} of the sweep's {asked} jobs have a folder so far; {running[0]} is running")
+        elif asked is not None and found < asked:
             notes.append(
                 f"{sweep}: {found} of the sweep's {asked} jobs have a folder; the others never started (the sweep "
                 f"stopped first): re-run its command with hydra.sweep.dir={sweep} (finished jobs return their "

@@ -170,6 +170,42 @@ def test_single_run_and_a_running_job(sweep, tmp_path, capsys):
     check_pngs(list((single / "compare").glob("*.png")))
 
 
+def test_a_sweep_still_running_is_not_said_to_have_stopped(sweep, tmp_path, capsys):
+    """Compare run while a sweep's first job trained said its other jobs "never started (the sweep stopped first)"
+    and told the user to re-run the sweep's command: a second sweep process in the same folder."""
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(sweep / "multirun.yaml", live / "multirun.yaml")  # six jobs asked
+    first = shutil.copytree(job(sweep, 0), live / job(sweep, 0).name)
+    (first / "summary.json").unlink()
+    hold_folder(first, "")  # its job is alive
+    try:
+        assert compare.main([str(live), "--no-plots"]) == 0
+    finally:
+        release_folders()
+    out = capsys.readouterr().out
+    assert "1 of the sweep's 6 jobs have a folder so far; 0 is running" in out  # the job as the table names it
+    assert "never started" not in out
+
+
+def test_a_run_in_a_default_folder_is_told_to_name_its_folder_to_resume(sweep, tmp_path):
+    """A run started without hydra.run.dir lives in a folder named after its start time: "re-run its command"
+    started a new run in a new folder, from step 0, where training's own message names the folder to add."""
+    killed = shutil.copytree(job(sweep, 0), tmp_path / "2026-12-03_07-34-34")
+    (killed / "summary.json").unlink()
+    (killed / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
+    (killed / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    hydra_yaml = killed / ".hydra" / "hydra.yaml"
+    hydra = yaml.safe_load(hydra_yaml.read_text())
+    hydra["hydra"]["mode"], hydra["hydra"]["overrides"]["hydra"] = "RUN", ["hydra.mode=RUN"]
+    hydra_yaml.write_text(yaml.safe_dump(hydra))
+    said = compare.load_run(killed).error
+    assert said.endswith(f"re-run its command with hydra.run.dir={killed.resolve()} to resume from step 2"), said
+    hydra["hydra"]["mode"] = "MULTIRUN"  # a sweep's job without hydra.sweep.dir: the sweep's folder is named
+    hydra_yaml.write_text(yaml.safe_dump(hydra))
+    assert f"re-run its command with hydra.sweep.dir={tmp_path.resolve()} to resume" in compare.load_run(killed).error
+
+
 def test_a_job_killed_without_a_record_is_told_from_a_running_one(sweep, tmp_path, capsys):
     """A job killed where it could write nothing (out of memory, kill -9) left its folder's lock free: it is
     not "running at step 4" for ever. A lock file of another machine's job is not judged (node-local locks)."""
