@@ -125,14 +125,41 @@ def job_subdir(overrides: str, sweep_dir: str | None = None, num=None) -> str:
         return f"{num}_{name}"
     names = {name, _cut_before(overrides)}  # an earlier sweep's folder under a long name cut the old way too
     with contextlib.suppress(OSError):
-        taken = sorted(
-            (int(m[1]), p.name)
-            for p in Path(str(sweep_dir)).iterdir()
-            if (m := _JOB_FOLDER.match(p.name)) and m[2] in names and p.is_dir()
-        )
+        sweep = Path(str(sweep_dir))
+        found = [(m, p) for p in sweep.iterdir() if (m := _JOB_FOLDER.match(p.name))]
+        folders = [(int(m[1]), p.name, m[2]) for m, p in found if p.is_dir()]
+        taken = sorted((n, f) for n, f, named in folders if named in names)
+        # else a folder of this setting under other settings a resume may change (logger=none added, another
+        # eval_steps), as its job recorded them whole (a long name is cut, with a hash of them all): a job trains
+        # the same there, and resumes or is skipped as finished, saying what it cannot apply
+        if not taken:
+            alike = _trains_alike(overrides)
+            taken = sorted((n, f) for n, f, _ in folders if _trains_alike(_recorded_overrides(sweep / f)) == alike)
         if taken:
             return taken[0][1]
     return f"{num}_{name}"
+
+
+def _trains_alike(overrides: str | None) -> list[str] | None:
+    """A job's overrides (Hydra's ``override_dirname``) less those that do not change what trains
+    (``RESUMABLE_CHANGES``); None for None (a folder without its record)."""
+    if overrides is None:
+        return None
+    items = [i for i in _NEXT_ITEM.split(overrides) if i]
+    return [i for i in items if i.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in RESUMABLE_CHANGES]
+
+
+def _recorded_overrides(folder: Path) -> str | None:
+    """The ``override_dirname`` a sweep job recorded in its ``.hydra/hydra.yaml`` (whole, where its folder's name may
+    be cut); None where there is none to read."""
+    import yaml
+
+    try:
+        found = re.search(r"^    override_dirname: (.*)$", (folder / ".hydra" / "hydra.yaml").read_text(), re.M)
+        value = yaml.safe_load(found[1]) if found else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return None if found is None else "" if value is None else str(value)
 
 
 OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)

@@ -36,7 +36,8 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
 
 def test_a_sweep_run_again_without_one_of_its_values_trains_nothing_again(tmp_path):
     """Jobs are numbered in the order of the values: ``beta=3`` after ``beta=2,3`` is job 0, and its folder was
-    ``0_beta=3`` beside the finished ``1_beta=3``: the finished setting trained again from the start."""
+    ``0_beta=3`` beside the finished ``1_beta=3``: the finished setting trained again from the start. The same with
+    a setting added that does not change what trains (eval_steps, logger=none)."""
     sweep = tmp_path / "sweep"
     first = simpo("--multirun", "beta=2,3", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -47,6 +48,14 @@ def test_a_sweep_run_again_without_one_of_its_values_trains_nothing_again(tmp_pa
     assert sorted(p.name.split(",")[0] for p in sweep.iterdir() if p.is_dir()) == ["0_beta=2", "1_beta=3"]
     assert finished.stat().st_mtime_ns == stamp  # skipped as finished, not trained again
     assert "already finished" in again.stdout + again.stderr
+    # run again with a setting a resume may change (the job folders are named by the overrides): new folders, and
+    # every job trained again from the start; now each finds its folder, is skipped and says what it did not apply
+    cadence = simpo("--multirun", "beta=2,3", f"hydra.sweep.dir={sweep}", *FAST, "eval_steps=1", cwd=tmp_path)
+    assert cadence.returncode == 0, cadence.stderr[-3000:]
+    assert sorted(p.name.split(",")[0] for p in sweep.iterdir() if p.is_dir()) == ["0_beta=2", "1_beta=3"]
+    assert finished.stat().st_mtime_ns == stamp
+    said = cadence.stdout + cadence.stderr
+    assert said.count("eval_steps: finished with 0, now 1") == 2 and "already finished" in said
 
 
 def test_a_sweep_with_nested_job_folders_lists_its_failed_jobs(tmp_path):
