@@ -437,6 +437,11 @@ def _same(a, b) -> bool:
     return _parsed(a) == _parsed(b)
 
 
+# What a W&B run's config holds beside the run's settings (train.py's tracker config): the machine and versions it
+# ran on, the values it resolved (shown through their keys), W&B's own
+NOT_SETTINGS = ("env", "resolved", "_wandb")
+
+
 def swept_keys(runs: list[Run]) -> list[str]:
     """Override keys whose value differs between runs, then the config values that differ though no override names
     them (a preset edited between runs, another ``--config-dir``, another version's default), so that such runs
@@ -447,7 +452,8 @@ def swept_keys(runs: list[Run]) -> list[str]:
         return keys
     swept = [k for k in keys if any(not _same(r.value_of(k), runs[0].value_of(k)) for r in runs[1:])]
     configs = [config_leaves(r.config) for r in runs if r.config]
-    return swept + differing_keys(configs, skip=(*RESUMABLE_CHANGES, *keys)) if len(configs) > 1 else swept
+    skip = (*RESUMABLE_CHANGES, *NOT_SETTINGS, *keys)
+    return swept + differing_keys(configs, skip=skip) if len(configs) > 1 else swept
 
 
 def label_runs(runs: list[Run]) -> list[Run]:

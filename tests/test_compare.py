@@ -348,6 +348,9 @@ def test_runs_whose_configs_differ_where_no_override_says_so_are_shown_apart_not
     assert [(g["beta"], g["seeds"]) for g in groups] == [("10", 1), ("2", 2)]
     runs = compare.label_runs([run("a", 1, 2.0, 0.8), run("d", 1, 2.0, 0.8, model="tiny-wide")])
     assert compare.swept_keys(runs) == ["model"]  # not model.name and model.layers beside it
+    for r, host in zip(runs, ("node-1", "node-2")):  # a W&B run's config: the machine it ran on is no setting
+        r.config |= {"env": {"hostname": host}, "resolved": {"learning_rate": 1e-3}}
+    assert compare.swept_keys(runs) == ["model"]
 
 
 def test_the_step_and_sample_counters_the_loop_logs_can_be_ranked_on():
