@@ -129,8 +129,8 @@ def test_lc_is_computed_over_a_full_set_with_replies_that_gave_no_verdict(picky,
 
     seen = {}
 
-    def lc(rows, full_set):
-        seen.update(rows=len(rows), full=full_set, none=[r["index"] for r in rows if r["preference"] is None])
+    def lc(rows, file_rows):
+        seen.update(rows=len(rows), file_rows=file_rows, none=[r["index"] for r in rows if r["preference"] is None])
         return None, "stand-in"
 
     monkeypatch.setattr("simpo_exp.evaluate.run.length_controlled", lc)
@@ -139,4 +139,4 @@ def test_lc_is_computed_over_a_full_set_with_replies_that_gave_no_verdict(picky,
     b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=picky.judge)
     info = {"rows": 805, "reference_generator": "gpt4_turbo"}
     metrics, _ = _judge_pairs({"benchmark": b, "out": picky.out}, prompts, ["yyy"] * 805, info, "me")
-    assert metrics["unparseable_verdicts"] == 1 and seen == {"rows": 805, "full": True, "none": [7]}
+    assert metrics["unparseable_verdicts"] == 1 and seen == {"rows": 805, "file_rows": 805, "none": [7]}
