@@ -626,9 +626,13 @@ def evaluate_and_sample(run: Run, step: int) -> dict:
     run.tracker.log(metrics, step)
     if run.shown:
         unwrapped = acc.unwrap_model(run.policy)
-        with torch.no_grad():
-            batch = send_to_device(run.collate(run.shown), acc.device)
-            _, _, (rewards, _) = batch_loss(unwrapped, batch, run.cfg, run.reference)
+        unwrapped.eval()  # as the evaluation scored (evaluate() put the policy back in train mode): no dropout noise
+        try:
+            with torch.no_grad():
+                batch = send_to_device(run.collate(run.shown), acc.device)
+                _, _, (rewards, _) = batch_loss(unwrapped, batch, run.cfg, run.reference)
+        finally:
+            unwrapped.train()
         with eager_only(run.compiler.asked):  # decoding shapes would only add compiled graphs
             texts = samples.generate(
                 unwrapped.model,

@@ -605,3 +605,21 @@ def test_a_stop_signal_to_the_whole_process_group_saves_with_dataloader_workers(
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert json.loads((run_dir / "stopped.json").read_text())["signal"] == "SIGTERM"
     assert list((run_dir / "checkpoints").glob("step-*[0-9]/COMPLETE"))
+
+
+def test_the_sampled_pairs_rewards_are_scored_in_eval_mode(compose, tmp_path, monkeypatch):
+    """The rewards beside each eval's greedy samples were scored after evaluate() had put the policy back in train
+    mode: with dropout left on (disable_dropout=false, or LoRA's own), they carried its noise."""
+    import simpo_exp.train as train_mod
+
+    real, modes = train_mod.batch_loss, []
+
+    def recording(policy, *args, **kwargs):
+        if not torch.is_grad_enabled():  # the evaluation's and the samples' scoring
+            modes.append(policy.training)
+        return real(policy, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "batch_loss", recording)
+    cfg = _tiny_config(compose, tmp_path, "max_steps=2", "eval_steps=2", "num_generations=2", "disable_dropout=false")
+    train_mod.train(cfg)
+    assert len(modes) > 1 and not any(modes), modes
