@@ -29,8 +29,10 @@ from simpo_exp.rundir import (
     STOPPED_FILE,
     hold_folder,
     read_json,
+    read_yaml,
     release_folders,
     rerun_command,
+    select,
     stopped_before_a_step_record,
     stopped_words,
 )
@@ -141,25 +143,18 @@ def job_subdir(overrides: str, sweep_dir: str | None = None, num=None) -> str:
 
 
 def _trains_alike(overrides: str | None) -> list[str] | None:
-    """A job's overrides (Hydra's ``override_dirname``) less those that do not change what trains
-    (``RESUMABLE_CHANGES``); None for None (a folder without its record)."""
+    """A job's overrides (Hydra's ``override_dirname``) less the operational ones (``operational``: the cadence, the
+    logger, ...); None for None (a folder without its record)."""
     if overrides is None:
         return None
-    items = [i for i in _NEXT_ITEM.split(overrides) if i]
-    return [i for i in items if i.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in RESUMABLE_CHANGES]
+    return [i for i in _NEXT_ITEM.split(overrides) if i and not operational(i.lstrip("+~"))]
 
 
 def _recorded_overrides(folder: Path) -> str | None:
     """The ``override_dirname`` a sweep job recorded in its ``.hydra/hydra.yaml`` (whole, where its folder's name may
     be cut); None where there is none to read."""
-    import yaml
-
-    try:
-        found = re.search(r"^    override_dirname: (.*)$", (folder / ".hydra" / "hydra.yaml").read_text(), re.M)
-        value = yaml.safe_load(found[1]) if found else None
-    except (OSError, yaml.YAMLError):
-        return None
-    return None if found is None else "" if value is None else str(value)
+    value = select(read_yaml(folder / ".hydra" / "hydra.yaml") or {}, "hydra.job.override_dirname", missing=None)
+    return None if value is None else str(value)
 
 
 OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
@@ -187,14 +182,16 @@ OmegaConf.register_new_resolver("stage_groups", stage_groups, replace=True)
 LAUNCH_GROUPS = ("launcher", "sweep")  # how a sweep's jobs run (+launcher=slurm, +sweep=optuna), not what they train
 
 
+def operational(item: str) -> bool:
+    """Whether an override (``key=value``) leaves what a run trains as it is: Hydra's own, ``RESUMABLE_CHANGES``
+    (``resume=false``, the logger, the cadence, ...) and how the jobs are launched (``LAUNCH_GROUPS``)."""
+    key = item.split("=", 1)[0]
+    return key.startswith("hydra.") or key.split(".", 1)[0] in RESUMABLE_CHANGES or key in LAUNCH_GROUPS
+
+
 def run_name(overrides: list[str], sft_weight: float) -> str:
     """A readable name from the command-line overrides, e.g. ``beta=5,gamma_beta_ratio=0.3``: those that change
-    what the run trains (not Hydra's, nor ``resume=false``, the logger or the cadence: ``RESUMABLE_CHANGES``)."""
-
-    def operational(item: str) -> bool:
-        key = item.split("=", 1)[0]
-        return key.startswith("hydra.") or key.split(".", 1)[0] in RESUMABLE_CHANGES or key in LAUNCH_GROUPS
-
+    what the run trains (not the ``operational`` ones)."""
     parts = [o.lstrip("+~") for o in overrides if not operational(o.lstrip("+~"))]
     if sft_weight > 0 and not any(p.startswith("sft_weight=") for p in parts):
         parts.append(f"sft={sft_weight:g}")
@@ -583,9 +580,10 @@ def restore_run_config(run_dir: Path, kept_in: str = RAN_WITH) -> None:
     kept = Path(run_dir) / ".hydra" / kept_in
     started = _started_with.get(str(Path(run_dir).resolve())) if kept_in == RAN_WITH else None
     for f in kept.glob("*.yaml") if kept.is_dir() else ():
-        write_atomic(kept.parent / f.name, f.read_text())  # a new time: the sweep's summary counts the job as run
+        text = f.read_text()
+        write_atomic(kept.parent / f.name, text)  # a new time: the sweep's summary counts the job as run
         if started is not None:  # this job's own files from now on (written again as the job ends)
-            started[f.name] = f.read_text()
+            started[f.name] = text
 
 
 def _note_collective_timeout(e: Exception, cfg: DictConfig) -> None:
