@@ -42,6 +42,7 @@ from simpo_exp.rundir import (
     STOPPED_FILE,
     checkpoint_dirs,
     ended_unrecorded,
+    folder_to_name,
     natural_order,
     other_stage_output,
     parse_overrides,
@@ -175,15 +176,15 @@ def _logged(v) -> float | None:
 
 def rerun_its_command(hydra_cfg: dict, folder: Path) -> str:
     """How to go on in a run's folder, from its hydra.yaml: "re-run its command" where the command named the folder
-    (``hydra.run.dir``, a sweep's ``hydra.sweep.dir``), else with that folder added (``rundir.rerun_command``'s rule:
-    a default folder is named after the time its command started, so the same command alone starts afresh)."""
+    (``hydra.run.dir``, a sweep's ``hydra.sweep.dir``), else with that folder added (``rundir.folder_to_name``, as
+    ``rerun_command``: a default folder is named after the time its command started, so the same command alone
+    starts afresh)."""
     hydra = hydra_cfg.get("hydra") if isinstance(hydra_cfg.get("hydra"), dict) else None
     if hydra is None:
         return "re-run its command"
     sweep = str(hydra.get("mode")) == "MULTIRUN"
-    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    given = (hydra.get("overrides") or {}).get("hydra") or []
-    if any(str(o).lstrip("+").split("=", 1)[0] == key for o in given):
+    key = folder_to_name(sweep, (hydra.get("overrides") or {}).get("hydra") or [])
+    if key is None:
         return "re-run its command"
     where = (folder.parent if sweep else folder).resolve()  # a sweep's job folders are its folder's children
     return f"re-run its command with {key}={shlex.quote(str(where))}"

@@ -55,6 +55,13 @@ def natural_order(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", Path(path).name)]
 
 
+def folder_to_name(sweep: bool, hydra_overrides: list) -> str | None:
+    """The setting a re-run must add to go on in a run's folder (``hydra.run.dir``; a sweep's ``hydra.sweep.dir``),
+    or None where the command's own Hydra overrides (``hydra_overrides``) named it already."""
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    return None if any(str(o).lstrip("+").split("=", 1)[0] == key for o in hydra_overrides) else key
+
+
 def rerun_command(hydra=None) -> str:
     """How to go on in this run's folder: "re-run the same command" where the command named the folder
     (``hydra.run.dir``, a sweep's ``hydra.sweep.dir``), else the same command with that folder added. Hydra's
@@ -69,9 +76,8 @@ def rerun_command(hydra=None) -> str:
         hydra = HydraConfig.get()
     mode = getattr(hydra, "mode", None)
     sweep = getattr(mode, "name", str(mode)) == "MULTIRUN"
-    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    given = getattr(getattr(hydra, "overrides", None), "hydra", None) or []
-    if mode is None or any(str(o).lstrip("+").split("=", 1)[0] == key for o in given):
+    key = folder_to_name(sweep, getattr(getattr(hydra, "overrides", None), "hydra", None) or [])
+    if mode is None or key is None:
         return same
     # a relative folder is the command's working directory's (the job's own, under hydra.job.chdir=true, is not)
     cwd = getattr(getattr(hydra, "runtime", None), "cwd", None) or os.getcwd()
