@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+from simpo_exp.rundir import RESUMABLE_CHANGES
+
 log = logging.getLogger(__name__)
 
 FINISHED = "finished.json"
@@ -86,14 +88,11 @@ def recorded_summary(cfg) -> dict | None:
     return summary
 
 
-# Changes a resumed run takes (rundir.RESUMABLE_CHANGES) that a finished run cannot: what it writes and how often
-NOT_APPLIED = ("save_model", "save_dtype", "eval_steps", "logging_steps", "save_steps", "save_total_limit",
-               "eval_on_start", "per_device_eval_batch_size", "num_generations", "max_new_tokens")  # fmt: skip
-
-
 def not_applied(saved: dict, now: dict) -> list[str]:
-    """``key: finished with A, now B`` for each setting of ``NOT_APPLIED`` this command changes."""
-    changed = [k for k in NOT_APPLIED if saved.get(k) != now.get(k)]
+    """``key: finished with A, now B`` for each change a resumed run takes (``rundir.RESUMABLE_CHANGES``) that a
+    finished run cannot, since it runs nothing: all of them but where it runs, how it logs and whether it resumes."""
+    kept = RESUMABLE_CHANGES - {"output_dir", "logger", "progress_bar", "resume"}
+    changed = [k for k in sorted(kept) if saved.get(k) != now.get(k)]
     return [f"{k}: finished with {saved.get(k)!r}, now {now.get(k)!r}" for k in changed]
 
 
