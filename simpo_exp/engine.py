@@ -37,10 +37,11 @@ def adamw_fused(accelerator) -> bool | None:
     return None
 
 
-def adamw(model, cfg: Config, lr: float, accelerator) -> torch.optim.AdamW:
+def adamw(model, cfg: Config, lr: float, fused: bool | None) -> torch.optim.AdamW:
     """torch's AdamW over ``model`` with transformers' Trainer's (so TRL's) parameter groups: weight decay on the
     weights, none on biases and normalisation weights (``Trainer.get_decay_parameter_names``; a decayed RMSNorm gain
-    is pulled towards 0). Without weight decay one group, as checkpoints written before the split hold."""
+    is pulled towards 0). Without weight decay one group, as checkpoints written before the split hold. ``fused``:
+    ``adamw_fused``'s answer for the run's engine."""
     named = list(model.named_parameters())
     groups = [{"params": [p for _, p in named], "weight_decay": 0.0}]
     if cfg.weight_decay:
@@ -56,7 +57,7 @@ def adamw(model, cfg: Config, lr: float, accelerator) -> torch.optim.AdamW:
         lr=lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
-        fused=adamw_fused(accelerator),
+        fused=fused,
     )
 
 

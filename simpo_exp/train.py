@@ -46,6 +46,7 @@ from simpo_exp.data.sources import changes_since_record
 from simpo_exp.engine import (
     SHARDED_ENGINES,
     adamw,
+    adamw_fused,
     check_same_config,
     engine_checkpoints,
     fsdp2,
@@ -373,8 +374,8 @@ def set_up(cfg: Config) -> Run:
     collate, reference, train_loader, eval_loader, eval_ds = make_loaders(
         cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator, layout
     )
-    optimizer = adamw(model, cfg, lr, accelerator)
-    fused_optimizer = bool(optimizer.defaults.get("fused"))  # read before prepare: DeepSpeed's own has no defaults
+    fused_optimizer = adamw_fused(accelerator)
+    optimizer = adamw(model, cfg, lr, fused_optimizer)
     compiler = watch_compiles(cfg, accelerator, model)  # after the reference is copied, before prepare
     warn_if_the_engine_rounds_the_base(accelerator, model)
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
@@ -405,7 +406,7 @@ def set_up(cfg: Config) -> Run:
         keep_run_config(run_dir)
     env = environment_record(cfg, accelerator, model, data_report, layout)
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
-    env["adamw_fused"] = fused_optimizer
+    env["adamw_fused"] = bool(fused_optimizer)
     tracker = Tracker(
         run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env}, enabled=accelerator.is_main_process
     )
