@@ -380,8 +380,8 @@ def annotations(
 def length_controlled(rows: list[dict], file_rows: int) -> tuple[float | None, str | None]:
     """AlpacaEval 2's LC win rate via alpaca-eval itself, for ``rows`` judged of a prompts file of ``file_rows``
     rows; (None, why) when it cannot be computed here."""
-    if not len(rows) == file_rows == ALPACA_EVAL_ROWS:
-        return None, lc_subset_note(len(rows), file_rows)
+    if why := lc_subset_note(len(rows), file_rows):
+        return None, why
     try:
         from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
     except ImportError:
@@ -402,9 +402,11 @@ def length_controlled(rows: list[dict], file_rows: int) -> tuple[float | None, s
     return float(metrics["length_controlled_winrate"]), None
 
 
-def lc_subset_note(judged: int, file_rows: int) -> str:
-    """Why no LC win rate: ``judged`` of a prompts file's ``file_rows`` rows were judged, and LC needs alpaca_eval's
-    whole set (a file of another size is not that set, cut or not)."""
+def lc_subset_note(judged: int, file_rows: int) -> str | None:
+    """Why no LC win rate, where ``judged`` of a prompts file's ``file_rows`` rows is not alpaca_eval's whole set (a
+    file of another size is not that set, cut or not); None where it is."""
+    if judged == file_rows == ALPACA_EVAL_ROWS:
+        return None
     why = (
         f"the prompts file has {file_rows} rows, not alpaca_eval's {ALPACA_EVAL_ROWS}"
         if file_rows != ALPACA_EVAL_ROWS

@@ -31,7 +31,6 @@ from simpo_exp.evaluate import benchmarks as bm
 from simpo_exp.evaluate.arena import judge_arena_hard
 from simpo_exp.evaluate.config import decoding_for
 from simpo_exp.evaluate.judge import (
-    ALPACA_EVAL_ROWS,
     JudgeError,
     PairwiseJudge,
     annotations,
@@ -368,9 +367,9 @@ def _alpacaeval(ctx: dict) -> dict:
         record["win_rate_method"] = PAIRWISE_METHOD
     elif b.judge.kind == "alpaca_eval":
         metrics.update(package_judge(b, out / "model_outputs.json", b.prompts_path, out / "alpaca_eval"))
-        if not len(texts) == info["rows"] == ALPACA_EVAL_ROWS:  # alpaca-eval would fit its GLM on another set
+        if why := lc_subset_note(len(texts), info["rows"]):  # alpaca-eval would fit its GLM on another set
             metrics["lc_win_rate"] = None
-            record["notes"].append(lc_subset_note(len(texts), info["rows"]))
+            record["notes"].append(why)
         record["win_rate_method"] = f"alpaca_eval's annotator {b.judge.annotators_config}"
         record["annotations_path"] = str(package_annotations_path(out / "alpaca_eval", b.judge.annotators_config))
     return {"metrics": metrics, **record}
