@@ -356,8 +356,8 @@ def unstarted_jobs(runs: list[Run]) -> list[str]:
     memory) before the others started, and the table would look complete."""
     notes = []
     for sweep in dict.fromkeys(r.path.parent for r in runs if r.path is not None):
-        asked, found = jobs_asked(sweep), sum(r.path is not None and r.path.parent == sweep for r in runs)
-        running = [r.name for r in runs if r.path is not None and r.path.parent == sweep and r.status == "running"]
+        jobs = [r for r in runs if r.path is not None and r.path.parent == sweep]
+        asked, found, running = jobs_asked(sweep), len(jobs), [r.name for r in jobs if r.status == "running"]
         if asked is not None and found < asked and running:  # the sweep is still at work: its later jobs are to come
             notes.append(f"{sweep}: {found} of the sweep's {asked} jobs have a folder so far; {running[0]} is running")
         elif asked is not None and found < asked:
