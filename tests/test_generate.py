@@ -4,6 +4,7 @@ Subprocesses on the embedded default (tiny model, synthetic prompts, rule scorer
 sequence-classification model saved to a temporary directory for the reward-model path.
 """
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -192,6 +193,50 @@ def test_generate_samples_the_prompt_training_renders(tmp_path, monkeypatch):
     assert generated == trained and len(generated) == 9
     assert {len(json.loads(p)) for p in generated} == {1, 2}  # both kinds of row made it into the train split
     assert all(json.loads(p)[0] == system for p in generated if len(json.loads(p)) == 2)
+
+
+def test_a_prompt_goes_by_its_sources_id_or_the_hubs_rule_for_one(tmp_path, monkeypatch):
+    """The hub's UltraFeedback sets carry prompt_id (SHA-256 of the prompt string): a source's own id is kept, so
+    generated pairs join back to it; a source without one gets the hub's rule (one user turn) or the message list's
+    hash (a system turn too); an id two sources both use for different prompts is not given to both."""
+    import datasets
+
+    from simpo_exp.config import DatasetConfig, SourceConfig
+    from simpo_exp.data.prompts import prompt_key, train_prompts
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+
+    def row(prompt: str, system: bool = False, **extra) -> dict:
+        turns = [{"role": "system", "content": "Be brief."}] * system + [{"role": "user", "content": prompt}]
+        return {
+            "prompt": prompt,
+            **extra,
+            **{k: turns + [{"role": "assistant", "content": k}] for k in ("chosen", "rejected")},
+        }
+
+    files = {
+        "hub": [row(f"hub {i}", prompt_id=f"id-{i}") for i in range(4)],
+        "plain": [row(f"plain {i}", system=i % 2 == 1) for i in range(4)],
+        "numbered": [row(f"numbered {i}", prompt_id=f"id-{i}") for i in range(4)],
+    }
+    sources = {}
+    for name, rows in files.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sources[name] = SourceConfig(path=str(tmp_path / f"{name}.jsonl"))
+    prompts, _ = train_prompts(DatasetConfig(name="test", sources=sources, test_size=0.25))  # 3 rows of each
+    got = {p["prompt"][-1]["content"]: (p["prompt_id"], p["prompt"]) for p in prompts}
+    assert len(prompts) == 9 and len({p["prompt_id"] for p in prompts}) == 9
+    for text, (pid, messages) in got.items():
+        source, i = text.split()
+        if source == "hub":
+            assert pid == f"id-{i}"
+        elif source == "plain" and len(messages) == 1:
+            assert pid == hashlib.sha256(text.encode()).hexdigest()
+        elif source == "numbered" and f"hub {i}" not in got:  # the split left its namesake out of the train side
+            assert pid == f"id-{i}"
+        else:  # a system turn; an id the hub source's prompts went by first
+            assert pid == prompt_key(messages) != hashlib.sha256(text.encode()).hexdigest()
+    assert {len(m) for t, (_, m) in got.items() if t.startswith("plain")} == {1, 2}  # both kinds made it
 
 
 def test_generate_stage_does_not_import_training():
@@ -591,6 +636,8 @@ def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
     assert provenance["policy"]["fingerprint"]["kind"] == "local"
     assert provenance["scorer"] == {"name": "rule", "kind": "rule", "rule": "sort_digits"}  # no model keys
     data = gen / "data" / "train.jsonl"
+    pairs = read_jsonl(data)  # ids by the hub's rule, as the synthetic source's own: pairs join back to their prompts
+    assert all(r["prompt_id"] == hashlib.sha256(r["prompt"].encode()).hexdigest() for r in pairs)
     res = simpo(
         *train_args,
         "dataset=local",

@@ -4,6 +4,10 @@ Each source is read through ``load_source`` (the same train split, fraction and 
 uses), and each row's prompt becomes the message list training renders for it (``prompt_messages``: the
 chosen conversation without its last turn when it has earlier turns, else the prompt column, a string as
 one user turn or a message list as it is). Prompts are de-duplicated (the official recipe samples the unique prompts).
+
+A prompt's ``prompt_id`` is the source row's own where it has one (the hub's UltraFeedback sets do), else the hub's
+rule for one: the SHA-256 of the prompt text (of the message list as JSON where the prompt has more than one turn),
+so that generated pairs join back to the data they came from by id.
 """
 
 from __future__ import annotations
@@ -15,8 +19,19 @@ from simpo_exp.config import DatasetConfig
 from simpo_exp.data.sources import DataSourceError, _has_string_responses, load_source, prompt_messages
 
 
-def prompt_id(messages: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+def prompt_key(messages: list[dict]) -> str:
+    """What tells two prompts apart: their whole message list (roles included)."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+
+
+def prompt_id(messages: list[dict], given=None) -> str:
+    """The id a prompt goes by: ``given`` (the source row's ``prompt_id``) where it is a non-blank string, else the
+    hub's UltraFeedback rule, the SHA-256 hex digest of the prompt string (one user turn), else ``prompt_key``."""
+    if isinstance(given, str) and given.strip():
+        return given
+    if len(messages) == 1 and messages[0].get("role") == "user":
+        return hashlib.sha256(messages[0]["content"].encode()).hexdigest()
+    return prompt_key(messages)
 
 
 def _row_prompt(row: dict, prompt_column: str, chosen_column: str) -> list[dict] | None:
@@ -33,7 +48,7 @@ def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:
     """Return ([{"prompt_id", "prompt": messages}], counts) for the unique prompts of every source's
     train split, in source order (``dataset.max_train_samples`` is the caller's to apply: after its own
     filters, so that the cap is the number of prompts used)."""
-    out, seen, counts = [], set(), {"rows": 0, "duplicate prompt": 0, "no prompt": 0}
+    out, seen, ids, counts = [], set(), set(), {"rows": 0, "duplicate prompt": 0, "no prompt": 0}
     for name, src in dcfg.sources.items():
         train, _ = load_source(name, src, dcfg)
         has_chosen_messages = src.chosen_column in train.column_names and not _has_string_responses(train, src)
@@ -43,18 +58,23 @@ def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:
                 f"{src.chosen_column!r} conversation to take the prompt from); the data has {train.column_names}. "
                 f"Map it with dataset.sources.{name}.prompt_column."
             )
-        train = train.select_columns([c for c in (src.prompt_column, src.chosen_column) if c in train.column_names])
+        wanted = (src.prompt_column, src.chosen_column, "prompt_id")
+        train = train.select_columns([c for c in dict.fromkeys(wanted) if c in train.column_names])
         for row in train:
             counts["rows"] += 1
             messages = _row_prompt(row, src.prompt_column, src.chosen_column)
             if messages is None:
                 counts["no prompt"] += 1
                 continue
-            pid = prompt_id(messages)
-            if pid in seen:
+            key = prompt_key(messages)
+            if key in seen:
                 counts["duplicate prompt"] += 1
                 continue
-            seen.add(pid)
+            seen.add(key)
+            pid = prompt_id(messages, row.get("prompt_id"))
+            if pid in ids:  # a source's id another prompt already goes by (two sources each numbering from 1)
+                pid = key
+            ids.add(pid)
             out.append({"prompt_id": pid, "prompt": messages})
     if not out:
         raise DataSourceError(
