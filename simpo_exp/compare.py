@@ -51,6 +51,7 @@ from simpo_exp.rundir import (
     read_yaml,
     step_of,
     stopped_words,
+    sweep_request,
 )
 from simpo_exp.tracking import (
     HEADLINE_METRICS,
@@ -333,22 +334,13 @@ def name_parts(name: str) -> list[str]:
 def jobs_asked(sweep_dir: Path) -> int | None:
     """How many jobs the sweep in ``sweep_dir`` asked for, from Hydra's ``multirun.yaml``: the basic sweeper's grid
     (the product of its sweep overrides' lengths), Optuna's ``n_trials``; None where it does not say."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    hydra = (read_yaml(Path(sweep_dir) / "multirun.yaml") or {}).get("hydra") or {}
-    sweeper = hydra.get("sweeper") or {}
+    sweeper, parsed = sweep_request(sweep_dir)
     target = str(sweeper.get("_target_", ""))
     if "optuna" in target.lower():
         return sweeper.get("n_trials") if isinstance(sweeper.get("n_trials"), int) else None
-    if not target.endswith("BasicSweeper"):
+    if not target.endswith("BasicSweeper") or parsed is None:  # nothing said, rather than a wrong count
         return None
-    task = list((hydra.get("overrides") or {}).get("task") or [])
-    task += [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-    try:
-        parsed = OverridesParser.create().parse_overrides(task)
-        return math.prod(len(list(o.sweep_iterator())) if o.is_sweep_override() else 1 for o in parsed)
-    except Exception:  # an override this version's grammar reads otherwise: nothing said, rather than a wrong count
-        return None
+    return math.prod(len(list(o.sweep_iterator())) if o.is_sweep_override() else 1 for o in parsed)
 
 
 def unstarted_jobs(runs: list[Run]) -> list[str]:

@@ -190,6 +190,22 @@ def read_yaml(path: Path):
         return None
 
 
+def sweep_request(sweep_dir) -> tuple[dict, list | None]:
+    """What the sweep in ``sweep_dir`` was asked, from the ``multirun.yaml`` Hydra writes there before its first
+    job: its sweeper's config, and its command's overrides with the sweeper's ``params`` as Hydra's grammar reads
+    them (None where this version's grammar reads them otherwise)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra = (read_yaml(Path(sweep_dir) / "multirun.yaml") or {}).get("hydra") or {}
+    sweeper = hydra.get("sweeper") or {}
+    task = list((hydra.get("overrides") or {}).get("task") or [])
+    task += [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    try:
+        return sweeper, OverridesParser.create().parse_overrides(task)
+    except Exception:
+        return sweeper, None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file (metrics.jsonl, generations.jsonl); a half-written last line (a
     running job, one cut inside a multi-byte character included) is skipped, and a missing file gives none."""

@@ -35,6 +35,7 @@ from simpo_exp.rundir import (
     select,
     stopped_before_a_step_record,
     stopped_words,
+    sweep_request,
 )
 from simpo_exp.signals import StopRequested
 
@@ -133,21 +134,32 @@ def job_subdir(overrides: str, sweep_dir: str | None = None, num=None) -> str:
         taken = sorted((n, f) for n, f, named in folders if named in names)
         # else a folder of this setting under other settings a resume may change (logger=none added, another
         # eval_steps), as its job recorded them whole (a long name is cut, with a hash of them all): a job trains
-        # the same there, and resumes or is skipped as finished, saying what it cannot apply
+        # the same there, and resumes or is skipped as finished, saying what it cannot apply. Not where this sweep
+        # itself gives such a setting several values (eval_steps=1,2): its jobs are the runs asked for, each its own.
         if not taken:
-            alike = _trains_alike(overrides)
-            taken = sorted((n, f) for n, f, _ in folders if _trains_alike(_recorded_overrides(sweep / f)) == alike)
+            swept = _swept_keys(sweep)
+            alike = _trains_alike(overrides, swept)
+            taken = sorted(
+                (n, f) for n, f, _ in folders if _trains_alike(_recorded_overrides(sweep / f), swept) == alike
+            )
         if taken:
             return taken[0][1]
     return f"{num}_{name}"
 
 
-def _trains_alike(overrides: str | None) -> list[str] | None:
+def _trains_alike(overrides: str | None, swept: frozenset = frozenset()) -> list[str] | None:
     """A job's overrides (Hydra's ``override_dirname``) less the operational ones (``operational``: the cadence, the
-    logger, ...); None for None (a folder without its record)."""
+    logger, ...) but those of the ``swept`` keys; None for None (a folder without its record)."""
     if overrides is None:
         return None
-    return [i for i in _NEXT_ITEM.split(overrides) if i and not operational(i.lstrip("+~"))]
+    keep = lambda item: item.split("=", 1)[0] in swept or not operational(item)  # noqa: E731
+    return [i for i in _NEXT_ITEM.split(overrides) if i and keep(i.lstrip("+~"))]
+
+
+def _swept_keys(sweep_dir: Path) -> frozenset:
+    """The keys the sweep in ``sweep_dir`` gives several values (from its ``multirun.yaml``)."""
+    _, parsed = sweep_request(sweep_dir)
+    return frozenset(o.key_or_group for o in parsed or [] if o.is_sweep_override())
 
 
 def _recorded_overrides(folder: Path) -> str | None:

@@ -419,6 +419,35 @@ def test_a_long_job_folder_name_keeps_what_tells_the_jobs_apart():
     assert job_dirname(lists).startswith("sources=[ultrafeedback,argilla],x")  # eval_steps left out
 
 
+def test_a_sweep_over_a_setting_a_resume_may_change_runs_each_value(tmp_path):
+    """A job goes on in the folder of a job that trained alike under other operational settings (logger=none added,
+    another eval_steps): a sweep run again with one added resumes. A sweep that itself gives such a setting several
+    values (``eval_steps=1,2``) asked for a run of each: its second job went into the first's folder and was skipped
+    as finished."""
+    from simpo_exp.runinfo import job_subdir
+
+    def job(folder: str, overrides: str) -> None:
+        (tmp_path / folder / ".hydra").mkdir(parents=True)
+        hydra = {"hydra": {"job": {"override_dirname": overrides}}}
+        (tmp_path / folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+
+    def asked(*task: str) -> None:
+        sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None}
+        multirun = {"hydra": {"overrides": {"task": list(task)}, "sweeper": sweeper}}
+        (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+
+    job("0_beta=2,eval_steps=1", "beta=2,eval_steps=1")
+    asked("beta=2", "eval_steps=1,2")
+    assert job_subdir("beta=2,eval_steps=2", tmp_path, 1) == "1_beta=2,eval_steps=2"
+    assert job_subdir("beta=2,eval_steps=1", tmp_path, 0) == "0_beta=2,eval_steps=1"
+    asked("beta=2", "eval_steps=1", "logger=none")  # the sweep run again, one setting added: the job goes on
+    assert job_subdir("beta=2,eval_steps=1,logger=none", tmp_path, 0) == "0_beta=2,eval_steps=1"
+    asked("beta=2", "eval_steps=3")  # one value for everything, the old folder's trained alike
+    assert job_subdir("beta=2,eval_steps=3", tmp_path, 0) == "0_beta=2,eval_steps=1"
+    asked("beta=2,3", "eval_steps=range(2,4)")  # sweep grammar: range() sweeps too
+    assert job_subdir("beta=2,eval_steps=3", tmp_path, 1) == "1_beta=2,eval_steps=3"
+
+
 def test_a_multirun_on_several_processes_without_a_fixed_sweep_folder_is_refused(tmp_path):
     """Each torchrun process resolved the default sweep folder (outputs/multirun/${now}) at its own start: processes
     a second apart wrote two folders, one of them holding a log alone, and two sweep summaries."""
