@@ -171,6 +171,28 @@ def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def regrouped(saved: dict, optimizer, model) -> dict:
+    """An optimizer state_dict ``saved`` for ``optimizer``'s parameter groups where it holds all of ``model``'s
+    parameters in one group, as checkpoints written before weight decay left biases and norms out
+    (``engine.adamw``) do: each parameter's moments go to the group it is in now. Else ``saved`` as it is."""
+    groups, order = optimizer.param_groups, {id(p): i for i, p in enumerate(model.parameters())}
+    if len(saved["param_groups"]) != 1 or len(groups) == 1 or len(saved["param_groups"][0]["params"]) != len(order):
+        return saved  # nothing to do, or not that case: torch's load names what differs
+    old = saved["param_groups"][0]
+    if sum(len(g["params"]) for g in groups) != len(order) or any(
+        id(p) not in order for g in groups for p in g["params"]
+    ):
+        return saved
+    state, new_groups, ids = {}, [], iter(range(len(order)))
+    for group in groups:
+        numbers = [next(ids) for _ in group["params"]]
+        for n, p in zip(numbers, group["params"]):
+            if (was := old["params"][order[id(p)]]) in saved["state"]:
+                state[n] = saved["state"][was]
+        new_groups.append({**old, "weight_decay": group["weight_decay"], "params": numbers})
+    return {"state": state, "param_groups": new_groups}
+
+
 def staging_dir(run_dir: Path, step: int) -> Path:
     """Where the checkpoint of ``step`` is written before it is complete (the same on every process)."""
     return Path(run_dir) / "checkpoints" / f"step-{step:06d}.tmp"
@@ -521,14 +543,12 @@ def load(
             trained = {n for n, p in model.named_parameters() if p.requires_grad}
             if unexpected or trained & set(missing):
                 raise DamagedCheckpoint(f"{path / 'model.safetensors'} does not hold this run's trained weights")
-            optimizer.load_state_dict(
-                _join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"])
-            )
+            saved = _join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+            optimizer.load_state_dict(regrouped(saved, optimizer, model))
         else:
             load_model(model, str(path / "model.safetensors"))
-            optimizer.load_state_dict(
-                _join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"])
-            )
+            saved = _join_optimizer_state(load_file(path / "optimizer.safetensors"), meta["optimizer"])
+            optimizer.load_state_dict(regrouped(saved, optimizer, model))
         scheduler.load_state_dict(meta["scheduler"])
         _set_rng_state(load_file(path / "rng.safetensors"), meta["rng"], process)
         return TrainState(**meta["train_state"])

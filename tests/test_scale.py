@@ -282,6 +282,34 @@ def test_weight_decay_leaves_biases_and_norm_weights_alone_as_trl_does(compose):
     assert len(adamw(model, compose("weight_decay=0"), 0.5, fused=None).param_groups) == 1  # as older checkpoints hold
 
 
+def test_a_checkpoint_of_one_parameter_group_resumes_into_the_weight_decay_groups(compose):
+    """Checkpoints written before weight decay left biases and norms out hold AdamW's state as one group; loaded
+    into the two groups it failed, and the run called its intact checkpoints damaged. Each parameter's moments and
+    step now go to the group it is in, which keeps its own weight decay."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.checkpoint import _join_optimizer_state, _split_optimizer_state, regrouped
+    from simpo_exp.engine import adamw
+
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True))
+    before = adamw(model, compose("weight_decay=0"), 0.5, fused=None)  # one group, as the older version built it
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        before.step()
+    saved = _join_optimizer_state(*_split_optimizer_state(before.state_dict()))  # as a checkpoint holds it
+    after = adamw(model, compose("weight_decay=0.1"), 0.5, fused=None)
+    assert len(saved["param_groups"]) == 1 and len(after.param_groups) == 2
+    after.load_state_dict(regrouped(saved, after, model))
+    assert [g["weight_decay"] for g in after.param_groups] == [0.1, 0.0]
+    for name, p in model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(after.state[p][key], before.state[p][key], msg=f"{name} {key}")
+    assert regrouped(saved, before, model) is saved  # one group into one: as it is
+
+
 @pytest.mark.slow
 def test_a_wait_past_the_collective_timeout_stops_the_run(tmp_path):
     """hardware.collective_timeout reaches the process group: with 5 seconds, the process waiting for the main
