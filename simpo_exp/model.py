@@ -346,6 +346,18 @@ def _is_dropout(name: str, value) -> bool:
 
 
 @contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode for the block (a forward without dropout noise, as scores and samples are taken), then
+    back in the mode it was in, whatever the block raised."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def dropout_as_loaded(model):
     """The config's dropout values as loaded while the model is saved (``disable_dropout`` zeroed them)."""
     kept = getattr(model, "_dropout_as_loaded", None) or []

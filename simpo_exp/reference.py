@@ -36,6 +36,7 @@ from simpo_exp.flops import full_numel
 from simpo_exp.inference.files import readable_as_umask, temporary_name
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
+from simpo_exp.model import eval_mode
 from simpo_exp.precision import precision_record
 
 log = logging.getLogger(__name__)
@@ -190,18 +191,14 @@ def score(policy, ds: Dataset, collate, batch_size: int, accelerator) -> tuple[t
 
     batches = Dealt(ds.select_columns(MODEL_COLUMNS), collate, batch_size, accelerator.process_index,
                     accelerator.num_processes)  # fmt: skip
-    training = policy.training
-    policy.eval()
     mine = []
-    try:
+    with eval_mode(policy):
         for position, batch in batches:
             with accelerator.autocast():
                 sums = policy(**send_to_device(batch, accelerator.device)).logp_sums.float().cpu()
             if position is not None:
                 n = sums.shape[0] // 2
                 mine.append((position, sums[:n], sums[n:]))
-    finally:
-        policy.train(training)
     every = sorted(gather_object(mine), key=lambda part: part[0])  # every process's batches, in split order
     return torch.cat([c for _, c, _ in every]), torch.cat([r for _, _, r in every])
 
@@ -258,13 +255,8 @@ def live_reference(model, layout: BatchLayout | None = None, share: bool = False
     forward = ref.forward
 
     def adapters_off(*args, **kwargs):
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), model.disable_adapter():
-                return forward(*args, **kwargs)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad(), model.disable_adapter():
+            return forward(*args, **kwargs)
 
     ref.forward = adapters_off
     log.info("live reference: the policy with its LoRA adapters off (no copy of the model)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from simpo_exp.model import eval_mode
+
 
 def sample_pairs(eval_ds, count: int) -> list[dict]:
     """The first ``count`` eval pairs: the same prompts at every eval, so the rows compare over time."""
@@ -38,19 +40,17 @@ def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)  # masked: any id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        use_cache=True,
-        pad_token_id=pad,
-        eos_token_id=stops or None,
-        synced_gpus=synced,
-    )
-    model.train(was_training)
+    with eval_mode(model):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad,
+            eos_token_id=stops or None,
+            synced_gpus=synced,
+        )
     texts = []
     for row in out[:, width:].tolist():
         ends = [i for i, t in enumerate(row) if t in stops]

@@ -69,6 +69,7 @@ from simpo_exp.methods import REFERENCE_METHODS, TABLE
 from simpo_exp.metrics import Window, pearson
 from simpo_exp.model import (
     count_parameters,
+    eval_mode,
     load_model,
     load_tokenizer,
     pick_attention,
@@ -591,21 +592,20 @@ def evaluate(policy, batches: Dealt, cfg: Config, accelerator, reference=None) -
     """Eval metrics over the test split, each pair counted once whatever the number of processes."""
     from accelerate.utils import gather_object
 
-    policy.eval()
     window = Window()
     rewards, lengths = [], []
-    for position, batch in batches:
-        _, stats, (r, n) = batch_loss(policy, send_to_device(batch, accelerator.device), cfg, reference)
-        if position is None:  # a repeat that keeps the processes' forwards in step: it counts nothing, but its
-            window.add({k: torch.zeros_like(v) for k, v in stats.items()})  # keys join the all-process sums
-            continue
-        if cfg.sft_weight:  # the batch's NLL term taken out of its loss: put back below as the split's token mean
-            nll = stats["sft_loss"] / max(chosen_tokens(batch), 1)
-            stats["loss"] = stats["loss"] - cfg.sft_weight * stats["pairs"] * nll
-        window.add(stats)
-        rewards.append(r.float().cpu())
-        lengths.append(n.float().cpu())
-    policy.train()
+    with eval_mode(policy):
+        for position, batch in batches:
+            _, stats, (r, n) = batch_loss(policy, send_to_device(batch, accelerator.device), cfg, reference)
+            if position is None:  # a repeat that keeps the processes' forwards in step: it counts nothing, but
+                window.add({k: torch.zeros_like(v) for k, v in stats.items()})  # its keys join the all-process sums
+                continue
+            if cfg.sft_weight:  # the batch's NLL term taken out of its loss: put back below as the split's token mean
+                nll = stats["sft_loss"] / max(chosen_tokens(batch), 1)
+                stats["loss"] = stats["loss"] - cfg.sft_weight * stats["pairs"] * nll
+            window.add(stats)
+            rewards.append(r.float().cpu())
+            lengths.append(n.float().cpu())
     metrics, _ = window.means(accelerator, "eval")
     # eval/loss = the preference loss's mean + sft_weight x eval/sft_loss (the chosen tokens' mean NLL over the split,
     # as a training step's is over the step): a mean of per-batch token means moved with per_device_eval_batch_size
@@ -627,13 +627,9 @@ def evaluate_and_sample(run: Run, step: int) -> dict:
     run.tracker.log(metrics, step)
     if run.shown:
         unwrapped = acc.unwrap_model(run.policy)
-        unwrapped.eval()  # as the evaluation scored (evaluate() put the policy back in train mode): no dropout noise
-        try:
-            with torch.no_grad():
-                batch = send_to_device(run.collate(run.shown), acc.device)
-                _, _, (rewards, _) = batch_loss(unwrapped, batch, run.cfg, run.reference)
-        finally:
-            unwrapped.train()
+        with eval_mode(unwrapped), torch.no_grad():  # as the evaluation scored: no dropout noise
+            batch = send_to_device(run.collate(run.shown), acc.device)
+            _, _, (rewards, _) = batch_loss(unwrapped, batch, run.cfg, run.reference)
         with eager_only(run.compiler.asked):  # decoding shapes would only add compiled graphs
             texts = samples.generate(
                 unwrapped.model,

@@ -3,6 +3,7 @@ completions as one prompt at a time, each cut at its own end of sequence."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from simpo_exp import samples
@@ -65,3 +66,15 @@ def test_completions_stop_at_the_templates_end_of_turn_token_and_the_models_eos_
     model.generate = spy
     samples.generate(model, tiny, [{"prompt_input_ids": [9, 10, 11]}], 4, "cpu")
     assert seen["eos_token_id"] == sorted({tiny.eos_token_id, end_of_turn, 5, 6})
+
+
+def test_eval_mode_puts_the_model_back_in_its_mode_whatever_the_block_raised():
+    from simpo_exp.model import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    for training in (True, False):
+        model.train(training)
+        with pytest.raises(RuntimeError), eval_mode(model):
+            assert not model.training and not model[1].training
+            raise RuntimeError("out of memory")
+        assert model.training is training and model[1].training is training
