@@ -57,13 +57,14 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     (``layout_auto.check_auto_attention``). The padded layout for a sliding window
     shorter than ``max_length`` (no packed attention here implements one), and on CPU for models whose
     attention softcaps its logits (Gemma 2), which segment attention does not implement (FlexAttention
-    does, and so does ``packing_attention=mask``: prefix-shared then). The fused head
+    does, and so does ``packing_attention=mask``: prefix-shared then), and for models whose attention is biased by
+    the distance between columns (ALiBi: MPT, Bloom), which prefix sharing moves. The fused head
     (``hardware.fused_head``) runs in every layout and changes nothing here."""
     packing, attention = hardware.packing, hardware.packing_attention
     softcapped = bool(getattr(model_config, "attn_logit_softcapping", None))
     stateful = state_beside_attention(model_config)
     if packing == "auto":
-        if short_window(model_config, max_length) or stateful:
+        if short_window(model_config, max_length) or stateful or distance_biased(model_config):
             packing = "none"
         elif device_type == "cuda":
             packing, attention = "packed", "flex"
@@ -85,6 +86,15 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             f"hardware.packing={packing!r}: the model carries a state along the row besides attention ({stateful}), "
             "and the packed layouts keep sequences apart in attention only (the rejected response would read the "
             "chosen one); use hardware.packing=none or auto"
+        )
+    elif packing == "prefix_shared" and distance_biased(model_config):
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"hardware.packing='prefix_shared': the model biases attention by the distance between columns "
+            f"({distance_biased(model_config)}), and in prompt | chosen | rejected the rejected response sits "
+            "len(chosen) columns further from its prompt than it does alone (its log-probs would be another "
+            "model's); use hardware.packing=none or auto"
         )
     elif packing != "none" and attention == "segments" and softcapped:
         from simpo_exp.config import ConfigError
@@ -122,6 +132,21 @@ def state_beside_attention(model_config) -> str | None:
         return f"its {'/'.join(map(str, others))} layers"
     if family in RECURRENT_FAMILIES or any(str(k).startswith(("mamba_", "ssm_")) for k in vars(config)):
         return f"its recurrent token mixer ({family})"
+    return None
+
+
+def distance_biased(model_config) -> str | None:
+    """What of the model biases attention by the distance between columns rather than by ``position_ids`` (ALiBi:
+    Bloom, MPT, Falcon with ``alibi``), or None. Prefix sharing gives the rejected response positions that follow
+    the prompt; such a bias reads the columns between them, the chosen response's, instead."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    family = getattr(config, "model_type", None)
+    attn = getattr(config, "attn_config", None)
+    mpt_alibi = attn.get("alibi", True) if isinstance(attn, dict) else getattr(attn, "alibi", True)
+    if family == "bloom" or getattr(config, "alibi", False) is True or (family == "mpt" and mpt_alibi):
+        return f"ALiBi ({family})"
+    if getattr(config, "position_embedding_type", None) == "alibi":
+        return f"ALiBi ({family})"
     return None
 
 

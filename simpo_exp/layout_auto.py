@@ -37,7 +37,14 @@ from pathlib import Path
 import torch
 
 from simpo_exp.data import MODEL_COLUMNS
-from simpo_exp.layout import BatchLayout, check_attention, choose_layout, short_window, state_beside_attention
+from simpo_exp.layout import (
+    BatchLayout,
+    check_attention,
+    choose_layout,
+    distance_biased,
+    short_window,
+    state_beside_attention,
+)
 from simpo_exp.rundir import read_json
 
 log = logging.getLogger(__name__)
@@ -57,8 +64,10 @@ def measuring(hardware, device_type: str) -> bool:
 def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: int | None = None) -> list:
     """The layouts worth timing on this device for this model, the padded one first."""
     out = [BatchLayout("none", "segments", chunk_size)]
-    if short_window(model_config, max_length) or state_beside_attention(model_config):
-        return out  # neither segments, flex nor flash implement a sliding window or keep a Mamba state per sequence
+    if short_window(model_config, max_length) or state_beside_attention(model_config) or distance_biased(model_config):
+        # neither segments, flex nor flash implement a sliding window, keep a Mamba state per sequence or take an
+        # ALiBi bias (which prefix sharing would move)
+        return out
     if device_type == "cuda":
         out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
         if importlib.util.find_spec("flash_attn") is not None:

@@ -411,7 +411,7 @@ def install_segment_attention(model: nn.Module) -> str:
 
         raise ConfigError(
             f"hardware.packing_attention='segments' cannot wrap attn_implementation={current!r}; "
-            "use hardware.packing_attention=mask"
+            "use hardware.packing_attention=mask, or hardware.packing=none (the model's own attention)"
         )
     name = f"{SEGMENT_ATTENTION_PREFIX}{type(base).__name__}:{current}"
     AttentionInterface.register(name, partial(segment_attention, fallback=fallback))

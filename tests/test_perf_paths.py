@@ -591,6 +591,50 @@ def test_models_that_carry_a_state_beside_attention_run_the_padded_layout():
     ResponseLogps(model)  # the padded layout runs the model as it is
 
 
+def test_models_whose_attention_reads_column_distance_are_not_prefix_shared():
+    """ALiBi (MPT, Bloom) biases attention by the distance between columns, not by position_ids. In prompt | chosen |
+    rejected the rejected response sits len(chosen) columns further from its prompt: packing=auto on CPU picked
+    prefix sharing for MPT and (with packing_attention=mask, as the segments error advised) its rejected log-probs
+    moved with the chosen response's length. Such models take the padded layout under auto; prefix sharing is
+    refused by name."""
+    from types import SimpleNamespace
+
+    from transformers import BloomConfig, FalconConfig, MptConfig, MptForCausalLM
+
+    from simpo_exp import layout_auto
+    from simpo_exp.config import ConfigError
+    from simpo_exp.layout import choose_layout, distance_biased
+
+    # weights large enough for attention to matter
+    mpt = MptConfig(
+        vocab_size=64, d_model=32, n_heads=4, n_layers=2, max_seq_len=256, pad_token_id=PAD, initializer_range=0.3
+    )
+    assert distance_biased(mpt) and distance_biased(BloomConfig(vocab_size=64, hidden_size=32, n_head=4))
+    assert distance_biased(FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, alibi=True))
+    for plain in (FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4), make_model().config):
+        assert distance_biased(plain) is None
+    hardware = lambda packing, attention="segments": SimpleNamespace(  # noqa: E731
+        packing=packing, packing_attention=attention, logps_chunk_size=0
+    )
+    for device in ("cpu", "cuda"):
+        assert choose_layout(hardware("auto", "mask"), device, mpt, 256).packing == "none"
+        assert [c.packing for c in layout_auto.candidates(device, mpt, max_length=256)] == ["none"]
+    with pytest.raises(ConfigError, match="hardware.packing='prefix_shared': the model biases attention .*ALiBi"):
+        choose_layout(hardware("prefix_shared", "mask"), "cpu", mpt, 256)
+    # why: the same rejected response scored beside a short and a long chosen one
+    torch.manual_seed(0)
+    model = MptForCausalLM(mpt).eval()
+    prompt, rejected = list(range(5, 15)), list(range(20, 40))
+    shared = ResponseLogps(model, packing="prefix_shared", attention="mask")
+    rejected_means = []
+    for chosen in (list(range(40, 43)), list(range(40, 60)) * 3):
+        pair = [{"prompt_input_ids": prompt, "chosen_input_ids": chosen, "rejected_input_ids": rejected}]
+        batch = PairCollator(PAD, "prefix_shared", "mask")(pair)
+        with torch.no_grad():
+            rejected_means.append(float(shared(**batch).mean_logps[1]))
+    assert abs(rejected_means[0] - rejected_means[1]) > 1e-2, rejected_means
+
+
 def test_mask_rows_padding_positions_stop_at_the_largest_real_one():
     """A mask-layout row holds two or three sequences, so it is wider than any of them; its padding positions ran
     on to the row's width. Dynamic (and longrope) RoPE choose their frequencies from the largest position id: past
