@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from simpo_exp.config import ConfigError
+from simpo_exp.logps import decoder_of
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ MANY_RECOMPILE_STEPS = 3  # warn when more steps than this recompiled after the 
 def compile_units(model: nn.Module, segment_attention: bool, checkpointing: bool) -> list[nn.Module]:
     """The modules to compile: the decoder layers, or their attention blocks and MLPs where a layer under
     gradient checkpointing would hold the segment attention's graph break."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    body = decoder_of(model) if hasattr(model, "get_decoder") else None
     layers = getattr(body, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         raise ConfigError(

@@ -163,6 +163,10 @@ class HardwareConfig:
     # packing=auto by measurement (simpo_exp/layout_auto.py): null = on CUDA devices, true = on any device,
     # false = never (the fixed rule above). A resumed run keeps the layout its first start recorded.
     measure_layouts: Optional[bool] = None
+    # Before the first step, one pair scored in the run's layout and by the model's own forward must agree
+    # (simpo_exp/logps_check.py): a family whose forward changes its logits in a way not reproduced here, or a
+    # layout its attention does not fit, stops the run rather than train on other log-probs. false: not checked.
+    check_logps: bool = True
     # segments (one SDPA call per sequence) | flex (one FlexAttention call per layer, block mask) | mask (4D mask)
     # | flash (flash-attn's variable-length kernel, one call per layer; GPU, packing=packed only)
     packing_attention: str = "segments"

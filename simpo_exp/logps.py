@@ -70,10 +70,12 @@ STATS_ROWS = 512  # rows per block of token_stats: bounds its [rows, V] float32 
 # The factor some families' ForCausalLM.forward multiplies the head's logits by (transformers 5.24), by model_type.
 # ResponseLogps runs the decoder and the head itself, not that forward, so it applies the factor as the forward does;
 # without it every log-prob (policy and reference alike) was taken at another temperature than the model samples at.
+# A family missing here is caught at set-up (simpo_exp/logps_check.py).
 _DIVIDED = ("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared")
 LOGIT_SCALES = {
-    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), lambda c: c.logit_scale),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"), lambda c: c.logit_scale),
     **dict.fromkeys((*_DIVIDED, "minicpm3"), lambda c: 1 / c.logits_scaling),  # MiniCPM3 divides the hidden states
+    "inkling_text": lambda c: 1 / c.logits_mup_width_multiplier,  # divides the hidden states too
     "falcon_h1": lambda c: c.lm_head_multiplier,
     "hyperclovax": lambda c: c.logits_scaling,  # multiplied, unlike Granite's key of that name
 }
@@ -465,6 +467,14 @@ def unsharded(head: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- the module
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The model's decoder stack (what ``get_decoder()`` gives), whose output is the hidden states. Llama-4's text
+    model gives itself back there (its base model prefix is ``language_model`` and its stack ``model``): then its
+    ``model``."""
+    body = model.get_decoder()
+    return getattr(model, "model", body) if body is model else body
+
+
 def shared_parameters(model: nn.Module) -> list[list[str]]:
     """The names of each parameter that ``model`` holds under more than one name (tied embeddings)."""
     names: dict[int, list[str]] = {}
@@ -588,7 +598,7 @@ class ResponseLogps(nn.Module):
                     "a packed batch reached ResponseLogps(packing='none'): give the collator and "
                     "ResponseLogps the same packing"
                 )
-            body = self.model.get_decoder()
+            body = decoder_of(self.model)
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         else:
             hidden = self._packed_hidden(input_ids, position_ids, segments, attn_groups)
@@ -607,7 +617,7 @@ class ResponseLogps(nn.Module):
                 f"ResponseLogps(packing={self.packing!r}) needs a batch from "
                 f"PairCollator(packing={self.packing!r}); this one is not packed"
             )
-        body = self.model.get_decoder()
+        body = decoder_of(self.model)
         if self.attention == "mask":
             if attn_groups is None:
                 raise ValueError("packing_attention=mask needs a batch from PairCollator(attention='mask')")

@@ -136,7 +136,9 @@ def load_tokenizer(mcfg: ModelConfig):
         path = mcfg.tokenizer_path or mcfg.path
         what = "model.tokenizer_path" if mcfg.tokenizer_path else "model.path"
         revision = None if mcfg.tokenizer_path else mcfg.revision  # the model's commit, not another repo's
-        check_model_available(path, revision, what)
+        if mcfg.tokenizer_path:  # the model's own config too, before the data is tokenised
+            check_model_available(mcfg.path, mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
+        check_model_available(path, revision, what, mcfg.trust_remote_code)
         check_tokenizer_files(path, what)
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=mcfg.trust_remote_code)
     apply_chat_template_choice(tok, mcfg.chat_template, mcfg.path or mcfg.name)
@@ -200,7 +202,7 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
         with outside_zero3_init():  # the same seeded weights as one process draws; ZeRO-3 partitions them later
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     else:
-        check_model_available(m.path, m.revision)
+        check_model_available(m.path, m.revision, trust_remote_code=m.trust_remote_code)
         if saved_dtype(m.path) == "float32" and (m.dtype != "float32" or engine_master_copy):
             # DeepSpeed under bf16/fp16 casts the model it is handed to that dtype before it builds its float32
             # master copy (ZeRO-3's zero3_init already at loading), whatever model.dtype says
@@ -245,7 +247,7 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
     model.config.use_cache = False
     model = prepare_weights(model, cfg.hardware.master_weights, cfg.hardware.lora, engine_master_copy)
     if cfg.hardware.lora:
-        model = add_lora(model, cfg.hardware)
+        model = add_lora(model, cfg.hardware, cfg.model.revision)
         if cfg.disable_dropout and cfg.hardware.lora_dropout > 0:  # TRL's trainers zero it with the model's own
             log.warning(
                 "hardware.lora_dropout=%g stays on beside disable_dropout=true, which zeroes only the model's own "
@@ -428,6 +430,31 @@ def update_json(path: Path, **changes) -> None:
     path.write_text(json.dumps(data | changes, indent=2, sort_keys=True) + "\n")
 
 
+def save_tokenizer(tokenizer, path) -> bool:
+    """Save the tokenizer as training used it. Where its chat template writes no BOS and the tokenizer has one,
+    training put one in front of every sequence (``data.tokenize.with_bos``), and so do this project's stages; a
+    tool that tokenises the rendered template as it is (transformers' ``apply_chat_template(tokenize=True)`` adds
+    no special tokens) prompted the saved model without it. The saved template then writes it first (the ids are
+    those training used); returns whether it was added."""
+    bos, template = tokenizer.bos_token, tokenizer.chat_template
+    add = False
+    if bos and isinstance(template, str):  # a dict of named templates (tool use beside the default): as it is
+        try:
+            probe = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+            )
+            add = not probe.startswith(bos)
+        except Exception:  # a template that refuses the probe: saved as it is
+            add = False
+    if add:
+        tokenizer.chat_template = "{{ bos_token }}" + template
+    try:
+        tokenizer.save_pretrained(path)
+    finally:
+        tokenizer.chat_template = template
+    return add
+
+
 def ready_to_generate(path, tokenizer) -> None:
     """A saved model's config as a generating tool reads it: ``use_cache`` back on (training turned it off, and a
     plain forward loop then got no cache), and ``generation_config.json``'s end ids with the token the chat template
@@ -508,8 +535,9 @@ def lora_delta(layer, name: str, state_dict: dict) -> torch.Tensor:
     return delta
 
 
-def add_lora(model, h):
-    """Wrap the model with LoRA adapters (peft); only the adapters train."""
+def add_lora(model, h, revision: str | None = None):
+    """Wrap the model with LoRA adapters (peft); only the adapters train. ``revision``: the base's (model.revision),
+    which the saved adapter's config records (PEFT loads the base at ``main`` where it names none)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
@@ -545,7 +573,8 @@ def add_lora(model, h):
     if checkpointing:
         model.enable_input_require_grads()
     try:
-        return get_peft_model(model, config, autocast_adapter_dtype=True)  # bf16/fp16 base: float32 adapters
+        # bf16/fp16 base: float32 adapters
+        return get_peft_model(model, config, autocast_adapter_dtype=True, revision=revision)
     except ValueError as e:  # a layer type PEFT has no LoRA for
         raise ConfigError(f"hardware.lora_target_modules={targets}: {str(e).splitlines()[0]}") from e
 

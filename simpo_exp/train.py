@@ -64,6 +64,7 @@ from simpo_exp.inference.results import EVAL_DIR
 from simpo_exp.layout import BatchLayout
 from simpo_exp.layout_auto import layout_for_run
 from simpo_exp.logps import ResponseLogps, shared_parameters
+from simpo_exp.logps_check import check_logps
 from simpo_exp.memory import check_device_memory
 from simpo_exp.methods import REFERENCE_METHODS, TABLE
 from simpo_exp.metrics import Window, pearson
@@ -74,6 +75,7 @@ from simpo_exp.model import (
     load_tokenizer,
     pick_attention,
     ready_to_generate,
+    save_tokenizer,
     save_trained,
 )
 from simpo_exp.modelcard import resolved_values, write_model_card
@@ -266,6 +268,26 @@ def first_pairs(cfg: Config, train_ds, accelerator) -> list[dict]:
     return next(iter(loader))
 
 
+def check_logps_for_run(cfg: Config, accelerator, model, layout, train_ds, pad_token_id: int) -> dict:
+    """``logps_check.check_logps`` on the first train pair, on the main process with the model on the run's device
+    (where ``prepare`` puts it); what was not checked and why, where it is not (env.json's ``logps_check``)."""
+    if not cfg.hardware.check_logps:
+        return {"skipped": "hardware.check_logps=false"}
+    if accelerator.distributed_type in SHARDED_ENGINES:
+        return {"skipped": f"the weights are sharded ({accelerator.distributed_type.value})"}
+    pair = {k: train_ds[0][k] for k in MODEL_COLUMNS}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+    def check() -> dict:
+        device = accelerator.device
+        return check_logps(model.to(device), layout, pair, pad_token_id, device, accelerator.autocast, dtype)
+
+    record = on_main(accelerator, check)
+    if "gap" in record:
+        log.info("log-probs as the model's own forward gives them (one pair: gap %.2g)", record["gap"])
+    return record
+
+
 def checkpoint_engine(cfg: Config, accelerator) -> str:
     """What writes (and so must read) this run's checkpoints: the accelerate engine by name, for engine checkpoints,
     else ``checkpoint.PLAIN`` (the project's own safetensors)."""
@@ -366,6 +388,7 @@ def set_up(cfg: Config) -> Run:
     layout, layout_choice = layout_for_run(
         cfg, accelerator, model, run_dir, lambda: first_pairs(cfg, train_ds, accelerator), tokenizer.pad_token_id, head
     )
+    logps_check = check_logps_for_run(cfg, accelerator, model, layout, train_ds, tokenizer.pad_token_id)
     policy = ResponseLogps.for_layout(model, layout, fused=head)
     flops = flop_spec(model)  # before any sharding
     checkpoint_bytes = checkpoint.check_space(
@@ -407,6 +430,7 @@ def set_up(cfg: Config) -> Run:
         keep_run_config(run_dir)
     env = environment_record(cfg, accelerator, model, data_report, layout)
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
+    env["logps_check"] = logps_check  # the run's log-probs against the model's own forward on one pair
     env["adamw_fused"] = bool(fused_optimizer)
     tracker = Tracker(
         run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env}, enabled=accelerator.is_main_process
@@ -760,7 +784,8 @@ def save_final_model(run: Run, full_state_dict: dict | None, summary: dict) -> N
     out = run.run_dir / "model"
     try:
         save_trained(run.accelerator.unwrap_model(run.policy).model, out, full_state_dict, run.cfg.save_dtype)
-        run.tokenizer.save_pretrained(out)
+        if save_tokenizer(run.tokenizer, out):
+            log.info("model/: the chat template saved with the BOS training put before every sequence")
         ready_to_generate(out, run.tokenizer)
     except checkpoint.WRITE_ERRORS as e:
         free = shutil.disk_usage(run.run_dir).free
