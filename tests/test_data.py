@@ -1168,6 +1168,34 @@ def test_simpo_repo_is_refused_for_a_template_that_writes_its_own_system_turn(tm
     )
     with pytest.raises(ConfigError, match="refuses it .*System role not supported.*simpo-gemma2-9b-it"):
         check_chat_format(tok, "simpo_repo")
+    # Mistral-Instruct's own template: roles alternate from a user turn, no system turn is put in (the message said
+    # the template refused one)
+    tok.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(ConfigError, match="lone assistant turn .*must alternate.*simpo-mistral-7b-instruct") as e:
+        check_chat_format(tok, "simpo_repo")
+    assert "system" not in str(e.value)
+
+
+def test_a_generation_prompt_the_conversation_does_not_start_with_names_its_rows_reason():
+    """DeepSeek-R1-style templates add "<think>\\n" to the generation prompt only: the answer's start cannot be told
+    from the prompt, and every row drops under a reason that says so (it said the template "does not extend the
+    prompt")."""
+    from simpo_exp.data.tokenize import _tokenise_batch
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|><think>\\n' }}{% endif %}"
+    )
+    batch = {"prompt": [[{"role": "user", "content": "sort 3 1 2"}]], "chosen": ["1 2 3"], "rejected": ["3 2 1"]}
+    out = _tokenise_batch(batch | {"drop_reason": [None]}, tok, 256, 128, chat_format="generation_prompt")
+    assert out["drop_reason"] == [
+        "chat template's generation prompt is not how the conversation renders the answer's start"
+    ]
 
 
 def test_a_tokenizer_with_several_named_templates_trains(tmp_path):
@@ -1535,3 +1563,75 @@ def test_the_token_report_read_from_arrow_batches_counts_what_a_row_by_row_readi
             report.tokenization_report({"train": ds}, tok, dcfg)
         finally:
             report.end_token_ids = real
+
+
+def test_the_saved_chat_template_writes_the_bos_training_put_first(tmp_path):
+    """Where the chat template writes no BOS, training puts the tokenizer's before every sequence; the saved
+    model/ kept the template as it was, and apply_chat_template(tokenize=True) (no special tokens added) prompted
+    the trained model without it. The saved template writes it: the ids are training's."""
+    from transformers import AutoTokenizer
+
+    from simpo_exp.data.tokenize import render, with_bos
+    from simpo_exp.model import TINY_CHAT_TEMPLATE, save_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = TINY_CHAT_TEMPLATE.removeprefix("{{ bos_token }}")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "sort 3 1 2"}]
+    prompt_text, _ = render(tok, messages, "1 2 3")
+    trained = with_bos(tok, tok(prompt_text, add_special_tokens=False)["input_ids"])
+    assert trained[0] == tok.bos_token_id and not prompt_text.startswith(tok.bos_token)
+    assert save_tokenizer(tok, tmp_path / "model") and tok.chat_template == TINY_CHAT_TEMPLATE.removeprefix(
+        "{{ bos_token }}"
+    )  # the tokenizer in memory as it was
+    saved = AutoTokenizer.from_pretrained(tmp_path / "model")
+    ids = saved.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == trained
+    tok.chat_template = TINY_CHAT_TEMPLATE  # writes its own BOS: saved as it is
+    assert not save_tokenizer(tok, tmp_path / "own")
+    assert AutoTokenizer.from_pretrained(tmp_path / "own").chat_template == TINY_CHAT_TEMPLATE
+
+
+def test_a_prompt_turn_the_chat_template_leaves_out_drops_its_pair():
+    """Qwen2.5's and Zephyr's templates render the roles they know and skip any other without a word: rows whose
+    prompt turns said ``User`` or ``human`` trained with the question missing (the prompt was the template's header
+    alone). Such pairs drop under a reason naming the role."""
+    from simpo_exp.data.tokenize import _tokenise_batch
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = (  # renders user, system and assistant turns, nothing of any other
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] in ['user', 'system', 'assistant'] %}"
+        "{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    prompts = [
+        [{"role": "user", "content": "sort 3 1 2"}],
+        [{"role": "User", "content": "sort 3 1 2"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "human", "content": "sort 9 8"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>hello"},
+         {"role": "user", "content": "sort 5 4"}],
+    ]  # fmt: skip
+    batch = {"prompt": prompts, "chosen": ["1 2 3"] * 4, "rejected": ["3 2 1"] * 4, "drop_reason": [None] * 4}
+    out = _tokenise_batch(batch, tok, 256, 128, chat_format="generation_prompt")
+    assert out["drop_reason"] == [
+        None,
+        "chat template leaves out the prompt's 'User' turn",
+        "chat template leaves out the prompt's 'human' turn",
+        None,
+    ]
+
+
+def test_a_column_of_mixed_kinds_is_refused_naming_its_line(tmp_path, tok):
+    """datasets reads a JSON column whose rows differ in kind as Json and decodes every string in it that parses:
+    with one number among the answers, "42" became 42 (dropped as non-string, beside the real culprit) and '"Yes"'
+    trained as Yes, and the rows named were the wrong ones. The file is refused at its first other kind of value;
+    without that row the strings are read as written."""
+    rows = [{"prompt": f"question {i}?", "chosen": f"answer {i}", "rejected": f"no {i}"} for i in range(8)]
+    rows[5]["chosen"], rows[6]["chosen"] = "42", '"Yes"'
+    path = write_jsonl(tmp_path / "clean" / "prefs.jsonl", rows)
+    tr, te, _ = build_datasets(make_config({"s": SourceConfig(path=str(path), format="strings")}, test_size=0.25), tok)
+    texts = {tok.decode(ids) for ids in [*tr["chosen_input_ids"], *te["chosen_input_ids"]]}
+    assert any("42" in t for t in texts) and any('"Yes"' in t for t in texts)
+    rows[3]["chosen"] = 123
+    path = write_jsonl(tmp_path / "mixed" / "prefs.jsonl", rows)
+    with pytest.raises(DataSourceError, match=rf"column 'chosen' holds values of more than one kind .*int at {path}:4"):
+        build_datasets(make_config({"s": SourceConfig(path=str(path), format="strings")}, test_size=0.25), tok)

@@ -90,6 +90,43 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         ) from e
 
 
+def one_type_each(ds: Dataset, files: list[Path], source: str, src: SourceConfig) -> Dataset:
+    """``ds`` where its prompt, chosen and rejected columns each hold one kind of value. A JSON column whose rows
+    differ in kind (a number among strings, strings beside message lists) datasets reads as ``Json``, and decodes
+    every string in it that parses as JSON: "42" became 42 and '"Yes"' Yes, so valid rows were altered or dropped
+    and the rows named were the wrong ones. Refused, naming the first line that differs."""
+    from datasets import Json
+
+    columns = [c for c in (src.prompt_column, src.chosen_column, src.rejected_column) if c in ds.column_names]
+    mixed = [c for c in columns if isinstance(ds.features[c], Json)]
+    if not mixed:
+        return ds
+    where = _first_other_kind(files, mixed[0])
+    raise DataSourceError(
+        f"dataset.sources.{source}: column {mixed[0]!r} holds values of more than one kind{where}; every row's "
+        f"{mixed[0]!r} must be a string (or every row's a list of messages). Fix those rows (a number or null "
+        "among texts), or leave them out of the file"
+    )
+
+
+def _first_other_kind(files: list[Path], column: str) -> str:
+    """`` (a str in <file>:1, a int in <file>:7)``: the first JSON Lines row whose ``column`` is another kind of
+    value than the first row's; "" where it cannot be told (a .json or .parquet file)."""
+    first = None
+    for f in (f for f in files if f.suffix.lower() == ".jsonl"):
+        with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError), open(f, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                row = json.loads(line) if line.strip() else None
+                if not isinstance(row, dict) or row.get(column) is None:  # a missing value is dropped, not decoded
+                    continue
+                kind = type(row[column]).__name__
+                if first is None:
+                    first = (kind, f"{f}:{number}")
+                elif kind != first[0]:
+                    return f" (a {first[0]} at {first[1]}, a {kind} at {f}:{number})"
+    return ""
+
+
 def _blank(path: Path) -> bool:
     try:
         return not path.read_text(encoding="utf-8", errors="replace").strip()
@@ -209,7 +246,7 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
         return Dataset.from_list(rows[split])
     path = Path(src.path).expanduser()
     if path.is_file():
-        return _load_files([path], source)
+        return one_type_each(_load_files([path], source), [path], source, src)
     if path.is_dir():
         files = _split_files(path, split)
         if not files:
@@ -218,7 +255,7 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
                 f"(looked for {split}.jsonl/.json/.parquet or shards {split}-00000-of-00002.parquet, also under "
                 "subfolders)"
             )
-        return _load_files(files, source)
+        return one_type_each(_load_files(files, source), files, source, src)
     if looks_like_local_path(src.path) or path.suffix in FILE_TYPES:
         raise DataSourceError(
             f"dataset.sources.{source}.path={src.path!r}: no such file or directory{looked_in(src.path)}"

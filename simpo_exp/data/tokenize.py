@@ -98,11 +98,19 @@ def check_chat_format(tokenizer, chat_format: str) -> None:
             prompt_messages(tokenizer, probe, chat_format) + [{"role": "assistant", "content": "Hi"}], tokenize=False
         )
     except Exception as e:  # Gemma's template names "system" only to refuse it: every row would drop
-        raise ConfigError(
-            "dataset.chat_format=simpo_repo puts an empty system turn before every prompt whose chat template "
-            f"mentions 'system' (alignment-handbook's rule), and this template refuses it ({type(e).__name__}: "
-            f"{str(e)[:120]}). Use dataset.chat_format=generation_prompt, or a model.chat_template that takes a "
-            "system turn (experiment=simpo-gemma2-9b-it sets the official recipe's)"
+        refused = f"({type(e).__name__}: {str(e)[:120]})"
+        if prompt_messages(tokenizer, probe, chat_format)[0]["role"] == "system":
+            raise ConfigError(
+                "dataset.chat_format=simpo_repo puts an empty system turn before every prompt whose chat template "
+                f"mentions 'system' (alignment-handbook's rule), and this template refuses it {refused}. Use "
+                "dataset.chat_format=generation_prompt, or a model.chat_template that takes a system turn "
+                "(experiment=simpo-gemma2-9b-it sets the official recipe's)"
+            ) from e
+        raise ConfigError(  # a template whose roles must alternate from a user turn (Mistral-Instruct's own)
+            "dataset.chat_format=simpo_repo renders each response as an assistant turn on its own, as the official "
+            f"trainer does, and this chat template refuses a lone assistant turn {refused}. Use "
+            "dataset.chat_format=generation_prompt, or a model.chat_template that renders one "
+            "(experiment=simpo-mistral-7b-instruct sets the official recipe's)"
         ) from e
     if prompt_text + response != whole:
         raise ConfigError(
@@ -124,6 +132,18 @@ def render(tokenizer, prompt: list[dict], response: str, chat_format: str = "gen
     if not full.startswith(prompt_text):
         return prompt_text, None
     return prompt_text, full[len(prompt_text) :]
+
+
+def unrendered_role(prompt: list[dict], prompt_text: str | None) -> str | None:
+    """The role of a prompt turn whose text the rendered prompt does not hold, or None. Templates render the roles
+    they know and skip the others without a word (Qwen2.5's and Zephyr's skip ``User``, ``human``, ``developer``):
+    the pair trained without its question. Assistant turns are not checked (reasoning templates cut the thinking
+    out of earlier answers), nor tool turns (rendered as JSON by some)."""
+    for message in prompt:
+        text = message["content"].strip() if isinstance(message.get("content"), str) else ""
+        if message.get("role") not in ("assistant", "tool") and text and text not in (prompt_text or ""):
+            return message.get("role")
+    return None
 
 
 def with_bos(tokenizer, ids: list[int]) -> list[int]:
@@ -201,8 +221,13 @@ def _tokenise_batch(
                 _, r_text = render(tokenizer, batch["prompt"][i], batch["rejected"][i], chat_format)
             except Exception as e:  # e.g. a template that refuses a system turn or non-alternating roles
                 reason = f"chat template error: {str(e).splitlines()[0][:80]}"
+        if not reason and (role := unrendered_role(batch["prompt"][i], p_text)):
+            reason = f"chat template leaves out the prompt's {role!r} turn"
         if not reason and (c_text is None or r_text is None):
-            reason = "chat template does not extend the prompt"
+            # a generation prompt the conversation does not start its answer with (DeepSeek-R1's adds "<think>\n"):
+            # the answer cannot be told from the prompt (TRL cuts at the common prefix, training on another prompt
+            # than the model is sampled with)
+            reason = "chat template's generation prompt is not how the conversation renders the answer's start"
         prompts.append(p_text or "")
         chosens.append(c_text or "")
         rejecteds.append(r_text or "")
