@@ -155,12 +155,18 @@ def card_text(
         "",
     ]
     if select(cfg, "hardware.lora"):
+        stored = select(cfg, "save_dtype") or "float32"
+        rounding = (
+            "(a merge rounded to bfloat16 would lose most of an update at SimPO's learning rates)"
+            if stored == "float32"
+            else "(save_dtype: rounded to it after the merge, where updates of SimPO's size round away; the adapter "
+            "keeps them)"
+        )
         lines += [
             f"Trained with LoRA adapters (rank {select(cfg, 'hardware.lora_r')}, alpha "
             f"{select(cfg, 'hardware.lora_alpha')}, on {select(cfg, 'hardware.lora_target_modules')}). These weights "
-            "are the base model with the adapters merged in, stored in float32 (a merge rounded to bfloat16 would "
-            "lose most of an update at SimPO's learning rates); the adapter alone, in PEFT's format, is in "
-            "`adapter/`.",
+            f"are the base model with the adapters merged in, stored in {stored} {rounding}; the adapter alone, in "
+            "PEFT's format, is in `adapter/`.",
             "",
         ]
     lines += [

@@ -199,6 +199,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.wandb_run = None
+        self.logged: set[str] = set()  # the metric keys this process logged (finish adds the others to the summary)
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,6 +273,7 @@ class Tracker:
         if not self.enabled:
             return
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.logged.update(metrics)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
@@ -334,9 +336,10 @@ class Tracker:
         self.write_json("summary.json", summary)
         if self.wandb_run is not None:
             try:
-                # Logged metrics keep the summaries define_metric gave them; add only the rest.
+                # Logged metrics keep the summaries define_metric gave them; add only the rest (the run's figures
+                # that no step logs: runtime, the compile warm-up's train/compile_*, the resolved settings)
                 for k, v in summary.items():
-                    if isinstance(v, (int, float)) and not k.startswith(("train/", "eval/")):
+                    if isinstance(v, (int, float)) and k not in self.logged:
                         self.wandb_run.summary[k] = v
                 self.wandb_run.finish()
             except Exception as e:

@@ -714,6 +714,8 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     text = write_model_card(tmp_path, {**cfg, "hardware": lora}, "run").read_text()
     assert "Trained with LoRA adapters (rank 8, alpha 16, on ['q_proj', 'v_proj'])" in text
     assert "the adapters merged in, stored in float32" in text and "`adapter/`" in text
+    text = write_model_card(tmp_path, {**cfg, "hardware": lora, "save_dtype": "bfloat16"}, "run").read_text()
+    assert "stored in bfloat16 (save_dtype" in text and "float32" not in text  # as its files hold them
 
 
 def test_model_card_carries_the_base_models_licence_the_runs_own_figures_and_no_unused_epochs(tmp_path):

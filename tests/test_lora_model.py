@@ -25,6 +25,19 @@ def _trained_lora_model(compose, *overrides):
     return model.eval()
 
 
+def test_the_saved_adapter_names_the_bases_revision(tmp_path):
+    """PEFT loads an adapter's base at ``main`` where its config names no revision: an adapter trained on a pinned
+    model.revision came back onto whatever main had become."""
+    from types import SimpleNamespace
+
+    from simpo_exp.model import add_lora
+    from tests.test_perf_paths import make_model
+
+    h = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])
+    add_lora(make_model(), h, revision="0123abc").save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["revision"] == "0123abc"
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits.float()

@@ -474,3 +474,15 @@ def test_a_stopped_run_tells_wandb_and_its_resume_takes_it_back(tmp_path, monkey
     removed = [_path(item) for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.remove]
     assert removed == [[STOPPED_SUMMARY]] and STOPPED_SUMMARY not in resumed.summary
     assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
+
+
+def test_the_runs_figures_no_step_logged_reach_the_wandb_summary(tmp_path):
+    """finish() added to the W&B summary only keys outside train/ and eval/, taking those for logged metrics: the
+    compile warm-up's train/compile_* (in summary.json, read by compare) never reached W&B. Now every key no step
+    logged is added; logged ones keep the summaries define_metric gave them."""
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    fake = SimpleNamespace(summary={}, log=lambda metrics: None, finish=lambda: None)
+    tracker.wandb_run = fake
+    tracker.log({"train/loss": 0.5, "eval/rewards/accuracies": 0.75}, 3)
+    tracker.finish({"train/loss": 0.5, "eval/rewards/accuracies": 0.75, "train/compile_warmup_s": 2.5, "runtime_s": 9})
+    assert fake.summary == {"train/compile_warmup_s": 2.5, "runtime_s": 9}
