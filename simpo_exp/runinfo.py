@@ -27,6 +27,7 @@ from simpo_exp.rundir import (
     REFUSED_FILE,
     RESUMABLE_CHANGES,
     STOPPED_FILE,
+    checkpoint_dirs,
     hold_folder,
     read_json,
     read_yaml,
@@ -462,6 +463,18 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             if single:
                 raise SystemExit(2) from None
         except Exception as e:
+            if main and hold and _is_user_error(e) and _refused_before_its_start(out, writes):
+                # a command refused in the folder of a run it never started (a bad value beside a finished or
+                # stopped run): that run is left as it was, its outcome and the config it ran with, as a refusal by
+                # another run's folder leaves it
+                _put_back(out, earlier)
+                restore_run_config(out)
+                if not single:  # the sweep's summary lists it
+                    (out / REFUSED_FILE).write_text(json.dumps({"error": str(e), "type": type(e).__name__}, indent=2))
+                print(f"error: {e} ({writes} holds a run from before, left as it was)", file=sys.stderr)
+                if single:
+                    raise SystemExit(2) from None
+                return
             record = {"error": str(e), "type": type(e).__name__, "overrides": given_overrides(HydraConfig.get())}
             if main:  # one record of the run's failure; every process naming it overwrote the others' half-written
                 out.mkdir(parents=True, exist_ok=True)
@@ -549,6 +562,15 @@ def hydra_files(cfg: DictConfig) -> dict[str, str]:
 
 
 RAN_WITH = "ran_with"  # .hydra/ran_with/: the .hydra files of the command a run last trained under
+_accepted: set[str] = set()  # the run folders whose start this process accepted (keep_run_config)
+
+
+def _refused_before_its_start(out: Path, writes: Path) -> bool:
+    """Whether the command failed before it took over the run in its folder (before ``keep_run_config``), where a
+    run trained before: a finished one, or one with checkpoints to resume from."""
+    if {str(out.resolve()), str(writes.resolve())} & _accepted:
+        return False
+    return any((f / "finished.json").exists() or checkpoint_dirs(f) for f in {out, writes})
 
 
 def _take_records(out: Path) -> dict[str, bytes]:
@@ -573,6 +595,7 @@ def _put_back(out: Path, records: dict[str, bytes]) -> None:
 def keep_run_config(run_dir: Path) -> None:
     """Copy the run's .hydra files aside once its start is accepted (``restore_run_config`` puts them back): as
     they were when this job took the folder, since a job refused there meanwhile had Hydra rewrite them."""
+    _accepted.add(str(Path(run_dir).resolve()))
     src = Path(run_dir) / ".hydra"
     if not src.is_dir():
         return

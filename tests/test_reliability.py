@@ -388,6 +388,13 @@ def test_a_finished_run_of_another_config_is_refused_and_left_as_it_was(tmp_path
     assert (run_dir / "summary.json").read_bytes() == summary and not (run_dir / "error.json").exists()
     kept = load_run(run_dir)
     assert kept.status == "done" and "beta" not in kept.overrides and kept.config["beta"] == 2.0
+    # a value refused before the run started (beta=-1) left an error.json and Hydra's rewrite there too: compare
+    # listed the finished run as failed with beta -1
+    bad = simpo(*short, "beta=-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "beta=-1" in bad.stderr and "holds a run from before, left as it was" in bad.stderr
+    assert (run_dir / "summary.json").read_bytes() == summary and not (run_dir / "error.json").exists()
+    kept = load_run(run_dir)
+    assert kept.status == "done" and "beta" not in kept.overrides and kept.config["beta"] == 2.0
     fresh = simpo(*short, "beta=5", "resume=false", cwd=tmp_path)  # asked for: trained again here
     assert fresh.returncode == 0 and load_run(run_dir).config["beta"] == 5.0
 
