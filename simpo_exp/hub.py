@@ -7,6 +7,7 @@ minute of retries) and how to point the config at local files.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -18,6 +19,41 @@ from simpo_exp.errors import UserError
 
 class ModelNotFoundError(UserError, RuntimeError):
     """The configured model (or tokenizer) cannot be found locally nor downloaded."""
+
+
+def check_model_config(path: Path, what: str = "model.path", trust_remote_code: bool | None = None) -> None:
+    """A local model folder's config.json, read before anything loads: JSON that does not parse, a ``model_type``
+    this transformers does not know, or model code of its own (``auto_map``) without ``trust_remote_code`` (where
+    the caller says whether it is given) ended in transformers' traceback, after the data was tokenised. A
+    tokenizer's folder (``model.tokenizer_path``) is only read as JSON."""
+    file = path / "config.json"
+    if not file.is_file():
+        return
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelNotFoundError(f"{what}={str(path)!r}: {file} cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{what}={str(path)!r}: {file} holds a {type(config).__name__}, not a config")
+    if what == "model.tokenizer_path":
+        return
+    own_code, model_type = config.get("auto_map"), config.get("model_type")
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    if model_type is None or model_type in CONFIG_MAPPING:  # a family transformers runs itself (Phi-3's auto_map too)
+        return
+    if own_code and trust_remote_code is False:
+        key = what.rsplit(".", 1)[0] + ".trust_remote_code"
+        raise ModelNotFoundError(
+            f"{what}={str(path)!r} runs model code of its own (config.json model_type={model_type!r}, auto_map: "
+            f"{sorted(own_code)}), which transformers loads only with {key}=true: set it if you trust that code"
+        )
+    if not own_code:
+        raise ModelNotFoundError(
+            f"{what}={str(path)!r}: config.json names model_type={model_type!r}, which transformers "
+            f"{transformers.__version__} does not know (a typo, or a model newer than this transformers)"
+        )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -134,13 +170,17 @@ def looked_in(path: str) -> str:
     )
 
 
-def check_model_available(path: str, revision: str | None = None, what: str = "model.path") -> None:
-    """Raise ModelNotFoundError unless ``path`` is a local directory, cached, or downloadable."""
+def check_model_available(
+    path: str, revision: str | None = None, what: str = "model.path", trust_remote_code: bool | None = None
+) -> None:
+    """Raise ModelNotFoundError unless ``path`` is a local directory, cached, or downloadable; a local directory's
+    config.json is read as transformers will read it (``check_model_config``)."""
     if Path(path).is_dir():
         if not (Path(path) / "config.json").exists() and what == "model.path":
             inside = Path(path) / "model"  # a run's folder: its trained model is in model/
             hint = f"; the run's trained model is {what}={str(inside)!r}" if (inside / "config.json").is_file() else ""
             raise ModelNotFoundError(f"{what}={path!r} is a directory without a config.json: not a saved model{hint}")
+        check_model_config(Path(path), what, trust_remote_code)
         return
     if Path(path).exists():
         raise ModelNotFoundError(f"{what}={path!r} is a file: give the directory that holds the model's files")

@@ -153,6 +153,39 @@ def test_a_model_directory_without_a_tokenizer_or_with_a_larger_one_is_named(tmp
     assert res.returncode == 2 and "is a file" in res.stderr
 
 
+def test_a_model_config_transformers_cannot_read_is_named_before_the_data(tmp_path, saved_model_without_template):
+    """config.json that is not JSON, a model_type this transformers does not know (a typo), or model code of its
+    own without trust_remote_code: transformers' traceback, after the data was tokenised, named a Python argument
+    rather than the key. Each is now named before anything loads; a family transformers runs itself loads whatever
+    auto_map its config carries (Phi-3's)."""
+    import shutil
+
+    from simpo_exp.hub import ModelNotFoundError, check_model_available
+
+    def edited(name: str, change):
+        folder = tmp_path / name
+        shutil.copytree(saved_model_without_template, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(change(config))
+        return folder
+
+    broken = edited("broken", lambda c: json.dumps(c)[:-5])
+    with pytest.raises(ModelNotFoundError, match=r"config.json cannot be read as JSON"):
+        check_model_available(str(broken))
+    typo = edited("typo", lambda c: json.dumps(c | {"model_type": "qwen22"}))
+    with pytest.raises(ModelNotFoundError, match=r"model_type='qwen22', which transformers 5\.\d+"):
+        check_model_available(str(typo))
+    own = edited("own", lambda c: json.dumps(c | {"model_type": "mine", "auto_map": {"AutoConfig": "m.C"}}))
+    with pytest.raises(ModelNotFoundError, match="model.trust_remote_code=true"):
+        check_model_available(str(own), trust_remote_code=False)
+    check_model_available(str(own), trust_remote_code=True)  # transformers runs its code then
+    native = edited("native", lambda c: json.dumps(c | {"auto_map": {"AutoConfig": "m.C"}}))
+    check_model_available(str(native), trust_remote_code=False)
+    res = simpo("model=qwen2.5-0.5b-instruct", "model.chat_template=zephyr", *TINY, f"model.path={typo}", cwd=tmp_path)
+    assert res.returncode == 2 and "model_type='qwen22'" in res.stderr and "Traceback" not in res.stderr
+    assert "tokenis" not in res.stderr.lower()  # refused before the data step
+
+
 def test_output_dir_not_writable(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -80,7 +80,8 @@ def policy_positions(cfg) -> int | None:
 
     from simpo_exp.hub import check_model_available
 
-    check_model_available(m.path, m.revision)  # a model neither on disk nor in the cache, named as training names it
+    # a model neither on disk nor in the cache, named as training names it
+    check_model_available(m.path, m.revision, trust_remote_code=m.trust_remote_code)
     config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     return model_positions(config)
 
