@@ -222,6 +222,12 @@ def _load_hub(src: SourceConfig, source: str, split: str) -> Dataset:
         with contextlib.nullcontext() if online else _offline_hub():
             return load_dataset(src.path, src.name, split=split, revision=src.revision)
     except Exception as e:
+        words = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Unknown split" in words:  # read from the cache (or the hub), which has other splits: not a cache miss
+            key = "train_split" if split == src.train_split else "test_split"
+            raise DataSourceError(f"dataset.sources.{source}.{key}={split!r}: {src.path!r} says {words}") from e
+        if "BuilderConfig" in words and "not found" in words:
+            raise DataSourceError(f"dataset.sources.{source}.name={src.name!r}: {src.path!r} says {words}") from e
         if online:
             raise DataSourceError(f"dataset.sources.{source}: cannot load {src.path!r} split {split!r}: {e}") from e
         raise DataSourceError(
