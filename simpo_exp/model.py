@@ -236,6 +236,7 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
             why = str(e).split(". ")[0]
             raise ConfigError(f"{key}={attn_implementation!r}: {why}; 'eager' runs every model") from e
     check_vocabulary(model, tokenizer, m)
+    check_positions(model, cfg)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.hardware.fused_layers == "liger":
@@ -267,6 +268,30 @@ def check_vocabulary(model, tokenizer, m: ModelConfig) -> None:
             f"{source}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} rows; "
             "use the tokenizer the model was trained with"
         )
+
+
+def check_positions(model, cfg: Config) -> None:
+    """``max_length`` against the positions the model reads: one of learned positions (GPT-2's ``n_positions``,
+    OPT's) failed mid-step ("index out of range") on a longer sequence, so that is refused; a rotary one reads
+    positions it was never trained on, which is said."""
+    from simpo_exp.inference.sampling import model_positions
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    positions = model_positions(config)
+    if positions is None or cfg.max_length <= positions:
+        return
+    where = f"model.path={cfg.model.path!r}" if cfg.model.path else "model.random_init"
+    rotary = any(getattr(config, k, None) is not None for k in ("rope_theta", "rope_parameters", "rope_scaling"))
+    if not rotary:
+        raise ConfigError(
+            f"max_length={cfg.max_length}: {where} has {positions} learned positions, and a longer pair would fail "
+            f"in the middle of a step; set max_length to {positions} or less (max_prompt_length below it)"
+        )
+    log.warning(
+        "max_length=%d passes the %d positions %s was trained for: its longer sequences read rotary positions "
+        "it has never seen",
+        cfg.max_length, positions, where,
+    )  # fmt: skip
 
 
 def enable_checkpointing(model: torch.nn.Module, every_n_layers: int = 1, offload: bool = False) -> None:

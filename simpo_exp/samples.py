@@ -33,8 +33,13 @@ def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, s
         return []
     prompts = [list(p["prompt_input_ids"]) for p in pairs]
     width = max(len(p) for p in prompts)
-    from simpo_exp.inference.sampling import stop_token_ids
+    from simpo_exp.inference.sampling import model_positions, stop_token_ids
 
+    positions = model_positions(getattr(model, "config", None))
+    if positions is not None and width + max_new_tokens > positions:  # past them a model of learned positions
+        max_new_tokens = positions - width  # fails, and a rotary one reads positions it never saw (as evaluate cuts)
+        if max_new_tokens <= 0:
+            return [""] * len(pairs)
     eos = tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer, [], getattr(model, "generation_config", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)  # masked: any id

@@ -78,3 +78,34 @@ def test_eval_mode_puts_the_model_back_in_its_mode_whatever_the_block_raised():
             assert not model.training and not model[1].training
             raise RuntimeError("out of memory")
         assert model.training is training and model[1].training is training
+
+
+def test_a_model_of_learned_positions_is_sampled_and_trained_within_them(caplog):
+    """GPT-2 with 40 positions: max_new_tokens=64 after a 30-token prompt failed in the in-training samples with
+    "index out of range" (the evaluate stage cut them; these did not), and max_length past the positions failed
+    mid-step. Samples stop at the positions; max_length past learned ones is refused, past rotary ones said."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.model import check_positions
+
+    tiny = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny), n_positions=40, n_embd=32, n_layer=1, n_head=2))
+    prompt = torch.randint(5, 250, (30,)).tolist()
+    asked, real = [], gpt2.generate
+    gpt2.generate = lambda **kwargs: asked.append(kwargs["max_new_tokens"]) or real(**kwargs)
+    (text,) = samples.generate(gpt2, tiny, [{"prompt_input_ids": prompt}], 64, "cpu")
+    assert asked == [10] and isinstance(text, str)
+    assert samples.generate(gpt2, tiny, [{"prompt_input_ids": prompt + prompt}], 8, "cpu") == [""]  # no room left
+    run = lambda n: SimpleNamespace(max_length=n, model=SimpleNamespace(path="/models/small"))  # noqa: E731
+    check_positions(gpt2, run(40))
+    with pytest.raises(ConfigError, match="max_length=41: model.path='/models/small' has 40 learned positions"):
+        check_positions(gpt2, run(41))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32))  # fmt: skip
+    with caplog.at_level("WARNING"):
+        check_positions(llama, run(64))
+    assert "max_length=64 passes the 32 positions" in caplog.text
