@@ -15,6 +15,7 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 UNTIMED = "untimed/"  # prefix of the work sums of a window's untimed (compile) steps
+SKIPPED = "skipped/"  # prefix of the work sums of a window's skipped (non-finite) steps
 WORK_KEYS = ("tokens", "pairs", "length/chosen", "length/rejected", "attention_pairs")  # what throughput reads
 
 
@@ -27,14 +28,18 @@ class Window:
         self.sums: dict[str, torch.Tensor] = {k: torch.tensor(v) for k, v in (saved or {}).items()}
         self.seconds, self.steps = seconds, steps  # time in the window's training steps (not eval or saves)
 
-    def step_done(self, stats: "Window | None", seconds: float, timed: bool = True) -> None:
-        """Close an optimizer step: add its statistics (None for a skipped step) and its time. An untimed
-        step (one that compiled: simpo_exp/compiled.py) counts in the means but not in the speed figures:
-        its time is left out, and so is its work (summed apart under ``untimed/``)."""
-        if stats is not None:
+    def step_done(self, stats: "Window | None", seconds: float, timed: bool = True, skipped: bool = False) -> None:
+        """Close an optimizer step: add its statistics and its time. An untimed step (one that compiled:
+        simpo_exp/compiled.py) counts in the means but not in the speed figures: its time is left out, and so is
+        its work (summed apart under ``untimed/``). A ``skipped`` step (its gradient not finite) counts in no mean,
+        but its work does, in the speed figures and ``train/num_tokens`` (summed apart under ``skipped/``): the
+        step was computed, and TRL counts the tokens of every batch."""
+        if stats is not None and skipped:
+            self.add({f"{SKIPPED}{k}": v for k, v in stats.sums.items() if k in (*WORK_KEYS, "input_tokens")})
+        elif stats is not None:
             self.add(stats.sums)
-            if not timed:
-                self.add({f"{UNTIMED}{k}": v for k, v in stats.sums.items() if k in WORK_KEYS})
+        if stats is not None and not timed:
+            self.add({f"{UNTIMED}{k}": v for k, v in stats.sums.items() if k in WORK_KEYS})
         if timed:
             self.seconds += seconds
             self.steps += 1
@@ -42,7 +47,10 @@ class Window:
     def train_report(self, accelerator, flops, peak: float | None) -> tuple[dict[str, float], dict[str, float]]:
         """``means`` under ``train/`` plus the window's speed, memory and MFU; starts a new window."""
         metrics, totals = self.means(accelerator, "train")
-        timed = {k: v - totals.get(f"{UNTIMED}{k}", 0.0) for k, v in totals.items() if not k.startswith(UNTIMED)}
+        done = {k.removeprefix(SKIPPED) for k in totals if not k.startswith(UNTIMED)}  # skipped steps' work too
+        timed = {
+            k: totals.get(k, 0.0) + totals.get(f"{SKIPPED}{k}", 0.0) - totals.get(f"{UNTIMED}{k}", 0.0) for k in done
+        }
         metrics |= throughput(timed, self.seconds, self.steps, flops, peak, accelerator)
         self.seconds, self.steps = 0.0, 0
         return metrics, totals
@@ -84,6 +92,8 @@ class Window:
             if m in totals:
                 by = divisor_keys(m) or ("pairs",)
                 means[f"{prefix}/{m}"] = totals[m] / max(sum(totals[k] for k in by), 1.0)
+        if not means:  # every step of the window was skipped: only their work was summed
+            means = {f"{prefix}/{m}": float("nan") for m in PAIR_METRICS + tuple(TOKEN_METRICS)}
         return means, totals
 
 
@@ -98,7 +108,7 @@ def throughput(totals: dict, seconds: float, steps: int, flops, peak: float | No
         return out
     seconds = max(seconds, 1e-9)
     out["train/step_time_s"] = seconds / steps
-    if not totals:  # every step of the window was skipped
+    if not totals:  # no work summed
         return out
     out["train/tokens_per_s"] = totals["tokens"] / seconds
     out["train/samples_per_s"] = totals["pairs"] / seconds

@@ -74,8 +74,8 @@ EVAL_ONLY_METRICS = ("length/reward_corr",)
 # step_time_s, tokens_per_s and samples_per_s time the steps alone (not eval or checkpoints); mfu is
 # model FLOPs utilisation (simpo_exp/flops.py), logged when the device's peak is known; max_rss_gb
 # is the process's peak resident memory, gpu_max_allocated_gb torch's peak allocation on a GPU.
-# num_tokens (TRL's): input tokens of the training steps so far, prompt + response of chosen and of
-# rejected each (the prompt twice, whatever the layout computed), padding not counted.
+# num_tokens (TRL's): input tokens of the training steps so far (skipped ones too: they were computed), prompt +
+# response of chosen and of rejected each (the prompt twice, whatever the layout computed), padding not counted.
 TRAIN_ONLY_METRICS = (
     "grad_norm",
     "learning_rate",

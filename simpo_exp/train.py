@@ -67,7 +67,7 @@ from simpo_exp.logps import ResponseLogps, shared_parameters
 from simpo_exp.logps_check import check_logps
 from simpo_exp.memory import check_device_memory
 from simpo_exp.methods import REFERENCE_METHODS, TABLE
-from simpo_exp.metrics import Window, pearson
+from simpo_exp.metrics import SKIPPED, Window, pearson
 from simpo_exp.model import (
     count_parameters,
     eval_mode,
@@ -562,7 +562,7 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
         torch.cuda.synchronize(acc.device)
     seconds = time.time() - started
     compiled = run.compiler.step_finished(seconds, state.step)
-    window.step_done(step_stats if ok else None, seconds, timed=not compiled)  # compile warm-up: not timed
+    window.step_done(step_stats, seconds, timed=not compiled, skipped=not ok)  # compile warm-up: not timed
     return grad_norm
 
 
@@ -598,7 +598,7 @@ def skip_step(run: Run, loss_scale: float | None = None) -> None:
 def log_train(run: Run, window: Window, grad_norm: float) -> dict:
     """The logging window's metrics (means, speed, memory, MFU) plus the optimiser's, logged at this step."""
     metrics, totals = window.train_report(run.accelerator, run.flops, run.peak)
-    run.state.num_tokens += totals.get("input_tokens", 0.0)
+    run.state.num_tokens += totals.get("input_tokens", 0.0) + totals.get(f"{SKIPPED}input_tokens", 0.0)
     metrics |= {
         "train/num_tokens": run.state.num_tokens,
         "train/grad_norm": grad_norm,

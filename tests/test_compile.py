@@ -7,6 +7,7 @@ through inductor, the default. Tolerances as tests/test_perf_paths.py (float32, 
 """
 
 import json
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -233,3 +234,25 @@ def eager_model_of(run_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(run_dir / "model"))
+
+
+def test_a_skipped_steps_work_counts_in_the_speed_and_the_tokens_not_in_the_means():
+    """A step whose gradient was not finite was left out of the window whole: its time counted in step_time_s
+    but not its tokens in tokens_per_s, and train/num_tokens (TRL's, every batch processed) lost its tokens."""
+
+    def stats(loss: float, tokens: float) -> Window:
+        w = Window()
+        sums = {"loss": loss, "pairs": 2.0, "tokens": tokens, "input_tokens": tokens + 20}
+        w.add({k: torch.tensor(v) for k, v in sums.items()})
+        return w
+
+    window = Window()
+    window.step_done(stats(1.0, 300.0), 1.0)
+    window.step_done(stats(float("nan"), 100.0), 1.0, skipped=True)
+    metrics, totals = window.train_report(OneProcess, None, None)
+    assert metrics["train/loss"] == 0.5  # the good step's alone
+    assert metrics["train/tokens_per_s"] == 200.0 and metrics["train/samples_per_s"] == 2.0  # both steps' work
+    assert totals["input_tokens"] + totals["skipped/input_tokens"] == 440.0
+    window.step_done(stats(float("nan"), 100.0), 2.0, skipped=True)  # a window of skipped steps alone
+    metrics, _ = window.train_report(OneProcess, None, None)
+    assert math.isnan(metrics["train/loss"]) and metrics["train/tokens_per_s"] == 50.0
