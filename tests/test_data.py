@@ -1328,6 +1328,10 @@ def test_a_test_split_that_is_not_read_is_said_so(tmp_path, tok, caplog):
         build_datasets(make_config({"src": SourceConfig(path=str(one), test_split="test_prefs")}, test_size=0.25), tok)
     assert "test_split='test_prefs' is not read" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING"):  # a train split named for one file: the file is the train split whatever it says
+        build_datasets(make_config({"src": SourceConfig(path=str(one), train_split="train_sft")}, test_size=0.25), tok)
+    assert "train_split='train_sft' names nothing in it" in caplog.text
+    caplog.clear()
     write_jsonl(tmp_path / "d" / "train.jsonl", rows)
     write_jsonl(tmp_path / "d" / "validation.jsonl", rows[:4])
     with caplog.at_level("WARNING"):

@@ -287,6 +287,12 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
         if test_split is None and counterpart != src.train_split and path.is_dir() and _split_files(path, counterpart):
             test_split = counterpart
             log.info("dataset.sources.%s: test split from the directory's %r file(s)", name, counterpart)
+    if single_file and src.train_split != SourceConfig.train_split:  # one the user named, which a file has not
+        log.warning(
+            "dataset.sources.%s.path is one file, read whole as the train split: train_split=%r names nothing in "
+            "it; point the path at the directory that holds the split files to choose one",
+            name, src.train_split,
+        )  # fmt: skip
     if test_split is not None and single_file and test_split != SourceConfig.test_split:  # one the user named
         log.warning(
             "dataset.sources.%s.path is one file: its test split is carved out of it (test_size %s), and "
