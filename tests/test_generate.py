@@ -1052,19 +1052,26 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     import types
 
     from simpo_exp.generate import run as gen
+    from simpo_exp.model import build_tiny_tokenizer
 
     lengths = [3, 50, 4, 60, 5, 6]
     prompts = [{"prompt_id": str(i), "prompt": [{"role": "user", "content": "x" * n}]} for i, n in enumerate(lengths)]
-    counts = {"rows": 7, "duplicate prompt": 1, "no prompt": 0}
+    prompts.insert(1, {"prompt_id": "h", "prompt": [{"role": "human", "content": "yyy"}]})  # a role left out
+    counts = {"rows": 8, "duplicate prompt": 1, "no prompt": 0}
     monkeypatch.setattr(gen, "train_prompts", lambda dcfg: (prompts, dict(counts)))
     monkeypatch.setattr(gen, "prompt_token_ids", lambda tok, chats: [[0] * len(c[0]["content"]) for c in chats])
     monkeypatch.setattr(gen, "policy_positions", lambda cfg: None)
     cfg = types.SimpleNamespace(max_prompt_length=10, dataset=types.SimpleNamespace(max_train_samples=3))
+    tokenizer = build_tiny_tokenizer()  # a template that renders the roles it knows alone (Qwen2.5's, Zephyr's)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
     with caplog.at_level(logging.WARNING, logger="simpo_exp.generate.run"):
-        kept, report = gen._tokenised_prompts(cfg, tokenizer=None)
+        kept, report = gen._tokenised_prompts(cfg, tokenizer=tokenizer)
     assert "2 of the 6 prompts are longer than max_prompt_length=10 tokens and are not sampled" in caplog.text
     assert [p["prompt_id"] for p in kept] == ["0", "2", "4"]  # the first three that fit
     assert report["prompt too long"] == 2 and report["over dataset.max_train_samples"] == 1
+    assert report["chat template leaves out the prompt's 'human' turn"] == 1  # sampled, it had no question
     assert len(kept) + sum(v for k, v in report.items() if k != "rows") == report["rows"]
 
 

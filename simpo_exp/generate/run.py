@@ -30,6 +30,7 @@ from pathlib import Path
 from simpo_exp.config import ConfigError
 from simpo_exp.data.prompts import train_prompts
 from simpo_exp.data.sources import DataSourceError, synthetic_task
+from simpo_exp.data.tokenize import unrendered_role
 from simpo_exp.generate.binarise import binarise
 from simpo_exp.inference.files import (
     DamagedFile,
@@ -213,7 +214,17 @@ def read_shard(path: Path, prompts: list[dict], cfg) -> list[dict]:
 
 def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
     prompts, counts = train_prompts(cfg.dataset)
-    kept = []
+    rendered = []  # a prompt whose turn the template leaves out (an unknown role) would be sampled without it
+    for p in prompts:
+        text = tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True)
+        if (role := unrendered_role(p["prompt"], text)) is None:
+            rendered.append(p)
+        else:
+            reason = f"chat template leaves out the prompt's {role!r} turn"
+            counts[reason] = counts.get(reason, 0) + 1
+    prompts, kept = rendered, []
+    if not prompts:
+        raise DataSourceError(f"the chat template leaves a turn out of every prompt ({counts})")
     for p, ids in zip(prompts, prompt_token_ids(tokenizer, [p["prompt"] for p in prompts])):
         if len(ids) > cfg.max_prompt_length:
             counts["prompt too long"] = counts.get("prompt too long", 0) + 1
