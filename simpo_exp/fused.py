@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from simpo_exp.logps import host_to_device, logit_scale, unsharded
+from simpo_exp.logps import final_softcap, host_to_device, logit_scale, unsharded
 
 LIGER_METHODS = ("simpo", "cpo", "orpo")
 INSTALL_HINT = 'pip install -e ".[gpu]" (or pip install liger-kernel)'
@@ -71,7 +71,7 @@ def fused_head(cfg, model) -> "LigerPreferenceHead | None":
     refusal = fused_head_refusal(cfg)
     if refusal:
         raise ConfigError(refusal)
-    if getattr(model.config, "final_logit_softcapping", None):
+    if final_softcap(model.config):
         raise ConfigError(f"{where}: Liger does not cap the logits as this model does (Gemma 2); use 'none'")
     if logit_scale(model.config) and getattr(model.get_output_embeddings(), "bias", None) is not None:
         raise ConfigError(f"{where}: this model scales its logits and its head has a bias; use 'none'")

@@ -61,7 +61,7 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     the distance between columns (ALiBi: MPT, Bloom), which prefix sharing moves. The fused head
     (``hardware.fused_head``) runs in every layout and changes nothing here."""
     packing, attention = hardware.packing, hardware.packing_attention
-    softcapped = bool(getattr(model_config, "attn_logit_softcapping", None))
+    softcapped = bool(getattr(text_config(model_config), "attn_logit_softcapping", None))
     stateful = state_beside_attention(model_config)
     if packing == "auto":
         if short_window(model_config, max_length) or stateful or distance_biased(model_config):
@@ -124,7 +124,7 @@ def state_beside_attention(model_config) -> str | None:
     """What of the model carries a state along its input besides attention (a Mamba or linear-attention mixer,
     a convolution), or None. The packed layouts keep the sequences of a row apart in attention only: through
     such a mixer the rejected response would read the chosen one, so these models run the padded layout."""
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    config = text_config(model_config)
     types = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None)
     others = sorted(set(types) - ATTENTION_LAYER_TYPES - {"mlp", "moe"}) if isinstance(types, (list, tuple)) else []
     family = getattr(config, "model_type", None)
@@ -139,7 +139,7 @@ def distance_biased(model_config) -> str | None:
     """What of the model biases attention by the distance between columns rather than by ``position_ids`` (ALiBi:
     Bloom, MPT, Falcon with ``alibi``), or None. Prefix sharing gives the rejected response positions that follow
     the prompt; such a bias reads the columns between them, the chosen response's, instead."""
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    config = text_config(model_config)
     family = getattr(config, "model_type", None)
     attn = getattr(config, "attn_config", None)
     mpt_alibi = attn.get("alibi", True) if isinstance(attn, dict) else getattr(attn, "alibi", True)
@@ -150,9 +150,16 @@ def distance_biased(model_config) -> str | None:
     return None
 
 
+def text_config(model_config):
+    """The config of the model's language part: a multimodal model's ``text_config`` (Gemma-3 4B-27B load as one,
+    their sliding window and softcaps in it, not at the top), else the config itself."""
+    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+
 def short_window(model_config, max_length: int | None) -> bool:
     """Whether the model attends through a sliding window that a sequence of ``max_length`` tokens (any
     length, when unknown) can outgrow: the packed attentions here do not implement one."""
+    model_config = text_config(model_config)
     window = getattr(model_config, "sliding_window", None)
     if not window or not getattr(model_config, "use_sliding_window", True):
         return False

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from simpo_exp.layout import BatchLayout, short_window, state_beside_attention
+from simpo_exp.layout import BatchLayout, short_window, state_beside_attention, text_config
 
 SEGMENT_ATTENTION_PREFIX = "simpo_segments:"
 
@@ -81,8 +81,20 @@ LOGIT_SCALES = {
 }
 
 
+# The keys families name the cap their forward squashes the logits to (cap * tanh(logits / cap)) by: Gemma 2/3's,
+# RecurrentGemma's, xLSTM's.
+FINAL_SOFTCAP_KEYS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+
+
+def final_softcap(config) -> float | None:
+    """The cap the model's own forward puts on its logits, under whichever key its family names it; None for none."""
+    config = text_config(config)
+    return next((float(v) for k in FINAL_SOFTCAP_KEYS if (v := getattr(config, k, None))), None)
+
+
 def logit_scale(config) -> float | None:
     """The factor the model's own forward multiplies its logits by; None where it multiplies by none."""
+    config = text_config(config)
     scale = LOGIT_SCALES.get(getattr(config, "model_type", ""), lambda c: None)(config)
     return None if scale is None or float(scale) == 1.0 else float(scale)
 
@@ -469,10 +481,13 @@ def unsharded(head: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- the module
 def decoder_of(model: nn.Module) -> nn.Module:
     """The model's decoder stack (what ``get_decoder()`` gives), whose output is the hidden states. Llama-4's text
-    model gives itself back there (its base model prefix is ``language_model`` and its stack ``model``): then its
-    ``model``."""
+    model gives itself back there (its base model prefix is ``language_model`` and its stack ``model``), and
+    ModernBERT-decoder its output head (its attribute ``decoder``): then its ``model``, or its base model."""
     body = model.get_decoder()
-    return getattr(model, "model", body) if body is model else body
+    if body is model or body is model.get_output_embeddings():  # ModernBERT-decoder's ``decoder`` is its head
+        stack = getattr(model, "model", None)
+        return stack if stack is not None else getattr(model, model.base_model_prefix)
+    return body
 
 
 def shared_parameters(model: nn.Module) -> list[list[str]]:
@@ -500,7 +515,7 @@ class ResponseLogps(nn.Module):
         self.chunk_size = chunk_size
         self.packing = packing
         self.attention = attention
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.softcap = final_softcap(model.config)
         self.scale = logit_scale(model.config)
         self._shared = shared_parameters(model)  # for tie_weights
         if packing != "none" and state_beside_attention(model.config):  # choose_layout refuses these runs
@@ -625,8 +640,8 @@ class ResponseLogps(nn.Module):
             if short_window(self.model.config, longest):  # choose_layout refuses these runs; a caller of this class
                 raise ValueError(
                     f"a packed sequence of {longest} tokens exceeds the model's sliding window "
-                    f"({self.model.config.sliding_window}): the mask attention does not implement sliding windows; "
-                    "use packing=none"
+                    f"({text_config(self.model.config).sliding_window}): the mask attention does not implement "
+                    "sliding windows; use packing=none"
                 )
             dtype = None if self.model.config._attn_implementation != "eager" else self.model.dtype
             mask = group_mask(attn_groups, dtype)

@@ -39,7 +39,8 @@ def cut(pair: dict) -> dict:
 def own_mean_logp(model, prompt: list[int], response: list[int], device) -> float:
     """The mean log-prob of ``response`` after ``prompt`` from the model's own forward (its logits, all of them)."""
     ids = torch.tensor([prompt + response], device=device)
-    logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1 : -1].float()
+    mask = torch.ones_like(ids)  # every token real, a pad id among them too (XLM reads pads off the ids without one)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0, len(prompt) - 1 : -1].float()
     targets = torch.tensor(response, device=device)[:, None]
     return float(logits.log_softmax(-1).gather(-1, targets).mean())
 

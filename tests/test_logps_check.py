@@ -93,3 +93,25 @@ def test_llama4s_text_model_is_scored_through_its_decoder_stack():
     model = Llama4ForCausalLM(config)
     assert model.get_decoder() is model and decoder_of(model) is model.model
     assert check_logps(model, BatchLayout("none"), PAIR, PAD, "cpu", nullcontext)["gap"] < 1e-5
+
+
+def test_final_softcaps_under_each_familys_key_and_inside_a_text_config():
+    """ResponseLogps read the final softcap as Gemma 2 names it alone: RecurrentGemma's logits_soft_cap and xLSTM's
+    output_logit_soft_cap were skipped (every log-prob another model's), and so was a multimodal Gemma's, whose cap
+    sits in its text_config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config
+
+    from simpo_exp.logps import final_softcap
+
+    xlstm = AutoConfig.for_model(
+        "xlstm", vocab_size=64, hidden_size=32, embedding_dim=32, num_blocks=1, num_heads=4, output_logit_soft_cap=2.0
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(xlstm)
+    for p in model.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.2)  # logits past the cap, where it changes them
+    assert check_logps(model, BatchLayout("none"), PAIR, PAD, "cpu", nullcontext)["gap"] < 1e-5
+    assert final_softcap(SimpleNamespace(model_type="recurrent_gemma", logits_soft_cap=30.0)) == 30.0
+    assert final_softcap(Gemma3Config(text_config={"final_logit_softcapping": 2.0})) == 2.0
+    assert final_softcap(make_model().config) is None

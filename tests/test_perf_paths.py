@@ -583,6 +583,12 @@ def test_models_that_carry_a_state_beside_attention_run_the_padded_layout():
         assert choose_layout(hardware("auto"), device, falcon, 512).packing == "none"
         assert [c.packing for c in layout_auto.candidates(device, falcon, max_length=512)] == ["none"]
     assert choose_layout(hardware("auto"), "cpu", LlamaConfig(**small), 512).packing == "prefix_shared"
+    # a multimodal Gemma-3 (how 4B-27B load) keeps its sliding window in text_config, which the rule did not read
+    from transformers import Gemma3Config
+
+    gemma3 = Gemma3Config(text_config={"sliding_window": 16, **small, "num_key_value_heads": 2, "head_dim": 8})
+    assert choose_layout(hardware("auto"), "cpu", gemma3, 512).packing == "none"
+    assert [c.packing for c in layout_auto.candidates("cuda", gemma3, max_length=512)] == ["none"]
     with pytest.raises(ConfigError, match="hardware.packing='packed': the model carries a state .*hybrid"):
         choose_layout(hardware("packed"), "cpu", falcon, 512)
     model = FalconH1ForCausalLM(falcon)
