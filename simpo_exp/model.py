@@ -236,7 +236,6 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
             why = str(e).split(". ")[0]
             raise ConfigError(f"{key}={attn_implementation!r}: {why}; 'eager' runs every model") from e
     check_vocabulary(model, tokenizer, m)
-    check_positions(model, cfg)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.hardware.fused_layers == "liger":
@@ -271,9 +270,9 @@ def check_vocabulary(model, tokenizer, m: ModelConfig) -> None:
 
 
 def check_positions(model, cfg: Config) -> None:
-    """``max_length`` against the positions the model reads: one of learned positions (GPT-2's ``n_positions``,
-    OPT's) failed mid-step ("index out of range") on a longer sequence, so that is refused; a rotary one reads
-    positions it was never trained on, which is said."""
+    """Training's ``max_length`` against the positions the model reads: one of learned positions (GPT-2's
+    ``n_positions``, OPT's) failed mid-step ("index out of range") on a longer sequence, so that is refused; a rotary
+    one reads positions it was never trained on, which is said. (The sampling stages cut their answers there.)"""
     from simpo_exp.inference.sampling import model_positions
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

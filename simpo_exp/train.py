@@ -69,6 +69,7 @@ from simpo_exp.memory import check_device_memory
 from simpo_exp.methods import REFERENCE_METHODS, TABLE
 from simpo_exp.metrics import SKIPPED, Window, pearson
 from simpo_exp.model import (
+    check_positions,
     count_parameters,
     eval_mode,
     load_model,
@@ -369,6 +370,7 @@ def set_up(cfg: Config) -> Run:
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg), engine_keeps_master_copy(accelerator))
+    check_positions(model, cfg)
     upcast_as_fsdp_does(model, accelerator)
     log.info(
         "model %s: %.2fM parameters, %.2fM trained%s",

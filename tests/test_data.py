@@ -1247,7 +1247,7 @@ def test_model_revision_is_the_models_commit_not_a_separate_tokenizers(monkeypat
     from simpo_exp.config import ModelConfig
 
     asked = []
-    monkeypatch.setattr(model_module, "check_model_available", lambda path, revision, what: asked.append(revision))
+    monkeypatch.setattr(model_module, "check_model_available", lambda path, revision, *_, **__: asked.append(revision))
     monkeypatch.setattr(model_module, "check_tokenizer_files", lambda path, what: None)
     monkeypatch.setattr(
         transformers.AutoTokenizer,
@@ -1257,7 +1257,7 @@ def test_model_revision_is_the_models_commit_not_a_separate_tokenizers(monkeypat
     commit = "a" * 40
     model_module.load_tokenizer(ModelConfig(name="m", path="org/model", revision=commit))
     model_module.load_tokenizer(ModelConfig(name="m", path="org/model", revision=commit, tokenizer_path="org/tok"))
-    assert asked == [commit, commit, None, None]
+    assert asked == [commit, commit, commit, None, None]  # the model's own config at its commit, the tokenizer's not
 
 
 def test_simpo_repo_chat_format_truncates_as_the_official_trainer():
