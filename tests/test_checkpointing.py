@@ -122,7 +122,7 @@ def test_generating_from_a_partially_checkpointed_run_leaves_a_valid_config(comp
     assert (inference.hardware.checkpoint_every_n_layers, inference.hardware.checkpoint_offload) == (1, False)
 
 
-@pytest.mark.parametrize("packing", ["none", "prefix_shared"])
+@pytest.mark.parametrize("packing", [pytest.param("none", marks=pytest.mark.slow), "prefix_shared"])
 def test_compiled_layers_under_partial_checkpointing_match_eager(packing):
     """hardware.compile with every second layer checkpointed: dynamo sees checkpointed and plain layers side by
     side (one graph for the plain ones, the checkpoint region for the others); loss and gradients stay eager's."""

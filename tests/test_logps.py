@@ -130,7 +130,7 @@ def scaled_model(model_type: str, scale: float, vocab: int = 64):
 @pytest.mark.parametrize(
     "model_type, scale",
     [("cohere", 0.25), ("cohere2", 0.25), ("granite", 4.0), ("granitemoe", 4.0), ("hyperclovax", 4.0)]
-    + [("falcon_h1", 0.25)],
+    + [pytest.param("falcon_h1", 0.25, marks=pytest.mark.slow)],  # a Mamba hybrid: 10 s on 2 cores
 )
 def test_a_family_that_scales_its_logits_is_scored_as_its_forward_scores(model_type, scale):
     """Cohere multiplies its logits by logit_scale, Granite divides them by logits_scaling (HyperCLOVA X multiplies

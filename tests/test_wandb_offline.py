@@ -324,6 +324,7 @@ def test_no_secret_is_written(job, run_file):
         for path in job.rglob("*"):  # nor in W&B's logs, the configs, metrics, summaries
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), path
+    assert not [p for p in job.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]  # only safetensors weights
 
 
 def _logger_cfg(group):
