@@ -75,7 +75,7 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
 
         raise ConfigError(
             f"hardware.packing={packing!r}: the model attends through a sliding window of "
-            f"{model_config.sliding_window} tokens, shorter than max_length={max_length}, which the packed "
+            f"{attention_window(model_config)} tokens, shorter than max_length={max_length}, which the packed "
             "layouts' attention does not implement (the log-probs would be a model without its window); use "
             "hardware.packing=none or auto"
         )
@@ -156,14 +156,21 @@ def text_config(model_config):
     return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
 
 
+def attention_window(model_config) -> int | None:
+    """The sliding window some of the model's layers attend through, in tokens, or None: ``sliding_window`` (Mistral,
+    Gemma 2/3, Qwen2 where ``use_sliding_window``), GPT-Neo's ``window_size`` (its local layers)."""
+    config = text_config(model_config)
+    if getattr(config, "model_type", None) == "gpt_neo" and "local" in str(getattr(config, "attention_layers", "")):
+        return getattr(config, "window_size", None)
+    window = getattr(config, "sliding_window", None)
+    return window if window and getattr(config, "use_sliding_window", True) else None
+
+
 def short_window(model_config, max_length: int | None) -> bool:
     """Whether the model attends through a sliding window that a sequence of ``max_length`` tokens (any
     length, when unknown) can outgrow: the packed attentions here do not implement one."""
-    model_config = text_config(model_config)
-    window = getattr(model_config, "sliding_window", None)
-    if not window or not getattr(model_config, "use_sliding_window", True):
-        return False
-    return max_length is None or window < max_length
+    window = attention_window(model_config)
+    return bool(window) and (max_length is None or window < max_length)
 
 
 def check_attention(packing: str, attention: str, device_type: str, softcapped: bool = False) -> None:

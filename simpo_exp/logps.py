@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from simpo_exp.layout import BatchLayout, short_window, state_beside_attention, text_config
+from simpo_exp.layout import BatchLayout, attention_window, short_window, state_beside_attention, text_config
 
 SEGMENT_ATTENTION_PREFIX = "simpo_segments:"
 
@@ -640,7 +640,7 @@ class ResponseLogps(nn.Module):
             if short_window(self.model.config, longest):  # choose_layout refuses these runs; a caller of this class
                 raise ValueError(
                     f"a packed sequence of {longest} tokens exceeds the model's sliding window "
-                    f"({text_config(self.model.config).sliding_window}): the mask attention does not implement "
+                    f"({attention_window(self.model.config)}): the mask attention does not implement "
                     "sliding windows; use packing=none"
                 )
             dtype = None if self.model.config._attn_implementation != "eager" else self.model.dtype

@@ -589,6 +589,16 @@ def test_models_that_carry_a_state_beside_attention_run_the_padded_layout():
     gemma3 = Gemma3Config(text_config={"sliding_window": 16, **small, "num_key_value_heads": 2, "head_dim": 8})
     assert choose_layout(hardware("auto"), "cpu", gemma3, 512).packing == "none"
     assert [c.packing for c in layout_auto.candidates("cuda", gemma3, max_length=512)] == ["none"]
+    # GPT-Neo's local layers attend through window_size, which no rule read
+    from transformers import GPTNeoConfig
+
+    neo = GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, window_size=16,
+                       attention_types=[[["global", "local"], 1]])  # fmt: skip
+    assert choose_layout(hardware("auto"), "cpu", neo, 512).packing == "none"
+    with pytest.raises(ConfigError, match="attends through a sliding window of 16 tokens, shorter than max_length=512"):
+        choose_layout(hardware("packed"), "cpu", neo, 512)
+    wide = GPTNeoConfig(**{**neo.to_dict(), "window_size": 1024})  # a window no pair of 512 tokens outgrows
+    assert choose_layout(hardware("auto"), "cpu", wide, 512).packing == "prefix_shared"
     with pytest.raises(ConfigError, match="hardware.packing='packed': the model carries a state .*hybrid"):
         choose_layout(hardware("packed"), "cpu", falcon, 512)
     model = FalconH1ForCausalLM(falcon)
