@@ -61,7 +61,7 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     the distance between columns (ALiBi: MPT, Bloom), which prefix sharing moves. The fused head
     (``hardware.fused_head``) runs in every layout and changes nothing here."""
     packing, attention = hardware.packing, hardware.packing_attention
-    softcapped = bool(getattr(text_config(model_config), "attn_logit_softcapping", None))
+    softcapped = softcaps_attention(model_config)
     stateful = state_beside_attention(model_config)
     if packing == "auto":
         if short_window(model_config, max_length) or stateful or distance_biased(model_config):
@@ -148,6 +148,11 @@ def distance_biased(model_config) -> str | None:
     if getattr(config, "position_embedding_type", None) == "alibi":
         return f"ALiBi ({family})"
     return None
+
+
+def softcaps_attention(model_config) -> bool:
+    """Whether the model softcaps its attention logits (Gemma 2), which segment attention does not implement."""
+    return bool(getattr(text_config(model_config), "attn_logit_softcapping", None))
 
 
 def text_config(model_config):

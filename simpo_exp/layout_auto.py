@@ -43,8 +43,8 @@ from simpo_exp.layout import (
     choose_layout,
     distance_biased,
     short_window,
+    softcaps_attention,
     state_beside_attention,
-    text_config,
 )
 from simpo_exp.rundir import read_json
 
@@ -73,7 +73,7 @@ def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: 
         out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
         if importlib.util.find_spec("flash_attn") is not None:
             out.append(BatchLayout("packed", "flash", chunk_size))
-    elif not getattr(text_config(model_config), "attn_logit_softcapping", None):
+    elif not softcaps_attention(model_config):
         out += [BatchLayout("prefix_shared", "segments", chunk_size), BatchLayout("packed", "segments", chunk_size)]
     return out
 

@@ -274,8 +274,9 @@ def check_positions(model, cfg: Config) -> None:
     ``n_positions``, OPT's) failed mid-step ("index out of range") on a longer sequence, so that is refused; a rotary
     one reads positions it was never trained on, which is said. (The sampling stages cut their answers there.)"""
     from simpo_exp.inference.sampling import model_positions
+    from simpo_exp.layout import text_config
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     positions = model_positions(config)
     if positions is None or cfg.max_length <= positions:
         return

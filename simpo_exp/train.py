@@ -69,6 +69,7 @@ from simpo_exp.memory import check_device_memory
 from simpo_exp.methods import REFERENCE_METHODS, TABLE
 from simpo_exp.metrics import SKIPPED, Window, pearson
 from simpo_exp.model import (
+    TORCH_DTYPES,
     check_positions,
     count_parameters,
     eval_mode,
@@ -82,6 +83,7 @@ from simpo_exp.model import (
 from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
 from simpo_exp.precision import (
+    AUTOCAST_DTYPES,
     engine_keeps_master_copy,
     engine_state_dict,
     upcast_as_fsdp_does,
@@ -277,7 +279,7 @@ def check_logps_for_run(cfg: Config, accelerator, model, layout, train_ds, pad_t
     if accelerator.distributed_type in SHARDED_ENGINES:
         return {"skipped": f"the weights are sharded ({accelerator.distributed_type.value})"}
     pair = {k: train_ds[0][k] for k in MODEL_COLUMNS}
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    dtype = TORCH_DTYPES.get(AUTOCAST_DTYPES.get(accelerator.mixed_precision))
 
     def check() -> dict:
         device = accelerator.device
