@@ -110,7 +110,7 @@ def one_type_each(ds: Dataset, files: list[Path], source: str, src: SourceConfig
 
 
 def _first_other_kind(files: list[Path], column: str) -> str:
-    """`` (a str in <file>:1, a int in <file>:7)``: the first JSON Lines row whose ``column`` is another kind of
+    """`` (a str at <file>:1, a int at <file>:7)``: the first JSON Lines row whose ``column`` is another kind of
     value than the first row's; "" where it cannot be told (a .json or .parquet file)."""
     first = None
     for f in (f for f in files if f.suffix.lower() == ".jsonl"):
