@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.errors import FolderInUse, OtherRunsDirectory
+from simpo_exp.finished import FINISHED
 from simpo_exp.inference.files import probe_writable, write_atomic
 from simpo_exp.rundir import (
     CONF_DIR,
@@ -570,7 +571,7 @@ def _refused_before_its_start(out: Path, writes: Path) -> bool:
     run trained before: a finished one, or one with checkpoints to resume from."""
     if {str(out.resolve()), str(writes.resolve())} & _accepted:
         return False
-    return any((f / "finished.json").exists() or checkpoint_dirs(f) for f in {out, writes})
+    return any((f / FINISHED).exists() or checkpoint_dirs(f) for f in {out, writes})
 
 
 def _take_records(out: Path) -> dict[str, bytes]:
