@@ -1059,7 +1059,7 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     prompts.insert(1, {"prompt_id": "h", "prompt": [{"role": "human", "content": "yyy"}]})  # a role left out
     counts = {"rows": 8, "duplicate prompt": 1, "no prompt": 0}
     monkeypatch.setattr(gen, "train_prompts", lambda dcfg: (prompts, dict(counts)))
-    monkeypatch.setattr(gen, "prompt_token_ids", lambda tok, chats: [[0] * len(c[0]["content"]) for c in chats])
+    monkeypatch.setattr(gen, "text_token_ids", lambda tok, texts: [[0] * len(t) for t in texts])  # a token a char
     monkeypatch.setattr(gen, "policy_positions", lambda cfg: None)
     cfg = types.SimpleNamespace(max_prompt_length=10, dataset=types.SimpleNamespace(max_train_samples=3))
     tokenizer = build_tiny_tokenizer()  # a template that renders the roles it knows alone (Qwen2.5's, Zephyr's)

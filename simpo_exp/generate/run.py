@@ -44,8 +44,9 @@ from simpo_exp.inference.sampling import (
     derive_seed,
     effective_precision,
     pick_device,
-    prompt_token_ids,
+    prompt_texts,
     sampling_dtype,
+    text_token_ids,
 )
 from simpo_exp.rundir import rerun_command
 
@@ -215,17 +216,16 @@ def read_shard(path: Path, prompts: list[dict], cfg) -> list[dict]:
 def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
     prompts, counts = train_prompts(cfg.dataset)
     rendered = []  # a prompt whose turn the template leaves out (an unknown role) would be sampled without it
-    for p in prompts:
-        text = tokenizer.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True)
+    for p, text in zip(prompts, prompt_texts(tokenizer, [p["prompt"] for p in prompts])):
         if (role := unrendered_role(p["prompt"], text)) is None:
-            rendered.append(p)
+            rendered.append((p, text))
         else:
             reason = f"chat template leaves out the prompt's {role!r} turn"
             counts[reason] = counts.get(reason, 0) + 1
-    prompts, kept = rendered, []
-    if not prompts:
+    total, kept = len(rendered), []
+    if not rendered:
         raise DataSourceError(f"the chat template leaves a turn out of every prompt ({counts})")
-    for p, ids in zip(prompts, prompt_token_ids(tokenizer, [p["prompt"] for p in prompts])):
+    for (p, _), ids in zip(rendered, text_token_ids(tokenizer, [text for _, text in rendered])):
         if len(ids) > cfg.max_prompt_length:
             counts["prompt too long"] = counts.get("prompt too long", 0) + 1
         else:
@@ -239,7 +239,7 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
             "%d of the %d prompts are longer than max_prompt_length=%d tokens and are not sampled, so the data "
             "leans to shorter prompts; raise max_prompt_length (a model preset sets it: model=tiny's is 128) to "
             "keep them",
-            counts["prompt too long"], len(prompts), cfg.max_prompt_length,
+            counts["prompt too long"], total, cfg.max_prompt_length,
         )  # fmt: skip
     positions, longest = policy_positions(cfg), max(len(p["input_ids"]) for p in kept)
     if positions is not None and longest >= positions:  # said now, not after the shards before its own are sampled

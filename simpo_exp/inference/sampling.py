@@ -63,15 +63,26 @@ def stop_token_ids(tokenizer, extra: list[int], generation_config=None) -> list[
     return sorted({int(i) for i in ids if i is not None})
 
 
-def prompt_token_ids(tokenizer, prompts: list[list[dict]], chat_format: str = "generation_prompt") -> list[list[int]]:
-    """Render with the generation prompt; the template writes the specials (no second BOS), and a BOS it does not
-    write is put in front as training does (``with_bos``). ``chat_format`` is how the policy was trained
+def prompt_texts(tokenizer, prompts: list[list[dict]], chat_format: str = "generation_prompt") -> list[str]:
+    """Each prompt rendered with the generation prompt. ``chat_format`` is how the policy was trained
     (``dataset.chat_format``): ``simpo_repo`` puts its empty system turn first, as training did."""
-    from simpo_exp.data.tokenize import prompt_messages, with_bos
+    from simpo_exp.data.tokenize import prompt_messages
 
     messages = [prompt_messages(tokenizer, p, chat_format) for p in prompts]
-    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+
+
+def text_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Rendered prompts as ids: the template wrote the specials (no second BOS), and a BOS it did not write is put
+    in front as training does (``with_bos``)."""
+    from simpo_exp.data.tokenize import with_bos
+
     return [with_bos(tokenizer, ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def prompt_token_ids(tokenizer, prompts: list[list[dict]], chat_format: str = "generation_prompt") -> list[list[int]]:
+    """``prompt_texts`` tokenised by ``text_token_ids``."""
+    return text_token_ids(tokenizer, prompt_texts(tokenizer, prompts, chat_format))
 
 
 def pick_device(device: str) -> torch.device:
