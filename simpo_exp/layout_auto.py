@@ -24,6 +24,11 @@ drawn from a separate copy of the train loader (the run's data order is untouche
 statistic is reset afterwards, so the run's reported peak is its own. ``hardware.packing_attention`` is not
 consulted (each candidate names its attention), so one other than the default is refused here. Sharded
 engines (FSDP, DeepSpeed) are not measured: their weights are not whole on one device before ``prepare``.
+
+Where the layout is not measured (a fixed rule, or named on the command line), one forward of a four-token pair
+(``plan_unused``) checks that the model's attention takes the segment plan: decoder layers that drop attention's
+keyword arguments (StableLM's, Falcon's, Nemotron's) get the padded layout under ``packing=auto`` (env.json
+``layout_choice.fell_back`` says why) and a named packing is refused by key, before the run starts.
 """
 
 from __future__ import annotations
@@ -186,7 +191,16 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
         return choose_layout(hw, device_type, model.config, cfg.max_length)
 
     if hw.packing != "auto":
-        return fixed(), {"rule": "configured"}
+        layout = fixed()
+        if accelerator.distributed_type not in SHARDED_ENGINES and (why := plan_unused(model, layout, pad_token_id)):
+            from simpo_exp.config import ConfigError
+
+            raise ConfigError(
+                f"hardware.packing={hw.packing!r} with hardware.packing_attention={hw.packing_attention!r}: {why}; "
+                "use hardware.packing_attention=mask, hardware.packing=none, or hardware.packing=auto (which falls "
+                "back to the padded layout for this model)"
+            )
+        return layout, {"rule": "configured"}
     check_auto_attention(hw, device_type)
     if cfg.resume:
         earlier = on_main(accelerator, lambda: recorded_layout(run_dir))
@@ -195,7 +209,11 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
             log.info("packing=auto: resuming with the layout recorded at the first start: %s", layout)
             return layout, {"rule": "recorded at the first start", "first_start": earlier["layout_choice"]}
     if not measuring(hw, device_type):
-        return fixed(), {"rule": "fixed"}
+        layout = fixed()
+        if accelerator.distributed_type not in SHARDED_ENGINES and (why := plan_unused(model, layout, pad_token_id)):
+            log.warning("packing=auto: the padded layout, not %s: %s", layout, why)
+            return BatchLayout("none", "segments", hw.logps_chunk_size), {"rule": "fixed", "fell_back": why}
+        return layout, {"rule": "fixed"}
     if accelerator.distributed_type in SHARDED_ENGINES:
         layout = fixed()
         log.info("packing=auto: not measured under %s; fixed rule: %s", accelerator.distributed_type.value, layout)
@@ -216,6 +234,34 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
     )
     log.info("packing=auto measured on %s (%d pairs); chose %s\n%s", device_type, size["pairs"], layout, table(rows))
     return layout, {"rule": "measured", "device": device_type, "batch": size, "candidates": rows}
+
+
+PROBE_PAIR = {"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_input_ids": [4]}
+
+
+def plan_unused(model, layout: BatchLayout, pad_token_id: int) -> str | None:
+    """Why segment attention cannot run this model (``logps.SegmentPlanUnused``'s words), or None: one forward of
+    a four-token pair without gradients, on the device the model is on, finds decoder layers that drop the
+    keyword arguments that carry the plan to attention (the log-probs would fail at the first step). Only for
+    ``packing_attention=segments`` (the other attentions are measured, or run the model's own masks)."""
+    from simpo_exp.data.collate import PairCollator
+    from simpo_exp.logps import ResponseLogps, SegmentPlanUnused
+
+    if layout.packing == "none" or layout.attention != "segments":
+        return None
+    device = next(model.parameters()).device
+    batch = PairCollator(pad_token_id, layout.packing, layout.attention)([PROBE_PAIR])
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    original = model.config._attn_implementation
+    try:
+        with torch.no_grad():
+            ResponseLogps.for_layout(model, layout)(**batch)
+    except SegmentPlanUnused as e:
+        return str(e).split(";")[0]
+    finally:
+        if model.config._attn_implementation != original:
+            model.set_attn_implementation(original)
+    return None
 
 
 def check_auto_attention(hardware, device_type: str) -> None:

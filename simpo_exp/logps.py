@@ -120,6 +120,11 @@ def token_stats(logits: torch.Tensor, logps: torch.Tensor, targets: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- segment attention
+class SegmentPlanUnused(RuntimeError):
+    """The model's decoder layers do not pass attention's keyword arguments on, so a packed layout's segment plan
+    never reaches its attention (StableLM's, Falcon's and Nemotron's layers in transformers 5)."""
+
+
 class SegmentPlan:
     """Which tokens of a packed row attend to which, as a list of causal attention jobs.
 
@@ -671,7 +676,7 @@ class ResponseLogps(nn.Module):
         ).last_hidden_state
         layers = getattr(self.model.config, "num_hidden_layers", 1)
         if plan.calls < layers:
-            raise RuntimeError(
+            raise SegmentPlanUnused(
                 f"only {plan.calls} of {layers} attention layers used the segment plan: this model does "
                 "not pass attention kwargs through; use packing_attention=mask or packing=none"
             )

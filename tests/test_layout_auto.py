@@ -269,6 +269,55 @@ def test_a_measurement_where_every_candidate_fails_keeps_the_padded_layout(compo
     assert [r["error"] for r in choice["candidates"]] == ["out of memory"] * 3
 
 
+def tiny_stablelm():
+    """A two-layer StableLM: its decoder layers (transformers 5) call attention without the keyword arguments they
+    were given, so a segment plan never reaches it."""
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return StableLmForCausalLM(StableLmConfig(vocab_size=64, num_key_value_heads=2, **shape)).eval()
+
+
+@pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
+def test_a_model_whose_layers_drop_the_segment_plan_gets_the_padded_layout_under_auto(compose, tmp_path, packing):
+    """Without the probe, packing=auto on CPU chose prefix sharing for such a model, and the run died at the
+    log-prob check (or its first step) with a traceback; a packing named on the command line is refused by key."""
+    from accelerate.utils import DistributedType
+
+    accelerator = SimpleNamespace(
+        device=CPU, num_processes=1, distributed_type=DistributedType.NO, autocast=contextlib.nullcontext
+    )
+    model = tiny_stablelm()
+    original = model.config._attn_implementation
+    cfg = to_config(compose("hardware=cpu", "resume=false"))
+    layout, choice = layout_auto.layout_for_run(cfg, accelerator, model, tmp_path, lambda: [], PAD)
+    assert layout == BatchLayout("none", "segments", 0), layout
+    assert choice["rule"] == "fixed" and "0 of 2 attention layers used the segment plan" in choice["fell_back"]
+    assert model.config._attn_implementation == original  # the probe leaves the model's attention as it was
+    cfg = to_config(compose("hardware=cpu", "resume=false", f"hardware.packing={packing}"))
+    with pytest.raises(ConfigError, match=rf"hardware.packing='{packing}'.*hardware.packing_attention=mask"):
+        layout_auto.layout_for_run(cfg, accelerator, model, tmp_path, lambda: [], PAD)
+    # the mask attention runs the model's own masks: nothing to probe, and the log-probs are the padded ones
+    cfg = to_config(
+        compose("hardware=cpu", "resume=false", f"hardware.packing={packing}", "hardware.packing_attention=mask")
+    )
+    layout, _ = layout_auto.layout_for_run(cfg, accelerator, model, tmp_path, lambda: [], PAD)
+    pairs = random_pairs(3, seed=1)
+    logps = {
+        lay: ResponseLogps.for_layout(model, lay)(**PairCollator(PAD, lay.packing, lay.attention)(pairs)).logp_sums
+        for lay in (layout, BatchLayout())
+    }
+    torch.testing.assert_close(logps[layout], logps[BatchLayout()], atol=1e-4, rtol=0)
+
+
+def test_the_probe_passes_a_model_whose_attention_takes_the_plan():
+    model = make_model()
+    for packing in ("packed", "prefix_shared"):
+        assert layout_auto.plan_unused(model, BatchLayout(packing, "segments"), PAD) is None
+    assert layout_auto.plan_unused(tiny_stablelm(), BatchLayout("none", "segments"), PAD) is None  # nothing packed
+
+
 # ----------------------------------------------------------------------------- through the training loop
 RUN = [
     "max_steps=2",
