@@ -253,8 +253,9 @@ def plan_unused(model, layout: BatchLayout, pad_token_id: int) -> str | None:
     batch = PairCollator(pad_token_id, layout.packing, layout.attention)([PROBE_PAIR])
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     original = model.config._attn_implementation
-    try:
-        with torch.no_grad():
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:  # the run's random streams untouched (dropout draws from them)
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             ResponseLogps.for_layout(model, layout)(**batch)
     except SegmentPlanUnused as e:
         return str(e).split(";")[0]

@@ -276,7 +276,8 @@ def tiny_stablelm():
 
     torch.manual_seed(0)
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    return StableLmForCausalLM(StableLmConfig(vocab_size=64, num_key_value_heads=2, **shape)).eval()
+    config = StableLmConfig(vocab_size=64, num_key_value_heads=2, hidden_dropout=0.1, **shape)
+    return StableLmForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
@@ -291,7 +292,9 @@ def test_a_model_whose_layers_drop_the_segment_plan_gets_the_padded_layout_under
     model = tiny_stablelm()
     original = model.config._attn_implementation
     cfg = to_config(compose("hardware=cpu", "resume=false"))
-    layout, choice = layout_auto.layout_for_run(cfg, accelerator, model, tmp_path, lambda: [], PAD)
+    state = torch.random.get_rng_state()
+    layout, choice = layout_auto.layout_for_run(cfg, accelerator, model.train(), tmp_path, lambda: [], PAD)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probe drew no dropout from the run's stream
     assert layout == BatchLayout("none", "segments", 0), layout
     assert choice["rule"] == "fixed" and "0 of 2 attention layers used the segment plan" in choice["fell_back"]
     assert model.config._attn_implementation == original  # the probe leaves the model's attention as it was
@@ -302,7 +305,7 @@ def test_a_model_whose_layers_drop_the_segment_plan_gets_the_padded_layout_under
     cfg = to_config(
         compose("hardware=cpu", "resume=false", f"hardware.packing={packing}", "hardware.packing_attention=mask")
     )
-    layout, _ = layout_auto.layout_for_run(cfg, accelerator, model, tmp_path, lambda: [], PAD)
+    layout, _ = layout_auto.layout_for_run(cfg, accelerator, model.eval(), tmp_path, lambda: [], PAD)
     pairs = random_pairs(3, seed=1)
     logps = {
         lay: ResponseLogps.for_layout(model, lay)(**PairCollator(PAD, lay.packing, lay.attention)(pairs)).logp_sums
