@@ -61,7 +61,7 @@ def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, s
         ends = [i for i, t in enumerate(row) if t in stops]
         if ends:  # a finished completion is padded up to the longest one; decode drops a special stop token
             row = row[: ends[0] + 1]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        texts.append(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False))  # as sampled
     return texts
 
 

@@ -383,6 +383,9 @@ def test_another_tokenizer_or_template_does_not_resume_the_shards(tiny_reward_mo
     args = (*args, f"hydra.run.dir={out}")
     res = generate(*args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    # a real model's answers cut short is said before the sampling, not after hours of it
+    log = (out / "__main__.log").read_text()
+    assert log.index("generate.max_new_tokens=2 cuts most answers") < log.index("sampled shard 0")
     for name in ("responses-00001.jsonl", *[p.name for p in (out / "shards").glob("scored-00001-*.jsonl")]):
         (out / "shards" / name).unlink()
     res = generate(*args, f"model.tokenizer_path={other}", cwd=tmp_path)
@@ -1057,13 +1060,16 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     lengths = [3, 50, 4, 60, 5, 6]
     prompts = [{"prompt_id": str(i), "prompt": [{"role": "user", "content": "x" * n}]} for i, n in enumerate(lengths)]
     prompts.insert(1, {"prompt_id": "h", "prompt": [{"role": "human", "content": "yyy"}]})  # a role left out
-    counts = {"rows": 8, "duplicate prompt": 1, "no prompt": 0}
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "zz"}]
+    prompts.insert(2, {"prompt_id": "s", "prompt": system})  # a role the template refuses (Gemma's system turn)
+    counts = {"rows": 9, "duplicate prompt": 1, "no prompt": 0}
     monkeypatch.setattr(gen, "train_prompts", lambda dcfg: (prompts, dict(counts)))
     monkeypatch.setattr(gen, "text_token_ids", lambda tok, texts: [[0] * len(t) for t in texts])  # a token a char
     monkeypatch.setattr(gen, "policy_positions", lambda cfg: None)
     cfg = types.SimpleNamespace(max_prompt_length=10, dataset=types.SimpleNamespace(max_train_samples=3))
     tokenizer = build_tiny_tokenizer()  # a template that renders the roles it knows alone (Qwen2.5's, Zephyr's)
     tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
         "{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}{{ m['content'] }}{% endif %}{% endfor %}"
     )
     with caplog.at_level(logging.WARNING, logger="simpo_exp.generate.run"):
@@ -1072,6 +1078,7 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     assert [p["prompt_id"] for p in kept] == ["0", "2", "4"]  # the first three that fit
     assert report["prompt too long"] == 2 and report["over dataset.max_train_samples"] == 1
     assert report["chat template leaves out the prompt's 'human' turn"] == 1  # sampled, it had no question
+    assert report["chat template error: System role not supported"] == 1  # as training drops it, not a traceback
     assert len(kept) + sum(v for k, v in report.items() if k != "rows") == report["rows"]
 
 
@@ -1301,6 +1308,23 @@ def test_a_response_reads_as_it_does_after_its_prompt():
     text = response_text(tok, prompt, sampled)
     assert text == " Hi there"
     assert tok("[INST] hi [/INST]" + text, add_special_tokens=False)["input_ids"][len(prompt) :] == sampled
+
+
+def test_a_sampled_answer_keeps_its_spaces_whatever_the_tokenizers_clean_up_flag():
+    """Llama-3's tokenizer files set clean_up_tokenization_spaces, which transformers before 5.7 applied to BPE
+    decoding too: "x != y" came back "x!= y" (code and maths answers changed before scoring and training); vLLM's
+    detokenizer never cleans up. The pre-5.7 behaviour is turned on here by transformers' own override."""
+    from simpo_exp.inference.sampling import response_text
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    answer = "if x != y : print ('a') ."
+    prompt = tok("[user] hi", add_special_tokens=False)["input_ids"]
+    sampled = tok(answer, add_special_tokens=False)["input_ids"]
+    tok.clean_up_tokenization_spaces = True
+    tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    assert tok.decode(sampled) != answer  # the flag is live: a plain decode loses the spaces
+    assert response_text(tok, prompt, sampled) == answer
 
 
 def test_the_armorm_scorer_reads_the_papers_long_generations_uncut():

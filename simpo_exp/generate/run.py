@@ -213,18 +213,26 @@ def read_shard(path: Path, prompts: list[dict], cfg) -> list[dict]:
     return records
 
 
+LONG_ANSWER = 1024  # new tokens below which a real model's answers are mostly cut (UltraFeedback's run to ~2000)
+
+
 def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
     prompts, counts = train_prompts(cfg.dataset)
     rendered = []  # a prompt whose turn the template leaves out (an unknown role) would be sampled without it
-    for p, text in zip(prompts, prompt_texts(tokenizer, [p["prompt"] for p in prompts])):
-        if (role := unrendered_role(p["prompt"], text)) is None:
-            rendered.append((p, text))
-        else:
+    for p in prompts:
+        try:
+            text, reason = prompt_texts(tokenizer, [p["prompt"]])[0], None
+        except Exception as e:  # a template that refuses a system turn (Gemma's): training drops these rows too
+            reason = f"chat template error: {str(e).splitlines()[0][:80]}"
+        if not reason and (role := unrendered_role(p["prompt"], text)):
             reason = f"chat template leaves out the prompt's {role!r} turn"
+        if reason:
             counts[reason] = counts.get(reason, 0) + 1
+        else:
+            rendered.append((p, text))
     total, kept = len(rendered), []
     if not rendered:
-        raise DataSourceError(f"the chat template leaves a turn out of every prompt ({counts})")
+        raise DataSourceError(f"the chat template renders no prompt whole ({counts})")
     for (p, _), ids in zip(rendered, text_token_ids(tokenizer, [text for _, text in rendered])):
         if len(ids) > cfg.max_prompt_length:
             counts["prompt too long"] = counts.get("prompt too long", 0) + 1
@@ -381,6 +389,13 @@ def generate_data(cfg) -> dict:
     out = Path(cfg.output_dir)
     shard_dir = out / "shards"
     prompts, source_counts = _tokenised_prompts(cfg, load_tokenizer(cfg.model))
+    if cfg.model.path and cfg.generate.max_new_tokens < LONG_ANSWER:  # said before hours of sampling, not after
+        log.warning(
+            "generate.max_new_tokens=%d cuts most answers of a chat model (the official recipe samples up to 4096 "
+            "tokens: generate=paper, or generate.max_new_tokens=4096 with the hf backend); cut answers are kept as "
+            "chosen and rejected unless binarise.drop_unfinished=true",
+            cfg.generate.max_new_tokens,
+        )
     fingerprint = policy_fingerprint(cfg)
     size = cfg.generate.shard_size
     shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from functools import partial
 
 import torch
 
@@ -141,9 +142,11 @@ def response_text(tokenizer, prompt: list[int], response: list[int]) -> str:
     backend, which decodes after the prompt, gave other text. The last prompt tokens are decoded with it and cut
     off again; where their text is not a prefix of the whole (a decoder that rewrites across them), alone."""
     context = prompt[-CONTEXT_TOKENS:]
-    before = tokenizer.decode(context, skip_special_tokens=True)
-    whole = tokenizer.decode(context + response, skip_special_tokens=True)
-    return whole[len(before) :] if whole.startswith(before) else tokenizer.decode(response, skip_special_tokens=True)
+    # the text as sampled: transformers before 5.7 applied a tokenizer's clean_up_tokenization_spaces (true in
+    # Llama-3's files) to BPE too, turning "x != y" into "x!= y"; vLLM's detokenizer never does
+    decode = partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    before, whole = decode(context), decode(context + response)
+    return whole[len(before) :] if whole.startswith(before) else decode(response)
 
 
 class HFSampler:
