@@ -674,3 +674,19 @@ def test_rule_win_rates_against_different_starting_models_or_prompt_counts_are_s
     older = tmp_path / "sweep" / "0_beta=2" / "eval" / "rule" / "results.json"  # a record from before start_weights
     older.write_text(json.dumps({"metrics": {"win_rate": 1.0, "n": 64}, "baseline": "the starting model"}))
     assert compare.mixed_bench_settings(compare.load_runs(tmp_path / "sweep" / "0_beta=2")) == {}
+
+
+def test_the_length_controlled_win_rate_ranks_first_where_it_was_measured():
+    """The printed "rank them" command and the dashboard's sort took AlpacaEval's raw win rate, which favours long
+    answers, over its length-controlled one (the benchmark's headline, and the paper's)."""
+    from simpo_exp.evaluate.run import _rank_metric
+    from simpo_exp.inference.results import headline_keys
+
+    keys = ["bench/alpacaeval2/win_rate", "bench/arena-hard/win_rate", "bench/alpacaeval2/lc_win_rate"]
+    keys += ["bench/alpacaeval2/avg_length", "bench/alpacaeval2/win_rate"]
+    expected = ["bench/alpacaeval2/lc_win_rate", "bench/alpacaeval2/win_rate", "bench/arena-hard/win_rate"]
+    assert headline_keys(keys) == expected
+    record = {"benchmark": "alpacaeval2", "metrics": {"win_rate": 30.1, "lc_win_rate": 22.4, "n": 805}}
+    assert _rank_metric([record]) == "bench/alpacaeval2/lc_win_rate"
+    record["metrics"]["lc_win_rate"] = None  # not measured (no alpaca-eval package): the raw one
+    assert _rank_metric([record]) == "bench/alpacaeval2/win_rate"

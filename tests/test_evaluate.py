@@ -401,6 +401,8 @@ def test_sample_tables_of_alpaca_evals_own_judge_and_of_unjudged_answers(tmp_pat
     assert mine == out / "alpaca_eval" / "annotations.json"
     write_json(path, judged)
     write_json(out / "results.json", {"metrics": {"win_rate": 80.0}, "annotations_path": str(path)})
+    stale = [{"instruction": "Say 0.", "annotator": "local-judge", "preference": 2.0}]  # an earlier openai judging's
+    write_json(out / "annotations.json", stale)
     columns, rows = sample_rows(tmp_path, "alpacaeval2")
     assert columns == ["instruction", "output_1", "output_2", "preference"] and len(rows) == 3
     assert rows[2] == ["Say 2.", "ref", "2", 1.75]

@@ -461,8 +461,10 @@ def test_alpaca_evals_own_judge_on_a_subset_reports_no_lc_and_answers_go_strippe
     answers = [{"text": f"\n  answer {i} \n", "finished": True, "n_tokens": 4} for i in range(3)]
     out = tmp_path / "eval" / "alpacaeval2"
     out.mkdir(parents=True)
+    (out / "annotations.json").write_text("[]")  # an earlier judging's pairs (judge.kind=openai): not this one's
     ctx = {"benchmark": b, "out": out, "trained": None, "name": "my-run", "generate": lambda *_: answers}
     record = ev._alpacaeval(ctx)
+    assert not (out / "annotations.json").exists()  # W&B's sample table would have shown it as this judge's
     assert [row["output"] for row in handed] == ["answer 0", "answer 1", "answer 2"]
     assert ALPACA_EVAL_ROWS != 3 and record["metrics"]["lc_win_rate"] is None
     assert record["metrics"]["win_rate"] == 30.0

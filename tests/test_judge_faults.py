@@ -140,3 +140,24 @@ def test_lc_is_computed_over_a_full_set_with_replies_that_gave_no_verdict(picky,
     info = {"rows": 805, "reference_generator": "gpt4_turbo"}
     metrics, _ = _judge_pairs({"benchmark": b, "out": picky.out}, prompts, ["yyy"] * 805, info, "me")
     assert metrics["unparseable_verdicts"] == 1 and seen == {"rows": 805, "file_rows": 805, "none": [7]}
+
+
+def test_no_lc_win_rate_where_most_prompts_have_no_verdict(picky, monkeypatch):
+    """A judge that refuses every request (HTTP 400 on a parameter it does not take) left all 805 preferences None,
+    and alpaca-eval's GLM, fit on its regularising rows alone, still gave an LC win rate (49.7 in the audit's run),
+    which the model card published. Past 1% of prompts without a verdict it is withheld, saying why."""
+    from simpo_exp.evaluate.run import _judge_pairs
+
+    calls = []
+    monkeypatch.setattr("simpo_exp.evaluate.run.length_controlled", lambda rows, n: calls.append(n) or (49.7, None))
+    b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=picky.judge)
+    info = {"rows": 805, "reference_generator": "gpt4_turbo"}
+    for unjudged, withheld in ((9, True), (8, False)):  # 8 of 805 is under 1%
+        said = {i: " (no letter)" for i in range(unjudged)}
+        prompts = [{"id": str(i), "instruction": f"Say {i}{said.get(i, '')}", "reference": "xx"} for i in range(805)]
+        out = picky.out / str(unjudged)
+        metrics, notes = _judge_pairs({"benchmark": b, "out": out}, prompts, ["yyy"] * 805, info, "me")
+        assert metrics["unparseable_verdicts"] == unjudged
+        assert (metrics["lc_win_rate"] is None) == withheld and (metrics["lc_win_rate"] == 49.7) != withheld
+        assert any(f"no LC win rate: {unjudged} of 805 prompts have no verdict" in n for n in notes) == withheld
+    assert calls == [805]  # the GLM is not fit where it would read its regularising rows alone

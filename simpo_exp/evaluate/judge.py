@@ -402,6 +402,22 @@ def length_controlled(rows: list[dict], file_rows: int) -> tuple[float | None, s
     return float(metrics["length_controlled_winrate"]), None
 
 
+LC_MISSING_SHARE = 0.01  # of the prompts without a verdict, past which no LC win rate is given
+
+
+def lc_missing_note(missing: int, prompts: int) -> str | None:
+    """Why no LC win rate where more than ``LC_MISSING_SHARE`` of the prompts got no verdict, or None. alpaca-eval's
+    GLM leaves those out of its fit and averages its prediction over every prompt: with few or no verdicts the
+    fit is its regularising rows (another annotator's, of other models), so the figure no longer reads the model."""
+    if missing <= LC_MISSING_SHARE * prompts:
+        return None
+    return (
+        f"no LC win rate: {missing} of {prompts} prompts have no verdict (more than {LC_MISSING_SHARE:.0%}), and "
+        "alpaca-eval's GLM fit on the rest would read its regularising rows more than this model; run the command "
+        "again to ask the judge for those verdicts"
+    )
+
+
 def lc_subset_note(judged: int, file_rows: int) -> str | None:
     """Why no LC win rate, where ``judged`` of a prompts file's ``file_rows`` rows is not alpaca_eval's whole set (a
     file of another size is not that set, cut or not); None where it is."""

@@ -35,6 +35,7 @@ from simpo_exp.evaluate.judge import (
     PairwiseJudge,
     annotations,
     judge_file_name,
+    lc_missing_note,
     lc_subset_note,
     length_controlled,
     package_annotations_path,
@@ -329,8 +330,12 @@ def _judge_pairs(
         )
     if b.kind == "alpacaeval":
         # every prompt of the set judged; as alpaca-eval does with its own annotators' missing preferences, those
-        # the judge gave no verdict are left out of the GLM's fit but not of its average over the instructions
-        metrics["lc_win_rate"], why = length_controlled(every, info["rows"])
+        # the judge gave no verdict are left out of the GLM's fit but not of its average over the instructions;
+        # too many of those, and the fit reads its regularising rows rather than this model
+        if why := lc_missing_note(missing, len(every)):
+            metrics["lc_win_rate"] = None
+        else:
+            metrics["lc_win_rate"], why = length_controlled(every, info["rows"])
         notes += [why] if why else []
     return metrics, notes
 
@@ -361,6 +366,8 @@ def _alpacaeval(ctx: dict) -> dict:
     notes = [f"{len(texts)} of {info['rows']} prompts (max_prompts)"] if len(texts) < info["rows"] else []
     notes += _count_cut(metrics, gens, b)
     record = {"notes": notes, "baseline": info["reference_generator"], "dataset_name": "AlpacaEval 2"}
+    if b.judge.kind != "openai":  # the pairwise judge's rows of an earlier evaluation are not this one's samples
+        (out / "annotations.json").unlink(missing_ok=True)  # (its verdicts stay in verdicts/)
     if b.judge.kind == "openai":
         judged, more = _judge_pairs(ctx, prompts, texts, info, generator)
         metrics, record["notes"] = {**metrics, **judged}, notes + more

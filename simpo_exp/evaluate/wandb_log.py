@@ -43,16 +43,16 @@ def wandb_mode(recorded: str) -> str:
 
 
 def sample_rows(run_dir: Path, benchmark: str) -> tuple[list[str], list[list]]:
-    """Columns and the first few rows of a benchmark's judged answers: generations.jsonl (the rule), the pairwise
-    judge's annotations.json, the annotations alpaca-eval's own judge wrote (results.json's annotations_path), or
-    Arena-Hard's judgments beside its answers; where nothing was judged, the answers alone."""
+    """Columns and the first few rows of a benchmark's judged answers: generations.jsonl (the rule), the
+    annotations alpaca-eval's own judge wrote (results.json's annotations_path), the pairwise judge's
+    annotations.json, or Arena-Hard's judgments beside its answers; where nothing was judged, the answers alone."""
     out = Path(run_dir) / EVAL_DIR / benchmark
     results = read_json(out / "results.json")  # {} when missing
     package = results.get("annotations_path") if isinstance(results, dict) else None
     rows = (
         read_jsonl(out / "generations.jsonl")
-        or _listed(out / "annotations.json")
         or (_listed(Path(package)) if isinstance(package, str) else [])
+        or _listed(out / "annotations.json")
         or arena_rows(out)
         or _listed(out / "model_outputs.json")
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 PREFIX = "bench/"
 EVAL_DIR = "eval"
 # The numbers the runs of a sweep are ranked by (compare's and the dashboard's table columns): win rates.
-HEADLINE = ("win_rate", "lc_win_rate")
+HEADLINE = ("lc_win_rate", "win_rate")  # AlpacaEval 2's length-controlled one first: its headline, and the paper's
 
 
 def results_path(run_dir: Path, benchmark: str) -> Path:
@@ -63,5 +63,11 @@ def is_bench_metric(name: str) -> bool:
 
 
 def headline_keys(keys) -> list[str]:
-    """The ``bench/<benchmark>/<metric>`` keys among ``keys`` that are win rates, first-seen order, no repeats."""
-    return [k for k in dict.fromkeys(keys) if is_bench_metric(k) and k.rsplit("/", 1)[-1] in HEADLINE]
+    """The ``bench/<benchmark>/<metric>`` keys among ``keys`` that are win rates, no repeats: benchmarks in
+    first-seen order, each one's in ``HEADLINE`` order (a length-controlled win rate before the raw one, which
+    favours long answers), so that the first key is the one to rank by."""
+    found = [k for k in dict.fromkeys(keys) if is_bench_metric(k) and k.rsplit("/", 1)[-1] in HEADLINE]
+    first = {}
+    for k in found:
+        first.setdefault(k.rsplit("/", 1)[0], len(first))
+    return sorted(found, key=lambda k: (first[k.rsplit("/", 1)[0]], HEADLINE.index(k.rsplit("/", 1)[-1])))
