@@ -142,6 +142,24 @@ def test_lc_is_computed_over_a_full_set_with_replies_that_gave_no_verdict(picky,
     assert metrics["unparseable_verdicts"] == 1 and seen == {"rows": 805, "file_rows": 805, "none": [7]}
 
 
+@pytest.mark.parametrize("kind", ["alpacaeval", "arena_hard"])
+def test_an_endpoint_that_refuses_every_request_stops_the_judging(picky, kind):
+    """A judge refusing a parameter with HTTP 400 ("Unsupported parameter: max_tokens") was read as each prompt's
+    own fault: every one of the 805 prompts was sent, each refused, and the command exited 0 with no verdict."""
+    from simpo_exp.evaluate.judge import REFUSED_BEFORE_ANY, JudgeError
+    from simpo_exp.evaluate.run import _judge_pairs
+
+    PickyJudge.status, PickyJudge.requests = 400, []
+    with pytest.raises(JudgeError, match=f"refused each of the first {REFUSED_BEFORE_ANY} requests and took none"):
+        if kind == "arena_hard":
+            arena(picky, ARENA_CASES * 10)
+        else:
+            b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=picky.judge)
+            prompts = [{"id": str(i), "instruction": f"Say {i}", "reference": "xx"} for i in range(40)]
+            _judge_pairs({"benchmark": b, "out": picky.out}, prompts, ["yyy"] * 40, {"rows": 40}, "me")
+    assert len(PickyJudge.requests) < 2 * REFUSED_BEFORE_ANY + picky.judge.concurrency  # not all of them
+
+
 def test_no_lc_win_rate_where_most_prompts_have_no_verdict(picky, monkeypatch):
     """A judge that refuses every request (HTTP 400 on a parameter it does not take) left all 805 preferences None,
     and alpaca-eval's GLM, fit on its regularising rows alone, still gave an LC win rate (49.7 in the audit's run),

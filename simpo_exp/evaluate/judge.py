@@ -70,6 +70,8 @@ class RequestRefused(Exception):
 
 
 REFUSED_REQUEST = (400, 413, 422)  # the request's own fault: that prompt gets no verdict, the others go on
+# ... unless every request is refused: that many refused, none taken, and it is a setting, not a prompt: stopped
+REFUSED_BEFORE_ANY = 5
 RETRIED_STATUS = (408, 409, 425, 429)  # a client error that passes: asked again, as a server error is
 # a busy endpoint, not a broken one: 429, or 503 with a Retry-After; waited out (the pause it asks for, else one
 # that doubles up to a minute) within judge.rate_limit_wait_s, without counting as a try
@@ -153,6 +155,7 @@ class PairwiseJudge:
         self.url = j.base_url.rstrip("/") + "/chat/completions"
         self.api_key = os.environ.get(j.api_key_env, "")
         self.stopping = threading.Event()  # set when the judging stops: no request is sent after it
+        self.taken, self.refused, self.counting = 0, 0, threading.Lock()  # requests answered and refused
 
     def _ask(self, content: str) -> str:
         return self.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], max_tokens=8)
@@ -172,7 +175,10 @@ class PairwiseJudge:
             try:
                 req = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.j.timeout_s) as resp:
-                    return reply_text(json.loads(resp.read())["choices"][0]["message"]["content"])
+                    reply = reply_text(json.loads(resp.read())["choices"][0]["message"]["content"])
+                with self.counting:
+                    self.taken += 1
+                return reply
             except urllib.error.HTTPError as e:
                 asked = retry_after(e)
                 if e.code == RATE_LIMITED or (e.code == 503 and asked is not None):
@@ -188,6 +194,17 @@ class PairwiseJudge:
                     limited = True
                     break
                 if e.code in REFUSED_REQUEST:
+                    with self.counting:
+                        self.refused += 1
+                        alike = self.taken == 0 and self.refused >= REFUSED_BEFORE_ANY
+                    if alike:  # not one prompt's fault: the rest would be refused too, each a prompt without verdict
+                        raise JudgeError(
+                            f"{where}: the judge endpoint refused each of the first {self.refused} requests and took "
+                            f"none ({_http_error(e)}): a setting it does not take, not a prompt's length; check "
+                            f"{self.key}.judge.model and what the endpoint accepts (this judge sends temperature 0 and "
+                            f"max_tokens={max_tokens}). The generations and the verdicts so far are kept; re-run the "
+                            "same command with evaluate.judge_only=true"
+                        ) from e
                     raise RequestRefused(_http_error(e)) from e
                 if 400 <= e.code < 500 and e.code not in RETRIED_STATUS:  # a key, a model name, a URL: every prompt
                     raise JudgeError(
