@@ -290,7 +290,9 @@ JUDGE_RECORD = {"openai": ("kind", "base_url", "model"), "alpaca_eval": ("kind",
 PAIRWISE_METHOD = (
     "this project's pairwise judge (simpo_exp/evaluate/judge.py): its one-letter prompt, the answers' order by a "
     "seeded coin per prompt, a binary preference (no logprob weighting); AlpacaEval's format and LC GLM, not its "
-    "weighted_alpaca_eval_gpt4_turbo annotator, so not a leaderboard figure unless the judge is that annotator"
+    "weighted_alpaca_eval_gpt4_turbo annotator, so not a leaderboard figure unless the judge is that annotator "
+    "(the LC GLM's regularising rows, df_gamed.csv, are that annotator's preferences of other models: about a sixth "
+    "of its fit's weight over 805 prompts comes from them, not from this judge)"
 )
 
 
