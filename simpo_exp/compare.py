@@ -570,11 +570,14 @@ LOWER_IS_BETTER = (
     "skipped_steps",
     "compile_warmup_s",
     "runtime_s",
+    "unparseable_verdicts",  # the evaluate stage's failure counts (bench/<benchmark>/<name>)
+    "unparseable_games",
+    "cut_at_max_new_tokens",
 )
 
 
-# Metrics whose best value is none at all, of either sign: ranked by their size (the correlation of a pair's reward
-# margin with its length difference: a length bias whichever way it leans).
+# Metrics whose best value is none at all, of either sign: ranked by their size (the correlation of a response's
+# reward with its length, over chosen and rejected responses together: a length bias whichever way it leans).
 NEAR_ZERO_IS_BETTER = ("length/reward_corr",)
 
 
@@ -584,7 +587,8 @@ def lower_is_better(metric: str) -> bool:
     parts = metric.split("/")
     name = parts[-1]
     rejected_side = name == "rejected" and len(parts) > 1 and parts[-2].startswith(("rewards", "logps"))
-    return name.endswith("loss") or name in LOWER_IS_BETTER or rejected_side or near_zero_is_better(metric)
+    stderr = name.partition(":")[0].endswith("_stderr")  # lm-eval's standard errors (exact_match_stderr:strict-match)
+    return name.endswith("loss") or name in LOWER_IS_BETTER or rejected_side or stderr or near_zero_is_better(metric)
 
 
 def near_zero_is_better(metric: str) -> bool:
@@ -667,6 +671,29 @@ def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
         for bench, keys in seen.items()
         if any(len(values) > 1 for values in keys.values())
     }
+
+
+def misnamed_bench_metric(runs: list[Run], metric: str) -> str | None:
+    """Why ``bench/<benchmark>/<name>``, held by no run, is a typo (refused, exit 2), or None: a benchmark that is
+    neither one of the evaluate stage's presets nor one any run was evaluated on, or a name that none of the runs'
+    results of that benchmark reports."""
+    from simpo_exp.inference.results import load_results
+    from simpo_exp.rundir import CONF_DIR
+
+    bench, name = metric.split("/")[1], metric.split("/", 2)[2]
+    results = [load_results(r.path) for r in runs if r.path is not None]
+    held = sorted({b for res in results for b in res})
+    presets = sorted(p.stem for p in (Path(CONF_DIR) / "benchmark").glob("*.yaml"))
+    if bench not in held and bench not in presets:
+        evaluated = f"; these runs were evaluated on {', '.join(held)}" if held else ""
+        return (
+            f"--metric {metric}: no benchmark {bench!r}; the evaluate stage's are {', '.join(presets)}{evaluated} "
+            "(one of your own --config-dir is known here once a run was evaluated on it)"
+        )
+    reported = sorted({m for res in results for m in (res.get(bench) or {}).get("metrics") or {}})
+    if reported and name not in reported:
+        return f"--metric {metric}: {bench} reports no {name!r}; it reports {', '.join(reported)}"
+    return None
 
 
 def missing_bench_metric(runs: list[Run], metric: str, where: str) -> str:
@@ -860,6 +887,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no run directories under {', '.join(args.paths)}", file=sys.stderr)
         return 2
 
+    unheld = is_bench_metric(args.metric) and not any(args.metric in r.bench for r in runs)
+    if unheld and (typo := misnamed_bench_metric(runs, args.metric)):
+        print(f"error: {typo}", file=sys.stderr)
+        return 2
     ascending = True if args.ascending else False if args.descending else None
     order = "ascending" if (lower_is_better(args.metric) if ascending is None else ascending) else "descending"
     order += " by size" if near_zero_is_better(args.metric) else ""
@@ -875,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         print("common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()))
     print()
     print(format_table(runs_table(runs, args.metric, ascending)))
-    if is_bench_metric(args.metric) and not any(args.metric in r.bench for r in runs):
+    if unheld:
         print(f"\nnote: {missing_bench_metric(runs, args.metric, args.paths[0])}")
     elif all(r.final(args.metric) is None for r in runs):
         print(f"\nnote: no run has {args.metric} (a metric of another method, or of runs not yet evaluated)")

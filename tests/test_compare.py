@@ -594,6 +594,27 @@ def test_a_benchmark_metric_no_run_has_is_explained(tmp_path):
     assert said == "alpacaeval2 reports no 'winrate'; it reports lc_win_rate, win_rate"
 
 
+def test_a_mistyped_benchmark_metric_is_refused_and_failure_counts_rank_lowest_first(tmp_path, capsys):
+    """--rank-by bench/rules/win_rate printed a table "ranked by" it in load order and exited 0, its note pointing at
+    an evaluate command that fails (no benchmark 'rules'); and unparseable_verdicts ranked the worst run best."""
+    _job(tmp_path / "run", ["beta=2"])
+    path = str(tmp_path / "run")
+    assert compare.main([path, "--rank-by", "bench/rules/win_rate", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark 'rules'; the evaluate stage's are alpacaeval2, arena-hard, gsm8k, rule" in err
+    assert compare.main([path, "--rank-by", "bench/rule/win_rate", "--no-plots"]) == 0  # not evaluated yet: a note
+    assert "evaluate them first: python -m simpo_exp.evaluate" in capsys.readouterr().out
+    results = tmp_path / "run" / "eval" / "mine" / "results.json"  # a benchmark of the user's own config dir
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"metrics": {"win_rate": 25.0}}))
+    assert compare.main([path, "--rank-by", "bench/mine/win_rate", "--no-plots"]) == 0
+    assert compare.main([path, "--rank-by", "bench/mine/win_rte", "--no-plots"]) == 2
+    assert "mine reports no 'win_rte'; it reports win_rate" in capsys.readouterr().err
+    for name in ("unparseable_verdicts", "unparseable_games", "cut_at_max_new_tokens", "exact_match_stderr:strict"):
+        assert compare.lower_is_better(f"bench/b/{name}"), name
+    assert not compare.lower_is_better("bench/gsm8k/exact_match:strict-match")
+
+
 def test_a_diverged_runs_final_value_is_its_nan_or_inf_and_ranks_last():
     """summary.json keeps a non-finite final value as NaN/Infinity; metrics.jsonl writes NaN as null and an infinity
     as 1e308. The NaN was passed over for an earlier eval's finite value, shown as the run's final one, and the
