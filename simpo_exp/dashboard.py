@@ -33,9 +33,11 @@ Needs ``wandb-workspaces`` (``pip install wandb-workspaces``).
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -467,6 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sweep = Sweep(group=args.target)
         default_out = Path(f"wandb_workspace_{args.target}.json")
+        if not re.fullmatch(r"sweep-.+-[0-9a-f]{6}", args.target):  # a mistyped folder reads as a group name too
+            near = difflib.get_close_matches(args.target, [p.name for p in Path.cwd().iterdir() if p.is_dir()], n=1)
+            print(
+                f"note: {args.target!r} is no folder here, so it is read as a W&B group name (a sweep's is "
+                "sweep-<its folder's name>-<6 hex>; logger.group names others)"
+                + (f"; did you mean the folder {near[0]!r}?" if near else ""),
+                file=sys.stderr,
+            )
     if not sweep.logged:
         print(
             f"note: the jobs in {target} did not log to W&B (logger.wandb=false, e.g. logger=none): the view will show "

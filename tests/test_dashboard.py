@@ -164,6 +164,18 @@ def test_bare_group_and_offline_mode_with_a_key(tmp_path, monkeypatch, capsys):
         dashboard.main([str(tmp_path / "no" / "such" / "sweep")])
 
 
+def test_a_mistyped_sweep_folder_read_as_a_group_name_is_said(tmp_path, monkeypatch, capsys):
+    """``dashboard sweepp`` (the folder is ``sweep``) wrote a view of an empty W&B group without a word."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep").mkdir()
+    assert dashboard.main(["sweepp"]) == 0
+    assert "'sweepp' is no folder here, so it is read as a W&B group name" in (err := capsys.readouterr().err)
+    assert "did you mean the folder 'sweep'?" in err
+    assert dashboard.main(["sweep-run-0a1b2c"]) == 0  # a sweep's group name: nothing to say
+    assert "is no folder here" not in capsys.readouterr().err
+
+
 def test_swept_config_groups_map_to_config_keys():
     model = [
         {"model": {"name": "tiny", "dtype": "float32"}, "beta": 2.0},
