@@ -311,6 +311,45 @@ def test_killed_generation_resumes_to_the_same_data(uninterrupted_generation, ti
         assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes(), rel
 
 
+def test_the_test_prompts_give_the_held_out_pairs_training_evaluates_on(
+    uninterrupted_generation, tiny_reward_model, tmp_path
+):
+    """generate.splits=[train,test] samples the test split's prompts too (the published on-policy sets carry a test
+    split): their pairs go to data/test.jsonl, and the printed command trains on the folder, evaluating on them
+    rather than holding out 5% of the train pairs. Added to a finished train-only generation, nothing of the train
+    split is sampled again."""
+    out = tmp_path / "gen"
+    shutil.copytree(uninterrupted_generation, out)
+    args = (*RM_RUN, f"scorer.path={tiny_reward_model}", f"hydra.run.dir={out}", "dataset.max_eval_samples=4")
+    res = generate(*args, "generate.splits=[train,test]", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (out / "__main__.log").read_text()
+    assert "3 shards, 0 to sample, 0 to score" in log and "2 shards, 2 to sample, 2 to score of the test split" in log
+    assert (out / "data" / "train.jsonl").read_bytes() == (uninterrupted_generation / "data/train.jsonl").read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    test_rows = read_jsonl(out / "data" / "test.jsonl")
+    assert report["test"]["prompts"] == 4 and len(test_rows) == report["test"]["pairs_kept"] >= 1
+    train_prompts = {json.dumps(r["chosen"][:-1]) for r in read_jsonl(out / "data" / "train.jsonl")}
+    assert not train_prompts & {json.dumps(r["chosen"][:-1]) for r in test_rows}  # the test split's own prompts
+    assert json.loads((out / "data" / "provenance.json").read_text())["test_pairs"] == len(test_rows)
+    command = res.stdout.split("train on it: ")[1].split()
+    assert f"dataset.sources.local.path={(out / 'data').resolve()}" in command  # the folder: train.jsonl, test.jsonl
+    run = tmp_path / "run"
+    small = (
+        "max_steps=1",
+        "eval_steps=1",
+        "logger=none",
+        "per_device_train_batch_size=2",
+        "per_device_eval_batch_size=2",
+    )
+    trained = simpo(*command[3:], *small, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    source = json.loads((run / "data_report.json").read_text())["sources"]["local"]
+    assert source["test_rows"] == len(test_rows) and source["train_rows"] == len(train_prompts)  # read, not carved
+    res = generate(*args, "generate.splits=[test]", cwd=tmp_path)
+    assert res.returncode == 2 and "generate.splits" in res.stderr
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_shards_and_give_the_same_data(uninterrupted_generation, tiny_reward_model, tmp_path):
     out = tmp_path / "gen"

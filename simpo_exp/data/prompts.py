@@ -1,7 +1,9 @@
-"""Prompt conversations of a data mixture's TRAIN split, for sampling new responses (the generate stage).
+"""Prompt conversations of a data mixture's train split (or its test split), for sampling new responses (the generate
+stage).
 
-Each source is read through ``load_source`` (the same train split, fraction and carve-out as training
-uses), and each row's prompt becomes the message list training renders for it (``prompt_messages``: the
+Each source is read through ``load_source`` (the same train split, fraction and carve-out as training uses: the test
+split is the source's own, or the share training carves out of train), and each row's prompt becomes the message
+list training renders for it (``prompt_messages``: the
 chosen conversation without its last turn when it has earlier turns, else the prompt column, a string as
 one user turn or a message list as it is). Prompts are de-duplicated (the official recipe samples the unique prompts).
 
@@ -48,19 +50,24 @@ def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:
     """Return ([{"prompt_id", "prompt": messages}], counts) for the unique prompts of every source's
     train split, in source order (``dataset.max_train_samples`` is the caller's to apply: after its own
     filters, so that the cap is the number of prompts used)."""
+    return split_prompts(dcfg, "train")
+
+
+def split_prompts(dcfg: DatasetConfig, split: str) -> tuple[list[dict], dict]:
+    """``train_prompts`` of the ``split`` training reads as train or as test."""
     out, seen, ids, counts = [], set(), set(), {"rows": 0, "duplicate prompt": 0, "no prompt": 0}
     for name, src in dcfg.sources.items():
-        train, _ = load_source(name, src, dcfg)
-        has_chosen_messages = src.chosen_column in train.column_names and not _has_string_responses(train, src)
-        if src.prompt_column not in train.column_names and not has_chosen_messages:
+        data = load_source(name, src, dcfg)[("train", "test").index(split)]
+        has_chosen_messages = src.chosen_column in data.column_names and not _has_string_responses(data, src)
+        if src.prompt_column not in data.column_names and not has_chosen_messages:
             raise DataSourceError(
                 f"dataset.sources.{name} ({src.path}): missing column {src.prompt_column!r} (and no "
-                f"{src.chosen_column!r} conversation to take the prompt from); the data has {train.column_names}. "
+                f"{src.chosen_column!r} conversation to take the prompt from); the data has {data.column_names}. "
                 f"Map it with dataset.sources.{name}.prompt_column."
             )
         wanted = (src.prompt_column, src.chosen_column, "prompt_id")
-        train = train.select_columns([c for c in dict.fromkeys(wanted) if c in train.column_names])
-        for row in train:
+        data = data.select_columns([c for c in dict.fromkeys(wanted) if c in data.column_names])
+        for row in data:
             counts["rows"] += 1
             messages = _row_prompt(row, src.prompt_column, src.chosen_column)
             if messages is None:
@@ -78,7 +85,7 @@ def train_prompts(dcfg: DatasetConfig) -> tuple[list[dict], dict]:
             out.append({"prompt_id": pid, "prompt": messages})
     if not out:
         raise DataSourceError(
-            f"no prompt found in the train split of {list(dcfg.sources)} (rows: {counts}); check "
+            f"no prompt found in the {split} split of {list(dcfg.sources)} (rows: {counts}); check "
             "dataset.sources.<name>.prompt_column / chosen_column"
         )
     return out, counts

@@ -43,6 +43,9 @@ class GenerateConfig:
     shard_size: int = 256  # prompts per shard file; a killed run redoes at most the unfinished shards
     vllm_gpu_memory_utilization: float = 0.9
     vllm_tensor_parallel_size: int = 1
+    # The splits whose prompts are sampled: [train], or [train, test] for test pairs too (data/test.jsonl, which
+    # training then evaluates on instead of holding out dataset.test_size of the train pairs)
+    splits: List[str] = field(default_factory=lambda: ["train"])
 
 
 @dataclass
@@ -148,6 +151,12 @@ def validate_generate(cfg: GenerateRunConfig) -> GenerateRunConfig:
         g.seeds,
         f"with generate.samples_per_seed={g.samples_per_seed} each prompt gets one response, and a pair needs two: "
         "list more seeds or raise generate.samples_per_seed",
+    )
+    _check(
+        g.splits in (["train"], ["train", "test"]),
+        "generate.splits",
+        g.splits,
+        "must be [train] or [train,test] (training needs the train pairs; the test ones are its held-out evaluation)",
     )
     for key in ("max_new_tokens", "batch_size", "shard_size", "vllm_tensor_parallel_size"):
         _check(getattr(g, key) >= 1, f"generate.{key}", getattr(g, key), "must be an integer >= 1")

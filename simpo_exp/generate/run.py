@@ -28,7 +28,7 @@ import shlex
 from pathlib import Path
 
 from simpo_exp.config import ConfigError
-from simpo_exp.data.prompts import train_prompts
+from simpo_exp.data.prompts import split_prompts, train_prompts
 from simpo_exp.data.sources import DataSourceError, synthetic_task
 from simpo_exp.data.tokenize import unrendered_role
 from simpo_exp.generate.binarise import binarise
@@ -103,7 +103,7 @@ def weights_fingerprint(name: str, revision, commit: bool = True) -> dict:
 
 def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
     g = dataclasses.asdict(cfg.generate)
-    for key in ("name", "vllm_gpu_memory_utilization"):
+    for key in ("name", "vllm_gpu_memory_utilization", "splits"):  # (each split's shards have a manifest of their own)
         g.pop(key)
     if g["backend"] == "vllm":  # batches its requests itself: batch_size is the hf backend's (a resume changing it
         g.pop("batch_size")  # was refused for nothing)
@@ -216,8 +216,8 @@ def read_shard(path: Path, prompts: list[dict], cfg) -> list[dict]:
 LONG_ANSWER = 1024  # new tokens below which a real model's answers are mostly cut (UltraFeedback's run to ~2000)
 
 
-def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
-    prompts, counts = train_prompts(cfg.dataset)
+def _tokenised_prompts(cfg, tokenizer, split: str = "train") -> tuple[list[dict], dict]:
+    prompts, counts = train_prompts(cfg.dataset) if split == "train" else split_prompts(cfg.dataset, split)
     rendered = []  # a prompt whose turn the template leaves out (an unknown role) would be sampled without it
     for p in prompts:
         try:
@@ -232,7 +232,7 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
             rendered.append((p, text))
     total, kept = len(rendered), []
     if not rendered:
-        raise DataSourceError(f"the chat template renders no prompt whole ({counts})")
+        raise DataSourceError(f"the chat template renders no {split} prompt whole ({counts})")
     for (p, _), ids in zip(rendered, text_token_ids(tokenizer, [text for _, text in rendered])):
         if len(ids) > cfg.max_prompt_length:
             counts["prompt too long"] = counts.get("prompt too long", 0) + 1
@@ -240,14 +240,14 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
             kept.append({**p, "input_ids": ids})
     if not kept:
         raise DataSourceError(
-            f"every prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens ({counts})"
+            f"every {split} prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens ({counts})"
         )
     if counts.get("prompt too long"):  # the official pipeline samples every prompt: a share left out is said
         log.warning(
-            "%d of the %d prompts are longer than max_prompt_length=%d tokens and are not sampled, so the data "
+            "%d of the %d %sprompts are longer than max_prompt_length=%d tokens and are not sampled, so the data "
             "leans to shorter prompts; raise max_prompt_length (a model preset sets it: model=tiny's is 128) to "
             "keep them",
-            counts["prompt too long"], total, cfg.max_prompt_length,
+            counts["prompt too long"], total, "" if split == "train" else f"{split} ", cfg.max_prompt_length,
         )  # fmt: skip
     positions, longest = policy_positions(cfg), max(len(p["input_ids"]) for p in kept)
     if positions is not None and longest >= positions:  # said now, not after the shards before its own are sampled
@@ -257,9 +257,10 @@ def _tokenised_prompts(cfg, tokenizer) -> tuple[list[dict], dict]:
             f"{positions} positions of {where}: nothing can be sampled after it. Set max_prompt_length below "
             f"{positions}, leaving room for generate.max_new_tokens={cfg.generate.max_new_tokens}"
         )
-    cap = cfg.dataset.max_train_samples
+    key = "max_train_samples" if split == "train" else "max_eval_samples"  # training's caps of the two splits
+    cap = getattr(cfg.dataset, key)
     if cap is not None and len(kept) > cap:  # the first ones that fit, so the cap is the number of prompts sampled
-        counts["over dataset.max_train_samples"] = len(kept) - cap
+        counts[f"over dataset.{key}"] = len(kept) - cap
         kept = kept[:cap]
     return kept, counts
 
@@ -333,30 +334,47 @@ def _unscored(shard_dir: Path, indices: range, tag: str) -> list[int]:
     return [i for i in indices if not scored_path(shard_dir, i, tag).exists()]
 
 
-def _process(cfg, shards: list[list[dict]], shard_dir: Path, rank: int, world: int, tag: str) -> None:
-    """This process's shards: sample the missing ones, then score the unscored ones."""
+def shard_dir_of(out: Path, split: str) -> Path:
+    """A split's shard folder: ``shards/`` for train (where it has always been), ``shards-test/``."""
+    return out / ("shards" if split == "train" else f"shards-{split}")
+
+
+def _of(shard_dir: Path) -> str:
+    """The split a shard folder holds, as a log line's ending ("" for train)."""
+    return "" if shard_dir.name == "shards" else f" of the {shard_dir.name.removeprefix('shards-')} split"
+
+
+def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: int, tag: str) -> None:
+    """This process's shards of each (shard directory, shards) job, one per split: sample the missing ones (the
+    policy loaded once), then score the unscored ones (the scorer loaded once)."""
     from simpo_exp.inference.sampling import make_sampler
     from simpo_exp.inference.scoring import make_scorer
     from simpo_exp.model import load_tokenizer
 
-    mine = range(rank, len(shards), world)
-    to_score = _unscored(shard_dir, mine, tag)
-    to_sample = [i for i in to_score if not (shard_dir / f"responses-{i:05d}.jsonl").exists()]
-    log.info(
-        "process %d of %d: %d shards, %d to sample, %d to score", rank, world, len(mine), len(to_sample), len(to_score)
-    )
-    if to_sample:
+    work = []  # (shard_dir, shards, to_sample, to_score)
+    for shard_dir, shards in jobs:
+        mine = range(rank, len(shards), world)
+        to_score = _unscored(shard_dir, mine, tag)
+        to_sample = [i for i in to_score if not (shard_dir / f"responses-{i:05d}.jsonl").exists()]
+        log.info(
+            "process %d of %d: %d shards, %d to sample, %d to score%s",
+            rank, world, len(mine), len(to_sample), len(to_score), _of(shard_dir),
+        )  # fmt: skip
+        work.append((shard_dir, shards, to_sample, to_score))
+    if any(to_sample for *_, to_sample, _ in work):
         sampler = make_sampler(cfg, load_tokenizer(cfg.model))
-        for i in to_sample:
-            write_jsonl(shard_dir / f"responses-{i:05d}.jsonl", _sample_shard(sampler, cfg, i, shards[i]))
-            log.info("sampled shard %d (%d prompts)", i, len(shards[i]))
+        for shard_dir, shards, to_sample, _ in work:
+            for i in to_sample:
+                write_jsonl(shard_dir / f"responses-{i:05d}.jsonl", _sample_shard(sampler, cfg, i, shards[i]))
+                log.info("sampled shard %d (%d prompts)%s", i, len(shards[i]), _of(shard_dir))
         sampler.close()
-    if to_score:
+    if any(to_score for *_, to_score in work):
         scorer = make_scorer(cfg)
-        for i in to_score:
-            records = read_shard(shard_dir / f"responses-{i:05d}.jsonl", shards[i], cfg)
-            write_jsonl(scored_path(shard_dir, i, tag), _score_shard(scorer, records))
-            log.info("scored shard %d", i)
+        for shard_dir, shards, _, to_score in work:
+            for i in to_score:
+                records = read_shard(shard_dir / f"responses-{i:05d}.jsonl", shards[i], cfg)
+                write_jsonl(scored_path(shard_dir, i, tag), _score_shard(scorer, records))
+                log.info("scored shard %d%s", i, _of(shard_dir))
         scorer.close()
 
 
@@ -387,8 +405,10 @@ def generate_data(cfg) -> dict:
     from simpo_exp.model import load_tokenizer
 
     out = Path(cfg.output_dir)
-    shard_dir = out / "shards"
-    prompts, source_counts = _tokenised_prompts(cfg, load_tokenizer(cfg.model))
+    tokenizer = load_tokenizer(cfg.model)
+    prompts, source_counts = {}, {}
+    for split in cfg.generate.splits:
+        prompts[split], source_counts[split] = _tokenised_prompts(cfg, tokenizer, split)
     if cfg.model.path and cfg.generate.max_new_tokens < LONG_ANSWER:  # said before hours of sampling, not after
         log.warning(
             "generate.max_new_tokens=%d cuts most answers of a chat model (the official recipe samples up to 4096 "
@@ -398,30 +418,55 @@ def generate_data(cfg) -> dict:
         )
     fingerprint = policy_fingerprint(cfg)
     size = cfg.generate.shard_size
-    shards = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    shards = {split: [ps[i : i + size] for i in range(0, len(ps), size)] for split, ps in prompts.items()}
     rank, world = process_place()
     tag = scorer_tag(cfg)
+    every = [p["prompt"] for ps in prompts.values() for p in ps]
     if cfg.scorer.kind == "rule":  # the scorer is refused before sampling, where it would fail after
-        check_rule_prompts([p["prompt"] for p in prompts], cfg.dataset.name)
-    elif _unscored(shard_dir, range(rank, len(shards), world), tag):
+        check_rule_prompts(every, cfg.dataset.name)
+    elif any(_unscored(shard_dir_of(out, split), range(rank, len(sh), world), tag) for split, sh in shards.items()):
         check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
-        check_reward_template(load_reward_tokenizer(cfg.scorer), cfg.scorer, [p["prompt"] for p in prompts])
-    adopt_older_scores(shard_dir, cfg)
-    check_manifest(shard_dir, _manifest(cfg, fingerprint, prompts), pick_device(cfg.hardware.device))
-    _process(cfg, shards, shard_dir, rank, world, tag)
+        check_reward_template(load_reward_tokenizer(cfg.scorer), cfg.scorer, every)
+    for split in shards:
+        adopt_older_scores(shard_dir_of(out, split), cfg)
+        manifest = _manifest(cfg, fingerprint, prompts[split])
+        check_manifest(shard_dir_of(out, split), manifest, pick_device(cfg.hardware.device))
+    _process(cfg, [(shard_dir_of(out, split), sh) for split, sh in shards.items()], rank, world, tag)
 
-    missing = _unscored(shard_dir, range(len(shards)), tag)
+    missing = {
+        split: m for split, sh in shards.items() if (m := _unscored(shard_dir_of(out, split), range(len(sh)), tag))
+    }
     if missing:
         log.info("shards %s are another process's; the last process to finish writes the data set", missing)
-        return {"waiting_for": missing}
-    records = [rec for i in range(len(shards)) for rec in read_shard(scored_path(shard_dir, i, tag), shards[i], cfg)]
+        return {
+            "waiting_for": missing.get("train", []),
+            **({"waiting_for_test": missing["test"]} if "test" in missing else {}),
+        }
+    split_records = {
+        split: [
+            rec
+            for i, shard in enumerate(sh)
+            for rec in read_shard(scored_path(shard_dir_of(out, split), i, tag), shard, cfg)
+        ]
+        for split, sh in shards.items()
+    }
+    records = split_records["train"]
     rows, report = binarise(records, cfg.binarise)
     report = {
         "split": "train (prompts of each source's training split only)",
-        "source_rows": source_counts,
+        "source_rows": source_counts["train"],
         "samples_per_prompt": len(cfg.generate.seeds) * cfg.generate.samples_per_seed,
         **report,
     }
+    test_rows = None
+    if "test" in split_records:  # pairs of the test prompts, for training's held-out evaluation
+        test_rows, test_report = binarise(split_records["test"], cfg.binarise)
+        report["test"] = {"source_rows": source_counts["test"], **test_report}
+        if not test_rows:
+            log.warning(
+                "no usable pair from the %d test prompts (dropped: %s): no data/test.jsonl, so training holds out "
+                "dataset.test_size of the train pairs", test_report["prompts"], test_report["prompts_dropped"],
+            )  # fmt: skip
     if cfg.scorer.kind == "rule":
         report["rule_exact_share"] = sum(s == 1.0 for rec in records for s in rec["scores"]) / report["responses"]
     else:  # a reward read mid-response is a reward of another text
@@ -455,6 +500,8 @@ def generate_data(cfg) -> dict:
             report["pair_sides_not_utf8"], 2 * len(rows),
         )  # fmt: skip
     write_atomic(out / "report.json", json.dumps(report, indent=2))
+    if not test_rows:  # a test split an earlier command wrote here is not this command's
+        (out / "data" / "test.jsonl").unlink(missing_ok=True)
     if not rows:  # a data set an earlier command wrote here is not this command's: it goes
         for stale in (out / "data" / "train.jsonl", out / "data" / "provenance.json"):
             stale.unlink(missing_ok=True)
@@ -486,7 +533,7 @@ def generate_data(cfg) -> dict:
         },
         "dataset": {
             "name": cfg.dataset.name,
-            "split": "train",
+            "split": "train",  # the prompts of train.jsonl's pairs; test.jsonl's (where written) the test split's
             "sources": {k: v.path for k, v in cfg.dataset.sources.items()},
         },
         "generate": dataclasses.asdict(cfg.generate),
@@ -497,8 +544,11 @@ def generate_data(cfg) -> dict:
         "pairs": len(rows),
         "prompts": report["prompts"],
         "prompts_dropped": report["prompts_dropped"],
+        **({"test_pairs": len(test_rows)} if test_rows else {}),
     }
     write_jsonl(out / "data" / "train.jsonl", rows)
+    if test_rows:
+        write_jsonl(out / "data" / "test.jsonl", test_rows)
     write_atomic(out / "data" / "provenance.json", json.dumps(provenance, indent=2))
     unsampled = {k: v for k, v in report["source_rows"].items() if k != "rows" and v}
     log.info(
@@ -510,7 +560,11 @@ def generate_data(cfg) -> dict:
         out / "data" / "train.jsonl",
     )
     data = str(out.resolve() / "data" / "train.jsonl")
-    print(f"\npreference data: {data} ({len(rows)} pairs)\ntrain on it: {train_command(cfg, data)}", flush=True)
+    if test_rows:  # the folder: training reads its train.jsonl and evaluates on its test.jsonl
+        log.info("%d test pairs -> %s", len(test_rows), out / "data" / "test.jsonl")
+        data = str(out.resolve() / "data")
+    pairs = f"{len(rows)} pairs" + (f", {len(test_rows)} test pairs" if test_rows else "")
+    print(f"\npreference data: {data} ({pairs})\ntrain on it: {train_command(cfg, data)}", flush=True)
     return report
 
 
