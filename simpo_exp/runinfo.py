@@ -250,6 +250,15 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
             "or the command line) sets the accumulation from the device count; add "
             "hardware.effective_batch_size=null to fix the accumulation yourself, or leave it to the global batch"
         )
+    hparams = hc.runtime.choices.get("hparams")
+    fixed = hparams and preset_value(hc.runtime.config_sources, "hparams", hparams, "gradient_accumulation_steps")
+    if target and fixed and "gradient_accumulation_steps" not in given:  # the global batch wins, said
+        log.warning(
+            "hparams=%s's gradient_accumulation_steps=%s is not used: hardware.effective_batch_size=%s (hardware=%s) "
+            "sets the accumulation from the device count; add hardware.effective_batch_size=null to keep the "
+            "preset's",
+            hparams, fixed, target, hc.runtime.choices.get("hardware"),
+        )  # fmt: skip
     resolve(cfg)
     lc = cfg.logger
     if lc.get("run_name") is None:
@@ -396,6 +405,15 @@ def shadowed_presets(sources, choices: dict) -> list[tuple[Path, Path]]:
             if mine.is_file() and (shipped / group / f"{option}.yaml").is_file():
                 pairs.append((mine, shipped / group / f"{option}.yaml"))
     return pairs
+
+
+def preset_value(sources, group: str, option: str, key: str):
+    """``key`` as the preset ``group=option`` sets it (its first file on the search path), or None."""
+    for source in sources:
+        path = Path(source.path) / group / f"{option}.yaml"
+        if source.schema == "file" and path.is_file():
+            return OmegaConf.select(OmegaConf.load(path), key, default=None)
+    return None
 
 
 def _compose_as_given(hc, extra: list[str]) -> DictConfig:

@@ -296,6 +296,17 @@ def test_an_accumulation_the_global_batch_would_override_is_refused(tmp_path):
     assert "hardware.effective_batch_size=null" in res.stderr
 
 
+def test_a_presets_accumulation_the_global_batch_replaces_is_said(tmp_path):
+    """hparams=reasoning's batch 1 x accumulation 16 became 1 x 128 under a multi-GPU preset's global batch of 128,
+    on one GPU: eight times the preset's batch, without a word (the start-up log shows the layout alone)."""
+    run = tmp_path / "run"
+    args = ("hparams=reasoning", "hardware.effective_batch_size=4", "max_steps=1", "eval_steps=0", "logger=none")
+    res = simpo(*args, "dataset.synthetic.num_train=64", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = (run / "__main__.log").read_text()
+    assert "hparams=reasoning's gradient_accumulation_steps=16 is not used: hardware.effective_batch_size=4" in log
+
+
 def _byte_tokenizer(**specials):
     """A byte-level tokenizer with the given special tokens (bos_token=..., additional_special_tokens=[...])."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
