@@ -822,10 +822,13 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
         ties = sum(r.status == "done" and r.final(metric) == best.final(metric) for r in ranked[1:])
         title += "\n" + textwrap.shorten(f"best by {metric}: {best.label}", 80) + f" ({_fmt(best.final(metric))})"
         title += f", tied with {ties} other run{'s' * (ties > 1)}" if ties else ""
-    fig.suptitle(title, fontsize=12)
+    # from the left edge and wrapped, so that it ends over the panels: centred on the figure, its end ran under the
+    # legend beside them
+    lines = [textwrap.fill(line, 110, subsequent_indent="  ") for line in title.split("\n")]
+    fig.suptitle("\n".join(lines), fontsize=12, x=0.01, ha="left")
     if left_out:  # a figure-level label, so the layout makes room for it below the axes
         fig.supxlabel(
-            "not plotted (no metrics): " + "; ".join(f"{r.label} [{r.status}]" for r in left_out),
+            textwrap.fill("not plotted (no metrics): " + "; ".join(f"{r.label} [{r.status}]" for r in left_out), 160),
             x=0.01,
             ha="left",
             fontsize=9,
