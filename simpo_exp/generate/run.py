@@ -6,9 +6,12 @@ Layout of an output directory:
     shards/scored-00000-<scorer>.jsonl  the same with a score per response, named by a hash of the scorer's
                                   settings and weights: another scorer, or new weights at its path, scores
                                   the responses again, none is sampled again
+    shards-test/...               the same for the test split's prompts (generate.splits=[train,test])
     data/train.jsonl              the preference pairs (`dataset=local dataset.sources.local.path=...`)
+    data/test.jsonl               the test prompts' pairs (generate.splits=[train,test]): training evaluates on them
     data/provenance.json          policy and scorer fingerprints, generation/scorer/binarise config, counts
-    report.json                   prompts kept and dropped by reason, score and length statistics
+    report.json                   prompts kept and dropped by reason, score and length statistics (the test
+                                  split's under "test")
 
 Every file is written to a temporary name and renamed, so a killed run leaves only whole files;
 re-running the same command (same hydra.run.dir) skips finished shards. Several processes split the
