@@ -347,6 +347,19 @@ def test_local_preset_with_column_mapping(tmp_path, tok):
     check_against(datasets.concatenate_datasets([tr, te]), rows, tok)
 
 
+def test_local_data_in_a_folder_named_with_glob_characters_is_read(tmp_path, tok):
+    """A generate sweep job's folder ("1_generate.seeds=[1,2]") held the data its printed command trains on; read as
+    a glob pattern, the file matched nothing ("cannot read ...: StopIteration") and the folder no split file."""
+    folder = tmp_path / "1_generate.seeds=[1,2]"
+    rows = triples("local", 8)
+    write_jsonl(folder / "train.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows])
+    write_jsonl(folder / "test.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows[:2]])
+    for path in (folder / "train.jsonl", folder):
+        cfg = compose_preset("local", path_override("local", path), "dataset.test_size=0.25")
+        tr, te, _ = build_datasets(cfg, tok)
+        assert (len(tr), len(te)) == ((6, 2) if path.is_file() else (8, 2)), path
+
+
 def test_local_auto_format_message_lists_with_custom_columns(tmp_path, tok):
     rows = triples("msgs", 6)
     root = tmp_path / "local-msgs"

@@ -78,7 +78,9 @@ def _load_files(files: list[Path], source: str) -> Dataset:
     # read from its cache as it was. Named by the files' contents, the cache holds one data set per content.
     content = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
     try:
-        return load_dataset(types.pop(), name=f"sha256-{content}", data_files=[str(f) for f in files], split="train")
+        # escaped: datasets reads data_files as glob patterns, and a sweep job's folder ("seeds=[1,2]") matched nothing
+        files_given = [glob.escape(str(f)) for f in files]
+        return load_dataset(types.pop(), name=f"sha256-{content}", data_files=files_given, split="train")
     except Exception as e:  # unreadable or malformed file: datasets puts the parser's words (line, column) in the cause
         blank = [str(f) for f in files if f.suffix.lower() in (".jsonl", ".json") and _blank(f)]
         if blank:  # datasets says only that the split "corresponds to no data"
@@ -158,7 +160,7 @@ def _split_files(directory: Path, split: str, warn: bool = True) -> list[Path]:
     beside the data) are not read, and said so: read as shards, every row would be trained on twice."""
     found = []
     for pattern in (f"{split}.*", f"{split}-*", f"**/{split}.*", f"**/{split}-*"):
-        found += [Path(p) for p in glob.glob(str(directory / pattern), recursive=True)]
+        found += [Path(p) for p in glob.glob(str(Path(glob.escape(str(directory))) / pattern), recursive=True)]
     found = sorted({f for f in found if f.suffix.lower() in FILE_TYPES})
     # train.jsonl, train-00000-of-00002.parquet, and the older hub writer's train-00000-of-00001-17309c769bfe5733
     shard = re.compile(rf"^{re.escape(split)}(-\d+(-of-\d+)?(-[0-9a-f]{{8,}})?)?$")
