@@ -798,7 +798,7 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
                     style,
                     color=color,
                     lw=2.6 if rank == 1 and r.final(metric) is not None else 1.5,
-                    marker="o" if split == "eval" else None,
+                    marker="o" if split == "eval" or len(steps) == 1 else None,  # one point: no line to draw
                     ms=4,
                     label=label if (ax is axes[0] and m == fam.metrics[0]) else None,
                 )

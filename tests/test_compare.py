@@ -148,6 +148,20 @@ def test_plots_one_line_per_job(sweep, tmp_path):
     assert "not plotted" in fig.get_supxlabel() and "beta=-1" in fig.get_supxlabel()  # failed jobs, no crash
 
 
+def test_a_run_with_one_train_point_shows_it(sweep, tmp_path):
+    """A run shorter than logging_steps logs its train metrics once: drawn as a line without markers, the train
+    panel was blank."""
+    short = tmp_path / "short"
+    shutil.copytree(job(sweep, 0), short)
+    rows = [json.loads(line) for line in (short / "metrics.jsonl").read_text().splitlines()]
+    first = next(r["step"] for r in rows if "train/rewards/margins" in r)
+    kept = [r for r in rows if "train/rewards/margins" not in r or r["step"] == first]
+    (short / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    fig = compare.figure(compare.load_runs(short), "rewards_margins")
+    train_line = fig.axes[0].lines[0]
+    assert len(train_line.get_xdata()) == 1 and train_line.get_marker() == "o"
+
+
 def test_single_run_and_a_running_job(sweep, tmp_path, capsys):
     done = job(sweep, 0)
     running = tmp_path / "still-running"
