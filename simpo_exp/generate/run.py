@@ -456,7 +456,8 @@ def generate_data(cfg) -> dict:
     records = split_records["train"]
     rows, report = binarise(records, cfg.binarise)
     report = {
-        "split": "train (prompts of each source's training split only)",
+        "split": "train (prompts of each source's training split"
+        + ("; the test split's under test)" if "test" in shards else " only)"),
         "source_rows": source_counts["train"],
         "samples_per_prompt": len(cfg.generate.seeds) * cfg.generate.samples_per_seed,
         **report,
