@@ -194,12 +194,12 @@ class PairwiseJudge:
                     limited = True
                     break
                 if e.code in REFUSED_REQUEST:
-                    with self.counting:
+                    with self.counting:  # (the count read here: threads refused at once count on after it)
                         self.refused += 1
-                        alike = self.taken == 0 and self.refused >= REFUSED_BEFORE_ANY
+                        refused, alike = self.refused, self.taken == 0 and self.refused >= REFUSED_BEFORE_ANY
                     if alike:  # not one prompt's fault: the rest would be refused too, each a prompt without verdict
                         raise JudgeError(
-                            f"{where}: the judge endpoint refused each of the first {self.refused} requests and took "
+                            f"{where}: the judge endpoint refused every request so far ({refused}) and took "
                             f"none ({_http_error(e)}): a setting it does not take, not a prompt's length; check "
                             f"{self.key}.judge.model and what the endpoint accepts (this judge sends temperature 0 and "
                             f"max_tokens={max_tokens}). The generations and the verdicts so far are kept; re-run the "
