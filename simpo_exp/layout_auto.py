@@ -244,18 +244,19 @@ def plan_unused(model, layout: BatchLayout, pad_token_id: int) -> str | None:
     a four-token pair without gradients, on the device the model is on, finds decoder layers that drop the
     keyword arguments that carry the plan to attention (the log-probs would fail at the first step). Only for
     ``packing_attention=segments`` (the other attentions are measured, or run the model's own masks)."""
+    from accelerate.utils import send_to_device
+
     from simpo_exp.data.collate import PairCollator
     from simpo_exp.logps import ResponseLogps, SegmentPlanUnused
+    from simpo_exp.model import eval_mode
 
     if layout.packing == "none" or layout.attention != "segments":
         return None
     device = next(model.parameters()).device
-    batch = PairCollator(pad_token_id, layout.packing, layout.attention)([PROBE_PAIR])
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = send_to_device(PairCollator(pad_token_id, layout.packing, layout.attention)([PROBE_PAIR]), device)
     original = model.config._attn_implementation
-    devices = [device.index or 0] if device.type == "cuda" else []
-    try:  # the run's random streams untouched (dropout draws from them)
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    try:  # without dropout, as logps_check scores: nothing is drawn from the run's random streams
+        with torch.no_grad(), eval_mode(model):
             ResponseLogps.for_layout(model, layout)(**batch)
     except SegmentPlanUnused as e:
         return str(e).split(";")[0]

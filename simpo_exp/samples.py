@@ -33,7 +33,7 @@ def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, s
         return []
     prompts = [list(p["prompt_input_ids"]) for p in pairs]
     width = max(len(p) for p in prompts)
-    from simpo_exp.inference.sampling import model_positions, stop_token_ids
+    from simpo_exp.inference.sampling import decode_sampled, model_positions, stop_token_ids
 
     positions = model_positions(getattr(model, "config", None))
     if positions is not None and width + max_new_tokens > positions:  # past them a model of learned positions
@@ -61,7 +61,7 @@ def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, s
         ends = [i for i, t in enumerate(row) if t in stops]
         if ends:  # a finished completion is padded up to the longest one; decode drops a special stop token
             row = row[: ends[0] + 1]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False))  # as sampled
+        texts.append(decode_sampled(tokenizer, row))
     return texts
 
 

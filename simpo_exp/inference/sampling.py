@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from functools import partial
 
 import torch
 
@@ -135,6 +134,12 @@ def model_positions(config) -> int | None:
 CONTEXT_TOKENS = 6  # prompt tokens a response is decoded after, as vLLM's incremental detokenizer reads some
 
 
+def decode_sampled(tokenizer, ids: list[int]) -> str:
+    """Sampled ids as text, as sampled: transformers before 5.7 applied a tokenizer's clean_up_tokenization_spaces
+    (true in Llama-3's files) to BPE too, turning "x != y" into "x!= y"; vLLM's detokenizer never does."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def response_text(tokenizer, prompt: list[int], response: list[int]) -> str:
     """The response's text as it reads after its prompt. Decoded alone, a SentencePiece response (Mistral's) lost its
     first token's leading space (the decoder strips a text's first one): training, which tokenises prompt and
@@ -142,11 +147,8 @@ def response_text(tokenizer, prompt: list[int], response: list[int]) -> str:
     backend, which decodes after the prompt, gave other text. The last prompt tokens are decoded with it and cut
     off again; where their text is not a prefix of the whole (a decoder that rewrites across them), alone."""
     context = prompt[-CONTEXT_TOKENS:]
-    # the text as sampled: transformers before 5.7 applied a tokenizer's clean_up_tokenization_spaces (true in
-    # Llama-3's files) to BPE too, turning "x != y" into "x!= y"; vLLM's detokenizer never does
-    decode = partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    before, whole = decode(context), decode(context + response)
-    return whole[len(before) :] if whole.startswith(before) else decode(response)
+    before, whole = decode_sampled(tokenizer, context), decode_sampled(tokenizer, context + response)
+    return whole[len(before) :] if whole.startswith(before) else decode_sampled(tokenizer, response)
 
 
 class HFSampler:
