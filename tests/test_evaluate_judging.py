@@ -512,3 +512,25 @@ def test_once_the_judging_stops_no_new_request_is_sent_and_a_started_question_ke
     (partial,) = read_jsonl(journal("arena_hard", tmp_path))
     assert partial["question_id"] == "q1" and partial["games"][0]["score"] == "B>A"
     assert "stopped before this request was sent" in partial["games"][1]["error"]
+
+
+def test_a_half_judged_arena_hard_question_outside_a_smaller_max_prompts_keeps_its_judged_game(tmp_path):
+    """A question whose first game was judged and whose second was not (the judging stopped) fell outside a later,
+    smaller ``max_prompts`` run: its line was dropped instead of kept aside, so the paid-for first game was asked
+    again when the larger set came back."""
+    from simpo_exp.evaluate.arena import kept_aside, stored_judgments, user_prompt
+
+    prompts, texts = cases("arena_hard")
+    path = journal("arena_hard", tmp_path)
+    path.parent.mkdir(parents=True)
+    q, base = prompts[1]["instruction"], prompts[1]["reference"]
+    judged = {"user_prompt": user_prompt(q, base, texts[1]), "judgment": "[[B>A]]", "score": "B>A"}
+    unasked = {"user_prompt": user_prompt(q, texts[1], base), "judgment": "", "score": None, "error": "stopped"}
+    half = {"question_id": "q1", "model": "my-model", "judge": "org/fake-judge", "games": [judged, unasked]}
+    path.write_text(json.dumps(half) + "\n")
+
+    rows, kept = stored_judgments(path, prompts[:1], texts[:1], "org/fake-judge")  # max_prompts=1
+    assert rows == {} and kept == {}
+    assert [r["question_id"] for r in read_jsonl(kept_aside(path))] == ["q1"]
+    rows, kept = stored_judgments(path, prompts[:2], texts[:2], "org/fake-judge")  # the two again
+    assert rows == {} and kept == {"q1": [judged, None]}

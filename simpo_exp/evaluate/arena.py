@@ -169,8 +169,8 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
     """(``{question_id: judgment}`` still valid: same judge, same question and answers in both games, no game the
     endpoint refused; ``{question_id: [game or None, game or None]}``: the games with a reply of the judgments
     whose other game was refused, so that only that one is asked again). The others (questions past a smaller
-    ``max_prompts``, another baseline's answers, another judge), paid for, are moved to ``kept_aside`` and come back
-    when their command does."""
+    ``max_prompts``, another baseline's answers, another judge, whole or half judged), paid for, are moved to
+    ``kept_aside`` and come back when their command does."""
     expected = {}
     for p, text in zip(prompts, texts):
         q, base = p["instruction"], p["reference"]
@@ -186,12 +186,12 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
     # the lines kept aside before (valid again or not), then the file's own, which win
     rows = accepted_lines([*read_lines(aside), *read_lines(path)], "question_id", valid, others)
     write_jsonl(path, list(rows.values()))
-    kept = {
-        r["question_id"]: [None if unanswered(g) else g for g in r["games"]]
-        for r in others
-        if r.get("question_id") not in rows and accepts(same, r)
-    }
-    others = [r for r in others if not (isinstance(r.get("games"), list) and refused(r))]
+    kept, half = {}, {}  # a judgment of this command's set is in ``others`` only when a game of it got no reply
+    for r in others:
+        if accepts(same, r) and r["question_id"] not in rows:
+            kept[r["question_id"]] = [None if unanswered(g) else g for g in r["games"]]
+            half[r["question_id"]] = r  # kept aside too until its other game is judged, so that a kill loses nothing
+    others = [r for r in others if not accepts(same, r)] + list(half.values())
     if others:
         write_jsonl(aside, others)
     elif aside.exists():
