@@ -16,9 +16,9 @@ summed over the response tokens (``logits_response/*``) is recovered exactly. Li
 entropy or the top-1 accuracy of the tokens: a fused run does not log ``entropy`` or ``mean_token_accuracy``.
 
 Methods with a Liger loss of the same definition: simpo (sigmoid loss), cpo, orpo (Liger's ORPO function, given
-the NLL weight its module leaves at 1: ``WeightedORPOLoss``). Liger's DPO takes the reference model's hidden
-states, not the cached reference log-probs this project uses, so the reference-based methods stay on the
-unfused path.
+the NLL weight its module leaves at 1 and the unfused path's log odds: ``ORPOLoss``). Liger's DPO takes the
+reference model's hidden states, not the cached reference log-probs this project uses, so the reference-based
+methods stay on the unfused path.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from simpo_exp.logps import final_softcap, host_to_device, logit_scale, unsharded
+from simpo_exp.losses import orpo_log_odds
 
 LIGER_METHODS = ("simpo", "cpo", "orpo")
 INSTALL_HINT = 'pip install -e ".[gpu]" (or pip install liger-kernel)'
@@ -185,10 +187,8 @@ class LigerPreferenceHead(nn.Module):
             elif self.method == "cpo":  # summed log-probs, as CPO defines its loss
                 kw = dict(label_smoothing=self.label_smoothing, alpha=self.sft_weight, average_log_prob=False)
                 loss = lib.LigerFusedLinearCPOLoss(beta=self.beta, compute_nll_loss=nll, compiled=compiled, **kw)
-            elif nll:  # Liger's ORPO module weighs its NLL term 1; the same loss with the weight as an attribute
-                loss = WeightedORPOLoss(beta=self.beta, alpha=self.sft_weight, compiled=compiled)
-            else:
-                loss = lib.LigerFusedLinearORPOLoss(beta=self.beta, compute_nll_loss=False, compiled=compiled)
+            else:  # Liger's ORPO module weighs its NLL term 1 and its log(1 - p) is NaN-prone: see ORPOLoss
+                loss = ORPOLoss(beta=self.beta, alpha=self.sft_weight, nll=nll, compiled=compiled)
             self._losses[compiled] = loss
         return self._losses[compiled]
 
@@ -269,10 +269,12 @@ class LigerPreferenceHead(nn.Module):
         return FusedPreference(total, logps, counts, chosen_rewards, rejected_rewards, logit_sums)
 
 
-def WeightedORPOLoss(beta: float, alpha: float, compiled: bool) -> nn.Module:
+def ORPOLoss(beta: float, alpha: float, nll: bool, compiled: bool) -> nn.Module:
     """Liger's fused-linear ORPO loss, ``alpha`` x NLL(chosen) + the odds-ratio term, with ``alpha`` an attribute
-    (rescaled per call as the SimPO and CPO modules' is). Liger's ORPO module passes no ``alpha`` to its
-    preference base, which weighs the NLL term 1; this passes it, the rest is Liger's."""
+    (rescaled per call as the SimPO and CPO modules' is). Two changes to Liger's: its ORPO module passes no
+    ``alpha`` to its preference base, which weighs the NLL term 1, and its log odds take log1p(-e^x), which is
+    -inf (a NaN gradient) for a mean log-prob within about 3e-8 of 0 in float32; the log odds here are
+    ``losses.orpo_log_odds``, the unfused path's. The rest is Liger's."""
     from liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
     from liger_kernel.chunked_loss.orpo_loss import LigerFusedLinearORPOFunction
 
@@ -281,8 +283,16 @@ def WeightedORPOLoss(beta: float, alpha: float, compiled: bool) -> nn.Module:
         def forward(cls, ctx, _input, weight, target, bias, beta, alpha, compiled):
             return LigerFusedLinearPreferenceBase.forward(
                 cls=cls, ctx=ctx, _input=_input, weight=weight, target=target, bias=bias, alpha=alpha, beta=beta,
-                compute_nll_loss=True, compiled=compiled,
+                compute_nll_loss=nll, compiled=compiled,
             )  # fmt: skip
+
+        @staticmethod
+        def preference_loss_fn(chosen_logps, rejected_logps, full_target, beta=0.1):
+            pairs = full_target.shape[0] // 2  # Liger's per-chunk sums over the whole batch's pairs, as its own
+            log_odds = orpo_log_odds(chosen_logps, rejected_logps)
+            ratio = F.logsigmoid(log_odds)
+            rewards = (beta * chosen_logps, beta * rejected_logps)
+            return -beta * ratio.sum() / pairs, *rewards, ratio.sum() / pairs, log_odds.sum() / pairs
 
         @staticmethod
         def backward(ctx, *grad_output):

@@ -167,9 +167,15 @@ def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - e^x) for x < 0, accurate on both sides of -log 2 (Maechler's two forms, as TRL's ORPO computes it):
     log1p(-e^x) far from 0, log(-expm1(x)) near it. Only x within eps^2 of 0 (a response the model has all but
     memorised) is clamped there, so that x = 0 gives no -inf; the clamp at -1e-6 this replaced cut the term to
-    log(1e-6) for a mean log-prob of -1e-8, where the exact value is log(1e-8)."""
+    log(1e-6) for a mean log-prob of -1e-8, where the exact value is log(1e-8).
+
+    Each form is given only inputs it is finite on (a harmless stand-in elsewhere): torch.where evaluates both, and
+    for x in (-3e-8, 0) float32's e^x is 1, so the unused log1p(-e^x) was -inf and its zeroed gradient times an
+    infinite derivative made the whole step's gradient NaN (TRL 1.16's ORPO has that flaw)."""
     x = x.clamp(max=-(torch.finfo(x.dtype).eps ** 2))
-    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    far = x < -math.log(2.0)
+    far_x, near_x = torch.where(far, x, -1.0), torch.where(far, -0.5, x)
+    return torch.where(far, torch.log1p(-torch.exp(far_x)), torch.log(-torch.expm1(near_x)))
 
 
 def orpo_log_odds(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> torch.Tensor:

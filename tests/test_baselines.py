@@ -9,7 +9,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from simpo_exp.losses import alphapo_loss, cpo_loss, dpo_loss, ipo_loss, orpo_loss, rdpo_loss, simper_loss, simpo_loss
+from simpo_exp.losses import (
+    _log1m_exp,
+    alphapo_loss,
+    cpo_loss,
+    dpo_loss,
+    ipo_loss,
+    orpo_loss,
+    rdpo_loss,
+    simper_loss,
+    simpo_loss,
+)
 from simpo_exp.methods import preference_loss
 from tests.runs import run_module
 from tests.test_run import simpo
@@ -410,3 +420,21 @@ def test_the_reference_cache_key_holds_the_precision_auto_resolves_to(compose, t
     # FSDP without mixed precision computes the float32 weights as one device does: one cache (test_sharded)
     plain = engine(DistributedType.FSDP, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
     assert model_fingerprint(cfg, model, plain) == prints["bf16"]
+
+
+@pytest.mark.parametrize("mean_logp", [-3e-8, -1e-8, -1e-12, 0.0])
+def test_orpo_gradient_is_finite_for_an_all_but_memorised_response(mean_logp):
+    """log(1 - e^x) computed both forms for every x and picked one with torch.where: for x in (-3e-8, 0] float32's
+    e^x is 1.0, the unused form log1p(-1) = -inf, and its zeroed gradient times an infinite derivative made the
+    step's gradient NaN (the step was skipped; after max_bad_steps the run stopped). TRL 1.16 has the same flaw."""
+    for side in range(2):
+        x = torch.tensor([mean_logp], requires_grad=True)
+        other = torch.tensor([-1.0])
+        pair = (x, other) if side == 0 else (other, x)
+        orpo_loss(*pair, beta=0.1).losses.sum().backward()
+        assert torch.isfinite(x.grad).all(), (side, x.grad)
+    y = torch.tensor([-1e-8, -0.5, -1.0, -30.0], dtype=torch.float64)  # values unchanged: both forms, each its side
+    expected = torch.tensor(
+        [math.log(-math.expm1(v)) if v > -0.69 else math.log1p(-math.exp(v)) for v in y.tolist()], dtype=torch.float64
+    )
+    assert torch.allclose(_log1m_exp(y), expected, rtol=1e-12, atol=0)

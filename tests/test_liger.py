@@ -101,6 +101,29 @@ def test_fused_head_equals_the_padded_path(compose, case):
     assert_like_padded(fused, plain)
 
 
+@pytest.mark.parametrize("nll", [False, True])
+def test_fused_orpo_gradient_is_finite_for_an_all_but_memorised_response(nll):
+    """Liger's ORPO log odds take log1p(-e^x) of the mean log-prob x: for a response the model has all but
+    memorised (x within ~3e-8 of 0 in float32) that is -inf and every gradient of the step NaN. The fused head's
+    ORPO takes the unfused path's log odds: finite gradients, and the loss the unfused formula gives."""
+    pytest.importorskip("liger_kernel")
+    from simpo_exp.fused import ORPOLoss
+    from simpo_exp.losses import orpo_loss
+
+    weight = torch.zeros(50, 8)
+    weight[0] = 3.0  # token 0's logit 24 against 0 for the others: log-prob -2e-9, 0.0 in float32
+    weight = weight.requires_grad_()
+    states = torch.ones(2, 6, 8, requires_grad=True)
+    targets = torch.zeros(2, 6, dtype=torch.long)
+    targets[1] = 3  # the rejected response: an unlikely token
+    loss = ORPOLoss(beta=0.1, alpha=0.5, nll=nll, compiled=False)(weight, states, targets)[0]
+    loss.backward()
+    assert torch.isfinite(weight.grad).all() and torch.isfinite(states.grad).all()
+    means = (states @ weight.T).log_softmax(-1).gather(-1, targets[..., None])[..., 0].mean(-1)
+    expected = orpo_loss(means[:1], means[1:], 0.1).losses.sum() + (0.5 * -means[0] if nll else 0.0)
+    torch.testing.assert_close(loss, expected.detach(), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["simpo", "cpo", "orpo", "orpo-nll-0.4"])
 def test_the_fused_heads_nll_term_takes_the_steps_denominator(compose, case):
     """In training the NLL term is divided by the optimizer step's chosen tokens per micro-batch
