@@ -114,6 +114,7 @@ class TrainState:
     epoch_batches: int = 0  # micro-batches trained per epoch (train.epoch_batches); 0: written before it was kept
     runtime_s: float = 0.0  # the run's seconds up to this checkpoint, over all its starts (summary's runtime_s)
     eval_owed: int = 0  # a step whose eval a stop signal put off (saved first): the resumed run evaluates it first
+    bad_in_a_row: int = 0  # non-finite steps up to this one in a row (max_bad_steps counts on across a resume)
 
 
 def rng_state() -> tuple[dict, dict]:

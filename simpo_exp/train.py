@@ -154,7 +154,6 @@ class Run:
     checkpoint_bytes: int
     shown: list  # the eval pairs whose greedy completions are logged at each eval
     started: float
-    bad_in_a_row: int = 0
     step_lr: float = 0.0  # the learning rate the last optimizer step used (logged as TRL logs it)
     compiler: Any = None  # a CompileWatch: compile steps apart from timed ones (simpo_exp/compiled.py)
 
@@ -552,7 +551,7 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
         except torch.OutOfMemoryError as e:
             raise out_of_memory(f"the optimizer step {state.step + 1} (AdamW's state)", e) from e
     if ok:
-        run.bad_in_a_row = 0
+        state.bad_in_a_row = 0
     else:  # a non-finite loss gives non-finite gradients too
         skip_step(run, scaler.get_scale() if scaler is not None else None)
     run.step_lr = run.scheduler.get_last_lr()[0]  # the rate this step used, before the schedule moves on
@@ -589,12 +588,12 @@ def skip_step(run: Run, loss_scale: float | None = None) -> None:
     if loss_scale is not None and loss_scale >= 1.0:
         log.warning("step %d: fp16 gradient overflow; step skipped, loss scale lowered to %g", step, loss_scale)
         return
-    run.bad_in_a_row += 1
-    log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step, run.bad_in_a_row)
-    if run.bad_in_a_row > run.cfg.max_bad_steps:
+    run.state.bad_in_a_row += 1
+    log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step, run.state.bad_in_a_row)
+    if run.state.bad_in_a_row > run.cfg.max_bad_steps:
         last = checkpoint.checkpoint_dirs(run.run_dir)
         raise NonFiniteError(
-            f"{run.bad_in_a_row} consecutive steps with a non-finite loss or gradient, the last at step {step}; "
+            f"{run.state.bad_in_a_row} consecutive steps with a non-finite loss or gradient, the last at step {step}; "
             f"last good checkpoint: {last[-1] if last else 'none'}. Lower learning_rate or check the data."
         )
 

@@ -283,6 +283,23 @@ def test_too_many_bad_steps_stop_the_run_naming_step_and_checkpoint(compose, tmp
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
+def test_a_resumed_run_goes_on_counting_its_non_finite_steps_in_a_row(compose, tmp_path, monkeypatch):
+    """The count of non-finite steps in a row was not in the checkpoint: the same command run again after the
+    NonFiniteError (or a resume after a preemption) counted from 0, so a diverged run trained on and, with fewer
+    bad steps left than max_bad_steps, finished and was marked done. Now it stops at the same step again."""
+    from simpo_exp.train import NonFiniteError, train
+
+    _poison(monkeypatch, set(range(3, 100)))
+    cfg = _tiny_config(
+        compose, tmp_path, "max_steps=10", "save_steps=2", "max_bad_steps=2", "per_device_train_batch_size=8"
+    )
+    with pytest.raises(NonFiniteError, match="^3 consecutive .* at step 5"):
+        train(cfg)
+    with pytest.raises(NonFiniteError, match="^3 consecutive .* at step 5") as err:  # resumed from step 4: 2 so far
+        train(cfg)
+    assert "step-000004" in str(err.value)
+
+
 def test_a_resume_may_change_how_a_run_runs_but_not_what_it_trains():
     """Among the hardware keys, those that change the batches, their order, the weights' precision or the
     adapters must match the checkpoint's; where and how the run runs may change (another machine, kernel)."""
