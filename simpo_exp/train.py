@@ -324,7 +324,7 @@ def start_or_resume(
             if accelerator.is_main_process:
                 (run_dir / "summary.json").unlink(missing_ok=True)  # an earlier finish's, stale once it trains again
                 for records_file in records:
-                    checkpoint.trim_metrics(records_file, state.step)
+                    checkpoint.trim_metrics(records_file, state.step, state.eval_owed)
             log.info("resumed from %s (step %d)", path, state.step)
             return state
     if accelerator.is_main_process:
@@ -844,6 +844,9 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
         try:
             summary |= evaluate_and_sample(run, run.state.eval_owed)
         except StopRequested as e:
+            if run.state.eval_owed:  # resumed: the checkpoint of this step is there (and still owes this eval)
+                run.tracker.mark_stopped(stopped_record(e.signum, run.state.step))
+                stop.exit(run.state.step, e.signum)
             stopped_before_a_step(cfg, stop, e.signum, "evaluation at start", run.tracker)
         run.state.eval_owed = 0
     stop.at_once = False  # from here a signal waits for the step to end, then a checkpoint

@@ -647,3 +647,46 @@ def test_the_sampled_pairs_rewards_are_scored_in_eval_mode(compose, tmp_path, mo
     cfg = _tiny_config(compose, tmp_path, "max_steps=2", "eval_steps=2", "num_generations=2", "disable_dropout=false")
     train_mod.train(cfg)
     assert len(modes) > 1 and not any(modes), modes
+
+
+@pytest.mark.parametrize("second_stop", ["killed after the owed eval", "SIGTERM during the owed eval"])
+def test_the_eval_a_checkpoint_owes_is_logged_once_however_often_the_run_stops(
+    compose, tmp_path, monkeypatch, second_stop
+):
+    """A SIGTERM in step 2, whose eval is due, saves step 2 owing its eval. The resumed run logs that eval first;
+    if it then died before its next checkpoint, the step-2 eval survived the trim (step <= 2) and the next resume
+    logged it again: two step-2 evals in metrics.jsonl and its samples twice in generations.jsonl. And a SIGTERM
+    during the owed eval was recorded as a stop "before a step (nothing saved)", with the step-2 checkpoint there
+    (the SLURM launcher then does not requeue)."""
+    import simpo_exp.train as train_mod
+    from simpo_exp.rundir import stopped_words
+
+    run_dir = tmp_path / "run"
+    cfg = _tiny_config(compose, tmp_path, "max_steps=4", "eval_steps=2", "num_generations=2")
+    with monkeypatch.context() as patch:  # 1. SIGTERM in step 2: saved, owing the step-2 eval
+        _signal_when(patch, train_mod, "optimizer_step", lambda run, *_: run.state.step == 1)
+        with pytest.raises(SystemExit):
+            train_mod.train(cfg)
+    with monkeypatch.context() as patch:  # 2. resumed: the owed eval logged, then the run stops again
+        real = train_mod.evaluate_and_sample
+        if second_stop == "killed after the owed eval":
+
+            def killed(run, step):
+                real(run, step)
+                raise RuntimeError("killed")
+
+            patch.setattr(train_mod, "evaluate_and_sample", killed)
+            with pytest.raises(RuntimeError, match="killed"):
+                train_mod.train(cfg)
+        else:
+            _signal_when(patch, train_mod, "evaluate_and_sample", lambda *_: True)
+            with pytest.raises(SystemExit):
+                train_mod.train(cfg)
+            record = json.loads((run_dir / "stopped.json").read_text())
+            assert record == {"signal": "SIGTERM", "step": 2}
+            assert stopped_words(record) == "SIGTERM after step 2, checkpoint saved"
+    train_mod.train(cfg)  # 3. resumed again, to the end
+    evals = [r["step"] for r in read_metrics(run_dir) if "eval/loss" in r]
+    trains = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    samples = [json.loads(line)["step"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert evals == [2, 4] and trains == [1, 2, 3, 4] and samples == [2, 2, 4, 4]
