@@ -71,9 +71,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
                 return done.get("eval/rewards/accuracies")
 
             from simpo_exp.engine import release_process_group
+            from simpo_exp.fused import kept_modeling_modules
             from simpo_exp.train import train
 
-            accuracy = train(config, stop)["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
+            # hardware.fused_layers=liger patches transformers for the process: a sweep's next job here builds its
+            # model from transformers' own classes again
+            with kept_modeling_modules():
+                accuracy = train(config, stop)["eval/rewards/accuracies"]  # what a Hydra sweeper optimises
             release_process_group(more_jobs=in_multirun())  # the run's objects are gone by now
             return accuracy
     except StopRequested as e:  # before train() began: nothing of this command's to record

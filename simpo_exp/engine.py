@@ -423,6 +423,13 @@ def make_accelerator(cfg: Config):
         path = deepspeed_config_path(h.deepspeed_config)
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=str(path), gradient_clipping=cfg.max_grad_norm)
         single_process_env()
+    # A sweep's jobs may run in one process (Hydra's basic launcher; torchrun's --multirun), where accelerate keeps
+    # the first job's precision, device and DeepSpeed plugin and refuses (or quietly keeps) another job's: each
+    # job sets them afresh. An initialised process group stays with its PartialState: the next job reuses it.
+    from accelerate.state import AcceleratorState
+
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not group)
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,

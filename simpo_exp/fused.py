@@ -119,7 +119,7 @@ def fuse_layers(model: nn.Module) -> None:
     The norms and MLPs are patched on this model's modules; the rotary embedding, a function of the model
     family's module in transformers, and the norm and MLP classes are replaced for the whole process (as
     transformers' Trainer does). ``kept_modeling_modules`` puts them back where a process builds other models
-    after this one (benchmarks, tests)."""
+    after this one (benchmarks, tests, a sweep's jobs in one process: the entry point trains each inside one)."""
     from simpo_exp.config import ConfigError
     from simpo_exp.model import has_accelerator
 

@@ -131,3 +131,27 @@ print('put back')
 """.replace("%r", ", ".join(f"{k}={v}" for k, v in SMALL.items()))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "put back" in res.stdout, res.stderr[-2000:]
+
+
+def test_a_jobs_fused_layers_do_not_outlive_it_in_the_sweeps_process(gpu_pretended, monkeypatch, tmp_path):
+    """A sweep's jobs may run in one process: after a ``hardware.fused_layers=liger`` job, a ``none`` job built
+    its model from Liger's classes and ran Liger's rotary embedding while its records said none. The entry point
+    now trains each job inside kept_modeling_modules."""
+    import simpo_exp.__main__ as entry
+    import simpo_exp.train as train_mod
+
+    family = sys.modules[type(AutoModelForCausalLM.from_config(LlamaConfig(**SMALL))).__module__]
+    rotary = family.apply_rotary_pos_emb
+
+    ran = []
+
+    def job(config, stop):  # a job whose model the option patched
+        fuse_layers(AutoModelForCausalLM.from_config(LlamaConfig(**SMALL)))
+        ran.append(family.apply_rotary_pos_emb.__module__)
+        return {"eval/rewards/accuracies": 1.0}
+
+    monkeypatch.setattr(train_mod, "train", job)
+    monkeypatch.setattr(sys, "argv", ["simpo_exp", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    with kept_modeling_modules():  # this test's own guard: the process as it was, whatever the entry point does
+        entry.main()
+        assert ran == ["liger_kernel.transformers.rope"] and family.apply_rotary_pos_emb is rotary

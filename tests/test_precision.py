@@ -432,3 +432,20 @@ def test_starting_deepspeed_from_float32_weights_is_warned_of_whatever_model_dty
         assert "holds float32 weights" not in caplog.text  # kept as loaded: nothing lost
         load_model(cfg, load_tokenizer(cfg.model), "sdpa", engine_master_copy=True)
     assert "holds float32 weights" in caplog.text and "hardware=fsdp, gpu" in caplog.text
+
+
+def test_each_job_of_a_sweep_in_one_process_gets_its_own_precision(compose):
+    """Hydra's basic launcher (and torchrun's --multirun) runs a sweep's jobs in one process, and accelerate keeps
+    one state per process: ``--multirun hardware.mixed_precision=no,bf16`` crashed its second job ("AcceleratorState
+    has already been initialized and cannot be changed"). Each job's accelerator is now set up afresh."""
+    from accelerate.state import AcceleratorState
+
+    from simpo_exp.engine import make_accelerator
+
+    try:
+        first, _ = make_accelerator(to_config(compose("hardware=cpu")))
+        assert first.mixed_precision == "no"
+        second, _ = make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=bf16")))
+        assert second.mixed_precision == "bf16" and second.device.type == "cpu"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next test's accelerator as a fresh process's
