@@ -49,12 +49,30 @@ def mixed_modes(argv: list[str]) -> str | None:
     return f"{' and '.join(given)} given: Hydra runs one of --run, --multirun, --cfg, --info at a time{hint}"
 
 
-def main() -> float | None:
-    """The entry point (``python -m simpo_exp``, ``simpo-exp``)."""
-    if message := missing_plugin(sys.argv[1:]) or mixed_modes(sys.argv[1:]):
+def sweep_without_multirun(argv: list[str]) -> str | None:
+    """The message for a ``+sweep=``/``+launcher=`` preset in a command that runs one job here (no ``--multirun``):
+    Hydra applies sweepers and launchers to a multirun only, so that job would train on this machine, a login
+    node's, with the preset's defaults; else None. ``--cfg``, ``--info`` (which print and run nothing) pass."""
+    if any(long in argv or short in argv for long, short in MODES.items() if long != "--run"):
+        return None
+    for arg in argv:
+        if arg.startswith(tuple(PLUGINS)):
+            return f"{arg} applies to a --multirun only (Hydra runs a single job here, on this machine): add --multirun"
+    return None
+
+
+def refuse_command_line(argv: list[str], stage: str) -> None:
+    """Exit 2 with a message for a command line Hydra would refuse with a traceback or run as it was not meant
+    (each stage's entry point, before Hydra reads it); ``stage``: its primary config's name."""
+    if message := missing_plugin(argv) or mixed_modes(argv) or sweep_without_multirun(argv):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
-    refuse_added_chosen_group(sys.argv[1:], "config")
+    refuse_added_chosen_group(argv, stage)
+
+
+def main() -> float | None:
+    """The entry point (``python -m simpo_exp``, ``simpo-exp``)."""
+    refuse_command_line(sys.argv[1:], "config")
     return hydra_main()
 
 

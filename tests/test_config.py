@@ -1,6 +1,8 @@
 """Composition of the documented commands, and validation before anything loads."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -353,6 +355,26 @@ def test_a_sweep_or_launcher_preset_without_its_plugin_names_the_extra(monkeypat
     )
     assert "hydra-submitit-launcher" in missing_plugin(["+launcher=slurm"])
     assert missing_plugin(["beta=2"]) is None
+
+
+def test_a_sweep_or_launcher_preset_in_a_single_run_is_refused(tmp_path):
+    """Hydra applies sweepers and launchers to a --multirun only: ``+launcher=slurm`` without it trained one job on
+    the login node, and ``+sweep=optuna`` ran one run at the defaults, each exiting 0 with no word. Printing the
+    config (--cfg) is not refused."""
+    from simpo_exp.__main__ import sweep_without_multirun
+
+    for stage in ("simpo_exp", "simpo_exp.generate", "simpo_exp.evaluate"):
+        res = subprocess.run(
+            [sys.executable, "-m", stage, "+launcher=slurm", "logger=none", f"hydra.run.dir={tmp_path / stage}"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert res.returncode == 2 and "+launcher=slurm applies to a --multirun only" in res.stderr, res.stderr
+        assert not (tmp_path / stage).exists()
+    assert "+sweep=optuna applies to a --multirun only" in sweep_without_multirun(["+sweep=optuna", "--run"])
+    for fine in (["-m", "+sweep=optuna"], ["--multirun", "+launcher=local"], ["--cfg", "hydra", "+launcher=slurm"]):
+        assert sweep_without_multirun(fine) is None
 
 
 def test_an_accelerate_configs_deepspeed_json_is_found_from_any_directory(tmp_path, monkeypatch):

@@ -13,8 +13,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from simpo_exp.__main__ import refuse_command_line
 from simpo_exp.evaluate.config import to_evaluate_config  # stores the schema Hydra composes with
-from simpo_exp.rundir import CONF_DIR, refuse_added_chosen_group
+from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import user_errors
 from simpo_exp.signals import sigterm_as_interrupt
 
@@ -118,5 +119,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     sys.argv = _path_argument(sys.argv)
     _check_benchmark_names(sys.argv)
-    refuse_added_chosen_group(sys.argv[1:], "evaluate")
+    refuse_command_line(sys.argv[1:], "evaluate")
     main()

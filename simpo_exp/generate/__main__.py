@@ -9,8 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from simpo_exp.__main__ import refuse_command_line
 from simpo_exp.generate.config import check_overrides, to_generate_config
-from simpo_exp.rundir import CONF_DIR, refuse_added_chosen_group
+from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import fill_run_identity, given_overrides, user_errors
 from simpo_exp.signals import sigterm_as_interrupt
 
@@ -30,5 +31,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    refuse_added_chosen_group(sys.argv[1:], "generate")
+    refuse_command_line(sys.argv[1:], "generate")
     main()
