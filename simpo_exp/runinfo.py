@@ -684,6 +684,30 @@ def _writable_or_exit(key: str, folder: str) -> None:
         raise SystemExit(2) from e
 
 
+def no_traceback_without_a_best_trial() -> None:
+    """The Optuna sweeper asks its study for the best trial after the last one: when every trial failed, Optuna's
+    ValueError ("No trials are completed yet") came out as a traceback through Hydra's and the plugin's frames,
+    above the list of failed jobs. It is said in one line instead, and the command exits 1 (the failed jobs are
+    listed at exit). Wraps the plugin's ``sweep`` once per process (the sweeper is set up after this is called)."""
+    from hydra_plugins.hydra_optuna_sweeper import _impl
+
+    sweep = _impl.OptunaSweeperImpl.sweep
+    if getattr(sweep, "said_without_traceback", False):
+        return
+
+    def wrapped(self, arguments):
+        try:
+            return sweep(self, arguments)
+        except ValueError as e:
+            if "No trials are completed" not in str(e):
+                raise
+            print("error: every trial of the Optuna search failed: no best parameters to report", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    wrapped.said_without_traceback = True
+    _impl.OptunaSweeperImpl.sweep = wrapped
+
+
 class SweepSummary(Callback):
     """At the end of a ``--multirun``, list this sweep's jobs that failed and why; exit 1 if any did.
 
@@ -695,6 +719,8 @@ class SweepSummary(Callback):
     asks for the best one) never reaches ``on_multirun_end``: the list is printed at exit then."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")):
+            no_traceback_without_a_best_trial()
         self.sweep_dir, self.listed = Path(config.hydra.sweep.dir), False
         self.rerun = rerun_command(config.hydra)
         self.training = getattr(config, "method", None) is not None  # compare reads training runs, not other stages
