@@ -4,6 +4,7 @@ finished). Nothing else."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import hydra
@@ -61,10 +62,27 @@ def sweep_without_multirun(argv: list[str]) -> str | None:
     return None
 
 
+def launcher_under_torchrun(argv: list[str]) -> str | None:
+    """The message for ``+launcher=`` in a command torchrun (or accelerate launch) started on several processes:
+    each process would submit the sweep's jobs, with the launcher's rendezvous variables inherited; else None."""
+    from simpo_exp.runinfo import under_torchrun
+
+    if under_torchrun():
+        for arg in argv:
+            if arg.startswith("+launcher="):
+                return (
+                    f"{arg} under torchrun/accelerate launch: each of the {os.environ['WORLD_SIZE']} processes would "
+                    "submit the sweep's jobs; start the command with python -m simpo_exp (the launcher's jobs start "
+                    "their own processes)"
+                )
+    return None
+
+
 def refuse_command_line(argv: list[str], stage: str) -> None:
     """Exit 2 with a message for a command line Hydra would refuse with a traceback or run as it was not meant
     (each stage's entry point, before Hydra reads it); ``stage``: its primary config's name."""
-    if message := missing_plugin(argv) or mixed_modes(argv) or sweep_without_multirun(argv):
+    checks = (missing_plugin, mixed_modes, sweep_without_multirun, launcher_under_torchrun)
+    if message := next((m for m in (check(argv) for check in checks) if m), None):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
     refuse_added_chosen_group(argv, stage)

@@ -377,6 +377,19 @@ def test_a_sweep_or_launcher_preset_in_a_single_run_is_refused(tmp_path):
         assert sweep_without_multirun(fine) is None
 
 
+def test_a_launcher_under_torchrun_is_refused(monkeypatch):
+    """``torchrun --nproc_per_node 2 -m simpo_exp --multirun +launcher=local``: each process submitted the sweep's
+    jobs, which inherited the processes' RANK and rendezvous variables (on SLURM: the login node's address)."""
+    from simpo_exp.__main__ import launcher_under_torchrun
+
+    argv = ["--multirun", "+launcher=local", "beta=2,3"]
+    assert launcher_under_torchrun(argv) is None  # one process
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "each of the 2 processes would submit the sweep's jobs" in launcher_under_torchrun(argv)
+    assert launcher_under_torchrun(["--multirun", "beta=2,3"]) is None  # a sweep on the processes themselves
+
+
 def test_an_accelerate_configs_deepspeed_json_is_found_from_any_directory(tmp_path, monkeypatch):
     """launchers/zero3.yaml names launchers/ds_zero3.json, which accelerate launch passes on as written: launched
     from a scratch directory, accelerate refused it ("Expected a string path to an existing deepspeed config")."""
