@@ -58,13 +58,15 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     shorter than ``max_length`` (no packed attention here implements one), and on CPU for models whose
     attention softcaps its logits (Gemma 2), which segment attention does not implement (FlexAttention
     does, and so does ``packing_attention=mask``: prefix-shared then), and for models whose attention is biased by
-    the distance between columns (ALiBi: MPT, Bloom), which prefix sharing moves. The fused head
+    the distance between columns (ALiBi: MPT, Bloom), which prefix sharing moves, or by the column itself (Llama 4's
+    attention temperature), which every packing moves. The fused head
     (``hardware.fused_head``) runs in every layout and changes nothing here."""
     packing, attention = hardware.packing, hardware.packing_attention
     softcapped = softcaps_attention(model_config)
     stateful = state_beside_attention(model_config)
+    by_column = column_dependent(model_config)
     if packing == "auto":
-        if short_window(model_config, max_length) or stateful or distance_biased(model_config):
+        if short_window(model_config, max_length) or stateful or by_column or distance_biased(model_config):
             packing = "none"
         elif device_type == "cuda":
             packing, attention = "packed", "flex"
@@ -86,6 +88,14 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             f"hardware.packing={packing!r}: the model carries a state along the row besides attention ({stateful}), "
             "and the packed layouts keep sequences apart in attention only (the rejected response would read the "
             "chosen one); use hardware.packing=none or auto"
+        )
+    elif packing != "none" and by_column:
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"hardware.packing={packing!r}: the model's attention depends on a token's column in the row "
+            f"({by_column}), and the packed layouts put sequences at other columns than they have alone (their "
+            "log-probs would be another model's); use hardware.packing=none or auto"
         )
     elif packing == "prefix_shared" and distance_biased(model_config):
         from simpo_exp.config import ConfigError
@@ -135,6 +145,18 @@ def state_beside_attention(model_config) -> str | None:
     return None
 
 
+def column_dependent(model_config) -> str | None:
+    """What of the model's attention reads a token's column in the row rather than its ``position_ids``, or None:
+    Llama 4's attention temperature in its layers without rotary positions, which grows past ``floor_scale``
+    columns. A sequence alone starts at column 0; in a packed row it may start past that, and be scored by another
+    temperature, so these models run the padded layout."""
+    config = text_config(model_config)
+    no_rope = getattr(config, "no_rope_layers", None)
+    if getattr(config, "attn_temperature_tuning", False) and isinstance(no_rope, (list, tuple)) and 0 in no_rope:
+        return f"the attention temperature of its layers without rotary positions, past {config.floor_scale} columns"
+    return None
+
+
 def distance_biased(model_config) -> str | None:
     """What of the model biases attention by the distance between columns rather than by ``position_ids`` (ALiBi:
     Bloom, MPT, Falcon with ``alibi``), or None. Prefix sharing gives the rejected response positions that follow
@@ -163,10 +185,14 @@ def text_config(model_config):
 
 def attention_window(model_config) -> int | None:
     """The sliding window some of the model's layers attend through, in tokens, or None: ``sliding_window`` (Mistral,
-    Gemma 2/3, Qwen2 where ``use_sliding_window``), GPT-Neo's ``window_size`` (its local layers)."""
+    Gemma 2/3, Qwen2 where ``use_sliding_window``), GPT-Neo's ``window_size`` (its local layers), Llama 4's
+    ``attention_chunk_size`` (its chunked layers attend within chunks of the row: a sequence no longer than a chunk
+    is within one alone)."""
     config = text_config(model_config)
     if getattr(config, "model_type", None) == "gpt_neo" and "local" in str(getattr(config, "attention_layers", "")):
         return getattr(config, "window_size", None)
+    if "chunked_attention" in (getattr(config, "layer_types", None) or ()):  # Llama 4: chunks of the row's columns
+        return getattr(config, "attention_chunk_size", None)
     window = getattr(config, "sliding_window", None)
     return window if window and getattr(config, "use_sliding_window", True) else None
 

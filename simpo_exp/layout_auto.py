@@ -46,6 +46,7 @@ from simpo_exp.layout import (
     BatchLayout,
     check_attention,
     choose_layout,
+    column_dependent,
     distance_biased,
     short_window,
     softcaps_attention,
@@ -70,9 +71,14 @@ def measuring(hardware, device_type: str) -> bool:
 def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: int | None = None) -> list:
     """The layouts worth timing on this device for this model, the padded one first."""
     out = [BatchLayout("none", "segments", chunk_size)]
-    if short_window(model_config, max_length) or state_beside_attention(model_config) or distance_biased(model_config):
-        # neither segments, flex nor flash implement a sliding window, keep a Mamba state per sequence or take an
-        # ALiBi bias (which prefix sharing would move)
+    if (
+        short_window(model_config, max_length)
+        or state_beside_attention(model_config)
+        or column_dependent(model_config)
+        or distance_biased(model_config)
+    ):
+        # neither segments, flex nor flash implement a sliding window, keep a Mamba state per sequence, put a
+        # sequence at the columns it has alone (Llama 4's temperature) or take an ALiBi bias (prefix sharing moves it)
         return out
     if device_type == "cuda":
         out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]

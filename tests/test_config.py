@@ -357,6 +357,31 @@ def test_a_sweep_or_launcher_preset_without_its_plugin_names_the_extra(monkeypat
     assert missing_plugin(["beta=2"]) is None
 
 
+def test_llama4s_column_dependent_attention_gets_the_padded_layout(compose):
+    """Llama 4 scales the queries of its layers without rotary positions by a temperature that grows with the
+    token's column in the row (past floor_scale columns), not with its position_ids: a sequence packed into a row
+    past that column was scored by another temperature (3.8e-3 off the padded log-probs, found by hand), and the
+    set-up check, on one short pair, did not see it. Such a model runs the padded layout; its chunked layers'
+    chunk counts as a window."""
+    from transformers import Llama4TextConfig
+
+    from simpo_exp.layout import choose_layout
+    from simpo_exp.layout_auto import candidates
+
+    llama4 = Llama4TextConfig(num_hidden_layers=4)  # layer 4 without rotary positions, temperature tuning on
+    auto = to_config(compose("hardware.packing=auto")).hardware
+    assert choose_layout(auto, "cuda", llama4, 2048).packing == "none"
+    assert choose_layout(auto, "cpu", llama4, 2048).packing == "none"
+    assert [c.packing for c in candidates("cuda", llama4, 0, 2048)] == ["none"]
+    for packing in ("packed", "prefix_shared"):
+        hardware = to_config(compose(f"hardware.packing={packing}")).hardware
+        with pytest.raises(ConfigError, match="depends on a token's column in the row"):
+            choose_layout(hardware, "cpu", llama4, 2048)
+    untuned = Llama4TextConfig(num_hidden_layers=4, attn_temperature_tuning=False, attention_chunk_size=4096)
+    assert choose_layout(auto, "cuda", untuned, 2048).packing == "packed"
+    assert choose_layout(auto, "cuda", untuned, 8192).packing == "none"  # a sequence may outgrow a chunk
+
+
 def test_a_sweep_or_launcher_preset_in_a_single_run_is_refused(tmp_path):
     """Hydra applies sweepers and launchers to a --multirun only: ``+launcher=slurm`` without it trained one job on
     the login node, and ``+sweep=optuna`` ran one run at the defaults, each exiting 0 with no word. Printing the
