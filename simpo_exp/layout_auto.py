@@ -246,12 +246,14 @@ PROBE_PAIR = {"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_inp
 
 
 def plan_unused(model, layout: BatchLayout, pad_token_id: int) -> str | None:
-    """Why segment attention cannot run this model (``logps.SegmentPlanUnused``'s words), or None: one forward of
-    a four-token pair without gradients, on the device the model is on, finds decoder layers that drop the
-    keyword arguments that carry the plan to attention (the log-probs would fail at the first step). Only for
+    """Why segment attention cannot run this model (``logps.SegmentPlanUnused``'s words, or that it has no attention
+    function to wrap: Falcon under ``eager``), or None: one forward of a four-token pair without gradients, on the
+    device the model is on, finds decoder layers that drop the keyword arguments that carry the plan to attention
+    (the log-probs would fail at the first step). Only for
     ``packing_attention=segments`` (the other attentions are measured, or run the model's own masks)."""
     from accelerate.utils import send_to_device
 
+    from simpo_exp.config import ConfigError
     from simpo_exp.data.collate import PairCollator
     from simpo_exp.logps import ResponseLogps, SegmentPlanUnused
     from simpo_exp.model import eval_mode
@@ -264,7 +266,7 @@ def plan_unused(model, layout: BatchLayout, pad_token_id: int) -> str | None:
     try:  # without dropout, as logps_check scores: nothing is drawn from the run's random streams
         with torch.no_grad(), eval_mode(model):
             ResponseLogps.for_layout(model, layout)(**batch)
-    except SegmentPlanUnused as e:
+    except (SegmentPlanUnused, ConfigError) as e:  # the plan dropped, or no attention of the model's to wrap
         return str(e).split(";")[0]
     finally:
         if model.config._attn_implementation != original:
