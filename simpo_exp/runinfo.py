@@ -719,7 +719,7 @@ class SweepSummary(Callback):
     asks for the best one) never reaches ``on_multirun_end``: the list is printed at exit then."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")):
+        if isinstance(config, DictConfig) and "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_")):
             no_traceback_without_a_best_trial()
         self.sweep_dir, self.listed = Path(config.hydra.sweep.dir), False
         self.rerun = rerun_command(config.hydra)
