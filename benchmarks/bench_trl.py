@@ -866,6 +866,26 @@ def keep_run(runs: dict, failures: dict, name: str, res: dict, warmup: int) -> s
 NO_TIMED_STEP = "no timed step: every measured step compiled; raise --steps"
 
 
+def paired_ratio(runs: list[dict], ref_runs: list[dict], warmup: int) -> float | None:
+    """How many times faster ``runs`` are than ``ref_runs``: the median, over the measured steps both timed (the same
+    round and step, so the same batch), of the reference's step time over this one's. Each step is another batch
+    (1.9k to 3.5k response tokens on the GPU preset), so the ratio of two medians over a few steps could set one
+    side's slow batch against the other's quick one, and one hiccup moved it by a whole rank: 2.03x where the
+    paired steps say 1.77x (H200, 8 steps). None where no step pairs up."""
+    ratios = []
+    for ours, ref in zip(runs, ref_runs):
+        mine, theirs = step_times(ours, warmup), step_times(ref, warmup)
+        ratios += [theirs[i] / mine[i] for i in sorted(mine.keys() & theirs.keys())]
+    return statistics.median(ratios) if ratios else None
+
+
+def step_times(run: dict, warmup: int) -> dict[int, float]:
+    """``{step index: seconds}`` of the steps ``measured`` keeps."""
+    return dict(
+        zip(measured({**run, "index": list(range(len(run["times"])))}, "index", warmup), measured(run, "times", warmup))
+    )
+
+
 def summarise(name: str, runs: list[dict], warmup: int, batch: int, device: str) -> dict:
     times = [t for r in runs for t in measured(r, "times", warmup)]
     rates = [k / t for r in runs for k, t in zip(measured(r, "tokens", warmup), measured(r, "times", warmup))]
@@ -1110,17 +1130,21 @@ def report(
     missing = [n for n in order if n not in runs]
     trl_rows = {r["name"]: r for r in rows if r["name"] in ("TRL", TRL_NO_CHECKPOINTING)}
     refs = {r["name"]: trl_rows.get(trl_like(r["name"], preset["gradient_checkpointing"])) for r in rows}
+    for row in rows:  # pairs/s x TRL: step by step on the same batches (paired_ratio), not a ratio of two medians
+        if refs[row["name"]]:
+            row["x_trl"] = paired_ratio(runs[row["name"]], runs[refs[row["name"]]["name"]], preset["warmup"])
     mem_key = "peak_cuda_mb" if preset["device"] == "cuda" else "peak_rss_mb"
     print(
         f"\n{'':<18} {'pairs/s':>9} {'x TRL':>6} {'resp tok/s':>11} {'x TRL':>6} "
         f"{'peak MiB':>9} {'x TRL':>6}"
         + ("" if preset["device"] == "cuda" else f" {'RSS rise MiB':>12} {'x TRL':>6}")
-        + "  per-round pairs/s (x TRL: against the TRL run of the same checkpointing; blank where none)"
+        + "  per-round pairs/s (x TRL: against the TRL run of the same checkpointing, pairs/s as the median of "
+        "the per-step time ratios on the same batches; blank where none)"
     )
     for row in rows:
         ref = refs[row["name"]]
         line = f"{row['name']:<18} {row['pairs_per_s']:9.2f} "
-        line += f"{row['pairs_per_s'] / ref['pairs_per_s']:6.2f} " if ref else f"{'':6} "
+        line += f"{row['x_trl']:6.2f} " if ref and row.get("x_trl") else f"{'':6} "
         line += f"{row['resp_tokens_per_s']:11.0f} "
         line += f"{row['resp_tokens_per_s'] / ref['resp_tokens_per_s']:6.2f} " if ref else f"{'':6} "
         line += f"{row[mem_key]:9.0f} "
@@ -1179,7 +1203,8 @@ def markdown_table(
 ) -> str:
     """``refs``: each row's TRL run of the same checkpointing (``trl_like``), None where there is none."""
     lines = [
-        f"preset `{preset}`; {where}; x TRL: against the TRL run of the same gradient checkpointing",
+        f"preset `{preset}`; {where}; x TRL: against the TRL run of the same gradient checkpointing (pairs/s: the "
+        "median over the steps of TRL's step time over ours, on the same batches)",
         "",
         "| run | median step ms | pairs/s | x TRL | resp. tokens/s | peak MiB | x TRL | MFU | timed steps |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -1187,9 +1212,10 @@ def markdown_table(
     for row in rows:
         ref = refs.get(row["name"])
         ratio = (lambda key: f"{row[key] / ref[key]:.2f}") if ref else (lambda key: "")
+        speed = f"{row['x_trl']:.2f}" if ref and row.get("x_trl") else ""
         lines.append(
-            f"| {row['name']} | {row['median_step_s'] * 1e3:.1f} | {row['pairs_per_s']:.2f} | "
-            f"{ratio('pairs_per_s')} | {row['resp_tokens_per_s']:.0f} | {row[mem_key]:.0f} | {ratio(mem_key)} | "
+            f"| {row['name']} | {row['median_step_s'] * 1e3:.1f} | {row['pairs_per_s']:.2f} | {speed} | "
+            f"{row['resp_tokens_per_s']:.0f} | {row[mem_key]:.0f} | {ratio(mem_key)} | "
             + (f"{row['mfu']:.1%} |" if "mfu" in row else " |")
             # the steps the figures are medians of; those in which torch.compile built graphs are left out
             + f" {row['steps']}"

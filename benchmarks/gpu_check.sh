@@ -182,8 +182,9 @@ if want layers; then  # only when named: Liger's kernels in the decoder layers, 
     log "benchmark, batch 16: Liger's layer kernels"
     bench layers 120 --batch 16 --steps 5 --no-trl --variants packed-flex+liger-layers+nockpt
 fi
-# Batch 4 again, now that both sides step fused AdamW (2026-11-30's figures, 2.03x and 1.21x TRL: foreach), with
-# the time left of the 460 s (so the check stays under 8 minutes), unless PARTS names it.
+# Batch 4 again, now that both sides step fused AdamW (2026-11-30's figures, 1.77x and 1.07x TRL step by step:
+# foreach), with the time left of the 460 s (so the check stays under 8 minutes), unless PARTS names it. 20 steps
+# after 4 warm-up steps (2026-11-30's 8 after 3 could not rank packed-flex and prefix-flex; TRL had not settled).
 left=$(( 460 - $(date +%s) + started ))
 if want b4; then
     b4_limit=100
@@ -192,7 +193,7 @@ elif [ "$PARTS" = "$DEFAULT_PARTS" ]; then
 fi
 if [ -n "${b4_limit:-}" ]; then
     log "benchmark, batch 4: packed-flex and padded ($b4_limit s)"
-    bench b4 "$b4_limit" --steps 8 --variants packed-flex,plain
+    bench b4 "$b4_limit" --warmup 4 --steps 20 --variants packed-flex,prefix-flex,plain
 fi
 if want compile4; then  # only when named: batch 4 with the layers compiled (for a second device run)
     log "benchmark, batch 4 under torch.compile"

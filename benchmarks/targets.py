@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root
 
-from benchmarks.bench_trl import TRL_NO_CHECKPOINTING, VARIANTS, trl_like  # noqa: E402  (only the standard library at its top)
+from benchmarks.bench_trl import TRL_NO_CHECKPOINTING, VARIANTS, paired_ratio, trl_like  # noqa: E402  (only the standard library at its top)
 
 SPEED, PADDED_SPEED, MEMORY, MFU = 2.0, 1.1, 0.5, 0.35
 # the benchmark's variants that are layouts packing=auto chooses among: no chunked or fused head, and not the
@@ -36,6 +36,17 @@ LAYOUTS = {
 
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "missed")
+
+
+def speedup(result: dict, row: dict, ref: dict) -> float:
+    """How many times ``ref``'s pairs/s ``row`` runs: step by step on the same batches (``bench_trl.paired_ratio``)
+    where the JSON holds the runs' step times, else (an older file) the ratio of the two medians."""
+    runs, warmup = result.get("runs", {}), result.get("config", {}).get("warmup", 0)
+    if row["name"] in runs and ref["name"] in runs:
+        x = paired_ratio(runs[row["name"]], runs[ref["name"]], warmup)
+        if x:
+            return x
+    return row["pairs_per_s"] / ref["pairs_per_s"]
 
 
 def assess(result: dict) -> list[tuple[str, str, str]]:
@@ -54,14 +65,16 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
     # without (+nockpt) against TRL without it (--trl-nockpt), partial checkpointing (+ckpt2, +ckpt4) against
     # neither; a run set against a TRL that recomputes more would be credited with the recomputation it skips
     checkpointing = result.get("config", {}).get("gradient_checkpointing", True)
-    best = fastest(r for name, r in rows.items() if trl_like(name, checkpointing) == "TRL")
-    best_free = fastest(r for name, r in rows.items() if trl_like(name, checkpointing) == TRL_NO_CHECKPOINTING)
+    against = lambda ref, group: max(group, key=lambda r: speedup(result, r, ref), default=None)  # noqa: E731
+    like = lambda kind: [r for name, r in rows.items() if trl_like(name, checkpointing) == kind]  # noqa: E731
+    best = against(trl, like("TRL")) if trl else fastest(like("TRL"))
+    best_free = against(trl_free, like(TRL_NO_CHECKPOINTING)) if trl_free else None
     leanest = min(rows.values(), key=lambda r: r[mem])
     if trl and best:
-        x = best["pairs_per_s"] / trl["pairs_per_s"]
+        x = speedup(result, best, trl)
         out.append((f"batch {batch}: best pairs/s >= {SPEED}x TRL", f"{best['name']} {x:.2f}x", verdict(x >= SPEED)))
         if "plain" in rows:
-            x = rows["plain"]["pairs_per_s"] / trl["pairs_per_s"]
+            x = speedup(result, rows["plain"], trl)
             out.append((f"batch {batch}: padded >= {PADDED_SPEED}x TRL", f"plain {x:.2f}x", verdict(x >= PADDED_SPEED)))
         for label, r in (("fastest", best), ("leanest", leanest)):
             x = r[mem] / trl[mem]
@@ -78,7 +91,7 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
         why = result.get("failures", {}).get("TRL", "not reached")
         out.append((f"batch {batch}: against TRL", f"TRL not measured ({why})", verdict(None)))
     if trl_free and best_free:
-        x = best_free["pairs_per_s"] / trl_free["pairs_per_s"]
+        x = speedup(result, best_free, trl_free)
         out.append(
             (
                 f"batch {batch}: best pairs/s >= {SPEED}x TRL, both without checkpointing",
@@ -92,9 +105,15 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
         out.append((f"batch {batch}: MFU of the fastest >= {MFU:.0%}", measured, verdict(overall["mfu"] >= MFU)))
     layouts = [r for name, r in rows.items() if name in LAYOUTS]
     if layouts:
-        pick = max(layouts, key=lambda r: r["pairs_per_s"])
-        times = ", ".join(f"{r['name']} {r['pairs_per_s']:.2f}" for r in sorted(layouts, key=lambda r: r["name"]))
-        out.append((f"batch {batch}: packing=auto would keep", f"{LAYOUTS[pick['name']]} (pairs/s: {times})", ""))
+        if trl:  # each against TRL on the same batches
+            pick = max(layouts, key=lambda r: speedup(result, r, trl))
+            ranked = sorted(layouts, key=lambda r: r["name"])
+            times = "x TRL: " + ", ".join(f"{r['name']} {speedup(result, r, trl):.2f}" for r in ranked)
+        else:
+            pick = max(layouts, key=lambda r: r["pairs_per_s"])
+            ranked = sorted(layouts, key=lambda r: r["name"])
+            times = "pairs/s: " + ", ".join(f"{r['name']} {r['pairs_per_s']:.2f}" for r in ranked)
+        out.append((f"batch {batch}: packing=auto would keep", f"{LAYOUTS[pick['name']]} ({times})", ""))
     return out
 
 

@@ -51,9 +51,9 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     """The run's layout from ``hardware.packing`` / ``packing_attention`` / ``logps_chunk_size``, by a fixed
     rule (``simpo_exp.layout_auto`` measures the candidates instead where ``hardware.measure_layouts`` asks,
     by default on one GPU). ``packing=auto`` here picks what measured fastest (benchmarks/RESULTS.md):
-    prefix sharing with ``hardware.packing_attention`` on CPU; packed with FlexAttention on CUDA (2.03x TRL's
-    pairs/s and 1.68x the padded layout's on an H200), as the measured candidates do (padded where torch predates
-    FlexAttention); a run refuses a ``packing_attention`` given beside ``packing=auto`` on CUDA first
+    prefix sharing with ``hardware.packing_attention`` on CPU; packed with FlexAttention on CUDA (1.77x TRL's
+    pairs/s and 1.70x the padded layout's on an H200, step by step), as the measured candidates do (padded where
+    torch predates FlexAttention); a run refuses a ``packing_attention`` given beside ``packing=auto`` on CUDA first
     (``layout_auto.check_auto_attention``). The padded layout for a sliding window
     shorter than ``max_length`` (no packed attention here implements one), and on CPU for models whose
     attention softcaps its logits (Gemma 2), which segment attention does not implement (FlexAttention
