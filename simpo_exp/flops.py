@@ -38,6 +38,7 @@ PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.4),
+    ("H800 PCIe", 756.0),  # before "H800", which its name contains
     ("H800", 989.4),
     ("A100", 312.0),
     ("A800", 312.0),
@@ -53,8 +54,8 @@ PEAK_BF16_TFLOPS = (
 class FlopSpec:
     """What the FLOP count needs to know of a model (taken before any sharding)."""
 
-    body_params: int  # parameters of the weight matrices and norms that every token goes through
-    body_trainable: int
+    body_params: float  # parameters of the weight matrices and norms that every token goes through (a mixture of
+    body_trainable: float  # experts' routed experts at the share of them a token runs)
     head_params: int  # the output projection
     head_trainable: bool
     layers: int
@@ -74,19 +75,46 @@ def full_numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
+def expert_share(config) -> float:
+    """The share of its routed experts' weights a mixture-of-experts model runs per token: top-k of E experts
+    (``num_experts_per_tok`` of ``num_local_experts``/``num_experts``/``n_routed_experts``), 1 for a dense model.
+    A token goes through k experts, not all: counted whole, Mixtral 8x7B's 46.4B parameters stand for 12.6B of
+    work per token and its MFU read 3.7x too high (Qwen3-30B-A3B: 11x)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    k = getattr(config, "num_experts_per_tok", None)
+    experts = next(
+        (
+            getattr(config, key)
+            for key in ("num_local_experts", "num_experts", "n_routed_experts")
+            if getattr(config, key, None)
+        ),
+        None,
+    )
+    return min(1.0, k / experts) if isinstance(k, int) and isinstance(experts, int) and k > 0 and experts > 0 else 1.0
+
+
+def routed_expert(name: str) -> bool:
+    """Whether a parameter belongs to a model's routed experts (a module named ``experts``; the shared experts
+    (``shared_expert``, ``shared_experts``) and the router, which every token runs, do not)."""
+    return "experts" in name.split(".")
+
+
 def flop_spec(model: torch.nn.Module) -> FlopSpec:
-    """FlopSpec of a (possibly peft-wrapped) causal LM, from its parameters and config."""
+    """FlopSpec of a (possibly peft-wrapped) causal LM, from its parameters and config. A mixture of experts'
+    routed experts count at the share of them a token runs (``expert_share``)."""
     config = model.config
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     embed_ids = {id(p) for p in embed.parameters()} if embed is not None else set()
+    share = expert_share(config)
     body = body_trainable = 0
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if id(p) in head_ids or id(p) in embed_ids:
             continue
-        body += full_numel(p)
-        body_trainable += full_numel(p) if p.requires_grad else 0
+        n = full_numel(p) * (share if routed_expert(name) else 1.0)
+        body += n
+        body_trainable += n if p.requires_grad else 0
     head_params = sum(full_numel(p) for p in head.parameters()) if head is not None else 0
     heads = getattr(config, "num_attention_heads", 0)
     head_dim = getattr(config, "head_dim", None) or (config.hidden_size // max(heads, 1))
@@ -128,6 +156,10 @@ def peak_flops(device: torch.device, mixed_precision: str, override_tflops: floa
     if device.type != "cuda" or mixed_precision not in ("bf16", "fp16"):
         return None
     name = torch.cuda.get_device_name(device)
+    if (
+        "MIG" in name
+    ):  # a slice of the GPU, whose share of the peak its name does not say: no MFU rather than a wrong one
+        return None
     for key, tflops in PEAK_BF16_TFLOPS:
         if key in name:
             return tflops * 1e12

@@ -116,6 +116,10 @@ def test_peak_flops_lookup(monkeypatch):
     assert peak_flops(torch.device("cuda", 0), "bf16", None) == pytest.approx(756e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert peak_flops(torch.device("cuda", 0), "bf16", None) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H800 PCIe")
+    assert peak_flops(torch.device("cuda", 0), "bf16", None) == pytest.approx(756e12)  # not the SXM H800's
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3 MIG 1g.10gb")
+    assert peak_flops(torch.device("cuda", 0), "bf16", None) is None  # a slice: its share of the peak unknown
 
 
 def test_zero3_partitioned_parameters_are_counted_whole():
@@ -143,3 +147,36 @@ def test_a_gpu_whose_name_contains_another_is_matched_by_its_own(monkeypatch):
     ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_flops(torch.device("cuda", 0), "bf16", None) == tflops * 1e12, name
+
+
+def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
+    """Every expert's weights were counted as work for every token: a tiny Mixtral (8 experts, top 2) came out
+    3.5x torch's FLOP counter, and MFU as much too high (Mixtral 8x7B: 3.7x, Qwen3-30B-A3B: 11x)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        attn_implementation="eager",
+        experts_implementation="eager",  # matmuls torch's counter sees (a grouped kernel hides them from it)
+    )
+    model = MixtralForCausalLM(config)
+    spec = flop_spec(model)
+    pair = {
+        "prompt_input_ids": list(range(3, 23)),
+        "chosen_input_ids": list(range(30, 45)),
+        "rejected_input_ids": list(range(50, 65)),
+    }
+    batch = PairCollator(0)([pair])
+    with FlopCounterMode(display=False) as counter:
+        out = ResponseLogps(model)(**batch)
+        out.logp_sums.sum().backward()
+    expected = spec.step_flops(int(batch["attention_mask"].sum()), int(out.num_tokens.sum()), 2 * 35 * 35)
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.02)
