@@ -600,8 +600,10 @@ def worker_trl(spec: dict) -> dict:
 
 def padded_mfu(preset: dict, tok, model, pairs: list[dict], times: list[float]) -> list[float] | None:
     """MFU of each step by the FLOP count of our padded layout (simpo_exp/flops.py) over the same batches, in
-    order: for TRL, whose steps do the same useful work, so that its MFU and ours compare speeds under one
-    convention. None where the device's peak is unknown (CPU)."""
+    order: for TRL, whose steps do the same useful work. Against our plain and packed runs (the prompt counted
+    twice, as TRL runs it) the two MFUs compare speeds under one convention; a prefix-shared run's MFU counts the
+    prompt once, the work it does, and reads lower than its speed against TRL's by the prompt's share. None where
+    the device's peak is unknown (CPU)."""
     from simpo_exp.data.collate import PairCollator
     from simpo_exp.flops import flop_spec
 
