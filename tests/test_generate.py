@@ -4,6 +4,7 @@ Subprocesses on the embedded default (tiny model, synthetic prompts, rule scorer
 sequence-classification model saved to a temporary directory for the reward-model path.
 """
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -1284,9 +1285,17 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
         f"model.path={tmp_path / 'policy'}", "generate.backend=vllm", "generate.samples_per_seed=2",
         "generate.seeds=[7]", "generate.vllm_gpu_memory_utilization=0.5", "generate.max_new_tokens=9",
     )  # fmt: skip
-    sampler = VLLMSampler(cfg, load_tokenizer(cfg.model))
+    tokenizer = load_tokenizer(cfg.model)
+    sampler = VLLMSampler(cfg, tokenizer)
     assert calls["llm"]["model"] == str(tmp_path / "policy") and calls["llm"]["gpu_memory_utilization"] == 0.5
     assert calls["llm"]["seed"] == 7
+    # a separate tokenizer repo is read at its own head, as load_tokenizer reads it: vLLM read it at the model's
+    # revision (tokenizer_revision defaults to revision there), a commit the tokenizer repo does not have
+    pinned = dataclasses.replace(cfg.model, revision="0" * 40, tokenizer_path="org/tokenizer")
+    VLLMSampler(dataclasses.replace(cfg, model=pinned), tokenizer)
+    assert (calls["llm"]["revision"], calls["llm"]["tokenizer_revision"]) == ("0" * 40, "main")
+    VLLMSampler(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, revision="v1")), tokenizer)
+    assert calls["llm"]["tokenizer_revision"] == "v1"  # the model's own tokenizer: the model's revision
     records = sampler.sample([[1, 3, 4], [1, 9]], ["p0", "p1"], seed=11)
     (prompts, params) = calls["generate"][0]
     assert prompts == [{"prompt_token_ids": [1, 3, 4]}, {"prompt_token_ids": [1, 9]}]

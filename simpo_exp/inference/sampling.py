@@ -259,6 +259,8 @@ class VLLMSampler:
             model=m.path,
             tokenizer=m.tokenizer_path or m.path,
             revision=m.revision,
+            # a separate tokenizer repo at its own head, as load_tokenizer reads it (vLLM's default: the model's)
+            tokenizer_revision="main" if m.tokenizer_path else m.revision,
             trust_remote_code=m.trust_remote_code,
             dtype=str(dtype).removeprefix("torch."),
             gpu_memory_utilization=g.vllm_gpu_memory_utilization,
