@@ -37,11 +37,16 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
-# Zephyr-style template (as alignment-handbook uses for base models), with the BOS written out.
+# Zephyr-style template: alignment-handbook's default for a tokenizer without one (the official run_simpo.py's),
+# with the BOS written out. Its system branch is the handbook's too: under dataset.chat_format=simpo_repo a template
+# with one gets an empty system turn first, as the handbook's maybe_insert_system_message gives it.
 ZEPHYR_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )

@@ -1122,6 +1122,11 @@ def test_an_end_of_turn_token_marked_special_only_among_the_added_tokens_ends_a_
     assert end_of_turn_ids(tok) == [eot]
 
 
+# A zephyr-style template that renders any role the same way, and names no system turn.
+NO_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 # A zephyr-style template with a system branch, as zephyr-7b-sft-full's (alignment-handbook's default) has one.
 SYSTEM_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|system|>\n' + m['content'] + eos_token + '\n' }}"
@@ -1131,7 +1136,9 @@ SYSTEM_TEMPLATE = (
 )
 
 
-@pytest.mark.parametrize("template", [ZEPHYR_CHAT_TEMPLATE, SYSTEM_TEMPLATE], ids=["no-system", "system"])
+@pytest.mark.parametrize(
+    "template", [NO_SYSTEM_TEMPLATE, SYSTEM_TEMPLATE, ZEPHYR_CHAT_TEMPLATE], ids=["no-system", "system", "zephyr"]
+)
 def test_simpo_repo_chat_format_cuts_prompt_and_responses_as_the_official_script(template):
     """dataset.chat_format=simpo_repo: the prompt without the generation prompt (an empty system turn first where
     the template has a system branch), each response its assistant turn rendered alone, header included, so the
@@ -1151,7 +1158,8 @@ def test_simpo_repo_chat_format_cuts_prompt_and_responses_as_the_official_script
     # the official trainer puts EOS after a response that does not end with it (here the template's newline)
     assert text(repo, "chosen_input_ids") == "<|assistant|>\n1 2 3<|eos|>\n<|eos|>"
     assert text(repo, "rejected_input_ids") == "<|assistant|>\n3 2 1<|eos|>\n<|eos|>"
-    system = "<|system|>\n<|eos|>\n" if template == SYSTEM_TEMPLATE else ""
+    # the built-in zephyr template is alignment-handbook's default, system branch included (it had none: no turn)
+    system = "" if template == NO_SYSTEM_TEMPLATE else "<|system|>\n<|eos|>\n"
     assert text(repo, "prompt_input_ids") == f"<|bos|>{system}<|user|>\nsort 3 1 2<|eos|>\n"
     if not system:  # the same tokens (and the EOS), cut elsewhere
         whole = lambda out: out["prompt_input_ids"][0] + out["chosen_input_ids"][0]  # noqa: E731
