@@ -553,7 +553,7 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     if ok:
         state.bad_in_a_row = 0
     else:  # a non-finite loss gives non-finite gradients too
-        skip_step(run, scaler.get_scale() if scaler is not None else None)
+        skip_step(run, fp16_loss_scale(run))
     run.step_lr = run.scheduler.get_last_lr()[0]  # the rate this step used, before the schedule moves on
     if not acc.optimizer_step_was_skipped:  # an fp16 overflow the scaler skipped holds the schedule (as the Trainer)
         run.scheduler.step()
@@ -580,13 +580,31 @@ def step_sft_tokens(micro: list[dict], accelerator) -> float:
     return local / (len(micro) * accelerator.num_processes)
 
 
+def fp16_loss_scale(run: Run) -> float | None:
+    """fp16's loss scale after a skipped step, or None (no loss scaling): accelerate's GradScaler's, or under
+    DeepSpeed, where the engine scales the loss itself and accelerate makes no scaler, the engine's. DeepSpeed
+    reports each overflow it skips as an infinite gradient norm, six in a row as it settles its scale at the start
+    (65536 down by halves, hysteresis 2): without its scale here they stopped the run as non-finite steps."""
+    scaler = getattr(run.accelerator, "scaler", None)
+    if scaler is not None:
+        return scaler.get_scale()
+    engine = run.policy
+    fp16 = getattr(engine, "fp16_enabled", lambda: False)()
+    if run.accelerator.distributed_type != DistributedType.DEEPSPEED or not fp16:
+        return None
+    optimizer = getattr(engine, "optimizer", None)
+    scale = getattr(optimizer, "loss_scale", None)
+    scale = getattr(optimizer, "cur_scale", None) if scale is None else scale
+    return float(scale) if isinstance(scale, (int, float)) else None
+
+
 def skip_step(run: Run, loss_scale: float | None = None) -> None:
     """Count a step whose gradient was not finite; past ``max_bad_steps`` in a row, stop. ``loss_scale``: fp16's
     scale after its scaler lowered it; an overflow it can still scale away (scale >= 1) is not counted as bad."""
     run.state.skipped_steps += 1
     step = run.state.step + 1
     if loss_scale is not None and loss_scale >= 1.0:
-        log.warning("step %d: fp16 gradient overflow; step skipped, loss scale lowered to %g", step, loss_scale)
+        log.warning("step %d: fp16 gradient overflow; step skipped, loss scale now %g", step, loss_scale)
         return
     run.state.bad_in_a_row += 1
     log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step, run.state.bad_in_a_row)

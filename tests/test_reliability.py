@@ -606,6 +606,35 @@ def test_an_fp16_overflow_step_goes_to_the_loss_scaler_and_the_run_goes_on(compo
     assert runs[0].scheduler.last_epoch == 3  # the schedule moved for the 3 steps the scaler took, not the skipped one
 
 
+def test_deepspeeds_fp16_warm_up_overflows_are_not_bad_steps():
+    """Under DeepSpeed accelerate makes no GradScaler: the engine scales fp16's loss and reports each overflow it
+    skips as an infinite gradient norm, about six in a row as it settles its scale at the start. Each was counted
+    as a non-finite step, and max_bad_steps=5 stopped the run ("Lower learning_rate or check the data"). The
+    engine's scale now counts as the scaler's does."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.checkpoint import TrainState
+    from simpo_exp.train import NonFiniteError, fp16_loss_scale, skip_step
+
+    engine = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(loss_scale=32768.0))
+    accelerator = SimpleNamespace(scaler=None, distributed_type=DistributedType.DEEPSPEED)
+    run = SimpleNamespace(accelerator=accelerator, policy=engine, state=TrainState(), run_dir=Path("/nonexistent"))
+    run.cfg = SimpleNamespace(max_bad_steps=5)
+    for _ in range(6):
+        skip_step(run, fp16_loss_scale(run))
+    assert run.state.skipped_steps == 6 and run.state.bad_in_a_row == 0
+    engine.optimizer.loss_scale = 0.5  # scaled below 1 and still overflowing: the gradients are not finite
+    with pytest.raises(NonFiniteError):
+        for _ in range(6):
+            skip_step(run, fp16_loss_scale(run))
+    bf16 = SimpleNamespace(fp16_enabled=lambda: False, optimizer=engine.optimizer)  # no loss scaling: every one counts
+    assert fp16_loss_scale(SimpleNamespace(accelerator=accelerator, policy=bf16)) is None
+    plain = SimpleNamespace(scaler=None, distributed_type=DistributedType.NO)
+    assert fp16_loss_scale(SimpleNamespace(accelerator=plain, policy=engine)) is None
+
+
 def test_a_stop_signal_to_the_whole_process_group_saves_with_dataloader_workers(tmp_path):
     """SLURM's step daemon signals every process of the step, DataLoader workers too (the gpu presets start two):
     a worker that died of the SIGTERM made torch raise "DataLoader worker ... is killed by signal: Terminated" in the
