@@ -3,89 +3,17 @@ finished). Nothing else."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from simpo_exp.command_line import refuse_command_line
 from simpo_exp.config import to_config
 from simpo_exp.finished import recorded_summary
-from simpo_exp.rundir import CONF_DIR, refuse_added_chosen_group
+from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import fill_run_identity, user_errors
 from simpo_exp.signals import StopRequested, StopSignal
-
-# optional config groups whose presets name a Hydra plugin of the ``sweep`` extra: without it Hydra only lists
-# the plugins it has ("Available options in 'hydra/sweeper': basic")
-PLUGINS = {
-    "+sweep=": ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
-    "+launcher=": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-}
-
-
-def missing_plugin(argv: list[str]) -> str | None:
-    """What to install for a ``+sweep=``/``+launcher=`` override whose Hydra plugin is not installed, else None."""
-    for arg in argv:
-        for prefix, (module, package) in PLUGINS.items():
-            if arg.startswith(prefix) and importlib.util.find_spec(module) is None:
-                return f"{arg} needs Hydra's {package} plugin: pip install -e '.[sweep]'"
-    return None
-
-
-# Hydra's modes, of which a command takes one (its own refusal is a ValueError traceback)
-MODES = {"--run": "-r", "--multirun": "-m", "--cfg": "-c", "--info": "-i", "--shell-completion": "-sc"}
-
-
-def mixed_modes(argv: list[str]) -> str | None:
-    """The message for a command giving two of Hydra's modes (``--multirun --cfg job``), else None."""
-    given = [long for long, short in MODES.items() if long in argv or short in argv]
-    if len(given) < 2:
-        return None
-    hint = (
-        "; --cfg prints one job's config: drop --multirun and give each swept key one of its values"
-        if {"--multirun", "--cfg"} <= set(given)
-        else ""
-    )
-    return f"{' and '.join(given)} given: Hydra runs one of --run, --multirun, --cfg, --info at a time{hint}"
-
-
-def sweep_without_multirun(argv: list[str]) -> str | None:
-    """The message for a ``+sweep=``/``+launcher=`` preset in a command that runs one job here (no ``--multirun``):
-    Hydra applies sweepers and launchers to a multirun only, so that job would train on this machine, a login
-    node's, with the preset's defaults; else None. ``--cfg``, ``--info`` (which print and run nothing) pass."""
-    if any(long in argv or short in argv for long, short in MODES.items() if long != "--run"):
-        return None
-    for arg in argv:
-        if arg.startswith(tuple(PLUGINS)):
-            return f"{arg} applies to a --multirun only (Hydra runs a single job here, on this machine): add --multirun"
-    return None
-
-
-def launcher_under_torchrun(argv: list[str]) -> str | None:
-    """The message for ``+launcher=`` in a command torchrun (or accelerate launch) started on several processes:
-    each process would submit the sweep's jobs, with the launcher's rendezvous variables inherited; else None."""
-    from simpo_exp.runinfo import under_torchrun
-
-    if under_torchrun():
-        for arg in argv:
-            if arg.startswith("+launcher="):
-                return (
-                    f"{arg} under torchrun/accelerate launch: each of the {os.environ['WORLD_SIZE']} processes would "
-                    "submit the sweep's jobs; start the command with python -m simpo_exp (the launcher's jobs start "
-                    "their own processes)"
-                )
-    return None
-
-
-def refuse_command_line(argv: list[str], stage: str) -> None:
-    """Exit 2 with a message for a command line Hydra would refuse with a traceback or run as it was not meant
-    (each stage's entry point, before Hydra reads it); ``stage``: its primary config's name."""
-    checks = (missing_plugin, mixed_modes, sweep_without_multirun, launcher_under_torchrun)
-    if message := next((m for m in (check(argv) for check in checks) if m), None):
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-    refuse_added_chosen_group(argv, stage)
 
 
 def main() -> float | None:

@@ -345,7 +345,7 @@ def test_a_sweep_or_launcher_preset_without_its_plugin_names_the_extra(monkeypat
     """Without the sweep extra, +sweep=optuna gave Hydra's bare "Available options in 'hydra/sweeper': basic"."""
     import importlib.util
 
-    from simpo_exp.__main__ import missing_plugin
+    from simpo_exp.command_line import missing_plugin
 
     assert missing_plugin(["+sweep=optuna", "+launcher=local"]) is None  # the test extras hold both
     real = importlib.util.find_spec
@@ -386,7 +386,7 @@ def test_a_sweep_or_launcher_preset_in_a_single_run_is_refused(tmp_path):
     """Hydra applies sweepers and launchers to a --multirun only: ``+launcher=slurm`` without it trained one job on
     the login node, and ``+sweep=optuna`` ran one run at the defaults, each exiting 0 with no word. Printing the
     config (--cfg) is not refused."""
-    from simpo_exp.__main__ import sweep_without_multirun
+    from simpo_exp.command_line import sweep_without_multirun
 
     for stage in ("simpo_exp", "simpo_exp.generate", "simpo_exp.evaluate"):
         res = subprocess.run(
@@ -405,7 +405,7 @@ def test_a_sweep_or_launcher_preset_in_a_single_run_is_refused(tmp_path):
 def test_a_launcher_under_torchrun_is_refused(monkeypatch):
     """``torchrun --nproc_per_node 2 -m simpo_exp --multirun +launcher=local``: each process submitted the sweep's
     jobs, which inherited the processes' RANK and rendezvous variables (on SLURM: the login node's address)."""
-    from simpo_exp.__main__ import launcher_under_torchrun
+    from simpo_exp.command_line import launcher_under_torchrun
 
     argv = ["--multirun", "+launcher=local", "beta=2,3"]
     assert launcher_under_torchrun(argv) is None  # one process

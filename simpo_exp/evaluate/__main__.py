@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from simpo_exp.__main__ import refuse_command_line
+from simpo_exp.command_line import refuse_command_line
 from simpo_exp.evaluate.config import to_evaluate_config  # stores the schema Hydra composes with
 from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import user_errors

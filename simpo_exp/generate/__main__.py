@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from simpo_exp.__main__ import refuse_command_line
+from simpo_exp.command_line import refuse_command_line
 from simpo_exp.generate.config import check_overrides, to_generate_config
 from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import fill_run_identity, given_overrides, user_errors
