@@ -25,7 +25,7 @@ With ``WANDB_API_KEY`` set (and ``WANDB_MODE`` not offline/disabled) the view is
 its URL printed. Either way its full spec (the ``model_dump`` of the view exactly as W&B stores it)
 is written as JSON, by default to ``<sweep dir>/wandb_workspace.json``; without a key that is all
 that happens, and the command that pushes it later is printed. Nothing here needs a network unless
-a key is set, and a failed push is a warning, never a lost spec.
+a key is set, and a failed push exits 1 (the spec file is kept), never a lost spec.
 
 Needs ``wandb-workspaces`` (``pip install wandb-workspaces``).
 """
