@@ -167,6 +167,17 @@ def check_writable(run_dir: Path) -> Path:
     return run_dir
 
 
+def check_batches_per_process(batches: int, per_device: int, processes: int) -> None:
+    """Refuse a train split that gives each process no whole batch (``batches``: one process's share, as prepare
+    deals them; the split had fewer than ``per_device x processes`` pairs): the run died dividing by it."""
+    if batches == 0:
+        raise ConfigError(
+            f"the train split gives each of the {processes} processes no whole batch of per_device_train_batch_size="
+            f"{per_device} pairs: it needs at least {per_device} x {processes} processes = {per_device * processes} "
+            "pairs; use more data or a smaller per_device_train_batch_size"
+        )
+
+
 def epoch_batches(batches_per_epoch: int, accum: int) -> int:
     """Micro-batches of each epoch that training uses: whole optimizer steps of ``accum`` only, the last
     ``batches_per_epoch % accum`` left out (as HF Trainer's epochs of ``len // accum`` steps, which the official
@@ -406,6 +417,7 @@ def set_up(cfg: Config) -> Run:
     compiler = watch_compiles(cfg, accelerator, model)  # after the reference is copied, before prepare
     warn_if_the_engine_rounds_the_base(accelerator, model)
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)  # eval_loader: dealt
+    check_batches_per_process(len(train_loader), cfg.per_device_train_batch_size, accelerator.num_processes)
     if reference is not None and not isinstance(reference, CachedReference):
         if fsdp2(accelerator):
             shard_like_the_policy(reference, accelerator)  # a live reference: 1/N of it per process, not a copy

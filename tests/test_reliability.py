@@ -719,3 +719,14 @@ def test_the_eval_a_checkpoint_owes_is_logged_once_however_often_the_run_stops(
     trains = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
     samples = [json.loads(line)["step"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]
     assert evals == [2, 4] and trains == [1, 2, 3, 4] and samples == [2, 2, 4, 4]
+
+
+def test_a_train_split_under_one_batch_per_process_is_refused_by_name():
+    """12 pairs at 8 a device on 2 processes: each process got no whole batch after prepare, and set-up died with
+    ZeroDivisionError (one process had the clear message, checked before the batches were dealt)."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.train import check_batches_per_process
+
+    check_batches_per_process(1, 8, 2)
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size=8 .* 8 x 2 processes = 16 pairs"):
+        check_batches_per_process(0, 8, 2)
