@@ -42,6 +42,7 @@ from simpo_exp.rundir import (
     STOPPED_FILE,
     checkpoint_dirs,
     ended_unrecorded,
+    failure_record,
     folder_to_name,
     natural_order,
     other_stage_output,
@@ -205,7 +206,7 @@ def load_run(path: str | Path) -> Run:
     else:
         if not own and isinstance(moved, str) and "${" not in moved and Path(moved).is_dir():
             path = Path(moved)  # output_dir=...: its records are there
-        error = read_json(path / "error.json") if (path / "error.json").exists() else None
+        error = failure_record(path)  # another process's failure too (its stop record was the launcher's SIGTERM)
     summary = read_json(path / "summary.json")
     stopped = read_json(path / STOPPED_FILE) if (path / STOPPED_FILE).exists() else None
     status = (

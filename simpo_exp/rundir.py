@@ -176,6 +176,32 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+RANK_ERROR_GLOB = "error-rank*.json"  # the failure of a process other than the main one (runinfo.user_errors)
+
+
+def failure_record(run_dir: Path) -> dict | None:
+    """A run's failure as compare and a sweep's summary tell it: ``error.json`` (the main process's), with the first
+    other process's own failure (``error-rank<N>.json``) beside it where that says something else (the main
+    process often records only its collective's "connection closed by peer"); the other process's alone where
+    the main one recorded none (it took the launcher's SIGTERM, sent when that process died, for a stop); None
+    where neither is there."""
+    run_dir = Path(run_dir)
+    main = read_json(run_dir / "error.json") if (run_dir / "error.json").exists() else None
+    ranks = sorted(run_dir.glob(RANK_ERROR_GLOB), key=natural_order)
+    other = read_json(ranks[0]) if ranks else None
+    if not other:
+        return main
+    rank = ranks[0].name.removeprefix("error-rank").removesuffix(".json")
+    first = (str(other.get("error") or "").strip().splitlines() or [""])[0]
+    if main is None:
+        return {**other, "error": f"on process {rank}: {other.get('error', '')}"}
+    if first and first not in str(main.get("error") or ""):
+        lines = str(main.get("error") or "").splitlines() or [""]
+        lines[0] += f" (process {rank}: {other.get('type', 'Error')}: {first})"
+        return {**main, "error": "\n".join(lines)}
+    return main
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

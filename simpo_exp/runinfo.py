@@ -25,10 +25,12 @@ from simpo_exp.finished import FINISHED
 from simpo_exp.inference.files import probe_writable, write_atomic
 from simpo_exp.rundir import (
     CONF_DIR,
+    RANK_ERROR_GLOB,
     REFUSED_FILE,
     RESUMABLE_CHANGES,
     STOPPED_FILE,
     checkpoint_dirs,
+    failure_record,
     hold_folder,
     read_json,
     read_yaml,
@@ -498,7 +500,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             if main:  # one record of the run's failure; every process naming it overwrote the others' half-written
                 out.mkdir(parents=True, exist_ok=True)
                 write_atomic(out / "error.json", json.dumps(record, indent=2))
-            elif not _is_user_error(e):  # a crash of its own, which the main process's record may only echo
+            else:  # its own failure (a crash, or a user error on its node alone), which the main one may only echo
                 out.mkdir(parents=True, exist_ok=True)
                 write_atomic(out / f"error-rank{os.environ.get('RANK')}.json", json.dumps(record, indent=2))
             if not _is_user_error(e):
@@ -597,7 +599,7 @@ def _take_records(out: Path) -> dict[str, bytes]:
     this command's to record again, or not)."""
     (out / REFUSED_FILE).unlink(missing_ok=True)
     taken = {}
-    for name in ("error.json", STOPPED_FILE):
+    for name in ("error.json", STOPPED_FILE, *(f.name for f in out.glob(RANK_ERROR_GLOB))):
         try:
             taken[name] = (out / name).read_bytes()
             (out / name).unlink(missing_ok=True)
@@ -737,14 +739,15 @@ class SweepSummary(Callback):
             return False
         self.listed = True
         jobs = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
-        failed = [(p, json.loads((p / name).read_text())) for p in jobs for name in ("error.json", REFUSED_FILE)
-                  if (p / name).exists()]  # fmt: skip
+        failed = [(p, record) for p in jobs if (record := failure_record(p))]
+        failed += [(p, read_json(p / REFUSED_FILE)) for p in jobs if (p / REFUSED_FILE).exists()]
         # a job refused because another job held its folder: recorded beside the folder, which is the other job's
         held = [f for f, stamp in _in_use_refusals(self.sweep_dir).items() if self.before.get(f) != stamp]
         refused = {f.with_name(f.name.removeprefix(IN_USE_REFUSED).removesuffix(".json")): read_json(f) for f in held}
         failed += list(refused.items())
         jobs += [job for job in refused if job not in jobs]
-        stopped = [(p, read_json(p / STOPPED_FILE)) for p in jobs if (p / STOPPED_FILE).exists()]
+        failures = {p for p, _ in failed}  # a process's failure the others took for a stop (the launcher's SIGTERM)
+        stopped = [(p, read_json(p / STOPPED_FILE)) for p in jobs if (p / STOPPED_FILE).exists() and p not in failures]
         if stopped:  # a stop signal ends the sweep at the job it reached: the jobs after it never ran
             path, record = stopped[-1]
             print(

@@ -207,6 +207,46 @@ def test_a_sweep_stopped_by_a_signal_says_so_not_that_it_finished(tmp_path, caps
     assert "re-run the same command to resume" in err  # the folder named on the command line
 
 
+def test_a_process_that_failed_while_the_main_one_took_a_stop_is_a_failure(tmp_path, capsys):
+    """Under torchrun, rank 1 failing in set-up (a model.path missing on its node) made the launcher SIGTERM the
+    main process, which recorded a stop "before a step (nothing saved)": compare and the sweep's summary said
+    "stopped ... re-run to resume", and rank 1's message was in no record (it wrote one for crashes only, which
+    nothing read). A process's own failure is now the run's, and a re-run's start clears it."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from simpo_exp.compare import load_run
+    from simpo_exp.rundir import failure_record
+    from simpo_exp.runinfo import SweepSummary, _take_records
+
+    sweep = tmp_path / "sweep"
+    summary = SweepSummary()
+    hydra = SimpleNamespace(
+        sweep=SimpleNamespace(dir=str(sweep)), mode=RunMode.MULTIRUN, overrides=SimpleNamespace(hydra=[])
+    )
+    summary.on_multirun_start(SimpleNamespace(hydra=hydra))
+    job = sweep / "0_beta=2"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- beta=2\n")
+    (job / "stopped.json").write_text('{"signal": "SIGTERM", "step": 0, "during": "set-up"}')
+    missing = {"error": "model.path=/models/llama3-8b: no such directory", "type": "ConfigError"}
+    (job / "error-rank1.json").write_text(json.dumps(missing))
+    assert summary._list_failed() is True
+    err = capsys.readouterr().err
+    assert "1 of 1 jobs FAILED" in err and "ConfigError: on process 1: model.path=/models/llama3-8b" in err
+    assert "sweep stopped" not in err
+    run = load_run(job)
+    assert run.status == "failed" and "on process 1: model.path=/models/llama3-8b" in run.error
+    # the main process's record echoes its collective; the process that failed says why, beside it
+    (job / "error.json").write_text('{"error": "Connection closed by peer", "type": "RuntimeError"}')
+    assert failure_record(job)["error"] == (
+        "Connection closed by peer (process 1: ConfigError: model.path=/models/llama3-8b: no such directory)"
+    )
+    taken = _take_records(job)  # a re-run's start: the earlier command's records go, to be put back if refused
+    assert "error-rank1.json" in taken and not list(job.glob("error*.json")) and failure_record(job) is None
+
+
 def test_the_way_to_go_on_names_the_folder_where_the_command_did_not(tmp_path, monkeypatch):
     """Hydra's default folders are named after the time the command started: "re-run the same command" started a
     new run from step 0 in a new folder. Where the command did not name its folder, the advice adds it."""
