@@ -443,6 +443,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
     """
     out = Path(HydraConfig.get().runtime.output_dir)
     export_launcher_distributed_env()  # a multi-task SLURM job's ranks, so that one process alone is the main one
+    name_the_rank_in_logs()
     single, main = HydraConfig.get().mode == RunMode.RUN, os.environ.get("RANK", "0") == "0"
     writes = Path(OmegaConf.select(cfg, "output_dir", default=None) or out)  # output_dir=... may move the work
     with contextlib.ExitStack() as ending:
@@ -807,6 +808,28 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
 
 def _job_order(rel: Path) -> tuple:
     return tuple((int(p.split("_", 1)[0]) if p.split("_", 1)[0].isdigit() else -1, p) for p in rel.parts)
+
+
+class RankFormatter(logging.Formatter):
+    """A handler's own format with ``[rank N]`` in front: every process of a run writes the one ``__main__.log``."""
+
+    def __init__(self, inner: logging.Formatter, rank: str):
+        super().__init__()
+        self.inner, self.rank = inner, rank
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[rank {self.rank}]" + self.inner.format(record)
+
+
+def name_the_rank_in_logs() -> None:
+    """On a process other than the main one, its log lines (the run's log file and its terminal) name its rank:
+    each process logs into the same ``__main__.log``, and on 8 GPUs every line stood there 8 times, unnamed."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        return
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, RankFormatter):
+            handler.setFormatter(RankFormatter(handler.formatter or logging.Formatter(), rank))
 
 
 def export_launcher_distributed_env() -> None:

@@ -499,3 +499,29 @@ def test_a_multirun_on_several_processes_without_a_fixed_sweep_folder_is_refused
     res = two_processes(*args, cwd=tmp_path, timeout=300)
     assert "give a fixed hydra.sweep.dir=" in res.stderr, res.stderr[-3000:]
     assert not list(tmp_path.glob("outputs/multirun/*/*/metrics.jsonl"))  # nothing trained
+
+
+def test_a_process_other_than_the_main_one_names_its_rank_in_the_log(monkeypatch):
+    """Every process of a run logs into the one __main__.log: on 2 processes each line stood there twice, unnamed
+    (the log-prob check's line, the main process's alone, looked like both processes')."""
+    import io
+    import logging
+
+    from simpo_exp.runinfo import name_the_rank_in_logs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("[%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        monkeypatch.setenv("RANK", "0")
+        name_the_rank_in_logs()
+        logging.getLogger("simpo_exp.x").warning("main")
+        monkeypatch.setenv("RANK", "1")
+        name_the_rank_in_logs()
+        name_the_rank_in_logs()  # a sweep's next job in this process: named once
+        logging.getLogger("simpo_exp.x").warning("other")
+    finally:
+        root.removeHandler(handler)
+    assert stream.getvalue().splitlines() == ["[WARNING] - main", "[rank 1][WARNING] - other"]
