@@ -12,9 +12,11 @@ Per device, with P parameters (bytes as loaded), T of them trained (element size
   weights' dtype);
 - FSDP (full sharding): the same divided by N; with parameter offload the state lives in CPU RAM;
 - DeepSpeed under bf16 or fp16: half-precision weights (2 P) and gradients (2 T), and a float32 master copy
-  with the moments (12 T); without them, float32 weights (4 P), gradients (4 T) and moments (8 T), the
-  weights being their own master. ZeRO-1 shards the optimizer part, ZeRO-2 also the gradients, ZeRO-3
-  everything; optimizer offload moves the optimizer part to CPU RAM, parameter offload the weights.
+  with the moments (12 T); without them, float32 weights (4 P), gradients (4 T) and moments (8 T) (DeepSpeed
+  keeps a float32 master copy besides, left out: a lower bound). ZeRO-1 shards the optimizer part, ZeRO-2 also
+  the gradients, ZeRO-3 everything; optimizer offload moves the optimizer part and the gradient partitions to CPU
+  RAM (DeepSpeed's ZeRO-Offload; its ``estimate_zero*_model_states_mem_needs`` count no gradients on the GPU
+  then), parameter offload the weights.
 
 A live reference model (``reference_mode=live``) adds a frozen copy of the weights as they train: whole on each
 device, or 1/N of it under FSDP2 (simpo_exp/reference.py shards it as the policy is sharded).
@@ -96,7 +98,7 @@ def state_bytes(model: torch.nn.Module, engine: Engine, live_reference: bool = F
         weights, grads, optimizer = (2 * params, 2 * t, 12 * t) if engine.half_precision else (4 * params, 4 * t, 8 * t)
         stage = engine.zero_stage
         optimizer = 0 if engine.offload_optimizer else optimizer // n if stage >= 1 else optimizer
-        grads = grads // n if stage >= 2 else grads
+        grads = 0 if engine.offload_optimizer else grads // n if stage >= 2 else grads  # offloaded: on the CPU
         weights = 0 if engine.offload_params and stage == 3 else weights // n if stage == 3 else weights
     else:
         weights, grads, optimizer = loaded, t_bytes, 2 * t_bytes
