@@ -113,6 +113,8 @@ def test_gsm8k_gets_the_whole_model_path_offline_and_the_hint_names_a_recorded_m
     assert all(c["offline"] == {"hub": True, "datasets": True, "is_offline": True} for c in lm_eval_calls)
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # put back
     assert lm_eval_calls[0]["tasks"] == ["gsm8k"] and lm_eval_calls[0]["limit"] == 2
+    # the few-shot format given, not left to lm-eval's default (one user turn before 0.4.13, turns since), and recorded
+    assert lm_eval_calls[0]["fewshot_as_multiturn"] is True and records[0]["lm_eval"]["fewshot_as_multiturn"] is True
     metrics = records[0]["metrics"]
     assert metrics == {
         "gsm8k/exact_match:strict-match": 0.25,
@@ -152,6 +154,32 @@ def test_a_finished_lm_eval_is_not_run_again_for_the_same_weights_and_settings(l
     assert len(lm_eval_calls) == 1 and again["metrics"] == first["metrics"]
     evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=3")  # other settings: evaluated again
     assert len(lm_eval_calls) == 2 and lm_eval_calls[1]["limit"] == 3
+
+
+def test_another_lm_eval_version_evaluates_again(lm_eval_calls, tmp_path, compose, monkeypatch):
+    """Scores of lm-eval 0.4.5 were kept after an upgrade to 0.4.13 (whose few-shot format and task versions may
+    differ) and stamped with the new version."""
+    import simpo_exp.evaluate.run as run_mod
+
+    real = run_mod._versions
+    run = fake_run(tmp_path / "run", [], compose)
+    monkeypatch.setattr(run_mod, "_versions", lambda: {**real(), "lm-eval": "0.4.5"})
+    evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    monkeypatch.setattr(run_mod, "_versions", lambda: {**real(), "lm-eval": "0.4.13"})
+    (again,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    assert len(lm_eval_calls) == 2 and again["made_with"]["lm_eval_version"] == "0.4.13"
+
+
+def test_an_lm_eval_without_the_few_shot_format_setting_is_refused(tmp_path, compose, monkeypatch):
+    from simpo_exp.config import ConfigError
+
+    def simple_evaluate(model, model_args, tasks, num_fewshot, limit, device, batch_size, apply_chat_template):
+        raise AssertionError("not to be called")
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    run = fake_run(tmp_path / "run", [], compose)
+    with pytest.raises(ConfigError, match=r"benchmarks.gsm8k.apply_chat_template=true needs lm-eval >= 0.4.3"):
+        evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
 
 
 def test_on_a_gpu_lm_eval_loads_the_model_in_the_autocast_the_run_trained_in(monkeypatch):

@@ -61,10 +61,21 @@ def settings(b, policy_cfg) -> dict:
         "num_fewshot": b.num_fewshot,
         "limit": b.limit,
         "apply_chat_template": b.apply_chat_template,
+        # the few-shot examples as turns of the conversation where the chat template applies (lm-eval's default
+        # since 0.4.3's CLI and 0.4.13's simple_evaluate; before, one user turn: a format that moves the score)
+        "fewshot_as_multiturn": bool(b.apply_chat_template),
         "batch_size": b.decoding.batch_size,
         "device": lm_eval_device(policy_cfg),
         "dtype": lm_eval_dtype(policy_cfg),
     }
+
+
+def takes(function, name: str) -> bool:
+    """Whether ``function`` accepts the keyword argument ``name``."""
+    import inspect
+
+    params = inspect.signature(function).parameters
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
 def lm_eval_device(policy_cfg) -> str:
@@ -94,6 +105,14 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
         ) from e
     device = lm_eval_device(policy_cfg)
     check_tasks(b)
+    multiturn = settings(b, policy_cfg)["fewshot_as_multiturn"]
+    if multiturn and not takes(lm_eval.simple_evaluate, "fewshot_as_multiturn"):
+        raise ConfigError(
+            f"benchmarks.{b.name}.apply_chat_template=true needs lm-eval >= 0.4.3 (the few-shot examples as turns "
+            "of the conversation, fixed here so that the score does not move with lm-eval's default): "
+            "pip install -U lm-eval"
+        )
+    extra = {"fewshot_as_multiturn": multiturn} if multiturn else {}
     try:
         with offline():
             res = lm_eval.simple_evaluate(
@@ -105,6 +124,7 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
                 device=device,
                 batch_size=b.decoding.batch_size,
                 apply_chat_template=b.apply_chat_template,
+                **extra,
             )
     except Exception as e:  # lm-eval raises from datasets/hub code when a data set is not cached
         text = f"{type(e).__name__}: {e}"

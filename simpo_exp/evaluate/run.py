@@ -411,6 +411,7 @@ def _lm_eval(ctx: dict) -> dict:
 
     b, trained = ctx["benchmark"], ctx["trained"]
     made_with = {"weights": _weights_id(trained), "model_dtype": trained.model.dtype, **settings(b, trained)}
+    made_with["lm_eval_version"] = _versions().get("lm-eval")  # another lm-eval: its tasks and defaults may differ
     earlier = read_json(results_path(ctx["run_dir"], b.name))
     if isinstance(earlier, dict) and earlier.get("made_with") == made_with and earlier.get("metrics"):
         log.info("%s: %s already evaluated with these weights and settings; its results are kept", ctx["name"], b.name)
