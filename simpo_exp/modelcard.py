@@ -95,7 +95,12 @@ def measured_with(rec: dict) -> str:
     judge = rec.get("judge") if isinstance(rec.get("judge"), dict) else {}
     parts = [f"judge {judge['model']}" if judge.get("model") else ""]
     parts.append(f"baseline {rec['baseline']}" if rec.get("baseline") else "")
-    n = (rec.get("metrics") or {}).get("n")
+    metrics = rec.get("metrics") or {}
+    # the prompts judged (``n``), or lm-eval's samples per task (``<task>/n``, a float) where a limit cut them
+    n = metrics.get("n")
+    if n is None and isinstance(rec.get("lm_eval"), dict) and rec["lm_eval"].get("limit"):
+        n = next((v for k, v in metrics.items() if k.endswith("/n")), None)
+    n = int(n) if isinstance(n, float) and n.is_integer() else n
     parts.append(f"{n} prompts" if isinstance(n, int) else "")
     return ", ".join(p for p in parts if p)
 
@@ -129,7 +134,7 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
         base_model=model_path if _is_hub_id(model_path) else None,
         datasets=datasets or None,
         library_name="transformers",
-        tags=["simpo", "preference-optimization", "simpo-exp"],
+        tags=[select(cfg, "method") or "simpo", "preference-optimization", "simpo-exp"],  # the method trained
         model_name=name,
         eval_results=evals or None,
     )

@@ -675,6 +675,14 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     ]
     assert "| alpacaeval2 | lc_win_rate |" not in card.text and "LC needs the alpaca-eval package" in card.text
     assert push_model(tmp_path, "someone/model", token_env="SIMPO_EXP_TEST_NO_SUCH_TOKEN") is None  # no token: no push
+    assert card.data.tags[0] == "simpo"  # the method trained (no method key: the default)
+    # lm-eval cut by a limit: its samples per task (a float in lm-eval's results) named, as a judge's prompts are;
+    # and a DPO baseline is tagged dpo, not simpo
+    cut = {"metrics": {**lm, "gsm8k/n": 2.0}, "dataset_name": "GSM8K", "lm_eval": {"limit": 2}}
+    write_json(tmp_path / "eval" / "gsm8k" / "results.json", cut)
+    card = ModelCard.load(write_model_card(tmp_path, {**cfg, "method": "dpo"}, "my-run"))
+    assert "GSM8K (2 prompts)" in [r.dataset_name for r in card.data.eval_results]
+    assert card.data.tags[0] == "dpo" and "simpo" not in card.data.tags
 
 
 def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
