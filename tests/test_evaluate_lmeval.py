@@ -206,3 +206,17 @@ def test_on_a_gpu_lm_eval_loads_the_model_in_the_autocast_the_run_trained_in(mon
     # evaluate stage's own sampler does; lm-eval was given them in bf16
     assert lmeval.lm_eval_dtype(policy("no", dtype="bfloat16")) == "float32"
     assert lmeval.lm_eval_dtype(policy("no", dtype="bfloat16", master="model")) == "bfloat16"
+
+
+def test_a_task_group_is_ranked_by_its_own_score_not_its_first_subtask():
+    """lm-eval lists a group's subtasks before the group: ``tasks=[mmlu]`` ranked a sweep on its first subtask's
+    100 abstract-algebra questions."""
+    from simpo_exp.evaluate.lmeval import _flat_metrics
+
+    results = {
+        "mmlu_abstract_algebra": {"acc,none": 0.3, "acc_stderr,none": 0.04},
+        "mmlu_anatomy": {"acc,none": 0.5},
+        "mmlu": {"acc,none": 0.45, "alias": "mmlu"},
+    }
+    ranked = ["mmlu/acc:none", "mmlu_abstract_algebra/acc:none", "mmlu_anatomy/acc:none"]
+    assert list(_flat_metrics(results, ["mmlu"])) == ranked

@@ -22,12 +22,15 @@ from simpo_exp.config import ConfigError
 from simpo_exp.data.sources import DataSourceError
 
 
-def _flat_metrics(results: dict) -> dict:
+def _flat_metrics(results: dict, asked: list | tuple = ()) -> dict:
     """``{"<task>/<metric>:<filter>": value}`` for lm-eval's scores (its ``metric,filter`` keys; standard errors
     left out), and ``<task>/n`` for the number of samples scored (its ``samples``, ``sample_len`` in some
-    versions: not a score)."""
+    versions: not a score). The tasks ``asked`` come first: lm-eval lists a group's subtasks before the group
+    (``mmlu_abstract_algebra`` before ``mmlu``), and runs were ranked by the first score."""
     out, counts = {}, {}
-    for task, metrics in results.items():
+    first = [t for t in asked if t in results]
+    for task in [*first, *(t for t in results if t not in first)]:
+        metrics = results[task]
         for key, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
@@ -143,7 +146,7 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
     write_json(out_dir / "lm_eval_results.json", {k: res[k] for k in ("results", "versions", "n-shot") if k in res})
     notes = [f"limit={b.limit}: {b.limit} samples per task, not the whole task"] if b.limit else []
     return {
-        "metrics": _flat_metrics(res.get("results", {})),
+        "metrics": _flat_metrics(res.get("results", {}), list(b.tasks)),
         "notes": notes,
         "baseline": None,
         "lm_eval": settings(b, policy_cfg),
