@@ -220,3 +220,16 @@ def test_a_task_group_is_ranked_by_its_own_score_not_its_first_subtask():
     }
     ranked = ["mmlu/acc:none", "mmlu_abstract_algebra/acc:none", "mmlu_anatomy/acc:none"]
     assert list(_flat_metrics(results, ["mmlu"])) == ranked
+
+
+def test_judge_only_runs_no_lm_eval(lm_eval_calls, tmp_path, compose):
+    """evaluate.judge_only=true judges stored answers without sampling; for lm-eval it ran the whole model."""
+    from simpo_exp.config import ConfigError
+
+    run = fake_run(tmp_path / "run", [], compose)
+    with pytest.raises(ConfigError, match="evaluate.judge_only=true, but benchmarks.gsm8k"):
+        evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2", "evaluate.judge_only=true")
+    assert lm_eval_calls == []
+    evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    (kept,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2", "evaluate.judge_only=true")
+    assert len(lm_eval_calls) == 1 and kept["metrics"]["gsm8k/exact_match:strict-match"] == 0.25  # kept as stored

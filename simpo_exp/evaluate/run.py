@@ -416,6 +416,11 @@ def _lm_eval(ctx: dict) -> dict:
     if isinstance(earlier, dict) and earlier.get("made_with") == made_with and earlier.get("metrics"):
         log.info("%s: %s already evaluated with these weights and settings; its results are kept", ctx["name"], b.name)
         return {k: earlier[k] for k in ("metrics", "notes", "baseline", "lm_eval", "made_with") if k in earlier}
+    if ctx.get("judge_only"):  # lm-eval scores by running the model: nothing stored to judge again
+        raise ConfigError(
+            f"evaluate.judge_only=true, but benchmarks.{b.name} (lm-eval) holds no results for these weights and "
+            "settings to keep, and lm-eval scores by running the model; run once without judge_only"
+        )
     set_aside(ctx["run_dir"], b.name)
     return {**run_lm_eval(b, trained, ctx["out"]), "made_with": made_with}
 
@@ -455,6 +460,7 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "trained": trained,
         "name": run_name(run_cfg, run_dir),
         "run_dir": Path(run_dir),
+        "judge_only": e.judge_only,
         "generate": lambda cfg, prompts, tag: generate(
             cfg, prompts, dec, out / "shards", tag, e.judge_only, CHAT_FORMAT_OF.get(b.kind)
         ),
