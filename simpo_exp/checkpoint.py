@@ -115,6 +115,8 @@ class TrainState:
     runtime_s: float = 0.0  # the run's seconds up to this checkpoint, over all its starts (summary's runtime_s)
     eval_owed: int = 0  # a step whose eval a stop signal put off (saved first): the resumed run evaluates it first
     bad_in_a_row: int = 0  # non-finite steps up to this one in a row (max_bad_steps counts on across a resume)
+    compile_warmup_s: float = 0.0  # the compile warm-up of the run's starts up to this checkpoint (summary's)
+    compile_warmup_steps: int = 0
 
 
 def rng_state() -> tuple[dict, dict]:

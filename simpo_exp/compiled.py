@@ -92,8 +92,9 @@ class CompileWatch:
 
     def __init__(self, asked: bool = True):
         self.asked = asked  # hardware.compile (the layers compiled), not only kernels that compile themselves
-        self.warmup_s = 0.0
+        self.warmup_s = 0.0  # this start's
         self.warmup_steps = 0
+        self.earlier_s, self.earlier_steps = 0.0, 0  # the earlier starts' of a resumed run (its checkpoint's)
         self._mark = graphs_built()
         self._warned = False
 
@@ -117,13 +118,19 @@ class CompileWatch:
                 )
         return compiled
 
+    def totals(self) -> tuple[float, int]:
+        """The run's warm-up over all its starts: (seconds, steps)."""
+        return self.earlier_s + self.warmup_s, self.earlier_steps + self.warmup_steps
+
     def summary(self) -> dict:
-        """The warm-up, for summary.json: under hardware.compile always, else where kernels were built."""
-        if not (self.asked or self.warmup_steps):
+        """The warm-up, for summary.json, over all the run's starts (a resumed run's untimed steps in metrics.jsonl
+        are both starts'): under hardware.compile always, else where kernels were built."""
+        seconds, steps = self.totals()
+        if not (self.asked or steps):
             return {}
         return {
-            "train/compile_warmup_s": self.warmup_s,
-            "train/compile_warmup_steps": self.warmup_steps,
+            "train/compile_warmup_s": seconds,
+            "train/compile_warmup_steps": steps,
             "train/compile_graphs": graphs_built(),
         }
 

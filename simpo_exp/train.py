@@ -439,6 +439,7 @@ def set_up(cfg: Config) -> Run:
             raise out_of_memory("the reference log-probs (per_device_eval_batch_size)", e) from e
         reference = None
     state = start_or_resume(cfg, run_dir, accelerator, policy, optimizer, scheduler, config_dict, data_report.sources)
+    compiler.earlier_s, compiler.earlier_steps = state.compile_warmup_s, state.compile_warmup_steps
     state.epoch_batches = same_epochs(state, epoch_batches(len(train_loader), accum), len(train_loader))
     started -= state.runtime_s  # a resumed run's time goes on from its checkpoint's
     if accelerator.is_main_process:  # this command's .hydra files, put back if a later command is refused here
@@ -712,6 +713,7 @@ def save_checkpoint(run: Run, window: Window) -> None:
     state.window, rng = [w for w, _ in parts], [r for _, r in parts]
     state.window_seconds, state.window_steps = window.seconds, window.steps
     state.runtime_s = time.time() - run.started
+    state.compile_warmup_s, state.compile_warmup_steps = run.compiler.totals()
     tmp = checkpoint.staging_dir(run.run_dir, state.step)
     main = acc.is_main_process
 
