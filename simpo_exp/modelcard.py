@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 from simpo_exp.inference.results import load_results
@@ -74,7 +75,22 @@ def base_license(model_path: str) -> dict:
     except Exception as e:  # a card that does not parse: no licence taken from it
         log.debug("no licence read from %s: %s", readme, e)
         return {}
-    return {k: data[k] for k in LICENSE_KEYS if data.get(k)}
+    found = {k: data[k] for k in LICENSE_KEYS if data.get(k)}
+    link = str(found.get("license_link") or "")
+    if link and "://" not in link and _is_hub_id(model_path):  # a file of the base's repo, not of this one
+        found["license_link"] = f"https://huggingface.co/{model_path}/blob/main/{link.lstrip('./')}"
+    return found
+
+
+def copy_license_file(model_path: str, folder: Path) -> Path | None:
+    """The base folder's licence file that its card links to by a relative ``license_link`` (``LICENSE``), copied
+    beside the derivative's card, which keeps the link: without it the link was dead on the hub."""
+    link = str(base_license(model_path).get("license_link") or "") if model_path else ""
+    source = Path(model_path).expanduser() / link if link and "://" not in link else None
+    if source is None or not source.is_file() or (Path(folder) / link).exists():
+        return None
+    (Path(folder) / link).parent.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(source, Path(folder) / link))
 
 
 def _is_hub_id(path: str) -> bool:
@@ -238,6 +254,7 @@ def write_model_card(
     resolved = resolved_values(summary) if resolved is None else resolved
     training = summary if training is None else training
     write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved, training))
+    copy_license_file(select(cfg, "model.path") or "", path.parent)
     return path
 
 

@@ -744,6 +744,11 @@ def test_model_card_carries_the_base_models_licence_the_runs_own_figures_and_no_
     cfg = {"model": {"name": "m", "path": str(base)}, "num_train_epochs": 1.0, "max_steps": 10, "beta": 2.0}
     card = ModelCard.load(write_model_card(run, cfg, "run"))
     assert (card.data.license, card.data.license_name, card.data.license_link) == ("other", "llama3", "LICENSE")
+    assert not (run / "model" / "LICENSE").exists()  # none in the base folder to ship
+    # a licence file the base's card links to goes beside the derivative's card (the link was dead on the hub)
+    (base / "LICENSE").write_text("META LLAMA 3 COMMUNITY LICENSE")
+    write_model_card(run, cfg, "run")
+    assert (run / "model" / "LICENSE").read_text() == "META LLAMA 3 COMMUNITY LICENSE"
     assert "| eval/rewards/accuracies | 0.7512 |" in card.text and "| train/global_step | 10 |" in card.text
     assert "| `max_steps` | 10 |" in card.text and "num_train_epochs" not in card.text
     # by epochs: the epochs row, no max_steps; a base model without a card of its own: no licence, no error
@@ -834,3 +839,16 @@ def test_lc_says_whether_the_set_was_cut_or_is_another_file():
     assert lc is None and why.endswith("this evaluation judged 10 of them (max_prompts)")
     lc, why = length_controlled(rows, 10)
     assert lc is None and why.endswith("the prompts file has 10 rows, not alpaca_eval's 805")
+
+
+def test_a_hub_bases_relative_licence_link_points_at_its_own_repo(tmp_path, monkeypatch):
+    """``license_link: LICENSE`` names a file of the base's repo; copied as it was, it pointed into the derivative's
+    repo, where there is none."""
+    from simpo_exp.modelcard import base_license
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\n---\n# base\n")
+    monkeypatch.setattr("simpo_exp.hub.cached_hub_file", lambda repo, name: card)
+    assert base_license("meta-llama/Meta-Llama-3-8B")["license_link"] == (
+        "https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/LICENSE"
+    )
