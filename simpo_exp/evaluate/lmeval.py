@@ -106,9 +106,9 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
             f"benchmarks.{b.name}: kind=lm_eval needs lm-evaluation-harness: pip install lm-eval "
             "(its task data sets must be in the local Hugging Face cache: nothing is downloaded)"
         ) from e
-    device = lm_eval_device(policy_cfg)
+    ran_with = settings(b, policy_cfg)
     check_tasks(b)
-    multiturn = settings(b, policy_cfg)["fewshot_as_multiturn"]
+    multiturn = ran_with["fewshot_as_multiturn"]
     if multiturn and not takes(lm_eval.simple_evaluate, "fewshot_as_multiturn"):
         raise ConfigError(
             f"benchmarks.{b.name}.apply_chat_template=true needs lm-eval >= 0.4.3 (the few-shot examples as turns "
@@ -120,11 +120,11 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
         with offline():
             res = lm_eval.simple_evaluate(
                 model="hf",
-                model_args={"pretrained": policy_cfg.model.path, "dtype": lm_eval_dtype(policy_cfg)},
+                model_args={"pretrained": policy_cfg.model.path, "dtype": ran_with["dtype"]},
                 tasks=list(b.tasks),
                 num_fewshot=b.num_fewshot,
                 limit=b.limit,
-                device=device,
+                device=ran_with["device"],
                 batch_size=b.decoding.batch_size,
                 apply_chat_template=b.apply_chat_template,
                 **extra,
@@ -149,7 +149,7 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
         "metrics": _flat_metrics(res.get("results", {}), list(b.tasks)),
         "notes": notes,
         "baseline": None,
-        "lm_eval": settings(b, policy_cfg),
+        "lm_eval": ran_with,
     }
 
 
