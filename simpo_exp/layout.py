@@ -66,7 +66,7 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     stateful = state_beside_attention(model_config)
     by_column = column_dependent(model_config)
     if packing == "auto":
-        if short_window(model_config, max_length) or stateful or by_column or distance_biased(model_config):
+        if padded_only(model_config, max_length):
             packing = "none"
         elif device_type == "cuda":
             packing, attention = "packed", "flex"
@@ -143,6 +143,19 @@ def state_beside_attention(model_config) -> str | None:
     if family in RECURRENT_FAMILIES or any(str(k).startswith(("mamba_", "ssm_")) for k in vars(config)):
         return f"its recurrent token mixer ({family})"
     return None
+
+
+def padded_only(model_config, max_length: int | None) -> bool:
+    """Whether no packed layout scores this model as it scores a sequence alone: a sliding window that a sequence
+    can outgrow (no packed attention here implements one), a state carried along the row besides attention, an
+    attention that reads the column in the row (Llama 4's temperature) or the distance between columns (ALiBi,
+    which prefix sharing moves). ``packing=auto`` and the measured candidates keep the padded layout for these."""
+    return bool(
+        short_window(model_config, max_length)
+        or state_beside_attention(model_config)
+        or column_dependent(model_config)
+        or distance_biased(model_config)
+    )
 
 
 def column_dependent(model_config) -> str | None:

@@ -46,11 +46,8 @@ from simpo_exp.layout import (
     BatchLayout,
     check_attention,
     choose_layout,
-    column_dependent,
-    distance_biased,
-    short_window,
+    padded_only,
     softcaps_attention,
-    state_beside_attention,
 )
 from simpo_exp.rundir import read_json
 
@@ -71,14 +68,7 @@ def measuring(hardware, device_type: str) -> bool:
 def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: int | None = None) -> list:
     """The layouts worth timing on this device for this model, the padded one first."""
     out = [BatchLayout("none", "segments", chunk_size)]
-    if (
-        short_window(model_config, max_length)
-        or state_beside_attention(model_config)
-        or column_dependent(model_config)
-        or distance_biased(model_config)
-    ):
-        # neither segments, flex nor flash implement a sliding window, keep a Mamba state per sequence, put a
-        # sequence at the columns it has alone (Llama 4's temperature) or take an ALiBi bias (prefix sharing moves it)
+    if padded_only(model_config, max_length):  # no packed attention scores it as it scores a sequence alone
         return out
     if device_type == "cuda":
         out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
