@@ -47,26 +47,44 @@ def test_step_flops_formula():
     assert frozen.step_flops(10, 4, 0) == (4 * 1000 + 2 * 100) * 10 + 4 * 200 * 4
 
 
+# the tiny models' shape; eager attention, whose L x L scores torch's FLOP counter sees
+SHAPE = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attn_implementation="eager",
+)
+
+
 def _tiny_llama(tie: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=tie))
+
+
+def counted_and_expected(model) -> tuple[int, float]:
+    """(torch's FLOP counter, the formula) over one forward and backward of a pair of two 35-token sequences (no
+    padding). Eager attention computes all L x L scores (no causal saving), so the formula is given L^2 pairs."""
+    spec, policy = flop_spec(model), ResponseLogps(model)
+    pair = {
+        "prompt_input_ids": list(range(3, 23)),
+        "chosen_input_ids": list(range(30, 45)),
+        "rejected_input_ids": list(range(50, 65)),
+    }
+    batch = PairCollator(0)([pair])
+    with FlopCounterMode(display=False) as counter:
+        out = policy(**batch)
+        out.logp_sums.sum().backward()
+    tokens, response = int(batch["attention_mask"].sum()), int(out.num_tokens.sum())
+    return counter.get_total_flops(), spec.step_flops(tokens, response, attention_pairs=2 * 35 * 35)
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_formula_matches_torch_flop_counter(lora):
-    """Eager attention computes all L x L scores (no causal saving), so the formula is given L^2 pairs."""
     model = _tiny_llama(tie=False)
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -81,22 +99,9 @@ def test_formula_matches_torch_flop_counter(lora):
     else:
         assert spec.body_trainable == spec.body_params and spec.head_trainable
     assert spec.head_params == 300 * 64 and spec.layers == 2 and spec.attention_width == 64
-
-    policy = ResponseLogps(model)
-    pair = {
-        "prompt_input_ids": list(range(3, 23)),
-        "chosen_input_ids": list(range(30, 45)),
-        "rejected_input_ids": list(range(50, 65)),
-    }  # both sequences 35 tokens: no padding
-    batch = PairCollator(0)([pair])
-    with FlopCounterMode(display=False) as counter:
-        out = policy(**batch)
-        out.logp_sums.sum().backward()
-    tokens = int(batch["attention_mask"].sum())
-    response = int(out.num_tokens.sum())
-    expected = spec.step_flops(tokens, response, attention_pairs=2 * 35 * 35)
+    counted, expected = counted_and_expected(model)
     # the formula also counts the norms' few parameters as matmul work; the counter sees matmuls only
-    assert counter.get_total_flops() == pytest.approx(expected, rel=0.01)
+    assert counted == pytest.approx(expected, rel=0.01)
 
 
 def test_tied_head_is_not_counted_twice():
@@ -155,28 +160,7 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        attn_implementation="eager",
-        experts_implementation="eager",  # matmuls torch's counter sees (a grouped kernel hides them from it)
-    )
-    model = MixtralForCausalLM(config)
-    spec = flop_spec(model)
-    pair = {
-        "prompt_input_ids": list(range(3, 23)),
-        "chosen_input_ids": list(range(30, 45)),
-        "rejected_input_ids": list(range(50, 65)),
-    }
-    batch = PairCollator(0)([pair])
-    with FlopCounterMode(display=False) as counter:
-        out = ResponseLogps(model)(**batch)
-        out.logp_sums.sum().backward()
-    expected = spec.step_flops(int(batch["attention_mask"].sum()), int(out.num_tokens.sum()), 2 * 35 * 35)
-    assert counter.get_total_flops() == pytest.approx(expected, rel=0.02)
+    # eager experts: matmuls torch's counter sees (a grouped kernel hides them from it)
+    config = MixtralConfig(**SHAPE, num_local_experts=8, num_experts_per_tok=2, experts_implementation="eager")
+    counted, expected = counted_and_expected(MixtralForCausalLM(config))
+    assert counted == pytest.approx(expected, rel=0.02)
