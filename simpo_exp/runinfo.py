@@ -195,6 +195,15 @@ def stage_groups(choices, optional: str = "") -> str:
 OmegaConf.register_new_resolver("stage_groups", stage_groups, replace=True)
 
 
+def tasks_for_gpus(gpus_per_node) -> int:
+    """``+launcher=slurm``'s tasks per node: one per GPU, and one on a node given no GPU (``gpus_per_node=0`` asked
+    SLURM for no task at all)."""
+    return max(1, int(gpus_per_node))
+
+
+OmegaConf.register_new_resolver("tasks_for_gpus", tasks_for_gpus, replace=True)
+
+
 LAUNCH_GROUPS = ("launcher", "sweep")  # how a sweep's jobs run (+launcher=slurm, +sweep=optuna), not what they train
 
 

@@ -387,16 +387,19 @@ def test_launcher_presets_compose(compose, launcher):
     assert "submitit" in cfg.hydra.launcher._target_
 
 
-def test_the_slurm_preset_renders_a_job_whose_tasks_each_get_their_cpus(tmp_path, monkeypatch):
+@pytest.mark.parametrize("gpus", [8, 0])
+def test_the_slurm_preset_renders_a_job_whose_tasks_each_get_their_cpus(tmp_path, monkeypatch, gpus):
     """The sbatch file submitit writes for ``+launcher=slurm`` (its parameters handed over as hydra-submitit-launcher
-    does): one task per GPU, USR2 before the time limit, and srun told the tasks' CPU count, which from Slurm 22.05
-    some releases no longer pass on from the job (each task pinned to one core)."""
+    does): one task per GPU (one on a node given none: ``gpus_per_node=0`` once asked for no task), USR2 before the
+    time limit, and srun told the tasks' CPU count, which from Slurm 22.05 some releases no longer pass on from the
+    job (each task pinned to one core)."""
     import submitit
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
 
+    import simpo_exp.runinfo  # noqa: F401  (registers the presets' resolvers, as `python -m simpo_exp` does)
     from tests.conftest import CONF
 
     (tmp_path / "bin").mkdir()
@@ -405,6 +408,7 @@ def test_the_slurm_preset_renders_a_job_whose_tasks_each_get_their_cpus(tmp_path
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         overrides = ["+launcher=slurm", "output_dir=/tmp/x", f"hydra.sweep.dir={tmp_path}"]
+        overrides += [f"hydra.launcher.gpus_per_node={gpus}"]
         cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     params.pop("_target_")
@@ -413,7 +417,8 @@ def test_the_slurm_preset_renders_a_job_whose_tasks_each_get_their_cpus(tmp_path
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     text = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
-    for line in ("--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--signal=USR2@300"):
+    lines = [f"--ntasks-per-node={max(gpus, 1)}", "--cpus-per-task=12", "--signal=USR2@300"]
+    for line in lines + [f"--gpus-per-node={gpus}"] * (gpus > 0):
         assert f"#SBATCH {line}\n" in text, text
     assert text.index("export SRUN_CPUS_PER_TASK=12\n") < text.index("\nsrun "), text
 
