@@ -62,8 +62,9 @@ from simpo_exp.tracking import (
 
 # The headline number (the Hydra task's return value) and the W&B summary key that holds it.
 # tracking.Tracker asks W&B for its best and its last value (define_metric(..., summary="max,last"))
-# and does not overwrite them at the end, so the run summary holds {"max": v, "last": v}, addressed
-# as "<key>.max" and "<key>.last". tests/test_wandb_offline.py checks this against W&B's own record.
+# and sets both from the whole run's metrics.jsonl at the end (W&B's cover one start of a resumed run), so
+# the run summary holds {"max": v, "last": v}, addressed as "<key>.max" and "<key>.last".
+# tests/test_wandb_offline.py checks this against W&B's own record.
 TARGET = "eval/rewards/accuracies"
 TARGET_SUMMARY = f"{TARGET}.last"
 # Summary columns of the runs table, after the swept config columns.

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from simpo_exp.methods import METHODS, TABLE
-from simpo_exp.rundir import STOPPED_FILE, read_json, stopped_words
+from simpo_exp.rundir import STOPPED_FILE, read_json, read_jsonl, stopped_words
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ SECRET_NAMES = ("api_key", "token", "secret", "password")
 # run directory when W&B starts: the evaluate stage resumes that run by its id to add the benchmark numbers.
 WANDB_RECORD = "wandb_run.json"
 METRICS_FILE = "metrics.jsonl"
+# The metric whose W&B summary is its best and its last value (the dashboard's headline)
+BEST_AND_LAST = "eval/rewards/accuracies"
 GENERATIONS_FILE = "generations.jsonl"
 # The W&B summary key of a run left at a stop signal (its words: "SIGTERM after step 40, checkpoint saved"). W&B
 # shows such a run as failed (it exits with 128 + the signal's number); this key tells it from one that failed.
@@ -235,7 +237,7 @@ class Tracker:
             self.wandb_run.define_metric(SAMPLES_KEY)
             self.wandb_run.define_metric("*", step_metric=STEP_KEY)
             # The best and the final held-out accuracy; every other metric's summary is its last value.
-            self.wandb_run.define_metric("eval/rewards/accuracies", step_metric=STEP_KEY, summary="max,last")
+            self.wandb_run.define_metric(BEST_AND_LAST, step_metric=STEP_KEY, summary="max,last")
             log.info("W&B run %s (%s)", self.wandb_run.name, mode)
 
         try:
@@ -341,9 +343,22 @@ class Tracker:
                 for k, v in summary.items():
                     if isinstance(v, (int, float)) and k not in self.logged:
                         self.wandb_run.summary[k] = v
+                # W&B works out max and last from what this start logged (and online, after a resume, no longer
+                # updates them: wandb/wandb#9684): a resumed run's are set from the whole run's metrics.jsonl
+                # (the best of the finite values; the last as logged, NaN included)
+                logged = [r[BEST_AND_LAST] for r in read_jsonl(self.metrics_path) if BEST_AND_LAST in r]
+                finite = [v for v in logged if _number(v)]
+                if finite:
+                    last = math.nan if logged[-1] is None else logged[-1]
+                    self.wandb_run.summary[BEST_AND_LAST] = {"max": max(finite), "last": last}
                 self.wandb_run.finish()
             except Exception as e:
                 self._wandb_failed("finish", e)
+
+
+def _number(v) -> bool:
+    """A finite number in metrics.jsonl (NaN is written as null, infinities as a string)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def config_to_dict(cfg) -> dict:

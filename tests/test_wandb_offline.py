@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from simpo_exp import compare, runinfo
+from simpo_exp import compare, dashboard, runinfo
 from simpo_exp.rundir import stopped_record
 from simpo_exp.tracking import (
     CONDITIONAL_METRICS,
@@ -295,8 +295,6 @@ def test_metrics_on_the_global_step_axis(job, wb):
 
 def test_summary_and_group_are_what_the_dashboard_asks_for(job, wb):
     pytest.importorskip("wandb_workspaces")
-    from simpo_exp import dashboard
-
     spec = dashboard.view_spec(dashboard.build_workspace(dashboard.read_sweep(job.parent), None, "simpo-exp"))
     asked = dashboard.spec_keys(spec)
     assert asked["groups"] == {wb.run.run_group}
@@ -477,13 +475,35 @@ def test_a_stopped_run_tells_wandb_and_its_resume_takes_it_back(tmp_path, monkey
     assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
 
 
+def test_a_resumed_runs_wandb_summary_holds_the_best_and_last_accuracy_of_the_whole_run(tmp_path, monkeypatch):
+    """W&B's ``max,last`` summary of the held-out accuracy is worked out by each start of a run from what that start
+    logs (and online, after a resume, the logged values no longer update it at all: wandb/wandb#9684), so a run
+    resumed after a stop reported the best accuracy of its last start. The dashboard's table and parallel
+    coordinates read this summary; finish() now sets it from the whole run's metrics.jsonl."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    lc = _logger_cfg(group="g")
+    with pytest.raises(SystemExit), Tracker(tmp_path, lc, {}) as tracker:
+        tracker.log({dashboard.TARGET: 0.9}, 10)
+        tracker.log({dashboard.TARGET: 0.5}, 20)
+        raise SystemExit(143)
+    (first,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    tracker = Tracker(tmp_path, lc, {})  # the resumed run, to its end
+    tracker.log({dashboard.TARGET: float("nan")}, 30)  # metrics.jsonl's null: not the best
+    tracker.log({dashboard.TARGET: 0.6}, 40)
+    tracker.finish({"train/loss": 0.5})
+    (second,) = set((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")) - {first}
+    resumed = fold(read_ended_wandb_log(second))
+    assert resumed.summary[dashboard.TARGET] == {"max": pytest.approx(0.9), "last": pytest.approx(0.6)}
+
+
 def test_the_runs_figures_no_step_logged_reach_the_wandb_summary(tmp_path):
     """finish() added to the W&B summary only keys outside train/ and eval/, taking those for logged metrics: the
     compile warm-up's train/compile_* (in summary.json, read by compare) never reached W&B. Now every key no step
-    logged is added; logged ones keep the summaries define_metric gave them."""
+    logged is added; logged ones keep the summaries W&B works out, but the held-out accuracy's."""
     tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
     fake = SimpleNamespace(summary={}, log=lambda metrics: None, finish=lambda: None)
     tracker.wandb_run = fake
     tracker.log({"train/loss": 0.5, "eval/rewards/accuracies": 0.75}, 3)
     tracker.finish({"train/loss": 0.5, "eval/rewards/accuracies": 0.75, "train/compile_warmup_s": 2.5, "runtime_s": 9})
-    assert fake.summary == {"train/compile_warmup_s": 2.5, "runtime_s": 9}
+    best_and_last = {dashboard.TARGET: {"max": 0.75, "last": 0.75}}  # from metrics.jsonl (the resume test above)
+    assert fake.summary == {"train/compile_warmup_s": 2.5, "runtime_s": 9} | best_and_last
