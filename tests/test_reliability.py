@@ -267,6 +267,22 @@ def test_a_non_finite_step_is_skipped_and_counted(compose, tmp_path, monkeypatch
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r and r["step"] != 2)
 
 
+def test_bad_steps_apart_are_not_in_a_row_and_the_last_step_is_logged_and_evaluated(compose, tmp_path, monkeypatch):
+    """Steps 2 and 4 non-finite with max_bad_steps=1: a good step between them resets the count, so the run
+    finishes (two in a row would stop it). Its last step, 5, off the logging and eval interval of 2, is logged and
+    evaluated all the same: the summary's figures are the final model's, not step 4's."""
+    from simpo_exp.train import train
+
+    _poison(monkeypatch, {2, 4})
+    extra = ["max_steps=5", "max_bad_steps=1", "logging_steps=2", "eval_steps=2", "per_device_train_batch_size=8"]
+    summary = train(_tiny_config(compose, tmp_path, *extra))
+    assert summary["train/skipped_steps"] == 2
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 5]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4, 5]
+    assert summary["eval/loss"] == next(r["eval/loss"] for r in rows if r["step"] == 5 and "eval/loss" in r)
+
+
 def test_too_many_bad_steps_stop_the_run_naming_step_and_checkpoint(compose, tmp_path, monkeypatch):
     from simpo_exp.train import NonFiniteError, train
 

@@ -127,17 +127,20 @@ def test_an_epoch_ends_at_its_last_whole_optimizer_step():
     assert total_steps(cfg, 12, 5) == 2
     cfg.num_train_epochs = 2.5
     assert total_steps(cfg, 12, 5) == 5
+    cfg.num_train_epochs = 1.5  # 4.5 steps: the half step is taken (HF Trainer's ceil)
+    assert total_steps(cfg, 12, 4) == 5
 
     ds = pairs_dataset(96)
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     loader = accelerator.prepare(DataLoader(ds, batch_size=8, drop_last=True, collate_fn=PairCollator(0), shuffle=True))
     full = forever(loader, accelerator)  # whole epochs of 12
-    epochs = [[next(full)["input_ids"] for _ in range(12)] for _ in range(2)]
+    epochs = [[next(full)["input_ids"] for _ in range(12)] for _ in range(3)]
+    assert not all(torch.equal(a, b) for a, b in zip(*epochs[:2]))  # each epoch its own order
     used = forever(loader, accelerator, per_epoch=10)
-    seen = [next(used)["input_ids"] for _ in range(20)]
-    assert all(torch.equal(a, b) for a, b in zip(seen, epochs[0][:10] + epochs[1][:10]))
-    resumed = forever(loader, accelerator, consumed=13, per_epoch=10)
-    assert all(torch.equal(next(resumed)["input_ids"], seen[i]) for i in range(13, 20))
+    seen = [next(used)["input_ids"] for _ in range(30)]
+    assert all(torch.equal(a, b) for a, b in zip(seen, epochs[0][:10] + epochs[1][:10] + epochs[2][:10]))
+    resumed = forever(loader, accelerator, consumed=13, per_epoch=10)  # and on into the next epoch
+    assert all(torch.equal(next(resumed)["input_ids"], seen[i]) for i in range(13, 30))
     before = len(accelerator.gradient_state.dataloader_references)
     for _ in range(50):  # five more epochs: each left early is taken off accelerate's record of open iterations
         next(used)
@@ -156,3 +159,30 @@ def test_a_checkpoint_from_before_whole_step_epochs_resumes_only_where_the_rules
     assert same_epochs(TrainState(step=6), 16, 16) == 16  # the same under both rules
     assert same_epochs(TrainState(step=6, epoch_batches=15), 15, 16) == 15
     assert same_epochs(TrainState(), 15, 16) == 15  # a fresh start
+
+
+def test_the_train_loader_shuffles_keeps_whole_batches_and_groups_lengths_by_the_runs_seed():
+    """The loader training reads: a shuffled order (a data set stored sorted, by source or length, would otherwise
+    train in file order), 100 pairs in 12 whole batches of 8 (the last 4 left out, not a batch of 4 weighed as
+    one of 8), and length grouping drawn from the run's seed (a seed sweep sees as many orders as seeds)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import RandomSampler
+
+    from simpo_exp.train import train_data_loader
+
+    def loader_of(seed: int, group: bool = False):
+        hardware = SimpleNamespace(group_by_length=group, dataloader_num_workers=0)
+        cfg = SimpleNamespace(per_device_train_batch_size=8, seed=seed, hardware=hardware)
+        return train_data_loader(cfg, ds, lambda rows: [r["i"] for r in rows])
+
+    ds = pairs_dataset(100)
+    ds = ds.add_column("i", list(range(len(ds))))
+    loader = loader_of(1)
+    torch.manual_seed(0)
+    batches = list(loader)
+    order = [i for b in batches for i in b]
+    assert isinstance(loader.sampler, RandomSampler) and len(loader) == 12 and {len(b) for b in batches} == {8}
+    assert len(set(order)) == 96 and order != sorted(order)
+    grouped = {seed: [i for b in loader_of(seed, group=True) for i in b] for seed in (1, 2)}
+    assert len(set(grouped[1])) == len(set(grouped[2])) == 96 and grouped[1] != grouped[2]
