@@ -283,6 +283,31 @@ def test_bad_steps_apart_are_not_in_a_row_and_the_last_step_is_logged_and_evalua
     assert summary["eval/loss"] == next(r["eval/loss"] for r in rows if r["step"] == 5 and "eval/loss" in r)
 
 
+def test_two_micro_batches_of_8_step_as_one_batch_of_16_clipped_at_max_grad_norm(compose, tmp_path, monkeypatch):
+    """Through the loop: accumulation divides each micro-batch's loss by their number (accelerate's backward), so
+    the gradient norm of 2 x 8 pairs is that of the same 16 pairs in one batch (the sampler draws one permutation
+    whatever the batch size); and clipping is asked for at the run's max_grad_norm on every step."""
+    from accelerate import Accelerator
+
+    from simpo_exp.train import train
+
+    asked, clip = [], Accelerator.clip_grad_norm_
+    monkeypatch.setattr(
+        Accelerator,
+        "clip_grad_norm_",
+        lambda self, ps, max_norm, **kw: asked.append(max_norm) or clip(self, ps, max_norm, **kw),
+    )
+    norms = {}
+    for batch, accum in ((16, 1), (8, 2)):
+        extra = [f"per_device_train_batch_size={batch}", f"gradient_accumulation_steps={accum}", "max_steps=1"]
+        train(_tiny_config(compose, tmp_path / f"{batch}x{accum}", *extra, "max_grad_norm=0.5"))
+        norms[accum] = [
+            r["train/grad_norm"] for r in read_metrics(tmp_path / f"{batch}x{accum}" / "run") if "train/grad_norm" in r
+        ]
+    assert asked == [0.5] * 2
+    assert len(norms[1]) == 1 and norms[2] == pytest.approx(norms[1], rel=1e-4)
+
+
 def test_too_many_bad_steps_stop_the_run_naming_step_and_checkpoint(compose, tmp_path, monkeypatch):
     from simpo_exp.train import NonFiniteError, train
 
