@@ -258,6 +258,27 @@ def test_input_tokens_count_the_prompt_for_each_response_in_every_layout():
         assert input_tokens(PairCollator(PAD, packing=packing)(PAIRS)).item() == want, packing
 
 
+def test_a_steps_tokens_are_the_computed_ones_and_mfu_shares_the_work_among_the_processes_peaks():
+    """``tokens`` (behind train/tokens_per_s and the FLOPs of train/mfu) counts what the layout computes: under
+    prefix sharing each prompt once, 15 for PAIRS, where TRL's input_tokens counts it for each response (20). The
+    window's work, summed over the processes, is divided by all their peaks: 8e12 FLOPs in 2 s on 4 devices of
+    1e12 FLOP/s each is an MFU of 1.0 (4.0 against one device's peak)."""
+    from types import SimpleNamespace
+
+    from simpo_exp.metrics import throughput
+
+    batch = PairCollator(PAD, packing="prefix_shared")(PAIRS)
+    with torch.no_grad():
+        _, stats, _ = batch_loss(ResponseLogps(tiny_model(), packing="prefix_shared"), batch, Config())
+    assert stats["tokens"].item() == 15 and stats["input_tokens"].item() == 20
+    asked = []
+    flops = SimpleNamespace(step_flops=lambda *counts: asked.append(counts) or 8e12)
+    four = SimpleNamespace(device=torch.device("cpu"), num_processes=4)
+    totals = {"tokens": 100.0, "pairs": 2.0, "length/chosen": 10.0, "length/rejected": 12.0, "attention_pairs": 50.0}
+    out = throughput(totals, 2.0, 1, flops, 1e12, four)
+    assert out["train/mfu"] == 1.0 and asked == [(100.0, 22.0, 50.0)] and out["train/tokens_per_s"] == 50.0
+
+
 @pytest.mark.parametrize("sft_weight", [0.0, 0.7])
 def test_eval_loss_does_not_move_with_the_eval_batch_size(compose, sft_weight):
     """With an NLL term, eval/loss was a pair-weighted mean of per-batch token means, so it changed with
