@@ -116,6 +116,25 @@ def test_binarise_modes_and_drop_reasons():
     assert rows[0]["score_chosen"] == 0.9 and rows[0]["score_rejected"] == 0.1
 
 
+def test_ties_take_the_first_response_and_a_copy_of_the_chosen_text_is_never_rejected():
+    """Ties go to the first response on both sides, as SimPO's annotation script's argmax and argmin pick (a rule
+    scorer gives 1.0 and 0.0 to many); a second copy of the chosen text, scored a little lower (bf16 batches), is
+    not a rejected response: such a pair has no margin to learn. The row keeps each side's own finished flag and
+    the scores in the order of the generated responses."""
+    from simpo_exp.generate.config import BinariseConfig
+
+    ties = _record(["a", "b", "c", "d"], [0.9, 0.9, 0.1, 0.1])
+    assert pick_pair(ties, BinariseConfig("best_worst"))[0] == (0, 2)
+    assert pick_pair(ties, BinariseConfig("min_gap", min_gap=0.5))[0] == (0, 2)
+    copy = _record(["a", "a", "b"], [0.9, 0.8, 0.1])
+    assert pick_pair(copy, BinariseConfig("min_gap"))[0] == (0, 2)
+    one_cut = _record(["a", "b", "c"], [0.2, 0.9, 0.5])
+    one_cut["responses"][0]["finished"] = False  # the rejected side alone ran into max_new_tokens
+    (row,), _ = binarise([one_cut], BinariseConfig())
+    assert (row["chosen_finished"], row["rejected_finished"]) == (True, False)
+    assert row["all_rm_scores"] == [0.2, 0.9, 0.5] and row["all_generated_responses"] == ["a", "b", "c"]
+
+
 def test_answers_cut_at_max_new_tokens_are_counted_and_can_be_left_out_of_pairs():
     """A response that ran into generate.max_new_tokens became a chosen or rejected answer with nothing to say so:
     training closes its turn after the cut and reads it as finished. The rows and the report say which sides were
