@@ -486,6 +486,24 @@ def test_arena_hard_verdict_labels_are_read_as_arena_hard_auto_reads_them():
     # game 1 shows the baseline as A, game 2 the model: [[A>>B]] then [[A>B]] is 3 lost battles and 1 won
     assert question_outcomes({"games": [{"score": "A>>B"}, {"score": "A>B"}]}, 3) == (1.0, 4, 0)
     assert question_outcomes({"games": [{"score": "B>>A"}, {"score": None}]}, 3) == (3.0, 3, 1)
+    # a tie is half a battle to each side in either game; one game without a verdict leaves one judged game
+    assert question_outcomes({"games": [{"score": "B>A"}, {"score": "A=B"}]}, 3) == (1.5, 2, 0)
+    assert question_outcomes({"games": [{"score": "B=A"}, {"score": "A<B"}]}, 3) == (0.5, 2, 0)
+
+
+def test_arena_hard_counts_judged_games_and_its_interval_brackets_the_score():
+    """A question with one game judged counts one judged game; on 12 questions of mixed verdicts the bootstrap
+    interval lies strictly around the win rate (the earlier test's questions gave an upper bound of 100, the same
+    for every seed) and moves with the seed."""
+    from simpo_exp.evaluate.arena import arena_score
+
+    assert arena_score([{"games": [{"score": "A>B"}, {"score": None}]}], 3, 10, 0)["judged_games"] == 1
+    verdicts = ["A>B", "B>A", "A=B", "B>>A", "A>>B"]
+    rows = [{"games": [{"score": verdicts[i % 5]}, {"score": verdicts[(3 * i + 1) % 5]}]} for i in range(12)]
+    scores = {seed: arena_score(rows, 3, 100, seed) for seed in (42, 43)}
+    low, high = scores[42]["win_rate_ci_low"], scores[42]["win_rate_ci_high"]
+    assert 0 < low < scores[42]["win_rate"] < high < 100 and scores[42]["win_rate"] == scores[43]["win_rate"]
+    assert (low, high) != (scores[43]["win_rate_ci_low"], scores[43]["win_rate_ci_high"])
 
 
 def test_arena_hard_score_interval_and_judgments_match_arena_hard_auto(arena_judge, tmp_path):
@@ -799,6 +817,20 @@ def test_compare_pools_evaluation_numbers_over_seeds(tmp_path):
     assert groups[0]["std"] == pytest.approx(7.0710678) and groups[0]["min"] == 70.0
     table = runs_table(runs, "bench/rule/win_rate")
     assert [row["bench/rule/win_rate"] for row in table] == [80.0, 70.0, 50.0, 40.0]
+
+
+def test_rule_ties_count_half_and_annotations_put_the_baseline_first():
+    """The rule benchmark's equal scores (both answers sorted right, a common case) are a tie worth half a win, as
+    alpaca-eval counts its ties; annotations hand alpaca-eval the baseline as output_1 and the model as output_2,
+    the order its length-controlled model reads the length difference in (preference 2.0: output_2 won)."""
+    from simpo_exp.evaluate.judge import annotations, rule_preferences, win_rate
+
+    prompt = {"id": "0", "instruction": "sort: 3 1 2", "reference": "R"}
+    (tie,) = rule_preferences([prompt], ["1 2 3"], ["1 2 3"])
+    assert tie["score_model"] == tie["score_baseline"] and tie["preference"] == 1.5
+    assert win_rate([2.0, 1.5, 1.0]) == 50.0 and win_rate([1.5]) == 50.0
+    (row,) = annotations([prompt], ["M"], [{"preference": 2.0}], "gen", "ref", "judge")
+    assert (row["output_1"], row["generator_1"], row["output_2"], row["generator_2"]) == ("R", "ref", "M", "gen")
 
 
 def test_win_rate_matches_alpaca_eval_and_lc_says_why_it_is_missing(monkeypatch):

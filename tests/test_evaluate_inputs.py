@@ -43,6 +43,13 @@ def test_arena_hard_files_in_the_v01_format_are_read(tmp_path):
     assert info == {"rows": 3, "reference_generator": "gpt-4-0314"}
 
 
+def test_a_question_without_a_baseline_answer_is_refused_by_its_id(tmp_path):
+    """Judged against a missing answer (the text None), the question would count as a win for the model."""
+    refs = jsonl(tmp_path / "gpt-4-0314.jsonl", [answer("q0"), answer("q2")])
+    with pytest.raises(UserError, match=r"reference_path=.*no answer for question_id 'q1'"):
+        arena_prompts(questions(tmp_path), refs, KEY, None)
+
+
 def test_a_damaged_line_is_named_by_its_number_and_ids_of_two_types_pair(tmp_path):
     """Each JSONL line was parsed alone, so every damaged line was reported as "line 1"; and a question_id written
     as 0 in the questions and "0" in the answers was "no answer for question_id 0" beside its answer."""
