@@ -427,6 +427,23 @@ def test_a_seed_met_twice_for_one_setting_counts_once_and_the_order_follows_asce
     assert [g["beta"] for g in compare.seed_groups(runs, "eval/loss", ascending=False)] == ["5", "2"]
 
 
+def test_runs_not_done_rank_after_the_done_ones_and_stay_out_of_the_seed_means():
+    """A running or stopped job's value is of an unfinished model: a better one must not make it the best run, nor
+    enter the mean over seeds (seed 3 here, still at 0.0 early in its training)."""
+    runs = compare.label_runs(
+        [
+            _run("0", {"seed": "1"}, {"eval/rewards/accuracies": 0.6}),
+            _run("1", {"seed": "2"}, {"eval/rewards/accuracies": 0.7}),
+            _run("2", {"seed": "3"}, {"eval/rewards/accuracies": 0.0}, status="running"),
+            _run("3", {"seed": "4"}, {"eval/rewards/accuracies": 0.9}, status="stopped"),
+            _run("4", {"seed": "5"}, {"eval/rewards/accuracies": 0.95}, status="running"),
+        ]
+    )
+    assert [r.name for r in compare.rank_runs(runs)] == ["1", "0", "4", "3", "2"]
+    (group,) = compare.seed_groups(runs)
+    assert group["seeds"] == 2 and group["eval/rewards/accuracies mean"] == pytest.approx(0.65)
+
+
 def test_cost_metrics_rank_lowest_first_and_a_resolved_learning_rate_is_shown():
     assert compare.lower_is_better("train/step_time_s") and compare.lower_is_better("train/max_rss_gb")
     assert not compare.lower_is_better("eval/rewards/accuracies")
