@@ -163,7 +163,8 @@ def precision_record(model, accelerator) -> dict:
     deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
     autocast = AUTOCAST_DTYPES.get(accelerator.mixed_precision)
     record = {
-        "weights_dtype": "bfloat16" if deepspeed and autocast == "bfloat16" else weights,
+        # DeepSpeed under bf16/fp16 casts the whole module to that dtype (its float32 copy is the master)
+        "weights_dtype": autocast if deepspeed and autocast else weights,
         # torch's AdamW keeps its moments in the dtype of the weights it steps; DeepSpeed in float32
         "master_weights_dtype": "float32" if deepspeed else weights,
         "optimizer_state_dtype": "float32" if deepspeed else weights,

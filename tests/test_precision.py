@@ -201,6 +201,42 @@ def test_deepspeed_under_bf16_gets_the_weights_as_loaded(compose):
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("mixed_precision, working", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_deepspeed_under_16_bits_keeps_the_master_copy_and_the_record_says_so(mixed_precision, working):
+    """Under bf16 and fp16 alike DeepSpeed casts the module to that dtype and keeps float32 masters and optimizer
+    state: the weights go to it as loaded, are saved from its masters, and env.json records its dtypes (fp16 was
+    recorded as the float32 weights it was handed)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.precision import engine_keeps_master_copy, precision_record
+
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, mixed_precision=mixed_precision)
+    assert engine_keeps_master_copy(deepspeed)
+    record = precision_record(torch.nn.Linear(2, 2).to(torch.bfloat16), deepspeed)  # a preset's bf16 weights
+    assert record == {
+        "weights_dtype": working,
+        "master_weights_dtype": "float32",
+        "optimizer_state_dtype": "float32",
+        "autocast_dtype": working,
+    }
+
+
+def test_a_lora_models_trained_dtype_and_rounding_share_ignore_its_frozen_base():
+    """A bf16 base with float32 adapters trains float32 weights: its record and the pure-bf16 warning read the
+    weights that train (the base's half-ULP at 1e-6 is no update lost). The rounding check counts half a unit in
+    the last place: bf16 ones take a step of 5e-3 (half-ULP 3.9e-3), not one of 3e-3."""
+    from simpo_exp.precision import trainable_dtype, vanishing_fraction
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16), torch.nn.Linear(8, 8))
+    model[0].requires_grad_(False)
+    assert trainable_dtype(model) == torch.float32 and vanishing_fraction(model, 1e-6) == 0.0
+    ones = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    torch.nn.init.ones_(ones.weight)
+    assert vanishing_fraction(ones, 5e-3) == 0.0 and vanishing_fraction(ones, 3e-3) == 1.0
+
+
 def test_deepspeed_bf16_over_a_float32_lora_base_is_said(caplog):
     """DeepSpeed casts the whole module to bf16 and keeps masters of the trained weights only: a float32 LoRA base
     trained and was saved as its bf16 rounding (model/adapter on the float32 base, another model), unsaid."""
