@@ -56,7 +56,7 @@ def test_ipo():
     # h = (-1 - -1.5) - (-2 - -1.5) = 1 ; (1 - 1/(2*0.1))^2 = 16
     out = ipo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.1)
     assert out.losses.item() == pytest.approx(16.0)
-    assert out.chosen_rewards.item() == pytest.approx(0.05)
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((0.05, -0.05))
 
 
 def test_rdpo():

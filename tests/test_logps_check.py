@@ -73,12 +73,19 @@ def test_16_bit_weights_take_the_16_bit_tolerance_and_an_empty_response_is_not_c
     assert KEEP_TOKENS < len(PAIR["prompt_input_ids"])
 
 
-def test_the_logit_factors_of_cohere_compass_and_inkling():
+def test_each_familys_logit_factor_is_read_from_its_own_key():
+    """The factor under each family's own key and direction (multiplied or divided), read without building a model:
+    the slow test that builds each family was the only one to catch a family's entry removed."""
     from simpo_exp.logps import logit_scale
 
     assert logit_scale(SimpleNamespace(model_type="cohere_compass_text", logit_scale=0.25)) == 0.25
     assert logit_scale(SimpleNamespace(model_type="cohere_compass_text", logit_scale=None)) is None
     assert logit_scale(SimpleNamespace(model_type="inkling_text", logits_mup_width_multiplier=4.0)) == 0.25
+    assert logit_scale(SimpleNamespace(model_type="falcon_h1", lm_head_multiplier=0.25)) == 0.25
+    assert logit_scale(SimpleNamespace(model_type="granite", logits_scaling=4.0)) == 0.25
+    assert logit_scale(SimpleNamespace(model_type="minicpm3", logits_scaling=4.0)) == 0.25
+    assert logit_scale(SimpleNamespace(model_type="hyperclovax", logits_scaling=4.0)) == 4.0
+    assert logit_scale(SimpleNamespace(model_type="llama")) is None
 
 
 def test_llama4s_text_model_is_scored_through_its_decoder_stack():

@@ -5,6 +5,8 @@ gradient within 1e-5 absolute + 1e-4 relative of the plain path's. The differenc
 summation order (different SDPA shapes, fewer/more rows), not from different maths.
 """
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -675,3 +677,18 @@ def test_mask_rows_padding_positions_stop_at_the_largest_real_one():
             assert batch["position_ids"].max() == real.max() == 19
             packed = ResponseLogps(model, packing=packing, attention="mask")(**batch).logp_sums
             assert torch.allclose(packed, plain, atol=ATOL, rtol=0), (packing, (packed - plain).abs().max())
+
+
+def test_padding_queries_see_only_themselves_and_a_masked_out_word_adds_no_entropy():
+    """The mask attention's padding rows (group -1) see their own position (a row of a packed batch may have no
+    group 0 to see, and SDPA gives NaN for an all-masked row) and no response or other padding; a vocabulary entry
+    at -inf (probability 0) adds nothing to the entropy, where 0 * -inf would make it NaN."""
+    from simpo_exp.logps import token_stats
+
+    groups = torch.tensor([[0, 0, 1, 1, 2, -1, -1]])
+    mask = group_mask(groups)[0, 0]
+    assert mask.diagonal().all() and not mask[5:, 2:5].any() and not mask[6, 5]
+    assert mask[4].tolist() == [True, True, False, False, True, False, False]  # the prompt and itself
+    logits = torch.tensor([[0.0, 0.0, float("-inf")]])
+    _, entropy, hit = token_stats(logits, logits.log_softmax(-1), torch.tensor([0]))
+    assert entropy.item() == pytest.approx(math.log(2)) and hit.item() == 1.0
