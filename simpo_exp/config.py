@@ -93,7 +93,7 @@ class SourceConfig:
     train_split: str = "train"
     test_split: Optional[str] = "test"  # None: carve ``test_size`` out of train
     test_size: Optional[float] = None  # the share carved out; None: ``dataset.test_size``
-    fraction: float = 1.0  # share of the train split used (alignment-handbook's mixer)
+    fraction: float = 1.0  # share of the train split used: its first rows (alignment-handbook's mixer)
     # Column names in the source, for the normalised fields.
     prompt_column: str = "prompt"
     chosen_column: str = "chosen"

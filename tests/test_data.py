@@ -430,6 +430,10 @@ def test_mixer_fractions_and_whole_test_splits(tmp_path, tok):
     train_prompts, test_prompts = set(pairs_of(tr)), set(pairs_of(te))
     uf_train_p, uf_test_p, arg_p = ({p for p, _, _ in x} for x in (uf_train, uf_test, arg))
     assert len(train_prompts & uf_train_p) == 10 and len(train_prompts & arg_p) == 19
+    # a fraction keeps the split's first rows, as alignment-handbook's mixer does (a shuffled pick kept others)
+    assert train_prompts & uf_train_p == {p for p, _, _ in uf_train[:10]}
+    # and the mixture trains in a shuffled order: a capped run (max_train_samples) takes its rows from the start
+    assert {"ultrafeedback_binarized", "argilla_ultrafeedback_cleaned"} == set(tr["source"][:10])
     assert uf_test_p <= test_prompts and len(test_prompts & arg_p) == 2  # test splits whole
     assert not train_prompts & test_prompts
     assert not train_prompts & uf_test_p

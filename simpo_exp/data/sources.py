@@ -333,9 +333,8 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
             "(test_size %s, seed dataset.shuffle_seed)",
             name, len(test), len(train) + len(test), carved_share(src, dcfg),
         )  # fmt: skip
-    if src.fraction < 1.0:
-        keep = max(1, int(src.fraction * len(train)))
-        train = train.shuffle(seed=dcfg.shuffle_seed).select(range(keep))
+    if src.fraction < 1.0:  # the split's first rows, as alignment-handbook's mixer (and so the SimPO repo) keeps them
+        train = train.select(range(max(1, int(src.fraction * len(train)))))
     return train, test
 
 
