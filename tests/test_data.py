@@ -648,6 +648,12 @@ def test_normalise_row_rules():
     for chosen, rejected in ((only("a"), only("b")), ("a", "b"), (only("a"), [*system_user, *only("b")])):
         row = normalise_row({"prompt": system_user, "chosen": chosen, "rejected": rejected}, auto)
         assert row["prompt"] == system_user and row["drop_reason"] == "" and row["chosen"] == "a", row
+    # An empty system turn before the question (TRL-format exports write one) is no empty prompt.
+    empty_system = [{"role": "system", "content": ""}, {"role": "user", "content": "p"}]
+    row = normalise_row(
+        {"prompt": None, "chosen": [*empty_system, *only("a")], "rejected": [*empty_system, *only("b")]}, messages
+    )
+    assert row["drop_reason"] == "" and row["prompt"] == empty_system
     cases = [
         ({"prompt": "p", "chosen": "a", "rejected": 3}, strings, "non-string content"),
         ({"prompt": "p", "chosen": msgs("p", 5), "rejected": msgs("p", "b")}, auto, "non-string content"),
@@ -1171,6 +1177,29 @@ def test_simpo_repo_chat_format_cuts_prompt_and_responses_as_the_official_script
         assert len(repo["chosen_input_ids"][0]) > len(trl["chosen_input_ids"][0])
 
 
+def test_simpo_repo_cuts_responses_to_the_official_budget_and_leaves_an_exact_fit_whole():
+    """The official tokenize_row cuts the responses to max_length - max_prompt_length whenever a pair is too long,
+    a short prompt's too (not to what the prompt leaves), and cuts nothing from a pair of exactly max_length."""
+    from simpo_exp.data.tokenize import _tokenise_batch
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+    batch = {"prompt": [[{"role": "user", "content": "hi"}]], "chosen": ["1 " * 40], "rejected": ["2"]}
+    batch["drop_reason"] = [None]
+    whole = _tokenise_batch(batch, tok, 4096, 2048, chat_format="simpo_repo")
+    p, c = len(whole["prompt_input_ids"][0]), len(whole["chosen_input_ids"][0])
+    assert p < 32 < c
+    short = _tokenise_batch(batch, tok, p + 40, 32, chat_format="simpo_repo")  # too long by c - 40 tokens
+    assert short["prompt_input_ids"] == whole["prompt_input_ids"] and short["prompt_truncated"] == [False]
+    assert len(short["chosen_input_ids"][0]) == 40 + p - 32 and short["chosen_truncated"] == [True]
+    exact = _tokenise_batch(batch, tok, p + c, p - 2, chat_format="simpo_repo")
+    assert (
+        exact["prompt_input_ids"] == whole["prompt_input_ids"]
+        and exact["chosen_input_ids"] == whole["chosen_input_ids"]
+    )
+    assert exact["prompt_truncated"] == exact["chosen_truncated"] == [False]
+
+
 # A Qwen2.5-style template: a default system turn of its own wherever the first message is not a system turn
 # (Llama-3.1's templates write a dated one the same way).
 DEFAULT_SYSTEM_TEMPLATE = (
@@ -1522,7 +1551,11 @@ def test_hub_shard_sets_that_are_incomplete_or_mixed_are_refused(tmp_path, tok):
     cfg = compose_preset("llama3-ultrafeedback-armorm", path_override("llama3_ultrafeedback_armorm", data.parent))
     with pytest.raises(DataSourceError, match=r"split 'train' lacks shard\(s\) 00001 of 2"):
         build_datasets(cfg, tok)
+    (data / "train-00000-of-00002.parquet").rename(data / "kept")  # the first shard missing is named as well
     write_parquet(data / "train-00001-of-00002.parquet", rows[3:])
+    with pytest.raises(DataSourceError, match=r"split 'train' lacks shard\(s\) 00000 of 2"):
+        build_datasets(cfg, tok)
+    (data / "kept").rename(data / "train-00000-of-00002.parquet")
     build_datasets(cfg, tok)  # whole: read
     write_parquet(data / "train-00000-of-00001.parquet", rows)
     with pytest.raises(DataSourceError, match=r"split 'train' has shards of 2 sets \(-of-00001, -of-00002"):
@@ -1684,3 +1717,14 @@ def test_a_column_of_mixed_kinds_is_refused_naming_its_line(tmp_path, tok):
     path = write_jsonl(tmp_path / "mixed" / "prefs.jsonl", rows)
     with pytest.raises(DataSourceError, match=rf"column 'chosen' holds values of more than one kind .*int at {path}:4"):
         build_datasets(make_config({"s": SourceConfig(path=str(path), format="strings")}, test_size=0.25), tok)
+
+
+def test_a_response_ends_a_turn_only_where_its_end_token_is_last_but_for_whitespace(tok):
+    """The report's "responses without end token" guard (a model trained on them never learns to stop): an end
+    token followed by the template's newline ends the turn; one followed by more text does not."""
+    from simpo_exp.data.report import ends_a_turn
+
+    ends = ends_a_turn(tok, {tok.eos_token_id})
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ends(ids(f"a b{tok.eos_token}\n")) and ends(ids(f"a b{tok.eos_token}"))
+    assert not ends(ids(f"a{tok.eos_token}b c")) and not ends(ids("a b"))
