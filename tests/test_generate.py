@@ -215,6 +215,24 @@ def test_generate_samples_the_prompt_training_renders(tmp_path, monkeypatch):
     assert all(json.loads(p)[0] == system for p in generated if len(json.loads(p)) == 2)
 
 
+def test_a_prompt_met_twice_is_sampled_once_and_counted(tmp_path, monkeypatch):
+    """UltraFeedback repeats prompts across its rows; the official recipe samples each unique prompt once."""
+    import datasets
+
+    from simpo_exp.config import DatasetConfig, SourceConfig
+    from simpo_exp.data.prompts import train_prompts
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    turns = lambda p, a: [{"role": "user", "content": p}, {"role": "assistant", "content": a}]  # noqa: E731
+    rows = [{"chosen": turns(f"q{i % 5}", f"a{i}"), "rejected": turns(f"q{i % 5}", f"b{i}")} for i in range(10)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    source = SourceConfig(path=str(tmp_path), test_split="test")
+    prompts, counts = train_prompts(DatasetConfig(name="test", sources={"local": source}))
+    assert sorted(p["prompt"][-1]["content"] for p in prompts) == [f"q{i}" for i in range(5)]
+    assert counts["duplicate prompt"] == 5 and counts["rows"] == 10
+
+
 def test_a_prompt_goes_by_its_sources_id_or_the_hubs_rule_for_one(tmp_path, monkeypatch):
     """The hub's UltraFeedback sets carry prompt_id (SHA-256 of the prompt string): a source's own id is kept, so
     generated pairs join back to it; a source without one gets the hub's rule (one user turn) or the message list's
