@@ -139,6 +139,21 @@ def test_dispatch_feeds_sums_or_means():
         preference_loss("kto", sums_c, sums_r, len_c, len_r, beta=0.1)
 
 
+def test_the_reference_caches_data_key_reads_the_responses_as_well_as_the_prompts():
+    """An on-policy round's pairs have the last round's prompts and new responses: keyed on the prompts alone, they
+    would reuse the last round's reference log-probs. Any response token, chosen or rejected, changes the key."""
+    from datasets import Dataset
+
+    from simpo_exp.reference import data_fingerprint
+
+    rows = {"prompt_input_ids": [[1, 2], [3]], "chosen_input_ids": [[4, 5], [6]], "rejected_input_ids": [[7], [8, 9]]}
+    key = data_fingerprint(Dataset.from_dict(rows))
+    swapped = rows | {"chosen_input_ids": rows["rejected_input_ids"], "rejected_input_ids": rows["chosen_input_ids"]}
+    one_token = rows | {"rejected_input_ids": [[7], [8, 10]]}
+    keys = {key, data_fingerprint(Dataset.from_dict(swapped)), data_fingerprint(Dataset.from_dict(one_token))}
+    assert len(keys) == 3 and data_fingerprint(Dataset.from_dict(dict(rows))) == key
+
+
 def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
     from accelerate import Accelerator
 

@@ -1270,6 +1270,78 @@ def test_the_hf_sampler_decodes_with_the_projects_settings_alone(tmp_path):
     assert answers["shipped"] == answers["plain"]
 
 
+def test_the_hf_sampler_asks_for_its_settings_and_keeps_each_prompts_samples_together(tmp_path):
+    """generate() is asked for the temperature and top_p given and top_k=0 (left out, transformers truncates to the
+    top 50 tokens, unlike vLLM and the official sampling); with samples_per_seed=2 each prompt gets its own two
+    answers: at a top_p that keeps only the likeliest token each equals that prompt's greedy answer."""
+    from simpo_exp.inference.sampling import HFSampler, prompt_token_ids
+    from simpo_exp.model import load_tokenizer
+    from tests.tiny import save_tiny_llama
+
+    path = tmp_path / "policy"
+    save_tiny_llama(path, seed=3, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    overrides = (f"model.path={path}", "generate.max_new_tokens=8", "hardware.device=cpu")
+    cfg = compose_generate(*overrides, "generate.samples_per_seed=2", "generate.temperature=0.7", "generate.top_p=1e-9")
+    tok = load_tokenizer(cfg.model)
+    ids = prompt_token_ids(tok, [[{"role": "user", "content": f"sort: {d} {9 - d} 5"}] for d in range(4)])
+    sampler, asked = HFSampler(cfg, tok), []
+    generate = sampler.model.generate
+    sampler.model.generate = lambda **kw: asked.append(kw) or generate(**kw)
+    sampled = sampler.sample(ids, ["0", "1", "2", "3"], seed=0)
+    assert {(kw["temperature"], kw["top_p"], kw["top_k"], kw["num_return_sequences"]) for kw in asked} == {
+        (0.7, 1e-9, 0, 2)
+    }
+    greedy_cfg = compose_generate(*overrides)
+    greedy_cfg.generate.temperature = 0
+    greedy = [o[0]["text"] for o in HFSampler(greedy_cfg, tok).sample(ids, ["0", "1", "2", "3"], seed=0)]
+    assert len(set(greedy)) > 1  # answers that tell the prompts apart
+    assert [[o["text"] for o in outs] for outs in sampled] == [[g, g] for g in greedy]
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["generate.max_new_tokens=9", "generate.top_p=0.5", "generate.samples_per_seed=3", "generate.seeds=[1,2]"],
+)
+def test_every_sampling_setting_binds_the_shards_of_a_resume(override):
+    """A resumed generation with other sampling settings would mix answers sampled two ways in one data set: each
+    setting is in the shards' manifest, and a change of it is named."""
+    from simpo_exp.generate.run import _manifest
+    from simpo_exp.inference.files import manifest_changes
+
+    prompts = [{"prompt_id": "a", "input_ids": [1, 2]}]
+    before = _manifest(compose_generate(), {}, prompts)
+    after = _manifest(compose_generate(override), {}, prompts)
+    key = override.split("=")[0]
+    assert [c.split(":")[0] for c in manifest_changes(before, after, keys=set(before), stored_only=True)] == [key]
+
+
+def test_a_reward_models_label_index_picks_its_output_and_names_its_scores(tmp_path):
+    """scorer.label_index names which output of a multi-output head is the reward: the score is that output of an
+    unpadded forward, and scores of another output are other shards (a resume does not mix them)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
+
+    from simpo_exp.generate.run import scorer_tag
+    from simpo_exp.inference.scoring import make_scorer, render_for_scoring
+    from tests.tiny import save_tiny_llama
+
+    path = tmp_path / "rm3"
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_labels=3)
+    save_tiny_llama(path, LlamaForSequenceClassification, **shape)
+    overrides = ("scorer=reward-model", f"scorer.path={path}", "scorer.dtype=float32")
+    cfg = compose_generate(*overrides, "scorer.label_index=2")
+    prompt, response = [{"role": "user", "content": "sort: 3 1 2"}], "1 2 3"
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForSequenceClassification.from_pretrained(path)
+    ids = tokenizer(render_for_scoring(tokenizer, cfg.scorer, prompt, response), add_special_tokens=False)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.tensor([ids["input_ids"]])).logits[0]
+    scorer = make_scorer(cfg)
+    (score,) = scorer.score([prompt], [response])
+    scorer.close()
+    assert score == pytest.approx(logits[2].item(), abs=1e-5) and abs(logits[2] - logits[0]) > 1e-3
+    assert scorer_tag(cfg) != scorer_tag(compose_generate(*overrides, "scorer.label_index=1"))
+
+
 def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(tmp_path, monkeypatch):
     """vLLM itself needs a GPU (tests/test_gpu.py runs it there); a stand-in module checks, on any machine, what the
     sampler asks of it (one request per prompt, token ids, n samples, a seed per prompt, the stop ids) and reads
