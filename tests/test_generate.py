@@ -1422,6 +1422,24 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
     assert calls["shutdown"] == 1 and calls["cleanup"] == 1 and not hasattr(sampler, "llm")
 
 
+def test_sampling_stops_at_the_templates_end_of_turn_and_the_models_own_end_ids():
+    """A Gemma-like template ends a turn with a token of its own, not EOS, and a model's generation_config may list
+    more end ids: sampling stops at each of them (without, every answer runs to max_new_tokens)."""
+    from types import SimpleNamespace
+
+    from simpo_exp.inference.sampling import stop_token_ids
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert end != tok.eos_token_id
+    stops = stop_token_ids(tok, [], SimpleNamespace(eos_token_id=[tok.eos_token_id, 11]))
+    assert stops == sorted({tok.eos_token_id, end, 11})
+    assert stop_token_ids(tok, [], SimpleNamespace(eos_token_id=12)) == sorted({tok.eos_token_id, end, 12})
+
+
 def test_stop_ids_outside_the_tokenizer_are_refused_and_vllm_is_not_bound_by_the_hf_batch(tmp_path):
     """generate.stop_token_ids=[999999] was taken as it was: never sampled, every response ran to max_new_tokens. And
     under backend=vllm, which batches its requests itself, a resume that changed generate.batch_size was refused."""
