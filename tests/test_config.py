@@ -109,6 +109,7 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
         ("sft_weight=-0.5", "sft_weight"),
         ("loss_type=ipo", "loss_type"),
         ("label_smoothing=0.7", "label_smoothing"),
+        ("label_smoothing=0.5", "label_smoothing"),  # symmetric: its gradient pulls every margin to 0
         ("lr_scheduler_type=exotic", "lr_scheduler_type"),
         ("warmup_ratio=1.5", "warmup_ratio"),
         ("max_prompt_length=256", "max_prompt_length"),  # == max_length of the tiny preset

@@ -117,6 +117,7 @@ def test_peak_flops_lookup(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert peak_flops(torch.device("cuda", 0), "bf16", None) == pytest.approx(989.4e12)
     assert peak_flops(torch.device("cuda", 0), "no", None) is None  # fp32 has another peak: no guess
+    assert peak_flops(torch.device("cuda", 0), "fp16", None) == pytest.approx(989.4e12)  # fp16's dense peak is bf16's
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert peak_flops(torch.device("cuda", 0), "bf16", None) == pytest.approx(756e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
@@ -149,6 +150,7 @@ def test_a_gpu_whose_name_contains_another_is_matched_by_its_own(monkeypatch):
         ("NVIDIA L4", 121.0),
         ("NVIDIA L40S", 362.1),
         ("NVIDIA GH200 480GB", 989.4),
+        ("NVIDIA H200 NVL", 835.0),  # before the SXM H200's 989.4, which its name contains
     ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_flops(torch.device("cuda", 0), "bf16", None) == tflops * 1e12, name
@@ -164,3 +166,36 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_runs():
     config = MixtralConfig(**SHAPE, num_local_experts=8, num_experts_per_tok=2, experts_implementation="eager")
     counted, expected = counted_and_expected(MixtralForCausalLM(config))
     assert counted == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "make, share",
+    [
+        (lambda t: t.Qwen3MoeConfig(num_experts=128, num_experts_per_tok=8), 0.0625),
+        (lambda t: t.DeepseekV3Config(n_routed_experts=256, num_experts_per_tok=8), 0.03125),
+        (lambda t: t.MixtralConfig(num_local_experts=8, num_experts_per_tok=2), 0.25),
+        (lambda t: t.LlamaConfig(), 1.0),
+    ],
+)
+def test_each_moe_familys_expert_count_and_its_shared_experts(make, share):
+    """Qwen3-MoE and OLMoE name their experts num_experts, DeepSeek n_routed_experts (Mixtral num_local_experts);
+    the shared experts every token runs, and the router, count whole: only a module named experts is routed."""
+    import transformers
+
+    from simpo_exp.flops import expert_share, routed_expert
+
+    assert expert_share(make(transformers)) == share
+    assert routed_expert("model.layers.0.mlp.experts.gate_up_proj")
+    assert routed_expert("model.layers.0.block_sparse_moe.experts.3.w1.weight")
+    for name in ("mlp.shared_experts.gate_proj.weight", "mlp.shared_expert.up_proj.weight", "mlp.gate.weight"):
+        assert not routed_expert(f"model.layers.0.{name}"), name
+
+
+def test_attention_width_follows_a_head_dim_of_its_own():
+    """Gemma 7B's heads are 256 wide with 16 of them over a hidden size of 3072: the attention FLOPs go by
+    heads x head_dim (4096), not the hidden size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = dict(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = LlamaForCausalLM(LlamaConfig(**small, num_key_value_heads=4, head_dim=32))
+    assert flop_spec(model).attention_width == 128

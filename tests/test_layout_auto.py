@@ -121,6 +121,8 @@ def test_an_attention_packing_auto_would_drop_is_refused(compose):
     hw = lambda *o: to_config(compose("hardware.packing_attention=mask", *o)).hardware  # noqa: E731
     with pytest.raises(ConfigError, match="hardware.packing_attention='mask' has no effect with hardware.packing=auto"):
         layout_auto.check_auto_attention(hw(), "cuda")
+    with pytest.raises(ConfigError, match="has no effect with hardware.packing=auto on cuda: "):  # the fixed rule
+        layout_auto.check_auto_attention(hw("hardware.measure_layouts=false"), "cuda")
     with pytest.raises(ConfigError, match="on cpu where layouts are measured"):
         layout_auto.check_auto_attention(hw("hardware.measure_layouts=true"), "cpu")
     layout_auto.check_auto_attention(hw(), "cpu")  # the CPU's fixed rule uses it for prefix sharing

@@ -109,6 +109,9 @@ def test_set_up_refuses_the_run_before_training(compose, tmp_path, monkeypatch):
     with pytest.raises(OutOfMemoryError, match="cannot be trained under hardware=cpu on cpu"):
         train(_tiny_config(compose, tmp_path, "hardware=cpu", "max_steps=1"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused at set-up, no step taken
+    # the refusal names hardware.check_memory=false for a run the user knows fits: it trains
+    train(_tiny_config(compose, tmp_path, "hardware=cpu", "max_steps=1", "hardware.check_memory=false"))
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_the_engine_is_read_from_the_launchers_configs():
@@ -132,6 +135,7 @@ def test_the_engine_is_read_from_the_launchers_configs():
     assert deepspeed("ds_zero2.json") == Engine("deepspeed", 8, 2)
     assert deepspeed("ds_zero3.json") == Engine("deepspeed", 8, 3)
     assert deepspeed("ds_zero3.json", "no") == Engine("deepspeed", 8, 3, half_precision=False)
+    assert deepspeed("ds_zero2.json", "fp16") == Engine("deepspeed", 8, 2)  # fp16 halves the working weights too
     assert deepspeed("ds_zero3_offload.json") == Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True)
     for offload, offloads, version in [
         (CPUOffload(False), False, 1),

@@ -443,6 +443,10 @@ def test_effective_batch_is_kept_across_device_counts(compose):
     cfg = to_config(compose("hardware=ddp", "per_device_train_batch_size=3"))
     with pytest.raises(ConfigError, match="effective_batch_size=128"):
         accumulation_steps(cfg, 8)
+    # 2 pairs on each of 3 devices: 21 steps would train on 126 pairs, not the recipe's 128
+    cfg = to_config(compose("hardware=ddp", "per_device_train_batch_size=2"))
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size \(2\) x processes \(3\)"):
+        accumulation_steps(cfg, 3)
 
 
 def test_deepspeed_preset_without_deepspeed_says_how_to_install(tmp_path):
