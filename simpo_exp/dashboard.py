@@ -50,6 +50,7 @@ from simpo_exp.methods import METHODS
 from simpo_exp.rundir import parse_overrides, read_json, select
 from simpo_exp.runinfo import sweep_group, sweep_jobs
 from simpo_exp.tracking import (
+    BEST_AND_LAST,
     EVAL_ONLY_METRICS,
     SAMPLES_KEY,
     STEP_KEY,
@@ -65,7 +66,7 @@ from simpo_exp.tracking import (
 # and sets both from the whole run's metrics.jsonl at the end (W&B's cover one start of a resumed run), so
 # the run summary holds {"max": v, "last": v}, addressed as "<key>.max" and "<key>.last".
 # tests/test_wandb_offline.py checks this against W&B's own record.
-TARGET = "eval/rewards/accuracies"
+TARGET = BEST_AND_LAST
 TARGET_SUMMARY = f"{TARGET}.last"
 # Summary columns of the runs table, after the swept config columns.
 TABLE_SUMMARIES = (TARGET_SUMMARY, "eval/rewards/margins", "eval/loss", "train/loss")

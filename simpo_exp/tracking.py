@@ -357,8 +357,8 @@ class Tracker:
 
 
 def _number(v) -> bool:
-    """A finite number in metrics.jsonl (NaN is written as null, infinities as a string)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite number in metrics.jsonl (NaN is written there as null, an infinity as +-JSON_INFINITY)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < JSON_INFINITY
 
 
 def config_to_dict(cfg) -> dict:
