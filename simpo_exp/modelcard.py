@@ -82,10 +82,11 @@ def base_license(model_path: str) -> dict:
     return found
 
 
-def copy_license_file(model_path: str, folder: Path) -> Path | None:
-    """The base folder's licence file that its card links to by a relative ``license_link`` (``LICENSE``), copied
-    beside the derivative's card, which keeps the link: without it the link was dead on the hub."""
-    link = str(base_license(model_path).get("license_link") or "") if model_path else ""
+def copy_license_file(model_path: str, folder: Path, link: str) -> Path | None:
+    """The base folder's licence file that its card links to by a relative ``license_link`` (``LICENSE``, from
+    ``base_license``), copied beside the derivative's card, which keeps the link: without it the link was dead on
+    the hub."""
+    link = str(link or "") if model_path else ""
     source = Path(model_path).expanduser() / link if link and "://" not in link else None
     if source is None or not source.is_file() or (Path(folder) / link).exists():
         return None
@@ -127,10 +128,12 @@ def _dataset_name(bench: str, rec: dict) -> str:
     return f"{name} ({how})" if how else name
 
 
-def card_data(cfg: dict, results: dict[str, dict], name: str):
+def card_data(cfg: dict, results: dict[str, dict], name: str, licence: dict | None = None):
+    """The card's metadata; ``licence``: the base's (``base_license``), read here where not given."""
     from huggingface_hub import EvalResult, ModelCardData
 
     model_path = select(cfg, "model.path") or ""
+    licence = base_license(model_path) if licence is None else licence
     sources = (select(cfg, "dataset.sources") or {}).values()
     datasets = sorted({s.get("path") for s in sources if isinstance(s, dict) and _is_hub_id(s.get("path") or "")})
     evals = [
@@ -146,7 +149,7 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
         if isinstance(value, (int, float)) and not is_count(metric)
     ]
     return ModelCardData(
-        **base_license(model_path),
+        **licence,
         base_model=model_path if _is_hub_id(model_path) else None,
         datasets=datasets or None,
         library_name="transformers",
@@ -157,9 +160,14 @@ def card_data(cfg: dict, results: dict[str, dict], name: str):
 
 
 def card_text(
-    cfg: dict, results: dict[str, dict], name: str, resolved: dict | None = None, training: dict | None = None
+    cfg: dict,
+    results: dict[str, dict],
+    name: str,
+    resolved: dict | None = None,
+    training: dict | None = None,
+    licence: dict | None = None,
 ) -> str:
-    data = card_data(cfg, results, name)
+    data = card_data(cfg, results, name, licence)
     model = (
         select(cfg, "model.path") or f"a randomly initialised model ({select(cfg, 'model.name')}, built from config)"
     )
@@ -253,8 +261,10 @@ def write_model_card(
     summary = summary if isinstance(summary, dict) else {}
     resolved = resolved_values(summary) if resolved is None else resolved
     training = summary if training is None else training
-    write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved, training))
-    copy_license_file(select(cfg, "model.path") or "", path.parent)
+    model_path = select(cfg, "model.path") or ""
+    licence = base_license(model_path)  # the base's card, read once for the metadata and the licence file
+    write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved, training, licence))
+    copy_license_file(model_path, path.parent, licence.get("license_link"))
     return path
 
 
