@@ -56,7 +56,6 @@ from simpo_exp.rundir import (
 )
 from simpo_exp.tracking import (
     HEADLINE_METRICS,
-    JSON_INFINITY,
     PAIR_METRICS,
     SAMPLES_KEY,
     STEP_KEY,
@@ -64,6 +63,7 @@ from simpo_exp.tracking import (
     config_leaves,
     differing_keys,
     eval_keys,
+    logged_value,
     train_keys,
 )
 
@@ -134,12 +134,12 @@ class Run:
             return float(v)
         if key in self.bench:
             return self.bench[key]
-        logged = [_logged(r[key]) for r in self.history if key in r and "step" in r]
+        logged = [logged_value(r[key]) for r in self.history if key in r and "step" in r]
         return next((v for v in reversed(logged) if v is not None), None)
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """The steps and finite values logged of ``key`` (a plot leaves the non-finite out)."""
-        points = [(r["step"], v) for r in self.history if "step" in r and _is_number(v := _logged(r.get(key)))]
+        points = [(r["step"], v) for r in self.history if "step" in r and _is_number(v := logged_value(r.get(key)))]
         return [s for s, _ in points], [v for _, v in points]
 
     def value_of(self, key: str):
@@ -164,16 +164,6 @@ class Run:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _logged(v) -> float | None:
-    """A metrics.jsonl value as logged: the tracker writes NaN as null and an infinity as +-``JSON_INFINITY``
-    (JSON has neither); None where the value is no number."""
-    if v is None:
-        return math.nan
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return None
-    return math.copysign(math.inf, v) if abs(v) >= JSON_INFINITY else float(v)
 
 
 def rerun_its_command(hydra_cfg: dict, folder: Path) -> str:

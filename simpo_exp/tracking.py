@@ -162,6 +162,16 @@ def _jsonable(v):
     return v
 
 
+def logged_value(v) -> float | None:
+    """A metrics.jsonl value as logged (``_jsonable`` read back): NaN for null, an infinity for +-``JSON_INFINITY``;
+    None where the value is no number."""
+    if v is None:
+        return math.nan
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    return math.copysign(math.inf, v) if abs(v) >= JSON_INFINITY else float(v)
+
+
 TAG_LIMIT = 64  # W&B's longest tag
 
 
@@ -346,19 +356,14 @@ class Tracker:
                 # W&B works out max and last from what this start logged (and online, after a resume, no longer
                 # updates them: wandb/wandb#9684): a resumed run's are set from the whole run's metrics.jsonl
                 # (the best of the finite values; the last as logged, NaN included)
-                logged = [r[BEST_AND_LAST] for r in read_jsonl(self.metrics_path) if BEST_AND_LAST in r]
-                finite = [v for v in logged if _number(v)]
+                logged = [logged_value(r[BEST_AND_LAST]) for r in read_jsonl(self.metrics_path) if BEST_AND_LAST in r]
+                logged = [v for v in logged if v is not None]
+                finite = [v for v in logged if math.isfinite(v)]
                 if finite:
-                    last = math.nan if logged[-1] is None else logged[-1]
-                    self.wandb_run.summary[BEST_AND_LAST] = {"max": max(finite), "last": last}
+                    self.wandb_run.summary[BEST_AND_LAST] = {"max": max(finite), "last": logged[-1]}
                 self.wandb_run.finish()
             except Exception as e:
                 self._wandb_failed("finish", e)
-
-
-def _number(v) -> bool:
-    """A finite number in metrics.jsonl (NaN is written there as null, an infinity as +-JSON_INFINITY)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < JSON_INFINITY
 
 
 def config_to_dict(cfg) -> dict:
