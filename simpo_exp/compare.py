@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from simpo_exp.inference.results import headline_keys, is_bench_metric, read_results
+from simpo_exp.inference.results import headline_keys, is_bench_metric, read_results, uncertainty_keys
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import (
     REFUSED_FILE,
@@ -564,6 +564,8 @@ LOWER_IS_BETTER = (
     "unparseable_verdicts",  # the evaluate stage's failure counts (bench/<benchmark>/<name>)
     "unparseable_games",
     "cut_at_max_new_tokens",
+    "standard_error",  # AlpacaEval's standard errors of its win rates
+    "lc_standard_error",
 )
 
 
@@ -713,6 +715,9 @@ def runs_table(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | 
     benchmarks' win rates (from the evaluate stage), note."""
     metrics = TABLE_METRICS if metric in TABLE_METRICS else [metric, *TABLE_METRICS]
     metrics = [*metrics, *(k for k in bench_columns(runs) if k not in metrics)]
+    # each evaluation number followed by its standard error or interval, where any run has one
+    held = {k for r in runs for k in r.bench}
+    metrics = list(dict.fromkeys(m for k in metrics for m in [k, *(u for u in uncertainty_keys(k) if u in held)]))
     rows = []
     for r in rank_runs(runs, metric, ascending):
         note = r.error or ""

@@ -18,7 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
-from simpo_exp.inference.results import load_results
+from simpo_exp.inference.results import is_uncertainty, load_results
 from simpo_exp.rundir import CONF_DIR, read_json, select
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def card_data(cfg: dict, results: dict[str, dict], name: str, licence: dict | No
         )
         for bench, rec in sorted(results.items())
         for metric, value in sorted((rec.get("metrics") or {}).items())
-        if isinstance(value, (int, float)) and not is_count(metric)
+        if isinstance(value, (int, float)) and not is_count(metric) and not is_uncertainty(metric)
     ]
     return ModelCardData(
         **licence,

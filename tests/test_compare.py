@@ -742,3 +742,45 @@ def test_the_length_controlled_win_rate_ranks_first_where_it_was_measured():
     assert _rank_metric([record]) == "bench/alpacaeval2/lc_win_rate"
     record["metrics"]["lc_win_rate"] = None  # not measured (no alpaca-eval package): the raw one
     assert _rank_metric([record]) == "bench/alpacaeval2/win_rate"
+
+
+def test_each_evaluation_number_is_shown_with_its_standard_error_or_interval(tmp_path):
+    """Whether two runs' win rates differ by more than noise: compare's table puts AlpacaEval's standard errors,
+    Arena-Hard's bootstrap interval and lm-eval's stderr right after the number they belong to, where a run has one."""
+    from simpo_exp.inference.files import write_json
+
+    alpaca = {"lc_win_rate": 22.4, "lc_standard_error": 0.8, "win_rate": 30.1, "standard_error": 1.6, "n": 805}
+    arena = {"win_rate": 40.0, "win_rate_ci_low": 37.5, "win_rate_ci_high": 42.0, "battles": 900}
+    lm = {"gsm8k/exact_match:strict-match": 0.25, "gsm8k/exact_match_stderr:strict-match": 0.1, "gsm8k/n": 4.0}
+    for i, beta in enumerate((2, 5)):
+        run = tmp_path / f"{i}_beta={beta}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- beta={beta}\n")
+        write_json(run / "summary.json", {"eval/rewards/accuracies": 0.5})
+        for bench, metrics in (("alpacaeval2", alpaca), ("arena-hard", arena), ("gsm8k", lm)):
+            write_json(run / "eval" / bench / "results.json", {"metrics": {**metrics, "n": 8}})
+    runs = compare.load_runs(tmp_path)
+    columns = [c for c in compare.runs_table(runs)[0] if c.startswith("bench/")]
+    assert columns == [
+        "bench/alpacaeval2/lc_win_rate",
+        "bench/alpacaeval2/lc_standard_error",
+        "bench/alpacaeval2/win_rate",
+        "bench/alpacaeval2/standard_error",
+        "bench/arena-hard/win_rate",
+        "bench/arena-hard/win_rate_ci_low",
+        "bench/arena-hard/win_rate_ci_high",
+    ]
+    metric = "bench/gsm8k/gsm8k/exact_match:strict-match"
+    row = compare.runs_table(runs, metric)[0]
+    assert [c for c in row if c.startswith("bench/gsm8k")] == [
+        metric,
+        "bench/gsm8k/gsm8k/exact_match_stderr:strict-match",
+    ]
+    assert row["bench/gsm8k/gsm8k/exact_match_stderr:strict-match"] == 0.1
+    assert row["bench/arena-hard/win_rate_ci_high"] == 42.0 and row["bench/alpacaeval2/standard_error"] == 1.6
+    # a run without them (an older record) shows only its number
+    write_json(tmp_path / "0_beta=2" / "eval" / "arena-hard" / "results.json", {"metrics": {"win_rate": 41.0}})
+    rows = {r["beta"]: r for r in compare.runs_table(compare.load_runs(tmp_path))}
+    assert (
+        rows["2"]["bench/arena-hard/win_rate_ci_low"] is None and rows["5"]["bench/arena-hard/win_rate_ci_low"] == 37.5
+    )

@@ -4,6 +4,7 @@ compare, AlpacaEval/Arena-Hard output files, the judge path against a fake local
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import threading
@@ -74,6 +75,7 @@ def test_sweep_is_evaluated_and_ranked_by_the_rule_win_rate(sweep):
         assert len(rows) == 32 and all(r["prompt"].startswith("sort:") for r in rows)
         wins = sum(r["preference"] - 1 for r in rows) / len(rows) * 100  # the file's verdicts give its number
         assert m["win_rate"] == pytest.approx(wins)
+        assert m["standard_error"] == pytest.approx(100 * statistics.stdev(r["preference"] for r in rows) / 32**0.5)
         assert m["score"] == pytest.approx(sum(r["score_model"] for r in rows) / 32)
         rates[job.name] = m["win_rate"]
         starts.append([r["start"] for r in rows])
@@ -297,7 +299,9 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
     # the file is not alpaca_eval's 805 rows: said so, not blamed on a max_prompts cut this run did not make
     assert res["metrics"]["lc_win_rate"] is None and any("the prompts file has 6 rows, not" in n for n in res["notes"])
     assert not any("max_prompts" in n for n in res["notes"]), res["notes"]
-    assert "not measured: lc_win_rate; " in up.stdout and "805" in up.stdout  # said where the user looks, with why
+    assert (
+        "not measured: lc_win_rate, lc_standard_error; " in up.stdout and "805" in up.stdout
+    )  # said where the user looks, with why
     assert res["judge"] == {
         "kind": "openai",
         "base_url": res["judge"]["base_url"],
@@ -652,7 +656,9 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     from simpo_exp.inference.files import write_json
     from simpo_exp.modelcard import push_model, write_model_card
 
-    record = {"metrics": {"win_rate": 41.5, "lc_win_rate": None, "n": 8, "unparseable_verdicts": 1}}
+    record = {
+        "metrics": {"win_rate": 41.5, "standard_error": 17.4, "lc_win_rate": None, "n": 8, "unparseable_verdicts": 1}
+    }
     record |= {"dataset_name": "AlpacaEval 2", "baseline": "gpt4_turbo", "judge": {"kind": "openai", "model": "j"}}
     record |= {"notes": ["LC needs the alpaca-eval package"]}
     write_json(tmp_path / "eval" / "alpacaeval2" / "results.json", record)
@@ -674,9 +680,9 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     # samples) are not this model's results either
     rule = {"win_rate": 60.0, "avg_tokens": 9.5, "score_start": 0.2, "exact_start": 0.0, "cut_at_max_new_tokens": 1}
     write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": rule, "dataset_name": "Sorting"})
-    arena = {"win_rate": 30.0, "judged_games": 10, "battles": 18, "avg_tokens": 80.0}
+    arena = {"win_rate": 30.0, "win_rate_ci_low": 12.5, "win_rate_ci_high": 50.0, "judged_games": 10, "battles": 18}
     write_json(tmp_path / "eval" / "arena-hard" / "results.json", {"metrics": arena, "dataset_name": "Arena-Hard"})
-    lm = {"gsm8k/exact_match:strict-match": 0.25, "gsm8k/n": 1319}
+    lm = {"gsm8k/exact_match:strict-match": 0.25, "gsm8k/exact_match_stderr:strict-match": 0.1, "gsm8k/n": 1319}
     write_json(tmp_path / "eval" / "gsm8k" / "results.json", {"metrics": lm, "dataset_name": "GSM8K"})
     card = ModelCard.load(write_model_card(tmp_path, cfg, "my-run"))
     assert [r.dataset_name for r in card.data.eval_results] == [
@@ -692,6 +698,11 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
         "win_rate",
     ]
     assert "| alpacaeval2 | lc_win_rate |" not in card.text and "LC needs the alpaca-eval package" in card.text
+    # the standard errors and interval bounds sit beside their results in the card's table, not among the results
+    assert (
+        "| arena-hard | win_rate_ci_low | 12.5 |" in card.text
+        and "| alpacaeval2 | standard_error | 17.4 |" in card.text
+    )
     assert push_model(tmp_path, "someone/model", token_env="SIMPO_EXP_TEST_NO_SUCH_TOKEN") is None  # no token: no push
     assert card.data.tags[0] == "simpo"  # the method trained (no method key: the default)
     # lm-eval cut by a limit: its samples per task (a float in lm-eval's results) named, as a judge's prompts are;
@@ -823,12 +834,15 @@ def test_rule_ties_count_half_and_annotations_put_the_baseline_first():
     """The rule benchmark's equal scores (both answers sorted right, a common case) are a tie worth half a win, as
     alpaca-eval counts its ties; annotations hand alpaca-eval the baseline as output_1 and the model as output_2,
     the order its length-controlled model reads the length difference in (preference 2.0: output_2 won)."""
-    from simpo_exp.evaluate.judge import annotations, rule_preferences, win_rate
+    from simpo_exp.evaluate.judge import annotations, rule_preferences, standard_error, win_rate
 
     prompt = {"id": "0", "instruction": "sort: 3 1 2", "reference": "R"}
     (tie,) = rule_preferences([prompt], ["1 2 3"], ["1 2 3"])
     assert tie["score_model"] == tie["score_baseline"] and tie["preference"] == 1.5
     assert win_rate([2.0, 1.5, 1.0]) == 50.0 and win_rate([1.5]) == 50.0
+    # alpaca-eval's standard error: deviations 0.5, 0, -0.5 -> sample variance 0.25, over n = 3 -> sqrt(1/12)
+    assert standard_error([2.0, 1.5, 1.0]) == pytest.approx(100 * (1 / 12) ** 0.5) and standard_error([1.5]) is None
+    assert standard_error([1.0, 2.0, 1.5, 2.0, 2.0]) == pytest.approx(20.0)  # alpaca-eval 0.6.6's get_winrate gives 20
     (row,) = annotations([prompt], ["M"], [{"preference": 2.0}], "gen", "ref", "judge")
     assert (row["output_1"], row["generator_1"], row["output_2"], row["generator_2"]) == ("R", "ref", "M", "gen")
 
@@ -838,7 +852,7 @@ def test_win_rate_matches_alpaca_eval_and_lc_says_why_it_is_missing(monkeypatch)
     pytest.importorskip("alpaca_eval", reason="alpaca-eval not installed (pip install -e '.[eval]')")
     from alpaca_eval.metrics import get_winrate
 
-    from simpo_exp.evaluate.judge import ALPACA_EVAL_ROWS, annotations, length_controlled, win_rate
+    from simpo_exp.evaluate.judge import ALPACA_EVAL_ROWS, annotations, length_controlled, standard_error, win_rate
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     prefs = [(1.0, 2.0, 1.5)[i % 3] if i % 7 else 2.0 for i in range(ALPACA_EVAL_ROWS)]
@@ -851,14 +865,16 @@ def test_win_rate_matches_alpaca_eval_and_lc_says_why_it_is_missing(monkeypatch)
         "gpt4_1106_preview",
         "judge",
     )
-    assert win_rate(prefs) == pytest.approx(get_winrate(rows)["win_rate"])
+    theirs = get_winrate(rows)
+    assert win_rate(prefs) == pytest.approx(theirs["win_rate"])
+    assert standard_error(prefs) == pytest.approx(theirs["standard_error"])
     lc, why = length_controlled(rows, ALPACA_EVAL_ROWS)
-    if lc is None:  # its GLM needs df_gamed.csv from the hub: not cached on an offline machine
-        assert "df_gamed.csv" in why
+    if lc["lc_win_rate"] is None:  # its GLM needs df_gamed.csv from the hub: not cached on an offline machine
+        assert "df_gamed.csv" in why and lc["lc_standard_error"] is None
     else:
-        assert 0.0 <= lc <= 100.0
+        assert 0.0 <= lc["lc_win_rate"] <= 100.0 and 0.0 < lc["lc_standard_error"] < 5.0
     lc, why = length_controlled(rows[:10], ALPACA_EVAL_ROWS)
-    assert lc is None and why.endswith("judged 10 of them (max_prompts)")
+    assert lc == {"lc_win_rate": None, "lc_standard_error": None} and why.endswith("judged 10 of them (max_prompts)")
 
 
 def test_lc_says_whether_the_set_was_cut_or_is_another_file():
@@ -868,9 +884,9 @@ def test_lc_says_whether_the_set_was_cut_or_is_another_file():
 
     rows = [{"preference": 2.0}] * 10
     lc, why = length_controlled(rows, 805)
-    assert lc is None and why.endswith("this evaluation judged 10 of them (max_prompts)")
+    assert lc["lc_win_rate"] is None and why.endswith("this evaluation judged 10 of them (max_prompts)")
     lc, why = length_controlled(rows, 10)
-    assert lc is None and why.endswith("the prompts file has 10 rows, not alpaca_eval's 805")
+    assert lc["lc_win_rate"] is None and why.endswith("the prompts file has 10 rows, not alpaca_eval's 805")
 
 
 def test_a_hub_bases_relative_licence_link_points_at_its_own_repo(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ schema (a UserError: exit 2), never a KeyError or TypeError from deep inside the
 from __future__ import annotations
 
 import json
+import sys
 import types
 from pathlib import Path
 
@@ -443,6 +444,37 @@ def test_a_missing_run_directory_is_asked_for_as_the_stage_takes_it():
         cfg = compose(config_name="evaluate", overrides=["output_dir=/tmp/unused", "benchmark=rule"])
     with pytest.raises(ConfigError, match=r"evaluate.path: give a run or sweep directory, .* RUN_OR_SWEEP_DIR"):
         to_evaluate_config(cfg)
+
+
+def test_alpaca_evals_own_judge_gives_its_leaderboards_numbers_with_their_standard_errors(tmp_path, monkeypatch):
+    """judge.kind=alpaca_eval reads the leaderboard row alpaca_eval.evaluate returns: its win rates and their standard
+    errors (a column an older alpaca-eval lacks, or a NaN, is null rather than an error)."""
+    import pandas as pd
+
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+    from simpo_exp.evaluate.judge import package_judge
+
+    board = {"length_controlled_winrate": 41.5, "win_rate": 30.0, "standard_error": 1.4, "avg_length": 1800.0}
+    calls = []
+
+    def evaluate(**kwargs):
+        calls.append(kwargs)
+        return pd.DataFrame([board], index=["my-run"]), None
+
+    monkeypatch.setitem(sys.modules, "alpaca_eval", types.SimpleNamespace(evaluate=evaluate))
+    b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=JudgeConfig(kind="alpaca_eval"))
+    got = package_judge(b, tmp_path / "model_outputs.json", "ref.json", tmp_path / "alpaca_eval")
+    assert got == {
+        "lc_win_rate": 41.5,
+        "lc_standard_error": None,  # not in this leaderboard
+        "win_rate": 30.0,
+        "standard_error": 1.4,
+        "avg_length": 1800.0,
+    }
+    board |= {"lc_standard_error": 0.7, "standard_error": float("nan")}
+    got = package_judge(b, tmp_path / "model_outputs.json", "ref.json", tmp_path / "alpaca_eval")
+    assert (got["lc_standard_error"], got["standard_error"]) == (0.7, None)
+    assert calls[0]["is_return_instead_of_print"] is True and calls[0]["reference_outputs"] == "ref.json"
 
 
 def test_alpaca_evals_own_judge_on_a_subset_reports_no_lc_and_answers_go_stripped(tmp_path, monkeypatch):

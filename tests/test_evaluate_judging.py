@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -232,6 +233,7 @@ def test_a_reply_without_a_letter_is_no_verdict_and_the_others_count(tmp_path):
     assert [v["preference"] for v in verdicts][3] is None and verdicts[3]["reply"] == "Output (b) is better."
     others = [len(m) > len(r) for i, (_, r, m) in enumerate(ALPACA_CASES) if i != 3]
     assert metrics["win_rate"] == pytest.approx(100 * sum(others) / 5) and metrics["unparseable_verdicts"] == 1
+    assert metrics["standard_error"] == pytest.approx(100 * statistics.stdev(others) / 5**0.5)  # over the five too
     assert "1 of 6 judge replies were not 'a' or 'b'" in notes[0]
     pairs = json.loads((tmp_path / "annotations.json").read_text())
     assert [p["instruction"] for p in pairs] == [q for i, (q, _, _) in enumerate(ALPACA_CASES) if i != 3]

@@ -21,6 +21,7 @@ RESULTS = {  # lm-eval's results for one task: "<metric>,<filter>" keys, with th
         "exact_match,strict-match": 0.25,
         "exact_match_stderr,strict-match": 0.1,
         "exact_match,flexible-extract": 0.5,
+        "exact_match_stderr,flexible-extract": "N/A",  # lm-eval's text where it computed none
     }
 }
 
@@ -119,8 +120,10 @@ def test_gsm8k_gets_the_whole_model_path_offline_and_the_hint_names_a_recorded_m
     assert metrics == {
         "gsm8k/exact_match:strict-match": 0.25,
         "gsm8k/exact_match:flexible-extract": 0.5,
+        "gsm8k/exact_match_stderr:strict-match": 0.1,  # after the scores: the first score is what runs rank by
         "gsm8k/n": 2.0,
     }
+    assert list(metrics)[:2] == ["gsm8k/exact_match:strict-match", "gsm8k/exact_match:flexible-extract"]
     assert records[0]["decoding"] is None and records[0]["lm_eval"]["limit"] == 2  # what lm-eval ran with
     assert records[0]["lm_eval"]["dtype"] == "float32" and records[0]["lm_eval"]["device"] == "cpu"
     assert any("limit=2" in n for n in records[0]["notes"]) and lm_eval_calls[0]["batch_size"] == 16
@@ -219,7 +222,7 @@ def test_a_task_group_is_ranked_by_its_own_score_not_its_first_subtask():
         "mmlu": {"acc,none": 0.45, "alias": "mmlu"},
     }
     ranked = ["mmlu/acc:none", "mmlu_abstract_algebra/acc:none", "mmlu_anatomy/acc:none"]
-    assert list(_flat_metrics(results, ["mmlu"])) == ranked
+    assert list(_flat_metrics(results, ["mmlu"])) == [*ranked, "mmlu_abstract_algebra/acc_stderr:none"]
 
 
 def test_judge_only_runs_no_lm_eval(lm_eval_calls, tmp_path, compose):

@@ -26,6 +26,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -122,6 +123,16 @@ def reply_text(content) -> str:
 def win_rate(preferences: list[float]) -> float | None:
     """Percent, ties half; None when nothing was judged."""
     return 100.0 * sum(p - 1.0 for p in preferences) / len(preferences) if preferences else None
+
+
+def standard_error(preferences: list[float]) -> float | None:
+    """The win rate's standard error, in percent, as alpaca-eval reports it (``standard_error``): the sample
+    standard deviation of the preferences (n - 1) over the square root of their number. None below two verdicts."""
+    n = len(preferences)
+    if n < 2:
+        return None
+    mean = sum(preferences) / n
+    return 100.0 * math.sqrt(sum((p - mean) ** 2 for p in preferences) / (n - 1) / n)
 
 
 # The whole reply must name one output: "a", "(b)", "**A**", "Output (a).", "Answer: b". A sentence that merely
@@ -394,20 +405,22 @@ def annotations(
     ]
 
 
-def length_controlled(rows: list[dict], file_rows: int) -> tuple[float | None, str | None]:
-    """AlpacaEval 2's LC win rate via alpaca-eval itself, for ``rows`` judged of a prompts file of ``file_rows``
-    rows; (None, why) when it cannot be computed here."""
+def length_controlled(rows: list[dict], file_rows: int) -> tuple[dict, str | None]:
+    """AlpacaEval 2's LC win rate and its standard error via alpaca-eval itself (``{"lc_win_rate",
+    "lc_standard_error"}``), for ``rows`` judged of a prompts file of ``file_rows`` rows; both None, and why, when
+    they cannot be computed here."""
+    none = {"lc_win_rate": None, "lc_standard_error": None}
     if why := lc_subset_note(len(rows), file_rows):
-        return None, why
+        return none, why
     try:
         from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
     except ImportError:
-        return None, "LC needs the alpaca-eval package: pip install -e '.[eval]'"
+        return none, "LC needs the alpaca-eval package: pip install -e '.[eval]'"
     from huggingface_hub import try_to_load_from_cache
 
     # Its GLM reads precomputed data from the hub data set tatsu-lab/alpaca_eval: use a cached copy, never download.
     if not isinstance(try_to_load_from_cache("tatsu-lab/alpaca_eval", "df_gamed.csv", repo_type="dataset"), str):
-        return None, (
+        return none, (
             "LC needs tatsu-lab/alpaca_eval's df_gamed.csv in the Hugging Face cache (alpaca-eval's GLM "
             "reads it; nothing is downloaded here): fetch it once with huggingface-cli download "
             "tatsu-lab/alpaca_eval df_gamed.csv --repo-type dataset"
@@ -415,8 +428,9 @@ def length_controlled(rows: list[dict], file_rows: int) -> tuple[float | None, s
     try:
         metrics = get_length_controlled_winrate(rows, save_weights_dir=None)
     except Exception as e:  # a GLM failure is reported, the win rate stands
-        return None, f"alpaca-eval's LC failed ({type(e).__name__}: {str(e)[:200]})"
-    return float(metrics["length_controlled_winrate"]), None
+        return none, f"alpaca-eval's LC failed ({type(e).__name__}: {str(e)[:200]})"
+    se = metrics.get("lc_standard_error")  # alpaca-eval 0.6 and later
+    return {"lc_win_rate": float(metrics["length_controlled_winrate"]), "lc_standard_error": _number(se)}, None
 
 
 LC_MISSING_SHARE = 0.01  # of the prompts without a verdict, past which no LC win rate is given
@@ -476,6 +490,17 @@ def package_judge(b, model_outputs_path, reference_path: str, out_dir) -> dict:
     row = board.iloc[0]
     return {
         "lc_win_rate": float(row["length_controlled_winrate"]),
+        "lc_standard_error": _number(row.get("lc_standard_error")),
         "win_rate": float(row["win_rate"]),
+        "standard_error": _number(row.get("standard_error")),
         "avg_length": float(row["avg_length"]),
     }
+
+
+def _number(value) -> float | None:
+    """A finite float of alpaca-eval's figure, or None (a column its version lacks, a NaN of a single verdict)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None

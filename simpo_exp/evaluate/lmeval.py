@@ -23,11 +23,12 @@ from simpo_exp.data.sources import DataSourceError
 
 
 def _flat_metrics(results: dict, asked: list | tuple = ()) -> dict:
-    """``{"<task>/<metric>:<filter>": value}`` for lm-eval's scores (its ``metric,filter`` keys; standard errors
-    left out), and ``<task>/n`` for the number of samples scored (its ``samples``, ``sample_len`` in some
-    versions: not a score). The tasks ``asked`` come first: lm-eval lists a group's subtasks before the group
-    (``mmlu_abstract_algebra`` before ``mmlu``), and runs were ranked by the first score."""
-    out, counts = {}, {}
+    """``{"<task>/<metric>:<filter>": value}`` for lm-eval's scores (its ``metric,filter`` keys), then their standard
+    errors (``<task>/<metric>_stderr:<filter>``, where lm-eval gives a number, not "N/A"), and ``<task>/n`` for the
+    number of samples scored (its ``samples``, ``sample_len`` in some versions: not a score). The tasks ``asked``
+    come first: lm-eval lists a group's subtasks before the group (``mmlu_abstract_algebra`` before ``mmlu``), and
+    runs are ranked by the first score."""
+    out, errors, counts = {}, {}, {}
     first = [t for t in asked if t in results]
     for task in [*first, *(t for t in results if t not in first)]:
         metrics = results[task]
@@ -36,9 +37,10 @@ def _flat_metrics(results: dict, asked: list | tuple = ()) -> dict:
                 continue
             if key in ("samples", "sample_len"):  # lm-eval's count of the samples scored (named either way)
                 counts[f"{task}/n"] = float(value)
-            elif "," in key and "stderr" not in key:
-                out[f"{task}/{key.replace(',', ':')}"] = float(value)
-    return out | counts  # the scores first: the first one is what runs are ranked by
+            elif "," in key:
+                into = errors if key.partition(",")[0].endswith("_stderr") else out
+                into[f"{task}/{key.replace(',', ':')}"] = float(value)
+    return out | errors | counts  # the scores first: the first one is what runs are ranked by
 
 
 def check_tasks(b) -> None:

@@ -42,6 +42,7 @@ from simpo_exp.evaluate.judge import (
     package_judge,
     refused_note,
     rule_preferences,
+    standard_error,
     win_rate,
 )
 from simpo_exp.evaluate.runs import (
@@ -272,6 +273,7 @@ def _rule(ctx: dict) -> dict:
     return {
         "metrics": {
             "win_rate": win_rate([r["preference"] for r in rows]),
+            "standard_error": standard_error([r["preference"] for r in rows]),
             "score": _mean([r["score_model"] for r in rows]),
             "score_start": _mean([r["score_baseline"] for r in rows]),
             "exact": exact("score_model"),
@@ -323,7 +325,9 @@ def _judge_pairs(
     rows = [r for r in every if r["preference"] is not None]  # the judged pairs
     write_json(out / "annotations.json", rows)
     missing = len(verdicts) - len(rows)
-    metrics, notes = {"win_rate": win_rate([r["preference"] for r in rows]), "unparseable_verdicts": missing}, []
+    preferences = [r["preference"] for r in rows]
+    metrics = {"win_rate": win_rate(preferences), "standard_error": standard_error(preferences)}
+    metrics, notes = {**metrics, "unparseable_verdicts": missing}, []
     if missing:
         errors = [v["error"] for v in verdicts if v.get("error")]
         notes.append(
@@ -335,9 +339,10 @@ def _judge_pairs(
         # the judge gave no verdict are left out of the GLM's fit but not of its average over the instructions;
         # too many of those, and the fit reads its regularising rows rather than this model
         if why := lc_missing_note(missing, len(every)):
-            metrics["lc_win_rate"] = None
+            metrics |= {"lc_win_rate": None, "lc_standard_error": None}
         else:
-            metrics["lc_win_rate"], why = length_controlled(every, info["rows"])
+            lc, why = length_controlled(every, info["rows"])
+            metrics |= lc
         notes += [why] if why else []
     return metrics, notes
 
@@ -377,7 +382,7 @@ def _alpacaeval(ctx: dict) -> dict:
     elif b.judge.kind == "alpaca_eval":
         metrics.update(package_judge(b, out / "model_outputs.json", b.prompts_path, out / "alpaca_eval"))
         if why := lc_subset_note(len(texts), info["rows"]):  # alpaca-eval would fit its GLM on another set
-            metrics["lc_win_rate"] = None
+            metrics |= {"lc_win_rate": None, "lc_standard_error": None}
             record["notes"].append(why)
         record["win_rate_method"] = f"alpaca_eval's annotator {b.judge.annotators_config}"
         record["annotations_path"] = str(package_annotations_path(out / "alpaca_eval", b.judge.annotators_config))

@@ -58,6 +58,29 @@ def read_results(run_dir: Path) -> dict[str, float]:
     return flat
 
 
+def uncertainty_keys(metric: str) -> list[str]:
+    """The keys of the same results that say how far ``metric`` is to be trusted: AlpacaEval's standard errors
+    (``standard_error`` of ``win_rate``, ``lc_standard_error`` of ``lc_win_rate``, in percent as alpaca-eval reports
+    them), Arena-Hard's 95% bootstrap interval (``win_rate_ci_low``, ``win_rate_ci_high``), lm-eval's
+    ``<metric>_stderr:<filter>`` of ``<metric>:<filter>``."""
+    head, _, name = metric.rpartition("/")
+    at = f"{head}/" if head else ""
+    if name == "lc_win_rate":
+        return [f"{at}lc_standard_error"]
+    if name == "win_rate":
+        return [f"{at}standard_error", f"{at}win_rate_ci_low", f"{at}win_rate_ci_high"]
+    score, colon, lm_filter = name.partition(":")
+    return [f"{at}{score}_stderr:{lm_filter}"] if colon and not score.endswith("_stderr") else []
+
+
+def is_uncertainty(metric: str) -> bool:
+    """Whether ``metric`` is a standard error or an interval bound of another (``uncertainty_keys``), not a result."""
+    name = metric.rpartition("/")[2]
+    return name in ("standard_error", "lc_standard_error", "win_rate_ci_low", "win_rate_ci_high") or name.partition(
+        ":"
+    )[0].endswith("_stderr")
+
+
 def is_bench_metric(name: str) -> bool:
     return name.startswith(PREFIX) and name.count("/") >= 2
 
