@@ -78,7 +78,9 @@ def base_license(model_path: str) -> dict:
     found = {k: data[k] for k in LICENSE_KEYS if data.get(k)}
     link = str(found.get("license_link") or "")
     if link and "://" not in link and _is_hub_id(model_path):  # a file of the base's repo, not of this one
-        found["license_link"] = f"https://huggingface.co/{model_path}/blob/main/{link.lstrip('./')}"
+        while link.startswith(("./", "/")):  # "./LICENSE", "/LICENSE": the repo's root (not ".github/LICENSE")
+            link = link.removeprefix("./").removeprefix("/")
+        found["license_link"] = f"https://huggingface.co/{model_path}/blob/main/{link}"
     return found
 
 

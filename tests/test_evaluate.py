@@ -900,3 +900,59 @@ def test_a_hub_bases_relative_licence_link_points_at_its_own_repo(tmp_path, monk
     assert base_license("meta-llama/Meta-Llama-3-8B")["license_link"] == (
         "https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/LICENSE"
     )
+    # a leading "./" is the repo's root; a folder whose name starts with a dot keeps it
+    for link, path in (("./LICENSE.txt", "LICENSE.txt"), (".github/LICENSE", ".github/LICENSE")):
+        card.write_text(f"---\nlicense: other\nlicense_name: llama3\nlicense_link: {link}\n---\n# base\n")
+        assert base_license("org/base")["license_link"] == f"https://huggingface.co/org/base/blob/main/{path}"
+
+
+def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, monkeypatch):
+    """evaluate.push_to_hub=true: a sweep's jobs go each to ``<hub_repo>-<job>`` (one repo for all kept only the last
+    job's model), a single run to ``hub_repo`` itself, and every repo is created private."""
+    import types
+
+    import huggingface_hub
+
+    from simpo_exp.evaluate.run import _finish_run
+
+    created, uploaded = [], []
+
+    class FakeApi:
+        def __init__(self, token):
+            assert token == "secret"
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            created.append((repo_id, private))
+
+        def upload_folder(self, folder_path, repo_id, commit_message=""):
+            uploaded.append((folder_path, repo_id))
+            return types.SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("SIMPO_EXP_TEST_PUSH_TOKEN", "secret")
+    sweep = tmp_path / "sweep"
+    runs = [sweep / "0_beta=2", sweep / "1_beta=5"]
+    for r in runs:
+        (r / ".hydra").mkdir(parents=True)
+        (r / ".hydra" / "config.yaml").write_text("{}\n")
+    e = types.SimpleNamespace(
+        model_card=False, push_to_hub=True, hub_repo="me/simpo", hub_token_env="SIMPO_EXP_TEST_PUSH_TOKEN", path=""
+    )
+    for r in runs:
+        _finish_run(r, None, types.SimpleNamespace(**{**vars(e), "path": str(sweep)}))
+    _finish_run(runs[0], None, types.SimpleNamespace(**{**vars(e), "path": str(runs[0])}))
+    assert created == [("me/simpo-0_beta-2", True), ("me/simpo-1_beta-5", True), ("me/simpo", True)]
+    assert uploaded == [(str(r / "model"), repo) for r, (repo, _) in zip([*runs, runs[0]], created)]
+
+
+def test_the_card_training_writes_carries_the_figures_it_is_given(tmp_path):
+    """Training writes the card before its summary.json: the held-out figures it hands over are the card's, not
+    those of a summary.json left from an earlier finish (or none)."""
+    from simpo_exp.inference.files import write_json
+    from simpo_exp.modelcard import write_model_card
+
+    write_json(tmp_path / "summary.json", {"eval/loss": 9.9, "train/global_step": 1})  # an earlier finish's
+    cfg = {"model": {"name": "t"}, "beta": 2.0}
+    text = write_model_card(tmp_path, cfg, "run", resolved={}, training={"eval/loss": 0.5, "train/global_step": 10})
+    text = text.read_text()
+    assert "| eval/loss | 0.5 |" in text and "| train/global_step | 10 |" in text and "9.9" not in text

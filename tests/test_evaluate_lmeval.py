@@ -236,3 +236,83 @@ def test_judge_only_runs_no_lm_eval(lm_eval_calls, tmp_path, compose):
     evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
     (kept,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2", "evaluate.judge_only=true")
     assert len(lm_eval_calls) == 1 and kept["metrics"]["gsm8k/exact_match:strict-match"] == 0.25  # kept as stored
+
+
+def test_a_failed_lm_eval_leaves_no_result_of_other_settings(lm_eval_calls, tmp_path, compose, monkeypatch):
+    """A re-evaluation with other settings that failed (out of memory, a task's data missing) left the earlier
+    settings' results.json in place: compare and the model card showed those scores as the run's."""
+    from simpo_exp.inference.results import read_results
+
+    run = fake_run(tmp_path / "run", [], compose)
+    evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+
+    def broken(**kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=broken))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=3")
+    assert read_results(run) == {}
+    previous = run / "eval" / "gsm8k" / "results.previous.json"
+    assert json.loads(previous.read_text())["lm_eval"]["limit"] == 2  # kept, not lost
+
+
+def test_kept_lm_eval_scores_stay_kept_on_every_later_run(lm_eval_calls, tmp_path, compose):
+    """The record a kept evaluation writes again must still say what it was made with: else the third identical
+    command scored every task again."""
+    run = fake_run(tmp_path / "run", [], compose)
+    for _ in range(3):
+        (rec,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    assert len(lm_eval_calls) == 1 and rec["lm_eval"]["limit"] == 2 and rec["made_with"]["limit"] == 2
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("benchmarks.gsm8k.num_fewshot=3", "num_fewshot", 3),
+        ("benchmarks.gsm8k.apply_chat_template=false", "apply_chat_template", False),
+    ],
+)
+def test_lm_eval_scores_of_other_few_shot_settings_are_not_kept(lm_eval_calls, tmp_path, compose, override, key, value):
+    """The number of few-shot examples and the chat template move lm-eval's score: scores made with others are
+    not taken as this command's."""
+    run = fake_run(tmp_path / "run", [], compose)
+    evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    (rec,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2", override)
+    assert len(lm_eval_calls) == 2 and lm_eval_calls[1][key] == value and rec["lm_eval"][key] == value
+
+
+def test_lm_eval_scores_of_the_model_loaded_in_another_dtype_are_not_kept(
+    lm_eval_calls, tmp_path, compose, monkeypatch
+):
+    """The same weights evaluated on a GPU (bf16) and on a CPU (float32) give other scores: neither is kept for the
+    other."""
+    from simpo_exp.evaluate import lmeval
+
+    run = fake_run(tmp_path / "run", [], compose)
+    evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    monkeypatch.setattr(lmeval, "lm_eval_dtype", lambda policy_cfg: "bfloat16")
+    (rec,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    assert len(lm_eval_calls) == 2 and lm_eval_calls[1]["model_args"]["dtype"] == "bfloat16"
+
+
+def test_a_task_whose_data_set_is_not_cached_is_named_and_the_hub_settings_are_put_back(
+    lm_eval_calls, tmp_path, compose, monkeypatch
+):
+    """lm-eval ends in the datasets library's error where a task's data is not in the cache: the stage says which
+    tasks and what to do; and the environment it switched offline is as it was."""
+    import os
+
+    from simpo_exp.data.sources import DataSourceError
+
+    def uncached(**kwargs):
+        assert os.environ["HF_DATASETS_OFFLINE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=uncached))
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    run = fake_run(tmp_path / "run", [], compose)
+    with pytest.raises(DataSourceError, match=r"benchmarks.gsm8k.tasks=\['gsm8k'\]: a task's data set is not on this"):
+        evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    assert "HF_DATASETS_OFFLINE" not in os.environ and "HF_HUB_OFFLINE" not in os.environ

@@ -240,3 +240,15 @@ def test_arena_hard_prompts_go_without_the_training_pipelines_empty_system_turn(
     assert rendered == ["simpo_repo", "generation_prompt"]
     manifest = run / "eval" / "arena-hard" / "shards" / "trained-manifest.json"
     assert json.loads(manifest.read_text())["chat_format"] == "generation_prompt"
+
+
+def test_answers_made_in_larger_batches_serve_a_run_resumed_with_smaller_ones(tmp_path):
+    """decoding.batch_size is how many prompts go at once, not what is answered: a run killed for memory and resumed
+    with a smaller batch keeps its stored answers (it was refused, "decoding.batch_size: stored 16, now 8")."""
+    from simpo_exp.evaluate.run import _check_manifest
+
+    path = tmp_path / "trained-manifest.json"
+    made = {"weights": {"sha256": "x"}, "prompts": "p", "decoding": {"temperature": 0.0, "batch_size": 16}}
+    path.write_text(json.dumps(made))
+    now = {**made, "decoding": {"temperature": 0.0, "batch_size": 8}}
+    _check_manifest(path, now, has_answers=True)  # not refused
