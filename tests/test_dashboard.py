@@ -342,3 +342,83 @@ def test_a_methods_own_statistics_go_with_the_log_probs(monkeypatch):
     monkeypatch.setitem(methods.TABLE, "slic", added)
     assert dashboard._section_of("calibration_gap") == "Log-probs"
     assert dashboard._section_of("tokens_per_s") == "Progress and throughput"
+
+
+def test_evaluation_bars_of_two_swept_keys_pool_seeds_only(tmp_path):
+    """Swept over beta and gamma_beta_ratio: a bar per setting (the runs table's grouping), not one per beta that
+    averages different gamma_beta_ratio values together."""
+    sweep = dashboard.Sweep(
+        group="g",
+        swept={"beta": ["beta"], "gamma_beta_ratio": ["gamma_beta_ratio"], "seed": ["seed"]},
+        jobs=[Path("a"), Path("b"), Path("c"), Path("d")],
+        bench=["bench/rule/win_rate"],
+    )
+    spec = dashboard.view_spec(dashboard.build_workspace(sweep, None, "simpo-exp"))
+    sections = {s["name"]: s for s in spec["spec"]["section"]["panelBankConfig"]["sections"]}
+    (bar,) = sections[dashboard.EVAL_SECTION]["panels"]
+    assert bar["config"]["aggregate"] is True and not bar["config"].get("groupBy")
+    assert dashboard.spec_keys(spec)["grouping"] == {"config:beta.value", "config:gamma_beta_ratio.value"}
+
+
+def _record(sweep_dir: Path, **fields_of_job) -> None:
+    for i, job in enumerate(sorted(p for p in sweep_dir.iterdir() if p.is_dir())):
+        record = {"id": f"id{i}", **{k: v[i] if isinstance(v, list) else v for k, v in fields_of_job.items()}}
+        (job / "wandb_run.json").write_text(json.dumps(record))
+
+
+def test_jobs_of_two_sweeps_are_refused(tmp_path):
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    _record(sweep_dir, group=["sweep-a-000000", "sweep-b-111111"])
+    with pytest.raises(SystemExit, match="holds jobs of 2 sweeps"):
+        dashboard.read_sweep(sweep_dir)
+
+
+def test_jobs_that_logged_to_two_entities_name_none(tmp_path):
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    _record(sweep_dir, group="sweep-x-000000", entity=["team-a", "team-b"], project="p")
+    sweep = dashboard.read_sweep(sweep_dir)
+    assert sweep.entity is None and sweep.project == "p"
+
+
+def test_the_command_lines_entity_and_project_win_over_the_recorded_ones(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    _record(sweep_dir, group="sweep-x-000000", entity="team-x", project="proj-y")
+    out = tmp_path / "view.json"
+    assert dashboard.main([str(sweep_dir), "--entity", "mine", "--project", "other", "--out", str(out)]) == 0
+    spec = json.loads(out.read_text())
+    assert (spec["entity"], spec["project"]) == ("mine", "other")
+
+
+def test_a_saved_views_name_is_kept_only_for_the_same_project(tmp_path, monkeypatch):
+    """The spec on disk names the view a save made; written for another project, it must not point at that view."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    out = tmp_path / "view.json"
+    saved = {"name": "view-name", "id": "view-id", "project": "simpo-exp", "entity": "team"}
+    out.write_text(json.dumps(saved))
+    assert dashboard.main([str(sweep_dir), "--project", "elsewhere", "--out", str(out)]) == 0
+    spec = json.loads(out.read_text())
+    assert spec.get("id") != "view-id" and spec.get("name") != "view-name"
+    out.write_text(json.dumps(saved))
+    assert dashboard.main([str(sweep_dir), "--entity", "team", "--out", str(out)]) == 0  # the same view: kept
+    assert json.loads(out.read_text())["id"] == "view-id"
+
+
+def test_a_sweep_at_hydras_default_directory_gets_the_group_it_ran_under(tmp_path):
+    """Left at its default, hydra.sweep.dir is saved unresolved (${now:...}): the group comes from the folder the
+    jobs ran in, as recorded in hydra.yaml's runtime.output_dir."""
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    for job in (p for p in sweep_dir.iterdir() if p.is_dir()):
+        (job / ".hydra" / "hydra.yaml").write_text(
+            "hydra:\n  mode: MULTIRUN\n  sweep:\n    dir: multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}\n"
+            f"  runtime:\n    cwd: {tmp_path}\n    output_dir: {job}\n"
+        )
+    assert dashboard.read_sweep(sweep_dir).group == sweep_group(str(sweep_dir))
+
+
+def test_jobs_whose_hydra_yaml_names_no_mode_are_read(tmp_path):
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    for job in (p for p in sweep_dir.iterdir() if p.is_dir()):
+        (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  sweep:\n    dir: {sweep_dir}\n")
+    assert len(dashboard.read_sweep(sweep_dir).jobs) == 2

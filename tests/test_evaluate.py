@@ -956,3 +956,55 @@ def test_the_card_training_writes_carries_the_figures_it_is_given(tmp_path):
     text = write_model_card(tmp_path, cfg, "run", resolved={}, training={"eval/loss": 0.5, "train/global_step": 10})
     text = text.read_text()
     assert "| eval/loss | 0.5 |" in text and "| train/global_step | 10 |" in text and "9.9" not in text
+
+
+def test_arena_hard_sample_table_keeps_each_games_verdict_in_its_own_column(tmp_path):
+    """Game 1 shows the baseline's answer first, game 2 the model's: each label goes to its own column, and a
+    judgment with other than two games is left out."""
+    from simpo_exp.evaluate.wandb_log import sample_rows
+    from simpo_exp.inference.files import write_json, write_jsonl
+
+    arena = tmp_path / "eval" / "arena-hard"
+    answer = {"question_id": "q0", "choices": [{"index": 0, "turns": [{"content": "An answer."}]}]}
+    write_jsonl(arena / "model_answer" / "run.jsonl", [answer, answer | {"question_id": "q1"}])
+    judgments = arena / "model_judgment" / "judge" / "run.jsonl"
+    write_jsonl(
+        judgments,
+        [
+            {"question_id": "q0", "games": [{"score": "A>>B"}, {"score": None}]},
+            {"question_id": "q1", "games": [{"score": "B>A"}]},  # one game: no row
+        ],
+    )
+    write_json(arena / "results.json", {"metrics": {"score": 50.0}, "judgments_path": str(judgments)})
+    assert sample_rows(tmp_path, "arena-hard") == (
+        ["question_id", "answer", "verdict_baseline_first", "verdict_model_first"],
+        [["q0", "An answer.", "A>>B", "none"]],
+    )
+
+
+def test_wandb_mode_from_the_environment_wins_over_the_runs_recorded_mode(tmp_path, monkeypatch):
+    """WANDB_MODE is the user's word: an online run's evaluation stays offline (or off) when it says so."""
+    import wandb
+
+    from simpo_exp.evaluate import wandb_log
+    from simpo_exp.inference.files import write_json
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_log.wandb_mode("online") == "offline"
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs))
+    write_json(tmp_path / "wandb_run.json", {"id": "abc123", "project": "p", "group": "g", "mode": "online"})
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_log.log_results(tmp_path, ["rule"]) is False and calls == []  # nothing opened, nothing sent
+
+
+def test_a_benchmarks_wandb_table_holds_its_first_few_rows(tmp_path):
+    from simpo_exp.evaluate.wandb_log import SAMPLE_ROWS, sample_rows
+    from simpo_exp.inference.files import write_jsonl
+
+    rows = [{"prompt": f"p{i}", "preference": 1 + i % 2, "n": i} for i in range(SAMPLE_ROWS + 4)]
+    write_jsonl(tmp_path / "eval" / "rule" / "generations.jsonl", rows)
+    columns, table = sample_rows(tmp_path, "rule")
+    assert columns == ["prompt", "preference", "n"]
+    assert table == [[r["prompt"], r["preference"], r["n"]] for r in rows[:SAMPLE_ROWS]]

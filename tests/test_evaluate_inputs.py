@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 from simpo_exp.errors import UserError
 from simpo_exp.evaluate.benchmarks import alpaca_prompts, arena_prompts
@@ -509,3 +510,21 @@ def test_alpaca_evals_own_judge_on_a_subset_reports_no_lc_and_answers_go_strippe
     assert record["metrics"]["win_rate"] == 30.0
     assert any(n.endswith("the prompts file has 3 rows, not alpaca_eval's 805") for n in record["notes"])
     assert not any("max_prompts" in n for n in record["notes"]), record["notes"]
+
+
+def _saved_run(tmp_path, saved):
+    run = tmp_path / "r1"
+    (run / ".hydra").mkdir(parents=True)
+    base = {"model": {"name": "tiny"}, "dataset": {"name": "synthetic"}, "hardware": {"name": "cpu"}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(base | {"logger": {"name": "none"}} | saved))
+    return run
+
+
+def test_a_runs_seed_and_its_older_model_tiny_key_are_read_back(tmp_path):
+    """The starting policy of a random-init run is rebuilt from its seed and shape: a run saved before model.tiny was
+    renamed random_init, or with a seed other than the default, must come back as it trained."""
+    from simpo_exp.evaluate.runs import load_run_config
+
+    run = _saved_run(tmp_path, {"seed": 7, "model": {"name": "tiny", "tiny": {"hidden_size": 48}}})
+    cfg = load_run_config(run)
+    assert cfg.seed == 7 and cfg.model.random_init.hidden_size == 48

@@ -11,6 +11,7 @@ wandb >= 0.2x writes the file from its Go core and no longer ships a Python read
 """
 
 import json
+import math
 import os
 import secrets
 import struct
@@ -507,3 +508,39 @@ def test_the_runs_figures_no_step_logged_reach_the_wandb_summary(tmp_path):
     tracker.finish({"train/loss": 0.5, "eval/rewards/accuracies": 0.75, "train/compile_warmup_s": 2.5, "runtime_s": 9})
     best_and_last = {dashboard.TARGET: {"max": 0.75, "last": 0.75}}  # from metrics.jsonl (the resume test above)
     assert fake.summary == {"train/compile_warmup_s": 2.5, "runtime_s": 9} | best_and_last
+
+
+def test_the_best_held_out_accuracy_skips_nans_and_the_last_is_the_last_logged(tmp_path):
+    """A NaN first eval made W&B's best NaN; a diverged last eval is the run's last value (NaN), not the one before."""
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    finished = []
+    tracker.wandb_run = SimpleNamespace(summary={}, log=lambda metrics: None, finish=lambda: finished.append(1))
+    for step, acc in enumerate([float("nan"), 0.5, 0.7, float("nan")]):
+        tracker.log({dashboard.TARGET: acc}, step)
+    summary = tracker.wandb_run.summary
+    tracker.finish({})
+    best = summary[dashboard.TARGET]
+    assert best["max"] == 0.7 and math.isnan(best["last"]) and finished == [1]
+
+
+def test_a_run_whose_held_out_accuracy_was_never_a_number_still_closes_its_wandb_run(tmp_path, recwarn):
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    finished = []
+    tracker.wandb_run = SimpleNamespace(summary={}, log=lambda metrics: None, finish=lambda: finished.append(1))
+    tracker.log({dashboard.TARGET: float("nan")}, 1)
+    summary = tracker.wandb_run.summary
+    tracker.finish({})
+    assert finished == [1] and dashboard.TARGET not in summary
+    assert not [w for w in recwarn if "W&B" in str(w.message)]
+
+
+def test_infinities_keep_their_sign_in_metrics_jsonl(tmp_path):
+    import json
+
+    from simpo_exp.tracking import logged_value
+
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    tracker.log({"train/logps/rejected": float("-inf"), "train/grad_norm": float("inf"), "train/loss": float("nan")}, 1)
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged_value(record["train/logps/rejected"]) == float("-inf")
+    assert logged_value(record["train/grad_norm"]) == float("inf") and math.isnan(logged_value(record["train/loss"]))
