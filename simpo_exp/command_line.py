@@ -4,7 +4,9 @@ torchrun)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import sys
 
@@ -31,9 +33,26 @@ def missing_plugin(argv: list[str]) -> str | None:
 MODES = {"--run": "-r", "--multirun": "-m", "--cfg": "-c", "--info": "-i", "--shell-completion": "-sc"}
 
 
+def modes_given(argv: list[str]) -> list[str]:
+    """Hydra's modes a command gives (long names), read by Hydra's own parser, so that ``--cfg=job``, ``-cjob`` and
+    an abbreviation (``--multi``, which argparse takes) count; by their exact flags where that parser is not at hand or
+    refuses the line (Hydra then says why itself)."""
+    exact = [long for long, short in MODES.items() if long in argv or short in argv]
+    try:
+        from hydra._internal.utils import get_args_parser  # what hydra.main parses the command line with
+    except ImportError:
+        return exact
+    try:  # quiet: a refusal or --version is for Hydra to print
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return exact
+    return [long for long in MODES if getattr(args, long[2:].replace("-", "_"), None) not in (None, False)]
+
+
 def mixed_modes(argv: list[str]) -> str | None:
     """The message for a command giving two of Hydra's modes (``--multirun --cfg job``), else None."""
-    given = [long for long, short in MODES.items() if long in argv or short in argv]
+    given = modes_given(argv)
     if len(given) < 2:
         return None
     hint = (
@@ -48,7 +67,7 @@ def sweep_without_multirun(argv: list[str]) -> str | None:
     """The message for a ``+sweep=``/``+launcher=`` preset in a command that runs one job here (no ``--multirun``):
     Hydra applies sweepers and launchers to a multirun only, so that job would train on this machine, a login
     node's, with the preset's defaults; else None. ``--cfg``, ``--info`` (which print and run nothing) pass."""
-    if any(long in argv or short in argv for long, short in MODES.items() if long != "--run"):
+    if set(modes_given(argv)) - {"--run"}:
         return None
     for arg in argv:
         if arg.startswith(tuple(PLUGINS)):

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -560,3 +561,24 @@ def test_every_process_waits_for_the_main_ones_requeue_before_leaving(monkeypatc
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert calls == ["requeued", "all processes met"] and leaving.value.code == -1
+
+
+def test_a_finished_run_hands_its_recorded_accuracy_to_the_sweeper(tmp_path, monkeypatch):
+    """A re-run sweep skips its finished jobs: each must still return its recorded eval accuracy, which the Optuna
+    sweeper takes as the trial's value (None is a failed trial; a search whose trials all finished had "every trial
+    of the Optuna search failed")."""
+    from hydra._internal.hydra import Hydra
+
+    import simpo_exp.__main__ as entry
+
+    monkeypatch.setattr(entry, "recorded_summary", lambda config: {"eval/rewards/accuracies": 0.75})
+    monkeypatch.setattr(sys, "argv", ["simpo_exp", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    returned, run = [], Hydra.run
+
+    def keep(self, *args, **kwargs):  # the job's return value, which hydra.main does not hand back
+        returned.append(run(self, *args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(Hydra, "run", keep)
+    entry.main()
+    assert returned[-1].return_value == pytest.approx(0.75)

@@ -446,3 +446,24 @@ def test_a_task_given_one_gpu_samples_on_it_whatever_its_local_rank(monkeypatch)
     assert pick_device("cuda") == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # a node's processes that each see every GPU
     assert pick_device("auto") == torch.device("cuda", 3)
+
+
+def test_two_of_hydras_modes_in_one_command_are_refused_with_what_to_drop(capsys):
+    """``--multirun --cfg job`` (a sweep's config, looked at before submitting it) was Hydra's ValueError traceback;
+    the short flags, ``--cfg=job`` and an abbreviation argparse takes (``--multi``) count as the long ones."""
+    from simpo_exp.command_line import mixed_modes, refuse_command_line, sweep_without_multirun
+
+    message = mixed_modes(["-m", "--cfg", "job", "beta=2,5"])
+    assert message.startswith("--multirun and --cfg given: Hydra runs one of") and "drop --multirun" in message
+    assert mixed_modes(["--multi", "--cfg=job", "beta=2,5"]) == message
+    assert mixed_modes(["--run", "-i"]) == (
+        "--run and --info given: Hydra runs one of --run, --multirun, --cfg, --info at a time"
+    )
+    for one in (["--multirun", "beta=2,5"], ["-c", "job"], ["--cfg=job"], ["beta=2"], []):
+        assert mixed_modes(one) is None
+    # --cfg=job prints a config and runs nothing: a launcher preset beside it is no single job run here
+    assert sweep_without_multirun(["--cfg=job", "+launcher=slurm"]) is None
+    assert sweep_without_multirun(["+launcher=slurm"]).endswith("add --multirun")
+    with pytest.raises(SystemExit) as stopped:  # every stage's entry point runs the check
+        refuse_command_line(["--multirun", "--cfg", "job", "beta=2,5"], "config")
+    assert stopped.value.code == 2 and "error: --multirun and --cfg given" in capsys.readouterr().err

@@ -422,3 +422,11 @@ def test_jobs_whose_hydra_yaml_names_no_mode_are_read(tmp_path):
     for job in (p for p in sweep_dir.iterdir() if p.is_dir()):
         (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  sweep:\n    dir: {sweep_dir}\n")
     assert len(dashboard.read_sweep(sweep_dir).jobs) == 2
+
+
+def test_a_sweep_folder_named_two_ways_is_one_group():
+    """The training jobs name their group from hydra.sweep.dir as typed, the dashboard from the folder given to it:
+    ``outputs/beta/`` and ``./outputs/beta`` are the one sweep, and its dashboard must filter on its jobs' group."""
+    one = sweep_group("outputs/a/beta", "/work")
+    assert sweep_group("outputs/a/beta/", "/work") == sweep_group("./outputs/a/beta", "/work") == one
+    assert sweep_group("outputs/x/../a/beta", "/work") == one

@@ -356,3 +356,33 @@ def test_a_bos_that_is_also_eos_or_the_turn_start_does_not_stop_the_run(tmp_path
     tok.chat_template = "{{ bos_token }}{{ bos_token }}" + tok.chat_template
     with pytest.raises(ConfigError, match="8 of 8 train sequences start with two BOS"):
         build_datasets(_pairs(tmp_path / "again"), tok)
+
+
+def test_the_code_version_names_the_checkouts_commit_and_its_changes(tmp_path, monkeypatch):
+    """env.json's git_commit: the checkout's HEAD, ``+dirty`` where a tracked file has changes (files git does not
+    track do not count), None outside a checkout of the project (an installed wheel) or outside any repository."""
+    import shutil
+    import subprocess
+
+    from simpo_exp import rundir
+    from simpo_exp.environment import git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("no git here")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above tmp_path counts
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    monkeypatch.setattr(rundir, "PROJECT_DIR", tmp_path)
+    assert git_commit() is None  # not a repository
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "pyproject.toml"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit() == head and len(head) == 40
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert git_commit() == head  # an untracked file is no change to the code
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'y'\n")
+    assert git_commit() == head + "+dirty"
+    monkeypatch.setattr(rundir, "PROJECT_DIR", tmp_path / "site-packages")  # an installed wheel's folder
+    (tmp_path / "site-packages").mkdir()
+    assert git_commit() is None

@@ -701,3 +701,24 @@ def test_the_launch_time_is_the_elastic_agents_only_under_one(monkeypatch):
     assert before <= launch_time("%Y%m%d%H%M%S")  # by hand: this process's own time
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     assert launch_time("%Y%m%d%H%M%S") == parent
+
+
+def test_a_submitit_task_on_a_later_node_keeps_its_own_gpu_and_the_users_address(monkeypatch):
+    """On a job of two nodes, a task's global rank is not its local rank: of the node's GPUs listed in
+    CUDA_VISIBLE_DEVICES it keeps the one of its local rank; a MASTER_ADDR the user exported is kept, as MASTER_PORT
+    is; a list that does not give one GPU per task of the node is left as it is."""
+    from simpo_exp.runinfo import export_launcher_distributed_env
+
+    task = {"JOB_ID": "77", "NTASKS": "4", "JOB_NUM_NODES": "2", "NODEID": "1", "GLOBALID": "3", "LOCALID": "1"}
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in keys and not k.startswith("SUBMITIT")}
+    env |= {f"SUBMITIT_LOCAL_{k}": v for k, v in task.items()} | {"SUBMITIT_EXECUTOR": "local"}
+    mine = {"MASTER_ADDR": "node-a-ib0", "MASTER_PORT": "31338", "CUDA_VISIBLE_DEVICES": "4,5"}
+    monkeypatch.setattr(os, "environ", env | mine)
+    export_launcher_distributed_env()
+    ranks = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    assert [os.environ[k] for k in ranks] == ["3", "4", "1", "2", "node-a-ib0", "31338"]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.setattr(os, "environ", env | {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})  # not one per task: left as is
+    export_launcher_distributed_env()
+    assert os.environ["RANK"] == "3" and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"

@@ -525,3 +525,27 @@ def test_a_process_other_than_the_main_one_names_its_rank_in_the_log(monkeypatch
     finally:
         root.removeHandler(handler)
     assert stream.getvalue().splitlines() == ["[WARNING] - main", "[rank 1][WARNING] - other"]
+
+
+def test_a_sweep_without_hydra_folders_still_lists_its_failed_jobs_and_a_rerun_clears_a_refusal(tmp_path, capsys):
+    """Under hydra.output_subdir=null a job has no .hydra/overrides.yaml: its log marks it as run (and failed, with
+    its error.json). A re-run's start takes away the refusal an earlier command recorded, which the summary and
+    compare would otherwise read as this run's."""
+    from types import SimpleNamespace
+
+    from simpo_exp.rundir import REFUSED_FILE
+    from simpo_exp.runinfo import SweepSummary, _take_records
+
+    sweep = tmp_path / "sweep"
+    summary = SweepSummary()
+    hydra_cfg = SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep)))
+    summary.on_multirun_start(SimpleNamespace(hydra=hydra_cfg, method="simpo"))
+    job = sweep / "0_beta=-1"
+    job.mkdir(parents=True)
+    (job / "__main__.log").write_text("[ERROR] beta=-1\n")
+    (job / "error.json").write_text('{"type": "ConfigError", "error": "beta=-1: must be positive"}')
+    assert summary._list_failed() is True
+    assert "1 of 1 jobs FAILED" in capsys.readouterr().err
+    (job / REFUSED_FILE).write_text('{"type": "OtherRunsDirectory", "error": "another run"}')
+    _take_records(job)
+    assert not (job / REFUSED_FILE).exists() and not (job / "error.json").exists()
