@@ -16,6 +16,8 @@ naming both. ``hardware.check_logps=false`` leaves the check out.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from simpo_exp.errors import UserError
@@ -71,7 +73,8 @@ def check_logps(model, layout, pair: dict, pad_token_id: int, device, autocast, 
     with eval_mode(model), autocast():
         ours = [float(x) for x in policy(**batch).mean_logps.float()]
         own = [own_mean_logp(model, pair["prompt_input_ids"], pair[k], device) for k in SIDES]
-    gap = max(abs(a - b) for a, b in zip(ours, own))
+    gaps = [abs(a - b) for a, b in zip(ours, own)]
+    gap = math.nan if any(math.isnan(g) for g in gaps) else max(gaps)  # max() keeps a number met before a NaN
     kind = precision(model, autocast_dtype)
     record = {"layout": layout.as_dict(), "ours": ours, "model": own, "gap": gap, "tolerance": TOLERANCE[kind]}
     if not gap <= TOLERANCE[kind]:  # a NaN gap too

@@ -258,3 +258,19 @@ def test_a_skipped_steps_work_counts_in_the_speed_and_the_tokens_not_in_the_mean
     window.step_done(stats(float("nan"), 100.0), 2.0, skipped=True)  # a window of skipped steps alone
     metrics, _ = window.train_report(OneProcess, None, None)
     assert math.isnan(metrics["train/loss"]) and metrics["train/tokens_per_s"] == 50.0
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_compile_under_a_sharded_engine_is_refused_by_name(compose, engine):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.compiled import compile_for_run
+    from simpo_exp.config import ConfigError, to_config
+
+    cfg = to_config(compose("hardware.compile=true", "hardware.compile_backend=eager"))
+    accelerator = SimpleNamespace(distributed_type=getattr(DistributedType, engine))
+    model = make_model()
+    with pytest.raises(ConfigError, match=rf"hardware.compile=true is not supported under {engine}"):
+        compile_for_run(cfg, accelerator, model)

@@ -467,3 +467,12 @@ def test_two_of_hydras_modes_in_one_command_are_refused_with_what_to_drop(capsys
     with pytest.raises(SystemExit) as stopped:  # every stage's entry point runs the check
         refuse_command_line(["--multirun", "--cfg", "job", "beta=2,5"], "config")
     assert stopped.value.code == 2 and "error: --multirun and --cfg given" in capsys.readouterr().err
+
+
+def test_a_random_init_vocabulary_of_exactly_the_tokenizers_size_is_accepted(compose):
+    from simpo_exp.config import to_config
+    from simpo_exp.model import build_tiny_tokenizer, load_model
+
+    tok = build_tiny_tokenizer()
+    cfg = to_config(compose(f"model.random_init.vocab_size={len(tok)}", "model.random_init.num_hidden_layers=1"))
+    assert load_model(cfg, tok, "eager").get_input_embeddings().num_embeddings == len(tok)

@@ -1728,3 +1728,20 @@ def test_a_response_ends_a_turn_only_where_its_end_token_is_last_but_for_whitesp
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert ends(ids(f"a b{tok.eos_token}\n")) and ends(ids(f"a b{tok.eos_token}"))
     assert not ends(ids(f"a{tok.eos_token}b c")) and not ends(ids("a b"))
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
+    """Llama's and Mistral's hub tokenizers name no pad token: the collator needs one, so EOS stands in."""
+    from transformers import AutoTokenizer
+
+    from simpo_exp.config import ModelConfig
+    from simpo_exp.model import load_tokenizer
+    from tests.tiny import save_tiny_llama
+
+    save_tiny_llama(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token_id is None
+    loaded = load_tokenizer(ModelConfig(name="m", path=str(tmp_path)))
+    assert loaded.pad_token_id == loaded.eos_token_id is not None

@@ -122,3 +122,43 @@ def test_final_softcaps_under_each_familys_key_and_inside_a_text_config():
     assert final_softcap(SimpleNamespace(model_type="recurrent_gemma", logits_soft_cap=30.0)) == 30.0
     assert final_softcap(Gemma3Config(text_config={"final_logit_softcapping": 2.0})) == 2.0
     assert final_softcap(make_model().config) is None
+
+
+def off_by(monkeypatch, shifts: dict) -> None:
+    """The model's own mean log-prob of the chosen (0) or rejected (1) response, shifted by ``shifts``."""
+    import simpo_exp.logps_check as check
+
+    real, calls = check.own_mean_logp, iter(range(2))
+    monkeypatch.setattr(check, "own_mean_logp", lambda *a: real(*a) + shifts.get(next(calls), 0.0))
+
+
+@pytest.mark.parametrize(
+    "shifts", [{0: float("nan")}, {1: float("nan")}, {1: 0.5}], ids=["nan-chosen", "nan-rejected", "rejected-only"]
+)
+def test_a_nan_or_a_rejected_only_gap_stops_the_run(monkeypatch, shifts):
+    """The gap is the larger of the two responses', and a NaN one (a log-prob gone NaN) is a mismatch too, on either
+    side (Python's max() kept a number met before a NaN: a NaN on the rejected side passed)."""
+    off_by(monkeypatch, shifts)
+    with pytest.raises(LogpsMismatch, match="model_type='llama'"):
+        check_logps(make_model(), BatchLayout("none"), PAIR, PAD, "cpu", nullcontext)
+
+
+def test_a_16_bit_autocast_over_float32_weights_takes_the_16_bit_tolerance():
+    """The GPU presets: float32 weights under a bf16 autocast, where two ways of summing differ by bf16's rounding."""
+    model = make_model()
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    record = check_logps(model, BatchLayout("packed"), PAIR, PAD, "cpu", autocast, torch.bfloat16)
+    assert record["tolerance"] == 5e-2 and record["gap"] <= 5e-2
+    assert check_logps(model, BatchLayout("packed"), PAIR, PAD, "cpu", nullcontext, None)["tolerance"] == 1e-3
+
+
+def test_a_model_with_dropout_on_is_checked_without_it():
+    """disable_dropout=false: the model trains with dropout, and the check must not compare two noisy forwards."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, pad_token_id=PAD, attention_dropout=0.5)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").train()
+    record = check_logps(model, BatchLayout("none"), PAIR, PAD, "cpu", nullcontext)
+    assert record["gap"] < 1e-5 and model.training

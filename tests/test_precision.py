@@ -2,6 +2,7 @@
 an fp32 run does; pure bf16 (asked for explicitly) loses most of a SimPO-size update, and says so."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -485,3 +486,26 @@ def test_each_job_of_a_sweep_in_one_process_gets_its_own_precision(compose):
         assert second.mixed_precision == "bf16" and second.device.type == "cpu"
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # the next test's accelerator as a fresh process's
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_float32_weights_loaded_in_16_bits_are_warned(compose, tmp_path, caplog, key):
+    """A trained run's model/ holds float32 weights; started from in bf16 it loses most of its SimPO-size update.
+    Older config.json files record the dtype as ``torch_dtype``."""
+    from simpo_exp.config import to_config
+    from simpo_exp.model import build_tiny_tokenizer, load_model, saved_dtype
+    from tests.tiny import save_tiny_llama
+
+    save_tiny_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")} | {key: "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert saved_dtype(tmp_path) == "float32"
+    tok = build_tiny_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.model"):
+        load_model(to_config(compose(f"model.path={tmp_path}", "model.dtype=bfloat16")), tok, "eager")
+    assert "holds float32 weights" in caplog.text and "set model.dtype=float32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.model"):
+        load_model(to_config(compose(f"model.path={tmp_path}", "model.dtype=float32")), tok, "eager")
+    assert "holds float32 weights" not in caplog.text
