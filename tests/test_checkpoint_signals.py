@@ -80,6 +80,7 @@ def test_the_replaced_handler_is_called_after_the_save(monkeypatch):
     lands: the checkpoint is written first, then submitit requeues."""
     calls = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    before = signal.getsignal(signal.SIGTERM)
     try:
         stop = StopSignal()
         os.kill(os.getpid(), signal.SIGUSR2)
@@ -87,7 +88,8 @@ def test_the_replaced_handler_is_called_after_the_save(monkeypatch):
         with pytest.raises(SystemExit) as leaving:
             stop.exit(5, signal.SIGUSR2)
         assert calls == [signal.SIGUSR2] and leaving.value.code == 128 + signal.SIGUSR2
-        assert signal.getsignal(signal.SIGTERM) is not stop._handle  # handlers put back
+        # handlers put back (``stop._handle`` is a new bound method at each access: an ``is not`` always held)
+        assert signal.getsignal(signal.SIGTERM) == before != stop._handle
     finally:
         signal.signal(signal.SIGUSR2, previous)
 
@@ -582,3 +584,78 @@ def test_a_finished_run_hands_its_recorded_accuracy_to_the_sweeper(tmp_path, mon
     monkeypatch.setattr(Hydra, "run", keep)
     entry.main()
     assert returned[-1].return_value == pytest.approx(0.75)
+
+
+def test_ctrl_c_is_remembered_until_the_step_ends_as_the_schedulers_signals_are():
+    """SIGINT (a user's Ctrl-C) is one of the stop signals: remembered, the step finished and saved, not a
+    KeyboardInterrupt wherever the run is."""
+    stop = StopSignal()
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+            stop.signum = None
+            try:
+                os.kill(os.getpid(), sig)
+            except KeyboardInterrupt:
+                pytest.fail(f"{signal.Signals(sig).name} raised KeyboardInterrupt where the run was")
+            assert stop.requested and stop.signum == sig
+    finally:
+        stop.restore()
+
+
+def test_usr2_as_the_run_finishes_lets_the_sweep_go_on_and_sigterm_does_not():
+    """submitit's USR2 (a warning before a time limit) in a run's last step: the run is done and nothing is
+    requeued, so the process goes on (a sweep's next job); SIGTERM or Ctrl-C there ends it with 128 + signal."""
+    one = SimpleNamespace(num_processes=1)
+    stop = StopSignal()
+    try:
+        stop.signum = signal.SIGUSR2
+        assert stop.after_finish(one) is None
+        stop.signum = signal.SIGTERM
+        with pytest.raises(SystemExit) as leaving:
+            stop.after_finish(one)
+        assert leaving.value.code == 128 + signal.SIGTERM
+    finally:
+        stop.restore()
+
+
+def test_a_damaged_file_in_an_engine_checkpoints_folder_is_caught(tmp_path):
+    """A sharded engine's checkpoint keeps its weights and optimizer in engine/: the marker lists them too, so a
+    truncated or flipped engine file is noticed on resume like any other."""
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), lambda s: 1.0)
+    tmp = checkpoint.start(tmp_path, 8, None)
+    (tmp / checkpoint.ENGINE_DIR).mkdir()
+    (tmp / checkpoint.ENGINE_DIR / "pytorch_model_fsdp_0").write_bytes(os.urandom(4096))
+    path = checkpoint.finish(tmp_path, tmp, None, None, sched, checkpoint.TrainState(step=8), {}, 2, engine="FSDP")
+    files = json.loads((path / checkpoint.MARKER).read_text())["files"]
+    assert f"{checkpoint.ENGINE_DIR}/pytorch_model_fsdp_0" in files
+    flip_a_byte(path / checkpoint.ENGINE_DIR / "pytorch_model_fsdp_0")
+    assert checkpoint.verify(path) == f"{checkpoint.ENGINE_DIR}/pytorch_model_fsdp_0 does not match its checksum"
+
+
+def test_saving_a_step_again_replaces_its_damaged_checkpoint(tmp_path):
+    """Resumed from step 4 past a damaged step-8 checkpoint, the run reaches step 8 again: its new checkpoint takes
+    the damaged one's place (the save failed with 'Directory not empty' otherwise)."""
+    _save(tmp_path, 4)
+    damaged = _save(tmp_path, 8)
+    (damaged / "optimizer.safetensors").write_bytes(b"\0" * 1000)
+    assert checkpoint.verify(damaged) is not None
+    again = _save(tmp_path, 8)
+    assert again == damaged and checkpoint.verify(again) is None
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000004", "step-000008"]
+
+
+def test_a_checkpoint_whose_weights_no_longer_match_their_checksum_is_passed_over_on_resume(tmp_path, caplog):
+    """A flipped byte keeps the file's size and its safetensors header: it loads, so only the checksum tells.
+    load_newest must check it and fall back to the older checkpoint, not resume on the damaged weights."""
+    import logging
+
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=4), {}, keep=2)
+    newest = checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=7), {}, keep=2)
+    flip_a_byte(newest / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.checkpoint"):
+        path, state = checkpoint.load_newest(tmp_path, model, opt, sched, {})
+    assert path.name == "step-000004" and state.step == 4
+    assert "step-000007 is damaged and skipped: model.safetensors does not match its checksum" in caplog.text

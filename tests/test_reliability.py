@@ -771,3 +771,34 @@ def test_a_train_split_under_one_batch_per_process_is_refused_by_name():
     check_batches_per_process(1, 8, 2)
     with pytest.raises(ConfigError, match=r"per_device_train_batch_size=8 .* 8 x 2 processes = 16 pairs"):
         check_batches_per_process(0, 8, 2)
+
+
+def test_a_finished_run_whose_model_is_gone_trains_again_and_an_intact_one_is_skipped(compose, tmp_path):
+    """save_model=true and model/ removed (space freed, a failed copy): the run is not finished, so it resumes and
+    writes its model again, rather than be skipped and report a model that is not there."""
+    from simpo_exp.config import to_config
+    from simpo_exp.finished import FINISHED, recorded_summary
+    from simpo_exp.tracking import config_to_dict
+
+    cfg = to_config(compose("logger=none", "save_model=true"))
+    cfg.output_dir = str(tmp_path)
+    (tmp_path / FINISHED).write_text(json.dumps({"config": config_to_dict(cfg)}))
+    (tmp_path / "summary.json").write_text('{"eval/rewards/accuracies": 0.75}')
+    assert recorded_summary(cfg) is None  # no model/: trained (resumed) again
+    (tmp_path / "model").mkdir()
+    assert recorded_summary(cfg) == {"eval/rewards/accuracies": 0.75}
+
+
+def test_a_setting_put_back_to_its_default_is_not_the_checkpoints_setting():
+    """A run saved with beta=5 resumed by a command without it (beta back at its default, 2.0) trains another
+    objective on the checkpoint: refused, as beta=5 over a checkpoint of 2.0 is. Only a key the checkpoint lacks
+    (added since) may be at its default."""
+    from simpo_exp.checkpoint import incompatible_keys
+
+    assert incompatible_keys({"beta": 5.0}, {"beta": 2.0}) == ["beta: checkpoint 5.0, now 2.0"]
+    saved = {"dataset": {"chat_format": "simpo_repo"}, "hardware": {"lora": True}}
+    now = {"dataset": {"chat_format": "generation_prompt"}, "hardware": {"lora": False}}
+    assert incompatible_keys(saved, now) == [
+        "dataset.chat_format: checkpoint 'simpo_repo', now 'generation_prompt'",
+        "hardware.lora: checkpoint True, now False",
+    ]
