@@ -528,3 +528,108 @@ def test_a_runs_seed_and_its_older_model_tiny_key_are_read_back(tmp_path):
     run = _saved_run(tmp_path, {"seed": 7, "model": {"name": "tiny", "tiny": {"hidden_size": 48}}})
     cfg = load_run_config(run)
     assert cfg.seed == 7 and cfg.model.random_init.hidden_size == 48
+
+
+@pytest.mark.parametrize(
+    "kind, change, says",
+    [
+        ("lm_eval", {"judge.kind": "openai"}, "b.judge.kind='openai': allowed values are 'none'"),
+        ("arena_hard", {"judge.kind": "rule"}, "b.judge.kind='rule': allowed values are 'none', 'openai'"),
+        ("rule", {"decoding.batch_size": 0}, "b.decoding.batch_size=0: must be an integer >= 1"),
+        ("rule", {"shard_size": 0}, "b.shard_size=0: must be an integer >= 1"),
+        ("rule", {"by_model": {"tiny": {"temprature": 0.5}}}, "b.by_model.tiny=['temprature']: unknown decoding keys"),
+        ("rule", {"max_prompts": 0}, "b.max_prompts=0: must be >= 1 or null"),
+        ("alpacaeval", {"prompts_path": ""}, "b.prompts_path='': alpacaeval needs a local prompts file"),
+        ("arena_hard", {"judge.kind": "openai", "reference_path": ""}, "b.reference_path='': judging Arena-Hard"),
+        ("arena_hard", {"judge.kind": "openai", "judge.base_url": ""}, "b.judge.base_url='': judge.kind=openai needs"),
+        (
+            "arena_hard",
+            {"judge.kind": "openai", "judge.model": ""},
+            "b.judge.model='': judge.kind=openai needs a model",
+        ),
+        ("arena_hard", {"judge.kind": "openai", "judge.concurrency": 0}, "b.judge.concurrency=0: must be >= 1"),
+        ("lm_eval", {"tasks": []}, "b.tasks=[]: name at least one lm-eval task"),
+        ("rule", {"decoding.temperature": -0.1}, "b.decoding.temperature=-0.1: must be >= 0"),
+        # a model's own decoding is what it is sampled with: held to the same ranges (it was only spell-checked)
+        ("rule", {"by_model": {"tiny": {"top_p": 2.0}}}, "b.by_model.tiny.top_p=2.0: must be in (0, 1]"),
+        ("rule", {"by_model": {"tiny": {"batch_size": 0}}}, "b.by_model.tiny.batch_size=0: must be an integer >= 1"),
+    ],
+)
+def test_each_bad_benchmark_value_is_refused_by_its_key(kind, change, says):
+    """Each check of its own: without it an lm-eval run recorded a judge it never ran, a shard size of 0 or a
+    by_model typo failed deep in the stage, and an OpenAI judge without an endpoint or a reference file ran."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig, _validate_benchmark
+
+    files = {"rule": {"judge": JudgeConfig(kind="rule")}, "lm_eval": {"tasks": ["gsm8k"]}}
+    files["alpacaeval"] = {"prompts_path": "p.json"}
+    endpoint = {"base_url": "http://127.0.0.1:1/v1", "model": "m"}
+    b = BenchmarkConfig(
+        name="b", kind=kind, **files.get(kind, {"prompts_path": "q.jsonl", "reference_path": "r.jsonl"})
+    )
+    if kind == "arena_hard":
+        b.judge.base_url, b.judge.model = endpoint["base_url"], endpoint["model"]
+    _validate_benchmark("b", b)
+    for key, value in change.items():
+        section, _, name = key.rpartition(".")
+        setattr(getattr(b, section) if section else b, name, value)
+    with pytest.raises(ConfigError) as err:
+        _validate_benchmark("b", b)
+    assert says in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kind, key, value",
+    [
+        ("lm_eval", "apply_chat_template", False),
+        ("lm_eval", "decoding.batch_size", 4),
+        ("lm_eval", "limit", 10),
+        ("arena_hard", "judge.bootstrap_seed", 7),
+        ("alpacaeval", "judge.annotators_config", "alpaca_eval_gpt4"),
+    ],
+)
+def test_a_setting_the_benchmark_kind_reads_is_accepted(kind, key, value):
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig, _validate_benchmark
+
+    files = {"lm_eval": {"tasks": ["gsm8k"]}, "alpacaeval": {"prompts_path": "p.json"}}
+    b = BenchmarkConfig(name="b", kind=kind, **files.get(kind, {"prompts_path": "q.jsonl"}), judge=JudgeConfig())
+    section, _, name = key.rpartition(".")
+    setattr(getattr(b, section) if section else b, name, value)
+    _validate_benchmark("b", b)
+
+
+def test_a_refused_setting_names_the_kinds_that_read_it():
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.config import BenchmarkConfig, DecodingConfig, _validate_benchmark
+
+    b = BenchmarkConfig(name="b", kind="lm_eval", tasks=["gsm8k"], decoding=DecodingConfig(top_p=0.5))
+    with pytest.raises(ConfigError) as err:
+        _validate_benchmark("b", b)
+    assert "kinds that do: rule, alpacaeval, arena_hard." in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["evaluate.push_to_hub=true"], "evaluate.hub_repo='': push_to_hub=true needs a repo id"),
+        (["evaluate.device=tpu"], "evaluate.device='tpu': allowed values are"),
+        (["evaluate.wandb=always"], "evaluate.wandb='always': allowed values are"),
+        (["~benchmark"], "benchmark=None: choose at least one benchmark"),
+    ],
+)
+def test_the_stages_own_settings_are_refused_by_their_keys(overrides, says):
+    """A push with no repo to push to, an unknown device or W&B mode, no benchmark at all: refused before any run is
+    read, naming the key."""
+    from hydra import compose, initialize_config_dir
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.config import to_evaluate_config
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate", overrides=["output_dir=/tmp/unused", "evaluate.path=/tmp/runs", *overrides]
+        )
+    with pytest.raises(ConfigError) as err:
+        to_evaluate_config(cfg)
+    assert says in str(err.value), str(err.value)

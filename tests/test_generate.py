@@ -1579,3 +1579,52 @@ def test_the_hub_commit_a_model_was_read_from_is_named(tmp_path, monkeypatch):
     assert hub_commit("org/tiny", None) == hub_commit("org/tiny", "main") == hub_commit("org/tiny", sha) == sha
     assert hub_commit("org/other", None) is None  # not downloaded
     assert hub_commit(str(tmp_path), None) is None  # a local folder
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["generate.backend=sglang"], "generate.backend='sglang': allowed values are 'hf', 'vllm'"),
+        (["generate.seeds=[13,13]"], "generate.seeds=[13, 13]: must not repeat a seed"),
+        (["generate.seeds=[1,2,3]", "generate.samples_per_seed=0"], "generate.samples_per_seed=0: must be >= 1"),
+        (["generate.top_p=0"], "generate.top_p=0.0: must be in (0, 1]"),
+        (["generate.splits=[test]"], "generate.splits=['test']: must be [train] or [train,test]"),
+        (["generate.shard_size=0"], "generate.shard_size=0: must be an integer >= 1"),
+        (["generate.vllm_gpu_memory_utilization=1.5"], "generate.vllm_gpu_memory_utilization=1.5: must be in (0, 1]"),
+        (["generate.backend=vllm"], "generate.backend='vllm': vllm loads weights from disk: set model.path"),
+        (["scorer.rule=exact_match"], "scorer.rule='exact_match': allowed values are 'sort_digits'"),
+        (["scorer.kind=reward_model"], "scorer.path='': kind=reward_model needs a hub id"),
+        (["scorer.dtype=float64"], "scorer.dtype='float64': allowed values are 'auto', 'float32'"),
+        (["scorer.batch_size=0"], "scorer.batch_size=0: must be >= 1"),
+        (["scorer.max_length=1"], "scorer.max_length=1: must be >= 2"),
+        (["scorer.label_index=-1"], "scorer.label_index=-1: must be >= 0 or null"),
+        (["binarise.min_gap=-1"], "binarise.min_gap=-1.0: must be >= 0"),
+        (["binarise.mode=min_gap"], "binarise.min_gap=0.0: must be > 0 with binarise.mode=min_gap"),
+    ],
+)
+def test_each_bad_generate_scorer_or_binarise_value_is_refused_by_its_key(overrides, says):
+    """Each of these was a check of its own that no test reached: dropping one let a repeated seed (passes that
+    sample alike), an empty scorer path, a shard size of 0 or a negative label index through to the run."""
+    from simpo_exp.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose_generate(*overrides)
+    assert says in str(err.value), str(err.value)
+    # the edges that are allowed
+    compose_generate("generate.top_p=1", "generate.vllm_gpu_memory_utilization=1", "scorer.max_length=2")
+    compose_generate("generate.splits=[train,test]", "scorer.label_index=0", "binarise.min_gap=0")
+    compose_generate("binarise.mode=min_gap", "binarise.min_gap=0.5", "generate.backend=vllm", "model.path=/tmp/m")
+
+
+def test_every_hardware_setting_sampling_reads_and_the_stage_keys_it_reads_are_accepted():
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.config import check_overrides
+
+    check_overrides(
+        ["hardware.device=cpu", "hardware.mixed_precision=bf16", "hardware.attn_implementation=sdpa"]
+        + ["hardware.fused_layers=liger", "hardware.master_weights=fp32"]
+        + ["seed=7", "max_prompt_length=256", "max_length=1024", "output_dir=/tmp/x", "logger=none"]
+    )
+    for override in ("logger.entity=me", "~beta", "+beta=5"):
+        with pytest.raises(ConfigError):
+            check_overrides([override])

@@ -158,6 +158,21 @@ def _unread_keys(b: BenchmarkConfig) -> list[tuple[str, Any, Any]]:
     return found
 
 
+def _validate_decoding(key: str, d: DecodingConfig) -> None:
+    """Refuse a decoding value out of range, naming it as ``<key>.<name>``."""
+    _check_choice(f"{key}.backend", d.backend, BACKENDS)
+    _check(d.temperature >= 0, f"{key}.temperature", d.temperature, "must be >= 0 (0: greedy)")
+    _check(0 < d.top_p <= 1, f"{key}.top_p", d.top_p, "must be in (0, 1]")
+    for name in ("max_new_tokens", "batch_size", "vllm_tensor_parallel_size"):
+        _check(getattr(d, name) >= 1, f"{key}.{name}", getattr(d, name), "must be an integer >= 1")
+    _check(
+        0 < d.vllm_gpu_memory_utilization <= 1,
+        f"{key}.vllm_gpu_memory_utilization",
+        d.vllm_gpu_memory_utilization,
+        "must be in (0, 1]",
+    )
+
+
 def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
     _check_choice(f"{key}.kind", b.kind, BENCHMARK_KINDS)
     _check_choice(f"{key}.judge.kind", b.judge.kind, JUDGE_KINDS)
@@ -173,23 +188,14 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
             f"{', '.join(readers)}. "
             f"Remove it or set it to {default!r}",
         )
-    d, fields = b.decoding, {f.name for f in dataclasses.fields(DecodingConfig)}
-    _check_choice(f"{key}.decoding.backend", d.backend, BACKENDS)
-    _check(d.temperature >= 0, f"{key}.decoding.temperature", d.temperature, "must be >= 0 (0: greedy)")
-    _check(0 < d.top_p <= 1, f"{key}.decoding.top_p", d.top_p, "must be in (0, 1]")
-    for name in ("max_new_tokens", "batch_size", "vllm_tensor_parallel_size"):
-        _check(getattr(d, name) >= 1, f"{key}.decoding.{name}", getattr(d, name), "must be an integer >= 1")
-    _check(
-        0 < d.vllm_gpu_memory_utilization <= 1,
-        f"{key}.decoding.vllm_gpu_memory_utilization",
-        d.vllm_gpu_memory_utilization,
-        "must be in (0, 1]",
-    )
+    fields = {f.name for f in dataclasses.fields(DecodingConfig)}
+    _validate_decoding(f"{key}.decoding", b.decoding)
     _check(b.shard_size >= 1, f"{key}.shard_size", b.shard_size, "must be an integer >= 1")
     for model, change in b.by_model.items():
         unknown = sorted(set(change or {}) - fields)
         if unknown:
             _fail(f"{key}.by_model.{model}", unknown, f"unknown decoding keys; known: {sorted(fields)}")
+        _validate_decoding(f"{key}.by_model.{model}", decoding_for(b, model))  # what that model is sampled with
     if b.max_prompts is not None:
         _check(b.max_prompts >= 1, f"{key}.max_prompts", b.max_prompts, "must be >= 1 or null")
     if b.kind in ("alpacaeval", "arena_hard"):
