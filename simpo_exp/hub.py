@@ -57,7 +57,7 @@ def check_model_config(path: Path, what: str = "model.path", trust_remote_code: 
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):  # huggingface_hub's spellings
         return False
     from huggingface_hub import constants
 
@@ -140,9 +140,9 @@ def unfinished_save(path: str) -> str:
 
 def unreadable_weights(path: str, err: Exception) -> ModelNotFoundError:
     """The error for a local model directory whose weights do not load (cut short, or missing)."""
+    first = (str(err).splitlines() or [""])[0]  # an EOFError() has no message at all
     return ModelNotFoundError(
-        f"model.path={path!r}: its weights cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
-        f"{unfinished_save(path)}"
+        f"model.path={path!r}: its weights cannot be read ({type(err).__name__}: {first[:300]}){unfinished_save(path)}"
     )
 
 

@@ -659,3 +659,18 @@ def test_a_checkpoint_whose_weights_no_longer_match_their_checksum_is_passed_ove
         path, state = checkpoint.load_newest(tmp_path, model, opt, sched, {})
     assert path.name == "step-000004" and state.step == 4
     assert "step-000007 is damaged and skipped: model.safetensors does not match its checksum" in caplog.text
+
+
+def test_weights_in_a_checkpoints_subfolders_follow_the_umask_too(tmp_path):
+    import os
+
+    from simpo_exp.inference.files import readable_as_umask, umask
+
+    nested = tmp_path / "checkpoint-4" / "pytorch_model_fsdp_0"
+    nested.mkdir(parents=True)
+    for f in (tmp_path / "checkpoint-4" / "model.safetensors", nested / "shard.safetensors"):
+        f.write_bytes(b"w")
+        os.chmod(f, 0o600)  # as safetensors 0.8 leaves them
+    readable_as_umask(tmp_path)
+    modes = {oct(f.stat().st_mode & 0o777) for f in tmp_path.rglob("*.safetensors")}
+    assert modes == {oct(0o666 & ~umask())}

@@ -784,3 +784,43 @@ def test_each_evaluation_number_is_shown_with_its_standard_error_or_interval(tmp
     assert (
         rows["2"]["bench/arena-hard/win_rate_ci_low"] is None and rows["5"]["bench/arena-hard/win_rate_ci_low"] == 37.5
     )
+
+
+def test_read_results_keeps_finite_numbers_only_and_skips_what_does_not_read(tmp_path):
+    from simpo_exp.inference.files import write_json
+    from simpo_exp.inference.results import read_results, set_aside
+
+    write_json(tmp_path / "eval" / "a" / "results.json",
+               {"metrics": {"win_rate": 40, "n": 8, "lc_win_rate": None, "ok": True, "x": float("nan"),
+                            "y": float("inf"), "s": "12"}})  # fmt: skip
+    write_json(tmp_path / "eval" / "b" / "results.json", {"benchmark": "b"})  # no metrics recorded
+    (tmp_path / "eval" / "c").mkdir()
+    (tmp_path / "eval" / "c" / "results.json").write_text('{"metrics": {"win')  # changed by hand
+    (tmp_path / "eval" / "d" / "results.json").mkdir(parents=True)  # not a file
+    assert read_results(tmp_path) == {"bench/a/win_rate": 40.0, "bench/a/n": 8.0}
+    set_aside(tmp_path, "a")
+    assert read_results(tmp_path) == {}
+    assert json.loads((tmp_path / "eval" / "a" / "results.previous.json").read_text())["metrics"]["n"] == 8
+
+
+def test_uncertainty_keys_and_is_uncertainty_pair_up():
+    from simpo_exp.inference.results import is_uncertainty, uncertainty_keys
+
+    b = "bench/alpacaeval2/"
+    assert uncertainty_keys(b + "lc_win_rate") == [b + "lc_standard_error"]
+    assert uncertainty_keys(b + "win_rate") == [b + "standard_error", b + "win_rate_ci_low", b + "win_rate_ci_high"]
+    assert uncertainty_keys("win_rate") == ["standard_error", "win_rate_ci_low", "win_rate_ci_high"]
+    lm = "bench/gsm8k/gsm8k/exact_match:strict-match"
+    assert uncertainty_keys(lm) == ["bench/gsm8k/gsm8k/exact_match_stderr:strict-match"]
+    assert uncertainty_keys("bench/gsm8k/gsm8k/exact_match_stderr:strict-match") == []
+    assert uncertainty_keys("bench/rule/avg_tokens") == [] and uncertainty_keys("bench/gsm8k/gsm8k/n") == []
+    for metric in ("win_rate", "lc_win_rate", lm):
+        assert not is_uncertainty(metric) and all(is_uncertainty(k) for k in uncertainty_keys(metric))
+    assert not is_uncertainty("bench/x/stderr_count") and not is_uncertainty("bench/x/n")
+
+
+def test_headline_keys_keep_the_benchmarks_in_first_seen_order():
+    from simpo_exp.inference.results import headline_keys
+
+    keys = ["bench/zeta/win_rate", "bench/alpha/win_rate", "bench/alpha/lc_win_rate", "bench/zeta/win_rate"]
+    assert headline_keys(keys) == ["bench/zeta/win_rate", "bench/alpha/lc_win_rate", "bench/alpha/win_rate"]

@@ -3,6 +3,10 @@ benchmark prompts): a line ends at "\\n" only. JSON leaves U+2028, U+2029 and U+
 (the stages write with ensure_ascii=False), and str.splitlines splits at them: a generate run whose tiny policy
 sampled one of them stopped with "Invalid \\uXXXX escape" on reading its own shard."""
 
+import json
+
+import pytest
+
 from simpo_exp import checkpoint, rundir
 from simpo_exp.evaluate.benchmarks import _read_json_file
 from simpo_exp.inference.files import read_jsonl, write_jsonl
@@ -33,3 +37,78 @@ def test_a_resume_drops_a_half_written_last_record(tmp_path):
         f.write('{"step": 3, "train/loss": 1.3')
     checkpoint.trim_metrics(path, last_step=2)
     assert read_jsonl(path) == ROWS
+
+
+def test_weights_hash_is_the_same_anywhere_and_changes_with_weights_or_config(tmp_path):
+    import shutil
+
+    from simpo_exp.inference.files import weights_sha256
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "model.safetensors").write_bytes(b"w1")
+    (a / "config.json").write_text("{}")
+    b = tmp_path / "elsewhere" / "b"
+    shutil.copytree(a, b)
+    assert weights_sha256(a) == weights_sha256(b)
+    (b / "config.json").write_text('{"x": 1}')
+    assert weights_sha256(a) != weights_sha256(b)
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    (bins / "config.json").write_text("{}")
+    (bins / "pytorch_model.bin").write_bytes(b"w1")
+    before = weights_sha256(bins)
+    (bins / "pytorch_model.bin").write_bytes(b"w2-longer")
+    assert weights_sha256(bins) != before
+    (a / "model-00002.safetensors").write_bytes(b"w2")
+    assert weights_sha256(a) != weights_sha256(tmp_path / "elsewhere" / "b")
+
+
+def test_file_hash_is_sha256sums_and_follows_an_edit_of_the_same_size(tmp_path):
+    import hashlib
+    import os
+
+    from simpo_exp.inference.files import file_sha256
+
+    f = tmp_path / "train.jsonl"
+    f.write_bytes(b"abc")
+    assert file_sha256(f) == hashlib.sha256(b"abc").hexdigest()
+    st = f.stat()
+    f.write_bytes(b"xyz")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert file_sha256(f) == hashlib.sha256(b"xyz").hexdigest()
+
+
+def test_manifest_changes_name_new_keys_except_where_only_the_stored_ones_count():
+    from simpo_exp.inference.files import manifest_changes
+
+    old, now = {"g": {"t": 1.0}, "n": 3}, {"g": {"t": 1.0, "top_p": 0.9}, "n": 3, "seed": 1}
+    assert manifest_changes(old, now) == ["g.top_p: stored None, now 0.9", "seed: stored None, now 1"]
+    assert manifest_changes(old, now, stored_only=True) == []
+    assert manifest_changes(old, {**now, "g": {"t": 0.5}}, stored_only=True) == ["g.t: stored 1.0, now 0.5"]
+
+
+def test_a_damaged_jsonl_line_is_named_by_its_number(tmp_path):
+    from simpo_exp.inference.files import DamagedFile, read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2\n{"a": 3}\n')
+    with pytest.raises(DamagedFile, match=r"rows.jsonl: line 3 is not valid JSON"):
+        read_jsonl(path)
+
+
+def test_write_atomic_makes_the_folder_and_leaves_no_temporary_file(tmp_path):
+    from simpo_exp.inference.files import append_jsonl, read_jsonl, write_json, write_jsonl
+
+    write_json(tmp_path / "new" / "deeper" / "x.json", {"é": 1})
+    assert json.loads((tmp_path / "new" / "deeper" / "x.json").read_text(encoding="utf-8")) == {"é": 1}
+    write_jsonl(tmp_path / "rows" / "r.jsonl", [{"a": 1}])
+    append_jsonl(tmp_path / "rows" / "r.jsonl", {"a": 2})
+    append_jsonl(tmp_path / "rows" / "r.jsonl", {"a": 3})
+    assert read_jsonl(tmp_path / "rows" / "r.jsonl") == [{"a": 1}, {"a": 2}, {"a": 3}]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["deeper", "new", "r.jsonl", "rows", "x.json"]
+    # a write that fails half-way (a full disk) leaves the old file, and no temporary one beside it
+    with pytest.raises(UnicodeEncodeError):
+        write_jsonl(tmp_path / "rows" / "r.jsonl", [{"a": "\ud800"}])  # a lone surrogate: not UTF-8
+    assert read_jsonl(tmp_path / "rows" / "r.jsonl") == [{"a": 1}, {"a": 2}, {"a": 3}]
+    assert sorted(p.name for p in (tmp_path / "rows").iterdir()) == ["r.jsonl"]

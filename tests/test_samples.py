@@ -109,3 +109,40 @@ def test_a_model_of_learned_positions_is_sampled_and_trained_within_them(caplog)
     with caplog.at_level("WARNING"):
         check_positions(llama, run(64))
     assert "max_length=64 passes the 32 positions" in caplog.text
+
+
+def test_generation_rows_pair_each_prompt_with_its_own_rewards():
+    import torch
+
+    from simpo_exp import samples
+
+    user = lambda t: [{"role": "system", "content": "be brief"}, {"role": "user", "content": t}]  # noqa: E731
+    pairs = [
+        {"prompt": user("a"), "chosen": "A", "rejected": "x"},
+        {"prompt": user("b"), "chosen": "B", "rejected": "y"},
+    ]
+    rows = samples.generation_rows(7, pairs, ["ga", "gb"], torch.tensor([1.0, 2.0, -1.0, -2.0]))  # chosen, rejected
+    assert rows == [
+        {"step": 7, "prompt": "system: be brief\nuser: a", "chosen": "A", "rejected": "x", "generation": "ga",
+         "reward_chosen": 1.0, "reward_rejected": -1.0},
+        {"step": 7, "prompt": "system: be brief\nuser: b", "chosen": "B", "rejected": "y", "generation": "gb",
+         "reward_chosen": 2.0, "reward_rejected": -2.0},
+    ]  # fmt: skip
+    assert samples.sample_pairs(["p0", "p1", "p2"], 5) == ["p0", "p1", "p2"]
+    assert samples.sample_pairs(["p0", "p1", "p2"], 2) == ["p0", "p1"]
+
+
+def test_a_sharded_model_samples_with_every_process_stepping_together():
+    """synced=True (FSDP, ZeRO-3): transformers' synced_gpus, or the process whose completions end first leaves the
+    collective the others still wait in."""
+    from simpo_exp import samples
+    from simpo_exp.model import build_tiny_tokenizer
+    from tests.test_perf_paths import make_model
+
+    tiny = build_tiny_tokenizer()
+    model = make_model(vocab=len(tiny))
+    seen, real = [], model.generate
+    model.generate = lambda **kw: seen.append(kw["synced_gpus"]) or real(**kw | {"synced_gpus": False})  # no group here
+    for synced in (True, False):
+        samples.generate(model, tiny, [{"prompt_input_ids": [9, 10, 11]}], 2, "cpu", synced=synced)
+    assert seen == [True, False]

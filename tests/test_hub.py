@@ -1,0 +1,126 @@
+"""Hub lookups without the network: the local cache, the revision asked for, what a model or tokenizer folder
+must hold, and the offline settings (huggingface_hub's cache layout built in tmp_path)."""
+
+import json
+
+import pytest
+
+
+def fake_cache(tmp_path, monkeypatch, refs: dict[str, str], files=("config.json",)):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for ref, sha in refs.items():
+        (repo / "snapshots" / sha).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (repo / "snapshots" / sha / f).write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return repo
+
+
+def test_a_cached_hub_model_is_available_offline_and_an_uncached_one_is_named(tmp_path, monkeypatch):
+    from simpo_exp.hub import ModelNotFoundError, check_model_available
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_cache(tmp_path, monkeypatch, {"main": "a" * 40})
+    check_model_available("org/tiny")  # in the cache: no hub needed
+    with pytest.raises(ModelNotFoundError, match=r"model 'org/other' \(model.path\) is not on this machine"):
+        check_model_available("org/other")
+
+
+def test_the_hub_commit_follows_the_revision_asked_for(tmp_path, monkeypatch):
+    from simpo_exp.hub import hub_commit
+
+    main, tag = "a" * 40, "b" * 40
+    fake_cache(tmp_path, monkeypatch, {"main": main, "v2": tag})
+    assert hub_commit("org/tiny", None) == main and hub_commit("org/tiny", "v2") == tag == hub_commit("org/tiny", tag)
+
+
+def test_a_file_the_cache_knows_is_missing_is_none(tmp_path, monkeypatch):
+    from simpo_exp.hub import cached_hub_file
+
+    sha = "a" * 40
+    repo = fake_cache(tmp_path, monkeypatch, {"main": sha})
+    (repo / ".no_exist" / sha).mkdir(parents=True)
+    (repo / ".no_exist" / sha / "README.md").write_text("")
+    assert cached_hub_file("org/tiny", "README.md") is None
+    assert cached_hub_file("org/tiny", "config.json") == repo / "snapshots" / sha / "config.json"
+
+
+def test_a_tokenizer_folder_is_read_as_json_only_and_needs_no_config(tmp_path, monkeypatch):
+    from simpo_exp.hub import ModelNotFoundError, check_model_available
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    check_model_available(str(tok), what="model.tokenizer_path")  # a tokenizer's folder has no config.json
+    (tok / "config.json").write_text(json.dumps({"model_type": "newer-than-this", "auto_map": {"AutoConfig": "m.C"}}))
+    check_model_available(str(tok), what="model.tokenizer_path", trust_remote_code=False)
+    with pytest.raises(ModelNotFoundError, match="a directory without a config.json"):
+        check_model_available(str(tmp_path), what="model.path")  # a model folder does
+
+
+def test_a_config_without_model_type_is_left_to_transformers(tmp_path):
+    from simpo_exp.hub import check_model_available
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    check_model_available(str(tmp_path))
+
+
+def test_a_scorers_own_code_is_refused_under_its_own_key(tmp_path):
+    from simpo_exp.hub import ModelNotFoundError, check_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mine", "auto_map": {"AutoConfig": "m.C"}}))
+    with pytest.raises(ModelNotFoundError, match=r"with scorer.trust_remote_code=true"):
+        check_model_config(tmp_path, "scorer.path", trust_remote_code=False)
+    check_model_config(tmp_path, "scorer.path", trust_remote_code=None)  # the caller does not say: transformers asks
+
+
+@pytest.mark.parametrize("path", ["./models/m", "../m", "a/b/c"])
+def test_a_relative_local_path_that_is_not_there_is_not_looked_up_on_the_hub(path, tmp_path, monkeypatch):
+    from simpo_exp.hub import ModelNotFoundError, check_model_available
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError, match=rf"model.path='{path}' does not exist$"):
+        check_model_available(path)
+
+
+def test_hf_hub_offline_yes_is_offline(monkeypatch):
+    import socket
+    from types import SimpleNamespace
+
+    from simpo_exp import hub
+
+    probed = []  # a hub that answers: an offline setting must not ask it
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: probed.append(a) or SimpleNamespace(close=int))
+    for value in ("1", "true", "YES", "yes", "on", "ON"):  # huggingface_hub's own spellings of offline
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert hub.hub_reachable() is False and probed == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert hub.hub_reachable() is True and probed
+
+
+def test_a_tokenizer_saved_as_its_config_and_own_vocabulary_file_is_accepted(tmp_path):
+    """tiktoken/tekken tokenizers: tokenizer_config.json names a vocabulary file of its own."""
+    from simpo_exp.hub import ModelNotFoundError, check_tokenizer_files
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="has no tokenizer files"):
+        check_tokenizer_files(str(tmp_path), "model.path")
+    (tmp_path / "tokenizer_config.json").write_text('{"vocab_file": "tekken.json"}')
+    check_tokenizer_files(str(tmp_path), "model.path")
+
+
+def test_the_unfinished_save_hint_is_for_a_runs_model_folder_only(tmp_path):
+    from simpo_exp.hub import UNFINISHED_SAVE, unfinished_save
+
+    run = tmp_path / "runs" / "R0"
+    (run / ".hydra").mkdir(parents=True)
+    assert unfinished_save(str(run / "model")) == UNFINISHED_SAVE
+    assert unfinished_save(str(run / "checkpoints")) == "" and unfinished_save(str(tmp_path / "other" / "model")) == ""
+    # an error without a message (EOFError() of a file cut short) is named by its type, not an IndexError
+    from simpo_exp.hub import unreadable_weights
+
+    assert "its weights cannot be read (EOFError: )" in str(unreadable_weights(str(run / "model"), EOFError()))
