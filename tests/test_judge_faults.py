@@ -131,7 +131,7 @@ def test_lc_is_computed_over_a_full_set_with_replies_that_gave_no_verdict(picky,
 
     def lc(rows, file_rows):
         seen.update(rows=len(rows), file_rows=file_rows, none=[r["index"] for r in rows if r["preference"] is None])
-        return None, "stand-in"
+        return {"lc_win_rate": None, "lc_standard_error": None}, "stand-in"
 
     monkeypatch.setattr("simpo_exp.evaluate.run.length_controlled", lc)
     said = {7: " (no letter)"}  # the one reply that is not a letter
@@ -167,7 +167,8 @@ def test_no_lc_win_rate_where_most_prompts_have_no_verdict(picky, monkeypatch):
     from simpo_exp.evaluate.run import _judge_pairs
 
     calls = []
-    monkeypatch.setattr("simpo_exp.evaluate.run.length_controlled", lambda rows, n: calls.append(n) or (49.7, None))
+    lc = {"lc_win_rate": 49.7, "lc_standard_error": 1.2}
+    monkeypatch.setattr("simpo_exp.evaluate.run.length_controlled", lambda rows, n: calls.append(n) or (lc, None))
     b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=picky.judge)
     info = {"rows": 805, "reference_generator": "gpt4_turbo"}
     for unjudged, withheld in ((9, True), (8, False)):  # 8 of 805 is under 1%
@@ -177,5 +178,6 @@ def test_no_lc_win_rate_where_most_prompts_have_no_verdict(picky, monkeypatch):
         metrics, notes = _judge_pairs({"benchmark": b, "out": out}, prompts, ["yyy"] * 805, info, "me")
         assert metrics["unparseable_verdicts"] == unjudged
         assert (metrics["lc_win_rate"] is None) == withheld and (metrics["lc_win_rate"] == 49.7) != withheld
+        assert (metrics["lc_standard_error"] is None) == withheld  # withheld with it
         assert any(f"no LC win rate: {unjudged} of 805 prompts have no verdict" in n for n in notes) == withheld
     assert calls == [805]  # the GLM is not fit where it would read its regularising rows alone

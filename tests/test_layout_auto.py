@@ -316,22 +316,26 @@ def test_a_model_whose_layers_drop_the_segment_plan_gets_the_padded_layout_under
     torch.testing.assert_close(logps[layout], logps[BatchLayout()], atol=1e-4, rtol=0)
 
 
-def test_a_model_segment_attention_cannot_wrap_gets_the_padded_layout_under_auto(compose, tmp_path):
-    """Falcon under attn_implementation=eager has no eager_attention_forward for segment attention to wrap: the
-    probe's set-up raised before the probe ran, and packing=auto on CPU exited naming
+def test_a_model_segment_attention_cannot_wrap_gets_the_padded_layout_under_auto(compose, tmp_path, monkeypatch):
+    """A family whose modelling module has no eager_attention_forward for segment attention to wrap (Falcon before
+    transformers 5.25): the probe's set-up raised before the probe ran, and packing=auto on CPU exited naming
     hardware.packing_attention, which the user never set. It falls back to the padded layout, as for a model
-    whose layers drop the plan."""
+    whose layers drop the plan (Falcon since 5.25, which has the function but does not pass the plan through)."""
+    import transformers.models.falcon.modeling_falcon as falcon
     from accelerate.utils import DistributedType
-    from transformers import FalconConfig, FalconForCausalLM
 
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, new_decoder_architecture=False)
-    config = FalconConfig(vocab_size=64, alibi=False, attn_implementation="eager", **shape)
-    model = FalconForCausalLM(config).eval()
+    config = falcon.FalconConfig(vocab_size=64, alibi=False, attn_implementation="eager", **shape)
     accelerator = SimpleNamespace(
         device=CPU, num_processes=1, distributed_type=DistributedType.NO, autocast=contextlib.nullcontext
     )
     cfg = to_config(compose("hardware=cpu", "resume=false"))
-    layout, choice = layout_auto.layout_for_run(cfg, accelerator, model, tmp_path, lambda: [], PAD)
+    model = falcon.FalconForCausalLM(config).eval()
+    layout, choice = layout_auto.layout_for_run(cfg, accelerator, model, tmp_path / "as-is", lambda: [], PAD)
+    assert layout == BatchLayout("none", "segments", 0) and choice["fell_back"]  # either way: padded
+    monkeypatch.delattr(falcon, "eager_attention_forward", raising=False)  # a family without one
+    model = falcon.FalconForCausalLM(config).eval()
+    layout, choice = layout_auto.layout_for_run(cfg, accelerator, model, tmp_path / "without", lambda: [], PAD)
     assert (
         layout == BatchLayout("none", "segments", 0)
         and "cannot wrap attn_implementation='eager'" in (choice["fell_back"])
