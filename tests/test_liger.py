@@ -383,13 +383,6 @@ def test_the_fused_heads_gradients_follow_a_scaled_loss(compose):
     """Under gradient accumulation the loop's backward scales the loss (accelerate: by 1/accum). The fused head took
     its gradients in the forward pass: they must be scaled by the gradient reaching its loss, as the padded path's."""
     pytest.importorskip("liger_kernel")
-    from simpo_exp.data.collate import PairCollator
-    from simpo_exp.fused import fused_head
-    from simpo_exp.logps import ResponseLogps
-    from simpo_exp.objective import batch_loss
-    from tests.test_liger import ATOL, CASES, RTOL, config, watched, with_bias
-    from tests.test_perf_paths import random_pairs
-
     cfg = config(compose, "hardware.fused_head=liger", *CASES["simpo"])
     model = with_bias(make_model(vocab=96, seed=3))
     batch = PairCollator(PAD)(random_pairs(5, vocab=96, seed=7))
