@@ -33,7 +33,13 @@ from pathlib import Path
 
 import yaml
 
-from simpo_exp.inference.results import headline_keys, is_bench_metric, read_results, uncertainty_keys
+from simpo_exp.inference.results import (
+    headline_keys,
+    is_bench_metric,
+    is_standard_error,
+    read_results,
+    uncertainty_keys,
+)
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import (
     REFUSED_FILE,
@@ -564,8 +570,6 @@ LOWER_IS_BETTER = (
     "unparseable_verdicts",  # the evaluate stage's failure counts (bench/<benchmark>/<name>)
     "unparseable_games",
     "cut_at_max_new_tokens",
-    "standard_error",  # AlpacaEval's standard errors of its win rates
-    "lc_standard_error",
 )
 
 
@@ -575,13 +579,14 @@ NEAR_ZERO_IS_BETTER = ("length/reward_corr",)
 
 
 def lower_is_better(metric: str) -> bool:
-    """Losses, costs, the rejected side's reward and log-probs (what the objective pushes down: ranked highest
-    first, the run that raised them most was "best"), and the near-zero metrics (by their size)."""
+    """Losses, costs, the benchmarks' standard errors, the rejected side's reward and log-probs (what the objective
+    pushes down: ranked highest first, the run that raised them most was "best"), and the near-zero metrics (by
+    their size)."""
     parts = metric.split("/")
     name = parts[-1]
     rejected_side = name == "rejected" and len(parts) > 1 and parts[-2].startswith(("rewards", "logps"))
-    stderr = name.partition(":")[0].endswith("_stderr")  # lm-eval's standard errors (exact_match_stderr:strict-match)
-    return name.endswith("loss") or name in LOWER_IS_BETTER or rejected_side or stderr or near_zero_is_better(metric)
+    low = name.endswith("loss") or name in LOWER_IS_BETTER or rejected_side or is_standard_error(metric)
+    return low or near_zero_is_better(metric)
 
 
 def near_zero_is_better(metric: str) -> bool:

@@ -73,12 +73,15 @@ def uncertainty_keys(metric: str) -> list[str]:
     return [f"{at}{score}_stderr:{lm_filter}"] if colon and not score.endswith("_stderr") else []
 
 
+def is_standard_error(metric: str) -> bool:
+    """AlpacaEval's ``standard_error``/``lc_standard_error``, lm-eval's ``<metric>_stderr:<filter>``."""
+    name = metric.rpartition("/")[2]
+    return name in ("standard_error", "lc_standard_error") or name.partition(":")[0].endswith("_stderr")
+
+
 def is_uncertainty(metric: str) -> bool:
     """Whether ``metric`` is a standard error or an interval bound of another (``uncertainty_keys``), not a result."""
-    name = metric.rpartition("/")[2]
-    return name in ("standard_error", "lc_standard_error", "win_rate_ci_low", "win_rate_ci_high") or name.partition(
-        ":"
-    )[0].endswith("_stderr")
+    return is_standard_error(metric) or metric.rpartition("/")[2] in ("win_rate_ci_low", "win_rate_ci_high")
 
 
 def is_bench_metric(name: str) -> bool:
