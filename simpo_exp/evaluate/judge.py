@@ -405,11 +405,14 @@ def annotations(
     ]
 
 
+NO_LC = {"lc_win_rate": None, "lc_standard_error": None}  # LC not measured (the reason goes to the notes)
+
+
 def length_controlled(rows: list[dict], file_rows: int) -> tuple[dict, str | None]:
     """AlpacaEval 2's LC win rate and its standard error via alpaca-eval itself (``{"lc_win_rate",
     "lc_standard_error"}``), for ``rows`` judged of a prompts file of ``file_rows`` rows; both None, and why, when
     they cannot be computed here."""
-    none = {"lc_win_rate": None, "lc_standard_error": None}
+    none = dict(NO_LC)
     if why := lc_subset_note(len(rows), file_rows):
         return none, why
     try:

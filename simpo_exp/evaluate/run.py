@@ -31,6 +31,7 @@ from simpo_exp.evaluate import benchmarks as bm
 from simpo_exp.evaluate.arena import judge_arena_hard
 from simpo_exp.evaluate.config import decoding_for
 from simpo_exp.evaluate.judge import (
+    NO_LC,
     JudgeError,
     PairwiseJudge,
     annotations,
@@ -270,10 +271,11 @@ def _rule(ctx: dict) -> dict:
         ],
     )
     exact = lambda key: 100.0 * sum(r[key] == 1.0 for r in rows) / len(rows)  # noqa: E731
+    preferences = [r["preference"] for r in rows]
     return {
         "metrics": {
-            "win_rate": win_rate([r["preference"] for r in rows]),
-            "standard_error": standard_error([r["preference"] for r in rows]),
+            "win_rate": win_rate(preferences),
+            "standard_error": standard_error(preferences),
             "score": _mean([r["score_model"] for r in rows]),
             "score_start": _mean([r["score_baseline"] for r in rows]),
             "exact": exact("score_model"),
@@ -327,7 +329,7 @@ def _judge_pairs(
     missing = len(verdicts) - len(rows)
     preferences = [r["preference"] for r in rows]
     metrics = {"win_rate": win_rate(preferences), "standard_error": standard_error(preferences)}
-    metrics, notes = {**metrics, "unparseable_verdicts": missing}, []
+    metrics["unparseable_verdicts"], notes = missing, []
     if missing:
         errors = [v["error"] for v in verdicts if v.get("error")]
         notes.append(
@@ -339,7 +341,7 @@ def _judge_pairs(
         # the judge gave no verdict are left out of the GLM's fit but not of its average over the instructions;
         # too many of those, and the fit reads its regularising rows rather than this model
         if why := lc_missing_note(missing, len(every)):
-            metrics |= {"lc_win_rate": None, "lc_standard_error": None}
+            metrics |= NO_LC
         else:
             lc, why = length_controlled(every, info["rows"])
             metrics |= lc
@@ -382,7 +384,7 @@ def _alpacaeval(ctx: dict) -> dict:
     elif b.judge.kind == "alpaca_eval":
         metrics.update(package_judge(b, out / "model_outputs.json", b.prompts_path, out / "alpaca_eval"))
         if why := lc_subset_note(len(texts), info["rows"]):  # alpaca-eval would fit its GLM on another set
-            metrics |= {"lc_win_rate": None, "lc_standard_error": None}
+            metrics |= NO_LC
             record["notes"].append(why)
         record["win_rate_method"] = f"alpaca_eval's annotator {b.judge.annotators_config}"
         record["annotations_path"] = str(package_annotations_path(out / "alpaca_eval", b.judge.annotators_config))
