@@ -12,20 +12,21 @@ from simpo_exp.config import to_config
 from tests.conftest import fsdp_on_cpu
 from tests.test_run import simpo
 
-# SimPO-size updates: a constant 1e-6 for 30 steps, as in the issue's measurement
+# SimPO-size updates: a constant 1e-6 for 12 steps of 4 pairs (the issue measured 30 of 8; 12 already move ~5% of the
+# elements in bf16 terms, and pure bf16 keeps under 2% of the fp32 run's change)
 RUN = [
     "learning_rate=1e-6",
     "lr_scheduler_type=constant",
     "warmup_ratio=0",
-    "max_steps=30",
+    "max_steps=12",
     "logger=none",
     "hardware=cpu",
     "eval_on_start=false",
     "eval_steps=0",
     "save_steps=0",
     "num_generations=0",
-    "logging_steps=10",
-    "per_device_train_batch_size=8",
+    "logging_steps=4",
+    "per_device_train_batch_size=4",
     "dataset.synthetic.num_train=256",
     "dataset.synthetic.num_test=16",
 ]
