@@ -19,7 +19,8 @@ no such directory exists, a W&B group name. The view (``wandb_workspaces.workspa
 - when the jobs were evaluated (``python -m simpo_exp.evaluate``: ``eval/<benchmark>/results.json``,
   sent to each job's W&B run summary as ``bench/<benchmark>/<metric>``), an "Evaluation" section with a
   bar chart per such metric, grouped like the runs (mean and standard deviation over seeds), and the
-  win rates as table columns (the table sorted by the first) and parallel-coordinates axes.
+  win rates as table columns (the table sorted by the first), each followed by its standard error or
+  interval where the benchmark gives one, and as parallel-coordinates axes.
 
 With ``WANDB_API_KEY`` set (and ``WANDB_MODE`` not offline/disabled) the view is saved to W&B and
 its URL printed. Either way its full spec (the ``model_dump`` of the view exactly as W&B stores it)
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from simpo_exp.inference.results import headline_keys, read_results
+from simpo_exp.inference.results import headline_keys, is_uncertainty, read_results, uncertainty_keys
 from simpo_exp.methods import METHODS
 from simpo_exp.rundir import parse_overrides, read_json, select
 from simpo_exp.runinfo import sweep_group, sweep_jobs
@@ -353,7 +354,7 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
             pinned_columns=[
                 "run:displayName",
                 *(config_column(k) for k in knobs),
-                *(f"summary:{k}" for k in ranked_by),
+                *(f"summary:{k}" for k in with_uncertainty(ranked_by, sweep.bench)),
                 *(f"summary:{k}" for k in TABLE_SUMMARIES),
             ],
             **order,
@@ -361,10 +362,17 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
     )
 
 
+def with_uncertainty(keys: list[str], present: list[str]) -> list[str]:
+    """``keys``, each followed by those of its uncertainty keys (standard error, interval bounds) that a job has."""
+    return [shown for k in keys for shown in (k, *(u for u in uncertainty_keys(k) if u in present))]
+
+
 def evaluation_section(sweep: Sweep, stable):
     """One bar chart per ``bench/<benchmark>/<metric>`` of the jobs' evaluate results (W&B run summaries:
     simpo_exp/evaluate/wandb_log.py). Runs are grouped as the runs table groups them (the swept keys but
-    seed), each bar the mean of its group with the standard deviation across the group's seeds as range."""
+    seed), each bar the mean of its group with the standard deviation across the group's seeds as range.
+    A benchmark's own uncertainty of a number (AlpacaEval's standard error, Arena-Hard's interval) gets no bars
+    of its own: a bar plot cannot hang it on the number's bar, so it sits beside the number in the runs table."""
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
 
@@ -385,6 +393,7 @@ def evaluation_section(sweep: Sweep, stable):
             key,
         )
         for key in sweep.bench
+        if not is_uncertainty(key)
     ]
     return ws.Section(name=EVAL_SECTION, is_open=True, panels=panels)
 

@@ -238,6 +238,33 @@ def test_evaluation_panels_group_seeds_and_rank_the_table(tmp_path):
     assert "summary:bench/rule/win_rate" in [c["accessor"] for c in pc["config"]["columns"]]
 
 
+def test_a_win_rates_standard_error_sits_beside_it_in_the_table_and_gets_no_bars(tmp_path):
+    """AlpacaEval's standard errors and Arena-Hard's interval were bar charts of their own, and the table showed the
+    win rates without them: whether 31.2 against 29.8 is more than noise was not to be read off the dashboard."""
+    from simpo_exp.inference.files import write_json
+
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        alpaca = {"lc_win_rate": 41.0, "lc_standard_error": 0.9, "win_rate": 40.0, "standard_error": 1.7, "n": 805}
+        write_json(job / "eval" / "alpacaeval2" / "results.json", {"metrics": alpaca})
+        arena = {"win_rate": 20.0, "win_rate_ci_low": 18.5, "win_rate_ci_high": 21.4}
+        write_json(job / "eval" / "arenahard" / "results.json", {"metrics": arena})
+    sweep = dashboard.read_sweep(sweep_dir)
+    spec = dashboard.view_spec(dashboard.build_workspace(sweep, None, "simpo-exp"))
+    sections = {s["name"]: s for s in spec["spec"]["section"]["panelBankConfig"]["sections"]}
+    barred = [p["config"]["metrics"][0] for p in sections[dashboard.EVAL_SECTION]["panels"]]
+    a, h, r = "bench/alpacaeval2/", "bench/arenahard/", "bench/rule/"
+    assert barred == [f"{a}lc_win_rate", f"{a}win_rate", f"{a}n", f"{h}win_rate", f"{r}win_rate", f"{r}score", f"{r}n"]
+    order = spec["spec"]["section"]["runSets"][0]["runFeed"]["columnOrder"]
+    shown = [c.removeprefix("summary:") for c in order if c.startswith("summary:bench/")]
+    assert shown == [
+        f"{a}lc_win_rate", f"{a}lc_standard_error", f"{a}win_rate", f"{a}standard_error",
+        f"{h}win_rate", f"{h}win_rate_ci_low", f"{h}win_rate_ci_high", f"{r}win_rate",
+    ]  # fmt: skip
+    sort = spec["spec"]["section"]["runSets"][0]["sort"]["keys"][0]["key"]
+    assert sort == {"section": "summary", "name": f"{a}lc_win_rate"}
+
+
 def test_sweeps_in_directories_of_one_name_get_their_own_group_and_a_recorded_group_wins(sweep, tmp_path):
     """outputs/a/beta and outputs/b/beta were both W&B group sweep-beta: each one's dashboard showed both sweeps.
     A job's wandb_run.json (what W&B was given, e.g. by an older naming) is what its dashboard filters on."""
