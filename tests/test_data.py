@@ -1359,6 +1359,8 @@ def test_max_eval_samples_on_a_mixture_draws_from_every_source_and_the_cut_is_re
     assert "10 more left out by dataset.max_*_samples" in report.lines()[0]
     again = build_datasets(make_config(sources, max_eval_samples=10, max_train_samples=30), tok)[1]
     assert again["prompt"] == te["prompt"]  # the same draw every time (dataset.shuffle_seed)
+    other = build_datasets(make_config(sources, max_eval_samples=10, max_train_samples=30, shuffle_seed=7), tok)[1]
+    assert other["prompt"] != te["prompt"]  # the draw is the seed's, as the train shuffle is
 
 
 def test_text_that_is_not_utf8_names_the_source_and_row(tmp_path, tok):
