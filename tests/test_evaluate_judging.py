@@ -467,6 +467,60 @@ def test_an_arena_hard_first_game_is_kept_when_the_endpoint_fails_on_the_second(
     assert [g["score"] for g in line["games"]] == ["B>>A", "A>>B"] and not any("error" in g for g in line["games"])
 
 
+class FinishFailsOnceJudge(FakeJudge):
+    """Arena-Hard's judge on a 'late verdict' question (no label until asked to finish), whose server fails (HTTP 500)
+    the first time it is asked to finish."""
+
+    requests: list[dict] = []
+    failed: list[dict] = []
+
+    def respond(self, body: dict) -> None:
+        if len(body["messages"]) > 2 and not self.failed:
+            self.failed.append(body)
+            self.requests.append(body)
+            self.send_response(500)
+            self.end_headers()
+            return
+        super().respond(body)
+
+
+def test_a_reply_without_a_label_is_kept_when_the_request_to_finish_fails(tmp_path):
+    """The judge replied without a verdict label and the endpoint failed on the request to finish: the judging
+    stopped (as it should) but threw that reply away, paid for (up to 4096 judge tokens), and the re-run asked the
+    game from the start. Now the re-run sends the request to finish alone, with the kept reply in its turns."""
+    from simpo_exp.evaluate.arena import CONTINUE, judge_arena_hard
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+    from simpo_exp.evaluate.judge import JudgeError
+
+    prompts = [{"id": "q0", "instruction": "Explain sorting (late verdict).", "reference": "r" * 10}]
+    FinishFailsOnceJudge.failed.clear()
+    server, url = serve(FinishFailsOnceJudge)
+    try:
+        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
+        b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
+        with pytest.raises(JudgeError, match="question_id='q0'.*HTTP 500"):
+            judge_arena_hard(b, prompts, ["m" * 30], "my-model", "gpt-4-0314", tmp_path)
+        first_reply = FinishFailsOnceJudge.requests[1]["messages"][2]["content"]
+        assert len(FinishFailsOnceJudge.requests) == 2 and "Both answers have merits" in first_reply
+        (partial,) = read_jsonl(journal("arena_hard", tmp_path))
+        game = partial["games"][0]
+        assert game["replies"] == [first_reply] and game["score"] is None and "HTTP 500" in game["error"]
+        assert "error" in partial["games"][1] and not partial["games"][1]["judgment"]  # the second: not asked
+        FinishFailsOnceJudge.requests.clear()
+        again = judge_arena_hard(b, prompts, ["m" * 30], "my-model", "gpt-4-0314", tmp_path)
+    finally:
+        server.shutdown()
+    finish, *rest = FinishFailsOnceJudge.requests  # the request to finish, then the second game (and its finish)
+    assert [m["role"] for m in finish["messages"]] == ["system", "user", "assistant", "user"]
+    assert finish["messages"][2]["content"] == first_reply and finish["messages"][3]["content"] == CONTINUE
+    assert len(rest) == 2 and len(rest[0]["messages"]) == 2  # the second game from its start: asked, then finished
+    assert again["metrics"]["battles"] == 6 and again["metrics"]["win_rate"] == 100.0
+    (line,) = read_jsonl(journal("arena_hard", tmp_path))
+    assert [g["score"] for g in line["games"]] == ["B>>A", "A>>B"]
+    assert line["games"][0]["judgment"].startswith("\n" + first_reply + "\n")
+    assert not any("error" in g or "replies" in g for g in line["games"])
+
+
 class FailFastSlowElsewhereJudge(FakeJudge):
     """Arena-Hard's judge: HTTP 500 on the first question's first game once another request has come in; every
     other request answered after ``delay`` seconds (so that it is in flight when the judging stops)."""

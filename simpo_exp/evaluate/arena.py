@@ -113,21 +113,37 @@ def user_prompt(question: str, a: str, b: str) -> str:
 class ArenaHardJudge(PairwiseJudge):
     """Two games per question on an OpenAI-compatible endpoint, each a judgment record of arena-hard-auto."""
 
-    def game(self, question: str, a: str, b: str) -> dict:
+    def game(self, question: str, a: str, b: str, started: dict | None = None) -> dict:
+        """One game: the judge's reply, asked again to finish (``CONTINUE``) while it gives no label, up to
+        ``label_attempts`` replies. A game stopped after a reply without a label (the endpoint failed, or refused,
+        on the request to finish) is returned, or attached to the ``JudgeError`` as ``game``, with its ``replies``;
+        given back as ``started``, it goes on from them instead of paying for them again."""
         prompt = user_prompt(question, a, b)
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
-        judgment, label = "", None
-        for _ in range(self.j.label_attempts):
+        replies = list(started.get("replies") or []) if started and started.get("user_prompt") == prompt else []
+        for reply in replies:
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": CONTINUE}]
+        judgment = "".join("\n" + reply for reply in replies)
+        label, again = parse_label(judgment)
+
+        def unfinished(error: str) -> dict:  # no verdict now; the next run asks again, from the replies it has
+            game = {"user_prompt": prompt, "judgment": judgment, "score": None, "error": error}
+            return {**game, "replies": replies} if replies else game
+
+        while again and len(replies) < self.j.label_attempts:
             try:
                 reply = self.chat(messages, self.j.max_tokens)
             except RequestRefused as e:  # no verdict (arena-hard-auto's "$ERROR$"), asked again by the next run
-                return {"user_prompt": prompt, "judgment": judgment, "score": None, "error": str(e)}
+                return unfinished(str(e))
+            except JudgeError as e:
+                if replies:
+                    e.game = unfinished(str(e))
+                raise
             if not reply.strip():  # the endpoint's failure, not a judgment: no verdict now, asked again next run
-                return {"user_prompt": prompt, "judgment": judgment, "score": None, "error": EMPTY_REPLY}
+                return unfinished(EMPTY_REPLY)
+            replies.append(reply)
             judgment += "\n" + reply
             label, again = parse_label(judgment)
-            if not again:
-                break
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": CONTINUE}]
         return {"user_prompt": prompt, "judgment": judgment, "score": label}
 
@@ -139,9 +155,11 @@ class ArenaHardJudge(PairwiseJudge):
         line = {"question_id": prompt["id"], "model": model_id, "judge": self.j.model, "games": games}
         try:
             for i, (a, b) in enumerate(orders):
-                games[i] = games[i] or self.game(q, a, b)
+                if games[i] is None or unanswered(games[i]):  # not asked, or stopped after a reply (``game``)
+                    games[i] = self.game(q, a, b, games[i])
         except JudgeError as e:
             error = JudgeError(f"judging question_id={prompt['id']!r}: {e}")
+            games[i] = getattr(e, "game", None) or games[i]  # a reply of the game that failed is kept too
             if any(games):  # a game paid for is written, the other marked unanswered: the next run asks it alone
                 unasked = {"judgment": "", "score": None, "error": str(e)}
                 line["games"] = [
@@ -168,7 +186,8 @@ def kept_aside(path: Path) -> Path:
 def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: str) -> tuple[dict, dict]:
     """(``{question_id: judgment}`` still valid: same judge, same question and answers in both games, no game the
     endpoint refused; ``{question_id: [game or None, game or None]}``: the games with a reply of the judgments
-    whose other game was refused, so that only that one is asked again). The others (questions past a smaller
+    whose other game was refused, so that only that one is asked again, and the games stopped after a reply without
+    a label, which go on from it). The others (questions past a smaller
     ``max_prompts``, another baseline's answers, another judge, whole or half judged), paid for, are moved to
     ``kept_aside`` and come back when their command does."""
     expected = {}
@@ -189,7 +208,7 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
     kept, half = {}, {}  # a judgment of this command's set is in ``others`` only when a game of it got no reply
     for r in others:
         if accepts(same, r) and r["question_id"] not in rows:
-            kept[r["question_id"]] = [None if unanswered(g) else g for g in r["games"]]
+            kept[r["question_id"]] = [None if unanswered(g) and not g.get("replies") else g for g in r["games"]]
             half[r["question_id"]] = r  # kept aside too until its other game is judged, so that a kill loses nothing
     others = [r for r in others if not accepts(same, r)] + list(half.values())
     if others:
