@@ -187,9 +187,9 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
     """(``{question_id: judgment}`` still valid: same judge, same question and answers in both games, no game the
     endpoint refused; ``{question_id: [game or None, game or None]}``: the games with a reply of the judgments
     whose other game was refused, so that only that one is asked again, and the games stopped after a reply without
-    a label, which go on from it). The others (questions past a smaller
-    ``max_prompts``, another baseline's answers, another judge, whole or half judged), paid for, are moved to
-    ``kept_aside`` and come back when their command does."""
+    a label, which go on from it). The others (questions past a smaller ``max_prompts``, another baseline's
+    answers, another judge, whole or half judged), paid for, are moved to ``kept_aside`` and come back when their
+    command does."""
     expected = {}
     for p, text in zip(prompts, texts):
         q, base = p["instruction"], p["reference"]
