@@ -1363,6 +1363,25 @@ def test_max_eval_samples_on_a_mixture_draws_from_every_source_and_the_cut_is_re
     assert other["prompt"] != te["prompt"]  # the draw is the seed's, as the train shuffle is
 
 
+def test_the_truncated_prompt_count_is_of_the_pairs_kept_after_a_cut(tmp_path, tok):
+    """dataset.chat_format=simpo_repo keeps a long prompt's last tokens and the report counts the prompts it cut:
+    counted, as the responses' cuts are, on the pairs a max_train_samples cut leaves."""
+    rows = [
+        {"prompt": ("long question " * 40 if i % 2 else "short") + f" {i}", "chosen": "good", "rejected": "bad"}
+        for i in range(12)
+    ]
+    write_jsonl(tmp_path / "s" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "s" / "test.jsonl", rows[:4])
+    cfg = make_config({"s": SourceConfig(path=str(tmp_path / "s"))}, 192, 64, chat_format="simpo_repo")
+    whole = build_datasets(cfg, tok)[2].truncated["train"]["prompt"]
+    assert whole == 6  # every long prompt, before a cut
+    cfg = make_config(
+        {"s": SourceConfig(path=str(tmp_path / "s"))}, 192, 64, chat_format="simpo_repo", max_train_samples=5
+    )
+    tr, _, report = build_datasets(cfg, tok)
+    assert report.truncated["train"]["prompt"] == sum(tr["prompt_truncated"]) < whole
+
+
 def test_text_that_is_not_utf8_names_the_source_and_row(tmp_path, tok):
     """pyarrow loads the bytes as they are; a bare UnicodeDecodeError came out of the normalising map."""
     rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
