@@ -34,8 +34,10 @@ from pathlib import Path
 import yaml
 
 from simpo_exp.inference.results import (
+    answer_decoding,
     headline_keys,
     is_bench_metric,
+    is_lower_score,
     is_standard_error,
     read_results,
     uncertainty_keys,
@@ -579,14 +581,15 @@ NEAR_ZERO_IS_BETTER = ("length/reward_corr",)
 
 
 def lower_is_better(metric: str) -> bool:
-    """Losses, costs, the benchmarks' standard errors, the rejected side's reward and log-probs (what the objective
+    """Losses, costs, the benchmarks' standard errors, lm-eval's perplexities (``is_lower_score``), the rejected
+    side's reward and log-probs (what the objective
     pushes down: ranked highest first, the run that raised them most was "best"), and the near-zero metrics (by
     their size)."""
     parts = metric.split("/")
     name = parts[-1]
     rejected_side = name == "rejected" and len(parts) > 1 and parts[-2].startswith(("rewards", "logps"))
     low = name.endswith("loss") or name in LOWER_IS_BETTER or rejected_side or is_standard_error(metric)
-    return low or near_zero_is_better(metric)
+    return low or is_lower_score(metric) or near_zero_is_better(metric)
 
 
 def near_zero_is_better(metric: str) -> bool:
@@ -618,6 +621,7 @@ def rank_runs(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool | N
 # on which prompts, with which decoding of the runs' models.
 # (the rule benchmark's baseline is each run's own starting model: start_weights names it)
 BENCH_SETTINGS = ("judge", "baseline", "start_weights", "reference", "prompts_path", "reference_path", "decoding")
+BENCH_SETTINGS += ("lm_eval",)  # tasks, shots, limit, chat template, dtype (its batch size and device left out)
 
 
 def mixed_methods_note(runs: list[Run], metric: str) -> str | None:
@@ -645,7 +649,8 @@ def mixed_methods_note(runs: list[Run], metric: str) -> str | None:
 
 def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
     """``{benchmark: ["judge: {...} / {...}", ...]}`` for each benchmark the runs were evaluated on with settings
-    that differ (another judge model, baseline, starting model, prompt file or number of prompts, decoding). A key
+    that differ (another judge model, baseline, starting model, prompt file or number of prompts, decoding, lm-eval's
+    tasks, shots, limit or chat template). A key
     a record does not hold (written before it was recorded) is not held against it."""
     from simpo_exp.inference.results import load_results
 
@@ -660,6 +665,10 @@ def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
             for key, value in settings.items():
                 if key == "judge" and isinstance(value, dict):
                     value = {k: v for k, v in value.items() if k != "base_url"}  # the same judge on another host
+                if key == "decoding" and isinstance(value, dict):  # a smaller batch after an out-of-memory, say
+                    value = answer_decoding(value)
+                if key == "lm_eval" and isinstance(value, dict):
+                    value = {k: v for k, v in value.items() if k not in ("batch_size", "device")}
                 shown = json.dumps(value, sort_keys=True)
                 values = seen.setdefault(bench, {}).setdefault(key, [])
                 if shown not in values:

@@ -606,6 +606,47 @@ def test_benchmark_numbers_measured_differently_are_said_not_to_compare(tmp_path
     assert compare.mixed_bench_settings(same) == {}
 
 
+def test_decoding_the_answers_do_not_depend_on_is_not_a_difference_and_lm_evals_settings_are(tmp_path):
+    """A job re-judged with evaluate.judge_only=true (its results record the stored answers' decoding, without
+    batch_size) or re-run with a smaller batch after running out of memory was said "not to compare" with its
+    sweep; two lm-eval runs, 5-shot on the whole task and a 0-shot limit=20 smoke test, were ranked side by side
+    without a word (their settings are under "lm_eval", which was not compared)."""
+    decoding = {"backend": "hf", "max_new_tokens": 4096, "temperature": 0.0, "top_p": 1.0}
+    gsm8k = {"tasks": ["gsm8k"], "num_fewshot": 5, "limit": None, "apply_chat_template": True, "dtype": "bfloat16"}
+    records = (
+        {"decoding": {**decoding, "batch_size": 16, "vllm_gpu_memory_utilization": 0.9}, "lm_eval": gsm8k},
+        {"decoding": decoding, "lm_eval": {**gsm8k, "batch_size": 4, "device": "cpu"}},
+        {"decoding": {**decoding, "batch_size": 4}, "lm_eval": {**gsm8k, "num_fewshot": 0, "limit": 20}},
+    )
+    for i, record in enumerate(records):
+        job = tmp_path / "sweep" / f"{i}_beta={i + 2}"
+        _job(job, [f"beta={i + 2}"])
+        for bench, key in (("alpacaeval2", "decoding"), ("gsm8k", "lm_eval")):
+            results = job / "eval" / bench / "results.json"
+            results.parent.mkdir(parents=True)
+            results.write_text(json.dumps({"metrics": {"win_rate": 25.0 + i}, key: record[key]}))
+    runs = compare.load_runs(tmp_path / "sweep")
+    assert compare.mixed_bench_settings(runs[:2]) == {}  # batch size, vLLM memory and lm-eval's device: alike
+    differ = compare.mixed_bench_settings(runs)
+    assert list(differ) == ["gsm8k"] and differ["gsm8k"][0].startswith("lm_eval: "), differ
+    assert '"limit": 20' in differ["gsm8k"][0] and '"num_fewshot": 0' in differ["gsm8k"][0]
+
+
+def test_lm_evals_perplexities_rank_lowest_first_and_are_not_offered_to_rank_by():
+    """lambada lists its perplexity before its accuracy: the printed "rank them" command named the perplexity and
+    compare ranked the highest perplexity first."""
+    from simpo_exp.evaluate.run import _rank_metric
+
+    metrics = {"lambada_openai/perplexity:none": 9.9, "lambada_openai/acc:none": 0.4, "lambada_openai/n": 50.0}
+    assert _rank_metric([{"benchmark": "lambada", "metrics": metrics}]) == "bench/lambada/lambada_openai/acc:none"
+    only = {"wikitext/word_perplexity:none": 30.0}  # nothing else to rank by: that one, lowest first
+    assert _rank_metric([{"benchmark": "wikitext", "metrics": only}]) == "bench/wikitext/wikitext/word_perplexity:none"
+    for name in ("perplexity:none", "word_perplexity:none", "bits_per_byte:none", "ter:none"):
+        assert compare.lower_is_better(f"bench/b/task/{name}"), name
+    assert not compare.lower_is_better("bench/b/task/acc:none")
+    assert not compare.lower_is_better("bench/b/task/exact_match:strict-match")
+
+
 def test_a_benchmark_metric_no_run_has_is_explained(tmp_path):
     """The note said to evaluate the runs first, also where they were evaluated and LC was not measured (the
     results' notes say why), or the metric name was mistyped."""

@@ -47,6 +47,9 @@ def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding
     assert "judges the stored trained answers as they were made" in caplog.text
     assert "decoding.max_new_tokens: stored 4, now " in caplog.text
     assert saved["decoding"]["max_new_tokens"] == 4 and saved["decoding"]["temperature"] == 0
+    # the cut answers' note names the limit they were made with, not the command's 4096; no batch size recorded
+    assert record["metrics"]["cut_at_max_new_tokens"] == 2 and "reached max_new_tokens=4 (" in " ".join(record["notes"])
+    assert "batch_size" not in saved["decoding"] and "batch_size" not in record["notes"][0]
 
 
 def test_a_copied_run_reuses_its_stored_answers_and_an_older_manifest_is_upgraded(tmp_path, compose):

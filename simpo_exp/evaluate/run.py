@@ -56,7 +56,16 @@ from simpo_exp.evaluate.runs import (
     trained_policy,
 )
 from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
-from simpo_exp.inference.results import EVAL_DIR, HEADLINE, PREFIX, results_path, set_aside
+from simpo_exp.inference.results import (
+    EVAL_DIR,
+    FREE_DECODING,
+    HEADLINE,
+    PREFIX,
+    answer_decoding,
+    is_lower_score,
+    results_path,
+    set_aside,
+)
 from simpo_exp.rundir import hold_folder, output_stage, read_json
 from simpo_exp.rundir import read_jsonl as read_lines
 
@@ -118,7 +127,7 @@ def generate(
         # and the precision they compute in: the samplers run a GPU's answers in bf16, a CPU's in the weights' own
         "mixed_precision": effective_precision(cfg.hardware.mixed_precision, pick_device(cfg.hardware.device)),
         "sampling_dtype": str(sampling_dtype(cfg, pick_device(cfg.hardware.device))).removeprefix("torch."),
-        "decoding": {k: v for k, v in vars(dec).items() if k not in FREE_DECODING},
+        "decoding": answer_decoding(vars(dec)),
         "chat_format": chat_format or cfg.dataset.chat_format,
         "prompts": hashlib.sha256("\n".join(p["id"] + p["instruction"] for p in prompts).encode()).hexdigest(),
         # each prompt's own hash: answers stored for the first N prompts serve a command that asks for more
@@ -177,10 +186,6 @@ def _upgrade_manifest(path: Path, cfg, weights: dict) -> None:
         write_json(path, {**old, "weights": weights})
 
 
-# decoding settings the answers do not depend on, left out of the manifest: a run killed for memory resumes with less
-FREE_DECODING = ("batch_size", "vllm_gpu_memory_utilization")
-
-
 def _check_manifest(
     path: Path, manifest: dict, has_answers: bool, keys: tuple | None = None, shard_size: int = 1
 ) -> None:
@@ -230,13 +235,13 @@ def _check_manifest(
 
 
 def _recorded_decoding(b, e, shard_dir: Path, dec) -> dict | None:
-    """The decoding a benchmark's results record: the command's; under ``judge_only`` the one the stored answers
-    were made with (judged as they are, whatever the command says); none for lm-eval, which decodes as its tasks
-    say (its settings are recorded under "lm_eval")."""
+    """The decoding a benchmark's answers were made with, as its results record it (without ``FREE_DECODING``):
+    the command's; under ``judge_only`` the one the stored answers were made with (judged as they are, whatever the
+    command says); none for lm-eval, which decodes as its tasks say (its settings are recorded under "lm_eval")."""
     if b.kind == "lm_eval":
         return None
     path = shard_dir / "trained-manifest.json"
-    return json.loads(path.read_text())["decoding"] if e.judge_only and path.is_file() else vars(dec)
+    return answer_decoding(json.loads(path.read_text())["decoding"] if e.judge_only and path.is_file() else vars(dec))
 
 
 def _decoding(b, run_cfg, policy_cfg) -> types.SimpleNamespace:
@@ -349,16 +354,18 @@ def _judge_pairs(
     return metrics, notes
 
 
-def _count_cut(metrics: dict, gens: list[dict], b) -> list[str]:
-    """``cut_at_max_new_tokens`` into ``metrics``: the answers that reached ``decoding.max_new_tokens`` before their
+def _count_cut(metrics: dict, gens: list[dict], ctx: dict) -> list[str]:
+    """``cut_at_max_new_tokens`` into ``metrics``: the answers that reached ``max_new_tokens`` before their
     end-of-turn token (judged as they are: a judge reads a cut answer, and a length-controlled win rate its length);
-    a note where there are any. Answers stored before ``finished`` was recorded count as finished."""
+    a note where there are any, with the limit the answers were made with (the model's ``by_model`` one, or under
+    ``judge_only`` the stored answers'). Answers stored before ``finished`` was recorded count as finished."""
     cut = sum(g.get("finished") is False for g in gens)
     metrics["cut_at_max_new_tokens"] = cut
     if not cut:
         return []
+    limit = ctx["decoding"]["max_new_tokens"]
     return [
-        f"{cut} of {len(gens)} answers reached benchmarks.{b.name}.decoding.max_new_tokens={b.decoding.max_new_tokens}"
+        f"{cut} of {len(gens)} answers reached max_new_tokens={limit} (benchmarks.{ctx['benchmark'].name}.decoding)"
         " before their end-of-turn token and are judged as cut"
     ]
 
@@ -373,7 +380,7 @@ def _alpacaeval(ctx: dict) -> dict:
     write_json(out / "model_outputs.json", bm.alpaca_model_outputs(prompts, texts, generator))
     metrics = {"avg_length": _mean([len(t) for t in texts]), "n": len(texts)}  # characters, as alpaca-eval counts
     notes = [f"{len(texts)} of {info['rows']} prompts (max_prompts)"] if len(texts) < info["rows"] else []
-    notes += _count_cut(metrics, gens, b)
+    notes += _count_cut(metrics, gens, ctx)
     record = {"notes": notes, "baseline": info["reference_generator"], "dataset_name": "AlpacaEval 2"}
     if b.judge.kind != "openai":  # the pairwise judge's rows of an earlier evaluation are not this one's samples
         (out / "annotations.json").unlink(missing_ok=True)  # (its verdicts stay in verdicts/)
@@ -400,7 +407,7 @@ def _arena_hard(ctx: dict) -> dict:
     texts = [g["text"] for g in gens]
     metrics = {"avg_tokens": _mean([g["n_tokens"] for g in gens]), "n": len(texts)}
     record = {
-        "notes": _count_cut(metrics, gens, b),
+        "notes": _count_cut(metrics, gens, ctx),
         "baseline": info["reference_generator"],
         "dataset_name": "Arena-Hard",
     }
@@ -468,6 +475,7 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "name": run_name(run_cfg, run_dir),
         "run_dir": Path(run_dir),
         "judge_only": e.judge_only,
+        "decoding": _recorded_decoding(b, e, out / "shards", dec),
         "generate": lambda cfg, prompts, tag: generate(
             cfg, prompts, dec, out / "shards", tag, e.judge_only, CHAT_FORMAT_OF.get(b.kind)
         ),
@@ -484,7 +492,7 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "model": trained.model.path,
         **record,
         "notes": record.get("notes", []),
-        "decoding": _recorded_decoding(b, e, out / "shards", dec),
+        "decoding": ctx["decoding"],
         "judge": judge,
         "prompts_path": b.prompts_path or None,
         "versions": _versions(),
@@ -587,9 +595,11 @@ def evaluate_all(cfg) -> list[dict]:
 
 def _rank_metric(records: list[dict]) -> str | None:
     """The compare key to rank runs by: the first benchmark's win rate where it recorded one, else its first number
-    (lm-eval's keys are ``<task>/<metric>:<filter>``)."""
+    (lm-eval's keys are ``<task>/<metric>:<filter>``), a higher-is-better one where there is one (lambada lists its
+    perplexity before its accuracy)."""
     for rec in records:
         names = [k for k, v in rec["metrics"].items() if v is not None]
+        names = [k for k in names if not is_lower_score(k)] or names
         metric = next((k for k in HEADLINE if k in names), names[0] if names else None)
         if metric:
             return f"{PREFIX}{rec['benchmark']}/{metric}"

@@ -24,6 +24,16 @@ EVAL_DIR = "eval"
 HEADLINE = ("lc_win_rate", "win_rate")  # AlpacaEval 2's length-controlled one first: its headline, and the paper's
 
 
+# decoding settings the answers do not depend on: left out of the answers' manifest (a run killed for memory resumes
+# with a smaller batch) and of the decoding a results file records, so that compare does not tell such runs apart
+FREE_DECODING = ("batch_size", "vllm_gpu_memory_utilization")
+
+
+def answer_decoding(decoding: dict) -> dict:
+    """``decoding`` without the settings the answers do not depend on (``FREE_DECODING``)."""
+    return {k: v for k, v in decoding.items() if k not in FREE_DECODING}
+
+
 def results_path(run_dir: Path, benchmark: str) -> Path:
     return Path(run_dir) / EVAL_DIR / benchmark / "results.json"
 
@@ -82,6 +92,16 @@ def is_standard_error(metric: str) -> bool:
 def is_uncertainty(metric: str) -> bool:
     """Whether ``metric`` is a standard error or an interval bound of another (``uncertainty_keys``), not a result."""
     return is_standard_error(metric) or metric.rpartition("/")[2] in ("win_rate_ci_low", "win_rate_ci_high")
+
+
+# lm-eval's scores where lower is better (higher_is_better false in its tasks): lambada's and wikitext's
+# perplexities, bits per byte, the translation tasks' TER
+LOWER_IS_BETTER_SCORES = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter")
+
+
+def is_lower_score(metric: str) -> bool:
+    """Whether ``metric`` (``.../<task>/<metric>:<filter>``) is one of lm-eval's lower-is-better scores."""
+    return metric.rpartition("/")[2].partition(":")[0] in LOWER_IS_BETTER_SCORES
 
 
 def is_bench_metric(name: str) -> bool:
