@@ -353,7 +353,8 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
 
     - a method hyper-parameter the method does not read (``loss=simper beta=5``);
     - ``gamma`` and ``gamma_beta_ratio`` together, or ``gamma_beta_ratio`` where a preset's absolute ``gamma`` wins;
-    - ``hparams=`` with ``experiment=``, where the experiment (composed after it) sets the keys the preset sets.
+    - ``hparams=`` with ``experiment=``, where the experiment (composed after it) sets the keys the preset sets;
+    - under ``experiment=``, what the groups composed around it silently drop: see ``refuse_lost_to_experiment``.
 
     ``searched``: the keys the sweeper's search space (``hydra.sweeper.params``) sets, which the user did not type."""
     from simpo_exp.config import ConfigError
@@ -398,6 +399,66 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
             raise ConfigError(
                 f"hparams={hparams} would not be used: experiment={choices['experiment']} is composed after it and "
                 f"sets its own values of {sets}; give those keys on the command line instead"
+            )
+    if choices.get("experiment") and compose is not None:
+        refuse_lost_to_experiment(cfg, given, choices, compose)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def refuse_lost_to_experiment(cfg: DictConfig, given: set[str], choices: dict, compose) -> None:
+    """Refuse what the defaults list's order would drop without a word under ``experiment=`` (a preset of the
+    user's, typically):
+
+    - the experiment's ``method``: the loss group is composed after the experiment (so that ``experiment=<recipe>
+      loss=dpo`` trains DPO with DPO's beta), and an experiment cannot override a group listed after it, so its
+      ``method: dpo`` trained SimPO; the fix is ``loss=dpo`` on the command line;
+    - with that loss, the experiment's own values of the keys the loss preset sets (its DPO ``beta``);
+    - with ``model=`` on the command line, the experiment's own ``model.*`` values (a recipe's chat template)
+      laid over the model preset picked there."""
+    from simpo_exp.config import ConfigError
+
+    experiment, loss, model = choices["experiment"], choices.get("loss"), choices.get("model")
+    try:
+        own = compose([f"experiment={experiment}", "~loss"])  # the experiment's values, no loss group after it
+        with_loss = compose([f"experiment={experiment}", f"loss={loss}"])
+        picked = compose([f"model={model}"]).model if "model" in given else None
+        laid = compose([f"experiment={experiment}", f"model={model}"]).model if "model" in given else None
+    except Exception as e:  # Hydra's compose API unavailable in this process (a launcher's): left unchecked
+        log.debug("experiment not checked: %s", e)
+        return
+    where = f"experiment={experiment}"
+    if own.get("method") != cfg.get("method") and not {"loss", "method"} & given:
+        raise ConfigError(
+            f"{where} sets method={own.get('method')}, which would not be used: the loss group is composed after the "
+            f"experiment (loss={loss} sets method={cfg.get('method')}) and an experiment cannot pick it; give "
+            f"loss={own.get('method')} on the command line"
+        )
+    if own.get("method") == with_loss.get("method"):
+        replaced = [
+            f"{k} ({_shown(own.get(k))} in the experiment, {_shown(v)} in loss={loss})"
+            for k, v in with_loss.items()
+            if not isinstance(v, (dict, DictConfig)) and k not in given and k in own and own.get(k) != v
+        ]
+        if replaced:
+            raise ConfigError(
+                f"loss={loss} is composed after {where} and replaces its {', '.join(replaced)}; give the "
+                "experiment's values on the command line"
+            )
+    if picked is not None:
+        lost = [
+            f"model.{k}={_shown(v)} (model={model} has {_shown(picked.get(k))})"
+            for k, v in laid.items()
+            if not isinstance(v, (dict, DictConfig)) and f"model.{k}" not in given and v != picked.get(k)
+        ]
+        if lost:
+            raise ConfigError(
+                f"model={model} with {where}: the experiment is composed after the model group and lays its own "
+                f"{', '.join(lost)} over it; give each of those keys on the command line (model.<key>=...; "
+                "model.chat_template=auto takes the tokenizer's own) so that the run says which it trains with"
             )
 
 

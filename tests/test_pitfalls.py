@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from simpo_exp.config import ConfigError, resolve_gamma, to_config
 from simpo_exp.data import PairCollator, build_datasets
 from simpo_exp.model import TINY_CHAT_TEMPLATE, build_tiny_tokenizer
+from simpo_exp.rundir import CONF_DIR
 from simpo_exp.runinfo import refuse_unused, run_name
 from tests.test_run import SMALL, simpo
 
@@ -115,6 +117,42 @@ def test_a_value_given_that_the_run_would_not_use_is_refused(compose, overrides,
     choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in ("experiment", "hparams"))
     with pytest.raises(ConfigError, match=message):
         refuse_unused(cfg, given, choices, lambda extra: compose(*extra))
+
+
+def refuse_as_the_run_would(compose, *overrides: str) -> None:
+    """``refuse_unused`` with the keys and group choices a run of ``overrides`` would have (loss and model
+    included, as Hydra's runtime choices hold them)."""
+    cfg = compose(*overrides)
+    given = {o.split("=", 1)[0] for o in overrides if not o.startswith("hydra.")}
+    chosen = dict(o.split("=", 1) for o in overrides if "." not in o.split("=", 1)[0])
+    choices = {"loss": "simpo", "model": "tiny", "hparams": "default", **chosen}
+    refuse_unused(cfg, given, choices, lambda extra: compose(*[o for o in overrides if o.startswith("hydra.")], *extra))
+
+
+def test_what_an_experiment_would_lose_to_the_groups_around_it_is_refused(compose, tmp_path):
+    """An experiment preset of the user's that sets ``method: dpo`` trained SimPO (the loss group, composed after
+    it, set method back) without a word; with ``loss=dpo`` given, DPO's beta replaced the experiment's; and
+    ``experiment=<recipe> model=<another>`` trained the other model with the recipe's chat template."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "my-dpo.yaml").write_text("# @package _global_\nmethod: dpo\nbeta: 0.05\n")
+    mine = [f"hydra.searchpath=[file://{tmp_path}]", "experiment=my-dpo"]
+    with pytest.raises(ConfigError, match=r"experiment=my-dpo sets method=dpo, which would not be used: .* loss=dpo"):
+        refuse_as_the_run_would(compose, *mine)
+    with pytest.raises(ConfigError, match=r"replaces its beta \(0.05 in the experiment, 0.1 in loss=dpo\)"):
+        refuse_as_the_run_would(compose, *mine, "loss=dpo")
+    refuse_as_the_run_would(compose, *mine, "loss=dpo", "beta=0.05")  # said on the command line: as it trains
+    refuse_as_the_run_would(compose, *mine, "loss=cpo")  # another method asked for: its own values, as a recipe's
+    gemma = "experiment=simpo-gemma2-9b-it"
+    with pytest.raises(ConfigError, match=r"model=tiny with experiment=simpo-gemma2-9b-it: .* model.chat_template="):
+        refuse_as_the_run_would(compose, gemma, "model=tiny")
+    refuse_as_the_run_would(compose, gemma, "model=tiny", "model.chat_template=auto", "model.attn_implementation=null")
+    refuse_as_the_run_would(compose, gemma, "model.path=/my/gemma")  # the recipe's model, from a local folder
+
+
+@pytest.mark.parametrize("loss", ["simpo", "dpo", "orpo"])
+def test_every_shipped_recipe_composes_with_any_loss(compose, loss):
+    for recipe in sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")):
+        refuse_as_the_run_would(compose, f"experiment={recipe}", f"loss={loss}")
 
 
 def test_a_value_the_sweepers_search_space_sets_is_named_with_its_removal(tmp_path):
