@@ -994,6 +994,32 @@ def test_a_rebinarising_that_keeps_no_pair_leaves_no_stale_data_set(
     assert not (out / "data" / "train.jsonl").exists() and not (out / "data" / "provenance.json").exists()
 
 
+def test_a_rerun_killed_before_its_record_leaves_no_earlier_record_beside_its_pairs(
+    uninterrupted_generation, tiny_reward_model, tmp_path, monkeypatch
+):
+    """Re-run in the same folder with other binarise settings and killed after writing data/train.jsonl: the
+    earlier command's provenance.json stayed beside the new pairs, and training recorded its settings as theirs."""
+    from simpo_exp.generate import run as generate_run
+
+    out = tmp_path / "gen"
+    shutil.copytree(uninterrupted_generation, out)
+    before = (out / "data" / "train.jsonl").read_text()
+    write_atomic = generate_run.write_atomic
+
+    def killed_at_the_record(path, text):
+        if Path(path).name == "provenance.json":
+            raise KeyboardInterrupt
+        return write_atomic(path, text)
+
+    monkeypatch.setattr(generate_run, "write_atomic", killed_at_the_record)
+    other = ("binarise.mode=best_random", f"output_dir={out}")
+    cfg = compose_generate(*RM_RUN, f"scorer.path={tiny_reward_model}", *other)
+    with pytest.raises(KeyboardInterrupt):
+        generate_run.generate_data(cfg)
+    assert (out / "data" / "train.jsonl").read_text() != before  # the new pairs are written ...
+    assert not (out / "data" / "provenance.json").exists()  # ... and no record says they are the earlier ones
+
+
 def test_a_policy_whose_answers_all_score_alike_is_told_to_sample_from_a_trained_model(tmp_path):
     """The README's try on the embedded default (a random init: it writes no digits, every rule score 0) ended in
     advice to sample more responses or raise the temperature, which cannot help."""

@@ -503,6 +503,9 @@ def generate_data(cfg) -> dict:
             "answers cut inside a character at generate.max_new_tokens",
             report["pair_sides_not_utf8"], 2 * len(rows),
         )  # fmt: skip
+    # an earlier command's record of the data goes before this command writes anything, and this one's comes last:
+    # a kill between the files leaves pairs without a record (read as of unknown origin), never beside another's
+    (out / "data" / "provenance.json").unlink(missing_ok=True)
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     if not test_rows:  # a test split an earlier command wrote here is not this command's
         (out / "data" / "test.jsonl").unlink(missing_ok=True)
