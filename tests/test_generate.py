@@ -1399,10 +1399,11 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
         def generate(self, prompts, sampling_params, use_tqdm):
             calls["generate"].append((prompts, sampling_params))
             out = lambda text, ids, reason: types.SimpleNamespace(text=text, token_ids=ids, finish_reason=reason)  # noqa: E731
-            return [
-                types.SimpleNamespace(outputs=[out(" a", [5, 2], "stop"), out(" bcd", [6, 7, 8], "length")])
-                for _ in prompts
-            ]
+            ended, cut = out(" a", [*ids(" a"), tokenizer.eos_token_id], "stop"), out(" bcd", ids(" bcd"), "length")
+            # a stop id that is no special token: vLLM's text keeps it ("unless the stop tokens are special")
+            newline = out(" x\n", [*ids(" x"), stop_newline], "stop")
+            bare = out(" y", ids(" y"), "stop")  # ended by EOS, its id not among the token ids
+            return [types.SimpleNamespace(outputs=[ended, cut, newline, bare]) for _ in prompts]
 
     def cleanup_dist_env_and_memory():
         calls["cleanup"] += 1
@@ -1421,6 +1422,9 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
         "generate.seeds=[7]", "generate.vllm_gpu_memory_utilization=0.5", "generate.max_new_tokens=9",
     )  # fmt: skip
     tokenizer = load_tokenizer(cfg.model)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    (stop_newline,) = ids("\n")
+    cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, stop_token_ids=[stop_newline]))
     sampler = VLLMSampler(cfg, tokenizer)
     assert calls["llm"]["model"] == str(tmp_path / "policy") and calls["llm"]["gpu_memory_utilization"] == 0.5
     assert calls["llm"]["seed"] == 7
@@ -1440,10 +1444,11 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
         assert (a["n"], a["temperature"], a["top_p"], a["max_tokens"]) == (2, g.temperature, g.top_p, 9)
         assert a["stop_token_ids"] == sampler.stop_ids and a["skip_special_tokens"] is True
     assert asked[0]["seed"] != asked[1]["seed"]  # one stream per prompt: a prompt's samples do not depend on its batch
-    assert (
-        records
-        == [[{"text": " a", "n_tokens": 2, "finished": True}, {"text": " bcd", "n_tokens": 3, "finished": False}]] * 2
-    )
+    ended = {"text": " a", "n_tokens": len(ids(" a")) + 1, "finished": True}
+    cut = {"text": " bcd", "n_tokens": len(ids(" bcd")), "finished": False}
+    newline = {"text": " x", "n_tokens": len(ids(" x")) + 1, "finished": True}  # as the hf backend cuts it
+    bare = {"text": " y", "n_tokens": len(ids(" y")), "finished": True}
+    assert records == [[ended, cut, newline, bare]] * 2
     sampler.close()
     assert calls["shutdown"] == 1 and calls["cleanup"] == 1 and not hasattr(sampler, "llm")
 

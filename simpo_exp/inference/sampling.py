@@ -228,15 +228,22 @@ class HFSampler:
         return self.positions - width
 
     def _response(self, ids: list[int], prompt: list[int]) -> dict:
-        stops = [i for i, t in enumerate(ids) if t in self.stop_ids]
-        end = stops[0] if stops else len(ids)
-        text = response_text(self.tokenizer, prompt, ids[:end])
-        return {"text": text, "n_tokens": end + (1 if stops else 0), "finished": bool(stops)}
+        return cut_at_stop(self.tokenizer, prompt, ids, self.stop_ids)
 
     def close(self) -> None:
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def cut_at_stop(tokenizer, prompt: list[int], ids: list[int], stop_ids) -> dict:
+    """A sampled answer as both backends return it: its text up to the first stop id (not included: vLLM keeps a
+    stop token's text unless it is a special token, so a ``stop_token_ids`` entry such as a newline ended its
+    answers), the tokens sampled (the stop token counted) and whether a stop id ended it."""
+    stops = [i for i, t in enumerate(ids) if t in stop_ids]
+    end = stops[0] if stops else len(ids)
+    text = response_text(tokenizer, prompt, ids[:end])
+    return {"text": text, "n_tokens": end + (1 if stops else 0), "finished": bool(stops)}
 
 
 class VLLMSampler:
@@ -286,9 +293,15 @@ class VLLMSampler:
             for key in keys
         ]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling_params=params, use_tqdm=False)
+        # decoded as the hf backend decodes (vLLM's own text keeps a stop token that is not a special token); ended
+        # by vLLM's stop whether or not its token ids hold the stop token
         return [
-            [{"text": c.text, "n_tokens": len(c.token_ids), "finished": c.finish_reason == "stop"} for c in o.outputs]
-            for o in outs
+            [
+                (r := cut_at_stop(self.tokenizer, ids, list(c.token_ids), self.stop_ids))
+                | {"finished": r["finished"] or c.finish_reason == "stop"}
+                for c in o.outputs
+            ]
+            for ids, o in zip(prompts, outs)
         ]
 
     def close(self) -> None:
