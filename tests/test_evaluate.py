@@ -999,6 +999,34 @@ def test_wandb_mode_from_the_environment_wins_over_the_runs_recorded_mode(tmp_pa
     assert wandb_log.log_results(tmp_path, ["rule"]) is False and calls == []  # nothing opened, nothing sent
 
 
+def test_a_number_a_re_evaluation_no_longer_has_is_cleared_on_wandb(tmp_path, monkeypatch):
+    """A re-evaluation whose LC win rate was withheld (another judge: too many replies without a verdict) left the
+    earlier LC win rate in the W&B run's summary, where the dashboard ranks by it, beside the new raw win rate: a
+    summary update sets only the keys it is given. The numbers of a benchmark not evaluated now stay."""
+    import types
+
+    from simpo_exp.evaluate import wandb_log
+    from simpo_exp.inference.files import write_json
+
+    earlier = {"bench/alpacaeval2/lc_win_rate": 35.2, "bench/alpacaeval2/win_rate": 30.0}
+    earlier |= {"bench/alpacaeval2/lc_standard_error": 1.1, "bench/arena-hard/win_rate": 20.0}
+    summary = dict(earlier)
+    run = types.SimpleNamespace(summary=summary, log=lambda *a, **k: None, finish=lambda: None)
+    monkeypatch.setattr(wandb_log, "open_wandb", lambda *args, **kwargs: run)
+    write_json(tmp_path / "wandb_run.json", {"id": "abc123", "project": "p", "mode": "offline"})
+    metrics = {"lc_win_rate": None, "lc_standard_error": None, "win_rate": 12.0, "n": 805}
+    write_json(tmp_path / "eval" / "alpacaeval2" / "results.json", {"metrics": metrics})
+    write_json(tmp_path / "eval" / "arena-hard" / "results.json", {"metrics": {"win_rate": 20.0}})
+    assert wandb_log.log_results(tmp_path, ["alpacaeval2"]) is True
+    assert summary["bench/alpacaeval2/win_rate"] == 12.0 and summary["bench/alpacaeval2/n"] == 805
+    assert summary["bench/alpacaeval2/lc_win_rate"] is None and summary["bench/alpacaeval2/lc_standard_error"] is None
+    assert summary["bench/arena-hard/win_rate"] == 20.0  # not evaluated now: as it was
+    # a key the run's summary holds and no results file names any more (a metric an older version wrote): cleared
+    summary["bench/alpacaeval2/old_name"] = 3.0
+    wandb_log.log_results(tmp_path, ["alpacaeval2"])
+    assert summary["bench/alpacaeval2/old_name"] is None
+
+
 def test_a_benchmarks_wandb_table_holds_its_first_few_rows(tmp_path):
     from simpo_exp.evaluate.wandb_log import SAMPLE_ROWS, sample_rows
     from simpo_exp.inference.files import write_jsonl

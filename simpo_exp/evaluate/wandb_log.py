@@ -20,7 +20,7 @@ import os
 import warnings
 from pathlib import Path
 
-from simpo_exp.inference.results import EVAL_DIR, read_results
+from simpo_exp.inference.results import EVAL_DIR, PREFIX, load_results, read_results
 from simpo_exp.rundir import read_json, read_jsonl
 from simpo_exp.tracking import WANDB_RECORD, open_wandb
 
@@ -113,6 +113,19 @@ def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0
         return False
 
 
+def bench_summary(run_dir: Path, benchmarks: list[str], held) -> dict:
+    """The run's ``bench/*`` numbers for its W&B summary, and null for each key ``held`` there (the summary of the
+    run it resumes) or named in results.json of a benchmark evaluated now that has no number now: a re-evaluation
+    whose LC win rate was withheld left the earlier one on W&B (and on the dashboard, which ranks by it). A
+    summary update only sets the keys it is given."""
+    numbers = read_results(run_dir)
+    records = load_results(run_dir)
+    named = [f"{PREFIX}{b}/{name}" for b, record in records.items() for name in record.get("metrics") or {}]
+    now = tuple(f"{PREFIX}{b}/" for b in benchmarks)
+    gone = {k: None for k in [*named, *held] if k.startswith(now) and k not in numbers and not k.endswith("/samples")}
+    return gone | numbers
+
+
 def _send(run_dir: Path, rec: dict, mode: str, benchmarks: list[str], init_timeout: float) -> None:
     import wandb
 
@@ -129,7 +142,7 @@ def _send(run_dir: Path, rec: dict, mode: str, benchmarks: list[str], init_timeo
         name=rec.get("name"),
     )
     try:
-        run.summary.update(read_results(run_dir))
+        run.summary.update(bench_summary(run_dir, benchmarks, run.summary.keys()))
         tables = {}
         for b in benchmarks:
             columns, rows = sample_rows(run_dir, b)
