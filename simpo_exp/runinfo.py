@@ -424,6 +424,7 @@ def refuse_lost_to_experiment(cfg: DictConfig, given: set[str], choices: dict, c
     experiment, loss, model = choices["experiment"], choices.get("loss"), choices.get("model")
     try:
         own = compose([f"experiment={experiment}", "~loss"])  # the experiment's values, no loss group after it
+        bare = compose(["~loss"])  # neither: what the experiment itself sets differs from it
         with_loss = compose([f"experiment={experiment}", f"loss={loss}"])
         picked = compose([f"model={model}"]).model if "model" in given else None
         laid = compose([f"experiment={experiment}", f"model={model}"]).model if "model" in given else None
@@ -441,7 +442,7 @@ def refuse_lost_to_experiment(cfg: DictConfig, given: set[str], choices: dict, c
         replaced = [
             f"{k} ({_shown(own.get(k))} in the experiment, {_shown(v)} in loss={loss})"
             for k, v in with_loss.items()
-            if not isinstance(v, (dict, DictConfig)) and k not in given and k in own and own.get(k) != v
+            if not isinstance(v, (dict, DictConfig)) and k not in given and own.get(k) not in (v, bare.get(k))
         ]
         if replaced:
             raise ConfigError(

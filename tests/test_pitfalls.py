@@ -142,6 +142,9 @@ def test_what_an_experiment_would_lose_to_the_groups_around_it_is_refused(compos
         refuse_as_the_run_would(compose, *mine, "loss=dpo")
     refuse_as_the_run_would(compose, *mine, "loss=dpo", "beta=0.05")  # said on the command line: as it trains
     refuse_as_the_run_would(compose, *mine, "loss=cpo")  # another method asked for: its own values, as a recipe's
+    (tmp_path / "experiment" / "dpo-no-beta.yaml").write_text("# @package _global_\nmethod: dpo\nlearning_rate: 1e-6\n")
+    no_beta = [f"hydra.searchpath=[file://{tmp_path}]", "experiment=dpo-no-beta", "loss=dpo"]
+    refuse_as_the_run_would(compose, *no_beta)  # DPO's beta: the experiment set none of its own
     gemma = "experiment=simpo-gemma2-9b-it"
     with pytest.raises(ConfigError, match=r"model=tiny with experiment=simpo-gemma2-9b-it: .* model.chat_template="):
         refuse_as_the_run_would(compose, gemma, "model=tiny")
