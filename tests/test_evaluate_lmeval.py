@@ -159,6 +159,24 @@ def test_a_finished_lm_eval_is_not_run_again_for_the_same_weights_and_settings(l
     assert len(lm_eval_calls) == 2 and lm_eval_calls[1]["limit"] == 3
 
 
+def test_a_chat_template_fixed_in_the_model_folder_evaluates_again(lm_eval_calls, tmp_path, compose):
+    """The results were bound to the weights' hash alone: a chat template fixed in model/ (apply_chat_template
+    renders with it) kept the scores of the old one. A record written before the tokenizer was recorded is kept."""
+    run = fake_run(tmp_path / "run", [], compose, weights=True)
+    args = ("benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    (first,) = evaluate_sweep(run, *args)
+    assert first["made_with"]["tokenizer"]["files"]
+    (run / "model" / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (again,) = evaluate_sweep(run, *args)
+    assert len(lm_eval_calls) == 2 and again["made_with"]["tokenizer"] != first["made_with"]["tokenizer"]
+    results = run / "eval" / "gsm8k" / "results.json"
+    older = json.loads(results.read_text())
+    del older["made_with"]["tokenizer"]
+    results.write_text(json.dumps(older))
+    evaluate_sweep(run, *args)
+    assert len(lm_eval_calls) == 2  # kept: an older record is not held to a key it could not have
+
+
 def test_another_lm_eval_version_evaluates_again(lm_eval_calls, tmp_path, compose, monkeypatch):
     """Scores of lm-eval 0.4.5 were kept after an upgrade to 0.4.13 (whose few-shot format and task versions may
     differ) and stamped with the new version."""

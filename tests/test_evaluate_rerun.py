@@ -88,6 +88,12 @@ def test_a_copied_run_reuses_its_stored_answers_and_an_older_manifest_is_upgrade
     manifest.write_text(json.dumps({**stored, "weights": legacy}))
     (third,) = evaluate_sweep(copy, *args)
     assert third["metrics"] == first["metrics"] and json.loads(manifest.read_text())["weights"] == stored["weights"]
+    # answers of another chat template, fixed in model/ after they were made: the same weights, other prompts
+    (copy / "model" / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ConfigError, match=r"tokenizer.files: stored '[0-9a-f]+', now '[0-9a-f]+'"):
+        evaluate_sweep(copy, *args)
+    (copy / "model" / "chat_template.jinja").unlink()
+    stored = json.loads(manifest.read_text())
     # answers of the model loaded in another dtype (evaluate once loaded float32 runs as their bf16 model.dtype)
     manifest.write_text(json.dumps({**stored, "model_dtype": "bfloat16"}))
     with pytest.raises(ConfigError, match="model_dtype: stored 'bfloat16', now 'float32'"):

@@ -55,7 +55,15 @@ from simpo_exp.evaluate.runs import (
     starting_policy,
     trained_policy,
 )
-from simpo_exp.inference.files import DamagedFile, manifest_changes, read_jsonl, weights_sha256, write_json, write_jsonl
+from simpo_exp.inference.files import (
+    DamagedFile,
+    manifest_changes,
+    read_jsonl,
+    tokenizer_sha256,
+    weights_sha256,
+    write_json,
+    write_jsonl,
+)
 from simpo_exp.inference.results import (
     EVAL_DIR,
     FREE_DECODING,
@@ -82,6 +90,17 @@ def _weights_id(cfg) -> dict:
     if path.is_dir():
         return {"sha256": weights_sha256(path)}
     return {"path": m.path, "revision": m.revision}
+
+
+def _tokenizer_id(cfg) -> dict | None:
+    """What renders the policy's prompts and ends its answers, beside its weights: the hash of a local model's (or
+    separate tokenizer's) tokenizer files, and a chat template the config gives in their place. None for a hub id
+    (its revision in the weights' id says it) or the embedded random init."""
+    m = cfg.model
+    folder = Path(m.tokenizer_path or m.path) if (m.tokenizer_path or m.path) else None
+    files = tokenizer_sha256(folder) if folder is not None and folder.is_dir() else None
+    template = m.chat_template if m.chat_template not in (None, "auto") else None
+    return {"files": files, "chat_template": template} if files or template else None
 
 
 def _legacy_weights_id(cfg) -> dict | None:
@@ -122,6 +141,7 @@ def generate(
     files = [shard_dir / f"{tag}-{i:05d}.jsonl" for i in range(len(shards))]
     manifest = {
         "weights": _weights_id(cfg),
+        "tokenizer": _tokenizer_id(cfg),  # a chat template fixed in model/ gives other answers from the same weights
         # the dtype the weights are loaded in (answers of a float32 model loaded as bf16 are another model's)
         "model_dtype": cfg.model.dtype,
         # and the precision they compute in: the samplers run a GPU's answers in bf16, a CPU's in the weights' own
@@ -426,8 +446,12 @@ def _lm_eval(ctx: dict) -> dict:
     b, trained = ctx["benchmark"], ctx["trained"]
     made_with = {"weights": _weights_id(trained), "model_dtype": trained.model.dtype, **settings(b, trained)}
     made_with["lm_eval_version"] = _versions().get("lm-eval")  # another lm-eval: its tasks and defaults may differ
+    made_with["tokenizer"] = _tokenizer_id(trained)  # apply_chat_template renders with the saved template
     earlier = read_json(results_path(ctx["run_dir"], b.name))
-    if isinstance(earlier, dict) and earlier.get("made_with") == made_with and earlier.get("metrics"):
+    stored = earlier.get("made_with") if isinstance(earlier, dict) else None
+    # a key an older record lacks is not held against it (written before it was recorded), as in the manifests
+    same = isinstance(stored, dict) and stored == {k: v for k, v in made_with.items() if k in stored}
+    if same and set(stored) >= set(made_with) - {"tokenizer"} and earlier.get("metrics"):
         log.info("%s: %s already evaluated with these weights and settings; its results are kept", ctx["name"], b.name)
         return {k: earlier[k] for k in ("metrics", "notes", "baseline", "lm_eval", "made_with") if k in earlier}
     if ctx.get("judge_only"):  # lm-eval scores by running the model: nothing stored to judge again

@@ -124,6 +124,26 @@ def weights_sha256(model_dir: Path) -> str:
     return sha256_files([f for f in [*files, model_dir / "config.json"] if f.is_file()])
 
 
+# what renders a local model's prompts and ends its answers, beside its weights (transformers 5 writes the chat
+# template to chat_template.jinja; older versions into tokenizer_config.json)
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def tokenizer_sha256(model_dir: Path) -> str | None:
+    """``sha256_files`` of a local model directory's tokenizer, chat template and generation config (None where it
+    holds none): a template fixed in a run's model/ makes other answers from the same weights."""
+    files = [Path(model_dir) / name for name in TOKENIZER_FILES if (Path(model_dir) / name).is_file()]
+    return sha256_files(files) if files else None
+
+
 def manifest_changes(stored: dict, now: dict, keys=None, prefix: str = "", stored_only: bool = False) -> list[str]:
     """What differs between a stored manifest and this command's, as ``dotted.key: stored X, now Y`` (nested
     sections compared key by key, so the message names ``generate.temperature``, not ``generate``). ``keys``:
