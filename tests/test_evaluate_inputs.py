@@ -197,7 +197,9 @@ def test_a_cut_short_or_mismatched_answer_shard_is_named_not_paired_with_other_p
     (shards / "trained-00000.jsonl").write_text('{"id": "0", "text": "a"}\n{"id": "1", "text": "b"}\n')
     (shards / "trained-00001.jsonl").write_text("")  # emptied by a crash
     (tmp_path / "m").mkdir()  # a trained model directory (no weights needed: the stored answers are read)
-    cfg = SimpleNamespace(model=SimpleNamespace(path=str(tmp_path / "m"), name="m", dtype="float32"))
+    model = SimpleNamespace(path=str(tmp_path / "m"), name="m", dtype="float32", tokenizer_path=None)
+    model.chat_template = None
+    cfg = SimpleNamespace(model=model)
     cfg.hardware = SimpleNamespace(mixed_precision="auto", device="cpu", master_weights="fp32", lora=False)
     cfg.dataset = SimpleNamespace(chat_format="generation_prompt")
     with pytest.raises(DamagedFile, match="trained-00001.jsonl holds 0 answers"):
