@@ -449,9 +449,12 @@ def _lm_eval(ctx: dict) -> dict:
     made_with["tokenizer"] = _tokenizer_id(trained)  # apply_chat_template renders with the saved template
     earlier = read_json(results_path(ctx["run_dir"], b.name))
     stored = earlier.get("made_with") if isinstance(earlier, dict) else None
-    # a key an older record lacks is not held against it (written before it was recorded), as in the manifests
-    same = isinstance(stored, dict) and stored == {k: v for k, v in made_with.items() if k in stored}
-    if same and set(stored) >= set(made_with) - {"tokenizer"} and earlier.get("metrics"):
+    # a record written before the tokenizer was recorded is compared without it, as the manifests are
+    if isinstance(stored, dict) and "tokenizer" not in stored:
+        made_with_then = {k: v for k, v in made_with.items() if k != "tokenizer"}
+    else:
+        made_with_then = made_with
+    if stored == made_with_then and earlier.get("metrics"):
         log.info("%s: %s already evaluated with these weights and settings; its results are kept", ctx["name"], b.name)
         return {k: earlier[k] for k in ("metrics", "notes", "baseline", "lm_eval", "made_with") if k in earlier}
     if ctx.get("judge_only"):  # lm-eval scores by running the model: nothing stored to judge again
