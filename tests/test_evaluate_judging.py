@@ -422,20 +422,33 @@ def second_game(body: dict, question: str) -> bool:
     return question in text and "<|The Start of Assistant A's Answer|>\nm" in text
 
 
-class SecondGameFailsOnceJudge(FakeJudge):
-    """Arena-Hard's judge, whose server fails (HTTP 500) on the first question's second game the first time."""
+class FailsOnceJudge(FakeJudge):
+    """The fake judge, whose server fails (HTTP 500) the first time it is sent a request ``fails`` picks."""
 
     requests: list[dict] = []
     failed: list[dict] = []
 
+    def fails(self, body: dict) -> bool:
+        raise NotImplementedError
+
     def respond(self, body: dict) -> None:
-        if second_game(body, "Explain sorting.") and not self.failed:
+        if self.fails(body) and not self.failed:
             self.failed.append(body)
             self.requests.append(body)
             self.send_response(500)
             self.end_headers()
             return
         super().respond(body)
+
+
+class SecondGameFailsOnceJudge(FailsOnceJudge):
+    """Arena-Hard's judge, failing on the first question's second game the first time."""
+
+    requests: list[dict] = []
+    failed: list[dict] = []
+
+    def fails(self, body: dict) -> bool:
+        return second_game(body, "Explain sorting.")
 
 
 def test_an_arena_hard_first_game_is_kept_when_the_endpoint_fails_on_the_second(tmp_path):
@@ -467,21 +480,15 @@ def test_an_arena_hard_first_game_is_kept_when_the_endpoint_fails_on_the_second(
     assert [g["score"] for g in line["games"]] == ["B>>A", "A>>B"] and not any("error" in g for g in line["games"])
 
 
-class FinishFailsOnceJudge(FakeJudge):
-    """Arena-Hard's judge on a 'late verdict' question (no label until asked to finish), whose server fails (HTTP 500)
-    the first time it is asked to finish."""
+class FinishFailsOnceJudge(FailsOnceJudge):
+    """Arena-Hard's judge on a 'late verdict' question (no label until asked to finish), failing the first time it
+    is asked to finish."""
 
     requests: list[dict] = []
     failed: list[dict] = []
 
-    def respond(self, body: dict) -> None:
-        if len(body["messages"]) > 2 and not self.failed:
-            self.failed.append(body)
-            self.requests.append(body)
-            self.send_response(500)
-            self.end_headers()
-            return
-        super().respond(body)
+    def fails(self, body: dict) -> bool:
+        return len(body["messages"]) > 2
 
 
 def test_a_reply_without_a_label_is_kept_when_the_request_to_finish_fails(tmp_path):
