@@ -759,6 +759,64 @@ def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
     assert before != after  # the round changed the policy's answers
 
 
+def test_the_policys_fused_layers_end_with_its_sampling_and_bind_the_shards(monkeypatch, tmp_path):
+    """hardware.fused_layers=liger replaces the policy family's layer classes for the whole process (load_model):
+    the reward model, often of the policy's family, was then loaded on Liger's kernels too, and a sweep's next job
+    built its models on them. They are put back when sampling ends. The kernels decide the samples' rounding (hf
+    backend), so they are in the shards' manifest: a resume with other ones is refused; vLLM, which runs its own
+    kernels whatever the setting, does not record them."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.run import _manifest, _process, check_manifest
+
+    monkeypatch.setattr("simpo_exp.model.has_accelerator", lambda: True)  # the kernels are patched, never run
+    from transformers.models.llama import modeling_llama as family  # the tiny policy's (and the scorer's here)
+
+    rotary = family.apply_rotary_pos_emb
+    cfg = compose_generate("hardware.fused_layers=liger", "generate.samples_per_seed=1")
+    seen = {}
+
+    class PatchedPolicy:  # loads the policy as the hf sampler does (its kernels cannot run on a CPU)
+        def __init__(self, cfg, tokenizer, decoding=None):
+            from simpo_exp.model import load_model
+
+            self.model = load_model(cfg, tokenizer, "sdpa")
+            seen["sampling"] = family.apply_rotary_pos_emb.__module__
+
+        def sample(self, prompts, keys, seed):
+            return [[{"text": "12"}] * cfg.generate.samples_per_seed for _ in prompts]
+
+        def close(self):
+            pass
+
+    class Scorer:
+        def __init__(self, cfg):
+            seen["scoring"] = family.apply_rotary_pos_emb.__module__
+
+        def score(self, prompts, texts):
+            return [0.0] * len(texts)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("simpo_exp.inference.sampling.make_sampler", PatchedPolicy)
+    monkeypatch.setattr("simpo_exp.inference.scoring.make_scorer", Scorer)
+    prompts = [{"prompt_id": "a", "prompt": [{"role": "user", "content": "21"}], "input_ids": [1, 2]}]
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    _process(cfg, [(shard_dir, [prompts])], 0, 1, "rule")
+    assert seen == {"sampling": "liger_kernel.transformers.rope", "scoring": rotary.__module__}
+    assert family.apply_rotary_pos_emb is rotary
+    assert len(read_jsonl(shard_dir / "responses-00000.jsonl")[0]["responses"]) == len(cfg.generate.seeds)
+
+    fused, plain = (_manifest(c, {}, prompts) for c in (cfg, compose_generate()))
+    assert (fused["fused_layers"], plain["fused_layers"]) == ("liger", "none")
+    check_manifest(shard_dir, fused)  # the manifest of the shards just sampled
+    with pytest.raises(ConfigError, match="fused_layers: stored 'liger', now 'none'"):
+        check_manifest(shard_dir, plain)
+    vllm = compose_generate("generate.backend=vllm", "model.path=/tmp/m", "hardware.fused_layers=liger")
+    assert "fused_layers" not in _manifest(vllm, {}, prompts)
+
+
 def test_the_process_place_is_checked_before_anything_is_written(monkeypatch):
     """RANK and WORLD_SIZE split the shards: a value that is not an integer, a WORLD_SIZE of 0 or a RANK past it
     (which would do no shard, or another process's) is refused by name."""

@@ -130,6 +130,9 @@ def _manifest(cfg, fingerprint: dict, prompts: list[dict]) -> dict:
         "sampling_dtype": str(sampling_dtype(cfg, pick_device(cfg.hardware.device))).removeprefix("torch."),
         "mixed_precision": effective_precision(cfg.hardware.mixed_precision, pick_device(cfg.hardware.device)),
         "attention": cfg.model.attn_implementation or cfg.hardware.attn_implementation,
+        # the layer kernels the hf backend samples through (Liger's differ from transformers' in rounding, which
+        # greedy ties and sampled tokens follow); vLLM runs its own kernels whatever the setting
+        **({"fused_layers": cfg.hardware.fused_layers} if g["backend"] == "hf" else {}),
     }
 
 
@@ -350,6 +353,7 @@ def _of(shard_dir: Path) -> str:
 def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: int, tag: str) -> None:
     """This process's shards of each (shard directory, shards) job, one per split: sample the missing ones (the
     policy loaded once), then score the unscored ones (the scorer loaded once)."""
+    from simpo_exp.fused import kept_modeling_modules
     from simpo_exp.inference.sampling import make_sampler
     from simpo_exp.inference.scoring import make_scorer
     from simpo_exp.model import load_tokenizer
@@ -365,12 +369,15 @@ def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: i
         )  # fmt: skip
         work.append((shard_dir, shards, to_sample, to_score))
     if any(to_sample for *_, to_sample, _ in work):
-        sampler = make_sampler(cfg, load_tokenizer(cfg.model))
-        for shard_dir, shards, to_sample, _ in work:
-            for i in to_sample:
-                write_jsonl(shard_dir / f"responses-{i:05d}.jsonl", _sample_shard(sampler, cfg, i, shards[i]))
-                log.info("sampled shard %d (%d prompts)%s", i, len(shards[i]), _of(shard_dir))
-        sampler.close()
+        # hardware.fused_layers=liger replaces the policy family's layer classes for the whole process: put back
+        # before the reward model (often of the same family) loads, or a later job of a sweep builds its models
+        with kept_modeling_modules():
+            sampler = make_sampler(cfg, load_tokenizer(cfg.model))
+            for shard_dir, shards, to_sample, _ in work:
+                for i in to_sample:
+                    write_jsonl(shard_dir / f"responses-{i:05d}.jsonl", _sample_shard(sampler, cfg, i, shards[i]))
+                    log.info("sampled shard %d (%d prompts)%s", i, len(shards[i]), _of(shard_dir))
+            sampler.close()
     if any(to_score for *_, to_score in work):
         scorer = make_scorer(cfg)
         for shard_dir, shards, _, to_score in work:
@@ -537,6 +544,7 @@ def generate_data(cfg) -> dict:
             "path": cfg.model.path,
             "fingerprint": fingerprint,
             "sampled_in": str(sampling_dtype(cfg, pick_device(cfg.hardware.device))).removeprefix("torch."),
+            **({"fused_layers": cfg.hardware.fused_layers} if cfg.generate.backend == "hf" else {}),
         },
         "dataset": {
             "name": cfg.dataset.name,
