@@ -26,8 +26,11 @@ import importlib
 import json
 import os
 import runpy
+import shutil
 import sys
+import tempfile
 import threading
+import weakref
 
 # What the stages import, the lazily imported parts of transformers included (not the modules run with -m
 # themselves: runpy warns when one is already imported). A module that fails to import here fails in the
@@ -59,21 +62,29 @@ def exit_code(exc: SystemExit) -> int:
     return 1
 
 
-def keep_wandb_media_folder() -> None:
-    """wandb makes a temporary folder for media files when imported and removes it at exit: the server's one,
-    which every child writes its W&B tables into, would go with the first child. The child leaves it to the
-    server (the files in it have random names, so children do not overwrite each other's)."""
+def own_wandb_media_folder() -> None:
+    """wandb makes a temporary folder for media files (tables) when imported, and ``wandb.init`` has it removed at
+    exit: the server's one, which every child would write into, went with the first child to finish a W&B run. The
+    child takes a folder of its own, removed when it exits, and leaves the server's to the server. (Through the
+    ``TemporaryDirectory``'s own finalizer: a Python without it fails here, by name, not later in a W&B table.)"""
     private = sys.modules.get("wandb.sdk.data_types._private")
-    finalizer = getattr(getattr(private, "MEDIA_TMP", None), "_finalizer", None)
-    if finalizer is not None:
-        finalizer.detach()
+    if private is None:
+        return
+    media = private.MEDIA_TMP  # one object, imported by name by wandb's data types
+    if not isinstance(getattr(media, "_finalizer", None), weakref.finalize):
+        raise RuntimeError(
+            "tests/forkserver.py: wandb's MEDIA_TMP has no finalizer to take over; update own_wandb_media_folder"
+        )
+    media._finalizer.detach()  # the server removes its folder when it exits
+    media.name = tempfile.mkdtemp("wandb-media")
+    media._finalizer = weakref.finalize(media, shutil.rmtree, media.name, ignore_errors=True)
 
 
 def run_child(request: dict) -> None:
     """In the forked child: run the requested module as ``python -m`` would; never returns."""
     code = 1
     try:
-        keep_wandb_media_folder()
+        own_wandb_media_folder()
         os.chdir(request["cwd"])
         for name, value in request["env"].items():
             if value is None:

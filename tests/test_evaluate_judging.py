@@ -423,10 +423,13 @@ def second_game(body: dict, question: str) -> bool:
 
 
 class FailsOnceJudge(FakeJudge):
-    """The fake judge, whose server fails (HTTP 500) the first time it is sent a request ``fails`` picks."""
+    """The fake judge, whose server fails the first time it is sent a request ``fails`` picks: with ``status`` 500
+    (that request gets no verdict, the judging goes on), or 429 with a ``Retry-After`` past the judge's
+    ``rate_limit_wait_s`` (the judging stops)."""
 
     requests: list[dict] = []
     failed: list[dict] = []
+    status = 500
 
     def fails(self, body: dict) -> bool:
         raise NotImplementedError
@@ -435,7 +438,9 @@ class FailsOnceJudge(FakeJudge):
         if self.fails(body) and not self.failed:
             self.failed.append(body)
             self.requests.append(body)
-            self.send_response(500)
+            self.send_response(self.status)
+            if self.status == 429:
+                self.send_header("Retry-After", "60")
             self.end_headers()
             return
         super().respond(body)
@@ -452,11 +457,12 @@ class SecondGameFailsOnceJudge(FailsOnceJudge):
 
 
 def test_an_arena_hard_first_game_is_kept_when_the_endpoint_fails_on_the_second(tmp_path):
-    """The endpoint failed on a question's second game: the judging stopped (as it should) but threw away the first
-    game's reply, paid for (up to 4096 judge tokens), and the re-run asked for it again."""
+    """The endpoint failed on a question's second game: the judging stopped but threw away the first game's reply,
+    paid for (up to 4096 judge tokens), and the re-run asked for it again. (Now a request the endpoint fails on
+    costs its game the verdict, not the judging: the first game is written with it, and the re-run asks the second
+    alone.)"""
     from simpo_exp.evaluate.arena import judge_arena_hard
     from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
-    from simpo_exp.evaluate.judge import JudgeError
 
     prompts, texts = cases("arena_hard")
     SecondGameFailsOnceJudge.failed.clear()
@@ -464,8 +470,8 @@ def test_an_arena_hard_first_game_is_kept_when_the_endpoint_fails_on_the_second(
     try:
         j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
         b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
-        with pytest.raises(JudgeError, match="question_id='q0'.*HTTP 500"):
-            judge_arena_hard(b, prompts[:1], texts[:1], "my-model", "gpt-4-0314", tmp_path)
+        first = judge_arena_hard(b, prompts[:1], texts[:1], "my-model", "gpt-4-0314", tmp_path)
+        assert (first["metrics"]["judged_games"], first["metrics"]["unparseable_games"]) == (1, 1)
         assert len(SecondGameFailsOnceJudge.requests) == 2
         (partial,) = read_jsonl(journal("arena_hard", tmp_path))
         assert partial["games"][0]["score"] == "B>>A" and "HTTP 500" in partial["games"][1]["error"]
@@ -481,19 +487,21 @@ def test_an_arena_hard_first_game_is_kept_when_the_endpoint_fails_on_the_second(
 
 
 class FinishFailsOnceJudge(FailsOnceJudge):
-    """Arena-Hard's judge on a 'late verdict' question (no label until asked to finish), failing the first time it
-    is asked to finish."""
+    """Arena-Hard's judge on a 'late verdict' question (no label until asked to finish), rate-limited past the
+    budget (the judging stops) the first time it is asked to finish."""
 
     requests: list[dict] = []
     failed: list[dict] = []
+    status = 429
 
     def fails(self, body: dict) -> bool:
         return len(body["messages"]) > 2
 
 
 def test_a_reply_without_a_label_is_kept_when_the_request_to_finish_fails(tmp_path):
-    """The judge replied without a verdict label and the endpoint failed on the request to finish: the judging
-    stopped (as it should) but threw that reply away, paid for (up to 4096 judge tokens), and the re-run asked the
+    """The judge replied without a verdict label and the judging stopped on the request to finish (a rate limit past
+    its budget; a failed request alike, which no longer stops it): the command stopped as it should but threw that
+    reply away, paid for (up to 4096 judge tokens), and the re-run asked the
     game from the start. Now the re-run sends the request to finish alone, with the kept reply in its turns."""
     from simpo_exp.evaluate.arena import CONTINUE, judge_arena_hard
     from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
@@ -503,15 +511,17 @@ def test_a_reply_without_a_label_is_kept_when_the_request_to_finish_fails(tmp_pa
     FinishFailsOnceJudge.failed.clear()
     server, url = serve(FinishFailsOnceJudge)
     try:
-        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
+        j = JudgeConfig(
+            kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5, rate_limit_wait_s=1
+        )
         b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
-        with pytest.raises(JudgeError, match="question_id='q0'.*HTTP 500"):
+        with pytest.raises(JudgeError, match="question_id='q0'.*HTTP 429"):
             judge_arena_hard(b, prompts, ["m" * 30], "my-model", "gpt-4-0314", tmp_path)
         first_reply = FinishFailsOnceJudge.requests[1]["messages"][2]["content"]
         assert len(FinishFailsOnceJudge.requests) == 2 and "Both answers have merits" in first_reply
         (partial,) = read_jsonl(journal("arena_hard", tmp_path))
         game = partial["games"][0]
-        assert game["replies"] == [first_reply] and game["score"] is None and "HTTP 500" in game["error"]
+        assert game["replies"] == [first_reply] and game["score"] is None and "HTTP 429" in game["error"]
         assert "error" in partial["games"][1] and not partial["games"][1]["judgment"]  # the second: not asked
         FinishFailsOnceJudge.requests.clear()
         again = judge_arena_hard(b, prompts, ["m" * 30], "my-model", "gpt-4-0314", tmp_path)
@@ -529,8 +539,9 @@ def test_a_reply_without_a_label_is_kept_when_the_request_to_finish_fails(tmp_pa
 
 
 class FailFastSlowElsewhereJudge(FakeJudge):
-    """Arena-Hard's judge: HTTP 500 on the first question's first game once another request has come in; every
-    other request answered after ``delay`` seconds (so that it is in flight when the judging stops)."""
+    """Arena-Hard's judge: a rate limit past the budget (HTTP 429, Retry-After 60 s: the judging stops) on the first
+    question's first game once another request has come in; every other request answered after ``delay`` seconds
+    (so that it is in flight when the judging stops)."""
 
     requests: list[dict] = []
     delay = 1.0
@@ -540,7 +551,8 @@ class FailFastSlowElsewhereJudge(FakeJudge):
         if "Explain sorting." in body["messages"][-1]["content"]:
             self.other_in_flight.wait(10)
             self.requests.append(body)
-            self.send_response(500)
+            self.send_response(429)
+            self.send_header("Retry-After", "60")
             self.end_headers()
             return
         self.other_in_flight.set()
@@ -549,7 +561,7 @@ class FailFastSlowElsewhereJudge(FakeJudge):
 
 
 def test_once_the_judging_stops_no_new_request_is_sent_and_a_started_question_keeps_its_first_game(tmp_path):
-    """The endpoint failed on one question while another's first game was in flight: that game's reply arrived and
+    """The judging stopped on one question while another's first game was in flight: that game's reply arrived and
     its thread went on to send the second game (and label retries), paying for replies no one would keep, while
     the command waited on them (up to timeout_s each). Now the started question writes its first game and stops."""
     from simpo_exp.evaluate.arena import judge_arena_hard
@@ -560,7 +572,10 @@ def test_once_the_judging_stops_no_new_request_is_sent_and_a_started_question_ke
     FailFastSlowElsewhereJudge.other_in_flight.clear()
     server, url = serve(FailFastSlowElsewhereJudge)
     try:
-        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5, concurrency=2)
+        j = JudgeConfig(
+            kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5, concurrency=2,
+            rate_limit_wait_s=1,
+        )  # fmt: skip
         b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
         with pytest.raises(JudgeError, match="question_id='q0'"):
             judge_arena_hard(b, prompts[:2], texts[:2], "my-model", "gpt-4-0314", tmp_path)

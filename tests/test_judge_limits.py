@@ -57,9 +57,9 @@ def moody(tmp_path):
     server.shutdown()
 
 
-def alpaca(moody, n: int = 3):
+def alpaca(moody, n: int = 3, file: str = "v.jsonl"):
     prompts = [{"id": str(i), "instruction": f"Say {i}", "reference": "x"} for i in range(n)]
-    return PairwiseJudge(moody.judge, "benchmarks.alpacaeval2").judge(prompts, ["yy"] * n, moody.out / "v.jsonl")
+    return PairwiseJudge(moody.judge, "benchmarks.alpacaeval2").judge(prompts, ["yy"] * n, moody.out / file)
 
 
 def arena(moody, cases=ARENA_CASES[:2]):
@@ -86,14 +86,33 @@ def test_a_rate_limit_past_its_budget_stops_and_says_it_was_a_rate_limit(moody):
     assert len(MoodyJudge.requests) == 1
 
 
-def test_a_prompt_the_endpoint_always_fails_on_is_named(moody):
-    """A proxy that answers one over-long prompt with HTTP 500: every re-run stopped at it, naming no prompt."""
+def test_a_prompt_the_endpoint_always_fails_on_costs_its_verdict_and_a_down_endpoint_stops(moody):
+    """A proxy that answers one over-long prompt with HTTP 500: every re-run stopped at it, so the benchmark never
+    finished. Now that prompt (or game) has no verdict, its line says why, the others are judged, and the next run
+    asks it alone again. An endpoint that answers nothing stops the judging: at once where prompts wait after
+    FAILED_IN_A_ROW failures with none answered between, else at the end, where nothing was answered at all."""
+    from simpo_exp.evaluate.judge import FAILED_IN_A_ROW
+
     MoodyJudge.broken = "Say 1"
-    with pytest.raises(JudgeError, match=r"judging prompt id='1': .*did not answer after 1 tries \(HTTP 500"):
-        alpaca(moody)
-    MoodyJudge.broken = "Explain hashing."
-    with pytest.raises(JudgeError, match=r"judging question_id='q1': .*HTTP 500"):
-        arena(moody)
+    verdicts = alpaca(moody)
+    assert [v["preference"] for v in verdicts] == [2.0, None, 2.0]
+    assert "no answer after 1 tries (HTTP 500" in verdicts[1]["error"]
+    MoodyJudge.broken, before = "\0", len(MoodyJudge.requests)
+    assert [v["preference"] for v in alpaca(moody)] == [2.0, 2.0, 2.0]  # asked again, alone
+    assert len(MoodyJudge.requests) == before + 1
+
+    MoodyJudge.broken = "Explain hashing."  # both games of the second question
+    res = arena(moody)
+    assert (res["metrics"]["judged_games"], res["metrics"]["unparseable_games"]) == (2, 2)
+    assert "the endpoint refused or failed 2 of them" in res["notes"][0] and "HTTP 500" in res["notes"][0]
+
+    MoodyJudge.broken, MoodyJudge.requests = "Say", []  # every prompt: the endpoint is down
+    moody.judge.concurrency = 1
+    with pytest.raises(JudgeError, match=rf"{FAILED_IN_A_ROW} requests in a row got no answer.*HTTP 500"):
+        alpaca(moody, 8, "down.jsonl")
+    assert len(MoodyJudge.requests) <= FAILED_IN_A_ROW + 1  # the rest not asked
+    with pytest.raises(JudgeError, match=r"did not answer after 1 tries \(HTTP 500.*start the judge"):
+        alpaca(moody, 2, "down2.jsonl")  # fewer prompts than that: every one failed, none answered
 
 
 def test_an_arena_game_the_judge_answered_with_no_text_is_asked_again_by_the_next_run(moody):

@@ -70,6 +70,17 @@ class RequestRefused(Exception):
     same request would be refused again, and the other prompts are judged."""
 
 
+class RequestFailed(RequestRefused):
+    """The endpoint gave no answer to this request after every try (an HTTP 500 a proxy gives one over-long prompt,
+    say): the prompt gets no verdict now and is asked again by the next run, and the other prompts are judged. Every
+    re-run stopped at such a prompt, so the benchmark never finished. ``stop``: the message the judging stops with
+    where the endpoint answers nothing (``FAILED_IN_A_ROW``)."""
+
+    def __init__(self, reason: str, stop: str):
+        super().__init__(reason)
+        self.stop = stop
+
+
 REFUSED_REQUEST = (400, 413, 422)  # the request's own fault: that prompt gets no verdict, the others go on
 # ... unless every request is refused: that many refused, none taken, and it is a setting, not a prompt: stopped
 REFUSED_BEFORE_ANY = 5
@@ -78,11 +89,18 @@ RETRIED_STATUS = (408, 409, 425, 429)  # a client error that passes: asked again
 # that doubles up to a minute) within judge.rate_limit_wait_s, without counting as a try
 RATE_LIMITED = 429
 EMPTY_REPLY = "the judge endpoint replied with no text"  # no verdict: asked again by the next run
+# requests that got no answer after their tries, one after another with none answered between: the endpoint is down
+# (or overloaded), not failing on a prompt or two; the judging stops instead of spending every prompt's tries
+FAILED_IN_A_ROW = 3
 
 
 def refused_note(errors: list[str]) -> str:
-    """The end of a note on replies without a verdict: how many the endpoint refused, and its words on the first."""
-    return f"; the endpoint refused {len(errors)} of them (asked again by the next run): {errors[0]}" if errors else ""
+    """The end of a note on replies without a verdict: how many the endpoint refused or failed on, and why the first."""
+    return (
+        f"; the endpoint refused or failed {len(errors)} of them (asked again by the next run): {errors[0]}"
+        if errors
+        else ""
+    )
 
 
 def _http_error(e: urllib.error.HTTPError) -> str:
@@ -167,6 +185,8 @@ class PairwiseJudge:
         self.api_key = os.environ.get(j.api_key_env, "")
         self.stopping = threading.Event()  # set when the judging stops: no request is sent after it
         self.taken, self.refused, self.counting = 0, 0, threading.Lock()  # requests answered and refused
+        self.failed_in_a_row = 0  # requests that got no answer after their tries since the last one answered
+        self.last_failure: str | None = None  # why the last of them got none (RequestFailed.stop)
 
     def _ask(self, content: str) -> str:
         return self.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], max_tokens=8)
@@ -189,6 +209,7 @@ class PairwiseJudge:
                     reply = reply_text(json.loads(resp.read())["choices"][0]["message"]["content"])
                 with self.counting:
                     self.taken += 1
+                    self.failed_in_a_row = 0
                 return reply
             except urllib.error.HTTPError as e:
                 asked = retry_after(e)
@@ -232,7 +253,7 @@ class PairwiseJudge:
             self.stopping.wait(min(2**attempt, 8))
             attempt += 1
         slow = "TimeoutError" in last or "timed out" in last
-        raise JudgeError(
+        message = (
             f"{where}: "
             + (
                 "the judge endpoint stayed rate-limited"
@@ -245,10 +266,16 @@ class PairwiseJudge:
                 if slow
                 else "wait for its rate limit to pass (or raise the budget) and "
                 if limited
-                else "start the judge (if it is up and answers other prompts, it fails on this one: see its log) and "
+                else "start the judge (or see its log: it answered none of these) and "
             )
             + "re-run the same command with evaluate.judge_only=true"
         )
+        if limited:  # the endpoint's limit, not this request's fault: every request would wait as long
+            raise JudgeError(message)
+        with self.counting:
+            self.failed_in_a_row += 1
+            self.last_failure = message
+        raise RequestFailed(f"no answer after {attempt + 1} tries ({last})", message)
 
     def judge_prompt(self, prompt: dict, model_text: str) -> tuple[bool, str]:
         """(whether the model's answer is shown first, as (a); the judge prompt)."""
@@ -304,6 +331,7 @@ class PairwiseJudge:
         still written as they arrive, and the error raised."""
         pool, error, done, lock = ThreadPoolExecutor(self.j.concurrency), None, dict(stored), threading.Lock()
         self.stopping.clear()
+        self.failed_in_a_row, self.last_failure = 0, None
 
         def ask_and_keep(prompt: dict, text: str) -> dict:
             try:
@@ -324,6 +352,13 @@ class PairwiseJudge:
                     continue
                 try:
                     done[futures[fut]] = fut.result()
+                    with self.counting:
+                        down = self.failed_in_a_row >= FAILED_IN_A_ROW
+                    if down and not all(f.done() for f in futures):  # prompts wait: stop, not spend their tries
+                        raise JudgeError(
+                            f"{self.failed_in_a_row} requests in a row got no answer, none answered between; the "
+                            f"last: {self.last_failure}"
+                        )
                 except JudgeError as e:
                     error = error or e
                     self.stopping.set()
@@ -335,6 +370,8 @@ class PairwiseJudge:
             pool.shutdown(wait=False, cancel_futures=True)
         if error:
             raise error
+        if self.last_failure and not self.taken and not stored:  # the endpoint answered nothing, now or before
+            raise JudgeError(self.last_failure)
         rows = [done[p["id"]] for p in prompts]
         write_jsonl(path, [*keep, *rows])  # ``keep``: lines of other prompts, left in the file before this judging's
         return rows
