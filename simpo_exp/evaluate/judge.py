@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -101,6 +102,13 @@ def refused_note(errors: list[str]) -> str:
         if errors
         else ""
     )
+
+
+def unreachable_error(e: Exception) -> bool:
+    """Whether a request failed before reaching any endpoint (nothing listens on the port, the host is unknown): every
+    request would fail alike, so the judging stops, where an endpoint's failure on one request costs its verdict."""
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    return isinstance(reason, (ConnectionRefusedError, socket.gaierror))
 
 
 def _http_error(e: urllib.error.HTTPError) -> str:
@@ -199,7 +207,7 @@ class PairwiseJudge:
             **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
         }
         last, where = None, f"{self.key}.judge.base_url={self.j.base_url!r}"
-        attempt, waited, waits, limited = 0, 0.0, 0, False
+        attempt, waited, waits, limited, unreachable = 0, 0.0, 0, False, False
         while True:
             if self.stopping.is_set():
                 raise JudgeStopped(f"{where}: the judging stopped before this request was sent")
@@ -244,10 +252,10 @@ class PairwiseJudge:
                         f"{self.key}.judge.model, the URL and the key in ${self.j.api_key_env}. The generations and "
                         "the verdicts so far are kept; re-run the same command with evaluate.judge_only=true"
                     ) from e
-                last = _http_error(e)
+                last, unreachable = _http_error(e), False
             # no reply it can read: a failed or cut-short request, a body that is not JSON, no choices[0].message
             except (urllib.error.URLError, http.client.HTTPException, OSError, LookupError, ValueError, TypeError) as e:
-                last = f"{type(e).__name__}: {e}"
+                last, unreachable = f"{type(e).__name__}: {e}", unreachable_error(e)
             if attempt >= self.j.max_retries:
                 break
             self.stopping.wait(min(2**attempt, 8))
@@ -270,7 +278,7 @@ class PairwiseJudge:
             )
             + "re-run the same command with evaluate.judge_only=true"
         )
-        if limited:  # the endpoint's limit, not this request's fault: every request would wait as long
+        if limited or unreachable:  # the endpoint's limit, or no endpoint: not this request's fault, every one fails
             raise JudgeError(message)
         with self.counting:
             self.failed_in_a_row += 1
