@@ -46,6 +46,7 @@ from simpo_exp.methods import METHODS
 from simpo_exp.rundir import (
     REFUSED_FILE,
     RESUMABLE_CHANGES,
+    RUN_RECORDS,
     RUN_SEARCH_DEPTH,
     STOPPED_FILE,
     checkpoint_dirs,
@@ -58,6 +59,7 @@ from simpo_exp.rundir import (
     read_json,
     read_jsonl,
     read_yaml,
+    records_dir,
     step_of,
     stopped_words,
     sweep_request,
@@ -196,14 +198,12 @@ def load_run(path: str | Path) -> Run:
     that folder holds no run of its own records (the job wrote elsewhere), the job is listed as failed, saying why."""
     path = hydra_dir = Path(path)
     config = read_yaml(path / ".hydra" / "config.yaml") or {}
-    moved = config.get("output_dir")
     refused = path / REFUSED_FILE
-    own = any((path / name).exists() for name in ("summary.json", "error.json", STOPPED_FILE, "metrics.jsonl"))
+    own = any((path / name).exists() for name in RUN_RECORDS)
     if refused.exists() and not own:  # refused, and nothing of its own here: why, as its error
         error = read_json(refused)
     else:
-        if not own and isinstance(moved, str) and "${" not in moved and Path(moved).is_dir():
-            path = Path(moved)  # output_dir=...: its records are there
+        path = records_dir(path)  # output_dir=...: its records are there
         error = failure_record(path)  # another process's failure too (its stop record was the launcher's SIGTERM)
     summary = read_json(path / "summary.json")
     stopped = read_json(path / STOPPED_FILE) if (path / STOPPED_FILE).exists() else None

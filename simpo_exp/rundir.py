@@ -258,6 +258,21 @@ def select(cfg: dict, dotted: str, missing=None):
     return node
 
 
+RUN_RECORDS = ("summary.json", "error.json", STOPPED_FILE, "metrics.jsonl")  # what a run writes into output_dir
+
+
+def records_dir(folder: Path) -> Path:
+    """Where the run whose Hydra folder (``.hydra/``) is ``folder`` wrote its model and records: the folder itself,
+    unless it holds none of them and its config names another existing ``output_dir`` (``output_dir=...`` on the
+    command line moves them; Hydra's own files stay in ``hydra.run.dir``)."""
+    folder = Path(folder)
+    moved = (read_yaml(folder / ".hydra" / "config.yaml") or {}).get("output_dir")
+    own = any((folder / name).exists() for name in RUN_RECORDS)
+    if not own and isinstance(moved, str) and "${" not in moved and Path(moved).is_dir():
+        return Path(moved)
+    return folder
+
+
 def output_stage(path: Path) -> str | None:
     """ "generate" or "evaluate" where ``path`` is that stage's output directory (its saved config has the stage's
     section), which holds a ``.hydra/`` folder as a training run does but is not one; else None."""

@@ -104,6 +104,36 @@ def test_compare_refuses_an_unknown_metric_but_takes_bench_names(sweep):
     assert res.returncode == 0 and "no run has bench/alpacaeval2/win_rate" in res.stdout
 
 
+def test_a_run_trained_with_output_dir_is_evaluated_where_its_model_is(sweep, tmp_path):
+    """``python -m simpo_exp output_dir=X``: the model and records go to X, Hydra's ``.hydra/`` stays in its run
+    folder. The evaluate stage given that folder said "no trained model" (compare followed output_dir), and given X
+    "no run directory". Now it evaluates the model in X and writes the results there, where compare reads them;
+    X alone is refused, naming the folder to give."""
+    import shutil
+
+    import yaml
+
+    job = jobs(sweep)[0]  # a trained job, moved apart as output_dir= leaves a run
+    folder, moved = tmp_path / "hydra-run", tmp_path / "elsewhere"
+    shutil.copytree(job / ".hydra", folder / ".hydra")
+    shutil.copytree(job, moved, ignore=shutil.ignore_patterns(".hydra", "eval"))
+    config = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**config, "output_dir": str(moved)}))
+    res = evaluate(
+        str(folder), "benchmark=rule", "evaluate.wandb=off", f"hydra.run.dir={tmp_path / 'ev'}", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads((moved / "eval" / "rule" / "results.json").read_text())
+    assert got["metrics"] == json.loads((job / "eval" / "rule" / "results.json").read_text())["metrics"]
+    assert got["run_dir"] == str(moved.resolve()) and not (folder / "eval").exists()
+    assert "win_rate" in (moved / "model" / "README.md").read_text()
+    res = compare(str(folder), "--rank-by", "bench/rule/win_rate", cwd=tmp_path)
+    assert res.returncode == 0 and "no run has" not in res.stdout, res.stdout + res.stderr[-2000:]
+
+    res = evaluate(str(moved), "benchmark=rule", f"hydra.run.dir={tmp_path / 'ev2'}", cwd=tmp_path)
+    assert res.returncode == 2 and "holds a trained model but not the run's config" in res.stderr, res.stderr
+
+
 # ----------------------------------------------------------------------------- W&B
 def wandb_files(job: Path) -> tuple[str, list[Path]]:
     """The W&B run id training recorded and that run's offline files, oldest first."""
@@ -939,8 +969,8 @@ def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, m
         model_card=False, push_to_hub=True, hub_repo="me/simpo", hub_token_env="SIMPO_EXP_TEST_PUSH_TOKEN", path=""
     )
     for r in runs:
-        _finish_run(r, None, types.SimpleNamespace(**{**vars(e), "path": str(sweep)}))
-    _finish_run(runs[0], None, types.SimpleNamespace(**{**vars(e), "path": str(runs[0])}))
+        _finish_run(r, r, None, types.SimpleNamespace(**{**vars(e), "path": str(sweep)}), r.name)
+    _finish_run(runs[0], runs[0], None, types.SimpleNamespace(**{**vars(e), "path": str(runs[0])}), runs[0].name)
     assert created == [("me/simpo-0_beta-2", True), ("me/simpo-1_beta-5", True), ("me/simpo", True)]
     assert uploaded == [(str(r / "model"), repo) for r, (repo, _) in zip([*runs, runs[0]], created)]
 

@@ -74,7 +74,7 @@ from simpo_exp.inference.results import (
     results_path,
     set_aside,
 )
-from simpo_exp.rundir import hold_folder, output_stage, read_json
+from simpo_exp.rundir import hold_folder, output_stage, read_json, records_dir
 from simpo_exp.rundir import read_jsonl as read_lines
 
 log = logging.getLogger(__name__)
@@ -489,7 +489,9 @@ def _versions() -> dict:
     return {**found, "simpo_exp_git_commit": git_commit()}
 
 
-def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
+def evaluate_benchmark(run_dir: Path, run_cfg, b, e, name: str | None = None) -> dict:
+    """One benchmark on the run whose model and records are in ``run_dir`` (``name``: the run's, else from its
+    folder's ``.hydra/``)."""
     out = Path(run_dir) / EVAL_DIR / b.name
     trained = trained_policy(run_cfg, run_dir, e.device)
     dec = _decoding(b, run_cfg, trained)
@@ -499,7 +501,7 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e) -> dict:
         "out": out,
         "device": e.device,
         "trained": trained,
-        "name": run_name(run_cfg, run_dir),
+        "name": name or run_name(run_cfg, run_dir),
         "run_dir": Path(run_dir),
         "judge_only": e.judge_only,
         "decoding": _recorded_decoding(b, e, out / "shards", dec),
@@ -541,12 +543,18 @@ def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
             f"invalid config value evaluate.path={path!r}: this is the {stage} stage's output, not a training run; "
             "give the run directory (or a sweep's) whose model/ to evaluate"
         )
+    if not runs and has_model(root):  # trained with output_dir=<this folder>: its config is in its Hydra folder
+        raise ConfigError(
+            f"invalid config value evaluate.path={path!r}: it holds a trained model but not the run's config "
+            "(.hydra/config.yaml), which stays in the folder Hydra ran it in (hydra.run.dir, outputs/<date>/<time> "
+            "unless given) when output_dir= names another; give that folder"
+        )
     if not runs:
         raise ConfigError(
             f"invalid config value evaluate.path={path!r}: no run directory (one with .hydra/config.yaml) "
             "at or below it"
         )
-    ready = [r for r in runs if has_model(r)]
+    ready = [r for r in runs if has_model(records_dir(r))]
     if not ready:
         which = str(runs[0]) if len(runs) == 1 else f"{len(runs)} runs under {path}"
         raise ConfigError(
@@ -557,14 +565,15 @@ def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
     return ready, [r for r in runs if r not in ready]
 
 
-def _finish_run(run_dir: Path, run_cfg, e) -> None:
-    """The model card with every benchmark's results so far, and the push when asked and a token exists."""
+def _finish_run(folder: Path, run_dir: Path, run_cfg, e, name: str) -> None:
+    """The model card with every benchmark's results so far, and the push when asked and a token exists (``folder``:
+    the run's Hydra folder, ``run_dir`` where it wrote its model)."""
     from simpo_exp.modelcard import job_repo_id, push_model, write_model_card
 
     if e.model_card:
-        write_model_card(run_dir, saved_config(run_dir), run_name(run_cfg, run_dir))
+        write_model_card(run_dir, saved_config(folder), name)
     if e.push_to_hub:
-        repo = e.hub_repo if len(find_runs(Path(e.path))) == 1 else job_repo_id(e.hub_repo, run_dir.name)
+        repo = e.hub_repo if len(find_runs(Path(e.path))) == 1 else job_repo_id(e.hub_repo, folder.name)
         url = push_model(run_dir, repo, e.hub_token_env)
         if url:
             print(f"pushed {run_dir / 'model'} -> {url}", flush=True)
@@ -581,13 +590,15 @@ def evaluate_all(cfg) -> list[dict]:
             flush=True,
         )
     records, judge_failures = [], []
-    for run_dir in runs:
+    for folder in runs:  # the Hydra folder (the run's config); its model and records where output_dir put them
+        run_dir = records_dir(folder)
         hold_folder(run_dir / "eval", "another evaluate command is working on this run; wait for it to end (the "
                     "answers and verdicts it stores are reused)")  # fmt: skip
-        run_cfg = load_run_config(run_dir)
+        run_cfg = load_run_config(folder)
+        name = run_name(run_cfg, folder)
         for b in cfg.benchmarks.values():
             try:
-                rec = evaluate_benchmark(run_dir, run_cfg, b, e)
+                rec = evaluate_benchmark(run_dir, run_cfg, b, e, name)
             except JudgeError as err:  # the answers are stored: go on with the other benchmarks and runs
                 print(
                     f"{run_dir.name}  {b.name}: judging failed, answers and verdicts so far kept in "
@@ -606,7 +617,7 @@ def evaluate_all(cfg) -> list[dict]:
             if unmeasured:  # LC without alpaca-eval, say: why is in the notes, shown here too
                 print(f"  not measured: {', '.join(unmeasured)}; " + " ".join(rec.get("notes") or []), flush=True)
             records.append(rec)
-        _finish_run(run_dir, run_cfg, e)
+        _finish_run(folder, run_dir, run_cfg, e, name)
         done = [r["benchmark"] for r in records if r["run_dir"] == str(run_dir.resolve())]
         if e.wandb != "off" and done:
             from simpo_exp.evaluate.wandb_log import log_results
