@@ -264,13 +264,18 @@ RUN_RECORDS = ("summary.json", "error.json", STOPPED_FILE, "metrics.jsonl")  # w
 def records_dir(folder: Path) -> Path:
     """Where the run whose Hydra folder (``.hydra/``) is ``folder`` wrote its model and records: the folder itself,
     unless it holds none of them and its config names another existing ``output_dir`` (``output_dir=...`` on the
-    command line moves them; Hydra's own files stay in ``hydra.run.dir``)."""
+    command line moves them; Hydra's own files stay in ``hydra.run.dir``). A relative one is taken from where the run
+    ran: the command's folder, or its own under ``hydra.job.chdir=true``."""
     folder = Path(folder)
     moved = (read_yaml(folder / ".hydra" / "config.yaml") or {}).get("output_dir")
     own = any((folder / name).exists() for name in RUN_RECORDS)
-    if not own and isinstance(moved, str) and "${" not in moved and Path(moved).is_dir():
-        return Path(moved)
-    return folder
+    if own or not isinstance(moved, str) or not moved or "${" in moved:
+        return folder
+    hydra = read_yaml(folder / ".hydra" / "hydra.yaml") or {}
+    ran_in = folder if select(hydra, "hydra.job.chdir") else select(hydra, "hydra.runtime.cwd")
+    path = Path(moved).expanduser()
+    path = path if path.is_absolute() or not ran_in else Path(str(ran_in)) / path
+    return path if path.is_dir() else folder
 
 
 def output_stage(path: Path) -> str | None:

@@ -134,6 +134,29 @@ def test_a_run_trained_with_output_dir_is_evaluated_where_its_model_is(sweep, tm
     assert res.returncode == 2 and "holds a trained model but not the run's config" in res.stderr, res.stderr
 
 
+def test_a_relative_output_dir_is_found_where_the_run_ran(tmp_path):
+    """``output_dir=runs/x`` is relative to the folder training ran in (Hydra's ``runtime.cwd``, or the job's own
+    folder under ``hydra.job.chdir=true``), not to the folder compare or evaluate is started in."""
+    import yaml
+
+    from simpo_exp.rundir import records_dir
+
+    folder, ran_in = tmp_path / "outputs" / "run", tmp_path / "project"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"output_dir": "runs/x"}))
+    hydra = {"hydra": {"runtime": {"cwd": str(ran_in)}, "job": {"chdir": False}}}
+    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    assert records_dir(folder) == folder  # no such folder: the Hydra folder's own
+    (ran_in / "runs" / "x").mkdir(parents=True)
+    assert records_dir(folder) == ran_in / "runs" / "x"
+    hydra["hydra"]["job"]["chdir"] = True
+    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    (folder / "runs" / "x").mkdir(parents=True)
+    assert records_dir(folder) == folder / "runs" / "x"
+    (folder / "metrics.jsonl").write_text("")  # records of its own: the folder is the run's
+    assert records_dir(folder) == folder
+
+
 # ----------------------------------------------------------------------------- W&B
 def wandb_files(job: Path) -> tuple[str, list[Path]]:
     """The W&B run id training recorded and that run's offline files, oldest first."""

@@ -74,12 +74,7 @@ class RequestRefused(Exception):
 class RequestFailed(RequestRefused):
     """The endpoint gave no answer to this request after every try (an HTTP 500 a proxy gives one over-long prompt,
     say): the prompt gets no verdict now and is asked again by the next run, and the other prompts are judged. Every
-    re-run stopped at such a prompt, so the benchmark never finished. ``stop``: the message the judging stops with
-    where the endpoint answers nothing (``FAILED_IN_A_ROW``)."""
-
-    def __init__(self, reason: str, stop: str):
-        super().__init__(reason)
-        self.stop = stop
+    re-run stopped at such a prompt, so the benchmark never finished."""
 
 
 REFUSED_REQUEST = (400, 413, 422)  # the request's own fault: that prompt gets no verdict, the others go on
@@ -194,7 +189,7 @@ class PairwiseJudge:
         self.stopping = threading.Event()  # set when the judging stops: no request is sent after it
         self.taken, self.refused, self.counting = 0, 0, threading.Lock()  # requests answered and refused
         self.failed_in_a_row = 0  # requests that got no answer after their tries since the last one answered
-        self.last_failure: str | None = None  # why the last of them got none (RequestFailed.stop)
+        self.last_failure: str | None = None  # why the last of them got none: the message the judging stops with
 
     def _ask(self, content: str) -> str:
         return self.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], max_tokens=8)
@@ -283,7 +278,7 @@ class PairwiseJudge:
         with self.counting:
             self.failed_in_a_row += 1
             self.last_failure = message
-        raise RequestFailed(f"no answer after {attempt + 1} tries ({last})", message)
+        raise RequestFailed(f"no answer after {attempt + 1} tries ({last})")
 
     def judge_prompt(self, prompt: dict, model_text: str) -> tuple[bool, str]:
         """(whether the model's answer is shown first, as (a); the judge prompt)."""
