@@ -1583,6 +1583,64 @@ def test_hub_shard_sets_that_are_incomplete_or_mixed_are_refused(tmp_path, tok):
         build_datasets(cfg, tok)
 
 
+def test_a_split_written_twice_in_one_folder_is_refused(tmp_path, tok):
+    """A merged train.parquet saved beside the hub's shards, or train.json beside train.jsonl: every file was read,
+    so every pair trained twice (an INFO line on repeated pairs the only sign)."""
+    rows = [armorm_row(*t) for t in triples("a", 6)]
+    data = tmp_path / "armorm" / "data"
+    write_parquet(data / "train-00000-of-00002.parquet", rows[:3])
+    write_parquet(data / "train-00001-of-00002.parquet", rows[3:])
+    write_parquet(data / "test-00000-of-00001.parquet", rows[:2])
+    write_parquet(data / "train.parquet", rows)
+    cfg = compose_preset("llama3-ultrafeedback-armorm", path_override("llama3_ultrafeedback_armorm", data.parent))
+    with pytest.raises(DataSourceError, match=r"split 'train' is in .*train.parquet alone can hold all of it"):
+        build_datasets(cfg, tok)
+    (data / "train.parquet").unlink()
+    assert build_datasets(cfg, tok)[2].sources["llama3_ultrafeedback_armorm"]["train_rows"] == 6
+    local = tmp_path / "local"
+    write_jsonl(local / "train.jsonl", [uf_row(*t) for t in triples("b", 6)])
+    (local / "train.json").write_text(json.dumps([uf_row(*t) for t in triples("b", 6)]))
+    write_jsonl(local / "test.jsonl", [uf_row(*t) for t in triples("c", 2)])
+    with pytest.raises(DataSourceError, match=r"split 'train' is in \['train.json', 'train.jsonl'\]"):
+        build_datasets(compose_preset("local", f"dataset.sources.local.path={local}"), tok)
+
+
+def test_a_test_file_read_as_the_train_splits_counterpart_binds_the_run(tmp_path):
+    """train_split=train_prefs beside test_prefs.jsonl: the test pairs were read from it, but only the train file
+    was fingerprinted, so an edited test file neither stopped a resume nor made a finished run train again."""
+    from simpo_exp.data.sources import fingerprint, source_files
+
+    local = tmp_path / "uf"
+    write_jsonl(local / "train_prefs.jsonl", [uf_row(*t) for t in triples("a", 4)])
+    write_jsonl(local / "test_prefs.jsonl", [uf_row(*t) for t in triples("b", 2)])
+    src = SourceConfig(path=str(local), train_split="train_prefs", test_split=None)
+    assert [f.name for f in source_files(src)] == ["test_prefs.jsonl", "train_prefs.jsonl"]
+    assert set(fingerprint(src)["files"]) == {"test_prefs.jsonl", "train_prefs.jsonl"}
+
+
+def test_held_out_overlap_is_counted_on_the_pairs_used_and_inert_dataset_keys_are_said(tmp_path, tok, caplog):
+    """test_prompts_in_train was counted before the drops and the max_*_samples cuts: it said several times the
+    overlap of the pairs trained and evaluated on. And a test_size that no source carves with, or a hub name and
+    revision on a local folder, were taken without a word (a sweep over one trains one run under several names)."""
+    local = tmp_path / "local"
+    shared = triples("a", 40)
+    write_jsonl(local / "train.jsonl", [uf_row(*t) for t in shared])
+    write_jsonl(local / "test.jsonl", [uf_row(p, c + " again", r) for p, c, r in shared[30:]])  # train's last 10
+    overrides = [f"dataset.sources.local.path={local}", "dataset.max_train_samples=3", "dataset.shuffle_seed=1"]
+    with caplog.at_level("WARNING", logger="simpo_exp.data"):
+        train, test, report = build_datasets(compose_preset("local", *overrides), tok)
+    used = {row["prompt"][0]["content"] for row in train}
+    assert report.test_prompts_in_train == sum(row["prompt"][0]["content"] in used for row in test) < len(test)
+    assert "is not used" not in caplog.text
+    inert = ["dataset.test_size=0.5", "dataset.sources.local.test_size=0.3", "+dataset.sources.local.revision=v1"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="simpo_exp.data"):
+        build_datasets(compose_preset("local", *overrides, *inert), tok)
+    assert "dataset.test_size=0.5 is not used" in caplog.text
+    assert "dataset.sources.local.test_size=0.3 is not used: the source's test split is read ('test')" in caplog.text
+    assert "revision='v1' are a hub data set's" in caplog.text
+
+
 def test_files_that_hold_no_rows_or_no_objects_and_a_share_that_empties_a_side_are_named(tmp_path, tok):
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n  \n\n")

@@ -38,7 +38,7 @@ class DataReport:
     dropped: dict = field(default_factory=dict)  # split -> {reason: count}
     truncated: dict = field(default_factory=dict)  # split -> {"chosen": n, "rejected": n}
     cut: dict = field(default_factory=dict)  # split -> usable pairs left out by dataset.max_*_samples
-    test_prompts_in_train: int = 0  # usable test pairs whose prompt a usable train pair has too
+    test_prompts_in_train: int = 0  # test pairs used whose prompt a train pair used has too
     tokenization: dict = field(default_factory=dict)  # see simpo_exp/data/report.py
 
     def lines(self) -> list[str]:
@@ -77,22 +77,16 @@ def _filter(ds: Dataset, split: str, report: DataReport) -> Dataset:
 
 
 def _test_prompts_in_train(train: Dataset, test: Dataset) -> int:
-    """How many usable test pairs have a prompt conversation that a usable train pair has too."""
+    """How many test pairs have a prompt conversation that a train pair has too (of the pairs used: after the
+    drops and the ``max_*_samples`` cuts)."""
     key = lambda prompt: tuple((m["role"], m["content"]) for m in prompt)  # noqa: E731
-    seen = {key(p) for p, why in zip(train["prompt"], train["drop_reason"]) if not why}
-    return sum(key(p) in seen for p, why in zip(test["prompt"], test["drop_reason"]) if not why)
+    seen = {key(p) for p in train["prompt"]}
+    return sum(key(p) in seen for p in test["prompt"])
 
 
 def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport]:
     raw, sizes = load_mixture(cfg.dataset)
-    report = DataReport(sources=sizes, test_prompts_in_train=_test_prompts_in_train(raw["train"], raw["test"]))
-    if report.test_prompts_in_train:
-        log.warning(
-            "%d of the test pairs have a prompt that training also reads (sources built from the same prompts, as "
-            "the UltraFeedback sets are, or a test file that repeats train rows): the held-out figures are not "
-            "wholly held out",
-            report.test_prompts_in_train,
-        )
+    report = DataReport(sources=sizes)
     check_chat_format(tokenizer, cfg.dataset.chat_format)
     d = cfg.dataset
     made = {
@@ -120,6 +114,15 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport
         report.truncated[split] = {side: int(sum(ds[f"{side}_truncated"])) for side in ("chosen", "rejected")}
         if any(ds["prompt_truncated"]):  # dataset.chat_format=simpo_repo keeps a long prompt's last tokens
             report.truncated[split]["prompt"] = int(sum(ds["prompt_truncated"]))
+    # counted on the pairs used: before the drops and the cuts it said several times the overlap the figures had
+    report.test_prompts_in_train = _test_prompts_in_train(splits["train"], splits["test"])
+    if report.test_prompts_in_train:
+        log.warning(
+            "%d of the test pairs have a prompt that training also reads (sources built from the same prompts, as "
+            "the UltraFeedback sets are, or a test file that repeats train rows): the held-out figures are not "
+            "wholly held out",
+            report.test_prompts_in_train,
+        )
     report.tokenization = tokenization_report(splits, tokenizer, cfg.dataset)
     for line in report.lines() + report_lines(report.tokenization):
         log.info(line)

@@ -176,6 +176,13 @@ def _split_files(directory: Path, split: str, warn: bool = True) -> list[Path]:
             f"{directory}: files for split {split!r} in more than one folder ({', '.join(folders)}); "
             "point the path at the folder to read"
         )
+    whole = [f for f in found if f.stem == split]
+    if whole and len(found) > 1:  # each file can hold the whole split: a copy beside the data, read twice
+        raise DataSourceError(
+            f"{directory}: split {split!r} is in {[f.name for f in found]}, and {whole[0].name} alone can hold all of "
+            "it (a train.json beside train.jsonl, a merged copy beside the hub's shards): every row would be read "
+            "twice; keep one"
+        )
     _check_shard_set(found, directory, split)
     return found
 
@@ -271,6 +278,25 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
     return _load_hub(src, source, split)
 
 
+def read_test_split(src: SourceConfig, path: Path) -> str | None:
+    """The split a source's test pairs are read from: its ``test_split``; where it names none, a directory's
+    ``test`` file(s), else those named as its train split's counterpart (``train_prefs`` -> ``test_prefs``: a hub
+    set's folder read through dataset=local); None where the test split is carved out of train."""
+    if src.test_split is not None or not path.is_dir():
+        return src.test_split
+    for counterpart in dict.fromkeys(("test", src.train_split.replace("train", "test"))):
+        if counterpart != src.train_split and _split_files(path, counterpart, warn=False):
+            return counterpart
+    return None
+
+
+def carves_test(src: SourceConfig) -> bool:
+    """Whether the source's test split is carved out of its train rows (no test split read: one file, or a
+    directory without a test file and no test_split named)."""
+    path = Path(src.path).expanduser()
+    return path.is_file() or read_test_split(src, path) is None
+
+
 def carved_share(src: SourceConfig, dcfg: DatasetConfig) -> float:
     """The share of a source's train rows held out as its test split where it has none: its own ``test_size``,
     else ``dataset.test_size`` (a preset's own share stays its own in a mixture of presets)."""
@@ -282,13 +308,9 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
     path = Path(src.path).expanduser()
     single_file = path.is_file()
     train = numbered(load_split(src, name, src.train_split, dcfg.synthetic))
-    test_split = src.test_split
-    # a local directory with a test file (dataset=local): read it rather than carve one; beside train_prefs (a hub
-    # set's folder read through dataset=local), its test_prefs
-    for counterpart in dict.fromkeys(("test", src.train_split.replace("train", "test"))):
-        if test_split is None and counterpart != src.train_split and path.is_dir() and _split_files(path, counterpart):
-            test_split = counterpart
-            log.info("dataset.sources.%s: test split from the directory's %r file(s)", name, counterpart)
+    test_split = read_test_split(src, path)
+    if test_split != src.test_split:
+        log.info("dataset.sources.%s: test split from the directory's %r file(s)", name, test_split)
     if single_file and src.train_split != SourceConfig.train_split:  # one the user named, which a file has not
         log.warning(
             "dataset.sources.%s.path is one file, read whole as the train split: train_split=%r names nothing in "
@@ -309,7 +331,17 @@ def load_source(name: str, src: SourceConfig, dcfg: DatasetConfig) -> tuple[Data
                 "file, which is not read: set dataset.sources.%s.test_split=%s to evaluate on it",
                 name, carved_share(src, dcfg), path, others[0], name, others[0],
             )  # fmt: skip
+    if (src.name or src.revision) and not is_synthetic(src) and path.exists():
+        log.warning(
+            "dataset.sources.%s: name=%r and revision=%r are a hub data set's; %s is a local path, read as it is",
+            name, src.name, src.revision, path,
+        )  # fmt: skip
     if test_split is not None and not single_file:
+        if src.test_size is not None:  # a sweep over it would train one run under several names
+            log.warning(
+                "dataset.sources.%s.test_size=%s is not used: the source's test split is read (%r), not carved",
+                name, src.test_size, test_split,
+            )  # fmt: skip
         test = numbered(load_split(src, name, test_split, dcfg.synthetic))
     else:
         if len(train) < 2:  # a JSON object of splits ({"train": [...], "test": [...]}) reads as one row
@@ -520,7 +552,7 @@ def source_files(src: SourceConfig) -> list[Path]:
         return []
     if path.is_file():
         return [path]
-    splits = {src.train_split, src.test_split or "test"}  # a directory's test file is read where there is one
+    splits = {src.train_split, read_test_split(src, path)} - {None}
     return sorted({f for split in splits for f in _split_files(path, split, warn=False)})
 
 
@@ -630,6 +662,13 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
     from datasets import concatenate_datasets
 
     trains, tests, sizes = [], [], {}
+    carving = [n for n, src in dcfg.sources.items() if src.test_size is None and carves_test(src)]
+    if not carving and dcfg.test_size != DatasetConfig.test_size:
+        log.warning(
+            "dataset.test_size=%s is not used: no source of the data set carves its test split out of train with it "
+            "(each reads a test split or has a test_size of its own)",
+            dcfg.test_size,
+        )
     for name, src in dcfg.sources.items():
         train, test = load_source(name, src, dcfg)
         # each row keeps its source's name, so that the drops of tokenising are counted per source too
