@@ -117,6 +117,9 @@ class TrainState:
     bad_in_a_row: int = 0  # non-finite steps up to this one in a row (max_bad_steps counts on across a resume)
     compile_warmup_s: float = 0.0  # the compile warm-up of the run's starts up to this checkpoint (summary's)
     compile_warmup_steps: int = 0
+    # fp16's loss scale and the steps it has grown over (accelerate's GradScaler.state_dict; {}: no scaler): a
+    # resumed run went back to 65536, skipping steps to overflow again where the scale had settled lower
+    grad_scaler: dict = field(default_factory=dict)
 
 
 def rng_state() -> tuple[dict, dict]:

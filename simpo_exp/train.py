@@ -332,6 +332,8 @@ def start_or_resume(
         )
         if resumed:
             path, state = resumed
+            if state.grad_scaler and accelerator.scaler is not None:  # (an engine's checkpoint holds it as well)
+                accelerator.scaler.load_state_dict(state.grad_scaler)
             if accelerator.is_main_process:
                 (run_dir / "summary.json").unlink(missing_ok=True)  # an earlier finish's, stale once it trains again
                 for records_file in records:
@@ -714,6 +716,7 @@ def save_checkpoint(run: Run, window: Window) -> None:
     state.window_seconds, state.window_steps = window.seconds, window.steps
     state.runtime_s = time.time() - run.started
     state.compile_warmup_s, state.compile_warmup_steps = run.compiler.totals()
+    state.grad_scaler = acc.scaler.state_dict() if acc.scaler is not None else {}
     tmp = checkpoint.staging_dir(run.run_dir, state.step)
     main = acc.is_main_process
 

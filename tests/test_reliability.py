@@ -283,6 +283,37 @@ def test_bad_steps_apart_are_not_in_a_row_and_the_last_step_is_logged_and_evalua
     assert summary["eval/loss"] == next(r["eval/loss"] for r in rows if r["step"] == 5 and "eval/loss" in r)
 
 
+def test_a_resumed_fp16_run_goes_on_from_its_loss_scale(compose, tmp_path, monkeypatch):
+    """hardware.mixed_precision=fp16 (one GPU or DDP, safetensors checkpoints): accelerate's GradScaler was not in
+    the checkpoint, so a resumed run began again at a scale of 65536: where the scale had settled lower, its first
+    steps overflowed and were skipped again. A CPU GradScaler stands in for the GPU's here (accelerate makes none on
+    a CPU), its scale doubling after every step."""
+    import accelerate
+    import torch
+
+    from simpo_exp.train import train
+
+    real_init, scales = accelerate.Accelerator.__init__, []
+
+    def with_scaler(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)
+        update = self.scaler.update
+        self.scaler.update = lambda *a: (update(*a), scales.append(self.scaler.get_scale()))[0]
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", with_scaler)
+    extra = ("max_steps=4", "save_steps=2", "per_device_train_batch_size=8")
+    train(_tiny_config(compose, tmp_path, *extra))
+    assert scales == [2.0**5, 2.0**6, 2.0**7, 2.0**8]
+    run_dir = tmp_path / "run"
+    state = json.loads((run_dir / "checkpoints" / "step-000002" / "state.json").read_text())["train_state"]
+    assert state["grad_scaler"]["scale"] == 2.0**6
+    (run_dir / "finished.json").unlink()  # as if stopped after the step-2 checkpoint
+    scales.clear()
+    train(_tiny_config(compose, tmp_path, *extra))
+    assert scales == [2.0**7, 2.0**8]  # steps 3 and 4 as before, not 2**5, 2**6 from the initial scale
+
+
 def test_two_micro_batches_of_8_step_as_one_batch_of_16_clipped_at_max_grad_norm(compose, tmp_path, monkeypatch):
     """Through the loop: accumulation divides each micro-batch's loss by their number (accelerate's backward), so
     the gradient norm of 2 x 8 pairs is that of the same 16 pairs in one batch (the sampler draws one permutation
