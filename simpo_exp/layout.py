@@ -68,6 +68,8 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
     if packing == "auto":
         if padded_only(model_config, max_length):
             packing = "none"
+        elif attention_sinks(model_config) and (device_type == "cuda" or attention != "mask"):
+            packing = "none"  # neither segment attention nor FlexAttention adds the sinks; the mask, asked for, does
         elif device_type == "cuda":
             packing, attention = "packed", "flex"
         else:  # segment attention cannot softcap (Gemma 2); the mask attention, asked for, runs the model's own
@@ -88,6 +90,15 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             f"hardware.packing={packing!r}: the model carries a state along the row besides attention ({stateful}), "
             "and the packed layouts keep sequences apart in attention only (the rejected response would read the "
             "chosen one); use hardware.packing=none or auto"
+        )
+    elif packing != "none" and attention != "mask" and attention_sinks(model_config):
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"hardware.packing={packing!r} with hardware.packing_attention={attention!r}: the model adds "
+            f"{attention_sinks(model_config)} to its attention, which that attention does not (the log-probs would "
+            "be another model's); use hardware.packing_attention=mask (the model's own attention), or "
+            "hardware.packing=none or auto"
         )
     elif packing != "none" and by_column:
         from simpo_exp.config import ConfigError
@@ -143,6 +154,22 @@ def state_beside_attention(model_config) -> str | None:
     if family in RECURRENT_FAMILIES or any(str(k).startswith(("mamba_", "ssm_")) for k in vars(config)):
         return f"its recurrent token mixer ({family})"
     return None
+
+
+# Families whose attention adds learned sink logits to each row's softmax (transformers hands them to the attention
+# function as ``s_aux``; the families of transformers 5.25 that do). The packed layouts' attention does not add them
+# (segment_attention refuses a call that passes them, for a family not listed here); the mask attention, which runs
+# the model's own, does.
+SINK_FAMILIES = {
+    "gpt_oss", "flint", "granite_swa", "granitemoe_swa", "mimo_v2_flash", "deepseek_v4", "hy_v4", "hy_v4_vl",
+    "openai_privacy_filter",
+}  # fmt: skip
+
+
+def attention_sinks(model_config) -> str | None:
+    """What of the model's attention the packed layouts leave out (its sink logits), or None."""
+    family = getattr(text_config(model_config), "model_type", None)
+    return f"the learned attention sinks of {family}" if family in SINK_FAMILIES else None
 
 
 def padded_only(model_config, max_length: int | None) -> bool:

@@ -44,6 +44,7 @@ import torch
 from simpo_exp.data import MODEL_COLUMNS
 from simpo_exp.layout import (
     BatchLayout,
+    attention_sinks,
     check_attention,
     choose_layout,
     padded_only,
@@ -68,8 +69,8 @@ def measuring(hardware, device_type: str) -> bool:
 def candidates(device_type: str, model_config, chunk_size: int = 0, max_length: int | None = None) -> list:
     """The layouts worth timing on this device for this model, the padded one first."""
     out = [BatchLayout("none", "segments", chunk_size)]
-    if padded_only(model_config, max_length):  # no packed attention scores it as it scores a sequence alone
-        return out
+    if padded_only(model_config, max_length) or attention_sinks(model_config):  # no packed attention of these
+        return out  # scores it as it scores a sequence alone (the mask attention does sinks, but is not timed here)
     if device_type == "cuda":
         out += [BatchLayout("prefix_shared", "flex", chunk_size), BatchLayout("packed", "flex", chunk_size)]
         if importlib.util.find_spec("flash_attn") is not None:

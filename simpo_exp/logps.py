@@ -185,6 +185,11 @@ def segment_attention(
     if simpo_segments is None:
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     plan = simpo_segments
+    if kwargs.get("s_aux") is not None:  # GPT-OSS's sinks: one more logit in each row's softmax
+        raise ValueError(
+            "segment attention (and FlexAttention, flash-attn here) does not add the model's attention-sink logits "
+            "(s_aux): use packing_attention=mask, or packing=none"
+        )
     softcap = kwargs.get("softcap")
     if softcap and plan.block_mask is None and plan.flash is None:
         raise ValueError(

@@ -653,6 +653,60 @@ def test_models_whose_attention_reads_column_distance_are_not_prefix_shared():
     assert abs(rejected_means[0] - rejected_means[1]) > 1e-2, rejected_means
 
 
+def test_models_with_attention_sinks_are_packed_only_through_their_own_attention():
+    """GPT-OSS adds a learned sink logit to each row's softmax (transformers passes it as ``s_aux``), which segment
+    attention and FlexAttention took as a keyword and dropped: packing=auto picked prefix sharing on CPU, and the
+    log-probs were another model's (under FSDP, with no set-up check, silently). Now auto keeps the padded layout,
+    segment attention refuses the call, and packing_attention=mask (the model's own attention) gives the padded
+    layout's log-probs."""
+    from types import SimpleNamespace
+
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from simpo_exp import layout_auto
+    from simpo_exp.config import ConfigError
+    from simpo_exp.layout import attention_sinks, choose_layout
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4)
+    config = GptOssConfig(
+        **shape, num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=512,
+        pad_token_id=PAD, attn_implementation="eager", initializer_range=0.3,
+    )  # fmt: skip
+    assert attention_sinks(config) and attention_sinks(make_model().config) is None
+    hardware = lambda packing, attention="segments": SimpleNamespace(  # noqa: E731
+        packing=packing, packing_attention=attention, logps_chunk_size=0
+    )
+    for device in ("cpu", "cuda"):
+        assert choose_layout(hardware("auto"), device, config, 256).packing == "none"
+        assert [c.packing for c in layout_auto.candidates(device, config, max_length=256)] == ["none"]
+    assert choose_layout(hardware("auto", "mask"), "cpu", config, 256).packing == "prefix_shared"
+    with pytest.raises(ConfigError, match="packing_attention='segments': the model adds the learned attention sinks"):
+        choose_layout(hardware("packed"), "cpu", config, 256)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0, 2.0)  # sinks that matter (they start at zero)
+    pairs = [
+        {"prompt_input_ids": list(range(5, 15)), "chosen_input_ids": list(range(20, 30)), "rejected_input_ids": [3, 4]},
+        {
+            "prompt_input_ids": [6, 7],
+            "chosen_input_ids": list(range(40, 43)),
+            "rejected_input_ids": list(range(44, 50)),
+        },
+    ]
+    means = {}
+    for packing, attention in (("none", "segments"), ("packed", "mask"), ("prefix_shared", "mask")):
+        batch = PairCollator(PAD, packing, attention)(pairs)
+        with torch.no_grad():
+            means[packing] = ResponseLogps(model, packing=packing, attention=attention)(**batch).mean_logps
+    torch.testing.assert_close(means["packed"], means["none"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(means["prefix_shared"], means["none"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not add the model's attention-sink logits"):
+        ResponseLogps(model, packing="packed", attention="segments")(**PairCollator(PAD, "packed", "segments")(pairs))
+
+
 def test_mask_rows_padding_positions_stop_at_the_largest_real_one():
     """A mask-layout row holds two or three sequences, so it is wider than any of them; its padding positions ran
     on to the row's width. Dynamic (and longrope) RoPE choose their frequencies from the largest position id: past
