@@ -75,6 +75,20 @@ def sweep_without_multirun(argv: list[str]) -> str | None:
     return None
 
 
+def key_given_twice(argv: list[str]) -> str | None:
+    """The message for a key set twice on the command line (``beta=2,5 beta=10``), else None: Hydra takes the last
+    value, so a sweep over the first ran the last alone, and a single run's name and ``overrides.yaml`` kept both."""
+    seen: dict[str, str] = {}
+    for arg in argv:
+        if arg.startswith(("-", "~")) or "=" not in arg:  # flags (and their values), deletions
+            continue
+        key = arg.split("=", 1)[0].lstrip("+")
+        if key in seen:
+            return f"{key} is given twice ({seen[key]} and {arg}): Hydra would take the last alone; give it once"
+        seen[key] = arg
+    return None
+
+
 def launcher_under_torchrun(argv: list[str]) -> str | None:
     """The message for ``+launcher=`` in a command torchrun (or accelerate launch) started on several processes:
     each process would submit the sweep's jobs, with the launcher's rendezvous variables inherited; else None."""
@@ -94,7 +108,7 @@ def launcher_under_torchrun(argv: list[str]) -> str | None:
 def refuse_command_line(argv: list[str], stage: str) -> None:
     """Exit 2 with a message for a command line Hydra would refuse with a traceback or run as it was not meant
     (each stage's entry point, before Hydra reads it); ``stage``: its primary config's name."""
-    checks = (missing_plugin, mixed_modes, sweep_without_multirun, launcher_under_torchrun)
+    checks = (missing_plugin, mixed_modes, sweep_without_multirun, launcher_under_torchrun, key_given_twice)
     if message := next((m for m in (check(argv) for check in checks) if m), None):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)

@@ -352,6 +352,7 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
     the primary config composed with those overrides alone, to tell what an hparams preset sets.
 
     - a method hyper-parameter the method does not read (``loss=simper beta=5``);
+    - ``num_train_epochs`` where a preset's ``max_steps`` (the embedded default's 200) decides the length;
     - ``gamma`` and ``gamma_beta_ratio`` together, or ``gamma_beta_ratio`` where a preset's absolute ``gamma`` wins;
     - ``hparams=`` with ``experiment=``, where the experiment (composed after it) sets the keys the preset sets;
     - under ``experiment=``, what the groups composed around it silently drop: see ``refuse_lost_to_experiment``.
@@ -360,8 +361,18 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
     from simpo_exp.config import ConfigError
     from simpo_exp.methods import METHOD_KEYS, TABLE, readers
 
+    if "num_train_epochs" in given and "max_steps" not in given and (cfg.get("max_steps") or 0) > 0:
+        raise ConfigError(
+            f"num_train_epochs={cfg.get('num_train_epochs')} would not be used: max_steps={cfg.get('max_steps')} (set "
+            f"by a preset: model={choices.get('model')}, or another group) decides the run's length; add "
+            "max_steps=-1 to train by epochs"
+        )
     if {"gamma", "gamma_beta_ratio"} <= given and cfg.get("gamma") is not None:
-        raise ConfigError("give gamma (absolute margin) or gamma_beta_ratio (gamma = beta * ratio), not both")
+        both = "give gamma (absolute margin) or gamma_beta_ratio (gamma = beta * ratio), not both"
+        searched_one = sorted({"gamma", "gamma_beta_ratio"} & set(searched))
+        if searched_one:  # the user typed the other; the sweep's search space sets this one
+            both += f": the sweep's search space sets {searched_one[0]}; add '~hydra.sweeper.params.{searched_one[0]}'"
+        raise ConfigError(both)
     method = cfg.get("method")
     unread = sorted(given & set(METHOD_KEYS) - set(TABLE[method].reads)) if method in TABLE else []
     if unread:

@@ -448,6 +448,22 @@ def test_a_task_given_one_gpu_samples_on_it_whatever_its_local_rank(monkeypatch)
     assert pick_device("auto") == torch.device("cuda", 3)
 
 
+def test_a_key_given_twice_on_the_command_line_is_refused(capsys):
+    """``--multirun beta=2,5 beta=10`` ran one job (Hydra takes the last value); ``beta=2 beta=5`` trained beta=5
+    under a name and overrides.yaml that said both."""
+    from simpo_exp.command_line import key_given_twice, refuse_command_line
+
+    assert key_given_twice(["--multirun", "beta=2,5", "+beta=10"]) == (
+        "beta is given twice (beta=2,5 and +beta=10): Hydra would take the last alone; give it once"
+    )
+    assert key_given_twice(["hparams=instruct", "hparams=reasoning"]).startswith("hparams is given twice")
+    for once in (["beta=2", "gamma=1"], ["--config-dir", "c", "-cn", "x", "beta=2"], ["~beta", "beta=2"], []):
+        assert key_given_twice(once) is None
+    with pytest.raises(SystemExit) as stopped:
+        refuse_command_line(["beta=2", "max_steps=3", "beta=5"], "config")
+    assert stopped.value.code == 2 and "error: beta is given twice" in capsys.readouterr().err
+
+
 def test_two_of_hydras_modes_in_one_command_are_refused_with_what_to_drop(capsys):
     """``--multirun --cfg job`` (a sweep's config, looked at before submitting it) was Hydra's ValueError traceback;
     the short flags, ``--cfg=job`` and an abbreviation argparse takes (``--multi``) count as the long ones."""

@@ -96,6 +96,8 @@ def test_gamma_and_ratio_together_are_refused(tmp_path):
         # gamma set by a preset (here: given, but not as the command line's), the ratio on the command line
         (["gamma=1.0", "gamma_beta_ratio=0.3"], {"gamma_beta_ratio"}, r"gamma=1.0 \(an absolute margin.*gamma=null"),
         (["gamma=1.0", "gamma_beta_ratio=0.3"], {"gamma", "gamma_beta_ratio"}, "not both"),
+        # the embedded default's model preset sets max_steps=200: an epoch count trained 200 steps without a word
+        (["num_train_epochs=0.25"], {"num_train_epochs"}, r"num_train_epochs=0.25 would not be used: max_steps=200"),
         (
             ["experiment=simpo-mistral-7b-base", "hparams=strong-prefs"],
             {"experiment", "hparams"},
@@ -117,6 +119,16 @@ def test_a_value_given_that_the_run_would_not_use_is_refused(compose, overrides,
     choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in ("experiment", "hparams"))
     with pytest.raises(ConfigError, match=message):
         refuse_unused(cfg, given, choices, lambda extra: compose(*extra))
+
+
+def test_an_epoch_count_is_taken_with_max_steps_minus_one_and_a_searched_gamma_is_named(compose):
+    """``num_train_epochs`` with ``max_steps=-1`` beside it trains by epochs (not refused); ``gamma`` typed under a
+    search space that sets ``gamma_beta_ratio`` said "not both", as if the user had typed both."""
+    cfg = compose("num_train_epochs=2", "max_steps=-1")
+    refuse_unused(cfg, {"num_train_epochs", "max_steps"}, {"model": "tiny"})
+    cfg = compose("gamma=1.0", "gamma_beta_ratio=0.3")
+    with pytest.raises(ConfigError, match=r"not both: the sweep's search space sets gamma_beta_ratio; add "):
+        refuse_unused(cfg, {"gamma", "gamma_beta_ratio"}, {}, searched={"gamma_beta_ratio"})
 
 
 def refuse_as_the_run_would(compose, *overrides: str) -> None:
