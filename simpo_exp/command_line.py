@@ -76,16 +76,28 @@ def sweep_without_multirun(argv: list[str]) -> str | None:
 
 
 def key_given_twice(argv: list[str]) -> str | None:
-    """The message for a key set twice on the command line (``beta=2,5 beta=10``), else None: Hydra takes the last
-    value, so a sweep over the first ran the last alone, and a single run's name and ``overrides.yaml`` kept both."""
-    seen: dict[str, str] = {}
+    """The message for a key given twice where one is a sweep (``--multirun beta=2,5 beta=10``), else None: Hydra
+    takes the last value alone, so the sweep ran one job. (A value given again without a sweep is Hydra's last-one-
+    wins, which a script appending overrides to a base list relies on.)"""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError:
+        return None
+    parser, seen = OverridesParser.create(), {}
     for arg in argv:
-        if arg.startswith(("-", "~")) or "=" not in arg:  # flags (and their values), deletions
+        if arg.startswith("-") or "=" not in arg:  # Hydra's flags (and their values)
             continue
-        key = arg.split("=", 1)[0].lstrip("+")
-        if key in seen:
-            return f"{key} is given twice ({seen[key]} and {arg}): Hydra would take the last alone; give it once"
-        seen[key] = arg
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # noqa: BLE001 - Hydra refuses it itself, in its own words
+            continue
+        key = override.key_or_group
+        if key in seen and (seen[key][1] or override.is_sweep_override()):
+            return (
+                f"{key} is given twice ({seen[key][0]} and {arg}): Hydra takes the last value alone, so the sweep "
+                "would not run as written; give the key once"
+            )
+        seen[key] = (arg, override.is_sweep_override())
     return None
 
 

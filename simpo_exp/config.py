@@ -447,6 +447,13 @@ def _validate_method(cfg: Config) -> None:
 
     _check_choice("method", cfg.method, METHODS)
     _check_choice("reference_mode", cfg.reference_mode, ("cached", "live"))
+    if cfg.method in TABLE and not TABLE[cfg.method].reference:  # a sweep over it trains one run under two names
+        _check(
+            cfg.reference_mode == _default(Config, "reference_mode"),
+            "reference_mode",
+            cfg.reference_mode,
+            f"has no effect: method={cfg.method!r} takes no reference log-probs",
+        )
     _check(cfg.rdpo_alpha >= 0, "rdpo_alpha", cfg.rdpo_alpha, "must be >= 0")
     _check_choice("loss_type", cfg.loss_type, LOSS_TYPES)
     for key in OWN_KEYS:  # a key the method's loss does not read would change nothing
@@ -521,6 +528,13 @@ def _validate_run(cfg: Config) -> None:
     _check(cfg.max_bad_steps >= 0, "max_bad_steps", cfg.max_bad_steps, "must be >= 0")
     _check(cfg.num_generations >= 0, "num_generations", cfg.num_generations, "must be >= 0 (0: no samples)")
     _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "must be >= 1")
+    if cfg.num_generations == 0:
+        _check(
+            cfg.max_new_tokens == _default(Config, "max_new_tokens"),
+            "max_new_tokens",
+            cfg.max_new_tokens,
+            "has no effect with num_generations=0 (no samples are generated)",
+        )
     _check(cfg.eval_steps >= 0, "eval_steps", cfg.eval_steps, "must be >= 0 (0: only at the end)")
     _check(
         cfg.max_steps == -1 or cfg.max_steps >= 1,
@@ -679,6 +693,20 @@ def _validate_hardware(h: HardwareConfig) -> None:
         )
         _check_choice("hardware.compile_mode", h.compile_mode, COMPILE_MODES)
     _check_choice("hardware.compile_backend", h.compile_backend, COMPILE_BACKENDS)
+    if not h.compile:
+        _check(
+            h.compile_backend == _default(HardwareConfig, "compile_backend"),
+            "hardware.compile_backend",
+            h.compile_backend,
+            "has no effect unless hardware.compile=true",
+        )
+    if h.packing == "none":  # the padded layout runs the model's own attention
+        _check(
+            h.packing_attention == _default(HardwareConfig, "packing_attention"),
+            "hardware.packing_attention",
+            h.packing_attention,
+            "has no effect with hardware.packing=none (the padded layout runs the model's own attention)",
+        )
     if h.peak_tflops is not None:
         _check(h.peak_tflops > 0, "hardware.peak_tflops", h.peak_tflops, "must be > 0 or null (looked up)")
     if h.effective_batch_size is not None:

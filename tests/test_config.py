@@ -169,6 +169,23 @@ def test_settings_their_context_makes_inert_are_refused_by_name(compose):
         with pytest.raises(ConfigError, match=override.split("=")[0] + ".*has no effect without model.path"):
             to_config(compose(override))
     to_config(compose("model.path=/some/model", "model.revision=main", "model.tokenizer_path=/some/tokenizer"))
+    # each ran as if never given: a sweep over one trained the same run under several names
+    for override, says in (
+        ("hardware.compile_backend=eager", "has no effect unless hardware.compile=true"),
+        ("reference_mode=live", "has no effect: method='simpo' takes no reference log-probs"),
+        ("max_new_tokens=8", "has no effect with num_generations=0"),
+    ):
+        extra = ["num_generations=0"] if override.startswith("max_new") else []
+        with pytest.raises(ConfigError, match=f"{override.split('=')[0]}=.*{says}"):
+            to_config(compose(override, *extra))
+    with pytest.raises(
+        ConfigError, match="hardware.packing_attention='flex': has no effect with hardware.packing=none"
+    ):
+        to_config(compose("hardware.packing=none", "hardware.packing_attention=flex"))
+    to_config(compose("hardware.compile=true", "hardware.compile_backend=eager"))
+    to_config(compose("loss=dpo", "reference_mode=live"))
+    to_config(compose("max_new_tokens=8"))
+    to_config(compose("hardware.packing=prefix_shared", "hardware.packing_attention=mask"))
 
 
 def test_a_synthetic_source_refuses_a_path_or_format_it_would_not_read(compose):
@@ -448,19 +465,22 @@ def test_a_task_given_one_gpu_samples_on_it_whatever_its_local_rank(monkeypatch)
     assert pick_device("auto") == torch.device("cuda", 3)
 
 
-def test_a_key_given_twice_on_the_command_line_is_refused(capsys):
-    """``--multirun beta=2,5 beta=10`` ran one job (Hydra takes the last value); ``beta=2 beta=5`` trained beta=5
-    under a name and overrides.yaml that said both."""
+def test_a_swept_key_given_twice_on_the_command_line_is_refused(capsys):
+    """``--multirun beta=2,5 beta=10`` ran one job, beta=10 (Hydra takes the last value), the sweep's summary saying
+    only "1 jobs". A value given again without a sweep stays Hydra's last-one-wins (a base list of overrides, then
+    the run's own)."""
     from simpo_exp.command_line import key_given_twice, refuse_command_line
 
     assert key_given_twice(["--multirun", "beta=2,5", "+beta=10"]) == (
-        "beta is given twice (beta=2,5 and +beta=10): Hydra would take the last alone; give it once"
+        "beta is given twice (beta=2,5 and +beta=10): Hydra takes the last value alone, so the sweep would not run "
+        "as written; give the key once"
     )
-    assert key_given_twice(["hparams=instruct", "hparams=reasoning"]).startswith("hparams is given twice")
-    for once in (["beta=2", "gamma=1"], ["--config-dir", "c", "-cn", "x", "beta=2"], ["~beta", "beta=2"], []):
-        assert key_given_twice(once) is None
+    assert key_given_twice(["hparams=instruct", "hparams=reasoning,creative"]).startswith("hparams is given twice")
+    assert key_given_twice(["lr=1e-6", "lr=range(1,3)"]).startswith("lr is given twice")
+    for fine in (["beta=2", "beta=5"], ["--config-dir", "c", "-cn", "x", "beta=2,5"], ["~beta", "beta=2,5"], []):
+        assert key_given_twice(fine) is None
     with pytest.raises(SystemExit) as stopped:
-        refuse_command_line(["beta=2", "max_steps=3", "beta=5"], "config")
+        refuse_command_line(["--multirun", "beta=2,5", "max_steps=3", "beta=10"], "config")
     assert stopped.value.code == 2 and "error: beta is given twice" in capsys.readouterr().err
 
 
