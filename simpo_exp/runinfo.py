@@ -141,7 +141,7 @@ def job_subdir(overrides: str, sweep_dir: str | None = None, num=None) -> str:
         # the same there, and resumes or is skipped as finished, saying what it cannot apply. Not where this sweep
         # itself gives such a setting several values (eval_steps=1,2): its jobs are the runs asked for, each its own.
         if not taken:
-            swept = _swept_keys(sweep)
+            swept = swept_keys(sweep)
             alike = _trains_alike(overrides, swept)
             taken = sorted(
                 (n, f) for n, f, _ in folders if _trains_alike(_recorded_overrides(sweep / f), swept) == alike
@@ -160,7 +160,7 @@ def _trains_alike(overrides: str | None, swept: frozenset = frozenset()) -> list
     return [i for i in _NEXT_ITEM.split(overrides) if i and keep(i.lstrip("+~"))]
 
 
-def _swept_keys(sweep_dir: Path) -> frozenset:
+def swept_keys(sweep_dir: Path) -> frozenset:
     """The keys the sweep in ``sweep_dir`` gives several values (from its ``multirun.yaml``)."""
     _, parsed = sweep_request(sweep_dir)
     return frozenset(o.key_or_group for o in parsed or [] if o.is_sweep_override())
@@ -214,10 +214,12 @@ def operational(item: str) -> bool:
     return key.startswith("hydra.") or key.split(".", 1)[0] in RESUMABLE_CHANGES or key in LAUNCH_GROUPS
 
 
-def run_name(overrides: list[str], sft_weight: float) -> str:
+def run_name(overrides: list[str], sft_weight: float, swept: frozenset = frozenset()) -> str:
     """A readable name from the command-line overrides, e.g. ``beta=5,gamma_beta_ratio=0.3``: those that change
-    what the run trains (not the ``operational`` ones)."""
-    parts = [o.lstrip("+~") for o in overrides if not operational(o.lstrip("+~"))]
+    what the run trains (not the ``operational`` ones), and those a sweep varies (``swept``: a sweep over
+    ``eval_steps=10,50`` named every job ``default``)."""
+    keep = lambda item: item.split("=", 1)[0] in swept or not operational(item)  # noqa: E731
+    parts = [o.lstrip("+~") for o in overrides if keep(o.lstrip("+~"))]
     if sft_weight > 0 and not any(p.startswith("sft_weight=") for p in parts):
         parts.append(f"sft={sft_weight:g}")
     return ",".join(parts) or "default"
@@ -273,7 +275,8 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
     resolve(cfg)
     lc = cfg.logger
     if lc.get("run_name") is None:
-        lc.run_name = run_name(overrides, float(cfg.sft_weight))
+        swept = swept_keys(Path(hc.runtime.cwd) / hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else frozenset()
+        lc.run_name = run_name(overrides, float(cfg.sft_weight), swept)
     if lc.get("group") is None and hc.mode == RunMode.MULTIRUN:
         lc.group = sweep_group(hc.sweep.dir, hc.runtime.cwd)
     if hc.runtime.choices:

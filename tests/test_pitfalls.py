@@ -234,6 +234,15 @@ def test_a_run_is_named_by_what_it_trains_in_training_and_in_evaluation(tmp_path
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(given))
     assert evaluated_name(load_run_config(run), run) == "beta=5,sft=0.5"
+    # a sweep over an operational key (eval_steps=10,50) named every job "default": the key the sweep varies stays
+    assert run_name(["eval_steps=10", "beta=5"], 0.0, frozenset({"eval_steps"})) == "eval_steps=10,beta=5"
+    sweep = tmp_path / "sweep"
+    job = sweep / "0_eval_steps=10"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**saved, "sft_weight": 0.0}))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["eval_steps=10", "logger=none"]))
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["eval_steps=10,50"]}}}))
+    assert evaluated_name(load_run_config(job), job) == "eval_steps=10"
 
 
 def test_run_records_lengths_gamma_and_environment(tmp_path):

@@ -141,9 +141,11 @@ def run_name(run_cfg: Config, run_dir: Path) -> str:
     """The name training gave the run (its model card's and W&B run's): the one set in its config, else the one made
     from its overrides (Hydra saved the config before that name was filled in); the folder's as a last resort."""
     from simpo_exp.runinfo import run_name as name_from
+    from simpo_exp.runinfo import swept_keys
 
     saved = read_yaml(Path(run_dir) / ".hydra" / "config.yaml")
     overrides = read_yaml(Path(run_dir) / ".hydra" / "overrides.yaml")
     if run_cfg.logger.run_name or not isinstance(overrides, list) or not isinstance(saved, dict):
         return run_cfg.logger.run_name or Path(run_dir).name
-    return name_from([str(o) for o in overrides], float(saved.get("sft_weight") or 0.0))
+    swept = swept_keys(Path(run_dir).parent)  # a sweep's job: its folder is in the sweep's (multirun.yaml there)
+    return name_from([str(o) for o in overrides], float(saved.get("sft_weight") or 0.0), swept)
