@@ -37,7 +37,7 @@ from simpo_exp.inference.files import readable_as_umask, temporary_name
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.model import eval_mode
-from simpo_exp.precision import precision_record
+from simpo_exp.precision import engine_keeps_master_copy, precision_record
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,12 @@ def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
         compute = precision_record(model, accelerator)["fsdp_param_dtype"]
         if compute not in {str(p.dtype).removeprefix("torch.") for p in params}:
             identity["fsdp_param_dtype"] = compute
+    elif engine is not None and engine_keeps_master_copy(accelerator):
+        # DeepSpeed under bf16/fp16 computes in its own copy of the weights in that dtype, cast when the engine is
+        # built (after this key): weights loaded in float32 gave the key of DDP's float32 weights under autocast
+        compute = {"bf16": "bfloat16", "fp16": "float16"}[accelerator.mixed_precision]
+        if compute not in {str(p.dtype).removeprefix("torch.") for p in params}:
+            identity["deepspeed_dtype"] = compute
     h = hashlib.sha256(json.dumps(identity).encode())
     for p in params:
         h.update(sampled(p).numpy().tobytes())

@@ -435,6 +435,11 @@ def test_the_reference_cache_key_holds_the_precision_auto_resolves_to(compose, t
     # FSDP without mixed precision computes the float32 weights as one device does: one cache (test_sharded)
     plain = engine(DistributedType.FSDP, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
     assert model_fingerprint(cfg, model, plain) == prints["bf16"]
+    # DeepSpeed under bf16 casts float32 weights to bf16 for its forward (after the key is taken): it shared DDP's key
+    deepspeed = engine(DistributedType.DEEPSPEED)
+    assert model_fingerprint(cfg, model, deepspeed) != prints["bf16"]
+    bf16_weights = model.to(torch.bfloat16)  # weights loaded in bf16: DDP and DeepSpeed compute alike
+    assert model_fingerprint(cfg, bf16_weights, deepspeed) == model_fingerprint(cfg, bf16_weights, ddp)
 
 
 @pytest.mark.parametrize("mean_logp", [-3e-8, -1e-8, -1e-12, 0.0])
