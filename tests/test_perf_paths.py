@@ -707,6 +707,31 @@ def test_models_with_attention_sinks_are_packed_only_through_their_own_attention
         ResponseLogps(model, packing="packed", attention="segments")(**PairCollator(PAD, "packed", "segments")(pairs))
 
 
+def test_the_mask_layout_on_an_eager_model_wrapped_for_segments_takes_a_float_mask():
+    """One eager model scored through segment attention, then through the mask layout (layout_auto times both on
+    one model): its attention name had become the segment wrapper's, so the mask layout handed eager a boolean mask,
+    which eager adds to its scores (log-probs 0.02 nats off here)."""
+    model = make_model(attn="eager").eval()
+    pairs = [
+        {"prompt_input_ids": list(range(5, 15)), "chosen_input_ids": list(range(20, 30)), "rejected_input_ids": [3, 4]},
+        {
+            "prompt_input_ids": [6, 7],
+            "chosen_input_ids": list(range(40, 43)),
+            "rejected_input_ids": list(range(44, 50)),
+        },
+    ]
+
+    def mean_logps(packing, attention):
+        with torch.no_grad():
+            batch = PairCollator(PAD, packing, attention)(pairs)
+            return ResponseLogps(model, packing=packing, attention=attention)(**batch).mean_logps
+
+    padded = mean_logps("none", "segments")
+    torch.testing.assert_close(mean_logps("packed", "segments"), padded)
+    assert model.config._attn_implementation.endswith(":eager")  # wrapped
+    torch.testing.assert_close(mean_logps("packed", "mask"), padded, rtol=1e-5, atol=1e-5)
+
+
 def test_mask_rows_padding_positions_stop_at_the_largest_real_one():
     """A mask-layout row holds two or three sequences, so it is wider than any of them; its padding positions ran
     on to the row's width. Dynamic (and longrope) RoPE choose their frequencies from the largest position id: past
