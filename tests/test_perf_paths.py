@@ -708,8 +708,9 @@ def test_models_with_attention_sinks_are_packed_only_through_their_own_attention
 
 
 def test_the_mask_layout_on_an_eager_model_wrapped_for_segments_takes_a_float_mask():
-    """One eager model scored through segment attention, then through the mask layout (layout_auto times both on
-    one model): its attention name had become the segment wrapper's, so the mask layout handed eager a boolean mask,
+    """One eager model scored through segment attention, then through the mask layout (a caller of ResponseLogps;
+    a run does not, layout_auto puts the attention back between candidates): its attention name had become the
+    segment wrapper's, so the mask layout handed eager a boolean mask,
     which eager adds to its scores (log-probs 0.02 nats off here)."""
     model = make_model(attn="eager").eval()
     pairs = [
