@@ -101,6 +101,7 @@ from simpo_exp.reference import (
 )
 from simpo_exp.rundir import (
     STOPPED_FILE,
+    read_jsonl,
     recorded_sources,
     rerun_command,
     stopped_before_a_step_record,
@@ -889,6 +890,7 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
     window = Window.restore(run.state.window, run.state.window_seconds, run.state.window_steps, run.accelerator)
     bar = progress_bar(run)
     run.policy.train()
+    started_at = run.state.step
     while run.state.step < run.steps:
         grad_norm = optimizer_step(run, batches, window)
         step, last = run.state.step, run.state.step == run.steps
@@ -896,15 +898,17 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
             summary |= log_train(run, window, grad_norm)
             if bar is not None:
                 bar.set_postfix(loss=f"{summary['train/loss']:.3f}", acc=f"{summary['train/rewards/accuracies']:.2f}")
-        # a stop signal on any process (SIGTERM/SIGINT, submitit's USR2): all save this step and leave;
-        # at the last step the run finishes instead (writing the model takes what a checkpoint takes)
-        stopping = 0 if last else stop.agreed(run.accelerator)  # the signal's number, or 0
+        # a stop signal on any process (SIGTERM/SIGINT, submitit's USR2): all save this step and leave, the last
+        # one too (its evaluation, generations and model write could outlast the grace time a save is sized for;
+        # the resumed run does them)
+        stopping = stop.agreed(run.accelerator)  # the signal's number, or 0
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or last:
             if stopping:  # the checkpoint first, within the scheduler's grace time; the resumed run evaluates
                 run.state.eval_owed = step
             else:
                 summary |= evaluate_and_sample(run, step)
-                stopping = 0 if last else stop.agreed(run.accelerator)  # a signal during the eval
+                # a signal during the eval; after the last one the model is written (as long as a checkpoint)
+                stopping = 0 if last else stop.agreed(run.accelerator)
         if (cfg.save_steps and step % cfg.save_steps == 0 and not last) or stopping:
             save_checkpoint(run, window)
             # a signal during the save stops the run here, on the checkpoint just written, not a step and a save on
@@ -916,7 +920,15 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
             stop.exit(step, stopping, together=run.accelerator.wait_for_everyone)
     if bar is not None:
         bar.close()
+    if run.state.step == started_at and run.accelerator.is_main_process:  # resumed at its last step (stopped there,
+        summary = last_train_record(run.run_dir) | summary  # before its eval): that step's logged training metrics
     return summary
+
+
+def last_train_record(run_dir: Path) -> dict:
+    """The metrics the run logged at its last training step (``metrics.jsonl``), as the loop returned them."""
+    rows = [r for r in read_jsonl(run_dir / METRICS_FILE) if "train/loss" in r]
+    return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
 
 
 def progress_bar(run: Run):

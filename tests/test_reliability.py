@@ -611,20 +611,32 @@ def test_a_signal_during_a_periodic_save_stops_on_that_checkpoint(compose, tmp_p
     assert json.loads((tmp_path / "run" / "stopped.json").read_text())["step"] == 2
 
 
-def test_a_signal_in_the_last_step_finishes_the_run_and_then_leaves(compose, tmp_path, monkeypatch):
-    """A SIGTERM or Ctrl-C in a run's last step (or while its model was written) was dropped: a sweep in the same
-    process went on to its next job. The run finishes (its summary recorded, no stop record), then the process
-    leaves with 128 + the signal."""
+def test_a_signal_in_the_last_step_saves_it_and_the_rerun_finishes_as_an_uninterrupted_run(
+    compose, tmp_path, monkeypatch
+):
+    """A SIGTERM in a run's last step let the run finish: its evaluation, generations and model write, with no
+    checkpoint before them, could outlast the grace time a save is sized for, and a kill there lost every step since
+    the last save_steps checkpoint. Now the last step is saved like any other (its eval owed) and the process leaves
+    with 128 + the signal; the re-run evaluates it and finishes with the summary an uninterrupted run has."""
     import simpo_exp.train as train_mod
 
     _signal_when(monkeypatch, train_mod, "optimizer_step", lambda run, *_: run.state.step == 2)
-    cfg = _tiny_config(compose, tmp_path, "max_steps=3", "per_device_train_batch_size=8")
+    extra = ("max_steps=3", "per_device_train_batch_size=8", "eval_steps=3")
     with pytest.raises(SystemExit) as leaving:
-        train_mod.train(cfg)
+        train_mod.train(_tiny_config(compose, tmp_path, *extra))
     assert leaving.value.code == 128 + signal.SIGTERM
     run_dir = tmp_path / "run"
-    assert (run_dir / "finished.json").is_file() and not (run_dir / "stopped.json").exists()
-    assert json.loads((run_dir / "summary.json").read_text())["train/loss"] > 0
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000003"]
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == 3 and not (run_dir / "finished.json").exists()
+    monkeypatch.undo()
+    resumed = train_mod.train(_tiny_config(compose, tmp_path, *extra))
+    assert (run_dir / "finished.json").is_file()
+    fresh = train_mod.train(_tiny_config(compose, tmp_path / "fresh", *extra))
+    assert {k for k in fresh if k.startswith(("train/", "eval/"))} <= set(resumed)
+    for key, value in fresh.items():
+        if key.startswith(("eval/", "train/")) and key not in MEASURED_METRICS:
+            assert resumed[key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+    assert json.loads((run_dir / "summary.json").read_text())["train/loss"] == resumed["train/loss"]
 
 
 def test_a_full_disk_while_the_model_is_written_is_named_and_the_run_not_recorded_finished(
