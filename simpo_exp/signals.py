@@ -114,10 +114,10 @@ class StopSignal:
         raise SystemExit(code)
 
     def after_finish(self, accelerator) -> None:
-        """A stop signal that came in the run's last step or while its model was written (on any process): the run
-        is finished, so nothing is saved and no stop record written, but the process leaves with 128 + the
-        signal's number, so that a sweep running in this process ends at this job rather than starting the next.
-        submitit's USR2 (its warning before a time limit) is not handed on: the job it would requeue is done."""
+        """A stop signal that came during the run's final evaluation or while its model was written (on any
+        process): the run is finished, so nothing is saved and no stop record written, but the process leaves with
+        128 + the signal's number, so that a sweep running in this process ends at this job rather than starting the
+        next. submitit's USR2 (its warning before a time limit) is not handed on: the job it would requeue is done."""
         signum = self.agreed(accelerator)
         if not signum:
             return

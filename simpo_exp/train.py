@@ -849,8 +849,8 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
             stopped_before_a_step(cfg, stop, e.signum, "set-up")
         with run.tracker:  # a run that fails closes its W&B run as failed, not as finished at exit
             summary = finish(run, train_loop(run, stop))
-        # a stop signal in the last step or while the model was written: the run is finished, and a sweep in this
-        # process must not start its next job
+        # a stop signal in the final evaluation or while the model was written: the run is finished, and a sweep
+        # in this process must not start its next job
         stop.after_finish(run.accelerator)
         return summary
     finally:  # however it ends (a refused set-up too): the next job of a sweep, in this process, finds the handlers
