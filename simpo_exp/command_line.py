@@ -91,13 +91,13 @@ def key_given_twice(argv: list[str]) -> str | None:
             override = parser.parse_override(arg)
         except Exception:  # noqa: BLE001 - Hydra refuses it itself, in its own words
             continue
-        key = override.key_or_group
-        if key in seen and (seen[key][1] or override.is_sweep_override()):
+        key, sweep = override.key_or_group, override.is_sweep_override()
+        if key in seen and (seen[key][1] or sweep):
             return (
                 f"{key} is given twice ({seen[key][0]} and {arg}): Hydra takes the last value alone, so the sweep "
                 "would not run as written; give the key once"
             )
-        seen[key] = (arg, override.is_sweep_override())
+        seen[key] = (arg, sweep)
     return None
 
 

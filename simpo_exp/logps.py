@@ -655,8 +655,8 @@ class ResponseLogps(nn.Module):
                 )
             # eager adds the mask to its scores (a float mask), sdpa takes a boolean one; under a segment-attention
             # wrap of this model (its calls without a plan go to the wrapped kernel) the wrapped one decides
-            impl = (self.model.config._attn_implementation or "").removeprefix(SEGMENT_ATTENTION_PREFIX)
-            dtype = self.model.dtype if impl.rsplit(":", 1)[-1] == "eager" else None
+            impl = (self.model.config._attn_implementation or "").rsplit(":", 1)[-1]  # "simpo_segments:<cls>:<impl>"
+            dtype = self.model.dtype if impl == "eager" else None
             mask = group_mask(attn_groups, dtype)
             return body(
                 input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False

@@ -37,7 +37,7 @@ from simpo_exp.inference.files import readable_as_umask, temporary_name
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
 from simpo_exp.model import eval_mode
-from simpo_exp.precision import engine_keeps_master_copy, precision_record
+from simpo_exp.precision import AUTOCAST_DTYPES, engine_keeps_master_copy, precision_record
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +91,17 @@ def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
         "autocast": resolved_precision(cfg.hardware),  # "auto" as resolved: bf16 on a GPU, none on a CPU
         "n": sum(full_numel(p) for p in params),
     }
-    engine = getattr(accelerator, "distributed_type", None)
+    # a sharding engine that computes the forward in its own copy of the weights, where DDP or one device run the
+    # weights as loaded under the autocast (log-probs of one model 0.01-0.1 nats apart): FSDP's mixed precision in its
+    # param_dtype copies (without it, FSDP computes as one device), DeepSpeed under bf16/fp16 in its cast copy (made
+    # when the engine is built, after this key: weights loaded in float32 gave the key of DDP's)
+    engine, key, compute = getattr(accelerator, "distributed_type", None), None, None
     if engine is not None and engine.value == "FSDP":
-        # FSDP's mixed precision runs the whole forward in its param_dtype copies of the weights, where DDP or one
-        # device run the float32 weights under the autocast: log-probs of one model 0.01-0.1 nats apart. (DeepSpeed
-        # casts the weights themselves, which "weights" holds; FSDP without mixed precision computes as one device.)
-        compute = precision_record(model, accelerator)["fsdp_param_dtype"]
-        if compute not in {str(p.dtype).removeprefix("torch.") for p in params}:
-            identity["fsdp_param_dtype"] = compute
+        key, compute = "fsdp_param_dtype", precision_record(model, accelerator)["fsdp_param_dtype"]
     elif engine is not None and engine_keeps_master_copy(accelerator):
-        # DeepSpeed under bf16/fp16 computes in its own copy of the weights in that dtype, cast when the engine is
-        # built (after this key): weights loaded in float32 gave the key of DDP's float32 weights under autocast
-        compute = {"bf16": "bfloat16", "fp16": "float16"}[accelerator.mixed_precision]
-        if compute not in {str(p.dtype).removeprefix("torch.") for p in params}:
-            identity["deepspeed_dtype"] = compute
+        key, compute = "deepspeed_dtype", AUTOCAST_DTYPES[accelerator.mixed_precision]
+    if key is not None and compute not in {str(p.dtype).removeprefix("torch.") for p in params}:
+        identity[key] = compute
     h = hashlib.sha256(json.dumps(identity).encode())
     for p in params:
         h.update(sampled(p).numpy().tobytes())
