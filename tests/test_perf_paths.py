@@ -6,6 +6,7 @@ summation order (different SDPA shapes, fewer/more rows), not from different mat
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,6 +41,18 @@ def make_model(vocab=64, attn="sdpa", seed=0, layers=2, checkpointing=False, hea
     if checkpointing:
         enable_checkpointing(model)
     return model.train()  # dropout is 0 in Llama: train mode only exercises the training code paths
+
+
+def layout_settings(packing: str, attention: str = "segments") -> SimpleNamespace:
+    """The hardware settings ``choose_layout`` reads."""
+    return SimpleNamespace(packing=packing, packing_attention=attention, logps_chunk_size=0)
+
+
+# two pairs of unlike lengths: a long prompt with a long chosen and a short rejected response, and the other way round
+TWO_PAIRS = [
+    {"prompt_input_ids": list(range(5, 15)), "chosen_input_ids": list(range(20, 30)), "rejected_input_ids": [3, 4]},
+    {"prompt_input_ids": [6, 7], "chosen_input_ids": list(range(40, 43)), "rejected_input_ids": list(range(44, 50))},
+]
 
 
 def random_pairs(n, vocab=64, seed=0, max_prompt=20, max_response=30):
@@ -505,8 +518,6 @@ def test_an_nll_term_accumulated_over_micro_batches_is_the_big_batchs(compose, p
     and data parallel average them), give the gradient of one batch of the 16 pairs: the NLL term is divided by
     the step's chosen tokens (train.step_sft_tokens), not each micro-batch's own, which weighed a token by its
     micro-batch's size (0.1% off in grad_norm, measured through the loop)."""
-    from types import SimpleNamespace
-
     from simpo_exp.config import to_config
     from simpo_exp.objective import batch_loss, chosen_tokens
     from simpo_exp.train import step_sft_tokens
@@ -564,8 +575,6 @@ def test_models_that_carry_a_state_beside_attention_run_the_padded_layout():
     attention in every layer, so each layer still made one attention call and the guard on attention calls
     passed: under packing=auto on CPU (prefix_shared) the rejected response's log-probs moved with the chosen
     response's tokens. Such models now take the padded layout under auto and are refused a packed one."""
-    from types import SimpleNamespace
-
     from transformers import FalconH1Config, FalconH1ForCausalLM, Gemma2Config
 
     from simpo_exp import layout_auto
@@ -580,29 +589,28 @@ def test_models_that_carry_a_state_beside_attention_run_the_padded_layout():
     assert state_beside_attention(falcon) and state_beside_attention(SimpleNamespace(layer_types=["linear_attention"]))
     for plain in (LlamaConfig(**small), Gemma2Config(**small), SimpleNamespace(layer_types=["sliding_attention"])):
         assert state_beside_attention(plain) is None
-    hardware = lambda packing: SimpleNamespace(packing=packing, packing_attention="segments", logps_chunk_size=0)  # noqa: E731
     for device in ("cpu", "cuda"):
-        assert choose_layout(hardware("auto"), device, falcon, 512).packing == "none"
+        assert choose_layout(layout_settings("auto"), device, falcon, 512).packing == "none"
         assert [c.packing for c in layout_auto.candidates(device, falcon, max_length=512)] == ["none"]
-    assert choose_layout(hardware("auto"), "cpu", LlamaConfig(**small), 512).packing == "prefix_shared"
+    assert choose_layout(layout_settings("auto"), "cpu", LlamaConfig(**small), 512).packing == "prefix_shared"
     # a multimodal Gemma-3 (how 4B-27B load) keeps its sliding window in text_config, which the rule did not read
     from transformers import Gemma3Config
 
     gemma3 = Gemma3Config(text_config={"sliding_window": 16, **small, "num_key_value_heads": 2, "head_dim": 8})
-    assert choose_layout(hardware("auto"), "cpu", gemma3, 512).packing == "none"
+    assert choose_layout(layout_settings("auto"), "cpu", gemma3, 512).packing == "none"
     assert [c.packing for c in layout_auto.candidates("cuda", gemma3, max_length=512)] == ["none"]
     # GPT-Neo's local layers attend through window_size, which no rule read
     from transformers import GPTNeoConfig
 
     neo = GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, window_size=16,
                        attention_types=[[["global", "local"], 1]])  # fmt: skip
-    assert choose_layout(hardware("auto"), "cpu", neo, 512).packing == "none"
+    assert choose_layout(layout_settings("auto"), "cpu", neo, 512).packing == "none"
     with pytest.raises(ConfigError, match="attends through a sliding window of 16 tokens, shorter than max_length=512"):
-        choose_layout(hardware("packed"), "cpu", neo, 512)
+        choose_layout(layout_settings("packed"), "cpu", neo, 512)
     wide = GPTNeoConfig(**{**neo.to_dict(), "window_size": 1024})  # a window no pair of 512 tokens outgrows
-    assert choose_layout(hardware("auto"), "cpu", wide, 512).packing == "prefix_shared"
+    assert choose_layout(layout_settings("auto"), "cpu", wide, 512).packing == "prefix_shared"
     with pytest.raises(ConfigError, match="hardware.packing='packed': the model carries a state .*hybrid"):
-        choose_layout(hardware("packed"), "cpu", falcon, 512)
+        choose_layout(layout_settings("packed"), "cpu", falcon, 512)
     model = FalconH1ForCausalLM(falcon)
     with pytest.raises(ValueError, match="packing='prefix_shared' keeps sequences apart in attention only"):
         ResponseLogps(model, packing="prefix_shared")
@@ -615,7 +623,6 @@ def test_models_whose_attention_reads_column_distance_are_not_prefix_shared():
     prefix sharing for MPT and (with packing_attention=mask, as the segments error advised) its rejected log-probs
     moved with the chosen response's length. Such models take the padded layout under auto; prefix sharing is
     refused by name."""
-    from types import SimpleNamespace
 
     from transformers import BloomConfig, FalconConfig, MptConfig, MptForCausalLM
 
@@ -631,14 +638,11 @@ def test_models_whose_attention_reads_column_distance_are_not_prefix_shared():
     assert distance_biased(FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, alibi=True))
     for plain in (FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4), make_model().config):
         assert distance_biased(plain) is None
-    hardware = lambda packing, attention="segments": SimpleNamespace(  # noqa: E731
-        packing=packing, packing_attention=attention, logps_chunk_size=0
-    )
     for device in ("cpu", "cuda"):
-        assert choose_layout(hardware("auto", "mask"), device, mpt, 256).packing == "none"
+        assert choose_layout(layout_settings("auto", "mask"), device, mpt, 256).packing == "none"
         assert [c.packing for c in layout_auto.candidates(device, mpt, max_length=256)] == ["none"]
     with pytest.raises(ConfigError, match="hardware.packing='prefix_shared': the model biases attention .*ALiBi"):
-        choose_layout(hardware("prefix_shared", "mask"), "cpu", mpt, 256)
+        choose_layout(layout_settings("prefix_shared", "mask"), "cpu", mpt, 256)
     # why: the same rejected response scored beside a short and a long chosen one
     torch.manual_seed(0)
     model = MptForCausalLM(mpt).eval()
@@ -659,7 +663,6 @@ def test_models_with_attention_sinks_are_packed_only_through_their_own_attention
     log-probs were another model's (under FSDP, with no set-up check, silently). Now auto keeps the padded layout,
     segment attention refuses the call, and packing_attention=mask (the model's own attention) gives the padded
     layout's log-probs."""
-    from types import SimpleNamespace
 
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -673,29 +676,19 @@ def test_models_with_attention_sinks_are_packed_only_through_their_own_attention
         pad_token_id=PAD, attn_implementation="eager", initializer_range=0.3,
     )  # fmt: skip
     assert attention_sinks(config) and attention_sinks(make_model().config) is None
-    hardware = lambda packing, attention="segments": SimpleNamespace(  # noqa: E731
-        packing=packing, packing_attention=attention, logps_chunk_size=0
-    )
     for device in ("cpu", "cuda"):
-        assert choose_layout(hardware("auto"), device, config, 256).packing == "none"
+        assert choose_layout(layout_settings("auto"), device, config, 256).packing == "none"
         assert [c.packing for c in layout_auto.candidates(device, config, max_length=256)] == ["none"]
-    assert choose_layout(hardware("auto", "mask"), "cpu", config, 256).packing == "prefix_shared"
+    assert choose_layout(layout_settings("auto", "mask"), "cpu", config, 256).packing == "prefix_shared"
     with pytest.raises(ConfigError, match="packing_attention='segments': the model adds the learned attention sinks"):
-        choose_layout(hardware("packed"), "cpu", config, 256)
+        choose_layout(layout_settings("packed"), "cpu", config, 256)
     torch.manual_seed(0)
     model = GptOssForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("sinks"):
                 p.normal_(0, 2.0)  # sinks that matter (they start at zero)
-    pairs = [
-        {"prompt_input_ids": list(range(5, 15)), "chosen_input_ids": list(range(20, 30)), "rejected_input_ids": [3, 4]},
-        {
-            "prompt_input_ids": [6, 7],
-            "chosen_input_ids": list(range(40, 43)),
-            "rejected_input_ids": list(range(44, 50)),
-        },
-    ]
+    pairs = TWO_PAIRS
     means = {}
     for packing, attention in (("none", "segments"), ("packed", "mask"), ("prefix_shared", "mask")):
         batch = PairCollator(PAD, packing, attention)(pairs)
@@ -713,14 +706,7 @@ def test_the_mask_layout_on_an_eager_model_wrapped_for_segments_takes_a_float_ma
     segment wrapper's, so the mask layout handed eager a boolean mask,
     which eager adds to its scores (log-probs 0.02 nats off here)."""
     model = make_model(attn="eager").eval()
-    pairs = [
-        {"prompt_input_ids": list(range(5, 15)), "chosen_input_ids": list(range(20, 30)), "rejected_input_ids": [3, 4]},
-        {
-            "prompt_input_ids": [6, 7],
-            "chosen_input_ids": list(range(40, 43)),
-            "rejected_input_ids": list(range(44, 50)),
-        },
-    ]
+    pairs = TWO_PAIRS
 
     def mean_logps(packing, attention):
         with torch.no_grad():
