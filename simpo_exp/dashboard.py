@@ -44,11 +44,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from simpo_exp.inference.results import headline_keys, is_uncertainty, read_results, uncertainty_keys
 from simpo_exp.methods import METHODS
-from simpo_exp.rundir import parse_overrides, read_json, select
+from simpo_exp.rundir import parse_overrides, parse_yaml, read_json, select
 from simpo_exp.runinfo import sweep_group, sweep_jobs
 from simpo_exp.tracking import (
     BEST_AND_LAST,
@@ -174,7 +172,7 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
 
 def read_overrides(job: Path) -> dict[str, str]:
     """A job's command-line overrides as key -> value (``+``/``~`` stripped; Hydra's own left out)."""
-    return parse_overrides(yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or [])
+    return parse_overrides(parse_yaml((job / ".hydra" / "overrides.yaml").read_text()) or [])
 
 
 def swept_overrides(jobs: list[Path]) -> list[str]:
@@ -187,7 +185,7 @@ def swept_overrides(jobs: list[Path]) -> list[str]:
 
 
 def _load_yaml(path: Path) -> dict:
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return (parse_yaml(path.read_text()) or {}) if path.is_file() else {}
 
 
 _MISSING = object()

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from simpo_exp.config import Config, ConfigError
 from simpo_exp.finished import FINISHED
 from simpo_exp.model import saved_dtype
-from simpo_exp.rundir import RUN_SEARCH_DEPTH, natural_order, other_stage_output, read_yaml
+from simpo_exp.rundir import RUN_SEARCH_DEPTH, natural_order, other_stage_output, parse_yaml, read_yaml
 
 HYDRA_RESOLVER = re.compile(r"\$\{hydra:([^}]+)\}")
 SKIP = {"eval", "model", "wandb", "checkpoints", ".hydra", "compare"}
@@ -95,7 +95,7 @@ def as_trained(saved: dict, run_dir: Path) -> dict:
 
 def saved_config(run_dir: Path) -> dict:
     """The run's ``.hydra/config.yaml`` as training read it (``as_trained``)."""
-    return as_trained(yaml.safe_load((Path(run_dir) / ".hydra" / "config.yaml").read_text()) or {}, run_dir)
+    return as_trained(parse_yaml((Path(run_dir) / ".hydra" / "config.yaml").read_text()) or {}, run_dir)
 
 
 def load_run_config(run_dir: Path) -> Config:
