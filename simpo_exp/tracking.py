@@ -141,15 +141,18 @@ def eval_keys(methods=("simpo",)) -> list[str]:
 def scrub(obj):
     """Drop any key that names a credential (``token``, ``hf_token``, ``wandb_api_key``, ...) from nested data."""
     if isinstance(obj, dict):
-        return {k: scrub(v) for k, v in obj.items() if not _is_secret_key(str(k))}
+        return {k: scrub(v) for k, v in obj.items() if not _is_secret(str(k), v)}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
     return obj
 
 
-def _is_secret_key(key: str) -> bool:
+def _is_secret(key: str, value) -> bool:
+    """Whether ``key: value`` is a credential. A ``*_token`` key is one only when its value is text: the data report's
+    counts (``responses_without_end_token``) are numbers, and were dropped from data_report.json by the name alone."""
     key = key.lower().rsplit("/", 1)[-1]
-    return any(key == name or key.endswith("_" + name) for name in SECRET_NAMES)
+    named = [name for name in SECRET_NAMES if key == name or key.endswith("_" + name)]
+    return bool(named) and (key == "token" or named != ["token"] or isinstance(value, str))
 
 
 # metrics.jsonl's stand-in for an infinity (JSON has none); NaN is written as null. compare reads them back.

@@ -544,3 +544,19 @@ def test_infinities_keep_their_sign_in_metrics_jsonl(tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged_value(record["train/logps/rejected"]) == float("-inf")
     assert logged_value(record["train/grad_norm"]) == float("inf") and math.isnan(logged_value(record["train/loss"]))
+
+
+def test_a_written_record_keeps_its_counts_named_token_and_drops_the_credentials(tmp_path):
+    """A ``*_token`` key holding text is a credential and is dropped; the data report's counts of that shape (numbers)
+    are what the tokenisation report is read for, and stay."""
+    import json
+
+    report = {
+        "tokenization": {"train": {"pairs": 8, "responses_without_end_token": 3, "prompts_split_inside_a_token": 2}},
+        "hf_token": SECRET_HF,
+        "token": SECRET_KEY,
+        "judge": {"openai_api_key": SECRET_KEY, "client_secret": 7},
+    }
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    written = json.loads(tracker.write_json("data_report.json", report).read_text())
+    assert written == {"tokenization": report["tokenization"], "judge": {}}
