@@ -347,11 +347,20 @@ def unstarted_jobs(runs: list[Run]) -> list[str]:
     memory) before the others started, and the table would look complete."""
     notes = []
     for sweep in dict.fromkeys(r.path.parent for r in runs if r.path is not None):
-        jobs = [r for r in runs if r.path is not None and r.path.parent == sweep]
-        asked, found, running = jobs_asked(sweep), len(jobs), [r.name for r in jobs if r.status == "running"]
-        if asked is not None and found < asked and running:  # the sweep is still at work: its later jobs are to come
+        asked = jobs_asked(sweep)
+        if asked is None:
+            continue
+        # the folders on disk, not the runs given: compare given some of a sweep's jobs (sweep/0_*) is not told the
+        # others never started
+        given = {r.path.resolve(): r for r in runs if r.path is not None and r.path.parent == sweep}
+        jobs = {d: given.get(d.resolve()) or load_run(d) for d in find_run_dirs(sweep, depth=1)}
+        found, running = (
+            len(jobs),
+            [r.name if r in given.values() else d.name for d, r in jobs.items() if r.status == "running"],
+        )
+        if found < asked and running:  # the sweep is still at work: its later jobs are to come
             notes.append(f"{sweep}: {found} of the sweep's {asked} jobs have a folder so far; {running[0]} is running")
-        elif asked is not None and found < asked:
+        elif found < asked:
             notes.append(
                 f"{sweep}: {found} of the sweep's {asked} jobs have a folder; the others never started (the sweep "
                 f"stopped first): re-run its command with hydra.sweep.dir={sweep} (finished jobs return their "

@@ -720,6 +720,8 @@ def test_jobs_a_killed_sweep_never_started_are_counted_from_its_multirun_yaml(sw
     assert compare.jobs_asked(sweep) == 6  # beta=2,5,-1 x seed=1,2
     assert compare.main([str(sweep), "--no-plots"]) == 0
     assert "never started" not in capsys.readouterr().out
+    assert compare.main([str(job(sweep, 0)), str(job(sweep, 2)), "--no-plots"]) == 0  # some of its jobs, asked for
+    assert "never started" not in capsys.readouterr().out
     cut = tmp_path / "cut"
     shutil.copytree(sweep, cut, ignore=shutil.ignore_patterns("compare"))
     for num in (4, 5):
