@@ -78,6 +78,17 @@ def test_a_rate_limit_is_waited_out_as_the_endpoint_asks_without_spending_the_tr
     assert len(MoodyJudge.requests) == 6
 
 
+def test_a_rate_limit_that_asks_no_wait_is_waited_out_and_ends_at_its_budget(moody):
+    """``Retry-After: 0`` (or a date already past) on every request: taken as asked, the request went again at once, the
+    wait counted nothing against the budget, and the judging sent about a thousand requests a second for ever. Now
+    such an answer waits as one without the header does (1 s, 2 s, ...), within judge.rate_limit_wait_s."""
+    moody.judge.rate_limit_wait_s, moody.judge.concurrency = 3.0, 1
+    MoodyJudge.limited = 50  # (the code before answered the 51st request, not waiting once)
+    with pytest.raises(JudgeError, match=r"stayed rate-limited \(HTTP 429: .*waited 3 s in all, and 4 s more"):
+        alpaca(moody, 1)
+    assert len(MoodyJudge.requests) == 3  # the first request, and one after each wait (1 s, 2 s)
+
+
 def test_a_rate_limit_past_its_budget_stops_and_says_it_was_a_rate_limit(moody):
     moody.judge.rate_limit_wait_s = 5.0
     MoodyJudge.limited, MoodyJudge.retry_after = 1, "30"  # a pause past the budget: not waited at all

@@ -217,7 +217,9 @@ class PairwiseJudge:
             except urllib.error.HTTPError as e:
                 asked = retry_after(e)
                 if e.code == RATE_LIMITED or (e.code == 503 and asked is not None):
-                    pause = min(2.0**waits, 60.0) if asked is None else asked
+                    # a wait under a second asked ("Retry-After: 0", a date already past) counts as none asked: taken
+                    # as asked, the request went again at once, the wait counted nothing, and it never ended
+                    pause = asked if asked is not None and asked >= 1 else min(2.0**waits, 60.0)
                     if waited + pause <= self.j.rate_limit_wait_s:
                         self.stopping.wait(pause)  # cut short when the judging stops
                         waited, waits = waited + pause, waits + 1
