@@ -785,6 +785,12 @@ def test_the_length_controlled_win_rate_ranks_first_where_it_was_measured():
     assert _rank_metric([record]) == "bench/alpacaeval2/lc_win_rate"
     record["metrics"]["lc_win_rate"] = None  # not measured (no alpaca-eval package): the raw one
     assert _rank_metric([record]) == "bench/alpacaeval2/win_rate"
+    other = {"benchmark": "alpacaeval2", "metrics": {"win_rate": 31.0, "lc_win_rate": 23.0, "n": 805}}
+    assert _rank_metric([record, other]) == "bench/alpacaeval2/lc_win_rate"  # another run measured it: the first
+    answers = {"benchmark": "alpacaeval2", "metrics": {"avg_length": 1234.0, "n": 805, "cut_at_max_new_tokens": 0}}
+    assert _rank_metric([answers]) is None  # answers alone (judge.kind=none): never ranked by their length
+    arena = {"benchmark": "arena-hard", "metrics": {"avg_tokens": 512.0, "n": 500, "win_rate": 40.9}}
+    assert _rank_metric([answers, arena]) == "bench/arena-hard/win_rate"
 
 
 def test_each_evaluation_number_is_shown_with_its_standard_error_or_interval(tmp_path):

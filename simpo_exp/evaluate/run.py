@@ -632,13 +632,17 @@ def evaluate_all(cfg) -> list[dict]:
 
 
 def _rank_metric(records: list[dict]) -> str | None:
-    """The compare key to rank runs by: the first benchmark's win rate where it recorded one, else its first number
-    (lm-eval's keys are ``<task>/<metric>:<filter>``), a higher-is-better one where there is one (lambada lists its
-    perplexity before its accuracy)."""
-    for rec in records:
-        names = [k for k, v in rec["metrics"].items() if v is not None]
-        names = [k for k in names if not is_lower_score(k)] or names
-        metric = next((k for k in HEADLINE if k in names), names[0] if names else None)
+    """The compare key to rank runs by: the first benchmark's length-controlled win rate where any run measured it,
+    else its win rate, else its first lm-eval score (``<task>/<metric>:<filter>``), a higher-is-better one where there
+    is one (lambada lists its perplexity before its accuracy). Never an answer length or a count: a benchmark with
+    answers alone (judge.kind=none) offers nothing to rank by."""
+    measured = lambda rec: [k for k, v in rec["metrics"].items() if v is not None]  # noqa: E731
+    for bench in dict.fromkeys(rec["benchmark"] for rec in records):
+        mine = [rec for rec in records if rec["benchmark"] == bench]
+        names = {k for rec in mine for k in measured(rec)}
+        scores = [k for rec in mine for k in measured(rec) if ":" in k and "_stderr:" not in k]
+        scores = [k for k in scores if not is_lower_score(k)] or scores
+        metric = next((k for k in HEADLINE if k in names), scores[0] if scores else None)
         if metric:
-            return f"{PREFIX}{rec['benchmark']}/{metric}"
+            return f"{PREFIX}{bench}/{metric}"
     return None
