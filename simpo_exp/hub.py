@@ -56,17 +56,22 @@ def check_model_config(path: Path, what: str = "model.path", trust_remote_code: 
         )
 
 
+def offline_setting() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` says offline, in any of huggingface_hub's spellings."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):  # huggingface_hub's spellings
+    if offline_setting():
         return False
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    address = hub_address(constants.ENDPOINT)
     result: list[bool] = []
 
     def probe() -> None:  # in a thread: a DNS lookup ignores the socket timeout
         try:
-            socket.create_connection((host, 443), timeout=timeout).close()
+            socket.create_connection(address, timeout=timeout).close()
             result.append(True)
         except OSError:
             result.append(False)
@@ -75,6 +80,36 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     worker.start()
     worker.join(timeout)
     return bool(result and result[0])
+
+
+def why_offline() -> str:
+    """Why ``hub_reachable`` said no, in words: the offline setting, or the address that did not answer."""
+    from huggingface_hub import constants
+
+    if offline_setting():
+        return f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}"
+    host, port = hub_address(constants.ENDPOINT)
+    return f"nothing answered at {host}:{port}, the hub {constants.ENDPOINT} or the proxy on its way"
+
+
+def hub_address(endpoint: str) -> tuple[str, int]:
+    """Where a request to the hub at ``endpoint`` (``HF_ENDPOINT``) first connects: the endpoint's host and port
+    (a mirror's ``http://mirror:8080`` included), or the proxy's where ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``
+    sends it there (unless ``NO_PROXY`` names the host), as huggingface_hub's HTTP client does. Probed on port 443 of
+    the endpoint's host alone, a node that reaches the hub only through its proxy, or a mirror on a port of its own,
+    was taken for offline, and every model not in the cache refused."""
+    import urllib.request
+
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    defaults = {"http": 80, "https": 443}
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme or "https") or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        if via.hostname:
+            return via.hostname, via.port or defaults.get(via.scheme, 1080)  # 1080: a SOCKS proxy's
+    return host, url.port or defaults.get(url.scheme, 443)
 
 
 def in_hf_cache(repo_id: str, revision: str | None) -> bool:
@@ -190,7 +225,7 @@ def check_model_available(
         return
     raise ModelNotFoundError(
         f"model {path!r} ({what}) is not on this machine: it is not a local directory, not in the Hugging Face "
-        f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub cannot be reached. "
-        f"Download it on a connected machine (`hf download {path}`) and either copy the cache here or set "
-        f"{what}=/path/to/local/weights."
+        f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub cannot be reached "
+        f"({why_offline()}). Download it on a connected machine (`hf download {path}`) and either copy the cache "
+        f"here or set {what}=/path/to/local/weights."
     )

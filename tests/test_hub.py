@@ -26,7 +26,9 @@ def test_a_cached_hub_model_is_available_offline_and_an_uncached_one_is_named(tm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake_cache(tmp_path, monkeypatch, {"main": "a" * 40})
     check_model_available("org/tiny")  # in the cache: no hub needed
-    with pytest.raises(ModelNotFoundError, match=r"model 'org/other' \(model.path\) is not on this machine"):
+    with pytest.raises(
+        ModelNotFoundError, match=r"model .org/other. \(model.path\) is not on this machine.*\(HF_HUB_OFFLINE=1\)"
+    ):
         check_model_available("org/other")
 
 
@@ -100,6 +102,33 @@ def test_hf_hub_offline_yes_is_offline(monkeypatch):
         assert hub.hub_reachable() is False and probed == []
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert hub.hub_reachable() is True and probed
+
+
+def test_the_hub_is_probed_where_its_client_connects_a_mirrors_port_or_the_proxy(monkeypatch):
+    """The probe connected to port 443 of the endpoint's host: a mirror on a port of its own (HF_ENDPOINT), or a hub
+    reached through HTTPS_PROXY, read as offline, and every model not in the cache was refused."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from simpo_exp import hub
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with socket.socket() as listener:  # a mirror, then a proxy, on 127.0.0.1
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert hub.hub_address(constants.ENDPOINT) == ("127.0.0.1", port) and hub.hub_reachable(timeout=5)
+        monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # reached through the proxy alone
+        assert not hub.hub_reachable(timeout=5)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        assert hub.hub_address(constants.ENDPOINT) == ("127.0.0.1", port) and hub.hub_reachable(timeout=5)
+        monkeypatch.setenv("NO_PROXY", "hub.invalid")  # the proxy not used for it: the host itself
+        assert hub.hub_address(constants.ENDPOINT) == ("hub.invalid", 443)
 
 
 def test_a_tokenizer_saved_as_its_config_and_own_vocabulary_file_is_accepted(tmp_path):

@@ -25,7 +25,7 @@ from datasets import Dataset, DatasetDict, Features, Value, load_dataset
 from simpo_exp.config import DatasetConfig, SourceConfig, SyntheticConfig
 from simpo_exp.data import synthetic
 from simpo_exp.errors import UserError
-from simpo_exp.hub import hub_reachable, looked_in, looks_like_local_path
+from simpo_exp.hub import hub_reachable, looked_in, looks_like_local_path, why_offline
 from simpo_exp.inference.files import file_sha256
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,8 @@ def _load_hub(src: SourceConfig, source: str, split: str) -> Dataset:
             raise DataSourceError(f"dataset.sources.{source}: cannot load {src.path!r} split {split!r}: {e}") from e
         raise DataSourceError(
             f"dataset.sources.{source}: data set {src.path!r} (split {split!r}) is not in the local cache and "
-            f"the hub cannot be reached. Download it on a connected machine, or save it as JSONL/Parquet and set "
+            f"the hub cannot be reached ({why_offline()}). Download it on a connected machine, or save it as "
+            "JSONL/Parquet and set "
             f"dataset.sources.{source}.path=/path/to/dir (one file per split, e.g. {split}.jsonl)."
         ) from e
 
