@@ -1208,6 +1208,33 @@ def test_scored_shards_named_before_the_scorer_hash_are_not_scored_again(
     assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes()
 
 
+def test_max_train_samples_draws_from_every_source_of_a_mixture(monkeypatch):
+    """The cap kept the first prompts that fit: the prompts are a mixture's sources one after another, so a budget run
+    (dataset.max_train_samples) sampled the first source alone. They are drawn with dataset.shuffle_seed, as
+    training draws its capped test pairs, and kept in their order."""
+    import types
+
+    from simpo_exp.generate import run as gen
+    from simpo_exp.model import build_tiny_tokenizer
+
+    prompts = [
+        {"prompt_id": f"{src}{i}", "prompt": [{"role": "user", "content": "x"}]} for src in "ab" for i in range(50)
+    ]
+    monkeypatch.setattr(gen, "train_prompts", lambda dcfg: (prompts, {"rows": 100}))
+    monkeypatch.setattr(gen, "policy_positions", lambda cfg: None)
+
+    def kept(seed):
+        cfg = types.SimpleNamespace(
+            max_prompt_length=10, dataset=types.SimpleNamespace(max_train_samples=20, shuffle_seed=seed)
+        )
+        return [p["prompt_id"] for p in gen._tokenised_prompts(cfg, tokenizer=build_tiny_tokenizer())[0]]
+
+    first = kept(42)
+    assert len(first) == 20 and {i[0] for i in first} == {"a", "b"}
+    assert first == [p["prompt_id"] for p in prompts if p["prompt_id"] in first]  # in the sources' order
+    assert kept(42) == first and kept(7) != first  # the seed's draw: a resumed run samples the same prompts
+
+
 def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(monkeypatch, caplog):
     """The cap came before the length filter: max_train_samples=20 sampled 5 prompts when 15 were too long, and
     the report's counts did not add up to the source's rows (the cut was not listed). The prompts left out for their
@@ -1227,7 +1254,9 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     monkeypatch.setattr(gen, "train_prompts", lambda dcfg: (prompts, dict(counts)))
     monkeypatch.setattr(gen, "text_token_ids", lambda tok, texts: [[0] * len(t) for t in texts])  # a token a char
     monkeypatch.setattr(gen, "policy_positions", lambda cfg: None)
-    cfg = types.SimpleNamespace(max_prompt_length=10, dataset=types.SimpleNamespace(max_train_samples=3))
+    cfg = types.SimpleNamespace(
+        max_prompt_length=10, dataset=types.SimpleNamespace(max_train_samples=3, shuffle_seed=0)
+    )
     tokenizer = build_tiny_tokenizer()  # a template that renders the roles it knows alone (Qwen2.5's, Zephyr's)
     tokenizer.chat_template = (
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
@@ -1236,7 +1265,8 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     with caplog.at_level(logging.WARNING, logger="simpo_exp.generate.run"):
         kept, report = gen._tokenised_prompts(cfg, tokenizer=tokenizer)
     assert "2 of the 6 prompts are longer than max_prompt_length=10 tokens and are not sampled" in caplog.text
-    assert [p["prompt_id"] for p in kept] == ["0", "2", "4"]  # the first three that fit
+    ids = [p["prompt_id"] for p in kept]
+    assert len(ids) == 3 and set(ids) < {"0", "2", "4", "5"} and ids == sorted(ids)  # three of the four that fit
     assert report["prompt too long"] == 2 and report["over dataset.max_train_samples"] == 1
     assert report["chat template leaves out the prompt's 'human' turn"] == 1  # sampled, it had no question
     assert report["chat template error: System role not supported"] == 1  # as training drops it, not a traceback

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shlex
 from pathlib import Path
 
@@ -265,9 +266,11 @@ def _tokenised_prompts(cfg, tokenizer, split: str = "train") -> tuple[list[dict]
         )
     key = "max_train_samples" if split == "train" else "max_eval_samples"  # training's caps of the two splits
     cap = getattr(cfg.dataset, key)
-    if cap is not None and len(kept) > cap:  # the first ones that fit, so the cap is the number of prompts sampled
+    if cap is not None and len(kept) > cap:  # of those that fit, so the cap is the number of prompts sampled
         counts[f"over dataset.{key}"] = len(kept) - cap
-        kept = kept[:cap]
+        # drawn (kept in their order), as training draws its capped pairs: the prompts are the sources one after
+        # another, and the first ones would all come from a mixture's first source
+        kept = [kept[i] for i in sorted(random.Random(cfg.dataset.shuffle_seed).sample(range(len(kept)), cap))]
     return kept, counts
 
 
