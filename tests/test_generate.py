@@ -989,6 +989,7 @@ def test_a_reward_model_whose_own_code_imports_what_transformers_5_removed_score
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from simpo_exp.config import ConfigError
     from simpo_exp.inference.scoring import make_scorer, render_for_scoring
 
     own = own_code_reward_model(tiny_reward_model, tmp_path / "armo_shaped", "LLAMA_INPUTS_DOCSTRING")
@@ -1008,6 +1009,10 @@ def test_a_reward_model_whose_own_code_imports_what_transformers_5_removed_score
         with torch.no_grad():
             expected.append(stock(input_ids=torch.tensor([ids["input_ids"]])).logits[0, 0].item())
     assert got == pytest.approx(expected, abs=1e-5)
+    picked = make_scorer(compose_generate(*overrides, "scorer.label_index=3"))  # not read for a score of its own
+    with pytest.raises(ConfigError, match=r"scorer.label_index=3: .* returns a score of its own"):
+        picked.score(prompts, responses)
+    picked.close()
 
 
 def test_a_reward_model_whose_own_code_does_not_load_is_named_before_sampling(tiny_reward_model, tmp_path):

@@ -297,6 +297,12 @@ class RewardModelScorer:
 
     def _rewards(self, output, n: int) -> list[float]:
         score = getattr(output, "score", None)
+        if score is not None and self.s.label_index is not None:  # was not read: every score the model's own
+            raise ConfigError(
+                f"invalid config value scorer.label_index={self.s.label_index}: {self.s.path!r} returns a score of "
+                "its own (ArmoRM's gated sum of its objectives), which is the reward; label_index picks one of a "
+                "model's logits and is not read here. Remove it (the sampled responses are kept: re-run to score them)"
+            )
         if score is not None:
             return score.float().reshape(n, -1)[:, 0].tolist()
         logits = output.logits.float().reshape(n, -1)
