@@ -1752,3 +1752,22 @@ def test_every_hardware_setting_sampling_reads_and_the_stage_keys_it_reads_are_a
     for override in ("logger.entity=me", "~beta", "+beta=5"):
         with pytest.raises(ConfigError):
             check_overrides([override])
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/data/plain/train.jsonl", "/data/my runs/G1/data", "/s/0_beta=2,seed=1/data", "/data/it's/x", "/data/[1,2]/x"]
+    + ["/data/café/x", '/data/say "hi"/x', "/data/a!b#c;d/x", "/data/$HOME/x"],
+)
+def test_the_printed_train_command_gives_hydra_each_path_as_it_is(value):
+    """The printed "train on it" command quoted a path for Hydra only where it held '=' or ',': a folder with a space
+    (split by the shell) or a quote, '!' or a letter past ASCII (Hydra's grammar) gave a command that failed pasted."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from simpo_exp.generate.run import override
+
+    (word,) = shlex.split(override("dataset.sources.local.path", value))  # one word in the shell
+    parsed = OverridesParser.create().parse_override(word)
+    assert parsed.key_or_group == "dataset.sources.local.path" and parsed.value() == value

@@ -625,7 +625,18 @@ def _key(override: str) -> str:
     return override.lstrip("+~").partition("=")[0]
 
 
+HYDRA_UNQUOTED = (
+    "/-\\+.$%*@?|:_ "  # what Hydra's override grammar reads in an unquoted value, besides ASCII letters and digits
+)
+
+
 def override(key: str, value: str) -> str:
-    """``key=value`` for a shell command line; a value with '=' or ',' (a sweep job's directory), which Hydra's
-    override grammar reads as syntax, quoted whole."""
-    return f"\"{key}='{value}'\"" if any(c in value for c in "=,") else f"{key}={value}"
+    """``key=value`` as one word of a shell command line that Hydra reads back as ``value``: quoted for Hydra where
+    the value holds what its grammar reads as syntax ('=' or ',' of a sweep job's directory, brackets, quotes, '!',
+    a letter past ASCII), then for the shell where it holds a space or the shell's own."""
+    if not all(c.isascii() and (c.isalnum() or c in HYDRA_UNQUOTED) for c in value) or value != value.strip():
+        value = "'" + value.replace("'", "\\'") + "'"
+    word = f"{key}={value}"
+    if shlex.quote(word) == word:
+        return word
+    return f'"{word}"' if not any(c in word for c in '"$`\\!') else shlex.quote(word)
