@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import shlex
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from simpo_exp.rundir import (
     read_jsonl,
     read_yaml,
     records_dir,
+    shell_override,
     step_of,
     stopped_words,
     sweep_request,
@@ -189,7 +189,7 @@ def rerun_its_command(hydra_cfg: dict, folder: Path) -> str:
     if key is None:
         return "re-run its command"
     where = (folder.parent if sweep else folder).resolve()  # a sweep's job folders are its folder's children
-    return f"re-run its command with {key}={shlex.quote(str(where))}"
+    return f"re-run its command with {shell_override(key, str(where))}"
 
 
 def load_run(path: str | Path) -> Run:

@@ -82,7 +82,24 @@ def rerun_command(hydra=None) -> str:
     # a relative folder is the command's working directory's (the job's own, under hydra.job.chdir=true, is not)
     cwd = getattr(getattr(hydra, "runtime", None), "cwd", None) or os.getcwd()
     folder = os.path.join(str(cwd), str(hydra.sweep.dir if sweep else hydra.run.dir))
-    return f"{same} with {key}={shlex.quote(os.path.normpath(folder))}"
+    return f"{same} with {shell_override(key, os.path.normpath(folder))}"
+
+
+HYDRA_UNQUOTED = (
+    "/-\\+.$%*@?|:_ "  # what Hydra's override grammar reads in an unquoted value, besides ASCII letters and digits
+)
+
+
+def shell_override(key: str, value: str) -> str:
+    """``key=value`` as one word of a shell command line that Hydra reads back as ``value``: quoted for Hydra where
+    the value holds what its grammar reads as syntax ('=' or ',' of a sweep job's directory, brackets, quotes, '!',
+    a letter past ASCII), then for the shell where it holds a space or the shell's own."""
+    if not all(c.isascii() and (c.isalnum() or c in HYDRA_UNQUOTED) for c in value) or value != value.strip():
+        value = "'" + value.replace("'", "\\'") + "'"
+    word = f"{key}={value}"
+    if shlex.quote(word) == word:
+        return word
+    return f'"{word}"' if not any(c in word for c in '"$`\\!') else shlex.quote(word)
 
 
 REFUSED_FILE = "refused.json"  # a sweep job refused as another run's directory (the run itself left as it was)

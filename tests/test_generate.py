@@ -1766,8 +1766,8 @@ def test_the_printed_train_command_gives_hydra_each_path_as_it_is(value):
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from simpo_exp.generate.run import override
+    from simpo_exp.rundir import shell_override
 
-    (word,) = shlex.split(override("dataset.sources.local.path", value))  # one word in the shell
+    (word,) = shlex.split(shell_override("dataset.sources.local.path", value))  # one word in the shell
     parsed = OverridesParser.create().parse_override(word)
     assert parsed.key_or_group == "dataset.sources.local.path" and parsed.value() == value

@@ -52,7 +52,7 @@ from simpo_exp.inference.sampling import (
     sampling_dtype,
     text_token_ids,
 )
-from simpo_exp.rundir import rerun_command
+from simpo_exp.rundir import rerun_command, shell_override
 
 log = logging.getLogger(__name__)
 
@@ -609,8 +609,8 @@ def train_command(cfg, data: str) -> str:
         words += [f"'hydra.searchpath=[{','.join(searched)}]'"] if searched else []  # a list: quoted for the shell
         model = runtime.choices.get("model")
         words += [f"model={model}"] if model and model != DEFAULT_MODEL else []
-    words += ["dataset=local", override("dataset.sources.local.path", data)]
-    words += [override("model.path", cfg.model.path)] if cfg.model.path else []
+    words += ["dataset=local", shell_override("dataset.sources.local.path", data)]
+    words += [shell_override("model.path", cfg.model.path)] if cfg.model.path else []
     # model.path as this command resolved it (above), or as given where it was cleared (a preset's path unused)
     carried = [o for o in given if _key(o).startswith("model.") and (_key(o) != "model.path" or not cfg.model.path)]
     words += map(shlex.quote, carried)
@@ -623,20 +623,3 @@ def train_command(cfg, data: str) -> str:
 def _key(override: str) -> str:
     """The key of a command-line override (``+model.x=1``, ``~model.x``: ``model.x``)."""
     return override.lstrip("+~").partition("=")[0]
-
-
-HYDRA_UNQUOTED = (
-    "/-\\+.$%*@?|:_ "  # what Hydra's override grammar reads in an unquoted value, besides ASCII letters and digits
-)
-
-
-def override(key: str, value: str) -> str:
-    """``key=value`` as one word of a shell command line that Hydra reads back as ``value``: quoted for Hydra where
-    the value holds what its grammar reads as syntax ('=' or ',' of a sweep job's directory, brackets, quotes, '!',
-    a letter past ASCII), then for the shell where it holds a space or the shell's own."""
-    if not all(c.isascii() and (c.isalnum() or c in HYDRA_UNQUOTED) for c in value) or value != value.strip():
-        value = "'" + value.replace("'", "\\'") + "'"
-    word = f"{key}={value}"
-    if shlex.quote(word) == word:
-        return word
-    return f'"{word}"' if not any(c in word for c in '"$`\\!') else shlex.quote(word)
