@@ -117,10 +117,32 @@ def launcher_under_torchrun(argv: list[str]) -> str | None:
     return None
 
 
+MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # as accelerate reads them
+
+
+def mpi_ranks_alone(argv: list[str]) -> str | None:
+    """The message for a process started as one of several by mpirun (or srun without torchrun or submitit), which
+    set MPI's ranks but not torch's (RANK, WORLD_SIZE): each took itself for the main one and for a one-process run
+    (each wrote the run's records, and the accumulation was one process's: the global batch N times the one asked
+    for) until accelerate read MPI's ranks as the engine started. Else None."""
+    if "RANK" in os.environ:
+        return None
+    sizes = {name: os.environ[name] for name in MPI_WORLD_SIZES if os.environ.get(name, "").isdigit()}
+    if not any(int(size) > 1 for size in sizes.values()):
+        return None
+    given = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    return (
+        f"this process is one of several an MPI launcher started ({given}) without torch's ranks (RANK, WORLD_SIZE): "
+        "start the processes with torchrun or accelerate launch (launchers/), a sweep on SLURM with +launcher=slurm, "
+        "or run one process"
+    )
+
+
 def refuse_command_line(argv: list[str], stage: str) -> None:
     """Exit 2 with a message for a command line Hydra would refuse with a traceback or run as it was not meant
     (each stage's entry point, before Hydra reads it); ``stage``: its primary config's name."""
-    checks = (missing_plugin, mixed_modes, sweep_without_multirun, launcher_under_torchrun, key_given_twice)
+    checks = (mpi_ranks_alone, missing_plugin, mixed_modes, sweep_without_multirun, launcher_under_torchrun)
+    checks += (key_given_twice,)
     if message := next((m for m in (check(argv) for check in checks) if m), None):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)

@@ -433,6 +433,25 @@ def test_a_launcher_under_torchrun_is_refused(monkeypatch):
     assert launcher_under_torchrun(["--multirun", "beta=2,3"]) is None  # a sweep on the processes themselves
 
 
+def test_processes_an_mpi_launcher_started_without_torchs_ranks_are_refused(monkeypatch, capsys):
+    """``mpirun -n 4 python -m simpo_exp``: MPI's ranks alone, so every process took itself for the main one and a
+    one-process run (the accumulation for a global batch of 128 was one process's: 512 pairs a step on 4)."""
+    from simpo_exp.command_line import refuse_command_line
+
+    monkeypatch.delenv("RANK", raising=False)
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+    refuse_command_line(["beta=2"], "config")  # one process: nothing to say
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(SystemExit) as stopped:
+        refuse_command_line(["beta=2"], "config")
+    assert stopped.value.code == 2
+    assert "one of several an MPI launcher started (OMPI_COMM_WORLD_SIZE=4)" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")  # torch's ranks given beside MPI's (torchrun under srun): as torchrun says
+    refuse_command_line(["beta=2"], "config")
+
+
 def test_an_accelerate_configs_deepspeed_json_is_found_from_any_directory(tmp_path, monkeypatch):
     """launchers/zero3.yaml names launchers/ds_zero3.json, which accelerate launch passes on as written: launched
     from a scratch directory, accelerate refused it ("Expected a string path to an existing deepspeed config")."""
