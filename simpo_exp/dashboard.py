@@ -22,8 +22,8 @@ no such directory exists, a W&B group name. The view (``wandb_workspaces.workspa
   win rates as table columns (the table sorted by the first), each followed by its standard error or
   interval where the benchmark gives one, and as parallel-coordinates axes.
 
-With ``WANDB_API_KEY`` set (and ``WANDB_MODE`` not offline/disabled) the view is saved to W&B and
-its URL printed. Either way its full spec (the ``model_dump`` of the view exactly as W&B stores it)
+With a W&B key (``WANDB_API_KEY``, or ``wandb login``'s) and ``WANDB_MODE`` not offline/disabled, the view is
+saved to W&B and its URL printed. Either way its full spec (the ``model_dump`` of the view exactly as W&B stores it)
 is written as JSON, by default to ``<sweep dir>/wandb_workspace.json``; without a key that is all
 that happens, and the command that pushes it later is printed. Nothing here needs a network unless
 a key is set, and a failed push exits 1 (the spec file is kept), never a lost spec.
@@ -58,6 +58,7 @@ from simpo_exp.tracking import (
     batch_metrics,
     config_leaves,
     differing_keys,
+    wandb_key_given,
 )
 
 # The headline number (the Hydra task's return value) and the W&B summary key that holds it.
@@ -444,9 +445,9 @@ def _filter_leaves(node):
 
 # ----------------------------------------------------------------------------- the command
 def _online() -> bool:
-    """Save to W&B only with a key and when W&B is not told to stay offline."""
+    """Save to W&B only with a key (``wandb_key_given``) and when W&B is not told to stay offline."""
     mode = os.environ.get("WANDB_MODE", "").lower()
-    return bool(os.environ.get("WANDB_API_KEY")) and mode not in ("offline", "disabled", "dryrun")
+    return wandb_key_given() and mode not in ("offline", "disabled", "dryrun")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -538,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     push_cmd = "WANDB_API_KEY=... " + shlex.join(push)
     if not _online():
         print(
-            "not saved to W&B (no WANDB_API_KEY, or WANDB_MODE is offline); once the runs are on W&B "
-            f"(`wandb sync` for offline runs), save it with:\n  {push_cmd}"
+            "not saved to W&B (no WANDB_API_KEY nor `wandb login` key, or WANDB_MODE is offline); once the runs are "
+            f"on W&B (`wandb sync` for offline runs), save it with:\n  {push_cmd}"
         )
         return 0
     try:

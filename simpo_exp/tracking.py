@@ -138,6 +138,26 @@ def eval_keys(methods=("simpo",)) -> list[str]:
     return [f"eval/{m}" for m in batch_metrics(methods) + EVAL_ONLY_METRICS]
 
 
+def wandb_key_given() -> bool:
+    """Whether W&B has an API key to go online with: ``WANDB_API_KEY``, or the one ``wandb login`` stored in the
+    netrc file (``NETRC``, else ``~/.netrc`` or ``~/_netrc``) for the W&B host (``WANDB_BASE_URL``). The key alone
+    counted: a user who had run ``wandb login`` logged every run offline."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    if not os.environ.get("NETRC") and not path.exists():
+        path = Path("~/_netrc").expanduser()
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    try:
+        found = netrc.netrc(str(path)).authenticators(host) if host else None
+    except (OSError, netrc.NetrcParseError):  # no file, or one W&B would not read either
+        return False
+    return bool(found and found[2])
+
+
 def scrub(obj):
     """Drop any key that names a credential (``token``, ``hf_token``, ``wandb_api_key``, ...) from nested data."""
     if isinstance(obj, dict):
@@ -227,7 +247,7 @@ class Tracker:
         mode = lc.mode
         if mode == "auto":
             # WANDB_MODE, when set, is the user's word; otherwise online only with an API key.
-            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            mode = os.environ.get("WANDB_MODE") or ("online" if wandb_key_given() else "offline")
         # A resumed run continues the W&B run its first start recorded, so its history stays one run.
         previous = read_json(self.run_dir / WANDB_RECORD)  # {} when there is none or it is unreadable
         resume = {"id": previous["id"], "resume": "allow"} if isinstance(previous, dict) and previous.get("id") else {}

@@ -10,6 +10,7 @@ CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)
+os.environ["NETRC"] = str(ROOT / "tests" / "no-netrc")  # nor a key `wandb login` stored on this machine
 
 # Under pytest-xdist (-n 2) each worker, and every run it starts, gets one thread: two workers then
 # share the two cores instead of four threads fighting over them.

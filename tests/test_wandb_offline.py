@@ -560,3 +560,24 @@ def test_a_written_record_keeps_its_counts_named_token_and_drops_the_credentials
     tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
     written = json.loads(tracker.write_json("data_report.json", report).read_text())
     assert written == {"tokenization": report["tokenization"], "judge": {}}
+
+
+def test_a_key_wandb_login_stored_counts_as_a_key(tmp_path, monkeypatch):
+    """``logger.mode=auto`` went online only with WANDB_API_KEY: after ``wandb login`` (the key in ~/.netrc) every
+    run logged offline, the dashboard was never saved and an online run's evaluation went offline."""
+    from simpo_exp.evaluate.wandb_log import wandb_mode
+    from simpo_exp.tracking import wandb_key_given
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert not wandb_key_given() and not dashboard._online() and wandb_mode("online") == "offline"  # no file
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {SECRET_KEY}\n")
+    netrc.chmod(0o600)
+    assert wandb_key_given() and dashboard._online() and wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # a server of its own: no key for it there
+    assert not wandb_key_given()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_key_given()

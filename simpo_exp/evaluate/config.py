@@ -122,7 +122,7 @@ class EvaluateSection:
     hub_repo: str = ""
     hub_token_env: str = "HF_TOKEN"
     # auto: add the results to the W&B run the training logged to (its id from <run>/wandb_run.json), in
-    # its mode (WANDB_MODE wins; online needs WANDB_API_KEY); off: results files only
+    # its mode (WANDB_MODE wins; online needs a W&B key); off: results files only
     wandb: str = "auto"
 
 

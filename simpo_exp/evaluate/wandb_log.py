@@ -6,7 +6,7 @@ resume="allow")``; every benchmark's numbers go into its summary as ``bench/<ben
 names compare and the dashboard use), and a few judged rows of each benchmark evaluated now (its answers
 alone where it was not judged) as a ``wandb.Table`` (``bench/<benchmark>/samples``). The mode:
 ``WANDB_MODE`` when set (the user's word); else the run's own, except that an online run without
-``WANDB_API_KEY`` now goes offline. An offline
+a W&B key (``tracking.wandb_key_given``) now goes offline. An offline
 evaluation leaves a second ``offline-run-*-<id>`` folder under ``<run>/wandb/``; ``wandb sync`` uploads
 the folders of one id to that one run, oldest first. Runs with W&B off are left alone. As in
 ``Tracker``, a W&B failure is a warning: the results files are already written and stay the record.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from simpo_exp.inference.results import EVAL_DIR, PREFIX, load_results, read_results
 from simpo_exp.rundir import read_json, read_jsonl
-from simpo_exp.tracking import WANDB_RECORD, open_wandb
+from simpo_exp.tracking import WANDB_RECORD, open_wandb, wandb_key_given
 
 log = logging.getLogger(__name__)
 SAMPLE_ROWS = 8  # judged rows per benchmark in the table
@@ -37,7 +37,7 @@ def wandb_mode(recorded: str) -> str:
     """The mode to reopen a run in: WANDB_MODE if set, else the run's, online only with a key."""
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    if recorded == "online" and not os.environ.get("WANDB_API_KEY"):
+    if recorded == "online" and not wandb_key_given():
         return "offline"
     return recorded
 
