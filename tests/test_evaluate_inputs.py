@@ -101,6 +101,19 @@ def test_a_question_of_another_shape_names_file_row_and_schema(tmp_path):
         arena_prompts(path, "", KEY, None)
 
 
+def test_alpacaeval_rows_written_as_json_lines_under_a_json_name_are_read(tmp_path):
+    """datasets' ``to_json`` writes JSON lines, under whatever name it is given: a prompts file saved that way as
+    ``alpaca_eval.json`` was "not valid JSON (Extra data ...)". A broken JSON list is still named as one."""
+    rows = [{"instruction": f"Say {i}", "output": "x" * i, "generator": "gpt4_turbo"} for i in range(1, 4)]
+    path = tmp_path / "alpaca_eval.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, _ = alpaca_prompts(str(path), "benchmarks.alpacaeval2.prompts_path", None)
+    assert [p["instruction"] for p in prompts] == ["Say 1", "Say 2", "Say 3"]
+    path.write_text(json.dumps(rows) + "]")
+    with pytest.raises(UserError, match=r"alpaca_eval.json'. not valid JSON \(Extra data"):
+        alpaca_prompts(str(path), "benchmarks.alpacaeval2.prompts_path", None)
+
+
 @pytest.mark.parametrize(
     "row, says",
     [

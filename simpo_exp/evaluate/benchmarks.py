@@ -15,6 +15,7 @@ there is none).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -36,20 +37,27 @@ def _read_json_file(path: str, key: str):
             f"{key}={path!r}: no such file. The evaluate stage downloads nothing: save the "
             "benchmark's data on this machine and give its path"
         )
-    if p.suffix == ".jsonl":  # each line parsed alone: the decoder's own position is always "line 1"
-        rows = []
-        for n, line in enumerate(jsonl_lines(p.read_text()), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise DataSourceError(f"{key}={path!r}: line {n} is not valid JSON ({e})") from e
-        return rows
+    if p.suffix == ".jsonl":
+        return _json_lines(p, path, key)
     try:
         return json.loads(p.read_text())
     except ValueError as e:
+        if isinstance(e, json.JSONDecodeError) and e.msg == "Extra data":  # JSON lines under a .json name, as
+            with contextlib.suppress(DataSourceError):  # datasets' to_json writes them by default
+                return _json_lines(p, path, key)
         raise DataSourceError(f"{key}={path!r}: not valid JSON ({e})") from e
+
+
+def _json_lines(p: Path, path: str, key: str) -> list:
+    rows = []  # each line parsed alone: the decoder's own position is always "line 1"
+    for n, line in enumerate(jsonl_lines(p.read_text()), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise DataSourceError(f"{key}={path!r}: line {n} is not valid JSON ({e})") from e
+    return rows
 
 
 def rule_prompts(run_cfg, limit: int | None, run_dir: str | Path | None = None) -> list[dict]:
