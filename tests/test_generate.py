@@ -7,6 +7,7 @@ sequence-classification model saved to a temporary directory for the reward-mode
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -888,9 +889,12 @@ def test_another_scorer_scores_the_stored_responses_again_without_sampling(
         *RM_RUN, f"scorer.path={tiny_reward_model}", "scorer.max_length=24", f"hydra.run.dir={out}", cwd=tmp_path
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "3 shards, 0 to sample, 3 to score" in (out / "__main__.log").read_text()
+    log = (out / "__main__.log").read_text()
+    assert "3 shards, 0 to sample, 3 to score" in log
     report = json.loads((out / "report.json").read_text())
     assert report["responses_cut_for_the_scorer"] > 0  # prompt and response past 24 tokens: scored on their start
+    warned = re.search(r"with generate.max_new_tokens=\d+ is past scorer.max_length=24: responses that long", log)
+    assert warned and log.index(warned[0]) < log.index("0 to sample")  # said before the work, not only after it
     assert len(list((out / "shards").glob("scored-00000-*.jsonl"))) == 2  # each scorer's scores, apart
 
 

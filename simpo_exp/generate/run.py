@@ -440,6 +440,14 @@ def generate_data(cfg) -> dict:
     elif any(_unscored(shard_dir_of(out, split), range(rank, len(sh), world), tag) for split, sh in shards.items()):
         check_reward_model(cfg.scorer)  # from its config alone: a wrong scorer.path fails before anything is written
         check_reward_template(load_reward_tokenizer(cfg.scorer), cfg.scorer, every)
+        longest = max(len(p["input_ids"]) for ps in prompts.values() for p in ps)
+        if longest + cfg.generate.max_new_tokens > cfg.scorer.max_length:  # said before the sampling, not after it
+            log.warning(
+                "the longest prompt (%d tokens) with generate.max_new_tokens=%d is past scorer.max_length=%d: "
+                "responses that long are scored on their start; raise scorer.max_length (up to the reward model's "
+                "positions; scorer=armorm reads 8192) to score them whole",
+                longest, cfg.generate.max_new_tokens, cfg.scorer.max_length,
+            )  # fmt: skip
     for split in shards:
         adopt_older_scores(shard_dir_of(out, split), cfg)
         manifest = _manifest(cfg, fingerprint, prompts[split])
