@@ -1775,3 +1775,26 @@ def test_the_printed_train_command_gives_hydra_each_path_as_it_is(value):
     (word,) = shlex.split(shell_override("dataset.sources.local.path", value))  # one word in the shell
     parsed = OverridesParser.create().parse_override(word)
     assert parsed.key_or_group == "dataset.sources.local.path" and parsed.value() == value
+
+
+def test_the_hf_sampler_on_a_gpu_without_flash_attn_takes_sdpa_as_training_does(monkeypatch):
+    """hardware.attn_implementation=flash_attention_2 (the GPU presets') on a GPU without flash-attn: training falls
+    back to sdpa with a warning; the hf sampler passed flash_attention_2 on, and transformers refused the model."""
+    import torch
+
+    import simpo_exp.model
+    from simpo_exp.inference import sampling
+
+    asked = []
+
+    def load_model(cfg, tokenizer, attn):
+        asked.append(attn)
+        raise RuntimeError("stop before the weights go to the (pretended) GPU")
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    monkeypatch.setattr(sampling, "pick_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(simpo_exp.model, "load_model", load_model)
+    cfg = compose_generate("hardware.attn_implementation=flash_attention_2")
+    with pytest.raises(RuntimeError, match="stop before"):
+        sampling.HFSampler(cfg, None)
+    assert asked == ["sdpa"]

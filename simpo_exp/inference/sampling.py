@@ -155,11 +155,11 @@ class HFSampler:
     """transformers' generate over left-padded batches of prompts."""
 
     def __init__(self, cfg, tokenizer, decoding=None):
-        from simpo_exp.model import load_model
+        from simpo_exp.model import load_model, pick_attention
 
         self.cfg, self.g, self.tokenizer = cfg, decoding or cfg.generate, tokenizer
         self.device = pick_device(cfg.hardware.device)
-        attn = cfg.model.attn_implementation or cfg.hardware.attn_implementation
+        attn = pick_attention(cfg)  # as training picks it: flash-attn where installed, else sdpa (said)
         if attn == "flash_attention_2" and self.device.type != "cuda":
             attn = "sdpa"
         model = load_model(cfg, tokenizer, attn)
