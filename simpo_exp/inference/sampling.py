@@ -10,7 +10,8 @@ stop at the tokenizer's EOS and the template's end-of-turn token, and return per
 
 Seeding: the hf backend seeds torch once per (seed, shard) before that shard's pass, so a shard's
 responses depend only on the config and the shard's prompts (a resumed run redoes a shard exactly);
-vLLM takes a seed per request, derived from (seed, prompt id).
+vLLM takes a seed per request, derived from the shard's seed (itself from the seed and the shard's index) and the
+prompt id.
 """
 
 from __future__ import annotations
