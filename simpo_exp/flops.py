@@ -57,7 +57,7 @@ class FlopSpec:
     body_params: float  # parameters of the weight matrices and norms that every token goes through (a mixture of
     body_trainable: float  # experts' routed experts at the share of them a token runs)
     head_params: int  # the output projection
-    head_trainable: bool
+    head_trainable: float  # the share of the head's parameters that train (1 or 0; LoRA on lm_head: its adapters')
     layers: int
     attention_width: int  # heads x head_dim (the width of the QK^T and AV products)
 
@@ -101,28 +101,36 @@ def routed_expert(name: str) -> bool:
 
 def flop_spec(model: torch.nn.Module) -> FlopSpec:
     """FlopSpec of a (possibly peft-wrapped) causal LM, from its parameters and config. A mixture of experts'
-    routed experts count at the share of them a token runs (``expert_share``)."""
-    config = model.config
+    routed experts count at the share of them a token runs (``expert_share``). A multimodal model (Gemma-3 4B-27B)
+    counts its language part alone, which a text pair runs: its config's ``text_config``, its decoder's parameters
+    (the vision tower and projector left out)."""
+    from simpo_exp.layout import text_config
+    from simpo_exp.logps import decoder_of
+
+    config = text_config(model.config)
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     embed_ids = {id(p) for p in embed.parameters()} if embed is not None else set()
     share = expert_share(config)
     body = body_trainable = 0
-    for name, p in model.named_parameters():
+    runs = decoder_of(model) if config is not model.config else model
+    for name, p in runs.named_parameters():
         if id(p) in head_ids or id(p) in embed_ids:
             continue
         n = full_numel(p) * (share if routed_expert(name) else 1.0)
         body += n
         body_trainable += n if p.requires_grad else 0
     head_params = sum(full_numel(p) for p in head.parameters()) if head is not None else 0
+    # LoRA on lm_head: the frozen weight takes no weight gradient, only its adapters do
+    head_trainable = sum(full_numel(p) for p in head.parameters() if p.requires_grad) if head is not None else 0
     heads = getattr(config, "num_attention_heads", 0)
     head_dim = getattr(config, "head_dim", None) or (config.hidden_size // max(heads, 1))
     return FlopSpec(
         body_params=body,
         body_trainable=body_trainable,
         head_params=head_params,
-        head_trainable=any(p.requires_grad for p in head.parameters()) if head is not None else False,
+        head_trainable=head_trainable / max(head_params, 1),
         layers=getattr(config, "num_hidden_layers", 0),
         attention_width=heads * head_dim,
     )

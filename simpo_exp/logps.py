@@ -682,7 +682,7 @@ class ResponseLogps(nn.Module):
             use_cache=False,
             simpo_segments=plan,
         ).last_hidden_state
-        layers = getattr(self.model.config, "num_hidden_layers", 1)
+        layers = getattr(text_config(self.model.config), "num_hidden_layers", 1)
         if plan.calls < layers:
             raise SegmentPlanUnused(
                 f"only {plan.calls} of {layers} attention layers used the segment plan: this model does "

@@ -104,6 +104,40 @@ def test_formula_matches_torch_flop_counter(lora):
     assert counted == pytest.approx(expected, rel=0.01)
 
 
+def test_lora_on_the_output_head_counts_its_frozen_weight_without_a_weight_gradient():
+    """With lm_head among LoRA's targets the head was counted as trainable whole (6P a response token, the frozen
+    V x H weight included); its weight gradient is its adapters' alone. torch's FLOP counter agrees."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_llama(tie=False), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    model.enable_input_require_grads()
+    spec = flop_spec(model)
+    assert 0 < spec.head_trainable < 0.1  # the adapters' share: 4 x (64 + 300) of 300 x 64 + that
+    counted, expected = counted_and_expected(model)
+    assert counted == pytest.approx(expected, rel=0.01)
+
+
+def test_a_multimodal_models_language_part_is_counted():
+    """Gemma-3 4B-27B load as a multimodal model whose sizes are in ``text_config``: the FLOP count (taken at every
+    run's set-up) stopped the run with an AttributeError on the top-level config's hidden_size, and its vision tower
+    and projector, which a text pair never runs, would have counted as work."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+
+    text = Gemma3TextConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8,
+    )  # fmt: skip
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    spec = flop_spec(model)
+    assert (spec.layers, spec.attention_width) == (2, 16)
+    language = model.model.language_model
+    assert spec.body_params == sum(p.numel() for p in language.parameters()) - language.embed_tokens.weight.numel()
+
+
 def test_tied_head_is_not_counted_twice():
     spec = flop_spec(_tiny_llama(tie=True))
     model = _tiny_llama(tie=True)
