@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def pairs_for(tokens: int, seed: int = 0) -> list[tuple[int, int, int]]:
@@ -92,9 +94,14 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(*json.loads(args.worker))))
         return
     import torch
+    from bench_trl import cpu_name, git_commit
 
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
-          f"torch {torch.__version__}, device {args.device}")  # fmt: skip
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    machine = (
+        f"{cpu_name()}, {os.cpu_count()} cores visible; GPU {gpu}; python {platform.python_version()}, "
+        f"torch {torch.__version__}; device {args.device}"
+    )
+    print(f"machine: {machine}")
     print(f"{'tokens':>7} {'builder':<18} {'ms':>9} {'extra MiB':>9} {'partial/full tiles':>19}")
     rows = []
     for tokens in map(int, args.tokens.split(",")):
@@ -113,7 +120,15 @@ def main() -> None:
         if len(got) == 2 and args.packing == "packed" and got["ours"]["tiles"] != got["create_block_mask"]["tiles"]:
             print("  tiles differ for the packed layout")
     if args.json:
-        record = {"device": args.device, "torch": torch.__version__, "rows": rows}
+        record = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+            "commit": git_commit(),
+            "machine": machine,
+            "device": args.device,
+            "torch": torch.__version__,
+            "rows": rows,
+        }
         Path(args.json).write_text(json.dumps(record, indent=1))
 
 

@@ -25,6 +25,13 @@ PARTS=${PARTS:-$DEFAULT_PARTS}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 mkdir -p "$OUT"
+KNOWN_PARTS="tests b16 big profile layers b4 compile4 ckpt blockmask"
+for part in $PARTS; do  # a misspelt part ran nothing, after the machine's start and the kit's install, and said "done"
+    if [[ " $KNOWN_PARTS " != *" $part "* ]]; then
+        echo "PARTS=\"$PARTS\": no part $part (the parts: $KNOWN_PARTS)" | tee "$OUT/summary.md"
+        exit 1
+    fi
+done
 started=$(date +%s)
 log() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$WORK/summary.md"; }
 publish() {  # three files, whatever the parts: the device tool brings back at most 8
@@ -94,7 +101,10 @@ if want tests; then
     # still compiling at 190 s on 2026-11-30 (compiled loss and gradients are tested on the CPU, tests/test_compile.py,
     # and the compiled layers timed in b16).
     extra=(); python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout=80)
-    python3 -c "import xdist" 2>/dev/null && extra+=(-n 6 --dist loadgroup)
+    # --no-loadscope-reorder: xdist hands the units out in the order given, one to each worker first (reordered by
+    # size, the two-test group went first and a worker took two training runs in a row); tests/conftest.py keeps
+    # test_gpu.py's tests first and in this order.
+    python3 -c "import xdist" 2>/dev/null && extra+=(-n 6 --dist loadgroup --no-loadscope-reorder)
     g=tests/test_gpu.py
     TORCHINDUCTOR_COMPILE_THREADS=4 timeout -k 10 110 python3 -m pytest -v -p no:cacheprovider -o addopts="" "${extra[@]}" \
         $g::test_gpu_preset_runs_in_bf16_and_reports_mfu_and_memory $g::test_gpu_preset_resumes_with_its_measured_layout \
@@ -107,7 +117,9 @@ if want tests; then
         $g::test_flash_varlen_matches_the_plain_layout_on_cuda $g::test_generate_stage_with_vllm > "$WORK/tests.log" 2>&1
     code=$?
     count() { grep -cE " $1( |$)" "$WORK/tests.log"; }  # -v lines end in PASSED/FAILED/SKIPPED/ERROR
-    log "tests: exit $code -- $(count PASSED) passed, $(count FAILED) failed, $(count ERROR) errors, $(count SKIPPED) skipped"
+    # how many were collected ("6 workers [25 items]", or "collected 25 items"): a test cut off reports nothing
+    total=$(grep -oE "(workers \[|collected )[0-9]+ items?" "$WORK/tests.log" | grep -oE "[0-9]+" | head -1)
+    log "tests: exit $code -- $(count PASSED) passed, $(count FAILED) failed, $(count ERROR) errors, $(count SKIPPED) skipped, of ${total:-?} collected"
     sleep 5  # a training child cut off with the part finishes its step and checkpoint before b16 starts
     publish
 fi

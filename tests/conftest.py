@@ -55,6 +55,7 @@ def options(group: str) -> list[str]:
 # ~90 s, generate ~75 s, compile ~65 s, run ~60 s, sweeps and faults ~58 s, baselines and bad_input ~48 s,
 # bench, wandb_offline, evaluate and compare ~35 s), so the short ones fill the gaps at the end.
 SLOW_FIRST = (
+    "test_gpu.py",  # on a GPU its whole training runs first, in the order given (benchmarks/gpu_check.sh); else skipped
     "test_sharded.py",
     "test_reliability.py",
     "test_generate.py",
