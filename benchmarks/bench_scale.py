@@ -186,7 +186,8 @@ def main() -> int:
             continue
         row = {"run": run} | summarise(run_dir, preset["warmup"])
         results.append(row)
-        print(f"  {row['step_time_s']:.3f} s/step, {row['tokens_per_s']:.0f} computed tokens/s", flush=True)
+        speed = f"{fmt(row['step_time_s'], '.3f')} s/step, {fmt(row['tokens_per_s'], '.0f')} computed tokens/s"
+        print(f"  {speed}", flush=True)
 
     print(
         f"\npreset {args.preset}: model={preset['model']}, {preset['batch']} pairs per step, "
