@@ -336,7 +336,10 @@ def start_or_resume(
             if state.grad_scaler and accelerator.scaler is not None:  # (an engine's checkpoint holds it as well)
                 accelerator.scaler.load_state_dict(state.grad_scaler)
             if accelerator.is_main_process:
-                (run_dir / "summary.json").unlink(missing_ok=True)  # an earlier finish's, stale once it trains again
+                # an earlier finish's records, stale once it trains again (a finished run re-run to write its model):
+                # finished.json left here made a model/ cut short in this run's save count as trained
+                for stale in (run_dir / "summary.json", run_dir / finished.FINISHED):
+                    stale.unlink(missing_ok=True)
                 for records_file in records:
                     checkpoint.trim_metrics(records_file, state.step, state.eval_owed)
             log.info("resumed from %s (step %d)", path, state.step)

@@ -816,6 +816,33 @@ def test_a_train_split_under_one_batch_per_process_is_refused_by_name():
         check_batches_per_process(0, 8, 2)
 
 
+def test_a_finished_run_trained_again_is_not_taken_as_finished_until_it_is(compose, tmp_path, monkeypatch):
+    """A finished run re-run to write its model (save_model=true after false, or model/ deleted) resumes and trains
+    its last steps again; its earlier finished.json stayed, so a model/ cut short by a kill in the save was taken for
+    the run's trained model by evaluate."""
+    import errno
+
+    import simpo_exp.train as train_mod
+    from simpo_exp.checkpoint import CheckpointSaveError
+    from simpo_exp.evaluate.runs import has_model
+
+    run = tmp_path / "run"
+    args = ("max_steps=2", "save_steps=1", "per_device_train_batch_size=8")
+    train_mod.train(_tiny_config(compose, tmp_path, *args))
+    assert (run / "finished.json").exists()
+
+    def cut_short(model, out, *rest, **kwargs):  # a model/ begun, then the disk full (or a kill)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_mod, "save_trained", cut_short)
+    with pytest.raises(CheckpointSaveError):
+        train_mod.train(_tiny_config(compose, tmp_path, *args, "save_model=true"))
+    assert (run / "model" / "config.json").exists() and not (run / "finished.json").exists()
+    assert not has_model(run)
+
+
 def test_a_finished_run_whose_model_is_gone_trains_again_and_an_intact_one_is_skipped(compose, tmp_path):
     """save_model=true and model/ removed (space freed, a failed copy): the run is not finished, so it resumes and
     writes its model again, rather than be skipped and report a model that is not there."""
