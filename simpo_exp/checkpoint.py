@@ -125,9 +125,8 @@ class TrainState:
 def rng_state() -> tuple[dict, dict]:
     """This process's generator states: (tensors, JSON-able rest). A checkpoint keeps every process's."""
     tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
+    if torch.cuda.is_available():  # this process's own device's (accelerate sets it current), which it draws from:
+        tensors["cuda"] = torch.cuda.get_rng_state()  # every visible device's did not go back where fewer were seen
     py = random.getstate()
     np_state = np.random.get_state()
     meta = {
@@ -146,9 +145,13 @@ def _set_rng_state(tensors: dict, meta: list | dict, process: tuple[int, int]) -
         tensors = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(rank)}
         meta = meta[rank]
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available():
+        # onto this process's device; a checkpoint written before holds every visible device's ("cuda.<i>"): its own
+        # device's state, where that device is this one's number
+        own = tensors.get("cuda")
+        own = tensors.get(f"cuda.{torch.cuda.current_device()}") if own is None else own
+        if own is not None:
+            torch.cuda.set_rng_state(own)
     v, state, gauss = meta["python"]
     random.setstate((v, tuple(state), gauss))
     kind, keys, pos, has_gauss, cached = meta["numpy"]

@@ -312,6 +312,29 @@ def test_each_process_gets_its_own_generator_states_back(tmp_path, keep_generato
     assert torch.equal(got[0], want[0]) and got[1] == want[1]
 
 
+def test_a_process_keeps_its_own_gpus_generator_and_takes_it_back_whatever_devices_it_sees(monkeypatch):
+    """Every visible device's CUDA generator was saved and all put back: resumed where fewer devices were visible
+    (CUDA_VISIBLE_DEVICES=1, a launcher that narrows them), the load ended in an IndexError; and with ten or more,
+    "cuda.10" sorted before "cuda.2" and the states went to other devices. A process keeps its own device's, and a
+    checkpoint of the former kind gives back the state of this process's device."""
+    generators = {2: torch.tensor([2], dtype=torch.uint8), 7: torch.tensor([7], dtype=torch.uint8)}
+    current = {"device": 2}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": generators[current["device"]].clone())
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device="cuda": generators.update({current["device"]: state})
+    )
+    tensors, meta = checkpoint.rng_state()
+    assert set(tensors) == {"torch", "cuda"} and tensors["cuda"].item() == 2
+    current["device"], generators[7] = 7, torch.tensor([0], dtype=torch.uint8)  # resumed on another device
+    checkpoint._set_rng_state({f"0.{k}": v for k, v in tensors.items()}, [meta], (0, 1))
+    assert generators[7].item() == 2
+    former = {"torch": tensors["torch"], **{f"cuda.{i}": torch.tensor([100 + i], dtype=torch.uint8) for i in range(12)}}
+    checkpoint._set_rng_state({f"0.{k}": v for k, v in former.items()}, [meta], (0, 1))
+    assert generators[7].item() == 107  # its own device's, by number
+
+
 def test_a_stop_signal_while_setting_up_ends_the_run_at_once_as_stopped(tmp_path, monkeypatch):
     """The handler was installed only when the steps began: a scheduler's SIGTERM during set-up (loading,
     tokenising, the reference log-probs) killed the job with nothing written, so compare showed it as running and
