@@ -168,6 +168,14 @@ def test_short_disk_is_warned_about_at_start(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="simpo_exp.checkpoint"):
         checkpoint.check_space(tmp_path, model, keep=2, save_model=True)
     assert "250,000 bytes" in caplog.text and "3 checkpoints" in caplog.text and "404,000 bytes" in caplog.text
+    # LoRA-like: a frozen base of 10,100 bf16 weights and 808 trained float32 ones. A checkpoint keeps the trained
+    # ones and their moments (9,696 bytes), not the base (16 GB of an 8B model's 0.2 GB checkpoint were counted);
+    # the model is written merged in float32 (10,100 + 808 weights, 43,632 bytes)
+    base, adapter = torch.nn.Linear(100, 100).to(torch.bfloat16), torch.nn.Linear(100, 8)
+    base.requires_grad_(False)
+    lora = torch.nn.ModuleDict({"base": base, "adapter": adapter})
+    assert checkpoint.estimated_bytes(lora) == 3 * 808 * 4
+    assert checkpoint.model_bytes(lora) == (10_100 + 808) * 4
 
 
 def test_a_rerun_sweep_trains_only_the_unfinished_job(sweep, tmp_path):
