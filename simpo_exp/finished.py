@@ -89,11 +89,23 @@ def recorded_summary(cfg) -> dict | None:
 
 
 def not_applied(saved: dict, now: dict) -> list[str]:
-    """``key: finished with A, now B`` for each change a resumed run takes (``rundir.RESUMABLE_CHANGES``) that a
-    finished run cannot, since it runs nothing: all of them but where it runs, how it logs and whether it resumes."""
+    """``key: finished with A, now B`` for each change a resumed run takes that a finished run cannot, since it runs
+    nothing: ``rundir.RESUMABLE_CHANGES`` but where it runs, how it logs and whether it resumes, and how it runs
+    (the hardware keys that do not change what trains, the attention kernel, the tokenising processes: a finished
+    run re-run with hardware.mixed_precision=fp16 was skipped without a word of it)."""
+    from simpo_exp.checkpoint import HOW_IT_RUNS, TRAINING_HARDWARE_KEYS
+
     kept = RESUMABLE_CHANGES - {"output_dir", "logger", "progress_bar", "resume"}
-    changed = [k for k in sorted(kept) if saved.get(k) != now.get(k)]
-    return [f"{k}: finished with {saved.get(k)!r}, now {now.get(k)!r}" for k in changed]
+    changed = [(k, saved.get(k), now.get(k)) for k in sorted(kept) if saved.get(k) != now.get(k)]
+    was, new = saved.get("hardware") or {}, now.get("hardware") or {}
+    for key in sorted((set(was) | set(new)) - TRAINING_HARDWARE_KEYS - {"name"}):
+        if was.get(key) != new.get(key):
+            changed.append((f"hardware.{key}", was.get(key), new.get(key)))
+    for dotted in sorted(HOW_IT_RUNS):
+        section, key = dotted.split(".", 1)
+        a, b = (saved.get(section) or {}).get(key), (now.get(section) or {}).get(key)
+        changed += [(dotted, a, b)] if a != b else []
+    return [f"{k}: finished with {a!r}, now {b!r}" for k, a, b in changed]
 
 
 def data_changed(run_dir: Path, cfg) -> list[str]:

@@ -539,6 +539,22 @@ def test_a_finished_run_skipped_keeps_its_config_and_names_the_changes_it_did_no
     assert (run_dir / ".hydra" / "config.yaml").read_text() == ran_with
 
 
+def test_a_finished_run_skipped_names_the_hardware_it_did_not_run_on():
+    """The changes of how a run runs (hardware keys that do not change what trains, the attention kernel) were
+    passed over in silence when a finished run was skipped: re-run with hardware.mixed_precision=fp16, it said
+    nothing of it."""
+    from simpo_exp.finished import not_applied
+
+    saved = {"eval_steps": 0, "hardware": {"name": "cpu", "mixed_precision": "no", "lora": False}, "model": {}}
+    now = {"eval_steps": 0, "hardware": {"name": "gpu", "mixed_precision": "fp16", "lora": False}, "model": {}}
+    now["model"]["attn_implementation"] = "sdpa"
+    assert not_applied(saved, now) == [
+        "hardware.mixed_precision: finished with 'no', now 'fp16'",
+        "model.attn_implementation: finished with None, now 'sdpa'",
+    ]
+    assert not_applied(saved, saved) == []
+
+
 def test_a_sweep_job_refused_as_another_runs_directory_is_reported(tmp_path):
     """The job disappeared from the sweep's summary (its .hydra files put back with their old times) and the sweep
     said 'sweep finished: 0 jobs', exit 0."""
