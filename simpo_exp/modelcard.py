@@ -96,8 +96,14 @@ def copy_license_file(model_path: str, folder: Path, link: str) -> Path | None:
     return Path(shutil.copyfile(source, Path(folder) / link))
 
 
+# a file's name, not a hub repo's: "data/prefs.jsonl" (read after the file moved) was named a hub data set
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".arrow", ".txt", ".safetensors", ".bin")
+
+
 def _is_hub_id(path: str) -> bool:
-    return bool(path) and not Path(path).expanduser().exists() and path.count("/") == 1
+    if not path or Path(path).suffix.lower() in DATA_FILE_SUFFIXES:
+        return False
+    return not Path(path).expanduser().exists() and path.count("/") == 1
 
 
 def is_count(metric: str) -> bool:

@@ -723,6 +723,8 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     card = ModelCard.load(write_model_card(tmp_path, cfg, "my-run"))
     assert card.data.base_model == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert card.data.datasets == ["princeton-nlp/llama3-ultrafeedback"]
+    moved = {**cfg, "dataset": {"name": "local", "sources": {"local": {"path": "data/prefs.jsonl"}}}}
+    assert ModelCard.load(write_model_card(tmp_path, moved, "my-run")).data.datasets is None  # a file, not a repo
     # the model's results only (not the counters), named with how they were made: 8 prompts and a local judge make
     # AlpacaEval-format figures, not the leaderboard's
     assert [(r.dataset_type, r.metric_type, r.metric_value) for r in card.data.eval_results] == [

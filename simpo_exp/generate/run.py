@@ -422,7 +422,8 @@ def generate_data(cfg) -> dict:
     prompts, source_counts = {}, {}
     for split in cfg.generate.splits:
         prompts[split], source_counts[split] = _tokenised_prompts(cfg, tokenizer, split)
-    if cfg.model.path and cfg.generate.max_new_tokens < LONG_ANSWER:  # said before hours of sampling, not after
+    # said before hours of sampling, not after; not for the synthetic task (scorer=rule), whose answers are short
+    if cfg.model.path and cfg.scorer.kind != "rule" and cfg.generate.max_new_tokens < LONG_ANSWER:
         log.warning(
             "generate.max_new_tokens=%d cuts most answers of a chat model (the official recipe samples up to 4096 "
             "tokens: generate=paper, or generate.max_new_tokens=4096 with the hf backend); cut answers are kept as "
