@@ -111,6 +111,7 @@ if want tests; then
         $g::test_flex_attention_trains_through_the_loop $g::test_liger_layer_kernels_train_through_the_loop \
         $g::test_zero3_without_a_launcher $g::test_fsdp2_takes_the_fixed_gpu_layout_and_steps_adamw_fused $g::test_gpu_lora \
         $g::test_gemma2_softcapped_flex_matches_the_plain_eager_layout_on_cuda $g::test_packed_layouts_match_the_plain_one_on_cuda \
+        $g::test_gemma2_9b_wide_heads_train_through_packed_flex_in_bf16_on_cuda \
         $g::test_a_packed_flex_step_never_makes_the_host_wait_on_cuda $g::test_partial_and_offloaded_checkpointing_on_cuda \
         $g::test_liger_layer_kernels_match_the_plain_path_on_cuda \
         tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_liger.py::test_fused_head_on_packed_flex_rows_on_cuda \

@@ -100,6 +100,29 @@ def test_gemma2_softcapped_flex_matches_the_plain_eager_layout_on_cuda(packing):
     _assert_same(_logps_and_grads(gemma(), pairs, packing, "flex"), plain)
 
 
+def test_gemma2_9b_wide_heads_train_through_packed_flex_in_bf16_on_cuda():
+    """Gemma-2-9B's attention (head_dim 256, 16 query heads over 8 key/value heads, softcap 50), which packing=auto
+    sends to packed FlexAttention rows on CUDA: its compiled backward at head_dim 256 has failed for shared memory on
+    some GPUs (pytorch#133254); one bf16-autocast step, as training runs it, against the padded eager layout's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def gemma():
+        torch.manual_seed(0)
+        config = Gemma2Config(
+            vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=16,
+            num_key_value_heads=8, head_dim=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+            sliding_window=4096, query_pre_attn_scalar=256, attn_implementation="eager",
+        )  # fmt: skip
+        return Gemma2ForCausalLM(config).to("cuda", torch.float32)
+
+    pairs = _random_pairs(400)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = _logps_and_grads(gemma(), pairs, "none", "segments")
+        logps, grads = _logps_and_grads(gemma(), pairs, "packed", "flex")
+    assert torch.isfinite(logps).all() and all(torch.isfinite(g).all() for g in grads.values())
+    torch.testing.assert_close(logps, plain[0], atol=0.05, rtol=0.02)  # bf16 attention on both sides
+
+
 def _logps_and_grads(model, pairs: list[dict], packing: str, attention: str):
     """One forward and backward of ``pairs`` laid out as ``packing``: the mean log-probs and every gradient."""
     policy = ResponseLogps(model, packing=packing, attention=attention)
