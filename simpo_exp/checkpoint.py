@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from simpo_exp.config import schema_default
 from simpo_exp.errors import OtherRunsDirectory, UserError
 from simpo_exp.flops import full_numel
-from simpo_exp.inference.files import readable_as_umask
+from simpo_exp.inference.files import readable_as_umask, write_atomic
 from simpo_exp.memory import Engine, state_bytes
 from simpo_exp.rundir import (
     CHECKPOINT_MARKER,
@@ -251,9 +252,12 @@ def finish(
     try:
         _write(tmp, model, optimizer, scheduler, state, config, rng or [rng_state()], engine)
         readable_as_umask(tmp)  # the engine's files too
-        (tmp / MARKER).write_text(json.dumps({"algorithm": HASH, "files": manifest(tmp)}))
+        # on the disk before the rename (write_atomic flushes it): a machine going down after it left an empty
+        # marker, which reads as a checkpoint from before checksums, its files taken unchecked
+        write_atomic(tmp / MARKER, json.dumps({"algorithm": HASH, "files": manifest(tmp)}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        _sync_folder(final.parent)
     except WRITE_ERRORS as e:
         raise save_failed(run_dir, final, e, estimate) from e
     # the older ones past ``keep`` go; the new one stays, and so does any of a later step (one the resume passed
@@ -304,6 +308,20 @@ def save(
     estimate = estimated_bytes(model)
     tmp = start(run_dir, state.step, estimate)
     return finish(run_dir, tmp, model, optimizer, scheduler, state, config, keep, estimate, rng)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to the disk, where the system lets a folder be opened for it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that does not sync folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_failed(
