@@ -80,45 +80,37 @@ def test_packed_layouts_match_the_plain_one_on_cuda(packing, attention, longest)
     _assert_same(_logps_and_grads(_model(torch.float32), pairs, packing, attention), plain)
 
 
+def _gemma2(heads: int, kv_heads: int, head_dim: int, softcap: float, final_softcap: float):
+    """A two-layer Gemma 2 of the given attention shape, float32 weights on the GPU, eager attention."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=1000, hidden_size=256 * (1 + (head_dim > 32)), intermediate_size=1024, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, attn_logit_softcapping=softcap,
+        final_logit_softcapping=final_softcap, sliding_window=4096, query_pre_attn_scalar=head_dim,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return Gemma2ForCausalLM(config).to("cuda", torch.float32)
+
+
 @pytest.mark.parametrize("packing", ["packed", "prefix_shared"])
 def test_gemma2_softcapped_flex_matches_the_plain_eager_layout_on_cuda(packing):
     """Gemma 2 (the paper's gemma-2-9b-it recipe) under compiled FlexAttention with its attention softcap as the
     score_mod, forward and backward, against its own eager attention on the padded layout (float32)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    def gemma():
-        torch.manual_seed(0)
-        config = Gemma2Config(
-            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-            num_key_value_heads=2, head_dim=32, attn_logit_softcapping=5.0, final_logit_softcapping=10.0,
-            sliding_window=4096, query_pre_attn_scalar=32, attn_implementation="eager",
-        )  # fmt: skip
-        return Gemma2ForCausalLM(config).to("cuda", torch.float32)
-
     pairs = _random_pairs(400)
-    plain = _logps_and_grads(gemma(), pairs, "none", "segments")
-    _assert_same(_logps_and_grads(gemma(), pairs, packing, "flex"), plain)
+    plain = _logps_and_grads(_gemma2(8, 2, 32, 5.0, 10.0), pairs, "none", "segments")
+    _assert_same(_logps_and_grads(_gemma2(8, 2, 32, 5.0, 10.0), pairs, packing, "flex"), plain)
 
 
 def test_gemma2_9b_wide_heads_train_through_packed_flex_in_bf16_on_cuda():
     """Gemma-2-9B's attention (head_dim 256, 16 query heads over 8 key/value heads, softcap 50), which packing=auto
     sends to packed FlexAttention rows on CUDA: its compiled backward at head_dim 256 has failed for shared memory on
     some GPUs (pytorch#133254); one bf16-autocast step, as training runs it, against the padded eager layout's."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    def gemma():
-        torch.manual_seed(0)
-        config = Gemma2Config(
-            vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=16,
-            num_key_value_heads=8, head_dim=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-            sliding_window=4096, query_pre_attn_scalar=256, attn_implementation="eager",
-        )  # fmt: skip
-        return Gemma2ForCausalLM(config).to("cuda", torch.float32)
-
     pairs = _random_pairs(400)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        plain = _logps_and_grads(gemma(), pairs, "none", "segments")
-        logps, grads = _logps_and_grads(gemma(), pairs, "packed", "flex")
+        plain = _logps_and_grads(_gemma2(16, 8, 256, 50.0, 30.0), pairs, "none", "segments")
+        logps, grads = _logps_and_grads(_gemma2(16, 8, 256, 50.0, 30.0), pairs, "packed", "flex")
     assert torch.isfinite(logps).all() and all(torch.isfinite(g).all() for g in grads.values())
     torch.testing.assert_close(logps, plain[0], atol=0.05, rtol=0.02)  # bf16 attention on both sides
 
