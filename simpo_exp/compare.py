@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -353,11 +353,8 @@ def unstarted_jobs(runs: list[Run]) -> list[str]:
         # the folders on disk, not the runs given: compare given some of a sweep's jobs (sweep/0_*) is not told the
         # others never started
         given = {r.path.resolve(): r for r in runs if r.path is not None and r.path.parent == sweep}
-        jobs = {d: given.get(d.resolve()) or load_run(d) for d in find_run_dirs(sweep, depth=1)}
-        found, running = (
-            len(jobs),
-            [r.name if r in given.values() else d.name for d, r in jobs.items() if r.status == "running"],
-        )
+        jobs = [given.get(d.resolve()) or replace(load_run(d), name=d.name) for d in find_run_dirs(sweep, depth=1)]
+        found, running = len(jobs), [r.name for r in jobs if r.status == "running"]
         if found < asked and running:  # the sweep is still at work: its later jobs are to come
             notes.append(f"{sweep}: {found} of the sweep's {asked} jobs have a folder so far; {running[0]} is running")
         elif found < asked:
