@@ -140,8 +140,8 @@ def eval_keys(methods=("simpo",)) -> list[str]:
 
 def wandb_key_given() -> bool:
     """Whether W&B has an API key to go online with: ``WANDB_API_KEY``, or the one ``wandb login`` stored in the
-    netrc file (``NETRC``, else ``~/.netrc`` or ``~/_netrc``) for the W&B host (``WANDB_BASE_URL``). The key alone
-    counted: a user who had run ``wandb login`` logged every run offline."""
+    netrc file (``NETRC``, else ``~/.netrc`` or ``~/_netrc``) for the W&B host (``WANDB_BASE_URL``). With the
+    variable alone counted, a user who had run ``wandb login`` logged every run offline."""
     import netrc
     from urllib.parse import urlsplit
 
