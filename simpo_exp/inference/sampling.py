@@ -160,9 +160,9 @@ class HFSampler:
 
         self.cfg, self.g, self.tokenizer = cfg, decoding or cfg.generate, tokenizer
         self.device = pick_device(cfg.hardware.device)
-        attn = pick_attention(cfg)  # as training picks it: flash-attn where installed, else sdpa (said)
-        if attn == "flash_attention_2" and self.device.type != "cuda":
-            attn = "sdpa"
+        attn = cfg.model.attn_implementation or cfg.hardware.attn_implementation
+        if attn == "flash_attention_2":  # on a GPU as training picks it: flash-attn where installed, else sdpa (said)
+            attn = pick_attention(cfg) if self.device.type == "cuda" else "sdpa"
         model = load_model(cfg, tokenizer, attn)
         dtype = inference_dtype(cfg.hardware.mixed_precision, self.device, next(model.parameters()).dtype)
         self.model = model.to(self.device, dtype).eval()
