@@ -349,6 +349,25 @@ def large_rate_note(cfg: Config, lr: float) -> str | None:
     )
 
 
+def check_preset_size(cfg: Config, parameters: int) -> None:
+    """Refuse a pretrained ``model.path`` ten or more times the size its model preset is for, trained at that
+    preset's own learning rate: the default preset, ``tiny`` (1e-3, 256 tokens, for its 4M-parameter random init),
+    under a real model's path (the generate stage's printed command with no preset named) fine-tuned an 8B model at
+    2000 times its recipe's rate, and the run ended cleanly. A learning rate given (the command line, an hparams
+    preset) is the user's choice and passes."""
+    size = cfg.model.params_b
+    if not cfg.model.path or size is None or cfg.learning_rate is not None or cfg.model.learning_rate is None:
+        return
+    if parameters < 10 * size * 1e9:
+        return
+    raise ConfigError(
+        f"model.path={cfg.model.path} holds {parameters / 1e9:.3g}B parameters, but model={cfg.model.name} is a "
+        f"preset for a {size:g}B model: its learning rate ({cfg.model.learning_rate:g}) and lengths (max_length="
+        f"{cfg.max_length}) are that model's. Name the model's own preset (model=...; python -m simpo_exp --help "
+        "lists them), or give learning_rate (SimPO's recipes: 3e-7 to 1e-6) with model.params_b"
+    )
+
+
 def replaced_rate_note(cfg: Config) -> str | None:
     """A warning where ``learning_rate`` (an hparams preset, the command line) replaces a model preset's own rate
     ten or more times larger, else None: the embedded model, randomly initialised, learns at 1e-3 and hardly at

@@ -33,6 +33,7 @@ from simpo_exp.compiled import eager_only, watch_compiles
 from simpo_exp.config import (
     Config,
     ConfigError,
+    check_preset_size,
     large_rate_note,
     lora_rate_note,
     replaced_rate_note,
@@ -388,6 +389,7 @@ def set_up(cfg: Config) -> Run:
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg), engine_keeps_master_copy(accelerator))
+    check_preset_size(cfg, count_parameters(model))
     check_positions(model, cfg)
     upcast_as_fsdp_does(model, accelerator)
     log.info(

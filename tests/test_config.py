@@ -359,6 +359,20 @@ def test_a_pretrained_model_at_a_rate_far_above_any_fine_tunes_is_warned_of(comp
     assert large_rate_note(saved_tiny, 1e-3) is None
 
 
+def test_a_real_model_under_the_tiny_presets_recipe_is_refused(compose):
+    """The generate stage's printed command names no model preset where its own command named none: the next round
+    trained the sampled policy (an 8B model) under the default preset, tiny, at its 1e-3 and 256 tokens, with no
+    word. A saved tiny model passes, and so does a learning rate given."""
+    from simpo_exp.config import check_preset_size
+
+    big = to_config(compose("model.path=/runs/R0/model"))
+    with pytest.raises(ConfigError, match=r"model.path=/runs/R0/model holds 8.03B parameters, but model=tiny is a "):
+        check_preset_size(big, 8_030_000_000)
+    check_preset_size(big, 4_000_000)  # a tiny model saved by a run
+    check_preset_size(to_config(compose("model.path=/runs/R0/model", "learning_rate=5e-7")), 8_030_000_000)
+    check_preset_size(to_config(compose()), 8_030_000_000)  # a random init: built from the preset itself
+
+
 def test_a_sweep_or_launcher_preset_without_its_plugin_names_the_extra(monkeypatch):
     """Without the sweep extra, +sweep=optuna gave Hydra's bare "Available options in 'hydra/sweeper': basic"."""
     import importlib.util
