@@ -1799,3 +1799,33 @@ def test_the_hf_sampler_on_a_gpu_without_flash_attn_takes_sdpa_as_training_does(
     with pytest.raises(RuntimeError, match="stop before"):
         sampling.HFSampler(cfg, None)
     assert asked == ["sdpa"]
+
+
+def test_the_printed_train_command_trains_a_runs_policy_under_that_runs_recipe(tmp_path):
+    """The generate stage's printed command named a model preset only where its own command named one: the README's
+    loop (generate model.path=<run>/model, no preset) trained the next round under the default preset, tiny, at its
+    1e-3 and 256 tokens, whatever the sampled policy was trained with. The run's presets and given learning rate are
+    carried now."""
+    import yaml
+
+    from simpo_exp.generate.run import policy_run_recipe
+
+    run = tmp_path / "R0"
+    (run / ".hydra").mkdir(parents=True)
+    runtime = {
+        "choices": {"model": "my-llama", "hparams": "instruct", "dataset": "ultrafeedback-binarized"},
+        "config_sources": [{"path": str(tmp_path / "my conf"), "schema": "file", "provider": "command-line"}],
+    }
+    overrides = {"task": ["model=my-llama", "learning_rate=1e-6", "beta=2.5"], "hydra": []}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": runtime, "overrides": overrides}}))
+    said = policy_run_recipe(str(run / "model"), ["python -m simpo_exp"])
+    assert said == [
+        f"--config-dir '{tmp_path / 'my conf'}'",
+        "model=my-llama",
+        "hparams=instruct",
+        "learning_rate=1e-6",
+    ]
+    runtime["choices"] = {"model": "tiny", "hparams": "default"}  # the README's own tiny loop: nothing to add
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": runtime, "overrides": overrides}}))
+    assert policy_run_recipe(str(run / "model"), []) == []
+    assert policy_run_recipe(str(tmp_path / "weights"), []) == [] and policy_run_recipe(None, []) == []

@@ -618,6 +618,8 @@ def train_command(cfg, data: str) -> str:
         words += [f"'hydra.searchpath=[{','.join(searched)}]'"] if searched else []  # a list: quoted for the shell
         model = runtime.choices.get("model")
         words += [f"model={model}"] if model and model != DEFAULT_MODEL else []
+        if model in (None, DEFAULT_MODEL):  # none named here: the sampled policy's run's own, where it is a run's
+            words += policy_run_recipe(cfg.model.path, words)
     words += ["dataset=local", shell_override("dataset.sources.local.path", data)]
     words += [shell_override("model.path", cfg.model.path)] if cfg.model.path else []
     # model.path as this command resolved it (above), or as given where it was cleared (a preset's path unused)
@@ -627,6 +629,27 @@ def train_command(cfg, data: str) -> str:
     for key in ("max_length", "max_prompt_length"):  # training's lengths, where given here
         words += [f"{key}={getattr(cfg, key)}"] if any(_key(o) == key for o in given) else []
     return " ".join(words)
+
+
+def policy_run_recipe(model_path: str | None, words: list[str]) -> list[str]:
+    """Where ``model.path`` is a training run's ``model/`` trained under a model preset of its own: that preset, the
+    run's hparams preset and a learning rate it was given (and the config directory it found them in), for the
+    next round to train as that run trained. Under the default preset the next round trained an 8B policy at the
+    tiny model's 1e-3 (refused now: ``config.check_preset_size``)."""
+    from simpo_exp.rundir import read_yaml
+
+    run = Path(model_path).parent if model_path else None
+    hydra = (read_yaml(run / ".hydra" / "hydra.yaml") or {}).get("hydra") if run else None
+    runtime = (hydra.get("runtime") or {}) if isinstance(hydra, dict) else {}
+    choices = runtime.get("choices") or {}
+    if choices.get("model") in (None, DEFAULT_MODEL):
+        return []
+    sources = [s for s in runtime.get("config_sources") or [] if s.get("provider") == "command-line"]
+    out = [f"--config-dir {shlex.quote(str(s.get('path')))}" for s in sources]
+    out = [word for word in out if word not in words] + [f"model={choices['model']}"]
+    out += [f"hparams={choices['hparams']}"] if choices.get("hparams") not in (None, "default") else []
+    task = (hydra.get("overrides") or {}).get("task") or []
+    return out + [shlex.quote(o) for o in task if _key(o) == "learning_rate"]
 
 
 def _key(override: str) -> str:
