@@ -577,6 +577,8 @@ LOWER_IS_BETTER = (
     "runtime_s",
     "unparseable_verdicts",  # the evaluate stage's failure counts (bench/<benchmark>/<name>)
     "unparseable_games",
+    "unjudged",
+    "unjudged_games",
     "cut_at_max_new_tokens",
 )
 
@@ -650,6 +652,27 @@ def mixed_methods_note(runs: list[Run], metric: str) -> str | None:
         f"method's reward: {by}): the ranking is not like for like across methods; --metric "
         "eval/logps_mean/accuracies (pairs whose chosen response has the higher mean log-prob) and evaluation "
         "numbers (bench/*) are"
+    )
+
+
+def awaiting_judge_note(runs: list[Run]) -> str | None:
+    """A note naming the runs whose benchmark results leave requests the judge endpoint refused or failed: their
+    win rates are of the judged part alone, until the evaluate command is run again."""
+    from simpo_exp.evaluate.judge import awaiting_judge
+    from simpo_exp.inference.results import load_results
+
+    waiting = [
+        f"{r.name} {bench}"
+        for r in runs
+        if r.path is not None
+        for bench, record in load_results(r.path).items()
+        if isinstance(record.get("metrics"), dict) and awaiting_judge(record["metrics"])
+    ]
+    if not waiting:
+        return None
+    return (
+        f"the judge endpoint refused or failed some requests of {', '.join(waiting)}: those win rates are of the "
+        "prompts judged so far and do not rank yet; re-run their evaluate command to ask the rest again"
     )
 
 
@@ -929,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nnote: {missing_bench_metric(runs, args.metric, args.paths[0])}")
     elif all(r.final(args.metric) is None for r in runs):
         print(f"\nnote: no run has {args.metric} (a metric of another method, or of runs not yet evaluated)")
-    for note in [*unstarted_jobs(runs), mixed_methods_note(runs, args.metric)]:
+    for note in [*unstarted_jobs(runs), mixed_methods_note(runs, args.metric), awaiting_judge_note(runs)]:
         if note:
             print(f"\nnote: {note}")
     for bench, differ in mixed_bench_settings(runs).items():

@@ -471,7 +471,7 @@ def test_an_arena_hard_first_game_is_kept_when_the_endpoint_fails_on_the_second(
         j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
         b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
         first = judge_arena_hard(b, prompts[:1], texts[:1], "my-model", "gpt-4-0314", tmp_path)
-        assert (first["metrics"]["judged_games"], first["metrics"]["unparseable_games"]) == (1, 1)
+        assert [first["metrics"][k] for k in ("judged_games", "unparseable_games", "unjudged_games")] == [1, 0, 1]
         assert len(SecondGameFailsOnceJudge.requests) == 2
         (partial,) = read_jsonl(journal("arena_hard", tmp_path))
         assert partial["games"][0]["score"] == "B>>A" and "HTTP 500" in partial["games"][1]["error"]

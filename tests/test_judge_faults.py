@@ -89,8 +89,9 @@ def test_a_request_the_endpoint_refuses_costs_that_prompt_its_verdict_not_the_be
     with 'did not answer ... start the judge' and without the endpoint's reason."""
     cases = [*ARENA_CASES[:2], (f"Explain stacks {TOO_LONG}.", "r" * 10, "m" * 30)]
     res = arena(picky, cases)
-    assert (res["metrics"]["judged_games"], res["metrics"]["unparseable_games"]) == (4, 2)
-    assert "the endpoint refused or failed 2 of them" in res["notes"][0] and "context of 8192 tokens" in res["notes"][0]
+    assert [res["metrics"][k] for k in ("judged_games", "unparseable_games", "unjudged_games")] == [4, 0, 2]
+    assert "2 of 6 games got no reply from the judge endpoint" in res["notes"][0]
+    assert "context of 8192 tokens" in res["notes"][0]
     assert len(PickyJudge.requests) == 6  # not retried
     arena(picky, cases)
     assert len(PickyJudge.requests) == 8  # the refused question asked again, the others kept

@@ -114,8 +114,9 @@ def test_a_prompt_the_endpoint_always_fails_on_costs_its_verdict_and_a_down_endp
 
     MoodyJudge.broken = "Explain hashing."  # both games of the second question
     res = arena(moody)
-    assert (res["metrics"]["judged_games"], res["metrics"]["unparseable_games"]) == (2, 2)
-    assert "the endpoint refused or failed 2 of them" in res["notes"][0] and "HTTP 500" in res["notes"][0]
+    counts = [res["metrics"][k] for k in ("judged_games", "unparseable_games", "unjudged_games")]
+    assert counts == [2, 0, 2]  # the endpoint's failures, not the judge's word: counted apart
+    assert "2 of 4 games got no reply from the judge endpoint" in res["notes"][0] and "HTTP 500" in res["notes"][0]
 
     MoodyJudge.broken, MoodyJudge.requests = "Say", []  # every prompt: the endpoint is down
     moody.judge.concurrency = 1
@@ -130,12 +131,12 @@ def test_an_arena_game_the_judge_answered_with_no_text_is_asked_again_by_the_nex
     """An empty reply was stored as a final game without a label: never asked again, out of the score for good."""
     MoodyJudge.silent = "Explain hashing."
     first = arena(moody)
-    assert first["metrics"]["unparseable_games"] == 2 and "replied with no text" in first["notes"][0]
+    assert first["metrics"]["unjudged_games"] == 2 and "replied with no text" in first["notes"][0]
     asked = len(MoodyJudge.requests)
     assert asked == 4  # q0's two games and q1's two, each given up at its empty reply
     MoodyJudge.silent = "\0"
     again = arena(moody)
-    assert again["metrics"]["unparseable_games"] == 0 and again["metrics"]["judged_games"] == 4
+    assert again["metrics"]["unjudged_games"] == 0 and again["metrics"]["judged_games"] == 4
     assert len(MoodyJudge.requests) == asked + 2  # q1's two games only
 
 
@@ -205,3 +206,31 @@ def test_a_lower_vllm_memory_share_resumes_stored_answers(tmp_path):
     _check_manifest(path, {"weights": "w", "decoding": decoding}, has_answers=True)
     with pytest.raises(Exception, match=r"decoding.temperature: stored 0.0, now 0.7"):
         _check_manifest(path, {"weights": "w", "decoding": {**decoding, "temperature": 0.7}}, has_answers=True)
+
+
+def test_prompts_the_endpoint_failed_are_counted_apart_and_their_win_rates_are_not_ranked(moody, tmp_path):
+    """Requests the endpoint refused or failed were counted as replies that were "not 'a' or 'b'", the command
+    printed "rank them", and compare ranked the judged part's win rate (4 of 6 verdicts) above full ones, unremarked.
+    They are counted as unjudged, said as the endpoint's, and compare notes the runs whose judging waits."""
+    from simpo_exp import compare
+    from simpo_exp.evaluate.run import _judge_pairs
+    from simpo_exp.inference.files import write_json
+
+    MoodyJudge.broken = "Say 1"
+    b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=moody.judge)
+    prompts = [{"id": str(i), "instruction": f"Say {i}", "reference": "x"} for i in range(3)]
+    info = {"rows": 805, "reference_generator": "gpt4_turbo"}
+    metrics, notes = _judge_pairs({"benchmark": b, "out": moody.out}, prompts, ["yy"] * 3, info, "me")
+    assert (metrics["unjudged"], metrics["unparseable_verdicts"], metrics["win_rate"]) == (1, 0, 100.0)
+    assert any(n.startswith("1 of 3 prompts got no reply from the judge endpoint") and "HTTP 500" in n for n in notes)
+    assert not any("not 'a' or 'b'" in n for n in notes)
+
+    run = tmp_path / "runs" / "0"
+    write_json(run / "eval" / "alpacaeval2" / "results.json", {"benchmark": "alpacaeval2", "metrics": metrics})
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("beta: 2.0\n")
+    note = compare.awaiting_judge_note(compare.load_runs(tmp_path / "runs"))
+    assert note and "refused or failed some requests of 0 alpacaeval2" in note and "do not rank yet" in note
+    metrics["unjudged"] = 0
+    write_json(run / "eval" / "alpacaeval2" / "results.json", {"benchmark": "alpacaeval2", "metrics": metrics})
+    assert compare.awaiting_judge_note(compare.load_runs(tmp_path / "runs")) is None

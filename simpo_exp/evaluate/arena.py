@@ -41,13 +41,14 @@ import numpy as np
 
 from simpo_exp.evaluate.judge import (
     EMPTY_REPLY,
+    UNJUDGED_GAMES,
     JudgeError,
     PairwiseJudge,
     RequestRefused,
     accepted_lines,
     accepts,
     judge_file_name,
-    refused_note,
+    unjudged_note,
 )
 from simpo_exp.inference.files import write_jsonl
 from simpo_exp.rundir import read_jsonl as read_lines
@@ -271,10 +272,14 @@ def judge_arena_hard(b, prompts: list[dict], texts: list[str], model_id: str, ba
     metrics = arena_score(rows, j.strong_weight, j.bootstrap_rounds, j.bootstrap_seed)
     notes = []
     errors = [g["error"] for r in rows for g in r["games"] if g.get("error")]
+    metrics["unparseable_games"] -= len(errors)  # the judge's word, apart from the requests the endpoint failed
+    metrics[UNJUDGED_GAMES] = len(errors)
     if metrics["unparseable_games"]:
         notes.append(
             f"{metrics['unparseable_games']} of {2 * len(rows)} judge replies gave no single verdict label "
-            f"after {j.label_attempts} tries (score null in {path}); those games add no battles" + refused_note(errors)
+            f"after {j.label_attempts} tries (score null in {path}); those games add no battles"
         )
+    if errors:
+        notes.append(unjudged_note(len(errors), 2 * len(rows), "games", errors))
     method = METHOD.format(w=j.strong_weight, baseline=baseline, rounds=j.bootstrap_rounds, seed=j.bootstrap_seed)
     return {"metrics": metrics, "notes": notes, "win_rate_method": method, "judgments_path": str(path)}

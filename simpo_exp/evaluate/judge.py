@@ -90,13 +90,22 @@ EMPTY_REPLY = "the judge endpoint replied with no text"  # no verdict: asked aga
 FAILED_IN_A_ROW = 3
 
 
-def refused_note(errors: list[str]) -> str:
-    """The end of a note on replies without a verdict: how many the endpoint refused or failed on, and why the first."""
+# the requests the judge endpoint refused or failed, apart from the replies that gave no verdict (AlpacaEval's
+# prompts, Arena-Hard's games): asked again by the next run
+UNJUDGED, UNJUDGED_GAMES = "unjudged", "unjudged_games"
+
+
+def unjudged_note(failed: int, total: int, what: str, errors: list[str]) -> str:
+    """The note on requests the endpoint refused or failed: how many, why the first, what the figures then are."""
     return (
-        f"; the endpoint refused or failed {len(errors)} of them (asked again by the next run): {errors[0]}"
-        if errors
-        else ""
+        f"{failed} of {total} {what} got no reply from the judge endpoint, which refused or failed the request "
+        f"({errors[0]}); the win rate is of the others alone until a re-run of the same command asks them again"
     )
+
+
+def awaiting_judge(metrics: dict) -> bool:
+    """Whether a benchmark's results leave requests the endpoint refused or failed, to ask again."""
+    return bool(metrics.get(UNJUDGED) or metrics.get(UNJUDGED_GAMES))
 
 
 def unreachable_error(e: Exception) -> bool:

@@ -32,18 +32,20 @@ from simpo_exp.evaluate.arena import judge_arena_hard
 from simpo_exp.evaluate.config import decoding_for
 from simpo_exp.evaluate.judge import (
     NO_LC,
+    UNJUDGED,
     JudgeError,
     PairwiseJudge,
     annotations,
+    awaiting_judge,
     judge_file_name,
     lc_missing_note,
     lc_subset_note,
     length_controlled,
     package_annotations_path,
     package_judge,
-    refused_note,
     rule_preferences,
     standard_error,
+    unjudged_note,
     win_rate,
 )
 from simpo_exp.evaluate.runs import (
@@ -354,13 +356,17 @@ def _judge_pairs(
     missing = len(verdicts) - len(rows)
     preferences = [r["preference"] for r in rows]
     metrics = {"win_rate": win_rate(preferences), "standard_error": standard_error(preferences)}
-    metrics["unparseable_verdicts"], notes = missing, []
-    if missing:
-        errors = [v["error"] for v in verdicts if v.get("error")]
+    # no verdict: the judge's reply was no letter (its word, stored), or the endpoint refused or failed the request
+    # (nothing stored: asked again by the next run) -- counted apart, as a user acts on them apart
+    errors = [v["error"] for v in verdicts if v.get("error")]
+    metrics["unparseable_verdicts"], metrics[UNJUDGED], notes = missing - len(errors), len(errors), []
+    if missing - len(errors):
         notes.append(
-            f"{missing} of {len(verdicts)} judge replies were not 'a' or 'b' (preference null in {path}); those "
-            "prompts are left out of the win rate" + refused_note(errors)
+            f"{missing - len(errors)} of {len(verdicts)} judge replies were not 'a' or 'b' (preference null in "
+            f"{path}); those prompts are left out of the win rate"
         )
+    if errors:
+        notes.append(unjudged_note(len(errors), len(verdicts), "prompts", errors))
     if b.kind == "alpacaeval":
         # every prompt of the set judged; as alpaca-eval does with its own annotators' missing preferences, those
         # the judge gave no verdict are left out of the GLM's fit but not of its average over the instructions;
@@ -625,8 +631,15 @@ def evaluate_all(cfg) -> list[dict]:
             log_results(run_dir, done, run_cfg.logger.init_timeout, trained_with_wandb=run_cfg.logger.wandb)
     if judge_failures:
         raise JudgeError("; ".join(dict.fromkeys(str(err) for err in judge_failures)))
+    waiting = [f"{Path(r['run_dir']).name} {r['benchmark']}" for r in records if awaiting_judge(r["metrics"])]
     metric = _rank_metric(records)
-    if len(runs) > 1 and metric:
+    if waiting:  # their win rates are of the judged part alone: not a ranking yet
+        print(
+            f"\nwarning: the judge endpoint refused or failed some requests ({', '.join(waiting)}): those win rates "
+            "are of the prompts judged so far; re-run the same command to ask the rest again",
+            flush=True,
+        )
+    elif len(runs) > 1 and metric:
         print(f"\nrank them: python -m simpo_exp.compare {shlex.quote(e.path)} --metric {metric}", flush=True)
     return records
 
