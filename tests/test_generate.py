@@ -1829,3 +1829,36 @@ def test_the_printed_train_command_trains_a_runs_policy_under_that_runs_recipe(t
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": runtime, "overrides": overrides}}))
     assert policy_run_recipe(str(run / "model"), []) == []
     assert policy_run_recipe(str(tmp_path / "weights"), []) == [] and policy_run_recipe(None, []) == []
+
+
+def test_processes_started_together_with_other_settings_do_not_mix_their_shards(tmp_path, monkeypatch):
+    """The README's ``RANK=$i WORLD_SIZE=n ... &``: each process wrote its manifest before any shard bound it, so one
+    given another temperature sampled its shards with it, and the last to finish wrote a data set of both whose
+    provenance named its own settings alone. A process whose manifest is no longer the folder's writes nothing."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.run import _manifest, _process, check_manifest, check_still_bound
+
+    class Sampler:
+        def __init__(self, cfg, tokenizer):
+            pass
+
+        def sample(self, ids, keys, seed):
+            return [[{"text": "12", "n_tokens": 2, "finished": True}] for _ in ids]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("simpo_exp.inference.sampling.make_sampler", Sampler)
+    prompts = [{"prompt_id": "a", "prompt": [{"role": "user", "content": "sort: 21"}], "input_ids": [1, 2]}]
+    mine, theirs = compose_generate(), compose_generate("generate.temperature=0.3")
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    check_manifest(shard_dir, _manifest(mine, {}, prompts))  # this process starts
+    check_manifest(shard_dir, _manifest(theirs, {}, prompts))  # the other, a moment later: no shard binds yet
+    bound = lambda folder: check_still_bound(folder, _manifest(mine, {}, prompts))  # noqa: E731
+    with pytest.raises(ConfigError, match=r"another process of this generation .*generate.temperature: stored 0.3"):
+        _process(mine, [(shard_dir, [prompts, prompts])], 0, 2, "rule", bound)
+    assert not list(shard_dir.glob("responses-*"))
+    _process(theirs, [(shard_dir, [prompts, prompts])], 1, 2, "rule", bound=lambda f: check_still_bound(
+        f, _manifest(theirs, {}, prompts)))  # fmt: skip
+    assert (shard_dir / "responses-00001.jsonl").exists()  # the folder's own settings write

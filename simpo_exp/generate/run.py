@@ -146,19 +146,41 @@ def check_manifest(shard_dir: Path, manifest: dict, device=None) -> None:
     if not (path.exists() and has_shards):
         write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
         return
-    old = json.loads(path.read_text())
+    differ = manifest_differences(shard_dir, manifest, device)
+    if differ:
+        raise ConfigError(
+            f"output_dir={str(shard_dir.parent)!r} holds shards made with other settings ({'; '.join(differ)}); "
+            "a resumed generation must repeat the same command (where it does, its data or the way this version "
+            "picks the prompts changed): use a new hydra.run.dir"
+        )
+
+
+def manifest_differences(shard_dir: Path, manifest: dict, device=None) -> list[str]:
+    """How the stored manifest of ``shard_dir`` differs from ``manifest`` (``dotted.key: stored X, now Y``)."""
+    try:
+        old = json.loads((shard_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return ["manifest.json: missing or unreadable"]
     if isinstance(old.get("generate"), dict) and old["generate"].get("backend") == "vllm":
         old["generate"].pop("batch_size", None)  # recorded before vLLM's was left out (see _manifest)
     if device is not None and isinstance(old.get("mixed_precision"), str):  # recorded as configured before ("auto"
         old["mixed_precision"] = effective_precision(old["mixed_precision"], device)  # on a CPU computes as "no")
     # a key an older manifest lacks is not held against it (it was written before that key was recorded); the
     # scorer, which older manifests held, binds only its own scored shards (their names carry its settings' hash)
-    differ = manifest_changes(old, manifest, keys=set(old) - {"scorer"}, stored_only=True)
+    return manifest_changes(old, json.loads(json.dumps(manifest)), keys=set(old) - {"scorer"}, stored_only=True)
+
+
+def check_still_bound(shard_dir: Path, manifest: dict, device=None) -> None:
+    """Refuse to write a shard (or the data set) where the folder's manifest is no longer this process's: processes
+    of one generation started together (the README's ``RANK=$i ... &``) each wrote theirs before any shard bound it,
+    and one given other settings (another temperature, model.path) sampled its shards with them into the data set,
+    which recorded the last one's settings alone."""
+    differ = manifest_differences(shard_dir, manifest, device)
     if differ:
         raise ConfigError(
-            f"output_dir={str(shard_dir.parent)!r} holds shards made with other settings ({'; '.join(differ)}); "
-            "a resumed generation must repeat the same command (where it does, its data or the way this version "
-            "picks the prompts changed): use a new hydra.run.dir"
+            f"output_dir={str(shard_dir.parent)!r}: another process of this generation wrote its settings there "
+            f"meanwhile ({'; '.join(differ)}): every process of one generation must be given the same command; "
+            "nothing of this process was written since"
         )
 
 
@@ -353,9 +375,10 @@ def _of(shard_dir: Path) -> str:
     return "" if shard_dir.name == "shards" else f" of the {shard_dir.name.removeprefix('shards-')} split"
 
 
-def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: int, tag: str) -> None:
+def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: int, tag: str, bound=None) -> None:
     """This process's shards of each (shard directory, shards) job, one per split: sample the missing ones (the
-    policy loaded once), then score the unscored ones (the scorer loaded once)."""
+    policy loaded once), then score the unscored ones (the scorer loaded once). ``bound(shard_dir)``: called before
+    each sampled shard is written (``check_still_bound``)."""
     from simpo_exp.fused import kept_modeling_modules
     from simpo_exp.inference.sampling import make_sampler
     from simpo_exp.inference.scoring import make_scorer
@@ -378,7 +401,10 @@ def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: i
             sampler = make_sampler(cfg, load_tokenizer(cfg.model))
             for shard_dir, shards, to_sample, _ in work:
                 for i in to_sample:
-                    write_jsonl(shard_dir / f"responses-{i:05d}.jsonl", _sample_shard(sampler, cfg, i, shards[i]))
+                    records = _sample_shard(sampler, cfg, i, shards[i])
+                    if bound is not None:
+                        bound(shard_dir)
+                    write_jsonl(shard_dir / f"responses-{i:05d}.jsonl", records)
                     log.info("sampled shard %d (%d prompts)%s", i, len(shards[i]), _of(shard_dir))
             sampler.close()
     if any(to_score for *_, to_score in work):
@@ -449,11 +475,13 @@ def generate_data(cfg) -> dict:
                 "positions; scorer=armorm reads 8192) to score them whole",
                 longest, cfg.generate.max_new_tokens, cfg.scorer.max_length,
             )  # fmt: skip
+    device, manifests = pick_device(cfg.hardware.device), {}
     for split in shards:
         adopt_older_scores(shard_dir_of(out, split), cfg)
-        manifest = _manifest(cfg, fingerprint, prompts[split])
-        check_manifest(shard_dir_of(out, split), manifest, pick_device(cfg.hardware.device))
-    _process(cfg, [(shard_dir_of(out, split), sh) for split, sh in shards.items()], rank, world, tag)
+        manifests[shard_dir_of(out, split)] = manifest = _manifest(cfg, fingerprint, prompts[split])
+        check_manifest(shard_dir_of(out, split), manifest, device)
+    bound = lambda folder: check_still_bound(folder, manifests[folder], device)  # noqa: E731
+    _process(cfg, [(shard_dir_of(out, split), sh) for split, sh in shards.items()], rank, world, tag, bound)
 
     missing = {
         split: m for split, sh in shards.items() if (m := _unscored(shard_dir_of(out, split), range(len(sh)), tag))
@@ -464,6 +492,8 @@ def generate_data(cfg) -> dict:
             "waiting_for": missing.get("train", []),
             **({"waiting_for_test": missing["test"]} if "test" in missing else {}),
         }
+    for folder in manifests:  # the data set is written by the settings its shards were made with, or not at all
+        bound(folder)
     split_records = {
         split: [
             rec
