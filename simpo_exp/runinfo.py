@@ -41,7 +41,7 @@ from simpo_exp.rundir import (
     stopped_words,
     sweep_request,
 )
-from simpo_exp.signals import StopRequested
+from simpo_exp.signals import StopRequested, interrupt_status
 
 log = logging.getLogger(__name__)
 
@@ -550,7 +550,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
                 record = stopped_before_a_step_record(writes, e.signum, "start-up")
                 write_atomic(writes / STOPPED_FILE, json.dumps(record, indent=2))
             raise
-        except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, generation, judging)
+        except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) outside training's own handler (set-up, sampling, judging)
             _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
             # a stage that works in other folders (evaluate: each run's eval/) finds its work there again from any
             # folder of its own: the same command goes on
@@ -560,7 +560,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
                 f"{'re-run the same command' if work else rerun_command()} to go on",
                 file=sys.stderr,
             )
-            raise SystemExit(130) from None
+            raise SystemExit(interrupt_status(e)) from None
         except OtherRunsDirectory as e:  # the run there is left as it was: its outcome and the config it ran with
             _put_back(out, earlier)
             restore_run_config(out)

@@ -32,12 +32,28 @@ def sigterm_as_interrupt():
     Without it SIGTERM's default ends the process at once. A handler someone installed before is left alone."""
     mine = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     if mine:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt_for_sigterm)
     try:
         yield
     finally:
         if mine:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class TerminatedInterrupt(KeyboardInterrupt):
+    """SIGTERM taken as Ctrl-C (``sigterm_as_interrupt``): the same way out, and an exit status of 143 (128 +
+    SIGTERM) rather than Ctrl-C's 130, which a scheduler's script reads as the user's interrupt."""
+
+    signum = signal.SIGTERM
+
+
+def _interrupt_for_sigterm(signum, frame):
+    raise TerminatedInterrupt()
+
+
+def interrupt_status(e: KeyboardInterrupt) -> int:
+    """The exit status of a command ended by ``e``: 128 + the signal (SIGTERM's 143, Ctrl-C's 130)."""
+    return 128 + int(getattr(e, "signum", signal.SIGINT))
 
 
 class StopRequested(BaseException):
