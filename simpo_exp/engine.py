@@ -3,7 +3,9 @@ sharded engines need (their own checkpoint format, a process group without a lau
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -58,6 +60,38 @@ def adamw(model, cfg: Config, lr: float, fused: bool | None) -> torch.optim.Adam
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
         fused=fused,
+    )
+
+
+def _warmup_then(step: int, *, warmup: int, total: int, decay: str) -> float:
+    """The learning rate's factor at optimizer step ``step`` (0 before the first):
+
+        step < warmup:  step / max(1, warmup)                       (from 0 up to the full rate)
+        after, with p = (step - warmup) / max(1, total - warmup):
+          cosine:                max(0, (1 + cos(pi * p)) / 2)
+          linear:                max(0, (total - step) / max(1, total - warmup))
+          constant_with_warmup:  1
+        constant: 1 at every step, warm-up or not
+
+    transformers' schedules of these names (``get_scheduler``), which TRL and the official SimPO trainer step by."""
+    if decay == "constant":
+        return 1.0
+    if step < warmup:
+        return step / max(1, warmup)
+    if decay == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if decay == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((step - warmup) / max(1, total - warmup)))))
+    return 1.0  # constant_with_warmup
+
+
+def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_scheduler_type`` (config.SCHEDULERS) as a ``LambdaLR`` that steps as transformers' ``get_scheduler``
+    does, step for step (tests/test_engine_schedule.py holds them together). Not transformers' own: importing it
+    imports transformers.trainer_utils, and with it peft where installed, 2 of a run's 7 seconds of imports on a CPU
+    for every run, sweep job and process. Its state_dict loads either's checkpoints (a partial, as theirs)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(_warmup_then, warmup=warmup_steps, total=total_steps, decay=kind)
     )
 
 

@@ -51,6 +51,7 @@ from simpo_exp.engine import (
     check_same_config,
     engine_checkpoints,
     fsdp2,
+    lr_schedule,
     make_accelerator,
     on_every,
     on_main,
@@ -370,7 +371,6 @@ def check_same_data(run_dir: Path, data_sources: dict) -> None:
 def set_up(cfg: Config) -> Run:
     """Everything a run needs before its first step, in order; resumes from the newest intact checkpoint."""
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     started = time.time()
     run_dir = check_writable(Path(cfg.output_dir))
@@ -431,9 +431,7 @@ def set_up(cfg: Config) -> Run:
             shard_like_the_policy(reference, accelerator)  # a live reference: 1/N of it per process, not a copy
         in_the_policys_precision(reference, policy, accelerator)
     steps = total_steps(cfg, len(train_loader), accum)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * steps), num_training_steps=steps
-    )
+    scheduler = lr_schedule(optimizer, cfg.lr_scheduler_type, math.ceil(cfg.warmup_ratio * steps), steps)
 
     config_dict = config_to_dict(cfg)
     pairs_per_step = cfg.per_device_train_batch_size * accum * accelerator.num_processes
