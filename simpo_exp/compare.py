@@ -155,13 +155,13 @@ class Run:
     def value_of(self, key: str):
         """A hyperparameter's value for this run: its override, else its config (a null the run resolved, such as
         ``learning_rate`` from the model's size, as ``summary.json``'s ``resolved/<key>`` records it), else its
-        group choice."""
+        group choice, else a value resolved at launch (``effective_batch_size``)."""
         if key in self.overrides:
             return self.overrides[key]
         node = self.config
         for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return self.choices.get(key)
+            if not isinstance(node, dict) or part not in node:  # a group choice, or a value resolved at launch
+                return self.choices[key] if key in self.choices else self.summary.get(f"resolved/{key}")
             node = node[part]
         if node is None:
             return self.summary.get(f"resolved/{key}")
@@ -443,7 +443,8 @@ NOT_SETTINGS = ("env", "resolved", "_wandb")
 def swept_keys(runs: list[Run]) -> list[str]:
     """Override keys whose value differs between runs, then the config values that differ though no override names
     them (a preset edited between runs, another ``--config-dir``, another version's default), so that such runs
-    are shown apart and never pooled as seeds of one setting; with a single run, all of its overrides. Settings
+    are shown apart and never pooled as seeds of one setting, then RESOLVED_APART (the pairs per step) where
+    the runs' summaries differ in it; with a single run, all of its overrides. Settings
     that do not change what trains (``RESUMABLE_CHANGES``) and the values under a swept group are not listed."""
     keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
     if len(runs) == 1:
@@ -451,7 +452,20 @@ def swept_keys(runs: list[Run]) -> list[str]:
     swept = [k for k in keys if any(not _same(r.value_of(k), runs[0].value_of(k)) for r in runs[1:])]
     configs = [config_leaves(r.config) for r in runs if r.config]
     skip = (*RESUMABLE_CHANGES, *NOT_SETTINGS, *keys)
-    return swept + differing_keys(configs, skip=skip) if len(configs) > 1 else swept
+    swept += differing_keys(configs, skip=skip) if len(configs) > 1 else []
+    return swept + [k for k in RESOLVED_APART if k not in swept and _resolved_differ(runs, k)]
+
+
+# Values a run resolves from its launch rather than its config, shown where they differ: runs of one config on 1 and
+# 2 processes train on batches of 16 and 32 pairs (per_device_train_batch_size x processes x accumulation), and
+# nothing in their configs says so.
+RESOLVED_APART = ("effective_batch_size",)
+
+
+def _resolved_differ(runs: list[Run], key: str) -> bool:
+    """Whether the runs that recorded ``resolved/<key>`` in their summaries recorded more than one value."""
+    values = [r.summary[f"resolved/{key}"] for r in runs if r.summary.get(f"resolved/{key}") is not None]
+    return any(not _same(v, values[0]) for v in values[1:])
 
 
 def label_runs(runs: list[Run]) -> list[Run]:

@@ -873,3 +873,21 @@ def test_headline_keys_keep_the_benchmarks_in_first_seen_order():
 
     keys = ["bench/zeta/win_rate", "bench/alpha/win_rate", "bench/alpha/lc_win_rate", "bench/zeta/win_rate"]
     assert headline_keys(keys) == ["bench/zeta/win_rate", "bench/alpha/lc_win_rate", "bench/alpha/win_rate"]
+
+
+def test_runs_of_one_config_on_different_numbers_of_processes_show_their_batch_apart():
+    """One config run on 1 process and on 2 trains on 16 and 32 pairs a step; nothing in their configs or overrides
+    says so, and the two were pooled as seeds of one setting. The batch each resolved is a column where it differs."""
+
+    def run(name, seed, pairs, acc):
+        summary = {"eval/rewards/accuracies": acc, "resolved/effective_batch_size": pairs}
+        config = {"seed": seed, "per_device_train_batch_size": 16}
+        return compare.Run(name, "done", overrides={"seed": str(seed)}, config=config, summary=summary)
+
+    runs = compare.label_runs([run("one", 1, 16, 0.8), run("two", 2, 32, 0.7), run("one-b", 3, 16, 0.9)])
+    assert compare.swept_keys(runs) == ["seed", "effective_batch_size"]
+    assert [r.label for r in runs] == [f"seed={s}, effective_batch_size={p}" for s, p in ((1, 16), (2, 32), (3, 16))]
+    groups = compare.seed_groups(runs)
+    assert [(g["effective_batch_size"], g["seeds"]) for g in groups] == [("16", 2), ("32", 1)]
+    same = compare.label_runs([run("one", 1, 16, 0.8), run("one-b", 3, 16.0, 0.9)])
+    assert compare.swept_keys(same) == ["seed"]  # not where it is one value (as 16 and 16.0)
