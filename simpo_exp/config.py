@@ -351,20 +351,24 @@ def large_rate_note(cfg: Config, lr: float) -> str | None:
 
 def check_preset_size(cfg: Config, parameters: int) -> None:
     """Refuse a pretrained ``model.path`` ten or more times the size its model preset is for, trained at that
-    preset's own learning rate: the default preset, ``tiny`` (1e-3, 256 tokens, for its 4M-parameter random init),
+    preset's learning rate (its own, or the size rule's for its ``params_b``: ``model=qwen2.5-0.5b-instruct`` under
+    a 70B model's path trained it at 0.5B's 1e-6, ten times the 70B band's): the default preset, ``tiny`` (1e-3,
+    256 tokens, for its 4M-parameter random init),
     under a real model's path (the generate stage's printed command with no preset named) fine-tuned an 8B model at
     2000 times its recipe's rate, and the run ended cleanly. A learning rate given (the command line, an hparams
     preset) is the user's choice and passes."""
     size = cfg.model.params_b
-    if not cfg.model.path or size is None or cfg.learning_rate is not None or cfg.model.learning_rate is None:
+    if not cfg.model.path or size is None or cfg.learning_rate is not None:
         return
     if parameters < 10 * size * 1e9:
         return
+    lr, _ = resolve_learning_rate(cfg)
+    rate = f"its learning rate ({lr:g})" if cfg.model.learning_rate is not None else f"the rate for its size ({lr:g})"
     raise ConfigError(
         f"model.path={cfg.model.path} holds {parameters / 1e9:.3g}B parameters, but model={cfg.model.name} is a "
-        f"preset for a {size:g}B model: its learning rate ({cfg.model.learning_rate:g}) and lengths (max_length="
-        f"{cfg.max_length}) are that model's. Name the model's own preset (model=...; python -m simpo_exp --help "
-        "lists them), or give learning_rate (SimPO's recipes: 3e-7 to 1e-6) with model.params_b"
+        f"preset for a {size:g}B model: {rate} and lengths (max_length={cfg.max_length}) are that model's. Name "
+        "the model's own preset (model=...; python -m simpo_exp --help lists them), or give model.params_b (the "
+        "rate then follows the size) or learning_rate (SimPO's recipes: 3e-7 to 1e-6)"
     )
 
 

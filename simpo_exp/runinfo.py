@@ -463,7 +463,7 @@ def refuse_lost_to_experiment(cfg: DictConfig, given: set[str], choices: dict, c
                 f"loss={loss} is composed after {where} and replaces its {', '.join(replaced)}; give the "
                 "experiment's values on the command line"
             )
-    if picked is not None:
+    if picked is not None and laid != own.get("model"):  # naming the experiment's own model changes nothing
         lost = [
             f"model.{k}={_shown(v)} (model={model} has {_shown(picked.get(k))})"
             for k, v in laid.items()

@@ -371,6 +371,13 @@ def test_a_real_model_under_the_tiny_presets_recipe_is_refused(compose):
     check_preset_size(big, 4_000_000)  # a tiny model saved by a run
     check_preset_size(to_config(compose("model.path=/runs/R0/model", "learning_rate=5e-7")), 8_030_000_000)
     check_preset_size(to_config(compose()), 8_030_000_000)  # a random init: built from the preset itself
+    # a hub preset's rate comes from its size: a 0.5B preset under a 70B model's path trained it at 0.5B's 1e-6
+    small = to_config(compose("model=qwen2.5-0.5b-instruct", "model.path=/models/llama-3-70b"))
+    with pytest.raises(ConfigError, match=r"a 0.5B model: the rate for its size \(1e-06\).*give model.params_b"):
+        check_preset_size(small, 70_600_000_000)
+    check_preset_size(small, 1_500_000_000)  # a 1.5B model under it: within the factor of ten
+    resized = to_config(compose("model=qwen2.5-0.5b-instruct", "model.path=/models/llama-3-70b", "model.params_b=70"))
+    check_preset_size(resized, 70_600_000_000)
 
 
 def test_a_sweep_or_launcher_preset_without_its_plugin_names_the_extra(monkeypatch):

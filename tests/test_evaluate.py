@@ -1076,10 +1076,46 @@ def test_a_number_a_re_evaluation_no_longer_has_is_cleared_on_wandb(tmp_path, mo
     assert summary["bench/alpacaeval2/win_rate"] == 12.0 and summary["bench/alpacaeval2/n"] == 805
     assert summary["bench/alpacaeval2/lc_win_rate"] is None and summary["bench/alpacaeval2/lc_standard_error"] is None
     assert summary["bench/arena-hard/win_rate"] == 20.0  # not evaluated now: as it was
-    # a key the run's summary holds and no results file names any more (a metric an older version wrote): cleared
+    # a key the run's summary holds and no results file names any more (a metric an older version wrote, which
+    # recorded nothing of what it sent): cleared
     summary["bench/alpacaeval2/old_name"] = 3.0
+    (tmp_path / wandb_log.SENT).unlink()
     wandb_log.log_results(tmp_path, ["alpacaeval2"])
     assert summary["bench/alpacaeval2/old_name"] is None
+
+
+def test_a_re_evaluation_with_nothing_new_opens_no_wandb_run(tmp_path, monkeypatch):
+    """Evaluating a sweep again (one run added, or judging resumed for another) reopened every run's W&B run and
+    sent the same numbers and tables again: an offline folder more each time, or a resume over the network per run.
+    The same results, benchmarks, run and mode send nothing; a change to any of them sends."""
+    import types
+
+    from simpo_exp.evaluate import wandb_log
+    from simpo_exp.inference.files import write_json
+
+    opened = []
+
+    def fake_open(*args, **kwargs):
+        opened.append(kwargs["id"])
+        return types.SimpleNamespace(summary={}, log=lambda *a, **k: None, finish=lambda: None)
+
+    monkeypatch.setattr(wandb_log, "open_wandb", fake_open)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    write_json(tmp_path / "wandb_run.json", {"id": "abc123", "project": "p", "mode": "offline"})
+    write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 60.0}})
+    for _ in range(2):
+        assert wandb_log.log_results(tmp_path, ["rule"]) is True
+    assert opened == ["abc123"]
+    write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 61.0}})  # re-judged
+    wandb_log.log_results(tmp_path, ["rule"])
+    write_json(tmp_path / "eval" / "arena-hard" / "results.json", {"metrics": {"win_rate": 20.0}})  # another bench
+    wandb_log.log_results(tmp_path, ["rule"])
+    wandb_log.log_results(tmp_path, ["rule", "arena-hard"])  # its table too
+    monkeypatch.setenv("WANDB_MODE", "online")  # the user's word: sent again, now online
+    wandb_log.log_results(tmp_path, ["rule", "arena-hard"])
+    assert len(opened) == 5
+    wandb_log.log_results(tmp_path, ["rule", "arena-hard"])
+    assert len(opened) == 5
 
 
 def test_a_benchmarks_wandb_table_holds_its_first_few_rows(tmp_path):

@@ -162,6 +162,14 @@ def test_what_an_experiment_would_lose_to_the_groups_around_it_is_refused(compos
         refuse_as_the_run_would(compose, gemma, "model=tiny")
     refuse_as_the_run_would(compose, gemma, "model=tiny", "model.chat_template=auto", "model.attn_implementation=null")
     refuse_as_the_run_would(compose, gemma, "model.path=/my/gemma")  # the recipe's model, from a local folder
+    # the recipe's own model named beside it (redundant, as a sweep script writes it): its attention and chat
+    # template are the recipe's, which differ from the bare preset's, and were refused as another model's
+    own_models = {"simpo-gemma2-9b-it": "gemma2-9b-it", "simpo-llama3-8b-instruct": "llama3-8b-instruct"}
+    own_models["simpo-mistral-7b-base"] = "zephyr-7b-sft-full"
+    for recipe, own in own_models.items():
+        refuse_as_the_run_would(compose, f"experiment={recipe}", f"model={own}")
+    with pytest.raises(ConfigError, match=r"model=llama3-8b-instruct with experiment=simpo-gemma2-9b-it: "):
+        refuse_as_the_run_would(compose, gemma, "model=llama3-8b-instruct")  # another model still is
 
 
 @pytest.mark.parametrize("loss", ["simpo", "dpo", "orpo"])

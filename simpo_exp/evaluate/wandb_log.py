@@ -8,24 +8,29 @@ alone where it was not judged) as a ``wandb.Table`` (``bench/<benchmark>/samples
 ``WANDB_MODE`` when set (the user's word); else the run's own, except that an online run without
 a W&B key (``tracking.wandb_key_given``) now goes offline. An offline
 evaluation leaves a second ``offline-run-*-<id>`` folder under ``<run>/wandb/``; ``wandb sync`` uploads
-the folders of one id to that one run, oldest first. Runs with W&B off are left alone. As in
+the folders of one id to that one run, oldest first; a re-evaluation with nothing new to send (the same
+results, benchmarks, run and mode as ``eval/wandb_sent.json`` records) opens no W&B run and adds no folder.
+Runs with W&B off are left alone. As in
 ``Tracker``, a W&B failure is a warning: the results files are already written and stay the record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import warnings
 from pathlib import Path
 
+from simpo_exp.inference.files import write_json
 from simpo_exp.inference.results import EVAL_DIR, PREFIX, load_results, read_results
 from simpo_exp.rundir import read_json, read_jsonl
 from simpo_exp.tracking import WANDB_RECORD, open_wandb, wandb_key_given
 
 log = logging.getLogger(__name__)
 SAMPLE_ROWS = 8  # judged rows per benchmark in the table
+SENT = f"{EVAL_DIR}/wandb_sent.json"  # what the last evaluation sent to W&B (``sent_record``)
 
 
 def _warn(message: str) -> None:
@@ -106,11 +111,26 @@ def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0
         mode = wandb_mode(rec.get("mode", "offline"))
         if mode == "disabled":
             return False
+        sent = sent_record(Path(run_dir), rec, mode, benchmarks)
+        if read_json(Path(run_dir) / SENT) == sent:
+            log.info("%s: its evaluation is on W&B run %s (%s) as it is now; nothing sent", run_dir, rec["id"], mode)
+            return True
         _send(Path(run_dir), rec, mode, benchmarks, init_timeout)
+        write_json(Path(run_dir) / SENT, sent)
         return True
     except Exception as e:  # a W&B problem never fails the evaluation: its files are written
         _warn(f"{run_dir}: W&B logging of the evaluation failed ({type(e).__name__}: {e}); results kept on disk")
         return False
+
+
+def sent_record(run_dir: Path, rec: dict, mode: str, benchmarks: list[str]) -> dict:
+    """What an evaluation sends to W&B, as ``SENT`` records it: the run id and mode, the benchmarks whose sample
+    tables go, and a hash of every results.json (the summary's ``bench/*`` numbers and the tables come from them).
+    The same record means nothing new to send."""
+    digest = hashlib.sha256()
+    for path in sorted((Path(run_dir) / EVAL_DIR).glob("*/results.json")):
+        digest.update(path.parent.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"id": rec.get("id"), "mode": mode, "benchmarks": sorted(benchmarks), "results": digest.hexdigest()}
 
 
 def bench_summary(run_dir: Path, benchmarks: list[str], held) -> dict:
