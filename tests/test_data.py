@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -720,6 +721,9 @@ def test_missing_split_file_in_directory(tmp_path, tok):
     with pytest.raises(DataSourceError, match=r"no file for split 'test'") as err:
         build_datasets(make_config({"src": SourceConfig(path=str(root))}), tok)
     assert str(root) in str(err.value)
+    # a source of the user's own preset reads test_split 'test' by default: the error says how to carve instead
+    assert "set dataset.sources.src.test_split=null to hold out test_size of train" in str(err.value)
+    build_datasets(make_config({"src": SourceConfig(path=str(root), test_split=None)}), tok)
 
 
 def test_wrong_columns_name_missing_and_present(tmp_path, tok):
@@ -838,6 +842,46 @@ def test_a_cached_hub_set_asked_for_a_split_or_config_it_lacks_names_the_key(tok
         with pytest.raises(DataSourceError, match=named) as err:
             build_datasets(cfg, tok)
         assert "not in the local cache" not in str(err.value)
+
+
+def test_a_hub_set_records_the_commit_it_was_read_at_and_a_resume_notices_another(tok, monkeypatch, tmp_path):
+    """The data presets pin no revision: a connected machine's cache moved on between a run's start and its resume,
+    and the run went on with its data position on other data, saying nothing (only local files were compared).
+    datasets keeps a hub set's Arrow files under a folder named by its commit: the run records it, a resume
+    compares it."""
+    from simpo_exp.data.sources import file_changes, load_mixture
+
+    def cached_at(sha: str):
+        """A load_dataset reading each split from an Arrow file in datasets' cache layout for commit ``sha``."""
+
+        def load(path, name=None, split=None, revision=None):
+            folder = tmp_path / "cache" / "HuggingFaceH4___ultrafeedback_binarized" / "default" / "0.0.0" / sha
+            rows = [uf_row(f"{split} {i}", "good answer", "bad answer") for i in range(6)]
+            datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved" / sha / split)
+            folder.mkdir(parents=True, exist_ok=True)
+            arrow = folder / f"ultrafeedback_binarized-{split}.arrow"  # as datasets names a split's file there
+            shutil.copy(next((tmp_path / "saved" / sha / split).glob("*.arrow")), arrow)
+            return datasets.Dataset.from_file(str(arrow))
+
+        return load
+
+    cfg = compose_preset("ultrafeedback-binarized")
+    monkeypatch.setattr(sources_mod, "load_dataset", cached_at("a" * 40))
+    _, then = load_mixture(cfg.dataset)
+    assert then["ultrafeedback_binarized"]["hub_commit"] == "a" * 40
+    monkeypatch.setattr(sources_mod, "load_dataset", cached_at("b" * 40))
+    _, now = load_mixture(cfg.dataset)
+    assert file_changes(then, now) == [
+        "dataset.sources.ultrafeedback_binarized: the hub data set was read at commit aaaaaaaaaaaa then, "
+        "bbbbbbbbbbbb now"
+    ]
+    assert file_changes(then, then) == []
+    older = {"ultrafeedback_binarized": {"train_rows": 6, "test_rows": 6}}  # a run from before the record: unchecked
+    assert file_changes(older, now) == []
+    # a set read from elsewhere than datasets' hub cache layout records nothing it cannot vouch for
+    monkeypatch.setattr(sources_mod, "load_dataset", lambda *a, split=None, **k: datasets.Dataset.from_list(
+        [uf_row(f"{split} {i}", "good answer", "bad answer") for i in range(6)]))  # fmt: skip
+    assert "hub_commit" not in load_mixture(cfg.dataset)[1]["ultrafeedback_binarized"]
 
 
 # ----------------------------------------------------------------------------- synthetic

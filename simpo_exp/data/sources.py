@@ -270,6 +270,11 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
                 f"dataset.sources.{source}: no file for split {split!r} in {path} "
                 f"(looked for {split}.jsonl/.json/.parquet or shards {split}-00000-of-00002.parquet, also under "
                 "subfolders)"
+                + (
+                    f"; set dataset.sources.{source}.test_split=null to hold out test_size of train instead"
+                    if split == src.test_split and split != src.train_split
+                    else ""
+                )
             )
         return one_type_each(_load_files(files, source), files, source, src)
     if looks_like_local_path(src.path) or path.suffix in FILE_TYPES:
@@ -575,12 +580,30 @@ def fingerprint(src: SourceConfig, files: list[Path] | None = None) -> dict:
     }
 
 
+def hub_commit_read(src: SourceConfig, ds: Dataset) -> dict:
+    """``{"hub_commit": sha}``: the commit of a hub data set that ``ds`` was read from, else {}. datasets keeps a
+    hub data set's Arrow files in a folder named by the commit it downloaded (``<org>___<name>/<config>/<version>/
+    <sha>/``, offline reads included), so a run can say which commit it trained on and a resume notice another:
+    the data presets pin no revision, and the cache of a connected machine moves on."""
+    if is_synthetic(src) or Path(src.path).expanduser().exists():
+        return {}
+    for cached in ds.cache_files:
+        folder = Path(cached.get("filename", "")).parent.name
+        if re.fullmatch(r"[0-9a-f]{40}", folder):
+            return {"hub_commit": folder}
+    return {}
+
+
 def file_changes(then: dict, now: dict) -> list[str]:
-    """How two data reports' ``sources`` differ in their files' fingerprints (``fingerprint``), as
-    ``dataset.sources.<name>: <file> ...`` lines; a source that recorded no files then (hub or synthetic data, or a
-    run older than the record) is not compared."""
+    """How two data reports' ``sources`` differ in their files' fingerprints (``fingerprint``) and their hub
+    commits (``hub_commit_read``), as ``dataset.sources.<name>: ...`` lines; a source that recorded no files or
+    commit then (synthetic data, or a run older than the record) is not compared."""
     out = []
     for name in sorted(now):
+        commits = [(r.get(name) or {}).get("hub_commit") if isinstance(r, dict) else None for r in (then, now)]
+        if all(commits) and commits[0] != commits[1]:
+            out.append(f"dataset.sources.{name}: the hub data set was read at commit {commits[0][:12]} then, "
+                       f"{commits[1][:12]} now")  # fmt: skip
         before = (then.get(name) or {}).get("files") if isinstance(then, dict) else None
         after = (now.get(name) or {}).get("files") or {}
         if not isinstance(before, dict):
@@ -680,6 +703,7 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
         files = source_files(src)
         sizes[name].update(provenance(src.path, files))
         sizes[name].update(fingerprint(src, files))  # a finished or checkpointed run is not taken for other data
+        sizes[name].update(hub_commit_read(src, train))
     train = concatenate_datasets(trains).shuffle(seed=dcfg.shuffle_seed)
     test = concatenate_datasets(tests)
     return DatasetDict(train=train, test=test), sizes
