@@ -339,7 +339,10 @@ def jobs_asked(sweep_dir: Path) -> int | None:
         return sweeper.get("n_trials") if isinstance(sweeper.get("n_trials"), int) else None
     if not target.endswith("BasicSweeper") or parsed is None:  # nothing said, rather than a wrong count
         return None
-    return math.prod(len(list(o.sweep_iterator())) if o.is_sweep_override() else 1 for o in parsed)
+    try:  # glob() lists a group's options and interval() is Optuna's: neither counts without Hydra's config loader
+        return math.prod(len(list(o.sweep_iterator())) if o.is_sweep_override() else 1 for o in parsed)
+    except Exception:  # noqa: BLE001 - Hydra's own exceptions: nothing said, rather than a traceback
+        return None
 
 
 def unstarted_jobs(runs: list[Run]) -> list[str]:

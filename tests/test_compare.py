@@ -730,6 +730,13 @@ def test_jobs_a_killed_sweep_never_started_are_counted_from_its_multirun_yaml(sw
     assert f"{cut}: 4 of the sweep's 6 jobs have a folder; the others never started" in capsys.readouterr().out
     (cut / "multirun.yaml").write_text("hydra: {sweeper: {_target_: some.OtherSweeper}}\n")
     assert compare.jobs_asked(cut) is None  # a sweeper that does not say: nothing said
+    # glob() (every preset of a group) and interval() are expanded by Hydra's config loader alone: compare printed
+    # the table, then a traceback (ConfigLoader is not set), and exited 1
+    for swept in ("loss='glob([simpo,cpo])'", "beta='interval(1, 10)'"):
+        sweeper = "{_target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper}"
+        (cut / "multirun.yaml").write_text(f"hydra: {{sweeper: {sweeper}, overrides: {{task: [{swept}, seed=1]}}}}\n")
+        assert compare.jobs_asked(cut) is None, swept
+    assert compare.main([str(cut), "--no-plots"]) == 0
 
 
 def test_runs_of_different_methods_ranked_by_their_own_rewards_get_a_note(tmp_path, capsys):
