@@ -732,9 +732,13 @@ def test_jobs_a_killed_sweep_never_started_are_counted_from_its_multirun_yaml(sw
     assert compare.jobs_asked(cut) is None  # a sweeper that does not say: nothing said
     # glob() (every preset of a group) and interval() are expanded by Hydra's config loader alone: compare printed
     # the table, then a traceback (ConfigLoader is not set), and exited 1
-    for swept in ("loss='glob([simpo,cpo])'", "beta='interval(1, 10)'"):
-        sweeper = "{_target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper}"
-        (cut / "multirun.yaml").write_text(f"hydra: {{sweeper: {sweeper}, overrides: {{task: [{swept}, seed=1]}}}}\n")
+    import yaml
+
+    for swept in ("loss=glob([simpo,cpo])", "beta=interval(1, 10)"):
+        sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}
+        multirun = {"hydra": {"sweeper": sweeper, "overrides": {"task": [swept, "seed=1,2"]}}}
+        (cut / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+        assert compare.sweep_request(cut)[1] is not None  # read by Hydra's grammar
         assert compare.jobs_asked(cut) is None, swept
     assert compare.main([str(cut), "--no-plots"]) == 0
 
