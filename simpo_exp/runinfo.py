@@ -30,6 +30,7 @@ from simpo_exp.rundir import (
     RESUMABLE_CHANGES,
     STOPPED_FILE,
     checkpoint_dirs,
+    ended_unrecorded,
     failure_record,
     hold_folder,
     read_json,
@@ -819,6 +820,29 @@ class SweepSummary(Callback):
         if self._list_failed():
             raise SystemExit(1)
 
+    def _unfinished(self, jobs: list[Path], failures: set[Path]) -> list[Path]:
+        """The training jobs started that neither finished nor recorded a failure or stop, each listed: a job killed
+        outright (out of memory, kill -9, a lost node) writes nothing, and a launcher's error for it (submitit's
+        ``UncompletedJobError``) ends the sweep's command while other jobs may still train."""
+        if not getattr(self, "training", True):
+            return []
+        unfinished = [p for p in jobs if p not in failures and not (p / FINISHED).exists()]
+        if unfinished:
+            print(
+                f"\nsweep ended with {len(unfinished)} of {len(jobs)} started jobs unfinished ({self.sweep_dir}):",
+                file=sys.stderr,
+            )
+        for path in unfinished:
+            how = (
+                "killed without a record (out of memory, kill -9); it resumes from its newest checkpoint"
+                if ended_unrecorded(path)
+                else "no record yet: still running, or on another machine"
+            )
+            print(f"  {self._job(path)}: {how}", file=sys.stderr)
+        if unfinished:
+            print(f"{self.rerun} to finish them: finished jobs are skipped", file=sys.stderr, flush=True)
+        return unfinished
+
     def _list_failed(self) -> bool:
         """Print the jobs of this sweep that failed (or that all succeeded), once; whether any failed."""
         if getattr(self, "listed", True):
@@ -843,12 +867,13 @@ class SweepSummary(Callback):
                 file=sys.stderr,
                 flush=True,
             )
+        unfinished = self._unfinished(jobs, failures) if not stopped else []
         if not failed:
             if not stopped and not jobs:  # the sweep ended before its first job (a preset that does not compose)
                 print(f"sweep ended before any job ran ({self.sweep_dir}): see the error above", file=sys.stderr)
-            elif not stopped:
+            elif not stopped and not unfinished:
                 print(f"sweep finished: {len(jobs)} jobs in {self.sweep_dir}", flush=True)
-            return False
+            return bool(unfinished)
         print(f"\nsweep finished: {len(failed)} of {len(jobs)} jobs FAILED ({self.sweep_dir})", file=sys.stderr)
         for path, err in failed:
             first_line = (err.get("error") or "").splitlines()[0] if err.get("error") else ""

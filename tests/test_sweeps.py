@@ -247,6 +247,46 @@ def test_a_process_that_failed_while_the_main_one_took_a_stop_is_a_failure(tmp_p
     assert "error-rank1.json" in taken and not list(job.glob("error*.json")) and failure_record(job) is None
 
 
+def test_a_job_killed_without_a_record_is_listed_not_a_finished_sweep(tmp_path, capsys):
+    """Under the submitit launchers a job killed outright (out of memory, kill -9, a lost node) writes nothing and
+    the launcher's error ends the sweep's command, whose summary then said "sweep finished: 2 jobs" while another
+    job was still training. Each unfinished job is listed: killed (its folder's lock free), or not yet recorded."""
+    import fcntl
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from simpo_exp.rundir import IN_USE_FILE, _this_machine
+    from simpo_exp.runinfo import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    summary = SweepSummary()
+    hydra = SimpleNamespace(
+        sweep=SimpleNamespace(dir=str(sweep)), mode=RunMode.MULTIRUN, overrides=SimpleNamespace(hydra=[])
+    )
+    summary.on_multirun_start(SimpleNamespace(hydra=hydra, method="simpo"))
+    assert summary.training
+    jobs = [sweep / name for name in ("0_beta=2", "1_beta=5", "2_beta=10")]
+    for job in jobs:
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- {job.name[2:]}\n")
+        (job / IN_USE_FILE).write_text(f"pid 1{_this_machine()}2026-12-04 10:00:00")
+    (jobs[0] / "finished.json").write_text("{}")
+    with open(jobs[2] / IN_USE_FILE) as held:  # job 2 still at work
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert summary._list_failed() is True
+    err = capsys.readouterr().err
+    assert "sweep ended with 2 of 3 started jobs unfinished" in err and "sweep finished" not in err
+    assert "1_beta=5: killed without a record (out of memory, kill -9); it resumes from its newest checkpoint" in err
+    assert "2_beta=10: no record yet: still running, or on another machine" in err
+    assert "0_beta=2:" not in err
+    for job in jobs[1:]:
+        (job / "finished.json").write_text("{}")
+    summary.listed = False
+    assert summary._list_failed() is False
+    assert "sweep finished: 3 jobs in" in capsys.readouterr().out
+
+
 def test_the_way_to_go_on_names_the_folder_where_the_command_did_not(tmp_path, monkeypatch):
     """Hydra's default folders are named after the time the command started: "re-run the same command" started a
     new run from step 0 in a new folder. Where the command did not name its folder, the advice adds it."""
