@@ -26,6 +26,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 _servers: dict[tuple, Server] = {}
 PER_TEST = ("PYTEST_CURRENT_TEST",)  # changes with every test; the child gets the current one
+# Set in this process by libraries that tests use in it (sklearn's import, torch inductor's first compile,
+# accelerate's or DeepSpeed's import): each would start another server (about 9 s of imports and 600 MB held to
+# the end), so they travel with each run, as PER_TEST does, rather than make a new environment.
+SET_BY_LIBRARIES = (
+    "KMP_DUPLICATE_LIB_OK",
+    "KMP_INIT_AT_FORK",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "PYTORCH_NVML_BASED_CUDA_CHECK",
+)
+PER_RUN = (*PER_TEST, *SET_BY_LIBRARIES)
 
 
 def free_port() -> int:
@@ -39,6 +49,8 @@ def run_env(extra: dict | None = None) -> dict:
     """This process's environment with W&B offline (no API key) and the HF hub offline, ``extra`` laid over it."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     env.pop("WANDB_API_KEY", None)
+    # the W&B service a test started in this process (an in-process Tracker): a run starts its own, as a user's does
+    env.pop("WANDB_SERVICE", None)
     return {**env, **(extra or {})}
 
 
@@ -54,7 +66,7 @@ def run_module(
     with tempfile.TemporaryDirectory(prefix="forked-run-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         request = {"module": module, "args": cmd[3:], "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-        pid = server.ask({**request, "env": {k: full.get(k) for k in PER_TEST}})
+        pid = server.ask({**request, "env": {k: full.get(k) for k in PER_RUN}})
         try:
             code = server.answer(timeout)["returncode"]
         except subprocess.TimeoutExpired:
@@ -112,7 +124,7 @@ def cuda_visible() -> bool:
 
 
 def _server(env: dict) -> Server:
-    key = tuple(sorted((k, v) for k, v in env.items() if k not in PER_TEST))
+    key = tuple(sorted((k, v) for k, v in env.items() if k not in PER_RUN))
     if key not in _servers or _servers[key].process.poll() is not None:
         _servers[key] = Server(env)
     return _servers[key]
