@@ -797,6 +797,23 @@ def no_traceback_without_a_best_trial() -> None:
     _impl.OptunaSweeperImpl.sweep = wrapped
 
 
+def write_sweep_request(config, sweep_dir: Path) -> None:
+    """Hydra's basic sweeper writes the sweep's config to ``multirun.yaml`` before its first job, and the Optuna
+    sweeper does not: compare then could not count the trials asked for (a search killed at trial 3 of 8 looked
+    complete), and job folders were named and matched without the swept keys. Written here where the sweeper
+    did not, as the basic one writes it."""
+    if not isinstance(config, DictConfig):
+        return
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    if not target or target.endswith("BasicSweeper"):
+        return
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(sweep_dir / "multirun.yaml", OmegaConf.to_yaml(config))
+    except (OSError, ValueError) as e:  # the jobs' own checks name a folder that cannot be written
+        log.warning("%s: the sweep's multirun.yaml cannot be written (%s)", sweep_dir, e)
+
+
 class SweepSummary(Callback):
     """At the end of a ``--multirun``, list this sweep's jobs that failed and why; exit 1 if any did.
 
@@ -811,6 +828,7 @@ class SweepSummary(Callback):
         if isinstance(config, DictConfig) and "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_")):
             no_traceback_without_a_best_trial()
         self.sweep_dir, self.listed = Path(config.hydra.sweep.dir), False
+        write_sweep_request(config, self.sweep_dir)
         self.rerun = rerun_command(config.hydra)
         self.training = getattr(config, "method", None) is not None  # compare reads training runs, not other stages
         self.before = _job_stamps(self.sweep_dir) | _in_use_refusals(self.sweep_dir)

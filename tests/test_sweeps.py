@@ -90,6 +90,11 @@ def test_optuna_preset_runs_trials_and_reports_the_best(tmp_path):
     accs = [json.loads((j / "summary.json").read_text())["eval/rewards/accuracies"] for j in jobs]
     assert best["best_value"] == max(accs)
     assert "Best parameters" in res.stdout + res.stderr
+    # the sweep's request, which the Optuna sweeper does not write itself: compare counts the trials asked for
+    from simpo_exp.compare import jobs_asked
+    from simpo_exp.runinfo import swept_keys
+
+    assert jobs_asked(sweep) == 4 and swept_keys(sweep) == {"beta", "gamma_beta_ratio", "learning_rate"}
 
 
 def test_a_failed_optuna_trial_is_a_failed_trial_and_the_search_goes_on(tmp_path):
