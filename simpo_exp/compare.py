@@ -60,6 +60,7 @@ from simpo_exp.rundir import (
     read_yaml,
     records_dir,
     shell_override,
+    split_outside,
     step_of,
     stopped_words,
     sweep_request,
@@ -314,20 +315,7 @@ def name_parts(name: str) -> list[str]:
     """A run name's overrides (``runinfo.run_name`` joins them with commas), split at the commas outside brackets
     and quotes: ``dataset=[a,b],seed=1`` is two overrides, not three (a plain split made every mixture's dataset
     ``[a``, and runs on different data pooled as seeds of one setting)."""
-    parts, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(name):
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(name[start:i])
-            start = i + 1
-    return [*parts, name[start:]]
+    return split_outside(name)
 
 
 def jobs_asked(sweep_dir: Path) -> int | None:

@@ -181,6 +181,25 @@ def recorded_sources(run_dir: Path) -> dict:
     return (report.get("sources") or {}) if isinstance(report, dict) else {}
 
 
+def split_outside(text: str, at: re.Pattern | None = None) -> list[str]:
+    """``text`` split at its commas outside brackets and quotes (and, with ``at``, only where ``at`` matches from
+    the comma on): ``a='x,y',b=[1,2]`` is two items."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0 and (at is None or at.match(text, i)):
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["beta=2", "+x=1", "~y"]`` -> ``{"beta": "2", "x": "1", "y": "<deleted>"}``, Hydra's own left out."""
     out = {}

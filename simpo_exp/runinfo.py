@@ -38,6 +38,7 @@ from simpo_exp.rundir import (
     release_folders,
     rerun_command,
     select,
+    split_outside,
     stopped_before_a_step_record,
     stopped_words,
     sweep_request,
@@ -47,9 +48,16 @@ from simpo_exp.signals import StopRequested, interrupt_status
 log = logging.getLogger(__name__)
 
 
-# One override of Hydra's override_dirname ("k=v,k=v"): a comma followed by a key and "=" (a list value's commas,
-# "dataset.sources=[a,b]", are not followed by one).
+# One override of Hydra's override_dirname ("k=v,k=v"): a comma outside brackets and quotes followed by a key and
+# "=" (a list value's commas, "dataset.sources=[a,b]", are not followed by one; a quoted path's may be:
+# "model.path='/runs/0_beta=5,eval_steps=10/model'").
 _NEXT_ITEM = re.compile(r",(?=[+~]?[\w.@-]+=)")
+
+
+def _override_items(overrides: str) -> list[str]:
+    return split_outside(overrides, at=_NEXT_ITEM)
+
+
 _LONG_FLOAT = re.compile(r"^(?P<key>[^=]+=)(?P<value>-?\d+\.\d{7,}(?:[eE][-+]?\d+)?)$")
 
 
@@ -68,7 +76,7 @@ def job_dirname(overrides: str, sweep_dir: str | None = None, num=None, limit: i
     before = _cut_before(overrides, limit)
     if sweep_dir is not None and (Path(str(sweep_dir)) / f"{num}_{before}").is_dir():
         return before  # a job of a sweep started then: its folder, with its checkpoints, goes on
-    items = [i for i in _NEXT_ITEM.split(name) if i.lstrip("+~").split("=", 1)[0] not in RESUMABLE_CHANGES]
+    items = [i for i in _override_items(name) if i.lstrip("+~").split("=", 1)[0] not in RESUMABLE_CHANGES]
     items = [(m["key"] + f"{float(m['value']):.6g}") if (m := _LONG_FLOAT.match(i)) else i for i in items]
     if len(",".join(items)) > limit - 9:  # dotted keys by their last part where that names one item only
         lasts = [i.split("=", 1)[0].rsplit(".", 1)[-1] for i in items]
@@ -158,7 +166,7 @@ def _trains_alike(overrides: str | None, swept: frozenset = frozenset()) -> list
     if overrides is None:
         return None
     keep = lambda item: item.split("=", 1)[0] in swept or not operational(item)  # noqa: E731
-    return [i for i in _NEXT_ITEM.split(overrides) if i and keep(i.lstrip("+~"))]
+    return [i for i in _override_items(overrides) if i and keep(i.lstrip("+~"))]
 
 
 def swept_keys(sweep_dir: Path) -> frozenset:

@@ -504,6 +504,15 @@ def test_a_long_job_folder_name_keeps_what_tells_the_jobs_apart():
         assert job_subdir("beta=2", sweep_dir, 1) == "1_beta=2"
     lists = "dataset.sources=[ultrafeedback,argilla],eval_steps=5," + "x" * 120 + "=1"  # a list value's commas stay
     assert job_dirname(lists).startswith("sources=[ultrafeedback,argilla],x")  # eval_steps left out
+    # a quoted path holding a comma (a sweep job's model, as the README passes it) is one value: its "eval_steps=10"
+    # is no setting, and two jobs trained from different models do not train alike
+    from simpo_exp.runinfo import _trains_alike
+
+    models = [f"model.path='/sweep/0_beta=5,eval_steps={n}/model',seed=1" for n in (10, 50)]
+    assert _trains_alike(models[0]) != _trains_alike(models[1])
+    assert _trains_alike(models[0] + ",eval_steps=7") == _trains_alike(models[0])  # a real eval_steps: left out
+    quoted = job_dirname(models[0] + ",eval_steps=7," + "x" * 120 + "=1")
+    assert "eval_steps=10" in quoted and "eval_steps=7" not in quoted
 
 
 def test_a_sweep_over_a_setting_a_resume_may_change_runs_each_value(tmp_path):
