@@ -63,15 +63,18 @@ class Window:
     def restore(cls, saved: list | dict, seconds: float, steps: int, accelerator) -> "Window":
         """A checkpoint's open window (``saved``: each process's sums, in rank order) for this process: its own
         sums, so that the next report adds them up exactly as the run would have. Resumed on another number of
-        processes, the main process takes all of them (the same totals, summed in another order). A dict is
-        one window (checkpoints written before every process's was kept)."""
+        processes, the main process takes all of them (the same totals, summed in another order) and every other
+        process zeros under the same keys: ``means`` reduces one stacked tensor of the keys each process holds, and
+        a key only some steps add (a skipped step's ``skipped/*``) held by the main process alone made the reduce
+        sizes differ (gloo aborted; NCCL hangs). A dict is one window (checkpoints written before every process's
+        was kept)."""
         windows = saved if isinstance(saved, list) else [saved]
         if len(windows) == accelerator.num_processes:
             return cls(windows[accelerator.process_index], seconds, steps)
-        merged: dict[str, float] = {}
+        merged: dict[str, float] = {k: 0.0 for window in windows for k in window}
         for window in windows if accelerator.is_main_process else []:
             for k, v in window.items():
-                merged[k] = merged.get(k, 0.0) + v
+                merged[k] += v
         return cls(merged, seconds, steps)
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ counts, per-pair ones by the pair count.
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,9 +197,44 @@ def test_a_resumed_window_gives_each_process_its_own_sums():
     assert Window.restore(saved, 1.0, 2, rank(1, 2)).local() == {"pairs": 4.0, "loss": 2.5}
     one = Window.restore(saved, 1.0, 2, rank(0, 1))
     assert one.local() == {"pairs": 8.0, "loss": 4.0} and (one.seconds, one.steps) == (1.0, 2)
-    assert Window.restore(saved, 1.0, 2, rank(2, 4)).local() == {}
+    assert Window.restore(saved, 1.0, 2, rank(2, 4)).local() == {"pairs": 0.0, "loss": 0.0}  # the same keys
     assert Window.restore({"pairs": 4.0}, 0.0, 0, rank(0, 1)).local() == {"pairs": 4.0}  # an older checkpoint
     assert Window.restore([], 0.0, 0, rank(0, 1)).local() == {}  # a fresh run
+
+
+def _reduce_a_restored_window(rank: int, port: int, saved: list, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        accelerator = SimpleNamespace(
+            num_processes=2, process_index=rank, is_main_process=rank == 0, device=torch.device("cpu"),
+            reduce=lambda t, reduction: (dist.all_reduce(t), t)[1],
+        )  # fmt: skip
+        window = Window.restore(saved, 1.0, 2, accelerator)
+        window.add({"pairs": torch.tensor(2.0), "loss": torch.tensor(1.0), "tokens": torch.tensor(10.0)})  # a step
+        out.put((rank, window.means(accelerator, "train")))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_window_resumed_on_more_processes_reduces_when_it_held_a_skipped_steps_keys():
+    """Resumed on 2 processes from 1, the main process took the saved window, holding a skipped step's
+    ``skipped/*`` sums, and the other none: at the next report the two stacked different numbers of sums into one
+    all-reduce (gloo aborted: "Received data size doesn't match expected size"; NCCL hangs)."""
+    import torch.multiprocessing as mp
+
+    from tests.runs import free_port
+
+    saved = [{"pairs": 4.0, "loss": 2.0, "tokens": 40.0, "skipped/tokens": 12.0, "skipped/pairs": 4.0}]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    mp.start_processes(_reduce_a_restored_window, args=(free_port(), saved, out), nprocs=2, start_method="spawn")
+    (_, (means0, totals0)), (_, (means1, totals1)) = sorted(out.get(timeout=60) for _ in range(2))
+    assert (
+        totals0 == totals1 == {"loss": 4.0, "pairs": 8.0, "skipped/pairs": 4.0, "skipped/tokens": 12.0, "tokens": 60.0}
+    )
+    assert means0 == means1 and means0["train/loss"] == 0.5
 
 
 # ----------------------------------------------------------------------------- from a real model
