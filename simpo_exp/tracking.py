@@ -44,7 +44,9 @@ PAIR_METRICS = (
 )
 # Per-token statistics of the response tokens (float32, detached), averaged over tokens, not pairs:
 # name -> the length sums whose total divides the metric's sum. TRL's DPO defines entropy (chosen and
-# rejected completion tokens) and mean_token_accuracy (chosen tokens whose label is the argmax) so.
+# rejected completion tokens) and mean_token_accuracy (chosen tokens whose label is the argmax) so, per micro-batch;
+# its log then averages the micro-batches' means with equal weight, where these divide the window's (or the test
+# split's) sums: the same where micro-batches hold as many response tokens each (README, "Metrics").
 TOKEN_METRICS = {
     "logits_response/chosen": ("length/chosen",),  # the logit averaged over the vocabulary and the tokens
     "logits_response/rejected": ("length/rejected",),
