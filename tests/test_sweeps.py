@@ -390,6 +390,9 @@ def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
     assert all("hydra.run.dir=outputs/runs/slurm-77" in x and x.endswith("shutdown=110") for x in lines)
     assert (tmp_path / "srun_options").read_text() == "--cpus-per-task=64\n"
     assert not (tmp_path / "requeued").exists()  # it ended: nothing to requeue
+    (tmp_path / "launched").unlink()  # nodes of 4 GPUs (--gpus-per-node=4): 4 processes each, not 8 (two a GPU)
+    assert sbatch(SLURM_GPUS_ON_NODE="4").returncode == 0
+    assert all("--num_processes 8 " in x for x in (tmp_path / "launched").read_text().splitlines())
     res = sbatch(STOP='{"signal": "SIGTERM", "step": 40}')  # stopped by the signal before the limit, saved
     assert res.returncode == 143 and (tmp_path / "requeued").read_text() == "requeue 77\n", res.stderr
     # requeued again and again without progress before: the earlier attempt's stopped.json with this one failed,
