@@ -112,7 +112,10 @@ FAMILIES = (
 )
 # the loop's metrics, its counters, and the numbers summary.json adds: the run's wall time, the compile steps'
 KNOWN_METRICS = (
-    train_keys(METHODS) + eval_keys(METHODS) + [STEP_KEY, SAMPLES_KEY, "runtime_s", "train/compile_warmup_s"]
+    train_keys(METHODS)
+    + eval_keys(METHODS)
+    + [STEP_KEY, SAMPLES_KEY, "runtime_s", "train/compile_warmup_s", "train/compile_warmup_steps"]
+    + ["train/compile_graphs"]
 )
 assert all(m in PAIR_METRICS for fam in FAMILIES for m in fam.metrics)
 assert set(TABLE_METRICS) <= set(KNOWN_METRICS)
@@ -294,11 +297,13 @@ def wandb_run(r) -> Run:
     ``beta=5,seed=1``)."""
     summary = dict(r.summary)
     status = wandb_status(r.state, summary)
-    history = [
-        {"step": int(row[STEP_KEY]), **{k: v for k, v in row.items() if "/" in k}}
-        for row in r.scan_history()
-        if row.get(STEP_KEY) is not None
-    ]
+    # one row a step, the last logged: a resumed offline run's W&B folders repeat the steps past its checkpoint
+    # (metrics.jsonl is trimmed; the synced history is not), and a curve then doubled back on itself
+    rows = {}
+    for row in r.scan_history():
+        if row.get(STEP_KEY) is not None:
+            rows[int(row[STEP_KEY])] = rows.get(int(row[STEP_KEY]), {}) | {k: v for k, v in row.items() if "/" in k}
+    history = [{"step": step, **row} for step, row in sorted(rows.items())]
     message = {
         "stopped": f"stopped by {summary.get(STOPPED_SUMMARY)}; re-run its command to resume",
         "killed": f"W&B lost it ({r.state}: out of memory, kill -9?); re-run its command (it resumes from its last "
@@ -306,9 +311,26 @@ def wandb_run(r) -> Run:
         "failed": "failed (its run directory's error.json says why)",
     }.get(status)
     overrides = dict(kv.split("=", 1) for kv in name_parts(r.name or "") if "=" in kv)
+    bench = {k: float(v) for k, v in summary.items() if is_bench_metric(k) and _is_number(v)}  # evaluate's numbers
     return Run(
-        r.name, status, config=dict(r.config), overrides=overrides, summary=summary, history=history, error=message
-    )
+        r.name, status, config=dict(r.config), overrides=overrides, summary=summary, history=history, error=message,
+        bench=bench,
+    )  # fmt: skip
+
+
+def notes(runs: list[Run], metric: str) -> list[str]:
+    """What the table alone does not say, as the command prints it below the table (the notebook too): jobs a
+    sweep never started, runs of different methods ranked on one metric, answers a judge has not yet judged,
+    benchmark numbers measured with different settings."""
+    out = [n for n in [*unstarted_jobs(runs), mixed_methods_note(runs, metric), awaiting_judge_note(runs)] if n]
+    for bench, differ in mixed_bench_settings(runs).items():
+        starts = any(d.startswith("start_weights:") for d in differ)  # the rule benchmark's own baselines
+        out.append(
+            f"bench/{bench}/* was measured with different settings ({'; '.join(differ)}): "
+            "these runs' numbers do not compare; evaluate them alike"
+            + (f" (bench/{bench}/score is measured against no starting model)" if starts else "")
+        )
+    return out
 
 
 def name_parts(name: str) -> list[str]:
@@ -957,16 +979,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nnote: {missing_bench_metric(runs, args.metric, args.paths[0])}")
     elif all(r.final(args.metric) is None for r in runs):
         print(f"\nnote: no run has {args.metric} (a metric of another method, or of runs not yet evaluated)")
-    for note in [*unstarted_jobs(runs), mixed_methods_note(runs, args.metric), awaiting_judge_note(runs)]:
-        if note:
-            print(f"\nnote: {note}")
-    for bench, differ in mixed_bench_settings(runs).items():
-        starts = any(d.startswith("start_weights:") for d in differ)  # the rule benchmark's own baselines
-        print(
-            f"\nnote: bench/{bench}/* was measured with different settings ({'; '.join(differ)}): "
-            "these runs' numbers do not compare; evaluate them alike"
-            + (f" (bench/{bench}/score is measured against no starting model)" if starts else "")
-        )
+    for note in notes(runs, args.metric):
+        print(f"\nnote: {note}")
     for metric in dict.fromkeys([args.metric, *bench_columns(runs)]):  # evaluation numbers pooled too
         seeds = seed_groups(runs, metric, ascending if metric == args.metric else None)
         if seeds:

@@ -70,6 +70,7 @@ TARGET = BEST_AND_LAST
 TARGET_SUMMARY = f"{TARGET}.last"
 # Summary columns of the runs table, after the swept config columns.
 TABLE_SUMMARIES = (TARGET_SUMMARY, "eval/rewards/margins", "eval/loss", "train/loss")
+MAX_RUNS_UNCOUNTED = 200  # runs per panel for a W&B group given by name, whose jobs cannot be counted here
 EVAL_SECTION = "Evaluation"  # bench/<benchmark>/<metric> panels, when the jobs hold evaluate results
 # Without a sweep directory the swept keys are unknown: the knobs SimPO's authors tune (and the
 # Optuna preset searches), for the parallel-coordinates panel and the table, as the values the run
@@ -345,8 +346,11 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
         project=project,
         name=name or f"SimPO {sweep.group}",
         sections=sections,
-        # every job of the sweep in each panel: W&B draws the first 10 runs of the set by default
-        settings=ws.WorkspaceSettings(x_axis=STEP_KEY, max_runs=max(10, len(sweep.jobs))),
+        # every job of the sweep in each panel: W&B draws the first 10 runs of the set by default; a group given by
+        # name (no folder to count its jobs in) gets MAX_RUNS_UNCOUNTED, not 10
+        settings=ws.WorkspaceSettings(
+            x_axis=STEP_KEY, max_runs=max(10, len(sweep.jobs)) if sweep.jobs else MAX_RUNS_UNCOUNTED
+        ),
         runset_settings=ws.RunsetSettings(
             filters=[ws.Metric("Group") == sweep.group],
             groupby=[ws.Config(k) for k in sweep.groupby],

@@ -306,6 +306,14 @@ def test_notebook_executes_on_the_sweep(sweep, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
     assert any("6 runs" in o.get("text", "") for o in outputs)
+    # a W&B group asked for without a key (NETRC: tests/conftest.py, no `wandb login`): it read the local folders
+    # in its place and said nothing; now it stops, saying why
+    from nbclient.exceptions import CellExecutionError
+
+    monkeypatch.setenv("WANDB_GROUP", "sweep-real-abcdef")
+    nb = nbformat.read(ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
+    with pytest.raises(CellExecutionError, match="WANDB_GROUP=sweep-real-abcdef is set but there is no W&B key"):
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
 
 
 def test_seed_groups_pool_equal_values_and_group_choices_however_they_were_given():
@@ -525,6 +533,14 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
     assert "crashed" in runs["beta=4"].error and runs["beta=1"].error is None
     table = compare.format_table(compare.runs_table(list(runs.values())))
     assert table.index("beta=1") < table.index("beta=2") < table.index("beta=4")
+    # a resumed offline run synced: the steps past its checkpoint come twice (the later rows win), and its
+    # evaluate numbers sit in the summary: curves went back on themselves and the table had no bench columns
+    again = [
+        {"train/global_step": s, "train/loss": v} for s, v in [(10, 0.5), (20, 0.4), (30, 0.3), (20, 0.35), (30, 0.25)]
+    ]
+    (resumed,) = compare.wandb_runs([FakeWandbRun("beta=6", "finished", {"bench/rule/win_rate": 61.0}, again)])
+    assert resumed.series("train/loss") == ([10, 20, 30], [0.5, 0.35, 0.25])
+    assert resumed.bench == {"bench/rule/win_rate": 61.0} and "bench/rule/win_rate" in compare.runs_table([resumed])[0]
     # a list-valued override (a data mixture) stays one value: split at every comma, the two mixtures below were
     # both dataset='[ufb' and pooled as two seeds of one setting
     mixes = [

@@ -97,6 +97,9 @@ def test_every_job_of_a_large_sweep_is_drawn():
     """W&B draws the first 10 runs of a set in each panel by default: a sweep of 12 jobs lost 2 from every plot."""
     spec = dashboard.view_spec(dashboard.build_workspace(dashboard.Sweep(group="g", jobs=[Path("j")] * 12), "e", "p"))
     assert '"maxRuns": 12' in json.dumps(spec)
+    # a W&B group given by name: no folder to count its jobs in, and a 27-job group was drawn 10 a panel
+    spec = dashboard.view_spec(dashboard.build_workspace(dashboard.Sweep(group="sweep-big-abcdef", jobs=[]), "e", "p"))
+    assert f'"maxRuns": {dashboard.MAX_RUNS_UNCOUNTED}' in json.dumps(spec) and dashboard.MAX_RUNS_UNCOUNTED >= 100
 
 
 def test_panels_cover_every_logged_metric(sweep, spec):
