@@ -561,6 +561,12 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool |
     return sorted(rows, key=order)
 
 
+def _setting_of(group: dict) -> dict:
+    """A ``seed_groups`` row's setting: its swept values, the keys before its counts."""
+    keys = list(group)
+    return {k: group[k] for k in keys[: keys.index("seeds")]}
+
+
 # ----------------------------------------------------------------------------- generations
 def last_generations(runs: list[Run], count: int = 3) -> list[dict]:
     """For the first ``count`` sample prompts: the prompt, chosen and rejected answers, and each
@@ -883,7 +889,17 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     if handles:
         fig.legend(handles, labels, loc="outside right upper", title=f"runs, best first by {metric}", fontsize=9)
     title = fam.title + (f"  -  {fam.better} is better" if fam.better else "")
-    if len(ranked) > 1 and ranked[0].status == "done" and _is_number(ranked[0].final(metric)):
+    groups = [g for g in seed_groups(runs, metric, ascending) if _is_number(g[f"{metric} mean"])]
+    if groups and (len(groups) > 1 or groups[0]["seeds"] > 1):  # a setting, not one seed's run, is the best
+        best, setting = groups[0], ", ".join(f"{k}={v}" for k, v in _setting_of(groups[0]).items())
+        title += "\n" + textwrap.shorten(f"best setting by {metric} over seeds: {setting}", 80)
+        title += f" (mean {_fmt(best[f'{metric} mean'])}, {best['seeds']} seeds, {_fmt(best['min'])} to "
+        title += f"{_fmt(best['max'])})"
+        if len(groups) > 1 and max(best["min"], groups[1]["min"]) <= min(best["max"], groups[1]["max"]):
+            title += ", within the spread of the next: " + ", ".join(
+                f"{k}={v}" for k, v in _setting_of(groups[1]).items()
+            )
+    elif len(ranked) > 1 and ranked[0].status == "done" and _is_number(ranked[0].final(metric)):
         best = ranked[0]
         ties = sum(r.status == "done" and r.final(metric) == best.final(metric) for r in ranked[1:])
         title += "\n" + textwrap.shorten(f"best by {metric}: {best.label}", 80) + f" ({_fmt(best.final(metric))})"

@@ -144,7 +144,14 @@ def test_plots_one_line_per_job(sweep, tmp_path):
     fig = compare.figure(runs, "rewards_margins")
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert len(labels) == 4 and all("beta=" in label for label in labels)
-    assert labels[0].startswith("1. ") and "best by eval/rewards/accuracies" in fig.get_suptitle()
+    assert labels[0].startswith("1. ")
+    # seeds are swept: the title names the best setting over them, not one seed's lucky run
+    groups = compare.seed_groups(runs)
+    title = " ".join(fig.get_suptitle().split())  # unwrapped
+    assert f"best setting by eval/rewards/accuracies over seeds: beta={groups[0]['beta']}" in title, title
+    assert "2 seeds" in title and "best by eval/rewards/accuracies: beta=" not in title
+    overlap = max(groups[0]["min"], groups[1]["min"]) <= min(groups[0]["max"], groups[1]["max"])
+    assert (f"within the spread of the next: beta={groups[1]['beta']}" in title) == overlap
     assert "not plotted" in fig.get_supxlabel() and "beta=-1" in fig.get_supxlabel()  # failed jobs, no crash
 
 
