@@ -190,7 +190,6 @@ def test_empty_window_gives_nan_not_an_error():
 def test_a_resumed_window_gives_each_process_its_own_sums():
     """A checkpoint keeps every process's open window; resumed on as many processes, each takes its own (the
     next report then sums them as the run would have); on another number, the main process takes them all."""
-    from types import SimpleNamespace
 
     saved = [{"pairs": 4.0, "loss": 1.5}, {"pairs": 4.0, "loss": 2.5}]
     rank = lambda i, n: SimpleNamespace(num_processes=n, process_index=i, is_main_process=i == 0)  # noqa: E731
@@ -202,34 +201,19 @@ def test_a_resumed_window_gives_each_process_its_own_sums():
     assert Window.restore([], 0.0, 0, rank(0, 1)).local() == {}  # a fresh run
 
 
-def _reduce_a_restored_window(rank: int, port: int, saved: list, out) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        accelerator = SimpleNamespace(
-            num_processes=2, process_index=rank, is_main_process=rank == 0, device=torch.device("cpu"),
-            reduce=lambda t, reduction: (dist.all_reduce(t), t)[1],
-        )  # fmt: skip
-        window = Window.restore(saved, 1.0, 2, accelerator)
-        window.add({"pairs": torch.tensor(2.0), "loss": torch.tensor(1.0), "tokens": torch.tensor(10.0)})  # a step
-        out.put((rank, window.means(accelerator, "train")))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_a_window_resumed_on_more_processes_reduces_when_it_held_a_skipped_steps_keys():
     """Resumed on 2 processes from 1, the main process took the saved window, holding a skipped step's
     ``skipped/*`` sums, and the other none: at the next report the two stacked different numbers of sums into one
     all-reduce (gloo aborted: "Received data size doesn't match expected size"; NCCL hangs)."""
     import torch.multiprocessing as mp
 
+    from tests.gloo_window import reduce_a_restored_window
     from tests.runs import free_port
 
     saved = [{"pairs": 4.0, "loss": 2.0, "tokens": 40.0, "skipped/tokens": 12.0, "skipped/pairs": 4.0}]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    mp.start_processes(_reduce_a_restored_window, args=(free_port(), saved, out), nprocs=2, start_method="spawn")
+    mp.start_processes(reduce_a_restored_window, args=(free_port(), saved, out), nprocs=2, start_method="spawn")
     (_, (means0, totals0)), (_, (means1, totals1)) = sorted(out.get(timeout=60) for _ in range(2))
     assert (
         totals0 == totals1 == {"loss": 4.0, "pairs": 8.0, "skipped/pairs": 4.0, "skipped/tokens": 12.0, "tokens": 60.0}
@@ -299,7 +283,6 @@ def test_a_steps_tokens_are_the_computed_ones_and_mfu_shares_the_work_among_the_
     prefix sharing each prompt once, 15 for PAIRS, where TRL's input_tokens counts it for each response (20). The
     window's work, summed over the processes, is divided by all their peaks: 8e12 FLOPs in 2 s on 4 devices of
     1e12 FLOP/s each is an MFU of 1.0 (4.0 against one device's peak)."""
-    from types import SimpleNamespace
 
     from simpo_exp.metrics import throughput
 
