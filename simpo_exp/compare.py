@@ -299,10 +299,10 @@ def wandb_run(r) -> Run:
     status = wandb_status(r.state, summary)
     # one row a step, the last logged: a resumed offline run's W&B folders repeat the steps past its checkpoint
     # (metrics.jsonl is trimmed; the synced history is not), and a curve then doubled back on itself
-    rows = {}
+    rows: dict[int, dict] = {}
     for row in r.scan_history():
         if row.get(STEP_KEY) is not None:
-            rows[int(row[STEP_KEY])] = rows.get(int(row[STEP_KEY]), {}) | {k: v for k, v in row.items() if "/" in k}
+            rows.setdefault(int(row[STEP_KEY]), {}).update({k: v for k, v in row.items() if "/" in k})
     history = [{"step": step, **row} for step, row in sorted(rows.items())]
     message = {
         "stopped": f"stopped by {summary.get(STOPPED_SUMMARY)}; re-run its command to resume",
@@ -486,7 +486,7 @@ def label_runs(runs: list[Run]) -> list[Run]:
     keys = swept_keys(runs)
     for r in runs:
         r.swept = {k: _shown_as(r.value_of(k)) for k in keys}
-        r.label = ", ".join(f"{k}={v}" for k, v in r.swept.items()) or r.name
+        r.label = settings_label(r.swept) or r.name
     labels = [r.label for r in runs]
     for r in runs:
         if labels.count(r.label) > 1:
@@ -561,10 +561,15 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool |
     return sorted(rows, key=order)
 
 
-def _setting_of(group: dict) -> dict:
-    """A ``seed_groups`` row's setting: its swept values, the keys before its counts."""
+def settings_label(values: dict) -> str:
+    """``beta=2, gamma_beta_ratio=0.5``: swept values as a run's (or a setting's) label shows them."""
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def _setting_of(group: dict) -> str:
+    """A ``seed_groups`` row's setting as a label: its swept values, the keys before its counts."""
     keys = list(group)
-    return {k: group[k] for k in keys[: keys.index("seeds")]}
+    return settings_label({k: group[k] for k in keys[: keys.index("seeds")]})
 
 
 # ----------------------------------------------------------------------------- generations
@@ -891,14 +896,12 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     title = fam.title + (f"  -  {fam.better} is better" if fam.better else "")
     groups = [g for g in seed_groups(runs, metric, ascending) if _is_number(g[f"{metric} mean"])]
     if groups and (len(groups) > 1 or groups[0]["seeds"] > 1):  # a setting, not one seed's run, is the best
-        best, setting = groups[0], ", ".join(f"{k}={v}" for k, v in _setting_of(groups[0]).items())
-        title += "\n" + textwrap.shorten(f"best setting by {metric} over seeds: {setting}", 80)
+        best = groups[0]
+        title += "\n" + textwrap.shorten(f"best setting by {metric} over seeds: {_setting_of(best)}", 80)
         title += f" (mean {_fmt(best[f'{metric} mean'])}, {best['seeds']} seeds, {_fmt(best['min'])} to "
         title += f"{_fmt(best['max'])})"
         if len(groups) > 1 and max(best["min"], groups[1]["min"]) <= min(best["max"], groups[1]["max"]):
-            title += ", within the spread of the next: " + ", ".join(
-                f"{k}={v}" for k, v in _setting_of(groups[1]).items()
-            )
+            title += f", within the spread of the next: {_setting_of(groups[1])}"
     elif len(ranked) > 1 and ranked[0].status == "done" and _is_number(ranked[0].final(metric)):
         best = ranked[0]
         ties = sum(r.status == "done" and r.final(metric) == best.final(metric) for r in ranked[1:])
