@@ -99,6 +99,20 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
                 verdict(x >= SPEED),
             )
         )
+    elif trl and result.get("failures", {}).get(TRL_NO_CHECKPOINTING) == "out of memory" and like(TRL_NO_CHECKPOINTING):
+        # TRL without checkpointing does not fit this batch on this GPU: its checkpointed run is the fastest TRL a
+        # user has here, and a run of ours that fits without checkpointing is what this tool offers at that batch.
+        # A row of its own, named so: the like-with-like rows above stay the speed target's first reading.
+        free = against(trl, like(TRL_NO_CHECKPOINTING))
+        x = speedup(result, free, trl)
+        out.append(
+            (
+                f"batch {batch}: best pairs/s >= {SPEED}x TRL's fastest that fits "
+                "(TRL without checkpointing: out of memory)",
+                f"{free['name']} {x:.2f}x TRL with checkpointing, at {free[mem] / trl[mem]:.2f}x its peak memory",
+                verdict(x >= SPEED),
+            )
+        )
     if "mfu" in overall:
         # TRL's MFU counts the prompt twice, as TRL runs it; a prefix-shared run's counts it once (the work it does)
         once = VARIANTS.get(split_variant(overall["name"])[0], {}).get("packing") == "prefix_shared"
