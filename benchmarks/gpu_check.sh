@@ -9,8 +9,8 @@
 #   there: bash benchmarks/gpu_check.sh                       # tests, b16, big: about 7.5 minutes (140 + 180 + 120 s)
 #          PARTS="b4 compile16" bash benchmarks/gpu_check.sh  # the second call, at once: about 5.5 minutes
 #
-# Parts, in the order they run: tests, b16, big, profile, layers, b4, compile4, compile16, ckpt, blockmask (profile,
-# layers, compile4, compile16, ckpt and blockmask only when PARTS names them; b4 only with time left of the 460 s,
+# Parts, in the order they run: tests, b16, big, profile, layers, b4, compile4, compile16, ckpt, blockmask, flex
+# (profile, layers, compile4, compile16, ckpt, blockmask and flex only when PARTS names them; b4 only with time left of the 460 s,
 # unless PARTS names it). Each part has its
 # own time limit, and the benchmark prints and writes whatever it measured when it is cut short, so a slow part
 # never costs the figures of the others. Then paste $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
@@ -27,7 +27,7 @@ PARTS=${PARTS:-$DEFAULT_PARTS}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 mkdir -p "$OUT"
-KNOWN_PARTS="tests b16 big profile layers b4 compile4 compile16 ckpt blockmask"
+KNOWN_PARTS="tests b16 big profile layers b4 compile4 compile16 ckpt blockmask flex"
 for part in $PARTS; do  # a misspelt part ran nothing, after the machine's start and the kit's install, and said "done"
     if [[ " $KNOWN_PARTS " != *" $part "* ]]; then
         echo "PARTS=\"$PARTS\": no part $part (the parts: $KNOWN_PARTS)" | tee "$OUT/summary.md"
@@ -199,7 +199,8 @@ fi
 # busy share, kernels, synchronisations, the slowest kernels. Before b4 since 2026-12-01: it never had time left.
 if want profile; then  # only when named since 2026-12-02 (the default parts fill the time); TRL is profiled apart
     log "profile, batch 16"
-    bench profile 100 --batch 16 --profile --warmup 2 --steps 2 --no-trl --variants packed-flex+liger,plain
+    # 2026-12-04 profiled packed-flex+liger and plain (RESULTS.md); since, the MFU candidate without checkpointing
+    bench profile 100 --batch 16 --profile --warmup 2 --steps 2 --no-trl --variants packed-flex+nockpt,plain
 fi
 if want layers; then  # only when named: Liger's kernels in the decoder layers, without checkpointing, at batch 16
     log "benchmark, batch 16: Liger's layer kernels"
@@ -238,6 +239,14 @@ if want blockmask; then  # only when named: the block mask's build time and memo
     timeout 90 python3 benchmarks/bench_blockmask.py --device cuda --tokens 8192,16384,32768,65536 \
         --json "$WORK/blockmask.json" > "$WORK/blockmask.log" 2>&1
     log "blockmask: exit $?"; { echo '```'; cat "$WORK/blockmask.log"; echo '```'; } >> "$WORK/summary.md"
+    publish
+fi
+if want flex; then  # only when named: FlexAttention alone at batch 16 under other kernel options (bench_flex.py)
+    # 2026-12-04's profile: its forward kernel 2.3 ms a call, its backward 1.8 ms. Seven configs, each its own compile.
+    log "FlexAttention alone, batch-16 packed row, kernel options"
+    gpu_idle flex
+    timeout -k 10 120 python3 benchmarks/bench_flex.py --device cuda --json "$WORK/flex.json" > "$WORK/flex.log" 2>&1
+    log "flex: exit $?"; { echo '```'; cat "$WORK/flex.log" | grep -v Warning; echo '```'; } >> "$WORK/summary.md"
     publish
 fi
 log "issue 17's targets against these figures (benchmarks/targets.py)"

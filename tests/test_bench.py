@@ -381,3 +381,28 @@ def test_a_timed_run_that_skipped_an_optimizer_step_is_a_failure():
     assert "skipped 3 optimizer steps" in keep_run(runs, failures, "packed-flex", ran, warmup=1)
     assert runs == {} and "packed-flex" in failures
     assert keep_run(runs, failures, "plain", {**ran, "skipped_steps": 0}, warmup=1) is None
+
+
+def test_the_flex_benchmark_counts_the_visible_pairs_and_pads_without_changing_the_mask():
+    """benchmarks/bench_flex.py: its TFLOP/s count the pairs the run's mask lets through (checked against the mask's
+    own rule on every query-key pair), and its row padded to whole tiles keeps every real token's keys."""
+    import torch
+
+    from benchmarks.bench_flex import block_mask, main, visible_pairs
+    from simpo_exp.logps import row_groups, visibility
+
+    segments = [(5, 130, 7), (140, 3, 9), (2, 2, 300)]  # pieces across tile edges, and a tile of one pair only
+    for packing in ("packed", "prefix_shared"):
+        doc, role = row_groups(segments, packing)
+        n = len(doc)
+        q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        dense = visibility(doc, role)(0, 0, q, k)
+        assert visible_pairs(segments, packing) == int(dense.sum())
+        plain = block_mask(segments, packing, torch.device("cpu"), pad=False).to_dense()
+        padded = block_mask(segments, packing, torch.device("cpu"), pad=True)
+        assert padded.seq_lengths[0] % 128 == 0 and padded.seq_lengths[0] > n
+        padded = padded.to_dense()
+        tiles = -(-n // 128)
+        assert torch.equal(padded[..., :tiles, :tiles], plain)
+    rows = main(["--device", "cpu", "--batch", "1", "--heads", "2", "--kv-heads", "1", "--configs", "ours,sdpa-padded"])
+    assert [r["config"] for r in rows] == ["ours", "sdpa-padded"] and all(r["forward_ms"] > 0 for r in rows)
