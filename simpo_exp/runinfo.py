@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import traceback
+import uuid
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -574,7 +575,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             _put_back(out, earlier)
             restore_run_config(out)
             if not single and main:  # the sweep's summary lists it
-                (out / REFUSED_FILE).write_text(json.dumps({"error": str(e), "type": type(e).__name__}, indent=2))
+                (out / REFUSED_FILE).write_text(refusal_record(e))
             print(f"error: {e}", file=sys.stderr)
             if single:
                 raise SystemExit(2) from None
@@ -586,7 +587,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
                 _put_back(out, earlier)
                 restore_run_config(out)
                 if not single:  # the sweep's summary lists it
-                    (out / REFUSED_FILE).write_text(json.dumps({"error": str(e), "type": type(e).__name__}, indent=2))
+                    (out / REFUSED_FILE).write_text(refusal_record(e))
                 print(f"error: {e} ({writes} holds a run from before, left as it was)", file=sys.stderr)
                 if single:
                     raise SystemExit(2) from None
@@ -640,7 +641,7 @@ def _take_folder(out: Path, writes: Path, cfg: DictConfig, single: bool) -> bool
         if single:
             raise SystemExit(2) from None
         refused = out.parent / f"{IN_USE_REFUSED}{out.name}.json"  # read by SweepSummary, also from another process
-        write_atomic(refused, json.dumps({"error": str(e), "type": type(e).__name__}, indent=2))
+        write_atomic(refused, refusal_record(e))
         return False
     own = hydra_files(cfg)  # from memory: another command's Hydra may have rewritten .hydra/ before the lock
     _started_with.clear()
@@ -657,6 +658,20 @@ def _write_hydra_files(out: Path, files: dict[str, str], keep: bool = False) -> 
     for folder in ([out / ".hydra" / HELD] if keep else []) + [out / ".hydra"]:
         for name, text in files.items():
             write_atomic(folder / name, text)
+
+
+# the sweeping command's identity, set by SweepSummary for its jobs (in its process or a launcher's)
+SWEEP_ENV = "SIMPO_EXP_SWEEP"
+
+
+def refusal_record(e: Exception) -> str:
+    """A sweep job's refusal, as its sweep's summary and compare read it, naming the sweep that ran the job: a second
+    sweep started in the same folder writes refusals where the first one looks, and the first listed the second's
+    refused jobs as its own failures."""
+    record = {"error": str(e), "type": type(e).__name__}
+    if os.environ.get(SWEEP_ENV):
+        record["sweep"] = os.environ[SWEEP_ENV]
+    return json.dumps(record, indent=2)
 
 
 # this job's .hydra files (hydra_files) when it took its folder: {folder: {file name: text}}
@@ -840,6 +855,9 @@ class SweepSummary(Callback):
         self.rerun = rerun_command(config.hydra)
         self.training = getattr(config, "method", None) is not None  # compare reads training runs, not other stages
         self.before = _job_stamps(self.sweep_dir) | _in_use_refusals(self.sweep_dir)
+        # this command's identity, in its jobs' refusal records (refusal_record): the launchers' job processes inherit
+        # the environment (joblib's workers, submitit's jobs), and jobs in this process read it here
+        self.token = os.environ[SWEEP_ENV] = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         atexit.register(self._list_failed)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -876,10 +894,14 @@ class SweepSummary(Callback):
         self.listed = True
         jobs = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
         failed = [(p, record) for p in jobs if (record := failure_record(p))]
-        failed += [(p, read_json(p / REFUSED_FILE)) for p in jobs if (p / REFUSED_FILE).exists()]
+        # refusals of this sweep's jobs: another sweep running in the same folder meanwhile writes its own here
+        mine = lambda record: (record or {}).get("sweep") in (None, getattr(self, "token", None))  # noqa: E731
+        in_folder = [(p, read_json(p / REFUSED_FILE)) for p in jobs if (p / REFUSED_FILE).exists()]
+        failed += [(p, record) for p, record in in_folder if mine(record)]
         # a job refused because another job held its folder: recorded beside the folder, which is the other job's
         held = [f for f, stamp in _in_use_refusals(self.sweep_dir).items() if self.before.get(f) != stamp]
         refused = {f.with_name(f.name.removeprefix(IN_USE_REFUSED).removesuffix(".json")): read_json(f) for f in held}
+        refused = {job: record for job, record in refused.items() if mine(record)}
         failed += list(refused.items())
         jobs += [job for job in refused if job not in jobs]
         failures = {p for p, _ in failed}  # a process's failure the others took for a stop (the launcher's SIGTERM)

@@ -606,3 +606,42 @@ def test_a_sweep_without_hydra_folders_still_lists_its_failed_jobs_and_a_rerun_c
     (job / REFUSED_FILE).write_text('{"type": "OtherRunsDirectory", "error": "another run"}')
     _take_records(job)
     assert not (job / REFUSED_FILE).exists() and not (job / "error.json").exists()
+
+
+def test_a_second_sweep_in_the_same_folder_does_not_fail_the_first(tmp_path, capsys, monkeypatch):
+    """The same sweep command started twice in one folder: the second's jobs were refused (the first's held their
+    folders), and the first's summary, reading the refusal records beside its jobs, listed them as its own failures
+    ("1 of 2 jobs FAILED") although every job of its own finished. Each refusal names the sweep that ran the job."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from simpo_exp.errors import FolderInUse, OtherRunsDirectory
+    from simpo_exp.rundir import REFUSED_FILE
+    from simpo_exp.runinfo import IN_USE_REFUSED, SWEEP_ENV, SweepSummary, refusal_record
+
+    monkeypatch.delenv(SWEEP_ENV, raising=False)  # restored after the test: on_multirun_start sets it
+    sweep = tmp_path / "sweep"
+    hydra = SimpleNamespace(
+        sweep=SimpleNamespace(dir=str(sweep)), mode=RunMode.MULTIRUN, overrides=SimpleNamespace(hydra=[])
+    )
+    first = SweepSummary()
+    first.on_multirun_start(SimpleNamespace(hydra=hydra, method="simpo"))
+    jobs = [sweep / "0_beta=2", sweep / "1_beta=5"]
+    for job in jobs:
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- {job.name[2:]}\n")
+        (job / "finished.json").write_text("{}")
+    # the second sweep's jobs, refused: one whose folder the first's job held, one refused by the run in its folder
+    monkeypatch.setenv(SWEEP_ENV, "other-host:4242:second")
+    (sweep / f"{IN_USE_REFUSED}0_beta=2.json").write_text(refusal_record(FolderInUse("0_beta=2 is in use")))
+    (jobs[1] / REFUSED_FILE).write_text(refusal_record(OtherRunsDirectory("another run's folder")))
+    assert first._list_failed() is False
+    captured = capsys.readouterr()
+    assert "FAILED" not in captured.err and "sweep finished: 2 jobs in" in captured.out
+    # the first sweep's own refusal is still its failure
+    monkeypatch.setenv(SWEEP_ENV, first.token)
+    (sweep / f"{IN_USE_REFUSED}0_beta=2.json").write_text(refusal_record(FolderInUse("0_beta=2 is in use")))
+    first.listed = False
+    assert first._list_failed() is True
+    assert "1 of 2 jobs FAILED" in capsys.readouterr().err
