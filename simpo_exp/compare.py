@@ -28,6 +28,7 @@ import re
 import sys
 import textwrap
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -523,19 +524,7 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool |
     Empty unless ``seed`` is one of the swept keys (``--multirun seed=1,2,3 beta=2,5``). A seed met twice for one
     setting (a run and its copy, one sweep given twice) is counted once, its first run's value, and the
     others are counted in ``same seed left out``."""
-    if "seed" not in swept_keys(runs):
-        return []
-    groups: dict[tuple, dict] = {}
-    repeats: dict[tuple, int] = {}
-    for r in runs:
-        if r.status == "done" and r.final(metric) is not None:
-            setting = tuple((k, v) for k, v in r.swept.items() if k != "seed")
-            seeds = groups.setdefault(setting, {})
-            seed = json.dumps(_parsed(r.value_of("seed")))
-            if seed in seeds:
-                repeats[setting] = repeats.get(setting, 0) + 1
-            else:
-                seeds[seed] = r
+    groups, repeats = _pooled(runs, metric)
     rows = []
     for setting, by_seed in groups.items():
         values = [r.final(metric) for r in by_seed.values()]
@@ -559,6 +548,40 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool |
         return (0, ranked_value(metric, v, ascending)) if _is_number(v) else (1, 0.0)
 
     return sorted(rows, key=order)
+
+
+def _pooled(runs: list[Run], metric: str) -> tuple[dict[tuple, dict[str, Run]], dict[tuple, int]]:
+    """``seed_groups``' pooling: per setting (the swept values but the seed), its finished runs with ``metric`` by
+    seed (a repeated seed's first run), and the count of repeats left out per setting. Empty unless seed is swept."""
+    groups: dict[tuple, dict[str, Run]] = {}
+    repeats: dict[tuple, int] = {}
+    if "seed" not in swept_keys(runs):
+        return groups, repeats
+    for r in runs:
+        if r.status == "done" and r.final(metric) is not None:
+            setting = tuple((k, v) for k, v in r.swept.items() if k != "seed")
+            seeds = groups.setdefault(setting, {})
+            seed = json.dumps(_parsed(r.value_of("seed")))
+            if seed in seeds:
+                repeats[setting] = repeats.get(setting, 0) + 1
+            else:
+                seeds[seed] = r
+    return groups, repeats
+
+
+def _mean_final(runs: list[Run], key: str) -> float | None:
+    """The mean over ``runs`` of their final ``key``, over those that have a finite one."""
+    values = [v for r in runs if _is_number(v := r.final(key))]
+    return sum(values) / len(values) if values else None
+
+
+def seed_curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps, mean, min and max over ``runs`` (one setting's seeds) of ``key``, at the steps every one of them
+    logged a finite value (a step one seed lacks would move the mean by which seeds it averages)."""
+    series = [dict(zip(*r.series(key))) for r in runs]
+    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    values = [[s[step] for s in series] for step in steps]
+    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
 def settings_label(values: dict) -> str:
@@ -846,7 +869,9 @@ def _fmt(v: float | None) -> str:
 
 
 def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, ascending: bool | None = None):
-    """A train panel and an eval panel of ``family`` against step, one line per run, legend best first."""
+    """A train panel and an eval panel of ``family`` against step, legend best first: one line per run, or, where
+    seeds are swept, one line per setting, the mean over its seeds with the band from their lowest to their highest
+    value (``seed_curve``); runs pooled in no setting (unfinished, or without ``metric``) keep a line each."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -859,26 +884,44 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     styles = ("-", "--", ":", "-.")
-    for color, (rank, r) in zip(_colors(len(ranked)), enumerate(ranked, 1)):
-        finals = ", ".join(
-            (f"{m.rsplit('/', 1)[-1]} " if len(fam.metrics) > 1 else "") + _fmt(r.final(f"eval/{m}"))
+
+    def finals(value_of) -> str:  # the family's final eval values, as the legend gives them
+        return ", ".join(
+            (f"{m.rsplit('/', 1)[-1]} " if len(fam.metrics) > 1 else "") + _fmt(value_of(f"eval/{m}"))
             for m in fam.metrics
         )
-        label = f"{rank}. {r.label}  (eval {finals})" + ("" if r.status == "done" else f" [{r.status}]")
-        label = textwrap.fill(label, 50, subsequent_indent="    ")  # long labels (a single run's overrides)
+
+    groups, _ = _pooled(runs, metric)
+    pooled = any(len(seeds) > 1 for seeds in groups.values())
+    entries = []  # (label, curve: key -> (steps, values, low, high), leads), best first
+    if pooled:
+        for row in seed_groups(runs, metric, ascending):
+            members = list(groups[tuple((k, row[k]) for k in list(row)[: list(row).index("seeds")])].values())
+            n = len(members)
+            label = f"{_setting_of(row)}  ({n} seed{'s' * (n > 1)}, mean eval {finals(partial(_mean_final, members))})"
+            entries.append((label, partial(seed_curve, members), _is_number(row[f"{metric} mean"])))
+        members = {id(r) for seeds in groups.values() for r in seeds.values()}
+        ranked = [r for r in ranked if id(r) not in members]
+    for r in ranked:
+        label = f"{r.label}  (eval {finals(r.final)})" + ("" if r.status == "done" else f" [{r.status}]")
+        entries.append((label, lambda key, r=r: (*r.series(key), None, None), r.final(metric) is not None))
+    for color, (rank, (label, curve, leads)) in zip(_colors(len(entries)), enumerate(entries, 1)):
+        label = textwrap.fill(f"{rank}. {label}", 50, subsequent_indent="    ")  # long labels (a run's overrides)
         for ax, split in zip(axes, ("train", "eval")):
             for m, style in zip(fam.metrics, styles):
-                steps, values = r.series(f"{split}/{m}")
+                steps, values, low, high = curve(f"{split}/{m}")
                 ax.plot(
                     steps,
                     values,
                     style,
                     color=color,
-                    lw=2.6 if rank == 1 and r.final(metric) is not None else 1.5,
+                    lw=2.6 if rank == 1 and leads else 1.5,
                     marker="o" if split == "eval" or len(steps) == 1 else None,  # one point: no line to draw
                     ms=4,
                     label=label if (ax is axes[0] and m == fam.metrics[0]) else None,
                 )
+                if low is not None and len(steps) > 0:  # the seeds' spread around their mean
+                    ax.fill_between(steps, low, high, color=color, alpha=0.18 / len(fam.metrics), lw=0)
     for ax, split in zip(axes, ("train", "eval")):
         ax.set_title(f"{split} ({'logging window' if split == 'train' else 'test split'})")
         ax.set_xlabel("optimizer step")
@@ -892,7 +935,8 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
         handles += [Line2D([], [], color="black", ls=s, label=m) for m, s in zip(fam.metrics, styles)]
         labels += list(fam.metrics)
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", title=f"runs, best first by {metric}", fontsize=9)
+        heading = f"settings (mean over seeds),\nbest first by {metric}" if pooled else f"runs, best first by {metric}"
+        fig.legend(handles, labels, loc="outside right upper", title=heading, fontsize=9)
     title = fam.title + (f"  -  {fam.better} is better" if fam.better else "")
     groups = [g for g in seed_groups(runs, metric, ascending) if _is_number(g[f"{metric} mean"])]
     if groups and (len(groups) > 1 or groups[0]["seeds"] > 1):  # a setting, not one seed's run, is the best
@@ -909,7 +953,7 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
         title += f", tied with {ties} other run{'s' * (ties > 1)}" if ties else ""
     # from the left edge and wrapped, so that it ends over the panels: centred on the figure, its end ran under the
     # legend beside them
-    lines = [textwrap.fill(line, 110, subsequent_indent="  ") for line in title.split("\n")]
+    lines = [textwrap.fill(line, 100, subsequent_indent="  ") for line in title.split("\n")]
     fig.suptitle("\n".join(lines), fontsize=12, x=0.01, ha="left")
     if left_out:  # a figure-level label, so the layout makes room for it below the axes
         fig.supxlabel(

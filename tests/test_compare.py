@@ -138,13 +138,29 @@ def test_command_line_writes_readable_plots(sweep, tmp_path):
     check_pngs(list((tmp_path / "plots").glob("*.png")))
 
 
-def test_plots_one_line_per_job(sweep, tmp_path):
+def test_plots_one_line_per_setting_with_its_seeds_band(sweep, tmp_path):
+    """Seeds are swept: each setting is drawn once, the mean over its seeds with their spread as a band (four lines,
+    two per setting, each seed's own, told the best setting apart no better than the noise between seeds)."""
     runs = compare.load_runs(sweep)
     check_pngs(compare.plot_runs(runs, tmp_path))
     fig = compare.figure(runs, "rewards_margins")
-    labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert len(labels) == 4 and all("beta=" in label for label in labels)
-    assert labels[0].startswith("1. ")
+    labels = [" ".join(t.get_text().split()) for t in fig.legends[0].get_texts()]
+    assert len(labels) == 2 and all("beta=" in label and "(2 seeds, mean eval" in label for label in labels), labels
+    assert labels[0].startswith("1. ") and "mean over seeds" in fig.legends[0].get_title().get_text()
+    eval_axes = fig.axes[1]
+    assert len(eval_axes.collections) == 2  # one band per setting
+    best = compare.seed_groups(runs)[0]
+    seeds = [r for r in runs if r.status == "done" and r.value_of("beta") == best["beta"]]
+    assert len(seeds) == 2 and labels[0].startswith(f"1. beta={best['beta']}")
+    steps, values = seeds[0].series("eval/rewards/margins")
+    other = dict(zip(*seeds[1].series("eval/rewards/margins")))
+    line = eval_axes.lines[0]  # the best setting's mean curve, drawn first
+    assert list(line.get_xdata()) == steps
+    assert list(line.get_ydata()) == pytest.approx([(v + other[s]) / 2 for s, v in zip(steps, values)])
+    band = eval_axes.collections[0].get_paths()[0].vertices[:, 1]
+    low = [min(v, other[s]) for s, v in zip(steps, values)]
+    high = [max(v, other[s]) for s, v in zip(steps, values)]
+    assert min(band) == pytest.approx(min(low)) and max(band) == pytest.approx(max(high))
     # seeds are swept: the title names the best setting over them, not one seed's lucky run
     groups = compare.seed_groups(runs)
     title = " ".join(fig.get_suptitle().split())  # unwrapped
