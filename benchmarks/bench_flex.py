@@ -12,12 +12,18 @@ FlexAttention's forward kernel at 2.3 ms a call and its backward at 1.8 ms, wher
 
 - ``ours``: the run's own call (compiled with ``dynamic=True``, torch's default kernel options);
 - ``static``: compiled for this row's length only (``dynamic=False``);
-- ``pad128``: the row padded to a whole number of 128-token tiles (the kernels then skip their edge checks);
+- ``pad128``: the row padded to a whole number of 128-token tiles and compiled for that length (inductor drops the
+  kernels' edge checks only where the length is known, at compile time, to be a whole number of tiles: under
+  ``dynamic=True`` it is a symbol, and the padded row would run the same kernel as ``ours``);
 - ``safe``: ``ROWS_GUARANTEED_SAFE`` (every query sees at least itself, so no row needs the empty-row guard);
-- ``tma``: ``USE_TMA`` (Hopper's bulk tensor copies for the tiles);
 - ``fwd64``: forward tiles of 64 x 64 instead of the H100 default for a head width of 64 (128 x 128);
 - ``sdpa-padded``: not FlexAttention: causal SDPA over the row's sequences as a padded batch (``packed`` only),
-  the yardstick of what the fused kernels do with the same sequences and the padding besides.
+  the yardstick of what the fused kernels do with the same sequences and the padding besides;
+- ``tma``: ``USE_TMA`` (Hopper's bulk tensor copies for the tiles; torch calls it experimental, so it runs last: a
+  device fault leaves the process's CUDA context unusable, and the configs after it are then not measured).
+
+Query, key and value are laid out as the model hands them over: [batch, tokens, heads, width] memory seen as
+[batch, heads, tokens, width] (a transposed view, as transformers' attention modules pass them), not contiguous.
 
 Times are CUDA-event medians after warm-up calls (the first call compiles; its wall time is printed apart).
 "TFLOP/s" counts the visible (query, key) pairs only, 4 x pairs x head width x query heads for the forward and
@@ -43,11 +49,11 @@ sys.path.insert(0, str(ROOT))
 CONFIGS = {
     "ours": {},
     "static": {"dynamic": False},
-    "pad128": {"pad": True},
+    "pad128": {"pad": True, "dynamic": False},
     "safe": {"options": {"ROWS_GUARANTEED_SAFE": True}},
-    "tma": {"options": {"USE_TMA": True}},
     "fwd64": {"options": {"BLOCK_M": 64, "BLOCK_N": 64}},
     "sdpa-padded": {"sdpa": True},
+    "tma": {"options": {"USE_TMA": True}},
 }
 
 
@@ -145,11 +151,13 @@ def measure(name: str, args, segments: list) -> dict:
         length += -length % 128 if config.get("pad") else 0
         shape = (1, length)
 
-    def tensor(heads):
-        x = torch.randn(shape[0], heads, shape[1], args.head_dim, generator=gen, dtype=torch.float32)
-        return x.to(device=device, dtype=dtype).requires_grad_(cuda)
+    def tensor(heads):  # [batch, tokens, heads, width] memory, seen as [batch, heads, tokens, width]
+        x = torch.randn(shape[0], shape[1], heads, args.head_dim, generator=gen, dtype=torch.float32)
+        leaf = x.to(device=device, dtype=dtype).requires_grad_(cuda)
+        return leaf, leaf.transpose(1, 2)
 
-    q, k, v = tensor(args.heads), tensor(args.kv_heads), tensor(args.kv_heads)
+    (q_leaf, q), (k_leaf, k), (v_leaf, v) = tensor(args.heads), tensor(args.kv_heads), tensor(args.kv_heads)
+
     gqa = args.heads != args.kv_heads
     if config.get("sdpa"):
         attend = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # noqa: E731
@@ -168,7 +176,7 @@ def measure(name: str, args, segments: list) -> dict:
         grad = torch.randn(attend().shape, generator=gen).to(device=device, dtype=dtype)
 
         def both():
-            q.grad = k.grad = v.grad = None
+            q_leaf.grad = k_leaf.grad = v_leaf.grad = None
             attend().backward(grad)
 
         out["backward_compile_s"], out["forward_backward_ms"] = timed(both, device, args.warmup, args.iters)
@@ -209,30 +217,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(f"{'config':<12} {'tokens':>7} {'compile s':>9} {'fwd ms':>8} {'TFLOP/s':>8} {'bwd ms':>8} {'TFLOP/s':>8}")
     rows = []
-    for name in args.configs.split(","):
+    from benchmarks.bench_trl import git_commit
+
+    record = {
+        "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
+        "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "commit": git_commit(),
+        "machine": machine,
+        "segments": segments,
+        "rows": rows,
+    }
+    names = args.configs.split(",")
+    for i, name in enumerate(names):
         try:
             row = measure(name, args, segments)
         except Exception as err:  # one config's failure (an option this torch lacks) never costs the others
             row = {"config": name, "failed": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
         rows.append(row)
+        if args.json:  # after each config: a run cut off by its time limit keeps the configs it finished
+            Path(args.json).write_text(json.dumps(record, indent=1))
         if "forward_ms" not in row:
-            print(f"{name:<12} {row.get('failed') or row.get('skipped')}")
+            print(f"{name:<12} {row.get('failed') or row.get('skipped')}", flush=True)
+            if "CUDA error" in row.get("failed", "") or "AcceleratorError" in row.get("failed", ""):
+                # a device fault leaves this process's CUDA context unusable: every later config would fail too
+                print(f"stopped: the configs after {name} ({', '.join(names[i + 1 :]) or 'none'}) not measured")
+                break
             continue
         bwd = f"{row['backward_ms']:8.2f} {row['backward_tflops'] or 0:8.1f}" if "backward_ms" in row else ""
         fwd = f"{row['forward_ms']:8.2f} {row['forward_tflops']:8.1f}"
-        print(f"{name:<12} {row['tokens']:>7} {row['compile_s']:9.1f} {fwd} {bwd}")
-    if args.json:
-        from benchmarks.bench_trl import git_commit
-
-        record = {
-            "command": " ".join([Path(sys.executable).name, *(argv if argv is not None else sys.argv)]),
-            "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
-            "commit": git_commit(),
-            "machine": machine,
-            "segments": segments,
-            "rows": rows,
-        }
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        print(f"{name:<12} {row['tokens']:>7} {row['compile_s']:9.1f} {fwd} {bwd}", flush=True)
     return rows
 
 

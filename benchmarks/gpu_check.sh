@@ -245,7 +245,7 @@ if want flex; then  # only when named: FlexAttention alone at batch 16 under oth
     # 2026-12-04's profile: its forward kernel 2.3 ms a call, its backward 1.8 ms. Seven configs, each its own compile.
     log "FlexAttention alone, batch-16 packed row, kernel options"
     gpu_idle flex
-    timeout -k 10 120 python3 benchmarks/bench_flex.py --device cuda --json "$WORK/flex.json" > "$WORK/flex.log" 2>&1
+    timeout -k 10 150 python3 benchmarks/bench_flex.py --device cuda --json "$WORK/flex.json" > "$WORK/flex.log" 2>&1
     log "flex: exit $?"; { echo '```'; cat "$WORK/flex.log" | grep -v Warning; echo '```'; } >> "$WORK/summary.md"
     publish
 fi

@@ -106,7 +106,10 @@ def test_gemma2_softcapped_flex_matches_the_plain_eager_layout_on_cuda(packing):
 def test_gemma2_9b_wide_heads_train_through_packed_flex_in_bf16_on_cuda():
     """Gemma-2-9B's attention (head_dim 256, 16 query heads over 8 key/value heads, softcap 50), which packing=auto
     sends to packed FlexAttention rows on CUDA: its compiled backward at head_dim 256 has failed for shared memory on
-    some GPUs (pytorch#133254); one bf16-autocast step, as training runs it, against the padded eager layout's."""
+    some GPUs (pytorch#133254); one bf16-autocast step, as training runs it, against the padded eager layout's. What
+    it holds is that the kernels at this width build and give finite values near the padded path's: its bound (bf16 on
+    both sides, about 0.19 at these log-probs) is wider than a mask letting pairs see each other moves them (0.14 on
+    the CPU, float32), so the mask itself is held to float32 tolerance by the softcapped test above (width 32)."""
     pairs = _random_pairs(400)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         plain = _logps_and_grads(_gemma2(16, 8, 256, 50.0, 30.0), pairs, "none", "segments")
