@@ -182,3 +182,17 @@ def test_no_lc_win_rate_where_most_prompts_have_no_verdict(picky, monkeypatch):
         assert (metrics["lc_standard_error"] is None) == withheld  # withheld with it
         assert any(f"no LC win rate: {unjudged} of 805 prompts have no verdict" in n for n in notes) == withheld
     assert calls == [805]  # the GLM is not fit where it would read its regularising rows alone
+
+
+def test_the_withheld_lc_says_a_rerun_brings_back_only_what_the_endpoint_failed(picky, tmp_path):
+    """Nine replies without a letter of 805 withheld the LC win rate, and its note said to run the command again to
+    ask the judge for those verdicts: a re-run asks none of them (they are the judge's word), so the note stood for
+    good with advice that could not help."""
+    from simpo_exp.evaluate.judge import lc_missing_note
+
+    note = lc_missing_note(9, 805, 0, tmp_path / "v.jsonl")
+    assert "are not asked again" in note and f"from {tmp_path / 'v.jsonl'}" in note and "run the command" not in note
+    note = lc_missing_note(12, 805, 12)
+    assert "run the command again to ask the judge for the 12 the endpoint refused or failed" in note
+    assert "not asked again" not in note
+    assert lc_missing_note(8, 805) is None

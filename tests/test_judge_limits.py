@@ -234,3 +234,62 @@ def test_prompts_the_endpoint_failed_are_counted_apart_and_their_win_rates_are_n
     metrics["unjudged"] = 0
     write_json(run / "eval" / "alpacaeval2" / "results.json", {"benchmark": "alpacaeval2", "metrics": metrics})
     assert compare.awaiting_judge_note(compare.load_runs(tmp_path / "runs")) is None
+
+
+@pytest.mark.parametrize("status", [500, 400])
+def test_a_rerun_asking_only_the_prompts_that_failed_before_judges_on(tmp_path, status):
+    """The first run judged most prompts and left a few the endpoint always fails (HTTP 500) or refuses (400); the
+    re-run asked those alone, so every request of it failed: after FAILED_IN_A_ROW 500s it stopped as if the endpoint
+    were down, after REFUSED_BEFORE_ANY 400s as if it refused a setting, on every re-run, and the benchmark kept no
+    results. The earlier answers show the endpoint works: those prompts stay unjudged and the rest stands."""
+    from simpo_exp.evaluate.judge import FAILED_IN_A_ROW, REFUSED_BEFORE_ANY
+
+    failing = {f"Say {i}." for i in (1, 4, 7, 10, 13, 16)}  # spread out: never FAILED_IN_A_ROW in a row at first
+    assert len(failing) > max(FAILED_IN_A_ROW, REFUSED_BEFORE_ANY)
+
+    class Failing(FakeJudge):
+        requests: list = []
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            type(self).requests.append(body)
+            if any(f in json.dumps(body) for f in failing):
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b'{"error": {"message": "maximum context length is 8192 tokens"}}')
+                return
+            reply = json.dumps({"choices": [{"message": {"content": self.content(body)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+    server, url = serve(Failing)
+    try:
+        judge = JudgeConfig(kind="openai", base_url=url, model="fake", max_retries=0, timeout_s=5, concurrency=1)
+        prompts = [{"id": str(i), "instruction": f"Say {i}.", "reference": "x"} for i in range(18)]
+        path = tmp_path / "v.jsonl"
+        first = PairwiseJudge(judge, "benchmarks.alpacaeval2").judge(prompts, ["yy"] * 18, path)
+        unjudged = {v["id"] for v in first if v.get("error")}
+        assert unjudged == {"1", "4", "7", "10", "13", "16"}
+        Failing.requests = []
+        again = PairwiseJudge(judge, "benchmarks.alpacaeval2").judge(prompts, ["yy"] * 18, path)
+        assert len(Failing.requests) == len(failing)  # those alone asked, every one
+        assert {v["id"] for v in again if v.get("error")} == unjudged
+        assert sum(v["preference"] is not None for v in again) == 18 - len(failing)
+    finally:
+        server.shutdown()
+
+
+def test_an_empty_alpacaeval_reply_is_unjudged_not_the_judges_word(moody, tmp_path):
+    """An endpoint that answered one prompt with no text: its line was counted in unparseable_verdicts (the judge's
+    own answer, never asked again), unjudged stayed 0, and the run was offered for ranking as finished."""
+    from simpo_exp.evaluate.run import _judge_pairs
+
+    MoodyJudge.silent = "Say 1"
+    prompts = [{"id": str(i), "instruction": f"Say {i}", "reference": "xx"} for i in range(3)]
+    b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=moody.judge)
+    info = {"rows": 3, "reference_generator": "r"}
+    metrics, notes = _judge_pairs({"benchmark": b, "out": tmp_path}, prompts, ["yyy"] * 3, info, "me")
+    assert metrics["unjudged"] == 1 and metrics["unparseable_verdicts"] == 0, metrics
+    assert any("replied with no text" in n for n in notes) and not any("not 'a' or 'b'" in n for n in notes)

@@ -173,8 +173,15 @@ class ArenaHardJudge(PairwiseJudge):
     def judge_all(self, prompts: list[dict], texts: list[str], model_id: str, path: Path) -> list[dict]:
         """Judgments in question order, each appended to ``path`` as it finishes; stored ones reused."""
         stored, kept = stored_judgments(path, prompts, texts, self.j.model)
+        answered = any(g for games in kept.values() for g in games)  # a first game's reply, its second refused
         return self.judge_lines(
-            lambda p, t: self.judgment(p, t, model_id, kept.get(p["id"])), prompts, texts, path, stored
+            lambda p, t: self.judgment(p, t, model_id, kept.get(p["id"])),
+            prompts,
+            texts,
+            path,
+            stored,
+            again=set(kept),
+            answered=answered,
         )
 
 

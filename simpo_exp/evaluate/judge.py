@@ -199,6 +199,11 @@ class PairwiseJudge:
         self.taken, self.refused, self.counting = 0, 0, threading.Lock()  # requests answered and refused
         self.failed_in_a_row = 0  # requests that got no answer after their tries since the last one answered
         self.last_failure: str | None = None  # why the last of them got none: the message the judging stops with
+        # a re-run asks the prompts an earlier run got no answer for, those alone where the rest were answered: the
+        # endpoint's answers stored then tell a setting it refuses from these prompts' own refusals, and such a
+        # prompt failing again says nothing of the endpoint being down (judge_lines sets both)
+        self.answered_before = False
+        self.asking = threading.local()  # .again: this thread's request is a prompt that got no answer before
 
     def _ask(self, content: str) -> str:
         return self.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], max_tokens=8)
@@ -242,7 +247,8 @@ class PairwiseJudge:
                 if e.code in REFUSED_REQUEST:
                     with self.counting:  # (the count read here: threads refused at once count on after it)
                         self.refused += 1
-                        refused, alike = self.refused, self.taken == 0 and self.refused >= REFUSED_BEFORE_ANY
+                        refused = self.refused
+                        alike = self.taken == 0 and not self.answered_before and refused >= REFUSED_BEFORE_ANY
                     if alike:  # not one prompt's fault: the rest would be refused too, each a prompt without verdict
                         raise JudgeError(
                             f"{where}: the judge endpoint refused every request so far ({refused}) and took "
@@ -286,9 +292,10 @@ class PairwiseJudge:
         )
         if limited or unreachable:  # the endpoint's limit, or no endpoint: not this request's fault, every one fails
             raise JudgeError(message)
-        with self.counting:
-            self.failed_in_a_row += 1
-            self.last_failure = message
+        if not getattr(self.asking, "again", False):
+            with self.counting:
+                self.failed_in_a_row += 1
+                self.last_failure = message
         raise RequestFailed(f"no answer after {attempt + 1} tries ({last})")
 
     def judge_prompt(self, prompt: dict, model_text: str) -> tuple[bool, str]:
@@ -306,6 +313,8 @@ class PairwiseJudge:
             reply, refused = "", {"error": str(e)}
         except JudgeError as e:
             raise JudgeError(f"judging prompt id={prompt['id']!r}: {e}") from e
+        if not refused and not reply.strip():  # the endpoint's failure, not the judge's word: counted as unjudged
+            refused = {"error": EMPTY_REPLY}
         return {
             "id": prompt["id"],
             "judge": self.j.model,
@@ -329,25 +338,38 @@ class PairwiseJudge:
         )
         # the stored reply is read again, so a line an older reading of replies got wrong is not carried over; an
         # empty reply (an endpoint that answered with no text) is the endpoint's failure, not a verdict: asked again
+        again = {k for k, r in stored.items() if not str(r.get("reply") or "").strip()}
         stored = {
             k: {**r, "preference": reply_preference(r.get("reply", ""), r["model_first"])}
             for k, r in stored.items()
-            if str(r.get("reply") or "").strip()
+            if k not in again
         }
-        return self.judge_lines(self.verdict, prompts, model_texts, path, stored, others)
+        return self.judge_lines(self.verdict, prompts, model_texts, path, stored, others, again)
 
     def judge_lines(
-        self, ask: Callable, prompts: list[dict], texts: list[str], path: Path, stored: dict, keep: list = ()
+        self,
+        ask: Callable,
+        prompts: list[dict],
+        texts: list[str],
+        path: Path,
+        stored: dict,
+        keep: list = (),
+        again: set = frozenset(),
+        answered: bool = False,
     ) -> list[dict]:
         """One line per prompt, in prompt order: the ``stored`` one, else ``ask(prompt, text)``, ``concurrency`` at a
         time, each appended to ``path`` as it finishes; ``path`` is rewritten in prompt order at the end. When the
         endpoint fails or the command is interrupted, the prompts not started are dropped, the replies in flight
-        still written as they arrive, and the error raised."""
+        still written as they arrive, and the error raised. ``again``: the prompts an earlier run got no answer for
+        (refused, failed, empty): asked last, and their failing again does not count towards the endpoint being down.
+        ``answered``: the endpoint answered an earlier run (besides the ``stored`` lines, a question's first game)."""
         pool, error, done, lock = ThreadPoolExecutor(self.j.concurrency), None, dict(stored), threading.Lock()
         self.stopping.clear()
         self.failed_in_a_row, self.last_failure = 0, None
+        self.answered_before = answered or bool(stored)
 
         def ask_and_keep(prompt: dict, text: str) -> dict:
+            self.asking.again = prompt["id"] in again
             try:
                 line = ask(prompt, text)
             except JudgeError as e:  # the replies it did get (a question's first game) are kept all the same
@@ -359,7 +381,10 @@ class PairwiseJudge:
                 append_jsonl(path, line)
             return line
 
-        futures = {pool.submit(ask_and_keep, p, t): p["id"] for p, t in zip(prompts, texts) if p["id"] not in done}
+        # the prompts that got no answer before go last: those never asked come first, while a run of failures still
+        # tells an endpoint gone down
+        order = sorted((p["id"] in again, i) for i, p in enumerate(prompts) if p["id"] not in done)
+        futures = {pool.submit(ask_and_keep, prompts[i], texts[i]): prompts[i]["id"] for _, i in order}
         try:
             for fut in as_completed(futures):
                 if fut.cancelled():
@@ -384,7 +409,7 @@ class PairwiseJudge:
             pool.shutdown(wait=False, cancel_futures=True)
         if error:
             raise error
-        if self.last_failure and not self.taken and not stored:  # the endpoint answered nothing, now or before
+        if self.last_failure and not self.taken and not self.answered_before:  # it answered nothing, now or before
             raise JudgeError(self.last_failure)
         rows = [done[p["id"]] for p in prompts]
         write_jsonl(path, [*keep, *rows])  # ``keep``: lines of other prompts, left in the file before this judging's
@@ -490,16 +515,26 @@ def length_controlled(rows: list[dict], file_rows: int) -> tuple[dict, str | Non
 LC_MISSING_SHARE = 0.01  # of the prompts without a verdict, past which no LC win rate is given
 
 
-def lc_missing_note(missing: int, prompts: int) -> str | None:
+def lc_missing_note(missing: int, prompts: int, unjudged: int = 0, path: Path | str = "") -> str | None:
     """Why no LC win rate where more than ``LC_MISSING_SHARE`` of the prompts got no verdict, or None. alpaca-eval's
     GLM leaves those out of its fit and averages its prediction over every prompt: with few or no verdicts the
-    fit is its regularising rows (another annotator's, of other models), so the figure no longer reads the model."""
+    fit is its regularising rows (another annotator's, of other models), so the figure no longer reads the model.
+    ``unjudged`` of the ``missing``: requests the endpoint refused or failed, which a re-run asks again; the others are
+    the judge's replies without a letter, stored as its word, which no re-run asks again."""
     if missing <= LC_MISSING_SHARE * prompts:
         return None
+    ways = []
+    if unjudged:
+        ways.append(f"run the command again to ask the judge for the {unjudged} the endpoint refused or failed")
+    if missing - unjudged:
+        ways.append(
+            f"the {missing - unjudged} replies that were not 'a' or 'b' are the judge's word and are not asked again: "
+            f"delete their lines (preference null) from {path or 'the verdicts file'} to ask again, or judge with a "
+            "model that answers with the letter alone"
+        )
     return (
         f"no LC win rate: {missing} of {prompts} prompts have no verdict (more than {LC_MISSING_SHARE:.0%}), and "
-        "alpaca-eval's GLM fit on the rest would read its regularising rows more than this model; run the command "
-        "again to ask the judge for those verdicts"
+        f"alpaca-eval's GLM fit on the rest would read its regularising rows more than this model; {'; '.join(ways)}"
     )
 
 

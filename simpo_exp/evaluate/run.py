@@ -371,7 +371,7 @@ def _judge_pairs(
         # every prompt of the set judged; as alpaca-eval does with its own annotators' missing preferences, those
         # the judge gave no verdict are left out of the GLM's fit but not of its average over the instructions;
         # too many of those, and the fit reads its regularising rows rather than this model
-        if why := lc_missing_note(missing, len(every)):
+        if why := lc_missing_note(missing, len(every), len(errors), path):
             metrics |= NO_LC
         else:
             lc, why = length_controlled(every, info["rows"])
