@@ -23,15 +23,31 @@ def prompt_text(prompt_messages: list[dict]) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, pairs: list[dict], max_new_tokens: int, device, synced: bool = False) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    pairs: list[dict],
+    max_new_tokens: int,
+    device,
+    synced: bool = False,
+    chat_format: str = "generation_prompt",
+) -> list[str]:
     """Greedy completions of each pair's tokenised prompt, all prompts in one batch: left-padded, the padding
     masked out (transformers derives the positions from the mask), each completion cut after its first stop
     token: EOS, the chat template's end-of-turn token, the model's own EOS ids (as the generate and evaluate
     stages stop). ``synced``: every process of a sharded model calls this together; all keep stepping until the
-    last one is done (transformers' ``synced_gpus``)."""
+    last one is done (transformers' ``synced_gpus``). Under ``chat_format`` ``simpo_repo`` the training prompt ends
+    before the assistant turn's header, which its responses carry: the prompt is rendered with the generation
+    prompt instead, as the generate and evaluate stages prompt (the model wrote the header itself, out of
+    ``max_new_tokens``, and its text led the sample)."""
     if not pairs:
         return []
-    prompts = [list(p["prompt_input_ids"]) for p in pairs]
+    if chat_format == "simpo_repo":
+        from simpo_exp.inference.sampling import prompt_token_ids
+
+        prompts = prompt_token_ids(tokenizer, [p["prompt"] for p in pairs], chat_format)
+    else:
+        prompts = [list(p["prompt_input_ids"]) for p in pairs]
     width = max(len(p) for p in prompts)
     from simpo_exp.inference.sampling import decode_sampled, model_positions, stop_token_ids
 

@@ -702,6 +702,7 @@ def evaluate_and_sample(run: Run, step: int) -> dict:
                 run.cfg.max_new_tokens,
                 acc.device,
                 synced=acc.distributed_type in SHARDED_ENGINES,
+                chat_format=run.cfg.dataset.chat_format,
             )
         run.tracker.log_generations(samples.generation_rows(step, run.shown, texts, rewards), step)  # main only
     return metrics

@@ -1369,6 +1369,17 @@ def test_a_hardware_or_logger_setting_sampling_never_reads_is_refused(override, 
     check_overrides(["+hardware.pakcing=none"])  # a typo: refused as no such key when the config is read
 
 
+def test_a_seed_beside_a_trained_policy_is_refused_naming_generate_seeds():
+    """seed= seeds a random-init policy's weights alone: beside model.path, seed=1 and seed=2 wrote the same data,
+    and a resume under another seed was taken as the same run."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.config import check_overrides
+
+    with pytest.raises(ConfigError, match=r"seed='2': seeds a random-init policy's weights alone.*generate.seeds"):
+        check_overrides(["seed=2"], "/runs/R0/model")
+    check_overrides(["seed=2"])  # the random init's weights: read
+
+
 def test_the_hf_sampler_decodes_with_the_projects_settings_alone(tmp_path):
     """A model's generation_config.json (Qwen2.5-Instruct ships a repetition_penalty) filled in whatever the call
     left at transformers' defaults: greedy answers changed (repetition penalty, no-repeat n-grams, a minimum length),
@@ -1824,8 +1835,18 @@ def test_the_printed_train_command_trains_a_runs_policy_under_that_runs_recipe(t
         "model=my-llama",
         "hparams=instruct",
         "learning_rate=1e-6",
+        "beta=2.5",
     ]
+    # a recipe's run: the recipe itself, and the run's own keys but its data, model and folder; a key this command
+    # gives (max_length here) is this command's
+    runtime["choices"] = {"model": "llama3-8b-instruct", "hparams": "default", "experiment": "simpo-x"}
+    overrides["task"] = ["experiment=simpo-x", "beta=7", "dataset=ultrafeedback-armorm", "model.revision=abc",
+                         "hydra.run.dir=outputs/R0", "+launcher=slurm", "max_length=1024"]  # fmt: skip
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": runtime, "overrides": overrides}}))
+    said = policy_run_recipe(str(run / "model"), [f"--config-dir '{tmp_path / 'my conf'}'"], {"max_length"})
+    assert said == ["experiment=simpo-x", "beta=7"]
     runtime["choices"] = {"model": "tiny", "hparams": "default"}  # the README's own tiny loop: nothing to add
+    overrides["task"] = ["learning_rate=1e-6", "beta=2.5"]
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": runtime, "overrides": overrides}}))
     assert policy_run_recipe(str(run / "model"), []) == []
     assert policy_run_recipe(str(tmp_path / "weights"), []) == [] and policy_run_recipe(None, []) == []

@@ -146,3 +146,30 @@ def test_a_sharded_model_samples_with_every_process_stepping_together():
     for synced in (True, False):
         samples.generate(model, tiny, [{"prompt_input_ids": [9, 10, 11]}], 2, "cpu", synced=synced)
     assert seen == [True, False]
+
+
+@pytest.mark.parametrize("chat_format", ["generation_prompt", "simpo_repo"])
+def test_the_samples_prompt_the_model_as_the_generate_and_evaluate_stages_do(chat_format):
+    """Under dataset.chat_format=simpo_repo (every simpo-* recipe) the training prompt ends before the assistant
+    turn's header, which the responses carry: the in-training samples were decoded from a prompt without it, unlike
+    the generate and evaluate stages' prompts, so the model spent its tokens writing the header."""
+    from simpo_exp.data.tokenize import _tokenise_batch
+    from simpo_exp.inference.sampling import prompt_token_ids
+    from simpo_exp.model import ZEPHYR_CHAT_TEMPLATE
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = ZEPHYR_CHAT_TEMPLATE
+    prompt = [{"role": "user", "content": "sort 3 1 2"}]
+    batch = {"prompt": [prompt], "chosen": ["1 2 3"], "rejected": ["3 2 1"], "drop_reason": [None]}
+    row = _tokenise_batch(batch, tok, 256, 128, chat_format=chat_format)
+    pair = {"prompt": prompt, "prompt_input_ids": row["prompt_input_ids"][0]}
+    model, sent = make_model(vocab=len(tok)), []
+
+    def generate(input_ids, **kwargs):
+        sent.append(input_ids[0].tolist())
+        return torch.cat([input_ids, torch.full((1, 2), tok.eos_token_id)], dim=1)
+
+    model.generate = generate
+    samples.generate(model, tok, [pair], 4, "cpu", chat_format=chat_format)
+    assert sent == prompt_token_ids(tok, [prompt], chat_format)  # the stages' own prompt
+    assert tok.decode(sent[0]).endswith("<|assistant|>\n")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from simpo_exp.command_line import refuse_command_line
 from simpo_exp.generate.config import check_overrides, to_generate_config
@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
     with sigterm_as_interrupt(), user_errors(cfg) as go:
         if not go:  # a sweep's job whose folder another job holds: refused, the sweep goes on
             return
-        check_overrides(given_overrides(HydraConfig.get()))
+        check_overrides(given_overrides(HydraConfig.get()), OmegaConf.select(cfg, "model.path", default=None))
         config = to_generate_config(fill_run_identity(cfg))  # fails here, before any model or data loads
         from simpo_exp.generate.run import generate_data
 

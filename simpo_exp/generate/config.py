@@ -98,11 +98,20 @@ GROUPS = ("model", "dataset", "hardware", "logger")
 HARDWARE_READS = ("device", "mixed_precision", "attn_implementation", "fused_layers", "master_weights")
 
 
-def check_overrides(overrides: list[str]) -> None:
+def check_overrides(overrides: list[str], model_path: str | None = None) -> None:
     """Refuse a command-line training key (``beta=5``, ``learning_rate=...``): the schema holds them because
-    model presets set some, but sampling never reads them, so the stage would run as if it had not been given."""
+    model presets set some, but sampling never reads them, so the stage would run as if it had not been given. So is
+    ``seed`` beside a ``model_path``: it seeds a random-init policy's weights alone (``seed=1,2`` gave two copies of
+    the same data, and a resume under another seed was taken as the same run)."""
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
+        if key == "seed" and model_path:
+            _fail(
+                key,
+                value,
+                f"seeds a random-init policy's weights alone; the policy here is model.path={model_path!r}, and the "
+                "samples are drawn with generate.seeds (one draw per seed: generate.seeds=[0,1,2])",
+            )
         name = key.split(".")[1] if key.startswith("hardware.") else None
         if name in HardwareConfig.__dataclass_fields__ and name not in HARDWARE_READS:  # a typo: "no such key" later
             _fail(

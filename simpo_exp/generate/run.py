@@ -649,7 +649,7 @@ def train_command(cfg, data: str) -> str:
         model = runtime.choices.get("model")
         words += [f"model={model}"] if model and model != DEFAULT_MODEL else []
         if model in (None, DEFAULT_MODEL):  # none named here: the sampled policy's run's own, where it is a run's
-            words += policy_run_recipe(cfg.model.path, words)
+            words += policy_run_recipe(cfg.model.path, words, {_key(o) for o in given})
     words += ["dataset=local", shell_override("dataset.sources.local.path", data)]
     words += [shell_override("model.path", cfg.model.path)] if cfg.model.path else []
     # model.path as this command resolved it (above), or as given where it was cleared (a preset's path unused)
@@ -661,25 +661,42 @@ def train_command(cfg, data: str) -> str:
     return " ".join(words)
 
 
-def policy_run_recipe(model_path: str | None, words: list[str]) -> list[str]:
-    """Where ``model.path`` is a training run's ``model/`` trained under a model preset of its own: that preset, the
-    run's hparams preset and a learning rate it was given (and the config directory it found them in), for the
-    next round to train as that run trained. Under the default preset the next round trained an 8B policy at the
-    tiny model's 1e-3 (refused now: ``config.check_preset_size``)."""
+# a training run's command-line keys the next round does not take from it: its data and the policy (this command's),
+# where it ran, and a sweep's or launcher's preset (refused in a single run)
+NOT_CARRIED = ("dataset", "model", "hydra", "output_dir", "sweep", "launcher")
+
+
+def policy_run_recipe(model_path: str | None, words: list[str], given: set[str] = frozenset()) -> list[str]:
+    """Where ``model.path`` is a training run's ``model/`` trained under a model preset or recipe of its own: its
+    ``experiment=`` recipe, else its model and hparams presets, and the rest of its command line (``beta=``, a
+    learning rate, ...: not its data, model or folder, nor a key ``given`` to this command), with the config
+    directory it found them in, for the next round to train as that run trained. Under the default preset the next
+    round trained an 8B policy at the tiny model's 1e-3 (refused now: ``config.check_preset_size``); a recipe's
+    run's next round trained at the default beta, gamma and chat format (2, 0.5 and ``generation_prompt`` where
+    ``experiment=simpo-llama3-8b-instruct-v2`` trains at 10, 0.3 and ``simpo_repo``), with no word of it."""
     from simpo_exp.rundir import read_yaml
 
     run = Path(model_path).parent if model_path else None
     hydra = (read_yaml(run / ".hydra" / "hydra.yaml") or {}).get("hydra") if run else None
     runtime = (hydra.get("runtime") or {}) if isinstance(hydra, dict) else {}
     choices = runtime.get("choices") or {}
-    if choices.get("model") in (None, DEFAULT_MODEL):
+    task = [str(o) for o in (hydra.get("overrides") or {}).get("task") or []] if isinstance(hydra, dict) else []
+    recipe = next((o.partition("=")[2] for o in task if _key(o) == "experiment"), None)
+    if choices.get("model") in (None, DEFAULT_MODEL) and not recipe:
         return []
     sources = [s for s in runtime.get("config_sources") or [] if s.get("provider") == "command-line"]
     out = [f"--config-dir {shlex.quote(str(s.get('path')))}" for s in sources]
-    out = [word for word in out if word not in words] + [f"model={choices['model']}"]
-    out += [f"hparams={choices['hparams']}"] if choices.get("hparams") not in (None, "default") else []
-    task = (hydra.get("overrides") or {}).get("task") or []
-    return out + [shlex.quote(o) for o in task if _key(o) == "learning_rate"]
+    out = [word for word in out if word not in words]
+    if recipe:  # the recipe's own model and hparams presets, unless the run's command named others itself
+        out += [f"experiment={recipe}"]
+        out += [f"{group}={choices[group]}" for group in ("model", "hparams") if any(_key(o) == group for o in task)]
+    else:
+        out += [f"model={choices['model']}"]
+        out += [f"hparams={choices['hparams']}"] if choices.get("hparams") not in (None, "default") else []
+    kept = [
+        o for o in task if _key(o).split(".")[0] not in (*NOT_CARRIED, "experiment", "hparams") and _key(o) not in given
+    ]
+    return out + [shlex.quote(o) for o in kept]
 
 
 def _key(override: str) -> str:
