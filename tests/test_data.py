@@ -1868,3 +1868,57 @@ def test_a_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path).pad_token_id is None
     loaded = load_tokenizer(ModelConfig(name="m", path=str(tmp_path)))
     assert loaded.pad_token_id == loaded.eos_token_id is not None
+
+
+def test_a_pair_the_template_renders_alike_is_said_to_be_so_not_truncated():
+    """Responses that differ only in whitespace a template trims (Llama-3-Instruct's ``| trim``) render alike: the
+    pair was dropped as "identical after truncation" with no response truncated, a report that contradicts itself."""
+    from simpo_exp.data.tokenize import _tokenise_batch
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = NO_SYSTEM_TEMPLATE.replace("m['content']", "(m['content'] | trim)")
+    prompt = [{"role": "user", "content": "sort 3 1 2"}]
+    batch = {"prompt": [prompt, prompt], "chosen": ["1 2 3", "A" * 120 + "x"], "rejected": ["1 2 3\n", "A" * 120 + "y"]}
+    batch["drop_reason"] = [None, None]
+    out = _tokenise_batch(batch, tok, 96, 32)
+    assert out["drop_reason"] == ["identical once rendered by the chat template", "identical after truncation"]
+    assert out["chosen_truncated"] == [False, True]
+
+
+def test_a_template_that_writes_todays_date_is_warned_about_and_keys_the_cache_by_day(monkeypatch, caplog):
+    """Llama-3.1 to 3.3 Instruct's templates write 'Today Date' into every prompt: the same data tokenised to other
+    ids on another day, silently, and datasets' cache handed a later run the first day's prompts."""
+    import datetime as dt
+
+    from transformers.utils import chat_template_utils
+
+    from simpo_exp.data.tokenize import dated_template, tokenise
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = "{{ bos_token }}Today Date: {{ strftime_now('%d %b %Y') }}" + NO_SYSTEM_TEMPLATE.removeprefix(
+        "{{ bos_token }}"
+    )
+    assert dated_template(build_tiny_tokenizer()) is None
+    seen = []
+    ds = datasets.Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": "hi"}]], "chosen": ["a"], "rejected": ["b"], "drop_reason": [None]}
+    )
+    real = datasets.Dataset.map
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["fn_kwargs"]["rendered_on"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
+    for day in (dt.date(2026, 12, 4), dt.date(2026, 12, 5)):
+        monkeypatch.setattr(dt, "date", type("D", (dt.date,), {"today": staticmethod(lambda day=day: day)}))
+        monkeypatch.setattr(
+            chat_template_utils,
+            "datetime",
+            type("T", (), {"now": staticmethod(lambda day=day: dt.datetime(day.year, day.month, day.day))}),
+        )
+        with caplog.at_level("WARNING"):
+            out = tokenise(ds, tok, 64, 32)
+        assert f"Today Date: {day.strftime('%d %b %Y')}" in tok.decode(out[0]["prompt_input_ids"])
+    assert seen == ["2026-12-04", "2026-12-05"]  # in the cache key: the second day is not the first day's cache
+    assert "writes today's date into every prompt" in caplog.text

@@ -27,11 +27,14 @@ is at least one token because the config requires ``max_prompt_length < max_leng
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from datasets import Dataset, Features, Value
 
 from simpo_exp.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 # This file's hash goes into the map() cache fingerprint: datasets hashes ``_tokenise_batch`` by
 # name, so without it an edited rule would silently reuse results cached before the edit.
@@ -189,6 +192,18 @@ def _official_truncation(
     return prompt, chosen, rejected, budget
 
 
+def dated_template(tokenizer) -> str | None:
+    """Today's date (``%Y-%m-%d``) where the chat template renders the current date into prompts (``strftime_now``,
+    as Llama-3.1 to 3.3 Instruct's do), else None."""
+    from simpo_exp.model import chat_template_text
+
+    if "strftime_now" not in chat_template_text(tokenizer):
+        return None
+    import datetime
+
+    return datetime.date.today().isoformat()
+
+
 def _tokenise_batch(
     batch: dict,
     tokenizer,
@@ -196,6 +211,7 @@ def _tokenise_batch(
     max_prompt_length: int,
     code_version: str = "",
     chat_format: str = "generation_prompt",
+    rendered_on: str | None = None,  # the day, where the template writes it: in datasets' cache key (dated_template)
 ) -> dict:
     n = len(batch["prompt"])
     out = {
@@ -259,7 +275,8 @@ def _tokenise_batch(
             reason = "response truncated to nothing"
         c, r = (c_ids[: max(budget, 0)], r_ids[: max(budget, 0)])
         if not reason and c == r:
-            reason = "identical after truncation"
+            # texts that differ only where the chat template trims them (Llama-3's ``| trim``) render alike uncut
+            reason = "identical after truncation" if c_ids != r_ids else "identical once rendered by the chat template"
         out["prompt_input_ids"].append(prompt)
         out["chosen_input_ids"].append(c)
         out["rejected_input_ids"].append(r)
@@ -280,6 +297,15 @@ def tokenise(
     chat_format: str = "generation_prompt",
 ) -> Dataset:
     """Add token-id columns and update ``drop_reason``; keeps the text columns for reports."""
+    day = dated_template(tokenizer)
+    if day:
+        log.warning(
+            "the chat template writes today's date into every prompt (%s, through strftime_now: Llama-3.1 to 3.3 "
+            "Instruct's 'Today Date'): the same data tokenises differently on another day, and the evaluate and "
+            "generate stages prompt with their own day's date; give model.chat_template a template without it to "
+            "make the prompts the same every day",
+            day,
+        )
     return ds.map(
         _tokenise_batch,
         batched=True,
@@ -290,6 +316,7 @@ def tokenise(
             max_prompt_length=max_prompt_length,
             code_version=CODE_VERSION,
             chat_format=chat_format,
+            rendered_on=day,  # a cache of another day's prompts is not this day's
         ),
         features=Features({**ds.features, **TOKEN_FEATURES}),
         num_proc=num_proc,
