@@ -536,8 +536,9 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool |
                 "seeds": len(values),
                 f"{metric} mean": mean,
                 "std": std,
-                "min": min(values),
-                "max": max(values),
+                # min and max over a NaN depend on where it sits: a diverged seed makes both NaN
+                "min": math.nan if any(math.isnan(v) for v in values) else min(values),
+                "max": math.nan if any(math.isnan(v) for v in values) else max(values),
                 **({"same seed left out": repeats[setting]} if setting in repeats else {}),
             }
         )
@@ -570,8 +571,9 @@ def _pooled(runs: list[Run], metric: str) -> tuple[dict[tuple, dict[str, Run]], 
 
 
 def _mean_final(runs: list[Run], key: str) -> float | None:
-    """The mean over ``runs`` of their final ``key``, over those that have a finite one."""
-    values = [v for r in runs if _is_number(v := r.final(key))]
+    """The mean over ``runs`` of their final ``key``, over those that have one: NaN or infinite where a seed's is (a
+    diverged seed is the setting's, as ``seed_groups`` counts it, not left out of a finer-looking mean)."""
+    values = [v for r in runs if (v := r.final(key)) is not None]
     return sum(values) / len(values) if values else None
 
 

@@ -212,7 +212,9 @@ def config_keys_for(key: str, configs: list[dict], choices: list[dict]) -> list[
 
 def _sweep_group(job: Path, hydra: dict) -> str:
     """The W&B group ``runinfo.sweep_group`` gave a job: what its start recorded (``wandb_run.json``), else worked out
-    from the sweep directory it ran in, as recorded in its hydra.yaml (even if the sweep was moved since)."""
+    from the sweep directory it ran in, as recorded in its hydra.yaml (even if the sweep was moved since): where that
+    was Hydra's dated default, the folder ``hydra.sweep.subdir`` levels above the job's (``b${beta}/s${seed}`` nests
+    it two deep: its parent was taken, and a job that failed before W&B started made a sweep of its own)."""
     recorded = read_json(job / WANDB_RECORD)
     if isinstance(recorded, dict) and recorded.get("group"):
         return recorded["group"]
@@ -221,7 +223,13 @@ def _sweep_group(job: Path, hydra: dict) -> str:
     if configured and "${" not in configured:  # unresolved in hydra.yaml when left at its default
         return sweep_group(configured, runtime.get("cwd"))
     ran_in = runtime.get("output_dir")
-    return sweep_group(str(Path(ran_in).parent) if ran_in else str(job.parent.resolve()))
+    # the job's folder is hydra.sweep.subdir below the sweep's: as many levels as the pattern's separators outside
+    # its interpolations say (b${beta}/s${seed}: two)
+    subdir = re.sub(r"\$\{[^}]*\}", "", str((hydra.get("sweep") or {}).get("subdir") or ""))
+    depth = 1 + subdir.strip("/").count("/")
+    if ran_in and len(Path(ran_in).parents) >= depth:
+        return sweep_group(str(Path(ran_in).parents[depth - 1]))
+    return sweep_group(str(job.parents[depth - 1].resolve()))
 
 
 def read_sweep(sweep_dir: Path) -> Sweep:

@@ -750,6 +750,23 @@ def test_a_diverged_runs_final_value_is_its_nan_or_inf_and_ranks_last():
     assert [g["beta"] for g in compare.seed_groups(seeds, margin)] == ["5", "2"]  # a diverged seed: its mean is inf
 
 
+def test_a_setting_with_a_nan_seed_shows_nan_in_the_table_and_the_plots_legend():
+    """A seed whose final value is NaN: the table's min and max depended on where it sat (0.9 to 0.9 with the NaN
+    hidden, or nan to nan), and the plot's legend averaged the finite seeds alone, a finer "mean" than the setting
+    has, beside a title that ranks it last."""
+    acc = "eval/rewards/accuracies"
+    runs = []
+    for i, (seed, beta, value) in enumerate([(1, 2, 0.9), (2, 2, math.nan), (1, 5, math.nan), (2, 5, 0.8)]):
+        run = _run(str(i), {"seed": str(seed), "beta": str(beta)}, {acc: value})
+        run.history = [{"step": 1, acc: 0.5}, {"step": 2, acc: None if math.isnan(value) else value}]
+        runs.append(run)
+    groups = compare.seed_groups(compare.label_runs(runs), acc)
+    assert all(math.isnan(g["min"]) and math.isnan(g["max"]) for g in groups), groups
+    fig = compare.figure(runs, "rewards_accuracies")
+    labels = [" ".join(t.get_text().split()) for t in fig.legends[0].get_texts()]
+    assert all("mean eval nan" in label for label in labels), labels
+
+
 def test_jobs_a_killed_sweep_never_started_are_counted_from_its_multirun_yaml(sweep, tmp_path, capsys):
     """A sweep killed itself (out of memory, kill -9) leaves no folder for the jobs it had not started: compare
     listed what was there, and a 6-job grid read as a complete sweep of 4."""

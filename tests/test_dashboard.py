@@ -447,6 +447,26 @@ def test_a_sweep_at_hydras_default_directory_gets_the_group_it_ran_under(tmp_pat
     assert dashboard.read_sweep(sweep_dir).group == sweep_group(str(sweep_dir))
 
 
+def test_a_nested_sweep_at_hydras_default_directory_with_a_job_that_never_logged_is_one_group(tmp_path):
+    """hydra.sweep.subdir=b${beta}/s${seed} at Hydra's dated default folder: a job that failed before W&B started (no
+    wandb_run.json) was given its inner folder's group, and the dashboard refused the folder as two sweeps."""
+    import shutil
+
+    flat = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    sweep_dir = tmp_path / "multirun" / "2026-12-04_17-33-24"
+    for n, job in enumerate(sorted(p for p in flat.iterdir() if p.is_dir())):
+        nested = sweep_dir / f"b{n}" / "s1"
+        shutil.copytree(job, nested)
+        (nested / ".hydra" / "hydra.yaml").write_text(
+            "hydra:\n  mode: MULTIRUN\n  sweep:\n    dir: multirun/${now:%Y-%m-%d_%H-%M-%S}\n"
+            "    subdir: b${beta}/s${seed}\n"
+            f"  runtime:\n    cwd: {tmp_path}\n    output_dir: {nested}\n"
+        )
+    first = sorted(sweep_dir.glob("*/*"))[0]  # the job that trained recorded the group it logged under
+    (first / "wandb_run.json").write_text(json.dumps({"id": "x", "group": sweep_group(str(sweep_dir))}))
+    assert dashboard.read_sweep(sweep_dir).group == sweep_group(str(sweep_dir))
+
+
 def test_jobs_whose_hydra_yaml_names_no_mode_are_read(tmp_path):
     sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
     for job in (p for p in sweep_dir.iterdir() if p.is_dir()):
