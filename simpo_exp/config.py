@@ -459,6 +459,19 @@ def validate(cfg: Config) -> Config:
             "float16, where its eps (1e-8) is 0, so a weight with a zero gradient becomes NaN at the first step; "
             "use hardware.master_weights=fp32 (float32 weights under autocast) or model.dtype=bfloat16"
         )
+    if h.master_weights == "model":  # a sweep over it would train one run under two names where it changes nothing
+        _check(
+            not h.lora,
+            "hardware.master_weights",
+            h.master_weights,
+            "has no effect under hardware.lora=true (the base weights are frozen and the adapters train in float32)",
+        )
+        _check(
+            cfg.model.dtype != "float32",
+            "hardware.master_weights",
+            h.master_weights,
+            "has no effect with model.dtype=float32 (the weights train in float32 either way)",
+        )
     _check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     _check(cfg.logger.init_timeout > 0, "logger.init_timeout", cfg.logger.init_timeout, "must be > 0 seconds")
     return cfg

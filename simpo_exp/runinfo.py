@@ -424,8 +424,48 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
                 f"hparams={hparams} would not be used: experiment={choices['experiment']} is composed after it and "
                 f"sets its own values of {sets}; give those keys on the command line instead"
             )
+    if "hparams" in given and choices.get("hparams") not in (None, "default") and not choices.get("experiment"):
+        refuse_hparams_lost_to_loss(cfg, given, choices, compose, TABLE.get(method))
     if choices.get("experiment") and compose is not None:
         refuse_lost_to_experiment(cfg, given, choices, compose)
+
+
+def refuse_hparams_lost_to_loss(cfg: DictConfig, given: set[str], choices: dict, compose, spec) -> None:
+    """Refuse ``hparams=<preset>`` where nothing it sets reaches the run: the loss group, composed after it, sets its
+    own value of each (``loss=dpo``'s beta 0.1) or the method does not read it (DPO and gamma_beta_ratio), so the run
+    is ``hparams=default``'s under another name (``hparams=default,strong-prefs loss=dpo`` trained one run twice)."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.methods import METHOD_KEYS
+
+    hparams = choices["hparams"]
+    if compose is None:
+        return
+    try:
+        preset, base = compose([f"hparams={hparams}"]), compose(["hparams=default"])
+    except Exception as e:  # Hydra's compose API unavailable in this process (a launcher's): left unchecked
+        log.debug("hparams under loss not checked: %s", e)
+        return
+    changed = {
+        key: value
+        for key, value in preset.items()
+        if not isinstance(value, (dict, DictConfig)) and key not in given and value != base.get(key)
+    }
+    reads = set(spec.reads) if spec is not None else None
+
+    def lost(key, value) -> str | None:
+        if reads is not None and key in METHOD_KEYS and key not in reads:
+            return f"{key} ({value} in hparams={hparams}) is not read by method={cfg.get('method')}"
+        if cfg.get(key) != value:
+            return f"{key} ({value} in hparams={hparams}, {cfg.get(key)} in loss={choices.get('loss')})"
+        return None
+
+    why = [w for key, value in changed.items() if (w := lost(key, value))]
+    if changed and len(why) == len(changed):
+        raise ConfigError(
+            f"hparams={hparams} would not be used: loss={choices.get('loss')} is composed after it, and of what the "
+            f"preset sets: {'; '.join(why)}. The run would be hparams=default's under another name; give the keys "
+            "on the command line instead (beta=...)"
+        )
 
 
 def _shown(value) -> str:

@@ -302,6 +302,12 @@ def test_settings_a_run_would_not_honour_are_refused_by_name(compose):
     check_cpu_settings(to_config(compose("hardware.mixed_precision=bf16")))  # honoured on the CPU
     with pytest.raises(ConfigError, match="model.dtype=float16 with hardware.master_weights=model"):
         to_config(compose("model.dtype=float16", "hardware.master_weights=model"))
+    # where it changes nothing (a sweep over it trained one run under two names): LoRA, float32 weights
+    with pytest.raises(ConfigError, match=r"master_weights='model': has no effect under hardware.lora=true"):
+        to_config(compose("hardware=cpu-lora", "model.dtype=bfloat16", "hardware.master_weights=model"))
+    with pytest.raises(ConfigError, match=r"master_weights='model': has no effect with model.dtype=float32"):
+        to_config(compose("hardware.master_weights=model"))
+    to_config(compose("model.dtype=bfloat16", "hardware.master_weights=model"))  # bfloat16 weights trained as they are
     to_config(compose("model.dtype=float16"))  # float32 master weights: fine
 
     hardware = to_config(compose("hardware.packing=packed")).hardware

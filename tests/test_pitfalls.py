@@ -109,6 +109,13 @@ def test_gamma_and_ratio_together_are_refused(tmp_path):
             {"experiment", "hparams"},
             r"hparams=instruct would not be used: .* sft_weight \(0.1 in hparams=instruct, 0.0 in the experiment\)",
         ),
+        (  # a baseline's loss preset sets its own beta after hparams, and DPO reads no gamma_beta_ratio: the sweep
+            # hparams=default,strong-prefs loss=dpo trained one run twice
+            ["loss=dpo", "hparams=strong-prefs"],
+            {"loss", "hparams"},
+            r"hparams=strong-prefs would not be used: loss=dpo is composed after it.*beta \(5.0 in "
+            r"hparams=strong-prefs, 0.1 in loss=dpo\); gamma_beta_ratio \(0.7 in hparams=strong-prefs\) is not read",
+        ),
     ],
 )
 def test_a_value_given_that_the_run_would_not_use_is_refused(compose, overrides, given, message):
@@ -116,9 +123,16 @@ def test_a_value_given_that_the_run_would_not_use_is_refused(compose, overrides,
     ``gamma_beta_ratio`` where a preset's absolute gamma wins, ``hparams=`` under an experiment that sets the same
     keys after it."""
     cfg = compose(*overrides)
-    choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in ("experiment", "hparams"))
+    choices = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in ("experiment", "hparams", "loss"))
     with pytest.raises(ConfigError, match=message):
         refuse_unused(cfg, given, choices, lambda extra: compose(*extra))
+
+
+def test_an_hparams_preset_a_loss_preset_keeps_some_of_is_taken(compose):
+    """An hparams preset some of whose values reach the run (beside a loss preset, or the default loss) is taken."""
+    for overrides in (["loss=cpo", "hparams=reasoning"], ["hparams=strong-prefs"], ["loss=simpo", "hparams=instruct"]):
+        choices = dict(o.split("=", 1) for o in overrides)
+        refuse_unused(compose(*overrides), set(choices), choices, lambda extra: compose(*extra))
 
 
 def test_an_epoch_count_is_taken_with_max_steps_minus_one_and_a_searched_gamma_is_named(compose):
