@@ -252,8 +252,11 @@ def finish(
     try:
         _write(tmp, model, optimizer, scheduler, state, config, rng or [rng_state()], engine)
         readable_as_umask(tmp)  # the engine's files too
-        # on the disk before the rename (write_atomic flushes it): a machine going down after it left an empty
-        # marker, which reads as a checkpoint from before checksums, its files taken unchecked
+        # every file on the disk before the marker says the checkpoint is whole, and the marker before the rename
+        # (write_atomic flushes it): a machine going down in the page cache's write-back left a marker over files
+        # never written (their checksums fail, and the older checkpoint to fall back to is pruned just below), or an
+        # empty marker, which reads as a checkpoint from before checksums, its files taken unchecked
+        _sync_tree(tmp)
         write_atomic(tmp / MARKER, json.dumps({"algorithm": HASH, "files": manifest(tmp)}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -308,6 +311,16 @@ def save(
     estimate = estimated_bytes(model)
     tmp = start(run_dir, state.step, estimate)
     return finish(run_dir, tmp, model, optimizer, scheduler, state, config, keep, estimate, rng)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` (an engine's shards included) and the folders holding them to the disk."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _sync_folder(sub)
 
 
 def _sync_folder(folder: Path) -> None:

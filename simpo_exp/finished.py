@@ -37,19 +37,18 @@ def recorded_summary(cfg) -> dict | None:
 
     run_dir = Path(cfg.output_dir)
     marker, summary_path = run_dir / FINISHED, run_dir / "summary.json"
-    if not cfg.resume or not marker.is_file() or not summary_path.is_file():
-        return None
-    if cfg.save_model and not (run_dir / "model").is_dir():
+    if not cfg.resume or not marker.is_file():
         return None
     try:
         saved = json.loads(marker.read_text())["config"]
-        summary = json.loads(summary_path.read_text())
     except (OSError, ValueError, KeyError, TypeError):
-        return None  # unreadable: train (resuming from a checkpoint) and write both again
+        return None  # unreadable: train (resuming from a checkpoint) and write it again
     # Imported here, not at the top: it loads torch, and the entry point imports this module before Hydra
     # has checked the overrides (a misspelled key is then reported in under a second).
     from simpo_exp.checkpoint import incompatible_keys
 
+    # before what decides whether it trains: a finished run without model/ (save_model=false then, or moved away)
+    # or summary.json, re-run under another config, started afresh and replaced the finished run's records
     diffs = incompatible_keys(saved, config_to_dict(cfg), what="finished with")
     if diffs:  # trained again here, the finished run's model, summary and records would be replaced without a word
         from simpo_exp.errors import OtherRunsDirectory
@@ -59,6 +58,12 @@ def recorded_summary(cfg) -> dict | None:
             "directory (hydra.run.dir; hydra.sweep.dir for a sweep), or resume=false to train this config here (the "
             "finished run's files are replaced)."
         )
+    if not summary_path.is_file() or (cfg.save_model and not (run_dir / "model").is_dir()):
+        return None  # the same config, its summary or model missing: trained (resumed where it saved) to write them
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: train (resuming from a checkpoint) and write it again
     changed = data_changed(run_dir, cfg)
     if changed:  # the same command on new data (the generate stage re-paired its output in place, say)
         from simpo_exp.errors import OtherRunsDirectory

@@ -217,6 +217,33 @@ def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
     assert not any(p.suffix == ".bin" or p.suffix == ".pt" for p in (tmp_path / "checkpoints").rglob("*"))
 
 
+def test_a_checkpoints_files_are_on_the_disk_before_its_marker_and_the_pruning(tmp_path, monkeypatch):
+    """Only the COMPLETE marker and the checkpoints folder were flushed: after a machine went down in the page cache's
+    write-back, the new checkpoint's marker could name files never written (their checksums fail) while the older
+    checkpoint to fall back to was already pruned (save_total_limit=1: nothing intact left)."""
+    import os
+
+    from simpo_exp import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=1), {}, keep=1)
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=2), {}, keep=1)
+    files = [Path(p).name for p in synced]
+    marker = next(i for i, name in enumerate(files) if name.startswith(checkpoint.MARKER))
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        assert name in files[:marker], (name, files)
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000002"]
+
+
 def _tiny_config(compose, tmp_path, *extra):
     from simpo_exp.config import to_config
 
@@ -486,6 +513,29 @@ def test_a_finished_run_of_another_config_is_refused_and_left_as_it_was(tmp_path
     assert kept.status == "done" and "beta" not in kept.overrides and kept.config["beta"] == 2.0
     fresh = simpo(*short, "beta=5", "resume=false", cwd=tmp_path)  # asked for: trained again here
     assert fresh.returncode == 0 and load_run(run_dir).config["beta"] == 5.0
+
+
+def test_a_finished_run_without_its_model_is_still_refused_to_another_config(compose, tmp_path):
+    """A run finished with save_model=false (or its model/ moved away), re-run by a command that saves the model and
+    sets beta=3: the config check came after "no model/: train", so it started afresh and replaced the finished
+    run's summary and records without a word. The same config trains (to write the model); another is refused."""
+    from simpo_exp.errors import OtherRunsDirectory
+    from simpo_exp.finished import FINISHED, recorded_summary
+    from simpo_exp.tracking import config_to_dict
+
+    cfg = _tiny_config(compose, tmp_path, "max_steps=2")
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir()
+    (run_dir / FINISHED).write_text(json.dumps({"config": config_to_dict(cfg)}))
+    (run_dir / "summary.json").write_text('{"eval/rewards/accuracies": 0.9}')
+    cfg.save_model = True
+    assert recorded_summary(cfg) is None  # the same config: trained to write its model
+    cfg.beta = 3.0
+    with pytest.raises(OtherRunsDirectory, match=r"different config \(beta: finished with 2.0, now 3.0\)"):
+        recorded_summary(cfg)
+    (run_dir / "summary.json").unlink()
+    with pytest.raises(OtherRunsDirectory, match="different config"):
+        recorded_summary(cfg)
 
 
 def test_a_run_on_local_data_that_changed_since_is_neither_skipped_nor_resumed(tmp_path):
