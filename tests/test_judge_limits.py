@@ -293,3 +293,23 @@ def test_an_empty_alpacaeval_reply_is_unjudged_not_the_judges_word(moody, tmp_pa
     metrics, notes = _judge_pairs({"benchmark": b, "out": tmp_path}, prompts, ["yyy"] * 3, info, "me")
     assert metrics["unjudged"] == 1 and metrics["unparseable_verdicts"] == 0, metrics
     assert any("replied with no text" in n for n in notes) and not any("not 'a' or 'b'" in n for n in notes)
+
+
+def test_an_arena_game_out_of_replies_without_a_label_goes_on_under_more_label_attempts(moody):
+    """A game that used every reply label_attempts allowed without a verdict label was stored as judged with no
+    verdict, its replies dropped: a re-run with a larger label_attempts reused it as it was and asked nothing. It
+    keeps its replies now, and such a re-run asks it to finish from them (one request a game), not from the start."""
+    from dataclasses import replace
+
+    cases = [ARENA_CASES[4], ARENA_CASES[0]]  # a label only once the judge is asked to finish; one at once
+    moody.judge = replace(moody.judge, label_attempts=1)
+    first = arena(moody, cases)
+    assert first["metrics"]["unparseable_games"] == 2 and first["metrics"]["judged_games"] == 2
+    MoodyJudge.requests = []
+    again = arena(moody, cases)  # the same label_attempts: nothing asked again
+    assert MoodyJudge.requests == [] and again["metrics"] == first["metrics"]
+    moody.judge = replace(moody.judge, label_attempts=2)
+    more = arena(moody, cases)
+    assert len(MoodyJudge.requests) == 2  # the late question's two games, each once more
+    assert all(len(body["messages"]) == 4 for body in MoodyJudge.requests)  # from the stored reply: asked to finish
+    assert more["metrics"]["unparseable_games"] == 0 and more["metrics"]["judged_games"] == 4

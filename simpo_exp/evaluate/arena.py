@@ -146,7 +146,9 @@ class ArenaHardJudge(PairwiseJudge):
             judgment += "\n" + reply
             label, again = parse_label(judgment)
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": CONTINUE}]
-        return {"user_prompt": prompt, "judgment": judgment, "score": label}
+        # no label after every reply allowed: the replies kept, so that a later run under a larger label_attempts
+        # goes on from them (``to_continue``) instead of reusing the game as judged without a verdict
+        return {"user_prompt": prompt, "judgment": judgment, "score": label, **({"replies": replies} if again else {})}
 
     def judgment(self, prompt: dict, model_text: str, model_id: str, kept: list | None = None) -> dict:
         """Both games of a question; ``kept``: games of an earlier judgment of it with a reply (its other game got
@@ -156,7 +158,9 @@ class ArenaHardJudge(PairwiseJudge):
         line = {"question_id": prompt["id"], "model": model_id, "judge": self.j.model, "games": games}
         try:
             for i, (a, b) in enumerate(orders):
-                if games[i] is None or unanswered(games[i]):  # not asked, or stopped after a reply (``game``)
+                # not asked, stopped after a reply (``game``), or out of replies with no label under a smaller
+                # label_attempts than this command's
+                if games[i] is None or unanswered(games[i]) or to_continue(games[i], self.j.label_attempts):
                     games[i] = self.game(q, a, b, games[i])
         except JudgeError as e:
             error = JudgeError(f"judging question_id={prompt['id']!r}: {e}")
@@ -172,7 +176,7 @@ class ArenaHardJudge(PairwiseJudge):
 
     def judge_all(self, prompts: list[dict], texts: list[str], model_id: str, path: Path) -> list[dict]:
         """Judgments in question order, each appended to ``path`` as it finishes; stored ones reused."""
-        stored, kept = stored_judgments(path, prompts, texts, self.j.model)
+        stored, kept = stored_judgments(path, prompts, texts, self.j.model, self.j.label_attempts)
         answered = any(g for games in kept.values() for g in games)  # a first game's reply, its second refused
         return self.judge_lines(
             lambda p, t: self.judgment(p, t, model_id, kept.get(p["id"])),
@@ -191,7 +195,9 @@ def kept_aside(path: Path) -> Path:
     return path.parent.parent.parent / "model_judgment_kept" / path.parent.name / path.name
 
 
-def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: str) -> tuple[dict, dict]:
+def stored_judgments(
+    path: Path, prompts: list[dict], texts: list[str], judge: str, label_attempts: int | None = None
+) -> tuple[dict, dict]:
     """(``{question_id: judgment}`` still valid: same judge, same question and answers in both games, no game the
     endpoint refused; ``{question_id: [game or None, game or None]}``: the games with a reply of the judgments
     whose other game was refused, so that only that one is asked again, and the games stopped after a reply without
@@ -206,8 +212,8 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
     def same(r: dict) -> bool:  # this judge, on this question and these answers
         return r["judge"] == judge and [g["user_prompt"] for g in r["games"]] == expected.get(r["question_id"])
 
-    def valid(r: dict) -> bool:
-        return same(r) and not refused(r)
+    def valid(r: dict) -> bool:  # a game out of replies with no label goes on where label_attempts allows more
+        return same(r) and not refused(r) and not any(to_continue(g, label_attempts) for g in r["games"])
 
     aside, others = kept_aside(path), []
     # the lines kept aside before (valid again or not), then the file's own, which win
@@ -224,6 +230,15 @@ def stored_judgments(path: Path, prompts: list[dict], texts: list[str], judge: s
     elif aside.exists():
         aside.unlink()
     return rows, kept
+
+
+def to_continue(game, label_attempts: int | None) -> bool:
+    """Whether a game that used every reply it was allowed without giving a label may go on: ``label_attempts``
+    allows more replies than it has."""
+    if not isinstance(game, dict) or label_attempts is None or game.get("score") is not None or game.get("error"):
+        return False
+    replies = game.get("replies") or []
+    return bool(replies) and len(replies) < label_attempts and parse_label(game.get("judgment") or "")[1]
 
 
 def refused(row: dict) -> bool:
