@@ -407,17 +407,10 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
         )
     if {"experiment", "hparams"} <= given and choices.get("experiment") and compose is not None:
         hparams = choices.get("hparams")
-        try:
-            preset, base = compose([f"hparams={hparams}"]), compose(["hparams=default"])
-        except Exception as e:  # Hydra's compose API unavailable in this process (a launcher's): left unchecked
-            log.debug("hparams under experiment not checked: %s", e)
+        changed = hparams_preset_values(hparams, given, compose, "experiment")
+        if changed is None:
             return
-        lost = {
-            key: value
-            for key, value in preset.items()
-            if not isinstance(value, (dict, DictConfig)) and key not in given
-            and value != base.get(key) and value != cfg.get(key)
-        }  # fmt: skip
+        lost = {key: value for key, value in changed.items() if value != cfg.get(key)}
         if lost:
             sets = ", ".join(f"{k} ({v} in hparams={hparams}, {cfg.get(k)} in the experiment)" for k, v in lost.items())
             raise ConfigError(
@@ -430,6 +423,21 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
         refuse_lost_to_experiment(cfg, given, choices, compose)
 
 
+def hparams_preset_values(hparams: str, given: set[str], compose, against: str) -> dict | None:
+    """The top-level values ``hparams=<hparams>`` sets apart from ``hparams=default``'s, but the keys ``given`` on the
+    command line; None where Hydra's compose API is unavailable in this process (a launcher's): left unchecked."""
+    try:
+        preset, base = compose([f"hparams={hparams}"]), compose(["hparams=default"])
+    except Exception as e:  # Hydra's compose API unavailable in this process (a launcher's)
+        log.debug("hparams under %s not checked: %s", against, e)
+        return None
+    return {
+        key: value
+        for key, value in preset.items()
+        if not isinstance(value, (dict, DictConfig)) and key not in given and value != base.get(key)
+    }
+
+
 def refuse_hparams_lost_to_loss(cfg: DictConfig, given: set[str], choices: dict, compose, spec) -> None:
     """Refuse ``hparams=<preset>`` where nothing it sets reaches the run: the loss group, composed after it, sets its
     own value of each (``loss=dpo``'s beta 0.1) or the method does not read it (DPO and gamma_beta_ratio), so the run
@@ -438,18 +446,9 @@ def refuse_hparams_lost_to_loss(cfg: DictConfig, given: set[str], choices: dict,
     from simpo_exp.methods import METHOD_KEYS
 
     hparams = choices["hparams"]
-    if compose is None:
+    changed = hparams_preset_values(hparams, given, compose, "loss") if compose is not None else None
+    if changed is None:
         return
-    try:
-        preset, base = compose([f"hparams={hparams}"]), compose(["hparams=default"])
-    except Exception as e:  # Hydra's compose API unavailable in this process (a launcher's): left unchecked
-        log.debug("hparams under loss not checked: %s", e)
-        return
-    changed = {
-        key: value
-        for key, value in preset.items()
-        if not isinstance(value, (dict, DictConfig)) and key not in given and value != base.get(key)
-    }
     reads = set(spec.reads) if spec is not None else None
 
     def lost(key, value) -> str | None:
