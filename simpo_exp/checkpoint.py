@@ -315,11 +315,11 @@ def save(
 
 def _sync_tree(folder: Path) -> None:
     """Flush every file below ``folder`` (an engine's shards included) and the folders holding them to the disk."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+    below = sorted(folder.rglob("*"))
+    for path in (p for p in below if p.is_file()):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    for sub in [folder, *(p for p in below if p.is_dir())]:
         _sync_folder(sub)
 
 

@@ -591,10 +591,15 @@ def settings_label(values: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
-def _setting_of(group: dict) -> str:
-    """A ``seed_groups`` row's setting as a label: its swept values, the keys before its counts."""
+def _setting(group: dict) -> dict:
+    """A ``seed_groups`` row's setting: its swept values, the keys before its counts."""
     keys = list(group)
-    return settings_label({k: group[k] for k in keys[: keys.index("seeds")]})
+    return {k: group[k] for k in keys[: keys.index("seeds")]}
+
+
+def _setting_of(group: dict) -> str:
+    """A ``seed_groups`` row's setting as a label."""
+    return settings_label(_setting(group))
 
 
 # ----------------------------------------------------------------------------- generations
@@ -893,16 +898,17 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
             for m in fam.metrics
         )
 
-    groups, _ = _pooled(runs, metric)
-    pooled = any(len(seeds) > 1 for seeds in groups.values())
+    by_setting, _ = _pooled(runs, metric)
+    pooled = any(len(seeds) > 1 for seeds in by_setting.values())
+    seed_rows = seed_groups(runs, metric, ascending)  # the legend's settings and the title's best, best first
     entries = []  # (label, curve: key -> (steps, values, low, high), leads), best first
     if pooled:
-        for row in seed_groups(runs, metric, ascending):
-            members = list(groups[tuple((k, row[k]) for k in list(row)[: list(row).index("seeds")])].values())
+        for row in seed_rows:
+            members = list(by_setting[tuple(_setting(row).items())].values())
             n = len(members)
             label = f"{_setting_of(row)}  ({n} seed{'s' * (n > 1)}, mean eval {finals(partial(_mean_final, members))})"
             entries.append((label, partial(seed_curve, members), _is_number(row[f"{metric} mean"])))
-        members = {id(r) for seeds in groups.values() for r in seeds.values()}
+        members = {id(r) for seeds in by_setting.values() for r in seeds.values()}
         ranked = [r for r in ranked if id(r) not in members]
     for r in ranked:
         label = f"{r.label}  (eval {finals(r.final)})" + ("" if r.status == "done" else f" [{r.status}]")
@@ -940,7 +946,7 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
         heading = f"settings (mean over seeds),\nbest first by {metric}" if pooled else f"runs, best first by {metric}"
         fig.legend(handles, labels, loc="outside right upper", title=heading, fontsize=9)
     title = fam.title + (f"  -  {fam.better} is better" if fam.better else "")
-    groups = [g for g in seed_groups(runs, metric, ascending) if _is_number(g[f"{metric} mean"])]
+    groups = [g for g in seed_rows if _is_number(g[f"{metric} mean"])]
     if groups and (len(groups) > 1 or groups[0]["seeds"] > 1):  # a setting, not one seed's run, is the best
         best = groups[0]
         title += "\n" + textwrap.shorten(f"best setting by {metric} over seeds: {_setting_of(best)}", 80)
