@@ -98,3 +98,34 @@ def environment_record(cfg, accelerator, model, data_report, layout=None) -> dic
         "model_commit": hub_commit(cfg.model.path, cfg.model.revision) if cfg.model.path else None,
         "data": {"sources": data_report.sources, "pairs_after_filtering": data_report.kept},
     }
+
+
+# what can make a resumed run's later steps differ from what its first start would have done
+DRIFT_KEYS = (
+    "packages",
+    "torch_cuda",
+    "device_names",
+    "num_processes",
+    "distributed_type",
+    "git_commit",
+    "model_commit",
+)
+
+
+def with_earlier_starts(env: dict, earlier: dict, step: int) -> tuple[dict, list[str]]:
+    """A resumed run's ``env.json``: this start's record (``started_at_step``: the checkpoint it resumed from),
+    the earlier starts' records in ``earlier_starts``, oldest first, and the ``DRIFT_KEYS`` on which this start
+    differs from the last one (named for a warning). ``earlier``: the file as the last start left it ({} if none)."""
+    env = env | {"started_at_step": step}
+    if not isinstance(earlier, dict) or not earlier or step == 0:  # a fresh start, or one before any checkpoint
+        return env, []
+    starts = [*earlier.get("earlier_starts", []), {k: v for k, v in earlier.items() if k != "earlier_starts"}]
+    env["earlier_starts"] = starts
+    changed = []
+    for key in DRIFT_KEYS:
+        before, now = earlier.get(key), env.get(key)
+        if key == "packages" and isinstance(before, dict) and isinstance(now, dict):
+            changed += [f"{p} {before.get(p)} -> {now.get(p)}" for p in now if before.get(p) != now.get(p)]
+        elif before != now:
+            changed.append(f"{key} {before} -> {now}")
+    return env, changed

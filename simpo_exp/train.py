@@ -57,7 +57,7 @@ from simpo_exp.engine import (
     on_main,
     together,
 )
-from simpo_exp.environment import environment_record
+from simpo_exp.environment import environment_record, with_earlier_starts
 from simpo_exp.errors import UserError, out_of_memory
 from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
 from simpo_exp.fused import fused_head
@@ -103,6 +103,7 @@ from simpo_exp.reference import (
 )
 from simpo_exp.rundir import (
     STOPPED_FILE,
+    read_json,
     read_jsonl,
     recorded_sources,
     rerun_command,
@@ -454,6 +455,14 @@ def set_up(cfg: Config) -> Run:
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
     env["logps_check"] = logps_check  # the run's log-probs against the model's own forward on one pair
     env["adamw_fused"] = bool(fused_optimizer)
+    env, drift = with_earlier_starts(env, read_json(run_dir / "env.json"), state.step)
+    if drift:
+        log.warning(
+            "resumed at step %d on a different set-up than the last start (%s): the steps from here may not match "
+            "what an uninterrupted run would have done; env.json keeps each start's record in earlier_starts",
+            state.step,
+            "; ".join(drift),
+        )
     tracker = Tracker(
         run_dir, cfg.logger, config_dict | {"resolved": resolved, "env": env}, enabled=accelerator.is_main_process
     )

@@ -442,6 +442,24 @@ def test_a_bos_that_is_also_eos_or_the_turn_start_does_not_stop_the_run(tmp_path
         build_datasets(_pairs(tmp_path / "again"), tok)
 
 
+def test_a_resumed_runs_env_record_keeps_the_earlier_starts_and_names_what_changed():
+    """env.json was rewritten at each start: a run resumed under other packages or on other devices kept no trace of
+    what its first steps ran on. Each start's record is kept (oldest first) and the drift is named for a warning."""
+    from simpo_exp.environment import with_earlier_starts
+
+    first = {"packages": {"torch": "2.13.0", "trl": None}, "device_names": ["H100"], "git_commit": "a", "x": 1}
+    env, drift = with_earlier_starts(first, {}, 0)
+    assert env == first | {"started_at_step": 0} and drift == []
+    second = first | {"packages": {"torch": "2.14.0", "trl": None}, "device_names": ["H200"]}
+    env2, drift = with_earlier_starts(second, env, 40)
+    assert drift == ["torch 2.13.0 -> 2.14.0", "device_names ['H100'] -> ['H200']"]
+    assert env2["started_at_step"] == 40 and env2["earlier_starts"] == [env]
+    env3, drift = with_earlier_starts(second, env2, 80)  # the same set-up again: nothing to warn of
+    assert drift == [] and [s["started_at_step"] for s in env3["earlier_starts"]] == [0, 40]
+    assert "earlier_starts" not in env3["earlier_starts"][1]  # kept once, not nested
+    assert with_earlier_starts(second, env2, 0)[0] == second | {"started_at_step": 0}  # no checkpoint: a fresh start
+
+
 def test_the_code_version_names_the_checkouts_commit_and_its_changes(tmp_path, monkeypatch):
     """env.json's git_commit: the checkout's HEAD, ``+dirty`` where a tracked file has changes (files git does not
     track do not count), None outside a checkout of the project (an installed wheel) or outside any repository."""

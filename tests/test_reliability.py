@@ -126,6 +126,8 @@ def test_sigterm_saves_a_checkpoint_before_exiting(uninterrupted, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(uninterrupted, run_dir)
     assert load_run(run_dir).status == "done" and not (run_dir / "stopped.json").exists()
+    env = json.loads((run_dir / "env.json").read_text())  # each start's record: the first one was not overwritten
+    assert env["started_at_step"] == step and [s["started_at_step"] for s in env["earlier_starts"]] == [0]
     # the run time goes on from the checkpoint's (it counted the last start alone)
     assert 0 < before < json.loads((run_dir / "summary.json").read_text())["runtime_s"]
 
