@@ -458,8 +458,9 @@ def swept_keys(runs: list[Run]) -> list[str]:
     """Override keys whose value differs between runs, then the config values that differ though no override names
     them (a preset edited between runs, another ``--config-dir``, another version's default), so that such runs
     are shown apart and never pooled as seeds of one setting, then RESOLVED_APART (the pairs per step) where
-    the runs' summaries differ in it; with a single run, all of its overrides. Settings
-    that do not change what trains (``RESUMABLE_CHANGES``) and the values under a swept group are not listed."""
+    the runs' summaries differ in it; with a single run, all of its overrides. Config values that do not change
+    what trains (``RESUMABLE_CHANGES``) and the values under a swept group are not listed unless an override names
+    them: runs given another eval_steps on the command line are shown apart, not pooled as seeds."""
     keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
     if len(runs) == 1:
         return keys
