@@ -414,6 +414,24 @@ def single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def warn_if_the_launchers_precision_is_not_used(h, precision: str) -> None:
+    """``accelerate launch --mixed_precision`` (or its config file's ``mixed_precision``) reaches the run as
+    ACCELERATE_MIXED_PRECISION, which accelerate reads only where the script passes none; the run passes
+    ``hardware.mixed_precision`` as resolved, so a launcher's fp16 or bf16 that differs from it is not used, said
+    here. "no" is the launcher's default when nothing is given: not taken as a request."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked not in ("no", precision):
+        log.warning(
+            "accelerate launch's mixed_precision=%s (its --mixed_precision or config file) is not used: this run "
+            "computes in %s (hardware.mixed_precision=%s); set hardware.mixed_precision=%s to train in %s",
+            asked,
+            "the weights' dtype, no autocast" if precision == "no" else precision,
+            h.mixed_precision,
+            asked,
+            asked,
+        )
+
+
 def check_cpu_settings(cfg: Config) -> None:
     """Settings a CPU run would not honour: refused by name, before anything loads (they used to run silently
     as something else, or fail at the first backward)."""
@@ -442,6 +460,7 @@ def make_accelerator(cfg: Config):
     h = cfg.hardware
     use_cpu = pick_device(h.device).type == "cpu"  # cuda with none visible is refused there, for every stage
     precision = resolved_precision(h)
+    warn_if_the_launchers_precision_is_not_used(h, precision)
     if use_cpu:
         check_cpu_settings(cfg)
     accum = accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))

@@ -489,6 +489,27 @@ def test_each_job_of_a_sweep_in_one_process_gets_its_own_precision(compose):
         AcceleratorState._reset_state(reset_partial_state=True)  # the next test's accelerator as a fresh process's
 
 
+def test_a_launchers_precision_that_the_run_does_not_use_is_said(compose, monkeypatch, caplog):
+    """``accelerate launch --mixed_precision fp16`` reaches the script as ACCELERATE_MIXED_PRECISION, which
+    accelerate ignores where the script passes its own: the run went on in hardware.mixed_precision with no word."""
+    from accelerate.state import AcceleratorState
+
+    from simpo_exp.engine import make_accelerator
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="simpo_exp.engine"):
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: nothing asked
+            make_accelerator(to_config(compose("hardware=cpu")))
+            assert "is not used" not in caplog.text
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+            accelerator, _ = make_accelerator(to_config(compose("hardware=cpu")))
+        assert accelerator.mixed_precision == "no"  # the run's, as before: now said
+        assert "mixed_precision=fp16 (its --mixed_precision or config file) is not used" in caplog.text
+        assert "no autocast (hardware.mixed_precision=no); set hardware.mixed_precision=fp16" in caplog.text
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
 def test_float32_weights_loaded_in_16_bits_are_warned(compose, tmp_path, caplog, key):
     """A trained run's model/ holds float32 weights; started from in bf16 it loses most of its SimPO-size update.
