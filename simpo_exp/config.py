@@ -83,6 +83,17 @@ class ModelConfig:
     revision: Optional[str] = None
     random_init: RandomInitConfig = field(default_factory=RandomInitConfig)
 
+    def __post_init__(self) -> None:
+        self.path, self.tokenizer_path = home_expanded(self.path), home_expanded(self.tokenizer_path)
+
+
+def home_expanded(path):
+    """``~/models/x`` as the home folder's: Hydra passes a value on as written, and a shell expands no ``~`` in
+    ``model.path=~/...`` (not a variable's name before the ``=``), so the folder was taken for a hub id."""
+    import os
+
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+
 
 @dataclass
 class SourceConfig:

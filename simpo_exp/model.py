@@ -175,6 +175,22 @@ def saved_dtype(model_dir) -> str | None:
     return dtype if dtype in TORCH_DTYPES else None
 
 
+def refuse_weights_drawn_at_random(path: str, model, missing: list[str]) -> None:
+    """A checkpoint without some of the causal LM's weights loads with those drawn at random (transformers only
+    logs it): a reward model (``*ForSequenceClassification``: a ``score`` head, no ``lm_head``) or a bare base
+    model trained, sampled or evaluated as a policy with a random output head. A head tied to the
+    embedding and buffers are not listed by transformers as missing."""
+    if not missing:
+        return
+    archs = list(getattr(model.config, "architectures", None) or [])
+    shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise ConfigError(
+        f"invalid config value model.path={path!r}: its checkpoint has no {shown}, which would be drawn at random "
+        f"(its config names architectures {archs or 'none'}). The policy must be a causal LM "
+        "(*ForCausalLM) with all its weights: a reward model (*ForSequenceClassification) belongs in scorer.path"
+    )
+
+
 def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_copy: bool = False):
     """The causal LM: a random Llama of ``model.random_init``'s shape for ``path=""``, else ``from_pretrained``.
     ``engine_master_copy``: the engine (DeepSpeed under bf16/fp16) keeps the float32 master weights, so the model
@@ -223,12 +239,13 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
                 m.path, keep,
             )  # fmt: skip
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, loading = AutoModelForCausalLM.from_pretrained(
                 m.path,
                 revision=m.revision,
                 dtype=dtype,
                 attn_implementation=attn_implementation,
                 trust_remote_code=m.trust_remote_code,
+                output_loading_info=True,
             )
         except (OSError, SafetensorError) as e:  # a local directory's weights cut short or missing
             if Path(m.path).is_dir():
@@ -240,6 +257,7 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
             key = "model.attn_implementation" if m.attn_implementation else "hardware.attn_implementation"
             why = str(e).split(". ")[0]
             raise ConfigError(f"{key}={attn_implementation!r}: {why}; 'eager' runs every model") from e
+        refuse_weights_drawn_at_random(m.path, model, loading.get("missing_keys") or [])
     check_vocabulary(model, tokenizer, m)
     if cfg.disable_dropout:
         disable_dropout(model)

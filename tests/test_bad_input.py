@@ -294,6 +294,42 @@ def test_a_model_whose_weights_were_cut_short_is_named(tmp_path, compose):
         load_model(cfg, load_tokenizer(cfg.model), "sdpa")
 
 
+def test_a_checkpoint_without_the_lm_head_is_refused_as_the_policy(tmp_path, compose):
+    """A reward model (its score head, no lm_head) given as model.path loaded as a causal LM with the output head
+    drawn at random, and the run trained, sampled and finished with rc=0 (transformers only logged it); the set-up
+    log-prob check cannot see it, as the model's own forward uses the same random head. A whole causal LM loads."""
+    from transformers import LlamaForSequenceClassification
+
+    from simpo_exp.config import ConfigError, to_config
+    from simpo_exp.model import load_model, load_tokenizer
+    from tests.tiny import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "rm", LlamaForSequenceClassification, num_labels=1)
+    save_tiny_llama(tmp_path / "lm")
+    for name in ("rm", "lm"):
+        path = tmp_path / name
+        cfg = to_config(compose("model=qwen2.5-0.5b-instruct", f"model.path={path}", "model.chat_template=zephyr"))
+        if name == "lm":
+            assert load_model(cfg, load_tokenizer(cfg.model), "sdpa").lm_head.weight.shape[0] > 0
+            continue
+        with pytest.raises(
+            ConfigError, match=r"model.path=.*rm': its checkpoint has no lm_head.weight, .*LlamaForSequenceClass"
+        ):
+            load_model(cfg, load_tokenizer(cfg.model), "sdpa")
+
+
+def test_a_model_path_from_the_home_folder_is_the_home_folders(compose, monkeypatch, tmp_path):
+    """``model.path: ~/models/x`` (in a preset, or quoted on the command line) was taken as written: the folder did
+    not exist for check_model_available and transformers took it for a hub id. Data sources expanded it."""
+    from simpo_exp.config import to_config
+    from simpo_exp.generate.config import ScorerConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = to_config(compose("model=qwen2.5-0.5b-instruct", "model.path='~/models/x'", "model.tokenizer_path='~/t'"))
+    assert (cfg.model.path, cfg.model.tokenizer_path) == (f"{tmp_path}/models/x", f"{tmp_path}/t")
+    assert ScorerConfig(name="rm", path="~/rm").path == f"{tmp_path}/rm"
+
+
 def test_a_relative_path_under_chdir_says_where_it_was_looked_for(tmp_path):
     """``hydra.job.chdir=true`` runs the job in its folder, where a path relative to the command's folder is not:
     the message named neither the folder nor the setting."""

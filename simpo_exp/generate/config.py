@@ -18,7 +18,17 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from simpo_exp.config import DTYPES, Config, HardwareConfig, _check, _check_choice, _fail, structured, validate
+from simpo_exp.config import (
+    DTYPES,
+    Config,
+    HardwareConfig,
+    _check,
+    _check_choice,
+    _fail,
+    home_expanded,
+    structured,
+    validate,
+)
 
 BACKENDS = ("hf", "vllm")
 SCORER_KINDS = ("rule", "reward_model")
@@ -62,6 +72,9 @@ class ScorerConfig:
     label_index: Optional[int] = None
     batch_size: int = 8
     max_length: int = 4096  # prompt + response tokens given to the reward model
+
+    def __post_init__(self) -> None:
+        self.path = home_expanded(self.path)
 
 
 @dataclass
