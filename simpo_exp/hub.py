@@ -56,9 +56,19 @@ def check_model_config(path: Path, what: str = "model.path", trust_remote_code: 
         )
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # huggingface_hub goes offline on either
+
+
+def offline_variable() -> str | None:
+    """The variable that says offline (``HF_HUB_OFFLINE`` or transformers' older ``TRANSFORMERS_OFFLINE``, in any of
+    huggingface_hub's spellings of true), or None."""
+    on = ("1", "true", "yes", "on")
+    return next((k for k in OFFLINE_VARIABLES if os.environ.get(k, "0").lower() in on), None)
+
+
 def offline_setting() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` says offline, in any of huggingface_hub's spellings."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """Whether the environment sets the hub offline (``offline_variable``)."""
+    return offline_variable() is not None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -86,8 +96,8 @@ def why_offline() -> str:
     """Why ``hub_reachable`` said no, in words: the offline setting, or the address that did not answer."""
     from huggingface_hub import constants
 
-    if offline_setting():
-        return f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']}"
+    if (variable := offline_variable()) is not None:
+        return f"{variable}={os.environ[variable]}"
     host, port = hub_address(constants.ENDPOINT)
     return f"nothing answered at {host}:{port}, the hub {constants.ENDPOINT} or the proxy on its way"
 
@@ -223,9 +233,15 @@ def check_model_available(
         raise ModelNotFoundError(f"{what}={path!r} does not exist{looked_in(path)}")
     if in_hf_cache(path, revision) or hub_reachable():
         return
+    at, flag = (f" at revision {revision!r}", f" --revision {revision}") if revision else ("", "")
+    elsewhere = (
+        f" (the cache holds it at main; {what.split('.')[0]}.revision asks for another)"
+        if revision and in_hf_cache(path, None)
+        else ""
+    )
     raise ModelNotFoundError(
-        f"model {path!r} ({what}) is not on this machine: it is not a local directory, not in the Hugging Face "
-        f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub cannot be reached "
-        f"({why_offline()}). Download it on a connected machine (`hf download {path}`) and either copy the cache "
-        f"here or set {what}=/path/to/local/weights."
+        f"model {path!r}{at} ({what}) is not on this machine: it is not a local directory, not in the Hugging Face "
+        f"cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}){elsewhere}, and the hub cannot be reached "
+        f"({why_offline()}). Download it on a connected machine (`hf download {path}{flag}`) and either copy the "
+        f"cache here or set {what}=/path/to/local/weights."
     )

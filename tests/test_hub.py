@@ -30,6 +30,16 @@ def test_a_cached_hub_model_is_available_offline_and_an_uncached_one_is_named(tm
         ModelNotFoundError, match=r"model .org/other. \(model.path\) is not on this machine.*\(HF_HUB_OFFLINE=1\)"
     ):
         check_model_available("org/other")
+    # a pinned revision the cache lacks: named, with the download that fetches it (a bare `hf download` gets main)
+    with pytest.raises(ModelNotFoundError, match=r"tiny' at revision 'v9' .*holds it at main; model.revision asks"):
+        check_model_available("org/tiny", "v9")
+    with pytest.raises(ModelNotFoundError, match=r"`hf download org/tiny --revision v9`"):
+        check_model_available("org/tiny", "v9")
+    # transformers' own offline variable takes the hub offline as well (huggingface_hub reads both)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match=r"\(TRANSFORMERS_OFFLINE=1\)"):
+        check_model_available("org/other")
 
 
 def test_the_hub_commit_follows_the_revision_asked_for(tmp_path, monkeypatch):
