@@ -25,10 +25,13 @@ statistic is reset afterwards, so the run's reported peak is its own. ``hardware
 consulted (each candidate names its attention), so one other than the default is refused here. Sharded
 engines (FSDP, DeepSpeed) are not measured: their weights are not whole on one device before ``prepare``.
 
-Where the layout is not measured (a fixed rule, or named on the command line), one forward of a four-token pair
-(``plan_unused``) checks that the model's attention takes the segment plan: decoder layers that drop attention's
-keyword arguments (StableLM's, Falcon's, Nemotron's) get the padded layout under ``packing=auto`` (env.json
-``layout_choice.fell_back`` says why) and a named packing is refused by key, before the run starts.
+Where the layout is not measured (a fixed rule, or named on the command line; also on the main process of FSDP,
+not under ZeRO-3, whose weights are partitioned as they load), one forward of a four-token pair (``plan_unused``)
+checks that the model's attention takes the segment plan, for FlexAttention and flash-attn as for segment
+attention: decoder layers that drop attention's keyword arguments (StableLM's, Falcon's, Nemotron's), or an
+attention dropout kept on (``disable_dropout=false``) that FlexAttention cannot apply, get the padded layout under
+``packing=auto`` (env.json ``layout_choice.fell_back`` says why) and a named packing is refused by key, before the
+run starts.
 """
 
 from __future__ import annotations
@@ -189,13 +192,13 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
 
     if hw.packing != "auto":
         layout = fixed()
-        if accelerator.distributed_type not in SHARDED_ENGINES and (why := plan_unused(model, layout, pad_token_id)):
+        if why := on_main(accelerator, lambda: plan_unused(model, layout, pad_token_id)):
             from simpo_exp.config import ConfigError
 
             raise ConfigError(
                 f"hardware.packing={hw.packing!r} with hardware.packing_attention={hw.packing_attention!r}: {why}; "
                 "use hardware.packing_attention=mask, hardware.packing=none, or hardware.packing=auto (which falls "
-                "back to the padded layout for this model)"
+                "back to the padded layout for this model)" + ("; or disable_dropout=true" if "dropout" in why else "")
             )
         return layout, {"rule": "configured"}
     check_auto_attention(hw, device_type)
@@ -205,16 +208,16 @@ def layout_for_run(cfg, accelerator, model, run_dir: Path, first_pairs, pad_toke
         if layout:
             log.info("packing=auto: resuming with the layout recorded at the first start: %s", layout)
             return layout, {"rule": "recorded at the first start", "first_start": earlier["layout_choice"]}
-    if not measuring(hw, device_type):
+    sharded = accelerator.distributed_type in SHARDED_ENGINES
+    if sharded or not measuring(hw, device_type):
         layout = fixed()
-        if accelerator.distributed_type not in SHARDED_ENGINES and (why := plan_unused(model, layout, pad_token_id)):
+        if sharded:
+            log.info("packing=auto: not measured under %s; fixed rule: %s", accelerator.distributed_type.value, layout)
+        rule = {"rule": "fixed", "why": "sharded engine"} if sharded else {"rule": "fixed"}
+        if why := on_main(accelerator, lambda: plan_unused(model, layout, pad_token_id)):
             log.warning("packing=auto: the padded layout, not %s: %s", layout, why)
-            return BatchLayout("none", "segments", hw.logps_chunk_size), {"rule": "fixed", "fell_back": why}
-        return layout, {"rule": "fixed"}
-    if accelerator.distributed_type in SHARDED_ENGINES:
-        layout = fixed()
-        log.info("packing=auto: not measured under %s; fixed rule: %s", accelerator.distributed_type.value, layout)
-        return layout, {"rule": "fixed", "why": "sharded engine"}
+            return BatchLayout("none", "segments", hw.logps_chunk_size), rule | {"fell_back": why}
+        return layout, rule
 
     def run():
         pairs = first_pairs()
@@ -237,32 +240,58 @@ PROBE_PAIR = {"prompt_input_ids": [1, 2], "chosen_input_ids": [3], "rejected_inp
 
 
 def plan_unused(model, layout: BatchLayout, pad_token_id: int) -> str | None:
-    """Why segment attention cannot run this model (``logps.SegmentPlanUnused``'s words, or that it has no attention
-    function to wrap: Falcon under ``eager``), or None: one forward of a four-token pair without gradients, on the
-    device the model is on, finds decoder layers that drop the keyword arguments that carry the plan to attention
-    (the log-probs would fail at the first step). Only for
-    ``packing_attention=segments`` (the other attentions are measured, or run the model's own masks)."""
+    """Why ``layout``'s packed attention cannot run this model, or None. One forward of a four-token pair, without
+    gradients, in training mode (the random streams restored), on the device the model is on, with the segment
+    plan in probe mode (each layer's attention only counts itself: no kernel runs, so FlexAttention compiles
+    nothing here) finds decoder layers that drop the keyword arguments that carry the plan to attention
+    (``logps.SegmentPlanUnused``'s words, or that the model has no attention function to wrap: Falcon under
+    ``eager``), and, for FlexAttention, an attention dropout it cannot apply (``disable_dropout=false`` on a
+    model that has one). Either would fail at the first step. Not for ``packing_attention=mask``, which runs the
+    model's own attention with a mask."""
     from accelerate.utils import send_to_device
 
     from simpo_exp.config import ConfigError
     from simpo_exp.data.collate import PairCollator
     from simpo_exp.logps import ResponseLogps, SegmentPlanUnused
-    from simpo_exp.model import eval_mode
 
-    if layout.packing == "none" or layout.attention != "segments":
+    if layout.packing == "none" or layout.attention == "mask" or not whole_on_this_process(model):
         return None
     device = next(model.parameters()).device
-    batch = send_to_device(PairCollator(pad_token_id, layout.packing, layout.attention)([PROBE_PAIR]), device)
-    original = model.config._attn_implementation
-    try:  # without dropout, as logps_check scores: nothing is drawn from the run's random streams
-        with torch.no_grad(), eval_mode(model):
-            ResponseLogps.for_layout(model, layout)(**batch)
+    batch = send_to_device(PairCollator(pad_token_id, layout.packing, "segments")([PROBE_PAIR]), device)
+    original, was_training = model.config._attn_implementation, model.training
+    devices = rng_devices(device)
+    try:
+        logps = ResponseLogps.for_layout(model, BatchLayout(layout.packing, "segments", layout.chunk_size))
+        logps.probe = True
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            model.train()
+            logps(**batch)
     except (SegmentPlanUnused, ConfigError) as e:  # the plan dropped, or no attention of the model's to wrap
         return str(e).split(";")[0]
     finally:
+        model.train(was_training)
         if model.config._attn_implementation != original:
             model.set_attn_implementation(original)
+    if layout.attention == "flex" and logps.probed_dropout:
+        return (
+            f"FlexAttention has no attention dropout, and this model's attention trains with {logps.probed_dropout:g} "
+            "(disable_dropout=false)"
+        )
     return None
+
+
+def whole_on_this_process(model) -> bool:
+    """Whether the model's weights are all here before the engine takes it: not under ZeRO-3, which partitions
+    them as they load (its forward runs only inside the engine), nor on the meta device. FSDP's main process, and
+    its others where they hold placeholders until ``prepare`` broadcasts the main one's, can run the probe."""
+    return not any(p.device.type == "meta" or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose random stream ``torch.random.fork_rng`` keeps for work on ``device``."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def check_auto_attention(hardware, device_type: str) -> None:
@@ -301,9 +330,7 @@ def measure_on_device(cfg, accelerator, model, pairs: list[dict], pad_token_id: 
     device = accelerator.device
     layouts = candidates(device.type, model.config, cfg.hardware.logps_chunk_size, cfg.max_length)
     original, was_training = model.config._attn_implementation, model.training
-    devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    )
+    devices = rng_devices(device)
     model.to(device).train()
     try:
         with torch.random.fork_rng(devices=devices):

@@ -151,6 +151,8 @@ class SegmentPlan:
         self.length = sum(self.sizes)
         self.max_job = max(sum(self.sizes[i] for i in pieces) for pieces, _ in self.jobs)
         self.calls = 0
+        self.dropout = 0.0  # the largest attention dropout a layer asked for (layout_auto.plan_unused reads it)
+        self.probe = False  # layout_auto.plan_unused: only count the calls, compute nothing
         self.block_mask = None  # set for attention="flex": one FlexAttention call per layer instead of the jobs
         self.flash = None  # set for attention="flash": (cu_seqlens, max_seqlen) for flash-attn's varlen kernel
 
@@ -185,6 +187,11 @@ def segment_attention(
     if simpo_segments is None:
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     plan = simpo_segments
+    if plan.probe:  # whether the plan reaches every layer, and with what dropout: the output is not read
+        plan.calls += 1
+        plan.dropout = max(plan.dropout, float(dropout or 0.0))
+        batch, heads, length = query.shape[:3]  # [B, Hq, T, D]; the value's head size may differ (MLA)
+        return value.new_zeros(batch, length, heads, value.shape[-1]), None
     if kwargs.get("s_aux") is not None:  # GPT-OSS's sinks: one more logit in each row's softmax
         raise ValueError(
             "segment attention (and FlexAttention, flash-attn here) does not add the model's attention-sink logits "
@@ -525,6 +532,8 @@ class ResponseLogps(nn.Module):
         self.chunk_size = chunk_size
         self.packing = packing
         self.attention = attention
+        self.probe = False  # layout_auto.plan_unused: the segment plan is passed down, no attention computed
+        self.probed_dropout: float | None = None  # after a probe: the largest attention dropout a layer asked for
         self.softcap = final_softcap(model.config)
         self.scale = logit_scale(model.config)
         self._shared = shared_parameters(model)  # for tie_weights
@@ -664,9 +673,10 @@ class ResponseLogps(nn.Module):
         if attn_groups is not None:
             raise ValueError(f"a batch for packing_attention=mask reached ResponseLogps(attention={self.attention!r})")
         plan = SegmentPlan(segments, self.packing)
-        if self.attention == "flex":
+        plan.probe = self.probe
+        if self.attention == "flex" and not plan.probe:
             plan.block_mask = flex_block_mask(segments, self.packing, input_ids.device)
-        elif self.attention == "flash":
+        elif self.attention == "flash" and not plan.probe:
             plan.flash = flash_seqlens(segments, self.packing, input_ids.device)
         if input_ids.shape != (1, plan.length):
             raise ValueError(
@@ -682,11 +692,13 @@ class ResponseLogps(nn.Module):
             use_cache=False,
             simpo_segments=plan,
         ).last_hidden_state
+        self.probed_dropout = plan.dropout if plan.probe else None
         layers = getattr(text_config(self.model.config), "num_hidden_layers", 1)
         if plan.calls < layers:
             raise SegmentPlanUnused(
                 f"only {plan.calls} of {layers} attention layers used the segment plan: this model does "
-                "not pass attention kwargs through; use packing_attention=mask or packing=none"
+                "not pass attention kwargs through; set hardware.packing=none, or "
+                "hardware.packing_attention=mask beside hardware.packing=packed or prefix_shared"
             )
         return hidden
 

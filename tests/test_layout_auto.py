@@ -343,6 +343,55 @@ def test_a_model_segment_attention_cannot_wrap_gets_the_padded_layout_under_auto
     assert model.config._attn_implementation == "eager"
 
 
+def test_the_cuda_rule_unmeasured_probes_its_flex_layout_too(compose, tmp_path):
+    """On CUDA with hardware.measure_layouts=false the fixed rule picks packed FlexAttention, which the probe did not
+    check (it probed segment attention only): a model whose layers drop the plan died at its first step, told to use
+    packing_attention=mask, which packing=auto refuses on CUDA; a model that trains with attention dropout
+    (disable_dropout=false) died there too, FlexAttention having none. Both get the padded layout, said why."""
+    from accelerate.utils import DistributedType
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cuda = SimpleNamespace(
+        device=torch.device("cuda"),
+        num_processes=1,
+        distributed_type=DistributedType.NO,
+        autocast=contextlib.nullcontext,
+    )  # a stand-in: the rule reads the device's type, the probe runs where the model is (here the CPU)
+    cfg = to_config(compose("hardware=cpu", "resume=false", "hardware.measure_layouts=false"))
+    layout, choice = layout_auto.layout_for_run(cfg, cuda, tiny_stablelm(), tmp_path, lambda: [], PAD)
+    assert layout == BatchLayout("none", "segments", 0) and "0 of 2 attention layers" in choice["fell_back"]
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64)
+    dropping = LlamaForCausalLM(LlamaConfig(attention_dropout=0.1, **shape)).eval()
+    state = torch.random.get_rng_state()
+    layout, choice = layout_auto.layout_for_run(cfg, cuda, dropping, tmp_path, lambda: [], PAD)
+    assert layout == BatchLayout("none", "segments", 0) and not dropping.training
+    assert (
+        choice["fell_back"]
+        == "FlexAttention has no attention dropout, and this model's attention trains with 0.1 (disable_dropout=false)"
+    )
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert layout_auto.plan_unused(dropping, BatchLayout("packed", "segments"), PAD) is None  # SDPA has dropout
+    plain = LlamaForCausalLM(LlamaConfig(**shape))
+    layout, choice = layout_auto.layout_for_run(cfg, cuda, plain, tmp_path, lambda: [], PAD)
+    assert layout == BatchLayout("packed", "flex", 0) and choice == {"rule": "fixed"}
+    # under FSDP (not measured: the weights are whole on the main process only) the probe runs there; not under
+    # ZeRO-3, whose weights are partitioned as they load (ds_id): its fixed rule stands, the first step would say
+    fsdp = SimpleNamespace(**vars(cuda) | {"distributed_type": DistributedType.FSDP})
+    layout, choice = layout_auto.layout_for_run(cfg, fsdp, tiny_stablelm(), tmp_path, lambda: [], PAD)
+    assert layout == BatchLayout("none", "segments", 0) and choice["why"] == "sharded engine" and choice["fell_back"]
+    partitioned = tiny_stablelm()
+    for p in partitioned.parameters():
+        p.ds_id = 0
+    zero3 = SimpleNamespace(**vars(cuda) | {"distributed_type": DistributedType.DEEPSPEED})
+    layout, choice = layout_auto.layout_for_run(cfg, zero3, partitioned, tmp_path, lambda: [], PAD)
+    assert layout == BatchLayout("packed", "flex", 0) and choice == {"rule": "fixed", "why": "sharded engine"}
+    cfg = to_config(
+        compose("hardware=cpu", "resume=false", "hardware.packing=packed", "hardware.packing_attention=flex")
+    )
+    with pytest.raises(ConfigError, match=r"trains with 0.1 \(disable_dropout=false\); use .* or disable_dropout=true"):
+        layout_auto.layout_for_run(cfg, cuda, dropping, tmp_path, lambda: [], PAD)
+
+
 def test_the_probe_passes_a_model_whose_attention_takes_the_plan():
     model = make_model()
     for packing in ("packed", "prefix_shared"):
