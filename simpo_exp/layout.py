@@ -117,6 +117,14 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             "len(chosen) columns further from its prompt than it does alone (its log-probs would be another "
             "model's); use hardware.packing=none or auto"
         )
+    elif packing != "none" and (mask_bias := alibi_from_the_padding_mask(model_config)):
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"hardware.packing={packing!r}: the model builds its ALiBi bias from the batch's 2D padding mask "
+            f"({mask_bias}), which a packed row does not carry (its modelling code fails on the packed layouts' "
+            "masks); use hardware.packing=none or auto"
+        )
     elif packing != "none" and attention == "segments" and softcapped:
         from simpo_exp.config import ConfigError
 
@@ -208,6 +216,17 @@ def distance_biased(model_config) -> str | None:
     if family == "bloom" or getattr(config, "alibi", False) is True or (family == "mpt" and mpt_alibi):
         return f"ALiBi ({family})"
     if getattr(config, "position_embedding_type", None) == "alibi":
+        return f"ALiBi ({family})"
+    return None
+
+
+def alibi_from_the_padding_mask(model_config) -> str | None:
+    """Which family builds its ALiBi bias from a 2D ``attention_mask`` (Bloom, Falcon with ``alibi``), or None:
+    their attention reads the mask's batch and length, which neither packed attention passes (segment attention a
+    placeholder, the mask attention a 4D mask). MPT builds its bias from the length alone."""
+    config = text_config(model_config)
+    family = getattr(config, "model_type", None)
+    if family == "bloom" or (family == "falcon" and getattr(config, "alibi", False) is True):
         return f"ALiBi ({family})"
     return None
 

@@ -643,6 +643,14 @@ def test_models_whose_attention_reads_column_distance_are_not_prefix_shared():
         assert [c.packing for c in layout_auto.candidates(device, mpt, max_length=256)] == ["none"]
     with pytest.raises(ConfigError, match="hardware.packing='prefix_shared': the model biases attention .*ALiBi"):
         choose_layout(layout_settings("prefix_shared", "mask"), "cpu", mpt, 256)
+    assert choose_layout(layout_settings("packed", "mask"), "cpu", mpt, 256).packing == "packed"  # MPT's scores match
+    # Bloom and ALiBi Falcon build their bias from the 2D padding mask: packed too failed in their modelling code
+    # ("too many values to unpack"); refused by key
+    bloom = BloomConfig(vocab_size=64, hidden_size=32, n_head=4)
+    falcon = FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, alibi=True)
+    for config, attention in ((bloom, "mask"), (falcon, "segments"), (falcon, "mask")):
+        with pytest.raises(ConfigError, match=r"packing='packed': the model builds its ALiBi bias from .*2D padding"):
+            choose_layout(layout_settings("packed", attention), "cpu", config, 256)
     # why: the same rejected response scored beside a short and a long chosen one
     torch.manual_seed(0)
     model = MptForCausalLM(mpt).eval()
