@@ -61,17 +61,27 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)  # masked: any id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    from transformers import GenerationConfig
+
+    # greedy as the generate and evaluate stages decode: transformers fills what a call leaves unset from the
+    # model's generation_config.json (a repetition_penalty, a no_repeat_ngram_size, a min_new_tokens), so it is
+    # set aside for the call (and put back: the saved model keeps it)
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
     with eval_mode(model):
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=pad,
-            eos_token_id=stops or None,
-            synced_gpus=synced,
-        )
+        try:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad,
+                eos_token_id=stops or None,
+                synced_gpus=synced,
+            )
+        finally:
+            model.generation_config = own
     texts = []
     for row in out[:, width:].tolist():
         ends = [i for i, t in enumerate(row) if t in stops]

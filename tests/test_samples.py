@@ -48,6 +48,29 @@ def test_batched_completions_equal_one_at_a_time():
     assert samples.generate(model, tiny, [], 12, "cpu") == []
 
 
+def test_the_samples_are_greedy_whatever_the_models_generation_config_says():
+    """transformers fills what a generate() call leaves unset from the model's generation_config.json: a model that
+    ships a repetition penalty (Qwen2.5-Instruct does) logged penalised samples as "greedy completions", unlike the
+    generate and evaluate stages' answers for the same weights. The model keeps its config."""
+    from transformers import GenerationConfig
+
+    tiny = build_tiny_tokenizer()
+    model = make_model(vocab=len(tiny))
+    g = torch.Generator().manual_seed(2)
+    pairs = [{"prompt_input_ids": torch.randint(5, len(tiny), (n,), generator=g).tolist()} for n in (4, 9)]
+    plain = samples.generate(model, tiny, pairs, 12, "cpu")
+    ids = torch.tensor([pairs[0]["prompt_input_ids"]])
+    with samples.eval_mode(model):
+        first = int(model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1])
+        # settings a model may ship, one of which (never the greedy first token) changes these samples for certain
+        shipped = GenerationConfig(repetition_penalty=1.3, no_repeat_ngram_size=2, suppress_tokens=[first])
+        model.generation_config = shipped
+        own = int(model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1])
+    assert own != first  # the model's own settings, applied: the test below can fail
+    assert samples.generate(model, tiny, pairs, 12, "cpu") == plain
+    assert model.generation_config is shipped
+
+
 def test_completions_stop_at_the_templates_end_of_turn_token_and_the_models_eos_ids():
     """As the generate and evaluate stages stop: EOS, the special token the chat template closes an assistant
     turn with (Gemma's <end_of_turn>, Llama-3's <|eot_id|>), and the ids in the model's generation config."""
