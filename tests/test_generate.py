@@ -387,6 +387,27 @@ def test_the_test_prompts_give_the_held_out_pairs_training_evaluates_on(
     assert source["test_rows"] == len(test_rows) and source["train_rows"] == len(train_prompts)  # read, not carved
     res = generate(*args, "generate.splits=[test]", cwd=tmp_path)
     assert res.returncode == 2 and "generate.splits" in res.stderr
+    # the test split's responses cut for the scorer are counted and warned of as the train split's are
+    res = generate(*args, "generate.splits=[train,test]", "scorer.max_length=24", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cut = json.loads((out / "report.json").read_text())["test"]["responses_cut_for_the_scorer"]
+    assert cut > 0 and f"{cut} of 12 test responses were longer" in (out / "__main__.log").read_text()
+    # a re-pairing that keeps no train pair keeps no test split either, even one with pairs left (kept, it sat in
+    # data/ without its record); the widest train gap of these scores, as min_gap, leaves the test split's wider
+    gaps = {
+        split: [
+            max(r["scores"]) - min(r["scores"]) for f in (out / folder).glob("scored-*.jsonl") for r in read_jsonl(f)
+        ]
+        for split, folder in (("train", "shards"), ("test", "shards-test"))
+    }
+    gap = max(gaps["train"]) * 1.001 + 1e-6
+    assert max(gaps["test"]) > gap, gaps  # the tiny models' scores, fixed by their seeds
+    res = generate(
+        *args, "generate.splits=[train,test]", "scorer.max_length=24", f"binarise.min_gap={gap}", cwd=tmp_path
+    )
+    assert res.returncode == 2 and "no usable preference pair" in res.stderr, res.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["test"]["pairs_kept"] >= 1
+    assert not (out / "data" / "test.jsonl").exists() and not (out / "data" / "train.jsonl").exists()
 
 
 @pytest.mark.slow

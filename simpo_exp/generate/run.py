@@ -523,14 +523,18 @@ def generate_data(cfg) -> dict:
     if cfg.scorer.kind == "rule":
         report["rule_exact_share"] = sum(s == 1.0 for rec in records for s in rec["scores"]) / report["responses"]
     else:  # a reward read mid-response is a reward of another text
-        report["responses_cut_for_the_scorer"] = sum(sum(rec.get("scorer_cut") or []) for rec in records)
-        if report["responses_cut_for_the_scorer"]:
-            log.warning(
-                "%d of %d responses were longer, with their prompt, than scorer.max_length=%d tokens (or the reward "
-                "model's position limit, where lower) and were scored on their first tokens only; raise "
-                "scorer.max_length",
-                report["responses_cut_for_the_scorer"], report["responses"], cfg.scorer.max_length,
-            )  # fmt: skip
+        for part, recs in (report, records), (report.get("test"), split_records.get("test")):
+            if part is None:
+                continue
+            part["responses_cut_for_the_scorer"] = sum(sum(rec.get("scorer_cut") or []) for rec in recs)
+            if part["responses_cut_for_the_scorer"]:
+                log.warning(
+                    "%d of %d %s responses were longer, with their prompt, than scorer.max_length=%d tokens (or the "
+                    "reward model's position limit, where lower) and were scored on their first tokens only; raise "
+                    "scorer.max_length",
+                    part["responses_cut_for_the_scorer"], part["responses"], "test" if part is not report else "train",
+                    cfg.scorer.max_length,
+                )  # fmt: skip
     if report["non_finite_scores"]:
         log.warning(
             "%d of %d scores are NaN or infinite (scorer.dtype=%s: float16 overflows in some reward models; bfloat16 "
@@ -558,8 +562,8 @@ def generate_data(cfg) -> dict:
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     if not test_rows:  # a test split an earlier command wrote here is not this command's
         (out / "data" / "test.jsonl").unlink(missing_ok=True)
-    if not rows:  # a data set an earlier command wrote here is not this command's: it goes
-        for stale in (out / "data" / "train.jsonl", out / "data" / "provenance.json"):
+    if not rows:  # a data set an earlier command wrote here is not this command's: it goes (its test split too)
+        for stale in (out / "data" / "train.jsonl", out / "data" / "test.jsonl", out / "data" / "provenance.json"):
             stale.unlink(missing_ok=True)
         gap_only = set(report["prompts_dropped"]) == {"score gap below binarise.min_gap"}
         scores = {s for rec in records for s in rec["scores"]}
