@@ -38,8 +38,9 @@ class Window:
             self.add({f"{SKIPPED}{k}": v for k, v in stats.sums.items() if k in (*WORK_KEYS, "input_tokens")})
         elif stats is not None:
             self.add(stats.sums)
-        if stats is not None and not timed:
-            self.add({f"{UNTIMED}{k}": v for k, v in stats.sums.items() if k in WORK_KEYS})
+        if stats is not None:  # zeros on a timed step: each process compiles on its own (a recompile may come on
+            # one process alone), and ``means`` reduces one stacked tensor of the keys held: the same keys everywhere
+            self.add({f"{UNTIMED}{k}": v if not timed else v * 0 for k, v in stats.sums.items() if k in WORK_KEYS})
         if timed:
             self.seconds += seconds
             self.steps += 1

@@ -221,6 +221,19 @@ def test_a_window_resumed_on_more_processes_reduces_when_it_held_a_skipped_steps
     assert means0 == means1 and means0["train/loss"] == 0.5
 
 
+def test_a_step_that_compiled_on_one_process_alone_leaves_every_process_the_same_keys():
+    """Each process counts its own compiles (hardware.compile): a recompile on one process alone (a batch shape
+    only it saw) put ``untimed/*`` sums in its window only, and the next report's all-reduce stacked different
+    numbers of sums (gloo aborted, NCCL hangs). A timed step adds them as zeros; the speed figures are unchanged."""
+    step = Window({"pairs": 4.0, "tokens": 40.0, "loss": 2.0})
+    compiled, timed = Window(), Window()
+    compiled.step_done(step, 9.0, timed=False)
+    timed.step_done(step, 0.5, timed=True)
+    assert sorted(compiled.sums) == sorted(timed.sums)
+    assert timed.local()["untimed/tokens"] == 0.0 and compiled.local()["untimed/tokens"] == 40.0
+    assert (compiled.seconds, compiled.steps, timed.seconds, timed.steps) == (0.0, 0, 0.5, 1)
+
+
 # ----------------------------------------------------------------------------- from a real model
 def tiny_model():
     return make_model(vocab=40).eval()
