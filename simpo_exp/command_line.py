@@ -66,8 +66,9 @@ def mixed_modes(argv: list[str]) -> str | None:
 def sweep_without_multirun(argv: list[str]) -> str | None:
     """The message for a ``+sweep=``/``+launcher=`` preset in a command that runs one job here (no ``--multirun``):
     Hydra applies sweepers and launchers to a multirun only, so that job would train on this machine, a login
-    node's, with the preset's defaults; else None. ``--cfg``, ``--info`` (which print and run nothing) pass."""
-    if set(modes_given(argv)) - {"--run"}:
+    node's, with the preset's defaults; else None. ``--cfg``, ``--info``, ``--help``, ``--hydra-help`` (which print
+    and run nothing) pass."""
+    if set(modes_given(argv)) - {"--run"} or {"--help", "-h", "--hydra-help"} & set(argv):
         return None
     for arg in argv:
         if arg.startswith(tuple(PLUGINS)):

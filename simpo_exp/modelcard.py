@@ -111,6 +111,7 @@ def is_count(metric: str) -> bool:
     token limit) and the starting model's figures (``*_start``): in the card's table, not among the model's results
     in its metadata."""
     counters = ("n", "battles", "avg_length", "avg_tokens", "judged_games", "cut_at_max_new_tokens")
+    counters += ("unjudged", "unjudged_games")  # answers or games the judge gave no verdict on
     return metric in counters or metric.startswith(("unparseable", "n_")) or metric.endswith(("/n", "_start"))
 
 

@@ -443,7 +443,13 @@ def test_a_sweep_or_launcher_preset_in_a_single_run_is_refused(tmp_path):
         assert res.returncode == 2 and "+launcher=slurm applies to a --multirun only" in res.stderr, res.stderr
         assert not (tmp_path / stage).exists()
     assert "+sweep=optuna applies to a --multirun only" in sweep_without_multirun(["+sweep=optuna", "--run"])
-    for fine in (["-m", "+sweep=optuna"], ["--multirun", "+launcher=local"], ["--cfg", "hydra", "+launcher=slurm"]):
+    for fine in (
+        ["-m", "+sweep=optuna"],
+        ["--multirun", "+launcher=local"],
+        ["--cfg", "hydra", "+launcher=slurm"],
+        ["+sweep=optuna", "--help"],  # prints the app's help, runs nothing: as --cfg
+        ["+launcher=slurm", "--hydra-help"],
+    ):
         assert sweep_without_multirun(fine) is None
 
 

@@ -715,6 +715,7 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     record = {
         "metrics": {"win_rate": 41.5, "standard_error": 17.4, "lc_win_rate": None, "n": 8, "unparseable_verdicts": 1}
     }
+    record["metrics"] |= {"unjudged": 2}  # answers the judge gave no verdict on: a counter, not a result
     record |= {"dataset_name": "AlpacaEval 2", "baseline": "gpt4_turbo", "judge": {"kind": "openai", "model": "j"}}
     record |= {"notes": ["LC needs the alpaca-eval package"]}
     write_json(tmp_path / "eval" / "alpacaeval2" / "results.json", record)
@@ -739,6 +740,7 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     rule = {"win_rate": 60.0, "avg_tokens": 9.5, "score_start": 0.2, "exact_start": 0.0, "cut_at_max_new_tokens": 1}
     write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": rule, "dataset_name": "Sorting"})
     arena = {"win_rate": 30.0, "win_rate_ci_low": 12.5, "win_rate_ci_high": 50.0, "judged_games": 10, "battles": 18}
+    arena |= {"unjudged_games": 0}
     write_json(tmp_path / "eval" / "arena-hard" / "results.json", {"metrics": arena, "dataset_name": "Arena-Hard"})
     lm = {"gsm8k/exact_match:strict-match": 0.25, "gsm8k/exact_match_stderr:strict-match": 0.1, "gsm8k/n": 1319}
     write_json(tmp_path / "eval" / "gsm8k" / "results.json", {"metrics": lm, "dataset_name": "GSM8K"})
