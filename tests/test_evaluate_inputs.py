@@ -503,14 +503,15 @@ def test_alpaca_evals_own_judge_on_a_subset_reports_no_lc_and_answers_go_strippe
     from simpo_exp.evaluate.judge import ALPACA_EVAL_ROWS
     from tests.test_evaluate import ALPACA
 
-    prompts = tmp_path / "alpaca_eval.json"
-    prompts.write_text(json.dumps(ALPACA[:3]))
+    prompts = tmp_path / "alpaca_eval.json"  # JSON lines under a .json name, as datasets' to_json writes: read here,
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in ALPACA[:3]))  # refused by alpaca-eval's own loader
     judge = JudgeConfig(kind="alpaca_eval")
     b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", prompts_path=str(prompts), judge=judge)
-    handed = []
+    handed, references = [], []
 
     def package_judge(b, outputs_path, reference_path, out_dir):
         handed.extend(json.loads(Path(outputs_path).read_text()))
+        references.append(json.loads(Path(reference_path).read_text()))  # one JSON array, as alpaca-eval reads
         return {"lc_win_rate": 41.5, "win_rate": 30.0, "avg_length": 8.0}
 
     monkeypatch.setattr(ev, "package_judge", package_judge)
@@ -522,6 +523,7 @@ def test_alpaca_evals_own_judge_on_a_subset_reports_no_lc_and_answers_go_strippe
     record = ev._alpacaeval(ctx)
     assert not (out / "annotations.json").exists()  # W&B's sample table would have shown it as this judge's
     assert [row["output"] for row in handed] == ["answer 0", "answer 1", "answer 2"]
+    assert references == [ALPACA[:3]]
     assert ALPACA_EVAL_ROWS != 3 and record["metrics"]["lc_win_rate"] is None
     assert record["metrics"]["win_rate"] == 30.0
     assert any(n.endswith("the prompts file has 3 rows, not alpaca_eval's 805") for n in record["notes"])

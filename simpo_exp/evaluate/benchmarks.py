@@ -91,6 +91,11 @@ def rule_prompts(run_cfg, limit: int | None, run_dir: str | Path | None = None) 
     ]
 
 
+def alpaca_reference_rows(path: str, key: str) -> list:
+    """The rows of an alpaca_eval evaluation set as read here (a JSON array, or JSON lines)."""
+    return _read_json_file(path, key)
+
+
 def alpaca_prompts(path: str, key: str, limit: int | None) -> tuple[list[dict], dict]:
     """Rows of an alpaca_eval evaluation set; returns (prompts, {"rows", "reference_generator", "dataset"})."""
     rows = _read_json_file(path, key)

@@ -415,7 +415,13 @@ def _alpacaeval(ctx: dict) -> dict:
         metrics, record["notes"] = {**metrics, **judged}, notes + more
         record["win_rate_method"] = PAIRWISE_METHOD
     elif b.judge.kind == "alpaca_eval":
-        metrics.update(package_judge(b, out / "model_outputs.json", b.prompts_path, out / "alpaca_eval"))
+        # the reference rows as alpaca-eval reads them, a JSON array: it refused the JSON lines (.jsonl, or under a
+        # .json name as datasets' to_json writes) that this stage reads, after every answer was generated
+        key = f"benchmarks.{b.name}.prompts_path"
+        write_json(out / "reference_outputs.json", bm.alpaca_reference_rows(b.prompts_path, key))
+        metrics.update(
+            package_judge(b, out / "model_outputs.json", str(out / "reference_outputs.json"), out / "alpaca_eval")
+        )
         if why := lc_subset_note(len(texts), info["rows"]):  # alpaca-eval would fit its GLM on another set
             metrics |= NO_LC
             record["notes"].append(why)
