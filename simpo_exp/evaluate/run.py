@@ -525,6 +525,8 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e, name: str | None = None) ->
         set_aside(run_dir, b.name)
     record = RUNNERS[b.kind](ctx)
     recorded = JUDGE_RECORD.get(b.judge.kind, ("kind",))  # the keys the judge of this kind reads
+    if b.kind == "arena_hard" and b.judge.kind == "openai":  # the score's weighting, and how long a reply may run
+        recorded += ("strong_weight", "max_tokens")
     judge = {k: v for k, v in dataclasses.asdict(b.judge).items() if k in recorded}
     record = {
         "benchmark": b.name,
