@@ -252,6 +252,12 @@ def test_ultrafeedback_binarized_hub_parquet_layout(tmp_path, tok):
         "data/test_prefs-00000-of-00001.parquet", "data/train_prefs-00000-of-00001.parquet"
     ]  # fmt: skip
     assert set(MODEL_COLUMNS) <= set(tr.column_names)
+    # shards of one split that disagree in their columns: the error says why, not only "Couldn't cast"
+    write_parquet(root / "data" / "train_prefs-00000-of-00002.parquet", [uf_row(*t) for t in train[:6]])
+    write_parquet(root / "data" / "train_prefs-00001-of-00002.parquet", [uf_row(*t) | {"extra": 1} for t in train[6:]])
+    (root / "data" / "train_prefs-00000-of-00001.parquet").unlink()
+    with pytest.raises(DataSourceError, match=r"\(Couldn't cast \.\.\. because column names don't match\)"):
+        build_datasets(cfg, tok)
 
 
 def test_llama3_ultrafeedback_armorm_jsonl_dir(tmp_path, tok):
@@ -1840,6 +1846,23 @@ def test_a_column_of_mixed_kinds_is_refused_naming_its_line(tmp_path, tok):
     path = write_jsonl(tmp_path / "mixed" / "prefs.jsonl", rows)
     with pytest.raises(DataSourceError, match=rf"column 'chosen' holds values of more than one kind .*int at {path}:4"):
         build_datasets(make_config({"s": SourceConfig(path=str(path), format="strings")}, test_size=0.25), tok)
+    # the hub's message lists: one number among the contents typed the column List({role, content: Json}), which
+    # decoded every content that parses ("41" dropped as non-string, '"No"' trained as No): refused the same way
+    turns = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    rows = [
+        {"prompt": f"q{i}", "chosen": turns(f"q{i}", f"yes {i}"), "rejected": turns(f"q{i}", f"no {i}")}
+        for i in range(8)
+    ]
+    rows[2]["rejected"] = turns("q2", '"No"')
+    path = write_jsonl(tmp_path / "turns" / "prefs.jsonl", rows)
+    tr, te, _ = build_datasets(make_config({"s": SourceConfig(path=str(path))}, test_size=0.25), tok)
+    assert any('"No"' in tok.decode(ids) for ids in [*tr["rejected_input_ids"], *te["rejected_input_ids"]])
+    rows[6]["rejected"][1]["content"] = 7
+    path = write_jsonl(tmp_path / "dirty" / "prefs.jsonl", rows)
+    with pytest.raises(
+        DataSourceError, match=rf"'rejected' holds .*\(a list of str at {path}:1, a list of int/str at {path}:7"
+    ):
+        build_datasets(make_config({"s": SourceConfig(path=str(path))}, test_size=0.25), tok)
 
 
 def test_a_response_ends_a_turn_only_where_its_end_token_is_last_but_for_whitespace(tok):

@@ -85,7 +85,10 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         blank = [str(f) for f in files if f.suffix.lower() in (".jsonl", ".json") and _blank(f)]
         if blank:  # datasets says only that the split "corresponds to no data"
             raise DataSourceError(f"dataset.sources.{source}: {', '.join(blank)} holds no rows (blank lines only)")
-        cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ is not None and str(e.__cause__) else ""
+        lines = [line for line in str(e.__cause__ or "").splitlines() if line.strip()]
+        # the first line and the last, which says why where datasets lists a schema in between (shards whose
+        # columns differ: "Couldn't cast ... because column names don't match")
+        cause = f" ({lines[0]}{' ... ' + lines[-1] if len(lines) > 1 else ''})" if lines else ""
         raise DataSourceError(
             f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}{cause}"
             f"{first_bad_json_line(files)}"
@@ -96,19 +99,42 @@ def one_type_each(ds: Dataset, files: list[Path], source: str, src: SourceConfig
     """``ds`` where its prompt, chosen and rejected columns each hold one kind of value. A JSON column whose rows
     differ in kind (a number among strings, strings beside message lists) datasets reads as ``Json``, and decodes
     every string in it that parses as JSON: "42" became 42 and '"Yes"' Yes, so valid rows were altered or dropped
-    and the rows named were the wrong ones. Refused, naming the first line that differs."""
-    from datasets import Json
-
+    and the rows named were the wrong ones; a message list with one number among its contents is read the same
+    way, its contents decoded. Refused, naming the first line that differs."""
     columns = [c for c in (src.prompt_column, src.chosen_column, src.rejected_column) if c in ds.column_names]
-    mixed = [c for c in columns if isinstance(ds.features[c], Json)]
+    mixed = [c for c in columns if holds_json(ds.features[c])]
     if not mixed:
         return ds
     where = _first_other_kind(files, mixed[0])
     raise DataSourceError(
         f"dataset.sources.{source}: column {mixed[0]!r} holds values of more than one kind{where}; every row's "
-        f"{mixed[0]!r} must be a string (or every row's a list of messages). Fix those rows (a number or null "
-        "among texts), or leave them out of the file"
+        f"{mixed[0]!r} must be a string (or every row's a list of messages, each content a string). Fix those rows "
+        "(a number or null among texts), or leave them out of the file"
     )
+
+
+def holds_json(feature) -> bool:
+    """Whether a column's type is, or holds, datasets' ``Json``: a message list whose ``content`` differs in kind
+    between rows (a number in one message) is ``List({role: string, content: Json})``, which decodes every
+    message's content that parses as JSON, as a top-level ``Json`` column does."""
+    from datasets import Json
+
+    if isinstance(feature, Json):
+        return True
+    if isinstance(feature, dict):
+        return any(holds_json(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(holds_json(f) for f in feature)
+    inner = getattr(feature, "feature", None)  # List, LargeList, Sequence
+    return inner is not None and holds_json(inner)
+
+
+def _kind(value) -> str:
+    """A row's value as a kind: ``str``, ``int``; a message list by what its messages hold (``list of str``)."""
+    if not isinstance(value, list):
+        return type(value).__name__
+    held = {type(v).__name__ for m in value for v in (m.values() if isinstance(m, dict) else [m])}
+    return f"list of {'/'.join(sorted(held))}"
 
 
 def _first_other_kind(files: list[Path], column: str) -> str:
@@ -121,7 +147,7 @@ def _first_other_kind(files: list[Path], column: str) -> str:
                 row = json.loads(line) if line.strip() else None
                 if not isinstance(row, dict) or row.get(column) is None:  # a missing value is dropped, not decoded
                     continue
-                kind = type(row[column]).__name__
+                kind = _kind(row[column])
                 if first is None:
                     first = (kind, f"{f}:{number}")
                 elif kind != first[0]:
