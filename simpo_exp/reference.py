@@ -20,12 +20,13 @@ import copy
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from simpo_exp.config import Config
@@ -76,6 +77,13 @@ def sampled(p: torch.Tensor, n: int = FINGERPRINT_VALUES) -> torch.Tensor:
     return pick(p)
 
 
+def model_path_key(path: str) -> str:
+    """A model path as the key reads it: a local folder by its resolved path (``/x/base`` and ``/x/base/``, or a
+    link to it, are one model), a hub id as written."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if path and local.is_dir() else path
+
+
 def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
     """The starting weights' identity: the model's path, revision, dtype, the dtype they are computed in (weights,
     autocast, and a sharding engine's own cast), size, and values sampled from every weight (a model overwritten
@@ -83,7 +91,7 @@ def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
     LoRA's adapters are left out: they add nothing at the start (B = 0), whatever their seed or rank."""
     params = [p for name, p in model.named_parameters() if "lora_" not in name]
     identity = {
-        "path": cfg.model.path,
+        "path": model_path_key(cfg.model.path),
         "revision": cfg.model.revision,
         "dtype": cfg.model.dtype,
         # what the log-probs are computed in: a LoRA base stays in model.dtype, full fine-tuning upcasts it
@@ -108,12 +116,29 @@ def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
     return h.hexdigest()
 
 
-def cache_path(cfg: Config, model, splits: dict[str, Dataset], accelerator=None) -> Path:
+def kernels(cfg: Config, model, layout: BatchLayout | None) -> str:
+    """How the reference forward computes, beyond the weights and their dtypes: the attention kernel, the batch
+    layout (packed rows and the mask or segment attention sum in another order: under bf16 autocast the summed
+    log-probs of one model moved 0.006-0.05 nats between them, so a cache of another layout gave a run nonzero
+    DPO rewards at step 0), and the fused kernels. Empty for the padded SDPA path, so that keys made before this
+    was part of them still match it."""
+    attention = (getattr(model.config, "_attn_implementation", None) or "sdpa").rsplit(":", 1)[-1]
+    parts = {
+        "attention": attention if attention != "sdpa" else None,
+        "layout": f"{layout.packing}/{layout.attention}" if layout is not None and layout.packing != "none" else None,
+        "fused_layers": cfg.hardware.fused_layers if cfg.hardware.fused_layers != "none" else None,
+        "fused_head": cfg.hardware.fused_head if cfg.hardware.fused_head != "none" else None,
+    }
+    return json.dumps({k: v for k, v in parts.items() if v}) if any(parts.values()) else ""
+
+
+def cache_path(cfg: Config, model, splits: dict[str, Dataset], accelerator=None, layout=None) -> Path:
     root = Path(cfg.reference_cache_dir or Path.home() / ".cache" / "simpo_exp" / "reference").expanduser()
     key = hashlib.sha256(
         (
             model_fingerprint(cfg, model, accelerator)
             + "".join(f"{name}:{data_fingerprint(ds)}" for name, ds in sorted(splits.items()))
+            + kernels(cfg, model, layout)
         ).encode()
     ).hexdigest()[:24]
     return root / f"ref-logps-{key}.safetensors"
@@ -144,8 +169,8 @@ class CachedReference:
     path (from the main process's weights: under FSDP's low-memory loading the others may hold none before
     ``prepare``), and ``fill`` after ``prepare``."""
 
-    def __init__(self, cfg: Config, model, splits: dict[str, Dataset], collate, accelerator):
-        path = lambda: str(cache_path(cfg, model, splits, accelerator))  # noqa: E731
+    def __init__(self, cfg: Config, model, splits: dict[str, Dataset], collate, accelerator, layout=None):
+        path = lambda: str(cache_path(cfg, model, splits, accelerator, layout))  # noqa: E731
         self.path = Path(on_every(accelerator, path, "hashing the model")[0])
         self.splits = {name: ds.add_column(REF_INDEX, list(range(len(ds)))) for name, ds in splits.items()}
         self.collates = {name: WithReference(collate) for name in splits}
@@ -206,6 +231,17 @@ def score(policy, ds: Dataset, collate, batch_size: int, accelerator) -> tuple[t
     return torch.cat([c for _, c, _ in every]), torch.cat([r for _, _, r in every])
 
 
+CHECKSUM = "simpo_exp_sha256"  # the cache file's metadata: a hash of its numbers (``checksum``)
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def read_cache(path: Path, splits: dict[str, Dataset]) -> dict[str, torch.Tensor] | None:
     """The cached log-probs of every split; None, with a warning naming the file, when it cannot be read (a
     damaged or cut-off file): they are computed again and the file rewritten."""
@@ -216,7 +252,14 @@ def read_cache(path: Path, splits: dict[str, Dataset]) -> dict[str, torch.Tensor
         ]
         if missing:
             raise KeyError(f"no {', '.join(missing)}")
-    except (OSError, SafetensorError, KeyError) as e:
+        with safe_open(path, "pt") as f:
+            recorded = (f.metadata() or {}).get(CHECKSUM)
+        if recorded is not None and recorded != checksum(tensors):  # a file written before the checksum: as read
+            raise ValueError("its numbers do not match the checksum written with them")
+        bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all() and (t <= 0).all())]
+        if bad:  # a sum of log-probs is finite and at most 0
+            raise ValueError(f"{', '.join(bad)} hold values that are no sums of log-probs")
+    except (OSError, SafetensorError, KeyError, ValueError) as e:
         log.warning("the reference log-prob cache %s cannot be read (%s); computing them again", path, e)
         return None
     log.info("reference log-probs from cache %s", path)
@@ -230,8 +273,10 @@ def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={CHECKSUM: checksum(tensors)})
         readable_as_umask(tmp)  # a cache shared by a team's runs
+        with open(tmp, "rb") as f:  # on the disk before the rename: never a renamed file missing its numbers
+            os.fsync(f.fileno())
         tmp.replace(path)
         log.info("reference log-probs cached in %s", path)
     except (OSError, SafetensorError) as e:

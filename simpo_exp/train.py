@@ -216,7 +216,7 @@ def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout:
     (``cached``), or None; length grouping when asked for."""
     columns, reference, collates = list(MODEL_COLUMNS), None, {"train": collate, "test": collate}
     if cfg.method in REFERENCE_METHODS and cfg.reference_mode == "cached":
-        reference = CachedReference(cfg, model, splits, collate, accelerator)
+        reference = CachedReference(cfg, model, splits, collate, accelerator, layout)
         splits, collates, columns = reference.splits, reference.collates, columns + [REF_INDEX]
     elif cfg.method in REFERENCE_METHODS:
         if any(hasattr(p, "ds_id") for p in model.parameters()):

@@ -159,6 +159,7 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
 
     from simpo_exp.config import to_config
     from simpo_exp.data import PairCollator, build_datasets
+    from simpo_exp.layout import BatchLayout
     from simpo_exp.logps import ResponseLogps
     from simpo_exp.model import build_tiny_tokenizer, load_model
     from simpo_exp.reference import CachedReference, cache_path
@@ -205,6 +206,29 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
     assert f"the reference log-prob cache {path} cannot be read" in caplog.text
     assert damaged.collates["test"].chosen.tolist() == reference.collates["test"].chosen.tolist()
     assert load_file(path)["train.chosen"].shape == (32,)
+    # numbers damaged under an intact header (zeroed: a zero reference, DPO rewards of -8 at step 0) were read as
+    # they were: the checksum written with them tells, and they are scored again
+    data = bytearray(path.read_bytes())
+    data[-16:] = bytes(16)
+    path.write_bytes(bytes(data))
+    caplog.clear()
+    zeroed = CachedReference(cfg, model, {"train": train, "test": test}, collate, acc)
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.reference"):
+        zeroed.fill(ResponseLogps(model), acc)
+    assert "do not match the checksum written with them" in caplog.text
+    assert zeroed.collates["test"].rejected.tolist() == reference.collates["test"].rejected.tolist()
+    # another layout or attention kernel sums the log-probs in another order (under bf16, 0.006-0.05 nats): another
+    # key; the padded SDPA path keeps the key it had
+    splits = {"train": train, "test": test}
+    assert cache_path(cfg, model, splits, layout=BatchLayout()) == path
+    assert cache_path(cfg, model, splits, layout=BatchLayout("packed", "segments")) != path
+    model.config._attn_implementation = "eager"
+    assert cache_path(cfg, model, splits) != path
+    model.config._attn_implementation = "sdpa"
+    from simpo_exp.reference import model_path_key
+
+    assert model_path_key(f"{tmp_path}/") == model_path_key(str(tmp_path)) == str(tmp_path.resolve())
+    assert model_path_key("org/model") == "org/model"
     # other data or another starting model -> another key; a change inside the model too (not only its ends)
     assert cache_path(cfg, model, {"train": train.select(range(16)), "test": test}) != path
     with torch.no_grad():
