@@ -394,15 +394,21 @@ def fused_step_loss(out, batch: dict):
     return out.loss, stats
 
 
-def make_trl_trainer(preset: dict, tok, rows: list[dict], model, out_dir: str, callbacks=(), bf16=None):
+def make_trl_trainer(
+    preset: dict, tok, rows: list[dict], model, out_dir: str, callbacks=(), bf16=None, accumulation: int = 1
+):
+    """TRL's CPOTrainer(loss_type="simpo") on ``rows`` in order, the preset's batch a step: in ``accumulation``
+    micro-batches of batch/accumulation pairs (the sequential sampler gives step i the same pairs either way)."""
     import torch
     from datasets import Dataset
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
+    if preset["batch"] % accumulation:
+        raise SystemExit(f"--trl-accum {accumulation} does not divide the batch of {preset['batch']} pairs")
     args = CPOConfig(
         output_dir=out_dir,
-        per_device_train_batch_size=preset["batch"],
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=preset["batch"] // accumulation,
+        gradient_accumulation_steps=accumulation,
         max_steps=preset["warmup"] + preset["steps"],
         learning_rate=preset["lr"],
         lr_scheduler_type="constant",
@@ -587,7 +593,8 @@ def worker_trl(spec: dict) -> dict:
                 profiler.step_done()
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trl_trainer(preset, tok, rows, model, tmp, callbacks=[Timer()])
+        accumulation = spec.get("accumulation", 1)
+        trainer = make_trl_trainer(preset, tok, rows, model, tmp, callbacks=[Timer()], accumulation=accumulation)
         base = rss_mb()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -950,12 +957,25 @@ def main() -> None:
         "+nockpt, +ckpt2 and +ckpt4 variants can be set beside it",
     )
     ap.add_argument("--threads", type=int, help="torch threads in each worker (default: torch's)")
-    ap.add_argument("--no-trl", action="store_true", help="time only our variants (the loss check still runs)")
+    ap.add_argument(
+        "--no-trl",
+        action="store_true",
+        help="leave out TRL's run with the preset's checkpointing (the loss check still runs); with --trl-nockpt, "
+        "TRL without checkpointing is still timed",
+    )
     ap.add_argument(
         "--trl-nockpt",
         action="store_true",
         help=f"also time TRL without the preset's gradient checkpointing ({TRL_NO_CHECKPOINTING}), to set beside our "
         f"{NO_CHECKPOINTING_SUFFIX} variants; the ratios stay against TRL with the preset's settings",
+    )
+    ap.add_argument(
+        "--trl-accum",
+        type=int,
+        default=1,
+        help=f"{TRL_NO_CHECKPOINTING} in this many micro-batches a step (batch/K pairs each, K accumulation steps: the "
+        "same pairs a step, and for SimPO's mean loss the same gradient), where TRL without checkpointing does not "
+        "fit the whole batch in one; recorded in the JSON's config as trl_nockpt_accumulation",
     )
     ap.add_argument(
         "--shared-process",
@@ -1020,7 +1040,7 @@ def main() -> None:
             "which one variant cannot reset for the next"
         )
     rounds = args.rounds or preset["rounds"]
-    base = {"preset": args.preset, "overrides": overrides, "threads": args.threads}
+    base = {"preset": args.preset, "overrides": overrides, "threads": args.threads, "trl_accum": args.trl_accum}
 
     print(f"machine: {machine(args.threads)}")
     print(
@@ -1035,7 +1055,8 @@ def main() -> None:
     # `finally` below; as SystemExit it does run it, and subprocess.run kills the worker it was waiting on.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.time()
-    trl_runs = [] if args.no_trl else ["TRL"] + ([TRL_NO_CHECKPOINTING] if args.trl_nockpt else [])
+    # --no-trl leaves out TRL with the preset's checkpointing; --trl-nockpt beside it times TRL without it alone
+    trl_runs = ([] if args.no_trl else ["TRL"]) + ([TRL_NO_CHECKPOINTING] if args.trl_nockpt else [])
     order = trl_runs + variants
     if args.profile:
         return profile_runs(args, base, order)
@@ -1096,13 +1117,17 @@ def main() -> None:
                 record(r, name, run_worker(worker_spec(base, name), must_succeed=False))
     finally:  # a run cut short (a time limit, Ctrl-C) still prints and writes what it measured
         ran = preset | {"rounds": rounds, "variants": variants}  # recorded: what ran, not the preset's defaults
+        if args.trl_nockpt and args.trl_accum > 1:
+            ran["trl_nockpt_accumulation"] = args.trl_accum
         report(args, ran, check, order, runs, started, failures)
 
 
 def worker_spec(base: dict, name: str) -> dict:
-    """The worker spec of one timed run: TRL (with the preset's checkpointing or without), or one of our variants."""
+    """The worker spec of one timed run: TRL (with the preset's checkpointing or without, the latter in
+    ``trl_accum`` micro-batches), or one of our variants."""
     if name in ("TRL", TRL_NO_CHECKPOINTING):
-        return base | {"impl": "trl", "no_checkpointing": name == TRL_NO_CHECKPOINTING}
+        free = name == TRL_NO_CHECKPOINTING
+        return base | {"impl": "trl", "no_checkpointing": free, "accumulation": base.get("trl_accum", 1) if free else 1}
     return base | {"impl": "ours", "variant": name}
 
 

@@ -9,8 +9,9 @@
 #   there: bash benchmarks/gpu_check.sh                       # tests, b16, big: about 7.5 minutes (140 + 180 + 120 s)
 #          PARTS="b4 compile16" bash benchmarks/gpu_check.sh  # the second call, at once: about 5.5 minutes
 #
-# Parts, in the order they run: tests, b16, big, profile, layers, b4, compile4, compile16, ckpt, blockmask, flex
-# (profile, layers, compile4, compile16, ckpt, blockmask and flex only when PARTS names them; b4 only with time left of the 460 s,
+# Parts, in the order they run: tests, b16, big, profile, layers, b4, compile4, trlaccum, compile16, ckpt, blockmask,
+# flex (profile, layers, compile4, trlaccum, compile16, ckpt, blockmask and flex only when PARTS names them; b4 only
+# with time left of the 460 s,
 # unless PARTS names it). Each part has its
 # own time limit, and the benchmark prints and writes whatever it measured when it is cut short, so a slow part
 # never costs the figures of the others. Then paste $OUT/summary.md into benchmarks/RESULTS.md's GPU section.
@@ -27,7 +28,7 @@ PARTS=${PARTS:-$DEFAULT_PARTS}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
 mkdir -p "$OUT"
-KNOWN_PARTS="tests b16 big profile layers b4 compile4 compile16 ckpt blockmask flex"
+KNOWN_PARTS="tests b16 big profile layers b4 compile4 compile16 trlaccum ckpt blockmask flex"
 for part in $PARTS; do  # a misspelt part ran nothing, after the machine's start and the kit's install, and said "done"
     if [[ " $KNOWN_PARTS " != *" $part "* ]]; then
         echo "PARTS=\"$PARTS\": no part $part (the parts: $KNOWN_PARTS)" | tee "$OUT/summary.md"
@@ -223,6 +224,13 @@ fi
 if want compile4; then  # only when named: batch 4 with the layers compiled (for a second device run)
     log "benchmark, batch 4 under torch.compile"
     bench compile4 150 --steps 8 --eager-check --variants packed-flex+compile,plain+compile
+fi
+if want trlaccum; then  # only when named: TRL without checkpointing at batch 16 in 2 micro-batches of 8
+    # 2026-12-04: TRL without checkpointing did not fit 16 pairs in one micro-batch on the H200, and the "fits" row
+    # set our +nockpt run against the checkpointed TRL; TRL in two micro-batches (the same pairs and gradient a
+    # step) may fit and be faster: like with like, both without checkpointing (about 20 + 75 + 45 s)
+    log "benchmark, batch 16: TRL without checkpointing in 2 micro-batches, and ours without checkpointing"
+    bench trlaccum 200 --batch 16 --steps 5 --no-trl --trl-nockpt --trl-accum 2 --variants packed-flex+nockpt
 fi
 if want compile16; then  # only when named: b16's MFU candidate with its layers compiled, without TRL (b16 timed it)
     # Cut from b16 on 2026-12-04, where it was not reached: its compile's length is still unmeasured.

@@ -96,7 +96,12 @@ def assess(result: dict) -> list[tuple[str, str, str]]:
         x = speedup(result, best_free, trl_free)
         out.append(
             (
-                f"batch {batch}: best pairs/s >= {SPEED}x TRL, both without checkpointing",
+                f"batch {batch}: best pairs/s >= {SPEED}x TRL, both without checkpointing"
+                + (
+                    f" (TRL in {k} micro-batches a step)"
+                    if (k := result.get("config", {}).get("trl_nockpt_accumulation"))
+                    else ""
+                ),
                 f"{best_free['name']} {x:.2f}x",
                 verdict(x >= SPEED),
             )

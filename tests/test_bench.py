@@ -192,6 +192,10 @@ def test_targets_read_the_benchmark_json():
         "missed",
     )
     assert all("TRL+nockpt" not in m for _, m, _ in assess(free))  # never taken for one of ours
+    # TRL without checkpointing in 2 micro-batches a step (--trl-accum 2): the row says so
+    accum = free | {"config": free["config"] | {"trl_nockpt_accumulation": 2}}
+    got = {t: (m, v) for t, m, v in assess(accum)}
+    assert got["batch 16: best pairs/s >= 2.0x TRL, both without checkpointing (TRL in 2 micro-batches a step)"]
     # TRL without checkpointing out of memory (the H200 at batch 16, 2026-12-04): the +nockpt run is read against
     # the checkpointed TRL, the fastest TRL that fits, in a row that says so; the like-with-like row is unchanged
     oom = free | {"rows": [r for r in free["rows"] if r["name"] != "TRL+nockpt"]}
@@ -410,3 +414,33 @@ def test_the_flex_benchmark_counts_the_visible_pairs_and_pads_without_changing_t
         assert torch.equal(padded[..., :tiles, :tiles], plain)
     rows = main(["--device", "cpu", "--batch", "1", "--heads", "2", "--kv-heads", "1", "--configs", "ours,sdpa-padded"])
     assert [r["config"] for r in rows] == ["ours", "sdpa-padded"] and all(r["forward_ms"] > 0 for r in rows)
+
+
+def test_trl_in_micro_batches_trains_the_same_steps_as_in_one(tmp_path):
+    """``--trl-accum K``: TRL without checkpointing in K micro-batches of batch/K pairs, for a batch it cannot hold in
+    one (the H200 at 16 pairs, 2026-12-04). Step i must be the same pairs and, for SimPO's mean loss, the same
+    gradient as one micro-batch of the whole batch, or the step-by-step ratio would be set against other work: the
+    weights after two steps agree."""
+
+    bench = load_bench()
+    spec = {"preset": "cpu", "overrides": {"batch": 4, "warmup": 0, "steps": 2}, "threads": 1}
+    preset, tok, rows = bench.setup(spec)
+    preset = preset | {"gradient_checkpointing": False}
+    trained = []
+    for k in (1, 2):
+        model = bench.build_model(preset, tok)
+        trainer = bench.make_trl_trainer(preset, tok, rows, model, str(tmp_path / str(k)), accumulation=k)
+        assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (4 // k, k)
+        trainer.train()
+        trained.append([p.detach().clone() for p in model.parameters()])
+    start = [p.detach() for p in bench.build_model(preset, tok).parameters()]
+    moved = max(float((a - s).abs().max()) for a, s in zip(trained[0], start))
+    apart = max(float((a - b).abs().max()) for a, b in zip(*trained))
+    # AdamW's first steps move each weight by about lr whatever its gradient's size, so a gradient near zero that
+    # sums in another order moves a weight by up to a few percent of that (2.7e-5 of 2e-3 seen); other pairs in a
+    # step move them apart by about twice what the steps moved (4e-3)
+    assert moved > 1e-4 and apart < 0.2 * moved, (moved, apart)
+    with pytest.raises(SystemExit, match="--trl-accum 3 does not divide the batch of 4"):
+        bench.make_trl_trainer(preset, tok, rows, bench.build_model(preset, tok), str(tmp_path / "3"), accumulation=3)
+    assert bench.worker_spec({"trl_accum": 2}, "TRL+nockpt")["accumulation"] == 2
+    assert bench.worker_spec({"trl_accum": 2}, "TRL")["accumulation"] == 1  # the checkpointed TRL: one micro-batch
