@@ -466,7 +466,9 @@ def swept_keys(runs: list[Run]) -> list[str]:
         return keys
     swept = [k for k in keys if any(not _same(r.value_of(k), runs[0].value_of(k)) for r in runs[1:])]
     configs = [config_leaves(r.config) for r in runs if r.config]
-    skip = (*RESUMABLE_CHANGES, *NOT_SETTINGS, *keys)
+    # under a swept group (model=a,b) its values differ by the sweep, shown as the group; under a group every run
+    # was given alike (model=tiny), a value that differs is a preset edited between the runs: shown, never pooled
+    skip = (*RESUMABLE_CHANGES, *NOT_SETTINGS, *swept)
     swept += differing_keys(configs, skip=skip) if len(configs) > 1 else []
     return swept + [k for k in RESOLVED_APART if k not in swept and _resolved_differ(runs, k)]
 

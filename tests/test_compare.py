@@ -395,6 +395,15 @@ def test_runs_whose_configs_differ_where_no_override_says_so_are_shown_apart_not
     for r, host in zip(runs, ("node-1", "node-2")):  # a W&B run's config: the machine it ran on is no setting
         r.config |= {"env": {"hostname": host}, "resolved": {"learning_rate": 1e-3}}
     assert compare.swept_keys(runs) == ["model"]
+    # model=tiny given to every run alike, its preset edited between them (the learning rate 1e-3, then 3e-3): the
+    # group given on every command line hid all its values, and the runs pooled as two seeds of one setting
+    edited = [run("e", 1, 2.0, 0.94), run("f", 2, 2.0, 0.97)]
+    for r, rate in zip(edited, (1e-3, 3e-3)):
+        r.overrides["model"] = "tiny"
+        r.config["model"]["learning_rate"] = rate
+    edited = compare.label_runs(edited)
+    assert compare.swept_keys(edited) == ["seed", "model.learning_rate"]
+    assert [g["seeds"] for g in compare.seed_groups(edited)] == [1, 1]
 
 
 def test_the_step_and_sample_counters_the_loop_logs_can_be_ranked_on():
