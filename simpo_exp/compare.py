@@ -141,6 +141,12 @@ class Run:
     bench: dict[str, float] = field(default_factory=dict)  # evaluate stage: "bench/<benchmark>/<metric>"
     swept: dict[str, str] = field(default_factory=dict)  # filled by label_runs
     label: str = ""  # filled by label_runs
+    records: Path | None = None  # where the run wrote its records and results, where not ``path`` (output_dir=...)
+
+    @property
+    def wrote_in(self) -> Path | None:
+        """The folder of the run's records (summary, generations, eval/): ``records``, else its Hydra folder."""
+        return self.records or self.path
 
     def final(self, key: str) -> float | None:
         """The run's final value of a metric: summary.json, else the last one logged; NaN or infinite where that
@@ -253,6 +259,7 @@ def load_run(path: str | Path) -> Run:
         history=read_jsonl(path / "metrics.jsonl"),
         error=message,
         bench=read_results(path),
+        records=path if path != hydra_dir else None,
     )
 
 
@@ -611,7 +618,7 @@ def last_generations(runs: list[Run], count: int = 3) -> list[dict]:
     run's generation at its last eval (from ``generations.jsonl``), keyed by run label."""
     by_prompt: dict[str, dict] = {}
     for r in runs:
-        rows = read_jsonl(r.path / "generations.jsonl") if r.path else []
+        rows = read_jsonl(r.wrote_in / "generations.jsonl") if r.wrote_in else []
         if not rows:
             continue
         last = max(row["step"] for row in rows)
@@ -735,8 +742,8 @@ def awaiting_judge_note(runs: list[Run]) -> str | None:
     waiting = [
         f"{r.name} {bench}"
         for r in runs
-        if r.path is not None
-        for bench, record in load_results(r.path).items()
+        if r.wrote_in is not None
+        for bench, record in load_results(r.wrote_in).items()
         if isinstance(record.get("metrics"), dict) and awaiting_judge(record["metrics"])
     ]
     if not waiting:
@@ -756,9 +763,9 @@ def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
 
     seen: dict[str, dict[str, list[str]]] = {}
     for r in runs:
-        if r.path is None:
+        if r.wrote_in is None:
             continue
-        for bench, record in load_results(r.path).items():
+        for bench, record in load_results(r.wrote_in).items():
             settings = {key: record[key] for key in BENCH_SETTINGS if key in record}
             if isinstance(record.get("metrics"), dict) and "n" in record["metrics"]:
                 settings["prompts"] = record["metrics"]["n"]  # 64 prompts beside a max_prompts=8 smoke test
@@ -788,7 +795,7 @@ def misnamed_bench_metric(runs: list[Run], metric: str) -> str | None:
     from simpo_exp.rundir import CONF_DIR
 
     bench, name = metric.split("/")[1], metric.split("/", 2)[2]
-    results = [load_results(r.path) for r in runs if r.path is not None]
+    results = [load_results(r.wrote_in) for r in runs if r.wrote_in is not None]
     held = sorted({b for res in results for b in res})
     presets = sorted(p.stem for p in (Path(CONF_DIR) / "benchmark").glob("*.yaml"))
     if bench not in held and bench not in presets:
@@ -809,7 +816,7 @@ def missing_bench_metric(runs: list[Run], metric: str, where: str) -> str:
     from simpo_exp.inference.results import load_results
 
     bench, name = metric.split("/")[1], metric.split("/", 2)[2]
-    records = [rec for r in runs if r.path is not None for b, rec in load_results(r.path).items() if b == bench]
+    records = [rec for r in runs if r.wrote_in for b, rec in load_results(r.wrote_in).items() if b == bench]
     if not records:
         return f"no run has {metric}; evaluate them first: python -m simpo_exp.evaluate {where} benchmark={bench}"
     reported = sorted({m for rec in records for m in rec.get("metrics") or {}})

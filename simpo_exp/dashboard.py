@@ -46,7 +46,7 @@ from pathlib import Path
 
 from simpo_exp.inference.results import headline_keys, is_uncertainty, read_results, uncertainty_keys
 from simpo_exp.methods import METHODS
-from simpo_exp.rundir import parse_overrides, parse_yaml, read_json, select
+from simpo_exp.rundir import parse_overrides, parse_yaml, read_json, records_dir, select
 from simpo_exp.runinfo import sweep_group, sweep_jobs
 from simpo_exp.tracking import (
     BEST_AND_LAST,
@@ -215,7 +215,7 @@ def _sweep_group(job: Path, hydra: dict) -> str:
     from the sweep directory it ran in, as recorded in its hydra.yaml (even if the sweep was moved since): where that
     was Hydra's dated default, the folder ``hydra.sweep.subdir`` levels above the job's (``b${beta}/s${seed}`` nests
     it two deep: its parent was taken, and a job that failed before W&B started made a sweep of its own)."""
-    recorded = read_json(job / WANDB_RECORD)
+    recorded = read_json(records_dir(job) / WANDB_RECORD)  # where the run wrote its records (output_dir=...)
     if isinstance(recorded, dict) and recorded.get("group"):
         return recorded["group"]
     runtime = hydra.get("runtime") or {}
@@ -263,7 +263,7 @@ def read_sweep(sweep_dir: Path) -> Sweep:
             print(f"note: swept key {key!r} is in no job's config; left out of the view", file=sys.stderr)
     # where the runs logged, as their starts recorded it (an entity from WANDB_ENTITY, not in the config), else
     # as configured
-    recorded = [r for r in (read_json(j / WANDB_RECORD) for j in jobs) if isinstance(r, dict)]
+    recorded = [r for r in (read_json(records_dir(j) / WANDB_RECORD) for j in jobs) if isinstance(r, dict)]
     unset = {None, ""}  # an offline run's entity is empty
     projects = {r.get("project") for r in recorded} - unset or {lg.get("project") for lg in loggers} - unset
     entities = {r.get("entity") for r in recorded} - unset or {lg.get("entity") for lg in loggers} - unset
@@ -275,7 +275,7 @@ def read_sweep(sweep_dir: Path) -> Sweep:
         path=sweep_dir,
         jobs=jobs,
         methods=tuple(sorted({c.get("method", "simpo") for c in configs})),
-        bench=list(dict.fromkeys(k for j in jobs for k in read_results(j))),  # what compare reads, too
+        bench=list(dict.fromkeys(k for j in jobs for k in read_results(records_dir(j)))),  # as compare reads them
         logged=any(lg.get("wandb", True) for lg in loggers),
         configs=configs,
         choices=choices,

@@ -653,6 +653,30 @@ def test_benchmark_numbers_measured_differently_are_said_not_to_compare(tmp_path
     assert compare.mixed_bench_settings(same) == {}
 
 
+def test_a_run_that_wrote_elsewhere_has_its_benchmark_settings_and_samples_read_there(tmp_path):
+    """``output_dir=X``: compare read the numbers from X but the benchmark settings and generations from the Hydra
+    folder, so runs judged differently were ranked without the note and their samples were "not there"; the
+    dashboard left their benchmarks out."""
+    from simpo_exp.dashboard import read_sweep
+
+    for job, judge in (("0_beta=2", "judge-a"), ("1_beta=4", "judge-b")):
+        records = tmp_path / "elsewhere" / job
+        (tmp_path / "sweep" / job / ".hydra").mkdir(parents=True)
+        (tmp_path / "sweep" / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"beta={job[-1]}"]))
+        (tmp_path / "sweep" / job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(records)}))
+        (records / "eval" / "alpacaeval2").mkdir(parents=True)
+        (records / "summary.json").write_text('{"eval/rewards/accuracies": 0.5}')
+        record = {"metrics": {"win_rate": 25.0}, "judge": {"kind": "openai", "model": judge}}
+        (records / "eval" / "alpacaeval2" / "results.json").write_text(json.dumps(record))
+        sample = {"step": 4, "prompt": "p", "chosen": "c", "rejected": "r", "generation": f"from {job}"}
+        (records / "generations.jsonl").write_text(json.dumps(sample) + "\n")
+    runs = compare.label_runs(compare.load_runs(tmp_path / "sweep"))
+    assert list(compare.mixed_bench_settings(runs)) == ["alpacaeval2"]
+    (shown,) = compare.last_generations(runs, 1)
+    assert sorted(shown["runs"].values()) == ["from 0_beta=2", "from 1_beta=4"]
+    assert read_sweep(tmp_path / "sweep").bench == ["bench/alpacaeval2/win_rate"]
+
+
 def test_decoding_the_answers_do_not_depend_on_is_not_a_difference_and_lm_evals_settings_are(tmp_path):
     """A job re-judged with evaluate.judge_only=true (its results record the stored answers' decoding, without
     batch_size) or re-run with a smaller batch after running out of memory was said "not to compare" with its
