@@ -222,8 +222,8 @@ class HardwareConfig:
 class LoggerConfig:
     name: str = MISSING
     wandb: bool = False
-    project: str = "simpo-exp"
-    entity: Optional[str] = None
+    project: Optional[str] = None  # None: WANDB_PROJECT where set, else simpo-exp (tracking.wandb_project)
+    entity: Optional[str] = None  # None: W&B's own default (WANDB_ENTITY, else the API key's)
     mode: str = "auto"  # auto: online with an API key, offline without
     group: Optional[str] = None  # None: the sweep's name in a multirun
     job_type: str = "train"

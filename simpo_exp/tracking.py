@@ -260,7 +260,7 @@ class Tracker:
                 mode,
                 lc.init_timeout,
                 **resume,
-                project=lc.project,
+                project=wandb_project(lc.project),
                 entity=lc.entity,
                 group=lc.group,
                 job_type=lc.job_type,
@@ -427,3 +427,11 @@ def final_table(summary: dict, keys: list[str]) -> str:
         shown = f"{v:.4g}" if isinstance(v, float) else str(v)
         rows.append(f"  {k:<{width}}  {shown}")
     return "\n".join(rows)
+
+
+def wandb_project(configured: str | None) -> str:
+    """The W&B project a run logs to: ``logger.project`` where given, else ``WANDB_PROJECT`` (W&B's own variable, which
+    the dashboard and the notebook read too), else ``simpo-exp``."""
+    import os
+
+    return configured or os.environ.get("WANDB_PROJECT") or "simpo-exp"

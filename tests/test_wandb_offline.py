@@ -581,3 +581,14 @@ def test_a_key_wandb_login_stored_counts_as_a_key(tmp_path, monkeypatch):
     assert not wandb_key_given()
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     assert wandb_key_given()
+
+
+def test_the_project_is_wandb_projects_where_the_logger_names_none(monkeypatch):
+    """``WANDB_PROJECT`` (W&B's own variable) was read by the dashboard and the notebook but not by training, which
+    passed its default project explicitly: the saved view and the notebook looked for the runs in another project."""
+    from simpo_exp.tracking import wandb_project
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    assert wandb_project(None) == "simpo-exp"
+    monkeypatch.setenv("WANDB_PROJECT", "my-proj")
+    assert wandb_project(None) == "my-proj" and wandb_project("given") == "given"
