@@ -1059,7 +1059,12 @@ def main(argv: list[str] | None = None) -> int:
     if unheld:
         print(f"\nnote: {missing_bench_metric(runs, args.metric, args.paths[0])}")
     elif all(r.final(args.metric) is None for r in runs):
-        print(f"\nnote: no run has {args.metric} (a metric of another method, or of runs not yet evaluated)")
+        why = (
+            "every run failed before it had one: the table says why"
+            if all(r.status == "failed" for r in runs)
+            else "a metric of another method, or of runs not yet evaluated"
+        )
+        print(f"\nnote: no run has {args.metric} ({why})")
     for note in notes(runs, args.metric):
         print(f"\nnote: {note}")
     for metric in dict.fromkeys([args.metric, *bench_columns(runs)]):  # evaluation numbers pooled too

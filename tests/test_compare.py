@@ -634,6 +634,17 @@ def test_a_job_that_wrote_elsewhere_is_read_there_and_one_refused_says_why(tmp_p
     assert runs["1"].status == "failed" and runs["1"].error.startswith("OtherRunsDirectory: ")
 
 
+def test_a_sweep_whose_every_run_failed_is_said_so_not_blamed_on_the_metric(tmp_path, capsys):
+    for job, beta in (("0_beta=-1", -1), ("1_beta=-2", -2)):
+        (tmp_path / "sweep" / job / ".hydra").mkdir(parents=True)
+        (tmp_path / "sweep" / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"beta={beta}"]))
+        error = {"error": f"invalid config value beta={beta}: must be > 0", "type": "ConfigError"}
+        (tmp_path / "sweep" / job / "refused.json").write_text(json.dumps(error))
+    assert compare.main([str(tmp_path / "sweep"), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "(every run failed before it had one: the table says why)" in out and "another method" not in out
+
+
 def test_benchmark_numbers_measured_differently_are_said_not_to_compare(tmp_path, capsys):
     """Two runs evaluated on AlpacaEval by different judges against different baselines were ranked in one
     column without a word."""
