@@ -70,6 +70,8 @@ def sweep_without_multirun(argv: list[str]) -> str | None:
     and run nothing) pass."""
     if set(modes_given(argv)) - {"--run"} or {"--help", "-h", "--hydra-help"} & set(argv):
         return None
+    if any(a.lstrip("+").lower() == "hydra.mode=multirun" for a in argv):  # Hydra's other way to ask for a multirun
+        return None
     for arg in argv:
         if arg.startswith(tuple(PLUGINS)):
             return f"{arg} applies to a --multirun only (Hydra runs a single job here, on this machine): add --multirun"

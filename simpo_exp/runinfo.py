@@ -345,7 +345,7 @@ def refuse_a_sweep_folder_per_process(hc) -> None:
     resolved once.)"""
     from simpo_exp.config import ConfigError
 
-    fixed = any(str(o).startswith("hydra.sweep.dir=") for o in hc.overrides.hydra)
+    fixed = any(str(o).lstrip("+").startswith("hydra.sweep.dir=") for o in hc.overrides.hydra)  # ++hydra... too
     if under_torchrun() and hc.mode == RunMode.MULTIRUN and not fixed:
         raise ConfigError(
             f"--multirun on {os.environ['WORLD_SIZE']} processes: give a fixed hydra.sweep.dir=... (every process "

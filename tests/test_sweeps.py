@@ -388,6 +388,8 @@ def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
     assert len(lines) == 2 and all("--num_processes 16" in x and "--main_process_ip node-a" in x for x in lines)
     assert ["--machine_rank 0" in lines[0], "--machine_rank 1" in lines[1]] == [True, True]
     assert all("hydra.run.dir=outputs/runs/slurm-77" in x and x.endswith("shutdown=110") for x in lines)
+    # the rendezvous port follows the job id: two jobs of a few GPUs each placed on one node bound 29500 both
+    assert all("--main_process_port 20077 " in x for x in lines)
     assert (tmp_path / "srun_options").read_text() == "--cpus-per-task=64\n"
     assert not (tmp_path / "requeued").exists()  # it ended: nothing to requeue
     (tmp_path / "launched").unlink()  # nodes of 4 GPUs (--gpus-per-node=4): 4 processes each, not 8 (two a GPU)
@@ -645,3 +647,24 @@ def test_a_second_sweep_in_the_same_folder_does_not_fail_the_first(tmp_path, cap
     first.listed = False
     assert first._list_failed() is True
     assert "1 of 2 jobs FAILED" in capsys.readouterr().err
+
+
+def test_a_fixed_sweep_folder_given_with_plus_signs_counts_as_fixed_under_torchrun(monkeypatch):
+    """``++hydra.sweep.dir=...`` names the folder as ``hydra.sweep.dir=...`` does: under torchrun it was refused as
+    "not fixed", the message calling the user's own folder the default."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.runinfo import refuse_a_sweep_folder_per_process
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    hc = lambda given: SimpleNamespace(  # noqa: E731
+        mode=RunMode.MULTIRUN, overrides=SimpleNamespace(hydra=given), sweep=SimpleNamespace(dir="outputs/multirun/b")
+    )
+    for given in (["hydra.sweep.dir=outputs/multirun/b"], ["++hydra.sweep.dir=outputs/multirun/b"]):
+        refuse_a_sweep_folder_per_process(hc(given))
+    with pytest.raises(ConfigError, match="give a fixed hydra.sweep.dir"):
+        refuse_a_sweep_folder_per_process(hc([]))
