@@ -266,9 +266,13 @@ def sweep_request(sweep_dir) -> tuple[dict, list | None]:
     """What the sweep in ``sweep_dir`` was asked, from the ``multirun.yaml`` Hydra writes there before its first
     job: its sweeper's config, and its command's overrides with the sweeper's ``params`` as Hydra's grammar reads
     them (None where this version's grammar reads them otherwise)."""
+    return parsed_request((read_yaml(Path(sweep_dir) / "multirun.yaml") or {}).get("hydra") or {})
+
+
+def parsed_request(hydra: dict) -> tuple[dict, list | None]:
+    """``sweep_request`` of a sweep's Hydra config (``multirun.yaml``'s ``hydra``, or the sweeping command's own)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    hydra = (read_yaml(Path(sweep_dir) / "multirun.yaml") or {}).get("hydra") or {}
     sweeper = hydra.get("sweeper") or {}
     task = list((hydra.get("overrides") or {}).get("task") or [])
     task += [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]

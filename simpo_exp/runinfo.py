@@ -34,6 +34,7 @@ from simpo_exp.rundir import (
     ended_unrecorded,
     failure_record,
     hold_folder,
+    parsed_request,
     read_json,
     read_yaml,
     release_folders,
@@ -171,7 +172,13 @@ def _trains_alike(overrides: str | None, swept: frozenset = frozenset()) -> list
 
 
 def swept_keys(sweep_dir: Path) -> frozenset:
-    """The keys the sweep in ``sweep_dir`` gives several values (from its ``multirun.yaml``)."""
+    """The keys the sweep in ``sweep_dir`` gives several values: as the sweeping command recorded them for its jobs
+    (``SWEPT_ENV``, set by ``SweepSummary``), else from the folder's ``multirun.yaml``, which a second sweep started
+    in the same folder rewrites (a job of the first then took a folder of another setting for its own)."""
+    recorded = os.environ.get(SWEPT_ENV)
+    if recorded is not None and os.environ.get(SWEEP_DIR_ENV) == os.path.abspath(sweep_dir):
+        with contextlib.suppress(ValueError):
+            return frozenset(json.loads(recorded))
     _, parsed = sweep_request(sweep_dir)
     return frozenset(o.key_or_group for o in parsed or [] if o.is_sweep_override())
 
@@ -701,6 +708,8 @@ def _write_hydra_files(out: Path, files: dict[str, str], keep: bool = False) -> 
 
 # the sweeping command's identity, set by SweepSummary for its jobs (in its process or a launcher's)
 SWEEP_ENV = "SIMPO_EXP_SWEEP"
+SWEPT_ENV, SWEEP_DIR_ENV = "SIMPO_EXP_SWEPT", "SIMPO_EXP_SWEEP_DIR"  # its swept keys (JSON list), for its folder
+SWEEP_MARK = "sweep"  # .hydra/sweep in a job's folder: the identity of the sweep command that last started it
 
 
 def refusal_record(e: Exception) -> str:
@@ -897,7 +906,26 @@ class SweepSummary(Callback):
         # this command's identity, in its jobs' refusal records (refusal_record): the launchers' job processes inherit
         # the environment (joblib's workers, submitit's jobs), and jobs in this process read it here
         self.token = os.environ[SWEEP_ENV] = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        # and the keys it sweeps, which a job reads to find its folder: multirun.yaml is rewritten by a second sweep
+        # started in the same folder
+        if isinstance(config, DictConfig):
+            _, parsed = parsed_request(OmegaConf.to_container(config.hydra, resolve=False))  # as multirun.yaml says
+            os.environ[SWEPT_ENV] = json.dumps(sorted({o.key_or_group for o in parsed or [] if o.is_sweep_override()}))
+            os.environ[SWEEP_DIR_ENV] = os.path.abspath(self.sweep_dir)
         atexit.register(self._list_failed)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        """Mark the job's folder with this sweep's identity (``.hydra/sweep``): a second sweep started in the same
+        folder (two default sweep folders made in one second share one) rewrites its jobs' files there, and the
+        first listed those jobs' failures, stops and running jobs as its own."""
+        token = os.environ.get(SWEEP_ENV)
+        if not isinstance(config, DictConfig):
+            return
+        subdir = OmegaConf.select(config, "hydra.output_subdir")
+        if not token or subdir is None or OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+            return
+        with contextlib.suppress(OSError):
+            write_atomic(Path(str(config.hydra.runtime.output_dir)) / str(subdir) / SWEEP_MARK, token)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self._list_failed():
@@ -931,7 +959,9 @@ class SweepSummary(Callback):
         if getattr(self, "listed", True):
             return False
         self.listed = True
-        jobs = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
+        token = getattr(self, "token", None)
+        started = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
+        jobs = [p for p in started if _sweep_mark(p) in (None, token)]  # not another sweep's, in the same folder
         failed = [(p, record) for p in jobs if (record := failure_record(p))]
         # refusals of this sweep's jobs: another sweep running in the same folder meanwhile writes its own here
         mine = lambda record: (record or {}).get("sweep") in (None, getattr(self, "token", None))  # noqa: E731
@@ -980,6 +1010,14 @@ def _in_use_refusals(sweep_dir: Path) -> dict[Path, int]:
 
 
 JOB_DEPTH = 3  # hydra.sweep.subdir may nest a job's folder (beta${beta}/seed${seed}: two levels)
+
+
+def _sweep_mark(job: Path) -> str | None:
+    """The identity of the sweep command that last started the job in ``job`` (``SweepSummary.on_job_start``)."""
+    try:
+        return (job / ".hydra" / SWEEP_MARK).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _job_stamps(sweep_dir: Path) -> dict[Path, int]:

@@ -649,6 +649,45 @@ def test_a_second_sweep_in_the_same_folder_does_not_fail_the_first(tmp_path, cap
     assert "1 of 2 jobs FAILED" in capsys.readouterr().err
 
 
+def test_a_job_another_sweep_started_in_the_folder_is_not_this_sweeps(tmp_path, capsys, monkeypatch):
+    """Two sweeps in one folder (two default folders made in the same second are one): the first listed the second's
+    failed, stopped or running jobs as its own and exited 1. Each job's folder carries the identity of the sweep that
+    last started it (``.hydra/sweep``, written as the job starts); and a job reads its own sweep's swept keys, not
+    those of whichever sweep rewrote the folder's multirun.yaml last (its eval_steps=20 job was taken for the
+    finished eval_steps=10 one and never ran)."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from simpo_exp.runinfo import SWEEP_DIR_ENV, SWEEP_ENV, SWEEP_MARK, SWEPT_ENV, SweepSummary, swept_keys
+
+    for name in (SWEEP_ENV, SWEPT_ENV, SWEEP_DIR_ENV):
+        monkeypatch.delenv(name, raising=False)  # restored after the test: on_multirun_start sets them
+    sweep = tmp_path / "sweep"
+    hydra = {
+        "sweep": {"dir": str(sweep)}, "mode": "MULTIRUN", "output_subdir": ".hydra",
+        "overrides": {"hydra": [], "task": ["beta=2", "eval_steps=10,20"]}, "sweeper": {},
+    }  # fmt: skip
+    first = SweepSummary()
+    first.on_multirun_start(OmegaConf.create({"hydra": hydra, "method": "simpo"}))
+    (sweep / "multirun.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml({"hydra": hydra | {"overrides": {"task": ["beta=3"]}}}))
+    assert swept_keys(sweep) == {"eval_steps"}  # its own, though the folder's multirun.yaml is another sweep's now
+    mine, theirs = sweep / "0_beta=2,eval_steps=10", sweep / "0_beta=3"
+    for job in (mine, theirs):
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- {job.name[2:]}\n")
+        job_cfg = OmegaConf.create({"hydra": hydra | {"runtime": {"output_dir": str(job)}}})
+        job_cfg.hydra.mode = RunMode.MULTIRUN
+        first.on_job_start(job_cfg)  # as Hydra calls it in the job's process
+    (mine / "finished.json").write_text("{}")
+    (theirs / ".hydra" / SWEEP_MARK).write_text("other-host:4242:second")  # the second sweep started it last
+    (theirs / "error.json").write_text('{"error": "boom", "type": "RuntimeError"}')
+    assert (mine / ".hydra" / SWEEP_MARK).read_text() == first.token
+    assert first._list_failed() is False
+    captured = capsys.readouterr()
+    assert "FAILED" not in captured.err and "boom" not in captured.err and "sweep finished: 1 jobs in" in captured.out
+
+
 def test_a_fixed_sweep_folder_given_with_plus_signs_counts_as_fixed_under_torchrun(monkeypatch):
     """``++hydra.sweep.dir=...`` names the folder as ``hydra.sweep.dir=...`` does: under torchrun it was refused as
     "not fixed", the message calling the user's own folder the default."""
