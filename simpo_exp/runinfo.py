@@ -68,9 +68,10 @@ def job_dirname(overrides: str, sweep_dir: str | None = None, num=None, limit: i
     ``limit`` characters gives way in this order, so that what tells a sweep's jobs apart stays readable: the
     settings that do not change what trains (``RESUMABLE_CHANGES``: eval_steps, logger, ...) are left out, long
     floats (an Optuna sample: 4.939549651064031) kept to 6 significant digits, dotted keys named by their last
-    part (``dataset.synthetic.num_test`` as ``num_test``), then the end cut; a hash of the whole list follows, so
-    two jobs never share a name. (Cut at the end alone, a name lost the keys sorted last:
-    seed, and under Optuna the learning rate.)"""
+    part (``dataset.synthetic.num_test`` as ``num_test``), then whole items, the longest first but the sweep's swept
+    keys last (a value is never cut inside, where it read as another), then, for one item alone past the limit,
+    its end; a hash of the whole list follows, so two jobs never share a name. (Cut at the end alone, a name lost
+    the keys sorted last: seed, and under Optuna the learning rate.)"""
     name = overrides.replace("/", "_") or "default"
     if len(name) <= limit:
         return name
@@ -86,7 +87,19 @@ def job_dirname(overrides: str, sweep_dir: str | None = None, num=None, limit: i
             last + "=" + i.split("=", 1)[1] if lasts.count(last) == 1 and "=" in i else i
             for i, last in zip(items, lasts)
         ]
-    return ",".join(items)[: limit - 9] + "-" + digest
+    room = limit - 9
+    if len(",".join(items)) > room:  # whole items left out, the longest first (a path, a list; never a seed=1),
+        # the sweep's swept keys last: cut inside one, a value read as another ("max_steps=" before the hash read as
+        # max_steps=-4954...)
+        swept = swept_keys(Path(str(sweep_dir))) if sweep_dir is not None else frozenset()
+        key = lambda item: item.lstrip("+~").split("=", 1)[0]  # noqa: E731
+        kept = list(items)
+        for item in sorted(items, key=lambda i: (key(i) not in swept, len(i)), reverse=True):
+            if len(",".join(kept)) <= room or len(kept) == 1:
+                break
+            kept.remove(item)
+        items = kept
+    return ",".join(items)[:room] + "-" + digest
 
 
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)

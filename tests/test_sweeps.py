@@ -508,7 +508,18 @@ def test_a_long_job_folder_name_keeps_what_tells_the_jobs_apart():
         assert job_subdir(trial, sweep_dir, 3) == job_subdir(trial, sweep_dir, 0) == f"3_{before}"
         assert job_subdir("beta=2", sweep_dir, 1) == "1_beta=2"
     lists = "dataset.sources=[ultrafeedback,argilla],eval_steps=5," + "x" * 120 + "=1"  # a list value's commas stay
-    assert job_dirname(lists).startswith("sources=[ultrafeedback,argilla],x")  # eval_steps left out
+    assert job_dirname(lists).startswith("sources=[ultrafeedback,argilla]-")  # eval_steps, the long item left out
+    # whole items give way, the longest first and the sweep's swept keys last: the name was cut inside a value
+    # ("max_steps=" then the hash, read as max_steps=-4954...) and a seed sweep's names differed by their hash alone
+    recipe = "beta=2.5,experiment=simpo-llama3-8b-instruct,gamma_beta_ratio=0.55,hardware=ddp-lora,"
+    recipe += "learning_rate=8e-07,max_length=2048,seed={},warmup_ratio=0.1"
+    assert [job_dirname(recipe.format(s)).split(",")[5] for s in (1, 12)] == ["seed=1", "seed=12"]
+    assert all(i in recipe.format(1).split(",") for i in job_dirname(recipe.format(1))[:-9].split(","))  # whole
+    with tempfile.TemporaryDirectory() as sweep_dir:  # swept: experiment kept, the next longest left out
+        (Path(sweep_dir) / "multirun.yaml").write_text(
+            "hydra:\n  overrides:\n    task: ['experiment=simpo-llama3-8b-instruct,simpo-mistral-7b-base']\n"
+        )
+        assert "experiment=simpo-llama3-8b-instruct" in job_dirname(recipe.format(1), sweep_dir, 0)
     # a quoted path holding a comma (a sweep job's model, as the README passes it) is one value: its "eval_steps=10"
     # is no setting, and two jobs trained from different models do not train alike
     from simpo_exp.runinfo import _trains_alike
