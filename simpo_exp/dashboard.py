@@ -59,6 +59,7 @@ from simpo_exp.tracking import (
     config_leaves,
     differing_keys,
     wandb_key_given,
+    wandb_project,
 )
 
 # The headline number (the Hydra task's return value) and the W&B summary key that holds it.
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--swept {','.join(unknown)}: in no job's config under {target}")
         sweep.swept = {k: found.get(k) or [k] for k in wanted}
     entity = args.entity or sweep.entity or os.environ.get("WANDB_ENTITY") or None
-    project = args.project or sweep.project or os.environ.get("WANDB_PROJECT") or "simpo-exp"
+    project = args.project or sweep.project or wandb_project(None)  # where an unnamed project's runs log
 
     try:
         import wandb_workspaces  # noqa: F401

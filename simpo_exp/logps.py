@@ -674,9 +674,9 @@ class ResponseLogps(nn.Module):
             raise ValueError(f"a batch for packing_attention=mask reached ResponseLogps(attention={self.attention!r})")
         plan = SegmentPlan(segments, self.packing)
         plan.probe = self.probe
-        if self.attention == "flex" and not plan.probe:
+        if self.attention == "flex":
             plan.block_mask = flex_block_mask(segments, self.packing, input_ids.device)
-        elif self.attention == "flash" and not plan.probe:
+        elif self.attention == "flash":
             plan.flash = flash_seqlens(segments, self.packing, input_ids.device)
         if input_ids.shape != (1, plan.length):
             raise ValueError(

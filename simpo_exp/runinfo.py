@@ -192,7 +192,11 @@ def swept_keys(sweep_dir: Path) -> frozenset:
     if recorded is not None and os.environ.get(SWEEP_DIR_ENV) == os.path.abspath(sweep_dir):
         with contextlib.suppress(ValueError):
             return frozenset(json.loads(recorded))
-    _, parsed = sweep_request(sweep_dir)
+    return swept_in(sweep_request(sweep_dir)[1])
+
+
+def swept_in(parsed: list | None) -> frozenset:
+    """The keys a sweep's parsed overrides (``rundir.parsed_request``) give several values."""
     return frozenset(o.key_or_group for o in parsed or [] if o.is_sweep_override())
 
 
@@ -923,7 +927,7 @@ class SweepSummary(Callback):
         # started in the same folder
         if isinstance(config, DictConfig):
             _, parsed = parsed_request(OmegaConf.to_container(config.hydra, resolve=False))  # as multirun.yaml says
-            os.environ[SWEPT_ENV] = json.dumps(sorted({o.key_or_group for o in parsed or [] if o.is_sweep_override()}))
+            os.environ[SWEPT_ENV] = json.dumps(sorted(swept_in(parsed)))
             os.environ[SWEEP_DIR_ENV] = os.path.abspath(self.sweep_dir)
         atexit.register(self._list_failed)
 
@@ -931,10 +935,9 @@ class SweepSummary(Callback):
         """Mark the job's folder with this sweep's identity (``.hydra/sweep``): a second sweep started in the same
         folder (two default sweep folders made in one second share one) rewrites its jobs' files there, and the
         first listed those jobs' failures, stops and running jobs as its own."""
-        token = os.environ.get(SWEEP_ENV)
         if not isinstance(config, DictConfig):
             return
-        subdir = OmegaConf.select(config, "hydra.output_subdir")
+        token, subdir = os.environ.get(SWEEP_ENV), OmegaConf.select(config, "hydra.output_subdir")
         if not token or subdir is None or OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
             return
         with contextlib.suppress(OSError):
@@ -977,7 +980,7 @@ class SweepSummary(Callback):
         jobs = [p for p in started if _sweep_mark(p) in (None, token)]  # not another sweep's, in the same folder
         failed = [(p, record) for p in jobs if (record := failure_record(p))]
         # refusals of this sweep's jobs: another sweep running in the same folder meanwhile writes its own here
-        mine = lambda record: (record or {}).get("sweep") in (None, getattr(self, "token", None))  # noqa: E731
+        mine = lambda record: (record or {}).get("sweep") in (None, token)  # noqa: E731
         in_folder = [(p, read_json(p / REFUSED_FILE)) for p in jobs if (p / REFUSED_FILE).exists()]
         failed += [(p, record) for p, record in in_folder if mine(record)]
         # a job refused because another job held its folder: recorded beside the folder, which is the other job's

@@ -523,17 +523,16 @@ def generate_data(cfg) -> dict:
     if cfg.scorer.kind == "rule":
         report["rule_exact_share"] = sum(s == 1.0 for rec in records for s in rec["scores"]) / report["responses"]
     else:  # a reward read mid-response is a reward of another text
-        for part, recs in (report, records), (report.get("test"), split_records.get("test")):
+        for split, part in (("train", report), ("test", report.get("test"))):
             if part is None:
                 continue
-            part["responses_cut_for_the_scorer"] = sum(sum(rec.get("scorer_cut") or []) for rec in recs)
+            part["responses_cut_for_the_scorer"] = sum(sum(r.get("scorer_cut") or []) for r in split_records[split])
             if part["responses_cut_for_the_scorer"]:
                 log.warning(
                     "%d of %d %s responses were longer, with their prompt, than scorer.max_length=%d tokens (or the "
                     "reward model's position limit, where lower) and were scored on their first tokens only; raise "
                     "scorer.max_length",
-                    part["responses_cut_for_the_scorer"], part["responses"], "test" if part is not report else "train",
-                    cfg.scorer.max_length,
+                    part["responses_cut_for_the_scorer"], part["responses"], split, cfg.scorer.max_length,
                 )  # fmt: skip
     if report["non_finite_scores"]:
         log.warning(
