@@ -980,6 +980,20 @@ def test_a_template_without_bos_gets_one_in_front_of_the_prompt(tmp_path):
     assert report.tokenization["splits"]["train"]["bos_per_sequence"] == {1: 3}
 
 
+def test_a_bos_the_template_writes_after_leading_whitespace_gets_no_second_one(tmp_path):
+    """A hand-written template that opens with a newline before its {{ bos_token }}: the BOS is the template's own,
+    and none is put in front (it made ``BOS \\n BOS``, past the double-BOS guard)."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = "\n" + tok.chat_template
+    root = tmp_path / "leadbos"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("f", 3)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("g", 2)])
+    tr, _, report = build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
+    for p in tr["prompt_input_ids"]:
+        assert p.count(tok.bos_token_id) == 1 and p[0] != tok.bos_token_id
+    assert report.tokenization["splits"]["train"]["bos_per_sequence"] == {1: 3}
+
+
 def test_collator_layout_padding_and_scored_tokens(tmp_path, tok):
     root = tmp_path / "coll"
     rows = [
@@ -1180,6 +1194,26 @@ def test_an_end_of_turn_token_marked_special_only_among_the_added_tokens_ends_a_
     assert all(c[-1] == eot for c in tr["chosen_input_ids"])
     assert report.tokenization["splits"]["train"]["responses_without_end_token"] == 0
     assert end_of_turn_ids(tok) == [eot]
+
+
+def test_the_templates_end_of_turn_token_ends_a_response_when_it_is_also_the_pad_token(tmp_path):
+    """A Llama-3 tokenizer whose EOS is <|end_of_text|> and whose pad token was set to <|eot_id|> (a common SFT
+    fix-up): the template closes every turn with <|eot_id|>, sampling stops there, and the responses have their end
+    token; they were all counted without one and the run refused."""
+    from tokenizers import AddedToken
+
+    tok = build_tiny_tokenizer()
+    tok.backend_tokenizer.add_special_tokens([AddedToken("<|eot_id|>", special=True)])
+    tok.pad_token = "<|eot_id|>"
+    eot = tok.pad_token_id
+    tok.chat_template = tok.chat_template.replace("+ eos_token", "+ '<|eot_id|>'")
+    assert eot != tok.eos_token_id
+    root = tmp_path / "padeot"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("h", 3)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("i", 2)])
+    tr, _, report = build_datasets(make_config({"s": SourceConfig(path=str(root))}), tok)
+    assert all(c[-1] == eot for c in tr["chosen_input_ids"])
+    assert report.tokenization["splits"]["train"]["responses_without_end_token"] == 0
 
 
 # A zephyr-style template that renders any role the same way, and names no system turn.

@@ -40,13 +40,15 @@ def _quantiles(lengths: list[int]) -> dict:
 def end_token_ids(tokenizer) -> set[int]:
     """Tokens that can end an assistant turn: EOS and the tokenizer's other special tokens
     (``<|eot_id|>``, ``<end_of_turn>``, ``<|im_end|>``, ...); not BOS or the pad token, unless one is also EOS
-    (GPT-2's and Pythia's ``<|endoftext|>`` is all three)."""
+    (GPT-2's and Pythia's ``<|endoftext|>`` is all three) or the token the chat template closes an assistant turn
+    with (a Llama-3 tokenizer given ``<|eot_id|>`` as its pad token): sampling stops at that one too."""
+    from simpo_exp.inference.sampling import end_of_turn_ids
+
     ids = special_token_ids(tokenizer)
     eos = tokenizer.eos_token_id
     ids -= {tokenizer.pad_token_id, tokenizer.bos_token_id} - {eos}
-    if eos is not None:
-        ids.add(eos)
-    return ids
+    ids |= {eos} - {None}
+    return ids | set(end_of_turn_ids(tokenizer))
 
 
 def ends_a_turn(tokenizer, ends: set[int]):

@@ -151,9 +151,16 @@ def unrendered_role(prompt: list[dict], prompt_text: str | None) -> str | None:
 
 def with_bos(tokenizer, ids: list[int]) -> list[int]:
     """A rendered prompt's ids starting with the tokenizer's BOS: one put in front where the chat template wrote
-    none (and the tokenizer has one), as the model was pre-trained with it; training and sampling alike."""
+    none (and the tokenizer has one), as the model was pre-trained with it; training and sampling alike. A BOS the
+    template writes after leading whitespace (a hand-written template that opens with a newline) counts as written:
+    a second one in front made ``BOS \n BOS``, which the double-BOS guard, looking at the first two ids, let by."""
     bos = tokenizer.bos_token_id
-    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+    if bos is None or ids[:1] == [bos]:
+        return ids
+    lead = 0
+    while lead < len(ids) and ids[lead] != bos and not tokenizer.decode(ids[lead : lead + 1]).strip():
+        lead += 1
+    return ids if ids[lead : lead + 1] == [bos] else [bos, *ids]
 
 
 def special_token_ids(tokenizer) -> set[int]:
