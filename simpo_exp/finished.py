@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from simpo_exp.rundir import RESUMABLE_CHANGES
@@ -73,6 +74,8 @@ def recorded_summary(cfg) -> dict | None:
             "resume=false trains it again on the data as it is now (the finished run's files are replaced), or use "
             "another run directory (hydra.run.dir)."
         )
+    if os.environ.get("RANK", "0") != "0":  # the main process says it, once for the command
+        return summary
     message = (
         f"{run_dir.resolve()}: already finished with this config; skipped (its summary.json is the "
         "result; resume=false trains it again)"

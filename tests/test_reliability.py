@@ -559,6 +559,8 @@ def test_a_run_on_local_data_that_changed_since_is_neither_skipped_nor_resumed(t
     recorded = json.loads((run_dir / "data_report.json").read_text())["sources"]["local"]
     assert sorted(recorded["files"]) == ["test.jsonl", "train.jsonl"] and recorded["files_root"] == str(data.resolve())
     assert "already finished with this config; skipped" in simpo(*short, cwd=tmp_path).stdout  # nothing changed
+    other = simpo(*short, cwd=tmp_path, env={"RANK": "1"})  # a launch's other process: the main one says it, once
+    assert other.returncode == 0 and "already finished" not in other.stdout + other.stderr, other.stderr[-3000:]
 
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows["train_prefs"][::-1]))
     summary = (run_dir / "summary.json").read_bytes()
