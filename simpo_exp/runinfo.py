@@ -902,6 +902,14 @@ def write_sweep_request(config, sweep_dir: Path) -> None:
         log.warning("%s: the sweep's multirun.yaml cannot be written (%s)", sweep_dir, e)
 
 
+def is_training(config) -> bool:
+    """Whether a sweep's config is the training stage's: its primary config is ``config`` (the generate stage's
+    schema extends the training one and has a ``method`` too; its successful jobs, with no finished.json, were
+    listed as killed and the sweep exited 1)."""
+    name = getattr(getattr(getattr(config, "hydra", None), "job", None), "config_name", None)
+    return name == "config" if name else getattr(config, "method", None) is not None
+
+
 class SweepSummary(Callback):
     """At the end of a ``--multirun``, list this sweep's jobs that failed and why; exit 1 if any did.
 
@@ -918,7 +926,7 @@ class SweepSummary(Callback):
         self.sweep_dir, self.listed = Path(config.hydra.sweep.dir), False
         write_sweep_request(config, self.sweep_dir)
         self.rerun = rerun_command(config.hydra)
-        self.training = getattr(config, "method", None) is not None  # compare reads training runs, not other stages
+        self.training = is_training(config)  # compare reads training runs, and they alone write finished.json
         self.before = _job_stamps(self.sweep_dir) | _in_use_refusals(self.sweep_dir)
         # this command's identity, in its jobs' refusal records (refusal_record): the launchers' job processes inherit
         # the environment (joblib's workers, submitit's jobs), and jobs in this process read it here

@@ -350,6 +350,19 @@ def test_killed_generation_resumes_to_the_same_data(uninterrupted_generation, ti
         assert (out / rel).read_bytes() == (uninterrupted_generation / rel).read_bytes(), rel
 
 
+def test_a_sweep_of_generations_gives_one_data_set_per_job_and_succeeds(tiny_reward_model, tmp_path):
+    """``--multirun generate.temperature=...`` (README): one data set per job, and a sweep whose jobs all wrote theirs
+    ends 0. Each was listed as "killed without a record" and the sweep exited 1, as if a training sweep's job had
+    left no finished.json (the generate stage's config has a ``method`` too)."""
+    sweep = tmp_path / "sweep"
+    args = [*SMALL, "dataset.max_train_samples=3", *RM_RUN[1:], f"scorer.path={tiny_reward_model}"]
+    args += ["generate.temperature=0.7,0.9", f"hydra.sweep.dir={sweep}"]
+    res = run_module("simpo_exp.generate", "--multirun", *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "killed" not in res.stderr and "sweep finished: 2 jobs" in res.stdout, res.stderr[-3000:]
+    assert len(list(sweep.glob("*/data/train.jsonl"))) == 2
+
+
 def test_the_test_prompts_give_the_held_out_pairs_training_evaluates_on(
     uninterrupted_generation, tiny_reward_model, tmp_path
 ):

@@ -335,11 +335,12 @@ def test_a_failed_sweep_of_another_stage_is_not_pointed_at_compare(tmp_path, cap
 
     from simpo_exp.runinfo import SweepSummary
 
-    for stage, method in (("generate", None), ("train", "simpo")):
+    # the generate stage's config has a method too (its schema extends the training one): the primary config decides
+    for stage, name in (("generate", "generate"), ("evaluate", "evaluate"), ("train", "config")):
         sweep = tmp_path / stage
         summary = SweepSummary()
-        summary.on_multirun_start(SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep))),
-                                                  method=method))  # fmt: skip
+        hydra = SimpleNamespace(sweep=SimpleNamespace(dir=str(sweep)), job=SimpleNamespace(config_name=name))
+        summary.on_multirun_start(SimpleNamespace(hydra=hydra, method="simpo"))
         (sweep / "0_x=1" / ".hydra").mkdir(parents=True)
         (sweep / "0_x=1" / ".hydra" / "overrides.yaml").write_text("- x=1\n")
         (sweep / "0_x=1" / "error.json").write_text('{"type": "ConfigError", "error": "no"}')
