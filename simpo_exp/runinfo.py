@@ -377,6 +377,29 @@ def refuse_a_sweep_folder_per_process(hc) -> None:
         )
 
 
+def refuse_a_folder_per_hand_started_process(hc) -> None:
+    """Processes given ``RANK``/``WORLD_SIZE`` by hand (the generate stage's split, README) share no launcher: each
+    resolves the default folder, ``${now:...}``, at its own start, so processes started a second apart sampled
+    their shards into folders of their own and no data set was ever written. They need a fixed folder
+    (``hydra.run.dir``, or ``hydra.sweep.dir`` for a ``--multirun``)."""
+    from simpo_exp.config import ConfigError
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return  # named where the stage reads it (generate.run.process_place)
+    if world <= 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        return
+    sweep = hc.mode == RunMode.MULTIRUN
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    given = [str(o).lstrip("+") for o in hc.overrides.hydra] + [str(o).lstrip("+") for o in hc.overrides.task]
+    if not any(o.startswith(f"{key}=") or (not sweep and o.startswith("output_dir=")) for o in given):
+        raise ConfigError(
+            f"WORLD_SIZE={world} without a fixed {key}=...: every process of one generation must name the same "
+            f"folder (the default, {hc.sweep.dir if sweep else hc.run.dir}, is each process's own start time)"
+        )
+
+
 def given_overrides(hc) -> list[str]:
     """The command line's overrides as typed: ``beta=${oc.env:B}`` stays text (read through OmegaConf, Hydra's list
     would resolve it, and fail where the variable is missing)."""

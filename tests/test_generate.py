@@ -423,6 +423,17 @@ def test_the_test_prompts_give_the_held_out_pairs_training_evaluates_on(
     assert not (out / "data" / "test.jsonl").exists() and not (out / "data" / "train.jsonl").exists()
 
 
+def test_processes_started_by_hand_need_a_fixed_folder(tmp_path):
+    """RANK/WORLD_SIZE by hand (the README's split) with the default folder, ``${now:...}``: processes started a second
+    apart sampled into folders of their own, and no data set was written. Refused, naming the folder key."""
+    env = {"RANK": "0", "WORLD_SIZE": "2"}
+    res = generate("dataset.max_train_samples=3", cwd=tmp_path, env=env)
+    assert res.returncode == 2 and "WORLD_SIZE=2 without a fixed hydra.run.dir=" in res.stderr, res.stderr[-2000:]
+    res = run_module("simpo_exp.generate", "--multirun", *SMALL, "generate.temperature=0.7,0.9", cwd=tmp_path, env=env)
+    assert res.returncode != 0 and "WORLD_SIZE=2 without a fixed hydra.sweep.dir=" in res.stderr, res.stderr[-2000:]
+    assert not list(tmp_path.glob("outputs/**/shards"))
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_shards_and_give_the_same_data(uninterrupted_generation, tiny_reward_model, tmp_path):
     out = tmp_path / "gen"

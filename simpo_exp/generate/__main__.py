@@ -12,7 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from simpo_exp.command_line import refuse_command_line
 from simpo_exp.generate.config import check_overrides, to_generate_config
 from simpo_exp.rundir import CONF_DIR
-from simpo_exp.runinfo import fill_run_identity, given_overrides, user_errors
+from simpo_exp.runinfo import (
+    fill_run_identity,
+    given_overrides,
+    refuse_a_folder_per_hand_started_process,
+    user_errors,
+)
 from simpo_exp.signals import sigterm_as_interrupt
 
 
@@ -21,6 +26,7 @@ def main(cfg: DictConfig) -> None:
     with sigterm_as_interrupt(), user_errors(cfg) as go:
         if not go:  # a sweep's job whose folder another job holds: refused, the sweep goes on
             return
+        refuse_a_folder_per_hand_started_process(HydraConfig.get())
         check_overrides(given_overrides(HydraConfig.get()), OmegaConf.select(cfg, "model.path", default=None))
         config = to_generate_config(fill_run_identity(cfg))  # fails here, before any model or data loads
         from simpo_exp.generate.run import generate_data
