@@ -101,6 +101,23 @@ def test_a_question_of_another_shape_names_file_row_and_schema(tmp_path):
         arena_prompts(path, "", KEY, None)
 
 
+def test_an_empty_or_undecodable_question_file_is_refused_by_file_and_line(tmp_path):
+    """An empty Arena-Hard file "finished" the benchmark with n=0 (AlpacaEval's reader refused one); a byte that is not
+    UTF-8 stopped the stage with a traceback."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="empty.jsonl'. expected JSON lines, one row per question"):
+        arena_prompts(str(empty), "", KEY, None)
+    rows = [{"question_id": f"q{i}", "turns": [{"content": "Hi"}]} for i in range(3)]
+    path = jsonl(tmp_path / "question.jsonl", rows)
+    Path(path).write_bytes(Path(path).read_bytes().replace(b"q2", b"q\xe92"))
+    with pytest.raises(UserError, match=r"question.jsonl'. line 3 holds text that is not UTF-8"):
+        arena_prompts(path, "", KEY, None)
+    renamed = str(Path(path).rename(tmp_path / "question.json"))  # JSON lines under a .json name
+    with pytest.raises(UserError, match=r"question.json'. line 3 holds text that is not UTF-8"):
+        arena_prompts(renamed, "", KEY, None)
+
+
 def test_alpacaeval_rows_written_as_json_lines_under_a_json_name_are_read(tmp_path):
     """datasets' ``to_json`` writes JSON lines, under whatever name it is given: a prompts file saved that way as
     ``alpaca_eval.json`` was "not valid JSON (Extra data ...)". A broken JSON list is still named as one."""
@@ -560,6 +577,7 @@ def test_a_runs_seed_and_its_older_model_tiny_key_are_read_back(tmp_path):
         ("alpacaeval", {"prompts_path": ""}, "b.prompts_path='': alpacaeval needs a local prompts file"),
         ("arena_hard", {"judge.kind": "openai", "reference_path": ""}, "b.reference_path='': judging Arena-Hard"),
         ("arena_hard", {"judge.kind": "openai", "judge.base_url": ""}, "b.judge.base_url='': judge.kind=openai needs"),
+        ("arena_hard", {"judge.kind": "openai", "judge.base_url": "127.0.0.1:8000/v1"}, "must start with http://"),
         (
             "arena_hard",
             {"judge.kind": "openai", "judge.model": ""},

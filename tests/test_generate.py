@@ -560,6 +560,19 @@ def test_missing_prompt_column_is_refused(tmp_path):
     assert "missing column 'prompt'" in res.stderr and "prompt_column" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_prompt_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    """Training names the file and line of a byte that is not UTF-8; the stage's prompt reader crashed on it."""
+    data = tmp_path / "prefs.jsonl"
+    rows = [json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}).encode() + b"\n" for i in range(4)]
+    rows[2] = rows[2].replace(b"q2", b"q\xe92")
+    data.write_bytes(b"".join(rows))
+    res = generate(
+        "dataset=local", f"dataset.sources.local.path={data}", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"{data} line 3 holds text that is not UTF-8" in res.stderr
+
+
 def test_a_local_dataset_without_its_path_is_named(tmp_path):
     """A key with no default left out: the stage names it, without a traceback (so do training and evaluate,
     through the same simpo_exp.config.structured)."""

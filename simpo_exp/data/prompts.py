@@ -18,7 +18,7 @@ import hashlib
 import json
 
 from simpo_exp.config import DatasetConfig
-from simpo_exp.data.sources import DataSourceError, _has_string_responses, load_source, prompt_messages
+from simpo_exp.data.sources import DataSourceError, _has_string_responses, load_source, not_utf8, prompt_messages
 
 
 def prompt_key(messages: list[dict]) -> str:
@@ -67,25 +67,33 @@ def split_prompts(dcfg: DatasetConfig, split: str) -> tuple[list[dict], dict]:
             )
         wanted = (src.prompt_column, src.chosen_column, "prompt_id")
         data = data.select_columns([c for c in dict.fromkeys(wanted) if c in data.column_names])
-        for row in data:
-            counts["rows"] += 1
-            messages = _row_prompt(row, src.prompt_column, src.chosen_column)
-            if messages is None:
-                counts["no prompt"] += 1
-                continue
-            key = prompt_key(messages)
-            if key in seen:
-                counts["duplicate prompt"] += 1
-                continue
-            seen.add(key)
-            pid = prompt_id(messages, row.get("prompt_id"))
-            if pid in ids:  # a source's id another prompt already goes by (two sources each numbering from 1)
-                pid = key
-            ids.add(pid)
-            out.append({"prompt_id": pid, "prompt": messages})
+        try:
+            _add_prompts(data, src, out, seen, ids, counts)
+        except UnicodeDecodeError as e:  # pyarrow reads bytes as they are: a non-UTF-8 one fails read back as text
+            raise not_utf8(name, src, e) from None
     if not out:
         raise DataSourceError(
             f"no prompt found in the {split} split of {list(dcfg.sources)} (rows: {counts}); check "
             "dataset.sources.<name>.prompt_column / chosen_column"
         )
     return out, counts
+
+
+def _add_prompts(data, src, out: list[dict], seen: set, ids: set, counts: dict) -> None:
+    """Append the unique prompts of one source's split to ``out``, counting what is left out."""
+    for row in data:
+        counts["rows"] += 1
+        messages = _row_prompt(row, src.prompt_column, src.chosen_column)
+        if messages is None:
+            counts["no prompt"] += 1
+            continue
+        key = prompt_key(messages)
+        if key in seen:
+            counts["duplicate prompt"] += 1
+            continue
+        seen.add(key)
+        pid = prompt_id(messages, row.get("prompt_id"))
+        if pid in ids:  # a source's id another prompt already goes by (two sources each numbering from 1)
+            pid = key
+        ids.add(pid)
+        out.append({"prompt_id": pid, "prompt": messages})

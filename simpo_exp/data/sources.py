@@ -554,10 +554,15 @@ def normalise(ds: Dataset, src: SourceConfig, name: str, num_proc: int | None = 
             desc=f"normalising {name}",
         )
     except UnicodeDecodeError as e:  # pyarrow reads bytes as they are; they fail only when read back as text
-        raise DataSourceError(
-            f"dataset.sources.{name} ({src.path}): {_first_undecodable_line(src.path)} holds text that is not UTF-8 "
-            f"({e}); re-encode the file as UTF-8"
-        ) from None
+        raise not_utf8(name, src, e) from None
+
+
+def not_utf8(name: str, src: SourceConfig, e: UnicodeDecodeError) -> DataSourceError:
+    """The error for a source whose rows failed to decode as text: the file and line named."""
+    return DataSourceError(
+        f"dataset.sources.{name} ({src.path}): {_first_undecodable_line(src.path)} holds text that is not UTF-8 "
+        f"({e}); re-encode the file as UTF-8"
+    )
 
 
 def _first_undecodable_line(path: str) -> str:

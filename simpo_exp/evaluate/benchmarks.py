@@ -39,8 +39,9 @@ def _read_json_file(path: str, key: str):
         )
     if p.suffix == ".jsonl":
         return _json_lines(p, path, key)
+    text = _read_text(p, path, key)
     try:
-        return json.loads(p.read_text())
+        return json.loads(text)
     except ValueError as e:
         if isinstance(e, json.JSONDecodeError) and e.msg == "Extra data":  # JSON lines under a .json name, as
             with contextlib.suppress(DataSourceError):  # datasets' to_json writes them by default
@@ -48,9 +49,21 @@ def _read_json_file(path: str, key: str):
         raise DataSourceError(f"{key}={path!r}: not valid JSON ({e})") from e
 
 
+def _read_text(p: Path, path: str, key: str) -> str:
+    """The file's text, or an error naming the line of its first byte that is not UTF-8."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataSourceError(
+            f"{key}={path!r}: line {line} holds text that is not UTF-8 ({e}); re-encode the file"
+        ) from None
+
+
 def _json_lines(p: Path, path: str, key: str) -> list:
     rows = []  # each line parsed alone: the decoder's own position is always "line 1"
-    for n, line in enumerate(jsonl_lines(p.read_text()), 1):
+    for n, line in enumerate(jsonl_lines(_read_text(p, path, key)), 1):
         if not line.strip():
             continue
         try:
@@ -157,7 +170,7 @@ def _arena_rows(path: str, key: str, text_at: tuple, schema: str) -> list[tuple]
     """``(question_id, text, row)`` of an arena-hard-auto v0.1 file, the text at ``text_at`` in each row; a row
     without them is an error naming the file, the row and the ``schema``."""
     rows = _read_json_file(path, key)
-    if not isinstance(rows, list):
+    if not isinstance(rows, list) or not rows:  # an empty file: a benchmark of no question "finished" with n=0
         raise DataSourceError(f"{key}={path!r}: expected JSON lines, one row per question ({schema})")
     out, first_row = [], {}
     for i, row in enumerate(rows):

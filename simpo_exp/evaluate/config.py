@@ -214,6 +214,12 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
         )
     if b.judge.kind == "openai":
         _check(bool(b.judge.base_url), f"{key}.judge.base_url", b.judge.base_url, "judge.kind=openai needs an endpoint")
+        _check(
+            str(b.judge.base_url).startswith(("http://", "https://")),
+            f"{key}.judge.base_url",
+            b.judge.base_url,
+            "must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)",
+        )
         _check(bool(b.judge.model), f"{key}.judge.model", b.judge.model, "judge.kind=openai needs a model name")
         for name in ("concurrency", "max_tokens", "label_attempts", "strong_weight", "bootstrap_rounds"):
             _check(getattr(b.judge, name) >= 1, f"{key}.judge.{name}", getattr(b.judge, name), "must be >= 1")
