@@ -4,6 +4,7 @@ compare, AlpacaEval/Arena-Hard output files, the judge path against a fake local
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -693,6 +694,17 @@ def test_missing_prompt_files_are_named(sweep, tmp_path):
     )
     assert res.returncode == 2 and str(missing) in res.stderr and "no such file" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_run_whose_eval_folder_cannot_be_written_is_named(sweep, tmp_path):
+    """Another user's run on shared storage (here: eval/ a plain file, which root cannot write into either): named
+    before any benchmark runs; it stopped with a traceback after a warning that its lock could not be taken."""
+    run = tmp_path / "theirs"
+    shutil.copytree(jobs(sweep)[0], run, ignore=shutil.ignore_patterns("eval"))
+    (run / "eval").write_text("")
+    res = evaluate(str(run), "benchmark=rule", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"{run / 'eval'} cannot be written" in res.stderr
 
 
 def test_gsm8k_without_lm_eval_says_what_to_install(sweep, tmp_path):

@@ -60,6 +60,7 @@ from simpo_exp.evaluate.runs import (
 from simpo_exp.inference.files import (
     DamagedFile,
     manifest_changes,
+    probe_writable,
     read_jsonl,
     tokenizer_sha256,
     weights_sha256,
@@ -593,6 +594,18 @@ def _finish_run(folder: Path, run_dir: Path, run_cfg, e, name: str) -> None:
             print(f"pushed {run_dir / 'model'} -> {url}", flush=True)
 
 
+def _eval_folder_writable(run_dir: Path) -> None:
+    """Refuse, naming it, a run whose ``eval/`` folder cannot be made or written (another user's run on shared
+    storage, a read-only disk): the stage stores its answers, verdicts and results there."""
+    try:
+        probe_writable(run_dir / "eval")
+    except OSError as e:
+        raise ConfigError(
+            f"evaluate.path: {run_dir / 'eval'} cannot be written ({e.strerror or e}): the stage keeps its answers and "
+            "results in the run's eval/ folder; evaluate a copy of the run in a folder you can write"
+        ) from None
+
+
 def evaluate_all(cfg) -> list[dict]:
     """Every benchmark on every run with a trained model under ``evaluate.path``; returns the results."""
     e = cfg.evaluate
@@ -603,6 +616,8 @@ def evaluate_all(cfg) -> list[dict]:
             "is still running)",
             flush=True,
         )
+    for folder in runs:  # before any run is evaluated: one whose folder cannot be written stopped with a traceback
+        _eval_folder_writable(records_dir(folder))
     records, judge_failures = [], []
     for folder in runs:  # the Hydra folder (the run's config); its model and records where output_dir put them
         run_dir = records_dir(folder)
