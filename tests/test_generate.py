@@ -1903,8 +1903,15 @@ def test_the_printed_train_command_trains_a_runs_policy_under_that_runs_recipe(t
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": runtime, "overrides": overrides}}))
     said = policy_run_recipe(str(run / "model"), [f"--config-dir '{tmp_path / 'my conf'}'"], {"max_length"})
     assert said == ["experiment=simpo-x", "beta=7"]
-    runtime["choices"] = {"model": "tiny", "hparams": "default"}  # the README's own tiny loop: nothing to add
-    overrides["task"] = ["learning_rate=1e-6", "beta=2.5"]
+    # the README's own tiny loop: the run's keys carried (its next round trained at the default beta and rate)
+    runtime["choices"], runtime["config_sources"] = {"model": "tiny", "hparams": "default"}, []
+    overrides["task"] = ["learning_rate=1e-6", "beta=2.5", "model.random_init.hidden_size=48"]
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": runtime, "overrides": overrides}}))
+    assert policy_run_recipe(str(run / "model"), []) == ["learning_rate=1e-6", "beta=2.5"]
+    runtime["choices"], overrides["task"] = {"model": "tiny", "hparams": "strong-prefs"}, ["hparams=strong-prefs"]
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": runtime, "overrides": overrides}}))
+    assert policy_run_recipe(str(run / "model"), []) == ["hparams=strong-prefs"]
+    runtime["choices"], overrides["task"] = {"model": "tiny", "hparams": "default"}, []
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": runtime, "overrides": overrides}}))
     assert policy_run_recipe(str(run / "model"), []) == []
     assert policy_run_recipe(str(tmp_path / "weights"), []) == [] and policy_run_recipe(None, []) == []

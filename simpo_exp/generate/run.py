@@ -674,7 +674,8 @@ def policy_run_recipe(model_path: str | None, words: list[str], given: set[str] 
     ``experiment=`` recipe, else its model and hparams presets, and the rest of its command line (``beta=``, a
     learning rate, ...: not its data, model or folder, nor a key ``given`` to this command), with the config
     directory it found them in, for the next round to train as that run trained. Under the default preset the next
-    round trained an 8B policy at the tiny model's 1e-3 (refused now: ``config.check_preset_size``); a recipe's
+    round trained an 8B policy at the tiny model's 1e-3 (refused now: ``config.check_preset_size``); a run under the
+    default preset trained with ``beta=5`` had its next round train at beta 2, the command naming nothing; a recipe's
     run's next round trained at the default beta, gamma and chat format (2, 0.5 and ``generation_prompt`` where
     ``experiment=simpo-llama3-8b-instruct-v2`` trains at 10, 0.3 and ``simpo_repo``), with no word of it."""
     from simpo_exp.rundir import read_yaml
@@ -685,16 +686,16 @@ def policy_run_recipe(model_path: str | None, words: list[str], given: set[str] 
     choices = runtime.get("choices") or {}
     task = [str(o) for o in (hydra.get("overrides") or {}).get("task") or []] if isinstance(hydra, dict) else []
     recipe = next((o.partition("=")[2] for o in task if _key(o) == "experiment"), None)
-    if choices.get("model") in (None, DEFAULT_MODEL) and not recipe:
-        return []
+    if not task and choices.get("model") in (None, DEFAULT_MODEL):
+        return []  # not a run's folder, or a run of the defaults: nothing to carry
     sources = [s for s in runtime.get("config_sources") or [] if s.get("provider") == "command-line"]
     out = [f"--config-dir {shlex.quote(str(s.get('path')))}" for s in sources]
     out = [word for word in out if word not in words]
     if recipe:  # the recipe's own model and hparams presets, unless the run's command named others itself
         out += [f"experiment={recipe}"]
         out += [f"{group}={choices[group]}" for group in ("model", "hparams") if any(_key(o) == group for o in task)]
-    else:
-        out += [f"model={choices['model']}"]
+    else:  # the default preset's run (the README's own loop) carries its hparams preset and keys too
+        out += [f"model={choices['model']}"] if choices.get("model") not in (None, DEFAULT_MODEL) else []
         out += [f"hparams={choices['hparams']}"] if choices.get("hparams") not in (None, "default") else []
     kept = [
         o for o in task if _key(o).split(".")[0] not in (*NOT_CARRIED, "experiment", "hparams") and _key(o) not in given
