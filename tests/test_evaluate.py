@@ -694,6 +694,17 @@ def test_missing_prompt_files_are_named(sweep, tmp_path):
     )
     assert res.returncode == 2 and str(missing) in res.stderr and "no such file" in res.stderr
     assert "Traceback" not in res.stderr
+    # the second benchmark's file: named before the first benchmark runs on any run (it generated first)
+    run = tmp_path / "run"
+    shutil.copytree(job, run, ignore=shutil.ignore_patterns("eval"))
+    res = evaluate(
+        str(run),
+        "benchmark=[rule,alpacaeval2]",
+        f"benchmarks.alpacaeval2.prompts_path={missing}",
+        f"hydra.run.dir={tmp_path / 'c'}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 2 and str(missing) in res.stderr and not (run / "eval" / "rule").exists()
 
 
 def test_a_run_whose_eval_folder_cannot_be_written_is_named(sweep, tmp_path):
@@ -710,8 +721,11 @@ def test_a_run_whose_eval_folder_cannot_be_written_is_named(sweep, tmp_path):
 def test_gsm8k_without_lm_eval_says_what_to_install(sweep, tmp_path):
     if _installed("lm-eval"):
         pytest.skip("lm-eval is installed here; the message is for machines without it")
-    res = evaluate(str(jobs(sweep)[0]), "benchmark=gsm8k", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
+    run = tmp_path / "run"  # after another benchmark: said before that one runs (it was said at gsm8k's turn)
+    shutil.copytree(jobs(sweep)[0], run, ignore=shutil.ignore_patterns("eval"))
+    res = evaluate(str(run), "benchmark=[rule,gsm8k]", f"hydra.run.dir={tmp_path / 'g'}", cwd=tmp_path)
     assert res.returncode == 2 and "pip install lm-eval" in res.stderr and "Traceback" not in res.stderr
+    assert not (run / "eval" / "rule").exists()
 
 
 def test_a_bad_value_names_its_key(tmp_path):

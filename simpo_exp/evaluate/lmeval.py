@@ -100,14 +100,22 @@ def lm_eval_dtype(policy_cfg) -> str:
     return str(sampling_dtype(policy_cfg, torch.device(lm_eval_device(policy_cfg)))).removeprefix("torch.")
 
 
-def run_lm_eval(b, policy_cfg, out_dir) -> dict:
+def check_installed(b) -> None:
+    """Refuse a ``kind=lm_eval`` benchmark where lm-evaluation-harness is not installed (before any run is
+    evaluated: it was found only at this benchmark's turn, after the others had run)."""
     try:
-        import lm_eval
+        import lm_eval  # noqa: F401
     except ImportError as e:
         raise ConfigError(
             f"benchmarks.{b.name}: kind=lm_eval needs lm-evaluation-harness: pip install lm-eval "
             "(its task data sets must be in the local Hugging Face cache: nothing is downloaded)"
         ) from e
+
+
+def run_lm_eval(b, policy_cfg, out_dir) -> dict:
+    check_installed(b)
+    import lm_eval
+
     ran_with = settings(b, policy_cfg)
     check_tasks(b)
     multiturn = ran_with["fewshot_as_multiturn"]

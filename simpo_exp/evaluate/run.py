@@ -594,6 +594,21 @@ def _finish_run(folder: Path, run_dir: Path, run_cfg, e, name: str) -> None:
             print(f"pushed {run_dir / 'model'} -> {url}", flush=True)
 
 
+def check_benchmark_inputs(cfg) -> None:
+    """Read every benchmark's prompt and reference files (their rows checked as each benchmark reads them) and check
+    lm-evaluation-harness is there for an lm-eval one: a missing or malformed file for the second benchmark stopped
+    the stage after the first had generated (and judged) on the first run, the sweep's other runs not evaluated."""
+    from simpo_exp.evaluate.lmeval import check_installed
+
+    for b in cfg.benchmarks.values():
+        if b.kind == "alpacaeval":
+            bm.alpaca_prompts(b.prompts_path, f"benchmarks.{b.name}.prompts_path", b.max_prompts)
+        elif b.kind == "arena_hard":
+            bm.arena_prompts(b.prompts_path, b.reference_path, f"benchmarks.{b.name}", b.max_prompts)
+        elif b.kind == "lm_eval":
+            check_installed(b)
+
+
 def _eval_folder_writable(run_dir: Path) -> None:
     """Refuse, naming it, a run whose ``eval/`` folder cannot be made or written (another user's run on shared
     storage, a read-only disk): the stage stores its answers, verdicts and results there."""
@@ -616,6 +631,7 @@ def evaluate_all(cfg) -> list[dict]:
             "is still running)",
             flush=True,
         )
+    check_benchmark_inputs(cfg)  # before any run is evaluated: found at a benchmark's turn, the others had run
     for folder in runs:  # before any run is evaluated: one whose folder cannot be written stopped with a traceback
         _eval_folder_writable(records_dir(folder))
     records, judge_failures = [], []
