@@ -645,6 +645,13 @@ def _validate_model(m: ModelConfig) -> None:
             r.hidden_size,
             f"must be divisible by {key}.num_attention_heads ({r.num_attention_heads})",
         )
+        _check(  # rotary embeddings turn pairs of a head's dimensions: an odd one failed at the first forward
+            r.hidden_size // r.num_attention_heads % 2 == 0,
+            f"{key}.hidden_size",
+            r.hidden_size,
+            f"must give an even head size (rotary embeddings turn pairs of dimensions); over "
+            f"{r.num_attention_heads} heads it gives {r.hidden_size // r.num_attention_heads}",
+        )
         _check(
             r.num_attention_heads % r.num_key_value_heads == 0,
             f"{key}.num_key_value_heads",
