@@ -565,6 +565,23 @@ def test_a_runs_seed_and_its_older_model_tiny_key_are_read_back(tmp_path):
     assert cfg.seed == 7 and cfg.model.random_init.hidden_size == 48
 
 
+def test_a_by_model_entry_under_a_name_no_preset_or_run_has_is_said(caplog):
+    """A misspelt model name in by_model was never applied and nothing said so (entries for other presets are the
+    shipped benchmarks' own, and stay quiet)."""
+    import types
+
+    from simpo_exp.evaluate.config import BenchmarkConfig
+    from simpo_exp.evaluate.run import check_benchmark_inputs
+
+    b = BenchmarkConfig(name="b", kind="rule", by_model={"tiyn": {"max_new_tokens": 2}, "gemma2-9b-it": {}, "mine": {}})
+    with caplog.at_level("WARNING"):
+        check_benchmark_inputs(types.SimpleNamespace(benchmarks={"b": b}), {"tiny", "mine"})
+    said = [r.getMessage() for r in caplog.records if "by_model" in r.getMessage()]
+    assert (
+        len(said) == 1 and said[0].startswith("benchmarks.b.by_model.tiyn: no model preset") and "mine, tiny" in said[0]
+    )
+
+
 @pytest.mark.parametrize(
     "kind, change, says",
     [

@@ -594,13 +594,23 @@ def _finish_run(folder: Path, run_dir: Path, run_cfg, e, name: str) -> None:
             print(f"pushed {run_dir / 'model'} -> {url}", flush=True)
 
 
-def check_benchmark_inputs(cfg) -> None:
+def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
     """Read every benchmark's prompt and reference files (their rows checked as each benchmark reads them) and check
     lm-evaluation-harness is there for an lm-eval one: a missing or malformed file for the second benchmark stopped
-    the stage after the first had generated (and judged) on the first run, the sweep's other runs not evaluated."""
+    the stage after the first had generated (and judged) on the first run, the sweep's other runs not evaluated.
+    A ``by_model`` entry naming neither a shipped model preset nor an evaluated run's model (``model_names``) is
+    said: a misspelt name was never applied, without a word."""
     from simpo_exp.evaluate.lmeval import check_installed
+    from simpo_exp.rundir import CONF_DIR
 
+    known = {p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml")} | set(model_names)
     for b in cfg.benchmarks.values():
+        for name in sorted(set(b.by_model) - known):
+            log.warning(
+                "benchmarks.%s.by_model.%s: no model preset and none of the runs evaluated here is named %s, so its "
+                "decoding is applied to none (the runs' models: %s)",
+                b.name, name, name, ", ".join(sorted(model_names)) or "none",
+            )  # fmt: skip
         if b.kind == "alpacaeval":
             bm.alpaca_prompts(b.prompts_path, f"benchmarks.{b.name}.prompts_path", b.max_prompts)
         elif b.kind == "arena_hard":
@@ -631,7 +641,8 @@ def evaluate_all(cfg) -> list[dict]:
             "is still running)",
             flush=True,
         )
-    check_benchmark_inputs(cfg)  # before any run is evaluated: found at a benchmark's turn, the others had run
+    # before any run is evaluated: found at a benchmark's turn, the others had run
+    check_benchmark_inputs(cfg, {load_run_config(folder).model.name for folder in runs})
     for folder in runs:  # before any run is evaluated: one whose folder cannot be written stopped with a traceback
         _eval_folder_writable(records_dir(folder))
     records, judge_failures = [], []
