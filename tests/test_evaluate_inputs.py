@@ -686,3 +686,31 @@ def test_the_stages_own_settings_are_refused_by_their_keys(overrides, says):
     with pytest.raises(ConfigError) as err:
         to_evaluate_config(cfg)
     assert says in str(err.value), str(err.value)
+
+
+def test_the_command_lines_decoding_wins_over_a_presets_by_model_entry_and_a_judge_needs_its_kind():
+    """alpacaeval2's by_model gives Mistral-Instruct temperature 0.5 and 2048 tokens: a command-line
+    decoding.temperature=0 (greedy) was replaced by it without a word, and results.json credited 0.5 to ``decoding``.
+    An endpoint given without judge.kind=openai judged nothing, at exit 0."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.config import apply_command_line, decoding_for, to_evaluate_config
+    from tests.conftest import CONF
+
+    given = ["benchmark=alpacaeval2", "benchmarks.alpacaeval2.prompts_path=/x.json"]
+    given += ["benchmarks.alpacaeval2.decoding.temperature=0"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["output_dir=/tmp/unused", "evaluate.path=/tmp/runs", *given])
+        judged = compose(
+            config_name="evaluate",
+            overrides=["evaluate.path=/r", *given[:2], "benchmarks.alpacaeval2.judge.base_url=http://127.0.0.1:1/v1"],
+        )
+    OmegaConf.resolve(cfg)
+    apply_command_line(cfg, given)
+    b = to_evaluate_config(cfg).benchmarks["alpacaeval2"]
+    mistral = decoding_for(b, "mistral-7b-instruct-v0.2")
+    assert mistral.temperature == 0 and mistral.max_new_tokens == 2048  # the preset's other change stays
+    with pytest.raises(ConfigError, match="judge.base_url='http://127.0.0.1:1/v1': is given but .*judge.kind=none"):
+        apply_command_line(judged, ["benchmarks.alpacaeval2.judge.base_url=http://127.0.0.1:1/v1"])

@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from simpo_exp.command_line import refuse_command_line
-from simpo_exp.evaluate.config import to_evaluate_config  # stores the schema Hydra composes with
+from simpo_exp.evaluate.config import apply_command_line, to_evaluate_config  # stores the schema Hydra uses
 from simpo_exp.rundir import CONF_DIR
-from simpo_exp.runinfo import user_errors
+from simpo_exp.runinfo import given_overrides, user_errors
 from simpo_exp.signals import sigterm_as_interrupt
 
 # Hydra's command-line options that take a value in the next argument (``--info`` takes one of INFO_TOPICS)
@@ -110,6 +111,7 @@ def main(cfg: DictConfig) -> None:
     # always goes on; SIGTERM as Ctrl-C: the judge replies in flight are written before it leaves
     with sigterm_as_interrupt(), user_errors(cfg, work=f"the eval/ folder of each run under {runs}", hold=False):
         OmegaConf.resolve(cfg)
+        apply_command_line(cfg, given_overrides(HydraConfig.get()))
         config = to_evaluate_config(cfg)  # fails here, naming the key, before any model loads
         from simpo_exp.evaluate.run import evaluate_all
 

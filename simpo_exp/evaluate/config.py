@@ -231,6 +231,38 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
         _check(bool(b.tasks), f"{key}.tasks", b.tasks, "name at least one lm-eval task (e.g. [gsm8k])")
 
 
+def apply_command_line(cfg: DictConfig, given: list[str]) -> None:
+    """What the command line says of a benchmark wins over its preset: a ``benchmarks.B.decoding.K`` given there is
+    taken out of every ``by_model`` entry of B (a preset's per-model defaults), which replaced it without a word
+    (``decoding.temperature=0`` sampled a Mistral-Instruct run at 0.5, and results.json credited the value to
+    ``decoding``); a judge endpoint or model given under ``judge.kind=none`` is refused (nothing would judge)."""
+    import logging
+    import re
+
+    from omegaconf import OmegaConf, open_dict
+
+    for override in given:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if m := re.fullmatch(r"benchmarks\.([^.]+)\.decoding\.(\w+)", key):
+            by_model = OmegaConf.select(cfg, f"benchmarks.{m[1]}.by_model", default=None) or {}
+            for model, change in by_model.items():
+                if isinstance(change, DictConfig) and m[2] in change:
+                    logging.getLogger(__name__).info(
+                        "%s given: it replaces by_model.%s's %s=%s", key, model, m[2], change[m[2]]
+                    )
+                    with open_dict(change):
+                        change.pop(m[2])
+        elif m := re.fullmatch(r"benchmarks\.([^.]+)\.judge\.(base_url|model|api_key_env)", key):
+            kind = OmegaConf.select(cfg, f"benchmarks.{m[1]}.judge.kind", default=None)
+            if kind in (None, "none"):
+                _fail(
+                    key,
+                    OmegaConf.select(cfg, key, default=None),
+                    f"is given but benchmarks.{m[1]}.judge.kind=none: nothing would judge; add "
+                    f"benchmarks.{m[1]}.judge.kind=openai",
+                )
+
+
 def to_evaluate_config(cfg: DictConfig) -> EvaluateRunConfig:
     """A composed DictConfig as a validated ``EvaluateRunConfig``; errors name the key."""
     cfg = structured(EvaluateRunConfig, cfg)
