@@ -1375,6 +1375,13 @@ def test_the_printed_training_command_keeps_the_model_preset_and_config_dirs(tmp
     )
 
 
+def test_the_printed_training_command_holds_out_the_test_size_given_here():
+    """dataset.test_size given to the stage (which never reads it) was left out: the next round held out 5%."""
+    _, command = printed_train_command("dataset.test_size=0.2")
+    assert command.endswith(" dataset.test_size=0.2") and command.count("test_size") == 1
+    assert "test_size" not in printed_train_command()[1]
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

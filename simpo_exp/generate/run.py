@@ -661,6 +661,10 @@ def train_command(cfg, data: str) -> str:
     words += [f"seed={cfg.seed}"] if not cfg.model.path else []  # the random init's weights
     for key in ("max_length", "max_prompt_length"):  # training's lengths, where given here
         words += [f"{key}={getattr(cfg, key)}"] if any(_key(o) == key for o in given) else []
+    # the share of the pairs training holds out, where given here (the stage never reads it: it was dropped)
+    words += (
+        [f"dataset.test_size={cfg.dataset.test_size}"] if any(_key(o) == "dataset.test_size" for o in given) else []
+    )
     return " ".join(words)
 
 
