@@ -96,6 +96,12 @@ def prepare_weights(model, master_weights: str, lora: bool, engine_master_copy: 
     """Upcast a fully fine-tuned model's low-precision weights to float32 when ``master_weights`` is fp32, unless
     the engine keeps a float32 master copy itself (``engine_keeps_master_copy``)."""
     if engine_master_copy:
+        if master_weights == "model" and not lora:  # as FSDP's case (upcast_as_fsdp_does): said, not silently unread
+            log.warning(
+                "hardware.master_weights=model under DeepSpeed with mixed precision: DeepSpeed keeps a float32 master "
+                "copy of the trained weights whatever it is asked, so the updates are kept as under fp32 (and so is "
+                "the memory of a float32 state)"
+            )
         return model
     if master_weights == "fp32" and not lora and trainable_dtype(model) != torch.float32:
         log.info(

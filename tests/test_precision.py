@@ -203,6 +203,21 @@ def test_deepspeed_under_bf16_gets_the_weights_as_loaded(compose):
     assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
 
 
+def test_master_weights_model_under_deepspeed_is_said_to_change_nothing(caplog):
+    """DeepSpeed under bf16 keeps float32 masters whatever hardware.master_weights says: =model was accepted and
+    unread without a word (FSDP's same case was said), a sweep over it training one run twice."""
+    from simpo_exp.precision import prepare_weights
+
+    layer = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    with caplog.at_level("WARNING"):
+        assert prepare_weights(layer, "model", lora=False, engine_master_copy=True) is layer
+    assert "hardware.master_weights=model under DeepSpeed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare_weights(layer, "fp32", lora=False, engine_master_copy=True)
+    assert "master_weights" not in caplog.text and layer.weight.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("mixed_precision, working", [("bf16", "bfloat16"), ("fp16", "float16")])
 def test_deepspeed_under_16_bits_keeps_the_master_copy_and_the_record_says_so(mixed_precision, working):
     """Under bf16 and fp16 alike DeepSpeed casts the module to that dtype and keeps float32 masters and optimizer
