@@ -406,6 +406,34 @@ def given_overrides(hc) -> list[str]:
     return [str(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)]
 
 
+def _swept_by_this_sweep(key: str) -> bool:
+    """Whether ``key`` is refused where inert: in a single run, or where this job's sweep gives it several values
+    (a sweep over it trains one run under several names); a sweep over another key (``fused_head=none,liger``) that
+    hands it to every job leaves it unread in some of them."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return True
+    return key in swept_keys(Path(HydraConfig.get().sweep.dir))
+
+
+# (key, inert(cfg, method spec), why): a key given on the command line that the run's other settings leave unread
+INERT_GIVEN = (
+    (
+        "hardware.logps_chunk_size",
+        lambda c, m: OmegaConf.select(c, "hardware.fused_head") == "liger" and m is not None and not m.reference,
+        lambda c: (
+            "hardware.fused_head=liger computes the log-probs in its own chunks (a method with reference "
+            "log-probs reads it for the reference's pass)"
+        ),
+    ),
+    (
+        "hardware.measure_layouts",
+        lambda c, m: OmegaConf.select(c, "hardware.packing") != "auto",
+        lambda c: f"only hardware.packing=auto measures layouts; the run packs as {c.hardware.packing}",
+    ),
+    ("save_dtype", lambda c, m: not c.get("save_model", True), lambda c: "save_model=false writes no model"),
+)
+
+
 def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None, searched=frozenset()) -> None:
     """Refuse a value given on the command line (``given``: its keys) that the run would not use: a sweep over it
     would train the same run again under other names. ``choices``: the config groups picked; ``compose(overrides)``:
@@ -447,6 +475,13 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
             f"{key}={cfg.get(key)!r} would not be used: method={method!r} does not read it (read by "
             f"{', '.join(readers(key))}); {fix}"
         )
+    for key, inert, why in INERT_GIVEN:
+        if key in given and inert(cfg, TABLE.get(method)):
+            said = f"{key}={OmegaConf.select(cfg, key)!r} would not be used: {why(cfg)}"
+            if not _swept_by_this_sweep(key):  # given to every job of a sweep over another key: said, not refused
+                log.warning("%s; this job runs without it", said)
+                continue
+            raise ConfigError(f"{said}; leave it out")
     if "gamma_beta_ratio" in given and cfg.get("gamma") is not None:
         raise ConfigError(
             f"gamma_beta_ratio={cfg.gamma_beta_ratio} would not be used: gamma={cfg.gamma} (an absolute margin, set "

@@ -1434,6 +1434,25 @@ def test_a_hardware_or_logger_setting_sampling_never_reads_is_refused(override, 
     check_overrides(["+hardware.pakcing=none"])  # a typo: refused as no such key when the config is read
 
 
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("scorer.max_length=8", "scorer.max_length=8: is a reward model's setting; scorer.kind=rule reads none"),
+        ("scorer.path=/rm", "scorer.path='/rm': is a reward model's setting"),
+        ("binarise.seed=7", "binarise.seed=7: is best_random's draw; binarise.mode=best_worst draws nothing"),
+    ],
+)
+def test_a_scorer_or_pairing_setting_nothing_reads_is_refused(override, says):
+    """A reward model's keys under the rule scorer, and best_random's seed under another mode, were accepted and the
+    data set came out byte-identical (a sweep over binarise.seed wrote N copies of one data set)."""
+    from simpo_exp.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose_generate(override)
+    assert says in str(err.value), str(err.value)
+    compose_generate("binarise.mode=best_random", "binarise.seed=7")
+
+
 def test_a_seed_beside_a_trained_policy_is_refused_naming_generate_seeds():
     """seed= seeds a random-init policy's weights alone: beside model.path, seed=1 and seed=2 wrote the same data,
     and a resume under another seed was taken as the same run."""
@@ -1816,8 +1835,9 @@ def test_each_bad_generate_scorer_or_binarise_value_is_refused_by_its_key(overri
         compose_generate(*overrides)
     assert says in str(err.value), str(err.value)
     # the edges that are allowed
-    compose_generate("generate.top_p=1", "generate.vllm_gpu_memory_utilization=1", "scorer.max_length=2")
-    compose_generate("generate.splits=[train,test]", "scorer.label_index=0", "binarise.min_gap=0")
+    rm = ("scorer.kind=reward_model", "scorer.path=/rm")  # the rule scorer reads neither key below
+    compose_generate("generate.top_p=1", "generate.vllm_gpu_memory_utilization=1", "scorer.max_length=2", *rm)
+    compose_generate("generate.splits=[train,test]", "scorer.label_index=0", "binarise.min_gap=0", *rm)
     compose_generate("binarise.mode=min_gap", "binarise.min_gap=0.5", "generate.backend=vllm", "model.path=/tmp/m")
 
 

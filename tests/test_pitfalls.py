@@ -488,3 +488,28 @@ def test_the_code_version_names_the_checkouts_commit_and_its_changes(tmp_path, m
     monkeypatch.setattr(rundir, "PROJECT_DIR", tmp_path / "site-packages")  # an installed wheel's folder
     (tmp_path / "site-packages").mkdir()
     assert git_commit() is None
+
+
+@pytest.mark.parametrize(
+    "overrides, key, message",
+    [
+        (
+            ["hardware.fused_head=liger", "hardware.logps_chunk_size=4"],
+            "hardware.logps_chunk_size",
+            "in its own chunks",
+        ),
+        (["hardware.packing=prefix_shared", "hardware.measure_layouts=true"], "hardware.measure_layouts", "packs as"),
+        (["save_model=false", "save_dtype=bfloat16"], "save_dtype", "save_model=false writes no model"),
+    ],
+)
+def test_a_key_the_runs_other_settings_leave_unread_is_refused_when_given(compose, overrides, key, message):
+    """Each was accepted and the run came out bit-identical without it (a sweep over it trained one run under several
+    names); the same key where it is read is taken."""
+    with pytest.raises(ConfigError, match=f"{key}=.* would not be used: .*{message}"):
+        refuse_unused(compose(*overrides), {o.split("=", 1)[0] for o in overrides}, {})
+    read = {
+        "hardware.logps_chunk_size": ["loss=dpo", "hardware.fused_head=liger", "hardware.logps_chunk_size=4"],
+        "hardware.measure_layouts": ["hardware.measure_layouts=true"],
+        "save_dtype": ["save_dtype=bfloat16"],
+    }[key]
+    refuse_unused(compose(*read), {o.split("=", 1)[0] for o in read}, {})

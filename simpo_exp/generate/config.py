@@ -12,6 +12,7 @@ training (model presets also set training keys, so the schema extends the traini
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -207,10 +208,17 @@ def validate_generate(cfg: GenerateRunConfig) -> GenerateRunConfig:
     _check(s.max_length >= 2, "scorer.max_length", s.max_length, "must be >= 2")
     if s.label_index is not None:
         _check(s.label_index >= 0, "scorer.label_index", s.label_index, "must be >= 0 or null")
+    for key, default in dataclasses.asdict(ScorerConfig(name="default")).items():
+        if s.kind == "rule" and key not in ("name", "kind", "rule") and getattr(s, key) != default:  # never read
+            _fail(f"scorer.{key}", getattr(s, key), "is a reward model's setting; scorer.kind=rule reads none")
 
     b = cfg.binarise
     _check_choice("binarise.mode", b.mode, BINARISE_MODES)
     _check(b.min_gap >= 0, "binarise.min_gap", b.min_gap, "must be >= 0")
+    if b.mode != "best_random":
+        _check(
+            b.seed == 0, "binarise.seed", b.seed, "is best_random's draw; binarise.mode=" + b.mode + " draws nothing"
+        )
     if b.mode == "min_gap":
         _check(b.min_gap > 0, "binarise.min_gap", b.min_gap, "must be > 0 with binarise.mode=min_gap")
     return cfg
