@@ -140,9 +140,22 @@ def eval_keys(methods=("simpo",)) -> list[str]:
     return [f"eval/{m}" for m in batch_metrics(methods) + EVAL_ONLY_METRICS]
 
 
+def default_wandb_url() -> str:
+    """The server W&B logs to where ``WANDB_BASE_URL`` names none, as the installed wandb has it (``wandb login``
+    stores its key under that host: wandb 0.31's is api.forge.coreweave.com, and a key looked for under
+    api.wandb.ai was never found, so every run of a logged-in user went offline)."""
+    try:
+        from wandb.sdk.lib.urls import DEFAULT_BASE_URL
+
+        return str(DEFAULT_BASE_URL)
+    except Exception:  # wandb not installed, or a version without the module: its long-standing default
+        return "https://api.wandb.ai"
+
+
 def wandb_key_given() -> bool:
     """Whether W&B has an API key to go online with: ``WANDB_API_KEY``, or the one ``wandb login`` stored in the
-    netrc file (``NETRC``, else ``~/.netrc`` or ``~/_netrc``) for the W&B host (``WANDB_BASE_URL``). With the
+    netrc file (``NETRC``, else ``~/.netrc`` or ``~/_netrc``) for the W&B host (``WANDB_BASE_URL``, else
+    ``default_wandb_url``). With the
     variable alone counted, a user who had run ``wandb login`` logged every run offline."""
     import netrc
     from urllib.parse import urlsplit
@@ -152,7 +165,7 @@ def wandb_key_given() -> bool:
     path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
     if not os.environ.get("NETRC") and not path.exists():
         path = Path("~/_netrc").expanduser()
-    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or default_wandb_url()).netloc
     try:
         found = netrc.netrc(str(path)).authenticators(host) if host else None
     except (OSError, netrc.NetrcParseError):  # no file, or one W&B would not read either

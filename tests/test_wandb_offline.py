@@ -574,8 +574,16 @@ def test_a_key_wandb_login_stored_counts_as_a_key(tmp_path, monkeypatch):
     netrc = tmp_path / "netrc"
     monkeypatch.setenv("NETRC", str(netrc))
     assert not wandb_key_given() and not dashboard._online() and wandb_mode("online") == "offline"  # no file
-    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {SECRET_KEY}\n")
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {SECRET_KEY}\n")  # another host's key
     netrc.chmod(0o600)
+    from urllib.parse import urlsplit
+
+    from simpo_exp.tracking import default_wandb_url
+
+    assert wandb_key_given() == (urlsplit(default_wandb_url()).netloc == "api.wandb.ai")
+    # where wandb login stores it (the installed wandb's default server: 0.31's is not api.wandb.ai)
+    wandb = pytest.importorskip("wandb")
+    wandb.login(key=SECRET_KEY, verify=False)
     assert wandb_key_given() and dashboard._online() and wandb_mode("online") == "online"
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # a server of its own: no key for it there
     assert not wandb_key_given()
