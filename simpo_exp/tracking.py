@@ -339,14 +339,17 @@ class Tracker:
         with open(self.run_dir / GENERATIONS_FILE, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and not getattr(self, "tables_failed", False):
             try:
                 import wandb
 
                 table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
                 self.wandb_run.log({STEP_KEY: step, "eval/generations": table})
-            except Exception as e:
-                self._wandb_failed("log generations", e)
+            except Exception as e:  # a table is staged as a file (an unwritable WANDB_DATA_DIR, say): the metrics go
+                # on to W&B, the tables stop (dropping the run for it kept only step 0's evaluation there, and left
+                # the W&B run to be closed at exit as finished, whatever the run did)
+                self.tables_failed = True
+                _warn(f"W&B generations table failed ({type(e).__name__}: {e}); the samples stay in {GENERATIONS_FILE}")
 
     def write_json(self, name: str, obj: dict) -> Path:
         path = self.run_dir / name

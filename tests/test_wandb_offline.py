@@ -449,6 +449,23 @@ def test_a_failed_run_closes_its_wandb_run_as_failed(tmp_path):
     assert exits == [1]
 
 
+def test_a_generations_table_that_fails_leaves_the_metrics_on_wandb(tmp_path, monkeypatch):
+    """A table is staged as a file (an unwritable WANDB_DATA_DIR): its failure dropped the W&B run, which then held
+    only step 0's evaluation and was closed at exit as finished. The metrics go on; the tables stop, said once."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracker = Tracker(tmp_path, _logger_cfg(group=None), {})
+    monkeypatch.setattr(wandb, "Table", lambda **kw: (_ for _ in ()).throw(PermissionError("staging")))
+    tracker.log_generations([{"step": 0, "prompt": "p", "response": "r"}], 0)
+    tracker.log_generations([{"step": 1, "prompt": "p", "response": "r"}], 1)
+    assert tracker.wandb_run is not None and len((tmp_path / "generations.jsonl").read_text().splitlines()) == 2
+    tracker.log({"train/loss": 0.5}, 1)
+    tracker.finish({"train/loss": 0.5})
+    (path,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert fold(read_ended_wandb_log(path)).summary["train/loss"] == 0.5
+
+
 def test_a_stopped_run_tells_wandb_and_its_resume_takes_it_back(tmp_path, monkeypatch):
     """W&B shows a run left at a stop signal as failed (it exits with 128 + the signal's number). Its summary's
     ``stopped`` tells compare (and the notebook's W&B path) it is resumable; the run's next start removes it."""
