@@ -259,6 +259,18 @@ def run_name(overrides: list[str], sft_weight: float, swept: frozenset = frozens
     return ",".join(parts) or "default"
 
 
+def recorded_sweep_group(sweep_dir: Path) -> str | None:
+    """The W&B group this sweep's jobs already recorded (``wandb_run.json``), if any: a sweep moved to another folder
+    and resumed there gave its resumed and new jobs a group of the new path, its finished ones kept the old one, and
+    the dashboard refused the sweep as two."""
+    groups = []
+    for record in sorted(Path(sweep_dir).glob("*/wandb_run.json")):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            groups.append(json.loads(record.read_text()).get("group"))
+    groups = [g for g in groups if isinstance(g, str) and g.startswith("sweep-")]
+    return max(set(groups), key=groups.count) if groups else None
+
+
 def sweep_group(sweep_dir: str, cwd: str | None = None) -> str:
     """A sweep's W&B group: ``sweep-<its directory's name>-<6 hex of its absolute path>``. By name alone, sweeps in
     directories of one name (``outputs/a/beta``, ``outputs/b/beta``) shared a group, so each one's dashboard showed
@@ -312,7 +324,8 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
         swept = swept_keys(Path(hc.runtime.cwd) / hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else frozenset()
         lc.run_name = run_name(overrides, float(cfg.sft_weight), swept)
     if lc.get("group") is None and hc.mode == RunMode.MULTIRUN:
-        lc.group = sweep_group(hc.sweep.dir, hc.runtime.cwd)
+        sweep_dir = Path(hc.runtime.cwd) / hc.sweep.dir
+        lc.group = recorded_sweep_group(sweep_dir) or sweep_group(hc.sweep.dir, hc.runtime.cwd)
     if hc.runtime.choices:
         picked = [f"{g}:{c}" for g, c in hc.runtime.choices.items() if not g.startswith("hydra") and c]
         lc.tags = list(lc.get("tags") or []) + picked

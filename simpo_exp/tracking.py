@@ -304,7 +304,8 @@ class Tracker:
                     start(mode)
                 except Exception as e2:
                     self._wandb_failed("start", e2)
-        if self.wandb_run is not None:
+        disabled = "disabled" in (mode, os.environ.get("WANDB_MODE"))  # a stand-in run (entity "dummy"): no record
+        if self.wandb_run is not None and not disabled:  # (an evaluation logged its results to that entity)
             r = self.wandb_run
             identity = {"id": r.id, "project": r.project, "entity": r.entity or lc.entity, "group": r.group}
             self.write_json(WANDB_RECORD, identity | {"job_type": lc.job_type, "name": r.name, "mode": mode})

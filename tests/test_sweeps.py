@@ -719,3 +719,20 @@ def test_a_fixed_sweep_folder_given_with_plus_signs_counts_as_fixed_under_torchr
         refuse_a_sweep_folder_per_process(hc(given))
     with pytest.raises(ConfigError, match="give a fixed hydra.sweep.dir"):
         refuse_a_sweep_folder_per_process(hc([]))
+
+
+def test_a_moved_sweep_keeps_the_wandb_group_its_jobs_recorded(tmp_path):
+    """A sweep moved to another folder and resumed there: its resumed and new jobs got a group of the new path, the
+    finished ones kept theirs, and the dashboard refused the sweep as two. The group its jobs recorded is taken."""
+    from simpo_exp.runinfo import recorded_sweep_group, sweep_group
+
+    moved = tmp_path / "moved" / "beta"
+    assert recorded_sweep_group(moved) is None  # nothing recorded: the group comes from the path
+    old = sweep_group(str(tmp_path / "first" / "beta"))
+    for job, group in (("0_beta=2", old), ("1_beta=5", old), ("2_beta=9", None)):
+        (moved / job).mkdir(parents=True)
+        record = {"id": job, **({"group": group} if group else {})}
+        (moved / job / "wandb_run.json").write_text(json.dumps(record))
+    (moved / "3_beta=1").mkdir()
+    (moved / "3_beta=1" / "wandb_run.json").write_text("{not json")  # a damaged record is passed over
+    assert recorded_sweep_group(moved) == old != sweep_group(str(moved))

@@ -466,6 +466,14 @@ def test_a_generations_table_that_fails_leaves_the_metrics_on_wandb(tmp_path, mo
     assert fold(read_ended_wandb_log(path)).summary["train/loss"] == 0.5
 
 
+def test_a_disabled_wandb_run_leaves_no_record(tmp_path, monkeypatch):
+    """WANDB_MODE=disabled gives a stand-in run (entity "dummy"): its record made the run's evaluation log to it."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tracker = Tracker(tmp_path, _logger_cfg(group=None), {})
+    tracker.finish({"train/loss": 0.5})
+    assert not (tmp_path / "wandb_run.json").exists() and (tmp_path / "summary.json").exists()
+
+
 def test_a_stopped_run_tells_wandb_and_its_resume_takes_it_back(tmp_path, monkeypatch):
     """W&B shows a run left at a stop signal as failed (it exits with 128 + the signal's number). Its summary's
     ``stopped`` tells compare (and the notebook's W&B path) it is resumable; the run's next start removes it."""
