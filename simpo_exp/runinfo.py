@@ -425,7 +425,8 @@ def _swept_by_this_sweep(key: str) -> bool:
     hands it to every job leaves it unread in some of them."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return True
-    return key in swept_keys(Path(HydraConfig.get().sweep.dir))
+    hc = HydraConfig.get()
+    return key in swept_keys(Path(hc.runtime.cwd) / hc.sweep.dir)
 
 
 # (key, inert(cfg, method spec), why): a key given on the command line that the run's other settings leave unread

@@ -619,6 +619,16 @@ def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
             check_installed(b)
 
 
+def _model_name(folder: Path) -> str | None:
+    """The model preset name a run's saved config gives, read as text (the run's whole config is read, and checked,
+    at its turn)."""
+    from simpo_exp.rundir import read_yaml
+
+    config = read_yaml(Path(folder) / ".hydra" / "config.yaml")
+    model = config.get("model") if isinstance(config, dict) else None
+    return model.get("name") if isinstance(model, dict) and isinstance(model.get("name"), str) else None
+
+
 def _eval_folder_writable(run_dir: Path) -> None:
     """Refuse, naming it, a run whose ``eval/`` folder cannot be made or written (another user's run on shared
     storage, a read-only disk): the stage stores its answers, verdicts and results there."""
@@ -642,7 +652,7 @@ def evaluate_all(cfg) -> list[dict]:
             flush=True,
         )
     # before any run is evaluated: found at a benchmark's turn, the others had run
-    check_benchmark_inputs(cfg, {load_run_config(folder).model.name for folder in runs})
+    check_benchmark_inputs(cfg, {_model_name(folder) for folder in runs} - {None})
     for folder in runs:  # before any run is evaluated: one whose folder cannot be written stopped with a traceback
         _eval_folder_writable(records_dir(folder))
     records, judge_failures = [], []
