@@ -263,10 +263,8 @@ def recorded_sweep_group(sweep_dir: Path) -> str | None:
     """The W&B group this sweep's jobs already recorded (``wandb_run.json``), if any: a sweep moved to another folder
     and resumed there gave its resumed and new jobs a group of the new path, its finished ones kept the old one, and
     the dashboard refused the sweep as two."""
-    groups = []
-    for record in sorted(Path(sweep_dir).glob("*/wandb_run.json")):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            groups.append(json.loads(record.read_text()).get("group"))
+    records = [read_json(record) for record in sorted(Path(sweep_dir).glob("*/wandb_run.json"))]
+    groups = [r.get("group") for r in records if isinstance(r, dict)]
     groups = [g for g in groups if isinstance(g, str) and g.startswith("sweep-")]
     return max(set(groups), key=groups.count) if groups else None
 
@@ -382,12 +380,17 @@ def refuse_a_sweep_folder_per_process(hc) -> None:
     resolved once.)"""
     from simpo_exp.config import ConfigError
 
-    fixed = any(str(o).lstrip("+").startswith("hydra.sweep.dir=") for o in hc.overrides.hydra)  # ++hydra... too
-    if under_torchrun() and hc.mode == RunMode.MULTIRUN and not fixed:
+    if under_torchrun() and hc.mode == RunMode.MULTIRUN and not _folder_given(hc.overrides.hydra, "hydra.sweep.dir"):
         raise ConfigError(
             f"--multirun on {os.environ['WORLD_SIZE']} processes: give a fixed hydra.sweep.dir=... (every process "
             f"must name the same folder; the default, {hc.sweep.dir}, is each process's own start time)"
         )
+
+
+def _folder_given(overrides, key: str) -> bool:
+    """Whether ``overrides`` (Hydra's, or the task's) give ``key`` (``hydra.run.dir``, ``hydra.sweep.dir``,
+    ``output_dir``) a value of its own (``++key=`` too)."""
+    return any(str(o).lstrip("+").startswith(f"{key}=") for o in overrides)
 
 
 def refuse_a_folder_per_hand_started_process(hc) -> None:
@@ -405,8 +408,7 @@ def refuse_a_folder_per_hand_started_process(hc) -> None:
         return
     sweep = hc.mode == RunMode.MULTIRUN
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    given = [str(o).lstrip("+") for o in hc.overrides.hydra] + [str(o).lstrip("+") for o in hc.overrides.task]
-    if not any(o.startswith(f"{key}=") or (not sweep and o.startswith("output_dir=")) for o in given):
+    if not (_folder_given(hc.overrides.hydra, key) or (not sweep and _folder_given(hc.overrides.task, "output_dir"))):
         raise ConfigError(
             f"WORLD_SIZE={world} without a fixed {key}=...: every process of one generation must name the same "
             f"folder (the default, {hc.sweep.dir if sweep else hc.run.dir}, is each process's own start time)"

@@ -155,8 +155,8 @@ def default_wandb_url() -> str:
 def wandb_key_given() -> bool:
     """Whether W&B has an API key to go online with: ``WANDB_API_KEY``, or the one ``wandb login`` stored in the
     netrc file (``NETRC``, else ``~/.netrc`` or ``~/_netrc``) for the W&B host (``WANDB_BASE_URL``, else
-    ``default_wandb_url``). With the
-    variable alone counted, a user who had run ``wandb login`` logged every run offline."""
+    ``default_wandb_url``). With the variable alone counted, a user who had run ``wandb login`` logged every run
+    offline."""
     import netrc
     from urllib.parse import urlsplit
 
@@ -250,6 +250,7 @@ class Tracker:
         self.enabled = enabled
         self.wandb_run = None
         self.logged: set[str] = set()  # the metric keys this process logged (finish adds the others to the summary)
+        self.tables_failed = False  # a generations table W&B could not take: the tables stop, the metrics go on
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -340,7 +341,7 @@ class Tracker:
         with open(self.run_dir / GENERATIONS_FILE, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        if self.wandb_run is not None and not getattr(self, "tables_failed", False):
+        if self.wandb_run is not None and not self.tables_failed:
             try:
                 import wandb
 

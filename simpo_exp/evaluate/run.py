@@ -651,9 +651,10 @@ def evaluate_all(cfg) -> list[dict]:
             "is still running)",
             flush=True,
         )
-    # before any run is evaluated: found at a benchmark's turn, the others had run
+    # before any run is evaluated: a bad input found at its benchmark's or run's turn stopped the stage after the
+    # others had run, an unwritable eval/ folder with a traceback
     check_benchmark_inputs(cfg, {_model_name(folder) for folder in runs} - {None})
-    for folder in runs:  # before any run is evaluated: one whose folder cannot be written stopped with a traceback
+    for folder in runs:
         _eval_folder_writable(records_dir(folder))
     records, judge_failures = [], []
     for folder in runs:  # the Hydra folder (the run's config); its model and records where output_dir put them

@@ -208,9 +208,10 @@ def validate_generate(cfg: GenerateRunConfig) -> GenerateRunConfig:
     _check(s.max_length >= 2, "scorer.max_length", s.max_length, "must be >= 2")
     if s.label_index is not None:
         _check(s.label_index >= 0, "scorer.label_index", s.label_index, "must be >= 0 or null")
-    for key, default in dataclasses.asdict(ScorerConfig(name="default")).items():
-        if s.kind == "rule" and key not in ("name", "kind", "rule") and getattr(s, key) != default:  # never read
-            _fail(f"scorer.{key}", getattr(s, key), "is a reward model's setting; scorer.kind=rule reads none")
+    if s.kind == "rule":  # a reward model's settings: never read
+        for key, default in dataclasses.asdict(ScorerConfig(name="default")).items():
+            if key not in ("name", "kind", "rule") and getattr(s, key) != default:
+                _fail(f"scorer.{key}", getattr(s, key), "is a reward model's setting; scorer.kind=rule reads none")
 
     b = cfg.binarise
     _check_choice("binarise.mode", b.mode, BINARISE_MODES)
