@@ -498,6 +498,7 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
                 log.warning("%s; this job runs without it", said)
                 continue
             raise ConfigError(f"{said}; leave it out")
+    warn_synthetic_unread(cfg, given)
     if "gamma_beta_ratio" in given and cfg.get("gamma") is not None:
         raise ConfigError(
             f"gamma_beta_ratio={cfg.gamma_beta_ratio} would not be used: gamma={cfg.gamma} (an absolute margin, set "
@@ -519,6 +520,17 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
         refuse_hparams_lost_to_loss(cfg, given, choices, compose, TABLE.get(method))
     if choices.get("experiment") and compose is not None:
         refuse_lost_to_experiment(cfg, given, choices, compose)
+
+
+def warn_synthetic_unread(cfg: DictConfig, given: set[str]) -> None:
+    """Say that ``dataset.synthetic.*`` given beside data that is not synthetic is read by nothing (said, not refused:
+    test and benchmark commands carry the small synthetic sizes to every data set they try)."""
+    keys = sorted(k for k in given if k.startswith("dataset.synthetic."))
+    sources = OmegaConf.select(cfg, "dataset.sources") or {}
+    if keys and not any("synthetic" in (s.get("path"), s.get("format")) for s in sources.values()):
+        log.warning(
+            "%s not read: no data source is synthetic (dataset.sources: %s)", ", ".join(keys), ", ".join(sources)
+        )
 
 
 def hparams_preset_values(hparams: str, given: set[str], compose, against: str) -> dict | None:

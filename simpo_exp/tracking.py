@@ -160,7 +160,7 @@ def wandb_key_given() -> bool:
     import netrc
     from urllib.parse import urlsplit
 
-    if os.environ.get("WANDB_API_KEY"):
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):  # a key, or a federated identity
         return True
     path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
     if not os.environ.get("NETRC") and not path.exists():
@@ -169,8 +169,21 @@ def wandb_key_given() -> bool:
     try:
         found = netrc.netrc(str(path)).authenticators(host) if host else None
     except (OSError, netrc.NetrcParseError):  # no file, or one W&B would not read either
-        return False
+        found = None
     return bool(found and found[2])
+
+
+def keyed_mode(mode: str) -> str:
+    """``mode``, except that "online" without an API key (``wandb_key_given``) is "offline", with a warning: wandb
+    would ask for a key at an interactive terminal and wait there for ever (``init_timeout`` does not bound its
+    prompt), and fail anywhere else."""
+    if mode != "online" or wandb_key_given():
+        return mode
+    _warn(
+        "W&B: online asked for but no API key found (WANDB_API_KEY, `wandb login`); logging offline instead: "
+        "after `wandb login`, send it with `wandb sync <run>/wandb/offline-run-*`"
+    )
+    return "offline"
 
 
 def scrub(obj):
@@ -264,6 +277,7 @@ class Tracker:
         if mode == "auto":
             # WANDB_MODE, when set, is the user's word; otherwise online only with an API key.
             mode = os.environ.get("WANDB_MODE") or ("online" if wandb_key_given() else "offline")
+        mode = keyed_mode(mode)
         # A resumed run continues the W&B run its first start recorded, so its history stays one run.
         previous = read_json(self.run_dir / WANDB_RECORD)  # {} when there is none or it is unreadable
         resume = {"id": previous["id"], "resume": "allow"} if isinstance(previous, dict) and previous.get("id") else {}

@@ -1087,6 +1087,35 @@ def test_wandb_mode_from_the_environment_wins_over_the_runs_recorded_mode(tmp_pa
     assert wandb_log.log_results(tmp_path, ["rule"]) is False and calls == []  # nothing opened, nothing sent
 
 
+def test_an_online_evaluation_whose_wandb_start_fails_logs_offline_instead(tmp_path, monkeypatch):
+    """Training falls back to an offline record when its online start fails; the evaluation of the same run warned
+    and sent nothing, so its numbers reached W&B only by hand."""
+    import wandb
+
+    from simpo_exp.evaluate import wandb_log
+    from simpo_exp.inference.files import write_json
+    from simpo_exp.rundir import read_json
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 60.0}})
+    write_json(tmp_path / "wandb_run.json", {"id": "abc123", "project": "p", "group": "g", "mode": "online"})
+    modes, real_init = [], wandb.init
+
+    def init(**kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise ConnectionError("no route to the server")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    with pytest.warns(UserWarning, match="logging the evaluation offline instead: send it later with `wandb sync"):
+        assert wandb_log.log_results(tmp_path, ["rule"]) is True
+    assert modes == ["online", "offline"]
+    assert read_json(tmp_path / wandb_log.SENT)["mode"] == "offline"
+    assert list((tmp_path / "wandb").glob("offline-run-*-abc123"))
+
+
 def test_a_number_a_re_evaluation_no_longer_has_is_cleared_on_wandb(tmp_path, monkeypatch):
     """A re-evaluation whose LC win rate was withheld (another judge: too many replies without a verdict) left the
     earlier LC win rate in the W&B run's summary, where the dashboard ranks by it, beside the new raw win rate: a

@@ -513,3 +513,18 @@ def test_a_key_the_runs_other_settings_leave_unread_is_refused_when_given(compos
         "save_dtype": ["save_dtype=bfloat16"],
     }[key]
     refuse_unused(compose(*read), {o.split("=", 1)[0] for o in read}, {})
+
+
+def test_synthetic_sizes_beside_data_that_is_not_synthetic_are_said_to_be_unread(compose, caplog, tmp_path):
+    """``dataset=local dataset.synthetic.num_train=64`` trained on the whole local file without a word."""
+    import logging
+
+    data = tmp_path / "prefs.jsonl"
+    given = ["dataset=local", f"dataset.sources.local.path={data}", "dataset.synthetic.num_train=64"]
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.runinfo"):
+        refuse_unused(compose(*given), {o.split("=", 1)[0] for o in given}, {})
+        said = "dataset.synthetic.num_train not read: no data source is synthetic (dataset.sources: local)"
+        assert said in caplog.text
+        caplog.clear()
+        refuse_unused(compose("dataset.synthetic.num_train=64"), {"dataset.synthetic.num_train"}, {})
+        assert "not read" not in caplog.text

@@ -587,6 +587,36 @@ def test_a_written_record_keeps_its_counts_named_token_and_drops_the_credentials
     assert written == {"tokenization": report["tokenization"], "judge": {}}
 
 
+def test_online_without_a_key_logs_offline_without_asking_for_one(tmp_path, monkeypatch):
+    """``logger.mode=online`` (or WANDB_MODE=online) with no key: at a terminal wandb asked for one and the run waited
+    there (``init_timeout`` does not bound the prompt); now it logs offline and says how to send it later."""
+    import wandb
+
+    modes = []
+    real_init = wandb.init
+
+    def init(**kwargs):
+        modes.append(kwargs["mode"])
+        return real_init(**kwargs)
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setattr(wandb, "init", init)
+    cfg = _logger_cfg(group=None)
+    cfg.mode = "online"
+    with pytest.warns(UserWarning, match="no API key found .*logging offline instead"):
+        tracker = Tracker(tmp_path / "a", cfg, {})
+    tracker.finish({})
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cfg.mode = "auto"
+    with pytest.warns(UserWarning, match="no API key found"):
+        tracker = Tracker(tmp_path / "b", cfg, {})
+    tracker.finish({})
+    assert modes == ["offline", "offline"]
+    assert json.loads((tmp_path / "b" / "wandb_run.json").read_text())["mode"] == "offline"
+
+
 def test_a_key_wandb_login_stored_counts_as_a_key(tmp_path, monkeypatch):
     """``logger.mode=auto`` went online only with WANDB_API_KEY: after ``wandb login`` (the key in ~/.netrc) every
     run logged offline, the dashboard was never saved and an online run's evaluation went offline."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from simpo_exp.inference.files import write_json
 from simpo_exp.inference.results import EVAL_DIR, PREFIX, load_results, read_results
 from simpo_exp.rundir import read_json, read_jsonl
-from simpo_exp.tracking import WANDB_RECORD, open_wandb, wandb_key_given
+from simpo_exp.tracking import WANDB_RECORD, keyed_mode, open_wandb
 
 log = logging.getLogger(__name__)
 SAMPLE_ROWS = 8  # judged rows per benchmark in the table
@@ -39,12 +39,8 @@ def _warn(message: str) -> None:
 
 
 def wandb_mode(recorded: str) -> str:
-    """The mode to reopen a run in: WANDB_MODE if set, else the run's, online only with a key."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if recorded == "online" and not wandb_key_given():
-        return "offline"
-    return recorded
+    """The mode to reopen a run in: WANDB_MODE if set, else the run's; online only with a key."""
+    return keyed_mode(os.environ.get("WANDB_MODE") or recorded)
 
 
 def sample_rows(run_dir: Path, benchmark: str) -> tuple[list[str], list[list]]:
@@ -115,7 +111,18 @@ def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0
         if read_json(Path(run_dir) / SENT) == sent:
             log.info("%s: its evaluation is on W&B run %s (%s) as it is now; nothing sent", run_dir, rec["id"], mode)
             return True
-        _send(Path(run_dir), rec, mode, benchmarks, init_timeout)
+        try:
+            _send(Path(run_dir), rec, mode, benchmarks, init_timeout)
+        except Exception as e:  # no route to the server: an offline record of the run, sent later as training's is
+            if mode != "online":
+                raise
+            _warn(
+                f"{run_dir}: W&B online start failed ({type(e).__name__}: {e}); logging the evaluation offline "
+                f"instead: send it later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*`"
+            )
+            mode = "offline"
+            sent = sent_record(Path(run_dir), rec, mode, benchmarks)
+            _send(Path(run_dir), rec, mode, benchmarks, init_timeout)
         write_json(Path(run_dir) / SENT, sent)
         return True
     except Exception as e:  # a W&B problem never fails the evaluation: its files are written
