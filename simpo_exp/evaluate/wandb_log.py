@@ -98,8 +98,9 @@ def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0
     if not record_path.is_file():
         if trained_with_wandb:
             _warn(
-                f"{run_dir}: the run logged to W&B but recorded no run id ({WANDB_RECORD}; runs trained before "
-                "it was written); its evaluation results stay in eval/*/results.json, not on W&B"
+                f"{run_dir}: the run was set to log to W&B but recorded no run id ({WANDB_RECORD}: its W&B start "
+                "failed or was disabled, or it was trained before the record was written); its evaluation results "
+                "stay in eval/*/results.json, not on W&B"
             )
         return False
     try:
