@@ -727,6 +727,7 @@ def test_missing_split_file_in_directory(tmp_path, tok):
     with pytest.raises(DataSourceError, match=r"no file for split 'test'") as err:
         build_datasets(make_config({"src": SourceConfig(path=str(root))}), tok)
     assert str(root) in str(err.value)
+    assert "dataset.sources.src.test_split='test'" in str(err.value) and "the splits there: train)" in str(err.value)
     # a source of the user's own preset reads test_split 'test' by default: the error says how to carve instead
     assert "set dataset.sources.src.test_split=null to hold out test_size of train" in str(err.value)
     build_datasets(make_config({"src": SourceConfig(path=str(root), test_split=None)}), tok)
@@ -820,7 +821,7 @@ def test_uncached_hub_id_fails_fast_with_a_pointer_to_local_files(tok):
         build_datasets(cfg, tok)
     msg = str(err.value)
     assert "'HuggingFaceH4/ultrafeedback_binarized'" in msg and "split 'train_prefs'" in msg
-    assert "not in the local cache" in msg
+    assert "not in datasets' local cache" in msg
     assert "dataset.sources.ultrafeedback_binarized.path=" in msg and "train_prefs.jsonl" in msg
     # The forced offline mode is switched back afterwards.
     assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == flags_before
@@ -847,7 +848,75 @@ def test_a_cached_hub_set_asked_for_a_split_or_config_it_lacks_names_the_key(tok
         monkeypatch.setattr(sources_mod, "load_dataset", load)
         with pytest.raises(DataSourceError, match=named) as err:
             build_datasets(cfg, tok)
-        assert "not in the local cache" not in str(err.value)
+        assert "local cache" not in str(err.value)
+
+
+@pytest.fixture
+def cached_hub_set(tmp_path, monkeypatch):
+    """``HuggingFaceH4/ultrafeedback_binarized`` in datasets' own cache, as a download of commit ``"b" * 40`` leaves
+    it (``<org>___<name>/default/0.0.0/<sha>/``), read offline by the real ``load_dataset``."""
+    import huggingface_hub
+
+    cache = tmp_path / "datasets-cache"
+    parts = {}
+    for split in ("train_prefs", "test_prefs"):
+        parts[split] = tmp_path / "src" / f"{split}.parquet"
+        write_parquet(parts[split], [uf_row(*t) for t in triples(split, 6)])
+    datasets.load_dataset("parquet", data_files={k: str(v) for k, v in parts.items()}, cache_dir=str(tmp_path / "pq"))
+    (built,) = [p for p in (tmp_path / "pq" / "parquet").glob("*/*/*") if p.is_dir()]
+    sha = "b" * 40
+    folder = cache / "HuggingFaceH4___ultrafeedback_binarized" / "default" / "0.0.0" / sha
+    folder.mkdir(parents=True)
+    for f in built.iterdir():
+        shutil.copy(f, folder / f.name.replace("parquet-", "ultrafeedback_binarized-"))
+    info = json.loads((folder / "dataset_info.json").read_text())
+    info |= {
+        "builder_name": "ultrafeedback_binarized",
+        "config_name": "default",
+        "dataset_name": "ultrafeedback_binarized",
+    }
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(sources_mod, "hub_reachable", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return sha
+
+
+def test_a_pinned_revision_the_offline_cache_does_not_hold_is_refused(cached_hub_set, tok, caplog):
+    """Offline, datasets reads its latest cached copy of a hub set whatever the revision asks: a run pinned to one
+    commit trained on another without a word."""
+    from simpo_exp.data.sources import load_mixture
+
+    key = "dataset.sources.ultrafeedback_binarized.revision"
+    _, sizes = load_mixture(compose_preset("ultrafeedback-binarized", f"{key}={cached_hub_set[:10]}").dataset)
+    assert sizes["ultrafeedback_binarized"]["hub_commit"] == cached_hub_set  # the commit pinned is read
+    with pytest.raises(DataSourceError, match=rf"{key}='cccccc.*datasets read commit {cached_hub_set} from its cache"):
+        load_mixture(compose_preset("ultrafeedback-binarized", f"{key}={'c' * 40}").dataset)
+    with caplog.at_level("WARNING", logger="simpo_exp.data"):
+        load_mixture(compose_preset("ultrafeedback-binarized", f"{key}=v1.0").dataset)
+    assert f"revision='v1.0': read offline from datasets' latest cached copy, commit {cached_hub_set}" in caplog.text
+
+
+def test_a_config_name_the_offline_cache_lacks_is_named_not_called_a_cache_miss(cached_hub_set, tok):
+    """Offline, datasets says a wrong config name in words of its own ("Couldn't find cache ... for config"); the
+    error sent the user to download a set that was in the cache."""
+    cfg = compose_preset("ultrafeedback-binarized", "dataset.sources.ultrafeedback_binarized.name=deafult")
+    with pytest.raises(
+        DataSourceError, match=r"sources.ultrafeedback_binarized.name='deafult': .*configs in the cache"
+    ):
+        build_datasets(cfg, tok)
+
+
+def test_a_mistyped_local_folder_taken_for_a_hub_id_is_said_to_be_no_local_path(
+    cached_hub_set, tok, tmp_path, monkeypatch
+):
+    """``data/dpo_mix_7k`` (the folder is ``data/dpo mix 7k``) reads as a hub id: the error only said to download
+    it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "dpo mix 7k").mkdir(parents=True)
+    cfg = compose_preset("local", "dataset.sources.local.path=data/dpo_mix_7k")
+    with pytest.raises(DataSourceError, match=r"no local path 'data/dpo_mix_7k' either, though ./data is a folder"):
+        build_datasets(cfg, tok)
 
 
 def test_a_hub_set_records_the_commit_it_was_read_at_and_a_resume_notices_another(tok, monkeypatch, tmp_path):
@@ -1664,6 +1733,15 @@ def test_hub_shard_sets_that_are_incomplete_or_mixed_are_refused(tmp_path, tok):
     build_datasets(cfg, tok)  # whole: read
     write_parquet(data / "train-00000-of-00001.parquet", rows)
     with pytest.raises(DataSourceError, match=r"split 'train' has shards of 2 sets \(-of-00001, -of-00002"):
+        build_datasets(cfg, tok)
+    # a set of the same count under other names: the older hub writer's hashed names beside a re-upload's
+    (data / "train-00000-of-00001.parquet").unlink()
+    for n in (0, 1):
+        (data / f"train-0000{n}-of-00002.parquet").rename(data / f"train-0000{n}-of-00002-f198c941cb94b0ba.parquet")
+    build_datasets(cfg, tok)  # one set, hashed names: read
+    write_parquet(data / "train-00000-of-00002.parquet", rows[:3])
+    write_parquet(data / "train-00001-of-00002.parquet", rows[3:])
+    with pytest.raises(DataSourceError, match=r"split 'train' has shard 00000 more than once \(train-00000-of-00002-f"):
         build_datasets(cfg, tok)
 
 

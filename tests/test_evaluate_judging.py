@@ -612,3 +612,39 @@ def test_a_half_judged_arena_hard_question_outside_a_smaller_max_prompts_keeps_i
     assert [r["question_id"] for r in read_jsonl(kept_aside(path))] == ["q1"]
     rows, kept = stored_judgments(path, prompts[:2], texts[:2], "org/fake-judge")  # the two again
     assert rows == {} and kept == {"q1": [judged, None]}
+
+
+@pytest.mark.parametrize("killed_before_write", [1, 2])
+def test_a_kill_while_the_judgments_are_set_aside_loses_none_of_them(tmp_path, monkeypatch, killed_before_write):
+    """A smaller ``max_prompts`` sets the other questions' judgments aside: the judgments file was rewritten without
+    them before they were written aside, so a kill between the two writes lost judge replies already paid for."""
+    from simpo_exp.evaluate import arena
+
+    path = tmp_path / "model_judgment" / "j" / "m.jsonl"
+    prompts = [{"id": f"q{i}", "instruction": f"Q{i}", "reference": "ref"} for i in range(3)]
+    texts = [f"answer {i}" for i in range(3)]
+
+    def judged(p, text):
+        first, second = (
+            arena.user_prompt(p["instruction"], p["reference"], text),
+            arena.user_prompt(p["instruction"], text, p["reference"]),
+        )
+        games = [{"user_prompt": first, "judgment": "[[A>B]]", "score": "A>B"}]
+        return {"question_id": p["id"], "model": "m", "judge": "j", "games": games + [
+            {"user_prompt": second, "judgment": "[[B>A]]", "score": "B>A"}]}  # fmt: skip
+
+    write_jsonl(path, [judged(p, t) for p, t in zip(prompts, texts)])
+    writes, real = [], arena.write_jsonl
+
+    def killed(target, rows):
+        writes.append(target)
+        if len(writes) == killed_before_write:
+            raise KeyboardInterrupt("SIGKILL")  # the process ends here: nothing after it is written
+        real(target, rows)
+
+    monkeypatch.setattr(arena, "write_jsonl", killed)
+    with pytest.raises(KeyboardInterrupt):
+        arena.stored_judgments(path, prompts[:1], texts[:1], "j")  # a max_prompts=1 command
+    monkeypatch.setattr(arena, "write_jsonl", real)
+    rows, _ = arena.stored_judgments(path, prompts, texts, "j")  # the whole command again
+    assert sorted(rows) == ["q0", "q1", "q2"]  # every paid judgment reused, none asked again

@@ -26,6 +26,7 @@ class PickyJudge(FakeJudge):
     requests: list[dict] = []
     status: int | None = None
     cut = 0
+    code = "context_length_exceeded"  # the error's code in OpenAI's body
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -35,7 +36,8 @@ class PickyJudge(FakeJudge):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(json.dumps({"error": {"message": f"refused ({status}): context of 8192 tokens"}}).encode())
+            words = {"message": f"refused ({status}): context of 8192 tokens", "code": type(self).code}
+            self.wfile.write(json.dumps({"error": words}).encode())
             return
         reply = json.dumps({"choices": [{"message": {"content": self.content(body)}}]}).encode()
         self.send_response(200)
@@ -56,7 +58,7 @@ class PickyJudge(FakeJudge):
 @pytest.fixture
 def picky(tmp_path):
     server, url = serve(PickyJudge)
-    PickyJudge.status, PickyJudge.cut = None, 0
+    PickyJudge.status, PickyJudge.cut, PickyJudge.code = None, 0, "context_length_exceeded"
     judge = JudgeConfig(kind="openai", base_url=url, model="fake", max_retries=1, timeout_s=5)
     yield SimpleNamespace(judge=judge, out=tmp_path)
     server.shutdown()
@@ -119,6 +121,17 @@ def test_a_refused_key_stops_at_once_with_the_endpoints_words_and_a_cut_reply_is
     # an IncompleteRead (not an OSError) ended the command with a traceback, never retried
     prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "## Output (a)\nx\n\n## Output (b)\ny"}]
     assert judge.chat(prompt, max_tokens=8) in ("a", "b") and len(PickyJudge.requests) == 3
+
+
+def test_a_used_up_quota_stops_at_once_rather_than_waiting_out_the_rate_limit_budget(picky):
+    """OpenAI answers a key with no credit left with HTTP 429 ``insufficient_quota``, which no wait clears: each
+    request waited the whole ``rate_limit_wait_s`` (10 minutes by default) and the message said to wait."""
+    picky.judge.rate_limit_wait_s = 3
+    judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
+    PickyJudge.status, PickyJudge.code = 429, "insufficient_quota"
+    with pytest.raises(JudgeError, match=r"quota is used up \(HTTP 429: .*insufficient_quota.*no wait clears it"):
+        judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
+    assert len(PickyJudge.requests) == 1
 
 
 def test_lc_is_computed_over_a_full_set_with_replies_that_gave_no_verdict(picky, monkeypatch):

@@ -216,12 +216,23 @@ def _split_files(directory: Path, split: str, warn: bool = True) -> list[Path]:
 def _check_shard_set(files: list[Path], directory: Path, split: str) -> None:
     """Hub shards say how many there are (``train-00001-of-00004``): a set with one missing (a download cut short)
     would train on part of the data, and two sets in one folder (an old download beside a new one) on each row
-    twice. Refused, naming the files."""
+    twice. Refused, naming the files. Two files of one shard number (the older hub writer's names end in a hash:
+    ``train-00000-of-00001-f198c941cb94b0ba``, and a set re-uploaded under another hash, or without one, downloads
+    beside it) are two sets too."""
     sets: dict[int, set[int]] = {}
+    numbered: dict[tuple[int, int], list[str]] = {}
     for f in files:
         m = re.match(rf"^{re.escape(split)}-(\d+)-of-(\d+)", f.stem)
         if m:
             sets.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+            numbered.setdefault((int(m.group(1)), int(m.group(2))), []).append(f.name)
+    twice = [names for names in numbered.values() if len(names) > 1]
+    if twice:
+        raise DataSourceError(
+            f"{directory}: split {split!r} has shard {twice[0][0].split('-of-')[0].rsplit('-', 1)[-1]} more than once "
+            f"({', '.join(sorted(twice[0]))}): an older download beside a newer one, every row read twice; keep one "
+            "set"
+        )
     if len(sets) > 1:
         counts = ", ".join(f"-of-{n:05d}" for n in sorted(sets))
         raise DataSourceError(
@@ -255,22 +266,60 @@ def _load_hub(src: SourceConfig, source: str, split: str) -> Dataset:
     online = hub_reachable()
     try:
         with contextlib.nullcontext() if online else _offline_hub():
-            return load_dataset(src.path, src.name, split=split, revision=src.revision)
+            ds = load_dataset(src.path, src.name, split=split, revision=src.revision)
     except Exception as e:
         words = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Unknown split" in words:  # read from the cache (or the hub), which has other splits: not a cache miss
             key = "train_split" if split == src.train_split else "test_split"
             raise DataSourceError(f"dataset.sources.{source}.{key}={split!r}: {src.path!r} says {words}") from e
-        if "BuilderConfig" in words and "not found" in words:
-            raise DataSourceError(f"dataset.sources.{source}.name={src.name!r}: {src.path!r} says {words}") from e
+        if ("BuilderConfig" in words and "not found" in words) or "Couldn't find cache for" in words:
+            # online datasets names the configs there are; offline, those in the cache (the set is cached)
+            said = " ".join(str(e).split())
+            raise DataSourceError(f"dataset.sources.{source}.name={src.name!r}: {src.path!r} says {said}") from e
         if online:
             raise DataSourceError(f"dataset.sources.{source}: cannot load {src.path!r} split {split!r}: {e}") from e
+        first = Path(src.path).parts[0] if Path(src.path).parts else ""
+        local = (
+            f" (no local path {src.path!r} either, though ./{first} is a folder: a typo?)"
+            if first and Path(first).is_dir()
+            else ""
+        )
         raise DataSourceError(
-            f"dataset.sources.{source}: data set {src.path!r} (split {split!r}) is not in the local cache and "
-            f"the hub cannot be reached ({why_offline()}). Download it on a connected machine, or save it as "
-            "JSONL/Parquet and set "
-            f"dataset.sources.{source}.path=/path/to/dir (one file per split, e.g. {split}.jsonl)."
+            f"dataset.sources.{source}: data set {src.path!r} (split {split!r}) is not in datasets' local cache and "
+            f"the hub cannot be reached ({why_offline()}){local}. Load it once on a connected machine "
+            "(datasets' cache; offline, a copy `hf download` put in the hub cache is not read from there), or set "
+            f"dataset.sources.{source}.path=DIR, a folder of its files: `hf download {src.path} --repo-type dataset "
+            f"--local-dir DIR`, or JSONL/Parquet saved one file per split (e.g. {split}.jsonl)."
         ) from e
+    check_revision_read(src, source, ds, online)
+    return ds
+
+
+def check_revision_read(src: SourceConfig, source: str, ds: Dataset, online: bool) -> None:
+    """Offline, datasets reads its latest cached copy of a hub set whatever ``revision`` says: a pinned commit the
+    copy read is not is refused, naming both. A branch or tag name cannot be checked offline: said."""
+    read = hub_commit_read(src, ds).get("hub_commit")
+    pinned = src.revision
+    if not pinned or read is None:  # nothing pinned, or not read from datasets' commit-named cache folder
+        return
+    if re.fullmatch(r"[0-9a-f]{7,40}", pinned):
+        if read.startswith(pinned):
+            return
+        folder = Path(ds.cache_files[0]["filename"]).parent.parent
+        raise DataSourceError(
+            f"dataset.sources.{source}.revision={pinned!r}: datasets read commit {read} from its cache ({folder}; "
+            "offline it reads the latest cached copy, whatever the revision). Load the pinned commit once on a "
+            f"connected machine (and move the other commits' folders out of {folder}), or set the revision to "
+            "the commit read"
+        )
+    if not online:
+        log.warning(
+            "dataset.sources.%s.revision=%r: read offline from datasets' latest cached copy, commit %s; a branch or "
+            "tag name cannot be checked against it (pin a commit hash to have it checked)",
+            source,
+            pinned,
+            read,
+        )
 
 
 def is_synthetic(src: SourceConfig) -> bool:
@@ -292,10 +341,11 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
     if path.is_dir():
         files = _split_files(path, split)
         if not files:
+            key = "train_split" if split == src.train_split else "test_split"
             raise DataSourceError(
-                f"dataset.sources.{source}: no file for split {split!r} in {path} "
+                f"dataset.sources.{source}.{key}={split!r}: no file for split {split!r} in {path} "
                 f"(looked for {split}.jsonl/.json/.parquet or shards {split}-00000-of-00002.parquet, also under "
-                "subfolders)"
+                f"subfolders; the splits there: {', '.join(splits_in(path)) or 'none'})"
                 + (
                     f"; set dataset.sources.{source}.test_split=null to hold out test_size of train instead"
                     if split == src.test_split and split != src.train_split
@@ -308,6 +358,15 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
             f"dataset.sources.{source}.path={src.path!r}: no such file or directory{looked_in(src.path)}"
         )
     return _load_hub(src, source, split)
+
+
+def splits_in(directory: Path) -> list[str]:
+    """The split names a folder's data files give (``train.jsonl``, ``data/test_prefs-00000-of-00001.parquet``)."""
+    names = set()
+    for f in directory.rglob("*"):
+        if f.suffix.lower() in FILE_TYPES and not any(p.startswith(".") for p in f.relative_to(directory).parts):
+            names.add(re.sub(r"-\d+-of-\d+(-[0-9a-f]{8,})?$", "", f.stem))
+    return sorted(names)
 
 
 def read_test_split(src: SourceConfig, path: Path) -> str | None:

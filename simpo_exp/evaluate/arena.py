@@ -29,7 +29,8 @@ Judgments go to ``model_judgment/<judge model>/<model>.jsonl`` in arena-hard-aut
 ``show_result.py`` reads. Each judgment is appended to that file as soon as its two games are judged
 (arena-hard-auto's ``gen_judgment.py`` appends too), and the file is rewritten in question order at the
 end. A stored judgment is reused when its judge and both prompts (question and answers) are unchanged,
-so a judging that was killed or stopped by a failing endpoint resumes and a re-run asks nothing twice.
+so a judging that was killed or stopped by a failing endpoint resumes: a re-run asks again only what a kill
+caught in flight (the first game of a question whose second was not in), and a finished one asks nothing.
 """
 
 from __future__ import annotations
@@ -218,16 +219,16 @@ def stored_judgments(
     aside, others = kept_aside(path), []
     # the lines kept aside before (valid again or not), then the file's own, which win
     rows = accepted_lines([*read_lines(aside), *read_lines(path)], "question_id", valid, others)
-    write_jsonl(path, list(rows.values()))
     kept, half = {}, {}  # a judgment of this command's set is in ``others`` only when a game of it got no reply
     for r in others:
         if accepts(same, r) and r["question_id"] not in rows:
             kept[r["question_id"]] = [None if unanswered(g) and not g.get("replies") else g for g in r["games"]]
             half[r["question_id"]] = r  # kept aside too until its other game is judged, so that a kill loses nothing
     others = [r for r in others if not accepts(same, r)] + list(half.values())
-    if others:
+    if others:  # aside first: a kill before the judgments file is rewritten without them loses none
         write_jsonl(aside, others)
-    elif aside.exists():
+    write_jsonl(path, list(rows.values()))
+    if not others and aside.exists():  # what it held is in the judgments file now
         aside.unlink()
     return rows, kept
 

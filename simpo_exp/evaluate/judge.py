@@ -229,7 +229,13 @@ class PairwiseJudge:
                     self.failed_in_a_row = 0
                 return reply
             except urllib.error.HTTPError as e:
-                asked = retry_after(e)
+                asked, said = retry_after(e), _http_error(e)  # (the body can be read once)
+                if e.code == RATE_LIMITED and "insufficient_quota" in said:  # OpenAI's word for no credit left
+                    raise JudgeError(
+                        f"{where}: the judge endpoint's quota is used up ({said}): no wait clears it; add credit or "
+                        f"use another key in ${self.j.api_key_env}. The generations and the verdicts so far are kept; "
+                        "re-run the same command with evaluate.judge_only=true"
+                    ) from e
                 if e.code == RATE_LIMITED or (e.code == 503 and asked is not None):
                     # a wait under a second asked ("Retry-After: 0", a date already past) counts as none asked: taken
                     # as asked, the request went again at once, the wait counted nothing, and it never ended
@@ -239,7 +245,7 @@ class PairwiseJudge:
                         waited, waits = waited + pause, waits + 1
                         continue
                     last = (
-                        f"{_http_error(e)}; waited {waited:.0f} s in all, and {pause:.0f} s more would pass "
+                        f"{said}; waited {waited:.0f} s in all, and {pause:.0f} s more would pass "
                         f"{self.key}.judge.rate_limit_wait_s={self.j.rate_limit_wait_s}"
                     )
                     limited = True
@@ -252,19 +258,19 @@ class PairwiseJudge:
                     if alike:  # not one prompt's fault: the rest would be refused too, each a prompt without verdict
                         raise JudgeError(
                             f"{where}: the judge endpoint refused every request so far ({refused}) and took "
-                            f"none ({_http_error(e)}): a setting it does not take, not a prompt's length; check "
+                            f"none ({said}): a setting it does not take, not a prompt's length; check "
                             f"{self.key}.judge.model and what the endpoint accepts (this judge sends temperature 0 and "
                             f"max_tokens={max_tokens}). The generations and the verdicts so far are kept; re-run the "
                             "same command with evaluate.judge_only=true"
                         ) from e
-                    raise RequestRefused(_http_error(e)) from e
+                    raise RequestRefused(said) from e
                 if 400 <= e.code < 500 and e.code not in RETRIED_STATUS:  # a key, a model name, a URL: every prompt
                     raise JudgeError(
-                        f"{where}: the judge endpoint refused the request ({_http_error(e)}); check "
+                        f"{where}: the judge endpoint refused the request ({said}); check "
                         f"{self.key}.judge.model, the URL and the key in ${self.j.api_key_env}. The generations and "
                         "the verdicts so far are kept; re-run the same command with evaluate.judge_only=true"
                     ) from e
-                last, unreachable = _http_error(e), False
+                last, unreachable = said, False
             # no reply it can read: a failed or cut-short request, a body that is not JSON, no choices[0].message
             except (urllib.error.URLError, http.client.HTTPException, OSError, LookupError, ValueError, TypeError) as e:
                 last, unreachable = f"{type(e).__name__}: {e}", unreachable_error(e)
