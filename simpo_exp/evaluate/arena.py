@@ -95,7 +95,8 @@ OUTCOME = {
 METHOD = (
     "arena-hard-auto v0.1 score: its judge prompt, two games per question (positions swapped), strong verdicts "
     "weighted {w}, Bradley-Terry win rate against {baseline} in percent (closed form for two players: the "
-    "battles' mean outcome, ties half); 95% interval from {rounds} bootstrap rounds over questions (seed {seed})"
+    "battles' mean outcome, ties half); 95% interval from {rounds} bootstrap rounds over questions (seed {seed}; "
+    "arena-hard-auto resamples single battles, whose intervals are narrower: not comparable with its leaderboard's)"
 )
 
 
