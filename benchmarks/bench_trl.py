@@ -811,15 +811,31 @@ def cpu_name() -> str:
         return platform.processor() or "?"
 
 
+def stop_once(signum, frame):
+    """SIGTERM as SystemExit, once: ``timeout`` signals the process and then its whole group, and a second exit
+    raised inside the ``finally`` that writes the report cut the report short (its JSON and markdown lost)."""
+    signal.signal(signum, signal.SIG_IGN)
+    sys.exit(128 + signum)
+
+
+def write_whole(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file: a process killed while writing leaves the old file or
+    none, never half of one (which a later reader could not parse)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def git_commit() -> str:
-    """The checkout's commit; ``$COMMIT`` where set (a device's copy of the tree may come without ``.git``)."""
+    """The checkout's commit (``+dirty`` with uncommitted changes to tracked files, which the benchmark runs);
+    ``$COMMIT`` where set (a device's copy of the tree may come without ``.git``: gpu_check.sh passes it on)."""
     if os.environ.get("COMMIT", "?") != "?":
         return os.environ["COMMIT"]
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "?"
+        run = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 10}
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) if sha else "?"
     except (OSError, subprocess.SubprocessError):
         return "?"
 
@@ -1053,7 +1069,7 @@ def main() -> None:
 
     # `timeout` (as benchmarks/gpu_check.sh uses) sends SIGTERM, which would end Python without running the
     # `finally` below; as SystemExit it does run it, and subprocess.run kills the worker it was waiting on.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, stop_once)
     started = time.time()
     # --no-trl leaves out TRL with the preset's checkpointing; --trl-nockpt beside it times TRL without it alone
     trl_runs = ([] if args.no_trl else ["TRL"]) + ([TRL_NO_CHECKPOINTING] if args.trl_nockpt else [])
@@ -1192,7 +1208,8 @@ def report(
             print(f"{row['name']}: {row['compile_steps']} steps compiled, {row['compile_warmup_s']:.1f} s, left out")
     print(f"\ntotal {time.time() - started:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(
+        write_whole(
+            args.json,
             json.dumps(
                 {
                     "machine": machine(args.threads),
@@ -1211,10 +1228,11 @@ def report(
                     "shared_process": args.shared_process,  # ours one after another in one process
                 },
                 indent=1,
-            )
+            ),
         )
     if args.markdown:
-        Path(args.markdown).write_text(
+        write_whole(
+            args.markdown,
             markdown_table(
                 rows,
                 missing,
@@ -1223,7 +1241,7 @@ def report(
                 machine(args.threads) + ("; ours in one shared process" if args.shared_process else ""),
                 args.preset,
                 failures,
-            )
+            ),
         )
 
 

@@ -57,6 +57,10 @@ trap publish EXIT
 # the device's copy of the tree may come without .git: COMMIT=<hash> on the device command names the commit then
 export COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
 echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ), commit $COMMIT" > "$WORK/summary.md"
+if ! [[ "$COMMIT" =~ ^[0-9a-f]{7,40}(\+dirty)?$ ]]; then  # figures of code no one can name: said at the top
+    echo "WARNING: commit '$COMMIT' is not a commit hash: re-run as COMMIT=\$(git rev-parse --short HEAD) bash $0" \
+        | tee -a "$WORK/summary.md"
+fi
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -124,7 +128,8 @@ if want tests; then
         tests/test_liger.py::test_compiled_fused_head_on_cuda tests/test_liger.py::test_fused_head_on_packed_flex_rows_on_cuda \
         $g::test_flash_varlen_matches_the_plain_layout_on_cuda $g::test_generate_stage_with_vllm > "$WORK/tests.log" 2>&1
     code=$?
-    count() { grep -cE " $1( |$)" "$WORK/tests.log"; }  # -v lines end in PASSED/FAILED/SKIPPED/ERROR
+    # -v lines end in PASSED/FAILED/SKIPPED/ERROR; pytest's "ERROR at setup of" section headers are not counted
+    count() { grep -E " $1( |$)" "$WORK/tests.log" | grep -vcE "$1 at (setup|teardown) of"; }
     # how many were collected ("6 workers [25 items]", or "collected 25 items"): a test cut off reports nothing
     total=$(grep -oE "(workers \[|collected )[0-9]+ items?" "$WORK/tests.log" | grep -oE "[0-9]+" | head -1)
     log "tests: exit $code -- $(count PASSED) passed, $(count FAILED) failed, $(count ERROR) errors, $(count SKIPPED) skipped, of ${total:-?} collected"

@@ -154,8 +154,14 @@ def main() -> None:
     ap.add_argument("files", nargs="+", help="bench_trl.py --json files (a missing one is skipped)")
     ap.add_argument("--markdown", help="also write the table to this file")
     args = ap.parse_args()
-    results = [json.loads(Path(f).read_text()) for f in args.files if Path(f).is_file()]
+    results, unreadable = [], []
+    for f in (f for f in args.files if Path(f).is_file()):
+        try:
+            results.append(json.loads(Path(f).read_text()))
+        except (OSError, ValueError) as e:  # a part killed while writing it: the others are still assessed
+            unreadable.append(f"{f} ({type(e).__name__}: {e})")
     text = markdown(results) if results else "no benchmark results to assess\n"
+    text += "".join(f"\nunreadable, left out: {u}\n" for u in unreadable)
     print(text, end="")
     if args.markdown:
         Path(args.markdown).write_text(text)

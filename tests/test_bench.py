@@ -444,3 +444,37 @@ def test_trl_in_micro_batches_trains_the_same_steps_as_in_one(tmp_path):
         bench.make_trl_trainer(preset, tok, rows, bench.build_model(preset, tok), str(tmp_path / "3"), accumulation=3)
     assert bench.worker_spec({"trl_accum": 2}, "TRL+nockpt")["accumulation"] == 2
     assert bench.worker_spec({"trl_accum": 2}, "TRL")["accumulation"] == 1  # the checkpointed TRL: one micro-batch
+
+
+def test_targets_leave_out_a_file_a_killed_part_left_unreadable(tmp_path, monkeypatch, capsys):
+    """A part killed while writing its JSON left an empty file, and targets.py stopped at it: no targets table for
+    the parts that had finished."""
+    import json
+
+    from benchmarks import targets
+
+    good = {"config": {"batch": 16}, "rows": [{"name": "plain", "pairs_per_s": 3.0, "peak_cuda_mb": 9}], "missing": []}
+    (tmp_path / "bench-b16.json").write_text(json.dumps(good))
+    (tmp_path / "bench-big.json").write_text("")
+    monkeypatch.setattr(sys, "argv", ["targets.py", str(tmp_path / "bench-b16.json"), str(tmp_path / "bench-big.json")])
+    targets.main()
+    out = capsys.readouterr().out
+    assert "batch 16" in out and f"unreadable, left out: {tmp_path / 'bench-big.json'} (JSONDecodeError" in out
+
+
+def test_a_second_sigterm_does_not_cut_the_report_short():
+    """``timeout`` signals the benchmark and then its process group: the second SIGTERM's exit, raised inside the
+    ``finally`` that writes the report, lost the JSON and the markdown."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, load_bench().stop_once)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.value.code == 128 + signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # the group's copy, while the report is written: ignored
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
