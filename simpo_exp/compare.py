@@ -64,9 +64,11 @@ from simpo_exp.rundir import (
     split_outside,
     step_of,
     stopped_words,
+    sweep_dir_of,
     sweep_request,
 )
 from simpo_exp.tracking import (
+    CONDITIONAL_METRICS,
     HEADLINE_METRICS,
     PAIR_METRICS,
     SAMPLES_KEY,
@@ -199,7 +201,7 @@ def rerun_its_command(hydra_cfg: dict, folder: Path) -> str:
     key = folder_to_name(sweep, (hydra.get("overrides") or {}).get("hydra") or [])
     if key is None:
         return "re-run its command"
-    where = (folder.parent if sweep else folder).resolve()  # a sweep's job folders are its folder's children
+    where = (sweep_dir_of(folder, hydra) if sweep else folder).resolve()  # hydra.sweep.subdir below the sweep's
     return f"re-run its command with {shell_override(key, str(where))}"
 
 
@@ -331,6 +333,7 @@ def notes(runs: list[Run], metric: str) -> list[str]:
     sweep never started, runs of different methods ranked on one metric, answers a judge has not yet judged,
     benchmark numbers measured with different settings."""
     out = [n for n in [*unstarted_jobs(runs), mixed_methods_note(runs, metric), awaiting_judge_note(runs)] if n]
+    out += [n for n in [skipped_steps_note(runs)] if n]
     for bench, differ in mixed_bench_settings(runs).items():
         starts = any(d.startswith("start_weights:") for d in differ)  # the rule benchmark's own baselines
         out.append(
@@ -339,6 +342,22 @@ def notes(runs: list[Run], metric: str) -> list[str]:
             + (f" (bench/{bench}/score is measured against no starting model)" if starts else "")
         )
     return out
+
+
+def skipped_steps_note(runs: list[Run]) -> str | None:
+    """The runs that skipped optimizer steps (a loss or gradient that was not finite): listed "done" like the
+    others, they made fewer updates than their settings say."""
+    hit = []
+    for r in runs:
+        skipped, steps = r.final("train/skipped_steps"), r.final("train/global_step")
+        if skipped:
+            hit.append(f"{r.label or r.name} ({int(skipped)}" + (f" of {int(steps)})" if steps else ")"))
+    if not hit:
+        return None
+    return (
+        f"{len(hit)} run(s) skipped steps whose loss or gradient was not finite, so made fewer updates than their "
+        f"settings say (train/skipped_steps): {', '.join(hit)}"
+    )
 
 
 def name_parts(name: str) -> list[str]:
@@ -367,14 +386,16 @@ def unstarted_jobs(runs: list[Run]) -> list[str]:
     """A note per sweep whose folder holds fewer jobs than it asked for: the sweep itself stopped (killed, out of
     memory) before the others started, and the table would look complete."""
     notes = []
-    for sweep in dict.fromkeys(r.path.parent for r in runs if r.path is not None):
+    sweeps = {r.path: sweep_dir_of(r.path) for r in runs if r.path is not None}  # nested b${beta}/s${seed}: 2 up
+    for sweep in dict.fromkeys(sweeps.values()):
         asked = jobs_asked(sweep)
         if asked is None:
             continue
         # the folders on disk, not the runs given: compare given some of a sweep's jobs (sweep/0_*) is not told the
         # others never started
-        given = {r.path.resolve(): r for r in runs if r.path is not None and r.path.parent == sweep}
-        jobs = [given.get(d.resolve()) or replace(load_run(d), name=d.name) for d in find_run_dirs(sweep, depth=1)]
+        given = {path.resolve(): r for r in runs if (path := r.path) is not None and sweeps[path] == sweep}
+        depth = max((len(path.relative_to(sweep).parts) for path in sweeps if sweeps[path] == sweep), default=1)
+        jobs = [given.get(d.resolve()) or replace(load_run(d), name=d.name) for d in find_run_dirs(sweep, depth=depth)]
         found, running = len(jobs), [r.name for r in jobs if r.status == "running"]
         if found < asked and running:  # the sweep is still at work: its later jobs are to come
             notes.append(f"{sweep}: {found} of the sweep's {asked} jobs have a folder so far; {running[0]} is running")
@@ -774,6 +795,8 @@ def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
                     value = {k: v for k, v in value.items() if k != "base_url"}  # the same judge on another host
                 if key == "decoding" and isinstance(value, dict):  # a smaller batch after an out-of-memory, say
                     value = answer_decoding(value)
+                if key == "start_weights" and isinstance(value, dict):  # a random init's seed is the run's own:
+                    value = {k: v for k, v in value.items() if k != "seed"}  # seed sweeps pool those, as they should
                 if key == "lm_eval" and isinstance(value, dict):
                     value = {k: v for k, v in value.items() if k not in ("batch_size", "device")}
                 shown = json.dumps(value, sort_keys=True)
@@ -1062,6 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
         why = (
             "every run failed before it had one: the table says why"
             if all(r.status == "failed" for r in runs)
+            else "logged only where it can be known: MFU with a known GPU's peak or hardware.peak_tflops, GPU "
+            "memory on a GPU"
+            if args.metric in CONDITIONAL_METRICS
             else "a metric of another method, or of runs not yet evaluated"
         )
         print(f"\nnote: no run has {args.metric} ({why})")
@@ -1079,7 +1105,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\nplots: not drawn, matplotlib is not installed (pip install -e '.[plots]'; --no-plots skips them)")
     elif not args.no_plots:
         out = args.out or Path(args.paths[0]) / "compare"
-        written = plot_runs(runs, out, args.metric, ascending)
+        try:
+            written = plot_runs(runs, out, args.metric, ascending)
+        except OSError as e:  # a file of that name, a read-only folder
+            print(f"error: cannot write the plots in {out} ({type(e).__name__}: {e.strerror or e}); --out names "
+                  "another folder, --no-plots skips them", file=sys.stderr)  # fmt: skip
+            return 2
         print(f"\nplots: {', '.join(str(w) for w in written)}")
     return 0
 

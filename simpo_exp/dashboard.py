@@ -46,7 +46,7 @@ from pathlib import Path
 
 from simpo_exp.inference.results import headline_keys, is_uncertainty, read_results, uncertainty_keys
 from simpo_exp.methods import METHODS
-from simpo_exp.rundir import parse_overrides, parse_yaml, read_json, records_dir, select
+from simpo_exp.rundir import parse_overrides, parse_yaml, read_json, records_dir, select, subdir_depth, sweep_dir_of
 from simpo_exp.runinfo import sweep_group, sweep_jobs
 from simpo_exp.tracking import (
     BEST_AND_LAST,
@@ -226,8 +226,7 @@ def _sweep_group(job: Path, hydra: dict) -> str:
     ran_in = runtime.get("output_dir")
     # the job's folder is hydra.sweep.subdir below the sweep's: as many levels as the pattern's separators outside
     # its interpolations say (b${beta}/s${seed}: two)
-    subdir = re.sub(r"\$\{[^}]*\}", "", str((hydra.get("sweep") or {}).get("subdir") or ""))
-    depth = 1 + subdir.strip("/").count("/")
+    depth = subdir_depth(hydra)
     if ran_in and len(Path(ran_in).parents) >= depth:
         return sweep_group(str(Path(ran_in).parents[depth - 1]))
     return sweep_group(str(job.parents[depth - 1].resolve()))
@@ -243,6 +242,10 @@ def read_sweep(sweep_dir: Path) -> Sweep:
             jobs.append(job)
             hydras.append(hydra)
     if not jobs:
+        own = _load_yaml(Path(sweep_dir) / ".hydra" / "hydra.yaml").get("hydra") or {}
+        if own.get("mode") == "MULTIRUN":  # a job's folder given for its sweep's
+            sweep = sweep_dir_of(Path(sweep_dir), own)
+            raise SystemExit(f"error: {sweep_dir} is one job of a --multirun sweep; give the sweep's folder, {sweep}")
         raise SystemExit(f"error: {sweep_dir} holds no --multirun jobs (subdirectories with .hydra/)")
     configs = [_load_yaml(j / ".hydra" / "config.yaml") for j in jobs]
     loggers = [c.get("logger") or {} for c in configs]
@@ -539,8 +542,12 @@ def main(argv: list[str] | None = None) -> int:
         workspace._internal_name, workspace._internal_id = saved["name"], saved["id"]
         entity = entity or saved.get("entity") or None
         workspace.entity = entity or ""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(view_spec(workspace), indent=2) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(view_spec(workspace), indent=2) + "\n")
+    except OSError as e:  # a file where a folder should be, a read-only folder
+        raise SystemExit(f"error: cannot write the view spec {out} ({type(e).__name__}: {e.strerror or e}); --out "
+                         "names another file")  # fmt: skip
 
     grouped = ", ".join(sweep.groupby) or "nothing"
     print(f"W&B group {sweep.group!r}: {len(sweep.jobs) or 'unknown number of'} runs, grouped by {grouped}")

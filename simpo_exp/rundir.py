@@ -262,6 +262,22 @@ def read_yaml(path: Path):
         return None
 
 
+def subdir_depth(hydra: dict) -> int:
+    """How many folders a --multirun job's folder is below its sweep's: ``hydra.sweep.subdir``'s separators outside
+    its interpolations, plus one (``b${beta}/s${seed}``: two). ``hydra``: the ``hydra`` node of its hydra.yaml."""
+    subdir = re.sub(r"\$\{[^}]*\}", "x", str((hydra.get("sweep") or {}).get("subdir") or ""))  # x: a part
+    return max(1, len([part for part in subdir.split("/") if part]))
+
+
+def sweep_dir_of(job: Path, hydra: dict | None = None) -> Path:
+    """The folder of the sweep a --multirun job's folder is in (its parent, or ``subdir_depth`` levels up);
+    ``hydra``: the job's hydra.yaml ``hydra`` node, read from its ``.hydra/`` where not given."""
+    if hydra is None:
+        hydra = (read_yaml(Path(job) / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}
+    depth = subdir_depth(hydra) if isinstance(hydra, dict) else 1
+    return Path(job).parents[depth - 1] if len(Path(job).parents) >= depth else Path(job).parent
+
+
 def sweep_request(sweep_dir) -> tuple[dict, list | None]:
     """What the sweep in ``sweep_dir`` was asked, from the ``multirun.yaml`` Hydra writes there before its first
     job: its sweeper's config, and its command's overrides with the sweeper's ``params`` as Hydra's grammar reads

@@ -876,6 +876,15 @@ def test_rule_win_rates_against_different_starting_models_or_prompt_counts_are_s
     assert [d.split(":")[0] for d in differ] == ["start_weights", "prompts"], differ
     assert compare.main([str(tmp_path / "sweep"), "--metric", "bench/rule/win_rate", "--no-plots"]) == 0
     assert "bench/rule/score is measured against no starting model" in capsys.readouterr().out
+    # a seed sweep from a random init: each run's own seed draws its starting model, and the seeds pool (an
+    # evaluated seed sweep was told its numbers "do not compare", beside the table that pooled them)
+    for job, seed in (("0_seed=1", 1), ("1_seed=2", 2)):
+        _job(tmp_path / "seeds" / job, [f"seed={seed}"])
+        results = tmp_path / "seeds" / job / "eval" / "rule" / "results.json"
+        results.parent.mkdir(parents=True)
+        start = {"random_init": {"hidden_size": 64}, "seed": seed}
+        results.write_text(json.dumps({"metrics": {"win_rate": 50.0, "n": 8}, "start_weights": start}))
+    assert compare.mixed_bench_settings(compare.load_runs(tmp_path / "seeds")) == {}
     older = tmp_path / "sweep" / "0_beta=2" / "eval" / "rule" / "results.json"  # a record from before start_weights
     older.write_text(json.dumps({"metrics": {"win_rate": 1.0, "n": 64}, "baseline": "the starting model"}))
     assert compare.mixed_bench_settings(compare.load_runs(tmp_path / "sweep" / "0_beta=2")) == {}
@@ -1001,3 +1010,53 @@ def test_runs_of_one_config_on_different_numbers_of_processes_show_their_batch_a
     assert [(g["effective_batch_size"], g["seeds"]) for g in groups] == [("16", 2), ("32", 1)]
     same = compare.label_runs([run("one", 1, 16, 0.8), run("one-b", 3, 16.0, 0.9)])
     assert compare.swept_keys(same) == ["seed"]  # not where it is one value (as 16 and 16.0)
+
+
+def test_a_nested_sweep_is_found_from_its_jobs_two_folders_down(sweep, tmp_path, capsys):
+    """``hydra.sweep.subdir=b${beta}/s${seed}`` puts each job two folders below the sweep: a killed job was told to
+    re-run with ``hydra.sweep.dir=<sweep>/b2.0`` (a new sweep there, trained from step 0), and a job that never
+    started was not noticed (the parent folder holds no multirun.yaml)."""
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    shutil.copy(sweep / "multirun.yaml", nested / "multirun.yaml")
+    jobs = compare.find_run_dirs(sweep, depth=1)
+    for i, d in enumerate(jobs[:5]):  # the sixth never started
+        moved = shutil.copytree(d, nested / f"g{i}" / d.name, ignore=shutil.ignore_patterns("compare"))
+        hydra_yaml = moved / ".hydra" / "hydra.yaml"
+        hydra = yaml.safe_load(hydra_yaml.read_text())
+        hydra["hydra"]["sweep"]["subdir"] = subdir = "g${hydra.job.num}/${hydra.job.override_dirname}"
+        hydra["hydra"]["overrides"]["hydra"] = ["hydra.mode=MULTIRUN", f"hydra.sweep.subdir={subdir}"]  # dated folder
+        hydra_yaml.write_text(yaml.safe_dump(hydra))
+    killed = nested / "g0" / jobs[0].name
+    (killed / "summary.json").unlink()
+    (killed / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
+    (killed / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    assert f"with hydra.sweep.dir={nested.resolve()} to resume from step 2" in compare.load_run(killed).error
+    assert compare.main([str(nested), "--no-plots"]) == 0
+    assert f"{nested}: 5 of the sweep's 6 jobs have a folder; the others never started" in capsys.readouterr().out
+
+
+def test_a_plots_folder_that_cannot_be_made_and_a_gpu_only_metric_are_named(sweep, tmp_path, capsys):
+    """``--out`` naming a file ended in a traceback after the table; ``--metric train/mfu`` on CPU runs was called
+    "a metric of another method, or of runs not yet evaluated"."""
+    taken = tmp_path / "plots.png"
+    taken.write_text("")
+    assert compare.main([str(sweep), "--out", str(taken)]) == 2
+    assert f"error: cannot write the plots in {taken} (FileExistsError" in capsys.readouterr().err
+    assert compare.main([str(sweep), "--no-plots", "--metric", "train/mfu"]) == 0
+    assert "no run has train/mfu (logged only where it can be known: MFU with a known GPU's peak" in (
+        capsys.readouterr().out
+    )
+
+
+def test_runs_that_skipped_steps_are_noted():
+    """A run whose loss went non-finite on 4 of its 6 steps was listed "done" beside the others, without a word."""
+    runs = compare.label_runs(
+        [
+            _run("0", {"learning_rate": "1e30"}, {"train/skipped_steps": 4, "train/global_step": 6}),
+            _run("1", {"learning_rate": "1e-3"}, {"train/skipped_steps": 0, "train/global_step": 6}),
+        ]
+    )
+    said = compare.skipped_steps_note(runs)
+    assert said.startswith("1 run(s) skipped steps whose loss or gradient was not finite") and said.endswith("(4 of 6)")
+    assert compare.skipped_steps_note(runs[1:]) is None

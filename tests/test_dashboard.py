@@ -465,6 +465,11 @@ def test_a_nested_sweep_at_hydras_default_directory_with_a_job_that_never_logged
     first = sorted(sweep_dir.glob("*/*"))[0]  # the job that trained recorded the group it logged under
     (first / "wandb_run.json").write_text(json.dumps({"id": "x", "group": sweep_group(str(sweep_dir))}))
     assert dashboard.read_sweep(sweep_dir).group == sweep_group(str(sweep_dir))
+    # one job's folder given for its sweep's: said so, naming the sweep's folder (it "held no --multirun jobs")
+    with pytest.raises(SystemExit, match=f"is one job of a --multirun sweep; give the sweep's folder, {sweep_dir}$"):
+        dashboard.main([str(first)])
+    with pytest.raises(SystemExit, match=r"cannot write the view spec .*--out names another file"):
+        dashboard.main([str(sweep_dir), "--out", str(first / ".hydra" / "hydra.yaml" / "view.json")])
 
 
 def test_jobs_whose_hydra_yaml_names_no_mode_are_read(tmp_path):
