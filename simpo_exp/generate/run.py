@@ -569,10 +569,16 @@ def generate_data(cfg) -> dict:
         if gap_only:
             advice = f"lower binarise.min_gap={cfg.binarise.min_gap}"
         elif len(scores) == 1:  # a random init's answers to the synthetic task: every rule score 0
+            better = (
+                f"more prompts or samples per prompt, a higher generate.temperature, or a model trained further than "
+                f"{cfg.model.path}"
+                if cfg.model.path
+                else "a model that can do the task (model.path=<a trained run>/model: on the embedded default, train "
+                "one first with python -m simpo_exp)"
+            )
             advice = (
                 f"every one of the {report['responses']} responses scored {next(iter(scores))}: the scorer tells none "
-                "apart. Sample from a model that can do the task (model.path=<a trained run>/model: on the embedded "
-                "default, train one first with python -m simpo_exp) or use another scorer"
+                f"apart. Sample with {better}, or use another scorer"
             )
         else:
             advice = "sample more responses per prompt, raise generate.temperature or use another scorer"
