@@ -513,6 +513,13 @@ HOW_IT_RUNS = {"dataset.num_proc", "model.attn_implementation"}
 FORMER_DEFAULTS = {"model.params_b": 0.0}  # "no size given" (None since 0f6cc95)
 
 
+def _local(path) -> bool:
+    """A data source's path that names local files (not a hub id, not ``synthetic``)."""
+    from simpo_exp.hub import looks_like_local_path
+
+    return isinstance(path, str) and (looks_like_local_path(path) or Path(path).expanduser().exists())
+
+
 def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = "checkpoint") -> list[str]:
     """Config keys whose values differ, ignoring those a resumed run may change (``key: <what> a, now b``)."""
     diffs = []
@@ -522,6 +529,8 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = 
         if (prefix == "hardware." and key not in TRAINING_HARDWARE_KEYS) or f"{prefix}{key}" in HOW_IT_RUNS:
             continue
         a, b = saved.get(key), current.get(key)
+        if prefix.startswith("dataset.sources.") and key == "path" and _local(a) and _local(b):
+            continue  # the same files elsewhere are the same data: check_same_data compares them by content
         if key not in saved and isinstance(b, dict):  # a section added since: each of its keys as below
             diffs += incompatible_keys({}, b, f"{prefix}{key}.", what)
             continue
@@ -536,6 +545,23 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = 
         elif a != b:
             diffs.append(f"{prefix}{key}: {what} {a!r}, now {b!r}")
     return diffs
+
+
+def refuse_another_config(run_dir: Path, config: dict) -> None:
+    """Before the set-up: the newest complete checkpoint's config against this run's, the check ``load`` makes, so
+    that a mistyped override is refused in seconds rather than after the model, the data and a reference pass. A
+    checkpoint whose record cannot be read is left to ``load_newest`` (which skips a damaged one)."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            diffs = incompatible_keys(json.loads((path / "state.json").read_text())["config"], config)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if diffs:
+            raise DifferentConfigCheckpoint(
+                f"checkpoint {path} was written by a different config ({'; '.join(diffs)}). "
+                "Run with resume=false to start fresh in this directory, or use another hydra.run.dir."
+            )
+        return
 
 
 def load(

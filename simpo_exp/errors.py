@@ -33,5 +33,7 @@ def out_of_memory(where: str, error: BaseException) -> OutOfMemoryError:
         "per_device_train_batch_size (keep the global batch with hardware.effective_batch_size or "
         "gradient_accumulation_steps), max_length, hardware.gradient_checkpointing=true (on every layer: "
         "hardware.checkpoint_every_n_layers=1; less still: hardware.checkpoint_offload=true), "
-        "hardware.logps_chunk_size=1024 (large vocabularies), or a sharded engine (hardware=fsdp/zero3) or LoRA"
+        "hardware.logps_chunk_size=1024 (large vocabularies), or a sharded engine (hardware=fsdp/zero3) or LoRA. "
+        "A run with a checkpoint resumes from it with the checkpointing and chunk settings changed; the batch, "
+        "max_length, engine or LoRA changed need resume=false (a fresh start)"
     )

@@ -77,6 +77,16 @@ def sampled(p: torch.Tensor, n: int = FINGERPRINT_VALUES) -> torch.Tensor:
     return pick(p)
 
 
+def weights_fingerprint(model) -> str:
+    """The starting weights' values alone (``sampled`` from each weight but LoRA's adapters), as a short hash: what
+    a reference-based method's reference log-probs are of. Every process must call it (ZeRO-3 gathers)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            h.update(name.encode() + sampled(p).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def model_path_key(path: str) -> str:
     """A model path as the key reads it: a local folder by its resolved path (``/x/base`` and ``/x/base/``, or a
     link to it, are one model), a hub id as written."""

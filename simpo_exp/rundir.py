@@ -118,6 +118,7 @@ RESUMABLE_CHANGES = {
     "save_dtype",
     "eval_on_start",
     "max_bad_steps",
+    "reference_cache_dir",  # where the reference log-probs are kept, keyed by what they are of
     # read by evaluation only: a smaller eval batch after an out-of-memory evaluation, fewer or shorter samples
     "per_device_eval_batch_size",
     "num_generations",

@@ -72,6 +72,7 @@ from simpo_exp.methods import REFERENCE_METHODS, TABLE
 from simpo_exp.metrics import SKIPPED, Window, pearson
 from simpo_exp.model import (
     TORCH_DTYPES,
+    chat_template_hash,
     check_positions,
     count_parameters,
     eval_mode,
@@ -81,6 +82,7 @@ from simpo_exp.model import (
     ready_to_generate,
     save_tokenizer,
     save_trained,
+    tokenizer_hash,
 )
 from simpo_exp.modelcard import resolved_values, write_model_card
 from simpo_exp.objective import batch_loss, chosen_tokens
@@ -100,6 +102,7 @@ from simpo_exp.reference import (
     live_reference,
     shard_like_the_policy,
     shares_the_policy,
+    weights_fingerprint,
 )
 from simpo_exp.rundir import (
     STOPPED_FILE,
@@ -369,6 +372,32 @@ def check_same_data(run_dir: Path, data_sources: dict) -> None:
         )
 
 
+def check_same_tokenizer(run_dir: Path, tokenizer) -> None:
+    """Refuse to resume on another tokenizer or chat template than the run's last start had (its data_report.json's
+    hashes): the same rows would be other tokens from the checkpoint on, and the record of the first ones lost."""
+    then = (read_json(run_dir / "data_report.json") or {}).get("tokenization") or {}
+    now = {"chat_template_sha256": chat_template_hash(tokenizer), "tokenizer_sha256": tokenizer_hash(tokenizer)}
+    changed = [f"{key} {then[key]} then, {value} now" for key, value in now.items() if then.get(key, value) != value]
+    if changed:
+        raise checkpoint.DifferentConfigCheckpoint(
+            f"the checkpoints in {run_dir} were written with another tokenizer or chat template ({'; '.join(changed)}"
+            "; the files at model.path or model.tokenizer_path, or model.chat_template). Put those back, or run with "
+            "resume=false to start fresh, or use another hydra.run.dir."
+        )
+
+
+def check_same_start(run_dir: Path, cfg: Config, weights: str) -> None:
+    """Refuse to resume a reference-based method whose starting weights (``model.path``'s, now) are not the ones
+    its reference log-probs were of at its last start (env.json): the reference would be another model's."""
+    then = (read_json(run_dir / "env.json") or {}).get("start_weights")
+    if then and then != weights:
+        raise checkpoint.DifferentConfigCheckpoint(
+            f"the checkpoints in {run_dir} were trained against the reference of other starting weights than "
+            f"model.path={cfg.model.path or cfg.model.name!r} holds now (weights {then} then, {weights} now: the "
+            "folder was written again since?). Put those weights back, or run with resume=false to start fresh."
+        )
+
+
 def set_up(cfg: Config) -> Run:
     """Everything a run needs before its first step, in order; resumes from the newest intact checkpoint."""
     from accelerate.utils import set_seed
@@ -379,6 +408,9 @@ def set_up(cfg: Config) -> Run:
     if accelerator.num_processes > 1:  # each rank resolved its own Hydra directory: use the main one's
         run_dir = Path(on_main(accelerator, lambda: str(run_dir)))
     check_same_config(cfg, accelerator)  # one config on every process
+    resuming = cfg.resume and bool(checkpoint.checkpoint_dirs(run_dir))
+    if resuming:  # another config is refused before the model, the data and a reference pass are loaded
+        checkpoint.refuse_another_config(run_dir, config_to_dict(cfg))
     set_seed(cfg.seed)
     lr, lr_source = resolve_learning_rate(cfg)
     for note in (lora_rate_note(cfg, lr, lr_source), replaced_rate_note(cfg), large_rate_note(cfg, lr)):
@@ -387,10 +419,16 @@ def set_up(cfg: Config) -> Run:
     log.info("learning rate %.3g (from %s)", lr, lr_source)
 
     tokenizer = load_tokenizer(cfg.model)
+    if resuming:
+        check_same_tokenizer(run_dir, tokenizer)
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
     model = load_model(cfg, tokenizer, pick_attention(cfg), engine_keeps_master_copy(accelerator))
     check_preset_size(cfg, count_parameters(model))
+    # what a reference-based method's reference log-probs are of: the same starting weights on resume
+    start_weights = weights_fingerprint(model) if cfg.method in REFERENCE_METHODS else None
+    if resuming and start_weights:
+        check_same_start(run_dir, cfg, start_weights)
     check_positions(model, cfg)
     upcast_as_fsdp_does(model, accelerator)
     log.info(
@@ -455,6 +493,8 @@ def set_up(cfg: Config) -> Run:
     env["layout_choice"] = layout_choice  # how packing=auto was decided (measured timings, or a rule)
     env["logps_check"] = logps_check  # the run's log-probs against the model's own forward on one pair
     env["adamw_fused"] = bool(fused_optimizer)
+    if start_weights:
+        env["start_weights"] = start_weights
     env, drift = with_earlier_starts(env, read_json(run_dir / "env.json"), state.step)
     if drift:
         log.warning(

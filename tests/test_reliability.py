@@ -942,3 +942,55 @@ def test_a_setting_put_back_to_its_default_is_not_the_checkpoints_setting():
         "dataset.chat_format: checkpoint 'simpo_repo', now 'generation_prompt'",
         "hardware.lora: checkpoint True, now False",
     ]
+
+
+def test_a_resume_on_another_tokenizer_or_other_reference_weights_is_refused(tmp_path):
+    """What the config does not hold changed in place under a run with checkpoints: its chat template file (the
+    rows after the checkpoint became other tokens, and the record of the first ones was overwritten), and, for a
+    reference-based method, the starting weights at model.path (the reference log-probs were computed again from
+    them, another model's). Both resumed without a word; both are refused now, before any training."""
+    from tests.tiny import save_tiny_llama
+
+    model, run_dir = tmp_path / "llama", tmp_path / "run"
+    save_tiny_llama(model)
+    short = [f"model.path={model}", "loss=dpo", "max_steps=2", "save_steps=1", "eval_steps=0", "logging_steps=1"]
+    short += ["logger=none", "num_generations=0", "dataset.synthetic.num_train=32", "dataset.synthetic.num_test=8"]
+    short += [f"reference_cache_dir={tmp_path / 'ref'}", f"hydra.run.dir={run_dir}"]
+    first = simpo(*short, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((run_dir / "env.json").read_text())["start_weights"]
+    (run_dir / "finished.json").unlink()  # as if killed after its last checkpoint
+    template = model / "chat_template.jinja"
+    kept = template.read_text()
+    template.write_text(kept.replace("message['content']", "'### ' + message['content']"))
+    res = simpo(*short, cwd=tmp_path)
+    assert res.returncode == 2 and "written with another tokenizer or chat template (chat_template_sha256" in res.stderr
+    template.write_text(kept)
+    save_tiny_llama(model, seed=1)  # the folder written again: other weights of the same shape
+    res = simpo(*short, cwd=tmp_path)
+    assert res.returncode == 2 and "against the reference of other starting weights" in res.stderr, res.stderr[-2000:]
+    save_tiny_llama(model)
+    res = simpo(*short, f"reference_cache_dir={tmp_path / 'elsewhere'}", cwd=tmp_path)  # the cache's place: taken
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in (run_dir / "__main__.log").read_text()
+
+
+def test_the_config_is_checked_before_the_set_up_and_the_same_data_elsewhere_resumes(tmp_path):
+    """A mistyped override on a resume was refused only after the model, the data and a DPO reference pass were
+    loaded (minutes on an 8B model); and the same files at another absolute path (a job's scratch disk) were refused
+    as another config, though the README says they are the same data (their contents are compared)."""
+    from simpo_exp import checkpoint
+
+    step = tmp_path / "checkpoints" / "step-000004"
+    step.mkdir(parents=True)
+    (step / checkpoint.CHECKPOINT_MARKER).write_text("{}")
+    config = {"beta": 2.0, "dataset": {"sources": {"local": {"path": "/data/a/prefs.jsonl"}}}}
+    (step / "state.json").write_text(json.dumps({"config": config}))
+    checkpoint.refuse_another_config(tmp_path, config)
+    moved = {"beta": 2.0, "dataset": {"sources": {"local": {"path": "/scratch/job/prefs.jsonl"}}}}
+    checkpoint.refuse_another_config(tmp_path, moved)
+    with pytest.raises(checkpoint.DifferentConfigCheckpoint, match=r"beta: checkpoint 2.0, now 5.0"):
+        checkpoint.refuse_another_config(tmp_path, moved | {"beta": 5.0})
+    hub = {"beta": 2.0, "dataset": {"sources": {"local": {"path": "org/other-set"}}}}  # another hub set: other data
+    with pytest.raises(checkpoint.DifferentConfigCheckpoint, match=r"dataset.sources.local.path"):
+        checkpoint.refuse_another_config(tmp_path, hub)

@@ -18,7 +18,7 @@ from datasets import Dataset
 
 from simpo_exp.config import ConfigError, DatasetConfig
 from simpo_exp.data.tokenize import special_token_ids
-from simpo_exp.model import chat_template_hash
+from simpo_exp.model import chat_template_hash, tokenizer_hash
 
 
 def _quantiles(lengths: list[int]) -> dict:
@@ -106,7 +106,11 @@ def tokenization_report(splits: dict[str, Dataset], tokenizer, dcfg: DatasetConf
     def ends(values, s: int, e: int) -> bool:  # the last tokens only, unless they are all blank
         return ends_turn(values[max(s, e - 32) : e].tolist()) or (e - s > 32 and ends_turn(values[s:e].tolist()))
 
-    report: dict = {"chat_template_sha256": chat_template_hash(tokenizer), "splits": {}}
+    report: dict = {
+        "chat_template_sha256": chat_template_hash(tokenizer),
+        "tokenizer_sha256": tokenizer_hash(tokenizer),  # a resume on another tokenizer is refused (train.py)
+        "splits": {},
+    }
     for split, ds in splits.items():
         lengths = {"prompt": [], "chosen": [], "rejected": []}
         bos_counts: Counter = Counter()
