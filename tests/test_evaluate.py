@@ -1189,3 +1189,22 @@ def test_a_benchmarks_wandb_table_holds_its_first_few_rows(tmp_path):
     columns, table = sample_rows(tmp_path, "rule")
     assert columns == ["prompt", "preference", "n"]
     assert table == [[r["prompt"], r["preference"], r["n"]] for r in rows[:SAMPLE_ROWS]]
+
+
+def test_a_sweep_over_run_folders_gives_each_job_its_folder_and_reports_a_failed_one(sweep, tmp_path):
+    """``--multirun evaluate.path=A,B``: the jobs differ by the path alone, which their folder names leave out, so
+    the second job took the first one's folder; a job that failed went unreported and the sweep exited 0."""
+    (tmp_path / "notarun").mkdir()
+    one = shutil.copytree(jobs(sweep)[0], tmp_path / "run", ignore=shutil.ignore_patterns("eval", "wandb"))
+    out = tmp_path / "ev"
+    res = evaluate(
+        "--multirun", f"evaluate.path='{tmp_path / 'notarun'}','{one}'", "benchmark=rule",
+        "benchmarks.rule.max_prompts=4", "evaluate.wandb=off", f"hydra.sweep.dir={out}", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "1 of 2 jobs FAILED" in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (one / "eval" / "rule" / "results.json").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "0_benchmark=rule,benchmarks.rule.max_prompts=4,evaluate.wandb=off",
+        "1_benchmark=rule,benchmarks.rule.max_prompts=4,evaluate.wandb=off",
+    ]

@@ -397,7 +397,9 @@ def test_the_run_directory_is_found_among_hydras_options_and_overrides(tmp_path)
     assert _path_argument(["m", str(run), "--cfg", "job", "--package", "benchmarks"])[1] == path
     assert _path_argument(["m", "--info", "config", "-m", str(run), "~benchmarks.rule"])[4] == path
     assert _path_argument(["m", "evaluate.path=x", "--cfg", "job"]) == ["m", "evaluate.path=x", "--cfg", "job"]
-    for argv in (["m", str(tmp_path / "nope")], ["m", str(run), "extra"]):
+    # a directory named twice: Hydra took the last, the other went unevaluated without a word
+    twice = (["m", "evaluate.path=x", str(run)], ["m", "evaluate.path=x", "evaluate.path=y"])
+    for argv in (["m", str(tmp_path / "nope")], ["m", str(run), "extra"], *twice):
         with pytest.raises(SystemExit) as err:
             _path_argument(argv)
         assert err.value.code == 2

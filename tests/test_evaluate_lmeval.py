@@ -147,6 +147,11 @@ def test_a_task_lm_eval_does_not_know_is_refused_by_name_before_the_model_loads(
     with pytest.raises(ConfigError, match=r"benchmarks.gsm8k.tasks=\['gsm8kk'\]: lm-eval has no task \['gsm8kk'\]"):
         evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.tasks=[gsm8kk]")
     assert lm_eval_calls == []
+    # behind another benchmark: refused before that one generates (the typo came at the lm-eval benchmark's turn,
+    # after the first had answered and been judged on the first run, and the sweep's other runs got nothing)
+    with pytest.raises(ConfigError, match=r"lm-eval has no task \['gsm8kk'\]"):
+        evaluate_sweep(run, "benchmark=[rule,gsm8k]", "benchmarks.gsm8k.tasks=[gsm8kk]")
+    assert not (run / "eval" / "rule").exists()
 
 
 def test_a_finished_lm_eval_is_not_run_again_for_the_same_weights_and_settings(lm_eval_calls, tmp_path, compose):
@@ -334,3 +339,11 @@ def test_a_task_whose_data_set_is_not_cached_is_named_and_the_hub_settings_are_p
     with pytest.raises(DataSourceError, match=r"benchmarks.gsm8k.tasks=\['gsm8k'\]: a task's data set is not on this"):
         evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
     assert "HF_DATASETS_OFFLINE" not in os.environ and "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_a_run_of_a_model_with_its_own_code_is_loaded_by_lm_eval_with_it(lm_eval_calls, tmp_path, compose):
+    """The answer samplers pass the run's ``model.trust_remote_code``; lm-eval was not given it, and its loader
+    refuses such a model by default: a traceback at the lm-eval benchmark after the others had run."""
+    run = fake_run(tmp_path / "run", ["model.trust_remote_code=true"], compose)
+    evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    assert lm_eval_calls[0]["model_args"]["trust_remote_code"] is True

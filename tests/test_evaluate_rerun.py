@@ -261,3 +261,25 @@ def test_answers_made_in_larger_batches_serve_a_run_resumed_with_smaller_ones(tm
     path.write_text(json.dumps(made))
     now = {**made, "decoding": {"temperature": 0.0, "batch_size": 8}}
     _check_manifest(path, now, has_answers=True)  # not refused
+
+
+def test_answers_sampled_by_the_hf_backend_are_bound_to_their_batch_size(tmp_path):
+    """One random stream per shard, drawn batch after batch: at temperature 0.5 every one of 8 answers differed
+    between batch sizes 8 and 1, and a resume with another batch mixed the two samples under one recorded decoding.
+    Greedy answers, and vLLM's (seeded per request), do not depend on it."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.run import _check_manifest
+    from simpo_exp.inference.results import answer_decoding
+
+    sampled = {"backend": "hf", "temperature": 0.5, "batch_size": 8, "vllm_gpu_memory_utilization": 0.9}
+    assert answer_decoding(sampled) == {"backend": "hf", "temperature": 0.5, "batch_size": 8}
+    assert "batch_size" not in answer_decoding(sampled | {"backend": "vllm"})
+    assert "batch_size" not in answer_decoding(sampled | {"temperature": 0.0})
+    path = tmp_path / "trained-manifest.json"
+    made = {"weights": {"sha256": "x"}, "prompts": "p", "decoding": answer_decoding(sampled)}
+    path.write_text(json.dumps(made))
+    with pytest.raises(ConfigError, match="batch_size"):
+        _check_manifest(path, {**made, "decoding": answer_decoding(sampled | {"batch_size": 4})}, has_answers=True)
+    older = {**made, "decoding": {"backend": "hf", "temperature": 0.5}}  # made before the batch size was recorded
+    path.write_text(json.dumps(older))
+    _check_manifest(path, {**made, "decoding": answer_decoding(sampled | {"batch_size": 4})}, has_answers=True)

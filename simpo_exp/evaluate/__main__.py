@@ -47,6 +47,12 @@ def _path_argument(argv: list[str]) -> list[str]:
     ``evaluate.path='...'`` (quoted: job directories hold '=' and ','). A plain argument that is not a
     directory: a one-line error and exit 2, not Hydra's "missing EQUAL" parse error."""
     plain = _plain_arguments(argv)
+    named = [a for a in argv if a.lstrip("+").startswith("evaluate.path=")]
+    if len(named) + bool(plain) > 1:  # Hydra takes the last: the others were left unevaluated, without a word
+        given = [*named, *(argv[i] for i in plain[:1])]
+        print(f"error: more than one run or sweep directory given ({', '.join(given)}); give one (a --multirun "
+              "sweeps several: evaluate.path=A,B)", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     if not plain:
         return argv
     i = plain[0]

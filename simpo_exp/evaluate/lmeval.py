@@ -130,7 +130,12 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
         with offline():
             res = lm_eval.simple_evaluate(
                 model="hf",
-                model_args={"pretrained": policy_cfg.model.path, "dtype": ran_with["dtype"]},
+                model_args={
+                    "pretrained": policy_cfg.model.path,
+                    "dtype": ran_with["dtype"],
+                    # a model of its own code, as the answer samplers load it (lm-eval's HFLM refuses it by default)
+                    **({"trust_remote_code": True} if policy_cfg.model.trust_remote_code else {}),
+                },
                 tasks=list(b.tasks),
                 num_fewshot=b.num_fewshot,
                 limit=b.limit,

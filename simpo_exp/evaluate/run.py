@@ -69,7 +69,6 @@ from simpo_exp.inference.files import (
 )
 from simpo_exp.inference.results import (
     EVAL_DIR,
-    FREE_DECODING,
     HEADLINE,
     PREFIX,
     answer_decoding,
@@ -222,8 +221,10 @@ def _check_manifest(
         write_json(path, manifest)
         return
     old = json.loads(path.read_text())
-    for k in FREE_DECODING:  # recorded by older manifests
-        (old.get("decoding") or {}).pop(k, None)
+    if isinstance(old.get("decoding"), dict):  # older manifests recorded every setting, or none of FREE_DECODING
+        if "batch_size" not in old["decoding"]:  # (a sampled one made before its batch size was recorded: kept)
+            manifest = manifest | {"decoding": {k: v for k, v in manifest["decoding"].items() if k != "batch_size"}}
+        old["decoding"] = answer_decoding(old["decoding"])
     # a key an older manifest lacks is not held against it (written before that key was recorded), as in generate
     compared = set(manifest if keys is None else keys) & set(old) - {"prompt_hashes"}
     differ = manifest_changes(old, manifest, compared, stored_only=True)
@@ -600,7 +601,7 @@ def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
     the stage after the first had generated (and judged) on the first run, the sweep's other runs not evaluated.
     A ``by_model`` entry naming neither a shipped model preset nor an evaluated run's model (``model_names``) is
     said: a misspelt name was never applied, without a word."""
-    from simpo_exp.evaluate.lmeval import check_installed
+    from simpo_exp.evaluate.lmeval import check_installed, check_tasks
     from simpo_exp.rundir import CONF_DIR
 
     known = {p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml")} | set(model_names)
@@ -617,6 +618,7 @@ def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
             bm.arena_prompts(b.prompts_path, b.reference_path, f"benchmarks.{b.name}", b.max_prompts)
         elif b.kind == "lm_eval":
             check_installed(b)
+            check_tasks(b)  # a misspelt task, before any run generates for the benchmarks before it
 
 
 def _model_name(folder: Path) -> str | None:
