@@ -1173,7 +1173,8 @@ def test_a_re_evaluation_with_nothing_new_opens_no_wandb_run(tmp_path, monkeypat
     write_json(tmp_path / "eval" / "arena-hard" / "results.json", {"metrics": {"win_rate": 20.0}})  # another bench
     wandb_log.log_results(tmp_path, ["rule"])
     wandb_log.log_results(tmp_path, ["rule", "arena-hard"])  # its table too
-    monkeypatch.setenv("WANDB_MODE", "online")  # the user's word: sent again, now online
+    monkeypatch.setenv("WANDB_MODE", "online")  # the user's word: sent again, now online (with a key)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     wandb_log.log_results(tmp_path, ["rule", "arena-hard"])
     assert len(opened) == 5
     wandb_log.log_results(tmp_path, ["rule", "arena-hard"])
