@@ -245,7 +245,9 @@ def open_wandb(run_dir: Path, mode: str, init_timeout: float, **run):
         dir=str(run_dir),
         mode=mode,
         reinit="create_new",
-        settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=init_timeout),
+        # x_disable_meta: no command line (sys.argv holds whatever was typed, past scrub), host or git record of
+        # wandb's own; the run's config and env.json carry what the run needs
+        settings=wandb.Settings(console="off", x_disable_stats=True, x_disable_meta=True, init_timeout=init_timeout),
     )
 
 

@@ -994,7 +994,7 @@ def test_a_hub_bases_relative_licence_link_points_at_its_own_repo(tmp_path, monk
         assert base_license("org/base")["license_link"] == f"https://huggingface.co/org/base/blob/main/{path}"
 
 
-def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, monkeypatch):
+def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, monkeypatch, caplog):
     """evaluate.push_to_hub=true: a sweep's jobs go each to ``<hub_repo>-<job>`` (one repo for all kept only the last
     job's model), a single run to ``hub_repo`` itself, and every repo is created private."""
     import types
@@ -1031,6 +1031,20 @@ def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, m
     _finish_run(runs[0], runs[0], None, types.SimpleNamespace(**{**vars(e), "path": str(runs[0])}), runs[0].name)
     assert created == [("me/simpo-0_beta-2", True), ("me/simpo-1_beta-5", True), ("me/simpo", True)]
     assert uploaded == [(str(r / "model"), repo) for r, (repo, _) in zip([*runs, runs[0]], created)]
+    # a job of a --multirun over run folders sees one run: it too gets a repo of its own (each pushed over the last)
+    from simpo_exp.evaluate import run as evaluate_run
+
+    monkeypatch.setattr(evaluate_run, "_a_multirun_job", lambda: True)
+    _finish_run(runs[1], runs[1], None, types.SimpleNamespace(**{**vars(e), "path": str(runs[1])}), runs[1].name)
+    assert created[-1] == ("me/simpo-1_beta-5", True)
+
+    def refused(self, repo_id, private=False, exist_ok=False):
+        raise RuntimeError("401 Unauthorized")
+
+    monkeypatch.setattr(FakeApi, "create_repo", refused)  # said, and the next run goes on (it was a traceback)
+    with caplog.at_level("ERROR", logger="simpo_exp.evaluate.run"):
+        _finish_run(runs[0], runs[0], None, types.SimpleNamespace(**{**vars(e), "path": str(sweep)}), runs[0].name)
+    assert "failed (RuntimeError: 401 Unauthorized); the results are kept" in caplog.text
 
 
 def test_the_card_training_writes_carries_the_figures_it_is_given(tmp_path):

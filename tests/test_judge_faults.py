@@ -27,6 +27,7 @@ class PickyJudge(FakeJudge):
     status: int | None = None
     cut = 0
     code = "context_length_exceeded"  # the error's code in OpenAI's body
+    echo = False  # the reply quotes the Authorization header sent (as some gateways do with a refused key)
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -36,7 +37,8 @@ class PickyJudge(FakeJudge):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            words = {"message": f"refused ({status}): context of 8192 tokens", "code": type(self).code}
+            said = f"Incorrect API key provided: {self.headers.get('Authorization')}" if type(self).echo else ""
+            words = {"message": f"refused ({status}): context of 8192 tokens{said}", "code": type(self).code}
             self.wfile.write(json.dumps({"error": words}).encode())
             return
         reply = json.dumps({"choices": [{"message": {"content": self.content(body)}}]}).encode()
@@ -58,7 +60,7 @@ class PickyJudge(FakeJudge):
 @pytest.fixture
 def picky(tmp_path):
     server, url = serve(PickyJudge)
-    PickyJudge.status, PickyJudge.cut, PickyJudge.code = None, 0, "context_length_exceeded"
+    PickyJudge.status, PickyJudge.cut, PickyJudge.code, PickyJudge.echo = None, 0, "context_length_exceeded", False
     judge = JudgeConfig(kind="openai", base_url=url, model="fake", max_retries=1, timeout_s=5)
     yield SimpleNamespace(judge=judge, out=tmp_path)
     server.shutdown()
@@ -209,3 +211,21 @@ def test_the_withheld_lc_says_a_rerun_brings_back_only_what_the_endpoint_failed(
     assert "run the command again to ask the judge for the 12 the endpoint refused or failed" in note
     assert "not asked again" not in note
     assert lc_missing_note(8, 805) is None
+
+
+def test_a_key_the_endpoint_echoes_is_hidden_in_what_is_stored_and_said(picky, monkeypatch):
+    """A gateway that quotes the refused key in its reply put it into the stored verdicts, the results' notes, the
+    model card a push uploads, and the error printed and kept in error.json."""
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-ZZSECRET")
+    picky.judge.api_key_env = "MY_JUDGE_KEY"
+    judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
+    PickyJudge.status, PickyJudge.echo = 401, True
+    with pytest.raises(JudgeError) as err:
+        judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
+    assert "ZZSECRET" not in str(err.value) and "Incorrect API key provided: Bearer <$MY_JUDGE_KEY>" in str(err.value)
+    PickyJudge.status = 400  # a refused request: its reason is stored with the prompt
+    from simpo_exp.evaluate.judge import RequestRefused
+
+    with pytest.raises(RequestRefused) as err:
+        judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
+    assert "ZZSECRET" not in str(err.value)

@@ -655,3 +655,16 @@ def test_the_project_is_wandb_projects_where_the_logger_names_none(monkeypatch):
     assert wandb_project(None) == "simpo-exp"
     monkeypatch.setenv("WANDB_PROJECT", "my-proj")
     assert wandb_project(None) == "my-proj" and wandb_project("given") == "given"
+
+
+def test_the_command_line_is_not_in_the_wandb_record(tmp_path, monkeypatch):
+    """wandb records ``sys.argv`` in a run's metadata, past the config's credential scrub: a key typed on the command
+    line (a judge key given where its variable's name goes, a URL with a password) went up with ``wandb sync``."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["simpo_exp", "judge.api_key_env=sk-ZZSECRETTYPED"])
+    tracker = Tracker(tmp_path, _logger_cfg(group=None), {})
+    tracker.log({"train/loss": 1.0}, 1)
+    tracker.finish({})
+    (record,) = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
+    assert b"ZZSECRETTYPED" not in record.read_bytes()

@@ -9,13 +9,15 @@ data, seed) is read back from its ``.hydra/config.yaml``, not composed here.
 from __future__ import annotations
 
 import dataclasses
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from simpo_exp.config import DEVICES, _check, _check_choice, _fail, structured
+from simpo_exp.config import DEVICES, ConfigError, _check, _check_choice, _fail, structured
 
 BENCHMARK_KINDS = ("rule", "alpacaeval", "arena_hard", "lm_eval")
 JUDGE_KINDS = ("none", "rule", "openai", "alpaca_eval")
@@ -220,7 +222,14 @@ def _validate_benchmark(key: str, b: BenchmarkConfig) -> None:
             b.judge.base_url,
             "must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)",
         )
+        parts = urllib.parse.urlsplit(str(b.judge.base_url))
+        if parts.username or parts.password:  # urllib sends nothing then ("the endpoint did not answer"); not echoed
+            raise ConfigError(
+                f"{key}.judge.base_url holds a user name or password (user:password@host): they are not sent; give the "
+                f"key in an environment variable named by {key}.judge.api_key_env"
+            )
         _check(bool(b.judge.model), f"{key}.judge.model", b.judge.model, "judge.kind=openai needs a model name")
+        _check_env_name(f"{key}.judge.api_key_env", b.judge.api_key_env)
         for name in ("concurrency", "max_tokens", "label_attempts", "strong_weight", "bootstrap_rounds"):
             _check(getattr(b.judge, name) >= 1, f"{key}.judge.{name}", getattr(b.judge, name), "must be >= 1")
         _check(b.judge.max_retries >= 0, f"{key}.judge.max_retries", b.judge.max_retries, "must be >= 0")
@@ -263,6 +272,29 @@ def apply_command_line(cfg: DictConfig, given: list[str]) -> None:
                 )
 
 
+def _check_env_name(key: str, value: str) -> None:
+    """Refuse a value that cannot be an environment variable's name (a key given in its place, ``sk-...``: nothing
+    was sent, and the key was written into every record of the command). The value is not echoed."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(value)):
+        raise ConfigError(
+            f"{key} names the environment variable that holds the key or token (letters, digits, underscores), not "
+            "the key itself: export it, e.g. export OPENAI_API_KEY=..., and give its name"
+        )
+
+
+def _check_repo_id(repo: str) -> None:
+    """A hub repo id huggingface_hub takes (``user/name``), before any run is evaluated: a bad one failed at the
+    push, after the first run's benchmarks, with a traceback, and the sweep's other runs got nothing."""
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(repo)
+    except ImportError:
+        return
+    except Exception as err:  # HFValidationError: its own words
+        raise ConfigError(f"invalid config value evaluate.hub_repo={repo!r}: {str(err).splitlines()[0]}") from err
+
+
 def to_evaluate_config(cfg: DictConfig) -> EvaluateRunConfig:
     """A composed DictConfig as a validated ``EvaluateRunConfig``; errors name the key."""
     cfg = structured(EvaluateRunConfig, cfg)
@@ -272,6 +304,8 @@ def to_evaluate_config(cfg: DictConfig) -> EvaluateRunConfig:
     _check_choice("evaluate.wandb", e.wandb, WANDB)
     if e.push_to_hub:
         _check(bool(e.hub_repo), "evaluate.hub_repo", e.hub_repo, "push_to_hub=true needs a repo id (user/name)")
+        _check_repo_id(e.hub_repo)
+    _check_env_name("evaluate.hub_token_env", e.hub_token_env)
     _check(bool(cfg.benchmarks), "benchmark", None, "choose at least one benchmark (benchmark=rule)")
     for name, b in cfg.benchmarks.items():
         _validate_benchmark(f"benchmarks.{name}", b)

@@ -195,6 +195,8 @@ class PairwiseJudge:
         self.j, self.key = j, key
         self.url = j.base_url.rstrip("/") + "/chat/completions"
         self.api_key = os.environ.get(j.api_key_env, "")
+        if not self.api_key and j.api_key_env != "OPENAI_API_KEY":  # named for this judge, and not there
+            log.warning("%s.judge.api_key_env: $%s is not set; the judge is asked without a key", key, j.api_key_env)
         self.stopping = threading.Event()  # set when the judging stops: no request is sent after it
         self.taken, self.refused, self.counting = 0, 0, threading.Lock()  # requests answered and refused
         self.failed_in_a_row = 0  # requests that got no answer after their tries since the last one answered
@@ -204,6 +206,11 @@ class PairwiseJudge:
         # prompt failing again says nothing of the endpoint being down (judge_lines sets both)
         self.answered_before = False
         self.asking = threading.local()  # .again: this thread's request is a prompt that got no answer before
+
+    def masked(self, text: str) -> str:
+        """An endpoint's words with the key this judge sent hidden: a proxy or gateway that echoes a refused key in its
+        reply put it into the stored verdicts, the results' notes and the model card a push uploads."""
+        return text.replace(self.api_key, f"<${self.j.api_key_env}>") if self.api_key else text
 
     def _ask(self, content: str) -> str:
         return self.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], max_tokens=8)
@@ -229,7 +236,7 @@ class PairwiseJudge:
                     self.failed_in_a_row = 0
                 return reply
             except urllib.error.HTTPError as e:
-                asked, said = retry_after(e), _http_error(e)  # (the body can be read once)
+                asked, said = retry_after(e), self.masked(_http_error(e))  # (the body can be read once)
                 if e.code == RATE_LIMITED and "insufficient_quota" in said:  # OpenAI's word for no credit left
                     raise JudgeError(
                         f"{where}: the judge endpoint's quota is used up ({said}): no wait clears it; add credit or "
@@ -273,7 +280,7 @@ class PairwiseJudge:
                 last, unreachable = said, False
             # no reply it can read: a failed or cut-short request, a body that is not JSON, no choices[0].message
             except (urllib.error.URLError, http.client.HTTPException, OSError, LookupError, ValueError, TypeError) as e:
-                last, unreachable = f"{type(e).__name__}: {e}", unreachable_error(e)
+                last, unreachable = self.masked(f"{type(e).__name__}: {e}"), unreachable_error(e)
             if attempt >= self.j.max_retries:
                 break
             self.stopping.wait(min(2**attempt, 8))

@@ -589,10 +589,32 @@ def _finish_run(folder: Path, run_dir: Path, run_cfg, e, name: str) -> None:
     if e.model_card:
         write_model_card(run_dir, saved_config(folder), name)
     if e.push_to_hub:
-        repo = e.hub_repo if len(find_runs(Path(e.path))) == 1 else job_repo_id(e.hub_repo, folder.name)
-        url = push_model(run_dir, repo, e.hub_token_env)
+        # a repo per run of a sweep: of a sweep folder, or of a --multirun over run folders (each job sees one run,
+        # and every job pushed to hub_repo itself, each over the last)
+        alone = len(find_runs(Path(e.path))) == 1 and not _a_multirun_job()
+        repo = e.hub_repo if alone else job_repo_id(e.hub_repo, folder.name)
+        try:
+            url = push_model(run_dir, repo, e.hub_token_env)
+        except Exception as err:  # a refused token, no network: said; the results are kept, the other runs go on
+            log.error(
+                "push of %s to %s failed (%s: %s); the results are kept: re-run the command to push",
+                run_dir / "model",
+                repo,
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
+            return
         if url:
             print(f"pushed {run_dir / 'model'} -> {url}", flush=True)
+
+
+def _a_multirun_job() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+    except Exception:  # outside a Hydra job
+        return False
 
 
 def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
