@@ -503,7 +503,7 @@ def save_tokenizer(tokenizer, path) -> bool:
             probe = tokenizer.apply_chat_template(
                 [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
             )
-            add = not probe.startswith(bos)
+            add = not probe.lstrip().startswith(bos)  # after leading whitespace: written (as with_bos counts it)
         except Exception:  # a template that refuses the probe: saved as it is
             add = False
     if add:

@@ -1912,6 +1912,14 @@ def test_the_saved_chat_template_writes_the_bos_training_put_first(tmp_path):
     tok.chat_template = TINY_CHAT_TEMPLATE  # writes its own BOS: saved as it is
     assert not save_tokenizer(tok, tmp_path / "own")
     assert AutoTokenizer.from_pretrained(tmp_path / "own").chat_template == TINY_CHAT_TEMPLATE
+    # its own BOS after a leading newline: written, as training counted it (a second one made the saved model's
+    # prompts BOS \n BOS, which training never saw)
+    tok.chat_template = "\n" + TINY_CHAT_TEMPLATE
+    trained = with_bos(tok, tok(render(tok, messages, "1 2 3")[0], add_special_tokens=False)["input_ids"])
+    assert not save_tokenizer(tok, tmp_path / "newline")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "newline")
+    ids = saved.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == trained
 
 
 def test_a_prompt_turn_the_chat_template_leaves_out_drops_its_pair():
