@@ -59,15 +59,25 @@ LICENSE_KEYS = ("license", "license_name", "license_link")
 
 def base_license(model_path: str) -> dict:
     """The base model's licence, as its own card states it (``license``, and ``license_name``/``license_link`` for
-    "other"): from a local model folder's README.md, or the hub card where the local cache holds it; {} where
-    neither is at hand (nothing is downloaded). A derivative's card without one shows no licence on the hub."""
+    "other"): from a local model folder's README.md, or the hub card where the local cache holds it, or, where the
+    hub can be reached, fetched (transformers downloads a base's weights, config and tokenizer, never its card: a
+    Llama or Gemma derivative trained online was pushed without its licence); {} where none is at hand. A
+    derivative's card without one shows no licence on the hub."""
     from huggingface_hub import ModelCard
 
-    from simpo_exp.hub import cached_hub_file
+    from simpo_exp.hub import cached_hub_file, hub_reachable
 
     readme = Path(model_path).expanduser() / "README.md" if model_path else None
     if readme is not None and not readme.is_file() and _is_hub_id(model_path):
         readme = cached_hub_file(model_path, "README.md")
+        if (readme is None or not readme.is_file()) and hub_reachable():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                readme = Path(hf_hub_download(model_path, "README.md"))
+            except Exception as e:  # no card, a gated repo without a token, the network gone: no licence taken
+                log.debug("no card fetched for %s: %s", model_path, e)
+                readme = None
     if readme is None or not readme.is_file():
         return {}
     try:

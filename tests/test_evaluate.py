@@ -992,6 +992,15 @@ def test_a_hub_bases_relative_licence_link_points_at_its_own_repo(tmp_path, monk
     for link, path in (("./LICENSE.txt", "LICENSE.txt"), (".github/LICENSE", ".github/LICENSE")):
         card.write_text(f"---\nlicense: other\nlicense_name: llama3\nlicense_link: {link}\n---\n# base\n")
         assert base_license("org/base")["license_link"] == f"https://huggingface.co/org/base/blob/main/{path}"
+    # not in the cache (transformers fetched the weights, never the card): fetched where the hub can be reached
+    import huggingface_hub
+
+    monkeypatch.setattr("simpo_exp.hub.cached_hub_file", lambda repo, name: None)
+    monkeypatch.setattr("simpo_exp.hub.hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(card))
+    assert base_license("org/base")["license_name"] == "llama3"
+    monkeypatch.setattr("simpo_exp.hub.hub_reachable", lambda: False)  # offline: nothing asked, no licence
+    assert base_license("org/base") == {}
 
 
 def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, monkeypatch, caplog):
