@@ -147,14 +147,18 @@ def _dataset_name(bench: str, rec: dict) -> str:
     return f"{name} ({how})" if how else name
 
 
-def card_data(cfg: dict, results: dict[str, dict], name: str, licence: dict | None = None):
-    """The card's metadata; ``licence``: the base's (``base_license``), read here where not given."""
+def card_data(cfg: dict, results: dict[str, dict], name: str, licence: dict | None = None, origin=None):
+    """The card's metadata; ``licence``: the base's (``base_license``), read here where not given; ``origin``: the
+    ``base_model`` and ``datasets`` the card training wrote says (``earlier_origin``), which win where given."""
     from huggingface_hub import EvalResult, ModelCardData
 
     model_path = select(cfg, "model.path") or ""
     licence = base_license(model_path) if licence is None else licence
     sources = (select(cfg, "dataset.sources") or {}).values()
     datasets = sorted({s.get("path") for s in sources if isinstance(s, dict) and _is_hub_id(s.get("path") or "")})
+    base = model_path if _is_hub_id(model_path) else None
+    if origin is not None:  # told where training ran: a relative local path is no hub id from another folder
+        base, datasets = origin.get("base_model"), origin.get("datasets") or []
     evals = [
         EvalResult(
             task_type="text-generation",
@@ -169,7 +173,7 @@ def card_data(cfg: dict, results: dict[str, dict], name: str, licence: dict | No
     ]
     return ModelCardData(
         **licence,
-        base_model=model_path if _is_hub_id(model_path) else None,
+        base_model=base,
         datasets=datasets or None,
         library_name="transformers",
         tags=[select(cfg, "method") or "simpo", "preference-optimization", "simpo-exp"],  # the method trained
@@ -185,8 +189,9 @@ def card_text(
     resolved: dict | None = None,
     training: dict | None = None,
     licence: dict | None = None,
+    origin: dict | None = None,
 ) -> str:
-    data = card_data(cfg, results, name, licence)
+    data = card_data(cfg, results, name, licence, origin)
     model = (
         select(cfg, "model.path") or f"a randomly initialised model ({select(cfg, 'model.name')}, built from config)"
     )
@@ -260,13 +265,33 @@ def resolved_values(summary: dict) -> dict:
     return {k.removeprefix("resolved/"): v for k, v in summary.items() if k.startswith("resolved/")}
 
 
+def earlier_origin(path: Path) -> dict | None:
+    """The metadata of the card training wrote (``path``), where there is one that parses: its base model, data
+    sets and licence were read where training ran (a relative local ``model.path`` read from another folder, or
+    after the folder was cleaned away, is no hub id)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(path).data.to_dict()
+    except Exception:  # a card that does not parse: worked out again
+        return None
+
+
 def write_model_card(
-    run_dir: Path, cfg, name: str | None = None, resolved: dict | None = None, training: dict | None = None
+    run_dir: Path,
+    cfg,
+    name: str | None = None,
+    resolved: dict | None = None,
+    training: dict | None = None,
+    rewrite: bool = False,
 ) -> Path:
     """Write ``<run_dir>/model/README.md`` from the run's resolved config (a plain dict, or the ``Config``
     dataclass training holds), the values training resolved (``resolved``; else those its summary.json
     recorded as ``resolved/<key>``), its final metrics (``training``; else its summary.json's) and the results of
-    any evaluation found in ``run_dir``."""
+    any evaluation found in ``run_dir``. ``rewrite``: the evaluate stage's, which keeps the base model, data sets
+    and licence of the card training wrote."""
     import dataclasses
 
     from simpo_exp.inference.files import write_atomic
@@ -282,7 +307,10 @@ def write_model_card(
     training = summary if training is None else training
     model_path = select(cfg, "model.path") or ""
     licence = base_license(model_path)  # the base's card, read once for the metadata and the licence file
-    write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved, training, licence))
+    origin = earlier_origin(path) if rewrite else None
+    if origin is not None and not licence:  # a relative base folder, not found from here: as training read it
+        licence = {k: origin[k] for k in LICENSE_KEYS if origin.get(k)}
+    write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved, training, licence, origin))
     copy_license_file(model_path, path.parent, licence.get("license_link"))
     return path
 

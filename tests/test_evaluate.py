@@ -873,6 +873,28 @@ def test_model_card_carries_the_base_models_licence_the_runs_own_figures_and_no_
     assert "| `num_train_epochs` | 1.0 |" in card.text and "max_steps" not in card.text and card.data.license is None
 
 
+def test_the_evaluate_stages_card_keeps_the_origin_the_training_card_read(tmp_path, monkeypatch):
+    """A relative local ``model.path`` (``sft/final``) is no hub id where training ran; the evaluate stage, run from
+    another folder, rewrote the card with ``base_model: sft/final`` (an unrelated or missing hub repo) and dropped
+    the base's licence, which it could no longer read."""
+    from huggingface_hub import ModelCard
+
+    from simpo_exp.modelcard import write_model_card
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft" / "final").mkdir(parents=True)
+    (tmp_path / "sft" / "final" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    cfg = {"model": {"name": "m", "path": "sft/final"}, "max_steps": 10, "beta": 2.0}
+    run = tmp_path / "run"
+    card = ModelCard.load(write_model_card(run, cfg, "run", resolved={}, training={}))  # as training writes it
+    assert card.data.base_model is None and card.data.license == "apache-2.0"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # evaluate, started in another folder
+    card = ModelCard.load(write_model_card(run, cfg, "run", rewrite=True))
+    assert card.data.base_model is None and card.data.license == "apache-2.0"
+
+
 def test_each_sweep_job_is_pushed_to_a_valid_repo_of_its_own():
     """Job directories hold '=' and ',' and run past the Hub's 96 characters: each job's repo name is made valid
     (the Hub refused them before any upload) and two long names that differ only at the end stay apart."""

@@ -587,7 +587,7 @@ def _finish_run(folder: Path, run_dir: Path, run_cfg, e, name: str) -> None:
     from simpo_exp.modelcard import job_repo_id, push_model, write_model_card
 
     if e.model_card:
-        write_model_card(run_dir, saved_config(folder), name)
+        write_model_card(run_dir, saved_config(folder), name, rewrite=True)
     if e.push_to_hub:
         # a repo per run of a sweep: of a sweep folder, or of a --multirun over run folders (each job sees one run,
         # and every job pushed to hub_repo itself, each over the last)
