@@ -132,15 +132,18 @@ def chat_template_hash(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def tokenizer_hash(tokenizer) -> str:
+def tokenizer_hash(tokenizer) -> str | None:
     """A short hash of what turns text into ids: a fast tokenizer's whole definition (vocabulary, merges,
     normaliser, pre-tokeniser, added tokens), else its vocabulary, with the special tokens' ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     try:
         text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    except Exception:  # a tokenizer that cannot say: its vocabulary
-        text = json.dumps(sorted(tokenizer.get_vocab().items()))
-    ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    except Exception:  # a tokenizer that cannot say: its vocabulary, if it has one
+        try:
+            text = json.dumps(sorted(tokenizer.get_vocab().items()))
+        except Exception:
+            return None
+    ids = [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")]
     return hashlib.sha256((text + json.dumps(ids)).encode()).hexdigest()[:12]
 
 

@@ -377,7 +377,11 @@ def check_same_tokenizer(run_dir: Path, tokenizer) -> None:
     hashes): the same rows would be other tokens from the checkpoint on, and the record of the first ones lost."""
     then = (read_json(run_dir / "data_report.json") or {}).get("tokenization") or {}
     now = {"chat_template_sha256": chat_template_hash(tokenizer), "tokenizer_sha256": tokenizer_hash(tokenizer)}
-    changed = [f"{key} {then[key]} then, {value} now" for key, value in now.items() if then.get(key, value) != value]
+    changed = [
+        f"{key} {then[key]} then, {value} now"
+        for key, value in now.items()
+        if value is not None and then.get(key) not in (None, value)  # a hash one start could not take: unchecked
+    ]
     if changed:
         raise checkpoint.DifferentConfigCheckpoint(
             f"the checkpoints in {run_dir} were written with another tokenizer or chat template ({'; '.join(changed)}"
