@@ -499,6 +499,7 @@ def set_up(cfg: Config) -> Run:
     env["adamw_fused"] = bool(fused_optimizer)
     if start_weights:
         env["start_weights"] = start_weights
+    env["resolved"] = resolved  # the values training worked out (compare shows them for a run not yet finished)
     env, drift = with_earlier_starts(env, read_json(run_dir / "env.json"), state.step)
     if drift:
         log.warning(

@@ -1060,3 +1060,16 @@ def test_runs_that_skipped_steps_are_noted():
     said = compare.skipped_steps_note(runs)
     assert said.startswith("1 run(s) skipped steps whose loss or gradient was not finite") and said.endswith("(4 of 6)")
     assert compare.skipped_steps_note(runs[1:]) is None
+
+
+def test_a_run_without_a_summary_shows_the_values_its_start_resolved(tmp_path):
+    """A killed or running run of a preset that leaves ``learning_rate`` to the model's size showed it as ``-``:
+    only summary.json, written at the end, recorded the value; env.json, written at the start, does now."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("learning_rate: null\nbeta: 2.0\n")
+    (run / "env.json").write_text(json.dumps({"resolved": {"learning_rate": 5e-4, "effective_batch_size": 16}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 0.7}) + "\n")
+    loaded = compare.load_run(run)
+    assert loaded.status != "done" and loaded.value_of("learning_rate") == 5e-4
+    assert loaded.value_of("effective_batch_size") == 16
