@@ -520,8 +520,22 @@ def _local(path) -> bool:
     return isinstance(path, str) and (looks_like_local_path(path) or Path(path).expanduser().exists())
 
 
-def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = "checkpoint") -> list[str]:
-    """Config keys whose values differ, ignoring those a resumed run may change (``key: <what> a, now b``)."""
+def fingerprinted_sources(run_dir: Path) -> frozenset[str]:
+    """The data sources whose files a run recorded by their contents (data_report.json's ``files``): the resume's
+    data check compares those, so another local path to them is no other config. A run from before the record keeps
+    its paths compared."""
+    from simpo_exp.rundir import recorded_sources
+
+    return frozenset(
+        name for name, rec in recorded_sources(run_dir).items() if isinstance(rec, dict) and rec.get("files")
+    )
+
+
+def incompatible_keys(
+    saved: dict, current: dict, prefix: str = "", what: str = "checkpoint", fingerprinted: frozenset = frozenset()
+) -> list[str]:
+    """Config keys whose values differ, ignoring those a resumed run may change (``key: <what> a, now b``);
+    ``fingerprinted``: the sources whose local path may change (``fingerprinted_sources``)."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
         if not prefix and key in RESUMABLE_CHANGES:
@@ -529,10 +543,17 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = 
         if (prefix == "hardware." and key not in TRAINING_HARDWARE_KEYS) or f"{prefix}{key}" in HOW_IT_RUNS:
             continue
         a, b = saved.get(key), current.get(key)
-        if prefix.startswith("dataset.sources.") and key == "path" and _local(a) and _local(b):
+        source = prefix.removeprefix("dataset.sources.").rstrip(".")
+        if (
+            prefix.startswith("dataset.sources.")
+            and key == "path"
+            and source in fingerprinted
+            and _local(a)
+            and _local(b)
+        ):
             continue  # the same files elsewhere are the same data: check_same_data compares them by content
         if key not in saved and isinstance(b, dict):  # a section added since: each of its keys as below
-            diffs += incompatible_keys({}, b, f"{prefix}{key}.", what)
+            diffs += incompatible_keys({}, b, f"{prefix}{key}.", what, fingerprinted)
             continue
         if key not in saved and b == schema_default(f"{prefix}{key}"):
             continue  # a key added since the run was saved, at its default: what the older version did
@@ -541,7 +562,7 @@ def incompatible_keys(saved: dict, current: dict, prefix: str = "", what: str = 
         if key in UNORDERED_KEYS and isinstance(a, list) and isinstance(b, list):  # the same set in another order
             a, b = sorted(map(str, a)), sorted(map(str, b))
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += incompatible_keys(a, b, f"{prefix}{key}.", what)
+            diffs += incompatible_keys(a, b, f"{prefix}{key}.", what, fingerprinted)
         elif a != b:
             diffs.append(f"{prefix}{key}: {what} {a!r}, now {b!r}")
     return diffs
@@ -553,7 +574,8 @@ def refuse_another_config(run_dir: Path, config: dict) -> None:
     checkpoint whose record cannot be read is left to ``load_newest`` (which skips a damaged one)."""
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
-            diffs = incompatible_keys(json.loads((path / "state.json").read_text())["config"], config)
+            saved = json.loads((path / "state.json").read_text())["config"]
+            diffs = incompatible_keys(saved, config, fingerprinted=fingerprinted_sources(run_dir))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if diffs:
@@ -580,7 +602,7 @@ def load(
     (index, count), for its own generator states."""
     try:
         meta = json.loads((path / "state.json").read_text())
-        diffs = incompatible_keys(meta["config"], config)
+        diffs = incompatible_keys(meta["config"], config, fingerprinted=fingerprinted_sources(path.parent.parent))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DamagedCheckpoint(f"{path / 'state.json'} cannot be read ({type(e).__name__}: {e})") from e
     if diffs:

@@ -787,26 +787,35 @@ def mixed_bench_settings(runs: list[Run]) -> dict[str, list[str]]:
     from simpo_exp.inference.results import load_results
 
     seen: dict[str, dict[str, list[str]]] = {}
-    for r in runs:
-        if r.wrote_in is None:
-            continue
-        for bench, record in load_results(r.wrote_in).items():
-            settings = {key: record[key] for key in BENCH_SETTINGS if key in record}
-            if isinstance(record.get("metrics"), dict) and "n" in record["metrics"]:
-                settings["prompts"] = record["metrics"]["n"]  # 64 prompts beside a max_prompts=8 smoke test
-            for key, value in settings.items():
-                if key == "judge" and isinstance(value, dict):
-                    value = {k: v for k, v in value.items() if k != "base_url"}  # the same judge on another host
-                if key == "decoding" and isinstance(value, dict):  # a smaller batch after an out-of-memory, say
-                    value = answer_decoding(value)
-                if key == "start_weights" and isinstance(value, dict):  # a random init's seed is the run's own:
-                    value = {k: v for k, v in value.items() if k != "seed"}  # seed sweeps pool those, as they should
-                if key == "lm_eval" and isinstance(value, dict):
-                    value = {k: v for k, v in value.items() if k not in ("batch_size", "device")}
-                shown = json.dumps(value, sort_keys=True)
-                values = seen.setdefault(bench, {}).setdefault(key, [])
-                if shown not in values:
-                    values.append(shown)
+    records = [
+        (bench, record) for r in runs if r.wrote_in is not None for bench, record in load_results(r.wrote_in).items()
+    ]
+    # a sampled answer's batch size, recorded since it was known to change the sample: not held against a record of
+    # a benchmark made before (which lacks it), nor held by one where any lacks it
+    unbatched = {
+        bench
+        for bench, record in records
+        if isinstance(record.get("decoding"), dict) and "batch_size" not in answer_decoding(record["decoding"])
+    }
+    for bench, record in records:
+        settings = {key: record[key] for key in BENCH_SETTINGS if key in record}
+        if isinstance(record.get("metrics"), dict) and "n" in record["metrics"]:
+            settings["prompts"] = record["metrics"]["n"]  # 64 prompts beside a max_prompts=8 smoke test
+        for key, value in settings.items():
+            if key == "judge" and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k != "base_url"}  # the same judge on another host
+            if key == "decoding" and isinstance(value, dict):  # a smaller batch after an out-of-memory, say
+                value = answer_decoding(value)
+                if bench in unbatched:
+                    value = {k: v for k, v in value.items() if k != "batch_size"}
+            if key == "start_weights" and isinstance(value, dict):  # a random init's seed is the run's own:
+                value = {k: v for k, v in value.items() if k != "seed"}  # seed sweeps pool those, as they should
+            if key == "lm_eval" and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k not in ("batch_size", "device")}
+            shown = json.dumps(value, sort_keys=True)
+            values = seen.setdefault(bench, {}).setdefault(key, [])
+            if shown not in values:
+                values.append(shown)
     return {
         bench: [f"{key}: {' / '.join(values)}" for key, values in keys.items() if len(values) > 1]
         for bench, keys in seen.items()

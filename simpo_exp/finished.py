@@ -46,11 +46,13 @@ def recorded_summary(cfg) -> dict | None:
         return None  # unreadable: train (resuming from a checkpoint) and write it again
     # Imported here, not at the top: it loads torch, and the entry point imports this module before Hydra
     # has checked the overrides (a misspelled key is then reported in under a second).
-    from simpo_exp.checkpoint import incompatible_keys
+    from simpo_exp.checkpoint import fingerprinted_sources, incompatible_keys
 
     # before what decides whether it trains: a finished run without model/ (save_model=false then, or moved away)
     # or summary.json, re-run under another config, started afresh and replaced the finished run's records
-    diffs = incompatible_keys(saved, config_to_dict(cfg), what="finished with")
+    diffs = incompatible_keys(
+        saved, config_to_dict(cfg), what="finished with", fingerprinted=fingerprinted_sources(run_dir)
+    )
     if diffs:  # trained again here, the finished run's model, summary and records would be replaced without a word
         from simpo_exp.errors import OtherRunsDirectory
 

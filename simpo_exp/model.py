@@ -137,7 +137,10 @@ def tokenizer_hash(tokenizer) -> str | None:
     normaliser, pre-tokeniser, added tokens), else its vocabulary, with the special tokens' ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     try:
-        text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+        # without the call-time settings a file may carry (truncation, padding: a tokenizer saved after a padded
+        # call holds them, and a call without them clears them in memory) and the format's version
+        whole = json.loads(backend.to_str())
+        text = json.dumps({k: v for k, v in whole.items() if k not in ("truncation", "padding", "version")})
     except Exception:  # a tokenizer that cannot say: its vocabulary, if it has one
         try:
             text = json.dumps(sorted(tokenizer.get_vocab().items()))

@@ -430,7 +430,9 @@ def set_up(cfg: Config) -> Run:
     model = load_model(cfg, tokenizer, pick_attention(cfg), engine_keeps_master_copy(accelerator))
     check_preset_size(cfg, count_parameters(model))
     # what a reference-based method's reference log-probs are of: the same starting weights on resume
-    start_weights = weights_fingerprint(model) if cfg.method in REFERENCE_METHODS else None
+    start_weights = weights_fingerprint(model) if cfg.method in REFERENCE_METHODS else None  # (every process: ZeRO-3)
+    if start_weights:  # the main process's: under FSDP's RAM-efficient loading only it holds the weights before prepare
+        start_weights = on_main(accelerator, lambda: start_weights)
     if resuming and start_weights:
         check_same_start(run_dir, cfg, start_weights)
     check_positions(model, cfg)

@@ -1073,3 +1073,15 @@ def test_a_run_without_a_summary_shows_the_values_its_start_resolved(tmp_path):
     loaded = compare.load_run(run)
     assert loaded.status != "done" and loaded.value_of("learning_rate") == 5e-4
     assert loaded.value_of("effective_batch_size") == 16
+
+
+def test_a_sampled_answers_batch_size_is_not_held_against_a_record_made_before_it_was_kept(tmp_path):
+    """Sampled hf answers record their batch size now: a run evaluated before (no batch_size) beside one evaluated
+    after, both at batch 16, were said to have been measured with different settings."""
+    decoding = {"backend": "hf", "temperature": 0.5, "max_new_tokens": 64}
+    for job, dec in (("0_beta=2", decoding), ("1_beta=4", decoding | {"batch_size": 16})):
+        _job(tmp_path / "sweep" / job, [f"beta={job[-1]}"])
+        results = tmp_path / "sweep" / job / "eval" / "alpacaeval2" / "results.json"
+        results.parent.mkdir(parents=True)
+        results.write_text(json.dumps({"metrics": {"win_rate": 50.0, "n": 8}, "decoding": dec}))
+    assert compare.mixed_bench_settings(compare.load_runs(tmp_path / "sweep")) == {}

@@ -1065,7 +1065,7 @@ def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, m
     # a job of a --multirun over run folders sees one run: it too gets a repo of its own (each pushed over the last)
     from simpo_exp.evaluate import run as evaluate_run
 
-    monkeypatch.setattr(evaluate_run, "_a_multirun_job", lambda: True)
+    monkeypatch.setattr(evaluate_run, "_paths_swept", lambda: True)
     _finish_run(runs[1], runs[1], None, types.SimpleNamespace(**{**vars(e), "path": str(runs[1])}), runs[1].name)
     assert created[-1] == ("me/simpo-1_beta-5", True)
 

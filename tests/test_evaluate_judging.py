@@ -3,6 +3,7 @@ loses nothing it paid for, and the re-run asks only for what is missing (fake en
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -648,3 +649,20 @@ def test_a_kill_while_the_judgments_are_set_aside_loses_none_of_them(tmp_path, m
     monkeypatch.setattr(arena, "write_jsonl", real)
     rows, _ = arena.stored_judgments(path, prompts, texts, "j")  # the whole command again
     assert sorted(rows) == ["q0", "q1", "q2"]  # every paid judgment reused, none asked again
+    # judgments coming back from aside (max_prompts raised again), the command killed at each of its writes
+    for kill_at in (1, 2, 3):
+        arena.stored_judgments(path, prompts[:1], texts[:1], "j")  # q1, q2 aside
+        writes.clear()
+
+        def killed_at(target, rows, kill_at=kill_at):
+            writes.append(target)
+            if len(writes) == kill_at:
+                raise KeyboardInterrupt("SIGKILL")
+            real(target, rows)
+
+        monkeypatch.setattr(arena, "write_jsonl", killed_at)
+        with contextlib.suppress(KeyboardInterrupt):
+            arena.stored_judgments(path, prompts[:2], texts[:2], "j")  # q1 back, q2 stays aside
+        monkeypatch.setattr(arena, "write_jsonl", real)
+        rows, _ = arena.stored_judgments(path, prompts, texts, "j")
+        assert sorted(rows) == ["q0", "q1", "q2"], kill_at

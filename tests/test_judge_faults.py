@@ -229,3 +229,10 @@ def test_a_key_the_endpoint_echoes_is_hidden_in_what_is_stored_and_said(picky, m
     with pytest.raises(RequestRefused) as err:
         judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
     assert "ZZSECRET" not in str(err.value)
+
+
+def test_a_placeholder_key_is_not_masked_in_the_endpoints_words(picky, monkeypatch):
+    """A local server's placeholder key ("x", "EMPTY") masked every "x" of the endpoint's reason."""
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
+    assert judge.masked("maximum context exceeds max_tokens") == "maximum context exceeds max_tokens"

@@ -988,9 +988,27 @@ def test_the_config_is_checked_before_the_set_up_and_the_same_data_elsewhere_res
     (step / "state.json").write_text(json.dumps({"config": config}))
     checkpoint.refuse_another_config(tmp_path, config)
     moved = {"beta": 2.0, "dataset": {"sources": {"local": {"path": "/scratch/job/prefs.jsonl"}}}}
-    checkpoint.refuse_another_config(tmp_path, moved)
+    with pytest.raises(checkpoint.DifferentConfigCheckpoint, match=r"dataset.sources.local.path"):
+        checkpoint.refuse_another_config(tmp_path, moved)  # a run that recorded no fingerprints: paths compared
+    report = {"sources": {"local": {"files": {"prefs.jsonl": {"sha256": "ab"}}}}}
+    (tmp_path / "data_report.json").write_text(json.dumps(report))
+    checkpoint.refuse_another_config(tmp_path, moved)  # its files are compared by content: the path may move
     with pytest.raises(checkpoint.DifferentConfigCheckpoint, match=r"beta: checkpoint 2.0, now 5.0"):
         checkpoint.refuse_another_config(tmp_path, moved | {"beta": 5.0})
     hub = {"beta": 2.0, "dataset": {"sources": {"local": {"path": "org/other-set"}}}}  # another hub set: other data
     with pytest.raises(checkpoint.DifferentConfigCheckpoint, match=r"dataset.sources.local.path"):
         checkpoint.refuse_another_config(tmp_path, hub)
+
+
+def test_the_tokenizer_hash_leaves_out_call_time_settings():
+    """A tokenizer saved after a padded, truncated call carries those settings in its file; tokenising the data
+    clears them in memory, so the first start's hash and a fresh load's differed: every resume was refused."""
+    from simpo_exp.model import build_tiny_tokenizer, tokenizer_hash
+
+    tok = build_tiny_tokenizer()
+    clean = tokenizer_hash(tok)
+    tok.backend_tokenizer.enable_truncation(max_length=512)
+    tok.backend_tokenizer.enable_padding(length=512)
+    assert tokenizer_hash(tok) == clean
+    tok.add_tokens(["<|new|>"])  # what turns text into ids: another hash
+    assert tokenizer_hash(tok) != clean

@@ -226,10 +226,15 @@ def stored_judgments(
             kept[r["question_id"]] = [None if unanswered(g) and not g.get("replies") else g for g in r["games"]]
             half[r["question_id"]] = r  # kept aside too until its other game is judged, so that a kill loses nothing
     others = [r for r in others if not accepts(same, r)] + list(half.values())
-    if others:  # aside first: a kill before the judgments file is rewritten without them loses none
-        write_jsonl(aside, others)
+    # a kill between any two writes loses none: aside first holds both what it held and what goes there now, then
+    # the judgments file, then aside only what stays aside
+    before = read_lines(aside)
+    if others:
+        write_jsonl(aside, [*before, *others])
     write_jsonl(path, list(rows.values()))
-    if not others and aside.exists():  # what it held is in the judgments file now
+    if others:
+        write_jsonl(aside, others)
+    elif aside.exists():  # what it held is in the judgments file now
         aside.unlink()
     return rows, kept
 

@@ -210,7 +210,8 @@ class PairwiseJudge:
     def masked(self, text: str) -> str:
         """An endpoint's words with the key this judge sent hidden: a proxy or gateway that echoes a refused key in its
         reply put it into the stored verdicts, the results' notes and the model card a push uploads."""
-        return text.replace(self.api_key, f"<${self.j.api_key_env}>") if self.api_key else text
+        # a placeholder key of a local server ("x", "EMPTY") is no secret, and masking it garbled the words
+        return text.replace(self.api_key, f"<${self.j.api_key_env}>") if len(self.api_key) >= 8 else text
 
     def _ask(self, content: str) -> str:
         return self.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], max_tokens=8)

@@ -591,7 +591,7 @@ def _finish_run(folder: Path, run_dir: Path, run_cfg, e, name: str) -> None:
     if e.push_to_hub:
         # a repo per run of a sweep: of a sweep folder, or of a --multirun over run folders (each job sees one run,
         # and every job pushed to hub_repo itself, each over the last)
-        alone = len(find_runs(Path(e.path))) == 1 and not _a_multirun_job()
+        alone = len(find_runs(Path(e.path))) == 1 and not _paths_swept()
         repo = e.hub_repo if alone else job_repo_id(e.hub_repo, folder.name)
         try:
             url = push_model(run_dir, repo, e.hub_token_env)
@@ -608,11 +608,17 @@ def _finish_run(folder: Path, run_dir: Path, run_cfg, e, name: str) -> None:
             print(f"pushed {run_dir / 'model'} -> {url}", flush=True)
 
 
-def _a_multirun_job() -> bool:
+def _paths_swept() -> bool:
+    """Whether this job is one of a --multirun over ``evaluate.path`` (each job sees one run of several)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+        from simpo_exp.runinfo import swept_keys
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode.name != "MULTIRUN":
+            return False
+        hc = HydraConfig.get()
+        return "evaluate.path" in swept_keys(Path(hc.runtime.cwd) / hc.sweep.dir)
     except Exception:  # outside a Hydra job
         return False
 
