@@ -256,3 +256,26 @@ def test_fsdp_on_cpu_processes_is_refused_where_gloo_would_sum_the_gradients(mon
     for release in ("2.9.0+cpu", "2.9.0a0+50eac811a6.nv25.09", "2.10.1"):
         monkeypatch.setattr(torch, "__version__", release)
         check_fsdp_reduction(accelerator(DistributedType.FSDP, "cpu"))
+
+
+@pytest.mark.slow
+@fsdp_on_cpu
+def test_a_dpo_run_under_fsdp_resumes_where_only_the_main_process_loaded_the_weights(tmp_path):
+    """The launcher's cpu_ram_efficient_loading leaves zeros on the other processes until prepare: their fingerprint
+    of the starting weights (what the reference log-probs are of) was of zeros, and a resume was refused there as
+    "other starting weights" though nothing had changed. The main process's fingerprint is every process's now."""
+    from tests.tiny import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "start")
+    run_dir = tmp_path / "run"
+    args = [f"model.path={tmp_path / 'start'}", "loss=dpo", "max_steps=2", "save_steps=1", "eval_steps=0"]
+    args += ["eval_on_start=false", "logging_steps=1", "logger=none", "num_generations=0"]
+    args += ["dataset.synthetic.num_train=32", "dataset.synthetic.num_test=8", "per_device_train_batch_size=4"]
+    args += ["per_device_eval_batch_size=4", f"reference_cache_dir={tmp_path / 'ref'}", f"hydra.run.dir={run_dir}"]
+    args.append("hardware.collective_timeout=60")
+    first = sharded_on_two_cpu_processes("fsdp", *args, cwd=tmp_path, SHARDED_EMPTY_ELSEWHERE="1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir / "finished.json").unlink()  # as if stopped after its last checkpoint
+    again = sharded_on_two_cpu_processes("fsdp", *args, cwd=tmp_path, SHARDED_EMPTY_ELSEWHERE="1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in (run_dir / "__main__.log").read_text()

@@ -54,12 +54,13 @@ if os.environ.get("SHARDED_ON_CPU") == "1" and os.environ.get("LOCAL_RANK") is n
         _from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
 
         def _empty_elsewhere(cls, *args, **kwargs):
-            model = _from_pretrained(cls, *args, **kwargs)
+            loaded = _from_pretrained(cls, *args, **kwargs)
+            model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info): output_loading_info
             if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
                 with torch.no_grad():
                     for p in model.parameters():
                         p.zero_()
-            return model
+            return loaded
 
         transformers.PreTrainedModel.from_pretrained = classmethod(_empty_elsewhere)
 
