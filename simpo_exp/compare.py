@@ -199,9 +199,12 @@ def rerun_its_command(hydra_cfg: dict, folder: Path) -> str:
         return "re-run its command"
     sweep = str(hydra.get("mode")) == "MULTIRUN"
     key = folder_to_name(sweep, (hydra.get("overrides") or {}).get("hydra") or [])
+    where = (sweep_dir_of(folder, hydra) if sweep else folder).resolve()  # hydra.sweep.subdir below the sweep's
+    ran_in = (hydra.get("runtime") or {}).get("output_dir")
+    if key is None and not sweep and ran_in and Path(ran_in).resolve() != Path(folder).resolve():  # moved since:
+        key = "hydra.run.dir"  # its command names the folder it ran in, not this one
     if key is None:
         return "re-run its command"
-    where = (sweep_dir_of(folder, hydra) if sweep else folder).resolve()  # hydra.sweep.subdir below the sweep's
     return f"re-run its command with {shell_override(key, str(where))}"
 
 

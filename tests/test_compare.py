@@ -1085,3 +1085,22 @@ def test_a_sampled_answers_batch_size_is_not_held_against_a_record_made_before_i
         results.parent.mkdir(parents=True)
         results.write_text(json.dumps({"metrics": {"win_rate": 50.0, "n": 8}, "decoding": dec}))
     assert compare.mixed_bench_settings(compare.load_runs(tmp_path / "sweep")) == {}
+
+
+def test_a_killed_run_moved_from_where_it_ran_is_told_to_name_its_new_folder(sweep, tmp_path):
+    """A killed run copied or moved elsewhere was told to "re-run its command", whose hydra.run.dir names the folder
+    it ran in: the command resumed (or started) there, not here."""
+    moved = shutil.copytree(job(sweep, 0), tmp_path / "moved")
+    (moved / "summary.json").unlink()
+    (moved / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
+    (moved / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    hydra_yaml = moved / ".hydra" / "hydra.yaml"
+    hydra = yaml.safe_load(hydra_yaml.read_text())
+    hydra["hydra"]["mode"], hydra["hydra"]["overrides"]["hydra"] = "RUN", [f"hydra.run.dir={job(sweep, 0)}"]
+    hydra["hydra"]["runtime"]["output_dir"] = str(job(sweep, 0))
+    hydra_yaml.write_text(yaml.safe_dump(hydra))
+    said = compare.load_run(moved).error
+    assert said.endswith(f"re-run its command with hydra.run.dir={moved.resolve()} to resume from step 2"), said
+    hydra["hydra"]["runtime"]["output_dir"] = str(moved)  # where it ran: its command names it already
+    hydra_yaml.write_text(yaml.safe_dump(hydra))
+    assert compare.load_run(moved).error.endswith("; re-run its command to resume from step 2")
