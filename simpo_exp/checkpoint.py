@@ -572,18 +572,24 @@ def refuse_another_config(run_dir: Path, config: dict) -> None:
     """Before the set-up: the newest complete checkpoint's config against this run's, the check ``load`` makes, so
     that a mistyped override is refused in seconds rather than after the model, the data and a reference pass. A
     checkpoint whose record cannot be read is left to ``load_newest`` (which skips a damaged one)."""
+    fingerprinted = fingerprinted_sources(run_dir)
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
             saved = json.loads((path / "state.json").read_text())["config"]
-            diffs = incompatible_keys(saved, config, fingerprinted=fingerprinted_sources(run_dir))
+            diffs = incompatible_keys(saved, config, fingerprinted=fingerprinted)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if diffs:
-            raise DifferentConfigCheckpoint(
-                f"checkpoint {path} was written by a different config ({'; '.join(diffs)}). "
-                "Run with resume=false to start fresh in this directory, or use another hydra.run.dir."
-            )
+            raise other_config(path, diffs)
         return
+
+
+def other_config(path: Path, diffs: list[str]) -> DifferentConfigCheckpoint:
+    """The refusal of a checkpoint another config wrote (``diffs``: ``incompatible_keys``)."""
+    return DifferentConfigCheckpoint(
+        f"checkpoint {path} was written by a different config ({'; '.join(diffs)}). "
+        "Run with resume=false to start fresh in this directory, or use another hydra.run.dir."
+    )
 
 
 def load(
@@ -606,10 +612,7 @@ def load(
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DamagedCheckpoint(f"{path / 'state.json'} cannot be read ({type(e).__name__}: {e})") from e
     if diffs:
-        raise DifferentConfigCheckpoint(
-            f"checkpoint {path} was written by a different config ({'; '.join(diffs)}). "
-            "Run with resume=false to start fresh in this directory, or use another hydra.run.dir."
-        )
+        raise other_config(path, diffs)
     written_by = len(meta["rng"]) if isinstance(meta.get("rng"), list) else None  # one generator state a process
     if written_by is not None and written_by != process[1]:
         raise CheckpointError(

@@ -226,10 +226,9 @@ def _sweep_group(job: Path, hydra: dict) -> str:
     ran_in = runtime.get("output_dir")
     # the job's folder is hydra.sweep.subdir below the sweep's: as many levels as the pattern's separators outside
     # its interpolations say (b${beta}/s${seed}: two)
-    depth = subdir_depth(hydra)
-    if ran_in and len(Path(ran_in).parents) >= depth:
-        return sweep_group(str(Path(ran_in).parents[depth - 1]))
-    return sweep_group(str(job.parents[depth - 1].resolve()))
+    if ran_in and len(Path(ran_in).parents) >= subdir_depth(hydra):
+        return sweep_group(str(sweep_dir_of(Path(ran_in), hydra)))
+    return sweep_group(str(sweep_dir_of(job, hydra).resolve()))
 
 
 def read_sweep(sweep_dir: Path) -> Sweep:

@@ -195,6 +195,15 @@ def swept_keys(sweep_dir: Path) -> frozenset:
     return swept_in(sweep_request(sweep_dir)[1])
 
 
+def this_sweeps_keys() -> frozenset:
+    """The keys the --multirun this job is one of gives several values (``swept_keys`` of its folder); none outside
+    a --multirun."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return frozenset()
+    hc = HydraConfig.get()
+    return swept_keys(Path(hc.runtime.cwd) / hc.sweep.dir)
+
+
 def swept_in(parsed: list | None) -> frozenset:
     """The keys a sweep's parsed overrides (``rundir.parsed_request``) give several values."""
     return frozenset(o.key_or_group for o in parsed or [] if o.is_sweep_override())
@@ -319,8 +328,7 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
     resolve(cfg)
     lc = cfg.logger
     if lc.get("run_name") is None:
-        swept = swept_keys(Path(hc.runtime.cwd) / hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else frozenset()
-        lc.run_name = run_name(overrides, float(cfg.sft_weight), swept)
+        lc.run_name = run_name(overrides, float(cfg.sft_weight), this_sweeps_keys())
     if lc.get("group") is None and hc.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hc.runtime.cwd) / hc.sweep.dir
         lc.group = recorded_sweep_group(sweep_dir) or sweep_group(hc.sweep.dir, hc.runtime.cwd)
@@ -427,8 +435,7 @@ def _swept_by_this_sweep(key: str) -> bool:
     hands it to every job leaves it unread in some of them."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return True
-    hc = HydraConfig.get()
-    return key in swept_keys(Path(hc.runtime.cwd) / hc.sweep.dir)
+    return key in this_sweeps_keys()
 
 
 # (key, inert(cfg, method spec), why): a key given on the command line that the run's other settings leave unread

@@ -50,6 +50,14 @@ def job(sweep: Path, num: int) -> Path:
     return next(sweep.glob(f"{num}_*"))
 
 
+def killed_at_step_2(folder: Path) -> Path:
+    """``folder`` (a copy of a finished job) as a kill after its step-2 checkpoint leaves it: no summary.json."""
+    (folder / "summary.json").unlink(missing_ok=True)
+    (folder / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
+    (folder / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    return folder
+
+
 def check_pngs(paths) -> None:
     from matplotlib.image import imread
 
@@ -228,10 +236,7 @@ def test_a_sweep_still_running_is_not_said_to_have_stopped(sweep, tmp_path, caps
 def test_a_run_in_a_default_folder_is_told_to_name_its_folder_to_resume(sweep, tmp_path):
     """A run started without hydra.run.dir lives in a folder named after its start time: "re-run its command"
     started a new run in a new folder, from step 0, where training's own message names the folder to add."""
-    killed = shutil.copytree(job(sweep, 0), tmp_path / "2026-12-03_07-34-34")
-    (killed / "summary.json").unlink()
-    (killed / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
-    (killed / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    killed = killed_at_step_2(shutil.copytree(job(sweep, 0), tmp_path / "2026-12-03_07-34-34"))
     hydra_yaml = killed / ".hydra" / "hydra.yaml"
     hydra = yaml.safe_load(hydra_yaml.read_text())
     hydra["hydra"]["mode"], hydra["hydra"]["overrides"]["hydra"] = "RUN", ["hydra.mode=RUN"]
@@ -254,8 +259,7 @@ def test_a_job_killed_without_a_record_is_told_from_a_running_one(sweep, tmp_pat
     assert "1 runs (0 done, 0 running, 1 killed, 0 failed)" in out
     assert "ended without a record (killed" in out and "start it again (no checkpoint was saved)" in out
 
-    (killed / "checkpoints" / "step-000002").mkdir(parents=True)
-    (killed / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    killed_at_step_2(killed)
     assert compare.load_run(killed).error.endswith("re-run its command to resume from step 2")
     config = killed / ".hydra" / "config.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "resume": False}))
@@ -1027,10 +1031,7 @@ def test_a_nested_sweep_is_found_from_its_jobs_two_folders_down(sweep, tmp_path,
         hydra["hydra"]["sweep"]["subdir"] = subdir = "g${hydra.job.num}/${hydra.job.override_dirname}"
         hydra["hydra"]["overrides"]["hydra"] = ["hydra.mode=MULTIRUN", f"hydra.sweep.subdir={subdir}"]  # dated folder
         hydra_yaml.write_text(yaml.safe_dump(hydra))
-    killed = nested / "g0" / jobs[0].name
-    (killed / "summary.json").unlink()
-    (killed / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
-    (killed / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    killed = killed_at_step_2(nested / "g0" / jobs[0].name)
     assert f"with hydra.sweep.dir={nested.resolve()} to resume from step 2" in compare.load_run(killed).error
     assert compare.main([str(nested), "--no-plots"]) == 0
     assert f"{nested}: 5 of the sweep's 6 jobs have a folder; the others never started" in capsys.readouterr().out
@@ -1090,10 +1091,7 @@ def test_a_sampled_answers_batch_size_is_not_held_against_a_record_made_before_i
 def test_a_killed_run_moved_from_where_it_ran_is_told_to_name_its_new_folder(sweep, tmp_path):
     """A killed run copied or moved elsewhere was told to "re-run its command", whose hydra.run.dir names the folder
     it ran in: the command resumed (or started) there, not here."""
-    moved = shutil.copytree(job(sweep, 0), tmp_path / "moved")
-    (moved / "summary.json").unlink()
-    (moved / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
-    (moved / "checkpoints" / "step-000002" / "COMPLETE").write_text("{}")
+    moved = killed_at_step_2(shutil.copytree(job(sweep, 0), tmp_path / "moved"))
     hydra_yaml = moved / ".hydra" / "hydra.yaml"
     hydra = yaml.safe_load(hydra_yaml.read_text())
     hydra["hydra"]["mode"], hydra["hydra"]["overrides"]["hydra"] = "RUN", [f"hydra.run.dir={job(sweep, 0)}"]

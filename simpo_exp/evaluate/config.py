@@ -246,7 +246,6 @@ def apply_command_line(cfg: DictConfig, given: list[str]) -> None:
     (``decoding.temperature=0`` sampled a Mistral-Instruct run at 0.5, and results.json credited the value to
     ``decoding``); a judge endpoint or model given under ``judge.kind=none`` is refused (nothing would judge)."""
     import logging
-    import re
 
     from omegaconf import OmegaConf, open_dict
 

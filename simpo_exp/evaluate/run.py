@@ -610,17 +610,9 @@ def _finish_run(folder: Path, run_dir: Path, run_cfg, e, name: str) -> None:
 
 def _paths_swept() -> bool:
     """Whether this job is one of a --multirun over ``evaluate.path`` (each job sees one run of several)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    from simpo_exp.runinfo import this_sweeps_keys
 
-        from simpo_exp.runinfo import swept_keys
-
-        if not HydraConfig.initialized() or HydraConfig.get().mode.name != "MULTIRUN":
-            return False
-        hc = HydraConfig.get()
-        return "evaluate.path" in swept_keys(Path(hc.runtime.cwd) / hc.sweep.dir)
-    except Exception:  # outside a Hydra job
-        return False
+    return "evaluate.path" in this_sweeps_keys()
 
 
 def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
