@@ -472,6 +472,8 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
     from simpo_exp.config import ConfigError
     from simpo_exp.methods import METHOD_KEYS, TABLE, readers
 
+    if "method" in given and compose is not None:
+        refuse_method_without_its_preset(cfg, choices, compose)
     if "num_train_epochs" in given and "max_steps" not in given and (cfg.get("max_steps") or 0) > 0:
         raise ConfigError(
             f"num_train_epochs={cfg.get('num_train_epochs')} would not be used: max_steps={cfg.get('max_steps')} (set "
@@ -527,6 +529,27 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
         refuse_hparams_lost_to_loss(cfg, given, choices, compose, TABLE.get(method))
     if choices.get("experiment") and compose is not None:
         refuse_lost_to_experiment(cfg, given, choices, compose)
+
+
+def refuse_method_without_its_preset(cfg: DictConfig, choices: dict, compose) -> None:
+    """Refuse ``method=<another>`` on the command line: it replaced the method the loss group picked and kept that
+    group's other values, so ``method=dpo`` trained DPO at SimPO's beta 2.0, ``method=rdpo`` with no length term and
+    ``method=cpo``/``orpo`` with no NLL term, each under its baseline's name. ``loss=<method>`` sets the method with
+    its usual values."""
+    from simpo_exp.config import ConfigError
+
+    loss = choices.get("loss") or "simpo"
+    try:
+        picked = compose([f"loss={loss}"]).get("method")
+    except Exception as e:  # Hydra's compose API unavailable in this process (a launcher's): left unchecked
+        log.debug("method not checked: %s", e)
+        return
+    if cfg.get("method") != picked:
+        raise ConfigError(
+            f"method={cfg.get('method')} on the command line keeps loss={loss}'s other values (beta={cfg.get('beta')}, "
+            f"sft_weight={cfg.get('sft_weight')}), not the method's own: give loss={cfg.get('method')} instead (it "
+            "sets the method with its usual beta and NLL weight; beta=... after it still changes them)"
+        )
 
 
 def warn_synthetic_unread(cfg: DictConfig, given: set[str]) -> None:

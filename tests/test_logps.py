@@ -211,3 +211,13 @@ def test_a_head_that_fsdp2_shards_as_its_own_unit_on_two_processes(tmp_path):
         for name, param in policy.model.named_parameters():
             got = results[head]["grads"][name]
             torch.testing.assert_close(got, param.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{head} {name}: {m}")
+
+
+@pytest.mark.parametrize("packing", ["none", "packed", "prefix_shared"])
+def test_a_tokenizer_with_no_pad_and_no_eos_token_is_collated(model, packing):
+    """The model's tokenizer falls back to EOS for padding; with neither, the pad id is None, and every layout
+    fills the (masked) padding with some id instead of stopping set-up with a TypeError."""
+    pairs = [pair([1, 2, 3], [4, 5], [6, 7, 8, 9]), pair([10, 11], [12, 13, 14], [15])]
+    without = ResponseLogps(model, packing=packing)(**PairCollator(None, packing)(pairs))
+    padded = ResponseLogps(model)(**PairCollator(PAD)(pairs))
+    torch.testing.assert_close(without.logp_sums, padded.logp_sums, atol=1e-5, rtol=0)

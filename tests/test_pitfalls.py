@@ -128,6 +128,18 @@ def test_a_value_given_that_the_run_would_not_use_is_refused(compose, overrides,
         refuse_unused(cfg, given, choices, lambda extra: compose(*extra))
 
 
+@pytest.mark.parametrize("method", ["dpo", "rdpo", "cpo", "orpo", "simper"])
+def test_a_method_given_without_its_loss_preset_is_refused(compose, method):
+    """``method=dpo`` on the command line replaced the loss group's method and kept its values: DPO trained at
+    SimPO's beta 2.0, R-DPO with no length term, CPO and ORPO with no NLL term, each under its baseline's name.
+    ``loss=<method>`` (with ``method=`` beside it or not) is taken."""
+    with pytest.raises(ConfigError, match=rf"method={method} on the command line keeps loss=simpo's .* loss={method}"):
+        refuse_as_the_run_would(compose, f"method={method}")
+    refuse_as_the_run_would(compose, f"loss={method}")
+    refuse_as_the_run_would(compose, f"loss={method}", f"method={method}")
+    refuse_as_the_run_would(compose, "method=simpo")  # the default's own method, said again
+
+
 def test_an_hparams_preset_a_loss_preset_keeps_some_of_is_taken(compose):
     """An hparams preset some of whose values reach the run (beside a loss preset, or the default loss) is taken."""
     for overrides in (["loss=cpo", "hparams=reasoning"], ["hparams=strong-prefs"], ["loss=simpo", "hparams=instruct"]):

@@ -53,9 +53,11 @@ from simpo_exp.layout import BatchLayout
 
 
 class PairCollator:
-    def __init__(self, pad_token_id: int, packing: str = "none", attention: str = "segments"):
+    def __init__(self, pad_token_id: int | None, packing: str = "none", attention: str = "segments"):
         BatchLayout(packing, attention)  # checks the values
-        self.pad_token_id = pad_token_id
+        # padding is masked out of attention and loss, so any id fills it; a tokenizer with neither a pad nor an
+        # EOS token (the model's tokenizer falls back to EOS) gives None
+        self.pad_token_id = 0 if pad_token_id is None else pad_token_id
         self.packing = packing
         self.attention = attention
 
