@@ -367,12 +367,15 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def estimated_bytes(model) -> int:
+def estimated_bytes(model, whole: bool = False) -> int:
     """About what one checkpoint of ``model`` takes: every weight, plus AdamW's two moments (in the
     weight's dtype) for each trainable one (simpo_exp/memory.py's one-device state, less the gradients). A LoRA
-    run's keeps its trained weights alone (``_write``): an 8B base counted in made 16 GB of a 0.2 GB checkpoint."""
+    run's keeps its trained weights alone (``_write``): an 8B base counted in made 16 GB of a 0.2 GB checkpoint.
+    ``whole``: the checkpoint goes through the engine's ``save_state`` (FSDP, ZeRO, ``checkpoint_format=accelerate``),
+    which writes the module whole, a LoRA run's frozen base included (left out, an 8B LoRA run under FSDP was told
+    its checkpoints need 0.5 GB each, not 15.4)."""
     state = state_bytes(model, Engine())
-    if any(not p.requires_grad for p in model.parameters()):
+    if not whole and any(not p.requires_grad for p in model.parameters()):
         trained = sum(full_numel(p) * p.element_size() for p in model.parameters() if p.requires_grad)
         return trained + state["optimizer"]
     return state["weights"] + state["optimizer"]
@@ -386,11 +389,11 @@ def model_bytes(model) -> int:
     return state_bytes(model, Engine())["weights"]
 
 
-def check_space(run_dir: Path, model, keep: int, save_model: bool, warn: bool = True) -> int:
-    """The estimated bytes of one checkpoint; with a warning when the output directory's disk cannot
-    hold the checkpoints the run keeps (one more while the next is written, before the oldest is
-    pruned) and the final model."""
-    per_checkpoint = estimated_bytes(model)
+def check_space(run_dir: Path, model, keep: int, save_model: bool, warn: bool = True, whole: bool = False) -> int:
+    """The estimated bytes of one checkpoint (``whole``: see ``estimated_bytes``); with a warning when the output
+    directory's disk cannot hold the checkpoints the run keeps (one more while the next is written, before the
+    oldest is pruned) and the final model."""
+    per_checkpoint = estimated_bytes(model, whole)
     needed = per_checkpoint * (keep + 1) + (model_bytes(model) if save_model else 0)
     free = shutil.disk_usage(run_dir).free
     if warn and free < needed:

@@ -219,7 +219,13 @@ def card_text(
             f"Trained with LoRA adapters (rank {select(cfg, 'hardware.lora_r')}, alpha "
             f"{select(cfg, 'hardware.lora_alpha')}, on {select(cfg, 'hardware.lora_target_modules')}). These weights "
             f"are the base model with the adapters merged in, stored in {stored} {rounding}; the adapter alone, in "
-            "PEFT's format, is in `adapter/`.",
+            "PEFT's format, is in `adapter/`"
+            + (
+                "."
+                if select(cfg, "model.path")
+                else " (its base is the random initialisation, stored nowhere: drawn again only from "
+                f"`model.random_init` and seed {select(cfg, 'seed')}; use these merged weights)."
+            ),
             "",
         ]
     lines += [

@@ -459,7 +459,12 @@ def set_up(cfg: Config) -> Run:
     policy = ResponseLogps.for_layout(model, layout, fused=head)
     flops = flop_spec(model)  # before any sharding
     checkpoint_bytes = checkpoint.check_space(
-        run_dir, model, cfg.save_total_limit, cfg.save_model, warn=accelerator.is_main_process
+        run_dir,
+        model,
+        cfg.save_total_limit,
+        cfg.save_model,
+        accelerator.is_main_process,
+        engine_checkpoints(cfg, accelerator),
     )  # warns if the disk is short
     collate = PairCollator(tokenizer.pad_token_id, packing=layout.packing, attention=layout.attention)
     collate, reference, train_loader, eval_loader, eval_ds = make_loaders(

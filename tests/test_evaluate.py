@@ -841,6 +841,9 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     text = write_model_card(tmp_path, {**cfg, "hardware": lora}, "run").read_text()
     assert "Trained with LoRA adapters (rank 8, alpha 16, on ['q_proj', 'v_proj'])" in text
     assert "the adapters merged in, stored in float32" in text and "`adapter/`" in text
+    assert "its base is the random initialisation, stored nowhere" in text  # the tiny model: its adapter has no base
+    hub = {**cfg, "hardware": lora, "model": {"name": "t", "path": "org/base"}}
+    assert "stored nowhere" not in write_model_card(tmp_path, hub, "run").read_text()
     text = write_model_card(tmp_path, {**cfg, "hardware": lora, "save_dtype": "bfloat16"}, "run").read_text()
     assert "stored in bfloat16 (save_dtype" in text and "float32" not in text  # as its files hold them
 

@@ -175,6 +175,9 @@ def test_short_disk_is_warned_about_at_start(tmp_path, monkeypatch, caplog):
     base.requires_grad_(False)
     lora = torch.nn.ModuleDict({"base": base, "adapter": adapter})
     assert checkpoint.estimated_bytes(lora) == 3 * 808 * 4
+    # through an engine's save_state (FSDP, ZeRO) the module is written whole, its frozen base included
+    assert checkpoint.estimated_bytes(lora, whole=True) == 10_100 * 2 + 3 * 808 * 4
+    assert checkpoint.check_space(tmp_path, lora, keep=1, save_model=False, whole=True) == 10_100 * 2 + 3 * 808 * 4
     assert checkpoint.model_bytes(lora) == (10_100 + 808) * 4
 
 

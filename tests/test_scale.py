@@ -460,15 +460,26 @@ def test_deepspeed_preset_without_deepspeed_says_how_to_install(tmp_path):
     assert res.returncode == 2 and "needs DeepSpeed" in res.stderr and ".[gpu]" in res.stderr
 
 
-def test_lora_trains_adapters_only(tmp_path):
+def test_lora_trains_adapters_only(tmp_path, compose):
     run = tmp_path / "run"
-    res = simpo("hardware=cpu-lora", *RUN[1:], "max_steps=4", f"hydra.run.dir={run}", cwd=tmp_path)
+    overrides = ("hardware=cpu-lora", *RUN[1:], "max_steps=4")
+    res = simpo(*overrides, f"hydra.run.dir={run}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     saved = load_file(run / "model" / "adapter" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
     assert json.loads((run / "model" / "adapter" / "adapter_config.json").read_text())["r"] == 16
     merged = load_file(run / "model" / "model.safetensors")  # the base with the adapters merged in
     assert merged and not any("lora_" in k for k in merged)
+    # the start weights, drawn again from the run's config and seed: what LoRA does not target (embeddings, norms,
+    # head) is as it started, and what it targets moved by the merged adapters
+    from simpo_exp.model import load_model, load_tokenizer
+
+    cfg = to_config(compose(*overrides, "hardware.lora=false"))  # the model before the adapters are added
+    start = load_model(cfg, load_tokenizer(cfg.model), "sdpa").state_dict()
+    targeted = tuple(cfg.hardware.lora_target_modules)
+    untouched = [k for k in merged if not any(f".{m}." in k for m in targeted)]
+    assert untouched and all(torch.equal(merged[k], start[k]) for k in untouched), untouched
+    assert all(not torch.equal(merged[k], start[k]) for k in merged if k not in untouched)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (CONF_ROOT / "launchers").glob("*.yaml")))
