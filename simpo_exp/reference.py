@@ -87,6 +87,45 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+# config keys that do not change what the forward computes, or that the run sets itself (dropout: zeroed for
+# training, and the reference is scored in eval mode; the dtype, path and kernels enter the keys on their own)
+NOT_ARCHITECTURE = {
+    "_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "use_cache", "return_dict",
+    "output_attentions", "output_hidden_states", "bos_token_id", "eos_token_id", "pad_token_id",
+}  # fmt: skip
+
+
+def architecture_fingerprint(model) -> str:
+    """What the model's forward computes beyond its weights, as a short hash: its config (``rms_norm_eps``,
+    ``rope_theta`` and rope scaling, softcapping, sliding windows...) less ``NOT_ARCHITECTURE`` and dropout, and
+    for a model that ships its own code (``trust_remote_code``) that code. Weights alone left a ``config.json``
+    edited at ``model.path`` with the old reference log-probs (about 1 nat apart on a tiny model), on a fresh
+    run and at resume."""
+    import sys
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's wrapper: the base
+    config = getattr(base, "config", None)
+    if config is None:
+        return ""
+
+    def kept(d):
+        if isinstance(d, dict):
+            return {
+                k: kept(v)
+                for k, v in d.items()
+                if k not in NOT_ARCHITECTURE
+                and not str(k).startswith("_attn_implementation")
+                and "dropout" not in str(k)
+            }
+        return d
+
+    h = hashlib.sha256(json.dumps(kept(config.to_dict()), sort_keys=True, default=str).encode())
+    module = sys.modules.get(type(base).__module__)
+    if type(base).__module__.startswith("transformers_modules") and getattr(module, "__file__", None):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def model_path_key(path: str) -> str:
     """A model path as the key reads it: a local folder by its resolved path (``/x/base`` and ``/x/base/``, or a
     link to it, are one model), a hub id as written."""
@@ -94,10 +133,17 @@ def model_path_key(path: str) -> str:
     return str(local.resolve()) if path and local.is_dir() else path
 
 
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
     """The starting weights' identity: the model's path, revision, dtype, the dtype they are computed in (weights,
-    autocast, and a sharding engine's own cast), size, and values sampled from every weight (a model overwritten
-    at the same path, a merged adapter, another seed of a random model differ).
+    autocast, and a sharding engine's own cast), size, its architecture (``architecture_fingerprint``) and the
+    transformers release computing it, and values sampled from every weight (a model overwritten at the same path,
+    a merged adapter, another seed of a random model differ).
     LoRA's adapters are left out: they add nothing at the start (B = 0), whatever their seed or rank."""
     params = [p for name, p in model.named_parameters() if "lora_" not in name]
     identity = {
@@ -108,6 +154,9 @@ def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
         "weights": sorted({str(p.dtype) for p in params}),
         "autocast": resolved_precision(cfg.hardware),  # "auto" as resolved: bf16 on a GPU, none on a CPU
         "n": sum(full_numel(p) for p in params),
+        "architecture": architecture_fingerprint(model),
+        # the library's release line: one that changes a family's forward changes its log-probs
+        "transformers": ".".join(transformers_version().split(".")[:2]),
     }
     # a sharding engine that computes the forward in its own copy of the weights, where DDP or one device run the
     # weights as loaded under the autocast (log-probs of one model 0.01-0.1 nats apart): FSDP's mixed precision in its

@@ -97,6 +97,7 @@ from simpo_exp.precision import (
 from simpo_exp.reference import (
     REF_INDEX,
     CachedReference,
+    architecture_fingerprint,
     from_main_process,
     in_the_policys_precision,
     live_reference,
@@ -390,10 +391,20 @@ def check_same_tokenizer(run_dir: Path, tokenizer) -> None:
         )
 
 
-def check_same_start(run_dir: Path, cfg: Config, weights: str) -> None:
-    """Refuse to resume a reference-based method whose starting weights (``model.path``'s, now) are not the ones
-    its reference log-probs were of at its last start (env.json): the reference would be another model's."""
-    then = (read_json(run_dir / "env.json") or {}).get("start_weights")
+def check_same_start(run_dir: Path, cfg: Config, weights: str, architecture: str | None = None) -> None:
+    """Refuse to resume a reference-based method whose starting weights (``model.path``'s, now) or architecture
+    (its config.json, its own code: ``architecture_fingerprint``) are not the ones its reference log-probs were of
+    at its last start (env.json): the reference would be another model's. A run that recorded no architecture
+    (started before it was recorded) is checked on its weights alone."""
+    env = read_json(run_dir / "env.json") or {}
+    then, then_architecture = env.get("start_weights"), env.get("start_architecture")
+    if then_architecture and architecture and then_architecture != architecture:
+        raise checkpoint.DifferentConfigCheckpoint(
+            f"the checkpoints in {run_dir} were trained against the reference of another model config than "
+            f"model.path={cfg.model.path or cfg.model.name!r} has now (architecture {then_architecture} then, "
+            f"{architecture} now: its config.json, or the code it ships, changed since). Put it back, or run with "
+            "resume=false to start fresh."
+        )
     if then and then != weights:
         raise checkpoint.DifferentConfigCheckpoint(
             f"the checkpoints in {run_dir} were trained against the reference of other starting weights than "
@@ -433,8 +444,9 @@ def set_up(cfg: Config) -> Run:
     start_weights = weights_fingerprint(model) if cfg.method in REFERENCE_METHODS else None  # (every process: ZeRO-3)
     if start_weights:  # the main process's: under FSDP's RAM-efficient loading only it holds the weights before prepare
         start_weights = on_main(accelerator, lambda: start_weights)
+    start_architecture = architecture_fingerprint(model) if start_weights else None  # config.json and own code
     if resuming and start_weights:
-        check_same_start(run_dir, cfg, start_weights)
+        check_same_start(run_dir, cfg, start_weights, start_architecture)
     check_positions(model, cfg)
     upcast_as_fsdp_does(model, accelerator)
     log.info(
@@ -505,7 +517,7 @@ def set_up(cfg: Config) -> Run:
     env["logps_check"] = logps_check  # the run's log-probs against the model's own forward on one pair
     env["adamw_fused"] = bool(fused_optimizer)
     if start_weights:
-        env["start_weights"] = start_weights
+        env["start_weights"], env["start_architecture"] = start_weights, start_architecture
     env["resolved"] = resolved  # the values training worked out (compare shows them for a run not yet finished)
     env, drift = with_earlier_starts(env, read_json(run_dir / "env.json"), state.step)
     if drift:

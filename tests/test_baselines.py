@@ -225,6 +225,13 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
     model.config._attn_implementation = "eager"
     assert cache_path(cfg, model, splits) != path
     model.config._attn_implementation = "sdpa"
+    # the config computes too (a config.json edited at model.path read the old numbers, ~1 nat apart); what does
+    # not change the forward (use_cache, dropout, which the run zeroes) keeps the key
+    model.config.rms_norm_eps, eps = 0.1, model.config.rms_norm_eps
+    assert cache_path(cfg, model, splits) != path
+    model.config.rms_norm_eps = eps
+    model.config.use_cache, model.config.attention_dropout = not model.config.use_cache, 0.3
+    assert cache_path(cfg, model, splits) == path
     from simpo_exp.reference import model_path_key
 
     assert model_path_key(f"{tmp_path}/") == model_path_key(str(tmp_path)) == str(tmp_path.resolve())
@@ -482,3 +489,29 @@ def test_orpo_gradient_is_finite_for_an_all_but_memorised_response(mean_logp):
         [math.log(-math.expm1(v)) if v > -0.69 else math.log1p(-math.exp(v)) for v in y.tolist()], dtype=torch.float64
     )
     assert torch.allclose(_log1m_exp(y), expected, rtol=1e-12, atol=0)
+
+
+def test_the_architecture_key_reads_a_models_own_code(tmp_path, monkeypatch):
+    """A model that ships its own code (``trust_remote_code``, imported under ``transformers_modules``) computes
+    what that code says: an edit to it gives another key, as an edit to its config does."""
+    import importlib.util
+    import sys
+
+    from simpo_exp.reference import architecture_fingerprint
+    from tests.test_perf_paths import make_model
+
+    code = tmp_path / "modeling_own.py"
+
+    def own_model(body: str):
+        code.write_text(f"import torch\n\nclass OwnModel(torch.nn.Module):\n    {body}\n")
+        spec = importlib.util.spec_from_file_location("transformers_modules.own.modeling_own", code)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)
+        spec.loader.exec_module(module)
+        model = module.OwnModel()
+        model.config = make_model(vocab=50).config
+        return model
+
+    first = architecture_fingerprint(own_model("scale = 1.0"))
+    assert architecture_fingerprint(own_model("scale = 1.0")) == first
+    assert architecture_fingerprint(own_model("scale = 2.0")) != first

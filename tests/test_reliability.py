@@ -970,6 +970,12 @@ def test_a_resume_on_another_tokenizer_or_other_reference_weights_is_refused(tmp
     res = simpo(*short, cwd=tmp_path)
     assert res.returncode == 2 and "against the reference of other starting weights" in res.stderr, res.stderr[-2000:]
     save_tiny_llama(model)
+    config = model / "config.json"  # the weights as they were, their config.json edited: another forward
+    kept = config.read_text()
+    config.write_text(json.dumps({**json.loads(kept), "rms_norm_eps": 0.1}))
+    res = simpo(*short, cwd=tmp_path)
+    assert res.returncode == 2 and "against the reference of another model config" in res.stderr, res.stderr[-2000:]
+    config.write_text(kept)
     res = simpo(*short, f"reference_cache_dir={tmp_path / 'elsewhere'}", cwd=tmp_path)  # the cache's place: taken
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in (run_dir / "__main__.log").read_text()
