@@ -328,15 +328,31 @@ def select(cfg: dict, dotted: str, missing=None):
 RUN_RECORDS = ("summary.json", "error.json", STOPPED_FILE, "metrics.jsonl")  # what a run writes into output_dir
 
 
+RECORDS_POINTER = "records_dir"  # in a run's .hydra/: where output_dir= put its records (runinfo.point_to_records)
+
+
 def records_dir(folder: Path) -> Path:
     """Where the run whose Hydra folder (``.hydra/``) is ``folder`` wrote its model and records: the folder itself,
     unless it holds none of them and its config names another existing ``output_dir`` (``output_dir=...`` on the
-    command line moves them; Hydra's own files stay in ``hydra.run.dir``). A relative one is taken from where the run
-    ran: the command's folder, or its own under ``hydra.job.chdir=true``."""
+    command line moves them; Hydra's own files stay in ``hydra.run.dir``): the place the run wrote down
+    (``RECORDS_POINTER``), else its config's, interpolations resolved where the config alone resolves them. A
+    relative one is taken from where the run ran: the command's folder, or its own under ``hydra.job.chdir=true``."""
     folder = Path(folder)
+    if any((folder / name).exists() for name in RUN_RECORDS):
+        return folder
+    with contextlib.suppress(OSError):
+        pointed = Path((folder / ".hydra" / RECORDS_POINTER).read_text().strip())
+        if pointed.is_absolute() and pointed.is_dir():
+            return pointed
     moved = (read_yaml(folder / ".hydra" / "config.yaml") or {}).get("output_dir")
-    own = any((folder / name).exists() for name in RUN_RECORDS)
-    if own or not isinstance(moved, str) or not moved or "${" in moved:
+    if isinstance(moved, str) and "${" in moved:  # output_dir=/x/b${beta}: the saved config resolves it
+        try:
+            from omegaconf import OmegaConf
+
+            moved = OmegaConf.load(folder / ".hydra" / "config.yaml").output_dir
+        except Exception:  # a Hydra resolver (${hydra:...}), not resolvable outside the run
+            return folder
+    if not isinstance(moved, str) or not moved:
         return folder
     hydra = read_yaml(folder / ".hydra" / "hydra.yaml") or {}
     ran_in = folder if select(hydra, "hydra.job.chdir") else select(hydra, "hydra.runtime.cwd")

@@ -37,6 +37,7 @@ from simpo_exp.rundir import (
     parsed_request,
     read_json,
     read_yaml,
+    records_dir,
     release_folders,
     rerun_command,
     select,
@@ -335,7 +336,22 @@ def fill_run_identity(cfg: DictConfig) -> DictConfig:
     if hc.runtime.choices:
         picked = [f"{g}:{c}" for g, c in hc.runtime.choices.items() if not g.startswith("hydra") and c]
         lc.tags = list(lc.get("tags") or []) + picked
+    point_to_records(cfg, hc)
     return cfg
+
+
+def point_to_records(cfg: DictConfig, hc) -> None:
+    """Where ``output_dir=`` moves the run's records away from its Hydra folder, write their place, resolved, into
+    that folder's ``.hydra/`` (``RECORDS_POINTER``): an interpolated one (``output_dir=/x/b${beta}``, how a sweep gives
+    each job its own) cannot be resolved from the saved config, so the sweep's summary called every finished job
+    "still running" and compare listed them without metrics."""
+    from simpo_exp.rundir import RECORDS_POINTER
+
+    out, hydra_dir = cfg.get("output_dir"), Path(str(hc.runtime.output_dir))
+    if not out or hc.output_subdir is None or Path(out).resolve() == hydra_dir.resolve():
+        return
+    with contextlib.suppress(OSError):
+        write_atomic(hydra_dir / str(hc.output_subdir) / RECORDS_POINTER, str(Path(out).resolve()))
 
 
 def resolve(cfg: DictConfig) -> None:
@@ -1077,7 +1093,7 @@ class SweepSummary(Callback):
         ``UncompletedJobError``) ends the sweep's command while other jobs may still train."""
         if not getattr(self, "training", True):
             return []
-        unfinished = [p for p in jobs if p not in failures and not (p / FINISHED).exists()]
+        unfinished = [p for p in jobs if p not in failures and not _in_records(p, lambda d: (d / FINISHED).exists())]
         if unfinished:
             print(
                 f"\nsweep ended with {len(unfinished)} of {len(jobs)} started jobs unfinished ({self.sweep_dir}):",
@@ -1086,7 +1102,7 @@ class SweepSummary(Callback):
         for path in unfinished:
             how = (
                 "killed without a record (out of memory, kill -9); it resumes from its newest checkpoint"
-                if ended_unrecorded(path)
+                if _in_records(path, ended_unrecorded)
                 else "no record yet: still running, or on another machine"
             )
             print(f"  {self._job(path)}: {how}", file=sys.stderr)
@@ -1102,7 +1118,7 @@ class SweepSummary(Callback):
         token = getattr(self, "token", None)
         started = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
         jobs = [p for p in started if _sweep_mark(p) in (None, token)]  # not another sweep's, in the same folder
-        failed = [(p, record) for p in jobs if (record := failure_record(p))]
+        failed = [(p, record) for p in jobs if (record := _in_records(p, failure_record))]
         # refusals of this sweep's jobs: another sweep running in the same folder meanwhile writes its own here
         mine = lambda record: (record or {}).get("sweep") in (None, token)  # noqa: E731
         in_folder = [(p, read_json(p / REFUSED_FILE)) for p in jobs if (p / REFUSED_FILE).exists()]
@@ -1114,7 +1130,7 @@ class SweepSummary(Callback):
         failed += list(refused.items())
         jobs += [job for job in refused if job not in jobs]
         failures = {p for p, _ in failed}  # a process's failure the others took for a stop (the launcher's SIGTERM)
-        stopped = [(p, read_json(p / STOPPED_FILE)) for p in jobs if (p / STOPPED_FILE).exists() and p not in failures]
+        stopped = [(p, record) for p in jobs if p not in failures and (record := _in_records(p, _stop_record))]
         if stopped:  # a stop signal ends the sweep at the job it reached: the jobs after it never ran
             path, record = stopped[-1]
             print(
@@ -1142,6 +1158,16 @@ class SweepSummary(Callback):
     def _job(self, path: Path) -> str:
         """A job's folder as the sweep's summary names it: below the sweep's directory."""
         return str(path.relative_to(self.sweep_dir)) if path.is_relative_to(self.sweep_dir) else path.name
+
+
+def _in_records(job: Path, read):
+    """``read`` of the job's Hydra folder, else of the folder ``output_dir=`` moved its records to
+    (``rundir.records_dir``), where it found nothing in the first."""
+    return read(job) or (read(moved) if (moved := records_dir(job)) != job else None)
+
+
+def _stop_record(folder: Path) -> dict | None:
+    return (read_json(folder / STOPPED_FILE) or {"stopped": True}) if (folder / STOPPED_FILE).exists() else None
 
 
 def _in_use_refusals(sweep_dir: Path) -> dict[Path, int]:

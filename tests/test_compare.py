@@ -844,6 +844,21 @@ def test_jobs_a_killed_sweep_never_started_are_counted_from_its_multirun_yaml(sw
         assert compare.sweep_request(cut)[1] is not None  # read by Hydra's grammar
         assert compare.jobs_asked(cut) is None, swept
     assert compare.main([str(cut), "--no-plots"]) == 0
+    # a value given twice runs in one folder (its second job is skipped as finished): beta=2,5,2 is 2 folders, and
+    # compare said the complete sweep "stopped first"; Optuna's choice() trials repeat settings likewise
+    sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}
+    (cut / "multirun.yaml").write_text(
+        yaml.safe_dump({"hydra": {"sweeper": sweeper, "overrides": {"task": ["beta=2,5,2", "seed=1,2"]}}})
+    )
+    assert compare.jobs_asked(cut) == 4
+    optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "n_trials": 8}
+    for params, asked in (({"beta": "choice(2,5)"}, None), ({"beta": "interval(1, 10)", "seed": "range(1, 3)"}, None)):
+        (cut / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {**optuna, "params": params}}}))
+        assert compare.jobs_asked(cut) is asked, params
+    (cut / "multirun.yaml").write_text(
+        yaml.safe_dump({"hydra": {"sweeper": {**optuna, "params": {"beta": "interval(1, 10)"}}}})
+    )
+    assert compare.jobs_asked(cut) == 8
 
 
 def test_runs_of_different_methods_ranked_by_their_own_rewards_get_a_note(tmp_path, capsys):
