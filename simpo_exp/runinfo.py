@@ -218,6 +218,9 @@ def _recorded_overrides(folder: Path) -> str | None:
 
 
 OmegaConf.register_new_resolver("job_subdir", job_subdir, replace=True)
+# a path's last part: the SLURM preset names its jobs after the sweep's folder (Hydra's default, the job's name, is
+# "__main__" under python -m, the same for every job of every sweep in squeue and sacct)
+OmegaConf.register_new_resolver("folder_name", lambda path: Path(str(path)).name, replace=True)
 
 
 def stage_groups(choices, optional: str = "") -> str:

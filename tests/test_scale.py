@@ -421,6 +421,7 @@ def test_the_slurm_preset_renders_a_job_whose_tasks_each_get_their_cpus(tmp_path
     for line in lines + [f"--gpus-per-node={gpus}"] * (gpus > 0):
         assert f"#SBATCH {line}\n" in text, text
     assert text.index("export SRUN_CPUS_PER_TASK=12\n") < text.index("\nsrun "), text
+    assert f"#SBATCH --job-name=simpo-{tmp_path.name}\n" in text, text  # the sweep's, not "__main__"
 
 
 @pytest.mark.parametrize("preset", options("hardware"))
