@@ -367,34 +367,41 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def estimated_bytes(model, whole: bool = False) -> int:
+def estimated_bytes(model, whole: bool = False, master_copy: bool = False) -> int:
     """About what one checkpoint of ``model`` takes: every weight, plus AdamW's two moments (in the
     weight's dtype) for each trainable one (simpo_exp/memory.py's one-device state, less the gradients). A LoRA
     run's keeps its trained weights alone (``_write``): an 8B base counted in made 16 GB of a 0.2 GB checkpoint.
     ``whole``: the checkpoint goes through the engine's ``save_state`` (FSDP, ZeRO, ``checkpoint_format=accelerate``),
     which writes the module whole, a LoRA run's frozen base included (left out, an 8B LoRA run under FSDP was told
-    its checkpoints need 0.5 GB each, not 15.4)."""
+    its checkpoints need 0.5 GB each, not 15.4). ``master_copy``: DeepSpeed under bf16/fp16 trains the model (in 16
+    bits here) from a float32 master copy, which it saves with float32 moments beside the module (12 bytes a
+    trained parameter more, not 4: ZeRO-2 wrote 14 bytes a parameter where 6 were counted)."""
     state = state_bytes(model, Engine())
+    if master_copy:
+        return state["weights"] + 12 * sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     if not whole and any(not p.requires_grad for p in model.parameters()):
         trained = sum(full_numel(p) * p.element_size() for p in model.parameters() if p.requires_grad)
         return trained + state["optimizer"]
     return state["weights"] + state["optimizer"]
 
 
-def model_bytes(model) -> int:
+def model_bytes(model, master_copy: bool = False) -> int:
     """About what the trained model (``model/``) takes: its weights as they are; a LoRA model's merged in float32
-    (``save_trained``), and its adapters beside them."""
-    if any(not p.requires_grad for p in model.parameters()):
+    (``save_trained``), and its adapters beside them; DeepSpeed's float32 master copy where it keeps one
+    (``master_copy``)."""
+    if master_copy or any(not p.requires_grad for p in model.parameters()):
         return sum(full_numel(p) * (4 if p.is_floating_point() else p.element_size()) for p in model.parameters())
     return state_bytes(model, Engine())["weights"]
 
 
-def check_space(run_dir: Path, model, keep: int, save_model: bool, warn: bool = True, whole: bool = False) -> int:
-    """The estimated bytes of one checkpoint (``whole``: see ``estimated_bytes``); with a warning when the output
-    directory's disk cannot hold the checkpoints the run keeps (one more while the next is written, before the
-    oldest is pruned) and the final model."""
-    per_checkpoint = estimated_bytes(model, whole)
-    needed = per_checkpoint * (keep + 1) + (model_bytes(model) if save_model else 0)
+def check_space(
+    run_dir: Path, model, keep: int, save_model: bool, warn: bool = True, whole: bool = False, master_copy: bool = False
+) -> int:
+    """The estimated bytes of one checkpoint (``whole``, ``master_copy``: see ``estimated_bytes``); with a warning
+    when the output directory's disk cannot hold the checkpoints the run keeps (one more while the next is written,
+    before the oldest is pruned) and the final model."""
+    per_checkpoint = estimated_bytes(model, whole, master_copy)
+    needed = per_checkpoint * (keep + 1) + (model_bytes(model, master_copy) if save_model else 0)
     free = shutil.disk_usage(run_dir).free
     if warn and free < needed:
         log.warning(

@@ -84,15 +84,23 @@ def fsdp_offloads(plugin) -> bool:
     return type(offload).__name__ == "CPUOffloadPolicy"
 
 
-def state_bytes(model: torch.nn.Module, engine: Engine, live_reference: bool = False) -> dict[str, int]:
+def state_bytes(
+    model: torch.nn.Module, engine: Engine, live_reference: bool = False, upcast: bool = False
+) -> dict[str, int]:
     """Bytes per device of the weights, gradients and optimizer state (master copy and moments) of ``model``
     trained under ``engine``, and with ``live_reference`` its frozen copy's (``reference``); ``total`` is their
-    sum."""
-    loaded = sum(full_numel(p) * p.element_size() for p in model.parameters())
+    sum. ``upcast``: the trained weights counted in float32 whatever their dtype now, as FSDP trains them
+    (``precision.upcast_as_fsdp_does``) where the model is still in 16 bits (loaded for DeepSpeed's master copy, or
+    under ``master_weights=model``)."""
+
+    def size(p) -> int:
+        return max(p.element_size(), 4) if upcast and p.requires_grad and p.is_floating_point() else p.element_size()
+
+    loaded = sum(full_numel(p) * size(p) for p in model.parameters())
     params = sum(full_numel(p) for p in model.parameters())
     trained = [p for p in model.parameters() if p.requires_grad]
     t = sum(full_numel(p) for p in trained)
-    t_bytes = sum(full_numel(p) * p.element_size() for p in trained)  # in each weight's own dtype
+    t_bytes = sum(full_numel(p) * size(p) for p in trained)  # in each weight's own dtype
     n = max(engine.processes, 1)
     if engine.kind == "deepspeed":
         weights, grads, optimizer = (2 * params, 2 * t, 12 * t) if engine.half_precision else (4 * params, 4 * t, 8 * t)
@@ -117,9 +125,12 @@ def gib(n: float) -> str:
 
 
 def sharded_fit(model: torch.nn.Module, capacity: int, most: int = 64, live_reference: bool = False) -> int | None:
-    """The fewest processes over which FSDP2's full sharding brings the state under ``capacity``."""
+    """The fewest processes over which FSDP2's full sharding brings the state under ``capacity``: the trained
+    weights in float32 (FSDP upcasts them, ZeRO-3 keeps a float32 master copy: 16 bytes a parameter either way),
+    whatever their dtype in a run under DeepSpeed or ``master_weights=model`` (counted in 16 bits, half the GPUs
+    were named, and that advice followed was refused again)."""
     for n in range(2, most + 1):
-        if state_bytes(model, Engine("fsdp", n), live_reference)["total"] <= capacity:
+        if state_bytes(model, Engine("fsdp", n), live_reference, upcast=True)["total"] <= capacity:
             return n
     return None
 
@@ -139,14 +150,25 @@ def check_fits(
     if live_reference:
         options.append("reference_mode=cached (the reference log-probs computed once, no copy of the model kept)")
     if engine.kind == "single" and all(p.requires_grad for p in model.parameters()):  # a full fine-tune
-        options.append("hardware=gpu-lora (LoRA: the base stays frozen in model.dtype, only adapters train)")
+        lora = "ddp-lora" if engine.processes > 1 else "gpu-lora"
+        options.append(f"hardware={lora} (LoRA: the base stays frozen in model.dtype, only adapters train)")
     if not engine.offload_optimizer:
-        options.append("hardware=zero3-offload (the optimizer state and weights in CPU RAM)")
+        # DeepSpeed's estimate_zero3_model_states_mem_needs with both offloads: 18 bytes a parameter of CPU RAM
+        options.append(
+            "hardware=zero3-offload (the optimizer state and weights in CPU RAM: about "
+            f"{gib(18 * sum(full_numel(p) for p in model.parameters()))} of it, by DeepSpeed's estimate)"
+        )
     shards = sharded_fit(model, int(0.8 * capacity), live_reference=live_reference)
+    fully_sharded = engine.kind == "fsdp" or (engine.kind == "deepspeed" and engine.zero_stage >= 3)
     if shards and engine.processes < shards:
         options.append(
             f"hardware=fsdp or zero3 over at least {shards} such GPUs (accelerate launch --config_file "
             "launchers/fsdp.yaml or zero3.yaml)"
+        )
+    elif shards and not fully_sharded:  # DDP or ZeRO-1/2 on enough GPUs already: full sharding there fits
+        options.append(
+            f"hardware=fsdp or zero3 on these {engine.processes} GPUs (accelerate launch --config_file "
+            f"launchers/fsdp.yaml or zero3.yaml: it needs {shards} or more)"
         )
     raise OutOfMemoryError(
         f"the {params:.2f}B-parameter model cannot be trained under {what}: its weights, gradients and optimizer "

@@ -178,6 +178,11 @@ def test_short_disk_is_warned_about_at_start(tmp_path, monkeypatch, caplog):
     # through an engine's save_state (FSDP, ZeRO) the module is written whole, its frozen base included
     assert checkpoint.estimated_bytes(lora, whole=True) == 10_100 * 2 + 3 * 808 * 4
     assert checkpoint.check_space(tmp_path, lora, keep=1, save_model=False, whole=True) == 10_100 * 2 + 3 * 808 * 4
+    # DeepSpeed under bf16: the bf16 module beside a float32 master copy and float32 moments (14 bytes a parameter,
+    # where 6 were counted), and model/ written from the master copy in float32
+    half = torch.nn.Linear(100, 100).to(torch.bfloat16)
+    assert checkpoint.estimated_bytes(half, whole=True, master_copy=True) == 10_100 * (2 + 12)
+    assert checkpoint.model_bytes(half, master_copy=True) == 10_100 * 4 == 2 * checkpoint.model_bytes(half)
     assert checkpoint.model_bytes(lora) == (10_100 + 808) * 4
 
 

@@ -102,6 +102,31 @@ def test_a_state_larger_than_the_device_is_refused_with_the_presets_that_fit():
     assert "hardware=gpu-lora (" not in str(err.value) and "zero3-offload" in str(err.value)
 
 
+def test_the_advice_for_ddp_zero2_and_a_16_bit_model_names_what_fits():
+    """DDP on 8 GPUs was told hardware=gpu-lora and zero3-offload alone, not full sharding on the same 8 GPUs
+    (offered only where more GPUs were needed); a model still in bf16 (loaded for DeepSpeed's float32 master copy,
+    or under master_weights=model) was priced at 8 bytes a parameter under FSDP, half the GPUs it needs: that
+    advice followed was refused again. And zero3-offload says how much CPU RAM it takes."""
+    model = make_model()
+    params = sum(x.numel() for x in model.parameters())
+    need = state_bytes(model, Engine("single", 8))["total"]  # 16 bytes a parameter on each of the 8
+    with pytest.raises(OutOfMemoryError) as err:
+        check_fits(model, Engine("single", 8), need // 3, "hardware=ddp on cuda:0")
+    message = str(err.value)
+    assert "hardware=ddp-lora" in message and "hardware=gpu-lora" not in message
+    assert "hardware=fsdp or zero3 on these 8 GPUs" in message and "it needs 4 or more" in message
+    assert f"about {memory.gib(18 * params)} of it" in message  # zero3-offload's CPU RAM
+    with pytest.raises(OutOfMemoryError) as err:  # ZeRO-3 already: no full-sharding advice on the same GPUs
+        check_fits(model, Engine("deepspeed", 8, zero_stage=3), 100, "hardware=zero3 on cuda:0")
+    assert "on these 8 GPUs" not in str(err.value)
+    half = make_model().to(torch.bfloat16)  # as loaded for DeepSpeed under bf16: trained from float32 masters
+    capacity = state_bytes(model, Engine())["total"] // 3
+    with pytest.raises(OutOfMemoryError) as err:
+        check_fits(half, Engine("deepspeed", 1, zero_stage=3, half_precision=True), capacity, "hardware=zero3")
+    assert "over at least 4 such GPUs" in str(err.value)  # as for the float32 model, not 2
+    assert memory.sharded_fit(half, int(0.8 * capacity)) == memory.sharded_fit(model, int(0.8 * capacity)) == 4
+
+
 def test_set_up_refuses_the_run_before_training(compose, tmp_path, monkeypatch):
     from simpo_exp.train import train
 
