@@ -1045,6 +1045,17 @@ def is_training(config) -> bool:
     return name == "config" if name else getattr(config, "method", None) is not None
 
 
+def sweep_token() -> str:
+    """The identity of this sweep command (``SWEEP_ENV``). The processes of one multi-process launch share it (its
+    rendezvous: address, port and run id), each running the whole sweep: with one of its own each, the last to
+    mark a job took it, and each process's summary counted a share of the jobs ("sweep finished: 1 jobs" twice
+    for a sweep of 2)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("MASTER_ADDR"):
+        rendezvous = [os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")]
+        return "launch:" + ":".join(rendezvous)
+    return f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
 class SweepSummary(Callback):
     """At the end of a ``--multirun``, list this sweep's jobs that failed and why; exit 1 if any did.
 
@@ -1065,7 +1076,7 @@ class SweepSummary(Callback):
         self.before = _job_stamps(self.sweep_dir) | _in_use_refusals(self.sweep_dir)
         # this command's identity, in its jobs' refusal records (refusal_record): the launchers' job processes inherit
         # the environment (joblib's workers, submitit's jobs), and jobs in this process read it here
-        self.token = os.environ[SWEEP_ENV] = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.token = os.environ[SWEEP_ENV] = sweep_token()
         # and the keys it sweeps, which a job reads to find its folder: multirun.yaml is rewritten by a second sweep
         # started in the same folder
         if isinstance(config, DictConfig):
@@ -1114,10 +1125,18 @@ class SweepSummary(Callback):
         return unfinished
 
     def _list_failed(self) -> bool:
-        """Print the jobs of this sweep that failed (or that all succeeded), once; whether any failed."""
+        """Print the jobs of this sweep that failed (or that all succeeded), once; whether any failed. A sweep run on
+        several processes (``torchrun``/``accelerate launch ... --multirun``) prints one summary, the main
+        process's; every process returns whether a job failed."""
         if getattr(self, "listed", True):
             return False
         self.listed = True
+        if os.environ.get("RANK", "0") != "0":
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                return self._summarise()
+        return self._summarise()
+
+    def _summarise(self) -> bool:
         token = getattr(self, "token", None)
         started = [p for p, stamp in _job_stamps(self.sweep_dir).items() if self.before.get(p) != stamp]
         jobs = [p for p in started if _sweep_mark(p) in (None, token)]  # not another sweep's, in the same folder

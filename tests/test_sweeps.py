@@ -168,6 +168,8 @@ def test_a_multirun_under_torchrun_runs_its_jobs_in_turn_on_the_same_processes(t
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [j.name[:2] for j in jobs] == ["0_", "1_"]
     assert all((j / "finished.json").is_file() for j in jobs)
+    # one summary, of both jobs: each process marked the jobs with its own identity and counted its share
+    assert res.stdout.count("sweep finished") == 1 and "sweep finished: 2 jobs" in res.stdout, res.stdout[-2000:]
     first, second = (read_metrics(j) for j in jobs)
     assert len(first) >= 2
     assert_same_records(first, second)
