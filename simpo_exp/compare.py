@@ -1006,7 +1006,10 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
         title += "\n" + textwrap.shorten(f"best setting by {metric} over seeds: {_setting_of(best)}", 80)
         title += f" (mean {_fmt(best[f'{metric} mean'])}, {best['seeds']} seeds, {_fmt(best['min'])} to "
         title += f"{_fmt(best['max'])})"
-        if len(groups) > 1 and max(best["min"], groups[1]["min"]) <= min(best["max"], groups[1]["max"]):
+        tied = [g for g in groups[1:] if g[f"{metric} mean"] == best[f"{metric} mean"]]
+        if tied:  # an exact tie of the means: no setting is the best
+            title += f", tied with {len(tied)} other setting{'s' * (len(tied) > 1)} ({_setting_of(tied[0])})"
+        elif len(groups) > 1 and max(best["min"], groups[1]["min"]) <= min(best["max"], groups[1]["max"]):
             title += f", within the spread of the next: {_setting_of(groups[1])}"
     elif len(ranked) > 1 and ranked[0].status == "done" and _is_number(ranked[0].final(metric)):
         best = ranked[0]

@@ -1117,3 +1117,20 @@ def test_a_killed_run_moved_from_where_it_ran_is_told_to_name_its_new_folder(swe
     hydra["hydra"]["runtime"]["output_dir"] = str(moved)  # where it ran: its command names it already
     hydra_yaml.write_text(yaml.safe_dump(hydra))
     assert compare.load_run(moved).error.endswith("; re-run its command to resume from step 2")
+
+
+def test_settings_tied_over_their_seeds_are_titled_tied_not_one_best():
+    """Two settings of equal means over their seeds (and equal spreads): the plot's title named one of them the
+    "best setting", within the spread of the next, where runs without seeds say "tied with"."""
+    acc = "eval/rewards/accuracies"
+    runs = []
+    for i, (seed, beta, value) in enumerate([(1, 2, 0.9), (2, 2, 0.8), (1, 5, 0.8), (2, 5, 0.9)]):
+        run = _run(str(i), {"seed": str(seed), "beta": str(beta)}, {acc: value})
+        run.history = [{"step": 1, acc: 0.5}, {"step": 2, acc: value}]
+        runs.append(run)
+    title = " ".join(compare.figure(compare.label_runs(runs), "rewards_accuracies").get_suptitle().split())
+    assert "tied with 1 other setting (beta=" in title and "within the spread" not in title, title
+    runs[3].summary = {acc: 0.95}  # beta=5 now ahead: a best setting, within the spread of the other
+    runs[3].history[-1][acc] = 0.95
+    title = " ".join(compare.figure(compare.label_runs(runs), "rewards_accuracies").get_suptitle().split())
+    assert "over seeds: beta=5" in title and "tied with" not in title and "within the spread of the next" in title
