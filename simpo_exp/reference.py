@@ -139,7 +139,7 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
-def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
+def model_fingerprint(cfg: Config, model, accelerator=None, weights: str | None = None) -> str:
     """The starting weights' identity: the model's path, revision, dtype, the dtype they are computed in (weights,
     autocast, and a sharding engine's own cast), size, its architecture (``architecture_fingerprint``) and the
     transformers release computing it, and values sampled from every weight (a model overwritten at the same path,
@@ -170,8 +170,9 @@ def model_fingerprint(cfg: Config, model, accelerator=None) -> str:
     if key is not None and compute not in {str(p.dtype).removeprefix("torch.") for p in params}:
         identity[key] = compute
     h = hashlib.sha256(json.dumps(identity).encode())
-    for p in params:
-        h.update(sampled(p).numpy().tobytes())
+    # the weights' values by ``weights_fingerprint`` (given: the run's start_weights, taken once; each take under
+    # ZeRO-3 gathers every weight)
+    h.update((weights or weights_fingerprint(model)).encode())
     return h.hexdigest()
 
 
@@ -191,11 +192,13 @@ def kernels(cfg: Config, model, layout: BatchLayout | None) -> str:
     return json.dumps({k: v for k, v in parts.items() if v}) if any(parts.values()) else ""
 
 
-def cache_path(cfg: Config, model, splits: dict[str, Dataset], accelerator=None, layout=None) -> Path:
+def cache_path(
+    cfg: Config, model, splits: dict[str, Dataset], accelerator=None, layout=None, weights: str | None = None
+) -> Path:
     root = Path(cfg.reference_cache_dir or Path.home() / ".cache" / "simpo_exp" / "reference").expanduser()
     key = hashlib.sha256(
         (
-            model_fingerprint(cfg, model, accelerator)
+            model_fingerprint(cfg, model, accelerator, weights)
             + "".join(f"{name}:{data_fingerprint(ds)}" for name, ds in sorted(splits.items()))
             + kernels(cfg, model, layout)
         ).encode()
@@ -228,8 +231,8 @@ class CachedReference:
     path (from the main process's weights: under FSDP's low-memory loading the others may hold none before
     ``prepare``), and ``fill`` after ``prepare``."""
 
-    def __init__(self, cfg: Config, model, splits: dict[str, Dataset], collate, accelerator, layout=None):
-        path = lambda: str(cache_path(cfg, model, splits, accelerator, layout))  # noqa: E731
+    def __init__(self, cfg: Config, model, splits: dict[str, Dataset], collate, accelerator, layout=None, weights=None):
+        path = lambda: str(cache_path(cfg, model, splits, accelerator, layout, weights))  # noqa: E731
         self.path = Path(on_every(accelerator, path, "hashing the model")[0])
         self.splits = {name: ds.add_column(REF_INDEX, list(range(len(ds)))) for name, ds in splits.items()}
         self.collates = {name: WithReference(collate) for name in splits}

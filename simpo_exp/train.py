@@ -214,13 +214,16 @@ def total_steps(cfg: Config, batches_per_epoch: int, accum: int) -> int:
     return max(1, math.ceil(cfg.num_train_epochs * epoch_batches(batches_per_epoch, accum) / accum))
 
 
-def make_loaders(cfg: Config, model, splits: dict, collate, accelerator, layout: BatchLayout):
+def make_loaders(
+    cfg: Config, model, splits: dict, collate, accelerator, layout: BatchLayout, start_weights: str | None = None
+):
     """(eval collate, reference, train loader, eval loader, eval split). ``reference``: a frozen copy of the
     model (``reference_mode=live``), a ``CachedReference`` whose ``fill`` must run after ``prepare``
-    (``cached``), or None; length grouping when asked for."""
+    (``cached``; its key takes ``start_weights``, the weights' fingerprint the run took), or None; length grouping
+    when asked for."""
     columns, reference, collates = list(MODEL_COLUMNS), None, {"train": collate, "test": collate}
     if cfg.method in REFERENCE_METHODS and cfg.reference_mode == "cached":
-        reference = CachedReference(cfg, model, splits, collate, accelerator, layout)
+        reference = CachedReference(cfg, model, splits, collate, accelerator, layout, start_weights)
         splits, collates, columns = reference.splits, reference.collates, columns + [REF_INDEX]
     elif cfg.method in REFERENCE_METHODS:
         if any(hasattr(p, "ds_id") for p in model.parameters()):
@@ -481,7 +484,7 @@ def set_up(cfg: Config) -> Run:
     )  # warns if the disk is short
     collate = PairCollator(tokenizer.pad_token_id, packing=layout.packing, attention=layout.attention)
     collate, reference, train_loader, eval_loader, eval_ds = make_loaders(
-        cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator, layout
+        cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator, layout, start_weights
     )
     fused_optimizer = adamw_fused(accelerator)
     optimizer = adamw(model, cfg, lr, fused_optimizer)
