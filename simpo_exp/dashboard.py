@@ -523,7 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import wandb_workspaces  # noqa: F401
     except ImportError:
-        print("error: the dashboard needs wandb-workspaces: pip install wandb-workspaces", file=sys.stderr)
+        print(
+            "error: the dashboard needs wandb-workspaces: pip install -e '.[dashboard]' (wandb-workspaces >= 0.4.13)",
+            file=sys.stderr,
+        )
         return 2
     workspace = build_workspace(sweep, entity, project, args.name)
     out = args.out or default_out

@@ -448,6 +448,23 @@ def check_cpu_settings(cfg: Config) -> None:
         )
 
 
+def check_extras(cfg: Config) -> None:
+    """Import the optional packages the run's settings need (PEFT for LoRA, Liger's chunked losses for
+    ``hardware.fused_head=liger``) before the data and the model load: a missing one stopped the run after both,
+    Liger's with a traceback."""
+    from simpo_exp.fused import liger_losses
+    from simpo_exp.model import PEFT_MISSING
+
+    h = cfg.hardware
+    if h.lora:
+        try:
+            import peft  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(PEFT_MISSING) from e
+    if h.fused_head == "liger":
+        liger_losses()
+
+
 def make_accelerator(cfg: Config):
     """The Accelerator for this run and its accumulation steps. Multi-process engines (DDP, FSDP,
     DeepSpeed) come from ``accelerate launch --config_file launchers/...``; a hardware preset may

@@ -88,11 +88,14 @@ def fused_head(cfg, model) -> "LigerPreferenceHead | None":
 
 
 def liger_losses():
-    """``liger_kernel.chunked_loss``, or an ImportError that says how to install it."""
+    """``liger_kernel.chunked_loss``, or a ConfigError that says how to install it (an ImportError was taken for a
+    crash: a traceback, exit 1)."""
+    from simpo_exp.config import ConfigError
+
     try:
         from liger_kernel import chunked_loss
     except ImportError as e:
-        raise ImportError(f"hardware.fused_head=liger needs the liger-kernel package: {INSTALL_HINT}") from e
+        raise ConfigError(f"hardware.fused_head=liger needs the liger-kernel package: {INSTALL_HINT}") from e
     return chunked_loss
 
 
@@ -129,7 +132,7 @@ def fuse_layers(model: nn.Module) -> None:
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as e:
-        raise ImportError(f"{where} needs the liger-kernel package: {INSTALL_HINT}") from e
+        raise ConfigError(f"{where} needs the liger-kernel package: {INSTALL_HINT}") from e
     from transformers.integrations.liger import apply_liger_kernel
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)

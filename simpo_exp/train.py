@@ -48,6 +48,7 @@ from simpo_exp.engine import (
     SHARDED_ENGINES,
     adamw,
     adamw_fused,
+    check_extras,
     check_same_config,
     engine_checkpoints,
     fsdp2,
@@ -426,6 +427,7 @@ def set_up(cfg: Config) -> Run:
     if accelerator.num_processes > 1:  # each rank resolved its own Hydra directory: use the main one's
         run_dir = Path(on_main(accelerator, lambda: str(run_dir)))
     check_same_config(cfg, accelerator)  # one config on every process
+    check_extras(cfg)  # before the data and the model load
     resuming = cfg.resume and bool(checkpoint.checkpoint_dirs(run_dir))
     if resuming:  # another config is refused before the model, the data and a reference pass are loaded
         checkpoint.refuse_another_config(run_dir, config_to_dict(cfg))

@@ -727,3 +727,31 @@ def test_the_command_lines_decoding_wins_over_a_presets_by_model_entry_and_a_jud
     assert mistral.temperature == 0 and mistral.max_new_tokens == 2048  # the preset's other change stays
     with pytest.raises(ConfigError, match="judge.base_url='http://127.0.0.1:1/v1': is given but .*judge.kind=none"):
         apply_command_line(judged, ["benchmarks.alpacaeval2.judge.base_url=http://127.0.0.1:1/v1"])
+
+
+def test_alpaca_evals_own_judge_without_a_usable_alpaca_eval_is_refused_before_any_answer(tmp_path, monkeypatch):
+    """judge.kind=alpaca_eval without alpaca-eval was refused after every answer had been generated (805 prompts of
+    every run); now with the prompt files, before any model loads. alpaca-eval installed but failing on an import of
+    its own (0.6.6 imports pkg_resources, gone from setuptools 81) was called "not installed"."""
+    from dataclasses import replace
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+    from simpo_exp.evaluate.judge import alpaca_eval_unusable, length_controlled
+    from simpo_exp.evaluate.run import check_benchmark_inputs
+
+    prompts = tmp_path / "ae.json"
+    prompts.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi.", "generator": "gpt4", "dataset": "x"}]))
+    b = BenchmarkConfig(name="ae", kind="alpacaeval", prompts_path=str(prompts), judge=JudgeConfig(kind="alpaca_eval"))
+    cfg = types.SimpleNamespace(benchmarks={"ae": b})
+    monkeypatch.setitem(sys.modules, "alpaca_eval", None)  # not installed
+    with pytest.raises(ConfigError, match=r"benchmarks.ae.judge.kind=alpaca_eval needs the alpaca-eval package"):
+        check_benchmark_inputs(cfg)
+    check_benchmark_inputs(types.SimpleNamespace(benchmarks={"ae": replace(b, judge=JudgeConfig(kind="openai"))}))
+    broken = ModuleNotFoundError("No module named 'pkg_resources'", name="pkg_resources")
+    said = alpaca_eval_unusable(broken)
+    assert "installed but fails to import" in said and "pip install 'setuptools<81'" in said
+    assert (
+        length_controlled([{"preference": 2.0}] * 805, 805)[1]
+        == "LC needs the alpaca-eval package: pip install -e '.[eval]'"
+    )

@@ -21,7 +21,9 @@ def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding
     out = run / "eval" / "alpacaeval2"
 
     # vLLM is not installed: the command fails after writing the manifest, before any answer
-    with pytest.raises(ConfigError, match="backend=vllm needs vLLM"):
+    with pytest.raises(
+        ConfigError, match=r"^benchmarks.alpacaeval2.decoding.backend=vllm needs vLLM.*decoding.backend=hf"
+    ):
         evaluate_sweep(run, *args, "benchmarks.alpacaeval2.decoding.backend=vllm")
     assert (out / "shards" / "trained-manifest.json").exists() and not list(out.glob("shards/trained-0*"))
 

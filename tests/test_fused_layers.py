@@ -4,6 +4,7 @@ The kernels run on a GPU only (their numbers against the plain path: tests/test_
 the option patches in each model family of the presets, that the model's own forward and head are left to the
 project, what stays changed for the process and how it is put back, and the named errors."""
 
+import os
 import subprocess
 import sys
 
@@ -95,8 +96,30 @@ def test_a_family_without_liger_kernels_is_refused_by_name(gpu_pretended):
 def test_without_liger_the_error_says_how_to_install(gpu_pretended, monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)  # as if not installed
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMALL))
-    with pytest.raises(ImportError, match=r"needs the liger-kernel package: pip install"):
+    with pytest.raises(ConfigError, match=r"needs the liger-kernel package: pip install"):
         fuse_layers(model)
+
+
+@pytest.mark.parametrize(
+    "setting, hidden, says",
+    [
+        ("hardware.fused_head=liger", "liger_kernel", "hardware.fused_head=liger needs the liger-kernel package"),
+        ("hardware=cpu-lora", "peft", "hardware.lora=true needs peft: pip install -e '.[peft]'"),
+    ],
+)
+def test_a_missing_extra_is_refused_before_the_data_and_the_model_load(tmp_path, setting, hidden, says):
+    """Without liger-kernel, hardware.fused_head=liger stopped the run with a traceback (exit 1), after the data set
+    was built and the model loaded; without peft, a LoRA run loaded the model (every rank, under ddp-lora) first."""
+    from tests.test_run import simpo
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(f"import sys\nsys.modules[{hidden!r}] = None\n")
+    path = os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])
+    run = tmp_path / "run"
+    res = simpo(setting, "logger=none", "max_steps=1", f"hydra.run.dir={run}", cwd=tmp_path, env={"PYTHONPATH": path})
+    assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "example pair" not in res.stderr + (run / "__main__.log").read_text()  # no data set built, no model
 
 
 def test_unknown_choice_and_generation_settings(compose):
@@ -114,6 +137,7 @@ def test_a_family_first_loaded_inside_the_block_is_put_back_too():
     """In a fresh process (a benchmark's shared worker) the model family's module may load only when the first
     model is built, inside the block: what was patched there is put back all the same."""
     code = """
+import os
 import subprocess
 import sys
 import simpo_exp.model

@@ -507,8 +507,8 @@ def length_controlled(rows: list[dict], file_rows: int) -> tuple[dict, str | Non
         return none, why
     try:
         from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
-    except ImportError:
-        return none, "LC needs the alpaca-eval package: pip install -e '.[eval]'"
+    except ImportError as e:
+        return none, f"LC {alpaca_eval_unusable(e)}"
     from huggingface_hub import try_to_load_from_cache
 
     # Its GLM reads precomputed data from the hub data set tatsu-lab/alpaca_eval: use a cached copy, never download.
@@ -574,14 +574,30 @@ def package_annotations_path(out_dir, annotators_config: str) -> Path:
     return Path(out_dir) / ("" if "/" in annotators_config else annotators_config) / "annotations.json"
 
 
-def package_judge(b, model_outputs_path, reference_path: str, out_dir) -> dict:
-    """alpaca-eval's own evaluation (its annotators, its API keys): LC, WR and avg length from its leaderboard."""
+def alpaca_eval_unusable(error: ImportError) -> str:
+    """Why alpaca-eval cannot be imported, as the end of a sentence: not installed, or installed and failing on an
+    import of its own (0.6.6 imports ``pkg_resources``, which setuptools 81 removed, without depending on
+    setuptools: it was called "not installed")."""
+    missing = getattr(error, "name", None) or ""
+    if missing.split(".")[0] == "alpaca_eval":
+        return "needs the alpaca-eval package: pip install -e '.[eval]'"
+    hint = "; setuptools 81 removed it: pip install 'setuptools<81'" if missing == "pkg_resources" else ""
+    return f"needs alpaca-eval, which is installed but fails to import ({type(error).__name__}: {error}{hint})"
+
+
+def import_alpaca_eval(b):
+    """The alpaca-eval package for benchmark ``b``'s ``judge.kind=alpaca_eval``, or a ConfigError saying why not
+    (checked before any answer is generated: ``evaluate.run.check_benchmark_inputs``)."""
     try:
         import alpaca_eval
     except ImportError as e:
-        raise ConfigError(
-            f"benchmarks.{b.name}.judge.kind=alpaca_eval needs the alpaca-eval package: pip install -e '.[eval]'"
-        ) from e
+        raise ConfigError(f"benchmarks.{b.name}.judge.kind=alpaca_eval {alpaca_eval_unusable(e)}") from e
+    return alpaca_eval
+
+
+def package_judge(b, model_outputs_path, reference_path: str, out_dir) -> dict:
+    """alpaca-eval's own evaluation (its annotators, its API keys): LC, WR and avg length from its leaderboard."""
+    alpaca_eval = import_alpaca_eval(b)
     board, _ = alpaca_eval.evaluate(
         model_outputs=str(model_outputs_path),
         reference_outputs=reference_path,

@@ -124,10 +124,18 @@ def _backend(dec, cfg) -> str:
 
 
 def generate(
-    cfg, prompts: list[dict], dec, shard_dir: Path, tag: str, judge_only: bool, chat_format: str | None = None
+    cfg,
+    prompts: list[dict],
+    dec,
+    shard_dir: Path,
+    tag: str,
+    judge_only: bool,
+    chat_format: str | None = None,
+    backend_key: str = "decoding.backend",
 ) -> list[dict]:
     """Answers of the policy ``cfg`` to ``prompts``, one record per prompt, in resumable shards; ``chat_format``:
-    how the prompts are rendered (default: as the policy was trained, ``dataset.chat_format``)."""
+    how the prompts are rendered (default: as the policy was trained, ``dataset.chat_format``); ``backend_key``:
+    the key of ``dec.backend``, as messages name it."""
     from simpo_exp.inference.sampling import (
         derive_seed,
         effective_precision,
@@ -181,7 +189,7 @@ def generate(
         )
     if todo:
         tokenizer = load_tokenizer(cfg.model)
-        sampler = make_sampler(cfg, tokenizer, dec)
+        sampler = make_sampler(cfg, tokenizer, dec, backend_key)
         for i in todo:
             ids = prompt_token_ids(tokenizer, [p["messages"] for p in shards[i]], manifest["chat_format"])
             outs = sampler.sample(ids, [p["id"] for p in shards[i]], derive_seed(dec.seed, tag, i))
@@ -520,7 +528,14 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e, name: str | None = None) ->
         "judge_only": e.judge_only,
         "decoding": _recorded_decoding(b, e, out / "shards", dec),
         "generate": lambda cfg, prompts, tag: generate(
-            cfg, prompts, dec, out / "shards", tag, e.judge_only, CHAT_FORMAT_OF.get(b.kind)
+            cfg,
+            prompts,
+            dec,
+            out / "shards",
+            tag,
+            e.judge_only,
+            CHAT_FORMAT_OF.get(b.kind),
+            f"benchmarks.{b.name}.decoding.backend",
         ),
     }
     if b.kind != "lm_eval":  # lm-eval's runner reuses a record of the same weights and settings
@@ -617,10 +632,12 @@ def _paths_swept() -> bool:
 
 def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
     """Read every benchmark's prompt and reference files (their rows checked as each benchmark reads them) and check
-    lm-evaluation-harness is there for an lm-eval one: a missing or malformed file for the second benchmark stopped
-    the stage after the first had generated (and judged) on the first run, the sweep's other runs not evaluated.
+    lm-evaluation-harness is there for an lm-eval one, alpaca-eval for ``judge.kind=alpaca_eval``: a missing or
+    malformed file for the second benchmark stopped the stage after the first had generated (and judged) on the
+    first run, the sweep's other runs not evaluated.
     A ``by_model`` entry naming neither a shipped model preset nor an evaluated run's model (``model_names``) is
     said: a misspelt name was never applied, without a word."""
+    from simpo_exp.evaluate.judge import import_alpaca_eval
     from simpo_exp.evaluate.lmeval import check_installed, check_tasks
     from simpo_exp.rundir import CONF_DIR
 
@@ -634,6 +651,8 @@ def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
             )  # fmt: skip
         if b.kind == "alpacaeval":
             bm.alpaca_prompts(b.prompts_path, f"benchmarks.{b.name}.prompts_path", b.max_prompts)
+            if b.judge.kind == "alpaca_eval":  # not after every answer is generated
+                import_alpaca_eval(b)
         elif b.kind == "arena_hard":
             bm.arena_prompts(b.prompts_path, b.reference_path, f"benchmarks.{b.name}", b.max_prompts)
         elif b.kind == "lm_eval":

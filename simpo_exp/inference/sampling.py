@@ -250,12 +250,12 @@ def cut_at_stop(tokenizer, prompt: list[int], ids: list[int], stop_ids) -> dict:
 class VLLMSampler:
     """vLLM's offline engine; one request per prompt with its own seed."""
 
-    def __init__(self, cfg, tokenizer, decoding=None):
+    def __init__(self, cfg, tokenizer, decoding=None, backend_key: str = "generate.backend"):
         try:
             from vllm import LLM
         except ImportError as e:
             raise ConfigError(
-                "generate.backend=vllm needs vLLM on a GPU machine: pip install vllm (or generate.backend=hf)"
+                f"{backend_key}=vllm needs vLLM on a GPU machine: pip install vllm (or {backend_key}=hf)"
             ) from e
         m, g = cfg.model, decoding or cfg.generate
         self.g, self.tokenizer = g, tokenizer
@@ -327,7 +327,10 @@ class VLLMSampler:
             cleanup_dist_env_and_memory()
 
 
-def make_sampler(cfg, tokenizer, decoding=None):
-    """``decoding`` (default ``cfg.generate``) names the backend and the sampling settings."""
+def make_sampler(cfg, tokenizer, decoding=None, backend_key: str = "generate.backend"):
+    """``decoding`` (default ``cfg.generate``) names the backend and the sampling settings; ``backend_key``: the
+    config key that picks it, as messages name it (the evaluate stage's ``benchmarks.<name>.decoding.backend``)."""
     decoding = decoding or cfg.generate
-    return (VLLMSampler if decoding.backend == "vllm" else HFSampler)(cfg, tokenizer, decoding)
+    if decoding.backend == "vllm":
+        return VLLMSampler(cfg, tokenizer, decoding, backend_key)
+    return HFSampler(cfg, tokenizer, decoding)
