@@ -93,6 +93,7 @@ NOT_ARCHITECTURE = {
     "_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "use_cache", "return_dict",
     "output_attentions", "output_hidden_states", "bos_token_id", "eos_token_id", "pad_token_id",
 }  # fmt: skip
+DROPOUT_WORDS = ("dropout", "pdrop", "layerdrop")  # as model.disable_dropout finds them (GPT-2's resid_pdrop)
 
 
 def architecture_fingerprint(model) -> str:
@@ -115,7 +116,7 @@ def architecture_fingerprint(model) -> str:
                 for k, v in d.items()
                 if k not in NOT_ARCHITECTURE
                 and not str(k).startswith("_attn_implementation")
-                and "dropout" not in str(k)
+                and not any(word in str(k).lower() for word in DROPOUT_WORDS)
             }
         return d
 

@@ -231,6 +231,7 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
     assert cache_path(cfg, model, splits) != path
     model.config.rms_norm_eps = eps
     model.config.use_cache, model.config.attention_dropout = not model.config.use_cache, 0.3
+    model.config.resid_pdrop = model.config.layerdrop = 0.1  # GPT-2's and OPT's names, which the run zeroes too
     assert cache_path(cfg, model, splits) == path
     from simpo_exp.reference import model_path_key
 

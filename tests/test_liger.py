@@ -280,7 +280,7 @@ def test_packing_auto_is_the_same_with_and_without_the_fused_head(compose):
 def test_a_missing_package_says_how_to_install_it(compose, monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import liger_kernel now raises ImportError
     cfg = config(compose, "hardware.fused_head=liger")
-    with pytest.raises(ImportError, match=r'pip install -e "\.\[gpu\]"'):
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[gpu\]"'):
         fused_head(cfg, make_model())
 
 
