@@ -376,9 +376,10 @@ def estimated_bytes(model, whole: bool = False, master_copy: bool = False) -> in
     its checkpoints need 0.5 GB each, not 15.4). ``master_copy``: DeepSpeed under bf16/fp16 trains the model (in 16
     bits here) from a float32 master copy, which it saves with float32 moments beside the module (12 bytes a
     trained parameter more, not 4: ZeRO-2 wrote 14 bytes a parameter where 6 were counted)."""
+    if master_copy:  # memory.py's DeepSpeed rule, on one process: 16-bit weights, float32 master copy and moments
+        state = state_bytes(model, Engine("deepspeed"))
+        return state["weights"] + state["optimizer"]
     state = state_bytes(model, Engine())
-    if master_copy:
-        return state["weights"] + 12 * sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     if not whole and any(not p.requires_grad for p in model.parameters()):
         trained = sum(full_numel(p) * p.element_size() for p in model.parameters() if p.requires_grad)
         return trained + state["optimizer"]

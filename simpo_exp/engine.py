@@ -453,14 +453,11 @@ def check_extras(cfg: Config) -> None:
     ``hardware.fused_head=liger``) before the data and the model load: a missing one stopped the run after both,
     Liger's with a traceback."""
     from simpo_exp.fused import liger_losses
-    from simpo_exp.model import PEFT_MISSING
+    from simpo_exp.model import require_peft
 
     h = cfg.hardware
     if h.lora:
-        try:
-            import peft  # noqa: F401
-        except ImportError as e:
-            raise ConfigError(PEFT_MISSING) from e
+        require_peft()
     if h.fused_head == "liger":
         liger_losses()
 

@@ -601,16 +601,20 @@ def lora_delta(layer, name: str, state_dict: dict) -> torch.Tensor:
     return delta
 
 
-PEFT_MISSING = "hardware.lora=true needs peft: pip install -e '.[peft]'"
+def require_peft() -> None:
+    """A ConfigError saying how to install PEFT where it is missing (LoRA needs it)."""
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("hardware.lora=true needs peft: pip install -e '.[peft]'") from e
 
 
 def add_lora(model, h, revision: str | None = None):
     """Wrap the model with LoRA adapters (peft); only the adapters train. ``revision``: the base's (model.revision),
     which the saved adapter's config records (PEFT loads the base at ``main`` where it names none)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:
-        raise ConfigError(PEFT_MISSING) from e
+    require_peft()
+    from peft import LoraConfig, get_peft_model
+
     targets = list(h.lora_target_modules)
     if targets == ["all-linear"]:  # PEFT's shorthand (every linear layer but the output head), given as a string
         targets = "all-linear"

@@ -95,14 +95,11 @@ TRAIN_ONLY_METRICS = (
 # gpu_max_allocated_gb on a GPU.
 CONDITIONAL_METRICS = ("train/mfu", "train/gpu_max_allocated_gb")
 # Measurements of the machine, not of the run: they differ between two identical runs.
+# And, in summary.json under hardware.compile, the steps that compiled, their seconds and the graphs built (a resumed
+# process compiles again: its own count too).
 MEASURED_METRICS = tuple(
     f"train/{m}" for m in ("step_time_s", "tokens_per_s", "samples_per_s", "mfu", "max_rss_gb", "gpu_max_allocated_gb")
-) + (
-    "train/compile_warmup_s",
-    "train/compile_warmup_steps",
-    "train/compile_graphs",
-)  # summary.json under hardware.compile: the steps that
-# compiled, and their seconds (a resumed process compiles again: its steps count too)
+) + ("train/compile_warmup_s", "train/compile_warmup_steps", "train/compile_graphs")
 # The few numbers that judge a run: the end-of-run table and the compare command's columns.
 HEADLINE_METRICS = [
     f"eval/{m}" for m in ("rewards/accuracies", "rewards/margins", "loss", "logps_mean/chosen", "logps_mean/rejected")
