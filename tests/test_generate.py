@@ -407,6 +407,10 @@ def test_the_test_prompts_give_the_held_out_pairs_training_evaluates_on(
     assert cut > 0 and f"{cut} of 12 test responses were longer" in (out / "__main__.log").read_text()
     # a re-pairing that keeps no train pair keeps no test split either, even one with pairs left (kept, it sat in
     # data/ without its record); the widest train gap of these scores, as min_gap, leaves the test split's wider
+    # (its scores written ten times wider, so the case stands whatever the tiny models score)
+    for f in (out / "shards-test").glob("scored-*.jsonl"):
+        rows = [{**r, "scores": [10 * x for x in r["scores"]]} for r in read_jsonl(f)]
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     gaps = {
         split: [
             max(r["scores"]) - min(r["scores"]) for f in (out / folder).glob("scored-*.jsonl") for r in read_jsonl(f)
@@ -414,13 +418,37 @@ def test_the_test_prompts_give_the_held_out_pairs_training_evaluates_on(
         for split, folder in (("train", "shards"), ("test", "shards-test"))
     }
     gap = max(gaps["train"]) * 1.001 + 1e-6
-    assert max(gaps["test"]) > gap, gaps  # the tiny models' scores, fixed by their seeds
+    assert max(gaps["test"]) > gap, gaps
     res = generate(
         *args, "generate.splits=[train,test]", "scorer.max_length=24", f"binarise.min_gap={gap}", cwd=tmp_path
     )
     assert res.returncode == 2 and "no usable preference pair" in res.stderr, res.stderr[-2000:]
     assert json.loads((out / "report.json").read_text())["test"]["pairs_kept"] >= 1
     assert not (out / "data" / "test.jsonl").exists() and not (out / "data" / "train.jsonl").exists()
+
+
+def test_each_split_samples_from_streams_of_its_own():
+    """The test split's shard i drew the train split's shard i's noise (the same seed), so the held-out responses
+    were sampled with the draws of the trained-on ones; the train split keeps the streams it always had."""
+    from types import SimpleNamespace
+
+    from simpo_exp.generate.run import _sample_shard
+    from simpo_exp.inference.sampling import derive_seed
+
+    class Recorder:
+        seeds = []
+
+        def sample(self, ids, keys, seed):
+            self.seeds.append(seed)
+            return [[{"text": "x"}] for _ in ids]
+
+    cfg = SimpleNamespace(generate=SimpleNamespace(seeds=[13, 21]))
+    prompts = [{"prompt_id": "a", "prompt": "p", "input_ids": [1]}]
+    for split in ("train", "test"):
+        records = _sample_shard(Recorder(), cfg, 0, prompts, split)
+        assert [r["seed"] for r in records[0]["responses"]] == [13, 21]
+    train, test = Recorder.seeds[:2], Recorder.seeds[2:]
+    assert train == [derive_seed(13, 0), derive_seed(21, 0)] and not set(train) & set(test) and len(set(test)) == 2
 
 
 def test_processes_started_by_hand_need_a_fixed_folder(tmp_path):

@@ -184,13 +184,15 @@ def check_still_bound(shard_dir: Path, manifest: dict, device=None) -> None:
         )
 
 
-def _sample_shard(sampler, cfg, index: int, prompts: list[dict]) -> list[dict]:
-    """Every seed's pass over one shard; responses in seed order, then sample order."""
+def _sample_shard(sampler, cfg, index: int, prompts: list[dict], split: str = "train") -> list[dict]:
+    """Every seed's pass over one shard; responses in seed order, then sample order. Each split's shards draw
+    from streams of their own (the test split's shard 0 drew the train split's shard 0's noise)."""
     ids = [p["input_ids"] for p in prompts]
     keys = [p["prompt_id"] for p in prompts]
     records = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "responses": []} for p in prompts]
     for seed in cfg.generate.seeds:
-        for record, samples in zip(records, sampler.sample(ids, keys, derive_seed(seed, index))):
+        stream = derive_seed(seed, index) if split == "train" else derive_seed(seed, split, index)
+        for record, samples in zip(records, sampler.sample(ids, keys, stream)):
             record["responses"] += [{**s, "seed": seed} for s in samples]
     return records
 
@@ -365,6 +367,11 @@ def _unscored(shard_dir: Path, indices: range, tag: str) -> list[int]:
     return [i for i in indices if not scored_path(shard_dir, i, tag).exists()]
 
 
+def split_of(shard_dir: Path) -> str:
+    """The split a shard folder holds (``shard_dir_of``'s inverse)."""
+    return "train" if shard_dir.name == "shards" else shard_dir.name.removeprefix("shards-")
+
+
 def shard_dir_of(out: Path, split: str) -> Path:
     """A split's shard folder: ``shards/`` for train (where it has always been), ``shards-test/``."""
     return out / ("shards" if split == "train" else f"shards-{split}")
@@ -372,7 +379,7 @@ def shard_dir_of(out: Path, split: str) -> Path:
 
 def _of(shard_dir: Path) -> str:
     """The split a shard folder holds, as a log line's ending ("" for train)."""
-    return "" if shard_dir.name == "shards" else f" of the {shard_dir.name.removeprefix('shards-')} split"
+    return "" if split_of(shard_dir) == "train" else f" of the {split_of(shard_dir)} split"
 
 
 def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: int, tag: str, bound=None) -> None:
@@ -401,7 +408,7 @@ def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: i
             sampler = make_sampler(cfg, load_tokenizer(cfg.model))
             for shard_dir, shards, to_sample, _ in work:
                 for i in to_sample:
-                    records = _sample_shard(sampler, cfg, i, shards[i])
+                    records = _sample_shard(sampler, cfg, i, shards[i], split_of(shard_dir))
                     if bound is not None:
                         bound(shard_dir)
                     write_jsonl(shard_dir / f"responses-{i:05d}.jsonl", records)
