@@ -51,33 +51,36 @@ def options(group: str) -> list[str]:
 
 # The suite runs in two workers, a file per worker at a time, handed out in this order (pyproject.toml:
 # -n 2 --dist loadfile --no-loadscope-reorder). Longest files first (measured in the two-worker suite on
-# 2026-12-03, `--durations=0` summed per file, the slow-marked tests left out: sharded ~100 s, reliability
-# ~90 s, generate ~75 s, compile ~65 s, run ~60 s, sweeps and faults ~58 s, baselines and bad_input ~48 s,
-# bench, wandb_offline, evaluate and compare ~35 s), so the short ones fill the gaps at the end.
+# 2026-12-05, `--durations=0` summed per file, the slow-marked tests left out: generate ~115 s, reliability
+# ~110 s, sweeps ~75 s, compile and sharded ~65 s, pitfalls and faults ~55 s, baselines ~45 s, evaluate,
+# bad_input and wandb_offline ~30 s), so the short ones fill the gaps at the end.
 SLOW_FIRST = (
     "test_gpu.py",  # on a GPU its whole training runs first, in the order given (benchmarks/gpu_check.sh); else skipped
-    "test_sharded.py",
-    "test_reliability.py",
     "test_generate.py",
-    "test_compile.py",
-    "test_run.py",
+    "test_reliability.py",
     "test_sweeps.py",
+    "test_compile.py",
+    "test_sharded.py",
+    "test_pitfalls.py",
     "test_faults.py",
     "test_baselines.py",
-    "test_bad_input.py",
-    "test_bench.py",
-    "test_wandb_offline.py",
     "test_evaluate.py",
+    "test_bad_input.py",
+    "test_wandb_offline.py",
+    "test_bench.py",
     "test_compare.py",
-    "test_presets.py",
-    "test_checkpointing.py",
-    "test_pitfalls.py",
-    "test_precision.py",
     "test_config.py",
-    "test_logps.py",
+    "test_presets.py",
+    "test_layout_auto.py",
+    "test_data.py",
+    "test_fused_layers.py",
+    "test_precision.py",
+    "test_run.py",
+    "test_scale.py",
     "test_lora_model.py",
     "test_liger.py",
-    "test_dashboard.py",
+    "test_evaluate_judging.py",
+    "test_judge_faults.py",
 )
 
 
