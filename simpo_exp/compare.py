@@ -53,6 +53,7 @@ from simpo_exp.rundir import (
     ended_unrecorded,
     failure_record,
     folder_to_name,
+    jobs_asked,
     natural_order,
     other_stage_output,
     parse_overrides,
@@ -65,7 +66,6 @@ from simpo_exp.rundir import (
     step_of,
     stopped_words,
     sweep_dir_of,
-    sweep_request,
 )
 from simpo_exp.tracking import (
     CONDITIONAL_METRICS,
@@ -372,26 +372,6 @@ def name_parts(name: str) -> list[str]:
     and quotes: ``dataset=[a,b],seed=1`` is two overrides, not three (a plain split made every mixture's dataset
     ``[a``, and runs on different data pooled as seeds of one setting)."""
     return split_outside(name)
-
-
-def jobs_asked(sweep_dir: Path) -> int | None:
-    """How many job folders the sweep in ``sweep_dir`` asked for, from Hydra's ``multirun.yaml``: the basic sweeper's
-    grid (the product of the number of distinct values of each sweep override: a value given twice, ``beta=2,5,2``,
-    runs in one folder, its second job skipped as finished), Optuna's ``n_trials`` where its search space is
-    continuous alone (``choice``/``range`` trials may repeat a setting, which reuses its folder); None where it
-    does not say."""
-    sweeper, parsed = sweep_request(sweep_dir)
-    target = str(sweeper.get("_target_", ""))
-    if "optuna" in target.lower():
-        params = [str(v) for v in (sweeper.get("params") or {}).values()]
-        continuous = all("interval(" in v for v in params)
-        return sweeper.get("n_trials") if isinstance(sweeper.get("n_trials"), int) and continuous else None
-    if not target.endswith("BasicSweeper") or parsed is None:  # nothing said, rather than a wrong count
-        return None
-    try:  # glob() lists a group's options and interval() is Optuna's: neither counts without Hydra's config loader
-        return math.prod(len({str(v) for v in o.sweep_iterator()}) if o.is_sweep_override() else 1 for o in parsed)
-    except Exception:  # noqa: BLE001 - Hydra's own exceptions: nothing said, rather than a traceback
-        return None
 
 
 def unstarted_jobs(runs: list[Run]) -> list[str]:

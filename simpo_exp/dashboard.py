@@ -46,7 +46,17 @@ from pathlib import Path
 
 from simpo_exp.inference.results import headline_keys, is_uncertainty, read_results, uncertainty_keys
 from simpo_exp.methods import METHODS
-from simpo_exp.rundir import parse_overrides, parse_yaml, read_json, records_dir, select, subdir_depth, sweep_dir_of
+from simpo_exp.rundir import (
+    jobs_asked,
+    parse_overrides,
+    parse_yaml,
+    read_json,
+    records_dir,
+    select,
+    subdir_depth,
+    sweep_dir_of,
+    swept_in_request,
+)
 from simpo_exp.runinfo import sweep_group, sweep_jobs
 from simpo_exp.tracking import (
     BEST_AND_LAST,
@@ -154,6 +164,12 @@ class Sweep:
     logged: bool = True  # whether any job logged to W&B (logger.wandb)
     configs: list[dict] = field(default_factory=list)  # the jobs' configs and group choices, to check --swept keys
     choices: list[dict] = field(default_factory=list)
+    asked: int | None = None  # the jobs the sweep asked for (multirun.yaml), where it says: some may not have started
+
+    @property
+    def runs(self) -> int:
+        """The runs the view is to draw: the sweep's whole request, where it says, not only the jobs started so far."""
+        return max(len(self.jobs), self.asked or 0)
 
     @property
     def config_keys(self) -> list[str]:
@@ -164,7 +180,7 @@ class Sweep:
     def groupby(self) -> list[str]:
         """Group runs by the swept keys but ``seed``: the runs of one setting over several seeds make one group
         (plots show their mean and spread). A one-job sweep has nothing to group (its overrides are columns)."""
-        return [] if len(self.jobs) == 1 else [k for k in self.config_keys if k != "seed"]
+        return [] if self.runs == 1 else [k for k in self.config_keys if k != "seed"]
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:
@@ -178,13 +194,16 @@ def read_overrides(job: Path) -> dict[str, str]:
     return parse_overrides(parse_yaml((job / ".hydra" / "overrides.yaml").read_text()) or [])
 
 
-def swept_overrides(jobs: list[Path]) -> list[str]:
-    """Override keys whose value differs between jobs (all of them when there is only one job)."""
+def swept_overrides(jobs: list[Path], sweep_dir: Path | None = None) -> list[str]:
+    """Override keys whose value differs between jobs (all of them when there is only one job), and those the
+    sweep in ``sweep_dir`` asked several values of (a view made while the sweep runs: the jobs started so far may
+    all share a swept value)."""
     per_job = [read_overrides(j) for j in jobs]
     keys = list(dict.fromkeys(k for o in per_job for k in o))
-    if len(per_job) == 1:
+    asked = swept_in_request(sweep_dir) if sweep_dir is not None else []
+    if len(per_job) == 1 and not asked:
         return keys
-    return [k for k in keys if len({o.get(k) for o in per_job}) > 1]
+    return [k for k in keys if len({o.get(k) for o in per_job}) > 1 or k in asked]
 
 
 def _load_yaml(path: Path) -> dict:
@@ -258,7 +277,7 @@ def read_sweep(sweep_dir: Path) -> Sweep:
     choices = [(h.get("runtime") or {}).get("choices") or {} for h in hydras]
 
     swept = {}
-    for key in swept_overrides(jobs):
+    for key in swept_overrides(jobs, sweep_dir):
         found = config_keys_for(key, configs, choices)
         if found:
             swept[key] = found
@@ -282,6 +301,7 @@ def read_sweep(sweep_dir: Path) -> Sweep:
         logged=any(lg.get("wandb", True) for lg in loggers),
         configs=configs,
         choices=choices,
+        asked=jobs_asked(sweep_dir),
     )
 
 
@@ -352,15 +372,15 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
     # the runs table sorted by the first win rate, else by the held-out reward accuracy (compare's default), best
     # first: W&B's own order is the newest run first
     order = {"order": [ws.Ordering(ws.Summary(ranked_by[0] if ranked_by else TARGET_SUMMARY), ascending=False)]}
-    return ws.Workspace(
+    workspace = ws.Workspace(
         entity=entity or "",
         project=project,
-        name=name or f"SimPO {sweep.group}",
+        name=name or view_title(f"SimPO {sweep.group}"),
         sections=sections,
         # every job of the sweep in each panel: W&B draws the first 10 runs of the set by default; a group given by
         # name (no folder to count its jobs in) gets MAX_RUNS_UNCOUNTED, not 10
         settings=ws.WorkspaceSettings(
-            x_axis=STEP_KEY, max_runs=max(10, len(sweep.jobs)) if sweep.jobs else MAX_RUNS_UNCOUNTED
+            x_axis=STEP_KEY, max_runs=max(10, sweep.runs) if sweep.jobs else MAX_RUNS_UNCOUNTED
         ),
         runset_settings=ws.RunsetSettings(
             filters=[ws.Metric("Group") == sweep.group],
@@ -374,6 +394,37 @@ def build_workspace(sweep: Sweep, entity: str | None, project: str, name: str | 
             **order,
         ),
     )
+    return exact_group_filter(workspace, sweep.group)
+
+
+def refused_in_names(text: str) -> list[str]:
+    """The characters of ``text`` W&B refuses in a view's name (wandb-workspaces: symbols, ``=``, ``+``, ``<``,
+    ``^``, currency signs and emoji, which raised a pydantic ValidationError at the view's build)."""
+    import unicodedata
+
+    return sorted({c for c in text if unicodedata.category(c) in ("So", "Sk", "Sm", "Sc", "Cs")})
+
+
+def view_title(text: str) -> str:
+    """``text`` as a view's name: each character W&B refuses there (``refused_in_names``) as ``_``; a group
+    named ``lr=1e-6`` gets the view "SimPO lr_1e-6" (its filter keeps the group's own name)."""
+    refused = refused_in_names(text)
+    return "".join("_" if c in refused else c for c in text)
+
+
+def exact_group_filter(workspace, group: str):
+    """``workspace`` keeping the runs of W&B group ``group``, the name as it is. wandb-workspaces writes a filter
+    into a Python-like expression and parses it back when it builds the view: a quote in the name (``alice's``)
+    raised SyntaxError, a backslash was read as an escape and ``=``, ``<``, ``>`` were rewritten (``a=b`` filtered
+    on ``a==b``), each a view of no runs. The filter is given in the form W&B stores (filterV2), which the library
+    sends as given while the expression is left unchanged."""
+    import wandb_workspaces.expr as expr
+    import wandb_workspaces.workspaces as ws
+
+    stored = expr.filters_tree_to_v2((ws.Metric("Group") == group).to_model())
+    object.__setattr__(workspace, "_stashed_filters_v2", stored)
+    object.__setattr__(workspace, "_stashed_filter_string", workspace.runset_settings.filters)
+    return workspace
 
 
 def with_uncertainty(keys: list[str], present: list[str]) -> list[str]:
@@ -528,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.name and (refused := refused_in_names(args.name)):
+        ap.error(f"--name {args.name!r}: W&B refuses {' '.join(refused)} in a view's name (symbols and emoji)")
     workspace = build_workspace(sweep, entity, project, args.name)
     out = args.out or default_out
     saved = read_json(out) if out.is_file() else {}  # the view a save of this spec made, if one did
@@ -552,13 +605,18 @@ def main(argv: list[str] | None = None) -> int:
                          "names another file")  # fmt: skip
 
     grouped = ", ".join(sweep.groupby) or "nothing"
-    print(f"W&B group {sweep.group!r}: {len(sweep.jobs) or 'unknown number of'} runs, grouped by {grouped}")
+    count = f"{len(sweep.jobs)} of the sweep's {sweep.runs}" if sweep.runs > len(sweep.jobs) else len(sweep.jobs)
+    print(f"W&B group {sweep.group!r}: {count or 'unknown number of'} runs, grouped by {grouped}")
     print(f"view spec: {out}")
     push = ["python", "-m", "simpo_exp.dashboard", args.target, "--project", project]
     push += ["--entity", entity] if entity else []
     push += ["--swept", args.swept] if args.swept else []
     push += ["--name", args.name] if args.name else []
-    push_cmd = "WANDB_API_KEY=... " + shlex.join(push)
+    push += (
+        ["--out", str(out)] if args.out else []
+    )  # where this view's W&B name is kept: a push elsewhere added another
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+    push_cmd = ("WANDB_MODE=online " if offline else "") + "WANDB_API_KEY=... " + shlex.join(push)
     if not _online():
         print(
             "not saved to W&B (no WANDB_API_KEY nor `wandb login` key, or WANDB_MODE is offline); once the runs are "

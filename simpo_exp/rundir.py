@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -297,6 +298,44 @@ def parsed_request(hydra: dict) -> tuple[dict, list | None]:
         return sweeper, OverridesParser.create().parse_overrides(task)
     except Exception:
         return sweeper, None
+
+
+def jobs_asked(sweep_dir: Path) -> int | None:
+    """How many job folders the sweep in ``sweep_dir`` asked for, from Hydra's ``multirun.yaml``: the basic sweeper's
+    grid (the product of the number of distinct values of each sweep override: a value given twice, ``beta=2,5,2``,
+    runs in one folder, its second job skipped as finished), Optuna's ``n_trials`` where its search space is
+    continuous alone (``choice``/``range`` trials may repeat a setting, which reuses its folder); None where it
+    does not say."""
+    sweeper, parsed = sweep_request(sweep_dir)
+    target = str(sweeper.get("_target_", ""))
+    if "optuna" in target.lower():
+        params = [str(v) for v in (sweeper.get("params") or {}).values()]
+        continuous = all("interval(" in v for v in params)
+        return sweeper.get("n_trials") if isinstance(sweeper.get("n_trials"), int) and continuous else None
+    if not target.endswith("BasicSweeper") or parsed is None:  # nothing said, rather than a wrong count
+        return None
+    try:  # glob() lists a group's options and interval() is Optuna's: neither counts without Hydra's config loader
+        return math.prod(len({str(v) for v in o.sweep_iterator()}) if o.is_sweep_override() else 1 for o in parsed)
+    except Exception:  # noqa: BLE001 - Hydra's own exceptions: nothing said, rather than a traceback
+        return None
+
+
+def swept_in_request(sweep_dir) -> list[str]:
+    """The override keys the sweep in ``sweep_dir`` asked several values of (``multirun.yaml``: the command's sweep
+    overrides and the sweeper's ``params``), ``+``/``~`` and Hydra's own left out; [] where it does not say. Known
+    before the jobs that try them start."""
+    _, parsed = sweep_request(sweep_dir)
+    keys = []
+    for o in parsed or []:
+        if not o.is_sweep_override() or o.key_or_group.startswith("hydra.") or o.key_or_group == "output_dir":
+            continue
+        try:  # glob() and Optuna's interval() do not iterate here: several values all the same
+            several = len({str(v) for v in o.sweep_iterator()}) > 1
+        except Exception:  # noqa: BLE001 - Hydra's own exceptions
+            several = True
+        if several:
+            keys.append(o.key_or_group)
+    return keys
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -157,8 +157,8 @@ def default_wandb_url() -> str:
 def wandb_key_given() -> bool:
     """Whether W&B has an API key to go online with: ``WANDB_API_KEY``, or the one ``wandb login`` stored in the
     netrc file (``NETRC``, else ``~/.netrc`` or ``~/_netrc``) for the W&B host (``WANDB_BASE_URL``, else
-    ``default_wandb_url``). With the variable alone counted, a user who had run ``wandb login`` logged every run
-    offline."""
+    ``default_wandb_url``; for a CoreWeave Forge host, as wandb does, also the W&B server behind it). With the
+    variable alone counted, a user who had run ``wandb login`` logged every run offline."""
     import netrc
     from urllib.parse import urlsplit
 
@@ -167,12 +167,19 @@ def wandb_key_given() -> bool:
     path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
     if not os.environ.get("NETRC") and not path.exists():
         path = Path("~/_netrc").expanduser()
-    host = urlsplit(os.environ.get("WANDB_BASE_URL") or default_wandb_url()).netloc
+    url = os.environ.get("WANDB_BASE_URL") or default_wandb_url()
+    hosts = [urlsplit(url).netloc]
+    try:  # wandb 0.31 on reads the key of the W&B server behind a CoreWeave Forge host too (api.wandb.ai's)
+        from wandb.sdk.lib.urls import forge_upstream_url
+
+        hosts.append(urlsplit(forge_upstream_url(url)).netloc)
+    except Exception:  # an older wandb: one host
+        pass
     try:
-        found = netrc.netrc(str(path)).authenticators(host) if host else None
+        entries = netrc.netrc(str(path))
     except (OSError, netrc.NetrcParseError):  # no file, or one W&B would not read either
-        found = None
-    return bool(found and found[2])
+        return False
+    return any((found := entries.authenticators(host)) and found[2] for host in hosts if host)
 
 
 def keyed_mode(mode: str) -> str:

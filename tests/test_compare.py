@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simpo_exp import compare
+from simpo_exp import compare, rundir
 from simpo_exp.rundir import hold_folder, release_folders
 from tests.runs import run_module
 from tests.test_run import simpo
@@ -841,7 +841,7 @@ def test_jobs_a_killed_sweep_never_started_are_counted_from_its_multirun_yaml(sw
         sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}
         multirun = {"hydra": {"sweeper": sweeper, "overrides": {"task": [swept, "seed=1,2"]}}}
         (cut / "multirun.yaml").write_text(yaml.safe_dump(multirun))
-        assert compare.sweep_request(cut)[1] is not None  # read by Hydra's grammar
+        assert rundir.sweep_request(cut)[1] is not None  # read by Hydra's grammar
         assert compare.jobs_asked(cut) is None, swept
     assert compare.main([str(cut), "--no-plots"]) == 0
     # a value given twice runs in one folder (its second job is skipped as finished): beta=2,5,2 is 2 folders, and

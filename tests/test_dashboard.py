@@ -102,6 +102,35 @@ def test_every_job_of_a_large_sweep_is_drawn():
     assert f'"maxRuns": {dashboard.MAX_RUNS_UNCOUNTED}' in json.dumps(spec) and dashboard.MAX_RUNS_UNCOUNTED >= 100
 
 
+def test_a_view_made_while_the_sweep_runs_groups_by_what_it_asked_and_draws_every_run(sweep, tmp_path):
+    """Built from the jobs started so far alone, a view of a running sweep grouped by nothing (one job: every
+    override taken as swept) and drew ten runs a panel whatever the sweep's size; multirun.yaml says both."""
+    import shutil
+
+    live = tmp_path / sweep.name
+    live.mkdir()
+    shutil.copy(sweep / "multirun.yaml", live)
+    first = min(jobs(sweep), key=lambda j: j.name)
+    shutil.copytree(first, live / first.name)
+    read = dashboard.read_sweep(live)
+    assert len(read.jobs) == 1 and read.runs == 3 and read.groupby == ["beta"] and list(read.swept) == ["beta"]
+    for job in jobs(sweep):  # 3 more started than asked (a hand-copied folder): every one of them drawn
+        shutil.copytree(job, live / f"{job.name}-again")
+    spec = dashboard.view_spec(dashboard.build_workspace(dashboard.read_sweep(live), "e", "p"))
+    assert dashboard.spec_keys(spec)["grouping"] == {"config:beta.value"} and '"maxRuns": 10' in json.dumps(spec)
+    big = dashboard.Sweep(group="g", jobs=[Path("j")] * 2, asked=30)
+    assert '"maxRuns": 30' in json.dumps(dashboard.view_spec(dashboard.build_workspace(big, "e", "p")))
+
+
+@pytest.mark.parametrize("group", ["alice's beta sweep", "runs\\b", "lr=1e-6<2>"])
+def test_a_group_name_with_quotes_or_operators_filters_on_itself(group):
+    """wandb-workspaces parses a filter back from an expression: a quote in the group's name raised SyntaxError
+    (no spec written), a backslash and =, <, > changed the name the view filtered on (a view of no runs)."""
+    spec = dashboard.view_spec(dashboard.build_workspace(dashboard.Sweep(group=group, jobs=[Path("j")] * 2), "e", "p"))
+    assert dashboard.spec_keys(spec)["groups"] == {group}
+    assert spec["displayName"] == "SimPO " + group.replace("=", "_").replace("<", "_").replace(">", "_")
+
+
 def test_panels_cover_every_logged_metric(sweep, spec):
     plotted = dashboard.spec_keys(spec)["history"]
     missing = logged_keys(sweep) - plotted
@@ -157,7 +186,12 @@ def test_bare_group_and_offline_mode_with_a_key(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")  # a key, but offline: write the spec, send nothing
     out = tmp_path / "view.json"
     assert dashboard.main(["sweep-elsewhere", "--entity", "team", "--out", str(out)]) == 0
-    assert "not saved to W&B" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "not saved to W&B" in said
+    # the command to push it keeps --out (where the view's W&B name is kept: pushed without it, a later run with
+    # --out made a second view) and undoes the WANDB_MODE that kept it offline
+    assert "WANDB_MODE=online WANDB_API_KEY=... python -m simpo_exp.dashboard sweep-elsewhere" in said
+    assert said.rstrip().endswith(f"--out {out}")
     spec = json.loads(out.read_text())
     asked = dashboard.spec_keys(spec)
     assert asked["groups"] == {"sweep-elsewhere"} and asked["grouping"] == set()
@@ -165,6 +199,10 @@ def test_bare_group_and_offline_mode_with_a_key(tmp_path, monkeypatch, capsys):
     assert {dashboard.config_column(k).split(":", 1)[1] for k in dashboard.DEFAULT_KNOBS} <= asked["config"]
     with pytest.raises(SystemExit):
         dashboard.main([str(tmp_path / "no" / "such" / "sweep")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # W&B refuses it in a view's name: said, not pydantic's traceback
+        dashboard.main(["sweep-elsewhere", "--name", "lr=1e-6", "--out", str(out)])
+    assert "--name 'lr=1e-6': W&B refuses =" in capsys.readouterr().err
 
 
 def test_a_mistyped_sweep_folder_read_as_a_group_name_is_said(tmp_path, monkeypatch, capsys):
