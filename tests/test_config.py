@@ -133,6 +133,16 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
         ("seed=4294967296", "seed"),
         ("dataset.shuffle_seed=-1", "dataset.shuffle_seed"),
         ("dataset.synthetic.seed=-5", "dataset.synthetic.seed"),
+        # torch clips to a norm of 0 by zeroing every gradient, and to a negative one by turning the step uphill
+        ("max_grad_norm=0", "max_grad_norm"),
+        ("max_grad_norm=-1", "max_grad_norm"),
+        ("weight_decay=-0.1", "weight_decay"),
+        ("save_total_limit=0", "save_total_limit"),
+        ("max_bad_steps=-1", "max_bad_steps"),
+        ("dataset.test_size=1", "dataset.test_size"),
+        ("dataset.sources.synthetic.test_size=0", "dataset.sources.synthetic.test_size"),
+        ("dataset.max_train_samples=0", "dataset.max_train_samples"),
+        ("dataset.max_eval_samples=-2", "dataset.max_eval_samples"),
     ],
 )
 def test_invalid_values_name_the_key(compose, override, key):

@@ -457,6 +457,20 @@ def test_mixer_fractions_and_whole_test_splits(tmp_path, tok):
     assert len(tr3) == len(tr) and set(list(tr3["chosen"])) != set(list(tr["chosen"]))
 
 
+def test_the_shuffle_seed_picks_the_train_pairs_a_cap_keeps(tmp_path, tok):
+    """dataset.max_train_samples keeps the first pairs of the shuffled train split: another dataset.shuffle_seed
+    keeps others, with a test file read whole too (where no carving draws with the seed)."""
+    root = tmp_path / "files"
+    write_jsonl(root / "train.jsonl", [uf_row(*t) for t in triples("train", 20)])
+    write_jsonl(root / "test.jsonl", [uf_row(*t) for t in triples("test", 4)])
+    src = SourceConfig(path=str(root))
+    kept = {
+        seed: pairs_of(build_datasets(make_config({"s": src}, max_train_samples=5, shuffle_seed=seed), tok)[0])
+        for seed in (0, 7)
+    }
+    assert len(kept[0]) == len(kept[7]) == 5 and set(kept[0]) != set(kept[7])
+
+
 def test_test_split_carved_with_test_size_when_null(tmp_path, tok, caplog):
     rows = triples("carve", 20)
     root = tmp_path / "carve"

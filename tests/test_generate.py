@@ -150,6 +150,10 @@ def test_answers_cut_at_max_new_tokens_are_counted_and_can_be_left_out_of_pairs(
     rows, report = binarise([rec], BinariseConfig(drop_unfinished=True))
     assert [rows[0]["chosen"][-1]["content"], rows[0]["rejected"][-1]["content"]] == ["d", "c"]
     assert report["pair_sides_hit_max_new_tokens"] == 0
+    rec["responses"][0]["finished"] = True  # the worst alone cut: one side, the rejected one
+    rows, report = binarise([rec], BinariseConfig())
+    assert (rows[0]["chosen_finished"], rows[0]["rejected_finished"]) == (True, False)
+    assert report["pair_sides_hit_max_new_tokens"] == 1
     cut = _record(["a", "b"], [0.9, 0.1])
     cut["responses"][1]["finished"] = False
     assert pick_pair(cut, BinariseConfig(drop_unfinished=True)) == (None, "fewer than 2 distinct finished responses")
