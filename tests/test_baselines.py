@@ -1,8 +1,10 @@
 """Baseline losses against hand-computed values, and the reference log-prob cache."""
 
+import contextlib
 import json
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,6 +154,32 @@ def test_the_reference_caches_data_key_reads_the_responses_as_well_as_the_prompt
     one_token = rows | {"rejected_input_ids": [[7], [8, 10]]}
     keys = {key, data_fingerprint(Dataset.from_dict(swapped)), data_fingerprint(Dataset.from_dict(one_token))}
     assert len(keys) == 3 and data_fingerprint(Dataset.from_dict(dict(rows))) == key
+
+
+def test_reference_log_probs_scored_on_two_processes_come_back_in_the_splits_order(monkeypatch):
+    """The batches are dealt round-robin and gathered in process order (process 0's batches 0, 2, 4, then process
+    1's): unsorted, the cached reference log-probs of DPO, IPO and R-DPO went to other pairs on 2+ processes."""
+    import accelerate.utils
+    from datasets import Dataset
+
+    from simpo_exp.data import PairCollator
+    from simpo_exp.logps import ResponseLogps
+    from simpo_exp.reference import score
+    from tests.test_perf_paths import make_model, random_pairs
+
+    policy, ds, collate = ResponseLogps(make_model(seed=1)), Dataset.from_list(random_pairs(9, seed=2)), PairCollator(0)
+    process = lambda i, n: SimpleNamespace(  # noqa: E731
+        process_index=i, num_processes=n, device=torch.device("cpu"), autocast=contextlib.nullcontext
+    )
+    alone = score(policy, ds, collate, 2, process(0, 1))
+    shares = []
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: shares.append(mine) or mine)
+    score(policy, ds, collate, 2, process(1, 2))  # process 1's share, kept
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: mine + shares[0])  # gathered in rank order
+    both = score(policy, ds, collate, 2, process(0, 2))
+    assert [p for p, *_ in shares[0]] == [1, 3]  # 9 pairs in batches of 2: process 1 has the second and fourth
+    for got, want in zip(both, alone):
+        torch.testing.assert_close(got, want)
 
 
 def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):

@@ -179,6 +179,19 @@ def test_plots_one_line_per_setting_with_its_seeds_band(sweep, tmp_path):
     assert "not plotted" in fig.get_supxlabel() and "beta=-1" in fig.get_supxlabel()  # failed jobs, no crash
 
 
+def test_a_settings_curve_is_its_seeds_mean_and_spread_at_the_steps_all_logged():
+    from types import SimpleNamespace
+
+    seeds = [
+        SimpleNamespace(series=lambda key: ([0, 10, 20], [0.5, 0.75, 0.25])),
+        SimpleNamespace(series=lambda key: ([0, 10, 20, 30], [0.25, 1.0, 0.5, 0.5])),  # a step the other lacks
+        SimpleNamespace(series=lambda key: ([0, 10, 20], [1.0, 0.5, 0.0])),
+    ]
+    steps, mean, low, high = compare.seed_curve(seeds, "eval/rewards/margins")
+    assert steps == [0, 10, 20] and mean == pytest.approx([1.75 / 3, 0.75, 0.25])
+    assert low == [0.25, 0.5, 0.0] and high == [1.0, 1.0, 0.5]
+
+
 def test_a_run_with_one_train_point_shows_it(sweep, tmp_path):
     """A run shorter than logging_steps logs its train metrics once: drawn as a line without markers, the train
     panel was blank."""

@@ -8,6 +8,7 @@ counts, per-pair ones by the pair count.
 """
 
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -182,6 +183,29 @@ def test_names_mean_one_thing_across_methods():
         assert ("log_odds_ratio" in names) == (method == "orpo")
 
 
+def test_pearson_is_the_sample_correlation():
+    """eval/length/reward_corr's formula (compare ranks runs by it, nearest zero first)."""
+    from simpo_exp.metrics import pearson
+
+    x, y = [-2.0, -1.5, -1.0, -3.0, 0.5], [10.0, 20.0, 30.0, 5.0, 7.0]
+    assert pearson(torch.tensor(x), torch.tensor(y)) == pytest.approx(statistics.correlation(x, y), rel=1e-12)
+    assert pearson(torch.tensor(x), torch.tensor([y[0]] * 5)) != pearson(torch.tensor(x), torch.tensor(y))
+    assert math.isnan(pearson(torch.tensor(x), torch.tensor([3.0] * 5)))  # one length throughout: no correlation
+
+
+def test_a_skipped_step_counts_in_no_mean_but_its_work_counts_in_the_speed():
+    """A non-finite step in a window of several (logging_steps > 1): its loss and rewards would turn the window's
+    means to NaN; its tokens were computed, so they count in the speed figures and train/num_tokens."""
+    good = Window({"pairs": 2.0, "loss": 1.0, "tokens": 30.0, "input_tokens": 40.0})
+    bad = Window({"pairs": 2.0, "loss": float("nan"), "tokens": 20.0, "input_tokens": 26.0})
+    window = Window()
+    window.step_done(good, 1.0)
+    window.step_done(bad, 1.0, skipped=True)
+    metrics, totals = window.train_report(OneProcess(), None, None)
+    assert metrics["train/loss"] == 0.5 and totals["skipped/input_tokens"] == 26.0
+    assert metrics["train/tokens_per_s"] == 25.0  # (30 + 20) tokens in 2 s
+
+
 def test_empty_window_gives_nan_not_an_error():
     means, totals = Window().means(OneProcess(), "eval")
     assert totals == {} and math.isnan(means["eval/entropy"]) and math.isnan(means["eval/loss"])
@@ -334,3 +358,16 @@ def test_eval_loss_does_not_move_with_the_eval_batch_size(compose, sft_weight):
     with torch.no_grad():  # one batch of all seven: its own token mean is the split's
         loss, _, _ = batch_loss(policy, PairCollator(0)(pairs), cfg)
     assert runs[-1]["eval/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    # eval/length/reward_corr: each response's reward (beta x its mean token log-prob, from the full logits) beside
+    # its own length, over the split, whatever the batch size
+    model, rewards, lengths = make_model(seed=2).eval(), [], []
+    for pair in pairs:
+        for side in ("chosen_input_ids", "rejected_input_ids"):
+            prompt, response = pair["prompt_input_ids"], pair[side]
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].double()
+            logp = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).mean().item()
+            rewards.append(cfg.beta * logp)
+            lengths.append(float(len(response)))
+    for metrics in runs:
+        assert metrics["eval/length/reward_corr"] == pytest.approx(statistics.correlation(rewards, lengths), abs=1e-5)

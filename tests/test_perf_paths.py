@@ -349,14 +349,14 @@ def test_flex_tiles_are_exactly_the_dense_rules_tiles(packing):
     from simpo_exp.logps import flex_tiles, row_groups
 
     g = torch.Generator().manual_seed(5)
-    for _ in range(12):
+    for i in range(24):  # every other row of pieces of 1 or 2 tokens: tiles of 2 made of them alone
         n = int(torch.randint(1, 6, (1,), generator=g))
-        segments = [tuple(int(x) for x in torch.randint(1, 70, (3,), generator=g)) for _ in range(n)]
+        segments = [tuple(int(x) for x in torch.randint(1, 3 if i % 2 else 70, (3,), generator=g)) for _ in range(n)]
         doc, role = row_groups(segments, packing)
         t = len(doc)
         q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
         dense = (q >= k) & (doc[q] == doc[k]) & ~((role[q] == 2) & (role[k] == 1))
-        for block in (1, 5, 16, 128):
+        for block in (1, 2, 5, 16, 128):
             tiles = -(-t // block)
             padded = torch.zeros(tiles * block, tiles * block, dtype=torch.int8)
             padded[:t, :t] = dense
@@ -542,6 +542,13 @@ def test_an_nll_term_accumulated_over_micro_batches_is_the_big_batchs(compose, p
     assert sum(chosen_tokens(b) for b in micro) == chosen_tokens(collate(pairs)) == stats["length/chosen"]
     accumulated, _ = grads(micro, step_sft_tokens(micro, acc))
     torch.testing.assert_close(accumulated, whole, atol=1e-6, rtol=1e-5)
+    # two processes of two micro-batches each, whose gradients data parallel averages: the same (the count is the
+    # step's over both processes, a sum their reduce gives each of them)
+    halves = (micro[:2], micro[2:])
+    step_tokens = torch.tensor([float(sum(chosen_tokens(b) for b in micro))])
+    two = SimpleNamespace(device=torch.device("cpu"), num_processes=2, reduce=lambda t, reduction: step_tokens)
+    averaged = sum(grads(half, step_sft_tokens(half, two))[0] for half in halves) / 2
+    torch.testing.assert_close(averaged, whole, atol=1e-6, rtol=1e-5)
     per_micro_batch, _ = grads(micro, None)  # each micro-batch's own token mean: what was done before
     assert (per_micro_batch - whole).norm() > 1e-3 * whole.norm()
 
@@ -753,6 +760,15 @@ def test_mask_rows_padding_positions_stop_at_the_largest_real_one():
             assert torch.allclose(packed, plain, atol=ATOL, rtol=0), (packing, (packed - plain).abs().max())
 
 
+@pytest.mark.parametrize("packing", ["none", "packed", "prefix_shared"])
+def test_a_pair_with_an_empty_prompt_is_refused_in_every_layout(packing):
+    """Padded, its first response token went unscored (nothing before it to predict it from): one token short of
+    the response the packed layouts refused outright."""
+    pairs = [{"prompt_input_ids": [], "chosen_input_ids": [4, 5], "rejected_input_ids": [6]}]
+    with pytest.raises(ValueError, match="empty prompt"):
+        PairCollator(PAD, packing=packing)(pairs)
+
+
 def test_padding_queries_see_only_themselves_and_a_masked_out_word_adds_no_entropy():
     """The mask attention's padding rows (group -1) see their own position (a row of a packed batch may have no
     group 0 to see, and SDPA gives NaN for an all-masked row) and no response or other padding; a vocabulary entry
@@ -766,3 +782,5 @@ def test_padding_queries_see_only_themselves_and_a_masked_out_word_adds_no_entro
     logits = torch.tensor([[0.0, 0.0, float("-inf")]])
     _, entropy, hit = token_stats(logits, logits.log_softmax(-1), torch.tensor([0]))
     assert entropy.item() == pytest.approx(math.log(2)) and hit.item() == 1.0
+    # a tie for the top logit is one hit, the first index's (as torch.argmax): not one for every tied token
+    assert token_stats(logits, logits.log_softmax(-1), torch.tensor([1]))[2].item() == 0.0

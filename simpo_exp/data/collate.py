@@ -62,6 +62,9 @@ class PairCollator:
         self.attention = attention
 
     def __call__(self, pairs: list[dict]) -> dict:
+        if any(not pair["prompt_input_ids"] for pair in pairs):  # (data loading drops such rows: "empty prompt")
+            # padded, the first response token was left unscored, one token short of what a packed layout gives
+            raise ValueError("a pair with an empty prompt: its first response token has no context to be scored from")
         if self.packing == "none":
             return self._padded(pairs)
         return self._packed(pairs)
@@ -93,8 +96,6 @@ class PairCollator:
         """The pair's pieces in row order: (tokens, first position, attention group, sequence slot or -1
         for prompt tokens, index of the piece whose last token predicts this piece's first token)."""
         p, c, r = pair["prompt_input_ids"], pair["chosen_input_ids"], pair["rejected_input_ids"]
-        if not p:
-            raise ValueError("a pair with an empty prompt cannot be packed: its first response token has no context")
         if self.packing == "packed":
             return [(p, 0, 1, -1, None), (c, len(p), 1, i, 0), (p, 0, 2, -1, None), (r, len(p), 2, n_pairs + i, 2)]
         # prefix_shared: prompt | chosen | rejected, the rejected continuing the prompt's positions
