@@ -45,6 +45,19 @@ def compose():
     return _compose
 
 
+@pytest.fixture(autouse=True)
+def _no_sweep_identity_left_behind(monkeypatch):
+    """A sweep's identity, which ``SweepSummary.on_multirun_start`` sets in os.environ (tests call it in this
+    process), is undone after each test. ``monkeypatch.delenv(name, raising=False)`` on a variable that is not set
+    records nothing to undo: the values stayed in the worker, every later run got them, and the first run after them
+    started a second fork server (tests/runs.py keys servers by the environment: about 9 s of imports, 600 MB)."""
+    from simpo_exp.runinfo import SWEEP_DIR_ENV, SWEEP_ENV, SWEPT_ENV
+
+    for name in (SWEEP_ENV, SWEPT_ENV, SWEEP_DIR_ENV):
+        monkeypatch.setenv(name, "")  # recorded as unset before (or its value), so that the undo removes it
+        monkeypatch.delenv(name)
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 

@@ -6,6 +6,8 @@ server pays that once per test worker. Each request is one JSON line on stdin:
 
     {"module": "simpo_exp", "args": [...], "cwd": "...", "stdout": FILE, "stderr": FILE, "env": {NAME: VALUE}}
 
+(and ``"new_session": true`` for a child that leads a session and process group of its own)
+
 The server forks; the child changes to ``cwd``, sets the variables in ``env`` (those that change with
 every test, such as ``PYTEST_CURRENT_TEST``; null removes one), points stdin at /dev/null and stdout and
 stderr at the two files, and runs ``module`` as ``__main__`` the way ``python -m`` does. It exits with
@@ -85,6 +87,8 @@ def run_child(request: dict) -> None:
     code = 1
     try:
         own_wandb_media_folder()
+        if request.get("new_session"):  # a process group of its own, as Popen(start_new_session=True) gives
+            os.setsid()
         os.chdir(request["cwd"])
         for name, value in request["env"].items():
             if value is None:

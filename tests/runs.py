@@ -4,9 +4,12 @@
 standard test environment (this process's, W&B offline without a key, the HF hub offline) is forked from a
 server of tests/forkserver.py that has already imported torch, transformers, datasets and the stages, which
 saves about five CPU seconds a run. A run given environment variables of its own starts a fresh
-interpreter, as does every run on a machine with a CUDA device (``cuda_visible``) and every run when
-``SIMPO_TEST_FRESH=1`` (to rule the server out when a test fails).
-Tests that signal, time or launch several processes use ``subprocess`` directly.
+interpreter, unless all of them are read when the run starts rather than when a module is imported
+(``AT_RUN_TIME``: the forked child gets them as it gets ``PER_RUN``'s); so does every run on a machine with a
+CUDA device (``cuda_visible``) and every run when ``SIMPO_TEST_FRESH=1`` (to rule the server out when a test fails).
+``start_module`` forks a run the same way and returns at once, for a test that signals it (``Started``, with
+``subprocess.Popen``'s ``pid``, ``poll``, ``send_signal``, ``wait`` and ``communicate``). Tests that time or launch
+several processes use ``subprocess`` directly.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ SET_BY_LIBRARIES = (
     "PYTORCH_NVML_BASED_CUDA_CHECK",
 )
 PER_RUN = (*PER_TEST, *SET_BY_LIBRARIES)
+# Read when a run starts (wandb.init, the hub's token look-up, accelerate's process state, matplotlib's backend at
+# its first import, which the server does not make), not when the server imports the stages: a run given only these
+# is forked with them set, as PER_RUN's are. A variable read at import (HF_HUB_OFFLINE, PYTHONPATH) still starts a
+# fresh interpreter.
+AT_RUN_TIME = ("WANDB_API_KEY", "WANDB_BASE_URL", "HF_TOKEN", "RANK", "WORLD_SIZE", "MPLBACKEND")
 
 
 def free_port() -> int:
@@ -60,13 +68,13 @@ def run_module(
     """``python -m module args`` in ``cwd`` under ``run_env(env)``, its output captured as text."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
     full = run_env(env)
-    if env or os.environ.get("SIMPO_TEST_FRESH") == "1" or cuda_visible():
+    if set(env or ()) - set(AT_RUN_TIME) or os.environ.get("SIMPO_TEST_FRESH") == "1" or cuda_visible():
         return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
-    server = _server(full)
+    server = _server(run_env())
     with tempfile.TemporaryDirectory(prefix="forked-run-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
         request = {"module": module, "args": cmd[3:], "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-        pid = server.ask({**request, "env": {k: full.get(k) for k in PER_RUN}})
+        pid = server.ask({**request, "env": {k: full.get(k) for k in (*PER_RUN, *(env or ()))}})
         try:
             code = server.answer(timeout)["returncode"]
         except subprocess.TimeoutExpired:
@@ -74,6 +82,69 @@ def run_module(
             server.answer(60)
             raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(), err.read_text()) from None
         return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
+
+
+class Started:
+    """A run forked by ``start_module``, not yet waited for: what the signal tests used of ``subprocess.Popen``
+    (stdout and stderr are read from their files once the run has ended)."""
+
+    def __init__(self, server: Server, pid: int, tmp: tempfile.TemporaryDirectory, cmd: list[str]):
+        self.server, self.pid, self.tmp, self.args = server, pid, tmp, cmd
+        self.returncode: int | None = None
+        self.stderr = _Deferred(Path(tmp.name, "stderr"))
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self.returncode = self.server.answer(0)["returncode"]
+            except subprocess.TimeoutExpired:
+                return None
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self.server.answer(600 if timeout is None else timeout)["returncode"]
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return Path(self.tmp.name, "stdout").read_text(), Path(self.tmp.name, "stderr").read_text()
+
+
+class _Deferred:
+    """``Popen.stderr`` as the tests read it (``.read()``), from the run's file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> str:
+        return self.path.read_text()
+
+
+def start_module(module: str, *args: str, cwd: Path, new_session: bool = False) -> Started | subprocess.Popen:
+    """``python -m module args`` in ``cwd`` under ``run_env()``, started and not waited for (a test signals it):
+    forked from the server as ``run_module``'s runs are, or a fresh ``subprocess.Popen`` where those start fresh.
+    ``new_session``: the run leads a process group of its own (``os.killpg(run.pid, ...)`` reaches it and its
+    children alone). The server runs one at a time: wait for it before the next run."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    full = run_env()
+    if os.environ.get("SIMPO_TEST_FRESH") == "1" or cuda_visible():
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=new_session,
+        )  # fmt: skip
+    server = _server(full)
+    tmp = tempfile.TemporaryDirectory(prefix="forked-run-")
+    out, err = Path(tmp.name, "stdout"), Path(tmp.name, "stderr")
+    request = {"module": module, "args": cmd[3:], "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+    request["new_session"] = new_session
+    pid = server.ask({**request, "env": {k: full.get(k) for k in PER_RUN}})
+    server.started = Started(server, pid, tmp, cmd)
+    return server.started
 
 
 class Server:
@@ -90,9 +161,14 @@ class Server:
             bufsize=0,
         )
         self.pending = b""
+        self.started: Started | None = None  # the last run start_module forked
 
     def ask(self, request: dict) -> int:
-        """Send a run; the pid of the child that runs it."""
+        """Send a run; the pid of the child that runs it. A started run a failed test left running is ended first
+        (the server runs one child at a time, and its exit status comes before the next pid)."""
+        if self.started is not None and self.started.returncode is None:
+            self.started.send_signal(signal.SIGKILL)
+            self.started.wait(60)
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         return self.answer(120)["pid"]  # the first request waits for the server's imports
 

@@ -19,6 +19,7 @@ import yaml
 from simpo_exp import checkpoint
 from simpo_exp.finished import FINISHED
 from simpo_exp.tracking import MEASURED_METRICS
+from tests.runs import start_module
 from tests.test_reliability import _poison, _tiny_config, weights
 from tests.test_run import read_metrics, simpo
 
@@ -246,9 +247,7 @@ def test_usr2_saves_the_step_it_reached_and_the_rerun_resumes_there(finished_run
     run_dir = tmp_path / "run"
     # no periodic checkpoints (only the signal's), and a record per step to know which step was reached
     args = [*RUN, "save_steps=100", "logging_steps=1", f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "simpo_exp", *args]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_module("simpo_exp", *args, cwd=tmp_path)  # forked from the test server, not waited for
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir):  # a step has been trained
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]

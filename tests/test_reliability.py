@@ -6,7 +6,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from simpo_exp.tracking import MEASURED_METRICS
+from tests.runs import start_module
 from tests.test_run import read_metrics, simpo
 
 RUN = [
@@ -36,18 +36,9 @@ def weights(run_dir: Path) -> dict:
     return load_file(run_dir / "model" / "model.safetensors")
 
 
-def launch(run_dir: Path, *extra: str) -> subprocess.Popen:
-    import os
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "simpo_exp", *RUN, f"hydra.run.dir={run_dir}", *extra],
-        cwd=run_dir.parent,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def launch(run_dir: Path, *extra: str):
+    """The run started and not waited for (forked from the test server: tests/runs.py ``start_module``)."""
+    return start_module("simpo_exp", *RUN, f"hydra.run.dir={run_dir}", *extra, cwd=run_dir.parent)
 
 
 def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -797,11 +788,9 @@ def test_a_stop_signal_to_the_whole_process_group_saves_with_dataloader_workers(
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "simpo_exp", *RUN, "max_steps=400", "save_steps=1000", f"hydra.run.dir={run_dir}",
-         "hardware.dataloader_num_workers=2"],
-        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+    proc = start_module(
+        "simpo_exp", *RUN, "max_steps=400", "save_steps=1000", f"hydra.run.dir={run_dir}",
+        "hardware.dataloader_num_workers=2", cwd=tmp_path, new_session=True,
     )  # fmt: skip
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").exists():

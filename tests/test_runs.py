@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from tests import runs
-from tests.runs import cuda_visible, run_module
+from tests.runs import cuda_visible, run_module, start_module
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("SIMPO_TEST_FRESH") == "1" or cuda_visible(), reason="every run starts fresh here"
@@ -85,9 +85,38 @@ def test_a_run_with_its_own_environment_starts_fresh(program):
     assert res.returncode == 0 and "fresh" in res.stdout
 
 
+def test_a_run_given_only_variables_read_at_run_time_is_forked_with_them(program):
+    """RANK, a W&B key and the like are read when the run starts: the server forks the run with them set, and the
+    next run, without them, does not inherit them."""
+    (program / "show.py").write_text("import os, sys\nprint(os.environ.get('RANK'), 'transformers' in sys.modules)\n")
+    assert run_module("show", cwd=program, env={"RANK": "1"}).stdout == "1 True\n"
+    assert run_module("show", cwd=program).stdout == "None True\n"
+    assert run_module("show", cwd=program, env={"RANK": "1", "SOME_SETTING": "1"}).stdout == "1 False\n"
+
+
 def test_a_run_on_a_cuda_machine_starts_fresh(program, monkeypatch):
     monkeypatch.setattr(runs, "cuda_visible", lambda: True)  # CUDA does not survive a fork once initialised
     assert "fresh" in run_module("prog", "ok", cwd=program).stdout
+
+
+def test_a_started_run_is_signalled_and_one_left_running_does_not_hold_up_the_next(program):
+    """start_module: the forked run's pid takes a signal (its status as Popen reports it), ``new_session`` makes it
+    lead its own process group, and a run a failed test left running is killed before the next one is forked."""
+    import signal
+    import time
+
+    started = start_module("prog", "sleep", cwd=program, new_session=True)
+    deadline = time.monotonic() + 30  # the child makes its session as it starts, after the pid came back
+    while os.getpgid(started.pid) != started.pid:
+        assert started.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    started.send_signal(signal.SIGTERM)
+    assert started.wait(60) == -signal.SIGTERM
+    left = start_module("prog", "sleep", cwd=program)
+    assert os.getpgid(left.pid) != left.pid
+    assert run_module("prog", "ok", cwd=program).returncode == 0 and left.returncode == -signal.SIGKILL
+    done = start_module("prog", "exit", "3", cwd=program)
+    assert done.wait(60) == 3 and "exit handler ran" in done.communicate()[0] and done.stderr.read() == "to stderr\n"
 
 
 def test_an_overrunning_run_is_killed_at_its_timeout(program):

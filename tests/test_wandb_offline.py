@@ -37,6 +37,7 @@ from simpo_exp.tracking import (
     eval_keys,
     train_keys,
 )
+from tests.runs import run_module
 
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
@@ -162,20 +163,12 @@ def fold(records) -> SimpleNamespace:
 def job(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wandb_offline")
     sweep = root / "2030-02-02_00-00-00"
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB_API_KEY": SECRET_KEY,
-        "HF_TOKEN": SECRET_HF,
-        "WANDB_SILENT": "true",
-        "HF_HUB_OFFLINE": "1",
-    }
-    # WANDB_MODE=offline wins over the key (see test_wandb_mode_offline_wins_over_an_api_key below);
-    # logger.mode=offline says the same from the config side.
-    cmd = [
-        sys.executable,
-        "-m",
-        "simpo_exp",
+    # run_module's environment: WANDB_MODE=offline (which wins over the key: see
+    # test_wandb_mode_offline_wins_over_an_api_key below), W&B silent, the hub offline; the two secrets are read when
+    # the run starts, so the run is forked from the test server with them set. logger.mode=offline says the same
+    # from the config side.
+    env = {"WANDB_API_KEY": SECRET_KEY, "HF_TOKEN": SECRET_HF}
+    args = [
         "--multirun",
         "beta=5",
         "gamma_beta_ratio=0.3",
@@ -189,7 +182,7 @@ def job(tmp_path_factory) -> Path:
         "dataset.synthetic.num_test=32",
         f"hydra.sweep.dir={sweep}",
     ]
-    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    res = run_module("simpo_exp", *args, cwd=root, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "W&B start failed" not in res.stderr and "W&B log failed" not in res.stderr, res.stderr[-3000:]
     (job_dir,) = [p for p in sweep.iterdir() if p.is_dir()]
@@ -436,13 +429,10 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
 def test_a_failed_run_closes_its_wandb_run_as_failed(tmp_path):
     """A run that stops with an error (here every step diverges) ends its W&B run with a non-zero exit code,
     so a synced failed run does not show as finished."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
-    env.pop("WANDB_API_KEY", None)
     run_dir = tmp_path / "run"
     args = ["learning_rate=1e30", "max_bad_steps=1", "max_steps=6", "eval_on_start=false", "num_generations=0"]
     args += ["logger=wandb", "save_model=false", "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=32"]
-    cmd = [sys.executable, "-m", "simpo_exp", *args, f"hydra.run.dir={run_dir}"]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = run_module("simpo_exp", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert res.returncode == 2 and "NonFiniteError" in (run_dir / "error.json").read_text(), res.stderr[-3000:]
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     exits = [r.exit.exit_code for r in read_wandb_log(path) if r.WhichOneof("record_type") == "exit"]
