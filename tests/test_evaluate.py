@@ -549,6 +549,12 @@ def test_arena_hard_verdict_labels_are_read_as_arena_hard_auto_reads_them():
     # a tie is half a battle to each side in either game; one game without a verdict leaves one judged game
     assert question_outcomes({"games": [{"score": "B>A"}, {"score": "A=B"}]}, 3) == (1.5, 2, 0)
     assert question_outcomes({"games": [{"score": "B=A"}, {"score": "A<B"}]}, 3) == (0.5, 2, 0)
+    # each mirrored spelling is the verdict it mirrors, in either game
+    mirrored = {"B<<A": "A>>B", "B<A": "A>B", "B=A": "A=B", "A<B": "B>A", "A<<B": "B>>A"}
+    for label, same in mirrored.items():
+        for other in ("A>>B", "B>A"):
+            games = lambda first: {"games": [{"score": first}, {"score": other}]}  # noqa: E731
+            assert question_outcomes(games(label), 3) == question_outcomes(games(same), 3), label
 
 
 def test_arena_hard_counts_judged_games_and_its_interval_brackets_the_score():
@@ -952,6 +958,8 @@ def test_rule_ties_count_half_and_annotations_put_the_baseline_first():
     prompt = {"id": "0", "instruction": "sort: 3 1 2", "reference": "R"}
     (tie,) = rule_preferences([prompt], ["1 2 3"], ["1 2 3"])
     assert tie["score_model"] == tie["score_baseline"] and tie["preference"] == 1.5
+    won, lost = rule_preferences([prompt, prompt], ["1 2 3", "3 2 1"], ["3 2 1", "1 2 3"])
+    assert (won["preference"], lost["preference"]) == (2.0, 1.0)  # 2.0: the model (output_2) sorted better
     assert win_rate([2.0, 1.5, 1.0]) == 50.0 and win_rate([1.5]) == 50.0
     # alpaca-eval's standard error: deviations 0.5, 0, -0.5 -> sample variance 0.25, over n = 3 -> sqrt(1/12)
     assert standard_error([2.0, 1.5, 1.0]) == pytest.approx(100 * (1 / 12) ** 0.5) and standard_error([1.5]) is None

@@ -246,6 +246,10 @@ def test_a_task_group_is_ranked_by_its_own_score_not_its_first_subtask():
     }
     ranked = ["mmlu/acc:none", "mmlu_abstract_algebra/acc:none", "mmlu_anatomy/acc:none"]
     assert list(_flat_metrics(results, ["mmlu"])) == [*ranked, "mmlu_abstract_algebra/acc_stderr:none"]
+    # the number of samples scored, under either name lm-eval has given it: a count, after the scores
+    results["mmlu_abstract_algebra"]["samples"], results["mmlu_anatomy"]["sample_len"] = 100, 135
+    counts = {k: v for k, v in _flat_metrics(results, ["mmlu"]).items() if k.endswith("/n")}
+    assert counts == {"mmlu_abstract_algebra/n": 100.0, "mmlu_anatomy/n": 135.0}
 
 
 def test_judge_only_runs_no_lm_eval(lm_eval_calls, tmp_path, compose):

@@ -285,3 +285,18 @@ def test_answers_sampled_by_the_hf_backend_are_bound_to_their_batch_size(tmp_pat
     older = {**made, "decoding": {"backend": "hf", "temperature": 0.5}}  # made before the batch size was recorded
     path.write_text(json.dumps(older))
     _check_manifest(path, {**made, "decoding": answer_decoding(sampled | {"batch_size": 4})}, has_answers=True)
+
+
+def test_answers_cut_at_max_new_tokens_are_counted_and_older_ones_count_as_finished():
+    """Answers stored before ``finished`` was recorded have no flag: counted finished, as the docstring says, not
+    as cut (a rerun judging old answers would have called every one of them cut)."""
+    from types import SimpleNamespace
+
+    from simpo_exp.evaluate.run import _count_cut
+
+    gens = [{"finished": False}, {"finished": True}, {}, {"finished": False}]
+    ctx = {"decoding": {"max_new_tokens": 64}, "benchmark": SimpleNamespace(name="alpaca_eval")}
+    metrics = {}
+    (note,) = _count_cut(metrics, gens, ctx)
+    assert metrics["cut_at_max_new_tokens"] == 2 and note.startswith("2 of 4 answers reached max_new_tokens=64")
+    assert _count_cut(metrics, [{}, {"finished": True}], ctx) == [] and metrics["cut_at_max_new_tokens"] == 0

@@ -117,6 +117,26 @@ def test_binarise_modes_and_drop_reasons():
     assert rows[0]["score_chosen"] == 0.9 and rows[0]["score_rejected"] == 0.1
 
 
+def test_the_reports_lengths_and_score_distributions_are_the_pairs_own():
+    """report.json's length bias (chosen_longer_share, each side's mean length) and score quartiles, by hand: three
+    prompts whose best-worst pairs have chosen lengths 3, 1, 2 and rejected 1, 1, 5 tokens (one tie)."""
+    from simpo_exp.generate.binarise import distribution
+    from simpo_exp.generate.config import BinariseConfig
+
+    records = [
+        _record(["ccc", "r", "mm"], [0.9, 0.1, 0.5], "p1"),
+        _record(["c", "r"], [0.8, 0.2], "p2"),
+        _record(["cc", "rrrrr"], [0.7, 0.3], "p3"),
+    ]
+    _, report = binarise(records, BinariseConfig())
+    assert report["length_tokens"] == {"all": 15 / 7, "chosen": 2.0, "rejected": 7 / 3}
+    assert report["chosen_longer_share"] == pytest.approx(1 / 3)  # p1 longer; p2 a tie, p3 shorter
+    assert report["scores"]["chosen"]["mean"] == pytest.approx(0.8) and report["scores"]["rejected"]["max"] == 0.3
+    # quartiles as numpy's default (linear) reads them: [1, 2, 3, 4] -> 1.75, 2.5, 3.25
+    four = distribution([4.0, 1.0, 3.0, 2.0])
+    assert (four["q25"], four["median"], four["q75"], four["std"]) == (1.75, 2.5, 3.25, pytest.approx(1.25**0.5))
+
+
 def test_ties_take_the_first_response_and_a_copy_of_the_chosen_text_is_never_rejected():
     """Ties go to the first response on both sides, as SimPO's annotation script's argmax and argmin pick (a rule
     scorer gives 1.0 and 0.0 to many); a second copy of the chosen text, scored a little lower (bf16 batches), is
@@ -429,6 +449,21 @@ def test_the_test_prompts_give_the_held_out_pairs_training_evaluates_on(
     assert res.returncode == 2 and "no usable preference pair" in res.stderr, res.stderr[-2000:]
     assert json.loads((out / "report.json").read_text())["test"]["pairs_kept"] >= 1
     assert not (out / "data" / "test.jsonl").exists() and not (out / "data" / "train.jsonl").exists()
+
+
+def test_an_answer_ends_at_its_first_stop_token_padding_of_the_same_id_after_it_uncounted():
+    """A batched row is padded after its answer, often with the EOS id (Llama-3's pad fix-up): cut at the last stop
+    id, the padding counted as sampled tokens (Arena-Hard's avg_tokens, the report's lengths)."""
+    from simpo_exp.inference.sampling import cut_at_stop
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    prompt = tok("sort: 3 1 2", add_special_tokens=False)["input_ids"]
+    answer = tok(" 1 2 3", add_special_tokens=False)["input_ids"]
+    out = cut_at_stop(tok, prompt, answer + [tok.eos_token_id] * 4, {tok.eos_token_id})
+    whole = cut_at_stop(tok, prompt, answer, set())["text"]
+    assert out == {"text": whole, "n_tokens": len(answer) + 1, "finished": True}
+    assert cut_at_stop(tok, prompt, answer, {tok.eos_token_id})["finished"] is False
 
 
 def test_each_split_samples_from_streams_of_its_own():
@@ -1283,7 +1318,20 @@ def test_a_scorer_max_length_past_the_reward_models_positions_is_capped(tmp_path
     prompt = [{"role": "user", "content": "sort: " + " ".join("9876543210" * 4)}]
     scores = scorer.score([prompt, prompt], ["0 1 2", "0 1"])
     assert len(scores) == 2 and scorer.cut == [True, True]  # scored on their first 32 tokens
+    import torch
+
+    from simpo_exp.inference.scoring import render_for_scoring
+
+    model = GPT2ForSequenceClassification.from_pretrained(rm).eval()
+    ids = tokenizer(render_for_scoring(tokenizer, scorer.s, prompt, "0 1 2"), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        assert scores[0] == pytest.approx(model(torch.tensor([ids[:32]])).logits[0, 0].item(), abs=1e-5)
     assert scorer.score([[{"role": "user", "content": "sort: 2 1"}]], ["1 2"]) and scorer.cut == [False]
+    short = [{"role": "user", "content": "sort: 2 1"}]
+    fits = len(tokenizer(render_for_scoring(tokenizer, scorer.s, short, "1 2"), add_special_tokens=False)["input_ids"])
+    for scorer.max_length, cut in ((fits, False), (fits - 1, True)):  # a text of exactly max_length tokens is whole
+        scorer.score([short], ["1 2"])
+        assert scorer.cut == [cut]
 
 
 def test_scored_shards_named_before_the_scorer_hash_are_not_scored_again(
