@@ -264,10 +264,13 @@ def keep_generators():
     """Leave this test process's generators as they were."""
     import random
 
-    before = torch.get_rng_state(), random.getstate()
+    import numpy as np
+
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()
     yield
     torch.set_rng_state(before[0])
     random.setstate(before[1])
+    np.random.set_state(before[2])
 
 
 def test_each_process_gets_its_own_generator_states_back(tmp_path, keep_generators):
@@ -276,27 +279,31 @@ def test_each_process_gets_its_own_generator_states_back(tmp_path, keep_generato
     kept one."""
     import random
 
+    import numpy as np
     from safetensors.torch import load_file, save_file
+
+    def seed_all(seed):  # torch's, Python's and numpy's global generators, as transformers' set_seed seeds them
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
 
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     states = []
     for seed in (1, 2):
-        torch.manual_seed(seed), random.seed(seed)
+        seed_all(seed)
         states.append(checkpoint.rng_state())
     path = checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=3), {}, keep=2, rng=states)
 
     def restored(process):
-        torch.manual_seed(99), random.seed(99)
+        seed_all(99)
         checkpoint.load(path, model, opt, sched, {}, process=process)
-        return torch.get_rng_state(), random.random()
+        return torch.get_rng_state(), random.random(), np.random.random()
 
     for seed, process in ((2, (1, 2)), (1, (0, 2))):
-        torch.manual_seed(seed), random.seed(seed)
-        want = (torch.get_rng_state(), random.random())
+        seed_all(seed)
+        want = (torch.get_rng_state(), random.random(), np.random.random())
         got = restored(process)
-        assert torch.equal(got[0], want[0]) and got[1] == want[1], process
+        assert torch.equal(got[0], want[0]) and got[1:] == want[1:], process
 
     # the format before: one process's states, unprefixed
     meta = json.loads((path / "state.json").read_text())

@@ -158,6 +158,11 @@ def test_every_candidate_timed_with_the_same_loss():
         assert len(r["seconds"]) == layout_auto.TIMED_PASSES and r["mean_seconds"] > 0
         assert r["loss"] == pytest.approx(rows[0]["loss"], abs=1e-5)
     assert layout_auto.fastest(rows) in rows
+    # the least mean time wins; a candidate that failed is never picked, however short its record
+    timed = [{"packing": p, "mean_seconds": t} for p, t in (("none", 0.3), ("packed", 0.1), ("prefix_shared", 0.2))]
+    assert layout_auto.fastest(timed)["packing"] == "packed"
+    assert layout_auto.fastest([*timed, {"packing": "x", "mean_seconds": 0.0, "error": "oom"}])["packing"] == "packed"
+    assert layout_auto.fastest([{"packing": "x", "error": "oom"}]) is None
     assert all(p.grad is None for p in model.parameters())  # gradients dropped, nothing to step
 
 

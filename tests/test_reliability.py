@@ -405,6 +405,18 @@ def test_a_resume_may_change_how_a_run_runs_but_not_what_it_trains():
         "hardware.group_by_length: checkpoint None, now True",
         "hardware.lora: checkpoint False, now True",
     ]
+    # the master copy's precision, the global batch and the adapters' shape each change what is trained (listed
+    # here, not read from checkpoint.TRAINING_HARDWARE_KEYS: a key dropped from it must fail this)
+    for key, ran, now in (
+        ("master_weights", "fp32", "model"),
+        ("effective_batch_size", 128, 64),
+        ("lora_r", 16, 8),
+        ("lora_alpha", 32, 16),
+        ("lora_dropout", 0.05, 0.0),
+        ("lora_target_modules", ["q_proj"], ["q_proj", "v_proj"]),
+    ):
+        before, after = {**saved, "hardware": {key: ran}}, {**moved, "hardware": {key: now}}
+        assert incompatible_keys(before, after) == [f"hardware.{key}: checkpoint {ran!r}, now {now!r}"], key
     # what only evaluation reads: the eval batch (the out-of-memory message during evaluation names it), the samples
     evaluating = {"per_device_eval_batch_size": 32, "num_generations": 4, "max_new_tokens": 64}
     fewer = {"per_device_eval_batch_size": 4, "num_generations": 0, "max_new_tokens": 16}

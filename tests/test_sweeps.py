@@ -743,17 +743,23 @@ def test_a_moved_sweep_keeps_the_wandb_group_its_jobs_recorded(tmp_path):
 def test_a_sweep_whose_jobs_write_to_an_output_dir_of_their_own_finds_their_records(tmp_path, capsys):
     """``output_dir=/x/b${beta}`` (how a sweep's jobs each get a folder of their own outside the sweep's) cannot be
     resolved from a job's saved config: the sweep's summary called both finished jobs "still running" and exited 1,
-    and compare listed them as running without metrics. Each job now writes where its records went."""
+    and compare listed them as running without metrics. Each job now writes where its records went (here with a
+    Hydra resolver in the path, which nothing outside the run resolves: the pointer alone finds them)."""
     from simpo_exp import compare
 
     sweep, out = tmp_path / "sweep", tmp_path / "out"
     res = simpo(
-        "--multirun", "beta=2,5", f"output_dir={out}/b${{beta}}", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path
+        "--multirun",
+        "beta=2,5",
+        f"output_dir={out}/b${{beta}}-j${{hydra:job.num}}",
+        f"hydra.sweep.dir={sweep}",
+        *FAST,
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "sweep finished: 2 jobs" in res.stdout and "still running" not in res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["b2.0", "b5.0"]  # beta resolved as the float it is
-    assert all((out / b / "summary.json").exists() for b in ("b2.0", "b5.0"))
+    assert sorted(p.name for p in out.iterdir()) == ["b2.0-j0", "b5.0-j1"]  # beta resolved as the float it is
+    assert all((out / b / "summary.json").exists() for b in ("b2.0-j0", "b5.0-j1"))
     assert compare.main([str(sweep), "--no-plots"]) == 0
     table = capsys.readouterr().out
     assert "(2 done, 0 running, 0 failed)" in table and "no metrics" not in table, table

@@ -271,6 +271,10 @@ def test_metrics_on_the_global_step_axis(job, wb):
     # a metric defined by name (for its max) is on the same axis: its own definition replaces the glob's
     named = {m.name: m for m in wb.metrics if m.name}
     assert named["eval/rewards/accuracies"].step_metric == STEP_KEY
+    # W&B keeps its best (max) and last as the run goes: what a running, stopped or crashed run's summary shows (a
+    # finished run's is set again from the whole metrics.jsonl)
+    summary = named["eval/rewards/accuracies"].summary
+    assert (summary.max, summary.last, summary.min) == (True, True, False)
     logged = jsonl(job)
     tables = [row for row in wb.history if "eval/generations" in row]  # sample generations, one table an eval
     history = [row for row in wb.history if "eval/generations" not in row]
@@ -570,11 +574,16 @@ def test_a_written_record_keeps_its_counts_named_token_and_drops_the_credentials
         "tokenization": {"train": {"pairs": 8, "responses_without_end_token": 3, "prompts_split_inside_a_token": 2}},
         "hf_token": SECRET_HF,
         "token": SECRET_KEY,
-        "judge": {"openai_api_key": SECRET_KEY, "client_secret": 7},
+        "judge": {"openai_api_key": SECRET_KEY, "client_secret": 7, "db_password": "pw"},
+        "endpoints": [{"url": "http://127.0.0.1:9", "hf_token": SECRET_HF}],  # in a list too
     }
     tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
     written = json.loads(tracker.write_json("data_report.json", report).read_text())
-    assert written == {"tokenization": report["tokenization"], "judge": {}}
+    assert written == {
+        "tokenization": report["tokenization"],
+        "judge": {},
+        "endpoints": [{"url": "http://127.0.0.1:9"}],
+    }
 
 
 def test_online_without_a_key_logs_offline_without_asking_for_one(tmp_path, monkeypatch):
