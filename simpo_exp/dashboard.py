@@ -612,9 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     push += ["--entity", entity] if entity else []
     push += ["--swept", args.swept] if args.swept else []
     push += ["--name", args.name] if args.name else []
-    push += (
-        ["--out", str(out)] if args.out else []
-    )  # where this view's W&B name is kept: a push elsewhere added another
+    # --out: where the view keeps its W&B name (pushed without it, a later --out run made a second view)
+    push += ["--out", str(out)] if args.out else []
     offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
     push_cmd = ("WANDB_MODE=online " if offline else "") + "WANDB_API_KEY=... " + shlex.join(push)
     if not _online():

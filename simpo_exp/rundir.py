@@ -314,8 +314,15 @@ def jobs_asked(sweep_dir: Path) -> int | None:
         return sweeper.get("n_trials") if isinstance(sweeper.get("n_trials"), int) and continuous else None
     if not target.endswith("BasicSweeper") or parsed is None:  # nothing said, rather than a wrong count
         return None
-    try:  # glob() lists a group's options and interval() is Optuna's: neither counts without Hydra's config loader
-        return math.prod(len({str(v) for v in o.sweep_iterator()}) if o.is_sweep_override() else 1 for o in parsed)
+    counts = [distinct_values(o) if o.is_sweep_override() else 1 for o in parsed]
+    return None if None in counts else math.prod(counts)
+
+
+def distinct_values(override) -> int | None:
+    """How many distinct values a parsed sweep override asks for; None where Hydra's grammar alone cannot say
+    (``glob()`` lists a group's options and ``interval()`` is Optuna's: neither counts without the config loader)."""
+    try:
+        return len({str(v) for v in override.sweep_iterator()})
     except Exception:  # noqa: BLE001 - Hydra's own exceptions: nothing said, rather than a traceback
         return None
 
@@ -329,11 +336,7 @@ def swept_in_request(sweep_dir) -> list[str]:
     for o in parsed or []:
         if not o.is_sweep_override() or o.key_or_group.startswith("hydra.") or o.key_or_group == "output_dir":
             continue
-        try:  # glob() and Optuna's interval() do not iterate here: several values all the same
-            several = len({str(v) for v in o.sweep_iterator()}) > 1
-        except Exception:  # noqa: BLE001 - Hydra's own exceptions
-            several = True
-        if several:
+        if (count := distinct_values(o)) is None or count > 1:  # glob(), interval(): several values all the same
             keys.append(o.key_or_group)
     return keys
 
