@@ -755,3 +755,37 @@ def test_alpaca_evals_own_judge_without_a_usable_alpaca_eval_is_refused_before_a
         length_controlled([{"preference": 2.0}] * 805, 805)[1]
         == "LC needs the alpaca-eval package: pip install -e '.[eval]'"
     )
+
+
+def test_each_answer_shard_samples_from_a_seed_of_its_own(tmp_path, monkeypatch):
+    """Under sampled decoding every shard drew from one stream if seeded alike: its own seed (the decoding's seed,
+    the answers' tag and the shard), the same on a rerun."""
+    from types import SimpleNamespace
+
+    import simpo_exp.inference.sampling as sampling
+    import simpo_exp.model
+    from simpo_exp.evaluate.run import generate
+
+    seeds = []
+
+    class Sampler:
+        def sample(self, ids, keys, seed):
+            seeds.append(seed)
+            return [[{"text": f"a{seed}", "n_tokens": 1, "finished": True}] for _ in ids]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sampling, "make_sampler", lambda *a, **k: Sampler())
+    monkeypatch.setattr(sampling, "prompt_token_ids", lambda tok, messages, fmt: [[1]] * len(messages))
+    monkeypatch.setattr(simpo_exp.model, "load_tokenizer", lambda m: None)
+    prompts = [{"id": str(i), "instruction": f"q{i}", "messages": []} for i in range(6)]
+    dec = SimpleNamespace(shard_size=2, seed=0, temperature=0.7, top_p=0.95, max_new_tokens=8, backend="hf")
+    (tmp_path / "m").mkdir()
+    model = SimpleNamespace(path=str(tmp_path / "m"), name="m", dtype="float32", tokenizer_path=None)
+    model.chat_template = None
+    cfg = SimpleNamespace(model=model, dataset=SimpleNamespace(chat_format="generation_prompt"))
+    cfg.hardware = SimpleNamespace(mixed_precision="auto", device="cpu", master_weights="fp32", lora=False)
+    generate(cfg, prompts, dec, tmp_path / "shards", "trained", judge_only=False)
+    assert len(seeds) == 3 and len(set(seeds)) == 3
+    assert seeds == [sampling.derive_seed(0, "trained", i) for i in range(3)]
