@@ -998,10 +998,17 @@ def test_win_rate_matches_alpaca_eval_and_lc_says_why_it_is_missing(monkeypatch)
     assert lc == {"lc_win_rate": None, "lc_standard_error": None} and why.endswith("judged 10 of them (max_prompts)")
 
 
-def test_lc_says_whether_the_set_was_cut_or_is_another_file():
+def test_lc_says_whether_the_set_was_cut_or_is_another_file(tmp_path):
     """No LC win rate off the whole 805-row set, and the note names why: a max_prompts cut, or a prompts file of
     another size (which the note blamed on max_prompts, with none set)."""
+    from simpo_exp.evaluate.benchmarks import alpaca_prompts
     from simpo_exp.evaluate.judge import length_controlled
+
+    # the set's size is the file's, before max_prompts: what the note compares with alpaca_eval's 805
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(12)]))
+    prompts, info = alpaca_prompts(str(path), "benchmarks.b.prompts_path", 5)
+    assert len(prompts) == 5 and info["rows"] == 12
 
     rows = [{"preference": 2.0}] * 10
     lc, why = length_controlled(rows, 805)
