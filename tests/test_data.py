@@ -1699,6 +1699,33 @@ def test_a_mixture_source_of_no_usable_rows_is_named_and_test_prompts_seen_in_tr
     assert report.sources["argilla_ultrafeedback_cleaned"]["dropped"] == {"train": {}, "test": {}}
 
 
+def test_dropped_rows_are_named_by_file_and_line(tmp_path, tok, caplog):
+    """Dropped rows were named by their running number over a source's files: in a folder of shards, or a JSON lines
+    file with blank lines, not where to look. Now by file and line (JSON lines) or row in the file (parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    long = " ".join(["word"] * 200)
+    row = lambda i, prompt="q": {"prompt": f"{prompt} {i}", "chosen": f"good {i}", "rejected": f"bad {i}"}  # noqa: E731
+    lines = [row(0), row(1), row(2, long), row(3), row(4, long)]
+    text = "\n".join(json.dumps(r) for r in lines[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in lines[2:]) + "\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "train.jsonl").write_text(text)  # a blank line after the second row
+    (tmp_path / "a" / "test.jsonl").write_text(json.dumps(row(9)) + "\n")
+    shards = tmp_path / "b" / "data"
+    shards.mkdir(parents=True)
+    for n, rows in enumerate(([row(i) for i in range(4)], [row(4), row(5, long), row(6)])):
+        pq.write_table(pa.Table.from_pylist(rows), shards / f"train-{n:05d}-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist([row(9)]), shards / "test-00000-of-00001.parquet")
+    sources = {n: SourceConfig(path=str(tmp_path / n)) for n in ("a", "b")}
+    with caplog.at_level("INFO", logger="simpo_exp.data"):
+        build_datasets(make_config(sources, max_length=256, max_prompt_length=64), tok)
+    said = "dataset.sources.a train: 2 rows dropped (prompt too long): train.jsonl line 4, train.jsonl line 6\n"
+    assert said in caplog.text, caplog.text
+    said = "dataset.sources.b train: 1 rows dropped (prompt too long): data/train-00001-of-00002.parquet row 1\n"
+    assert said in caplog.text, caplog.text
+
+
 def test_a_mixture_source_that_tokenising_empties_is_named_and_its_drops_are_counted_per_source(tmp_path, tok, caplog):
     """Drops made while tokenising (prompt too long, a chat template's refusal) were counted per split only: a
     source all of whose prompts were too long left the run on the other source with data_report.json saying it
@@ -1719,10 +1746,11 @@ def test_a_mixture_source_that_tokenising_empties_is_named_and_its_drops_are_cou
     write_jsonl(tmp_path / "b" / "train.jsonl", half)  # every other prompt too long; its test rows all are
     with caplog.at_level("INFO", logger="simpo_exp.data"):
         tr, te, report = build_datasets(make_config(sources, max_length=256, max_prompt_length=64), tok)
-    # where the dropped rows are: their places in the file as read (counts alone left 60k rows to search)
-    said = "dataset.sources.b train: 10 rows dropped (prompt too long), rows 1, 3, 5, 7, 9, ... (0-based"
-    assert said in caplog.text
-    assert "dataset.sources.b test: 4 rows dropped (prompt too long), rows 0, 1, 2, 3 (0-based" in caplog.text
+    # where the dropped rows are: their files and lines (counts alone left 60k rows to search)
+    said = "dataset.sources.b train: 10 rows dropped (prompt too long): train.jsonl line 2, train.jsonl line 4, "
+    assert said + "train.jsonl line 6, train.jsonl line 8, train.jsonl line 10, ..." in caplog.text
+    said = "dataset.sources.b test: 4 rows dropped (prompt too long): test.jsonl line 1, test.jsonl line 2, "
+    assert said + "test.jsonl line 3, test.jsonl line 4\n" in caplog.text
     assert report.sources["a"]["dropped"] == {"train": {}, "test": {}}
     assert report.sources["b"]["dropped"] == {"train": {"prompt too long": 10}, "test": {"prompt too long": 4}}
     assert len(tr) == 30 and set(tr["source"]) == {"a", "b"}

@@ -93,7 +93,8 @@ def build_datasets(cfg: Config, tokenizer) -> tuple[Dataset, Dataset, DataReport
         split: tokenise(raw[split], tokenizer, cfg.max_length, cfg.max_prompt_length, d.num_proc, d.chat_format)
         for split in ("train", "test")
     }
-    for name, drops in source_drops(made, len(d.sources), name_rows=True).items():  # normalising's and tokenising's
+    # normalising's and tokenising's, the first of each named by file and line
+    for name, drops in source_drops(made, len(d.sources), name_rows=True, sources=d.sources).items():
         report.sources[name]["dropped"] = drops
     splits = {}
     for split in ("train", "test"):

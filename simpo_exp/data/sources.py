@@ -799,12 +799,62 @@ def load_mixture(dcfg: DatasetConfig) -> tuple[DatasetDict, dict]:
     return DatasetDict(train=train, test=test), sizes
 
 
-def source_drops(splits: dict[str, Dataset], n_sources: int, name_rows: bool = False) -> dict[str, dict]:
+def row_finder(src: SourceConfig, split: str):
+    """A function naming where a local source's rows are in its files, from their places in ``split`` ("train" or
+    "test") as read (``numbered``): ``train.jsonl line 12`` (JSON lines: the file's line, 1-based, blank lines
+    counted), ``data/train-00001-of-00002.parquet row 40`` (0-based in the file); None where the rows are in no local
+    file (the hub's cache, the synthetic task) or a file's rows cannot be counted here. A carved test split's places
+    are in the train files."""
+    path = Path(src.path).expanduser()
+    if is_synthetic(src) or not path.exists():
+        return None
+    if path.is_file():
+        files, root = [path], path.parent
+    else:
+        read_as = src.train_split if split == "train" else (read_test_split(src, path) or src.train_split)
+        files, root = _split_files(path, read_as, warn=False), path
+    try:
+        spans = [(f, _rows_of(f)) for f in files]
+    except Exception:  # noqa: BLE001 - a file of another layout (a JSON object with its rows under a key): unnamed
+        return None
+
+    def where(place: int) -> str:
+        for f, rows in spans:
+            if place < len(rows):
+                line = f.suffix.lower() == ".jsonl" or isinstance(rows, list)
+                return f"{f.relative_to(root)} {'line' if line else 'row'} {rows[place]}"
+            place -= len(rows)
+        return f"row {place} past its files' rows"
+
+    return where
+
+
+def _rows_of(f: Path):
+    """A file's rows as ``row_finder`` names them: a JSON lines file's line numbers (its non-blank lines), else the
+    range of its row indices (a parquet file's, a JSON array's)."""
+    if f.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return range(pq.ParquetFile(f).metadata.num_rows)
+    if f.suffix.lower() == ".json":
+        with contextlib.suppress(json.JSONDecodeError):  # else JSON lines under a .json name, as datasets reads it
+            rows = json.loads(f.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise ValueError(f"{f}: a JSON {type(rows).__name__}, not a list of rows")
+            return range(len(rows))
+    with open(f, "rb") as lines:
+        return [n for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def source_drops(
+    splits: dict[str, Dataset], n_sources: int, name_rows: bool = False, sources: dict | None = None
+) -> dict[str, dict]:
     """Each source's dropped rows (the rows' ``source`` column), by split and reason. In a mixture, a source none
     of whose train rows is a usable pair (another schema: ShareGPT's ``human``/``gpt`` roles; every prompt too
     long; a chat template that refuses its rows) is an error, not a run on the other sources alone; one whose
     test rows all drop is warned about (the held-out figures would leave it out). Checked after normalising and
-    again after tokenising, where ``name_rows`` logs the first dropped rows' places for each reason."""
+    again after tokenising, where ``name_rows`` logs the first dropped rows' places for each reason: their files
+    and lines where ``sources`` (name -> SourceConfig) has them local (``row_finder``)."""
     names = list(dict.fromkeys(n for ds in splits.values() for n in ds[SOURCE_COLUMN]))
     drops = {name: {split: {} for split in splits} for name in names}
     for split, ds in splits.items():
@@ -819,10 +869,18 @@ def source_drops(splits: dict[str, Dataset], n_sources: int, name_rows: bool = F
             drops[name][split][reason] = count
             first = sorted(x for x in shown[name, reason] if x is not None)[:SHOWN_ROWS]
             if first and name_rows:  # where to look: the rows' places in the split as read (a carved test: in train)
-                log.info(
-                    "dataset.sources.%s %s: %d rows dropped (%s), rows %s%s (0-based, in the order its files read)",
-                    name, split, count, reason, ", ".join(map(str, first)), ", ..." if count > len(first) else "",
-                )  # fmt: skip
+                more = ", ..." if count > len(first) else ""
+                where = row_finder(sources[name], split) if sources and name in sources else None
+                if where is not None:  # a sharded folder's running numbers, or a file with blank lines, misled
+                    log.info(
+                        "dataset.sources.%s %s: %d rows dropped (%s): %s%s",
+                        name, split, count, reason, ", ".join(map(where, first)), more,
+                    )  # fmt: skip
+                else:
+                    log.info(
+                        "dataset.sources.%s %s: %d rows dropped (%s), rows %s%s (0-based, in the order its files read)",
+                        name, split, count, reason, ", ".join(map(str, first)), more,
+                    )  # fmt: skip
         for name in names:
             if n_sources > 1 and rows[name] and sum(drops[name][split].values()) == rows[name]:
                 said = (
