@@ -256,6 +256,14 @@ def test_a_prompt_met_twice_is_sampled_once_and_counted(tmp_path, monkeypatch):
     prompts, counts = train_prompts(DatasetConfig(name="test", sources={"local": source}))
     assert sorted(p["prompt"][-1]["content"] for p in prompts) == [f"q{i}" for i in range(5)]
     assert counts["duplicate prompt"] == 5 and counts["rows"] == 10
+    # a question asked under a system turn is another prompt, and an empty system turn (the alignment handbook
+    # writes one) leaves a prompt training keeps: neither merged nor dropped
+    system = lambda text, p, a: [{"role": "system", "content": text}, *turns(p, a)]  # noqa: E731
+    more = [{"chosen": system(t, "q0", "a"), "rejected": system(t, "q0", "b")} for t in ("Be brief.", "")]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + more))
+    prompts, counts = train_prompts(DatasetConfig(name="test", sources={"local": source}))
+    under = sorted(p["prompt"][0]["content"] for p in prompts if p["prompt"][0]["role"] == "system")
+    assert under == ["", "Be brief."] and counts["duplicate prompt"] == 5 and counts["no prompt"] == 0
 
 
 def test_a_prompt_goes_by_its_sources_id_or_the_hubs_rule_for_one(tmp_path, monkeypatch):

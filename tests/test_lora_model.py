@@ -180,6 +180,10 @@ def test_peft_target_names_are_taken_as_peft_takes_them(compose):
     }
     with pytest.raises(ConfigError, match=r"\['nothing_proj'\] are not modules of this model"):
         _trained_lora_model(compose, "hardware.lora_target_modules=[nothing_proj]")
+    # a list of names: each named module of every layer gets its adapters, and nothing else
+    two = _trained_lora_model(compose, "hardware.lora_target_modules=[q_proj,v_proj]")
+    adapted = {n.rsplit(".lora_A", 1)[0].rsplit(".", 1)[1] for n, _ in two.named_parameters() if ".lora_A" in n}
+    assert adapted == {"q_proj", "v_proj"}
     # a block of layers: PEFT's ValueError, with the block's repr, came out as a traceback naming no key
     block = r"'mlp' names LlamaMLP, a block of layers, .* \(down_proj, gate_proj, up_proj\) or use \[all-linear\]"
     with pytest.raises(ConfigError, match=r"hardware.lora_target_modules: " + block):

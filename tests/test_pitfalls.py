@@ -470,6 +470,12 @@ def test_a_resumed_runs_env_record_keeps_the_earlier_starts_and_names_what_chang
     assert drift == [] and [s["started_at_step"] for s in env3["earlier_starts"]] == [0, 40]
     assert "earlier_starts" not in env3["earlier_starts"][1]  # kept once, not nested
     assert with_earlier_starts(second, env2, 0)[0] == second | {"started_at_step": 0}  # no checkpoint: a fresh start
+    # an unpinned hub model that moved on main between starts, a new process count: named too
+    moved = {"model_commit": "bbb", "num_processes": 2}
+    assert sorted(with_earlier_starts(moved, {"model_commit": "aaa", "num_processes": 1}, 10)[1]) == [
+        "model_commit aaa -> bbb",
+        "num_processes 1 -> 2",
+    ]
 
 
 def test_the_code_version_names_the_checkouts_commit_and_its_changes(tmp_path, monkeypatch):

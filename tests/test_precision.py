@@ -183,6 +183,26 @@ def test_full_fine_tuning_upcasts_only_when_asked(compose):
     assert {p.dtype for p in load_model(cfg, tok, "sdpa").parameters()} == {torch.bfloat16}
 
 
+def test_a_model_read_from_disk_is_loaded_in_model_dtype_and_float32_weights_are_saved_as_float32(tmp_path, compose):
+    """transformers 5 loads a checkpoint in its saved dtype unless told: model.dtype=bfloat16 on a float32 model/
+    (a trained run's) under master_weights=model trained in float32, twice the memory asked for. And weights saved
+    float32 from a bf16 working copy (DeepSpeed's master copy) must say float32 in config.json, or a loader taking
+    "auto" rounds them back to bf16."""
+    import json
+
+    from simpo_exp.model import load_model, load_tokenizer, save_trained
+    from tests.tiny import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "start")
+    overrides = ("model=qwen2.5-0.5b-instruct", f"model.path={tmp_path / 'start'}", "model.chat_template=zephyr")
+    cfg = to_config(compose(*overrides, "model.dtype=bfloat16", "hardware.master_weights=model"))
+    model = load_model(cfg, load_tokenizer(cfg.model), "sdpa")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    master = {k: v.float() for k, v in model.state_dict().items()}
+    save_trained(model, tmp_path / "saved", state_dict=master)
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["dtype"] == "float32"
+
+
 def test_deepspeed_under_bf16_gets_the_weights_as_loaded(compose):
     """DeepSpeed keeps its own float32 master copy under bf16/fp16. Upcast before it, a model built partitioned
     (zero3_init_flag, the offload launcher) left ZeRO-3 computing and gathering in float32."""
