@@ -651,6 +651,11 @@ def test_normalise_row_rules():
         "rejected": "b",
         "drop_reason": "",
     }
+    # messages carrying other keys (a speaker's "name") keep their role and content alone: the normalised
+    # columns' schema has those two (others ended in an Arrow cast error)
+    named = lambda p, a: [{"role": "user", "content": p, "name": "u"}, {"role": "assistant", "content": a, "name": "x"}]  # noqa: E731
+    row = normalise_row({"chosen": named("q", "a"), "rejected": named("q", "b")}, auto)
+    assert row["prompt"] == [{"role": "user", "content": "q"}] and row["drop_reason"] == ""
     # A message list written as a JSON string was trained on as the JSON text; it is dropped and counted
     encoded = {"prompt": "p", "chosen": json.dumps(msgs("p", "a")), "rejected": json.dumps(msgs("p", "b"))}
     assert normalise_row(encoded, auto)["drop_reason"].startswith("message list encoded as a JSON string")
