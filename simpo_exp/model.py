@@ -406,11 +406,16 @@ def disable_dropout(model: torch.nn.Module) -> None:
     model._dropout_as_loaded = kept
 
 
+DROPOUT_WORDS = ("dropout", "pdrop", "layerdrop")  # in the names of dropping probabilities (GPT-2's resid_pdrop)
+
+
+def is_dropout_name(name: str) -> bool:
+    return any(word in name.lower() for word in DROPOUT_WORDS)
+
+
 def _is_dropout(name: str, value) -> bool:
     """A float attribute that is a probability of dropping (of an activation, an attention weight, a layer)."""
-    return (
-        type(value) is float and value > 0 and any(word in name.lower() for word in ("dropout", "pdrop", "layerdrop"))
-    )
+    return type(value) is float and value > 0 and is_dropout_name(name)
 
 
 @contextlib.contextmanager

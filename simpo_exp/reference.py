@@ -37,7 +37,7 @@ from simpo_exp.flops import full_numel
 from simpo_exp.inference.files import readable_as_umask, temporary_name
 from simpo_exp.layout import BatchLayout
 from simpo_exp.logps import ResponseLogps
-from simpo_exp.model import eval_mode
+from simpo_exp.model import eval_mode, is_dropout_name
 from simpo_exp.precision import AUTOCAST_DTYPES, engine_keeps_master_copy, precision_record
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,6 @@ NOT_ARCHITECTURE = {
     "_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "use_cache", "return_dict",
     "output_attentions", "output_hidden_states", "bos_token_id", "eos_token_id", "pad_token_id",
 }  # fmt: skip
-DROPOUT_WORDS = ("dropout", "pdrop", "layerdrop")  # as model.disable_dropout finds them (GPT-2's resid_pdrop)
 
 
 def architecture_fingerprint(model) -> str:
@@ -116,7 +115,7 @@ def architecture_fingerprint(model) -> str:
                 for k, v in d.items()
                 if k not in NOT_ARCHITECTURE
                 and not str(k).startswith("_attn_implementation")
-                and not any(word in str(k).lower() for word in DROPOUT_WORDS)
+                and not is_dropout_name(str(k))  # what model.disable_dropout zeroes
             }
         return d
 

@@ -820,9 +820,8 @@ def row_finder(src: SourceConfig, split: str):
 
     def where(place: int) -> str:
         for f, rows in spans:
-            if place < len(rows):
-                line = f.suffix.lower() == ".jsonl" or isinstance(rows, list)
-                return f"{f.relative_to(root)} {'line' if line else 'row'} {rows[place]}"
+            if place < len(rows):  # a list holds line numbers (JSON lines), a range row indices
+                return f"{f.relative_to(root)} {'line' if isinstance(rows, list) else 'row'} {rows[place]}"
             place -= len(rows)
         return f"row {place} past its files' rows"
 
@@ -857,6 +856,7 @@ def source_drops(
     and lines where ``sources`` (name -> SourceConfig) has them local (``row_finder``)."""
     names = list(dict.fromkeys(n for ds in splits.values() for n in ds[SOURCE_COLUMN]))
     drops = {name: {split: {} for split in splits} for name in names}
+    finders = {}  # (source, split) -> row_finder's function: each source's files read once, whatever its reasons
     for split, ds in splits.items():
         rows = Counter(ds[SOURCE_COLUMN])
         places = ds[ROW_COLUMN] if ROW_COLUMN in ds.column_names else [None] * len(ds)
@@ -870,17 +870,15 @@ def source_drops(
             first = sorted(x for x in shown[name, reason] if x is not None)[:SHOWN_ROWS]
             if first and name_rows:  # where to look: the rows' places in the split as read (a carved test: in train)
                 more = ", ..." if count > len(first) else ""
-                where = row_finder(sources[name], split) if sources and name in sources else None
-                if where is not None:  # a sharded folder's running numbers, or a file with blank lines, misled
-                    log.info(
-                        "dataset.sources.%s %s: %d rows dropped (%s): %s%s",
-                        name, split, count, reason, ", ".join(map(where, first)), more,
-                    )  # fmt: skip
-                else:
-                    log.info(
-                        "dataset.sources.%s %s: %d rows dropped (%s), rows %s%s (0-based, in the order its files read)",
-                        name, split, count, reason, ", ".join(map(str, first)), more,
-                    )  # fmt: skip
+                if (name, split) not in finders:
+                    finders[name, split] = row_finder(sources[name], split) if sources and name in sources else None
+                where = finders[name, split]  # a sharded folder's running numbers, or a file's blank lines, misled
+                places = (
+                    f": {', '.join(map(where, first))}{more}"
+                    if where is not None
+                    else f", rows {', '.join(map(str, first))}{more} (0-based, in the order its files read)"
+                )
+                log.info("dataset.sources.%s %s: %d rows dropped (%s)%s", name, split, count, reason, places)
         for name in names:
             if n_sources > 1 and rows[name] and sum(drops[name][split].values()) == rows[name]:
                 said = (
