@@ -68,13 +68,12 @@ def run_module(
     """``python -m module args`` in ``cwd`` under ``run_env(env)``, its output captured as text."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
     full = run_env(env)
-    if set(env or ()) - set(AT_RUN_TIME) or os.environ.get("SIMPO_TEST_FRESH") == "1" or cuda_visible():
+    if set(env or ()) - set(AT_RUN_TIME) or not forked_here():
         return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
     server = _server(run_env())
     with tempfile.TemporaryDirectory(prefix="forked-run-") as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-        request = {"module": module, "args": cmd[3:], "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-        pid = server.ask({**request, "env": {k: full.get(k) for k in (*PER_RUN, *(env or ()))}})
+        pid = _fork(server, cmd, cwd, tmp, {k: full.get(k) for k in (*PER_RUN, *(env or ()))})
         try:
             code = server.answer(timeout)["returncode"]
         except subprocess.TimeoutExpired:
@@ -132,19 +131,29 @@ def start_module(module: str, *args: str, cwd: Path, new_session: bool = False) 
     children alone). The server runs one at a time: wait for it before the next run."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
     full = run_env()
-    if os.environ.get("SIMPO_TEST_FRESH") == "1" or cuda_visible():
+    if not forked_here():
         return subprocess.Popen(
             cmd, cwd=cwd, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             start_new_session=new_session,
         )  # fmt: skip
     server = _server(full)
     tmp = tempfile.TemporaryDirectory(prefix="forked-run-")
-    out, err = Path(tmp.name, "stdout"), Path(tmp.name, "stderr")
-    request = {"module": module, "args": cmd[3:], "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
-    request["new_session"] = new_session
-    pid = server.ask({**request, "env": {k: full.get(k) for k in PER_RUN}})
+    pid = _fork(server, cmd, cwd, tmp.name, {k: full.get(k) for k in PER_RUN}, new_session=new_session)
     server.started = Started(server, pid, tmp, cmd)
     return server.started
+
+
+def forked_here() -> bool:
+    """Whether runs are forked from a server here: not under ``SIMPO_TEST_FRESH=1``, nor where CUDA is visible."""
+    return os.environ.get("SIMPO_TEST_FRESH") != "1" and not cuda_visible()
+
+
+def _fork(server: Server, cmd: list[str], cwd: Path, folder: str, env: dict, new_session: bool = False) -> int:
+    """Have ``server`` run ``cmd`` (``python -m module args``) in ``cwd``, its output to ``folder``'s ``stdout``
+    and ``stderr`` files, ``env``'s variables set (None: removed); the child's pid."""
+    out, err = Path(folder, "stdout"), Path(folder, "stderr")
+    request = {"module": cmd[2], "args": cmd[3:], "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "env": env}
+    return server.ask({**request, "new_session": True} if new_session else request)
 
 
 class Server:
