@@ -154,6 +154,35 @@ def test_a_task_lm_eval_does_not_know_is_refused_by_name_before_the_model_loads(
     assert not (run / "eval" / "rule").exists()
 
 
+def test_a_task_whose_data_set_is_not_cached_is_refused_before_any_run_is_evaluated(
+    lm_eval_calls, tmp_path, compose, monkeypatch
+):
+    """The missing data set was found at the lm-eval benchmark's turn: after every run had answered (and been judged)
+    for the benchmarks before it. lm-eval's tasks are now built once at the start, with the hub off."""
+    import huggingface_hub.constants
+
+    from simpo_exp.data.sources import DataSourceError
+
+    built = []
+
+    def get_task_dict(names, manager):
+        built.append((list(names), huggingface_hub.constants.HF_HUB_OFFLINE))
+        if "gsm8k" in names:  # what datasets says for a data set neither cached nor reachable
+            raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+        return {}
+
+    manager = types.SimpleNamespace(all_tasks=["gsm8k", "arc_easy"])
+    tasks = types.SimpleNamespace(TaskManager=lambda: manager, get_task_dict=get_task_dict)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", tasks)
+    run = fake_run(tmp_path / "run", [], compose)
+    with pytest.raises(DataSourceError, match=r"benchmarks.gsm8k.tasks=\['gsm8k'\]: a task's data set is not on th"):
+        evaluate_sweep(run, "benchmark=[rule,gsm8k]")
+    assert built == [(["gsm8k"], True)] and huggingface_hub.constants.HF_HUB_OFFLINE is False  # hub off for it alone
+    assert not (run / "eval" / "rule").exists() and lm_eval_calls == []
+    (record,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.tasks=[arc_easy]", "benchmarks.gsm8k.limit=2")
+    assert built[-1] == (["arc_easy"], True) and len(lm_eval_calls) == 1  # a cached task's data: evaluated
+
+
 def test_a_finished_lm_eval_is_not_run_again_for_the_same_weights_and_settings(lm_eval_calls, tmp_path, compose):
     """lm-eval has no resume: the same command scored every task of every run again."""
     run = fake_run(tmp_path / "run", [], compose)

@@ -1,10 +1,10 @@
 """Capability retention through lm-evaluation-harness (``pip install lm-eval``), offline only.
 
 The run's model is evaluated with lm-eval's ``hf`` model on the configured tasks (GSM8K etc.) with
-the hub switched off: a task whose data set is not already in the local Hugging Face cache fails with
-a message naming that data set, and nothing downloads. huggingface_hub and datasets read
-HF_HUB_OFFLINE only when they are imported (long before this stage runs), so their offline flags are
-set directly for the call, beside the environment variables, and put back after it.
+the hub switched off: a task whose data set is not already in the local Hugging Face cache is refused
+before any run is evaluated (lm-eval builds the tasks once at the start), and nothing downloads.
+huggingface_hub and datasets read HF_HUB_OFFLINE only when they are imported (long before this stage runs), so
+their offline flags are set directly for the call, beside the environment variables, and put back after it.
 
 The model goes to lm-eval as ``model_args={"pretrained": path, "dtype": ...}``, a dict (lm-eval 0.4 takes one):
 its string form ``"pretrained=<path>"`` is split at commas, and sweep job directories hold commas
@@ -57,6 +57,36 @@ def check_tasks(b) -> None:
             f"invalid config value benchmarks.{b.name}.tasks={list(b.tasks)}: lm-eval has no task {unknown}; "
             "`lm_eval --tasks list` lists them"
         )
+
+
+def check_task_data(b) -> None:
+    """Refuse, before any run is evaluated, a task whose data set is not in the local Hugging Face cache: lm-eval
+    builds its tasks (each one loads its data set) with the hub off, as the evaluation itself will. It was found at
+    the lm-eval benchmark's turn, after every run had generated and been judged for the benchmarks before it."""
+    try:
+        from lm_eval.tasks import TaskManager, get_task_dict
+    except ImportError:  # an lm-eval without these: its own evaluation says so later
+        return
+    try:
+        with offline():
+            get_task_dict(list(b.tasks), TaskManager())
+    except Exception as e:
+        raise_if_not_cached(b, e)
+        raise
+
+
+def raise_if_not_cached(b, e: Exception) -> None:
+    """A :class:`DataSourceError` naming the benchmark's tasks when ``e`` is the hub's or datasets' way of saying a
+    data set is not on this machine; nothing otherwise."""
+    text = f"{type(e).__name__}: {e}"
+    if any(
+        w in text for w in ("offline", "Offline", "ConnectionError", "not found", "Couldn't find", "LocalEntryNotFound")
+    ):
+        raise DataSourceError(
+            f"benchmarks.{b.name}.tasks={list(b.tasks)}: a task's data set is not on this machine "
+            f"({text[:300]}); download it once where there is a network (it lands in the "
+            "Hugging Face cache) and copy the cache here"
+        ) from e
 
 
 def settings(b, policy_cfg) -> dict:
@@ -145,16 +175,7 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
                 **extra,
             )
     except Exception as e:  # lm-eval raises from datasets/hub code when a data set is not cached
-        text = f"{type(e).__name__}: {e}"
-        if any(
-            w in text
-            for w in ("offline", "Offline", "ConnectionError", "not found", "Couldn't find", "LocalEntryNotFound")
-        ):
-            raise DataSourceError(
-                f"benchmarks.{b.name}.tasks={list(b.tasks)}: a task's data set is not on this machine "
-                f"({text[:300]}); download it once where there is a network (it lands in the "
-                "Hugging Face cache) and copy the cache here"
-            ) from e
+        raise_if_not_cached(b, e)
         raise
     from simpo_exp.inference.files import write_json
 

@@ -638,7 +638,7 @@ def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
     A ``by_model`` entry naming neither a shipped model preset nor an evaluated run's model (``model_names``) is
     said: a misspelt name was never applied, without a word."""
     from simpo_exp.evaluate.judge import import_alpaca_eval
-    from simpo_exp.evaluate.lmeval import check_installed, check_tasks
+    from simpo_exp.evaluate.lmeval import check_installed, check_task_data, check_tasks
     from simpo_exp.rundir import CONF_DIR
 
     known = {p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml")} | set(model_names)
@@ -658,6 +658,7 @@ def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
         elif b.kind == "lm_eval":
             check_installed(b)
             check_tasks(b)  # a misspelt task, before any run generates for the benchmarks before it
+            check_task_data(b)  # and a task whose data set is not cached
 
 
 def _model_name(folder: Path) -> str | None:
