@@ -7,10 +7,12 @@ sequence-classification model saved to a temporary directory for the reward-mode
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -1053,6 +1055,86 @@ def test_new_weights_at_the_scorer_path_score_the_responses_again(tiny_reward_mo
     assert read_jsonl(old)[0]["scores"] != read_jsonl(new)[0]["scores"]  # the new model's rewards
     second = json.loads((out / "data" / "provenance.json").read_text())["scorer"]["fingerprint"]
     assert second["sha256"] != first["sha256"]
+
+
+def test_a_hub_reward_model_moved_between_kill_and_resume_scores_every_shard_with_one_commit(
+    tiny_reward_model, tmp_path
+):
+    """Scored shards are named by a hub reward model's id and revision, not its commit: an unpinned one (scorer=armorm)
+    whose main moved between a kill and the resume kept the old commit's scores for the shards scored before the kill
+    and scored the rest with the new one; provenance.json named the new commit alone."""
+    from transformers import LlamaForSequenceClassification
+
+    from tests.tiny import save_tiny_llama
+
+    old, new = "a" * 40, "b" * 40
+    repo = tmp_path / "hub" / "models--org--tiny-rm"
+    shutil.copytree(tiny_reward_model, repo / "snapshots" / old)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_labels=1)
+    save_tiny_llama(repo / "snapshots" / new, LlamaForSequenceClassification, seed=1, **shape)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "gen"
+    args = (*RM_RUN, "scorer.path=org/tiny-rm", f"hydra.run.dir={out}")
+    assert (res := generate(*args, cwd=tmp_path, env=env)).returncode == 0, res.stderr[-3000:]
+    scored = lambda i: next((out / "shards").glob(f"scored-0000{i}-*.jsonl"))  # noqa: E731 (scorer's hash)
+    before = read_jsonl(scored(0))
+    assert json.loads(scored(0).with_suffix(".json").read_text())["commit"] == old
+    for i in (1, 2):  # killed while scoring shard 1
+        scored(i).with_suffix(".json").unlink()
+        scored(i).unlink()
+    (repo / "refs" / "main").write_text(new)  # main moved, as the load of a resumed run online would find it
+    assert (res := generate(*args, cwd=tmp_path, env=env)).returncode == 0, res.stderr[-3000:]
+    log = (out / "__main__.log").read_text()
+    assert "3 shards, 0 to sample, 2 to score" in log and "shards [0] were scored by another commit" in log
+    assert {json.loads(scored(i).with_suffix(".json").read_text())["commit"] for i in range(3)} == {new}
+    assert read_jsonl(scored(0))[0]["scores"] != before[0]["scores"]  # the new commit's rewards for shard 0 too
+    assert json.loads((out / "data" / "provenance.json").read_text())["scorer"]["fingerprint"]["commit"] == new
+
+    # another process that scored its shards with the old commit: two models' rewards are refused, not written
+    record = json.loads(scored(1).with_suffix(".json").read_text())
+    scored(1).with_suffix(".json").write_text(json.dumps({**record, "commit": old}))
+    res = generate(*args, cwd=tmp_path, env=env)
+    assert (
+        res.returncode == 2
+        and "different commits of it (bbbbbbbbbbbb: shards 0, 2; aaaaaaaaaaaa: shards 1)" in res.stderr
+    )
+    assert "set scorer.revision=<one commit>" in res.stderr
+
+
+def test_processes_given_different_scorers_are_refused_not_left_waiting_for_each_other(tiny_reward_model, tmp_path):
+    """Each process of a split generation scored its own shards under its own scorer and waited for the others'
+    under its own: every one exited 0 saying another process would write the data set, and none ever did."""
+    from transformers import LlamaForSequenceClassification
+
+    from tests.tiny import save_tiny_llama
+
+    other = tmp_path / "other-rm"
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_labels=1)
+    save_tiny_llama(other, LlamaForSequenceClassification, seed=1, **shape)
+    out = tmp_path / "gen"
+    args = (*RM_RUN, "dataset.max_train_samples=6", f"hydra.run.dir={out}")
+    first = generate(*args, f"scorer.path={other}", cwd=tmp_path, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert first.returncode == 0, first.stderr[-3000:]  # shard 1 under the other scorer: waits for shard 0
+    (theirs,) = (out / "shards").glob("scored-00001-*.jsonl")
+    # started before the other process scored: it scored meanwhile, with another scorer
+    os.utime(theirs, (time.time() + 600, time.time() + 600))
+    res = generate(*args, f"scorer.path={tiny_reward_model}", cwd=tmp_path, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert res.returncode == 2, res.stderr[-3000:]
+    said = f"scorer.path: there {str(other)!r}, here {str(tiny_reward_model)!r}"
+    assert (
+        f"shard 1 was scored meanwhile by another process of this generation with another scorer ({said}" in res.stderr
+    )
+    assert len(list((out / "shards").glob("scored-00000-*.jsonl"))) == 1  # this process's scores are kept
+    # from an earlier command (before this one started): said, and the way on named
+    os.utime(theirs, (time.time() - 600, time.time() - 600))
+    res = generate(*args, f"scorer.path={tiny_reward_model}", cwd=tmp_path, env={"RANK": "0", "WORLD_SIZE": "2"})
+    said_by = res.stdout + res.stderr
+    assert res.returncode == 0 and "shard 1 is scored by another scorer than this process's (" + said in said_by
+    assert "run the command once more with WORLD_SIZE=1" in said_by and not (out / "data").exists()
+    res = generate(*args, f"scorer.path={tiny_reward_model}", cwd=tmp_path)  # one process: scores shard 1, writes
+    assert res.returncode == 0 and (out / "data" / "train.jsonl").exists(), res.stderr[-3000:]
 
 
 def test_a_reward_model_with_its_own_code_needs_trust_remote_code_and_its_label_must_exist(tiny_reward_model, tmp_path):

@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import shlex
+import time
 from pathlib import Path
 
 from simpo_exp.config import ConfigError
@@ -42,6 +43,7 @@ from simpo_exp.inference.files import (
     read_jsonl,
     weights_sha256,
     write_atomic,
+    write_json,
     write_jsonl,
 )
 from simpo_exp.inference.sampling import (
@@ -52,7 +54,7 @@ from simpo_exp.inference.sampling import (
     sampling_dtype,
     text_token_ids,
 )
-from simpo_exp.rundir import rerun_command, shell_override
+from simpo_exp.rundir import read_json, rerun_command, shell_override
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +365,24 @@ def scored_path(shard_dir: Path, index: int, tag: str) -> Path:
     return shard_dir / f"scored-{index:05d}-{tag}.jsonl"
 
 
+def scored_record_path(shard_dir: Path, index: int, tag: str) -> Path:
+    """What scored a scored shard: its scorer's settings and weights (``scorer_identity``) and, for a hub reward
+    model, the commit it was loaded from; written before the shard itself."""
+    return shard_dir / f"scored-{index:05d}-{tag}.json"
+
+
+def scorer_commit(cfg) -> str | None:
+    """The commit of a hub reward model the local cache holds for ``scorer.revision`` (None for a local folder, a
+    rule, or a model not yet downloaded)."""
+    weights = scorer_fingerprint(cfg)
+    return weights.get("commit") if weights else None
+
+
+def scored_commit(shard_dir: Path, index: int, tag: str) -> str | None:
+    """The hub commit a scored shard was scored by, where its record names one."""
+    return read_json(scored_record_path(shard_dir, index, tag)).get("commit")
+
+
 def _unscored(shard_dir: Path, indices: range, tag: str) -> list[int]:
     return [i for i in indices if not scored_path(shard_dir, i, tag).exists()]
 
@@ -416,12 +436,79 @@ def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: i
             sampler.close()
     if any(to_score for *_, to_score in work):
         scorer = make_scorer(cfg)
+        # read after the load, which moves the cache to the commit main (or the revision) names now
+        record = {"scorer": scorer_identity(cfg), "commit": scorer_commit(cfg)}
         for shard_dir, shards, _, to_score in work:
-            for i in to_score:
+            moved = [
+                i
+                for i in range(rank, len(shards), world)
+                if i not in to_score
+                and record["commit"]
+                and scored_commit(shard_dir, i, tag) not in (None, record["commit"])
+            ]
+            if moved:  # one data set of one model's rewards, not of two commits of it
+                log.warning(
+                    "shards %s%s were scored by another commit of %s than the one loaded now (%s: scorer.revision=%s "
+                    "has moved since): they are scored again; scorer.revision=<a commit> keeps one",
+                    moved, _of(shard_dir), cfg.scorer.path, record["commit"], cfg.scorer.revision,
+                )  # fmt: skip
+            for i in sorted([*to_score, *moved]):
                 records = read_shard(shard_dir / f"responses-{i:05d}.jsonl", shards[i], cfg)
-                write_jsonl(scored_path(shard_dir, i, tag), _score_shard(scorer, records))
+                scored = _score_shard(scorer, records)
+                write_json(scored_record_path(shard_dir, i, tag), record)
+                write_jsonl(scored_path(shard_dir, i, tag), scored)
                 log.info("scored shard %d%s", i, _of(shard_dir))
         scorer.close()
+
+
+def scored_apart(cfg, out: Path, missing: dict, tag: str, started: float) -> None:
+    """Where the shards this process waits for are scored by another scorer: refuse when another process scored one
+    while this one ran (processes of one generation given different scorers each scored their own shards and
+    waited for the others' under their own scorer: every one ended saying another would write the data set, and
+    none did); say so otherwise (an earlier command's scores: a process given this scorer scores them again)."""
+    identity = scorer_identity(cfg)
+    for split, indices in missing.items():
+        folder = shard_dir_of(out, split)
+        for i in indices:
+            others = [p for p in folder.glob(f"scored-{i:05d}-*.jsonl") if p != scored_path(folder, i, tag)]
+            if not others:
+                continue
+            newest = max(others, key=lambda p: p.stat().st_mtime)
+            other = read_json(newest.with_suffix(".json")).get("scorer")
+            differ = manifest_changes(other, identity, prefix="scorer.") if isinstance(other, dict) else []
+            differ = [d for d in differ if not d.startswith("scorer.weights.path:")]  # scorer.path says it
+            said = "; ".join(differ).replace("stored ", "there ").replace(", now ", ", here ") or "another scorer"
+            if newest.stat().st_mtime >= started:
+                raise ConfigError(
+                    f"output_dir={str(out)!r}: shard {i}{_of(folder)} was scored meanwhile by another process of this "
+                    f"generation with another scorer ({said}; {newest.name}): every process of one generation must "
+                    "be given the same command, or none of them writes the data set; this process's scored shards "
+                    "are kept"
+                )
+            log.warning(
+                "shard %d%s is scored by another scorer than this process's (%s; %s, from an earlier command): the "
+                "process given this command's scorer for it scores it again and writes the data set; where every "
+                "process has finished, run the command once more with WORLD_SIZE=1 to score what is missing",
+                i, _of(folder), said, newest.name,
+            )  # fmt: skip
+
+
+def one_commit(cfg, folders: dict[Path, int], tag: str) -> str | None:
+    """The one hub commit every scored shard was scored by (None where no record names one); refused where they name
+    several (processes that loaded the reward model across a move of its revision: two models' rewards)."""
+    by_commit: dict[str, list[str]] = {}
+    for folder, count in folders.items():
+        for i in range(count):
+            if commit := scored_commit(folder, i, tag):
+                by_commit.setdefault(commit, []).append(f"{i}{_of(folder)}")
+    if len(by_commit) > 1:
+        listed = "; ".join(f"{c[:12]}: shards {', '.join(v)}" for c, v in by_commit.items())
+        raise ConfigError(
+            f"scorer.path={cfg.scorer.path!r}, scorer.revision={cfg.scorer.revision!r}: the shards were scored by "
+            f"different commits of it ({listed}); it moved while the processes ran: set scorer.revision=<one "
+            "commit> and run the command again (the shards are scored again under it)"
+        )
+    return next(iter(by_commit), None)
 
 
 def process_place() -> tuple[int, int]:
@@ -450,6 +537,7 @@ def generate_data(cfg) -> dict:
     )
     from simpo_exp.model import load_tokenizer
 
+    started = time.time()
     out = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)
     prompts, source_counts = {}, {}
@@ -494,6 +582,7 @@ def generate_data(cfg) -> dict:
         split: m for split, sh in shards.items() if (m := _unscored(shard_dir_of(out, split), range(len(sh)), tag))
     }
     if missing:
+        scored_apart(cfg, out, missing, tag, started)
         log.info("shards %s are another process's; the last process to finish writes the data set", missing)
         return {
             "waiting_for": missing.get("train", []),
@@ -501,6 +590,9 @@ def generate_data(cfg) -> dict:
         }
     for folder in manifests:  # the data set is written by the settings its shards were made with, or not at all
         bound(folder)
+    scorer_weights = scorer_fingerprint(cfg)  # named by the commit its shards were scored by, not the cache's now
+    if commit := one_commit(cfg, {shard_dir_of(out, split): len(sh) for split, sh in shards.items()}, tag):
+        scorer_weights["commit"] = commit
     split_records = {
         split: [
             rec
@@ -612,7 +704,7 @@ def generate_data(cfg) -> dict:
         "generate": dataclasses.asdict(cfg.generate),
         "synthetic_task": dataclasses.asdict(task) if (task := synthetic_task(cfg.dataset)) else None,
         "scorer": scorer_record(cfg.scorer)
-        | ({"fingerprint": fp, "scored_in": scorer_dtype(cfg)} if (fp := scorer_fingerprint(cfg)) else {}),
+        | ({"fingerprint": scorer_weights, "scored_in": scorer_dtype(cfg)} if scorer_weights else {}),
         "binarise": dataclasses.asdict(cfg.binarise),
         "pairs": len(rows),
         "prompts": report["prompts"],
