@@ -477,7 +477,8 @@ def make_accelerator(cfg: Config):
     warn_if_the_launchers_precision_is_not_used(h, precision)
     if use_cpu:
         check_cpu_settings(cfg)
-    accum = accumulation_steps(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's count of all processes (every node's)
+    accum = accumulation_steps(cfg, world)
     launcher_ds_config_beside_the_project()
     deepspeed_plugin = None
     if h.deepspeed_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true":
@@ -507,6 +508,13 @@ def make_accelerator(cfg: Config):
         kwargs_handlers=[process_group_kwargs(h.collective_timeout)],
     )
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if h.effective_batch_size and accelerator.num_processes != world:
+        raise ConfigError(
+            f"hardware.effective_batch_size={h.effective_batch_size}: the accumulation was set for WORLD_SIZE={world} "
+            f"processes, but accelerate runs {accelerator.num_processes}: each step would train on "
+            f"{cfg.per_device_train_batch_size * accum * accelerator.num_processes} pairs; launch with torchrun or "
+            "accelerate launch, which set WORLD_SIZE"
+        )
     check_engine(h, accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
     check_fsdp_reduction(accelerator)
     keep_fsdp_outputs(accelerator)

@@ -509,6 +509,11 @@ def test_an_accelerate_configs_deepspeed_json_is_found_from_any_directory(tmp_pa
     launcher_ds_config_beside_the_project()
     found = Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
     assert found.is_absolute() and found.is_file() and found.parts[-2:] == ("launchers", "ds_zero3.json")
+    (tmp_path / "launchers").mkdir()  # the user's own edited copy where the run is launched: theirs, not replaced
+    (tmp_path / "launchers" / "ds_zero3.json").write_text("{}")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "launchers/ds_zero3.json")
+    launcher_ds_config_beside_the_project()
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == "launchers/ds_zero3.json"
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "elsewhere/mine.json")  # not the project's: left to say
     launcher_ds_config_beside_the_project()
     assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == "elsewhere/mine.json"

@@ -1191,6 +1191,7 @@ def test_a_number_a_re_evaluation_no_longer_has_is_cleared_on_wandb(tmp_path, mo
     earlier = {"bench/alpacaeval2/lc_win_rate": 35.2, "bench/alpacaeval2/win_rate": 30.0}
     earlier |= {"bench/alpacaeval2/lc_standard_error": 1.1, "bench/arena-hard/win_rate": 20.0}
     earlier["bench/alpacaeval2/samples"] = {"_type": "table-file", "nrows": 3}  # the sample table logged before
+    earlier["bench/gsm8k/acc"] = 0.4  # a benchmark evaluated where this copy of the run has no results.json of it
     summary = dict(earlier)
     run = types.SimpleNamespace(summary=summary, log=lambda *a, **k: None, finish=lambda: None)
     monkeypatch.setattr(wandb_log, "open_wandb", lambda *args, **kwargs: run)
@@ -1201,7 +1202,7 @@ def test_a_number_a_re_evaluation_no_longer_has_is_cleared_on_wandb(tmp_path, mo
     assert wandb_log.log_results(tmp_path, ["alpacaeval2"]) is True
     assert summary["bench/alpacaeval2/win_rate"] == 12.0 and summary["bench/alpacaeval2/n"] == 805
     assert summary["bench/alpacaeval2/lc_win_rate"] is None and summary["bench/alpacaeval2/lc_standard_error"] is None
-    assert summary["bench/arena-hard/win_rate"] == 20.0  # not evaluated now: as it was
+    assert summary["bench/arena-hard/win_rate"] == 20.0 and summary["bench/gsm8k/acc"] == 0.4  # not evaluated now
     assert summary["bench/alpacaeval2/samples"] == earlier["bench/alpacaeval2/samples"]  # a table, not a number: kept
     # a key the run's summary holds and no results file names any more (a metric an older version wrote, which
     # recorded nothing of what it sent): cleared

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,12 @@ def test_a_run_is_named_by_what_it_trains_in_training_and_in_evaluation(tmp_path
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(given))
     assert evaluated_name(load_run_config(run), run) == "beta=5,sft=0.5"
+    named = tmp_path / "named"  # logger.run_name given on the command line: the name training used, kept
+    shutil.copytree(run, named)
+    (named / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({**saved, "logger": {"name": "none", "run_name": "A"}})
+    )
+    assert evaluated_name(load_run_config(named), named) == "A"
     # a sweep over an operational key (eval_steps=10,50) named every job "default": the key the sweep varies stays
     assert run_name(["eval_steps=10", "beta=5"], 0.0, frozenset({"eval_steps"})) == "eval_steps=10,beta=5"
     sweep = tmp_path / "sweep"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simpo_exp.config import to_config
+from simpo_exp.config import ConfigError, to_config
 from tests.conftest import fsdp_on_cpu
 from tests.test_run import simpo
 
@@ -524,6 +524,47 @@ def test_each_job_of_a_sweep_in_one_process_gets_its_own_precision(compose):
         AcceleratorState._reset_state(reset_partial_state=True)  # the next test's accelerator as a fresh process's
 
 
+def test_make_accelerator_refuses_what_a_cpu_would_not_honour_and_a_batch_set_for_another_process_count(
+    compose, monkeypatch
+):
+    """check_cpu_settings was tested alone: without its call, fp16 on the CPU trained in float32 while env.json
+    recorded float16 (accelerate takes the request and applies no autocast). And the accumulation comes from
+    WORLD_SIZE, which a launcher that does not set it left at 1: every step trained on N times the global batch."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    from simpo_exp.engine import make_accelerator
+
+    try:
+        with pytest.raises(ConfigError, match="hardware.mixed_precision=fp16 on the CPU"):
+            make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=fp16")))
+        cfg = to_config(compose("hardware=cpu", "hardware.effective_batch_size=8", "per_device_train_batch_size=2"))
+        assert make_accelerator(cfg)[1] == 4
+        monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 4))
+        with pytest.raises(ConfigError, match="set for WORLD_SIZE=1 processes, but accelerate runs 4: each step would"):
+            make_accelerator(cfg)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_auto_precision_is_bf16_only_on_a_gpu_that_has_it(monkeypatch):
+    """``hardware.mixed_precision=auto`` had no test: on a V100 or T4 (no bf16) it must not pick bf16."""
+    import types
+
+    import torch
+
+    from simpo_exp import engine
+
+    h = lambda device="auto", precision="auto": types.SimpleNamespace(device=device, mixed_precision=precision)  # noqa: E731
+    monkeypatch.setattr(
+        "simpo_exp.inference.sampling.pick_device", lambda device: torch.device("cuda" if device != "cpu" else "cpu")
+    )
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert engine.resolved_precision(h()) == "no" and engine.resolved_precision(h(precision="fp16")) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert engine.resolved_precision(h()) == "bf16" and engine.resolved_precision(h("cpu")) == "no"
+
+
 def test_a_launchers_precision_that_the_run_does_not_use_is_said(compose, monkeypatch, caplog):
     """``accelerate launch --mixed_precision fp16`` reaches the script as ACCELERATE_MIXED_PRECISION, which
     accelerate ignores where the script passes its own: the run went on in hardware.mixed_precision with no word."""
@@ -535,6 +576,8 @@ def test_a_launchers_precision_that_the_run_does_not_use_is_said(compose, monkey
         with caplog.at_level(logging.WARNING, logger="simpo_exp.engine"):
             monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: nothing asked
             make_accelerator(to_config(compose("hardware=cpu")))
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # the launcher's and the run's alike
+            make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=bf16")))
             assert "is not used" not in caplog.text
             monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
             accelerator, _ = make_accelerator(to_config(compose("hardware=cpu")))

@@ -763,3 +763,52 @@ def test_a_sweep_whose_jobs_write_to_an_output_dir_of_their_own_finds_their_reco
     assert compare.main([str(sweep), "--no-plots"]) == 0
     table = capsys.readouterr().out
     assert "(2 done, 0 running, 0 failed)" in table and "no metrics" not in table, table
+
+
+def _identity(tmp_path, monkeypatch, *overrides: str, swept: tuple = ()) -> tuple:
+    """(logger.run_name, logger.group) as ``fill_run_identity`` sets them for a job given ``overrides`` (a --multirun
+    job of a sweep over ``swept`` where that is given), in process: Hydra's state as a run would have it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from simpo_exp.runinfo import SWEEP_DIR_ENV, SWEPT_ENV, fill_run_identity
+    from tests.conftest import CONF
+
+    sweep = tmp_path / "sweep"
+    overrides = [f"output_dir={tmp_path / 'run'}", f"hydra.sweep.dir={sweep}", *overrides]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd, cfg.hydra.runtime.output_dir = str(tmp_path), str(tmp_path / "run")
+        if swept:
+            cfg.hydra.mode = "MULTIRUN"
+            monkeypatch.setenv(SWEPT_ENV, json.dumps(list(swept)))  # as the sweeping command records them
+            monkeypatch.setenv(SWEEP_DIR_ENV, str(sweep))
+    before = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with open_dict(cfg):
+            del cfg["hydra"]
+        cfg = fill_run_identity(cfg)
+    finally:
+        HydraConfig.instance().cfg = before
+    return cfg.logger.run_name, cfg.logger.group
+
+
+def test_a_jobs_name_and_group_come_from_its_sweep_unless_the_command_names_them(tmp_path, monkeypatch):
+    """What fill_run_identity passes on was untested: without the sweep's keys, two jobs of a sweep over an
+    operational key (logging_steps=1,2) got one W&B name and model card name; a logger.run_name or logger.group given
+    was replaced; a single run got a sweep's group; a moved sweep's jobs left the group the finished ones recorded."""
+    from simpo_exp.runinfo import sweep_group
+
+    names = [_identity(tmp_path, monkeypatch, f"logging_steps={n}", "beta=3", swept=("logging_steps",)) for n in (1, 2)]
+    assert names[0][0] != names[1][0] and "logging_steps=1" in names[0][0]
+    assert names[0][1] == names[1][1] == sweep_group(str(tmp_path / "sweep"))  # one group: the sweep's
+    assert _identity(tmp_path, monkeypatch, "logging_steps=1", "beta=3") == ("beta=3", None)  # not swept: no group
+    mine = _identity(tmp_path, monkeypatch, "beta=3", "logger.run_name=ablation-A", "logger.group=g", swept=("beta",))
+    assert mine == ("ablation-A", "g")
+    old = sweep_group(str(tmp_path / "first" / "sweep"))  # the sweep's finished jobs recorded it before the move
+    (tmp_path / "sweep" / "0_beta=2").mkdir(parents=True)
+    (tmp_path / "sweep" / "0_beta=2" / "wandb_run.json").write_text(json.dumps({"id": "x", "group": old}))
+    assert _identity(tmp_path, monkeypatch, "beta=3", swept=("beta",))[1] == old
