@@ -161,8 +161,13 @@ def manifest_changes(stored: dict, now: dict, keys=None, prefix: str = "", store
 
 
 def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters in its middle: two paths differ at their ends (``.../other-rm``),
+    which a cut at the end left out of the message that names their difference."""
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    head = (limit - 3) // 2
+    return text[:head] + "..." + text[len(text) - (limit - 3 - head) :]
 
 
 class DamagedFile(UserError, ValueError):
