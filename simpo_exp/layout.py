@@ -211,9 +211,8 @@ def distance_biased(model_config) -> str | None:
     the prompt; such a bias reads the columns between them, the chosen response's, instead."""
     config = text_config(model_config)
     family = getattr(config, "model_type", None)
-    attn = getattr(config, "attn_config", None)
-    mpt_alibi = attn.get("alibi", True) if isinstance(attn, dict) else getattr(attn, "alibi", True)
-    if family == "bloom" or getattr(config, "alibi", False) is True or (family == "mpt" and mpt_alibi):
+    # transformers' MPT adds its ALiBi bias whatever attn_config.alibi says (an alibi=False config was prefix shared)
+    if family in ("bloom", "mpt") or getattr(config, "alibi", False) is True:
         return f"ALiBi ({family})"
     if getattr(config, "position_embedding_type", None) == "alibi":
         return f"ALiBi ({family})"

@@ -154,9 +154,14 @@ def test_every_candidate_timed_with_the_same_loss():
     layouts = layout_auto.candidates("cpu", model.config)
     rows = layout_auto.measure(model, layouts, random_pairs(4, seed=1), PAD, CPU, contextlib.nullcontext)
     assert [(r["packing"], r["attention"]) for r in rows] == [(x.packing, x.attention) for x in layouts]
+    pairs = random_pairs(4, seed=1)
+    with torch.no_grad():  # the mean response-token NLL env.json documents, not a mean over sequences
+        out = ResponseLogps(model)(**PairCollator(PAD)(pairs))
+    nll = float(-out.logp_sums.sum() / out.num_tokens.sum())
     for r in rows:
         assert len(r["seconds"]) == layout_auto.TIMED_PASSES and r["mean_seconds"] > 0
-        assert r["loss"] == pytest.approx(rows[0]["loss"], abs=1e-5)
+        assert r["mean_seconds"] == pytest.approx(sum(r["seconds"]) / len(r["seconds"]))  # the warm-up pass left out
+        assert r["loss"] == pytest.approx(rows[0]["loss"], abs=1e-5) and r["loss"] == pytest.approx(nll, abs=1e-5)
     assert layout_auto.fastest(rows) in rows
     # the least mean time wins; a candidate that failed is never picked, however short its record
     timed = [{"packing": p, "mean_seconds": t} for p, t in (("none", 0.3), ("packed", 0.1), ("prefix_shared", 0.2))]
@@ -164,6 +169,15 @@ def test_every_candidate_timed_with_the_same_loss():
     assert layout_auto.fastest([*timed, {"packing": "x", "mean_seconds": 0.0, "error": "oom"}])["packing"] == "packed"
     assert layout_auto.fastest([{"packing": "x", "error": "oom"}]) is None
     assert all(p.grad is None for p in model.parameters())  # gradients dropped, nothing to step
+
+
+def test_a_resume_keeps_the_recorded_layout_only_where_it_runs_and_with_this_runs_chunk_size():
+    """A run measured on a GPU (packed with flex or flash) and resumed on a CPU kept a layout whose first backward
+    fails there; a resume that set logps_chunk_size to fit in memory kept the recorded one."""
+    packed = {"packing": "packed", "attention": "segments", "chunk_size": 0}
+    assert layout_auto.keep_recorded(packed, 256, "cpu") == BatchLayout("packed", "segments", 256)
+    for attention in ("flex", "flash"):
+        assert layout_auto.keep_recorded({**packed, "attention": attention}, 0, "cpu") is None  # chosen again
 
 
 def test_a_candidate_out_of_memory_is_skipped(monkeypatch):

@@ -447,7 +447,7 @@ def test_flex_attention_applies_gemma_softcapping(compiled, monkeypatch):
         attn_logit_softcapping=5.0,
         final_logit_softcapping=10.0,
         sliding_window=512,
-        query_pre_attn_scalar=8,
+        query_pre_attn_scalar=144,  # Gemma-2-27B's scale (144**-0.5), not the head width's: the scale must be passed
         attn_implementation="eager",
     )
     model = Gemma2ForCausalLM(cfg).eval()
@@ -553,6 +553,62 @@ def test_an_nll_term_accumulated_over_micro_batches_is_the_big_batchs(compose, p
     assert (per_micro_batch - whole).norm() > 1e-3 * whole.norm()
 
 
+def test_segment_attention_keeps_a_models_own_attention_scale_and_dropout():
+    """Every equivalence test used a model whose attention scale is the head width's default: Gemma 2/3 scale by
+    query_pre_attn_scalar, and segment attention that dropped the model's scale gave log-probs 0.28 off the padded
+    path's. Nor did any test see attention dropout reach the packed layouts (disable_dropout=false trains with it)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    gemma = Gemma3TextConfig(**shape, num_key_value_heads=2, head_dim=16, pad_token_id=PAD, query_pre_attn_scalar=256)
+    model = Gemma3ForCausalLM(gemma).eval()
+    model.config._attn_implementation = "sdpa"
+    pairs = random_pairs(3, seed=1)
+    with torch.no_grad():
+        plain = ResponseLogps(model)(**PairCollator(PAD)(pairs)).mean_logps
+        for packing in ("packed", "prefix_shared"):
+            fast = ResponseLogps(model, packing=packing)(**PairCollator(PAD, packing=packing)(pairs)).mean_logps
+            assert torch.allclose(plain, fast, atol=ATOL, rtol=0), (packing, (plain - fast).abs().max())
+
+    llama = LlamaConfig(**shape, num_key_value_heads=2, pad_token_id=PAD, attention_dropout=0.5)
+    model = AutoModelForCausalLM.from_config(llama, attn_implementation="sdpa").train()
+    for packing in ("none", "packed", "prefix_shared"):
+        passes = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                passes.append(ResponseLogps(model, packing=packing)(**PairCollator(PAD, packing=packing)(pairs)))
+        assert (passes[0].mean_logps - passes[1].mean_logps).abs().max() > 1e-4, packing  # dropout drew
+
+
+def test_a_layer_that_drops_the_segment_plan_or_a_softcap_segment_attention_cannot_apply_is_refused():
+    """The guard that every attention layer used the segment plan was tested only where none did (StableLM): one
+    layer that drops it attends across the whole packed row, other sequences and later tokens included (0.012 off
+    the padded log-probs). And segment attention's softcap refusal had no test through the library's own API."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from simpo_exp.logps import SegmentPlanUnused
+
+    model = make_model().eval()
+    attention = model.model.layers[1].self_attn
+    forward = attention.forward
+    attention.forward = lambda *args, simpo_segments=None, **kwargs: forward(*args, **kwargs)  # drops the plan
+    pairs = random_pairs(3, seed=1)
+    for packing in ("packed", "prefix_shared"):
+        with pytest.raises(SegmentPlanUnused, match="only 1 of 2 attention layers used the segment plan"):
+            ResponseLogps(model, packing=packing)(**PairCollator(PAD, packing=packing)(pairs))
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    gemma = Gemma2Config(
+        **shape, num_key_value_heads=2, head_dim=8, pad_token_id=PAD, attn_logit_softcapping=1.0, sliding_window=512
+    )
+    model = Gemma2ForCausalLM(gemma).eval()
+    model.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="segment attention does not implement attention-logit softcapping"):
+        ResponseLogps(model, packing="packed")(**PairCollator(PAD, packing="packed")(pairs))
+
+
 @pytest.mark.parametrize("attention", ["segments", "mask"])
 def test_packed_attention_refuses_sequences_past_the_sliding_window(attention):
     """Neither packed attention implements a sliding window. choose_layout keeps runs off them, but the class
@@ -569,6 +625,11 @@ def test_packed_attention_refuses_sequences_past_the_sliding_window(attention):
         batch = PairCollator(PAD, packing=packing, attention=attention)(pairs)
         with pytest.raises(ValueError, match=r"exceeds the model's sliding window \(16\)"):
             ResponseLogps(model, packing=packing, attention=attention)(**batch)
+    exact = [
+        {"prompt_input_ids": list(range(5, 13)), "chosen_input_ids": list(range(20, 28)), "rejected_input_ids": [3]}
+    ]
+    with torch.no_grad():  # a sequence exactly the window long is covered by it: scored
+        ResponseLogps(model, packing="packed", attention=attention)(**PairCollator(PAD, "packed", attention)(exact))
     short = random_pairs(2, max_prompt=6, max_response=8, seed=1)
     batch = PairCollator(PAD, packing="packed", attention=attention)(short)
     with torch.no_grad():
@@ -642,6 +703,8 @@ def test_models_whose_attention_reads_column_distance_are_not_prefix_shared():
         vocab_size=64, d_model=32, n_heads=4, n_layers=2, max_seq_len=256, pad_token_id=PAD, initializer_range=0.3
     )
     assert distance_biased(mpt) and distance_biased(BloomConfig(vocab_size=64, hidden_size=32, n_head=4))
+    # transformers' MPT builds its bias whatever attn_config.alibi says: a config saying False is biased all the same
+    assert distance_biased(MptConfig(vocab_size=64, d_model=32, n_heads=4, attn_config={"alibi": False}))
     assert distance_biased(FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, alibi=True))
     for plain in (FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4), make_model().config):
         assert distance_biased(plain) is None
