@@ -139,7 +139,7 @@ def test_answers_stored_for_a_smoke_test_serve_the_larger_command_as_a_fresh_run
 
     (record,) = evaluate_sweep(run, *args, "benchmarks.alpacaeval2.max_prompts=2")  # the first shard, as stored
     assert record["metrics"]["n"] == 2 and (shards / "trained-00000.jsonl").stat().st_mtime_ns == first_shard
-    with pytest.raises(ConfigError, match=r"answers are stored for 4 prompts; the first 1 end inside a shard of 2"):
+    with pytest.raises(ConfigError, match=r"answers were made for 4 prompts; the first 1 end inside a shard of 2"):
         evaluate_sweep(run, *args, "benchmarks.alpacaeval2.max_prompts=1")
 
 

@@ -8,7 +8,7 @@ Per run directory and benchmark, under ``eval/<benchmark>/``:
     annotations.json (alpacaeval)                               judged pairs (alpaca-eval's annotation format)
     model_judgment/<judge>/<model>.jsonl (arena_hard)           judgments (arena-hard-auto's format; arena.py)
     results.json                                                metrics (simpo_exp/inference/results.py)
-    results.previous.json                                       the last results, while the benchmark is evaluated again
+    results.previous.json                                       the results before the last re-evaluation (kept)
 and ``model/README.md`` (the model card). Generations are written before any judge runs, so a judge
 that fails leaves them in place and ``evaluate.judge_only=true`` judges them again without sampling;
 verdicts and judgments are kept as they arrive, so that re-run asks only for the missing ones.
@@ -250,9 +250,9 @@ def _check_manifest(
             if len(want) % shard_size == 0:
                 return  # the first shards of the stored answers, as this command would make them
             differ = [
-                f"prompts: answers are stored for {len(have)} prompts; the first {len(want)} end inside a shard of "
-                f"{shard_size}, whose answers would be another sample (ask for a multiple of shard_size, or all "
-                f"{len(have)})"
+                f"prompts: the stored answers were made for {len(have)} prompts; the first {len(want)} end inside a "
+                f"shard of {shard_size}, whose answers would be another sample (ask for a multiple of shard_size, or "
+                f"all {len(have)})"
             ]
     if differ:
         prompts = "prompts: another set (prompts_path, its file, or max_prompts)"  # its hash would say no more
