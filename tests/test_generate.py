@@ -1063,8 +1063,12 @@ def test_a_hub_reward_model_moved_between_kill_and_resume_scores_every_shard_wit
     """Scored shards are named by a hub reward model's id and revision, not its commit: an unpinned one (scorer=armorm)
     whose main moved between a kill and the resume kept the old commit's scores for the shards scored before the kill
     and scored the rest with the new one; provenance.json named the new commit alone."""
+    import types
+
     from transformers import LlamaForSequenceClassification
 
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate.run import one_commit
     from tests.tiny import save_tiny_llama
 
     old, new = "a" * 40, "b" * 40
@@ -1095,12 +1099,11 @@ def test_a_hub_reward_model_moved_between_kill_and_resume_scores_every_shard_wit
     # another process that scored its shards with the old commit: two models' rewards are refused, not written
     record = json.loads(scored(1).with_suffix(".json").read_text())
     scored(1).with_suffix(".json").write_text(json.dumps({**record, "commit": old}))
-    res = generate(*args, cwd=tmp_path, env=env)
-    assert (
-        res.returncode == 2
-        and "different commits of it (bbbbbbbbbbbb: shards 0, 2; aaaaaaaaaaaa: shards 1)" in res.stderr
-    )
-    assert "set scorer.revision=<one commit>" in res.stderr
+    cfg = types.SimpleNamespace(scorer=types.SimpleNamespace(path="org/tiny-rm", revision=None))
+    tag = scored(0).stem.split("-")[-1]
+    said = r"different commits of it \(bbbbbbbbbbbb: shards 0, 2; aaaaaaaaaaaa: shards 1\); .* set scorer.revision="
+    with pytest.raises(ConfigError, match=said):
+        one_commit(cfg, {out / "shards": 3}, tag)
 
 
 def test_processes_given_different_scorers_are_refused_not_left_waiting_for_each_other(tiny_reward_model, tmp_path):
