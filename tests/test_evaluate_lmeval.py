@@ -165,7 +165,8 @@ def test_a_task_whose_data_set_is_not_cached_is_refused_before_any_run_is_evalua
 
     built = []
 
-    def get_task_dict(names, manager):
+    def get_task_dict(names, given):
+        assert given is manager  # the index check_tasks built, not a second one (it reads every task's YAML)
         built.append((list(names), huggingface_hub.constants.HF_HUB_OFFLINE))
         if "gsm8k" in names:  # what datasets says for a data set neither cached nor reachable
             raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")

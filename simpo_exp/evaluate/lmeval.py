@@ -43,33 +43,38 @@ def _flat_metrics(results: dict, asked: list | tuple = ()) -> dict:
     return out | errors | counts  # the scores first: the first one is what runs are ranked by
 
 
-def check_tasks(b) -> None:
+def check_tasks(b):
     """Refuse, before the model loads, a task lm-eval does not know (lm-eval ends with a KeyError deep in its
-    task registry otherwise)."""
+    task registry otherwise); return lm-eval's task manager (None where it has none)."""
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:  # an lm-eval without its task manager: lm-eval itself says so later
-        return
-    known = set(TaskManager().all_tasks)
+        return None
+    manager = TaskManager()  # it reads every task's YAML (seconds): handed on to check_task_data
+    known = set(manager.all_tasks)
     unknown = [t for t in b.tasks if t not in known]
     if unknown:
         raise ConfigError(
             f"invalid config value benchmarks.{b.name}.tasks={list(b.tasks)}: lm-eval has no task {unknown}; "
             "`lm_eval --tasks list` lists them"
         )
+    return manager
 
 
-def check_task_data(b) -> None:
+def check_task_data(b, manager) -> None:
     """Refuse, before any run is evaluated, a task whose data set is not in the local Hugging Face cache: lm-eval
-    builds its tasks (each one loads its data set) with the hub off, as the evaluation itself will. It was found at
+    builds its tasks with ``manager`` (``check_tasks``'s; each task loads its data set) with the hub off, as the
+    evaluation itself will. It was found at
     the lm-eval benchmark's turn, after every run had generated and been judged for the benchmarks before it."""
     try:
-        from lm_eval.tasks import TaskManager, get_task_dict
-    except ImportError:  # an lm-eval without these: its own evaluation says so later
+        from lm_eval.tasks import get_task_dict
+    except ImportError:  # an lm-eval without it: its own evaluation says so later
+        return
+    if manager is None:
         return
     try:
         with offline():
-            get_task_dict(list(b.tasks), TaskManager())
+            get_task_dict(list(b.tasks), manager)
     except Exception as e:
         raise_if_not_cached(b, e)
         raise

@@ -657,8 +657,8 @@ def check_benchmark_inputs(cfg, model_names: set[str] = frozenset()) -> None:
             bm.arena_prompts(b.prompts_path, b.reference_path, f"benchmarks.{b.name}", b.max_prompts)
         elif b.kind == "lm_eval":
             check_installed(b)
-            check_tasks(b)  # a misspelt task, before any run generates for the benchmarks before it
-            check_task_data(b)  # and a task whose data set is not cached
+            # a misspelt task, and one whose data set is not cached, before any run generates for the others
+            check_task_data(b, check_tasks(b))
 
 
 def _model_name(folder: Path) -> str | None:
