@@ -152,8 +152,10 @@ def test_the_reference_caches_data_key_reads_the_responses_as_well_as_the_prompt
     key = data_fingerprint(Dataset.from_dict(rows))
     swapped = rows | {"chosen_input_ids": rows["rejected_input_ids"], "rejected_input_ids": rows["chosen_input_ids"]}
     one_token = rows | {"rejected_input_ids": [[7], [8, 10]]}
-    keys = {key, data_fingerprint(Dataset.from_dict(swapped)), data_fingerprint(Dataset.from_dict(one_token))}
-    assert len(keys) == 3 and data_fingerprint(Dataset.from_dict(dict(rows))) == key
+    prompt = rows | {"prompt_input_ids": [[11, 12, 13], [3]]}  # a system prompt, template or cut of the prompts only
+    variants = (swapped, one_token, prompt)
+    keys = {key, *(data_fingerprint(Dataset.from_dict(v)) for v in variants)}
+    assert len(keys) == 4 and data_fingerprint(Dataset.from_dict(dict(rows))) == key
 
 
 def test_reference_log_probs_scored_on_two_processes_come_back_in_the_splits_order(monkeypatch):
@@ -258,6 +260,19 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
     model.config.rms_norm_eps, eps = 0.1, model.config.rms_norm_eps
     assert cache_path(cfg, model, splits) != path
     model.config.rms_norm_eps = eps
+    for key, value in (("rope_parameters", {"rope_type": "default", "rope_theta": 5e5}), ("sliding_window", 8)):
+        had, before = hasattr(model.config, key), getattr(model.config, key, None)
+        setattr(model.config, key, value)
+        assert cache_path(cfg, model, splits) != path, key
+        setattr(model.config, key, before) if had else delattr(model.config, key)
+    assert cache_path(cfg, model, splits) == path
+    # Liger's layer kernels sum otherwise than the eager layers: another key
+    cfg.hardware.fused_layers = "liger"
+    assert cache_path(cfg, model, splits) != path
+    cfg.hardware.fused_layers = "none"
+    # the held-out split's pairs, changed at the same length: another key (its reference log-probs are of them)
+    edited = test.map(lambda row: {"chosen_input_ids": row["chosen_input_ids"][:-1] + [5]})
+    assert cache_path(cfg, model, {"train": train, "test": edited}) != path
     model.config.use_cache, model.config.attention_dropout = not model.config.use_cache, 0.3
     model.config.resid_pdrop = model.config.layerdrop = 0.1  # GPT-2's and OPT's names, which the run zeroes too
     assert cache_path(cfg, model, splits) == path
@@ -452,12 +467,16 @@ def test_a_lora_run_and_a_full_fine_tune_of_one_base_keep_their_own_reference_ca
     pytest.importorskip("peft")
     save_tiny_llama(tmp_path / "base", num_hidden_layers=2)
     prints = []
-    for hardware in ("cpu-lora", "cpu"):
+    for hardware in ("cpu-lora", "cpu", "cpu hardware.master_weights=model"):
+        hardware, *more = hardware.split()
         cfg = to_config(
-            compose("loss=dpo", f"hardware={hardware}", f"model.path={tmp_path / 'base'}", "model.dtype=bfloat16")
+            compose(
+                "loss=dpo", f"hardware={hardware}", *more, f"model.path={tmp_path / 'base'}", "model.dtype=bfloat16"
+            )
         )
         prints.append(model_fingerprint(cfg, load_model(cfg, build_tiny_tokenizer(), "sdpa")))
-    assert prints[0] != prints[1]
+    # a full fine-tune on float32 master weights and one on the bf16 weights as loaded: log-probs 0.004 apart
+    assert len(set(prints)) == 3
 
 
 def test_the_reference_cache_key_holds_the_precision_auto_resolves_to(compose, tmp_path):

@@ -94,8 +94,15 @@ def test_fused_head_equals_the_padded_path(compose, case):
     head = fused_head(cfg, model)
     head.compiled = False  # compiling on a CPU takes long and changes nothing numerically
     fused = run(ResponseLogps(model, fused=head), batch, cfg)
-    with torch.no_grad():  # evaluation: Liger takes no gradients, the loss stays the same
-        torch.testing.assert_close(batch_loss(ResponseLogps(model, fused=head), dict(batch), cfg)[0], fused[0])
+    grads = []  # evaluation: Liger takes no gradients (a backward per call kept head-sized buffers), the same loss
+    real_grad = torch.autograd.grad
+    try:
+        torch.autograd.grad = lambda *a, **k: grads.append(1) or real_grad(*a, **k)
+        with torch.no_grad():
+            torch.testing.assert_close(batch_loss(ResponseLogps(model, fused=head), dict(batch), cfg)[0], fused[0])
+    finally:
+        torch.autograd.grad = real_grad
+    assert grads == []
     plain = run(ResponseLogps(model), batch, cfg)
     assert isinstance(ResponseLogps(model, fused=head)(**batch), FusedPreference)
     assert_like_padded(fused, plain)
@@ -173,6 +180,12 @@ def test_unsupported_methods_and_settings_are_refused_by_name(compose):
         with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
             config(compose, "hardware.fused_head=liger", *overrides)
     assert fused_head(config(compose), model) is None  # fused_head=none: the project's head
+    from transformers import Gemma2Config, Gemma2ForCausalLM  # caps its logits (the gemma-2-9b-it recipe)
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    gemma = Gemma2ForCausalLM(Gemma2Config(**shape, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0))
+    with pytest.raises(ConfigError, match="Liger does not cap the logits as this model does"):
+        fused_head(config(compose, "hardware.fused_head=liger"), gemma)
     with pytest.raises(ConfigError, match="hardware.fused_head"):
         config(compose, "hardware.fused_head=triton")
 
