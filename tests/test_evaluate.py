@@ -763,6 +763,11 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
     assert card.data.datasets == ["princeton-nlp/llama3-ultrafeedback"]
     moved = {**cfg, "dataset": {"name": "local", "sources": {"local": {"path": "data/prefs.jsonl"}}}}
     assert ModelCard.load(write_model_card(tmp_path, moved, "my-run")).data.datasets is None  # a file, not a repo
+    # local folders no longer there (cleaned away, another machine): absolute paths, no repo ids for the hub
+    gone = {"model": {"name": "m", "path": "/scratch/models/llama3-sft"}}
+    gone |= {"dataset": {"name": "local", "sources": {"local": {"path": "/scratch/data/prefs_dir"}}}}
+    data = ModelCard.load(write_model_card(tmp_path, {**cfg, **gone}, "my-run")).data
+    assert data.base_model is None and data.datasets is None
     # the model's results only (not the counters), named with how they were made: 8 prompts and a local judge make
     # AlpacaEval-format figures, not the leaderboard's
     assert [(r.dataset_type, r.metric_type, r.metric_value) for r in card.data.eval_results] == [
@@ -830,6 +835,10 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     own = {**cfg, "method": "alphapo", "gamma_beta_ratio": 0.5, "alphapo_alpha": 0.25}
     text = write_model_card(tmp_path, own, "run").read_text()
     assert all(row in text for row in ("| `gamma_beta_ratio` | 0.5 |", "| `alphapo_alpha` | 0.25 |")), text
+    # SimPO's margin as it trained, beta x gamma_beta_ratio, beside the ratio
+    simpo = {**cfg, "method": "simpo", "beta": 2.5, "gamma_beta_ratio": 0.55}
+    text = write_model_card(tmp_path, simpo, "run", resolved={"gamma": 1.375}, training={}).read_text()
+    assert "| `gamma_beta_ratio` | 0.55 |" in text and "| `gamma` | 1.375 |" in text, text
     # dataset=[ultrafeedback-binarized,local] keeps the last preset's name: a mixture is named by its sources
     mixture = {"name": "local", "sources": {"ultrafeedback": {"path": "a"}, "local": {"path": "b"}}}
     text = write_model_card(tmp_path, {**cfg, "dataset": mixture}, "run").read_text()

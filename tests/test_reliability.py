@@ -400,6 +400,8 @@ def test_a_resume_may_change_how_a_run_runs_but_not_what_it_trains():
     saved = {"beta": 2.0, "logging_steps": 1, "hardware": {"device": "cuda", "packing": "packed", "lora": False}}
     moved = {"beta": 2.0, "logging_steps": 5, "hardware": {"device": "cpu", "packing": "none", "lora": False}}
     assert incompatible_keys(saved, moved) == []
+    ordered = {"hardware": {"lora_target_modules": ["q_proj", "v_proj"]}}  # the same modules, another order
+    assert incompatible_keys(ordered, {"hardware": {"lora_target_modules": ["v_proj", "q_proj"]}}) == []
     changed = {**moved, "hardware": {**moved["hardware"], "lora": True, "group_by_length": True}}
     assert incompatible_keys(saved, changed) == [
         "hardware.group_by_length: checkpoint None, now True",

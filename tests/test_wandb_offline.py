@@ -443,6 +443,18 @@ def test_a_failed_run_closes_its_wandb_run_as_failed(tmp_path):
     assert exits == [1]
 
 
+def test_a_run_that_exits_with_status_0_from_inside_the_tracker_is_not_closed_as_finished(tmp_path, monkeypatch):
+    """A SystemExit(0) raised inside the run (another stop handler's exit, chained by the signal handler) left its
+    code to W&B, which closed the stopped run as finished."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracker = Tracker(tmp_path, _logger_cfg(group=None), {})
+    tracker.log({"train/loss": 0.5}, 1)
+    with pytest.raises(SystemExit), tracker:
+        raise SystemExit(0)
+    (path,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert [r.exit.exit_code for r in read_wandb_log(path) if r.WhichOneof("record_type") == "exit"] == [1]
+
+
 def test_a_generations_table_that_fails_leaves_the_metrics_on_wandb(tmp_path, monkeypatch):
     """A table is staged as a file (an unwritable WANDB_DATA_DIR): its failure dropped the W&B run, which then held
     only step 0's evaluation and was closed at exit as finished. The metrics go on; the tables stop, said once."""
