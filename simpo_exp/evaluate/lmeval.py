@@ -64,8 +64,8 @@ def check_tasks(b):
 def check_task_data(b, manager) -> None:
     """Refuse, before any run is evaluated, a task whose data set is not in the local Hugging Face cache: lm-eval
     builds its tasks with ``manager`` (``check_tasks``'s; each task loads its data set) with the hub off, as the
-    evaluation itself will. It was found at
-    the lm-eval benchmark's turn, after every run had generated and been judged for the benchmarks before it."""
+    evaluation itself will. It was found at the lm-eval benchmark's turn, after every run had generated and been
+    judged for the benchmarks before it."""
     try:
         from lm_eval.tasks import get_task_dict
     except ImportError:  # an lm-eval without it: its own evaluation says so later
