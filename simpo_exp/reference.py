@@ -180,14 +180,16 @@ def kernels(cfg: Config, model, layout: BatchLayout | None) -> str:
     """How the reference forward computes, beyond the weights and their dtypes: the attention kernel, the batch
     layout (packed rows and the mask or segment attention sum in another order: under bf16 autocast the summed
     log-probs of one model moved 0.006-0.05 nats between them, so a cache of another layout gave a run nonzero
-    DPO rewards at step 0), and the fused kernels. Empty for the padded SDPA path, so that keys made before this
-    was part of them still match it."""
+    DPO rewards at step 0), the fused kernels and the compiler's backend under ``hardware.compile``. Empty for the
+    padded SDPA path, so that keys made before this was part of them still match it."""
     attention = (getattr(model.config, "_attn_implementation", None) or "sdpa").rsplit(":", 1)[-1]
     parts = {
         "attention": attention if attention != "sdpa" else None,
         "layout": f"{layout.packing}/{layout.attention}" if layout is not None and layout.packing != "none" else None,
         "fused_layers": cfg.hardware.fused_layers if cfg.hardware.fused_layers != "none" else None,
         "fused_head": cfg.hardware.fused_head if cfg.hardware.fused_head != "none" else None,
+        # compiled layers (the cache is filled by the prepared policy): inductor fuses and sums in its own order
+        "compile": cfg.hardware.compile_backend if cfg.hardware.compile else None,
     }
     return json.dumps({k: v for k, v in parts.items() if v}) if any(parts.values()) else ""
 

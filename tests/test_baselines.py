@@ -270,6 +270,9 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
     cfg.hardware.fused_layers = "liger"
     assert cache_path(cfg, model, splits) != path
     cfg.hardware.fused_layers = "none"
+    cfg.hardware.compile = True  # the cache is filled by the prepared policy: its layers compiled, as inductor sums
+    assert cache_path(cfg, model, splits) != path
+    cfg.hardware.compile = False
     # the held-out split's pairs, changed at the same length: another key (its reference log-probs are of them)
     edited = test.map(lambda row: {"chosen_input_ids": row["chosen_input_ids"][:-1] + [5]})
     assert cache_path(cfg, model, {"train": train, "test": edited}) != path
