@@ -535,12 +535,22 @@ def test_make_accelerator_refuses_what_a_cpu_would_not_honour_and_a_batch_set_fo
 
     from simpo_exp.engine import make_accelerator
 
+    asked = []  # what accelerate is given: hardware.device=cpu must reach it as cpu=True (a GPU box's GPUs unused)
+
+    class Recording(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            asked.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(accelerate, "Accelerator", Recording)
     try:
+        make_accelerator(to_config(compose("hardware=cpu", "hardware.device=cpu")))
+        assert asked[-1]["cpu"] is True
         with pytest.raises(ConfigError, match="hardware.mixed_precision=fp16 on the CPU"):
             make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=fp16")))
         cfg = to_config(compose("hardware=cpu", "hardware.effective_batch_size=8", "per_device_train_batch_size=2"))
         assert make_accelerator(cfg)[1] == 4
-        monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 4))
+        monkeypatch.setattr(Recording, "num_processes", property(lambda self: 4))
         with pytest.raises(ConfigError, match="set for WORLD_SIZE=1 processes, but accelerate runs 4: each step would"):
             make_accelerator(cfg)
     finally:
