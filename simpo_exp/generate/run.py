@@ -475,9 +475,13 @@ def scored_apart(cfg, out: Path, missing: dict, tag: str, started: float) -> Non
                 continue
             newest = max(others, key=lambda p: p.stat().st_mtime)
             other = read_json(newest.with_suffix(".json")).get("scorer")
-            differ = manifest_changes(other, identity, prefix="scorer.") if isinstance(other, dict) else []
+            differ = (
+                manifest_changes(other, identity, prefix="scorer.", said=("there", "here"))
+                if isinstance(other, dict)
+                else []
+            )
             differ = [d for d in differ if not d.startswith("scorer.weights.path:")]  # scorer.path says it
-            said = "; ".join(differ).replace("stored ", "there ").replace(", now ", ", here ") or "another scorer"
+            said = "; ".join(differ) or "another scorer"
             if newest.stat().st_mtime >= started:
                 raise ConfigError(
                     f"output_dir={str(out)!r}: shard {i}{_of(folder)} was scored meanwhile by another process of this "

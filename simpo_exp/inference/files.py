@@ -144,19 +144,22 @@ def tokenizer_sha256(model_dir: Path) -> str | None:
     return sha256_files(files) if files else None
 
 
-def manifest_changes(stored: dict, now: dict, keys=None, prefix: str = "", stored_only: bool = False) -> list[str]:
+def manifest_changes(
+    stored: dict, now: dict, keys=None, prefix: str = "", stored_only: bool = False, said=("stored", "now")
+) -> list[str]:
     """What differs between a stored manifest and this command's, as ``dotted.key: stored X, now Y`` (nested
     sections compared key by key, so the message names ``generate.temperature``, not ``generate``). ``keys``:
     the top-level keys to compare (default: every key of either; with ``stored_only``, at every level, those the
-    stored manifest has: an older one was written before the others were recorded)."""
+    stored manifest has: an older one was written before the others were recorded). ``said``: the words for the
+    two sides."""
     out = []
     default = set(stored) if stored_only else set(stored) | set(now)
     for key in sorted(keys if keys is not None else default):
         a, b = stored.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += manifest_changes(a, b, None, f"{prefix}{key}.", stored_only)
+            out += manifest_changes(a, b, None, f"{prefix}{key}.", stored_only, said)
         elif a != b:
-            out.append(f"{prefix}{key}: stored {_short(a)}, now {_short(b)}")
+            out.append(f"{prefix}{key}: {said[0]} {_short(a)}, {said[1]} {_short(b)}")
     return out
 
 
