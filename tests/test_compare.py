@@ -473,14 +473,20 @@ def test_a_seed_met_twice_for_one_setting_counts_once_and_the_order_follows_asce
         [
             _run("0", {"seed": "1", "beta": "2"}, {"eval/loss": 0.6}),
             _run("1", {"seed": "2", "beta": "2"}, {"eval/loss": 0.8}),
-            _run("copy/0", {"seed": "1", "beta": "2"}, {"eval/loss": 0.6}),
+            _run("copy/0", {"seed": "1", "beta": "2"}, {"eval/loss": 0.7}),
             _run("2", {"seed": "1", "beta": "5"}, {"eval/loss": 0.9}),
         ]
     )
     groups = compare.seed_groups(runs, "eval/loss")
     assert [(g["beta"], g["seeds"], g.get("same seed left out")) for g in groups] == [("2", 2, 1), ("5", 1, None)]
-    assert groups[0]["std"] == pytest.approx(0.1414213, rel=1e-5)  # of 0.6 and 0.8, not of 0.6, 0.8, 0.6
+    # the repeated seed's first run counts (0.6), not its copy's (0.7): mean and spread of 0.6 and 0.8
+    assert groups[0]["eval/loss mean"] == pytest.approx(0.7) and groups[0]["std"] == pytest.approx(0.1414213, rel=1e-5)
     assert [g["beta"] for g in compare.seed_groups(runs, "eval/loss", ascending=False)] == ["5", "2"]
+
+
+def test_a_legends_mean_over_seeds_is_over_the_seeds_that_have_the_value():
+    runs = [_run("0", {"seed": "1"}, {"eval/loss": 1.0}), _run("1", {"seed": "2"}, {"train/loss": 0.5})]
+    assert compare._mean_final(runs, "eval/loss") == 1.0 and compare._mean_final(runs, "eval/nosuch") is None
 
 
 def test_runs_not_done_rank_after_the_done_ones_and_stay_out_of_the_seed_means():
@@ -566,13 +572,15 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
     failed = FakeWandbRun("beta=3", "failed")
     crashed = FakeWandbRun("beta=4", "crashed")
     live = FakeWandbRun("beta=5", "running")
-    runs = {r.name: r for r in compare.wandb_runs([done, stopped, failed, crashed, live])}
+    halted = FakeWandbRun("beta=7", "killed", {"stopped": "SIGINT after step 3, checkpoint saved"})  # W&B's "killed"
+    runs = {r.name: r for r in compare.wandb_runs([done, stopped, failed, crashed, live, halted])}
     assert {name: r.status for name, r in runs.items()} == {
         "beta=1": "done",
         "beta=2": "stopped",
         "beta=3": "failed",
         "beta=4": "killed",
         "beta=5": "running",
+        "beta=7": "stopped",
     }
     assert [r["step"] for r in runs["beta=1"].history] == [3, 6] and "_step" not in runs["beta=1"].history[0]
     assert runs["beta=1"].series("train/loss") == ([3], [0.6])
@@ -588,6 +596,10 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
     ]
     (resumed,) = compare.wandb_runs([FakeWandbRun("beta=6", "finished", {"bench/rule/win_rate": 61.0}, again)])
     assert resumed.series("train/loss") == ([10, 20, 30], [0.5, 0.35, 0.25])
+    # train and eval metrics logged in two calls at one step are one row: neither replaces the other's points
+    split = [{"train/global_step": 10, "train/loss": 0.7}, {"train/global_step": 10, "eval/loss": 0.8}]
+    (both,) = compare.wandb_runs([FakeWandbRun("beta=8", "finished", {}, split)])
+    assert both.series("train/loss") == ([10], [0.7]) and both.series("eval/loss") == ([10], [0.8])
     assert resumed.bench == {"bench/rule/win_rate": 61.0} and "bench/rule/win_rate" in compare.runs_table([resumed])[0]
     # a list-valued override (a data mixture) stays one value: split at every comma, the two mixtures below were
     # both dataset='[ufb' and pooled as two seeds of one setting

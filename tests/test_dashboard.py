@@ -255,6 +255,16 @@ def evaluated_sweep(root: Path, win_rates: dict[tuple[str, str], float]) -> Path
     return sweep_dir
 
 
+def test_a_sweep_logged_to_wandb_by_some_of_its_jobs_counts_as_logged(tmp_path):
+    """The note that the jobs did not log to W&B (an empty view) is for a sweep none of whose jobs did."""
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    first, second = sorted(p / ".hydra" / "config.yaml" for p in sweep_dir.iterdir() if p.is_dir())
+    first.write_text(first.read_text() + "  wandb: false\n")
+    assert dashboard.read_sweep(sweep_dir).logged
+    second.write_text(second.read_text() + "  wandb: false\n")
+    assert not dashboard.read_sweep(sweep_dir).logged
+
+
 def test_evaluation_panels_group_seeds_and_rank_the_table(tmp_path):
     rates = {("2", "1"): 40.0, ("2", "2"): 50.0, ("5", "1"): 70.0, ("5", "2"): 80.0}
     sweep = dashboard.read_sweep(evaluated_sweep(tmp_path, rates))
@@ -471,6 +481,10 @@ def test_a_saved_views_name_is_kept_only_for_the_same_project(tmp_path, monkeypa
     out.write_text(json.dumps(saved))
     assert dashboard.main([str(sweep_dir), "--entity", "team", "--out", str(out)]) == 0  # the same view: kept
     assert json.loads(out.read_text())["id"] == "view-id"
+    out.write_text(json.dumps(saved))  # another entity's view of the same project: its own view, not team's
+    assert dashboard.main([str(sweep_dir), "--entity", "bob", "--out", str(out)]) == 0
+    spec = json.loads(out.read_text())
+    assert spec["entity"] == "bob" and spec.get("id") != "view-id" and spec.get("name") != "view-name"
 
 
 def test_a_sweep_at_hydras_default_directory_gets_the_group_it_ran_under(tmp_path):
