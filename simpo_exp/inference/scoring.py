@@ -1,9 +1,9 @@
 """Score (prompt, response) pairs: a rule for the embedded task, or a hub reward model.
 
 Rule ``sort_digits`` (the synthetic data set asks "sort: 3 1 2"): the expected answer is the prompt's
-digits in ascending order, space separated. A response scores 1.0 when its whitespace-separated items
-equal the expected list exactly; otherwise it scores the share of positions holding the expected digit,
-divided by the longer of the two lengths (so a missing or extra item costs as much as a wrong one):
+numbers in ascending order, space separated (by value: "sort: 10 2" expects "2 10"). A response scores 1.0
+when its whitespace-separated items equal the expected list exactly; otherwise it scores the share of
+positions holding the expected number, divided by the longer of the two lengths (so a missing or extra item costs as much as a wrong one):
 "1 2 3" -> 1.0, "1 3 2" -> 1/3, "1 2" -> 2/3, "1 2 3 4" -> 3/4, "" -> 0.0.
 
 Reward model: any ``AutoModelForSequenceClassification`` (ArmoRM by default for real models). The
@@ -38,7 +38,7 @@ def sort_digits_score(prompt: str, response: str) -> float:
         raise ConfigError(
             f"invalid config value scorer.rule='sort_digits': cannot score prompt {prompt[:80]!r}; {NOT_THE_TASK}"
         )
-    expected = sorted(match.group(1).split())
+    expected = sorted(match.group(1).split(), key=int)  # by value: as text, "10" came before "2"
     got = response.split()
     if got == expected:
         return 1.0
@@ -309,7 +309,14 @@ class RewardModelScorer:
         if logits.shape[1] > 1 and self.s.label_index is None:
             raise ConfigError(
                 f"invalid config value scorer.label_index=None: {self.s.path!r} returns "
-                f"{logits.shape[1]} outputs; name the one that is the reward"
+                f"{logits.shape[1]} outputs; name the one that is the reward (the sampled responses are kept: re-run "
+                "to score them)"
+            )
+        if (self.s.label_index or 0) >= logits.shape[1]:  # a model with its own code: its outputs unknown until now
+            raise ConfigError(
+                f"invalid config value scorer.label_index={self.s.label_index}: {self.s.path!r} returns "
+                f"{logits.shape[1]} output(s) (0..{logits.shape[1] - 1}) (the sampled responses are kept: re-run to "
+                "score them)"
             )
         return logits[:, self.s.label_index or 0].tolist()
 

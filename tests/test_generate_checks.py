@@ -1,0 +1,177 @@
+"""The generate stage's pure choices that no end-to-end run pins: the rejected draw of best_random, report.json's
+counts, the stop ids and their refusals, the sampling precision on a GPU, the backend picked, and the reward
+model's refusals made before sampling (tests from a mutation review of sampling, scoring and binarising)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from simpo_exp.config import ConfigError
+from simpo_exp.generate.binarise import binarise, pick_pair
+from simpo_exp.generate.config import BinariseConfig
+from tests.test_generate import _record, compose_generate, tiny_reward_model  # noqa: F401 (a fixture)
+
+
+def test_best_random_draws_among_all_far_enough_responses_per_prompt_and_seed():
+    """best_random is not min_gap's hard negative (always index 3 here) nor best_worst's (always 1): over seeds it
+    draws each of the three, the same one again for a seed, and another prompt with the same scores its own draw."""
+    rec = _record(["a", "b", "c", "d"], [0.9, 0.1, 0.5, 0.7])
+    drawn = [pick_pair(rec, BinariseConfig("best_random", seed=s))[0][1] for s in range(20)]
+    assert set(drawn) == {1, 2, 3}
+    assert drawn == [pick_pair(rec, BinariseConfig("best_random", seed=s))[0][1] for s in range(20)]
+    per_prompt = [pick_pair({**rec, "prompt_id": f"p{i}"}, BinariseConfig("best_random"))[0][1] for i in range(30)]
+    assert len(set(per_prompt)) == 3  # one seed, thirty prompts: not one index for every prompt
+
+
+def test_the_reports_counts_are_over_prompts_and_responses_and_both_sides_of_a_pair():
+    cut_in_dropped = _record(["x", "x"], [1.0, 1.0], "dropped")  # all responses identical: no pair
+    cut_in_dropped["responses"][1]["finished"] = False
+    kept = _record(["a", "b\ufffd", "c"], [0.9, 0.1, 0.5], "kept")  # the rejected side is not UTF-8
+    rows, report = binarise([cut_in_dropped, kept, _record(["y", "z"], [0.5, 0.5], "tied")], BinariseConfig())
+    assert (report["prompts"], report["pairs_kept"], report["responses"]) == (3, 1, 7)
+    assert report["responses_hit_max_new_tokens"] == 1  # counted in a record that made no pair too
+    assert report["pair_sides_not_utf8"] == 1 and rows[0]["rejected"][-1]["content"] == "b\ufffd"
+
+
+def test_the_sort_rule_orders_numbers_by_value():
+    """The rule's prompt pattern takes numbers of several digits (a user's own "sort:" data): sorted as text, "10"
+    came before "2" and the right answer scored 1/3."""
+    from simpo_exp.inference.scoring import sort_digits_score
+
+    assert sort_digits_score("sort: 10 2 33", "2 10 33") == 1.0
+    assert sort_digits_score("sort: 10 2 33", "10 2 33") == pytest.approx(1 / 3)
+
+
+def test_seed_streams_of_different_parts_do_not_meet():
+    """generate.seeds=[1,12]: seed 1's shard 23 and seed 12's shard 3 joined without a separator to one stream.
+    The value is pinned too: a resume after an upgrade must sample the shards left with the streams it started with."""
+    from simpo_exp.inference.sampling import derive_seed
+
+    assert derive_seed(1, 23) != derive_seed(12, 3)
+    assert derive_seed(13, 0) == int.from_bytes(__import__("hashlib").sha256(b"13:0").digest()[:4], "big") >> 1
+
+
+def test_only_a_special_token_after_an_assistant_turn_stops_sampling():
+    """A template that writes a plain newline after each turn has no end-of-turn token: stopping at "\\n" would end
+    every answer at its first line, marked finished."""
+    from simpo_exp.inference.sampling import end_of_turn_ids, stop_token_ids
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    assert end_of_turn_ids(tok) == [] and stop_token_ids(tok, []) == [tok.eos_token_id]
+
+
+def test_stop_ids_must_be_the_tokenizers_own_at_both_ends():
+    from simpo_exp.inference.sampling import stop_token_ids
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    for bad in (len(tok), -1):
+        with pytest.raises(ConfigError, match=rf"\[{bad}\] not ids of the tokenizer"):
+            stop_token_ids(tok, [bad])
+    assert len(tok) - 1 in stop_token_ids(tok, [len(tok) - 1]) and 0 in stop_token_ids(tok, [0])
+
+
+def test_sampling_on_a_gpu_keeps_the_precision_asked_for(monkeypatch):
+    """CPU runs always sample in the weights' dtype; on a GPU (no GPU needed to ask) mixed_precision=no keeps the
+    weights', fp16 is fp16, auto is bf16 where the GPU has it, and LoRA weights are model.dtype (no fp32 master)."""
+    from simpo_exp.inference import sampling
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert [sampling.effective_precision(p, cuda) for p in ("no", "fp16", "bf16", "auto")] == [
+        "no",
+        "fp16",
+        "bf16",
+        "bf16",
+    ]
+    assert sampling.effective_precision("bf16", torch.device("cpu")) == "no"
+    hw = lambda **k: SimpleNamespace(  # noqa: E731
+        hardware=SimpleNamespace(**{"master_weights": "fp32", "lora": False, "mixed_precision": "no", **k}),
+        model=SimpleNamespace(dtype="bfloat16"),
+    )
+    assert sampling.sampling_dtype(hw(), cuda) == torch.float32  # the fp32 master weights, not autocast
+    assert sampling.sampling_dtype(hw(lora=True), cuda) == torch.bfloat16  # LoRA: the base weights' model.dtype
+    assert sampling.sampling_dtype(hw(mixed_precision="fp16"), cuda) == torch.float16
+    monkeypatch.setattr(sampling, "pick_device", lambda device: cuda)
+    from simpo_exp.inference.scoring import reward_model_dtype
+
+    assert reward_model_dtype(compose_generate("scorer=reward-model", "scorer.path=/rm")) == torch.bfloat16
+    assert reward_model_dtype(compose_generate("scorer=reward-model", "scorer.path=/rm", "scorer.dtype=float32")) == (
+        torch.float32
+    )
+
+
+def test_the_backend_asked_for_is_the_one_that_samples(monkeypatch):
+    from simpo_exp.inference import sampling
+
+    monkeypatch.setattr(sampling, "VLLMSampler", lambda cfg, tok, decoding, key: ("vllm", key))
+    monkeypatch.setattr(sampling, "HFSampler", lambda cfg, tok, decoding: ("hf", None))
+    cfg = compose_generate("generate.backend=vllm", "model.path=/m")
+    assert sampling.make_sampler(cfg, None) == ("vllm", "generate.backend")
+    bench = SimpleNamespace(backend="vllm")
+    assert sampling.make_sampler(compose_generate(), None, bench, "benchmarks.x.decoding.backend") == (
+        "vllm",
+        "benchmarks.x.decoding.backend",
+    )
+    assert sampling.make_sampler(compose_generate(), None) == ("hf", None)
+
+
+def test_a_prompt_exactly_as_long_as_the_models_positions_is_refused():
+    from simpo_exp.inference.sampling import HFSampler
+
+    sampler = SimpleNamespace(g=SimpleNamespace(max_new_tokens=8), positions=40, capped=False)
+    assert HFSampler._room(sampler, 39) == 1
+    with pytest.raises(ConfigError, match="a prompt of 40 tokens fills the model's 40 positions"):
+        HFSampler._room(sampler, 40)
+
+
+def test_a_reward_models_label_is_checked_against_its_outputs_before_sampling(tiny_reward_model, tmp_path):  # noqa: F811
+    """label_index equal to the number of outputs, and a multi-output model without one, are refused from the
+    config; a model with its own code (outputs unknown until it runs) is refused at its first scores, by name,
+    not with an IndexError."""
+    from transformers import LlamaForSequenceClassification
+
+    from simpo_exp.inference.scoring import RewardModelScorer, check_reward_model
+    from tests.tiny import save_tiny_llama
+
+    one = lambda path, label: SimpleNamespace(path=str(path), revision=None, trust_remote_code=False, label_index=label)  # noqa: E731
+    with pytest.raises(ConfigError, match="scorer.label_index=1: .* has 1 output"):
+        check_reward_model(one(tiny_reward_model, 1))
+    rm3 = tmp_path / "rm3"
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_labels=3)
+    save_tiny_llama(rm3, LlamaForSequenceClassification, **shape)
+    with pytest.raises(ConfigError, match="scorer.label_index=None: .* has 3 outputs; name the one"):
+        check_reward_model(one(rm3, None))
+    check_reward_model(one(rm3, 2))
+    own = SimpleNamespace(s=SimpleNamespace(path="own", label_index=None))
+    logits = SimpleNamespace(logits=torch.tensor([[0.1, 0.2, 0.3]]))
+    with pytest.raises(ConfigError, match="scorer.label_index=None: 'own' returns 3 outputs"):
+        RewardModelScorer._rewards(own, logits, 1)
+    own.s.label_index = 3
+    with pytest.raises(ConfigError, match=r"scorer.label_index=3: 'own' returns 3 output\(s\) \(0..2\)"):
+        RewardModelScorer._rewards(own, logits, 1)
+    own.s.label_index = 2
+    assert RewardModelScorer._rewards(own, logits, 1) == pytest.approx([0.3])
+
+
+def test_every_shape_of_prompt_is_rendered_by_the_reward_models_template_before_sampling(tiny_reward_model):  # noqa: F811
+    """Only a later prompt has a system turn, which the reward model's template refuses: named before sampling."""
+    from transformers import AutoTokenizer
+
+    from simpo_exp.inference.scoring import check_reward_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_reward_model)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    )
+    s = SimpleNamespace(path="rm", chat_template="auto")
+    user = [{"role": "user", "content": "sort: 2 1"}]
+    check_reward_template(tok, s, [user, user])
+    with pytest.raises(ConfigError, match=r"roles \['system', 'user', 'assistant'\]"):
+        check_reward_template(tok, s, [user, user, [{"role": "system", "content": "x"}, *user]])
