@@ -173,7 +173,8 @@ def test_an_endpoint_that_refuses_every_request_stops_the_judging(picky, kind):
             b = BenchmarkConfig(name="alpacaeval2", kind="alpacaeval", judge=picky.judge)
             prompts = [{"id": str(i), "instruction": f"Say {i}", "reference": "xx"} for i in range(40)]
             _judge_pairs({"benchmark": b, "out": picky.out}, prompts, ["yyy"] * 40, {"rows": 40}, "me")
-    assert len(PickyJudge.requests) < 2 * REFUSED_BEFORE_ANY + picky.judge.concurrency  # not all of them
+    # not all of them: the refusal that tells stops the other threads at once (in flight: one each at most)
+    assert len(PickyJudge.requests) <= REFUSED_BEFORE_ANY + picky.judge.concurrency - 1
 
 
 def test_no_lc_win_rate_where_most_prompts_have_no_verdict(picky, monkeypatch):

@@ -384,9 +384,20 @@ class PairwiseJudge:
 
         def ask_and_keep(prompt: dict, text: str) -> dict:
             self.asking.again = prompt["id"] in again
+            with self.counting:
+                down = self.failed_in_a_row >= FAILED_IN_A_ROW
+            if down:  # this prompt waited: stop, not spend its tries (checked here, not by the thread reading the
+                # results, which under load fell behind while this one went on asking)
+                self.stopping.set()
+                raise JudgeError(
+                    f"{self.failed_in_a_row} requests in a row got no answer, none answered between; the last: "
+                    f"{self.last_failure}"
+                )
             try:
                 line = ask(prompt, text)
             except JudgeError as e:  # the replies it did get (a question's first game) are kept all the same
+                self.stopping.set()  # every request would fail alike: the other threads send none from now on,
+                # before the thread reading the results gets to this one
                 if e.partial is not None:
                     with lock:
                         append_jsonl(path, e.partial)
@@ -405,15 +416,9 @@ class PairwiseJudge:
                     continue
                 try:
                     done[futures[fut]] = fut.result()
-                    with self.counting:
-                        down = self.failed_in_a_row >= FAILED_IN_A_ROW
-                    if down and not all(f.done() for f in futures):  # prompts wait: stop, not spend their tries
-                        raise JudgeError(
-                            f"{self.failed_in_a_row} requests in a row got no answer, none answered between; the "
-                            f"last: {self.last_failure}"
-                        )
                 except JudgeError as e:
-                    error = error or e
+                    # the reason, not another thread's "stopped before this request was sent" read before it
+                    error = e if error is None or isinstance(error, JudgeStopped) else error
                     self.stopping.set()
                     for other in futures:
                         other.cancel()

@@ -3,7 +3,8 @@
 Rule ``sort_digits`` (the synthetic data set asks "sort: 3 1 2"): the expected answer is the prompt's
 numbers in ascending order, space separated (by value: "sort: 10 2" expects "2 10"). A response scores 1.0
 when its whitespace-separated items equal the expected list exactly; otherwise it scores the share of
-positions holding the expected number, divided by the longer of the two lengths (so a missing or extra item costs as much as a wrong one):
+positions holding the expected number, divided by the longer of the two lengths (so a missing or extra item
+costs as much as a wrong one):
 "1 2 3" -> 1.0, "1 3 2" -> 1/3, "1 2" -> 2/3, "1 2 3 4" -> 3/4, "" -> 0.0.
 
 Reward model: any ``AutoModelForSequenceClassification`` (ArmoRM by default for real models). The

@@ -1,0 +1,117 @@
+"""The judge's choices no end-to-end test pinned (from a mutation review of judge.py, arena.py, benchmarks.py): the
+position coin, the prompt ids alpaca-eval's index and the resume key are made of, question ids written as numbers
+in one file and strings in the other, which stored line wins, and an Arena-Hard re-run whose half-judged questions
+fail again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
+from simpo_exp.evaluate.judge import JudgeError, PairwiseJudge, _sha256, accepted_lines, annotations
+from simpo_exp.inference.files import read_jsonl, write_jsonl
+from tests.test_evaluate import FakeJudge
+from tests.test_evaluate_judging import second_game, serve
+
+DEAD = JudgeConfig(kind="openai", base_url="http://127.0.0.1:9", model="fake", max_retries=0, timeout_s=1)
+
+
+def test_the_model_is_shown_first_for_about_half_the_prompts_and_where_the_prompt_says():
+    """A judge that favours a position moves the win rate unless the model's place is drawn per prompt."""
+    judge = PairwiseJudge(DEAD, "benchmarks.alpacaeval2")
+    firsts = []
+    for i in range(32):
+        model_first, content = judge.judge_prompt({"id": str(i), "instruction": "q", "reference": "REF"}, "MODEL")
+        a = content.split("## Output (a)\n", 1)[1].split("\n\n## Output (b)\n", 1)[0]
+        assert a == ("MODEL" if model_first else "REF")
+        firsts.append(model_first)
+    assert 8 <= sum(firsts) <= 24  # drawn, not one side for all (the draw is fixed: 32 ids, a fixed count)
+    assert firsts == [
+        judge.judge_prompt({"id": str(i), "instruction": "q", "reference": "R"}, "M")[0] for i in range(32)
+    ]
+
+
+def test_alpaca_prompt_ids_are_the_files_row_numbers_and_alpaca_evals_index(tmp_path):
+    from simpo_exp.evaluate.benchmarks import alpaca_prompts
+
+    rows = [{"instruction": f"Say {i}.", "output": f"ref {i}", "generator": "gpt4_1106_preview"} for i in range(3)]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(rows))
+    prompts, info = alpaca_prompts(str(path), "benchmarks.alpacaeval2.prompts_path", None)
+    assert [p["id"] for p in prompts] == ["0", "1", "2"] and info["rows"] == 3
+    verdicts = [{"preference": 2.0}] * 3
+    rows_out = annotations(prompts, ["a", "b", "c"], verdicts, "me", "gpt4_1106_preview", "fake")
+    assert [r["index"] for r in rows_out] == [0, 1, 2] and rows_out[1]["instruction"] == "Say 1."
+
+
+@pytest.mark.parametrize("question_id,answer_id", [("0", 0), (0, "0")])
+def test_arena_question_ids_as_numbers_in_one_file_and_strings_in_the_other_are_one_question(
+    tmp_path, question_id, answer_id
+):
+    from simpo_exp.evaluate.benchmarks import arena_prompts
+
+    questions, answers = tmp_path / "question.jsonl", tmp_path / "answer.jsonl"
+    questions.write_text(json.dumps({"question_id": question_id, "turns": [{"content": "Explain sorting."}]}) + "\n")
+    answer = {"question_id": answer_id, "model_id": "gpt-4-0314", "choices": [{"turns": [{"content": "It orders."}]}]}
+    answers.write_text(json.dumps(answer) + "\n")
+    (prompt,), info = arena_prompts(str(questions), str(answers), "benchmarks.arena-hard", None)
+    assert (prompt["id"], prompt["reference"], info["reference_generator"]) == ("0", "It orders.", "gpt-4-0314")
+
+
+def test_the_last_stored_line_of_a_prompt_wins_and_a_line_of_another_judge_is_asked_again(tmp_path):
+    """A re-run appends a fresh verdict after the earlier empty one of the same prompt; killed before its final
+    rewrite, the next run read the stale line and paid again. (Nothing is asked here: the endpoint is dead.)"""
+    assert accepted_lines([{"id": "0", "v": 1}, {"id": "0", "v": 2}], "id", lambda r: True)["0"]["v"] == 2
+    judge = PairwiseJudge(DEAD, "benchmarks.alpacaeval2")
+    prompt = {"id": "0", "instruction": "q", "reference": "R"}
+    model_first, content = judge.judge_prompt(prompt, "M")
+    line = {"id": "0", "judge": "fake", "prompt_sha256": _sha256(content), "model_first": model_first}
+    path = tmp_path / "verdicts.jsonl"
+    write_jsonl(path, [{**line, "reply": ""}, {**line, "reply": "a"}])
+    (verdict,) = judge.judge([prompt], ["M"], path)
+    assert verdict["preference"] == (2.0 if model_first else 1.0)
+    write_jsonl(path, [{**line, "judge": "other", "reply": "a"}])  # another judge's word: not this one's verdict
+    with pytest.raises(JudgeError):  # so it is asked, of an endpoint that is not there
+        judge.judge([prompt], ["M"], path)
+
+
+def test_an_arena_rerun_judges_new_questions_though_the_half_judged_ones_fail_again(tmp_path):
+    """The first run left four questions with their second game failed (HTTP 500 every time); the re-run adds three
+    questions. Asked first, the four failed in a row and stopped the judging as if the endpoint were down, before
+    the new questions; they are asked last and their failing again is not the endpoint's."""
+    from simpo_exp.evaluate.arena import judge_arena_hard
+    from simpo_exp.evaluate.judge import FAILED_IN_A_ROW
+
+    failing = [f"Explain topic {i}." for i in range(4)]
+    assert len(failing) > FAILED_IN_A_ROW
+
+    class SecondGamesFail(FakeJudge):
+        requests: list = []
+        failed: list = []
+
+        def respond(self, body):
+            if any(second_game(body, q) for q in failing):
+                self.failed.append(body)
+                self.send_response(500)
+                self.end_headers()
+                return
+            super().respond(body)
+
+    prompts = [{"id": f"q{i}", "instruction": f"Explain topic {i}.", "reference": "r" * 10} for i in range(7)]
+    texts = ["m" * 30] * 7
+    server, url = serve(SecondGamesFail)
+    try:
+        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5, concurrency=1)
+        b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
+        first = judge_arena_hard(b, prompts[:4], texts[:4], "my-model", "gpt-4-0314", tmp_path)
+        assert first["metrics"]["unjudged_games"] == 4
+        SecondGamesFail.requests, SecondGamesFail.failed = [], []
+        again = judge_arena_hard(b, prompts, texts, "my-model", "gpt-4-0314", tmp_path)
+    finally:
+        server.shutdown()
+    assert again["metrics"]["unjudged_games"] == 4 and again["metrics"]["judged_games"] == 4 + 6
+    assert len(SecondGamesFail.failed) == 4 and len(SecondGamesFail.requests) == 6  # the kept games once more, the new
+    path = tmp_path / "model_judgment" / "org_fake-judge" / "my-model.jsonl"
+    assert len(read_jsonl(path)) == 7
