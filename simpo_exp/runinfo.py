@@ -835,6 +835,7 @@ def _take_folder(out: Path, writes: Path, cfg: DictConfig, single: bool) -> bool
         )
     except FolderInUse as e:  # the working job's records and config stay as it left them
         restore_run_config(out, HELD)  # Hydra rewrote them for this command: the holder's own copy goes back
+        _put_back_sweep_mark(out)  # and this command's sweep mark: the holder's sweep left its job out, unreported
         print(f"error: {e}", file=sys.stderr)
         if single:
             raise SystemExit(2) from None
@@ -845,6 +846,7 @@ def _take_folder(out: Path, writes: Path, cfg: DictConfig, single: bool) -> bool
     _started_with.clear()
     _started_with[str(out.resolve())] = own
     _write_hydra_files(out, own, keep=True)
+    _keep_sweep_mark(out)
     return True
 
 
@@ -862,6 +864,30 @@ def _write_hydra_files(out: Path, files: dict[str, str], keep: bool = False) -> 
 SWEEP_ENV = "SIMPO_EXP_SWEEP"
 SWEPT_ENV, SWEEP_DIR_ENV = "SIMPO_EXP_SWEPT", "SIMPO_EXP_SWEEP_DIR"  # its swept keys (JSON list), for its folder
 SWEEP_MARK = "sweep"  # .hydra/sweep in a job's folder: the identity of the sweep command that last started it
+
+
+def _keep_sweep_mark(out: Path) -> None:
+    """Copy the job's sweep mark (``on_job_start`` wrote it) into .hydra/held/ beside its .hydra files, or say there
+    is none: a job of another sweep refused here rewrites it before it is refused (``_put_back_sweep_mark``)."""
+    if not (out / ".hydra").is_dir():  # hydra.output_subdir=null: no mark
+        return
+    mark, kept = out / ".hydra" / SWEEP_MARK, out / ".hydra" / HELD / SWEEP_MARK
+    if mark.is_file():
+        write_atomic(kept, mark.read_text())
+    else:
+        kept.unlink(missing_ok=True)
+
+
+def _put_back_sweep_mark(out: Path) -> None:
+    """The holder's sweep mark back (none where it ran no sweep); a holder of an older version left no held copy."""
+    held, mark = out / ".hydra" / HELD, out / ".hydra" / SWEEP_MARK
+    if not held.is_dir():
+        return
+    with contextlib.suppress(OSError):
+        if (held / SWEEP_MARK).is_file():
+            write_atomic(mark, (held / SWEEP_MARK).read_text())
+        else:
+            mark.unlink(missing_ok=True)
 
 
 def refusal_record(e: Exception) -> str:

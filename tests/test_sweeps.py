@@ -663,6 +663,41 @@ def test_a_second_sweep_in_the_same_folder_does_not_fail_the_first(tmp_path, cap
     assert "1 of 2 jobs FAILED" in capsys.readouterr().err
 
 
+def test_a_refused_job_of_a_second_sweep_leaves_the_working_jobs_sweep_mark(tmp_path, monkeypatch):
+    """Hydra calls on_job_start before the job can be refused: the second sweep's refused job had marked the first
+    sweep's working job as its own, and the first sweep's summary left that job out (a stop or failure of it
+    unreported, the sweep saying it ended before any job ran)."""
+    import fcntl
+    import os
+
+    from simpo_exp import runinfo
+    from simpo_exp.rundir import IN_USE_FILE, release_folders
+
+    job = tmp_path / "sweep" / "0_beta=2"
+    (job / ".hydra").mkdir(parents=True)
+    mark = job / ".hydra" / runinfo.SWEEP_MARK
+    monkeypatch.setattr(runinfo, "hydra_files", lambda cfg: {"overrides.yaml": "- beta=2\n"})
+    monkeypatch.setattr(runinfo, "_started_with", {})
+    mark.write_text("host:1:first")  # the first sweep's job starts (on_job_start), and takes its folder
+    assert runinfo._take_folder(job, job, None, single=False)
+    assert (job / ".hydra" / runinfo.HELD / "overrides.yaml").read_text() == "- beta=2\n"  # its copy to put back
+    release_folders()  # ... and holds it from a process of its own
+    holder = os.open(job / IN_USE_FILE, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        monkeypatch.setenv(runinfo.SWEEP_ENV, "host:2:second")
+        mark.write_text("host:2:second")  # the second sweep's job starts in the same folder, and is refused there
+        assert not runinfo._take_folder(job, job, None, single=False)
+        assert mark.read_text() == "host:1:first" and runinfo._sweep_mark(job) == "host:1:first"
+        assert (job.parent / f"{runinfo.IN_USE_REFUSED}0_beta=2.json").exists()
+        (job / ".hydra" / runinfo.HELD / runinfo.SWEEP_MARK).unlink()  # a holder that ran no sweep has no mark
+        mark.write_text("host:2:second")
+        assert not runinfo._take_folder(job, job, None, single=False)
+        assert not mark.exists()
+    finally:
+        os.close(holder)
+
+
 def test_a_job_another_sweep_started_in_the_folder_is_not_this_sweeps(tmp_path, capsys, monkeypatch):
     """Two sweeps in one folder (two default folders made in the same second are one): the first listed the second's
     failed, stopped or running jobs as its own and exited 1. Each job's folder carries the identity of the sweep that
