@@ -56,14 +56,16 @@ def check_model_config(path: Path, what: str = "model.path", trust_remote_code: 
         )
 
 
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # huggingface_hub goes offline on either
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # huggingface_hub reads the first one set
 
 
 def offline_variable() -> str | None:
-    """The variable that says offline (``HF_HUB_OFFLINE`` or transformers' older ``TRANSFORMERS_OFFLINE``, in any of
-    huggingface_hub's spellings of true), or None."""
-    on = ("1", "true", "yes", "on")
-    return next((k for k in OFFLINE_VARIABLES if os.environ.get(k, "0").lower() in on), None)
+    """The variable that says offline, or None, by huggingface_hub's rule: ``HF_HUB_OFFLINE`` where it is set (not
+    empty), else transformers' older ``TRANSFORMERS_OFFLINE``, true in any of its spellings. ``HF_HUB_OFFLINE=0``
+    over an inherited ``TRANSFORMERS_OFFLINE=1`` is online there: read each alone, a model the hub would download
+    was said to be missing from this machine."""
+    key = next((k for k in OFFLINE_VARIABLES if os.environ.get(k)), None)
+    return key if key and os.environ[key].lower() in ("1", "true", "yes", "on") else None
 
 
 def offline_setting() -> bool:

@@ -1,0 +1,131 @@
+"""Model and hub loading choices no test pinned (from a mutation review of model.py and hub.py): the offline rule
+huggingface_hub follows, the proxy's port, a config.json that is no object, the chat template setting and the one
+of several named templates that renders, the tokenizer hash's special ids, the attention kernel a preset picks,
+what load_model hands on (the tie of a random model's head, the base's revision to LoRA), and a GPT-2 LoRA merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simpo_exp import hub, model
+from simpo_exp.config import ConfigError
+from simpo_exp.model import build_tiny_tokenizer
+
+PROXIES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def test_the_hub_is_offline_by_huggingface_hubs_rule(monkeypatch):
+    """HF_HUB_OFFLINE, where set, decides (0 over an inherited TRANSFORMERS_OFFLINE=1 is online: read alone, a
+    model the hub would download was said to be missing); else TRANSFORMERS_OFFLINE."""
+    for on in (
+        {"HF_HUB_OFFLINE": "1"},
+        {"TRANSFORMERS_OFFLINE": "yes"},
+        {"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "1"},
+    ):
+        for key in hub.OFFLINE_VARIABLES:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in on.items():
+            monkeypatch.setenv(key, value)
+        assert hub.offline_setting(), on
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    assert not hub.offline_setting() and not constants._is_true(constants.os.environ.get("HF_HUB_OFFLINE"))
+
+
+def test_the_hub_is_reached_through_the_proxys_port(monkeypatch):
+    for key in PROXIES:
+        monkeypatch.delenv(key, raising=False)
+        monkeypatch.delenv(key.lower(), raising=False)
+    monkeypatch.setenv("ALL_PROXY", "http://p:3128")
+    assert hub.hub_address("https://huggingface.co") == ("p", 3128)
+    monkeypatch.setenv("HTTPS_PROXY", "http://q")  # no port: the scheme's
+    assert hub.hub_address("https://huggingface.co") == ("q", 80)
+
+
+def test_a_config_json_that_is_no_object_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(hub.ModelNotFoundError, match="holds a list, not a config"):
+        hub.check_model_config(tmp_path)
+
+
+def test_the_chat_template_setting_and_the_named_template_that_renders():
+    tok = build_tiny_tokenizer()
+    with pytest.raises(ConfigError, match=r"model.chat_template='zephr': allowed are 'auto', 'zephyr'"):
+        model.apply_chat_template_choice(tok, "zephr")
+    model.apply_chat_template_choice(tok, "{{ messages[0]['content'] }}")  # a Jinja string of expressions alone
+    assert tok.chat_template == "{{ messages[0]['content'] }}"
+    tok.chat_template = {"default": "{{ 'A' }}", "tool_use": "{{ 'B' }}"}
+    assert model.chat_template_text(tok) == "{{ 'A' }}"
+
+
+def test_a_tokenizer_of_named_templates_is_saved_as_it_is(tmp_path):
+    tok = build_tiny_tokenizer()
+    named = {
+        "default": "{% for m in messages %}{{ m['content'] }}{% endfor %}",  # writes no BOS
+        "tool_use": "{% for m in messages %}{{ m['role'] }}{% endfor %}",
+    }
+    tok.chat_template = dict(named)
+    assert model.save_tokenizer(tok, tmp_path) is False and tok.chat_template == named
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == named
+
+
+def test_the_tokenizer_hash_holds_the_special_tokens_ids():
+    a, b = build_tiny_tokenizer(), build_tiny_tokenizer()
+    assert model.tokenizer_hash(a) == model.tokenizer_hash(b)
+    b.pad_token = b.eos_token
+    assert a.pad_token_id != b.pad_token_id and model.tokenizer_hash(a) != model.tokenizer_hash(b)
+
+
+def test_a_model_presets_attention_kernel_wins_over_the_hardwares(compose):
+    assert model.pick_attention(compose("model=gemma2-9b-it")) == "eager"
+    assert model.pick_attention(compose("model=gemma2-9b-it", "model.attn_implementation=null")) == (
+        compose().hardware.attn_implementation
+    )
+
+
+def test_load_model_hands_on_the_heads_tie_and_the_bases_revision(compose, monkeypatch):
+    tok = build_tiny_tokenizer()
+    for tie in (True, False):
+        m = model.load_model(compose(f"model.random_init.tie_word_embeddings={tie}"), tok, "eager")
+        assert m.config.tie_word_embeddings is tie
+        assert (m.lm_head.weight is m.model.embed_tokens.weight) is tie
+    seen = {}
+
+    def add_lora(m, h, revision=None):
+        seen["revision"] = revision
+        return m
+
+    monkeypatch.setattr(model, "add_lora", add_lora)
+    model.load_model(compose("hardware.lora=true", "model.revision=abc123"), tok, "eager")
+    assert seen == {"revision": "abc123"}  # PEFT records it: the adapter reloads onto that commit, not main
+
+
+def test_a_gpt2_lora_merge_transposes_conv1d_and_writes_no_adapter_keys(tmp_path):
+    """GPT-2's Conv1D holds its weight as [in, out] (peft's fan_in_fan_out): c_proj is square, so a merge without
+    the transpose gave a wrong model with no shape error; the merged model/ holds the base's keys alone."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
+    keys = set(base.state_dict())
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj"], fan_in_fan_out=True))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # an adapter that moved
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
+    model.save_trained(lora, tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert not [k for k in saved if "lora_" in k] and set(saved) <= keys | {"lm_head.weight"}
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-4)
