@@ -68,10 +68,21 @@ def test_hparams_presets(compose, preset, expected):
 
 
 @pytest.mark.parametrize(
-    "params_b,lr", [(0.5, 1e-6), (3.0, 1e-6), (7.2, 5e-7), (8.0, 5e-7), (13.0, 3e-7), (30.0, 3e-7), (70.0, 1e-7)]
+    "params_b,lr",
+    [(0.5, 1e-6), (3.0, 1e-6), (3.5, 1e-6), (7.2, 5e-7), (8.0, 5e-7), (10.0, 5e-7), (13.0, 3e-7), (30.0, 3e-7)]
+    + [(35.0, 3e-7), (35.01, 1e-7), (70.0, 1e-7)],  # each band's upper edge its own
 )
 def test_learning_rate_follows_model_size(params_b, lr):
     assert learning_rate_for_size(params_b) == lr
+
+
+def test_a_learning_rate_given_beats_the_model_presets_and_the_presets_beats_the_size_rule(compose):
+    tiny = to_config(compose())
+    assert tiny.model.learning_rate is not None and tiny.model.learning_rate != 5e-4
+    assert resolve_learning_rate(to_config(compose("learning_rate=5e-4")))[0] == 5e-4
+    assert resolve_learning_rate(tiny) == (tiny.model.learning_rate, f"model preset {tiny.model.name!r}")
+    sized = to_config(compose("model.params_b=7", "model.learning_rate=2e-7"))
+    assert resolve_learning_rate(sized)[0] == 2e-7
 
 
 def test_a_model_of_unknown_size_needs_a_learning_rate(compose):
@@ -143,6 +154,15 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
         ("dataset.sources.synthetic.test_size=0", "dataset.sources.synthetic.test_size"),
         ("dataset.max_train_samples=0", "dataset.max_train_samples"),
         ("dataset.max_eval_samples=-2", "dataset.max_eval_samples"),
+        # cadences: -1 evaluated (and saved) at every step, 0 failed on a division after the whole set-up
+        ("eval_steps=-1", "eval_steps"),
+        ("save_steps=-1", "save_steps"),
+        ("logging_steps=0", "logging_steps"),
+        ("max_steps=-1 num_train_epochs=0", "num_train_epochs"),  # one step, finished as if complete
+        ("hardware.effective_batch_size=0", "hardware.effective_batch_size"),
+        ("hardware.dataloader_num_workers=-1", "hardware.dataloader_num_workers"),
+        ("hardware.logps_chunk_size=-1", "hardware.logps_chunk_size"),
+        ("hardware=cpu-lora hardware.lora_r=0", "hardware.lora_r"),
     ],
 )
 def test_invalid_values_name_the_key(compose, override, key):
