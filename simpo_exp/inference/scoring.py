@@ -100,15 +100,22 @@ def check_reward_model(s) -> None:
         )
     if "AutoModelForSequenceClassification" in auto_map:
         load_own_model_class(s, config, auto_map["AutoModelForSequenceClassification"])
-    if s.label_index is not None and not auto_map and s.label_index >= config.num_labels:
+    if not auto_map:  # a model with its own code says its outputs only when it runs (``_rewards`` checks them then)
+        check_label_index(s, config.num_labels, "has")
+
+
+def check_label_index(s, outputs: int, verb: str, then: str = "") -> None:
+    """Refuse a ``scorer.label_index`` past the model's ``outputs``, or none where it has several (``verb``: "has",
+    from its config; "returns", from its first scores, ``then`` saying what is kept)."""
+    if s.label_index is not None and s.label_index >= outputs:
         raise ConfigError(
-            f"invalid config value scorer.label_index={s.label_index}: {s.path!r} has {config.num_labels} "
-            f"output(s) (0..{config.num_labels - 1})"
+            f"invalid config value scorer.label_index={s.label_index}: {s.path!r} {verb} {outputs} output(s) "
+            f"(0..{outputs - 1}){then}"
         )
-    if not auto_map and config.num_labels > 1 and s.label_index is None:
+    if outputs > 1 and s.label_index is None:
         raise ConfigError(
-            f"invalid config value scorer.label_index=None: {s.path!r} has {config.num_labels} outputs; "
-            "name the one that is the reward (scorer.label_index=...)"
+            f"invalid config value scorer.label_index=None: {s.path!r} {verb} {outputs} outputs; name the one that "
+            f"is the reward (scorer.label_index=...){then}"
         )
 
 
@@ -307,18 +314,8 @@ class RewardModelScorer:
         if score is not None:
             return score.float().reshape(n, -1)[:, 0].tolist()
         logits = output.logits.float().reshape(n, -1)
-        if logits.shape[1] > 1 and self.s.label_index is None:
-            raise ConfigError(
-                f"invalid config value scorer.label_index=None: {self.s.path!r} returns "
-                f"{logits.shape[1]} outputs; name the one that is the reward (the sampled responses are kept: re-run "
-                "to score them)"
-            )
-        if (self.s.label_index or 0) >= logits.shape[1]:  # a model with its own code: its outputs unknown until now
-            raise ConfigError(
-                f"invalid config value scorer.label_index={self.s.label_index}: {self.s.path!r} returns "
-                f"{logits.shape[1]} output(s) (0..{logits.shape[1] - 1}) (the sampled responses are kept: re-run to "
-                "score them)"
-            )
+        # a model with its own code: its outputs unknown until now
+        check_label_index(self.s, logits.shape[1], "returns", " (the sampled responses are kept: re-run to score them)")
         return logits[:, self.s.label_index or 0].tolist()
 
     def close(self) -> None:
