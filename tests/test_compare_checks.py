@@ -12,12 +12,9 @@ import yaml
 
 from simpo_exp import compare
 from simpo_exp.rundir import _this_machine
+from tests.test_compare import _run
 
 ACC = "eval/rewards/accuracies"
-
-
-def _run(name, overrides, summary, status="done"):
-    return compare.Run(name=name, status=status, overrides=overrides, config={}, summary=summary)
 
 
 def _job(folder: Path, overrides: list[str], summary: dict | None = None, results: dict | None = None) -> Path:
@@ -42,7 +39,7 @@ def test_the_ranking_at_its_edges():
     runs = [_run("diverged", {}, {"eval/loss": float("nan")}), _run("none", {}, {}), _run("fine", {}, {"eval/loss": 5})]
     assert [r.name for r in compare.rank_runs(runs, "eval/loss")][0] == "fine"
     assert [r.name for r in compare.rank_runs(runs, "eval/loss", ascending=False)][0] == "fine"
-    runs = [_run("killed", {}, {ACC: 0.9}, "killed"), _run("running", {}, {ACC: 0.1}, "running")]
+    runs = [_run("killed", {}, {ACC: 0.9}, status="killed"), _run("running", {}, {ACC: 0.1}, status="running")]
     assert [r.name for r in compare.rank_runs(runs)] == ["running", "killed"]
 
 
@@ -174,7 +171,9 @@ def test_a_plots_title_says_within_the_spread_only_of_the_next_setting_it_overla
 
 def test_a_plots_title_names_no_best_run_while_none_is_done():
     pytest.importorskip("matplotlib")
-    title = _title([_run("a", {"beta": "2"}, {ACC: 0.9}, "running"), _run("b", {"beta": "5"}, {ACC: 0.5}, "running")])
+    title = _title(
+        [_run("a", {"beta": "2"}, {ACC: 0.9}, status="running"), _run("b", {"beta": "5"}, {ACC: 0.5}, status="running")]
+    )
     assert "best by" not in title, title
     title = _title([_run("a", {"beta": "2"}, {ACC: 0.9}), _run("b", {"beta": "5"}, {ACC: 0.5})])
     assert "best by eval/rewards/accuracies: beta=2" in title, title

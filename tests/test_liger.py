@@ -86,7 +86,7 @@ def assert_like_padded(fused, plain, computed_apart=()) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_head_equals_the_padded_path(compose, case):
+def test_fused_head_equals_the_padded_path(compose, case, monkeypatch):
     pytest.importorskip("liger_kernel")
     cfg = config(compose, "hardware.fused_head=liger", *CASES[case])
     model = with_bias(make_model(vocab=96, seed=3))
@@ -96,12 +96,10 @@ def test_fused_head_equals_the_padded_path(compose, case):
     fused = run(ResponseLogps(model, fused=head), batch, cfg)
     grads = []  # evaluation: Liger takes no gradients (a backward per call kept head-sized buffers), the same loss
     real_grad = torch.autograd.grad
-    try:
-        torch.autograd.grad = lambda *a, **k: grads.append(1) or real_grad(*a, **k)
-        with torch.no_grad():
-            torch.testing.assert_close(batch_loss(ResponseLogps(model, fused=head), dict(batch), cfg)[0], fused[0])
-    finally:
-        torch.autograd.grad = real_grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(1) or real_grad(*a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(batch_loss(ResponseLogps(model, fused=head), dict(batch), cfg)[0], fused[0])
+    monkeypatch.undo()
     assert grads == []
     plain = run(ResponseLogps(model), batch, cfg)
     assert isinstance(ResponseLogps(model, fused=head)(**batch), FusedPreference)
