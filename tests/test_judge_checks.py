@@ -115,3 +115,32 @@ def test_an_arena_rerun_judges_new_questions_though_the_half_judged_ones_fail_ag
     assert len(SecondGamesFail.failed) == 4 and len(SecondGamesFail.requests) == 6  # the kept games once more, the new
     path = tmp_path / "model_judgment" / "org_fake-judge" / "my-model.jsonl"
     assert len(read_jsonl(path)) == 7
+
+
+def test_the_judging_stops_with_its_reason_not_with_a_prompt_stopped_after_it(tmp_path):
+    """A prompt whose request found the judging stopped (``JudgeStopped``, wrapped in the prompt's error) finished
+    before the prompt that stopped it: the command said only "the judging stopped before this request was sent"."""
+    import dataclasses
+    import threading
+    import time
+
+    from simpo_exp.evaluate.judge import JudgeStopped, stopped_only
+
+    asked = threading.Event()  # both prompts in flight before the first one ends
+
+    def ask(prompt, text):
+        if prompt["id"] == "0":
+            asked.wait(10)
+            try:
+                raise JudgeStopped("the judging stopped before this request was sent")
+            except JudgeStopped as e:
+                raise JudgeError("judging prompt id='0': stopped") from e
+        asked.set()
+        time.sleep(0.3)
+        raise JudgeError("the judge endpoint did not answer after 1 tries")
+
+    judge = PairwiseJudge(dataclasses.replace(DEAD, concurrency=2), "benchmarks.alpacaeval2")
+    prompts = [{"id": str(i), "instruction": "q", "reference": "R"} for i in range(2)]
+    with pytest.raises(JudgeError, match="did not answer") as err:
+        judge.judge_lines(ask, prompts, ["M", "M"], tmp_path / "v.jsonl", {})
+    assert not stopped_only(err.value)

@@ -418,7 +418,7 @@ class PairwiseJudge:
                     done[futures[fut]] = fut.result()
                 except JudgeError as e:
                     # the reason, not another thread's "stopped before this request was sent" read before it
-                    error = e if error is None or isinstance(error, JudgeStopped) else error
+                    error = e if error is None or (stopped_only(error) and not stopped_only(e)) else error
                     self.stopping.set()
                     for other in futures:
                         other.cancel()
@@ -433,6 +433,16 @@ class PairwiseJudge:
         rows = [done[p["id"]] for p in prompts]
         write_jsonl(path, [*keep, *rows])  # ``keep``: lines of other prompts, left in the file before this judging's
         return rows
+
+
+def stopped_only(error: BaseException | None) -> bool:
+    """Whether ``error`` says only that the judging had stopped before its request (``JudgeStopped``, also where a
+    prompt's or question's error wraps it), not why it stopped."""
+    while error is not None:
+        if isinstance(error, JudgeStopped):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _sha256(text: str) -> str:
