@@ -166,3 +166,20 @@ def test_the_generate_stages_prompts_leave_out_blank_ones_and_blank_ids(tmp_path
     prompts, counts = train_prompts(dcfg)
     assert [p["prompt_id"] for p in prompts] == [hashlib.sha256(b"q").hexdigest(), "mine"]
     assert counts["no prompt"] == 1 and counts["rows"] == 3
+
+
+def test_a_hash_missing_then_or_now_is_left_unchecked(tmp_path, monkeypatch):
+    """A run recorded before the hashes were (an empty ``tokenization``) resumes, and so does one whose hash cannot
+    be taken now: only two hashes that were both taken and differ refuse a resume."""
+    import simpo_exp.train as train_mod
+
+    tokenizer = build_tiny_tokenizer()
+    (tmp_path / "data_report.json").write_text(json.dumps({"tokenization": {}}))
+    train_mod.check_same_tokenizer(tmp_path, tokenizer)
+    record = {"tokenizer_sha256": "0" * 64, "chat_template_sha256": "1" * 64}  # neither is this tokenizer's
+    (tmp_path / "data_report.json").write_text(json.dumps({"tokenization": record}))
+    with pytest.raises(Exception, match="chat_template_sha256 1+ then"):
+        train_mod.check_same_tokenizer(tmp_path, tokenizer)
+    monkeypatch.setattr(train_mod, "chat_template_hash", lambda tokenizer: None)
+    monkeypatch.setattr(train_mod, "tokenizer_hash", lambda tokenizer: None)
+    train_mod.check_same_tokenizer(tmp_path, tokenizer)

@@ -189,6 +189,47 @@ def test_a_model_is_a_runs_trained_model_only_once_the_run_is_recorded_finished(
     assert earlier_model(SimpleNamespace(model=SimpleNamespace(path="")), tmp_path) == ["model"]
     assert earlier_model(SimpleNamespace(model=SimpleNamespace(path=str(tmp_path / "model"))), tmp_path) == []
     assert earlier_model(SimpleNamespace(model=SimpleNamespace(path="org/hub-model")), tmp_path) == ["model"]
+    (tmp_path / "model" / "sub").mkdir()  # a model inside it (a checkpoint's export): the folder is kept too
+    assert earlier_model(SimpleNamespace(model=SimpleNamespace(path=str(tmp_path / "model" / "sub"))), tmp_path) == []
+
+
+def test_a_fresh_start_drops_an_earlier_finish_and_its_records(tmp_path):
+    """resume=false over a finished run: its finished.json kept made a model/ cut short by a kill in this run's save
+    count as trained (as a resume's stale one did), and its summary and metrics were another run's."""
+    from types import SimpleNamespace
+
+    from simpo_exp.train import start_or_resume
+
+    names = ("finished.json", "summary.json", "metrics.jsonl", "generations.jsonl", "wandb_run.json")
+    for name in names:
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "checkpoints" / "step-1").mkdir(parents=True)
+    cfg = SimpleNamespace(resume=False, model=SimpleNamespace(path=""))
+    state = start_or_resume(cfg, tmp_path, SimpleNamespace(is_main_process=True), None, None, None, {}, {})
+    assert state.step == 0 and not any((tmp_path / name).exists() for name in names)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_reference_methods_start_is_checked_on_what_its_last_start_recorded(tmp_path):
+    """check_same_start: weights and architecture each checked where env.json recorded them (a run started before
+    they were recorded resumes), and refused by name where they differ."""
+    from types import SimpleNamespace
+
+    from simpo_exp.checkpoint import DifferentConfigCheckpoint
+    from simpo_exp.train import check_same_start
+
+    cfg = SimpleNamespace(model=SimpleNamespace(path="/models/x", name="x"))
+    (tmp_path / "env.json").write_text("{}")
+    check_same_start(tmp_path, cfg, "w1", "a1")
+    (tmp_path / "env.json").write_text(json.dumps({"start_weights": "w1"}))
+    check_same_start(tmp_path, cfg, "w1", "a1")
+    (tmp_path / "env.json").write_text(json.dumps({"start_weights": "w0", "start_architecture": "a1"}))
+    with pytest.raises(DifferentConfigCheckpoint, match="other starting weights .*weights w0 then, w1 now"):
+        check_same_start(tmp_path, cfg, "w1", "a1")
+    (tmp_path / "env.json").write_text(json.dumps({"start_weights": "w1", "start_architecture": "a0"}))
+    with pytest.raises(DifferentConfigCheckpoint, match="another model config .*architecture a0 then, a1 now"):
+        check_same_start(tmp_path, cfg, "w1", "a1")
+    check_same_start(tmp_path, cfg, "w1", None)  # no architecture taken now: the weights alone
 
 
 def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
@@ -914,6 +955,29 @@ def test_a_finished_run_trained_again_is_not_taken_as_finished_until_it_is(compo
         train_mod.train(_tiny_config(compose, tmp_path, *args, "save_model=true"))
     assert (run / "model" / "config.json").exists() and not (run / "finished.json").exists()
     assert not has_model(run)
+
+
+def test_a_resumed_runs_time_goes_on_from_its_checkpoints(compose, tmp_path, monkeypatch):
+    """runtime_s counts every start of a run: the resumed start's seconds are added to those its checkpoint
+    recorded (an hour planted there shows in the summary), not counted alone."""
+    import simpo_exp.train as train_mod
+    from simpo_exp import checkpoint
+
+    args = ("max_steps=2", "save_steps=1", "per_device_train_batch_size=8")
+    train_mod.train(_tiny_config(compose, tmp_path, *args))
+    (tmp_path / "run" / "finished.json").unlink()  # trained again: it resumes from step 1's checkpoint
+    load_newest = checkpoint.load_newest
+
+    def an_hour_in(*args, **kwargs):
+        path, state = load_newest(*args, **kwargs)
+        assert state.step == 1 and 0 < state.runtime_s < 3600
+        state.runtime_s += 3600
+        return path, state
+
+    monkeypatch.setattr(checkpoint, "load_newest", an_hour_in)
+    summary = train_mod.train(_tiny_config(compose, tmp_path, *args))
+    assert summary["runtime_s"] > 3600
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["runtime_s"] == summary["runtime_s"]
 
 
 def test_a_finished_run_whose_model_is_gone_trains_again_and_an_intact_one_is_skipped(compose, tmp_path):

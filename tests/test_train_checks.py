@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from simpo_exp.checkpoint import TrainState
 from simpo_exp.metrics import SKIPPED
 from simpo_exp.tracking import SAMPLES_KEY
@@ -25,3 +27,83 @@ def test_a_logged_step_counts_epochs_in_micro_batches_pairs_over_processes_and_s
     assert metrics[SAMPLES_KEY] == 32  # 2 steps of 16 pairs (per device x accumulation x processes)
     assert metrics["train/num_tokens"] == 142.0 and state.num_tokens == 142.0  # a skipped step's tokens were fed too
     assert metrics["train/skipped_steps"] == 1 and logged == [(2, metrics)]
+
+
+def _stubbed_loop(monkeypatch, tmp_path, steps: int, signal_at=None, **settings):
+    """A train_loop whose step, eval and checkpoint only record themselves: ``(run, evals, saved)``. ``signal_at``:
+    ``("step", n)`` sends SIGTERM during step n, ``("eval", n)`` during step n's eval."""
+    import dataclasses
+    import os
+    import signal
+
+    import simpo_exp.train as train_mod
+    from simpo_exp.tracking import Tracker
+
+    evals, saved = [], []
+
+    def step(run, batches, window):
+        run.state.step += 1
+        if signal_at == ("step", run.state.step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return 0.0
+
+    def evaluate(run, step):
+        evals.append(step)
+        if signal_at == ("eval", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"eval/step": step}
+
+    monkeypatch.setattr(train_mod, "optimizer_step", step)
+    monkeypatch.setattr(train_mod, "forever", lambda *args: None)
+    monkeypatch.setattr(train_mod, "log_train", lambda *args: {"train/loss": 0.5})
+    monkeypatch.setattr(train_mod, "evaluate_and_sample", evaluate)
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda run, window: saved.append(dataclasses.replace(run.state)))
+    cfg = dict(eval_on_start=False, logging_steps=1, eval_steps=0, save_steps=0, progress_bar=False) | settings
+    run = SimpleNamespace(
+        cfg=SimpleNamespace(**cfg),
+        state=TrainState(step=settings.get("start", 0)),
+        steps=steps,
+        train_loader=None,
+        accelerator=SimpleNamespace(num_processes=1, is_main_process=True, wait_for_everyone=lambda: None),
+        policy=SimpleNamespace(train=lambda: None),
+        tracker=Tracker(tmp_path, SimpleNamespace(wandb=False), {}),
+        run_dir=tmp_path,
+    )
+    return run, evals, saved
+
+
+def _loop(run):
+    import simpo_exp.train as train_mod
+    from simpo_exp.signals import StopSignal
+
+    stop = StopSignal()
+    try:
+        return train_mod.train_loop(run, stop)
+    finally:
+        stop.restore()  # a failure must not leave this handler to the tests after it
+
+
+def test_eval_on_start_is_the_first_starts_alone(monkeypatch, tmp_path):
+    """A resumed run with eval_on_start evaluated step 0 again after its checkpoint's step: a second step-0 row in
+    the records, and a whole evaluation a resume."""
+    run, evals, saved = _stubbed_loop(monkeypatch, tmp_path, steps=4, eval_on_start=True, eval_steps=2, start=2)
+    assert _loop(run)["eval/step"] == 4 and evals == [4] and saved == []
+    run, evals, saved = _stubbed_loop(monkeypatch, tmp_path, steps=4, eval_on_start=True, eval_steps=2)
+    _loop(run)
+    assert evals == [0, 2, 4]
+
+
+def test_no_checkpoint_at_the_last_step_and_a_signal_in_its_eval_finishes_the_run(monkeypatch, tmp_path):
+    """The last step's checkpoint would be written just before the model (a whole checkpoint's time and disk); and
+    a signal during the last eval saved one and left with 143, the resumed run rebuilding its summary without the
+    eval's metrics. Both now finish: the model write that follows is as long as a checkpoint."""
+    run, evals, saved = _stubbed_loop(monkeypatch, tmp_path, steps=4, save_steps=2)
+    _loop(run)
+    assert [s.step for s in saved] == [2] and evals == [4]
+    run, evals, saved = _stubbed_loop(monkeypatch, tmp_path, steps=2, eval_steps=2, signal_at=("eval", 2))
+    summary = _loop(run)
+    assert summary["eval/step"] == 2 and summary["train/loss"] == 0.5 and saved == []
+    run, evals, saved = _stubbed_loop(monkeypatch, tmp_path, steps=4, eval_steps=2, signal_at=("eval", 2))
+    with pytest.raises(SystemExit):  # an earlier step's eval: saved, and stopped there
+        _loop(run)
+    assert [(s.step, s.eval_owed) for s in saved] == [(2, 0)] and evals == [2]
