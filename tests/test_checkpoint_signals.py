@@ -399,6 +399,8 @@ def test_a_stop_signal_during_the_evaluation_at_start_ends_the_run_at_once(tmp_p
     (run_dir / ".hydra" / "overrides.yaml").write_text("- beta=5\n")
     cfg = SimpleNamespace(eval_on_start=True, output_dir=str(run_dir))
     tracker = Tracker(run_dir, SimpleNamespace(wandb=False), {})  # writes stopped.json (and marks a W&B run)
+    marked, mark_stopped = [], tracker.mark_stopped
+    monkeypatch.setattr(tracker, "mark_stopped", lambda record: marked.append(record) or mark_stopped(record))
     run = SimpleNamespace(cfg=cfg, state=checkpoint.TrainState(), tracker=tracker)
     stop = StopSignal(at_once=True)
     try:
@@ -408,7 +410,7 @@ def test_a_stop_signal_during_the_evaluation_at_start_ends_the_run_at_once(tmp_p
         stop.restore()  # a failure here must not leave this handler to the tests after it
     assert leaving.value.code == 128 + signal.SIGTERM
     record = json.loads((run_dir / "stopped.json").read_text())
-    assert record == {"signal": "SIGTERM", "step": 0, "during": "evaluation at start"}
+    assert record == {"signal": "SIGTERM", "step": 0, "during": "evaluation at start"} and marked == [record]
     shown = load_run(run_dir)  # compare tells it from a stop that saved a checkpoint
     assert shown.status == "stopped" and "during evaluation at start, before a step (nothing saved)" in shown.error
 

@@ -129,3 +129,19 @@ def test_a_gpt2_lora_merge_transposes_conv1d_and_writes_no_adapter_keys(tmp_path
     merged = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-4)
+
+
+def test_a_tied_heads_second_name_is_left_out_of_a_gathered_state_dict():
+    """FSDP gathers a copy of a tied matrix under each of its names, which save_pretrained wrote twice: kept once,
+    under its first name (the embeddings), as the model itself saves it; an untied head is kept."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.train import without_tied_copies
+
+    shape = dict(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    tied = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True))
+    kept = without_tied_copies({k: v.clone() for k, v in tied.state_dict().items()}, tied)
+    assert "model.embed_tokens.weight" in kept and "lm_head.weight" not in kept
+    assert len(kept) == len(tied.state_dict()) - 1
+    untied = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
+    assert set(without_tied_copies(dict(untied.state_dict()), untied)) == set(untied.state_dict())
