@@ -1228,7 +1228,7 @@ def test_a_re_evaluation_with_nothing_new_opens_no_wandb_run(tmp_path, monkeypat
     import types
 
     from simpo_exp.evaluate import wandb_log
-    from simpo_exp.inference.files import write_json
+    from simpo_exp.inference.files import write_json, write_jsonl
 
     opened = []
 
@@ -1239,10 +1239,14 @@ def test_a_re_evaluation_with_nothing_new_opens_no_wandb_run(tmp_path, monkeypat
     monkeypatch.setattr(wandb_log, "open_wandb", fake_open)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     write_json(tmp_path / "wandb_run.json", {"id": "abc123", "project": "p", "mode": "offline"})
-    write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 60.0}})
-    for _ in range(2):
+    write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 60.0}, "created": "10:00:00"})
+    for created in ("10:00:00", "10:00:05"):  # each evaluation writes results.json again, at its own time
+        write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 60.0}, "created": created})
         assert wandb_log.log_results(tmp_path, ["rule"]) is True
     assert opened == ["abc123"]
+    write_jsonl(tmp_path / "eval" / "rule" / "generations.jsonl", [{"prompt": "p", "answer": "a"}])  # its table
+    wandb_log.log_results(tmp_path, ["rule"])
+    assert len(opened) == 2
     write_json(tmp_path / "eval" / "rule" / "results.json", {"metrics": {"win_rate": 61.0}})  # re-judged
     wandb_log.log_results(tmp_path, ["rule"])
     write_json(tmp_path / "eval" / "arena-hard" / "results.json", {"metrics": {"win_rate": 20.0}})  # another bench
@@ -1251,9 +1255,9 @@ def test_a_re_evaluation_with_nothing_new_opens_no_wandb_run(tmp_path, monkeypat
     monkeypatch.setenv("WANDB_MODE", "online")  # the user's word: sent again, now online (with a key)
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     wandb_log.log_results(tmp_path, ["rule", "arena-hard"])
-    assert len(opened) == 5
+    assert len(opened) == 6
     wandb_log.log_results(tmp_path, ["rule", "arena-hard"])
-    assert len(opened) == 5
+    assert len(opened) == 6
 
 
 def test_a_benchmarks_wandb_table_holds_its_first_few_rows(tmp_path):

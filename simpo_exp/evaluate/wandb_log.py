@@ -133,11 +133,19 @@ def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0
 
 def sent_record(run_dir: Path, rec: dict, mode: str, benchmarks: list[str]) -> dict:
     """What an evaluation sends to W&B, as ``SENT`` records it: the run id and mode, the benchmarks whose sample
-    tables go, and a hash of every results.json (the summary's ``bench/*`` numbers and the tables come from them).
-    The same record means nothing new to send."""
+    tables go, and a hash of every results.json (the summary's ``bench/*`` numbers come from them) and of those
+    tables' rows. The same record means nothing new to send. A results.json is hashed without the time it was
+    written (``created``): each evaluation writes it again, one whose answers and verdicts were all kept as well,
+    and its new time made every re-evaluation send the same numbers again (a W&B run reopened, an offline folder
+    more)."""
     digest = hashlib.sha256()
     for path in sorted((Path(run_dir) / EVAL_DIR).glob("*/results.json")):
-        digest.update(path.parent.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        results = read_json(path)
+        if isinstance(results, dict):
+            results.pop("created", None)
+        digest.update(path.parent.name.encode() + b"\0" + json.dumps(results, sort_keys=True).encode() + b"\0")
+    for benchmark in sorted(benchmarks):
+        digest.update(json.dumps(sample_rows(run_dir, benchmark), sort_keys=True, default=str).encode() + b"\0")
     return {"id": rec.get("id"), "mode": mode, "benchmarks": sorted(benchmarks), "results": digest.hexdigest()}
 
 
