@@ -234,6 +234,12 @@ def test_a_cut_short_or_mismatched_answer_shard_is_named_not_paired_with_other_p
     cfg.dataset = SimpleNamespace(chat_format="generation_prompt")
     with pytest.raises(DamagedFile, match="trained-00001.jsonl holds 0 answers"):
         generate(cfg, prompts, dec, shards, "trained", judge_only=True)
+    # deleted, as that message advises: judge_only still makes no answers (no model is loaded, nothing sampled)
+    from simpo_exp.config import ConfigError
+
+    (shards / "trained-00001.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"judge_only=true, but \S*trained-00001.jsonl holds no stored generations"):
+        generate(cfg, prompts, dec, shards, "trained", judge_only=True)
 
 
 def test_the_trained_model_is_loaded_in_the_dtype_it_was_saved_in(tmp_path, compose):
@@ -381,6 +387,29 @@ def test_answers_of_an_older_manifest_are_not_refused_over_a_key_it_did_not_reco
     _check_manifest(path, {**now, "decoding": {"temperature": 0.0, "seed": 0}}, has_answers=True)  # nested too
     with pytest.raises(ConfigError, match="decoding.temperature: stored 0.0, now 0.7"):
         _check_manifest(path, {**now, "decoding": {"temperature": 0.7}}, has_answers=True)
+    # sampled answers made before their batch size was recorded are kept; a batch size recorded binds them
+    sampled = {"temperature": 0.7, "top_p": 0.9, "seed": 0}
+    path.write_text(json.dumps({"weights": "w", "decoding": sampled}))
+    _check_manifest(path, {**now, "decoding": sampled | {"batch_size": 8}}, has_answers=True)
+    path.write_text(json.dumps({"weights": "w", "decoding": sampled | {"batch_size": 4}}))
+    with pytest.raises(ConfigError, match="batch_size"):
+        _check_manifest(path, {**now, "decoding": sampled | {"batch_size": 8}}, has_answers=True)
+
+
+def test_runs_are_ranked_by_a_score_not_its_standard_error_and_a_missing_data_set_is_named():
+    """A task whose only score is lower-is-better (perplexity) ranked the runs by its standard error, which is not
+    lower-is-better; and the hub's LocalEntryNotFoundError (a data set not in the cache) escaped as a traceback."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from simpo_exp.data.sources import DataSourceError
+    from simpo_exp.evaluate.lmeval import raise_if_not_cached
+    from simpo_exp.evaluate.run import _rank_metric
+
+    metrics = {"w/word_perplexity:none": 9.0, "w/word_perplexity_stderr:none": 0.2, "w/n": 10.0}
+    assert _rank_metric([{"benchmark": "wt", "metrics": metrics}]) == "bench/wt/w/word_perplexity:none"
+    with pytest.raises(DataSourceError, match=r"benchmarks\.g\.tasks=\['gsm8k'\]: a task's data set is not on"):
+        raise_if_not_cached(types.SimpleNamespace(name="g", tasks=["gsm8k"]), LocalEntryNotFoundError("no such file"))
+    raise_if_not_cached(types.SimpleNamespace(name="g", tasks=["gsm8k"]), ValueError("bad value"))  # not ours
 
 
 def test_the_run_directory_is_found_among_hydras_options_and_overrides(tmp_path):

@@ -210,6 +210,9 @@ def test_a_chat_template_fixed_in_the_model_folder_evaluates_again(lm_eval_calls
     results.write_text(json.dumps(older))
     evaluate_sweep(run, *args)
     assert len(lm_eval_calls) == 2  # kept: an older record is not held to a key it could not have
+    results.write_text(json.dumps(older | {"metrics": {}}))  # made with all the same, but no score in it
+    evaluate_sweep(run, *args)
+    assert len(lm_eval_calls) == 3  # evaluated again, not kept empty for good
 
 
 def test_another_lm_eval_version_evaluates_again(lm_eval_calls, tmp_path, compose, monkeypatch):
