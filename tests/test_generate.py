@@ -613,6 +613,10 @@ def test_a_manifest_without_shards_binds_nothing(tmp_path):
     check_manifest(shards, {"generate": {"top_p": 0.7}})  # the same config resumes
     with pytest.raises(ConfigError, match="other settings \\(generate.top_p: stored 0.7, now 0.9\\)"):
         check_manifest(shards, {"generate": {"top_p": 0.9}})
+    (shards / "responses-00000.jsonl").unlink()  # the responses deleted, their scores kept: they still bind
+    (shards / "scored-00000-abcd1234.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="other settings"):
+        check_manifest(shards, {"generate": {"top_p": 0.9}})
     # the scorer an older manifest recorded binds only its scored shards, which are named by its settings' hash
     check_manifest(shards, {"generate": {"top_p": 0.7}, "scorer": {"path": "/another"}})
 
@@ -1612,6 +1616,7 @@ def test_a_hardware_or_logger_setting_sampling_never_reads_is_refused(override, 
         ("scorer.max_length=8", "scorer.max_length=8: is a reward model's setting; scorer.kind=rule reads none"),
         ("scorer.path=/rm", "scorer.path='/rm': is a reward model's setting"),
         ("binarise.seed=7", "binarise.seed=7: is best_random's draw; binarise.mode=best_worst draws nothing"),
+        ("scorer.batch_size=4", "scorer.batch_size=4: is a reward model's setting"),
     ],
 )
 def test_a_scorer_or_pairing_setting_nothing_reads_is_refused(override, says):
@@ -1986,6 +1991,9 @@ def test_the_hub_commit_a_model_was_read_from_is_named(tmp_path, monkeypatch):
         (["generate.top_p=0"], "generate.top_p=0.0: must be in (0, 1]"),
         (["generate.splits=[test]"], "generate.splits=['test']: must be [train] or [train,test]"),
         (["generate.shard_size=0"], "generate.shard_size=0: must be an integer >= 1"),
+        (["generate.max_new_tokens=0"], "generate.max_new_tokens=0: must be an integer >= 1"),
+        (["generate.batch_size=0"], "generate.batch_size=0: must be an integer >= 1"),
+        (["generate.vllm_tensor_parallel_size=0"], "generate.vllm_tensor_parallel_size=0: must be an integer >= 1"),
         (["generate.vllm_gpu_memory_utilization=1.5"], "generate.vllm_gpu_memory_utilization=1.5: must be in (0, 1]"),
         (["generate.backend=vllm"], "generate.backend='vllm': vllm loads weights from disk: set model.path"),
         (["scorer.rule=exact_match"], "scorer.rule='exact_match': allowed values are 'sort_digits'"),

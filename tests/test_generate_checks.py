@@ -175,3 +175,49 @@ def test_every_shape_of_prompt_is_rendered_by_the_reward_models_template_before_
     check_reward_template(tok, s, [user, user])
     with pytest.raises(ConfigError, match=r"roles \['system', 'user', 'assistant'\]"):
         check_reward_template(tok, s, [user, user, [{"role": "system", "content": "x"}, *user]])
+
+
+def test_a_shard_read_back_must_hold_its_prompts_in_order_each_with_every_response(tmp_path):
+    """A shard file of another shard's prompts, in another order, or with more responses than a prompt gets was
+    taken as this shard's: its responses paired with other prompts, or extra ones scored into the data set."""
+    import json
+
+    from simpo_exp.generate.run import read_shard
+    from simpo_exp.inference.files import DamagedFile
+
+    cfg = SimpleNamespace(generate=SimpleNamespace(seeds=[1, 2], samples_per_seed=1))
+    prompts = [{"prompt_id": "a"}, {"prompt_id": "b"}]
+    path = tmp_path / "responses-00000.jsonl"
+
+    def write(*rows):
+        path.write_text("".join(json.dumps({"prompt_id": p, "responses": [{"text": "x"}] * n}) + "\n" for p, n in rows))
+
+    write(("a", 2), ("b", 2))
+    assert [r["prompt_id"] for r in read_shard(path, prompts, cfg)] == ["a", "b"]
+    write(("b", 2), ("a", 2))
+    with pytest.raises(DamagedFile, match="row 1 is prompt 'b', the shard's is 'a'"):
+        read_shard(path, prompts, cfg)
+    write(("a", 3), ("b", 2))
+    with pytest.raises(DamagedFile, match=r"row 1 \(prompt 'a'\) has \{'responses': 3\}, not 2 each"):
+        read_shard(path, prompts, cfg)
+    write(("a", 2))
+    with pytest.raises(DamagedFile, match="it holds 1 prompts, its shard 2"):
+        read_shard(path, prompts, cfg)
+
+
+def test_older_scored_shards_are_taken_only_from_a_scorer_of_the_same_settings(tmp_path):
+    """Scored shards named before the scorer's hash was in their names are this scorer's when the old manifest's
+    scorer has its settings; another scorer's are left (scored again), not carried into the data set."""
+    import json
+
+    from simpo_exp.generate.run import adopt_older_scores, scorer_settings, scorer_tag
+
+    cfg = compose_generate()
+    old = tmp_path / "scored-00000.jsonl"
+    old.write_text("{}\n")
+    (tmp_path / "manifest.json").write_text(json.dumps({"scorer": {**scorer_settings(cfg), "max_length": 7}}))
+    adopt_older_scores(tmp_path, cfg)
+    assert old.exists() and not (tmp_path / f"scored-00000-{scorer_tag(cfg)}.jsonl").exists()
+    (tmp_path / "manifest.json").write_text(json.dumps({"scorer": scorer_settings(cfg)}))
+    adopt_older_scores(tmp_path, cfg)
+    assert not old.exists() and (tmp_path / f"scored-00000-{scorer_tag(cfg)}.jsonl").read_text() == "{}\n"
