@@ -1283,6 +1283,38 @@ def test_a_rebinarising_that_keeps_no_pair_leaves_no_stale_data_set(
     assert not (out / "data" / "train.jsonl").exists() and not (out / "data" / "provenance.json").exists()
 
 
+def test_an_earlier_commands_test_split_goes_and_a_manifest_changed_meanwhile_writes_no_data_set(
+    uninterrupted_generation, tiny_reward_model, tmp_path, monkeypatch
+):
+    """Re-run with splits=[train] where a [train,test] command ran: its data/test.jsonl stayed beside the new pairs
+    and training evaluated on it. And a process whose manifest another process of the generation replaced after
+    its last shard still wrote the data set, under its own settings."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.generate import run as generate_run
+
+    out = tmp_path / "gen"
+    shutil.copytree(uninterrupted_generation, out)
+    (out / "data" / "test.jsonl").write_text('{"prompt": "an earlier command\'s"}\n')
+    cfg = compose_generate(*RM_RUN, f"scorer.path={tiny_reward_model}", f"output_dir={out}")
+    generate_run.generate_data(cfg)  # every shard sampled and scored already: the data set alone is written
+    assert not (out / "data" / "test.jsonl").exists() and (out / "data" / "train.jsonl").exists()
+    assert "test_pairs" not in json.loads((out / "data" / "provenance.json").read_text())
+    shutil.rmtree(out / "data")
+    process = generate_run._process
+
+    def another_process_meanwhile(*args, **kwargs):
+        process(*args, **kwargs)
+        manifest = out / "shards" / "manifest.json"
+        recorded = json.loads(manifest.read_text())
+        recorded["generate"]["temperature"] = 0.3
+        manifest.write_text(json.dumps(recorded))
+
+    monkeypatch.setattr(generate_run, "_process", another_process_meanwhile)
+    with pytest.raises(ConfigError, match="another process of this generation wrote its settings there"):
+        generate_run.generate_data(cfg)
+    assert not (out / "data" / "train.jsonl").exists()
+
+
 def test_a_rerun_killed_before_its_record_leaves_no_earlier_record_beside_its_pairs(
     uninterrupted_generation, tiny_reward_model, tmp_path, monkeypatch
 ):
@@ -1489,7 +1521,7 @@ def test_max_train_samples_counts_the_prompts_that_fit_and_the_cut_is_reported(m
     from simpo_exp.generate import run as gen
     from simpo_exp.model import build_tiny_tokenizer
 
-    lengths = [3, 50, 4, 60, 5, 6]
+    lengths = [3, 50, 4, 60, 5, 10]  # the last as long as max_prompt_length: kept, as training keeps it
     prompts = [{"prompt_id": str(i), "prompt": [{"role": "user", "content": "x" * n}]} for i, n in enumerate(lengths)]
     prompts.insert(1, {"prompt_id": "h", "prompt": [{"role": "human", "content": "yyy"}]})  # a role left out
     system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "zz"}]
