@@ -415,6 +415,7 @@ def test_the_test_prompts_give_the_held_out_pairs_training_evaluates_on(
     report = json.loads((out / "report.json").read_text())
     test_rows = read_jsonl(out / "data" / "test.jsonl")
     assert report["test"]["prompts"] == 4 and len(test_rows) == report["test"]["pairs_kept"] >= 1
+    assert report["samples_per_prompt"] == 3 and report["test"]["source_rows"]["rows"] >= 4  # 3 seeds, 1 sample each
     train_prompts = {json.dumps(r["chosen"][:-1]) for r in read_jsonl(out / "data" / "train.jsonl")}
     assert not train_prompts & {json.dumps(r["chosen"][:-1]) for r in test_rows}  # the test split's own prompts
     assert json.loads((out / "data" / "provenance.json").read_text())["test_pairs"] == len(test_rows)
@@ -853,6 +854,9 @@ def test_on_policy_loop_generate_binarise_train_and_measure(tmp_path):
     assert hint in res.stdout
     report = json.loads((gen / "report.json").read_text())
     assert report["pairs_kept"] >= 24 and report["scores"]["chosen"]["mean"] > report["scores"]["rejected"]["mean"]
+    scores = [s for f in sorted((gen / "shards").glob("scored-*.jsonl")) for r in read_jsonl(f) for s in r["scores"]]
+    assert len(scores) == report["responses"] == 48 * 4  # the share of answers the rule scores exact:
+    assert report["rule_exact_share"] == sum(s == 1.0 for s in scores) / len(scores)
     provenance = json.loads((gen / "data" / "provenance.json").read_text())
     assert provenance["policy"]["fingerprint"]["kind"] == "local"
     assert provenance["scorer"] == {"name": "rule", "kind": "rule", "rule": "sort_digits"}  # no model keys
