@@ -473,3 +473,62 @@ def test_measured_run_picks_a_candidate_and_a_resume_keeps_it(tmp_path):
     assert resumed["batch_layout"]["packing"] == other["packing"]
     assert resumed["layout_choice"]["rule"] == "recorded at the first start"
     assert resumed["layout_choice"]["first_start"]["candidates"] == rows
+
+
+def test_a_candidate_the_model_cannot_run_is_skipped_with_its_reason_but_the_padded_layouts_error_is_raised(
+    monkeypatch,
+):
+    """A packed candidate the model cannot run (a ValueError, a kernel package missing or of another version) is a
+    row with the first line of its reason; the padded layout is the model's own attention, whose error was taken for
+    a layout to skip: the run then picked a packed one, or failed at its first step without the reason."""
+    errors = {"packed": ValueError("window too short\nmore"), "prefix_shared": ImportError("no flash_attn")}
+    real = layout_auto.time_layout
+
+    def some_fail(model, layout, *args):
+        if layout.packing in errors:
+            raise errors[layout.packing]
+        return real(model, layout, *args)
+
+    monkeypatch.setattr(layout_auto, "time_layout", some_fail)
+    model = make_model()
+    layouts = layout_auto.candidates("cpu", model.config)
+    rows = {
+        r["packing"]: r for r in layout_auto.measure(model, layouts, random_pairs(3), PAD, CPU, contextlib.nullcontext)
+    }
+    assert rows["packed"]["error"] == "ValueError: window too short"
+    assert rows["prefix_shared"]["error"] == "ImportError: no flash_attn"
+    assert layout_auto.fastest(list(rows.values()))["packing"] == "none"
+    assert "skipped: ValueError: window too short" in layout_auto.table(list(rows.values()))
+    errors = {"none": RuntimeError("own attention broke")}
+    with pytest.raises(RuntimeError, match="own attention broke"):
+        layout_auto.measure(model, layouts, random_pairs(3), PAD, CPU, contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_a_sharded_engine_is_never_measured(compose, tmp_path, engine):
+    """Under FSDP or ZeRO-3 a process holds shards of the weights (ZeRO-3's are empty): timing the layouts on them
+    is timing nothing, even with measure_layouts=true."""
+    from accelerate.utils import DistributedType
+
+    cfg = to_config(compose("hardware.measure_layouts=true", "resume=false"))
+    accelerator = SimpleNamespace(
+        device=CPU, num_processes=1, distributed_type=getattr(DistributedType, engine), autocast=contextlib.nullcontext
+    )
+    never = lambda: pytest.fail("measured under a sharded engine")  # noqa: E731
+    _, choice = layout_auto.layout_for_run(cfg, accelerator, make_model(), tmp_path, never, PAD)
+    assert choice == {"rule": "fixed", "why": "sharded engine"}
+
+
+def test_a_recorded_layout_is_kept_only_where_the_run_has_a_checkpoint(tmp_path):
+    """env.json without a checkpoint (a first start that failed early, a folder reused for another model) is no run
+    to resume: its layout, measured for that start, is measured again."""
+    from simpo_exp import checkpoint
+
+    recorded = {"packing": "packed", "attention": "segments", "chunk_size": 0}
+    (tmp_path / "env.json").write_text(json.dumps({"batch_layout": recorded, "layout_choice": {"rule": "measured"}}))
+    assert layout_auto.recorded_layout(tmp_path) is None
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=1), {}, keep=1)
+    assert layout_auto.recorded_layout(tmp_path) == {"batch_layout": recorded, "layout_choice": {"rule": "measured"}}
