@@ -850,6 +850,8 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     mix = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / "ultrafeedback-mix.yaml"))  # one preset, 2 sources
     text = write_model_card(tmp_path, {**cfg, "dataset": mix}, "run").read_text()
     assert "(dataset preset `ultrafeedback-mix`)" in text
+    mine = {"name": "mine", "sources": {"mine": {"path": "d.jsonl"}}}  # one source: its preset, whatever its file
+    assert "(dataset preset `mine`)" in write_model_card(tmp_path, {**cfg, "dataset": mine}, "run").read_text()
     assert "LoRA" not in text
     # a LoRA run: the card says its weights are the merge, and where the adapter alone is
     lora = {"lora": True, "lora_r": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj", "v_proj"]}

@@ -119,12 +119,33 @@ def test_the_advice_for_ddp_zero2_and_a_16_bit_model_names_what_fits():
     with pytest.raises(OutOfMemoryError) as err:  # ZeRO-3 already: no full-sharding advice on the same GPUs
         check_fits(model, Engine("deepspeed", 8, zero_stage=3), 100, "hardware=zero3 on cuda:0")
     assert "on these 8 GPUs" not in str(err.value)
+    with pytest.raises(OutOfMemoryError) as err:  # DDP on exactly as many GPUs as full sharding needs: these
+        check_fits(model, Engine("single", 4), need // 3, "hardware=ddp on cuda:0")
+    assert "hardware=fsdp or zero3 on these 4 GPUs" in str(err.value) and "over at least" not in str(err.value)
     half = make_model().to(torch.bfloat16)  # as loaded for DeepSpeed under bf16: trained from float32 masters
     capacity = state_bytes(model, Engine())["total"] // 3
     with pytest.raises(OutOfMemoryError) as err:
         check_fits(half, Engine("deepspeed", 1, zero_stage=3, half_precision=True), capacity, "hardware=zero3")
     assert "over at least 4 such GPUs" in str(err.value)  # as for the float32 model, not 2
     assert memory.sharded_fit(half, int(0.8 * capacity)) == memory.sharded_fit(model, int(0.8 * capacity)) == 4
+
+
+def test_the_set_up_check_counts_a_live_reference_copy(monkeypatch):
+    """reference_mode=live keeps a frozen copy of the model on the device: a run whose trained state fits but not
+    with that copy passed the set-up check and ran out of memory at its first step."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    model = make_model()
+    monkeypatch.setattr(memory, "device_capacity", lambda device: state_bytes(model, Engine())["total"])
+    accelerator = SimpleNamespace(
+        device=torch.device("cuda", 0), num_processes=1, distributed_type=DistributedType.NO, state=SimpleNamespace()
+    )
+    hardware = SimpleNamespace(check_memory=True, name="gpu")
+    assert "reference" not in memory.check_device_memory(model, accelerator, hardware)
+    with pytest.raises(OutOfMemoryError, match="reference_mode=cached"):
+        memory.check_device_memory(model, accelerator, hardware, live_reference=True)
 
 
 def test_set_up_refuses_the_run_before_training(compose, tmp_path, monkeypatch):
