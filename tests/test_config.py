@@ -449,6 +449,9 @@ def test_llama4s_column_dependent_attention_gets_the_padded_layout(compose):
     assert choose_layout(auto, "cuda", llama4, 2048).packing == "none"
     assert choose_layout(auto, "cpu", llama4, 2048).packing == "none"
     assert [c.packing for c in candidates("cuda", llama4, 0, 2048)] == ["none"]
+    # no_rope_layers flags a layer WITH rotary positions by 1: every layer rotary, no temperature grows, packed is fine
+    rotary = Llama4TextConfig(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 1])
+    assert choose_layout(auto, "cuda", rotary, 2048).packing == "packed"
     for packing in ("packed", "prefix_shared"):
         hardware = to_config(compose(f"hardware.packing={packing}")).hardware
         with pytest.raises(ConfigError, match="depends on a token's column in the row"):

@@ -638,6 +638,23 @@ def test_packed_attention_refuses_sequences_past_the_sliding_window(attention):
     assert torch.allclose(packed, plain, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("packing, attention", [("none", "segments"), ("packed", "segments"),
+                                                ("prefix_shared", "segments"), ("prefix_shared", "mask")])  # fmt: skip
+def test_a_pair_with_an_empty_response_is_refused_in_every_layout(packing, attention):
+    """Data loading drops a row whose response has no tokens; handed to the collator directly, the packed layouts
+    failed with an IndexError and the padded one gave a sequence with no scored token (a mean log-prob of 0 / 0).
+    Refused by name, as an empty prompt is; and every sequence keeps its own count of scored tokens."""
+    pairs = [
+        {"prompt_input_ids": [5, 6], "chosen_input_ids": [8], "rejected_input_ids": [9]},
+        {"prompt_input_ids": [7], "chosen_input_ids": [10, 11], "rejected_input_ids": [12, 13, 14]},
+    ]
+    batch = PairCollator(PAD, packing=packing, attention=attention)(pairs)
+    assert batch["row_lengths"] == [1, 2, 1, 3] and batch["row_tokens"].tolist() == [1, 2, 1, 3]
+    pairs[1]["rejected_input_ids"] = []
+    with pytest.raises(ValueError, match="empty chosen or rejected response"):
+        PairCollator(PAD, packing=packing, attention=attention)(pairs)
+
+
 def test_models_that_carry_a_state_beside_attention_run_the_padded_layout():
     """The packed layouts keep a row's sequences apart in attention only. Falcon-H1 runs a Mamba mixer beside
     attention in every layer, so each layer still made one attention call and the guard on attention calls
@@ -657,6 +674,9 @@ def test_models_that_carry_a_state_beside_attention_run_the_padded_layout():
     assert state_beside_attention(falcon) and state_beside_attention(SimpleNamespace(layer_types=["linear_attention"]))
     for plain in (LlamaConfig(**small), Gemma2Config(**small), SimpleNamespace(layer_types=["sliding_attention"])):
         assert state_beside_attention(plain) is None
+    # plain MLP or MoE blocks listed beside attention carry no state; a Mamba one does
+    assert state_beside_attention(SimpleNamespace(layers_block_type=["attention", "mlp", "moe"])) is None
+    assert "mamba" in state_beside_attention(SimpleNamespace(layers_block_type=["attention", "mamba"]))
     for device in ("cpu", "cuda"):
         assert choose_layout(layout_settings("auto"), device, falcon, 512).packing == "none"
         assert [c.packing for c in layout_auto.candidates(device, falcon, max_length=512)] == ["none"]

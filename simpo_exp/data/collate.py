@@ -65,6 +65,9 @@ class PairCollator:
         if any(not pair["prompt_input_ids"] for pair in pairs):  # (data loading drops such rows: "empty prompt")
             # padded, the first response token was left unscored, one token short of what a packed layout gives
             raise ValueError("a pair with an empty prompt: its first response token has no context to be scored from")
+        if any(not pair["chosen_input_ids"] or not pair["rejected_input_ids"] for pair in pairs):
+            # (data loading drops such rows: "response has no tokens"); its mean log-prob would be 0 / 0
+            raise ValueError("a pair with an empty chosen or rejected response: it has no token to be scored")
         if self.packing == "none":
             return self._padded(pairs)
         return self._packed(pairs)
