@@ -305,6 +305,7 @@ def test_fsdp_records_the_dtypes_its_policy_computes_and_reduces_in(mixed_precis
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from simpo_exp.precision import precision_record
 
@@ -319,6 +320,8 @@ def test_fsdp_records_the_dtypes_its_policy_computes_and_reduces_in(mixed_precis
     record = precision_record(torch.nn.Linear(2, 2), fsdp)
     assert record["weights_dtype"] == record["master_weights_dtype"] == "float32"
     assert (record["fsdp_param_dtype"], record["fsdp_reduce_dtype"]) == (param, reduce)
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)  # no reduce_dtype: param_dtype
+    assert precision_record(torch.nn.Linear(2, 2), fsdp)["fsdp_reduce_dtype"] == "bfloat16"
     plain = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision=mixed_precision)
     assert "fsdp_param_dtype" not in precision_record(torch.nn.Linear(2, 2), plain)
 
@@ -444,6 +447,7 @@ def test_fsdp_under_mixed_precision_trains_float32_whatever_master_weights_says(
         assert upcast_as_fsdp_does(model, engine(DistributedType.FSDP, "bf16")) == 2
     assert [p.dtype for p in model.parameters()] == [torch.float32] * 2 + [torch.bfloat16] * 2
     assert "hardware.master_weights=model under FSDP with mixed_precision=bf16" in caplog.text
+    assert upcast_as_fsdp_does(bf16_model(), engine(DistributedType.FSDP, "fp16")) == 2  # fp16's masters: float32 too
 
 
 def test_a_live_reference_under_deepspeed_keeps_the_buffers_the_engine_keeps():

@@ -616,6 +616,9 @@ def test_a_deepspeed_accumulation_or_clipping_fixed_outside_the_run_is_refused(m
     with pytest.raises(ConfigError, match="sets gradient_accumulation_steps=4, but this run accumulates 2"):
         check_deepspeed_steps(DeepSpeedPlugin(hf_ds_config=json_path).deepspeed_config, 2, 0.05)
     check_deepspeed_steps(DeepSpeedPlugin(hf_ds_config=json_path).deepspeed_config, 4, 0.05)  # the same count: fine
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")  # fewer than the run's: refused too
+    with pytest.raises(ConfigError, match="sets gradient_accumulation_steps=1, but this run accumulates 4"):
+        check_deepspeed_steps(DeepSpeedPlugin(hf_ds_config=json_path).deepspeed_config, 4, 0.05)
     monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
     monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")
     with pytest.raises(ConfigError, match="sets gradient_clipping=1.0, but this run's max_grad_norm=0.05"):

@@ -1,0 +1,162 @@
+"""engine.py's and precision.py's set-up choices that no end-to-end run pins (tests from a mutation review)"""
+
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from simpo_exp.config import ConfigError, to_config
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def fresh_state():
+    """The next test's accelerator as a fresh process's (make_accelerator resets accelerate's state as it starts)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fake_engine(monkeypatch, fresh_state):
+    """Swap accelerate's Accelerator for a stand-in of the given engine: what make_accelerator reads of one, for the
+    engines (several processes, FSDP, DeepSpeed) this one-process CPU box cannot start. Returns the setter; each
+    stand-in built is appended to the list it returns."""
+    import accelerate
+
+    built = []
+
+    def use(kind, num_processes=1, state=None):
+        def build(**kwargs):
+            accelerator = SimpleNamespace(
+                asked=kwargs,
+                distributed_type=kind,
+                num_processes=num_processes,
+                device=torch.device("cpu"),
+                mixed_precision=kwargs["mixed_precision"],
+                state=state() if callable(state) else state,
+            )
+            built.append(accelerator)
+            return accelerator
+
+        monkeypatch.setattr(accelerate, "Accelerator", build)
+        return built
+
+    return use
+
+
+def test_adamw_steps_with_the_configured_betas_epsilon_and_rate(compose):
+    """AdamW's betas and epsilon come from adam_beta1, adam_beta2 and adam_epsilon: swapped or left at torch's
+    defaults, a run set up as the SimPO paper's (or a sweep over them) would train with other moments than it
+    records, in both weight-decay groups."""
+    from simpo_exp.engine import adamw
+
+    cfg = to_config(compose("adam_beta1=0.8", "adam_beta2=0.95", "adam_epsilon=1e-7", "weight_decay=0.1"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = adamw(model, cfg, 3e-4, fused=None)
+    assert len(optimizer.param_groups) == 2  # decayed weights; biases and norm weights
+    for group in optimizer.param_groups:
+        assert (group["betas"], group["eps"], group["lr"]) == ((0.8, 0.95), 1e-7, 3e-4)
+
+
+def test_the_accumulation_counts_every_process_of_the_launch(compose, monkeypatch, fake_engine):
+    """hardware.effective_batch_size is the global batch: over WORLD_SIZE=2 processes of 2 pairs each it takes 2
+    micro-batches a step. Counted for one process, each step would train on twice the batch asked for."""
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import make_accelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fake_engine(DistributedType.NO, num_processes=2)
+    cfg = to_config(compose("hardware=cpu", "hardware.effective_batch_size=8", "per_device_train_batch_size=2"))
+    assert make_accelerator(cfg)[1] == 2
+
+
+def test_the_accelerators_loader_reshuffles_each_epoch_from_the_seed(compose, fresh_state):
+    """accelerate's seedable sampler draws epoch e's order from (seed, e) alone: a run resumed at epoch 1 sees the
+    order the unstopped run saw there. Without it, the order was the generator's next draw, so a resumed run
+    trained on other batches than the run it continues."""
+    from torch.utils.data import DataLoader
+
+    from simpo_exp.engine import make_accelerator
+
+    accelerator, _ = make_accelerator(to_config(compose("hardware=cpu")))
+    assert accelerator.dataloader_config.use_seedable_sampler is True
+
+    def loader():
+        data = DataLoader(range(16), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return accelerator.prepare(data)
+
+    def epoch_order(prepared, epoch):
+        prepared.set_epoch(epoch)
+        return [int(i) for batch in prepared for i in batch]
+
+    unstopped = loader()
+    epoch_order(unstopped, 0)
+    assert epoch_order(unstopped, 1) == epoch_order(loader(), 1)  # the resumed run's first epoch is 1
+
+
+def test_deepspeed_clips_at_max_grad_norm_and_refuses_another_accumulation(compose, monkeypatch, fake_engine):
+    """DeepSpeed's engine clips (accelerator.clip_grad_norm_ does nothing there): its config's "auto" clipping
+    must become max_grad_norm, or it clipped at accelerate's 1.0 while the run recorded 0.3. And a launcher's
+    --gradient_accumulation_steps 4 against a run that accumulates 2 made the engine update on its own count while
+    the loop scheduled and logged steps by the run's: refused."""
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from simpo_exp.engine import make_accelerator
+
+    ds_json = str(ROOT / "launchers" / "ds_zero2.json")
+    plugin = lambda: DeepSpeedPlugin(hf_ds_config=ds_json)  # noqa: E731  (built when accelerate would: after the env)
+    built = fake_engine(DistributedType.DEEPSPEED, state=lambda: SimpleNamespace(deepspeed_plugin=plugin()))
+    cfg = to_config(compose("hardware=cpu", "max_grad_norm=0.3", "gradient_accumulation_steps=2"))
+    make_accelerator(cfg)
+    assert built[-1].state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.3
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # as accelerate launch's flag passes it
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=4, but this run accumulates 2"):
+        make_accelerator(cfg)
+
+
+def test_a_launchers_bf16_is_said_unused_by_a_float32_run(compose, monkeypatch, caplog, fresh_state):
+    """``accelerate launch --mixed_precision bf16`` on a run whose hardware.mixed_precision is "no" trains in
+    float32 (accelerate takes the script's value): the user who asked the launcher for bf16 must be told."""
+    from simpo_exp.engine import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.engine"):
+        accelerator, _ = make_accelerator(to_config(compose("hardware=cpu")))
+    assert accelerator.mixed_precision == "no"
+    assert "mixed_precision=bf16 (its --mixed_precision or config file) is not used" in caplog.text
+    assert "set hardware.mixed_precision=bf16 to train in bf16" in caplog.text
+
+
+def test_an_fsdp_accelerator_gets_its_outputs_kept(compose, monkeypatch, fake_engine):
+    """keep_fsdp_outputs stops FSDP2's bf16 policy from rounding ResponseLogps' float32 log-prob sums to bf16 (steps
+    of 2 nats): make_accelerator must apply it to the run's accelerator, or every FSDP run's losses and margins are
+    quantised."""
+    from accelerate.utils import DistributedType
+
+    from simpo_exp import engine
+
+    kept = []
+    monkeypatch.setattr(engine, "keep_fsdp_outputs", kept.append)
+    built = fake_engine(DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    accelerator, _ = engine.make_accelerator(to_config(compose("hardware=cpu")))
+    assert kept == [accelerator] and accelerator is built[-1]
+
+
+def test_a_launchers_relative_deepspeed_config_is_found_from_another_directory(
+    compose, monkeypatch, tmp_path, fresh_state
+):
+    """launchers/zero3.yaml names its JSON relative to the repository (deepspeed_config_file:
+    launchers/ds_zero3.json); launched from any other directory, accelerate refused it as missing. make_accelerator
+    points the launcher's variable at the project's file."""
+    from simpo_exp.engine import PROJECT_DIR, make_accelerator
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "launchers/ds_zero3.json")
+    make_accelerator(to_config(compose("hardware=cpu")))
+    assert (PROJECT_DIR / "launchers" / "ds_zero3.json").is_file()
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(PROJECT_DIR / "launchers" / "ds_zero3.json")
