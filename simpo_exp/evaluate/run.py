@@ -686,6 +686,9 @@ def _eval_folder_writable(run_dir: Path) -> None:
 def evaluate_all(cfg) -> list[dict]:
     """Every benchmark on every run with a trained model under ``evaluate.path``; returns the results."""
     e = cfg.evaluate
+    # "~/runs/x" read as the home's everywhere: the push's one-run-or-a-sweep check and the printed compare command
+    # took it literally (no run found there: a single run pushed under a sweep job's repo name)
+    e.path = str(Path(e.path).expanduser())
     runs, skipped = _runs_to_evaluate(e.path)
     for r in skipped:
         print(

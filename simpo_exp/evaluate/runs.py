@@ -105,7 +105,8 @@ def load_run_config(run_dir: Path) -> Config:
         picked = {s: _known(s, saved.get(s)) for s in SECTIONS}
         picked["seed"] = saved.get("seed", 42)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), picked))
-    except (OSError, yaml.YAMLError, ValueError, KeyError) as e:
+    except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError) as e:  # the last two: a file
+        # of another shape (a list where a mapping belongs, at the top or as a section)
         raise ConfigError(f"evaluate.path: cannot read the run's config {path} ({type(e).__name__}: {e})") from e
 
 
