@@ -386,7 +386,8 @@ def records_dir(folder: Path) -> Path:
         pointed = Path((folder / ".hydra" / RECORDS_POINTER).read_text().strip())
         if pointed.is_absolute() and pointed.is_dir():
             return pointed
-    moved = (read_yaml(folder / ".hydra" / "config.yaml") or {}).get("output_dir")
+    config = read_yaml(folder / ".hydra" / "config.yaml")
+    moved = config.get("output_dir") if isinstance(config, dict) else None  # (a damaged file may hold a list)
     if isinstance(moved, str) and "${" in moved:  # output_dir=/x/b${beta}: the saved config resolves it
         try:
             from omegaconf import OmegaConf

@@ -80,3 +80,13 @@ def test_a_jobs_sweep_folder_and_the_jobs_order(tmp_path):
         (tmp_path / name / ".hydra").mkdir(parents=True)
         (tmp_path / name / ".hydra" / "overrides.yaml").write_text("[]\n")
     assert [p.name for p in runinfo.sweep_jobs(tmp_path)] == ["1_beta=2", "2_beta=3", "10_beta=5"]
+
+
+def test_a_run_config_holding_a_list_is_no_pointer_to_another_records_folder(tmp_path):
+    """A .hydra/config.yaml of another shape (a list at the top) failed with an AttributeError wherever the run's
+    records folder was looked up (compare, evaluate); it names no other folder, so the records are the run's own."""
+    from simpo_exp.rundir import records_dir
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("- a\n- b\n")
+    assert records_dir(tmp_path) == tmp_path
