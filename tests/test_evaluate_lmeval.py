@@ -5,11 +5,13 @@ printed compare hint names a metric the results hold."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 import simpo_exp.config  # noqa: F401  (stores the training schema the runs' configs are composed with)
 from tests.conftest import CONF
@@ -428,3 +430,74 @@ def test_a_run_config_of_another_shape_is_named_not_a_traceback(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=f"cannot read the run's config {path}"):
             load_run_config(tmp_path)
+
+
+def test_each_evaluated_run_sends_its_own_benchmarks_to_wandb_as_asked(lm_eval_calls, tmp_path, compose, monkeypatch):
+    """evaluate.wandb decides whether results go to W&B at all; each run sends the benchmarks evaluated on it now,
+    saying whether it trained with W&B (a run that did resumes its W&B run, one that did not gets one)."""
+    from simpo_exp.evaluate import wandb_log
+
+    sent = []
+    monkeypatch.setattr(wandb_log, "log_results", lambda run_dir, done, timeout, trained_with_wandb: sent.append(
+        (Path(run_dir).name, done, trained_with_wandb)
+    ))  # fmt: skip
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "0_a", ["logger=wandb"], compose)
+    fake_run(sweep / "1_b", ["logger=none"], compose)
+    evaluate_sweep(sweep, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")  # evaluate.wandb=off
+    assert sent == []
+    evaluate_sweep(sweep, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2", "evaluate.wandb=auto")
+    assert sent == [("0_a", ["gsm8k"], True), ("1_b", ["gsm8k"], False)]
+
+
+def test_runs_without_a_trained_model_are_skipped_and_said_and_an_unwritable_one_refused_first(
+    lm_eval_calls, tmp_path, compose, capsys
+):
+    """A sweep's run that failed or is still running (no finished.json) is named as skipped, the others evaluated;
+    and a run whose eval/ cannot be written is refused before any run is evaluated, not after the first ones."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.run import _runs_to_evaluate
+
+    sweep = tmp_path / "sweep"
+    runs = [fake_run(sweep / f"{i}_x", [], compose) for i in range(3)]
+    (runs[1] / "finished.json").unlink()
+    assert _runs_to_evaluate(str(sweep)) == ([runs[0], runs[2]], [runs[1]])
+    records = evaluate_sweep(sweep, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    assert f"skipped {runs[1]}: no trained model" in capsys.readouterr().out
+    assert [Path(r["run_dir"]).name for r in records] == ["0_x", "2_x"]
+    shutil.rmtree(runs[0] / "eval")
+    (runs[2] / "eval").rename(runs[2] / "eval.kept")
+    (runs[2] / "eval").write_text("a file where the folder belongs")
+    with pytest.raises(ConfigError, match=f"{runs[2] / 'eval'} cannot be written"):
+        evaluate_sweep(sweep, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    assert not (runs[0] / "eval" / "gsm8k").exists()  # refused before the first run was evaluated
+
+
+def test_a_run_trained_into_another_output_dir_is_found_by_its_hydra_folder(tmp_path, compose):
+    """output_dir=... moves a run's records and model out of its Hydra folder: the Hydra folder is the run (its
+    config), the model is looked for where the records went; the records folder alone is refused by name."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.run import _runs_to_evaluate
+
+    folder, out = tmp_path / "hydra_run", tmp_path / "out"
+    fake_run(out, [], compose)  # the model and finished.json where output_dir put them
+    shutil.move(str(out / ".hydra"), str(folder / ".hydra"))
+    config = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text()) | {"output_dir": str(out)}
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert _runs_to_evaluate(str(folder)) == ([folder], [])
+    with pytest.raises(ConfigError, match="holds a trained model but not the run's config"):
+        _runs_to_evaluate(str(out))
+
+
+def test_the_trained_model_is_the_policy_with_its_own_tokenizer_and_template(tmp_path, compose):
+    """model/ holds the tokenizer and chat template the run trained with (saved beside the weights): the run's
+    separate model.tokenizer_path, hub revision or model.chat_template must not replace them."""
+    from simpo_exp.config import to_config
+    from simpo_exp.evaluate.runs import trained_policy
+
+    cfg = to_config(
+        compose("model.path=/m", "model.tokenizer_path=/t", "model.chat_template=chatml", "model.revision=abc")
+    )
+    model = trained_policy(cfg, tmp_path, "cpu").model
+    assert (model.tokenizer_path, model.chat_template, model.revision) == ("", "auto", None)
+    assert model.path == str((tmp_path / "model").resolve())
