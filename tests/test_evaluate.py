@@ -1092,9 +1092,12 @@ def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, m
     assert created == [("me/simpo-0_beta-2", True), ("me/simpo-1_beta-5", True), ("me/simpo", True)]
     assert uploaded == [(str(r / "model"), repo) for r, (repo, _) in zip([*runs, runs[0]], created)]
     # a job of a --multirun over run folders sees one run: it too gets a repo of its own (each pushed over the last)
-    from simpo_exp.evaluate import run as evaluate_run
+    from simpo_exp import runinfo
 
-    monkeypatch.setattr(evaluate_run, "_paths_swept", lambda: True)
+    monkeypatch.setattr(runinfo, "this_sweeps_keys", lambda: frozenset({"benchmarks.rule.max_prompts"}))
+    _finish_run(runs[1], runs[1], None, types.SimpleNamespace(**{**vars(e), "path": str(runs[1])}), runs[1].name)
+    assert created[-1] == ("me/simpo", True)  # a sweep over another key: this job's run is the one evaluated
+    monkeypatch.setattr(runinfo, "this_sweeps_keys", lambda: frozenset({"evaluate.path"}))
     _finish_run(runs[1], runs[1], None, types.SimpleNamespace(**{**vars(e), "path": str(runs[1])}), runs[1].name)
     assert created[-1] == ("me/simpo-1_beta-5", True)
 
