@@ -373,8 +373,10 @@ def test_judge_only_rejudges_stored_generations_with_the_fake_endpoint(judged):
         100 * sum(p for p, _ in by_hand) / sum(n for _, n in by_hand)
     )
     assert arena["metrics"]["unparseable_games"] == 0 and "arena-hard-auto v0.1 score" in arena["win_rate_method"]
-    # the score's strong-verdict weight is the judge's record too: compare flags runs judged with another
-    assert {k: arena["judge"][k] for k in ("model", "strong_weight")} == {"model": "fake-judge", "strong_weight": 3}
+    # the score's strong-verdict weight and the reply's length are the judge's record too: compare flags runs
+    # judged with another
+    recorded = {k: arena["judge"][k] for k in ("model", "strong_weight", "max_tokens")}
+    assert recorded == {"model": "fake-judge", "strong_weight": 3, "max_tokens": 4096}
     print(
         f"\nfake judge (prefers the longer answer): AlpacaEval-format WR {res['metrics']['win_rate']:.1f}, "
         f"Arena-Hard score {arena['metrics']['win_rate']:.1f} "
