@@ -164,6 +164,17 @@ def test_a_run_without_hardware_compile_still_leaves_kernel_builds_out_of_the_sp
     kernel(torch.ones(3))
     assert watch.step_finished(12.0, 2)
     assert watch.summary()["train/compile_warmup_s"] == 12.0 and watch.summary()["train/compile_warmup_steps"] == 1
+    other = torch.compile(lambda x: x - 1, backend="eager")  # a second step that builds a kernel: added, not replaced
+    watch.step_started()
+    other(torch.ones(3))
+    assert watch.step_finished(3.0, 3)
+    assert (watch.summary()["train/compile_warmup_s"], watch.summary()["train/compile_warmup_steps"]) == (15.0, 2)
+    # under hardware.compile a start that built nothing (its graphs cached) still records its warm-up, as none
+    from simpo_exp.compiled import CompileWatch
+
+    summary = CompileWatch(asked=True).summary()  # compile_for_run's watch
+    assert set(summary) == {"train/compile_warmup_s", "train/compile_warmup_steps", "train/compile_graphs"}
+    assert (summary["train/compile_warmup_s"], summary["train/compile_warmup_steps"]) == (0.0, 0)
 
 
 RUN = [

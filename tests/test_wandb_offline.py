@@ -681,3 +681,140 @@ def test_the_command_line_is_not_in_the_wandb_record(tmp_path, monkeypatch):
     tracker.finish({})
     (record,) = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
     assert b"ZZSECRETTYPED" not in record.read_bytes()
+
+
+class _FakeRun:
+    """A W&B run that records what it is given, and raises from ``fail`` (a method's name) when asked."""
+
+    def __init__(self, fail: str = ""):
+        self.logged, self.finished, self.fail = [], [], fail
+        outer = self
+
+        class Summary(dict):
+            def __setitem__(self, key, value):
+                if outer.fail == "summary":
+                    raise ConnectionError("W&B's service went away")
+                super().__setitem__(key, value)
+
+        self.summary = Summary()
+
+    def log(self, metrics):
+        if self.fail == "log":
+            raise ConnectionError("W&B's service went away")
+        self.logged.append(metrics)
+
+    def finish(self, exit_code=0):
+        self.finished.append(exit_code)
+
+
+def test_a_wandb_failure_in_a_log_or_a_stop_never_stops_the_run(tmp_path):
+    """W&B failing in log (the most frequent call) or in the stop handler's summary must leave the run, and its
+    metrics.jsonl and stopped.json, as they were: said once, and W&B dropped for the rest of the run."""
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    tracker.wandb_run = _FakeRun(fail="log")
+    with pytest.warns(UserWarning, match="W&B log failed"):
+        tracker.log({"train/loss": 1.0}, 1)
+    tracker.log({"train/loss": 0.5}, 2)
+    assert tracker.wandb_run is None and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    tracker.wandb_run = _FakeRun(fail="summary")
+    with pytest.warns(UserWarning, match="W&B summary failed"):
+        tracker.mark_stopped(stopped_record(15, 40))
+    assert tracker.wandb_run is None and json.loads((tmp_path / "stopped.json").read_text())["step"] == 40
+
+
+def test_a_run_that_ends_well_leaves_its_wandb_run_open_and_tables_go_on_the_step_axis(tmp_path):
+    """Only a run that ends with an error closes its W&B run from the tracker (with a failing status); and a
+    generations table is logged at its step, on the global-step axis every metric is plotted against."""
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    tracker.wandb_run = run = _FakeRun()
+    with tracker:
+        pass
+    assert run.finished == []
+    tracker.log_generations([{"prompt": "p", "response": "r"}], 7)
+    assert run.logged[-1][STEP_KEY] == 7 and "eval/generations" in run.logged[-1]
+    with pytest.raises(RuntimeError), tracker:
+        raise RuntimeError("diverged")
+    assert run.finished == [1]
+
+
+def test_a_failed_generations_table_is_said_once(tmp_path, monkeypatch, caplog):
+    """A table W&B cannot take is not asked again at every evaluation (each one said again in the log)."""
+    import logging
+
+    import wandb
+
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    tracker.wandb_run = _FakeRun()
+    monkeypatch.setattr(wandb, "Table", lambda **kw: (_ for _ in ()).throw(PermissionError("staging")))
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.tracking"), pytest.warns(UserWarning):
+        for step in (0, 1, 2):
+            tracker.log_generations([{"prompt": "p", "response": "r"}], step)
+    assert len([r for r in caplog.records if "generations table" in r.getMessage()]) == 1
+    assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == 3
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """NaN and the infinities written as they are (``NaN``, ``-Infinity``) are not JSON: jq, JavaScript and a
+    strict parser refuse the file. They are written as null and a stand-in that compare reads back."""
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    tracker.log({"train/logps/rejected": float("-inf"), "train/grad_norm": float("inf"), "train/loss": float("nan")}, 1)
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+
+def test_credentials_are_dropped_from_the_wandb_config_whatever_their_case(tmp_path, monkeypatch):
+    """A user's ``+hub.hf_token=...`` or a judge's key in the run's config went to W&B's config with the rest; an
+    upper-case name (an environment dict: ``HF_TOKEN``) was kept by a case-sensitive match."""
+    import wandb
+
+    from simpo_exp.tracking import scrub
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", fake_init)
+    config = {"judge": {"api_key": "sk-x"}, "hub": {"hf_token": "hf_x"}, "max_new_tokens": 4}
+    with pytest.warns(UserWarning, match="stop here"):
+        Tracker(tmp_path, _logger_cfg(group=None), config)
+    assert seen["config"] == {"judge": {}, "hub": {}, "max_new_tokens": 4}
+    assert scrub({"HF_TOKEN": "hf_x", "Judge": {"OPENAI_API_KEY": "k"}, "N": 1}) == {"Judge": {}, "N": 1}
+
+
+def test_a_tracker_of_another_process_writes_nothing(tmp_path):
+    """Only the main process records the run: another's tracker (enabled=False) wrote files into a run folder it
+    never made, and failed there."""
+    tracker = Tracker(tmp_path / "x", _logger_cfg(group=None), {}, enabled=False)
+    tracker.write_json("a.json", {})
+    tracker.mark_stopped(stopped_record(15, 1))
+    tracker.finish({})
+    assert not (tmp_path / "x").exists()
+
+
+def test_wandb_disabled_in_the_environment_leaves_no_record_under_an_offline_logger(tmp_path, monkeypatch):
+    """WANDB_MODE=disabled over logger.mode=offline gives a stand-in run (entity "dummy") too: its record made the
+    run's evaluation log to it."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    lc = _logger_cfg(group=None)
+    lc.mode = "offline"
+    Tracker(tmp_path, lc, {}).finish({})
+    assert not (tmp_path / "wandb_run.json").exists()
+
+
+def test_a_federated_identity_counts_as_a_key_and_an_empty_password_does_not(tmp_path, monkeypatch):
+    from simpo_exp.tracking import wandb_key_given
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    netrc.write_text('machine api.wandb.ai\n  login user\n  password ""\n')
+    netrc.chmod(0o600)
+    assert not wandb_key_given()
+    token = tmp_path / "identity.jwt"
+    token.write_text("x")
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(token))
+    assert wandb_key_given()
