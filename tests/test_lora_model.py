@@ -151,9 +151,11 @@ def test_adapters_on_the_tied_head_and_the_embedding_merge_in_both_save_paths(co
     from simpo_exp.train import without_tied_copies
 
     targets = "hardware.lora_target_modules=[q_proj,embed_tokens,lm_head]"
-    model = _trained_lora_model(compose, targets)
+    # a scaling (alpha / r) of 6, not the default's 2; PEFT starts an embedding's A at zero (B is the random one):
+    # both drawn, or the embedding's delta B A is zero and its merge (scaling, transpose) goes unchecked
+    model = _trained_lora_model(compose, targets, "hardware.lora_alpha=24", "hardware.lora_r=4")
     for name, p in model.named_parameters():
-        if "lora_embedding_B" in name:
+        if "lora_embedding_A" in name or "lora_embedding_B" in name:
             p.data.normal_(0, 0.05)
     ids = torch.randint(5, 40, (2, 12))
     trained = _logits(model, ids)
@@ -279,3 +281,28 @@ def test_a_lora_run_resumed_from_an_adapters_only_checkpoint_is_the_uninterrupte
     assert res.returncode == 0, res.stderr[-3000:]
     assert "(step 6)" in (run / "__main__.log").read_text()
     assert_same_run(done, run)
+
+
+def test_a_gathered_state_is_the_one_merged_and_a_lora_layer_without_its_base_weight_is_refused(compose, tmp_path):
+    """Under FSDP or ZeRO-3 the model's own parameters are shards: the merge must take the gathered state given to
+    it, adapter and base alike. A LoRA layer whose base weight is not in that state was saved without it (drawn at
+    random at load): refused by name, nothing written."""
+    from safetensors.torch import load_file
+
+    from simpo_exp.model import save_trained
+
+    model = _trained_lora_model(compose)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    base, a, b = (gathered[f"{q}.{n}"] for n in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight"))
+    scaling = model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    gathered[f"{q}.lora_B.default.weight"] = 2 * b  # the gathered adapter is not the one on this process
+    save_trained(model, tmp_path / "model", state_dict=gathered)
+    saved = load_file(tmp_path / "model" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(saved, base + 2 * scaling * (b @ a), atol=1e-6, rtol=1e-6)
+    adapter = load_file(tmp_path / "model" / "adapter" / "adapter_model.safetensors")
+    torch.testing.assert_close(adapter[f"{q}.lora_B.weight"], 2 * b)
+    del gathered[f"{q}.base_layer.weight"]
+    with pytest.raises(RuntimeError, match="q_proj"):
+        save_trained(model, tmp_path / "other", state_dict=gathered)
+    assert not (tmp_path / "other" / "config.json").exists()

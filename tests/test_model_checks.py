@@ -145,3 +145,29 @@ def test_a_tied_heads_second_name_is_left_out_of_a_gathered_state_dict():
     assert len(kept) == len(tied.state_dict()) - 1
     untied = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
     assert set(without_tied_copies(dict(untied.state_dict()), untied)) == set(untied.state_dict())
+
+
+def test_a_saved_dtype_is_read_only_where_it_is_one_this_project_loads(tmp_path):
+    """evaluate loads a trained model in the dtype its config.json records: an unknown one ("auto", a float8 type)
+    or a config cut short is no dtype (the run's own is used), not a value set into model.dtype or a traceback."""
+    from simpo_exp.model import saved_dtype
+
+    config = tmp_path / "config.json"
+    for text, expected in (
+        ('{"dtype": "bfloat16"}', "bfloat16"), ('{"torch_dtype": "float32"}', "float32"),
+        ('{"dtype": "float8_e4m3fn"}', None), ('{"dtype": "auto"}', None), ('{"dtype": ', None), ("[1, 2]", None),
+    ):  # fmt: skip
+        config.write_text(text)
+        assert saved_dtype(tmp_path) == expected, text
+
+
+def test_a_cast_to_a_save_dtype_leaves_integer_tensors_exact():
+    """save_dtype=bfloat16 rounds the floating-point weights; an integer buffer (ids past 256) cast with them lost
+    its exact values."""
+    import torch
+
+    from simpo_exp.model import cast_floating
+
+    out = cast_floating({"w": torch.ones(2), "ids": torch.arange(300)}, torch.bfloat16)
+    assert out["w"].dtype == torch.bfloat16
+    assert out["ids"].dtype == torch.int64 and torch.equal(out["ids"], torch.arange(300))
