@@ -306,3 +306,23 @@ def test_a_gathered_state_is_the_one_merged_and_a_lora_layer_without_its_base_we
     with pytest.raises(RuntimeError, match="q_proj"):
         save_trained(model, tmp_path / "other", state_dict=gathered)
     assert not (tmp_path / "other" / "config.json").exists()
+
+
+def test_a_lora_run_saved_in_bf16_saves_its_merge_rounded_once(compose, tmp_path):
+    """save_dtype=bfloat16 on a LoRA run: the merged weights (base + scaling B A, in float32) are rounded once, last;
+    rounding the model's own state (the base without the adapters) saved a model without its training."""
+    from safetensors.torch import load_file
+
+    from simpo_exp.model import save_trained
+
+    model = _trained_lora_model(compose)
+    state = model.state_dict()
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    base, a, b = (state[f"{q}.{n}"] for n in ("base_layer.weight", "lora_A.default.weight", "lora_B.default.weight"))
+    scaling = model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    expected = (base.float() + scaling * (b.float() @ a.float())).to(torch.bfloat16)
+    save_trained(model, tmp_path / "model", dtype="bfloat16")
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], expected)
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
