@@ -171,3 +171,24 @@ def test_a_cast_to_a_save_dtype_leaves_integer_tensors_exact():
     out = cast_floating({"w": torch.ones(2), "ids": torch.arange(300)}, torch.bfloat16)
     assert out["w"].dtype == torch.bfloat16
     assert out["ids"].dtype == torch.int64 and torch.equal(out["ids"], torch.arange(300))
+
+
+def test_a_chat_template_that_refuses_the_bos_probe_is_saved_as_it_is(tmp_path):
+    """The saved template gets a BOS in front only where it renders a turn without one; a template that refuses the
+    probe's turn (a system turn first, say) cannot tell, and is saved unchanged, not with a BOS it may already have."""
+    import json
+
+    from simpo_exp.model import build_tiny_tokenizer, save_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    assert tokenizer.bos_token
+    template = "{{ raise_exception('a system turn first') }}"
+    tokenizer.chat_template = template
+    assert save_tokenizer(tokenizer, tmp_path) is False and tokenizer.chat_template == template
+    saved = tmp_path / "chat_template.jinja"
+    text = (
+        saved.read_text()
+        if saved.exists()
+        else json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]
+    )
+    assert text == template

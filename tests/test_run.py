@@ -96,6 +96,10 @@ def test_a_saved_model_stops_where_its_chat_template_ends_a_turn(tmp_path):
     end_of_turn = tok.convert_tokens_to_ids("<|system|>")
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == sorted([tok.eos_token_id, end_of_turn])
     assert json.loads((tmp_path / "config.json").read_text())["use_cache"] is True
+    # the model's own end ids already there are kept beside them (an instruct model's several)
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": [tok.eos_token_id, 7]}))
+    ready_to_generate(tmp_path, tok)
+    assert 7 in GenerationConfig.from_pretrained(tmp_path).eos_token_id
 
 
 def test_multirun_sweep_groups_jobs_in_wandb(tmp_path):
