@@ -326,3 +326,21 @@ def test_a_lora_run_saved_in_bf16_saves_its_merge_rounded_once(compose, tmp_path
     assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.bfloat16}
     assert torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], expected)
     assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_head_adapters_smallest_update_unties_the_saved_head(compose, tmp_path):
+    """At SimPO's learning rates a head adapter's update is tiny: the merged head differs from the embeddings by
+    little, but it differs, and a merge that left them tied saved the embeddings as the head, its training lost."""
+    from safetensors.torch import load_file
+
+    from simpo_exp.model import save_trained
+
+    model = _trained_lora_model(compose, "hardware.lora_target_modules=[lm_head]")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(1e-5)
+    save_trained(model, tmp_path / "model")
+    assert not json.loads((tmp_path / "model" / "config.json").read_text()).get("tie_word_embeddings")
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    assert not torch.equal(saved["lm_head.weight"], saved["model.embed_tokens.weight"])
