@@ -421,47 +421,15 @@ def test_a_stop_before_a_steps_eval_saves_first_and_the_resumed_run_evaluates_th
     resumed run evaluates that step before training on, so the eval curve has no gap."""
     import dataclasses
 
-    import simpo_exp.train as train_mod
+    from tests.test_train_checks import _loop, _stubbed_loop
 
-    evals, saved = [], []
-
-    def step(run, batches, window):
-        run.state.step += 1
-        if run.state.step == 2 and not saved:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2, whose eval is due
-        return 0.0
-
-    monkeypatch.setattr(train_mod, "optimizer_step", step)
-    monkeypatch.setattr(train_mod, "forever", lambda *args: None)
-    monkeypatch.setattr(train_mod, "log_train", lambda *args: {})
-    monkeypatch.setattr(train_mod, "evaluate_and_sample", lambda run, step: evals.append(step) or {"eval/step": step})
-    monkeypatch.setattr(train_mod, "save_checkpoint", lambda run, window: saved.append(dataclasses.replace(run.state)))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    cfg = SimpleNamespace(eval_on_start=False, logging_steps=1, eval_steps=2, save_steps=0, progress_bar=False)
-    accelerator = SimpleNamespace(num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
-    run = SimpleNamespace(
-        cfg=cfg,
-        state=checkpoint.TrainState(),
-        steps=4,
-        train_loader=None,
-        accelerator=accelerator,
-        policy=SimpleNamespace(train=lambda: None),
-        tracker=Tracker(run_dir, SimpleNamespace(wandb=False), {}),
-    )
-    stop = StopSignal()
-    try:
-        with pytest.raises(SystemExit):
-            train_mod.train_loop(run, stop)
-    finally:
-        stop.restore()
+    # SIGTERM arrives during step 2, whose eval is due
+    run, evals, saved = _stubbed_loop(monkeypatch, tmp_path, steps=4, eval_steps=2, signal_at=("step", 2))
+    with pytest.raises(SystemExit):
+        _loop(run)
     assert evals == [] and [(s.step, s.eval_owed) for s in saved] == [(2, 2)]
     run.state = dataclasses.replace(saved[0])  # resumed from that checkpoint
-    stop = StopSignal()
-    try:
-        summary = train_mod.train_loop(run, stop)
-    finally:
-        stop.restore()
+    summary = _loop(run)
     assert evals == [2, 4] and summary["eval/step"] == 4 and run.state.eval_owed == 0
 
 

@@ -1056,14 +1056,12 @@ def test_a_hub_bases_relative_licence_link_points_at_its_own_repo(tmp_path, monk
     assert base_license("org/base") == {}
 
 
-def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, monkeypatch, caplog):
-    """evaluate.push_to_hub=true: a sweep's jobs go each to ``<hub_repo>-<job>`` (one repo for all kept only the last
-    job's model), a single run to ``hub_repo`` itself, and every repo is created private."""
+def fake_hub(monkeypatch) -> tuple[list, list, type]:
+    """huggingface_hub's HfApi stood in, its token read from $SIMPO_EXP_TEST_PUSH_TOKEN ("secret"): the repos created
+    (id, private), the folders uploaded (path, repo id), and the stand-in class (to make a call of it fail)."""
     import types
 
     import huggingface_hub
-
-    from simpo_exp.evaluate.run import _finish_run
 
     created, uploaded = [], []
 
@@ -1080,6 +1078,17 @@ def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, m
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setenv("SIMPO_EXP_TEST_PUSH_TOKEN", "secret")
+    return created, uploaded, FakeApi
+
+
+def test_evaluate_pushes_each_sweep_job_to_a_private_repo_of_its_own(tmp_path, monkeypatch, caplog):
+    """evaluate.push_to_hub=true: a sweep's jobs go each to ``<hub_repo>-<job>`` (one repo for all kept only the last
+    job's model), a single run to ``hub_repo`` itself, and every repo is created private."""
+    import types
+
+    from simpo_exp.evaluate.run import _finish_run
+
+    created, uploaded, FakeApi = fake_hub(monkeypatch)
     sweep = tmp_path / "sweep"
     runs = [sweep / "0_beta=2", sweep / "1_beta=5"]
     for r in runs:

@@ -388,27 +388,12 @@ def test_a_run_of_a_model_with_its_own_code_is_loaded_by_lm_eval_with_it(lm_eval
     assert lm_eval_calls[0]["model_args"]["trust_remote_code"] is True
 
 
-def test_a_run_named_from_the_home_folder_is_pushed_and_ranked_as_itself(
-    lm_eval_calls, tmp_path, compose, monkeypatch, capsys
-):
+def test_a_run_named_from_the_home_folder_is_pushed_as_itself(lm_eval_calls, tmp_path, compose, monkeypatch, capsys):
     """evaluate.path=~/runs/one found the run, but the push's check of one run or a sweep read the path literally,
     found no run there, and pushed the single run to a sweep job's repo (``me/simpo-one``)."""
-    import huggingface_hub
+    from tests.test_evaluate import fake_hub
 
-    created = []
-
-    class FakeApi:
-        def __init__(self, token):
-            pass
-
-        def create_repo(self, repo_id, private=False, exist_ok=False):
-            created.append(repo_id)
-
-        def upload_folder(self, folder_path, repo_id, commit_message=""):
-            return types.SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setenv("SIMPO_EXP_TEST_PUSH_TOKEN", "secret")
+    created, _, _ = fake_hub(monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     run = fake_run(tmp_path / "runs" / "one", [], compose)
     push = (
@@ -417,7 +402,7 @@ def test_a_run_named_from_the_home_folder_is_pushed_and_ranked_as_itself(
         "evaluate.hub_token_env=SIMPO_EXP_TEST_PUSH_TOKEN",
     )
     evaluate_sweep(run, "evaluate.path='~/runs/one'", "benchmark=gsm8k", "benchmarks.gsm8k.limit=2", *push)
-    assert created == ["me/simpo"] and f"pushed {run / 'model'} -> " in capsys.readouterr().out
+    assert created == [("me/simpo", True)] and f"pushed {run / 'model'} -> " in capsys.readouterr().out
 
 
 def test_a_run_config_of_another_shape_is_named_not_a_traceback(tmp_path):

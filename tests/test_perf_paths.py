@@ -451,6 +451,11 @@ def test_flex_attention_applies_gemma_softcapping(compiled, monkeypatch):
         attn_implementation="eager",
     )
     model = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # scores past the cap: the random init's never reach it, and a path without it passed
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(24)
+            layer.self_attn.k_proj.weight.mul_(24)
+        model.lm_head.weight.mul_(30)
     for seed in (5, 6):  # two batches of other lengths
         pairs = random_pairs(3, seed=seed)
         with torch.no_grad():
@@ -462,6 +467,12 @@ def test_flex_attention_applies_gemma_softcapping(compiled, monkeypatch):
             (plain.mean_logps - flex.mean_logps).abs().max()
         )
     assert (logps._COMPILED_FLEX is not None) == compiled
+    model.config.attn_logit_softcapping = None
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    with torch.no_grad():
+        uncapped = ResponseLogps(model)(**PairCollator(PAD)(pairs)).mean_logps
+    assert (plain.mean_logps - uncapped).abs().max() > 1e-3  # the cap changes these log-probs
 
 
 def test_compiled_flex_attention_matches_and_does_not_recompile_per_batch(monkeypatch):
@@ -630,6 +641,9 @@ def test_packed_attention_refuses_sequences_past_the_sliding_window(attention):
     ]
     with torch.no_grad():  # a sequence exactly the window long is covered by it: scored
         ResponseLogps(model, packing="packed", attention=attention)(**PairCollator(PAD, "packed", attention)(exact))
+    over = [exact[0] | {"chosen_input_ids": list(range(20, 29))}]  # one token past it: refused
+    with pytest.raises(ValueError, match=r"17 tokens exceeds the model's sliding window \(16\)"):
+        ResponseLogps(model, packing="packed", attention=attention)(**PairCollator(PAD, "packed", attention)(over))
     short = random_pairs(2, max_prompt=6, max_response=8, seed=1)
     batch = PairCollator(PAD, packing="packed", attention=attention)(short)
     with torch.no_grad():
