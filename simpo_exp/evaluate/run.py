@@ -564,7 +564,7 @@ def evaluate_benchmark(run_dir: Path, run_cfg, b, e, name: str | None = None) ->
 
 def _runs_to_evaluate(path: str) -> tuple[list[Path], list[Path]]:
     """(runs with a trained model, runs without one); a single run without one is an error."""
-    root = Path(path).expanduser()
+    root = Path(path)  # (evaluate_all has expanded a leading ~)
     if not root.exists():
         raise ConfigError(f"invalid config value evaluate.path={path!r}: no such directory")
     runs = find_runs(root)
