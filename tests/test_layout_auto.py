@@ -522,13 +522,10 @@ def test_a_sharded_engine_is_never_measured(compose, tmp_path, engine):
 def test_a_recorded_layout_is_kept_only_where_the_run_has_a_checkpoint(tmp_path):
     """env.json without a checkpoint (a first start that failed early, a folder reused for another model) is no run
     to resume: its layout, measured for that start, is measured again."""
-    from simpo_exp import checkpoint
+    from tests.test_checkpoint_checks import _saved
 
     recorded = {"packing": "packed", "attention": "segments", "chunk_size": 0}
     (tmp_path / "env.json").write_text(json.dumps({"batch_layout": recorded, "layout_choice": {"rule": "measured"}}))
     assert layout_auto.recorded_layout(tmp_path) is None
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    checkpoint.save(tmp_path, model, opt, sched, checkpoint.TrainState(step=1), {}, keep=1)
+    _saved(tmp_path, torch.nn.Linear(2, 2), step=1)
     assert layout_auto.recorded_layout(tmp_path) == {"batch_layout": recorded, "layout_choice": {"rule": "measured"}}
