@@ -435,6 +435,37 @@ def test_each_evaluated_run_sends_its_own_benchmarks_to_wandb_as_asked(lm_eval_c
     assert sent == [("0_a", ["gsm8k"], True), ("1_b", ["gsm8k"], False)]
 
 
+def test_a_judge_failure_on_one_run_lets_the_others_finish_then_fails_the_stage(
+    lm_eval_calls, tmp_path, compose, monkeypatch, capsys
+):
+    """The judge failing on the first run of a sweep: the later runs are still evaluated and sent, and only then
+    does the stage fail, naming the failure once (checked before only by the slow fixture of a judge that is down)."""
+    import simpo_exp.evaluate.run as stage
+    from simpo_exp.evaluate import wandb_log
+    from simpo_exp.evaluate.judge import JudgeError
+
+    sent, evaluate_benchmark = [], stage.evaluate_benchmark
+
+    def judge_down_on_the_first(run_dir, *args, **kwargs):
+        if run_dir.name == "0_a":
+            raise JudgeError("the judge at http://127.0.0.1:9/v1 did not answer")
+        return evaluate_benchmark(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "evaluate_benchmark", judge_down_on_the_first)
+    monkeypatch.setattr(wandb_log, "log_results", lambda run_dir, done, *_, **__: sent.append((run_dir.name, done)))
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "0_a", [], compose)
+    fake_run(sweep / "1_b", [], compose)
+    with pytest.raises(JudgeError, match=r"^the judge at http://127.0.0.1:9/v1 did not answer$"):
+        evaluate_sweep(sweep, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2", "evaluate.wandb=auto")
+    assert (sweep / "1_b" / "eval" / "gsm8k" / "results.json").is_file()
+    assert not (sweep / "0_a" / "eval" / "gsm8k" / "results.json").exists() and len(lm_eval_calls) == 1
+    assert sent == [("1_b", ["gsm8k"])]  # the failed run has nothing new to send
+    out = capsys.readouterr().out
+    assert f"0_a  gsm8k: judging failed, answers and verdicts so far kept in {sweep / '0_a' / 'eval' / 'gsm8k'}" in out
+    assert "1_b  gsm8k: " in out and "rank them" not in out
+
+
 def test_runs_without_a_trained_model_are_skipped_and_said_and_an_unwritable_one_refused_first(
     lm_eval_calls, tmp_path, compose, capsys
 ):
