@@ -45,6 +45,16 @@ def compose():
     return _compose
 
 
+@pytest.fixture
+def fresh_state():
+    """The next test's accelerator as a fresh process's: accelerate keeps one state per process, which a test's
+    make_accelerator set up (make_accelerator itself resets it as it starts)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(autouse=True)
 def _no_sweep_identity_left_behind(monkeypatch):
     """A sweep's identity, which ``SweepSummary.on_multirun_start`` sets in os.environ (tests call it in this

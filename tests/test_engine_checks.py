@@ -12,15 +12,6 @@ from tests.conftest import ROOT
 
 
 @pytest.fixture
-def fresh_state():
-    """The next test's accelerator as a fresh process's (make_accelerator resets accelerate's state as it starts)."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture
 def fake_engine(monkeypatch, fresh_state):
     """Swap accelerate's Accelerator for a stand-in of the given engine: what make_accelerator reads of one, for the
     engines (several processes, FSDP, DeepSpeed) this one-process CPU box cannot start. Returns the setter; each

@@ -511,31 +511,25 @@ def test_starting_deepspeed_from_float32_weights_is_warned_of_whatever_model_dty
     assert "holds float32 weights" in caplog.text and "hardware=fsdp, gpu" in caplog.text
 
 
-def test_each_job_of_a_sweep_in_one_process_gets_its_own_precision(compose):
+def test_each_job_of_a_sweep_in_one_process_gets_its_own_precision(compose, fresh_state):
     """Hydra's basic launcher (and torchrun's --multirun) runs a sweep's jobs in one process, and accelerate keeps
     one state per process: ``--multirun hardware.mixed_precision=no,bf16`` crashed its second job ("AcceleratorState
     has already been initialized and cannot be changed"). Each job's accelerator is now set up afresh."""
-    from accelerate.state import AcceleratorState
-
     from simpo_exp.engine import make_accelerator
 
-    try:
-        first, _ = make_accelerator(to_config(compose("hardware=cpu")))
-        assert first.mixed_precision == "no"
-        second, _ = make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=bf16")))
-        assert second.mixed_precision == "bf16" and second.device.type == "cpu"
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)  # the next test's accelerator as a fresh process's
+    first, _ = make_accelerator(to_config(compose("hardware=cpu")))
+    assert first.mixed_precision == "no"
+    second, _ = make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=bf16")))
+    assert second.mixed_precision == "bf16" and second.device.type == "cpu"
 
 
 def test_make_accelerator_refuses_what_a_cpu_would_not_honour_and_a_batch_set_for_another_process_count(
-    compose, monkeypatch
+    compose, monkeypatch, fresh_state
 ):
     """check_cpu_settings was tested alone: without its call, fp16 on the CPU trained in float32 while env.json
     recorded float16 (accelerate takes the request and applies no autocast). And the accumulation comes from
     WORLD_SIZE, which a launcher that does not set it left at 1: every step trained on N times the global batch."""
     import accelerate
-    from accelerate.state import AcceleratorState
 
     from simpo_exp.engine import make_accelerator
 
@@ -547,18 +541,15 @@ def test_make_accelerator_refuses_what_a_cpu_would_not_honour_and_a_batch_set_fo
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(accelerate, "Accelerator", Recording)
-    try:
-        make_accelerator(to_config(compose("hardware=cpu", "hardware.device=cpu")))
-        assert asked[-1]["cpu"] is True
-        with pytest.raises(ConfigError, match="hardware.mixed_precision=fp16 on the CPU"):
-            make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=fp16")))
-        cfg = to_config(compose("hardware=cpu", "hardware.effective_batch_size=8", "per_device_train_batch_size=2"))
-        assert make_accelerator(cfg)[1] == 4
-        monkeypatch.setattr(Recording, "num_processes", property(lambda self: 4))
-        with pytest.raises(ConfigError, match="set for WORLD_SIZE=1 processes, but accelerate runs 4: each step would"):
-            make_accelerator(cfg)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    make_accelerator(to_config(compose("hardware=cpu", "hardware.device=cpu")))
+    assert asked[-1]["cpu"] is True
+    with pytest.raises(ConfigError, match="hardware.mixed_precision=fp16 on the CPU"):
+        make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=fp16")))
+    cfg = to_config(compose("hardware=cpu", "hardware.effective_batch_size=8", "per_device_train_batch_size=2"))
+    assert make_accelerator(cfg)[1] == 4
+    monkeypatch.setattr(Recording, "num_processes", property(lambda self: 4))
+    with pytest.raises(ConfigError, match="set for WORLD_SIZE=1 processes, but accelerate runs 4: each step would"):
+        make_accelerator(cfg)
 
 
 def test_auto_precision_is_bf16_only_on_a_gpu_that_has_it(monkeypatch):
@@ -579,27 +570,22 @@ def test_auto_precision_is_bf16_only_on_a_gpu_that_has_it(monkeypatch):
     assert engine.resolved_precision(h()) == "bf16" and engine.resolved_precision(h("cpu")) == "no"
 
 
-def test_a_launchers_precision_that_the_run_does_not_use_is_said(compose, monkeypatch, caplog):
+def test_a_launchers_precision_that_the_run_does_not_use_is_said(compose, monkeypatch, caplog, fresh_state):
     """``accelerate launch --mixed_precision fp16`` reaches the script as ACCELERATE_MIXED_PRECISION, which
     accelerate ignores where the script passes its own: the run went on in hardware.mixed_precision with no word."""
-    from accelerate.state import AcceleratorState
-
     from simpo_exp.engine import make_accelerator
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="simpo_exp.engine"):
-            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: nothing asked
-            make_accelerator(to_config(compose("hardware=cpu")))
-            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # the launcher's and the run's alike
-            make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=bf16")))
-            assert "is not used" not in caplog.text
-            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-            accelerator, _ = make_accelerator(to_config(compose("hardware=cpu")))
-        assert accelerator.mixed_precision == "no"  # the run's, as before: now said
-        assert "mixed_precision=fp16 (its --mixed_precision or config file) is not used" in caplog.text
-        assert "no autocast (hardware.mixed_precision=no); set hardware.mixed_precision=fp16" in caplog.text
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.engine"):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: nothing asked
+        make_accelerator(to_config(compose("hardware=cpu")))
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # the launcher's and the run's alike
+        make_accelerator(to_config(compose("hardware=cpu", "hardware.mixed_precision=bf16")))
+        assert "is not used" not in caplog.text
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        accelerator, _ = make_accelerator(to_config(compose("hardware=cpu")))
+    assert accelerator.mixed_precision == "no"  # the run's, as before: now said
+    assert "mixed_precision=fp16 (its --mixed_precision or config file) is not used" in caplog.text
+    assert "no autocast (hardware.mixed_precision=no); set hardware.mixed_precision=fp16" in caplog.text
 
 
 @pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
