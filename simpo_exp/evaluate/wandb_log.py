@@ -108,12 +108,13 @@ def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0
         mode = wandb_mode(rec.get("mode", "offline"))
         if mode == "disabled":
             return False
-        sent = sent_record(Path(run_dir), rec, mode, benchmarks)
+        samples = {b: sample_rows(run_dir, b) for b in sorted(benchmarks)}  # (columns, rows): hashed, then sent
+        sent = sent_record(Path(run_dir), rec, mode, samples)
         if read_json(Path(run_dir) / SENT) == sent:
             log.info("%s: its evaluation is on W&B run %s (%s) as it is now; nothing sent", run_dir, rec["id"], mode)
             return True
         try:
-            _send(Path(run_dir), rec, mode, benchmarks, init_timeout)
+            _send(Path(run_dir), rec, mode, samples, init_timeout)
         except Exception as e:  # no route to the server: an offline record of the run, sent later as training's is
             if mode != "online":
                 raise
@@ -121,9 +122,8 @@ def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0
                 f"{run_dir}: W&B online start failed ({type(e).__name__}: {e}); logging the evaluation offline "
                 f"instead: send it later with `wandb sync {Path(run_dir) / 'wandb'}/offline-run-*`"
             )
-            mode = "offline"
-            sent = sent_record(Path(run_dir), rec, mode, benchmarks)
-            _send(Path(run_dir), rec, mode, benchmarks, init_timeout)
+            mode = sent["mode"] = "offline"
+            _send(Path(run_dir), rec, mode, samples, init_timeout)
         write_json(Path(run_dir) / SENT, sent)
         return True
     except Exception as e:  # a W&B problem never fails the evaluation: its files are written
@@ -131,22 +131,22 @@ def log_results(run_dir: Path, benchmarks: list[str], init_timeout: float = 30.0
         return False
 
 
-def sent_record(run_dir: Path, rec: dict, mode: str, benchmarks: list[str]) -> dict:
+def sent_record(run_dir: Path, rec: dict, mode: str, samples: dict[str, tuple[list, list]]) -> dict:
     """What an evaluation sends to W&B, as ``SENT`` records it: the run id and mode, the benchmarks whose sample
-    tables go, and a hash of every results.json (the summary's ``bench/*`` numbers come from them) and of those
-    tables' rows. The same record means nothing new to send. A results.json is hashed without the time it was
-    written (``created``): each evaluation writes it again, one whose answers and verdicts were all kept as well,
-    and its new time made every re-evaluation send the same numbers again (a W&B run reopened, an offline folder
-    more)."""
+    tables go (``samples``: each one's columns and rows, from ``sample_rows``), and a hash of every results.json
+    (the summary's ``bench/*`` numbers come from them) and of those tables. The same record means nothing new to
+    send. A results.json is hashed without the time it was written (``created``): each evaluation writes it again,
+    one whose answers and verdicts were all kept as well, and its new time made every re-evaluation send the same
+    numbers again (a W&B run reopened, an offline folder more)."""
     digest = hashlib.sha256()
     for path in sorted((Path(run_dir) / EVAL_DIR).glob("*/results.json")):
         results = read_json(path)
         if isinstance(results, dict):
             results.pop("created", None)
         digest.update(path.parent.name.encode() + b"\0" + json.dumps(results, sort_keys=True).encode() + b"\0")
-    for benchmark in sorted(benchmarks):
-        digest.update(json.dumps(sample_rows(run_dir, benchmark), sort_keys=True, default=str).encode() + b"\0")
-    return {"id": rec.get("id"), "mode": mode, "benchmarks": sorted(benchmarks), "results": digest.hexdigest()}
+    for benchmark in sorted(samples):
+        digest.update(json.dumps(samples[benchmark], sort_keys=True, default=str).encode() + b"\0")
+    return {"id": rec.get("id"), "mode": mode, "benchmarks": sorted(samples), "results": digest.hexdigest()}
 
 
 def bench_summary(run_dir: Path, benchmarks: list[str], held) -> dict:
@@ -162,7 +162,7 @@ def bench_summary(run_dir: Path, benchmarks: list[str], held) -> dict:
     return gone | numbers
 
 
-def _send(run_dir: Path, rec: dict, mode: str, benchmarks: list[str], init_timeout: float) -> None:
+def _send(run_dir: Path, rec: dict, mode: str, samples: dict[str, tuple[list, list]], init_timeout: float) -> None:
     import wandb
 
     run = open_wandb(
@@ -178,10 +178,9 @@ def _send(run_dir: Path, rec: dict, mode: str, benchmarks: list[str], init_timeo
         name=rec.get("name"),
     )
     try:
-        run.summary.update(bench_summary(run_dir, benchmarks, run.summary.keys()))
+        run.summary.update(bench_summary(run_dir, list(samples), run.summary.keys()))
         tables = {}
-        for b in benchmarks:
-            columns, rows = sample_rows(run_dir, b)
+        for b, (columns, rows) in samples.items():
             if rows:
                 tables[f"bench/{b}/samples"] = wandb.Table(columns=columns, data=rows)
         if tables:
