@@ -11,12 +11,15 @@ Per device, with P parameters (bytes as loaded), T of them trained (element size
 - one device or DDP: the weights as loaded, gradients T s, AdamW moments 2 T s (torch keeps them in the
   weights' dtype);
 - FSDP (full sharding): the same divided by N; with parameter offload the state lives in CPU RAM;
-- DeepSpeed under bf16 or fp16: half-precision weights (2 P) and gradients (2 T), and a float32 master copy
-  with the moments (12 T); without them, float32 weights (4 P), gradients (4 T) and moments (8 T) (DeepSpeed
-  keeps a float32 master copy besides, left out: a lower bound). ZeRO-1 shards the optimizer part, ZeRO-2 also
-  the gradients, ZeRO-3 everything; optimizer offload moves the optimizer part and the gradient partitions to CPU
-  RAM (DeepSpeed's ZeRO-Offload; its ``estimate_zero*_model_states_mem_needs`` count no gradients on the GPU
-  then), parameter offload the weights.
+- DeepSpeed under bf16 or fp16: half-precision weights (2 P) and gradients (2 T), a float32 master copy
+  with the moments (12 T), and, in the optimizer step, a float32 copy of the gradients for the master copy (4 T;
+  the "4_grads_32bit" of DeepSpeed's ``estimate_zero2_model_states_mem_needs``, counted with the gradients):
+  of the process's whole partition under ZeRO-1/2, of one sub-group at a time under ZeRO-3
+  (``zero_optimization.sub_group_size``, 1e9 parameters unless set). Without bf16/fp16, float32 weights (4 P),
+  gradients (4 T) and moments (8 T) (DeepSpeed keeps a float32 master copy besides, left out: a lower bound).
+  ZeRO-1 shards the optimizer part, ZeRO-2 also the gradients, ZeRO-3 everything; optimizer offload moves the
+  optimizer part and the gradient partitions to CPU RAM (DeepSpeed's ZeRO-Offload; its
+  ``estimate_zero*_model_states_mem_needs`` count no gradients on the GPU then), parameter offload the weights.
 
 A live reference model (``reference_mode=live``) adds a frozen copy of the weights as they train: whole on each
 device, or 1/N of it under FSDP2 (simpo_exp/reference.py shards it as the policy is sharded).
@@ -52,6 +55,7 @@ class Engine:
     offload_params: bool = False
     half_precision: bool = True  # DeepSpeed: bf16/fp16 weights with a float32 master copy (else all float32)
     fsdp_version: int = 2
+    sub_group_size: int = 10**9  # ZeRO-3: parameters its optimizer steps at a time (DeepSpeed's default)
 
     @classmethod
     def of(cls, accelerator) -> "Engine":
@@ -67,7 +71,10 @@ class Engine:
 
             stage = int(plugin.zero_stage or 0)
             half = accelerator.mixed_precision in ("bf16", "fp16")  # the launchers' bf16 "auto" follows it
-            return cls("deepspeed", n, stage, offloaded("offload_optimizer"), offloaded("offload_param"), half)
+            group = zero.get("sub_group_size")
+            group = int(group) if isinstance(group, (int, float)) and group > 0 else cls.sub_group_size
+            offloads = offloaded("offload_optimizer"), offloaded("offload_param")
+            return cls("deepspeed", n, stage, *offloads, half_precision=half, sub_group_size=group)
         if kind == "FSDP":
             offload = fsdp_offloads(state.fsdp_plugin)
             version = 2 if fsdp2(accelerator) else 1
@@ -107,6 +114,9 @@ def state_bytes(
         stage = engine.zero_stage
         optimizer = 0 if engine.offload_optimizer else optimizer // n if stage >= 1 else optimizer
         grads = 0 if engine.offload_optimizer else grads // n if stage >= 2 else grads  # offloaded: on the CPU
+        if engine.half_precision and not engine.offload_optimizer:  # the step's float32 gradients, as the master's
+            partition = t // n if stage >= 1 else t
+            grads += 4 * (min(partition, engine.sub_group_size) if stage == 3 else partition)
         weights = 0 if engine.offload_params and stage == 3 else weights // n if stage == 3 else weights
     else:
         weights, grads, optimizer = loaded, t_bytes, 2 * t_bytes

@@ -22,11 +22,19 @@ def test_full_fine_tuning_takes_sixteen_bytes_per_float32_parameter_and_shards_b
         "total": 4 * p // 4 + 4 * p // 4 + 8 * p // 4,
     }
     assert state_bytes(model, Engine("fsdp", 4, offload_optimizer=True, offload_params=True))["total"] == 0
-    # DeepSpeed: bf16 weights and gradients, float32 master + moments (12 bytes), sharded by stage
+    # DeepSpeed: bf16 weights and gradients, float32 master + moments (12 bytes), sharded by stage, and the step's
+    # float32 gradient partition (4 bytes; it was left out: ZeRO-2 came to 2 + 14/N bytes a parameter where
+    # DeepSpeed's own estimate_zero2_model_states_mem_needs says 2 + 18/N, and runs it refuses were let through)
     zero = {stage: state_bytes(model, Engine("deepspeed", 8, stage)) for stage in (1, 2, 3)}
-    assert zero[1]["total"] == 2 * p + 2 * p + 12 * p // 8
-    assert zero[2]["total"] == 2 * p + 2 * p // 8 + 12 * p // 8
-    assert zero[3]["total"] == 2 * p // 8 + 2 * p // 8 + 12 * p // 8
+    assert zero[1]["total"] == 2 * p + 2 * p + 4 * (p // 8) + 12 * p // 8
+    assert zero[2] == {"weights": 2 * p, "gradients": 2 * p // 8 + 4 * (p // 8), "optimizer": 12 * p // 8} | {
+        "total": 2 * p + 2 * p // 8 + 4 * (p // 8) + 12 * p // 8
+    }
+    assert zero[3]["total"] == 2 * p // 8 + 2 * p // 8 + 4 * (p // 8) + 12 * p // 8
+    # ZeRO-3 steps its partition a sub-group at a time: one sub-group's float32 gradients at once
+    grouped = state_bytes(model, Engine("deepspeed", 8, 3, sub_group_size=100))
+    assert grouped["gradients"] == 2 * p // 8 + 4 * 100 and p // 8 > 100
+    assert state_bytes(model, Engine("deepspeed", 1, 0))["gradients"] == 2 * p + 4 * p  # no ZeRO: the whole model's
     offload = state_bytes(model, Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True))
     # ZeRO-Offload keeps the gradient partitions in CPU RAM with the optimizer (zero3-offload was charged 2 bytes a
     # parameter on the GPU, and a 14B model that fits a 24 GB card under it was refused)
@@ -183,6 +191,11 @@ def test_the_engine_is_read_from_the_launchers_configs():
     assert deepspeed("ds_zero3.json", "no") == Engine("deepspeed", 8, 3, half_precision=False)
     assert deepspeed("ds_zero2.json", "fp16") == Engine("deepspeed", 8, 2)  # fp16 halves the working weights too
     assert deepspeed("ds_zero3_offload.json") == Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True)
+    config = json.loads((ROOT / "launchers" / "ds_zero3.json").read_text())
+    config["zero_optimization"]["sub_group_size"] = 5e8  # a user's own: as DeepSpeed reads it
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config=config)
+    ds = Engine.of(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=plugin))
+    assert ds == Engine("deepspeed", 8, 3, sub_group_size=500_000_000)
     for offload, offloads, version in [
         (CPUOffload(False), False, 1),
         (CPUOffload(True), True, 1),
