@@ -275,7 +275,7 @@ def load_run(path: str | Path) -> Run:
 def _as_ran(overrides: dict[str, str], path: Path) -> dict[str, str]:
     """``overrides`` with each interpolation (``beta=${oc.env:BETA}``) replaced by the value the run resolved it to,
     where its ``finished.json`` records it: the text alone would make runs of different values look alike."""
-    ran = read_json(path / "finished.json").get("config") or {}
+    ran = read_json(path / "finished.json").get("config")  # of another shape (a list): nothing resolved read
     out = dict(overrides)
     for key, value in overrides.items():
         node = ran

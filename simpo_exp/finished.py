@@ -44,6 +44,8 @@ def recorded_summary(cfg) -> dict | None:
         saved = json.loads(marker.read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable: train (resuming from a checkpoint) and write it again
+    if not isinstance(saved, dict):  # a marker written by hand or another version: as unreadable
+        return None
     # Imported here, not at the top: it loads torch, and the entry point imports this module before Hydra
     # has checked the overrides (a misspelled key is then reported in under a second).
     from simpo_exp.checkpoint import fingerprinted_sources, incompatible_keys

@@ -241,10 +241,18 @@ def failure_record(run_dir: Path) -> dict | None:
 
 
 def read_json(path: Path) -> dict:
+    """A record's mapping; {} when the file is missing or unreadable, or holds no mapping (a list or a number, by
+    hand or from another tool, crashed its readers' ``.get`` with an AttributeError)."""
+    found = read_json_value(path)
+    return found if isinstance(found, dict) else {}
+
+
+def read_json_value(path: Path):
+    """A JSON file's value, whatever its type; None when the file is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        return None
 
 
 # libyaml's loader where PyYAML was built with it: the same documents, about nine times faster on Hydra's files

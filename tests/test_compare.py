@@ -644,6 +644,9 @@ def test_an_interpolated_override_shows_the_value_the_run_resolved(tmp_path):
         _job(tmp_path / f"b{beta:g}", ["beta=${oc.env:BETA}"], {"beta": beta})
     runs = compare.load_runs(tmp_path)
     assert {r.name: r.swept for r in runs} == {"b2": {"beta": "2"}, "b6": {"beta": "6"}}
+    for marker in ("[]", '{"config": [1]}'):  # a finished.json of another shape: the override's text, not a crash
+        (tmp_path / "b2" / "finished.json").write_text(marker)
+        assert {r.name: r.swept for r in compare.load_runs(tmp_path)}["b2"] == {"beta": "${oc.env:BETA}"}
 
 
 def test_a_job_that_wrote_elsewhere_is_read_there_and_one_refused_says_why(tmp_path):

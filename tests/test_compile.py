@@ -95,6 +95,79 @@ def adapter_loss_and_grads(model, batch):
 def test_model_without_decoder_layers_is_refused():
     with pytest.raises(ConfigError, match="hardware.compile=true: no decoder layers"):
         compile_model(torch.nn.Linear(2, 2), hardware())
+    empty = make_model()
+    empty.model.layers = torch.nn.ModuleList()  # a decoder with no layer: refused, not an IndexError
+    with pytest.raises(ConfigError, match="hardware.compile=true: no decoder layers found in LlamaForCausalLM"):
+        compile_model(empty, hardware())
+
+
+def test_compile_units_split_layers_only_for_the_segment_attention_under_checkpointing():
+    """A packed layout under gradient checkpointing compiles each layer's attention block and MLP apart (the segment
+    attention's graph break inside a checkpointed region); layers without them are refused by name."""
+    from simpo_exp.compiled import compile_units
+
+    assert len(compile_units(make_model(), True, False)) == 2  # the two layers whole
+    assert len(compile_units(make_model(), False, True)) == 2
+    parts = compile_units(make_model(), True, True)
+    assert [type(p).__name__ for p in parts] == ["LlamaAttention", "LlamaMLP"] * 2
+    model = make_model()
+    for layer in model.model.layers:
+        del layer.mlp
+    with pytest.raises(ConfigError, match="needs layers with self_attn and mlp blocks; LlamaDecoderLayer lacks them"):
+        compile_units(model, True, True)
+
+
+def test_compile_mode_and_dynamic_shapes_reach_torch_compile(monkeypatch):
+    """hardware.compile_mode reaches each unit's compile (it could be dropped for the default without a word), with
+    dynamic shapes and the backend asked; "default" is torch's own default (mode None)."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    assert compile_model(make_model(), hardware(mode="max-autotune-no-cudagraphs")) == 2
+    assert calls == [{"dynamic": True, "backend": "aot_eager", "mode": "max-autotune-no-cudagraphs"}] * 2
+    calls.clear()
+    compile_model(make_model(), hardware("inductor", mode="default"))
+    assert calls == [{"dynamic": True, "backend": "inductor", "mode": None}] * 2
+
+
+def test_a_run_that_keeps_recompiling_is_warned_once(caplog):
+    """More than MANY_RECOMPILE_STEPS steps recompiling after the first: one warning, naming the count and the step
+    (and the switch when hardware.compile asked for it), not one per later step."""
+    import logging
+
+    from simpo_exp.compiled import MANY_RECOMPILE_STEPS, CompileWatch
+
+    assert MANY_RECOMPILE_STEPS == 3
+    for asked in (True, False):
+        torch._dynamo.reset()
+        caplog.clear()
+        watch, grow = CompileWatch(asked=asked), torch.compile(lambda x: x + 1, backend="eager", dynamic=False)
+        with caplog.at_level(logging.WARNING, logger="simpo_exp.compiled"):
+            for step in range(7):
+                watch.step_started()
+                grow(torch.ones(step + 1))  # static shapes: a new graph each step
+                assert watch.step_finished(1.0, step)
+        warned = [r.getMessage() for r in caplog.records if "recompiled" in r.getMessage()]
+        assert len(warned) == 1 and "recompiled during 4 training steps (the latest: step 4)" in warned[0]
+        assert ("hardware.compile=false turns it off" in warned[0]) is asked
+        assert watch.totals() == (7.0, 7)
+
+
+def test_generation_under_compile_runs_eagerly():
+    """eager_only: compiled modules run without building graphs (generation's decoding shapes would add graphs,
+    counted in train/compile_graphs, and compile time at the end of every compiled run)."""
+    import contextlib
+
+    from simpo_exp.compiled import eager_only
+
+    torch._dynamo.reset()
+    before = graphs_built()
+    tripled = torch.compile(lambda x: x * 3, backend="eager")
+    with eager_only(True):
+        assert torch.equal(tripled(torch.ones(2)), torch.full((2,), 3.0))
+    assert graphs_built() == before
+    tripled(torch.ones(2))
+    assert graphs_built() > before
+    assert isinstance(eager_only(False), contextlib.nullcontext)
 
 
 def test_bad_compile_keys_name_the_key(compose):

@@ -483,6 +483,46 @@ def test_a_resumed_runs_env_record_keeps_the_earlier_starts_and_names_what_chang
         "model_commit aaa -> bbb",
         "num_processes 1 -> 2",
     ]
+    # a package uninstalled between starts (peft, liger-kernel): named as gone
+    gone = with_earlier_starts({"packages": {"peft": None}}, {"packages": {"peft": "0.13"}}, 10)[1]
+    assert gone == ["peft 0.13 -> None"]
+
+
+def test_env_json_records_the_torch_build_and_the_accelerators_set_up(compose, monkeypatch):
+    """env.json's torch version is the build that runs, with its local tag (a CUDA wheel's metadata says "2.11.0",
+    its __version__ "2.11.0+cu130"); a package not installed is None; the device, process count, engine and
+    precision are the accelerator's."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp import environment
+    from tests.test_perf_paths import make_model
+
+    real_version = environment.metadata.version
+
+    def version(name):
+        if name == "flash-attn":
+            raise environment.metadata.PackageNotFoundError(name)
+        return "2.11.0" if name == "torch" else real_version(name)
+
+    monkeypatch.setattr(environment.metadata, "version", version)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    versions = environment.package_versions()
+    assert versions["torch"] == "2.11.0+cu130" and versions["flash-attn"] is None
+    assert versions["transformers"] == real_version("transformers")
+
+    monkeypatch.setattr(environment, "precision_record", lambda model, accelerator: {"weights": "float32"})
+    monkeypatch.setattr(environment, "git_commit", lambda: "abc")
+    accelerator = SimpleNamespace(device=torch.device("cuda", 3), num_processes=2, mixed_precision="bf16")
+    accelerator.distributed_type = DistributedType.MULTI_GPU
+    report = SimpleNamespace(sources={"synthetic": {"pairs": 64}}, kept={"train": 60})
+    env = environment.environment_record(to_config(compose()), accelerator, make_model(), report)
+    assert (env["device"], env["num_processes"], env["distributed_type"]) == ("cuda:3", 2, "MULTI_GPU")
+    assert env["mixed_precision"] == "bf16" and env["precision"] == {"weights": "float32"}
+    assert env["git_commit"] == "abc"
+    assert env["packages"]["torch"] == "2.11.0+cu130" and env["model_commit"] is None  # no hub model
+    assert env["data"] == {"sources": {"synthetic": {"pairs": 64}}, "pairs_after_filtering": {"train": 60}}
 
 
 def test_the_code_version_names_the_checkouts_commit_and_its_changes(tmp_path, monkeypatch):

@@ -584,6 +584,9 @@ def test_a_finished_run_without_its_model_is_still_refused_to_another_config(com
     (run_dir / "summary.json").unlink()
     with pytest.raises(OtherRunsDirectory, match="different config"):
         recorded_summary(cfg)
+    for marker in ("{}", "[]", '{"config": 3}'):  # an old or hand-edited marker: trained (resumed), not a crash
+        (run_dir / FINISHED).write_text(marker)
+        assert recorded_summary(cfg) is None
 
 
 def test_a_run_on_local_data_that_changed_since_is_neither_skipped_nor_resumed(tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from simpo_exp.inference.files import write_json
 from simpo_exp.inference.results import EVAL_DIR, PREFIX, load_results, read_results
-from simpo_exp.rundir import read_json, read_jsonl
+from simpo_exp.rundir import read_json, read_json_value, read_jsonl
 from simpo_exp.tracking import WANDB_RECORD, keyed_mode, open_wandb
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def sample_rows(run_dir: Path, benchmark: str) -> tuple[list[str], list[list]]:
 
 def _listed(path: Path) -> list:
     """A JSON file's rows; [] when it is missing or holds no list."""
-    found = read_json(path)  # {} when missing
+    found = read_json_value(path)  # None when missing
     return found if isinstance(found, list) else []
 
 
