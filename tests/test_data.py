@@ -469,6 +469,8 @@ def test_the_shuffle_seed_picks_the_train_pairs_a_cap_keeps(tmp_path, tok):
         for seed in (0, 7)
     }
     assert len(kept[0]) == len(kept[7]) == 5 and set(kept[0]) != set(kept[7])
+    # the first five of the uncapped run's order: a capped run trains on a prefix of the uncapped one's data
+    assert list(kept[0]) == list(pairs_of(build_datasets(make_config({"s": src}, shuffle_seed=0), tok)[0]))[:5]
 
 
 def test_test_split_carved_with_test_size_when_null(tmp_path, tok, caplog):
@@ -1222,16 +1224,11 @@ def test_sentencepiece_responses_are_tokenised_as_the_whole_conversation_is():
     assert alone_differs == 4  # the case this guards against is real for this tokenizer: every response differs
 
 
-def test_a_prompt_token_merged_with_the_response_moves_the_split_back_and_is_counted(tmp_path):
-    """A template ending in ':' before an answer starting with ' ' under a tokenizer that merges ': ': the split
-    goes back one token (the merged token counts as response, as TRL does); prompt ids stay shared by both
-    responses, prompt + response ids are the whole conversation's, and the report counts the pair."""
-    from datasets import Dataset
+def merging_tokenizer(template: str, bos: str | None = "<s>"):
+    """A byte-level tokenizer that merges ': ' into one token (a prompt ending in ':' and an answer starting with a
+    space meet inside it), with ``template`` as its chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from simpo_exp.data.report import report_lines, tokenization_report
-    from simpo_exp.data.tokenize import tokenise
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
@@ -1239,14 +1236,39 @@ def test_a_prompt_token_merged_with_the_response_moves_the_split_back_and_is_cou
     core = Tokenizer(models.BPE(vocab=vocab, merges=[(":", "Ġ")]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
+    special = {"bos_token": bos} if bos else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="</s>", pad_token="</s>", chat_template=template, **special
+    )
+
+
+def test_a_prompt_that_is_one_token_merged_into_the_answer_is_dropped():
+    """No BOS and a prompt whose only token merges with the answer's first: the split would go back to nothing, and
+    the whole conversation would train as the answer with an empty prompt. The pair is dropped, saying why."""
+    from simpo_exp.data.tokenize import _tokenise_batch
+
+    tok = merging_tokenizer("{% for m in messages %}{{ m['content'] }}{% endfor %}", bos=None)
+    assert tok.bos_token_id is None
+    batch = {"prompt": [[{"role": "user", "content": ":"}]], "chosen": [" yes"], "rejected": [" no"]}
+    out = _tokenise_batch(batch | {"drop_reason": [None]}, tok, 64, 32, chat_format="generation_prompt")
+    assert out["drop_reason"] == ["prompt and response tokens merge at the boundary"]
+
+
+def test_a_prompt_token_merged_with_the_response_moves_the_split_back_and_is_counted(tmp_path):
+    """A template ending in ':' before an answer starting with ' ' under a tokenizer that merges ': ': the split
+    goes back one token (the merged token counts as response, as TRL does); prompt ids stay shared by both
+    responses, prompt + response ids are the whole conversation's, and the report counts the pair."""
+    from datasets import Dataset
+
+    from simpo_exp.data.report import report_lines, tokenization_report
+    from simpo_exp.data.tokenize import tokenise
+
     template = (
         "{{ bos_token }}{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}"
         "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="</s>", chat_template=template
-    )
+    tok = merging_tokenizer(template)
     items = [("hi", " yes", " no"), ("hey", "yes", " no")]  # the second chosen answer starts without a space
     out = tokenise(Dataset.from_list(pair_rows(items)), tok, max_length=64, max_prompt_length=32)
     for row, (prompt, *responses) in zip(out, items):
@@ -1442,6 +1464,14 @@ def test_a_generation_prompt_the_conversation_does_not_start_with_names_its_rows
     assert out["drop_reason"] == [
         "chat template's generation prompt is not how the conversation renders the answer's start"
     ]
+    # one answer of the two that starts as the generation prompt ends: the other still names the template, not
+    # "response has no tokens" (which sent users to their data)
+    for chosen, rejected in (("<think>\n1 2 3", "3 2 1"), ("1 2 3", "<think>\n3 2 1")):
+        one = batch | {"chosen": [chosen], "rejected": [rejected], "drop_reason": [None]}
+        out = _tokenise_batch(one, tok, 256, 128, chat_format="generation_prompt")
+        assert out["drop_reason"] == [
+            "chat template's generation prompt is not how the conversation renders the answer's start"
+        ]
 
 
 def test_a_tokenizer_with_several_named_templates_trains(tmp_path):
@@ -1531,6 +1561,9 @@ def test_max_eval_samples_on_a_mixture_draws_from_every_source_and_the_cut_is_re
     assert "10 more left out by dataset.max_*_samples" in report.lines()[0]
     again = build_datasets(make_config(sources, max_eval_samples=10, max_train_samples=30), tok)[1]
     assert again["prompt"] == te["prompt"]  # the same draw every time (dataset.shuffle_seed)
+    whole = [p[0]["content"] for p in build_datasets(make_config(sources), tok)[1]["prompt"]]
+    drawn = [whole.index(p[0]["content"]) for p in te["prompt"]]
+    assert drawn == sorted(drawn)  # kept in the split's order (a source's pairs together), not in the draw's
     other = build_datasets(make_config(sources, max_eval_samples=10, max_train_samples=30, shuffle_seed=7), tok)[1]
     assert other["prompt"] != te["prompt"]  # the draw is the seed's, as the train shuffle is
 

@@ -30,8 +30,9 @@ from tests.test_data import (  # noqa: F401 (the fixtures)
 BOS, EOS = 1, 2
 
 
-def _report(rows: list[tuple]) -> dict:
-    """tokenization_report over (prompt, chosen, rejected) id lists, nothing truncated, refusals on."""
+def _report(rows: list[tuple], bos: int = BOS, eos: int = EOS, blank: int | None = None) -> dict:
+    """tokenization_report over (prompt, chosen, rejected) id lists, nothing truncated, refusals on; ``blank``: a
+    token that decodes to whitespace alone."""
     ds = Dataset.from_dict(
         {
             "prompt_input_ids": [r[0] for r in rows],
@@ -43,11 +44,11 @@ def _report(rows: list[tuple]) -> dict:
         }
     )
     fake = SimpleNamespace(
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0, bos_token="<s>", chat_template="",
-        decode=lambda ids: "x", convert_ids_to_tokens=lambda ids: [str(i) for i in ids],
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=0, bos_token="<s>", chat_template="",
+        decode=lambda ids: " " if ids == [blank] else "x", convert_ids_to_tokens=lambda ids: [str(i) for i in ids],
     )  # fmt: skip
     real = report.end_token_ids
-    report.end_token_ids = lambda t: {EOS}
+    report.end_token_ids = lambda t: {eos}
     try:
         return report.tokenization_report({"train": ds}, fake, DatasetConfig(name="t"))
     finally:
@@ -61,6 +62,24 @@ def test_one_sequence_with_two_bos_or_one_response_without_an_end_refuses_the_ru
         _report([good, good, ([BOS, BOS, 5], [6, EOS], [7, EOS])])
     with pytest.raises(ConfigError, match="1 untruncated train responses do not end with an EOS"):
         _report([good, good, ([BOS, 5], [6, EOS], [7])])
+
+
+def test_a_bos_that_is_also_eos_after_a_one_token_answer_is_no_double_bos():
+    """GPT-2's and Pythia's <|endoftext|> is BOS and EOS: a one-token answer ends with it, and the check reads the
+    prompt's first two ids and the answer's first two: two BOS in them, but not at the start."""
+    assert not report.doubled_bos([BOS, 5, 6, BOS], BOS) and report.doubled_bos([BOS, BOS, 5], BOS)
+    assert not report.doubled_bos([BOS, BOS], None)  # a tokenizer without BOS: nothing to double
+    got = _report([([EOS, 5], [6, EOS], [7, EOS])] * 2, bos=EOS, eos=EOS)
+    assert got["splits"]["train"]["responses_without_end_token"] == 0
+
+
+def test_an_end_token_followed_by_many_blank_tokens_still_ends_the_answer():
+    """The end is looked for in a response's last 32 tokens first; past them, where every one is blank, the whole
+    response is read: an answer whose EOS is followed by 40 blank tokens ends (the run was refused)."""
+    got = _report([([BOS, 5], [6, EOS] + [9] * 40, [7, EOS])], blank=9)
+    assert got["splits"]["train"]["responses_without_end_token"] == 0
+    with pytest.raises(ConfigError, match="1 untruncated train responses do not end with an EOS"):
+        _report([([BOS, 5], [6, 8] + [9] * 40, [7, EOS])], blank=9)  # no end before the blanks: none
 
 
 def test_the_report_holds_the_tokenizer_hash_a_resume_is_checked_against(tmp_path):

@@ -45,6 +45,17 @@ def test_each_epoch_is_a_permutation_reshuffled_from_seed_and_epoch():
     assert list(LengthGroupedSampler(lengths, 8, seed=1)) == first  # a new process, same seed: same order
 
 
+def test_the_loaders_length_is_the_batches_it_yields():
+    """The epoch, the schedule and the resume position are sized from len(train_loader), which under drop_last
+    comes from len(sampler): at 96 pairs in batches of 8, one pair short of a length would have been 11 batches
+    counted for 12 yielded (at 100 pairs, where the tests ran, 99 // 8 and 100 // 8 agree)."""
+    ds = pairs_dataset(96)
+    sampler = LengthGroupedSampler(pair_lengths(ds), 8, seed=0)
+    assert len(sampler) == len(list(sampler)) == 96
+    loader = DataLoader(ds, batch_size=8, drop_last=True, sampler=sampler, collate_fn=PairCollator(0))
+    assert len(loader) == len(list(loader)) == 12
+
+
 def padded_tokens(loader) -> int:
     return sum(b["input_ids"].numel() for b in loader)
 
