@@ -102,6 +102,23 @@ def test_keys_are_accepted_by_the_methods_that_read_them(compose):
             to_config(compose(f"loss={loss}", override))
 
 
+@pytest.mark.parametrize("name,loss", [("dpo", "dpo_loss"), ("ln-dpo", "dpo_loss"), ("cpo", "cpo_loss")])
+def test_label_smoothing_reaches_the_methods_that_read_it(compose, name, loss):
+    """Conservative DPO (and LN-DPO's, CPO's): label_smoothing goes from the config to the loss. Its entry's keys
+    left without it, the config refused it (or the loss ran unsmoothed), and no test said so."""
+    from simpo_exp import losses
+
+    assert to_config(compose(f"loss={name}", "label_smoothing=0.2")).label_smoothing == 0.2
+    sums_c, sums_r = torch.tensor([-6.0, -3.0], dtype=torch.float64), torch.tensor([-10.0, -2.0], dtype=torch.float64)
+    lengths, ref_c, ref_r = torch.tensor([3, 2]), sums_c + 1, sums_r - 1
+    got = preference_loss(name, sums_c, sums_r, lengths, lengths, ref_c, ref_r, beta=0.1, label_smoothing=0.2)
+    plain = preference_loss(name, sums_c, sums_r, lengths, lengths, ref_c, ref_r, beta=0.1)
+    per = (lambda x: x / lengths) if name == "ln-dpo" else (lambda x: x)  # LN-DPO: on mean log-probs
+    args = (per(sums_c), per(sums_r)) + ((per(ref_c), per(ref_r)) if name != "cpo" else ())
+    torch.testing.assert_close(got.losses, getattr(losses, loss)(*args, beta=0.1, label_smoothing=0.2).losses)
+    assert not torch.allclose(got.losses, plain.losses)  # the smoothing changed the number
+
+
 def readme_rows() -> dict[str, list[str]]:
     """The README's table of methods: method name -> its cells."""
     text = (ROOT / "README.md").read_text()
