@@ -6,6 +6,7 @@ logged, and ask for nothing they did not log: a renamed metric can never leave a
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,15 @@ def test_panel_keys_are_tracking_keys():
     known = set(train_keys(METHODS) + eval_keys(METHODS)) | {STEP_KEY, dashboard.SAMPLES_KEY}
     plotted = {k for s in dashboard.metric_sections() for _, keys in s.panels for k in keys}
     assert plotted == known - {STEP_KEY}
+    every = [k for s in dashboard.metric_sections() for _, keys in s.panels for k in keys]
+    assert len(every) == len(set(every))  # a rejected metric drawn with its chosen partner only, not again alone
+
+
+def test_the_metric_sections_open_but_progress_and_throughput():
+    sweep = dashboard.Sweep(group="g", swept={}, jobs=[Path("a")])
+    spec = dashboard.view_spec(dashboard.build_workspace(sweep, None, "simpo-exp"))
+    opened = {s["name"]: s["isOpen"] for s in spec["spec"]["section"]["panelBankConfig"]["sections"]}
+    assert opened["Preference"] and opened["Log-probs"] and not opened["Progress and throughput"]
 
 
 def test_spec_is_stable_and_loads_back(sweep, spec):
@@ -203,6 +213,11 @@ def test_bare_group_and_offline_mode_with_a_key(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):  # W&B refuses it in a view's name: said, not pydantic's traceback
         dashboard.main(["sweep-elsewhere", "--name", "lr=1e-6", "--out", str(out)])
     assert "--name 'lr=1e-6': W&B refuses =" in capsys.readouterr().err
+    for mode in ("disabled", "dryrun", "DISABLED"):  # W&B told to stay off the network: nothing pushed either
+        monkeypatch.setenv("WANDB_MODE", mode)
+        assert not dashboard._online()
+        assert dashboard.main(["sweep-elsewhere", "--out", str(out)]) == 0
+        assert "not saved to W&B" in capsys.readouterr().out
 
 
 def test_a_mistyped_sweep_folder_read_as_a_group_name_is_said(tmp_path, monkeypatch, capsys):
@@ -377,7 +392,9 @@ def test_a_second_save_updates_the_view_where_the_runs_logged(sweep, tmp_path, m
 
     monkeypatch.setattr(internal, "upsert_view2", refused)  # a failed push: the spec is kept, the exit says so
     assert dashboard.main([str(copy)]) == 1
-    assert "error: saving the view to W&B failed (ConnectionError" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: saving the view to W&B failed (ConnectionError" in err
+    assert f"the spec is in {copy / 'wandb_workspace.json'}; retry with:" in err
     monkeypatch.setenv("WANDB_MODE", "offline")  # and an offline re-run: neither forgets the view saved
     assert dashboard.main([str(copy)]) == 0
     spec = json.loads((copy / "wandb_workspace.json").read_text())
@@ -385,6 +402,33 @@ def test_a_second_save_updates_the_view_where_the_runs_logged(sweep, tmp_path, m
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setattr(internal, "upsert_view2", upsert)
     assert dashboard.main([str(copy)]) == 0 and sent[-1] == (*first[:3], "view-1")  # the same view again
+
+
+def test_a_view_of_runs_that_recorded_no_entity_goes_to_the_keys_default_entity(tmp_path, monkeypatch, capsys):
+    """With a key, no --entity, no WANDB_ENTITY and no entity recorded by the jobs, the view is saved under the
+    key's default entity (W&B's API says which), and the spec on disk names it."""
+    import types
+
+    import wandb
+    import wandb_workspaces.workspaces.interface as interface
+    import wandb_workspaces.workspaces.internal as internal
+
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    sent = []
+
+    def upsert(view):
+        sent.append((view.entity, view.project))
+        return {"upsertView": {"view": {"name": "v", "id": "view-1"}}}
+
+    monkeypatch.setattr(internal, "upsert_view2", upsert)
+    monkeypatch.setattr(interface.Workspace, "url", property(lambda ws: "https://w.example/v"))
+    monkeypatch.setattr(wandb, "Api", lambda *a, **k: types.SimpleNamespace(default_entity="me"))
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    assert dashboard.main([str(sweep_dir)]) == 0
+    assert sent == [("me", "simpo-exp")] and "saved: https://w.example/v" in capsys.readouterr().out
+    assert json.loads((sweep_dir / "wandb_workspace.json").read_text())["entity"] == "me"
 
 
 def test_swept_group_choices_and_nested_job_folders(sweep, tmp_path):
@@ -447,8 +491,33 @@ def _record(sweep_dir: Path, **fields_of_job) -> None:
 def test_jobs_of_two_sweeps_are_refused(tmp_path):
     sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
     _record(sweep_dir, group=["sweep-a-000000", "sweep-b-111111"])
-    with pytest.raises(SystemExit, match="holds jobs of 2 sweeps"):
+    with pytest.raises(SystemExit, match=r"holds jobs of 2 sweeps \(sweep-a-000000, sweep-b-111111\)"):
         dashboard.read_sweep(sweep_dir)
+
+
+def test_a_folder_of_no_jobs_and_a_single_run_beside_a_sweeps_jobs(tmp_path):
+    """An empty folder is named in the refusal; a single run's folder (Hydra mode RUN) inside a sweep's folder is
+    not one of its jobs (it has no sweep group)."""
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=re.escape(f"error: {empty} holds no --multirun jobs")):
+        dashboard.read_sweep(empty)
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    single = sweep_dir / "x_single"
+    shutil.copytree(sorted(p for p in sweep_dir.iterdir() if p.is_dir())[0], single)
+    (single / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: RUN\n")
+    assert [j.name for j in dashboard.read_sweep(sweep_dir).jobs] == ["0_beta=2,seed=1", "1_beta=5,seed=1"]
+
+
+def test_jobs_that_ran_under_a_logger_group_are_filtered_on_it(tmp_path):
+    """Jobs run with logger.group=X logged under X; those without a wandb_run.json (they failed before W&B started)
+    are read from their config, not given the folder's sweep group (an empty view)."""
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    for config in sweep_dir.glob("*/.hydra/config.yaml"):
+        config.write_text(config.read_text() + "  group: my-ablation\n")
+    assert dashboard.read_sweep(sweep_dir).group == "my-ablation"
 
 
 def test_jobs_that_logged_to_two_entities_name_none(tmp_path):
@@ -456,6 +525,8 @@ def test_jobs_that_logged_to_two_entities_name_none(tmp_path):
     _record(sweep_dir, group="sweep-x-000000", entity=["team-a", "team-b"], project="p")
     sweep = dashboard.read_sweep(sweep_dir)
     assert sweep.entity is None and sweep.project == "p"
+    _record(sweep_dir, group="sweep-x-000000", entity=["", "team-a"], project="p")  # an offline job's: no entity
+    assert dashboard.read_sweep(sweep_dir).entity == "team-a"
 
 
 def test_the_command_lines_entity_and_project_win_over_the_recorded_ones(tmp_path, monkeypatch):
@@ -481,6 +552,11 @@ def test_a_saved_views_name_is_kept_only_for_the_same_project(tmp_path, monkeypa
     out.write_text(json.dumps(saved))
     assert dashboard.main([str(sweep_dir), "--entity", "team", "--out", str(out)]) == 0  # the same view: kept
     assert json.loads(out.read_text())["id"] == "view-id"
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    assert dashboard.main([str(sweep_dir), "--out", str(out)]) == 0  # no entity anywhere: the saved view's
+    spec = json.loads(out.read_text())
+    assert (spec["entity"], spec["id"]) == ("team", "view-id")
+    out.write_text(json.dumps(saved))
     out.write_text(json.dumps(saved))  # another entity's view of the same project: its own view, not team's
     assert dashboard.main([str(sweep_dir), "--entity", "bob", "--out", str(out)]) == 0
     spec = json.loads(out.read_text())
@@ -520,8 +596,9 @@ def test_a_nested_sweep_at_hydras_default_directory_with_a_job_that_never_logged
     # one job's folder given for its sweep's: said so, naming the sweep's folder (it "held no --multirun jobs")
     with pytest.raises(SystemExit, match=f"is one job of a --multirun sweep; give the sweep's folder, {sweep_dir}$"):
         dashboard.main([str(first)])
-    with pytest.raises(SystemExit, match=r"cannot write the view spec .*--out names another file"):
-        dashboard.main([str(sweep_dir), "--out", str(first / ".hydra" / "hydra.yaml" / "view.json")])
+    bad = first / ".hydra" / "hydra.yaml" / "view.json"
+    with pytest.raises(SystemExit, match=rf"cannot write the view spec {re.escape(str(bad))} .*--out names another"):
+        dashboard.main([str(sweep_dir), "--out", str(bad)])
 
 
 def test_jobs_whose_hydra_yaml_names_no_mode_are_read(tmp_path):
