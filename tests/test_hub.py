@@ -35,6 +35,10 @@ def test_a_cached_hub_model_is_available_offline_and_an_uncached_one_is_named(tm
         check_model_available("org/tiny", "v9")
     with pytest.raises(ModelNotFoundError, match=r"`hf download org/tiny --revision v9`"):
         check_model_available("org/tiny", "v9")
+    # a pinned revision of a model the cache does not hold at all: no word of another revision it holds
+    with pytest.raises(ModelNotFoundError) as caught:
+        check_model_available("org/other", "v9")
+    assert "at revision 'v9'" in str(caught.value) and "holds it at main" not in str(caught.value)
     # transformers' own offline variable takes the hub offline as well (huggingface_hub reads both)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
@@ -163,3 +167,16 @@ def test_the_unfinished_save_hint_is_for_a_runs_model_folder_only(tmp_path):
     from simpo_exp.hub import unreadable_weights
 
     assert "its weights cannot be read (EOFError: )" in str(unreadable_weights(str(run / "model"), EOFError()))
+    assert f"model.path={str(run / 'model')!r}: its weights" in str(unreadable_weights(str(run / "model"), EOFError()))
+
+
+def test_a_local_folder_named_like_a_cached_hub_model_has_no_hub_commit(tmp_path, monkeypatch):
+    """A local folder ``org/tiny`` (or ``gpt2``) in the working folder is what the run reads: the commit of a cached
+    hub model of that name would name files it never read, and model.revision=<it> other weights."""
+    from simpo_exp.hub import cached_hub_file, hub_commit
+
+    fake_cache(tmp_path, monkeypatch, {"main": "a" * 40})
+    assert hub_commit("org/tiny", None) == "a" * 40
+    (tmp_path / "org" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert hub_commit("org/tiny", None) is None and cached_hub_file("org/tiny", "config.json") is None

@@ -95,6 +95,9 @@ def test_a_damaged_jsonl_line_is_named_by_its_number(tmp_path):
     path.write_text('{"a": 1}\n\n{"a": 2\n{"a": 3}\n')
     with pytest.raises(DamagedFile, match=r"rows.jsonl: line 3 is not valid JSON"):
         read_jsonl(path)
+    path.write_text('{"a": 1}\n[1, 2]\n')  # valid JSON, no record: its readers took a list for one
+    with pytest.raises(DamagedFile, match=r"rows.jsonl: line 2 holds a JSON list, not a record"):
+        read_jsonl(path)
 
 
 def test_write_atomic_makes_the_folder_and_leaves_no_temporary_file(tmp_path):
@@ -112,3 +115,47 @@ def test_write_atomic_makes_the_folder_and_leaves_no_temporary_file(tmp_path):
         write_jsonl(tmp_path / "rows" / "r.jsonl", [{"a": "\ud800"}])  # a lone surrogate: not UTF-8
     assert read_jsonl(tmp_path / "rows" / "r.jsonl") == [{"a": 1}, {"a": 2}, {"a": 3}]
     assert sorted(p.name for p in (tmp_path / "rows").iterdir()) == ["r.jsonl"]
+
+
+def test_write_atomic_syncs_the_whole_text_before_the_rename(tmp_path, monkeypatch):
+    """Flushed and fsynced before the rename: a machine going down right after it leaves the old file or the whole
+    new one, not a renamed file missing its tail (without the flush, the fsync syncs an empty file)."""
+    import os
+
+    from simpo_exp.inference import files
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_size)) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace",)) or replace(a, b))
+    text = '{"a": 1}\n'
+    files.write_atomic(tmp_path / "a.json", text)
+    assert events == [("fsync", len(text)), ("replace",)]
+
+
+def test_an_interrupted_write_keeps_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    """A Ctrl-C (no Exception) in the middle of a write: the old file as it was, and no temporary file beside it."""
+    import os
+
+    from simpo_exp.inference.files import write_json
+
+    write_json(tmp_path / "x.json", {"old": 1})
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(tmp_path / "x.json", {"new": 2})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_a_model_folder_without_tokenizer_files_has_no_tokenizer_hash(tmp_path):
+    """None, not the hash of no file: the evaluate stage's manifests record None for such a folder."""
+    from simpo_exp.inference.files import tokenizer_sha256
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert tokenizer_sha256(tmp_path / "m") is None
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    assert len(tokenizer_sha256(tmp_path / "m")) >= 12

@@ -178,8 +178,8 @@ class DamagedFile(UserError, ValueError):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Every record of a file written whole by ``write_jsonl`` (a bad line is an error naming the file and line,
-    not skipped)."""
+    """Every record of a file written whole by ``write_jsonl`` (a bad line, or one that holds no JSON object, is an
+    error naming the file and line, not skipped)."""
     rows = []
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -192,12 +192,18 @@ def read_jsonl(path: Path) -> list[dict]:
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError as e:
             raise DamagedFile(
                 f"{path}: line {n} is not valid JSON ({e}); the file was cut short or edited. Delete it and "
                 f"{_rerun()}: the stage makes it again"
             ) from e
+        if not isinstance(row, dict):  # valid JSON, but no record: an edit (its readers take each line's fields)
+            raise DamagedFile(
+                f"{path}: line {n} holds a JSON {type(row).__name__}, not a record; the file was edited. Delete it "
+                f"and {_rerun()}: the stage makes it again"
+            )
+        rows.append(row)
     return rows
 
 
