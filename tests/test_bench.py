@@ -141,6 +141,7 @@ def test_a_profiled_run_reports_its_steps():
     assert profile["steps"] == 2 and profile["cpu_ops_per_step"] > 100
     assert profile["kernels_per_step"] == 0 and profile["gpu_busy_share"] is None
     assert profile["wall_ms_per_step"] == pytest.approx(1e3 * sum(out["times"][1:]) / 2)
+    assert out["compiled"] == [False] * 3 and out["skipped_steps"] == 0  # eager: no step taken for a compiling one
 
 
 def test_targets_read_the_benchmark_json():
@@ -389,6 +390,7 @@ def test_a_timed_run_that_skipped_an_optimizer_step_is_a_failure():
     assert "skipped 3 optimizer steps" in keep_run(runs, failures, "packed-flex", ran, warmup=1)
     assert runs == {} and "packed-flex" in failures
     assert keep_run(runs, failures, "plain", {**ran, "skipped_steps": 0}, warmup=1) is None
+    assert "skipped 1 optimizer steps" in keep_run(runs, failures, "prefix", {**ran, "skipped_steps": 1}, warmup=1)
 
 
 def test_the_flex_benchmark_counts_the_visible_pairs_and_pads_without_changing_the_mask():

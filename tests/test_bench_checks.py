@@ -142,3 +142,112 @@ def test_the_report_benchmarks_data_and_peak_memory(tmp_path, monkeypatch):
     ds.save_to_disk(str(tmp_path / "ds"))
     got = bench_report.measure(str(tmp_path / "ds"))
     assert got["pairs"] == 20 and got["bos_per_sequence"] and got["seconds"] >= 0
+
+
+def load_bench():
+    from benchmarks import bench_trl
+
+    return bench_trl
+
+
+def test_a_report_cut_short_keeps_every_row_it_has_and_says_what_is_missing(tmp_path, capsys):
+    """A run out of memory and one never reached: the table still has the rows measured, names the others, and the
+    JSON carries the step times (targets read the speed step by step from them) and the failures."""
+    from types import SimpleNamespace
+
+    from benchmarks.targets import assess
+
+    bench = load_bench()
+
+    def run(times, peak):
+        return {"times": [0.0, *times], "tokens": [100.0] * (len(times) + 1), "peak_cuda_mb": peak} | {
+            "peak_rss_mb": 0,
+            "rss_before_mb": 0,
+        }
+
+    batches = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    hiccup = [10.0, *batches[1:]]  # TRL's slow first measured step: 1.34x by the medians, 1.10x step by step
+    preset = {"warmup": 1, "batch": 4, "device": "cuda", "gradient_checkpointing": True}
+    order = ["TRL", "plain", "packed", "prefix"]
+
+    def reported(runs, failures):
+        args = SimpleNamespace(json=str(tmp_path / "b.json"), markdown=str(tmp_path / "b.md"), threads=1)
+        args.shared_process, args.preset, args.eager_check = False, "gpu", False
+        bench.report(args, preset, {}, order, runs, 0.0, failures)
+        return json.loads((tmp_path / "b.json").read_text()), (tmp_path / "b.md").read_text()
+
+    runs = {"TRL": [run(hiccup, 100)], "plain": [run([t / 1.1 for t in batches], 60)]}
+    result, table = reported(runs, {"packed": "out of memory"})
+    assert "| packed | out of memory |" in table and "| prefix | not reached |" in table
+    assert result["missing"] == ["packed", "prefix"] and result["failures"] == {"packed": "out of memory"}
+    assert {(t, m) for t, m, _ in assess(result)} >= {("batch 4: padded >= 1.1x TRL", "plain 1.10x")}
+    printed = capsys.readouterr().out
+    plain = next(line for line in printed.splitlines() if line.startswith("plain "))
+    assert plain.split()[1:3] == ["0.98", "1.10"] and "  0.60  " in plain  # pairs/s, x TRL, peak memory x TRL
+    result, _ = reported({"plain": runs["plain"]}, {})  # TRL cut off: no comparison, said so
+    assert ("batch 4: against TRL", "TRL not measured (not reached)", "n/a") in assess(result)
+    result, _ = reported({"plain": runs["plain"]}, {"TRL": "out of memory"})
+    assert ("batch 4: runs where TRL does not fit", "TRL out of memory; plain ran", "met") in assess(result)
+
+
+@pytest.mark.parametrize("loss,grad", [(1 + 2e-4, 0.0), (float("nan"), 0.0), (1.0, float("nan")), (1.0, 2e-3)])
+def test_the_loss_check_stops_the_benchmark_before_any_timed_run(monkeypatch, loss, grad):
+    """A variant whose first-batch loss or gradient is off TRL's (or not a number) is never timed."""
+    bench = load_bench()
+    monkeypatch.setattr(sys, "argv", ["bench_trl.py", "--preset", "cpu", "--variants", "plain"])
+    timed = []
+
+    def worker(spec, must_succeed=True):
+        if spec["impl"] == "check":
+            return {"trl": 1.0, "ours": {"plain": loss}, "grad_error": {"plain": grad}, "grad_unchecked": {}}
+        timed.append(spec)
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(bench, "run_worker", worker)
+    with pytest.raises(SystemExit, match=r"loss check failed for \['plain'\]"):
+        bench.main()
+    assert timed == []
+
+
+def test_a_benchmark_stopped_by_a_signal_still_writes_what_it_measured(tmp_path, monkeypatch):
+    """``timeout`` stops the benchmark with SIGTERM (a SystemExit here): the JSON still holds TRL's row."""
+    bench = load_bench()
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(sys, "argv", ["bench_trl.py", "--preset", "cpu", "--variants", "plain", "--json", str(out)])
+    measured = {"times": [1.0] * 4, "tokens": [10.0] * 4, "peak_rss_mb": 1.0, "rss_before_mb": 0.0}
+
+    def worker(spec, must_succeed=True):
+        if spec["impl"] == "check":
+            return {"trl": 1.0, "ours": {"plain": 1.0}, "grad_error": {"plain": 0.0}, "grad_unchecked": {}}
+        if spec["impl"] == "trl":
+            return measured
+        raise SystemExit(143)  # the signal arrives while our run is timed
+
+    monkeypatch.setattr(bench, "run_worker", worker)
+    with pytest.raises(SystemExit):
+        bench.main()
+    result = json.loads(out.read_text())
+    assert [r["name"] for r in result["rows"]] == ["TRL"] and result["missing"] == ["plain"]
+
+
+def test_a_tokenisation_that_differs_from_trls_stops_the_check(monkeypatch):
+    bench = load_bench()
+    real = bench.tokenize_like_trl
+
+    def one_token_short(tok, rows, max_length):
+        return [p | {"prompt_input_ids": p["prompt_input_ids"][:-1]} for p in real(tok, rows, max_length)]
+
+    monkeypatch.setattr(bench, "tokenize_like_trl", one_token_short)
+    spec = {"preset": "cpu", "overrides": {"batch": 2, "warmup": 0, "steps": 1}, "threads": 1, "variants": ["plain"]}
+    with pytest.raises(SystemExit, match=r"token mismatch between TRL and this harness \(chosen, row 0\)"):
+        bench.worker_check(spec)
+
+
+def test_a_run_whose_gradients_are_not_finite_counts_its_skipped_steps(monkeypatch):
+    import torch
+
+    bench = load_bench()
+    real = bench.step_loss
+    monkeypatch.setattr(bench, "step_loss", lambda policy, batch: (real(policy, batch)[0] * torch.nan, {}))
+    spec = {"preset": "cpu", "overrides": {"batch": 2, "warmup": 1, "steps": 2}, "variant": "plain"}
+    assert bench.worker_ours(spec)["skipped_steps"] == 3
