@@ -511,6 +511,23 @@ def test_a_folder_of_no_jobs_and_a_single_run_beside_a_sweeps_jobs(tmp_path):
     assert [j.name for j in dashboard.read_sweep(sweep_dir).jobs] == ["0_beta=2,seed=1", "1_beta=5,seed=1"]
 
 
+def test_every_jobs_benchmarks_and_methods_get_their_panels(tmp_path):
+    """A benchmark only a later job was evaluated on, and a sweep over methods: each one's numbers and statistics are
+    in the view, not only the first job's."""
+    from simpo_exp.inference.files import write_json
+
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    last = sorted(p for p in sweep_dir.iterdir() if p.is_dir())[-1]
+    write_json(last / "eval" / "arena-hard" / "results.json", {"metrics": {"win_rate": 20.0}})
+    config = last / ".hydra" / "config.yaml"
+    config.write_text(config.read_text() + "method: orpo\n")
+    sweep = dashboard.read_sweep(sweep_dir)
+    assert "bench/arena-hard/win_rate" in sweep.bench and "bench/rule/win_rate" in sweep.bench
+    assert sweep.methods == ("orpo", "simpo")
+    asked = dashboard.spec_keys(dashboard.view_spec(dashboard.build_workspace(sweep, None, "simpo-exp")))
+    assert any("log_odds_ratio" in k for k in asked["history"]) and "bench/arena-hard/win_rate" in asked["summary"]
+
+
 def test_jobs_that_ran_under_a_logger_group_are_filtered_on_it(tmp_path):
     """Jobs run with logger.group=X logged under X; those without a wandb_run.json (they failed before W&B started)
     are read from their config, not given the folder's sweep group (an empty view)."""
