@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("trl.experimental.cpo")
 
+from tests.test_bench import load_bench  # noqa: E402
+
 
 def row(name, pairs_per_s, peak, mfu=None):
     return {"name": name, "pairs_per_s": pairs_per_s, "peak_cuda_mb": peak} | ({"mfu": mfu} if mfu else {})
@@ -142,12 +144,6 @@ def test_the_report_benchmarks_data_and_peak_memory(tmp_path, monkeypatch):
     ds.save_to_disk(str(tmp_path / "ds"))
     got = bench_report.measure(str(tmp_path / "ds"))
     assert got["pairs"] == 20 and got["bos_per_sequence"] and got["seconds"] >= 0
-
-
-def load_bench():
-    from benchmarks import bench_trl
-
-    return bench_trl
 
 
 def test_a_report_cut_short_keeps_every_row_it_has_and_says_what_is_missing(tmp_path, capsys):
