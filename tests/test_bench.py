@@ -11,6 +11,19 @@ import pytest
 pytest.importorskip("trl.experimental.cpo")
 
 
+def row(name, pairs_per_s, peak, mfu=None):
+    """A row of a benchmark JSON, as bench_trl.summarise writes it (the figures targets.py reads)."""
+    return {"name": name, "pairs_per_s": pairs_per_s, "peak_cuda_mb": peak} | ({"mfu": mfu} if mfu else {})
+
+
+def run(times, peak):
+    """One round of a timed run as a worker returns it: its step times (the warm-up's first), 100 tokens a step."""
+    return {"times": times, "tokens": [100.0] * len(times), "peak_cuda_mb": peak} | {
+        "peak_rss_mb": 0,
+        "rss_before_mb": 0,
+    }
+
+
 def load_bench():
     from benchmarks import bench_trl  # the repository root is on pytest's path (pyproject's pythonpath)
 
@@ -148,9 +161,6 @@ def test_targets_read_the_benchmark_json():
     """benchmarks/targets.py: issue 17's targets against hand-made benchmark results (both batch sizes)."""
     from benchmarks.targets import assess, markdown
 
-    def row(name, pairs_per_s, peak, mfu=None):
-        return {"name": name, "pairs_per_s": pairs_per_s, "peak_cuda_mb": peak} | ({"mfu": mfu} if mfu else {})
-
     b4 = {
         "config": {"batch": 4},
         "rows": [row("TRL", 10.0, 40000, 0.1), row("plain", 12.0, 30000, 0.2), row("prefix-flex", 25.0, 18000, 0.3)],
@@ -242,12 +252,6 @@ def test_the_side_by_side_table_sets_each_run_against_the_trl_run_of_its_checkpo
     names = ["TRL", "TRL+nockpt", "plain", "plain+nockpt", "plain+ckpt4"]
     assert [trl_like(n, True) for n in names] == ["TRL", "TRL+nockpt", "TRL", "TRL+nockpt", None]
     assert {trl_like(n, False) for n in names} == {"TRL"}  # a preset without checkpointing: all against TRL
-
-    def run(times, peak):
-        return {"times": times, "tokens": [100.0] * len(times), "peak_cuda_mb": peak} | {
-            "peak_rss_mb": 0,
-            "rss_before_mb": 0,
-        }
 
     batches = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # each step another batch, of another size
     hiccup = [10.0, *batches[1:]]  # one slow first measured step on TRL's side

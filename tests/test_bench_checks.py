@@ -11,11 +11,7 @@ import pytest
 
 pytest.importorskip("trl.experimental.cpo")
 
-from tests.test_bench import load_bench  # noqa: E402
-
-
-def row(name, pairs_per_s, peak, mfu=None):
-    return {"name": name, "pairs_per_s": pairs_per_s, "peak_cuda_mb": peak} | ({"mfu": mfu} if mfu else {})
+from tests.test_bench import load_bench, row, run  # noqa: E402
 
 
 def table(result) -> dict[str, tuple[str, str]]:
@@ -155,12 +151,6 @@ def test_a_report_cut_short_keeps_every_row_it_has_and_says_what_is_missing(tmp_
 
     bench = load_bench()
 
-    def run(times, peak):
-        return {"times": [0.0, *times], "tokens": [100.0] * (len(times) + 1), "peak_cuda_mb": peak} | {
-            "peak_rss_mb": 0,
-            "rss_before_mb": 0,
-        }
-
     batches = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     hiccup = [10.0, *batches[1:]]  # TRL's slow first measured step: 1.34x by the medians, 1.10x step by step
     preset = {"warmup": 1, "batch": 4, "device": "cuda", "gradient_checkpointing": True}
@@ -172,7 +162,7 @@ def test_a_report_cut_short_keeps_every_row_it_has_and_says_what_is_missing(tmp_
         bench.report(args, preset, {}, order, runs, 0.0, failures)
         return json.loads((tmp_path / "b.json").read_text()), (tmp_path / "b.md").read_text()
 
-    runs = {"TRL": [run(hiccup, 100)], "plain": [run([t / 1.1 for t in batches], 60)]}
+    runs = {"TRL": [run([0.0, *hiccup], 100)], "plain": [run([0.0, *(t / 1.1 for t in batches)], 60)]}
     result, table = reported(runs, {"packed": "out of memory"})
     assert "| packed | out of memory |" in table and "| prefix | not reached |" in table
     assert result["missing"] == ["packed", "prefix"] and result["failures"] == {"packed": "out of memory"}
