@@ -214,6 +214,12 @@ def test_a_benchmark_stopped_by_a_signal_still_writes_what_it_measured(tmp_path,
         bench.main()
     result = json.loads(out.read_text())
     assert [r["name"] for r in result["rows"]] == ["TRL"] and result["missing"] == ["plain"]
+    # TRL without checkpointing in two micro-batches a step: recorded, for targets' row to say so
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--trl-nockpt", "--trl-accum", "2"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    result = json.loads(out.read_text())
+    assert result["config"]["trl_nockpt_accumulation"] == 2 and result["missing"] == ["plain"]
 
 
 def test_a_tokenisation_that_differs_from_trls_stops_the_check(monkeypatch):
