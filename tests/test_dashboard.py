@@ -220,6 +220,23 @@ def test_bare_group_and_offline_mode_with_a_key(tmp_path, monkeypatch, capsys):
         assert "not saved to W&B" in capsys.readouterr().out
 
 
+def test_the_printed_push_command_keeps_every_choice_made(tmp_path, monkeypatch, capsys):
+    """Without a key the command says how to push the view: with the same project, entity, swept keys, name and spec
+    file, or the pushed view would differ from the one written."""
+    import shlex
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    out = tmp_path / "view.json"
+    asked = ["--entity", "team", "--project", "proj", "--swept", "beta", "--name", "beta sweep", "--out", str(out)]
+    assert dashboard.main([str(sweep_dir), *asked]) == 0
+    said = capsys.readouterr().out.rstrip().splitlines()[-1].strip()
+    assert said.startswith("WANDB_API_KEY=... python -m simpo_exp.dashboard ")
+    argv = shlex.split(said.removeprefix("WANDB_API_KEY=... "))[3:]
+    assert argv[0] == str(sweep_dir) and dict(zip(argv[1::2], argv[2::2])) == dict(zip(asked[::2], asked[1::2]))
+
+
 def test_a_mistyped_sweep_folder_read_as_a_group_name_is_said(tmp_path, monkeypatch, capsys):
     """``dashboard sweepp`` (the folder is ``sweep``) wrote a view of an empty W&B group without a word."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
