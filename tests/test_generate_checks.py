@@ -221,3 +221,52 @@ def test_older_scored_shards_are_taken_only_from_a_scorer_of_the_same_settings(t
     (tmp_path / "manifest.json").write_text(json.dumps({"scorer": scorer_settings(cfg)}))
     adopt_older_scores(tmp_path, cfg)
     assert not old.exists() and (tmp_path / f"scored-00000-{scorer_tag(cfg)}.jsonl").read_text() == "{}\n"
+
+
+def test_a_pair_keeps_the_whole_conversation_it_was_sampled_for():
+    """A prompt of several turns (a system turn, an earlier exchange): each side is the whole conversation and its
+    answer, the prompt column the last user turn, and every sampled answer is kept beside its score."""
+    system, user1 = {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}
+    asst1, user2 = {"role": "assistant", "content": "hello"}, {"role": "user", "content": "sort: 2 1"}
+    rec = _record(["a", "", "b"], [1.0, 0.5, 0.0])
+    rec["prompt"] = [system, user1, asst1, user2]
+    (row,), _ = binarise([rec], BinariseConfig())
+    assert row["chosen"] == rec["prompt"] + [{"role": "assistant", "content": "a"}]
+    assert row["rejected"] == rec["prompt"] + [{"role": "assistant", "content": "b"}]
+    assert row["prompt"] == "sort: 2 1"
+    assert row["all_generated_responses"] == ["a", "", "b"] and row["all_rm_scores"] == [1.0, 0.5, 0.0]
+
+
+def test_two_scores_have_their_own_quartiles():
+    from simpo_exp.generate.binarise import distribution
+
+    got = distribution([1.0, 3.0])
+    assert (got["q25"], got["median"], got["q75"]) == (1.5, 2.0, 2.5) and distribution([4.0])["median"] == 4.0
+
+
+def test_a_pad_token_that_is_the_bos_or_the_eos_does_not_mark_padding():
+    """Padded batches need a pad id no scored row holds: a tokenizer that pads with its BOS or its EOS is scored one
+    row at a time (a model of its own code reads each row's reward at the token before its first pad)."""
+    from simpo_exp.inference.scoring import RewardModelScorer
+
+    for pad, eos, bos in ((1, 2, 1), (2, 2, 1)):
+        fake = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=pad, eos_token_id=eos, bos_token_id=bos))
+        assert RewardModelScorer._pad_marks_padding_only(fake) is False
+
+
+def test_a_reward_model_with_two_outputs_must_name_its_reward():
+    from simpo_exp.inference.scoring import check_label_index
+
+    with pytest.raises(ConfigError, match="scorer.label_index=None: 'x' has 2 outputs; name the one"):
+        check_label_index(SimpleNamespace(label_index=None, path="x"), 2, "has")
+    check_label_index(SimpleNamespace(label_index=None, path="x"), 1, "has")
+
+
+def test_the_rule_scores_the_last_user_turn():
+    """A sort prompt under a system turn: the rule reads the task from the last turn, as its check before sampling
+    does (it read the first, and refused the prompts after every answer was sampled)."""
+    from simpo_exp.inference.scoring import RuleScorer
+
+    scorer = RuleScorer(SimpleNamespace(scorer=SimpleNamespace(rule="sort_digits")))
+    prompt = [{"role": "system", "content": "x"}, {"role": "user", "content": "sort: 2 1"}]
+    assert scorer.score([prompt, prompt], ["1 2", "2 1"]) == [1.0, 0.0]
