@@ -43,6 +43,10 @@ def test_arena_hard_files_in_the_v01_format_are_read(tmp_path):
         ("q2", "Explain 2.", "yy"),
     ]
     assert info == {"rows": 3, "reference_generator": "gpt-4-0314"}
+    # max_prompts: the first questions alone are answered and judged; the file's size is still said (the notes'
+    # "N of M prompts")
+    prompts, info = arena_prompts(questions(tmp_path), refs, KEY, 2)
+    assert [p["id"] for p in prompts] == ["q0", "q1"] and info["rows"] == 3
 
 
 def test_a_question_without_a_baseline_answer_is_refused_by_its_id(tmp_path):
@@ -126,6 +130,11 @@ def test_alpacaeval_rows_written_as_json_lines_under_a_json_name_are_read(tmp_pa
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompts, _ = alpaca_prompts(str(path), "benchmarks.alpacaeval2.prompts_path", None)
     assert [p["instruction"] for p in prompts] == ["Say 1", "Say 2", "Say 3"]
+    prompts, info = alpaca_prompts(str(path), "benchmarks.alpacaeval2.prompts_path", 2)  # max_prompts
+    assert [p["id"] for p in prompts] == ["0", "1"] and info["rows"] == 3
+    path.write_text("[]")  # no row: refused, not a benchmark "finished" with n=0
+    with pytest.raises(UserError, match=r"alpaca_eval.json'. expected a JSON list of rows"):
+        alpaca_prompts(str(path), "benchmarks.alpacaeval2.prompts_path", None)
     path.write_text(json.dumps(rows) + "]")
     with pytest.raises(UserError, match=r"alpaca_eval.json'. not valid JSON \(Extra data"):
         alpaca_prompts(str(path), "benchmarks.alpacaeval2.prompts_path", None)
