@@ -524,8 +524,8 @@ def arena_judge(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     ArenaFakeJudge.requests.clear()
 
-    def run(texts: list[str], url: str = f"http://127.0.0.1:{port}/v1") -> dict:
-        judge = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5)
+    def run(texts: list[str], url: str = f"http://127.0.0.1:{port}/v1", **settings) -> dict:
+        judge = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5, **settings)
         b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=judge)
         prompts = [{"id": f"q{i}", "instruction": q, "reference": r} for i, (q, r, _) in enumerate(ARENA_CASES)]
         return judge_arena_hard(b, prompts, texts, "my-model", "gpt-4-0314", tmp_path)
@@ -628,6 +628,26 @@ def test_arena_hard_score_interval_and_judgments_match_arena_hard_auto(arena_jud
     with pytest.raises(JudgeError, match="did not answer.*judge_only=true"):
         arena_judge([texts[0], "m" * 8, *texts[2:]], url=f"http://127.0.0.1:{free_port()}/v1")
     assert len(read_jsonl(path)) == 5  # q1's answer changed: its old judgment no longer holds
+
+
+def test_the_arena_hard_scores_settings_reach_the_score(arena_judge):
+    """judge.strong_weight, bootstrap_rounds and bootstrap_seed change the score and its interval from the stored
+    judgments (nothing is asked again), and the method record says which were used."""
+    import numpy as np
+
+    texts = [m for _, _, m in ARENA_CASES]
+    arena_judge(texts)
+    asked = len(ArenaFakeJudge.requests)
+    res = arena_judge(texts, strong_weight=1, bootstrap_rounds=20, bootstrap_seed=7)
+    m = res["metrics"]
+    assert len(ArenaFakeJudge.requests) == asked
+    per_q = [(2.0, 2), (2.0, 2), (1.0, 2), (0.0, 2), (2.0, 2)]  # a strong verdict one battle
+    assert m["win_rate"] == pytest.approx(70.0) and m["battles"] == 10
+    draws = np.random.default_rng(7).integers(0, 5, size=(20, 5))
+    rates = [100 * sum(per_q[i][0] for i in d) / sum(per_q[i][1] for i in d) for d in draws]
+    assert [m["win_rate_ci_low"], m["win_rate_ci_high"]] == pytest.approx(list(np.percentile(rates, [2.5, 97.5])))
+    assert "weighted 1," in res["win_rate_method"] and "from 20 bootstrap rounds" in res["win_rate_method"]
+    assert "(seed 7;" in res["win_rate_method"]
 
 
 def test_two_player_bradley_terry_fit_is_the_battles_mean_outcome():
