@@ -117,6 +117,41 @@ def test_an_arena_rerun_judges_new_questions_though_the_half_judged_ones_fail_ag
     assert len(read_jsonl(path)) == 7
 
 
+def test_half_judged_questions_whose_second_games_are_refused_on_a_rerun_are_no_refused_setting(tmp_path):
+    """Five questions kept half-judged (their first games' replies stored), their second games refused (HTTP 400) on
+    the re-run: the endpoint took the first games, so five refusals are five prompts without a verdict, not "every
+    request refused, a setting the endpoint does not take"."""
+    from simpo_exp.evaluate.arena import judge_arena_hard
+    from simpo_exp.evaluate.judge import REFUSED_BEFORE_ANY
+
+    questions = [f"Explain topic {i}." for i in range(REFUSED_BEFORE_ANY)]
+
+    class SecondGamesFail(FakeJudge):
+        requests: list = []
+        status = 500
+
+        def respond(self, body):
+            if any(second_game(body, q) for q in questions):
+                self.send_response(self.status)
+                self.end_headers()
+                return
+            super().respond(body)
+
+    prompts = [{"id": f"q{i}", "instruction": q, "reference": "r" * 10} for i, q in enumerate(questions)]
+    texts = ["m" * 30] * len(prompts)
+    server, url = serve(SecondGamesFail)
+    try:
+        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=0, timeout_s=5, concurrency=1)
+        b = BenchmarkConfig(name="arena-hard", kind="arena_hard", judge=j)
+        first = judge_arena_hard(b, prompts, texts, "my-model", "gpt-4-0314", tmp_path)
+        SecondGamesFail.status = 400
+        again = judge_arena_hard(b, prompts, texts, "my-model", "gpt-4-0314", tmp_path)
+    finally:
+        server.shutdown()
+    assert first["metrics"]["unjudged_games"] == again["metrics"]["unjudged_games"] == len(prompts)
+    assert again["metrics"]["judged_games"] == len(prompts)  # the first games, kept
+
+
 def test_the_judging_stops_with_its_reason_not_with_a_prompt_stopped_after_it(tmp_path):
     """A prompt whose request found the judging stopped (``JudgeStopped``, wrapped in the prompt's error) finished
     before the prompt that stopped it: the command said only "the judging stopped before this request was sent"."""
