@@ -270,3 +270,25 @@ def test_the_rule_scores_the_last_user_turn():
     scorer = RuleScorer(SimpleNamespace(scorer=SimpleNamespace(rule="sort_digits")))
     prompt = [{"role": "system", "content": "x"}, {"role": "user", "content": "sort: 2 1"}]
     assert scorer.score([prompt, prompt], ["1 2", "2 1"]) == [1.0, 0.0]
+
+
+def test_a_reward_models_tokenizer_that_adds_a_bos_gets_none_added_to_the_rendered_text(tiny_reward_model):  # noqa: F811
+    """The chat template writes the BOS itself: a tokenizer that also adds one (Llama 3's, ArmoRM's) would give every
+    scored row two and shift every reward. The rows are tokenised without special tokens."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import LlamaForSequenceClassification
+
+    from simpo_exp.inference.scoring import make_scorer, render_for_scoring
+
+    scorer = make_scorer(compose_generate("scorer=reward-model", f"scorer.path={tiny_reward_model}"))
+    tok = scorer.tokenizer
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)]
+    )
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # this tokenizer adds one
+    prompt = [{"role": "user", "content": "sort: 2 1"}]
+    score = scorer.score([prompt], ["1 2"])[0]
+    ids = tok(render_for_scoring(tok, scorer.s, prompt, "1 2"), add_special_tokens=False)["input_ids"]
+    model = LlamaForSequenceClassification.from_pretrained(tiny_reward_model).eval()
+    with torch.no_grad():
+        assert score == pytest.approx(model(torch.tensor([ids])).logits[0, 0].item(), abs=1e-5)
