@@ -292,3 +292,16 @@ def test_a_reward_models_tokenizer_that_adds_a_bos_gets_none_added_to_the_render
     model = LlamaForSequenceClassification.from_pretrained(tiny_reward_model).eval()
     with torch.no_grad():
         assert score == pytest.approx(model(torch.tensor([ids])).logits[0, 0].item(), abs=1e-5)
+
+
+def test_a_template_that_writes_the_pad_token_is_scored_without_padding(tiny_reward_model):  # noqa: F811
+    """A chat template that writes the pad token inside a conversation (a turn separator): a padded batch's head
+    would stop reading at it, so such a scorer scores unpadded."""
+    from simpo_exp.inference.scoring import make_scorer
+
+    scorer = make_scorer(compose_generate("scorer=reward-model", f"scorer.path={tiny_reward_model}"))
+    assert scorer._pad_marks_padding_only()
+    scorer.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{{ pad_token }}{% endfor %}"
+    )
+    assert not scorer._pad_marks_padding_only()
