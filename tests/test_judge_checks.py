@@ -152,6 +152,21 @@ def test_half_judged_questions_whose_second_games_are_refused_on_a_rerun_are_no_
     assert again["metrics"]["judged_games"] == len(prompts)  # the first games, kept
 
 
+def test_a_stored_arena_judgment_of_another_judge_in_the_same_file_is_not_reused(tmp_path):
+    """``org/judge`` and ``org_judge`` keep their judgments in one file (``model_judgment/org_judge/``): the other
+    judge's verdicts on the same question and answers are not this judge's."""
+    from simpo_exp.evaluate.arena import stored_judgments, user_prompt
+
+    prompt, text = {"id": "q0", "instruction": "Explain sorting.", "reference": "r" * 10}, "m" * 30
+    games = [user_prompt(prompt["instruction"], "r" * 10, text), user_prompt(prompt["instruction"], text, "r" * 10)]
+    line = {"question_id": "q0", "model": "my-model", "judge": "org_judge"}
+    line["games"] = [{"user_prompt": g, "judgment": "[[A=B]]", "score": "A=B"} for g in games]
+    path = tmp_path / "model_judgment" / "org_judge" / "my-model.jsonl"
+    write_jsonl(path, [line])
+    assert stored_judgments(path, [prompt], [text], "org_judge")[0] == {"q0": line}  # its own judge's: reused
+    assert stored_judgments(path, [prompt], [text], "org/judge")[0] == {}
+
+
 def test_the_judging_stops_with_its_reason_not_with_a_prompt_stopped_after_it(tmp_path):
     """A prompt whose request found the judging stopped (``JudgeStopped``, wrapped in the prompt's error) finished
     before the prompt that stopped it: the command said only "the judging stopped before this request was sent"."""
