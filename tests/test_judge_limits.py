@@ -313,3 +313,8 @@ def test_an_arena_game_out_of_replies_without_a_label_goes_on_under_more_label_a
     assert len(MoodyJudge.requests) == 2  # the late question's two games, each once more
     assert all(len(body["messages"]) == 4 for body in MoodyJudge.requests)  # from the stored reply: asked to finish
     assert more["metrics"]["unparseable_games"] == 0 and more["metrics"]["judged_games"] == 4
+    # back at label_attempts=1: the finished judgments stay the ones used, not the earlier unfinished copy (still
+    # valid at 1, and kept aside), and nothing is asked
+    MoodyJudge.requests = []
+    moody.judge = replace(moody.judge, label_attempts=1)
+    assert arena(moody, cases)["metrics"] == more["metrics"] and MoodyJudge.requests == []
