@@ -591,6 +591,9 @@ def test_a_saved_views_name_is_kept_only_for_the_same_project(tmp_path, monkeypa
     spec = json.loads(out.read_text())
     assert (spec["entity"], spec["id"]) == ("team", "view-id")
     out.write_text(json.dumps(saved))
+    out.write_text(json.dumps(saved | {"id": None}))  # a spec with a name and no id (a save that got none): a new view
+    assert dashboard.main([str(sweep_dir), "--entity", "team", "--out", str(out)]) == 0
+    assert json.loads(out.read_text()).get("name") != "view-name"
     out.write_text(json.dumps(saved))  # another entity's view of the same project: its own view, not team's
     assert dashboard.main([str(sweep_dir), "--entity", "bob", "--out", str(out)]) == 0
     spec = json.loads(out.read_text())
