@@ -186,9 +186,12 @@ def recorded_sources(run_dir: Path) -> dict:
 def split_outside(text: str, at: re.Pattern | None = None) -> list[str]:
     """``text`` split at its commas outside brackets and quotes (and, with ``at``, only where ``at`` matches from
     the comma on): ``a='x,y',b=[1,2]`` is two items."""
-    parts, depth, quote, start = [], 0, "", 0
+    parts, depth, quote, start, escaped = [], 0, "", 0, False
     for i, ch in enumerate(text):
-        if quote:
+        if escaped:  # the character after a backslash inside quotes (Hydra's \' in a quoted value): no quote's end
+            escaped = False
+        elif quote:
+            escaped = ch == "\\"
             quote = "" if ch == quote else quote
         elif ch in "'\"":
             quote = ch

@@ -613,6 +613,8 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
         {"dataset": "[ufb,math]", "seed": "1"},
     ]
     assert compare.name_parts("a='x,y',b={c: 1, d: 2},e=(1,2)") == ["a='x,y'", "b={c: 1, d: 2}", "e=(1,2)"]
+    # Hydra's \' inside a quoted value (a path with an apostrophe and a comma) does not end the quotes
+    assert compare.name_parts("a='it\\'s,b=1',c=2") == ["a='it\\'s,b=1'", "c=2"]
 
 
 def _job(folder: Path, overrides: list[str], ran: dict | None = None) -> None:

@@ -159,3 +159,30 @@ def test_a_model_folder_without_tokenizer_files_has_no_tokenizer_hash(tmp_path):
     assert tokenizer_sha256(tmp_path / "m") is None
     (tmp_path / "m" / "tokenizer.json").write_text("{}")
     assert len(tokenizer_sha256(tmp_path / "m")) >= 12
+
+
+def test_records_read_leniently_and_a_runs_failure_from_its_processes(tmp_path):
+    """rundir's readers of run records: a damaged or undecodable JSON file is no record, a JSONL path that is a
+    folder has no line, a dotted lookup stops at a value that is no mapping; a failure is told from the main
+    process's record with the lowest-numbered other process's own words beside it."""
+    path = tmp_path / "summary.json"
+    for damaged in (b'{"a": 1', b"\xff\xfe"):
+        path.write_bytes(damaged)
+        assert rundir.read_json(path) == {} and rundir.read_json_value(path) is None
+    (tmp_path / "m.jsonl").mkdir()
+    assert rundir.read_jsonl(tmp_path / "m.jsonl") == [] == rundir.read_jsonl(tmp_path / "none.jsonl")
+    assert rundir.select({"a": "xyz"}, "a.x", "m") == "m" and rundir.select({"a": None}, "a.b") is None
+    assert rundir.select({"a": [1]}, "a.0", "m") == "m" and rundir.select({"a": {"b": 2}}, "a.b") == 2
+
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "error-rank10.json").write_text(json.dumps({"error": "b", "type": "X"}))
+    (job / "error-rank2.json").write_text(json.dumps({"error": "a", "type": "Y"}))
+    assert rundir.failure_record(job)["error"] == "on process 2: a"  # not 10, which sorts first as text
+    main = {"error": "connection closed by peer\nTraceback...", "type": "DistBackendError"}
+    (job / "error.json").write_text(json.dumps(main))
+    (job / "error-rank2.json").write_text(json.dumps({"error": "CUDA out of memory\nmore", "type": "OutOfMemoryError"}))
+    said = "connection closed by peer (process 2: OutOfMemoryError: CUDA out of memory)\nTraceback..."
+    assert rundir.failure_record(job)["error"] == said
+    (job / "error-rank2.json").write_text(json.dumps({"error": "connection closed by peer", "type": "X"}))
+    assert rundir.failure_record(job) == main  # the same words: nothing added
