@@ -2074,7 +2074,7 @@ def test_every_hardware_setting_sampling_reads_and_the_stage_keys_it_reads_are_a
 @pytest.mark.parametrize(
     "value",
     ["/data/plain/train.jsonl", "/data/my runs/G1/data", "/s/0_beta=2,seed=1/data", "/data/it's/x", "/data/[1,2]/x"]
-    + ["/data/café/x", '/data/say "hi"/x', "/data/a!b#c;d/x", "/data/$HOME/x"],
+    + ["/data/café/x", '/data/say "hi"/x', "/data/a!b#c;d/x", "/data/$HOME/x", "/data/x ", " /data/x"],
 )
 def test_the_printed_train_command_gives_hydra_each_path_as_it_is(value):
     """The printed "train on it" command quoted a path for Hydra only where it held '=' or ',': a folder with a space

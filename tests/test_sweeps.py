@@ -320,6 +320,16 @@ def test_the_way_to_go_on_names_the_folder_where_the_command_did_not(tmp_path, m
     assert rerun_command(hydra(RunMode.MULTIRUN)) == f"re-run the same command with hydra.sweep.dir={sweep_dir}"
     assert rerun_command(hydra(RunMode.RUN, ["hydra.run.dir=mine"])) == "re-run the same command"
     assert rerun_command(hydra(RunMode.MULTIRUN, ["hydra.sweep.dir=mine"])) == "re-run the same command"
+    assert rerun_command(hydra(RunMode.RUN, ["++hydra.run.dir=mine"])) == "re-run the same command"
+    # a sweep folder holding a comma and a space: the folder given as one word Hydra reads back as it is
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    odd = SimpleNamespace(**vars(hydra(RunMode.MULTIRUN)))
+    odd.sweep = SimpleNamespace(dir="my runs/b=2,s=1")
+    (word,) = shlex.split(rerun_command(odd).split(" with ", 1)[1])
+    assert OverridesParser.create().parse_override(word).value() == str(tmp_path / "my runs" / "b=2,s=1")
     # under hydra.job.chdir=true the process works in the job's folder: the command's own directory counts
     (tmp_path / "job").mkdir()
     monkeypatch.chdir(tmp_path / "job")
