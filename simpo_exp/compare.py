@@ -223,7 +223,7 @@ def load_run(path: str | Path) -> Run:
         error = failure_record(path)  # another process's failure too (its stop record was the launcher's SIGTERM)
     summary = read_json(path / "summary.json")
     started = read_json(path / "env.json")  # what its start resolved (a preset's learning rate from the model's
-    resolved = started.get("resolved") if isinstance(started, dict) else None  # size): a killed or running run has
+    resolved = started.get("resolved")  # size): a killed or running run has
     for key, value in (resolved if isinstance(resolved, dict) else {}).items():  # no summary of its own yet
         summary.setdefault(f"resolved/{key}", value)
     stopped = read_json(path / STOPPED_FILE) if (path / STOPPED_FILE).exists() else None

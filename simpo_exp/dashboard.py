@@ -236,7 +236,7 @@ def _sweep_group(job: Path, hydra: dict) -> str:
     was Hydra's dated default, the folder ``hydra.sweep.subdir`` levels above the job's (``b${beta}/s${seed}`` nests
     it two deep: its parent was taken, and a job that failed before W&B started made a sweep of its own)."""
     recorded = read_json(records_dir(job) / WANDB_RECORD)  # where the run wrote its records (output_dir=...)
-    if isinstance(recorded, dict) and recorded.get("group"):
+    if recorded.get("group"):
         return recorded["group"]
     runtime = hydra.get("runtime") or {}
     configured = str((hydra.get("sweep") or {}).get("dir") or "")
@@ -285,7 +285,7 @@ def read_sweep(sweep_dir: Path) -> Sweep:
             print(f"note: swept key {key!r} is in no job's config; left out of the view", file=sys.stderr)
     # where the runs logged, as their starts recorded it (an entity from WANDB_ENTITY, not in the config), else
     # as configured
-    recorded = [r for r in (read_json(records_dir(j) / WANDB_RECORD) for j in jobs) if isinstance(r, dict)]
+    recorded = [read_json(records_dir(j) / WANDB_RECORD) for j in jobs]
     unset = {None, ""}  # an offline run's entity is empty
     projects = {r.get("project") for r in recorded} - unset or {lg.get("project") for lg in loggers} - unset
     entities = {r.get("entity") for r in recorded} - unset or {lg.get("entity") for lg in loggers} - unset
@@ -584,7 +584,6 @@ def main(argv: list[str] | None = None) -> int:
     workspace = build_workspace(sweep, entity, project, args.name)
     out = args.out or default_out
     saved = read_json(out) if out.is_file() else {}  # the view a save of this spec made, if one did
-    saved = saved if isinstance(saved, dict) else {}
     if (
         saved.get("name")
         and saved.get("id")

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from simpo_exp.rundir import RESUMABLE_CHANGES
+from simpo_exp.rundir import RESUMABLE_CHANGES, read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,9 @@ def recorded_summary(cfg) -> dict | None:
     marker, summary_path = run_dir / FINISHED, run_dir / "summary.json"
     if not cfg.resume or not marker.is_file():
         return None
-    try:
-        saved = json.loads(marker.read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # unreadable: train (resuming from a checkpoint) and write it again
-    if not isinstance(saved, dict):  # a marker written by hand or another version: as unreadable
-        return None
+    saved = read_json(marker).get("config")
+    if not isinstance(saved, dict):  # unreadable, or written by hand or another version: train (resuming from a
+        return None  # checkpoint) and write it again
     # Imported here, not at the top: it loads torch, and the entry point imports this module before Hydra
     # has checked the overrides (a misspelled key is then reported in under a second).
     from simpo_exp.checkpoint import fingerprinted_sources, incompatible_keys

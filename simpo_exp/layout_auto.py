@@ -174,7 +174,7 @@ def recorded_layout(run_dir: Path) -> dict | None:
     if not checkpoint_dirs(run_dir):
         return None
     env = read_json(Path(run_dir) / "env.json")  # {} when missing or unreadable
-    if not isinstance(env, dict) or not isinstance(env.get("batch_layout"), dict):
+    if not isinstance(env.get("batch_layout"), dict):
         return None
     return {"batch_layout": env["batch_layout"], "layout_choice": env.get("layout_choice")}
 

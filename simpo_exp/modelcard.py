@@ -308,7 +308,6 @@ def write_model_card(
     name = name or select(cfg, "logger.run_name") or run_dir.name
     path = run_dir / "model" / "README.md"
     summary = read_json(run_dir / "summary.json") if resolved is None or training is None else {}
-    summary = summary if isinstance(summary, dict) else {}
     resolved = resolved_values(summary) if resolved is None else resolved
     training = summary if training is None else training
     model_path = select(cfg, "model.path") or ""

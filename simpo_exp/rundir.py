@@ -179,8 +179,7 @@ def stopped_words(record: dict) -> str:
 def recorded_sources(run_dir: Path) -> dict:
     """The ``sources`` of the data_report.json a run wrote at its start: per data source its counts, provenance and
     files' fingerprints ({} where there is none)."""
-    report = read_json(Path(run_dir) / "data_report.json")
-    return (report.get("sources") or {}) if isinstance(report, dict) else {}
+    return read_json(Path(run_dir) / "data_report.json").get("sources") or {}
 
 
 def split_outside(text: str, at: re.Pattern | None = None) -> list[str]:

@@ -277,7 +277,7 @@ def recorded_sweep_group(sweep_dir: Path) -> str | None:
     and resumed there gave its resumed and new jobs a group of the new path, its finished ones kept the old one, and
     the dashboard refused the sweep as two."""
     records = [read_json(record) for record in sorted(Path(sweep_dir).glob("*/wandb_run.json"))]
-    groups = [r.get("group") for r in records if isinstance(r, dict)]
+    groups = [r.get("group") for r in records]
     groups = [g for g in groups if isinstance(g, str) and g.startswith("sweep-")]
     return max(set(groups), key=groups.count) if groups else None
 

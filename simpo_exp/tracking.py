@@ -291,7 +291,7 @@ class Tracker:
         mode = keyed_mode(mode)
         # A resumed run continues the W&B run its first start recorded, so its history stays one run.
         previous = read_json(self.run_dir / WANDB_RECORD)  # {} when there is none or it is unreadable
-        resume = {"id": previous["id"], "resume": "allow"} if isinstance(previous, dict) and previous.get("id") else {}
+        resume = {"id": previous["id"], "resume": "allow"} if previous.get("id") else {}
 
         def start(mode: str) -> None:
             self.wandb_run = open_wandb(

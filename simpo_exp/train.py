@@ -380,7 +380,7 @@ def check_same_data(run_dir: Path, data_sources: dict) -> None:
 def check_same_tokenizer(run_dir: Path, tokenizer) -> None:
     """Refuse to resume on another tokenizer or chat template than the run's last start had (its data_report.json's
     hashes): the same rows would be other tokens from the checkpoint on, and the record of the first ones lost."""
-    then = (read_json(run_dir / "data_report.json") or {}).get("tokenization") or {}
+    then = read_json(run_dir / "data_report.json").get("tokenization") or {}
     now = {"chat_template_sha256": chat_template_hash(tokenizer), "tokenizer_sha256": tokenizer_hash(tokenizer)}
     changed = [
         f"{key} {then[key]} then, {value} now"
@@ -400,7 +400,7 @@ def check_same_start(run_dir: Path, cfg: Config, weights: str, architecture: str
     (its config.json, its own code: ``architecture_fingerprint``) are not the ones its reference log-probs were of
     at its last start (env.json): the reference would be another model's. A run that recorded no architecture
     (started before it was recorded) is checked on its weights alone."""
-    env = read_json(run_dir / "env.json") or {}
+    env = read_json(run_dir / "env.json")
     then, then_architecture = env.get("start_weights"), env.get("start_architecture")
     if then_architecture and architecture and then_architecture != architecture:
         raise checkpoint.DifferentConfigCheckpoint(

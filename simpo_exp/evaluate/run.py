@@ -470,7 +470,7 @@ def _lm_eval(ctx: dict) -> dict:
     made_with["lm_eval_version"] = _versions().get("lm-eval")  # another lm-eval: its tasks and defaults may differ
     made_with["tokenizer"] = _tokenizer_id(trained)  # apply_chat_template renders with the saved template
     earlier = read_json(results_path(ctx["run_dir"], b.name))
-    stored = earlier.get("made_with") if isinstance(earlier, dict) else None
+    stored = earlier.get("made_with")
     # a record written before the tokenizer was recorded is compared without it, as the manifests are
     if isinstance(stored, dict) and "tokenizer" not in stored:
         made_with_then = {k: v for k, v in made_with.items() if k != "tokenizer"}

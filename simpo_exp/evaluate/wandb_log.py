@@ -49,7 +49,7 @@ def sample_rows(run_dir: Path, benchmark: str) -> tuple[list[str], list[list]]:
     annotations.json, or Arena-Hard's judgments beside its answers; where nothing was judged, the answers alone."""
     out = Path(run_dir) / EVAL_DIR / benchmark
     results = read_json(out / "results.json")  # {} when missing
-    package = results.get("annotations_path") if isinstance(results, dict) else None
+    package = results.get("annotations_path")
     rows = (
         read_jsonl(out / "generations.jsonl")
         or (_listed(Path(package)) if isinstance(package, str) else [])
@@ -75,7 +75,7 @@ def arena_rows(out: Path) -> list[dict]:
     model's), from ``model_answer/`` and the judgments ``results.json`` names; the answers alone where it was not
     judged."""
     results = read_json(out / "results.json")  # {} when missing
-    judged = results.get("judgments_path") if isinstance(results, dict) else None
+    judged = results.get("judgments_path")
     answers = {}
     for path in sorted((out / "model_answer").glob("*.jsonl")):
         for a in read_jsonl(path):
@@ -141,8 +141,7 @@ def sent_record(run_dir: Path, rec: dict, mode: str, samples: dict[str, tuple[li
     digest = hashlib.sha256()
     for path in sorted((Path(run_dir) / EVAL_DIR).glob("*/results.json")):
         results = read_json(path)
-        if isinstance(results, dict):
-            results.pop("created", None)
+        results.pop("created", None)
         digest.update(path.parent.name.encode() + b"\0" + json.dumps(results, sort_keys=True).encode() + b"\0")
     for benchmark in sorted(samples):
         digest.update(json.dumps(samples[benchmark], sort_keys=True, default=str).encode() + b"\0")
