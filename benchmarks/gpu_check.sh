@@ -8,6 +8,7 @@
 #   here:  bash benchmarks/gpu_kit.sh                        # wheels into .whl/ (needs a package registry)
 #   there: bash benchmarks/gpu_check.sh                       # tests, b16, big: about 7.5 minutes (140 + 180 + 120 s)
 #          PARTS="b4 compile16" bash benchmarks/gpu_check.sh  # the second call, at once: about 5.5 minutes
+#          LIMIT_compile16=240 PARTS=compile16 bash ...        # a benchmark part's time limit, in seconds, changed
 #
 # Parts, in the order they run: tests, b16, big, profile, layers, b4, compile4, trlaccum, compile16, ckpt, blockmask,
 # flex (profile, layers, compile4, trlaccum, compile16, ckpt, blockmask and flex only when PARTS names them; b4 only
@@ -159,7 +160,8 @@ bench() {  # part name, time limit, then bench_trl.py's arguments
     # --check-pairs 4: the float32 loss-and-gradient check on the first 4 pairs in every part. Over 16 pairs TRL's
     # float32 backward alone asked for more than the H200's 140 GB (2026-12-04: the layers and ckpt parts, which
     # lacked it, stopped in their check with exit 1); 4 pairs check the same computation.
-    local name=$1 limit=$2; shift 2
+    # LIMIT_<part>=<s> on the command line overrides a part's limit (to fit the device time left)
+    local name=$1 limit_var="LIMIT_$1"; local limit=${!limit_var:-$2}; shift 2
     gpu_idle "$name"
     timeout -k 10 "$limit" python3 benchmarks/bench_trl.py --preset gpu --shared-process --check-pairs 4 "$@" \
         --json "$WORK/bench-$name.json" --markdown "$WORK/bench-$name.md" > "$WORK/bench-$name.log" 2>&1
