@@ -90,3 +90,70 @@ def test_a_run_config_holding_a_list_is_no_pointer_to_another_records_folder(tmp
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("- a\n- b\n")
     assert records_dir(tmp_path) == tmp_path
+
+
+def test_the_records_pointer_is_followed_only_to_an_absolute_existing_folder(tmp_path, monkeypatch):
+    """A run's .hydra/records_dir (runinfo.point_to_records writes it resolved) names where output_dir= put the
+    records; a relative one (hand-written, or another tool's) says nothing about where it was taken from, and one
+    naming a folder since removed points nowhere: both fall back to the config's output_dir."""
+    import yaml
+
+    from simpo_exp.rundir import RECORDS_POINTER, records_dir
+
+    run, pointed, configured = tmp_path / "run", tmp_path / "pointed", tmp_path / "configured"
+    (run / ".hydra").mkdir(parents=True)
+    pointed.mkdir(), configured.mkdir()
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(configured)}))
+    (run / ".hydra" / RECORDS_POINTER).write_text(f"{pointed}\n")
+    assert records_dir(run) == pointed
+    (run / ".hydra" / RECORDS_POINTER).write_text("pointed\n")  # relative: not followed
+    (run / "pointed").mkdir()  # even where it names a folder from where compare is started
+    monkeypatch.chdir(run)
+    assert records_dir(run) == configured
+    (run / ".hydra" / RECORDS_POINTER).write_text(str(tmp_path / "gone"))
+    assert records_dir(run) == configured
+
+
+def test_the_holder_line_replaces_a_longer_one_left_in_the_lock_file(tmp_path):
+    """The lock file is reused by every job of a folder; the second job's refusal quotes the holder line, which
+    must be the holder's alone (a longer line left by an earlier job on another machine kept its tail)."""
+    import os
+    import subprocess
+    import sys
+
+    from simpo_exp.rundir import IN_USE_FILE, hold_folder, release_folders
+
+    (tmp_path / IN_USE_FILE).write_text("pid 1 on a-much-longer-host-name-than-this-one.cluster.example, since 2020")
+    try:
+        hold_folder(tmp_path, "test")
+        line = (tmp_path / IN_USE_FILE).read_text()
+        assert line.startswith(f"pid {os.getpid()} on ") and "cluster.example" not in line and "2020" not in line
+        probe = (
+            "from simpo_exp.rundir import hold_folder; from simpo_exp.errors import FolderInUse\n"
+            f"try: hold_folder({str(tmp_path)!r}, 'go elsewhere')\n"
+            "except FolderInUse as e: print(e)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
+        assert f"in use by another job ({line}): go elsewhere" in out, out
+    finally:
+        release_folders()
+
+
+def test_a_file_system_without_locks_holds_nothing_and_says_so(tmp_path, monkeypatch, caplog):
+    """Lustre without its flock option, some NFS set-ups: flock fails with ENOLCK (or EOPNOTSUPP). The job runs,
+    warned that a second job in its folder is not refused, and keeps no descriptor it would later close."""
+    import errno
+    import fcntl
+
+    from simpo_exp import rundir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger=rundir.__name__):
+        rundir.hold_folder(tmp_path, "test")
+    assert f"{tmp_path} cannot be locked here" in caplog.text and "No locks available" in caplog.text
+    assert rundir._held == {}
+    (tmp_path / rundir.IN_USE_FILE).write_text(f"pid 1{rundir._this_machine()}2026")
+    assert rundir.ended_unrecorded(tmp_path) is False  # no lock to probe: nothing said about the job
