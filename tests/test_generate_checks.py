@@ -305,3 +305,197 @@ def test_a_template_that_writes_the_pad_token_is_scored_without_padding(tiny_rew
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{{ pad_token }}{% endfor %}"
     )
     assert not scorer._pad_marks_padding_only()
+
+
+# ----------------------------------------------------------------------------- from a mutation review of the stage's
+# resume paths (generate/run.py) and its sampling (inference/sampling.py)
+def test_a_decoder_that_rewrites_across_the_prompts_end_decodes_the_response_alone():
+    """Where the prompt's decoded tail is no prefix of prompt and response decoded together, cutting it off would
+    cut into the response's own text: the response is decoded alone."""
+    from simpo_exp.inference.sampling import response_text
+
+    class Merging:  # "a" then "b" decode as "X": no text boundary falls between them
+        table = {1: "a", 2: "b", 3: "c"}
+
+        def decode(self, ids, **kwargs):
+            return "".join(self.table[i] for i in ids).replace("ab", "X")
+
+    tok = Merging()
+    assert response_text(tok, [3, 1], [2, 3]) == tok.decode([2, 3]) == "bc"
+    assert response_text(tok, [1, 3], [2, 3]) == "bc"  # a prefix: cut after it
+
+
+def test_a_process_of_a_later_rank_samples_on_the_one_gpu_its_task_sees(monkeypatch):
+    """submitit narrows CUDA_VISIBLE_DEVICES to a task's GPU: LOCAL_RANK=3 with one GPU visible is cuda:0, not the
+    cuda:3 that does not exist there; with four visible, cuda:3."""
+    from simpo_exp.inference.sampling import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device("cuda") == pick_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick_device("cuda") == torch.device("cuda", 3)
+
+
+def test_a_manifest_of_an_older_version_without_a_setting_recorded_since_resumes(tmp_path):
+    """A key added to the generate settings after a generation started is no change of it: held against the older
+    manifest, an upgrade would refuse the resume and hours of sampling would start over. A key it does hold and
+    that changed still refuses."""
+    import json
+
+    from simpo_exp.generate.run import _manifest, manifest_differences
+
+    prompts = [{"prompt_id": "a", "input_ids": [1, 2]}]
+    now = _manifest(compose_generate(), {}, prompts)
+    older = json.loads(json.dumps(now))
+    del older["generate"]["stop_token_ids"]
+    (tmp_path / "manifest.json").write_text(json.dumps(older))
+    assert manifest_differences(tmp_path, now) == []
+    older["generate"]["top_p"] = 0.5
+    (tmp_path / "manifest.json").write_text(json.dumps(older))
+    assert [d.split(":")[0] for d in manifest_differences(tmp_path, now)] == ["generate.top_p"]
+
+
+def test_each_shard_samples_from_streams_of_its_own():
+    """Shard i's seed s draws from derive_seed(s, i): the same stream for every shard would give prompts of every
+    shard the same noise."""
+    from simpo_exp.generate.run import _sample_shard
+    from simpo_exp.inference.sampling import derive_seed
+
+    seeds = []
+
+    class Recorder:
+        def sample(self, ids, keys, seed):
+            seeds.append(seed)
+            return [[{"text": "x"}] for _ in ids]
+
+    cfg = SimpleNamespace(generate=SimpleNamespace(seeds=[13, 21]))
+    prompts = [{"prompt_id": "a", "prompt": "p", "input_ids": [1]}]
+    _sample_shard(Recorder(), cfg, 0, prompts)
+    _sample_shard(Recorder(), cfg, 1, prompts)
+    assert seeds == [derive_seed(13, 0), derive_seed(21, 0), derive_seed(13, 1), derive_seed(21, 1)]
+    assert len(set(seeds)) == 4
+
+
+def test_a_scored_shard_with_more_scores_than_responses_is_refused(tmp_path):
+    """Too many is as damaged as too few: scores out of line with their responses would be read without a word."""
+    import json
+
+    from simpo_exp.generate.run import read_shard
+    from simpo_exp.inference.files import DamagedFile
+
+    cfg = SimpleNamespace(generate=SimpleNamespace(seeds=[1], samples_per_seed=3))
+    path = tmp_path / "scored-00000-abcdef12.jsonl"
+    row = {"prompt_id": "a", "responses": [{"text": "x"}] * 3, "scores": [0.0] * 3}
+    path.write_text(json.dumps(row) + "\n")
+    assert read_shard(path, [{"prompt_id": "a"}], cfg)[0]["scores"] == [0.0] * 3
+    path.write_text(json.dumps({**row, "scores": [0.0] * 4}) + "\n")
+    with pytest.raises(DamagedFile, match=r"row 1 \(prompt 'a'\) has \{'scores': 4\}, not 3 each"):
+        read_shard(path, [{"prompt_id": "a"}], cfg)
+
+
+@pytest.fixture
+def one_shard(tmp_path, monkeypatch):
+    """A shard folder of one prompt under the default settings (rule scorer, 5 seeds of one sample), with its
+    responses written; the sampler and scorer the stage would build are stand-ins that record their calls."""
+    import json
+
+    from simpo_exp.generate.run import scorer_tag
+    from simpo_exp.inference import sampling, scoring
+
+    cfg = compose_generate()
+    calls = {"sampled": 0, "scored": 0}
+
+    class Scorer:
+        def score(self, prompts, texts):
+            calls["scored"] += 1
+            return [1.0] * len(texts)
+
+        def close(self):
+            pass
+
+    def no_sampler(*args, **kwargs):
+        calls["sampled"] += 1
+        raise AssertionError("the policy was loaded to sample again")
+
+    monkeypatch.setattr(sampling, "make_sampler", no_sampler)
+    monkeypatch.setattr(scoring, "make_scorer", lambda cfg: Scorer())
+    shard_dir, prompt = tmp_path / "shards", {"prompt_id": "a", "prompt": "sort: 2 1", "input_ids": [1]}
+    shard_dir.mkdir()
+    responses = [{"text": "1 2", "seed": s} for s in cfg.generate.seeds]
+    row = {"prompt_id": "a", "prompt": "sort: 2 1", "responses": responses}
+    (shard_dir / "responses-00000.jsonl").write_text(json.dumps(row) + "\n")
+    return SimpleNamespace(cfg=cfg, dir=shard_dir, jobs=[(shard_dir, [[prompt]])], tag=scorer_tag(cfg), calls=calls)
+
+
+def test_a_scored_shard_whose_responses_were_deleted_is_not_sampled_again(one_shard):
+    """responses-*.jsonl deleted to save space once the shard is scored (or older scores adopted): the policy was
+    loaded and the shard sampled again."""
+    from simpo_exp.generate.run import _process, scored_path
+
+    s = one_shard
+    (s.dir / "responses-00000.jsonl").unlink()
+    scored_path(s.dir, 0, s.tag).write_text("{}\n")
+    _process(s.cfg, s.jobs, 0, 1, s.tag)
+    assert s.calls == {"sampled": 0, "scored": 0}
+
+
+def test_a_scored_shards_record_is_written_before_the_shard(one_shard, monkeypatch):
+    """Killed between the two writes, a scored shard without its record reads as scored by no known commit, which the
+    moved-commit check lets through: the record goes first, so the shard is then not there and is scored again."""
+    from simpo_exp.generate import run
+    from simpo_exp.generate.run import _process, scored_path, scored_record_path
+
+    s = one_shard
+    write_json = run.write_json
+
+    def killed_after_the_record(path, data):
+        write_json(path, data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "write_json", killed_after_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        _process(s.cfg, s.jobs, 0, 1, s.tag)
+    assert scored_record_path(s.dir, 0, s.tag).exists() and not scored_path(s.dir, 0, s.tag).exists()
+    monkeypatch.setattr(run, "write_json", write_json)
+    _process(s.cfg, s.jobs, 0, 1, s.tag)
+    assert scored_path(s.dir, 0, s.tag).exists() and s.calls["scored"] == 2
+
+
+def test_only_shards_scored_by_another_known_commit_are_scored_again(one_shard, monkeypatch):
+    """A record naming no commit (written before commits were recorded, or of a local reward model) says nothing of
+    the commit: kept; one naming another commit than the one loaded now is scored again."""
+    import json
+
+    from simpo_exp.generate import run
+    from simpo_exp.generate.run import _process, scored_path, scored_record_path
+
+    s = one_shard
+    monkeypatch.setattr(run, "scorer_commit", lambda cfg: "abc")
+    jobs = [(s.dir, s.jobs[0][1] * 2)]  # shard 1 (the same prompt) still to score: the scorer is loaded for it
+    responses = (s.dir / "responses-00000.jsonl").read_text()
+    for record in ({"scorer": "x"}, {"scorer": "x", "commit": "old"}):
+        (s.dir / "responses-00001.jsonl").write_text(responses)
+        scored_path(s.dir, 0, s.tag).write_text("{}\n")
+        scored_record_path(s.dir, 0, s.tag).write_text(json.dumps(record))
+        scored_path(s.dir, 1, s.tag).unlink(missing_ok=True)
+        _process(s.cfg, jobs, 0, 1, s.tag)
+        assert scored_path(s.dir, 1, s.tag).exists()
+    assert s.calls["scored"] == 1 + 2  # shard 1 twice, shard 0 once: after its record named another commit
+    assert json.loads(scored_path(s.dir, 0, s.tag).read_text())["scores"] == [1.0] * 5
+    assert json.loads(scored_record_path(s.dir, 0, s.tag).read_text())["commit"] == "abc"
+
+
+def test_older_scores_never_replace_a_newer_shard_of_the_same_scorer(tmp_path):
+    """An old-name scored shard beside a shard named with the scorer's hash (written since): the newer is kept."""
+    import json
+
+    from simpo_exp.generate.run import adopt_older_scores, scored_path, scorer_settings, scorer_tag
+
+    cfg = compose_generate()
+    (tmp_path / "manifest.json").write_text(json.dumps({"scorer": scorer_settings(cfg)}))
+    (tmp_path / "scored-00000.jsonl").write_text("old\n")
+    scored_path(tmp_path, 0, scorer_tag(cfg)).write_text("new\n")
+    adopt_older_scores(tmp_path, cfg)
+    assert scored_path(tmp_path, 0, scorer_tag(cfg)).read_text() == "new\n"
