@@ -294,10 +294,11 @@ WANDB_STATES = {
     "running": "running",
     "pending": "running",
     "preempting": "running",
+    "preempted": "killed",  # its scheduler took the machine back (after wandb.mark_preempting): resumable
     "crashed": "killed",
     "killed": "killed",
     "failed": "failed",
-}
+}  # a state W&B adds later reads as failed: said, not ranked among the finished
 
 
 def wandb_status(state: str, summary: dict) -> str:
@@ -323,8 +324,12 @@ def wandb_run(r) -> Run:
     history = [{"step": step, **row} for step, row in sorted(rows.items())]
     message = {
         "stopped": f"stopped by {summary.get(STOPPED_SUMMARY)}; re-run its command to resume",
-        "killed": f"W&B lost it ({r.state}: out of memory, kill -9?); re-run its command (it resumes from its last "
-        "checkpoint, if one was saved)",
+        "killed": (
+            "preempted by its scheduler"
+            if r.state == "preempted"
+            else f"W&B lost it ({r.state}: out of memory, kill -9?)"
+        )
+        + "; re-run its command (it resumes from its last checkpoint, if one was saved)",
         "failed": "failed (its run directory's error.json says why)",
     }.get(status)
     overrides = dict(kv.split("=", 1) for kv in name_parts(r.name or "") if "=" in kv)

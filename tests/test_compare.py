@@ -573,7 +573,11 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
     crashed = FakeWandbRun("beta=4", "crashed")
     live = FakeWandbRun("beta=5", "running")
     halted = FakeWandbRun("beta=7", "killed", {"stopped": "SIGINT after step 3, checkpoint saved"})  # W&B's "killed"
-    runs = {r.name: r for r in compare.wandb_runs([done, stopped, failed, crashed, live, halted])}
+    waiting, preempting, preempted = (FakeWandbRun(f"beta={b}", s) for b, s in ((8, "pending"), (9, "preempting"),
+                                                                              (10, "preempted")))  # fmt: skip
+    unknown = FakeWandbRun("beta=11", "a-state-added-later")
+    listed = [done, stopped, failed, crashed, live, halted, waiting, preempting, preempted, unknown]
+    runs = {r.name: r for r in compare.wandb_runs(listed)}
     assert {name: r.status for name, r in runs.items()} == {
         "beta=1": "done",
         "beta=2": "stopped",
@@ -581,7 +585,12 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
         "beta=4": "killed",
         "beta=5": "running",
         "beta=7": "stopped",
+        "beta=8": "running",
+        "beta=9": "running",
+        "beta=10": "killed",  # resumable: it wrote no error
+        "beta=11": "failed",
     }
+    assert runs["beta=10"].error.startswith("preempted by its scheduler; re-run its command")
     assert [r["step"] for r in runs["beta=1"].history] == [3, 6] and "_step" not in runs["beta=1"].history[0]
     assert runs["beta=1"].series("train/loss") == ([3], [0.6])
     assert runs["beta=1"].final("eval/rewards/accuracies") == 0.75 and runs["beta=1"].label == "beta=1"

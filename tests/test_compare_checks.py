@@ -177,3 +177,51 @@ def test_a_plots_title_names_no_best_run_while_none_is_done():
     assert "best by" not in title, title
     title = _title([_run("a", {"beta": "2"}, {ACC: 0.9}), _run("b", {"beta": "5"}, {ACC: 0.5})])
     assert "best by eval/rewards/accuracies: beta=2" in title, title
+
+
+def test_a_sweep_with_every_job_folder_made_gets_no_so_far_note_while_its_last_job_runs(tmp_path):
+    """All the jobs asked have a folder and the last one still trains: nothing is missing, nothing to say. Asked for
+    a third, the sweep is still at work on its later jobs."""
+    from simpo_exp.rundir import hold_folder, release_folders
+
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    basic = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}
+
+    def ask(values: str) -> None:
+        request = {"hydra": {"sweeper": basic, "overrides": {"task": [f"beta={values}"]}}}
+        (sweep / "multirun.yaml").write_text(yaml.safe_dump(request))
+
+    _job(sweep / "0_beta=2", ["beta=2"], {ACC: 0.5})
+    live = _job(sweep / "1_beta=5", ["beta=5"])
+    hold_folder(live, "")
+    try:
+        ask("2,5")
+        assert compare.unstarted_jobs(compare.load_runs(sweep)) == []
+        ask("2,5,7")
+        assert compare.unstarted_jobs(compare.load_runs(sweep)) == [
+            f"{sweep}: 2 of the sweep's 3 jobs have a folder so far; 1 is running"
+        ]
+    finally:
+        release_folders()
+
+
+def test_a_diverged_setting_ranks_last_in_the_seed_table_of_a_lower_is_better_metric():
+    """A NaN mean (a diverged seed) sorts last whichever the direction: ranked as a number, a loss's NaN row came
+    first, the diverged setting named the best."""
+    import math
+
+    runs = [
+        _run(str(i), {"beta": b, "seed": s}, {"eval/loss": v})
+        for i, (b, s, v) in enumerate([("2", "1", 0.5), ("2", "2", 0.7), ("5", "1", 0.4), ("5", "2", math.nan)])
+    ]
+    groups = compare.seed_groups(compare.label_runs(runs), "eval/loss")
+    assert [g["beta"] for g in groups] == ["2", "5"] and math.isnan(groups[-1]["eval/loss mean"])
+
+
+def test_a_running_epoch_based_run_is_at_its_step_of_no_stated_total():
+    """max_steps=-1 (train for num_train_epochs) names no total: "at step 3", never "of -1"."""
+    epochs = compare.Run("a", "running", config={"max_steps": -1}, history=[{"step": 3}])
+    capped = compare.Run("b", "running", overrides={"max_steps": "10"}, history=[{"step": 3}])
+    notes = {row["run"]: row["note"] for row in compare.runs_table([epochs, capped])}
+    assert notes == {"a": "at step 3", "b": "at step 3 of 10"}
