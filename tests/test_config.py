@@ -163,6 +163,35 @@ def test_model_presets_feed_the_learning_rate(compose, model, lr):
         ("hardware.dataloader_num_workers=-1", "hardware.dataloader_num_workers"),
         ("hardware.logps_chunk_size=-1", "hardware.logps_chunk_size"),
         ("hardware=cpu-lora hardware.lora_r=0", "hardware.lora_r"),
+        # from a mutation review of config.py: range and choice checks no row reached
+        ("logger.init_timeout=0", "logger.init_timeout"),
+        ("loss=dpo reference_mode=foo", "reference_mode"),  # else a reference method read it as cached
+        ("loss=rdpo rdpo_alpha=-0.1", "rdpo_alpha"),
+        ("model.learning_rate=0", "model.learning_rate"),
+        ("warmup_ratio=1.0", "warmup_ratio"),  # the whole run warm-up
+        ("per_device_eval_batch_size=0", "per_device_eval_batch_size"),
+        ("num_generations=-1", "num_generations"),
+        ("max_new_tokens=0", "max_new_tokens"),
+        ("max_prompt_length=0", "max_prompt_length"),  # prompts cut to nothing
+        ("model.random_init.num_hidden_layers=0", "model.random_init.num_hidden_layers"),  # a model of no layers
+        ("model.random_init.num_key_value_heads=3", "model.random_init.num_key_value_heads"),
+        ("model.random_init.vocab_size=-1", "model.random_init.vocab_size"),
+        ("dataset.sources.synthetic.path=''", "dataset.sources.synthetic.path"),
+        ("dataset.sources.synthetic.fraction=1.5", "dataset.sources.synthetic.fraction"),
+        ("dataset.num_proc=0", "dataset.num_proc"),
+        ("dataset.synthetic.num_test=0", "dataset.synthetic.num_train/num_test"),
+        ("dataset.synthetic.min_digits=9 dataset.synthetic.max_digits=5", "dataset.synthetic.min_digits"),
+        ("hardware.master_weights=foo", "hardware.master_weights"),  # else read as fp32
+        ("hardware.packing_attention=foo", "hardware.packing_attention"),
+        ("hardware.checkpoint_format=foo", "hardware.checkpoint_format"),
+        ("hardware.peak_tflops=0", "hardware.peak_tflops"),
+        ("hardware=cpu-lora hardware.lora_dropout=1", "hardware.lora_dropout"),
+        ("hardware=cpu-lora hardware.lora_target_modules=[]", "hardware.lora_target_modules"),
+        # a nested float that is not finite passed its > 0 check; named by its whole key
+        ("hardware.peak_tflops=inf", "hardware.peak_tflops"),
+        ("hardware.collective_timeout=inf", "hardware.collective_timeout"),
+        ("model.learning_rate=nan", "model.learning_rate"),
+        ("dataset.sources.synthetic.fraction=inf", "dataset.sources.synthetic.fraction"),  # three keys down
     ],
 )
 def test_invalid_values_name_the_key(compose, override, key):
@@ -376,6 +405,7 @@ def test_an_hparams_rate_that_replaces_the_embedded_models_own_is_warned_of(comp
     assert "randomly initialised" in note
     assert replaced_rate_note(to_config(compose())) is None  # the model's own rate
     assert replaced_rate_note(to_config(compose("learning_rate=5e-4"))) is None  # within ten times
+    assert replaced_rate_note(to_config(compose("learning_rate=5e-5"))) is not None  # twenty times below
     assert replaced_rate_note(to_config(compose("model=llama3-8b", "hparams=creative"))) is None  # no rate of its own
 
 
@@ -390,6 +420,7 @@ def test_a_pretrained_model_at_a_rate_far_above_any_fine_tunes_is_warned_of(comp
     assert "hydra.sweeper.params.learning_rate" in note
     assert large_rate_note(llama, 1e-6) is None  # the recipe's
     assert large_rate_note(to_config(compose()), 1e-3) is None  # the embedded model learns at 1e-3
+    assert large_rate_note(to_config(compose("model.learning_rate=null")), 5e-2) is None  # built in code: no note
     lora = to_config(compose("experiment=simpo-llama3-8b-instruct", "hardware.lora=true"))
     assert large_rate_note(lora, 5e-5) is None and "LoRA runs use" in large_rate_note(lora, 3e-3)
     saved_tiny = to_config(compose("model.path=/runs/tiny/model"))  # model=tiny's own 1e-3, from a saved folder
@@ -413,6 +444,8 @@ def test_a_real_model_under_the_tiny_presets_recipe_is_refused(compose):
     with pytest.raises(ConfigError, match=r"a 0.5B model: the rate for its size \(1e-06\).*give model.params_b"):
         check_preset_size(small, 70_600_000_000)
     check_preset_size(small, 1_500_000_000)  # a 1.5B model under it: within the factor of ten
+    with pytest.raises(ConfigError, match="holds 7.6B parameters"):
+        check_preset_size(small, 7_600_000_000)  # 15 times its size: past it
     resized = to_config(compose("model=qwen2.5-0.5b-instruct", "model.path=/models/llama-3-70b", "model.params_b=70"))
     check_preset_size(resized, 70_600_000_000)
 
@@ -604,3 +637,29 @@ def test_a_random_init_vocabulary_of_exactly_the_tokenizers_size_is_accepted(com
     tok = build_tiny_tokenizer()
     cfg = to_config(compose(f"model.random_init.vocab_size={len(tok)}", "model.random_init.num_hidden_layers=1"))
     assert load_model(cfg, tok, "eager").get_input_embeddings().num_embeddings == len(tok)
+
+
+def test_no_data_source_and_no_run_folder_are_refused(compose):
+    """Neither can be said on the command line alone (a dataset preset with no source, output_dir: null in a
+    preset): both are refused by name instead of failing later in the loader or the writer."""
+    cfg = compose()
+    cfg.dataset.sources = {}
+    with pytest.raises(ConfigError, match="dataset.sources=.*at least one source"):
+        to_config(cfg)
+    cfg = compose()
+    cfg.output_dir = None
+    with pytest.raises(ConfigError, match="output_dir=None: must name the run directory"):
+        to_config(cfg)
+
+
+def test_a_keys_declared_default_is_read_through_a_dictionary_of_sections():
+    """A resumed run's saved config is compared with the schema's defaults (checkpoint.py): a key of one source of
+    dataset.sources has its section's default, a key the schema does not declare, or declares without one, none."""
+    from omegaconf import MISSING
+
+    from simpo_exp.config import schema_default
+
+    assert schema_default("dataset.sources.any.fraction") == 1.0
+    assert schema_default("dataset.sources.any.test_split") == "test"
+    assert schema_default("dataset.chat_format") == "generation_prompt"
+    assert schema_default("dataset.nope") is MISSING and schema_default("dataset.sources.any.path") is MISSING
