@@ -1728,6 +1728,8 @@ def test_the_hf_sampler_asks_for_its_settings_and_keeps_each_prompts_samples_tog
     greedy = [o[0]["text"] for o in HFSampler(greedy_cfg, tok).sample(ids, ["0", "1", "2", "3"], seed=0)]
     assert len(set(greedy)) > 1  # answers that tell the prompts apart
     assert [[o["text"] for o in outs] for outs in sampled] == [[g, g] for g in greedy]
+    # fewer prompts than samples each (a last batch of one): its two answers are still its own
+    assert [[o["text"] for o in outs] for outs in sampler.sample(ids[:1], ["0"], seed=0)] == [[greedy[0]] * 2]
 
 
 @pytest.mark.parametrize(
