@@ -405,6 +405,22 @@ def test_answers_of_an_older_manifest_are_not_refused_over_a_key_it_did_not_reco
         _check_manifest(path, {**now, "decoding": sampled | {"batch_size": 8}}, has_answers=True)
 
 
+def test_a_damaged_manifest_beside_stored_answers_is_named(tmp_path):
+    """A manifest cut short or edited into another shape failed with a JSONDecodeError or an AttributeError: what
+    the stored answers were made with is unknown, so the file is named and the folder's deletion advised. Without
+    stored answers, it binds nothing and is replaced."""
+    from simpo_exp.evaluate.run import _check_manifest
+    from simpo_exp.inference.files import DamagedFile
+
+    path, now = tmp_path / "trained-manifest.json", {"weights": "w", "decoding": {"temperature": 0.0}}
+    for damaged in ('{"weights": "w", "deco', "[1, 2]"):
+        path.write_text(damaged)
+        with pytest.raises(DamagedFile, match=f"{path} does not read back .* delete {tmp_path} to generate"):
+            _check_manifest(path, now, has_answers=True)
+    _check_manifest(path, now, has_answers=False)
+    assert json.loads(path.read_text()) == now
+
+
 def test_runs_are_ranked_by_a_score_not_its_standard_error_and_a_missing_data_set_is_named():
     """A task whose only score is lower-is-better (perplexity) ranked the runs by its standard error, which is not
     lower-is-better; and the hub's LocalEntryNotFoundError (a data set not in the cache) escaped as a traceback."""

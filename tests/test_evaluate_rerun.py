@@ -52,6 +52,12 @@ def test_a_failed_start_binds_nothing_and_judge_only_records_the_stored_decoding
     # the cut answers' note names the limit they were made with, not the command's 4096; no batch size recorded
     assert record["metrics"]["cut_at_max_new_tokens"] == 2 and "reached max_new_tokens=4 (" in " ".join(record["notes"])
     assert "batch_size" not in saved["decoding"] and "batch_size" not in record["notes"][0]
+    # a manifest that does not read back is named, under judge_only too (it failed there in a JSONDecodeError)
+    from simpo_exp.inference.files import DamagedFile
+
+    (out / "shards" / "trained-manifest.json").write_text('{"weights": ')
+    with pytest.raises(DamagedFile, match="trained-manifest.json does not read back"):
+        evaluate_sweep(run, *args, "evaluate.judge_only=true")
 
 
 def test_a_copied_run_reuses_its_stored_answers_and_an_older_manifest_is_upgraded(tmp_path, compose):

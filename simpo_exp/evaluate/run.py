@@ -228,7 +228,15 @@ def _check_manifest(
     if not (has_answers and path.exists()):
         write_json(path, manifest)
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):  # cut short or edited: what the stored answers were made with is unknown
+        raise DamagedFile(
+            f"{path} does not read back as the record of the stored generations beside it; delete {path.parent} to "
+            "generate them again"
+        )
     if isinstance(old.get("decoding"), dict):  # older manifests recorded every setting, or none of FREE_DECODING
         if "batch_size" not in old["decoding"]:  # (a sampled one made before its batch size was recorded: kept)
             manifest = manifest | {"decoding": {k: v for k, v in manifest["decoding"].items() if k != "batch_size"}}
@@ -272,8 +280,9 @@ def _recorded_decoding(b, e, shard_dir: Path, dec) -> dict | None:
     command says); none for lm-eval, which decodes as its tasks say (its settings are recorded under "lm_eval")."""
     if b.kind == "lm_eval":
         return None
-    path = shard_dir / "trained-manifest.json"
-    return answer_decoding(json.loads(path.read_text())["decoding"] if e.judge_only and path.is_file() else vars(dec))
+    # (a manifest that does not read back is named where the stored answers are read, generate's _check_manifest)
+    made = read_json(shard_dir / "trained-manifest.json").get("decoding") if e.judge_only else None
+    return answer_decoding(made if isinstance(made, dict) else vars(dec))
 
 
 def _decoding(b, run_cfg, policy_cfg) -> types.SimpleNamespace:
