@@ -499,3 +499,28 @@ def test_older_scores_never_replace_a_newer_shard_of_the_same_scorer(tmp_path):
     scored_path(tmp_path, 0, scorer_tag(cfg)).write_text("new\n")
     adopt_older_scores(tmp_path, cfg)
     assert scored_path(tmp_path, 0, scorer_tag(cfg)).read_text() == "new\n"
+
+
+def test_stage_records_of_another_shape_read_as_unreadable(tmp_path, caplog):
+    """A generate manifest, a data folder's provenance.json and a benchmark's results.json edited into a list
+    failed with an AttributeError or TypeError (the provenance one at a training run's start): each reads as an
+    unreadable record does."""
+    import logging
+
+    from simpo_exp.data.sources import provenance
+    from simpo_exp.generate.run import manifest_differences
+    from simpo_exp.inference.results import load_results
+
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    assert manifest_differences(tmp_path, {"generate": {}}) == ["manifest.json: missing or unreadable"]
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    (tmp_path / "provenance.json").write_text('["a"]')
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.data.sources"):
+        assert provenance(str(tmp_path)) == {}
+    assert "provenance.json: it holds a list, not the generate stage's record" in caplog.text
+    (tmp_path / "provenance.json").write_text('{"synthetic_task": null}')
+    assert provenance(str(tmp_path))["provenance"]["synthetic_task"] is None
+    for bench, text in (("rule", '{"metrics": {}}'), ("alpacaeval2", "[]")):
+        (tmp_path / "eval" / bench).mkdir(parents=True)
+        (tmp_path / "eval" / bench / "results.json").write_text(text)
+    assert load_results(tmp_path) == {"rule": {"metrics": {}}}

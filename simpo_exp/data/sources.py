@@ -743,10 +743,14 @@ def provenance(path: str, files: list[Path] | None = None) -> dict:
     if record is None:  # local data without a record
         return {}
     try:
-        return {"provenance": {"file": str(record.resolve()), **json.loads(record.read_text())}}
+        recorded = json.loads(record.read_text())
     except (OSError, ValueError) as e:
         log.warning("cannot read %s: %s", record, e)
         return {}
+    if not isinstance(recorded, dict):  # the generate stage writes a mapping; a list stopped the run's start
+        log.warning("cannot read %s: it holds a %s, not the generate stage's record", record, type(recorded).__name__)
+        return {}
+    return {"provenance": {"file": str(record.resolve()), **recorded}}
 
 
 def synthetic_task(dcfg: DatasetConfig) -> SyntheticConfig | None:

@@ -162,6 +162,8 @@ def manifest_differences(shard_dir: Path, manifest: dict, device=None) -> list[s
     try:
         old = json.loads((shard_dir / "manifest.json").read_text())
     except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):  # (edited into a list, say)
         return ["manifest.json: missing or unreadable"]
     if isinstance(old.get("generate"), dict) and old["generate"].get("backend") == "vllm":
         old["generate"].pop("batch_size", None)  # recorded before vLLM's was left out (see _manifest)

@@ -55,9 +55,11 @@ def load_results(run_dir: Path) -> dict[str, dict]:
     out = {}
     for path in sorted((Path(run_dir) / EVAL_DIR).glob("*/results.json")):
         try:
-            out[path.parent.name] = json.loads(path.read_text())
+            record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # a half-written file is never left (atomic writes); an unreadable one is skipped
+        if isinstance(record, dict):  # as one of another shape (a list) is
+            out[path.parent.name] = record
     return out
 
 
