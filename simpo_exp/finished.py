@@ -65,7 +65,9 @@ def recorded_summary(cfg) -> dict | None:
     try:
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError):
-        return None  # unreadable: train (resuming from a checkpoint) and write it again
+        summary = None
+    if not isinstance(summary, dict):
+        return None  # unreadable, or not a summary (a list): train (resuming from a checkpoint) and write it again
     changed = data_changed(run_dir, cfg)
     if changed:  # the same command on new data (the generate stage re-paired its output in place, say)
         from simpo_exp.errors import OtherRunsDirectory

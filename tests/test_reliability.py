@@ -997,6 +997,9 @@ def test_a_finished_run_whose_model_is_gone_trains_again_and_an_intact_one_is_sk
     assert recorded_summary(cfg) is None  # no model/: trained (resumed) again
     (tmp_path / "model").mkdir()
     assert recorded_summary(cfg) == {"eval/rewards/accuracies": 0.75}
+    for damaged in ('{"eval/rewards/acc', "[0.75]"):  # cut short, or edited into a list: trained to write it again
+        (tmp_path / "summary.json").write_text(damaged)
+        assert recorded_summary(cfg) is None
 
 
 def test_a_setting_put_back_to_its_default_is_not_the_checkpoints_setting():
