@@ -157,3 +157,133 @@ def test_a_file_system_without_locks_holds_nothing_and_says_so(tmp_path, monkeyp
     assert rundir._held == {}
     (tmp_path / rundir.IN_USE_FILE).write_text(f"pid 1{rundir._this_machine()}2026")
     assert rundir.ended_unrecorded(tmp_path) is False  # no lock to probe: nothing said about the job
+
+
+# ----------------------------------------------------------------------------- from a second mutation review of runinfo
+def test_a_long_job_folder_name_shortens_a_dotted_key_only_where_its_last_part_names_one_item():
+    """Two keys of one last part (dataset.a.num, dataset.b.num) keep their whole names (num=1,num=2 would not say
+    which); one item alone past the limit is cut at its end, never dropped for a name of a hash alone."""
+    name = runinfo.job_dirname("dataset.a.num=1,dataset.b.num=2,model.path=/" + "y" * 100)
+    assert name.startswith("dataset.a.num=1,dataset.b.num=2") and len(name) <= 120
+    name = runinfo.job_dirname("model.path=/" + "x" * 200)
+    assert name.startswith("path=_xxx") and len(name) <= 120
+
+
+def test_a_setting_listed_twice_reuses_the_lowest_numbered_earlier_folder(tmp_path):
+    for folder in ("4_beta=5", "2_beta=5"):
+        (tmp_path / folder).mkdir()
+    assert runinfo.job_subdir("beta=5", str(tmp_path), 0) == "2_beta=5"
+    assert runinfo.job_subdir("beta=5", str(tmp_path), 4) == "4_beta=5"  # its own number first
+
+
+def test_the_sweep_group_is_of_the_folder_however_its_path_is_spelt(tmp_path):
+    """A user's own W&B group in a job's record is no sweep's; x/./s and x/s/ are the folder x/s (compare and the
+    dashboard compute the group from the plain path)."""
+    import json
+
+    (tmp_path / "0_beta=2").mkdir()
+    (tmp_path / "0_beta=2" / "wandb_run.json").write_text(json.dumps({"group": "mine"}))
+    assert runinfo.recorded_sweep_group(tmp_path) is None
+    assert runinfo.sweep_group("x/./s", "/c") == runinfo.sweep_group("x/s/", "/c") == runinfo.sweep_group("x/s", "/c")
+
+
+def test_the_records_pointer_is_written_absolute_and_only_where_hydra_keeps_its_files(tmp_path, monkeypatch):
+    """A relative output_dir is written resolved from where the run ran (records_dir follows only an absolute one,
+    so compare started elsewhere lost the records); with hydra.output_subdir=null nothing is written."""
+    from simpo_exp.rundir import RECORDS_POINTER
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    hc = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(run)), output_subdir=".hydra")
+    runinfo.point_to_records(OmegaConf.create({"output_dir": "rel/out"}), hc)
+    assert (run / ".hydra" / RECORDS_POINTER).read_text() == str(tmp_path / "rel" / "out")
+    other = tmp_path / "other"
+    hc = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(other)), output_subdir=None)
+    runinfo.point_to_records(OmegaConf.create({"output_dir": "rel/out"}), hc)
+    assert not other.exists()
+
+
+def test_hand_started_processes_are_refused_only_without_a_folder_of_their_own(monkeypatch):
+    """WORLD_SIZE=2 by hand needs a fixed folder: hydra.run.dir, or output_dir for a single run; WORLD_SIZE=1 is one
+    process and needs none."""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+
+    def hc(task):
+        overrides = SimpleNamespace(hydra=[], task=task)
+        return SimpleNamespace(mode=RunMode.RUN, overrides=overrides, run=SimpleNamespace(dir="d"))
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    runinfo.refuse_a_folder_per_hand_started_process(hc(["output_dir=/x"]))
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 without a fixed hydra.run.dir="):
+        runinfo.refuse_a_folder_per_hand_started_process(hc([]))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    runinfo.refuse_a_folder_per_hand_started_process(hc([]))
+
+
+def test_a_single_process_torchrun_multirun_needs_no_fixed_sweep_folder(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    hc = SimpleNamespace(mode=RunMode.MULTIRUN, overrides=SimpleNamespace(hydra=[]), sweep=SimpleNamespace(dir="d"))
+    assert not runinfo.under_torchrun()
+    runinfo.refuse_a_sweep_folder_per_process(hc)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--multirun on 2 processes"):
+        runinfo.refuse_a_sweep_folder_per_process(hc)
+
+
+def test_the_start_up_files_a_job_keeps_follow_its_last_restore(tmp_path, monkeypatch):
+    """restore_run_config puts the files the run ran with back and keeps them as the job's own: the job's closing
+    rewrite (keep_run_config) then writes those, not the refused command's it started with."""
+    run = tmp_path / "run"
+    (run / ".hydra" / runinfo.RAN_WITH).mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("beta: 5\n")
+    (run / ".hydra" / runinfo.RAN_WITH / "config.yaml").write_text("beta: 2\n")
+    monkeypatch.setattr(runinfo, "_started_with", {str(run.resolve()): {"config.yaml": "beta: 5\n"}})
+    runinfo.restore_run_config(run)
+    assert (run / ".hydra" / "config.yaml").read_text() == "beta: 2\n"
+    assert runinfo._started_with[str(run.resolve())]["config.yaml"] == "beta: 2\n"
+
+
+def test_a_holder_that_ran_no_sweep_gets_no_sweep_mark_back(tmp_path):
+    """An older holder's mark left in .hydra/held/ is dropped when this holder has none: put back, it named another
+    sweep's command as this job's."""
+    job = tmp_path / "job"
+    (job / ".hydra" / runinfo.HELD).mkdir(parents=True)
+    (job / ".hydra" / runinfo.HELD / runinfo.SWEEP_MARK).write_text("old")
+    runinfo._keep_sweep_mark(job)
+    (job / ".hydra" / runinfo.SWEEP_MARK).write_text("a refused sweep's")
+    runinfo._put_back_sweep_mark(job)
+    assert not (job / ".hydra" / runinfo.SWEEP_MARK).exists()
+
+
+def test_a_generate_sweep_is_finished_without_training_records(tmp_path, capsys):
+    """finished.json is training's: a generate sweep whose jobs all ended well was listed as unfinished, exit 1."""
+    (tmp_path / "0_a" / ".hydra").mkdir(parents=True)
+    (tmp_path / "0_a" / ".hydra" / "overrides.yaml").write_text("[]\n")
+    summary = runinfo.SweepSummary()
+    summary.sweep_dir, summary.before, summary.training, summary.token = tmp_path, {}, False, None
+    summary.rerun, summary.listed = "x", False
+    assert summary._list_failed() is False
+    assert f"sweep finished: 1 jobs in {tmp_path}" in capsys.readouterr().out
+
+
+def test_a_run_inside_a_jobs_folder_is_no_job_of_the_sweep(tmp_path):
+    """A job's eval/ (or a run nested in its folder) holds .hydra files too: it is not counted as a job."""
+    for folder in (tmp_path / "0_a", tmp_path / "0_a" / "eval"):
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text("[]\n")
+    assert [p.name for p in runinfo.sweep_jobs(tmp_path)] == ["0_a"]
+
+
+def test_added_and_removed_overrides_are_items_of_their_own():
+    assert runinfo._override_items("beta=2,+logger=none,~foo=1") == ["beta=2", "+logger=none", "~foo=1"]
+    assert runinfo._trains_alike("beta=2,+logger=none") == ["beta=2"]
+
+
+def test_epochs_and_steps_given_together_are_the_users_choice(monkeypatch):
+    """num_train_epochs with max_steps given too (max_steps decides, by the user's word): not refused as unused."""
+    cfg = OmegaConf.create({"method": "simpo", "num_train_epochs": 2, "max_steps": 10})
+    monkeypatch.setattr(runinfo, "this_sweeps_keys", lambda: frozenset())
+    runinfo.refuse_unused(cfg, {"num_train_epochs", "max_steps"}, {})
+    with pytest.raises(ConfigError, match="num_train_epochs=2 would not be used"):
+        runinfo.refuse_unused(cfg, {"num_train_epochs"}, {})
