@@ -158,3 +158,55 @@ def test_a_stop_puts_back_every_handler_and_ends_cleanly_over_the_default_ctrl_c
     assert leaving.value.code == 130
     assert all(signal.getsignal(sig) is handler for sig, handler in sentinels.items())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ----------------------------------------------------------------------------- from a mutation review of checkpoint.py
+# and signals.py
+def test_the_agreed_signal_is_handed_on_not_the_one_this_process_got(handlers):
+    """Another process got submitit's USR2, this one a Ctrl-C: the agreed signal (USR2) is the one whose handler is
+    called (submitit's requeue) and whose status the process leaves with."""
+    called = []
+    signal.signal(signal.SIGUSR2, lambda signum, frame: called.append(signum))
+    stop = StopSignal()
+    stop.signum = signal.SIGINT
+    with pytest.raises(SystemExit) as leaving:
+        stop.exit(3, signal.SIGUSR2)
+    assert called == [signal.SIGUSR2] and leaving.value.code == 128 + signal.SIGUSR2
+
+
+def test_a_handler_not_installed_from_python_is_left_as_it_is(handlers):
+    """getsignal answers None for a handler installed outside Python: it cannot be put back, and trying turned the
+    clean stop into a TypeError traceback; the others are put back."""
+    stop = StopSignal()
+    stop._previous[signal.SIGUSR2] = None
+    stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is handlers[signal.SIGTERM]
+
+
+def test_a_key_saved_as_null_is_no_key_added_since():
+    """A source's test_split=null (its test set carved out of train) resumed without it: the default 'test' is another
+    training set, refused; only a key the checkpoint lacks may be at its default."""
+    from simpo_exp.checkpoint import incompatible_keys
+
+    def source(**keys):
+        return {"dataset": {"sources": {"mine": keys}}}
+
+    assert incompatible_keys(source(test_split=None), source(test_split="test")) == [
+        "dataset.sources.mine.test_split: checkpoint None, now 'test'"
+    ]
+    assert incompatible_keys(source(), source(test_split="test")) == []
+
+
+def test_a_fingerprinted_source_may_move_between_local_folders_only(tmp_path):
+    """Its files are compared by content (check_same_data) only where both paths are local: a hub id that became a
+    local folder is another source."""
+    from simpo_exp.checkpoint import incompatible_keys
+
+    def source(path):
+        return {"dataset": {"sources": {"mine": {"path": path}}}}
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    mine = frozenset({"mine"})
+    assert incompatible_keys(source(str(tmp_path / "a")), source(str(tmp_path / "b")), fingerprinted=mine) == []
+    moved = incompatible_keys(source("org/ds"), source(str(tmp_path / "b")), fingerprinted=mine)
+    assert [d.split(":")[0] for d in moved] == ["dataset.sources.mine.path"]

@@ -674,3 +674,19 @@ def test_weights_in_a_checkpoints_subfolders_follow_the_umask_too(tmp_path):
     readable_as_umask(tmp_path)
     modes = {oct(f.stat().st_mode & 0o777) for f in tmp_path.rglob("*.safetensors")}
     assert modes == {oct(0o666 & ~umask())}
+
+
+def test_a_missing_file_is_named_and_one_that_cannot_be_read_fails_the_check(saved, monkeypatch):
+    """A file gone is named (the warning and the "no intact checkpoint" error say which); an I/O error while
+    checking is no pass: the checkpoint is skipped, not loaded unchecked."""
+    import errno
+
+    def broken_disk(path, algorithm):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(checkpoint, "file_hash", broken_disk)
+    assert checkpoint.verify(saved) == "cannot be read (Input/output error)"
+    monkeypatch.undo()
+    assert checkpoint.verify(saved) is None
+    (saved / "rng.safetensors").unlink()
+    assert checkpoint.verify(saved) == "rng.safetensors is missing"

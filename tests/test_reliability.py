@@ -275,7 +275,9 @@ def test_a_checkpoints_files_are_on_the_disk_before_its_marker_and_the_pruning(t
     marker = next(i for i, name in enumerate(files) if name.startswith(checkpoint.MARKER))
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
         assert name in files[:marker], (name, files)
-    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-000002"]
+    (final,) = checkpoint.checkpoint_dirs(tmp_path)
+    assert final.name == "step-000002"
+    assert str(final.parent) in synced[marker + 1 :], synced  # the rename into it, flushed before the pruning
 
 
 def _tiny_config(compose, tmp_path, *extra):
