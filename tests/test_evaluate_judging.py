@@ -185,6 +185,8 @@ def test_a_killed_alpacaeval_judging_keeps_its_verdicts_and_the_rerun_asks_only_
         ("Based on the instruction, (a)", None),
         ("ab", None),
         ("", None),
+        ("c", None),  # a third letter (a judge's tie, say) is no side's win
+        ("(c)", None),
     ],
 )
 def test_only_a_reply_that_is_one_letter_is_a_verdict(reply, preference):

@@ -24,7 +24,9 @@ class PickyJudge(FakeJudge):
     ``cut`` replies short (a body shorter than its Content-Length)."""
 
     requests: list[dict] = []
+    authorizations: list[str | None] = []  # each request's Authorization header
     status: int | None = None
+    times = -1  # how many requests get ``status`` (-1: every one)
     cut = 0
     code = "context_length_exceeded"  # the error's code in OpenAI's body
     echo = False  # the reply quotes the Authorization header sent (as some gateways do with a refused key)
@@ -32,7 +34,9 @@ class PickyJudge(FakeJudge):
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(body)
-        status = type(self).status or (400 if TOO_LONG in json.dumps(body) else None)
+        type(self).authorizations.append(self.headers.get("Authorization"))
+        status = (type(self).times != 0 and type(self).status) or (400 if TOO_LONG in json.dumps(body) else None)
+        type(self).times -= type(self).times > 0 and status == type(self).status
         if status:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -61,6 +65,7 @@ class PickyJudge(FakeJudge):
 def picky(tmp_path):
     server, url = serve(PickyJudge)
     PickyJudge.status, PickyJudge.cut, PickyJudge.code, PickyJudge.echo = None, 0, "context_length_exceeded", False
+    PickyJudge.times, PickyJudge.requests, PickyJudge.authorizations = -1, [], []
     judge = JudgeConfig(kind="openai", base_url=url, model="fake", max_retries=1, timeout_s=5)
     yield SimpleNamespace(judge=judge, out=tmp_path)
     server.shutdown()
@@ -237,3 +242,54 @@ def test_a_placeholder_key_is_not_masked_in_the_endpoints_words(picky, monkeypat
     monkeypatch.setenv("OPENAI_API_KEY", "x")
     judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
     assert judge.masked("maximum context exceeds max_tokens") == "maximum context exceeds max_tokens"
+
+
+# ----------------------------------------------------------------------------- from a mutation review of judge.py
+ASKED = {"id": "0", "instruction": "Say 0", "reference": "x"}
+
+
+def test_a_key_read_with_its_newline_is_sent_without_it_and_never_quoted(picky, monkeypatch):
+    """export MY_JUDGE_KEY=$(cat key) keeps the file's newline in some set-ups: no header may hold one, and
+    http.client's refusal quoted the key (escaped), which went unmasked into every prompt's stored error, the
+    notes and the final message. The request is greedy, of 8 tokens, with the key as a bearer token."""
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-ZZSECRET99\n")
+    picky.judge.api_key_env = "MY_JUDGE_KEY"
+    judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
+    assert judge.verdict(ASKED, "yy")["preference"] in (1.0, 2.0)
+    assert PickyJudge.authorizations == ["Bearer sk-ZZSECRET99"]
+    assert PickyJudge.requests[0]["temperature"] == 0 and PickyJudge.requests[0]["max_tokens"] == 8
+    assert (
+        judge.masked("Invalid header value b'Bearer sk-ZZSECRET99\\n'")
+        == "Invalid header value b'Bearer <$MY_JUDGE_KEY>\\n'"
+    )
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-ZZSECR\u00e9T")  # quoted as bytes: sk-ZZSECR\xc3\xa9T
+    judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
+    assert judge.masked(repr("Bearer sk-ZZSECR\u00e9T".encode())) == "b'Bearer <$MY_JUDGE_KEY>'"
+
+
+def test_a_key_no_header_can_hold_is_masked_where_the_refusal_quotes_it(picky, monkeypatch):
+    """A line break inside the key (two keys pasted together) is refused by http.client before anything is sent, its
+    message quoting the header as bytes: the key, escaped, is masked there too."""
+    from simpo_exp.evaluate.judge import RequestRefused
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-ZZ\nSECRET99")
+    picky.judge.api_key_env, picky.judge.max_retries = "MY_JUDGE_KEY", 0
+    with pytest.raises(RequestRefused) as refused:
+        PairwiseJudge(picky.judge, "benchmarks.alpacaeval2").chat([{"role": "user", "content": "hi"}], 8)
+    assert "SECRET99" not in str(refused.value) and "<$MY_JUDGE_KEY>" in str(refused.value)
+    assert PickyJudge.requests == []
+
+
+def test_a_key_of_eight_characters_is_masked_and_a_shorter_placeholder_is_not(picky, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-1234x")
+    assert PairwiseJudge(picky.judge, "k").masked("k sk-1234x") == "k <$OPENAI_API_KEY>"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-123x")
+    assert PairwiseJudge(picky.judge, "k").masked("k sk-123x") == "k sk-123x"
+
+
+@pytest.mark.parametrize("status", [408, 409])
+def test_a_request_timeout_or_conflict_is_tried_again_not_taken_for_a_refusal(picky, status):
+    """408 and 409 are the endpoint's passing trouble (RETRIED_STATUS): the judging stopped at the first one."""
+    PickyJudge.status, PickyJudge.times = status, 1
+    judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
+    assert judge.verdict(ASKED, "yy")["preference"] in (1.0, 2.0) and len(PickyJudge.requests) == 2

@@ -22,13 +22,14 @@ class MoodyJudge(FakeJudge):
 
     requests: list[dict] = []
     limited, retry_after, broken, silent, parts = 0, "0", "\0", "\0", False
+    broken_status = 500  # what a prompt holding ``broken`` gets
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         cls = type(self)
         cls.requests.append(body)
         text = json.dumps(body)
-        status = 429 if cls.limited > 0 else 500 if cls.broken in text else None
+        status = 429 if cls.limited > 0 else cls.broken_status if cls.broken in text else None
         if status:
             cls.limited -= status == 429
             self.send_response(status)
@@ -51,7 +52,7 @@ class MoodyJudge(FakeJudge):
 def moody(tmp_path):
     server, url = serve(MoodyJudge)
     MoodyJudge.limited, MoodyJudge.retry_after, MoodyJudge.broken = 0, "0", "\0"
-    MoodyJudge.silent, MoodyJudge.parts = "\0", False
+    MoodyJudge.silent, MoodyJudge.parts, MoodyJudge.broken_status, MoodyJudge.requests = "\0", False, 500, []
     judge = JudgeConfig(kind="openai", base_url=url, model="fake", max_retries=0, timeout_s=5)
     yield SimpleNamespace(judge=judge, out=tmp_path)
     server.shutdown()
@@ -318,3 +319,80 @@ def test_an_arena_game_out_of_replies_without_a_label_goes_on_under_more_label_a
     MoodyJudge.requests = []
     moody.judge = replace(moody.judge, label_attempts=1)
     assert arena(moody, cases)["metrics"] == more["metrics"] and MoodyJudge.requests == []
+
+
+# ----------------------------------------------------------------------------- from a mutation review of judge.py
+def test_retry_after_reads_seconds_and_http_dates():
+    """An HTTP date asks for the time until it (a 429's pause, and what makes a 503 a rate limit); one past asks for
+    none; a value that is neither is no pause asked."""
+    import email.utils
+    import time
+    import urllib.error
+
+    from simpo_exp.evaluate.judge import retry_after
+
+    def error(value):
+        return urllib.error.HTTPError("http://x", 429, "busy", {"Retry-After": value}, None)
+
+    assert 28 <= retry_after(error(email.utils.formatdate(time.time() + 30, usegmt=True))) <= 30
+    assert retry_after(error(email.utils.formatdate(time.time() - 30, usegmt=True))) == 0.0
+    assert retry_after(error("7")) == 7.0 and retry_after(error("soon")) is None
+
+
+@pytest.mark.parametrize("content", [{"text": "a"}, 5, [{"text": "a"}, "b"]])
+def test_a_reply_of_another_shape_is_no_reply_text(content):
+    """Stored as a reply, it would be the judge's own word without a verdict, never asked again: TypeError, asked
+    again as a failed request."""
+    from simpo_exp.evaluate.judge import reply_text
+
+    with pytest.raises(TypeError, match="not text"):
+        reply_text(content)
+
+
+def test_a_503_without_a_pause_asked_costs_one_prompt_not_the_benchmark(moody):
+    """A proxy's 503 on one prompt, with no Retry-After: the endpoint's trouble with that prompt, after its tries;
+    taken for a rate limit it stopped the whole benchmark once the wait budget ran out."""
+    moody.judge.rate_limit_wait_s = 0.5
+    MoodyJudge.broken, MoodyJudge.broken_status = "Say 1", 503
+    verdicts = alpaca(moody)
+    assert [v["preference"] for v in verdicts] == [2.0, None, 2.0]
+    assert "no answer after 1 tries (HTTP 503" in verdicts[1]["error"]
+
+
+def test_prompts_that_failed_before_are_asked_after_the_new_ones(moody):
+    """A down endpoint shows as failures on prompts never asked before; asked first, the ones that failed before
+    spent their tries on it."""
+    import json
+
+    from simpo_exp.evaluate.judge import _sha256
+
+    judge, lines = PairwiseJudge(moody.judge, "benchmarks.alpacaeval2"), []
+    for i in ("0", "1"):  # replied with no text (the endpoint's failure): asked again
+        model_first, content = judge.judge_prompt({"id": i, "instruction": f"Say {i}", "reference": "x"}, "yy")
+        line = {"id": i, "judge": "fake", "prompt_sha256": _sha256(content), "model_first": model_first, "reply": ""}
+        lines.append(line)
+    (moody.out / "v.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    moody.judge.concurrency = 1
+    alpaca(moody, 4)
+    asked = [r["messages"][1]["content"].split("## Instruction\n", 1)[1].split("\n", 1)[0] for r in MoodyJudge.requests]
+    assert asked == ["Say 2", "Say 3", "Say 0", "Say 1"]
+
+
+def test_a_rerun_whose_new_prompts_all_fail_keeps_its_stored_verdicts(moody):
+    """The endpoint answered before: one or two new prompts failing are unjudged, not the endpoint down."""
+    assert [v["preference"] for v in alpaca(moody, 2)] == [2.0, 2.0]
+    MoodyJudge.broken = "Say"
+    assert [v["preference"] for v in alpaca(moody, 4)] == [2.0, 2.0, None, None]
+
+
+def test_a_half_written_last_line_is_dropped_before_the_next_verdict_is_appended(tmp_path):
+    """A killed run's cut line left in place: the next verdict appended was glued onto it, and lost at the next read."""
+    import json
+
+    from simpo_exp.evaluate.judge import stored_lines
+
+    path = tmp_path / "v.jsonl"
+    path.write_text(json.dumps({"id": "0", "reply": "a"}) + "\n" + '{"id": "1", "jud')
+    assert list(stored_lines(path, "id", lambda r: True)) == ["0"]
+    text = path.read_text()
+    assert text.endswith("\n") and [json.loads(line)["id"] for line in text.splitlines()] == ["0"]

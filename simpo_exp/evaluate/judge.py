@@ -194,7 +194,9 @@ class PairwiseJudge:
     def __init__(self, j, key: str):
         self.j, self.key = j, key
         self.url = j.base_url.rstrip("/") + "/chat/completions"
-        self.api_key = os.environ.get(j.api_key_env, "")
+        # a key read from a file keeps its newline (export KEY=$(cat key), some tools): no header may hold one, and
+        # http.client's refusal quoted the key escaped ("...\\n'"), which masked() did not find
+        self.api_key = os.environ.get(j.api_key_env, "").strip()
         if not self.api_key and j.api_key_env != "OPENAI_API_KEY":  # named for this judge, and not there
             log.warning("%s.judge.api_key_env: $%s is not set; the judge is asked without a key", key, j.api_key_env)
         self.stopping = threading.Event()  # set when the judging stops: no request is sent after it
@@ -211,7 +213,11 @@ class PairwiseJudge:
         """An endpoint's words with the key this judge sent hidden: a proxy or gateway that echoes a refused key in its
         reply put it into the stored verdicts, the results' notes and the model card a push uploads."""
         # a placeholder key of a local server ("x", "EMPTY") is no secret, and masking it garbled the words
-        return text.replace(self.api_key, f"<${self.j.api_key_env}>") if len(self.api_key) >= 8 else text
+        if len(self.api_key) < 8:
+            return text
+        for form in (self.api_key, repr(self.api_key.encode())[2:-1]):  # as sent, and as bytes are quoted
+            text = text.replace(form, f"<${self.j.api_key_env}>")
+        return text
 
     def _ask(self, content: str) -> str:
         return self.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}], max_tokens=8)
