@@ -736,7 +736,8 @@ def test_normalise_row_rules():
 
 # ----------------------------------------------------------------------------- errors
 def test_missing_path_is_a_clear_error(tmp_path, tok):
-    for missing in (tmp_path / "nope.jsonl", tmp_path / "no-such-dir", "./relative/missing.parquet", "missing.jsonl"):
+    missing_paths = (tmp_path / "nope.jsonl", tmp_path / "no-such-dir", "./relative/missing.parquet", "missing.jsonl")
+    for missing in (*missing_paths, "missing.JSONL"):  # an upper-case extension was taken for a hub id
         with pytest.raises(DataSourceError, match="no such file or directory") as err:
             build_datasets(make_config({"src": SourceConfig(path=str(missing))}), tok)
         assert str(missing) in str(err.value) and "dataset.sources.src" in str(err.value)
@@ -2145,3 +2146,55 @@ def test_a_template_that_writes_todays_date_is_warned_about_and_keys_the_cache_b
         assert f"Today Date: {day.strftime('%d %b %Y')}" in tok.decode(out[0]["prompt_input_ids"])
     assert seen == ["2026-12-04", "2026-12-05"]  # in the cache key: the second day is not the first day's cache
     assert "writes today's date into every prompt" in caplog.text
+
+
+# ----------------------------------------------------------------------------- from a mutation review of sources.py
+def test_a_small_fraction_keeps_at_least_one_row_of_its_source(tmp_path):
+    """fraction=0.1 of a 3-row train split was 0 rows: the mixture trained on the other sources without a word."""
+    from simpo_exp.data.sources import load_source
+
+    file = write_jsonl(tmp_path / "train.jsonl", [uf_row(*t) for t in triples("f", 6)])
+    src = SourceConfig(path=str(file), test_split=None, fraction=0.1)
+    train, test = load_source("s", src, DatasetConfig(test_size=0.5))
+    assert (len(train), len(test)) == (1, 3)
+
+
+def test_the_synthetic_source_by_path_alone_and_a_split_it_lacks():
+    import re
+
+    from simpo_exp.data.sources import source_files
+
+    assert len(load_split(SourceConfig(path="synthetic"), "s", "train_prefs", SyntheticConfig())) > 0
+    assert source_files(SourceConfig(path="synthetic")) == []
+    said = (
+        f"dataset.sources.s: the synthetic source has splits {list(synthetic.generate(SyntheticConfig()))}, not 'train'"
+    )
+    with pytest.raises(DataSourceError, match=re.escape(said)):
+        load_split(SourceConfig(path="synthetic", format="synthetic"), "s", "train", SyntheticConfig())
+
+
+def test_a_folder_of_two_file_types_for_one_split_is_named(tmp_path):
+    from simpo_exp.data.sources import load_source
+
+    rows = [uf_row(*t) for t in triples("m", 4)]
+    write_jsonl(tmp_path / "train-00000-of-00002.jsonl", rows[:2])
+    pq.write_table(pa.Table.from_pylist(rows[2:]), tmp_path / "train-00001-of-00002.parquet")
+    with pytest.raises(DataSourceError, match="mixed file types"):
+        load_source("s", SourceConfig(path=str(tmp_path), test_split=None), DatasetConfig())
+
+
+def test_a_provenance_record_beside_the_files_read_is_found_and_an_unreadable_task_skipped(tmp_path, caplog):
+    """A hub-style data/ subfolder holds the files and their provenance.json; a task record of unknown keys (another
+    version's) is skipped for the next readable one, with a warning."""
+    import logging
+
+    from simpo_exp.data.sources import provenance, recorded_task, source_files
+
+    write_jsonl(tmp_path / "data" / "train-00000-of-00001.jsonl", [uf_row(*t) for t in triples("p", 2)])
+    (tmp_path / "data" / "provenance.json").write_text(json.dumps({"synthetic_task": {"seed": 3}}))
+    src = SourceConfig(path=str(tmp_path), test_split=None)
+    record = provenance(str(tmp_path), source_files(src))
+    assert record["provenance"]["file"].endswith("data/provenance.json")
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.data.sources"):
+        task = recorded_task([{"provenance": {"synthetic_task": {"bogus": 1}}}, record])
+    assert task.seed == 3 and "unreadable synthetic_task record" in caplog.text

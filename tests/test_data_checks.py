@@ -162,6 +162,16 @@ def test_the_first_row_of_a_second_shard_is_named_in_that_shard(tmp_path):
     ]
 
 
+def test_a_test_split_carved_out_of_train_names_its_rows_in_the_train_file(tmp_path):
+    """Dropped test rows of a folder source without a test file were named "row N past its files' rows"."""
+    root = tmp_path / "folder"
+    rows = [json.dumps(uf_row(*t)) for t in triples("carved", 6)]
+    root.mkdir()
+    (root / "train.jsonl").write_text("\n".join(rows[:3]) + "\n\n" + "\n".join(rows[3:]) + "\n")
+    where = row_finder(SourceConfig(path=str(root), test_split=None), "test")
+    assert [where(0), where(3)] == ["train.jsonl line 1", "train.jsonl line 5"]
+
+
 def test_a_rejected_response_encoded_as_a_message_list_is_dropped():
     encoded = json.dumps([{"role": "assistant", "content": "x"}])
     row = normalise_row({"prompt": "p", "chosen": "ok", "rejected": encoded}, SourceConfig(path="x"))

@@ -353,7 +353,7 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
                 )
             )
         return one_type_each(_load_files(files, source), files, source, src)
-    if looks_like_local_path(src.path) or path.suffix in FILE_TYPES:
+    if looks_like_local_path(src.path) or path.suffix.lower() in FILE_TYPES:  # (data.JSONL too)
         raise DataSourceError(
             f"dataset.sources.{source}.path={src.path!r}: no such file or directory{looked_in(src.path)}"
         )
