@@ -271,6 +271,7 @@ def test_metrics_on_the_global_step_axis(job, wb):
     # a metric defined by name (for its max) is on the same axis: its own definition replaces the glob's
     named = {m.name: m for m in wb.metrics if m.name}
     assert named["eval/rewards/accuracies"].step_metric == STEP_KEY
+    assert named[SAMPLES_KEY].step_metric == ""  # an axis of its own, not a metric on the step's
     # W&B keeps its best (max) and last as the run goes: what a running, stopped or crashed run's summary shows (a
     # finished run's is set again from the whole metrics.jsonl)
     summary = named["eval/rewards/accuracies"].summary
@@ -361,7 +362,7 @@ def test_an_empty_wandb_mode_or_a_long_tag_keeps_the_wandb_run(tmp_path, monkeyp
     monkeypatch.setenv("WANDB_MODE", "")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     lc = _logger_cfg(group=None)
-    lc.tags = ["experiment=" + "x" * 70, "short"]
+    lc.tags = ["experiment=" + "x" * 70, "short", "", "short", "experiment=" + "x" * 80]  # (W&B refuses an empty one)
     tracker = Tracker(tmp_path, lc, {})
     try:
         assert tracker.wandb_run is not None
@@ -537,7 +538,8 @@ def test_the_runs_figures_no_step_logged_reach_the_wandb_summary(tmp_path):
     fake = SimpleNamespace(summary={}, log=lambda metrics: None, finish=lambda: None)
     tracker.wandb_run = fake
     tracker.log({"train/loss": 0.5, "eval/rewards/accuracies": 0.75}, 3)
-    tracker.finish({"train/loss": 0.5, "eval/rewards/accuracies": 0.75, "train/compile_warmup_s": 2.5, "runtime_s": 9})
+    figures = {"train/loss": 0.5, "eval/rewards/accuracies": 0.75, "train/compile_warmup_s": 2.5, "runtime_s": 9}
+    tracker.finish(figures | {"note": "x", "hardware": {"gpu": "y"}})  # (text and groups are no figures)
     best_and_last = {dashboard.TARGET: {"max": 0.75, "last": 0.75}}  # from metrics.jsonl (the resume test above)
     assert fake.summary == {"train/compile_warmup_s": 2.5, "runtime_s": 9} | best_and_last
 
@@ -782,6 +784,14 @@ def test_credentials_are_dropped_from_the_wandb_config_whatever_their_case(tmp_p
         Tracker(tmp_path, _logger_cfg(group=None), config)
     assert seen["config"] == {"judge": {}, "hub": {}, "max_new_tokens": 4}
     assert scrub({"HF_TOKEN": "hf_x", "Judge": {"OPENAI_API_KEY": "k"}, "N": 1}) == {"Judge": {}, "N": 1}
+    # a key ending in a credential's name, not one holding it (model.tokenizer_path, tokens are no credentials); a bare
+    # token whatever its value (an all-digit one is read as a number); a W&B-style slash key by its last part
+    assert scrub({"model": {"tokenizer_path": "gpt2"}, "tokens": "x"}) == {
+        "model": {"tokenizer_path": "gpt2"},
+        "tokens": "x",
+    }
+    assert scrub({"token": 123456, "hub": {"token": 42}}) == {"hub": {}}
+    assert scrub({"judge/api_key": "k", "env/HF_TOKEN": "t", "train/loss": 1}) == {"train/loss": 1}
 
 
 def test_a_tracker_of_another_process_writes_nothing(tmp_path):
@@ -818,3 +828,84 @@ def test_a_federated_identity_counts_as_a_key_and_an_empty_password_does_not(tmp
     token.write_text("x")
     monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(token))
     assert wandb_key_given()
+
+
+# ----------------------------------------------------------------------------- from a mutation review of tracking.py
+@pytest.fixture
+def no_wandb_key(tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+
+
+def test_a_disabled_logger_without_a_key_stays_disabled(tmp_path, no_wandb_key):
+    """Only online turns offline without a key: a disabled logger became an offline run, whose record then made the
+    evaluate stage log to it."""
+    from simpo_exp.tracking import keyed_mode
+
+    assert [keyed_mode(m) for m in ("disabled", "offline")] == ["disabled", "offline"]
+    lc = _logger_cfg(group=None)
+    lc.mode = "disabled"
+    Tracker(tmp_path / "run", lc, {}).finish({})
+    assert not (tmp_path / "run" / "wandb_run.json").exists() and not list(tmp_path.glob("run/wandb/offline-run-*"))
+
+
+def test_a_netrc_the_variable_names_is_the_only_one_read(tmp_path, no_wandb_key):
+    """NETRC naming a missing file: no key, whatever ~/_netrc holds (W&B reads the file the variable names)."""
+    from simpo_exp.tracking import wandb_key_given
+
+    (tmp_path / "_netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    assert not wandb_key_given()
+
+
+def test_two_runs_of_one_process_are_two_wandb_runs(tmp_path, no_wandb_key):
+    """A multirun's jobs in one process: a job whose earlier W&B run was never finished logged into it."""
+    lc = _logger_cfg(group=None)
+    lc.mode = "offline"
+    first, second = Tracker(tmp_path / "a", lc, {}), Tracker(tmp_path / "b", lc, {})
+    try:
+        assert first.wandb_run.id != second.wandb_run.id
+        ids = [json.loads((tmp_path / d / "wandb_run.json").read_text())["id"] for d in ("a", "b")]
+        assert ids == [first.wandb_run.id, second.wandb_run.id]
+    finally:
+        first.finish({}), second.finish({})
+
+
+def test_no_generations_is_no_table_and_no_warning(tmp_path):
+    """An eval with no sample rows hit rows[0]: a false warning, and the tables stopped for the rest of the run."""
+    import warnings
+
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    tracker.wandb_run = run = _FakeRun()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.log_generations([], 0)
+    assert not (tmp_path / "generations.jsonl").exists()
+    tracker.log_generations([{"prompt": "p", "response": "r"}], 1)
+    assert "eval/generations" in run.logged[-1]
+
+
+def test_a_run_that_exits_with_a_message_closes_its_wandb_run_as_failed(tmp_path):
+    """SystemExit("bad config") carries text, not a status: the W&B run is closed with 1."""
+    tracker = Tracker(tmp_path, SimpleNamespace(wandb=False), {})
+    tracker.wandb_run = run = _FakeRun()
+    with pytest.raises(SystemExit), tracker:
+        raise SystemExit("bad config")
+    assert run.finished == [1]
+
+
+def test_a_logged_value_that_is_no_number_reads_as_none():
+    from simpo_exp.tracking import logged_value
+
+    assert logged_value(True) is None and logged_value("x") is None and math.isnan(logged_value(None))
+
+
+def test_config_leaves_and_the_keys_that_differ_between_runs():
+    """An empty group is a leaf of its own; skipping seed skips seed and seed.*, not seed_data; lists of the same
+    dicts in another key order do not differ."""
+    from simpo_exp.tracking import config_leaves, differing_keys
+
+    assert config_leaves({"a": {}, "b": {"c": 1}}) == {"a": {}, "b.c": 1}
+    assert differing_keys([{"seed": 1, "seed_data": 1}, {"seed": 2, "seed_data": 2}], skip=("seed",)) == ["seed_data"]
+    assert differing_keys([{"a": [{"x": 1, "y": 2}]}, {"a": [{"y": 2, "x": 1}]}]) == []
