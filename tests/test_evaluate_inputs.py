@@ -421,6 +421,22 @@ def test_a_damaged_manifest_beside_stored_answers_is_named(tmp_path):
     assert json.loads(path.read_text()) == now
 
 
+def test_stored_answers_without_their_manifest_are_taken_with_a_warning(tmp_path, caplog):
+    """Shards copied without their manifest (or it deleted): their settings are unknown, which is said."""
+    import logging
+
+    from simpo_exp.evaluate.run import _check_manifest
+
+    path, now = tmp_path / "trained-manifest.json", {"weights": "w", "decoding": {"temperature": 0.0}}
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.evaluate.run"):
+        _check_manifest(path, now, has_answers=False)
+        assert caplog.text == ""
+        path.unlink()
+        _check_manifest(path, now, has_answers=True)
+    assert "the stored answers beside it have no record of how they were made" in caplog.text
+    assert json.loads(path.read_text()) == now
+
+
 def test_runs_are_ranked_by_a_score_not_its_standard_error_and_a_missing_data_set_is_named():
     """A task whose only score is lower-is-better (perplexity) ranked the runs by its standard error, which is not
     lower-is-better; and the hub's LocalEntryNotFoundError (a data set not in the cache) escaped as a traceback."""
@@ -843,3 +859,55 @@ def test_each_answer_shard_samples_from_a_seed_of_its_own(tmp_path, monkeypatch)
     generate(cfg, prompts, dec, tmp_path / "shards", "trained", judge_only=False)
     assert len(seeds) == 3 and len(set(seeds)) == 3
     assert seeds == [sampling.derive_seed(0, "trained", i) for i in range(3)]
+
+
+# ------------------------------------------------------------------------- from a mutation review of evaluate/run.py
+def test_the_rule_benchmark_counts_exact_answers_and_names_the_starting_weights(tmp_path, monkeypatch):
+    """exact and exact_start count the answers sorted whole (a score of 1), not the partly sorted; start_weights is
+    what the starting model's answers' manifest names."""
+    import simpo_exp.evaluate.run as stage
+    from simpo_exp.inference.files import write_json
+
+    prompts = [{"id": f"p{i}", "instruction": "sort: 3 1 2", "messages": []} for i in range(3)]
+    monkeypatch.setattr(stage.bm, "rule_prompts", lambda *args: prompts)
+    monkeypatch.setattr(stage, "starting_policy", lambda cfg, device: "start")
+    texts = {"trained": ["1 2 3", "1 3 2", "1 2 3"], "start": ["1 3 2", "x", "1 3 2"]}
+    out = tmp_path / "eval" / "rule"
+    write_json(out / "shards" / "start-manifest.json", {"weights": {"random_init": {}, "seed": 1}})
+    ctx = {
+        "benchmark": types.SimpleNamespace(max_prompts=None),
+        "run_cfg": None,
+        "out": out,
+        "run_dir": tmp_path,
+        "device": "cpu",
+        "trained": "trained",
+        "generate": lambda cfg, asked, tag: [{"text": t, "n_tokens": 3} for t in texts[tag]],
+    }
+    result = stage._rule(ctx)
+    assert result["metrics"]["exact"] == pytest.approx(200 / 3) and result["metrics"]["exact_start"] == 0.0
+    assert result["start_weights"] == {"random_init": {}, "seed": 1}
+
+
+def test_an_arena_answer_file_of_a_run_named_with_a_path_is_one_file(tmp_path, monkeypatch):
+    """A run named by its overrides holds a path (model.path=/data/org/m): its answers went into folders under
+    model_answer/, where arena-hard-auto's model_answer/*.jsonl does not look."""
+    import simpo_exp.evaluate.run as stage
+    from simpo_exp.inference.files import read_jsonl
+
+    prompts = [{"id": f"q{i}", "instruction": f"Q{i}"} for i in range(2)]
+    monkeypatch.setattr(stage.bm, "arena_prompts", lambda *args: (prompts, {"reference_generator": "gpt-4-0314"}))
+    b = types.SimpleNamespace(name="arena-hard", prompts_path="p", reference_path="r", max_prompts=None)
+    b.judge = types.SimpleNamespace(kind="none")
+    out = tmp_path / "eval" / "arena-hard"
+    ctx = {
+        "benchmark": b,
+        "out": out,
+        "trained": "trained",
+        "name": "model.path=/data/org/m,beta=2",
+        "decoding": {"max_new_tokens": 8},
+        "generate": lambda cfg, asked, tag: [{"text": "a", "n_tokens": 1, "finished": True} for _ in asked],
+    }
+    stage._arena_hard(ctx)
+    (answers,) = (out / "model_answer").iterdir()
+    assert answers.name == "model.path=_data_org_m,beta=2.jsonl"
+    assert {row["model_id"] for row in read_jsonl(answers)} == {"model.path=_data_org_m,beta=2"}

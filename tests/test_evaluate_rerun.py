@@ -288,6 +288,8 @@ def test_answers_sampled_by_the_hf_backend_are_bound_to_their_batch_size(tmp_pat
     path.write_text(json.dumps(made))
     with pytest.raises(ConfigError, match="batch_size"):
         _check_manifest(path, {**made, "decoding": answer_decoding(sampled | {"batch_size": 4})}, has_answers=True)
+    _check_manifest(path, made, has_answers=True)  # the same sampled command keeps its answers
+    assert json.loads(path.read_text())["decoding"]["batch_size"] == 8
     older = {**made, "decoding": {"backend": "hf", "temperature": 0.5}}  # made before the batch size was recorded
     path.write_text(json.dumps(older))
     _check_manifest(path, {**made, "decoding": answer_decoding(sampled | {"batch_size": 4})}, has_answers=True)

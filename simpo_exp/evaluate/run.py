@@ -226,6 +226,12 @@ def _check_manifest(
     made again whole; fewer prompts than stored are served from the complete shards where they end on a shard's
     end (a shard cut short would be another sample)."""
     if not (has_answers and path.exists()):
+        if has_answers:  # shards copied without it, or it deleted: what they were made with is not known
+            log.warning(
+                "%s: the stored answers beside it have no record of how they were made; they are taken as made with "
+                "this command's settings (delete them to generate them again)",
+                path,
+            )
         write_json(path, manifest)
         return
     try:
