@@ -243,3 +243,16 @@ def test_a_run_whose_gradients_are_not_finite_counts_its_skipped_steps(monkeypat
     monkeypatch.setattr(bench, "step_loss", lambda policy, batch: (real(policy, batch)[0] * torch.nan, {}))
     spec = {"preset": "cpu", "overrides": {"batch": 2, "warmup": 1, "steps": 2}, "variant": "plain"}
     assert bench.worker_ours(spec)["skipped_steps"] == 3
+
+
+def test_the_tokenizer_hash_benchmark_builds_the_vocabulary_it_is_asked_for(tmp_path, capsys):
+    """benchmarks/bench_tokenizer_hash.py: a byte-level BPE tokenizer of exactly --vocab tokens (256 bytes and their
+    merges), hashed as a resume hashes it, the figures printed and written with the machine they came from."""
+    from benchmarks.bench_tokenizer_hash import build, main
+    from simpo_exp.model import tokenizer_hash
+
+    result = main(["--vocab", "300", "--repeats", "2", "--json", str(tmp_path / "out.json")])
+    assert (result["vocab"], result["merges"], len(result["seconds"])) == (300, 44, 2)
+    assert json.loads((tmp_path / "out.json").read_text())["machine"]["tokenizers"]
+    assert "tokenizer_hash over 300 tokens (44 merges" in capsys.readouterr().out
+    assert tokenizer_hash(build(300)[0]) == tokenizer_hash(build(300)[0]) != tokenizer_hash(build(301)[0])
