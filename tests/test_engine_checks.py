@@ -151,3 +151,82 @@ def test_a_launchers_relative_deepspeed_config_is_found_from_another_directory(
     make_accelerator(to_config(compose("hardware=cpu")))
     assert (PROJECT_DIR / "launchers" / "ds_zero3.json").is_file()
     assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(PROJECT_DIR / "launchers" / "ds_zero3.json")
+
+
+# -------------------------------------------------------------------------- from a second mutation review of engine.py
+def test_the_collective_timeout_reaches_the_accelerators_process_group(compose, fake_engine):
+    """hardware.collective_timeout is given to the Accelerator's process group: without it gloo waits 1800 s and
+    NCCL 600 s whatever the setting says."""
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import make_accelerator
+
+    built = fake_engine(DistributedType.NO)
+    make_accelerator(to_config(compose("hardware=cpu", "hardware.collective_timeout=120")))
+    assert [h.timeout for h in built[-1].asked["kwargs_handlers"]] == [timedelta(seconds=120)]
+
+
+def test_a_sharded_preset_started_without_its_launcher_is_refused(compose, fake_engine):
+    """hardware=fsdp without accelerate launch's FSDP: the run trained unsharded under the preset's name."""
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import make_accelerator
+
+    fake_engine(DistributedType.NO)
+    with pytest.raises(ConfigError, match="asks for FSDP"):
+        make_accelerator(to_config(compose("hardware=fsdp", "hardware.device=cpu")))
+
+
+def test_no_launcher_precision_is_no_warning(compose, fake_engine, monkeypatch, caplog):
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import make_accelerator
+
+    fake_engine(DistributedType.NO)
+    for launcher in (None, "no"):
+        if launcher is None:
+            monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+        else:
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+        with caplog.at_level(logging.WARNING):
+            make_accelerator(to_config(compose("hardware=cpu")))
+    assert "is not used" not in caplog.text
+
+
+def test_the_models_attention_setting_is_the_one_checked_on_the_cpu(compose):
+    """model.attn_implementation wins over the hardware preset's: flex_attention there fails at the first backward on
+    the CPU, so it is refused up front, by its key; the model's sdpa over the preset's flex_attention trains."""
+    from simpo_exp.engine import check_cpu_settings
+
+    with pytest.raises(ConfigError, match="model.attn_implementation=flex_attention trains on a GPU only"):
+        check_cpu_settings(to_config(compose("model.attn_implementation=flex_attention")))
+    cfg = to_config(compose("model.attn_implementation=sdpa"))
+    cfg.hardware.attn_implementation = "flex_attention"
+    check_cpu_settings(cfg)
+
+
+def test_a_launchers_smaller_clipping_is_refused_too():
+    """--gradient_clipping 0.5 on a run of max_grad_norm=1.0 clipped harder than the run records."""
+    from simpo_exp.engine import check_deepspeed_steps
+
+    with pytest.raises(ConfigError, match="gradient_clipping=0.5"):
+        check_deepspeed_steps({"gradient_clipping": 0.5}, 1, 1.0)
+
+
+def test_checkpoints_go_through_the_engine_only_where_it_shards(compose):
+    """checkpoint_format=auto: accelerate's save_state for FSDP and DeepSpeed, this project's safetensors for one
+    process and DDP; safetensors asked for under a sharded engine is refused."""
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import engine_checkpoints
+
+    cfg = to_config(compose())
+    kinds = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.FSDP, DistributedType.DEEPSPEED)
+    assert [engine_checkpoints(cfg, SimpleNamespace(distributed_type=k)) for k in kinds] == [False, False, True, True]
+    cfg.hardware.checkpoint_format = "accelerate"
+    assert engine_checkpoints(cfg, SimpleNamespace(distributed_type=DistributedType.NO))
+    cfg.hardware.checkpoint_format = "safetensors"
+    with pytest.raises(ConfigError, match="use 'accelerate' or 'auto'"):
+        engine_checkpoints(cfg, SimpleNamespace(distributed_type=DistributedType.FSDP))
