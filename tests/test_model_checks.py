@@ -192,3 +192,51 @@ def test_a_chat_template_that_refuses_the_bos_probe_is_saved_as_it_is(tmp_path):
         else json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]
     )
     assert text == template
+
+
+# ----------------------------------------------------------------------------- from a mutation review of model.py
+def test_auto_without_a_template_is_refused_naming_the_setting_it_came_from():
+    """A tokenizer with no chat template under 'auto' failed later, naming nothing; a reward model's is its own key."""
+    from simpo_exp.model import apply_chat_template_choice
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ConfigError, match=r"^scorer\.chat_template='auto' but the tokenizer of 'rm' has no chat"):
+        apply_chat_template_choice(tokenizer, "auto", "rm", key="scorer.chat_template")
+
+
+def test_a_tokenizer_one_token_past_the_embedding_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_exp.config import ModelConfig
+    from simpo_exp.model import check_vocabulary
+
+    tokenizer = build_tiny_tokenizer()
+    shape = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer) - 1, **shape))
+    with pytest.raises(ConfigError, match=f"model.path='/x': the tokenizer has {len(tokenizer)} tokens but"):
+        check_vocabulary(small, tokenizer, ModelConfig(name="m", path="/x"))
+    check_vocabulary(LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape)), tokenizer, ModelConfig())
+
+
+def test_the_random_model_is_the_seeds_in_its_dtype_without_a_cache(compose):
+    """The evaluate stage rebuilds the starting model from the run's config: its weights must be the seed's whatever
+    ran before; model.dtype is what it is drawn in; no KV cache is built in training forwards; a vocabulary one token
+    short is refused by its own key."""
+    from simpo_exp.config import to_config
+    from simpo_exp.model import load_model, load_tokenizer
+
+    cfg = to_config(compose("model.dtype=bfloat16", "model.random_init.num_hidden_layers=1"))
+    tokenizer = load_tokenizer(cfg.model)
+    first = load_model(cfg, tokenizer, "eager")
+    torch.manual_seed(123)
+    again = load_model(cfg, tokenizer, "eager")
+    weights = first.get_input_embeddings().weight
+    assert torch.equal(weights, again.get_input_embeddings().weight)
+    assert torch.equal(weights, weights.bfloat16().to(weights.dtype))  # drawn in bfloat16 (then held as asked)
+    assert first.config.use_cache is False
+    cfg.seed += 1
+    assert not torch.equal(weights, load_model(cfg, tokenizer, "eager").get_input_embeddings().weight)
+    cfg.model.random_init.vocab_size = len(tokenizer) - 1
+    with pytest.raises(ConfigError, match="model.random_init.vocab_size="):
+        load_model(cfg, tokenizer, "eager")
