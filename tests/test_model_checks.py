@@ -240,3 +240,24 @@ def test_the_random_model_is_the_seeds_in_its_dtype_without_a_cache(compose):
     cfg.model.random_init.vocab_size = len(tokenizer) - 1
     with pytest.raises(ConfigError, match="model.random_init.vocab_size="):
         load_model(cfg, tokenizer, "eager")
+
+
+def test_a_tokenizer_of_its_own_path_is_the_one_loaded_and_a_missing_pad_is_the_eos(tmp_path):
+    """model.tokenizer_path was checked but the model's own tokenizer loaded; a saved tokenizer without a pad token
+    reached training with pad_token_id None."""
+    import json
+
+    from simpo_exp.config import ModelConfig
+    from simpo_exp.model import load_tokenizer
+
+    own, other = build_tiny_tokenizer(), build_tiny_tokenizer()
+    own.pad_token = None
+    other.add_tokens(["<extra>"])
+    own.save_pretrained(tmp_path / "m")
+    other.save_pretrained(tmp_path / "t")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": len(other)}))
+    loaded = load_tokenizer(ModelConfig(name="m", path=str(tmp_path / "m"), chat_template="zephyr"))
+    assert len(loaded) == len(own) and loaded.pad_token == loaded.eos_token
+    assert loaded.pad_token_id == loaded.eos_token_id is not None
+    mcfg = ModelConfig(name="m", path=str(tmp_path / "m"), tokenizer_path=str(tmp_path / "t"), chat_template="zephyr")
+    assert len(load_tokenizer(mcfg)) == len(other) == len(own) + 1
