@@ -189,6 +189,20 @@ def test_a_failure_on_one_process_is_raised_on_every_process():
     assert together(SimpleNamespace(num_processes=1), lambda: 3, elsewhere) == 3
 
 
+def test_on_main_sends_the_main_processs_value_from_rank_0(monkeypatch):
+    """The value every process gets is rank 0's (the one that computed it): sent from another rank, each got None."""
+    import accelerate.utils
+
+    sources = []
+
+    def broadcast(objects, from_process=0):
+        sources.append(from_process)
+        return objects
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    assert on_main(Rank(0.0, True), lambda: 1) == 1 and sources == [0]
+
+
 def test_a_failure_of_the_main_process_in_on_main_stops_the_others(monkeypatch):
     import accelerate.utils
 
