@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from simpo_exp.rundir import RESUMABLE_CHANGES, read_json
+from simpo_exp.rundir import RESUMABLE_CHANGES, read_json, read_json_value
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,7 @@ def recorded_summary(cfg) -> dict | None:
         )
     if not summary_path.is_file() or (cfg.save_model and not (run_dir / "model").is_dir()):
         return None  # the same config, its summary or model missing: trained (resumed where it saved) to write them
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError):
-        summary = None
+    summary = read_json_value(summary_path)
     if not isinstance(summary, dict):
         return None  # unreadable, or not a summary (a list): train (resuming from a checkpoint) and write it again
     changed = data_changed(run_dir, cfg)

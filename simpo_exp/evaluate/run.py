@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import hashlib
 import importlib.util
-import json
 import logging
 import shlex
 import types
@@ -76,7 +75,7 @@ from simpo_exp.inference.results import (
     results_path,
     set_aside,
 )
-from simpo_exp.rundir import hold_folder, output_stage, read_json, records_dir
+from simpo_exp.rundir import hold_folder, output_stage, read_json, read_json_value, records_dir
 from simpo_exp.rundir import read_jsonl as read_lines
 
 log = logging.getLogger(__name__)
@@ -234,10 +233,7 @@ def _check_manifest(
             )
         write_json(path, manifest)
         return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        old = None
+    old = read_json_value(path)
     if not isinstance(old, dict):  # cut short or edited: what the stored answers were made with is unknown
         raise DamagedFile(
             f"{path} does not read back as the record of the stored generations beside it; delete {path.parent} to "

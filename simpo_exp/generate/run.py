@@ -54,7 +54,7 @@ from simpo_exp.inference.sampling import (
     sampling_dtype,
     text_token_ids,
 )
-from simpo_exp.rundir import read_json, rerun_command, shell_override
+from simpo_exp.rundir import read_json, read_json_value, rerun_command, shell_override
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,7 @@ def check_manifest(shard_dir: Path, manifest: dict, device=None) -> None:
 
 def manifest_differences(shard_dir: Path, manifest: dict, device=None) -> list[str]:
     """How the stored manifest of ``shard_dir`` differs from ``manifest`` (``dotted.key: stored X, now Y``)."""
-    try:
-        old = json.loads((shard_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        old = None
+    old = read_json_value(shard_dir / "manifest.json")
     if not isinstance(old, dict):  # (edited into a list, say)
         return ["manifest.json: missing or unreadable"]
     if isinstance(old.get("generate"), dict) and old["generate"].get("backend") == "vllm":
@@ -350,11 +347,7 @@ def scorer_tag(cfg) -> str:
 def adopt_older_scores(shard_dir: Path, cfg) -> None:
     """Scored shards written before their names carried the scorer's hash (``scored-00000.jsonl``), by the scorer
     the old manifest records, are taken as this scorer's when it has the same settings (not scored again)."""
-    try:
-        recorded = json.loads((shard_dir / "manifest.json").read_text()).get("scorer")
-    except (OSError, ValueError, AttributeError):
-        return
-    if recorded != scorer_settings(cfg):
+    if read_json(shard_dir / "manifest.json").get("scorer") != scorer_settings(cfg):
         return
     tag = scorer_tag(cfg)
     for old in shard_dir.glob("scored-[0-9][0-9][0-9][0-9][0-9].jsonl"):

@@ -14,9 +14,10 @@ bench/rule/win_rate``).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from simpo_exp.rundir import read_json_value
 
 PREFIX = "bench/"
 EVAL_DIR = "eval"
@@ -54,11 +55,8 @@ def load_results(run_dir: Path) -> dict[str, dict]:
     """``{benchmark: results.json contents}`` for every benchmark evaluated in ``run_dir``."""
     out = {}
     for path in sorted((Path(run_dir) / EVAL_DIR).glob("*/results.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a half-written file is never left (atomic writes); an unreadable one is skipped
-        if isinstance(record, dict):  # as one of another shape (a list) is
+        record = read_json_value(path)  # a half-written file is never left (atomic writes)
+        if isinstance(record, dict):  # an unreadable one, or one of another shape (a list), is skipped
             out[path.parent.name] = record
     return out
 
