@@ -4,6 +4,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -247,11 +248,22 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
         zeroed.fill(ResponseLogps(model), acc)
     assert "do not match the checksum written with them" in caplog.text
     assert zeroed.collates["test"].rejected.tolist() == reference.collates["test"].rejected.tolist()
+    # a readable file of other row counts (another tool's, or one cut at write) is refused, naming it: it was indexed
+    # as it was (more rows) or failed later on an index (fewer)
+    from simpo_exp.reference import write_cache
+
+    write_cache(path, {"train.chosen": -torch.ones(3), "train.rejected": -torch.ones(3),
+                       "test.chosen": -torch.ones(8), "test.rejected": -torch.ones(8)})  # fmt: skip
+    short = CachedReference(cfg, model, {"train": train, "test": test}, collate, acc)
+    with pytest.raises(RuntimeError, match=rf"{re.escape(str(path))}: 3 reference log-probs for the 32 train pairs"):
+        short.fill(None, acc)
     # another layout or attention kernel sums the log-probs in another order (under bf16, 0.006-0.05 nats): another
     # key; the padded SDPA path keeps the key it had
     splits = {"train": train, "test": test}
     assert cache_path(cfg, model, splits, layout=BatchLayout()) == path
     assert cache_path(cfg, model, splits, layout=BatchLayout("packed", "segments")) != path
+    keys = {cache_path(cfg, model, splits, layout=BatchLayout("packed", a)) for a in ("segments", "mask", "flex")}
+    assert len(keys) == 3  # each packed attention kind sums in its own order
     model.config._attn_implementation = "eager"
     assert cache_path(cfg, model, splits) != path
     model.config._attn_implementation = "sdpa"
@@ -272,7 +284,12 @@ def test_reference_cache_is_exact_and_keyed(compose, tmp_path, caplog):
     cfg.hardware.fused_layers = "none"
     cfg.hardware.compile = True  # the cache is filled by the prepared policy: its layers compiled, as inductor sums
     assert cache_path(cfg, model, splits) != path
-    cfg.hardware.compile = False
+    compiled, backend = cache_path(cfg, model, splits), cfg.hardware.compile_backend
+    cfg.hardware.compile_backend = "aot_eager" if backend != "aot_eager" else "inductor"
+    assert cache_path(cfg, model, splits) not in (compiled, path)  # another backend, another order of sums
+    cfg.hardware.compile, cfg.hardware.compile_backend = False, backend
+    # the file stores each split's numbers under its name: one data set under another split name is another entry
+    assert cache_path(cfg, model, {"train": test}) != cache_path(cfg, model, {"test": test})
     # the held-out split's pairs, changed at the same length: another key (its reference log-probs are of them)
     edited = test.map(lambda row: {"chosen_input_ids": row["chosen_input_ids"][:-1] + [5]})
     assert cache_path(cfg, model, {"train": train, "test": edited}) != path
@@ -314,6 +331,40 @@ def test_a_reference_cache_that_cannot_be_written_costs_only_the_cache(tmp_path,
     with caplog.at_level(logging.WARNING, logger="simpo_exp.reference"):
         write_cache(tmp_path / "a-file" / "ref-logps-x.safetensors", {"train.chosen": torch.zeros(2)})
     assert "could not cache the reference log-probs" in caplog.text
+
+
+def test_a_reference_cache_of_values_no_log_prob_sum_takes_is_computed_again(tmp_path, caplog):
+    """A checksummed file holding NaN or positive numbers (a float16 overflow written as it was) was read as the
+    reference: a sum of log-probs is finite and at most 0, and any other is refused with a warning naming the file
+    and its entries."""
+    from datasets import Dataset
+
+    from simpo_exp.reference import read_cache, write_cache
+
+    path = tmp_path / "ref-logps-x.safetensors"
+    split = {"train": Dataset.from_dict({"x": [1, 2]})}
+    write_cache(path, {"train.chosen": torch.tensor([-1.0, -3.0]), "train.rejected": torch.tensor([-2.0, 0.0])})
+    assert read_cache(path, split) is not None  # 0 is a sum of log-probs (probability 1)
+    write_cache(path, {"train.chosen": torch.tensor([-1.0, float("nan")]), "train.rejected": torch.tensor([-2.0, 0.5])})
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.reference"):
+        assert read_cache(path, split) is None
+    assert f"the reference log-prob cache {path} cannot be read" in caplog.text
+    assert "train.chosen, train.rejected hold values that are no sums of log-probs" in caplog.text
+
+
+def test_the_reference_key_follows_the_transformers_release_line(compose, monkeypatch):
+    """A transformers release that changes a family's forward changes its log-probs: the key follows the release
+    line (5.25 -> 5.26), not patch releases (5.25.0 -> 5.25.3), and not only the major number."""
+    import simpo_exp.reference
+    from simpo_exp.config import to_config
+    from tests.test_perf_paths import make_model
+
+    cfg, model = to_config(compose("loss=dpo")), make_model()
+    keys = {}
+    for version in ("5.25.0", "5.25.3", "5.26.0"):
+        monkeypatch.setattr(simpo_exp.reference, "transformers_version", lambda v=version: v)
+        keys[version] = simpo_exp.reference.model_fingerprint(cfg, model)
+    assert keys["5.25.0"] == keys["5.25.3"] != keys["5.26.0"]
 
 
 @pytest.fixture(scope="module")

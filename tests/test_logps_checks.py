@@ -119,3 +119,26 @@ def test_reference_log_probs_are_taken_without_dropout_and_the_policy_trains_on(
     torch.testing.assert_close(chosen, expected[:3], atol=1e-5, rtol=0)
     torch.testing.assert_close(rejected, expected[3:], atol=1e-5, rtol=0)
     assert model.training
+
+
+def test_a_live_reference_sharing_the_lora_policy_is_scored_without_dropout():
+    """``reference_mode=live`` under LoRA scores the policy itself with its adapters off: in eval mode for each
+    forward (with disable_dropout=false the policy trains with dropout on, and the reference's numbers were noise,
+    another on each call), the policy still training afterwards."""
+    peft = pytest.importorskip("peft")
+
+    from simpo_exp.reference import live_reference
+
+    model = make_model(seed=1)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    batch = PairCollator(PAD)(random_pairs(3, seed=2))
+    with torch.no_grad(), model.disable_adapter():
+        expected = ResponseLogps(model.eval())(**batch).logp_sums
+    model.train()
+    reference = live_reference(model, share=True)
+    first, second = reference(**batch).logp_sums, reference(**batch).logp_sums
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=0)
+    assert model.training and not first.requires_grad
