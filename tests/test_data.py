@@ -1255,6 +1255,19 @@ def test_a_prompt_that_is_one_token_merged_into_the_answer_is_dropped():
     assert out["drop_reason"] == ["prompt and response tokens merge at the boundary"]
 
 
+def test_a_response_that_renders_to_no_tokens_is_dropped_on_either_side():
+    """A template that writes the messages' contents alone renders an empty answer to no tokens: the pair is dropped
+    and counted, on the rejected side as on the chosen one (it stopped the run later, in the collator)."""
+    from simpo_exp.data.tokenize import _tokenise_batch
+
+    tok = merging_tokenizer("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    prompt = [{"role": "user", "content": "q"}]
+    for chosen, rejected in (("yes", ""), ("", "yes"), ("yes", "no")):
+        batch = {"prompt": [prompt], "chosen": [chosen], "rejected": [rejected], "drop_reason": [None]}
+        out = _tokenise_batch(batch, tok, 64, 32, chat_format="generation_prompt")
+        assert out["drop_reason"] == [None if chosen and rejected else "response has no tokens"], (chosen, rejected)
+
+
 def test_a_prompt_token_merged_with_the_response_moves_the_split_back_and_is_counted(tmp_path):
     """A template ending in ':' before an answer starting with ' ' under a tokenizer that merges ': ': the split
     goes back one token (the merged token counts as response, as TRL does); prompt ids stay shared by both
@@ -2107,6 +2120,22 @@ def test_a_pair_the_template_renders_alike_is_said_to_be_so_not_truncated():
     out = _tokenise_batch(batch, tok, 96, 32)
     assert out["drop_reason"] == ["identical once rendered by the chat template", "identical after truncation"]
     assert out["chosen_truncated"] == [False, True]
+
+
+def test_the_tokenised_cache_is_keyed_by_the_tokenising_code(tmp_path, monkeypatch):
+    """datasets keys a map's cache by the function's name, not its code: an edited tokenising rule reused the ids
+    cached before the edit. The file's hash (``CODE_VERSION``) is in the key: the same code reads its cache back,
+    other code tokenises again."""
+    from simpo_exp.data import tokenize
+
+    rows = {"prompt": [[{"role": "user", "content": "hi"}]], "chosen": ["a"], "rejected": ["b"], "drop_reason": [None]}
+    datasets.Dataset.from_dict(rows).save_to_disk(tmp_path / "rows")
+    ds = datasets.load_from_disk(str(tmp_path / "rows"))  # on disk: map caches its result beside it
+    tok = build_tiny_tokenizer()
+    first = tokenize.tokenise(ds, tok, 64, 32)
+    assert tokenize.tokenise(ds, tok, 64, 32)._fingerprint == first._fingerprint
+    monkeypatch.setattr(tokenize, "CODE_VERSION", "edited")
+    assert tokenize.tokenise(ds, tok, 64, 32)._fingerprint != first._fingerprint
 
 
 def test_a_template_that_writes_todays_date_is_warned_about_and_keys_the_cache_by_day(monkeypatch, caplog):

@@ -201,6 +201,26 @@ def test_chunked_head_on_a_large_vocabulary():
     assert_same(reference, loss_and_grads(model, pairs, "prefix_shared", "segments", chunk_size=16))
 
 
+def test_the_chunked_head_takes_the_targets_chunk_by_chunk(monkeypatch):
+    """``logps_chunk_size`` bounds the head's memory to one chunk's logits (each chunk recomputed in the backward):
+    every batch longer than one chunk goes through it in ceil(targets / chunk) checkpointed pieces, not whole."""
+    import math
+
+    from simpo_exp import logps as module
+
+    calls = []
+    real = module.checkpoint
+    monkeypatch.setattr(module, "checkpoint", lambda fn, s, t, **kw: calls.append(len(t)) or real(fn, s, t, **kw))
+    batch = PairCollator(PAD)(random_pairs(2, seed=1))
+    targets = batch["target_ids"].numel()
+    ResponseLogps(make_model(), chunk_size=16)(**batch)
+    assert targets > 32 and sum(calls) == targets and calls[:-1] == [16] * (len(calls) - 1)
+    assert len(calls) == math.ceil(targets / 16)
+    calls.clear()
+    ResponseLogps(make_model())(**batch)  # no chunking asked for: one pass
+    assert calls == []
+
+
 # ----------------------------------------------------------------------------- misuse
 def test_mismatched_collator_and_module_fail_clearly():
     model = make_model()
@@ -212,6 +232,23 @@ def test_mismatched_collator_and_module_fail_clearly():
         ResponseLogps(model, packing="packed")(**plain)
     with pytest.raises(ValueError, match="packing="):
         PairCollator(PAD, packing="zip")
+    # a batch built for the mask attention reaching a segment-attention module says which, not a shape error
+    masked = PairCollator(PAD, packing="prefix_shared", attention="mask")(random_pairs(2))
+    with pytest.raises(ValueError, match="a batch for packing_attention=mask reached ResponseLogps"):
+        ResponseLogps(model, packing="prefix_shared")(**masked)
+    # a packed batch whose ids do not span its segments is named as such
+    short = dict(packed, input_ids=packed["input_ids"][:, :-1])
+    with pytest.raises(ValueError, match="does not match its segments"):
+        ResponseLogps(model, packing="prefix_shared")(**short)
+    # the mask attention needs a kernel that takes a dense 4D mask: FlexAttention's and flash-attn's do not
+    with pytest.raises(ValueError, match="packing_attention=mask needs an attention that takes a dense 4D mask"):
+        ResponseLogps(make_model(attn="flex_attention"), packing="packed", attention="mask")
+    # the padded layout never reads packing_attention: a GPU-only choice beside packing=none is no error on a CPU
+    from simpo_exp.layout import BatchLayout, choose_layout
+
+    for attention in ("flex", "flash"):
+        layout = choose_layout(layout_settings("none", attention), "cpu", model.config, 512)
+        assert layout == BatchLayout("none", attention, 0)
 
 
 def test_auto_layout_follows_the_measured_rule_per_device(compose):
@@ -691,6 +728,10 @@ def test_models_that_carry_a_state_beside_attention_run_the_padded_layout():
     # plain MLP or MoE blocks listed beside attention carry no state; a Mamba one does
     assert state_beside_attention(SimpleNamespace(layers_block_type=["attention", "mlp", "moe"])) is None
     assert "mamba" in state_beside_attention(SimpleNamespace(layers_block_type=["attention", "mamba"]))
+    # a family not listed (a remote-code hybrid) that names Mamba or SSM settings carries one too
+    for hybrid in (SimpleNamespace(model_type="my_hybrid", mamba_d_state=16), SimpleNamespace(ssm_state_size=8)):
+        assert state_beside_attention(hybrid)
+        assert choose_layout(layout_settings("auto"), "cpu", hybrid, 512).packing == "none"
     for device in ("cpu", "cuda"):
         assert choose_layout(layout_settings("auto"), device, falcon, 512).packing == "none"
         assert [c.packing for c in layout_auto.candidates(device, falcon, max_length=512)] == ["none"]
@@ -742,6 +783,12 @@ def test_models_whose_attention_reads_column_distance_are_not_prefix_shared():
     assert distance_biased(FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, alibi=True))
     for plain in (FalconConfig(vocab_size=64, hidden_size=32, num_attention_heads=4), make_model().config):
         assert distance_biased(plain) is None
+    # a family that says ALiBi by its position_embedding_type alone (Jais's config)
+    jais = SimpleNamespace(model_type="jais", position_embedding_type="alibi")
+    assert distance_biased(jais) == "ALiBi (jais)"
+    assert choose_layout(layout_settings("auto", "mask"), "cpu", jais, 256).packing == "none"
+    with pytest.raises(ConfigError, match="hardware.packing='prefix_shared': the model biases attention .*ALiBi"):
+        choose_layout(layout_settings("prefix_shared", "mask"), "cpu", jais, 256)
     for device in ("cpu", "cuda"):
         assert choose_layout(layout_settings("auto", "mask"), device, mpt, 256).packing == "none"
         assert [c.packing for c in layout_auto.candidates(device, mpt, max_length=256)] == ["none"]
