@@ -345,6 +345,18 @@ def test_a_skipped_steps_work_counts_in_the_speed_and_the_tokens_not_in_the_mean
     assert math.isnan(metrics["train/loss"]) and metrics["train/tokens_per_s"] == 50.0
 
 
+def test_a_step_that_compiled_and_was_skipped_leaves_its_work_out_of_the_speed():
+    """The first step both compiles (its time is left out) and, with a gradient not finite, is skipped (its work
+    counts in the speed): the work of a step whose time is left out must be left out too, or the speed figures
+    count 1000 tokens done in no time."""
+    window = Window()
+    window.step_done(step_stats(1000.0), 50.0, timed=False, skipped=True)
+    window.step_done(step_stats(300.0), 1.0)
+    metrics, totals = window.train_report(OneProcess, None, None)
+    assert metrics["train/tokens_per_s"] == 300.0 and metrics["train/step_time_s"] == 1.0
+    assert totals["skipped/tokens"] == 1000.0 and totals["tokens"] == 300.0  # num_tokens still counts both
+
+
 @pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
 def test_compile_under_a_sharded_engine_is_refused_by_name(compose, engine):
     from types import SimpleNamespace

@@ -154,3 +154,15 @@ def test_the_readmes_lists_of_methods_and_of_their_own_keys_are_whole():
     assert {"simpo", *line.split("|")} == set(METHODS), line
     sentence = text.split("A key only some methods read", 1)[1].split("is refused", 1)[0]
     assert set(re.findall(r"`([a-z_]+)(?:=[a-z]+)?`", sentence)) >= set(OWN_KEYS), sentence
+
+
+def test_a_reference_method_without_either_reference_side_or_an_unknown_method_is_named():
+    """A DPO-family loss given one reference side alone failed inside the loss (a TypeError on None); an unknown
+    method is refused naming it and the allowed ones."""
+    s, n = torch.tensor([-3.0, -4.0]), torch.tensor([3, 4])
+    for method in REFERENCE_METHODS:
+        for ref in ((None, s), (s, None)):
+            with pytest.raises(ValueError, match=rf"method='{method}' needs reference log-probs"):
+                preference_loss(method, s, s, n, n, *ref, beta=0.1)
+    with pytest.raises(ValueError, match=r"method='smipo': allowed values are .*'simpo'"):
+        preference_loss("smipo", s, s, n, n, beta=0.1)

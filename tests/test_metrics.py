@@ -174,6 +174,23 @@ def test_metrics_match_hand_computed_values(method):
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key  # window sums are float32
 
 
+@pytest.mark.parametrize("method", ["simpo", "alphapo"])
+def test_an_absolute_gamma_is_the_margin_the_loss_reads(method):
+    """``gamma`` (TRL's simpo_gamma) replaces gamma_beta_ratio: the loss takes gamma itself as its margin, not
+    beta times the default ratio."""
+    from simpo_exp.objective import loss_settings
+
+    beta, gamma = 2.5, 1.0
+    cfg = Config(method=method, beta=beta, gamma=gamma, alphapo_alpha=ALPHAPO)
+    assert loss_settings(cfg)["gamma_beta_ratio"] == pytest.approx(gamma / beta)
+    reward = (lambda m: beta * m) if method == "simpo" else (lambda m: beta * (1 - math.exp(-ALPHAPO * m)) / ALPHAPO)
+    b = BATCHES[0]
+    loss, _, _ = batch_loss(Canned(b), canned_batch(b), cfg)
+    s, n = b["sums"], b["lens"]
+    want = [softplus(reward(s[i] / n[i]) - reward(s[2 + i] / n[2 + i]) - gamma) for i in range(2)]
+    assert float(loss) == pytest.approx(sum(want) / 2, rel=1e-9)
+
+
 def test_names_mean_one_thing_across_methods():
     """logits/* only where TRL defines it over completion tokens; our own names for every method."""
     for method in METHODS:

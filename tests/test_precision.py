@@ -609,3 +609,29 @@ def test_float32_weights_loaded_in_16_bits_are_warned(compose, tmp_path, caplog,
     with caplog.at_level(logging.WARNING, logger="simpo_exp.model"):
         load_model(to_config(compose(f"model.path={tmp_path}", "model.dtype=float32")), tok, "eager")
     assert "holds float32 weights" not in caplog.text
+
+
+def test_the_rounding_check_counts_low_precision_weights_by_their_own_unit_in_the_last_place(caplog):
+    """The share of trainable weights an update of ``lr`` cannot move: float32 weights beside bf16 ones (norms kept
+    in float32) are not in it (they dilute it, and pure bf16's warning stayed silent); a weight's half-ULP is of its
+    own binade (1.75 in bf16: 2^-8, not 2^-7); the warning comes over half the weights, naming the way out."""
+    from simpo_exp.precision import vanishing_fraction, warn_if_updates_vanish
+
+    ones = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    torch.nn.init.ones_(ones.weight)  # half-ULP of 1.0 in bf16: 2^-8 ~ 3.9e-3
+    model = torch.nn.Sequential(ones, torch.nn.Linear(64, 64))  # a float32 layer beside it
+    assert vanishing_fraction(model, 1e-3) == 1.0 and vanishing_fraction(model, 5e-3) == 0.0
+    wide = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    torch.nn.init.constant_(wide.weight, 1.75)  # half-ULP 2^-8 too, in [1, 2)
+    assert vanishing_fraction(wide, 5e-3) == 0.0 and vanishing_fraction(wide, 1e-3) == 1.0
+    half = torch.nn.Linear(2, 2, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        half.weight.copy_(torch.tensor([[1.0, 1.0], [1e-4, 1e-4]]))  # half of them cannot take a 1e-3 step
+    with caplog.at_level(logging.WARNING, logger="simpo_exp.precision"):
+        assert warn_if_updates_vanish(half, 1e-3) == 0.5
+        assert "rounds away" not in caplog.text  # over half, not at half
+        with torch.no_grad():
+            half.weight[1, 0] = 1.0  # three in four: over half
+        assert warn_if_updates_vanish(half, 1e-3) == 0.75
+    assert "pure torch.bfloat16 training at learning rate 0.001" in caplog.text
+    assert "hardware.master_weights=fp32" in caplog.text
