@@ -312,6 +312,39 @@ def test_a_prompt_goes_by_its_sources_id_or_the_hubs_rule_for_one(tmp_path, monk
     assert {len(m) for t, (_, m) in got.items() if t.startswith("plain")} == {1, 2}  # both kinds made it
 
 
+def test_a_prompt_two_sources_share_is_sampled_once_and_counted(tmp_path, monkeypatch):
+    """A mixture whose sources share prompts (a set and a re-pairing of it): each prompt is sampled once, under the
+    id it had first, and the second copy is counted as a duplicate."""
+    import datasets
+
+    from simpo_exp.config import DatasetConfig, SourceConfig
+    from simpo_exp.data.prompts import train_prompts
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    sources = {}
+    for name, own in (("a", "x"), ("b", "y")):
+        rows = [{"prompt": text, "chosen": "c", "rejected": "r"} for text in ("shared", own)]
+        (tmp_path / name).mkdir()
+        for split in ("train", "test"):  # a test file of its own: all rows train
+            (tmp_path / name / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sources[name] = SourceConfig(path=str(tmp_path / name))
+    prompts, counts = train_prompts(DatasetConfig(name="test", sources=sources))
+    assert sorted(p["prompt"][-1]["content"] for p in prompts) == ["shared", "x", "y"]
+    assert counts == {"rows": 4, "duplicate prompt": 1, "no prompt": 0}
+    assert len({p["prompt_id"] for p in prompts}) == 3
+
+
+def test_a_multi_turn_prompt_goes_by_its_message_lists_hash():
+    """The hub's rule (SHA-256 of the prompt string) is for one user turn; a conversation of several turns goes by
+    its whole message list, so two conversations opening with one question do not claim one id."""
+    from simpo_exp.data.prompts import prompt_id, prompt_key
+
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]
+    assert prompt_id(turns) == prompt_key(turns) != prompt_id(turns[:1])
+    assert prompt_id(turns[:1]) == hashlib.sha256(b"q").hexdigest()
+    assert prompt_id(turns, given="  ") == prompt_key(turns) and prompt_id(turns, given="id-7") == "id-7"
+
+
 def test_generate_stage_does_not_import_training():
     code = (
         "import sys, simpo_exp.generate.__main__, simpo_exp.generate.run, simpo_exp.inference.scoring; "

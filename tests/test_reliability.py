@@ -1002,6 +1002,22 @@ def test_a_finished_run_whose_model_is_gone_trains_again_and_an_intact_one_is_sk
     for damaged in ('{"eval/rewards/acc', "[0.75]"):  # cut short, or edited into a list: trained to write it again
         (tmp_path / "summary.json").write_text(damaged)
         assert recorded_summary(cfg) is None
+    (tmp_path / "summary.json").write_text('{"eval/rewards/accuracies": 0.75}')
+    cfg.resume = False  # asked to train it again, here: it does
+    assert recorded_summary(cfg) is None
+
+
+def test_a_finished_run_that_saved_no_model_is_skipped(compose, tmp_path):
+    """save_model=false: a finished run has no model/ to lack; its summary is the result, not trained again."""
+    from simpo_exp.config import to_config
+    from simpo_exp.finished import FINISHED, recorded_summary
+    from simpo_exp.tracking import config_to_dict
+
+    cfg = to_config(compose("logger=none", "save_model=false"))
+    cfg.output_dir = str(tmp_path)
+    (tmp_path / FINISHED).write_text(json.dumps({"config": config_to_dict(cfg)}))
+    (tmp_path / "summary.json").write_text('{"eval/rewards/accuracies": 0.5}')
+    assert recorded_summary(cfg) == {"eval/rewards/accuracies": 0.5}
 
 
 def test_a_setting_put_back_to_its_default_is_not_the_checkpoints_setting():
