@@ -1023,6 +1023,7 @@ def test_read_results_keeps_finite_numbers_only_and_skips_what_does_not_read(tmp
     (tmp_path / "eval" / "c").mkdir()
     (tmp_path / "eval" / "c" / "results.json").write_text('{"metrics": {"win')  # changed by hand
     (tmp_path / "eval" / "d" / "results.json").mkdir(parents=True)  # not a file
+    write_json(tmp_path / "eval" / "e" / "results.json", [1, 2])  # edited into a list
     assert read_results(tmp_path) == {"bench/a/win_rate": 40.0, "bench/a/n": 8.0}
     set_aside(tmp_path, "a")
     assert read_results(tmp_path) == {}

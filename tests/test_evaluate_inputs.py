@@ -637,6 +637,48 @@ def test_a_runs_seed_and_its_older_model_tiny_key_are_read_back(tmp_path):
     assert cfg.seed == 7 and cfg.model.random_init.hidden_size == 48
 
 
+def test_a_runs_config_of_another_shape_is_named_and_an_unknown_hydra_value_is_left_as_written(tmp_path):
+    """A .hydra/config.yaml holding a list (at the top, or as a section) is refused naming the file, not a
+    traceback; a ${hydra:...} value the run's hydra.yaml does not hold is left as written (it became "None/x")."""
+    from simpo_exp.config import ConfigError
+    from simpo_exp.evaluate.runs import load_run_config, saved_config
+
+    run = _saved_run(tmp_path, {"model": {"name": "x", "path": "${hydra:runtime.nope}/x"}})
+    assert saved_config(run)["model"]["path"] == "${hydra:runtime.nope}/x"
+    for text in ("- a\n- b\n", "model: [1]\n"):
+        (run / ".hydra" / "config.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"evaluate.path: cannot read the run's config .*config.yaml"):
+            load_run_config(run)
+
+
+def test_a_runs_policies_for_inference_drop_its_training_only_settings(tmp_path):
+    """Sampling a run's models: no new LoRA adapters wrapped around them (the trained model is merged), no
+    checkpointing or training kernels; the trained model/ with its own tokenizer and template (a template fixed
+    there is the one the model was saved with), in the dtype it was saved in."""
+    from simpo_exp.evaluate.runs import for_inference, load_run_config, starting_policy, trained_policy
+
+    run = _saved_run(tmp_path, {"model": {"name": "tiny", "chat_template": "chatml", "tokenizer_path": "elsewhere"}})
+    run_cfg = load_run_config(run)
+    run_cfg.hardware.lora, run_cfg.hardware.gradient_checkpointing = True, True
+    run_cfg.hardware.fused_layers = "liger"
+    for cfg in (for_inference(run_cfg, "cpu"), starting_policy(run_cfg, "cpu"), trained_policy(run_cfg, run, "cpu")):
+        assert not cfg.hardware.lora and not cfg.hardware.gradient_checkpointing
+        assert cfg.hardware.fused_layers == "none" and cfg.hardware.device == "cpu"
+    trained = trained_policy(run_cfg, run, "cpu")
+    assert trained.model.path == str((run / "model").resolve())
+    assert (trained.model.chat_template, trained.model.tokenizer_path, trained.model.revision) == ("auto", "", None)
+    assert run_cfg.hardware.lora and run_cfg.model.chat_template == "chatml"  # the run's own config is left as it was
+
+
+def test_a_sweeps_runs_are_found_in_their_numbers_order(tmp_path):
+    from simpo_exp.evaluate.runs import find_runs
+
+    for name in ("10", "2", "0"):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    assert [p.name for p in find_runs(tmp_path)] == ["0", "2", "10"]
+
+
 def test_a_by_model_entry_under_a_name_no_preset_or_run_has_is_said(caplog):
     """A misspelt model name in by_model was never applied and nothing said so (entries for other presets are the
     shipped benchmarks' own, and stay quiet)."""
@@ -683,6 +725,15 @@ def test_a_by_model_entry_under_a_name_no_preset_or_run_has_is_said(caplog):
         ("arena_hard", {"judge.kind": "openai", "judge.concurrency": 0}, "b.judge.concurrency=0: must be >= 1"),
         ("lm_eval", {"tasks": []}, "b.tasks=[]: name at least one lm-eval task"),
         ("rule", {"decoding.temperature": -0.1}, "b.decoding.temperature=-0.1: must be >= 0"),
+        ("rule", {"decoding.top_p": 0.0}, "b.decoding.top_p=0.0: must be in (0, 1]"),
+        ("rule", {"decoding.vllm_gpu_memory_utilization": 1.5}, "b.decoding.vllm_gpu_memory_utilization=1.5: must be"),
+        ("arena_hard", {"judge.kind": "openai", "judge.bootstrap_rounds": 0}, "b.judge.bootstrap_rounds=0: must be"),
+        # the key given as the user name alone (no password): urllib sends it nowhere, the records keep it
+        (
+            "arena_hard",
+            {"judge.kind": "openai", "judge.base_url": "http://sk-SECRET@127.0.0.1:8000/v1"},
+            "b.judge.base_url holds a user name or password",
+        ),
         # a model's own decoding is what it is sampled with: held to the same ranges (it was only spell-checked)
         ("rule", {"by_model": {"tiny": {"top_p": 2.0}}}, "b.by_model.tiny.top_p=2.0: must be in (0, 1]"),
         ("rule", {"by_model": {"tiny": {"batch_size": 0}}}, "b.by_model.tiny.batch_size=0: must be an integer >= 1"),

@@ -312,6 +312,15 @@ def test_a_prompt_goes_by_its_sources_id_or_the_hubs_rule_for_one(tmp_path, monk
     assert {len(m) for t, (_, m) in got.items() if t.startswith("plain")} == {1, 2}  # both kinds made it
 
 
+def test_the_generate_stage_runs_the_training_checks_of_the_groups_it_shares():
+    """The model, dataset and hardware groups are checked as training checks them (a bad model.dtype failed at
+    loading, after the prompts were read)."""
+    from simpo_exp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.dtype='float7'"):
+        compose_generate("model.dtype=float7")
+
+
 def test_a_prompt_two_sources_share_is_sampled_once_and_counted(tmp_path, monkeypatch):
     """A mixture whose sources share prompts (a set and a re-pairing of it): each prompt is sampled once, under the
     id it had first, and the second copy is counted as a duplicate."""

@@ -86,6 +86,31 @@ def test_manifest_changes_name_new_keys_except_where_only_the_stored_ones_count(
     assert manifest_changes(old, now) == ["g.top_p: stored None, now 0.9", "seed: stored None, now 1"]
     assert manifest_changes(old, now, stored_only=True) == []
     assert manifest_changes(old, {**now, "g": {"t": 0.5}}, stored_only=True) == ["g.t: stored 1.0, now 0.5"]
+    # a key nested deeper keeps the whole path, with the caller's prefix (the generate stage filters by it)
+    deep = manifest_changes({"w": {"path": "a"}}, {"w": {"path": "b"}}, prefix="scorer.", said=("there", "here"))
+    assert deep == ["scorer.w.path: there 'a', here 'b'"]
+    assert manifest_changes({"a": {"b": {"c": 1}}}, {"a": {"b": {"c": 2}}}) == ["a.b.c: stored 1, now 2"]
+    # two long paths that differ at their ends: the message shows both ends
+    p = "/x" * 60
+    (line,) = manifest_changes({"p": p + "/a-rm"}, {"p": p + "/b-rm"})
+    assert "a-rm" in line and "b-rm" in line and len(line) < 200
+
+
+def test_a_models_weights_rewritten_at_one_size_get_another_hash(tmp_path):
+    """The weights' hash is kept per process while the files' sizes and times hold: weights rewritten at the same
+    size (another step's save over the last) are hashed again, so answers of the old weights are not taken for
+    the new ones'."""
+    import os
+
+    from simpo_exp.inference.files import weights_sha256
+
+    (tmp_path / "model.safetensors").write_bytes(b"abc")
+    (tmp_path / "config.json").write_text("{}")
+    before = weights_sha256(tmp_path)
+    st = (tmp_path / "model.safetensors").stat()
+    (tmp_path / "model.safetensors").write_bytes(b"xyz")
+    os.utime(tmp_path / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert weights_sha256(tmp_path) != before
 
 
 def test_a_damaged_jsonl_line_is_named_by_its_number(tmp_path):
