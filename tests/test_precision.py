@@ -236,6 +236,9 @@ def test_master_weights_model_under_deepspeed_is_said_to_change_nothing(caplog):
     with caplog.at_level("WARNING"):
         prepare_weights(layer, "fp32", lora=False, engine_master_copy=True)
     assert "master_weights" not in caplog.text and layer.weight.dtype == torch.bfloat16
+    with caplog.at_level("WARNING"):  # LoRA: the adapters are float32 anyway, the base frozen; nothing to say
+        prepare_weights(layer, "model", lora=True, engine_master_copy=True)
+    assert "master_weights" not in caplog.text
 
 
 @pytest.mark.parametrize("mixed_precision, working", [("bf16", "bfloat16"), ("fp16", "float16")])
@@ -258,6 +261,96 @@ def test_deepspeed_under_16_bits_keeps_the_master_copy_and_the_record_says_so(mi
         "optimizer_state_dtype": "float32",
         "autocast_dtype": working,
     }
+
+
+def test_the_dtype_record_reads_the_weights_that_train():
+    """DeepSpeed without mixed precision trains and keeps the weights as they are (float32); a LoRA model on a bf16
+    base trains float32 adapters, its base frozen: the record names the trained weights' dtype, not the first
+    parameter's."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.precision import precision_record
+
+    plain = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, mixed_precision="no")
+    assert precision_record(torch.nn.Linear(2, 2), plain) == {
+        "weights_dtype": "float32",
+        "master_weights_dtype": "float32",
+        "optimizer_state_dtype": "float32",
+        "autocast_dtype": None,
+    }
+    lora = torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16), torch.nn.Linear(8, 8))
+    lora[0].requires_grad_(False)
+    record = precision_record(lora, SimpleNamespace(distributed_type=DistributedType.NO, mixed_precision="bf16"))
+    assert record == {
+        "weights_dtype": "float32",
+        "master_weights_dtype": "float32",
+        "optimizer_state_dtype": "float32",
+        "autocast_dtype": "bfloat16",
+    }
+
+
+class _TiedWithBuffers(torch.nn.Module):
+    """A bf16 model as DeepSpeed's engine holds it: a head tied to the embedding, a frozen layer, an integer buffer
+    and a bf16 one."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(4, 3).to(torch.bfloat16)
+        self.head = torch.nn.Linear(3, 4, bias=False).to(torch.bfloat16)
+        self.head.weight = self.embed.weight
+        self.frozen = torch.nn.Linear(3, 3).to(torch.bfloat16).requires_grad_(False)
+        self.register_buffer("steps", torch.tensor([7]))
+        self.register_buffer("scale", torch.tensor([1.5], dtype=torch.bfloat16))
+
+
+def test_the_engines_state_dict_is_its_float32_masters_gathered_once_on_the_main_process(monkeypatch):
+    """What a DeepSpeed run saves: each trained weight's float32 master (fetched once for a tied pair, which stays
+    one tensor), each frozen weight (gathered where ZeRO-3 partitioned it) and buffer as held, floating ones in
+    float32 and integer ones as they are, on the CPU of the main process; None on the others."""
+    import contextlib
+    from types import SimpleNamespace
+
+    pytest.importorskip("deepspeed")
+    import deepspeed.utils
+
+    from simpo_exp.precision import engine_state_dict
+
+    model = _TiedWithBuffers()
+    model.frozen.weight.ds_id = 0  # a ZeRO-3-partitioned frozen weight (a LoRA base)
+    master = torch.full((4, 3), 0.1234567)  # float32, between bf16 values
+    fetched, gathered = [], []
+
+    def fake_master(t):
+        fetched.append(t)
+        return master if t is model.embed.weight else None
+
+    @contextlib.contextmanager
+    def fake_gather(params):
+        gathered.append(list(params))
+        yield
+
+    monkeypatch.setattr(deepspeed.utils, "safe_get_full_fp32_param", fake_master)
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", fake_gather)
+    engine = SimpleNamespace(module=model)
+    acc = lambda main: SimpleNamespace(is_main_process=main, unwrap_model=lambda m: m.module)  # noqa: E731
+    out = engine_state_dict(acc(True), engine)
+    assert list(out) == list(model.state_dict())  # every key, the tied second name too
+    assert sum(t is model.embed.weight for t in fetched) == 1 and out["embed.weight"] is out["head.weight"]
+    torch.testing.assert_close(out["embed.weight"], master, rtol=0, atol=0)  # the master, not bf16 upcast
+    assert {k: v.dtype for k, v in out.items()} == {
+        "embed.weight": torch.float32,
+        "head.weight": torch.float32,
+        "frozen.weight": torch.float32,
+        "frozen.bias": torch.float32,
+        "steps": torch.int64,
+        "scale": torch.float32,
+    }
+    assert all(v.device.type == "cpu" for v in out.values())
+    assert any(len(p) == 1 and p[0] is model.frozen.weight for p in gathered)  # partitioned: gathered first
+    torch.testing.assert_close(out["frozen.weight"], model.frozen.weight.float(), rtol=0, atol=0)
+    assert engine_state_dict(acc(False), engine) is None
 
 
 def test_a_lora_models_trained_dtype_and_rounding_share_ignore_its_frozen_base():
@@ -448,6 +541,9 @@ def test_fsdp_under_mixed_precision_trains_float32_whatever_master_weights_says(
     assert [p.dtype for p in model.parameters()] == [torch.float32] * 2 + [torch.bfloat16] * 2
     assert "hardware.master_weights=model under FSDP with mixed_precision=bf16" in caplog.text
     assert upcast_as_fsdp_does(bf16_model(), engine(DistributedType.FSDP, "fp16")) == 2  # fp16's masters: float32 too
+    half = bf16_model().half()  # a float16 model under fp16: upcast as bf16's is
+    assert upcast_as_fsdp_does(half, engine(DistributedType.FSDP, "fp16")) == 2
+    assert [p.dtype for p in half.parameters()] == [torch.float32] * 2 + [torch.float16] * 2
 
 
 def test_a_live_reference_under_deepspeed_keeps_the_buffers_the_engine_keeps():
