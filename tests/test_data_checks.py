@@ -30,7 +30,7 @@ from tests.test_data import (  # noqa: F401 (the fixtures)
 BOS, EOS = 1, 2
 
 
-def _report(rows: list[tuple], bos: int = BOS, eos: int = EOS, blank: int | None = None) -> dict:
+def _report(rows: list[tuple], bos: int = BOS, eos: int = EOS, blank: int | None = None, **allow) -> dict:
     """tokenization_report over (prompt, chosen, rejected) id lists, nothing truncated, refusals on; ``blank``: a
     token that decodes to whitespace alone."""
     ds = Dataset.from_dict(
@@ -50,7 +50,7 @@ def _report(rows: list[tuple], bos: int = BOS, eos: int = EOS, blank: int | None
     real = report.end_token_ids
     report.end_token_ids = lambda t: {eos}
     try:
-        return report.tokenization_report({"train": ds}, fake, DatasetConfig(name="t"))
+        return report.tokenization_report({"train": ds}, fake, DatasetConfig(name="t", **allow))
     finally:
         report.end_token_ids = real
 
@@ -62,6 +62,28 @@ def test_one_sequence_with_two_bos_or_one_response_without_an_end_refuses_the_ru
         _report([good, good, ([BOS, BOS, 5], [6, EOS], [7, EOS])])
     with pytest.raises(ConfigError, match="1 untruncated train responses do not end with an EOS"):
         _report([good, good, ([BOS, 5], [6, EOS], [7])])
+    # each refusal has its own setting, which lets that one through and not the other
+    unended, doubled = ([BOS, 5], [6, EOS], [7]), ([BOS, BOS, 5], [6, EOS], [7, EOS])
+    assert _report([good, unended], allow_missing_eos=True)["splits"]["train"]["responses_without_end_token"] == 1
+    assert _report([good, doubled], allow_double_bos=True)["splits"]["train"]["pairs"] == 2
+    with pytest.raises(ConfigError, match="1 untruncated train responses do not end with an EOS"):
+        _report([good, unended], allow_double_bos=True)
+    with pytest.raises(ConfigError, match="1 of 2 train sequences start with two BOS"):
+        _report([good, doubled], allow_missing_eos=True)
+
+
+def test_a_split_with_a_repeated_pair_counts_every_pair_it_trains_on():
+    good, other = ([BOS, 5], [6, EOS], [7, EOS]), ([BOS, 8], [6, EOS], [7, EOS])
+    split = _report([good, other, good])["splits"]["train"]
+    assert split["pairs"] == 3 and split["duplicate_pairs"] == 1
+
+
+def test_end_tokens_are_eos_and_the_turn_ends_not_bos_or_pad_unless_one_is_eos():
+    tiny = build_tiny_tokenizer()
+    ends = report.end_token_ids(tiny)
+    assert tiny.eos_token_id in ends and not {tiny.bos_token_id, tiny.pad_token_id} & ends
+    tiny.pad_token = tiny.eos_token  # a pad that is EOS (GPT-2's one token for all three): still an end
+    assert tiny.eos_token_id in report.end_token_ids(tiny)
 
 
 def test_a_bos_that_is_also_eos_after_a_one_token_answer_is_no_double_bos():

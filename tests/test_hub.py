@@ -168,6 +168,40 @@ def test_the_unfinished_save_hint_is_for_a_runs_model_folder_only(tmp_path):
 
     assert "its weights cannot be read (EOFError: )" in str(unreadable_weights(str(run / "model"), EOFError()))
     assert f"model.path={str(run / 'model')!r}: its weights" in str(unreadable_weights(str(run / "model"), EOFError()))
+    # a run's model/ without tokenizer files: the same hint
+    from simpo_exp.hub import ModelNotFoundError, check_tokenizer_files
+
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="has no tokenizer files") as err:
+        check_tokenizer_files(str(run / "model"), "model.path")
+    assert UNFINISHED_SAVE in str(err.value)
+
+
+def test_an_unknown_model_type_is_named_whatever_trust_remote_code_says(tmp_path):
+    """Training passes trust_remote_code=False: a config.json with a misspelt model_type and no code of its own is
+    named as such there too (not only with the setting left unset)."""
+    from simpo_exp.hub import ModelNotFoundError, check_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen22"}))
+    for trust in (False, None):
+        with pytest.raises(ModelNotFoundError, match=r"model_type='qwen22', which transformers .* does not know"):
+            check_model_config(tmp_path, "model.path", trust_remote_code=trust)
+
+
+def test_a_relative_model_path_not_there_says_where_it_was_looked_for_under_chdir(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from simpo_exp.hub import ModelNotFoundError, check_model_available
+
+    runtime = SimpleNamespace(runtime=SimpleNamespace(cwd=str(tmp_path / "elsewhere")))
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: runtime))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"does not exist \(looked for in .*hydra.job.chdir=true"):
+        check_model_available("./models/m")
 
 
 def test_a_local_folder_named_like_a_cached_hub_model_has_no_hub_commit(tmp_path, monkeypatch):

@@ -43,6 +43,18 @@ def test_the_hub_is_reached_through_the_proxys_port(monkeypatch):
     assert hub.hub_address("https://huggingface.co") == ("p", 3128)
     monkeypatch.setenv("HTTPS_PROXY", "http://q")  # no port: the scheme's
     assert hub.hub_address("https://huggingface.co") == ("q", 80)
+    monkeypatch.setenv("HTTPS_PROXY", "p:3128")  # written without a scheme, as often: the same proxy
+    assert hub.hub_address("https://huggingface.co") == ("p", 3128)
+
+
+def test_when_nothing_answers_the_offline_reason_names_the_address_and_port(monkeypatch):
+    from huggingface_hub import constants
+
+    for key in (*PROXIES, *hub.OFFLINE_VARIABLES):
+        monkeypatch.delenv(key, raising=False)
+        monkeypatch.delenv(key.lower(), raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:1")  # a mirror on a port of its own
+    assert "nothing answered at 127.0.0.1:1, the hub http://127.0.0.1:1" in hub.why_offline()
 
 
 def test_a_config_json_that_is_no_object_is_refused_by_name(tmp_path):
