@@ -1881,12 +1881,14 @@ def test_held_out_overlap_is_counted_on_the_pairs_used_and_inert_dataset_keys_ar
     local = tmp_path / "local"
     shared = triples("a", 40)
     write_jsonl(local / "train.jsonl", [uf_row(*t) for t in shared])
-    write_jsonl(local / "test.jsonl", [uf_row(p, c + " again", r) for p, c, r in shared[30:]])  # train's last 10
+    # train's prompts, each in two test pairs: the count is of test pairs, not of prompts
+    write_jsonl(local / "test.jsonl", [uf_row(p, c + again, r) for p, c, r in shared for again in (" a", " b")])
     overrides = [f"dataset.sources.local.path={local}", "dataset.max_train_samples=3", "dataset.shuffle_seed=1"]
     with caplog.at_level("WARNING", logger="simpo_exp.data"):
         train, test, report = build_datasets(compose_preset("local", *overrides), tok)
     used = {row["prompt"][0]["content"] for row in train}
     assert report.test_prompts_in_train == sum(row["prompt"][0]["content"] in used for row in test) < len(test)
+    assert report.test_prompts_in_train == 2 * len(used) == 6  # the 3 pairs trained on, not the 40 before the cut
     assert "is not used" not in caplog.text
     inert = ["dataset.test_size=0.5", "dataset.sources.local.test_size=0.3", "+dataset.sources.local.revision=v1"]
     caplog.clear()
@@ -2227,3 +2229,20 @@ def test_a_provenance_record_beside_the_files_read_is_found_and_an_unreadable_ta
     with caplog.at_level(logging.WARNING, logger="simpo_exp.data.sources"):
         task = recorded_task([{"provenance": {"synthetic_task": {"bogus": 1}}}, record])
     assert task.seed == 3 and "unreadable synthetic_task record" in caplog.text
+
+
+def test_the_held_out_overlap_counts_test_pairs_not_distinct_prompts():
+    """The warning counts the test pairs whose prompt a train pair has: a prompt two test pairs share counts twice
+    (several pairs per prompt, or two sources sharing it), train pairs repeating one count nothing extra, and the
+    role is part of the prompt."""
+    from datasets import Dataset
+
+    from simpo_exp.data import _test_prompts_in_train
+
+    conv = lambda text, role="user": [{"role": role, "content": text}]  # noqa: E731
+    train = Dataset.from_dict({"prompt": [conv("a"), conv("c"), conv("d")]})
+    test = Dataset.from_dict({"prompt": [conv("a"), conv("a"), conv("b")]})
+    assert _test_prompts_in_train(train, test) == 2
+    train = Dataset.from_dict({"prompt": [conv("a"), conv("a")]})
+    assert _test_prompts_in_train(train, Dataset.from_dict({"prompt": [conv("a"), conv("b")]})) == 1
+    assert _test_prompts_in_train(train, Dataset.from_dict({"prompt": [conv("a", "system")]})) == 0

@@ -900,6 +900,10 @@ def test_mask_rows_padding_positions_stop_at_the_largest_real_one():
             batch = PairCollator(PAD, packing=packing, attention="mask")(pairs)
             real = batch["position_ids"][batch["attention_mask"].bool()]
             assert batch["position_ids"].max() == real.max() == 19
+            # the short row's padding goes on from its last real position, never back to 0 (a new sequence)
+            row, kept = batch["position_ids"][1], batch["attention_mask"][1].bool()
+            padding = row[~kept]
+            assert padding.numel() and (padding[1:] >= padding[:-1]).all() and padding.min() >= row[kept][-1]
             packed = ResponseLogps(model, packing=packing, attention="mask")(**batch).logp_sums
             assert torch.allclose(packed, plain, atol=ATOL, rtol=0), (packing, (packed - plain).abs().max())
 
