@@ -287,9 +287,20 @@ def test_a_key_of_eight_characters_is_masked_and_a_shorter_placeholder_is_not(pi
     assert PairwiseJudge(picky.judge, "k").masked("k sk-123x") == "k sk-123x"
 
 
-@pytest.mark.parametrize("status", [408, 409])
+@pytest.mark.parametrize("status", [408, 409, 425])
 def test_a_request_timeout_or_conflict_is_tried_again_not_taken_for_a_refusal(picky, status):
     """408 and 409 are the endpoint's passing trouble (RETRIED_STATUS): the judging stopped at the first one."""
     PickyJudge.status, PickyJudge.times = status, 1
     judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
     assert judge.verdict(ASKED, "yy")["preference"] in (1.0, 2.0) and len(PickyJudge.requests) == 2
+
+
+@pytest.mark.parametrize("status", [413, 422])
+def test_a_request_too_large_or_unprocessable_costs_that_prompt_its_verdict(picky, status):
+    """413 (a prompt too large for a proxy) and 422 are the request's own fault, as 400 is: that prompt has no verdict
+    and says why; the judging goes on (they stopped the whole benchmark)."""
+    PickyJudge.status, PickyJudge.times = status, 1
+    judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
+    refused = judge.verdict(ASKED, "yy")
+    assert refused["preference"] is None and f"HTTP {status}" in refused["error"] and len(PickyJudge.requests) == 1
+    assert judge.verdict(ASKED, "yy")["preference"] in (1.0, 2.0)

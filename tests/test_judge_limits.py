@@ -23,17 +23,23 @@ class MoodyJudge(FakeJudge):
     requests: list[dict] = []
     limited, retry_after, broken, silent, parts = 0, "0", "\0", "\0", False
     broken_status = 500  # what a prompt holding ``broken`` gets
+    limited_status = 429  # what the first ``limited`` requests get (503 with a Retry-After: busy too)
+    failing = 0  # how many requests after the limited ones get HTTP 500
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         cls = type(self)
         cls.requests.append(body)
         text = json.dumps(body)
-        status = 429 if cls.limited > 0 else cls.broken_status if cls.broken in text else None
+        limited, failing = cls.limited > 0, cls.limited <= 0 and cls.failing > 0
+        status = (
+            cls.limited_status if limited else 500 if failing else cls.broken_status if cls.broken in text else None
+        )
         if status:
-            cls.limited -= status == 429
+            cls.limited -= limited
+            cls.failing -= failing
             self.send_response(status)
-            if status == 429 and cls.retry_after is not None:
+            if limited and cls.retry_after is not None:
                 self.send_header("Retry-After", cls.retry_after)
             self.end_headers()
             self.wfile.write(b'{"error": {"message": "busy"}}')
@@ -53,6 +59,7 @@ def moody(tmp_path):
     server, url = serve(MoodyJudge)
     MoodyJudge.limited, MoodyJudge.retry_after, MoodyJudge.broken = 0, "0", "\0"
     MoodyJudge.silent, MoodyJudge.parts, MoodyJudge.broken_status, MoodyJudge.requests = "\0", False, 500, []
+    MoodyJudge.limited_status, MoodyJudge.failing = 429, 0
     judge = JudgeConfig(kind="openai", base_url=url, model="fake", max_retries=0, timeout_s=5)
     yield SimpleNamespace(judge=judge, out=tmp_path)
     server.shutdown()
@@ -396,3 +403,54 @@ def test_a_half_written_last_line_is_dropped_before_the_next_verdict_is_appended
     assert list(stored_lines(path, "id", lambda r: True)) == ["0"]
     text = path.read_text()
     assert text.endswith("\n") and [json.loads(line)["id"] for line in text.splitlines()] == ["0"]
+
+
+def _paused_judge(moody, **settings):
+    """A pairwise judge whose pauses are recorded, not slept."""
+    for key, value in settings.items():
+        setattr(moody.judge, key, value)
+    judge, pauses = PairwiseJudge(moody.judge, "benchmarks.alpacaeval2"), []
+    judge.stopping = SimpleNamespace(is_set=lambda: False, wait=pauses.append)
+    return judge, pauses
+
+
+ASKED = {"id": "0", "instruction": "Say 0", "reference": "x"}
+
+
+def test_a_rate_limit_waits_double_up_to_a_minute_and_failed_tries_up_to_eight_seconds(moody):
+    """Without a Retry-After a rate-limited request waits 1, 2, 4 ... s, at most a minute each, without spending its
+    tries; a failed request waits 1, 2, 4, 8, 8 s between its tries."""
+    MoodyJudge.limited, MoodyJudge.retry_after = 8, None
+    judge, pauses = _paused_judge(moody, rate_limit_wait_s=10_000)
+    assert judge.verdict(ASKED, "yy")["preference"] in (1.0, 2.0)
+    assert pauses == [1, 2, 4, 8, 16, 32, 60, 60]
+    MoodyJudge.broken = "Say 0"
+    judge, pauses = _paused_judge(moody, max_retries=5)
+    assert judge.verdict(ASKED, "yy")["preference"] is None and pauses == [1, 2, 4, 8, 8]
+
+
+def test_rate_limit_waits_spend_no_tries_and_a_503_with_a_retry_after_is_waited_out(moody):
+    """Two 429s then one failure, with one retry: the retry is the failure's (the waits took none of them). A 503
+    that asks for a pause (Retry-After) is a busy endpoint, waited out as a 429 is, not a failed try."""
+    MoodyJudge.limited, MoodyJudge.retry_after, MoodyJudge.failing = 2, None, 1
+    judge, pauses = _paused_judge(moody, max_retries=1, rate_limit_wait_s=100)
+    assert judge.verdict(ASKED, "yy")["preference"] in (1.0, 2.0)
+    assert pauses == [1, 2, 1] and len(MoodyJudge.requests) == 4
+    MoodyJudge.limited_status, MoodyJudge.limited, MoodyJudge.retry_after = 503, 1, "3"
+    judge, pauses = _paused_judge(moody, max_retries=0, rate_limit_wait_s=100)
+    assert judge.verdict(ASKED, "yy")["preference"] in (1.0, 2.0) and pauses == [3.0]
+
+
+def test_a_reply_of_parts_is_its_text_parts_joined_and_an_unreachable_endpoint_is_told_apart():
+    import socket
+    import urllib.error
+
+    from simpo_exp.evaluate.judge import reply_text, unreachable_error
+
+    parts = [{"type": "reasoning", "summary": "..."}, {"type": "text", "text": "[[A"}, {"type": "text", "text": ">B]]"}]
+    assert reply_text(parts) == "[[A>B]]" and reply_text(None) == "" and reply_text("b") == "b"
+    with pytest.raises(TypeError, match="a int, not text"):
+        reply_text(3)
+    assert unreachable_error(urllib.error.URLError(socket.gaierror(-2, "Name or service not known")))
+    assert unreachable_error(urllib.error.URLError(ConnectionRefusedError()))
+    assert not unreachable_error(urllib.error.URLError(TimeoutError()))  # an endpoint slow on one request
