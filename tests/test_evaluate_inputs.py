@@ -581,6 +581,10 @@ def test_alpaca_evals_own_judge_gives_its_leaderboards_numbers_with_their_standa
     got = package_judge(b, tmp_path / "model_outputs.json", "ref.json", tmp_path / "alpaca_eval")
     assert (got["lc_standard_error"], got["standard_error"]) == (0.7, None)
     assert calls[0]["is_return_instead_of_print"] is True and calls[0]["reference_outputs"] == "ref.json"
+    # the user's annotator, the answers handed over and where its annotations go (package_annotations_path reads there)
+    assert calls[0]["annotators_config"] == b.judge.annotators_config
+    assert calls[0]["model_outputs"] == str(tmp_path / "model_outputs.json")
+    assert calls[0]["output_path"] == str(tmp_path / "alpaca_eval") and calls[0]["precomputed_leaderboard"] is None
 
 
 def test_alpaca_evals_own_judge_on_a_subset_reports_no_lc_and_answers_go_stripped(tmp_path, monkeypatch):
