@@ -486,6 +486,10 @@ def test_a_resumed_runs_env_record_keeps_the_earlier_starts_and_names_what_chang
     # a package uninstalled between starts (peft, liger-kernel): named as gone
     gone = with_earlier_starts({"packages": {"peft": None}}, {"packages": {"peft": "0.13"}}, 10)[1]
     assert gone == ["peft 0.13 -> None"]
+    # another CUDA build or another engine under the same packages: named
+    _, drift = with_earlier_starts({"torch_cuda": "13.0", "distributed_type": "FSDP"},
+                                   {"torch_cuda": "12.8", "distributed_type": "MULTI_GPU"}, 10)  # fmt: skip
+    assert drift == ["torch_cuda 12.8 -> 13.0", "distributed_type MULTI_GPU -> FSDP"]
 
 
 def test_env_json_records_the_torch_build_and_the_accelerators_set_up(compose, monkeypatch):
@@ -523,6 +527,17 @@ def test_env_json_records_the_torch_build_and_the_accelerators_set_up(compose, m
     assert env["git_commit"] == "abc"
     assert env["packages"]["torch"] == "2.11.0+cu130" and env["model_commit"] is None  # no hub model
     assert env["data"] == {"sources": {"synthetic": {"pairs": 64}}, "pairs_after_filtering": {"train": 60}}
+    # the set-up as asked and as the model holds it; every GPU named; the hub commit of the revision asked for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"H100-{i}")
+    monkeypatch.setattr(environment, "hub_commit", lambda repo, revision: f"{repo}@{revision}")
+    cfg = to_config(compose("hardware.gradient_checkpointing=true", "hardware.checkpoint_offload=true"))
+    cfg.model.path, cfg.model.revision = "org/m", "abc"
+    env = environment.environment_record(cfg, accelerator, make_model().to(torch.bfloat16), report)
+    assert env["gradient_checkpointing"] is True and env["checkpoint_offload"] is True
+    assert env["model_dtype"] == "torch.bfloat16" and env["device_names"] == ["H100-0", "H100-1"]
+    assert env["model_commit"] == "org/m@abc"
 
 
 def test_the_code_version_names_the_checkouts_commit_and_its_changes(tmp_path, monkeypatch):
