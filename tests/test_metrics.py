@@ -375,6 +375,14 @@ def test_eval_loss_does_not_move_with_the_eval_batch_size(compose, sft_weight):
     with torch.no_grad():  # one batch of all seven: its own token mean is the split's
         loss, _, _ = batch_loss(policy, PairCollator(0)(pairs), cfg)
     assert runs[-1]["eval/loss"] == pytest.approx(loss.item(), rel=1e-5)
+    # a process's repeat batch (the split not dealt evenly) counts nothing: process 1 of 2 holds pairs 1 and 3 and a
+    # repeat of pair 1's batch, which counted would weigh pair 1 twice
+    dealt = Dealt(pairs[:5], PairCollator(0), 1, 1, 2)
+    assert [position for position, _ in dealt] == [1, 3, None]
+    alone = evaluate(policy, Dealt([pairs[1], pairs[3]], PairCollator(0), 1), cfg, accelerator)
+    with_repeat = evaluate(policy, dealt, cfg, accelerator)
+    for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"):
+        assert with_repeat[key] == pytest.approx(alone[key], rel=1e-6), key
     # eval/length/reward_corr: each response's reward (beta x its mean token log-prob, from the full logits) beside
     # its own length, over the split, whatever the batch size
     model, rewards, lengths = make_model(seed=2).eval(), [], []

@@ -342,6 +342,7 @@ def test_bad_steps_apart_are_not_in_a_row_and_the_last_step_is_logged_and_evalua
     assert summary["train/skipped_steps"] == 2
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 5]
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)  # the skipped steps in no mean
     assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4, 5]
     assert summary["eval/loss"] == next(r["eval/loss"] for r in rows if r["step"] == 5 and "eval/loss" in r)
 
@@ -834,6 +835,8 @@ def test_deepspeeds_fp16_warm_up_overflows_are_not_bad_steps():
     with pytest.raises(NonFiniteError):
         for _ in range(6):
             skip_step(run, fp16_loss_scale(run))
+    older = SimpleNamespace(fp16_enabled=lambda: True, optimizer=SimpleNamespace(cur_scale=1024))  # its other name
+    assert fp16_loss_scale(SimpleNamespace(accelerator=accelerator, policy=older)) == 1024.0
     bf16 = SimpleNamespace(fp16_enabled=lambda: False, optimizer=engine.optimizer)  # no loss scaling: every one counts
     assert fp16_loss_scale(SimpleNamespace(accelerator=accelerator, policy=bf16)) is None
     plain = SimpleNamespace(scaler=None, distributed_type=DistributedType.NO)

@@ -170,6 +170,8 @@ def test_a_checkpoint_from_before_whole_step_epochs_resumes_only_where_the_rules
     assert same_epochs(TrainState(step=6), 16, 16) == 16  # the same under both rules
     assert same_epochs(TrainState(step=6, epoch_batches=15), 15, 16) == 15
     assert same_epochs(TrainState(), 15, 16) == 15  # a fresh start
+    with pytest.raises(CheckpointError, match="counted 12 micro-batches"):  # a recorded rule of another length
+        same_epochs(TrainState(step=6, epoch_batches=12), 16, 16)
 
 
 def test_the_train_loader_shuffles_keeps_whole_batches_and_groups_lengths_by_the_runs_seed():
