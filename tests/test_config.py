@@ -551,6 +551,11 @@ def test_processes_an_mpi_launcher_started_without_torchs_ranks_are_refused(monk
     assert "one of several an MPI launcher started (OMPI_COMM_WORLD_SIZE=4)" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")  # torch's ranks given beside MPI's (torchrun under srun): as torchrun says
     refuse_command_line(["beta=2"], "config")
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+    for value in ("", "x"):  # a variable set to no number (an empty export): no MPI size, no traceback
+        monkeypatch.setenv("PMI_SIZE", value)
+        refuse_command_line(["beta=2"], "config")
 
 
 def test_an_accelerate_configs_deepspeed_json_is_found_from_any_directory(tmp_path, monkeypatch):

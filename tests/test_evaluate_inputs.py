@@ -467,6 +467,14 @@ def test_the_run_directory_is_found_among_hydras_options_and_overrides(tmp_path)
     assert _path_argument(["m", str(run), "--cfg", "job", "--package", "benchmarks"])[1] == path
     assert _path_argument(["m", "--info", "config", "-m", str(run), "~benchmarks.rule"])[4] == path
     assert _path_argument(["m", "evaluate.path=x", "--cfg", "job"]) == ["m", "evaluate.path=x", "--cfg", "job"]
+    assert _path_argument(["m", str(run), "-p", "benchmarks"])[1] == path  # -p is --package's short form
+    # a folder with a quote in its name becomes an override Hydra reads back as that folder
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    quoted = tmp_path / "bob's run"
+    quoted.mkdir()
+    override = OverridesParser.create().parse_override(_path_argument(["m", str(quoted)])[1])
+    assert override.key_or_group == "evaluate.path" and override.value() == str(quoted)
     # a directory named twice: Hydra took the last, the other went unevaluated without a word
     twice = (["m", "evaluate.path=x", str(run)], ["m", "evaluate.path=x", "evaluate.path=y"])
     for argv in (["m", str(tmp_path / "nope")], ["m", str(run), "extra"], *twice):

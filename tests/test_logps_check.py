@@ -162,3 +162,20 @@ def test_a_model_with_dropout_on_is_checked_without_it():
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").train()
     record = check_logps(model, BatchLayout("none"), PAIR, PAD, "cpu", nullcontext)
     assert record["gap"] < 1e-5 and model.training
+
+
+def test_a_16_bit_model_with_some_float32_weights_gets_the_16_bit_tolerance_and_its_own_logps_in_float32():
+    """float32 norms or LoRA adapters beside bf16 weights compute in bf16 all the same (the float32 tolerance gave a
+    false mismatch); the model's own reference log-probs are taken from float32 logits."""
+    from simpo_exp.logps_check import own_mean_logp, precision
+
+    mixed = make_model(seed=3).to(torch.bfloat16)
+    mixed.model.norm.float()
+    assert precision(mixed, None) == "16-bit" and precision(make_model(), None) == "float32"
+    assert precision(make_model(), torch.bfloat16) == "16-bit"
+    model = make_model(seed=3).to(torch.bfloat16)
+    prompt, response = [3, 4, 5], [6, 7, 8, 9]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0, 2:-1].float()
+    want = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).mean().item()
+    assert own_mean_logp(model, prompt, response, "cpu") == pytest.approx(want, abs=1e-6)
