@@ -1112,3 +1112,17 @@ def test_the_tokenizer_hash_leaves_out_call_time_settings():
     assert tokenizer_hash(tok) == clean
     tok.add_tokens(["<|new|>"])  # what turns text into ids: another hash
     assert tokenizer_hash(tok) != clean
+
+
+def test_a_step_of_two_micro_batches_moves_the_data_position_and_the_epoch_by_two(compose, tmp_path):
+    """Under gradient accumulation a step reads accum micro-batches: the position a resume starts from and the logged
+    epoch count them all (counted as one, a resume read batches again and train/epoch lagged)."""
+    from simpo_exp.train import train
+
+    cfg = _tiny_config(compose, tmp_path, "per_device_train_batch_size=8", "gradient_accumulation_steps=2",
+                       "max_steps=2", "save_steps=1")  # fmt: skip
+    train(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run") if "train/epoch" in r]
+    assert [r["train/epoch"] for r in rows] == [0.25, 0.5]  # 64 pairs: 8 micro-batches of 8 an epoch
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000001" / "state.json").read_text())
+    assert state["train_state"]["micro_batches"] == 2
