@@ -515,6 +515,7 @@ def test_a_sweep_or_launcher_preset_in_a_single_run_is_refused(tmp_path):
         ["--multirun", "+launcher=local"],
         ["--cfg", "hydra", "+launcher=slurm"],
         ["+sweep=optuna", "--help"],  # prints the app's help, runs nothing: as --cfg
+        ["+sweep=optuna", "-h"],
         ["+launcher=slurm", "--hydra-help"],
         ["hydra.mode=MULTIRUN", "+launcher=local", "beta=2,3"],  # Hydra's other way to ask for a multirun
     ):

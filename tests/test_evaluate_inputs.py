@@ -974,3 +974,31 @@ def test_an_arena_answer_file_of_a_run_named_with_a_path_is_one_file(tmp_path, m
     (answers,) = (out / "model_answer").iterdir()
     assert answers.name == "model.path=_data_org_m,beta=2.jsonl"
     assert {row["model_id"] for row in read_jsonl(answers)} == {"model.path=_data_org_m,beta=2"}
+
+
+def test_the_generate_entry_point_refuses_a_training_key_before_any_work(tmp_path, monkeypatch, capsys):
+    """``python -m simpo_exp.generate beta=5``: a training key the stage never reads is refused by the entry point
+    (exit 2, named), not run as if it had not been given."""
+    import sys
+
+    from simpo_exp.generate import __main__ as entry
+    from simpo_exp.generate import run
+
+    called = []
+    monkeypatch.setattr(run, "generate_data", lambda config: called.append(config))
+    monkeypatch.setattr(sys, "argv", ["generate", "beta=5", f"hydra.run.dir={tmp_path / 'log'}"])
+    with pytest.raises(SystemExit) as leaving:
+        entry.main()
+    assert leaving.value.code == 2 and "beta" in capsys.readouterr().err and called == []
+
+
+def test_a_benchmark_preset_in_a_searchpath_folder_is_known(tmp_path):
+    from simpo_exp.evaluate.__main__ import _check_benchmark_names
+
+    (tmp_path / "myconf" / "benchmark").mkdir(parents=True)
+    (tmp_path / "myconf" / "benchmark" / "mysort.yaml").write_text("{}\n")
+    searched = f"hydra.searchpath=[file://{tmp_path}/myconf]"
+    _check_benchmark_names(["m", searched, "benchmark=mysort"])
+    with pytest.raises(SystemExit) as leaving:
+        _check_benchmark_names(["m", searched, "benchmark=nope"])
+    assert leaving.value.code == 2

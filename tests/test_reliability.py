@@ -378,10 +378,14 @@ def test_a_resumed_fp16_run_goes_on_from_its_loss_scale(compose, tmp_path, monke
     assert scales == [2.0**7, 2.0**8]  # steps 3 and 4 as before, not 2**5, 2**6 from the initial scale
 
 
-def test_two_micro_batches_of_8_step_as_one_batch_of_16_clipped_at_max_grad_norm(compose, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", [[], ["loss=cpo"]])
+def test_two_micro_batches_of_8_step_as_one_batch_of_16_clipped_at_max_grad_norm(
+    compose, tmp_path, monkeypatch, method
+):
     """Through the loop: accumulation divides each micro-batch's loss by their number (accelerate's backward), so
     the gradient norm of 2 x 8 pairs is that of the same 16 pairs in one batch (the sampler draws one permutation
-    whatever the batch size); and clipping is asked for at the run's max_grad_norm on every step."""
+    whatever the batch size); and clipping is asked for at the run's max_grad_norm on every step. With an NLL term
+    (CPO) each chosen token is weighed by the whole step's count, not its micro-batch's."""
     from accelerate import Accelerator
 
     from simpo_exp.train import train
@@ -395,7 +399,7 @@ def test_two_micro_batches_of_8_step_as_one_batch_of_16_clipped_at_max_grad_norm
     norms = {}
     for batch, accum in ((16, 1), (8, 2)):
         extra = [f"per_device_train_batch_size={batch}", f"gradient_accumulation_steps={accum}", "max_steps=1"]
-        train(_tiny_config(compose, tmp_path / f"{batch}x{accum}", *extra, "max_grad_norm=0.5"))
+        train(_tiny_config(compose, tmp_path / f"{batch}x{accum}", *extra, *method, "max_grad_norm=0.5"))
         norms[accum] = [
             r["train/grad_norm"] for r in read_metrics(tmp_path / f"{batch}x{accum}" / "run") if "train/grad_norm" in r
         ]
