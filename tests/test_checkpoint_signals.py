@@ -525,6 +525,32 @@ def test_a_stop_before_training_began_is_recorded_for_compare(tmp_path, monkeypa
     assert found.status == "stopped" and "SIGTERM during start-up, before a step" in found.error
 
 
+def test_a_real_sigterm_during_start_up_ends_the_job_where_it_is(tmp_path, monkeypatch):
+    """The stop signal is taken at once from the start: a scheduler's SIGTERM while the config is checked ends the job
+    there (held back, it waited through the whole model load for the first step)."""
+    import os
+    import sys
+
+    import simpo_exp.__main__ as entry
+
+    def signalled(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return cfg
+
+    monkeypatch.setattr(entry, "fill_run_identity", signalled)
+    monkeypatch.setattr(entry, "to_config", lambda cfg: pytest.fail("the job went on past the signal"))
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["simpo_exp", "logger=none", f"hydra.run.dir={run}"])
+    found = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a command starts (a test worker may hold another)
+    try:
+        with pytest.raises(SystemExit) as leaving:
+            entry.main()
+    finally:
+        signal.signal(signal.SIGTERM, found)
+    assert leaving.value.code == 128 + signal.SIGTERM
+    assert json.loads((run / "stopped.json").read_text())["during"] == "start-up"
+
+
 def _save(run_dir, step: int, keep: int = 2):
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters())
