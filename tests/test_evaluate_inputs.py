@@ -1002,3 +1002,40 @@ def test_a_benchmark_preset_in_a_searchpath_folder_is_known(tmp_path):
     with pytest.raises(SystemExit) as leaving:
         _check_benchmark_names(["m", searched, "benchmark=nope"])
     assert leaving.value.code == 2
+
+
+def test_lc_is_alpaca_evals_own_fit_on_a_cached_file_and_its_failure_is_said(monkeypatch):
+    """AlpacaEval 2's LC win rate comes from alpaca-eval's GLM, which reads the hub's df_gamed.csv: without a cached
+    copy it is not computed (nothing downloads) and the note says how to fetch it; a NaN standard error is null;
+    a failure of the fit is said and the win rate stands. (alpaca-eval stood in here: not installed for the tests.)"""
+    import types
+
+    import huggingface_hub
+
+    from simpo_exp.evaluate.judge import ALPACA_EVAL_ROWS, NO_LC, length_controlled
+
+    handed, outcome = [], {"lc": {"length_controlled_winrate": 41.0, "lc_standard_error": float("nan")}}
+
+    def fit(rows, save_weights_dir=None):
+        handed.append(len(rows))
+        if isinstance(outcome["lc"], Exception):
+            raise outcome["lc"]
+        return outcome["lc"]
+
+    glm = types.ModuleType("alpaca_eval.metrics.glm_winrate")
+    glm.get_length_controlled_winrate = fit
+    for name, module in (("alpaca_eval", types.ModuleType("alpaca_eval")),
+                         ("alpaca_eval.metrics", types.ModuleType("alpaca_eval.metrics")),
+                         ("alpaca_eval.metrics.glm_winrate", glm)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    cached = {"path": None}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: cached["path"])
+    rows = [{"preference": 2.0}] * ALPACA_EVAL_ROWS
+    lc, why = length_controlled(rows, ALPACA_EVAL_ROWS)
+    assert lc == NO_LC and "df_gamed.csv" in why and "nothing is downloaded" in why and handed == []
+    cached["path"] = "/cache/df_gamed.csv"
+    assert length_controlled(rows, ALPACA_EVAL_ROWS) == ({"lc_win_rate": 41.0, "lc_standard_error": None}, None)
+    assert handed == [ALPACA_EVAL_ROWS]
+    outcome["lc"] = RuntimeError("boom")
+    lc, why = length_controlled(rows, ALPACA_EVAL_ROWS)
+    assert lc == NO_LC and why.startswith("alpaca-eval's LC failed (RuntimeError: boom")

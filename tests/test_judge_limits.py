@@ -403,6 +403,13 @@ def test_a_half_written_last_line_is_dropped_before_the_next_verdict_is_appended
     assert list(stored_lines(path, "id", lambda r: True)) == ["0"]
     text = path.read_text()
     assert text.endswith("\n") and [json.loads(line)["id"] for line in text.splitlines()] == ["0"]
+    # verdicts of another judge prompt (another baseline's, paid for) stay in the file from the first rewrite on: a
+    # run killed before its next write keeps them
+    path.write_text("".join(json.dumps({"id": i, "judge": j}) + "\n" for i, j in (("0", "m"), ("1", "other"))))
+    others = []
+    assert list(stored_lines(path, "id", lambda r: r["judge"] == "m", others)) == ["0"]
+    assert others == [{"id": "1", "judge": "other"}]
+    assert sorted(json.loads(line)["id"] for line in path.read_text().splitlines()) == ["0", "1"]
 
 
 def _paused_judge(moody, **settings):
