@@ -234,3 +234,14 @@ def test_a_hash_missing_then_or_now_is_left_unchecked(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "chat_template_hash", lambda tokenizer: None)
     monkeypatch.setattr(train_mod, "tokenizer_hash", lambda tokenizer: None)
     train_mod.check_same_tokenizer(tmp_path, tokenizer)
+
+
+def test_the_report_shows_each_side_of_the_example_and_each_sides_truncation():
+    got = _report([([BOS, 5], [6, EOS], [7, 8, EOS])])
+    assert "7" in got["example"]["rejected"] and "7" not in got["example"]["chosen"]
+    lengths = {side: {"p50": 1, "max": 2} for side in ("prompt", "chosen", "rejected")}
+    split = {"bos_per_sequence": {1: 3}, "truncated_share": {"chosen": 0.25, "rejected": 0.5}, "lengths": lengths}
+    example = {"rendered_chosen": "p ⟦response⟧ c", "chosen": "6|2", "rejected": "7|2"}
+    lines = report.report_lines({"chat_template_sha256": "abc", "splits": {"train": split}, "example": example})
+    assert "truncated chosen 25.0%, rejected 50.0%" in lines[1]
+    assert lines[-2:] == ["  chosen tokens:   6|2", "  rejected tokens: 7|2"]
