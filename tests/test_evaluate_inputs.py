@@ -1008,8 +1008,6 @@ def test_lc_is_alpaca_evals_own_fit_on_a_cached_file_and_its_failure_is_said(mon
     """AlpacaEval 2's LC win rate comes from alpaca-eval's GLM, which reads the hub's df_gamed.csv: without a cached
     copy it is not computed (nothing downloads) and the note says how to fetch it; a NaN standard error is null;
     a failure of the fit is said and the win rate stands. (alpaca-eval stood in here: not installed for the tests.)"""
-    import types
-
     import huggingface_hub
 
     from simpo_exp.evaluate.judge import ALPACA_EVAL_ROWS, NO_LC, length_controlled

@@ -13,6 +13,7 @@ from simpo_exp.evaluate.config import BenchmarkConfig, JudgeConfig
 from simpo_exp.evaluate.judge import JudgeError, PairwiseJudge
 from tests.test_evaluate import ARENA_CASES, FakeJudge
 from tests.test_evaluate_judging import serve
+from tests.test_judge_faults import ASKED
 
 
 class MoodyJudge(FakeJudge):
@@ -31,7 +32,8 @@ class MoodyJudge(FakeJudge):
         cls = type(self)
         cls.requests.append(body)
         text = json.dumps(body)
-        limited, failing = cls.limited > 0, cls.limited <= 0 and cls.failing > 0
+        limited = cls.limited > 0
+        failing = not limited and cls.failing > 0
         status = (
             cls.limited_status if limited else 500 if failing else cls.broken_status if cls.broken in text else None
         )
@@ -419,9 +421,6 @@ def _paused_judge(moody, **settings):
     judge, pauses = PairwiseJudge(moody.judge, "benchmarks.alpacaeval2"), []
     judge.stopping = SimpleNamespace(is_set=lambda: False, wait=pauses.append)
     return judge, pauses
-
-
-ASKED = {"id": "0", "instruction": "Say 0", "reference": "x"}
 
 
 def test_a_rate_limit_waits_double_up_to_a_minute_and_failed_tries_up_to_eight_seconds(moody):
