@@ -11,18 +11,24 @@ trains. So a fully trained dense layer costs 6P per token and a frozen one (LoRA
     body      (2 + 2 + 2 * trainable share) * body parameters * tokens computed
     head      the same with the output projection, over response tokens only (prompt positions
               never reach the vocabulary projection, see ``simpo_exp.logps``)
-    attention 12 * layers * (heads * head_dim) * visible (query, key) pairs: QK^T and AV cost
-              2 FLOPs per pair and dimension each forward, twice that backward
+    attention 12 * layers * width * visible (query, key) pairs: QK^T and AV cost 2 FLOPs per pair
+              and dimension each forward, twice that backward. width = heads * head_dim, or where the
+              query-key and value heads differ (multi-head latent attention, DeepSeek-V2/V3, Kimi-K2)
+              heads * (qk_head_dim + v_head_dim) / 2
+    reference a live reference model (``reference_mode=live``) runs forward only in every step:
+              2P per token in the body, 2P per response token in the head, 4 * layers * width per pair
 
 The input embedding is a lookup and costs nothing. With a frozen embedding (LoRA without gradient
 checkpointing) autograd also skips the first layer's input gradients, so the count is high by
 about 2P/layers there: a small overstatement of that case's MFU. Peak figures are dense bf16/fp16 tensor-core
 throughput from the vendors' data sheets; ``hardware.peak_tflops`` overrides the lookup (and is
-the only way to get an MFU on CPU or in fp32).
+the only way to get an MFU on CPU or in fp32). A device's name is matched whole-word against the table ("RTX A1000"
+is not an A100).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -59,14 +65,22 @@ class FlopSpec:
     head_params: int  # the output projection
     head_trainable: float  # the share of the head's parameters that train (1 or 0; LoRA on lm_head: its adapters')
     layers: int
-    attention_width: int  # heads x head_dim (the width of the QK^T and AV products)
+    attention_width: float  # the mean width of the QK^T and AV products: heads x head_dim for most models
+    live_reference: bool = False  # a reference model runs forward in every step (reference_mode=live)
 
     def step_flops(self, tokens: float, response_tokens: float, attention_pairs: float) -> float:
+        forward = (
+            2 * self.body_params * tokens
+            + 2 * self.head_params * response_tokens
+            + 4 * self.layers * self.attention_width * attention_pairs
+        )
         train_share = self.body_trainable / max(self.body_params, 1)
-        body = (4 + 2 * train_share) * self.body_params * tokens
-        head = (4 + 2 * self.head_trainable) * self.head_params * response_tokens
-        attention = 12 * self.layers * self.attention_width * attention_pairs
-        return body + head + attention
+        backward = (
+            (2 + 2 * train_share) * self.body_params * tokens
+            + (2 + 2 * self.head_trainable) * self.head_params * response_tokens
+            + 8 * self.layers * self.attention_width * attention_pairs
+        )
+        return forward + backward + (forward if self.live_reference else 0)
 
 
 def full_numel(p: torch.Tensor) -> int:
@@ -125,15 +139,28 @@ def flop_spec(model: torch.nn.Module) -> FlopSpec:
     # LoRA on lm_head: the frozen weight takes no weight gradient, only its adapters do
     head_trainable = sum(full_numel(p) for p in head.parameters() if p.requires_grad) if head is not None else 0
     heads = getattr(config, "num_attention_heads", 0)
-    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // max(heads, 1))
     return FlopSpec(
         body_params=body,
         body_trainable=body_trainable,
         head_params=head_params,
         head_trainable=head_trainable / max(head_params, 1),
         layers=getattr(config, "num_hidden_layers", 0),
-        attention_width=heads * head_dim,
+        attention_width=heads * attention_head_width(config),
     )
+
+
+def attention_head_width(config) -> float:
+    """One head's mean width over QK^T and AV: ``head_dim`` (or hidden size / heads) where queries, keys and values
+    are as wide; (qk + v) / 2 where a config gives the value heads a width of their own (``v_head_dim``: multi-head
+    latent attention, whose ``head_dim`` is the rotary part alone and whose queries and keys are
+    ``qk_nope_head_dim + qk_rope_head_dim`` wide)."""
+    heads = getattr(config, "num_attention_heads", 0)
+    qk = getattr(config, "qk_head_dim", None)
+    if not qk and getattr(config, "qk_nope_head_dim", None) is not None and getattr(config, "qk_rope_head_dim", None):
+        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    qk = qk or getattr(config, "head_dim", None) or (config.hidden_size // max(heads, 1))
+    v = getattr(config, "v_head_dim", None) or qk
+    return (qk + v) / 2
 
 
 def _causal(n: torch.Tensor | int):
@@ -171,6 +198,6 @@ def peak_flops(device: torch.device, mixed_precision: str, override_tflops: floa
     ):  # a slice of the GPU, whose share of the peak its name does not say: no MFU rather than a wrong one
         return None
     for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
+        if re.search(rf"\b{re.escape(key)}\b", name):
             return tflops * 1e12
     return None

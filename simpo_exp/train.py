@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -474,7 +474,6 @@ def set_up(cfg: Config) -> Run:
     )
     logps_check = check_logps_for_run(cfg, accelerator, model, layout, train_ds, tokenizer.pad_token_id)
     policy = ResponseLogps.for_layout(model, layout, fused=head)
-    flops = flop_spec(model)  # before any sharding
     checkpoint_bytes = checkpoint.check_space(
         run_dir,
         model,
@@ -488,6 +487,7 @@ def set_up(cfg: Config) -> Run:
     collate, reference, train_loader, eval_loader, eval_ds = make_loaders(
         cfg, model, {"train": train_ds, "test": eval_ds}, collate, accelerator, layout, start_weights
     )
+    flops = step_work(model, reference)  # before any sharding
     fused_optimizer = adamw_fused(accelerator)
     optimizer = adamw(model, cfg, lr, fused_optimizer)
     compiler = watch_compiles(cfg, accelerator, model)  # after the reference is copied, before prepare
@@ -590,6 +590,13 @@ def set_up(cfg: Config) -> Run:
         started,
         compiler=compiler,
     )
+
+
+def step_work(model, reference) -> FlopSpec:
+    """What a step's MFU counts: the policy's forward and backward, and a live reference's forward, which every
+    step runs as well (a cached reference's log-probs were computed before training: not a step's work)."""
+    live = reference is not None and not isinstance(reference, CachedReference)
+    return replace(flop_spec(model), live_reference=live)
 
 
 # ----------------------------------------------------------------------------- the steps

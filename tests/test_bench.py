@@ -484,3 +484,23 @@ def test_a_second_sigterm_does_not_cut_the_report_short():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_the_benchmarks_step_flops_count_the_head_over_response_tokens_and_the_layouts_attention():
+    """bench_trl's MFU of both sides: the output head's cost falls on response tokens alone (prompt positions never
+    reach it), the attention term on the layout's visible (query, key) pairs."""
+    from simpo_exp.data import PairCollator
+    from simpo_exp.flops import FlopSpec, attention_pairs
+
+    bench = load_bench()
+    pairs = [
+        {"prompt_input_ids": [5, 6], "chosen_input_ids": [7], "rejected_input_ids": [8, 9]},
+        {"prompt_input_ids": [5, 6, 7, 8], "chosen_input_ids": [9, 10, 11], "rejected_input_ids": [12]},
+    ]
+    batch = PairCollator(0)(pairs)
+    head = FlopSpec(0, 0, head_params=1, head_trainable=1, layers=0, attention_width=0)
+    assert bench.batch_flops(head, batch, "none") == 6 * (1 + 2 + 3 + 1)  # not 6 x the 22 real tokens
+    attention = FlopSpec(0, 0, head_params=0, head_trainable=0, layers=1, attention_width=1)
+    shared = PairCollator(0, packing="prefix_shared")(pairs)
+    assert bench.batch_flops(attention, shared, "prefix_shared") == 12 * attention_pairs(shared, "prefix_shared")
+    assert attention_pairs(shared, "prefix_shared") < attention_pairs(batch, "none")

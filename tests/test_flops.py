@@ -45,6 +45,9 @@ def test_step_flops_formula():
     )
     frozen = FlopSpec(1000, 100, 200, False, 2, 8)  # LoRA-like: 10% of the body trains, the head is frozen
     assert frozen.step_flops(10, 4, 0) == (4 * 1000 + 2 * 100) * 10 + 4 * 200 * 4
+    # a live reference's forward: 2P a token in the body, 2P a response token in the head, 4 x layers x width a pair
+    live = FlopSpec(1000, 1000, 200, True, 2, 8, live_reference=True)
+    assert live.step_flops(10, 4, 20) == spec.step_flops(10, 4, 20) + 2 * 1000 * 10 + 2 * 200 * 4 + 4 * 2 * 8 * 20
 
 
 # the tiny models' shape; eager attention, whose L x L scores torch's FLOP counter sees
@@ -102,6 +105,55 @@ def test_formula_matches_torch_flop_counter(lora):
     counted, expected = counted_and_expected(model)
     # the formula also counts the norms' few parameters as matmul work; the counter sees matmuls only
     assert counted == pytest.approx(expected, rel=0.01)
+
+
+def test_a_live_references_forward_is_counted_as_torch_counts_it():
+    """reference_mode=live runs a frozen copy forward in every step, inside the timed step: its work was left out
+    of the MFU (6 of 8 parts of a fully trained step's, 4 of 6 under LoRA). torch's counter over the policy's
+    forward and backward and the reference's forward agrees with the formula; a cached reference is no step's work."""
+    from simpo_exp.reference import CachedReference
+    from simpo_exp.train import step_work
+
+    model, reference = _tiny_llama(tie=False), _tiny_llama(tie=False)
+    spec = step_work(model, reference)
+    assert spec.live_reference and spec == FlopSpec(**{**vars(flop_spec(model)), "live_reference": True})
+    assert not step_work(model, None).live_reference
+    assert not step_work(model, object.__new__(CachedReference)).live_reference
+    batch = PairCollator(0)([{"prompt_input_ids": list(range(3, 23)), "chosen_input_ids": list(range(30, 45)),
+                              "rejected_input_ids": list(range(50, 65))}])  # fmt: skip
+    with FlopCounterMode(display=False) as counter:
+        out = ResponseLogps(model)(**batch)
+        out.logp_sums.sum().backward()
+        with torch.no_grad():
+            ResponseLogps(reference)(**batch)
+    tokens, response = int(batch["attention_mask"].sum()), int(out.num_tokens.sum())
+    assert counter.get_total_flops() == pytest.approx(spec.step_flops(tokens, response, 2 * 35 * 35), rel=0.01)
+
+
+def test_multi_head_latent_attention_counts_its_query_key_and_value_widths():
+    """DeepSeek-V2/V3 and Kimi-K2 (multi-head latent attention) say ``head_dim`` for the rotary part alone (64): the
+    attention term took it as the width of QK^T and AV, 2.5x below DeepSeek-V3's (192-wide queries and keys, 128-wide
+    values). torch's counter on a tiny one agrees with the formula now."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        **{**SHAPE, "num_key_value_heads": 4}, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = DeepseekV3ForCausalLM(config)
+    assert flop_spec(model).attention_width == 4 * (48 + 32) / 2  # heads x (qk + v) / 2, not heads x head_dim (64)
+    counted, expected = counted_and_expected(model)
+    assert counted == pytest.approx(expected, rel=0.01)
+    # a config that gives the two parts of the query-key width alone (no qk_head_dim), and one without value heads
+    # of their own
+    from types import SimpleNamespace
+
+    from simpo_exp.flops import attention_head_width
+
+    parts = SimpleNamespace(num_attention_heads=4, head_dim=16, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+    assert attention_head_width(parts) == (48 + 32) / 2
+    assert attention_head_width(SimpleNamespace(num_attention_heads=4, hidden_size=64)) == 16
 
 
 def test_lora_on_the_output_head_counts_its_frozen_weight_without_a_weight_gradient():
@@ -185,9 +237,20 @@ def test_a_gpu_whose_name_contains_another_is_matched_by_its_own(monkeypatch):
         ("NVIDIA L40S", 362.1),
         ("NVIDIA GH200 480GB", 989.4),
         ("NVIDIA H200 NVL", 835.0),  # before the SXM H200's 989.4, which its name contains
+        ("NVIDIA GB200", 2500.0),
+        ("NVIDIA B200", 2250.0),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H800", 989.4),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A800-SXM4-80GB", 312.0),
+        ("NVIDIA A10G", 70.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA RTX A1000 6GB Laptop GPU", None),  # contains "A100" but is not one: whole words only
+        ("NVIDIA RTX A6000", None),
     ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert peak_flops(torch.device("cuda", 0), "bf16", None) == tflops * 1e12, name
+        assert peak_flops(torch.device("cuda", 0), "bf16", None) == (tflops and tflops * 1e12), name
 
 
 def test_a_mixture_of_experts_counts_the_experts_a_token_runs():

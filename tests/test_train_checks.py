@@ -107,3 +107,35 @@ def test_no_checkpoint_at_the_last_step_and_a_signal_in_its_eval_finishes_the_ru
     with pytest.raises(SystemExit):  # an earlier step's eval: saved, and stopped there
         _loop(run)
     assert [(s.step, s.eval_owed) for s in saved] == [(2, 0)] and evals == [2]
+
+
+@pytest.mark.parametrize("packing, pairs", [("prefix_shared", 13), ("packed", 16), ("none", 16)])
+def test_a_step_counts_the_attention_pairs_of_the_layout_it_runs(monkeypatch, packing, pairs):
+    """The step's attention work (train/mfu's attention term) is counted in the run's layout: a prefix-shared pair
+    (prompt 2, chosen 1, rejected 2) sees 13 (query, key) pairs; counted as one causal row of 5 it would be 15, and
+    MFU too high under the packed layouts."""
+    import contextlib
+
+    import torch
+
+    from simpo_exp import train as train_mod
+    from simpo_exp.data import PairCollator
+    from simpo_exp.metrics import Window
+
+    monkeypatch.setattr(train_mod, "batch_loss", lambda *a: (torch.tensor(0.0), {"pairs": torch.tensor(1.0)}, None))
+    acc = SimpleNamespace(
+        accumulate=lambda m: contextlib.nullcontext(), backward=lambda loss: None, clip_grad_norm_=lambda *a: 1.0,
+        distributed_type=None, device=torch.device("cpu"), optimizer_step_was_skipped=False,
+    )  # fmt: skip
+    run = SimpleNamespace(
+        accelerator=acc, state=TrainState(), layout=SimpleNamespace(packing=packing), accum=1,
+        policy=torch.nn.Linear(1, 1), reference=None, steps=1,
+        cfg=SimpleNamespace(sft_weight=0, max_grad_norm=1.0, logging_steps=1),
+        compiler=SimpleNamespace(step_started=lambda: None, step_finished=lambda *a: False),
+        optimizer=SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none: None),
+        scheduler=SimpleNamespace(get_last_lr=lambda: [0.0], step=lambda: None),
+    )  # fmt: skip
+    pair = {"prompt_input_ids": [5, 6], "chosen_input_ids": [7], "rejected_input_ids": [8, 9]}
+    window = Window()
+    train_mod.optimizer_step(run, iter([PairCollator(0, packing=packing)([pair])]), window)
+    assert window.local()["attention_pairs"] == pairs and run.state.step == 1
