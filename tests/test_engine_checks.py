@@ -2,6 +2,7 @@
 
 import logging
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -230,3 +231,57 @@ def test_checkpoints_go_through_the_engine_only_where_it_shards(compose):
     cfg.hardware.checkpoint_format = "safetensors"
     with pytest.raises(ConfigError, match="use 'accelerate' or 'auto'"):
         engine_checkpoints(cfg, SimpleNamespace(distributed_type=DistributedType.FSDP))
+
+
+def test_a_deepspeed_preset_without_a_launcher_builds_its_own_plugin(compose, monkeypatch, fake_engine, tmp_path):
+    """``python -m simpo_exp hardware=zero3`` (no accelerate launch) builds the preset's DeepSpeed plugin itself, one
+    process; under accelerate launch (ACCELERATE_USE_DEEPSPEED=true) the launcher's runs and none is built here. The
+    preset's file is the user's own where it is found from the working directory, else the project's; a missing one
+    is named."""
+    import json
+    import shutil
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from simpo_exp.engine import deepspeed_config_path, make_accelerator
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the one-process launcher variables it sets go with it
+    for key in ("ACCELERATE_USE_DEEPSPEED", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        os.environ.pop(key, None)
+    overrides = ("hardware=zero3", "hardware.device=cpu", "hardware.mixed_precision=no", "max_grad_norm=0.3")
+    cfg = to_config(compose(*overrides))
+    plugin = lambda: DeepSpeedPlugin(hf_ds_config=str(ROOT / "launchers" / "ds_zero3.json"))  # noqa: E731
+    built = fake_engine(DistributedType.DEEPSPEED, state=lambda: SimpleNamespace(deepspeed_plugin=plugin()))
+    make_accelerator(cfg)
+    assert built[-1].asked["deepspeed_plugin"].zero_stage == 3 and os.environ["WORLD_SIZE"] == "1"
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    make_accelerator(cfg)
+    assert built[-1].asked["deepspeed_plugin"] is None
+    # a user's own edited copy where the run starts is theirs; a file found nowhere is named
+    (tmp_path / "launchers").mkdir()
+    shutil.copy(ROOT / "launchers" / "ds_zero3.json", tmp_path / "launchers" / "ds_zero3.json")
+    monkeypatch.chdir(tmp_path)
+    assert deepspeed_config_path("launchers/ds_zero3.json") == Path("launchers/ds_zero3.json")
+    assert deepspeed_config_path("launchers/ds_zero2.json") == ROOT / "launchers" / "ds_zero2.json"
+    with pytest.raises(ConfigError, match="hardware.deepspeed_config='nope.json': no such file"):
+        deepspeed_config_path("nope.json")
+    assert json.loads(Path("launchers/ds_zero3.json").read_text())["zero_optimization"]["stage"] == 3
+
+
+def test_a_users_own_deepspeed_preset_is_checked_against_the_launcher(monkeypatch):
+    """A preset of the user's own name that sets hardware.deepspeed_config is a DeepSpeed preset (not only the
+    shipped zero*): started without DeepSpeed, or under a launcher that offloads other than it asks, it is refused."""
+    import json
+
+    from accelerate.utils import DistributedType
+
+    from simpo_exp.engine import check_engine
+
+    mine = SimpleNamespace(name="mine", deepspeed_config="launchers/ds_zero3.json")
+    with pytest.raises(ConfigError, match="hardware=mine asks for DEEPSPEED, but accelerate set up NO"):
+        check_engine(mine, DistributedType.NO)
+    offload = SimpleNamespace(name="zero3-offload", deepspeed_config="launchers/ds_zero3_offload.json")
+    running = json.loads((ROOT / "launchers" / "ds_zero3_offload.json").read_text())
+    del running["zero_optimization"]["offload_param"]  # the optimizer offloaded, the weights not
+    with pytest.raises(ConfigError, match="'offload_param': 'cpu'.*runs .*'offload_param': 'none'"):
+        check_engine(offload, DistributedType.DEEPSPEED, running)

@@ -191,6 +191,12 @@ def test_the_engine_is_read_from_the_launchers_configs():
     assert deepspeed("ds_zero3.json", "no") == Engine("deepspeed", 8, 3, half_precision=False)
     assert deepspeed("ds_zero2.json", "fp16") == Engine("deepspeed", 8, 2)  # fp16 halves the working weights too
     assert deepspeed("ds_zero3_offload.json") == Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True)
+    nvme = json.loads((ROOT / "launchers" / "ds_zero3_offload.json").read_text())
+    for key in ("offload_optimizer", "offload_param"):  # ZeRO-Infinity: off the GPU as CPU offload is
+        nvme["zero_optimization"][key]["device"] = "nvme"
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config=nvme)
+    offloaded = Engine.of(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=plugin))
+    assert offloaded == Engine("deepspeed", 8, 3, offload_optimizer=True, offload_params=True)
     config = json.loads((ROOT / "launchers" / "ds_zero3.json").read_text())
     config["zero_optimization"]["sub_group_size"] = 5e8  # a user's own: as DeepSpeed reads it
     plugin = SimpleNamespace(zero_stage=3, deepspeed_config=config)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from simpo_exp.config import ConfigError, to_config
@@ -511,9 +512,31 @@ def test_each_launcher_config_forms_one_group_over_two_nodes(config, monkeypatch
         plugin = DeepSpeedPlugin()
         plugin.set_mixed_precision("bf16")  # the hardware preset's, as the Accelerator passes it on
         assert plugin.deepspeed_config["bf16"]["enabled"] is True
+        # the launcher runs the ZeRO stage and offload of the hardware preset of its name (check_engine refuses
+        # another at start-up), and ZeRO-3 builds the model partitioned (whole on every process: a 70B's host memory)
+        from simpo_exp.engine import zero_layout
+
+        preset = yaml.safe_load((CONF_ROOT / "conf" / "hardware" / config).read_text())
+        asked = json.loads((CONF_ROOT / preset["deepspeed_config"]).read_text())
+        assert zero_layout(plugin.deepspeed_config) == zero_layout(asked)
+        assert plugin.zero3_init_flag is (plugin.zero_stage == 3)
     else:
-        prepare_multi_gpu_env(args)
+        for key, value in prepare_multi_gpu_env(args).items():
+            if key.startswith(("ACCELERATE_", "FSDP_")):
+                monkeypatch.setenv(key, value)
+        if args.use_fsdp:  # FSDP2, sharded checkpoints (not the whole model gathered at each save), no offload,
+            from accelerate.utils import FullyShardedDataParallelPlugin  # each decoder layer its own unit
+
+            from simpo_exp.memory import fsdp_offloads
+
+            plugin = FullyShardedDataParallelPlugin()
+            assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+            assert not fsdp_offloads(plugin) and "transformer" in plugin.auto_wrap_policy.__name__
+    assert (args.use_deepspeed, args.use_fsdp) == (config.startswith("zero"), config == "fsdp.yaml")
+    assert args.multi_gpu or args.use_deepspeed or args.use_fsdp  # not one process training alone
     assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+    # launched on one node as the README writes it (no --num_processes): one process for each of its 8 GPUs
+    assert yaml.safe_load((CONF_ROOT / "launchers" / config).read_text())["num_processes"] == 8
     assert "gpu-001" in (getattr(args, "master_addr", None), getattr(args, "rdzv_endpoint", "").split(":")[0])
 
 
@@ -602,6 +625,20 @@ def test_a_deepspeed_preset_under_another_presets_launcher_is_refused():
     check_engine(offload, DistributedType.DEEPSPEED, launcher("zero3_offload"))
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONF_ROOT / "launchers").glob("ds_*.json")))
+def test_each_deepspeed_json_is_deepspeeds_own_zero_schema(name):
+    """A misspelt ZeRO key (stage3_prefetch_bucket_sizes) is refused by DeepSpeed only when the engine starts, on
+    the cluster; and without stage3_gather_16bit_weights_on_model_save a ZeRO-3 run's final save (the whole model
+    from its shards) fails after all its training."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = json.loads((CONF_ROOT / "launchers" / name).read_text())["zero_optimization"]
+    DeepSpeedZeroConfig(**{k: 10**6 if v == "auto" else v for k, v in zero.items()})  # refuses an unknown key
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
 def test_a_deepspeed_accumulation_or_clipping_fixed_outside_the_run_is_refused(monkeypatch):
     """accelerate launch --gradient_accumulation_steps 4 (or a number in the JSON) made DeepSpeed update every 4
     micro-batches while the loop stepped every 2: one real update logged as two steps, one of them "skipped"; a
@@ -682,6 +719,19 @@ def test_a_deepspeed_config_whose_settings_the_launchers_config_overrides_is_sai
             launcher,
         )
     assert not caplog.text  # the preset's own file under its own launcher
+    # what accelerate fills in for "auto" is no setting of the user's; a value the launcher's file changed is said
+    running = json.loads(json.dumps(launcher))
+    running |= {"bf16": {"enabled": True}, "gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 4}
+    zero3 = SimpleNamespace(name="zero3", deepspeed_config="launchers/ds_zero3.json")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="simpo_exp.engine"):
+        check_engine(zero3, DistributedType.DEEPSPEED, running)
+    assert not caplog.text
+    running["zero_optimization"]["overlap_comm"] = not launcher["zero_optimization"]["overlap_comm"]
+    with caplog.at_level("WARNING", logger="simpo_exp.engine"):
+        check_engine(zero3, DistributedType.DEEPSPEED, running)
+    overlap = launcher["zero_optimization"]["overlap_comm"]
+    assert f"zero_optimization.overlap_comm={overlap!r} (runs {not overlap!r})" in caplog.text
 
 
 @pytest.mark.slow

@@ -403,6 +403,14 @@ def test_the_multinode_sbatch_script_gives_each_node_its_own_rank(tmp_path):
     assert all("hydra.run.dir=outputs/runs/slurm-77" in x and x.endswith("shutdown=110") for x in lines)
     # the rendezvous port follows the job id: two jobs of a few GPUs each placed on one node bound 29500 both
     assert all("--main_process_port 20077 " in x for x in lines)
+    # the launcher and the hardware preset are a pair (another preset is refused at start-up), one launcher a node
+    # (it starts a process per GPU), SIGTERM early enough for torchrun's 110 s shutdown window, requeued on preemption
+    import re
+
+    assert all(re.search(r"--config_file launchers/(\S+)\.yaml .* hardware=\1 ", x) for x in lines), lines
+    head = [line.split()[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert {"--ntasks-per-node=1", "--requeue"} <= set(head)
+    assert int(next(h for h in head if h.startswith("--signal=TERM@")).split("@")[1]) > 110
     assert (tmp_path / "srun_options").read_text() == "--cpus-per-task=64\n"
     assert not (tmp_path / "requeued").exists()  # it ended: nothing to requeue
     (tmp_path / "launched").unlink()  # nodes of 4 GPUs (--gpus-per-node=4): 4 processes each, not 8 (two a GPU)
