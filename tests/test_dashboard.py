@@ -651,3 +651,74 @@ def test_a_sweep_folder_named_two_ways_is_one_group():
     one = sweep_group("outputs/a/beta", "/work")
     assert sweep_group("outputs/a/beta/", "/work") == sweep_group("./outputs/a/beta", "/work") == one
     assert sweep_group("outputs/x/../a/beta", "/work") == one
+
+
+def test_a_nested_config_key_is_its_top_keys_column_and_a_lone_run_is_no_group():
+    """W&B keeps a config value under ``<top>.value``: a swept ``dataset.synthetic.num_train`` is the column
+    ``config:dataset.value.synthetic.num_train`` (``config:dataset.synthetic.num_train.value`` is an empty one). A
+    one-job sweep has nothing to group: grouped by its overrides its lone run drew as a group of one."""
+    assert dashboard.config_column("beta") == "config:beta.value"
+    assert dashboard.config_column("dataset.synthetic.num_train") == "config:dataset.value.synthetic.num_train"
+    lone = dashboard.Sweep(group="g", swept={"dataset.synthetic.num_train": ["dataset.synthetic.num_train"]},
+                           jobs=[Path("j")])  # fmt: skip
+    spec = dashboard.view_spec(dashboard.build_workspace(lone, "e", "p"))
+    assert "config:dataset.value.synthetic.num_train" in spec["spec"]["section"]["runSets"][0]["runFeed"]["columnOrder"]
+    assert lone.groupby == [] and not dashboard.spec_keys(spec)["grouping"]
+    three = dashboard.Sweep(group="g", swept={"beta": ["beta"]}, jobs=[Path("j")], asked=3)  # two yet to start
+    assert (
+        three.groupby == ["beta"]
+        and dashboard.spec_keys(dashboard.view_spec(dashboard.build_workspace(three, "e", "p")))["grouping"]
+    )
+
+
+def test_jobs_that_logged_to_two_projects_name_none_and_a_configured_entity_stands_for_an_offline_one(tmp_path):
+    """The view goes where all the runs are: two projects name none (one picked would hold some runs only). Offline
+    runs record an empty entity: the jobs' configured logger.entity is where they sync to."""
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    _record(sweep_dir, group="sweep-x-000000", entity="t", project=["p1", "p2"])
+    assert dashboard.read_sweep(sweep_dir).project is None
+    for config in sweep_dir.glob("*/.hydra/config.yaml"):
+        config.write_text(config.read_text() + "  entity: team-z\n")
+    _record(sweep_dir, group="sweep-x-000000", entity="", project="p")
+    sweep = dashboard.read_sweep(sweep_dir)
+    assert (sweep.entity, sweep.project) == ("team-z", "p")
+
+
+def test_a_swept_key_in_no_jobs_config_is_said_and_left_out(tmp_path, capsys):
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    for i, overrides in enumerate(sorted(sweep_dir.glob("*/.hydra/overrides.yaml"))):
+        overrides.write_text(overrides.read_text() + f"- +foo={i}\n")
+    sweep = dashboard.read_sweep(sweep_dir)
+    assert "foo" not in sweep.swept and "beta" in sweep.swept
+    assert "swept key 'foo' is in no job's config; left out of the view" in capsys.readouterr().err
+
+
+def test_a_moved_sweep_at_hydras_default_directory_keeps_the_group_it_ran_under(tmp_path):
+    """A sweep left at Hydra's dated default folder, moved since, whose jobs recorded no W&B group (none logged yet,
+    or they failed before W&B started): the group is of the folder the jobs ran in (hydra.yaml's output_dir), the one
+    W&B saw, not of the folder it was moved to."""
+    import shutil
+
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    for job in (p for p in sweep_dir.iterdir() if p.is_dir()):
+        (job / ".hydra" / "hydra.yaml").write_text(
+            "hydra:\n  mode: MULTIRUN\n  sweep:\n    dir: multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}\n"
+            f"  runtime:\n    cwd: {tmp_path}\n    output_dir: {job}\n"
+        )
+    ran_under = sweep_group(str(sweep_dir))
+    moved = tmp_path / "archive" / "moved"
+    moved.parent.mkdir()
+    shutil.move(sweep_dir, moved)
+    assert dashboard.read_sweep(moved).group == ran_under != sweep_group(str(moved))
+
+
+def test_a_group_choice_is_its_name_only_where_every_job_has_one():
+    configs = [{"model": {"name": "a", "d": 1}}, {"model": {"d": 2}}]
+    # the values that differ (model.name alone would group the job without one in a null group, whatever its d)
+    assert dashboard.config_keys_for("model", configs, [{"model": "a"}, {"model": "b"}]) == ["model.name", "model.d"]
+
+
+def test_skipped_steps_and_the_loss_are_with_the_optimisation_panels():
+    """train/skipped_steps (non-finite steps) beside the gradient norm, not in the folded progress section."""
+    section = {title: s.name for s in dashboard.metric_sections() for title, _ in s.panels}
+    assert section["train/skipped_steps"] == section["train/grad_norm"] == section["train/loss"] == "Optimisation"
