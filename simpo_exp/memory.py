@@ -10,7 +10,10 @@ Per device, with P parameters (bytes as loaded), T of them trained (element size
 
 - one device or DDP: the weights as loaded, gradients T s, AdamW moments 2 T s (torch keeps them in the
   weights' dtype);
-- FSDP (full sharding): the same divided by N; with parameter offload the state lives in CPU RAM;
+- FSDP: the same divided by the processes it shards over: N (full sharding), those of a node (FSDP1's hybrid
+  strategies), none (NO_SHARD); with parameter offload the state lives in CPU RAM. Where the weights stay gathered
+  from the forward to the backward (FSDP1's SHARD_GRAD_OP, FSDP2's ``reshard_after_forward=False``) the whole model
+  in its compute dtype is on each device in every step as well;
 - DeepSpeed under bf16 or fp16: half-precision weights (2 P) and gradients (2 T), a float32 master copy
   with the moments (12 T), and, in the optimizer step, a float32 copy of the gradients for the master copy (4 T;
   the "4_grads_32bit" of DeepSpeed's ``estimate_zero2_model_states_mem_needs``, counted with the gradients):
@@ -22,7 +25,8 @@ Per device, with P parameters (bytes as loaded), T of them trained (element size
   ``estimate_zero*_model_states_mem_needs`` count no gradients on the GPU then), parameter offload the weights.
 
 A live reference model (``reference_mode=live``) adds a frozen copy of the weights as they train: whole on each
-device, or 1/N of it under FSDP2 (simpo_exp/reference.py shards it as the policy is sharded).
+device, or 1/N of it under FSDP2 (simpo_exp/reference.py shards it as the policy is sharded); under FSDP1 whole in
+its mixed precision's ``param_dtype`` (the copy is cast to it before it goes to the device).
 
 These are lower bounds: activations, the logits, temporary buffers and the allocator's fragmentation come
 on top, so a run refused here could not have fit, while one let through can still run out of memory in a
@@ -56,6 +60,9 @@ class Engine:
     half_precision: bool = True  # DeepSpeed: bf16/fp16 weights with a float32 master copy (else all float32)
     fsdp_version: int = 2
     sub_group_size: int = 10**9  # ZeRO-3: parameters its optimizer steps at a time (DeepSpeed's default)
+    shard_over: int = 0  # FSDP: the processes a parameter is sharded over (0: all of them)
+    gathered_bytes: int = 0  # FSDP: bytes a parameter of the whole weights kept gathered in each step (0: none)
+    reference_bytes: int = 0  # FSDP1: bytes a parameter of a live reference in its param_dtype (0: as loaded)
 
     @classmethod
     def of(cls, accelerator) -> "Engine":
@@ -76,10 +83,42 @@ class Engine:
             offloads = offloaded("offload_optimizer"), offloaded("offload_param")
             return cls("deepspeed", n, stage, *offloads, half_precision=half, sub_group_size=group)
         if kind == "FSDP":
-            offload = fsdp_offloads(state.fsdp_plugin)
+            plugin = state.fsdp_plugin
+            offload = fsdp_offloads(plugin)
             version = 2 if fsdp2(accelerator) else 1
-            return cls("fsdp", n, offload_optimizer=offload, offload_params=offload, fsdp_version=version)
+            mesh = getattr(getattr(accelerator, "parallelism_config", None), "dp_shard_size", None)
+            shard_over, gathered = fsdp_sharding(plugin, version, n, mesh)
+            mixed = getattr(plugin, "mixed_precision_policy", None)
+            param_dtype = getattr(mixed, "param_dtype", None) if version == 1 else None
+            compute = param_dtype or (torch.bfloat16 if accelerator.mixed_precision in ("bf16", "fp16") else None)
+            width = lambda dtype: torch.tensor([], dtype=dtype).element_size() if dtype else 4  # noqa: E731
+            return cls(
+                "fsdp", n, offload_optimizer=offload, offload_params=offload, fsdp_version=version,
+                shard_over=0 if shard_over == n else shard_over, gathered_bytes=width(compute) if gathered else 0,
+                reference_bytes=width(param_dtype) if param_dtype else 0,
+            )  # fmt: skip
         return cls("single", n)
+
+
+def fsdp_sharding(plugin, version: int, n: int, mesh_shard: int | None = None) -> tuple[int, bool]:
+    """(processes a parameter is sharded over, whether the whole weights stay gathered from each forward to its
+    backward) of an FSDP plugin. FSDP1's strategy (accelerate keeps it in ``reshard_after_forward``, earlier in
+    ``sharding_strategy``): FULL_SHARD over all N, SHARD_GRAD_OP over N with the weights kept gathered, NO_SHARD
+    over none (DDP's memory), HYBRID_SHARD and _HYBRID_SHARD_ZERO2 over a node's processes (LOCAL_WORLD_SIZE).
+    FSDP2: over N, or ``mesh_shard`` (accelerate's ``parallelism_config.dp_shard_size``: HSDP's shard dimension),
+    gathered where ``reshard_after_forward`` is False."""
+    import os
+
+    if version >= 2:
+        gathered = getattr(plugin, "reshard_after_forward", True) is False
+        return (mesh_shard if isinstance(mesh_shard, int) and mesh_shard > 1 else n), gathered
+    strategy = getattr(plugin, "reshard_after_forward", None)
+    if not hasattr(strategy, "name"):
+        strategy = getattr(plugin, "sharding_strategy", None)
+    name = getattr(strategy, "name", "FULL_SHARD")
+    node = int(os.environ.get("LOCAL_WORLD_SIZE", n))
+    shard = 1 if name == "NO_SHARD" else min(node, n) if "HYBRID" in name else n
+    return shard, name in ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2")
 
 
 def fsdp_offloads(plugin) -> bool:
@@ -121,11 +160,18 @@ def state_bytes(
     else:
         weights, grads, optimizer = loaded, t_bytes, 2 * t_bytes
         if engine.kind == "fsdp":
-            shard = 0 if engine.offload_params else n
+            shard = 0 if engine.offload_params else min(engine.shard_over or n, n)
             weights, grads, optimizer = (x // shard if shard else 0 for x in (weights, grads, optimizer))
     need = {"weights": weights, "gradients": grads, "optimizer": optimizer}
+    if engine.kind == "fsdp" and engine.gathered_bytes and min(engine.shard_over or n, n) > 1:
+        need["gathered weights"] = engine.gathered_bytes * params  # kept from each forward to its backward
     if live_reference:
-        need["reference"] = loaded // n if engine.kind == "fsdp" and engine.fsdp_version >= 2 else loaded
+        if engine.kind == "fsdp" and engine.fsdp_version >= 2:
+            need["reference"] = loaded // min(engine.shard_over or n, n)
+        elif engine.kind == "fsdp" and engine.reference_bytes:
+            need["reference"] = engine.reference_bytes * params
+        else:
+            need["reference"] = loaded
     return need | {"total": sum(need.values())}
 
 
@@ -163,10 +209,11 @@ def check_fits(
         lora = "ddp-lora" if engine.processes > 1 else "gpu-lora"
         options.append(f"hardware={lora} (LoRA: the base stays frozen in model.dtype, only adapters train)")
     if not engine.offload_optimizer:
-        # DeepSpeed's estimate_zero3_model_states_mem_needs with both offloads: 18 bytes a parameter of CPU RAM
+        # DeepSpeed's estimate_zero3_model_states_mem_needs with both offloads and zero_init: 18 bytes a parameter
+        # of CPU RAM a node, times its additional_buffer_factor of 1.5
         options.append(
             "hardware=zero3-offload (the optimizer state and weights in CPU RAM: about "
-            f"{gib(18 * sum(full_numel(p) for p in model.parameters()))} of it, by DeepSpeed's estimate)"
+            f"{gib(27 * sum(full_numel(p) for p in model.parameters()))} of it a node, by DeepSpeed's estimate)"
         )
     shards = sharded_fit(model, int(0.8 * capacity), live_reference=live_reference)
     fully_sharded = engine.kind == "fsdp" or (engine.kind == "deepspeed" and engine.zero_stage >= 3)

@@ -404,10 +404,7 @@ def in_the_policys_precision(reference: ResponseLogps, policy, accelerator) -> N
             if name in held:
                 cast_in_place([t], held[name])
     elif accelerator.distributed_type == DistributedType.FSDP and not fsdp2(accelerator):
-        mixed = accelerator.state.fsdp_plugin.mixed_precision_policy
-        for tensors, dtype in ((reference.parameters(), "param_dtype"), (reference.buffers(), "buffer_dtype")):
-            if (to := getattr(mixed, dtype, None)) is not None:
-                cast_in_place(tensors, to)
+        in_fsdp1s_precision(reference, accelerator)  # done before it went to the device: a no-op now
     forward = reference.forward
 
     def under_autocast(*args, **kwargs):
@@ -415,6 +412,16 @@ def in_the_policys_precision(reference: ResponseLogps, policy, accelerator) -> N
             return forward(*args, **kwargs)
 
     reference.forward = under_autocast
+
+
+def in_fsdp1s_precision(reference: torch.nn.Module, accelerator) -> None:
+    """A live reference's weights and buffers cast to FSDP1's mixed-precision ``param_dtype`` and ``buffer_dtype``
+    (as FSDP1 casts the policy's for every forward): before the copy goes to the device, so that a float32 model's
+    copy (as FSDP trains it) takes 2 bytes a parameter there under bf16, not 4."""
+    mixed = accelerator.state.fsdp_plugin.mixed_precision_policy
+    for tensors, dtype in ((reference.parameters(), "param_dtype"), (reference.buffers(), "buffer_dtype")):
+        if (to := getattr(mixed, dtype, None)) is not None:
+            cast_in_place(tensors, to)
 
 
 def from_main_process(module: torch.nn.Module, device: torch.device) -> None:

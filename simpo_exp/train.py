@@ -100,6 +100,7 @@ from simpo_exp.reference import (
     CachedReference,
     architecture_fingerprint,
     from_main_process,
+    in_fsdp1s_precision,
     in_the_policys_precision,
     live_reference,
     shard_like_the_policy,
@@ -236,6 +237,8 @@ def make_loaders(
         fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
         if fsdp is not None and fsdp.cpu_ram_efficient_loading:  # only the main process loaded the weights
             from_main_process(reference, accelerator.device)
+        if fsdp is not None and not fsdp2(accelerator):  # in FSDP1's param_dtype before it goes to the device
+            in_fsdp1s_precision(reference, accelerator)
         if not fsdp2(accelerator):  # FSDP2 moves it to the device shard by shard (reference.shard_like_the_policy)
             reference = reference.to(accelerator.device)
     train_ds, eval_ds = splits["train"], splits["test"]

@@ -731,3 +731,35 @@ def test_the_rounding_check_counts_low_precision_weights_by_their_own_unit_in_th
         assert warn_if_updates_vanish(half, 1e-3) == 0.75
     assert "pure torch.bfloat16 training at learning rate 0.001" in caplog.text
     assert "hardware.master_weights=fp32" in caplog.text
+
+
+def test_an_fsdp1_live_reference_goes_to_the_device_in_fsdp1s_param_dtype(compose):
+    """FSDP trains float32 weights; FSDP1 computes them in its mixed precision's param_dtype, and the live copy was
+    cast to it only after prepare: a float32 copy (4 bytes a parameter) on every GPU while prepare ran, and the memory
+    check priced it so (Mistral-7B on 8x A100-40GB refused at 40.5 GiB, needing 30). It is cast before it is moved;
+    the policy stays in float32."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import MixedPrecision
+
+    from simpo_exp.config import to_config
+    from simpo_exp.data import PairCollator, build_datasets
+    from simpo_exp.layout import BatchLayout
+    from simpo_exp.model import build_tiny_tokenizer, load_model
+    from simpo_exp.train import make_loaders
+
+    cfg = to_config(compose("loss=dpo", "reference_mode=live", "dataset.synthetic.num_train=16"))
+    tok = build_tiny_tokenizer()
+    train, test, _ = build_datasets(cfg, tok)
+    model = load_model(cfg, tok, "sdpa")
+    mixed = MixedPrecision(param_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
+    plugin = SimpleNamespace(fsdp_version=1, cpu_ram_efficient_loading=False, mixed_precision_policy=mixed)
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin), device=torch.device("cpu"),
+        process_index=0, num_processes=1,
+    )  # fmt: skip
+    splits, collate = {"train": train, "test": test}, PairCollator(tok.pad_token_id)
+    _, reference, _, _, _ = make_loaders(cfg, model, splits, collate, accelerator, BatchLayout("none"))
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the policy's own weights untouched
