@@ -722,3 +722,45 @@ def test_skipped_steps_and_the_loss_are_with_the_optimisation_panels():
     """train/skipped_steps (non-finite steps) beside the gradient norm, not in the folded progress section."""
     section = {title: s.name for s in dashboard.metric_sections() for title, _ in s.panels}
     assert section["train/skipped_steps"] == section["train/grad_norm"] == section["train/loss"] == "Optimisation"
+
+
+@pytest.mark.parametrize("ch", ["^", "`", "$", "€", "🚀", "©"])
+def test_every_character_wandb_refuses_in_a_view_name_is_replaced(ch):
+    """wandb-workspaces refuses modifier symbols (^ `), currency signs ($ €), other symbols (emoji, ©) and lone
+    surrogates in a view's name with a pydantic ValidationError: a sweep group such as logger.group=cost$5 wrote no
+    spec. The view's name has each as _, its filter the group's own name; & % # ' / and letters are kept."""
+    group = f"lr{ch}2"
+    spec = dashboard.view_spec(dashboard.build_workspace(dashboard.Sweep(group=group, jobs=[Path("j")] * 2), "e", "p"))
+    assert spec["displayName"] == "SimPO lr_2"
+    assert dashboard.spec_keys(spec)["groups"] == {group}
+    assert dashboard.refused_in_names(f"a{ch}b&%#'/é") == [ch]
+    assert dashboard.refused_in_names("a\udcffb") == ["\udcff"]  # a lone surrogate (undecodable bytes in argv)
+
+
+def test_the_entity_is_the_runs_recorded_one_then_wandb_entity(tmp_path, monkeypatch, capsys):
+    """A shell's WANDB_ENTITY does not move the view away from the entity the runs logged to (their wandb_run.json);
+    offline runs record none, and `wandb sync` sends them to WANDB_ENTITY: the view and its push command go there
+    (W&B's default entity for the key is the viewer's, not the variable's)."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_ENTITY", "env-team")
+    sweep_dir = evaluated_sweep(tmp_path, {("2", "1"): 40.0, ("5", "1"): 70.0})
+    out = tmp_path / "view.json"
+    _record(sweep_dir, group="sweep-x-000000", entity="team-x", project="proj-y")
+    assert dashboard.main([str(sweep_dir), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["entity"] == "team-x"
+    _record(sweep_dir, group="sweep-x-000000", entity="", project="proj-y")
+    capsys.readouterr()
+    assert dashboard.main([str(sweep_dir), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["entity"] == "env-team"
+    assert "--entity env-team" in capsys.readouterr().out
+
+
+def test_a_file_given_for_the_sweep_is_refused(tmp_path, monkeypatch, capsys):
+    """An existing file (multirun.yaml, a saved view) given for the sweep wrote a view of an empty group of its name."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "multirun.yaml").write_text("x: 1\n")
+    with pytest.raises(SystemExit):
+        dashboard.main(["multirun.yaml"])
+    assert "multirun.yaml is not a sweep directory" in capsys.readouterr().err
+    assert not list(tmp_path.glob("wandb_workspace_*.json"))
