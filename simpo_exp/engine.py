@@ -343,8 +343,9 @@ def resolved_precision(h) -> str:
 
 
 def keep_fsdp_outputs(accelerator) -> None:
-    """Under FSDP2, let each module return what it computed. accelerate's mixed-precision policy casts every
-    output to the compute dtype (``output_dtype=bf16``), and the root module it wraps is ``ResponseLogps``: its
+    """Under FSDP2, let each module return what it computed. Where accelerate's mixed-precision policy casts every
+    output to the compute dtype (``output_dtype=bf16``: earlier releases did; 1.16 leaves it unset), the root module
+    it wraps is ``ResponseLogps``: its
     float32 log-prob sums came back in bfloat16, steps of 2 nats at |x| = 400, for the policy and the live
     reference alike, so losses, rewards and margins were quantised. The weights' and gradients' dtypes stay."""
     if not fsdp2(accelerator):
@@ -355,6 +356,21 @@ def keep_fsdp_outputs(accelerator) -> None:
     policy = plugin.mixed_precision_policy
     if policy is not None and getattr(policy, "output_dtype", None) not in (None, torch.float32):
         plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
+
+
+def keep_fsdp1_buffers(accelerator) -> None:
+    """Under FSDP1, buffers stay float32. accelerate's FSDP1 policy under bf16 sets ``buffer_dtype=bf16`` (unless
+    its ``buffer_autocast``), and FSDP1 casts every buffer to it: RoPE's ``inv_freq`` rounded to bf16 turned
+    positions by up to 1.9 rad at 2048 (Llama-3's theta of 5e5), for the whole run. The live reference follows the
+    policy (``reference.in_fsdp1s_precision``). The weights' and gradients' dtypes stay."""
+    if accelerator.distributed_type != DistributedType.FSDP or fsdp2(accelerator):
+        return
+    import dataclasses
+
+    plugin = accelerator.state.fsdp_plugin
+    policy = plugin.mixed_precision_policy
+    if policy is not None and getattr(policy, "buffer_dtype", None) not in (None, torch.float32):
+        plugin.mixed_precision_policy = dataclasses.replace(policy, buffer_dtype=torch.float32)
 
 
 def check_engine(h, got, running_ds_config: dict | None = None) -> None:
@@ -524,6 +540,7 @@ def make_accelerator(cfg: Config):
     check_engine(h, accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
     check_fsdp_reduction(accelerator)
     keep_fsdp_outputs(accelerator)
+    keep_fsdp1_buffers(accelerator)
     if plugin is not None:
         check_deepspeed_steps(plugin.deepspeed_config, accum, cfg.max_grad_norm)
         # DeepSpeed's engine clips (accelerator.clip_grad_norm_ is a no-op there): give it max_grad_norm

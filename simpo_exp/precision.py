@@ -16,7 +16,8 @@ This is what the official SimPO recipes do (``torch_dtype: null`` with ``bf16: t
   ``upcast_as_fsdp_does``); under bf16 the forward runs on bf16 copies of the gathered
   weights and gradients are reduced in bf16 (accelerate's policy), recorded as ``fsdp_param_dtype`` and
   ``fsdp_reduce_dtype``. The policy's cast of every output to bf16 is dropped (``engine.keep_fsdp_outputs``):
-  the log-prob sums stay float32.
+  the log-prob sums stay float32. FSDP1's cast of the buffers to bf16 is too (``engine.keep_fsdp1_buffers``):
+  RoPE's frequencies stay float32 (``fsdp_buffer_dtype``).
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def precision_record(model, accelerator) -> dict:
         # torch's AdamW keeps its moments in the dtype of the weights it steps; DeepSpeed in float32
         "master_weights_dtype": "float32" if deepspeed else weights,
         "optimizer_state_dtype": "float32" if deepspeed else weights,
-        "autocast_dtype": autocast,
+        # accelerate runs no autocast under DeepSpeed: the engine's cast weights make the compute 16-bit
+        "autocast_dtype": None if deepspeed else autocast,
     }
     if accelerator.distributed_type.value == "FSDP":
         # FSDP casts each layer's gathered weights to param_dtype for its forward and backward (so the whole
@@ -185,4 +187,6 @@ def precision_record(model, accelerator) -> dict:
         reduce = getattr(policy, "reduce_dtype", None) or compute
         record["fsdp_param_dtype"] = str(compute).removeprefix("torch.")
         record["fsdp_reduce_dtype"] = str(reduce).removeprefix("torch.")
+        if getattr(policy, "buffer_dtype", None) is not None:  # FSDP1 casts the buffers (RoPE's) to it
+            record["fsdp_buffer_dtype"] = str(policy.buffer_dtype).removeprefix("torch.")
     return record

@@ -132,11 +132,12 @@ def test_an_fsdp_accelerator_gets_its_outputs_kept(compose, monkeypatch, fake_en
 
     from simpo_exp import engine
 
-    kept = []
+    kept, buffers = [], []
     monkeypatch.setattr(engine, "keep_fsdp_outputs", kept.append)
+    monkeypatch.setattr(engine, "keep_fsdp1_buffers", buffers.append)  # FSDP1's RoPE frequencies kept float32
     built = fake_engine(DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
     accelerator, _ = engine.make_accelerator(to_config(compose("hardware=cpu")))
-    assert kept == [accelerator] and accelerator is built[-1]
+    assert kept == buffers == [accelerator] and accelerator is built[-1]
 
 
 def test_a_launchers_relative_deepspeed_config_is_found_from_another_directory(

@@ -259,7 +259,7 @@ def test_deepspeed_under_16_bits_keeps_the_master_copy_and_the_record_says_so(mi
         "weights_dtype": working,
         "master_weights_dtype": "float32",
         "optimizer_state_dtype": "float32",
-        "autocast_dtype": working,
+        "autocast_dtype": None,  # accelerate runs no autocast under DeepSpeed: the cast weights compute in 16 bits
     }
 
 
@@ -469,10 +469,12 @@ def test_fsdp_hands_back_the_float32_log_probs_it_computed(tmp_path):
 
 @fsdp_on_cpu
 def test_a_live_reference_under_fsdp1_computes_as_the_fsdp1_policy_does(tmp_path):
-    """FSDP1's bf16 policy casts the gathered weights and the buffers (RoPE's frequencies) to bf16 for the forward;
-    the live reference, an unwrapped float32 copy, had only the autocast: its float32 residual stream put the DPO
-    log-ratios at step 0 off zero by 0.01-0.08 nats on responses of a few hundred tokens. Cast to the policy's
-    dtypes, it computes exactly what the wrapped policy does."""
+    """FSDP1's bf16 policy casts the gathered weights to bf16 for the forward; the live reference, an unwrapped
+    float32 copy, had only the autocast: its float32 residual stream put the DPO log-ratios at step 0 off zero by
+    0.01-0.08 nats on responses of a few hundred tokens. Cast to the policy's dtypes, it computes exactly what the
+    wrapped policy does. accelerate's policy cast the buffers to bf16 as well (RoPE's frequencies: positions up to
+    1.9 rad off by 2048 at Llama-3's theta, for policy and reference alike): ``keep_fsdp1_buffers`` keeps them
+    float32, exact, in both."""
     import copy
     import functools
     from types import SimpleNamespace
@@ -484,17 +486,24 @@ def test_a_live_reference_under_fsdp1_computes_as_the_fsdp1_policy_does(tmp_path
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from simpo_exp.data.collate import PairCollator
+    from simpo_exp.engine import keep_fsdp1_buffers
     from simpo_exp.logps import ResponseLogps
+    from simpo_exp.precision import precision_record
     from simpo_exp.reference import in_the_policys_precision, live_reference
     from tests.test_perf_paths import make_model, random_pairs
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=1)
     plugin.set_mixed_precision("bf16")  # as AcceleratorState does for mixed_precision=bf16
+    assert plugin.mixed_precision_policy.buffer_dtype == torch.bfloat16  # accelerate's, without buffer_autocast
     accelerator = SimpleNamespace(
         distributed_type=DistributedType.FSDP,
         state=SimpleNamespace(fsdp_plugin=plugin),
         autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        mixed_precision="bf16",
     )
+    keep_fsdp1_buffers(accelerator)  # as make_accelerator does
+    kept = plugin.mixed_precision_policy
+    assert (kept.param_dtype, kept.reduce_dtype, kept.buffer_dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         base = make_model(vocab=4000).eval()
@@ -510,10 +519,16 @@ def test_a_live_reference_under_fsdp1_computes_as_the_fsdp1_policy_does(tmp_path
         with torch.no_grad():
             with accelerator.autocast():  # what prepare wraps the policy's forward in
                 ratios = policy(**batch).logp_sums.float() - reference(**batch).logp_sums.float()
+        frequencies = {n: b.detach().clone() for n, b in policy.named_buffers() if n.endswith("inv_freq")}
     finally:
         dist.destroy_process_group()
     assert ratios.tolist() == [0.0] * 8
-    assert {b.dtype for b in reference.buffers() if b.is_floating_point()} <= {torch.bfloat16}
+    exact = {n: b for n, b in base.named_buffers() if n.endswith("inv_freq")}
+    assert frequencies and all(f.dtype == torch.float32 for f in frequencies.values())
+    assert all(torch.equal(f, next(iter(exact.values()))) for f in frequencies.values())  # one RoPE, all layers
+    assert {b.dtype for b in reference.buffers() if b.is_floating_point()} == {torch.float32}
+    record = precision_record(base, accelerator)
+    assert (record["fsdp_param_dtype"], record["fsdp_buffer_dtype"]) == ("bfloat16", "float32")
 
 
 def test_fsdp_under_mixed_precision_trains_float32_whatever_master_weights_says(caplog):
