@@ -551,32 +551,78 @@ def seed_groups(runs: list[Run], metric: str = DEFAULT_METRIC, ascending: bool |
 
     Empty unless ``seed`` is one of the swept keys (``--multirun seed=1,2,3 beta=2,5``). A seed met twice for one
     setting (a run and its copy, one sweep given twice) is counted once, its first run's value, and the
-    others are counted in ``same seed left out``."""
+    others are counted in ``same seed left out``. A seed that failed is counted in ``failed``; one that diverged
+    (stopped by its non-finite steps) makes the setting's mean NaN, as a NaN seed does: left out, its setting's
+    surviving seeds would look better than the setting is. A near-zero metric (``length/reward_corr``) is pooled by
+    size (``|metric| mean``): seeds of +0.6 and -0.6 are a bias of 0.6 each, not none."""
     groups, repeats = _pooled(runs, metric)
+    failed, diverged = _failed_seeds(runs)
+    size = near_zero_is_better(metric)
     rows = []
-    for setting, by_seed in groups.items():
-        values = [r.final(metric) for r in by_seed.values()]
-        mean = sum(values) / len(values)
+    for setting in list(groups) + [s for s in failed if s not in groups]:
+        values = [abs(v) if size else v for r in groups.get(setting, {}).values() if (v := r.final(metric)) is not None]
+        if diverged.get(setting):
+            values.append(math.nan)
+        mean = sum(values) / len(values) if values else None
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
         rows.append(
             {
                 **dict(setting),
-                "seeds": len(values),
-                f"{metric} mean": mean,
+                "seeds": len(groups.get(setting, {})),
+                mean_key(metric): mean,
                 "std": std,
                 # min and max over a NaN depend on where it sits: a diverged seed makes both NaN
-                "min": math.nan if any(math.isnan(v) for v in values) else min(values),
-                "max": math.nan if any(math.isnan(v) for v in values) else max(values),
+                "min": math.nan if any(math.isnan(v) for v in values) else min(values, default=None),
+                "max": math.nan if any(math.isnan(v) for v in values) else max(values, default=None),
+                **({"failed": failed[setting]} if setting in failed else {}),
                 **({"same seed left out": repeats[setting]} if setting in repeats else {}),
             }
         )
     ascending = lower_is_better(metric) if ascending is None else ascending
 
     def order(row):  # best first, as rank_runs orders runs; a NaN or infinite mean (a diverged seed) last
-        v = row[f"{metric} mean"]
+        v = row[mean_key(metric)]
         return (0, ranked_value(metric, v, ascending)) if _is_number(v) else (1, 0.0)
 
     return sorted(rows, key=order)
+
+
+def mean_key(metric: str) -> str:
+    """A ``seed_groups`` row's column of the mean: ``<metric> mean``, ``|<metric>| mean`` for a near-zero metric."""
+    return f"|{metric}| mean" if near_zero_is_better(metric) else f"{metric} mean"
+
+
+def _failed_seeds(runs: list[Run]) -> tuple[dict[tuple, int], dict[tuple, int]]:
+    """Per setting (as ``_pooled`` keys them), its failed runs and, of those, the diverged ones (stopped by
+    ``max_bad_steps`` non-finite steps in a row: ``NonFiniteError``). Empty unless seed is swept."""
+    failed: dict[tuple, int] = {}
+    diverged: dict[tuple, int] = {}
+    if "seed" not in swept_keys(runs):
+        return failed, diverged
+    for r in runs:
+        if r.status == "failed":
+            setting = tuple((k, v) for k, v in r.swept.items() if k != "seed")
+            failed[setting] = failed.get(setting, 0) + 1
+            if (r.error or "").startswith("NonFiniteError"):
+                diverged[setting] = diverged.get(setting, 0) + 1
+    return failed, diverged
+
+
+def best_setting_caveat(groups: list[dict], metric: str) -> str:
+    """What keeps the first of ``groups`` (``seed_groups`` rows with a number, best first) from being plainly the
+    best: a tie of the means, a best or runner-up of one seed (no spread to tell them apart), or the next setting's
+    seeds reaching into the best's range; "" where none does."""
+    if len(groups) < 2:
+        return ""
+    best, key = groups[0], mean_key(metric)
+    tied = [g for g in groups[1:] if math.isclose(g[key], best[key], rel_tol=1e-9, abs_tol=1e-12)]
+    if tied:  # the means equal (to their summation's rounding): no setting is the best
+        return f"tied with {len(tied)} other setting{'s' * (len(tied) > 1)} ({_setting_of(tied[0])})"
+    if min(best["seeds"], groups[1]["seeds"]) < 2:
+        return f"one seed, no spread to tell it from the next: {_setting_of(groups[1])}"
+    if max(best["min"], groups[1]["min"]) <= min(best["max"], groups[1]["max"]):
+        return f"within the spread of the next: {_setting_of(groups[1])}"
+    return ""
 
 
 def _pooled(runs: list[Run], metric: str) -> tuple[dict[tuple, dict[str, Run]], dict[tuple, int]]:
@@ -943,10 +989,12 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
     entries = []  # (label, curve: key -> (steps, values, low, high), leads), best first
     if pooled:
         for row in seed_rows:
-            members = list(by_setting[tuple(_setting(row).items())].values())
+            members = list(by_setting.get(tuple(_setting(row).items()), {}).values())
+            if not members:  # a setting whose every seed failed: nothing to draw
+                continue
             n = len(members)
             label = f"{_setting_of(row)}  ({n} seed{'s' * (n > 1)}, mean eval {finals(partial(_mean_final, members))})"
-            entries.append((label, partial(seed_curve, members), _is_number(row[f"{metric} mean"])))
+            entries.append((label, partial(seed_curve, members), _is_number(row[mean_key(metric)])))
         members = {id(r) for seeds in by_setting.values() for r in seeds.values()}
         ranked = [r for r in ranked if id(r) not in members]
     for r in ranked:
@@ -985,17 +1033,14 @@ def figure(runs: list[Run], family: Family | str, metric: str = DEFAULT_METRIC, 
         heading = f"settings (mean over seeds),\nbest first by {metric}" if pooled else f"runs, best first by {metric}"
         fig.legend(handles, labels, loc="outside right upper", title=heading, fontsize=9)
     title = fam.title + (f"  -  {fam.better} is better" if fam.better else "")
-    groups = [g for g in seed_rows if _is_number(g[f"{metric} mean"])]
+    groups = [g for g in seed_rows if _is_number(g[mean_key(metric)])]
     if groups and (len(groups) > 1 or groups[0]["seeds"] > 1):  # a setting, not one seed's run, is the best
         best = groups[0]
         title += "\n" + textwrap.shorten(f"best setting by {metric} over seeds: {_setting_of(best)}", 80)
-        title += f" (mean {_fmt(best[f'{metric} mean'])}, {best['seeds']} seeds, {_fmt(best['min'])} to "
-        title += f"{_fmt(best['max'])})"
-        tied = [g for g in groups[1:] if g[f"{metric} mean"] == best[f"{metric} mean"]]
-        if tied:  # an exact tie of the means: no setting is the best
-            title += f", tied with {len(tied)} other setting{'s' * (len(tied) > 1)} ({_setting_of(tied[0])})"
-        elif len(groups) > 1 and max(best["min"], groups[1]["min"]) <= min(best["max"], groups[1]["max"]):
-            title += f", within the spread of the next: {_setting_of(groups[1])}"
+        title += f" (mean {_fmt(best[mean_key(metric)])}, {best['seeds']} seed{'s' * (best['seeds'] != 1)}, "
+        title += f"{_fmt(best['min'])} to {_fmt(best['max'])})"
+        caveat = best_setting_caveat(groups, metric)
+        title += f", {caveat}" if caveat else ""
     elif len(ranked) > 1 and ranked[0].status == "done" and _is_number(ranked[0].final(metric)):
         best = ranked[0]
         ties = sum(r.status == "done" and r.final(metric) == best.final(metric) for r in ranked[1:])
@@ -1107,6 +1152,9 @@ def main(argv: list[str] | None = None) -> int:
         if seeds:
             print(f"\nover seeds (runs that differ only by seed), by {metric}:")
             print(format_table(seeds))
+            caveat = best_setting_caveat([g for g in seeds if _is_number(g[mean_key(metric)])], metric)
+            if caveat:
+                print(f"note: the first setting, {_setting_of(seeds[0])}, is no clear best: {caveat}")
     if args.generations:
         print("\nlast generations:")
         print(format_generations(last_generations(runs, args.generations)))

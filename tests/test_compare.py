@@ -327,9 +327,12 @@ def test_last_generations_side_by_side(sweep):
 
 def test_seed_groups(sweep):
     groups = compare.seed_groups(compare.load_runs(sweep))
-    assert [g["seeds"] for g in groups] == [2, 2] and {g["beta"] for g in groups} == {"2", "5"}
-    for g in groups:
+    assert [g["seeds"] for g in groups] == [2, 2, 0] and [g["beta"] for g in groups][2] == "-1"
+    for g in groups[:2]:
         assert g["min"] <= g["eval/rewards/accuracies mean"] <= g["max"] and g["std"] is not None
+    # beta=-1's seeds both failed (refused at start): listed, last, with nothing to average
+    assert groups[2]["failed"] == 2 and groups[2]["eval/rewards/accuracies mean"] is None
+    assert "failed" not in groups[0]
 
 
 def test_notebook_executes_on_the_sweep(sweep, monkeypatch):
@@ -1174,3 +1177,70 @@ def test_settings_tied_over_their_seeds_are_titled_tied_not_one_best():
     runs[3].history[-1][acc] = 0.95
     title = " ".join(compare.figure(compare.label_runs(runs), "rewards_accuracies").get_suptitle().split())
     assert "over seeds: beta=5" in title and "tied with" not in title and "within the spread of the next" in title
+
+
+def _seeded(rows, metric="eval/rewards/accuracies"):
+    """Runs of (seed, beta, final value or an error type for a failed run), labelled as a sweep's."""
+    runs = []
+    for i, (seed, beta, value) in enumerate(rows):
+        if isinstance(value, str):
+            run = _run(str(i), {"seed": str(seed), "beta": str(beta)}, {}, status="failed")
+            run.error = f"{value}: it stopped"
+        else:
+            run = _run(str(i), {"seed": str(seed), "beta": str(beta)}, {metric: value})
+            run.history = [{"step": 1, metric: value}]
+        runs.append(run)
+    return compare.label_runs(runs)
+
+
+def test_a_setting_whose_seeds_diverged_is_not_ranked_on_its_survivors():
+    """Seeds stopped by their non-finite steps (NonFiniteError) failed and left the pool: beta=10 with 2 of 3 seeds
+    diverged ranked best on its one survivor (0.95) above beta=2's steady 0.9, with no word of the failures. A
+    diverged seed is the setting's, as a NaN seed is; any failed seed is counted."""
+    acc = "eval/rewards/accuracies"
+    runs = _seeded([(1, 2, 0.88), (2, 2, 0.90), (3, 2, 0.92), (1, 10, "NonFiniteError"), (2, 10, "NonFiniteError"),
+                    (3, 10, 0.95), (1, 5, 0.85), (2, 5, 0.87), (3, 5, "OutOfMemoryError")])  # fmt: skip
+    groups = compare.seed_groups(runs, acc)
+    assert [(g["beta"], g["seeds"], g.get("failed")) for g in groups] == [("2", 3, None), ("5", 2, 1), ("10", 1, 2)]
+    assert math.isnan(groups[2][f"{acc} mean"]) and math.isnan(groups[2]["min"])
+    assert groups[1][f"{acc} mean"] == pytest.approx(0.86)  # a crash is counted, not taken for divergence
+
+
+def test_a_near_zero_metric_is_pooled_over_seeds_by_its_size():
+    """eval/length/reward_corr is a length bias whichever way it leans: seeds of +0.6 and -0.6 averaged to 0 and
+    ranked that setting best over one whose seeds lean 0.1, while the runs' own table ranked them by size."""
+    metric = "eval/length/reward_corr"
+    runs = _seeded([(1, 2, 0.6), (2, 2, -0.6), (1, 5, 0.1), (2, 5, -0.1)], metric)
+    groups = compare.seed_groups(runs, metric)
+    assert [g["beta"] for g in groups] == ["5", "2"]
+    assert groups[0][f"|{metric}| mean"] == pytest.approx(0.1) and groups[1][f"|{metric}| mean"] == pytest.approx(0.6)
+    assert f"{metric} mean" not in groups[0]  # the column says what it averages
+
+
+@pytest.mark.parametrize(
+    "rows, caveat",
+    [
+        # means equal but for their summation's rounding (0.20000000000000004 and 0.19999999999999998)
+        ([(1, 2, 0.1), (2, 2, 0.2), (3, 2, 0.3), (1, 5, 0.3), (2, 5, 0.2), (3, 5, 0.1)], "tied with 1 other setting"),
+        # one seed has no spread: its lead over a setting of three seeds (0.7 to 0.9) tells nothing
+        ([(1, 5, 0.91), (1, 2, 0.7), (2, 2, 0.8), (3, 2, 0.9)], "one seed, no spread to tell it from the next"),
+        ([(1, 5, 0.95), (2, 5, 0.96), (1, 2, 0.7), (2, 2, 0.8)], ""),  # apart: a clear best
+    ],
+)
+def test_the_seed_table_and_the_title_say_when_the_first_setting_is_no_clear_best(rows, caveat, capsys, tmp_path):
+    acc = "eval/rewards/accuracies"
+    runs = _seeded(rows)
+    title = " ".join(compare.figure(runs, "rewards_accuracies").get_suptitle().split())
+    groups = [g for g in compare.seed_groups(runs, acc)]
+    assert compare.best_setting_caveat(groups, acc).startswith(caveat) and (caveat in title)
+    if not caveat:
+        assert compare.best_setting_caveat(groups, acc) == "" and "tied" not in title and "spread" not in title
+
+
+def test_the_printed_seed_table_says_when_its_first_setting_is_no_clear_best(monkeypatch, capsys, tmp_path):
+    """Only the plot's title said a best setting was within the spread of the next; the printed tables ranked on."""
+    runs = _seeded([(1, 5, 0.91), (2, 5, 0.82), (1, 2, 0.85), (2, 2, 0.86)])  # beta=5 first, its range over beta=2's
+    monkeypatch.setattr(compare, "load_runs", lambda paths: runs)
+    assert compare.main([str(tmp_path), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "note: the first setting, beta=5, is no clear best: within the spread of the next: beta=2" in out
