@@ -771,6 +771,17 @@ def test_lm_evals_perplexities_rank_lowest_first_and_are_not_offered_to_rank_by(
     assert _rank_metric([{"benchmark": "wikitext", "metrics": only}]) == "bench/wikitext/wikitext/word_perplexity:none"
     for name in ("perplexity:none", "word_perplexity:none", "bits_per_byte:none", "ter:none"):
         assert compare.lower_is_better(f"bench/b/task/{name}"), name
+
+
+def test_a_task_with_a_length_normalised_accuracy_is_ranked_by_it():
+    """lm-eval lists ARC's and HellaSwag's acc before their acc_norm, which the leaderboards and the SimPO paper
+    report: the printed "rank them" command named acc."""
+    from simpo_exp.evaluate.run import _rank_metric
+
+    arc = {"arc_challenge/acc:none": 0.5, "arc_challenge/acc_stderr:none": 0.01, "arc_challenge/acc_norm:none": 0.55}
+    assert _rank_metric([{"benchmark": "lb", "metrics": arc}]) == "bench/lb/arc_challenge/acc_norm:none"
+    mmlu = {"mmlu/acc:none": 0.6, "mmlu_stem/acc_norm:none": 0.5}  # another task's acc_norm is not mmlu's
+    assert _rank_metric([{"benchmark": "lb", "metrics": mmlu}]) == "bench/lb/mmlu/acc:none"
     assert not compare.lower_is_better("bench/b/task/acc:none")
     assert not compare.lower_is_better("bench/b/task/exact_match:strict-match")
 

@@ -109,7 +109,9 @@ def test_gsm8k_gets_the_whole_model_path_offline_and_the_hint_names_a_recorded_m
         fake_run(sweep / "0_beta=2,gamma_beta_ratio=0.3", ["beta=2", "gamma_beta_ratio=0.3"], compose),
         fake_run(sweep / "1_beta=5,gamma_beta_ratio=0.3", ["beta=5", "gamma_beta_ratio=0.3"], compose),
     ]
-    records = evaluate_sweep(sweep, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    records = evaluate_sweep(
+        sweep, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2", "benchmarks.gsm8k.apply_chat_template=true"
+    )
     # the model path whole, in the dtype the stage's own sampler uses (the saved float32 weights on a CPU)
     args = [{"pretrained": str((r / "model").resolve()), "dtype": "float32"} for r in runs]
     assert [c["model_args"] for c in lm_eval_calls] == args
@@ -240,7 +242,7 @@ def test_an_lm_eval_without_the_few_shot_format_setting_is_refused(tmp_path, com
     monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
     run = fake_run(tmp_path / "run", [], compose)
     with pytest.raises(ConfigError, match=r"benchmarks.gsm8k.apply_chat_template=true needs lm-eval >= 0.4.3"):
-        evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+        evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2", "benchmarks.gsm8k.apply_chat_template=true")
 
 
 def test_on_a_gpu_lm_eval_loads_the_model_in_the_autocast_the_run_trained_in(monkeypatch):
@@ -332,7 +334,7 @@ def test_kept_lm_eval_scores_stay_kept_on_every_later_run(lm_eval_calls, tmp_pat
     "override, key, value",
     [
         ("benchmarks.gsm8k.num_fewshot=3", "num_fewshot", 3),
-        ("benchmarks.gsm8k.apply_chat_template=false", "apply_chat_template", False),
+        ("benchmarks.gsm8k.apply_chat_template=true", "apply_chat_template", True),
     ],
 )
 def test_lm_eval_scores_of_other_few_shot_settings_are_not_kept(lm_eval_calls, tmp_path, compose, override, key, value):
@@ -517,3 +519,13 @@ def test_the_trained_model_is_the_policy_with_its_own_tokenizer_and_template(tmp
     model = trained_policy(cfg, tmp_path, "cpu").model
     assert (model.tokenizer_path, model.chat_template, model.revision) == ("", "auto", None)
     assert model.path == str((tmp_path / "model").resolve())
+
+
+def test_the_gsm8k_preset_runs_the_papers_plain_text_five_shot(lm_eval_calls, tmp_path, compose):
+    """The SimPO paper's downstream GSM8K (5-shot, the Open LLM Leaderboard v1 protocol) used no chat template; the
+    preset ran the model's template with the examples as turns, a score of another format, unsaid."""
+    run = fake_run(tmp_path / "run", [], compose)
+    (rec,) = evaluate_sweep(run, "benchmark=gsm8k", "benchmarks.gsm8k.limit=2")
+    call = lm_eval_calls[0]
+    assert call["apply_chat_template"] is False and call["num_fewshot"] == 5 and "fewshot_as_multiturn" not in call
+    assert rec["lm_eval"]["apply_chat_template"] is False and rec["lm_eval"]["fewshot_as_multiturn"] is False

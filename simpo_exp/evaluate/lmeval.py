@@ -101,8 +101,9 @@ def settings(b, policy_cfg) -> dict:
         "num_fewshot": b.num_fewshot,
         "limit": b.limit,
         "apply_chat_template": b.apply_chat_template,
-        # the few-shot examples as turns of the conversation where the chat template applies (lm-eval's default
-        # since 0.4.3's CLI and 0.4.13's simple_evaluate; before, one user turn: a format that moves the score)
+        # the few-shot examples as turns of the conversation where the chat template applies, given rather than left
+        # to lm-eval's default (False in 0.4.3's simple_evaluate and CLI, where the option came in; later releases
+        # differ): one user turn instead is a format that moves the score
         "fewshot_as_multiturn": bool(b.apply_chat_template),
         "batch_size": b.decoding.batch_size,
         "device": lm_eval_device(policy_cfg),

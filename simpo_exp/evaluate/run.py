@@ -772,6 +772,8 @@ def _rank_metric(records: list[dict]) -> str | None:
         names = {k for rec in mine for k in measured(rec)}
         scores = [k for rec in mine for k in measured(rec) if ":" in k and "_stderr:" not in k]
         scores = [k for k in scores if not is_lower_score(k)] or scores
+        # a task's length-normalised accuracy where it has one (ARC, HellaSwag: what the leaderboards report)
+        scores = [n if (n := k.replace("/acc:", "/acc_norm:", 1)) in names else k for k in scores]
         metric = next((k for k in HEADLINE if k in names), scores[0] if scores else None)
         if metric:
             return f"{PREFIX}{bench}/{metric}"
