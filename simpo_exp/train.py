@@ -732,12 +732,26 @@ def log_train(run: Run, window: Window, grad_norm: float) -> dict:
         "train/num_tokens": run.state.num_tokens,
         "train/grad_norm": grad_norm,
         "train/learning_rate": run.step_lr,
-        "train/epoch": run.state.micro_batches / run.state.epoch_batches,
+        "train/epoch": logged_epoch(run.state.micro_batches, run.state.epoch_batches, len(run.train_loader)),
         "train/skipped_steps": run.state.skipped_steps,
         SAMPLES_KEY: run.state.step * run.pairs_per_step,
     }
     run.tracker.log(metrics, run.state.step)
     return metrics
+
+
+def logged_epoch(micro_batches: int, epoch_batches: int, loader_batches: int) -> float:
+    """``train/epoch`` as transformers' Trainer logs it: the epochs done, plus this epoch's micro-batches over all of
+    the epoch's (``loader_batches``). An epoch trains its whole steps only (``epoch_batches``), so its last step reads
+    below 1 where micro-batches are left over: 448 of 478 is 0.937, as the official runs logged it (counted over the
+    trained micro-batches, it read 1.0 and every point ran up to 7% ahead). Data shorter than one step, which each
+    step reads more than once, counts its passes."""
+    if micro_batches <= 0:
+        return 0.0
+    if epoch_batches > loader_batches:
+        return micro_batches / epoch_batches
+    done, into = divmod(micro_batches - 1, epoch_batches)
+    return done + (into + 1) / loader_batches
 
 
 @torch.no_grad()

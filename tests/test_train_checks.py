@@ -19,7 +19,7 @@ def test_a_logged_step_counts_epochs_in_micro_batches_pairs_over_processes_and_s
     state = TrainState(step=2, micro_batches=4, epoch_batches=10, num_tokens=100.0, skipped_steps=1)
     window = SimpleNamespace(train_report=lambda *a: ({}, {"input_tokens": 30.0, f"{SKIPPED}input_tokens": 12.0}))
     run = SimpleNamespace(
-        accelerator=None, flops=None, peak=None, state=state, step_lr=1e-6, pairs_per_step=16,
+        accelerator=None, flops=None, peak=None, state=state, step_lr=1e-6, pairs_per_step=16, train_loader=[0] * 10,
         tracker=SimpleNamespace(log=lambda metrics, step: logged.append((step, metrics))),
     )  # fmt: skip
     metrics = log_train(run, window, grad_norm=0.5)
@@ -139,3 +139,14 @@ def test_a_step_counts_the_attention_pairs_of_the_layout_it_runs(monkeypatch, pa
     window = Window()
     train_mod.optimizer_step(run, iter([PairCollator(0, packing=packing)([pair])]), window)
     assert window.local()["attention_pairs"] == pairs and run.state.step == 1
+
+
+def test_the_logged_epoch_is_the_trainers():
+    """transformers' Trainer logs an epoch's micro-batches over all of its micro-batches: 478 of them at
+    accumulation 64 make 7 steps, the last at 448/478 = 0.937 as the official runs logged it; counted over the 448
+    trained, every point read up to 7% ahead and the last 1.0. The next epoch starts from 1."""
+    from simpo_exp.train import logged_epoch
+
+    assert [round(logged_epoch(64 * k, 448, 478), 4) for k in (1, 7, 8, 14)] == [0.1339, 0.9372, 1.1339, 1.9372]
+    assert logged_epoch(0, 448, 478) == 0.0 and logged_epoch(480, 480, 480) == 1.0  # no micro-batch left over
+    assert logged_epoch(8, 8, 3) == 1.0  # data shorter than a step (each step reads it more than once): passes
