@@ -46,7 +46,7 @@ from simpo_exp.rundir import (
     stopped_words,
     sweep_request,
 )
-from simpo_exp.signals import StopRequested, interrupt_status
+from simpo_exp.signals import StopRequested, declined_requeue, interrupt_status
 
 log = logging.getLogger(__name__)
 
@@ -778,6 +778,17 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             if single:
                 raise SystemExit(2) from None
         except Exception as e:
+            if declined_requeue(e) and (writes / STOPPED_FILE).exists():
+                # a time limit after submitit's requeues were used up (hydra.launcher.max_num_timeout): the run saved
+                # its checkpoint and stop record before submitit declined; stopped and resumable, not crashed
+                print(
+                    f"stopped at the time limit and not requeued ({e}); {writes} keeps its checkpoint: "
+                    f"{rerun_command()} to resume",
+                    file=sys.stderr,
+                )
+                if single:
+                    raise
+                return  # the sweep goes on (an Optuna trial without a value: failed)
             if main and hold and _is_user_error(e) and _refused_before_its_start(out, writes):
                 # a command refused in the folder of a run it never started (a bad value beside a finished or
                 # stopped run): that run is left as it was, its outcome and the config it ran with, as a refusal by

@@ -115,18 +115,24 @@ class StopSignal:
             log.warning("stopped by %s after step %d, checkpoint saved; %s to resume", name, step, rerun_command())
         self.restore()
         previous = self._previous.get(signum)
-        code = 128 + signum
+        code, declined = 128 + signum, None
         # default_int_handler would turn a clean stop into a KeyboardInterrupt traceback
         if callable(previous) and previous is not signal.default_int_handler:
             try:
                 previous(signum, None)
             except SystemExit as e:  # submitit's, on the main task, once it has requeued the job
                 code = e.code if isinstance(e.code, int) else code
+            except Exception as e:
+                if not declined_requeue(e):
+                    raise
+                declined = e  # submitit will not requeue (its time-outs used up): handed on once all have met
         if together is not None:
             # ``together``: a barrier of the run's processes. submitit requeues from the main task alone and leaves
             # the others to return; one of them leaving first could have srun end the job (KillOnBadExit) before
             # the main task's requeue
             together()
+        if declined is not None:  # submitit's way of ending the job (its result file); the run is stopped
+            raise declined
         raise SystemExit(code)
 
     def after_finish(self, accelerator) -> None:
@@ -146,3 +152,10 @@ class StopSignal:
         for sig, handler in self._previous.items():
             if handler is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(sig, handler)
+
+
+def declined_requeue(e: BaseException) -> bool:
+    """Whether ``e`` is submitit's refusal to requeue a job at its time limit (``UncompletedJobError``: its
+    ``max_num_timeout`` requeues used up): the run saved its checkpoint and stop record first, so it is stopped
+    and resumable, not crashed. Told by the class's name: submitit is imported only under its launcher."""
+    return type(e).__name__ == "UncompletedJobError"

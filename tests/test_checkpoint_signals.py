@@ -605,6 +605,33 @@ def test_every_process_waits_for_the_main_ones_requeue_before_leaving(monkeypatc
     assert calls == ["requeued", "all processes met"] and leaving.value.code == -1
 
 
+def test_submitits_refusal_to_requeue_is_handed_on_after_every_process_met():
+    """Once a job's time-outs are used up submitit's handler raises UncompletedJobError on the main task (its way of
+    ending the job): raised at once, the main task left the others waiting at the barrier until the time limit
+    killed them. The processes meet first; the refusal is then handed on (runinfo records a stopped run). Another
+    error from the handler is not taken for it."""
+    calls = []
+
+    class UncompletedJobError(RuntimeError):
+        pass
+
+    def declines(signum, frame):
+        calls.append("declined")
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    previous = signal.signal(signal.SIGUSR2, declines)
+    try:
+        with pytest.raises(UncompletedJobError):
+            StopSignal().exit(4, signal.SIGUSR2, together=lambda: calls.append("all processes met"))
+        assert calls == ["declined", "all processes met"]
+        signal.signal(signal.SIGUSR2, lambda signum, frame: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            StopSignal().exit(4, signal.SIGUSR2, together=lambda: calls.append("met again"))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == ["declined", "all processes met"]
+
+
 def test_a_finished_run_hands_its_recorded_accuracy_to_the_sweeper(tmp_path, monkeypatch):
     """A re-run sweep skips its finished jobs: each must still return its recorded eval accuracy, which the Optuna
     sweeper takes as the trial's value (None is a failed trial; a search whose trials all finished had "every trial

@@ -865,3 +865,52 @@ def test_a_jobs_name_and_group_come_from_its_sweep_unless_the_command_names_them
     (tmp_path / "sweep" / "0_beta=2").mkdir(parents=True)
     (tmp_path / "sweep" / "0_beta=2" / "wandb_run.json").write_text(json.dumps({"id": "x", "group": old}))
     assert _identity(tmp_path, monkeypatch, "beta=3", swept=("beta",))[1] == old
+
+
+# Loaded by the sweep's process below: a USR2 handler that declines to requeue as submitit's does once a job's
+# time-outs are used up (it raises UncompletedJobError), and the first job signalled at its first step.
+DECLINED_REQUEUE = """
+import os, signal
+
+class UncompletedJobError(RuntimeError):
+    pass
+
+def declines(signum, frame):
+    raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+signal.signal(signal.SIGUSR2, declines)
+
+import simpo_exp.train as train
+
+real, sent = train.optimizer_step, []
+
+def signalled_once(run, *args, **kwargs):
+    if not sent:
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGUSR2)
+    return real(run, *args, **kwargs)
+
+train.optimizer_step = signalled_once
+"""
+
+
+def test_a_job_submitit_declines_to_requeue_is_stopped_not_crashed(tmp_path):
+    """At a time limit after hydra.launcher.max_num_timeout requeues, submitit's handler raises UncompletedJobError
+    from the main task: the job had saved its checkpoint and stopped.json, yet was recorded as a crash (error.json
+    with a traceback) beside them, and the run's processes left without meeting. It is a stopped, resumable run; the
+    sweep goes on."""
+    from tests.runs import run_module
+
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(DECLINED_REQUEUE)
+    sweep = tmp_path / "sweep"
+    args = ["--multirun", "hardware=cpu", *FAST, "dataset.synthetic.num_train=64", "beta=3,4"]
+    args.append(f"hydra.sweep.dir={sweep}")
+    env = {"PYTHONPATH": f"{tmp_path / 'inject'}:{Path(__file__).resolve().parents[1]}"}
+    res = run_module("simpo_exp", *args, cwd=tmp_path, env=env, timeout=300)
+    first, second = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert (first / "stopped.json").exists() and not (first / "error.json").exists(), res.stderr[-3000:]
+    assert "stopped at the time limit and not requeued (Job not requeued because: timed-out too many times.)" in (
+        res.stderr
+    )
+    assert "crashed" not in res.stderr and (second / "summary.json").exists()
