@@ -2246,3 +2246,22 @@ def test_the_held_out_overlap_counts_test_pairs_not_distinct_prompts():
     train = Dataset.from_dict({"prompt": [conv("a"), conv("a")]})
     assert _test_prompts_in_train(train, Dataset.from_dict({"prompt": [conv("a"), conv("b")]})) == 1
     assert _test_prompts_in_train(train, Dataset.from_dict({"prompt": [conv("a", "system")]})) == 0
+
+
+def test_a_kind_that_changes_past_the_first_chunk_or_shard_is_refused_not_quoted(tmp_path, tok):
+    """datasets checks a JSON column's kinds chunk by chunk (10 MB) and shard by shard: a number in the second shard,
+    or past the first 10 MB of one file, turned that chunk's column into JSON text while its type still read string,
+    so every answer of the chunk trained in quotes ('"good 3"') and nothing was refused. Refused now, naming the
+    line."""
+    rows = [{"prompt": f"q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    shards = tmp_path / "shards"
+    write_jsonl(shards / "train-00000-of-00002.jsonl", rows)
+    second = write_jsonl(shards / "train-00001-of-00002.jsonl", [*rows[:4], {**rows[4], "chosen": 42}])
+    with pytest.raises(DataSourceError, match=rf"column 'chosen' holds values of more than one .*int at {second}:5"):
+        build_datasets(make_config({"s": SourceConfig(path=str(shards), format="strings")}, test_size=0.25), tok)
+    filler = "x" * 1000  # about 12 MB: the number lands in datasets' second chunk of the file
+    many = [{"prompt": f"q{i}?", "chosen": f"good {i} {filler}", "rejected": f"bad {i}"} for i in range(12_000)]
+    many[-1]["chosen"] = 7
+    big = write_jsonl(tmp_path / "big" / "prefs.jsonl", many)
+    with pytest.raises(DataSourceError, match=rf"column 'chosen' holds .*int at {big}:12000"):
+        build_datasets(make_config({"s": SourceConfig(path=str(big), format="strings")}, test_size=0.25), tok)

@@ -80,18 +80,27 @@ def _load_files(files: list[Path], source: str) -> Dataset:
     try:
         # escaped: datasets reads data_files as glob patterns, and a sweep job's folder ("seeds=[1,2]") matched nothing
         files_given = [glob.escape(str(f)) for f in files]
-        return load_dataset(types.pop(), name=f"sha256-{content}", data_files=files_given, split="train")
+        kind = types.pop()
+        # a JSON column whose values change kind is refused by pyarrow: datasets' default ("use_json") turns such a
+        # column into JSON text chunk by chunk (10 MB each, and each shard apart), so a number past the first chunk
+        # quoted every string of its chunk ("good r0" trained as '"good r0"') under a column still typed string
+        mixed = {"on_mixed_types": None} if kind == "json" else {}
+        return load_dataset(kind, name=f"sha256-{content}", data_files=files_given, split="train", **mixed)
     except Exception as e:  # unreadable or malformed file: datasets puts the parser's words (line, column) in the cause
         blank = [str(f) for f in files if f.suffix.lower() in (".jsonl", ".json") and _blank(f)]
         if blank:  # datasets says only that the split "corresponds to no data"
             raise DataSourceError(f"dataset.sources.{source}: {', '.join(blank)} holds no rows (blank lines only)")
+        not_json = first_bad_json_line(files)  # a line cut short reads as a column that changes kind too
+        changed = re.search(r"Column\(/([^)/\[]+)[^)]*\) changed from", f"{e} {e.__cause__ or ''}")
+        if changed and not not_json:  # pyarrow names the column and a row within its chunk: the line is found here
+            raise DataSourceError(mixed_kinds(source, changed.group(1), _first_other_kind(files, changed.group(1))))
         lines = [line for line in str(e.__cause__ or "").splitlines() if line.strip()]
         # the first line and the last, which says why where datasets lists a schema in between (shards whose
         # columns differ: "Couldn't cast ... because column names don't match")
         cause = f" ({lines[0]}{' ... ' + lines[-1] if len(lines) > 1 else ''})" if lines else ""
         raise DataSourceError(
             f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}{cause}"
-            f"{first_bad_json_line(files)}"
+            f"{not_json}"
         ) from e
 
 
@@ -105,10 +114,14 @@ def one_type_each(ds: Dataset, files: list[Path], source: str, src: SourceConfig
     mixed = [c for c in columns if holds_json(ds.features[c])]
     if not mixed:
         return ds
-    where = _first_other_kind(files, mixed[0])
-    raise DataSourceError(
-        f"dataset.sources.{source}: column {mixed[0]!r} holds values of more than one kind{where}; every row's "
-        f"{mixed[0]!r} must be a string (or every row's a list of messages, each content a string). Fix those rows "
+    raise DataSourceError(mixed_kinds(source, mixed[0], _first_other_kind(files, mixed[0])))
+
+
+def mixed_kinds(source: str, column: str, where: str) -> str:
+    """The refusal of a column whose rows hold values of more than one kind (``where``: the first two lines)."""
+    return (
+        f"dataset.sources.{source}: column {column!r} holds values of more than one kind{where}; every row's "
+        f"{column!r} must be a string (or every row's a list of messages, each content a string). Fix those rows "
         "(a number or null among texts), or leave them out of the file"
     )
 
