@@ -778,6 +778,15 @@ def test_string_responses_need_the_prompt_column_up_front(tmp_path, tok):
         build_datasets(make_config({"src": SourceConfig(path=str(path))}), tok)
     assert not isinstance(err.value, EmptySplitError)
     assert "missing column(s) ['prompt']" in str(err.value) and "'instruction'" in str(err.value)
+    assert "not split here" not in str(err.value)  # a column that may hold the prompt: mapping it is the advice
+    # HH-RLHF's texts hold the whole conversation, no prompt column: mapping one cannot help, and the error says so
+    hh = [
+        {"chosen": f"\n\nHuman: q{i}\n\nAssistant: a", "rejected": f"\n\nHuman: q{i}\n\nAssistant: b"} for i in range(4)
+    ]
+    with pytest.raises(
+        DataSourceError, match="whole conversation .* are not split here: convert them to message lists"
+    ):
+        build_datasets(make_config({"src": SourceConfig(path=str(write_jsonl(tmp_path / "hh.jsonl", hh)))}), tok)
     # Message lists carry their prompt: no prompt column needed.
     ok = write_jsonl(
         tmp_path / "msgs.jsonl", [{"chosen": msgs(f"q{i}", "a"), "rejected": msgs(f"q{i}", "b")} for i in range(4)]

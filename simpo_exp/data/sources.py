@@ -492,9 +492,19 @@ def _check_columns(ds: Dataset, src: SourceConfig, name: str) -> None:
         need.append(src.prompt_column)
     missing = [c for c in need if c not in ds.column_names]
     if missing:
+        implicit = missing == [src.prompt_column] and not any(
+            "prompt" in c.lower() or "instruction" in c.lower() or "question" in c.lower() for c in ds.column_names
+        )
+        hint = (
+            " Without a prompt column, chosen and rejected must be message lists whose earlier turns are the prompt: "
+            'texts holding the whole conversation (HH-RLHF\'s "\\n\\nHuman: ... \\n\\nAssistant: ...") '
+            "are not split here: convert them to message lists, or give the prompt a column of its own."
+            if implicit
+            else ""
+        )
         raise DataSourceError(
             f"dataset.sources.{name} ({src.path}): missing column(s) {missing}; the data has {data_columns(ds)}. "
-            f"Map them with dataset.sources.{name}.prompt_column / chosen_column / rejected_column."
+            f"Map them with dataset.sources.{name}.prompt_column / chosen_column / rejected_column.{hint}"
         )
 
 
