@@ -2274,3 +2274,18 @@ def test_a_kind_that_changes_past_the_first_chunk_or_shard_is_refused_not_quoted
     big = write_jsonl(tmp_path / "big" / "prefs.jsonl", many)
     with pytest.raises(DataSourceError, match=rf"column 'chosen' holds .*int at {big}:12000"):
         build_datasets(make_config({"s": SourceConfig(path=str(big), format="strings")}, test_size=0.25), tok)
+
+
+def test_a_save_to_disk_folder_is_named_as_such(tmp_path, tok):
+    """A folder written by datasets' save_to_disk was refused as having no file for the split, listing its metadata
+    files as the splits there ("dataset_dict, dataset_info, state"): it is named for what it is, with the way out."""
+    from simpo_exp.data.sources import splits_in
+
+    rows = [{"prompt": f"q{i}?", "chosen": "a", "rejected": "b"} for i in range(4)]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(saved))
+    with pytest.raises(DataSourceError, match=r"written by datasets' save_to_disk \(dataset_dict.json\).*to_json"):
+        build_datasets(make_config({"src": SourceConfig(path=str(saved))}), tok)
+    write_jsonl(tmp_path / "mixed" / "train.jsonl", rows)
+    (tmp_path / "mixed" / "dataset_info.json").write_text("{}")  # metadata beside a data file: no split of its own
+    assert splits_in(tmp_path / "mixed") == ["train"]

@@ -352,6 +352,13 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
     if path.is_file():
         return one_type_each(_load_files([path], source), [path], source, src)
     if path.is_dir():
+        saved = [f for f in ("dataset_dict.json", "state.json") if (path / f).is_file()]
+        if saved:  # datasets' save_to_disk: Arrow files and their metadata, no data file of a split
+            raise DataSourceError(
+                f"dataset.sources.{source}.path={src.path!r} is a folder written by datasets' save_to_disk "
+                f"({saved[0]}): its Arrow files are not read here; write each split out once, e.g. "
+                "load_from_disk(path)['train'].to_json('train.jsonl') (or .to_parquet), and point path at that folder"
+            )
         files = _split_files(path, split)
         if not files:
             key = "train_split" if split == src.train_split else "test_split"
@@ -378,6 +385,8 @@ def splits_in(directory: Path) -> list[str]:
     names = set()
     for f in directory.rglob("*"):
         if f.suffix.lower() in FILE_TYPES and not any(p.startswith(".") for p in f.relative_to(directory).parts):
+            if f.name in ("dataset_info.json", "dataset_dict.json", "state.json"):  # datasets' metadata, no rows
+                continue
             names.add(re.sub(r"-\d+-of-\d+(-[0-9a-f]{8,})?$", "", f.stem))
     return sorted(names)
 
