@@ -694,19 +694,23 @@ def describe_engine(engine: str | None, by_engine: bool) -> str:
     return f"{engine or 'a sharded engine'}'s accelerate checkpoint (engine/)"
 
 
-def trim_metrics(metrics_path: Path, last_step: int, eval_owed: int = 0) -> None:
+def trim_metrics(metrics_path: Path, last_step: int, eval_owed: int = 0) -> int | None:
     """Drop logged records (metrics.jsonl, generations.jsonl) after the checkpoint's step, so a resumed run
     logs each step once. ``eval_owed``: the step whose eval the checkpoint owes (``TrainState.eval_owed``): its
     eval's records (all but the train/* record: the eval metrics, the samples) go too, as the resumed run logs
-    them again (an earlier resume may have logged them and stopped before its next checkpoint)."""
+    them again (an earlier resume may have logged them and stopped before its next checkpoint). Returns the last
+    step dropped (None: none), which W&B, whose history cannot be cut, holds already."""
     if not metrics_path.exists():
-        return
+        return None
 
     def owed(r: dict) -> bool:
         return bool(eval_owed) and r.get("step") == eval_owed and not any(k.startswith("train/") for k in r)
 
     # a half-written last line (the process was killed while writing it) is dropped with the later records
-    keep = [r for r in read_jsonl(metrics_path) if r.get("step", last_step + 1) <= last_step and not owed(r)]
+    keep, dropped = [], []
+    for r in read_jsonl(metrics_path):
+        (keep if r.get("step", last_step + 1) <= last_step and not owed(r) else dropped).append(r)
     tmp = metrics_path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     tmp.replace(metrics_path)
+    return max((r["step"] for r in dropped if isinstance(r.get("step"), int)), default=None)

@@ -110,6 +110,23 @@ SECRET_NAMES = ("api_key", "token", "secret", "password")
 # The W&B run a training run logged to (id, project, entity, group, job type, name, mode), written in the
 # run directory when W&B starts: the evaluate stage resumes that run by its id to add the benchmark numbers.
 WANDB_RECORD = "wandb_run.json"
+HELD_KEY = "logged_through"  # in WANDB_RECORD: the last step W&B holds from a start that ended past its checkpoint
+
+
+def wandb_holds_through(run_dir: Path, step: int | None) -> None:
+    """Record, for the next start's tracker, that W&B holds this run's steps up to ``step`` (the records a resume
+    cut from metrics.jsonl: logged by a start that ended after its last checkpoint). W&B's history cannot be cut: sent
+    again, those steps drew twice on its charts, the line doubling back. A later cut keeps the higher of the two."""
+    record = read_json(Path(run_dir) / WANDB_RECORD)
+    if step is None or not record.get("id"):
+        return
+    earlier = record.get(HELD_KEY)
+    record[HELD_KEY] = max(step, earlier) if isinstance(earlier, int) else step
+    tmp = Path(run_dir) / (WANDB_RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(Path(run_dir) / WANDB_RECORD)
+
+
 METRICS_FILE = "metrics.jsonl"
 # The metric whose W&B summary is its best and its last value (the dashboard's headline)
 BEST_AND_LAST = "eval/rewards/accuracies"
@@ -274,6 +291,7 @@ class Tracker:
         self.enabled = enabled
         self.wandb_run = None
         self.logged: set[str] = set()  # the metric keys this process logged (finish adds the others to the summary)
+        self.wandb_through = -1  # steps W&B holds from an earlier start, not sent again (``wandb_holds_through``)
         self.tables_failed = False  # a generations table W&B could not take: the tables stop, the metrics go on
         if not enabled:
             return
@@ -292,6 +310,15 @@ class Tracker:
         # A resumed run continues the W&B run its first start recorded, so its history stays one run.
         previous = read_json(self.run_dir / WANDB_RECORD)  # {} when there is none or it is unreadable
         resume = {"id": previous["id"], "resume": "allow"} if previous.get("id") else {}
+        held = previous.get(HELD_KEY) if resume else None
+        if isinstance(held, int):  # steps an earlier start sent past the checkpoint this start resumes from
+            self.wandb_through = held
+            log.info(
+                "W&B holds this run's steps up to %d from its last start (past the checkpoint resumed from): they are "
+                "written to %s again but not sent again, so W&B's curves do not double back",
+                held,
+                METRICS_FILE,
+            )
 
         def start(mode: str) -> None:
             self.wandb_run = open_wandb(
@@ -334,7 +361,8 @@ class Tracker:
         if self.wandb_run is not None and not disabled:  # (an evaluation logged its results to that entity)
             r = self.wandb_run
             identity = {"id": r.id, "project": r.project, "entity": r.entity or lc.entity, "group": r.group}
-            self.write_json(WANDB_RECORD, identity | {"job_type": lc.job_type, "name": r.name, "mode": mode})
+            held = {HELD_KEY: self.wandb_through} if self.wandb_through >= 0 else {}
+            self.write_json(WANDB_RECORD, identity | {"job_type": lc.job_type, "name": r.name, "mode": mode} | held)
             if resume:  # the run goes on: a stop recorded by its last start no longer holds
                 try:
                     del r.summary[STOPPED_SUMMARY]
@@ -353,7 +381,7 @@ class Tracker:
         self.logged.update(metrics)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and step > self.wandb_through:
             try:
                 self.wandb_run.log({STEP_KEY: step, **metrics})
             except Exception as e:
@@ -366,7 +394,7 @@ class Tracker:
         with open(self.run_dir / GENERATIONS_FILE, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        if self.wandb_run is not None and not self.tables_failed:
+        if self.wandb_run is not None and not self.tables_failed and step > self.wandb_through:
             try:
                 import wandb
 

@@ -127,6 +127,7 @@ from simpo_exp.tracking import (
     Tracker,
     config_to_dict,
     final_table,
+    wandb_holds_through,
 )
 
 log = logging.getLogger(__name__)
@@ -354,8 +355,8 @@ def start_or_resume(
                 # finished.json left here made a model/ cut short in this run's save count as trained
                 for stale in (run_dir / "summary.json", run_dir / finished.FINISHED):
                     stale.unlink(missing_ok=True)
-                for records_file in records:
-                    checkpoint.trim_metrics(records_file, state.step, state.eval_owed)
+                cut = [checkpoint.trim_metrics(records_file, state.step, state.eval_owed) for records_file in records]
+                wandb_holds_through(run_dir, max((s for s in cut if s is not None), default=None))
             log.info("resumed from %s (step %d)", path, state.step)
             return state
     if accelerator.is_main_process:

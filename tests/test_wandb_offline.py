@@ -431,6 +431,56 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     assert "id" not in calls[2]
 
 
+def test_steps_wandb_holds_from_a_start_that_ended_past_its_checkpoint_are_not_sent_again(tmp_path, monkeypatch):
+    """A start killed after its step-2 checkpoint had logged steps 3 and 4: the resume cut them from metrics.jsonl
+    and logged them again, but W&B's history cannot be cut, so its charts drew steps 3 and 4 twice, the line doubling
+    back (compare kept the last row a step; the W&B UI and the dashboard's views showed both). W&B keeps the first
+    start's rows (an exact resume logs the same values); metrics.jsonl gets the resumed ones."""
+    import wandb
+
+    from simpo_exp import checkpoint
+    from simpo_exp.tracking import wandb_holds_through
+
+    sent = []
+
+    class FakeRun:
+        id, project, entity, group, name = "first-id", "p", None, None, "n"
+
+        def __init__(self, **kwargs):
+            pass
+
+        def define_metric(self, *args, **kwargs):
+            pass
+
+        def log(self, row):
+            sent.append((row[STEP_KEY], sorted(k for k in row if k != STEP_KEY)))
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun(**kwargs))
+    monkeypatch.setattr(wandb, "Table", lambda **kwargs: "table")
+    first = Tracker(tmp_path, _logger_cfg(group=None), {})
+    for step in (1, 2, 3, 4):
+        first.log({"train/loss": 1.0 / step}, step)
+    assert [s for s, _ in sent] == [1, 2, 3, 4]
+    # the resume from step 2's checkpoint (train.start_or_resume)
+    cut = checkpoint.trim_metrics(tmp_path / "metrics.jsonl", 2)
+    assert cut == 4 and checkpoint.trim_metrics(tmp_path / "metrics.jsonl", 2) is None  # nothing more to cut
+    wandb_holds_through(tmp_path, cut)
+    sent.clear()
+    again = Tracker(tmp_path, _logger_cfg(group=None), {})
+    for step in (3, 4, 5):
+        again.log({"train/loss": 1.0 / step}, step)
+    again.log_generations([{"step": 4, "prompt": "p", "response": "r"}], 4)
+    again.log_generations([{"step": 5, "prompt": "p", "response": "r"}], 5)
+    assert sent == [(5, ["train/loss"]), (5, ["eval/generations"])]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]  # the resumed start's rows, each step once
+    record = json.loads((tmp_path / "wandb_run.json").read_text())
+    assert record["id"] == "first-id" and record["logged_through"] == 4  # kept by the second start's record
+    wandb_holds_through(tmp_path, 3)  # a later start cut back to 3 after dying at step 3: W&B still holds 4
+    assert json.loads((tmp_path / "wandb_run.json").read_text())["logged_through"] == 4
+
+
 def test_a_failed_run_closes_its_wandb_run_as_failed(tmp_path):
     """A run that stops with an error (here every step diverges) ends its W&B run with a non-zero exit code,
     so a synced failed run does not show as finished."""
@@ -909,3 +959,41 @@ def test_config_leaves_and_the_keys_that_differ_between_runs():
     assert config_leaves({"a": {}, "b": {"c": 1}}) == {"a": {}, "b.c": 1}
     assert differing_keys([{"seed": 1, "seed_data": 1}, {"seed": 2, "seed_data": 2}], skip=("seed",)) == ["seed_data"]
     assert differing_keys([{"a": [{"x": 1, "y": 2}]}, {"a": [{"y": 2, "x": 1}]}]) == []
+
+
+# Loaded by the first start below: it fails right after step 3 is logged, its last checkpoint at step 2.
+FAILS_AFTER_STEP_3 = """
+import simpo_exp.train as train
+
+real = train.log_train
+
+def log_train(run, window, grad_norm):
+    out = real(run, window, grad_norm)
+    if run.state.step == 3:
+        raise RuntimeError("injected failure after step 3")
+    return out
+
+train.log_train = log_train
+"""
+
+
+def test_a_resume_from_an_earlier_checkpoint_does_not_send_wandb_its_steps_again(tmp_path):
+    """The run as a user starts it again after a failure between checkpoints: the resumed start's W&B record holds
+    no step at or below the one the failed start reached (3), only the steps after it."""
+    run_dir = tmp_path / "run"
+    args = ["max_steps=4", "logging_steps=1", "eval_steps=2", "save_steps=2", "logger=wandb", "save_model=false"]
+    args += ["num_generations=0", "dataset.synthetic.num_train=64", "dataset.synthetic.num_test=16"]
+    args.append(f"hydra.run.dir={run_dir}")
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAILS_AFTER_STEP_3)
+    env = {"PYTHONPATH": f"{tmp_path / 'inject'}:{Path(__file__).resolve().parents[1]}"}
+    failed = run_module("simpo_exp", *args, cwd=tmp_path, env=env)
+    assert failed.returncode != 0 and (run_dir / "checkpoints" / "step-000002").exists(), failed.stderr[-3000:]
+    before = set((run_dir / "wandb").glob("offline-run-*"))
+    res = run_module("simpo_exp", *args, cwd=tmp_path)
+    assert res.returncode == 0 and "resumed from" in (run_dir / "__main__.log").read_text(), res.stderr[-3000:]
+    (second,) = set((run_dir / "wandb").glob("offline-run-*")) - before
+    steps = [row.get(STEP_KEY) for row in fold(read_ended_wandb_log(next(second.glob("run-*.wandb")))).history]
+    assert steps and min(s for s in steps if s is not None) == 4, steps
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(logged)) == [0, 1, 2, 3, 4] and logged.count(3) == 1  # the local record: each step once
