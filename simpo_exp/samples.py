@@ -65,9 +65,17 @@ def generate(
 
     # greedy as the generate and evaluate stages decode: transformers fills what a call leaves unset from the
     # model's generation_config.json (a repetition_penalty, a no_repeat_ngram_size, a min_new_tokens), so it is
-    # set aside for the call (and put back: the saved model keeps it)
-    own = model.generation_config
-    model.generation_config = GenerationConfig()
+    # set aside for the call and put back, the saved model keeps it: on every module that holds one, since PEFT's
+    # generate copies its wrapper's onto the model inside (a LoRA run saved the blank one: Llama-3's stop ids and
+    # sampling defaults were lost from its generation_config.json)
+    holders = {
+        id(m): m
+        for m in (model, *model.modules())
+        if isinstance(getattr(m, "generation_config", None), GenerationConfig)
+    }
+    own = {key: m.generation_config for key, m in holders.items()}
+    for m in holders.values():
+        m.generation_config = GenerationConfig()
     with eval_mode(model):
         try:
             out = model.generate(
@@ -81,7 +89,8 @@ def generate(
                 synced_gpus=synced,
             )
         finally:
-            model.generation_config = own
+            for key, m in holders.items():
+                m.generation_config = own[key]
     texts = []
     for row in out[:, width:].tolist():
         ends = [i for i, t in enumerate(row) if t in stops]

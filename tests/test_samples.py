@@ -71,6 +71,24 @@ def test_the_samples_are_greedy_whatever_the_models_generation_config_says():
     assert model.generation_config is shipped
 
 
+def test_a_lora_models_own_generation_config_survives_its_samples():
+    """PEFT's generate copies its wrapper's generation config onto the model inside: the blank one the samples set
+    aside the model's for stayed there, and a LoRA run saved it (Llama-3's second stop id, the base's sampling
+    defaults and the rest of generation_config.json lost). Every holder gets its own back."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig
+
+    tiny = build_tiny_tokenizer()
+    base = make_model(vocab=len(tiny))
+    shipped = GenerationConfig(eos_token_id=[5, 6], do_sample=True, temperature=0.6, top_p=0.9)
+    base.generation_config = shipped
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    samples.generate(model, tiny, [{"prompt_input_ids": [9, 10, 11]}], 3, "cpu")
+    assert model.get_base_model().generation_config is shipped
+    assert model.get_base_model().generation_config.eos_token_id == [5, 6]
+
+
 def test_completions_stop_at_the_templates_end_of_turn_token_and_the_models_eos_ids():
     """As the generate and evaluate stages stop: EOS, the special token the chat template closes an assistant
     turn with (Gemma's <end_of_turn>, Llama-3's <|eot_id|>), and the ids in the model's generation config."""
