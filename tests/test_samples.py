@@ -83,7 +83,7 @@ def test_a_lora_models_own_generation_config_survives_its_samples():
     base = make_model(vocab=len(tiny))
     shipped = GenerationConfig(eos_token_id=[5, 6], do_sample=True, temperature=0.6, top_p=0.9)
     base.generation_config = shipped
-    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))  # as add_lora
     samples.generate(model, tiny, [{"prompt_input_ids": [9, 10, 11]}], 3, "cpu")
     assert model.get_base_model().generation_config is shipped
     assert model.get_base_model().generation_config.eos_token_id == [5, 6]
