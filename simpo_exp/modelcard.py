@@ -228,6 +228,13 @@ def card_text(
             ),
             "",
         ]
+    if select(cfg, "dataset.chat_format") == "simpo_repo":
+        lines += [
+            "Prompt format: as the official SimPO recipe (alignment-handbook's), every training prompt began with an "
+            "empty system turn where the chat template takes one. The saved chat template is the tokenizer's and adds "
+            'none: to prompt as in training, start the messages with `{"role": "system", "content": ""}`.',
+            "",
+        ]
     lines += [
         "## Recipe",
         "",

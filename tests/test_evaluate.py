@@ -865,6 +865,11 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     mixture = {"name": "local", "sources": {"ultrafeedback": {"path": "a"}, "local": {"path": "b"}}}
     text = write_model_card(tmp_path, {**cfg, "dataset": mixture}, "run").read_text()
     assert "on ultrafeedback, local." in text and "dataset preset" not in text
+    # the official recipe's empty system turn, which the saved template does not add, is said (and only there)
+    assert "empty system turn" not in text
+    official = {**cfg, "dataset": {**mixture, "chat_format": "simpo_repo"}}
+    card = write_model_card(tmp_path, official).read_text()
+    assert 'start the messages with `{"role": "system", "content": ""}`' in card
     from omegaconf import OmegaConf
 
     from tests.conftest import CONF
