@@ -100,6 +100,14 @@ def choose_layout(hardware, device_type: str, model_config, max_length: int | No
             "be another model's); use hardware.packing_attention=mask (the model's own attention), or "
             "hardware.packing=none or auto"
         )
+    elif packing != "none" and (ignored := positions_ignored(model_config)):
+        from simpo_exp.config import ConfigError
+
+        raise ConfigError(
+            f"hardware.packing={packing!r}: the model places tokens by their column ({ignored}), and the packed "
+            "layouts give sequences their positions through position_ids (their log-probs would be another "
+            "model's); use hardware.packing=none or auto"
+        )
     elif packing != "none" and by_column:
         from simpo_exp.config import ConfigError
 
@@ -180,6 +188,35 @@ def attention_sinks(model_config) -> str | None:
     return f"the learned attention sinks of {family}" if family in SINK_FAMILIES else None
 
 
+# Decoder-only causal LMs whose output head runs a transform of its own before the vocabulary projection (BERT's
+# cls.predictions.transform, ModernBERT-decoder's lm_head block), which the response log-probs, reading the last
+# hidden state into get_output_embeddings(), leave out: 27-188 nats off on a tiny model (electra, rembert: a shape
+# error).
+HEAD_TRANSFORM_FAMILIES = {
+    "bert", "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ernie",
+    "megatron-bert", "roformer", "big_bird", "roc_bert", "electra", "rembert", "modernbert-decoder", "xmod",
+}  # fmt: skip
+
+
+def unscored_family(model_config) -> str | None:
+    """Why the project's response log-probs would not be this model's, or None: an output head with a transform
+    of its own before its vocabulary projection (the BERT-style decoders of ``HEAD_TRANSFORM_FAMILIES``)."""
+    family = getattr(text_config(model_config), "model_type", None)
+    if family in HEAD_TRANSFORM_FAMILIES:
+        return f"{family}'s output head transforms the hidden state before its vocabulary projection"
+    return None
+
+
+def positions_ignored(model_config) -> str | None:
+    """What of the model places a token by its column rather than by ``position_ids``, or None: the decoders of
+    encoder-decoder families used as causal LMs (BART, mBART, Marian, Pegasus, PLBart, Blenderbot, BigBird-Pegasus,
+    MVP, TrOCR), whose learned positions the packed layouts' ``position_ids`` do not reach (0.1-15 nats off)."""
+    config = text_config(model_config)
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "model_type", None) == "trocr":
+        return f"the learned positions of {getattr(config, 'model_type', 'this')} decoder, which ignore position_ids"
+    return None
+
+
 def padded_only(model_config, max_length: int | None) -> bool:
     """Whether no packed layout scores this model as it scores a sequence alone: a sliding window that a sequence
     can outgrow (no packed attention here implements one), a state carried along the row besides attention, an
@@ -190,6 +227,7 @@ def padded_only(model_config, max_length: int | None) -> bool:
         or state_beside_attention(model_config)
         or column_dependent(model_config)
         or distance_biased(model_config)
+        or positions_ignored(model_config)
     )
 
 

@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from simpo_exp.layout import BatchLayout, attention_window, short_window, state_beside_attention, text_config
+from simpo_exp.layout import (
+    BatchLayout,
+    attention_window,
+    short_window,
+    state_beside_attention,
+    text_config,
+    unscored_family,
+)
 
 SEGMENT_ATTENTION_PREFIX = "simpo_segments:"
 
@@ -526,6 +533,13 @@ class ResponseLogps(nn.Module):
     ):
         super().__init__()
         self.layout = BatchLayout(packing, attention, chunk_size)  # checks the values
+        if why := unscored_family(model.config):
+            from simpo_exp.config import ConfigError
+
+            raise ConfigError(
+                f"model: {why}, which these log-probs (only the response positions reach the head) leave out: its "
+                "rewards and loss would be another model's; use a decoder-only LM (Llama, Mistral, Qwen, Gemma, ...)"
+            )
         # simpo_exp/fused.py: the head and the loss in one chunked call; forward then returns its FusedPreference
         self.fused = fused
         self.model = model

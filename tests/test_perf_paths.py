@@ -932,3 +932,39 @@ def test_padding_queries_see_only_themselves_and_a_masked_out_word_adds_no_entro
     assert entropy.item() == pytest.approx(math.log(2)) and hit.item() == 1.0
     # a tie for the top logit is one hit, the first index's (as torch.argmax): not one for every tied token
     assert token_stats(logits, logits.log_softmax(-1), torch.tensor([1]))[2].item() == 0.0
+
+
+def test_encoder_decoder_families_decoders_take_the_padded_layout_and_bert_style_heads_are_refused():
+    """Two kinds of causal LM the packed layouts or the response head got wrong, found by scoring every family
+    transformers ships against its own forward: the decoders of encoder-decoder families (BART, Marian, Pegasus, ...)
+    place tokens by their learned positions whatever position_ids say (packed layouts 0.1-15 nats off, and auto picked
+    them), and BERT-style decoders run a transform in their output head that the response log-probs leave out."""
+    from transformers import BartConfig, BartForCausalLM, BertConfig, BertLMHeadModel
+
+    from simpo_exp import layout_auto
+    from simpo_exp.config import ConfigError
+    from simpo_exp.layout import choose_layout, positions_ignored
+
+    torch.manual_seed(0)
+    bart = BartConfig(vocab_size=64, d_model=32, decoder_layers=1, encoder_layers=1, decoder_attention_heads=2,
+                      encoder_attention_heads=2, decoder_ffn_dim=32, encoder_ffn_dim=32, max_position_embeddings=128,
+                      pad_token_id=PAD, init_std=0.5)  # fmt: skip
+    assert positions_ignored(bart) and positions_ignored(make_model().config) is None
+    for device in ("cpu", "cuda"):
+        assert choose_layout(layout_settings("auto", "segments"), device, bart, 64).packing == "none"
+        assert [c.packing for c in layout_auto.candidates(device, bart, max_length=64)] == ["none"]
+    with pytest.raises(ConfigError, match="hardware.packing='packed': the model places tokens by their column"):
+        choose_layout(layout_settings("packed", "mask"), "cpu", bart, 64)
+    # the refusal stands on a real gap: the packed layout scores this decoder otherwise than the padded one
+    model = BartForCausalLM(bart).eval()
+    pairs = random_pairs(2, vocab=64, max_prompt=6, max_response=6)
+    with torch.no_grad():
+        padded = ResponseLogps(model)(**PairCollator(PAD)(pairs)).logp_sums
+        packed = ResponseLogps(model, packing="packed", attention="mask")(
+            **PairCollator(PAD, packing="packed", attention="mask")(pairs)
+        ).logp_sums
+    assert not torch.allclose(padded, packed, atol=1e-3)
+    bert = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      is_decoder=True)  # fmt: skip
+    with pytest.raises(ConfigError, match="bert's output head transforms the hidden state"):
+        ResponseLogps(BertLMHeadModel(bert))
