@@ -476,6 +476,10 @@ INERT_GIVEN = (
 )
 
 
+# The methods whose beta scales summed log-ratios or log-probs (their loss presets' 0.1), not SimPO's per-token means
+SMALL_BETA_METHODS = ("dpo", "ipo", "rdpo", "cpo", "orpo")
+
+
 def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None, searched=frozenset()) -> None:
     """Refuse a value given on the command line (``given``: its keys) that the run would not use: a sweep over it
     would train the same run again under other names. ``choices``: the config groups picked; ``compose(overrides)``:
@@ -506,6 +510,15 @@ def refuse_unused(cfg: DictConfig, given: set[str], choices: dict, compose=None,
             both += f": the sweep's search space sets {searched_one[0]}; add '~hydra.sweeper.params.{searched_one[0]}'"
         raise ConfigError(both)
     method = cfg.get("method")
+    beta = cfg.get("beta") if "beta" in searched and method in SMALL_BETA_METHODS else None  # only then resolved
+    if isinstance(beta, (int, float)) and beta > 1:
+        log.warning(
+            "beta=%.3g comes from the sweep's search space, SimPO's scale (+sweep=optuna: 2-10); method=%s's beta is "
+            "usually 0.01-0.5 (its loss preset's 0.1): search that range with "
+            "\"hydra.sweeper.params.beta='tag(log, interval(0.01, 0.5))'\"",
+            beta,
+            method,
+        )
     unread = sorted(given & set(METHOD_KEYS) - set(TABLE[method].reads)) if method in TABLE else []
     if unread:
         key = unread[0]

@@ -608,3 +608,18 @@ def test_synthetic_sizes_beside_data_that_is_not_synthetic_are_said_to_be_unread
         caplog.clear()
         refuse_unused(compose("dataset.synthetic.num_train=64"), {"dataset.synthetic.num_train"}, {})
         assert "not read" not in caplog.text
+
+
+def test_simpos_beta_range_searched_for_a_dpo_family_method_is_said(compose, caplog):
+    """+sweep=optuna loss=dpo searched DPO's beta over SimPO's 2-10 (20 to 100 times its usual scale) unsaid. Each
+    such trial says so, naming the range to search; a SimPO trial, or a beta the user typed, is not warned about."""
+    cfg = compose("loss=dpo", "beta=4.2")
+    with caplog.at_level("WARNING", logger="simpo_exp.runinfo"):
+        refuse_unused(cfg, {"loss"}, {"loss": "dpo"}, searched={"beta", "learning_rate"})
+    assert "beta=4.2 comes from the sweep's search space" in caplog.text and "interval(0.01, 0.5)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="simpo_exp.runinfo"):
+        refuse_unused(compose("beta=4.2"), set(), {}, searched={"beta"})  # SimPO: its own scale
+        refuse_unused(compose("loss=dpo", "beta=0.2"), {"loss"}, {"loss": "dpo"}, searched={"beta"})
+        refuse_unused(cfg, {"loss", "beta"}, {"loss": "dpo"})  # typed, no search space: the user's word
+    assert "search space" not in caplog.text
