@@ -273,8 +273,12 @@ def load_model(cfg: Config, tokenizer, attn_implementation: str, engine_master_c
             if "attention implementation" not in str(e):
                 raise
             key = "model.attn_implementation" if m.attn_implementation else "hardware.attn_implementation"
+            given = m.attn_implementation or cfg.hardware.attn_implementation
             why = str(e).split(". ")[0]
-            raise ConfigError(f"{key}={attn_implementation!r}: {why}; 'eager' runs every model") from e
+            fell_back = (
+                f" (its {given!r} fell back to it: flash-attn is not installed)" if given != attn_implementation else ""
+            )
+            raise ConfigError(f"{key}={attn_implementation!r}{fell_back}: {why}; 'eager' runs every model") from e
         refuse_weights_drawn_at_random(m.path, model, loading.get("missing_keys") or [])
     check_vocabulary(model, tokenizer, m)
     if cfg.disable_dropout:

@@ -357,6 +357,14 @@ def test_an_attention_kernel_the_model_lacks_is_refused_by_its_key(compose, tmp_
         with pytest.raises(ConfigError, match=rf"{key}='sdpa': Gemma2ForCausalLM does not support .*'eager'"):
             load_model(cfg, tok, "sdpa")
     assert load_model(cfg, tok, "eager").config.model_type == "gemma2"
+    # flash_attention_2 asked for where flash-attn is missing falls back to sdpa: the refusal says so, not only 'sdpa'
+    cfg = to_config(
+        compose("model=gemma2-9b-it", f"model.path={tmp_path / 'm'}", "model.attn_implementation=flash_attention_2")
+    )
+    with pytest.raises(
+        ConfigError, match=r"'sdpa' \(its 'flash_attention_2' fell back to it: flash-attn is not install"
+    ):
+        load_model(cfg, tok, "sdpa")
 
 
 @pytest.mark.parametrize("family", ["opt", "falcon", "bloom"])
