@@ -2235,3 +2235,43 @@ def test_processes_started_together_with_other_settings_do_not_mix_their_shards(
     _process(theirs, [(shard_dir, [prompts, prompts])], 1, 2, "rule", bound=lambda f: check_still_bound(
         f, _manifest(theirs, {}, prompts)))  # fmt: skip
     assert (shard_dir / "responses-00001.jsonl").exists()  # the folder's own settings write
+
+
+@pytest.mark.parametrize("pad", ["eos", "own"])
+def test_a_composite_config_reward_models_head_reads_the_pad_id_the_scorer_sets(pad, tmp_path):
+    """transformers' sequence-classification heads read the pad id of the text config (get_text_config()), which a
+    composite config nests (Gemma3ForSequenceClassification): the scorer set the top-level one, so with the EOS for
+    pad every row ending with EOS was read a token early (scores silently off), and with a pad token of its own the
+    stage failed after all its sampling (the top-level config has no pad_token_id). Scores equal each row's alone."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForSequenceClassification
+
+    from simpo_exp.inference.scoring import make_scorer, render_for_scoring
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    if pad == "eos":
+        tok.pad_token = tok.eos_token
+    size = len(tok)
+    text = dict(vocab_size=size + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # fmt: skip
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=size + 1,
+                          boi_token_index=size + 2, eoi_token_index=size + 3, num_labels=1)  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3ForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    cfg = compose_generate("scorer=reward-model", f"scorer.path={tmp_path / 'rm'}", "scorer.dtype=float32")
+    prompts = [[{"role": "user", "content": "sort: 3 1 2"}]] * 3
+    responses = ["1 2 3", "1 2", "3 2 1 0 0 0 0"]
+    expected = []
+    for prompt, response in zip(prompts, responses):
+        ids = tok(render_for_scoring(tok, cfg.scorer, prompt, response), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():  # one row alone, read at its last token
+            expected.append(model.score(model.model(input_ids=torch.tensor([ids])).last_hidden_state)[0, -1, 0].item())
+    scorer = make_scorer(cfg)
+    assert scorer.score(prompts, responses) == pytest.approx(expected, abs=1e-5)
+    scorer.close()

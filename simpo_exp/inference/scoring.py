@@ -21,6 +21,7 @@ import re
 import torch
 
 from simpo_exp.config import ConfigError
+from simpo_exp.layout import text_config
 
 log = logging.getLogger(__name__)
 SORT_PROMPT = re.compile(r"^\s*sort:\s*((?:\d\s*)+)$")
@@ -241,19 +242,24 @@ class RewardModelScorer:
             .eval()
         )
         self.own_pad = own_pad = self._pad_marks_padding_only()
+        # the config the head reads its pad id from: transformers' sequence-classification heads read the text
+        # config's (get_text_config()), which a composite config (Gemma-3's) nests; a plain config is its own
+        heads = {id(c): c for c in (self.model.config, text_config(self.model.config))}.values()
         if not own_pad:
             # no row is padded: an id no token has, so that every head (the last token that is not the pad id; the
             # token before the first pad id) reads each row at its last token, in a batch of one or of many
-            self.model.config.pad_token_id = -1
-        elif self.model.config.pad_token_id != self.tokenizer.pad_token_id:
+            for config in heads:
+                config.pad_token_id = -1
+        elif getattr(text_config(self.model.config), "pad_token_id", None) != self.tokenizer.pad_token_id:
             # the head reads each row at its last token that is not config.pad_token_id: it must be the id the
             # tokenizer pads with, or a batched row is read on its padding (scores then depend on the batch)
-            if self.model.config.pad_token_id is not None:
+            if getattr(text_config(self.model.config), "pad_token_id", None) is not None:
                 log.info(
                     "scorer: the model's pad_token_id %s set to its tokenizer's %s",
-                    self.model.config.pad_token_id, self.tokenizer.pad_token_id,
+                    text_config(self.model.config).pad_token_id, self.tokenizer.pad_token_id,
                 )  # fmt: skip
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+            for config in heads:
+                config.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = capped_max_length(s, self.model.config)
         self.cut: list[bool] = []  # per response of the last score() call: cut to self.max_length tokens
 
