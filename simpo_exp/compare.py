@@ -592,6 +592,11 @@ def mean_key(metric: str) -> str:
     return f"|{metric}| mean" if near_zero_is_better(metric) else f"{metric} mean"
 
 
+def _setting_key(run: Run) -> tuple:
+    """The setting a run is one seed of: its swept values but the seed, in order."""
+    return tuple((k, v) for k, v in run.swept.items() if k != "seed")
+
+
 def _failed_seeds(runs: list[Run]) -> tuple[dict[tuple, int], dict[tuple, int]]:
     """Per setting (as ``_pooled`` keys them), its failed runs and, of those, the diverged ones (stopped by
     ``max_bad_steps`` non-finite steps in a row: ``NonFiniteError``). Empty unless seed is swept."""
@@ -601,7 +606,7 @@ def _failed_seeds(runs: list[Run]) -> tuple[dict[tuple, int], dict[tuple, int]]:
         return failed, diverged
     for r in runs:
         if r.status == "failed":
-            setting = tuple((k, v) for k, v in r.swept.items() if k != "seed")
+            setting = _setting_key(r)
             failed[setting] = failed.get(setting, 0) + 1
             if (r.error or "").startswith("NonFiniteError"):
                 diverged[setting] = diverged.get(setting, 0) + 1
@@ -634,7 +639,7 @@ def _pooled(runs: list[Run], metric: str) -> tuple[dict[tuple, dict[str, Run]], 
         return groups, repeats
     for r in runs:
         if r.status == "done" and r.final(metric) is not None:
-            setting = tuple((k, v) for k, v in r.swept.items() if k != "seed")
+            setting = _setting_key(r)
             seeds = groups.setdefault(setting, {})
             seed = json.dumps(_parsed(r.value_of("seed")))
             if seed in seeds:

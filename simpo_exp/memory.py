@@ -148,6 +148,7 @@ def state_bytes(
     t = sum(full_numel(p) for p in trained)
     t_bytes = sum(full_numel(p) * size(p) for p in trained)  # in each weight's own dtype
     n = max(engine.processes, 1)
+    sharded_over = min(engine.shard_over or n, n)  # FSDP: the processes a parameter is split over
     if engine.kind == "deepspeed":
         weights, grads, optimizer = (2 * params, 2 * t, 12 * t) if engine.half_precision else (4 * params, 4 * t, 8 * t)
         stage = engine.zero_stage
@@ -160,14 +161,14 @@ def state_bytes(
     else:
         weights, grads, optimizer = loaded, t_bytes, 2 * t_bytes
         if engine.kind == "fsdp":
-            shard = 0 if engine.offload_params else min(engine.shard_over or n, n)
+            shard = 0 if engine.offload_params else sharded_over
             weights, grads, optimizer = (x // shard if shard else 0 for x in (weights, grads, optimizer))
     need = {"weights": weights, "gradients": grads, "optimizer": optimizer}
-    if engine.kind == "fsdp" and engine.gathered_bytes and min(engine.shard_over or n, n) > 1:
+    if engine.kind == "fsdp" and engine.gathered_bytes and sharded_over > 1:
         need["gathered weights"] = engine.gathered_bytes * params  # kept from each forward to its backward
     if live_reference:
         if engine.kind == "fsdp" and engine.fsdp_version >= 2:
-            need["reference"] = loaded // min(engine.shard_over or n, n)
+            need["reference"] = loaded // sharded_over
         elif engine.kind == "fsdp" and engine.reference_bytes:
             need["reference"] = engine.reference_bytes * params
         else:

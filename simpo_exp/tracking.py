@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from simpo_exp.inference.files import write_atomic
 from simpo_exp.methods import METHODS, TABLE
 from simpo_exp.rundir import STOPPED_FILE, read_json, read_jsonl, stopped_words
 
@@ -122,9 +123,7 @@ def wandb_holds_through(run_dir: Path, step: int | None) -> None:
         return
     earlier = record.get(HELD_KEY)
     record[HELD_KEY] = max(step, earlier) if isinstance(earlier, int) else step
-    tmp = Path(run_dir) / (WANDB_RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(Path(run_dir) / WANDB_RECORD)
+    write_atomic(Path(run_dir) / WANDB_RECORD, json.dumps(record, indent=2))
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -361,8 +360,8 @@ class Tracker:
         if self.wandb_run is not None and not disabled:  # (an evaluation logged its results to that entity)
             r = self.wandb_run
             identity = {"id": r.id, "project": r.project, "entity": r.entity or lc.entity, "group": r.group}
-            held = {HELD_KEY: self.wandb_through} if self.wandb_through >= 0 else {}
-            self.write_json(WANDB_RECORD, identity | {"job_type": lc.job_type, "name": r.name, "mode": mode} | held)
+            kept = {HELD_KEY: self.wandb_through} if self.wandb_through >= 0 else {}
+            self.write_json(WANDB_RECORD, identity | {"job_type": lc.job_type, "name": r.name, "mode": mode} | kept)
             if resume:  # the run goes on: a stop recorded by its last start no longer holds
                 try:
                     del r.summary[STOPPED_SUMMARY]

@@ -57,6 +57,12 @@ class DataSourceError(UserError, RuntimeError):
 
 
 # ---------------------------------------------------------------------------- loading
+# What datasets' save_to_disk writes beside its Arrow files: a folder holding one of the markers is one of its; none
+# of them is a split's data file
+SAVE_TO_DISK_MARKERS = ("dataset_dict.json", "state.json")
+DATASETS_METADATA = (*SAVE_TO_DISK_MARKERS, "dataset_info.json")
+
+
 def _file_type(path: Path, source: str) -> str:
     suffix = path.suffix.lower()
     if suffix not in FILE_TYPES:
@@ -352,7 +358,7 @@ def load_split(src: SourceConfig, source: str, split: str, synthetic_cfg) -> Dat
     if path.is_file():
         return one_type_each(_load_files([path], source), [path], source, src)
     if path.is_dir():
-        saved = [f for f in ("dataset_dict.json", "state.json") if (path / f).is_file()]
+        saved = [f for f in SAVE_TO_DISK_MARKERS if (path / f).is_file()]
         if saved:  # datasets' save_to_disk: Arrow files and their metadata, no data file of a split
             raise DataSourceError(
                 f"dataset.sources.{source}.path={src.path!r} is a folder written by datasets' save_to_disk "
@@ -385,7 +391,7 @@ def splits_in(directory: Path) -> list[str]:
     names = set()
     for f in directory.rglob("*"):
         if f.suffix.lower() in FILE_TYPES and not any(p.startswith(".") for p in f.relative_to(directory).parts):
-            if f.name in ("dataset_info.json", "dataset_dict.json", "state.json"):  # datasets' metadata, no rows
+            if f.name in DATASETS_METADATA:  # no rows
                 continue
             names.add(re.sub(r"-\d+-of-\d+(-[0-9a-f]{8,})?$", "", f.stem))
     return sorted(names)

@@ -244,19 +244,20 @@ class RewardModelScorer:
         self.own_pad = own_pad = self._pad_marks_padding_only()
         # the config the head reads its pad id from: transformers' sequence-classification heads read the text
         # config's (get_text_config()), which a composite config (Gemma-3's) nests; a plain config is its own
-        heads = {id(c): c for c in (self.model.config, text_config(self.model.config))}.values()
+        head = text_config(self.model.config)
+        heads = {id(c): c for c in (self.model.config, head)}.values()
         if not own_pad:
             # no row is padded: an id no token has, so that every head (the last token that is not the pad id; the
             # token before the first pad id) reads each row at its last token, in a batch of one or of many
             for config in heads:
                 config.pad_token_id = -1
-        elif getattr(text_config(self.model.config), "pad_token_id", None) != self.tokenizer.pad_token_id:
+        elif getattr(head, "pad_token_id", None) != self.tokenizer.pad_token_id:
             # the head reads each row at its last token that is not config.pad_token_id: it must be the id the
             # tokenizer pads with, or a batched row is read on its padding (scores then depend on the batch)
-            if getattr(text_config(self.model.config), "pad_token_id", None) is not None:
+            if getattr(head, "pad_token_id", None) is not None:
                 log.info(
                     "scorer: the model's pad_token_id %s set to its tokenizer's %s",
-                    text_config(self.model.config).pad_token_id, self.tokenizer.pad_token_id,
+                    head.pad_token_id, self.tokenizer.pad_token_id,
                 )  # fmt: skip
             for config in heads:
                 config.pad_token_id = self.tokenizer.pad_token_id
