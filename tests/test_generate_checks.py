@@ -4,6 +4,7 @@ model's refusals made before sampling (tests from a mutation review of sampling,
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -128,6 +129,58 @@ def test_a_prompt_exactly_as_long_as_the_models_positions_is_refused():
     assert HFSampler._room(sampler, 39) == 1
     with pytest.raises(ConfigError, match="a prompt of 40 tokens fills the model's 40 positions"):
         HFSampler._room(sampler, 40)
+
+
+def _near_the_positions(model_dir: Path):
+    """A greedy sampler of ``model_dir`` (40 positions, max_new_tokens=30) and a short and a long prompt: the short
+    one's answer fits, the long one's does not."""
+    from simpo_exp.inference.sampling import HFSampler, prompt_token_ids
+    from simpo_exp.model import load_tokenizer
+
+    cfg = compose_generate(f"model.path={model_dir}", "generate.max_new_tokens=30")
+    tok = load_tokenizer(cfg.model)
+    short, long = prompt_token_ids(tok, [[{"role": "user", "content": t}] for t in ["hi", "sort: 3 1 2 5 6 7 8 9 1 2"]])
+    assert len(short) + 30 <= 40 < len(long) + 30
+    sampler = HFSampler(cfg, tok)
+    sampler.g.temperature = 0  # greedy: the same answer alone and batched (left padding)
+    return sampler, short, long
+
+
+def test_a_short_prompt_batched_with_a_long_one_keeps_its_own_room(tmp_path):
+    """Near a rotary model's positions each answer stops at its own prompt's limit, as vLLM caps each request: a
+    short prompt batched with a long one is not cut where the long one must stop."""
+    from simpo_exp.model import build_tiny_tokenizer
+    from tests.tiny import save_tiny_llama
+
+    eos = build_tiny_tokenizer().eos_token_id
+    save_tiny_llama(tmp_path / "llama", max_position_embeddings=40, eos_token_id=eos, seed=1)
+    sampler, short, long = _near_the_positions(tmp_path / "llama")
+    assert sampler.rotary
+    alone = sampler.sample([short], ["a"], 0)[0][0]
+    both = sampler.sample([short, long], ["a", "b"], 0)
+    assert alone["n_tokens"] > 40 - len(long)  # the long prompt's room would have cut it
+    assert both[0][0] == alone
+    assert both[1][0]["n_tokens"] <= 40 - len(long)
+    assert both[1][0] == sampler.sample([long], ["b"], 0)[0][0]
+
+
+def test_learned_positions_stop_every_answer_at_the_batchs_widest_prompt(tmp_path):
+    """GPT-2's table of 40 learned positions: a row stopped early is still fed (padding) to the batch's last step,
+    so the batch stops where its widest prompt must (past it the table is read out of range)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from simpo_exp.model import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    shape = dict(n_positions=40, n_embd=32, n_layer=1, n_head=2)
+    config = GPT2Config(vocab_size=len(tok), **shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    sampler, short, long = _near_the_positions(tmp_path / "gpt2")
+    assert not sampler.rotary
+    both = sampler.sample([short, long], ["a", "b"], 0)
+    assert max(answer[0]["n_tokens"] for answer in both) <= 40 - len(long)
 
 
 def test_a_reward_models_label_is_checked_against_its_outputs_before_sampling(tiny_reward_model, tmp_path):  # noqa: F811

@@ -168,6 +168,9 @@ class HFSampler:
         self.model = model.to(self.device, dtype).eval()
         self.stop_ids = stop_token_ids(tokenizer, self.g.stop_token_ids, model.generation_config)
         self.positions, self.capped = model_positions(model.config), False
+        # Rotary positions are computed, not read from a table: a row stopped at its own room may go on being fed
+        # (padding) past the last position. A table of learned positions (GPT-2, OPT) would be read out of range.
+        self.rotary = getattr(model.config, "rope_parameters", None) is not None
         # Decoding is the project's settings alone, as vLLM's explicit SamplingParams are. transformers fills what a
         # call leaves at its defaults from the model's generation_config.json (a repetition_penalty, a
         # no_repeat_ngram_size, a min_new_tokens), which changed greedy answers and sampled another distribution
@@ -193,24 +196,29 @@ class HFSampler:
             if g.temperature > 0
             else dict(do_sample=False)
         )
+        k, width = g.samples_per_seed, enc["input_ids"].shape[1]
+        lengths = [len(p) for p in prompts] if self.rotary else [width] * len(prompts)
+        rooms = [self._room(n) for n in lengths for _ in range(k)]
         seqs = self.model.generate(
             **enc,
-            max_new_tokens=self._room(enc["input_ids"].shape[1]),
-            num_return_sequences=g.samples_per_seed,
+            max_new_tokens=max(rooms),
+            num_return_sequences=k,
             eos_token_id=self.stop_ids,
             pad_token_id=tok.pad_token_id,
             use_cache=True,
             **sampling,
         )
-        new = seqs[:, enc["input_ids"].shape[1] :].tolist()
-        k = g.samples_per_seed
-        results = [self._response(ids, prompts[n // k]) for n, ids in enumerate(new)]
+        new = seqs[:, width:].tolist()  # each cut at its own room (a row may have run on to the batch's largest)
+        results = [self._response(ids[:room], prompts[n // k]) for n, (ids, room) in enumerate(zip(new, rooms))]
         return [results[i * k : (i + 1) * k] for i in range(len(prompts))]
 
     def _room(self, width: int) -> int:
-        """``max_new_tokens``, or what the model's positions leave after the batch's longest prompt, where less: past
+        """``max_new_tokens``, or what the model's positions leave after a prompt of ``width`` tokens, where less: past
         them a model of learned positions fails and a rotary one decodes positions it was never trained on (vLLM
-        stops at its max_model_len the same way). The answers cut there count as cut (``finished`` false)."""
+        stops a request at its max_model_len the same way). The answers cut there count as cut (``finished`` false).
+        Under rotary positions each prompt has its own: a left-padded row's positions start at its first token, so a
+        short prompt batched with a long one keeps its whole ``max_new_tokens``. Under learned positions ``width``
+        is the batch's padded width (every row is fed up to the batch's last step)."""
         asked = self.g.max_new_tokens
         if self.positions is None or width + asked <= self.positions:
             return asked
@@ -222,8 +230,8 @@ class HFSampler:
         if not self.capped:
             self.capped = True
             log.warning(
-                "prompts of up to %d tokens and max_new_tokens=%d pass the model's %d positions: answers to them stop "
-                "at the last position (counted as cut at max_new_tokens)",
+                "a prompt of %d tokens and max_new_tokens=%d pass the model's %d positions: answers to it (and to "
+                "longer ones) stop at the last position (counted as cut at max_new_tokens)",
                 width, asked, self.positions,
             )  # fmt: skip
         return self.positions - width
