@@ -9,7 +9,8 @@ Every prompt either yields a pair or is dropped with one reason, counted in the 
 - "tied scores": no distinct response scores below the best;
 - "score gap below binarise.min_gap": the chosen/rejected gap is smaller than asked.
 The chosen response is the highest-scored (the first on ties); the rejected one depends on
-``binarise.mode`` (see simpo_exp/generate/config.py).
+``binarise.mode`` (see simpo_exp/generate/config.py). The official annotate script (argmax/argmin) keeps a prompt
+whose scores all tie, as one answer paired with itself, and may pick an empty answer: both are dropped here.
 """
 
 from __future__ import annotations
