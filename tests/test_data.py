@@ -682,6 +682,7 @@ def test_normalise_row_rules():
         {"prompt": None, "chosen": [*empty_system, *only("a")], "rejected": [*empty_system, *only("b")]}, messages
     )
     assert row["drop_reason"] == "" and row["prompt"] == empty_system
+    upper = {"role": "User", "content": "p"}
     cases = [
         ({"prompt": "p", "chosen": "a", "rejected": 3}, strings, "non-string content"),
         ({"prompt": "p", "chosen": msgs("p", 5), "rejected": msgs("p", "b")}, auto, "non-string content"),
@@ -729,6 +730,17 @@ def test_normalise_row_rules():
         ),  # fmt: skip
         ({"prompt": "p", "chosen": " ", "rejected": "b"}, auto, "empty response"),
         ({"prompt": "p", "chosen": "a", "rejected": "a"}, auto, "identical responses"),
+        # a misspelt role: a template writing roles as given (Llama-3, ChatML) would train on an unseen header
+        (
+            {"prompt": [{"role": "usr", "content": "p"}], "chosen": only("a"), "rejected": only("b")},
+            auto,
+            "unknown role 'usr' in the prompt (chat templates know system, user, assistant, tool, ...)",
+        ),  # fmt: skip
+        (
+            {"prompt": None, "chosen": [upper, *msgs("q", "a")], "rejected": [upper, *msgs("q", "b")]},
+            auto,
+            "unknown role 'User' in the prompt (chat templates know system, user, assistant, tool, ...)",
+        ),  # fmt: skip
     ]
     for row, src, reason in cases:
         assert normalise_row(row, src)["drop_reason"] == reason, row

@@ -341,6 +341,11 @@ def test_a_prompt_two_sources_share_is_sampled_once_and_counted(tmp_path, monkey
     assert sorted(p["prompt"][-1]["content"] for p in prompts) == ["shared", "x", "y"]
     assert counts == {"rows": 4, "duplicate prompt": 1, "no prompt": 0}
     assert len({p["prompt_id"] for p in prompts}) == 3
+    # a prompt with a role no template knows is left out and counted, as training drops its row
+    human = [{"role": "human", "content": "asked"}]
+    (tmp_path / "a" / "train.jsonl").write_text(json.dumps({"prompt": human, "chosen": "c", "rejected": "r"}) + "\n")
+    prompts, counts = train_prompts(DatasetConfig(name="test", sources=sources))
+    assert counts["unknown role 'human'"] == 1 and len(prompts) == 2
 
 
 def test_a_multi_turn_prompt_goes_by_its_message_lists_hash():

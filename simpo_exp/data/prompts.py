@@ -18,7 +18,14 @@ import hashlib
 import json
 
 from simpo_exp.config import DatasetConfig
-from simpo_exp.data.sources import DataSourceError, _has_string_responses, load_source, not_utf8, prompt_messages
+from simpo_exp.data.sources import (
+    DataSourceError,
+    _has_string_responses,
+    load_source,
+    not_utf8,
+    prompt_messages,
+    unknown_role,
+)
 
 
 def prompt_key(messages: list[dict]) -> str:
@@ -86,6 +93,9 @@ def _add_prompts(data, src, out: list[dict], seen: set, ids: set, counts: dict) 
         messages = _row_prompt(row, src.prompt_column, src.chosen_column)
         if messages is None:
             counts["no prompt"] += 1
+            continue
+        if (role := unknown_role(messages)) is not None:
+            counts[f"unknown role {role!r}"] = counts.get(f"unknown role {role!r}", 0) + 1
             continue
         key = prompt_key(messages)
         if key in seen:

@@ -555,6 +555,17 @@ def _turn_text(messages: list, what: str):
     return last.get("content"), None
 
 
+# The roles chat templates know by name (OpenAI's and transformers' conventions; Llama 3.1's ipython for tool output)
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
+
+
+def unknown_role(prompt: list[dict]) -> str | None:
+    """A prompt turn's role no chat template knows (``usr``, ``User``, ShareGPT's ``human``), or None. A template
+    that writes the role as given (Llama-3's headers, ChatML) trains on a header the model never saw; others skip
+    the turn (``tokenize.unrendered_role`` catches those once rendered)."""
+    return next((m["role"] for m in prompt if m.get("role") not in ROLES), None)
+
+
 def _turns(messages: list[dict]) -> list[dict]:
     """Each message as just its role and content."""
     return [{"role": m.get("role"), "content": m.get("content")} for m in messages]
@@ -612,6 +623,8 @@ def normalise_row(row: dict, src: SourceConfig) -> dict:
     texts = [chosen_text, rejected_text] + [m["content"] for m in prompt]
     if not all(isinstance(t, str) for t in texts) or not all(isinstance(m["role"], str) for m in prompt):
         return drop("non-string content")
+    if (role := unknown_role(prompt)) is not None:
+        return drop(f"unknown role {role!r} in the prompt (chat templates know {', '.join(ROLES[:4])}, ...)")
     if as_messages and len(rejected) > 1 and _turns(rejected[:-1]) != prompt:  # the rejected reply answers another
         if len(chosen) > 1:
             return drop("chosen and rejected have different earlier turns")
