@@ -4,6 +4,7 @@ torchrun)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import io
@@ -78,6 +79,37 @@ def sweep_without_multirun(argv: list[str]) -> str | None:
     return None
 
 
+def unreadable_override(argv: list[str]) -> str | None:
+    """The message for an override Hydra's grammar cannot read, naming it (Hydra's own names neither the argument
+    nor the key: ``beta= 2``, a space after ``=`` the shell splits into ``beta=`` and ``2``, read "token recognition
+    error at: '2'"; ``beta=2,`` "mismatched input '<EOF>' expecting {...}"), else None."""
+    try:
+        from hydra._internal.utils import get_args_parser
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError:
+        return None
+    args = get_args_parser()
+    args.exit_on_error = False  # a flag argparse refuses is Hydra's to say, once
+    try:
+        overrides = args.parse_known_args(argv)[0].overrides  # what Hydra takes for overrides
+    except (argparse.ArgumentError, SystemExit):
+        return None
+    parser = OverridesParser.create()
+    for i, arg in enumerate(overrides):
+        try:
+            parser.parse_override(arg)
+        except Exception as e:  # noqa: BLE001 - Hydra's grammar errors have no class of their own
+            hint = ""
+            if "=" not in arg and i and overrides[i - 1].endswith("="):
+                hint = f"; a space after '='? write {overrides[i - 1]}{arg} (or quote a value with spaces)"
+            elif arg.endswith(","):
+                hint = "; a comma at the end: a sweep lists its values as key=a,b,c"
+            elif "=" not in arg:
+                hint = "; an override is key=value (+key=value adds a key, ~key removes one)"
+            return f"cannot read the override {arg!r} (Hydra: {str(e).splitlines()[0][:160]}){hint}"
+    return None
+
+
 def key_given_twice(argv: list[str]) -> str | None:
     """The message for a key given twice where one is a sweep (``--multirun beta=2,5 beta=10``), else None: Hydra
     takes the last value alone, so the sweep ran one job. (A value given again without a sweep is Hydra's last-one-
@@ -145,7 +177,7 @@ def refuse_command_line(argv: list[str], stage: str) -> None:
     """Exit 2 with a message for a command line Hydra would refuse with a traceback or run as it was not meant
     (each stage's entry point, before Hydra reads it); ``stage``: its primary config's name."""
     checks = (mpi_ranks_alone, missing_plugin, mixed_modes, sweep_without_multirun, launcher_under_torchrun)
-    checks += (key_given_twice,)
+    checks += (unreadable_override, key_given_twice)
     if message := next((m for m in (check(argv) for check in checks) if m), None):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)

@@ -615,6 +615,26 @@ def test_a_swept_key_given_twice_on_the_command_line_is_refused(capsys):
     assert stopped.value.code == 2 and "error: beta is given twice" in capsys.readouterr().err
 
 
+def test_an_override_hydras_grammar_cannot_read_is_named_with_what_went_wrong(capsys):
+    """``beta= 2`` (the shell splits it into ``beta=`` and ``2``) and ``beta=2,`` were Hydra's grammar errors alone
+    ("token recognition error at: '2'"), naming neither the argument nor the key."""
+    from simpo_exp.command_line import refuse_command_line, unreadable_override
+
+    assert unreadable_override(["beta=", "2"]).startswith("cannot read the override '2' (Hydra: token recognition")
+    assert unreadable_override(["beta=", "2"]).endswith(
+        "a space after '='? write beta=2 (or quote a value with spaces)"
+    )
+    assert unreadable_override(["-m", "beta=2,"]).endswith("a comma at the end: a sweep lists its values as key=a,b,c")
+    assert "an override is key=value" in unreadable_override(["hardware.pakcing"])
+    readable = (["--cfg", "job", "-cn", "x", "beta=2,5", "~gamma", "+x='a b'"], ["--info", "defaults"], ["beta="])
+    for fine in readable:
+        assert unreadable_override(fine) is None, fine
+    assert unreadable_override(["--info", "beta=3"]) is None and not capsys.readouterr().err  # Hydra's to refuse
+    with pytest.raises(SystemExit) as stopped:
+        refuse_command_line(["max_steps=3", "beta=2,"], "config")
+    assert stopped.value.code == 2 and "error: cannot read the override 'beta=2,'" in capsys.readouterr().err
+
+
 def test_two_of_hydras_modes_in_one_command_are_refused_with_what_to_drop(capsys):
     """``--multirun --cfg job`` (a sweep's config, looked at before submitting it) was Hydra's ValueError traceback;
     the short flags, ``--cfg=job`` and an abbreviation argparse takes (``--multi``) count as the long ones."""
