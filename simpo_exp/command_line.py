@@ -10,8 +10,10 @@ import importlib.util
 import io
 import os
 import sys
+import typing
+from pathlib import Path
 
-from simpo_exp.rundir import refuse_added_chosen_group
+from simpo_exp.rundir import CONF_DIR, refuse_added_chosen_group
 
 # optional config groups whose presets name a Hydra plugin of the ``sweep`` extra: without it Hydra only lists
 # the plugins it has ("Available options in 'hydra/sweeper': basic")
@@ -110,6 +112,68 @@ def unreadable_override(argv: list[str]) -> str | None:
     return None
 
 
+SCHEMAS = {  # each stage's primary config -> its schema (module, class)
+    "config": ("simpo_exp.config", "Config"),
+    "generate": ("simpo_exp.generate.config", "GenerateRunConfig"),
+    "evaluate": ("simpo_exp.evaluate.config", "EvaluateRunConfig"),
+}
+
+
+def _undeclared(schema: type, parts: list[str]) -> tuple[int, list[str]] | None:
+    """(index of the first part the schema does not declare, the names declared at that level), or None where
+    every part is declared or the walk reaches a value of no declared shape (a list, ``Any``)."""
+    node, i = schema, 0
+    while i < len(parts):
+        fields = getattr(node, "__dataclass_fields__", None)
+        if fields is None:
+            return None
+        if parts[i] not in fields:
+            return i, list(fields)
+        hint = typing.get_type_hints(node)[parts[i]]
+        if typing.get_origin(hint) is dict:  # Dict[str, Section]: the next part names an entry, any name
+            hint, i = typing.get_args(hint)[1], i + 1
+        node, i = hint, i + 1
+    return None
+
+
+def undeclared_override(argv: list[str], config_name: str) -> str | None:
+    """The message for a key given without '+' that the stage's schema does not declare (``hardware.pakcing=x``),
+    else None. Hydra's own says "Could not override 'hardware.pakcing'. To append to your config use
+    +hardware.pakcing=x", which the run then refuses (no such key): two commands to learn of a typo. Group names
+    (``hparams=...``) and Hydra's own keys pass."""
+    import difflib
+    import importlib
+
+    if config_name not in SCHEMAS:
+        return None
+    module, name = SCHEMAS[config_name]
+    schema = getattr(importlib.import_module(module), name)
+    groups = [p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()]
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        parts = key.split("@")[0].split(".")
+        if not sep or arg.startswith(("-", "+", "~")) or "/" in key or parts[0] == "hydra":
+            continue
+        if parts[0] in groups and (len(parts) == 1 or parts[0] not in schema.__dataclass_fields__):
+            continue  # a group's option (hardware=cpu), or a group placed elsewhere (hparams: at the top level)
+        if (found := _undeclared(schema, parts)) is None:
+            continue
+        at, declared = found
+        parent = ".".join(parts[:at])
+        close = difflib.get_close_matches(parts[at], declared + ([] if at else groups), n=1)
+        hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+        if config_name == "evaluate" and not at and parts[0] in _benchmark_fields():
+            hint = f"; a benchmark's setting: benchmarks.<name>.{key} (benchmark=<name> chooses one)"
+        return f"{arg}: no such key {'.'.join(parts[: at + 1])} in this stage's config{hint}"
+    return None
+
+
+def _benchmark_fields() -> list[str]:
+    from simpo_exp.evaluate.config import BenchmarkConfig
+
+    return list(BenchmarkConfig.__dataclass_fields__)
+
+
 def key_given_twice(argv: list[str]) -> str | None:
     """The message for a key given twice where one is a sweep (``--multirun beta=2,5 beta=10``), else None: Hydra
     takes the last value alone, so the sweep ran one job. (A value given again without a sweep is Hydra's last-one-
@@ -178,7 +242,7 @@ def refuse_command_line(argv: list[str], stage: str) -> None:
     (each stage's entry point, before Hydra reads it); ``stage``: its primary config's name."""
     checks = (mpi_ranks_alone, missing_plugin, mixed_modes, sweep_without_multirun, launcher_under_torchrun)
     checks += (unreadable_override, key_given_twice)
-    if message := next((m for m in (check(argv) for check in checks) if m), None):
+    if message := next((m for m in (check(argv) for check in checks) if m), None) or undeclared_override(argv, stage):
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
     refuse_added_chosen_group(argv, stage)

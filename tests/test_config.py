@@ -635,6 +635,60 @@ def test_an_override_hydras_grammar_cannot_read_is_named_with_what_went_wrong(ca
     assert stopped.value.code == 2 and "error: cannot read the override 'beta=2,'" in capsys.readouterr().err
 
 
+def test_a_misspelt_key_without_plus_is_named_with_the_key_meant(capsys):
+    """``hardware.pakcing=packed`` was Hydra's "Could not override ... To append to your config use
+    +hardware.pakcing=packed", advice the run then refused: two commands to learn of a typo."""
+    from simpo_exp.command_line import refuse_command_line, undeclared_override
+
+    meant = {
+        ("hardware.pakcing=packed", "config"): "no such key hardware.pakcing in this stage's config; did you mean "
+        "hardware.packing?",
+        ("bet=2", "config"): "no such key bet in this stage's config; did you mean beta?",
+        ("hparam=reasoning", "config"): "did you mean hparams?",  # a group's name
+        ("dataset.sources.mine.pth=x", "config"): "did you mean dataset.sources.mine.path?",  # any source's name
+        ("generate.temprature=1", "generate"): "did you mean generate.temperature?",
+        ("benchmarks.rule.judge.knd=x", "evaluate"): "did you mean benchmarks.rule.judge.kind?",
+        ("judge.kind=openai", "evaluate"): "benchmarks.<name>.judge.kind (benchmark=<name> chooses one)",
+    }
+    for (arg, stage), said in meant.items():
+        assert undeclared_override([arg], stage).endswith(said), arg
+    fine = ["hardware=cpu", "hparams=reasoning", "dataset.sources.mine.path=x", "+bet=2", "~beta", "hydra.run.dir=x"]
+    assert undeclared_override([*fine, "model.random_init.hidden_size=8", "logger.project=p"], "config") is None
+    with pytest.raises(SystemExit) as stopped:
+        refuse_command_line(["max_steps=3", "hardware.pakcing=packed"], "config")
+    assert stopped.value.code == 2 and "did you mean hardware.packing?" in capsys.readouterr().err
+
+
+def test_every_key_of_every_composed_preset_passes_the_misspelt_key_check():
+    """No key a stage's presets compose is taken for a misspelling (the schema walk follows sections and
+    dictionaries of them)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig
+
+    import simpo_exp.evaluate.config
+    import simpo_exp.generate.config  # noqa: F401 (each registers its schema)
+    from simpo_exp.command_line import undeclared_override
+    from simpo_exp.rundir import CONF_DIR
+
+    def leaves(node, prefix=""):
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_none() and len(child):
+                yield from leaves(child, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    presets = {"config": ["experiment=simpo-gemma2-9b-it", "hardware=zero3"], "generate": ["scorer=armorm"]}
+    presets["evaluate"] = ["benchmark=alpacaeval2", "benchmark=arena-hard", "benchmark=gsm8k"]
+    needed = {"generate": ["output_dir=/tmp/x"], "evaluate": ["evaluate.path=/tmp"]}
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for stage, chosen in presets.items():
+            for overrides in ([], *([one] for one in chosen)):
+                cfg = compose(config_name=stage, overrides=needed.get(stage, []) + overrides)
+                keys = list(leaves(cfg))
+                assert len(keys) > 40 and not [k for k in keys if undeclared_override([f"{k}=1"], stage)], overrides
+
+
 def test_two_of_hydras_modes_in_one_command_are_refused_with_what_to_drop(capsys):
     """``--multirun --cfg job`` (a sweep's config, looked at before submitting it) was Hydra's ValueError traceback;
     the short flags, ``--cfg=job`` and an abbreviation argparse takes (``--multi``) count as the long ones."""
