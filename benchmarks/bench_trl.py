@@ -140,12 +140,16 @@ def trl_like(name: str, checkpointing: bool) -> str | None:
     """The TRL run a run of ours is set against, like with like: TRL with gradient checkpointing for a run that
     checkpoints every layer, TRL without (``--trl-nockpt``) for a ``+nockpt`` run, none for partial checkpointing
     (``+ckpt2``/``+ckpt4`` recompute fewer layers than any TRL run: set against TRL's full recompute it would be
-    credited with the work it skips). ``checkpointing``: the preset's; without it every run is set against TRL."""
-    if not checkpointing or name == "TRL":
-        return "TRL"
-    if name == TRL_NO_CHECKPOINTING:
-        return TRL_NO_CHECKPOINTING
+    credited with the work it skips), nor for ``+offload`` and ``+liger-layers``: transformers' Trainer gives TRL
+    both (``gradient_checkpointing_kwargs``, ``use_liger_kernel``), and TRL is timed without them. ``checkpointing``:
+    the preset's; without it every other run is set against TRL."""
+    if name in ("TRL", TRL_NO_CHECKPOINTING):
+        return name if checkpointing else "TRL"
     v = variant_settings(name)
+    if v["checkpoint_offload"] or v["liger_layers"]:
+        return None
+    if not checkpointing:
+        return "TRL"
     if v["no_checkpointing"]:
         return TRL_NO_CHECKPOINTING
     return "TRL" if v["checkpoint_every_n_layers"] == 1 else None
