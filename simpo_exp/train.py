@@ -39,6 +39,7 @@ from simpo_exp.config import (
     replaced_rate_note,
     resolve_gamma,
     resolve_learning_rate,
+    schema_default,
 )
 from simpo_exp.data import MODEL_COLUMNS, PairCollator, build_datasets
 from simpo_exp.data.dealt import Dealt
@@ -209,6 +210,17 @@ def same_epochs(state: "checkpoint.TrainState", per_epoch: int, loader_batches: 
             "or run with resume=false to start fresh"
         )
     return per_epoch
+
+
+def cadence_past_the_end(cfg: Config, steps: int) -> list[str]:
+    """A warning for each of ``eval_steps`` and ``save_steps`` set (other than its default) to the run's length or
+    more: the run would evaluate only at its end, or keep no checkpoint to resume from before it."""
+    said = {"eval_steps": "evaluates only at its end", "save_steps": "saves no checkpoint before its end"}
+    return [
+        f"{key}={every} is not below the run's {steps} steps: it {what}"
+        for key, what in said.items()
+        if (every := getattr(cfg, key)) >= steps and every != schema_default(key)
+    ]
 
 
 def total_steps(cfg: Config, batches_per_epoch: int, accum: int) -> int:
@@ -551,6 +563,8 @@ def set_up(cfg: Config) -> Run:
         accelerator.num_processes,
         accelerator.device,
     )
+    for message in cadence_past_the_end(cfg, steps):
+        log.warning(message)
     if len(train_loader) < accum:
         log.warning(
             "the train split gives each process %d micro-batches of %d pairs an epoch, fewer than the %d of one "

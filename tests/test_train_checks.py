@@ -150,3 +150,22 @@ def test_the_logged_epoch_is_the_trainers():
     assert [round(logged_epoch(64 * k, 448, 478), 4) for k in (1, 7, 8, 14)] == [0.1339, 0.9372, 1.1339, 1.9372]
     assert logged_epoch(0, 448, 478) == 0.0 and logged_epoch(480, 480, 480) == 1.0  # no micro-batch left over
     assert logged_epoch(8, 8, 3) == 1.0  # data shorter than a step (each step reads it more than once): passes
+
+
+def test_an_eval_or_save_cadence_at_or_past_the_runs_length_is_warned_about():
+    """``eval_steps=50`` on a 2-step run evaluated only at the end and ``save_steps=40`` kept no checkpoint to
+    resume from, without a word; the defaults (100) on a short run are not the user's choice and say nothing."""
+    from simpo_exp.config import Config
+    from simpo_exp.train import cadence_past_the_end
+
+    cfg = SimpleNamespace(eval_steps=50, save_steps=40)
+    assert cadence_past_the_end(cfg, 2) == [
+        "eval_steps=50 is not below the run's 2 steps: it evaluates only at its end",
+        "save_steps=40 is not below the run's 2 steps: it saves no checkpoint before its end",
+    ]
+    assert cadence_past_the_end(cfg, 51) == []
+    assert cadence_past_the_end(SimpleNamespace(eval_steps=2, save_steps=0), 2) == [
+        "eval_steps=2 is not below the run's 2 steps: it evaluates only at its end"
+    ]
+    defaults = SimpleNamespace(eval_steps=Config.eval_steps, save_steps=Config.save_steps)
+    assert cadence_past_the_end(defaults, 10) == []
