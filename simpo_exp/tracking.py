@@ -249,6 +249,7 @@ def logged_value(v) -> float | None:
 
 
 TAG_LIMIT = 64  # W&B's longest tag
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb.Settings' modes
 
 
 def open_wandb(run_dir: Path, mode: str, init_timeout: float, **run):
@@ -259,6 +260,8 @@ def open_wandb(run_dir: Path, mode: str, init_timeout: float, **run):
 
     if os.environ.get("WANDB_MODE") == "":  # set but empty (WANDB_MODE= in a job script): wandb.Settings refused
         del os.environ["WANDB_MODE"]  # it, and the run went on without W&B; ``mode`` says what this run is
+    elif os.environ.get("WANDB_MODE", "online") not in WANDB_MODES:  # a typo: wandb.Settings' refusal, a pydantic
+        _warn(f"WANDB_MODE={os.environ.pop('WANDB_MODE')!r} is not a W&B mode ({', '.join(WANDB_MODES)}): set aside")
     if run.get("tags"):  # W&B refuses a tag longer than 64 characters (or empty), and with it the whole run
         kept = [tag[:TAG_LIMIT] for tag in run["tags"] if tag]
         for tag in run["tags"]:
@@ -304,7 +307,8 @@ class Tracker:
         mode = lc.mode
         if mode == "auto":
             # WANDB_MODE, when set, is the user's word; otherwise online only with an API key.
-            mode = os.environ.get("WANDB_MODE") or ("online" if wandb_key_given() else "offline")
+            given = os.environ.get("WANDB_MODE")
+            mode = given if given in WANDB_MODES else ("online" if wandb_key_given() else "offline")
         mode = keyed_mode(mode)
         # A resumed run continues the W&B run its first start recorded, so its history stays one run.
         previous = read_json(self.run_dir / WANDB_RECORD)  # {} when there is none or it is unreadable

@@ -372,6 +372,20 @@ def test_an_empty_wandb_mode_or_a_long_tag_keeps_the_wandb_run(tmp_path, monkeyp
         tracker.finish({})
 
 
+def test_a_misspelt_wandb_mode_is_named_and_the_run_logs_offline(tmp_path, monkeypatch):
+    """``WANDB_MODE=onlin``: wandb.Settings refused it with a pydantic dump that never named WANDB_MODE (printed
+    twice), and the run went on without W&B. Now the variable is named, set aside, and the run logs offline."""
+    monkeypatch.setenv("WANDB_MODE", "onlin")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.warns(UserWarning, match=r"WANDB_MODE='onlin' is not a W&B mode \(online, offline, disabled, "):
+        tracker = Tracker(tmp_path, _logger_cfg(group=None), {})
+    try:
+        assert tracker.wandb_run is not None
+        assert json.loads((tmp_path / "wandb_run.json").read_text())["mode"] == "offline"
+    finally:
+        tracker.finish({})
+
+
 def test_an_online_start_that_fails_logs_offline_instead(tmp_path, monkeypatch):
     """With a key but no server (a cluster node without outbound network, a wrong key), the run trained without any
     W&B record, and its resume started another W&B id: now it keeps an offline record of the same run."""
