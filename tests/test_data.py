@@ -807,7 +807,7 @@ def test_string_responses_need_the_prompt_column_up_front(tmp_path, tok):
     assert len(tr) + len(te) == 4
 
 
-def test_unsupported_extension_and_unreadable_file(tmp_path, tok):
+def test_unsupported_extension_and_unreadable_file(tmp_path, tok, caplog):
     csv = tmp_path / "prefs.csv"
     csv.write_text("prompt,chosen,rejected\np,a,b\n")
     with pytest.raises(DataSourceError, match=r"unsupported extension '\.csv'.*\.jsonl") as err:
@@ -818,8 +818,9 @@ def test_unsupported_extension_and_unreadable_file(tmp_path, tok):
     broken.write_text('{"prompt": "p", "chosen": "a", "rejected": \n')
     with pytest.raises(DataSourceError, match="cannot read") as err:
         build_datasets(make_config({"src": SourceConfig(path=str(broken))}), tok)
-    assert str(broken) in str(err.value)
-    assert "row 0" in str(err.value)  # the parser's own words, which were printed apart from the error
+    # the line, counted from 1; the parser's words (its rows counted from 0) neither in the error nor logged apart
+    assert f"first line that is not JSON: {broken}:1 (" in str(err.value) and "row 0" not in str(err.value)
+    assert "Failed to load JSON" not in caplog.text
     rows = "".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(3))
     broken.write_text(rows + '{"prompt": "p", "chosen": "a", "rejected": \n' + rows)
     with pytest.raises(DataSourceError) as err:  # the parser counts rows from 0; an editor counts lines from 1

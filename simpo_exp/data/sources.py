@@ -91,7 +91,8 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         # column into JSON text chunk by chunk (10 MB each, and each shard apart), so a number past the first chunk
         # quoted every string of its chunk ("good r0" trained as '"good r0"') under a column still typed string
         mixed = {"on_mixed_types": None} if kind == "json" else {}
-        return load_dataset(kind, name=f"sha256-{content}", data_files=files_given, split="train", **mixed)
+        with _quiet(JSON_READER_LOG):  # its error (a row counted from 0) is said below, once, with the line
+            return load_dataset(kind, name=f"sha256-{content}", data_files=files_given, split="train", **mixed)
     except Exception as e:  # unreadable or malformed file: datasets puts the parser's words (line, column) in the cause
         blank = [str(f) for f in files if f.suffix.lower() in (".jsonl", ".json") and _blank(f)]
         if blank:  # datasets says only that the split "corresponds to no data"
@@ -104,6 +105,9 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         # the first line and the last, which says why where datasets lists a schema in between (shards whose
         # columns differ: "Couldn't cast ... because column names don't match")
         cause = f" ({lines[0]}{' ... ' + lines[-1] if len(lines) > 1 else ''})" if lines else ""
+        if not_json:  # the line itself: datasets' words count rows from 0 and may name a column that is not at fault
+            named = ", ".join(map(str, files))
+            raise DataSourceError(f"dataset.sources.{source}: cannot read {named}{not_json}") from e
         raise DataSourceError(
             f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}{cause}"
             f"{not_json}"
@@ -179,6 +183,21 @@ def _blank(path: Path) -> bool:
         return not path.read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         return False
+
+
+JSON_READER_LOG = "datasets.packaged_modules.json.json"  # logs a file it cannot parse at ERROR, before raising
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """The logger ``name`` silenced inside the block (its messages are the caller's to report)."""
+    logger = logging.getLogger(name)
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
 
 
 def first_bad_json_line(files: list[Path]) -> str:
