@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from simpo_exp.config import Config, ConfigError, ModelConfig
-from simpo_exp.flops import full_numel
+from simpo_exp.flops import full_numel, routed_expert
 from simpo_exp.hub import check_model_available, check_tokenizer_files, unreadable_weights
 from simpo_exp.inference.files import readable_as_umask
 from simpo_exp.precision import prepare_weights
@@ -656,9 +656,40 @@ def add_lora(model, h, revision: str | None = None):
         model.enable_input_require_grads()
     try:
         # bf16/fp16 base: float32 adapters
-        return get_peft_model(model, config, autocast_adapter_dtype=True, revision=revision)
+        wrapped = get_peft_model(model, config, autocast_adapter_dtype=True, revision=revision)
     except ValueError as e:  # a layer type PEFT has no LoRA for
         raise ConfigError(f"hardware.lora_target_modules={targets}: {str(e).splitlines()[0]}") from e
+    check_expert_adapters(wrapped, targets)
+    return wrapped
+
+
+def check_expert_adapters(model, targets) -> None:
+    """A mixture of experts under LoRA. Adapters on a parameter rather than a linear layer (peft's ParamWrapper:
+    transformers 5 keeps each layer's routed experts as fused 3-D weights, which ``all-linear`` wraps in Qwen3-MoE
+    and Mixtral, with the router) are refused before training: the merged save has no rule for them, and the run
+    failed at its end with nothing loadable saved. Routed experts no adapter covers (Qwen2-MoE and Llama 4 match
+    the default targets in their shared expert alone) are said, with their share of the weights."""
+    from peft.tuners import lora
+
+    param_wrapper = getattr(lora, "ParamWrapper", None)
+    fused = [n for n, m in model.named_modules() if param_wrapper is not None and isinstance(m, param_wrapper)]
+    if fused:
+        raise ConfigError(
+            f"hardware.lora_target_modules={targets}: adapts {len(fused)} fused weight(s) that are not linear "
+            f"layers ({fused[0].removeprefix('base_model.model.')}, ...: a mixture of experts' routed experts or "
+            "router), which the merged model/ cannot be saved with; name the linear layers to adapt (attention: "
+            "[q_proj, k_proj, v_proj, o_proj])"
+        )
+    weights = [(n, p.numel()) for n, p in model.named_parameters() if "lora_" not in n]
+    experts = [(n, size) for n, size in weights if routed_expert(n)]
+    if experts and not any(".base_layer." in n for n, _ in experts):
+        share = sum(size for _, size in experts) / sum(size for _, size in weights)
+        log.warning(
+            "LoRA adapts none of this mixture of experts' routed experts (%.0f%% of its weights, left as they are): "
+            "the run trains %s alone",
+            100 * share,
+            ", ".join(sorted({".".join(n.split(".")[-2:]) for n, m in model.named_modules() if hasattr(m, "lora_A")})),
+        )
 
 
 def count_parameters(model, trained_only: bool = False) -> int:

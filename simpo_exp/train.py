@@ -193,8 +193,8 @@ def check_batches_per_process(batches: int, per_device: int, processes: int) -> 
 def epoch_batches(batches_per_epoch: int, accum: int) -> int:
     """Micro-batches of each epoch that training uses: whole optimizer steps of ``accum`` only, the last
     ``batches_per_epoch % accum`` left out (as transformers 4.x's Trainer, which the official recipes ran, leaves
-    them from its epochs of ``len // accum`` steps; 5.x trains them as one short step), so that no pair is seen twice within ``num_train_epochs=1``; the whole epoch
-    where it holds less than one step."""
+    them from its epochs of ``len // accum`` steps; 5.x trains them as one short step), so that no pair is seen
+    twice within ``num_train_epochs=1``; the whole epoch where it holds less than one step."""
     return batches_per_epoch // accum * accum or batches_per_epoch
 
 
@@ -756,11 +756,11 @@ def log_train(run: Run, window: Window, grad_norm: float) -> dict:
 
 
 def logged_epoch(micro_batches: int, epoch_batches: int, loader_batches: int) -> float:
-    """``train/epoch`` as transformers 4.x's Trainer (the official runs') logs it: the epochs done, plus this epoch's micro-batches over all of
-    the epoch's (``loader_batches``). An epoch trains its whole steps only (``epoch_batches``), so its last step reads
-    below 1 where micro-batches are left over: 448 of 478 is 0.937, as the official runs logged it (counted over the
-    trained micro-batches, it read 1.0 and every point ran up to 7% ahead). Data shorter than one step, which each
-    step reads more than once, counts its passes."""
+    """``train/epoch`` as transformers 4.x's Trainer (the official runs') logs it: the epochs done, plus this epoch's
+    micro-batches over all of the epoch's (``loader_batches``). An epoch trains its whole steps only
+    (``epoch_batches``), so its last step reads below 1 where micro-batches are left over: 448 of 478 is 0.937, as
+    the official runs logged it (counted over the trained micro-batches, it read 1.0 and every point ran up to 7%
+    ahead). Data shorter than one step, which each step reads more than once, counts its passes."""
     if micro_batches <= 0:
         return 0.0
     if epoch_batches > loader_batches:

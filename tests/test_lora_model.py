@@ -344,3 +344,47 @@ def test_a_head_adapters_smallest_update_unties_the_saved_head(compose, tmp_path
     assert not json.loads((tmp_path / "model" / "config.json").read_text()).get("tie_word_embeddings")
     saved = load_file(tmp_path / "model" / "model.safetensors")
     assert not torch.equal(saved["lm_head.weight"], saved["model.embed_tokens.weight"])
+
+
+MOE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MOE |= dict(vocab_size=64, num_experts=4, moe_intermediate_size=16, num_experts_per_tok=2)
+
+
+def test_lora_on_fused_expert_weights_is_refused_before_training():
+    """``all-linear`` on Qwen3-MoE wraps each layer's fused 3-D expert weights (peft's ParamWrapper), which the merged
+    save has no rule for: the run trained to its end, then failed to save anything loadable."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from simpo_exp.config import ConfigError, HardwareConfig
+    from simpo_exp.model import add_lora
+
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**MOE))
+    with pytest.raises(ConfigError, match=r"adapts \d+ fused weight\(s\) that are not linear layers \(model\.layers"):
+        add_lora(model, HardwareConfig(name="t", lora=True, lora_target_modules=["all-linear"]))
+
+
+def test_routed_experts_no_adapter_covers_are_said(caplog):
+    """Qwen2-MoE's default targets match its shared expert alone: the routed experts trained nothing, unsaid."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from simpo_exp.config import HardwareConfig
+    from simpo_exp.model import add_lora
+
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**MOE, shared_expert_intermediate_size=16))
+    add_lora(model, HardwareConfig(name="t", lora=True))
+    assert "LoRA adapts none of this mixture of experts' routed experts (" in caplog.text
+    assert "shared_expert.gate_proj" in caplog.text and "self_attn.q_proj" in caplog.text
+    caplog.clear()
+    dense = LlamaForCausalLM(LlamaConfig(**{k: MOE[k] for k in list(MOE)[:6]}))
+    add_lora(dense, HardwareConfig(name="t", lora=True))
+    assert "routed experts" not in caplog.text
+    # experts as linear layers of their own (remote code, older layouts) that the targets match: covered, unsaid
+    from peft import LoraConfig, get_peft_model
+
+    from simpo_exp.model import check_expert_adapters
+
+    toy = torch.nn.Module()
+    toy.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+    toy.shared = torch.nn.Linear(4, 4)
+    check_expert_adapters(get_peft_model(toy, LoraConfig(r=2, target_modules=["0", "1", "shared"])), ["0", "1"])
+    assert "routed experts" not in caplog.text
