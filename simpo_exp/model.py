@@ -631,7 +631,11 @@ def add_lora(model, h, revision: str | None = None):
         matches = [(t, m) for n, m in model.named_modules() for t in targets if n == t or n.endswith("." + t)]
         missing = [t for t in targets if t not in {matched for matched, _ in matches}]
         if missing:
-            raise ConfigError(f"hardware.lora_target_modules: {missing} are not modules of this model")
+            own = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _adaptable(m)} - {"lm_head"})
+            raise ConfigError(
+                f"hardware.lora_target_modules: {missing} are not modules of this model; its linear layers are "
+                f"named {', '.join(own[:12]) or 'none'} (or use [all-linear])"
+            )
         # a target naming a block of layers (a decoder layer, an MLP), which LoRA cannot adapt whole
         target, block = next(((t, m) for t, m in matches if any(m.children())), (None, None))
         if block is not None:
@@ -690,6 +694,11 @@ def check_expert_adapters(model, targets) -> None:
             100 * share,
             ", ".join(sorted({".".join(n.split(".")[-2:]) for n, m in model.named_modules() if hasattr(m, "lora_A")})),
         )
+
+
+def _adaptable(module) -> bool:
+    """A layer LoRA adapts as a linear one: torch's Linear, or GPT-2's Conv1D (a linear layer stored transposed)."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def count_parameters(model, trained_only: bool = False) -> int:

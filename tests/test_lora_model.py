@@ -180,7 +180,11 @@ def test_peft_target_names_are_taken_as_peft_takes_them(compose):
     assert {n.rsplit(".lora_A", 1)[0] for n, _ in one.named_parameters() if ".lora_A" in n} == {
         "base_model.model.model.layers.0.self_attn.q_proj"
     }
-    with pytest.raises(ConfigError, match=r"\['nothing_proj'\] are not modules of this model"):
+    own = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"  # the model's names, its head left out
+    with pytest.raises(
+        ConfigError,
+        match=r"\['nothing_proj'\] are not modules of this model; its linear layers are " + f"named {own} \\(or use",
+    ):
         _trained_lora_model(compose, "hardware.lora_target_modules=[nothing_proj]")
     # a list of names: each named module of every layer gets its adapters, and nothing else
     two = _trained_lora_model(compose, "hardware.lora_target_modules=[q_proj,v_proj]")
