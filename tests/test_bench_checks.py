@@ -173,7 +173,9 @@ def test_a_report_cut_short_keeps_every_row_it_has_and_says_what_is_missing(tmp_
     result, _ = reported({"plain": runs["plain"]}, {})  # TRL cut off: no comparison, said so
     assert ("batch 4: against TRL", "TRL not measured (not reached)", "n/a") in assess(result)
     result, _ = reported({"plain": runs["plain"]}, {"TRL": "out of memory"})
-    assert ("batch 4: runs where TRL does not fit", "TRL out of memory; plain ran", "met") in assess(result)
+    assert ("batch 4: runs in one micro-batch where TRL does not", "TRL out of memory; plain ran", "met") in assess(
+        result
+    )
 
 
 @pytest.mark.parametrize("loss,grad", [(1 + 2e-4, 0.0), (float("nan"), 0.0), (1.0, float("nan")), (1.0, 2e-3)])
