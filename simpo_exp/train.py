@@ -264,11 +264,6 @@ def make_loaders(
         accelerator.process_index,
         accelerator.num_processes,
     )
-    if len(train_loader) == 0:
-        raise ConfigError(
-            f"the train split has {len(train_ds)} pairs, fewer than per_device_train_batch_size="
-            f"{cfg.per_device_train_batch_size}"
-        )
     return collates["test"], reference, train_loader, eval_loader, eval_ds
 
 
@@ -459,6 +454,11 @@ def set_up(cfg: Config) -> Run:
         check_same_tokenizer(run_dir, tokenizer)
     with accelerator.main_process_first():
         train_ds, eval_ds, data_report = build_datasets(cfg, tokenizer)
+    if len(train_ds) < cfg.per_device_train_batch_size:  # the loader drops a last short batch: it would be empty
+        raise ConfigError(  # before the model loads (a recipe's smoke test on a few pairs)
+            f"the train split has {len(train_ds)} pairs, fewer than per_device_train_batch_size="
+            f"{cfg.per_device_train_batch_size}: lower it, or use more data"
+        )
     model = load_model(cfg, tokenizer, pick_attention(cfg), engine_keeps_master_copy(accelerator))
     check_preset_size(cfg, count_parameters(model))
     # what a reference-based method's reference log-probs are of: the same starting weights on resume

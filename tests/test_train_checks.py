@@ -169,3 +169,19 @@ def test_an_eval_or_save_cadence_at_or_past_the_runs_length_is_warned_about():
     ]
     defaults = SimpleNamespace(eval_steps=Config.eval_steps, save_steps=Config.save_steps)
     assert cadence_past_the_end(defaults, 10) == []
+
+
+def test_too_few_pairs_for_one_batch_are_refused_before_the_model_loads(compose, tmp_path, monkeypatch):
+    """A recipe's smoke test on a few pairs (an 8B model's) loaded the weights, then stopped: the loader, which drops
+    a last short batch, was empty."""
+    from simpo_exp import train
+    from simpo_exp.config import ConfigError, to_config
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(train, "load_model", loaded)
+    overrides = ["dataset.synthetic.num_train=7", "per_device_train_batch_size=8", "logger=none"]
+    cfg = to_config(compose(f"output_dir={tmp_path}", *overrides))
+    with pytest.raises(ConfigError, match="the train split has 7 pairs, fewer than per_device_train_batch_size=8"):
+        train.set_up(cfg)
