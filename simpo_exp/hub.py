@@ -78,20 +78,63 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
     from huggingface_hub import constants
 
-    address = hub_address(constants.ENDPOINT)
+    address, proxied = hub_address(constants.ENDPOINT), hub_proxy(constants.ENDPOINT)
     result: list[bool] = []
 
     def probe() -> None:  # in a thread: a DNS lookup ignores the socket timeout
         try:
-            socket.create_connection(address, timeout=timeout).close()
-            result.append(True)
+            conn = socket.create_connection(address, timeout=timeout)
+            try:
+                result.append(proxy_answers(conn, constants.ENDPOINT) if proxied else True)
+            finally:
+                conn.close()
         except OSError:
             result.append(False)
 
     worker = threading.Thread(target=probe, daemon=True)
     worker.start()
-    worker.join(timeout)
+    worker.join(timeout * (2 if proxied else 1))  # a proxy's connection, then its answer
     return bool(result and result[0])
+
+
+def proxy_answers(conn: socket.socket, endpoint: str) -> bool:
+    """Whether the HTTP proxy at the other end of ``conn`` passes a request on to the hub at ``endpoint``: a tunnel
+    to it opened (CONNECT, for https), or an answer from it (for http) that is not the proxy's gateway error. A
+    proxy that accepts connections and never answers (a site proxy stalling blocked hosts) was taken for a way to
+    the hub, and the hub's client, which reads without a timeout, waited on it for ever."""
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    if url.scheme == "http":
+        target = f"{host}:{url.port or 80}"
+        conn.sendall(f"HEAD http://{target}/ HTTP/1.0\r\nHost: {target}\r\n\r\n".encode())
+    else:
+        target = f"{host}:{url.port or 443}"
+        conn.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    status = conn.recv(64).split(b" ", 2)  # b"HTTP/1.1 200 Connection established"
+    if len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+        return False
+    code = int(status[1])
+    return 200 <= code < 300 if url.scheme != "http" else code < 500
+
+
+def hub_proxy(endpoint: str) -> bool:
+    """Whether requests to the hub at ``endpoint`` go through an HTTP proxy (``hub_address`` connects to it)."""
+    via = _proxy_for(endpoint)
+    return via is not None and via.scheme in ("http", "https")
+
+
+def _proxy_for(endpoint: str):
+    """The proxy (parsed) that requests to ``endpoint`` go through, as huggingface_hub's HTTP client picks it from
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` and ``NO_PROXY``, or None."""
+    import urllib.request
+
+    url = urlparse(endpoint)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme or "https") or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(url.hostname or "huggingface.co"):
+        return None
+    via = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    return via if via.hostname else None
 
 
 def why_offline() -> str:
@@ -101,6 +144,8 @@ def why_offline() -> str:
     if (variable := offline_variable()) is not None:
         return f"{variable}={os.environ[variable]}"
     host, port = hub_address(constants.ENDPOINT)
+    if hub_proxy(constants.ENDPOINT):
+        return f"the proxy at {host}:{port} did not open a way to the hub {constants.ENDPOINT} in time"
     return f"nothing answered at {host}:{port}, the hub {constants.ENDPOINT} or the proxy on its way"
 
 
@@ -110,18 +155,11 @@ def hub_address(endpoint: str) -> tuple[str, int]:
     sends it there (unless ``NO_PROXY`` names the host), as huggingface_hub's HTTP client does. Probed on port 443 of
     the endpoint's host alone, a node that reaches the hub only through its proxy, or a mirror on a port of its own,
     was taken for offline, and every model not in the cache refused."""
-    import urllib.request
-
     url = urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
     defaults = {"http": 80, "https": 443}
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(url.scheme or "https") or proxies.get("all")
-    if proxy and not urllib.request.proxy_bypass(host):
-        via = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        if via.hostname:
-            return via.hostname, via.port or defaults.get(via.scheme, 1080)  # 1080: a SOCKS proxy's
-    return host, url.port or defaults.get(url.scheme, 443)
+    if (via := _proxy_for(endpoint)) is not None:
+        return via.hostname, via.port or defaults.get(via.scheme, 1080)  # 1080: a SOCKS proxy's
+    return url.hostname or "huggingface.co", url.port or defaults.get(url.scheme, 443)
 
 
 def in_hf_cache(repo_id: str, revision: str | None) -> bool:

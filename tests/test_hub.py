@@ -1,6 +1,7 @@
 """Hub lookups without the network: the local cache, the revision asked for, what a model or tokenizer folder
 must hold, and the offline settings (huggingface_hub's cache layout built in tmp_path)."""
 
+import contextlib
 import json
 
 import pytest
@@ -139,10 +140,56 @@ def test_the_hub_is_probed_where_its_client_connects_a_mirrors_port_or_the_proxy
         assert hub.hub_address(constants.ENDPOINT) == ("127.0.0.1", port) and hub.hub_reachable(timeout=5)
         monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # reached through the proxy alone
         assert not hub.hub_reachable(timeout=5)
+        # a proxy that accepts and never answers (a site proxy stalling blocked hosts) is no way to the hub: the
+        # hub's client, which reads without a timeout, waited on it for ever
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
-        assert hub.hub_address(constants.ENDPOINT) == ("127.0.0.1", port) and hub.hub_reachable(timeout=5)
-        monkeypatch.setenv("NO_PROXY", "hub.invalid")  # the proxy not used for it: the host itself
-        assert hub.hub_address(constants.ENDPOINT) == ("hub.invalid", 443)
+        assert hub.hub_address(constants.ENDPOINT) == ("127.0.0.1", port) and not hub.hub_reachable(timeout=1)
+        assert (
+            hub.why_offline()
+            == f"the proxy at 127.0.0.1:{port} did not open a way to the hub https://hub.invalid in time"
+        )
+    for answer, reachable in (
+        (b"HTTP/1.1 200 Connection established\r\n\r\n", True),
+        (b"HTTP/1.1 403 No\r\n\r\n", False),
+    ):
+        asked = []
+        with _answering(answer, asked) as port:
+            monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+            assert hub.hub_reachable(timeout=5) is reachable
+        assert asked and asked[0].startswith(b"CONNECT hub.invalid:443 HTTP/1.1\r\n")
+    # an http mirror through the proxy: its answer, whatever it is, unless the proxy's own gateway error
+    monkeypatch.setattr(constants, "ENDPOINT", "http://mirror.invalid:8080")
+    for answer, reachable in ((b"HTTP/1.0 404 Not Found\r\n\r\n", True), (b"HTTP/1.0 502 Bad Gateway\r\n\r\n", False)):
+        asked = []
+        with _answering(answer, asked) as port:
+            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+            assert hub.hub_reachable(timeout=5) is reachable
+        assert asked and asked[0].startswith(b"HEAD http://mirror.invalid:8080/ HTTP/1.0\r\n")
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setenv("NO_PROXY", "hub.invalid")  # the proxy not used for it: the host itself
+    assert hub.hub_address(constants.ENDPOINT) == ("hub.invalid", 443) and not hub.hub_proxy(constants.ENDPOINT)
+
+
+@contextlib.contextmanager
+def _answering(answer: bytes, asked: list):
+    """A proxy on 127.0.0.1 (its port yielded) that answers one request with ``answer``, keeping what it was asked."""
+    import socket
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def serve():
+            conn, _ = listener.accept()
+            with conn:
+                asked.append(conn.recv(1024))
+                conn.sendall(answer)
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        yield listener.getsockname()[1]
+        server.join(5)
 
 
 def test_a_tokenizer_saved_as_its_config_and_own_vocabulary_file_is_accepted(tmp_path):
