@@ -635,11 +635,12 @@ def load(
     by_engine = (path / ENGINE_DIR).is_dir()
     written = meta.get("engine") or (None if by_engine else PLAIN)  # checkpoints before the record: by the folder
     engine = engine or (PLAIN if load_engine_state is None else None)
-    if (written and engine and written != engine) or by_engine != (load_engine_state is not None):
+    if (written and engine and not same_engine(written, engine)) or by_engine != (load_engine_state is not None):
         raise CheckpointError(
             f"checkpoint {path} holds its weights and optimizer state as {describe_engine(written, by_engine)} "
             f"writes them; this run is set up to read {describe_engine(engine, load_engine_state is not None)}. "
             "Resume with the engine it was written by (its hardware preset and launcher"
+            + (": the launcher's fsdp_version and fsdp_state_dict_type" if "FSDP" in f"{written}{engine}" else "")
             + (", and hardware.checkpoint_format=accelerate" if by_engine and load_engine_state is None else "")
             + "), or run with resume=false to start fresh."
         )
@@ -686,6 +687,12 @@ def frozen_weights(model) -> dict | None:
         "dtypes": sorted({str(p.dtype) for _, p in frozen}),
         "sampled_sha256": h.hexdigest(),
     }
+
+
+def same_engine(written: str, engine: str) -> bool:
+    """Whether a checkpoint ``written`` by one engine is read by ``engine`` as it was written. A checkpoint of FSDP
+    recorded before its version and state-dict type were (``"FSDP"``) is taken as any FSDP's."""
+    return written == engine or (written == "FSDP" and engine.startswith("FSDP"))
 
 
 def describe_engine(engine: str | None, by_engine: bool) -> str:

@@ -326,8 +326,16 @@ def check_logps_for_run(cfg: Config, accelerator, model, layout, train_ds, pad_t
 
 def checkpoint_engine(cfg: Config, accelerator) -> str:
     """What writes (and so must read) this run's checkpoints: the accelerate engine by name, for engine checkpoints,
-    else ``checkpoint.PLAIN`` (the project's own safetensors)."""
-    return accelerator.distributed_type.value if engine_checkpoints(cfg, accelerator) else checkpoint.PLAIN
+    else ``checkpoint.PLAIN`` (the project's own safetensors). FSDP's says its version and the launcher's
+    ``fsdp_state_dict_type``, which lay the files out: read under the other type, a sharded checkpoint left one
+    process looking for a whole-model file while the others waited in a broadcast, for the collective timeout."""
+    if not engine_checkpoints(cfg, accelerator):
+        return checkpoint.PLAIN
+    engine, plugin = accelerator.distributed_type.value, getattr(accelerator.state, "fsdp_plugin", None)
+    if engine == "FSDP" and plugin is not None:
+        kind = getattr(plugin.state_dict_type, "name", plugin.state_dict_type)
+        engine = f"FSDP{plugin.fsdp_version} {kind}"
+    return engine
 
 
 def start_or_resume(

@@ -757,3 +757,45 @@ def test_a_missing_file_is_named_and_one_that_cannot_be_read_fails_the_check(sav
     assert checkpoint.verify(saved) is None
     (saved / "rng.safetensors").unlink()
     assert checkpoint.verify(saved) == "rng.safetensors is missing"
+
+
+def test_an_fsdp_checkpoint_is_read_with_the_state_dict_type_it_was_written_with(tmp_path):
+    """Written as SHARDED_STATE_DICT and resumed under FULL_STATE_DICT (the launcher file edited in between), one
+    process looked for a whole-model file while the others waited in its broadcast, for the collective timeout
+    (30 minutes), then failed naming neither; the other way, a bare AssertionError. Refused by name, before loading."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import StateDictType
+
+    from simpo_exp.train import checkpoint_engine
+
+    plugin = SimpleNamespace(fsdp_version=2, state_dict_type=StateDictType.SHARDED_STATE_DICT)
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    cfg = SimpleNamespace(hardware=SimpleNamespace(checkpoint_format="accelerate"))
+    assert checkpoint_engine(cfg, fsdp) == "FSDP2 SHARDED_STATE_DICT"
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), lambda s: 1.0)
+    tmp = checkpoint.start(tmp_path, 2, None)
+    (tmp / checkpoint.ENGINE_DIR).mkdir()
+    (tmp / checkpoint.ENGINE_DIR / "pytorch_model_fsdp_0").write_bytes(b"shards")
+    path = checkpoint.finish(tmp_path, tmp, None, None, sched, checkpoint.TrainState(step=2), {}, 2, engine="FSDP")
+    loaded = []
+    for written, reading in (
+        ("FSDP2 SHARDED_STATE_DICT", "FSDP2 FULL_STATE_DICT"),
+        ("FSDP1 FULL_STATE_DICT", "FSDP2 FULL_STATE_DICT"),
+    ):
+        state = json.loads((path / "state.json").read_text()) | {"engine": written}
+        (path / "state.json").write_text(json.dumps(state))
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=f"as {written}'s accelerate .* to read {reading}'s .*"
+            "the launcher's fsdp_version and fsdp_state_dict_type",
+        ):
+            checkpoint.load(path, None, None, sched, {}, load_engine_state=loaded.append, engine=reading)
+    assert loaded == []
+    for written in ("FSDP", "FSDP2 FULL_STATE_DICT"):  # one recorded before the type was, and the same type: read
+        (path / "state.json").write_text(
+            json.dumps(json.loads((path / "state.json").read_text()) | {"engine": written})
+        )
+        checkpoint.load(path, None, None, sched, {}, load_engine_state=loaded.append, engine="FSDP2 FULL_STATE_DICT")
+    assert len(loaded) == 2
