@@ -1830,6 +1830,10 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
     import sys
     import types
 
+    import torch
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.inference import sampling
     from simpo_exp.inference.sampling import VLLMSampler
     from simpo_exp.model import load_tokenizer
     from tests.tiny import save_tiny_llama
@@ -1880,6 +1884,11 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     (stop_newline,) = ids("\n")
     cfg = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, stop_token_ids=[stop_newline]))
+    # on a CPU device it is refused: vLLM would take the GPU anyway, in the float32 a CPU run samples in
+    with pytest.raises(ConfigError, match=r"generate.backend=vllm runs on a GPU, and this run's device is cpu"):
+        VLLMSampler(cfg, tokenizer)
+    assert "llm" not in calls
+    monkeypatch.setattr(sampling, "pick_device", lambda device: torch.device("cuda", 0))
     sampler = VLLMSampler(cfg, tokenizer)
     assert calls["llm"]["model"] == str(tmp_path / "policy") and calls["llm"]["gpu_memory_utilization"] == 0.5
     assert calls["llm"]["seed"] == 7
@@ -1898,7 +1907,9 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
     for a in asked:
         assert (a["n"], a["temperature"], a["top_p"], a["max_tokens"]) == (2, g.temperature, g.top_p, 9)
         assert a["stop_token_ids"] == sampler.stop_ids and a["skip_special_tokens"] is True
-    assert asked[0]["seed"] != asked[1]["seed"]  # one stream per prompt: a prompt's samples do not depend on its batch
+    # one stream per prompt: a prompt's draws do not depend on its batch (its logits may, vLLM says, outside its
+    # batch-invariant mode)
+    assert asked[0]["seed"] != asked[1]["seed"]
     ended = {"text": " a", "n_tokens": len(ids(" a")) + 1, "finished": True}
     cut = {"text": " bcd", "n_tokens": len(ids(" bcd")), "finished": False}
     newline = {"text": " x", "n_tokens": len(ids(" x")) + 1, "finished": True}  # as the hf backend cuts it

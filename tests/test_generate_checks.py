@@ -577,3 +577,21 @@ def test_stage_records_of_another_shape_read_as_unreadable(tmp_path, caplog):
         (tmp_path / "eval" / bench).mkdir(parents=True)
         (tmp_path / "eval" / bench / "results.json").write_text(text)
     assert load_results(tmp_path) == {"rule": {"metrics": {}}}
+
+
+def test_the_evaluate_stages_auto_backend_takes_vllm_only_on_the_runs_gpu(monkeypatch):
+    """``evaluate.device=cpu`` on a machine with vLLM and a GPU: auto picked vLLM, which ran on the GPU anyway, in the
+    float32 a CPU run samples in (twice the memory, another decoding than a GPU run's bf16)."""
+    import importlib.util
+
+    from simpo_exp.evaluate.run import _backend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    auto = SimpleNamespace(backend="auto")
+    run = lambda device: SimpleNamespace(hardware=SimpleNamespace(device=device), model=SimpleNamespace(path="/m"))  # noqa: E731
+    assert _backend(auto, run("cpu")) == "hf"
+    assert _backend(auto, run("auto")) == "vllm" and _backend(auto, run("cuda")) == "vllm"
+    assert _backend(SimpleNamespace(backend="hf"), run("cuda")) == "hf"

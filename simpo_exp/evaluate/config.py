@@ -55,7 +55,7 @@ WANDB = ("auto", "off")
 
 @dataclass
 class DecodingConfig:
-    backend: str = "auto"  # auto: vLLM where installed and a GPU is present, else transformers' generate
+    backend: str = "auto"  # auto: vLLM where installed and the run's device is a GPU, else transformers' generate
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     max_new_tokens: int = 4096

@@ -116,9 +116,12 @@ def _legacy_weights_id(cfg) -> dict | None:
 def _backend(dec, cfg) -> str:
     if dec.backend != "auto":
         return dec.backend
-    import torch
+    from simpo_exp.inference.sampling import pick_device
 
-    vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() and bool(cfg.model.path)
+    # on the device the run asks for (evaluate.device=cpu on a GPU machine: transformers on the CPU, not vLLM on the
+    # GPU in float32)
+    on_gpu = pick_device(cfg.hardware.device).type == "cuda"
+    vllm = importlib.util.find_spec("vllm") is not None and on_gpu and bool(cfg.model.path)
     return "vllm" if vllm else "hf"
 
 

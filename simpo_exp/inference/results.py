@@ -33,7 +33,8 @@ FREE_DECODING = ("batch_size", "vllm_gpu_memory_utilization")
 def answer_decoding(decoding: dict) -> dict:
     """``decoding`` without the settings the answers do not depend on (``FREE_DECODING``). But for the batch size of
     answers sampled by the ``hf`` backend: one random stream per shard, drawn batch after batch, so other batches
-    draw other answers (greedy ones are the same, and vLLM seeds each request)."""
+    draw other answers (greedy ones are the same, and vLLM seeds each request; its logits, and so rarely an answer,
+    may still move with the batch outside vLLM's batch-invariant mode)."""
     sampled = (decoding.get("temperature") or 0) > 0 and decoding.get("backend", "hf") == "hf"
     return {k: v for k, v in decoding.items() if k not in FREE_DECODING or (sampled and k == "batch_size")}
 
