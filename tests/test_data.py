@@ -658,6 +658,9 @@ def test_normalise_row_rules():
     named = lambda p, a: [{"role": "user", "content": p, "name": "u"}, {"role": "assistant", "content": a, "name": "x"}]  # noqa: E731
     row = normalise_row({"chosen": named("q", "a"), "rejected": named("q", "b")}, auto)
     assert row["prompt"] == [{"role": "user", "content": "q"}] and row["drop_reason"] == ""
+    # a TRL-format prompt column likewise (its turns are what the chat template and the prompt's id see)
+    row = normalise_row({"prompt": named("q", "a")[:1], "chosen": "a", "rejected": "b"}, auto)
+    assert row["prompt"] == [{"role": "user", "content": "q"}] and row["drop_reason"] == ""
     # A message list written as a JSON string was trained on as the JSON text; it is dropped and counted
     encoded = {"prompt": "p", "chosen": json.dumps(msgs("p", "a")), "rejected": json.dumps(msgs("p", "b"))}
     assert normalise_row(encoded, auto)["drop_reason"].startswith("message list encoded as a JSON string")
@@ -693,6 +696,8 @@ def test_normalise_row_rules():
             "no prompt (column 'prompt' empty or missing, no earlier turns in chosen)",
         ),  # fmt: skip
         ({"prompt": "p", "chosen": None, "rejected": "b"}, auto, "missing chosen/rejected"),
+        ({"prompt": "p", "chosen": "a", "rejected": None}, auto, "missing chosen/rejected"),
+        ({"prompt": "p", "chosen": msgs("p", "a"), "rejected": None}, auto, "missing chosen/rejected"),
         ({"prompt": "p", "chosen": "a", "rejected": "b"}, messages, "expected message lists"),
         ({"prompt": "p", "chosen": msgs("p", "a"), "rejected": msgs("p", "b")}, strings, "non-string content"),
         ({"prompt": "p", "chosen": msgs("p", "a"), "rejected": "b"}, auto, "chosen and rejected have different shapes"),

@@ -266,6 +266,14 @@ def test_a_prompt_met_twice_is_sampled_once_and_counted(tmp_path, monkeypatch):
     prompts, counts = train_prompts(DatasetConfig(name="test", sources={"local": source}))
     under = sorted(p["prompt"][0]["content"] for p in prompts if p["prompt"][0]["role"] == "system")
     assert under == ["", "Be brief."] and counts["duplicate prompt"] == 5 and counts["no prompt"] == 0
+    # a blank prompt, which training drops ("empty prompt"), is not sampled either: counted as no prompt
+    blank = [
+        {"prompt": "   ", "chosen": "a", "rejected": "b"},
+        {"chosen": system("", "", "a"), "rejected": system("", "", "b")},
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + blank))
+    prompts, counts = train_prompts(DatasetConfig(name="test", sources={"local": source}))
+    assert len(prompts) == 5 and counts["no prompt"] == 2
 
 
 def test_a_prompt_goes_by_its_sources_id_or_the_hubs_rule_for_one(tmp_path, monkeypatch):
@@ -357,6 +365,11 @@ def test_a_multi_turn_prompt_goes_by_its_message_lists_hash():
     assert prompt_id(turns) == prompt_key(turns) != prompt_id(turns[:1])
     assert prompt_id(turns[:1]) == hashlib.sha256(b"q").hexdigest()
     assert prompt_id(turns, given="  ") == prompt_key(turns) and prompt_id(turns, given="id-7") == "id-7"
+    # the roles are part of a prompt: a system turn is not a user turn of the same words
+    system = [{"role": "system", "content": "x"}, {"role": "user", "content": "q"}]
+    assert prompt_key(system) != prompt_key([{"role": "user", "content": "x"}, {"role": "user", "content": "q"}])
+    alone = [{"role": "system", "content": "q"}]  # one turn but not a user's: not the hub's plain-text rule
+    assert prompt_id(alone) == prompt_key(alone) != prompt_id(turns[:1])
 
 
 def test_generate_stage_does_not_import_training():
