@@ -424,21 +424,25 @@ def refuse_a_folder_per_hand_started_process(hc) -> None:
     """Processes given ``RANK``/``WORLD_SIZE`` by hand (the generate stage's split, README) share no launcher: each
     resolves the default folder, ``${now:...}``, at its own start, so processes started a second apart sampled
     their shards into folders of their own and no data set was ever written. They need a fixed folder
-    (``hydra.run.dir``, or ``hydra.sweep.dir`` for a ``--multirun``)."""
+    (``hydra.run.dir``, or ``hydra.sweep.dir`` for a ``--multirun``). So do torchrun's on several machines
+    (``WORLD_SIZE`` past ``LOCAL_WORLD_SIZE``): each machine's launcher starts at its own second."""
     from simpo_exp.config import ConfigError
 
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return  # named where the stage reads it (generate.run.process_place)
-    if world <= 1 or "TORCHELASTIC_RUN_ID" in os.environ:
-        return
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    machines = "TORCHELASTIC_RUN_ID" in os.environ and local.isdigit() and world > int(local)
+    if world <= 1 or ("TORCHELASTIC_RUN_ID" in os.environ and not machines):
+        return  # torchrun on one machine: its launcher's start time is every process's (``launch_time``)
     sweep = hc.mode == RunMode.MULTIRUN
     key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
     if not (_folder_given(hc.overrides.hydra, key) or (not sweep and _folder_given(hc.overrides.task, "output_dir"))):
+        start = "each machine's launcher's start time" if machines else "each process's own start time"
         raise ConfigError(
             f"WORLD_SIZE={world} without a fixed {key}=...: every process of one generation must name the same "
-            f"folder (the default, {hc.sweep.dir if sweep else hc.run.dir}, is each process's own start time)"
+            f"folder (the default, {hc.sweep.dir if sweep else hc.run.dir}, is {start})"
         )
 
 

@@ -218,6 +218,16 @@ def test_hand_started_processes_are_refused_only_without_a_folder_of_their_own(m
         runinfo.refuse_a_folder_per_hand_started_process(hc([]))
     monkeypatch.setenv("WORLD_SIZE", "1")
     runinfo.refuse_a_folder_per_hand_started_process(hc([]))
+    # torchrun: one machine's processes share their launcher's start time; several machines' do not (each node's
+    # folder held its own shards, and no process ever wrote the data set)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    runinfo.refuse_a_folder_per_hand_started_process(hc([]))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=4 without a fixed hydra.run.dir=.* each machine's launcher's"):
+        runinfo.refuse_a_folder_per_hand_started_process(hc([]))
+    runinfo.refuse_a_folder_per_hand_started_process(hc(["output_dir=/x"]))
 
 
 def test_a_single_process_torchrun_multirun_needs_no_fixed_sweep_folder(monkeypatch):
