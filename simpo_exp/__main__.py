@@ -3,16 +3,18 @@ finished). Nothing else."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from simpo_exp.command_line import refuse_command_line
 from simpo_exp.config import to_config
 from simpo_exp.finished import recorded_summary
 from simpo_exp.rundir import CONF_DIR
-from simpo_exp.runinfo import fill_run_identity, user_errors
+from simpo_exp.runinfo import fill_run_identity, refuse_a_folder_per_hand_started_process, user_errors
 from simpo_exp.signals import StopRequested, StopSignal
 
 
@@ -29,6 +31,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         with user_errors(cfg) as go:  # a stop before training starts leaves the run's records as they were
             if not go:  # a sweep's job whose folder another job holds: refused, the sweep goes on
                 return None
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun on several machines: one folder for all of them
+                refuse_a_folder_per_hand_started_process(HydraConfig.get(), "run")
             config = to_config(fill_run_identity(cfg))  # fails here, before any model or data loads
             done = recorded_summary(config)  # this run already finished: its recorded result, nothing loads
             if done is not None:

@@ -420,7 +420,7 @@ def _folder_given(overrides, key: str) -> bool:
     return any(str(o).lstrip("+").startswith(f"{key}=") for o in overrides)
 
 
-def refuse_a_folder_per_hand_started_process(hc) -> None:
+def refuse_a_folder_per_hand_started_process(hc, what: str = "generation") -> None:
     """Processes given ``RANK``/``WORLD_SIZE`` by hand (the generate stage's split, README) share no launcher: each
     resolves the default folder, ``${now:...}``, at its own start, so processes started a second apart sampled
     their shards into folders of their own and no data set was ever written. They need a fixed folder
@@ -441,7 +441,7 @@ def refuse_a_folder_per_hand_started_process(hc) -> None:
     if not (_folder_given(hc.overrides.hydra, key) or (not sweep and _folder_given(hc.overrides.task, "output_dir"))):
         start = "each machine's launcher's start time" if machines else "each process's own start time"
         raise ConfigError(
-            f"WORLD_SIZE={world} without a fixed {key}=...: every process of one generation must name the same "
+            f"WORLD_SIZE={world} without a fixed {key}=...: every process of one {what} must name the same "
             f"folder (the default, {hc.sweep.dir if sweep else hc.run.dir}, is {start})"
         )
 

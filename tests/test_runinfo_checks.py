@@ -297,3 +297,19 @@ def test_epochs_and_steps_given_together_are_the_users_choice(monkeypatch):
     runinfo.refuse_unused(cfg, {"num_train_epochs", "max_steps"}, {})
     with pytest.raises(ConfigError, match="num_train_epochs=2 would not be used"):
         runinfo.refuse_unused(cfg, {"num_train_epochs"}, {})
+
+
+def test_training_by_torchrun_on_several_machines_needs_a_fixed_folder(tmp_path):
+    """Each machine's launcher starts at its own second: without hydra.run.dir each node's processes resolved a
+    folder of their own, a sharded checkpoint's parts landing in two folders. Refused before anything loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": "0"}
+    env |= {"LOCAL_RANK": "0", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "simpo_exp", "logger=none"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "WORLD_SIZE=4 without a fixed hydra.run.dir=...: every process of one run must name" in done.stderr
