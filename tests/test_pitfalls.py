@@ -631,3 +631,8 @@ def test_simpos_beta_range_searched_for_a_dpo_family_method_is_said(compose, cap
         refuse_unused(compose("loss=dpo", "beta=0.2"), {"loss"}, {"loss": "dpo"}, searched={"beta"})
         refuse_unused(cfg, {"loss", "beta"}, {"loss": "dpo"})  # typed, no search space: the user's word
     assert "search space" not in caplog.text
+    for method in ("ipo", "rdpo", "cpo", "orpo"):  # every method of DPO's beta scale
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="simpo_exp.runinfo"):
+            refuse_unused(compose(f"loss={method}", "beta=4.2"), {"loss"}, {"loss": method}, searched={"beta"})
+        assert "beta=4.2 comes from the sweep's search space" in caplog.text, method

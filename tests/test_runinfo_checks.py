@@ -167,6 +167,11 @@ def test_a_long_job_folder_name_shortens_a_dotted_key_only_where_its_last_part_n
     assert name.startswith("dataset.a.num=1,dataset.b.num=2") and len(name) <= 120
     name = runinfo.job_dirname("model.path=/" + "x" * 200)
     assert name.startswith("path=_xxx") and len(name) <= 120
+    # two jobs whose names differ only where they are cut never share a folder (one would resume the other's run)
+    assert runinfo.job_dirname("model.path=/" + "x" * 200 + "a") != runinfo.job_dirname(
+        "model.path=/" + "x" * 200 + "b"
+    )
+    assert runinfo.job_dirname("beta=" + "1" * 114) == "beta=" + "1" * 114  # at the limit: as it is
 
 
 def test_a_setting_listed_twice_reuses_the_lowest_numbered_earlier_folder(tmp_path):
