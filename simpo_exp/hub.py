@@ -118,9 +118,10 @@ def proxy_answers(conn: socket.socket, endpoint: str) -> bool:
 
 
 def hub_proxy(endpoint: str) -> bool:
-    """Whether requests to the hub at ``endpoint`` go through an HTTP proxy (``hub_address`` connects to it)."""
+    """Whether requests to the hub at ``endpoint`` go through a plain HTTP proxy (``hub_address`` connects to it),
+    which ``proxy_answers`` can ask in plain text (an ``https://`` proxy speaks TLS first; a SOCKS one, its own)."""
     via = _proxy_for(endpoint)
-    return via is not None and via.scheme in ("http", "https")
+    return via is not None and via.scheme == "http"
 
 
 def _proxy_for(endpoint: str):
