@@ -267,10 +267,8 @@ def test_a_prompt_met_twice_is_sampled_once_and_counted(tmp_path, monkeypatch):
     under = sorted(p["prompt"][0]["content"] for p in prompts if p["prompt"][0]["role"] == "system")
     assert under == ["", "Be brief."] and counts["duplicate prompt"] == 5 and counts["no prompt"] == 0
     # a blank prompt, which training drops ("empty prompt"), is not sampled either: counted as no prompt
-    blank = [
-        {"prompt": "   ", "chosen": "a", "rejected": "b"},
-        {"chosen": system("", "", "a"), "rejected": system("", "", "b")},
-    ]
+    blank = [{"chosen": turns("   ", "a"), "rejected": turns("   ", "b")}]
+    blank.append({"chosen": system("", "", "a"), "rejected": system("", "", "b")})
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + blank))
     prompts, counts = train_prompts(DatasetConfig(name="test", sources={"local": source}))
     assert len(prompts) == 5 and counts["no prompt"] == 2

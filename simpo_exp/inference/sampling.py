@@ -259,18 +259,18 @@ class VLLMSampler:
     """vLLM's offline engine; one request per prompt with its own seed."""
 
     def __init__(self, cfg, tokenizer, decoding=None, backend_key: str = "generate.backend"):
-        device = pick_device(cfg.hardware.device)
-        if device.type != "cuda":  # vLLM would take the GPU anyway, in the float32 a CPU run samples in
-            raise ConfigError(
-                f"{backend_key}=vllm runs on a GPU, and this run's device is {device.type} (hardware.device="
-                f"{cfg.hardware.device}; evaluate.device in the evaluate stage): use {backend_key}=hf, or a GPU device"
-            )
         try:
             from vllm import LLM
         except ImportError as e:
             raise ConfigError(
                 f"{backend_key}=vllm needs vLLM on a GPU machine: pip install vllm (or {backend_key}=hf)"
             ) from e
+        device = pick_device(cfg.hardware.device)
+        if device.type != "cuda":  # vLLM would take the GPU anyway, in the float32 a CPU run samples in
+            raise ConfigError(
+                f"{backend_key}=vllm runs on a GPU, and this run's device is {device.type} (hardware.device="
+                f"{cfg.hardware.device}; evaluate.device in the evaluate stage): use {backend_key}=hf, or a GPU device"
+            )
         m, g = cfg.model, decoding or cfg.generate
         self.g, self.tokenizer = g, tokenizer
         # mixed_precision=no: the weights' dtype as the hf backend holds them (it was float32 whatever
