@@ -386,23 +386,33 @@ def estimated_bytes(model, whole: bool = False, master_copy: bool = False) -> in
     return state["weights"] + state["optimizer"]
 
 
-def model_bytes(model, master_copy: bool = False) -> int:
+def model_bytes(model, master_copy: bool = False, save_dtype: str | None = None) -> int:
     """About what the trained model (``model/``) takes: its weights as they are; a LoRA model's merged in float32
     (``save_trained``), and its adapters beside them; DeepSpeed's float32 master copy where it keeps one
-    (``master_copy``)."""
+    (``master_copy``); every floating weight in ``save_dtype`` where it is given (bfloat16: half of float32's)."""
+    if save_dtype is not None:
+        size = torch.empty(0, dtype=getattr(torch, save_dtype)).element_size()
+        return sum(full_numel(p) * (size if p.is_floating_point() else p.element_size()) for p in model.parameters())
     if master_copy or any(not p.requires_grad for p in model.parameters()):
         return sum(full_numel(p) * (4 if p.is_floating_point() else p.element_size()) for p in model.parameters())
     return state_bytes(model, Engine())["weights"]
 
 
 def check_space(
-    run_dir: Path, model, keep: int, save_model: bool, warn: bool = True, whole: bool = False, master_copy: bool = False
+    run_dir: Path,
+    model,
+    keep: int,
+    save_model: bool,
+    warn: bool = True,
+    whole: bool = False,
+    master_copy: bool = False,
+    save_dtype: str | None = None,
 ) -> int:
     """The estimated bytes of one checkpoint (``whole``, ``master_copy``: see ``estimated_bytes``); with a warning
     when the output directory's disk cannot hold the checkpoints the run keeps (one more while the next is written,
     before the oldest is pruned) and the final model."""
     per_checkpoint = estimated_bytes(model, whole, master_copy)
-    needed = per_checkpoint * (keep + 1) + (model_bytes(model, master_copy) if save_model else 0)
+    needed = per_checkpoint * (keep + 1) + (model_bytes(model, master_copy, save_dtype) if save_model else 0)
     free = shutil.disk_usage(run_dir).free
     if warn and free < needed:
         log.warning(

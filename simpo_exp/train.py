@@ -506,6 +506,7 @@ def set_up(cfg: Config) -> Run:
         accelerator.is_main_process,
         engine_checkpoints(cfg, accelerator),
         engine_keeps_master_copy(accelerator),
+        cfg.save_dtype,
     )  # warns if the disk is short
     collate = PairCollator(tokenizer.pad_token_id, packing=layout.packing, attention=layout.attention)
     collate, reference, train_loader, eval_loader, eval_ds = make_loaders(

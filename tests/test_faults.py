@@ -185,6 +185,9 @@ def test_short_disk_is_warned_about_at_start(tmp_path, monkeypatch, caplog):
     assert checkpoint.estimated_bytes(half, whole=True, master_copy=True) == 10_100 * (2 + 12)
     assert checkpoint.model_bytes(half, master_copy=True) == 10_100 * 4 == 2 * checkpoint.model_bytes(half)
     assert checkpoint.model_bytes(lora) == (10_100 + 808) * 4
+    # save_dtype=bfloat16 writes every floating weight in 2 bytes (a LoRA merge or float32 master weights included)
+    assert checkpoint.model_bytes(lora, save_dtype="bfloat16") == (10_100 + 808) * 2
+    assert checkpoint.model_bytes(half, master_copy=True, save_dtype="bfloat16") == 10_100 * 2
 
 
 def test_a_rerun_sweep_trains_only_the_unfinished_job(sweep, tmp_path):
