@@ -148,23 +148,22 @@ def test_the_hub_is_probed_where_its_client_connects_a_mirrors_port_or_the_proxy
             hub.why_offline()
             == f"the proxy at 127.0.0.1:{port} did not open a way to the hub https://hub.invalid in time"
         )
-    for answer, reachable in (
-        (b"HTTP/1.1 200 Connection established\r\n\r\n", True),
-        (b"HTTP/1.1 403 No\r\n\r\n", False),
-    ):
+    # a proxy that opens the tunnel, or refuses it; an http mirror through the proxy: its answer, whatever it is,
+    # unless the proxy's own gateway error
+    https, http = ("https://hub.invalid", "HTTPS_PROXY"), ("http://mirror.invalid:8080", "HTTP_PROXY")
+    connect, head = b"CONNECT hub.invalid:443 HTTP/1.1\r\n", b"HEAD http://mirror.invalid:8080/ HTTP/1.0\r\n"
+    cases = [
+        (https, b"HTTP/1.1 200 Connection established", True, connect),
+        (https, b"HTTP/1.1 403 No", False, connect),
+    ]
+    cases += [(http, b"HTTP/1.0 404 Not Found", True, head), (http, b"HTTP/1.0 502 Bad Gateway", False, head)]
+    for (endpoint, variable), answer, reachable, request in cases:
         asked = []
-        with _answering(answer, asked) as port:
-            monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        with _answering(answer + b"\r\n\r\n", asked) as port:
+            monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
             assert hub.hub_reachable(timeout=5) is reachable
-        assert asked and asked[0].startswith(b"CONNECT hub.invalid:443 HTTP/1.1\r\n")
-    # an http mirror through the proxy: its answer, whatever it is, unless the proxy's own gateway error
-    monkeypatch.setattr(constants, "ENDPOINT", "http://mirror.invalid:8080")
-    for answer, reachable in ((b"HTTP/1.0 404 Not Found\r\n\r\n", True), (b"HTTP/1.0 502 Bad Gateway\r\n\r\n", False)):
-        asked = []
-        with _answering(answer, asked) as port:
-            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
-            assert hub.hub_reachable(timeout=5) is reachable
-        assert asked and asked[0].startswith(b"HEAD http://mirror.invalid:8080/ HTTP/1.0\r\n")
+        assert asked and asked[0].startswith(request)
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
     monkeypatch.setenv("NO_PROXY", "hub.invalid")  # the proxy not used for it: the host itself
     assert hub.hub_address(constants.ENDPOINT) == ("hub.invalid", 443) and not hub.hub_proxy(constants.ENDPOINT)
