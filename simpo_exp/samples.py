@@ -49,7 +49,7 @@ def generate(
     else:
         prompts = [list(p["prompt_input_ids"]) for p in pairs]
     width = max(len(p) for p in prompts)
-    from simpo_exp.inference.sampling import decode_sampled, model_positions, stop_token_ids
+    from simpo_exp.inference.sampling import model_positions, response_text, stop_token_ids
 
     positions = model_positions(getattr(model, "config", None))
     if positions is not None and width + max_new_tokens > positions:  # past them a model of learned positions
@@ -92,11 +92,13 @@ def generate(
             for key, m in holders.items():
                 m.generation_config = own[key]
     texts = []
-    for row in out[:, width:].tolist():
+    for prompt, row in zip(prompts, out[:, width:].tolist()):
         ends = [i for i, t in enumerate(row) if t in stops]
         if ends:  # a finished completion is padded up to the longest one; decode drops a special stop token
             row = row[: ends[0] + 1]
-        texts.append(decode_sampled(tokenizer, row))
+        # after the prompt's last tokens, as the generate stage decodes (alone, a SentencePiece tokenizer's answer
+        # lost its leading space)
+        texts.append(response_text(tokenizer, prompt, row))
     return texts
 
 

@@ -214,3 +214,22 @@ def test_the_samples_prompt_the_model_as_the_generate_and_evaluate_stages_do(cha
     samples.generate(model, tok, [pair], 4, "cpu", chat_format=chat_format)
     assert sent == prompt_token_ids(tok, [prompt], chat_format)  # the stages' own prompt
     assert tok.decode(sent[0]).endswith("<|assistant|>\n")
+
+
+def test_a_sample_is_decoded_after_its_prompt_as_the_generate_stage_decodes():
+    """Decoded alone, a SentencePiece tokenizer's answer (Mistral, Llama-2, Gemma) lost its leading space: the
+    logged samples read otherwise than the generate stage's answers to the same prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁Hello": 3, "▁world": 4, "▁hi": 5, "▁[/INST]": 6}
+    spm = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    model = make_model(vocab=len(vocab))
+    model.generate = lambda **kwargs: torch.tensor([[1, 5, 6, 3, 4, 2]])  # the prompt, then the answer and EOS
+    from simpo_exp.inference.sampling import cut_at_stop
+
+    (text,) = samples.generate(model, tok, [{"prompt_input_ids": [1, 5, 6]}], 3, "cpu")
+    assert text == " Hello world" == cut_at_stop(tok, [1, 5, 6], [3, 4, 2], {2})["text"]
