@@ -150,7 +150,7 @@ def test_bad_value_is_refused_before_anything_runs(tmp_path):
     assert not list(tmp_path.glob("outputs/runs/*/metrics.jsonl"))
 
 
-@pytest.mark.slow  # the whole default job: 90 s of the default run's 10 minutes; the README's first command runs it
+@pytest.mark.slow  # the whole default job (about 90 s): left out of the CI suite; the README's first command runs it
 def test_embedded_default_learns(tmp_path):
     """`python -m simpo_exp` as documented: held-out reward accuracy from ~0.5 to >= 0.9."""
     res = simpo(f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
