@@ -348,14 +348,8 @@ def keep_fsdp_outputs(accelerator) -> None:
     it wraps is ``ResponseLogps``: its
     float32 log-prob sums came back in bfloat16, steps of 2 nats at |x| = 400, for the policy and the live
     reference alike, so losses, rewards and margins were quantised. The weights' and gradients' dtypes stay."""
-    if not fsdp2(accelerator):
-        return
-    import dataclasses
-
-    plugin = accelerator.state.fsdp_plugin
-    policy = plugin.mixed_precision_policy
-    if policy is not None and getattr(policy, "output_dtype", None) not in (None, torch.float32):
-        plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
+    if fsdp2(accelerator):
+        _fsdp_policy_keeps(accelerator, "output_dtype", None)
 
 
 def keep_fsdp1_buffers(accelerator) -> None:
@@ -363,14 +357,18 @@ def keep_fsdp1_buffers(accelerator) -> None:
     its ``buffer_autocast``), and FSDP1 casts every buffer to it: RoPE's ``inv_freq`` rounded to bf16 turned
     positions by up to 1.9 rad at 2048 (Llama-3's theta of 5e5), for the whole run. The live reference follows the
     policy (``reference.in_fsdp1s_precision``). The weights' and gradients' dtypes stay."""
-    if accelerator.distributed_type != DistributedType.FSDP or fsdp2(accelerator):
-        return
+    if accelerator.distributed_type == DistributedType.FSDP and not fsdp2(accelerator):
+        _fsdp_policy_keeps(accelerator, "buffer_dtype", torch.float32)
+
+
+def _fsdp_policy_keeps(accelerator, field: str, kept) -> None:
+    """The FSDP plugin's mixed-precision policy with ``field`` set to ``kept`` where it casts to a 16-bit dtype."""
     import dataclasses
 
     plugin = accelerator.state.fsdp_plugin
     policy = plugin.mixed_precision_policy
-    if policy is not None and getattr(policy, "buffer_dtype", None) not in (None, torch.float32):
-        plugin.mixed_precision_policy = dataclasses.replace(policy, buffer_dtype=torch.float32)
+    if policy is not None and getattr(policy, field, None) not in (None, torch.float32):
+        plugin.mixed_precision_policy = dataclasses.replace(policy, **{field: kept})
 
 
 def check_engine(h, got, running_ds_config: dict | None = None) -> None:

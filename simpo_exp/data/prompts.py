@@ -95,7 +95,8 @@ def _add_prompts(data, src, out: list[dict], seen: set, ids: set, counts: dict) 
             counts["no prompt"] += 1
             continue
         if (role := unknown_role(messages)) is not None:
-            counts[f"unknown role {role!r}"] = counts.get(f"unknown role {role!r}", 0) + 1
+            reason = f"unknown role {role!r}"
+            counts[reason] = counts.get(reason, 0) + 1
             continue
         key = prompt_key(messages)
         if key in seen:

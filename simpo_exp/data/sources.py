@@ -101,16 +101,15 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         changed = re.search(r"Column\(/([^)/\[]+)[^)]*\) changed from", f"{e} {e.__cause__ or ''}")
         if changed and not not_json:  # pyarrow names the column and a row within its chunk: the line is found here
             raise DataSourceError(mixed_kinds(source, changed.group(1), _first_other_kind(files, changed.group(1))))
+        named = ", ".join(map(str, files))
+        if not_json:  # the line itself: datasets' words count rows from 0 and may name a column that is not at fault
+            raise DataSourceError(f"dataset.sources.{source}: cannot read {named}{not_json}") from e
         lines = [line for line in str(e.__cause__ or "").splitlines() if line.strip()]
         # the first line and the last, which says why where datasets lists a schema in between (shards whose
         # columns differ: "Couldn't cast ... because column names don't match")
         cause = f" ({lines[0]}{' ... ' + lines[-1] if len(lines) > 1 else ''})" if lines else ""
-        if not_json:  # the line itself: datasets' words count rows from 0 and may name a column that is not at fault
-            named = ", ".join(map(str, files))
-            raise DataSourceError(f"dataset.sources.{source}: cannot read {named}{not_json}") from e
         raise DataSourceError(
-            f"dataset.sources.{source}: cannot read {', '.join(map(str, files))}: {str(e) or type(e).__name__}{cause}"
-            f"{not_json}"
+            f"dataset.sources.{source}: cannot read {named}: {str(e) or type(e).__name__}{cause}"
         ) from e
 
 
