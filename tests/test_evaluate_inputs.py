@@ -909,10 +909,11 @@ def test_each_answer_shard_samples_from_a_seed_of_its_own(tmp_path, monkeypatch)
         def close(self):
             pass
 
-    monkeypatch.setattr(sampling, "make_sampler", lambda *a, **k: Sampler())
-    monkeypatch.setattr(sampling, "prompt_token_ids", lambda tok, messages, fmt: [[1]] * len(messages))
+    made = []
+    monkeypatch.setattr(sampling, "make_sampler", lambda *a, **k: made.append(k) or Sampler())
+    monkeypatch.setattr(sampling, "prompt_token_ids", lambda tok, messages, fmt: [[1] * len(m) for m in messages])
     monkeypatch.setattr(simpo_exp.model, "load_tokenizer", lambda m: None)
-    prompts = [{"id": str(i), "instruction": f"q{i}", "messages": []} for i in range(6)]
+    prompts = [{"id": str(i), "instruction": f"q{i}", "messages": [{}] * (7 - i)} for i in range(6)]
     dec = SimpleNamespace(shard_size=2, seed=0, temperature=0.7, top_p=0.95, max_new_tokens=8, backend="hf")
     (tmp_path / "m").mkdir()
     model = SimpleNamespace(path=str(tmp_path / "m"), name="m", dtype="float32", tokenizer_path=None)
@@ -922,6 +923,7 @@ def test_each_answer_shard_samples_from_a_seed_of_its_own(tmp_path, monkeypatch)
     generate(cfg, prompts, dec, tmp_path / "shards", "trained", judge_only=False)
     assert len(seeds) == 3 and len(set(seeds)) == 3
     assert seeds == [sampling.derive_seed(0, "trained", i) for i in range(3)]
+    assert made == [{"longest_prompt": 7}]  # vLLM's context sized to the longest prompt of every shard
 
 
 # ------------------------------------------------------------------------- from a mutation review of evaluate/run.py

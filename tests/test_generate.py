@@ -979,7 +979,7 @@ def test_the_policys_fused_layers_end_with_its_sampling_and_bind_the_shards(monk
     seen = {}
 
     class PatchedPolicy:  # loads the policy as the hf sampler does (its kernels cannot run on a CPU)
-        def __init__(self, cfg, tokenizer, decoding=None):
+        def __init__(self, cfg, tokenizer, decoding=None, longest_prompt=None):
             from simpo_exp.model import load_model
 
             self.model = load_model(cfg, tokenizer, "sdpa")
@@ -1842,6 +1842,7 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
     import types
 
     import torch
+    from transformers import AutoConfig
 
     from simpo_exp.config import ConfigError
     from simpo_exp.inference import sampling
@@ -1910,6 +1911,14 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
     assert (calls["llm"]["revision"], calls["llm"]["tokenizer_revision"]) == ("0" * 40, "main")
     VLLMSampler(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, revision="v1")), tokenizer)
     assert calls["llm"]["tokenizer_revision"] == "v1"  # the model's own tokenizer: the model's revision
+    # vLLM's context: the longest prompt and max_new_tokens, not the model's whole context (whose KV cache a small
+    # card may not hold: vLLM then refuses to start); the model's own where they reach its positions
+    assert "max_model_len" not in calls["llm"]  # no prompt length given: vLLM's default
+    positions = AutoConfig.from_pretrained(tmp_path / "policy").max_position_embeddings
+    VLLMSampler(cfg, tokenizer, longest_prompt=positions - 10)
+    assert calls["llm"]["max_model_len"] == positions - 1  # 9 new tokens after the longest prompt
+    VLLMSampler(cfg, tokenizer, longest_prompt=positions - 9)
+    assert "max_model_len" not in calls["llm"]
     records = sampler.sample([[1, 3, 4], [1, 9]], ["p0", "p1"], seed=11)
     (prompts, params) = calls["generate"][0]
     assert prompts == [{"prompt_token_ids": [1, 3, 4]}, {"prompt_token_ids": [1, 9]}]
@@ -2238,9 +2247,11 @@ def test_processes_started_together_with_other_settings_do_not_mix_their_shards(
     from simpo_exp.config import ConfigError
     from simpo_exp.generate.run import _manifest, _process, check_manifest, check_still_bound
 
+    made = []
+
     class Sampler:
-        def __init__(self, cfg, tokenizer):
-            pass
+        def __init__(self, cfg, tokenizer, longest_prompt=None):
+            made.append(longest_prompt)
 
         def sample(self, ids, keys, seed):
             return [[{"text": "12", "n_tokens": 2, "finished": True}] for _ in ids]
@@ -2262,6 +2273,8 @@ def test_processes_started_together_with_other_settings_do_not_mix_their_shards(
     _process(theirs, [(shard_dir, [prompts, prompts])], 1, 2, "rule", bound=lambda f: check_still_bound(
         f, _manifest(theirs, {}, prompts)))  # fmt: skip
     assert (shard_dir / "responses-00001.jsonl").exists()  # the folder's own settings write
+    # no prompt over max_prompt_length is sampled: vLLM's context is sized to it (VLLMSampler)
+    assert made and set(made) == {mine.max_prompt_length}
 
 
 @pytest.mark.parametrize("pad", ["eos", "own"])

@@ -110,7 +110,7 @@ def test_sampling_on_a_gpu_keeps_the_precision_asked_for(monkeypatch):
 def test_the_backend_asked_for_is_the_one_that_samples(monkeypatch):
     from simpo_exp.inference import sampling
 
-    monkeypatch.setattr(sampling, "VLLMSampler", lambda cfg, tok, decoding, key: ("vllm", key))
+    monkeypatch.setattr(sampling, "VLLMSampler", lambda cfg, tok, decoding, key, longest: ("vllm", key))
     monkeypatch.setattr(sampling, "HFSampler", lambda cfg, tok, decoding: ("hf", None))
     cfg = compose_generate("generate.backend=vllm", "model.path=/m")
     assert sampling.make_sampler(cfg, None) == ("vllm", "generate.backend")

@@ -191,10 +191,13 @@ def generate(
         )
     if todo:
         tokenizer = load_tokenizer(cfg.model)
-        sampler = make_sampler(cfg, tokenizer, dec, backend_key)
+        ids = {
+            i: prompt_token_ids(tokenizer, [p["messages"] for p in shards[i]], manifest["chat_format"]) for i in todo
+        }
+        longest = max(len(p) for i in todo for p in ids[i])
+        sampler = make_sampler(cfg, tokenizer, dec, backend_key, longest_prompt=longest)
         for i in todo:
-            ids = prompt_token_ids(tokenizer, [p["messages"] for p in shards[i]], manifest["chat_format"])
-            outs = sampler.sample(ids, [p["id"] for p in shards[i]], derive_seed(dec.seed, tag, i))
+            outs = sampler.sample(ids[i], [p["id"] for p in shards[i]], derive_seed(dec.seed, tag, i))
             write_jsonl(files[i], [{"id": p["id"], **o[0]} for p, o in zip(shards[i], outs)])
             log.info("%s: shard %d of %d (%d prompts)", tag, i + 1, len(shards), len(shards[i]))
         sampler.close()

@@ -420,7 +420,8 @@ def _process(cfg, jobs: list[tuple[Path, list[list[dict]]]], rank: int, world: i
         # hardware.fused_layers=liger replaces the policy family's layer classes for the whole process: put back
         # before the reward model (often of the same family) loads, or a later job of a sweep builds its models
         with kept_modeling_modules():
-            sampler = make_sampler(cfg, load_tokenizer(cfg.model))
+            # prompts over max_prompt_length are not sampled: vLLM's context is sized to it
+            sampler = make_sampler(cfg, load_tokenizer(cfg.model), longest_prompt=cfg.max_prompt_length)
             for shard_dir, shards, to_sample, _ in work:
                 for i in to_sample:
                     records = _sample_shard(sampler, cfg, i, shards[i], split_of(shard_dir))

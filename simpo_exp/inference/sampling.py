@@ -255,10 +255,35 @@ def cut_at_stop(tokenizer, prompt: list[int], ids: list[int], stop_ids) -> dict:
     return {"text": text, "n_tokens": end + (1 if stops else 0), "finished": bool(stops)}
 
 
+def vllm_max_model_len(model_cfg, longest_prompt: int | None, max_new_tokens: int) -> int | None:
+    """The context vLLM is started with: the longest prompt it will be given and ``max_new_tokens`` after it, where
+    that is below the model's positions; else None (vLLM's default, the model's whole context). vLLM refuses to
+    start where one request of its context does not fit the KV cache left beside the weights: Llama-3.1-8B's
+    131,072 positions ask 16 GiB, more than a 24 GB card keeps at ``vllm_gpu_memory_utilization`` 0.9, while
+    sampling needs 2,048 prompt and 4,096 answer tokens. Every prompt still gets its whole ``max_new_tokens``."""
+    if longest_prompt is None:
+        return None
+    from transformers import AutoConfig
+
+    m, wanted = model_cfg, longest_prompt + max_new_tokens
+    try:
+        config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError):  # a config transformers cannot read (vLLM's own loader may): vLLM's default
+        return None
+    positions = model_positions(config)
+    if positions is not None and wanted >= positions:
+        return None
+    log.info(
+        "vLLM's context: %d tokens (the longest prompt, %d, and max_new_tokens=%d; the model's: %s)",
+        wanted, longest_prompt, max_new_tokens, positions,
+    )  # fmt: skip
+    return wanted
+
+
 class VLLMSampler:
     """vLLM's offline engine; one request per prompt with its own seed."""
 
-    def __init__(self, cfg, tokenizer, decoding=None, backend_key: str = "generate.backend"):
+    def __init__(self, cfg, tokenizer, decoding=None, backend_key: str = "generate.backend", longest_prompt=None):
         try:
             from vllm import LLM
         except ImportError as e:
@@ -276,7 +301,9 @@ class VLLMSampler:
         # mixed_precision=no: the weights' dtype as the hf backend holds them (it was float32 whatever
         # master_weights said)
         dtype = sampling_dtype(cfg, device)
+        length = vllm_max_model_len(m, longest_prompt, g.max_new_tokens)
         self.llm = LLM(
+            # None: vLLM's default, the model's whole context
             model=m.path,
             tokenizer=m.tokenizer_path or m.path,
             revision=m.revision,
@@ -287,6 +314,7 @@ class VLLMSampler:
             gpu_memory_utilization=g.vllm_gpu_memory_utilization,
             tensor_parallel_size=g.vllm_tensor_parallel_size,
             seed=g.seeds[0],
+            **({"max_model_len": length} if length is not None else {}),
         )
         self.stop_ids = stop_token_ids(tokenizer, g.stop_token_ids)
 
@@ -340,10 +368,11 @@ class VLLMSampler:
             cleanup_dist_env_and_memory()
 
 
-def make_sampler(cfg, tokenizer, decoding=None, backend_key: str = "generate.backend"):
+def make_sampler(cfg, tokenizer, decoding=None, backend_key: str = "generate.backend", longest_prompt=None):
     """``decoding`` (default ``cfg.generate``) names the backend and the sampling settings; ``backend_key``: the
-    config key that picks it, as messages name it (the evaluate stage's ``benchmarks.<name>.decoding.backend``)."""
+    config key that picks it, as messages name it (the evaluate stage's ``benchmarks.<name>.decoding.backend``);
+    ``longest_prompt``: the most prompt tokens it will be given (vLLM's context is sized to it)."""
     decoding = decoding or cfg.generate
     if decoding.backend == "vllm":
-        return VLLMSampler(cfg, tokenizer, decoding, backend_key)
+        return VLLMSampler(cfg, tokenizer, decoding, backend_key, longest_prompt)
     return HFSampler(cfg, tokenizer, decoding)
