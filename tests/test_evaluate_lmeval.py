@@ -18,7 +18,9 @@ from tests.conftest import CONF
 
 RESULTS = {  # lm-eval's results for one task: "<metric>,<filter>" keys, with their standard errors
     "gsm8k": {
-        "samples": 2,  # the sample count, first in some lm-eval versions' results: it was ranked on as a score
+        # a sample count in the results (lm-eval 0.4.13's sample_len; "samples" in others), first: it was ranked on
+        # as a score; 0.4.8 leaves it out of the results it returns, and its n-samples counts (below)
+        "sample_len": 99,
         "alias": "gsm8k",
         "exact_match,strict-match": 0.25,
         "exact_match_stderr,strict-match": 0.1,
@@ -40,7 +42,8 @@ def lm_eval_calls(monkeypatch) -> list[dict]:
         hub, data = huggingface_hub.constants, datasets.config
         offline = {"hub": hub.HF_HUB_OFFLINE, "datasets": data.HF_HUB_OFFLINE, "is_offline": hub.is_offline_mode()}
         calls.append({**kwargs, "offline": offline})
-        return {"results": RESULTS, "versions": {"gsm8k": 3}, "n-shot": {"gsm8k": 5}}
+        n_samples = {"gsm8k": {"original": 1319, "effective": kwargs["limit"] or 1319}}  # lm-eval's own count
+        return {"results": RESULTS, "versions": {"gsm8k": 3}, "n-shot": {"gsm8k": 5}, "n-samples": n_samples}
 
     monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
     # as in a process started without HF_HUB_OFFLINE: both libraries read it once, at import
@@ -132,7 +135,7 @@ def test_gsm8k_gets_the_whole_model_path_offline_and_the_hint_names_a_recorded_m
     assert records[0]["lm_eval"]["dtype"] == "float32" and records[0]["lm_eval"]["device"] == "cpu"
     assert any("limit=2" in n for n in records[0]["notes"]) and lm_eval_calls[0]["batch_size"] == 16
     saved = json.loads((runs[0] / "eval" / "gsm8k" / "lm_eval_results.json").read_text())
-    assert saved["results"] == RESULTS
+    assert saved["results"] == RESULTS and saved["n-samples"]["gsm8k"] == {"original": 1319, "effective": 2}
 
     hint = capsys.readouterr().out.split("rank them: ", 1)[1].strip()
     assert hint == f"python -m simpo_exp.compare {sweep} --metric bench/gsm8k/gsm8k/exact_match:strict-match"
@@ -287,6 +290,11 @@ def test_a_task_group_is_ranked_by_its_own_score_not_its_first_subtask():
     results["mmlu_abstract_algebra"]["samples"], results["mmlu_anatomy"]["sample_len"] = 100, 135
     counts = {k: v for k, v in _flat_metrics(results, ["mmlu"]).items() if k.endswith("/n")}
     assert counts == {"mmlu_abstract_algebra/n": 100.0, "mmlu_anatomy/n": 135.0}
+    # lm-eval 0.4.8 takes the count out of the results it returns: n-samples's effective count (under a limit)
+    del results["mmlu_abstract_algebra"]["samples"], results["mmlu_anatomy"]["sample_len"]
+    n_samples = {t: {"original": 100, "effective": 10} for t in ("mmlu_abstract_algebra", "mmlu_anatomy", "other")}
+    counts = {k: v for k, v in _flat_metrics(results, ["mmlu"], n_samples).items() if k.endswith("/n")}
+    assert counts == {"mmlu_abstract_algebra/n": 10.0, "mmlu_anatomy/n": 10.0}
 
 
 def test_judge_only_runs_no_lm_eval(lm_eval_calls, tmp_path, compose):

@@ -22,12 +22,13 @@ from simpo_exp.config import ConfigError
 from simpo_exp.data.sources import DataSourceError
 
 
-def _flat_metrics(results: dict, asked: list | tuple = ()) -> dict:
+def _flat_metrics(results: dict, asked: list | tuple = (), n_samples: dict | None = None) -> dict:
     """``{"<task>/<metric>:<filter>": value}`` for lm-eval's scores (its ``metric,filter`` keys), then their standard
     errors (``<task>/<metric>_stderr:<filter>``, where lm-eval gives a number, not "N/A"), and ``<task>/n`` for the
-    number of samples scored (its ``samples``, ``sample_len`` in some versions: not a score). The tasks ``asked``
-    come first: lm-eval lists a group's subtasks before the group (``mmlu_abstract_algebra`` before ``mmlu``), and
-    runs are ranked by the first score."""
+    number of samples scored: the ``effective`` count of lm-eval's ``n-samples`` (``n_samples``), else a count in
+    the task's results (0.4.13's ``sample_len``, not a score; 0.4.8 takes its ``samples`` out of the results it
+    returns, leaving ``n-samples`` alone). The tasks ``asked`` come first: lm-eval lists a group's
+    subtasks before the group (``mmlu_abstract_algebra`` before ``mmlu``), and runs are ranked by the first score."""
     out, errors, counts = {}, {}, {}
     first = [t for t in asked if t in results]
     for task in [*first, *(t for t in results if t not in first)]:
@@ -40,6 +41,9 @@ def _flat_metrics(results: dict, asked: list | tuple = ()) -> dict:
             elif "," in key:
                 into = errors if key.partition(",")[0].endswith("_stderr") else out
                 into[f"{task}/{key.replace(',', ':')}"] = float(value)
+    for task, n in (n_samples or {}).items():  # {"original": the task's size, "effective": scored (under a limit)}
+        if task in results and isinstance(n, dict) and isinstance(n.get("effective"), int):
+            counts[f"{task}/n"] = float(n["effective"])
     return out | errors | counts  # the scores first: the first one is what runs are ranked by
 
 
@@ -185,10 +189,11 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
         raise
     from simpo_exp.inference.files import write_json
 
-    write_json(out_dir / "lm_eval_results.json", {k: res[k] for k in ("results", "versions", "n-shot") if k in res})
+    kept = ("results", "versions", "n-shot", "n-samples")
+    write_json(out_dir / "lm_eval_results.json", {k: res[k] for k in kept if k in res})
     notes = [f"limit={b.limit}: {b.limit} samples per task, not the whole task"] if b.limit else []
     return {
-        "metrics": _flat_metrics(res.get("results", {}), list(b.tasks)),
+        "metrics": _flat_metrics(res.get("results", {}), list(b.tasks), res.get("n-samples")),
         "notes": notes,
         "baseline": None,
         "lm_eval": ran_with,
