@@ -236,8 +236,13 @@ if want trlaccum; then  # only when named: TRL without checkpointing at batch 16
     # 2026-12-04: TRL without checkpointing did not fit 16 pairs in one micro-batch on the H200, and the "fits" row
     # set our +nockpt run against the checkpointed TRL; TRL in two micro-batches (the same pairs and gradient a
     # step) may fit and be faster: like with like, both without checkpointing (about 20 + 75 + 45 s)
-    log "benchmark, batch 16: TRL without checkpointing in 2 micro-batches, and ours without checkpointing"
-    bench trlaccum 200 --batch 16 --steps 5 --no-trl --trl-nockpt --trl-accum 2 --variants packed-flex+nockpt
+    # Micro-batches of 8 want about 80 GiB by the 2026-12-04 figures (TRL without checkpointing asked 142.6 GiB for
+    # 16 pairs, of which about 18.5 GiB weights, gradients and AdamW moments): they fit the H200, not the H100's 79.6
+    # GiB, so on a card under 100 GiB TRL takes 4 micro-batches of 4 (about 50 GiB). TRL_ACCUM=<n> sets it.
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+    accum=${TRL_ACCUM:-$([ "${mib:-0}" -ge 102400 ] && echo 2 || echo 4)}
+    log "benchmark, batch 16: TRL without checkpointing in $accum micro-batches, and ours without checkpointing"
+    bench trlaccum 200 --batch 16 --steps 5 --no-trl --trl-nockpt --trl-accum "$accum" --variants packed-flex+nockpt
 fi
 if want compile16; then  # only when named: b16's MFU candidate with its layers compiled, without TRL (b16 timed it)
     # Cut from b16 on 2026-12-04, where it was not reached: its compile's length is still unmeasured.
