@@ -780,13 +780,22 @@ BENCH_SETTINGS += ("lm_eval",)  # tasks, shots, limit, chat template, dtype (its
 
 
 def mixed_methods_note(runs: list[Run], metric: str) -> str | None:
-    """A note where runs of different methods are ranked by a metric each method defines its own way: a loss, or
+    """A note where runs of different methods are ranked by a metric each method defines its own way: a loss,
     TRL's rewards/*, which order a pair by the method's own reward (SimPO's mean log-prob, CPO's summed one, the
-    DPO family's log-ratio to the reference): on one batch, SimPO's accuracy 0.625 beside DPO's 0.375."""
+    DPO family's log-ratio to the reference): on one batch, SimPO's accuracy 0.625 beside DPO's 0.375; or logps/*,
+    the summed log-prob for the DPO family and CPO and the per-token mean for the others (a DPO run ranked last at
+    -79 beside SimPO's -4)."""
     from simpo_exp.methods import TABLE
 
     name = metric.split("/", 1)[-1]
     methods = sorted({str(m) for r in runs if (m := r.value_of("method")) in TABLE})
+    if name.startswith("logps/") and len({TABLE[m].on for m in methods}) > 1:  # sums beside per-token means
+        by = "; ".join(f"{m}: {'summed' if TABLE[m].on == 'sum' else 'per-token mean'}" for m in methods)
+        return (
+            f"these runs train different methods, and {metric} is the log-prob each method's loss takes ({by}): a "
+            f"sum over a response's tokens beside a mean is not like for like; --metric "
+            f"{metric.replace('logps/', 'logps_mean/', 1)} (the per-token mean for every method) is"
+        )
     if len(methods) < 2 or not (name == "loss" or name.startswith("rewards/")):
         return None
 

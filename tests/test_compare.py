@@ -927,6 +927,14 @@ def test_runs_of_different_methods_ranked_by_their_own_rewards_get_a_note(tmp_pa
     assert "dpo: log-ratio to the reference; simpo: mean log-prob" in note
     assert "--metric eval/logps_mean/accuracies" in note and "eval/logps_mean/accuracies" in compare.KNOWN_METRICS
     assert compare.mixed_methods_note(runs, "eval/logps_mean/chosen") is None  # the same for every method
+    # logps/* is the log-prob each loss takes: DPO's summed over the tokens beside SimPO's per-token mean
+    note = compare.mixed_methods_note(runs, "eval/logps/chosen")
+    assert "(dpo: summed; simpo: per-token mean)" in note and "--metric eval/logps_mean/chosen (" in note
+    assert compare.mixed_methods_note(runs, "train/logps/rejected").endswith(
+        "--metric train/logps_mean/rejected (the per-token mean for every method) is"
+    )
+    (tmp_path / "sweep" / "1_loss=dpo" / ".hydra" / "config.yaml").write_text("method: orpo\nseed: 1\n")
+    assert compare.mixed_methods_note(compare.load_runs(tmp_path / "sweep"), "eval/logps/chosen") is None  # both means
     assert compare.mixed_methods_note(runs[:1], "eval/rewards/accuracies") is None
     assert compare.main([str(tmp_path / "sweep"), "--no-plots"]) == 0
     assert "note: these runs train different methods" in capsys.readouterr().out
