@@ -69,6 +69,7 @@ from simpo_exp.rundir import (
 )
 from simpo_exp.tracking import (
     CONDITIONAL_METRICS,
+    ERROR_SUMMARY,
     HEADLINE_METRICS,
     PAIR_METRICS,
     SAMPLES_KEY,
@@ -320,7 +321,8 @@ def wandb_run(r) -> Run:
     rows: dict[int, dict] = {}
     for row in r.scan_history():
         if row.get(STEP_KEY) is not None:
-            rows.setdefault(int(row[STEP_KEY]), {}).update({k: v for k, v in row.items() if "/" in k})
+            # a key not logged at that row may come back as None (a logged NaN comes back as NaN): not a value
+            rows.setdefault(int(row[STEP_KEY]), {}).update({k: v for k, v in row.items() if "/" in k and v is not None})
     history = [{"step": step, **row} for step, row in sorted(rows.items())]
     message = {
         "stopped": f"stopped by {summary.get(STOPPED_SUMMARY)}; re-run its command to resume",
@@ -330,7 +332,8 @@ def wandb_run(r) -> Run:
             else f"W&B lost it ({r.state}: out of memory, kill -9?)"
         )
         + "; re-run its command (it resumes from its last checkpoint, if one was saved)",
-        "failed": "failed (its run directory's error.json says why)",
+        # its error as the run recorded it ("NonFiniteError: ...": a diverged seed, _failed_seeds), where it did
+        "failed": summary.get(ERROR_SUMMARY) or "failed (its run directory's error.json says why)",
     }.get(status)
     overrides = dict(kv.split("=", 1) for kv in name_parts(r.name or "") if "=" in kv)
     bench = {k: float(v) for k, v in summary.items() if is_bench_metric(k) and _is_number(v)}  # evaluate's numbers

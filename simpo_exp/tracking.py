@@ -133,6 +133,14 @@ GENERATIONS_FILE = "generations.jsonl"
 # The W&B summary key of a run left at a stop signal (its words: "SIGTERM after step 40, checkpoint saved"). W&B
 # shows such a run as failed (it exits with 128 + the signal's number); this key tells it from one that failed.
 STOPPED_SUMMARY = "stopped"
+# The W&B summary key of a run that ended with an error: its type and first line, as compare reads error.json
+# ("NonFiniteError: ..."), so that compare's W&B path tells a diverged seed from another failure
+ERROR_SUMMARY = "error"
+
+
+def error_words(error: BaseException) -> str:
+    """An error as compare names a failed run: its type and the first line of its message."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 def batch_metrics(methods=("simpo",)) -> tuple[str, ...]:
@@ -366,11 +374,12 @@ class Tracker:
             identity = {"id": r.id, "project": r.project, "entity": r.entity or lc.entity, "group": r.group}
             kept = {HELD_KEY: self.wandb_through} if self.wandb_through >= 0 else {}
             self.write_json(WANDB_RECORD, identity | {"job_type": lc.job_type, "name": r.name, "mode": mode} | kept)
-            if resume:  # the run goes on: a stop recorded by its last start no longer holds
-                try:
-                    del r.summary[STOPPED_SUMMARY]
-                except Exception as e:
-                    log.warning("W&B: could not clear the summary's %r (%s: %s)", STOPPED_SUMMARY, type(e).__name__, e)
+            if resume:  # the run goes on: a stop or an error recorded by its last start no longer holds
+                for key in (STOPPED_SUMMARY, ERROR_SUMMARY):
+                    try:
+                        del r.summary[key]
+                    except Exception as e:
+                        log.warning("W&B: could not clear the summary's %r (%s: %s)", key, type(e).__name__, e)
 
     def _wandb_failed(self, what: str, e: Exception) -> None:
         _warn(f"W&B {what} failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only")
@@ -436,6 +445,11 @@ class Tracker:
         if error is None or self.wandb_run is None:
             return
         code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else 1
+        if not isinstance(error, (SystemExit, KeyboardInterrupt)):  # a stop has its own record (mark_stopped)
+            try:
+                self.wandb_run.summary[ERROR_SUMMARY] = error_words(error)
+            except Exception as e:
+                log.warning("W&B: could not record the error in the summary (%s: %s)", type(e).__name__, e)
         try:
             self.wandb_run.finish(exit_code=code or 1)
         except Exception as e:

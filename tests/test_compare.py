@@ -599,6 +599,7 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
     assert runs["beta=1"].final("eval/rewards/accuracies") == 0.75 and runs["beta=1"].label == "beta=1"
     assert runs["beta=2"].error == "stopped by SIGTERM after step 6, checkpoint saved; re-run its command to resume"
     assert "crashed" in runs["beta=4"].error and runs["beta=1"].error is None
+    assert runs["beta=3"].error == "failed (its run directory's error.json says why)"  # it recorded no error
     table = compare.format_table(compare.runs_table(list(runs.values())))
     assert table.index("beta=1") < table.index("beta=2") < table.index("beta=4")
     # a resumed offline run synced: the steps past its checkpoint come twice (the later rows win), and its
@@ -608,8 +609,12 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
     ]
     (resumed,) = compare.wandb_runs([FakeWandbRun("beta=6", "finished", {"bench/rule/win_rate": 61.0}, again)])
     assert resumed.series("train/loss") == ([10, 20, 30], [0.5, 0.35, 0.25])
-    # train and eval metrics logged in two calls at one step are one row: neither replaces the other's points
-    split = [{"train/global_step": 10, "train/loss": 0.7}, {"train/global_step": 10, "eval/loss": 0.8}]
+    # train and eval metrics logged in two calls at one step are one row: neither replaces the other's points (a
+    # key the other call did not log may come back as None)
+    split = [
+        {"train/global_step": 10, "train/loss": 0.7, "eval/loss": None},
+        {"train/global_step": 10, "eval/loss": 0.8, "train/loss": None},
+    ]
     (both,) = compare.wandb_runs([FakeWandbRun("beta=8", "finished", {}, split)])
     assert both.series("train/loss") == ([10], [0.7]) and both.series("eval/loss") == ([10], [0.8])
     assert resumed.bench == {"bench/rule/win_rate": 61.0} and "bench/rule/win_rate" in compare.runs_table([resumed])[0]
@@ -627,6 +632,27 @@ def test_wandb_runs_read_the_states_and_history_compare_knows():
     assert compare.name_parts("a='x,y',b={c: 1, d: 2},e=(1,2)") == ["a='x,y'", "b={c: 1, d: 2}", "e=(1,2)"]
     # Hydra's \' inside a quoted value (a path with an apostrophe and a comma) does not end the quotes
     assert compare.name_parts("a='it\\'s,b=1',c=2") == ["a='it\\'s,b=1'", "c=2"]
+
+
+def test_a_diverged_seed_read_from_wandb_makes_its_settings_mean_nan():
+    """A seed stopped by non-finite steps makes its setting's mean NaN in the run folders; read from W&B, where
+    every failed run had one message, the setting was ranked by its surviving seeds (first, at 0.65 beside 0.63)."""
+    final = lambda v: {"eval/rewards/accuracies": v}  # noqa: E731
+    listed = [
+        FakeWandbRun("beta=2,seed=1", "finished", final(0.65)),
+        FakeWandbRun("beta=2,seed=2", "failed", {"error": "NonFiniteError: 3 steps in a row had a non-finite loss"}),
+        FakeWandbRun("beta=5,seed=1", "finished", final(0.62)),
+        FakeWandbRun("beta=5,seed=2", "finished", final(0.64)),
+    ]
+    runs = compare.wandb_runs(listed)
+    assert runs[1].error == "NonFiniteError: 3 steps in a row had a non-finite loss"
+    rows = compare.seed_groups(runs, "eval/rewards/accuracies")
+    assert [r["beta"] for r in rows] == ["5", "2"] and math.isnan(rows[1]["eval/rewards/accuracies mean"])
+    listed[1] = FakeWandbRun("beta=2,seed=2", "failed", {"error": "OutOfMemoryError: CUDA out of memory"})
+    rows = compare.seed_groups(compare.wandb_runs(listed), "eval/rewards/accuracies")
+    assert (
+        rows[0]["beta"] == "2" and rows[0]["failed"] == 1
+    )  # another failure: the survivors' mean, the failure counted
 
 
 def _job(folder: Path, overrides: list[str], ran: dict | None = None) -> None:

@@ -29,6 +29,7 @@ from simpo_exp import compare, dashboard, runinfo
 from simpo_exp.rundir import stopped_record
 from simpo_exp.tracking import (
     CONDITIONAL_METRICS,
+    ERROR_SUMMARY,
     SAMPLES_KEY,
     SECRET_NAMES,
     STEP_KEY,
@@ -506,6 +507,8 @@ def test_a_failed_run_closes_its_wandb_run_as_failed(tmp_path):
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     exits = [r.exit.exit_code for r in read_wandb_log(path) if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]
+    # the error in the summary, as compare names it from error.json: its W&B path tells a diverged seed by it
+    assert fold(read_wandb_log(path)).summary["error"].startswith("NonFiniteError: ")
 
 
 def test_a_run_that_exits_with_status_0_from_inside_the_tracker_is_not_closed_as_finished(tmp_path, monkeypatch):
@@ -518,7 +521,9 @@ def test_a_run_that_exits_with_status_0_from_inside_the_tracker_is_not_closed_as
         raise SystemExit(0)
     (path,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     # read once W&B's core has written the exit record: finish returns before it (read at once, it was not there)
-    assert [r.exit.exit_code for r in read_ended_wandb_log(path) if r.WhichOneof("record_type") == "exit"] == [1]
+    records = read_ended_wandb_log(path)
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+    assert "error" not in fold(records).summary  # an exit is no error of the run's (a stop has its own record)
 
 
 def test_a_generations_table_that_fails_leaves_the_metrics_on_wandb(tmp_path, monkeypatch):
@@ -569,7 +574,8 @@ def test_a_stopped_run_tells_wandb_and_its_resume_takes_it_back(tmp_path, monkey
     resumed = fold(records)
     assert resumed.run.run_id == stopped.run.run_id
     removed = [_path(item) for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.remove]
-    assert removed == [[STOPPED_SUMMARY]] and STOPPED_SUMMARY not in resumed.summary
+    # a stop or an error recorded by the last start (a failed run resumed after its cause was fixed) no longer holds
+    assert removed == [[STOPPED_SUMMARY], [ERROR_SUMMARY]] and STOPPED_SUMMARY not in resumed.summary
     assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
 
 
