@@ -633,7 +633,9 @@ def batch_flops(spec, batch: dict, packing: str) -> float:
     from simpo_exp.flops import attention_pairs
 
     tokens, response = float(batch["attention_mask"].sum()), float(sum(batch["row_lengths"]))
-    return spec.step_flops(tokens, response, float(attention_pairs(batch, packing)))
+    return spec.step_flops(
+        tokens, response, float(attention_pairs(batch, packing)), float(spec.local_pairs(batch, packing))
+    )
 
 
 def device_peak(preset: dict) -> float | None:

@@ -11,10 +11,15 @@ trains. So a fully trained dense layer costs 6P per token and a frozen one (LoRA
     body      (2 + 2 + 2 * trainable share) * body parameters * tokens computed
     head      the same with the output projection, over response tokens only (prompt positions
               never reach the vocabulary projection, see ``simpo_exp.logps``)
-    attention 12 * layers * width * visible (query, key) pairs: QK^T and AV cost 2 FLOPs per pair
-              and dimension each forward, twice that backward. width = heads * head_dim, or where the
-              query-key and value heads differ (multi-head latent attention, DeepSeek-V2/V3, Kimi-K2)
-              heads * (qk_head_dim + v_head_dim) / 2
+    attention 12 * width * visible (query, key) pairs, summed over the attention layers: QK^T and AV
+              cost 2 FLOPs per pair and dimension each forward, twice that backward. width = heads *
+              head_dim, or where the query-key and value heads differ (multi-head latent attention,
+              DeepSeek-V2/V3, Kimi-K2) heads * (qk_head_dim + v_head_dim) / 2. A layer's visible pairs
+              follow its kind (the config's ``layer_types``): every earlier token under full attention, the
+              last ``sliding_window`` under sliding attention (Gemma-2/3, gpt-oss, Mistral v0.1), the
+              chunk's own under chunked attention (Llama 4), none in a layer without softmax attention
+              (Qwen3-Next's linear attention, Jamba's Mamba: their token mixing grows linearly with the
+              length and is not counted; their weights are in the body)
     reference a live reference model (``reference_mode=live``) runs forward only in every step:
               2P per token in the body, 2P per response token in the head, 4 * layers * width per pair
 
@@ -64,21 +69,32 @@ class FlopSpec:
     body_trainable: float  # experts' routed experts at the share of them a token runs)
     head_params: int  # the output projection
     head_trainable: float  # the share of the head's parameters that train (1 or 0; LoRA on lm_head: its adapters')
-    layers: int
+    layers: int  # attention layers that see every earlier token (all of a model's layers, for most)
     attention_width: float  # the mean width of the QK^T and AV products: heads x head_dim for most models
     live_reference: bool = False  # a reference model runs forward in every step (reference_mode=live)
+    # attention layers that see a local span: ("window", sliding_window, layers), ("chunk", chunk size, layers)
+    local: tuple[tuple[str, int, int], ...] = ()
 
-    def step_flops(self, tokens: float, response_tokens: float, attention_pairs: float) -> float:
+    def local_pairs(self, batch: dict, packing: str):
+        """The visible pairs of a batch summed over the local attention layers (0 where the model has none)."""
+        return sum(n * attention_pairs(batch, packing, (kind, size)) for kind, size, n in self.local)
+
+    def step_flops(
+        self, tokens: float, response_tokens: float, attention_pairs: float, local_pairs: float = 0.0
+    ) -> float:
+        """``attention_pairs``: the batch's pairs under full causal attention (``attention_pairs``), counted in each
+        of the ``layers``; ``local_pairs``: those of the local layers, summed over them (``local_pairs``)."""
+        layer_pairs = self.layers * attention_pairs + local_pairs
         forward = (
             2 * self.body_params * tokens
             + 2 * self.head_params * response_tokens
-            + 4 * self.layers * self.attention_width * attention_pairs
+            + 4 * self.attention_width * layer_pairs
         )
         train_share = self.body_trainable / max(self.body_params, 1)
         backward = (
             (2 + 2 * train_share) * self.body_params * tokens
             + (2 + 2 * self.head_trainable) * self.head_params * response_tokens
-            + 8 * self.layers * self.attention_width * attention_pairs
+            + 8 * self.attention_width * layer_pairs
         )
         return forward + backward + (forward if self.live_reference else 0)
 
@@ -139,14 +155,49 @@ def flop_spec(model: torch.nn.Module) -> FlopSpec:
     # LoRA on lm_head: the frozen weight takes no weight gradient, only its adapters do
     head_trainable = sum(full_numel(p) for p in head.parameters() if p.requires_grad) if head is not None else 0
     heads = getattr(config, "num_attention_heads", 0)
+    full, local = attention_layers(config)
     return FlopSpec(
         body_params=body,
         body_trainable=body_trainable,
         head_params=head_params,
         head_trainable=head_trainable / max(head_params, 1),
-        layers=getattr(config, "num_hidden_layers", 0),
+        layers=full,
         attention_width=heads * attention_head_width(config),
+        local=local,
     )
+
+
+# layer kinds of a config's layer_types with no softmax attention: linear attention (Qwen3-Next's gated DeltaNet,
+# MiniMax), state-space mixers (Jamba's and Bamba's Mamba; transformers 5 writes them "linear_attention" too),
+# convolutions (LFM2), and Nemotron-H's layers of a feed-forward block alone
+NO_SOFTMAX_ATTENTION = frozenset({"linear_attention", "mamba", "conv", "mlp", "moe"})
+
+
+def attention_layers(config) -> tuple[int, tuple[tuple[str, int, int], ...]]:
+    """(layers of full causal attention, local ones as ``FlopSpec.local``) by the config's ``layer_types``. A
+    config without them has every layer alike: sliding where it gives a ``sliding_window`` (Mistral v0.1's 4096,
+    Phi-3's 2047) and does not switch it off (``use_sliding_window: false``), else full. A kind not known here
+    counts as full attention (as "hybrid", Falcon-H1's attention beside a Mamba mixer)."""
+    layers = getattr(config, "num_hidden_layers", 0)
+    window, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+    types = getattr(config, "layer_types", None)
+    if getattr(config, "model_type", None) == "gpt_neo":  # its "global" and "local" layers (window_size)
+        window, types = getattr(config, "window_size", None), getattr(config, "attention_layers", None)
+        types = [{"local": "sliding_attention", "global": "full_attention"}.get(t, t) for t in types or ()]
+    window = window if isinstance(window, int) and window > 0 else None
+    if not isinstance(types, (list, tuple)) or not types:
+        if window and getattr(config, "use_sliding_window", True) is not False:
+            return 0, (("window", window, layers),)
+        return layers, ()
+    full, local = 0, {}
+    for kind in types:
+        if kind == "sliding_attention" and window:
+            local[("window", window)] = local.get(("window", window), 0) + 1
+        elif kind == "chunked_attention" and isinstance(chunk, int) and chunk > 0:
+            local[("chunk", chunk)] = local.get(("chunk", chunk), 0) + 1
+        elif kind not in NO_SOFTMAX_ATTENTION:
+            full += 1
+    return full, tuple((kind, size, n) for (kind, size), n in local.items())
 
 
 def attention_head_width(config) -> float:
@@ -167,22 +218,35 @@ def _causal(n: torch.Tensor | int):
     return n * (n + 1) // 2
 
 
-def attention_pairs(batch: dict, packing: str) -> int | torch.Tensor:
-    """Visible (query, key) pairs of a batch's causal attention, in the layout that is run (a sliding window's
-    unseen pairs are counted too: the window is not read here; Gemma 3's local layers at 2048 tokens overstate
-    the step's FLOPs by about 1.5%).
+def _visible(n: torch.Tensor | int, local: tuple[str, int] | None = None):
+    """Visible (query, key) pairs of a causal sequence of ``n`` tokens: n(n+1)/2; under a sliding window of w
+    (transformers: a key within the last w positions, the query's own included) min(i+1, w) for the i-th token;
+    under chunks of c (Llama 4) the causal pairs inside each chunk."""
+    if local is None:
+        return _causal(n)
+    kind, size = local
+    if kind == "window":
+        seen = torch.clamp(n, max=size) if isinstance(n, torch.Tensor) else min(n, size)
+        return _causal(seen) + (n - seen) * size
+    return (n // size) * _causal(size) + _causal(n % size)
+
+
+def attention_pairs(batch: dict, packing: str, local: tuple[str, int] | None = None) -> int | torch.Tensor:
+    """Visible (query, key) pairs of a batch's causal attention, in the layout that is run; ``local``: those of a
+    layer that sees a local span, ("window", sliding_window) or ("chunk", size) (``_visible``).
 
     none / packed: every sequence is ``prompt + response``, causal: L(L+1)/2 pairs. prefix_shared:
-    the prompt once, and each response sees the prompt plus its own earlier tokens. For the padded
-    layout the count is a 0-dim tensor on the batch's device (reading it would wait for the device);
-    the packed layouts count from their plain-int ``segments``."""
+    the prompt once, and each response sees the prompt plus its own earlier tokens (the positions, and so the
+    window and chunks, of the sequence it stands for). For the padded layout the count is a 0-dim tensor on the
+    batch's device (reading it would wait for the device); the packed layouts count from their plain-int
+    ``segments``."""
     if packing == "none":
-        return _causal(batch["attention_mask"].sum(1)).sum()
+        return _visible(batch["attention_mask"].sum(1), local).sum()
     total = 0
     for p, c, r in batch["segments"]:
-        total += _causal(p + c) + _causal(p + r)
+        total += _visible(p + c, local) + _visible(p + r, local)
         if packing == "prefix_shared":
-            total -= _causal(p)
+            total -= _visible(p, local)
     return int(total)
 
 

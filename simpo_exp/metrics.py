@@ -16,7 +16,8 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 UNTIMED = "untimed/"  # prefix of the work sums of a window's untimed (compile) steps
 SKIPPED = "skipped/"  # prefix of the work sums of a window's skipped (non-finite) steps
-WORK_KEYS = ("tokens", "pairs", "length/chosen", "length/rejected", "attention_pairs")  # what throughput reads
+# what throughput reads (local_pairs: the pairs of sliding or chunked attention layers, summed over them)
+WORK_KEYS = ("tokens", "pairs", "length/chosen", "length/rejected", "attention_pairs", "local_pairs")
 
 
 class Window:
@@ -117,8 +118,8 @@ def throughput(totals: dict, seconds: float, steps: int, flops, peak: float | No
     out["train/tokens_per_s"] = totals["tokens"] / seconds
     out["train/samples_per_s"] = totals["pairs"] / seconds
     if peak:
-        work = flops.step_flops(
-            totals["tokens"], totals["length/chosen"] + totals["length/rejected"], totals["attention_pairs"]
-        )
+        response = totals["length/chosen"] + totals["length/rejected"]
+        # a window restored from a checkpoint written before local layers were counted has no local_pairs
+        work = flops.step_flops(totals["tokens"], response, totals["attention_pairs"], totals.get("local_pairs", 0.0))
         out["train/mfu"] = work / seconds / (peak * accelerator.num_processes)
     return out

@@ -658,13 +658,15 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
     sft_tokens = step_sft_tokens(micro, acc) if run.cfg.sft_weight else None
     try:
         for batch in micro:
-            work = attention_pairs(batch, run.layout.packing)
+            work = attention_pairs(batch, run.layout.packing)  # per full-attention layer
+            local = run.flops.local_pairs(batch, run.layout.packing)  # summed over sliding or chunked layers
             # accumulate(): no gradient all-reduce until the last micro-batch of the step, and
             # backward() scales the loss by 1/accum (DeepSpeed's engine does both itself).
             with acc.accumulate(run.policy):
                 loss, stats, _ = batch_loss(run.policy, batch, run.cfg, run.reference, sft_tokens)
                 acc.backward(loss)
-            step_stats.add(stats | {"attention_pairs": torch.as_tensor(work, dtype=torch.float32)})
+            pairs = {"attention_pairs": work, "local_pairs": local}
+            step_stats.add(stats | {k: torch.as_tensor(v, dtype=torch.float32) for k, v in pairs.items()})
     except torch.OutOfMemoryError as e:
         raise out_of_memory(f"training step {state.step + 1}", e) from e
     grad_norm = acc.clip_grad_norm_(run.policy.parameters(), run.cfg.max_grad_norm)

@@ -35,6 +35,57 @@ def test_attention_pairs_equal_the_visible_entries_of_the_layout_mask(packing):
     assert attention_pairs(PairCollator(0, packing=packing)(PAIRS), packing) == int(visible)
 
 
+def test_local_attention_layers_see_their_window_or_chunk_alone():
+    """A sliding-window layer's query sees its last w keys (itself included: transformers' mask), a chunked layer's
+    the earlier keys of its chunk; every layer was counted as full causal attention, so a model of local or linear
+    attention layers (Gemma-2/3, gpt-oss, Qwen3-Next, Jamba) read an MFU too high, more so the longer its rows."""
+    from transformers.masking_utils import chunked_overlay, sliding_window_overlay
+
+    from simpo_exp.flops import _visible
+
+    assert _visible(5, ("window", 2)) == 1 + 2 + 2 + 2 + 2 and _visible(5, ("chunk", 2)) == (1 + 2) * 2 + 1
+    assert _visible(2, ("window", 4)) == 3 == _visible(2, ("chunk", 4))  # shorter than its span: all of it
+    # against transformers' own masks, counted entry by entry, and through the layouts
+    for local, overlay in ((("window", 3), sliding_window_overlay(3)), (("chunk", 3), chunked_overlay(3, [0]))):
+        seen = lambda n: sum(bool(overlay(0, 0, q, k)) for q in range(n) for k in range(q + 1))  # noqa: E731
+        assert [_visible(n, local) for n in range(9)] == [seen(n) for n in range(9)], local
+        assert [int(_visible(torch.tensor(n), local)) for n in range(9)] == [seen(n) for n in range(9)]
+        # PAIRS: sequences of 3 and 4, and 7 and 5 tokens; prefix sharing computes each prompt (2, 4) once
+        by_hand = seen(3) + seen(4) + seen(7) + seen(5)
+        assert attention_pairs(PairCollator(0)(PAIRS), "none", local) == by_hand
+        assert attention_pairs(PairCollator(0, packing="packed")(PAIRS), "packed", local) == by_hand
+        shared = PairCollator(0, packing="prefix_shared")(PAIRS)
+        assert attention_pairs(shared, "prefix_shared", local) == by_hand - seen(2) - seen(4)
+    spec = FlopSpec(0, 0, 0, 0, layers=1, attention_width=2, local=(("window", 3, 2), ("chunk", 3, 1)))
+    batch = PairCollator(0)(PAIRS)
+    window, chunk = (attention_pairs(batch, "none", local) for local in (("window", 3), ("chunk", 3)))
+    assert spec.local_pairs(batch, "none") == 2 * window + chunk
+    assert spec.step_flops(0, 0, 20, spec.local_pairs(batch, "none")) == 12 * 2 * (20 + 2 * window + chunk)
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, full, local",
+    [
+        ("llama", {}, 32, ()),
+        ("gemma2", {}, 13, (("window", 4096, 13),)),  # local and global layers in turn
+        ("gemma3_text", {}, 4, (("window", 4096, 22),)),  # five local layers to a global one
+        ("gpt_oss", {}, 18, (("window", 128, 18),)),
+        ("llama4_text", {}, 12, (("chunk", 8192, 36),)),
+        ("qwen3_next", {}, 12, ()),  # 36 layers of linear attention
+        ("jamba", {}, 4, ()),  # 28 Mamba layers
+        ("mistral", {}, 0, (("window", 4096, 32),)),  # v0.1: every layer, no layer_types
+        ("mistral", {"sliding_window": None}, 32, ()),  # v0.2 on
+        ("gpt_neo", {"attention_types": [[["global", "local"], 2]], "num_layers": 4}, 2, (("window", 256, 2),)),
+    ],
+)
+def test_each_layer_kind_is_counted_as_it_attends(model_type, overrides, full, local):
+    from transformers import AutoConfig
+
+    from simpo_exp.flops import attention_layers
+
+    assert attention_layers(AutoConfig.for_model(model_type, **overrides)) == (full, local)
+
+
 def test_step_flops_formula():
     spec = FlopSpec(
         body_params=1000, body_trainable=1000, head_params=200, head_trainable=True, layers=2, attention_width=8
@@ -185,7 +236,8 @@ def test_a_multimodal_models_language_part_is_counted():
     )
     model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
     spec = flop_spec(model)
-    assert (spec.layers, spec.attention_width) == (2, 16)
+    # the text config's layer kinds: Gemma-3's first five layers of six are local (sliding window 4096)
+    assert (spec.layers, spec.local, spec.attention_width) == (0, (("window", 4096, 2),), 16)
     language = model.model.language_model
     assert spec.body_params == sum(p.numel() for p in language.parameters()) - language.embed_tokens.weight.numel()
 

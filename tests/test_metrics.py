@@ -348,8 +348,10 @@ def test_a_steps_tokens_are_the_computed_ones_and_mfu_shares_the_work_among_the_
     flops = SimpleNamespace(step_flops=lambda *counts: asked.append(counts) or 8e12)
     four = SimpleNamespace(device=torch.device("cpu"), num_processes=4)
     totals = {"tokens": 100.0, "pairs": 2.0, "length/chosen": 10.0, "length/rejected": 12.0, "attention_pairs": 50.0}
-    out = throughput(totals, 2.0, 1, flops, 1e12, four)
-    assert out["train/mfu"] == 1.0 and asked == [(100.0, 22.0, 50.0)] and out["train/tokens_per_s"] == 50.0
+    out = throughput(totals, 2.0, 1, flops, 1e12, four)  # a window restored from before local pairs were summed
+    assert out["train/mfu"] == 1.0 and asked == [(100.0, 22.0, 50.0, 0.0)] and out["train/tokens_per_s"] == 50.0
+    throughput(totals | {"local_pairs": 30.0}, 2.0, 1, flops, 1e12, four)  # a sliding or chunked layer's pairs
+    assert asked[-1] == (100.0, 22.0, 50.0, 30.0)
 
 
 @pytest.mark.parametrize("sft_weight", [0.0, 0.7])
