@@ -10,8 +10,11 @@ plan would otherwise be traced into the graph and force a recompile every batch)
 into the graphs before and after its attention call.
 
 Under gradient checkpointing transformers wraps a layer's ``forward`` in ``torch.utils.checkpoint``, which
-dynamo captures whole, as one region that cannot contain a graph break. The packed layouts' segment
-attention is such a break, so there the layer's attention block and MLP are compiled one by one instead.
+dynamo captures whole, as one region that can contain neither a graph break (the packed layouts' segment
+attention) nor a side effect on state outside it: transformers 5's layers set its output-capture context
+variable inside, so dynamo gave up on the whole layer in every layout, the padded one included, and the run
+trained eagerly while it said it compiled. So under checkpointing the layers' attention blocks and MLPs are
+compiled one by one instead (the checkpoint stays eager around them; norms and residual adds between them too).
 
 ``CompileWatch`` counts the graphs dynamo builds. A training step during which any were built (the first
 step, and any recompilation for a new shape or mode) is a warm-up step: the loop leaves its time out of
@@ -38,8 +41,8 @@ MANY_RECOMPILE_STEPS = 3  # warn when more steps than this recompiled after the 
 
 
 def compile_units(model: nn.Module, segment_attention: bool, checkpointing: bool) -> list[nn.Module]:
-    """The modules to compile: the decoder layers, or their attention blocks and MLPs where a layer under
-    gradient checkpointing would hold the segment attention's graph break."""
+    """The modules to compile: the decoder layers, or their attention blocks and MLPs under gradient
+    checkpointing, whose region around a whole layer dynamo cannot compile (module docstring)."""
     body = decoder_of(model) if hasattr(model, "get_decoder") else None
     layers = getattr(body, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
@@ -47,13 +50,14 @@ def compile_units(model: nn.Module, segment_attention: bool, checkpointing: bool
             f"hardware.compile=true: no decoder layers found in {type(model).__name__} "
             "(expected model.get_decoder().layers); set hardware.compile=false"
         )
-    if not (segment_attention and checkpointing):
+    if not checkpointing:
         return list(layers)
     parts = [getattr(layer, name, None) for layer in layers for name in ("self_attn", "mlp")]
     if any(p is None for p in parts):
         raise ConfigError(
-            f"hardware.compile=true with a packed layout and gradient checkpointing needs layers with "
-            f"self_attn and mlp blocks; {type(layers[0]).__name__} lacks them: set hardware.compile=false"
+            f"hardware.compile=true with gradient checkpointing needs layers with self_attn and mlp blocks; "
+            f"{type(layers[0]).__name__} lacks them: set hardware.compile=false or hardware.gradient_checkpointing="
+            "false"
         )
     return parts
 
