@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,13 @@ TRAINING_KEYS = (
     "effective_batch_size",
     "max_length",
     "max_prompt_length",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "precision/master_weights_dtype",  # the dtypes it trained in (summary.json's precision/*)
+    "precision/autocast_dtype",
     "seed",
 )
 
@@ -169,8 +177,10 @@ def card_data(cfg: dict, results: dict[str, dict], name: str, licence: dict | No
         )
         for bench, rec in sorted(results.items())
         for metric, value in sorted((rec.get("metrics") or {}).items())
-        if isinstance(value, (int, float)) and not is_count(metric) and not is_uncertainty(metric)
-    ]
+        # a number the hub's metadata check takes: not a flag, not NaN or infinite (YAML's .nan)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and not is_count(metric) and not is_uncertainty(metric)
+    ]  # fmt: skip
     return ModelCardData(
         **licence,
         base_model=base,
@@ -195,6 +205,8 @@ def card_text(
     model = (
         select(cfg, "model.path") or f"a randomly initialised model ({select(cfg, 'model.name')}, built from config)"
     )
+    if select(cfg, "model.path") and select(cfg, "model.revision"):  # a pinned commit or branch (base_model cannot)
+        model += f" at revision `{select(cfg, 'model.revision')}`"
     lines = [
         "---",
         data.to_yaml(),
@@ -274,8 +286,11 @@ def card_text(
 
 
 def resolved_values(summary: dict) -> dict:
-    """The values training resolved, as a run's summary records them (``resolved/<key>``), by their keys."""
-    return {k.removeprefix("resolved/"): v for k, v in summary.items() if k.startswith("resolved/")}
+    """The values training resolved, as a run's summary records them (``resolved/<key>``), by their keys, and the
+    dtypes it trained in (``precision/<what>``, as recorded)."""
+    return {k.removeprefix("resolved/"): v for k, v in summary.items() if k.startswith("resolved/")} | {
+        k: v for k, v in summary.items() if k.startswith("precision/")
+    }
 
 
 def earlier_origin(path: Path) -> dict | None:

@@ -825,6 +825,12 @@ def test_model_card_front_matter_is_what_the_hub_parses(tmp_path):
         and "| alpacaeval2 | standard_error | 17.4 |" in card.text
     )
     assert push_model(tmp_path, "someone/model", token_env="SIMPO_EXP_TEST_NO_SUCH_TOKEN") is None  # no token: no push
+    # a NaN or a flag is no result the hub's metadata check takes (YAML's .nan): in the table, not the model-index
+    odd = {"metrics": {"win_rate": float("nan"), "all_judged": True, "score": 0.5}, "dataset_name": "Odd"}
+    write_json(tmp_path / "eval" / "odd" / "results.json", odd)
+    card = ModelCard.load(write_model_card(tmp_path, cfg, "my-run"))
+    assert [r.metric_type for r in card.data.eval_results if r.dataset_type == "odd"] == ["score"]
+    (tmp_path / "eval" / "odd" / "results.json").unlink()
     assert card.data.tags[0] == "simpo"  # the method trained (no method key: the default)
     # lm-eval cut by a limit: its samples per task (a float in lm-eval's results) named, as a judge's prompts are;
     # and a DPO baseline is tagged dpo, not simpo
@@ -841,17 +847,30 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     from simpo_exp.inference.files import write_json
     from simpo_exp.modelcard import write_model_card
 
-    write_json(tmp_path / "summary.json", {"resolved/learning_rate": 0.001, "resolved/gradient_accumulation_steps": 2})
+    summary = {"resolved/learning_rate": 0.001, "resolved/gradient_accumulation_steps": 2}
+    summary |= {"precision/master_weights_dtype": "float32", "precision/autocast_dtype": "bfloat16"}
+    write_json(tmp_path / "summary.json", summary)
     cfg = {
         "method": "dpo",
         "beta": 0.1,
         "learning_rate": None,
         "gradient_accumulation_steps": 1,
-        "model": {"name": "t"},
+        "model": {"name": "t", "path": "org/base", "revision": "0123abc"},
+        "weight_decay": 0.05,
+        "adam_beta2": 0.95,
+        "max_grad_norm": 0.5,
     }
     text = write_model_card(tmp_path, cfg, "run").read_text()
     for row in ("| `method` | dpo |", "| `learning_rate` | 0.001 |", "| `gradient_accumulation_steps` | 2 |"):
         assert row in text, text
+    # the optimizer's settings and the dtypes it trained in: a card without them read like the defaults'
+    for row in ("| `weight_decay` | 0.05 |", "| `adam_beta2` | 0.95 |", "| `max_grad_norm` | 0.5 |"):
+        assert row in text, text
+    assert (
+        "| `precision/master_weights_dtype` | float32 |" in text and "| `precision/autocast_dtype` | bfloat16 |" in text
+    )
+    assert "from org/base at revision `0123abc` on" in text  # the commit it trained from (base_model cannot say)
+    cfg["model"] = {"name": "t"}
     # the keys the method's loss reads, not another method's: DPO has no margin, AlphaPO its alpha
     assert "gamma_beta_ratio" not in text and "| `beta` | 0.1 |" in text
     own = {**cfg, "method": "alphapo", "gamma_beta_ratio": 0.5, "alphapo_alpha": 0.25}
@@ -889,7 +908,7 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     hub = {**cfg, "hardware": lora, "model": {"name": "t", "path": "org/base"}}
     assert "stored nowhere" not in write_model_card(tmp_path, hub, "run").read_text()
     text = write_model_card(tmp_path, {**cfg, "hardware": lora, "save_dtype": "bfloat16"}, "run").read_text()
-    assert "stored in bfloat16 (save_dtype" in text and "float32" not in text  # as its files hold them
+    assert "stored in bfloat16 (save_dtype" in text and "stored in float32" not in text  # as its files hold them
 
 
 def test_model_card_carries_the_base_models_licence_the_runs_own_figures_and_no_unused_epochs(tmp_path):
