@@ -2,12 +2,16 @@
 
 Shared by the model loader, the data sources and the scorers. When a model is neither on disk nor in the
 cache and the hub cannot be reached, ``check_model_available`` says so at once (instead of transformers'
-minute of retries) and how to point the config at local files.
+minute of retries) and how to point the config at local files; when it is in the cache and the hub cannot be
+reached, the process reads the cache alone (``read_the_cache_alone``): transformers would ask the hub for each file
+first, and a host that accepts the connection and never answers held it there for ever (huggingface_hub's client
+reads without a timeout).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -15,6 +19,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from simpo_exp.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ModelNotFoundError(UserError, RuntimeError):
@@ -85,16 +91,60 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         try:
             conn = socket.create_connection(address, timeout=timeout)
             try:
-                result.append(proxy_answers(conn, constants.ENDPOINT) if proxied else True)
+                answers = proxy_answers if proxied else endpoint_answers
+                result.append(answers(conn, constants.ENDPOINT))
             finally:
                 conn.close()
-        except OSError:
+        except OSError:  # ssl.SSLError and socket timeouts too
             result.append(False)
 
     worker = threading.Thread(target=probe, daemon=True)
     worker.start()
-    worker.join(timeout * (2 if proxied else 1))  # a proxy's connection, then its answer
+    worker.join(timeout * 2)  # the connection, then its answer
     return bool(result and result[0])
+
+
+def endpoint_answers(conn: socket.socket, endpoint: str) -> bool:
+    """Whether the hub's host at the other end of ``conn`` answers: a status line to a HEAD request (any: a mirror's
+    error comes back at once) for ``http://``, a finished TLS handshake for ``https://`` (its certificate not checked:
+    this asks whether something answers, not whom to trust). A host that accepted the connection and never answered
+    (a mirror that hangs, a firewall that takes connections) was taken for the hub, and the hub's client, which
+    reads without a timeout, waited on it for ever, a cached model's load too."""
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    if url.scheme == "http":
+        conn.sendall(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        return conn.recv(16).startswith(b"HTTP/")
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.wrap_socket(conn, server_hostname=host).close()  # the handshake, under the connection's timeout
+    return True
+
+
+def read_the_cache_alone(what: str, reason: str) -> None:
+    """Switch the hub off for the rest of the process, as ``HF_HUB_OFFLINE=1`` at its start would (the variables,
+    and the flags huggingface_hub and datasets read them into at import): models and data sets come from the local
+    cache alone. Said once."""
+    import huggingface_hub.constants
+
+    flags = [(huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    try:
+        import datasets.config
+
+        flags += [
+            (datasets.config, k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, k)
+        ]
+    except ImportError:
+        pass
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, name in flags:
+        setattr(module, name, True)
+    log.warning(
+        "%s is in the local cache and the hub cannot be reached (%s): models and data sets are read from the cache "
+        "alone (as under HF_HUB_OFFLINE=1) for the rest of this run", what, reason,
+    )  # fmt: skip
 
 
 def proxy_answers(conn: socket.socket, endpoint: str) -> bool:
@@ -272,7 +322,11 @@ def check_model_available(
         raise ModelNotFoundError(f"{what}={path!r} is a file: give the directory that holds the model's files")
     if looks_like_local_path(path):
         raise ModelNotFoundError(f"{what}={path!r} does not exist{looked_in(path)}")
-    if in_hf_cache(path, revision) or hub_reachable():
+    if in_hf_cache(path, revision):
+        if not offline_setting() and not hub_reachable():  # transformers would ask the hub for each file first
+            read_the_cache_alone(f"{what}={path!r}", why_offline())
+        return
+    if hub_reachable():
         return
     at, flag = (f" at revision {revision!r}", f" --revision {revision}") if revision else ("", "")
     elsewhere = (

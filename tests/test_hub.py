@@ -112,6 +112,7 @@ def test_hf_hub_offline_yes_is_offline(monkeypatch):
 
     probed = []  # a hub that answers: an offline setting must not ask it
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: probed.append(a) or SimpleNamespace(close=int))
+    monkeypatch.setattr(hub, "endpoint_answers", lambda conn, endpoint: True)
     for value in ("1", "true", "YES", "yes", "on", "ON"):  # huggingface_hub's own spellings of offline
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
         assert hub.hub_reachable() is False and probed == []
@@ -132,12 +133,19 @@ def test_the_hub_is_probed_where_its_client_connects_a_mirrors_port_or_the_proxy
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    with socket.socket() as listener:  # a mirror, then a proxy, on 127.0.0.1
+    asked = []
+    with _answering(b"HTTP/1.0 404 Not Found\r\n\r\n", asked) as port:  # a mirror on a port of its own
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert hub.hub_address(constants.ENDPOINT) == ("127.0.0.1", port) and hub.hub_reachable(timeout=5)
+    assert asked == ["HEAD / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()]  # any answer: it is there
+    with socket.socket() as listener:  # a mirror that accepts and never answers, then a proxy, on 127.0.0.1
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
         port = listener.getsockname()[1]
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-        assert hub.hub_address(constants.ENDPOINT) == ("127.0.0.1", port) and hub.hub_reachable(timeout=5)
+        assert not hub.hub_reachable(timeout=1)  # the hub's client would have waited on it for ever
+        monkeypatch.setattr(constants, "ENDPOINT", f"https://127.0.0.1:{port}")
+        assert not hub.hub_reachable(timeout=1)  # no TLS handshake either
         monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # reached through the proxy alone
         assert not hub.hub_reachable(timeout=5)
         # a proxy that accepts and never answers (a site proxy stalling blocked hosts) is no way to the hub: the
@@ -167,6 +175,75 @@ def test_the_hub_is_probed_where_its_client_connects_a_mirrors_port_or_the_proxy
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
     monkeypatch.setenv("NO_PROXY", "hub.invalid")  # the proxy not used for it: the host itself
     assert hub.hub_address(constants.ENDPOINT) == ("hub.invalid", 443) and not hub.hub_proxy(constants.ENDPOINT)
+
+
+def test_an_https_hub_is_there_when_its_tls_handshake_ends(tmp_path, monkeypatch):
+    """A direct https endpoint is probed by a TLS handshake (its certificate not checked: whether something answers,
+    not whom to trust); one that speaks no TLS is not there."""
+    import shutil
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    from huggingface_hub import constants
+
+    from simpo_exp import hub
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate with")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def serve():
+            conn, _ = listener.accept()
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)  # until the client closes
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        monkeypatch.setattr(constants, "ENDPOINT", f"https://127.0.0.1:{listener.getsockname()[1]}")
+        assert hub.hub_reachable(timeout=5)
+        server.join(5)
+    with _answering(b"HTTP/1.0 400 Bad Request\r\n\r\n", []) as port:  # plain http where TLS was asked for
+        monkeypatch.setattr(constants, "ENDPOINT", f"https://127.0.0.1:{port}")
+        assert not hub.hub_reachable(timeout=5)
+
+
+def test_a_cached_model_with_the_hub_out_of_reach_is_read_from_the_cache_alone(tmp_path, monkeypatch, caplog):
+    """transformers asks the hub for each file of a cached model first: an endpoint that accepts connections and
+    never answers held the run there for ever (a cached hub model's load waited 5 minutes and more). Where the hub
+    does not answer, the process reads the cache alone, as HF_HUB_OFFLINE=1 would have it."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from simpo_exp import hub
+
+    fake_cache(tmp_path, monkeypatch, {"main": "a" * 40})
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    hub.check_model_available("org/tiny")  # the hub answers: left to it
+    assert not constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in hub.os.environ
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    with caplog.at_level("WARNING", logger="simpo_exp.hub"):
+        hub.check_model_available("org/tiny")
+    assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE and hub.offline_setting()
+    assert "model.path='org/tiny' is in the local cache and the hub cannot be reached (nothing answered" in caplog.text
 
 
 @contextlib.contextmanager
