@@ -143,7 +143,7 @@ def read_the_cache_alone(what: str, reason: str) -> None:
         setattr(module, name, True)
     log.warning(
         "%s is in the local cache and the hub cannot be reached (%s): models and data sets are read from the cache "
-        "alone (as under HF_HUB_OFFLINE=1) for the rest of this run", what, reason,
+        "alone (as under HF_HUB_OFFLINE=1) for the rest of this process (a sweep's later jobs too)", what, reason,
     )  # fmt: skip
 
 
