@@ -109,11 +109,14 @@ def test_no_checkpoint_at_the_last_step_and_a_signal_in_its_eval_finishes_the_ru
     assert [(s.step, s.eval_owed) for s in saved] == [(2, 0)] and evals == [2]
 
 
-@pytest.mark.parametrize("packing, pairs", [("prefix_shared", 13), ("packed", 16), ("none", 16)])
-def test_a_step_counts_the_attention_pairs_of_the_layout_it_runs(monkeypatch, packing, pairs):
+@pytest.mark.parametrize("packing, pairs, local", [("prefix_shared", 13, 27), ("packed", 16, 36), ("none", 16, 36)])
+def test_a_step_counts_the_attention_pairs_of_the_layout_it_runs(monkeypatch, packing, pairs, local):
     """The step's attention work (train/mfu's attention term) is counted in the run's layout: a prefix-shared pair
     (prompt 2, chosen 1, rejected 2) sees 13 (query, key) pairs; counted as one causal row of 5 it would be 15, and
-    MFU too high under the packed layouts."""
+    MFU too high under the packed layouts. Three sliding-window layers of 2 see 3 x (5 + 7) pairs, the shared
+    prompt's 3 once under prefix sharing."""
+    from simpo_exp.flops import FlopSpec
+
     import contextlib
 
     import torch
@@ -134,11 +137,13 @@ def test_a_step_counts_the_attention_pairs_of_the_layout_it_runs(monkeypatch, pa
         compiler=SimpleNamespace(step_started=lambda: None, step_finished=lambda *a: False),
         optimizer=SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none: None),
         scheduler=SimpleNamespace(get_last_lr=lambda: [0.0], step=lambda: None),
+        flops=FlopSpec(0, 0, 0, 0, layers=1, attention_width=1, local=(("window", 2, 3),)),
     )  # fmt: skip
     pair = {"prompt_input_ids": [5, 6], "chosen_input_ids": [7], "rejected_input_ids": [8, 9]}
     window = Window()
     train_mod.optimizer_step(run, iter([PairCollator(0, packing=packing)([pair])]), window)
     assert window.local()["attention_pairs"] == pairs and run.state.step == 1
+    assert window.local()["local_pairs"] == local
 
 
 def test_the_logged_epoch_is_the_trainers():
