@@ -115,14 +115,13 @@ def test_a_step_counts_the_attention_pairs_of_the_layout_it_runs(monkeypatch, pa
     (prompt 2, chosen 1, rejected 2) sees 13 (query, key) pairs; counted as one causal row of 5 it would be 15, and
     MFU too high under the packed layouts. Three sliding-window layers of 2 see 3 x (5 + 7) pairs, the shared
     prompt's 3 once under prefix sharing."""
-    from simpo_exp.flops import FlopSpec
-
     import contextlib
 
     import torch
 
     from simpo_exp import train as train_mod
     from simpo_exp.data import PairCollator
+    from simpo_exp.flops import FlopSpec
     from simpo_exp.metrics import Window
 
     monkeypatch.setattr(train_mod, "batch_loss", lambda *a: (torch.tensor(0.0), {"pairs": torch.tensor(1.0)}, None))
