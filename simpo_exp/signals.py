@@ -5,14 +5,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 
 log = logging.getLogger(__name__)
 
-# SIGTERM/SIGINT: what a scheduler (or a user) sends before it kills; SIGUSR2: submitit's warning before
-# a SLURM time limit or a preemption, after which its own handler requeues the job.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+def requeue_signal() -> int:
+    """submitit's warning before a SLURM time limit or a preemption, after which its own handler requeues the job:
+    USR2, or the signal its ``SUBMITIT_PREEMPT_SIGNAL`` names (its sbatch asks SLURM for that one, and installs its
+    handler on it: not caught here, that handler ran in the middle of a step, requeued the job without a checkpoint
+    and left the other tasks in a collective)."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    return int(getattr(signal, f"SIG{name}", signal.SIGUSR2))
+
+
+def stop_signals() -> tuple[int, ...]:
+    """SIGTERM/SIGINT (what a scheduler, or a user, sends before it kills) and submitit's ``requeue_signal``."""
+    return tuple(dict.fromkeys((signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, requeue_signal())))
+
+
+STOP_SIGNALS = stop_signals()  # as the environment says at import (a DataLoader worker's, ignore_stop_signals)
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
@@ -21,7 +35,7 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     group), and a worker that died of the signal made torch raise "DataLoader worker ... is killed by signal" in
     the training process, wherever it was, so that a stop ended without its checkpoint. The training process ends
     its workers as it leaves."""
-    for sig in STOP_SIGNALS:
+    for sig in stop_signals():
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -75,13 +89,18 @@ class StopSignal:
     def __init__(self, at_once: bool = False):
         self.signum = None
         self.at_once = at_once
+        self.requeue = requeue_signal()
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
+            for sig in stop_signals():
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        # submitit's requeue signal, once come, stays: SLURM's SIGTERM at the limit itself (or again at a
+        # preemption's grace time) replaced it while the step or the save went on, and submitit's SIGTERM handler
+        # only logs, so the job was never requeued
+        if self.signum != self.requeue:
+            self.signum = signum
         if self.at_once:
             raise StopRequested(signum)
 
@@ -97,8 +116,10 @@ class StopSignal:
             return self.signum or 0
         import torch  # here, not at the top: the entry point installs the handler before anything heavy loads
 
-        flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
-        return int(accelerator.gather(flag).max().item())
+        # the requeue signal ranks above the others (a process that got it hands it on, whatever another got)
+        first = 1000 if self.signum == self.requeue else 0
+        flag = torch.tensor([float((self.signum or 0) + first)], device=accelerator.device)
+        return int(accelerator.gather(flag).max().item()) % 1000
 
     def exit(self, step: int | None, signum: int | None = None, together=None) -> None:
         """After the step's checkpoint (``step`` None: stopped in set-up, before one): restore the handlers found
@@ -139,13 +160,14 @@ class StopSignal:
         """A stop signal that came during the run's final evaluation or while its model was written (on any
         process): the run is finished, so nothing is saved and no stop record written, but the process leaves with
         128 + the signal's number, so that a sweep running in this process ends at this job rather than starting the
-        next. submitit's USR2 (its warning before a time limit) is not handed on: the job it would requeue is done."""
+        next. submitit's requeue signal (its warning before a time limit) is not handed on: the job it would requeue
+        is done."""
         signum = self.agreed(accelerator)
         if not signum:
             return
         name = signal.Signals(signum).name
         log.warning("%s came as the run finished: the run is complete; nothing more is started", name)
-        if signum != signal.SIGUSR2:
+        if signum != self.requeue:
             raise SystemExit(128 + signum)
 
     def restore(self) -> None:

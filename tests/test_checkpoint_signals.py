@@ -669,6 +669,48 @@ def test_ctrl_c_is_remembered_until_the_step_ends_as_the_schedulers_signals_are(
         stop.restore()
 
 
+def test_submitits_requeue_signal_stays_when_sigterm_follows_and_is_handed_on_over_it(monkeypatch):
+    """SLURM sends SIGTERM at the limit itself (and again at a preemption's grace time), after submitit's USR2: it
+    replaced the USR2 while the step or the save went on (and ranked above it across processes, 15 > 12), and
+    submitit's SIGTERM handler only logs, so the job was never requeued. A cluster's own SUBMITIT_PREEMPT_SIGNAL is
+    caught as USR2 is (submitit's handler ran mid-step on it, requeuing without a checkpoint)."""
+    from simpo_exp import signals
+
+    stop = StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGUSR2
+        # across processes: one got USR2, another SIGTERM (an all-gather of each one's signal, its rank first)
+        two = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+        for mine, theirs, agreed in (
+            (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR2),
+            (signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR2),
+            (signal.SIGINT, signal.SIGTERM, signal.SIGTERM),  # neither is the requeue signal: as before
+            (None, signal.SIGINT, signal.SIGINT),
+        ):
+            other = 1000 * (theirs == stop.requeue) + theirs
+            two.gather = lambda flag, other=other: torch.cat([flag, torch.tensor([float(other)])])  # noqa: B023
+            stop.signum = mine
+            assert stop.agreed(two) == agreed, (mine, theirs)
+    finally:
+        stop.restore()
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    assert signals.requeue_signal() == signal.SIGUSR1 and signal.SIGUSR1 in signals.stop_signals()
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    stop = StopSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # its default would end the process
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGUSR1 and stop.requeue == signal.SIGUSR1
+        assert stop.after_finish(SimpleNamespace(num_processes=1)) is None  # not handed on as the run finishes
+    finally:
+        stop.restore()
+        signal.signal(signal.SIGUSR1, previous)
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "SIGUSR2")
+    assert signals.requeue_signal() == signal.SIGUSR2
+
+
 def test_usr2_as_the_run_finishes_lets_the_sweep_go_on_and_sigterm_does_not():
     """submitit's USR2 (a warning before a time limit) in a run's last step: the run is done and nothing is
     requeued, so the process goes on (a sweep's next job); SIGTERM or Ctrl-C there ends it with 128 + signal."""
