@@ -857,19 +857,25 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
         "gradient_accumulation_steps": 1,
         "model": {"name": "t", "path": "org/base", "revision": "0123abc"},
         "weight_decay": 0.05,
+        "adam_beta1": 0.9,
         "adam_beta2": 0.95,
+        "adam_epsilon": 1e-08,
         "max_grad_norm": 0.5,
     }
     text = write_model_card(tmp_path, cfg, "run").read_text()
     for row in ("| `method` | dpo |", "| `learning_rate` | 0.001 |", "| `gradient_accumulation_steps` | 2 |"):
         assert row in text, text
     # the optimizer's settings and the dtypes it trained in: a card without them read like the defaults'
-    for row in ("| `weight_decay` | 0.05 |", "| `adam_beta2` | 0.95 |", "| `max_grad_norm` | 0.5 |"):
+    rows = ["| `weight_decay` | 0.05 |", "| `adam_beta2` | 0.95 |", "| `max_grad_norm` | 0.5 |"]
+    rows += ["| `adam_beta1` | 0.9 |", "| `adam_epsilon` | 1e-08 |"]
+    for row in rows:
         assert row in text, text
     assert (
         "| `precision/master_weights_dtype` | float32 |" in text and "| `precision/autocast_dtype` | bfloat16 |" in text
     )
     assert "from org/base at revision `0123abc` on" in text  # the commit it trained from (base_model cannot say)
+    random = {**cfg, "model": {"name": "t", "path": None, "revision": "v1"}}  # built from config: no revision to name
+    assert "at revision" not in write_model_card(tmp_path, random, "run").read_text()
     cfg["model"] = {"name": "t"}
     # the keys the method's loss reads, not another method's: DPO has no margin, AlphaPO its alpha
     assert "gamma_beta_ratio" not in text and "| `beta` | 0.1 |" in text

@@ -61,6 +61,8 @@ def test_local_attention_layers_see_their_window_or_chunk_alone():
     window, chunk = (attention_pairs(batch, "none", local) for local in (("window", 3), ("chunk", 3)))
     assert spec.local_pairs(batch, "none") == 2 * window + chunk
     assert spec.step_flops(0, 0, 20, spec.local_pairs(batch, "none")) == 12 * 2 * (20 + 2 * window + chunk)
+    # the full layers' pairs counted in each full layer, the local ones already summed over theirs
+    assert FlopSpec(0, 0, 0, 0, layers=3, attention_width=2).step_flops(0, 0, 20, 7) == 12 * 2 * (3 * 20 + 7)
 
 
 @pytest.mark.parametrize(
@@ -75,7 +77,13 @@ def test_local_attention_layers_see_their_window_or_chunk_alone():
         ("jamba", {}, 4, ()),  # 28 Mamba layers
         ("mistral", {}, 0, (("window", 4096, 32),)),  # v0.1: every layer, no layer_types
         ("mistral", {"sliding_window": None}, 32, ()),  # v0.2 on
-        ("gpt_neo", {"attention_types": [[["global", "local"], 2]], "num_layers": 4}, 2, (("window", 256, 2),)),
+        ("mistral", {"use_sliding_window": False}, 32, ()),  # a window given and switched off (Qwen2's old way)
+        (
+            "gpt_neo",
+            {"attention_types": [[["global", "local", "local"], 1]], "num_layers": 3},
+            1,
+            (("window", 256, 2),),
+        ),
     ],
 )
 def test_each_layer_kind_is_counted_as_it_attends(model_type, overrides, full, local):

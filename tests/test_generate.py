@@ -1919,6 +1919,10 @@ def test_the_vllm_sampler_asks_for_the_projects_settings_and_gives_the_gpu_back(
     assert calls["llm"]["max_model_len"] == positions - 1  # 9 new tokens after the longest prompt
     VLLMSampler(cfg, tokenizer, longest_prompt=positions - 9)
     assert "max_model_len" not in calls["llm"]
+    # a model whose config transformers cannot read (vLLM's own loader may): vLLM's default, not an error here
+    (tmp_path / "no-config").mkdir()
+    unread = dataclasses.replace(cfg.model, path=str(tmp_path / "no-config"))
+    assert sampling.vllm_max_model_len(unread, 10, 5) is None
     records = sampler.sample([[1, 3, 4], [1, 9]], ["p0", "p1"], seed=11)
     (prompts, params) = calls["generate"][0]
     assert prompts == [{"prompt_token_ids": [1, 3, 4]}, {"prompt_token_ids": [1, 9]}]

@@ -120,6 +120,9 @@ def test_the_backend_asked_for_is_the_one_that_samples(monkeypatch):
         "benchmarks.x.decoding.backend",
     )
     assert sampling.make_sampler(compose_generate(), None) == ("hf", None)
+    # the longest prompt reaches vLLM, whose context is sized to it
+    monkeypatch.setattr(sampling, "VLLMSampler", lambda cfg, tok, decoding, key, longest: longest)
+    assert sampling.make_sampler(cfg, None, longest_prompt=17) == 17
 
 
 def test_a_prompt_exactly_as_long_as_the_models_positions_is_refused():

@@ -233,9 +233,11 @@ def test_a_cached_model_with_the_hub_out_of_reach_is_read_from_the_cache_alone(t
 
     fake_cache(tmp_path, monkeypatch, {"main": "a" * 40})
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setenv(variable, "0")  # recorded, so that what the switch sets is put back after the test
+        monkeypatch.delenv(variable)
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setattr(datasets.config, flag, False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
     hub.check_model_available("org/tiny")  # the hub answers: left to it
     assert not constants.HF_HUB_OFFLINE and "HF_HUB_OFFLINE" not in hub.os.environ
@@ -244,6 +246,10 @@ def test_a_cached_model_with_the_hub_out_of_reach_is_read_from_the_cache_alone(t
         hub.check_model_available("org/tiny")
     assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE and hub.offline_setting()
     assert "model.path='org/tiny' is in the local cache and the hub cannot be reached (nothing answered" in caplog.text
+    caplog.clear()  # offline already (set by the user, or by the switch): nothing to say again
+    with caplog.at_level("WARNING", logger="simpo_exp.hub"):
+        hub.check_model_available("org/tiny")
+    assert "cannot be reached" not in caplog.text
 
 
 @contextlib.contextmanager

@@ -223,6 +223,22 @@ def test_a_skipped_step_counts_in_no_mean_but_its_work_counts_in_the_speed():
     assert metrics["train/tokens_per_s"] == 25.0  # (30 + 20) tokens in 2 s
 
 
+def test_the_local_layers_pairs_of_untimed_and_skipped_steps_count_as_their_other_work_does():
+    """A sliding-window layer's pairs (``local_pairs``) are work like the full layers' pairs: a compile step's are
+    left out of the FLOPs a window's MFU divides by its timed seconds, a skipped step's are in."""
+    asked = []
+    flops = SimpleNamespace(step_flops=lambda *counts: asked.append(counts) or 1.0)
+    work = {"pairs": 1.0, "tokens": 10.0, "length/chosen": 2.0, "length/rejected": 2.0, "attention_pairs": 5.0}
+    window = Window()
+    window.step_done(Window(work | {"local_pairs": 30.0, "loss": 1.0}), 9.0, timed=False)  # compiled: not timed
+    window.step_done(Window(work | {"local_pairs": 10.0, "loss": 1.0}), 1.0)
+    window.step_done(Window(work | {"local_pairs": 7.0, "loss": float("nan")}), 1.0, skipped=True)
+    one = OneProcess()
+    one.num_processes = 1
+    window.train_report(one, flops, 1e12)
+    assert asked == [(20.0, 8.0, 10.0, 17.0)]  # the timed and the skipped step's work
+
+
 def test_empty_window_gives_nan_not_an_error():
     means, totals = Window().means(OneProcess(), "eval")
     assert totals == {} and math.isnan(means["eval/entropy"]) and math.isnan(means["eval/loss"])

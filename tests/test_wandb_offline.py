@@ -524,6 +524,22 @@ def test_a_run_that_exits_with_status_0_from_inside_the_tracker_is_not_closed_as
     records = read_ended_wandb_log(path)
     assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
     assert "error" not in fold(records).summary  # an exit is no error of the run's (a stop has its own record)
+    from simpo_exp.tracking import error_words
+
+    assert error_words(ValueError("first\nsecond")) == "ValueError: first" and error_words(RuntimeError()) == (
+        "RuntimeError: "
+    )
+
+
+def test_ctrl_c_in_a_run_is_no_error_in_its_wandb_summary(tmp_path, monkeypatch):
+    """A KeyboardInterrupt that reaches the tracker (Ctrl-C outside the steps) is a stop, not a failure: no error
+    in the summary, which compare would read as the run's failure."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracker = Tracker(tmp_path, _logger_cfg(group=None), {})
+    with pytest.raises(KeyboardInterrupt), tracker:
+        raise KeyboardInterrupt()
+    (path,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert "error" not in fold(read_ended_wandb_log(path)).summary
 
 
 def test_a_generations_table_that_fails_leaves_the_metrics_on_wandb(tmp_path, monkeypatch):
