@@ -101,13 +101,23 @@ class CompileWatch:
         self.earlier_s, self.earlier_steps = 0.0, 0  # the earlier starts' of a resumed run (its checkpoint's)
         self._mark = graphs_built()
         self._warned = False
+        self._steps = 0  # this start's
 
     def step_started(self) -> None:
         self._mark = graphs_built()
 
-    def step_finished(self, seconds: float, step: int) -> bool:
-        """Whether the step that took ``seconds`` compiled (and so is warm-up, not a timed step)."""
+    def step_finished(self, seconds: float, step: int, accelerator=None) -> bool:
+        """Whether the step that took ``seconds`` compiled (and so is warm-up, not a timed step). A start's first
+        step is warm-up on every process where any compiled in it (``accelerator``: the run's processes agree, one
+        all-gather): under measured ``packing=auto`` the main process built its kernels while measuring and the
+        others build theirs in that step, which the main process waits for at the gradients' all-reduce; timed
+        there, its 5-15 s went into the first window's step time and MFU. Later recompiles, one process's own
+        batch shape, stay each process's."""
         compiled = graphs_built() > self._mark
+        self._steps += 1
+        if self._steps == 1 and accelerator is not None and accelerator.num_processes > 1:
+            flag = torch.tensor([float(compiled)], device=accelerator.device)
+            compiled = bool(accelerator.gather(flag).max().item())
         if compiled:
             self.warmup_s += seconds
             self.warmup_steps += 1

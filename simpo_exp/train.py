@@ -698,7 +698,7 @@ def optimizer_step(run: Run, batches, window: Window) -> float:
         # (an unlogged step's spill into the next step's, whose gradient norm waits for them)
         torch.cuda.synchronize(acc.device)
     seconds = time.time() - started
-    compiled = run.compiler.step_finished(seconds, state.step)
+    compiled = run.compiler.step_finished(seconds, state.step, acc)
     window.step_done(step_stats, seconds, timed=not compiled, skipped=not ok)  # compile warm-up: not timed
     return grad_norm
 

@@ -256,6 +256,31 @@ def test_a_run_without_hardware_compile_still_leaves_kernel_builds_out_of_the_sp
     assert (summary["train/compile_warmup_s"], summary["train/compile_warmup_steps"]) == (0.0, 0)
 
 
+def test_a_starts_first_step_is_warm_up_on_every_process_where_any_compiled_in_it():
+    """Under measured packing=auto the main process built FlexAttention's kernels while measuring, the others in
+    their first step, which the main process waited for at the gradients' all-reduce: it timed that step (5-15 s
+    in the first window's step time and MFU). The processes agree on a start's first step (one all-gather); later
+    steps stay each process's own."""
+    from simpo_exp.compiled import CompileWatch
+
+    gathered = []
+
+    def gather(flag):  # this process's flag beside another's that compiled
+        gathered.append(float(flag))
+        return torch.cat([flag, torch.ones(1)])
+
+    two = SimpleNamespace(num_processes=2, device=torch.device("cpu"), gather=gather)
+    watch = CompileWatch(asked=False)
+    watch.step_started()
+    assert watch.step_finished(12.0, 1, two) and gathered == [0.0]  # built nothing here: warm-up all the same
+    assert watch.summary()["train/compile_warmup_steps"] == 1
+    watch.step_started()
+    assert not watch.step_finished(0.5, 2, two) and gathered == [0.0]  # no collective after the first step
+    one = CompileWatch(asked=False)
+    one.step_started()
+    assert not one.step_finished(0.5, 1, SimpleNamespace(num_processes=1))  # one process: nothing to agree
+
+
 RUN = [
     "max_steps=4",
     "save_steps=2",
