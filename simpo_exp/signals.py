@@ -18,7 +18,8 @@ def requeue_signal() -> int:
     handler on it: not caught here, that handler ran in the middle of a step, requeued the job without a checkpoint
     and left the other tasks in a collective)."""
     name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
-    return int(getattr(signal, f"SIG{name}", signal.SIGUSR2))
+    sig = getattr(signal, f"SIG{name}", signal.SIGUSR2)
+    return int(signal.SIGUSR2 if sig in (signal.SIGKILL, signal.SIGSTOP) else sig)  # those two cannot be caught
 
 
 def stop_signals() -> tuple[int, ...]:

@@ -707,8 +707,9 @@ def test_submitits_requeue_signal_stays_when_sigterm_follows_and_is_handed_on_ov
     finally:
         stop.restore()
         signal.signal(signal.SIGUSR1, previous)
-    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "SIGUSR2")
-    assert signals.requeue_signal() == signal.SIGUSR2
+    for name in ("SIGUSR2", "KILL", "NOSUCH"):  # spelt with SIG; one that cannot be caught; none: USR2
+        monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", name)
+        assert signals.requeue_signal() == signal.SIGUSR2, name
 
 
 def test_usr2_as_the_run_finishes_lets_the_sweep_go_on_and_sigterm_does_not():
