@@ -250,6 +250,19 @@ def attention_pairs(batch: dict, packing: str, local: tuple[str, int] | None = N
     return int(total)
 
 
+def matmul_precision(mixed_precision: str, model: torch.nn.Module) -> str:
+    """The precision a step's matrix products run in, for the peak they are held against: the autocast's (``bf16``,
+    ``fp16``), else that of most of the weights, which then compute in their own dtype (a bf16 model trained with
+    ``mixed_precision=no`` under ``master_weights=model``, LoRA on a bf16 base: no MFU was reported for them)."""
+    if mixed_precision in ("bf16", "fp16"):
+        return mixed_precision
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + full_numel(p)
+    most = max(sizes, key=sizes.get) if sizes else None
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(most, mixed_precision)
+
+
 def peak_flops(device: torch.device, mixed_precision: str, override_tflops: float | None) -> float | None:
     """Peak FLOP/s of one device, or None when unknown (no MFU is then reported)."""
     if override_tflops:

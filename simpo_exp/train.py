@@ -61,7 +61,7 @@ from simpo_exp.engine import (
 )
 from simpo_exp.environment import environment_record, with_earlier_starts
 from simpo_exp.errors import UserError, out_of_memory
-from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, peak_flops
+from simpo_exp.flops import FlopSpec, attention_pairs, flop_spec, matmul_precision, peak_flops
 from simpo_exp.fused import fused_head
 from simpo_exp.inference.files import probe_writable, write_json
 from simpo_exp.inference.results import EVAL_DIR
@@ -611,7 +611,7 @@ def set_up(cfg: Config) -> Run:
         config_dict,
         summary_extra,
         flops,
-        peak_flops(accelerator.device, accelerator.mixed_precision, cfg.hardware.peak_tflops),
+        peak_flops(accelerator.device, matmul_precision(accelerator.mixed_precision, policy), cfg.hardware.peak_tflops),
         checkpoint_bytes,
         samples.sample_pairs(eval_ds, cfg.num_generations) if generating else [],
         started,

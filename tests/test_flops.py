@@ -274,6 +274,21 @@ def test_peak_flops_lookup(monkeypatch):
     assert peak_flops(torch.device("cuda", 0), "bf16", None) is None  # a slice: its share of the peak unknown
 
 
+def test_weights_that_compute_in_bf16_without_autocast_are_held_against_the_bf16_peak():
+    """mixed_precision=no with bf16 weights (master_weights=model, LoRA on a bf16 base): the products run in bf16,
+    and no MFU was reported; float32 weights without autocast keep no guess."""
+    from simpo_exp.flops import matmul_precision
+
+    model = _tiny_llama(tie=False)
+    assert matmul_precision("bf16", model) == "bf16" and matmul_precision("no", model) == "no"
+    assert matmul_precision("no", model.to(torch.bfloat16)) == "bf16"
+    assert matmul_precision("no", model.to(torch.float16)) == "fp16"
+    model.to(torch.bfloat16).lm_head.float()  # a float32 head beside a bf16 body: most of the weights decide
+    assert matmul_precision("no", model) == "bf16"
+    model.model.float()
+    assert matmul_precision("no", model) == "no"
+
+
 def test_zero3_partitioned_parameters_are_counted_whole():
     """Under DeepSpeed ZeRO-3 each process holds empty local tensors and the full size as ``ds_numel``:
     the FLOP count must come out as for the whole model, not as zero."""
