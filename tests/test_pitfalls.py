@@ -238,7 +238,12 @@ def test_an_unresolvable_value_or_a_removed_group_is_named(tmp_path):
     res = simpo("beta=${oc.env:SIMPO_TEST_NEVER_SET}", "logger=none", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "beta=${oc.env:SIMPO_TEST_NEVER_SET}: cannot be resolved" in res.stderr
-    assert json.loads((tmp_path / "a" / "error.json").read_text())["type"] == "ConfigError"
+    record = json.loads((tmp_path / "a" / "error.json").read_text())
+    # the overrides as given (compare names a run without .hydra/ by them), the unresolvable one as text
+    assert record["type"] == "ConfigError" and record["overrides"] == [
+        "beta=${oc.env:SIMPO_TEST_NEVER_SET}",
+        "logger=none",
+    ]
     res = simpo("~hardware", "logger=none", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
     assert res.returncode == 2 and "~hardware: the hardware group cannot be removed" in res.stderr, res.stderr[-3000:]
 

@@ -252,6 +252,7 @@ def test_a_process_that_failed_while_the_main_one_took_a_stop_is_a_failure(tmp_p
     )
     taken = _take_records(job)  # a re-run's start: the earlier command's records go, to be put back if refused
     assert "error-rank1.json" in taken and not list(job.glob("error*.json")) and failure_record(job) is None
+    assert "stopped.json" in taken and not (job / "stopped.json").exists()  # the stop record of before goes too
 
 
 def test_a_job_killed_without_a_record_is_listed_not_a_finished_sweep(tmp_path, capsys):
@@ -496,6 +497,10 @@ def test_a_long_job_folder_name_keeps_what_tells_the_jobs_apart():
     from simpo_exp.runinfo import job_dirname
 
     assert job_dirname("beta=2,model.path=/data/m") == "beta=2,model.path=_data_m"  # short: as Hydra gives it
+    at_limit = "beta=2,seed=1,model.path=" + "x" * (120 - len("beta=2,seed=1,model.path="))
+    assert len(at_limit) == 120 and job_dirname(at_limit) == at_limit  # 120 characters: as given, no hash
+    past = job_dirname(at_limit + "y")
+    assert len(past) <= 120 and len(past.rsplit("-", 1)[1]) == 8  # one more: cut, its hash after it
     seeds = [
         "beta=-1,dataset.synthetic.num_test=32,dataset.synthetic.num_train=128,eval_steps=0,logger=none,max_steps=3,"
         f"num_generations=0,seed={seed}"
@@ -579,6 +584,25 @@ def test_a_sweep_over_a_setting_a_resume_may_change_runs_each_value(tmp_path):
     assert job_subdir("beta=2,eval_steps=3", tmp_path, 0) == "0_beta=2,eval_steps=1"
     asked("beta=2,3", "eval_steps=range(2,4)")  # sweep grammar: range() sweeps too
     assert job_subdir("beta=2,eval_steps=3", tmp_path, 1) == "1_beta=2,eval_steps=3"
+    # a folder without its record (hydra.output_subdir=null) trains like nothing known: a job of operational
+    # settings alone (which trains as the default) does not go into it
+    (tmp_path / "5_beta=7").mkdir()
+    asked("logger=none")
+    assert job_subdir("logger=none", tmp_path, 6) == "6_logger=none"
+
+
+def test_a_sweep_folders_recorded_keys_are_its_own_not_another_stages(tmp_path, monkeypatch):
+    """An evaluate --multirun records its swept keys (run_dir) for its own folder; a training sweep's folder read
+    meanwhile (the runs it evaluates) took them for its own: its jobs' names and folders by the wrong keys."""
+    from simpo_exp.runinfo import SWEEP_DIR_ENV, SWEPT_ENV, swept_keys
+
+    sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None}
+    (tmp_path / "train").mkdir()
+    multirun = {"hydra": {"overrides": {"task": ["beta=2,3"]}, "sweeper": sweeper}}
+    (tmp_path / "train" / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    monkeypatch.setenv(SWEPT_ENV, '["run_dir"]')
+    monkeypatch.setenv(SWEEP_DIR_ENV, str(tmp_path / "eval"))
+    assert swept_keys(tmp_path / "train") == {"beta"} and swept_keys(tmp_path / "eval") == {"run_dir"}
 
 
 def test_a_multirun_on_several_processes_without_a_fixed_sweep_folder_is_refused(tmp_path):
