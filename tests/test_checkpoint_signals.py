@@ -474,6 +474,75 @@ def test_a_stop_signal_before_training_begins_leaves_the_runs_records_as_they_we
     assert not (run_dir / "error.json").exists() and signal.getsignal(signal.SIGTERM) == before
 
 
+def _entry_failing_with(error: BaseException, run_dir, monkeypatch):
+    """The training entry point in this process, its finished-run check raising ``error`` (set-up, before training)."""
+    import sys
+
+    import simpo_exp.__main__ as entry
+
+    def failing(config):
+        raise error
+
+    monkeypatch.setattr(entry, "recorded_summary", failing)
+    monkeypatch.setattr(sys, "argv", ["simpo_exp", "logger=none", f"hydra.run.dir={run_dir}"])
+    return entry.main
+
+
+def test_ctrl_c_in_set_up_leaves_the_runs_stop_record(tmp_path, monkeypatch):
+    """A stopped run re-run and interrupted with Ctrl-C before it began: its stopped.json, which the re-run had
+    taken, is put back (compare said running, or killed, not stopped at step 4)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stopped.json").write_text('{"signal": "SIGUSR2", "step": 4}')
+    main = _entry_failing_with(KeyboardInterrupt(), run_dir, monkeypatch)
+    with pytest.raises(SystemExit) as leaving:
+        main()
+    assert leaving.value.code == 130
+    assert json.loads((run_dir / "stopped.json").read_text()) == {"signal": "SIGUSR2", "step": 4}
+
+
+def test_a_declined_requeue_without_a_stop_record_is_a_failure(tmp_path, monkeypatch, capsys):
+    """submitit's UncompletedJobError is a stop at the time limit only where the run saved its stop record; raised
+    before any (in set-up) it is the run's failure, recorded as one, not "stopped ... keeps its checkpoint"."""
+
+    class UncompletedJobError(Exception):  # submitit's, by its name
+        pass
+
+    main = _entry_failing_with(UncompletedJobError("job 7 timed out"), tmp_path / "run", monkeypatch)
+    with pytest.raises(SystemExit) as leaving:  # Hydra's exit for a crash, its traceback printed
+        main()
+    assert leaving.value.code == 1
+    assert json.loads((tmp_path / "run" / "error.json").read_text())["type"] == "UncompletedJobError"
+    assert "stopped at the time limit" not in capsys.readouterr().err
+
+
+def test_a_crash_in_the_folder_of_a_finished_run_is_a_crash_not_a_refusal(tmp_path, monkeypatch, capsys):
+    """A user error in the folder of a finished run is refused, the run left as it was; a crash there (not the
+    user's) was shown as that refusal: exit 2, no traceback, no error.json, "holds a run from before"."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "finished.json").write_text("{}")
+    main = _entry_failing_with(RuntimeError("boom"), run_dir, monkeypatch)
+    with pytest.raises(SystemExit) as leaving:  # Hydra's exit for a crash (a refusal's is 2)
+        main()
+    assert leaving.value.code == 1
+    assert json.loads((run_dir / "error.json").read_text())["type"] == "RuntimeError"
+    assert "holds a run from before" not in capsys.readouterr().err
+
+
+def test_a_process_other_than_the_main_one_records_its_own_failure_under_its_rank(tmp_path, monkeypatch):
+    """A failure on process 1 alone (a path missing on its node): error-rank1.json, which the main process's record
+    names beside its own; an error.json of its own overwrote the main one's (covered only by a slow torchrun test)."""
+    from simpo_exp.config import ConfigError
+
+    monkeypatch.setenv("RANK", "1")
+    main = _entry_failing_with(ConfigError("model.path=/models/m: no such directory"), tmp_path / "run", monkeypatch)
+    with pytest.raises(SystemExit):
+        main()
+    record = json.loads((tmp_path / "run" / "error-rank1.json").read_text())
+    assert record["type"] == "ConfigError" and not (tmp_path / "run" / "error.json").exists()
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask-022", "umask-027"])
 def test_written_weights_follow_the_umask_as_other_files_do(tmp_path, mask):
     """safetensors 0.8 creates its files 0o600 whatever the umask: a colleague could read a run's config.json but
