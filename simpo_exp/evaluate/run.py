@@ -194,7 +194,7 @@ def generate(
         ids = {
             i: prompt_token_ids(tokenizer, [p["messages"] for p in shards[i]], manifest["chat_format"]) for i in todo
         }
-        longest = max(len(p) for i in todo for p in ids[i])
+        longest = max((len(p) for i in todo for p in ids[i]), default=0)
         sampler = make_sampler(cfg, tokenizer, dec, backend_key, longest_prompt=longest)
         for i in todo:
             outs = sampler.sample(ids[i], [p["id"] for p in shards[i]], derive_seed(dec.seed, tag, i))
