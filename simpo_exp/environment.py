@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import subprocess
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -96,6 +97,9 @@ def environment_record(cfg, accelerator, model, data_report, layout=None) -> dic
         "git_commit": git_commit(),
         # the hub commit the model's files were read from (an unpinned preset follows main; None: not a hub model)
         "model_commit": hub_commit(cfg.model.path, cfg.model.revision) if cfg.model.path else None,
+        # a local model folder's files as they were (name: [bytes, modified]): the starting model the evaluate
+        # stage compares with, and a live reference's on a resume, must be these
+        "model_files": local_model_files(cfg.model.path) if cfg.model.path else None,
         "data": {"sources": data_report.sources, "pairs_after_filtering": data_report.kept},
     }
 
@@ -109,7 +113,31 @@ DRIFT_KEYS = (
     "distributed_type",
     "git_commit",
     "model_commit",
+    "model_files",
 )
+
+# what a saved model's weights and shape are read from (the tokenizer's files aside)
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+
+
+def local_model_files(path: str) -> dict[str, list[int]] | None:
+    """A local model folder's weight and config files as ``{name: [bytes, modified (ns)]}``: read from the folder's
+    listing, not its contents, so it costs nothing for a 70B model; a file written again shows a new time. None for
+    a hub id."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    return {
+        f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES and not f.name.startswith("tokenizer")
+    }
+
+
+def first_start(env: dict) -> dict:
+    """A run's first start as its ``env.json`` records it (a resumed run keeps it first in ``earlier_starts``)."""
+    earlier = env.get("earlier_starts") or []
+    return earlier[0] if earlier and isinstance(earlier[0], dict) else env
 
 
 def with_earlier_starts(env: dict, earlier: dict, step: int) -> tuple[dict, list[str]]:

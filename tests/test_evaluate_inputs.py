@@ -682,6 +682,38 @@ def test_a_runs_policies_for_inference_drop_its_training_only_settings(tmp_path)
     assert run_cfg.hardware.lora and run_cfg.model.chat_template == "chatml"  # the run's own config is left as it was
 
 
+def test_the_starting_model_is_the_one_the_run_trained_from(tmp_path):
+    """score_start, exact_start and the rule benchmark's win rate compare with the starting model rebuilt from the
+    run's model.path: a local folder rewritten since (an on-policy round's start is an earlier run's model/, which a
+    resumed or extended run writes again) was compared with, unsaid; a hub model followed main. A local folder whose
+    files changed is refused, naming them; a hub model is read at the commit the run recorded."""
+    import json
+    import os
+
+    from simpo_exp.config import ConfigError
+    from simpo_exp.environment import local_model_files
+    from simpo_exp.evaluate.runs import load_run_config, starting_policy
+
+    start = tmp_path / "start"
+    start.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (start / name).write_text(name)
+    run = _saved_run(tmp_path, {"model": {"name": "tiny", "path": str(start)}})
+    run_cfg = load_run_config(run)
+    first = {"model_commit": None, "model_files": local_model_files(str(start))}
+    assert sorted(first["model_files"]) == ["config.json", "model.safetensors"]  # weights and shape, not tokenizer
+    (run / "env.json").write_text(json.dumps({"model_files": {"other.bin": [1, 1]}, "earlier_starts": [first]}))
+    assert starting_policy(run_cfg, "cpu", run).model.path == str(start)  # unchanged: its first start's files
+    os.utime(start / "model.safetensors", ns=(1, 1))  # written again (a later round, a resumed run)
+    with pytest.raises(ConfigError, match=r"benchmarks.rule: the run trained from model.path=.*start, whose files "
+                       r"changed since it started \(model.safetensors written"):  # fmt: skip
+        starting_policy(run_cfg, "cpu", run, "benchmarks.rule")
+    hub = _saved_run(tmp_path / "hub", {"model": {"name": "tiny", "path": "org/tiny"}})
+    (hub / "env.json").write_text(json.dumps({"model_commit": "c" * 40, "model_files": None}))
+    assert starting_policy(load_run_config(hub), "cpu", hub).model.revision == "c" * 40  # not main as it is now
+    assert starting_policy(load_run_config(hub), "cpu").model.revision is None  # no run folder: as configured
+
+
 def test_a_sweeps_runs_are_found_in_their_numbers_order(tmp_path):
     from simpo_exp.evaluate.runs import find_runs
 
@@ -935,12 +967,12 @@ def test_the_rule_benchmark_counts_exact_answers_and_names_the_starting_weights(
 
     prompts = [{"id": f"p{i}", "instruction": "sort: 3 1 2", "messages": []} for i in range(3)]
     monkeypatch.setattr(stage.bm, "rule_prompts", lambda *args: prompts)
-    monkeypatch.setattr(stage, "starting_policy", lambda cfg, device: "start")
+    monkeypatch.setattr(stage, "starting_policy", lambda cfg, device, run_dir, what: "start")
     texts = {"trained": ["1 2 3", "1 3 2", "1 2 3"], "start": ["1 3 2", "x", "1 3 2"]}
     out = tmp_path / "eval" / "rule"
     write_json(out / "shards" / "start-manifest.json", {"weights": {"random_init": {}, "seed": 1}})
     ctx = {
-        "benchmark": types.SimpleNamespace(max_prompts=None),
+        "benchmark": types.SimpleNamespace(max_prompts=None, name="rule"),
         "run_cfg": None,
         "out": out,
         "run_dir": tmp_path,

@@ -309,7 +309,9 @@ def _rule(ctx: dict) -> dict:
     b, run_cfg, out = ctx["benchmark"], ctx["run_cfg"], ctx["out"]
     prompts = bm.rule_prompts(run_cfg, b.max_prompts, ctx["run_dir"])
     model = ctx["generate"](ctx["trained"], prompts, "trained")
-    start = ctx["generate"](starting_policy(run_cfg, ctx["device"]), prompts, "start")
+    start = ctx["generate"](
+        starting_policy(run_cfg, ctx["device"], ctx["run_dir"], f"benchmarks.{b.name}"), prompts, "start"
+    )
     rows = rule_preferences(prompts, [g["text"] for g in model], [g["text"] for g in start])
     write_jsonl(
         out / "generations.jsonl",

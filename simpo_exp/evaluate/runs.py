@@ -134,8 +134,28 @@ def trained_policy(run_cfg: Config, run_dir: Path, device: str) -> Config:
     return cfg
 
 
-def starting_policy(run_cfg: Config, device: str) -> Config:
-    return for_inference(run_cfg, device)
+def starting_policy(run_cfg: Config, device: str, run_dir: Path | None = None, what: str = "benchmark") -> Config:
+    """The model the run started from, as it trained from it (``run_dir``'s ``env.json``, its first start): a hub
+    model at the commit it read (an unpinned preset follows main, which may have moved since); a local folder only
+    if its files are still those it read (an on-policy round's ``model.path`` is an earlier run's ``model/``, which
+    a resumed or extended run rewrites): refused otherwise, as the comparison would be with other weights."""
+    from simpo_exp.environment import first_start, local_model_files
+    from simpo_exp.rundir import read_json
+
+    cfg = for_inference(run_cfg, device)
+    env = first_start(read_json(Path(run_dir) / "env.json")) if run_dir is not None else {}
+    path = cfg.model.path
+    if path and env.get("model_commit") and not Path(path).expanduser().is_dir():
+        cfg.model.revision = env["model_commit"]
+    recorded, now = env.get("model_files"), local_model_files(path) if path else None
+    if isinstance(recorded, dict) and now is not None and recorded != now:
+        changed = sorted(set(recorded) ^ set(now) | {f for f in recorded.keys() & now.keys() if recorded[f] != now[f]})
+        raise ConfigError(
+            f"{what}: the run trained from model.path={path}, whose files changed since it started "
+            f"({', '.join(changed)} written, added or removed): the starting model to compare with is not there any "
+            "more; put the model it started from back in that folder, or leave this benchmark out for this run"
+        )
+    return cfg
 
 
 def run_name(run_cfg: Config, run_dir: Path) -> str:
