@@ -98,7 +98,7 @@ def environment_record(cfg, accelerator, model, data_report, layout=None) -> dic
         # the hub commit the model's files were read from (an unpinned preset follows main; None: not a hub model)
         "model_commit": hub_commit(cfg.model.path, cfg.model.revision) if cfg.model.path else None,
         # a local model folder's files as they were (name: [bytes, modified]): the starting model the evaluate
-        # stage compares with, and a live reference's on a resume, must be these
+        # stage compares with must be these (a resume checks its reference's weights themselves: check_same_start)
         "model_files": local_model_files(cfg.model.path) if cfg.model.path else None,
         "data": {"sources": data_report.sources, "pairs_after_filtering": data_report.kept},
     }
@@ -113,7 +113,6 @@ DRIFT_KEYS = (
     "distributed_type",
     "git_commit",
     "model_commit",
-    "model_files",
 )
 
 # what a saved model's weights and shape are read from (the tokenizer's files aside)
