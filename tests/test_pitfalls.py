@@ -306,6 +306,7 @@ def test_run_records_lengths_gamma_and_environment(tmp_path):
     assert env["data"]["pairs_after_filtering"] == {"train": 128, "test": 32}
     assert env["git_commit"] is None or len(env["git_commit"].split("+")[0]) == 40
     assert env["model_commit"] is None  # the model built in code: no hub commit (tests/test_generate names one)
+    assert env["model_files"] is None  # nor a folder of files
     report = json.loads((run / "data_report.json").read_text())
     assert report["tokenization"]["splits"]["train"]["pairs"] == 128
 

@@ -1056,7 +1056,10 @@ def test_a_resume_on_another_tokenizer_or_other_reference_weights_is_refused(tmp
     short += [f"reference_cache_dir={tmp_path / 'ref'}", f"hydra.run.dir={run_dir}"]
     first = simpo(*short, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert json.loads((run_dir / "env.json").read_text())["start_weights"]
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["start_weights"]
+    # the starting folder's weight and config files, which the evaluate stage holds its starting model to
+    assert "model.safetensors" in env["model_files"] and "config.json" in env["model_files"]
     (run_dir / "finished.json").unlink()  # as if killed after its last checkpoint
     template = model / "chat_template.jinja"
     kept = template.read_text()
