@@ -779,7 +779,15 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
             # a stage that works in other folders (evaluate: each run's eval/) finds its work there again from any
             # folder of its own: the same command goes on
-            kept = "finished shards, judge replies" if work else "finished shards, judge replies, checkpoints"
+            # what each stage keeps: evaluate (``work``) its answers and verdicts, generate its shards, training its
+            # checkpoints (the stage's primary config tells the two that write into this folder apart)
+            kept = (
+                "finished shards, judge replies"
+                if work
+                else "finished shards"
+                if HydraConfig.get().job.config_name == "generate"
+                else "checkpoints"
+            )
             print(
                 f"interrupted; what {work or out} holds so far ({kept}) is kept: "
                 f"{'re-run the same command' if work else rerun_command()} to go on",

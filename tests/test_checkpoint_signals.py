@@ -488,7 +488,7 @@ def _entry_failing_with(error: BaseException, run_dir, monkeypatch):
     return entry.main
 
 
-def test_ctrl_c_in_set_up_leaves_the_runs_stop_record(tmp_path, monkeypatch):
+def test_ctrl_c_in_set_up_leaves_the_runs_stop_record(tmp_path, monkeypatch, capsys):
     """A stopped run re-run and interrupted with Ctrl-C before it began: its stopped.json, which the re-run had
     taken, is put back (compare said running, or killed, not stopped at step 4)."""
     run_dir = tmp_path / "run"
@@ -499,6 +499,7 @@ def test_ctrl_c_in_set_up_leaves_the_runs_stop_record(tmp_path, monkeypatch):
         main()
     assert leaving.value.code == 130
     assert json.loads((run_dir / "stopped.json").read_text()) == {"signal": "SIGUSR2", "step": 4}
+    assert f"what {run_dir} holds so far (checkpoints) is kept" in capsys.readouterr().err  # training keeps no shards
 
 
 def test_a_declined_requeue_without_a_stop_record_is_a_failure(tmp_path, monkeypatch, capsys):

@@ -145,7 +145,8 @@ def test_alpacaeval_rows_written_as_json_lines_under_a_json_name_are_read(tmp_pa
     [
         ({"instruction": None, "output": "x"}, "row 1 (instruction=None)"),
         ({"instruction": "hi", "output": ["x"]}, "row 1 (output=['x'])"),
-        ({"output": "x"}, "row 1 (instruction=None)"),
+        ({"output": "x"}, "row 1 (keys ['output'])"),  # missing, not null: the row's own fields named
+        ({"prompt": "hi", "response": "x"}, "row 1 (keys ['prompt', 'response'])"),  # another schema's
         ("just text", "row 1 ('just text')"),
     ],
 )
@@ -513,7 +514,10 @@ def test_sigterm_ends_the_evaluate_and_generate_stages_as_ctrl_c_does(tmp_path, 
     finally:
         signal.signal(signal.SIGTERM, found)
     # 128 + SIGTERM, as a process the signal ended would report: Ctrl-C's 130 read as the user's interrupt
-    assert leaving.value.code == 143 and "interrupted; what" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert leaving.value.code == 143 and "interrupted; what" in said
+    kept = "(finished shards, judge replies) is kept" if stage == "evaluate" else "(finished shards) is kept"
+    assert kept in said  # each stage's own (the generate stage has no judge)
 
 
 @pytest.mark.parametrize(

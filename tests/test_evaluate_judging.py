@@ -358,7 +358,9 @@ def test_an_endpoint_with_no_reply_in_its_answer_is_a_judge_error_and_an_empty_r
     server, url = serve(EmptyChoicesJudge)
     try:
         j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=1, timeout_s=5)
-        with pytest.raises(JudgeError, match="did not answer after 2 tries .*IndexError"):
+        # it answered, with no chat completion in it: said so, naming the URL to check (not "did not answer")
+        with pytest.raises(JudgeError, match=r"replies are no OpenAI chat completion \(2 tries; check alpacaeval2.judge"
+                           r".base_url.*IndexError.*point it at an OpenAI-compatible server"):  # fmt: skip
             PairwiseJudge(j, "alpacaeval2").judge(prompts[:1], texts[:1], tmp_path / "a.jsonl")
     finally:
         server.shutdown()

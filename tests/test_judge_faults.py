@@ -118,12 +118,17 @@ def test_a_request_the_endpoint_refuses_costs_that_prompt_its_verdict_not_the_be
     assert len(PickyJudge.requests) == before + 1
 
 
-def test_a_refused_key_stops_at_once_with_the_endpoints_words_and_a_cut_reply_is_asked_again(picky):
+def test_a_refused_key_stops_at_once_with_the_endpoints_words_and_a_cut_reply_is_asked_again(picky, monkeypatch):
     judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
     PickyJudge.status = 401
-    with pytest.raises(JudgeError, match=r"refused the request \(HTTP 401: .*context of 8192.*\$OPENAI_API_KEY"):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with pytest.raises(JudgeError, match=r"refused the request \(HTTP 401: .*context of 8192.*\$OPENAI_API_KEY\. "):
         judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
     assert len(PickyJudge.requests) == 1  # a key is not retried
+    monkeypatch.delenv("OPENAI_API_KEY")  # the variable named holds no key: said
+    with pytest.raises(JudgeError, match=r"the key in \$OPENAI_API_KEY \(not set\)\. "):
+        judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
+    del PickyJudge.requests[1:]
     PickyJudge.status, PickyJudge.cut = None, 1
     # an IncompleteRead (not an OSError) ended the command with a traceback, never retried
     prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "## Output (a)\nx\n\n## Output (b)\ny"}]

@@ -117,7 +117,14 @@ def alpaca_prompts(path: str, key: str, limit: int | None) -> tuple[list[dict], 
     for i, row in enumerate(rows):
         bad = [c for c in ("instruction", "output") if not isinstance(row, dict) or not isinstance(row.get(c), str)]
         if bad:
-            got = ", ".join(f"{c}={row.get(c)!r:.60}" for c in bad) if isinstance(row, dict) else f"{row!r:.60}"
+            missing = isinstance(row, dict) and any(c not in row for c in bad)  # another schema's fields: named
+            got = (
+                f"keys {sorted(row)[:8]}"
+                if missing
+                else ", ".join(f"{c}={row.get(c)!r:.60}" for c in bad)
+                if isinstance(row, dict)
+                else f"{row!r:.60}"
+            )
             raise DataSourceError(
                 f"{key}={path!r}: row {i} ({got}): instruction and output must be strings "
                 f"(alpaca_eval's schema: {list(ALPACA_COLUMNS)})"

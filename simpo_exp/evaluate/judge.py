@@ -231,6 +231,7 @@ class PairwiseJudge:
         }
         last, where = None, f"{self.key}.judge.base_url={self.j.base_url!r}"
         attempt, waited, waits, limited, unreachable = 0, 0.0, 0, False, False
+        garbled = False  # it answered, but not with a chat completion (the last try's)
         while True:
             if self.stopping.is_set():
                 raise JudgeStopped(f"{where}: the judging stopped before this request was sent")
@@ -281,13 +282,16 @@ class PairwiseJudge:
                 if 400 <= e.code < 500 and e.code not in RETRIED_STATUS:  # a key, a model name, a URL: every prompt
                     raise JudgeError(
                         f"{where}: the judge endpoint refused the request ({said}); check "
-                        f"{self.key}.judge.model, the URL and the key in ${self.j.api_key_env}. The generations and "
-                        "the verdicts so far are kept; re-run the same command with evaluate.judge_only=true"
+                        f"{self.key}.judge.model, the URL and the key in ${self.j.api_key_env}"
+                        + ("" if os.environ.get(self.j.api_key_env) else " (not set)")
+                        + ". The generations and the verdicts so far are kept; re-run the same command with "
+                        "evaluate.judge_only=true"
                     ) from e
-                last, unreachable = said, False
+                last, unreachable, garbled = said, False, False
             # no reply it can read: a failed or cut-short request, a body that is not JSON, no choices[0].message
             except (urllib.error.URLError, http.client.HTTPException, OSError, LookupError, ValueError, TypeError) as e:
                 last, unreachable = self.masked(f"{type(e).__name__}: {e}"), unreachable_error(e)
+                garbled = isinstance(e, (LookupError, ValueError, TypeError)) and not isinstance(e, OSError)
             if attempt >= self.j.max_retries:
                 break
             self.stopping.wait(min(2**attempt, 8))
@@ -298,6 +302,9 @@ class PairwiseJudge:
             + (
                 "the judge endpoint stayed rate-limited"
                 if limited
+                else f"the judge endpoint's replies are no OpenAI chat completion ({attempt + 1} tries; check "
+                f"{self.key}.judge.base_url, which ends where /chat/completions is appended, usually in /v1)"
+                if garbled
                 else f"the judge endpoint did not answer after {attempt + 1} tries"
             )
             + f" ({last}). The generations and the verdicts so far are kept; "
@@ -306,6 +313,8 @@ class PairwiseJudge:
                 if slow
                 else "wait for its rate limit to pass (or raise the budget) and "
                 if limited
+                else "point it at an OpenAI-compatible server and "
+                if garbled
                 else "start the judge (or see its log: it answered none of these) and "
             )
             + "re-run the same command with evaluate.judge_only=true"
