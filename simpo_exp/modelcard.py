@@ -200,7 +200,10 @@ def card_text(
     training: dict | None = None,
     licence: dict | None = None,
     origin: dict | None = None,
+    sources: dict | None = None,
 ) -> str:
+    """The card's text; ``sources``: the run's ``data_report.json`` sources, whose generate-stage provenance names
+    the policy and scorer the pairs came from (local files, which the metadata cannot name)."""
     data = card_data(cfg, results, name, licence, origin)
     model = (
         select(cfg, "model.path") or f"a randomly initialised model ({select(cfg, 'model.name')}, built from config)"
@@ -240,6 +243,7 @@ def card_text(
             ),
             "",
         ]
+    lines += generated_lines(sources or {})
     if select(cfg, "dataset.chat_format") == "simpo_repo":
         lines += [
             "Prompt format: as the official SimPO recipe (alignment-handbook's), every training prompt began with an "
@@ -283,6 +287,29 @@ def card_text(
             )
             lines.append(f"- {bench}: {how or 'as its results.json records'}")
     return "\n".join(lines) + "\n"
+
+
+def generated_lines(sources: dict) -> list[str]:
+    """A line per data source the generate stage made (its ``provenance.json``, as the run's data report keeps it):
+    the policy sampled, how, and the scorer, so that an on-policy round's card names where its pairs came from."""
+    lines = []
+    for name, source in sources.items():
+        made = source.get("provenance") if isinstance(source, dict) else None
+        if not isinstance(made, dict) or made.get("created_by") != "simpo_exp.generate":
+            continue
+        policy, g, scorer = made.get("policy") or {}, made.get("generate") or {}, made.get("scorer") or {}
+        weights = (policy.get("fingerprint") or {}).get("sha256") or (policy.get("fingerprint") or {}).get("commit")
+        lines += [
+            f"Data source `{name}`: on-policy pairs from simpo-exp's generate stage, sampled from "
+            f"{policy.get('path') or policy.get('name') or 'its policy'}"
+            + (f" (weights {weights[:12]})" if weights else "")
+            + f" with {len(g.get('seeds') or [])} seeds x {g.get('samples_per_seed')} at temperature "
+            f"{g.get('temperature')}, top_p {g.get('top_p')}, up to {g.get('max_new_tokens')} new tokens, scored by "
+            f"{scorer.get('path') or scorer.get('name') or 'its scorer'}, binarised "
+            f"{(made.get('binarise') or {}).get('mode')} (its provenance.json: {made.get('file')}).",
+            "",
+        ]
+    return lines
 
 
 def resolved_values(summary: dict) -> dict:
@@ -337,7 +364,9 @@ def write_model_card(
     origin = earlier_origin(path) if rewrite else None
     if origin is not None and not licence:  # a relative base folder, not found from here: as training read it
         licence = {k: origin[k] for k in LICENSE_KEYS if origin.get(k)}
-    write_atomic(path, card_text(cfg, load_results(run_dir), str(name), resolved, training, licence, origin))
+    sources = read_json(run_dir / "data_report.json").get("sources")
+    text = card_text(cfg, load_results(run_dir), str(name), resolved, training, licence, origin, sources)
+    write_atomic(path, text)
     copy_license_file(model_path, path.parent, licence.get("license_link"))
     return path
 

@@ -876,6 +876,19 @@ def test_model_card_recipe_holds_the_values_the_run_used(tmp_path):
     assert "from org/base at revision `0123abc` on" in text  # the commit it trained from (base_model cannot say)
     random = {**cfg, "model": {"name": "t", "path": None, "revision": "v1"}}  # built from config: no revision to name
     assert "at revision" not in write_model_card(tmp_path, random, "run").read_text()
+    # pairs the generate stage made (local files the metadata cannot name): the policy and scorer they came from
+    made = {"created_by": "simpo_exp.generate", "file": "/g/data/provenance.json", "binarise": {"mode": "best_worst"}}
+    made |= {"policy": {"path": "/r0/model", "fingerprint": {"kind": "local", "sha256": "ef74fdae691a73af"}}}
+    made |= {"generate": {"seeds": [13, 21], "samples_per_seed": 2, "temperature": 0.8, "top_p": 0.95}}
+    made |= {"scorer": {"name": "armorm", "path": "RLHFlow/ArmoRM-Llama3-8B-v0.1"}}
+    made["generate"]["max_new_tokens"] = 4096
+    write_json(tmp_path / "data_report.json", {"sources": {"local": {"provenance": made}, "other": {"train_rows": 3}}})
+    text = write_model_card(tmp_path, cfg, "run").read_text()
+    assert (
+        "Data source `local`: on-policy pairs from simpo-exp's generate stage, sampled from /r0/model (weights "
+        "ef74fdae691a) with 2 seeds x 2 at temperature 0.8, top_p 0.95, up to 4096 new tokens, scored by "
+        "RLHFlow/ArmoRM-Llama3-8B-v0.1, binarised best_worst (its provenance.json: /g/data/provenance.json)."
+    ) in text and "`other`" not in text
     cfg["model"] = {"name": "t"}
     # the keys the method's loss reads, not another method's: DPO has no margin, AlphaPO its alpha
     assert "gamma_beta_ratio" not in text and "| `beta` | 0.1 |" in text
