@@ -115,22 +115,26 @@ DRIFT_KEYS = (
     "model_commit",
 )
 
-# what a saved model's weights and shape are read from (the tokenizer's files aside)
-MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+# what a saved model's weights and shape are read from (not its tokenizer, chat template or generation settings)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def local_model_files(path: str) -> dict[str, list[int]] | None:
-    """A local model folder's weight and config files as ``{name: [bytes, modified (ns)]}``: read from the folder's
-    listing, not its contents, so it costs nothing for a 70B model; a file written again shows a new time. None for
-    a hub id."""
+    """A local model folder's weight files, their index and ``config.json`` as ``{name: [bytes, modified (ns)]}``:
+    read from the folder's listing, not its contents, so it costs nothing for a 70B model; a file written again
+    shows a new time. None for a hub id, or a folder that cannot be listed."""
     folder = Path(path).expanduser()
-    if not folder.is_dir():
+    try:
+        if not folder.is_dir():
+            return None
+        return {
+            f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(folder.iterdir())
+            if f.is_file()
+            and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json" or f.name.endswith(".index.json"))
+        }
+    except OSError:  # unreadable, or a file gone while listed: no record (nothing is held to it later)
         return None
-    return {
-        f.name: [f.stat().st_size, f.stat().st_mtime_ns]
-        for f in sorted(folder.iterdir())
-        if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES and not f.name.startswith("tokenizer")
-    }
 
 
 def first_start(env: dict) -> dict:

@@ -737,9 +737,10 @@ def _compose_as_given(hc, extra: list[str]) -> DictConfig:
 
 
 @contextlib.contextmanager
-def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
+def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True, keeps: str = "checkpoints"):
     """Turn a failed job into a clear message and an ``error.json`` in its directory. ``work``: where the stage
-    keeps what it has done, when not in that directory (the evaluate stage's, in each run's ``eval/``).
+    keeps what it has done, when not in that directory (the evaluate stage's, in each run's ``eval/``); ``keeps``:
+    what it has done, in words, as a Ctrl-C says it is kept.
 
     A bad config value, a missing model or data file is the user's to fix: show the message,
     not a traceback. In a single run the process exits with status 2 (a crash: Hydra's traceback, exit
@@ -779,15 +780,7 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True):
             _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
             # a stage that works in other folders (evaluate: each run's eval/) finds its work there again from any
             # folder of its own: the same command goes on
-            # what each stage keeps: evaluate (``work``) its answers and verdicts, generate its shards, training its
-            # checkpoints (the stage's primary config tells the two that write into this folder apart)
-            kept = (
-                "finished shards, judge replies"
-                if work
-                else "finished shards"
-                if HydraConfig.get().job.config_name == "generate"
-                else "checkpoints"
-            )
+            kept = keeps  # what the stage keeps: training its checkpoints, generate its shards, evaluate its answers
             print(
                 f"interrupted; what {work or out} holds so far ({kept}) is kept: "
                 f"{'re-run the same command' if work else rerun_command()} to go on",

@@ -767,6 +767,7 @@ def test_submitits_requeue_signal_stays_when_sigterm_follows_and_is_handed_on_ov
         stop.restore()
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     assert signals.requeue_signal() == signal.SIGUSR1 and signal.SIGUSR1 in signals.stop_signals()
+    assert signal.SIGUSR2 in signals.stop_signals()  # still caught, as the usual requeue signal
     previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     stop = StopSignal()
     try:
@@ -777,9 +778,11 @@ def test_submitits_requeue_signal_stays_when_sigterm_follows_and_is_handed_on_ov
     finally:
         stop.restore()
         signal.signal(signal.SIGUSR1, previous)
-    for name in ("SIGUSR2", "KILL", "NOSUCH"):  # spelt with SIG; one that cannot be caught; none: USR2
+    # spelt with SIG or in lower case; two that cannot be caught and one that does not exist: USR2
+    for name, meant in (("SIGUSR1", signal.SIGUSR1), ("usr1", signal.SIGUSR1), ("KILL", signal.SIGUSR2),
+                        ("STOP", signal.SIGUSR2), ("NOSUCH", signal.SIGUSR2)):  # fmt: skip
         monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", name)
-        assert signals.requeue_signal() == signal.SIGUSR2, name
+        assert signals.requeue_signal() == meant, name
 
 
 def test_usr2_as_the_run_finishes_lets_the_sweep_go_on_and_sigterm_does_not():

@@ -147,6 +147,7 @@ def test_alpacaeval_rows_written_as_json_lines_under_a_json_name_are_read(tmp_pa
         ({"instruction": "hi", "output": ["x"]}, "row 1 (output=['x'])"),
         ({"output": "x"}, "row 1 (keys ['output'])"),  # missing, not null: the row's own fields named
         ({"prompt": "hi", "response": "x"}, "row 1 (keys ['prompt', 'response'])"),  # another schema's
+        ({"instruction": 5}, "row 1 (keys ['instruction'])"),  # one of the two missing: the row's keys
         ("just text", "row 1 ('just text')"),
     ],
 )
@@ -700,17 +701,26 @@ def test_the_starting_model_is_the_one_the_run_trained_from(tmp_path):
 
     start = tmp_path / "start"
     start.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    names = ("config.json", "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "tokenizer.json")
+    for name in (*names, "generation_config.json", "special_tokens_map.json", "chat_template.json"):
         (start / name).write_text(name)
     run = _saved_run(tmp_path, {"model": {"name": "tiny", "path": str(start)}})
     run_cfg = load_run_config(run)
     first = {"model_commit": None, "model_files": local_model_files(str(start))}
-    assert sorted(first["model_files"]) == ["config.json", "model.safetensors"]  # weights and shape, not tokenizer
-    (run / "env.json").write_text(json.dumps({"model_files": {"other.bin": [1, 1]}, "earlier_starts": [first]}))
+    # weights, their index and shape, not the tokenizer, chat template or generation settings (a template edited
+    # leaves the weights compared with as they were)
+    assert sorted(first["model_files"]) == sorted(names[:4])
+    later = {"model_files": {"other.bin": [1, 1]}}  # the first start's files count, not a later start's
+    (run / "env.json").write_text(json.dumps({**later, "earlier_starts": [first, later]}))
     assert starting_policy(run_cfg, "cpu", run).model.path == str(start)  # unchanged: its first start's files
     os.utime(start / "model.safetensors", ns=(1, 1))  # written again (a later round, a resumed run)
     with pytest.raises(ConfigError, match=r"benchmarks.rule: the run trained from model.path=.*start, whose files "
                        r"changed since it started \(model.safetensors written"):  # fmt: skip
+        starting_policy(run_cfg, "cpu", run, "benchmarks.rule")
+    os.utime(start / "model.safetensors", ns=tuple([first["model_files"]["model.safetensors"][1]] * 2))  # as it was
+    starting_policy(run_cfg, "cpu", run, "benchmarks.rule")
+    (start / "extra.bin").write_text("x")  # a file added is named too
+    with pytest.raises(ConfigError, match=r"\(extra.bin written, added or removed\)"):
         starting_policy(run_cfg, "cpu", run, "benchmarks.rule")
     hub = _saved_run(tmp_path / "hub", {"model": {"name": "tiny", "path": "org/tiny"}})
     (hub / "env.json").write_text(json.dumps({"model_commit": "c" * 40, "model_files": None}))

@@ -339,6 +339,33 @@ class EmptyChoicesJudge(FakeJudge):
         self.wfile.write(b'{"choices": []}')
 
 
+class GarbledThenFailingJudge(FakeJudge):
+    """Answers a page that is no JSON first, then fails (HTTP 500): the last try is what the message reports."""
+
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802
+        self.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200 if len(self.requests) == 1 else 500)
+        self.end_headers()
+        self.wfile.write(b"<html>not json</html>")
+
+
+def test_a_judge_that_fails_after_a_garbled_reply_is_said_to_fail_not_to_garble(tmp_path):
+    from simpo_exp.evaluate.config import JudgeConfig
+    from simpo_exp.evaluate.judge import PairwiseJudge, RequestFailed
+
+    server, url = serve(GarbledThenFailingJudge)
+    try:
+        j = JudgeConfig(kind="openai", base_url=url, model="org/fake-judge", max_retries=1, timeout_s=5)
+        judge = PairwiseJudge(j, "alpacaeval2")
+        with pytest.raises(RequestFailed, match=r"HTTP 500"):
+            judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
+    finally:
+        server.shutdown()
+    assert "did not answer after 2 tries" in judge.last_failure and "chat completion" not in judge.last_failure
+
+
 class NullContentJudge(FakeJudge):
     """The one-letter judge, which answers the prompt about 2 with no content at all (null)."""
 

@@ -287,6 +287,9 @@ def test_weights_that_compute_in_bf16_without_autocast_are_held_against_the_bf16
     assert matmul_precision("no", model) == "bf16"
     model.model.float()
     assert matmul_precision("no", model) == "no"
+    # by elements, not tensors: LoRA's many small float32 adapters beside a bf16 base
+    lora_like = torch.nn.Sequential(torch.nn.Linear(512, 512).bfloat16(), *[torch.nn.Linear(2, 2) for _ in range(4)])
+    assert matmul_precision("no", lora_like) == "bf16"
 
 
 def test_zero3_partitioned_parameters_are_counted_whole():

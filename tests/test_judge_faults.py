@@ -119,15 +119,16 @@ def test_a_request_the_endpoint_refuses_costs_that_prompt_its_verdict_not_the_be
 
 
 def test_a_refused_key_stops_at_once_with_the_endpoints_words_and_a_cut_reply_is_asked_again(picky, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     judge = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
     PickyJudge.status = 401
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     with pytest.raises(JudgeError, match=r"refused the request \(HTTP 401: .*context of 8192.*\$OPENAI_API_KEY\. "):
         judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
     assert len(PickyJudge.requests) == 1  # a key is not retried
-    monkeypatch.delenv("OPENAI_API_KEY")  # the variable named holds no key: said
+    monkeypatch.setenv("OPENAI_API_KEY", " \n")  # the variable named holds no key (blank): said
+    unkeyed = PairwiseJudge(picky.judge, "benchmarks.alpacaeval2")
     with pytest.raises(JudgeError, match=r"the key in \$OPENAI_API_KEY \(not set\)\. "):
-        judge.chat([{"role": "user", "content": "hi"}], max_tokens=8)
+        unkeyed.chat([{"role": "user", "content": "hi"}], max_tokens=8)
     del PickyJudge.requests[1:]
     PickyJudge.status, PickyJudge.cut = None, 1
     # an IncompleteRead (not an OSError) ended the command with a traceback, never retried

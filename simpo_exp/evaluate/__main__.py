@@ -115,7 +115,12 @@ def main(cfg: DictConfig) -> None:
     runs = OmegaConf.select(cfg, "evaluate.path", throw_on_missing=False)
     # its own dated folder holds only its log: each run's eval/ is held while it is evaluated (evaluate_all)
     # always goes on; SIGTERM as Ctrl-C: the judge replies in flight are written before it leaves
-    with sigterm_as_interrupt(), user_errors(cfg, work=f"the eval/ folder of each run under {runs}", hold=False):
+    with (
+        sigterm_as_interrupt(),
+        user_errors(
+            cfg, work=f"the eval/ folder of each run under {runs}", hold=False, keeps="finished shards, judge replies"
+        ),
+    ):
         OmegaConf.resolve(cfg)
         apply_command_line(cfg, given_overrides(HydraConfig.get()))
         config = to_evaluate_config(cfg)  # fails here, naming the key, before any model loads

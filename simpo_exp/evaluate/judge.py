@@ -283,7 +283,7 @@ class PairwiseJudge:
                     raise JudgeError(
                         f"{where}: the judge endpoint refused the request ({said}); check "
                         f"{self.key}.judge.model, the URL and the key in ${self.j.api_key_env}"
-                        + ("" if os.environ.get(self.j.api_key_env) else " (not set)")
+                        + ("" if self.api_key else " (not set)")
                         + ". The generations and the verdicts so far are kept; re-run the same command with "
                         "evaluate.judge_only=true"
                     ) from e

@@ -23,7 +23,7 @@ from simpo_exp.signals import sigterm_as_interrupt
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
-    with sigterm_as_interrupt(), user_errors(cfg) as go:
+    with sigterm_as_interrupt(), user_errors(cfg, keeps="finished shards") as go:
         if not go:  # a sweep's job whose folder another job holds: refused, the sweep goes on
             return
         refuse_a_folder_per_hand_started_process(HydraConfig.get())
