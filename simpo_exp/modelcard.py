@@ -293,7 +293,7 @@ def generated_lines(sources: dict) -> list[str]:
     """A line per data source the generate stage made (its ``provenance.json``, as the run's data report keeps it):
     the policy sampled, how, and the scorer, so that an on-policy round's card names where its pairs came from."""
     lines = []
-    for name, source in sources.items():
+    for name, source in sources.items() if isinstance(sources, dict) else ():  # a damaged report: no line
         made = source.get("provenance") if isinstance(source, dict) else None
         if not isinstance(made, dict) or made.get("created_by") != "simpo_exp.generate":
             continue
