@@ -123,23 +123,28 @@ def endpoint_answers(conn: socket.socket, endpoint: str) -> bool:
     return True
 
 
-def read_the_cache_alone(what: str, reason: str) -> None:
-    """Switch the hub off for the rest of the process, as ``HF_HUB_OFFLINE=1`` at its start would (the variables,
-    and the flags huggingface_hub and datasets read them into at import): models and data sets come from the local
-    cache alone. Said once."""
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def offline_flags() -> list[tuple[object, str]]:
+    """(module, attribute) of the offline flags huggingface_hub and datasets read their variables into at import,
+    so that setting the variables later changes nothing there (``OFFLINE_ENV`` beside them)."""
     import huggingface_hub.constants
 
     flags = [(huggingface_hub.constants, "HF_HUB_OFFLINE")]
     try:
         import datasets.config
-
-        flags += [
-            (datasets.config, k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, k)
-        ]
     except ImportError:
-        pass
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    for module, name in flags:
+        return flags
+    return flags + [(datasets.config, k) for k in OFFLINE_ENV if hasattr(datasets.config, k)]
+
+
+def read_the_cache_alone(what: str, reason: str) -> None:
+    """Switch the hub off for the rest of the process, as ``HF_HUB_OFFLINE=1`` at its start would (the variables,
+    and the flags huggingface_hub and datasets read them into at import): models and data sets come from the local
+    cache alone. Said once."""
+    os.environ.update(dict.fromkeys(OFFLINE_ENV, "1"))
+    for module, name in offline_flags():
         setattr(module, name, True)
     log.warning(
         "%s is in the local cache and the hub cannot be reached (%s): models and data sets are read from the cache "

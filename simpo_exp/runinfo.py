@@ -780,9 +780,8 @@ def user_errors(cfg: DictConfig, work: str | None = None, hold: bool = True, kee
             _put_back(out, {k: v for k, v in earlier.items() if k == STOPPED_FILE})  # stopped, as it was before
             # a stage that works in other folders (evaluate: each run's eval/) finds its work there again from any
             # folder of its own: the same command goes on
-            kept = keeps  # what the stage keeps: training its checkpoints, generate its shards, evaluate its answers
             print(
-                f"interrupted; what {work or out} holds so far ({kept}) is kept: "
+                f"interrupted; what {work or out} holds so far ({keeps}) is kept: "
                 f"{'re-run the same command' if work else rerun_command()} to go on",
                 file=sys.stderr,
             )

@@ -27,9 +27,6 @@ def stop_signals() -> tuple[int, ...]:
     return tuple(dict.fromkeys((signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, requeue_signal())))
 
 
-STOP_SIGNALS = stop_signals()  # as the environment says at import (a DataLoader worker's, ignore_stop_signals)
-
-
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """A DataLoader worker's ``worker_init_fn``: the stop signals are left to the training process. A scheduler
     signals every process of the job (SLURM's step daemon signals the whole step, ``kill -- -PGID`` a process

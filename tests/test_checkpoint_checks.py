@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from simpo_exp import checkpoint
 from simpo_exp.signals import (
-    STOP_SIGNALS,
     StopSignal,
     TerminatedInterrupt,
     ignore_stop_signals,
     interrupt_status,
     sigterm_as_interrupt,
+    stop_signals,
 )
 
 
@@ -117,7 +117,7 @@ def test_the_owed_evals_records_go_and_its_steps_training_record_stays(tmp_path)
 @pytest.fixture
 def handlers():
     """The stop signals' handlers as found, put back after the test."""
-    found = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    found = {sig: signal.getsignal(sig) for sig in stop_signals()}
     yield found
     for sig, handler in found.items():
         signal.signal(sig, handler)
@@ -127,7 +127,7 @@ def test_a_dataloader_worker_ignores_the_stop_signals(handlers):
     """A scheduler signals every process of the job: a worker that died of it made torch fail the training process
     wherever it was, and the stop ended without its checkpoint."""
     ignore_stop_signals()
-    assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in STOP_SIGNALS)
+    assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in stop_signals())
 
 
 def test_sigterm_as_ctrl_c_leaves_a_handler_installed_before_alone(handlers):

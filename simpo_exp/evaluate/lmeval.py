@@ -204,13 +204,11 @@ def run_lm_eval(b, policy_cfg, out_dir) -> dict:
 def offline():
     """The Hugging Face hub switched off inside the block: the environment variables and the flags that
     huggingface_hub and datasets read them into at import; all put back afterwards."""
-    import datasets.config
-    import huggingface_hub.constants
+    from simpo_exp.hub import OFFLINE_ENV, offline_flags
 
-    flags = [(huggingface_hub.constants, "HF_HUB_OFFLINE")]
-    flags += [(datasets.config, k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, k)]
+    flags = offline_flags()
     saved_flags = [getattr(module, name) for module, name in flags]
-    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    saved_env = {k: os.environ.get(k) for k in OFFLINE_ENV}
     os.environ.update(dict.fromkeys(saved_env, "1"))
     for module, name in flags:
         setattr(module, name, True)

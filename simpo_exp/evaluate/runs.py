@@ -149,7 +149,7 @@ def starting_policy(run_cfg: Config, device: str, run_dir: Path | None = None, w
         cfg.model.revision = env["model_commit"]
     recorded, now = env.get("model_files"), local_model_files(path) if path else None
     if isinstance(recorded, dict) and now is not None and recorded != now:
-        changed = sorted(set(recorded) ^ set(now) | {f for f in recorded.keys() & now.keys() if recorded[f] != now[f]})
+        changed = sorted(f for f in recorded.keys() | now.keys() if recorded.get(f) != now.get(f))
         raise ConfigError(
             f"{what}: the run trained from model.path={path}, whose files changed since it started "
             f"({', '.join(changed)} written, added or removed): the starting model to compare with is not there any "

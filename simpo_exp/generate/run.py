@@ -79,19 +79,16 @@ def policy_fingerprint(cfg) -> dict:
 
 def policy_positions(cfg) -> int | None:
     """The positions the policy reads (its config's, a random init's shape); None where its config names none."""
-    from simpo_exp.inference.sampling import model_positions
+    from simpo_exp.inference.sampling import configured_positions
 
     m = cfg.model
     if not m.path:
         return m.random_init.max_position_embeddings
-    from transformers import AutoConfig
-
     from simpo_exp.hub import check_model_available
 
     # a model neither on disk nor in the cache, named as training names it
     check_model_available(m.path, m.revision, trust_remote_code=m.trust_remote_code)
-    config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    return model_positions(config)
+    return configured_positions(m)
 
 
 def weights_fingerprint(name: str, revision, commit: bool = True) -> dict:

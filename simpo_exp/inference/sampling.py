@@ -255,6 +255,16 @@ def cut_at_stop(tokenizer, prompt: list[int], ids: list[int], stop_ids) -> dict:
     return {"text": text, "n_tokens": end + (1 if stops else 0), "finished": bool(stops)}
 
 
+def configured_positions(model_cfg) -> int | None:
+    """The positions of the model ``model_cfg`` names (its path, revision and code), read from its config."""
+    from transformers import AutoConfig
+
+    m = model_cfg
+    return model_positions(
+        AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    )
+
+
 def vllm_max_model_len(model_cfg, longest_prompt: int | None, max_new_tokens: int) -> int | None:
     """The context vLLM is started with: the longest prompt it will be given and ``max_new_tokens`` after it, where
     that is below the model's positions; else None (vLLM's default, the model's whole context). vLLM refuses to
@@ -263,14 +273,11 @@ def vllm_max_model_len(model_cfg, longest_prompt: int | None, max_new_tokens: in
     sampling needs 2,048 prompt and 4,096 answer tokens. Every prompt still gets its whole ``max_new_tokens``."""
     if longest_prompt is None:
         return None
-    from transformers import AutoConfig
-
-    m, wanted = model_cfg, longest_prompt + max_new_tokens
+    wanted = longest_prompt + max_new_tokens
     try:
-        config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        positions = configured_positions(model_cfg)
     except (OSError, ValueError):  # a config transformers cannot read (vLLM's own loader may): vLLM's default
         return None
-    positions = model_positions(config)
     if positions is not None and wanted >= positions:
         return None
     log.info(
